@@ -1,0 +1,380 @@
+/* Guest memory: RAM lookup, page walks, the software TLB, slow paths (page
+ * crossing, MMIO, writes into pages holding translated code). */
+#include "tcg.h"
+
+#define PTE_P 1ull
+#define PTE_W 2ull
+#define PTE_U 4ull
+#define PTE_A 0x20ull
+#define PTE_D 0x40ull
+#define PTE_PS 0x80ull
+#define PTE_G 0x100ull
+#define PTE_NX (1ull << 63)
+#define PTE_ADDR 0x000ffffffffff000ull
+
+#define PERM_R 1
+#define PERM_W 2
+#define PERM_X 4
+
+uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len)
+{
+    for (int k = 0; k < c->nram; k++) {
+        RamRegion *r = &c->ram[k];
+        if (pa >= r->gpa && pa - r->gpa < r->size && len <= r->size - (pa - r->gpa))
+            return r->host + (pa - r->gpa);
+    }
+    return 0;
+}
+
+static RamRegion *ram_region(CPU *c, uint64_t pa)
+{
+    for (int k = 0; k < c->nram; k++) {
+        RamRegion *r = &c->ram[k];
+        if (pa >= r->gpa && pa - r->gpa < r->size)
+            return r;
+    }
+    return 0;
+}
+
+static int is_code_page(CPU *c, uint64_t pa)
+{
+    RamRegion *r = ram_region(c, pa);
+    return r && r->code[(pa - r->gpa) >> 12];
+}
+
+uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size)
+{
+    uint8_t *h = ram_ptr(c, pa, size);
+    uint64_t v = 0;
+    if (h)
+        memcpy(&v, h, size);
+    return v;
+}
+
+void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v)
+{
+    uint8_t *h = ram_ptr(c, pa, size);
+    if (h)
+        memcpy(h, &v, size);
+}
+
+void tlb_flush(CPU *c, int global_too)
+{
+    for (int m = 0; m < 2; m++)
+        for (int k = 0; k < TLB_SIZE; k++) {
+            TlbEnt *e = &c->tlb[m][k];
+            if (global_too || !e->global) {
+                e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
+                e->global = 0;
+            }
+        }
+    memset(c->jc, 0, sizeof c->jc);
+}
+
+void tlb_flush_page(CPU *c, uint64_t lin)
+{
+    for (int m = 0; m < 2; m++) {
+        TlbEnt *e = &c->tlb[m][(lin >> 12) & (TLB_SIZE - 1)];
+        e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
+        e->global = 0;
+    }
+    memset(c->jc, 0, sizeof c->jc);
+}
+
+static void __attribute__((noreturn)) page_fault(CPU *c, uint64_t lin, uint32_t err)
+{
+    c->cr2 = lin;
+    RAISE_ERR(c, EXC_PF, err);
+}
+
+/* Walk the guest page tables. access: 0 read, 1 write, 2 fetch. On success
+ * returns 0 with the physical address and the permissions this privilege
+ * level has on the page (PERM_W only once the dirty bit is set). */
+static int walk(CPU *c, uint64_t lin, int access, int user, uint64_t *pa_out, int *perm_out,
+                int *global_out, int fault)
+{
+    if (!(c->cr0 & CR0_PG)) {
+        *pa_out = c->long64 ? lin : (uint32_t)lin;
+        *perm_out = PERM_R | PERM_W | PERM_X;
+        *global_out = 0;
+        return 0;
+    }
+    int nxe = (c->efer & EFER_NXE) != 0;
+    uint32_t err_u = user ? 4 : 0;
+    uint32_t err_w = access == 1 ? 2 : 0;
+    uint32_t err_i = (access == 2 && nxe) ? 16 : 0;
+    uint64_t entries_pa[5];
+    uint64_t entries[5];
+    int n = 0;
+    uint64_t rw = 1, us = 1, nx = 0;
+    uint64_t pa;
+    uint64_t page_mask;   /* offset bits within the final page */
+    int is_pse32 = 0;
+
+    if (c->cr4 & CR4_PAE) {
+        uint64_t table;
+        int level;
+        if (c->efer & EFER_LMA) {
+            table = c->cr3 & PTE_ADDR;
+            level = 4;
+        } else {
+            uint64_t pdpte_pa = (c->cr3 & 0xffffffe0ull) + ((lin >> 30) & 3) * 8;
+            uint64_t pdpte = phys_ld(c, pdpte_pa, 8);
+            if (!(pdpte & PTE_P))
+                goto not_present;
+            table = pdpte & PTE_ADDR;
+            level = 2;
+        }
+        for (;;) {
+            int shift = 12 + 9 * (level - 1);
+            uint64_t epa = table + ((lin >> shift) & 511) * 8;
+            uint64_t e = phys_ld(c, epa, 8);
+            if (!(e & PTE_P))
+                goto not_present;
+            if ((e & PTE_NX) && !nxe)
+                goto reserved;
+            entries_pa[n] = epa;
+            entries[n++] = e;
+            rw &= (e >> 1) & 1;
+            us &= (e >> 2) & 1;
+            if (e & PTE_NX)
+                nx = 1;
+            if (level == 1 || ((level == 2 || level == 3) && (e & PTE_PS))) {
+                page_mask = (1ull << shift) - 1;
+                pa = (e & PTE_ADDR & ~page_mask) | (lin & page_mask);
+                break;
+            }
+            table = e & PTE_ADDR;
+            level--;
+        }
+    } else {
+        uint64_t pde_pa = (c->cr3 & 0xfffff000ull) + ((lin >> 22) & 1023) * 4;
+        uint64_t pde = phys_ld(c, pde_pa, 4);
+        if (!(pde & PTE_P))
+            goto not_present;
+        entries_pa[n] = pde_pa;
+        entries[n++] = pde;
+        rw &= (pde >> 1) & 1;
+        us &= (pde >> 2) & 1;
+        if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
+            pa = (pde & 0xffc00000ull) | ((pde & 0x1fe000ull) << 19) | (lin & 0x3fffff);
+            is_pse32 = 1;
+        } else {
+            uint64_t pte_pa = (pde & 0xfffff000ull) + ((lin >> 12) & 1023) * 4;
+            uint64_t pte = phys_ld(c, pte_pa, 4);
+            if (!(pte & PTE_P))
+                goto not_present;
+            entries_pa[n] = pte_pa;
+            entries[n++] = pte;
+            rw &= (pte >> 1) & 1;
+            us &= (pte >> 2) & 1;
+            pa = (pte & 0xfffff000ull) | (lin & 0xfff);
+        }
+    }
+    (void)is_pse32;
+    /* permission check */
+    int wp = (c->cr0 & CR0_WP) != 0;
+    if (user && !us)
+        goto protection;
+    if (access == 1 && !rw && (user || wp))
+        goto protection;
+    if (access == 2 && nx)
+        goto protection;
+    {
+        unsigned esz = (c->cr4 & CR4_PAE) ? 8 : 4;
+        for (int k = 0; k < n; k++) {
+            uint64_t e = entries[k];
+            uint64_t ne = e | PTE_A;
+            if (k == n - 1 && access == 1)
+                ne |= PTE_D;
+            if (ne != e) {
+                phys_st(c, entries_pa[k], esz, ne);
+                entries[k] = ne;
+            }
+        }
+        uint64_t leaf = entries[n - 1];
+        int perm = PERM_R;
+        if (user && !us)
+            perm = 0;
+        if ((rw || (!user && !wp)) && (leaf & PTE_D) && perm)
+            perm |= PERM_W;
+        if (!nx && perm)
+            perm |= PERM_X;
+        *pa_out = pa;
+        *perm_out = perm;
+        *global_out = (leaf & PTE_G) && (c->cr4 & CR4_PGE);
+        return 0;
+    }
+not_present:
+    if (!fault)
+        return -1;
+    page_fault(c, lin, err_u | err_w | err_i);
+reserved:
+    if (!fault)
+        return -1;
+    page_fault(c, lin, 1 | 8 | err_u | err_w | err_i);
+protection:
+    if (!fault)
+        return -1;
+    page_fault(c, lin, 1 | err_u | err_w | err_i);
+}
+
+int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault)
+{
+    int perm, global;
+    return walk(c, lin, access, user, phys, &perm, &global, fault);
+}
+
+/* Fill the TLB entry for lin at the current privilege; returns the physical address. */
+static uint64_t tlb_fill(CPU *c, uint64_t lin, int access)
+{
+    uint64_t pa;
+    int perm, global;
+    walk(c, lin, access, c->mmu_idx == 1, &pa, &perm, &global, 1);
+    uint64_t page = lin & ~0xfffull;
+    TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
+    e->paddr = pa & ~0xfffull;
+    e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
+    e->global = global;
+    uint8_t *h = ram_ptr(c, e->paddr, 4096);
+    if (h) {
+        e->addend = (uintptr_t)h - (uintptr_t)page;
+        if (perm & PERM_R)
+            e->tag_r = page;
+        if ((perm & PERM_W) && !is_code_page(c, e->paddr))
+            e->tag_w = page;
+        if (perm & PERM_X)
+            e->tag_x = page;
+    }
+    return pa;
+}
+
+void code_page_mark(CPU *c, uint64_t pa)
+{
+    RamRegion *r = ram_region(c, pa);
+    if (!r)
+        return;
+    r->code[(pa - r->gpa) >> 12] = 1;
+    uint64_t page = pa & ~0xfffull;
+    for (int m = 0; m < 2; m++)
+        for (int k = 0; k < TLB_SIZE; k++)
+            if (c->tlb[m][k].paddr == page)
+                c->tlb[m][k].tag_w = TLB_INVALID;
+}
+
+void invalidate_code_page(CPU *c, uint64_t pa)
+{
+    RamRegion *r = ram_region(c, pa);
+    if (!r || !r->code[(pa - r->gpa) >> 12])
+        return;
+    r->code[(pa - r->gpa) >> 12] = 0;
+    uint64_t page = pa & ~0xfffull;
+    c->st_invalidations++;
+    for (int k = 0; k < c->nblocks; k++) {
+        Block *b = &c->blocks[k];
+        if (b->valid && (b->phys == page || b->phys2 == page)) {
+            b->valid = 0;
+            if (b == c->cur_block)
+                c->stop_block = 1;
+        }
+    }
+    for (uint32_t h = 0; h < c->hash_size; h++) {
+        Block **pp = &c->hash[h];
+        while (*pp) {
+            if (!(*pp)->valid)
+                *pp = (*pp)->hnext;
+            else
+                pp = &(*pp)->hnext;
+        }
+    }
+}
+
+static uint64_t access_one(CPU *c, uint64_t lin, unsigned size, int access, int write, uint64_t val)
+{
+    uint64_t pa = tlb_fill(c, lin, access);
+    uint8_t *h = ram_ptr(c, pa, size);
+    if (!h)
+        return mmio_access(c, pa, size, write, val);
+    if (write) {
+        if (is_code_page(c, pa))
+            invalidate_code_page(c, pa);
+        memcpy(h, &val, size);
+        /* now that the page is clean of code, later writes can take the fast path */
+        tlb_fill(c, lin, access);
+        return 0;
+    }
+    uint64_t v = 0;
+    memcpy(&v, h, size);
+    return v;
+}
+
+uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch)
+{
+    if (!c->long64)
+        lin = (uint32_t)lin;
+    if ((lin & 0xfff) + size > 4096) {
+        uint64_t v = 0;
+        for (unsigned k = 0; k < size; k++) {
+            uint64_t a = lin + k;
+            if (!c->long64)
+                a = (uint32_t)a;
+            v |= access_one(c, a, 1, fetch ? 2 : 0, 0, 0) << (8 * k);
+        }
+        return v;
+    }
+    return access_one(c, lin, size, fetch ? 2 : 0, 0, 0);
+}
+
+void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
+{
+    if (!c->long64)
+        lin = (uint32_t)lin;
+    if ((lin & 0xfff) + size > 4096) {
+        /* translate both pages first so a fault on the second leaves memory untouched */
+        uint64_t second = (lin | 0xfff) + 1;
+        if (!c->long64)
+            second = (uint32_t)second;
+        tlb_fill(c, lin, 1);
+        tlb_fill(c, second, 1);
+        for (unsigned k = 0; k < size; k++) {
+            uint64_t a = lin + k;
+            if (!c->long64)
+                a = (uint32_t)a;
+            access_one(c, a, 1, 1, 1, (val >> (8 * k)) & 0xff);
+        }
+        return;
+    }
+    access_one(c, lin, size, 1, 1, val);
+}
+
+void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size)
+{
+    uint8_t *d = dst;
+    while (size) {
+        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
+        uint64_t v = ld(c, lin, chunk);
+        memcpy(d, &v, chunk);
+        d += chunk;
+        lin += chunk;
+        size -= chunk;
+    }
+}
+
+void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size)
+{
+    const uint8_t *s = src;
+    /* probe both ends first so a fault cannot leave a partial write */
+    if (size) {
+        ld(c, lin, 1);
+        ld(c, lin + size - 1, 1);
+    }
+    while (size) {
+        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
+        uint64_t v = 0;
+        memcpy(&v, s, chunk);
+        st(c, lin, chunk, v);
+        s += chunk;
+        lin += chunk;
+        size -= chunk;
+    }
+}

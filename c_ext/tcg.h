@@ -1,0 +1,315 @@
+/* kvmpy C translator: shared CPU state and the inline fast paths.
+ *
+ * Design: guest code is decoded once into blocks of pre-decoded instructions
+ * (struct Insn), cached by guest-physical address + code mode, and executed by
+ * a switch-threaded interpreter. Memory goes through a software TLB holding
+ * host pointers, so a RAM access that hits is a tag compare and a load.
+ * Faults and VM exits leave an instruction with longjmp back to the run loop;
+ * instructions do their register writeback only after their last memory
+ * access, so they can restart (after a #PF, or after an I/O/MMIO exit whose
+ * data the VMM completes: see the access log below).
+ */
+#ifndef KVMPY_TCG_H
+#define KVMPY_TCG_H
+
+#include <setjmp.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+enum { R_AX, R_CX, R_DX, R_BX, R_SP, R_BP, R_SI, R_DI };
+enum { S_ES, S_CS, S_SS, S_DS, S_FS, S_GS, S_LDT, S_TR };
+#define NOREG 0xff
+#define RIPREG 0xfe
+
+#define F_CF 0x1u
+#define F_PF 0x4u
+#define F_AF 0x10u
+#define F_ZF 0x40u
+#define F_SF 0x80u
+#define F_TF 0x100u
+#define F_IF 0x200u
+#define F_DF 0x400u
+#define F_OF 0x800u
+#define F_IOPL 0x3000u
+#define F_NT 0x4000u
+#define F_RF 0x10000u
+#define F_VM 0x20000u
+#define F_AC 0x40000u
+#define F_ID 0x200000u
+#define F_ARITH (F_CF | F_PF | F_AF | F_ZF | F_SF | F_OF)
+
+#define CR0_PE 1u
+#define CR0_TS 8u
+#define CR0_WP (1u << 16)
+#define CR0_PG (1u << 31)
+#define CR4_PSE (1u << 4)
+#define CR4_PAE (1u << 5)
+#define CR4_PGE (1u << 7)
+#define CR4_OSFXSR (1u << 9)
+#define CR4_FSGSBASE (1u << 16)
+#define EFER_SCE 1u
+#define EFER_LME (1u << 8)
+#define EFER_LMA (1u << 10)
+#define EFER_NXE (1u << 11)
+
+/* exception vectors */
+enum { EXC_DE = 0, EXC_DB = 1, EXC_BP = 3, EXC_OF = 4, EXC_BR = 5, EXC_UD = 6, EXC_NM = 7,
+       EXC_DF = 8, EXC_TS = 10, EXC_NP = 11, EXC_SS = 12, EXC_GP = 13, EXC_PF = 14,
+       EXC_MF = 16, EXC_AC = 17, EXC_XM = 19 };
+
+/* exit kinds: same numbers as kvmpy/vcpu/exits.py */
+enum { EXIT_NONE = 0, EXIT_IO = 1, EXIT_MMIO = 2, EXIT_HLT = 3, EXIT_SHUTDOWN = 4,
+       EXIT_INTERNAL_ERROR = 5, EXIT_INTR = 6 };
+
+/* lazy flags: the last flag-setting operation, evaluated on demand */
+enum { CC_EAGER, CC_ADD, CC_ADC, CC_SUB, CC_SBB, CC_LOGIC, CC_INC, CC_DEC };
+
+typedef struct Seg {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t sel;
+    uint8_t type, s, dpl, present, avl, l, db, g, unusable;
+} Seg;
+
+#define TLB_BITS 8
+#define TLB_SIZE (1 << TLB_BITS)
+#define TLB_INVALID (~0ULL)
+typedef struct TlbEnt {
+    uint64_t tag_r, tag_w, tag_x;  /* linear page, or TLB_INVALID when that access must go slow */
+    uintptr_t addend;              /* host = addend + linear */
+    uint64_t paddr;                /* guest-physical page */
+    uint8_t global;
+} TlbEnt;
+
+typedef struct Insn {
+    uint16_t op;        /* 0x000-0x0ff one byte, 0x100 0F xx, 0x200 0F38 xx, 0x300 0F3A xx */
+    uint8_t len;
+    uint8_t osz;        /* operand size in bytes: 2/4/8 (byte forms are implied by op) */
+    uint8_t asz;        /* address size: 2/4/8 */
+    uint8_t seg;        /* effective segment of the memory operand */
+    uint8_t rep;        /* 0, 1 = F3 (rep/repe), 2 = F2 (repne) */
+    uint8_t rex;        /* REX byte present (changes byte registers 4-7) */
+    uint8_t pfx;        /* SSE mandatory prefix: 0 none, 1 = 66, 2 = F3, 3 = F2 */
+    uint8_t lock;
+    uint8_t mod, reg, rm;   /* reg and rm already include REX.R / REX.B */
+    uint8_t base, index, scale;
+    uint8_t rexw;
+    int64_t disp;
+    uint64_t imm;
+    uint64_t imm2;
+} Insn;
+
+#define BLOCK_MAX_INSNS 64
+typedef struct Block {
+    uint64_t phys, phys2;   /* physical page(s) its bytes came from (phys2 = ~0 when one page) */
+    uint64_t pc;            /* rip at decode (for the jump cache) */
+    uint64_t cs_base;
+    uint32_t mode;
+    uint32_t n;
+    uint32_t valid;
+    struct Block *hnext;
+    Insn *insns;
+} Block;
+
+typedef struct RamRegion {
+    uint64_t gpa, size;
+    uint8_t *host;
+    uint8_t *code;          /* one byte per 4 KiB page: translated code lives there */
+} RamRegion;
+
+/* One VM-exit-producing access of the current instruction, kept so the
+ * instruction can be re-executed after the VMM completes it. */
+typedef struct Access {
+    uint8_t kind;           /* EXIT_IO or EXIT_MMIO */
+    uint8_t write;
+    uint32_t size, count;
+    uint64_t addr;
+    uint8_t *data;
+    uint8_t small[16];
+} Access;
+
+#define MAX_RAM 32
+#define MAX_CPUID 64
+#define IOBUF_SIZE 4096
+
+typedef struct CPU {
+    uint64_t r[16];
+    uint64_t rip, next_rip;
+    uint64_t eflags;                 /* all bits except F_ARITH, which are lazy */
+    uint32_t cc_op, cc_size;
+    uint64_t cc_res, cc_a, cc_b, cc_c;
+    Seg seg[8];
+    uint64_t gdt_base, idt_base;
+    uint32_t gdt_limit, idt_limit;
+    uint64_t cr0, cr2, cr3, cr4, cr8, efer, xcr0;
+    uint64_t dr[8];
+    uint64_t star, lstar, cstar, fmask, kernel_gs_base, tsc_offset, apic_base, pat;
+    uint64_t sysenter_cs, sysenter_esp, sysenter_eip, tsc_aux, misc_enable;
+    uint64_t mtrr_def_type;
+    int cpl;
+    int code_mode;                   /* 0 = 16-bit, 1 = 32-bit, 2 = 64-bit code */
+    int long64;                      /* running 64-bit code: flat ES/CS/SS/DS */
+    int mmu_idx;                     /* 0 supervisor, 1 user */
+    TlbEnt tlb[2][TLB_SIZE];
+
+    /* SSE / x87 */
+    uint8_t xmm[16][16] __attribute__((aligned(16)));
+    uint32_t mxcsr;
+    uint16_t fcw, fsw, ftw;
+    uint8_t fpregs[8][16];
+
+    int nram;
+    RamRegion ram[MAX_RAM];
+
+    /* exceptions */
+    jmp_buf jb;
+    int exc_vec;
+    uint32_t exc_err;
+    int exc_has_err;
+    int delivering;                  /* vector being delivered, -1 none: nested faults -> #DF */
+
+    /* asynchronous requests */
+    _Atomic int exit_request;
+    _Atomic int kicked;
+    _Atomic uint64_t irq_pending[4];
+    int halted;
+    int shadow;                      /* interrupt shadow after sti / mov ss */
+
+    /* exits */
+    int exit_reason;
+    Access acc[4];
+    int nacc, acc_pos;
+    uint8_t iobuf[IOBUF_SIZE];
+    char errmsg[256];
+
+    /* block cache */
+    Block *blocks;
+    int nblocks, max_blocks;
+    Insn *insn_pool;
+    int ninsns, max_insns;
+    Block **hash;
+    uint32_t hash_size;
+    struct { uint64_t pc, cs_base; uint32_t mode; Block *b; } jc[4096];
+    Block *cur_block;
+    int stop_block;
+
+    /* CPUID table */
+    int ncpuid;
+    struct { uint32_t fn, idx, flags, eax, ebx, ecx, edx; } cpuid[MAX_CPUID];
+    int cpu_index;
+
+    /* statistics (decode vs execute split for the benchmark) */
+    uint64_t st_insns, st_blocks, st_translated, st_decoded_insns, st_decode_ns, st_exec_ns;
+    uint64_t st_invalidations;
+} CPU;
+
+/* ---- mem.c ---- */
+uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch);
+void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val);
+void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size);
+void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size);
+int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault);
+uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
+void tlb_flush(CPU *c, int global_too);
+void tlb_flush_page(CPU *c, uint64_t lin);
+void code_page_mark(CPU *c, uint64_t pa);
+void invalidate_code_page(CPU *c, uint64_t pa);
+uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
+void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
+
+/* ---- system.c ---- */
+void __attribute__((noreturn)) raise_exc(CPU *c, int vec, uint32_t err, int has_err);
+#define RAISE(c, v) raise_exc((c), (v), 0, 0)
+#define RAISE_ERR(c, v, e) raise_exc((c), (v), (e), 1)
+void __attribute__((noreturn)) cpu_exit(CPU *c, int reason);
+void deliver_interrupt(CPU *c, int vec, int soft, uint32_t err, int has_err, uint64_t ret_rip);
+void update_mode(CPU *c);
+void load_seg(CPU *c, int sreg, uint16_t sel);
+void load_seg_real(CPU *c, int sreg, uint16_t sel);
+int read_descriptor(CPU *c, uint16_t sel, uint32_t d[4], int wide);
+void seg_from_desc(Seg *s, uint16_t sel, const uint32_t d[2]);
+int msr_read(CPU *c, uint32_t idx, uint64_t *val);
+int msr_write(CPU *c, uint32_t idx, uint64_t val);
+void do_cpuid(CPU *c);
+void set_cr0(CPU *c, uint64_t v);
+void set_cr3(CPU *c, uint64_t v);
+void set_cr4(CPU *c, uint64_t v);
+void set_efer(CPU *c, uint64_t v);
+void do_far_jump(CPU *c, uint16_t sel, uint64_t off, int call, int osz);
+void do_far_ret(CPU *c, int osz, uint32_t pop_extra);
+void do_iret(CPU *c, int osz);
+void do_syscall(CPU *c);
+void do_sysret(CPU *c, int osz);
+uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val);
+uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val);
+
+/* ---- exec.c ---- */
+uint64_t get_eflags(CPU *c);
+void set_eflags(CPU *c, uint64_t v, uint64_t mask);
+int cpu_run(CPU *c);
+void cpu_init(CPU *c);
+void cpu_free(CPU *c);
+void block_cache_flush(CPU *c);
+
+/* ---- decode.c ---- */
+int decode_insn(CPU *c, uint64_t lin, int mode, Insn *i, int *ends_block);
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/* ---- inline fast paths ---- */
+
+static inline uint64_t linear(CPU *c, int sreg, uint64_t off)
+{
+    if (c->long64)
+        return sreg >= S_FS ? c->seg[sreg].base + off : off;
+    return (uint32_t)(c->seg[sreg].base + off);
+}
+
+static inline void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
+{
+    TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
+    uint64_t tag = write ? e->tag_w : e->tag_r;
+    if (likely(tag == (lin & ~0xfffULL) && (lin & 0xfff) <= 4096 - size))
+        return (void *)(e->addend + (uintptr_t)lin);
+    return 0;
+}
+
+static inline uint64_t ld(CPU *c, uint64_t lin, unsigned size)
+{
+    void *p = tlb_hit(c, lin, size, 0);
+    if (likely(p != 0)) {
+        switch (size) {
+        case 1: return *(uint8_t *)p;
+        case 2: { uint16_t v; memcpy(&v, p, 2); return v; }
+        case 4: { uint32_t v; memcpy(&v, p, 4); return v; }
+        default: { uint64_t v; memcpy(&v, p, 8); return v; }
+        }
+    }
+    return mem_read_slow(c, lin, size, 0);
+}
+
+static inline void st(CPU *c, uint64_t lin, unsigned size, uint64_t v)
+{
+    void *p = tlb_hit(c, lin, size, 1);
+    if (likely(p != 0)) {
+        switch (size) {
+        case 1: *(uint8_t *)p = (uint8_t)v; return;
+        case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); return; }
+        case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); return; }
+        default: memcpy(p, &v, 8); return;
+        }
+    }
+    mem_write_slow(c, lin, size, v);
+}
+
+#endif

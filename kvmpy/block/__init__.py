@@ -1,0 +1,54 @@
+"""Disk images: raw and qcow2 behind one BlockDriver interface.
+
+    drv = open_image("disk.qcow2")          # format probed: qcow2 magic, else raw
+    n = drv.preadv([memoryview(buf)], 4096)  # straight into guest RAM slices
+    drv.pwritev([...], off); drv.flush(); drv.close()
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ImageError
+from .driver import BlockDriver
+
+__all__ = ["BlockDriver", "ImageError", "open_image", "probe_format", "FORMATS"]
+
+FORMATS = ("raw", "qcow2")
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
+    return "qcow2" if head == QCOW2_MAGIC else "raw"
+
+
+def open_image(path: str, format: str | None = None, read_only: bool = False,
+               _chain: tuple = ()) -> BlockDriver:
+    """Open a disk image; format None probes (qcow2 magic, else raw).
+
+    Raises ImageError naming the file for a missing file, an unknown format or a
+    malformed image.
+    """
+    path = os.fspath(path)
+    if format is None:
+        format = probe_format(path)
+    elif not os.path.exists(path):
+        raise ImageError(f"{path}: image file not found")
+    if format == "raw":
+        from .raw import RawDriver
+        if os.path.isdir(path):
+            raise ImageError(f"{path}: is a directory, not an image")
+        return RawDriver(path, read_only=read_only)
+    if format == "qcow2":
+        from .qcow2 import Qcow2Driver
+        return Qcow2Driver(path, read_only=read_only, _chain=_chain)
+    raise ImageError(f"{path}: unknown image format {format!r} (supported: {', '.join(FORMATS)})")

@@ -1,0 +1,60 @@
+"""Guest physical memory layout of a kvmpy PC.
+
+Low memory holds the boot structures (as a BIOS would leave them), RAM runs to
+the start of the PCI hole, and the rest of RAM is placed above 4 GiB.
+"""
+
+GDT_ADDR = 0x500
+IDT_ADDR = 0x520                  # an empty IDT: no interrupts until the kernel loads its own
+PVH_START_INFO_ADDR = 0x6000
+PVH_MEMMAP_ADDR = 0x6100          # hvm_memmap_table_entry[], up to 64 entries
+PVH_MODLIST_ADDR = 0x6800
+ZERO_PAGE_ADDR = 0x7000           # Linux boot_params
+PML4_ADDR = 0x9000                # identity page tables: PML4, PDPT, 4 page directories
+PDPT_ADDR = 0xA000
+PD_ADDR = 0xB000                  # 4 pages, 0xB000-0xEFFF, map 4 GiB with 2 MiB pages
+BOOT_STACK_TOP = 0x8FF0
+CMDLINE_ADDR = 0x20000
+CMDLINE_MAX = 0x10000
+EBDA_START = 0x9FC00
+ACPI_BASE = 0xE0000               # ACPI tables and a BIOS-area copy of the RSDP
+ACPI_SIZE = 0x20000
+HIGH_MEMORY = 0x100000            # kernels load at 1 MiB and up
+
+PCI_HOLE_START = 0xC0000000       # 3 GiB: RAM above this moves to 4 GiB
+PCI_MMIO_WINDOW = (0xC0000000, 0xFEBFFFFF)
+PCI_IO_WINDOW = (0xC000, 0xFFFF)
+IOAPIC_ADDR = 0xFEC00000
+LAPIC_ADDR = 0xFEE00000
+TSS_ADDR = 0xFFFBD000             # three pages KVM needs on VT-x for real mode
+IDENTITY_MAP_ADDR = 0xFFFBC000
+FOUR_GIB = 1 << 32
+
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+BOOT_TSS = 0x20
+
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+
+
+def ram_layout(mem_size: int) -> list[tuple[int, int]]:
+    """[(gpa, size)] for ``mem_size`` bytes of RAM, leaving the PCI hole below 4 GiB."""
+    if mem_size <= PCI_HOLE_START:
+        return [(0, mem_size)]
+    return [(0, PCI_HOLE_START), (FOUR_GIB, mem_size - PCI_HOLE_START)]
+
+
+def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
+    """[(addr, size, type)] as the boot protocols hand them to the kernel."""
+    low_end = min(mem_size, PCI_HOLE_START)
+    entries = [
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, ACPI_BASE - EBDA_START, E820_RESERVED),
+        (ACPI_BASE, ACPI_SIZE, E820_RESERVED),
+        (HIGH_MEMORY, low_end - HIGH_MEMORY, E820_RAM),
+    ]
+    if mem_size > PCI_HOLE_START:
+        entries.append((FOUR_GIB, mem_size - PCI_HOLE_START, E820_RAM))
+    return entries

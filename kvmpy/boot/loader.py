@@ -1,0 +1,240 @@
+"""Direct kernel boot: the Linux x86 boot protocol (bzImage) and PVH ELF kernels.
+
+``load_kernel`` looks at the file, loads it, its initrd and command line into guest
+RAM, writes the boot structures (zero page / hvm_start_info, e820, GDT, page
+tables) and returns the bootstrap vCPU's initial state.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import BootError, GuestMemoryError
+from ..memory import GuestMemory
+from ..vcpu.state import Regs
+from . import layout
+from .common import (BootState, long_mode_sregs, place_initrd, protected_mode_sregs,
+                     write_cmdline, write_gdt, write_gdt32, write_identity_page_tables)
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+HVM_START_MAGIC = 0x336EC578
+PT_LOAD = 1
+PT_NOTE = 4
+
+# struct setup_header offsets within the first sector(s) of a bzImage
+HDR_SETUP_SECTS = 0x1F1
+HDR_VID_MODE = 0x1FA
+HDR_BOOT_FLAG = 0x1FE
+HDR_JUMP = 0x200
+HDR_MAGIC = 0x202
+HDR_VERSION = 0x206
+HDR_TYPE_OF_LOADER = 0x210
+HDR_LOADFLAGS = 0x211
+HDR_RAMDISK_IMAGE = 0x218
+HDR_RAMDISK_SIZE = 0x21C
+HDR_HEAP_END_PTR = 0x224
+HDR_CMD_LINE_PTR = 0x228
+HDR_INITRD_ADDR_MAX = 0x22C
+HDR_XLOADFLAGS = 0x236
+HDR_CMDLINE_SIZE = 0x238
+HDR_INIT_SIZE = 0x260
+BP_ACPI_RSDP_ADDR = 0x070
+BP_EXT_RAMDISK_IMAGE = 0x0C0
+BP_EXT_RAMDISK_SIZE = 0x0C4
+BP_EXT_CMD_LINE_PTR = 0x0C8
+BP_E820_ENTRIES = 0x1E8
+BP_E820_TABLE = 0x2D0
+E820_MAX_ENTRIES_ZEROPAGE = 128
+XLF_KERNEL_64 = 1 << 0
+LOADED_HIGH = 1 << 0
+CAN_USE_HEAP = 1 << 7
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BootError(f"{what} {path}: {e.strerror}") from None
+
+
+def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
+                initrd_path: str | None = None, rsdp_addr: int = 0,
+                mem_size: int | None = None) -> BootState:
+    image = _read_file(kernel_path, "kernel")
+    initrd = _read_file(initrd_path, "initrd") if initrd_path else None
+    mem_size = mem_size if mem_size is not None else memory.total_size
+    try:
+        if image[:4] == b"\x7fELF":
+            return _load_pvh(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
+        if len(image) > HDR_MAGIC + 4 and image[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
+            return _load_bzimage(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
+    except GuestMemoryError as e:
+        raise BootError(f"kernel {kernel_path}: does not fit in guest RAM ({e})") from None
+    raise BootError(f"kernel {kernel_path}: neither a bzImage (no 'HdrS' at offset 0x202) "
+                    f"nor an ELF kernel (no ELF magic)")
+
+
+# --- PVH ---------------------------------------------------------------------
+
+def _elf_segments(path: str, image: bytes):
+    if len(image) < 64:
+        raise BootError(f"kernel {path}: ELF header truncated")
+    ei_class = image[4]
+    if image[5] != 1:
+        raise BootError(f"kernel {path}: ELF is not little-endian")
+    if ei_class == 2:
+        e_phoff, = struct.unpack_from("<Q", image, 0x20)
+        e_phentsize, e_phnum = struct.unpack_from("<HH", image, 0x36)
+        fmt, fields = "<IIQQQQQQ", ("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align")
+    elif ei_class == 1:
+        e_phoff, = struct.unpack_from("<I", image, 0x1C)
+        e_phentsize, e_phnum = struct.unpack_from("<HH", image, 0x2A)
+        fmt, fields = "<IIIIIIII", ("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align")
+    else:
+        raise BootError(f"kernel {path}: unknown ELF class {ei_class}")
+    size = struct.calcsize(fmt)
+    if e_phentsize < size or e_phnum > 256 or e_phoff + e_phnum * e_phentsize > len(image):
+        raise BootError(f"kernel {path}: ELF program headers out of range (e_phoff {e_phoff:#x}, e_phnum {e_phnum})")
+    for i in range(e_phnum):
+        ph = dict(zip(fields, struct.unpack_from(fmt, image, e_phoff + i * e_phentsize)))
+        if ph["offset"] + ph["filesz"] > len(image) or ph["filesz"] > ph["memsz"]:
+            raise BootError(f"kernel {path}: program header {i} lies outside the file")
+        yield ph
+
+
+def _pvh_entry(path: str, image: bytes, segments) -> int | None:
+    for ph in segments:
+        if ph["type"] != PT_NOTE:
+            continue
+        off, end = ph["offset"], ph["offset"] + ph["filesz"]
+        while off + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", image, off)
+            name_off = off + 12
+            desc_off = name_off + ((namesz + 3) & ~3)
+            nxt = desc_off + ((descsz + 3) & ~3)
+            if nxt > end:
+                break
+            name = image[name_off:name_off + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and descsz in (4, 8):
+                return struct.unpack_from("<I" if descsz == 4 else "<Q", image, desc_off)[0]
+            off = nxt
+    return None
+
+
+def _load_pvh(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size) -> BootState:
+    segments = list(_elf_segments(path, image))
+    entry = _pvh_entry(path, image, segments)
+    if entry is None:
+        raise BootError(f"kernel {path}: ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); "
+                        "build the kernel with CONFIG_PVH=y or pass a bzImage")
+    kernel_end = layout.HIGH_MEMORY
+    for ph in segments:
+        if ph["type"] != PT_LOAD or ph["memsz"] == 0:
+            continue
+        paddr = ph["paddr"]
+        if paddr < layout.HIGH_MEMORY:
+            raise BootError(f"kernel {path}: segment at {paddr:#x} overlaps the boot area below 1 MiB")
+        if not memory.contains(paddr, ph["memsz"]):
+            raise BootError(f"kernel {path}: segment {paddr:#x}+{ph['memsz']:#x} is outside guest RAM")
+        memory.write(paddr, image[ph["offset"]:ph["offset"] + ph["filesz"]])
+        memory.view(paddr + ph["filesz"], ph["memsz"] - ph["filesz"])[:] = bytes(ph["memsz"] - ph["filesz"])
+        kernel_end = max(kernel_end, paddr + ph["memsz"])
+
+    write_gdt32(memory)
+    cmd_addr = write_cmdline(memory, cmdline)
+    nr_modules = 0
+    if initrd is not None:
+        addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, 0xFFFFFFFF, f"initrd {initrd_path}")
+        memory.write(addr, initrd)
+        memory.write(layout.PVH_MODLIST_ADDR, struct.pack("<QQQQ", addr, len(initrd), 0, 0))
+        nr_modules = 1
+    e820 = layout.e820_map(mem_size)
+    memory.write(layout.PVH_MEMMAP_ADDR, b"".join(struct.pack("<QQII", a, s, t, 0) for a, s, t in e820))
+    start_info = struct.pack("<IIIIQQQQII", HVM_START_MAGIC, 1, 0, nr_modules,
+                             layout.PVH_MODLIST_ADDR if nr_modules else 0, cmd_addr, rsdp_addr,
+                             layout.PVH_MEMMAP_ADDR, len(e820), 0)
+    memory.write(layout.PVH_START_INFO_ADDR, start_info)
+    regs = Regs(rip=entry, rbx=layout.PVH_START_INFO_ADDR, rflags=0x2)
+    return BootState(regs=regs, sregs=protected_mode_sregs(), entry=entry, kernel_end=kernel_end,
+                     notes=["pvh"])
+
+
+# --- bzImage -------------------------------------------------------------------
+
+def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size) -> BootState:
+    version, = struct.unpack_from("<H", image, HDR_VERSION)
+    if version < 0x20C:
+        raise BootError(f"kernel {path}: boot protocol {version >> 8}.{version & 0xFF} is too old "
+                        "(kvmpy needs 2.12+ for the 64-bit entry)")
+    xloadflags, = struct.unpack_from("<H", image, HDR_XLOADFLAGS)
+    if not xloadflags & XLF_KERNEL_64:
+        raise BootError(f"kernel {path}: bzImage has no 64-bit entry point (xloadflags {xloadflags:#x})")
+    if not image[HDR_LOADFLAGS] & LOADED_HIGH:
+        raise BootError(f"kernel {path}: zImage (not loaded high) kernels are not supported")
+    setup_sects = image[HDR_SETUP_SECTS] or 4
+    kernel_off = (setup_sects + 1) * 512
+    if kernel_off >= len(image):
+        raise BootError(f"kernel {path}: setup_sects {setup_sects} points past the end of the file")
+    payload = image[kernel_off:]
+    init_size, = struct.unpack_from("<I", image, HDR_INIT_SIZE)
+    load_addr = layout.HIGH_MEMORY
+    kernel_end = load_addr + max(len(payload), init_size)
+    if not memory.contains(load_addr, kernel_end - load_addr):
+        raise BootError(f"kernel {path}: needs {kernel_end - load_addr} bytes at 1 MiB, more than guest RAM")
+    memory.write(load_addr, payload)
+
+    header_end = HDR_JUMP + 2 + image[HDR_JUMP + 1]
+    zero_page = bytearray(4096)
+    zero_page[HDR_SETUP_SECTS:header_end] = image[HDR_SETUP_SECTS:header_end]
+    struct.pack_into("<H", zero_page, HDR_VID_MODE, 0xFFFF)
+    zero_page[HDR_TYPE_OF_LOADER] = 0xFF
+    zero_page[HDR_LOADFLAGS] |= CAN_USE_HEAP
+    struct.pack_into("<H", zero_page, HDR_HEAP_END_PTR, 0xFE00)
+
+    cmdline_size, = struct.unpack_from("<I", image, HDR_CMDLINE_SIZE)
+    cmd_addr = write_cmdline(memory, cmdline, min(cmdline_size + 1, layout.CMDLINE_MAX))
+    struct.pack_into("<I", zero_page, HDR_CMD_LINE_PTR, cmd_addr)
+    struct.pack_into("<I", zero_page, BP_EXT_CMD_LINE_PTR, 0)
+
+    if initrd is not None:
+        initrd_max, = struct.unpack_from("<I", image, HDR_INITRD_ADDR_MAX)
+        addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, initrd_max or 0x37FFFFFF,
+                            f"initrd {initrd_path}")
+        memory.write(addr, initrd)
+        struct.pack_into("<I", zero_page, HDR_RAMDISK_IMAGE, addr & 0xFFFFFFFF)
+        struct.pack_into("<I", zero_page, HDR_RAMDISK_SIZE, len(initrd) & 0xFFFFFFFF)
+        struct.pack_into("<I", zero_page, BP_EXT_RAMDISK_IMAGE, addr >> 32)
+        struct.pack_into("<I", zero_page, BP_EXT_RAMDISK_SIZE, len(initrd) >> 32)
+
+    e820 = layout.e820_map(mem_size)[:E820_MAX_ENTRIES_ZEROPAGE]
+    zero_page[BP_E820_ENTRIES] = len(e820)
+    for i, (a, s, t) in enumerate(e820):
+        struct.pack_into("<QQI", zero_page, BP_E820_TABLE + 20 * i, a, s, t)
+    if version >= 0x20E:
+        struct.pack_into("<Q", zero_page, BP_ACPI_RSDP_ADDR, rsdp_addr)
+    memory.write(layout.ZERO_PAGE_ADDR, zero_page)
+
+    write_gdt(memory)
+    write_identity_page_tables(memory)
+    regs = Regs(rip=load_addr + 0x200, rsi=layout.ZERO_PAGE_ADDR, rsp=layout.BOOT_STACK_TOP,
+                rbp=layout.BOOT_STACK_TOP, rflags=0x2)
+    return BootState(regs=regs, sregs=long_mode_sregs(), entry=regs.rip, kernel_end=kernel_end,
+                     notes=[f"bzimage protocol {version >> 8}.{version & 0xFF}"])
+
+
+def kernel_kind(path: str) -> str:
+    """'pvh', 'bzimage' or 'unknown' without loading anything (for messages and tests)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x210)
+    except OSError:
+        return "unknown"
+    if head[:4] == b"\x7fELF":
+        return "pvh"
+    if head[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
+        return "bzimage"
+    return "unknown"
+
+
+__all__ = ["load_kernel", "kernel_kind", "BootState"]

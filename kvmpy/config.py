@@ -1,0 +1,234 @@
+"""vm.toml and command-line overrides -> a validated VmConfig.
+
+Every error names the file and the key, and is a ConfigError (exit status 2).
+Relative paths in vm.toml resolve against the file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value, where: str, default_unit: str = "") -> int:
+    """'512M', '4G', 1024 -> bytes. A bare number takes ``default_unit`` (QEMU's -m takes MiB)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like 512M, got {value!r}")
+    if isinstance(value, int):
+        return value * _UNITS[default_unit]
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = m.group(2).upper() or default_unit
+            return int(m.group(1)) * _UNITS[unit]
+    raise ConfigError(f"{where}: expected a size like 512M or 4G, got {value!r}")
+
+
+@dataclass
+class DiskConfig:
+    path: str
+    format: str | None = None
+    readonly: bool = False
+    serial: str = ""
+
+
+@dataclass
+class NetConfig:
+    type: str = "tap"
+    ifname: str = ""
+    bridge: str = ""
+    mac: str = ""
+
+
+@dataclass
+class VmConfig:
+    name: str = "kvmpy"
+    source: str = "<command line>"
+    accel: str = "tcg"                 # kvm | tcg | auto
+    memory: int = 256 << 20
+    cpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    serial: str = "stdio"
+    no_reboot: bool = False
+    disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    qmp: list[str] = field(default_factory=list)
+    hmp: list[str] = field(default_factory=list)
+    pidfile: str | None = None
+    daemonize: bool = False
+    runas: str | None = None
+    service: dict = field(default_factory=dict)
+    enabled: bool = True
+
+
+TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
+            "no_reboot", "disk", "net", "monitor", "service", "enabled", "pidfile", "runas"}
+DISK_KEYS = {"path", "format", "readonly", "serial"}
+NET_KEYS = {"type", "ifname", "bridge", "mac"}
+MONITOR_KEYS = {"qmp", "hmp"}
+MAX_CPUS = 255
+MIN_MEMORY = 16 << 20
+
+
+def _expect(value, types, where: str, what: str):
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
+def _path(base_dir: str, value, where: str) -> str:
+    _expect(value, str, where, "a path")
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+
+
+def _check_unknown(table: dict, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(allowed))})")
+
+
+def load_config(path: str) -> VmConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(data, path)
+
+
+def config_from_dict(data: dict, source: str) -> VmConfig:
+    base = os.path.dirname(os.path.abspath(source)) if source != "<command line>" else os.getcwd()
+    cfg = VmConfig(source=source)
+    _check_unknown(data, TOP_KEYS, source)
+    w = lambda key: f"{source}: key '{key}'"  # noqa: E731
+    if "name" in data:
+        cfg.name = _expect(data["name"], str, w("name"), "a string")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.name):
+            raise ConfigError(f"{w('name')}: use 1-64 letters, digits, '.', '_' or '-'")
+    else:
+        cfg.name = os.path.splitext(os.path.basename(source))[0] if source != "<command line>" else "kvmpy"
+    if "accel" in data:
+        cfg.accel = _expect(data["accel"], str, w("accel"), "a string")
+        if cfg.accel not in ("kvm", "tcg", "auto"):
+            raise ConfigError(f"{w('accel')}: must be \"kvm\", \"tcg\" or \"auto\", got {cfg.accel!r}")
+    if "memory" in data:
+        cfg.memory = parse_size(data["memory"], w("memory"), "M")
+    if "cpus" in data:
+        cfg.cpus = _expect(data["cpus"], int, w("cpus"), "a whole number")
+    if "kernel" in data:
+        cfg.kernel = _path(base, data["kernel"], w("kernel"))
+    if "initrd" in data:
+        cfg.initrd = _path(base, data["initrd"], w("initrd"))
+    for key in ("cmdline", "append"):
+        if key in data:
+            cfg.cmdline = _expect(data[key], str, w(key), "a string")
+    if "serial" in data:
+        cfg.serial = _expect(data["serial"], str, w("serial"), "a string such as \"stdio\"")
+    if "no_reboot" in data:
+        cfg.no_reboot = _expect(data["no_reboot"], bool, w("no_reboot"), "true or false")
+    if "enabled" in data:
+        cfg.enabled = _expect(data["enabled"], bool, w("enabled"), "true or false")
+    if "pidfile" in data:
+        cfg.pidfile = _path(base, data["pidfile"], w("pidfile"))
+    if "runas" in data:
+        cfg.runas = _expect(data["runas"], str, w("runas"), "a user name")
+    for i, d in enumerate(_expect(data.get("disk", []), list, w("disk"), "an array of tables ([[disk]])")):
+        where = f"{source}: [[disk]] #{i + 1}"
+        _expect(d, dict, where, "a table")
+        _check_unknown(d, DISK_KEYS, where)
+        if "path" not in d:
+            raise ConfigError(f"{where}: missing key 'path'")
+        disk = DiskConfig(path=_path(base, d["path"], f"{where} key 'path'"))
+        if "format" in d:
+            disk.format = _expect(d["format"], str, f"{where} key 'format'", "\"raw\" or \"qcow2\"")
+            if disk.format not in ("raw", "qcow2"):
+                raise ConfigError(f"{where} key 'format': must be \"raw\" or \"qcow2\", got {disk.format!r}")
+        disk.readonly = _expect(d.get("readonly", False), bool, f"{where} key 'readonly'", "true or false")
+        disk.serial = _expect(d.get("serial", ""), str, f"{where} key 'serial'", "a string")
+        if len(disk.serial.encode()) > 20:
+            raise ConfigError(f"{where} key 'serial': at most 20 bytes (virtio-blk ID)")
+        cfg.disks.append(disk)
+    for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
+        where = f"{source}: [[net]] #{i + 1}"
+        _expect(n, dict, where, "a table")
+        _check_unknown(n, NET_KEYS, where)
+        net = NetConfig(**{k: _expect(v, str, f"{where} key '{k}'", "a string") for k, v in n.items()})
+        if net.type != "tap":
+            raise ConfigError(f"{where} key 'type': only \"tap\" is supported, got {net.type!r}")
+        if net.mac and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", net.mac):
+            raise ConfigError(f"{where} key 'mac': expected xx:xx:xx:xx:xx:xx, got {net.mac!r}")
+        if net.mac and int(net.mac[:2], 16) & 1:
+            raise ConfigError(f"{where} key 'mac': {net.mac} is a multicast address")
+        cfg.nets.append(net)
+    mon = _expect(data.get("monitor", {}), dict, w("monitor"), "a table")
+    _check_unknown(mon, MONITOR_KEYS, f"{source}: [monitor]")
+    for key in ("qmp", "hmp"):
+        if key in mon:
+            v = mon[key]
+            vals = [v] if isinstance(v, str) else _expect(v, list, f"{source}: [monitor] key '{key}'", "a string")
+            getattr(cfg, key).extend(vals)
+    cfg.service = _expect(data.get("service", {}), dict, w("service"), "a table")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: VmConfig) -> None:
+    src = cfg.source
+    if not 1 <= cfg.cpus <= MAX_CPUS:
+        raise ConfigError(f"{src}: key 'cpus': must be 1..{MAX_CPUS}, got {cfg.cpus}")
+    if cfg.memory < MIN_MEMORY:
+        raise ConfigError(f"{src}: key 'memory': at least {MIN_MEMORY >> 20}M, got {cfg.memory >> 20}M")
+    if cfg.memory % (2 << 20):
+        raise ConfigError(f"{src}: key 'memory': must be a multiple of 2M")
+    if cfg.memory > (1 << 40):
+        raise ConfigError(f"{src}: key 'memory': at most 1T")
+
+
+def parse_drive(spec: str) -> DiskConfig:
+    """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X`` (or just a path)."""
+    if "=" not in spec.split(",")[0]:
+        spec = "file=" + spec
+    opts: dict[str, str] = {}
+    for part in spec.split(","):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--drive {spec}: expected key=value, got {part!r}")
+        opts[k] = v
+    if "file" not in opts:
+        raise ConfigError(f"--drive {spec}: missing file=")
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if"}
+    if unknown:
+        raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
+    fmt = opts.get("format")
+    if fmt not in (None, "raw", "qcow2"):
+        raise ConfigError(f"--drive {spec}: format must be raw or qcow2")
+    ro = opts.get("readonly", "off")
+    if ro not in ("on", "off", "true", "false"):
+        raise ConfigError(f"--drive {spec}: readonly must be on or off")
+    return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
+                      serial=opts.get("serial", ""))
+
+
+def parse_netdev(spec: str) -> NetConfig:
+    """``--net tap,ifname=tap0,bridge=br0,mac=52:54:00:12:34:56``."""
+    parts = spec.split(",")
+    if parts[0] != "tap":
+        raise ConfigError(f"--net {spec}: only 'tap' is supported")
+    net = NetConfig()
+    for part in parts[1:]:
+        k, sep, v = part.partition("=")
+        if not sep or k not in NET_KEYS - {"type"}:
+            raise ConfigError(f"--net {spec}: unknown option {part!r}")
+        setattr(net, k, v)
+    return net

@@ -1,0 +1,267 @@
+"""A PCI function: type 0 configuration header, BARs, capability list.
+
+Config space is a bytearray with a write mask per byte (bits the guest may change)
+and a write-1-to-clear mask (status register error bits). Everything the guest
+writes goes through those masks, so read-only fields stay read-only whatever the
+access size or alignment. BARs are sized the hardware way: the address bits
+below the BAR size are read-only zero, so writing all ones reads back the size
+mask. Subclasses declare BARs with ``add_bar`` and capabilities with
+``add_capability``, and serve their BAR ranges through ``bar_read``/``bar_write``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# header offsets
+VENDOR_ID = 0x00
+DEVICE_ID = 0x02
+COMMAND = 0x04
+STATUS = 0x06
+REVISION = 0x08
+CLASS_PROG = 0x09
+HEADER_TYPE = 0x0E
+BAR0 = 0x10
+SUBSYSTEM_VENDOR_ID = 0x2C
+SUBSYSTEM_ID = 0x2E
+ROM_ADDRESS = 0x30
+CAPABILITIES_POINTER = 0x34
+INTERRUPT_LINE = 0x3C
+INTERRUPT_PIN = 0x3D
+
+CMD_IO = 1 << 0
+CMD_MEMORY = 1 << 1
+CMD_BUS_MASTER = 1 << 2
+CMD_PARITY = 1 << 6
+CMD_SERR = 1 << 8
+CMD_INTX_DISABLE = 1 << 10
+COMMAND_WRITABLE = CMD_IO | CMD_MEMORY | CMD_BUS_MASTER | CMD_PARITY | CMD_SERR | CMD_INTX_DISABLE
+
+STATUS_INTERRUPT = 1 << 3
+STATUS_CAP_LIST = 1 << 4
+STATUS_W1C = 0xF900  # parity/abort/SERR error bits
+
+BAR_IO = "io"
+BAR_MEM32 = "mem32"
+BAR_MEM64 = "mem64"
+
+CAP_ID_VENDOR = 0x09
+CAP_ID_MSIX = 0x11
+
+CONFIG_SIZE = 256
+EXT_CONFIG_SIZE = 4096
+
+
+@dataclass
+class Bar:
+    index: int
+    size: int
+    kind: str
+    prefetchable: bool = False
+
+    @property
+    def is_io(self) -> bool:
+        return self.kind == BAR_IO
+
+    def flag_bits(self) -> int:
+        if self.is_io:
+            return 0x1
+        bits = 0x4 if self.kind == BAR_MEM64 else 0x0
+        return bits | (0x8 if self.prefetchable else 0)
+
+
+class PciDevice:
+    """Base of every PCI function on the bus (function 0 only; no multi-function)."""
+
+    def __init__(self, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
+                 subsystem_vendor_id: int = 0, subsystem_id: int = 0, interrupt_pin: int = 1,
+                 name: str = "pci") -> None:
+        self.name = name
+        self.config = bytearray(EXT_CONFIG_SIZE)
+        self.wmask = bytearray(EXT_CONFIG_SIZE)
+        self.w1cmask = bytearray(EXT_CONFIG_SIZE)
+        self.bars: dict[int, Bar] = {}
+        self._cap_tail: int | None = None  # offset of the last capability's next pointer
+        self._cap_next_free = 0x40
+        self._cap_handlers: list[tuple[int, int, Callable[[int, int], None]]] = []
+        # Set by PciBus when the device is attached.
+        self.pci_bus = None
+        self.slot: int | None = None
+        self.intx_gsi: int | None = None
+        self._set16(VENDOR_ID, vendor_id)
+        self._set16(DEVICE_ID, device_id)
+        self.config[REVISION] = revision
+        self.config[CLASS_PROG] = class_code & 0xFF
+        self.config[CLASS_PROG + 1] = (class_code >> 8) & 0xFF
+        self.config[CLASS_PROG + 2] = (class_code >> 16) & 0xFF
+        self._set16(SUBSYSTEM_VENDOR_ID, subsystem_vendor_id)
+        self._set16(SUBSYSTEM_ID, subsystem_id)
+        self.config[INTERRUPT_PIN] = interrupt_pin
+        self._mask16(COMMAND, COMMAND_WRITABLE)
+        self.w1cmask[STATUS] = STATUS_W1C & 0xFF
+        self.w1cmask[STATUS + 1] = STATUS_W1C >> 8
+        self.wmask[0x0C] = 0xFF  # cache line size
+        self.wmask[0x0D] = 0xFF  # latency timer
+        self.wmask[INTERRUPT_LINE] = 0xFF
+
+    # raw helpers ------------------------------------------------------------
+
+    def _set16(self, off: int, v: int) -> None:
+        self.config[off:off + 2] = (v & 0xFFFF).to_bytes(2, "little")
+
+    def _set32(self, off: int, v: int) -> None:
+        self.config[off:off + 4] = (v & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def _mask16(self, off: int, m: int) -> None:
+        self.wmask[off:off + 2] = (m & 0xFFFF).to_bytes(2, "little")
+
+    def _mask32(self, off: int, m: int) -> None:
+        self.wmask[off:off + 4] = (m & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def get16(self, off: int) -> int:
+        return int.from_bytes(self.config[off:off + 2], "little")
+
+    def get32(self, off: int) -> int:
+        return int.from_bytes(self.config[off:off + 4], "little")
+
+    @property
+    def command(self) -> int:
+        return self.get16(COMMAND)
+
+    # BARs -------------------------------------------------------------------
+
+    def add_bar(self, index: int, size: int, kind: str = BAR_MEM32, prefetchable: bool = False) -> Bar:
+        """Declare BAR ``index`` (a 64-bit BAR also takes index+1)."""
+        if size < (4 if kind == BAR_IO else 16) or size & (size - 1):
+            raise ValueError(f"BAR size {size:#x} must be a power of two")
+        if kind == BAR_MEM64 and index > 4:
+            raise ValueError("a 64-bit BAR needs two slots")
+        bar = Bar(index, size, kind, prefetchable)
+        self.bars[index] = bar
+        off = BAR0 + 4 * index
+        low_mask = ~(size - 1) & (0xFFFFFFFC if kind == BAR_IO else 0xFFFFFFF0)
+        self._set32(off, bar.flag_bits())
+        self._mask32(off, low_mask)
+        if kind == BAR_MEM64:
+            self._mask32(off + 4, ~((size - 1) >> 32))
+        return bar
+
+    def bar_address(self, index: int) -> int:
+        bar = self.bars[index]
+        off = BAR0 + 4 * index
+        if bar.is_io:
+            return self.get32(off) & 0xFFFFFFFC
+        addr = self.get32(off) & 0xFFFFFFF0
+        if bar.kind == BAR_MEM64:
+            addr |= self.get32(off + 4) << 32
+        return addr
+
+    def set_bar_address(self, index: int, addr: int) -> None:
+        """Firmware-style assignment (by the PciBus before the guest runs)."""
+        bar = self.bars[index]
+        off = BAR0 + 4 * index
+        self._set32(off, (addr & 0xFFFFFFFF & ~(bar.size - 1)) | bar.flag_bits())
+        if bar.kind == BAR_MEM64:
+            self._set32(off + 4, addr >> 32)
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        """A guest read at ``offset`` inside BAR ``index``."""
+        return (1 << (8 * size)) - 1
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        """A guest write at ``offset`` inside BAR ``index``."""
+
+    def bar_moved(self, index: int, old: int | None, new: int | None) -> None:
+        """BAR ``index`` is now decoded at ``new`` (None: not decoded). Hook for doorbells."""
+
+    # capabilities -----------------------------------------------------------
+
+    def add_capability(self, cap_id: int, body: bytes, writable: bytes | None = None,
+                       on_write: Callable[[int, int], None] | None = None) -> int:
+        """Append a capability; ``body`` excludes the id/next bytes.
+
+        ``writable`` is the write mask for ``body``; ``on_write(offset_in_cap, size)``
+        runs after a guest write touching it. Returns the capability offset.
+        """
+        length = 2 + len(body)
+        off = (self._cap_next_free + 3) & ~3
+        if off + length > CONFIG_SIZE:
+            raise ValueError("capabilities do not fit in config space")
+        self.config[off] = cap_id
+        self.config[off + 1] = 0
+        self.config[off + 2:off + length] = body
+        if writable is not None:
+            self.wmask[off + 2:off + length] = writable
+        if self._cap_tail is None:
+            self.config[CAPABILITIES_POINTER] = off
+            self._set16(STATUS, self.get16(STATUS) | STATUS_CAP_LIST)
+        else:
+            self.config[self._cap_tail] = off
+        self._cap_tail = off + 1
+        self._cap_next_free = off + length
+        if on_write is not None:
+            self._cap_handlers.append((off, off + length, on_write))
+        return off
+
+    # interrupt status (status register bit 3), kept by the bus for INTx --------
+
+    def set_interrupt_status(self, asserted: bool) -> None:
+        st = self.get16(STATUS)
+        self._set16(STATUS, st | STATUS_INTERRUPT if asserted else st & ~STATUS_INTERRUPT)
+
+    # config access from the host bridge ---------------------------------------
+
+    def config_read(self, offset: int, size: int) -> int:
+        if offset < 0 or offset + size > EXT_CONFIG_SIZE:
+            return (1 << (8 * size)) - 1
+        if offset >= CONFIG_SIZE:
+            return 0  # no extended capabilities: reads as an empty list
+        return int.from_bytes(self.config[offset:offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if offset < 0 or offset + size > CONFIG_SIZE or size not in (1, 2, 4):
+            return
+        old_cmd = self.command
+        old_bars = {i: self.bar_address(i) for i in self.bars}
+        data = value.to_bytes(8, "little")[:size]
+        for i in range(size):
+            o = offset + i
+            m, c = self.wmask[o], self.w1cmask[o]
+            b = (self.config[o] & ~m) | (data[i] & m)
+            b &= ~(data[i] & c)
+            self.config[o] = b
+        end = offset + size
+        for lo, hi, handler in self._cap_handlers:
+            if offset < hi and lo < end:
+                handler(offset - lo, size)
+        bars_changed = any(self.bar_address(i) != a for i, a in old_bars.items())
+        if (old_cmd != self.command or bars_changed) and self.pci_bus is not None:
+            self.pci_bus.device_mapping_changed(self)
+        if (old_cmd ^ self.command) & CMD_INTX_DISABLE and self.pci_bus is not None:
+            self.pci_bus.refresh_intx(self)
+
+    # BAR range adapters: the objects registered on the machine's buses ---------
+
+    def bar_device(self, index: int) -> "BarRange":
+        return BarRange(self, index)
+
+
+class BarRange:
+    """The bus-protocol device for one BAR, forwarding to the PciDevice."""
+
+    def __init__(self, dev: PciDevice, index: int) -> None:
+        self.dev = dev
+        self.index = index
+
+    def read(self, offset: int, size: int) -> int:
+        return self.dev.bar_read(self.index, offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.dev.bar_write(self.index, offset, size, value)
+
+    def __repr__(self) -> str:
+        return f"<{self.dev.name} BAR{self.index}>"

@@ -1,0 +1,336 @@
+"""A 16550A UART (COM1 at 0x3f8, 8 ports) as a pure state machine.
+
+The model follows what Linux's 8250 driver checks when it autodetects a port
+(IER masks to 4 bits, MSR follows MCR in loopback, IIR bits 7:6 report an
+enabled FIFO and bits 5:4 read 0 so no 16750/NS/XScale variant is matched) and
+how it drives the port afterwards (THRE re-asserted when IER.THRI is enabled
+with an empty transmitter, which its startup "THRE test" relies on).
+
+Transmission is instantaneous: every THR write becomes one ``out(bytes)`` call at
+once, so THRE and TEMT always read 1 and nothing is buffered host side that a
+killed VMM could lose. Reception has a 16-byte FIFO (1 byte with the FIFO
+disabled). The host pushes input with ``receive``, which accepts only what fits
+so the console keeps the rest (back-pressure); ``on_rx_space`` tells it when the
+guest has drained the FIFO. Overrun happens only in loopback mode, where the
+guest itself overfills the FIFO.
+
+The character-timeout interrupt is modelled as immediately due whenever the FIFO
+holds fewer bytes than the trigger level: there is no host timer, and reporting
+it at once only makes the guest read sooner.
+
+The interrupt output is gated by MCR.OUT2 as on a PC (the OUT2 pin enables the
+IRQ driver) and, because loopback forces OUT2's pin inactive, is off in loopback.
+``irq(level)`` is called only when the line changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# register offsets
+RBR_THR_DLL = 0
+IER_DLM = 1
+IIR_FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+# IER
+IER_RDI = 0x01
+IER_THRI = 0x02
+IER_RLSI = 0x04
+IER_MSI = 0x08
+IER_MASK = 0x0F
+
+# IIR
+IIR_NO_INT = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_RLSI = 0x06
+IIR_TIMEOUT = 0x0C
+IIR_FIFO_ENABLED = 0xC0
+
+# FCR
+FCR_ENABLE_FIFO = 0x01
+FCR_CLEAR_RCVR = 0x02
+FCR_CLEAR_XMIT = 0x04
+FCR_TRIGGER_MASK = 0xC0
+TRIGGER_LEVELS = {0x00: 1, 0x40: 4, 0x80: 8, 0xC0: 14}
+
+# LCR
+LCR_DLAB = 0x80
+LCR_SBC = 0x40
+
+# MCR
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_MASK = 0x1F
+
+# LSR
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_PE = 0x04
+LSR_FE = 0x08
+LSR_BI = 0x10
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+LSR_FIFOE = 0x80
+LSR_ERRORS = LSR_OE | LSR_PE | LSR_FE | LSR_BI
+
+# MSR
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+MSR_DELTAS = 0x0F
+
+FIFO_SIZE = 16
+# What the (virtual) cable presents when not in loopback: a null-modem peer that
+# is always there, as QEMU reports.
+EXTERNAL_LINES = MSR_DCD | MSR_DSR | MSR_CTS
+
+COM1_BASE = 0x3F8
+COM1_IRQ = 4
+PORT_COUNT = 8
+
+
+class Serial16550:
+    def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
+                 on_rx_space: Callable[[], None] | None = None) -> None:
+        self._irq = irq
+        self._out = out
+        self._on_rx_space = on_rx_space
+        # RLock: callbacks run with the lock held so output stays ordered; a
+        # callback that re-enters the UART (tests do) must not deadlock.
+        self._lock = threading.RLock()
+        self._irq_level = False
+        self._rx_wanted = False
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        with self._lock:
+            self.ier = 0
+            self.lcr = 0
+            self.mcr = 0
+            self.scr = 0
+            self.dll = 0x0C  # 9600 baud with the PC's 1.8432 MHz clock
+            self.dlm = 0
+            self.fifo_enabled = False
+            self.trigger = 1
+            self.fcr_trigger_bits = 0
+            self.rx: deque[int] = deque()
+            self.lsr_errors = 0  # OE/PE/FE/BI latched until LSR is read
+            self.thr_pending = True  # THR starts empty; IER gates reporting
+            self.msr_deltas = 0
+            self.last_rbr = 0
+            self._update_irq()
+
+    @property
+    def rx_capacity(self) -> int:
+        return FIFO_SIZE if self.fifo_enabled else 1
+
+    def rx_space(self) -> int:
+        with self._lock:
+            return max(0, self.rx_capacity - len(self.rx))
+
+    def _lines(self) -> int:
+        """The modem-status line bits (MSR 7:4) as currently seen."""
+        if self.mcr & MCR_LOOP:
+            m = self.mcr
+            return ((MSR_CTS if m & MCR_RTS else 0) | (MSR_DSR if m & MCR_DTR else 0)
+                    | (MSR_RI if m & MCR_OUT1 else 0) | (MSR_DCD if m & MCR_OUT2 else 0))
+        return EXTERNAL_LINES
+
+    def _lsr(self) -> int:
+        v = LSR_THRE | LSR_TEMT | self.lsr_errors
+        if self.rx:
+            v |= LSR_DR
+        if self.fifo_enabled and self.lsr_errors & (LSR_PE | LSR_FE | LSR_BI):
+            v |= LSR_FIFOE
+        return v
+
+    def _pending_iid(self) -> int:
+        """The highest-priority interrupt source, as the IIR low nibble."""
+        ier = self.ier
+        if ier & IER_RLSI and self.lsr_errors:
+            return IIR_RLSI
+        if ier & IER_RDI and self.rx:
+            if not self.fifo_enabled or len(self.rx) >= self.trigger:
+                return IIR_RDI
+            return IIR_TIMEOUT
+        if ier & IER_THRI and self.thr_pending:
+            return IIR_THRI
+        if ier & IER_MSI and self.msr_deltas:
+            return IIR_MSI
+        return IIR_NO_INT
+
+    def interrupt_line(self) -> bool:
+        """What the IRQ pin is driven to now (no side effects)."""
+        with self._lock:
+            return self._line()
+
+    def _line(self) -> bool:
+        return (self._pending_iid() != IIR_NO_INT and bool(self.mcr & MCR_OUT2)
+                and not self.mcr & MCR_LOOP)
+
+    def _update_irq(self) -> None:
+        level = self._line()
+        if level != self._irq_level:
+            self._irq_level = level
+            self._irq(level)
+
+    # ------------------------------------------------------------ host side
+    def receive(self, data: bytes) -> int:
+        """Queue host input; returns how many bytes fitted in the RX FIFO."""
+        with self._lock:
+            n = min(len(data), self.rx_capacity - len(self.rx))
+            if n > 0:
+                self.rx.extend(data[:n])
+                self._update_irq()
+            if n < len(data):
+                self._rx_wanted = True
+            return max(n, 0)
+
+    def send_break(self) -> None:
+        """A break condition on the line: a NUL with BI, as the receiver loads it."""
+        with self._lock:
+            if len(self.rx) < self.rx_capacity:
+                self.rx.append(0)
+            else:
+                self.lsr_errors |= LSR_OE
+            self.lsr_errors |= LSR_BI
+            self._update_irq()
+
+    # ----------------------------------------------------------- guest side
+    def read(self, offset: int, size: int) -> int:
+        if size != 1:
+            log.debug("serial: %d-byte read at offset %d, answering the low byte", size, offset)
+        with self._lock:
+            value = self._read(offset & 7)
+            self._update_irq()
+            return value
+
+    def _read(self, offset: int) -> int:
+        dlab = self.lcr & LCR_DLAB
+        if offset == RBR_THR_DLL:
+            if dlab:
+                return self.dll
+            if self.rx:
+                self.last_rbr = self.rx.popleft()
+                if self._rx_wanted and self._on_rx_space is not None:
+                    self._rx_wanted = False
+                    self._on_rx_space()
+            return self.last_rbr
+        if offset == IER_DLM:
+            return self.dlm if dlab else self.ier
+        if offset == IIR_FCR:
+            iid = self._pending_iid()
+            if iid == IIR_THRI:
+                self.thr_pending = False
+            return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
+        if offset == LCR:
+            return self.lcr
+        if offset == MCR:
+            return self.mcr
+        if offset == LSR:
+            v = self._lsr()
+            self.lsr_errors = 0
+            return v
+        if offset == MSR:
+            v = self._lines() | self.msr_deltas
+            self.msr_deltas = 0
+            return v
+        return self.scr
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size != 1:
+            log.debug("serial: %d-byte write at offset %d, using the low byte", size, offset)
+        with self._lock:
+            self._write(offset & 7, value & 0xFF)
+            self._update_irq()
+
+    def _write(self, offset: int, value: int) -> None:
+        dlab = self.lcr & LCR_DLAB
+        if offset == RBR_THR_DLL:
+            if dlab:
+                self.dll = value
+                return
+            self._transmit(value)
+        elif offset == IER_DLM:
+            if dlab:
+                self.dlm = value
+                return
+            old = self.ier
+            self.ier = value & IER_MASK
+            # A 16550 with an idle transmitter raises THRE as soon as THRI is
+            # enabled; Linux's startup THRE test depends on it.
+            if self.ier & IER_THRI and not old & IER_THRI:
+                self.thr_pending = True
+        elif offset == IIR_FCR:
+            self._write_fcr(value)
+        elif offset == LCR:
+            self.lcr = value
+        elif offset == MCR:
+            before = self._lines()
+            self.mcr = value & MCR_MASK
+            self._note_line_change(before, self._lines())
+        elif offset == LSR:
+            log.debug("serial: write %#x to read-only LSR ignored", value)
+        elif offset == MSR:
+            log.debug("serial: write %#x to read-only MSR ignored", value)
+        else:
+            self.scr = value
+
+    def _transmit(self, value: int) -> None:
+        if self.mcr & MCR_LOOP:
+            if len(self.rx) < self.rx_capacity:
+                self.rx.append(value)
+            else:
+                self.lsr_errors |= LSR_OE
+        else:
+            self._out(bytes((value,)))
+        # The byte left THR at once: THR is empty again and THRE is due.
+        self.thr_pending = True
+
+    def _write_fcr(self, value: int) -> None:
+        enable = bool(value & FCR_ENABLE_FIFO)
+        if enable != self.fifo_enabled:
+            # Toggling the FIFO enable resets both FIFOs (16550A data sheet).
+            self.rx.clear()
+            self.fifo_enabled = enable
+        if not enable:
+            return  # the other FCR bits are only written with bit 0 set
+        if value & FCR_CLEAR_RCVR:
+            self.rx.clear()
+        self.fcr_trigger_bits = value & FCR_TRIGGER_MASK
+        self.trigger = TRIGGER_LEVELS[self.fcr_trigger_bits]
+        if self._rx_wanted and self._on_rx_space is not None and len(self.rx) < self.rx_capacity:
+            self._rx_wanted = False
+            self._on_rx_space()
+
+    def _note_line_change(self, before: int, after: int) -> None:
+        changed = before ^ after
+        if changed & MSR_CTS:
+            self.msr_deltas |= MSR_DCTS
+        if changed & MSR_DSR:
+            self.msr_deltas |= MSR_DDSR
+        if changed & MSR_DCD:
+            self.msr_deltas |= MSR_DDCD
+        if before & MSR_RI and not after & MSR_RI:
+            self.msr_deltas |= MSR_TERI

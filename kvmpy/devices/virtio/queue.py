@@ -1,0 +1,335 @@
+"""The split virtqueue (virtio 1.x, section 2.7), device side, on its own.
+
+Everything here reads guest-written memory, so every value is treated as hostile:
+a bad descriptor table, ring index or buffer address raises QueueError, which the
+transport turns into DEVICE_NEEDS_RESET. Buffers come back as memoryview slices of
+guest RAM so device models can hand them to preadv/pwritev/readv/writev directly.
+
+Layout (all little endian):
+  descriptor table: size x {u64 addr, u32 len, u16 flags, u16 next}
+  avail ring:       u16 flags, u16 idx, u16 ring[size], u16 used_event
+  used ring:        u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ...errors import GuestMemoryError
+from ...memory import GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+
+# A chain's total length is bounded so a guest cannot make the device walk (or
+# hand to a syscall) more than this; matches the largest length a used element
+# can report.
+MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class QueueError(Exception):
+    """The guest put something invalid in a virtqueue; the device must be reset."""
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if ``event_idx`` lies in the window (old_idx, new_idx] (mod 2**16).
+
+    This is the notification-suppression test of VIRTIO_F_EVENT_IDX: the other
+    side asked to be told once the index moves past ``event_idx``.
+    """
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass
+class DescriptorChain:
+    """One request: device-readable buffers followed by device-writable buffers."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class SplitQueue:
+    """Device view of one split virtqueue.
+
+    The transport fills in ``size``, the three ring addresses and ``ready``;
+    ``activate`` validates them once, after which ``pop``/``add_used`` serve the
+    device. Not thread safe: one I/O thread owns an activated queue.
+    """
+
+    def __init__(self, memory: GuestMemory, max_size: int = 256) -> None:
+        if max_size <= 0 or max_size > MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue max size {max_size} must be a power of two <= {MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.event_idx = False
+        self.indirect = False
+        self.next_avail = 0
+        self.next_used = 0
+        # The used idx value at the last interrupt decision (EVENT_IDX "old").
+        self.signalled_used: int | None = None
+        self._desc = self._avail = self._used = None
+
+    # setup -----------------------------------------------------------------
+
+    def activate(self, event_idx: bool = False, indirect: bool = False) -> None:
+        """Validate the guest's ring configuration and map the rings.
+
+        Raises QueueError for a size that is not a power of two within max_size,
+        misaligned rings or rings outside RAM.
+        """
+        size = self.size
+        if size <= 0 or size > self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two <= {self.max_size}")
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise QueueError(f"misaligned rings desc={self.desc_addr:#x} "
+                             f"avail={self.avail_addr:#x} used={self.used_addr:#x}")
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self._desc = self.memory.view(self.desc_addr, DESC_SIZE * size)
+            self._avail = self.memory.view(self.avail_addr, 4 + 2 * size + 2)
+            self._used = self.memory.view(self.used_addr, 4 + 8 * size + 2)
+        except GuestMemoryError as e:
+            self._desc = self._avail = self._used = None
+            raise QueueError(f"ring outside guest RAM: {e}") from None
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used = None
+        self.ready = True
+
+    @property
+    def active(self) -> bool:
+        return self._desc is not None
+
+    # driver -> device ------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def used_event(self) -> int:
+        return _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that we have not popped.
+
+        Raises QueueError when the driver moved avail idx by more than the queue
+        size, which no valid driver can do.
+        """
+        n = (self.avail_idx() - self.next_avail) & 0xFFFF
+        if n > self.size:
+            raise QueueError(f"avail idx jumped by {n} entries in a queue of {self.size}")
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None if the ring is empty."""
+        if not self.active:
+            raise QueueError("queue used before activation")
+        if not self.pending():
+            return None
+        slot = self.next_avail % self.size
+        head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        # Advance first: a bad chain is still consumed, and the device is reset anyway.
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return self._read_chain(head)
+
+    def _read_chain(self, head: int) -> DescriptorChain:
+        size = self.size
+        if head >= size:
+            raise QueueError(f"chain head {head} outside a queue of {size}")
+        chain = DescriptorChain(head)
+        table, table_len, index = self._desc, size, head
+        in_indirect = False
+        # Each descriptor of a valid chain is visited once, so more steps than
+        # entries in the current table means a loop.
+        steps = 0
+        total = 0
+        while True:
+            steps += 1
+            if steps > table_len:
+                raise QueueError(f"chain from head {head} longer than its table ({table_len}): loop?")
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise QueueError(f"nested indirect descriptor in chain {head}")
+                if not self.indirect:
+                    raise QueueError(f"indirect descriptor in chain {head} without VIRTIO_F_INDIRECT_DESC")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError(f"indirect descriptor with NEXT in chain {head}")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise QueueError(f"indirect table length {length} in chain {head}")
+                try:
+                    table = self.memory.view(addr, length)
+                except GuestMemoryError as e:
+                    raise QueueError(f"indirect table of chain {head}: {e}") from None
+                table_len = length // DESC_SIZE
+                index = 0
+                steps = 0
+                in_indirect = True
+                continue
+            if length:
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise QueueError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
+                try:
+                    view = self.memory.view(addr, length)
+                except GuestMemoryError as e:
+                    raise QueueError(f"buffer of chain {head}: {e}") from None
+                if flags & VIRTQ_DESC_F_WRITE:
+                    chain.writable.append(view)
+                elif chain.writable:
+                    raise QueueError(f"chain {head}: device-readable buffer after a writable one")
+                else:
+                    chain.readable.append(view)
+            elif chain.writable and not flags & VIRTQ_DESC_F_WRITE:
+                raise QueueError(f"chain {head}: device-readable buffer after a writable one")
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise QueueError(f"chain {head}: next index {nxt} outside a table of {table_len}")
+            index = nxt
+
+    # device -> driver ------------------------------------------------------
+
+    def add_used(self, head: int, length: int) -> None:
+        """Return chain ``head`` with ``length`` bytes written into its writable part."""
+        if not self.active:
+            raise QueueError("queue used before activation")
+        slot = self.next_used % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length & 0xFFFFFFFF)
+        # The element must be visible before the index that publishes it.
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.next_used)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for the used entries added so far."""
+        if not self.active:
+            return False
+        old = self.signalled_used
+        new = self.next_used
+        self.signalled_used = new
+        if self.event_idx:
+            if old is None:
+                return True
+            return vring_need_event(self.used_event(), new, old)
+        return not (_U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+    def set_notification(self, enable: bool) -> bool:
+        """Ask the driver to (not) ring the doorbell for new buffers.
+
+        Returns True if buffers are already pending, so the caller processes them
+        instead of sleeping (the driver may have added them before it saw the
+        request).
+        """
+        if not self.active:
+            return False
+        if self.event_idx:
+            if enable:
+                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+        else:
+            flags = _U16.unpack_from(self._used, 0)[0]
+            flags = flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY
+            _U16.pack_into(self._used, 0, flags)
+        return self.pending() > 0
+
+    # helpers for device models --------------------------------------------
+
+    def iter_chains(self):
+        """Pop chains until the ring is empty."""
+        while True:
+            chain = self.pop()
+            if chain is None:
+                return
+            yield chain
+
+
+def gather(views: list[memoryview], length: int) -> tuple[bytes, list[memoryview]]:
+    """The first ``length`` bytes across ``views`` and the views of what follows.
+
+    Headers (virtio-blk request, virtio-net header) may be split across buffers in
+    any way a driver likes; returns fewer than ``length`` bytes if the views are
+    shorter.
+    """
+    head = bytearray()
+    rest: list[memoryview] = []
+    for i, v in enumerate(views):
+        need = length - len(head)
+        if need <= 0:
+            rest.extend(views[i:])
+            break
+        if len(v) <= need:
+            head += v
+        else:
+            head += v[:need]
+            rest.append(v[need:])
+            rest.extend(views[i + 1:])
+            break
+    return bytes(head), rest
+
+
+def split_tail(views: list[memoryview], length: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Split off the last ``length`` bytes of ``views`` (e.g. a status byte)."""
+    tail: list[memoryview] = []
+    body = list(views)
+    need = length
+    while need and body:
+        v = body.pop()
+        if len(v) <= need:
+            tail.insert(0, v)
+            need -= len(v)
+        else:
+            tail.insert(0, v[len(v) - need:])
+            body.append(v[:len(v) - need])
+            need = 0
+    return body, tail
+
+
+def truncate_views(views: list[memoryview], length: int) -> list[memoryview]:
+    """The first ``length`` bytes of ``views`` as views."""
+    out = []
+    for v in views:
+        if length <= 0:
+            break
+        out.append(v[:length])
+        length -= len(out[-1])
+    return out
+
+
+def write_views(views: list[memoryview], data: bytes) -> int:
+    """Copy ``data`` into the views in order; returns bytes copied."""
+    done = 0
+    for v in views:
+        if done >= len(data):
+            break
+        n = min(len(v), len(data) - done)
+        v[:n] = data[done:done + n]
+        done += n
+    return done

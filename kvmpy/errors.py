@@ -1,0 +1,31 @@
+"""Error types shared by every part of kvmpy.
+
+UserError carries one line for the user (the file, key or offset that was wrong);
+the CLI prints it as ``kvmpy: <message>`` and exits with status 2.
+"""
+
+
+class UserError(Exception):
+    """Bad user input: vm.toml, command line, image files. Exit status 2."""
+
+    exit_status = 2
+
+
+class ConfigError(UserError):
+    """vm.toml or command-line overrides are invalid."""
+
+
+class ImageError(UserError):
+    """A disk image is malformed, missing or unsupported."""
+
+
+class BootError(UserError):
+    """A kernel or initrd cannot be loaded."""
+
+
+class GuestMemoryError(Exception):
+    """A guest-supplied address/length does not lie inside guest RAM.
+
+    Raised by GuestMemory for hostile guest values; device models catch it and
+    report a device error rather than letting it escape.
+    """

@@ -1,0 +1,439 @@
+"""Thin typed wrappers over /dev/kvm ioctls: Kvm (system), Vm, KvmVcpu.
+
+Every failing ioctl raises KvmError carrying the ioctl's name and the errno text.
+All structs come from the compiler-checked cffi module (``_build.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import threading
+
+from ..vcpu import exits
+from ..vcpu.state import DTable, Regs, Segment, SRegs, GPR_NAMES, SEGMENT_NAMES
+from ._kvm_cffi import ffi, lib
+
+KVM_DEVICE = "/dev/kvm"
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class KvmError(OSError):
+    """A KVM ioctl failed: ``KvmError("KVM_CREATE_VM", errno)``."""
+
+    def __init__(self, what: str, err: int) -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+        self.what = what
+
+
+def _ioctl(fd: int, name: str, arg=0) -> int:
+    request = getattr(lib, name)
+    while True:
+        if isinstance(arg, int):
+            ret = lib.ioctl(fd, request, ffi.cast("unsigned long", arg))
+        else:
+            ret = lib.ioctl(fd, request, arg)
+        if ret >= 0:
+            return ret
+        err = ffi.errno
+        if err != errno.EINTR:
+            raise KvmError(name, err)
+
+
+# Capabilities kvmpy uses, with what each is for (shown by `kvmpy info kvm`).
+CAPABILITIES = {
+    "IRQCHIP": ("KVM_CAP_IRQCHIP", "in-kernel PIC/IOAPIC/LAPIC", True),
+    "PIT2": ("KVM_CAP_PIT2", "in-kernel 8254 PIT", True),
+    "USER_MEMORY": ("KVM_CAP_USER_MEMORY", "guest RAM from our mmap", True),
+    "SET_TSS_ADDR": ("KVM_CAP_SET_TSS_ADDR", "real-mode TSS for VT-x", True),
+    "EXT_CPUID": ("KVM_CAP_EXT_CPUID", "KVM_GET_SUPPORTED_CPUID", True),
+    "IOEVENTFD": ("KVM_CAP_IOEVENTFD", "virtio doorbells without a userspace exit", False),
+    "IRQFD": ("KVM_CAP_IRQFD", "virtio interrupts from the I/O thread", False),
+    "IRQ_ROUTING": ("KVM_CAP_IRQ_ROUTING", "MSI-X vectors as GSI routes", False),
+    "SIGNAL_MSI": ("KVM_CAP_SIGNAL_MSI", "direct MSI injection", False),
+    "IMMEDIATE_EXIT": ("KVM_CAP_IMMEDIATE_EXIT", "race-free vCPU kick", False),
+    "COALESCED_MMIO": ("KVM_CAP_COALESCED_MMIO", "batched MMIO writes", False),
+    "COALESCED_PIO": ("KVM_CAP_COALESCED_PIO", "batched port writes", False),
+    "EXIT_ON_EMULATION_FAILURE": ("KVM_CAP_EXIT_ON_EMULATION_FAILURE", "instruction bytes on emulation failure", False),
+    "TSC_DEADLINE_TIMER": ("KVM_CAP_TSC_DEADLINE_TIMER", "TSC-deadline LAPIC timer", False),
+    "MP_STATE": ("KVM_CAP_MP_STATE", "AP startup state", False),
+}
+
+
+class Kvm:
+    """The /dev/kvm system handle."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.api_version = _ioctl(self.fd, "KVM_GET_API_VERSION")
+            if self.api_version != lib.KVM_API_VERSION:
+                raise KvmError("KVM_GET_API_VERSION", errno.EINVAL)
+            self.vcpu_mmap_size = _ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap_name: str) -> int:
+        return _ioctl(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, cap_name))
+
+    def capabilities(self) -> dict[str, int]:
+        return {short: self.check_extension(cname) for short, (cname, _, _) in CAPABILITIES.items()}
+
+    def max_vcpus(self) -> int:
+        return self.check_extension("KVM_CAP_MAX_VCPUS") or self.check_extension("KVM_CAP_NR_VCPUS") or 4
+
+    def supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """[(function, index, flags, eax, ebx, ecx, edx)] from KVM_GET_SUPPORTED_CPUID."""
+        n = 128
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            try:
+                _ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", buf)
+                break
+            except KvmError as e:
+                if e.errno != errno.E2BIG or n > 4096:
+                    raise
+                n *= 2
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (buf.entries[i] for i in range(buf.nent))]
+
+    def msr_index_list(self) -> list[int]:
+        n = 512
+        buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+        _ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", buf)
+        return [buf.indices[i] for i in range(buf.nmsrs)]
+
+    def create_vm(self) -> "Vm":
+        return Vm(self, _ioctl(self.fd, "KVM_CREATE_VM", 0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.vcpus: list[KvmVcpu] = []
+
+    def check_extension(self, cap_name: str) -> int:
+        return _ioctl(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, cap_name))
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": flags, "guest_phys_addr": gpa,
+            "memory_size": size, "userspace_addr": host_addr})
+        _ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        _ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("__u64 *", addr))
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        _ioctl(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY}))
+
+    def enable_cap(self, cap_name: str, *args: int) -> None:
+        cap = ffi.new("struct kvm_enable_cap *", {"cap": getattr(lib, cap_name)})
+        for i, a in enumerate(args):
+            cap.args[i] = a
+        _ioctl(self.fd, "KVM_ENABLE_CAP", cap)
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        _ioctl(self.fd, "KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)}))
+
+    def signal_msi(self, address: int, data: int) -> int:
+        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
+                                            "address_hi": address >> 32, "data": data})
+        return _ioctl(self.fd, "KVM_SIGNAL_MSI", msi)
+
+    def set_gsi_routing(self, routes: list[tuple]) -> None:
+        """routes: ("irqchip", gsi, chip, pin) or ("msi", gsi, address, data)."""
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for i, route in enumerate(routes):
+            e = table.entries[i]
+            if route[0] == "irqchip":
+                _, gsi, chip, pin = route
+                e.gsi, e.type = gsi, lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+            else:
+                _, gsi, address, data = route
+                e.gsi, e.type = gsi, lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data = address & 0xFFFFFFFF, address >> 32, data
+        _ioctl(self.fd, "KVM_SET_GSI_ROUTING", table)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        _ioctl(self.fd, "KVM_IRQFD", ffi.new("struct kvm_irqfd *", {
+            "fd": fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0}))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int | None, pio: bool,
+                  deassign: bool = False) -> None:
+        flags = 0
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        _ioctl(self.fd, "KVM_IOEVENTFD", ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags}))
+
+    def get_irqchip_state(self) -> list[bytes]:
+        """PIC master, PIC slave and IOAPIC state, to restore on system reset."""
+        out = []
+        for chip in (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC):
+            st = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+            _ioctl(self.fd, "KVM_GET_IRQCHIP", st)
+            out.append(bytes(ffi.buffer(st)))
+        return out
+
+    def set_irqchip_state(self, states: list[bytes]) -> None:
+        for blob in states:
+            st = ffi.new("struct kvm_irqchip *")
+            ffi.buffer(st)[:] = blob
+            _ioctl(self.fd, "KVM_SET_IRQCHIP", st)
+
+    def get_pit_state(self) -> bytes:
+        st = ffi.new("struct kvm_pit_state2 *")
+        _ioctl(self.fd, "KVM_GET_PIT2", st)
+        return bytes(ffi.buffer(st))
+
+    def set_pit_state(self, blob: bytes) -> None:
+        st = ffi.new("struct kvm_pit_state2 *")
+        ffi.buffer(st)[:] = blob
+        _ioctl(self.fd, "KVM_SET_PIT2", st)
+
+    def create_vcpu(self, index: int) -> "KvmVcpu":
+        vcpu = KvmVcpu(self, index, _ioctl(self.fd, "KVM_CREATE_VCPU", index))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _install_kick_handler() -> None:
+    # A Python-level handler (not SIG_IGN) so the signal interrupts KVM_RUN with
+    # EINTR; CPython installs it without SA_RESTART. Only the main thread may do this.
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+_SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
+
+
+class KvmVcpu:
+    """A KVM vCPU offering the run protocol of kvmpy.vcpu.exits."""
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self._mm = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mv = memoryview(self._mm)
+        self._run = ffi.cast("struct kvm_run *", ffi.from_buffer(self._mm))
+        self._io = lib.kvmpy_run_io(self._run)
+        self._mmio = lib.kvmpy_run_mmio(self._run)
+        self._mmio_data_off = int(ffi.cast("uintptr_t", self._mmio.data)) - int(ffi.cast("uintptr_t", self._run))
+        self.thread_id: int | None = None   # pthread id of the thread in run(), for kick()
+        self.native_id: int | None = None
+        self.io_port = self.io_size = self.io_count = 0
+        self.io_write = False
+        self.io_data: memoryview = self._mv[0:0]
+        self.mmio_addr = self.mmio_size = 0
+        self.mmio_write = False
+        self.mmio_data: memoryview = self._mv[0:0]
+        self.internal_error = ""
+        self.system_event = 0
+        _install_kick_handler()
+
+    # --- the run protocol -------------------------------------------------
+    def run(self) -> int:
+        run = self._run
+        if self.thread_id is None:
+            self.thread_id = threading.get_ident()
+            self.native_id = threading.get_native_id()
+        ret = lib.ioctl(self.fd, lib.KVM_RUN, ffi.cast("unsigned long", 0))
+        if ret < 0:
+            err = ffi.errno
+            if err in (errno.EINTR, errno.EAGAIN):
+                run.immediate_exit = 0
+                return exits.EXIT_INTR
+            raise KvmError("KVM_RUN", err)
+        reason = run.exit_reason
+        if reason == lib.KVM_EXIT_IO:
+            io = self._io
+            self.io_port, self.io_size, self.io_count = io.port, io.size, io.count
+            self.io_write = io.direction == lib.KVM_EXIT_IO_OUT
+            off = io.data_offset
+            n = io.size * io.count
+            if off + n > len(self._mv):
+                self.internal_error = f"KVM_EXIT_IO data outside kvm_run (offset {off:#x} + {n})"
+                return exits.EXIT_INTERNAL_ERROR
+            self.io_data = self._mv[off:off + n]
+            return exits.EXIT_IO
+        if reason == lib.KVM_EXIT_MMIO:
+            m = self._mmio
+            length = min(m.len, 8)
+            self.mmio_addr, self.mmio_size, self.mmio_write = m.phys_addr, length, bool(m.is_write)
+            self.mmio_data = self._mv[self._mmio_data_off:self._mmio_data_off + length]
+            return exits.EXIT_MMIO
+        if reason == lib.KVM_EXIT_HLT:
+            return exits.EXIT_HLT
+        if reason == lib.KVM_EXIT_INTR:
+            run.immediate_exit = 0
+            return exits.EXIT_INTR
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return exits.EXIT_SHUTDOWN
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            t = lib.kvmpy_run_system_event(run).type
+            self.system_event = (exits.SYSTEM_EVENT_RESET if t == lib.KVM_SYSTEM_EVENT_RESET
+                                 else exits.SYSTEM_EVENT_SHUTDOWN)
+            return exits.EXIT_SYSTEM_EVENT
+        if reason in (lib.KVM_EXIT_IRQ_WINDOW_OPEN, lib.KVM_EXIT_IOAPIC_EOI):
+            return exits.EXIT_INTR
+        if reason == lib.KVM_EXIT_DEBUG:
+            return exits.EXIT_DEBUG
+        self.internal_error = self._describe_failure(reason)
+        return exits.EXIT_INTERNAL_ERROR
+
+    def _describe_failure(self, reason: int) -> str:
+        run = self._run
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            internal = lib.kvmpy_run_internal(run)
+            sub = internal.suberror
+            names = {lib.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+                     lib.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+                     lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failure"}
+            text = f"KVM internal error, {names.get(sub, f'suberror {sub}')}"
+            if sub == lib.KVM_INTERNAL_ERROR_EMULATION:
+                ef = lib.kvmpy_run_emulation_failure(run)
+                if ef.ndata >= 3 and ef.flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                    n = min(ef.insn_size, 15)
+                    text += ", instruction bytes " + bytes(ef.insn_bytes[0:n]).hex(" ")
+            try:
+                text += f" at rip {self.get_regs().rip:#x}"
+            except KvmError:
+                pass
+            return text
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            fe = lib.kvmpy_run_fail_entry(run)
+            return f"KVM entry failure, hardware reason {fe.hardware_entry_failure_reason:#x}"
+        if reason == lib.KVM_EXIT_UNKNOWN:
+            return f"KVM unknown exit, hardware reason {lib.kvmpy_run_hw_exit_reason(run):#x}"
+        return f"unhandled KVM exit reason {reason}"
+
+    def kick(self) -> None:
+        """Make run() return EXIT_INTR soon; callable from any thread."""
+        self._run.immediate_exit = 1
+        tid = self.thread_id
+        if tid is not None and tid != threading.get_ident():
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    # --- state ---------------------------------------------------------------
+    def get_regs(self) -> Regs:
+        r = ffi.new("struct kvm_regs *")
+        _ioctl(self.fd, "KVM_GET_REGS", r)
+        return Regs(**{n: getattr(r, n) for n in GPR_NAMES})
+
+    def set_regs(self, regs: Regs) -> None:
+        r = ffi.new("struct kvm_regs *", {n: getattr(regs, n) for n in GPR_NAMES})
+        _ioctl(self.fd, "KVM_SET_REGS", r)
+
+    def get_sregs(self) -> SRegs:
+        s = ffi.new("struct kvm_sregs *")
+        _ioctl(self.fd, "KVM_GET_SREGS", s)
+        out = SRegs()
+        for name in SEGMENT_NAMES:
+            seg = getattr(s, name)
+            setattr(out, name, Segment(**{f: getattr(seg, f) for f in _SEG_FIELDS}))
+        out.gdt = DTable(s.gdt.base, s.gdt.limit)
+        out.idt = DTable(s.idt.base, s.idt.limit)
+        for f in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            setattr(out, f, getattr(s, f))
+        return out
+
+    def set_sregs(self, sregs: SRegs) -> None:
+        s = ffi.new("struct kvm_sregs *")
+        _ioctl(self.fd, "KVM_GET_SREGS", s)   # keeps interrupt_bitmap as KVM has it
+        for name in SEGMENT_NAMES:
+            seg, src = getattr(s, name), getattr(sregs, name)
+            for f in _SEG_FIELDS:
+                setattr(seg, f, getattr(src, f))
+        s.gdt.base, s.gdt.limit = sregs.gdt.base, sregs.gdt.limit
+        s.idt.base, s.idt.limit = sregs.idt.base, sregs.idt.limit
+        for f in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            setattr(s, f, getattr(sregs, f))
+        _ioctl(self.fd, "KVM_SET_SREGS", s)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        n = len(indices)
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for i, idx in enumerate(indices):
+            buf.entries[i].index = idx
+        got = _ioctl(self.fd, "KVM_GET_MSRS", buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(got)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        n = len(values)
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for i, (idx, val) in enumerate(values.items()):
+            buf.entries[i].index, buf.entries[i].data = idx, val
+        done = _ioctl(self.fd, "KVM_SET_MSRS", buf)
+        if done != n:
+            bad = list(values)[done]
+            raise KvmError(f"KVM_SET_MSRS (MSR {bad:#x})", errno.EINVAL)
+
+    def set_cpuid(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        n = len(entries)
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+        for i, (fn, idx, flags, a, b, c, d) in enumerate(entries):
+            e = buf.entries[i]
+            e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = fn, idx, flags, a, b, c, d
+        _ioctl(self.fd, "KVM_SET_CPUID2", buf)
+
+    def get_lapic(self) -> bytearray:
+        st = ffi.new("struct kvm_lapic_state *")
+        _ioctl(self.fd, "KVM_GET_LAPIC", st)
+        return bytearray(ffi.buffer(st.regs))
+
+    def set_lapic(self, regs: bytes) -> None:
+        st = ffi.new("struct kvm_lapic_state *")
+        ffi.buffer(st.regs)[:] = regs
+        _ioctl(self.fd, "KVM_SET_LAPIC", st)
+
+    def get_mp_state(self) -> int:
+        st = ffi.new("struct kvm_mp_state *")
+        _ioctl(self.fd, "KVM_GET_MP_STATE", st)
+        return st.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        _ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._io = self._mmio = self._run = None
+            self.io_data = self.mmio_data = None
+            self._mv.release()
+            self._mm.close()
+            os.close(self.fd)
+            self.fd = -1

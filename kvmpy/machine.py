@@ -1,0 +1,371 @@
+"""The PC machine: guest RAM, buses, platform devices, vCPU threads, lifecycle.
+
+The machine is accelerator-neutral: ``KvmAccel`` and ``TcgAccel`` supply the
+vCPUs and the Platform (interrupt delivery); everything else is shared. It also
+implements the monitor's VmControl protocol (status/pause/resume/reset/...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable
+
+from .boot import layout
+from .boot.loader import load_kernel
+from .config import VmConfig
+from .devices.bus import Bus
+from .errors import ConfigError
+from .memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+PM_BASE = 0x600
+SCI_IRQ = 9
+COM1_BASE, COM1_IRQ = 0x3F8, 4
+
+
+class Machine:
+    def __init__(self, cfg: VmConfig, console=None, accel: str | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.console = console
+        self.memory = GuestMemory.anonymous(layout.ram_layout(cfg.memory))
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.started_at = 0.0
+        self.exit_status: int | None = None
+        self.exit_reason = ""
+        self._state = "prelaunch"
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self._requests: "queue.Queue[tuple]" = queue.Queue()
+        self._lock = threading.Condition()
+        self.control_pending = False
+        self._paused = False
+        self._stopping = False
+        self._parked = 0
+        self.threads: list = []
+        self._closers: list[Callable[[], None]] = []
+        self.block_info: list[dict] = []
+        self.net_info: list[dict] = []
+        self.accel_name = accel or cfg.accel
+        self.accel = make_accel(self.accel_name, self)
+        self.platform = self.accel.platform
+        self.vcpus = self.accel.vcpus
+        self._build_devices()
+        self._boot()
+
+    # --- construction ------------------------------------------------------------
+    def _build_devices(self) -> None:
+        from .devices.serial import Serial16550
+        from .devices.i8042 import I8042
+        from .devices.rtc import CmosRtc
+        from .devices import legacy
+        from .devices.acpi_pm import AcpiPm
+        plat = self.platform
+        out = self.console.write if self.console is not None else (lambda data: None)
+        self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level), out=out)
+        self.pio_bus.register(COM1_BASE, 8, LockedDevice(self.serial))
+        if self.console is not None:
+            self.console.attach(self.serial)
+        self.i8042 = I8042(on_reset=lambda: self.request_reset(guest=True, reason="guest-reset"))
+        self.pio_bus.register(0x60, 1, self.i8042)
+        self.pio_bus.register(0x64, 1, self.i8042)
+        self.pio_bus.register(0x61, 1, legacy.SystemControlPortB())
+        self.rtc = CmosRtc(ram_size=self.cfg.memory)
+        self.pio_bus.register(0x70, 2, self.rtc)
+        self.pio_bus.register(0x80, 1, legacy.PostPort())
+        self.pio_bus.register(0xF4, 4, legacy.DebugExit(on_exit=self._debug_exit))
+        self.acpi_pm = AcpiPm(irq=lambda level: plat.set_irq_level(SCI_IRQ, level),
+                              on_sleep=self._acpi_sleep)
+        self.acpi_pm.register(self.pio_bus, PM_BASE)
+        self.resettable = [self.serial, self.i8042, self.rtc, self.acpi_pm]
+
+    def _boot(self) -> None:
+        from .boot.acpi import build_acpi_tables
+        if not self.cfg.kernel:
+            raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
+        self.rsdp = build_acpi_tables(self.memory, layout.ACPI_BASE, num_cpus=self.cfg.cpus,
+                                      pm_base=PM_BASE, sci_irq=SCI_IRQ)
+        self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
+                                      rsdp_addr=self.rsdp, mem_size=self.cfg.memory)
+        self.accel.load_boot_state(self.boot_state)
+
+    # --- running ----------------------------------------------------------------------
+    def start(self) -> None:
+        from .vcpu.runner import VcpuThread
+        self.started_at = time.time()
+        self._set_state("running")
+        self.threads = [VcpuThread(self, v, i) for i, v in enumerate(self.vcpus)]
+        for t in self.threads:
+            t.start()
+
+    def run(self) -> int:
+        """Start the vCPUs and serve lifecycle requests until the VM ends; returns the exit status."""
+        self.start()
+        return self.wait()
+
+    def wait(self) -> int:
+        while True:
+            req = self._requests.get()
+            kind = req[0]
+            if kind == "stop":
+                _, status, reason = req
+                self._stop_vcpus()
+                if self.exit_status is None:
+                    self.exit_status, self.exit_reason = status, reason
+                break
+            if kind == "reset":
+                _, guest, reason = req
+                if self.cfg.no_reboot:
+                    self._stop_vcpus()
+                    self.exit_status, self.exit_reason = 0, "reset with no_reboot"
+                    self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
+                    break
+                self._do_reset(guest, reason)
+        self._set_state("shutdown")
+        self.close()
+        return self.exit_status or 0
+
+    def _stop_vcpus(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self.control_pending = True
+            self._lock.notify_all()
+        for v in self.vcpus:
+            v.kick()
+        me = threading.current_thread()
+        deadline = time.monotonic() + 5
+        for t in self.threads:
+            while t is not me and t.is_alive() and time.monotonic() < deadline:
+                for v in self.vcpus:
+                    v.kick()
+                t.join(0.05)
+
+    def _park_all(self) -> None:
+        """Bring every vCPU out of the guest and hold it at its checkpoint."""
+        with self._lock:
+            self._paused = True
+            self.control_pending = True
+        alive = [t for t in self.threads if t.is_alive()]
+        deadline = time.monotonic() + 5
+        while True:
+            for v in self.vcpus:
+                v.kick()
+            with self._lock:
+                if self._parked >= len([t for t in alive if t.is_alive()]) or self._stopping:
+                    return
+                self._lock.wait(0.02)
+            if time.monotonic() > deadline:
+                log.warning("vCPUs did not stop within 5 s")
+                return
+
+    def _unpark_all(self) -> None:
+        with self._lock:
+            self._paused = False
+            self.control_pending = self._stopping
+            self._lock.notify_all()
+
+    def _do_reset(self, guest: bool, reason: str) -> None:
+        was_paused = self._state == "paused"
+        self._park_all()
+        for dev in self.resettable:
+            reset = getattr(dev, "reset", None)
+            if reset:
+                reset()
+        self.accel.reset()
+        self._boot()
+        self._emit("RESET", {"guest": guest, "reason": reason})
+        if not was_paused:
+            self._unpark_all()
+
+    # --- called by vCPU threads ---------------------------------------------------------
+    def vcpu_checkpoint(self, thread) -> bool:
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return False
+                if not self._paused:
+                    return True
+                self._parked += 1
+                self._lock.notify_all()
+                self._lock.wait()
+                self._parked -= 1
+
+    def vcpu_halted(self, thread) -> None:
+        wait = getattr(thread.vcpu, "wait_for_interrupt", None)
+        if wait is not None:
+            wait(0.05)
+        else:
+            time.sleep(0.001)
+
+    def vcpu_exited(self, thread) -> None:
+        with self._lock:
+            self._lock.notify_all()
+        if not self._stopping and all(not t.is_alive() or t is thread for t in self.threads):
+            self.request_shutdown(1, guest=False, reason="vcpus-exited")
+
+    def vcpu_internal_error(self, thread, message: str) -> None:
+        log.error("vCPU %d: %s", thread.index, message)
+        if self.console is not None:
+            self.console.note(f"kvmpy: vCPU {thread.index}: {message}")
+        self._set_state("internal-error")
+        self.request_shutdown(1, guest=False, reason="internal-error", message=message)
+        with self._lock:
+            self._stopping = True
+            self.control_pending = True
+
+    def guest_triple_fault(self, thread) -> None:
+        log.info("vCPU %d: triple fault (shutdown); resetting like a PC", thread.index)
+        self.request_reset(guest=True, reason="guest-reset")
+        # Hold this vCPU until the reset (or stop) has been handled.
+        with self._lock:
+            self._paused = True
+            self.control_pending = True
+
+    # --- requests (any thread) ---------------------------------------------------------
+    def request_shutdown(self, status: int, guest: bool, reason: str, message: str = "") -> None:
+        if not getattr(self, "_shutdown_emitted", False):
+            self._shutdown_emitted = True
+            self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        self._requests.put(("stop", status, message or reason))
+        with self._lock:
+            self.control_pending = True
+
+    def request_reset(self, guest: bool, reason: str) -> None:
+        self._requests.put(("reset", guest, reason))
+
+    def _debug_exit(self, value: int) -> None:
+        self.request_shutdown(value & 0xFF, guest=True, reason="guest-shutdown")
+        with self._lock:
+            self._stopping = True
+            self.control_pending = True
+
+    def _acpi_sleep(self, slp_typ: int) -> None:
+        self.request_shutdown(0, guest=True, reason="guest-shutdown")
+        with self._lock:
+            self._stopping = True
+            self.control_pending = True
+
+    # --- VmControl (monitor) ------------------------------------------------------------
+    def status(self) -> str:
+        return self._state
+
+    def pause(self) -> None:
+        if self._state != "running":
+            return
+        self._park_all()
+        self._set_state("paused")
+        self._emit("STOP", {})
+
+    def resume(self) -> None:
+        if self._state != "paused":
+            return
+        self._unpark_all()
+        self._set_state("running")
+        self._emit("RESUME", {})
+
+    def reset(self) -> None:
+        self.request_reset(guest=False, reason="host-qmp-system-reset")
+
+    def powerdown(self) -> None:
+        self._emit("POWERDOWN", {})
+        self.acpi_pm.press_power_button()
+
+    def quit(self) -> None:
+        self.request_shutdown(0, guest=False, reason="host-qmp-quit")
+
+    def kvm_info(self) -> dict:
+        return {"enabled": self.accel.name == "kvm", "present": os.path.exists("/dev/kvm")}
+
+    def cpus(self) -> list[dict]:
+        out = []
+        for i, t in enumerate(self.threads or [None] * len(self.vcpus)):
+            out.append({"cpu-index": i, "thread-id": getattr(t, "native_id", None) or os.getpid(),
+                        "qom-path": f"/machine/unattached/device[{i}]", "target": "x86_64",
+                        "props": {"core-id": i, "thread-id": 0, "socket-id": 0}})
+        return out
+
+    def block_devices(self) -> list[dict]:
+        return list(self.block_info)
+
+    def network_devices(self) -> list[dict]:
+        return list(self.net_info)
+
+    def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
+        self._listeners.append(callback)
+
+    def _emit(self, event: str, data: dict) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, data)
+            except Exception:
+                log.debug("event listener failed", exc_info=True)
+
+    def _set_state(self, state: str) -> None:
+        if self._state != "internal-error" or state == "shutdown":
+            self._state = state
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:
+                log.debug("close hook failed", exc_info=True)
+        self._closers.clear()
+        self.accel.close()
+
+
+class LockedDevice:
+    """Serialises a device shared by vCPU threads and an input thread."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self.device.write(offset, size, value)
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Can a KVM VM be created here? (False, reason) when not."""
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist (no KVM module loaded, or not exposed to this container)"
+    try:
+        from .kvm.api import Kvm
+        k = Kvm()
+        k.close()
+    except OSError as e:
+        return False, f"/dev/kvm: {e.strerror or e}"
+    return True, ""
+
+
+def make_accel(name: str, machine: Machine):
+    if name == "auto":
+        ok, _ = kvm_usable()
+        name = "kvm" if ok else "tcg"
+    if name == "kvm":
+        ok, why = kvm_usable()
+        if not ok:
+            from .errors import UserError
+
+            class KvmUnavailable(UserError):
+                exit_status = 1
+            raise KvmUnavailable(f"--enable-kvm: KVM is not usable: {why}")
+        from .kvm.accel import KvmAccel
+        return KvmAccel(machine)
+    if name == "tcg":
+        from .vcpu.tcg_accel import TcgAccel
+        return TcgAccel(machine)
+    raise ConfigError(f"unknown accelerator {name!r}")

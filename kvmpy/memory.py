@@ -1,0 +1,117 @@
+"""Guest physical memory: anonymous mmaps shared by KVM, the translator and device models.
+
+Every access with a guest-supplied address goes through ``view``/``read``/``write``,
+which refuse anything outside a RAM region with GuestMemoryError. Device models
+get memoryview slices straight into guest RAM (no copies on the data path).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from .errors import GuestMemoryError
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    gpa: int
+    size: int
+    mm: mmap.mmap
+    view: memoryview  # whole-region view, sliced for accesses
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """A set of non-overlapping RAM regions in guest physical address space."""
+
+    def __init__(self) -> None:
+        self.regions: list[RamRegion] = []
+        self._starts: list[int] = []
+
+    @classmethod
+    def anonymous(cls, layout: list[tuple[int, int]]) -> "GuestMemory":
+        """Build memory from ``[(gpa, size), ...]``, each backed by a fresh anonymous mmap."""
+        mem = cls()
+        for gpa, size in layout:
+            mem.add_region(gpa, size)
+        return mem
+
+    def add_region(self, gpa: int, size: int) -> RamRegion:
+        if size <= 0 or gpa < 0 or gpa % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise ValueError(f"RAM region {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"RAM region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        region = RamRegion(gpa, size, mm, memoryview(mm))
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.gpa)
+        self._starts = [r.gpa for r in self.regions]
+        return region
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def _region(self, gpa: int, length: int) -> RamRegion:
+        i = bisect_right(self._starts, gpa) - 1
+        if i >= 0 and length >= 0:
+            r = self.regions[i]
+            if gpa + length <= r.end:
+                return r
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside RAM")
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._region(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of guest RAM; the range must lie inside one region."""
+        r = self._region(gpa, length)
+        off = gpa - r.gpa
+        return r.view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u16(self, gpa: int) -> int:
+        return _U16.unpack(self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return _U32.unpack(self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return _U64.unpack(self.view(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self.view(gpa, 2), 0, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+            r.mm.close()
+        self.regions.clear()
+        self._starts.clear()

@@ -1,0 +1,68 @@
+"""The control surface a running machine offers to its monitors.
+
+QMP, the human monitor, the console escape and the signal handlers all drive the
+machine through this one protocol, so none of them imports the machine itself.
+Every method may be called from a monitor thread (never from a vCPU thread), and
+several monitors may call concurrently: the machine serialises as it needs.
+Event callbacks, in contrast, may arrive from any thread (vCPU threads included)
+and must never block; the monitors only queue them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+# QMP RunState names this project reports (a subset of QEMU's qapi/run-state.json).
+RUN_STATES = ("running", "paused", "shutdown", "prelaunch", "internal-error", "guest-panicked")
+
+# Events a machine emits through add_event_listener, with QEMU's data members:
+#   STOP {}, RESUME {}, POWERDOWN {},
+#   SHUTDOWN {"guest": bool, "reason": "guest-shutdown" | "host-qmp-quit" | "host-signal" | ...},
+#   RESET {"guest": bool, "reason": "guest-reset" | "host-qmp-system-reset" | ...}
+EVENT_NAMES = ("STOP", "RESUME", "SHUTDOWN", "POWERDOWN", "RESET")
+
+EventCallback = Callable[[str, dict], None]
+
+
+class ControlError(Exception):
+    """A control request the machine cannot honour now ("cannot resume: guest
+    has shut down"). Monitors report the message (QMP GenericError) and carry on;
+    any other exception from a control method is logged as a monitor bug."""
+
+
+@runtime_checkable
+class VmControl(Protocol):
+    name: str
+
+    def status(self) -> str:
+        """The QMP RunState name, one of RUN_STATES."""
+
+    def pause(self) -> None:
+        """Stop all vCPUs: they leave KVM_RUN and wait. Emits STOP."""
+
+    def resume(self) -> None:
+        """Let the vCPUs run again. Emits RESUME."""
+
+    def reset(self) -> None:
+        """system_reset. Emits RESET."""
+
+    def powerdown(self) -> None:
+        """ACPI power button press. Emits POWERDOWN."""
+
+    def quit(self) -> None:
+        """Stop the VM; the process exits. Emits SHUTDOWN."""
+
+    def kvm_info(self) -> dict:
+        """{"enabled": bool, "present": bool}"""
+
+    def cpus(self) -> list[dict]:
+        """query-cpus-fast entries: cpu-index, thread-id, qom-path, target, props."""
+
+    def block_devices(self) -> list[dict]:
+        """query-block shaped dicts."""
+
+    def network_devices(self) -> list[dict]:
+        """[{"name", "type", "ifname", "mac", "bridge"}]"""
+
+    def add_event_listener(self, callback: EventCallback) -> None:
+        """Call callback(event_name, data) for each event in EVENT_NAMES."""

@@ -1,0 +1,316 @@
+"""The human monitor: QEMU's HMP commands, as text in and text out.
+
+``Hmp.execute(line)`` is the whole interpreter; the console's Ctrl-A c, QMP's
+``human-monitor-command`` and the socket server (``HmpServer``: one command per
+line, "(kvmpy) " prompt, EOF closes, so ``echo system_powerdown | nc -N -U sock``
+works) all call it. Output wording follows QEMU where scripts are known to
+parse it ("VM status: running", "kvm support: enabled").
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from typing import Callable
+
+from .. import __version__
+from .control import ControlError, VmControl
+from .server import Address, Connection, MonitorServer
+
+log = logging.getLogger(__name__)
+
+PROMPT = "(kvmpy) "
+BANNER = f"kvmpy {__version__} monitor - type 'help' for more information"
+MAX_LINE = 4096
+
+
+def _kvm(control: VmControl, args: list[str]) -> str:
+    info = control.kvm_info()
+    if not info.get("present", False):
+        return "kvm support: not compiled\n"
+    return f"kvm support: {'enabled' if info.get('enabled') else 'disabled'}\n"
+
+
+def _status(control: VmControl, args: list[str]) -> str:
+    status = control.status()
+    text = f"VM status: {'running' if status == 'running' else 'paused'}"
+    if status not in ("running", "paused"):
+        text += f" ({status})"
+    return text + "\n"
+
+
+def _cpus(control: VmControl, args: list[str]) -> str:
+    cpus = sorted(control.cpus(), key=lambda c: c.get("cpu-index", 0))
+    current = cpus[0].get("cpu-index") if cpus else None
+    return "".join(
+        f"{'*' if c.get('cpu-index') == current else ' '} CPU #{c.get('cpu-index')}: "
+        f"thread_id={c.get('thread-id')}\n" for c in cpus)
+
+
+def _block(control: VmControl, args: list[str]) -> str:
+    wanted = args[0] if args else None
+    out = []
+    for dev in control.block_devices():
+        name = dev.get("device") or dev.get("qdev") or "?"
+        if wanted is not None and name != wanted:
+            continue
+        inserted = dev.get("inserted")
+        if not inserted:
+            out.append(f"{name}: [not inserted]\n")
+        else:
+            flags = inserted.get("drv", "?")
+            if inserted.get("ro"):
+                flags += ", read-only"
+            out.append(f"{name}: {inserted.get('file', '?')} ({flags})\n")
+            if dev.get("qdev"):
+                out.append(f"    Attached to:      {dev['qdev']}\n")
+            cache = inserted.get("cache")
+            if isinstance(cache, dict):
+                mode = "writeback" if cache.get("writeback", True) else "writethrough"
+                if cache.get("direct"):
+                    mode += ", direct"
+                out.append(f"    Cache mode:       {mode}\n")
+        out.append("\n")
+    if wanted is not None and not out:
+        return f"Device '{wanted}' not found\n"
+    return "".join(out).rstrip("\n") + "\n" if out else ""
+
+
+def _network(control: VmControl, args: list[str]) -> str:
+    out = []
+    for i, nic in enumerate(control.network_devices()):
+        parts = [f"index={i}", f"type={nic.get('type', '?')}"]
+        if nic.get("ifname"):
+            parts.append(f"ifname={nic['ifname']}")
+        if nic.get("bridge"):
+            parts.append(f"br={nic['bridge']}")
+        out.append(f"{nic.get('name', f'net{i}')}: {','.join(parts)}\n")
+        if nic.get("mac"):
+            out.append(f" \\ {nic.get('name', f'net{i}')}: model=virtio-net-pci,macaddr={nic['mac']}\n")
+    return "".join(out)
+
+
+def _name(control: VmControl, args: list[str]) -> str:
+    return f"{control.name}\n" if control.name else ""
+
+
+def _version(control: VmControl, args: list[str]) -> str:
+    from .qmp import QMP_QEMU_VERSION
+    v = QMP_QEMU_VERSION
+    return f"{v['major']}.{v['minor']}.{v['micro']} (kvmpy {__version__})\n"
+
+
+# name -> (handler, max args, args synopsis, help)
+INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, str]] = {
+    "block": (_block, 1, "[device]", "show info of one block device or all block devices"),
+    "cpus": (_cpus, 0, "", "show infos for each CPU"),
+    "kvm": (_kvm, 0, "", "show KVM information"),
+    "name": (_name, 0, "", "show the current VM name"),
+    "network": (_network, 0, "", "show the network state"),
+    "status": (_status, 0, "", "show the current VM status (running|paused)"),
+    "version": (_version, 0, "", "show the version of kvmpy"),
+}
+
+
+class Hmp:
+    """The interpreter. Not thread-safe by itself: callers run one command at a time
+    per Hmp (each server has its own dispatch thread)."""
+
+    # name -> (aliases, args synopsis, help)
+    COMMANDS = {
+        "cont": (("c",), "", "resume emulation"),
+        "help": (("?",), "[cmd]", "show the help"),
+        "info": ((), "[subcommand]", "show various information about the system state"),
+        "quit": (("q",), "", "quit the emulator"),
+        "stop": (("s",), "", "stop emulation"),
+        "system_powerdown": ((), "", "send system power down event"),
+        "system_reset": ((), "", "reset the system"),
+    }
+
+    def __init__(self, control: VmControl, *, defer_quit: bool = False):
+        """defer_quit: ``quit`` only sets ``quit_requested`` so the caller can
+        deliver the output first and then call ``control.quit()`` itself."""
+        self.control = control
+        self.defer_quit = defer_quit
+        self.quit_requested = False
+        self._alias = {}
+        for name, (aliases, _, _) in self.COMMANDS.items():
+            self._alias[name] = name
+            for a in aliases:
+                self._alias[a] = name
+
+    def execute(self, line: str) -> str:
+        """Run one command line; return its output ("" or lines ending in "\\n")."""
+        try:
+            words = shlex.split(line, comments=False)
+        except ValueError as e:
+            return f"{line.strip()}: {e}\n"
+        if not words:
+            return ""
+        name = self._alias.get(words[0])
+        if name is None:
+            return f"unknown command: '{words[0]}'\n"
+        args = words[1:]
+        try:
+            return getattr(self, "_cmd_" + name)(args)
+        except ControlError as e:
+            return f"Error: {e}\n"
+        except Exception as e:
+            log.exception("hmp: command %r failed", line)
+            return f"Error: internal error: {e}\n"
+
+    def _no_args(self, name: str, args: list[str]) -> str | None:
+        if args:
+            return f"{name}: extraneous characters at the end of line\n"
+        return None
+
+    def _simple(self, name: str, args: list[str], action: Callable[[], None]) -> str:
+        err = self._no_args(name, args)
+        if err:
+            return err
+        action()
+        return ""
+
+    def _cmd_cont(self, args):
+        return self._simple("cont", args, self.control.resume)
+
+    def _cmd_stop(self, args):
+        return self._simple("stop", args, self.control.pause)
+
+    def _cmd_system_reset(self, args):
+        return self._simple("system_reset", args, self.control.reset)
+
+    def _cmd_system_powerdown(self, args):
+        return self._simple("system_powerdown", args, self.control.powerdown)
+
+    def _cmd_quit(self, args):
+        err = self._no_args("quit", args)
+        if err:
+            return err
+        if self.defer_quit:
+            self.quit_requested = True
+        else:
+            self.control.quit()
+        return ""
+
+    def _cmd_info(self, args):
+        if not args:
+            return self._info_help()
+        entry = INFO_COMMANDS.get(args[0])
+        if entry is None:
+            return f"unknown command: 'info {args[0]}'\n"
+        handler, max_args, _, _ = entry
+        if len(args) - 1 > max_args:
+            return f"info {args[0]}: extraneous characters at the end of line\n"
+        return handler(self.control, args[1:])
+
+    def _info_help(self) -> str:
+        return "".join(f"info {name} {syn} -- {text}\n".replace("  ", " ")
+                       for name, (_, _, syn, text) in INFO_COMMANDS.items())
+
+    def _cmd_help(self, args):
+        if args:
+            if args[0] == "info":
+                return self._info_help()
+            name = self._alias.get(args[0])
+            if name is None:
+                return f"unknown command: '{args[0]}'\n"
+            return self._help_line(name)
+        return "".join(self._help_line(name) for name in self.COMMANDS)
+
+    def _help_line(self, name: str) -> str:
+        aliases, syn, text = self.COMMANDS[name]
+        return f"{'|'.join((name, *aliases))} {syn} -- {text}\n"
+
+
+class _LineState:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.skipping = False
+
+
+def _strip_telnet(data: bytes) -> bytes:
+    """Drop telnet IAC command sequences (option negotiation from telnet clients)."""
+    if b"\xff" not in data:
+        return data
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        b = data[i]
+        if b != 0xFF:
+            out.append(b)
+            i += 1
+            continue
+        cmd = data[i + 1] if i + 1 < len(data) else None
+        if cmd == 0xFF:                      # escaped 0xff data byte
+            out.append(0xFF)
+            i += 2
+        elif cmd is not None and 251 <= cmd <= 254:   # WILL/WONT/DO/DONT option
+            i += 3
+        elif cmd == 250:                     # subnegotiation up to IAC SE
+            end = data.find(b"\xff\xf0", i + 2)
+            i = len(data) if end < 0 else end + 2
+        else:
+            i += 2
+    return bytes(out)
+
+
+class HmpServer(MonitorServer):
+    """The human monitor on ``unix:/path``, ``tcp:HOST:PORT`` or ``telnet:HOST:PORT``."""
+
+    thread_name = "hmp"
+
+    def __init__(self, spec: str | Address, control: VmControl):
+        super().__init__(spec)
+        self.control = control
+        self.hmp = Hmp(control, defer_quit=True)
+
+    def protocol_connected(self, conn: Connection) -> None:
+        conn.state = _LineState()
+        conn.write((BANNER + "\r\n" + PROMPT).encode())
+
+    def protocol_data(self, conn: Connection, data: bytes) -> None:
+        st: _LineState = conn.state
+        if self.address.telnet:
+            data = _strip_telnet(data)
+        st.buf += data
+        while True:
+            nl = st.buf.find(b"\n")
+            if nl < 0:
+                break
+            raw = bytes(st.buf[:nl])
+            del st.buf[:nl + 1]
+            if st.skipping:
+                st.skipping = False
+                continue
+            line = raw.replace(b"\r", b"").replace(b"\0", b"").decode("utf-8", errors="replace")
+            self.submit(lambda line=line: self._run(conn, line))
+        if len(st.buf) > MAX_LINE:
+            st.buf.clear()
+            st.skipping = True
+            self.submit(lambda: self._emit(conn, f"line too long (limit {MAX_LINE} bytes)\n"))
+
+    def protocol_eof(self, conn: Connection) -> None:
+        # Behind the commands already queued, so their output goes out first.
+        self.submit(conn.post_close)
+
+    def _emit(self, conn: Connection, text: str) -> None:
+        conn.post((text.replace("\n", "\r\n") + PROMPT).encode())
+
+    def _run(self, conn: Connection, line: str) -> None:
+        if conn.closed:
+            return
+        out = self.hmp.execute(line)
+        if self.hmp.quit_requested:
+            self.hmp.quit_requested = False
+            if out:
+                conn.post(out.replace("\n", "\r\n").encode())
+            conn.wait_flushed(2.0)
+            self.control.quit()
+            return
+        self._emit(conn, out)
+
+
+def start_hmp_server(spec: str | Address, control: VmControl) -> HmpServer:
+    """Listen on ``spec`` and serve the human monitor for ``control``."""
+    return HmpServer(spec, control).start()

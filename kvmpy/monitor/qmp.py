@@ -1,0 +1,326 @@
+"""QMP server: QEMU's Machine Protocol (docs/interop/qmp-spec.rst) for kvmpy.
+
+Each client gets the greeting, starts in capabilities negotiation mode (only
+``qmp_capabilities`` is accepted), then in command mode may run the commands in
+COMMANDS and receives every event the machine emits. Replies echo ``id``;
+errors use QEMU's classes and wording so existing tooling (qemu.qmp, libvirt-ish
+scripts matching ``desc``) behaves.
+
+Input is a stream of JSON objects, normally one per line; objects may also be
+concatenated or spread over lines, as QEMU's streaming parser allows. Anything
+else gets a GenericError without ``id`` and the parser resynchronises at the
+next newline. A message longer than MAX_MESSAGE bytes is rejected the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import __version__
+from .control import ControlError, VmControl
+from .hmp import Hmp
+from .server import Address, Connection, MonitorServer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 20
+QMP_QEMU_VERSION = {"major": 8, "minor": 2, "micro": 0}   # the QMP shapes we follow
+PACKAGE = f"kvmpy {__version__}"
+QUIT_FLUSH_TIMEOUT = 2.0
+
+
+class QmpError(Exception):
+    def __init__(self, desc: str, error_class: str = "GenericError"):
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid literal {name}")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+# Argument schema: name -> (python type, QAPI type name, required).
+_ArgSpec = dict[str, tuple[type, str, bool]]
+
+
+@dataclass
+class _Command:
+    name: str
+    handler: Callable[["QmpServer", dict], Any]
+    args: _ArgSpec = field(default_factory=dict)
+    quits: bool = False
+
+
+def _check_arguments(cmd: _Command, arguments: dict) -> None:
+    for key in arguments:
+        if key not in cmd.args:
+            raise QmpError(f"Parameter '{key}' is unexpected")
+    for key, (pytype, qapi_type, required) in cmd.args.items():
+        if key not in arguments:
+            if required:
+                raise QmpError(f"Parameter '{key}' is missing")
+            continue
+        value = arguments[key]
+        ok = isinstance(value, pytype) and not (pytype is int and isinstance(value, bool))
+        if ok and pytype is list:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise QmpError(f"Invalid parameter type for '{key}', expected: {qapi_type}")
+
+
+def _timestamp() -> dict:
+    now = time.time()
+    seconds = int(now)
+    return {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
+
+
+def version_info() -> dict:
+    return {"qemu": dict(QMP_QEMU_VERSION), "package": PACKAGE}
+
+
+class _ClientState:
+    def __init__(self) -> None:
+        self.negotiated = False
+        self.buf = bytearray()
+        self.skipping = False          # discarding the rest of an oversized line
+
+
+class QmpServer(MonitorServer):
+    """QMP on a unix or TCP socket. ``close()`` stops it and removes the socket."""
+
+    thread_name = "qmp"
+
+    def __init__(self, spec: str | Address, control: VmControl):
+        super().__init__(spec)
+        self.control = control
+        self.hmp = Hmp(control, defer_quit=True)
+        self._commands = {c.name: c for c in _COMMANDS}
+        control.add_event_listener(self._on_event)
+
+    # -- events (any thread) --
+    def _on_event(self, event: str, data: dict | None) -> None:
+        if self._stopping:
+            return
+        msg: dict[str, Any] = {"event": event, "data": dict(data or {}), "timestamp": _timestamp()}
+        try:
+            line = json.dumps(msg).encode() + b"\r\n"
+        except (TypeError, ValueError):
+            log.error("qmp: event %s has data that is not JSON: %r", event, data)
+            return
+        self.call_soon(lambda: self._broadcast(line))
+
+    def _broadcast(self, line: bytes) -> None:
+        for conn in list(self._conns.values()):
+            if isinstance(conn.state, _ClientState) and conn.state.negotiated and not conn.closing:
+                conn.write(line)
+
+    # -- protocol (I/O thread) --
+    def protocol_connected(self, conn: Connection) -> None:
+        conn.state = _ClientState()
+        greeting = {"QMP": {"version": version_info(), "capabilities": []}}
+        conn.write(json.dumps(greeting).encode() + b"\r\n")
+
+    def protocol_data(self, conn: Connection, data: bytes) -> None:
+        st: _ClientState = conn.state
+        st.buf += data
+        while True:
+            if st.skipping:
+                nl = st.buf.find(b"\n")
+                if nl < 0:
+                    st.buf.clear()
+                    return
+                del st.buf[:nl + 1]
+                st.skipping = False
+            if not self._parse_one(conn, st):
+                break
+        if len(st.buf) > MAX_MESSAGE:
+            st.buf.clear()
+            st.skipping = True
+            self._submit_error(conn, f"JSON parse error, message longer than {MAX_MESSAGE} bytes")
+
+    def _parse_one(self, conn: Connection, st: _ClientState) -> bool:
+        """Take one JSON value off the front of the buffer. False: need more input."""
+        start = 0
+        while start < len(st.buf) and st.buf[start] in b" \t\r\n":
+            start += 1
+        del st.buf[:start]
+        if not st.buf:
+            return False
+        nl = st.buf.find(b"\n")
+        # surrogateescape keeps a byte-for-byte mapping, so invalid UTF-8 can be
+        # found in what was parsed and the consumed length converted back.
+        text = st.buf.decode("utf-8", errors="surrogateescape")
+        try:
+            value, end = _decoder.raw_decode(text)
+        except (json.JSONDecodeError, ValueError, RecursionError) as e:
+            pos = getattr(e, "pos", 0)
+            incomplete = isinstance(e, json.JSONDecodeError) and (
+                pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"))
+            if incomplete or nl < 0:
+                # Not yet a whole line: wait (the size bound in protocol_data
+                # stops a client from growing this forever).
+                return False
+            if isinstance(e, RecursionError):
+                reason = "too many nested containers"
+            elif isinstance(e, json.JSONDecodeError):
+                reason = e.msg.lower()
+            else:
+                reason = str(e)
+            del st.buf[:nl + 1]
+            self._submit_error(conn, f"JSON parse error, {reason}")
+            return True
+        if isinstance(value, (int, float)) and end == len(text):
+            return False        # a number may continue in the next packet
+        parsed = text[:end]
+        del st.buf[:len(parsed.encode("utf-8", errors="surrogateescape"))]
+        if any("\udc80" <= ch <= "\udcff" for ch in parsed):
+            self._submit_error(conn, "JSON parse error, invalid UTF-8 sequence in string")
+            return True
+        self.submit(lambda: self._execute(conn, value))
+        return True
+
+    def _submit_error(self, conn: Connection, desc: str) -> None:
+        reply = {"error": {"class": "GenericError", "desc": desc}}
+        self.submit(lambda: self._reply(conn, reply))
+
+    # -- dispatch thread --
+    def _reply(self, conn: Connection, msg: dict) -> None:
+        try:
+            line = json.dumps(msg).encode() + b"\r\n"
+        except (TypeError, ValueError) as e:
+            log.error("qmp: reply is not JSON (%s): %r", e, msg)
+            line = json.dumps({"error": {"class": "GenericError",
+                                         "desc": "internal error: reply is not JSON"},
+                               **({"id": msg["id"]} if "id" in msg else {})}).encode() + b"\r\n"
+        conn.post(line)
+
+    def _execute(self, conn: Connection, request: Any) -> None:
+        if conn.closed:
+            return
+        st: _ClientState = conn.state
+        has_id = isinstance(request, dict) and "id" in request
+        reply: dict[str, Any]
+        after: Callable[[], None] | None = None
+        try:
+            name, arguments = self._check_request(request)
+            cmd = self._commands.get(name)
+            if not st.negotiated and name != "qmp_capabilities":
+                raise QmpError("Expecting capabilities negotiation with 'qmp_capabilities'",
+                               "CommandNotFound")
+            if cmd is None:
+                raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+            if name == "qmp_capabilities" and st.negotiated:
+                raise QmpError("Capabilities negotiation is already complete, command ignored",
+                               "CommandNotFound")
+            _check_arguments(cmd, arguments)
+            if name == "qmp_capabilities":
+                for cap in arguments.get("enable", []):
+                    if cap == "oob":
+                        raise QmpError("Capability oob not available")
+                    raise QmpError(f"Parameter 'enable' does not accept value '{cap}'")
+                st.negotiated = True
+                result: Any = {}
+            elif cmd.quits:
+                result, after = {}, self.control.quit
+            else:
+                result = cmd.handler(self, arguments)
+                if self.hmp.quit_requested:       # human-monitor-command "quit"
+                    self.hmp.quit_requested = False
+                    after = self.control.quit
+            reply = {"return": result}
+        except QmpError as e:
+            reply = {"error": {"class": e.error_class, "desc": e.desc}}
+        except ControlError as e:
+            reply = {"error": {"class": "GenericError", "desc": str(e)}}
+        except Exception as e:
+            log.exception("qmp: command failed")
+            reply = {"error": {"class": "GenericError", "desc": f"internal error: {e}"}}
+        if has_id:
+            reply["id"] = request["id"]
+        self._reply(conn, reply)
+        if after is not None:
+            # The client must see the reply before the process goes away.
+            conn.wait_flushed(QUIT_FLUSH_TIMEOUT)
+            try:
+                after()
+            except Exception:
+                log.exception("qmp: quit failed")
+
+    @staticmethod
+    def _check_request(request: Any) -> tuple[str, dict]:
+        if not isinstance(request, dict):
+            raise QmpError("QMP input must be a JSON object")
+        for key, value in request.items():
+            if key == "execute":
+                if not isinstance(value, str):
+                    raise QmpError("QMP input member 'execute' must be a string")
+            elif key == "arguments":
+                if not isinstance(value, dict):
+                    raise QmpError("QMP input member 'arguments' must be an object")
+            elif key != "id":
+                raise QmpError(f"QMP input member '{key}' is unexpected")
+        if "execute" not in request:
+            raise QmpError("QMP input lacks member 'execute'")
+        return request["execute"], request.get("arguments", {})
+
+
+def _query_status(srv: QmpServer, args: dict) -> dict:
+    status = srv.control.status()
+    return {"status": status, "running": status == "running", "singlestep": False}
+
+
+def _query_name(srv: QmpServer, args: dict) -> dict:
+    return {"name": srv.control.name} if srv.control.name else {}
+
+
+def _query_commands(srv: QmpServer, args: dict) -> list:
+    return [{"name": name} for name in srv._commands]
+
+
+def _human_monitor_command(srv: QmpServer, args: dict) -> str:
+    line = args["command-line"]
+    text = srv.hmp.execute(line)
+    # QEMU's monitor output ends lines with CRLF, also through this command.
+    return text.replace("\n", "\r\n")
+
+
+def _void(method: str) -> Callable[[QmpServer, dict], dict]:
+    def run(srv: QmpServer, args: dict) -> dict:
+        getattr(srv.control, method)()
+        return {}
+    return run
+
+
+_COMMANDS = [
+    _Command("qmp_capabilities", lambda srv, a: {}, {"enable": (list, "array of QMPCapability", False)}),
+    _Command("query-status", _query_status),
+    _Command("query-kvm", lambda srv, a: dict(srv.control.kvm_info())),
+    _Command("query-version", lambda srv, a: version_info()),
+    _Command("query-name", _query_name),
+    _Command("query-cpus-fast", lambda srv, a: list(srv.control.cpus())),
+    _Command("query-block", lambda srv, a: list(srv.control.block_devices())),
+    _Command("query-commands", _query_commands),
+    _Command("stop", _void("pause")),
+    _Command("cont", _void("resume")),
+    _Command("system_reset", _void("reset")),
+    _Command("system_powerdown", _void("powerdown")),
+    _Command("quit", lambda srv, a: {}, quits=True),
+    _Command("human-monitor-command", _human_monitor_command,
+             {"command-line": (str, "string", True), "cpu-index": (int, "int", False)}),
+]
+
+COMMANDS = tuple(c.name for c in _COMMANDS)
+
+
+def start_qmp_server(spec: str | Address, control: VmControl) -> QmpServer:
+    """Listen on ``spec`` (``unix:/path`` or ``tcp:HOST:PORT``) and serve QMP for
+    ``control`` from background threads. Raises ConfigError for a bad or busy
+    address. The caller closes it (``server.close()``) when the VM stops."""
+    return QmpServer(spec, control).start()

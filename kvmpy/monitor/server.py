@@ -1,0 +1,503 @@
+"""Socket plumbing shared by the QMP and human monitor servers.
+
+One I/O thread multiplexes the listening socket and every client with selectors;
+one dispatch thread runs monitor commands in arrival order. The split matters:
+a command such as ``stop`` waits for every vCPU to leave KVM_RUN, and while it
+waits the I/O thread keeps reading, writing and broadcasting events. Neither
+thread is ever a vCPU thread, and nothing a vCPU thread calls (event callbacks)
+does more than append to a queue and poke a pipe.
+
+Client sockets are non-blocking; each has bounded input (the protocol decides
+what a message is) and bounded output (a client that stops reading while events
+pile up is dropped, not buffered forever).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import selectors
+import socket
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_OUTPUT = 16 << 20
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed monitor address: ``unix:/path`` or ``tcp:HOST:PORT``/``telnet:HOST:PORT``."""
+
+    kind: str            # "unix" | "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    telnet: bool = False
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'telnet' if self.telnet else 'tcp'}:{host}:{self.port}"
+
+
+def parse_address(spec: str, *, option: str = "monitor") -> Address:
+    """Parse a QEMU-style chardev address. Trailing QEMU options such as
+    ``,server,nowait`` / ``,server=on,wait=off`` are accepted and ignored: this
+    side is always the listening server and never waits for a client.
+
+    An empty TCP host means 127.0.0.1, not every interface: a monitor grants full
+    control of the VM, so exposing it beyond loopback must be spelled out.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{option}: empty address (expected unix:/path or tcp:HOST:PORT)")
+    head, _, opts = spec.partition(",")
+    for opt in filter(None, opts.split(",")):
+        key = opt.partition("=")[0]
+        if key not in ("server", "nowait", "wait", "nodelay", "telnet"):
+            raise ConfigError(f"{option}: unknown address option '{opt}' in '{spec}'")
+    kind, sep, rest = head.partition(":")
+    if not sep:
+        raise ConfigError(f"{option}: '{spec}' is not unix:/path or tcp:HOST:PORT")
+    if kind == "unix":
+        if not rest:
+            raise ConfigError(f"{option}: '{spec}' has no socket path")
+        if "\0" in rest or len(os.fsencode(rest)) > 107:
+            raise ConfigError(f"{option}: socket path '{rest}' is too long (107 bytes at most)")
+        return Address("unix", path=rest)
+    if kind in ("tcp", "telnet"):
+        if rest.startswith("["):
+            host, bracket, port_s = rest[1:].partition("]")
+            if not bracket or not port_s.startswith(":"):
+                raise ConfigError(f"{option}: '{spec}' has a malformed [IPv6] host")
+            port_s = port_s[1:]
+        else:
+            host, colon, port_s = rest.rpartition(":")
+            if not colon:
+                raise ConfigError(f"{option}: '{spec}' has no port (tcp:HOST:PORT)")
+        try:
+            port = int(port_s, 10)
+        except ValueError:
+            raise ConfigError(f"{option}: port '{port_s}' in '{spec}' is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{option}: port {port} in '{spec}' is out of range")
+        telnet = kind == "telnet" or "telnet" in opts.split(",")
+        return Address("tcp", host=host or "127.0.0.1", port=port, telnet=telnet)
+    raise ConfigError(f"{option}: unknown address type '{kind}' in '{spec}' (use unix: or tcp:)")
+
+
+def _listen(addr: Address) -> socket.socket:
+    if addr.kind == "unix":
+        _remove_stale_unix_socket(addr.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(addr.path)
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+    else:
+        try:
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise ConfigError(f"monitor: cannot resolve '{addr.host}': {e.strerror}") from None
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """A socket file left by a VM that died is removed; one with a live listener,
+    or a path that is not a socket at all, is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"monitor: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise ConfigError(f"monitor: {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"monitor: {path} is in use by another process")
+
+
+class Connection:
+    """One client. Its methods are called on the I/O thread only, except
+    ``post`` and ``post_close`` which any thread may call."""
+
+    def __init__(self, server: "MonitorServer", sock: socket.socket, peer: str):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.closed = False
+        self.closing = False         # close once the output is written
+        self.eof = False             # the client will send nothing more
+        self.state: object = None    # protocol-owned per-connection state
+        self._out = bytearray()
+        self._flushed_waiters: list[threading.Event] = []
+
+    # -- any thread --
+    def post(self, data: bytes) -> None:
+        self.server.call_soon(lambda: self.write(data))
+
+    def post_close(self) -> None:
+        """Close after everything posted so far has been written."""
+        self.server.call_soon(self.close_when_flushed)
+
+    def wait_flushed(self, timeout: float) -> bool:
+        """From a non-I/O thread: wait until everything posted so far is written."""
+        done = threading.Event()
+        if self.server._stopping:
+            return True
+
+        def arm() -> None:
+            if self.closed or not self._out:
+                done.set()
+            else:
+                self._flushed_waiters.append(done)
+        self.server.call_soon(arm)
+        return done.wait(timeout)
+
+    # -- I/O thread --
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out += data
+        if len(self._out) > MAX_PENDING_OUTPUT:
+            log.warning("monitor client %s is not reading; dropping it", self.peer)
+            self.close()
+            return
+        self._flush()
+
+    def close_when_flushed(self) -> None:
+        if self.closed:
+            return
+        self.closing = True
+        if not self._out:
+            self.close()
+
+    def _flush(self) -> None:
+        while self._out and not self.closed:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.debug("monitor client %s: send: %s", self.peer, e)
+                self.close()
+                return
+            del self._out[:n]
+        if self.closed:
+            return
+        if not self._out:
+            for ev in self._flushed_waiters:
+                ev.set()
+            self._flushed_waiters.clear()
+            if self.closing:
+                self.close()
+                return
+        self.server._update_interest(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ev in self._flushed_waiters:
+            ev.set()
+        self._flushed_waiters.clear()
+        self.server._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        try:
+            self.server.protocol_closed(self)
+        except Exception:
+            log.exception("monitor: error while closing client %s", self.peer)
+
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+
+class MonitorServer:
+    """Listening socket + I/O thread + dispatch thread. Subclasses implement
+    ``protocol_connected``, ``protocol_data``, ``protocol_eof``, ``protocol_closed``."""
+
+    thread_name = "monitor"
+
+    def __init__(self, spec: str | Address):
+        self.address = spec if isinstance(spec, Address) else parse_address(spec)
+        self._listener = _listen(self.address)
+        self._socket_identity = None
+        if self.address.kind == "unix":
+            st = os.lstat(self.address.path)
+            self._socket_identity = (st.st_dev, st.st_ino)
+        if self.address.kind == "tcp":
+            # Report the real port when 0 asked the kernel to pick one.
+            host, port = self._listener.getsockname()[:2]
+            self.address = Address("tcp", host=host, port=port, telnet=self.address.telnet)
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._conns: dict[int, Connection] = {}
+        self._stopping = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._wake_lock = threading.Lock()
+        self._torn_down = False
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._io_thread = threading.Thread(target=self._io_loop, daemon=True,
+                                           name=f"{self.thread_name}-io")
+        self._dispatch_thread = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                                 name=f"{self.thread_name}-dispatch")
+
+    def start(self) -> "MonitorServer":
+        self._io_thread.start()
+        self._dispatch_thread.start()
+        return self
+
+    # -- any thread --
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the I/O thread. Safe from any thread, vCPU threads included."""
+        if self._stopping:
+            return
+        self._calls.put(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        # The lock keeps a late caller from writing into a recycled fd number.
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass        # the pipe is full, so a wakeup is already pending
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run job on the dispatch thread, after every job submitted before it."""
+        if not self._stopping:
+            self._jobs.put(job)
+
+    def client_count(self) -> int:
+        return len(self._conns)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both threads, drop every client, remove the unix socket file.
+        Safe to call twice and from the dispatch thread itself (``quit``)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping = True
+        self._calls.put(None)
+        self._jobs.put(None)
+        self._wake()
+        me = threading.current_thread()
+        for t in (self._io_thread, self._dispatch_thread):
+            if t.is_alive() and t is not me:
+                t.join(timeout)
+        if not self._io_thread.is_alive():
+            self._teardown()
+        # else: close() ran on the I/O thread; the loop tears down as it exits.
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- protocol hooks (I/O thread) --
+    def protocol_connected(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def protocol_data(self, conn: Connection, data: bytes) -> None:
+        raise NotImplementedError
+
+    def protocol_eof(self, conn: Connection) -> None:
+        conn.post_close()
+
+    def protocol_closed(self, conn: Connection) -> None:
+        pass
+
+    # -- internals --
+    def _io_loop(self) -> None:
+        try:
+            while not self._stopping:
+                for key, events in self._sel.select():
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj == self._wake_r:
+                        self._drain_wakeups()
+                    else:
+                        conn = key.data
+                        if events & selectors.EVENT_WRITE:
+                            conn._flush()
+                        if events & selectors.EVENT_READ and not conn.closed:
+                            self._read(conn)
+                    if self._stopping:
+                        break
+        except Exception:
+            log.exception("monitor %s: I/O thread failed", self.address)
+        finally:
+            if self._closed:
+                self._teardown()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fn is None:
+                self._stopping = True
+                return
+            try:
+                fn()
+            except Exception:
+                log.exception("monitor %s: callback failed", self.address)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE and friends: refuse this one, keep serving the others.
+                log.warning("monitor %s: accept: %s", self.address, e)
+                return
+            sock.setblocking(False)
+            conn = Connection(self, sock, str(peer) or "unix-client")
+            self._conns[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            try:
+                self.protocol_connected(conn)
+            except Exception:
+                log.exception("monitor %s: error greeting client", self.address)
+                conn.close()
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in (errno.ECONNRESET, errno.EPIPE):
+                log.debug("monitor client %s: recv: %s", conn.peer, e)
+            conn.close()
+            return
+        if not data:
+            # Half-closed: stop reading; commands already received still run
+            # and their output is still written (`echo cmd | nc -N -U sock`).
+            conn.eof = True
+            self._update_interest(conn)
+            self.protocol_eof(conn)
+            return
+        try:
+            self.protocol_data(conn, data)
+        except Exception:
+            log.exception("monitor %s: error handling input from %s", self.address, conn.peer)
+            conn.close()
+
+    def _update_interest(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        events = 0 if conn.eof else selectors.EVENT_READ
+        if conn.wants_write():
+            events |= selectors.EVENT_WRITE
+        try:
+            if events:
+                try:
+                    self._sel.modify(conn.sock, events, conn)
+                except KeyError:
+                    self._sel.register(conn.sock, events, conn)
+            else:
+                try:
+                    self._sel.unregister(conn.sock)
+                except KeyError:
+                    pass
+        except (ValueError, OSError):
+            conn.close()
+
+    def _forget(self, conn: Connection) -> None:
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        for fd, c in list(self._conns.items()):
+            if c is conn:
+                del self._conns[fd]
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._stopping:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("monitor %s: command failed", self.address)
+
+    def _teardown(self) -> None:
+        with self._close_lock:
+            if self._torn_down:
+                return
+            self._torn_down = True
+        for conn in list(self._conns.values()):
+            conn.close()
+        for obj in (self._listener,):
+            try:
+                self._sel.unregister(obj)
+            except (KeyError, ValueError):
+                pass
+            obj.close()
+        try:
+            self._sel.close()
+        except Exception:
+            pass
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+        if self.address.kind == "unix":
+            # Only our own socket file: a successor may already have bound the path.
+            try:
+                st = os.lstat(self.address.path)
+                if (st.st_dev, st.st_ino) == self._socket_identity:
+                    os.unlink(self.address.path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.debug("monitor: cannot remove %s: %s", self.address.path, e)

@@ -1,0 +1,174 @@
+"""``kvmpy run``: build a machine from vm.toml and/or options, and run it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from .config import VmConfig, config_from_dict, load_config, parse_drive, parse_netdev, parse_size, validate
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SIGTERM_POWERDOWN_TIMEOUT = 30.0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="boot a VM", description="Boot a VM from vm.toml and/or options "
+                       "(like qemu-system-x86_64 -kernel ... -append ...).")
+    p.add_argument("config", nargs="?", help="vm.toml")
+    p.add_argument("--enable-kvm", action="store_true", help="use KVM (default: the translator, as QEMU)")
+    p.add_argument("--accel", choices=("kvm", "tcg", "auto"), help="accelerator (overrides vm.toml)")
+    p.add_argument("--kernel", help="kernel: bzImage or PVH ELF")
+    p.add_argument("--initrd", help="initial ramdisk")
+    p.add_argument("--append", help="kernel command line")
+    p.add_argument("-m", "--memory", help="RAM size (e.g. 512M, 2G; a bare number is MiB)")
+    p.add_argument("--smp", type=int, help="number of vCPUs")
+    p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
+    p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]")
+    p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M]")
+    p.add_argument("--name", help="VM name")
+    p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--monitor", action="append", default=[], help="human monitor server: unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--pidfile", help="write the pid here (created exclusively, removed on exit)")
+    p.add_argument("--daemonize", action="store_true", help="detach once the VM is running")
+    p.add_argument("--runas", help="drop to this user after opening devices and images")
+    p.add_argument("--no-reboot", action="store_true", help="exit instead of rebooting")
+    p.set_defaults(func=run_command)
+
+
+def build_config(args) -> VmConfig:
+    cfg = load_config(args.config) if args.config else config_from_dict({}, "<command line>")
+    if args.kernel:
+        cfg.kernel = os.path.abspath(args.kernel)
+    if args.initrd:
+        cfg.initrd = os.path.abspath(args.initrd)
+    if args.append is not None:
+        cfg.cmdline = args.append
+    if args.memory:
+        cfg.memory = parse_size(args.memory, "-m", "M")
+    if args.smp is not None:
+        cfg.cpus = args.smp
+    if args.serial:
+        cfg.serial = args.serial
+    if args.name:
+        cfg.name = args.name
+    if args.accel:
+        cfg.accel = args.accel
+    if args.enable_kvm:
+        cfg.accel = "kvm"
+    if args.no_reboot:
+        cfg.no_reboot = True
+    cfg.disks += [parse_drive(d) for d in args.drive]
+    cfg.nets += [parse_netdev(n) for n in args.net]
+    cfg.qmp += args.qmp
+    cfg.hmp += args.monitor
+    if args.pidfile:
+        cfg.pidfile = os.path.abspath(args.pidfile)
+    if args.runas:
+        cfg.runas = args.runas
+    cfg.daemonize = args.daemonize
+    if not cfg.kernel:
+        raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
+    if not os.path.isfile(cfg.kernel):
+        raise ConfigError(f"kernel {cfg.kernel}: no such file")
+    if cfg.initrd and not os.path.isfile(cfg.initrd):
+        raise ConfigError(f"initrd {cfg.initrd}: no such file")
+    validate(cfg)
+    return cfg
+
+
+def run_command(args) -> int:
+    cfg = build_config(args)
+    if cfg.daemonize:
+        from .lifecycle import daemonize
+        return daemonize(lambda notify_running: _run(cfg, notify_running))
+    return _run(cfg, None)
+
+
+def _run(cfg: VmConfig, notify_running) -> int:
+    from .console import open_console
+    from .machine import Machine
+
+    machine_ref: list = []
+
+    def on_quit() -> None:
+        if machine_ref:
+            machine_ref[0].request_shutdown(0, guest=False, reason="host-ui")
+
+    def on_monitor() -> None:
+        if machine_ref and getattr(machine_ref[0], "hmp", None):
+            return machine_ref[0].hmp
+        return None
+
+    serial_spec = "none" if cfg.daemonize and cfg.serial == "stdio" else cfg.serial
+    console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
+    pidfile = None
+    try:
+        if cfg.pidfile:
+            from .lifecycle import Pidfile
+            pidfile = Pidfile(cfg.pidfile)
+        machine = Machine(cfg, console=console)
+        machine_ref.append(machine)
+        _attach_io_devices(machine, cfg)
+        _start_monitors(machine, cfg)
+        if cfg.runas:
+            from .lifecycle import drop_privileges
+            drop_privileges(cfg.runas)
+        _install_signal_handlers(machine)
+        console.start()
+        machine.start()
+        if notify_running is not None:
+            notify_running()
+        status = machine.wait()
+        if machine.exit_reason == "internal-error" or machine.status() == "internal-error":
+            pass
+        return status
+    finally:
+        console.close()
+        if pidfile is not None:
+            pidfile.remove()
+
+
+def _attach_io_devices(machine, cfg: VmConfig) -> None:
+    if not cfg.disks and not cfg.nets:
+        return
+    from .devices.attach import attach_pci_devices
+    attach_pci_devices(machine, cfg)
+
+
+def _start_monitors(machine, cfg: VmConfig) -> None:
+    if not cfg.qmp and not cfg.hmp:
+        machine.hmp = None
+        try:
+            from .monitor.hmp import Hmp
+            machine.hmp = Hmp(machine)
+        except ImportError:
+            pass
+        return
+    from .monitor import start_servers
+    start_servers(machine, cfg.qmp, cfg.hmp)
+
+
+def _install_signal_handlers(machine) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_term(signum, frame):
+        # SIGTERM: ask the guest to power off, then quit if it does not within the timeout.
+        machine.powerdown()
+        timer = threading.Timer(SIGTERM_POWERDOWN_TIMEOUT,
+                                lambda: machine.request_shutdown(0, guest=False, reason="host-signal"))
+        timer.daemon = True
+        timer.start()
+
+    def on_int(signum, frame):
+        machine.request_shutdown(0, guest=False, reason="host-signal")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGHUP, on_int)
+
+

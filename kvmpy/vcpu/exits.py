@@ -1,0 +1,37 @@
+"""The one protocol every vCPU backend (KVM, translator) offers to the run loop.
+
+``run()`` enters the guest and returns an exit kind. For EXIT_IO and EXIT_MMIO
+the backend exposes the access through attributes set before returning:
+
+  EXIT_IO:   io_port, io_size (1/2/4), io_write (bool), io_count (rep count),
+             io_data: writable memoryview of io_size*io_count bytes. For a write
+             it holds the guest's data; for a read the loop fills it before the
+             next run().
+  EXIT_MMIO: mmio_addr, mmio_size (1..8), mmio_write, mmio_data (memoryview of
+             mmio_size bytes, same rule).
+  EXIT_INTERNAL_ERROR: internal_error (str, includes instruction bytes when known).
+  EXIT_SYSTEM_EVENT: system_event (SYSTEM_EVENT_* below).
+
+Registers: get_regs()/set_regs(Regs), get_sregs()/set_sregs(SRegs),
+get_msrs([index])->{index: value}/set_msrs({index: value}) with the dataclasses
+in kvmpy.vcpu.state. ``kick()`` may be called from any thread: the vCPU leaves
+run() soon with EXIT_INTR.
+"""
+
+EXIT_IO = 1
+EXIT_MMIO = 2
+EXIT_HLT = 3
+EXIT_SHUTDOWN = 4          # triple fault / shutdown
+EXIT_INTERNAL_ERROR = 5    # emulation failure, entry failure, unknown exit
+EXIT_INTR = 6              # kicked (signal / immediate_exit) or otherwise interrupted
+EXIT_SYSTEM_EVENT = 7      # PSCI-like system events: reset/shutdown requested by the hypervisor
+EXIT_DEBUG = 8
+
+SYSTEM_EVENT_SHUTDOWN = 1
+SYSTEM_EVENT_RESET = 2
+
+NAMES = {
+    EXIT_IO: "io", EXIT_MMIO: "mmio", EXIT_HLT: "hlt", EXIT_SHUTDOWN: "shutdown",
+    EXIT_INTERNAL_ERROR: "internal-error", EXIT_INTR: "intr",
+    EXIT_SYSTEM_EVENT: "system-event", EXIT_DEBUG: "debug",
+}

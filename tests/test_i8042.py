@@ -1,0 +1,128 @@
+"""i8042: the probe Linux's i8042/atkbd drivers run, reboot, hostile traffic."""
+
+from hypothesis import given, settings, strategies as st
+
+from kvmpy.devices.bus import Bus
+from kvmpy.devices.i8042 import I8042
+
+OBF, AUXDATA = 0x01, 0x20
+
+
+class Rig:
+    def __init__(self, keyboard=True):
+        self.resets = 0
+        self.levels = []
+        self.kbc = I8042(self.reset, self.irq, keyboard=keyboard)
+        self.bus = Bus("pio")
+        self.kbc.register(self.bus)
+
+    def reset(self):
+        self.resets += 1
+
+    def irq(self, level):
+        assert not self.levels or self.levels[-1] != level
+        self.levels.append(level)
+
+    def status(self):
+        return self.bus.read(0x64, 1)
+
+    def command(self, cmd, params=(), replies=0):
+        """__i8042_command: never waits, since the model answers at once."""
+        assert not self.status() & 0x02
+        self.bus.write(0x64, 1, cmd)
+        for p in params:
+            self.bus.write(0x60, 1, p)
+        out = []
+        for _ in range(replies):
+            st_ = self.status()
+            if not st_ & OBF:
+                return None  # would be a 0.5 s timeout in Linux
+            if cmd == 0xD3 and not st_ & AUXDATA:
+                return "auxerr"
+            out.append(self.bus.read(0x60, 1))
+        return out
+
+    def kbd(self, byte):
+        self.bus.write(0x60, 1, byte)
+        out = []
+        while self.status() & OBF:
+            out.append(self.bus.read(0x60, 1))
+        return out
+
+
+def test_linux_probe_sequence():
+    r = Rig()
+    # i8042_flush: nothing pending
+    assert not r.status() & OBF
+    assert r.command(0xAA, replies=1) == [0x55]
+    ctr = r.command(0x20, replies=1)[0]
+    assert ctr == r.command(0x20, replies=1)[0]
+    assert ctr & 0x40  # translation on, as firmware leaves it
+    # disable keyboard, interrupts off, write back and verify
+    ctr = (ctr | 0x10) & ~0x03
+    r.command(0x60, [ctr])
+    assert r.command(0x20, replies=1) == [ctr]
+    # i8042_check_aux: loopback must fail fast, the AUX test must report an error
+    assert r.command(0xD3, [0x5A], replies=1) == "auxerr"
+    r.bus.read(0x60, 1)
+    res = r.command(0xA9, replies=1)[0]
+    assert res and res not in (0xFA, 0xFF)
+    # keyboard interface test
+    assert r.command(0xAB, replies=1) == [0]
+    # enable keyboard port with interrupts
+    r.command(0x60, [(ctr & ~0x10) | 0x01])
+    # controller replies raised IRQ 1 too (CTR.KBDINT) and reading dropped it
+    assert r.levels == [] or r.levels[-1] is False
+    # atkbd probe: GETID with interrupts; the line rises with each reply byte
+    r.bus.write(0x60, 1, 0xF2)
+    assert r.levels[-1] is True
+    got = []
+    while r.status() & OBF:
+        got.append(r.bus.read(0x60, 1))
+    assert got == [0xFA, 0xAB, 0x41]
+    assert r.levels[-1] is False
+    assert r.kbd(0xFF) == [0xFA, 0xAA]
+    assert r.kbd(0xED) == [0xFA] and r.kbd(0x00) == [0xFA]
+    assert r.kbd(0xF0) == [0xFA] and r.kbd(0x00) == [0xFA, 0x41]
+    assert r.kbd(0xF4) == [0xFA]
+    assert r.kbd(0x01) == [0xFE]
+    assert r.resets == 0
+
+
+def test_reboot_pulses_reset():
+    r = Rig()
+    r.bus.write(0x64, 1, 0xFE)
+    assert r.resets == 1
+    r.bus.write(0x64, 1, 0xFF)  # pulse nothing
+    assert r.resets == 1
+
+
+def test_no_keyboard_is_silent():
+    r = Rig(keyboard=False)
+    assert r.kbd(0xFF) == []
+
+
+def test_scancode_injection_waits_while_disabled():
+    r = Rig()
+    r.command(0xAD)
+    r.kbc.inject_scancodes(b"\x1e\x9e")
+    assert not r.status() & OBF
+    r.command(0xAE)
+    assert [r.bus.read(0x60, 1), r.bus.read(0x60, 1)] == [0x1E, 0x9E]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0x60, 0x64]),
+                          st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1)), max_size=60))
+def test_hostile_traffic(ops):
+    r = Rig()
+    r.reset = lambda: None
+    for is_write, port, size, value in ops:
+        if is_write:
+            r.bus.write(port, size, value)
+        else:
+            assert 0 <= r.bus.read(port, size) <= 0xFF
+        kbc = r.kbc
+        expected = kbc.outbuf is not None and not kbc.out_aux and bool(kbc.ctr & 1)
+        assert bool(r.levels and r.levels[-1]) == expected
+        assert len(kbc.queue) < 10 * (len(ops) + 1)
