@@ -1,7 +1,7 @@
 # kvmpy: `make test` installs what is missing, builds, and runs the whole suite;
 # `make run` boots the default guest.
 PYTHON ?= python3
-APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 \
+APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
                gcc make binutils libffi-dev
 STAMP = .build-stamp
 

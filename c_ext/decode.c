@@ -2,7 +2,6 @@
  * Produces one struct Insn; semantics live in exec.c. */
 #include "tcg.h"
 
-#define OP_UD 0x3ff
 
 /* ModRM presence, one-byte map (1 = has ModRM) */
 static const uint8_t modrm1[256] = {

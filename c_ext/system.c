@@ -1,6 +1,7 @@
 /* System architecture: exceptions and interrupt delivery (IVT, 32-bit and
  * 64-bit IDT), segment loading, far transfers, iret, syscall/sysret, control
  * registers, MSRs, CPUID, and I/O / MMIO accesses that become VM exits. */
+#include <stdio.h>
 #include <x86intrin.h>
 #include "tcg.h"
 
@@ -740,9 +741,10 @@ uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val
 }
 
 /* Rep string I/O: one exit for `count` elements whose data sits in iobuf. */
-Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count)
+Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh)
 {
     Access *a = next_access(c, EXIT_IO, port, size, write, count);
+    *fresh = a == 0;
     if (a)
         return a;
     return &c->acc[c->nacc - 1];

@@ -106,6 +106,7 @@ typedef struct Insn {
 
 #define BLOCK_MAX_INSNS 64
 typedef struct Block {
+    uint64_t start;         /* guest-physical address of the first byte */
     uint64_t phys, phys2;   /* physical page(s) its bytes came from (phys2 = ~0 when one page) */
     uint64_t pc;            /* rip at decode (for the jump cache) */
     uint64_t cs_base;
@@ -257,7 +258,9 @@ void cpu_free(CPU *c);
 void block_cache_flush(CPU *c);
 
 /* ---- decode.c ---- */
-int decode_insn(CPU *c, uint64_t lin, int mode, Insn *i, int *ends_block);
+#define OP_UD 0x3ff
+int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
+Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh);
 
 static inline uint64_t now_ns(void)
 {

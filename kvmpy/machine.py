@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Callable
@@ -61,27 +62,29 @@ class Machine:
     # --- construction ------------------------------------------------------------
     def _build_devices(self) -> None:
         from .devices.serial import Serial16550
-        from .devices.i8042 import I8042
-        from .devices.rtc import CmosRtc
-        from .devices import legacy
-        from .devices.acpi_pm import AcpiPm
+        from .devices.i8042 import I8042, KBD_IRQ
+        from .devices.rtc import RtcCmos
+        from .devices.legacy import register_legacy_ports
+        from .devices.acpi_pm import AcpiPm, PM_IO_LENGTH
         plat = self.platform
-        out = self.console.write if self.console is not None else (lambda data: None)
-        self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level), out=out)
-        self.pio_bus.register(COM1_BASE, 8, LockedDevice(self.serial))
-        if self.console is not None:
-            self.console.attach(self.serial)
-        self.i8042 = I8042(on_reset=lambda: self.request_reset(guest=True, reason="guest-reset"))
-        self.pio_bus.register(0x60, 1, self.i8042)
-        self.pio_bus.register(0x64, 1, self.i8042)
-        self.pio_bus.register(0x61, 1, legacy.SystemControlPortB())
-        self.rtc = CmosRtc(ram_size=self.cfg.memory)
+        con = self.console
+        self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level),
+                                  out=con.write if con is not None else (lambda data: None),
+                                  on_rx_space=con.rx_space_available if con is not None else None)
+        self.pio_bus.register(COM1_BASE, 8, self.serial)
+        if con is not None:
+            con.attach(self.serial)
+        guest_reset = lambda: self.request_reset(guest=True, reason="guest-reset")  # noqa: E731
+        self.i8042 = I8042(on_reset=guest_reset, irq_kbd=lambda level: plat.set_irq_level(KBD_IRQ, level))
+        self.i8042.register(self.pio_bus)
+        low = min(self.cfg.memory, layout.PCI_HOLE_START)
+        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=self.cfg.cpus)
         self.pio_bus.register(0x70, 2, self.rtc)
-        self.pio_bus.register(0x80, 1, legacy.PostPort())
-        self.pio_bus.register(0xF4, 4, legacy.DebugExit(on_exit=self._debug_exit))
-        self.acpi_pm = AcpiPm(irq=lambda level: plat.set_irq_level(SCI_IRQ, level),
-                              on_sleep=self._acpi_sleep)
-        self.acpi_pm.register(self.pio_bus, PM_BASE)
+        # Port 0x61 is KVM's in-kernel PIT's; the translator needs our model of it.
+        register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset,
+                              port_b=self.accel.name != "kvm")
+        self.acpi_pm = AcpiPm(on_sleep=self._acpi_sleep, sci=lambda level: plat.set_irq_level(SCI_IRQ, level))
+        self.pio_bus.register(PM_BASE, PM_IO_LENGTH, self.acpi_pm)
         self.resettable = [self.serial, self.i8042, self.rtc, self.acpi_pm]
 
     def _boot(self) -> None:
@@ -209,9 +212,7 @@ class Machine:
             self.request_shutdown(1, guest=False, reason="vcpus-exited")
 
     def vcpu_internal_error(self, thread, message: str) -> None:
-        log.error("vCPU %d: %s", thread.index, message)
-        if self.console is not None:
-            self.console.note(f"kvmpy: vCPU {thread.index}: {message}")
+        print(f"kvmpy: vCPU {thread.index}: {message}", file=sys.stderr, flush=True)
         self._set_state("internal-error")
         self.request_shutdown(1, guest=False, reason="internal-error", message=message)
         with self._lock:
@@ -245,6 +246,10 @@ class Machine:
             self.control_pending = True
 
     def _acpi_sleep(self, slp_typ: int) -> None:
+        from .devices.acpi_pm import SLP_TYP_S5
+        if slp_typ != SLP_TYP_S5:
+            log.info("guest asked for sleep type %d; only S5 (soft off) is supported", slp_typ)
+            return
         self.request_shutdown(0, guest=True, reason="guest-shutdown")
         with self._lock:
             self._stopping = True
@@ -322,32 +327,16 @@ class Machine:
         self.accel.close()
 
 
-class LockedDevice:
-    """Serialises a device shared by vCPU threads and an input thread."""
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self._lock = threading.Lock()
-
-    def read(self, offset: int, size: int) -> int:
-        with self._lock:
-            return self.device.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self._lock:
-            self.device.write(offset, size, value)
-
-
 def kvm_usable() -> tuple[bool, str]:
     """Can a KVM VM be created here? (False, reason) when not."""
-    if not os.path.exists("/dev/kvm"):
-        return False, "/dev/kvm does not exist (no KVM module loaded, or not exposed to this container)"
+    from .kvm.api import KVM_DEVICE, Kvm
+    if not os.path.exists(KVM_DEVICE):
+        return False, f"{KVM_DEVICE} does not exist (no KVM module loaded, or not exposed to this container)"
     try:
-        from .kvm.api import Kvm
         k = Kvm()
         k.close()
     except OSError as e:
-        return False, f"/dev/kvm: {e.strerror or e}"
+        return False, f"{KVM_DEVICE}: {e.strerror or e}"
     return True, ""
 
 

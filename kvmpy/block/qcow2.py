@@ -18,7 +18,9 @@ merely leaking clusters, never one with a table pointing at a reused cluster.
 from __future__ import annotations
 
 import array
+import functools
 import os
+import threading
 import struct
 import sys
 import zlib
@@ -247,6 +249,15 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
             raise _field_error(path, "refcount_order", f"{h.refcount_order} (must be 0..6)")
     if h.crypt_method:
         raise ImageError(f"{path}: encrypted qcow2 images (crypt_method {h.crypt_method}) are unsupported")
+    # Backing file name.
+    if h.backing_file_offset:
+        if h.backing_file_size > MAX_BACKING_NAME or h.backing_file_size == 0:
+            raise _field_error(path, "backing_file_size", f"{h.backing_file_size} (must be 1..1023)")
+        if h.backing_file_offset + h.backing_file_size > min(cs, file_size):
+            raise _field_error(path, "backing_file_offset",
+                               f"{h.backing_file_offset}+{h.backing_file_size} outside the first cluster")
+        h.backing_file = os.pread(fd, h.backing_file_size, h.backing_file_offset).decode(
+            "utf-8", "surrogateescape")
     # Header extensions come before feature checks so errors can name features.
     ext_start = h.header_length
     ext_end = min(cs, file_size)
@@ -295,15 +306,6 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
         if h.compression_type != 0:
             kind = {1: "zstd"}.get(h.compression_type, f"type {h.compression_type}")
             raise ImageError(f"{path}: qcow2 compression {kind} is unsupported (only zlib)")
-    # Backing file name.
-    if h.backing_file_offset:
-        if h.backing_file_size > MAX_BACKING_NAME or h.backing_file_size == 0:
-            raise _field_error(path, "backing_file_size", f"{h.backing_file_size} (must be 1..1023)")
-        if h.backing_file_offset + h.backing_file_size > min(cs, file_size):
-            raise _field_error(path, "backing_file_offset",
-                               f"{h.backing_file_offset}+{h.backing_file_size} outside the first cluster")
-        h.backing_file = os.pread(fd, h.backing_file_size, h.backing_file_offset).decode(
-            "utf-8", "surrogateescape")
     # Tables.
     l2_entries = cs // 8
     if h.l1_size > MAX_L1_BYTES // 8:
@@ -370,6 +372,15 @@ def read_snapshots(path, fd, h: Header, file_size: int) -> list:
     return out
 
 
+def _locked(method):
+    """Metadata caches are shared state: one request at a time per image (vCPU/iothreads)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Qcow2Driver(BlockDriver):
     format = "qcow2"
     L2_CACHE_BYTES = 32 << 20
@@ -380,6 +391,8 @@ class Qcow2Driver(BlockDriver):
         self.read_only = read_only
         self.fd = -1
         self.backing = None
+        self.write_prepared = False
+        self._lock = threading.RLock()
         real = os.path.realpath(path)
         if real in _chain:
             raise ImageError(f"{path}: backing chain loops back to {path}")
@@ -573,6 +586,7 @@ class Qcow2Driver(BlockDriver):
 
     # ------------------------------------------------------------------ read
 
+    @_locked
     def preadv(self, buffers, offset):
         cur = _Cursor(buffers)
         self._check_range(offset, cur.length)
@@ -891,6 +905,7 @@ class Qcow2Driver(BlockDriver):
         os.fdatasync(self.fd)
         self._evict_l2()
 
+    @_locked
     def flush(self):
         if self.read_only:
             return
@@ -946,6 +961,7 @@ class Qcow2Driver(BlockDriver):
             return host
         return 0
 
+    @_locked
     def pwritev(self, buffers, offset):
         cur = _Cursor(buffers)
         self._check_range(offset, cur.length)
@@ -1045,6 +1061,7 @@ class Qcow2Driver(BlockDriver):
         l2off = self.l1[ci >> self.l2_bits] & L1E_OFFSET_MASK
         self.dirty_l2.add(l2off)
 
+    @_locked
     def write_compressed(self, offset: int, data) -> None:
         """Write whole clusters compressed (img convert -c); offset cluster aligned."""
         cur = _Cursor([memoryview(data)])
@@ -1053,6 +1070,7 @@ class Qcow2Driver(BlockDriver):
         self._write(cur, offset, 0, cur.length, compress=True)
         self._maybe_writeback()
 
+    @_locked
     def write_zeroes(self, offset, length, may_unmap=False):
         self._check_range(offset, length)
         self._prepare_write()
@@ -1120,10 +1138,12 @@ class Qcow2Driver(BlockDriver):
         else:
             self._allocating_write(_Cursor([_ZEROS[:cs]]), ci * cs, ci, 1, 0, cs)
 
+    @_locked
     def discard(self, offset, length):
         # Guests expect discarded ranges to read back as zeroes (as with raw).
         self.write_zeroes(offset, length, may_unmap=True)
 
+    @_locked
     def make_empty(self) -> None:
         """Drop every guest cluster (reads then come from the backing file)."""
         self._prepare_write()
@@ -1141,6 +1161,7 @@ class Qcow2Driver(BlockDriver):
 
     # ---------------------------------------------------------------- status
 
+    @_locked
     def block_status(self, offset, length):
         """(allocated_here, reads_zero, run) at guest offset; UNALLOC = not here."""
         length = min(length, self.size - offset)
@@ -1151,6 +1172,7 @@ class Qcow2Driver(BlockDriver):
             return True, True, run
         return False, self.backing is None, run
 
+    @_locked
     def host_mapping(self, offset, length):
         """(kind, host_offset, run) for img map."""
         length = min(length, self.size - offset)
@@ -1158,6 +1180,7 @@ class Qcow2Driver(BlockDriver):
 
     # ---------------------------------------------------------------- resize
 
+    @_locked
     def resize(self, new_size: int) -> None:
         self._prepare_write()
         cs = self.cluster_size
@@ -1196,6 +1219,11 @@ class Qcow2Driver(BlockDriver):
         os.pwrite(self.fd, struct.pack(">Q", new_size), 24)
         os.fdatasync(self.fd)
         self.header.size = self.size = new_size
+        if new_size > old:
+            # The grown area must read as zeroes: neither a longer backing file nor
+            # stale bytes in the old last cluster may reappear (as QEMU does).
+            self.write_zeroes(old, new_size - old)
+            self._writeback()
 
     def _grow_l1(self, entries: int) -> None:
         cs = self.cluster_size
@@ -1222,6 +1250,7 @@ class Qcow2Driver(BlockDriver):
 
     # -------------------------------------------------------- header rewrite
 
+    @_locked
     def set_backing(self, backing_file: str | None, backing_format: str | None) -> None:
         """Rewrite the header with a new backing file name (rebase)."""
         self._prepare_write()
@@ -1241,6 +1270,7 @@ class Qcow2Driver(BlockDriver):
         os.fdatasync(self.fd)
         self.header.incompatible = value
 
+    @_locked
     def close(self):
         if self.fd >= 0:
             try:

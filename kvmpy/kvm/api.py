@@ -16,7 +16,7 @@ from ..vcpu import exits
 from ..vcpu.state import DTable, Regs, Segment, SRegs, GPR_NAMES, SEGMENT_NAMES
 from ._kvm_cffi import ffi, lib
 
-KVM_DEVICE = "/dev/kvm"
+KVM_DEVICE = os.environ.get("KVMPY_KVM_DEVICE", "/dev/kvm")  # override for unusual hosts
 KICK_SIGNAL = signal.SIGUSR1
 
 
@@ -65,7 +65,8 @@ CAPABILITIES = {
 class Kvm:
     """The /dev/kvm system handle."""
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or KVM_DEVICE
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:

@@ -283,6 +283,9 @@ class HmpServer(MonitorServer):
             if st.skipping:
                 st.skipping = False
                 continue
+            if len(raw) > MAX_LINE:
+                self.submit(lambda: self._emit(conn, f"line too long (limit {MAX_LINE} bytes)\n"))
+                continue
             line = raw.replace(b"\r", b"").replace(b"\0", b"").decode("utf-8", errors="replace")
             self.submit(lambda line=line: self._run(conn, line))
         if len(st.buf) > MAX_LINE:

@@ -179,7 +179,11 @@ class QmpServer(MonitorServer):
         if isinstance(value, (int, float)) and end == len(text):
             return False        # a number may continue in the next packet
         parsed = text[:end]
-        del st.buf[:len(parsed.encode("utf-8", errors="surrogateescape"))]
+        consumed = len(parsed.encode("utf-8", errors="surrogateescape"))
+        del st.buf[:consumed]
+        if consumed > MAX_MESSAGE:
+            self._submit_error(conn, f"JSON parse error, message longer than {MAX_MESSAGE} bytes")
+            return True
         if any("\udc80" <= ch <= "\udcff" for ch in parsed):
             self._submit_error(conn, "JSON parse error, invalid UTF-8 sequence in string")
             return True

@@ -97,3 +97,204 @@ class DriverQueue:
 
     def device_wants_notify(self) -> bool:
         return not self.memory.read_u16(self.used_addr) & 1
+
+
+# -- a software machine and a virtio-pci driver, for tests and the benchmark ----------------
+
+class SoftMachine:
+    """RAM, the PIO/MMIO buses, a SoftPlatform and PCI bus 0 behind 0xCF8: enough
+    machine to drive PCI devices from Python exactly as a guest would."""
+
+    def __init__(self, ram_size: int = 16 << 20, mmio_window=(0xC0000000, 0xFEBFFFFF),
+                 io_window=(0xC000, 0xFFFF)) -> None:
+        import threading
+
+        from ...memory import GuestMemory
+        from ..bus import Bus
+        from ..pci.bus import PciBus, PciConfigIo
+        from ..platform import SoftPlatform
+
+        self.memory = GuestMemory.anonymous([(0, ram_size)])
+        self.msis: list[tuple[int, int]] = []
+        self.irq_changes: list[tuple[int, bool]] = []
+        self.cond = threading.Condition()
+
+        def on_msi(address, data):
+            with self.cond:
+                self.msis.append((address, data))
+                self.cond.notify_all()
+
+        def on_irq(gsi, level):
+            with self.cond:
+                self.irq_changes.append((gsi, level))
+                self.cond.notify_all()
+
+        self.platform = SoftPlatform(self.memory, on_irq=on_irq, on_msi=on_msi)
+        self.mmio = Bus("mmio")
+        self.pio = Bus("pio")
+        self.pci = PciBus(self.mmio, self.pio, self.platform, mmio_window=mmio_window, io_window=io_window)
+        self.pio.register(0xCF8, 8, PciConfigIo(self.pci))
+
+    def pio_read(self, addr, size):
+        return self.pio.read(addr, size)
+
+    def pio_write(self, addr, size, value):
+        if not self.platform.doorbell_write(addr, size, value, True):
+            self.pio.write(addr, size, value)
+
+    def mmio_read(self, addr, size):
+        return self.mmio.read(addr, size)
+
+    def mmio_write(self, addr, size, value):
+        if not self.platform.doorbell_write(addr, size, value, False):
+            self.mmio.write(addr, size, value)
+
+    def cfg_read(self, slot, reg, size=4):
+        self.pio_write(0xCF8, 4, 0x80000000 | slot << 11 | (reg & 0xFC))
+        return self.pio_read(0xCFC + (reg & 3), size)
+
+    def cfg_write(self, slot, reg, size, value):
+        self.pio_write(0xCF8, 4, 0x80000000 | slot << 11 | (reg & 0xFC))
+        self.pio_write(0xCFC + (reg & 3), size, value)
+
+    def wait_msi(self, count: int, timeout: float = 5.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.msis) >= count, timeout)
+
+    def close(self):
+        self.platform.close()
+
+
+class VirtioPciDriver:
+    """The guest side of a modern virtio-pci function, through config ports and MMIO."""
+
+    MSI_ADDRESS = 0xFEE00000
+
+    def __init__(self, machine: SoftMachine, slot: int, ring_base: int = 0x100000) -> None:
+        self.m = machine
+        self.slot = slot
+        self.ring_base = ring_base
+        self.caps: dict[int, tuple[int, int, int]] = {}  # cfg_type -> (bar, offset, length)
+        self.notify_mult = 0
+        self.msix_cap = None
+        ptr = machine.cfg_read(slot, 0x34, 1)
+        seen = 0
+        while ptr and seen < 48:
+            seen += 1
+            cap_id = machine.cfg_read(slot, ptr, 1)
+            nxt = machine.cfg_read(slot, ptr + 1, 1)
+            if cap_id == 0x09:
+                cfg_type = machine.cfg_read(slot, ptr + 3, 1)
+                bar = machine.cfg_read(slot, ptr + 4, 1)
+                off = machine.cfg_read(slot, ptr + 8, 4)
+                length = machine.cfg_read(slot, ptr + 12, 4)
+                self.caps.setdefault(cfg_type, (bar, off, length))
+                if cfg_type == 2:
+                    self.notify_mult = machine.cfg_read(slot, ptr + 16, 4)
+            elif cap_id == 0x11:
+                self.msix_cap = ptr
+            ptr = nxt
+        self.queues: dict[int, DriverQueue] = {}
+
+    def bar_addr(self, bar: int) -> int:
+        lo = self.m.cfg_read(self.slot, 0x10 + 4 * bar)
+        addr = lo & ~0xF
+        if lo & 0x6 == 0x4:
+            addr |= self.m.cfg_read(self.slot, 0x14 + 4 * bar) << 32
+        return addr
+
+    def enable(self) -> None:
+        cmd = self.m.cfg_read(self.slot, 0x04, 2)
+        self.m.cfg_write(self.slot, 0x04, 2, cmd | 0x6)
+
+    def _region(self, cfg_type: int) -> int:
+        bar, off, _ = self.caps[cfg_type]
+        return self.bar_addr(bar) + off
+
+    def common_read(self, off: int, size: int) -> int:
+        return self.m.mmio_read(self._region(1) + off, size)
+
+    def common_write(self, off: int, size: int, value: int) -> None:
+        self.m.mmio_write(self._region(1) + off, size, value)
+
+    def device_cfg(self, off: int, size: int) -> int:
+        return self.m.mmio_read(self._region(4) + off, size)
+
+    def isr(self) -> int:
+        return self.m.mmio_read(self._region(3), 1)
+
+    @property
+    def status(self) -> int:
+        return self.common_read(0x14, 1)
+
+    def set_status(self, value: int) -> None:
+        self.common_write(0x14, 1, value)
+
+    def device_features(self) -> int:
+        self.common_write(0x00, 4, 0)
+        lo = self.common_read(0x04, 4)
+        self.common_write(0x00, 4, 1)
+        return lo | self.common_read(0x04, 4) << 32
+
+    def negotiate(self, wanted: int) -> int:
+        """Reset, ACKNOWLEDGE|DRIVER, features ∩ wanted, FEATURES_OK; returns the features."""
+        self.enable()
+        self.set_status(0)
+        self.set_status(1)
+        self.set_status(3)
+        feats = self.device_features() & wanted
+        self.common_write(0x08, 4, 0)
+        self.common_write(0x0C, 4, feats & 0xFFFFFFFF)
+        self.common_write(0x08, 4, 1)
+        self.common_write(0x0C, 4, feats >> 32)
+        self.set_status(3 | 8)
+        if not self.status & 8:
+            raise RuntimeError("device refused features")
+        return feats
+
+    def enable_msix(self) -> None:
+        ctrl = self.m.cfg_read(self.slot, self.msix_cap + 2, 2)
+        table = self.m.cfg_read(self.slot, self.msix_cap + 4, 4)
+        base = self.bar_addr(table & 7) + (table & ~7)
+        for v in range((ctrl & 0x7FF) + 1):
+            self.m.mmio_write(base + 16 * v, 4, self.MSI_ADDRESS)
+            self.m.mmio_write(base + 16 * v + 4, 4, 0)
+            self.m.mmio_write(base + 16 * v + 8, 4, 0x30 + v)
+            self.m.mmio_write(base + 16 * v + 12, 4, 0)
+        self.m.cfg_write(self.slot, self.msix_cap + 2, 2, ctrl | 0x8000)
+
+    def setup_queue(self, index: int, size: int, vector: int | None = None, event_idx: bool = False) -> DriverQueue:
+        base = self.ring_base + index * ((ring_bytes(size) + 0xFFFF) & ~0xFFFF)
+        dq = DriverQueue(self.m.memory, base, size, event_idx=event_idx)
+        self.common_write(0x16, 2, index)
+        self.common_write(0x18, 2, size)
+        if vector is not None:
+            self.common_write(0x1A, 2, vector)
+        for off, addr in ((0x20, dq.desc_addr), (0x28, dq.avail_addr), (0x30, dq.used_addr)):
+            self.common_write(off, 4, addr & 0xFFFFFFFF)
+            self.common_write(off + 4, 4, addr >> 32)
+        self.common_write(0x1C, 2, 1)
+        self.queues[index] = dq
+        return dq
+
+    def driver_ok(self) -> None:
+        self.set_status(self.status | 4)
+
+    def kick(self, index: int) -> None:
+        self.common_write(0x16, 2, index)
+        off = self.common_read(0x1E, 2)
+        self.m.mmio_write(self._region(2) + off * self.notify_mult, 2, index)
+
+    def wait_used(self, index: int, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
+        import time
+        dq = self.queues[index]
+        got: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            got += dq.collect()
+            if len(got) >= count:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queue {index}: {len(got)} of {count} used entries")
+            time.sleep(0.0005)
+        return got

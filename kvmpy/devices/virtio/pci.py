@@ -167,6 +167,14 @@ class VirtioPciDevice(PciDevice):
         self.queue_vector = [NO_VECTOR] * self.num_queues
         self.queue_enable = [False] * self.num_queues
         self._soft_kicks.clear()
+        self._warned: set[str] = set()
+
+    def _warn(self, fmt: str, *args) -> None:
+        """A guest protocol slip: logged once per kind until the next reset, so a
+        hostile driver cannot flood the log."""
+        if fmt not in self._warned:
+            self._warned.add(fmt)
+            log.warning("%s: " + fmt, self.name, *args)
 
     def all_features(self) -> int:
         return (self.device_features() | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_RING_INDIRECT_DESC
@@ -205,6 +213,7 @@ class VirtioPciDevice(PciDevice):
             return
         if index != 0 or size not in (1, 2, 4, 8):
             return
+        value &= (1 << (8 * size)) - 1
         if offset < COMMON_OFFSET + COMMON_CFG_SIZE:
             with self._lock:
                 self._common_write(offset, size, value)
@@ -256,7 +265,7 @@ class VirtioPciDevice(PciDevice):
         elif offset == 0x0C and size == 4:
             sel = self.driver_feature_select
             if self.status & FEATURES_OK:
-                log.warning("%s: driver features written after FEATURES_OK; ignored", self.name)
+                self._warn("driver features written after FEATURES_OK; ignored")
             elif sel < 2:
                 mask = 0xFFFFFFFF << (32 * sel)
                 self.driver_features = (self.driver_features & ~mask) | ((value & 0xFFFFFFFF) << (32 * sel))
@@ -270,14 +279,14 @@ class VirtioPciDevice(PciDevice):
             if offset == 0x1A:
                 self.queue_vector[qs] = value if value < self.msix.num_vectors else NO_VECTOR
             elif self.queue_enable[qs]:
-                log.warning("%s: queue %d reconfigured while enabled; ignored", self.name, qs)
+                self._warn("queue %d reconfigured while enabled; ignored", qs)
             elif offset == 0x18:
                 self.queues[qs].size = value
             elif value == 1:
                 self._enable_queue(qs)
         elif qvalid and 0x20 <= offset < 0x38 and (size == 8 and offset % 8 == 0 or size == 4 and offset % 4 == 0):
             if self.queue_enable[qs]:
-                log.warning("%s: queue %d address changed while enabled; ignored", self.name, qs)
+                self._warn("queue %d address changed while enabled; ignored", qs)
                 return
             q = self.queues[qs]
             field = ("desc_addr", "avail_addr", "used_addr")[(offset - 0x20) // 8]
@@ -293,8 +302,9 @@ class VirtioPciDevice(PciDevice):
             log.debug("%s: common cfg write %#x size %d ignored", self.name, offset, size)
 
     def _enable_queue(self, qs: int) -> None:
-        if not self.status & FEATURES_OK:
-            log.warning("%s: queue %d enabled before FEATURES_OK", self.name, qs)
+        if not self.status & FEATURES_OK or self.status & DRIVER_OK:
+            self._warn("queue %d enabled outside FEATURES_OK..DRIVER_OK; ignored", qs)
+            return
         try:
             self.queues[qs].activate(event_idx=self.negotiated(VIRTIO_F_RING_EVENT_IDX),
                                      indirect=self.negotiated(VIRTIO_F_RING_INDIRECT_DESC))
@@ -313,14 +323,14 @@ class VirtioPciDevice(PciDevice):
         value &= ~DEVICE_NEEDS_RESET
         old = self.status
         if old & ~value & ~DEVICE_NEEDS_RESET:
-            log.warning("%s: driver cleared status bits %#x without a reset; ignored", self.name, old & ~value)
+            self._warn("driver cleared status bits %#x without a reset; ignored", old & ~value)
             return
         new_bits = value & ~old
         if new_bits & FEATURES_OK:
             missing = self.driver_features & ~self.all_features()
             if missing or not self.negotiated(VIRTIO_F_VERSION_1):
-                log.warning("%s: features %#x refused (%s)", self.name, self.driver_features,
-                            f"unknown bits {missing:#x}" if missing else "VIRTIO_F_VERSION_1 missing")
+                self._warn("features %#x refused (%s)", self.driver_features,
+                           f"unknown bits {missing:#x}" if missing else "VIRTIO_F_VERSION_1 missing")
                 value &= ~FEATURES_OK
                 new_bits &= ~FEATURES_OK
         with self._state_lock:
@@ -358,13 +368,12 @@ class VirtioPciDevice(PciDevice):
         with self._state_lock:
             if self.broken:
                 return
+            # status before broken: whoever sees broken also sees NEEDS_RESET
+            self.status |= DEVICE_NEEDS_RESET
             self.broken = True
             log.error("%s: device needs reset: %s", self.name, message)
             if self.status & DRIVER_OK:
-                self.status |= DEVICE_NEEDS_RESET
                 self.config_changed()
-            else:
-                self.status |= DEVICE_NEEDS_RESET
 
     def config_changed(self) -> None:
         with self._state_lock:

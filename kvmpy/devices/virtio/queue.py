@@ -217,6 +217,10 @@ class SplitQueue:
                 raise QueueError(f"chain {head}: next index {nxt} outside a table of {table_len}")
             index = nxt
 
+    def undo_pop(self) -> None:
+        """Give back the chain just popped (e.g. no packet was ready for it after all)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
     # device -> driver ------------------------------------------------------
 
     def add_used(self, head: int, length: int) -> None:

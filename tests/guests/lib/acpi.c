@@ -47,7 +47,9 @@ const void *acpi_find_rsdp(const struct hvm_start_info *si)
             return (const void *)(uintptr_t)si->rsdp_paddr;
         printf("acpi: start_info.rsdp_paddr 0x%lx holds no valid RSDP, scanning\n", si->rsdp_paddr);
     }
-    uintptr_t ebda = (uintptr_t)(*(volatile uint16_t *)0x40E) << 4;
+    uintptr_t bda_ebda = 0x40E;
+    __asm__("" : "+r"(bda_ebda));   /* a fixed low address is not an out-of-bounds object */
+    uintptr_t ebda = (uintptr_t)(*(volatile uint16_t *)bda_ebda) << 4;
     const void *r = NULL;
     if (ebda >= 0x80000 && ebda < 0xA0000)
         r = scan_rsdp(ebda, ebda + 1024);
@@ -113,6 +115,8 @@ bool madt_parse(const struct hvm_start_info *si, struct madt_info *out, bool ver
     const void *rsdp = acpi_find_rsdp(si);
     if (!rsdp)
         return false;
+    if (verbose)
+        printf("acpi: rsdp at %p (start_info.rsdp_paddr 0x%lx)\n", rsdp, si ? si->rsdp_paddr : 0);
     const struct acpi_sdt_header *madt = acpi_find_table(rsdp, "APIC");
     if (!madt) {
         printf("acpi: no MADT (APIC) table\n");

@@ -285,6 +285,9 @@ bool madt_parse(const struct hvm_start_info *si, struct madt_info *out, bool ver
 void ap_trampoline_install(void);
 void ap_trampoline_set(void (*entry)(uint64_t), uint64_t arg, void *stack_top);
 
+/* For a guest built with GUEST_SIMD := -msse2 (see Makefile): call before any SSE code. */
+void cpu_enable_sse(void);
+
 /* ---- delays without a calibrated clock: TSC cycles (host rate under KVM and QEMU). */
 void delay_cycles(uint64_t cycles);
 

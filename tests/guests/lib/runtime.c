@@ -66,7 +66,18 @@ void cpuid_vendor(char out[13])
 
 void delay_cycles(uint64_t cycles)
 {
+    /* Also bounded by iterations (each takes at least a cycle): an emulator whose
+     * TSC does not advance must not hang here. */
     uint64_t start = rdtsc();
-    while (rdtsc() - start < cycles)
+    for (uint64_t i = 0; i < cycles && rdtsc() - start < cycles; i++)
         cpu_relax();
+}
+
+void cpu_enable_sse(void)
+{
+    uint64_t cr0 = read_cr0();
+    cr0 = (cr0 & ~(1ull << 2)) | (1ull << 1);   /* clear EM, set MP */
+    __asm__ volatile("mov %0, %%cr0" :: "r"(cr0));
+    uint64_t cr4 = read_cr4() | (1ull << 9) | (1ull << 10);    /* OSFXSR, OSXMMEXCPT */
+    __asm__ volatile("mov %0, %%cr4" :: "r"(cr4));
 }

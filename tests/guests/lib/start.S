@@ -31,8 +31,9 @@ pvh_entry32:
 	movl $__bss_start, %edi
 	movl $__bss_end, %ecx
 	subl %edi, %ecx
+	shrl $2, %ecx                   /* the linker script keeps both ends 16-byte aligned */
 	xorl %eax, %eax
-	rep stosb
+	rep stosl
 	movl %ebx, boot_start_info
 
 	/* PML4[0] -> PDPT; PDPT[0..3] -> four page directories.  U is set on the upper

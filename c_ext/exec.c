@@ -1,0 +1,2106 @@
+/* Execution: lazy flags, the block cache, the run loop and the instruction
+ * semantics (one switch over pre-decoded instructions). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <x86intrin.h>
+#include "tcg.h"
+
+void sse_exec(CPU *c, Insn *i);
+void x87_exec(CPU *c, Insn *i);
+void fxsave(CPU *c, uint64_t lin);
+void fxrstor(CPU *c, uint64_t lin);
+
+static const uint8_t parity_table[256] = {
+#define P2(n) n, n ^ 4, n ^ 4, n
+#define P4(n) P2(n), P2(n ^ 4), P2(n ^ 4), P2(n)
+#define P6(n) P4(n), P4(n ^ 4), P4(n ^ 4), P4(n)
+    P6(4), P6(0), P6(0), P6(4)
+};
+
+static inline uint64_t szmask(unsigned s) { return s == 8 ? ~0ull : (1ull << (8 * s)) - 1; }
+static inline uint64_t sbit(unsigned s) { return 1ull << (8 * s - 1); }
+static inline int64_t sext(uint64_t v, unsigned s)
+{
+    switch (s) {
+    case 1: return (int8_t)v;
+    case 2: return (int16_t)v;
+    case 4: return (int32_t)v;
+    default: return (int64_t)v;
+    }
+}
+
+static inline uint32_t szp(uint64_t r, unsigned sz)
+{
+    r &= szmask(sz);
+    return (r == 0 ? F_ZF : 0) | ((r & sbit(sz)) ? F_SF : 0) | parity_table[r & 0xff];
+}
+
+static uint32_t compute_arith(CPU *c)
+{
+    unsigned sz = c->cc_size;
+    uint64_t m, sb, r, a, b;
+    uint32_t f = 0;
+    if (c->cc_op == CC_EAGER)
+        return (uint32_t)c->cc_res & F_ARITH;
+    m = szmask(sz);
+    sb = sbit(sz);
+    r = c->cc_res & m;
+    a = c->cc_a & m;
+    b = c->cc_b & m;
+    switch (c->cc_op) {
+    case CC_ADD:
+        f |= r < a ? F_CF : 0;
+        f |= ((a ^ r) & (b ^ r) & sb) ? F_OF : 0;
+        f |= (a ^ b ^ r) & F_AF;
+        break;
+    case CC_ADC:
+        f |= (c->cc_c ? r <= a : r < a) ? F_CF : 0;
+        f |= ((a ^ r) & (b ^ r) & sb) ? F_OF : 0;
+        f |= (a ^ b ^ r) & F_AF;
+        break;
+    case CC_SUB:
+        f |= a < b ? F_CF : 0;
+        f |= ((a ^ b) & (a ^ r) & sb) ? F_OF : 0;
+        f |= (a ^ b ^ r) & F_AF;
+        break;
+    case CC_SBB:
+        f |= (c->cc_c ? a <= b : a < b) ? F_CF : 0;
+        f |= ((a ^ b) & (a ^ r) & sb) ? F_OF : 0;
+        f |= (a ^ b ^ r) & F_AF;
+        break;
+    case CC_LOGIC:
+        break;
+    case CC_INC:
+        f |= c->cc_c ? F_CF : 0;
+        f |= r == sb ? F_OF : 0;
+        f |= (r & 0xf) == 0 ? F_AF : 0;
+        break;
+    case CC_DEC:
+        f |= c->cc_c ? F_CF : 0;
+        f |= r == sb - 1 ? F_OF : 0;
+        f |= (r & 0xf) == 0xf ? F_AF : 0;
+        break;
+    }
+    f |= (r == 0 ? F_ZF : 0) | ((r & sb) ? F_SF : 0) | parity_table[r & 0xff];
+    return f;
+}
+
+uint64_t get_eflags(CPU *c)
+{
+    return (c->eflags & ~(uint64_t)F_ARITH) | compute_arith(c) | 2;
+}
+
+void set_eflags(CPU *c, uint64_t v, uint64_t mask)
+{
+    uint64_t cur = get_eflags(c);
+    uint64_t n = ((cur & ~mask) | (v & mask)) & 0x3f7fd7;
+    c->cc_op = CC_EAGER;
+    c->cc_res = n & F_ARITH;
+    c->eflags = (n & ~(uint64_t)F_ARITH) | 2;
+}
+
+static inline void set_cc(CPU *c, int op, unsigned sz, uint64_t r, uint64_t a, uint64_t b)
+{
+    c->cc_op = op;
+    c->cc_size = sz;
+    c->cc_res = r;
+    c->cc_a = a;
+    c->cc_b = b;
+}
+
+static inline void set_flags(CPU *c, uint32_t f)
+{
+    c->cc_op = CC_EAGER;
+    c->cc_res = f & F_ARITH;
+}
+
+static inline int get_cf(CPU *c)
+{
+    uint64_t m = szmask(c->cc_size);
+    switch (c->cc_op) {
+    case CC_SUB: return (c->cc_a & m) < (c->cc_b & m);
+    case CC_ADD: return (c->cc_res & m) < (c->cc_a & m);
+    case CC_LOGIC: return 0;
+    case CC_EAGER: return c->cc_res & 1;
+    }
+    return compute_arith(c) & 1;
+}
+
+static inline int cond(CPU *c, int cc)
+{
+    int r;
+    if (c->cc_op == CC_SUB || c->cc_op == CC_LOGIC) {
+        /* compare / test followed by a branch: no full flag evaluation */
+        unsigned sz = c->cc_size;
+        uint64_t m = szmask(sz), a = c->cc_a & m, b = c->cc_b & m, res = c->cc_res & m;
+        int logic = c->cc_op == CC_LOGIC;
+        switch (cc >> 1) {
+        case 1: r = logic ? 0 : a < b; return r ^ (cc & 1);
+        case 2: r = res == 0; return r ^ (cc & 1);
+        case 3: r = (logic ? 0 : a < b) || res == 0; return r ^ (cc & 1);
+        case 6: if (!logic) { r = sext(a, sz) < sext(b, sz); return r ^ (cc & 1); }
+                r = (res & sbit(sz)) != 0; return r ^ (cc & 1);
+        case 7: if (!logic) { r = sext(a, sz) <= sext(b, sz); return r ^ (cc & 1); }
+                r = res == 0 || (res & sbit(sz)) != 0; return r ^ (cc & 1);
+        }
+    }
+    uint32_t f = compute_arith(c);
+    switch (cc >> 1) {
+    case 0: r = (f & F_OF) != 0; break;
+    case 1: r = f & F_CF; break;
+    case 2: r = (f & F_ZF) != 0; break;
+    case 3: r = (f & (F_CF | F_ZF)) != 0; break;
+    case 4: r = (f & F_SF) != 0; break;
+    case 5: r = (f & F_PF) != 0; break;
+    case 6: r = !!(f & F_SF) != !!(f & F_OF); break;
+    default: r = (f & F_ZF) || (!!(f & F_SF) != !!(f & F_OF)); break;
+    }
+    return r ^ (cc & 1);
+}
+
+/* ---- registers and operands ---- */
+
+static inline uint64_t getreg(CPU *c, Insn *i, int r, unsigned sz)
+{
+    switch (sz) {
+    case 1:
+        if (!i->rex && r >= 4 && r < 8)
+            return (c->r[r - 4] >> 8) & 0xff;
+        return c->r[r] & 0xff;
+    case 2: return c->r[r] & 0xffff;
+    case 4: return c->r[r] & 0xffffffff;
+    default: return c->r[r];
+    }
+}
+
+static inline void setreg(CPU *c, Insn *i, int r, unsigned sz, uint64_t v)
+{
+    switch (sz) {
+    case 1:
+        if (!i->rex && r >= 4 && r < 8)
+            c->r[r - 4] = (c->r[r - 4] & ~0xff00ull) | ((v & 0xff) << 8);
+        else
+            c->r[r] = (c->r[r] & ~0xffull) | (v & 0xff);
+        break;
+    case 2: c->r[r] = (c->r[r] & ~0xffffull) | (v & 0xffff); break;
+    case 4: c->r[r] = (uint32_t)v; break;
+    default: c->r[r] = v; break;
+    }
+}
+
+static inline uint64_t ea_off(CPU *c, Insn *i)
+{
+    uint64_t a = (uint64_t)i->disp;
+    if (i->base != NOREG)
+        a += i->base == RIPREG ? c->next_rip : c->r[i->base];
+    if (i->index != NOREG)
+        a += c->r[i->index] << i->scale;
+    if (i->asz == 4)
+        a = (uint32_t)a;
+    else if (i->asz == 2)
+        a = (uint16_t)a;
+    return a;
+}
+
+static inline uint64_t ea_lin(CPU *c, Insn *i)
+{
+    return linear(c, i->seg, ea_off(c, i));
+}
+
+static inline uint64_t rdE(CPU *c, Insn *i, unsigned sz)
+{
+    if (i->mod == 3)
+        return getreg(c, i, i->rm, sz);
+    return ld(c, ea_lin(c, i), sz);
+}
+
+static inline void wrE(CPU *c, Insn *i, unsigned sz, uint64_t v)
+{
+    if (i->mod == 3)
+        setreg(c, i, i->rm, sz, v);
+    else
+        st(c, ea_lin(c, i), sz, v);
+}
+
+static inline int stack_sz(CPU *c)
+{
+    if (c->long64)
+        return 8;
+    return c->seg[S_SS].db ? 4 : 2;
+}
+
+static inline uint64_t sp_add(CPU *c, uint64_t sp, int64_t d)
+{
+    int ss = stack_sz(c);
+    if (ss == 8)
+        return sp + d;
+    if (ss == 4)
+        return (uint32_t)(sp + d);
+    return (sp & ~0xffffull) | (uint16_t)(sp + d);
+}
+
+static inline uint64_t sp_lin(CPU *c, uint64_t sp)
+{
+    int ss = stack_sz(c);
+    if (ss == 8)
+        return sp;
+    return linear(c, S_SS, ss == 4 ? (uint32_t)sp : (uint16_t)sp);
+}
+
+static inline void push(CPU *c, unsigned sz, uint64_t v)
+{
+    uint64_t nsp = sp_add(c, c->r[R_SP], -(int64_t)sz);
+    st(c, sp_lin(c, nsp), sz, v);
+    c->r[R_SP] = nsp;
+}
+
+static inline uint64_t pop(CPU *c, unsigned sz)
+{
+    uint64_t v = ld(c, sp_lin(c, c->r[R_SP]), sz);
+    c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+    return v;
+}
+
+static inline uint64_t peek(CPU *c, unsigned sz, unsigned off)
+{
+    return ld(c, sp_lin(c, sp_add(c, c->r[R_SP], off)), sz);
+}
+
+static inline uint64_t ip_mask(CPU *c, Insn *i, uint64_t v)
+{
+    if (c->long64)
+        return v;
+    return i->osz == 2 ? (uint16_t)v : (uint32_t)v;
+}
+
+static inline void *lock_ptr(CPU *c, Insn *i, uint64_t lin, unsigned sz)
+{
+    if (likely(!i->lock))
+        return 0;
+    return tlb_hit(c, lin, sz, 1);
+}
+
+static inline int cas(void *p, unsigned sz, uint64_t old, uint64_t nv)
+{
+    switch (sz) {
+    case 1: { uint8_t e = old; return __atomic_compare_exchange_n((uint8_t *)p, &e, (uint8_t)nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    case 2: { uint16_t e = old; return __atomic_compare_exchange_n((uint16_t *)p, &e, (uint16_t)nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    case 4: { uint32_t e = old; return __atomic_compare_exchange_n((uint32_t *)p, &e, (uint32_t)nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    default: { uint64_t e = old; return __atomic_compare_exchange_n((uint64_t *)p, &e, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    }
+}
+
+static inline uint64_t atomic_ld(void *p, unsigned sz)
+{
+    switch (sz) {
+    case 1: return __atomic_load_n((uint8_t *)p, __ATOMIC_SEQ_CST);
+    case 2: return __atomic_load_n((uint16_t *)p, __ATOMIC_SEQ_CST);
+    case 4: return __atomic_load_n((uint32_t *)p, __ATOMIC_SEQ_CST);
+    default: return __atomic_load_n((uint64_t *)p, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* ---- ALU ---- */
+
+static inline uint64_t alu(CPU *c, int op, uint64_t a, uint64_t b, unsigned sz)
+{
+    uint64_t r, cf;
+    switch (op) {
+    case 0: r = a + b; set_cc(c, CC_ADD, sz, r, a, b); return r;
+    case 1: r = a | b; set_cc(c, CC_LOGIC, sz, r, 0, 0); return r;
+    case 2: cf = get_cf(c); r = a + b + cf; c->cc_c = cf; set_cc(c, CC_ADC, sz, r, a, b); return r;
+    case 3: cf = get_cf(c); r = a - b - cf; c->cc_c = cf; set_cc(c, CC_SBB, sz, r, a, b); return r;
+    case 4: r = a & b; set_cc(c, CC_LOGIC, sz, r, 0, 0); return r;
+    case 5: case 7: r = a - b; set_cc(c, CC_SUB, sz, r, a, b); return r;
+    default: r = a ^ b; set_cc(c, CC_LOGIC, sz, r, 0, 0); return r;
+    }
+}
+
+/* read-modify-write of operand E with a binary ALU op (lock-aware) */
+static inline void alu_E(CPU *c, Insn *i, int op, uint64_t b, unsigned sz)
+{
+    if (i->mod == 3) {
+        uint64_t r = alu(c, op, getreg(c, i, i->rm, sz), b, sz);
+        if (op != 7)
+            setreg(c, i, i->rm, sz, r);
+        return;
+    }
+    uint64_t lin = ea_lin(c, i);
+    void *p = lock_ptr(c, i, lin, sz);
+    if (p && op != 7) {
+        uint64_t a, r;
+        uint32_t saved_op = c->cc_op, saved_sz = c->cc_size;
+        uint64_t sr = c->cc_res, sa = c->cc_a, sb = c->cc_b, sc = c->cc_c;
+        for (;;) {
+            a = atomic_ld(p, sz);
+            r = alu(c, op, a, b, sz);
+            if (cas(p, sz, a, r))
+                return;
+            c->cc_op = saved_op; c->cc_size = saved_sz; c->cc_res = sr; c->cc_a = sa; c->cc_b = sb; c->cc_c = sc;
+        }
+    }
+    uint64_t a = ld(c, lin, sz);
+    uint64_t r = alu(c, op, a, b, sz);
+    if (op != 7)
+        st(c, lin, sz, r);
+}
+
+static uint64_t shift_op(CPU *c, int kind, uint64_t a, unsigned cnt, unsigned sz)
+{
+    unsigned bits = sz * 8;
+    uint64_t m = szmask(sz), r;
+    a &= m;
+    cnt &= sz == 8 ? 63 : 31;
+    if (!cnt)
+        return a;
+    uint32_t f = compute_arith(c);
+    uint32_t cf, of;
+    switch (kind) {
+    case 0: {
+        unsigned n = cnt % bits;
+        r = n ? ((a << n) | (a >> (bits - n))) & m : a;
+        cf = r & 1;
+        of = ((r >> (bits - 1)) & 1) ^ cf;
+        f = (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0);
+        break;
+    }
+    case 1: {
+        unsigned n = cnt % bits;
+        r = n ? ((a >> n) | (a << (bits - n))) & m : a;
+        cf = (r >> (bits - 1)) & 1;
+        of = cf ^ ((r >> (bits - 2)) & 1);
+        f = (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0);
+        break;
+    }
+    case 2: {
+        unsigned n = cnt % (bits + 1);
+        r = a;
+        cf = f & 1;
+        for (unsigned k = 0; k < n; k++) {
+            uint32_t ncf = (r >> (bits - 1)) & 1;
+            r = ((r << 1) | cf) & m;
+            cf = ncf;
+        }
+        of = ((r >> (bits - 1)) & 1) ^ cf;
+        f = (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0);
+        break;
+    }
+    case 3: {
+        unsigned n = cnt % (bits + 1);
+        r = a;
+        cf = f & 1;
+        for (unsigned k = 0; k < n; k++) {
+            uint32_t ncf = r & 1;
+            r = (r >> 1) | ((uint64_t)cf << (bits - 1));
+            cf = ncf;
+        }
+        of = ((r >> (bits - 1)) ^ (r >> (bits - 2))) & 1;
+        f = (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0);
+        break;
+    }
+    case 4: case 6:
+        r = (a << cnt) & m;
+        cf = cnt <= bits ? (a >> (bits - cnt)) & 1 : 0;
+        of = ((r >> (bits - 1)) & 1) ^ cf;
+        f = cf | szp(r, sz) | (of ? F_OF : 0);
+        break;
+    case 5:
+        r = a >> cnt;
+        cf = (a >> (cnt - 1)) & 1;
+        of = cnt == 1 ? (a >> (bits - 1)) & 1 : 0;
+        f = cf | szp(r, sz) | (of ? F_OF : 0);
+        break;
+    default: {
+        int64_t sa = sext(a, sz);
+        r = (uint64_t)(sa >> cnt) & m;
+        cf = (sa >> (cnt - 1)) & 1;
+        f = cf | szp(r, sz);
+        break;
+    }
+    }
+    set_flags(c, f);
+    return r;
+}
+
+static uint64_t shxd(CPU *c, int left, uint64_t dst, uint64_t src, unsigned cnt, unsigned sz)
+{
+    unsigned bits = sz * 8;
+    uint64_t m = szmask(sz), r;
+    cnt &= sz == 8 ? 63 : 31;
+    dst &= m;
+    src &= m;
+    if (!cnt)
+        return dst;
+    uint32_t cf;
+    if (sz == 2 && cnt > 16) {
+        /* undefined by the SDM; behave as a rotate through the 48-bit dst:src:dst like hardware */
+        unsigned __int128 w = left ? (((unsigned __int128)dst << 32) | (src << 16) | dst)
+                                   : (((unsigned __int128)dst << 32) | (src << 16) | dst);
+        if (left) {
+            r = (uint64_t)(w >> (48 - cnt)) & m;
+            cf = (uint32_t)(w >> (48 - cnt + 16)) & 1;
+        } else {
+            w = ((unsigned __int128)dst << 32) | ((unsigned __int128)src << 16) | dst;
+            r = (uint64_t)(w >> cnt) & m;
+            cf = (uint32_t)(w >> (cnt - 1)) & 1;
+        }
+    } else if (left) {
+        r = ((dst << cnt) | (cnt < 64 ? (src >> (bits - cnt)) : 0)) & m;
+        if (cnt == bits) r = src;
+        cf = (dst >> (bits - cnt)) & 1;
+    } else {
+        r = ((dst >> cnt) | (src << (bits - cnt))) & m;
+        cf = (dst >> (cnt - 1)) & 1;
+    }
+    uint32_t of = ((r ^ dst) >> (bits - 1)) & 1;
+    set_flags(c, cf | szp(r, sz) | (of ? F_OF : 0));
+    return r;
+}
+
+/* ---- string instructions ---- */
+
+static inline uint64_t areg(CPU *c, int r, unsigned asz)
+{
+    return asz == 8 ? c->r[r] : asz == 4 ? (uint32_t)c->r[r] : (uint16_t)c->r[r];
+}
+
+static inline void areg_set(CPU *c, int r, unsigned asz, uint64_t v)
+{
+    if (asz == 8) c->r[r] = v;
+    else if (asz == 4) c->r[r] = (uint32_t)v;
+    else c->r[r] = (c->r[r] & ~0xffffull) | (uint16_t)v;
+}
+
+static void string_op(CPU *c, Insn *i)
+{
+    int op = i->op;
+    unsigned sz = (op & 1) ? i->osz : 1;
+    unsigned asz = i->asz;
+    int64_t d = (c->eflags & F_DF) ? -(int64_t)sz : (int64_t)sz;
+    int rep = i->rep;
+    int kind = op & ~1;
+    unsigned n = 0;
+    for (;;) {
+        if (rep && areg(c, R_CX, asz) == 0)
+            break;
+        uint64_t si = areg(c, R_SI, asz), di = areg(c, R_DI, asz);
+        switch (kind) {
+        case 0xa4: {
+            uint64_t v = ld(c, linear(c, i->seg, si), sz);
+            st(c, linear(c, S_ES, di), sz, v);
+            areg_set(c, R_SI, asz, si + d);
+            areg_set(c, R_DI, asz, di + d);
+            break;
+        }
+        case 0xaa:
+            st(c, linear(c, S_ES, di), sz, c->r[R_AX]);
+            areg_set(c, R_DI, asz, di + d);
+            break;
+        case 0xac: {
+            uint64_t v = ld(c, linear(c, i->seg, si), sz);
+            setreg(c, i, R_AX, sz, v);
+            areg_set(c, R_SI, asz, si + d);
+            break;
+        }
+        case 0xa6: {
+            uint64_t a = ld(c, linear(c, i->seg, si), sz);
+            uint64_t b = ld(c, linear(c, S_ES, di), sz);
+            alu(c, 7, a, b, sz);
+            areg_set(c, R_SI, asz, si + d);
+            areg_set(c, R_DI, asz, di + d);
+            break;
+        }
+        default: {   /* 0xae scas */
+            uint64_t b = ld(c, linear(c, S_ES, di), sz);
+            alu(c, 7, c->r[R_AX] & szmask(sz), b, sz);
+            areg_set(c, R_DI, asz, di + d);
+            break;
+        }
+        }
+        if (!rep)
+            return;
+        areg_set(c, R_CX, asz, areg(c, R_CX, asz) - 1);
+        if (kind == 0xa6 || kind == 0xae) {
+            int zf = (compute_arith(c) & F_ZF) != 0;
+            if ((rep == 1 && !zf) || (rep == 2 && zf))
+                return;
+        }
+        if ((++n & 0x3fff) == 0 && atomic_load_explicit(&c->exit_request, memory_order_relaxed)) {
+            if (areg(c, R_CX, asz) != 0)
+                c->next_rip = c->rip;   /* resume the rep later, after the request */
+            return;
+        }
+    }
+}
+
+static int io_allowed(CPU *c)
+{
+    if (!(c->cr0 & CR0_PE))
+        return 1;
+    return (c->eflags & F_VM) ? 0 : c->cpl <= (int)((c->eflags >> 12) & 3);
+}
+
+static void string_io(CPU *c, Insn *i)
+{
+    int op = i->op;
+    unsigned sz = (op & 1) ? (i->osz == 8 ? 4 : i->osz) : 1;
+    unsigned asz = i->asz;
+    int in = op < 0x6e;
+    uint16_t port = (uint16_t)c->r[R_DX];
+    int df = (c->eflags & F_DF) != 0;
+    if (!io_allowed(c))
+        RAISE_ERR(c, EXC_GP, 0);
+    uint64_t count = 1;
+    if (i->rep) {
+        count = areg(c, R_CX, asz);
+        if (count == 0)
+            return;
+        uint64_t addr = in ? areg(c, R_DI, asz) : areg(c, R_SI, asz);
+        uint64_t lin = linear(c, in ? S_ES : i->seg, addr);
+        uint64_t room = df ? 1 : (4096 - (lin & 0xfff)) / sz;
+        if (room == 0) room = 1;
+        if (count > room) count = room;
+        if (count > IOBUF_SIZE / sz) count = IOBUF_SIZE / sz;
+    }
+    int fresh;
+    Access *a = io_access_string(c, port, sz, !in, (unsigned)count, &fresh);
+    if (fresh) {
+        if (!in) {
+            uint64_t si = areg(c, R_SI, asz);
+            for (uint64_t k = 0; k < count; k++) {
+                uint64_t v = ld(c, linear(c, i->seg, si + (df ? -(int64_t)(k * sz) : (int64_t)(k * sz))), sz);
+                memcpy(a->data + k * sz, &v, sz);
+            }
+        } else {
+            /* probe the destination so a fault comes before the device sees the read */
+            uint64_t di = areg(c, R_DI, asz);
+            ld(c, linear(c, S_ES, di), 1);
+        }
+        cpu_exit(c, EXIT_IO);
+    }
+    count = a->count;
+    int64_t step = df ? -(int64_t)sz : (int64_t)sz;
+    if (in) {
+        uint64_t di = areg(c, R_DI, asz);
+        for (uint64_t k = 0; k < count; k++) {
+            uint64_t v = 0;
+            memcpy(&v, a->data + k * sz, sz);
+            st(c, linear(c, S_ES, (di + k * step) & szmask(asz)), sz, v);
+        }
+        areg_set(c, R_DI, asz, di + count * step);
+    } else {
+        areg_set(c, R_SI, asz, areg(c, R_SI, asz) + count * step);
+    }
+    if (i->rep) {
+        areg_set(c, R_CX, asz, areg(c, R_CX, asz) - count);
+        if (areg(c, R_CX, asz) != 0)
+            c->next_rip = c->rip;
+    }
+}
+
+/* ---- block cache ---- */
+
+void block_cache_flush(CPU *c)
+{
+    c->nblocks = 0;
+    c->ninsns = 0;
+    memset(c->hash, 0, sizeof(Block *) * c->hash_size);
+    memset(c->jc, 0, sizeof c->jc);
+    for (int k = 0; k < c->nram; k++)
+        memset(c->ram[k].code, 0, c->ram[k].size >> 12);
+    for (int m = 0; m < 2; m++)
+        for (int k = 0; k < TLB_SIZE; k++)
+            c->tlb[m][k].tag_w = TLB_INVALID;   /* refilled with code bits clear */
+    c->cur_block = 0;
+}
+
+static inline uint32_t phash(CPU *c, uint64_t pa, uint32_t mode)
+{
+    return (uint32_t)((pa ^ (pa >> 13) ^ mode * 0x9e3779b9u) & (c->hash_size - 1));
+}
+
+static uint64_t fetch_phys(CPU *c, uint64_t lin, int fault, int *ok)
+{
+    TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
+    *ok = 1;
+    if (e->tag_x == (lin & ~0xfffull))
+        return e->paddr | (lin & 0xfff);
+    uint64_t pa;
+    if (translate(c, lin, 2, c->mmu_idx == 1, &pa, fault) < 0) {
+        *ok = 0;
+        return 0;
+    }
+    /* fill the TLB through a read of the page */
+    if (ram_ptr(c, pa & ~0xfffull, 4096)) {
+        e->tag_r = e->tag_w = TLB_INVALID;
+        e->paddr = pa & ~0xfffull;
+        e->addend = (uintptr_t)ram_ptr(c, e->paddr, 4096) - (uintptr_t)(lin & ~0xfffull);
+        e->tag_x = lin & ~0xfffull;
+        e->global = 0;
+    }
+    return pa;
+}
+
+static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, uint32_t mode)
+{
+    uint64_t t0 = now_ns();
+    if (c->nblocks >= c->max_blocks || c->ninsns + BLOCK_MAX_INSNS > c->max_insns)
+        block_cache_flush(c);
+    uint8_t *p1 = ram_ptr(c, pa & ~0xfffull, 4096);
+    if (!p1) {
+        snprintf(c->errmsg, sizeof c->errmsg, "instruction fetch outside RAM at rip %#llx (gpa %#llx)",
+                 (unsigned long long)pc, (unsigned long long)pa);
+        cpu_exit(c, EXIT_INTERNAL_ERROR);
+    }
+    Block *b = &c->blocks[c->nblocks];
+    b->insns = &c->insn_pool[c->ninsns];
+    b->phys = pa & ~0xfffull;
+    b->start = pa;
+    b->phys2 = ~0ull;
+    b->pc = pc;
+    b->cs_base = c->seg[S_CS].base;
+    b->mode = mode;
+    unsigned cur = pa & 0xfff;
+    int n = 0;
+    uint8_t *p2 = 0;
+    uint64_t pa2 = ~0ull;
+    int p2_tried = 0;
+    uint64_t lin_page2 = (lin & ~0xfffull) + 4096;
+    if (!c->long64)
+        lin_page2 = (uint32_t)lin_page2;
+    while (n < BLOCK_MAX_INSNS) {
+        uint8_t buf[16];
+        const uint8_t *src;
+        int avail;
+        if (cur + 15 <= 4096) {
+            src = p1 + cur;
+            avail = 15;
+        } else {
+            int in1 = 4096 - cur;
+            memcpy(buf, p1 + cur, in1);
+            if (!p2_tried) {
+                int ok;
+                p2_tried = 1;
+                uint64_t q = fetch_phys(c, lin_page2, 0, &ok);
+                if (ok) {
+                    p2 = ram_ptr(c, q & ~0xfffull, 4096);
+                    if (p2)
+                        pa2 = q & ~0xfffull;
+                }
+            }
+            if (p2) {
+                memcpy(buf + in1, p2, 15 - in1);
+                avail = 15;
+            } else {
+                avail = in1;
+            }
+            src = buf;
+        }
+        Insn *i = &b->insns[n];
+        int ends;
+        int len = decode_insn_bytes(src, avail, mode, i, &ends);
+        if (len == 0) {
+            if (n == 0) {
+                int ok;
+                fetch_phys(c, lin_page2, 1, &ok);   /* raises the #PF for the second page */
+                snprintf(c->errmsg, sizeof c->errmsg, "instruction fetch outside RAM at rip %#llx",
+                         (unsigned long long)pc);
+                cpu_exit(c, EXIT_INTERNAL_ERROR);
+            }
+            break;
+        }
+        if (len < 0) {
+            if (n == 0)
+                RAISE_ERR(c, EXC_GP, 0);
+            break;
+        }
+        n++;
+        cur += len;
+        if (cur > 4096) {
+            b->phys2 = pa2;
+            break;
+        }
+        if (ends || cur == 4096)
+            break;
+    }
+    b->n = n;
+    b->valid = 1;
+    c->nblocks++;
+    c->ninsns += n;
+    code_page_mark(c, b->phys);
+    if (b->phys2 != ~0ull)
+        code_page_mark(c, b->phys2);
+    uint32_t h = phash(c, pa, mode);
+    b->hnext = c->hash[h];
+    c->hash[h] = b;
+    c->st_translated++;
+    c->st_decoded_insns += n;
+    c->st_decode_ns += now_ns() - t0;
+    return b;
+}
+
+static Block *find_block(CPU *c)
+{
+    uint64_t pc = c->rip;
+    uint64_t csb = c->seg[S_CS].base;
+    uint32_t mode = c->code_mode;
+    unsigned j = (unsigned)(pc ^ (pc >> 10)) & 4095;
+    if (likely(c->jc[j].b && c->jc[j].pc == pc && c->jc[j].cs_base == csb && c->jc[j].mode == mode &&
+               c->jc[j].b->valid))
+        return c->jc[j].b;
+    uint64_t lin = linear(c, S_CS, pc);
+    int ok;
+    uint64_t pa = fetch_phys(c, lin, 1, &ok);
+    uint32_t h = phash(c, pa, mode);
+    Block *b;
+    for (b = c->hash[h]; b; b = b->hnext) {
+        if (b->start == pa && b->mode == mode && b->valid) {
+            if (b->phys2 != ~0ull) {
+                /* the block's tail lies on the next virtual page: same mapping required */
+                uint64_t l2 = (lin & ~0xfffull) + 4096;
+                if (!c->long64) l2 = (uint32_t)l2;
+                int ok2;
+                uint64_t q = fetch_phys(c, l2, 0, &ok2);
+                if (!ok2 || (q & ~0xfffull) != b->phys2)
+                    continue;
+            }
+            break;
+        }
+    }
+    if (!b)
+        b = translate_block(c, pc, lin, pa, mode);
+    c->jc[j].pc = pc;
+    c->jc[j].cs_base = csb;
+    c->jc[j].mode = mode;
+    c->jc[j].b = b;
+    return b;
+}
+
+/* ---- interrupts and async requests ---- */
+
+static int irq_highest(CPU *c)
+{
+    for (int w = 3; w >= 0; w--) {
+        uint64_t v = atomic_load(&c->irq_pending[w]);
+        if (v)
+            return w * 64 + 63 - __builtin_clzll(v);
+    }
+    return -1;
+}
+
+static void recompute_request(CPU *c)
+{
+    int req = atomic_load(&c->kicked) || irq_highest(c) >= 0;
+    atomic_store(&c->exit_request, req);
+    /* a request raced with the store above must not be lost */
+    if (!req && (atomic_load(&c->kicked) || irq_highest(c) >= 0))
+        atomic_store(&c->exit_request, 1);
+}
+
+static int check_async(CPU *c)
+{
+    if (atomic_load(&c->kicked)) {
+        atomic_store(&c->kicked, 0);
+        recompute_request(c);
+        return EXIT_INTR;
+    }
+    int v = irq_highest(c);
+    if (v >= 0 && (c->eflags & F_IF) && !c->shadow && c->nacc == 0) {
+        atomic_fetch_and(&c->irq_pending[v / 64], ~(1ull << (v % 64)));
+        recompute_request(c);
+        c->halted = 0;
+        c->delivering = v;
+        deliver_interrupt(c, v, 0, 0, 0, c->rip);
+        c->delivering = -1;
+    }
+    if (c->halted)
+        return EXIT_HLT;
+    return 0;
+}
+
+static void exec_block(CPU *c, Block *b);
+
+static int exc_class(int v)
+{
+    if (v == EXC_PF) return 2;
+    if (v == 0 || (v >= 10 && v <= 13)) return 1;
+    return 0;
+}
+
+int cpu_run(CPU *c)
+{
+    uint64_t t0 = now_ns();
+    uint64_t d0 = c->st_decode_ns;
+    int r = setjmp(c->jb);
+    if (r == 2) {
+        c->cur_block = 0;
+        c->st_exec_ns += (now_ns() - t0) - (c->st_decode_ns - d0);
+        return c->exit_reason;
+    }
+    if (r == 1) {
+        c->cur_block = 0;
+        c->stop_block = 0;
+        c->nacc = c->acc_pos = 0;
+        update_mode(c);
+        int vec = c->exc_vec;
+        uint32_t err = c->exc_err;
+        int has_err = c->exc_has_err;
+        if (c->delivering >= 0) {
+            int prev = c->delivering;
+            if (prev == EXC_DF) {
+                c->delivering = -1;
+                c->st_exec_ns += (now_ns() - t0) - (c->st_decode_ns - d0);
+                return EXIT_SHUTDOWN;
+            }
+            int pc = exc_class(prev), nc = exc_class(vec);
+            if ((pc == 1 && nc == 1) || (pc == 2 && nc != 0)) {
+                vec = EXC_DF;
+                err = 0;
+                has_err = 1;
+            }
+        }
+        if (!(c->cr0 & CR0_PE))
+            has_err = 0;
+        c->delivering = vec;
+        deliver_interrupt(c, vec, 0, err, has_err, c->rip);
+        c->delivering = -1;
+    }
+    for (;;) {
+        if (unlikely(atomic_load_explicit(&c->exit_request, memory_order_relaxed) || c->halted)) {
+            int rr = check_async(c);
+            if (rr) {
+                c->st_exec_ns += (now_ns() - t0) - (c->st_decode_ns - d0);
+                return rr;
+            }
+        }
+        Block *b = find_block(c);
+        exec_block(c, b);
+    }
+}
+
+void cpu_init(CPU *c)
+{
+    memset(c, 0, offsetof(CPU, nram));
+    for (int s = 0; s < 8; s++) {
+        c->seg[s].limit = 0xffff;
+        c->seg[s].present = 1;
+        c->seg[s].s = 1;
+        c->seg[s].type = 3;
+    }
+    c->seg[S_CS].type = 0xb;
+    c->seg[S_CS].sel = 0xf000;
+    c->seg[S_CS].base = 0xffff0000;
+    c->seg[S_TR].s = 0;
+    c->seg[S_TR].type = 0xb;
+    c->seg[S_LDT].s = 0;
+    c->seg[S_LDT].type = 2;
+    c->gdt_limit = c->idt_limit = 0xffff;
+    c->rip = 0xfff0;
+    c->eflags = 2;
+    c->cc_op = CC_EAGER;
+    c->cr0 = 0x60000010;
+    c->xcr0 = 1;
+    c->mxcsr = 0x1f80;
+    c->fcw = 0x37f;
+    c->pat = 0x0007040600070406ull;
+    c->apic_base = 0xfee00000ull | (c->cpu_index == 0 ? 0x900 : 0x800);
+    c->delivering = -1;
+    for (int m = 0; m < 2; m++)
+        for (int k = 0; k < TLB_SIZE; k++)
+            c->tlb[m][k].tag_r = c->tlb[m][k].tag_w = c->tlb[m][k].tag_x = TLB_INVALID;
+    update_mode(c);
+}
+
+/* ---- instruction semantics ---- */
+
+#define UD() RAISE(c, EXC_UD)
+#define GP0() RAISE_ERR(c, EXC_GP, 0)
+#define NEED_CPL0() do { if (c->cpl != 0) GP0(); } while (0)
+
+static void exec_system_0f01(CPU *c, Insn *i);
+static void exec_system_0f00(CPU *c, Insn *i);
+
+static void do_mul(CPU *c, Insn *i, int sgn, uint64_t src, unsigned sz)
+{
+    uint64_t lo, hi;
+    uint32_t ovf;
+    if (sz == 8) {
+        if (sgn) {
+            __int128 p = (__int128)(int64_t)c->r[R_AX] * (int64_t)src;
+            lo = (uint64_t)p;
+            hi = (uint64_t)(p >> 64);
+            ovf = p != (__int128)(int64_t)lo;
+        } else {
+            unsigned __int128 p = (unsigned __int128)c->r[R_AX] * src;
+            lo = (uint64_t)p;
+            hi = (uint64_t)(p >> 64);
+            ovf = hi != 0;
+        }
+        c->r[R_AX] = lo;
+        c->r[R_DX] = hi;
+    } else {
+        uint64_t a = c->r[R_AX] & szmask(sz);
+        int64_t p;
+        uint64_t up;
+        unsigned bits = sz * 8;
+        if (sgn) {
+            p = sext(a, sz) * sext(src, sz);
+            lo = (uint64_t)p & szmask(sz);
+            hi = ((uint64_t)p >> bits) & szmask(sz);
+            ovf = p != sext(lo, sz);
+        } else {
+            up = a * (src & szmask(sz));
+            lo = up & szmask(sz);
+            hi = (up >> bits) & szmask(sz);
+            ovf = hi != 0;
+        }
+        if (sz == 1) {
+            setreg(c, i, R_AX, 2, lo | (hi << 8));
+        } else {
+            setreg(c, i, R_AX, sz, lo);
+            setreg(c, i, R_DX, sz, hi);
+        }
+    }
+    set_flags(c, (ovf ? F_CF | F_OF : 0) | szp(lo, sz));
+}
+
+static void do_div(CPU *c, Insn *i, int sgn, uint64_t src, unsigned sz)
+{
+    src &= szmask(sz);
+    if (src == 0)
+        RAISE(c, EXC_DE);
+    if (sz == 8) {
+        if (sgn) {
+            __int128 n = (__int128)(((unsigned __int128)c->r[R_DX] << 64) | c->r[R_AX]);
+            int64_t d = (int64_t)src;
+            if (n == ((__int128)1 << 127) && d == -1)
+                RAISE(c, EXC_DE);
+            __int128 q = n / d, rem = n % d;
+            if (q != (__int128)(int64_t)q)
+                RAISE(c, EXC_DE);
+            c->r[R_AX] = (uint64_t)q;
+            c->r[R_DX] = (uint64_t)rem;
+        } else {
+            unsigned __int128 n = ((unsigned __int128)c->r[R_DX] << 64) | c->r[R_AX];
+            if (c->r[R_DX] >= src)
+                RAISE(c, EXC_DE);
+            c->r[R_AX] = (uint64_t)(n / src);
+            c->r[R_DX] = (uint64_t)(n % src);
+        }
+        return;
+    }
+    unsigned bits = sz * 8;
+    uint64_t n = sz == 1 ? (c->r[R_AX] & 0xffff)
+                         : ((c->r[R_DX] & szmask(sz)) << bits) | (c->r[R_AX] & szmask(sz));
+    uint64_t q, rem;
+    if (sgn) {
+        int64_t sn = sext(n, sz * 2 > 8 ? 8 : sz * 2);
+        int64_t sd = sext(src, sz);
+        int64_t sq = sn / sd, sr = sn % sd;
+        if (sq != sext((uint64_t)sq & szmask(sz), sz))
+            RAISE(c, EXC_DE);
+        q = (uint64_t)sq & szmask(sz);
+        rem = (uint64_t)sr & szmask(sz);
+    } else {
+        q = n / src;
+        rem = n % src;
+        if (q > szmask(sz))
+            RAISE(c, EXC_DE);
+    }
+    if (sz == 1) {
+        setreg(c, i, R_AX, 2, q | (rem << 8));
+    } else {
+        setreg(c, i, R_AX, sz, q);
+        setreg(c, i, R_DX, sz, rem);
+    }
+}
+
+static void bit_op(CPU *c, Insn *i, int kind, uint64_t bitoff, int imm_form)
+{
+    unsigned sz = i->osz;
+    unsigned bits = sz * 8;
+    uint64_t v, nv, lin = 0;
+    unsigned bit;
+    if (i->mod == 3) {
+        bit = bitoff & (bits - 1);
+        v = getreg(c, i, i->rm, sz);
+    } else {
+        int64_t off;
+        if (imm_form) {
+            off = 0;
+            bit = bitoff & (bits - 1);
+        } else {
+            int64_t sb = sext(bitoff, sz);
+            off = (sb >> (sz == 8 ? 6 : sz == 4 ? 5 : 4)) * (int64_t)sz;
+            bit = (uint64_t)sb & (bits - 1);
+        }
+        uint64_t eo = ea_off(c, i) + off;
+        if (i->asz == 4) eo = (uint32_t)eo;
+        else if (i->asz == 2) eo = (uint16_t)eo;
+        lin = linear(c, i->seg, eo);
+        void *p = kind ? lock_ptr(c, i, lin, sz) : 0;
+        if (p) {
+            for (;;) {
+                v = atomic_ld(p, sz);
+                nv = kind == 1 ? v | (1ull << bit) : kind == 2 ? v & ~(1ull << bit) : v ^ (1ull << bit);
+                if (cas(p, sz, v, nv))
+                    break;
+            }
+            set_flags(c, (compute_arith(c) & ~F_CF) | ((v >> bit) & 1));
+            return;
+        }
+        v = ld(c, lin, sz);
+    }
+    uint32_t cf = (v >> bit) & 1;
+    if (kind) {
+        nv = kind == 1 ? v | (1ull << bit) : kind == 2 ? v & ~(1ull << bit) : v ^ (1ull << bit);
+        if (i->mod == 3)
+            setreg(c, i, i->rm, sz, nv);
+        else
+            st(c, lin, sz, nv);
+    }
+    set_flags(c, (compute_arith(c) & ~F_CF) | cf);
+}
+
+static void load_far_ptr(CPU *c, Insn *i, int sreg)
+{
+    if (i->mod == 3)
+        UD();
+    unsigned sz = i->osz;
+    uint64_t lin = ea_lin(c, i);
+    uint64_t off = ld(c, lin, sz);
+    uint16_t sel = (uint16_t)ld(c, linear(c, i->seg, ea_off(c, i) + sz), 2);
+    load_seg(c, sreg, sel);
+    setreg(c, i, i->reg, sz, off);
+}
+
+static void exec_block(CPU *c, Block *b)
+{
+    Insn *i = b->insns, *end = i + b->n;
+    if (unlikely(c->shadow)) {
+        end = i + 1;
+        c->shadow = 0;
+    }
+    c->cur_block = b;
+    for (; i < end; i++) {
+        c->next_rip = c->rip + i->len;
+        if (!c->long64)
+            c->next_rip = (uint32_t)c->next_rip;
+        unsigned sz = i->osz;
+        int op = i->op;
+        uint64_t a, v, lin;
+        switch (op) {
+        /* ALU forms */
+        case 0x00: case 0x08: case 0x10: case 0x18: case 0x20: case 0x28: case 0x30: case 0x38:
+            alu_E(c, i, op >> 3, getreg(c, i, i->reg, 1), 1);
+            break;
+        case 0x01: case 0x09: case 0x11: case 0x19: case 0x21: case 0x29: case 0x31: case 0x39:
+            alu_E(c, i, op >> 3, getreg(c, i, i->reg, sz), sz);
+            break;
+        case 0x02: case 0x0a: case 0x12: case 0x1a: case 0x22: case 0x2a: case 0x32: case 0x3a:
+            v = alu(c, op >> 3, getreg(c, i, i->reg, 1), rdE(c, i, 1), 1);
+            if ((op >> 3) != 7) setreg(c, i, i->reg, 1, v);
+            break;
+        case 0x03: case 0x0b: case 0x13: case 0x1b: case 0x23: case 0x2b: case 0x33: case 0x3b:
+            v = alu(c, op >> 3, getreg(c, i, i->reg, sz), rdE(c, i, sz), sz);
+            if ((op >> 3) != 7) setreg(c, i, i->reg, sz, v);
+            break;
+        case 0x04: case 0x0c: case 0x14: case 0x1c: case 0x24: case 0x2c: case 0x34: case 0x3c:
+            v = alu(c, op >> 3, c->r[R_AX] & 0xff, i->imm & 0xff, 1);
+            if ((op >> 3) != 7) setreg(c, i, R_AX, 1, v);
+            break;
+        case 0x05: case 0x0d: case 0x15: case 0x1d: case 0x25: case 0x2d: case 0x35: case 0x3d:
+            v = alu(c, op >> 3, c->r[R_AX] & szmask(sz), i->imm & szmask(sz), sz);
+            if ((op >> 3) != 7) setreg(c, i, R_AX, sz, v);
+            break;
+        case 0x06: case 0x0e: case 0x16: case 0x1e:
+            push(c, sz, c->seg[op >> 3].sel);
+            break;
+        case 0x07: case 0x17: case 0x1f:
+            v = peek(c, sz, 0);
+            load_seg(c, op >> 3, (uint16_t)v);
+            c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+            if (op == 0x17)
+                c->shadow = 1;
+            break;
+        case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+            a = getreg(c, i, op & 7, sz);
+            c->cc_c = get_cf(c);
+            set_cc(c, CC_INC, sz, a + 1, 0, 0);
+            setreg(c, i, op & 7, sz, a + 1);
+            break;
+        case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+            a = getreg(c, i, op & 7, sz);
+            c->cc_c = get_cf(c);
+            set_cc(c, CC_DEC, sz, a - 1, 0, 0);
+            setreg(c, i, op & 7, sz, a - 1);
+            break;
+        case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+            push(c, sz, getreg(c, i, i->reg, sz));
+            break;
+        case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+            v = pop(c, sz);
+            setreg(c, i, i->reg, sz, v);
+            break;
+        case 0x60: {   /* pusha */
+            uint64_t osp = c->r[R_SP];
+            uint64_t sp = c->r[R_SP];
+            for (int r = 0; r < 8; r++) {
+                sp = sp_add(c, sp, -(int64_t)sz);
+                st(c, sp_lin(c, sp), sz, r == R_SP ? osp : c->r[r]);
+            }
+            c->r[R_SP] = sp;
+            break;
+        }
+        case 0x61: {   /* popa */
+            uint64_t vals[8];
+            for (int r = 7; r >= 0; r--)
+                vals[r] = peek(c, sz, (7 - r) * sz);
+            for (int r = 0; r < 8; r++)
+                if (r != R_SP)
+                    setreg(c, i, r, sz, vals[r]);
+            c->r[R_SP] = sp_add(c, c->r[R_SP], 8 * sz);
+            break;
+        }
+        case 0x63:
+            if (c->long64) {   /* movsxd */
+                v = (uint64_t)(int64_t)(int32_t)rdE(c, i, 4);
+                setreg(c, i, i->reg, sz, v);
+            } else {
+                UD();   /* arpl: not used by anything we run */
+            }
+            break;
+        case 0x68: case 0x6a:
+            push(c, sz, i->imm);
+            break;
+        case 0x69: case 0x6b: case 0x1af: {
+            int64_t x = sext(rdE(c, i, sz), sz);
+            int64_t y = op == 0x1af ? sext(getreg(c, i, i->reg, sz), sz) : (int64_t)i->imm;
+            uint64_t r;
+            uint32_t ovf;
+            if (sz == 8) {
+                __int128 p = (__int128)x * y;
+                r = (uint64_t)p;
+                ovf = p != (__int128)(int64_t)r;
+            } else {
+                int64_t p = x * sext((uint64_t)y, sz);
+                r = (uint64_t)p & szmask(sz);
+                ovf = p != sext(r, sz);
+            }
+            setreg(c, i, i->reg, sz, r);
+            set_flags(c, (ovf ? F_CF | F_OF : 0) | szp(r, sz));
+            break;
+        }
+        case 0x6c: case 0x6d: case 0x6e: case 0x6f:
+            string_io(c, i);
+            break;
+        case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
+        case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
+            if (cond(c, op & 15))
+                c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        case 0x180: case 0x181: case 0x182: case 0x183: case 0x184: case 0x185: case 0x186: case 0x187:
+        case 0x188: case 0x189: case 0x18a: case 0x18b: case 0x18c: case 0x18d: case 0x18e: case 0x18f:
+            if (cond(c, op & 15))
+                c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        case 0x80: case 0x82:
+            alu_E(c, i, i->reg & 7, i->imm & 0xff, 1);
+            break;
+        case 0x81: case 0x83:
+            alu_E(c, i, i->reg & 7, i->imm & szmask(sz), sz);
+            break;
+        case 0x84:
+            alu(c, 4, rdE(c, i, 1), getreg(c, i, i->reg, 1), 1);
+            break;
+        case 0x85:
+            alu(c, 4, rdE(c, i, sz), getreg(c, i, i->reg, sz), sz);
+            break;
+        case 0x86: case 0x87: {
+            unsigned s = op == 0x86 ? 1 : sz;
+            if (i->mod == 3) {
+                a = getreg(c, i, i->rm, s);
+                v = getreg(c, i, i->reg, s);
+                setreg(c, i, i->rm, s, v);
+                setreg(c, i, i->reg, s, a);
+            } else {
+                lin = ea_lin(c, i);
+                v = getreg(c, i, i->reg, s);
+                void *p = tlb_hit(c, lin, s, 1);
+                if (p) {
+                    switch (s) {
+                    case 1: a = __atomic_exchange_n((uint8_t *)p, (uint8_t)v, __ATOMIC_SEQ_CST); break;
+                    case 2: a = __atomic_exchange_n((uint16_t *)p, (uint16_t)v, __ATOMIC_SEQ_CST); break;
+                    case 4: a = __atomic_exchange_n((uint32_t *)p, (uint32_t)v, __ATOMIC_SEQ_CST); break;
+                    default: a = __atomic_exchange_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); break;
+                    }
+                } else {
+                    a = ld(c, lin, s);
+                    st(c, lin, s, v);
+                }
+                setreg(c, i, i->reg, s, a);
+            }
+            break;
+        }
+        case 0x88:
+            wrE(c, i, 1, getreg(c, i, i->reg, 1));
+            break;
+        case 0x89:
+            wrE(c, i, sz, getreg(c, i, i->reg, sz));
+            break;
+        case 0x8a:
+            setreg(c, i, i->reg, 1, rdE(c, i, 1));
+            break;
+        case 0x8b:
+            setreg(c, i, i->reg, sz, rdE(c, i, sz));
+            break;
+        case 0x8c:
+            if ((i->reg & 7) > 5) UD();
+            if (i->mod == 3)
+                setreg(c, i, i->rm, sz, c->seg[i->reg & 7].sel);
+            else
+                st(c, ea_lin(c, i), 2, c->seg[i->reg & 7].sel);
+            break;
+        case 0x8d:
+            if (i->mod == 3) UD();
+            setreg(c, i, i->reg, sz, ea_off(c, i));
+            break;
+        case 0x8e: {
+            int s = i->reg & 7;
+            if (s == S_CS || s > 5) UD();
+            load_seg(c, s, (uint16_t)rdE(c, i, 2));
+            if (s == S_SS)
+                c->shadow = 1;
+            break;
+        }
+        case 0x8f: {
+            v = peek(c, sz, 0);
+            if (i->mod == 3) {
+                c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+                setreg(c, i, i->rm, sz, v);
+            } else {
+                uint64_t osp = c->r[R_SP];
+                c->r[R_SP] = sp_add(c, osp, sz);   /* the address uses the incremented rsp */
+                lin = ea_lin(c, i);
+                c->r[R_SP] = osp;
+                st(c, lin, sz, v);
+                c->r[R_SP] = sp_add(c, osp, sz);
+            }
+            break;
+        }
+        case 0x90:
+            if (i->reg == 0)   /* nop / pause (xchg eax,eax would zero-extend: not with 0x90) */
+                break;
+            /* fallthrough: REX.B 90 is xchg r8, rax */
+        case 0x91: case 0x92: case 0x93: case 0x94: case 0x95: case 0x96: case 0x97:
+            a = getreg(c, i, i->reg, sz);
+            v = getreg(c, i, R_AX, sz);
+            setreg(c, i, R_AX, sz, a);
+            setreg(c, i, i->reg, sz, v);
+            break;
+        case 0x98:
+            if (sz == 2) setreg(c, i, R_AX, 2, (uint64_t)(int64_t)(int8_t)c->r[R_AX]);
+            else if (sz == 4) setreg(c, i, R_AX, 4, (uint64_t)(int64_t)(int16_t)c->r[R_AX]);
+            else c->r[R_AX] = (uint64_t)(int64_t)(int32_t)c->r[R_AX];
+            break;
+        case 0x99:
+            v = (c->r[R_AX] & sbit(sz)) ? ~0ull : 0;
+            setreg(c, i, R_DX, sz, v);
+            break;
+        case 0x9a:
+            c->rip = c->rip;
+            do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 1, sz);
+            break;
+        case 0x9b:   /* fwait */
+            break;
+        case 0x9c:
+            if ((c->eflags & F_VM) && ((c->eflags >> 12) & 3) != 3) GP0();
+            push(c, sz, get_eflags(c) & ~(uint64_t)(F_VM | F_RF));
+            break;
+        case 0x9d: {
+            if ((c->eflags & F_VM) && ((c->eflags >> 12) & 3) != 3) GP0();
+            v = peek(c, sz, 0);
+            uint64_t mask = F_ARITH | F_TF | F_DF | F_NT | F_OF;
+            if (sz >= 4) mask |= F_AC | F_ID;
+            if (c->cpl == 0) mask |= F_IOPL;
+            if (c->cpl <= (int)((c->eflags >> 12) & 3)) mask |= F_IF;
+            int was_if = (c->eflags & F_IF) != 0;
+            set_eflags(c, v, mask);
+            c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+            (void)was_if;
+            break;
+        }
+        case 0x9e: {
+            uint32_t f = compute_arith(c);
+            f = (f & F_OF) | ((c->r[R_AX] >> 8) & (F_SF | F_ZF | F_AF | F_PF | F_CF));
+            set_flags(c, f);
+            break;
+        }
+        case 0x9f:
+            setreg(c, i, 4, 1, (get_eflags(c) & 0xd5) | 2);   /* AH */
+            break;
+        case 0xa0: case 0xa1: {
+            unsigned s = op == 0xa0 ? 1 : sz;
+            v = ld(c, linear(c, i->seg, (uint64_t)i->disp & szmask(i->asz)), s);
+            setreg(c, i, R_AX, s, v);
+            break;
+        }
+        case 0xa2: case 0xa3: {
+            unsigned s = op == 0xa2 ? 1 : sz;
+            st(c, linear(c, i->seg, (uint64_t)i->disp & szmask(i->asz)), s, c->r[R_AX]);
+            break;
+        }
+        case 0xa4: case 0xa5: case 0xa6: case 0xa7: case 0xaa: case 0xab: case 0xac: case 0xad:
+        case 0xae: case 0xaf:
+            string_op(c, i);
+            break;
+        case 0xa8:
+            alu(c, 4, c->r[R_AX] & 0xff, i->imm & 0xff, 1);
+            break;
+        case 0xa9:
+            alu(c, 4, c->r[R_AX] & szmask(sz), i->imm & szmask(sz), sz);
+            break;
+        case 0xb0: case 0xb1: case 0xb2: case 0xb3: case 0xb4: case 0xb5: case 0xb6: case 0xb7:
+            setreg(c, i, i->reg, 1, i->imm);
+            break;
+        case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+            setreg(c, i, i->reg, sz, i->imm);
+            break;
+        case 0xc0: case 0xc1: case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+            unsigned s = (op & 1) ? sz : 1;
+            unsigned cnt = op <= 0xc1 ? (unsigned)(i->imm & 0xff) : op <= 0xd1 ? 1 : (unsigned)(c->r[R_CX] & 0xff);
+            if (i->mod == 3) {
+                a = getreg(c, i, i->rm, s);
+                v = shift_op(c, i->reg & 7, a, cnt, s);
+                setreg(c, i, i->rm, s, v);
+            } else {
+                lin = ea_lin(c, i);
+                a = ld(c, lin, s);
+                v = shift_op(c, i->reg & 7, a, cnt, s);
+                st(c, lin, s, v);
+            }
+            break;
+        }
+        case 0xc2: case 0xc3:
+            v = pop(c, sz);
+            if (op == 0xc2)
+                c->r[R_SP] = sp_add(c, c->r[R_SP], i->imm & 0xffff);
+            c->next_rip = ip_mask(c, i, v);
+            break;
+        case 0xc4: case 0xc5:
+            load_far_ptr(c, i, op == 0xc4 ? S_ES : S_DS);
+            break;
+        case 0xc6:
+            if ((i->reg & 7) != 0) UD();
+            wrE(c, i, 1, i->imm);
+            break;
+        case 0xc7:
+            if ((i->reg & 7) != 0) UD();
+            wrE(c, i, sz, i->imm);
+            break;
+        case 0xc8: {   /* enter */
+            unsigned level = i->imm2 & 31;
+            uint64_t frame_sz = i->imm & 0xffff;
+            uint64_t sp = sp_add(c, c->r[R_SP], -(int64_t)sz);
+            st(c, sp_lin(c, sp), sz, c->r[R_BP]);
+            uint64_t frame = sp;
+            uint64_t bp = c->r[R_BP];
+            for (unsigned k = 1; k < level; k++) {
+                bp = sp_add(c, bp, -(int64_t)sz);
+                v = ld(c, sp_lin(c, bp), sz);
+                sp = sp_add(c, sp, -(int64_t)sz);
+                st(c, sp_lin(c, sp), sz, v);
+            }
+            if (level) {
+                sp = sp_add(c, sp, -(int64_t)sz);
+                st(c, sp_lin(c, sp), sz, frame);
+            }
+            sp = sp_add(c, sp, -(int64_t)frame_sz);
+            setreg(c, i, R_BP, sz, frame);
+            c->r[R_SP] = sp;
+            break;
+        }
+        case 0xc9: {   /* leave */
+            uint64_t osp = c->r[R_SP];
+            int ss = stack_sz(c);
+            c->r[R_SP] = ss == 8 ? c->r[R_BP] : ss == 4 ? (uint32_t)c->r[R_BP]
+                                                         : ((c->r[R_SP] & ~0xffffull) | (uint16_t)c->r[R_BP]);
+            v = peek(c, sz, 0);
+            (void)osp;
+            c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+            setreg(c, i, R_BP, sz, v);
+            break;
+        }
+        case 0xca: case 0xcb:
+            do_far_ret(c, sz, op == 0xca ? (uint32_t)(i->imm & 0xffff) : 0);
+            break;
+        case 0xcc: case 0xcd: case 0xce: case 0xf1: {
+            int vec = op == 0xcc ? 3 : op == 0xcd ? (int)(i->imm & 0xff) : op == 0xce ? 4 : 1;
+            if (op == 0xce && !(compute_arith(c) & F_OF))
+                break;
+            if ((c->eflags & F_VM) && op == 0xcd && ((c->eflags >> 12) & 3) != 3)
+                GP0();
+            c->delivering = vec;
+            deliver_interrupt(c, vec, op != 0xf1, 0, 0, c->next_rip);
+            c->delivering = -1;
+            c->next_rip = c->rip;
+            break;
+        }
+        case 0xcf:
+            do_iret(c, sz);
+            break;
+        case 0xd4: {   /* aam */
+            unsigned base = i->imm & 0xff;
+            if (!base) RAISE(c, EXC_DE);
+            unsigned al = c->r[R_AX] & 0xff;
+            v = ((al / base) << 8) | (al % base);
+            setreg(c, i, R_AX, 2, v);
+            set_flags(c, szp(v & 0xff, 1));
+            break;
+        }
+        case 0xd5: {   /* aad */
+            unsigned base = i->imm & 0xff;
+            v = ((c->r[R_AX] & 0xff) + ((c->r[R_AX] >> 8) & 0xff) * base) & 0xff;
+            setreg(c, i, R_AX, 2, v);
+            set_flags(c, szp(v, 1));
+            break;
+        }
+        case 0xd6:
+            setreg(c, i, R_AX, 1, get_cf(c) ? 0xff : 0);
+            break;
+        case 0xd7: {
+            uint64_t off = (areg(c, R_BX, i->asz) + (c->r[R_AX] & 0xff)) & szmask(i->asz);
+            setreg(c, i, R_AX, 1, ld(c, linear(c, i->seg, off), 1));
+            break;
+        }
+        case 0xd8: case 0xd9: case 0xda: case 0xdb: case 0xdc: case 0xdd: case 0xde: case 0xdf:
+            x87_exec(c, i);
+            break;
+        case 0xe0: case 0xe1: case 0xe2: {
+            uint64_t cx = areg(c, R_CX, i->asz) - 1;
+            areg_set(c, R_CX, i->asz, cx);
+            cx &= szmask(i->asz);
+            int take = cx != 0;
+            if (op == 0xe0) take = take && !(compute_arith(c) & F_ZF);
+            if (op == 0xe1) take = take && (compute_arith(c) & F_ZF);
+            if (take)
+                c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        }
+        case 0xe3:
+            if (areg(c, R_CX, i->asz) == 0)
+                c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        case 0xe4: case 0xe5: case 0xec: case 0xed: {
+            unsigned s = (op & 1) ? (sz == 8 ? 4 : sz) : 1;
+            uint16_t port = op < 0xe8 ? (uint16_t)(i->imm & 0xff) : (uint16_t)c->r[R_DX];
+            if (!io_allowed(c)) GP0();
+            v = io_access(c, port, s, 0, 0);
+            setreg(c, i, R_AX, s, v);
+            break;
+        }
+        case 0xe6: case 0xe7: case 0xee: case 0xef: {
+            unsigned s = (op & 1) ? (sz == 8 ? 4 : sz) : 1;
+            uint16_t port = op < 0xe8 ? (uint16_t)(i->imm & 0xff) : (uint16_t)c->r[R_DX];
+            if (!io_allowed(c)) GP0();
+            io_access(c, port, s, 1, c->r[R_AX] & szmask(s));
+            break;
+        }
+        case 0xe8:
+            push(c, sz, c->next_rip);
+            c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        case 0xe9: case 0xeb:
+            c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
+            break;
+        case 0xea:
+            do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 0, sz);
+            break;
+        case 0xf4:
+            NEED_CPL0();
+            c->halted = 1;
+            break;
+        case 0xf5:
+            set_flags(c, compute_arith(c) ^ F_CF);
+            break;
+        case 0xf6: case 0xf7: {
+            unsigned s = op == 0xf6 ? 1 : sz;
+            switch (i->reg & 7) {
+            case 0: case 1:
+                alu(c, 4, rdE(c, i, s), i->imm & szmask(s), s);
+                break;
+            case 2:
+                if (i->mod == 3) {
+                    setreg(c, i, i->rm, s, ~getreg(c, i, i->rm, s));
+                } else {
+                    lin = ea_lin(c, i);
+                    void *p = lock_ptr(c, i, lin, s);
+                    if (p) {
+                        do a = atomic_ld(p, s); while (!cas(p, s, a, ~a));
+                    } else {
+                        st(c, lin, s, ~ld(c, lin, s));
+                    }
+                }
+                break;
+            case 3:
+                if (i->mod == 3) {
+                    a = getreg(c, i, i->rm, s);
+                    set_cc(c, CC_SUB, s, 0 - a, 0, a);
+                    setreg(c, i, i->rm, s, 0 - a);
+                } else {
+                    lin = ea_lin(c, i);
+                    void *p = lock_ptr(c, i, lin, s);
+                    if (p) {
+                        do a = atomic_ld(p, s); while (!cas(p, s, a, 0 - a));
+                    } else {
+                        a = ld(c, lin, s);
+                        st(c, lin, s, 0 - a);
+                    }
+                    set_cc(c, CC_SUB, s, 0 - a, 0, a);
+                }
+                break;
+            case 4: do_mul(c, i, 0, rdE(c, i, s), s); break;
+            case 5: do_mul(c, i, 1, rdE(c, i, s), s); break;
+            case 6: do_div(c, i, 0, rdE(c, i, s), s); break;
+            default: do_div(c, i, 1, rdE(c, i, s), s); break;
+            }
+            break;
+        }
+        case 0xf8: set_flags(c, compute_arith(c) & ~F_CF); break;
+        case 0xf9: set_flags(c, compute_arith(c) | F_CF); break;
+        case 0xfa:
+            if ((c->cr0 & CR0_PE) && c->cpl > (int)((c->eflags >> 12) & 3)) GP0();
+            c->eflags &= ~(uint64_t)F_IF;
+            break;
+        case 0xfb:
+            if ((c->cr0 & CR0_PE) && c->cpl > (int)((c->eflags >> 12) & 3)) GP0();
+            if (!(c->eflags & F_IF))
+                c->shadow = 1;
+            c->eflags |= F_IF;
+            break;
+        case 0xfc: c->eflags &= ~(uint64_t)F_DF; break;
+        case 0xfd: c->eflags |= F_DF; break;
+        case 0xfe: case 0xff: {
+            unsigned s = op == 0xfe ? 1 : sz;
+            int r = i->reg & 7;
+            if (op == 0xfe && r > 1) UD();
+            if (r <= 1) {
+                int inc = r == 0;
+                uint64_t cf = get_cf(c);
+                if (i->mod == 3) {
+                    a = getreg(c, i, i->rm, s);
+                    v = inc ? a + 1 : a - 1;
+                    setreg(c, i, i->rm, s, v);
+                } else {
+                    lin = ea_lin(c, i);
+                    void *p = lock_ptr(c, i, lin, s);
+                    if (p) {
+                        do { a = atomic_ld(p, s); v = inc ? a + 1 : a - 1; } while (!cas(p, s, a, v));
+                    } else {
+                        a = ld(c, lin, s);
+                        v = inc ? a + 1 : a - 1;
+                        st(c, lin, s, v);
+                    }
+                }
+                c->cc_c = cf;
+                set_cc(c, inc ? CC_INC : CC_DEC, s, v, 0, 0);
+                break;
+            }
+            switch (r) {
+            case 2:
+                v = rdE(c, i, sz);
+                push(c, sz, c->next_rip);
+                c->next_rip = ip_mask(c, i, v);
+                break;
+            case 4:
+                c->next_rip = ip_mask(c, i, rdE(c, i, sz));
+                break;
+            case 3: case 5: {
+                if (i->mod == 3) UD();
+                unsigned fs = sz;   /* m16:16 / m16:32 / m16:64 */
+                lin = ea_lin(c, i);
+                v = ld(c, lin, fs);
+                uint16_t sel = (uint16_t)ld(c, linear(c, i->seg, ea_off(c, i) + fs), 2);
+                do_far_jump(c, sel, v, r == 3, sz);
+                break;
+            }
+            case 6:
+                push(c, sz, rdE(c, i, sz));
+                break;
+            default:
+                UD();
+            }
+            break;
+        }
+
+        /* ---- 0F xx ---- */
+        case 0x100: exec_system_0f00(c, i); break;
+        case 0x101: exec_system_0f01(c, i); break;
+        case 0x105: do_syscall(c); break;
+        case 0x106: NEED_CPL0(); c->cr0 &= ~(uint64_t)CR0_TS; break;
+        case 0x107: do_sysret(c, sz); break;
+        case 0x108: case 0x109: NEED_CPL0(); break;
+        case 0x10b: UD(); break;
+        case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e: case 0x11f:
+            break;   /* prefetch / hint nops */
+        case 0x120: {
+            NEED_CPL0();
+            int cr = i->reg;
+            switch (cr) {
+            case 0: v = c->cr0; break;
+            case 2: v = c->cr2; break;
+            case 3: v = c->cr3; break;
+            case 4: v = c->cr4; break;
+            case 8: v = c->cr8; break;
+            default: UD();
+            }
+            c->r[i->rm] = c->long64 ? v : (uint32_t)v;
+            break;
+        }
+        case 0x122: {
+            NEED_CPL0();
+            v = c->long64 ? c->r[i->rm] : (uint32_t)c->r[i->rm];
+            switch (i->reg) {
+            case 0: set_cr0(c, v); break;
+            case 2: c->cr2 = v; break;
+            case 3: set_cr3(c, v); break;
+            case 4: set_cr4(c, v); break;
+            case 8: c->cr8 = v & 15; break;
+            default: UD();
+            }
+            break;
+        }
+        case 0x121: {
+            NEED_CPL0();
+            int dr = i->reg & 7;
+            if (dr == 4 || dr == 5) dr += 2;
+            v = dr == 6 ? (c->dr[6] | 0xffff0ff0ull) : dr == 7 ? (c->dr[7] | 0x400) : c->dr[dr];
+            c->r[i->rm] = c->long64 ? v : (uint32_t)v;
+            break;
+        }
+        case 0x123: {
+            NEED_CPL0();
+            int dr = i->reg & 7;
+            if (dr == 4 || dr == 5) dr += 2;
+            c->dr[dr] = c->r[i->rm];
+            break;
+        }
+        case 0x130: {
+            NEED_CPL0();
+            uint64_t val = (c->r[R_DX] << 32) | (uint32_t)c->r[R_AX];
+            if (msr_write(c, (uint32_t)c->r[R_CX], val) < 0) GP0();
+            break;
+        }
+        case 0x131: {
+            uint64_t t = __rdtsc() + c->tsc_offset;
+            c->r[R_AX] = (uint32_t)t;
+            c->r[R_DX] = t >> 32;
+            break;
+        }
+        case 0x132: {
+            NEED_CPL0();
+            uint64_t val;
+            if (msr_read(c, (uint32_t)c->r[R_CX], &val) < 0) GP0();
+            c->r[R_AX] = (uint32_t)val;
+            c->r[R_DX] = val >> 32;
+            break;
+        }
+        case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+        case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+            v = rdE(c, i, sz);
+            if (cond(c, op & 15))
+                setreg(c, i, i->reg, sz, v);
+            else if (sz == 4)
+                c->r[i->reg] = (uint32_t)c->r[i->reg];
+            break;
+        case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+        case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+            wrE(c, i, 1, cond(c, op & 15));
+            break;
+        case 0x1a0: case 0x1a8:
+            push(c, sz, c->seg[op == 0x1a0 ? S_FS : S_GS].sel);
+            break;
+        case 0x1a1: case 0x1a9:
+            v = peek(c, sz, 0);
+            load_seg(c, op == 0x1a1 ? S_FS : S_GS, (uint16_t)v);
+            c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+            break;
+        case 0x1a2:
+            do_cpuid(c);
+            break;
+        case 0x1a3: bit_op(c, i, 0, getreg(c, i, i->reg, sz), 0); break;
+        case 0x1ab: bit_op(c, i, 1, getreg(c, i, i->reg, sz), 0); break;
+        case 0x1b3: bit_op(c, i, 2, getreg(c, i, i->reg, sz), 0); break;
+        case 0x1bb: bit_op(c, i, 3, getreg(c, i, i->reg, sz), 0); break;
+        case 0x1ba:
+            if ((i->reg & 7) < 4) UD();
+            bit_op(c, i, (i->reg & 7) - 4, i->imm & 0xff, 1);
+            break;
+        case 0x1a4: case 0x1a5: case 0x1ac: case 0x1ad: {
+            unsigned cnt = (op & 1) ? (unsigned)(c->r[R_CX] & 0xff) : (unsigned)(i->imm & 0xff);
+            int left = op < 0x1ac;
+            if (i->mod == 3) {
+                v = shxd(c, left, getreg(c, i, i->rm, sz), getreg(c, i, i->reg, sz), cnt, sz);
+                if (cnt & (sz == 8 ? 63 : 31))
+                    setreg(c, i, i->rm, sz, v);
+            } else {
+                lin = ea_lin(c, i);
+                v = shxd(c, left, ld(c, lin, sz), getreg(c, i, i->reg, sz), cnt, sz);
+                st(c, lin, sz, v);
+            }
+            break;
+        }
+        case 0x1ae:
+            if (i->mod == 3) {
+                /* lfence / mfence / sfence; rdfsbase & co need CR4.FSGSBASE */
+                if ((i->reg & 7) >= 5)
+                    break;
+                if (!c->long64 || !(c->cr4 & CR4_FSGSBASE) || i->pfx != 2) UD();
+                switch (i->reg & 7) {
+                case 0: setreg(c, i, i->rm, sz, c->seg[S_FS].base); break;
+                case 1: setreg(c, i, i->rm, sz, c->seg[S_GS].base); break;
+                case 2: c->seg[S_FS].base = getreg(c, i, i->rm, sz); break;
+                default: c->seg[S_GS].base = getreg(c, i, i->rm, sz); break;
+                }
+                break;
+            }
+            switch (i->reg & 7) {
+            case 0: fxsave(c, ea_lin(c, i)); break;
+            case 1: fxrstor(c, ea_lin(c, i)); break;
+            case 2: {
+                uint32_t m = (uint32_t)ld(c, ea_lin(c, i), 4);
+                if (m & 0xffff0000u) GP0();
+                c->mxcsr = m;
+                break;
+            }
+            case 3: st(c, ea_lin(c, i), 4, c->mxcsr); break;
+            case 7: ld(c, ea_lin(c, i), 1); break;   /* clflush: coherent memory, probe only */
+            default: UD();
+            }
+            break;
+        case 0x1b0: case 0x1b1: {
+            unsigned s = op == 0x1b0 ? 1 : sz;
+            uint64_t acc = c->r[R_AX] & szmask(s);
+            uint64_t src = getreg(c, i, i->reg, s);
+            if (i->mod == 3) {
+                a = getreg(c, i, i->rm, s);
+                alu(c, 7, acc, a, s);
+                if (a == acc)
+                    setreg(c, i, i->rm, s, src);
+                else
+                    setreg(c, i, R_AX, s, a);
+            } else {
+                lin = ea_lin(c, i);
+                void *p = tlb_hit(c, lin, s, 1);
+                if (p) {
+                    int ok;
+                    switch (s) {
+                    case 1: { uint8_t e = acc; ok = __atomic_compare_exchange_n((uint8_t *)p, &e, (uint8_t)src, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); a = e; break; }
+                    case 2: { uint16_t e = acc; ok = __atomic_compare_exchange_n((uint16_t *)p, &e, (uint16_t)src, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); a = e; break; }
+                    case 4: { uint32_t e = acc; ok = __atomic_compare_exchange_n((uint32_t *)p, &e, (uint32_t)src, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); a = e; break; }
+                    default: { uint64_t e = acc; ok = __atomic_compare_exchange_n((uint64_t *)p, &e, src, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); a = e; break; }
+                    }
+                    (void)ok;
+                } else {
+                    a = ld(c, lin, s);
+                    st(c, lin, s, a == acc ? src : a);
+                }
+                alu(c, 7, acc, a, s);
+                if (a != acc)
+                    setreg(c, i, R_AX, s, a);
+            }
+            break;
+        }
+        case 0x1b2: load_far_ptr(c, i, S_SS); break;
+        case 0x1b4: load_far_ptr(c, i, S_FS); break;
+        case 0x1b5: load_far_ptr(c, i, S_GS); break;
+        case 0x1b6: setreg(c, i, i->reg, sz, rdE(c, i, 1)); break;
+        case 0x1b7: setreg(c, i, i->reg, sz, rdE(c, i, 2)); break;
+        case 0x1be: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int8_t)rdE(c, i, 1)); break;
+        case 0x1bf: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int16_t)rdE(c, i, 2)); break;
+        case 0x1b8: {
+            if (i->pfx != 2) UD();
+            v = rdE(c, i, sz);
+            uint64_t cnt = __builtin_popcountll(v);
+            setreg(c, i, i->reg, sz, cnt);
+            set_flags(c, v == 0 ? F_ZF : 0);
+            break;
+        }
+        case 0x1bc: case 0x1bd: {
+            v = rdE(c, i, sz);
+            unsigned bits = sz * 8;
+            if (i->pfx == 2) {   /* tzcnt / lzcnt */
+                uint64_t cnt;
+                if (op == 0x1bc) cnt = v ? (uint64_t)__builtin_ctzll(v) : bits;
+                else cnt = v ? (uint64_t)(__builtin_clzll(v) - (64 - bits)) : bits;
+                setreg(c, i, i->reg, sz, cnt);
+                set_flags(c, (compute_arith(c) & ~(F_CF | F_ZF)) | (v == 0 ? F_CF : 0) | (cnt == 0 ? F_ZF : 0));
+            } else {
+                if (v == 0) {
+                    set_flags(c, (compute_arith(c)) | F_ZF);
+                } else {
+                    uint64_t idx = op == 0x1bc ? (uint64_t)__builtin_ctzll(v) : (uint64_t)(63 - __builtin_clzll(v));
+                    setreg(c, i, i->reg, sz, idx);
+                    set_flags(c, compute_arith(c) & ~F_ZF);
+                }
+            }
+            break;
+        }
+        case 0x1c0: case 0x1c1: {
+            unsigned s = op == 0x1c0 ? 1 : sz;
+            uint64_t src = getreg(c, i, i->reg, s);
+            if (i->mod == 3) {
+                a = getreg(c, i, i->rm, s);
+                v = alu(c, 0, a, src, s);
+                setreg(c, i, i->reg, s, a);
+                setreg(c, i, i->rm, s, v);
+            } else {
+                lin = ea_lin(c, i);
+                void *p = lock_ptr(c, i, lin, s);
+                if (p) {
+                    do { a = atomic_ld(p, s); v = a + src; } while (!cas(p, s, a, v));
+                    alu(c, 0, a, src, s);
+                } else {
+                    a = ld(c, lin, s);
+                    v = alu(c, 0, a, src, s);
+                    st(c, lin, s, v);
+                }
+                setreg(c, i, i->reg, s, a);
+            }
+            break;
+        }
+        case 0x1c7: {
+            int r = i->reg & 7;
+            if (r == 1 && i->mod != 3) {
+                lin = ea_lin(c, i);
+                if (sz == 8) {
+                    if (lin & 15) GP0();
+                    uint64_t lo = ld(c, lin, 8), hi = ld(c, lin + 8, 8);
+                    uint32_t f = compute_arith(c) & ~F_ZF;
+                    if (lo == c->r[R_AX] && hi == c->r[R_DX]) {
+                        st(c, lin, 8, c->r[R_BX]);
+                        st(c, lin + 8, 8, c->r[R_CX]);
+                        f |= F_ZF;
+                    } else {
+                        st(c, lin, 8, lo);
+                        c->r[R_AX] = lo;
+                        c->r[R_DX] = hi;
+                    }
+                    set_flags(c, f);
+                } else {
+                    uint64_t cmp = ((c->r[R_DX] & 0xffffffffull) << 32) | (uint32_t)c->r[R_AX];
+                    uint64_t nv = ((c->r[R_CX] & 0xffffffffull) << 32) | (uint32_t)c->r[R_BX];
+                    uint32_t f = compute_arith(c) & ~F_ZF;
+                    void *p = tlb_hit(c, lin, 8, 1);
+                    uint64_t old;
+                    int ok;
+                    if (p) {
+                        old = cmp;
+                        ok = __atomic_compare_exchange_n((uint64_t *)p, &old, nv, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+                    } else {
+                        old = ld(c, lin, 8);
+                        ok = old == cmp;
+                        st(c, lin, 8, ok ? nv : old);
+                    }
+                    if (ok) {
+                        f |= F_ZF;
+                    } else {
+                        c->r[R_AX] = (uint32_t)old;
+                        c->r[R_DX] = old >> 32;
+                    }
+                    set_flags(c, f);
+                }
+            } else {
+                UD();   /* rdrand/rdseed/vmptrld: not advertised */
+            }
+            break;
+        }
+        case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+            if (sz == 8) c->r[i->reg] = __builtin_bswap64(c->r[i->reg]);
+            else if (sz == 4) c->r[i->reg] = __builtin_bswap32((uint32_t)c->r[i->reg]);
+            else setreg(c, i, i->reg, 2, 0);   /* 16-bit bswap: undefined, hardware gives 0 */
+            break;
+        case 0x177:   /* emms */
+            c->ftw = 0xffff;
+            break;
+        case OP_UD:
+            UD();
+            break;
+        default:
+            if ((op >= 0x110 && op <= 0x117) || (op >= 0x128 && op <= 0x12f) ||
+                (op >= 0x150 && op <= 0x17f) || (op >= 0x1c2 && op <= 0x1c6) ||
+                (op >= 0x1d0 && op <= 0x1ff) || op >= 0x200)
+                sse_exec(c, i);
+            else
+                UD();
+        }
+        c->rip = c->next_rip;
+        c->st_insns++;
+        if (unlikely(c->stop_block | c->nacc)) {
+            c->nacc = c->acc_pos = 0;
+            if (c->stop_block) {
+                c->stop_block = 0;
+                i++;
+                break;
+            }
+        }
+    }
+    c->cur_block = 0;
+}
+
+static void exec_system_0f00(CPU *c, Insn *i)
+{
+    int r = i->reg & 7;
+    if (!(c->cr0 & CR0_PE) || (c->eflags & F_VM)) UD();
+    switch (r) {
+    case 0: case 1: {
+        uint16_t sel = c->seg[r == 0 ? S_LDT : S_TR].sel;
+        if (i->mod == 3) setreg(c, i, i->rm, i->osz, sel);
+        else st(c, ea_lin(c, i), 2, sel);
+        break;
+    }
+    case 2: case 3: {
+        NEED_CPL0();
+        uint16_t sel = (uint16_t)rdE(c, i, 2);
+        int sreg = r == 2 ? S_LDT : S_TR;
+        Seg *s = &c->seg[sreg];
+        if ((sel & ~3) == 0) {
+            if (r == 3) GP0();
+            s->sel = sel;
+            s->unusable = 1;
+            s->base = 0;
+            s->limit = 0;
+            break;
+        }
+        if (sel & 4) GP0();
+        uint32_t d[4];
+        int wide = (c->efer & EFER_LMA) != 0;
+        if (read_descriptor(c, sel, d, wide) < 0) GP0();
+        Seg ns;
+        seg_from_desc(&ns, sel, d);
+        if (ns.s) GP0();
+        if (r == 2 && ns.type != 2) GP0();
+        if (r == 3 && ns.type != 9 && ns.type != 1) GP0();
+        if (!ns.present) RAISE_ERR(c, EXC_NP, sel & ~3u);
+        if (wide)
+            ns.base |= (uint64_t)d[2] << 32;
+        if (r == 3) {
+            /* mark the TSS busy in the GDT */
+            uint64_t dl = c->gdt_base + (sel & ~7u);
+            int saved = c->mmu_idx;
+            c->mmu_idx = 0;
+            st(c, dl + 5, 1, ((d[1] >> 8) & 0xff) | 2);
+            c->mmu_idx = saved;
+            ns.type |= 2;
+        }
+        *s = ns;
+        break;
+    }
+    case 4: case 5: {   /* verr / verw: report accessible for flat data and code */
+        uint16_t sel = (uint16_t)rdE(c, i, 2);
+        uint32_t d[4];
+        int ok = (sel & ~3) && read_descriptor(c, sel, d, 0) == 0 && ((d[1] >> 12) & 1);
+        uint32_t f = compute_arith(c) & ~F_ZF;
+        set_flags(c, f | (ok ? F_ZF : 0));
+        break;
+    }
+    default:
+        UD();
+    }
+}
+
+static void exec_system_0f01(CPU *c, Insn *i)
+{
+    int r = i->reg & 7;
+    if (i->mod == 3) {
+        switch (r * 8 + (i->rm & 7)) {
+        case 8 * 1 + 0: case 8 * 1 + 1:   /* monitor / mwait: not advertised */
+            UD();
+        case 8 * 1 + 2: case 8 * 1 + 3:   /* clac / stac */
+            NEED_CPL0();
+            if ((i->rm & 7) == 2) c->eflags &= ~(uint64_t)F_AC;
+            else c->eflags |= F_AC;
+            return;
+        case 8 * 2 + 0: {   /* xgetbv */
+            if (!(c->cr4 & (1u << 18))) UD();
+            if ((uint32_t)c->r[R_CX] != 0) GP0();
+            c->r[R_AX] = (uint32_t)c->xcr0;
+            c->r[R_DX] = c->xcr0 >> 32;
+            return;
+        }
+        case 8 * 2 + 1: {   /* xsetbv */
+            if (!(c->cr4 & (1u << 18))) UD();
+            NEED_CPL0();
+            uint64_t v = (c->r[R_DX] << 32) | (uint32_t)c->r[R_AX];
+            if ((uint32_t)c->r[R_CX] != 0 || !(v & 1) || (v & ~7ull) || ((v & 4) && !(v & 2))) GP0();
+            c->xcr0 = v;
+            return;
+        }
+        case 8 * 7 + 0:   /* swapgs */
+            if (!c->long64) UD();
+            NEED_CPL0();
+            {
+                uint64_t t = c->seg[S_GS].base;
+                c->seg[S_GS].base = c->kernel_gs_base;
+                c->kernel_gs_base = t;
+            }
+            return;
+        case 8 * 7 + 1: {   /* rdtscp */
+            uint64_t t = __rdtsc() + c->tsc_offset;
+            c->r[R_AX] = (uint32_t)t;
+            c->r[R_DX] = t >> 32;
+            c->r[R_CX] = (uint32_t)c->tsc_aux;
+            return;
+        }
+        }
+        if (r == 4) {
+            setreg(c, i, i->rm, i->osz, c->cr0 & (i->osz == 2 ? 0xffff : ~0ull));
+            return;
+        }
+        if (r == 6) {
+            NEED_CPL0();
+            uint64_t v = getreg(c, i, i->rm, 2);
+            set_cr0(c, (c->cr0 & ~0xeull) | (v & 0xf) | (c->cr0 & 1));
+            return;
+        }
+        UD();
+    }
+    uint64_t lin = ea_lin(c, i);
+    switch (r) {
+    case 0: case 1: {
+        uint64_t base = r == 0 ? c->gdt_base : c->idt_base;
+        uint32_t limit = r == 0 ? c->gdt_limit : c->idt_limit;
+        st(c, lin, 2, limit);
+        if (c->long64) st(c, lin + 2, 8, base);
+        else st(c, linear(c, i->seg, ea_off(c, i) + 2), 4, i->osz == 2 ? base & 0xffffff : base);
+        return;
+    }
+    case 2: case 3: {
+        NEED_CPL0();
+        uint32_t limit = (uint32_t)ld(c, lin, 2);
+        uint64_t base;
+        if (c->long64) base = ld(c, lin + 2, 8);
+        else {
+            base = ld(c, linear(c, i->seg, ea_off(c, i) + 2), 4);
+            if (i->osz == 2) base &= 0xffffff;
+        }
+        if (r == 2) { c->gdt_base = base; c->gdt_limit = limit; }
+        else { c->idt_base = base; c->idt_limit = limit; }
+        return;
+    }
+    case 4:
+        st(c, lin, 2, c->cr0);
+        return;
+    case 6: {
+        NEED_CPL0();
+        uint64_t v = ld(c, lin, 2);
+        set_cr0(c, (c->cr0 & ~0xeull) | (v & 0xf) | (c->cr0 & 1));
+        return;
+    }
+    case 7:
+        NEED_CPL0();
+        tlb_flush_page(c, lin);
+        return;
+    }
+    UD();
+}

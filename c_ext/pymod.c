@@ -1,0 +1,465 @@
+/* CPython binding: kvmpy._tcg.Cpu, a thin handle over struct CPU.
+ * The Python wrapper (kvmpy/vcpu/tcg.py) converts to the Regs/SRegs dataclasses. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include "tcg.h"
+
+typedef struct {
+    PyObject_HEAD
+    CPU *cpu;
+    Py_buffer bufs[MAX_RAM];
+    int nbufs;
+    int running;
+} CpuObject;
+
+static void release_ram(CpuObject *self)
+{
+    CPU *c = self->cpu;
+    for (int k = 0; k < self->nbufs; k++)
+        PyBuffer_Release(&self->bufs[k]);
+    self->nbufs = 0;
+    if (c) {
+        for (int k = 0; k < c->nram; k++)
+            free(c->ram[k].code);
+        c->nram = 0;
+        block_cache_flush(c);
+        tlb_flush(c, 1);
+    }
+}
+
+static void Cpu_dealloc(CpuObject *self)
+{
+    release_ram(self);
+    if (self->cpu) {
+        free(self->cpu->blocks);
+        free(self->cpu->insn_pool);
+        free(self->cpu->hash);
+        free(self->cpu);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
+{
+    int index = 0;
+    static char *kwlist[] = { "cpu_index", NULL };
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", kwlist, &index))
+        return -1;
+    CPU *c = aligned_alloc(64, (sizeof(CPU) + 63) & ~63ul);
+    if (!c) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(c, 0, sizeof *c);
+    c->cpu_index = index;
+    c->max_blocks = 1 << 16;
+    c->max_insns = 1 << 20;
+    c->hash_size = 1 << 16;
+    c->blocks = calloc(c->max_blocks, sizeof(Block));
+    c->insn_pool = calloc(c->max_insns, sizeof(Insn));
+    c->hash = calloc(c->hash_size, sizeof(Block *));
+    if (!c->blocks || !c->insn_pool || !c->hash) {
+        free(c->blocks);
+        free(c->insn_pool);
+        free(c->hash);
+        free(c);
+        PyErr_NoMemory();
+        return -1;
+    }
+    cpu_init(c);
+    c->cpu_index = index;
+    self->cpu = c;
+    return 0;
+}
+
+static PyObject *Cpu_add_ram(CpuObject *self, PyObject *args)
+{
+    unsigned long long gpa;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "KO", &gpa, &obj))
+        return NULL;
+    CPU *c = self->cpu;
+    if (c->nram >= MAX_RAM) {
+        PyErr_SetString(PyExc_ValueError, "too many RAM regions");
+        return NULL;
+    }
+    Py_buffer *b = &self->bufs[self->nbufs];
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if ((gpa & 0xfff) || (b->len & 0xfff) || b->len == 0) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_ValueError, "RAM regions must be page aligned");
+        return NULL;
+    }
+    RamRegion *r = &c->ram[c->nram];
+    r->gpa = gpa;
+    r->size = b->len;
+    r->host = b->buf;
+    r->code = calloc(b->len >> 12, 1);
+    if (!r->code) {
+        PyBuffer_Release(b);
+        return PyErr_NoMemory();
+    }
+    c->nram++;
+    self->nbufs++;
+    tlb_flush(c, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_clear_ram(CpuObject *self, PyObject *unused)
+{
+    release_ram(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "run() is already executing on another thread");
+        return NULL;
+    }
+    int r;
+    self->running = 1;
+    Py_BEGIN_ALLOW_THREADS
+    r = cpu_run(self->cpu);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+    return PyLong_FromLong(r);
+}
+
+static PyObject *Cpu_get_regs(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    PyObject *t = PyTuple_New(18);
+    static const int order[16] = { R_AX, R_BX, R_CX, R_DX, R_SI, R_DI, R_SP, R_BP, 8, 9, 10, 11, 12, 13, 14, 15 };
+    for (int k = 0; k < 16; k++)
+        PyTuple_SET_ITEM(t, k, PyLong_FromUnsignedLongLong(c->r[order[k]]));
+    PyTuple_SET_ITEM(t, 16, PyLong_FromUnsignedLongLong(c->rip));
+    PyTuple_SET_ITEM(t, 17, PyLong_FromUnsignedLongLong(get_eflags(c)));
+    return t;
+}
+
+static PyObject *Cpu_set_regs(CpuObject *self, PyObject *args)
+{
+    unsigned long long v[18];
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKKKKKKKK)", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                          &v[7], &v[8], &v[9], &v[10], &v[11], &v[12], &v[13], &v[14], &v[15], &v[16], &v[17]))
+        return NULL;
+    CPU *c = self->cpu;
+    static const int order[16] = { R_AX, R_BX, R_CX, R_DX, R_SI, R_DI, R_SP, R_BP, 8, 9, 10, 11, 12, 13, 14, 15 };
+    for (int k = 0; k < 16; k++)
+        c->r[order[k]] = v[k];
+    if (c->rip != v[16]) {
+        c->halted = 0;
+        c->nacc = c->acc_pos = 0;
+    }
+    c->rip = v[16];
+    c->eflags = 0;
+    c->cc_op = CC_EAGER;
+    c->cc_res = 0;
+    set_eflags(c, v[17], ~0ull);
+    update_mode(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *seg_tuple(Seg *s)
+{
+    return Py_BuildValue("(KkHbbbbbbbbb)", (unsigned long long)s->base, (unsigned long)s->limit, s->sel,
+                         s->type, s->present, s->dpl, s->db, s->s, s->l, s->g, s->avl, s->unusable);
+}
+
+static int seg_parse(PyObject *o, Seg *s)
+{
+    unsigned long long base;
+    unsigned long limit;
+    int sel, type, present, dpl, db, ss, l, g, avl, unusable;
+    if (!PyArg_ParseTuple(o, "Kkiiiiiiiiii", &base, &limit, &sel, &type, &present, &dpl, &db, &ss, &l, &g,
+                          &avl, &unusable))
+        return -1;
+    s->base = base;
+    s->limit = (uint32_t)limit;
+    s->sel = sel;
+    s->type = type;
+    s->present = present;
+    s->dpl = dpl;
+    s->db = db;
+    s->s = ss;
+    s->l = l;
+    s->g = g;
+    s->avl = avl;
+    s->unusable = unusable;
+    return 0;
+}
+
+/* KVM's order in struct kvm_sregs: cs ds es fs gs ss tr ldt */
+static const int sreg_order[8] = { S_CS, S_DS, S_ES, S_FS, S_GS, S_SS, S_TR, S_LDT };
+
+static PyObject *Cpu_get_sregs(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    PyObject *segs = PyTuple_New(8);
+    for (int k = 0; k < 8; k++)
+        PyTuple_SET_ITEM(segs, k, seg_tuple(&c->seg[sreg_order[k]]));
+    return Py_BuildValue("(N(KI)(KI)KKKKKKK)", segs, (unsigned long long)c->gdt_base, c->gdt_limit,
+                         (unsigned long long)c->idt_base, c->idt_limit, (unsigned long long)c->cr0,
+                         (unsigned long long)c->cr2, (unsigned long long)c->cr3, (unsigned long long)c->cr4,
+                         (unsigned long long)c->cr8, (unsigned long long)c->efer,
+                         (unsigned long long)c->apic_base);
+}
+
+static PyObject *Cpu_set_sregs(CpuObject *self, PyObject *args)
+{
+    PyObject *segs;
+    unsigned long long gb, ib, cr0, cr2, cr3, cr4, cr8, efer, apic;
+    unsigned int gl, il;
+    if (!PyArg_ParseTuple(args, "(O(KI)(KI)KKKKKKK)", &segs, &gb, &gl, &ib, &il, &cr0, &cr2, &cr3, &cr4, &cr8,
+                          &efer, &apic))
+        return NULL;
+    if (!PyTuple_Check(segs) || PyTuple_GET_SIZE(segs) != 8) {
+        PyErr_SetString(PyExc_TypeError, "segments must be a tuple of 8");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    Seg tmp[8];
+    for (int k = 0; k < 8; k++)
+        if (seg_parse(PyTuple_GET_ITEM(segs, k), &tmp[k]) < 0)
+            return NULL;
+    for (int k = 0; k < 8; k++)
+        c->seg[sreg_order[k]] = tmp[k];
+    c->gdt_base = gb;
+    c->gdt_limit = gl;
+    c->idt_base = ib;
+    c->idt_limit = il;
+    c->cr0 = cr0 | 0x10;
+    c->cr2 = cr2;
+    c->cr3 = cr3;
+    c->cr4 = cr4;
+    c->cr8 = cr8;
+    c->efer = efer;
+    c->apic_base = apic;
+    tlb_flush(c, 1);
+    update_mode(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_get_msr(CpuObject *self, PyObject *args)
+{
+    unsigned int idx;
+    if (!PyArg_ParseTuple(args, "I", &idx))
+        return NULL;
+    uint64_t v;
+    if (msr_read(self->cpu, idx, &v) < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *Cpu_set_msr(CpuObject *self, PyObject *args)
+{
+    unsigned int idx;
+    unsigned long long v;
+    if (!PyArg_ParseTuple(args, "IK", &idx, &v))
+        return NULL;
+    return PyBool_FromLong(msr_write(self->cpu, idx, v) == 0);
+}
+
+static PyObject *Cpu_kick(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    atomic_store(&c->kicked, 1);
+    atomic_store(&c->exit_request, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_request_interrupt(CpuObject *self, PyObject *args)
+{
+    int v;
+    if (!PyArg_ParseTuple(args, "i", &v))
+        return NULL;
+    if (v < 0 || v > 255) {
+        PyErr_SetString(PyExc_ValueError, "vector must be 0..255");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    atomic_fetch_or(&c->irq_pending[v / 64], 1ull << (v % 64));
+    atomic_store(&c->exit_request, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_set_cpuid(CpuObject *self, PyObject *args)
+{
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "O", &list))
+        return NULL;
+    PyObject *seq = PySequence_Fast(list, "cpuid entries must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_CPUID) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many CPUID entries");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned int fn, idx, flags, a, b, cc, d;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "IIIIIII", &fn, &idx, &flags, &a, &b, &cc, &d)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        c->cpuid[k].fn = fn;
+        c->cpuid[k].idx = idx;
+        c->cpuid[k].flags = flags;
+        c->cpuid[k].eax = a;
+        c->cpuid[k].ebx = b;
+        c->cpuid[k].ecx = cc;
+        c->cpuid[k].edx = d;
+    }
+    c->ncpuid = (int)n;
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+/* (kind, addr, size, write, count, data) of the access the last exit stopped at */
+static PyObject *Cpu_exit_access(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    if (c->nacc == 0)
+        Py_RETURN_NONE;
+    Access *a = &c->acc[c->nacc - 1];
+    PyObject *mv = PyMemoryView_FromMemory((char *)a->data, (Py_ssize_t)a->size * a->count, PyBUF_WRITE);
+    if (!mv)
+        return NULL;
+    return Py_BuildValue("(iKIiIN)", a->kind, (unsigned long long)a->addr, a->size, a->write, a->count, mv);
+}
+
+static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
+{
+    return PyUnicode_FromString(self->cpu->errmsg);
+}
+
+static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+                         "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
+                         (unsigned long long)c->st_decoded_insns, "decode_ns",
+                         (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
+                         "invalidations", (unsigned long long)c->st_invalidations);
+}
+
+static PyObject *Cpu_invalidate(CpuObject *self, PyObject *args)
+{
+    unsigned long long gpa, size;
+    if (!PyArg_ParseTuple(args, "KK", &gpa, &size))
+        return NULL;
+    for (unsigned long long p = gpa & ~0xfffull; p < gpa + size; p += 4096)
+        invalidate_code_page(self->cpu, p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_flush(CpuObject *self, PyObject *unused)
+{
+    block_cache_flush(self->cpu);
+    tlb_flush(self->cpu, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_get_halted(CpuObject *self, void *closure)
+{
+    return PyBool_FromLong(self->cpu->halted);
+}
+
+static int Cpu_set_halted(CpuObject *self, PyObject *v, void *closure)
+{
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    self->cpu->halted = t;
+    return 0;
+}
+
+static PyObject *Cpu_get_xmm(CpuObject *self, PyObject *args)
+{
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n))
+        return NULL;
+    if (n < 0 || n > 15) {
+        PyErr_SetString(PyExc_ValueError, "xmm index");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((char *)self->cpu->xmm[n], 16);
+}
+
+static PyObject *Cpu_set_xmm(CpuObject *self, PyObject *args)
+{
+    int n;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iy*", &n, &b))
+        return NULL;
+    if (n < 0 || n > 15 || b.len != 16) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "xmm index or size");
+        return NULL;
+    }
+    memcpy(self->cpu->xmm[n], b.buf, 16);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Cpu_methods[] = {
+    { "add_ram", (PyCFunction)Cpu_add_ram, METH_VARARGS, "add_ram(gpa, writable_buffer)" },
+    { "clear_ram", (PyCFunction)Cpu_clear_ram, METH_NOARGS, "release every RAM buffer" },
+    { "run", (PyCFunction)Cpu_run, METH_NOARGS, "run until an exit; returns the exit kind" },
+    { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
+    { "set_regs", (PyCFunction)Cpu_set_regs, METH_VARARGS, NULL },
+    { "get_sregs", (PyCFunction)Cpu_get_sregs, METH_NOARGS, NULL },
+    { "set_sregs", (PyCFunction)Cpu_set_sregs, METH_VARARGS, NULL },
+    { "get_msr", (PyCFunction)Cpu_get_msr, METH_VARARGS, NULL },
+    { "set_msr", (PyCFunction)Cpu_set_msr, METH_VARARGS, NULL },
+    { "kick", (PyCFunction)Cpu_kick, METH_NOARGS, "thread-safe: run() returns EXIT_INTR soon" },
+    { "request_interrupt", (PyCFunction)Cpu_request_interrupt, METH_VARARGS, "thread-safe" },
+    { "set_cpuid", (PyCFunction)Cpu_set_cpuid, METH_VARARGS, NULL },
+    { "exit_access", (PyCFunction)Cpu_exit_access, METH_NOARGS, NULL },
+    { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
+    { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
+    { "invalidate", (PyCFunction)Cpu_invalidate, METH_VARARGS, "drop translations of guest RAM written behind our back (DMA)" },
+    { "flush", (PyCFunction)Cpu_flush, METH_NOARGS, NULL },
+    { "get_xmm", (PyCFunction)Cpu_get_xmm, METH_VARARGS, NULL },
+    { "set_xmm", (PyCFunction)Cpu_set_xmm, METH_VARARGS, NULL },
+    { NULL }
+};
+
+static PyGetSetDef Cpu_getset[] = {
+    { "halted", (getter)Cpu_get_halted, (setter)Cpu_set_halted, NULL, NULL },
+    { NULL }
+};
+
+static PyTypeObject CpuType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvmpy._tcg.Cpu",
+    .tp_basicsize = sizeof(CpuObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Cpu_init,
+    .tp_dealloc = (destructor)Cpu_dealloc,
+    .tp_methods = Cpu_methods,
+    .tp_getset = Cpu_getset,
+    .tp_doc = "x86 translator vCPU",
+};
+
+static struct PyModuleDef tcg_module = {
+    PyModuleDef_HEAD_INIT, "_tcg", "kvmpy C translator (x86 CPU)", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__tcg(void)
+{
+    if (PyType_Ready(&CpuType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&tcg_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&CpuType);
+    PyModule_AddObject(m, "Cpu", (PyObject *)&CpuType);
+    return m;
+}

@@ -1,0 +1,775 @@
+"""`kvmpy img`: qemu-img's everyday jobs with qemu-img's spelling.
+
+create, info, check, resize, rebase, convert, commit, map, snapshot -l.
+Bad input (options, sizes, images) is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+from ..errors import ImageError, UserError
+from . import open_image, probe_format
+from .qcow2 import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2Driver, create_qcow2
+from .raw import RawDriver
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+             "e": 1 << 60}
+_SIZE_RE = re.compile(r"^([+-]?)(\d+(?:\.\d+)?)([bkmgtpe]?)(?:i?b)?$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size", allow_sign: bool = False):
+    """'4G', '512M', '1024', '1.5G' -> bytes; with allow_sign returns (sign, bytes)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise UserError(f"invalid {what} {text!r} (use e.g. 1024, 512M, 4G)")
+    sign, num, suffix = m.groups()
+    if sign and not allow_sign:
+        raise UserError(f"invalid {what} {text!r}: a sign is only allowed for resize")
+    value = float(num) * _SUFFIXES[suffix.lower()] if "." in num else int(num) * _SUFFIXES[suffix.lower()]
+    value = int(value)
+    if value > (1 << 63) - 1:
+        raise UserError(f"invalid {what} {text!r}: too large")
+    return (sign, value) if allow_sign else value
+
+
+def human_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        n /= 1024
+        if n < 1024 or unit == "EiB":
+            s = f"{n:.3g}"
+            return f"{s} {unit}"
+    return f"{n} B"
+
+
+def parse_options(opts: list[str]) -> dict:
+    out = {}
+    for group in opts or []:
+        for item in group.split(","):
+            if not item:
+                continue
+            if "=" not in item:
+                raise UserError(f"invalid -o option {item!r} (expected key=value)")
+            k, v = item.split("=", 1)
+            out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def _onoff(key, v) -> bool:
+    if v in ("on", "true", "yes"):
+        return True
+    if v in ("off", "false", "no"):
+        return False
+    raise UserError(f"invalid value {v!r} for -o {key} (on/off)")
+
+
+def _format_arg(fmt: str | None, what: str) -> str | None:
+    if fmt is not None and fmt not in ("raw", "qcow2"):
+        raise UserError(f"unknown {what} format {fmt!r} (supported: raw, qcow2)")
+    return fmt
+
+
+def _resolve_backing(overlay: str, backing: str) -> str:
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(os.path.abspath(overlay)), backing)
+
+
+# ------------------------------------------------------------------ create
+
+def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None,
+                 backing: str | None = None, backing_fmt: str | None = None, quiet: bool = True) -> None:
+    opts = dict(opts or {})
+    backing = opts.pop("backing_file", backing)
+    backing_fmt = _format_arg(opts.pop("backing_fmt", backing_fmt), "backing")
+    if "size" in opts:
+        size = parse_size(opts.pop("size"))
+    if fmt == "raw":
+        prealloc = opts.pop("preallocation", "off")
+        if opts:
+            raise UserError(f"{path}: unknown option(s) for raw: {', '.join(opts)}")
+        if backing:
+            raise UserError(f"{path}: raw images cannot have a backing file")
+        if size is None:
+            raise UserError(f"{path}: image size is required for raw images")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            if prealloc in ("falloc", "full") and size:
+                os.posix_fallocate(fd, 0, size)
+            elif prealloc != "off":
+                raise UserError(f"{path}: preallocation={prealloc} unsupported (off, falloc, full)")
+        finally:
+            os.close(fd)
+        if not quiet:
+            print(f"Formatting '{path}', fmt=raw size={size}")
+        return
+    if fmt != "qcow2":
+        raise UserError(f"{path}: unknown format {fmt!r} (supported: raw, qcow2)")
+    cluster_size = parse_size(opts.pop("cluster_size", "65536"), "cluster_size")
+    compat = opts.pop("compat", "1.1")
+    version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}.get(compat)
+    if version is None:
+        raise UserError(f"{path}: invalid compat={compat} (0.10 or 1.1)")
+    refcount_bits = int(opts.pop("refcount_bits", "16") or 0)
+    lazy = _onoff("lazy_refcounts", opts.pop("lazy_refcounts", "off"))
+    if lazy:
+        raise UserError(f"{path}: lazy_refcounts=on is unsupported (kvmpy keeps refcounts exact)")
+    prealloc = opts.pop("preallocation", "off")
+    if prealloc != "off":
+        raise UserError(f"{path}: preallocation={prealloc} unsupported for qcow2 (off)")
+    if _onoff("extended_l2", opts.pop("extended_l2", "off")):
+        raise UserError(f"{path}: extended_l2=on is unsupported")
+    ctype = opts.pop("compression_type", "zlib")
+    if ctype != "zlib":
+        raise UserError(f"{path}: compression_type={ctype} unsupported (zlib)")
+    if opts:
+        raise UserError(f"{path}: unknown option(s) for qcow2: {', '.join(opts)}")
+    if backing:
+        bpath = _resolve_backing(path, backing)
+        if backing_fmt is None:
+            backing_fmt = probe_format(bpath)
+        with open_image(bpath, backing_fmt, read_only=True) as b:
+            if size is None:
+                size = b.size
+    if size is None:
+        raise UserError(f"{path}: image size is required (or a backing file to take it from)")
+    create_qcow2(path, size, cluster_size=cluster_size, backing_file=backing or None,
+                 backing_format=backing_fmt if backing else None, version=version,
+                 refcount_bits=refcount_bits)
+    if not quiet:
+        extra = f" backing_file={backing} backing_fmt={backing_fmt}" if backing else ""
+        print(f"Formatting '{path}', fmt=qcow2 cluster_size={cluster_size} "
+              f"compression_type=zlib size={size}{extra} lazy_refcounts=off refcount_bits={refcount_bits}")
+
+
+def cmd_create(args) -> int:
+    fmt = _format_arg(args.format or "raw", "image")
+    opts = parse_options(args.options)
+    size = parse_size(args.size) if args.size is not None else None
+    create_image(args.filename, fmt, size, opts, backing=args.backing, backing_fmt=args.backing_format,
+                 quiet=args.quiet)
+    return 0
+
+
+# -------------------------------------------------------------------- info
+
+def image_info(drv) -> dict:
+    st = os.stat(drv.path)
+    d = {"virtual-size": drv.size, "filename": drv.path, "format": drv.format,
+         "actual-size": st.st_blocks * 512, "dirty-flag": False}
+    if isinstance(drv, Qcow2Driver):
+        h = drv.header
+        d["cluster-size"] = drv.cluster_size
+        d["dirty-flag"] = bool(h.incompatible & INCOMPAT_DIRTY)
+        data = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": drv.refcount_bits}
+        if h.version >= 3:
+            data.update({"compression-type": "zlib",
+                         "lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
+                         "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT), "extended-l2": False})
+        d["format-specific"] = {"type": "qcow2", "data": data}
+        if h.backing_file is not None:
+            d["backing-filename"] = h.backing_file
+            d["full-backing-filename"] = drv.backing_path()
+            if h.backing_format:
+                d["backing-filename-format"] = h.backing_format
+        if drv.snapshots:
+            d["snapshots"] = [_snap_dict(s) for s in drv.snapshots]
+    return d
+
+
+def _snap_dict(s) -> dict:
+    return {"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size, "date-sec": s.date_sec,
+            "date-nsec": s.date_nsec, "vm-clock-sec": s.vm_clock_nsec // 10**9,
+            "vm-clock-nsec": s.vm_clock_nsec % 10**9, "icount": None}
+
+
+def _print_info(d: dict) -> None:
+    print(f"image: {d['filename']}")
+    print(f"file format: {d['format']}")
+    print(f"virtual size: {human_size(d['virtual-size'])} ({d['virtual-size']} bytes)")
+    print(f"disk size: {human_size(d['actual-size'])}")
+    if "cluster-size" in d:
+        print(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        bf = d["backing-filename"]
+        full = d["full-backing-filename"]
+        print(f"backing file: {bf}" + (f" (actual path: {full})" if full != bf else ""))
+        if "backing-filename-format" in d:
+            print(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        print("Snapshot list:")
+        _print_snapshots_from_dicts(d["snapshots"])
+    fs = d.get("format-specific")
+    if fs:
+        print("Format specific information:")
+        names = {"compat": "compat", "compression-type": "compression type",
+                 "lazy-refcounts": "lazy refcounts", "refcount-bits": "refcount bits",
+                 "corrupt": "corrupt", "extended-l2": "extended l2"}
+        for k, v in fs["data"].items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            print(f"    {names.get(k, k)}: {v}")
+    if d.get("dirty-flag"):
+        print("dirty flag: true")
+
+
+def cmd_info(args) -> int:
+    fmt = _format_arg(args.format, "image")
+    chain = []
+    path, pfmt = args.filename, fmt
+    seen = set()
+    while path:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ImageError(f"{path}: backing chain loops back to {path}")
+        seen.add(real)
+        # Opening the top alone keeps info usable on images whose backing file is missing.
+        drv = _open_for_info(path, pfmt)
+        try:
+            d = image_info(drv)
+        finally:
+            drv.close()
+        chain.append(d)
+        if not args.backing_chain or "full-backing-filename" not in d:
+            break
+        path, pfmt = d["full-backing-filename"], d.get("backing-filename-format")
+    if args.output == "json":
+        print(json.dumps(chain if args.backing_chain else chain[0], indent=4))
+    else:
+        for i, d in enumerate(chain):
+            if i:
+                print()
+            _print_info(d)
+    return 0
+
+
+def _open_for_info(path, fmt):
+    fmt = fmt or probe_format(path)
+    if fmt == "qcow2":
+        return _Qcow2NoBacking(path, read_only=True)
+    return open_image(path, fmt, read_only=True)
+
+
+class _Qcow2NoBacking(Qcow2Driver):
+    """Opens a qcow2 image without its backing chain (info, rebase -u)."""
+
+    def _open_backing(self, chain):
+        return None
+
+
+# ------------------------------------------------------------------- check
+
+def cmd_check(args) -> int:
+    from .check import check_image
+    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    if fmt != "qcow2":
+        print(f"This image format does not support checks", file=sys.stderr)
+        return 63
+    repair = args.repair
+    drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair))
+    try:
+        res = check_image(drv, repair=repair)
+        if repair and (res.leaks_fixed or res.corruptions_fixed):
+            fixed = (res.leaks_fixed, res.corruptions_fixed)
+            res = check_image(drv)
+            res.leaks_fixed, res.corruptions_fixed = fixed
+    finally:
+        drv.close()
+    if args.output == "json":
+        print(json.dumps(res.as_dict(args.filename), indent=4))
+    else:
+        for m in res.messages:
+            print(m, file=sys.stderr)
+        if res.leaks_fixed or res.corruptions_fixed:
+            print(f"The following inconsistencies were found and repaired:\n\n"
+                  f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n\n"
+                  f"Double checking the fixed image now...")
+        if not res.corruptions and not res.leaks:
+            print("No errors were found on the image.")
+        if res.corruptions:
+            print(f"\n{res.corruptions} errors were found on the image.\n"
+                  f"Data may be corrupted, or further writes to the image may corrupt it.")
+        if res.leaks:
+            print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                  f"This means waste of disk space, but no harm to data.")
+        if res.total_clusters:
+            t = res.total_clusters
+            print(f"{res.allocated_clusters}/{t} = {100 * res.allocated_clusters / t:.2f}% allocated, "
+                  f"{100 * res.fragmented_clusters / t:.2f}% fragmented, "
+                  f"{100 * res.compressed_clusters / t:.2f}% compressed clusters")
+        print(f"Image end offset: {res.image_end_offset}")
+    if res.corruptions:
+        return 2
+    if res.leaks:
+        return 3
+    return 0
+
+
+# ------------------------------------------------------------------ resize
+
+def cmd_resize(args) -> int:
+    sign, amount = parse_size(args.size, "size", allow_sign=True)
+    fmt = _format_arg(args.format, "image")
+    with open_image(args.filename, fmt) as drv:
+        old = drv.size
+        new = old + amount if sign == "+" else old - amount if sign == "-" else amount
+        if new < 0:
+            raise UserError(f"{args.filename}: new size would be negative")
+        if new < old and not args.shrink:
+            raise UserError(f"{args.filename}: shrinking from {old} to {new} bytes needs --shrink; "
+                            f"shrink the guest's partitions and file systems first")
+        if new < old:
+            print(f"warning: shrinking {args.filename}: data past {new} bytes is lost; the guest "
+                  f"file system must already have been shrunk", file=sys.stderr)
+        if isinstance(drv, RawDriver):
+            drv.truncate(new)
+            drv.flush()
+        else:
+            drv.resize(new)
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+# ---------------------------------------------------------------- helpers
+
+def chain_reads_zero(drv, off: int, length: int):
+    """(known_zero, run): whether [off, off+run) reads as zeroes through the chain."""
+    alloc, zero, run = drv.block_status(off, length)
+    run = max(1, min(run, length))
+    if zero:
+        return True, run
+    if alloc:
+        return False, run
+    b = getattr(drv, "backing", None)
+    if b is None or off >= b.size:
+        return True, run
+    return chain_reads_zero(b, off, min(run, b.size - off))
+
+
+class Progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = max(total, 1)
+        self.last = -1.0
+
+    def update(self, done: int):
+        if not self.enabled:
+            return
+        pct = 100.0 * done / self.total
+        if pct - self.last >= 1.0 or done >= self.total:
+            self.last = pct
+            sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def finish(self):
+        if self.enabled:
+            sys.stdout.write(f"    (100.00/100%)\n")
+            sys.stdout.flush()
+
+
+_ZERO_CHUNK = bytes(2 << 20)
+
+
+def copy_image(src, dst, compress: bool = False, progress: Progress | None = None,
+               granularity: int = 65536, chunk: int = 2 << 20, skip_zero: bool = True) -> None:
+    """Copy src's guest contents into dst, leaving zero areas unallocated."""
+    size = src.size
+    buf = bytearray(chunk)
+    pos = 0
+    while pos < size:
+        n = min(chunk, size - pos)
+        zero, run = chain_reads_zero(src, pos, n)
+        if zero and skip_zero:
+            pos += run
+            if progress:
+                progress.update(pos)
+            continue
+        n = min(n, run) if zero is False else n
+        # Align the data chunk end to the granularity when possible.
+        view = memoryview(buf)[:n]
+        src.preadv([view], pos)
+        g = 0
+        while g < n:
+            k = min(granularity - (pos + g) % granularity, n - g)
+            # Extend over consecutive non-zero granules to write in big pieces.
+            if skip_zero and view[g:g + k] == _ZERO_CHUNK[:k]:
+                g += k
+                continue
+            e = g + k
+            while e < n:
+                k2 = min(granularity, n - e)
+                if skip_zero and view[e:e + k2] == _ZERO_CHUNK[:k2]:
+                    break
+                e += k2
+            if compress:
+                dst.write_compressed(pos + g, view[g:e])
+            else:
+                dst.pwritev([view[g:e]], pos + g)
+            g = e
+        pos += n
+        if progress:
+            progress.update(pos)
+
+
+# ------------------------------------------------------------------ convert
+
+def cmd_convert(args) -> int:
+    src_fmt = _format_arg(args.format, "source")
+    out_fmt = _format_arg(args.output_format or "raw", "output")
+    opts = parse_options(args.options)
+    if args.compress and out_fmt != "qcow2":
+        raise UserError("compression (-c) needs -O qcow2")
+    if os.path.abspath(args.source) == os.path.abspath(args.dest):
+        raise UserError(f"{args.dest}: source and destination are the same file")
+    with open_image(args.source, src_fmt, read_only=True) as src:
+        create_image(args.dest, out_fmt, src.size, opts, quiet=True)
+        with open_image(args.dest, out_fmt) as dst:
+            gran = dst.cluster_size if isinstance(dst, Qcow2Driver) else 4096
+            chunk = max(2 << 20, gran)
+            prog = Progress(args.progress, src.size)
+            copy_image(src, dst, compress=args.compress, progress=prog, granularity=gran, chunk=chunk)
+            dst.flush()
+            prog.finish()
+    return 0
+
+
+# ------------------------------------------------------------------- rebase
+
+def cmd_rebase(args) -> int:
+    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    if fmt != "qcow2":
+        raise UserError(f"{args.filename}: only qcow2 images have a backing file to rebase")
+    new = args.backing
+    new_fmt = _format_arg(args.backing_format, "backing")
+    if new:
+        new_path = _resolve_backing(args.filename, new)
+        if not os.path.exists(new_path):
+            if not args.unsafe:
+                raise ImageError(f"{new_path}: new backing file not found")
+        elif new_fmt is None:
+            new_fmt = probe_format(new_path)
+    if args.unsafe:
+        drv = _Qcow2NoBacking(args.filename)
+        try:
+            drv.set_backing(new or None, new_fmt)
+        finally:
+            drv.close()
+        return 0
+    with open_image(args.filename, "qcow2") as drv:
+        newb = open_image(new_path, new_fmt, read_only=True) if new else None
+        try:
+            _safe_rebase(drv, newb, args.progress)
+        finally:
+            if newb is not None:
+                newb.close()
+        drv.set_backing(new or None, new_fmt)
+    return 0
+
+
+def _safe_rebase(drv: Qcow2Driver, newb, progress: bool) -> None:
+    """Copy into the overlay every unallocated cluster whose old and new backing differ."""
+    cs = drv.cluster_size
+    old = drv.backing
+    prog = Progress(progress, drv.size)
+    a = bytearray(cs)
+    b = bytearray(cs)
+    pos = 0
+    while pos < drv.size:
+        n = min(cs - pos % cs, drv.size - pos)
+        alloc, _zero, run = drv.block_status(pos, max(n, min(drv.size - pos, 256 * cs)))
+        if alloc:
+            pos += run
+            prog.update(pos)
+            continue
+        n = min(cs, drv.size - pos)
+        va, vb = memoryview(a)[:n], memoryview(b)[:n]
+        _read_or_zero(old, va, pos)
+        _read_or_zero(newb, vb, pos)
+        if va != vb:
+            drv.pwritev([va], pos)
+        pos += n
+        prog.update(pos)
+    drv.flush()
+    prog.finish() if progress else None
+
+
+def _read_or_zero(drv, view, pos):
+    n = len(view)
+    if drv is None or pos >= drv.size:
+        view[:] = _ZERO_CHUNK[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
+        return
+    avail = min(n, drv.size - pos)
+    drv.preadv([view[:avail]], pos)
+    if avail < n:
+        view[avail:] = bytes(n - avail)
+
+
+# ------------------------------------------------------------------- commit
+
+def cmd_commit(args) -> int:
+    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    if fmt != "qcow2":
+        raise UserError(f"{args.filename}: only qcow2 images can be committed into a backing file")
+    with open_image(args.filename, "qcow2") as top:
+        if top.backing is None:
+            raise UserError(f"{args.filename}: image has no backing file to commit into")
+        base = open_image(top.backing_path(), top.header.backing_format, read_only=False)
+        try:
+            if base.size < top.size:
+                if isinstance(base, RawDriver):
+                    base.truncate(top.size)
+                else:
+                    base.resize(top.size)
+            cs = top.cluster_size
+            buf = bytearray(2 << 20)
+            pos = 0
+            prog = Progress(args.progress, top.size)
+            while pos < top.size:
+                alloc, zero, run = top.block_status(pos, min(len(buf), top.size - pos))
+                if alloc and zero:
+                    base.write_zeroes(pos, run)
+                elif alloc:
+                    v = memoryview(buf)[:run]
+                    top.preadv([v], pos)
+                    base.pwritev([v], pos)
+                pos += run
+                prog.update(pos)
+            base.flush()
+            prog.finish()
+        finally:
+            base.close()
+        if not args.skip_empty:
+            top.make_empty()
+    print("Image committed.")
+    return 0
+
+
+# ---------------------------------------------------------------------- map
+
+def map_image(drv) -> list[dict]:
+    out = []
+    pos = 0
+    while pos < drv.size:
+        entry, run = _map_one(drv, pos, drv.size - pos, 0)
+        last = out[-1] if out else None
+        if (last and all(last[k] == entry[k] for k in ("depth", "present", "zero", "data"))
+                and (("offset" not in last and "offset" not in entry) or
+                     ("offset" in last and "offset" in entry and last["offset"] + last["length"] == entry["offset"]))
+                and last.get("_file") == entry.get("_file")):
+            last["length"] += run
+        else:
+            entry.update(start=pos, length=run)
+            out.append(entry)
+        pos += run
+    for e in out:
+        e.pop("_file", None)
+    return [{k: e[k] for k in ("start", "length", "depth", "present", "zero", "data", "offset") if k in e}
+            for e in out]
+
+
+def _map_one(drv, pos, length, depth):
+    if isinstance(drv, RawDriver):
+        data, zero, run = drv.block_status(pos, length)
+        e = {"depth": depth, "present": True, "zero": not data, "data": data, "_file": drv.path}
+        if data:
+            e["offset"] = pos
+        return e, run
+    from .qcow2 import COMPRESSED, DATA, ZERO
+    kind, host, run = drv.host_mapping(pos, length)
+    if kind == DATA:
+        return {"depth": depth, "present": True, "zero": False, "data": True, "offset": host,
+                "_file": drv.path}, run
+    if kind == COMPRESSED:
+        return {"depth": depth, "present": True, "zero": False, "data": True, "_file": drv.path}, run
+    if kind == ZERO:
+        return {"depth": depth, "present": True, "zero": True, "data": False}, run
+    b = drv.backing
+    if b is None or pos >= b.size:
+        return {"depth": depth, "present": False, "zero": True, "data": False}, run
+    return _map_one(b, pos, min(run, b.size - pos), depth + 1)
+
+
+def cmd_map(args) -> int:
+    fmt = _format_arg(args.format, "image")
+    with open_image(args.filename, fmt, read_only=True) as drv:
+        entries = map_image(drv)
+        # Human output needs the file each mapped run comes from.
+        if args.output != "json":
+            rows = []
+            for e in entries:
+                if e["data"] and "offset" in e:
+                    rows.append((e["start"], e["length"], e["offset"], _file_at_depth(drv, e["depth"])))
+            print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+            for start, length, off, f in rows:
+                print(f"{start:<#16x}{length:<#16x}{off:<#16x}{f}")
+            return 0
+    print("[" + ",\n".join(json.dumps(e) for e in entries) + "]")
+    return 0
+
+
+def _file_at_depth(drv, depth):
+    while depth and getattr(drv, "backing", None) is not None:
+        drv = drv.backing
+        depth -= 1
+    return drv.path
+
+
+# ---------------------------------------------------------------- snapshot
+
+def _print_snapshots_from_dicts(snaps):
+    print(f"{'ID':<8}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>16}     ICOUNT")
+    for s in snaps:
+        date = datetime.datetime.fromtimestamp(s["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6:03d}"
+        print(f"{s['id']:<8}{s['name']:<17}{human_size(s['vm-state-size']):>8}{date:>20}{clock:>16}")
+
+
+def cmd_snapshot(args) -> int:
+    if not args.list:
+        raise UserError("only `snapshot -l` (list) is supported")
+    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    if fmt != "qcow2":
+        raise UserError(f"{args.filename}: {fmt} images have no internal snapshots")
+    drv = _Qcow2NoBacking(args.filename, read_only=True)
+    try:
+        snaps = [_snap_dict(s) for s in drv.snapshots]
+    finally:
+        drv.close()
+    if snaps:
+        print("Snapshot list:")
+        _print_snapshots_from_dicts(snaps)
+    return 0
+
+
+# ------------------------------------------------------------ registration
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Bad command lines are one line and status 2, as for any other bad input."""
+    prog = parser.prog
+
+    def error(message):
+        sys.stderr.write(f"{prog}: {message}\n")
+        sys.exit(2)
+
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = original(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    parser.error = error
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
+def _wrap(handler):
+    @functools.wraps(handler)
+    def run(args):
+        try:
+            return handler(args)
+        except UserError:
+            raise
+        except BrokenPipeError:
+            return 0
+        except OSError as e:
+            name = e.filename or getattr(args, "filename", "") or ""
+            raise ImageError(f"{name}: {e.strerror or e}") from None
+    return run
+
+
+def _no_subcommand(args) -> int:
+    print("kvmpy img: a subcommand is required (create, info, check, resize, rebase, convert, "
+          "commit, map, snapshot)", file=sys.stderr)
+    return 2
+
+
+def register(subparsers) -> None:
+    img = _one_line_errors(subparsers.add_parser("img", help="create, inspect and convert disk images"))
+    img.set_defaults(func=_no_subcommand)
+    sub = img.add_subparsers(dest="img_command", metavar="SUBCOMMAND")
+
+    def add(name, handler, help_):
+        p = _one_line_errors(sub.add_parser(name, help=help_))
+        p.set_defaults(func=_wrap(handler))
+        return p
+
+    p = add("create", cmd_create, "create a new image")
+    p.add_argument("-f", dest="format", default="raw")
+    p.add_argument("-o", dest="options", action="append")
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_format")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-u", dest="unsafe", action="store_true", help="accepted for compatibility")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?")
+
+    p = add("info", cmd_info, "show image information")
+    p.add_argument("-f", dest="format")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--json", dest="output", action="store_const", const="json")
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("filename")
+
+    p = add("check", cmd_check, "check (and repair) qcow2 refcounts")
+    p.add_argument("-f", dest="format")
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"))
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filename")
+
+    p = add("resize", cmd_resize, "grow or shrink an image")
+    p.add_argument("-f", dest="format")
+    p.add_argument("--shrink", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filename")
+    p.add_argument("size", help="[+-]SIZE")
+
+    p = add("rebase", cmd_rebase, "change an image's backing file")
+    p.add_argument("-f", dest="format")
+    p.add_argument("-b", dest="backing", required=True)
+    p.add_argument("-F", dest="backing_format")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("filename")
+
+    p = add("convert", cmd_convert, "copy an image, possibly to another format")
+    p.add_argument("-f", dest="format")
+    p.add_argument("-O", dest="output_format")
+    p.add_argument("-o", dest="options", action="append")
+    p.add_argument("-c", dest="compress", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("source")
+    p.add_argument("dest")
+
+    p = add("commit", cmd_commit, "write an overlay's changes into its backing file")
+    p.add_argument("-f", dest="format")
+    p.add_argument("-d", dest="skip_empty", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("filename")
+
+    p = add("map", cmd_map, "show where guest data lives")
+    p.add_argument("-f", dest="format")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("filename")
+
+    p = add("snapshot", cmd_snapshot, "list internal snapshots")
+    p.add_argument("-f", dest="format")
+    p.add_argument("-l", dest="list", action="store_true")
+    p.add_argument("filename")

@@ -1,0 +1,481 @@
+"""Process lifecycle of a VM process: pidfile, daemonizing, dropping root, signals.
+
+The order the run command follows (each step needs the one before):
+
+    daemonize(start)                  # fork; parent waits for "running" or the error
+      start():  pidfile.acquire()     # in the child, so it holds the child's pid
+                open /dev/kvm, taps, images, monitor sockets (as root)
+                drop_privileges(user)  # before any guest code runs
+                start the vCPUs
+                SignalActions(control).install()
+      return  -> parent exits 0; child continues with the VM
+
+Nothing here starts a thread that outlives its owner: SignalActions.close()
+joins its thread, Pidfile.release() is idempotent and also runs at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import logging
+import os
+import pwd
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Callable, TypeVar
+
+from .errors import UserError
+from .monitor.control import VmControl
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class PidfileError(UserError):
+    """The pidfile is held by a live process or cannot be written."""
+
+
+class PrivilegeError(Exception):
+    """Dropping privileges did not stick: continuing would run guests as root."""
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True         # exists, owned by someone else
+    # A zombie is dead for our purposes: it will never remove its pidfile.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_pidfile(path: str) -> int | None:
+    """The pid in ``path``, or None if it is missing or not a pid."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except PermissionError as e:
+        raise PidfileError(f"{path}: {e.strerror}") from None
+    try:
+        pid = int(text.strip() or b"-1")
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+class Pidfile:
+    """An exclusively created pidfile, removed on exit.
+
+    Created with O_EXCL. If the file exists, it is stale (and replaced) when its
+    pid is dead and no process holds its lock; otherwise PidfileError. The open
+    file keeps an flock for the process's life, so two kvmpy processes racing to
+    replace the same stale file cannot both win.
+    """
+
+    def __init__(self, path: str, *, create: bool = True):
+        """Creates the pidfile now (PidfileError if a live process holds it)
+        unless create=False, in which case acquire() or ``with`` does."""
+        self.path = os.path.abspath(path)
+        self.pid: int | None = None
+        self._fd = -1
+        self._atexit = False
+        if create:
+            self.acquire()
+
+    def acquire(self) -> "Pidfile":
+        if self._fd >= 0 and self.pid == os.getpid():
+            return self
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                if self._replace_stale():
+                    return self
+                continue            # it vanished between the two opens: try again
+            except OSError as e:
+                raise PidfileError(f"{self.path}: cannot create pidfile: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                # Another process locked our freshly created file: it replaced it
+                # as stale between our create and lock. It wins.
+                os.close(fd)
+                raise PidfileError(f"{self.path}: another kvmpy is starting with this pidfile") from None
+            self._own(fd)
+            return self
+        raise PidfileError(f"{self.path}: pidfile keeps changing under us")
+
+    def _replace_stale(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise PidfileError(f"{self.path}: cannot open pidfile: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = read_pidfile(self.path)
+            raise PidfileError(f"{self.path}: already in use by running process "
+                               f"{pid if pid else '(unknown pid)'}") from None
+        try:
+            text = os.pread(fd, 64, 0)
+            try:
+                pid = int(text.strip() or b"-1")
+            except ValueError:
+                pid = -1
+            if pid != os.getpid() and pid_alive(pid):
+                raise PidfileError(f"{self.path}: already in use by running process {pid}")
+            st = os.fstat(fd)
+            try:
+                cur = os.stat(self.path)
+            except FileNotFoundError:
+                os.close(fd)
+                return False
+            if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)
+                return False
+            log.info("%s: replacing stale pidfile of dead process %s", self.path, pid)
+        except BaseException:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        self._own(fd)
+        return True
+
+    def _own(self, fd: int) -> None:
+        self._fd = fd
+        self.write_pid()
+        if not self._atexit:
+            atexit.register(self.release)
+            self._atexit = True
+
+    def write_pid(self) -> None:
+        """(Re)write our pid: after a fork the child calls this on an inherited pidfile."""
+        self.pid = os.getpid()
+        data = f"{self.pid}\n".encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def release(self) -> None:
+        """Remove the pidfile if it is still ours. Idempotent; a forked child
+        that did not rewrite it leaves it alone."""
+        if self._fd < 0:
+            return
+        try:
+            if self.pid == os.getpid() and read_pidfile(self.path) == self.pid:
+                os.unlink(self.path)
+        except OSError as e:
+            # After drop_privileges the run directory may not be ours to write:
+            # the pid inside is dead from now on, so the next start replaces it.
+            log.debug("%s: cannot remove pidfile: %s", self.path, e)
+        except UserError:
+            pass
+        finally:
+            if self.pid == os.getpid():
+                os.close(self._fd)
+                self._fd = -1
+
+    remove = release
+
+    def __enter__(self) -> "Pidfile":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- daemonize
+
+_RUNNING = b"RUNNING\n"
+
+
+def daemonize(start: Callable[..., T], *, log_path: str | None = None,
+              chdir: bool = True) -> T:
+    """Fork; run ``start`` in the child; return its result in the child only.
+
+    ``start`` comes in two shapes:
+      * ``start()``: sets the VM up and returns once it runs; the child reports
+        "running" when it returns, and daemonize returns its result;
+      * ``start(notify_running)``: runs the whole VM and calls
+        ``notify_running()`` once the vCPUs are started; daemonize returns what
+        start returns (the exit status) when the VM has ended.
+
+    The parent waits on a pipe: it exits 0 once the child reports "running", or
+    prints the child's one-line startup error and exits with the child's status
+    (2 for a UserError, 1 otherwise). The child becomes a session leader, and
+    once running points stdin/stdout/stderr at /dev/null (or appends stderr to
+    ``log_path``) so that whoever started it (a shell pipeline, systemd,
+    ``kvmpy service``) is not held open.
+
+    Call it before any thread exists: fork copies only the calling thread.
+    """
+    if threading.active_count() > 1:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        raise RuntimeError(f"daemonize() called with threads running: {names}")
+    wants_notify = _takes_an_argument(start)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        _parent_wait(r, pid)        # never returns
+    os.close(r)
+    pipe = [w]
+
+    def notify_running() -> None:
+        if pipe[0] < 0:
+            return
+        fd, pipe[0] = pipe[0], -1
+        try:
+            os.write(fd, _RUNNING)
+        except OSError:
+            pass    # the parent died: keep the VM running all the same
+        os.close(fd)
+        _detach_stdio(log_path)
+        if chdir:
+            os.chdir("/")
+
+    try:
+        os.setsid()
+        result = start(notify_running) if wants_notify else start()
+    except BaseException as e:      # SystemExit too: the parent must hear about it
+        if pipe[0] < 0:
+            raise                   # already running: an ordinary failure of the VM
+        status = _status_for(e)
+        if isinstance(e, UserError):
+            line = f"kvmpy: {e}"
+        elif isinstance(e, SystemExit):
+            line = "" if status == 0 else f"kvmpy: startup exited with status {status}"
+        else:
+            log.exception("startup failed")
+            line = f"kvmpy: startup failed: {type(e).__name__}: {e}"
+        _report_failure(pipe[0], status, line)
+        sys.stderr.flush()
+        os._exit(status)
+    if pipe[0] >= 0 and wants_notify:
+        # The VM ended before it ever ran (or start forgot to notify).
+        status = result if isinstance(result, int) and result else 1
+        _report_failure(pipe[0], status, f"kvmpy: VM stopped during startup (status {status})")
+        os._exit(status)
+    notify_running()
+    return result
+
+
+def _takes_an_argument(fn: Callable) -> bool:
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in params)
+
+
+def _report_failure(fd: int, status: int, line: str) -> None:
+    try:
+        os.write(fd, f"ERROR {status} {line}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _status_for(e: BaseException) -> int:
+    if isinstance(e, UserError):
+        return e.exit_status
+    if isinstance(e, SystemExit):
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+def _parent_wait(r: int, child: int) -> None:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(r, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+        if data.startswith(_RUNNING):
+            os._exit(0)
+    os.close(r)
+    try:
+        _, wstatus = os.waitpid(child, 0)
+        status = os.waitstatus_to_exitcode(wstatus)
+    except ChildProcessError:
+        status = 1
+    if data.startswith(b"ERROR "):
+        _, code, line = data.decode(errors="replace").rstrip("\n").split(" ", 2)
+        if line:
+            print(line, file=sys.stderr)
+        if status == 0:
+            status = int(code) if code.isdigit() else 1
+    else:
+        status = status if status > 0 else 1
+        print(f"kvmpy: VM process exited during startup (status {status})", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _detach_stdio(log_path: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    err = null
+    if log_path:
+        try:
+            err = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as e:
+            log.warning("cannot open log %s: %s; logging to /dev/null", log_path, e)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(err, 2)
+    for fd in {null, err}:
+        if fd > 2:
+            os.close(fd)
+
+
+# ---------------------------------------------------------- drop privileges
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` for good: supplementary groups, gid, uid, in that order.
+
+    Then make sure root cannot be regained: if setuid(0) succeeds, raise
+    PrivilegeError (the caller must not run a guest). Without root, asking for
+    a different user is a UserError; asking for oneself is a no-op.
+    """
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UserError(f"--runas: no such user '{user}'") from None
+    if os.geteuid() != 0:
+        if pw.pw_uid == os.getuid():
+            return
+        raise UserError(f"--runas {user}: only root can change user")
+    if pw.pw_uid == 0:
+        raise UserError(f"--runas {user}: that user is root; name an unprivileged user")
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise PrivilegeError(f"--runas {user}: could regain root after dropping privileges; refusing to continue")
+    if os.getresuid() != (pw.pw_uid,) * 3 or os.getresgid() != (pw.pw_gid,) * 3:
+        raise PrivilegeError(f"--runas {user}: uid/gid did not change everywhere; refusing to continue")
+    if 0 in os.getgroups() and pw.pw_gid != 0:
+        raise PrivilegeError(f"--runas {user}: still in group root; refusing to continue")
+    os.environ["HOME"] = pw.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = pw.pw_name
+
+
+# ------------------------------------------------------------------ signals
+
+class SignalActions:
+    """SIGTERM: ACPI powerdown, then quit if the VM is still there after
+    ``powerdown_timeout`` seconds (a second SIGTERM quits at once).
+    SIGINT: quit.
+
+    The handlers only queue the signal; a helper thread talks to the machine,
+    because a Python signal handler runs in the main thread between bytecodes,
+    possibly while that thread holds a lock the machine needs. install() must
+    be called from the main thread; close() restores the old handlers and
+    joins the helper.
+    """
+
+    def __init__(self, control: VmControl, powerdown_timeout: float = 30.0):
+        self.control = control
+        self.powerdown_timeout = powerdown_timeout
+        self._queue: "queue.SimpleQueue[int | None]" = queue.SimpleQueue()
+        self._old: dict[int, object] = {}
+        self._thread: threading.Thread | None = None
+        self.quit_reason: str | None = None
+
+    def install(self) -> "SignalActions":
+        self._thread = threading.Thread(target=self._run, name="kvmpy-signals", daemon=True)
+        self._thread.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self._queue.put(signum)     # SimpleQueue.put is safe in a signal handler
+
+    def _run(self) -> None:
+        deadline: float | None = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                sig = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                log.warning("guest ignored the power button for %.0f s; quitting",
+                            self.powerdown_timeout)
+                self._quit("powerdown-timeout")
+                return
+            if sig is None:
+                return
+            if sig == signal.SIGTERM and deadline is None:
+                log.info("SIGTERM: pressing the ACPI power button")
+                try:
+                    self.control.powerdown()
+                except Exception as e:
+                    log.warning("powerdown failed (%s); quitting", e)
+                    self._quit("powerdown-failed")
+                    return
+                deadline = time.monotonic() + self.powerdown_timeout
+            else:
+                self._quit("sigterm-again" if sig == signal.SIGTERM else "sigint")
+                return
+
+    def _quit(self, reason: str) -> None:
+        self.quit_reason = reason
+        try:
+            self.control.quit()
+        except Exception:
+            log.exception("quit failed")
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass        # not the main thread, or a handler Python cannot reinstall
+        self._old.clear()
+        if self._thread is not None:
+            self._queue.put(None)
+            if self._thread is not threading.current_thread():
+                self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> "SignalActions":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

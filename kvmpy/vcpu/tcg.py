@@ -1,0 +1,209 @@
+"""TcgVcpu: the C translator (kvmpy._tcg) behind the vCPU run protocol of exits.py.
+
+Used where KVM cannot run the guest. Guest RAM is shared with the device models:
+the C side holds buffer exports of the GuestMemory mmaps (no copies), so call
+``close()`` before ``GuestMemory.close()``. Addresses outside RAM regions become
+EXIT_MMIO; port I/O becomes EXIT_IO. Both stop *at* the instruction and complete
+it on the next ``run()`` with whatever the loop wrote into ``io_data`` /
+``mmio_data`` (reads), exactly like KVM's emulator.
+
+HLT with no deliverable interrupt returns EXIT_HLT and the vCPU stays halted
+(``run()`` keeps returning EXIT_HLT) until ``request_interrupt()`` makes an
+interrupt deliverable or ``set_regs`` moves rip.
+
+Device DMA that writes guest RAM behind the translator (virtio) must call
+``invalidate_ram(gpa, size)`` if that memory may have held executed code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import exits
+from .state import DTable, Regs, Segment, SRegs
+
+log = logging.getLogger(__name__)
+
+try:
+    from .. import _tcg
+except ImportError as exc:  # pragma: no cover - reported by the caller
+    _tcg = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+# CPUID bits the translator implements; everything else the machine offers is masked
+# so the guest never picks an instruction set extension we would #UD on.
+_LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 11, 12, 13, 15, 16, 19, 23, 24, 25, 26))
+_LEAF1_ECX = sum(1 << b for b in (13, 23, 31))                  # cx16 popcnt hypervisor (SSE3+ not yet)
+_EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
+_EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
+_LEAF7_EBX = 1 << 0                                              # fsgsbase
+
+
+def filter_cpuid(entries):
+    """Mask a machine's CPUID table to what the translator executes."""
+    out = []
+    for e in entries:
+        fn, idx, flags, a, b, c, d = e
+        if fn == 1:
+            c &= _LEAF1_ECX
+            d &= _LEAF1_EDX
+        elif fn == 7:
+            if idx == 0:
+                a = 0
+                b &= _LEAF7_EBX
+            else:
+                b = 0
+            c = d = 0
+        elif fn == 0xD:
+            a = b = c = d = 0
+        elif fn == 0x80000001:
+            c &= _EXT1_ECX
+            d &= _EXT1_EDX
+        out.append((fn, idx, flags, a, b, c, d))
+    return out
+
+
+def _seg_tuple(s: Segment):
+    return (s.base, s.limit & 0xFFFFFFFF, s.selector & 0xFFFF, s.type, s.present, s.dpl, s.db, s.s,
+            s.l, s.g, s.avl, s.unusable)
+
+
+def _seg_from(t) -> Segment:
+    base, limit, sel, typ, present, dpl, db, s, l, g, avl, unusable = t
+    return Segment(base=base, limit=limit, selector=sel, type=typ, present=present, dpl=dpl, db=db,
+                   s=s, l=l, g=g, avl=avl, unusable=unusable)
+
+
+_SEG_ORDER = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+              "r12", "r13", "r14", "r15", "rip", "rflags")
+
+
+class TcgVcpu:
+    """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
+
+    def __init__(self, memory, cpu_index: int = 0) -> None:
+        if _tcg is None:
+            raise RuntimeError(f"kvmpy._tcg is not built ({_IMPORT_ERROR}); run "
+                               "`python3 setup.py build_ext --inplace`")
+        self.memory = memory
+        self.cpu_index = cpu_index
+        self._cpu = _tcg.Cpu(cpu_index)
+        self._regions = None
+        self._sync_memory()
+        self.io_port = 0
+        self.io_size = 0
+        self.io_write = False
+        self.io_count = 0
+        self.io_data = memoryview(b"")
+        self.mmio_addr = 0
+        self.mmio_size = 0
+        self.mmio_write = False
+        self.mmio_data = memoryview(b"")
+        self.internal_error = ""
+        self.system_event = 0
+
+    def _sync_memory(self) -> None:
+        regions = [(r.gpa, r.size) for r in self.memory.regions]
+        if regions == self._regions:
+            return
+        self._cpu.clear_ram()
+        for r in self.memory.regions:
+            self._cpu.add_ram(r.gpa, r.mm)
+        self._regions = regions
+
+    def close(self) -> None:
+        """Release the RAM buffer exports (GuestMemory.close() needs that)."""
+        if self._cpu is not None:
+            self.io_data = self.mmio_data = memoryview(b"")
+            self._cpu.clear_ram()
+            self._regions = None
+
+    # ---- run protocol ----
+
+    def run(self) -> int:
+        if len(self.memory.regions) != len(self._regions or ()):
+            self._sync_memory()
+        kind = self._cpu.run()
+        if kind == exits.EXIT_IO:
+            _, port, size, write, count, data = self._cpu.exit_access()
+            self.io_port, self.io_size, self.io_write, self.io_count = port, size, bool(write), count
+            self.io_data = data
+        elif kind == exits.EXIT_MMIO:
+            _, addr, size, write, _count, data = self._cpu.exit_access()
+            self.mmio_addr, self.mmio_size, self.mmio_write = addr, size, bool(write)
+            self.mmio_data = data
+        elif kind == exits.EXIT_INTERNAL_ERROR:
+            self.internal_error = self._cpu.error()
+            log.error("translator internal error: %s", self.internal_error)
+        return kind
+
+    def kick(self) -> None:
+        self._cpu.kick()
+
+    def request_interrupt(self, vector: int) -> None:
+        self._cpu.request_interrupt(vector)
+
+    def set_cpuid(self, entries) -> None:
+        """entries: (function, index, flags, eax, ebx, ecx, edx) tuples or objects with those fields."""
+        rows = []
+        for e in entries:
+            if isinstance(e, tuple):
+                rows.append(tuple(int(x) for x in e))
+            else:
+                rows.append((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx))
+        self._cpu.set_cpuid(filter_cpuid(rows))
+
+    def invalidate_ram(self, gpa: int, size: int) -> None:
+        self._cpu.invalidate(gpa, size)
+
+    @property
+    def halted(self) -> bool:
+        return self._cpu.halted
+
+    def stats(self) -> dict:
+        return self._cpu.stats()
+
+    # ---- state ----
+
+    def get_regs(self) -> Regs:
+        return Regs(**dict(zip(_REG_ORDER, self._cpu.get_regs())))
+
+    def set_regs(self, regs: Regs) -> None:
+        self._cpu.set_regs(tuple(getattr(regs, n) & 0xFFFFFFFFFFFFFFFF for n in _REG_ORDER))
+
+    def get_sregs(self) -> SRegs:
+        segs, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic = self._cpu.get_sregs()
+        sr = SRegs(gdt=DTable(*gdt), idt=DTable(*idt), cr0=cr0, cr2=cr2, cr3=cr3, cr4=cr4, cr8=cr8,
+                   efer=efer, apic_base=apic)
+        for name, t in zip(_SEG_ORDER, segs):
+            setattr(sr, name, _seg_from(t))
+        return sr
+
+    def set_sregs(self, sregs: SRegs) -> None:
+        segs = tuple(_seg_tuple(getattr(sregs, n)) for n in _SEG_ORDER)
+        self._cpu.set_sregs((segs, (sregs.gdt.base, sregs.gdt.limit), (sregs.idt.base, sregs.idt.limit),
+                             sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer,
+                             sregs.apic_base))
+
+    def get_msrs(self, indices) -> dict:
+        out = {}
+        for i in indices:
+            v = self._cpu.get_msr(i)
+            if v is not None:
+                out[i] = v
+        return out
+
+    def set_msrs(self, values: dict) -> None:
+        for i, v in values.items():
+            if not self._cpu.set_msr(i, v & 0xFFFFFFFFFFFFFFFF):
+                log.warning("translator: MSR %#x not supported, write ignored", i)
+
+    # for tests / debugging
+    def get_xmm(self, n: int) -> bytes:
+        return self._cpu.get_xmm(n)
+
+    def set_xmm(self, n: int, data: bytes) -> None:
+        self._cpu.set_xmm(n, data)

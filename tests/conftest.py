@@ -1,0 +1,69 @@
+"""Shared fixtures: skip with a visible reason when KVM, root or a tool is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST_DIR = os.path.join(ROOT, "tests", "guests", "build")
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _kvm_reason() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is missing on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible to this user"
+    try:
+        from kvmpy.kvm.api import Kvm
+        Kvm().close()
+    except Exception as e:  # noqa: BLE001 - any failure means: skip with the reason
+        return f"KVM cannot be opened: {e}"
+    return None
+
+
+KVM_SKIP_REASON = _kvm_reason()
+
+
+@pytest.fixture
+def kvm_required():
+    if KVM_SKIP_REASON:
+        pytest.skip(KVM_SKIP_REASON)
+
+
+@pytest.fixture
+def root_required():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+def guest_path(name: str) -> str:
+    path = os.path.join(GUEST_DIR, f"{name}.elf")
+    if not os.path.exists(path):
+        pytest.fail(f"test guest {path} is missing: run `make -C tests/guests`")
+    return path
+
+
+def tool_required(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def run_kvmpy(args: list[str], timeout: float = 60, input: bytes | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python3 -m kvmpy ARGS`` and return the completed process (bytes output)."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    if env:
+        e.update(env)
+    return subprocess.run([sys.executable, "-m", "kvmpy", *args], cwd=ROOT, env=e,
+                          input=input if input is not None else b"", capture_output=True, timeout=timeout)

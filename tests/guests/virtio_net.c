@@ -1,0 +1,364 @@
+/*
+ * virtio-net guest driver: finds the modern virtio-net PCI function through
+ * configuration mechanism #1, sets up the RX and TX queues used by polling,
+ * sends frames of EtherType 0x88B5 to the broadcast address and prints the
+ * answers the other side (a test's packet socket on the bridge) sends back.
+ *
+ * cmdline: count=N (3) ping frames; flood=N (0) extra frames sent as fast as
+ * possible afterwards (benchmark).
+ * Prints:
+ *   virtio-net: found at 00:SS.0
+ *   virtio-net: mac xx:xx:xx:xx:xx:xx link up|down
+ *   virtio-net: tx kvmpy-net-ping-<i>           (per frame)
+ *   virtio-net: rx <payload of the answer>      (per answer)
+ *   virtio-net: N echoes ok
+ *   virtio-net: flood N frames cycles C         (with flood=)
+ */
+#include "guest.h"
+
+/* ---- the shared part (identical in virtio_blk.c): PCI config, virtio-pci modern */
+
+#define PCI_CFG_ADDR 0xcf8
+#define PCI_CFG_DATA 0xcfc
+
+static uint32_t pci_read32(int slot, int reg)
+{
+    outl(PCI_CFG_ADDR, 0x80000000u | (uint32_t)slot << 11 | (reg & 0xfc));
+    return inl(PCI_CFG_DATA);
+}
+
+static void pci_write32(int slot, int reg, uint32_t v)
+{
+    outl(PCI_CFG_ADDR, 0x80000000u | (uint32_t)slot << 11 | (reg & 0xfc));
+    outl(PCI_CFG_DATA, v);
+}
+
+static uint8_t pci_read8(int slot, int reg) { return pci_read32(slot, reg) >> (8 * (reg & 3)); }
+
+static inline void w8(uintptr_t a, uint8_t v) { *(volatile uint8_t *)a = v; }
+static inline void w16(uintptr_t a, uint16_t v) { *(volatile uint16_t *)a = v; }
+static inline void w32(uintptr_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+static inline uint8_t r8(uintptr_t a) { return *(volatile uint8_t *)a; }
+static inline uint16_t r16(uintptr_t a) { return *(volatile uint16_t *)a; }
+static inline uint32_t r32(uintptr_t a) { return *(volatile uint32_t *)a; }
+
+struct vdev {
+    int slot;
+    uintptr_t common, notify, isr, device;
+    uint32_t notify_mult;
+};
+
+/* common cfg offsets */
+#define C_DFSEL   0x00
+#define C_DF      0x04
+#define C_GFSEL   0x08
+#define C_GF      0x0c
+#define C_MSIX    0x10
+#define C_NUMQ    0x12
+#define C_STATUS  0x14
+#define C_QSEL    0x16
+#define C_QSIZE   0x18
+#define C_QMSIX   0x1a
+#define C_QENABLE 0x1c
+#define C_QNOFF   0x1e
+#define C_QDESC   0x20
+#define C_QDRIVER 0x28
+#define C_QDEVICE 0x30
+
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 0x40
+
+static uint64_t bar_address(int slot, int bar)
+{
+    uint32_t lo = pci_read32(slot, 0x10 + 4 * bar);
+    if (lo & 1)
+        return 0;                       /* I/O BAR: virtio structures live in memory BARs */
+    uint64_t a = lo & ~0xfull;
+    if ((lo & 6) == 4)
+        a |= (uint64_t)pci_read32(slot, 0x14 + 4 * bar) << 32;
+    if (a >= (4ull << 30)) {
+        /* Firmware put it above 4 GiB: map the 2 MiB around it, uncached. */
+        paging_map_2m(a & ~0x1fffffull, a & ~0x1fffffull, PTE_P | PTE_W | PTE_PCD | PTE_PWT);
+        paging_flush();
+    }
+    return a;
+}
+
+static int virtio_find(uint16_t device_id, struct vdev *d)
+{
+    for (int slot = 0; slot < 32; slot++) {
+        uint32_t id = pci_read32(slot, 0);
+        if (id != (0x1af4u | (uint32_t)device_id << 16))
+            continue;
+        d->slot = slot;
+        pci_write32(slot, 0x04, (pci_read32(slot, 0x04) & 0xffff) | 0x6);  /* memory + bus master */
+        d->common = d->notify = d->isr = d->device = 0;
+        int ptr = pci_read8(slot, 0x34), guard = 0;
+        while (ptr && guard++ < 48) {
+            if (pci_read8(slot, ptr) == 0x09) {
+                int type = pci_read8(slot, ptr + 3), bar = pci_read8(slot, ptr + 4);
+                uint32_t off = pci_read32(slot, ptr + 8);
+                uintptr_t base = bar < 6 ? (uintptr_t)bar_address(slot, bar) : 0;
+                if (base) {
+                    if (type == 1 && !d->common) d->common = base + off;
+                    if (type == 2 && !d->notify) {
+                        d->notify = base + off;
+                        d->notify_mult = pci_read32(slot, ptr + 16);
+                    }
+                    if (type == 3 && !d->isr) d->isr = base + off;
+                    if (type == 4 && !d->device) d->device = base + off;
+                }
+            }
+            ptr = pci_read8(slot, ptr + 1);
+        }
+        if (d->common && d->notify && d->isr && d->device)
+            return slot;
+        printf("virtio: device at slot %d lacks a capability\n", slot);
+        return -1;
+    }
+    return -1;
+}
+
+/* Reset, ACK, DRIVER, negotiate (VERSION_1 | wanted) & offered, FEATURES_OK. */
+static int virtio_negotiate(struct vdev *d, uint64_t wanted, uint64_t *got)
+{
+    w8(d->common + C_STATUS, 0);
+    while (r8(d->common + C_STATUS) != 0)
+        cpu_relax();
+    w8(d->common + C_STATUS, S_ACK);
+    w8(d->common + C_STATUS, S_ACK | S_DRIVER);
+    w32(d->common + C_DFSEL, 0);
+    uint64_t f = r32(d->common + C_DF);
+    w32(d->common + C_DFSEL, 1);
+    f |= (uint64_t)r32(d->common + C_DF) << 32;
+    if (!(f >> 32 & 1)) {
+        puts("virtio: device does not offer VIRTIO_F_VERSION_1");
+        return -1;
+    }
+    f &= wanted | 1ull << 32;
+    w32(d->common + C_GFSEL, 0);
+    w32(d->common + C_GF, (uint32_t)f);
+    w32(d->common + C_GFSEL, 1);
+    w32(d->common + C_GF, (uint32_t)(f >> 32));
+    w8(d->common + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    if (!(r8(d->common + C_STATUS) & S_FEATURES_OK)) {
+        puts("virtio: FEATURES_OK refused");
+        return -1;
+    }
+    *got = f;
+    return 0;
+}
+
+struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+#define QSZ 16
+struct vring {
+    struct vq_desc desc[QSZ];
+    struct { uint16_t flags, idx, ring[QSZ], used_event; } avail __attribute__((aligned(2)));
+    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[QSZ]; uint16_t avail_event; } used
+        __attribute__((aligned(4096)));
+    uint16_t last_used;
+    uint16_t index;
+    uintptr_t notify;
+} __attribute__((aligned(4096)));
+
+static int virtio_queue(struct vdev *d, int index, struct vring *vr)
+{
+    memset(vr, 0, sizeof(*vr));
+    w16(d->common + C_QSEL, index);
+    uint16_t max = r16(d->common + C_QSIZE);
+    if (max < QSZ) {
+        printf("virtio: queue %d has only %u entries\n", index, max);
+        return -1;
+    }
+    w16(d->common + C_QSIZE, QSZ);
+    w16(d->common + C_QMSIX, 0xffff);   /* polling: no vector */
+    uint64_t a[3] = {(uintptr_t)vr->desc, (uintptr_t)&vr->avail, (uintptr_t)&vr->used};
+    for (int i = 0; i < 3; i++) {
+        w32(d->common + C_QDESC + 8 * i, (uint32_t)a[i]);
+        w32(d->common + C_QDESC + 8 * i + 4, (uint32_t)(a[i] >> 32));
+    }
+    vr->notify = d->notify + (uintptr_t)r16(d->common + C_QNOFF) * d->notify_mult;
+    vr->index = index;
+    w16(d->common + C_QENABLE, 1);
+    return 0;
+}
+
+/* Publish descriptor chain [head..] and ring the doorbell. */
+static void vq_submit(struct vring *vr, uint16_t head)
+{
+    vr->avail.ring[vr->avail.idx % QSZ] = head;
+    barrier();
+    *(volatile uint16_t *)&vr->avail.idx = vr->avail.idx + 1;
+    barrier();
+    w16(vr->notify, vr->index);
+}
+
+/* Wait for the next used element; returns its length, -1 on timeout or device error. */
+static int64_t vq_wait(struct vdev *d, struct vring *vr, uint32_t *id)
+{
+    uint64_t start = rdtsc();
+    while (*(volatile uint16_t *)&vr->used.idx == vr->last_used) {
+        if (r8(d->common + C_STATUS) & S_NEEDS_RESET) {
+            puts("virtio: device needs reset");
+            return -1;
+        }
+        if (rdtsc() - start > 50000000000ull) {
+            puts("virtio: timeout waiting for the device");
+            return -1;
+        }
+        cpu_relax();
+    }
+    barrier();
+    uint16_t slot = vr->last_used % QSZ;
+    vr->last_used++;
+    if (id)
+        *id = vr->used.ring[slot].id;
+    return vr->used.ring[slot].len;
+}
+
+static __attribute__((unused)) uint32_t fnv1a(const uint8_t *p, size_t n)
+{
+    uint32_t h = 0x811c9dc5u;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+/* ---- virtio-net */
+
+#define VIRTIO_NET_F_MAC 5
+#define VIRTIO_NET_F_STATUS 16
+#define ETH_TYPE 0x88b5
+#define HDR_LEN 12
+#define BUF_LEN 2048
+
+static struct vring rxq, txq;
+static uint8_t rxbuf[QSZ][BUF_LEN] __attribute__((aligned(4096)));
+static uint8_t txbuf[QSZ][BUF_LEN] __attribute__((aligned(4096)));
+static struct vdev net;
+static uint8_t mac[6];
+static uint16_t tx_next;
+
+static void rx_post(uint16_t id)
+{
+    rxq.desc[id] = (struct vq_desc){(uintptr_t)rxbuf[id], BUF_LEN, 2, 0};
+    rxq.avail.ring[rxq.avail.idx % QSZ] = id;
+    barrier();
+    *(volatile uint16_t *)&rxq.avail.idx = rxq.avail.idx + 1;
+}
+
+static int tx_frame(const char *payload, int wait)
+{
+    while ((uint16_t)(txq.avail.idx - txq.last_used) >= QSZ)   /* ring full: reclaim one */
+        if (vq_wait(&net, &txq, 0) < 0)
+            return -1;
+    uint16_t id = tx_next++ % QSZ;
+    uint8_t *b = txbuf[id];
+    memset(b, 0, HDR_LEN);
+    uint8_t *f = b + HDR_LEN;
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = ETH_TYPE >> 8;
+    f[13] = ETH_TYPE & 0xff;
+    size_t n = strlen(payload);
+    memcpy(f + 14, payload, n + 1);
+    size_t len = 14 + n + 1;
+    if (len < 60)
+        len = 60;
+    txq.desc[id] = (struct vq_desc){(uintptr_t)b, (uint32_t)(HDR_LEN + len), 0, 0};
+    vq_submit(&txq, id);
+    if (wait)
+        return vq_wait(&net, &txq, 0) < 0 ? -1 : 0;
+    return 0;
+}
+
+/* Next received frame of our EtherType; copies its payload string to out. */
+static int rx_frame(char *out, size_t size)
+{
+    for (int tries = 0; tries < 64; tries++) {
+        uint32_t id;
+        int64_t len = vq_wait(&net, &rxq, &id);
+        if (len < 0 || id >= QSZ)
+            return -1;
+        uint8_t *f = rxbuf[id] + HDR_LEN;
+        int ours = len >= HDR_LEN + 14 && f[12] == (ETH_TYPE >> 8) && f[13] == (ETH_TYPE & 0xff);
+        if (ours) {
+            size_t n = 0;
+            while (n + 1 < size && 14 + n < (size_t)len - HDR_LEN && f[14 + n])
+                out[n] = (char)f[14 + n], n++;
+            out[n] = 0;
+        }
+        rx_post((uint16_t)id);
+        w16(rxq.notify, rxq.index);
+        if (ours)
+            return 0;
+    }
+    return -1;
+}
+
+static void fmt_num(char *p, unsigned v)
+{
+    char tmp[12];
+    int n = 0;
+    do tmp[n++] = (char)('0' + v % 10); while (v /= 10);
+    while (n) *p++ = tmp[--n];
+    *p = 0;
+}
+
+int guest_main(const struct hvm_start_info *si)
+{
+    uint64_t count = cmdline_get_u64("count", 3);
+    uint64_t flood = cmdline_get_u64("flood", 0);
+    if (virtio_find(0x1041, &net) < 0) {
+        puts("virtio-net: no modern virtio-net device found");
+        return 1;
+    }
+    printf("virtio-net: found at 00:%02x.0\n", net.slot);
+    uint64_t features;
+    if (virtio_negotiate(&net, 1ull << VIRTIO_NET_F_MAC | 1ull << VIRTIO_NET_F_STATUS, &features) < 0)
+        return 1;
+    if (virtio_queue(&net, 0, &rxq) < 0 || virtio_queue(&net, 1, &txq) < 0)
+        return 1;
+    for (uint16_t i = 0; i < QSZ; i++)
+        rx_post(i);
+    w8(net.common + C_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    w16(rxq.notify, rxq.index);
+
+    for (int i = 0; i < 6; i++)
+        mac[i] = features >> VIRTIO_NET_F_MAC & 1 ? r8(net.device + i) : (uint8_t)(i == 0 ? 0x52 : i);
+    uint16_t st = features >> VIRTIO_NET_F_STATUS & 1 ? r16(net.device + 6) : 1;
+    printf("virtio-net: mac %02x:%02x:%02x:%02x:%02x:%02x link %s\n", mac[0], mac[1], mac[2], mac[3], mac[4],
+           mac[5], st & 1 ? "up" : "down");
+
+    char msg[64], reply[128];
+    for (uint64_t i = 0; i < count; i++) {
+        memcpy(msg, "kvmpy-net-ping-", 15);
+        fmt_num(msg + 15, (unsigned)i);
+        if (tx_frame(msg, 1) < 0)
+            return 1;
+        printf("virtio-net: tx %s\n", msg);
+        if (rx_frame(reply, sizeof(reply)) < 0) {
+            puts("virtio-net: no answer");
+            return 1;
+        }
+        printf("virtio-net: rx %s\n", reply);
+    }
+    printf("virtio-net: %lu echoes ok\n", count);
+
+    if (flood) {
+        uint64_t t0 = rdtsc();
+        for (uint64_t i = 0; i < flood; i++)
+            if (tx_frame("kvmpy-net-flood", 0) < 0)
+                return 1;
+        while (txq.last_used != txq.avail.idx)
+            if (vq_wait(&net, &txq, 0) < 0)
+                return 1;
+        printf("virtio-net: flood %lu frames cycles %lu\n", flood, rdtsc() - t0);
+    }
+    return 0;
+}

@@ -1,0 +1,321 @@
+"""Console backends on real descriptors: a pty for raw mode and keys, a real
+unix socket, a real file; the real 16550 model for back-pressure."""
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kvmpy.console import (FileConsole, NullConsole, StdioConsole, UnixSocketConsole,
+                           open_console)
+from kvmpy.devices.serial import Serial16550
+from kvmpy.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def read_available(fd, timeout=2.0, want=None):
+    out = b""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], 0.05)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            out += chunk
+            if want is not None and want in out:
+                break
+        elif want is None and out:
+            break
+    return out
+
+
+class Recorder:
+    def __init__(self):
+        self.quits = 0
+        self.monitors = 0
+
+    def quit(self):
+        self.quits += 1
+
+    def monitor(self):
+        self.monitors += 1
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = os.openpty()
+    yield master, slave
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def make_uart(console):
+    uart = Serial16550(lambda level: None, console.write, on_rx_space=console.rx_space_available)
+    uart.write(2, 1, 0x01)  # FIFO on
+    console.attach(uart)
+    return uart
+
+
+def drain_uart(uart):
+    out = bytearray()
+    while uart.read(5, 1) & 1:
+        out.append(uart.read(0, 1))
+    return bytes(out)
+
+
+def test_raw_mode_and_restore(pty_pair):
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    con = StdioConsole(lambda: None, None, in_fd=slave, out_fd=slave)
+    raw = termios.tcgetattr(slave)
+    assert not raw[3] & (termios.ECHO | termios.ICANON | termios.ISIG)
+    assert not raw[0] & (termios.ICRNL | termios.IXON)
+    assert raw[1] & termios.OPOST
+    con.close()
+    assert termios.tcgetattr(slave) == before
+
+
+def test_keys_and_output(pty_pair):
+    master, slave = pty_pair
+    rec = Recorder()
+    con = StdioConsole(rec.quit, rec.monitor, in_fd=slave, out_fd=slave)
+    uart = make_uart(con)
+    con.start()
+    try:
+        # guest output reaches the terminal unbuffered
+        for b in b"login: ":
+            uart.write(0, 1, b)
+        assert read_available(master, want=b"login: ") == b"login: "
+        # Ctrl-C reaches the guest as a byte (no SIGINT), C-a C-a sends one C-a
+        os.write(master, b"ab\x03\x01\x01c")
+        assert wait_for(lambda: uart.read(5, 1) & 1)
+        time.sleep(0.05)
+        assert drain_uart(uart) == b"ab\x03\x01c"
+        os.write(master, b"\x01h")
+        assert b"C-a x" in read_available(master, want=b"C-a C-a")
+        os.write(master, b"\x01c")
+        assert wait_for(lambda: rec.monitors == 1)
+        uart.write(1, 1, 0x04)
+        os.write(master, b"\x01b")
+        assert wait_for(lambda: uart.read(5, 1) & 0x10)
+        assert drain_uart(uart) == b"\x00"
+        os.write(master, b"\x01z")  # unknown escape: dropped
+        os.write(master, b"\x01x")
+        assert wait_for(lambda: rec.quits == 1)
+        assert drain_uart(uart) == b""
+    finally:
+        con.close()
+
+
+def test_monitor_not_available_message(pty_pair):
+    master, slave = pty_pair
+    con = StdioConsole(lambda: None, None, in_fd=slave, out_fd=slave)
+    try:
+        con.process_keys(b"\x01c")
+        assert b"monitor not available" in read_available(master, want=b"available")
+    finally:
+        con.close()
+
+
+def test_back_pressure_keeps_every_byte(pty_pair):
+    master, slave = pty_pair
+    con = StdioConsole(lambda: None, None, in_fd=slave, out_fd=slave)
+    uart = make_uart(con)
+    con.start()
+    payload = bytes((i % 200) + 32 for i in range(3000))
+    got = bytearray()
+    try:
+        os.write(master, payload)
+        end = time.monotonic() + 10
+        while len(got) < len(payload) and time.monotonic() < end:
+            # the guest reads slowly; the FIFO fills and the console must hold back
+            time.sleep(0.001)
+            got += drain_uart(uart)
+        assert bytes(got) == payload
+        assert uart.read(5, 1) & 0x02 == 0  # never an overrun
+    finally:
+        con.close()
+
+
+def test_handle_input_api_without_thread(pty_pair):
+    master, slave = pty_pair
+    con = StdioConsole(lambda: None, None, in_fd=slave, out_fd=slave)
+    uart = make_uart(con)
+    try:
+        os.write(master, b"x" * 40)
+        assert select.select([con.fileno()], [], [], 2)[0]
+        time.sleep(0.05)
+        con.handle_input()
+        assert con.has_pending_input()
+        assert len(drain_uart(uart)) == 16  # reading made space: flush again
+        assert con.flush_pending() is False
+        while con.has_pending_input():
+            drain_uart(uart)
+            con.flush_pending()
+        assert not con.has_pending_input()
+    finally:
+        con.close()
+
+
+def test_not_a_tty_leaves_termios_alone():
+    r, w = os.pipe()
+    con = StdioConsole(lambda: None, None, in_fd=r, out_fd=w)
+    uart = make_uart(con)
+    con.start()
+    try:
+        assert not con.is_tty
+        os.write(w, b"hi")
+        assert wait_for(lambda: uart.read(5, 1) & 1)
+        time.sleep(0.02)
+        assert drain_uart(uart) == b"hi"
+    finally:
+        con.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_terminal_restored_when_killed(pty_pair):
+    """A real process in raw mode on the pty gets SIGTERM: the pty is cooked again."""
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, time
+            from kvmpy.console import StdioConsole
+            con = StdioConsole(lambda: None)
+            con.start()
+            sys.stderr.write("raw\\n"); sys.stderr.flush()
+            time.sleep(30)
+        """)],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)
+    try:
+        assert child.stderr.readline() == b"raw\n"
+        assert termios.tcgetattr(slave)[3] & termios.ECHO == 0
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+        assert termios.tcgetattr(slave) == before
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_terminal_restored_at_exit(pty_pair):
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    child = subprocess.run(
+        [sys.executable, "-c", "from kvmpy.console import StdioConsole; StdioConsole(lambda: None)"],
+        stdin=slave, stdout=slave, cwd=REPO, timeout=30)
+    assert child.returncode == 0
+    assert termios.tcgetattr(slave) == before
+
+
+def test_file_backend(tmp_path):
+    path = tmp_path / "serial.log"
+    path.write_bytes(b"old contents")
+    con = open_console(f"file:{path}", lambda: None)
+    assert isinstance(con, FileConsole) and con.fileno() is None
+    uart = make_uart(con)
+    for b in b"boot ok\r\n":
+        uart.write(0, 1, b)
+    # visible at once, without close: nothing is buffered in the VMM
+    assert path.read_bytes() == b"boot ok\r\n"
+    con.close()
+    with pytest.raises(ConfigError, match="nonexistent"):
+        open_console(f"file:{tmp_path}/nonexistent/x", lambda: None)
+
+
+def test_unix_socket_backend(tmp_path):
+    path = str(tmp_path / "console.sock")
+    con = open_console(f"unix:{path},server,nowait", lambda: None)
+    assert isinstance(con, UnixSocketConsole)
+    uart = make_uart(con)
+    con.start()
+    try:
+        for b in b"early":  # no client yet: kept for the first one
+            uart.write(0, 1, b)
+        c1 = socket.socket(socket.AF_UNIX)
+        c1.connect(path)
+        c1.settimeout(5)
+        assert wait_for(lambda: con.connected)
+        got = b""
+        while len(got) < 5:
+            got += c1.recv(100)
+        assert got == b"early"
+        # a second client is refused while the first is connected
+        c2 = socket.socket(socket.AF_UNIX)
+        c2.connect(path)
+        c2.settimeout(5)
+        assert c2.recv(10) == b""
+        c2.close()
+        for b in b"late":
+            uart.write(0, 1, b)
+        assert c1.recv(100) == b"late"
+        c1.sendall(b"x" * 50)  # more than the FIFO: back-pressure
+        got = bytearray()
+        assert wait_for(lambda: uart.read(5, 1) & 1)
+        end = time.monotonic() + 5
+        while len(got) < 50 and time.monotonic() < end:
+            got += drain_uart(uart)
+            time.sleep(0.005)
+        assert bytes(got) == b"x" * 50
+        c1.close()
+        assert wait_for(lambda: not con.connected)
+        # a new client can connect after the first left
+        c3 = socket.socket(socket.AF_UNIX)
+        c3.connect(path)
+        assert wait_for(lambda: con.connected)
+        c3.close()
+    finally:
+        con.close()
+    assert not os.path.exists(path)
+
+
+def test_unix_backlog_is_bounded(tmp_path):
+    con = UnixSocketConsole(str(tmp_path / "s"), backlog_limit=100)
+    try:
+        con.write(b"a" * 80)
+        con.write(b"b" * 80)
+        assert len(con._backlog) == 100 and con._backlog.endswith(b"b" * 80)
+    finally:
+        con.close()
+
+
+def test_none_and_bad_specs(tmp_path):
+    con = open_console("none", lambda: None)
+    assert isinstance(con, NullConsole)
+    con.write(b"dropped")
+    con.start()
+    con.close()
+    for bad in ("", "tty", "file:", "unix:", "unix:/tmp/x,client", "tcp:1234", "STDIO"):
+        with pytest.raises(ConfigError) as e:
+            open_console(bad, lambda: None)
+        assert repr(bad) in str(e.value)
+    # a regular file where the socket should go is not removed
+    p = tmp_path / "taken"
+    p.write_text("mine")
+    with pytest.raises(ConfigError, match="taken"):
+        open_console(f"unix:{p}", lambda: None)
+    assert p.read_text() == "mine"

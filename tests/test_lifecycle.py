@@ -1,0 +1,347 @@
+"""Pidfile, daemonize, drop_privileges and signal actions, with real processes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kvmpy.errors import UserError
+from kvmpy.lifecycle import Pidfile, PidfileError, SignalActions, drop_privileges, pid_alive
+
+from test_qmp_statevm import StateVm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code: str, *args, timeout=20, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# ------------------------------------------------------------------ pidfile
+
+def test_pidfile_created_with_our_pid_and_removed(tmp_path):
+    path = tmp_path / "vm.pid"
+    with Pidfile(str(path)) as pf:
+        assert path.read_text() == f"{os.getpid()}\n"
+        assert pf.pid == os.getpid()
+    assert not path.exists()
+
+
+def test_live_holder_refuses_second_process(tmp_path):
+    path = tmp_path / "vm.pid"
+    with Pidfile(str(path)):
+        r = run_py("""
+            import sys
+            from kvmpy.lifecycle import Pidfile
+            from kvmpy.errors import UserError
+            try:
+                Pidfile(sys.argv[1]).acquire()
+            except UserError as e:
+                print(e); sys.exit(2)
+        """, str(path))
+        assert r.returncode == 2, r.stderr
+        assert f"already in use by running process {os.getpid()}" in r.stdout
+        assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_live_pid_without_lock_refuses(tmp_path):
+    path = tmp_path / "vm.pid"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        path.write_text(f"{sleeper.pid}\n")
+        with pytest.raises(PidfileError, match=str(sleeper.pid)):
+            Pidfile(str(path)).acquire()
+        assert path.read_text() == f"{sleeper.pid}\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("content", ["{dead}\n", "garbage", "", "-5\n"])
+def test_stale_pidfile_is_replaced(tmp_path, content):
+    path = tmp_path / "vm.pid"
+    path.write_text(content.format(dead=dead_pid()))
+    with Pidfile(str(path)):
+        assert path.read_text() == f"{os.getpid()}\n"
+    assert not path.exists()
+
+
+def test_pidfile_removed_at_normal_exit_and_left_by_sigkill(tmp_path):
+    path = tmp_path / "vm.pid"
+    r = run_py("""
+        import sys
+        from kvmpy.lifecycle import Pidfile
+        Pidfile(sys.argv[1]).acquire()
+        print(open(sys.argv[1]).read().strip())
+    """, str(path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().isdigit()
+    assert not path.exists()
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from kvmpy.lifecycle import Pidfile
+        Pidfile(sys.argv[1]).acquire(); print("ok", flush=True); time.sleep(60)
+    """), str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ok\n"
+    p.kill()
+    p.wait()
+    assert path.read_text() == f"{p.pid}\n"       # stale now
+    with Pidfile(str(path)):
+        assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_racing_processes_on_a_stale_pidfile_one_wins(tmp_path):
+    path = tmp_path / "vm.pid"
+    path.write_text(f"{dead_pid()}\n")
+    code = """
+        import sys, time
+        from kvmpy.lifecycle import Pidfile
+        from kvmpy.errors import UserError
+        t = float(sys.argv[2])
+        while time.time() < t: pass
+        try:
+            Pidfile(sys.argv[1]).acquire()
+        except UserError:
+            sys.exit(2)
+        print("won", flush=True)
+        time.sleep(2)
+    """
+    start_at = str(time.time() + 1.0)
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(path), start_at],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = [(p.wait(timeout=20), p.stdout.read()) for p in procs]
+    winners = [r for r in results if r[1] == "won\n"]
+    assert len(winners) == 1, results
+    assert sorted(rc for rc, _ in results) == [0] + [2] * 5
+
+
+# ---------------------------------------------------------------- daemonize
+
+DAEMON = """
+    import os, sys, time
+    from kvmpy.lifecycle import daemonize, Pidfile
+    from kvmpy.errors import UserError
+    mode, marker = sys.argv[1], sys.argv[2]
+    def start():
+        if mode == "usererror":
+            raise UserError("vm.toml: key 'memory' must be like 512M")
+        if mode == "crash":
+            raise RuntimeError("boom")
+        if mode == "die":
+            os._exit(7)
+        Pidfile(marker + ".pid").acquire()
+        print("starting", flush=True)      # still on the caller's stdout
+        return "vm"
+    vm = daemonize(start)
+    print("detached output", flush=True)    # must not reach the caller
+    with open(marker, "w") as f:
+        f.write(f"{os.getpid()} {os.getsid(0)} {vm} {os.getcwd()}\\n")
+    time.sleep(30)
+"""
+
+
+def test_daemonize_parent_exits_after_child_is_running(tmp_path):
+    marker = str(tmp_path / "marker")
+    t0 = time.monotonic()
+    r = run_py(DAEMON, "ok", marker)     # capture_output: returns only if stdio is released
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 10
+    assert r.stdout == "starting\n"
+    assert wait_for(lambda: os.path.exists(marker) and open(marker).read().endswith("\n"))
+    pid, sid, vm, cwd = open(marker).read().split()
+    pid = int(pid)
+    try:
+        assert pid_alive(pid)
+        assert int(sid) == pid          # its own session
+        assert vm == "vm" and cwd == "/"
+        assert open(marker + ".pid").read() == f"{pid}\n"
+    finally:
+        os.kill(pid, signal.SIGINT)      # KeyboardInterrupt: a normal exit, atexit runs
+    assert wait_for(lambda: not pid_alive(pid))
+    assert not os.path.exists(marker + ".pid")
+
+
+@pytest.mark.parametrize("mode,status,message", [
+    ("usererror", 2, "kvmpy: vm.toml: key 'memory' must be like 512M"),
+    ("crash", 1, "kvmpy: startup failed: RuntimeError: boom"),
+    ("die", 7, "kvmpy: VM process exited during startup (status 7)"),
+])
+def test_daemonize_reports_startup_failure(tmp_path, mode, status, message):
+    r = run_py(DAEMON, mode, str(tmp_path / "marker"))
+    assert r.returncode == status
+    assert message in r.stderr.splitlines()
+    assert not (tmp_path / "marker").exists()
+
+
+def test_daemonize_refuses_with_threads_running():
+    r = run_py("""
+        import threading, time
+        from kvmpy.lifecycle import daemonize
+        threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+        try:
+            daemonize(lambda: None)
+        except RuntimeError as e:
+            print(e)
+    """)
+    assert "threads running" in r.stdout
+
+
+# ---------------------------------------------------------- drop privileges
+
+TEST_USER = "kvmpytest"
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user():
+    if os.geteuid() != 0:
+        pytest.skip("drop_privileges tests need root (to create and become a test user)")
+    created = False
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            TEST_USER], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"useradd failed: {r.stderr.strip()}")
+        created = True
+    yield pwd.getpwnam(TEST_USER)
+    if created:
+        subprocess.run(["userdel", TEST_USER], capture_output=True)
+
+
+def test_drop_privileges_to_a_real_user(unprivileged_user, tmp_path):
+    secret = tmp_path / "root-only"
+    secret.write_text("x")
+    os.chmod(secret, 0o600)
+    os.chmod(tmp_path, 0o755)
+    r = run_py("""
+        import os, sys
+        from kvmpy.lifecycle import drop_privileges
+        drop_privileges(sys.argv[1])
+        print(os.getresuid(), os.getresgid(), os.getgroups())
+        for attempt in (lambda: os.setuid(0), lambda: os.seteuid(0), lambda: os.setgid(0),
+                        lambda: os.setgroups([0])):
+            try:
+                attempt()
+                print("REGAINED"); sys.exit(1)
+            except PermissionError:
+                pass
+        try:
+            open(sys.argv[2]).read()
+            print("READ SECRET"); sys.exit(1)
+        except PermissionError:
+            print("denied")
+    """, TEST_USER, str(secret))
+    u, g = unprivileged_user.pw_uid, unprivileged_user.pw_gid
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0].startswith(f"({u}, {u}, {u}) ({g}, {g}, {g})")
+    assert "0" not in r.stdout.splitlines()[0].split(")")[-1]    # no root group
+    assert r.stdout.splitlines()[-1] == "denied"
+
+
+def test_drop_privileges_applies_to_threads_started_before(unprivileged_user):
+    r = run_py("""
+        import os, sys, threading
+        from kvmpy.lifecycle import drop_privileges
+        seen = []
+        go, done = threading.Event(), threading.Event()
+        def vcpu():
+            go.wait(); seen.append(os.getresuid()); done.set()
+        threading.Thread(target=vcpu).start()
+        drop_privileges(sys.argv[1])
+        go.set(); done.wait()
+        print(seen[0])
+    """, TEST_USER)
+    u = unprivileged_user.pw_uid
+    assert r.stdout.strip() == f"({u}, {u}, {u})", r.stderr
+
+
+def test_drop_privileges_bad_users():
+    with pytest.raises(UserError, match="no such user"):
+        drop_privileges("no-such-user-kvmpy")
+    if os.geteuid() == 0:
+        # Refused before anything changes: this test process stays root.
+        with pytest.raises(UserError, match="root"):
+            drop_privileges("root")
+        assert os.getuid() == 0
+
+
+# ------------------------------------------------------------------ signals
+
+@pytest.fixture
+def vm():
+    machine = StateVm(handles_acpi=False)
+    yield machine
+    machine.close()
+
+
+def test_sigterm_powers_down_then_quits_after_timeout(vm):
+    events = []
+    vm.add_event_listener(lambda e, d: events.append(e))
+    with SignalActions(vm, powerdown_timeout=0.5) as actions:
+        t0 = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: "POWERDOWN" in events)
+        assert not vm.quit_called.is_set()
+        assert vm.quit_called.wait(5)
+        assert time.monotonic() - t0 >= 0.45
+        assert actions.quit_reason == "powerdown-timeout"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert not [t for t in threading.enumerate() if t.name == "kvmpy-signals"]
+
+
+def test_second_sigterm_quits_at_once(vm):
+    with SignalActions(vm, powerdown_timeout=30) as actions:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: "powerdown" in vm.calls)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert vm.quit_called.wait(5)
+        assert actions.quit_reason == "sigterm-again"
+
+
+def test_sigint_quits(vm):
+    old = signal.getsignal(signal.SIGINT)
+    with SignalActions(vm) as actions:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert vm.quit_called.wait(5)
+        assert actions.quit_reason == "sigint"
+        assert "powerdown" not in vm.calls
+    assert signal.getsignal(signal.SIGINT) is old
+
+
+def test_guest_that_honours_powerdown_is_not_quit_if_closed_in_time():
+    machine = StateVm(handles_acpi=True)
+    try:
+        actions = SignalActions(machine, powerdown_timeout=1.0).install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: machine.status() == "shutdown")
+        actions.close()          # the run command does this when the VM stops
+        time.sleep(1.2)
+        assert not machine.quit_called.is_set()
+    finally:
+        machine.close()

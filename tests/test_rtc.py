@@ -1,0 +1,148 @@
+"""CMOS RTC: time encodings, UIP, SET-based setting, register C, NVRAM sizes."""
+
+import calendar
+import time
+
+from hypothesis import given, settings, strategies as st
+
+from kvmpy.devices.rtc import RtcCmos
+
+GiB, MiB = 1 << 30, 1 << 20
+T0 = calendar.timegm((2024, 2, 29, 13, 45, 30, 0, 0, 0)) + 0.25  # a Thursday
+
+
+class Clock:
+    def __init__(self, t=T0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def rd(rtc, idx):
+    rtc.write(0, 1, idx)
+    return rtc.read(1, 1)
+
+
+def wr(rtc, idx, v):
+    rtc.write(0, 1, idx)
+    rtc.write(1, 1, v)
+
+
+def linux_get_time(rtc):
+    """mc146818_get_time(): wait out UIP, read, check UIP and seconds again."""
+    for _ in range(1000):
+        if rd(rtc, 0x0A) & 0x80:
+            continue
+        sec = rd(rtc, 0)
+        vals = [rd(rtc, i) for i in (2, 4, 7, 8, 9)]
+        century = rd(rtc, 0x32)
+        ctrl = rd(rtc, 0x0B)
+        if rd(rtc, 0x0A) & 0x80 or rd(rtc, 0) != sec:
+            continue
+        return [sec] + vals + [century, ctrl]
+    raise AssertionError("UIP never cleared")
+
+
+def test_bcd_24h_default_and_century():
+    rtc = RtcCmos(1 * GiB, clock=Clock())
+    sec, mn, hr, mday, mon, yy, cc, ctrl = linux_get_time(rtc)
+    assert ctrl & 0x06 == 0x02  # BCD, 24 hour
+    assert (sec, mn, hr, mday, mon, yy, cc) == (0x30, 0x45, 0x13, 0x29, 0x02, 0x24, 0x20)
+    assert rd(rtc, 6) == 5  # Thursday, Sunday = 1
+    assert rd(rtc, 0x0D) == 0x80
+
+
+def test_binary_and_12h_modes():
+    rtc = RtcCmos(1 * GiB, clock=Clock())
+    wr(rtc, 0x0B, 0x04)  # binary, 12 hour
+    assert rd(rtc, 4) == 0x80 | 1  # 1 PM
+    assert rd(rtc, 0) == 30 and rd(rtc, 9) == 24 and rd(rtc, 0x32) == 20
+    wr(rtc, 0x0B, 0x00)  # BCD, 12 hour
+    assert rd(rtc, 4) == 0x81
+
+
+def test_uip_window_and_linux_loop_terminates():
+    clk = Clock(T0 - 0.25 + 0.9999)  # inside the last 244 us
+    rtc = RtcCmos(1 * GiB, clock=clk)
+    assert rd(rtc, 0x0A) & 0x80
+    clk.t += 0.001
+    assert not rd(rtc, 0x0A) & 0x80
+    # with the real clock the loop ends too
+    assert linux_get_time(RtcCmos(1 * GiB))[7] == 0x02
+
+
+def test_guest_sets_time_with_set_bit():
+    clk = Clock()
+    rtc = RtcCmos(1 * GiB, clock=clk)
+    wr(rtc, 0x0B, 0x82)
+    clk.t += 5  # frozen while SET
+    assert rd(rtc, 0) == 0x30
+    for idx, v in ((0, 0x00), (2, 0x00), (4, 0x08), (7, 0x01), (8, 0x01), (9, 0x30), (0x32, 0x20)):
+        wr(rtc, idx, v)
+    wr(rtc, 0x0B, 0x02)
+    want = calendar.timegm((2030, 1, 1, 8, 0, 0, 0, 0, 0))
+    assert int(rtc.guest_time()) == want
+    clk.t += 61
+    assert rd(rtc, 2) == 0x01 and rd(rtc, 0) == 0x01
+    # an impossible date leaves the clock alone instead of raising
+    wr(rtc, 0x0B, 0x82)
+    wr(rtc, 8, 0x13)
+    wr(rtc, 0x0B, 0x02)
+    assert rd(rtc, 8) == 0x01
+
+
+def test_register_c_flags_clear_on_read():
+    clk = Clock()
+    rtc = RtcCmos(1 * GiB, clock=clk)
+    assert rd(rtc, 0x0C) == 0
+    wr(rtc, 0x0B, 0x02 | 0x10)  # UIE
+    clk.t += 1.0
+    c = rd(rtc, 0x0C)
+    assert c & 0x10 and c & 0x80 and c & 0x40  # UF, IRQF, PF (1024 Hz by default)
+    assert rd(rtc, 0x0C) == 0
+    # alarm at hh:mm:35 with don't-care hours
+    wr(rtc, 0x01, 0x35)
+    wr(rtc, 0x03, 0x45)
+    wr(rtc, 0x05, 0xC0)
+    wr(rtc, 0x0B, 0x02 | 0x20)
+    clk.t += 6
+    c = rd(rtc, 0x0C)
+    assert c & 0x20 and c & 0x80
+
+
+def test_cmos_memory_sizes_like_qemu():
+    rtc = RtcCmos(3 * GiB, ram_above_4g=5 * GiB, num_cpus=4, clock=Clock())
+    word = lambda lo: rd(rtc, lo) | rd(rtc, lo + 1) << 8
+    assert word(0x15) == 640
+    assert word(0x17) == 0xFFFF and word(0x30) == 0xFFFF
+    assert word(0x34) == (3 * GiB - 16 * MiB) // 65536
+    assert rd(rtc, 0x5B) | rd(rtc, 0x5C) << 8 | rd(rtc, 0x5D) << 16 == 5 * GiB // 65536
+    assert rd(rtc, 0x5F) == 3
+    assert rd(rtc, 0x14) & 0x02
+    small = RtcCmos(8 * MiB, clock=Clock())
+    assert rd(small, 0x17) | rd(small, 0x18) << 8 == 7 * 1024
+    assert rd(small, 0x34) == 0
+    wr(rtc, 0x40, 0x5A)
+    assert rd(rtc, 0x40) == 0x5A
+
+
+def test_nmi_bit_and_index_port():
+    rtc = RtcCmos(1 * GiB, clock=Clock())
+    rtc.write(0, 1, 0x80 | 0x0D)
+    assert rtc.nmi_disabled and rtc.read(1, 1) == 0x80
+    assert rtc.read(0, 1) == 0xFF
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(-2, 4), st.sampled_from([1, 2, 4]),
+                          st.integers(0, 2**32 - 1), st.floats(0, 100000)), max_size=50))
+def test_hostile_traffic_never_raises(ops):
+    clk = Clock()
+    rtc = RtcCmos(1 * GiB, clock=clk)
+    for is_write, off, size, value, dt in ops:
+        clk.t += dt
+        if is_write:
+            rtc.write(off, size, value)
+        else:
+            assert 0 <= rtc.read(off, size) <= 0xFF

@@ -1,0 +1,153 @@
+"""The virtio-pci transport's status/feature/queue state machine under arbitrary driver behaviour."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from kvmpy.devices.virtio.blk import VirtioBlk
+from kvmpy.devices.virtio.driver import SoftMachine, VirtioPciDriver
+from kvmpy.devices.virtio.pci import (DEVICE_NEEDS_RESET, DRIVER_OK, FEATURES_OK, VIRTIO_F_VERSION_1)
+
+
+class Disk:
+    size = 1 << 20
+    read_only = False
+
+    def __init__(self):
+        self.buf = bytearray(self.size)
+
+    def preadv(self, bufs, off):
+        n = 0
+        for b in bufs:
+            b[:] = self.buf[off + n:off + n + len(b)]
+            n += len(b)
+        return n
+
+    def pwritev(self, bufs, off):
+        n = 0
+        for b in bufs:
+            self.buf[off + n:off + n + len(b)] = b
+            n += len(b)
+        return n
+
+    def flush(self):
+        pass
+
+    def discard(self, off, length):
+        self.buf[off:off + length] = bytes(length)
+
+    write_zeroes = lambda self, off, length, may_unmap=False: self.discard(off, length)  # noqa: E731
+
+
+COMMON_FIELDS = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x14, 1), (0x15, 1),
+                 (0x16, 2), (0x18, 2), (0x1A, 2), (0x1C, 2), (0x1E, 2), (0x20, 4), (0x24, 4), (0x28, 4),
+                 (0x2C, 4), (0x30, 4), (0x34, 4), (0x20, 8)]
+
+
+class TransportMachine(RuleBasedStateMachine):
+    @initialize()
+    def setup(self):
+        self.m = SoftMachine(ram_size=4 << 20)
+        self.dev = VirtioBlk(self.m.platform, Disk(), num_queues=2)
+        self.slot = self.m.pci.add(self.dev)
+        self.d = VirtioPciDriver(self.m, self.slot)
+        self.d.enable()
+
+    def teardown(self):
+        if hasattr(self, "dev"):
+            self.dev.close()
+            self.m.close()
+
+    @rule(value=st.integers(0, 255) | st.sampled_from([1, 3, 0xB, 0xF, 0x80, 0]))
+    def write_status(self, value):
+        self.d.set_status(value)
+
+    @rule(field=st.sampled_from(COMMON_FIELDS), value=st.integers(0, 2**64 - 1),
+          small=st.sampled_from([0, 1, 2, 8, 64, 256, 0x200000, 0x210000]))
+    def write_common(self, field, value, small):
+        off, size = field
+        v = small if value % 2 else value & ((1 << (8 * size)) - 1)
+        self.d.common_write(off, size, v)
+
+    @rule(off=st.integers(0, 0x3FFF), size=st.sampled_from([1, 2, 4, 8, 3]), value=st.integers(0, 2**32 - 1))
+    def poke_bar(self, off, size, value):
+        base = self.d.bar_addr(0)
+        self.m.mmio_write(base + off, size, value)
+        self.m.mmio_read(base + off, size)
+
+    @rule(sel=st.integers(0, 1))
+    def negotiate_properly(self, sel):
+        self.d.negotiate(1 << VIRTIO_F_VERSION_1 | (sel << 29))
+        for q in range(2):
+            self.d.setup_queue(q, 16, vector=q + 1)
+        self.d.driver_ok()
+
+    @rule(q=st.integers(0, 2))
+    def kick(self, q):
+        self.d.kick(q)
+
+    @rule()
+    def garbage_in_ring(self):
+        self.m.memory.write(0x100000, os.urandom(0x3000))
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "dev"):
+            return
+        dev = self.dev
+        broken = dev.broken  # read first: the I/O thread may break the device any time
+        status = self.d.status
+        assert status & ~DEVICE_NEEDS_RESET == dev.status & ~DEVICE_NEEDS_RESET
+        if status & FEATURES_OK:
+            assert dev.driver_features >> VIRTIO_F_VERSION_1 & 1
+            assert dev.driver_features & ~dev.all_features() == 0
+        if dev._thread is not None:
+            assert status & DRIVER_OK and dev._thread.is_alive()
+        if status == 0:
+            assert dev._thread is None and not any(dev.queue_enable)
+            assert not dev.broken
+        for q in range(2):
+            if dev.queue_enable[q]:
+                assert dev.queues[q].active
+        if broken:
+            assert status & DEVICE_NEEDS_RESET
+        for off, size in COMMON_FIELDS:
+            self.d.common_read(off, size)
+
+
+TransportMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+TestTransport = TransportMachine.TestCase
+
+
+def test_features_ok_refused_without_version_1():
+    m = SoftMachine(ram_size=1 << 20)
+    dev = VirtioBlk(m.platform, Disk())
+    d = VirtioPciDriver(m, m.pci.add(dev))
+    try:
+        d.enable()
+        d.set_status(3)
+        d.common_write(0x08, 4, 0)
+        d.common_write(0x0C, 4, 1 << 9)
+        d.set_status(0xB)
+        assert d.status == 3
+        # unknown feature bits are refused too
+        d.common_write(0x08, 4, 1)
+        d.common_write(0x0C, 4, 1 | 1 << 20)
+        d.set_status(0xB)
+        assert d.status == 3
+        d.set_status(0)
+        assert d.negotiate(1 << VIRTIO_F_VERSION_1) == 1 << VIRTIO_F_VERSION_1
+        # DRIVER_OK before FEATURES_OK is a protocol error
+        d.set_status(0)
+        d.set_status(3)
+        d.set_status(7)
+        assert d.status & DEVICE_NEEDS_RESET
+        d.set_status(0)
+        assert d.status == 0
+    finally:
+        dev.close()
+        m.close()
