@@ -71,6 +71,8 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
             return _load_bzimage(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
     except GuestMemoryError as e:
         raise BootError(f"kernel {kernel_path}: does not fit in guest RAM ({e})") from None
+    except (struct.error, IndexError) as e:
+        raise BootError(f"kernel {kernel_path}: truncated or malformed header ({e})") from None
     raise BootError(f"kernel {kernel_path}: neither a bzImage (no 'HdrS' at offset 0x202) "
                     f"nor an ELF kernel (no ELF magic)")
 
