@@ -31,7 +31,7 @@ test: deps build
 	$(PYTHON) -m pytest -q -ra tests
 
 run: deps build
-	$(PYTHON) -m kvmpy run $(RUN_ARGS)
+	$(PYTHON) -m kvmpy run $(if $(RUN_ARGS),$(RUN_ARGS),examples/default.toml)
 
 bench: deps build
 	$(PYTHON) -m bench

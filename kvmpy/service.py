@@ -303,7 +303,7 @@ def stop_one(entry: VmEntry, run_dir: str) -> tuple[bool, str]:
         _qmp(entry, run_dir, "quit")
     except (ConnectionError, OSError) as e:
         quit_note = f", quit failed: {e}"
-    if _wait_gone(pid, QUIT_TIMEOUT):
+    if _wait_gone(pid, 0.5 if quit_note else QUIT_TIMEOUT):
         _clean_stale(entry, run_dir)
         return True, (f"{entry.name}: stopped (quit after {entry.halt_timeout:g} s {how} "
                       f"timeout{halt_note})")

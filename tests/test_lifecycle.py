@@ -198,6 +198,31 @@ def test_daemonize_reports_startup_failure(tmp_path, mode, status, message):
     assert not (tmp_path / "marker").exists()
 
 
+def test_daemonize_with_notify_running_callback(tmp_path):
+    """The run command's shape: start(notify_running) runs the whole VM."""
+    marker = tmp_path / "m"
+    r = run_py("""
+        import os, sys, time
+        from kvmpy.lifecycle import daemonize
+        def start(notify_running):
+            notify_running()
+            print("after notify: detached", flush=True)
+            open(sys.argv[1], "w").write(str(os.getpid()))
+            time.sleep(0.5)
+            return 5
+        status = daemonize(start)
+        open(sys.argv[1] + ".status", "w").write(str(status))
+    """, str(marker))
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert wait_for(lambda: os.path.exists(str(marker) + ".status"))
+    assert open(str(marker) + ".status").read() == "5"
+    r = run_py("""
+        from kvmpy.lifecycle import daemonize
+        daemonize(lambda notify_running: 3)     # ended before it ever ran
+    """)
+    assert r.returncode == 3 and "VM stopped during startup (status 3)" in r.stderr
+
+
 def test_daemonize_refuses_with_threads_running():
     r = run_py("""
         import threading, time

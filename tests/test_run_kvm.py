@@ -100,3 +100,35 @@ def test_emulation_failure_is_one_clear_line_or_passes():
         assert "emulation failure" in err and "instruction bytes cc" in err
     else:
         assert "guest: done" in p.stdout.decode()
+
+
+def test_uart_rx_interrupts_through_the_in_kernel_ioapic():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--kernel", guest_path("irq")],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
+    deadline = time.monotonic() + 30
+    while b"irq: ready" not in out and time.monotonic() < deadline:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        out += chunk
+    proc.stdin.write(b"xy")
+    proc.stdin.flush()
+    time.sleep(0.3)
+    proc.stdin.write(b"q")
+    proc.stdin.flush()
+    proc.wait(30)
+    out += proc.stdout.read()
+    err = proc.stderr.read()
+    proc.stdin.close()
+    assert proc.returncode == 0, err
+    text = out.decode()
+    assert "got: x" in text and "got: y" in text and "got: q" in text
+    assert "uart interrupts" in text
+
+
+def test_pit_ticks_reach_the_guest_through_gsi_2():
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", guest_path("irq"), "--append", "pit=1"])
+    assert p.returncode == 0, p.stderr.decode()
+    assert "pit ticks: 10" in p.stdout.decode()
