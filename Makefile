@@ -2,6 +2,7 @@
 # `make run` boots the default guest.
 PYTHON ?= python3
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
+               netcat-openbsd socat \
                gcc make binutils libffi-dev
 STAMP = .build-stamp
 

@@ -64,6 +64,8 @@ def _timed(argv: list[str], ok_status: int, prefix: list[str] | None = None) -> 
     r = subprocess.run((prefix or []) + argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     elapsed = time.perf_counter() - t
     out = r.stdout.replace("\r\n", "\n")
+    if "No module named 'kvmpy.devices.attach'" in r.stderr:
+        raise RuntimeError("kvmpy run cannot attach virtio devices yet (kvmpy.devices.attach is not wired)")
     if r.returncode != ok_status or "guest: done" not in out:
         tail = (out + r.stderr).strip().splitlines()[-3:]
         raise RuntimeError(f"status {r.returncode}: {' | '.join(tail)}")

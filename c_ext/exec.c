@@ -831,6 +831,7 @@ int cpu_run(CPU *c)
 {
     uint64_t t0 = now_ns();
     uint64_t d0 = c->st_decode_ns;
+    c->acc_pos = 0;   /* the first instruction replays the accesses the VMM completed */
     int r = setjmp(c->jb);
     if (r == 2) {
         c->cur_block = 0;
@@ -1741,8 +1742,7 @@ static void exec_block(CPU *c, Block *b)
             int left = op < 0x1ac;
             if (i->mod == 3) {
                 v = shxd(c, left, getreg(c, i, i->rm, sz), getreg(c, i, i->reg, sz), cnt, sz);
-                if (cnt & (sz == 8 ? 63 : 31))
-                    setreg(c, i, i->rm, sz, v);
+                setreg(c, i, i->rm, sz, v);   /* even a zero count zero-extends a 32-bit register */
             } else {
                 lin = ea_lin(c, i);
                 v = shxd(c, left, ld(c, lin, sz), getreg(c, i, i->reg, sz), cnt, sz);
@@ -1785,10 +1785,13 @@ static void exec_block(CPU *c, Block *b)
             if (i->mod == 3) {
                 a = getreg(c, i, i->rm, s);
                 alu(c, 7, acc, a, s);
-                if (a == acc)
+                /* the destination is always written (a 32-bit one zero-extends) */
+                if (a == acc) {
                     setreg(c, i, i->rm, s, src);
-                else
+                } else {
+                    setreg(c, i, i->rm, s, a);
                     setreg(c, i, R_AX, s, a);
+                }
             } else {
                 lin = ea_lin(c, i);
                 void *p = tlb_hit(c, lin, s, 1);

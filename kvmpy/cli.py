@@ -20,7 +20,6 @@ SUBCOMMAND_MODULES = (
     "kvmpy.runcmd",          # run
     "kvmpy.infocmd",         # info
     "kvmpy.block.imgcli",    # img
-    "kvmpy.monitor.cli",     # monitor helpers
     "kvmpy.service",         # service
     "kvmpy.guestbuild",      # guest
 )

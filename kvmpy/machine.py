@@ -52,12 +52,17 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self.block_info: list[dict] = []
         self.net_info: list[dict] = []
+        self.accel = None
         self.accel_name = accel or cfg.accel
-        self.accel = make_accel(self.accel_name, self)
-        self.platform = self.accel.platform
-        self.vcpus = self.accel.vcpus
-        self._build_devices()
-        self._boot()
+        try:
+            self.accel = make_accel(self.accel_name, self)
+            self.platform = self.accel.platform
+            self.vcpus = self.accel.vcpus
+            self._build_devices()
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
 
     # --- construction ------------------------------------------------------------
     def _build_devices(self) -> None:
@@ -86,13 +91,60 @@ class Machine:
         self.acpi_pm = AcpiPm(on_sleep=self._acpi_sleep, sci=lambda level: plat.set_irq_level(SCI_IRQ, level))
         self.pio_bus.register(PM_BASE, PM_IO_LENGTH, self.acpi_pm)
         self.resettable = [self.serial, self.i8042, self.rtc, self.acpi_pm]
+        self._build_pci()
+
+    def _build_pci(self) -> None:
+        from .devices.pci import PciBus, PciConfigIo
+        self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
+                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)
+        guest_reset = lambda: self.request_reset(guest=True, reason="guest-reset")  # noqa: E731
+        self.pio_bus.register(0xCF8, 8, ConfigPortsWithResetControl(PciConfigIo(self.pci), guest_reset))
+        for i, disk in enumerate(self.cfg.disks):
+            self._add_disk(i, disk)
+        for i, net in enumerate(self.cfg.nets):
+            self._add_net(i, net)
+
+    def _add_disk(self, index: int, disk) -> None:
+        from .block import open_image
+        from .devices.virtio.blk import VirtioBlk
+        driver = open_image(disk.path, disk.format, read_only=disk.readonly)
+        self.on_close(driver.close)
+        dev = VirtioBlk(self.platform, driver, serial=disk.serial, read_only=disk.readonly,
+                        name=f"virtio-blk{index}")
+        self.on_close(dev.close)
+        slot = self.pci.add(dev)
+        self.resettable.append(dev)
+        self.block_info.append({
+            "device": f"virtio{index}", "qdev": f"/machine/peripheral-anon/device[{slot}]/virtio-backend",
+            "locked": False, "removable": False, "type": "unknown", "tray_open": False,
+            "inserted": {"file": disk.path, "drv": driver.format, "ro": bool(driver.read_only or disk.readonly),
+                         "encrypted": False, "backing_file_depth": 0, "image": {
+                             "filename": disk.path, "format": driver.format, "virtual-size": driver.size}},
+        })
+
+    def _add_net(self, index: int, net) -> None:
+        from .devices.virtio.net import VirtioNet
+        from .tap import TapNetwork
+        tapnet = TapNetwork.open(ifname=net.ifname or None, bridge=net.bridge or None, mac=net.mac or None,
+                                 vm_name=self.name, index=index)
+        self.on_close(tapnet.close)
+        dev = VirtioNet(self.platform, tapnet.tap, mac=tapnet.mac, vm_name=self.name, index=index,
+                        name=f"virtio-net{index}")
+        self.on_close(dev.close)
+        self.pci.add(dev)
+        self.resettable.append(dev)
+        self.net_info.append({"name": f"net{index}", "type": "tap", "ifname": tapnet.tap.name,
+                              "mac": ":".join(f"{b:02x}" for b in tapnet.mac), "bridge": tapnet.bridge or ""})
 
     def _boot(self) -> None:
         from .boot.acpi import build_acpi_tables
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
+        from .boot.acpi import PciRoot
+        windows = self.pci.windows()
+        root = PciRoot(mem32=((windows["mmio"].base, windows["mmio"].end),), prt=tuple(self.pci.intx_routes()))
         self.rsdp = build_acpi_tables(self.memory, layout.ACPI_BASE, num_cpus=self.cfg.cpus,
-                                      pm_base=PM_BASE, sci_irq=SCI_IRQ)
+                                      pm_base=PM_BASE, sci_irq=SCI_IRQ, pci_root=root)
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory)
         self.accel.load_boot_state(self.boot_state)
@@ -303,6 +355,10 @@ class Machine:
     def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
         self._listeners.append(callback)
 
+    def remove_event_listener(self, callback: Callable[[str, dict], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
     def _emit(self, event: str, data: dict) -> None:
         for cb in list(self._listeners):
             try:
@@ -324,7 +380,35 @@ class Machine:
             except Exception:
                 log.debug("close hook failed", exc_info=True)
         self._closers.clear()
-        self.accel.close()
+        if self.accel is not None:
+            self.accel.close()
+            self.accel = None
+
+
+class ConfigPortsWithResetControl:
+    """Ports 0xCF8-0xCFF: PCI config mechanism #1, except a byte write to 0xCF9,
+    which is the PIIX reset control register (the FADT's RESET_REG)."""
+
+    RESET_CONTROL = 1
+    RESET_CPU = 0x04
+
+    def __init__(self, config_io, on_reset: Callable[[], None]) -> None:
+        self.config_io = config_io
+        self.on_reset = on_reset
+        self._reset_control = 0
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == self.RESET_CONTROL and size == 1:
+            return self._reset_control
+        return self.config_io.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == self.RESET_CONTROL and size == 1:
+            self._reset_control = value & 0x0E
+            if value & self.RESET_CPU:
+                self.on_reset()
+            return
+        self.config_io.write(offset, size, value)
 
 
 def kvm_usable() -> tuple[bool, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 
 from .config import VmConfig, config_from_dict, load_config, parse_drive, parse_netdev, parse_size, validate
@@ -112,7 +111,6 @@ def _run(cfg: VmConfig, notify_running) -> int:
             pidfile = Pidfile(cfg.pidfile)
         machine = Machine(cfg, console=console)
         machine_ref.append(machine)
-        _attach_io_devices(machine, cfg)
         _start_monitors(machine, cfg)
         if cfg.runas:
             from .lifecycle import drop_privileges
@@ -132,13 +130,6 @@ def _run(cfg: VmConfig, notify_running) -> int:
             pidfile.remove()
 
 
-def _attach_io_devices(machine, cfg: VmConfig) -> None:
-    if not cfg.disks and not cfg.nets:
-        return
-    from .devices.attach import attach_pci_devices
-    attach_pci_devices(machine, cfg)
-
-
 def _start_monitors(machine, cfg: VmConfig) -> None:
     if not cfg.qmp and not cfg.hmp:
         machine.hmp = None
@@ -152,23 +143,11 @@ def _start_monitors(machine, cfg: VmConfig) -> None:
     start_servers(machine, cfg.qmp, cfg.hmp)
 
 
-def _install_signal_handlers(machine) -> None:
+def _install_signal_handlers(machine):
+    """SIGTERM: ACPI powerdown, then quit after a timeout; SIGINT: quit."""
     if threading.current_thread() is not threading.main_thread():
-        return
-
-    def on_term(signum, frame):
-        # SIGTERM: ask the guest to power off, then quit if it does not within the timeout.
-        machine.powerdown()
-        timer = threading.Timer(SIGTERM_POWERDOWN_TIMEOUT,
-                                lambda: machine.request_shutdown(0, guest=False, reason="host-signal"))
-        timer.daemon = True
-        timer.start()
-
-    def on_int(signum, frame):
-        machine.request_shutdown(0, guest=False, reason="host-signal")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_int)
-    signal.signal(signal.SIGHUP, on_int)
-
-
+        return None
+    from .lifecycle import SignalActions
+    actions = SignalActions(machine, powerdown_timeout=SIGTERM_POWERDOWN_TIMEOUT).install()
+    machine.on_close(actions.close)
+    return actions

@@ -6,7 +6,6 @@ import io
 import os
 import struct
 import subprocess
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -17,7 +16,6 @@ from kvmpy.cli import main as kvmpy_main
 from kvmpy.errors import ImageError
 
 MiB = 1 << 20
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_image(path, with_data=True):

@@ -206,13 +206,35 @@ def test_rx_waits_for_buffers_and_small_chains_drop(rig):
     assert mem.read(RXBUF, 16) == b"\xaa" * 16
 
 
+def _ethtool_get(ns, ifname, cmd):
+    """SIOCETHTOOL get-value (ETHTOOL_GTSO 0x1e, ETHTOOL_GTXCSUM 0x16) on ``ifname`` in ``ns``."""
+    import array
+    import fcntl
+
+    def query():
+        ev = array.array("I", [cmd, 0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), 0x8946, struct.pack("16sP", ifname.encode(), ev.buffer_info()[0]))
+        return ev[1]
+    return run_in_netns(ns, query)
+
+
 def test_offloads_follow_negotiation(netns):
+    plain = NetRig(netns)
+    try:
+        # nothing negotiated: the kernel must segment and checksum before frames reach us
+        assert _ethtool_get(netns, plain.net.tap.name, 0x1E) == 0
+        assert _ethtool_get(netns, plain.net.tap.name, 0x16) == 0
+    finally:
+        plain.close()
     r = NetRig(netns, want_extra=1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4)
     try:
         assert r.features >> VIRTIO_NET_F_GUEST_TSO4 & 1
-        # A TSO-sized TCP frame from the other side arrives as one GSO frame; without
-        # offloads it would have been segmented by the kernel.
-        assert r.dev.negotiated(VIRTIO_NET_F_GUEST_CSUM)
+        assert _ethtool_get(netns, r.net.tap.name, 0x1E) == 1
+        assert _ethtool_get(netns, r.net.tap.name, 0x16) == 1
+        # a reset withdraws them again
+        r.d.set_status(0)
+        assert _ethtool_get(netns, r.net.tap.name, 0x1E) == 0
     finally:
         r.close()
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import time
 
 from ..errors import ImageError, UserError
 from . import open_image, probe_format

@@ -27,7 +27,7 @@ import zlib
 from collections import OrderedDict
 
 from ..errors import ImageError
-from .driver import BlockDriver, full_preadv, full_pwritev, total_length, write_zero_bytes
+from .driver import BlockDriver, full_preadv, full_pwritev, write_zero_bytes
 
 MAGIC = b"QFI\xfb"
 

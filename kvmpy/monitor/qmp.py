@@ -104,6 +104,12 @@ class QmpServer(MonitorServer):
         self._commands = {c.name: c for c in _COMMANDS}
         control.add_event_listener(self._on_event)
 
+    def close(self, timeout: float = 5.0) -> None:
+        remove = getattr(self.control, "remove_event_listener", None)
+        if callable(remove):
+            remove(self._on_event)
+        super().close(timeout)
+
     # -- events (any thread) --
     def _on_event(self, event: str, data: dict | None) -> None:
         if self._stopping:

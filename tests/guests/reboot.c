@@ -10,9 +10,10 @@ int guest_main(const struct hvm_start_info *si)
     cmdline_get("mode", mode, sizeof(mode));
     if (strcmp(mode, "triple") == 0) {
         puts("rebooting (triple fault)");
-        /* No IDT: int3 cannot be delivered, nor the #GP that raises, nor the #DF. */
+        /* No IDT: the #UD cannot be delivered, nor the #GP that raises, nor the #DF.
+         * ud2 rather than int3: some KVM hosts cannot emulate software interrupts. */
         static const struct { uint16_t limit; uint64_t base; } __attribute__((packed)) empty = { 0, 0 };
-        __asm__ volatile("lidt %0; int3" :: "m"(empty));
+        __asm__ volatile("lidt %0; ud2" :: "m"(empty));
     } else if (strcmp(mode, "i8042") == 0) {
         puts("rebooting");
         outb(0x64, 0xFE);

@@ -83,3 +83,5 @@ tramp_stack:	.quad 0
 tramp_entry:	.quad 0
 tramp_arg:	.quad 0
 ap_trampoline_end:
+
+	.section .note.GNU-stack, "", @progbits

@@ -191,16 +191,30 @@ void paging_map_2m(uint64_t virt, uint64_t phys, uint64_t flags);
 void paging_flush(void);
 extern char __image_start[], __image_end[];
 
-/* ---- ring 3.  run_user() calls fn(arg) in ring 3 on user_stack_top (which, fn and
- * everything fn touches must be in pages paging_set_user() made accessible) and
- * returns fn's result once it returns.  In ring 3, user_syscall(SYS_PUTC, c) prints. */
+/* ---- ring 3.  run_user() calls fn(arg) in ring 3 (IF=0) on user_stack_top (which,
+ * fn and everything fn touches must be in pages paging_set_user() made accessible)
+ * and returns fn's result once it returns.  In ring 3, user_syscall(SYS_PUTC, c)
+ * prints a character.  How ring 3 enters the kernel (user_set_entry):
+ *   USER_ENTRY_SYSCALL  SYSCALL/SYSRET (default)
+ *   USER_ENTRY_INT80    "int $0x80" through a DPL-3 interrupt gate
+ *   USER_ENTRY_UD2      ud2, i.e. the #UD exception: works where a (software) KVM
+ *                       mishandles SYSCALL or INT n from ring 3 */
 #define USER_SYSCALL_VECTOR 0x80
 #define SYS_EXIT 0
 #define SYS_PUTC 1
+enum user_entry { USER_ENTRY_SYSCALL = 0, USER_ENTRY_INT80 = 1, USER_ENTRY_UD2 = 2 };
 uint64_t run_user(uint64_t (*fn)(uint64_t), uint64_t arg, void *user_stack_top);
+void user_set_entry(enum user_entry how);
+extern uint8_t user_entry_mode;
 static inline uint64_t user_syscall(uint64_t nr, uint64_t arg) {
     uint64_t ret;
-    __asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "D"(arg) : "memory");
+    if (user_entry_mode == USER_ENTRY_INT80)
+        __asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "D"(arg) : "memory");
+    else if (user_entry_mode == USER_ENTRY_UD2)
+        __asm__ volatile("ud2" : "=a"(ret) : "a"(nr), "D"(arg) : "memory");
+    else
+        __asm__ volatile("syscall" : "=a"(ret), "+D"(arg)
+                         : "a"(nr) : "rcx", "rsi", "rdx", "r8", "r9", "r10", "r11", "memory");
     return ret;
 }
 

@@ -55,21 +55,66 @@ static void set_gate(int vector, uint8_t type_attr, uint8_t ist)
     };
 }
 
-static void syscall_handler(struct trap_frame *f)
+extern uint64_t syscall_kernel_rsp;
+uint8_t user_entry_mode = USER_ENTRY_SYSCALL;
+void syscall_entry(void);
+
+uint64_t syscall_dispatch(uint64_t nr, uint64_t arg);
+uint64_t syscall_dispatch(uint64_t nr, uint64_t arg)
 {
-    switch (f->rax) {
+    switch (nr) {
     case SYS_EXIT:
-        user_return(f->rdi);
+        user_return(arg);
     case SYS_PUTC: {
-        char c = (char)f->rdi;
+        char c = (char)arg;
         serial_write(&c, 1);
-        f->rax = 0;
-        break;
+        return 0;
     }
     default:
-        f->rax = (uint64_t)-1;
-        break;
+        return (uint64_t)-1;
     }
+}
+
+static void int80_handler(struct trap_frame *f)
+{
+    f->rax = syscall_dispatch(f->rax, f->rdi);
+}
+
+/* USER_ENTRY_UD2: a ud2 executed in ring 3 is a system call. */
+static void ud2_syscall_handler(struct trap_frame *f)
+{
+    const uint8_t *insn = (const uint8_t *)(uintptr_t)f->rip;
+    if ((f->cs & 3) != 3 || insn[0] != 0x0F || insn[1] != 0x0B) {
+        trap_frame_print(f);
+        guest_exit(GUEST_EXIT_EXCEPTION);
+    }
+    f->rip += 2;
+    f->rax = syscall_dispatch(f->rax, f->rdi);
+}
+
+void user_set_entry(enum user_entry how)
+{
+    user_entry_mode = (uint8_t)how;
+}
+
+uint64_t run_user_asm(uint64_t (*fn)(uint64_t), uint64_t arg, void *user_stack_top);
+
+/* The SYSCALL MSRs are set up here rather than at boot so that guests which never
+ * enter ring 3 do not touch them. */
+uint64_t run_user(uint64_t (*fn)(uint64_t), uint64_t arg, void *user_stack_top)
+{
+    /* SYSCALL/SYSRET: kernel CS 0x10 (SS 0x18); SYSRET gives CS 0x28|3, SS 0x20|3. */
+    syscall_kernel_rsp = tss.rsp[0];
+    wrmsr(0xC0000080, rdmsr(0xC0000080) | 1);                  /* EFER.SCE */
+    wrmsr(0xC0000081, ((uint64_t)(SEL_UDATA - 8) << 48) | ((uint64_t)SEL_CODE64 << 32));  /* STAR */
+    wrmsr(0xC0000082, (uint64_t)(uintptr_t)syscall_entry);      /* LSTAR */
+    wrmsr(0xC0000084, 0x700);                                   /* FMASK: TF, IF, DF */
+    trap_handler_t saved_ud = handlers[6];
+    if (user_entry_mode == USER_ENTRY_UD2)
+        handlers[6] = ud2_syscall_handler;
+    uint64_t result = run_user_asm(fn, arg, user_stack_top);
+    handlers[6] = saved_ud;
+    return result;
 }
 
 void idt_init(void)
@@ -93,7 +138,7 @@ void idt_init(void)
     boot_gdt[SEL_TSS / 8 + 1] = tb >> 32;
     __asm__ volatile("ltr %w0" :: "r"(SEL_TSS));
 
-    handlers[USER_SYSCALL_VECTOR] = syscall_handler;
+    handlers[USER_SYSCALL_VECTOR] = int80_handler;
     idt_set_dpl(USER_SYSCALL_VECTOR, 3);
 }
 

@@ -59,9 +59,9 @@ isr_common:
 	addq $16, %rsp                  /* vector, error code */
 	iretq
 
-/* uint64_t run_user(uint64_t (*fn)(uint64_t), uint64_t arg, void *user_stack_top) */
-	.globl run_user
-run_user:
+/* uint64_t run_user_asm(uint64_t (*fn)(uint64_t), uint64_t arg, void *user_stack_top) */
+	.globl run_user_asm
+run_user_asm:
 	pushfq
 	pushq %rbx
 	pushq %rbp
@@ -86,8 +86,35 @@ user_entry_thunk:
 	call *%r12
 	movq %rax, %rdi
 	movl $0, %eax                   /* SYS_EXIT */
-	int $0x80
-	ud2
+	cmpb $1, user_entry_mode(%rip)  /* enum user_entry */
+	je 1f
+	ja 2f
+	syscall
+1:	int $0x80
+2:	ud2
+
+/*
+ * SYSCALL entry (LSTAR): rax = number, rdi = argument, rcx = user RIP, r11 = user
+ * RFLAGS, rsp still the user's.  IF is off (FMASK), and only one CPU runs ring 3,
+ * so a global holds the user RSP while we switch to the TSS.RSP0 stack.
+ */
+	.globl syscall_entry
+syscall_entry:
+	movq %rsp, syscall_user_rsp(%rip)
+	movq syscall_kernel_rsp(%rip), %rsp
+	pushq syscall_user_rsp(%rip)
+	pushq %rcx
+	pushq %r11
+	subq $8, %rsp
+	movq %rdi, %rsi
+	movq %rax, %rdi
+	cld
+	call syscall_dispatch           /* SYS_EXIT does not come back */
+	addq $8, %rsp
+	popq %r11
+	popq %rcx
+	popq %rsp
+	sysretq
 
 /* Called by the SYS_EXIT handler on the TSS.RSP0 stack: abandons that trap frame
  * and returns value from run_user(). */
@@ -111,3 +138,10 @@ user_return:
 	.balign 8
 user_saved_rsp:
 	.skip 8
+syscall_user_rsp:
+	.skip 8
+	.globl syscall_kernel_rsp
+syscall_kernel_rsp:
+	.skip 8
+
+	.section .note.GNU-stack, "", @progbits

@@ -150,3 +150,5 @@ boot_pd:	.skip 4 * 4096
 	.globl boot_stack_top
 boot_stack:	.skip BOOT_STACK_SIZE
 boot_stack_top:
+
+	.section .note.GNU-stack, "", @progbits
