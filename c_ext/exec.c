@@ -29,7 +29,7 @@ static inline int64_t sext(uint64_t v, unsigned s)
     }
 }
 
-static inline uint32_t szp(uint64_t r, unsigned sz)
+static inline __attribute__((always_inline)) uint32_t szp(uint64_t r, unsigned sz)
 {
     r &= szmask(sz);
     return (r == 0 ? F_ZF : 0) | ((r & sbit(sz)) ? F_SF : 0) | parity_table[r & 0xff];
@@ -80,6 +80,23 @@ static uint32_t compute_arith(CPU *c)
         f |= r == sb - 1 ? F_OF : 0;
         f |= (r & 0xf) == 0xf ? F_AF : 0;
         break;
+    case CC_SHL: {   /* cc_a = operand, cc_b = masked count (1..63); AF left 0 like QEMU */
+        unsigned bits = sz * 8, n = (unsigned)c->cc_b;
+        uint32_t cf = n <= bits ? (a >> (bits - n)) & 1 : 0;
+        f |= cf | ((((r & sb) != 0) ^ cf) ? F_OF : 0);
+        break;
+    }
+    case CC_SHR: {
+        unsigned n = (unsigned)c->cc_b;
+        f |= (a >> (n - 1)) & 1;
+        f |= (n == 1 && (a & sb)) ? F_OF : 0;
+        break;
+    }
+    case CC_SAR: {
+        unsigned n = (unsigned)c->cc_b;
+        f |= (uint64_t)(sext(a, sz) >> (n - 1)) & 1;
+        break;
+    }
     }
     f |= (r == 0 ? F_ZF : 0) | ((r & sb) ? F_SF : 0) | parity_table[r & 0xff];
     return f;
@@ -99,7 +116,7 @@ void set_eflags(CPU *c, uint64_t v, uint64_t mask)
     c->eflags = (n & ~(uint64_t)F_ARITH) | 2;
 }
 
-static inline void set_cc(CPU *c, int op, unsigned sz, uint64_t r, uint64_t a, uint64_t b)
+static inline __attribute__((always_inline)) void set_cc(CPU *c, int op, unsigned sz, uint64_t r, uint64_t a, uint64_t b)
 {
     c->cc_op = op;
     c->cc_size = sz;
@@ -108,13 +125,13 @@ static inline void set_cc(CPU *c, int op, unsigned sz, uint64_t r, uint64_t a, u
     c->cc_b = b;
 }
 
-static inline void set_flags(CPU *c, uint32_t f)
+static inline __attribute__((always_inline)) void set_flags(CPU *c, uint32_t f)
 {
     c->cc_op = CC_EAGER;
     c->cc_res = f & F_ARITH;
 }
 
-static inline int get_cf(CPU *c)
+static inline __attribute__((always_inline)) int get_cf(CPU *c)
 {
     uint64_t m = szmask(c->cc_size);
     switch (c->cc_op) {
@@ -126,7 +143,7 @@ static inline int get_cf(CPU *c)
     return compute_arith(c) & 1;
 }
 
-static inline int cond(CPU *c, int cc)
+static inline __attribute__((always_inline)) int cond(CPU *c, int cc)
 {
     int r;
     if (c->cc_op == CC_SUB || c->cc_op == CC_LOGIC) {
@@ -144,6 +161,11 @@ static inline int cond(CPU *c, int cc)
                 r = res == 0 || (res & sbit(sz)) != 0; return r ^ (cc & 1);
         }
     }
+    if (c->cc_op != CC_EAGER && ((cc >> 1) == 2 || (cc >> 1) == 4)) {
+        uint64_t res = c->cc_res & szmask(c->cc_size);
+        r = (cc >> 1) == 2 ? res == 0 : (res & sbit(c->cc_size)) != 0;
+        return r ^ (cc & 1);
+    }
     uint32_t f = compute_arith(c);
     switch (cc >> 1) {
     case 0: r = (f & F_OF) != 0; break;
@@ -160,7 +182,7 @@ static inline int cond(CPU *c, int cc)
 
 /* ---- registers and operands ---- */
 
-static inline uint64_t getreg(CPU *c, Insn *i, int r, unsigned sz)
+static inline __attribute__((always_inline)) uint64_t getreg(CPU *c, Insn *i, int r, unsigned sz)
 {
     switch (sz) {
     case 1:
@@ -173,7 +195,7 @@ static inline uint64_t getreg(CPU *c, Insn *i, int r, unsigned sz)
     }
 }
 
-static inline void setreg(CPU *c, Insn *i, int r, unsigned sz, uint64_t v)
+static inline __attribute__((always_inline)) void setreg(CPU *c, Insn *i, int r, unsigned sz, uint64_t v)
 {
     switch (sz) {
     case 1:
@@ -188,7 +210,7 @@ static inline void setreg(CPU *c, Insn *i, int r, unsigned sz, uint64_t v)
     }
 }
 
-static inline uint64_t ea_off(CPU *c, Insn *i)
+static inline __attribute__((always_inline)) uint64_t ea_off(CPU *c, Insn *i)
 {
     uint64_t a = (uint64_t)i->disp;
     if (i->base != NOREG)
@@ -202,19 +224,19 @@ static inline uint64_t ea_off(CPU *c, Insn *i)
     return a;
 }
 
-static inline uint64_t ea_lin(CPU *c, Insn *i)
+static inline __attribute__((always_inline)) uint64_t ea_lin(CPU *c, Insn *i)
 {
     return linear(c, i->seg, ea_off(c, i));
 }
 
-static inline uint64_t rdE(CPU *c, Insn *i, unsigned sz)
+static inline __attribute__((always_inline)) uint64_t rdE(CPU *c, Insn *i, unsigned sz)
 {
     if (i->mod == 3)
         return getreg(c, i, i->rm, sz);
     return ld(c, ea_lin(c, i), sz);
 }
 
-static inline void wrE(CPU *c, Insn *i, unsigned sz, uint64_t v)
+static inline __attribute__((always_inline)) void wrE(CPU *c, Insn *i, unsigned sz, uint64_t v)
 {
     if (i->mod == 3)
         setreg(c, i, i->rm, sz, v);
@@ -222,14 +244,14 @@ static inline void wrE(CPU *c, Insn *i, unsigned sz, uint64_t v)
         st(c, ea_lin(c, i), sz, v);
 }
 
-static inline int stack_sz(CPU *c)
+static inline __attribute__((always_inline)) int stack_sz(CPU *c)
 {
     if (c->long64)
         return 8;
     return c->seg[S_SS].db ? 4 : 2;
 }
 
-static inline uint64_t sp_add(CPU *c, uint64_t sp, int64_t d)
+static inline __attribute__((always_inline)) uint64_t sp_add(CPU *c, uint64_t sp, int64_t d)
 {
     int ss = stack_sz(c);
     if (ss == 8)
@@ -239,7 +261,7 @@ static inline uint64_t sp_add(CPU *c, uint64_t sp, int64_t d)
     return (sp & ~0xffffull) | (uint16_t)(sp + d);
 }
 
-static inline uint64_t sp_lin(CPU *c, uint64_t sp)
+static inline __attribute__((always_inline)) uint64_t sp_lin(CPU *c, uint64_t sp)
 {
     int ss = stack_sz(c);
     if (ss == 8)
@@ -247,33 +269,33 @@ static inline uint64_t sp_lin(CPU *c, uint64_t sp)
     return linear(c, S_SS, ss == 4 ? (uint32_t)sp : (uint16_t)sp);
 }
 
-static inline void push(CPU *c, unsigned sz, uint64_t v)
+static inline __attribute__((always_inline)) void push(CPU *c, unsigned sz, uint64_t v)
 {
     uint64_t nsp = sp_add(c, c->r[R_SP], -(int64_t)sz);
     st(c, sp_lin(c, nsp), sz, v);
     c->r[R_SP] = nsp;
 }
 
-static inline uint64_t pop(CPU *c, unsigned sz)
+static inline __attribute__((always_inline)) uint64_t pop(CPU *c, unsigned sz)
 {
     uint64_t v = ld(c, sp_lin(c, c->r[R_SP]), sz);
     c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
     return v;
 }
 
-static inline uint64_t peek(CPU *c, unsigned sz, unsigned off)
+static inline __attribute__((always_inline)) uint64_t peek(CPU *c, unsigned sz, unsigned off)
 {
     return ld(c, sp_lin(c, sp_add(c, c->r[R_SP], off)), sz);
 }
 
-static inline uint64_t ip_mask(CPU *c, Insn *i, uint64_t v)
+static inline __attribute__((always_inline)) uint64_t ip_mask(CPU *c, Insn *i, uint64_t v)
 {
     if (c->long64)
         return v;
     return i->osz == 2 ? (uint16_t)v : (uint32_t)v;
 }
 
-static inline void *lock_ptr(CPU *c, Insn *i, uint64_t lin, unsigned sz)
+static inline __attribute__((always_inline)) void *lock_ptr(CPU *c, Insn *i, uint64_t lin, unsigned sz)
 {
     if (likely(!i->lock))
         return 0;
@@ -302,7 +324,7 @@ static inline uint64_t atomic_ld(void *p, unsigned sz)
 
 /* ---- ALU ---- */
 
-static inline uint64_t alu(CPU *c, int op, uint64_t a, uint64_t b, unsigned sz)
+static inline __attribute__((always_inline)) uint64_t alu(CPU *c, int op, uint64_t a, uint64_t b, unsigned sz)
 {
     uint64_t r, cf;
     switch (op) {
@@ -317,7 +339,7 @@ static inline uint64_t alu(CPU *c, int op, uint64_t a, uint64_t b, unsigned sz)
 }
 
 /* read-modify-write of operand E with a binary ALU op (lock-aware) */
-static inline void alu_E(CPU *c, Insn *i, int op, uint64_t b, unsigned sz)
+static inline __attribute__((always_inline)) void alu_E(CPU *c, Insn *i, int op, uint64_t b, unsigned sz)
 {
     if (i->mod == 3) {
         uint64_t r = alu(c, op, getreg(c, i, i->rm, sz), b, sz);
@@ -353,7 +375,7 @@ static uint64_t shift_op(CPU *c, int kind, uint64_t a, unsigned cnt, unsigned sz
     cnt &= sz == 8 ? 63 : 31;
     if (!cnt)
         return a;
-    uint32_t f = compute_arith(c);
+    uint32_t f = kind < 4 ? compute_arith(c) : 0;
     uint32_t cf, of;
     switch (kind) {
     case 0: {
@@ -459,12 +481,12 @@ static uint64_t shxd(CPU *c, int left, uint64_t dst, uint64_t src, unsigned cnt,
 
 /* ---- string instructions ---- */
 
-static inline uint64_t areg(CPU *c, int r, unsigned asz)
+static inline __attribute__((always_inline)) uint64_t areg(CPU *c, int r, unsigned asz)
 {
     return asz == 8 ? c->r[r] : asz == 4 ? (uint32_t)c->r[r] : (uint16_t)c->r[r];
 }
 
-static inline void areg_set(CPU *c, int r, unsigned asz, uint64_t v)
+static inline __attribute__((always_inline)) void areg_set(CPU *c, int r, unsigned asz, uint64_t v)
 {
     if (asz == 8) c->r[r] = v;
     else if (asz == 4) c->r[r] = (uint32_t)v;
@@ -1083,67 +1105,449 @@ static void exec_block(CPU *c, Block *b)
         c->shadow = 0;
     }
     c->cur_block = b;
-    for (; i < end; i++) {
-        c->next_rip = c->rip + i->len;
-        if (!c->long64)
-            c->next_rip = (uint32_t)c->next_rip;
-        unsigned sz = i->osz;
-        int op = i->op;
-        uint64_t a, v, lin;
-        switch (op) {
+    /* Threaded dispatch: every handler ends with its own indirect jump to the next
+     * instruction's handler (NEXT), which predicts far better than one shared switch.
+     * Table entries and op_ labels must match: tests/test_tcg_build.py checks that. */
+    static void *const dispatch[0x400] = {
+        [0 ... 0x3ff] = &&op_default,
+        [0x00] = &&op_0x00,
+        [0x08] = &&op_0x08,
+        [0x10] = &&op_0x10,
+        [0x18] = &&op_0x18,
+        [0x20] = &&op_0x20,
+        [0x28] = &&op_0x28,
+        [0x30] = &&op_0x30,
+        [0x38] = &&op_0x38,
+        [0x01] = &&op_0x01,
+        [0x09] = &&op_0x09,
+        [0x11] = &&op_0x11,
+        [0x19] = &&op_0x19,
+        [0x21] = &&op_0x21,
+        [0x29] = &&op_0x29,
+        [0x31] = &&op_0x31,
+        [0x39] = &&op_0x39,
+        [0x02] = &&op_0x02,
+        [0x0a] = &&op_0x0a,
+        [0x12] = &&op_0x12,
+        [0x1a] = &&op_0x1a,
+        [0x22] = &&op_0x22,
+        [0x2a] = &&op_0x2a,
+        [0x32] = &&op_0x32,
+        [0x3a] = &&op_0x3a,
+        [0x03] = &&op_0x03,
+        [0x0b] = &&op_0x0b,
+        [0x13] = &&op_0x13,
+        [0x1b] = &&op_0x1b,
+        [0x23] = &&op_0x23,
+        [0x2b] = &&op_0x2b,
+        [0x33] = &&op_0x33,
+        [0x3b] = &&op_0x3b,
+        [0x04] = &&op_0x04,
+        [0x0c] = &&op_0x0c,
+        [0x14] = &&op_0x14,
+        [0x1c] = &&op_0x1c,
+        [0x24] = &&op_0x24,
+        [0x2c] = &&op_0x2c,
+        [0x34] = &&op_0x34,
+        [0x3c] = &&op_0x3c,
+        [0x05] = &&op_0x05,
+        [0x0d] = &&op_0x0d,
+        [0x15] = &&op_0x15,
+        [0x1d] = &&op_0x1d,
+        [0x25] = &&op_0x25,
+        [0x2d] = &&op_0x2d,
+        [0x35] = &&op_0x35,
+        [0x3d] = &&op_0x3d,
+        [0x06] = &&op_0x06,
+        [0x0e] = &&op_0x0e,
+        [0x16] = &&op_0x16,
+        [0x1e] = &&op_0x1e,
+        [0x07] = &&op_0x07,
+        [0x17] = &&op_0x17,
+        [0x1f] = &&op_0x1f,
+        [0x40] = &&op_0x40,
+        [0x41] = &&op_0x41,
+        [0x42] = &&op_0x42,
+        [0x43] = &&op_0x43,
+        [0x44] = &&op_0x44,
+        [0x45] = &&op_0x45,
+        [0x46] = &&op_0x46,
+        [0x47] = &&op_0x47,
+        [0x48] = &&op_0x48,
+        [0x49] = &&op_0x49,
+        [0x4a] = &&op_0x4a,
+        [0x4b] = &&op_0x4b,
+        [0x4c] = &&op_0x4c,
+        [0x4d] = &&op_0x4d,
+        [0x4e] = &&op_0x4e,
+        [0x4f] = &&op_0x4f,
+        [0x50] = &&op_0x50,
+        [0x51] = &&op_0x51,
+        [0x52] = &&op_0x52,
+        [0x53] = &&op_0x53,
+        [0x54] = &&op_0x54,
+        [0x55] = &&op_0x55,
+        [0x56] = &&op_0x56,
+        [0x57] = &&op_0x57,
+        [0x58] = &&op_0x58,
+        [0x59] = &&op_0x59,
+        [0x5a] = &&op_0x5a,
+        [0x5b] = &&op_0x5b,
+        [0x5c] = &&op_0x5c,
+        [0x5d] = &&op_0x5d,
+        [0x5e] = &&op_0x5e,
+        [0x5f] = &&op_0x5f,
+        [0x60] = &&op_0x60,
+        [0x61] = &&op_0x61,
+        [0x63] = &&op_0x63,
+        [0x68] = &&op_0x68,
+        [0x6a] = &&op_0x6a,
+        [0x69] = &&op_0x69,
+        [0x6b] = &&op_0x6b,
+        [0x1af] = &&op_0x1af,
+        [0x6c] = &&op_0x6c,
+        [0x6d] = &&op_0x6d,
+        [0x6e] = &&op_0x6e,
+        [0x6f] = &&op_0x6f,
+        [0x70] = &&op_0x70,
+        [0x71] = &&op_0x71,
+        [0x72] = &&op_0x72,
+        [0x73] = &&op_0x73,
+        [0x74] = &&op_0x74,
+        [0x75] = &&op_0x75,
+        [0x76] = &&op_0x76,
+        [0x77] = &&op_0x77,
+        [0x78] = &&op_0x78,
+        [0x79] = &&op_0x79,
+        [0x7a] = &&op_0x7a,
+        [0x7b] = &&op_0x7b,
+        [0x7c] = &&op_0x7c,
+        [0x7d] = &&op_0x7d,
+        [0x7e] = &&op_0x7e,
+        [0x7f] = &&op_0x7f,
+        [0x180] = &&op_0x180,
+        [0x181] = &&op_0x181,
+        [0x182] = &&op_0x182,
+        [0x183] = &&op_0x183,
+        [0x184] = &&op_0x184,
+        [0x185] = &&op_0x185,
+        [0x186] = &&op_0x186,
+        [0x187] = &&op_0x187,
+        [0x188] = &&op_0x188,
+        [0x189] = &&op_0x189,
+        [0x18a] = &&op_0x18a,
+        [0x18b] = &&op_0x18b,
+        [0x18c] = &&op_0x18c,
+        [0x18d] = &&op_0x18d,
+        [0x18e] = &&op_0x18e,
+        [0x18f] = &&op_0x18f,
+        [0x80] = &&op_0x80,
+        [0x82] = &&op_0x82,
+        [0x81] = &&op_0x81,
+        [0x83] = &&op_0x83,
+        [0x84] = &&op_0x84,
+        [0x85] = &&op_0x85,
+        [0x86] = &&op_0x86,
+        [0x87] = &&op_0x87,
+        [0x88] = &&op_0x88,
+        [0x89] = &&op_0x89,
+        [0x8a] = &&op_0x8a,
+        [0x8b] = &&op_0x8b,
+        [0x8c] = &&op_0x8c,
+        [0x8d] = &&op_0x8d,
+        [0x8e] = &&op_0x8e,
+        [0x8f] = &&op_0x8f,
+        [0x90] = &&op_0x90,
+        [0x91] = &&op_0x91,
+        [0x92] = &&op_0x92,
+        [0x93] = &&op_0x93,
+        [0x94] = &&op_0x94,
+        [0x95] = &&op_0x95,
+        [0x96] = &&op_0x96,
+        [0x97] = &&op_0x97,
+        [0x98] = &&op_0x98,
+        [0x99] = &&op_0x99,
+        [0x9a] = &&op_0x9a,
+        [0x9b] = &&op_0x9b,
+        [0x9c] = &&op_0x9c,
+        [0x9d] = &&op_0x9d,
+        [0x9e] = &&op_0x9e,
+        [0x9f] = &&op_0x9f,
+        [0xa0] = &&op_0xa0,
+        [0xa1] = &&op_0xa1,
+        [0xa2] = &&op_0xa2,
+        [0xa3] = &&op_0xa3,
+        [0xa4] = &&op_0xa4,
+        [0xa5] = &&op_0xa5,
+        [0xa6] = &&op_0xa6,
+        [0xa7] = &&op_0xa7,
+        [0xaa] = &&op_0xaa,
+        [0xab] = &&op_0xab,
+        [0xac] = &&op_0xac,
+        [0xad] = &&op_0xad,
+        [0xae] = &&op_0xae,
+        [0xaf] = &&op_0xaf,
+        [0xa8] = &&op_0xa8,
+        [0xa9] = &&op_0xa9,
+        [0xb0] = &&op_0xb0,
+        [0xb1] = &&op_0xb1,
+        [0xb2] = &&op_0xb2,
+        [0xb3] = &&op_0xb3,
+        [0xb4] = &&op_0xb4,
+        [0xb5] = &&op_0xb5,
+        [0xb6] = &&op_0xb6,
+        [0xb7] = &&op_0xb7,
+        [0xb8] = &&op_0xb8,
+        [0xb9] = &&op_0xb9,
+        [0xba] = &&op_0xba,
+        [0xbb] = &&op_0xbb,
+        [0xbc] = &&op_0xbc,
+        [0xbd] = &&op_0xbd,
+        [0xbe] = &&op_0xbe,
+        [0xbf] = &&op_0xbf,
+        [0xc0] = &&op_0xc0,
+        [0xc1] = &&op_0xc1,
+        [0xd0] = &&op_0xd0,
+        [0xd1] = &&op_0xd1,
+        [0xd2] = &&op_0xd2,
+        [0xd3] = &&op_0xd3,
+        [0xc2] = &&op_0xc2,
+        [0xc3] = &&op_0xc3,
+        [0xc4] = &&op_0xc4,
+        [0xc5] = &&op_0xc5,
+        [0xc6] = &&op_0xc6,
+        [0xc7] = &&op_0xc7,
+        [0xc8] = &&op_0xc8,
+        [0xc9] = &&op_0xc9,
+        [0xca] = &&op_0xca,
+        [0xcb] = &&op_0xcb,
+        [0xcc] = &&op_0xcc,
+        [0xcd] = &&op_0xcd,
+        [0xce] = &&op_0xce,
+        [0xf1] = &&op_0xf1,
+        [0xcf] = &&op_0xcf,
+        [0xd4] = &&op_0xd4,
+        [0xd5] = &&op_0xd5,
+        [0xd6] = &&op_0xd6,
+        [0xd7] = &&op_0xd7,
+        [0xd8] = &&op_0xd8,
+        [0xd9] = &&op_0xd9,
+        [0xda] = &&op_0xda,
+        [0xdb] = &&op_0xdb,
+        [0xdc] = &&op_0xdc,
+        [0xdd] = &&op_0xdd,
+        [0xde] = &&op_0xde,
+        [0xdf] = &&op_0xdf,
+        [0xe0] = &&op_0xe0,
+        [0xe1] = &&op_0xe1,
+        [0xe2] = &&op_0xe2,
+        [0xe3] = &&op_0xe3,
+        [0xe4] = &&op_0xe4,
+        [0xe5] = &&op_0xe5,
+        [0xec] = &&op_0xec,
+        [0xed] = &&op_0xed,
+        [0xe6] = &&op_0xe6,
+        [0xe7] = &&op_0xe7,
+        [0xee] = &&op_0xee,
+        [0xef] = &&op_0xef,
+        [0xe8] = &&op_0xe8,
+        [0xe9] = &&op_0xe9,
+        [0xeb] = &&op_0xeb,
+        [0xea] = &&op_0xea,
+        [0xf4] = &&op_0xf4,
+        [0xf5] = &&op_0xf5,
+        [0xf6] = &&op_0xf6,
+        [0xf7] = &&op_0xf7,
+        [0xf8] = &&op_0xf8,
+        [0xf9] = &&op_0xf9,
+        [0xfa] = &&op_0xfa,
+        [0xfb] = &&op_0xfb,
+        [0xfc] = &&op_0xfc,
+        [0xfd] = &&op_0xfd,
+        [0xfe] = &&op_0xfe,
+        [0xff] = &&op_0xff,
+        [0x100] = &&op_0x100,
+        [0x101] = &&op_0x101,
+        [0x105] = &&op_0x105,
+        [0x106] = &&op_0x106,
+        [0x107] = &&op_0x107,
+        [0x108] = &&op_0x108,
+        [0x109] = &&op_0x109,
+        [0x10b] = &&op_0x10b,
+        [0x10d] = &&op_0x10d,
+        [0x118] = &&op_0x118,
+        [0x119] = &&op_0x119,
+        [0x11a] = &&op_0x11a,
+        [0x11b] = &&op_0x11b,
+        [0x11c] = &&op_0x11c,
+        [0x11d] = &&op_0x11d,
+        [0x11e] = &&op_0x11e,
+        [0x11f] = &&op_0x11f,
+        [0x120] = &&op_0x120,
+        [0x122] = &&op_0x122,
+        [0x121] = &&op_0x121,
+        [0x123] = &&op_0x123,
+        [0x130] = &&op_0x130,
+        [0x131] = &&op_0x131,
+        [0x132] = &&op_0x132,
+        [0x140] = &&op_0x140,
+        [0x141] = &&op_0x141,
+        [0x142] = &&op_0x142,
+        [0x143] = &&op_0x143,
+        [0x144] = &&op_0x144,
+        [0x145] = &&op_0x145,
+        [0x146] = &&op_0x146,
+        [0x147] = &&op_0x147,
+        [0x148] = &&op_0x148,
+        [0x149] = &&op_0x149,
+        [0x14a] = &&op_0x14a,
+        [0x14b] = &&op_0x14b,
+        [0x14c] = &&op_0x14c,
+        [0x14d] = &&op_0x14d,
+        [0x14e] = &&op_0x14e,
+        [0x14f] = &&op_0x14f,
+        [0x190] = &&op_0x190,
+        [0x191] = &&op_0x191,
+        [0x192] = &&op_0x192,
+        [0x193] = &&op_0x193,
+        [0x194] = &&op_0x194,
+        [0x195] = &&op_0x195,
+        [0x196] = &&op_0x196,
+        [0x197] = &&op_0x197,
+        [0x198] = &&op_0x198,
+        [0x199] = &&op_0x199,
+        [0x19a] = &&op_0x19a,
+        [0x19b] = &&op_0x19b,
+        [0x19c] = &&op_0x19c,
+        [0x19d] = &&op_0x19d,
+        [0x19e] = &&op_0x19e,
+        [0x19f] = &&op_0x19f,
+        [0x1a0] = &&op_0x1a0,
+        [0x1a8] = &&op_0x1a8,
+        [0x1a1] = &&op_0x1a1,
+        [0x1a9] = &&op_0x1a9,
+        [0x1a2] = &&op_0x1a2,
+        [0x1a3] = &&op_0x1a3,
+        [0x1ab] = &&op_0x1ab,
+        [0x1b3] = &&op_0x1b3,
+        [0x1bb] = &&op_0x1bb,
+        [0x1ba] = &&op_0x1ba,
+        [0x1a4] = &&op_0x1a4,
+        [0x1a5] = &&op_0x1a5,
+        [0x1ac] = &&op_0x1ac,
+        [0x1ad] = &&op_0x1ad,
+        [0x1ae] = &&op_0x1ae,
+        [0x1b0] = &&op_0x1b0,
+        [0x1b1] = &&op_0x1b1,
+        [0x1b2] = &&op_0x1b2,
+        [0x1b4] = &&op_0x1b4,
+        [0x1b5] = &&op_0x1b5,
+        [0x1b6] = &&op_0x1b6,
+        [0x1b7] = &&op_0x1b7,
+        [0x1be] = &&op_0x1be,
+        [0x1bf] = &&op_0x1bf,
+        [0x1b8] = &&op_0x1b8,
+        [0x1bc] = &&op_0x1bc,
+        [0x1bd] = &&op_0x1bd,
+        [0x1c0] = &&op_0x1c0,
+        [0x1c1] = &&op_0x1c1,
+        [0x1c7] = &&op_0x1c7,
+        [0x1c8] = &&op_0x1c8,
+        [0x1c9] = &&op_0x1c9,
+        [0x1ca] = &&op_0x1ca,
+        [0x1cb] = &&op_0x1cb,
+        [0x1cc] = &&op_0x1cc,
+        [0x1cd] = &&op_0x1cd,
+        [0x1ce] = &&op_0x1ce,
+        [0x1cf] = &&op_0x1cf,
+        [0x177] = &&op_0x177,
+        [OP_UD] = &&op_OP_UD,
+    };
+    unsigned sz;
+    int op;
+    uint64_t a, v, lin;
+#define PROLOGUE()                                          \
+    do {                                                    \
+        c->next_rip = c->rip + i->len;                      \
+        if (!c->long64)                                     \
+            c->next_rip = (uint32_t)c->next_rip;            \
+        sz = i->osz;                                        \
+        op = i->op;                                         \
+    } while (0)
+#define NEXT                                                \
+    do {                                                    \
+        c->rip = c->next_rip;                               \
+        if (unlikely(c->stop_block | c->nacc)) {            \
+            c->nacc = c->acc_pos = 0;                       \
+            if (c->stop_block) {                            \
+                c->stop_block = 0;                          \
+                i++;                                        \
+                goto out;                                   \
+            }                                               \
+        }                                                   \
+        if (++i >= end)                                     \
+            goto out;                                       \
+        PROLOGUE();                                         \
+        goto *dispatch[op];                                 \
+    } while (0)
+    if (i >= end)
+        goto out;
+    PROLOGUE();
+    goto *dispatch[op];
+    {
         /* ALU forms */
-        case 0x00: case 0x08: case 0x10: case 0x18: case 0x20: case 0x28: case 0x30: case 0x38:
+        op_0x00: op_0x08: op_0x10: op_0x18: op_0x20: op_0x28: op_0x30: op_0x38:
             alu_E(c, i, op >> 3, getreg(c, i, i->reg, 1), 1);
-            break;
-        case 0x01: case 0x09: case 0x11: case 0x19: case 0x21: case 0x29: case 0x31: case 0x39:
+            NEXT;
+        op_0x01: op_0x09: op_0x11: op_0x19: op_0x21: op_0x29: op_0x31: op_0x39:
             alu_E(c, i, op >> 3, getreg(c, i, i->reg, sz), sz);
-            break;
-        case 0x02: case 0x0a: case 0x12: case 0x1a: case 0x22: case 0x2a: case 0x32: case 0x3a:
+            NEXT;
+        op_0x02: op_0x0a: op_0x12: op_0x1a: op_0x22: op_0x2a: op_0x32: op_0x3a:
             v = alu(c, op >> 3, getreg(c, i, i->reg, 1), rdE(c, i, 1), 1);
             if ((op >> 3) != 7) setreg(c, i, i->reg, 1, v);
-            break;
-        case 0x03: case 0x0b: case 0x13: case 0x1b: case 0x23: case 0x2b: case 0x33: case 0x3b:
+            NEXT;
+        op_0x03: op_0x0b: op_0x13: op_0x1b: op_0x23: op_0x2b: op_0x33: op_0x3b:
             v = alu(c, op >> 3, getreg(c, i, i->reg, sz), rdE(c, i, sz), sz);
             if ((op >> 3) != 7) setreg(c, i, i->reg, sz, v);
-            break;
-        case 0x04: case 0x0c: case 0x14: case 0x1c: case 0x24: case 0x2c: case 0x34: case 0x3c:
+            NEXT;
+        op_0x04: op_0x0c: op_0x14: op_0x1c: op_0x24: op_0x2c: op_0x34: op_0x3c:
             v = alu(c, op >> 3, c->r[R_AX] & 0xff, i->imm & 0xff, 1);
             if ((op >> 3) != 7) setreg(c, i, R_AX, 1, v);
-            break;
-        case 0x05: case 0x0d: case 0x15: case 0x1d: case 0x25: case 0x2d: case 0x35: case 0x3d:
+            NEXT;
+        op_0x05: op_0x0d: op_0x15: op_0x1d: op_0x25: op_0x2d: op_0x35: op_0x3d:
             v = alu(c, op >> 3, c->r[R_AX] & szmask(sz), i->imm & szmask(sz), sz);
             if ((op >> 3) != 7) setreg(c, i, R_AX, sz, v);
-            break;
-        case 0x06: case 0x0e: case 0x16: case 0x1e:
+            NEXT;
+        op_0x06: op_0x0e: op_0x16: op_0x1e:
             push(c, sz, c->seg[op >> 3].sel);
-            break;
-        case 0x07: case 0x17: case 0x1f:
+            NEXT;
+        op_0x07: op_0x17: op_0x1f:
             v = peek(c, sz, 0);
             load_seg(c, op >> 3, (uint16_t)v);
             c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
             if (op == 0x17)
                 c->shadow = 1;
-            break;
-        case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+            NEXT;
+        op_0x40: op_0x41: op_0x42: op_0x43: op_0x44: op_0x45: op_0x46: op_0x47:
             a = getreg(c, i, op & 7, sz);
             c->cc_c = get_cf(c);
             set_cc(c, CC_INC, sz, a + 1, 0, 0);
             setreg(c, i, op & 7, sz, a + 1);
-            break;
-        case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+            NEXT;
+        op_0x48: op_0x49: op_0x4a: op_0x4b: op_0x4c: op_0x4d: op_0x4e: op_0x4f:
             a = getreg(c, i, op & 7, sz);
             c->cc_c = get_cf(c);
             set_cc(c, CC_DEC, sz, a - 1, 0, 0);
             setreg(c, i, op & 7, sz, a - 1);
-            break;
-        case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+            NEXT;
+        op_0x50: op_0x51: op_0x52: op_0x53: op_0x54: op_0x55: op_0x56: op_0x57:
             push(c, sz, getreg(c, i, i->reg, sz));
-            break;
-        case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+            NEXT;
+        op_0x58: op_0x59: op_0x5a: op_0x5b: op_0x5c: op_0x5d: op_0x5e: op_0x5f:
             v = pop(c, sz);
             setreg(c, i, i->reg, sz, v);
-            break;
-        case 0x60: {   /* pusha */
+            NEXT;
+        op_0x60: {   /* pusha */
             uint64_t osp = c->r[R_SP];
             uint64_t sp = c->r[R_SP];
             for (int r = 0; r < 8; r++) {
@@ -1151,9 +1555,9 @@ static void exec_block(CPU *c, Block *b)
                 st(c, sp_lin(c, sp), sz, r == R_SP ? osp : c->r[r]);
             }
             c->r[R_SP] = sp;
-            break;
+            NEXT;
         }
-        case 0x61: {   /* popa */
+        op_0x61: {   /* popa */
             uint64_t vals[8];
             for (int r = 7; r >= 0; r--)
                 vals[r] = peek(c, sz, (7 - r) * sz);
@@ -1161,20 +1565,20 @@ static void exec_block(CPU *c, Block *b)
                 if (r != R_SP)
                     setreg(c, i, r, sz, vals[r]);
             c->r[R_SP] = sp_add(c, c->r[R_SP], 8 * sz);
-            break;
+            NEXT;
         }
-        case 0x63:
+        op_0x63:
             if (c->long64) {   /* movsxd */
                 v = (uint64_t)(int64_t)(int32_t)rdE(c, i, 4);
                 setreg(c, i, i->reg, sz, v);
             } else {
                 UD();   /* arpl: not used by anything we run */
             }
-            break;
-        case 0x68: case 0x6a:
+            NEXT;
+        op_0x68: op_0x6a:
             push(c, sz, i->imm);
-            break;
-        case 0x69: case 0x6b: case 0x1af: {
+            NEXT;
+        op_0x69: op_0x6b: op_0x1af: {
             int64_t x = sext(rdE(c, i, sz), sz);
             int64_t y = op == 0x1af ? sext(getreg(c, i, i->reg, sz), sz) : (int64_t)i->imm;
             uint64_t r;
@@ -1190,34 +1594,34 @@ static void exec_block(CPU *c, Block *b)
             }
             setreg(c, i, i->reg, sz, r);
             set_flags(c, (ovf ? F_CF | F_OF : 0) | szp(r, sz));
-            break;
+            NEXT;
         }
-        case 0x6c: case 0x6d: case 0x6e: case 0x6f:
+        op_0x6c: op_0x6d: op_0x6e: op_0x6f:
             string_io(c, i);
-            break;
-        case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
-        case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
+            NEXT;
+        op_0x70: op_0x71: op_0x72: op_0x73: op_0x74: op_0x75: op_0x76: op_0x77:
+        op_0x78: op_0x79: op_0x7a: op_0x7b: op_0x7c: op_0x7d: op_0x7e: op_0x7f:
             if (cond(c, op & 15))
                 c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
-        case 0x180: case 0x181: case 0x182: case 0x183: case 0x184: case 0x185: case 0x186: case 0x187:
-        case 0x188: case 0x189: case 0x18a: case 0x18b: case 0x18c: case 0x18d: case 0x18e: case 0x18f:
+            NEXT;
+        op_0x180: op_0x181: op_0x182: op_0x183: op_0x184: op_0x185: op_0x186: op_0x187:
+        op_0x188: op_0x189: op_0x18a: op_0x18b: op_0x18c: op_0x18d: op_0x18e: op_0x18f:
             if (cond(c, op & 15))
                 c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
-        case 0x80: case 0x82:
+            NEXT;
+        op_0x80: op_0x82:
             alu_E(c, i, i->reg & 7, i->imm & 0xff, 1);
-            break;
-        case 0x81: case 0x83:
+            NEXT;
+        op_0x81: op_0x83:
             alu_E(c, i, i->reg & 7, i->imm & szmask(sz), sz);
-            break;
-        case 0x84:
+            NEXT;
+        op_0x84:
             alu(c, 4, rdE(c, i, 1), getreg(c, i, i->reg, 1), 1);
-            break;
-        case 0x85:
+            NEXT;
+        op_0x85:
             alu(c, 4, rdE(c, i, sz), getreg(c, i, i->reg, sz), sz);
-            break;
-        case 0x86: case 0x87: {
+            NEXT;
+        op_0x86: op_0x87: {
             unsigned s = op == 0x86 ? 1 : sz;
             if (i->mod == 3) {
                 a = getreg(c, i, i->rm, s);
@@ -1241,40 +1645,40 @@ static void exec_block(CPU *c, Block *b)
                 }
                 setreg(c, i, i->reg, s, a);
             }
-            break;
+            NEXT;
         }
-        case 0x88:
+        op_0x88:
             wrE(c, i, 1, getreg(c, i, i->reg, 1));
-            break;
-        case 0x89:
+            NEXT;
+        op_0x89:
             wrE(c, i, sz, getreg(c, i, i->reg, sz));
-            break;
-        case 0x8a:
+            NEXT;
+        op_0x8a:
             setreg(c, i, i->reg, 1, rdE(c, i, 1));
-            break;
-        case 0x8b:
+            NEXT;
+        op_0x8b:
             setreg(c, i, i->reg, sz, rdE(c, i, sz));
-            break;
-        case 0x8c:
+            NEXT;
+        op_0x8c:
             if ((i->reg & 7) > 5) UD();
             if (i->mod == 3)
                 setreg(c, i, i->rm, sz, c->seg[i->reg & 7].sel);
             else
                 st(c, ea_lin(c, i), 2, c->seg[i->reg & 7].sel);
-            break;
-        case 0x8d:
+            NEXT;
+        op_0x8d:
             if (i->mod == 3) UD();
             setreg(c, i, i->reg, sz, ea_off(c, i));
-            break;
-        case 0x8e: {
+            NEXT;
+        op_0x8e: {
             int s = i->reg & 7;
             if (s == S_CS || s > 5) UD();
             load_seg(c, s, (uint16_t)rdE(c, i, 2));
             if (s == S_SS)
                 c->shadow = 1;
-            break;
+            NEXT;
         }
-        case 0x8f: {
+        op_0x8f: {
             v = peek(c, sz, 0);
             if (i->mod == 3) {
                 c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
@@ -1287,38 +1691,38 @@ static void exec_block(CPU *c, Block *b)
                 st(c, lin, sz, v);
                 c->r[R_SP] = sp_add(c, osp, sz);
             }
-            break;
+            NEXT;
         }
-        case 0x90:
+        op_0x90:
             if (i->reg == 0)   /* nop / pause (xchg eax,eax would zero-extend: not with 0x90) */
-                break;
+                NEXT;
             /* fallthrough: REX.B 90 is xchg r8, rax */
-        case 0x91: case 0x92: case 0x93: case 0x94: case 0x95: case 0x96: case 0x97:
+        op_0x91: op_0x92: op_0x93: op_0x94: op_0x95: op_0x96: op_0x97:
             a = getreg(c, i, i->reg, sz);
             v = getreg(c, i, R_AX, sz);
             setreg(c, i, R_AX, sz, a);
             setreg(c, i, i->reg, sz, v);
-            break;
-        case 0x98:
+            NEXT;
+        op_0x98:
             if (sz == 2) setreg(c, i, R_AX, 2, (uint64_t)(int64_t)(int8_t)c->r[R_AX]);
             else if (sz == 4) setreg(c, i, R_AX, 4, (uint64_t)(int64_t)(int16_t)c->r[R_AX]);
             else c->r[R_AX] = (uint64_t)(int64_t)(int32_t)c->r[R_AX];
-            break;
-        case 0x99:
+            NEXT;
+        op_0x99:
             v = (c->r[R_AX] & sbit(sz)) ? ~0ull : 0;
             setreg(c, i, R_DX, sz, v);
-            break;
-        case 0x9a:
+            NEXT;
+        op_0x9a:
             c->rip = c->rip;
             do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 1, sz);
-            break;
-        case 0x9b:   /* fwait */
-            break;
-        case 0x9c:
+            NEXT;
+        op_0x9b:   /* fwait */
+            NEXT;
+        op_0x9c:
             if ((c->eflags & F_VM) && ((c->eflags >> 12) & 3) != 3) GP0();
             push(c, sz, get_eflags(c) & ~(uint64_t)(F_VM | F_RF));
-            break;
-        case 0x9d: {
+            NEXT;
+        op_0x9d: {
             if ((c->eflags & F_VM) && ((c->eflags >> 12) & 3) != 3) GP0();
             v = peek(c, sz, 0);
             uint64_t mask = F_ARITH | F_TF | F_DF | F_NT | F_OF;
@@ -1329,47 +1733,75 @@ static void exec_block(CPU *c, Block *b)
             set_eflags(c, v, mask);
             c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
             (void)was_if;
-            break;
+            NEXT;
         }
-        case 0x9e: {
+        op_0x9e: {
             uint32_t f = compute_arith(c);
             f = (f & F_OF) | ((c->r[R_AX] >> 8) & (F_SF | F_ZF | F_AF | F_PF | F_CF));
             set_flags(c, f);
-            break;
+            NEXT;
         }
-        case 0x9f:
+        op_0x9f:
             setreg(c, i, 4, 1, (get_eflags(c) & 0xd5) | 2);   /* AH */
-            break;
-        case 0xa0: case 0xa1: {
+            NEXT;
+        op_0xa0: op_0xa1: {
             unsigned s = op == 0xa0 ? 1 : sz;
             v = ld(c, linear(c, i->seg, (uint64_t)i->disp & szmask(i->asz)), s);
             setreg(c, i, R_AX, s, v);
-            break;
+            NEXT;
         }
-        case 0xa2: case 0xa3: {
+        op_0xa2: op_0xa3: {
             unsigned s = op == 0xa2 ? 1 : sz;
             st(c, linear(c, i->seg, (uint64_t)i->disp & szmask(i->asz)), s, c->r[R_AX]);
-            break;
+            NEXT;
         }
-        case 0xa4: case 0xa5: case 0xa6: case 0xa7: case 0xaa: case 0xab: case 0xac: case 0xad:
-        case 0xae: case 0xaf:
+        op_0xa4: op_0xa5: op_0xa6: op_0xa7: op_0xaa: op_0xab: op_0xac: op_0xad:
+        op_0xae: op_0xaf:
             string_op(c, i);
-            break;
-        case 0xa8:
+            NEXT;
+        op_0xa8:
             alu(c, 4, c->r[R_AX] & 0xff, i->imm & 0xff, 1);
-            break;
-        case 0xa9:
+            NEXT;
+        op_0xa9:
             alu(c, 4, c->r[R_AX] & szmask(sz), i->imm & szmask(sz), sz);
-            break;
-        case 0xb0: case 0xb1: case 0xb2: case 0xb3: case 0xb4: case 0xb5: case 0xb6: case 0xb7:
+            NEXT;
+        op_0xb0: op_0xb1: op_0xb2: op_0xb3: op_0xb4: op_0xb5: op_0xb6: op_0xb7:
             setreg(c, i, i->reg, 1, i->imm);
-            break;
-        case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+            NEXT;
+        op_0xb8: op_0xb9: op_0xba: op_0xbb: op_0xbc: op_0xbd: op_0xbe: op_0xbf:
             setreg(c, i, i->reg, sz, i->imm);
-            break;
-        case 0xc0: case 0xc1: case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+            NEXT;
+        op_0xc0: op_0xc1: op_0xd0: op_0xd1: op_0xd2: op_0xd3: {
             unsigned s = (op & 1) ? sz : 1;
             unsigned cnt = op <= 0xc1 ? (unsigned)(i->imm & 0xff) : op <= 0xd1 ? 1 : (unsigned)(c->r[R_CX] & 0xff);
+            int kind = i->reg & 7;
+            if (kind >= 4) {
+                /* shifts: inline, flags evaluated lazily from (operand, count, result) */
+                unsigned n = cnt & (s == 8 ? 63 : 31);
+                lin = 0;
+                if (i->mod == 3) {
+                    a = getreg(c, i, i->rm, s);
+                } else {
+                    lin = ea_lin(c, i);
+                    a = ld(c, lin, s);
+                }
+                if (n) {
+                    if (kind == 5)
+                        v = a >> n;
+                    else if (kind == 7)
+                        v = (uint64_t)(sext(a, s) >> n) & szmask(s);
+                    else
+                        v = (a << n) & szmask(s);
+                    set_cc(c, kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL, s, v, a, n);
+                } else {
+                    v = a;
+                }
+                if (i->mod == 3)
+                    setreg(c, i, i->rm, s, v);
+                else if (n)
+                    st(c, lin, s, v);
+                NEXT;
+            }
             if (i->mod == 3) {
                 a = getreg(c, i, i->rm, s);
                 v = shift_op(c, i->reg & 7, a, cnt, s);
@@ -1380,26 +1812,26 @@ static void exec_block(CPU *c, Block *b)
                 v = shift_op(c, i->reg & 7, a, cnt, s);
                 st(c, lin, s, v);
             }
-            break;
+            NEXT;
         }
-        case 0xc2: case 0xc3:
+        op_0xc2: op_0xc3:
             v = pop(c, sz);
             if (op == 0xc2)
                 c->r[R_SP] = sp_add(c, c->r[R_SP], i->imm & 0xffff);
             c->next_rip = ip_mask(c, i, v);
-            break;
-        case 0xc4: case 0xc5:
+            NEXT;
+        op_0xc4: op_0xc5:
             load_far_ptr(c, i, op == 0xc4 ? S_ES : S_DS);
-            break;
-        case 0xc6:
+            NEXT;
+        op_0xc6:
             if ((i->reg & 7) != 0) UD();
             wrE(c, i, 1, i->imm);
-            break;
-        case 0xc7:
+            NEXT;
+        op_0xc7:
             if ((i->reg & 7) != 0) UD();
             wrE(c, i, sz, i->imm);
-            break;
-        case 0xc8: {   /* enter */
+            NEXT;
+        op_0xc8: {   /* enter */
             unsigned level = i->imm2 & 31;
             uint64_t frame_sz = i->imm & 0xffff;
             uint64_t sp = sp_add(c, c->r[R_SP], -(int64_t)sz);
@@ -1419,9 +1851,9 @@ static void exec_block(CPU *c, Block *b)
             sp = sp_add(c, sp, -(int64_t)frame_sz);
             setreg(c, i, R_BP, sz, frame);
             c->r[R_SP] = sp;
-            break;
+            NEXT;
         }
-        case 0xc9: {   /* leave */
+        op_0xc9: {   /* leave */
             uint64_t osp = c->r[R_SP];
             int ss = stack_sz(c);
             c->r[R_SP] = ss == 8 ? c->r[R_BP] : ss == 4 ? (uint32_t)c->r[R_BP]
@@ -1430,54 +1862,54 @@ static void exec_block(CPU *c, Block *b)
             (void)osp;
             c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
             setreg(c, i, R_BP, sz, v);
-            break;
+            NEXT;
         }
-        case 0xca: case 0xcb:
+        op_0xca: op_0xcb:
             do_far_ret(c, sz, op == 0xca ? (uint32_t)(i->imm & 0xffff) : 0);
-            break;
-        case 0xcc: case 0xcd: case 0xce: case 0xf1: {
+            NEXT;
+        op_0xcc: op_0xcd: op_0xce: op_0xf1: {
             int vec = op == 0xcc ? 3 : op == 0xcd ? (int)(i->imm & 0xff) : op == 0xce ? 4 : 1;
             if (op == 0xce && !(compute_arith(c) & F_OF))
-                break;
+                NEXT;
             if ((c->eflags & F_VM) && op == 0xcd && ((c->eflags >> 12) & 3) != 3)
                 GP0();
             c->delivering = vec;
             deliver_interrupt(c, vec, op != 0xf1, 0, 0, c->next_rip);
             c->delivering = -1;
             c->next_rip = c->rip;
-            break;
+            NEXT;
         }
-        case 0xcf:
+        op_0xcf:
             do_iret(c, sz);
-            break;
-        case 0xd4: {   /* aam */
+            NEXT;
+        op_0xd4: {   /* aam */
             unsigned base = i->imm & 0xff;
             if (!base) RAISE(c, EXC_DE);
             unsigned al = c->r[R_AX] & 0xff;
             v = ((al / base) << 8) | (al % base);
             setreg(c, i, R_AX, 2, v);
             set_flags(c, szp(v & 0xff, 1));
-            break;
+            NEXT;
         }
-        case 0xd5: {   /* aad */
+        op_0xd5: {   /* aad */
             unsigned base = i->imm & 0xff;
             v = ((c->r[R_AX] & 0xff) + ((c->r[R_AX] >> 8) & 0xff) * base) & 0xff;
             setreg(c, i, R_AX, 2, v);
             set_flags(c, szp(v, 1));
-            break;
+            NEXT;
         }
-        case 0xd6:
+        op_0xd6:
             setreg(c, i, R_AX, 1, get_cf(c) ? 0xff : 0);
-            break;
-        case 0xd7: {
+            NEXT;
+        op_0xd7: {
             uint64_t off = (areg(c, R_BX, i->asz) + (c->r[R_AX] & 0xff)) & szmask(i->asz);
             setreg(c, i, R_AX, 1, ld(c, linear(c, i->seg, off), 1));
-            break;
+            NEXT;
         }
-        case 0xd8: case 0xd9: case 0xda: case 0xdb: case 0xdc: case 0xdd: case 0xde: case 0xdf:
+        op_0xd8: op_0xd9: op_0xda: op_0xdb: op_0xdc: op_0xdd: op_0xde: op_0xdf:
             x87_exec(c, i);
-            break;
-        case 0xe0: case 0xe1: case 0xe2: {
+            NEXT;
+        op_0xe0: op_0xe1: op_0xe2: {
             uint64_t cx = areg(c, R_CX, i->asz) - 1;
             areg_set(c, R_CX, i->asz, cx);
             cx &= szmask(i->asz);
@@ -1486,45 +1918,45 @@ static void exec_block(CPU *c, Block *b)
             if (op == 0xe1) take = take && (compute_arith(c) & F_ZF);
             if (take)
                 c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
+            NEXT;
         }
-        case 0xe3:
+        op_0xe3:
             if (areg(c, R_CX, i->asz) == 0)
                 c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
-        case 0xe4: case 0xe5: case 0xec: case 0xed: {
+            NEXT;
+        op_0xe4: op_0xe5: op_0xec: op_0xed: {
             unsigned s = (op & 1) ? (sz == 8 ? 4 : sz) : 1;
             uint16_t port = op < 0xe8 ? (uint16_t)(i->imm & 0xff) : (uint16_t)c->r[R_DX];
             if (!io_allowed(c)) GP0();
             v = io_access(c, port, s, 0, 0);
             setreg(c, i, R_AX, s, v);
-            break;
+            NEXT;
         }
-        case 0xe6: case 0xe7: case 0xee: case 0xef: {
+        op_0xe6: op_0xe7: op_0xee: op_0xef: {
             unsigned s = (op & 1) ? (sz == 8 ? 4 : sz) : 1;
             uint16_t port = op < 0xe8 ? (uint16_t)(i->imm & 0xff) : (uint16_t)c->r[R_DX];
             if (!io_allowed(c)) GP0();
             io_access(c, port, s, 1, c->r[R_AX] & szmask(s));
-            break;
+            NEXT;
         }
-        case 0xe8:
+        op_0xe8:
             push(c, sz, c->next_rip);
             c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
-        case 0xe9: case 0xeb:
+            NEXT;
+        op_0xe9: op_0xeb:
             c->next_rip = ip_mask(c, i, c->next_rip + i->imm);
-            break;
-        case 0xea:
+            NEXT;
+        op_0xea:
             do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 0, sz);
-            break;
-        case 0xf4:
+            NEXT;
+        op_0xf4:
             NEED_CPL0();
             c->halted = 1;
-            break;
-        case 0xf5:
+            NEXT;
+        op_0xf5:
             set_flags(c, compute_arith(c) ^ F_CF);
-            break;
-        case 0xf6: case 0xf7: {
+            NEXT;
+        op_0xf6: op_0xf7: {
             unsigned s = op == 0xf6 ? 1 : sz;
             switch (i->reg & 7) {
             case 0: case 1:
@@ -1565,23 +1997,23 @@ static void exec_block(CPU *c, Block *b)
             case 6: do_div(c, i, 0, rdE(c, i, s), s); break;
             default: do_div(c, i, 1, rdE(c, i, s), s); break;
             }
-            break;
+            NEXT;
         }
-        case 0xf8: set_flags(c, compute_arith(c) & ~F_CF); break;
-        case 0xf9: set_flags(c, compute_arith(c) | F_CF); break;
-        case 0xfa:
+        op_0xf8: set_flags(c, compute_arith(c) & ~F_CF); NEXT;
+        op_0xf9: set_flags(c, compute_arith(c) | F_CF); NEXT;
+        op_0xfa:
             if ((c->cr0 & CR0_PE) && c->cpl > (int)((c->eflags >> 12) & 3)) GP0();
             c->eflags &= ~(uint64_t)F_IF;
-            break;
-        case 0xfb:
+            NEXT;
+        op_0xfb:
             if ((c->cr0 & CR0_PE) && c->cpl > (int)((c->eflags >> 12) & 3)) GP0();
             if (!(c->eflags & F_IF))
                 c->shadow = 1;
             c->eflags |= F_IF;
-            break;
-        case 0xfc: c->eflags &= ~(uint64_t)F_DF; break;
-        case 0xfd: c->eflags |= F_DF; break;
-        case 0xfe: case 0xff: {
+            NEXT;
+        op_0xfc: c->eflags &= ~(uint64_t)F_DF; NEXT;
+        op_0xfd: c->eflags |= F_DF; NEXT;
+        op_0xfe: op_0xff: {
             unsigned s = op == 0xfe ? 1 : sz;
             int r = i->reg & 7;
             if (op == 0xfe && r > 1) UD();
@@ -1605,7 +2037,7 @@ static void exec_block(CPU *c, Block *b)
                 }
                 c->cc_c = cf;
                 set_cc(c, inc ? CC_INC : CC_DEC, s, v, 0, 0);
-                break;
+                NEXT;
             }
             switch (r) {
             case 2:
@@ -1631,20 +2063,20 @@ static void exec_block(CPU *c, Block *b)
             default:
                 UD();
             }
-            break;
+            NEXT;
         }
 
         /* ---- 0F xx ---- */
-        case 0x100: exec_system_0f00(c, i); break;
-        case 0x101: exec_system_0f01(c, i); break;
-        case 0x105: do_syscall(c); break;
-        case 0x106: NEED_CPL0(); c->cr0 &= ~(uint64_t)CR0_TS; break;
-        case 0x107: do_sysret(c, sz); break;
-        case 0x108: case 0x109: NEED_CPL0(); break;
-        case 0x10b: UD(); break;
-        case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e: case 0x11f:
-            break;   /* prefetch / hint nops */
-        case 0x120: {
+        op_0x100: exec_system_0f00(c, i); NEXT;
+        op_0x101: exec_system_0f01(c, i); NEXT;
+        op_0x105: do_syscall(c); NEXT;
+        op_0x106: NEED_CPL0(); c->cr0 &= ~(uint64_t)CR0_TS; NEXT;
+        op_0x107: do_sysret(c, sz); NEXT;
+        op_0x108: op_0x109: NEED_CPL0(); NEXT;
+        op_0x10b: UD(); NEXT;
+        op_0x10d: op_0x118: op_0x119: op_0x11a: op_0x11b: op_0x11c: op_0x11d: op_0x11e: op_0x11f:
+            NEXT;   /* prefetch / hint nops */
+        op_0x120: {
             NEED_CPL0();
             int cr = i->reg;
             switch (cr) {
@@ -1656,9 +2088,9 @@ static void exec_block(CPU *c, Block *b)
             default: UD();
             }
             c->r[i->rm] = c->long64 ? v : (uint32_t)v;
-            break;
+            NEXT;
         }
-        case 0x122: {
+        op_0x122: {
             NEED_CPL0();
             v = c->long64 ? c->r[i->rm] : (uint32_t)c->r[i->rm];
             switch (i->reg) {
@@ -1669,75 +2101,75 @@ static void exec_block(CPU *c, Block *b)
             case 8: c->cr8 = v & 15; break;
             default: UD();
             }
-            break;
+            NEXT;
         }
-        case 0x121: {
+        op_0x121: {
             NEED_CPL0();
             int dr = i->reg & 7;
             if (dr == 4 || dr == 5) dr += 2;
             v = dr == 6 ? (c->dr[6] | 0xffff0ff0ull) : dr == 7 ? (c->dr[7] | 0x400) : c->dr[dr];
             c->r[i->rm] = c->long64 ? v : (uint32_t)v;
-            break;
+            NEXT;
         }
-        case 0x123: {
+        op_0x123: {
             NEED_CPL0();
             int dr = i->reg & 7;
             if (dr == 4 || dr == 5) dr += 2;
             c->dr[dr] = c->r[i->rm];
-            break;
+            NEXT;
         }
-        case 0x130: {
+        op_0x130: {
             NEED_CPL0();
             uint64_t val = (c->r[R_DX] << 32) | (uint32_t)c->r[R_AX];
             if (msr_write(c, (uint32_t)c->r[R_CX], val) < 0) GP0();
-            break;
+            NEXT;
         }
-        case 0x131: {
+        op_0x131: {
             uint64_t t = __rdtsc() + c->tsc_offset;
             c->r[R_AX] = (uint32_t)t;
             c->r[R_DX] = t >> 32;
-            break;
+            NEXT;
         }
-        case 0x132: {
+        op_0x132: {
             NEED_CPL0();
             uint64_t val;
             if (msr_read(c, (uint32_t)c->r[R_CX], &val) < 0) GP0();
             c->r[R_AX] = (uint32_t)val;
             c->r[R_DX] = val >> 32;
-            break;
+            NEXT;
         }
-        case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
-        case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+        op_0x140: op_0x141: op_0x142: op_0x143: op_0x144: op_0x145: op_0x146: op_0x147:
+        op_0x148: op_0x149: op_0x14a: op_0x14b: op_0x14c: op_0x14d: op_0x14e: op_0x14f:
             v = rdE(c, i, sz);
             if (cond(c, op & 15))
                 setreg(c, i, i->reg, sz, v);
             else if (sz == 4)
                 c->r[i->reg] = (uint32_t)c->r[i->reg];
-            break;
-        case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
-        case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+            NEXT;
+        op_0x190: op_0x191: op_0x192: op_0x193: op_0x194: op_0x195: op_0x196: op_0x197:
+        op_0x198: op_0x199: op_0x19a: op_0x19b: op_0x19c: op_0x19d: op_0x19e: op_0x19f:
             wrE(c, i, 1, cond(c, op & 15));
-            break;
-        case 0x1a0: case 0x1a8:
+            NEXT;
+        op_0x1a0: op_0x1a8:
             push(c, sz, c->seg[op == 0x1a0 ? S_FS : S_GS].sel);
-            break;
-        case 0x1a1: case 0x1a9:
+            NEXT;
+        op_0x1a1: op_0x1a9:
             v = peek(c, sz, 0);
             load_seg(c, op == 0x1a1 ? S_FS : S_GS, (uint16_t)v);
             c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
-            break;
-        case 0x1a2:
+            NEXT;
+        op_0x1a2:
             do_cpuid(c);
-            break;
-        case 0x1a3: bit_op(c, i, 0, getreg(c, i, i->reg, sz), 0); break;
-        case 0x1ab: bit_op(c, i, 1, getreg(c, i, i->reg, sz), 0); break;
-        case 0x1b3: bit_op(c, i, 2, getreg(c, i, i->reg, sz), 0); break;
-        case 0x1bb: bit_op(c, i, 3, getreg(c, i, i->reg, sz), 0); break;
-        case 0x1ba:
+            NEXT;
+        op_0x1a3: bit_op(c, i, 0, getreg(c, i, i->reg, sz), 0); NEXT;
+        op_0x1ab: bit_op(c, i, 1, getreg(c, i, i->reg, sz), 0); NEXT;
+        op_0x1b3: bit_op(c, i, 2, getreg(c, i, i->reg, sz), 0); NEXT;
+        op_0x1bb: bit_op(c, i, 3, getreg(c, i, i->reg, sz), 0); NEXT;
+        op_0x1ba:
             if ((i->reg & 7) < 4) UD();
             bit_op(c, i, (i->reg & 7) - 4, i->imm & 0xff, 1);
-            break;
-        case 0x1a4: case 0x1a5: case 0x1ac: case 0x1ad: {
+            NEXT;
+        op_0x1a4: op_0x1a5: op_0x1ac: op_0x1ad: {
             unsigned cnt = (op & 1) ? (unsigned)(c->r[R_CX] & 0xff) : (unsigned)(i->imm & 0xff);
             int left = op < 0x1ac;
             if (i->mod == 3) {
@@ -1748,13 +2180,13 @@ static void exec_block(CPU *c, Block *b)
                 v = shxd(c, left, ld(c, lin, sz), getreg(c, i, i->reg, sz), cnt, sz);
                 st(c, lin, sz, v);
             }
-            break;
+            NEXT;
         }
-        case 0x1ae:
+        op_0x1ae:
             if (i->mod == 3) {
                 /* lfence / mfence / sfence; rdfsbase & co need CR4.FSGSBASE */
                 if ((i->reg & 7) >= 5)
-                    break;
+                    NEXT;
                 if (!c->long64 || !(c->cr4 & CR4_FSGSBASE) || i->pfx != 2) UD();
                 switch (i->reg & 7) {
                 case 0: setreg(c, i, i->rm, sz, c->seg[S_FS].base); break;
@@ -1762,7 +2194,7 @@ static void exec_block(CPU *c, Block *b)
                 case 2: c->seg[S_FS].base = getreg(c, i, i->rm, sz); break;
                 default: c->seg[S_GS].base = getreg(c, i, i->rm, sz); break;
                 }
-                break;
+                NEXT;
             }
             switch (i->reg & 7) {
             case 0: fxsave(c, ea_lin(c, i)); break;
@@ -1777,8 +2209,8 @@ static void exec_block(CPU *c, Block *b)
             case 7: ld(c, ea_lin(c, i), 1); break;   /* clflush: coherent memory, probe only */
             default: UD();
             }
-            break;
-        case 0x1b0: case 0x1b1: {
+            NEXT;
+        op_0x1b0: op_0x1b1: {
             unsigned s = op == 0x1b0 ? 1 : sz;
             uint64_t acc = c->r[R_AX] & szmask(s);
             uint64_t src = getreg(c, i, i->reg, s);
@@ -1812,24 +2244,24 @@ static void exec_block(CPU *c, Block *b)
                 if (a != acc)
                     setreg(c, i, R_AX, s, a);
             }
-            break;
+            NEXT;
         }
-        case 0x1b2: load_far_ptr(c, i, S_SS); break;
-        case 0x1b4: load_far_ptr(c, i, S_FS); break;
-        case 0x1b5: load_far_ptr(c, i, S_GS); break;
-        case 0x1b6: setreg(c, i, i->reg, sz, rdE(c, i, 1)); break;
-        case 0x1b7: setreg(c, i, i->reg, sz, rdE(c, i, 2)); break;
-        case 0x1be: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int8_t)rdE(c, i, 1)); break;
-        case 0x1bf: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int16_t)rdE(c, i, 2)); break;
-        case 0x1b8: {
+        op_0x1b2: load_far_ptr(c, i, S_SS); NEXT;
+        op_0x1b4: load_far_ptr(c, i, S_FS); NEXT;
+        op_0x1b5: load_far_ptr(c, i, S_GS); NEXT;
+        op_0x1b6: setreg(c, i, i->reg, sz, rdE(c, i, 1)); NEXT;
+        op_0x1b7: setreg(c, i, i->reg, sz, rdE(c, i, 2)); NEXT;
+        op_0x1be: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int8_t)rdE(c, i, 1)); NEXT;
+        op_0x1bf: setreg(c, i, i->reg, sz, (uint64_t)(int64_t)(int16_t)rdE(c, i, 2)); NEXT;
+        op_0x1b8: {
             if (i->pfx != 2) UD();
             v = rdE(c, i, sz);
             uint64_t cnt = __builtin_popcountll(v);
             setreg(c, i, i->reg, sz, cnt);
             set_flags(c, v == 0 ? F_ZF : 0);
-            break;
+            NEXT;
         }
-        case 0x1bc: case 0x1bd: {
+        op_0x1bc: op_0x1bd: {
             v = rdE(c, i, sz);
             unsigned bits = sz * 8;
             if (i->pfx == 2) {   /* tzcnt / lzcnt */
@@ -1847,9 +2279,9 @@ static void exec_block(CPU *c, Block *b)
                     set_flags(c, compute_arith(c) & ~F_ZF);
                 }
             }
-            break;
+            NEXT;
         }
-        case 0x1c0: case 0x1c1: {
+        op_0x1c0: op_0x1c1: {
             unsigned s = op == 0x1c0 ? 1 : sz;
             uint64_t src = getreg(c, i, i->reg, s);
             if (i->mod == 3) {
@@ -1870,9 +2302,9 @@ static void exec_block(CPU *c, Block *b)
                 }
                 setreg(c, i, i->reg, s, a);
             }
-            break;
+            NEXT;
         }
-        case 0x1c7: {
+        op_0x1c7: {
             int r = i->reg & 7;
             if (r == 1 && i->mod != 3) {
                 lin = ea_lin(c, i);
@@ -1916,38 +2348,31 @@ static void exec_block(CPU *c, Block *b)
             } else {
                 UD();   /* rdrand/rdseed/vmptrld: not advertised */
             }
-            break;
+            NEXT;
         }
-        case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+        op_0x1c8: op_0x1c9: op_0x1ca: op_0x1cb: op_0x1cc: op_0x1cd: op_0x1ce: op_0x1cf:
             if (sz == 8) c->r[i->reg] = __builtin_bswap64(c->r[i->reg]);
             else if (sz == 4) c->r[i->reg] = __builtin_bswap32((uint32_t)c->r[i->reg]);
             else setreg(c, i, i->reg, 2, 0);   /* 16-bit bswap: undefined, hardware gives 0 */
-            break;
-        case 0x177:   /* emms */
+            NEXT;
+        op_0x177:   /* emms */
             c->ftw = 0xffff;
-            break;
-        case OP_UD:
+            NEXT;
+        op_OP_UD:
             UD();
-            break;
-        default:
+            NEXT;
+        op_default:
             if ((op >= 0x110 && op <= 0x117) || (op >= 0x128 && op <= 0x12f) ||
                 (op >= 0x150 && op <= 0x17f) || (op >= 0x1c2 && op <= 0x1c6) ||
                 (op >= 0x1d0 && op <= 0x1ff) || op >= 0x200)
                 sse_exec(c, i);
             else
                 UD();
-        }
-        c->rip = c->next_rip;
-        c->st_insns++;
-        if (unlikely(c->stop_block | c->nacc)) {
-            c->nacc = c->acc_pos = 0;
-            if (c->stop_block) {
-                c->stop_block = 0;
-                i++;
-                break;
             }
-        }
-    }
+out:
+#undef NEXT
+#undef PROLOGUE
+    c->st_insns += i - b->insns;
     c->cur_block = 0;
 }
 

@@ -99,6 +99,11 @@ static int walk(CPU *c, uint64_t lin, int access, int user, uint64_t *pa_out, in
         *global_out = 0;
         return 0;
     }
+    if ((c->efer & EFER_LMA) && (uint64_t)(((int64_t)lin << 16) >> 16) != lin) {
+        if (!fault)
+            return -1;
+        RAISE_ERR(c, EXC_GP, 0);   /* non-canonical (#SS for stack accesses is reported as #GP) */
+    }
     int nxe = (c->efer & EFER_NXE) != 0;
     uint32_t err_u = user ? 4 : 0;
     uint32_t err_w = access == 1 ? 2 : 0;

@@ -67,7 +67,7 @@ enum { EXIT_NONE = 0, EXIT_IO = 1, EXIT_MMIO = 2, EXIT_HLT = 3, EXIT_SHUTDOWN = 
        EXIT_INTERNAL_ERROR = 5, EXIT_INTR = 6 };
 
 /* lazy flags: the last flag-setting operation, evaluated on demand */
-enum { CC_EAGER, CC_ADD, CC_ADC, CC_SUB, CC_SBB, CC_LOGIC, CC_INC, CC_DEC };
+enum { CC_EAGER, CC_ADD, CC_ADC, CC_SUB, CC_SBB, CC_LOGIC, CC_INC, CC_DEC, CC_SHL, CC_SHR, CC_SAR };
 
 typedef struct Seg {
     uint64_t base;
@@ -271,14 +271,14 @@ static inline uint64_t now_ns(void)
 
 /* ---- inline fast paths ---- */
 
-static inline uint64_t linear(CPU *c, int sreg, uint64_t off)
+static inline __attribute__((always_inline)) uint64_t linear(CPU *c, int sreg, uint64_t off)
 {
     if (c->long64)
         return sreg >= S_FS ? c->seg[sreg].base + off : off;
     return (uint32_t)(c->seg[sreg].base + off);
 }
 
-static inline void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
+static inline __attribute__((always_inline)) void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
 {
     TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
     uint64_t tag = write ? e->tag_w : e->tag_r;
@@ -287,7 +287,7 @@ static inline void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
     return 0;
 }
 
-static inline uint64_t ld(CPU *c, uint64_t lin, unsigned size)
+static inline __attribute__((always_inline)) uint64_t ld(CPU *c, uint64_t lin, unsigned size)
 {
     void *p = tlb_hit(c, lin, size, 0);
     if (likely(p != 0)) {
@@ -301,7 +301,7 @@ static inline uint64_t ld(CPU *c, uint64_t lin, unsigned size)
     return mem_read_slow(c, lin, size, 0);
 }
 
-static inline void st(CPU *c, uint64_t lin, unsigned size, uint64_t v)
+static inline __attribute__((always_inline)) void st(CPU *c, uint64_t lin, unsigned size, uint64_t v)
 {
     void *p = tlb_hit(c, lin, size, 1);
     if (likely(p != 0)) {

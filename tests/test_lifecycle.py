@@ -328,6 +328,7 @@ def vm():
 def test_sigterm_powers_down_then_quits_after_timeout(vm):
     events = []
     vm.add_event_listener(lambda e, d: events.append(e))
+    handler_before = signal.getsignal(signal.SIGTERM)
     with SignalActions(vm, powerdown_timeout=0.5) as actions:
         t0 = time.monotonic()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -336,7 +337,7 @@ def test_sigterm_powers_down_then_quits_after_timeout(vm):
         assert vm.quit_called.wait(5)
         assert time.monotonic() - t0 >= 0.45
         assert actions.quit_reason == "powerdown-timeout"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is handler_before   # restored, whatever it was
     assert not [t for t in threading.enumerate() if t.name == "kvmpy-signals"]
 
 

@@ -77,3 +77,54 @@ def regs(**kw) -> Regs:
     for k, v in kw.items():
         setattr(r, k, v)
     return r
+
+
+def assemble(source: str, org: int, bits: int = 64):
+    """GNU as + ld into a flat binary at `org`; returns (bytes, {symbol: address}).
+
+    binutils is a build dependency of the project (Makefile APT_PACKAGES); the
+    tests skip visibly where it is missing.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if not shutil.which("as") or not shutil.which("ld") or not shutil.which("objcopy"):
+        pytest.skip("binutils (as/ld/objcopy) not installed")
+    code = {16: ".code16", 32: ".code32", 64: ".code64"}[bits]
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "t.s").write_text(f".intel_syntax noprefix\n{code}\n.globl _start\n_start:\n{source}\n")
+        subprocess.run(["as", "--64", "-o", str(d / "t.o"), str(d / "t.s")], check=True,
+                       capture_output=True)
+        subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", hex(org), "-e", "_start", "-o",
+                        str(d / "t.elf"), str(d / "t.o")], check=True, capture_output=True)
+        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(d / "t.elf"), str(d / "t.bin")],
+                       check=True, capture_output=True)
+        nm = subprocess.run(["nm", str(d / "t.elf")], check=True, capture_output=True, text=True).stdout
+        syms = {}
+        for line in nm.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                syms[parts[2]] = int(parts[0], 16)
+        return (d / "t.bin").read_bytes(), syms
+
+
+def idt64_gate(handler: int, selector: int = 0x8, ist: int = 0, dpl: int = 0, trap: bool = False) -> bytes:
+    import struct
+    typ = 0xF if trap else 0xE
+    attr = 0x80 | (dpl << 5) | typ
+    return struct.pack("<HHBBHII", handler & 0xFFFF, selector, ist, attr, (handler >> 16) & 0xFFFF,
+                       handler >> 32, 0)
+
+
+# GDT used by the long-mode system tests: null, code64 (0x08), data (0x10),
+# user data (0x1b), user code64 (0x23), TSS (0x28, 16 bytes)
+GDT_ENTRIES = [0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFF2000000FFFF, 0x00AFFA000000FFFF]
+
+
+def tss_descriptor(base: int, limit: int = 0x67):
+    lo = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89 << 40) | (((limit >> 16) & 0xF) << 48) | \
+        (((base >> 24) & 0xFF) << 56)
+    return [lo, base >> 32]
