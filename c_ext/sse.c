@@ -1,26 +1,562 @@
-/* SSE/SSE2 integer and move subset, x87 basics, fxsave/fxrstor. */
+/* SSE/SSE2: the integer and data-movement subset x86-64 userspace relies on
+ * (glibc string functions, memcpy/memset, struct copies), fxsave/fxrstor, and the
+ * x87 control instructions an OS uses to probe and initialise the FPU.
+ * Floating-point arithmetic is not implemented (#UD), and CPUID does not
+ * advertise more than SSE2. */
 #include "tcg.h"
+
+typedef union {
+    uint8_t b[16];
+    uint16_t w[8];
+    uint32_t d[4];
+    uint64_t q[2];
+    int8_t sb[16];
+    int16_t sw[8];
+    int32_t sd[4];
+    int64_t sq[2];
+} X;
+
+static inline uint64_t ea_of(CPU *c, Insn *i)
+{
+    uint64_t a = (uint64_t)i->disp;
+    if (i->base != NOREG)
+        a += i->base == RIPREG ? c->next_rip : c->r[i->base];
+    if (i->index != NOREG)
+        a += c->r[i->index] << i->scale;
+    if (i->asz == 4)
+        a = (uint32_t)a;
+    else if (i->asz == 2)
+        a = (uint16_t)a;
+    return linear(c, i->seg, a);
+}
+
+static void sse_check(CPU *c)
+{
+    if ((c->cr0 & 4) || !(c->cr4 & CR4_OSFXSR))   /* CR0.EM or no OS support */
+        RAISE(c, EXC_UD);
+    if (c->cr0 & CR0_TS)
+        RAISE(c, EXC_NM);
+}
+
+/* 16-byte source operand; `aligned` demands 16-byte alignment (#GP) */
+static void src128(CPU *c, Insn *i, X *x, int aligned)
+{
+    if (i->mod == 3) {
+        memcpy(x, c->xmm[i->rm], 16);
+        return;
+    }
+    uint64_t lin = ea_of(c, i);
+    if (aligned && (lin & 15))
+        RAISE_ERR(c, EXC_GP, 0);
+    x->q[0] = ld(c, lin, 8);
+    x->q[1] = ld(c, lin + 8, 8);
+}
+
+static void dst128_mem(CPU *c, Insn *i, const X *x, int aligned)
+{
+    uint64_t lin = ea_of(c, i);
+    if (aligned && (lin & 15))
+        RAISE_ERR(c, EXC_GP, 0);
+    /* probe the second half first so a fault leaves memory untouched */
+    ld(c, lin + 15, 1);
+    st(c, lin, 8, x->q[0]);
+    st(c, lin + 8, 8, x->q[1]);
+}
+
+static uint64_t gpr_rm(CPU *c, Insn *i, unsigned sz)
+{
+    if (i->mod == 3)
+        return sz == 8 ? c->r[i->rm] : (uint32_t)c->r[i->rm];
+    return ld(c, ea_of(c, i), sz);
+}
 
 void sse_exec(CPU *c, Insn *i)
 {
-    (void)i;
-    RAISE(c, EXC_UD);
+    int op = i->op & 0xff;
+    int pfx = i->pfx;   /* 0 none, 1 66, 2 F3, 3 F2 */
+    X s, d;
+    uint8_t *dst = c->xmm[i->reg];
+    if (i->op >= 0x200)
+        RAISE(c, EXC_UD);   /* 0F38 / 0F3A: SSSE3+ not advertised */
+    if (op == 0xc3) {   /* movnti m, r: a plain store for us */
+        if (i->mod == 3 || pfx)
+            RAISE(c, EXC_UD);
+        unsigned sz = i->rexw ? 8 : 4;
+        st(c, ea_of(c, i), sz, c->r[i->reg]);
+        return;
+    }
+    sse_check(c);
+    switch (op) {
+    case 0x10: case 0x11: {   /* movups/movupd/movss/movsd */
+        if (pfx == 2 || pfx == 3) {
+            unsigned n = pfx == 2 ? 4 : 8;
+            if (op == 0x10) {
+                if (i->mod == 3) {
+                    memcpy(dst, c->xmm[i->rm], n);
+                } else {
+                    uint64_t v = ld(c, ea_of(c, i), n);
+                    memset(dst, 0, 16);
+                    memcpy(dst, &v, n);
+                }
+            } else {
+                if (i->mod == 3) {
+                    memcpy(c->xmm[i->rm], dst, n);
+                } else {
+                    uint64_t v = 0;
+                    memcpy(&v, dst, n);
+                    st(c, ea_of(c, i), n, v);
+                }
+            }
+            return;
+        }
+        if (op == 0x10) {
+            src128(c, i, &s, 0);
+            memcpy(dst, &s, 16);
+        } else if (i->mod == 3) {
+            memcpy(c->xmm[i->rm], dst, 16);
+        } else {
+            memcpy(&s, dst, 16);
+            dst128_mem(c, i, &s, 0);
+        }
+        return;
+    }
+    case 0x12: case 0x13: case 0x16: case 0x17: {   /* movlps/movlpd/movhlps, movhps/movhpd/movlhps */
+        if (pfx >= 2)
+            RAISE(c, EXC_UD);   /* movsldup/movddup/movshdup: SSE3 */
+        int high = op >= 0x16;
+        if (op == 0x12 || op == 0x16) {
+            uint64_t v;
+            if (i->mod == 3) {
+                if (pfx == 1)
+                    RAISE(c, EXC_UD);
+                /* movlhps takes the source's low half, movhlps its high half */
+                memcpy(&v, c->xmm[i->rm] + (high ? 0 : 8), 8);
+            } else {
+                v = ld(c, ea_of(c, i), 8);
+            }
+            memcpy(dst + (high ? 8 : 0), &v, 8);
+        } else {
+            if (i->mod == 3)
+                RAISE(c, EXC_UD);
+            uint64_t v;
+            memcpy(&v, dst + (high ? 8 : 0), 8);
+            st(c, ea_of(c, i), 8, v);
+        }
+        return;
+    }
+    case 0x14: case 0x15: {   /* unpcklps/pd, unpckhps/pd */
+        src128(c, i, &s, 1);
+        memcpy(&d, dst, 16);
+        X r;
+        if (pfx == 1) {
+            r.q[0] = op == 0x14 ? d.q[0] : d.q[1];
+            r.q[1] = op == 0x14 ? s.q[0] : s.q[1];
+        } else {
+            int h = op == 0x15 ? 2 : 0;
+            r.d[0] = d.d[h]; r.d[1] = s.d[h]; r.d[2] = d.d[h + 1]; r.d[3] = s.d[h + 1];
+        }
+        memcpy(dst, &r, 16);
+        return;
+    }
+    case 0x28: case 0x29:   /* movaps/movapd */
+        if (pfx >= 2)
+            RAISE(c, EXC_UD);
+        if (op == 0x28) {
+            src128(c, i, &s, 1);
+            memcpy(dst, &s, 16);
+        } else if (i->mod == 3) {
+            memcpy(c->xmm[i->rm], dst, 16);
+        } else {
+            memcpy(&s, dst, 16);
+            dst128_mem(c, i, &s, 1);
+        }
+        return;
+    case 0x2b: case 0xe7:   /* movntps/movntpd, movntdq */
+        if (i->mod == 3 || (op == 0xe7 && pfx != 1))
+            RAISE(c, EXC_UD);
+        memcpy(&s, dst, 16);
+        dst128_mem(c, i, &s, 1);
+        return;
+    case 0x50: {   /* movmskps/pd */
+        if (i->mod != 3 || pfx >= 2)
+            RAISE(c, EXC_UD);
+        memcpy(&s, c->xmm[i->rm], 16);
+        uint64_t m = pfx == 1 ? ((s.q[0] >> 63) | ((s.q[1] >> 63) << 1))
+                              : ((s.d[0] >> 31) | ((s.d[1] >> 31) << 1) | ((s.d[2] >> 31) << 2) | ((s.d[3] >> 31) << 3));
+        c->r[i->reg] = m;
+        return;
+    }
+    case 0x54: case 0x55: case 0x56: case 0x57:   /* andps andnps orps xorps (and pd) */
+    case 0xdb: case 0xdf: case 0xeb: case 0xef: {   /* pand pandn por pxor */
+        if (pfx >= 2 || (op >= 0xdb && pfx != 1))
+            RAISE(c, EXC_UD);
+        src128(c, i, &s, 1);
+        memcpy(&d, dst, 16);
+        for (int k = 0; k < 2; k++) {
+            switch (op) {
+            case 0x54: case 0xdb: d.q[k] &= s.q[k]; break;
+            case 0x55: case 0xdf: d.q[k] = ~d.q[k] & s.q[k]; break;
+            case 0x56: case 0xeb: d.q[k] |= s.q[k]; break;
+            default: d.q[k] ^= s.q[k]; break;
+            }
+        }
+        memcpy(dst, &d, 16);
+        return;
+    }
+    case 0x6e: {   /* movd/movq xmm, r/m */
+        if (pfx != 1)
+            RAISE(c, EXC_UD);
+        unsigned sz = i->rexw ? 8 : 4;
+        uint64_t v = gpr_rm(c, i, sz);
+        memset(dst, 0, 16);
+        memcpy(dst, &v, sz);
+        return;
+    }
+    case 0x7e: {
+        if (pfx == 2) {   /* movq xmm, xmm/m64 */
+            uint64_t v;
+            if (i->mod == 3)
+                memcpy(&v, c->xmm[i->rm], 8);
+            else
+                v = ld(c, ea_of(c, i), 8);
+            memset(dst, 0, 16);
+            memcpy(dst, &v, 8);
+            return;
+        }
+        if (pfx != 1)
+            RAISE(c, EXC_UD);
+        unsigned sz = i->rexw ? 8 : 4;
+        uint64_t v = 0;
+        memcpy(&v, dst, sz);
+        if (i->mod == 3)
+            c->r[i->rm] = v;   /* 32-bit form zero-extends */
+        else
+            st(c, ea_of(c, i), sz, v);
+        return;
+    }
+    case 0xd6: {   /* movq xmm/m64, xmm */
+        if (pfx != 1)
+            RAISE(c, EXC_UD);
+        uint64_t v;
+        memcpy(&v, dst, 8);
+        if (i->mod == 3) {
+            memset(c->xmm[i->rm], 0, 16);
+            memcpy(c->xmm[i->rm], &v, 8);
+        } else {
+            st(c, ea_of(c, i), 8, v);
+        }
+        return;
+    }
+    case 0x6f: case 0x7f:   /* movdqa / movdqu */
+        if (pfx != 1 && pfx != 2)
+            RAISE(c, EXC_UD);   /* MMX forms not implemented */
+        if (op == 0x6f) {
+            src128(c, i, &s, pfx == 1);
+            memcpy(dst, &s, 16);
+        } else if (i->mod == 3) {
+            memcpy(c->xmm[i->rm], dst, 16);
+        } else {
+            memcpy(&s, dst, 16);
+            dst128_mem(c, i, &s, pfx == 1);
+        }
+        return;
+    case 0x70: {   /* pshufd / pshufhw / pshuflw */
+        src128(c, i, &s, pfx == 1);
+        unsigned imm = i->imm & 0xff;
+        X r;
+        if (pfx == 1) {
+            for (int k = 0; k < 4; k++)
+                r.d[k] = s.d[(imm >> (2 * k)) & 3];
+        } else if (pfx == 2) {
+            r.q[0] = s.q[0];
+            for (int k = 0; k < 4; k++)
+                r.w[4 + k] = s.w[4 + ((imm >> (2 * k)) & 3)];
+        } else if (pfx == 3) {
+            r.q[1] = s.q[1];
+            for (int k = 0; k < 4; k++)
+                r.w[k] = s.w[(imm >> (2 * k)) & 3];
+        } else {
+            RAISE(c, EXC_UD);
+        }
+        memcpy(dst, &r, 16);
+        return;
+    }
+    case 0x71: case 0x72: case 0x73: {   /* shifts by immediate */
+        if (pfx != 1 || i->mod != 3)
+            RAISE(c, EXC_UD);
+        uint8_t *x = c->xmm[i->rm];
+        memcpy(&d, x, 16);
+        unsigned n = i->imm & 0xff;
+        int kind = i->reg & 7;
+        if (op == 0x71) {
+            for (int k = 0; k < 8; k++) {
+                if (kind == 2) d.w[k] = n > 15 ? 0 : d.w[k] >> n;
+                else if (kind == 4) d.sw[k] = d.sw[k] >> (n > 15 ? 15 : n);
+                else if (kind == 6) d.w[k] = n > 15 ? 0 : (uint16_t)(d.w[k] << n);
+                else RAISE(c, EXC_UD);
+            }
+        } else if (op == 0x72) {
+            for (int k = 0; k < 4; k++) {
+                if (kind == 2) d.d[k] = n > 31 ? 0 : d.d[k] >> n;
+                else if (kind == 4) d.sd[k] = d.sd[k] >> (n > 31 ? 31 : n);
+                else if (kind == 6) d.d[k] = n > 31 ? 0 : d.d[k] << n;
+                else RAISE(c, EXC_UD);
+            }
+        } else {
+            if (kind == 2 || kind == 6) {
+                for (int k = 0; k < 2; k++)
+                    d.q[k] = n > 63 ? 0 : (kind == 2 ? d.q[k] >> n : d.q[k] << n);
+            } else if (kind == 3 || kind == 7) {   /* psrldq / pslldq: bytes */
+                X r;
+                memset(&r, 0, 16);
+                if (n > 16) n = 16;
+                for (int k = 0; k < 16; k++) {
+                    int from = kind == 3 ? k + (int)n : k - (int)n;
+                    if (from >= 0 && from < 16)
+                        r.b[k] = d.b[from];
+                }
+                d = r;
+            } else {
+                RAISE(c, EXC_UD);
+            }
+        }
+        memcpy(x, &d, 16);
+        return;
+    }
+    case 0xc6: {   /* shufps / shufpd */
+        if (pfx >= 2)
+            RAISE(c, EXC_UD);
+        src128(c, i, &s, 1);
+        memcpy(&d, dst, 16);
+        unsigned imm = i->imm & 0xff;
+        X r;
+        if (pfx == 1) {
+            r.q[0] = d.q[imm & 1];
+            r.q[1] = s.q[(imm >> 1) & 1];
+        } else {
+            r.d[0] = d.d[imm & 3];
+            r.d[1] = d.d[(imm >> 2) & 3];
+            r.d[2] = s.d[(imm >> 4) & 3];
+            r.d[3] = s.d[(imm >> 6) & 3];
+        }
+        memcpy(dst, &r, 16);
+        return;
+    }
+    case 0xc4: {   /* pinsrw xmm, r32/m16, imm8 */
+        if (pfx != 1)
+            RAISE(c, EXC_UD);
+        uint16_t v = (uint16_t)gpr_rm(c, i, i->mod == 3 ? 4 : 2);
+        memcpy(dst + 2 * (i->imm & 7), &v, 2);
+        return;
+    }
+    case 0xc5: {   /* pextrw r32, xmm, imm8 */
+        if (pfx != 1 || i->mod != 3)
+            RAISE(c, EXC_UD);
+        uint16_t v;
+        memcpy(&v, c->xmm[i->rm] + 2 * (i->imm & 7), 2);
+        c->r[i->reg] = v;
+        return;
+    }
+    case 0xd7: {   /* pmovmskb r, xmm */
+        if (pfx != 1 || i->mod != 3)
+            RAISE(c, EXC_UD);
+        memcpy(&s, c->xmm[i->rm], 16);
+        uint32_t m = 0;
+        for (int k = 0; k < 16; k++)
+            m |= (uint32_t)(s.b[k] >> 7) << k;
+        c->r[i->reg] = m;
+        return;
+    }
+    }
+    /* remaining: packed integer arithmetic, 66-prefixed only */
+    if (pfx != 1)
+        RAISE(c, EXC_UD);
+    src128(c, i, &s, 1);
+    memcpy(&d, dst, 16);
+    X r;
+    switch (op) {
+    case 0x60: for (int k = 0; k < 8; k++) { r.b[2 * k] = d.b[k]; r.b[2 * k + 1] = s.b[k]; } break;
+    case 0x61: for (int k = 0; k < 4; k++) { r.w[2 * k] = d.w[k]; r.w[2 * k + 1] = s.w[k]; } break;
+    case 0x62: for (int k = 0; k < 2; k++) { r.d[2 * k] = d.d[k]; r.d[2 * k + 1] = s.d[k]; } break;
+    case 0x6c: r.q[0] = d.q[0]; r.q[1] = s.q[0]; break;
+    case 0x68: for (int k = 0; k < 8; k++) { r.b[2 * k] = d.b[8 + k]; r.b[2 * k + 1] = s.b[8 + k]; } break;
+    case 0x69: for (int k = 0; k < 4; k++) { r.w[2 * k] = d.w[4 + k]; r.w[2 * k + 1] = s.w[4 + k]; } break;
+    case 0x6a: for (int k = 0; k < 2; k++) { r.d[2 * k] = d.d[2 + k]; r.d[2 * k + 1] = s.d[2 + k]; } break;
+    case 0x6d: r.q[0] = d.q[1]; r.q[1] = s.q[1]; break;
+    case 0x63:   /* packsswb */
+        for (int k = 0; k < 8; k++) {
+            int v = d.sw[k]; r.sb[k] = v > 127 ? 127 : v < -128 ? -128 : v;
+            v = s.sw[k]; r.sb[8 + k] = v > 127 ? 127 : v < -128 ? -128 : v;
+        }
+        break;
+    case 0x67:   /* packuswb */
+        for (int k = 0; k < 8; k++) {
+            int v = d.sw[k]; r.b[k] = v > 255 ? 255 : v < 0 ? 0 : v;
+            v = s.sw[k]; r.b[8 + k] = v > 255 ? 255 : v < 0 ? 0 : v;
+        }
+        break;
+    case 0x6b:   /* packssdw */
+        for (int k = 0; k < 4; k++) {
+            int64_t v = d.sd[k]; r.sw[k] = v > 32767 ? 32767 : v < -32768 ? -32768 : v;
+            v = s.sd[k]; r.sw[4 + k] = v > 32767 ? 32767 : v < -32768 ? -32768 : v;
+        }
+        break;
+    case 0x64: for (int k = 0; k < 16; k++) r.b[k] = d.sb[k] > s.sb[k] ? 0xff : 0; break;
+    case 0x65: for (int k = 0; k < 8; k++) r.w[k] = d.sw[k] > s.sw[k] ? 0xffff : 0; break;
+    case 0x66: for (int k = 0; k < 4; k++) r.d[k] = d.sd[k] > s.sd[k] ? ~0u : 0; break;
+    case 0x74: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] == s.b[k] ? 0xff : 0; break;
+    case 0x75: for (int k = 0; k < 8; k++) r.w[k] = d.w[k] == s.w[k] ? 0xffff : 0; break;
+    case 0x76: for (int k = 0; k < 4; k++) r.d[k] = d.d[k] == s.d[k] ? ~0u : 0; break;
+    case 0xd4: for (int k = 0; k < 2; k++) r.q[k] = d.q[k] + s.q[k]; break;
+    case 0xd5: for (int k = 0; k < 8; k++) r.w[k] = (uint16_t)(d.sw[k] * s.sw[k]); break;
+    case 0xe5: for (int k = 0; k < 8; k++) r.w[k] = (uint16_t)((d.sw[k] * s.sw[k]) >> 16); break;
+    case 0xe4: for (int k = 0; k < 8; k++) r.w[k] = (uint16_t)(((uint32_t)d.w[k] * s.w[k]) >> 16); break;
+    case 0xf4: for (int k = 0; k < 2; k++) r.q[k] = (uint64_t)d.d[2 * k] * s.d[2 * k]; break;
+    case 0xf5:
+        for (int k = 0; k < 4; k++)
+            r.sd[k] = d.sw[2 * k] * s.sw[2 * k] + d.sw[2 * k + 1] * s.sw[2 * k + 1];
+        break;
+    case 0xd8: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] > s.b[k] ? d.b[k] - s.b[k] : 0; break;
+    case 0xd9: for (int k = 0; k < 8; k++) r.w[k] = d.w[k] > s.w[k] ? d.w[k] - s.w[k] : 0; break;
+    case 0xdc: for (int k = 0; k < 16; k++) { unsigned v = d.b[k] + s.b[k]; r.b[k] = v > 255 ? 255 : v; } break;
+    case 0xdd: for (int k = 0; k < 8; k++) { unsigned v = d.w[k] + s.w[k]; r.w[k] = v > 65535 ? 65535 : v; } break;
+    case 0xe8: for (int k = 0; k < 16; k++) { int v = d.sb[k] - s.sb[k]; r.sb[k] = v > 127 ? 127 : v < -128 ? -128 : v; } break;
+    case 0xe9: for (int k = 0; k < 8; k++) { int v = d.sw[k] - s.sw[k]; r.sw[k] = v > 32767 ? 32767 : v < -32768 ? -32768 : v; } break;
+    case 0xec: for (int k = 0; k < 16; k++) { int v = d.sb[k] + s.sb[k]; r.sb[k] = v > 127 ? 127 : v < -128 ? -128 : v; } break;
+    case 0xed: for (int k = 0; k < 8; k++) { int v = d.sw[k] + s.sw[k]; r.sw[k] = v > 32767 ? 32767 : v < -32768 ? -32768 : v; } break;
+    case 0xda: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] < s.b[k] ? d.b[k] : s.b[k]; break;
+    case 0xde: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] > s.b[k] ? d.b[k] : s.b[k]; break;
+    case 0xea: for (int k = 0; k < 8; k++) r.sw[k] = d.sw[k] < s.sw[k] ? d.sw[k] : s.sw[k]; break;
+    case 0xee: for (int k = 0; k < 8; k++) r.sw[k] = d.sw[k] > s.sw[k] ? d.sw[k] : s.sw[k]; break;
+    case 0xe0: for (int k = 0; k < 16; k++) r.b[k] = (d.b[k] + s.b[k] + 1) >> 1; break;
+    case 0xe3: for (int k = 0; k < 8; k++) r.w[k] = (d.w[k] + s.w[k] + 1) >> 1; break;
+    case 0xf6: {   /* psadbw */
+        for (int h = 0; h < 2; h++) {
+            uint64_t sum = 0;
+            for (int k = 0; k < 8; k++) {
+                int v = d.b[8 * h + k] - s.b[8 * h + k];
+                sum += v < 0 ? -v : v;
+            }
+            r.q[h] = sum;
+        }
+        break;
+    }
+    case 0xf8: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] - s.b[k]; break;
+    case 0xf9: for (int k = 0; k < 8; k++) r.w[k] = d.w[k] - s.w[k]; break;
+    case 0xfa: for (int k = 0; k < 4; k++) r.d[k] = d.d[k] - s.d[k]; break;
+    case 0xfb: for (int k = 0; k < 2; k++) r.q[k] = d.q[k] - s.q[k]; break;
+    case 0xfc: for (int k = 0; k < 16; k++) r.b[k] = d.b[k] + s.b[k]; break;
+    case 0xfd: for (int k = 0; k < 8; k++) r.w[k] = d.w[k] + s.w[k]; break;
+    case 0xfe: for (int k = 0; k < 4; k++) r.d[k] = d.d[k] + s.d[k]; break;
+    case 0xd1: case 0xd2: case 0xd3: case 0xe1: case 0xe2: case 0xf1: case 0xf2: case 0xf3: {
+        /* shifts by the low quadword of the source */
+        uint64_t n = s.q[0];
+        r = d;
+        if (op == 0xd1 || op == 0xe1 || op == 0xf1)
+            for (int k = 0; k < 8; k++)
+                r.w[k] = op == 0xd1 ? (n > 15 ? 0 : d.w[k] >> n) : op == 0xf1 ? (n > 15 ? 0 : (uint16_t)(d.w[k] << n))
+                                    : (uint16_t)(d.sw[k] >> (n > 15 ? 15 : n));
+        else if (op == 0xd2 || op == 0xe2 || op == 0xf2)
+            for (int k = 0; k < 4; k++)
+                r.d[k] = op == 0xd2 ? (n > 31 ? 0 : d.d[k] >> n) : op == 0xf2 ? (n > 31 ? 0 : d.d[k] << n)
+                                    : (uint32_t)(d.sd[k] >> (n > 31 ? 31 : n));
+        else
+            for (int k = 0; k < 2; k++)
+                r.q[k] = n > 63 ? 0 : (op == 0xd3 ? d.q[k] >> n : d.q[k] << n);
+        break;
+    }
+    default:
+        RAISE(c, EXC_UD);
+    }
+    memcpy(dst, &r, 16);
 }
 
+/* x87: only what an OS needs to probe and initialise the FPU */
 void x87_exec(CPU *c, Insn *i)
 {
-    (void)i;
+    if (c->cr0 & 4)
+        RAISE(c, EXC_NM);   /* CR0.EM: emulate in software */
+    if (c->cr0 & CR0_TS)
+        RAISE(c, EXC_NM);
+    int op = i->op, r = i->reg & 7;
+    if (op == 0xdb && i->mod == 3 && r == 4 && (i->rm & 7) == 3) {   /* fninit */
+        c->fcw = 0x37f;
+        c->fsw = 0;
+        c->ftw = 0xffff;
+        return;
+    }
+    if (op == 0xdb && i->mod == 3 && r == 4 && (i->rm & 7) == 2) {   /* fnclex */
+        c->fsw &= 0x7f00;
+        return;
+    }
+    if (op == 0xdf && i->mod == 3 && r == 4 && (i->rm & 7) == 0) {   /* fnstsw ax */
+        c->r[R_AX] = (c->r[R_AX] & ~0xffffull) | c->fsw;
+        return;
+    }
+    if (op == 0xd9 && i->mod != 3 && r == 7) {   /* fnstcw m16 */
+        st(c, ea_of(c, i), 2, c->fcw);
+        return;
+    }
+    if (op == 0xd9 && i->mod != 3 && r == 5) {   /* fldcw m16 */
+        c->fcw = (uint16_t)ld(c, ea_of(c, i), 2);
+        return;
+    }
+    if (op == 0xdd && i->mod != 3 && r == 7) {   /* fnstsw m16 */
+        st(c, ea_of(c, i), 2, c->fsw);
+        return;
+    }
     RAISE(c, EXC_UD);
 }
 
 void fxsave(CPU *c, uint64_t lin)
 {
-    (void)lin;
-    RAISE(c, EXC_UD);
+    if (c->cr0 & (4 | CR0_TS))
+        RAISE(c, (c->cr0 & 4) ? EXC_UD : EXC_NM);
+    if (lin & 15)
+        RAISE_ERR(c, EXC_GP, 0);
+    uint8_t buf[512];
+    memset(buf, 0, sizeof buf);
+    memcpy(buf + 0, &c->fcw, 2);
+    memcpy(buf + 2, &c->fsw, 2);
+    uint8_t ftw = 0;   /* abridged: 1 = valid register */
+    for (int k = 0; k < 8; k++)
+        if (((c->ftw >> (2 * k)) & 3) != 3)
+            ftw |= 1 << k;
+    buf[4] = ftw;
+    memcpy(buf + 24, &c->mxcsr, 4);
+    uint32_t mask = 0xffff;
+    memcpy(buf + 28, &mask, 4);
+    for (int k = 0; k < 8; k++)
+        memcpy(buf + 32 + 16 * k, c->fpregs[k], 10);
+    int nxmm = c->long64 ? 16 : 8;
+    for (int k = 0; k < nxmm; k++)
+        memcpy(buf + 160 + 16 * k, c->xmm[k], 16);
+    mem_write_bytes(c, lin, buf, 512);
 }
 
 void fxrstor(CPU *c, uint64_t lin)
 {
-    (void)lin;
-    RAISE(c, EXC_UD);
+    if (c->cr0 & (4 | CR0_TS))
+        RAISE(c, (c->cr0 & 4) ? EXC_UD : EXC_NM);
+    if (lin & 15)
+        RAISE_ERR(c, EXC_GP, 0);
+    uint8_t buf[512];
+    mem_read_bytes(c, lin, buf, 512);
+    uint32_t mxcsr;
+    memcpy(&mxcsr, buf + 24, 4);
+    if (mxcsr & 0xffff0000u)
+        RAISE_ERR(c, EXC_GP, 0);
+    memcpy(&c->fcw, buf + 0, 2);
+    memcpy(&c->fsw, buf + 2, 2);
+    uint16_t ftw = 0;
+    for (int k = 0; k < 8; k++)
+        if (!(buf[4] & (1 << k)))
+            ftw |= 3 << (2 * k);
+    c->ftw = ftw;
+    c->mxcsr = mxcsr;
+    for (int k = 0; k < 8; k++)
+        memcpy(c->fpregs[k], buf + 32 + 16 * k, 10);
+    int nxmm = c->long64 ? 16 : 8;
+    for (int k = 0; k < nxmm; k++)
+        memcpy(c->xmm[k], buf + 160 + 16 * k, 16);
 }

@@ -411,3 +411,29 @@ def test_fuzzed_input_never_breaks_the_server(server, vm, chunks):
         if q.cmd("query-status")["status"] == "paused":
             q.cmd("cont")
         assert q.cmd("query-name") == {"name": "guest1"}
+
+
+def test_no_event_reaches_a_client_before_its_capabilities_reply(server, vm):
+    """Events stream while clients negotiate: the first message after the greeting
+    must always be the qmp_capabilities reply (QEMU sends no events before it)."""
+    import threading as _threading
+    stop = _threading.Event()
+
+    def emitter():
+        while not stop.is_set():
+            vm._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
+    t = _threading.Thread(target=emitter, daemon=True)
+    t.start()
+    try:
+        for _ in range(30):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(server.address.path)
+                f = s.makefile("rb")
+                assert b"QMP" in f.readline()
+                s.sendall(b'{"execute": "qmp_capabilities", "id": 1}\n')
+                assert json.loads(f.readline()) == {"return": {}, "id": 1}
+    finally:
+        stop.set()
+        t.join()

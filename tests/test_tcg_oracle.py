@@ -530,6 +530,81 @@ def g_string(draw, a: Asm):
     return setup + (b"\xfd" if std else b"") + body + b"\xfc", 0
 
 
+# SSE2 integer/move subset (64-bit mode). (prefix, opcode, form): form "x" = xmm, xmm/m128 (any
+# alignment), "xa" = aligned memory, "st"/"sta" = store xmm -> xmm/m128, "x8" = ... with imm8,
+# "m64" = xmm, m64/xmm (movq/movss/movsd), "gpr" = GPR destination, "fromgpr" = GPR source.
+SSE_OPS = [
+    ("66", "0f6f", "xa"), ("f3", "0f6f", "x"), ("66", "0f7f", "sta"), ("f3", "0f7f", "st"),
+    ("", "0f28", "xa"), ("", "0f29", "sta"), ("", "0f10", "x"), ("", "0f11", "st"),
+    ("66", "0f10", "x"), ("f3", "0f10", "m32"), ("f2", "0f10", "m64"), ("f3", "0f11", "st32"),
+    ("f2", "0f11", "st64"), ("66", "0fd6", "st64"), ("f3", "0f7e", "m64"),
+    ("66", "0f6e", "fromgpr"), ("66", "0f7e", "togpr"), ("66", "0fd7", "gpr"), ("", "0f50", "gpr"),
+    ("", "0f54", "xa"), ("", "0f55", "xa"), ("", "0f56", "xa"), ("", "0f57", "xa"), ("66", "0f57", "xa"),
+    ("66", "0fdb", "xa"), ("66", "0fdf", "xa"), ("66", "0feb", "xa"), ("66", "0fef", "xa"),
+    ("66", "0f74", "xa"), ("66", "0f75", "xa"), ("66", "0f76", "xa"), ("66", "0f64", "xa"),
+    ("66", "0f65", "xa"), ("66", "0f66", "xa"), ("66", "0f60", "xa"), ("66", "0f61", "xa"),
+    ("66", "0f62", "xa"), ("66", "0f68", "xa"), ("66", "0f69", "xa"), ("66", "0f6a", "xa"),
+    ("66", "0f6c", "xa"), ("66", "0f6d", "xa"), ("66", "0f63", "xa"), ("66", "0f67", "xa"),
+    ("66", "0f6b", "xa"), ("66", "0ffc", "xa"), ("66", "0ffd", "xa"), ("66", "0ffe", "xa"),
+    ("66", "0fd4", "xa"), ("66", "0ff8", "xa"), ("66", "0ff9", "xa"), ("66", "0ffa", "xa"),
+    ("66", "0ffb", "xa"), ("66", "0fda", "xa"), ("66", "0fde", "xa"), ("66", "0fea", "xa"),
+    ("66", "0fee", "xa"), ("66", "0fe0", "xa"), ("66", "0fe3", "xa"), ("66", "0fdc", "xa"),
+    ("66", "0fdd", "xa"), ("66", "0fd8", "xa"), ("66", "0fd9", "xa"), ("66", "0fec", "xa"),
+    ("66", "0fed", "xa"), ("66", "0fe8", "xa"), ("66", "0fe9", "xa"), ("66", "0fd5", "xa"),
+    ("66", "0fe5", "xa"), ("66", "0fe4", "xa"), ("66", "0ff4", "xa"), ("66", "0ff5", "xa"),
+    ("66", "0ff6", "xa"), ("66", "0fd1", "xa"), ("66", "0fd2", "xa"), ("66", "0fd3", "xa"),
+    ("66", "0fe1", "xa"), ("66", "0fe2", "xa"), ("66", "0ff1", "xa"), ("66", "0ff2", "xa"),
+    ("66", "0ff3", "xa"), ("66", "0f70", "x8a"), ("f2", "0f70", "x8"), ("f3", "0f70", "x8"),
+    ("", "0fc6", "x8a"), ("66", "0fc6", "x8a"), ("", "0f14", "xa"), ("", "0f15", "xa"),
+    ("66", "0f14", "xa"), ("66", "0f15", "xa"), ("", "0f12", "hl"), ("", "0f16", "hl"),
+    ("66", "0fc5", "pextrw"), ("66", "0fc4", "pinsrw"),
+]
+
+
+def g_sse(draw, a: Asm):
+    pfx, opc, form = draw(st.sampled_from(SSE_OPS))
+    prefix = bytes.fromhex(pfx)
+    opcode = bytes.fromhex(opc)
+    reg = draw(st.integers(0, 15))
+    if draw(st.booleans()) and form in ("x", "xa", "st", "sta", "x8", "x8a", "m64", "m32", "st32",
+                                          "st64"):
+        if form in ("xa", "sta", "x8a"):
+            mem = (2, 7, None, struct.pack("<i", draw(st.integers(-0x100, 0x100)) * 16), 0, 1)
+        else:
+            mem = a.mem(draw, 16)
+        rm = ("m", mem)
+    else:
+        rm = ("r", draw(st.integers(0, 15)))
+    if form == "shift":
+        pass
+    if form in ("gpr",):
+        rm = ("r", draw(st.integers(0, 15)))
+        reg = draw(st.sampled_from(GPR64))
+    if form == "togpr":
+        size = draw(st.sampled_from([4, 8]))
+        return a.enc(opcode, reg, ("r", draw(st.sampled_from(GPR64))), size, prefix=prefix), 0
+    if form == "fromgpr":
+        size = draw(st.sampled_from([4, 8]))
+        src = ("m", a.mem(draw, 8)) if draw(st.booleans()) else ("r", draw(st.sampled_from(GPR64)))
+        return a.enc(opcode, reg, src, size, prefix=prefix), 0
+    if form == "pextrw":
+        return a.enc(opcode, draw(st.sampled_from(GPR64)), ("r", draw(st.integers(0, 15))), 4,
+                     bytes([draw(st.integers(0, 255))]), prefix=prefix), 0
+    if form == "pinsrw":
+        src = ("m", a.mem(draw, 2)) if draw(st.booleans()) else ("r", draw(st.sampled_from(GPR64)))
+        return a.enc(opcode, reg, src, 4, bytes([draw(st.integers(0, 255))]), prefix=prefix), 0
+    if form == "hl":
+        rm = ("r", draw(st.integers(0, 15))) if draw(st.booleans()) else ("m", a.mem(draw, 8))
+    imm = bytes([draw(st.integers(0, 255))]) if form in ("x8", "x8a") else b""
+    code = a.enc(opcode, reg, rm, 4, imm, prefix=prefix)
+    if draw(st.integers(0, 3)) == 0:
+        # shifts by immediate: 66 0F 71/72/73 /k ib on a register
+        op, kinds = draw(st.sampled_from([("0f71", [2, 4, 6]), ("0f72", [2, 4, 6]), ("0f73", [2, 3, 6, 7])]))
+        code += a.enc(bytes.fromhex(op), draw(st.sampled_from(kinds)), ("r", draw(st.integers(0, 15))), 4,
+                      bytes([draw(st.integers(0, 40))]), prefix=b"\x66")
+    return code, 0
+
+
 GENERATORS = [g_alu, g_alu, g_alu, g_test, g_mov, g_mov, g_lea, g_unary, g_shift, g_shift, g_shxd,
               g_muldiv, g_bits, g_xchg, g_cmpxchg8b, g_cc, g_cc, g_stack, g_misc, g_string]
 
@@ -573,7 +648,8 @@ def initial_state(draw, mode: int):
             vals[n] = 0
     flags = 2 | draw(st.integers(0, 0xFFF)) & ARITH
     data = draw(st.binary(min_size=64, max_size=64))
-    return vals, flags, data
+    xmm = [draw(st.integers(0, 2**128 - 1)) for _ in range(16)] if mode == 64 else None
+    return vals, flags, data, xmm
 
 
 class Pair:
@@ -595,7 +671,7 @@ class Pair:
             self.uc.mem_map(self.lay["data"], self.lay["data_size"])
             self.uc.mem_map(self.lay["stack"] - 0x10000, 0x10000)
 
-    def run(self, code: bytes, vals, flags, data_seed: bytes):
+    def run(self, code: bytes, vals, flags, data_seed: bytes, xmm=None):
         lay = self.lay
         data = (data_seed * (lay["data_size"] // len(data_seed) + 1))[:lay["data_size"]]
         stack_init = bytes(0x1000)
@@ -614,7 +690,10 @@ class Pair:
         for n, v in vals.items():
             setattr(r, NAMES[n], v)
         self.vcpu.set_regs(r)
+        for n, v in enumerate(xmm or ()):
+            self.vcpu.set_xmm(n, v.to_bytes(16, "little"))
         kind = self.vcpu.run()
+        ours_xmm = [int.from_bytes(self.vcpu.get_xmm(n), "little") for n in range(16)] if xmm else []
         ours = self.vcpu.get_regs()
         ours_data = self.mem.read(lay["data"], lay["data_size"])
         ours_stack = self.mem.read(lay["stack"] - 0x1000, 0x1000)
@@ -631,6 +710,8 @@ class Pair:
                 continue
             uc.reg_write(ucregs[n], v)
         uc.reg_write(U.UC_X86_REG_EFLAGS, flags)
+        for n, v in enumerate(xmm or ()):
+            uc.reg_write(U.UC_X86_REG_XMM0 + n, v)
         if self.mode == 16:
             for sreg in (U.UC_X86_REG_CS, U.UC_X86_REG_DS, U.UC_X86_REG_ES, U.UC_X86_REG_SS):
                 uc.reg_write(sreg, 0)
@@ -642,6 +723,9 @@ class Pair:
         theirs = {NAMES[n]: uc.reg_read(ucregs[n]) for n in range(16 if self.mode == 64 else 8)}
         theirs["rip"] = uc.reg_read(U.UC_X86_REG_RIP if self.mode == 64 else U.UC_X86_REG_EIP)
         theirs["rflags"] = uc.reg_read(U.UC_X86_REG_EFLAGS)
+        for n in range(16 if xmm else 0):
+            theirs[f"xmm{n}"] = uc.reg_read(U.UC_X86_REG_XMM0 + n)
+            setattr(ours, f"xmm{n}", ours_xmm[n])
         return (kind, ours, ours_data, ours_stack, uc_err, theirs,
                 bytes(uc.mem_read(lay["data"], lay["data_size"])),
                 bytes(uc.mem_read(lay["stack"] - 0x1000, 0x1000)))
@@ -664,10 +748,10 @@ def describe(mode: int, code: bytes) -> str:
 
 
 def check(mode: int, code: bytes, state) -> None:
-    vals, flags, data = state
+    vals, flags, data, xmm = state
     assert count_insns(mode, code) > 0, f"encoder produced bytes capstone rejects: {code.hex()}"
     p = pair(mode)
-    kind, ours, ours_data, ours_stack, uc_err, theirs, uc_data, uc_stack = p.run(code, vals, flags, data)
+    kind, ours, ours_data, ours_stack, uc_err, theirs, uc_data, uc_stack = p.run(code, vals, flags, data, xmm)
     listing = describe(mode, code)
     assert uc_err is None, f"unicorn failed: {uc_err}\n{listing}"
     assert kind == exits.EXIT_HLT, f"translator exit {exits.NAMES.get(kind)} at {ours.rip:#x}\n{listing}"
@@ -686,6 +770,8 @@ def check(mode: int, code: bytes, state) -> None:
             tv &= 0xCD5 | 0x400
         if mode != 64 and name not in ("rflags",):
             mask = 0xFFFFFFFF
+        if name.startswith("xmm"):
+            mask = (1 << 128) - 1
         if (ov & mask) != (tv & mask):
             diffs.append(f"{name} ours={ov:#x} unicorn={tv:#x}")
     if ours_data != uc_data:
@@ -697,6 +783,8 @@ def check(mode: int, code: bytes, state) -> None:
         diffs.append(f"stack differs at +{off:#x}: ours {ours_stack[off:off+8].hex()} "
                      f"unicorn {uc_stack[off:off+8].hex()}")
     init = " ".join(f"{NAMES[n]}={v:#x}" for n, v in vals.items())
+    if xmm:
+        init += " " + " ".join(f"xmm{n}={v:#034x}" for n, v in enumerate(xmm))
     assert not diffs, "\n".join(diffs) + f"\ninitial: {init} flags={flags:#x}\n{listing}"
 
 
@@ -708,6 +796,20 @@ UNITS = 40
 @settings(max_examples=N64, deadline=None, suppress_health_check=list(HealthCheck))
 @given(code=programs(64, UNITS), state=initial_state(64))
 def test_oracle_64(code, state):
+    check(64, code, state)
+
+
+@st.composite
+def sse_programs(draw, max_units: int):
+    a = Asm(64)
+    gens = [g_sse, g_sse, g_sse, g_mov, g_alu]
+    units = draw(st.lists(st.sampled_from(gens), min_size=1, max_size=max_units))
+    return b"".join(gen(draw, a)[0] for gen in units)
+
+
+@settings(max_examples=N32, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=sse_programs(UNITS), state=initial_state(64))
+def test_oracle_sse(code, state):
     check(64, code, state)
 
 

@@ -50,7 +50,7 @@ import time
 from typing import Callable
 
 from .ioapic import IoApic
-from .lapic import APIC_DEFAULT_BASE, DM_LOWEST, DM_EXTINT, DM_FIXED, Lapic
+from .lapic import APIC_DEFAULT_BASE, DM_FIXED, DM_LOWEST, Lapic
 from .legacy import SystemControlB
 from .pic8259 import Pic8259Pair
 from .pit8254 import Pit8254

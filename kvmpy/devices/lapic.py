@@ -153,6 +153,7 @@ class Lapic:
         self.apic_base = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if self.bsp else 0)
         self.lint0_level = False    # the PIC's INTR as seen on LINT0
         self.nmi_pending = False
+        self.extint_message = False  # an IOAPIC/MSI ExtINT message awaits its INTA
         self.wait_for_sipi = not self.bsp
         self.stats = {"accepted": 0, "acked": 0, "eoi": 0, "timer_fired": 0, "ipi_sent": 0}
         self._reset_registers()
@@ -220,6 +221,7 @@ class Lapic:
             self.apic_base = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if self.bsp else 0)
             self.lint0_level = False
             self.nmi_pending = False
+            self.extint_message = False
             self.wait_for_sipi = not self.bsp
             self._reset_registers()
 
@@ -249,7 +251,8 @@ class Lapic:
         return not lvt & LVT_MASKED and (lvt >> 8) & 7 == DM_EXTINT
 
     def _extint_pending(self) -> bool:
-        return self.lint0_level and self._accepts_pic() and self._pic_ack is not None
+        return (self.lint0_level and (self.extint_message or self._accepts_pic())
+                and self._pic_ack is not None)
 
     def has_pending(self) -> bool:
         with self._lock:
@@ -281,6 +284,7 @@ class Lapic:
                 self.stats["acked"] += 1
                 return v
             if self._extint_pending():
+                self.extint_message = False
                 return self._pic_ack() & 0xFF
             return -1
 
@@ -331,6 +335,7 @@ class Lapic:
                 self.sipi(vector)
             elif mode == DM_EXTINT:
                 # the INTA cycle goes to the PIC: pending as long as its INTR is up
+                self.extint_message = True
                 self._maybe_notify()
             else:
                 log.debug("lapic%d: delivery mode %d (SMI/reserved) dropped", self.cpu_index, mode)

@@ -83,7 +83,8 @@ class PitChannel:
         if mode == 2:
             return n - d % n
         if mode == 3:
-            return (n - (2 * d) % n) & 0xFFFE if n > 1 else 0
+            # two sweeps per output period, by twos; an odd count never reads 0 or 1
+            return max((n - (2 * d) % n) & 0x1FFFE, 2) if n > 1 else 0
         # modes 0, 1, 4, 5: counting on past terminal count, wrapping
         return (n - d) % (10000 if self.bcd else 0x10000)
 

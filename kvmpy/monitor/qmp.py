@@ -87,7 +87,8 @@ def version_info() -> dict:
 
 class _ClientState:
     def __init__(self) -> None:
-        self.negotiated = False
+        self.negotiated = False       # commands accepted (dispatch thread)
+        self.events_enabled = False   # events sent: set once the qmp_capabilities reply is out
         self.buf = bytearray()
         self.skipping = False          # discarding the rest of an oversized line
 
@@ -124,7 +125,7 @@ class QmpServer(MonitorServer):
 
     def _broadcast(self, line: bytes) -> None:
         for conn in list(self._conns.values()):
-            if isinstance(conn.state, _ClientState) and conn.state.negotiated and not conn.closing:
+            if isinstance(conn.state, _ClientState) and conn.state.events_enabled and not conn.closing:
                 conn.write(line)
 
     # -- protocol (I/O thread) --
@@ -218,6 +219,7 @@ class QmpServer(MonitorServer):
         has_id = isinstance(request, dict) and "id" in request
         reply: dict[str, Any]
         after: Callable[[], None] | None = None
+        after_reply_written = False
         try:
             name, arguments = self._check_request(request)
             cmd = self._commands.get(name)
@@ -237,6 +239,7 @@ class QmpServer(MonitorServer):
                     raise QmpError(f"Parameter 'enable' does not accept value '{cap}'")
                 st.negotiated = True
                 result: Any = {}
+                after_reply_written = True
             elif cmd.quits:
                 result, after = {}, self.control.quit
             else:
@@ -254,6 +257,16 @@ class QmpServer(MonitorServer):
             reply = {"error": {"class": "GenericError", "desc": f"internal error: {e}"}}
         if has_id:
             reply["id"] = request["id"]
+        if after_reply_written and "return" in reply:
+            # Leave negotiation on the I/O thread right after the reply is written, so
+            # no event can reach the client before its qmp_capabilities reply.
+            line = json.dumps(reply).encode() + b"\r\n"
+
+            def write_then_enable_events() -> None:
+                conn.write(line)
+                st.events_enabled = True
+            self.call_soon(write_then_enable_events)
+            return
         self._reply(conn, reply)
         if after is not None:
             # The client must see the reply before the process goes away.

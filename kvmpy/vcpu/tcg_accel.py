@@ -65,7 +65,11 @@ class TcgAccel:
         v.set_regs(boot.regs)
 
     def reset(self) -> None:
-        pass
+        # The loader rewrites guest RAM from Python, behind the translator's back:
+        # drop every translated block.
+        for v in self.vcpus:
+            for region in self.machine.memory.regions:
+                v.invalidate_ram(region.gpa, region.size)
 
     def close(self) -> None:
         self.platform.close()
