@@ -2272,6 +2272,9 @@ static void exec_block(CPU *c, Block *b)
                 set_flags(c, (compute_arith(c) & ~(F_CF | F_ZF)) | (v == 0 ? F_CF : 0) | (cnt == 0 ? F_ZF : 0));
             } else {
                 if (v == 0) {
+                    /* destination "undefined": kept, but a 32-bit one is zero-extended as on Intel */
+                    if (sz == 4)
+                        c->r[i->reg] = (uint32_t)c->r[i->reg];
                     set_flags(c, (compute_arith(c)) | F_ZF);
                 } else {
                     uint64_t idx = op == 0x1bc ? (uint64_t)__builtin_ctzll(v) : (uint64_t)(63 - __builtin_clzll(v));
@@ -2368,7 +2371,8 @@ static void exec_block(CPU *c, Block *b)
                 sse_exec(c, i);
             else
                 UD();
-            }
+            NEXT;
+    }
 out:
 #undef NEXT
 #undef PROLOGUE

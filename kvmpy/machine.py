@@ -85,9 +85,8 @@ class Machine:
         low = min(self.cfg.memory, layout.PCI_HOLE_START)
         self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=self.cfg.cpus)
         self.pio_bus.register(0x70, 2, self.rtc)
-        # Port 0x61 is KVM's in-kernel PIT's; the translator needs our model of it.
-        register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset,
-                              port_b=self.accel.name != "kvm")
+        # Port 0x61 belongs to the PIT: KVM's in-kernel one, or the translator's irqchip.
+        register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset, port_b=False)
         self.acpi_pm = AcpiPm(on_sleep=self._acpi_sleep, sci=lambda level: plat.set_irq_level(SCI_IRQ, level))
         self.pio_bus.register(PM_BASE, PM_IO_LENGTH, self.acpi_pm)
         self.resettable = [self.serial, self.i8042, self.rtc, self.acpi_pm]
@@ -251,9 +250,9 @@ class Machine:
                 self._parked -= 1
 
     def vcpu_halted(self, thread) -> None:
-        wait = getattr(thread.vcpu, "wait_for_interrupt", None)
+        wait = getattr(self.accel, "wait_halted", None)
         if wait is not None:
-            wait(0.05)
+            wait(thread.index)
         else:
             time.sleep(0.001)
 

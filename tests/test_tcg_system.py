@@ -580,3 +580,98 @@ def test_cpuid_table_and_msrs(machines):
     msrs = m.vcpu.get_msrs([0xC0000080, 0x277, 0x12345])
     assert msrs[0xC0000080] & 0x500 == 0x500
     assert 0x12345 not in msrs
+
+
+def test_protected_mode_paging_32bit_pse_pae_and_idt32():
+    """32-bit paging (4 KiB and 4 MiB PSE pages), PAE paging, 8-byte IDT gates and iret."""
+    mem = make_memory(4 << 20)
+    m = mem
+    # non-PAE: PD at 0x1000; PDE0 -> PT 0x2000 (identity 4 KiB pages), PDE1 = 4 MiB page -> phys 0
+    m.write_u32(0x1000, 0x2000 | 3)
+    m.write_u32(0x1004, 0x0 | 0x83)
+    for i in range(1024):
+        pa = i << 12
+        flags = 3
+        if pa == 0x301000:
+            flags = 0
+        elif pa == 0x302000:
+            flags = 1
+        m.write_u32(0x2000 + 4 * i, pa | flags)
+    # PAE: PDPT at 0x3000 (4 entries), PD 0x4000 identity 2 MiB pages, PDPTE1 -> PD 0x8000 -> phys 0
+    m.write_u64(0x3000, 0x4000 | 1)
+    m.write_u64(0x3008, 0x8000 | 1)
+    for i in range(512):
+        m.write_u64(0x4000 + 8 * i, (i << 21) | 0x83)
+    m.write_u64(0x8000, 0x83)
+    m.write(0x5000, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
+    src = """
+        mov esp, 0x90000
+        mov eax, 0x1000
+        mov cr3, eax
+        mov eax, cr4
+        or eax, 0x10                   # PSE
+        mov cr4, eax
+        mov eax, cr0
+        or eax, 0x80010000             # PG | WP
+        mov cr0, eax
+        mov dword ptr [0x407000], 0x1234   # through the 4 MiB alias of physical 0
+        mov edi, [0x7000]
+        mov ebp, 0x70000
+        lea esi, [1f]
+        mov eax, [0x301008]
+    1:  lea esi, [2f]
+        mov dword ptr [0x302000], 1
+    2:  int 0x30
+        mov eax, cr0                   # PAE: paging off, CR4.PAE, PDPT, paging on
+        and eax, 0x7fffffff
+        mov cr0, eax
+        mov eax, cr4
+        or eax, 0x20
+        mov cr4, eax
+        mov eax, 0x3000
+        mov cr3, eax
+        mov eax, cr0
+        or eax, 0x80000000
+        mov cr0, eax
+        mov edx, [0x40007000]          # PDPTE 1 maps 1 GiB -> physical 0
+        hlt
+    pf:
+        pop eax
+        mov [ebp], eax
+        mov eax, cr2
+        mov [ebp + 4], eax
+        add ebp, 8
+        mov [esp], esi
+        iret
+    int30:
+        mov ebx, 0x30
+        mov ecx, [esp + 4]             # CS pushed by the gate
+        iret
+    """
+    code, syms = assemble(src, CODE, bits=32)
+    m.write(CODE, code)
+    for vec, name in ((14, "pf"), (0x30, "int30")):
+        h = syms[name]
+        m.write(IDT + 8 * vec, struct.pack("<HHBBH", h & 0xFFFF, 0x08, 0, 0x8E, h >> 16))
+    vcpu = TcgVcpu(mem)
+    try:
+        sr = vcpu.get_sregs()
+        sr.cs = flat_segment(0x8, True, False)
+        sr.ds = sr.es = sr.ss = sr.fs = sr.gs = flat_segment(0x10, False, False)
+        sr.gdt = DTable(0x5000, 23)
+        sr.idt = DTable(IDT, 0x7FF)
+        sr.cr0 = 0x11
+        sr.cr4 = 0
+        sr.efer = 0
+        vcpu.set_sregs(sr)
+        vcpu.set_regs(regs(rip=CODE, rflags=2))
+        assert vcpu.run() == exits.EXIT_HLT
+        r = vcpu.get_regs()
+        assert r.rdi == 0x1234
+        assert struct.unpack("<IIII", mem.read(0x70000, 16)) == (0, 0x301008, 3, 0x302000)
+        assert r.rbx == 0x30 and r.rcx == 0x08
+        assert r.rdx == 0x1234
+        assert vcpu.get_sregs().cr4 & 0x20
+    finally:
+        vcpu.close()
+        mem.close()

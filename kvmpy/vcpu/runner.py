@@ -35,11 +35,18 @@ class VcpuThread(threading.Thread):
         doorbell = getattr(m.platform, "doorbell_write", None)
         soft_doorbells = doorbell is not None and not getattr(m.platform, "kernel_doorbells", False)
         counts = self.exit_counts
+        started = getattr(m.accel, "vcpu_thread_started", None)
+        if started is not None:
+            started(self.index)
+        pre_run = getattr(m.accel, "pre_run", None)   # software interrupt delivery (translator)
+        index = self.index
         try:
             while True:
                 if m.control_pending:
                     if not m.vcpu_checkpoint(self):
                         return
+                if pre_run is not None:
+                    pre_run(index)
                 kind = vcpu.run()
                 counts[kind] = counts.get(kind, 0) + 1
                 if kind == exits.EXIT_IO:

@@ -1,13 +1,14 @@
 """The C translator as the machine's accelerator (no KVM needed).
 
-Interrupt lines and MSIs land in a SoftPlatform; until the software interrupt
-controllers exist (the Linux-on-translator work), the translator runs guests
-that poll their devices, and only the bootstrap vCPU runs.
+What KVM does in the kernel is done here in software: the interrupt controllers
+and the PIT (kvmpy.devices.irqchip), interrupt lines and MSIs through a
+SoftPlatform, doorbells checked by the vCPU loop. One vCPU for now.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..devices.platform import SoftPlatform
 from ..errors import UserError
@@ -44,20 +45,47 @@ class TcgAccel:
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
+        from ..devices.irqchip import SoftIrqChip, TimerWheel
         self.machine = machine
-        self.platform = SoftPlatform(machine.memory, on_irq=self._irq, on_msi=self._msi)
         self.vcpus = [TcgVcpu(machine.memory, 0)]
         if machine.cfg.cpus > 1:
             log.warning("the translator runs 1 vCPU for now; %d requested", machine.cfg.cpus)
         self.vcpus[0].set_cpuid(translator_cpuid(1))
+        self._wakeups = [threading.Event() for _ in self.vcpus]
+        self.timer_wheel = TimerWheel()
+        # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
+        self.irqchip = SoftIrqChip(len(self.vcpus), cpu_kick=self._kick, timer_wheel=self.timer_wheel)
+        self.irqchip.register(machine.pio_bus, machine.mmio_bus, port_b=True)
+        self.platform = SoftPlatform(machine.memory, on_irq=self.irqchip.set_irq_level,
+                                     on_msi=self.irqchip.send_msi)
 
-    def _irq(self, gsi: int, level: bool) -> None:
-        pass
+    def _kick(self, cpu: int) -> None:
+        if 0 <= cpu < len(self.vcpus):
+            self._wakeups[cpu].set()
+            self.vcpus[cpu].kick()
 
-    def _msi(self, address: int, data: int) -> None:
-        vector = data & 0xFF
-        if vector >= 16:
-            self.vcpus[0].request_interrupt(vector)
+    # --- hooks the vCPU thread calls ------------------------------------------------
+    def vcpu_thread_started(self, index: int) -> None:
+        self.irqchip.set_current_cpu(index)
+
+    def pre_run(self, index: int) -> None:
+        """Move interrupts the interrupt controllers have for this CPU into the CPU.
+
+        The translator holds a requested vector until IF=1; acknowledging it here,
+        before the guest can take it, is an approximation (the vector sits in the
+        LAPIC's ISR slightly early)."""
+        chip = self.irqchip
+        while chip.has_pending(index):
+            vector = chip.intr_ack(index)
+            if vector < 0:
+                break
+            self.vcpus[index].request_interrupt(vector)
+
+    def wait_halted(self, index: int) -> None:
+        wake = self._wakeups[index]
+        if not self.irqchip.has_pending(index):
+            wake.wait(0.05)
+        wake.clear()
 
     def load_boot_state(self, boot) -> None:
         v = self.vcpus[0]
@@ -65,6 +93,7 @@ class TcgAccel:
         v.set_regs(boot.regs)
 
     def reset(self) -> None:
+        self.irqchip.reset()
         # The loader rewrites guest RAM from Python, behind the translator's back:
         # drop every translated block.
         for v in self.vcpus:
@@ -73,3 +102,5 @@ class TcgAccel:
 
     def close(self) -> None:
         self.platform.close()
+        self.irqchip.close()
+        self.timer_wheel.close()
