@@ -6,7 +6,7 @@ APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs ip
                gcc make binutils libffi-dev
 STAMP = .build-stamp
 
-.PHONY: all deps build guests test run bench fuzz clean
+.PHONY: all deps build guests guest test run bench fuzz clean
 
 all: build
 
@@ -27,6 +27,9 @@ build:
 
 guests:
 	$(MAKE) -C tests/guests
+
+guest: deps
+	$(PYTHON) -m kvmpy guest build --out guest-cache
 
 test: deps build
 	$(PYTHON) -m pytest -q -ra tests

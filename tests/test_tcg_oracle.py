@@ -97,6 +97,12 @@ class Asm:
             return (0, 5, None, struct.pack("<I", addr), 0, 0)
         return (0, 6, None, struct.pack("<H", addr), 0, 0)
 
+    def mem_load(self, draw, size: int):
+        """A memory operand only read from: in 64-bit mode sometimes RIP-relative."""
+        if self.mode == 64 and draw(st.integers(0, 3)) == 0:
+            return (0, 5, None, struct.pack("<i", draw(st.integers(0, 64))), 0, 0)
+        return self.mem(draw, size)
+
     def enc(self, opcode: bytes, reg: int, rm, size: int, imm: bytes = b"", force_rex=False,
             prefix: bytes = b"", no66=False) -> bytes:
         """rm is ('r', n) or ('m', memoperand) or None (no ModRM)."""
@@ -148,11 +154,11 @@ class Asm:
             return [draw(st.sampled_from(pool)) for _ in range(n)], True
         return [draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7])) for _ in range(n)], False
 
-    def operands(self, draw, size: int, allow_mem=True):
-        """(reg, rm, force_rex) for a reg/rm instruction of this size."""
+    def operands(self, draw, size: int, allow_mem=True, load=False):
+        """(reg, rm, force_rex) for a reg/rm instruction of this size (load: rm is only read)."""
         if size == 1:
             if allow_mem and draw(st.booleans()):
-                m = self.mem(draw, 1)
+                m = self.mem_load(draw, 1) if load else self.mem(draw, 1)
                 if m[4] or m[5]:   # the operand needs REX: byte registers 4-7 mean spl..dil
                     pool = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
                     return draw(st.sampled_from(pool)), ("m", m), True
@@ -160,6 +166,8 @@ class Asm:
                 return r1, ("m", m), force
             (r1, r2), force = self.byte_regs(draw, 2)
             return r1, ("r", r2), force
+        if load and allow_mem and draw(st.booleans()):
+            return draw(st.sampled_from(self.gprs())), ("m", self.mem_load(draw, size)), False
         rm, _ = self.rm_operand(draw, size, allow_mem)
         return draw(st.sampled_from(self.gprs())), rm, False
 
@@ -180,7 +188,7 @@ def g_alu(draw, a: Asm):
     size = draw(st.sampled_from(a.sizes()))
     form = draw(st.integers(0, 3))
     if form <= 1:
-        reg, rm, fr = a.operands(draw, size)
+        reg, rm, fr = a.operands(draw, size, load=form == 1)
         base = op * 8 + (0 if size == 1 else 1) + (2 if form == 1 else 0)
         return a.enc(bytes([base]), reg, rm, size, force_rex=fr), 0
     if form == 2:
@@ -213,8 +221,9 @@ def g_mov(draw, a: Asm):
     size = draw(st.sampled_from(a.sizes()))
     k = draw(st.integers(0, 3))
     if k == 0:
-        reg, rm, fr = a.operands(draw, size)
-        op = (0x88 if size == 1 else 0x89) + (2 if draw(st.booleans()) else 0)
+        load = draw(st.booleans())
+        reg, rm, fr = a.operands(draw, size, load=load)
+        op = (0x88 if size == 1 else 0x89) + (2 if load else 0)
         return a.enc(bytes([op]), reg, rm, size, force_rex=fr), 0
     if k == 1:
         reg, rm, fr = a.operands(draw, size)
@@ -262,7 +271,32 @@ def _add_rex_b(code: bytes, size: int) -> bytes:
 def g_lea(draw, a: Asm):
     size = draw(st.sampled_from([s for s in a.sizes() if s >= 2]))
     reg = draw(st.sampled_from(a.gprs()))
-    return a.enc(b"\x8d", reg, ("m", a.mem(draw, 8)), size), 0
+    return a.enc(b"\x8d", reg, ("m", a.mem_load(draw, 8)), size), 0
+
+
+def g_loop(draw, a: Asm):
+    """loop/loope/loopne/jrcxz over an inc, with a small count so loops terminate."""
+    w = 2 if a.mode == 16 else 4
+    r = draw(st.sampled_from([x for x in a.gprs() if x != 1]))
+    body = a.enc(b"\xff", 0, ("r", r), w)                       # inc r
+    op = draw(st.sampled_from([0xE0, 0xE1, 0xE2, 0xE3]))
+    setup = bytes([0xB9]) + draw(st.integers(0, 5)).to_bytes(w, "little")   # mov ecx, n
+    if op == 0xE3:
+        return setup + bytes([0xE3, len(body)]) + body, 0
+    # backwards: body; loopX body
+    return setup + body + bytes([op, (-(len(body) + 2)) & 0xFF]), 0
+
+
+def g_bitcount(draw, a: Asm):
+    """popcnt / lzcnt / tzcnt (F3 0F B8/BD/BC)."""
+    size = draw(st.sampled_from([s for s in a.sizes() if s >= 2]))
+    reg, rm, fr = a.operands(draw, size, load=True)
+    op = draw(st.sampled_from([0xB8, 0xBC, 0xBD]))
+    undefined = (CF | OF | SF | AF | PF) if op == 0xB8 else (OF | SF | AF | PF)
+    # popcnt clears OF SF AF CF PF (SDM POPCNT); kept as defined below
+    if op == 0xB8:
+        undefined = 0
+    return a.enc(bytes([0x0F, op]), reg, rm, size, prefix=b"\xf3"), undefined
 
 
 def g_unary(draw, a: Asm):
@@ -432,7 +466,7 @@ def g_cc(draw, a: Asm):
         return a.enc(bytes([0x0F, 0x90 + cc]), 0, rm, 1, force_rex=fr), 0
     if k == "cmov":
         size = draw(st.sampled_from([s for s in a.sizes() if s >= 2]))
-        reg, rm, fr = a.operands(draw, size)
+        reg, rm, fr = a.operands(draw, size, load=True)
         return a.enc(bytes([0x0F, 0x40 + cc]), reg, rm, size), 0
     skipped = a.enc(b"\xff", 0, ("r", draw(st.sampled_from(a.gprs()))), 4 if a.mode != 16 else 2)
     if k == "jcc8":
@@ -607,7 +641,8 @@ def g_sse(draw, a: Asm):
 
 
 GENERATORS = [g_alu, g_alu, g_alu, g_test, g_mov, g_mov, g_lea, g_unary, g_shift, g_shift, g_shxd,
-              g_muldiv, g_bits, g_xchg, g_cmpxchg8b, g_cc, g_cc, g_stack, g_misc, g_string]
+              g_muldiv, g_bits, g_xchg, g_cmpxchg8b, g_cc, g_cc, g_stack, g_misc, g_string, g_loop,
+              g_bitcount]
 
 
 def count_insns(mode: int, code: bytes) -> int:
