@@ -334,6 +334,17 @@ class Machine:
     def quit(self) -> None:
         self.request_shutdown(0, guest=False, reason="host-qmp-quit")
 
+    def vcpu_registers(self) -> list:
+        """[(Regs, SRegs)] per vCPU, read with the vCPUs held outside the guest."""
+        was_running = self._state == "running"
+        if was_running:
+            self._park_all()
+        try:
+            return [(v.get_regs(), v.get_sregs()) for v in self.vcpus]
+        finally:
+            if was_running:
+                self._unpark_all()
+
     def kvm_info(self) -> dict:
         return {"enabled": self.accel.name == "kvm", "present": os.path.exists("/dev/kvm")}
 

@@ -138,7 +138,7 @@ def test_hmp_socket_with_netcat_style_client(tmp_path):
         read_until(proc, b"waiting for power button")
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(hmp_path))
-            s.sendall(b"info status\nsystem_powerdown\n")
+            s.sendall(b"info status\ninfo registers\nsystem_powerdown\n")
             s.shutdown(socket.SHUT_WR)
             reply = b""
             while True:
@@ -147,6 +147,9 @@ def test_hmp_socket_with_netcat_style_client(tmp_path):
                     break
                 reply += chunk
         assert b"VM status: running" in reply
+        # The guest waits in `hlt` with interrupts on, in 64-bit kernel mode.
+        assert b"CPU#0" in reply and b"RIP=" in reply and b"CPL=0" in reply
+        assert b"EFER=0000000000000d00" in reply or b"EFER=0000000000000500" in reply
         assert proc.wait(30) == 0
     finally:
         close_client(qmp)
