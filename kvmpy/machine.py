@@ -434,10 +434,16 @@ def kvm_usable() -> tuple[bool, str]:
     return True, ""
 
 
+def _software_nested_kvm() -> bool:
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
 def make_accel(name: str, machine: Machine):
     if name == "auto":
+        # KVM when it can run a general guest. A software-nested backend (kvm_pvm)
+        # emulates guest kernel code and fails on unmodified Linux: the translator is better.
         ok, _ = kvm_usable()
-        name = "kvm" if ok else "tcg"
+        name = "kvm" if ok and not _software_nested_kvm() else "tcg"
     if name == "kvm":
         ok, why = kvm_usable()
         if not ok:
