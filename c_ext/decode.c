@@ -87,6 +87,66 @@ static int ends_block(int op, int reg, int mod)
     return 0;
 }
 
+/* Rewrites the hottest 32/64-bit forms to pseudo-ops with size-free handlers. */
+static void specialize(Insn *i)
+{
+    int op = i->op, sz = i->osz, reg3 = i->mod == 3;
+    if ((sz != 8 && sz != 4) || i->lock || i->rep)
+        return;
+    int w = sz == 8;
+    switch (op) {
+    case 0x89:
+        i->op = reg3 ? (w ? P_MOV_RM_R64 : P_MOV_RM_R32) : (w ? P_STORE64 : P_STORE32);
+        return;
+    case 0x8b:
+        i->op = reg3 ? (w ? P_MOV_R_RM64 : P_MOV_R_RM32) : (w ? P_LOAD64 : P_LOAD32);
+        return;
+    case 0x01: case 0x09: case 0x21: case 0x29: case 0x31: case 0x39:
+        if (reg3) {
+            i->imm2 = op >> 3;
+            i->op = w ? P_ALU_RR64 : P_ALU_RR32;
+        }
+        return;
+    case 0x03: case 0x0b: case 0x23: case 0x2b: case 0x33: case 0x3b:
+        i->imm2 = op >> 3;
+        if (reg3) {
+            /* reg <- reg op rm: swap so the handler's destination is rm */
+            uint8_t t = i->rm;
+            if (op == 0x3b || op == 0x2b) {
+                i->op = w ? P_LOAD_ALU64 : P_LOAD_ALU32;   /* order matters for sub/cmp */
+                i->imm2 |= 0x100;
+            } else {
+                i->rm = i->reg;
+                i->reg = t;
+                i->op = w ? P_ALU_RR64 : P_ALU_RR32;
+            }
+        } else {
+            i->op = w ? P_LOAD_ALU64 : P_LOAD_ALU32;
+        }
+        return;
+    case 0x81: case 0x83:
+        if (reg3 && (i->reg & 7) != 2 && (i->reg & 7) != 3) {
+            i->imm2 = i->reg & 7;
+            i->op = w ? P_ALU_RI64 : P_ALU_RI32;
+        }
+        return;
+    case 0xc1:
+        if (reg3 && ((i->reg & 7) == 4 || (i->reg & 7) == 5 || (i->reg & 7) == 7)) {
+            i->imm2 = i->reg & 7;
+            i->op = w ? P_SHIFT_RI64 : P_SHIFT_RI32;
+        }
+        return;
+    case 0x8d:
+        if (!reg3 && w)
+            i->op = P_LEA64;
+        return;
+    case 0x85:
+        if (reg3)
+            i->op = w ? P_TEST_RR64 : P_TEST_RR32;
+        return;
+    }
+}
+
 /* Returns the length, 0 when more than `avail` bytes are needed, -1 when the
  * instruction exceeds 15 bytes (#GP). */
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
@@ -328,6 +388,7 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     i->op = op;
     i->len = p;
     *ends = ends_block(op, reg, mod);
+    specialize(i);
     return p;
 #undef NEED
 }

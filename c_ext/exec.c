@@ -455,15 +455,14 @@ static uint64_t shxd(CPU *c, int left, uint64_t dst, uint64_t src, unsigned cnt,
         return dst;
     uint32_t cf;
     if (sz == 2 && cnt > 16) {
-        /* undefined by the SDM; behave as a rotate through the 48-bit dst:src:dst like hardware */
-        unsigned __int128 w = left ? (((unsigned __int128)dst << 32) | (src << 16) | dst)
-                                   : (((unsigned __int128)dst << 32) | (src << 16) | dst);
+        /* result undefined by the SDM: shift through the 48-bit dst:src:dst (left) or
+         * dst:src:dst seen from the right, which is what hardware does */
+        uint64_t w = (dst << 32) | (src << 16) | dst;
         if (left) {
-            r = (uint64_t)(w >> (48 - cnt)) & m;
+            r = (w >> (48 - cnt)) & m;
             cf = (uint32_t)(w >> (48 - cnt + 16)) & 1;
         } else {
-            w = ((unsigned __int128)dst << 32) | ((unsigned __int128)src << 16) | dst;
-            r = (uint64_t)(w >> cnt) & m;
+            r = (w >> cnt) & m;
             cf = (uint32_t)(w >> (cnt - 1)) & 1;
         }
     } else if (left) {
@@ -506,6 +505,46 @@ static void string_op(CPU *c, Insn *i)
         if (rep && areg(c, R_CX, asz) == 0)
             break;
         uint64_t si = areg(c, R_SI, asz), di = areg(c, R_DI, asz);
+        if (rep && d > 0 && (kind == 0xa4 || kind == 0xaa) && asz == 8) {
+            /* rep movs/stos forward in RAM: whole page chunks with memmove/memset
+             * once the first element has filled the TLB through the normal path */
+            uint64_t cnt = c->r[R_CX];
+            uint64_t dlin = linear(c, S_ES, di);
+            uint64_t room = (4096 - (dlin & 0xfff)) / sz;
+            uint64_t slin = 0;
+            if (kind == 0xa4) {
+                slin = linear(c, i->seg, si);
+                uint64_t sroom = (4096 - (slin & 0xfff)) / sz;
+                if (sroom < room) room = sroom;
+            }
+            uint64_t chunk = cnt < room ? cnt : room;
+            if (chunk > 1) {
+                uint8_t *dp = tlb_hit(c, dlin, (unsigned)(chunk * sz), 1);
+                uint8_t *sp = kind == 0xa4 ? tlb_hit(c, slin, (unsigned)(chunk * sz), 0) : 0;
+                if (dp && (kind == 0xaa || sp)) {
+                    uint64_t bytes = chunk * sz;
+                    if (kind == 0xaa) {
+                        if (sz == 1) {
+                            memset(dp, (int)(c->r[R_AX] & 0xff), bytes);
+                        } else {
+                            for (uint64_t k = 0; k < chunk; k++)
+                                memcpy(dp + k * sz, &c->r[R_AX], sz);
+                        }
+                    } else if (dp <= sp || dp >= sp + bytes) {
+                        memmove(dp, sp, bytes);   /* no forward-overlap: same result as element copies */
+                    } else {
+                        goto element;
+                    }
+                    c->r[R_DI] = di + bytes;
+                    if (kind == 0xa4)
+                        c->r[R_SI] = si + bytes;
+                    c->r[R_CX] = cnt - chunk;
+                    n += (unsigned)chunk;
+                    goto check_request;
+                }
+            }
+        }
+    element:
         switch (kind) {
         case 0xa4: {
             uint64_t v = ld(c, linear(c, i->seg, si), sz);
@@ -547,10 +586,15 @@ static void string_op(CPU *c, Insn *i)
             if ((rep == 1 && !zf) || (rep == 2 && zf))
                 return;
         }
-        if ((++n & 0x3fff) == 0 && atomic_load_explicit(&c->exit_request, memory_order_relaxed)) {
-            if (areg(c, R_CX, asz) != 0)
-                c->next_rip = c->rip;   /* resume the rep later, after the request */
-            return;
+        ++n;
+    check_request:
+        if (n >= 0x4000) {
+            n = 0;
+            if (atomic_load_explicit(&c->exit_request, memory_order_relaxed)) {
+                if (areg(c, R_CX, asz) != 0)
+                    c->next_rip = c->rip;   /* resume the rep later, after the request */
+                return;
+            }
         }
     }
 }
@@ -766,8 +810,11 @@ static Block *find_block(CPU *c)
     uint64_t pc = c->rip;
     uint64_t csb = c->seg[S_CS].base;
     uint32_t mode = c->code_mode;
+    /* the privilege level is part of the jump-cache key: a hit skips the fetch permission
+     * check, so user code must never reuse a kernel-only translation */
+    uint32_t jmode = mode | ((uint32_t)c->mmu_idx << 4);
     unsigned j = (unsigned)(pc ^ (pc >> 10)) & 4095;
-    if (likely(c->jc[j].b && c->jc[j].pc == pc && c->jc[j].cs_base == csb && c->jc[j].mode == mode &&
+    if (likely(c->jc[j].b && c->jc[j].pc == pc && c->jc[j].cs_base == csb && c->jc[j].mode == jmode &&
                c->jc[j].b->valid))
         return c->jc[j].b;
     uint64_t lin = linear(c, S_CS, pc);
@@ -793,7 +840,7 @@ static Block *find_block(CPU *c)
         b = translate_block(c, pc, lin, pa, mode);
     c->jc[j].pc = pc;
     c->jc[j].cs_base = csb;
-    c->jc[j].mode = mode;
+    c->jc[j].mode = jmode;
     c->jc[j].b = b;
     return b;
 }
@@ -1097,6 +1144,41 @@ static void load_far_ptr(CPU *c, Insn *i, int sreg)
     setreg(c, i, i->reg, sz, off);
 }
 
+/* LAR / LSL: access rights or limit of a descriptor the current privilege may see */
+static void lar_lsl(CPU *c, Insn *i, int lsl)
+{
+    if (!(c->cr0 & CR0_PE) || (c->eflags & F_VM))
+        UD();
+    uint16_t sel = (uint16_t)rdE(c, i, 2);
+    uint32_t d[4];
+    int ok = (sel & ~3) && read_descriptor(c, sel, d, 0) == 0;
+    if (ok) {
+        int s_bit = (d[1] >> 12) & 1, type = (d[1] >> 8) & 0xf, dpl = (d[1] >> 13) & 3;
+        int conforming = s_bit && (type & 0xc) == 0xc;
+        if (!s_bit) {
+            /* system descriptors: TSS and LDT for both; gates only for LAR (not in long mode) */
+            ok = type == 1 || type == 2 || type == 3 || type == 9 || type == 11 ||
+                 (!lsl && !(c->efer & EFER_LMA) && (type == 4 || type == 5 || type == 12));
+        }
+        if (ok && !conforming && (dpl < c->cpl || dpl < (sel & 3)))
+            ok = 0;
+    }
+    uint32_t f = compute_arith(c) & ~F_ZF;
+    if (ok) {
+        uint64_t v;
+        if (lsl) {
+            v = (d[0] & 0xffff) | (d[1] & 0xf0000);
+            if (d[1] & (1u << 23))
+                v = (v << 12) | 0xfff;
+        } else {
+            v = d[1] & 0x00f0ff00;
+        }
+        setreg(c, i, i->reg, i->osz, v);
+        f |= F_ZF;
+    }
+    set_flags(c, f);
+}
+
 static void exec_block(CPU *c, Block *b)
 {
     Insn *i = b->insns, *end = i + b->n;
@@ -1108,8 +1190,27 @@ static void exec_block(CPU *c, Block *b)
     /* Threaded dispatch: every handler ends with its own indirect jump to the next
      * instruction's handler (NEXT), which predicts far better than one shared switch.
      * Table entries and op_ labels must match: tests/test_tcg_build.py checks that. */
-    static void *const dispatch[0x400] = {
-        [0 ... 0x3ff] = &&op_default,
+    static void *const dispatch[DISPATCH_SIZE] = {
+        [0 ... DISPATCH_SIZE - 1] = &&op_default,
+        [P_MOV_RM_R64] = &&op_P_MOV_RM_R64,
+        [P_MOV_RM_R32] = &&op_P_MOV_RM_R32,
+        [P_MOV_R_RM64] = &&op_P_MOV_R_RM64,
+        [P_MOV_R_RM32] = &&op_P_MOV_R_RM32,
+        [P_LOAD64] = &&op_P_LOAD64,
+        [P_LOAD32] = &&op_P_LOAD32,
+        [P_STORE64] = &&op_P_STORE64,
+        [P_STORE32] = &&op_P_STORE32,
+        [P_ALU_RR64] = &&op_P_ALU_RR64,
+        [P_ALU_RR32] = &&op_P_ALU_RR32,
+        [P_ALU_RI64] = &&op_P_ALU_RI64,
+        [P_ALU_RI32] = &&op_P_ALU_RI32,
+        [P_SHIFT_RI64] = &&op_P_SHIFT_RI64,
+        [P_SHIFT_RI32] = &&op_P_SHIFT_RI32,
+        [P_LEA64] = &&op_P_LEA64,
+        [P_TEST_RR64] = &&op_P_TEST_RR64,
+        [P_TEST_RR32] = &&op_P_TEST_RR32,
+        [P_LOAD_ALU64] = &&op_P_LOAD_ALU64,
+        [P_LOAD_ALU32] = &&op_P_LOAD_ALU32,
         [0x00] = &&op_0x00,
         [0x08] = &&op_0x08,
         [0x10] = &&op_0x10,
@@ -1367,6 +1468,8 @@ static void exec_block(CPU *c, Block *b)
         [0xfe] = &&op_0xfe,
         [0xff] = &&op_0xff,
         [0x100] = &&op_0x100,
+        [0x102] = &&op_0x102,
+        [0x103] = &&op_0x103,
         [0x101] = &&op_0x101,
         [0x105] = &&op_0x105,
         [0x106] = &&op_0x106,
@@ -1713,7 +1816,6 @@ static void exec_block(CPU *c, Block *b)
             setreg(c, i, R_DX, sz, v);
             NEXT;
         op_0x9a:
-            c->rip = c->rip;
             do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 1, sz);
             NEXT;
         op_0x9b:   /* fwait */
@@ -1854,13 +1956,11 @@ static void exec_block(CPU *c, Block *b)
             NEXT;
         }
         op_0xc9: {   /* leave */
-            uint64_t osp = c->r[R_SP];
             int ss = stack_sz(c);
-            c->r[R_SP] = ss == 8 ? c->r[R_BP] : ss == 4 ? (uint32_t)c->r[R_BP]
-                                                         : ((c->r[R_SP] & ~0xffffull) | (uint16_t)c->r[R_BP]);
-            v = peek(c, sz, 0);
-            (void)osp;
-            c->r[R_SP] = sp_add(c, c->r[R_SP], sz);
+            uint64_t nsp = ss == 8 ? c->r[R_BP] : ss == 4 ? (uint32_t)c->r[R_BP]
+                                                          : ((c->r[R_SP] & ~0xffffull) | (uint16_t)c->r[R_BP]);
+            v = ld(c, sp_lin(c, nsp), sz);   /* a fault here leaves rsp untouched */
+            c->r[R_SP] = sp_add(c, nsp, sz);
             setreg(c, i, R_BP, sz, v);
             NEXT;
         }
@@ -2068,6 +2168,7 @@ static void exec_block(CPU *c, Block *b)
 
         /* ---- 0F xx ---- */
         op_0x100: exec_system_0f00(c, i); NEXT;
+        op_0x102: op_0x103: lar_lsl(c, i, op == 0x103); NEXT;
         op_0x101: exec_system_0f01(c, i); NEXT;
         op_0x105: do_syscall(c); NEXT;
         op_0x106: NEED_CPL0(); c->cr0 &= ~(uint64_t)CR0_TS; NEXT;
@@ -2313,8 +2414,26 @@ static void exec_block(CPU *c, Block *b)
                 lin = ea_lin(c, i);
                 if (sz == 8) {
                     if (lin & 15) GP0();
-                    uint64_t lo = ld(c, lin, 8), hi = ld(c, lin + 8, 8);
                     uint32_t f = compute_arith(c) & ~F_ZF;
+                    uint64_t *p16 = tlb_hit(c, lin, 16, 1);
+                    if (p16) {
+                        /* RAM: the host's own lock cmpxchg16b keeps it atomic against other vCPUs */
+                        uint64_t lo = c->r[R_AX], hi = c->r[R_DX];
+                        uint8_t ok;
+                        __asm__ volatile("lock cmpxchg16b %1; sete %0"
+                                         : "=q"(ok), "+m"(*(volatile unsigned __int128 *)p16), "+a"(lo), "+d"(hi)
+                                         : "b"(c->r[R_BX]), "c"(c->r[R_CX])
+                                         : "memory", "cc");
+                        if (ok) {
+                            f |= F_ZF;
+                        } else {
+                            c->r[R_AX] = lo;
+                            c->r[R_DX] = hi;
+                        }
+                        set_flags(c, f);
+                        NEXT;
+                    }
+                    uint64_t lo = ld(c, lin, 8), hi = ld(c, lin + 8, 8);
                     if (lo == c->r[R_AX] && hi == c->r[R_DX]) {
                         st(c, lin, 8, c->r[R_BX]);
                         st(c, lin + 8, 8, c->r[R_CX]);
@@ -2364,6 +2483,73 @@ static void exec_block(CPU *c, Block *b)
         op_OP_UD:
             UD();
             NEXT;
+
+        /* ---- specialised forms (see specialize() in decode.c) ---- */
+        op_P_MOV_RM_R64: c->r[i->rm] = c->r[i->reg]; NEXT;
+        op_P_MOV_RM_R32: c->r[i->rm] = (uint32_t)c->r[i->reg]; NEXT;
+        op_P_MOV_R_RM64: c->r[i->reg] = c->r[i->rm]; NEXT;
+        op_P_MOV_R_RM32: c->r[i->reg] = (uint32_t)c->r[i->rm]; NEXT;
+        op_P_LOAD64: c->r[i->reg] = ld(c, ea_lin(c, i), 8); NEXT;
+        op_P_LOAD32: c->r[i->reg] = ld(c, ea_lin(c, i), 4); NEXT;
+        op_P_STORE64: st(c, ea_lin(c, i), 8, c->r[i->reg]); NEXT;
+        op_P_STORE32: st(c, ea_lin(c, i), 4, c->r[i->reg]); NEXT;
+        op_P_ALU_RR64:
+            v = alu(c, (int)i->imm2, c->r[i->rm], c->r[i->reg], 8);
+            if (i->imm2 != 7) c->r[i->rm] = v;
+            NEXT;
+        op_P_ALU_RR32:
+            v = alu(c, (int)i->imm2, (uint32_t)c->r[i->rm], (uint32_t)c->r[i->reg], 4);
+            if (i->imm2 != 7) c->r[i->rm] = (uint32_t)v;
+            NEXT;
+        op_P_ALU_RI64:
+            v = alu(c, (int)i->imm2, c->r[i->rm], i->imm, 8);
+            if (i->imm2 != 7) c->r[i->rm] = v;
+            NEXT;
+        op_P_ALU_RI32:
+            v = alu(c, (int)i->imm2, (uint32_t)c->r[i->rm], (uint32_t)i->imm, 4);
+            if (i->imm2 != 7) c->r[i->rm] = (uint32_t)v;
+            NEXT;
+        op_P_LOAD_ALU64: {
+            /* reg <- reg op E (E a register for sub/cmp, else memory) */
+            int aop = (int)(i->imm2 & 0xff);
+            uint64_t src = (i->imm2 & 0x100) ? c->r[i->rm] : ld(c, ea_lin(c, i), 8);
+            v = alu(c, aop, c->r[i->reg], src, 8);
+            if (aop != 7) c->r[i->reg] = v;
+            NEXT;
+        }
+        op_P_LOAD_ALU32: {
+            int aop = (int)(i->imm2 & 0xff);
+            uint64_t src = (i->imm2 & 0x100) ? (uint32_t)c->r[i->rm] : ld(c, ea_lin(c, i), 4);
+            v = alu(c, aop, (uint32_t)c->r[i->reg], src, 4);
+            if (aop != 7) c->r[i->reg] = (uint32_t)v;
+            NEXT;
+        }
+        op_P_SHIFT_RI64: {
+            unsigned n = i->imm & 63;
+            a = c->r[i->rm];
+            if (n) {
+                int kind = (int)i->imm2;
+                v = kind == 5 ? a >> n : kind == 7 ? (uint64_t)((int64_t)a >> n) : a << n;
+                set_cc(c, kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL, 8, v, a, n);
+                c->r[i->rm] = v;
+            }
+            NEXT;
+        }
+        op_P_SHIFT_RI32: {
+            unsigned n = i->imm & 31;
+            a = (uint32_t)c->r[i->rm];
+            if (n) {
+                int kind = (int)i->imm2;
+                v = kind == 5 ? a >> n : kind == 7 ? (uint64_t)(uint32_t)((int32_t)a >> n) : (uint32_t)(a << n);
+                set_cc(c, kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL, 4, v, a, n);
+                a = v;
+            }
+            c->r[i->rm] = a;   /* a 32-bit destination is written even for count 0 */
+            NEXT;
+        }
+        op_P_LEA64: c->r[i->reg] = ea_off(c, i); NEXT;
+        op_P_TEST_RR64: set_cc(c, CC_LOGIC, 8, c->r[i->rm] & c->r[i->reg], 0, 0); NEXT;
+        op_P_TEST_RR32: set_cc(c, CC_LOGIC, 4, (uint32_t)(c->r[i->rm] & c->r[i->reg]), 0, 0); NEXT;
         op_default:
             if ((op >= 0x110 && op <= 0x117) || (op >= 0x128 && op <= 0x12f) ||
                 (op >= 0x150 && op <= 0x17f) || (op >= 0x1c2 && op <= 0x1c6) ||

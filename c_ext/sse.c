@@ -1,8 +1,11 @@
 /* SSE/SSE2: the integer and data-movement subset x86-64 userspace relies on
  * (glibc string functions, memcpy/memset, struct copies), fxsave/fxrstor, and the
  * x87 control instructions an OS uses to probe and initialise the FPU.
- * Floating-point arithmetic is not implemented (#UD), and CPUID does not
+ * SSE/SSE2 floating point runs on the host's own SSE unit with the guest's MXCSR
+ * (rounding, FTZ/DAZ) loaded, so results, NaN propagation and status flags are
+ * exactly the hardware's. x87 arithmetic is not implemented (#UD); CPUID does not
  * advertise more than SSE2. */
+#include <emmintrin.h>
 #include "tcg.h"
 
 typedef union {
@@ -70,6 +73,283 @@ static uint64_t gpr_rm(CPU *c, Insn *i, unsigned sz)
     return ld(c, ea_of(c, i), sz);
 }
 
+
+/* ---- SSE/SSE2 floating point ---- */
+
+static __m128 xps(const X *x) { __m128 v; memcpy(&v, x, 16); return v; }
+static __m128d xpd(const X *x) { __m128d v; memcpy(&v, x, 16); return v; }
+
+/* source operand of a scalar (4/8 bytes) or packed (16 bytes) op */
+static void fp_src(CPU *c, Insn *i, X *x, unsigned scalar_bytes)
+{
+    if (i->mod == 3) {
+        memcpy(x, c->xmm[i->rm], 16);
+        return;
+    }
+    if (scalar_bytes) {
+        memset(x, 0, 16);
+        uint64_t v = ld(c, ea_of(c, i), scalar_bytes);
+        memcpy(x, &v, scalar_bytes);
+        return;
+    }
+    uint64_t lin = ea_of(c, i);
+    if (lin & 15)
+        RAISE_ERR(c, EXC_GP, 0);
+    x->q[0] = ld(c, lin, 8);
+    x->q[1] = ld(c, lin + 8, 8);
+}
+
+static __m128 cmp_ps(__m128 a, __m128 b, int p, int scalar)
+{
+    if (scalar) {
+        switch (p & 7) {
+        case 0: return _mm_cmpeq_ss(a, b);
+        case 1: return _mm_cmplt_ss(a, b);
+        case 2: return _mm_cmple_ss(a, b);
+        case 3: return _mm_cmpunord_ss(a, b);
+        case 4: return _mm_cmpneq_ss(a, b);
+        case 5: return _mm_cmpnlt_ss(a, b);
+        case 6: return _mm_cmpnle_ss(a, b);
+        default: return _mm_cmpord_ss(a, b);
+        }
+    }
+    switch (p & 7) {
+    case 0: return _mm_cmpeq_ps(a, b);
+    case 1: return _mm_cmplt_ps(a, b);
+    case 2: return _mm_cmple_ps(a, b);
+    case 3: return _mm_cmpunord_ps(a, b);
+    case 4: return _mm_cmpneq_ps(a, b);
+    case 5: return _mm_cmpnlt_ps(a, b);
+    case 6: return _mm_cmpnle_ps(a, b);
+    default: return _mm_cmpord_ps(a, b);
+    }
+}
+
+static __m128d cmp_pd(__m128d a, __m128d b, int p, int scalar)
+{
+    if (scalar) {
+        switch (p & 7) {
+        case 0: return _mm_cmpeq_sd(a, b);
+        case 1: return _mm_cmplt_sd(a, b);
+        case 2: return _mm_cmple_sd(a, b);
+        case 3: return _mm_cmpunord_sd(a, b);
+        case 4: return _mm_cmpneq_sd(a, b);
+        case 5: return _mm_cmpnlt_sd(a, b);
+        case 6: return _mm_cmpnle_sd(a, b);
+        default: return _mm_cmpord_sd(a, b);
+        }
+    }
+    switch (p & 7) {
+    case 0: return _mm_cmpeq_pd(a, b);
+    case 1: return _mm_cmplt_pd(a, b);
+    case 2: return _mm_cmple_pd(a, b);
+    case 3: return _mm_cmpunord_pd(a, b);
+    case 4: return _mm_cmpneq_pd(a, b);
+    case 5: return _mm_cmpnlt_pd(a, b);
+    case 6: return _mm_cmpnle_pd(a, b);
+    default: return _mm_cmpord_pd(a, b);
+    }
+}
+
+/* Returns 1 when the instruction was an SSE floating-point one. */
+static int sse_fp(CPU *c, Insn *i)
+{
+    int op = i->op & 0xff, pfx = i->pfx;
+    int ps = pfx == 0, pd = pfx == 1, ss = pfx == 2, sd = pfx == 3;
+    switch (op) {
+    case 0x51: case 0x58: case 0x59: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x52: case 0x53: case 0x5a: case 0x5b: case 0xe6: case 0xc2:
+    case 0x2a: case 0x2c: case 0x2d: case 0x2e: case 0x2f:
+        break;
+    default:
+        return 0;
+    }
+    if ((op == 0x52 || op == 0x53) && (pd || sd))
+        return 0;
+    if (op == 0xe6 && ps)
+        return 0;
+    if ((op == 0x2a || op == 0x2c || op == 0x2d) && !(ss || sd))
+        return 0;   /* MMX conversions */
+    if ((op == 0x2e || op == 0x2f) && !(ps || pd))
+        return 0;
+    X s, d, r;
+    uint8_t *dst = c->xmm[i->reg];
+    unsigned sbytes = ss ? 4 : sd ? 8 : 0;
+    /* operand fetches first: a fault must not leave the host MXCSR switched */
+    if (op == 0x2a) {
+        unsigned isz = i->rexw ? 8 : 4;
+        uint64_t v = i->mod == 3 ? (isz == 8 ? c->r[i->rm] : (uint32_t)c->r[i->rm]) : ld(c, ea_of(c, i), isz);
+        memset(&s, 0, 16);
+        memcpy(&s, &v, 8);
+    } else if (op == 0x2e || op == 0x2f) {
+        fp_src(c, i, &s, ps ? 4 : 8);
+    } else if (op == 0x5a && (ps || ss || sd)) {
+        fp_src(c, i, &s, ps ? 8 : sbytes);   /* cvtps2pd reads 64 bits */
+    } else if (op == 0xe6 && ss) {
+        fp_src(c, i, &s, 8);                  /* cvtdq2pd reads 64 bits */
+    } else if (op == 0xe6 || op == 0x5b) {
+        fp_src(c, i, &s, 0);                  /* packed despite an F2/F3 prefix */
+    } else {
+        fp_src(c, i, &s, (op == 0x2c || op == 0x2d) ? (ss ? 4 : 8) : sbytes);
+    }
+    memcpy(&d, dst, 16);
+    memset(&r, 0, sizeof r);
+    unsigned host = _mm_getcsr();
+    _mm_setcsr((c->mxcsr & ~0x3fu) | 0x1f80u);   /* guest rounding/FTZ/DAZ, all exceptions masked */
+    int write = 1;
+    uint64_t gpr = 0;
+    int to_gpr = 0;
+    uint32_t eflags_set = 0;
+    int set_eflags_cmp = 0;
+    switch (op) {
+    case 0x58: case 0x59: case 0x5c: case 0x5d: case 0x5e: case 0x5f: {
+        if (ps || ss) {
+            __m128 a = xps(&d), b = xps(&s), v;
+            switch (op) {
+            case 0x58: v = ss ? _mm_add_ss(a, b) : _mm_add_ps(a, b); break;
+            case 0x59: v = ss ? _mm_mul_ss(a, b) : _mm_mul_ps(a, b); break;
+            case 0x5c: v = ss ? _mm_sub_ss(a, b) : _mm_sub_ps(a, b); break;
+            case 0x5d: v = ss ? _mm_min_ss(a, b) : _mm_min_ps(a, b); break;
+            case 0x5e: v = ss ? _mm_div_ss(a, b) : _mm_div_ps(a, b); break;
+            default: v = ss ? _mm_max_ss(a, b) : _mm_max_ps(a, b); break;
+            }
+            memcpy(&r, &v, 16);
+        } else {
+            __m128d a = xpd(&d), b = xpd(&s), v;
+            switch (op) {
+            case 0x58: v = sd ? _mm_add_sd(a, b) : _mm_add_pd(a, b); break;
+            case 0x59: v = sd ? _mm_mul_sd(a, b) : _mm_mul_pd(a, b); break;
+            case 0x5c: v = sd ? _mm_sub_sd(a, b) : _mm_sub_pd(a, b); break;
+            case 0x5d: v = sd ? _mm_min_sd(a, b) : _mm_min_pd(a, b); break;
+            case 0x5e: v = sd ? _mm_div_sd(a, b) : _mm_div_pd(a, b); break;
+            default: v = sd ? _mm_max_sd(a, b) : _mm_max_pd(a, b); break;
+            }
+            memcpy(&r, &v, 16);
+        }
+        break;
+    }
+    case 0x51: {
+        if (ps || ss) {
+            __m128 v = ss ? _mm_move_ss(xps(&d), _mm_sqrt_ss(xps(&s))) : _mm_sqrt_ps(xps(&s));
+            memcpy(&r, &v, 16);
+        } else {
+            __m128d v = sd ? _mm_sqrt_sd(xpd(&d), xpd(&s)) : _mm_sqrt_pd(xpd(&s));
+            memcpy(&r, &v, 16);
+        }
+        break;
+    }
+    case 0x52: case 0x53: {
+        __m128 v;
+        if (op == 0x52)
+            v = ss ? _mm_move_ss(xps(&d), _mm_rsqrt_ss(xps(&s))) : _mm_rsqrt_ps(xps(&s));
+        else
+            v = ss ? _mm_move_ss(xps(&d), _mm_rcp_ss(xps(&s))) : _mm_rcp_ps(xps(&s));
+        memcpy(&r, &v, 16);
+        break;
+    }
+    case 0xc2: {
+        int p = (int)(i->imm & 7);
+        if (ps || ss) {
+            __m128 v = cmp_ps(xps(&d), xps(&s), p, ss);
+            memcpy(&r, &v, 16);
+        } else {
+            __m128d v = cmp_pd(xpd(&d), xpd(&s), p, sd);
+            memcpy(&r, &v, 16);
+        }
+        break;
+    }
+    case 0x5a: {
+        if (ps) { __m128d v = _mm_cvtps_pd(xps(&s)); memcpy(&r, &v, 16); }
+        else if (pd) { __m128 v = _mm_cvtpd_ps(xpd(&s)); memcpy(&r, &v, 16); }
+        else if (ss) { __m128d v = _mm_cvtss_sd(xpd(&d), xps(&s)); memcpy(&r, &v, 16); }
+        else { __m128 v = _mm_cvtsd_ss(xps(&d), xpd(&s)); memcpy(&r, &v, 16); }
+        break;
+    }
+    case 0x5b: {
+        __m128i si;
+        memcpy(&si, &s, 16);
+        if (ps) { __m128 v = _mm_cvtepi32_ps(si); memcpy(&r, &v, 16); }
+        else if (pd) { __m128i v = _mm_cvtps_epi32(xps(&s)); memcpy(&r, &v, 16); }
+        else if (ss) { __m128i v = _mm_cvttps_epi32(xps(&s)); memcpy(&r, &v, 16); }
+        else { _mm_setcsr(host); return 0; }
+        break;
+    }
+    case 0xe6: {
+        __m128i si;
+        memcpy(&si, &s, 16);
+        if (pd) { __m128i v = _mm_cvttpd_epi32(xpd(&s)); memcpy(&r, &v, 16); }
+        else if (ss) { __m128d v = _mm_cvtepi32_pd(si); memcpy(&r, &v, 16); }
+        else { __m128i v = _mm_cvtpd_epi32(xpd(&s)); memcpy(&r, &v, 16); }
+        break;
+    }
+    case 0x2a: {
+        int64_t v;
+        memcpy(&v, &s, 8);
+        if (ss) {
+            __m128 x = i->rexw ? _mm_cvtsi64_ss(xps(&d), v) : _mm_cvtsi32_ss(xps(&d), (int32_t)v);
+            memcpy(&r, &x, 16);
+        } else {
+            __m128d x = i->rexw ? _mm_cvtsi64_sd(xpd(&d), v) : _mm_cvtsi32_sd(xpd(&d), (int32_t)v);
+            memcpy(&r, &x, 16);
+        }
+        break;
+    }
+    case 0x2c: case 0x2d: {
+        int trunc = op == 0x2c;
+        to_gpr = 1;
+        write = 0;
+        if (ss) {
+            __m128 x = xps(&s);
+            gpr = i->rexw ? (uint64_t)(trunc ? _mm_cvttss_si64(x) : _mm_cvtss_si64(x))
+                          : (uint32_t)(trunc ? _mm_cvttss_si32(x) : _mm_cvtss_si32(x));
+        } else {
+            __m128d x = xpd(&s);
+            gpr = i->rexw ? (uint64_t)(trunc ? _mm_cvttsd_si64(x) : _mm_cvtsd_si64(x))
+                          : (uint32_t)(trunc ? _mm_cvttsd_si32(x) : _mm_cvtsd_si32(x));
+        }
+        break;
+    }
+    case 0x2e: case 0x2f: {
+        /* ZF PF CF from the compare; the comi/ucomi intrinsic raises the right status flag */
+        write = 0;
+        set_eflags_cmp = 1;
+        int unord, lt, eq;
+        if (ps) {
+            __m128 a = xps(&d), b = xps(&s);
+            float fa, fb;
+            memcpy(&fa, &d, 4);
+            memcpy(&fb, &s, 4);
+            if (op == 0x2f) (void)_mm_comieq_ss(a, b); else (void)_mm_ucomieq_ss(a, b);
+            unord = fa != fa || fb != fb;
+            lt = fa < fb;
+            eq = fa == fb;
+        } else {
+            __m128d a = xpd(&d), b = xpd(&s);
+            double fa, fb;
+            memcpy(&fa, &d, 8);
+            memcpy(&fb, &s, 8);
+            if (op == 0x2f) (void)_mm_comieq_sd(a, b); else (void)_mm_ucomieq_sd(a, b);
+            unord = fa != fa || fb != fb;
+            lt = fa < fb;
+            eq = fa == fb;
+        }
+        eflags_set = unord ? (F_ZF | F_PF | F_CF) : lt ? F_CF : eq ? F_ZF : 0;
+        break;
+    }
+    }
+    c->mxcsr |= _mm_getcsr() & 0x3f;
+    _mm_setcsr(host);
+    if (write)
+        memcpy(dst, &r, 16);
+    if (to_gpr)
+        c->r[i->reg] = gpr;
+    if (set_eflags_cmp) {
+        c->cc_op = CC_EAGER;
+        c->cc_res = eflags_set;
+    }
+    return 1;
+}
+
 void sse_exec(CPU *c, Insn *i)
 {
     int op = i->op & 0xff;
@@ -86,6 +366,8 @@ void sse_exec(CPU *c, Insn *i)
         return;
     }
     sse_check(c);
+    if (sse_fp(c, i))
+        return;
     switch (op) {
     case 0x10: case 0x11: {   /* movups/movupd/movss/movsd */
         if (pfx == 2 || pfx == 3) {

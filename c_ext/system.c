@@ -506,16 +506,14 @@ void do_syscall(CPU *c)
     uint16_t sel = (c->star >> 32) & 0xffff;
     uint64_t flags = get_eflags(c);
     if (c->efer & EFER_LMA) {
+        uint64_t target = c->long64 ? c->lstar : c->cstar;   /* by the caller's mode */
         c->r[R_CX] = c->next_rip;
         c->r[11] = flags & ~(uint64_t)F_RF;
         flat_seg(&c->seg[S_CS], sel & ~3, 1, 0, 1);
         flat_seg(&c->seg[S_SS], (sel + 8) & ~3, 0, 0, 0);
-        c->next_rip = c->long64 ? c->lstar : c->cstar;
         set_eflags(c, flags & ~c->fmask & ~(uint64_t)F_RF, ~0ull);
         update_mode(c);
-        c->next_rip = c->long64 ? c->next_rip : c->next_rip;
-        if (!c->long64)
-            c->next_rip = c->cstar;
+        c->next_rip = target;
     } else {
         c->r[R_CX] = (uint32_t)c->next_rip;
         flat_seg(&c->seg[S_CS], sel & ~3, 1, 0, 0);
@@ -619,6 +617,10 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val)
     case 0xc0000102: *val = c->kernel_gs_base; return 0;
     case 0xc0000103: *val = c->tsc_aux; return 0;
     }
+    if (idx >= 0x200 && idx <= 0x26f) {
+        *val = 0;   /* MTRR ranges: none configured */
+        return 0;
+    }
     return -1;
 }
 
@@ -699,6 +701,22 @@ void do_cpuid(CPU *c)
     c->r[R_DX] = d;
 }
 
+/* errmsg = what + rip + the instruction bytes there (as far as they are readable RAM) */
+static void error_with_bytes(CPU *c, const char *what)
+{
+    int n = snprintf(c->errmsg, sizeof c->errmsg, "%s at rip %#llx, bytes:", what, (unsigned long long)c->rip);
+    uint64_t lin = linear(c, S_CS, c->rip);
+    for (int k = 0; k < 15 && n < (int)sizeof c->errmsg - 4; k++) {
+        uint64_t pa;
+        if (translate(c, lin + k, 2, c->cpl == 3, &pa, 0) < 0)
+            break;
+        uint8_t *h = ram_ptr(c, pa, 1);
+        if (!h)
+            break;
+        n += snprintf(c->errmsg + n, sizeof c->errmsg - n, " %02x", *h);
+    }
+}
+
 static Access *next_access(CPU *c, int kind, uint64_t addr, unsigned size, int write, unsigned count)
 {
     if (c->acc_pos < c->nacc) {
@@ -709,8 +727,7 @@ static Access *next_access(CPU *c, int kind, uint64_t addr, unsigned size, int w
         c->nacc = c->acc_pos = 0;
     }
     if (c->nacc >= 4) {
-        snprintf(c->errmsg, sizeof c->errmsg, "more than 4 device accesses in one instruction at rip %#llx",
-                 (unsigned long long)c->rip);
+        error_with_bytes(c, "more than 4 device accesses in one instruction");
         cpu_exit(c, EXIT_INTERNAL_ERROR);
     }
     Access *a = &c->acc[c->nacc++];

@@ -259,6 +259,17 @@ void block_cache_flush(CPU *c);
 
 /* ---- decode.c ---- */
 #define OP_UD 0x3ff
+/* Specialised forms picked by the decoder (dispatch table entries 0x400+): the
+ * common 32/64-bit register and memory forms without size switches.
+ * i->imm2 holds the ALU operation / shift kind where one is needed. */
+enum {
+    P_MOV_RM_R64 = 0x400, P_MOV_RM_R32, P_MOV_R_RM64, P_MOV_R_RM32,
+    P_LOAD64, P_LOAD32, P_STORE64, P_STORE32,
+    P_ALU_RR64, P_ALU_RR32, P_ALU_RI64, P_ALU_RI32, P_SHIFT_RI64, P_SHIFT_RI32,
+    P_LEA64, P_TEST_RR64, P_TEST_RR32, P_LOAD_ALU64, P_LOAD_ALU32,
+    P_COUNT
+};
+#define DISPATCH_SIZE 0x420
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
 Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh);
 

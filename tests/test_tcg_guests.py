@@ -57,7 +57,7 @@ def load_pvh(mem, path: Path) -> int:
     return entry if entry is not None else e_entry
 
 
-def boot(name: str, cmdline: str = "", max_seconds: float = 60.0):
+def boot(name: str, cmdline: str = "", max_seconds: float = 60.0, shutdown_ok: bool = False):
     """Runs a guest to its exit port write; returns (status, serial text, vcpu stats, seconds)."""
     mem = make_memory(RAM)
     entry = load_pvh(mem, guest(name))
@@ -99,6 +99,8 @@ def boot(name: str, cmdline: str = "", max_seconds: float = 60.0):
                     vcpu.mmio_data[:] = bytes(len(vcpu.mmio_data))
             elif kind == exits.EXIT_INTR:
                 continue
+            elif kind == exits.EXIT_SHUTDOWN and shutdown_ok:
+                status = "shutdown"
             else:
                 raise AssertionError(f"unexpected exit {exits.NAMES.get(kind, kind)} "
                                      f"{vcpu.internal_error} at {vcpu.get_regs().rip:#x}\n"
@@ -184,6 +186,12 @@ def test_exit_code():
     status, text, _stats, _ = boot("exit", "code=7")
     assert "exit code: 7" in text.splitlines()
     assert status == 7
+
+
+def test_reboot_by_triple_fault():
+    status, text, _stats, _ = boot("reboot", "mode=triple", shutdown_ok=True)
+    assert "rebooting (triple fault)" in text.splitlines()
+    assert status == "shutdown"
 
 
 @pytest.mark.skipif(os.environ.get("KVMPY_FUZZ") != "1", reason="long run; KVMPY_FUZZ=1")

@@ -675,3 +675,99 @@ def test_protected_mode_paging_32bit_pse_pae_and_idt32():
     finally:
         vcpu.close()
         mem.close()
+
+
+def test_rep_movs_stos_bulk_and_smc(machines):
+    """Page-chunked rep movs/stos match element-wise semantics, incl. overlap and code pages."""
+    src = """
+        cld
+        mov rdi, 0x180800              # stos across a page boundary
+        mov rax, 0x1122334455667788
+        mov rcx, 0x300
+        rep stosq
+        mov rsi, 0x180800              # copy it elsewhere
+        mov rdi, 0x1A0000
+        mov rcx, 0x1800
+        rep movsb
+        mov rsi, 0x1C0000              # forward overlap replicates the first bytes
+        mov byte ptr [rsi], 0xAB
+        mov byte ptr [rsi + 1], 0xCD
+        lea rdi, [rsi + 2]
+        mov rcx, 100
+        rep movsb
+        lea rdi, [rip + patch + 1]     # rep stos over translated code
+        mov al, 9
+        mov rcx, 2
+        rep stosb
+    patch:
+        mov ebx, 1
+        hlt
+    """
+    m = machines(src)
+    assert m.run() == exits.EXIT_HLT
+    pattern = struct.pack("<Q", 0x1122334455667788) * 0x300
+    assert m.mem.read(0x180800, len(pattern)) == pattern
+    assert m.mem.read(0x1A0000, 0x1800) == pattern
+    assert m.mem.read(0x1C0000, 102) == b"\xab\xcd" * 51
+    assert m.regs().rbx == 0x909
+
+
+def test_fetch_from_mmio_is_an_internal_error_not_a_crash(machines):
+    m = machines(f"mov rax, {MMIO}\njmp rax")
+    assert m.run() == exits.EXIT_INTERNAL_ERROR
+    assert f"{MMIO:#x}" in m.vcpu.internal_error
+
+
+def test_lar_lsl_verr(machines):
+    src = """
+        mov ax, 0x23
+        lsl ebx, ax
+        lar ecx, ax
+        mov dx, 0x28                   # TSS: lsl sees it, its limit is 0x67
+        lsl edx, dx
+        mov si, 0x78                   # beyond the GDT: ZF clear, destination kept
+        mov edi, 0x55
+        lsl edi, si
+        setz r8b
+        hlt
+    """
+    m = machines(src)
+    assert m.run() == exits.EXIT_HLT
+    r = m.regs()
+    assert r.rbx == 0xFFFFFFFF
+    assert r.rcx == 0x00A0FA00
+    assert r.rdx == 0x67
+    assert r.rdi == 0x55 and r.r8 & 0xFF == 0
+
+
+def test_user_cannot_run_kernel_code_through_the_block_cache(machines):
+    """Code run in ring 0 on a supervisor page, then jumped to from ring 3, must #PF."""
+    src = f"""
+        lea r15, [rip + after]
+        mov rax, {SUPERVISOR}
+        mov dword ptr [rax], 0x90c3c031   # xor eax, eax; ret; nop
+        call rax                       # runs (and gets translated) in ring 0
+        mov rdi, {LOG}
+        push 0x1b
+        push {USTACK}
+        push 0x2
+        push 0x23
+        lea rax, [rip + user]
+        push rax
+        iretq
+    user:
+        mov rax, {SUPERVISOR}
+        call rax                       # ring 3: instruction fetch from a supervisor page
+    after:
+        hlt                            # ring 3: #GP
+    gp_handler:
+        mov rbx, [rsp + 16]            # CS of the hlt
+        hlt
+    {PF_HANDLER}
+    """
+    m = machines(src, {14: ("pf_handler",), 13: ("gp_handler",)})
+    assert m.run() == exits.EXIT_HLT
+    assert read_log(m, 2)[1] == (0, 0, 0, 0)   # exactly one page fault
+    err, cr2, _rsp, cs = read_log(m, 1)[0]
+    assert (err, cr2, cs) == (0x15, SUPERVISOR, 0x23)   # P | U | I/D
+    assert m.regs().rbx == 0x23

@@ -34,7 +34,8 @@ else:
 
 # CPUID bits the translator implements; everything else the machine offers is masked
 # so the guest never picks an instruction set extension we would #UD on.
-_LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 11, 12, 13, 15, 16, 19, 23, 24, 25, 26))
+# fpu pse tsc msr pae cx8 apic mtrr pge cmov pat clflush mmx fxsr sse sse2 (no sysenter)
+_LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 12, 13, 15, 16, 19, 23, 24, 25, 26))
 _LEAF1_ECX = sum(1 << b for b in (13, 23, 31))                  # cx16 popcnt hypervisor (SSE3+ not yet)
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
@@ -46,6 +47,8 @@ def filter_cpuid(entries):
     out = []
     for e in entries:
         fn, idx, flags, a, b, c, d = e
+        if 0x40000000 <= fn <= 0x400000FF:
+            continue   # KVM paravirt leaves: kvmclock & co. are KVM-only MSRs
         if fn == 1:
             c &= _LEAF1_ECX
             d &= _LEAF1_EDX
