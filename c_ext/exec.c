@@ -668,15 +668,12 @@ static void string_io(CPU *c, Insn *i)
 
 void block_cache_flush(CPU *c)
 {
+    /* the shared code bitmap stays as it is: other vCPUs may hold translations of those
+     * pages, and a stale "code" mark only costs a slow-path write */
     c->nblocks = 0;
     c->ninsns = 0;
     memset(c->hash, 0, sizeof(Block *) * c->hash_size);
     memset(c->jc, 0, sizeof c->jc);
-    for (int k = 0; k < c->nram; k++)
-        memset(c->ram[k].code, 0, c->ram[k].size >> 12);
-    for (int m = 0; m < 2; m++)
-        for (int k = 0; k < TLB_SIZE; k++)
-            c->tlb[m][k].tag_w = TLB_INVALID;   /* refilled with code bits clear */
     c->cur_block = 0;
 }
 
@@ -859,15 +856,63 @@ static int irq_highest(CPU *c)
 
 static void recompute_request(CPU *c)
 {
-    int req = atomic_load(&c->kicked) || irq_highest(c) >= 0;
+    int req = atomic_load(&c->kicked) || irq_highest(c) >= 0 || c->ninval;
     atomic_store(&c->exit_request, req);
     /* a request raced with the store above must not be lost */
-    if (!req && (atomic_load(&c->kicked) || irq_highest(c) >= 0))
+    if (!req && (atomic_load(&c->kicked) || irq_highest(c) >= 0 || c->ninval))
         atomic_store(&c->exit_request, 1);
+}
+
+/* any thread: queue a range of guest RAM whose translations must go */
+void request_invalidate(CPU *c, uint64_t gpa, uint64_t size)
+{
+    while (atomic_flag_test_and_set_explicit(&c->inval_lock, memory_order_acquire))
+        ;
+    if (c->ninval < (int)(sizeof c->inval / sizeof c->inval[0])) {
+        c->inval[c->ninval].gpa = gpa;
+        c->inval[c->ninval].size = size;
+        c->ninval++;
+    } else {
+        c->inval_overflow = 1;
+    }
+    atomic_flag_clear_explicit(&c->inval_lock, memory_order_release);
+    atomic_store(&c->exit_request, 1);
+}
+
+/* vCPU thread: apply queued invalidations */
+static void apply_invalidations(CPU *c)
+{
+    while (atomic_flag_test_and_set_explicit(&c->inval_lock, memory_order_acquire))
+        ;
+    int n = c->ninval, overflow = c->inval_overflow;
+    uint64_t gpa[64], size[64];
+    for (int k = 0; k < n; k++) {
+        gpa[k] = c->inval[k].gpa;
+        size[k] = c->inval[k].size;
+    }
+    c->ninval = 0;
+    c->inval_overflow = 0;
+    atomic_flag_clear_explicit(&c->inval_lock, memory_order_release);
+    if (overflow) {
+        block_cache_flush(c);
+        return;
+    }
+    for (int k = 0; k < n; k++)
+        for (uint64_t p = gpa[k] & ~0xfffull; p < gpa[k] + size[k]; p += 4096) {
+            uint8_t *h = ram_ptr(c, p, 1);
+            if (!h)
+                continue;
+            for (int j = 0; j < c->nram; j++)
+                if (h >= c->ram[j].host && h < c->ram[j].host + c->ram[j].size)
+                    c->ram[j].code[(p - c->ram[j].gpa) >> 12] = 0;
+            invalidate_local_blocks(c, p);
+        }
 }
 
 static int check_async(CPU *c)
 {
+    if (c->ninval || c->inval_overflow)
+        apply_invalidations(c);
     if (atomic_load(&c->kicked)) {
         atomic_store(&c->kicked, 0);
         recompute_request(c);
@@ -936,6 +981,8 @@ int cpu_run(CPU *c)
         c->delivering = -1;
     }
     for (;;) {
+        if (unlikely(c->seen_code_epoch != atomic_load_explicit(&code_epoch, memory_order_relaxed)))
+            drop_code_write_tags(c);
         if (unlikely(atomic_load_explicit(&c->exit_request, memory_order_relaxed) || c->halted)) {
             int rr = check_async(c);
             if (rr) {

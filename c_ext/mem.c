@@ -1,6 +1,83 @@
 /* Guest memory: RAM lookup, page walks, the software TLB, slow paths (page
- * crossing, MMIO, writes into pages holding translated code). */
+ * crossing, MMIO, writes into pages holding translated code).
+ *
+ * Self-modifying code across vCPUs: every TcgVcpu on the same RAM shares one
+ * "holds translated code" byte per page (bitmaps keyed by the host mapping).
+ * A write that hits such a page on any vCPU clears the byte and queues the
+ * page's invalidation on every other vCPU (applied at its next block boundary).
+ * Marking a page as code bumps code_epoch; each vCPU drops its TLB write
+ * permissions for code pages when it sees a new epoch, so later writes take the
+ * slow path where they are seen. */
+#include <pthread.h>
+#include <stdlib.h>
 #include "tcg.h"
+
+_Atomic uint64_t code_epoch;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static CPU *registry[256];
+static int nregistry;
+static struct { uint8_t *host; uint64_t size; uint8_t *code; int refs; } bitmaps[64];
+
+void cpu_register(CPU *c)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (nregistry < (int)(sizeof registry / sizeof registry[0]))
+        registry[nregistry++] = c;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void cpu_unregister(CPU *c)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (int k = 0; k < nregistry; k++)
+        if (registry[k] == c) {
+            registry[k] = registry[--nregistry];
+            break;
+        }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+uint8_t *code_bitmap_get(uint8_t *host, uint64_t size)
+{
+    uint8_t *code = 0;
+    pthread_mutex_lock(&registry_lock);
+    int freeslot = -1;
+    for (int k = 0; k < (int)(sizeof bitmaps / sizeof bitmaps[0]); k++) {
+        if (bitmaps[k].refs && bitmaps[k].host == host && bitmaps[k].size == size) {
+            bitmaps[k].refs++;
+            code = bitmaps[k].code;
+            break;
+        }
+        if (!bitmaps[k].refs && freeslot < 0)
+            freeslot = k;
+    }
+    if (!code && freeslot >= 0) {
+        code = calloc(size >> 12, 1);
+        if (code) {
+            bitmaps[freeslot].host = host;
+            bitmaps[freeslot].size = size;
+            bitmaps[freeslot].code = code;
+            bitmaps[freeslot].refs = 1;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return code;
+}
+
+void code_bitmap_put(uint8_t *code)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (int k = 0; k < (int)(sizeof bitmaps / sizeof bitmaps[0]); k++)
+        if (bitmaps[k].refs && bitmaps[k].code == code) {
+            if (--bitmaps[k].refs == 0) {
+                free(code);
+                bitmaps[k].code = 0;
+                bitmaps[k].host = 0;
+            }
+            break;
+        }
+    pthread_mutex_unlock(&registry_lock);
+}
 
 #define PTE_P 1ull
 #define PTE_W 2ull
@@ -259,7 +336,11 @@ void code_page_mark(CPU *c, uint64_t pa)
     RamRegion *r = ram_region(c, pa);
     if (!r)
         return;
-    r->code[(pa - r->gpa) >> 12] = 1;
+    uint8_t *flag = &r->code[(pa - r->gpa) >> 12];
+    if (!*flag) {
+        *flag = 1;
+        atomic_fetch_add(&code_epoch, 1);   /* other vCPUs drop their write tags for it */
+    }
     uint64_t page = pa & ~0xfffull;
     for (int m = 0; m < 2; m++)
         for (int k = 0; k < TLB_SIZE; k++)
@@ -267,22 +348,35 @@ void code_page_mark(CPU *c, uint64_t pa)
                 c->tlb[m][k].tag_w = TLB_INVALID;
 }
 
-void invalidate_code_page(CPU *c, uint64_t pa)
+/* A new page became code somewhere: fast writes to code pages must stop here too. */
+void drop_code_write_tags(CPU *c)
 {
-    RamRegion *r = ram_region(c, pa);
-    if (!r || !r->code[(pa - r->gpa) >> 12])
-        return;
-    r->code[(pa - r->gpa) >> 12] = 0;
+    c->seen_code_epoch = atomic_load(&code_epoch);
+    for (int m = 0; m < 2; m++)
+        for (int k = 0; k < TLB_SIZE; k++) {
+            TlbEnt *e = &c->tlb[m][k];
+            if (e->tag_w != TLB_INVALID && is_code_page(c, e->paddr))
+                e->tag_w = TLB_INVALID;
+        }
+}
+
+/* Drop this vCPU's translations from one physical page (no bitmap check). */
+void invalidate_local_blocks(CPU *c, uint64_t pa)
+{
     uint64_t page = pa & ~0xfffull;
-    c->st_invalidations++;
+    int hit = 0;
     for (int k = 0; k < c->nblocks; k++) {
         Block *b = &c->blocks[k];
         if (b->valid && (b->phys == page || b->phys2 == page)) {
             b->valid = 0;
+            hit = 1;
             if (b == c->cur_block)
                 c->stop_block = 1;
         }
     }
+    if (!hit)
+        return;
+    c->st_invalidations++;
     for (uint32_t h = 0; h < c->hash_size; h++) {
         Block **pp = &c->hash[h];
         while (*pp) {
@@ -292,6 +386,33 @@ void invalidate_code_page(CPU *c, uint64_t pa)
                 pp = &(*pp)->hnext;
         }
     }
+}
+
+/* This vCPU writes a page marked as code: invalidate here and on every other vCPU
+ * mapping the same host memory. */
+void invalidate_code_page(CPU *c, uint64_t pa)
+{
+    RamRegion *r = ram_region(c, pa);
+    if (!r || !r->code[(pa - r->gpa) >> 12])
+        return;
+    r->code[(pa - r->gpa) >> 12] = 0;
+    uint64_t page = pa & ~0xfffull;
+    invalidate_local_blocks(c, page);
+    uint8_t *host = r->host + (page - r->gpa);
+    pthread_mutex_lock(&registry_lock);
+    for (int k = 0; k < nregistry; k++) {
+        CPU *o = registry[k];
+        if (o == c)
+            continue;
+        for (int j = 0; j < o->nram; j++) {
+            RamRegion *q = &o->ram[j];
+            if (host >= q->host && host < q->host + q->size) {
+                request_invalidate(o, q->gpa + (uint64_t)(host - q->host), 4096);
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
 }
 
 static uint64_t access_one(CPU *c, uint64_t lin, unsigned size, int access, int write, uint64_t val)

@@ -21,7 +21,7 @@ static void release_ram(CpuObject *self)
     self->nbufs = 0;
     if (c) {
         for (int k = 0; k < c->nram; k++)
-            free(c->ram[k].code);
+            code_bitmap_put(c->ram[k].code);
         c->nram = 0;
         block_cache_flush(c);
         tlb_flush(c, 1);
@@ -30,6 +30,8 @@ static void release_ram(CpuObject *self)
 
 static void Cpu_dealloc(CpuObject *self)
 {
+    if (self->cpu)
+        cpu_unregister(self->cpu);
     release_ram(self);
     if (self->cpu) {
         free(self->cpu->blocks);
@@ -70,6 +72,7 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     cpu_init(c);
     c->cpu_index = index;
     self->cpu = c;
+    cpu_register(c);
     return 0;
 }
 
@@ -96,7 +99,7 @@ static PyObject *Cpu_add_ram(CpuObject *self, PyObject *args)
     r->gpa = gpa;
     r->size = b->len;
     r->host = b->buf;
-    r->code = calloc(b->len >> 12, 1);
+    r->code = code_bitmap_get(b->buf, b->len);   /* shared by every vCPU on this RAM */
     if (!r->code) {
         PyBuffer_Release(b);
         return PyErr_NoMemory();
@@ -353,8 +356,8 @@ static PyObject *Cpu_invalidate(CpuObject *self, PyObject *args)
     unsigned long long gpa, size;
     if (!PyArg_ParseTuple(args, "KK", &gpa, &size))
         return NULL;
-    for (unsigned long long p = gpa & ~0xfffull; p < gpa + size; p += 4096)
-        invalidate_code_page(self->cpu, p);
+    /* may run while another thread is inside run(): queued, applied by the vCPU thread */
+    request_invalidate(self->cpu, gpa, size);
     Py_RETURN_NONE;
 }
 

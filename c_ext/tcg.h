@@ -199,6 +199,15 @@ typedef struct CPU {
     Block *cur_block;
     int stop_block;
 
+    uint64_t seen_code_epoch;        /* code_epoch when this CPU last dropped write tags */
+
+    /* invalidation requests from other threads (DMA into guest RAM): ranges queued under
+     * inval_lock, applied by the vCPU thread at the next block boundary */
+    atomic_flag inval_lock;
+    int ninval;
+    int inval_overflow;
+    struct { uint64_t gpa, size; } inval[64];
+
     /* CPUID table */
     int ncpuid;
     struct { uint32_t fn, idx, flags, eax, ebx, ecx, edx; } cpuid[MAX_CPUID];
@@ -220,6 +229,13 @@ void tlb_flush(CPU *c, int global_too);
 void tlb_flush_page(CPU *c, uint64_t lin);
 void code_page_mark(CPU *c, uint64_t pa);
 void invalidate_code_page(CPU *c, uint64_t pa);
+void invalidate_local_blocks(CPU *c, uint64_t pa);
+void drop_code_write_tags(CPU *c);
+void cpu_register(CPU *c);
+void cpu_unregister(CPU *c);
+uint8_t *code_bitmap_get(uint8_t *host, uint64_t size);
+void code_bitmap_put(uint8_t *code);
+extern _Atomic uint64_t code_epoch;
 uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
 void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
 
@@ -256,6 +272,7 @@ int cpu_run(CPU *c);
 void cpu_init(CPU *c);
 void cpu_free(CPU *c);
 void block_cache_flush(CPU *c);
+void request_invalidate(CPU *c, uint64_t gpa, uint64_t size);
 
 /* ---- decode.c ---- */
 #define OP_UD 0x3ff

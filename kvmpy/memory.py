@@ -37,6 +37,14 @@ class GuestMemory:
     def __init__(self) -> None:
         self.regions: list[RamRegion] = []
         self._starts: list[int] = []
+        # Called as cb(gpa, length) after a device wrote guest RAM (DMA). The
+        # translator listens, to drop translated code in those pages; under KVM
+        # the list is empty and devices skip the bookkeeping.
+        self.dma_listeners: list = []
+
+    def notify_dma_write(self, gpa: int, length: int) -> None:
+        for cb in self.dma_listeners:
+            cb(gpa, length)
 
     @classmethod
     def anonymous(cls, layout: list[tuple[int, int]]) -> "GuestMemory":

@@ -246,7 +246,6 @@ def g_mov(draw, a: Asm):
             return rex + bytes([0xB0 + (r & 7)]) + a.imm(draw, 1), 0
         r = draw(st.sampled_from(a.gprs()))
         imm = draw(st.integers(0, (1 << (8 * size)) - 1)).to_bytes(size, "little")
-        pfx = b""
         out = a.enc(bytes([0xB8 + (r & 7)]), 0, None, size, imm)
         if r >= 8:   # REX.B selects r8-r15 for the opcode-register form
             out = _add_rex_b(out, size)
@@ -574,13 +573,9 @@ def g_string(draw, a: Asm):
     n = draw(st.integers(0, 24))
     src = lay["data"] + 0x200 + draw(st.integers(0, 0x800))
     dst = lay["data"] + 0x200 + draw(st.integers(0, 0x800))
-    w = 4 if a.mode != 16 else 2
-    fmt = "<I" if a.mode != 16 else "<H"
+    fmt = "<I" if a.mode != 16 else "<H"   # mov esi/edi/ecx, imm (imm16 in 16-bit mode)
     setup = (bytes([0xBE]) + struct.pack(fmt, src) + bytes([0xBF]) + struct.pack(fmt, dst) +
              bytes([0xB9]) + struct.pack(fmt, n))
-    if a.mode == 16:
-        setup = setup  # 16-bit mov si/di/cx imm16
-    del w
     body = a.enc(bytes([op if size == 1 else op + 1]), 0, None, size, prefix=rep)
     return setup + (b"\xfd" if std else b"") + body + b"\xfc", 0
 
@@ -640,8 +635,6 @@ def g_sse(draw, a: Asm):
         rm = ("m", mem)
     else:
         rm = ("r", draw(st.integers(0, 15)))
-    if form == "shift":
-        pass
     if form in ("gpr",):
         rm = ("r", draw(st.integers(0, 15)))
         reg = draw(st.sampled_from(GPR64))

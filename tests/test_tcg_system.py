@@ -771,3 +771,76 @@ def test_user_cannot_run_kernel_code_through_the_block_cache(machines):
     err, cr2, _rsp, cs = read_log(m, 1)[0]
     assert (err, cr2, cs) == (0x15, SUPERVISOR, 0x23)   # P | U | I/D
     assert m.regs().rbx == 0x23
+
+
+def test_invalidate_ram_from_another_thread_while_running(machines):
+    """DMA-style writes behind the translator's back take effect after invalidate_ram()."""
+    src = """
+    again:
+        mov rax, 0x150000
+        call rax
+        cmp eax, 2
+        jne again
+        hlt
+    """
+    m = machines(src)
+    m.mem.write(0x150000, b"\xb8\x01\x00\x00\x00\xc3")      # mov eax, 1; ret
+
+    def dma():
+        m.mem.write(0x150001, b"\x02")                      # behind the translator's back
+        m.vcpu.invalidate_ram(0x150000, 16)
+
+    t = threading.Timer(0.05, dma)
+    watchdog = threading.Timer(10, m.vcpu.kick)
+    t.start()
+    watchdog.start()
+    try:
+        assert m.run() == exits.EXIT_HLT
+    finally:
+        watchdog.cancel()
+        t.join()
+    assert m.regs().rax == 2
+
+
+def test_cross_vcpu_code_modification(machines):
+    """vCPU A patches code that vCPU B has translated and keeps running: B must see it."""
+    src = """
+    b_start:
+        mov rax, 0x150000
+        call rax
+        mov byte ptr [0x160000], 1     # B has translated and run the old code
+        cmp eax, 2
+        jne b_start
+        hlt
+    a_start:
+        cmp byte ptr [0x160000], 1
+        jne a_start
+        mov byte ptr [0x150001], 2     # mov eax, 1 -> mov eax, 2
+        hlt
+    """
+    m = machines(src)
+    m.mem.write(0x150000, b"\xb8\x01\x00\x00\x00\xc3")
+    m.vcpu.set_regs(regs(rip=m.syms["b_start"], rsp=KSTACK, rflags=2))
+    a = TcgVcpu(m.mem, cpu_index=1)
+    try:
+        a.set_sregs(m.vcpu.get_sregs())
+        a.set_regs(regs(rip=m.syms["a_start"], rsp=KSTACK - 0x1000, rflags=2))
+        results = {}
+
+        def run_a():
+            results["a"] = a.run()
+
+        t = threading.Thread(target=run_a)
+        watchdog = threading.Timer(10, lambda: (m.vcpu.kick(), a.kick()))
+        watchdog.start()
+        t.start()
+        try:
+            assert m.run() == exits.EXIT_HLT
+            t.join()
+        finally:
+            watchdog.cancel()
+        assert results["a"] == exits.EXIT_HLT
+        assert m.regs().rax == 2
+        assert m.vcpu.stats()["invalidations"] >= 1
+    finally:
+        a.close()

@@ -321,3 +321,27 @@ class QueueMachine(RuleBasedStateMachine):
 
 QueueMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestQueueMachine = QueueMachine.TestCase
+
+
+def test_dma_listeners_hear_every_writable_range_once_used(mem):
+    """The translator drops code translated in pages a device wrote: the queue reports
+    each device-writable buffer when the chain is returned, and nothing without listeners."""
+    heard = []
+    mem.dma_listeners.append(lambda gpa, n: heard.append((gpa, n)))
+    try:
+        q = _queue(mem, 4, indirect=True)
+        d = DriverQueue(mem, RING, 4)
+        d.add([(0x9000, 16)], [(0xA000, 512), (0xB000, 1)])
+        d.add([(0x9100, 16)], [(0xC000, 64)], indirect_at=0x8000)
+        first, second = q.pop(), q.pop()
+        assert heard == []                          # nothing is written yet
+        q.add_used(second.head, 64)
+        assert heard == [(0xC000, 64)]
+        q.add_used(first.head, 513)
+        assert heard == [(0xC000, 64), (0xA000, 512), (0xB000, 1)]
+    finally:
+        mem.dma_listeners.clear()
+    q = _queue(mem, 4)
+    DriverQueue(mem, RING, 4).add([], [(0xA000, 8)])
+    q.add_used(q.pop().head, 8)
+    assert heard == [(0xC000, 64), (0xA000, 512), (0xB000, 1)]

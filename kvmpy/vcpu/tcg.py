@@ -11,8 +11,15 @@ HLT with no deliverable interrupt returns EXIT_HLT and the vCPU stays halted
 (``run()`` keeps returning EXIT_HLT) until ``request_interrupt()`` makes an
 interrupt deliverable or ``set_regs`` moves rip.
 
-Device DMA that writes guest RAM behind the translator (virtio) must call
-``invalidate_ram(gpa, size)`` if that memory may have held executed code.
+Guest writes to pages holding translated code are caught by the translator
+itself (page-granular invalidation). Writes that bypass it, device DMA into
+guest RAM (virtio), or another TcgVcpu's writes, must be followed by
+``invalidate_ram(gpa, size)`` on every TcgVcpu; it may be called from any thread
+while run() executes (the range is applied at the next block boundary).
+
+Only the instruction sets advertised through ``set_cpuid`` (filtered by
+``filter_cpuid``) are implemented: the integer ISA, SSE/SSE2, fxsave/fxrstor,
+cmpxchg16b, popcnt/lzcnt; no x87 arithmetic, AVX, XSAVE or SYSENTER.
 """
 
 from __future__ import annotations

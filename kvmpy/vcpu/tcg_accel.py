@@ -58,6 +58,12 @@ class TcgAccel:
         self.irqchip.register(machine.pio_bus, machine.mmio_bus, port_b=True)
         self.platform = SoftPlatform(machine.memory, on_irq=self.irqchip.set_irq_level,
                                      on_msi=self.irqchip.send_msi)
+        machine.memory.dma_listeners.append(self._dma_written)
+
+    def _dma_written(self, gpa: int, length: int) -> None:
+        # Device writes bypass the translator's write tracking: drop code translated there.
+        for v in self.vcpus:
+            v.invalidate_ram(gpa, length)
 
     def _kick(self, cpu: int) -> None:
         if 0 <= cpu < len(self.vcpus):
@@ -101,6 +107,10 @@ class TcgAccel:
                 v.invalidate_ram(region.gpa, region.size)
 
     def close(self) -> None:
+        if self._dma_written in self.machine.memory.dma_listeners:
+            self.machine.memory.dma_listeners.remove(self._dma_written)
         self.platform.close()
         self.irqchip.close()
         self.timer_wheel.close()
+        for v in self.vcpus:          # before guest RAM goes: the vCPU holds exports of it
+            v.close()

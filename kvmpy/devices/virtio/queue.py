@@ -97,6 +97,7 @@ class SplitQueue:
         # The used idx value at the last interrupt decision (EVENT_IDX "old").
         self.signalled_used: int | None = None
         self._desc = self._avail = self._used = None
+        self._dma_ranges: dict[int, list[tuple[int, int]]] = {}   # head -> writable (gpa, len), translator only
 
     # setup -----------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class SplitQueue:
         if head >= size:
             raise QueueError(f"chain head {head} outside a queue of {size}")
         chain = DescriptorChain(head)
+        dma: list | None = [] if self.memory.dma_listeners else None
         table, table_len, index = self._desc, size, head
         in_indirect = False
         # Each descriptor of a valid chain is visited once, so more steps than
@@ -205,6 +207,8 @@ class SplitQueue:
                     raise QueueError(f"buffer of chain {head}: {e}") from None
                 if flags & VIRTQ_DESC_F_WRITE:
                     chain.writable.append(view)
+                    if dma is not None:
+                        dma.append((addr, length))
                 elif chain.writable:
                     raise QueueError(f"chain {head}: device-readable buffer after a writable one")
                 else:
@@ -212,6 +216,8 @@ class SplitQueue:
             elif chain.writable and not flags & VIRTQ_DESC_F_WRITE:
                 raise QueueError(f"chain {head}: device-readable buffer after a writable one")
             if not flags & VIRTQ_DESC_F_NEXT:
+                if dma:
+                    self._dma_ranges[head] = dma
                 return chain
             if nxt >= table_len:
                 raise QueueError(f"chain {head}: next index {nxt} outside a table of {table_len}")
@@ -227,6 +233,10 @@ class SplitQueue:
         """Return chain ``head`` with ``length`` bytes written into its writable part."""
         if not self.active:
             raise QueueError("queue used before activation")
+        ranges = self._dma_ranges.pop(head, None) if self._dma_ranges else None
+        if ranges:
+            for gpa, n in ranges:
+                self.memory.notify_dma_write(gpa, n)
         slot = self.next_used % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length & 0xFFFFFFFF)
         # The element must be visible before the index that publishes it.
