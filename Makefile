@@ -35,7 +35,8 @@ test: deps build
 	$(PYTHON) -m pytest -q -ra tests
 
 run: deps build
-	$(PYTHON) -m kvmpy run $(if $(RUN_ARGS),$(RUN_ARGS),examples/default.toml)
+	@if [ -n "$(RUN_ARGS)" ]; then $(PYTHON) -m kvmpy run $(RUN_ARGS); else \
+	    $(PYTHON) -m kvmpy guest build --out guest-cache && $(PYTHON) -m kvmpy run guest-cache/vm.toml; fi
 
 bench: deps build
 	$(PYTHON) -m bench
