@@ -83,7 +83,7 @@ class Machine:
         self.i8042 = I8042(on_reset=guest_reset, irq_kbd=lambda level: plat.set_irq_level(KBD_IRQ, level))
         self.i8042.register(self.pio_bus)
         low = min(self.cfg.memory, layout.PCI_HOLE_START)
-        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=self.cfg.cpus)
+        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=len(self.vcpus))
         self.pio_bus.register(0x70, 2, self.rtc)
         # Port 0x61 belongs to the PIT: KVM's in-kernel one, or the translator's irqchip.
         register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset, port_b=False)
@@ -136,13 +136,13 @@ class Machine:
                               "mac": ":".join(f"{b:02x}" for b in tapnet.mac), "bridge": tapnet.bridge or ""})
 
     def _boot(self) -> None:
-        from .boot.acpi import build_acpi_tables
+        from .boot.acpi import PciRoot, build_acpi_tables
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
-        from .boot.acpi import PciRoot
         windows = self.pci.windows()
         root = PciRoot(mem32=((windows["mmio"].base, windows["mmio"].end),), prt=tuple(self.pci.intx_routes()))
-        self.rsdp = build_acpi_tables(self.memory, layout.ACPI_BASE, num_cpus=self.cfg.cpus,
+        # The MADT announces the vCPUs that exist (the translator may run fewer than asked).
+        self.rsdp = build_acpi_tables(self.memory, layout.ACPI_BASE, num_cpus=len(self.vcpus),
                                       pm_base=PM_BASE, sci_irq=SCI_IRQ, pci_root=root)
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory)
@@ -157,12 +157,8 @@ class Machine:
         for t in self.threads:
             t.start()
 
-    def run(self) -> int:
-        """Start the vCPUs and serve lifecycle requests until the VM ends; returns the exit status."""
-        self.start()
-        return self.wait()
-
     def wait(self) -> int:
+        """Serve lifecycle requests until the VM ends; returns the exit status."""
         while True:
             req = self._requests.get()
             kind = req[0]

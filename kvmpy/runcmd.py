@@ -105,6 +105,7 @@ def _run(cfg: VmConfig, notify_running) -> int:
     serial_spec = "none" if cfg.daemonize and cfg.serial == "stdio" else cfg.serial
     console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
     pidfile = None
+    machine = None
     try:
         if cfg.pidfile:
             from .lifecycle import Pidfile
@@ -120,10 +121,11 @@ def _run(cfg: VmConfig, notify_running) -> int:
         machine.start()
         if notify_running is not None:
             notify_running()
-        status = machine.wait()
-        if machine.exit_reason == "internal-error" or machine.status() == "internal-error":
-            pass
-        return status
+        return machine.wait()
+    except BaseException:
+        if machine is not None:   # taps, sockets and images are released on every path
+            machine.close()
+        raise
     finally:
         console.close()
         if pidfile is not None:
@@ -131,15 +133,10 @@ def _run(cfg: VmConfig, notify_running) -> int:
 
 
 def _start_monitors(machine, cfg: VmConfig) -> None:
-    if not cfg.qmp and not cfg.hmp:
-        machine.hmp = None
-        try:
-            from .monitor.hmp import Hmp
-            machine.hmp = Hmp(machine)
-        except ImportError:
-            pass
-        return
+    """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter."""
     from .monitor import start_servers
+    from .monitor.hmp import Hmp
+    machine.hmp = Hmp(machine)
     start_servers(machine, cfg.qmp, cfg.hmp)
 
 

@@ -84,3 +84,10 @@ def test_enable_kvm_without_kvm_is_one_line_exit_1(tmp_path):
     p = run_kvmpy(["run", "--enable-kvm", "--kernel", __file__], env={"KVMPY_KVM_DEVICE": str(tmp_path / "nokvm")})
     assert p.returncode == 1
     assert "KVM is not usable" in _one_line(p)
+
+
+def test_bad_monitor_address_is_one_line_and_exit_2():
+    from conftest import guest_path
+    p = run_kvmpy(["run", "--accel", "tcg", "--kernel", guest_path("hello"), "--qmp", "carrier-pigeon:coop"])
+    assert p.returncode == 2
+    assert "carrier-pigeon" in _one_line(p)

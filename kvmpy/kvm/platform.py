@@ -91,9 +91,6 @@ class KvmPlatform:
             self.vm.ioeventfd(fd, addr, size, datamatch, pio, deassign=True)
             os.close(fd)
 
-    def doorbell_write(self, addr: int, size: int, value: int, pio: bool) -> bool:
-        return False   # KVM consumes doorbell writes in the kernel
-
     def close(self) -> None:
         for fd in list(self._doorbells):
             try:

@@ -25,16 +25,15 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.vcpu = vcpu
         self.index = index
-        self.exit_counts: dict[int, int] = {}
         self._device_errors = 0
 
     def run(self) -> None:
         m = self.machine
         vcpu = self.vcpu
         pio, mmio = m.pio_bus, m.mmio_bus
+        # Software doorbells (translator); under KVM, ioeventfds take those writes in the kernel.
         doorbell = getattr(m.platform, "doorbell_write", None)
-        soft_doorbells = doorbell is not None and not getattr(m.platform, "kernel_doorbells", False)
-        counts = self.exit_counts
+        soft_doorbells = doorbell is not None
         started = getattr(m.accel, "vcpu_thread_started", None)
         if started is not None:
             started(self.index)
@@ -48,7 +47,6 @@ class VcpuThread(threading.Thread):
                 if pre_run is not None:
                     pre_run(index)
                 kind = vcpu.run()
-                counts[kind] = counts.get(kind, 0) + 1
                 if kind == exits.EXIT_IO:
                     port, size, data = vcpu.io_port, vcpu.io_size, vcpu.io_data
                     try:
