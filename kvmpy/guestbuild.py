@@ -51,7 +51,8 @@ BANNER = "kvmpy guest: init"
 # must exist (as module or built in); the rest are loaded when the kernel has them.
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
 OPTIONAL_MODULES = ("virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_ring", "virtio",
-                    "net_failover", "failover", "jbd2", "mbcache", "crc16", "crc32c_generic", "libcrc32c", "virtio_rng", "virtio_console")
+                    "net_failover", "failover", "jbd2", "mbcache", "crc16", "crc32c_generic", "libcrc32c", "virtio_rng", "virtio_console",
+                    "button", "evdev")   # the ACPI power button, as an input device for acpid
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
@@ -425,6 +426,8 @@ while read -r m; do
   [ -n "$m" ] || continue
   insmod "/lib/modules/$kver/$m" || echo "kvmpy guest: insmod $m failed"
 done < /etc/kvmpy/modules
+# The ACPI power button (QMP system_powerdown, SIGTERM to kvmpy) powers off.
+[ -d /dev/input ] && acpid -c /etc/acpi -l /var/log/acpid.log
 
 if [ -e /sys/class/block/vda ]; then
   i=0
@@ -465,6 +468,11 @@ echo "kvmpy guest: shell on the console; 'poweroff' or leaving the shell powers 
 setsid cttyhack sh -l &
 wait $!
 kvmpy_shutdown poweroff
+"""
+
+POWER_BUTTON_ACTION = """#!/bin/sh
+echo "kvmpy guest: power button"
+poweroff
 """
 
 UDHCPC_SCRIPT = r"""#!/bin/sh
@@ -728,6 +736,12 @@ def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
                   format_modules_dep({rename[p]: [rename[d] for d in deps[p]] for p in order}).encode())
     cpio.add_file("etc/kvmpy/modules", "".join(p + "\n" for p in plain).encode())
     cpio.add_file("etc/kvmpy/udhcpc.script", UDHCPC_SCRIPT.encode(), 0o755)
+    # busybox acpid runs /etc/acpi/<ACTION>: a power-button press powers off cleanly
+    # (busybox versions name the action PWRF/00000080 or PWRF/button).
+    for d in ("etc/acpi", "etc/acpi/PWRF"):
+        cpio.add_dir(d)
+    for action in ("00000080", "button"):
+        cpio.add_file(f"etc/acpi/PWRF/{action}", POWER_BUTTON_ACTION.encode(), 0o755)
     cpio.add_file("etc/profile", PROFILE.encode())
     cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.add_file("etc/group", b"root:x:0:\n")

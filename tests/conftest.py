@@ -8,6 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import settings
+
+# CI explores a fixed set of examples (the same on every run, so a red CI is about
+# the change, not the dice); `make fuzz` and local runs explore fresh ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") and not os.environ.get("KVMPY_FUZZ"):
+    settings.load_profile("ci")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_DIR = os.path.join(ROOT, "tests", "guests", "build")

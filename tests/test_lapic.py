@@ -381,6 +381,10 @@ class LapicModel(RuleBasedStateMachine):
     def write_lvt_or_timer(self, off, value):
         # only registers outside the priority state the model tracks
         if off in (0x320, 0x330, 0x340, 0x350, 0x360, 0x370, 0x380, 0x3E0, 0xD0, 0xE0):
+            if off == 0x370:
+                # An unmasked LVT Error would (rightly) raise an interrupt on the next
+                # illegal register access, which this model does not track.
+                value |= 1 << 16
             self.la.write(off, 4, value)
 
     @invariant()

@@ -258,6 +258,9 @@ class QueueMachine(RuleBasedStateMachine):
         if use_ind and self.indirect:
             ind = 0x8000 + 0x100 * (self.next_ind % 16)
             self.next_ind += 1
+        # A driver never offers a direct chain longer than its free descriptors
+        # (the precondition only guarantees 3; this chain may need 4).
+        assume(ind is not None or nr + nw <= len(self.drv.free))
         head = self.drv.add(r, w, indirect_at=ind)
         self.outstanding[head] = (r, w)
         self.order.append(head)
