@@ -859,8 +859,8 @@ def check(mode: int, code: bytes, state) -> None:
     assert not diffs, "\n".join(diffs) + f"\ninitial: {init} flags={flags:#x}\n{listing}"
 
 
-N64 = 3000 if FUZZ else 300
-N32 = 1000 if FUZZ else 100
+N64 = 60000 if FUZZ else 6000     # with N32 three times: >10^4 cases per CI run
+N32 = 14000 if FUZZ else 1400
 UNITS = 40
 
 
