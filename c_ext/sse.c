@@ -151,6 +151,11 @@ static __m128d cmp_pd(__m128d a, __m128d b, int p, int scalar)
     }
 }
 
+/* GCC treats vector float add and multiply as commutative and may swap the
+   operands, but x86 picks the *first* source's NaN when both are NaNs: force the
+   guest's operand order with the instruction itself. */
+#define FP_ASM(insn, type, a, b) ({ type _v = (a); __asm__(insn " %1, %0" : "+x"(_v) : "x"(b)); _v; })
+
 /* Returns 1 when the instruction was an SSE floating-point one. */
 static int sse_fp(CPU *c, Insn *i)
 {
@@ -206,8 +211,8 @@ static int sse_fp(CPU *c, Insn *i)
         if (ps || ss) {
             __m128 a = xps(&d), b = xps(&s), v;
             switch (op) {
-            case 0x58: v = ss ? _mm_add_ss(a, b) : _mm_add_ps(a, b); break;
-            case 0x59: v = ss ? _mm_mul_ss(a, b) : _mm_mul_ps(a, b); break;
+            case 0x58: v = ss ? FP_ASM("addss", __m128, a, b) : FP_ASM("addps", __m128, a, b); break;
+            case 0x59: v = ss ? FP_ASM("mulss", __m128, a, b) : FP_ASM("mulps", __m128, a, b); break;
             case 0x5c: v = ss ? _mm_sub_ss(a, b) : _mm_sub_ps(a, b); break;
             case 0x5d: v = ss ? _mm_min_ss(a, b) : _mm_min_ps(a, b); break;
             case 0x5e: v = ss ? _mm_div_ss(a, b) : _mm_div_ps(a, b); break;
@@ -217,8 +222,8 @@ static int sse_fp(CPU *c, Insn *i)
         } else {
             __m128d a = xpd(&d), b = xpd(&s), v;
             switch (op) {
-            case 0x58: v = sd ? _mm_add_sd(a, b) : _mm_add_pd(a, b); break;
-            case 0x59: v = sd ? _mm_mul_sd(a, b) : _mm_mul_pd(a, b); break;
+            case 0x58: v = sd ? FP_ASM("addsd", __m128d, a, b) : FP_ASM("addpd", __m128d, a, b); break;
+            case 0x59: v = sd ? FP_ASM("mulsd", __m128d, a, b) : FP_ASM("mulpd", __m128d, a, b); break;
             case 0x5c: v = sd ? _mm_sub_sd(a, b) : _mm_sub_pd(a, b); break;
             case 0x5d: v = sd ? _mm_min_sd(a, b) : _mm_min_pd(a, b); break;
             case 0x5e: v = sd ? _mm_div_sd(a, b) : _mm_div_pd(a, b); break;

@@ -13,7 +13,6 @@ kernel package, busybox or this recipe changes.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl

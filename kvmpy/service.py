@@ -25,7 +25,6 @@ import argparse
 import glob
 import os
 import re
-import shlex
 import subprocess
 import sys
 import threading

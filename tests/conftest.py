@@ -51,6 +51,26 @@ def root_required():
         pytest.skip("needs root")
 
 
+@pytest.fixture
+def netns():
+    """A network namespace of our own (deleted afterwards): the only place test traffic goes."""
+    import uuid
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespace, tap, bridge)")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun is missing")
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        pytest.skip("iproute2 'ip netns' is not available")
+    name = f"kvmpytest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                        "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def guest_path(name: str) -> str:
     path = os.path.join(GUEST_DIR, f"{name}.elf")
     if not os.path.exists(path):

@@ -104,31 +104,24 @@ def test_linux_powers_off_on_system_powerdown(guest, tmp_path):
             proc.wait()
 
 
-def test_linux_pings_across_a_bridge(guest):
+def test_linux_pings_across_a_bridge(guest, netns):
     """virtio-net on the translator: the guest pings the bridge's address in a
     network namespace this test makes (no traffic leaves it)."""
     import sys
-    import uuid
     from conftest import ROOT
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root and /dev/net/tun for a tap on a bridge in a network namespace")
-    ns = f"kvmpytest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        for cmd in (["link", "add", "kbr7", "type", "bridge"], ["addr", "add", "10.77.0.1/24", "dev", "kbr7"],
-                    ["link", "set", "kbr7", "up"], ["link", "set", "lo", "up"]):
-            subprocess.run(["ip", "-n", ns, *cmd], check=True)
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmpy", "run", "--accel", "tcg",
-                            "-m", "512", "--kernel", guest.kernel, "--initrd", guest.initrd, "--no-reboot",
-                            "--net", "tap,bridge=kbr7",
-                            "--append", 'console=ttyS0 panic=-1 quiet kvmpy.ip=10.77.0.2/24 '
-                                        'kvmpy.run="ping -c 3 -W 5 10.77.0.1"'],
-                           cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT)
-        out = p.stdout.decode(errors="replace")
-        assert p.returncode == 0, out[-3000:] + p.stderr.decode()[-2000:]
-        assert "kvmpy guest: eth0 up" in out
-        assert "3 packets transmitted, 3 packets received" in out, out[-3000:]
-        assert "kvmpy guest: run exit 0" in out
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    ns = netns
+    for cmd in (["link", "add", "kbr7", "type", "bridge"], ["addr", "add", "10.77.0.1/24", "dev", "kbr7"],
+                ["link", "set", "kbr7", "up"], ["link", "set", "lo", "up"]):
+        subprocess.run(["ip", "-n", ns, *cmd], check=True)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmpy", "run", "--accel", "tcg",
+                        "-m", "512", "--kernel", guest.kernel, "--initrd", guest.initrd, "--no-reboot",
+                        "--net", "tap,bridge=kbr7",
+                        "--append", 'console=ttyS0 panic=-1 quiet kvmpy.ip=10.77.0.2/24 '
+                                    'kvmpy.run="ping -c 3 -W 5 10.77.0.1"'],
+                       cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out[-3000:] + p.stderr.decode()[-2000:]
+    assert "kvmpy guest: eth0 up" in out
+    assert "3 packets transmitted, 3 packets received" in out, out[-3000:]
+    assert "kvmpy guest: run exit 0" in out

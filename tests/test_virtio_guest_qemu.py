@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import threading
-import uuid
 
 import pytest
 
@@ -91,26 +90,6 @@ def test_virtio_blk_guest_rejects_missing_device(built):
 
 
 # -- virtio-net: QEMU's tap on a bridge in a namespace, a packet socket answering -----------
-
-def _need_netns():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespace, tap, bridge)")
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("/dev/net/tun is missing")
-
-
-@pytest.fixture
-def netns():
-    _need_netns()
-    name = f"kvmpytest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
 
 class Echo:
     """Answers every frame of our EtherType on ``bridge`` with 'echo:' + payload to its sender."""

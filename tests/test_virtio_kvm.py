@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, guest_path, run_kvmpy, tool_required
-from test_virtio_guest_qemu import Echo, fnv1a, guest_pattern, make_image, netns  # noqa: F401 (fixture)
+from test_virtio_guest_qemu import Echo, fnv1a, guest_pattern, make_image
 
 pytestmark = pytest.mark.usefixtures("kvm_required")
 
@@ -70,7 +70,7 @@ def test_virtio_blk_readonly_disk_refuses_writes(tmp_path):
     assert img.read_bytes() == before
 
 
-def test_virtio_net_echo_across_a_bridge(netns):  # noqa: F811 (pytest fixture)
+def test_virtio_net_echo_across_a_bridge(netns):
     echo = None
     bridge = "kbr1"
     subprocess.run(["ip", "-n", netns, "link", "add", bridge, "type", "bridge"], check=True)

@@ -11,7 +11,6 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -34,28 +33,6 @@ def test_stable_mac():
         parse_mac("01:00:5e:00:00:01")
     with pytest.raises(Exception):
         parse_mac("zz:00")
-
-
-def _need_root_and_tun():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespace, tap, bridge)")
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("/dev/net/tun is missing")
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        pytest.skip("iproute2 'ip netns' is not available")
-
-
-@pytest.fixture
-def netns():
-    _need_root_and_tun()
-    name = f"kvmpytest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _links(ns):
