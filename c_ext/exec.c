@@ -210,24 +210,6 @@ static inline __attribute__((always_inline)) void setreg(CPU *c, Insn *i, int r,
     }
 }
 
-static inline __attribute__((always_inline)) uint64_t ea_off(CPU *c, Insn *i)
-{
-    uint64_t a = (uint64_t)i->disp;
-    if (i->base != NOREG)
-        a += i->base == RIPREG ? c->next_rip : c->r[i->base];
-    if (i->index != NOREG)
-        a += c->r[i->index] << i->scale;
-    if (i->asz == 4)
-        a = (uint32_t)a;
-    else if (i->asz == 2)
-        a = (uint16_t)a;
-    return a;
-}
-
-static inline __attribute__((always_inline)) uint64_t ea_lin(CPU *c, Insn *i)
-{
-    return linear(c, i->seg, ea_off(c, i));
-}
 
 static inline __attribute__((always_inline)) uint64_t rdE(CPU *c, Insn *i, unsigned sz)
 {

@@ -19,19 +19,6 @@ typedef union {
     int64_t sq[2];
 } X;
 
-static inline uint64_t ea_of(CPU *c, Insn *i)
-{
-    uint64_t a = (uint64_t)i->disp;
-    if (i->base != NOREG)
-        a += i->base == RIPREG ? c->next_rip : c->r[i->base];
-    if (i->index != NOREG)
-        a += c->r[i->index] << i->scale;
-    if (i->asz == 4)
-        a = (uint32_t)a;
-    else if (i->asz == 2)
-        a = (uint16_t)a;
-    return linear(c, i->seg, a);
-}
 
 static void sse_check(CPU *c)
 {
@@ -48,7 +35,7 @@ static void src128(CPU *c, Insn *i, X *x, int aligned)
         memcpy(x, c->xmm[i->rm], 16);
         return;
     }
-    uint64_t lin = ea_of(c, i);
+    uint64_t lin = ea_lin(c, i);
     if (aligned && (lin & 15))
         RAISE_ERR(c, EXC_GP, 0);
     x->q[0] = ld(c, lin, 8);
@@ -57,7 +44,7 @@ static void src128(CPU *c, Insn *i, X *x, int aligned)
 
 static void dst128_mem(CPU *c, Insn *i, const X *x, int aligned)
 {
-    uint64_t lin = ea_of(c, i);
+    uint64_t lin = ea_lin(c, i);
     if (aligned && (lin & 15))
         RAISE_ERR(c, EXC_GP, 0);
     /* probe the second half first so a fault leaves memory untouched */
@@ -70,7 +57,7 @@ static uint64_t gpr_rm(CPU *c, Insn *i, unsigned sz)
 {
     if (i->mod == 3)
         return sz == 8 ? c->r[i->rm] : (uint32_t)c->r[i->rm];
-    return ld(c, ea_of(c, i), sz);
+    return ld(c, ea_lin(c, i), sz);
 }
 
 
@@ -88,11 +75,11 @@ static void fp_src(CPU *c, Insn *i, X *x, unsigned scalar_bytes)
     }
     if (scalar_bytes) {
         memset(x, 0, 16);
-        uint64_t v = ld(c, ea_of(c, i), scalar_bytes);
+        uint64_t v = ld(c, ea_lin(c, i), scalar_bytes);
         memcpy(x, &v, scalar_bytes);
         return;
     }
-    uint64_t lin = ea_of(c, i);
+    uint64_t lin = ea_lin(c, i);
     if (lin & 15)
         RAISE_ERR(c, EXC_GP, 0);
     x->q[0] = ld(c, lin, 8);
@@ -183,7 +170,7 @@ static int sse_fp(CPU *c, Insn *i)
     /* operand fetches first: a fault must not leave the host MXCSR switched */
     if (op == 0x2a) {
         unsigned isz = i->rexw ? 8 : 4;
-        uint64_t v = i->mod == 3 ? (isz == 8 ? c->r[i->rm] : (uint32_t)c->r[i->rm]) : ld(c, ea_of(c, i), isz);
+        uint64_t v = i->mod == 3 ? (isz == 8 ? c->r[i->rm] : (uint32_t)c->r[i->rm]) : ld(c, ea_lin(c, i), isz);
         memset(&s, 0, 16);
         memcpy(&s, &v, 8);
     } else if (op == 0x2e || op == 0x2f) {
@@ -367,7 +354,7 @@ void sse_exec(CPU *c, Insn *i)
         if (i->mod == 3 || pfx)
             RAISE(c, EXC_UD);
         unsigned sz = i->rexw ? 8 : 4;
-        st(c, ea_of(c, i), sz, c->r[i->reg]);
+        st(c, ea_lin(c, i), sz, c->r[i->reg]);
         return;
     }
     sse_check(c);
@@ -381,7 +368,7 @@ void sse_exec(CPU *c, Insn *i)
                 if (i->mod == 3) {
                     memcpy(dst, c->xmm[i->rm], n);
                 } else {
-                    uint64_t v = ld(c, ea_of(c, i), n);
+                    uint64_t v = ld(c, ea_lin(c, i), n);
                     memset(dst, 0, 16);
                     memcpy(dst, &v, n);
                 }
@@ -391,7 +378,7 @@ void sse_exec(CPU *c, Insn *i)
                 } else {
                     uint64_t v = 0;
                     memcpy(&v, dst, n);
-                    st(c, ea_of(c, i), n, v);
+                    st(c, ea_lin(c, i), n, v);
                 }
             }
             return;
@@ -419,7 +406,7 @@ void sse_exec(CPU *c, Insn *i)
                 /* movlhps takes the source's low half, movhlps its high half */
                 memcpy(&v, c->xmm[i->rm] + (high ? 0 : 8), 8);
             } else {
-                v = ld(c, ea_of(c, i), 8);
+                v = ld(c, ea_lin(c, i), 8);
             }
             memcpy(dst + (high ? 8 : 0), &v, 8);
         } else {
@@ -427,7 +414,7 @@ void sse_exec(CPU *c, Insn *i)
                 RAISE(c, EXC_UD);
             uint64_t v;
             memcpy(&v, dst + (high ? 8 : 0), 8);
-            st(c, ea_of(c, i), 8, v);
+            st(c, ea_lin(c, i), 8, v);
         }
         return;
     }
@@ -505,7 +492,7 @@ void sse_exec(CPU *c, Insn *i)
             if (i->mod == 3)
                 memcpy(&v, c->xmm[i->rm], 8);
             else
-                v = ld(c, ea_of(c, i), 8);
+                v = ld(c, ea_lin(c, i), 8);
             memset(dst, 0, 16);
             memcpy(dst, &v, 8);
             return;
@@ -518,7 +505,7 @@ void sse_exec(CPU *c, Insn *i)
         if (i->mod == 3)
             c->r[i->rm] = v;   /* 32-bit form zero-extends */
         else
-            st(c, ea_of(c, i), sz, v);
+            st(c, ea_lin(c, i), sz, v);
         return;
     }
     case 0xd6: {   /* movq xmm/m64, xmm */
@@ -530,7 +517,7 @@ void sse_exec(CPU *c, Insn *i)
             memset(c->xmm[i->rm], 0, 16);
             memcpy(c->xmm[i->rm], &v, 8);
         } else {
-            st(c, ea_of(c, i), 8, v);
+            st(c, ea_lin(c, i), 8, v);
         }
         return;
     }
@@ -781,15 +768,15 @@ void x87_exec(CPU *c, Insn *i)
         return;
     }
     if (op == 0xd9 && i->mod != 3 && r == 7) {   /* fnstcw m16 */
-        st(c, ea_of(c, i), 2, c->fcw);
+        st(c, ea_lin(c, i), 2, c->fcw);
         return;
     }
     if (op == 0xd9 && i->mod != 3 && r == 5) {   /* fldcw m16 */
-        c->fcw = (uint16_t)ld(c, ea_of(c, i), 2);
+        c->fcw = (uint16_t)ld(c, ea_lin(c, i), 2);
         return;
     }
     if (op == 0xdd && i->mod != 3 && r == 7) {   /* fnstsw m16 */
-        st(c, ea_of(c, i), 2, c->fsw);
+        st(c, ea_lin(c, i), 2, c->fsw);
         return;
     }
     RAISE(c, EXC_UD);

@@ -306,6 +306,26 @@ static inline __attribute__((always_inline)) uint64_t linear(CPU *c, int sreg, u
     return (uint32_t)(c->seg[sreg].base + off);
 }
 
+/* Effective address of a memory operand: offset, then linear (with the segment base). */
+static inline __attribute__((always_inline)) uint64_t ea_off(CPU *c, Insn *i)
+{
+    uint64_t a = (uint64_t)i->disp;
+    if (i->base != NOREG)
+        a += i->base == RIPREG ? c->next_rip : c->r[i->base];
+    if (i->index != NOREG)
+        a += c->r[i->index] << i->scale;
+    if (i->asz == 4)
+        a = (uint32_t)a;
+    else if (i->asz == 2)
+        a = (uint16_t)a;
+    return a;
+}
+
+static inline __attribute__((always_inline)) uint64_t ea_lin(CPU *c, Insn *i)
+{
+    return linear(c, i->seg, ea_off(c, i));
+}
+
 static inline __attribute__((always_inline)) void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
 {
     TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
