@@ -307,11 +307,13 @@ def test_timer_real_time_oneshot_fires_once_and_periodic_rate():
         time.sleep(0.1)
         assert la.stats["timer_fired"] == 1 and la.irr == 0
         la.write(REG_LVT_TIMER, 4, LVT_PERIODIC | 0xEC)
+        t0 = time.monotonic()
         la.write(REG_TIMER_ICR, 4, 10_000_000)  # 10 ms period
         time.sleep(0.2)
         la.write(REG_TIMER_ICR, 4, 0)
+        elapsed = time.monotonic() - t0          # a loaded host may oversleep: judge by the clock
         fired = la.stats["timer_fired"] - 1
-        assert 10 <= fired <= 22, fired
+        assert 10 <= fired <= elapsed * 100 + 2, (fired, elapsed)
     finally:
         wheel.close()
 

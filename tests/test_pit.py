@@ -201,13 +201,15 @@ def test_mode2_irq0_periodic_fake_clock():
 def test_mode2_100hz_real_time():
     w = Wired(threaded=True)
     try:
+        t0 = time.monotonic()
         w.program(0, 2, (PIT_HZ + 50) // 100)
         time.sleep(0.1)
         edges = w.rising_edges
+        elapsed = time.monotonic() - t0          # a loaded host may oversleep: judge by the clock
         w.out(0x43, 0x30)                        # pit_shutdown: mode 0...
         w.out(0x40, 0)
         w.out(0x40, 0)
-        assert 6 <= edges <= 14, edges           # 10 expected, generous for a loaded host
+        assert 6 <= edges <= elapsed * 100 + 4, (edges, elapsed)
     finally:
         w.wheel.close()
 
