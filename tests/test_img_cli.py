@@ -151,6 +151,65 @@ def test_convert_roundtrip_sparse_and_compressed(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def _depth0_data(path):
+    return [(e["start"], e["length"]) for e in json.loads(qimg("map", "--output=json", path).stdout)
+            if e["depth"] == 0 and e["data"]]
+
+
+def test_convert_with_backing_matches_qemu_img(tmp_path):
+    base = tmp_path / "base.qcow2"
+    qimg("create", "-f", "qcow2", base, "16M")
+    qio(base, "write -P 0x55 0 8M")
+    src = tmp_path / "src.raw"
+    qimg("create", "-f", "raw", src, "16M")
+    # the same as the base in places, different (data and zeroes) in others
+    qio(src, "write -P 0x55 0 2M", "write -P 0x66 3M 200k", "write -P 0x77 12M 64k", fmt="raw")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    kimg("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", src, ours)
+    qimg("convert", "-O", "qcow2", "-B", base, "-F", "qcow2", src, theirs)
+    qimg("check", ours)
+    qimg("compare", "-F", "raw", ours, src)
+    info = json.loads(qimg("info", "--output=json", ours).stdout)
+    assert info["backing-filename"] == "base.qcow2" and info["backing-filename-format"] == "qcow2"
+    # qemu-img copies every allocated source cluster; kvmpy also leaves to the backing
+    # file the clusters that already read the same through it (the first 2 MiB)
+    assert _depth0_data(ours) == [(3 * MiB, 256 * 1024), (12 * MiB, 64 * 1024)]
+    assert _depth0_data(theirs) == [(0, 2 * MiB)] + _depth0_data(ours)
+    # zeroes over the base's data read as zeroes (zero clusters, not the base's 0x55)
+    assert open_image(str(ours), read_only=True).pread(4096, 6 * MiB) == bytes(4096)
+    r = kimg("convert", "-B", base, src, tmp_path / "x.raw", rc=2)
+    assert "needs -O qcow2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_convert_into_existing_target_and_sparse_size(tmp_path):
+    src = tmp_path / "src.raw"
+    qimg("create", "-f", "raw", src, "8M")
+    qio(src, "write -P 0x5a 1M 300k", "write -P 9 7M 4k", fmt="raw")
+    junk = tmp_path / "junk.raw"
+    junk.write_bytes(os.urandom(8 * MiB))
+    kimg("convert", "-n", src, junk)                    # the target's old data must not show through
+    qimg("compare", "-f", "raw", "-F", "raw", src, junk)
+    assert os.stat(junk).st_blocks * 512 < 2 * MiB      # zero runs became holes again
+    tgt = tmp_path / "tgt.qcow2"
+    qimg("create", "-f", "qcow2", tgt, "16M")
+    qio(tgt, "write -P 0x11 0 16M")
+    kimg("convert", "-n", "-O", "qcow2", src, tgt)
+    qimg("check", tgt)
+    assert open_image(str(tgt), read_only=True).pread(8 * MiB, 0) == src.read_bytes()
+    # -S 0: everything allocated, contents equal
+    full = tmp_path / "full.raw"
+    kimg("convert", "-S", "0", src, full)
+    assert os.stat(full).st_blocks * 512 >= 8 * MiB and full.read_bytes() == src.read_bytes()
+    small = tmp_path / "small.raw"
+    qimg("create", "-f", "raw", small, "1M")
+    r = kimg("convert", "-n", src, small, rc=2)
+    assert "smaller" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = kimg("convert", "-S", "1000", src, tmp_path / "y.raw", rc=2)
+    assert "-S" in r.stderr
+    r = kimg("convert", "-n", src, tmp_path / "missing.raw", rc=2)
+    assert "not found" in r.stderr
+
+
 def test_rebase_safe_and_unsafe(tmp_path):
     old = tmp_path / "old.raw"
     new = tmp_path / "new.raw"

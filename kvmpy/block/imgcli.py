@@ -1,6 +1,6 @@
 """`kvmpy img`: qemu-img's everyday jobs with qemu-img's spelling.
 
-create, info, check, resize, rebase, convert, commit, map, snapshot -l.
+create, info, check, resize, rebase, convert (-c -p -n -B -S), commit, map, snapshot -l.
 Bad input (options, sizes, images) is one line on stderr and exit status 2.
 """
 
@@ -383,45 +383,90 @@ class Progress:
 _ZERO_CHUNK = bytes(2 << 20)
 
 
+# What convert does with a granule that reads as zeroes in the source.
+ZERO_SKIP = "skip"        # a fresh target already reads zero there: leave it unallocated
+ZERO_MARK = "mark"        # the target may hold data (-n, -B): write_zeroes (a hole/zero flag)
+ZERO_WRITE = "write"      # -S 0: allocate and write real zero bytes
+
+
 def copy_image(src, dst, compress: bool = False, progress: Progress | None = None,
-               granularity: int = 65536, chunk: int = 2 << 20, skip_zero: bool = True) -> None:
-    """Copy src's guest contents into dst, leaving zero areas unallocated."""
+               granularity: int = 65536, chunk: int = 2 << 20, zeroes: str = ZERO_SKIP,
+               base=None) -> None:
+    """Copy src's guest contents into dst.
+
+    `granularity` is the sparse-detection unit (qemu-img's -S): a granule of zeroes
+    is handled as `zeroes` says. With `base` (the -B backing file of dst), granules
+    that already read the same through the base are left unallocated, so dst's
+    guest view equals src's whatever the base holds."""
     size = src.size
     buf = bytearray(chunk)
+    basebuf = bytearray(chunk) if base is not None else None
     pos = 0
     while pos < size:
         n = min(chunk, size - pos)
         zero, run = chain_reads_zero(src, pos, n)
-        if zero and skip_zero:
+        # End on a granule boundary, so a granule is never split between a zero run and
+        # data (a split qcow2 cluster would be allocated for a few bytes).
+        end = pos + min(n, run)
+        if end != size and end % granularity:
+            if end - end % granularity > pos:
+                end -= end % granularity
+            else:                                   # a mixed granule: read it whole
+                end = min(pos - pos % granularity + granularity, size)
+                zero = False
+        run = end - pos
+        if zero and zeroes != ZERO_WRITE and base is None:
+            if zeroes == ZERO_MARK:
+                dst.write_zeroes(pos, run, may_unmap=True)
             pos += run
             if progress:
                 progress.update(pos)
             continue
-        n = min(n, run) if zero is False else n
-        # Align the data chunk end to the granularity when possible.
+        n = min(n, run)
         view = memoryview(buf)[:n]
-        src.preadv([view], pos)
-        g = 0
-        while g < n:
-            k = min(granularity - (pos + g) % granularity, n - g)
-            # Extend over consecutive non-zero granules to write in big pieces.
-            if skip_zero and view[g:g + k] == _ZERO_CHUNK[:k]:
-                g += k
-                continue
-            e = g + k
-            while e < n:
-                k2 = min(granularity, n - e)
-                if skip_zero and view[e:e + k2] == _ZERO_CHUNK[:k2]:
-                    break
-                e += k2
+        if zero:
+            view[:] = _ZERO_CHUNK[:n]
+        else:
+            src.preadv([view], pos)
+        bview = None
+        if base is not None:
+            bview = memoryview(basebuf)[:n]
+            _read_or_zero(base, bview, pos)
+        _write_granules(dst, pos, view, bview, granularity, zeroes, compress)
+        pos += n
+        if progress:
+            progress.update(pos)
+
+
+def _write_granules(dst, pos, view, bview, granularity, zeroes, compress) -> None:
+    """Write one chunk as runs of like granules: data, zeroes, or unchanged-from-base."""
+    n = len(view)
+
+    def kind(g, k):
+        if bview is not None and view[g:g + k] == bview[g:g + k]:
+            return "same"
+        if zeroes != ZERO_WRITE and view[g:g + k] == _ZERO_CHUNK[:k]:
+            return "zero"
+        return "data"
+
+    g = 0
+    while g < n:
+        k = min(granularity - (pos + g) % granularity, n - g)
+        what = kind(g, k)
+        e = g + k
+        while e < n:
+            k2 = min(granularity, n - e)
+            if kind(e, k2) != what:
+                break
+            e += k2
+        if what == "data":
             if compress:
                 dst.write_compressed(pos + g, view[g:e])
             else:
                 dst.pwritev([view[g:e]], pos + g)
-            g = e
-        pos += n
-        if progress:
-            progress.update(pos)
+        elif what == "zero" and (zeroes == ZERO_MARK or bview is not None):
+            dst.write_zeroes(pos + g, e - g, may_unmap=True)
+        g = e
 
 
 # ------------------------------------------------------------------ convert
@@ -434,13 +479,48 @@ def cmd_convert(args) -> int:
         raise UserError("compression (-c) needs -O qcow2")
     if os.path.abspath(args.source) == os.path.abspath(args.dest):
         raise UserError(f"{args.dest}: source and destination are the same file")
+    sparse = 4096 if args.sparse_size is None else parse_size(args.sparse_size, "-S sparse size")
+    if sparse % 512:
+        raise UserError(f"invalid -S {args.sparse_size!r}: a multiple of 512 (or 0 for no sparse detection)")
+    backing = args.backing or opts.get("backing_file")
+    backing_fmt = _format_arg(args.backing_format or opts.pop("backing_fmt", None), "backing")
+    opts.pop("backing_file", None)
+    if backing and out_fmt != "qcow2":
+        raise UserError("a backing file (-B) needs -O qcow2")
+    if backing and args.no_create:
+        raise UserError("-B and -n together: the existing target keeps its own backing file")
+    if args.compress and (backing or sparse == 0):
+        raise UserError("compression (-c) cannot be combined with -B or -S 0")
     with open_image(args.source, src_fmt, read_only=True) as src:
-        create_image(args.dest, out_fmt, src.size, opts, quiet=True)
+        if args.no_create:
+            if opts:
+                raise UserError(f"-o {','.join(opts)}: no image is created with -n")
+            if not os.path.exists(args.dest):
+                raise ImageError(f"{args.dest}: target image not found (-n uses an existing image)")
+            if probe_format(args.dest) != out_fmt:
+                raise ImageError(f"{args.dest}: target is not a {out_fmt} image (give its format with -O)")
+        else:
+            if backing:
+                bpath = _resolve_backing(args.dest, backing)
+                if not os.path.exists(bpath):
+                    raise ImageError(f"{bpath}: backing file not found")
+                backing_fmt = backing_fmt or probe_format(bpath)
+            create_image(args.dest, out_fmt, src.size, opts, backing=backing, backing_fmt=backing_fmt, quiet=True)
         with open_image(args.dest, out_fmt) as dst:
-            gran = dst.cluster_size if isinstance(dst, Qcow2Driver) else 4096
-            chunk = max(2 << 20, gran)
+            if dst.size < src.size:
+                raise ImageError(f"{args.dest}: target is smaller ({dst.size} bytes) than the source "
+                                 f"({src.size} bytes)")
+            cluster = dst.cluster_size if isinstance(dst, Qcow2Driver) else 4096
+            if sparse == 0:
+                zeroes, gran = ZERO_WRITE, cluster
+            else:
+                zeroes = ZERO_MARK if args.no_create else ZERO_SKIP
+                # a qcow2 target can only leave whole clusters unallocated
+                gran = max(sparse, cluster) if isinstance(dst, Qcow2Driver) else sparse
             prog = Progress(args.progress, src.size)
-            copy_image(src, dst, compress=args.compress, progress=prog, granularity=gran, chunk=chunk)
+            copy_image(src, dst, compress=args.compress, progress=prog, granularity=gran,
+                       chunk=max(2 << 20, gran), zeroes=zeroes,
+                       base=getattr(dst, "backing", None) if backing else None)
             dst.flush()
             prog.finish()
     return 0
@@ -754,6 +834,10 @@ def register(subparsers) -> None:
     p.add_argument("-o", dest="options", action="append")
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-n", dest="no_create", action="store_true", help="write into an existing target image")
+    p.add_argument("-B", dest="backing", help="create the target as an overlay of this backing file (clusters that read the same through it are not copied)")
+    p.add_argument("-F", dest="backing_format", help="format of the -B backing file")
+    p.add_argument("-S", dest="sparse_size", help="zero run that stays sparse (default 4k; 0 allocates all)")
     p.add_argument("source")
     p.add_argument("dest")
 
