@@ -1,6 +1,6 @@
 """`kvmpy img`: qemu-img's everyday jobs with qemu-img's spelling.
 
-create, info, check, resize, rebase, convert (-c -p -n -B -S), commit, map, snapshot -l.
+create, info, check, resize, rebase, convert (-c -p -n -B -S), commit, map, snapshot (-l -c -a -d).
 Bad input (options, sizes, images) is one line on stderr and exit status 2.
 """
 
@@ -306,9 +306,10 @@ def cmd_check(args) -> int:
                   f"This means waste of disk space, but no harm to data.")
         if res.total_clusters:
             t = res.total_clusters
+            a = res.allocated_clusters or 1     # qemu-img relates these two to allocated clusters
             print(f"{res.allocated_clusters}/{t} = {100 * res.allocated_clusters / t:.2f}% allocated, "
-                  f"{100 * res.fragmented_clusters / t:.2f}% fragmented, "
-                  f"{100 * res.compressed_clusters / t:.2f}% compressed clusters")
+                  f"{100 * res.fragmented_clusters / a:.2f}% fragmented, "
+                  f"{100 * res.compressed_clusters / a:.2f}% compressed clusters")
         print(f"Image end offset: {res.image_end_offset}")
     if res.corruptions:
         return 2
@@ -719,19 +720,36 @@ def _print_snapshots_from_dicts(snaps):
 
 
 def cmd_snapshot(args) -> int:
-    if not args.list:
-        raise UserError("only `snapshot -l` (list) is supported")
+    from .snapshot import apply_snapshot, create_snapshot, delete_snapshot
+    actions = [(flag, value) for flag, value in (("-c", args.create), ("-a", args.apply),
+                                                   ("-d", args.delete)) if value is not None]
+    if len(actions) + bool(args.list) != 1:
+        raise UserError("snapshot: give exactly one of -l, -c NAME, -a NAME, -d NAME")
     fmt = _format_arg(args.format, "image") or probe_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: {fmt} images have no internal snapshots")
-    drv = _Qcow2NoBacking(args.filename, read_only=True)
+    if args.list:
+        drv = _Qcow2NoBacking(args.filename, read_only=True)
+        try:
+            snaps = [_snap_dict(s) for s in drv.snapshots]
+        finally:
+            drv.close()
+        if snaps:
+            print("Snapshot list:")
+            _print_snapshots_from_dicts(snaps)
+        return 0
+    flag, key = actions[0]
+    # The backing chain is not needed: snapshots only move references within this file.
+    drv = _Qcow2NoBacking(args.filename)
     try:
-        snaps = [_snap_dict(s) for s in drv.snapshots]
+        if flag == "-c":
+            create_snapshot(drv, key)
+        elif flag == "-a":
+            apply_snapshot(drv, key)
+        else:
+            delete_snapshot(drv, key)
     finally:
         drv.close()
-    if snaps:
-        print("Snapshot list:")
-        _print_snapshots_from_dicts(snaps)
     return 0
 
 
@@ -852,7 +870,10 @@ def register(subparsers) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("filename")
 
-    p = add("snapshot", cmd_snapshot, "list internal snapshots")
+    p = add("snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots")
     p.add_argument("-f", dest="format")
     p.add_argument("-l", dest="list", action="store_true")
+    p.add_argument("-c", dest="create", metavar="NAME")
+    p.add_argument("-a", dest="apply", metavar="NAME")
+    p.add_argument("-d", dest="delete", metavar="NAME")
     p.add_argument("filename")

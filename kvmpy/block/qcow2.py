@@ -462,9 +462,6 @@ class Qcow2Driver(BlockDriver):
             if h.incompatible & INCOMPAT_CORRUPT and not repairing:
                 raise ImageError(f"{path}: image is marked corrupt; open it read-only or repair it "
                                  f"with `kvmpy img check -r all {path}`")
-            if self.snapshots:
-                raise ImageError(f"{path}: image has internal snapshots; kvmpy opens such images "
-                                 f"read-only only")
             if h.refcount_order > 6:
                 raise ImageError(f"{path}: refcount_order {h.refcount_order} unsupported for writing")
         # Backing chain.
@@ -852,17 +849,22 @@ class Qcow2Driver(BlockDriver):
         if v == 1 and cluster < self.free_hint:
             self.free_hint = cluster
 
-    def _free_entry_later(self, e: int, ci: int) -> None:
-        """Queue the host clusters an old L2 entry held, freed after tables are durable."""
+    def entry_clusters(self, e: int, ci: int) -> range:
+        """The host clusters an L2 entry holds a reference to."""
         kind, host = self._classify(e, ci)
         if kind == DATA or (kind == ZERO and host):
-            self.pending_frees.append(host // self.cluster_size)
-        elif kind == COMPRESSED:
+            return range(host // self.cluster_size, host // self.cluster_size + 1)
+        if kind == COMPRESSED:
             nsect = ((e >> self.csize_shift) & self.csize_mask) + 1
             first = host // self.cluster_size
             last = (host + nsect * 512 - (host & 511) - 1) // self.cluster_size
             last = min(last, (self.file_size - 1) // self.cluster_size)
-            self.pending_frees.extend(range(first, last + 1))
+            return range(first, last + 1)
+        return range(0)
+
+    def _free_entry_later(self, e: int, ci: int) -> None:
+        """Queue the host clusters an old L2 entry held, freed after tables are durable."""
+        self.pending_frees.extend(self.entry_clusters(e, ci))
 
     # ------------------------------------------------------------- writeback
 
@@ -939,8 +941,7 @@ class Qcow2Driver(BlockDriver):
         off = e & L1E_OFFSET_MASK
         if off:
             if not e & OFLAG_COPIED and self.get_refcount(off // self.cluster_size) != 1:
-                raise ImageError(f"{self.path}: L2 table at {off} is shared (refcount != 1); "
-                                 f"writing shared tables is unsupported")
+                return self._copy_shared_l2(l1i, off), ci & (self.l2_entries - 1), self.l1[l1i] & L1E_OFFSET_MASK
             return self._load_l2(off), ci & (self.l2_entries - 1), off
         off = self._alloc_clusters(1)
         t = array.array("Q", bytes(self.cluster_size))
@@ -950,6 +951,22 @@ class Qcow2Driver(BlockDriver):
         self.dirty_l1.add(l1i)
         return t, ci & (self.l2_entries - 1), off
 
+    def _copy_shared_l2(self, l1i: int, off: int) -> array.array:
+        """An internal snapshot shares this L2 table: give the active L1 its own copy.
+
+        The data clusters keep their refcounts (they are now reached through two
+        tables instead of one shared one); their entries carry no COPIED flag, so
+        writes to them allocate. The old table loses the active L1's reference
+        after the new L1 entry is durable."""
+        t = array.array("Q", self._load_l2(off))
+        new_off = self._alloc_clusters(1)
+        self.l2_cache[new_off] = t
+        self.dirty_l2.add(new_off)
+        self.l1[l1i] = new_off | OFLAG_COPIED
+        self.dirty_l1.add(l1i)
+        self.pending_frees.append(off // self.cluster_size)
+        return t
+
     def _writable_in_place(self, e: int, ci: int) -> int:
         """Host offset if the cluster can be overwritten in place, else 0."""
         if e & (OFLAG_COMPRESSED | OFLAG_ZERO):
@@ -957,7 +974,8 @@ class Qcow2Driver(BlockDriver):
         kind, host = self._classify(e, ci)
         if kind != DATA:
             return 0
-        if e & OFLAG_COPIED or self.get_refcount(host // self.cluster_size) == 1:
+        # With snapshots, trust the refcount over a COPIED flag another tool may have left.
+        if (e & OFLAG_COPIED and not self.snapshots) or self.get_refcount(host // self.cluster_size) == 1:
             return host
         return 0
 
@@ -1151,7 +1169,7 @@ class Qcow2Driver(BlockDriver):
             off = self.l1[l1i] & L1E_OFFSET_MASK
             if not off:
                 continue
-            t = self._load_l2(off)
+            t, _, off = self._l2_for_write(l1i << self.l2_bits)   # a snapshot's table stays intact
             for i, e in enumerate(t):
                 if e:
                     self._free_entry_later(e, (l1i << self.l2_bits) + i)
@@ -1183,6 +1201,9 @@ class Qcow2Driver(BlockDriver):
     @_locked
     def resize(self, new_size: int) -> None:
         self._prepare_write()
+        if self.snapshots:
+            raise ImageError(f"{self.path}: cannot resize an image with internal snapshots "
+                             f"(delete them first, as with qemu-img)")
         cs = self.cluster_size
         if new_size % 512:
             raise ImageError(f"{self.path}: new size {new_size} is not a multiple of 512")
