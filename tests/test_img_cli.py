@@ -210,6 +210,28 @@ def test_convert_into_existing_target_and_sparse_size(tmp_path):
     assert "not found" in r.stderr
 
 
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_create_qcow2_preallocation_matches_qemu_img(tmp_path, mode):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    kimg("create", "-f", "qcow2", "-o", f"preallocation={mode}", ours, "64M")
+    qimg("create", "-f", "qcow2", "-o", f"preallocation={mode}", theirs, "64M")
+    qimg("check", ours)
+    ours_map = json.loads(qimg("map", "--output=json", ours).stdout)
+    assert ours_map == json.loads(qimg("map", "--output=json", theirs).stdout)
+    assert ours_map[0]["data"] and ours_map[0]["length"] == 64 * MiB
+    assert os.path.getsize(ours) == os.path.getsize(theirs)
+    used = os.stat(ours).st_blocks * 512
+    assert (used < 4 * MiB) if mode == "metadata" else (used >= 64 * MiB)
+    with open_image(str(ours)) as d:
+        assert d.pread(MiB, 63 * MiB) == bytes(MiB)
+        d.pwritev([b"\x42" * 1000], 5 * MiB + 7)
+    qimg("check", ours)
+    qio(ours, "read -P 0x42 5242887 1000")
+    r = kimg("create", "-f", "qcow2", "-o", f"preallocation={mode}", "-b", ours, "-F", "qcow2",
+             tmp_path / "top.qcow2", rc=2)
+    assert "backing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_rebase_safe_and_unsafe(tmp_path):
     old = tmp_path / "old.raw"
     new = tmp_path / "new.raw"

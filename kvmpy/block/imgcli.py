@@ -127,8 +127,11 @@ def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None
     if lazy:
         raise UserError(f"{path}: lazy_refcounts=on is unsupported (kvmpy keeps refcounts exact)")
     prealloc = opts.pop("preallocation", "off")
-    if prealloc != "off":
-        raise UserError(f"{path}: preallocation={prealloc} unsupported for qcow2 (off)")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UserError(f"{path}: preallocation={prealloc} unsupported for qcow2 (off, metadata, falloc, full)")
+    if prealloc != "off" and backing:
+        raise UserError(f"{path}: preallocation and a backing file exclude each other "
+                        f"(preallocated clusters would hide the backing file's data)")
     if _onoff("extended_l2", opts.pop("extended_l2", "off")):
         raise UserError(f"{path}: extended_l2=on is unsupported")
     ctype = opts.pop("compression_type", "zlib")
@@ -148,6 +151,9 @@ def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None
     create_qcow2(path, size, cluster_size=cluster_size, backing_file=backing or None,
                  backing_format=backing_fmt if backing else None, version=version,
                  refcount_bits=refcount_bits)
+    if prealloc != "off":
+        with Qcow2Driver(path) as drv:
+            drv.preallocate(prealloc)
     if not quiet:
         extra = f" backing_file={backing} backing_fmt={backing_fmt}" if backing else ""
         print(f"Formatting '{path}', fmt=qcow2 cluster_size={cluster_size} "

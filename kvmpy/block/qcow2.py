@@ -1177,6 +1177,39 @@ class Qcow2Driver(BlockDriver):
             self.dirty_l2.add(off)
         self._writeback()
 
+    @_locked
+    def preallocate(self, mode: str) -> None:
+        """Map every guest cluster to host storage (qemu-img create -o preallocation=).
+
+        metadata: tables and refcounts only, the data area stays a hole in a file as
+        long as the disk; falloc: the data area is fallocated; full: written with zeroes.
+        Reads still return zeroes: the host clusters are fresh."""
+        if mode not in ("metadata", "falloc", "full"):
+            raise ImageError(f"{self.path}: preallocation={mode} unsupported (off, metadata, falloc, full)")
+        self._prepare_write()
+        cs = self.cluster_size
+        nclusters = -(-self.size // cs)
+        ci = 0
+        while ci < nclusters:
+            table, idx, l2off = self._l2_for_write(ci)
+            k = min(self.l2_entries - idx, nclusters - ci)
+            host = self._alloc_clusters(k)
+            for j in range(k):
+                table[idx + j] = (host + j * cs) | OFLAG_COPIED
+            self.dirty_l2.add(l2off)
+            if mode != "metadata":
+                try:
+                    os.posix_fallocate(self.fd, host, k * cs)
+                except OSError as e:
+                    raise ImageError(f"{self.path}: cannot preallocate: {e.strerror}") from None
+            if mode == "full":
+                write_zero_bytes(self.fd, host, k * cs)
+            ci += k
+            self._maybe_writeback()
+        if self.file_size > os.fstat(self.fd).st_size:
+            os.ftruncate(self.fd, self.file_size)
+        self._writeback()
+
     # ---------------------------------------------------------------- status
 
     @_locked
