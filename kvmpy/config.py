@@ -68,13 +68,15 @@ class VmConfig:
     runas: str | None = None
     service: dict = field(default_factory=dict)
     enabled: bool = True
+    trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
-            "no_reboot", "disk", "net", "monitor", "service", "enabled", "pidfile", "runas"}
+            "no_reboot", "disk", "net", "monitor", "service", "enabled", "pidfile", "runas", "debug"}
 DISK_KEYS = {"path", "format", "readonly", "serial"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
+DEBUG_KEYS = {"trace"}
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
 
@@ -178,6 +180,11 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             v = mon[key]
             vals = [v] if isinstance(v, str) else _expect(v, list, f"{source}: [monitor] key '{key}'", "a string")
             getattr(cfg, key).extend(vals)
+    debug = _expect(data.get("debug", {}), dict, w("debug"), "a table")
+    _check_unknown(debug, DEBUG_KEYS, f"{source}: [debug]")
+    if "trace" in debug:
+        from .vcpu.trace import parse_trace
+        cfg.trace = parse_trace(debug["trace"], f"{source}: [debug] key 'trace'")
     cfg.service = _expect(data.get("service", {}), dict, w("service"), "a table")
     validate(cfg)
     return cfg

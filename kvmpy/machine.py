@@ -260,11 +260,23 @@ class Machine:
 
     def vcpu_internal_error(self, thread, message: str) -> None:
         print(f"kvmpy: vCPU {thread.index}: {message}", file=sys.stderr, flush=True)
+        dump = self._register_dump(thread.vcpu)
+        if dump:
+            print(dump, file=sys.stderr, flush=True)
         self._set_state("internal-error")
         self.request_shutdown(1, guest=False, reason="internal-error", message=message)
         with self._lock:
             self._stopping = True
             self.control_pending = True
+
+    def _register_dump(self, vcpu) -> str:
+        """QEMU-style register dump and Code= line; called on the vCPU's own thread."""
+        from .vcpu.trace import register_dump
+        try:
+            return register_dump(vcpu.get_regs(), vcpu.get_sregs(), self.memory)
+        except Exception as e:  # noqa: BLE001 - the error message above must not be lost to this
+            log.debug("register dump failed", exc_info=True)
+            return f"(registers unavailable: {e})"
 
     def guest_triple_fault(self, thread) -> None:
         log.info("vCPU %d: triple fault (shutdown); resetting like a PC", thread.index)

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--daemonize", action="store_true", help="detach once the VM is running")
     p.add_argument("--runas", help="drop to this user after opening devices and images")
     p.add_argument("--no-reboot", action="store_true", help="exit instead of rebooting")
+    p.add_argument("--trace", action="append", default=[], metavar="ITEM[,ITEM...]",
+                   help="debug output on stderr, like QEMU's -d: 'exits' logs every vCPU exit with "
+                        "the instruction at RIP; '--trace help' lists the items")
     p.set_defaults(func=run_command)
 
 
@@ -69,6 +72,11 @@ def build_config(args) -> VmConfig:
     if args.runas:
         cfg.runas = args.runas
     cfg.daemonize = args.daemonize
+    for spec in args.trace:
+        from .vcpu.trace import parse_trace
+        for name in parse_trace(spec, f"--trace {spec}"):
+            if name not in cfg.trace:
+                cfg.trace.append(name)
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
     if not os.path.isfile(cfg.kernel):
@@ -80,6 +88,10 @@ def build_config(args) -> VmConfig:
 
 
 def run_command(args) -> int:
+    if "help" in args.trace:
+        from .vcpu.trace import trace_help
+        print(trace_help())
+        return 0
     cfg = build_config(args)
     if cfg.daemonize:
         from .lifecycle import daemonize

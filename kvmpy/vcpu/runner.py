@@ -39,6 +39,12 @@ class VcpuThread(threading.Thread):
             started(self.index)
         pre_run = getattr(m.accel, "pre_run", None)   # software interrupt delivery (translator)
         index = self.index
+        # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
+        # with tracing off.
+        tracer = None
+        if "exits" in getattr(m.cfg, "trace", ()):
+            from .trace import ExitTracer
+            vcpu = tracer = ExitTracer(vcpu, index, m.memory, getattr(m.accel, "name", ""))
         try:
             while True:
                 if m.control_pending:
@@ -91,6 +97,8 @@ class VcpuThread(threading.Thread):
             log.debug("vcpu%d crashed", self.index, exc_info=True)
             m.vcpu_internal_error(self, f"vCPU {self.index} thread failed: {e}")
         finally:
+            if tracer is not None:
+                tracer.close()
             m.vcpu_exited(self)
 
     def _device_error(self, where: str, e: Exception) -> None:
