@@ -410,10 +410,25 @@ kvmpy_arg() {
   awk -v want="kvmpy.$1=" '@AWK@' /proc/cmdline
 }
 
+# "poweroff -f" does not wait for the serial port's output queue: the last lines
+# (a command's output) would be lost on a slow host. Wait until the port's
+# transmit count stops moving for two samples (at most about 10 s).
+kvmpy_drain_console() {
+  last=; still=0; i=0
+  while [ $i -lt 50 ] && [ $still -lt 2 ]; do
+    now=$(grep -o 'tx:[0-9]*' /proc/tty/driver/serial 2>/dev/null | head -n 1)
+    [ -z "$now" ] && return
+    if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; fi
+    last=$now; i=$((i + 1))
+    sleep 0.2
+  done
+}
+
 kvmpy_shutdown() {
   sync
   umount /mnt 2>/dev/null
   echo "kvmpy guest: $1"
+  kvmpy_drain_console
   $1 -f
 }
 # busybox poweroff/halt/reboot without -f signal pid 1: USR2/USR1/TERM.
