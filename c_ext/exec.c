@@ -281,7 +281,7 @@ static inline __attribute__((always_inline)) void *lock_ptr(CPU *c, Insn *i, uin
 {
     if (likely(!i->lock))
         return 0;
-    return tlb_hit(c, lin, sz, 1);
+    return atomic_host(c, lin, sz);
 }
 
 static inline int cas(void *p, unsigned sz, uint64_t old, uint64_t nv)
@@ -697,6 +697,8 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
                  (unsigned long long)pc, (unsigned long long)pa);
         cpu_exit(c, EXIT_INTERNAL_ERROR);
     }
+    /* marked before decoding: a write after this point (on any vCPU) invalidates us */
+    code_page_mark(c, pa & ~0xfffull);
     Block *b = &c->blocks[c->nblocks];
     b->insns = &c->insn_pool[c->ninsns];
     b->phys = pa & ~0xfffull;
@@ -729,8 +731,10 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
                 uint64_t q = fetch_phys(c, lin_page2, 0, &ok);
                 if (ok) {
                     p2 = ram_ptr(c, q & ~0xfffull, 4096);
-                    if (p2)
+                    if (p2) {
                         pa2 = q & ~0xfffull;
+                        code_page_mark(c, pa2);
+                    }
                 }
             }
             if (p2) {
@@ -772,9 +776,6 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
     b->valid = 1;
     c->nblocks++;
     c->ninsns += n;
-    code_page_mark(c, b->phys);
-    if (b->phys2 != ~0ull)
-        code_page_mark(c, b->phys2);
     uint32_t h = phash(c, pa, mode);
     b->hnext = c->hash[h];
     c->hash[h] = b;
@@ -836,13 +837,102 @@ static int irq_highest(CPU *c)
     return -1;
 }
 
+static int async_wanted(CPU *c)
+{
+    return atomic_load(&c->kicked) || irq_highest(c) >= 0 || c->ninval ||
+           atomic_load(&c->life_request) || (atomic_load(&c->nmi_pending) && !c->nmi_blocked) ||
+           atomic_load(&c->want_irq_window);
+}
+
 static void recompute_request(CPU *c)
 {
-    int req = atomic_load(&c->kicked) || irq_highest(c) >= 0 || c->ninval;
+    int req = async_wanted(c);
     atomic_store(&c->exit_request, req);
     /* a request raced with the store above must not be lost */
-    if (!req && (atomic_load(&c->kicked) || irq_highest(c) >= 0 || c->ninval))
+    if (!req && async_wanted(c))
         atomic_store(&c->exit_request, 1);
+}
+
+/* any thread: INIT. Supersedes a SIPI not yet applied (the CPU ends up waiting). */
+void request_init(CPU *c)
+{
+    atomic_store(&c->life_request, LIFE_INIT);
+    atomic_store(&c->exit_request, 1);
+}
+
+/* any thread: SIPI; applied after a pending INIT, ignored unless the CPU waits for it */
+void request_sipi(CPU *c, int vector)
+{
+    uint32_t old = atomic_load(&c->life_request), nv;
+    do
+        nv = (old & LIFE_INIT) | ((uint32_t)(vector & 0xff) + 1);
+    while (!atomic_compare_exchange_weak(&c->life_request, &old, nv));
+    atomic_store(&c->exit_request, 1);
+}
+
+void request_nmi(CPU *c)
+{
+    atomic_store(&c->nmi_pending, 1);
+    atomic_store(&c->exit_request, 1);
+}
+
+/* run() leaves with EXIT_INTR once IF=1 and no interrupt shadow (KVM's
+ * request_interrupt_window); the request ends with that exit or cpu_reset */
+void request_irq_window(CPU *c)
+{
+    atomic_store(&c->want_irq_window, 1);
+    atomic_store(&c->exit_request, 1);
+}
+
+/* an external interrupt handed over now would be delivered before the next instruction */
+int cpu_interruptible(CPU *c)
+{
+    return (c->eflags & F_IF) && !c->shadow && c->nacc == 0 && !c->wait_sipi;
+}
+
+/* Power-on state (wait_sipi: an AP after INIT, which keeps its APIC base MSR).
+ * RAM, CPUID, translations and statistics stay. vCPU thread, or run() not executing. */
+void cpu_reset(CPU *c, int wait_sipi)
+{
+    uint64_t apic_base = c->apic_base;
+    cpu_init(c);
+    if (wait_sipi)
+        c->apic_base = apic_base;
+    for (int w = 0; w < 4; w++)
+        atomic_store(&c->irq_pending[w], 0);
+    atomic_store(&c->nmi_pending, 0);
+    atomic_store(&c->want_irq_window, 0);
+    c->nmi_blocked = 0;
+    c->shadow = 0;
+    c->nacc = c->acc_pos = 0;
+    c->delivering = -1;
+    c->cur_block = 0;
+    c->stop_block = 0;
+    c->wait_sipi = wait_sipi;
+    c->halted = wait_sipi;
+    recompute_request(c);
+}
+
+/* vCPU thread: apply INIT / SIPI requests */
+static void apply_life_requests(CPU *c)
+{
+    uint32_t req = atomic_exchange(&c->life_request, 0);
+    if (req & LIFE_INIT)
+        cpu_reset(c, 1);
+    if ((req & LIFE_SIPI_MASK) && c->wait_sipi) {
+        int vector = (int)(req & LIFE_SIPI_MASK) - 1;
+        /* what KVM's in-kernel LAPIC does: real mode at vector:0000 */
+        c->seg[S_CS].sel = (uint16_t)(vector << 8);
+        c->seg[S_CS].base = (uint64_t)vector << 12;
+        c->rip = 0;
+        /* what was sent to the CPU while it waited is lost, as on hardware */
+        for (int w = 0; w < 4; w++)
+            atomic_store(&c->irq_pending[w], 0);
+        atomic_store(&c->nmi_pending, 0);
+        c->wait_sipi = 0;
+        c->halted = 0;
+        update_mode(c);
+    }
 }
 
 /* any thread: queue a range of guest RAM whose translations must go */
@@ -879,26 +969,37 @@ static void apply_invalidations(CPU *c)
         block_cache_flush(c);
         return;
     }
+    /* The shared "code" marks stay: another vCPU may have translated the page again
+     * since the request was queued, and a stale mark only costs a slow-path write. */
     for (int k = 0; k < n; k++)
-        for (uint64_t p = gpa[k] & ~0xfffull; p < gpa[k] + size[k]; p += 4096) {
-            uint8_t *h = ram_ptr(c, p, 1);
-            if (!h)
-                continue;
-            for (int j = 0; j < c->nram; j++)
-                if (h >= c->ram[j].host && h < c->ram[j].host + c->ram[j].size)
-                    c->ram[j].code[(p - c->ram[j].gpa) >> 12] = 0;
-            invalidate_local_blocks(c, p);
-        }
+        for (uint64_t p = gpa[k] & ~0xfffull; p < gpa[k] + size[k]; p += 4096)
+            if (ram_ptr(c, p, 1))
+                invalidate_local_blocks(c, p);
 }
 
 static int check_async(CPU *c)
 {
     if (c->ninval || c->inval_overflow)
         apply_invalidations(c);
+    if (atomic_load(&c->life_request)) {
+        apply_life_requests(c);
+        recompute_request(c);
+    }
     if (atomic_load(&c->kicked)) {
         atomic_store(&c->kicked, 0);
         recompute_request(c);
         return EXIT_INTR;
+    }
+    if (c->wait_sipi)
+        return EXIT_HLT;   /* nothing runs before the SIPI; NMIs and interrupts wait */
+    if (c->nacc == 0 && !c->nmi_blocked && atomic_load(&c->nmi_pending)) {
+        atomic_store(&c->nmi_pending, 0);
+        c->nmi_blocked = 1;          /* until the next IRET */
+        recompute_request(c);
+        c->halted = 0;
+        c->delivering = 2;
+        deliver_interrupt(c, 2, 0, 0, 0, c->rip);
+        c->delivering = -1;
     }
     int v = irq_highest(c);
     if (v >= 0 && (c->eflags & F_IF) && !c->shadow && c->nacc == 0) {
@@ -908,6 +1009,11 @@ static int check_async(CPU *c)
         c->delivering = v;
         deliver_interrupt(c, v, 0, 0, 0, c->rip);
         c->delivering = -1;
+    }
+    if (atomic_load(&c->want_irq_window) && cpu_interruptible(c)) {
+        atomic_store(&c->want_irq_window, 0);
+        recompute_request(c);
+        return EXIT_INTR;
     }
     if (c->halted)
         return EXIT_HLT;
@@ -1763,7 +1869,7 @@ static void exec_block(CPU *c, Block *b)
             } else {
                 lin = ea_lin(c, i);
                 v = getreg(c, i, i->reg, s);
-                void *p = tlb_hit(c, lin, s, 1);
+                void *p = atomic_host(c, lin, s);   /* xchg with memory is always locked */
                 if (p) {
                     switch (s) {
                     case 1: a = __atomic_exchange_n((uint8_t *)p, (uint8_t)v, __ATOMIC_SEQ_CST); break;
@@ -2356,7 +2462,7 @@ static void exec_block(CPU *c, Block *b)
                 }
             } else {
                 lin = ea_lin(c, i);
-                void *p = tlb_hit(c, lin, s, 1);
+                void *p = atomic_host(c, lin, s);
                 if (p) {
                     int ok;
                     switch (s) {
@@ -2444,7 +2550,7 @@ static void exec_block(CPU *c, Block *b)
                 if (sz == 8) {
                     if (lin & 15) GP0();
                     uint32_t f = compute_arith(c) & ~F_ZF;
-                    uint64_t *p16 = tlb_hit(c, lin, 16, 1);
+                    uint64_t *p16 = atomic_host(c, lin, 16);
                     if (p16) {
                         /* RAM: the host's own lock cmpxchg16b keeps it atomic against other vCPUs */
                         uint64_t lo = c->r[R_AX], hi = c->r[R_DX];
@@ -2477,7 +2583,7 @@ static void exec_block(CPU *c, Block *b)
                     uint64_t cmp = ((c->r[R_DX] & 0xffffffffull) << 32) | (uint32_t)c->r[R_AX];
                     uint64_t nv = ((c->r[R_CX] & 0xffffffffull) << 32) | (uint32_t)c->r[R_BX];
                     uint32_t f = compute_arith(c) & ~F_ZF;
-                    void *p = tlb_hit(c, lin, 8, 1);
+                    void *p = atomic_host(c, lin, 8);
                     uint64_t old;
                     int ok;
                     if (p) {

@@ -7,7 +7,16 @@
  * page's invalidation on every other vCPU (applied at its next block boundary).
  * Marking a page as code bumps code_epoch; each vCPU drops its TLB write
  * permissions for code pages when it sees a new epoch, so later writes take the
- * slow path where they are seen. */
+ * slow path where they are seen. A page is marked before its bytes are decoded, so
+ * a write that lands after the decode always finds the mark. The remaining window
+ * is a writer that has not yet crossed a block boundary since the mark (it still
+ * holds a fast write tag): cross-modifying code needs the guest's own
+ * synchronisation on hardware too, and that synchronisation (an IPI, a serialising
+ * instruction after a flag) takes longer than one block.
+ *
+ * Shared between vCPU threads: the code bytes (atomic byte accesses), the registry
+ * and every CPU's RAM list as the registry sees it (registry_lock), page-table
+ * entries (accessed/dirty bits are set with compare-and-swap on guest RAM). */
 #include <pthread.h>
 #include <stdlib.h>
 #include "tcg.h"
@@ -17,6 +26,16 @@ static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static CPU *registry[256];
 static int nregistry;
 static struct { uint8_t *host; uint64_t size; uint8_t *code; int refs; } bitmaps[64];
+
+void ram_registry_lock(void)
+{
+    pthread_mutex_lock(&registry_lock);
+}
+
+void ram_registry_unlock(void)
+{
+    pthread_mutex_unlock(&registry_lock);
+}
 
 void cpu_register(CPU *c)
 {
@@ -116,7 +135,7 @@ static RamRegion *ram_region(CPU *c, uint64_t pa)
 static int is_code_page(CPU *c, uint64_t pa)
 {
     RamRegion *r = ram_region(c, pa);
-    return r && r->code[(pa - r->gpa) >> 12];
+    return r && __atomic_load_n(&r->code[(pa - r->gpa) >> 12], __ATOMIC_ACQUIRE);
 }
 
 uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size)
@@ -187,12 +206,15 @@ static int walk(CPU *c, uint64_t lin, int access, int user, uint64_t *pa_out, in
     uint32_t err_i = (access == 2 && nxe) ? 16 : 0;
     uint64_t entries_pa[5];
     uint64_t entries[5];
-    int n = 0;
-    uint64_t rw = 1, us = 1, nx = 0;
+    int n;
+    uint64_t rw, us, nx;
     uint64_t pa;
     uint64_t page_mask;   /* offset bits within the final page */
     int is_pse32 = 0;
 
+restart:
+    n = 0;
+    rw = 1, us = 1, nx = 0;
     if (c->cr4 & CR4_PAE) {
         uint64_t table;
         int level;
@@ -270,7 +292,17 @@ static int walk(CPU *c, uint64_t lin, int access, int user, uint64_t *pa_out, in
             if (k == n - 1 && access == 1)
                 ne |= PTE_D;
             if (ne != e) {
-                phys_st(c, entries_pa[k], esz, ne);
+                /* another vCPU may be walking or the guest rewriting this entry right
+                 * now: set the bits only if the entry is still the one we walked */
+                uint8_t *h = ram_ptr(c, entries_pa[k], esz);
+                if (h) {
+                    int ok = esz == 8
+                        ? __atomic_compare_exchange_n((uint64_t *)h, &e, ne, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)
+                        : __atomic_compare_exchange_n((uint32_t *)h, &(uint32_t){ (uint32_t)e },
+                                                      (uint32_t)ne, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+                    if (!ok)
+                        goto restart;
+                }
                 entries[k] = ne;
             }
         }
@@ -337,10 +369,8 @@ void code_page_mark(CPU *c, uint64_t pa)
     if (!r)
         return;
     uint8_t *flag = &r->code[(pa - r->gpa) >> 12];
-    if (!*flag) {
-        *flag = 1;
+    if (!__atomic_load_n(flag, __ATOMIC_ACQUIRE) && !__atomic_exchange_n(flag, 1, __ATOMIC_SEQ_CST))
         atomic_fetch_add(&code_epoch, 1);   /* other vCPUs drop their write tags for it */
-    }
     uint64_t page = pa & ~0xfffull;
     for (int m = 0; m < 2; m++)
         for (int k = 0; k < TLB_SIZE; k++)
@@ -393,9 +423,10 @@ void invalidate_local_blocks(CPU *c, uint64_t pa)
 void invalidate_code_page(CPU *c, uint64_t pa)
 {
     RamRegion *r = ram_region(c, pa);
-    if (!r || !r->code[(pa - r->gpa) >> 12])
+    /* one writer clears the mark and tells everybody; concurrent writers of the same
+     * page find it clear (their writes are covered by the same invalidation) */
+    if (!r || !__atomic_exchange_n(&r->code[(pa - r->gpa) >> 12], 0, __ATOMIC_SEQ_CST))
         return;
-    r->code[(pa - r->gpa) >> 12] = 0;
     uint64_t page = pa & ~0xfffull;
     invalidate_local_blocks(c, page);
     uint8_t *host = r->host + (page - r->gpa);
@@ -413,6 +444,23 @@ void invalidate_code_page(CPU *c, uint64_t pa)
         }
     }
     pthread_mutex_unlock(&registry_lock);
+}
+
+void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size)
+{
+    if (!c->long64)
+        lin = (uint32_t)lin;
+    if ((lin & 0xfff) + size > 4096)
+        return 0;   /* split lock: rare, and not worth a global lock here */
+    uint64_t pa = tlb_fill(c, lin, 1);   /* a write access: faults and the dirty bit like a store */
+    uint8_t *h = ram_ptr(c, pa, size);
+    if (!h)
+        return 0;
+    if (is_code_page(c, pa)) {
+        invalidate_code_page(c, pa);
+        tlb_fill(c, lin, 1);
+    }
+    return h;
 }
 
 static uint64_t access_one(CPU *c, uint64_t lin, unsigned size, int access, int write, uint64_t val)

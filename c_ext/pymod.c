@@ -20,9 +20,16 @@ static void release_ram(CpuObject *self)
         PyBuffer_Release(&self->bufs[k]);
     self->nbufs = 0;
     if (c) {
-        for (int k = 0; k < c->nram; k++)
-            code_bitmap_put(c->ram[k].code);
+        /* other vCPUs' threads walk our RAM list to forward code invalidations */
+        uint8_t *codes[MAX_RAM];
+        ram_registry_lock();
+        int n = c->nram;
+        for (int k = 0; k < n; k++)
+            codes[k] = c->ram[k].code;
         c->nram = 0;
+        ram_registry_unlock();
+        for (int k = 0; k < n; k++)
+            code_bitmap_put(codes[k]);
         block_cache_flush(c);
         tlb_flush(c, 1);
     }
@@ -95,16 +102,19 @@ static PyObject *Cpu_add_ram(CpuObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "RAM regions must be page aligned");
         return NULL;
     }
+    uint8_t *code = code_bitmap_get(b->buf, b->len);   /* shared by every vCPU on this RAM */
+    if (!code) {
+        PyBuffer_Release(b);
+        return PyErr_NoMemory();
+    }
+    ram_registry_lock();
     RamRegion *r = &c->ram[c->nram];
     r->gpa = gpa;
     r->size = b->len;
     r->host = b->buf;
-    r->code = code_bitmap_get(b->buf, b->len);   /* shared by every vCPU on this RAM */
-    if (!r->code) {
-        PyBuffer_Release(b);
-        return PyErr_NoMemory();
-    }
+    r->code = code;
     c->nram++;
+    ram_registry_unlock();
     self->nbufs++;
     tlb_flush(c, 1);
     Py_RETURN_NONE;
@@ -154,7 +164,7 @@ static PyObject *Cpu_set_regs(CpuObject *self, PyObject *args)
     for (int k = 0; k < 16; k++)
         c->r[order[k]] = v[k];
     if (c->rip != v[16]) {
-        c->halted = 0;
+        c->halted = c->wait_sipi;   /* only a SIPI starts a waiting AP */
         c->nacc = c->acc_pos = 0;
     }
     c->rip = v[16];
@@ -286,6 +296,52 @@ static PyObject *Cpu_request_interrupt(CpuObject *self, PyObject *args)
     CPU *c = self->cpu;
     atomic_fetch_or(&c->irq_pending[v / 64], 1ull << (v % 64));
     atomic_store(&c->exit_request, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_request_nmi(CpuObject *self, PyObject *unused)
+{
+    request_nmi(self->cpu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_request_init(CpuObject *self, PyObject *unused)
+{
+    request_init(self->cpu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_request_sipi(CpuObject *self, PyObject *args)
+{
+    int v;
+    if (!PyArg_ParseTuple(args, "i", &v))
+        return NULL;
+    if (v < 0 || v > 255) {
+        PyErr_SetString(PyExc_ValueError, "SIPI vector must be 0..255");
+        return NULL;
+    }
+    request_sipi(self->cpu, v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_request_irq_window(CpuObject *self, PyObject *unused)
+{
+    request_irq_window(self->cpu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_reset(CpuObject *self, PyObject *args, PyObject *kw)
+{
+    int wait_sipi = 0;
+    static char *kwlist[] = { "wait_sipi", NULL };
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &wait_sipi))
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "reset() while run() executes: use request_init()");
+        return NULL;
+    }
+    cpu_reset(self->cpu, wait_sipi);
+    atomic_store(&self->cpu->life_request, 0);
     Py_RETURN_NONE;
 }
 
@@ -423,6 +479,15 @@ static PyMethodDef Cpu_methods[] = {
     { "kick", (PyCFunction)Cpu_kick, METH_NOARGS, "thread-safe: run() returns EXIT_INTR soon" },
     { "request_interrupt", (PyCFunction)Cpu_request_interrupt, METH_VARARGS, "thread-safe" },
     { "set_cpuid", (PyCFunction)Cpu_set_cpuid, METH_VARARGS, NULL },
+    { "request_nmi", (PyCFunction)Cpu_request_nmi, METH_NOARGS, "thread-safe: NMI (vector 2, blocked until IRET)" },
+    { "request_init", (PyCFunction)Cpu_request_init, METH_NOARGS,
+      "thread-safe: INIT, power-on state then wait for a SIPI (applied by run())" },
+    { "request_sipi", (PyCFunction)Cpu_request_sipi, METH_VARARGS,
+      "thread-safe: SIPI(vector): a waiting CPU starts in real mode at vector<<12" },
+    { "request_irq_window", (PyCFunction)Cpu_request_irq_window, METH_NOARGS,
+      "thread-safe: run() returns EXIT_INTR as soon as an interrupt can be taken" },
+    { "reset", (PyCFunction)Cpu_reset, METH_VARARGS | METH_KEYWORDS,
+      "reset(wait_sipi=False): power-on state now (run() must not be executing)" },
     { "exit_access", (PyCFunction)Cpu_exit_access, METH_NOARGS, NULL },
     { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
     { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
@@ -433,8 +498,27 @@ static PyMethodDef Cpu_methods[] = {
     { NULL }
 };
 
+static PyObject *Cpu_get_wait_sipi(CpuObject *self, void *closure)
+{
+    return PyBool_FromLong(self->cpu->wait_sipi);
+}
+
+static PyObject *Cpu_get_interruptible(CpuObject *self, void *closure)
+{
+    return PyBool_FromLong(cpu_interruptible(self->cpu));
+}
+
+static PyObject *Cpu_get_nmi_blocked(CpuObject *self, void *closure)
+{
+    return PyBool_FromLong(self->cpu->nmi_blocked);
+}
+
 static PyGetSetDef Cpu_getset[] = {
     { "halted", (getter)Cpu_get_halted, (setter)Cpu_set_halted, NULL, NULL },
+    { "wait_sipi", (getter)Cpu_get_wait_sipi, NULL, "waiting for a SIPI (run() executes nothing)", NULL },
+    { "interruptible", (getter)Cpu_get_interruptible, NULL,
+      "IF=1, no interrupt shadow, no exit in progress: a requested vector is taken now", NULL },
+    { "nmi_blocked", (getter)Cpu_get_nmi_blocked, NULL, "an NMI handler runs (until its IRET)", NULL },
     { NULL }
 };
 

@@ -423,6 +423,13 @@ static void iret_set_flags(CPU *c, uint64_t nf, int osz, int old_cpl)
 void do_iret(CPU *c, int osz)
 {
     uint64_t sp = c->r[R_SP];
+    if (c->nmi_blocked) {
+        /* NMIs are blocked from the delivery of one to the next IRET (even one that faults
+         * later: the instruction restarts and unblocks again, which changes nothing) */
+        c->nmi_blocked = 0;
+        if (atomic_load(&c->nmi_pending))
+            atomic_store(&c->exit_request, 1);
+    }
     if (!(c->cr0 & CR0_PE)) {
         uint64_t nip = pop_v(c, &sp, osz);
         uint16_t sel = (uint16_t)pop_v(c, &sp, osz);

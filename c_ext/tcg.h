@@ -134,6 +134,9 @@ typedef struct Access {
     uint8_t small[16];
 } Access;
 
+#define LIFE_INIT 0x80000000u
+#define LIFE_SIPI_MASK 0x1ffu
+
 #define MAX_RAM 32
 #define MAX_CPUID 64
 #define IOBUF_SIZE 4096
@@ -180,6 +183,15 @@ typedef struct CPU {
     _Atomic uint64_t irq_pending[4];
     int halted;
     int shadow;                      /* interrupt shadow after sti / mov ss */
+    /* NMI: requested from any thread, taken regardless of IF, then blocked until IRET */
+    _Atomic int nmi_pending;
+    int nmi_blocked;
+    /* run() returns EXIT_INTR as soon as an external interrupt can be taken */
+    _Atomic int want_irq_window;
+    /* INIT / SIPI from the LAPIC (any thread): LIFE_INIT | (SIPI vector + 1), applied by
+     * the vCPU thread. An AP waits in wait_sipi (run() returns EXIT_HLT) until a SIPI. */
+    _Atomic uint32_t life_request;
+    int wait_sipi;
 
     /* exits */
     int exit_reason;
@@ -235,6 +247,9 @@ void cpu_register(CPU *c);
 void cpu_unregister(CPU *c);
 uint8_t *code_bitmap_get(uint8_t *host, uint64_t size);
 void code_bitmap_put(uint8_t *code);
+void ram_registry_lock(void);
+void ram_registry_unlock(void);
+void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size);
 extern _Atomic uint64_t code_epoch;
 uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
 void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
@@ -273,6 +288,12 @@ void cpu_init(CPU *c);
 void cpu_free(CPU *c);
 void block_cache_flush(CPU *c);
 void request_invalidate(CPU *c, uint64_t gpa, uint64_t size);
+void cpu_reset(CPU *c, int wait_sipi);
+void request_init(CPU *c);
+void request_sipi(CPU *c, int vector);
+void request_nmi(CPU *c);
+void request_irq_window(CPU *c);
+int cpu_interruptible(CPU *c);
 
 /* ---- decode.c ---- */
 #define OP_UD 0x3ff
@@ -333,6 +354,16 @@ static inline __attribute__((always_inline)) void *tlb_hit(CPU *c, uint64_t lin,
     if (likely(tag == (lin & ~0xfffULL) && (lin & 0xfff) <= 4096 - size))
         return (void *)(e->addend + (uintptr_t)lin);
     return 0;
+}
+
+/* Host pointer for an atomic read-modify-write (lock prefix, xchg, cmpxchg): the
+ * guest's atomicity against other vCPUs comes from the host's own atomics. 0 when the
+ * operand is not plain RAM on one page (MMIO, page-crossing): the caller falls back
+ * to a non-atomic load/store. */
+static inline __attribute__((always_inline)) void *atomic_host(CPU *c, uint64_t lin, unsigned size)
+{
+    void *p = tlb_hit(c, lin, size, 1);
+    return likely(p != 0) ? p : atomic_host_slow(c, lin, size);
 }
 
 static inline __attribute__((always_inline)) uint64_t ld(CPU *c, uint64_t lin, unsigned size)

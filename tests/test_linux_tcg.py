@@ -1,5 +1,6 @@
-"""A real Debian cloud kernel boots on kvmpy's translator to the busybox init, runs
-commands, writes a file to its virtio disk and powers off; the host reads the file."""
+"""A real Debian cloud kernel boots on kvmpy's translator (with 2 vCPUs, and with 1)
+to the busybox init, runs commands, writes a file to its virtio disk and powers off;
+the host reads the file."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def check_run(guest, p, marker: str) -> str:
 
 
 def test_linux_boots_on_the_translator(guest):
+    """Two vCPUs: the kernel brings the AP up through INIT-SIPI-SIPI and runs SMP (the
+    other Linux tests here boot the default single vCPU)."""
     marker = f"written-by-tcg-{os.getpid()}"
-    p, seconds = boot(guest, ["--accel", "tcg"],
+    p, seconds = boot(guest, ["--accel", "tcg", "--smp", "2"],
                       f"uname -r; grep -c ^processor /proc/cpuinfo; echo {marker} > /mnt/f; sync")
     out = check_run(guest, p, marker)
-    assert re.search(r"^1$", out, re.M)          # one processor in /proc/cpuinfo
-    print(f"translator: boot to poweroff in {seconds:.1f} s")
+    assert re.search(r"^2$", out, re.M), out[-3000:]     # two processors in /proc/cpuinfo
+    assert "smp: Brought up 1 node, 2 CPUs" in out
+    print(f"translator, 2 vCPUs: boot to poweroff in {seconds:.1f} s")
 
 
 def test_linux_boots_under_kvm(guest):

@@ -43,6 +43,22 @@ def test_translator_matches_kvm(translator, guest, append):
     assert tcg == kvm
 
 
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_smp_guest_matches_kvm(translator, cpus):
+    """INIT-SIPI-SIPI from the BSP's LAPIC starts every AP in the MADT, one after the
+    other (so the lines come in a fixed order), each vCPU in its own thread."""
+    args = ["--smp", str(cpus), "--kernel", guest_path("smp")]
+    tcg = serial_lines(["--accel", "tcg", *args])
+    assert tcg and tcg[-1] == "guest: done"
+    assert f"cpus online: {cpus}" in tcg
+    assert [line for line in tcg if re.fullmatch(r"cpu \d+ online", line)] == \
+        [f"cpu {i} online" for i in range(cpus)]
+    if KVM_SKIP_REASON:
+        pytest.skip(f"KVM side: {KVM_SKIP_REASON}")
+    kvm = serial_lines(["--enable-kvm", *args])
+    assert tcg == kvm
+
+
 def test_compute_checksum_equals_qemu_tcg(translator):
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:

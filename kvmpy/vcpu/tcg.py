@@ -11,6 +11,14 @@ HLT with no deliverable interrupt returns EXIT_HLT and the vCPU stays halted
 (``run()`` keeps returning EXIT_HLT) until ``request_interrupt()`` makes an
 interrupt deliverable or ``set_regs`` moves rip.
 
+SMP: every vCPU runs in its own thread on the same RAM. ``request_init()`` /
+``request_sipi(vector)`` / ``request_nmi()`` may be called from any thread (the
+LAPIC's ICR writer); run() applies them. An AP made with ``wait_sipi=True`` (or after
+INIT) executes nothing, run() returns EXIT_HLT, until a SIPI starts it in real mode
+at CS = vector<<8, IP = 0. ``interruptible`` says whether a vector requested now is
+taken before the next instruction; otherwise ``request_irq_window()`` makes run()
+return EXIT_INTR as soon as it would be.
+
 Guest writes to pages holding translated code are caught by the translator
 itself (page-granular invalidation). Writes that bypass it, device DMA into
 guest RAM (virtio), or another TcgVcpu's writes, must be followed by
@@ -25,6 +33,7 @@ cmpxchg16b, popcnt/lzcnt; no x87 arithmetic, AVX, XSAVE or SYSENTER.
 from __future__ import annotations
 
 import logging
+import threading
 
 from . import exits
 from .state import DTable, Regs, Segment, SRegs
@@ -41,8 +50,8 @@ else:
 
 # CPUID bits the translator implements; everything else the machine offers is masked
 # so the guest never picks an instruction set extension we would #UD on.
-# fpu pse tsc msr pae cx8 apic mtrr pge cmov pat clflush mmx fxsr sse sse2 (no sysenter)
-_LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 12, 13, 15, 16, 19, 23, 24, 25, 26))
+# fpu pse tsc msr pae cx8 apic mtrr pge cmov pat clflush mmx fxsr sse sse2 htt (no sysenter)
+_LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 12, 13, 15, 16, 19, 23, 24, 25, 26, 28))
 _LEAF1_ECX = sum(1 << b for b in (13, 23, 31))                  # cx16 popcnt hypervisor (SSE3+ not yet)
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
@@ -94,13 +103,17 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
 class TcgVcpu:
     """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
 
-    def __init__(self, memory, cpu_index: int = 0) -> None:
+    def __init__(self, memory, cpu_index: int = 0, wait_sipi: bool = False) -> None:
         if _tcg is None:
             raise RuntimeError(f"kvmpy._tcg is not built ({_IMPORT_ERROR}); run "
                                "`python3 setup.py build_ext --inplace`")
         self.memory = memory
         self.cpu_index = cpu_index
         self._cpu = _tcg.Cpu(cpu_index)
+        if wait_sipi:
+            self._cpu.reset(wait_sipi=True)
+        # set by kick(): a thread waiting for this halted vCPU wakes up
+        self.wakeup = threading.Event()
         self._regions = None
         self._sync_memory()
         self.io_port = 0
@@ -147,14 +160,43 @@ class TcgVcpu:
             self.mmio_data = data
         elif kind == exits.EXIT_INTERNAL_ERROR:
             self.internal_error = self._cpu.error()
-            log.error("translator internal error: %s", self.internal_error)
+            log.debug("translator internal error: %s", self.internal_error)  # the machine reports it
         return kind
 
     def kick(self) -> None:
         self._cpu.kick()
+        self.wakeup.set()
 
     def request_interrupt(self, vector: int) -> None:
         self._cpu.request_interrupt(vector)
+
+    def request_nmi(self) -> None:
+        self._cpu.request_nmi()
+
+    def request_irq_window(self) -> None:
+        self._cpu.request_irq_window()
+
+    def request_init(self) -> None:
+        self._cpu.request_init()
+
+    def request_sipi(self, vector: int) -> None:
+        self._cpu.request_sipi(vector)
+
+    def reset(self, wait_sipi: bool = False) -> None:
+        """Power-on state now (run() must not be executing); an AP waits for a SIPI."""
+        self._cpu.reset(wait_sipi=wait_sipi)
+
+    @property
+    def interruptible(self) -> bool:
+        return self._cpu.interruptible
+
+    @property
+    def wait_sipi(self) -> bool:
+        return self._cpu.wait_sipi
+
+    @property
+    def nmi_blocked(self) -> bool:
+        return self._cpu.nmi_blocked
 
     def set_cpuid(self, entries) -> None:
         """entries: (function, index, flags, eax, ebx, ecx, edx) tuples or objects with those fields."""

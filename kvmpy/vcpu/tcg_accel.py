@@ -2,13 +2,14 @@
 
 What KVM does in the kernel is done here in software: the interrupt controllers
 and the PIT (kvmpy.devices.irqchip), interrupt lines and MSIs through a
-SoftPlatform, doorbells checked by the vCPU loop. One vCPU for now.
+SoftPlatform, doorbells checked by the vCPU loop. ``cfg.cpus`` vCPUs, each in its
+own thread on the shared guest RAM: the BSP starts in the boot state, the APs wait
+for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 from ..devices.platform import SoftPlatform
 from ..errors import UserError
@@ -20,16 +21,32 @@ log = logging.getLogger(__name__)
 VENDOR = b"KvmpyTCGCPU\0"  # 12 bytes: ebx, edx, ecx order below
 
 
-def translator_cpuid(num_cpus: int) -> list[tuple[int, int, int, int, int, int, int]]:
+# How long a halted vCPU sleeps without a wake-up; every event that can end a halt
+# (interrupt, INIT/SIPI, pause/stop) kicks it, so this is only a safety net.
+IDLE_WAIT = 0.5
+
+
+def translator_cpuid(num_cpus: int, apic_id: int = 0) -> list[tuple[int, int, int, int, int, int, int]]:
+    """CPUID of one vCPU: ``num_cpus`` single-thread cores in one package (what KVM's
+    table says too), so Linux's topology code sees as many cores as the MADT lists."""
+    shift = max(0, (num_cpus - 1).bit_length())
     ebx = int.from_bytes(VENDOR[0:4], "little")
     edx = int.from_bytes(VENDOR[4:8], "little")
     ecx = int.from_bytes(VENDOR[8:12], "little")
     leaf1_edx = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15) \
         | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)   # fpu tsc msr pae cx8 apic pge cmov clflush mmx fxsr sse sse2
     leaf1_ecx = (1 << 0) | (1 << 13) | (1 << 31)                      # sse3 cx16 hypervisor
+    if num_cpus > 1:
+        leaf1_edx |= 1 << 28          # HTT: EBX[23:16] holds the package's logical count
+    leaf1_ebx = (apic_id & 0xFF) << 24 | (min(num_cpus, 255) << 16) | (8 << 8)   # clflush 64 bytes
+    significant = 1                   # KVM_CPUID_FLAG_SIGNIFCANT_INDEX: leaf 0xB has sub-leaves
     return [
         (0, 0, 0, 0xD, ebx, ecx, edx),
-        (1, 0, 0, 0x000606A0, (1 << 16) | (8 << 8), leaf1_ecx, leaf1_edx),
+        (1, 0, 0, 0x000606A0, leaf1_ebx, leaf1_ecx, leaf1_edx),
+        # x2APIC topology: SMT level of one thread, core level of num_cpus
+        (0xB, 0, significant, 0, 1, (1 << 8) | 0, apic_id),
+        (0xB, 1, significant, shift, num_cpus, (2 << 8) | 1, apic_id),
+        (0xB, 2, significant, 0, 0, 2, apic_id),
         (0x80000000, 0, 0, 0x80000008, 0, 0, 0),
         (0x80000001, 0, 0, 0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),   # lahf, syscall, nx, lm
         (0x80000008, 0, 0, 0x3028, 0, 0, 0),                                # 40-bit phys, 48-bit virt
@@ -47,14 +64,15 @@ class TcgAccel:
                             "build it with `make build` or run with --enable-kvm") from None
         from ..devices.irqchip import SoftIrqChip, TimerWheel
         self.machine = machine
-        self.vcpus = [TcgVcpu(machine.memory, 0)]
-        if machine.cfg.cpus > 1:
-            log.warning("the translator runs 1 vCPU for now; %d requested", machine.cfg.cpus)
-        self.vcpus[0].set_cpuid(translator_cpuid(1))
-        self._wakeups = [threading.Event() for _ in self.vcpus]
+        num_cpus = machine.cfg.cpus
+        # APIC id = index: what the MADT announces and the LAPIC model reports
+        self.vcpus = [TcgVcpu(machine.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
+        for i, v in enumerate(self.vcpus):
+            v.set_cpuid(translator_cpuid(num_cpus, i))
         self.timer_wheel = TimerWheel()
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
-        self.irqchip = SoftIrqChip(len(self.vcpus), cpu_kick=self._kick, timer_wheel=self.timer_wheel)
+        self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
+                                   on_init=self._init_cpu, on_sipi=self._sipi_cpu)
         self.irqchip.register(machine.pio_bus, machine.mmio_bus, port_b=True)
         self.platform = SoftPlatform(machine.memory, on_irq=self.irqchip.set_irq_level,
                                      on_msi=self.irqchip.send_msi)
@@ -67,31 +85,59 @@ class TcgAccel:
 
     def _kick(self, cpu: int) -> None:
         if 0 <= cpu < len(self.vcpus):
-            self._wakeups[cpu].set()
             self.vcpus[cpu].kick()
+
+    # INIT / SIPI from a LAPIC (called on the ICR writer's thread, outside the chip
+    # lock): queued on the target, which applies them inside its own run().
+    def _init_cpu(self, cpu: int) -> None:
+        if 0 <= cpu < len(self.vcpus):
+            self.vcpus[cpu].request_init()
+            self.vcpus[cpu].wakeup.set()
+
+    def _sipi_cpu(self, cpu: int, vector: int) -> None:
+        if 0 <= cpu < len(self.vcpus):
+            self.vcpus[cpu].request_sipi(vector)
+            self.vcpus[cpu].wakeup.set()
 
     # --- hooks the vCPU thread calls ------------------------------------------------
     def vcpu_thread_started(self, index: int) -> None:
         self.irqchip.set_current_cpu(index)
 
     def pre_run(self, index: int) -> None:
-        """Move interrupts the interrupt controllers have for this CPU into the CPU.
+        """Move what the interrupt controllers have for this CPU into the CPU.
 
-        The translator holds a requested vector until IF=1; acknowledging it here,
-        before the guest can take it, is an approximation (the vector sits in the
-        LAPIC's ISR slightly early)."""
+        An NMI goes in at once (the CPU holds it while an NMI handler runs). A
+        maskable interrupt is acknowledged only when the CPU takes it before its next
+        instruction (IF=1, no interrupt shadow), as KVM injects; otherwise the CPU is
+        asked to come back (EXIT_INTR) as soon as it could take one, and the vector
+        stays in the LAPIC's IRR meanwhile, where a higher one can overtake it."""
         chip = self.irqchip
-        while chip.has_pending(index):
-            vector = chip.intr_ack(index)
-            if vector < 0:
-                break
-            self.vcpus[index].request_interrupt(vector)
+        v = self.vcpus[index]
+        if v.wait_sipi or chip.lapics[index].wait_for_sipi:
+            return          # an AP before its SIPI takes nothing (the LAPIC keeps it pending)
+        if chip.take_nmi(index):
+            v.request_nmi()
+        if chip.has_pending(index):
+            if v.interruptible:
+                vector = chip.intr_ack(index)
+                if vector >= 0:
+                    v.request_interrupt(vector)
+            else:
+                v.request_irq_window()
 
     def wait_halted(self, index: int) -> None:
-        wake = self._wakeups[index]
-        if not self.irqchip.has_pending(index):
-            wake.wait(0.05)
-        wake.clear()
+        """Sleep until something can end this vCPU's halt (every such event kicks it)."""
+        v = self.vcpus[index]
+        lapic = self.irqchip.lapics[index]
+        v.wakeup.clear()        # before the checks: a kick after them ends the wait
+        if lapic.wait_for_sipi:
+            v.wakeup.wait(IDLE_WAIT)
+            return
+        if v.wait_sipi:
+            return              # the LAPIC took a SIPI; its request is on the way to the CPU
+        if lapic.nmi_pending or (v.interruptible and self.irqchip.has_pending(index)):
+            return
+        v.wakeup.wait(IDLE_WAIT)
 
     def load_boot_state(self, boot) -> None:
         v = self.vcpus[0]
@@ -99,6 +145,10 @@ class TcgAccel:
         v.set_regs(boot.regs)
 
     def reset(self) -> None:
+        """system_reset: every vCPU at power-on, the APs waiting for a SIPI again (the
+        machine then loads the BSP's boot state). The vCPU threads are parked."""
+        for i, v in enumerate(self.vcpus):
+            v.reset(wait_sipi=i != 0)
         self.irqchip.reset()
         # The loader rewrites guest RAM from Python, behind the translator's back:
         # drop every translated block.
