@@ -68,7 +68,7 @@ class Machine:
     def _build_devices(self) -> None:
         from .devices.serial import Serial16550
         from .devices.i8042 import I8042, KBD_IRQ
-        from .devices.rtc import RtcCmos
+        from .devices.rtc import RTC_IRQ, RtcCmos
         from .devices.legacy import register_legacy_ports
         from .devices.acpi_pm import AcpiPm, PM_IO_LENGTH
         plat = self.platform
@@ -83,7 +83,15 @@ class Machine:
         self.i8042 = I8042(on_reset=guest_reset, irq_kbd=lambda level: plat.set_irq_level(KBD_IRQ, level))
         self.i8042.register(self.pio_bus)
         low = min(self.cfg.memory, layout.PCI_HOLE_START)
-        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=len(self.vcpus))
+        # KVM keeps its timers in the kernel; the RTC's interrupt needs one in userspace.
+        wheel = getattr(self.accel, "timer_wheel", None)
+        if wheel is None:
+            from .devices.irqchip import TimerWheel
+            wheel = TimerWheel(name="rtc-timer")
+            self._closers.append(wheel.close)
+        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=len(self.vcpus),
+                           irq=lambda level: plat.set_irq_level(RTC_IRQ, level), timer_wheel=wheel)
+        self._closers.append(self.rtc.close)
         self.pio_bus.register(0x70, 2, self.rtc)
         # Port 0x61 belongs to the PIT: KVM's in-kernel one, or the translator's irqchip.
         register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset, port_b=False)

@@ -146,3 +146,80 @@ def test_hostile_traffic_never_raises(ops):
             rtc.write(off, size, value)
         else:
             assert 0 <= rtc.read(off, size) <= 0xFF
+
+
+# ------------------------------------------------------------------------- IRQ 8
+
+class Linked:
+    """One fake time for the RTC (seconds) and the timer wheel (nanoseconds)."""
+
+    def __init__(self):
+        from kvmpy.devices.irqchip import TimerWheel
+        self.t = T0
+        self.wheel = TimerWheel(clock=lambda: int(self.t * 1e9), threaded=False)
+        self.levels = []
+        self.rtc = RtcCmos(1 * GiB, clock=lambda: self.t, irq=self.levels.append, timer_wheel=self.wheel)
+
+    def advance(self, seconds, step=0.01):
+        end = self.t + seconds
+        while self.t < end:
+            self.t = min(end, self.t + step)
+            self.wheel.run_due()
+
+    @property
+    def line(self):
+        return bool(self.levels) and self.levels[-1]
+
+
+def test_update_interrupt_each_second_until_register_c_is_read():
+    m = Linked()
+    rd(m.rtc, 0x0C)
+    assert m.wheel.next_deadline() is None          # nothing enabled: no timer at all
+    wr(m.rtc, 0x0B, 0x02 | 0x10)                    # 24h, UIE
+    m.advance(0.8)                                  # T0 is .25 past a second: update at .0
+    assert m.line
+    assert rd(m.rtc, 0x0C) & 0x90 == 0x90           # IRQF | UF (PF runs freely too)
+    assert not m.line
+    m.advance(0.5)
+    assert not m.line                               # next update one second after the last
+    m.advance(0.6)
+    assert m.line and m.levels.count(True) == 2
+    m.advance(3)
+    assert m.levels.count(True) == 2                # held until C is read, not re-raised
+
+
+def test_alarm_interrupt_only_at_the_matching_second():
+    m = Linked()
+    sec = rd(m.rtc, 0x00)
+    alarm = (sec >> 4) * 10 + (sec & 0xF) + 3
+    wr(m.rtc, 0x01, ((alarm // 10) << 4) | (alarm % 10))   # seconds alarm (BCD)
+    wr(m.rtc, 0x03, 0xC0)                                   # any minute
+    wr(m.rtc, 0x05, 0xC0)                                   # any hour
+    rd(m.rtc, 0x0C)
+    wr(m.rtc, 0x0B, 0x02 | 0x20)                            # AIE only
+    m.advance(2.6)
+    assert not m.line
+    m.advance(0.3)
+    assert m.line
+    assert rd(m.rtc, 0x0C) & 0xA0 == 0xA0                   # IRQF | AF
+
+
+def test_periodic_interrupt_rate_and_reset():
+    m = Linked()
+    wr(m.rtc, 0x0A, 0x26)                                   # 1024 Hz
+    rd(m.rtc, 0x0C)
+    wr(m.rtc, 0x0B, 0x02 | 0x40)                            # PIE
+    m.advance(1 / 2048, step=1 / 2048)                      # sample between ticks, not on them
+    rd(m.rtc, 0x0C)
+    raised = 0
+    for _ in range(100):
+        m.advance(1 / 1024, step=1 / 4096)
+        if m.line:
+            raised += 1
+            assert rd(m.rtc, 0x0C) & 0xC0 == 0xC0           # IRQF | PF
+    assert 90 <= raised <= 100
+    m.advance(0.01)
+    assert m.line
+    m.rtc.reset()
+    assert not m.line and rd(m.rtc, 0x0B) & 0x70 == 0
+    assert m.wheel.next_deadline() is None

@@ -8,7 +8,11 @@ UIP is set in the last 244 us of every second, as on the real part, so Linux's
 mc146818_get_time() retry loop sees the behaviour it was written for; with SET
 in register B the clock is frozen and the guest's writes take effect when SET is
 cleared. Register C's flags (UF, PF, AF, IRQF) are computed from elapsed time
-when it is read: semantics are right, but no IRQ 8 is raised yet (no timer).
+when it is read. With an ``irq`` line and a timer wheel, an enabled flag (B's
+PIE/AIE/UIE) raises IRQ 8 when it comes due, until the guest reads register C,
+as Linux's rtc-cmos expects for alarms (rtcwake) and update interrupts (hwclock).
+The periodic rate is capped at 1024 Hz (the part's default; faster rates would
+only burn host time).
 
 CMOS bytes follow what QEMU's pc_cmos_init stores for SeaBIOS: memory sizes at
 0x15-0x18/0x30-0x31 (KiB), 0x34-0x35 (64 KiB units above 16 MiB),
@@ -51,6 +55,7 @@ C_IRQF, C_PF, C_AF, C_UF = 0x80, 0x40, 0x20, 0x10
 D_VRT = 0x80
 
 UIP_WINDOW = 244e-6
+MIN_PERIOD = 1 / 1024
 KiB, MiB = 1024, 1024 * 1024
 
 
@@ -67,9 +72,14 @@ def _from_bcd(v: int) -> int | None:
 
 class RtcCmos:
     def __init__(self, ram_below_4g: int, ram_above_4g: int = 0, num_cpus: int = 1,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 irq: Callable[[bool], None] | None = None, timer_wheel=None) -> None:
         self._clock = clock
         self._lock = threading.Lock()
+        self._irq = irq
+        self._irq_level = False
+        self._wheel = timer_wheel if irq is not None else None
+        self._timer = self._wheel.timer(self._timer_fired) if self._wheel is not None else None
         self.offset = 0.0  # guest time - host time, seconds
         self.index = 0
         self.nmi_disabled = False
@@ -186,10 +196,10 @@ class RtcCmos:
                 return False
         return True
 
-    def _reg_c(self, now: float) -> int:
+    def _reg_c(self, now: float, since: float | None = None) -> int:
         if self.frozen is not None:
             return 0
-        last = self._c_since
+        last = self._c_since if since is None else since
         flags = 0
         if math.floor(now) > math.floor(last):
             flags |= C_UF
@@ -222,6 +232,9 @@ class RtcCmos:
             now = self._now()
             v = self._reg_c(now)
             self._c_since = now
+            if self._irq_level:
+                self._set_irq(False)        # reading C acknowledges the interrupt
+            self._rearm()
             return v
         if idx == REG_D:
             return D_VRT
@@ -238,6 +251,7 @@ class RtcCmos:
             return
         if idx == REG_A:
             self.cmos[REG_A] = value & 0x7F
+            self._rearm()
         elif idx == REG_B:
             old = self.cmos[REG_B]
             if value & B_SET:
@@ -253,6 +267,7 @@ class RtcCmos:
                 epoch = self._decode_time_with(old, self.frozen)
                 if epoch is not None:
                     self.frozen = self._time_registers(epoch)
+            self._rearm()
         elif idx in (REG_C, REG_D):
             log.debug("rtc: write %#x to read-only register %#x ignored", value, idx)
         else:
@@ -265,6 +280,59 @@ class RtcCmos:
             return self._decode_time(regs)
         finally:
             self.cmos[REG_B] = saved
+
+    # ---------------------------------------------------------- IRQ 8
+    def _set_irq(self, level: bool) -> None:
+        self._irq_level = level
+        if self._irq is not None:
+            self._irq(level)
+
+    def _rearm(self) -> None:
+        """Arm the timer for the next flag an enable bit in B asks to interrupt for."""
+        if self._timer is None:
+            return
+        b = self.cmos[REG_B]
+        if self._irq_level or self.frozen is not None or not b & (B_PIE | B_AIE | B_UIE):
+            self._timer.cancel()
+            return
+        now = self._now()
+        due = []
+        if b & (B_AIE | B_UIE):
+            due.append(math.floor(now) + 1.0)          # updates (and alarm matches) each second
+        period = self._periodic_period()
+        if b & B_PIE and period is not None:
+            period = max(period, MIN_PERIOD)
+            due.append((math.floor(now / period) + 1) * period)
+        if not due:
+            self._timer.cancel()
+            return
+        delay = max(0.0, min(due) - now)
+        self._timer.arm(self._wheel.clock() + int(delay * 1e9) + 1000)
+
+    def _timer_fired(self, _deadline: int, _token) -> None:
+        with self._lock:
+            if self._irq_level:
+                return
+            now = self._now()
+            # only the last few seconds: a long-unread register C must not make every
+            # tick rescan a day of alarm matches
+            if self._reg_c(now, since=max(self._c_since, now - 5.0)) & C_IRQF:
+                self._set_irq(True)
+            else:
+                self._rearm()      # an update with no alarm match: wait for the next one
+
+    def reset(self) -> None:
+        with self._lock:
+            self.cmos[REG_B] &= ~(B_PIE | B_AIE | B_UIE | B_SQWE)   # RESET clears them
+            self._c_since = self._now()
+            if self._irq_level:
+                self._set_irq(False)
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     # ---------------------------------------------------------- bus entry
     def read(self, offset: int, size: int) -> int:
