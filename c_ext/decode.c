@@ -87,6 +87,12 @@ static int ends_block(int op, int reg, int mod)
     return 0;
 }
 
+/* P_ALU_RR64..P_ALU_RI32 with the operation in imm2 -> the per-operation pseudo-op */
+static void split_alu(Insn *i)
+{
+    i->op = P_ALUX + (i->op - P_ALU_RR64) * 8 + (int)i->imm2;
+}
+
 /* Rewrites the hottest 32/64-bit forms to pseudo-ops with size-free handlers. */
 static void specialize(Insn *i)
 {
@@ -105,6 +111,7 @@ static void specialize(Insn *i)
         if (reg3) {
             i->imm2 = op >> 3;
             i->op = w ? P_ALU_RR64 : P_ALU_RR32;
+            split_alu(i);
         }
         return;
     case 0x03: case 0x0b: case 0x23: case 0x2b: case 0x33: case 0x3b:
@@ -119,6 +126,7 @@ static void specialize(Insn *i)
                 i->rm = i->reg;
                 i->reg = t;
                 i->op = w ? P_ALU_RR64 : P_ALU_RR32;
+                split_alu(i);
             }
         } else {
             i->op = w ? P_LOAD_ALU64 : P_LOAD_ALU32;
@@ -128,6 +136,7 @@ static void specialize(Insn *i)
         if (reg3 && (i->reg & 7) != 2 && (i->reg & 7) != 3) {
             i->imm2 = i->reg & 7;
             i->op = w ? P_ALU_RI64 : P_ALU_RI32;
+            split_alu(i);
         }
         return;
     case 0xc1:

@@ -573,8 +573,10 @@ static void string_op(CPU *c, Insn *i)
         if (n >= 0x4000) {
             n = 0;
             if (atomic_load_explicit(&c->exit_request, memory_order_relaxed)) {
-                if (areg(c, R_CX, asz) != 0)
+                if (areg(c, R_CX, asz) != 0) {
                     c->next_rip = c->rip;   /* resume the rep later, after the request */
+                    c->stop_block |= STOP_BLOCK;   /* the rest of the block does not follow yet */
+                }
                 return;
             }
         }
@@ -641,8 +643,10 @@ static void string_io(CPU *c, Insn *i)
     }
     if (i->rep) {
         areg_set(c, R_CX, asz, areg(c, R_CX, asz) - count);
-        if (areg(c, R_CX, asz) != 0)
+        if (areg(c, R_CX, asz) != 0) {
             c->next_rip = c->rip;
+            c->stop_block |= STOP_BLOCK;   /* the rest of the block does not follow yet */
+        }
     }
 }
 
@@ -652,10 +656,15 @@ void block_cache_flush(CPU *c)
 {
     /* the shared code bitmap stays as it is: other vCPUs may hold translations of those
      * pages, and a stale "code" mark only costs a slow-path write */
+    /* Links and jump-cache entries may still point at these slots: a slot is only
+     * trusted while valid, and it becomes valid again only once refilled whole. */
+    for (int k = 0; k < c->nblocks; k++)
+        c->blocks[k].valid = 0;
     c->nblocks = 0;
     c->ninsns = 0;
     memset(c->hash, 0, sizeof(Block *) * c->hash_size);
     memset(c->jc, 0, sizeof c->jc);
+    memset(c->page_blocks, 0, sizeof c->page_blocks);
     c->cur_block = 0;
 }
 
@@ -707,6 +716,7 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
     b->pc = pc;
     b->cs_base = c->seg[S_CS].base;
     b->mode = mode;
+    b->link[0] = b->link[1] = 0;
     unsigned cur = pa & 0xfff;
     int n = 0;
     uint8_t *p2 = 0;
@@ -765,6 +775,7 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
         }
         n++;
         cur += len;
+        i->end = (uint16_t)(cur - (pa & 0xfff));
         if (cur > 4096) {
             b->phys2 = pa2;
             break;
@@ -779,10 +790,46 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
     uint32_t h = phash(c, pa, mode);
     b->hnext = c->hash[h];
     c->hash[h] = b;
+    /* a block on two pages colliding in one list is linked there once, through pnext[0] */
+    unsigned s1 = page_list_slot(b->phys);
+    b->pnext[0] = c->page_blocks[s1];
+    c->page_blocks[s1] = b;
+    b->pnext[1] = 0;
+    if (b->phys2 != ~0ull && page_list_slot(b->phys2) != s1) {
+        unsigned s2 = page_list_slot(b->phys2);
+        b->pnext[1] = c->page_blocks[s2];
+        c->page_blocks[s2] = b;
+    }
     c->st_translated++;
     c->st_decoded_insns += n;
     c->st_decode_ns += now_ns() - t0;
     return b;
+}
+
+/* Is b the translation of the code at the current cs:pc, as this CPU maps and may
+ * execute it now? Cached block pointers (jump cache, links) are only hints and
+ * must pass this first. Checking the fetch mapping through the TLB (tag_x is
+ * per privilege level and only set for executable pages) means TLB flushes and
+ * INVLPG need not clear the hints; invalidated or recycled blocks fail "valid". */
+static inline __attribute__((always_inline)) int block_fits(CPU *c, Block *b, uint64_t pc, uint64_t csb,
+                                                           uint32_t mode)
+{
+    if (!(b->valid && b->pc == pc && b->cs_base == csb && b->mode == mode))
+        return 0;
+    uint64_t lin = linear(c, S_CS, pc);
+    TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
+    if (e->tag_x != (lin & ~0xfffull) || e->paddr != b->phys)
+        return 0;
+    if (unlikely(b->phys2 != ~0ull)) {
+        /* the block's tail lies on the next virtual page: same mapping required */
+        uint64_t l2 = (lin & ~0xfffull) + 4096;
+        if (!c->long64)
+            l2 = (uint32_t)l2;
+        TlbEnt *e2 = &c->tlb[c->mmu_idx][(l2 >> 12) & (TLB_SIZE - 1)];
+        if (e2->tag_x != l2 || e2->paddr != b->phys2)
+            return 0;
+    }
+    return 1;
 }
 
 static Block *find_block(CPU *c)
@@ -790,20 +837,21 @@ static Block *find_block(CPU *c)
     uint64_t pc = c->rip;
     uint64_t csb = c->seg[S_CS].base;
     uint32_t mode = c->code_mode;
-    /* the privilege level is part of the jump-cache key: a hit skips the fetch permission
-     * check, so user code must never reuse a kernel-only translation */
-    uint32_t jmode = mode | ((uint32_t)c->mmu_idx << 4);
     unsigned j = (unsigned)(pc ^ (pc >> 10)) & 4095;
-    if (likely(c->jc[j].b && c->jc[j].pc == pc && c->jc[j].cs_base == csb && c->jc[j].mode == jmode &&
-               c->jc[j].b->valid))
-        return c->jc[j].b;
+    Block *b = c->jc[j];
+    if (likely(b && block_fits(c, b, pc, csb, mode)))
+        return b;
     uint64_t lin = linear(c, S_CS, pc);
     int ok;
     uint64_t pa = fetch_phys(c, lin, 1, &ok);
     uint32_t h = phash(c, pa, mode);
-    Block *b;
-    for (b = c->hash[h]; b; b = b->hnext) {
-        if (b->start == pa && b->mode == mode && b->valid) {
+    /* invalidate_local_blocks() leaves invalid blocks in the chains: drop them here */
+    for (Block **pp = &c->hash[h]; (b = *pp) != 0; pp = &b->hnext) {
+        while (b && !b->valid)
+            b = *pp = b->hnext;
+        if (!b)
+            break;
+        if (b->start == pa && b->mode == mode) {
             if (b->phys2 != ~0ull) {
                 /* the block's tail lies on the next virtual page: same mapping required */
                 uint64_t l2 = (lin & ~0xfffull) + 4096;
@@ -818,10 +866,32 @@ static Block *find_block(CPU *c)
     }
     if (!b)
         b = translate_block(c, pc, lin, pa, mode);
-    c->jc[j].pc = pc;
-    c->jc[j].cs_base = csb;
-    c->jc[j].mode = jmode;
-    c->jc[j].b = b;
+    c->jc[j] = b;
+    return b;
+}
+
+/* The block to run after prev (0 when unknown): prev's links first, they stay in
+ * the cache lines just used; the jump cache and hash table otherwise. */
+static inline __attribute__((always_inline)) Block *next_block(CPU *c, Block *prev)
+{
+    if (likely(prev != 0)) {
+        uint64_t pc = c->rip;
+        uint64_t csb = c->seg[S_CS].base;
+        uint32_t mode = c->code_mode;
+        Block *n = prev->link[0];
+        if (likely(n && block_fits(c, n, pc, csb, mode)))
+            return n;
+        n = prev->link[1];
+        if (n && block_fits(c, n, pc, csb, mode))
+            return n;
+    }
+    Block *b = find_block(c);
+    /* translate_block may have flushed the cache: prev is then a recycled slot and
+     * its links mere hints like any other, so writing them is harmless */
+    if (prev && b != prev->link[0]) {
+        prev->link[1] = prev->link[0];
+        prev->link[0] = b;
+    }
     return b;
 }
 
@@ -1020,7 +1090,7 @@ static int check_async(CPU *c)
     return 0;
 }
 
-static void exec_block(CPU *c, Block *b);
+static Block *exec_block(CPU *c, Block *b);
 
 static int exc_class(int v)
 {
@@ -1034,6 +1104,8 @@ int cpu_run(CPU *c)
     uint64_t t0 = now_ns();
     uint64_t d0 = c->st_decode_ns;
     c->acc_pos = 0;   /* the first instruction replays the accesses the VMM completed */
+    if (c->nacc)
+        c->stop_block |= STOP_REPLAY;   /* ... and its end clears the access log (NEXT) */
     int r = setjmp(c->jb);
     if (r == 2) {
         c->cur_block = 0;
@@ -1068,6 +1140,9 @@ int cpu_run(CPU *c)
         deliver_interrupt(c, vec, 0, err, has_err, c->rip);
         c->delivering = -1;
     }
+    /* the block that just ran, for next_block(); declared after setjmp, so an
+     * exception (longjmp) restarts the chain from nothing */
+    Block *last = 0;
     for (;;) {
         if (unlikely(c->seen_code_epoch != atomic_load_explicit(&code_epoch, memory_order_relaxed)))
             drop_code_write_tags(c);
@@ -1077,9 +1152,9 @@ int cpu_run(CPU *c)
                 c->st_exec_ns += (now_ns() - t0) - (c->st_decode_ns - d0);
                 return rr;
             }
+            last = 0;   /* an interrupt entry is no successor worth linking */
         }
-        Block *b = find_block(c);
-        exec_block(c, b);
+        last = exec_block(c, next_block(c, last));
     }
 }
 
@@ -1314,9 +1389,32 @@ static void lar_lsl(CPU *c, Insn *i, int lsl)
     set_flags(c, f);
 }
 
-static void exec_block(CPU *c, Block *b)
+/* May the block after this one start without a trip through cpu_run? Only when
+ * none of the run loop's per-block checks (cpu_run) would act: keep the two in step. */
+static inline __attribute__((always_inline)) int chain_ok(CPU *c)
 {
-    Insn *i = b->insns, *end = i + b->n;
+    return !atomic_load_explicit(&c->exit_request, memory_order_relaxed) && !c->halted &&
+           c->seen_code_epoch == atomic_load_explicit(&code_epoch, memory_order_relaxed);
+}
+
+/* the most blocks run back to back through links before cpu_run has control again */
+#define CHAIN_MAX 64
+
+/* Runs b, then its linked successors while chain_ok(); returns the last block run. */
+static Block *exec_block(CPU *c, Block *b)
+{
+    Insn *i, *end;
+    uint64_t entry_rip, ip_wrap;
+    int chain = CHAIN_MAX;
+enter:
+    i = b->insns;
+    end = i + b->n;
+    /* next_rip comes from the block's entry rip and the instruction's end offset, not
+     * from the previous rip: no store-to-load dependency chain through c->rip from one
+     * instruction to the next. Valid because anything that moves rip other than to the
+     * next instruction ends the block (ends_block() in decode.c, or stop_block). */
+    entry_rip = c->rip;
+    ip_wrap = c->long64 ? ~0ull : 0xffffffffull;
     if (unlikely(c->shadow)) {
         end = i + 1;
         c->shadow = 0;
@@ -1346,6 +1444,30 @@ static void exec_block(CPU *c, Block *b)
         [P_TEST_RR32] = &&op_P_TEST_RR32,
         [P_LOAD_ALU64] = &&op_P_LOAD_ALU64,
         [P_LOAD_ALU32] = &&op_P_LOAD_ALU32,
+        [P_ADD_RR64] = &&op_P_ADD_RR64,
+        [P_OR_RR64] = &&op_P_OR_RR64,
+        [P_AND_RR64] = &&op_P_AND_RR64,
+        [P_SUB_RR64] = &&op_P_SUB_RR64,
+        [P_XOR_RR64] = &&op_P_XOR_RR64,
+        [P_CMP_RR64] = &&op_P_CMP_RR64,
+        [P_ADD_RR32] = &&op_P_ADD_RR32,
+        [P_OR_RR32] = &&op_P_OR_RR32,
+        [P_AND_RR32] = &&op_P_AND_RR32,
+        [P_SUB_RR32] = &&op_P_SUB_RR32,
+        [P_XOR_RR32] = &&op_P_XOR_RR32,
+        [P_CMP_RR32] = &&op_P_CMP_RR32,
+        [P_ADD_RI64] = &&op_P_ADD_RI64,
+        [P_OR_RI64] = &&op_P_OR_RI64,
+        [P_AND_RI64] = &&op_P_AND_RI64,
+        [P_SUB_RI64] = &&op_P_SUB_RI64,
+        [P_XOR_RI64] = &&op_P_XOR_RI64,
+        [P_CMP_RI64] = &&op_P_CMP_RI64,
+        [P_ADD_RI32] = &&op_P_ADD_RI32,
+        [P_OR_RI32] = &&op_P_OR_RI32,
+        [P_AND_RI32] = &&op_P_AND_RI32,
+        [P_SUB_RI32] = &&op_P_SUB_RI32,
+        [P_XOR_RI32] = &&op_P_XOR_RI32,
+        [P_CMP_RI32] = &&op_P_CMP_RI32,
         [0x00] = &&op_0x00,
         [0x08] = &&op_0x08,
         [0x10] = &&op_0x10,
@@ -1706,19 +1828,19 @@ static void exec_block(CPU *c, Block *b)
     uint64_t a, v, lin;
 #define PROLOGUE()                                          \
     do {                                                    \
-        c->next_rip = c->rip + i->len;                      \
-        if (!c->long64)                                     \
-            c->next_rip = (uint32_t)c->next_rip;            \
+        c->next_rip = (entry_rip + i->end) & ip_wrap;       \
         sz = i->osz;                                        \
         op = i->op;                                         \
     } while (0)
 #define NEXT                                                \
     do {                                                    \
         c->rip = c->next_rip;                               \
-        if (unlikely(c->stop_block | c->nacc)) {            \
-            c->nacc = c->acc_pos = 0;                       \
-            if (c->stop_block) {                            \
-                c->stop_block = 0;                          \
+        if (unlikely(c->stop_block)) {                      \
+            int why = c->stop_block;                        \
+            c->stop_block = 0;                              \
+            if (why & STOP_REPLAY)                          \
+                c->nacc = c->acc_pos = 0;                   \
+            if (why & STOP_BLOCK) {                         \
                 i++;                                        \
                 goto out;                                   \
             }                                               \
@@ -2644,6 +2766,23 @@ static void exec_block(CPU *c, Block *b)
             v = alu(c, (int)i->imm2, (uint32_t)c->r[i->rm], (uint32_t)i->imm, 4);
             if (i->imm2 != 7) c->r[i->rm] = (uint32_t)v;
             NEXT;
+        /* per-operation ALU forms (P_ALUX): alu() folds to the one operation */
+#define ALU_RR64(o) v = alu(c, o, c->r[i->rm], c->r[i->reg], 8); if (o != 7) c->r[i->rm] = v; NEXT
+#define ALU_RR32(o) v = alu(c, o, (uint32_t)c->r[i->rm], (uint32_t)c->r[i->reg], 4); if (o != 7) c->r[i->rm] = (uint32_t)v; NEXT
+#define ALU_RI64(o) v = alu(c, o, c->r[i->rm], i->imm, 8); if (o != 7) c->r[i->rm] = v; NEXT
+#define ALU_RI32(o) v = alu(c, o, (uint32_t)c->r[i->rm], (uint32_t)i->imm, 4); if (o != 7) c->r[i->rm] = (uint32_t)v; NEXT
+        op_P_ADD_RR64: ALU_RR64(0); op_P_OR_RR64: ALU_RR64(1); op_P_AND_RR64: ALU_RR64(4);
+        op_P_SUB_RR64: ALU_RR64(5); op_P_XOR_RR64: ALU_RR64(6); op_P_CMP_RR64: ALU_RR64(7);
+        op_P_ADD_RR32: ALU_RR32(0); op_P_OR_RR32: ALU_RR32(1); op_P_AND_RR32: ALU_RR32(4);
+        op_P_SUB_RR32: ALU_RR32(5); op_P_XOR_RR32: ALU_RR32(6); op_P_CMP_RR32: ALU_RR32(7);
+        op_P_ADD_RI64: ALU_RI64(0); op_P_OR_RI64: ALU_RI64(1); op_P_AND_RI64: ALU_RI64(4);
+        op_P_SUB_RI64: ALU_RI64(5); op_P_XOR_RI64: ALU_RI64(6); op_P_CMP_RI64: ALU_RI64(7);
+        op_P_ADD_RI32: ALU_RI32(0); op_P_OR_RI32: ALU_RI32(1); op_P_AND_RI32: ALU_RI32(4);
+        op_P_SUB_RI32: ALU_RI32(5); op_P_XOR_RI32: ALU_RI32(6); op_P_CMP_RI32: ALU_RI32(7);
+#undef ALU_RR64
+#undef ALU_RR32
+#undef ALU_RI64
+#undef ALU_RI32
         op_P_LOAD_ALU64: {
             /* reg <- reg op E (E a register for sub/cmp, else memory) */
             int aop = (int)(i->imm2 & 0xff);
@@ -2698,7 +2837,25 @@ out:
 #undef NEXT
 #undef PROLOGUE
     c->st_insns += i - b->insns;
+    /* Block chaining: the successor is taken from b's links (see next_block) without
+     * returning to cpu_run, whose per-block work (call, checks, lookup) costs about
+     * as much as a short block. Links that miss or need translating go through cpu_run. */
+    if (likely(--chain > 0 && chain_ok(c))) {
+        uint64_t pc = c->rip, csb = c->seg[S_CS].base;
+        uint32_t mode = c->code_mode;
+        Block *n = b->link[0];
+        if (likely(n && block_fits(c, n, pc, csb, mode))) {
+            b = n;
+            goto enter;
+        }
+        n = b->link[1];
+        if (n && block_fits(c, n, pc, csb, mode)) {
+            b = n;
+            goto enter;
+        }
+    }
     c->cur_block = 0;
+    return b;
 }
 
 static void exec_system_0f00(CPU *c, Insn *i)

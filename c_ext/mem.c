@@ -164,7 +164,7 @@ void tlb_flush(CPU *c, int global_too)
                 e->global = 0;
             }
         }
-    memset(c->jc, 0, sizeof c->jc);
+    /* no jump-cache flush: its hits are checked against the TLB (block_fits) */
 }
 
 void tlb_flush_page(CPU *c, uint64_t lin)
@@ -174,7 +174,6 @@ void tlb_flush_page(CPU *c, uint64_t lin)
         e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
         e->global = 0;
     }
-    memset(c->jc, 0, sizeof c->jc);
 }
 
 static void __attribute__((noreturn)) page_fault(CPU *c, uint64_t lin, uint32_t err)
@@ -369,8 +368,21 @@ void code_page_mark(CPU *c, uint64_t pa)
     if (!r)
         return;
     uint8_t *flag = &r->code[(pa - r->gpa) >> 12];
-    if (!__atomic_load_n(flag, __ATOMIC_ACQUIRE) && !__atomic_exchange_n(flag, 1, __ATOMIC_SEQ_CST))
-        atomic_fetch_add(&code_epoch, 1);   /* other vCPUs drop their write tags for it */
+    if (!__atomic_load_n(flag, __ATOMIC_ACQUIRE)) {
+        if (!__atomic_exchange_n(flag, 1, __ATOMIC_SEQ_CST)) {
+            uint64_t old = atomic_fetch_add(&code_epoch, 1);   /* other vCPUs drop their write tags for it */
+            /* this vCPU drops them for the page right below: no need for a whole-TLB
+             * drop_code_write_tags() on our own marking if we were up to date before */
+            if (c->seen_code_epoch == old)
+                c->seen_code_epoch = old + 1;
+        }
+    } else if (c->seen_code_epoch == atomic_load(&code_epoch)) {
+        /* Already code, and this vCPU has seen every marking since: whoever set the flag
+         * dropped our write tags for the page (here below, or drop_code_write_tags() on
+         * its epoch bump) and tlb_fill() gives code pages none, so there is nothing to
+         * scan for. Most translations land on pages that hold code already. */
+        return;
+    }
     uint64_t page = pa & ~0xfffull;
     for (int m = 0; m < 2; m++)
         for (int k = 0; k < TLB_SIZE; k++)
@@ -390,32 +402,32 @@ void drop_code_write_tags(CPU *c)
         }
 }
 
-/* Drop this vCPU's translations from one physical page (no bitmap check). */
+/* Drop this vCPU's translations from one physical page (no bitmap check). Only the
+ * page's list is walked; hash chains lose the invalid blocks lazily (find_block). */
 void invalidate_local_blocks(CPU *c, uint64_t pa)
 {
     uint64_t page = pa & ~0xfffull;
+    unsigned slot = page_list_slot(page);
     int hit = 0;
-    for (int k = 0; k < c->nblocks; k++) {
-        Block *b = &c->blocks[k];
-        if (b->valid && (b->phys == page || b->phys2 == page)) {
+    Block **pp = &c->page_blocks[slot];
+    while (*pp) {
+        Block *b = *pp;
+        /* the link this list uses: pnext[0] when it is the list of b's first page */
+        int k = page_list_slot(b->phys) == slot ? 0 : 1;
+        if (b->valid && b->phys != page && b->phys2 != page) {
+            pp = &b->pnext[k];
+            continue;
+        }
+        if (b->valid) {
             b->valid = 0;
             hit = 1;
             if (b == c->cur_block)
-                c->stop_block = 1;
+                c->stop_block |= STOP_BLOCK;
         }
+        *pp = b->pnext[k];   /* invalid blocks leave the list (a two-page block: each list in turn) */
     }
-    if (!hit)
-        return;
-    c->st_invalidations++;
-    for (uint32_t h = 0; h < c->hash_size; h++) {
-        Block **pp = &c->hash[h];
-        while (*pp) {
-            if (!(*pp)->valid)
-                *pp = (*pp)->hnext;
-            else
-                pp = &(*pp)->hnext;
-        }
-    }
+    if (hit)
+        c->st_invalidations++;
 }
 
 /* This vCPU writes a page marked as code: invalidate here and on every other vCPU

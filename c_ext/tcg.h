@@ -76,7 +76,7 @@ typedef struct Seg {
     uint8_t type, s, dpl, present, avl, l, db, g, unusable;
 } Seg;
 
-#define TLB_BITS 8
+#define TLB_BITS 10
 #define TLB_SIZE (1 << TLB_BITS)
 #define TLB_INVALID (~0ULL)
 typedef struct TlbEnt {
@@ -99,12 +99,18 @@ typedef struct Insn {
     uint8_t mod, reg, rm;   /* reg and rm already include REX.R / REX.B */
     uint8_t base, index, scale;
     uint8_t rexw;
+    uint16_t end;       /* offset of the next instruction from the block's first byte */
     int64_t disp;
     uint64_t imm;
     uint64_t imm2;
 } Insn;
 
 #define BLOCK_MAX_INSNS 64
+#define PAGE_LISTS 4096
+static inline unsigned page_list_slot(uint64_t page)
+{
+    return (unsigned)((page >> 12) ^ (page >> 24)) & (PAGE_LISTS - 1);
+}
 typedef struct Block {
     uint64_t start;         /* guest-physical address of the first byte */
     uint64_t phys, phys2;   /* physical page(s) its bytes came from (phys2 = ~0 when one page) */
@@ -115,6 +121,11 @@ typedef struct Block {
     uint32_t valid;
     struct Block *hnext;
     Insn *insns;
+    /* Successors seen after this block ran (most recent first): hints that spare the
+     * jump-cache lookup. Like jump-cache entries they are checked with block_fits()
+     * before use, so nothing has to find and clear them when blocks or mappings go. */
+    struct Block *link[2];
+    struct Block *pnext[2];  /* next in the page lists of phys and phys2 (CPU.page_blocks) */
 } Block;
 
 typedef struct RamRegion {
@@ -122,6 +133,8 @@ typedef struct RamRegion {
     uint8_t *host;
     uint8_t *code;          /* one byte per 4 KiB page: translated code lives there */
 } RamRegion;
+
+enum { STOP_BLOCK = 1, STOP_REPLAY = 2 };
 
 /* One VM-exit-producing access of the current instruction, kept so the
  * instruction can be re-executed after the VMM completes it. */
@@ -207,8 +220,14 @@ typedef struct CPU {
     int ninsns, max_insns;
     Block **hash;
     uint32_t hash_size;
-    struct { uint64_t pc, cs_base; uint32_t mode; Block *b; } jc[4096];
+    Block *jc[4096];                 /* by pc; a hint checked with block_fits(), like Block.link */
+    /* blocks by physical page, so a write to a code page finds its blocks without
+     * scanning the whole cache; see page_list_slot() */
+    Block *page_blocks[PAGE_LISTS];
     Block *cur_block;
+    /* checked after every instruction (one load): STOP_BLOCK leaves the block after it
+     * (its code was overwritten, or it must repeat); STOP_REPLAY clears the access log
+     * once the instruction that replayed completed VM exits is done */
     int stop_block;
 
     uint64_t seen_code_epoch;        /* code_epoch when this CPU last dropped write tags */
@@ -305,9 +324,17 @@ enum {
     P_LOAD64, P_LOAD32, P_STORE64, P_STORE32,
     P_ALU_RR64, P_ALU_RR32, P_ALU_RI64, P_ALU_RI32, P_SHIFT_RI64, P_SHIFT_RI32,
     P_LEA64, P_TEST_RR64, P_TEST_RR32, P_LOAD_ALU64, P_LOAD_ALU32,
-    P_COUNT
+    P_COUNT,
+    /* P_ALU_RR64..P_ALU_RI32 split by operation (P_ALUX + form * 8 + ALU op; adc/sbb
+     * never take these forms): each op gets its own dispatch entry and handler, so the
+     * one indirect jump per instruction also selects the operation */
+    P_ALUX = 0x420,
+    P_ADD_RR64 = P_ALUX, P_OR_RR64, P_AND_RR64 = P_ALUX + 4, P_SUB_RR64, P_XOR_RR64, P_CMP_RR64,
+    P_ADD_RR32 = P_ALUX + 8, P_OR_RR32, P_AND_RR32 = P_ALUX + 12, P_SUB_RR32, P_XOR_RR32, P_CMP_RR32,
+    P_ADD_RI64 = P_ALUX + 16, P_OR_RI64, P_AND_RI64 = P_ALUX + 20, P_SUB_RI64, P_XOR_RI64, P_CMP_RI64,
+    P_ADD_RI32 = P_ALUX + 24, P_OR_RI32, P_AND_RI32 = P_ALUX + 28, P_SUB_RI32, P_XOR_RI32, P_CMP_RI32,
 };
-#define DISPATCH_SIZE 0x420
+#define DISPATCH_SIZE 0x440
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
 Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh);
 
