@@ -6,9 +6,6 @@
 #include "tcg.h"
 
 void sse_exec(CPU *c, Insn *i);
-void x87_exec(CPU *c, Insn *i);
-void fxsave(CPU *c, uint64_t lin);
-void fxrstor(CPU *c, uint64_t lin);
 
 static const uint8_t parity_table[256] = {
 #define P2(n) n, n ^ 4, n ^ 4, n
@@ -1181,7 +1178,7 @@ void cpu_init(CPU *c)
     c->cr0 = 0x60000010;
     c->xcr0 = 1;
     c->mxcsr = 0x1f80;
-    c->fcw = 0x37f;
+    fpu_reset(c);
     c->pat = 0x0007040600070406ull;
     c->apic_base = 0xfee00000ull | (c->cpu_index == 0 ? 0x900 : 0x800);
     c->delivering = -1;
@@ -2076,6 +2073,7 @@ enter:
             do_far_jump(c, (uint16_t)i->imm2, i->imm & szmask(sz), 1, sz);
             NEXT;
         op_0x9b:   /* fwait */
+            x87_fwait(c);
             NEXT;
         op_0x9c:
             if ((c->eflags & F_VM) && ((c->eflags >> 12) & 3) != 3) GP0();
@@ -2555,8 +2553,8 @@ enter:
                 NEXT;
             }
             switch (i->reg & 7) {
-            case 0: fxsave(c, ea_lin(c, i)); break;
-            case 1: fxrstor(c, ea_lin(c, i)); break;
+            case 0: fxsave(c, ea_lin(c, i), i->rexw); break;
+            case 1: fxrstor(c, ea_lin(c, i), i->rexw); break;
             case 2: {
                 uint32_t m = (uint32_t)ld(c, ea_lin(c, i), 4);
                 if (m & 0xffff0000u) GP0();

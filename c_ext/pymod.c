@@ -466,6 +466,39 @@ static PyObject *Cpu_set_xmm(CpuObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* x87 state: (fcw, fsw, ftw, 80 bytes of R0-R7 in physical order, 10 bytes each) */
+static PyObject *Cpu_get_fpu(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    uint8_t regs[80];
+    for (int k = 0; k < 8; k++)
+        memcpy(regs + 10 * k, c->fpregs[k], 10);
+    return Py_BuildValue("(HHHy#)", c->fcw, c->fsw, c->ftw, (char *)regs, (Py_ssize_t)80);
+}
+
+static PyObject *Cpu_set_fpu(CpuObject *self, PyObject *args)
+{
+    CPU *c = self->cpu;
+    unsigned short fcw, fsw, ftw;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "HHHy*", &fcw, &fsw, &ftw, &b))
+        return NULL;
+    if (b.len != 80) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "x87 registers: 80 bytes");
+        return NULL;
+    }
+    c->fcw = fcw;
+    c->fsw = fsw;
+    c->ftw = ftw;
+    for (int k = 0; k < 8; k++) {
+        memcpy(c->fpregs[k], (uint8_t *)b.buf + 10 * k, 10);
+        memset(c->fpregs[k] + 10, 0, 6);
+    }
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Cpu_methods[] = {
     { "add_ram", (PyCFunction)Cpu_add_ram, METH_VARARGS, "add_ram(gpa, writable_buffer)" },
     { "clear_ram", (PyCFunction)Cpu_clear_ram, METH_NOARGS, "release every RAM buffer" },
@@ -495,6 +528,8 @@ static PyMethodDef Cpu_methods[] = {
     { "flush", (PyCFunction)Cpu_flush, METH_NOARGS, NULL },
     { "get_xmm", (PyCFunction)Cpu_get_xmm, METH_VARARGS, NULL },
     { "set_xmm", (PyCFunction)Cpu_set_xmm, METH_VARARGS, NULL },
+    { "get_fpu", (PyCFunction)Cpu_get_fpu, METH_NOARGS, "(fcw, fsw, ftw, R0-R7 as 80 bytes)" },
+    { "set_fpu", (PyCFunction)Cpu_set_fpu, METH_VARARGS, NULL },
     { NULL }
 };
 

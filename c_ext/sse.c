@@ -1,10 +1,9 @@
-/* SSE/SSE2: the integer and data-movement subset x86-64 userspace relies on
- * (glibc string functions, memcpy/memset, struct copies), fxsave/fxrstor, and the
- * x87 control instructions an OS uses to probe and initialise the FPU.
+/* SSE/SSE2/SSE3: the integer and data-movement subset x86-64 userspace relies on
+ * (glibc string functions, memcpy/memset, struct copies) and the floating point.
+ * x87 and fxsave/fxrstor live in x87.c.
  * SSE/SSE2 floating point runs on the host's own SSE unit with the guest's MXCSR
  * (rounding, FTZ/DAZ) loaded, so results, NaN propagation and status flags are
- * exactly the hardware's. x87 arithmetic is not implemented (#UD); CPUID does not
- * advertise more than SSE2. */
+ * exactly the hardware's. CPUID advertises SSE3, not SSSE3 or later. */
 #include <emmintrin.h>
 #include "tcg.h"
 
@@ -342,6 +341,64 @@ static int sse_fp(CPU *c, Insn *i)
     return 1;
 }
 
+/* SSE3. Returns 1 when the instruction was one. The arithmetic runs as the
+ * instruction itself (operand order decides which NaN wins). */
+static int sse3(CPU *c, Insn *i)
+{
+    int op = i->op & 0x1ff, pfx = i->pfx;
+    uint8_t *dst = c->xmm[i->reg];
+    X s, d, r;
+    switch (op) {
+    case 0x112: case 0x116:
+        if (pfx == 2) {                                   /* movsldup / movshdup */
+            src128(c, i, &s, 1);
+            int hi = op == 0x116;
+            r.d[0] = r.d[1] = s.d[hi];
+            r.d[2] = r.d[3] = s.d[2 + hi];
+            memcpy(dst, &r, 16);
+            return 1;
+        }
+        if (pfx == 3 && op == 0x112) {                    /* movddup */
+            uint64_t v = i->mod == 3 ? ((X *)c->xmm[i->rm])->q[0] : ld(c, ea_lin(c, i), 8);
+            r.q[0] = r.q[1] = v;
+            memcpy(dst, &r, 16);
+            return 1;
+        }
+        return 0;
+    case 0x1f0:                                           /* lddqu */
+        if (pfx != 3 || i->mod == 3)
+            RAISE(c, EXC_UD);
+        src128(c, i, &s, 0);
+        memcpy(dst, &s, 16);
+        return 1;
+    case 0x1d0: case 0x17c: case 0x17d:
+        if (pfx != 1 && pfx != 3)
+            RAISE(c, EXC_UD);
+        break;
+    default:
+        return 0;
+    }
+    src128(c, i, &s, 1);
+    memcpy(&d, dst, 16);
+    unsigned host = _mm_getcsr();
+    _mm_setcsr((c->mxcsr & ~0x3fu) | 0x1f80u);   /* guest rounding/FTZ/DAZ, all exceptions masked */
+    if (pfx == 1) {
+        __m128d a = xpd(&d), b = xpd(&s), v;
+        v = op == 0x1d0 ? FP_ASM("addsubpd", __m128d, a, b)
+          : op == 0x17c ? FP_ASM("haddpd", __m128d, a, b) : FP_ASM("hsubpd", __m128d, a, b);
+        memcpy(&r, &v, 16);
+    } else {
+        __m128 a = xps(&d), b = xps(&s), v;
+        v = op == 0x1d0 ? FP_ASM("addsubps", __m128, a, b)
+          : op == 0x17c ? FP_ASM("haddps", __m128, a, b) : FP_ASM("hsubps", __m128, a, b);
+        memcpy(&r, &v, 16);
+    }
+    c->mxcsr |= _mm_getcsr() & 0x3f;
+    _mm_setcsr(host);
+    memcpy(dst, &r, 16);
+    return 1;
+}
+
 void sse_exec(CPU *c, Insn *i)
 {
     int op = i->op & 0xff;
@@ -358,7 +415,7 @@ void sse_exec(CPU *c, Insn *i)
         return;
     }
     sse_check(c);
-    if (sse_fp(c, i))
+    if (sse_fp(c, i) || sse3(c, i))
         return;
     switch (op) {
     case 0x10: case 0x11: {   /* movups/movupd/movss/movsd */
@@ -743,94 +800,4 @@ void sse_exec(CPU *c, Insn *i)
         RAISE(c, EXC_UD);
     }
     memcpy(dst, &r, 16);
-}
-
-/* x87: only what an OS needs to probe and initialise the FPU */
-void x87_exec(CPU *c, Insn *i)
-{
-    if (c->cr0 & 4)
-        RAISE(c, EXC_NM);   /* CR0.EM: emulate in software */
-    if (c->cr0 & CR0_TS)
-        RAISE(c, EXC_NM);
-    int op = i->op, r = i->reg & 7;
-    if (op == 0xdb && i->mod == 3 && r == 4 && (i->rm & 7) == 3) {   /* fninit */
-        c->fcw = 0x37f;
-        c->fsw = 0;
-        c->ftw = 0xffff;
-        return;
-    }
-    if (op == 0xdb && i->mod == 3 && r == 4 && (i->rm & 7) == 2) {   /* fnclex */
-        c->fsw &= 0x7f00;
-        return;
-    }
-    if (op == 0xdf && i->mod == 3 && r == 4 && (i->rm & 7) == 0) {   /* fnstsw ax */
-        c->r[R_AX] = (c->r[R_AX] & ~0xffffull) | c->fsw;
-        return;
-    }
-    if (op == 0xd9 && i->mod != 3 && r == 7) {   /* fnstcw m16 */
-        st(c, ea_lin(c, i), 2, c->fcw);
-        return;
-    }
-    if (op == 0xd9 && i->mod != 3 && r == 5) {   /* fldcw m16 */
-        c->fcw = (uint16_t)ld(c, ea_lin(c, i), 2);
-        return;
-    }
-    if (op == 0xdd && i->mod != 3 && r == 7) {   /* fnstsw m16 */
-        st(c, ea_lin(c, i), 2, c->fsw);
-        return;
-    }
-    RAISE(c, EXC_UD);
-}
-
-void fxsave(CPU *c, uint64_t lin)
-{
-    if (c->cr0 & (4 | CR0_TS))
-        RAISE(c, (c->cr0 & 4) ? EXC_UD : EXC_NM);
-    if (lin & 15)
-        RAISE_ERR(c, EXC_GP, 0);
-    uint8_t buf[512];
-    memset(buf, 0, sizeof buf);
-    memcpy(buf + 0, &c->fcw, 2);
-    memcpy(buf + 2, &c->fsw, 2);
-    uint8_t ftw = 0;   /* abridged: 1 = valid register */
-    for (int k = 0; k < 8; k++)
-        if (((c->ftw >> (2 * k)) & 3) != 3)
-            ftw |= 1 << k;
-    buf[4] = ftw;
-    memcpy(buf + 24, &c->mxcsr, 4);
-    uint32_t mask = 0xffff;
-    memcpy(buf + 28, &mask, 4);
-    for (int k = 0; k < 8; k++)
-        memcpy(buf + 32 + 16 * k, c->fpregs[k], 10);
-    int nxmm = c->long64 ? 16 : 8;
-    for (int k = 0; k < nxmm; k++)
-        memcpy(buf + 160 + 16 * k, c->xmm[k], 16);
-    mem_write_bytes(c, lin, buf, 512);
-}
-
-void fxrstor(CPU *c, uint64_t lin)
-{
-    if (c->cr0 & (4 | CR0_TS))
-        RAISE(c, (c->cr0 & 4) ? EXC_UD : EXC_NM);
-    if (lin & 15)
-        RAISE_ERR(c, EXC_GP, 0);
-    uint8_t buf[512];
-    mem_read_bytes(c, lin, buf, 512);
-    uint32_t mxcsr;
-    memcpy(&mxcsr, buf + 24, 4);
-    if (mxcsr & 0xffff0000u)
-        RAISE_ERR(c, EXC_GP, 0);
-    memcpy(&c->fcw, buf + 0, 2);
-    memcpy(&c->fsw, buf + 2, 2);
-    uint16_t ftw = 0;
-    for (int k = 0; k < 8; k++)
-        if (!(buf[4] & (1 << k)))
-            ftw |= 3 << (2 * k);
-    c->ftw = ftw;
-    c->mxcsr = mxcsr;
-    for (int k = 0; k < 8; k++)
-        memcpy(c->fpregs[k], buf + 32 + 16 * k, 10);
-    int nxmm = c->long64 ? 16 : 8;
-    for (int k = 0; k < nxmm; k++)
-        memcpy(c->xmm[k], buf + 160 + 16 * k, 16);
 }

@@ -178,7 +178,9 @@ typedef struct CPU {
     uint8_t xmm[16][16] __attribute__((aligned(16)));
     uint32_t mxcsr;
     uint16_t fcw, fsw, ftw;
-    uint8_t fpregs[8][16];
+    uint8_t fpregs[8][16];           /* physical R0-R7 (x87.c); ST(i) = R[(TOP+i)&7] */
+    uint64_t fip, fdp;               /* last non-control x87 instruction and its operand */
+    uint16_t fcs, fds, fop;
 
     int nram;
     RamRegion ram[MAX_RAM];
@@ -298,6 +300,13 @@ void do_syscall(CPU *c);
 void do_sysret(CPU *c, int osz);
 uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val);
 uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val);
+
+/* ---- x87.c ---- */
+void x87_exec(CPU *c, Insn *i);
+void x87_fwait(CPU *c);
+void fpu_reset(CPU *c);
+void fxsave(CPU *c, uint64_t lin, int rexw);
+void fxrstor(CPU *c, uint64_t lin, int rexw);
 
 /* ---- exec.c ---- */
 uint64_t get_eflags(CPU *c);
