@@ -1,33 +1,16 @@
 """Internal qcow2 snapshots (`kvmpy img snapshot -c/-a/-d/-l`), checked with the real qemu-img."""
 
 import os
-import shutil
 import subprocess
-import sys
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.block import open_image
 from kvmpy.block.qcow2 import Qcow2Driver, create_qcow2
 from kvmpy.block.snapshot import apply_snapshot, create_snapshot, delete_snapshot
-
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-if not (QEMU_IMG and QEMU_IO):
-    pytest.skip("qemu-img/qemu-io not installed (apt-get install qemu-utils)", allow_module_level=True)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1 << 20
-
-
-def kimg(*args, rc=0):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "kvmpy", "img", *map(str, args)], capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == rc, f"kvmpy img {args}: rc={r.returncode}\n{r.stdout}{r.stderr}"
-    return r
+# the qemu-img helpers (and the module skip when qemu-utils is missing)
+from test_img_cli import MiB, QEMU_IMG, kimg, qio
 
 
 def qemu_check(path):
@@ -45,14 +28,6 @@ def qemu_read(path, snapshot=None, out=None):
         data = f.read()
     os.unlink(out)
     return data
-
-
-def qio(path, *cmds):
-    argv = [QEMU_IO, "-f", "qcow2"]
-    for c in cmds:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [str(path)], capture_output=True, text=True)
-    assert r.returncode == 0 and "fail" not in r.stdout.lower(), r.stdout + r.stderr
 
 
 def test_create_write_apply_delete_against_qemu_img(tmp_path):
