@@ -319,7 +319,10 @@ def _integer_indefinite(ours: bytearray, theirs: bytearray) -> None:
     """FIST/FISTP/FISTTP m32/m64 of a NaN, infinity or out-of-range value store the
     integer indefinite (SDM Vol. 2 FIST/FISTP, FISTTP: 80000000H / 8000000000000000H);
     QEMU 5 softfloat saturates NaNs and positive overflows to the largest positive
-    integer. Where ours holds the indefinite and unicorn the maximum, take ours."""
+    integer. Where ours holds the indefinite and unicorn the maximum, take ours.
+    Later stores may have overwritten some low bytes of the value (with the same data
+    on both sides), so a byte counts when it is equal or the indefinite/maximum pair
+    (00/FF), anchored by the sign byte pair 80/7F."""
     i = 0
     while i < len(ours):
         if ours[i] == theirs[i]:
@@ -328,8 +331,11 @@ def _integer_indefinite(ours: bytearray, theirs: bytearray) -> None:
         for n in (4, 8):
             lo = max(0, i - n + 1)
             for s0 in range(lo, i + 1):
-                if (ours[s0:s0 + n] == (1 << (8 * n - 1)).to_bytes(n, "little") and
-                        theirs[s0:s0 + n] == ((1 << (8 * n - 1)) - 1).to_bytes(n, "little")):
+                top = s0 + n - 1
+                if top >= len(ours) or ours[top] != 0x80 or theirs[top] != 0x7F:
+                    continue
+                if all(ours[j] == theirs[j] or (ours[j] == 0 and theirs[j] == 0xFF)
+                       for j in range(s0, top)):
                     theirs[s0:s0 + n] = ours[s0:s0 + n]
         i += 1
 

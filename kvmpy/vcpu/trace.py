@@ -172,6 +172,26 @@ def code_linear(sregs, rip: int, bits: int) -> int:
     return (sregs.cs.base + ip) & 0xFFFF_FFFF
 
 
+_capstone_lock = threading.Lock()
+_capstone_module = None          # the module, or False once known to be missing
+
+
+def _load_capstone():
+    """Import capstone once per process. vCPU threads start tracing together, and a
+    failed import in one thread can hand another the half-made module: one lock,
+    and a module without ``Cs`` counts as missing."""
+    global _capstone_module
+    with _capstone_lock:
+        if _capstone_module is None:
+            try:
+                import capstone
+                capstone.Cs, capstone.CS_MODE_16  # noqa: B018 - present in a whole module
+                _capstone_module = capstone
+            except (ImportError, AttributeError):
+                _capstone_module = False
+        return _capstone_module
+
+
 _capstone_missing_told = threading.Lock()   # held forever once the user was told
 
 
@@ -189,11 +209,8 @@ class Disassembler:
 
     def _engine(self, bits: int):
         if self._capstone is None:
-            try:
-                import capstone
-                self._capstone = capstone
-            except ImportError:
-                self._capstone = False
+            self._capstone = _load_capstone()
+            if not self._capstone:
                 if _capstone_missing_told.acquire(blocking=False):
                     self._warn("capstone is missing (pip install capstone): instructions are shown as hex bytes")
         if not self._capstone:
