@@ -903,21 +903,22 @@ def test_oracle_64(code, state):
     check(64, code, state)
 
 
+# MXCSR: start from the reset value (push 0x1f80; ldmxcsr [rsp]; lea rsp, [rsp+8]) and
+# store it at the end (stmxcsr [r15+0x1000]) so rounding state and status flags are compared
+MXCSR_PROLOGUE = b"\x68\x80\x1f\x00\x00\x0f\xae\x14\x24\x48\x8d\x64\x24\x08"
+# MXCSR status flags are masked (and dword [r15+0x1000], ~0x3f); the control bits are
+# compared. Unicorn (QEMU 5 softfloat) sets no DE, misses IE for QNaN operands of MIN/MAX/
+# COMIS, PE for truncating conversions, UE for tiny results and OE for overflowing
+# CVTSD2SS, all required by the SDM's "SIMD Floating-Point Exceptions" sections. Ours come
+# straight from the host's SSE unit (sse.c runs the operation there with the guest MXCSR).
+MXCSR_EPILOGUE = b"\x41\x0f\xae\x9f\x00\x10\x00\x00" + b"\x41\x83\xa7\x00\x10\x00\x00\xc0"
+
+
 @st.composite
-def sse_programs(draw, max_units: int):
+def sse_programs(draw, max_units: int, gens=(g_sse, g_sse, g_sse, g_mov, g_alu)):
     a = Asm(64)
-    gens = [g_sse, g_sse, g_sse, g_mov, g_alu]
-    units = draw(st.lists(st.sampled_from(gens), min_size=max_units // 2, max_size=max_units))
-    # MXCSR: start from the reset value (push 0x1f80; ldmxcsr [rsp]; lea rsp, [rsp+8]) and
-    # store it at the end (stmxcsr [r15+0x1000]) so rounding state and status flags are compared
-    prologue = b"\x68\x80\x1f\x00\x00\x0f\xae\x14\x24\x48\x8d\x64\x24\x08"
-    # MXCSR status flags are masked (and dword [r15+0x1000], ~0x3f); the control bits are
-    # compared. Unicorn (QEMU 5 softfloat) sets no DE, misses IE for QNaN operands of MIN/MAX/
-    # COMIS, PE for truncating conversions, UE for tiny results and OE for overflowing
-    # CVTSD2SS, all required by the SDM's "SIMD Floating-Point Exceptions" sections. Ours come
-    # straight from the host's SSE unit (sse.c runs the operation there with the guest MXCSR).
-    epilogue = b"\x41\x0f\xae\x9f\x00\x10\x00\x00" + b"\x41\x83\xa7\x00\x10\x00\x00\xc0"
-    return prologue + b"".join(gen(draw, a)[0] for gen in units) + epilogue
+    units = draw(st.lists(st.sampled_from(list(gens)), min_size=max_units // 2, max_size=max_units))
+    return MXCSR_PROLOGUE + b"".join(gen(draw, a)[0] for gen in units) + MXCSR_EPILOGUE
 
 
 @settings(max_examples=N32, deadline=None, suppress_health_check=list(HealthCheck))

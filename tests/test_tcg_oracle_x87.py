@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from test_tcg_oracle import (FUZZ, LAYOUT, Asm, check, g_alu, g_mov, g_sse,  # noqa: E402
-                             initial_state)
+                             initial_state, sse_programs)
 
 SCRATCH = 0x3000          # data-region offset of the fnsave image
 TABLE = 0x3100            # data-region offset of the 80-bit value table (16-byte slots)
@@ -416,16 +416,9 @@ def g_sse3(draw, a: Asm):
     return a.enc(bytes.fromhex(opc), reg_, rm, 4, prefix=bytes.fromhex(pfx)), 0
 
 
-@st.composite
-def sse3_programs(draw, max_units: int):
-    a = Asm(64)
-    gens = [g_sse3, g_sse3, g_sse3, g_sse, g_mov]
-    units = draw(st.lists(st.sampled_from(gens), min_size=max_units // 2, max_size=max_units))
-    # as test_tcg_oracle.sse_programs: MXCSR from its reset value, stored at the end with
-    # the status flags masked (unicorn misses several of them; see that module's docstring)
-    prologue = b"\x68\x80\x1f\x00\x00\x0f\xae\x14\x24\x48\x8d\x64\x24\x08"
-    epilogue = b"\x41\x0f\xae\x9f\x00\x10\x00\x00" + b"\x41\x83\xa7\x00\x10\x00\x00\xc0"
-    return prologue + b"".join(gen(draw, a)[0] for gen in units) + epilogue
+def sse3_programs(max_units: int):
+    # test_tcg_oracle's SSE streams (MXCSR from reset, status flags masked), with SSE3
+    return sse_programs(max_units, gens=(g_sse3, g_sse3, g_sse3, g_sse, g_mov))
 
 
 N_SSE3 = 3000 if FUZZ else 300

@@ -490,7 +490,8 @@ def cmd_convert(args) -> int:
     if sparse % 512:
         raise UserError(f"invalid -S {args.sparse_size!r}: a multiple of 512 (or 0 for no sparse detection)")
     backing = args.backing or opts.get("backing_file")
-    backing_fmt = _format_arg(args.backing_format or opts.pop("backing_fmt", None), "backing")
+    option_fmt = opts.pop("backing_fmt", None)      # -F wins over -o backing_fmt=
+    backing_fmt = _format_arg(args.backing_format or option_fmt, "backing")
     opts.pop("backing_file", None)
     if backing and out_fmt != "qcow2":
         raise UserError("a backing file (-B) needs -O qcow2")
