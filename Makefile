@@ -1,16 +1,24 @@
 # kvmpy: `make test` installs what is missing, builds, and runs the whole suite;
 # `make run` boots the default guest.
+#
+# Everything Python runs from a project virtualenv (.venv) made with $(PYTHON), so
+# nothing is ever installed into the system interpreter (Debian's python3 is
+# "externally managed", PEP 668). `make test PYTHON=/usr/bin/python3` picks the
+# interpreter; the venv is made again when it changes.
 PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# pytest-xdist workers: the suite's tests are independent; 0 runs them in one process.
+TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat \
-               gcc make binutils libffi-dev
-STAMP = .build-stamp
+               gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 
-.PHONY: all deps build guests guest test run bench fuzz clean
+.PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean
 
 all: build
 
-deps:
+deps: venv
 	@missing=""; for p in $(APT_PACKAGES); do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -18,33 +26,59 @@ deps:
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-	@$(PYTHON) -c "import cffi, pytest, hypothesis, unicorn, capstone, qemu.qmp, pyroute2, pytun" 2>/dev/null || \
-	    $(PYTHON) -m pip install -q -r requirements-dev.txt
+	@if [ ! -f $(VENV)/.deps-stamp ] || [ requirements-dev.txt -nt $(VENV)/.deps-stamp ] \
+	        || [ pyproject.toml -nt $(VENV)/.deps-stamp ] || [ setup.py -nt $(VENV)/.deps-stamp ]; then \
+	    echo "installing Python packages into $(VENV)"; \
+	    $(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt && \
+	    $(VPY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . && \
+	    touch $(VENV)/.deps-stamp; \
+	fi
 
-build:
-	$(PYTHON) setup.py -q build_ext --inplace
+# The venv records which interpreter made it; another PYTHON= makes it anew.
+# python3-venv is the one Debian package this step needs before `deps` can run apt.
+venv:
+	@base="$$($(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])')" || exit 1; \
+	if [ ! -x $(VPY) ] || [ "$$(cat $(VENV)/.base-python 2>/dev/null)" != "$$base" ]; then \
+	    if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+	        echo "$(PYTHON) cannot make a virtualenv: installing python3-venv"; \
+	        if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	        $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv || exit 1; \
+	    fi; \
+	    echo "creating $(VENV) with $$base"; \
+	    $(PYTHON) -m venv --clear $(VENV) && echo "$$base" > $(VENV)/.base-python; \
+	fi
+
+build: deps
+	$(VPY) setup.py -q build_ext --inplace
 	$(MAKE) -s -C tests/guests
 
 guests:
 	$(MAKE) -C tests/guests
 
-guest: deps
-	$(PYTHON) -m kvmpy guest build --out guest-cache
+guest: build
+	$(VPY) -m kvmpy guest build --out guest-cache
 
-test: deps build
-	$(PYTHON) -m pytest -q -ra tests
+test: build
+	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) tests
 
-run: deps build
-	@if [ -n "$(RUN_ARGS)" ]; then $(PYTHON) -m kvmpy run $(RUN_ARGS); else \
-	    $(PYTHON) -m kvmpy guest build --out guest-cache && $(PYTHON) -m kvmpy run guest-cache/vm.toml; fi
+# Unit tests only: no guest boots, no QEMU, no images bigger than a few MiB.
+test-quick: build
+	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) -m "not guest" tests
 
-bench: deps build
-	$(PYTHON) -m bench
+run: build
+	@if [ -n "$(RUN_ARGS)" ]; then $(VPY) -m kvmpy run $(RUN_ARGS); else \
+	    $(VPY) -m kvmpy guest build --out guest-cache && $(VPY) -m kvmpy run guest-cache/vm.toml; fi
+
+bench: build
+	$(VPY) -m bench
 
 # Every test that honours KVMPY_FUZZ explores ten times more (fresh random examples).
-fuzz: deps build
-	KVMPY_FUZZ=1 $(PYTHON) -m pytest -q -ra tests
+fuzz: build
+	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c
 	$(MAKE) -C tests/guests clean
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,29 +1,22 @@
-"""Build kvmpy: the cffi bindings over <linux/kvm.h> (API mode) and the C translator."""
+"""The two native parts of kvmpy; everything else is declared in pyproject.toml.
+
+- kvmpy.kvm._kvm_cffi: cffi bindings over <linux/kvm.h> in API mode, so the
+  compiler checks every struct kvmpy uses against the host's kernel headers;
+- kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
+"""
 
 import glob
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 
-tcg_sources = sorted(glob.glob("c_ext/*.c"))
-ext_modules = []
-if tcg_sources:
-    ext_modules.append(Extension(
+setup(
+    cffi_modules=["kvmpy/kvm/_build.py:ffibuilder"],
+    ext_modules=[Extension(
         "kvmpy._tcg",
-        sources=tcg_sources,
+        sources=sorted(glob.glob("c_ext/*.c")),
+        depends=sorted(glob.glob("c_ext/*.h")),
         include_dirs=["c_ext"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function",
                             "-fno-strict-aliasing"],
-    ))
-
-setup(
-    name="kvmpy",
-    version="0.1.0",
-    description="A virtual machine monitor in Python over /dev/kvm, with a C translator fallback",
-    packages=find_packages(include=["kvmpy", "kvmpy.*"]),
-    python_requires=">=3.11",
-    setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15"],
-    cffi_modules=["kvmpy/kvm/_build.py:ffibuilder"],
-    ext_modules=ext_modules,
-    entry_points={"console_scripts": ["kvmpy=kvmpy.cli:main"]},
+    )],
 )

@@ -23,6 +23,26 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# `make test-quick`: the unit tests of models, parsers and the translator's pieces,
+# under a minute on 2 cores. Every other module boots guests, runs QEMU or VM
+# processes, or explores a long oracle, and is marked `guest` (new modules too,
+# until they are listed here).
+QUICK_MODULES = {
+    "test_acpi", "test_block_badimage", "test_block_fuzz", "test_block_qcow2", "test_boot",
+    "test_config", "test_hmp", "test_i8042", "test_ioapic", "test_irqchip", "test_kvm_api",
+    "test_lapic", "test_legacy", "test_pci", "test_pic", "test_pit", "test_qmp",
+    "test_qmp_statevm", "test_rtc", "test_serial", "test_tcg_build", "test_tcg_helpers",
+    "test_tcg_robustness", "test_tcg_smp", "test_tcg_system", "test_tcg_x87", "test_virtio_pci",
+    "test_virtio_queue",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] not in QUICK_MODULES:
+            item.add_marker(pytest.mark.guest)
+
+
 def _kvm_reason() -> str | None:
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm is missing on this host"

@@ -129,7 +129,7 @@ class Tap:
         try:
             import pytun
         except ImportError:
-            raise TapError("python-pytun is not installed (pip install python-pytun)") from None
+            raise TapError("tap networking needs python-pytun: pip install 'kvmpy[net]'") from None
         if not os.path.exists("/dev/net/tun"):
             raise TapError(f"tap {name or '(auto)'}: /dev/net/tun does not exist (modprobe tun)")
         try:
@@ -159,6 +159,15 @@ class Tap:
             self.fd = -1
 
 
+def _pyroute2():
+    try:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError:
+        raise TapError("tap networking needs pyroute2: pip install 'kvmpy[net]'") from None
+    return IPRoute, NetlinkError
+
+
 def _netlink_error_message(e, what: str) -> TapError:
     code = getattr(e, "code", None)
     if code in (errno.EPERM, errno.EACCES):
@@ -167,8 +176,7 @@ def _netlink_error_message(e, what: str) -> TapError:
 
 
 def _bridge_attach(bridge: str, tap: str) -> bool:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    IPRoute, NetlinkError = _pyroute2()
     created = False
     with IPRoute() as ipr:
         try:
@@ -194,8 +202,7 @@ def _bridge_attach(bridge: str, tap: str) -> bool:
 
 
 def _link_up(name: str) -> None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    IPRoute, NetlinkError = _pyroute2()
     with IPRoute() as ipr:
         try:
             idx = ipr.link_lookup(ifname=name)
@@ -206,8 +213,7 @@ def _link_up(name: str) -> None:
 
 
 def _bridge_detach(bridge: str, tap: str, delete_bridge: bool) -> None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    IPRoute, NetlinkError = _pyroute2()
     with IPRoute() as ipr:
         try:
             tap_idx = ipr.link_lookup(ifname=tap)
