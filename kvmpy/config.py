@@ -52,6 +52,7 @@ class VmConfig:
     name: str = "kvmpy"
     source: str = "<command line>"
     accel: str = "tcg"                 # kvm | tcg | auto
+    accel_force: bool = False          # "kvm,force=on": run Linux on a software-nested KVM anyway
     memory: int = 256 << 20
     cpus: int = 1
     kernel: str | None = None
@@ -121,9 +122,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
     else:
         cfg.name = os.path.splitext(os.path.basename(source))[0] if source != "<command line>" else "kvmpy"
     if "accel" in data:
-        cfg.accel = _expect(data["accel"], str, w("accel"), "a string")
-        if cfg.accel not in ("kvm", "tcg", "auto"):
-            raise ConfigError(f"{w('accel')}: must be \"kvm\", \"tcg\" or \"auto\", got {cfg.accel!r}")
+        cfg.accel, cfg.accel_force = parse_accel(_expect(data["accel"], str, w("accel"), "a string"),
+                                                 w("accel"))
     if "memory" in data:
         cfg.memory = parse_size(data["memory"], w("memory"), "M")
     if "cpus" in data:
@@ -200,6 +200,28 @@ def validate(cfg: VmConfig) -> None:
         raise ConfigError(f"{src}: key 'memory': must be a multiple of 2M")
     if cfg.memory > (1 << 40):
         raise ConfigError(f"{src}: key 'memory': at most 1T")
+
+
+ACCELS = ("kvm", "tcg", "auto")
+
+
+def parse_accel(spec: str, where: str) -> tuple[str, bool]:
+    """QEMU's -accel spelling: ``kvm``, ``tcg``, ``auto``, or ``kvm,force=on``
+    (insist on KVM for a Linux kernel where KVM is software-nested) -> (name, force)."""
+    name, *options = spec.split(",")
+    force = False
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if key != "force" or value not in ("on", "off"):
+            raise ConfigError(f"{where}: unknown accelerator option {opt!r} in {spec!r} "
+                              "(known: force=on|off)")
+        force = value == "on"
+    if name not in ACCELS:
+        raise ConfigError(f"{where}: must be \"kvm\", \"tcg\" or \"auto\" (optionally \"kvm,force=on\"), "
+                          f"got {spec!r}")
+    if force and name != "kvm":
+        raise ConfigError(f"{where}: force=on applies to kvm only, got {spec!r}")
+    return name, force
 
 
 def parse_drive(spec: str) -> DiskConfig:

@@ -16,10 +16,17 @@ the UART with ``uart.receive``, which takes only what fits in its FIFO; the rest
 stays pending and no more input is read until the guest drains the FIFO
 (``rx_space_available``), so typing or pasting never overruns the guest.
 
-stdio uses QEMU's -nographic keys: Ctrl-A x quits, Ctrl-A c asks for the
-monitor, Ctrl-A h prints help, Ctrl-A b sends a break, Ctrl-A Ctrl-A sends
-Ctrl-A. The terminal is put in raw mode only when stdin is a tty, and restored
-on close, at exit and on SIGTERM/SIGHUP.
+stdio uses QEMU's -nographic keys: Ctrl-A x quits, Ctrl-A c switches between
+the guest and the human monitor, Ctrl-A h prints help, Ctrl-A b sends a break,
+Ctrl-A Ctrl-A sends Ctrl-A. The terminal is put in raw mode only when stdin is a
+tty, and restored on close, at exit and on SIGTERM/SIGHUP.
+
+The monitor side follows QEMU's mux chardev (chardev/char-mux.c): the escapes
+work in both modes; while the monitor has the focus, typed bytes go to a line
+editor with the "(qemu) " prompt and each line to the HMP interpreter that
+``on_monitor()`` returns; guest output keeps reaching the terminal (the mux
+writes every frontend's output whatever the focus), and guest input typed
+before the switch stays queued for the guest.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ HELP_TEXT = (
     "C-a c    switch between console and monitor\r\n"
     "C-a C-a  sends C-a\r\n"
 )
+MONITOR_PROMPT = "(qemu) "
 
 
 def write_all(fd: int, data: bytes | memoryview) -> bool:
@@ -228,10 +236,9 @@ class Console:
 
     def _input_loop(self) -> None:
         while not self._closed:
-            if self._pending:
-                if not self.flush_pending():
-                    self._space.wait(0.1)
-                    continue
+            if self._pending and not self.flush_pending() and self._guest_has_focus():
+                self._space.wait(0.1)
+                continue
             fds = self._poll_fds()
             if not fds:
                 return
@@ -255,6 +262,11 @@ class Console:
     def _poll_fds(self) -> list[int]:
         fd = self.fileno()
         return [] if fd is None else [fd]
+
+    def _guest_has_focus(self) -> bool:
+        """False while input goes elsewhere (the monitor): then a full guest FIFO
+        must not stop reading, or the user could not type commands or escapes."""
+        return True
 
     kind = "console"
 
@@ -308,11 +320,139 @@ class FileConsole(Console):
             pass
 
 
+class LineEditor:
+    """The part of QEMU's readline (util/readline.c) a terminal user needs at the
+    monitor prompt: echo, backspace, Ctrl-D/U/W/K, Ctrl-E, cursor keys, Home/End and
+    history. ``feed(byte)`` returns (bytes to echo, the finished line or None).
+
+    Only printable ASCII goes into the line (HMP commands are ASCII); the echo
+    uses backspaces and spaces only, so it is right on any terminal and on a pipe.
+    """
+
+    MAX_LINE = 4095          # QEMU's READLINE_CMD_BUF_SIZE - 1
+    HISTORY = 64
+
+    def __init__(self) -> None:
+        self.history: list[str] = []
+        self._after_cr = False
+        self._esc = b""          # an escape sequence being collected
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self._hist = len(self.history)
+        self._esc = b""
+
+    def feed(self, b: int) -> tuple[bytes, str | None]:
+        after_cr, self._after_cr = self._after_cr, b == 0x0D
+        if self._esc:
+            return self._escape(b), None
+        if b in (0x0D, 0x0A):
+            if b == 0x0A and after_cr:
+                return b"", None     # CR LF from a pipe or a telnet-ish terminal: one line
+            line = self.buf.decode("ascii")
+            if line.strip() and (not self.history or self.history[-1] != line):
+                self.history = (self.history + [line])[-self.HISTORY:]
+            self.reset()
+            return b"\r\n", line
+        if b == 0x1B:
+            self._esc = b"\x1b"
+            return b"", None
+        if b in (0x08, 0x7F):
+            return self._delete(self.pos - 1, self.pos), None
+        if 0x20 <= b < 0x7F:
+            return self._insert(bytes([b])), None
+        return {
+            0x01: self._home, 0x02: self._left, 0x04: lambda: self._delete(self.pos, self.pos + 1),
+            0x05: self._end, 0x06: self._right, 0x0B: lambda: self._delete(self.pos, len(self.buf)),
+            0x0E: lambda: self._recall(+1), 0x10: lambda: self._recall(-1),
+            0x15: lambda: self._delete(0, self.pos), 0x17: self._delete_word,
+        }.get(b, lambda: b"")(), None
+
+    # -- editing; each returns what the terminal needs to show the new state
+    def _insert(self, text: bytes) -> bytes:
+        text = text[:self.MAX_LINE - len(self.buf)]
+        tail = bytes(self.buf[self.pos:])
+        self.buf[self.pos:self.pos] = text
+        self.pos += len(text)
+        return text + tail + b"\b" * len(tail)
+
+    def _delete(self, start: int, end: int) -> bytes:
+        start, end = max(start, 0), min(end, len(self.buf))
+        if start >= end:
+            return b""
+        moved = b"\b" * (self.pos - start)
+        del self.buf[start:end]
+        self.pos = start
+        tail = bytes(self.buf[start:])
+        gone = end - start
+        return moved + tail + b" " * gone + b"\b" * (len(tail) + gone)
+
+    def _delete_word(self) -> bytes:
+        start = self.pos
+        while start > 0 and self.buf[start - 1] == 0x20:
+            start -= 1
+        while start > 0 and self.buf[start - 1] != 0x20:
+            start -= 1
+        return self._delete(start, self.pos)
+
+    def _home(self) -> bytes:
+        moved, self.pos = b"\b" * self.pos, 0
+        return moved
+
+    def _end(self) -> bytes:
+        rest, self.pos = bytes(self.buf[self.pos:]), len(self.buf)
+        return rest
+
+    def _left(self) -> bytes:
+        if self.pos == 0:
+            return b""
+        self.pos -= 1
+        return b"\b"
+
+    def _right(self) -> bytes:
+        if self.pos >= len(self.buf):
+            return b""
+        self.pos += 1
+        return self.buf[self.pos - 1:self.pos]
+
+    def _recall(self, step: int) -> bytes:
+        index = self._hist + step
+        if not 0 <= index <= len(self.history):
+            return b""
+        self._hist = index
+        line = self.history[index].encode() if index < len(self.history) else b""
+        erase = self._home() + b" " * len(self.buf) + b"\b" * len(self.buf)
+        self.buf = bytearray()
+        return erase + self._insert(line)
+
+    def _escape(self, b: int) -> bytes:
+        self._esc += bytes([b])
+        seq = self._esc
+        if len(seq) == 2:
+            if b in (0x5B, 0x4F):        # ESC [ (CSI) or ESC O (SS3): more to come
+                return b""
+            self._esc = b""              # ESC and one byte (Alt-key): nothing QEMU does
+            return b""
+        if 0x30 <= b <= 0x3F and len(seq) < 16:
+            return b""                   # parameter bytes
+        self._esc = b""
+        action = {b"A": lambda: self._recall(-1), b"B": lambda: self._recall(+1),
+                  b"C": self._right, b"D": self._left, b"H": self._home, b"F": self._end,
+                  b"1~": self._home, b"7~": self._home, b"4~": self._end, b"8~": self._end,
+                  b"3~": lambda: self._delete(self.pos, self.pos + 1)}.get(seq[2:])
+        return action() if action is not None else b""
+
+
 class StdioConsole(Console):
     kind = "stdio"
 
-    def __init__(self, on_quit: Callable[[], None], on_monitor: Callable[[], None] | None = None,
+    def __init__(self, on_quit: Callable[[], None], on_monitor: Callable[[], object] | None = None,
                  in_fd: int = 0, out_fd: int = 1) -> None:
+        """``on_monitor()`` is called at each switch to the monitor and returns the
+        HMP interpreter (``execute(line) -> str``; ``quit_requested`` and ``control``
+        when it defers ``quit``), or None when there is none."""
         super().__init__()
         self.on_quit = on_quit
         self.on_monitor = on_monitor
@@ -322,6 +462,9 @@ class StdioConsole(Console):
         self._eof = False
         self._broken = False
         self._out_lock = threading.Lock()
+        self._monitor = None            # the interpreter while the monitor has the focus
+        self._monitor_opened = False
+        self._editor = LineEditor()
         self.is_tty = os.isatty(in_fd)
         if self.is_tty:
             make_raw(in_fd)
@@ -339,8 +482,11 @@ class StdioConsole(Console):
     def fileno(self) -> int | None:
         return None if self._eof or self._closed else self.in_fd
 
+    def _guest_has_focus(self) -> bool:
+        return self._monitor is None
+
     def handle_input(self) -> None:
-        if self._pending and not self.flush_pending():
+        if self._pending and not self.flush_pending() and self._monitor is None:
             return
         try:
             data = os.read(self.in_fd, READ_CHUNK)
@@ -358,36 +504,76 @@ class StdioConsole(Console):
             self._push(to_guest)
 
     def process_keys(self, data: bytes) -> bytes:
-        """Apply the C-a escapes; returns the bytes meant for the guest."""
+        """Apply the C-a escapes and feed the monitor; returns the bytes meant for the guest."""
         out = bytearray()
         for b in data:
             if self._got_escape:
                 self._got_escape = False
                 if b == CTRL_A:
-                    out.append(CTRL_A)
+                    if self._monitor is not None:
+                        self._monitor_key(b)
+                    else:
+                        out.append(CTRL_A)
                 elif b in (ord("x"), ord("X")):
                     self._flush_to_guest(out)
                     self._message("kvmpy: terminated\r\n")
                     self.on_quit()
                 elif b in (ord("c"), ord("C")):
                     self._flush_to_guest(out)
-                    if self.on_monitor is None:
-                        self._message("\r\nmonitor not available\r\n")
-                    else:
-                        self.on_monitor()
+                    self._switch_focus()
                 elif b in (ord("h"), ord("H"), ord("?")):
                     self._message(HELP_TEXT)
                 elif b in (ord("b"), ord("B")):
-                    self._flush_to_guest(out)
-                    send_break = getattr(self._uart, "send_break", None)
-                    if send_break is not None:
-                        send_break()
+                    # QEMU sends the break to the frontend with the focus: the monitor ignores it
+                    if self._monitor is None:
+                        self._flush_to_guest(out)
+                        send_break = getattr(self._uart, "send_break", None)
+                        if send_break is not None:
+                            send_break()
                 # anything else after C-a is dropped, as in QEMU
             elif b == CTRL_A:
                 self._got_escape = True
+            elif self._monitor is not None:
+                self._monitor_key(b)
             else:
                 out.append(b)
         return bytes(out)
+
+    def _switch_focus(self) -> None:
+        if self._monitor is not None:
+            self._monitor = None
+            self._message("\r\n")      # QEMU's monitor ends its line on MUX_OUT
+            return
+        monitor = self.on_monitor() if self.on_monitor is not None else None
+        if monitor is None:
+            self._message("\r\nmonitor not available\r\n")
+            return
+        self._monitor = monitor
+        self._editor.reset()            # as QEMU's readline_restart: a half-typed line is dropped
+        text = MONITOR_PROMPT
+        if not self._monitor_opened:
+            from .monitor.hmp import BANNER
+            self._monitor_opened = True
+            text = BANNER + "\r\n" + text
+        self._message(text)
+
+    def _monitor_key(self, b: int) -> None:
+        echo, line = self._editor.feed(b)
+        if echo:
+            self.write(echo)
+        if line is None:
+            return
+        monitor = self._monitor
+        out = monitor.execute(line)
+        if out:
+            self._message(out.replace("\n", "\r\n"))
+        if getattr(monitor, "quit_requested", False):
+            # deferred so the output above is out before the VM goes away
+            monitor.quit_requested = False
+            monitor.control.quit()
+            return
+        if self._monitor is monitor:
+            self._message(MONITOR_PROMPT)
 
     def _flush_to_guest(self, out: bytearray) -> None:
         # keep ordering: bytes typed before an escape reach the UART first
@@ -561,7 +747,7 @@ class UnixSocketConsole(Console):
 
 
 def open_console(spec: str, on_quit: Callable[[], None],
-                 on_monitor: Callable[[], None] | None = None) -> Console:
+                 on_monitor: Callable[[], object] | None = None) -> Console:
     """``stdio``, ``file:PATH``, ``unix:PATH[,server][,nowait]`` or ``none``."""
     if not isinstance(spec, str):
         raise ConfigError(f"serial = {spec!r}: expected a string")

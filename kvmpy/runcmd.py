@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
-from .config import VmConfig, config_from_dict, load_config, parse_drive, parse_netdev, parse_size, validate
+from .config import (VmConfig, config_from_dict, load_config, parse_accel, parse_drive, parse_netdev,
+                     parse_size, validate)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,9 @@ def register(sub) -> None:
                        "(like qemu-system-x86_64 -kernel ... -append ...).")
     p.add_argument("config", nargs="?", help="vm.toml")
     p.add_argument("--enable-kvm", action="store_true", help="use KVM (default: the translator, as QEMU)")
-    p.add_argument("--accel", choices=("kvm", "tcg", "auto"), help="accelerator (overrides vm.toml)")
+    p.add_argument("--accel", metavar="kvm|tcg|auto[,force=on]",
+                   help="accelerator (overrides vm.toml); kvm,force=on boots a Linux kernel on a "
+                        "software-nested KVM (kvm_pvm) anyway")
     p.add_argument("--kernel", help="kernel: bzImage or PVH ELF")
     p.add_argument("--initrd", help="initial ramdisk")
     p.add_argument("--append", help="kernel command line")
@@ -58,7 +62,7 @@ def build_config(args) -> VmConfig:
     if args.name:
         cfg.name = args.name
     if args.accel:
-        cfg.accel = args.accel
+        cfg.accel, cfg.accel_force = parse_accel(args.accel, f"--accel {args.accel}")
     if args.enable_kvm:
         cfg.accel = "kvm"
     if args.no_reboot:
@@ -93,10 +97,31 @@ def run_command(args) -> int:
         print(trace_help())
         return 0
     cfg = build_config(args)
+    _check_linux_on_software_nested_kvm(cfg)
     if cfg.daemonize:
         from .lifecycle import daemonize
         return daemonize(lambda notify_running: _run(cfg, notify_running))
     return _run(cfg, None)
+
+
+SOFTWARE_NESTED_LINUX = ("KVM here is software-nested (kvm_pvm): Linux will run slowly or fail; "
+                         "use the translator (--accel tcg) or --accel auto")
+
+
+def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
+    """kvm_pvm emulates guest kernel code: a Linux kernel spins for minutes at 100% CPU
+    and then fails, silently. Refuse unless the user insisted (kvm,force=on). Tiny
+    PVH guests run fine there, so only a bzImage is refused."""
+    if cfg.accel != "kvm":
+        return
+    from .boot.loader import kernel_kind
+    from .machine import _software_nested_kvm
+    if kernel_kind(cfg.kernel) != "bzimage" or not _software_nested_kvm():
+        return
+    if not cfg.accel_force:
+        raise ConfigError(SOFTWARE_NESTED_LINUX + " (to insist: --accel kvm,force=on, "
+                          "or accel = \"kvm,force=on\" in vm.toml)")
+    print(f"kvmpy: {SOFTWARE_NESTED_LINUX} (going on: force=on)", file=sys.stderr, flush=True)
 
 
 def _run(cfg: VmConfig, notify_running) -> int:
@@ -145,10 +170,11 @@ def _run(cfg: VmConfig, notify_running) -> int:
 
 
 def _start_monitors(machine, cfg: VmConfig) -> None:
-    """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter."""
+    """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter
+    (its ``quit`` deferred: the console prints the output before the VM goes)."""
     from .monitor import start_servers
     from .monitor.hmp import Hmp
-    machine.hmp = Hmp(machine)
+    machine.hmp = Hmp(machine, defer_quit=True)
     start_servers(machine, cfg.qmp, cfg.hmp)
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kvmpy.console import (FileConsole, NullConsole, StdioConsole, UnixSocketConsole,
+from kvmpy.console import (FileConsole, LineEditor, NullConsole, StdioConsole, UnixSocketConsole,
                            open_console)
 from kvmpy.devices.serial import Serial16550
 from kvmpy.errors import ConfigError
@@ -326,3 +326,100 @@ def test_none_and_bad_specs(tmp_path):
     with pytest.raises(ConfigError, match="taken"):
         open_console(f"unix:{p}", lambda: None)
     assert p.read_text() == "mine"
+
+
+# --------------------------------------------------------------- Ctrl-A c: the monitor
+def edit(editor: LineEditor, keys: bytes) -> tuple[bytes, list[str]]:
+    echo, lines = b"", []
+    for b in keys:
+        shown, line = editor.feed(b)
+        echo += shown
+        if line is not None:
+            lines.append(line)
+    return echo, lines
+
+
+def test_line_editor_keys():
+    ed = LineEditor()
+    assert edit(ed, b"info statuz\x7fs\r") == (b"info statuz\b \bs\r\n", ["info status"])
+    # CR LF is one line; a lone LF ends one too
+    assert edit(ed, b"stop\r\ncont\n")[1] == ["stop", "cont"]
+    # cursor keys: insert in the middle, the tail is redrawn and the cursor put back
+    echo, lines = edit(ed, b"ifo\x1b[D\x1b[Dn\r")
+    assert lines == ["info"] and echo.startswith(b"ifo\b\bnfo\b\b")
+    # Ctrl-W drops a word, Ctrl-U the line before the cursor, Ctrl-K the rest
+    assert edit(ed, b"info kvm\x17status\r")[1] == ["info status"]
+    assert edit(ed, b"garbage\x15help\r")[1] == ["help"]
+    assert edit(ed, b"quitx\x1b[D\x0b\r")[1] == ["quit"]
+    # history: up recalls, down returns to an empty line; non-printables never enter
+    assert edit(ed, b"\x1b[A\x1b[A\r")[1] == ["help"]
+    assert edit(ed, b"\x1b[A\x1b[B\x03\x00\xff\r")[1] == [""]
+    assert ed.history[-3:] == ["help", "quit", "help"]     # empty lines are not kept
+    assert edit(ed, b"x" * 5000 + b"\r")[1] == ["x" * LineEditor.MAX_LINE]
+
+
+def _read_until(fd: int, buf: bytearray, want: bytes, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while want not in buf and time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:      # EIO: the child closed the pty
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return want in buf
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("with_monitor_server", [False, True], ids=["no-monitor", "with-monitor"])
+def test_ctrl_a_c_switches_a_real_run_to_the_monitor_and_back(tmp_path, with_monitor_server):
+    """`kvmpy run examples/default.toml` (the echo guest) on a pty, as a user at a terminal:
+    Ctrl-A c gives the (qemu) prompt whose lines reach HMP, not the guest; guest output
+    still shows; Ctrl-A c returns to the guest; quit in the monitor ends the process."""
+    args = [sys.executable, "-m", "kvmpy", "run", os.path.join(REPO, "examples", "default.toml")]
+    if with_monitor_server:
+        args += ["--monitor", f"unix:{tmp_path}/hmp.sock"]
+    master, slave = os.openpty()
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=REPO, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    out = bytearray()
+    try:
+        assert _read_until(master, out, b"irq: ready"), bytes(out) + proc.stderr.read1()
+        os.write(master, b"\x01c")
+        assert _read_until(master, out, b"monitor - type 'help' for more information\r"), bytes(out)
+        assert _read_until(master, out, b"(qemu) "), bytes(out)
+        mark = len(out)
+        os.write(master, b"info statuz\x7fs\r")       # typed with a backspace, echoed
+        assert _read_until(master, out, b"VM status: running"), bytes(out)
+        assert b"info statuz\b \bs" in out[mark:]
+        assert _read_until(master, out, b"VM status: running\r\r\n(qemu) "), bytes(out)
+        os.write(master, b"stop\rinfo status\r")
+        assert _read_until(master, out, b"VM status: paused"), bytes(out)
+        os.write(master, b"cont\rhelp\r")
+        assert _read_until(master, out, b"system_powerdown"), bytes(out)
+        assert b"got: " not in out, "monitor input reached the guest"
+        # back to the guest: it gets the next line
+        os.write(master, b"\x01c")
+        time.sleep(0.2)
+        os.write(master, b"ab\r")
+        assert _read_until(master, out, b"got: b"), bytes(out)
+        assert b"got: a" in out and b"got: i" not in out
+        # guest output keeps coming while the monitor has the focus (QEMU's mux)
+        mark = len(out)
+        os.write(master, b"xy\x01c")
+        assert _read_until(master, out, b"got: y"), bytes(out)
+        assert b"(qemu) " in out[mark:], bytes(out)
+        assert out.count(b"for more information") == 1, "the banner is shown once"
+        os.write(master, b"quit\r")
+        assert proc.wait(30) == 0, proc.stderr.read()
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
