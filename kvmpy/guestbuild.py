@@ -946,9 +946,19 @@ def _prune(debs: str, kernels: str, builds: str, keep: set[str]) -> None:
                     os.unlink(path)
 
 
+def _program() -> list[str]:
+    """How the user can run this kvmpy again: the command when it was used, else the
+    venv's own command (a plain `python3` there is the system one, without kvmpy)."""
+    if os.path.basename(sys.argv[0]) != "__main__.py":
+        return ["kvmpy"]
+    if sys.prefix != sys.base_prefix:
+        script = os.path.join(sys.prefix, "bin", "kvmpy")
+        return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "kvmpy"]
+    return ["python3", "-m", "kvmpy"]
+
+
 def run_command_line(result: BuildResult) -> str:
-    prog = "python3 -m kvmpy" if os.path.basename(sys.argv[0]) == "__main__.py" else "kvmpy"
-    argv = [*shlex.split(prog), "run", "--accel", "auto", "--kernel", result.kernel, "--initrd", result.initrd,
+    argv = [*_program(), "run", "--accel", "auto", "--kernel", result.kernel, "--initrd", result.initrd,
             "--append", DEFAULT_CMDLINE, "-m", DEFAULT_MEMORY, "--no-reboot"]
     if result.disk:
         argv += ["--drive", f"file={result.disk},format=raw"]
@@ -966,8 +976,7 @@ def _cmd_build(args) -> int:
         print(f"  disk:   {result.disk}")
     print(f"  config: {result.config}")
     print(f"run it:  {run_command_line(result)}")
-    prog = "python3 -m kvmpy" if os.path.basename(sys.argv[0]) == "__main__.py" else "kvmpy"
-    print(f"    or:  {prog} run {shlex.quote(result.config)}")
+    print(f"    or:  {shlex.join([*_program(), 'run', result.config])}")
     print('scripted: add kvmpy.run="cmd; cmd" to --append; the guest runs it and powers off')
     return 0
 
