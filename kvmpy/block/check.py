@@ -12,9 +12,10 @@ from __future__ import annotations
 import array
 
 from ..errors import ImageError
-from .qcow2 import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L1E_RESERVED,
-                    L2E_OFFSET_MASK, L2E_STD_RESERVED, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-                    Qcow2Driver, _be_array)
+from .driver import BlockDriver
+from .qcow2_format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L1E_RESERVED,
+                           L2E_OFFSET_MASK, L2E_STD_RESERVED, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+                           be_array)
 
 
 class CheckResult:
@@ -48,8 +49,8 @@ class CheckResult:
         return d
 
 
-def check_image(drv: Qcow2Driver, repair: str | None = None) -> CheckResult:
-    """repair: None, "leaks" or "all"."""
+def check_image(drv: BlockDriver, repair: str | None = None) -> CheckResult:
+    """Check an open qcow2 image (a Qcow2Driver); repair: None, "leaks" or "all"."""
     res = CheckResult()
     cs = drv.cluster_size
     h = drv.header
@@ -92,7 +93,7 @@ def check_image(drv: Qcow2Driver, repair: str | None = None) -> CheckResult:
                 err(f"L2 table offset {l2off:#x} beyond end of file (L1 index {l1i})")
                 continue
             inc(l2off, cs, "L2 table")
-            t = drv._load_l2(l2off) if active else _be_array(drv_pread(l2off, cs))
+            t = drv._load_l2(l2off) if active else be_array(drv_pread(l2off, cs))
             for i, le in enumerate(t):
                 if not le:
                     continue
@@ -140,7 +141,7 @@ def check_image(drv: Qcow2Driver, repair: str | None = None) -> CheckResult:
         if s.l1_table_offset % cs or s.l1_table_offset + s.l1_size * 8 > drv.file_size:
             err(f"snapshot {s.id} L1 table at {s.l1_table_offset:#x} invalid")
             continue
-        walk_l1(_be_array(drv_pread(s.l1_table_offset, s.l1_size * 8)), s.l1_table_offset,
+        walk_l1(be_array(drv_pread(s.l1_table_offset, s.l1_size * 8)), s.l1_table_offset,
                 s.l1_size, False)
     if drv.snapshots:
         last = drv.snapshots[-1]
@@ -225,7 +226,7 @@ def check_image(drv: Qcow2Driver, repair: str | None = None) -> CheckResult:
     return res
 
 
-def _repair(drv: Qcow2Driver, res: CheckResult, mismatches, copied_fixes, mode):
+def _repair(drv: BlockDriver, res: CheckResult, mismatches, copied_fixes, mode):
     if drv.read_only:
         raise ImageError(f"{drv.path}: cannot repair an image opened read-only")
     fix_errors = mode == "all"

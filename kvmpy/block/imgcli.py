@@ -16,7 +16,8 @@ import sys
 
 from ..errors import ImageError, UserError
 from . import open_image, probe_format
-from .qcow2 import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2Driver, create_qcow2
+from .qcow2 import Qcow2Driver, create_qcow2
+from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .raw import RawDriver
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
@@ -675,7 +676,7 @@ def _map_one(drv, pos, length, depth):
         if data:
             e["offset"] = pos
         return e, run
-    from .qcow2 import COMPRESSED, DATA, ZERO
+    from .qcow2_format import COMPRESSED, DATA, ZERO
     kind, host, run = drv.host_mapping(pos, length)
     if kind == DATA:
         return {"depth": depth, "present": True, "zero": False, "data": True, "offset": host,

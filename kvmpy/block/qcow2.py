@@ -22,68 +22,21 @@ import functools
 import os
 import threading
 import struct
-import sys
 import zlib
 from collections import OrderedDict
 
 from ..errors import ImageError
 from .driver import BlockDriver, full_preadv, full_pwritev, write_zero_bytes
+from .qcow2_format import (MAGIC, L1E_OFFSET_MASK, L1E_RESERVED, L2E_OFFSET_MASK, L2E_STD_RESERVED,
+                           RT_RESERVED, OFLAG_COPIED, OFLAG_COMPRESSED, OFLAG_ZERO, INCOMPAT_DIRTY,
+                           INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION,
+                           INCOMPAT_EXTL2, KNOWN_INCOMPAT, COMPAT_LAZY_REFCOUNTS, EXT_END,
+                           EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_DATA_FILE,
+                           MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_BACKING_NAME,
+                           MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, MAX_CHAIN_DEPTH, be_array, UNALLOC,
+                           ZERO, DATA, COMPRESSED, to_be)
 
-MAGIC = b"QFI\xfb"
-
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED = 0x7F000000000001FF
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_STD_RESERVED = 0x3F000000000001FE
-RT_RESERVED = 0x1FF
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-# QEMU's implementation limits; an image past them is refused as QEMU would.
-MAX_L1_BYTES = 32 << 20
-MAX_REFTABLE_BYTES = 8 << 20
-MAX_SNAPSHOTS = 65536
-MAX_BACKING_NAME = 1023
-MAX_CLUSTER_BITS = 21
-MIN_CLUSTER_BITS = 9
-MAX_CHAIN_DEPTH = 64
-
-# Cluster kinds returned by the mapper.
-UNALLOC, ZERO, DATA, COMPRESSED = range(4)
-
-_NATIVE_LITTLE = sys.byteorder == "little"
 _ZEROS = memoryview(bytes(2 << 20))
-
-
-def _be_array(raw: bytes) -> array.array:
-    a = array.array("Q")
-    a.frombytes(raw)
-    if _NATIVE_LITTLE:
-        a.byteswap()
-    return a
-
-
-def _to_be(a: array.array) -> bytes:
-    b = array.array("Q", a)
-    if _NATIVE_LITTLE:
-        b.byteswap()
-    return b.tobytes()
 
 
 def _zero_fill(views) -> None:
@@ -429,7 +382,7 @@ class Qcow2Driver(BlockDriver):
         self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.snapshots = read_snapshots(path, self.fd, h, self.file_size) if h.nb_snapshots else []
-        self.l1 = _be_array(os.pread(self.fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array.array("Q")
+        self.l1 = be_array(os.pread(self.fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array.array("Q")
         for i, e in enumerate(self.l1):
             if e & L1E_RESERVED:
                 raise ImageError(f"{path}: L1 entry {i} (0x{e:016x}) has reserved bits set")
@@ -437,7 +390,7 @@ class Qcow2Driver(BlockDriver):
             if off and (off % cs or off + cs > self.file_size):
                 raise ImageError(f"{path}: L1 entry {i}: L2 table offset {off} is "
                                  f"{'not cluster aligned' if off % cs else 'outside the file'}")
-        self.refcount_table = _be_array(os.pread(self.fd, h.refcount_table_clusters * cs,
+        self.refcount_table = be_array(os.pread(self.fd, h.refcount_table_clusters * cs,
                                                  h.refcount_table_offset))
         for i, e in enumerate(self.refcount_table):
             if e & RT_RESERVED:
@@ -516,7 +469,7 @@ class Qcow2Driver(BlockDriver):
         raw = os.pread(self.fd, self.cluster_size, off)
         if len(raw) != self.cluster_size:
             raise ImageError(f"{self.path}: L2 table at offset {off} is truncated")
-        t = _be_array(raw)
+        t = be_array(raw)
         self.l2_cache[off] = t
         self._evict_l2()
         return t
@@ -824,7 +777,7 @@ class Qcow2Driver(BlockDriver):
         for t, blk in new_blocks.items():
             os.pwrite(self.fd, blk, new_table[t])
             self.rb_cache[new_table[t]] = blk
-        os.pwrite(self.fd, _to_be(new_table), table_off)
+        os.pwrite(self.fd, to_be(new_table), table_off)
         self.file_size = max(self.file_size, (start + len(used)) * cs)
         self._writeback_refcounts()  # blocks that count the new table
         os.fdatasync(self.fd)
@@ -890,7 +843,7 @@ class Qcow2Driver(BlockDriver):
         os.fdatasync(self.fd)
         if self.dirty_l2:
             for off in sorted(self.dirty_l2):
-                os.pwrite(self.fd, _to_be(self.l2_cache[off]), off)
+                os.pwrite(self.fd, to_be(self.l2_cache[off]), off)
             self.dirty_l2.clear()
             if self.dirty_l1:
                 os.fdatasync(self.fd)
@@ -1290,7 +1243,7 @@ class Qcow2Driver(BlockDriver):
         new_l1 = array.array("Q", self.l1)
         new_l1.extend([0] * (entries - len(new_l1)))
         self._writeback_refcounts()
-        os.pwrite(self.fd, _to_be(new_l1), new_off)
+        os.pwrite(self.fd, to_be(new_l1), new_off)
         os.fdatasync(self.fd)
         old_off, old_size = self.header.l1_table_offset, self.header.l1_size
         os.pwrite(self.fd, struct.pack(">IQ", entries, new_off), 36)

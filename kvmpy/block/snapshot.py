@@ -19,8 +19,8 @@ import struct
 import time
 
 from ..errors import ImageError, UserError
-from .qcow2 import (COMPRESSED, DATA, L1E_OFFSET_MASK, OFLAG_COPIED, ZERO, Qcow2Driver, _be_array,
-                    _to_be, read_snapshots)
+from .qcow2 import Qcow2Driver, read_snapshots
+from .qcow2_format import COMPRESSED, DATA, L1E_OFFSET_MASK, OFLAG_COPIED, ZERO, be_array, to_be
 
 HEADER_NB_SNAPSHOTS = 60          # u32 nb_snapshots, then u64 snapshots_offset: one write
 MAX_NAME = 1024
@@ -43,7 +43,7 @@ def _read_l1(drv: Qcow2Driver, snap) -> array.array:
                          snap.l1_table_offset + snap.l1_size * 8 > drv.file_size):
         raise ImageError(f"{drv.path}: snapshot {snap.id} L1 table at offset {snap.l1_table_offset} "
                          f"is invalid")
-    return _be_array(os.pread(drv.fd, snap.l1_size * 8, snap.l1_table_offset)) if snap.l1_size \
+    return be_array(os.pread(drv.fd, snap.l1_size * 8, snap.l1_table_offset)) if snap.l1_size \
         else array.array("Q")
 
 
@@ -171,7 +171,7 @@ def create_snapshot(drv: Qcow2Driver, name: str) -> str:
     drv._writeback_refcounts()
     os.fdatasync(drv.fd)
     if len(l1_copy):
-        os.pwrite(drv.fd, _to_be(l1_copy), l1_off)
+        os.pwrite(drv.fd, to_be(l1_copy), l1_off)
     drv._writeback()
     # 3. the table that names it, then the header that points at the table
     ids = [int(s.id) for s in drv.snapshots if s.id.isdigit()]
@@ -202,7 +202,7 @@ def apply_snapshot(drv: Qcow2Driver, key: str) -> None:
     old_refs = _reachable(drv, drv.l1)
     new_l1 = array.array("Q", snap_l1)
     new_l1.extend([0] * (len(drv.l1) - len(new_l1)))
-    os.pwrite(drv.fd, _to_be(new_l1), drv.header.l1_table_offset)
+    os.pwrite(drv.fd, to_be(new_l1), drv.header.l1_table_offset)
     os.fdatasync(drv.fd)
     drv.l1 = new_l1
     drv.dirty_l1.clear()

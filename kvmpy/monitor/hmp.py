@@ -16,6 +16,7 @@ from typing import Callable
 from .. import __version__
 from .control import ControlError, VmControl
 from .server import Address, Connection, MonitorServer
+from .version import version_line
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ def _name(control: VmControl, args: list[str]) -> str:
 
 
 def _version(control: VmControl, args: list[str]) -> str:
-    from .qmp import QMP_QEMU_VERSION
-    v = QMP_QEMU_VERSION
-    return f"{v['major']}.{v['minor']}.{v['micro']} (kvmpy {__version__})\n"
+    return version_line()
 
 
 def _registers(control: VmControl, args: list[str]) -> str:

@@ -20,16 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import __version__
 from .control import ControlError, VmControl
 from .hmp import Hmp
 from .server import Address, Connection, MonitorServer
+from .version import version_info
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20
-QMP_QEMU_VERSION = {"major": 8, "minor": 2, "micro": 0}   # the QMP shapes we follow
-PACKAGE = f"kvmpy {__version__}"
 QUIT_FLUSH_TIMEOUT = 2.0
 
 
@@ -79,10 +77,6 @@ def _timestamp() -> dict:
     now = time.time()
     seconds = int(now)
     return {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
-
-
-def version_info() -> dict:
-    return {"qemu": dict(QMP_QEMU_VERSION), "package": PACKAGE}
 
 
 class _ClientState:
