@@ -592,7 +592,11 @@ void sse_exec(CPU *c, Insn *i)
         }
         return;
     case 0x70: {   /* pshufd / pshufhw / pshuflw */
-        src128(c, i, &s, pfx == 1);
+        if (pfx == 0)
+            RAISE(c, EXC_UD);
+        /* all three are "Type 4" (SDM Vol. 2, Table 2-21): a misaligned m128 is #GP,
+         * pshufhw and pshuflw too (the host CPU faults; found by the oracle) */
+        src128(c, i, &s, 1);
         unsigned imm = i->imm & 0xff;
         X r;
         if (pfx == 1) {
@@ -602,12 +606,10 @@ void sse_exec(CPU *c, Insn *i)
             r.q[0] = s.q[0];
             for (int k = 0; k < 4; k++)
                 r.w[4 + k] = s.w[4 + ((imm >> (2 * k)) & 3)];
-        } else if (pfx == 3) {
+        } else {
             r.q[1] = s.q[1];
             for (int k = 0; k < 4; k++)
                 r.w[k] = s.w[(imm >> (2 * k)) & 3];
-        } else {
-            RAISE(c, EXC_UD);
         }
         memcpy(dst, &r, 16);
         return;
