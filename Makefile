@@ -8,7 +8,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
-# pytest-xdist workers: the suite's tests are independent; 0 runs them in one process.
+# pytest-xdist workers (0: one process). A module whose tests share one costly fixture
+# (an L1 boot, a pip install) is one xdist_group, so one worker runs it all.
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat \
@@ -59,11 +60,11 @@ guest: build
 	$(VPY) -m kvmpy guest build --out guest-cache
 
 test: build
-	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) tests
+	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Unit tests only: no guest boots, no QEMU, no images bigger than a few MiB.
 test-quick: build
-	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) -m "not guest" tests
+	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup -m "not guest" tests
 
 run: build
 	@if [ -n "$(RUN_ARGS)" ]; then $(VPY) -m kvmpy run $(RUN_ARGS); else \
@@ -74,7 +75,7 @@ bench: build
 
 # Every test that honours KVMPY_FUZZ explores ten times more (fresh random examples).
 fuzz: build
-	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) tests
+	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import KVM_SKIP_REASON, ROOT, guest_path
 
+# one pip install for the module, on one xdist worker
+pytestmark = pytest.mark.xdist_group("packaging")
+
 # What a source tree holds that an install must not lean on: built artefacts,
 # the developer's venv, caches.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "*.o", "*.d", "__pycache__",
