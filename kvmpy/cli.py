@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "kvmpy.block.imgcli",    # img
     "kvmpy.service",         # service
     "kvmpy.guestbuild",      # guest
+    "kvmpy.nested",          # selftest nested
 )
 
 

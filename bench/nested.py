@@ -1,0 +1,130 @@
+"""kvmpy --enable-kvm beside QEMU -enable-kvm on real KVM, on any host: inside one
+nested-KVM L1 (kvmpy/nested.py: Debian's kernel under QEMU's TCG with emulated AMD
+SVM, kvm-amd loaded).
+
+    python3 -m bench.nested
+
+Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
+  Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
+    initramfs, built on the host), same kernel, initramfs, memory and command line
+  start to first serial byte: process start to hello.elf's first console byte (QEMU
+    runs its firmware first, kvmpy enters the kernel directly)
+  the KVM rows of bench.kvm (exits per second) and bench.virtio (virtio-blk reads
+    from images on the L1's ext4 scratch disk, so QEMU's cache=none gets O_DIRECT;
+    virtio-net tx)
+The L1's own boot time is in the note of the first row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+TIMEOUT = 2400
+ROWS_FILE = "bench-rows.json"
+
+
+def _first_byte_seconds(argv: list[str], timeout: float = 120) -> float | None:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if sel.select(timeout=timeout) and os.read(proc.stdout.fileno(), 1):
+            return time.perf_counter() - t0
+        return None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _linux_rows(share: str) -> list[dict]:
+    from bench.boot import APPEND, _timed_boot
+    guest = os.path.join(share, "guest")
+    kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
+    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
+             "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
+    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
+            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", APPEND]
+    kb, kd, knote = _timed_boot(kvmpy)
+    qb, qd, qnote = _timed_boot(qemu)
+    note = "; ".join(n for n in (f"kvmpy {knote}" if knote else "", f"qemu {qnote}" if qnote else "") if n)
+    hello = os.path.join(REPO, "tests", "guests", "build", "hello.elf")
+    kf = min(filter(None, (_first_byte_seconds([sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128",
+                                                "--kernel", hello]) for _ in range(3))), default=None)
+    qf = min(filter(None, (_first_byte_seconds(["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-nodefaults",
+                                                "-display", "none", "-serial", "stdio", "-no-reboot",
+                                                "-kernel", hello]) for _ in range(3))), default=None)
+    return [
+        {"name": "Linux boot to init (KVM)", "kvmpy": kb, "qemu": qb, "unit": "s", "better": "lower", "note": note},
+        {"name": "Linux boot to poweroff (KVM)", "kvmpy": kd, "qemu": qd, "unit": "s", "better": "lower",
+         "note": note},
+        {"name": "start to first serial byte (hello.elf, KVM)", "kvmpy": kf, "qemu": qf, "unit": "s",
+         "better": "lower"},
+    ]
+
+
+def _inside(share: str) -> list[dict]:
+    """Runs in the L1: every KVM row, one failing area not hiding the others."""
+    import bench.kvm
+    import bench.virtio
+    rows = []
+    for area, fn in (("boot", lambda: _linux_rows(share)), ("kvm", bench.kvm.run), ("virtio", bench.virtio.run)):
+        print(f"bench.nested: {area} ...", file=sys.stderr, flush=True)
+        try:
+            for row in fn():
+                rows.append({**row, "name": f"L1 {row['name']}"})
+        except Exception as e:  # noqa: BLE001 - report it as a row, keep going
+            traceback.print_exc()
+            rows.append({"name": f"L1 {area} (failed)", "kvmpy": None, "qemu": None, "unit": "",
+                         "note": f"{type(e).__name__}: {e}"})
+    return rows
+
+
+def run() -> list[dict]:
+    from kvmpy import guestbuild, nested
+    reason = nested.missing_tools()
+    if reason:
+        return [{"name": "L1 (nested KVM)", "kvmpy": None, "qemu": None, "unit": "", "note": reason}]
+    subprocess.run(["make", "-s", "-C", os.path.join(REPO, "tests", "guests")], check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "kvmpy", "bench"], cwd=REPO, capture_output=True)
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-nested-") as share:
+        guestbuild.build(out_dir=os.path.join(share, "guest"), with_disk=False)
+        result = nested.run_nested([sys.executable, "-m", "bench.nested", "--inside"], cwd=REPO, share_dir=share,
+                                   timeout=TIMEOUT, echo=lambda text: sys.stderr.write(text))
+        path = os.path.join(share, ROWS_FILE)
+        if result.status != 0 or not os.path.exists(path):
+            raise RuntimeError(f"the bench in the L1 exited {result.status}: {result.output.strip()[-500:]}")
+        with open(path) as f:
+            rows = json.load(f)
+    if rows:
+        rows[0]["note"] = "; ".join(filter(None, (rows[0].get("note"), f"L1 booted in {result.ready_seconds:.1f} s "
+                                                  "(QEMU TCG, -cpu max)")))
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--inside"]:
+        share = os.environ.get("KVMPY_NESTED_SHARE")
+        if os.environ.get("KVMPY_NESTED_L1") != "1" or not share:
+            sys.exit("bench.nested --inside runs only in the L1 that `python3 -m bench.nested` boots")
+        rows = _inside(share)
+        with open(os.path.join(share, ROWS_FILE), "w") as f:
+            json.dump(rows, f)
+        for row in rows:
+            print(row)
+    else:
+        for row in run():
+            print(row)
