@@ -48,7 +48,7 @@ from . import guestbuild
 from .errors import UserError
 
 # Bump when the initramfs or /init changes in a way the source hash would miss.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 # The standard kernel, not the cloud one: the cloud kernel has no 9p.
 KERNEL_META_PACKAGE = "linux-image-amd64"
 QEMU = "qemu-system-x86_64"
@@ -62,6 +62,9 @@ DEFAULT_SMP = 1
 SHARE_TAG = "kvmpyshare"
 ROOT_TAG = "hostroot"
 SHARE_IN_L1 = "/tmp/kvmpy-share"
+# In the share: the host paths under /tmp (relative to it) that the L1 shows over its
+# scratch disk, e.g. a checkout CI cloned under /tmp.
+HOST_TMP_PATHS = "host-tmp-paths"
 L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable"
 
 # What the L1 needs: virtio-pci, 9p for the host's root and the share, virtio-blk and
@@ -125,10 +128,18 @@ mkdir -p $h
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose @ROOT_TAG@ $h || fail "cannot mount the host root (9p)"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+# The scratch disk hides the host's /tmp; keep a view of it for the paths the
+# command needs from there (a checkout or venv under /tmp), listed in the share.
+mkdir -p /hosttmp
+mount -o bind $h/tmp /hosttmp || fail "cannot keep a view of the host's /tmp"
 mount -t ext4 /dev/vda $h/tmp || fail "cannot mount the scratch disk on /tmp"
 chmod 1777 $h/tmp
 mkdir -p $h@SHARE@
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 @SHARE_TAG@ $h@SHARE@ || fail "cannot mount the share"
+while read -r p; do
+  [ -n "$p" ] || continue
+  mkdir -p "$h/tmp/$p" && mount -o bind "/hosttmp/$p" "$h/tmp/$p" || fail "cannot show the host's /tmp/$p"
+done < $h@SHARE@/@HOST_TMP_PATHS@
 mount -o bind /proc $h/proc
 mount -o bind /sys $h/sys
 mount -o bind /dev $h/dev
@@ -152,7 +163,7 @@ poweroff -f
 
 def render_init() -> str:
     return (INIT_SCRIPT.replace("@MARK@", MARK).replace("@BEGIN@", BEGIN_MARK).replace("@ROOT_TAG@", ROOT_TAG)
-            .replace("@SHARE_TAG@", SHARE_TAG).replace("@SHARE@", SHARE_IN_L1))
+            .replace("@SHARE_TAG@", SHARE_TAG).replace("@SHARE@", SHARE_IN_L1).replace("@HOST_TMP_PATHS@", HOST_TMP_PATHS))
 
 
 @dataclasses.dataclass
@@ -334,6 +345,24 @@ def _python_env(cwd: str) -> dict[str, str]:
     return env
 
 
+def host_tmp_paths(cwd: str, share: str) -> list[str]:
+    """What the command needs from under the host's /tmp (its directory, this
+    package, the interpreter's prefixes), relative to /tmp, outermost only. The
+    share is mounted on its own; a path inside it is not repeated."""
+    wanted = {cwd, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+              sys.prefix, sys.base_prefix, os.path.dirname(sys.executable)}
+    under = sorted(os.path.relpath(os.path.realpath(p), "/tmp") for p in wanted
+                   if os.path.realpath(p).startswith("/tmp/"))
+    share_rel = os.path.relpath(os.path.realpath(share), "/tmp")
+    kept: list[str] = []
+    for rel in under:
+        if any(rel == k or rel.startswith(k + "/") for k in kept) or rel == share_rel or \
+                rel.startswith(share_rel + "/"):
+            continue
+        kept.append(rel)
+    return kept
+
+
 def _run_script(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
     lines = ["#!/bin/sh", "# written by kvmpy/nested.py; runs in the L1's chroot of the host root"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
@@ -376,8 +405,8 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
     if not cmd:
         raise UserError("selftest nested: no command given (put it after --)")
     cwd = os.path.abspath(cwd or os.getcwd())
-    if cwd == "/tmp" or cwd.startswith("/tmp/"):
-        raise UserError(f"selftest nested: the working directory {cwd} is under /tmp, which the L1 replaces "
+    if cwd == "/tmp":
+        raise UserError("selftest nested: the working directory is /tmp itself, which the L1 replaces "
                         "with its scratch disk; run from elsewhere")
     scratch_bytes = parse_size(scratch_size, "--scratch-size", "M")
     memory_mib = parse_size(memory, "--mem", "M") >> 20
@@ -396,6 +425,8 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
         script_env.update(env or {})
         with open(os.path.join(share, "run.sh"), "w") as f:
             f.write(_run_script(cmd, cwd, script_env))
+        with open(os.path.join(share, HOST_TMP_PATHS), "w") as f:
+            f.write("".join(p + "\n" for p in host_tmp_paths(cwd, share)))
         scratch = os.path.join(work, "scratch.img")
         _make_scratch(scratch, scratch_bytes)
         argv = qemu_argv(l1, scratch, share, f"{memory_mib}M", smp)
