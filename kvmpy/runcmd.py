@@ -7,9 +7,10 @@ import os
 import sys
 import threading
 
-from .config import (VmConfig, config_from_dict, load_config, parse_accel, parse_drive, parse_netdev,
-                     parse_size, validate)
+from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
+                     parse_netdev, parse_size, validate)
 from .errors import ConfigError
+from .pathcheck import require_file
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def build_config(args) -> VmConfig:
         cfg.cpus = args.smp
     if args.serial:
         cfg.serial = args.serial
-    if args.name:
-        cfg.name = args.name
+    if args.name is not None:
+        cfg.name = check_name(args.name, "--name")
     if args.accel:
         cfg.accel, cfg.accel_force = parse_accel(args.accel, f"--accel {args.accel}")
     if args.enable_kvm:
@@ -83,10 +84,9 @@ def build_config(args) -> VmConfig:
                 cfg.trace.append(name)
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
-    if not os.path.isfile(cfg.kernel):
-        raise ConfigError(f"kernel {cfg.kernel}: no such file")
-    if cfg.initrd and not os.path.isfile(cfg.initrd):
-        raise ConfigError(f"initrd {cfg.initrd}: no such file")
+    require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
+    if cfg.initrd:
+        require_file(cfg.initrd, f"initrd {cfg.initrd}", ConfigError)
     validate(cfg)
     return cfg
 
