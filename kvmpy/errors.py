@@ -23,6 +23,13 @@ class BootError(UserError):
     """A kernel or initrd cannot be loaded."""
 
 
+class HostError(UserError):
+    """The host cannot provide what was asked (guest RAM it will not map, ...):
+    still one line naming the option, but exit status 1, a host fault."""
+
+    exit_status = 1
+
+
 class GuestMemoryError(Exception):
     """A guest-supplied address/length does not lie inside guest RAM.
 
