@@ -124,7 +124,7 @@ def check_mac(mac: str, where: str) -> str:
 def _check_unknown(table: dict, allowed: set[str], where: str) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
 
 
 MAX_CONFIG_BYTES = 1 << 20     # a vm.toml is a page or two; more is a wrong file, not a VM
