@@ -93,6 +93,8 @@ def _expect(value, types, where: str, what: str):
 
 def _path(base_dir: str, value, where: str) -> str:
     _expect(value, str, where, "a path")
+    if "\0" in value:
+        raise ConfigError(f"{where}: a path cannot contain a NUL byte")
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
 
 

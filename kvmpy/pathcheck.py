@@ -42,6 +42,8 @@ def refuse_special_file(path: str, prefix: str, error: type[UserError] = UserErr
         return None
     except OSError as e:
         raise error(f"{prefix}: {e.strerror}") from None
+    except ValueError:      # a NUL byte (only vm.toml can carry one): no file has that name
+        raise error(f"{prefix}: a path cannot contain a NUL byte") from None
     mode = st.st_mode
     if (stat.S_ISREG(mode) or allow_block_device and stat.S_ISBLK(mode)
             or allow_fifo and stat.S_ISFIFO(mode)):
