@@ -143,15 +143,20 @@ def _run(cfg: VmConfig, notify_running) -> int:
     console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
     pidfile = None
     machine = None
+    finish_cleanup = None
     try:
         if cfg.pidfile:
             from .lifecycle import Pidfile
             pidfile = Pidfile(cfg.pidfile)
         machine = Machine(cfg, console=console)
         machine_ref.append(machine)
-        _start_monitors(machine, cfg)
+        servers = _start_monitors(machine, cfg)
         if cfg.runas:
-            from .lifecycle import drop_privileges
+            from .lifecycle import drop_privileges, start_cleanup_helper
+            sockets = [(srv.address.path, srv._socket_identity) for srv in servers
+                       if srv.address.kind == "unix"]
+            if pidfile is not None or sockets:
+                finish_cleanup = start_cleanup_helper(pidfile, sockets)
             drop_privileges(cfg.runas)
         _install_signal_handlers(machine)
         console.start()
@@ -167,15 +172,17 @@ def _run(cfg: VmConfig, notify_running) -> int:
         console.close()
         if pidfile is not None:
             pidfile.remove()
+        if finish_cleanup is not None:
+            finish_cleanup()    # the root helper removes what we no longer may
 
 
-def _start_monitors(machine, cfg: VmConfig) -> None:
+def _start_monitors(machine, cfg: VmConfig) -> list:
     """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter
     (its ``quit`` deferred: the console prints the output before the VM goes)."""
     from .monitor import start_servers
     from .monitor.hmp import Hmp
     machine.hmp = Hmp(machine, defer_quit=True)
-    start_servers(machine, cfg.qmp, cfg.hmp)
+    return start_servers(machine, cfg.qmp, cfg.hmp)
 
 
 def _install_signal_handlers(machine):

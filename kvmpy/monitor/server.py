@@ -98,11 +98,18 @@ def _listen(addr: Address) -> socket.socket:
     if addr.kind == "unix":
         _remove_stale_unix_socket(addr.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Connecting needs write permission on the socket file, and a monitor is full
+        # control of the VM: the file is born 0600 (bind takes its mode from the umask;
+        # a chmod afterwards would leave a window). The umask is process-wide, but
+        # monitors bind during start-up, before vCPU or console threads create files.
+        old_umask = os.umask(0o177)
         try:
             sock.bind(addr.path)
         except OSError as e:
             sock.close()
             raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
     else:
         try:
             infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
@@ -117,9 +124,20 @@ def _listen(addr: Address) -> socket.socket:
         except OSError as e:
             sock.close()
             raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+        if not _is_loopback(sockaddr[0]):
+            log.warning("monitor on %s listens beyond loopback: anyone who can reach it "
+                        "controls the VM", addr)
     sock.listen(16)
     sock.setblocking(False)
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _remove_stale_unix_socket(path: str) -> None:
