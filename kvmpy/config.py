@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .pathcheck import refuse_special_file
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -25,7 +26,9 @@ def parse_size(value, where: str, default_unit: str = "") -> int:
         return value * _UNITS[default_unit]
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if m:
+        # ASCII digits only (\d also matches other scripts' digits), and few enough
+        # that int() takes them: Python refuses over 4300 digits with a ValueError.
+        if m and m.group(1).isascii() and len(m.group(1)) <= 30:
             unit = m.group(2).upper() or default_unit
             return int(m.group(1)) * _UNITS[unit]
     raise ConfigError(f"{where}: expected a size like 512M or 4G, got {value!r}")
@@ -90,21 +93,65 @@ def _expect(value, types, where: str, what: str):
 
 def _path(base_dir: str, value, where: str) -> str:
     _expect(value, str, where, "a path")
+    if "\0" in value:
+        raise ConfigError(f"{where}: a path cannot contain a NUL byte")
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_name(name: str, where: str) -> str:
+    """The VM name rule for vm.toml and --name alike: it ends up in QMP query-name,
+    process titles and file names, so only a safe, short alphabet."""
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: use 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+    return name
+
+
+def check_disk_serial(serial: str, where: str) -> str:
+    if len(serial.encode("utf-8", "surrogateescape")) > 20:
+        raise ConfigError(f"{where}: at most 20 bytes (virtio-blk ID), got {serial!r}")
+    return serial
+
+
+def check_mac(mac: str, where: str) -> str:
+    if mac and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
+        raise ConfigError(f"{where}: expected xx:xx:xx:xx:xx:xx, got {mac!r}")
+    if mac and int(mac[:2], 16) & 1:
+        raise ConfigError(f"{where}: {mac} is a multicast address")
+    return mac
 
 
 def _check_unknown(table: dict, allowed: set[str], where: str) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+
+
+MAX_CONFIG_BYTES = 1 << 20     # a vm.toml is a page or two; more is a wrong file, not a VM
 
 
 def load_config(path: str) -> VmConfig:
+    # A FIFO stays allowed: ``kvmpy run <(generate-config)`` hands us a pipe, and
+    # waiting for its writer is what the user asked for. Character devices
+    # (/dev/zero would be read forever), sockets and directories are refused.
+    refuse_special_file(path, path, ConfigError, allow_fifo=True)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a vm.toml")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; point at the first bad byte so it can be found.
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return config_from_dict(data, path)
@@ -116,9 +163,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
     _check_unknown(data, TOP_KEYS, source)
     w = lambda key: f"{source}: key '{key}'"  # noqa: E731
     if "name" in data:
-        cfg.name = _expect(data["name"], str, w("name"), "a string")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.name):
-            raise ConfigError(f"{w('name')}: use 1-64 letters, digits, '.', '_' or '-'")
+        cfg.name = check_name(_expect(data["name"], str, w("name"), "a string"), w("name"))
     else:
         cfg.name = os.path.splitext(os.path.basename(source))[0] if source != "<command line>" else "kvmpy"
     if "accel" in data:
@@ -158,8 +203,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                 raise ConfigError(f"{where} key 'format': must be \"raw\" or \"qcow2\", got {disk.format!r}")
         disk.readonly = _expect(d.get("readonly", False), bool, f"{where} key 'readonly'", "true or false")
         disk.serial = _expect(d.get("serial", ""), str, f"{where} key 'serial'", "a string")
-        if len(disk.serial.encode()) > 20:
-            raise ConfigError(f"{where} key 'serial': at most 20 bytes (virtio-blk ID)")
+        check_disk_serial(disk.serial, f"{where} key 'serial'")
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
         where = f"{source}: [[net]] #{i + 1}"
@@ -168,10 +212,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         net = NetConfig(**{k: _expect(v, str, f"{where} key '{k}'", "a string") for k, v in n.items()})
         if net.type != "tap":
             raise ConfigError(f"{where} key 'type': only \"tap\" is supported, got {net.type!r}")
-        if net.mac and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", net.mac):
-            raise ConfigError(f"{where} key 'mac': expected xx:xx:xx:xx:xx:xx, got {net.mac!r}")
-        if net.mac and int(net.mac[:2], 16) & 1:
-            raise ConfigError(f"{where} key 'mac': {net.mac} is a multicast address")
+        check_mac(net.mac, f"{where} key 'mac'")
         cfg.nets.append(net)
     mon = _expect(data.get("monitor", {}), dict, w("monitor"), "a table")
     _check_unknown(mon, MONITOR_KEYS, f"{source}: [monitor]")
@@ -245,8 +286,11 @@ def parse_drive(spec: str) -> DiskConfig:
     ro = opts.get("readonly", "off")
     if ro not in ("on", "off", "true", "false"):
         raise ConfigError(f"--drive {spec}: readonly must be on or off")
+    if not opts["file"]:
+        raise ConfigError(f"--drive {spec}: empty file=")
+    serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
     return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
-                      serial=opts.get("serial", ""))
+                      serial=serial)
 
 
 def parse_netdev(spec: str) -> NetConfig:
@@ -260,4 +304,5 @@ def parse_netdev(spec: str) -> NetConfig:
         if not sep or k not in NET_KEYS - {"type"}:
             raise ConfigError(f"--net {spec}: unknown option {part!r}")
         setattr(net, k, v)
+    check_mac(net.mac, f"--net {spec}: mac")
     return net

@@ -10,6 +10,12 @@ class UserError(Exception):
 
     exit_status = 2
 
+    def __str__(self) -> str:
+        # The message quotes what the user typed, and that may hold a newline (a path,
+        # a --name, a TOML key): escape line breaks so it stays the promised one line.
+        text = super().__str__()
+        return text.replace("\r", "\\r").replace("\n", "\\n") if "\n" in text or "\r" in text else text
+
 
 class ConfigError(UserError):
     """vm.toml or command-line overrides are invalid."""
@@ -21,6 +27,13 @@ class ImageError(UserError):
 
 class BootError(UserError):
     """A kernel or initrd cannot be loaded."""
+
+
+class HostError(UserError):
+    """The host cannot provide what was asked (guest RAM it will not map, ...):
+    still one line naming the option, but exit status 1, a host fault."""
+
+    exit_status = 1
 
 
 class GuestMemoryError(Exception):

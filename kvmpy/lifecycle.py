@@ -396,6 +396,99 @@ def drop_privileges(user: str) -> None:
     os.environ["USER"] = os.environ["LOGNAME"] = pw.pw_name
 
 
+# ----------------------------------------------- cleanup after dropping root
+
+def start_cleanup_helper(pidfile: "Pidfile | None", sockets: list[tuple[str, tuple[int, int]]]) -> Callable[[], None]:
+    """Keep a root process that removes the pidfile and monitor sockets once this
+    process is gone; returns ``finish()``, which the VM process calls on its way out.
+
+    After drop_privileges the VM process usually cannot unlink them: they were
+    created as root in root's directories (/run, a sticky /tmp). Removing them
+    before the drop would leave no pidfile and no socket to connect to; a kept
+    directory fd does not help (unlinkat checks the caller's rights at the time).
+    So a helper forked while still root waits on a pipe whose only writer is the
+    VM process: EOF comes when the VM process exits by any path, SIGKILL included,
+    and the helper removes what is still ours, then exits. It holds nothing else
+    (every other fd closed), runs no guest code and ignores the terminal's signals.
+    """
+    vm_pid = os.getpid()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:      # the helper: only os calls from here, then _exit
+        status = 0
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_IGN)
+            # Not the pidfile's lock, stdio or the daemonize pipe: holding them would
+            # keep the pidfile locked and the caller waiting for our output.
+            os.closerange(0, r)
+            os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+            while True:
+                try:
+                    if not os.read(r, 64):
+                        break
+                except InterruptedError:
+                    continue
+            for path, identity in sockets:
+                _unlink_if_same(path, identity)
+            if pidfile is not None:
+                _unlink_pidfile_of(pidfile.path, vm_pid)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(r)
+
+    def finish(timeout: float = 5.0) -> None:
+        nonlocal w
+        if w < 0:
+            return
+        os.close(w)
+        w = -1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            time.sleep(0.01)
+    return finish
+
+
+def _unlink_if_same(path: str, identity: tuple[int, int]) -> None:
+    """Only the file we created: a successor may already have bound the path."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _unlink_pidfile_of(path: str, pid: int) -> None:
+    """Remove ``path`` if it still names ``pid`` and nobody holds its lock: a
+    successor that replaced it as stale holds the lock (Pidfile._replace_stale),
+    and our unlink under our own lock makes its identity check fail and retry."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        text = os.pread(fd, 64, 0)
+        st, cur = os.fstat(fd), os.lstat(path)
+        if text.strip() == str(pid).encode() and (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ signals
 
 class SignalActions:

@@ -19,7 +19,7 @@ from .boot import layout
 from .boot.loader import load_kernel
 from .config import VmConfig
 from .devices.bus import Bus
-from .errors import ConfigError
+from .errors import ConfigError, HostError
 from .memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ class Machine:
         self.cfg = cfg
         self.name = cfg.name
         self.console = console
-        self.memory = GuestMemory.anonymous(layout.ram_layout(cfg.memory))
+        try:
+            self.memory = GuestMemory.anonymous(layout.ram_layout(cfg.memory))
+        except HostError as e:
+            raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.started_at = 0.0

@@ -12,7 +12,11 @@ import struct
 from bisect import bisect_right
 from dataclasses import dataclass
 
-from .errors import GuestMemoryError
+from .errors import GuestMemoryError, HostError
+
+# Python's mmap module names MAP_NORESERVE only from 3.12; 0x4000 is its value in
+# Linux's UAPI (asm-generic/mman-common.h and x86's), the only kernel kvmpy runs on.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -50,8 +54,12 @@ class GuestMemory:
     def anonymous(cls, layout: list[tuple[int, int]]) -> "GuestMemory":
         """Build memory from ``[(gpa, size), ...]``, each backed by a fresh anonymous mmap."""
         mem = cls()
-        for gpa, size in layout:
-            mem.add_region(gpa, size)
+        try:
+            for gpa, size in layout:
+                mem.add_region(gpa, size)
+        except BaseException:
+            mem.close()
+            raise
         return mem
 
     def add_region(self, gpa: int, size: int) -> RamRegion:
@@ -60,8 +68,18 @@ class GuestMemory:
         for r in self.regions:
             if gpa < r.end and r.gpa < gpa + size:
                 raise ValueError(f"RAM region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # MAP_NORESERVE: a guest's RAM is a ceiling, not a commitment. Without it the
+        # kernel's overcommit heuristic refuses any single mapping larger than RAM+swap
+        # (-m 900G on a 24 GiB host) although a guest touches only what it uses; pages
+        # are allocated on first touch either way, and nothing here touches them. The
+        # price is the one every overcommitting VMM pays: a guest that really uses more
+        # than the host has meets the OOM killer rather than a refusal at start.
+        # Under vm.overcommit_memory=2 the kernel ignores the flag and may refuse.
+        try:
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise HostError(f"cannot map {size >> 20} MiB of guest RAM at {gpa:#x}: {e.strerror}") from None
         region = RamRegion(gpa, size, mm, memoryview(mm))
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)

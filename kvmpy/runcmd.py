@@ -7,9 +7,10 @@ import os
 import sys
 import threading
 
-from .config import (VmConfig, config_from_dict, load_config, parse_accel, parse_drive, parse_netdev,
-                     parse_size, validate)
+from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
+                     parse_netdev, parse_size, validate)
 from .errors import ConfigError
+from .pathcheck import require_file
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def build_config(args) -> VmConfig:
         cfg.cpus = args.smp
     if args.serial:
         cfg.serial = args.serial
-    if args.name:
-        cfg.name = args.name
+    if args.name is not None:
+        cfg.name = check_name(args.name, "--name")
     if args.accel:
         cfg.accel, cfg.accel_force = parse_accel(args.accel, f"--accel {args.accel}")
     if args.enable_kvm:
@@ -83,10 +84,9 @@ def build_config(args) -> VmConfig:
                 cfg.trace.append(name)
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
-    if not os.path.isfile(cfg.kernel):
-        raise ConfigError(f"kernel {cfg.kernel}: no such file")
-    if cfg.initrd and not os.path.isfile(cfg.initrd):
-        raise ConfigError(f"initrd {cfg.initrd}: no such file")
+    require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
+    if cfg.initrd:
+        require_file(cfg.initrd, f"initrd {cfg.initrd}", ConfigError)
     validate(cfg)
     return cfg
 
@@ -143,15 +143,20 @@ def _run(cfg: VmConfig, notify_running) -> int:
     console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
     pidfile = None
     machine = None
+    finish_cleanup = None
     try:
         if cfg.pidfile:
             from .lifecycle import Pidfile
             pidfile = Pidfile(cfg.pidfile)
         machine = Machine(cfg, console=console)
         machine_ref.append(machine)
-        _start_monitors(machine, cfg)
+        servers = _start_monitors(machine, cfg)
         if cfg.runas:
-            from .lifecycle import drop_privileges
+            from .lifecycle import drop_privileges, start_cleanup_helper
+            sockets = [(srv.address.path, srv._socket_identity) for srv in servers
+                       if srv.address.kind == "unix"]
+            if pidfile is not None or sockets:
+                finish_cleanup = start_cleanup_helper(pidfile, sockets)
             drop_privileges(cfg.runas)
         _install_signal_handlers(machine)
         console.start()
@@ -167,15 +172,17 @@ def _run(cfg: VmConfig, notify_running) -> int:
         console.close()
         if pidfile is not None:
             pidfile.remove()
+        if finish_cleanup is not None:
+            finish_cleanup()    # the root helper removes what we no longer may
 
 
-def _start_monitors(machine, cfg: VmConfig) -> None:
+def _start_monitors(machine, cfg: VmConfig) -> list:
     """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter
     (its ``quit`` deferred: the console prints the output before the VM goes)."""
     from .monitor import start_servers
     from .monitor.hmp import Hmp
     machine.hmp = Hmp(machine, defer_quit=True)
-    start_servers(machine, cfg.qmp, cfg.hmp)
+    return start_servers(machine, cfg.qmp, cfg.hmp)
 
 
 def _install_signal_handlers(machine):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from conftest import KVM_SKIP_REASON, run_kvmpy
+from conftest import KVM_SKIP_REASON, guest_path, run_kvmpy
 
 
 def _one_line(p) -> str:
@@ -91,3 +92,156 @@ def test_bad_monitor_address_is_one_line_and_exit_2():
     p = run_kvmpy(["run", "--accel", "tcg", "--kernel", guest_path("hello"), "--qmp", "carrier-pigeon:coop"])
     assert p.returncode == 2
     assert "carrier-pigeon" in _one_line(p)
+
+
+# --- files that are not what the option expects (issue 15 item 4) -------------------------
+
+def test_non_utf8_vm_toml_is_one_line(tmp_path):
+    cfg = tmp_path / "vm.toml"
+    cfg.write_bytes(b'name = "caf\xe9"\nkernel = "k"\n')
+    p = run_kvmpy(["run", str(cfg)])
+    assert p.returncode == 2
+    line = _one_line(p)
+    assert str(cfg) in line and "UTF-8" in line and "0xe9" in line
+
+
+def test_char_device_as_vm_toml_is_refused():
+    p = run_kvmpy(["run", "/dev/zero"], timeout=20)
+    assert p.returncode == 2
+    assert "/dev/zero: is a character device" in _one_line(p)
+
+
+def test_kernel_that_is_a_directory_says_so(tmp_path):
+    p = run_kvmpy(["run", "--kernel", str(tmp_path)])
+    assert p.returncode == 2
+    line = _one_line(p)
+    assert f"kernel {tmp_path}: is a directory" in line and "no such file" not in line
+
+
+def test_initrd_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "initrd"
+    os.mkfifo(fifo)
+    p = run_kvmpy(["run", "--kernel", guest_path("hello"), "--initrd", str(fifo)], timeout=20)
+    assert p.returncode == 2
+    assert f"initrd {fifo}: is a FIFO" in _one_line(p)
+
+
+def test_img_info_on_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "disk.img"
+    os.mkfifo(fifo)
+    p = run_kvmpy(["img", "info", str(fifo)], timeout=20)
+    assert p.returncode == 2
+    assert f"{fifo}: is a FIFO" in _one_line(p)
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/null", "dir", "socket"])
+@pytest.mark.parametrize("fmt", ["", ",format=raw", ",format=qcow2"])
+def test_drive_that_is_not_a_file_or_block_device_is_refused(tmp_path, target, fmt):
+    import socket
+    if target == "fifo":
+        path = str(tmp_path / "d")
+        os.mkfifo(path)
+    elif target == "dir":
+        path = str(tmp_path)
+    elif target == "socket":
+        path = str(tmp_path / "s")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+    else:
+        path = target
+    p = run_kvmpy(["run", "--kernel", guest_path("hello"), "--drive", f"file={path}{fmt}"], timeout=30)
+    assert p.returncode == 2
+    line = _one_line(p)
+    assert f"{path}: is a" in line and "expected a regular file or a block device" in line
+
+
+def test_block_device_is_still_a_valid_image():
+    """Raw disks on block devices are legitimate: the kind check lets them through."""
+    import glob
+    import stat
+    devs = [d for d in sorted(glob.glob("/dev/loop*")) if stat.S_ISBLK(os.stat(d).st_mode)]
+    if not devs or os.geteuid() != 0:
+        pytest.skip("needs root and a /dev/loop* block device")
+    from kvmpy.block import _refuse_non_image
+    assert _refuse_non_image(devs[0]) is None
+
+
+def test_bad_name_is_refused_on_the_command_line_as_in_vm_toml(tmp_path):
+    p = run_kvmpy(["run", "--kernel", guest_path("hello"), "--name", "bad name"])
+    assert p.returncode == 2
+    assert "--name: use 1-64 letters" in _one_line(p)
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(f'name = "bad name"\nkernel = "{guest_path("hello")}"\n')
+    p = run_kvmpy(["run", str(cfg)])
+    assert p.returncode == 2
+    assert "key 'name': use 1-64 letters" in _one_line(p)
+
+
+# --- guest RAM larger than the host (issue 15 item 4) --------------------------------------
+
+def test_guest_ram_is_mapped_noreserve():
+    """The mapping carries MAP_NORESERVE (smaps VmFlags 'nr'): the kernel's overcommit
+    heuristic does not weigh a guest's whole -m against RAM+swap at start."""
+    import ctypes
+    from kvmpy.memory import GuestMemory
+    mem = GuestMemory.anonymous([(0, 64 << 20)])
+    try:
+        # The temporary c_char dies at once, releasing its export before close().
+        start = ctypes.addressof(ctypes.c_char.from_buffer(mem.regions[0].mm))
+        with open("/proc/self/smaps") as f:
+            smaps = f.read()
+    finally:
+        mem.close()
+    block = smaps[smaps.index(f"\n{start:x}-") + 1:]
+    flags = next(line for line in block.splitlines() if line.startswith("VmFlags:"))
+    assert " nr" in flags, flags
+
+
+def test_guest_ram_the_host_will_not_map_is_one_line_exit_1():
+    """When the mapping fails all the same (here an address-space limit, as strict
+    overcommit would): one line naming -m, status 1."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    p = subprocess.run([sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "8G",
+                        "--kernel", guest_path("hello")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60, preexec_fn=limit_address_space)
+    assert p.returncode == 1
+    line = _one_line(p)
+    assert "memory 8192M (-m or key 'memory')" in line and "cannot map" in line
+
+
+@pytest.mark.guest
+def test_huge_memory_runs_without_touching_it(tmp_path):
+    """-m 900G on a 24 GiB host: with MAP_NORESERVE the heuristic overcommit policy maps it
+    and the test guest runs; under vm.overcommit_memory=2 (strict) the kernel ignores the
+    flag and the mapping fails: then one line naming -m, exit 1 (a host limit, not a typo).
+    Either way the VM process stays small: nothing touches the RAM it was given. The
+    translator runs it: KVM would allocate its per-page metadata (a GiB for 900G on a
+    shadow-paging host) in the kernel, which is not what this checks."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out, err = tmp_path / "out", tmp_path / "err"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "900G",
+                                 "--kernel", guest_path("hello")], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            proc.returncode = 0     # reaped by wait4: keep Popen from waiting again
+    rc = os.waitstatus_to_exitcode(status)
+    stderr = err.read_text()
+    assert "Traceback" not in stderr
+    if rc == 0:
+        assert "Hello from kvmpy test guest" in out.read_text()
+    else:
+        assert rc == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "memory 921600M (-m or key 'memory')" in stderr and "cannot map" in stderr
+    assert usage.ru_maxrss < 512 * 1024, f"VM process peaked at {usage.ru_maxrss} KiB"

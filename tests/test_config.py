@@ -67,3 +67,21 @@ def test_drive_and_net_options():
     assert (n.ifname, n.bridge) == ("t0", "br9")
     with pytest.raises(ConfigError):
         parse_netdev("user,hostfwd=tcp::22-:22")
+
+
+def test_cli_and_toml_share_drive_and_net_checks():
+    """--drive serial and --net mac get the vm.toml rules (one function each)."""
+    with pytest.raises(ConfigError, match="at most 20 bytes"):
+        parse_drive("file=d.img,serial=" + "x" * 21)
+    with pytest.raises(ConfigError, match="multicast"):
+        parse_netdev("tap,mac=01:00:00:00:00:01")
+    with pytest.raises(ConfigError, match="xx:xx"):
+        parse_netdev("tap,mac=zz")
+    with pytest.raises(ConfigError, match="empty file="):
+        parse_drive("file=")
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, "\u0661\u0662M", "1" * 31])
+def test_parse_size_refuses_odd_digits_in_one_line(text):
+    with pytest.raises(ConfigError, match="expected a size"):
+        parse_size(text, "-m", "M")

@@ -371,3 +371,70 @@ def test_guest_that_honours_powerdown_is_not_quit_if_closed_in_time():
         assert not machine.quit_called.is_set()
     finally:
         machine.close()
+
+
+# --- files a --runas VM leaves behind (issue 15 item 5) -------------------------------------
+
+def _kvmpy_run(args, **kw):
+    from conftest import ROOT
+    return subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", *args], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _runas_files(tmp_path):
+    # tmp_path is root's and 0700: once the VM is nobody it may not unlink anything there.
+    return tmp_path / "vm.pid", tmp_path / "qmp.sock", tmp_path / "hmp.sock"
+
+
+@pytest.mark.guest
+def test_runas_vm_removes_pidfile_and_monitor_sockets_at_exit(root_required, tmp_path):
+    from conftest import guest_path
+    pid, qmp, hmp = _runas_files(tmp_path)
+    p = _kvmpy_run(["--runas", "nobody", "--pidfile", str(pid), "--qmp", f"unix:{qmp}",
+                    "--monitor", f"unix:{hmp}", "--kernel", guest_path("exit"), "--append", "code=5"])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 5, err.decode()
+    assert b"Traceback" not in err
+    assert [f for f in (pid, qmp, hmp) if f.exists()] == []
+
+
+@pytest.mark.guest
+def test_runas_vm_killed_still_leaves_nothing_and_sockets_are_0600(root_required, tmp_path):
+    """SIGKILL gives the VM process no chance: the root helper sees its pipe close."""
+    import stat
+    from conftest import guest_path
+    pid, qmp, hmp = _runas_files(tmp_path)
+    p = _kvmpy_run(["--runas", "nobody", "--pidfile", str(pid), "--qmp", f"unix:{qmp}",
+                    "--monitor", f"unix:{hmp}", "--kernel", guest_path("exitloop"),
+                    "--append", "n=1000000000"])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid.exists() and qmp.exists() and hmp.exists()) and time.monotonic() < deadline:
+            assert p.poll() is None, p.stderr.read().decode()
+            time.sleep(0.05)
+        for sock in (qmp, hmp):
+            assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        time.sleep(0.3)     # past drop_privileges
+        assert pwd.getpwuid(os.stat(f"/proc/{p.pid}").st_uid).pw_name == "nobody"
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(f.exists() for f in (pid, qmp, hmp)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [f for f in (pid, qmp, hmp) if f.exists()] == []
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_monitor_beyond_loopback_warns(host, warned, tmp_path):
+    from conftest import guest_path
+    p = _kvmpy_run(["--qmp", f"tcp:{host}:0", "--monitor", f"unix:{tmp_path / 'h'}",
+                    "--kernel", guest_path("exit"), "--append", "code=0"])
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err.decode()
+    lines = [line for line in err.decode().splitlines() if "controls the VM" in line]
+    assert len(lines) == (1 if warned else 0), err.decode()
+    if warned:
+        assert f"tcp:{host}:" in lines[0] and "anyone who can reach it" in lines[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ImageError
+from ..pathcheck import refuse_special_file
 from .driver import BlockDriver
 
 __all__ = ["BlockDriver", "ImageError", "open_image", "probe_format", "FORMATS"]
@@ -18,7 +19,14 @@ FORMATS = ("raw", "qcow2")
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+def _refuse_non_image(path: str) -> None:
+    """Before any open: a FIFO would block the open (and a read) forever, a character
+    device or socket is no disk. A block device is a legitimate raw disk."""
+    refuse_special_file(path, path, ImageError, allow_block_device=True)
+
+
 def probe_format(path: str) -> str:
+    _refuse_non_image(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -39,6 +47,7 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
     malformed image.
     """
     path = os.fspath(path)
+    _refuse_non_image(path)
     if format is None:
         format = probe_format(path)
     elif not os.path.exists(path):

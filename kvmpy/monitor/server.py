@@ -63,52 +63,59 @@ def parse_address(spec: str, *, option: str = "monitor") -> Address:
     for opt in filter(None, opts.split(",")):
         key = opt.partition("=")[0]
         if key not in ("server", "nowait", "wait", "nodelay", "telnet"):
-            raise ConfigError(f"{option}: unknown address option '{opt}' in '{spec}'")
+            raise ConfigError(f"{option}: unknown address option {opt!r} in {spec!r}")
     kind, sep, rest = head.partition(":")
     if not sep:
-        raise ConfigError(f"{option}: '{spec}' is not unix:/path or tcp:HOST:PORT")
+        raise ConfigError(f"{option}: {spec!r} is not unix:/path or tcp:HOST:PORT")
     if kind == "unix":
         if not rest:
-            raise ConfigError(f"{option}: '{spec}' has no socket path")
+            raise ConfigError(f"{option}: {spec!r} has no socket path")
         if "\0" in rest or len(os.fsencode(rest)) > 107:
-            raise ConfigError(f"{option}: socket path '{rest}' is too long (107 bytes at most)")
+            raise ConfigError(f"{option}: socket path {rest!r} is too long (107 bytes at most)")
         return Address("unix", path=rest)
     if kind in ("tcp", "telnet"):
         if rest.startswith("["):
             host, bracket, port_s = rest[1:].partition("]")
             if not bracket or not port_s.startswith(":"):
-                raise ConfigError(f"{option}: '{spec}' has a malformed [IPv6] host")
+                raise ConfigError(f"{option}: {spec!r} has a malformed [IPv6] host")
             port_s = port_s[1:]
         else:
             host, colon, port_s = rest.rpartition(":")
             if not colon:
-                raise ConfigError(f"{option}: '{spec}' has no port (tcp:HOST:PORT)")
+                raise ConfigError(f"{option}: {spec!r} has no port (tcp:HOST:PORT)")
         try:
             port = int(port_s, 10)
         except ValueError:
-            raise ConfigError(f"{option}: port '{port_s}' in '{spec}' is not a number") from None
+            raise ConfigError(f"{option}: port {port_s!r} in {spec!r} is not a number") from None
         if not 0 <= port <= 65535:
-            raise ConfigError(f"{option}: port {port} in '{spec}' is out of range")
+            raise ConfigError(f"{option}: port {port} in {spec!r} is out of range")
         telnet = kind == "telnet" or "telnet" in opts.split(",")
         return Address("tcp", host=host or "127.0.0.1", port=port, telnet=telnet)
-    raise ConfigError(f"{option}: unknown address type '{kind}' in '{spec}' (use unix: or tcp:)")
+    raise ConfigError(f"{option}: unknown address type {kind!r} in {spec!r} (use unix: or tcp:)")
 
 
 def _listen(addr: Address) -> socket.socket:
     if addr.kind == "unix":
         _remove_stale_unix_socket(addr.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Connecting needs write permission on the socket file, and a monitor is full
+        # control of the VM: the file is born 0600 (bind takes its mode from the umask;
+        # a chmod afterwards would leave a window). The umask is process-wide, but
+        # monitors bind during start-up, before vCPU or console threads create files.
+        old_umask = os.umask(0o177)
         try:
             sock.bind(addr.path)
         except OSError as e:
             sock.close()
             raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
     else:
         try:
             infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         except socket.gaierror as e:
-            raise ConfigError(f"monitor: cannot resolve '{addr.host}': {e.strerror}") from None
+            raise ConfigError(f"monitor: cannot resolve {addr.host!r}: {e.strerror}") from None
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,9 +124,20 @@ def _listen(addr: Address) -> socket.socket:
         except OSError as e:
             sock.close()
             raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
+        if not _is_loopback(sockaddr[0]):
+            log.warning("monitor on %s listens beyond loopback: anyone who can reach it "
+                        "controls the VM", addr)
     sock.listen(16)
     sock.setblocking(False)
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _remove_stale_unix_socket(path: str) -> None:
