@@ -93,3 +93,31 @@ def test_virtio_net_echo_across_a_bridge(netns):
     # kvmpy removed its tap on exit; the bridge it did not create stays.
     links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
     assert "ktap9" not in links and bridge in links
+
+
+def test_virtio_blk_write_onto_qcow2_metadata_is_refused(tmp_path):
+    """Issue 15: an overlay whose refcounts were zeroed used to take the guest's data
+    on its header. Now the request fails, the VMM logs one line, the header stays."""
+    qemu_img = tool_required("qemu-img")
+    base = tmp_path / "base.raw"
+    make_image(base)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(base),
+                    "-F", "raw", str(overlay)], check=True)
+    with open(overlay, "r+b") as f:
+        rt = int.from_bytes((f.seek(48), f.read(8))[1], "big")
+        rb = int.from_bytes((f.seek(rt), f.read(8))[1], "big")
+        f.seek(rb)
+        f.write(bytes(4096))
+    before = overlay.read_bytes()
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", guest_path("virtio_blk"), "--append", "sector=2048 bytes=4096",
+                   "--drive", f"file={overlay},format=qcow2"], timeout=120)
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert "virtio-blk: request type 1 sector 2048 failed" in out, out + err
+    assert "pattern ok" not in out
+    assert "Traceback" not in err
+    assert len([l for l in err.splitlines() if "preventing invalid write on metadata" in l]) == 1, err
+    after = overlay.read_bytes()
+    assert after[:72] == before[:72] and after[80:] == before[80:]
+    info = subprocess.run([qemu_img, "info", str(overlay)], capture_output=True, text=True).stdout
+    assert "file format: qcow2" in info and "corrupt: true" in info
