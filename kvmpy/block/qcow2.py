@@ -398,9 +398,13 @@ class Qcow2Driver(BlockDriver):
     L2_CACHE_BYTES = 32 << 20
     METADATA_DIRTY_LIMIT = 512
 
-    def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False):
+    def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
+                 require_backing_format: bool = False):
         self.path = path
         self.read_only = read_only
+        # Set for a probed image: its backing chain is only followed where each
+        # image names its backing file's format (never probe a file it points at).
+        self.require_backing_format = require_backing_format
         self.fd = -1
         self.backing = None
         self.write_prepared = False
@@ -499,6 +503,10 @@ class Qcow2Driver(BlockDriver):
     def _open_backing(self, chain):
         bpath = self.backing_path()
         name = self.header.backing_file
+        if self.require_backing_format and self.header.backing_format is None:
+            raise ImageError(f"{self.path}: image format was probed and its backing file {name!r} has no "
+                             f"backing format; give format= for the disk and record the backing format with "
+                             f"`kvmpy img rebase -u -b {name} -F raw|qcow2 {self.path}`")
         if "://" in bpath or bpath.startswith("json:"):
             raise ImageError(f"{self.path}: backing file {name!r} is not a local file; use "
                              f"`kvmpy img rebase -u -b NEW {self.path}`")
@@ -511,6 +519,9 @@ class Qcow2Driver(BlockDriver):
         if os.path.realpath(bpath) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {bpath}")
         from . import open_image
+        if self.require_backing_format and fmt == "qcow2":
+            # The rule holds down the whole chain.
+            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True)
         return open_image(bpath, format=fmt, read_only=True, _chain=chain)
 
     # ------------------------------------------------------------- L1 / L2
