@@ -117,8 +117,18 @@ class Machine:
     def _add_disk(self, index: int, disk) -> None:
         from .block import open_image
         from .devices.virtio.blk import VirtioBlk
-        driver = open_image(disk.path, disk.format, read_only=disk.readonly)
+        driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True)
         self.on_close(driver.close)
+        if disk.format is None:
+            # QEMU's warning: after the open, so that a refused image is one line.
+            if driver.format == "raw":
+                log.warning("Image format was not specified for '%s' and probing guessed raw. Automatically "
+                            "detecting the format is dangerous for raw images, write operations on block 0 "
+                            "will be restricted. Specify the 'raw' format explicitly to remove the "
+                            "restrictions.", disk.path)
+            else:
+                log.warning("Image format was not specified for '%s' and probing guessed %s. Specify the "
+                            "format explicitly (format=%s).", disk.path, driver.format, driver.format)
         dev = VirtioBlk(self.platform, driver, serial=disk.serial, read_only=disk.readonly,
                         name=f"virtio-blk{index}")
         self.on_close(dev.close)

@@ -267,3 +267,36 @@ def test_qcow2_image(tmp_path):
     conv = tmp_path / "out.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(p), str(conv)], check=True)
     assert open(conv, "rb").read()[128 * 512:128 * 512 + len(pattern)] == pattern
+
+
+def test_qcow2_write_onto_metadata_gets_ioerr(tmp_path, caplog):
+    """A guest write that corrupt refcounts would send onto the header: IOERR, one log
+    line, the header intact and the image marked corrupt (QEMU's overlap check)."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is not installed")
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"BASE" * (DISK // 4))
+    p = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(base),
+                    "-F", "raw", str(p)], check=True)
+    with open(p, "r+b") as f:                      # the first refcount block: all zero
+        rt = struct.unpack(">Q", (f.seek(48), f.read(8))[1])[0]
+        rb = struct.unpack(">Q", (f.seek(rt), f.read(8))[1])[0]
+        f.seek(rb)
+        f.write(bytes(4096))
+    before = p.read_bytes()
+    r = Rig(p)
+    try:
+        caplog.clear()
+        with caplog.at_level("ERROR"):
+            assert r.request(VIRTIO_BLK_T_OUT, 64, out=os.urandom(4096))[0] == VIRTIO_BLK_S_IOERR
+        errors = [rec for rec in caplog.records if rec.levelname == "ERROR"]
+        assert len(errors) == 1 and "preventing invalid write on metadata" in errors[0].getMessage()
+        assert not any(rec.exc_info for rec in caplog.records)
+        assert r.request(VIRTIO_BLK_T_IN, 0, in_len=512)[:1] == (VIRTIO_BLK_S_OK,)   # reads still work
+    finally:
+        r.close()
+    after = p.read_bytes()
+    assert after[:72] == before[:72] and after[80:] == before[80:]
+    info = subprocess.run(["qemu-img", "info", str(p)], capture_output=True, text=True)
+    assert "file format: qcow2" in info.stdout and "corrupt: true" in info.stdout

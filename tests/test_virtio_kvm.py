@@ -93,3 +93,93 @@ def test_virtio_net_echo_across_a_bridge(netns):
     # kvmpy removed its tap on exit; the bridge it did not create stays.
     links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
     assert "ktap9" not in links and bridge in links
+
+
+def test_virtio_blk_write_onto_qcow2_metadata_is_refused(tmp_path):
+    """Issue 15: an overlay whose refcounts were zeroed used to take the guest's data
+    on its header. Now the request fails, the VMM logs one line, the header stays."""
+    qemu_img = tool_required("qemu-img")
+    base = tmp_path / "base.raw"
+    make_image(base)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(base),
+                    "-F", "raw", str(overlay)], check=True)
+    with open(overlay, "r+b") as f:
+        rt = int.from_bytes((f.seek(48), f.read(8))[1], "big")
+        rb = int.from_bytes((f.seek(rt), f.read(8))[1], "big")
+        f.seek(rb)
+        f.write(bytes(4096))
+    before = overlay.read_bytes()
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", guest_path("virtio_blk"), "--append", "sector=2048 bytes=4096",
+                   "--drive", f"file={overlay},format=qcow2"], timeout=120)
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert "virtio-blk: request type 1 sector 2048 failed" in out, out + err
+    assert "pattern ok" not in out
+    assert "Traceback" not in err
+    assert len([l for l in err.splitlines() if "preventing invalid write on metadata" in l]) == 1, err
+    after = overlay.read_bytes()
+    assert after[:72] == before[:72] and after[80:] == before[80:]
+    info = subprocess.run([qemu_img, "info", str(overlay)], capture_output=True, text=True).stdout
+    assert "file format: qcow2" in info and "corrupt: true" in info
+
+
+PROBED_RAW_WARNING = ("Image format was not specified for '{}' and probing guessed raw. Automatically detecting "
+                      "the format is dangerous for raw images, write operations on block 0 will be restricted. "
+                      "Specify the 'raw' format explicitly to remove the restrictions.")
+
+
+def test_probed_raw_disk_warns_and_guards_block0(tmp_path):
+    """Issue 15: a guest must not turn a probed raw disk into a qcow2 (whose header,
+    backing file included, it would then control on the next boot)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(4 << 20))
+    kernel = guest_path("virtio_blk")
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", kernel, "--append", "sector=0 bytes=4096 qcow2magic=1",
+                   "--drive", f"file={img}"], timeout=120)
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert "virtio-blk: request type 1 sector 0 failed" in out, out + err
+    warnings = [l for l in err.splitlines() if "WARNING" in l]
+    assert len(warnings) == 1 and warnings[0].endswith(PROBED_RAW_WARNING.format(img)), err
+    assert "write to block 0 refused" in err and "Traceback" not in err
+    assert img.read_bytes() == bytes(4 << 20)
+    # Block 0 itself stays writable with data that keeps the image raw (QEMU's rule).
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", kernel, "--append", "sector=0 bytes=4096",
+                   "--drive", f"file={img}"], timeout=120)
+    assert p.returncode == 0 and "pattern ok" in p.stdout.decode(), p.stdout.decode() + p.stderr.decode()
+    assert img.read_bytes()[:4096] == guest_pattern(4096)
+    # format=raw given: no warning, no restriction.
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", kernel, "--append", "sector=0 bytes=4096 qcow2magic=1",
+                   "--drive", f"file={img},format=raw"], timeout=120)
+    assert p.returncode == 0 and "pattern ok" in p.stdout.decode(), p.stdout.decode() + p.stderr.decode()
+    assert "WARNING" not in p.stderr.decode()
+    assert img.read_bytes()[:4] == b"QFI\xfb"
+
+
+def test_probed_qcow2_needs_its_backing_format(tmp_path):
+    """Issue 15: a qcow2 opened by probing must not name a host file for the VMM to
+    probe and hand to the guest."""
+    qemu_img = tool_required("qemu-img")
+    from kvmpy.block.qcow2 import create_qcow2
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"host secret, not for guests\n")
+    evil = tmp_path / "evil.img"
+    # No backing_fmt extension: today's qemu-img refuses to write one, older ones did.
+    create_qcow2(str(evil), 4 << 20, backing_file=str(secret), backing_format=None)
+    info = subprocess.run([qemu_img, "info", str(evil)], capture_output=True, text=True).stdout
+    assert "backing file: " in info and "backing file format" not in info
+    kernel = guest_path("virtio_blk")
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", kernel, "--drive", f"file={evil}"], timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert p.stdout.decode() == ""                       # the guest never ran
+    assert err.count("\n") == 1 and "has no backing format" in err and "rebase -u" in err and "-F" in err, err
+    # With the backing format recorded, the probed image opens (with the warning),
+    # its backing file read-only: the guest's writes go to the overlay.
+    p = run_kvmpy(["img", "rebase", "-u", "-b", str(secret), "-F", "raw", str(evil)])
+    assert p.returncode == 0, p.stderr.decode()
+    p = run_kvmpy(["run", "--enable-kvm", "--kernel", kernel, "--append", "sector=0 bytes=4096",
+                   "--drive", f"file={evil}"], timeout=120)
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert p.returncode == 0 and "pattern ok" in out, out + err
+    assert f"Image format was not specified for '{evil}' and probing guessed qcow2" in err
+    assert secret.read_bytes() == b"host secret, not for guests\n"

@@ -40,15 +40,20 @@ def probe_format(path: str) -> str:
 
 
 def open_image(path: str, format: str | None = None, read_only: bool = False,
-               _chain: tuple = ()) -> BlockDriver:
+               _chain: tuple = (), guard_probe: bool = False) -> BlockDriver:
     """Open a disk image; format None probes (qcow2 magic, else raw).
 
-    Raises ImageError naming the file for a missing file, an unknown format or a
-    malformed image.
+    guard_probe (for disks a guest writes to): when the format is probed, a raw
+    image refuses writes that would make block 0 probe as another format, and a
+    qcow2 image (and its backing chain) must name each backing file's format, so
+    that neither a guest nor a planted header can make the VMM open a host file of
+    its choosing. Raises ImageError naming the file for a missing file, an unknown
+    format or a malformed image.
     """
     path = os.fspath(path)
     _refuse_non_image(path)
-    if format is None:
+    probed = format is None
+    if probed:
         format = probe_format(path)
     elif not os.path.exists(path):
         raise ImageError(f"{path}: image file not found")
@@ -56,8 +61,9 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
         from .raw import RawDriver
         if os.path.isdir(path):
             raise ImageError(f"{path}: is a directory, not an image")
-        return RawDriver(path, read_only=read_only)
+        return RawDriver(path, read_only=read_only, restrict_block0=guard_probe and probed)
     if format == "qcow2":
         from .qcow2 import Qcow2Driver
-        return Qcow2Driver(path, read_only=read_only, _chain=_chain)
+        return Qcow2Driver(path, read_only=read_only, _chain=_chain,
+                           require_backing_format=guard_probe and probed)
     raise ImageError(f"{path}: unknown image format {format!r} (supported: {', '.join(FORMATS)})")

@@ -235,6 +235,7 @@ def _repair(drv: BlockDriver, res: CheckResult, mismatches, copied_fixes, mode):
     if structural and fix_errors:
         raise ImageError(f"{drv.path}: cannot repair: {structural[0][6:]}")
     drv._prepare_write()
+    drv._metadata_changed()   # the tables as they are now, not as when the driver opened
     # Missing refcount blocks go at the end of the file, which is certainly free.
     drv.free_hint = drv._end_cluster()
     for c, stored, exp in mismatches:

@@ -18,6 +18,7 @@ merely leaking clusters, never one with a table pointing at a reused cluster.
 from __future__ import annotations
 
 import array
+import bisect
 import functools
 import os
 import threading
@@ -320,9 +321,67 @@ def read_snapshots(path, fd, h: Header, file_size: int) -> list:
         name = blob[extra_len + id_len:].decode("utf-8", "replace")
         out.append(Snapshot(id=sid, name=name, l1_table_offset=l1_off, l1_size=l1_size,
                             date_sec=date_s, date_nsec=date_ns, vm_clock_nsec=vm_clock,
-                            vm_state_size=vm_state, disk_size=disk_size, entry_offset=pos))
+                            vm_state_size=vm_state, disk_size=disk_size, entry_offset=pos,
+                            entry_length=total))
         pos += total + ((-total) % 8)
     return out
+
+
+# The kinds of metadata the overlap check protects (QEMU's overlap-check=all names).
+META_HEADER = "qcow2 header"
+META_ACTIVE_L1 = "active L1 table"
+META_ACTIVE_L2 = "active L2 table"
+META_REFCOUNT_TABLE = "refcount table"
+META_REFCOUNT_BLOCK = "refcount block"
+META_SNAPSHOT_TABLE = "snapshot table"
+META_INACTIVE_L1 = "inactive L1 table"
+META_INACTIVE_L2 = "inactive L2 table"
+_L2_KINDS = (META_ACTIVE_L2, META_INACTIVE_L2)
+
+
+class MetadataMap:
+    """Which host clusters hold metadata, so that every write can be checked
+    against them in O(log n) rather than by walking the tables (QEMU's overlap
+    check). A sorted list of cluster indices answers range queries by bisection;
+    per cluster a count per kind, because one cluster is legitimately several
+    things at once (an L2 table shared by the active L1 and a snapshot's) and
+    must stay protected until the last of them lets go of it."""
+
+    def __init__(self):
+        self.clusters = []       # sorted cluster indices
+        self.kinds = {}          # cluster index -> {kind: count}
+
+    def add(self, first: int, n: int, kind: str) -> None:
+        for c in range(first, first + n):
+            k = self.kinds.get(c)
+            if k is None:
+                bisect.insort(self.clusters, c)
+                k = self.kinds[c] = {}
+            k[kind] = k.get(kind, 0) + 1
+
+    def remove(self, first: int, n: int, kind: str) -> None:
+        for c in range(first, first + n):
+            k = self.kinds.get(c)
+            if k is None or kind not in k:
+                continue
+            k[kind] -= 1
+            if not k[kind]:
+                del k[kind]
+            if not k:
+                del self.kinds[c]
+                del self.clusters[bisect.bisect_left(self.clusters, c)]
+
+    def hit(self, first: int, end: int, ignore=()):
+        """(cluster, kind) of the first metadata cluster in [first, end) not of an
+        ignored kind, or None."""
+        i = bisect.bisect_left(self.clusters, first)
+        while i < len(self.clusters) and self.clusters[i] < end:
+            c = self.clusters[i]
+            for kind in self.kinds[c]:
+                if kind not in ignore:
+                    return c, kind
+            i += 1
+        return None
 
 
 def _locked(method):
@@ -339,9 +398,13 @@ class Qcow2Driver(BlockDriver):
     L2_CACHE_BYTES = 32 << 20
     METADATA_DIRTY_LIMIT = 512
 
-    def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False):
+    def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
+                 require_backing_format: bool = False):
         self.path = path
         self.read_only = read_only
+        # Set for a probed image: its backing chain is only followed where each
+        # image names its backing file's format (never probe a file it points at).
+        self.require_backing_format = require_backing_format
         self.fd = -1
         self.backing = None
         self.write_prepared = False
@@ -410,6 +473,8 @@ class Qcow2Driver(BlockDriver):
         self.decompressed = (None, None)
         self.write_prepared = False
         self.closed = False
+        self.corrupt = False          # set by a refused metadata overwrite: no more writes
+        self._meta = None             # MetadataMap, built on the first write
         # Writers.
         if not self.read_only:
             if h.incompatible & INCOMPAT_CORRUPT and not repairing:
@@ -438,6 +503,10 @@ class Qcow2Driver(BlockDriver):
     def _open_backing(self, chain):
         bpath = self.backing_path()
         name = self.header.backing_file
+        if self.require_backing_format and self.header.backing_format is None:
+            raise ImageError(f"{self.path}: image format was probed and its backing file {name!r} has no "
+                             f"backing format; give format= for the disk and record the backing format with "
+                             f"`kvmpy img rebase -u -b {name} -F raw|qcow2 {self.path}`")
         if "://" in bpath or bpath.startswith("json:"):
             raise ImageError(f"{self.path}: backing file {name!r} is not a local file; use "
                              f"`kvmpy img rebase -u -b NEW {self.path}`")
@@ -450,6 +519,9 @@ class Qcow2Driver(BlockDriver):
         if os.path.realpath(bpath) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {bpath}")
         from . import open_image
+        if self.require_backing_format and fmt == "qcow2":
+            # The rule holds down the whole chain.
+            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True)
         return open_image(bpath, format=fmt, read_only=True, _chain=chain)
 
     # ------------------------------------------------------------- L1 / L2
@@ -702,6 +774,9 @@ class Qcow2Driver(BlockDriver):
                 break
             # Put the new refcount block in the first free cluster and search again.
             self._new_refcount_block(missing[0], start)
+        # Refcounts that call a table free are the classic way a table gets
+        # overwritten: whatever this allocation is for, it must not be metadata.
+        self.check_overlap(start * self.cluster_size, n * self.cluster_size)
         for c in range(start, start + n):
             self._set_refcount(c, 1)
         if n == 1:
@@ -716,9 +791,11 @@ class Qcow2Driver(BlockDriver):
             return
         own_t = at_cluster // self.rb_entries
         off = at_cluster * cs
+        self.check_overlap(off, cs)
         block = bytearray(cs)
         self.rb_cache[off] = block
         self.refcount_table[t] = off
+        self._meta_add(off, 1, META_REFCOUNT_BLOCK)
         self.dirty_rt.add(t)
         self.dirty_rb.add(off)
         if own_t == t:
@@ -789,6 +866,7 @@ class Qcow2Driver(BlockDriver):
         self.header.refcount_table_clusters = table_clusters
         self.refcount_table = new_table
         self.dirty_rt.clear()
+        self._metadata_changed()
         for c in range(old_off // cs, old_off // cs + old_clusters):
             self._decref(c)
         self._writeback_refcounts()
@@ -819,21 +897,110 @@ class Qcow2Driver(BlockDriver):
         """Queue the host clusters an old L2 entry held, freed after tables are durable."""
         self.pending_frees.extend(self.entry_clusters(e, ci))
 
+    # ------------------------------------------------------- overlap check
+
+    def _metadata(self) -> MetadataMap:
+        """The metadata map, (re)built from the tables when missing: on the first
+        write, and after the rare operations that move tables wholesale (snapshots,
+        L1 or refcount table growth, resize, repair) and drop it."""
+        m = self._meta
+        if m is not None:
+            return m
+        m = MetadataMap()
+        cs = self.cluster_size
+        h = self.header
+        m.add(0, 1, META_HEADER)
+        if h.l1_size:
+            m.add(h.l1_table_offset // cs, -(-h.l1_size * 8 // cs), META_ACTIVE_L1)
+        for e in self.l1:
+            if e & L1E_OFFSET_MASK:
+                m.add((e & L1E_OFFSET_MASK) // cs, 1, META_ACTIVE_L2)
+        m.add(h.refcount_table_offset // cs, h.refcount_table_clusters, META_REFCOUNT_TABLE)
+        for e in self.refcount_table:
+            if e:
+                m.add(e // cs, 1, META_REFCOUNT_BLOCK)
+        if self.snapshots:
+            end = max(s.entry_offset + s.entry_length for s in self.snapshots)
+            m.add(h.snapshots_offset // cs, -(-end // cs) - h.snapshots_offset // cs, META_SNAPSHOT_TABLE)
+        for snap in self.snapshots:
+            if not snap.l1_size or snap.l1_table_offset % cs or \
+                    snap.l1_table_offset + snap.l1_size * 8 > self.file_size:
+                continue   # a broken snapshot L1 is img check's to report; nothing to protect
+            m.add(snap.l1_table_offset // cs, -(-snap.l1_size * 8 // cs), META_INACTIVE_L1)
+            # One read per snapshot, once: cheap, and its L2 tables are what a stray
+            # write would destroy without anyone noticing until the snapshot is applied.
+            for e in be_array(os.pread(self.fd, snap.l1_size * 8, snap.l1_table_offset)):
+                off = e & L1E_OFFSET_MASK
+                if off and not off % cs:
+                    m.add(off // cs, 1, META_INACTIVE_L2)
+        self._meta = m
+        return m
+
+    def _metadata_changed(self) -> None:
+        self._meta = None
+
+    def _meta_add(self, off: int, nclusters: int, kind: str) -> None:
+        if self._meta is not None:
+            self._meta.add(off // self.cluster_size, nclusters, kind)
+
+    def _meta_remove(self, off: int, nclusters: int, kind: str) -> None:
+        if self._meta is not None:
+            self._meta.remove(off // self.cluster_size, nclusters, kind)
+
+    def check_overlap(self, off: int, length: int, ignore=()) -> None:
+        """Refuse a write to host bytes [off, off+length) that would land on metadata.
+
+        Only corrupt tables lead here (refcounts calling a table free, an L2 entry
+        pointing at a table), so a hit marks the image corrupt, as QEMU does, and
+        stops all further writes through this driver rather than trusting its
+        tables any longer."""
+        if length <= 0:
+            return
+        cs = self.cluster_size
+        hit = self._metadata().hit(off // cs, -(-(off + length) // cs), ignore)
+        if hit is None:
+            return
+        cluster, kind = hit
+        self._mark_corrupt()
+        raise ImageError(f"{self.path}: preventing invalid write on metadata: host offset {off} "
+                         f"(length {length}) overlaps the {kind} at offset {cluster * cs}; image "
+                         f"marked corrupt, repair it with `kvmpy img check -r all {self.path}`")
+
+    def _mark_corrupt(self) -> None:
+        # Cached metadata may already point at the wrong place: drop it unwritten
+        # (what the tables say on disk is the last consistent state we know).
+        self.corrupt = True
+        self.dirty_l2.clear()
+        self.dirty_l1.clear()
+        self.dirty_rb.clear()
+        self.dirty_rt.clear()
+        self.pending_frees = []
+        self.l2_cache.clear()
+        self.rb_cache.clear()
+        if not self.read_only and self.header.version >= 3:
+            self.set_incompatible_bits(self.header.incompatible | INCOMPAT_CORRUPT)
+
     # ------------------------------------------------------------- writeback
 
     def _writeback_refcounts(self):
+        if self.corrupt:
+            return
+        cs = self.cluster_size
+        for off in sorted(self.dirty_rb):
+            self.check_overlap(off, cs, (META_REFCOUNT_BLOCK,))
         for off in sorted(self.dirty_rb):
             os.pwrite(self.fd, self.rb_cache[off], off)
         self.dirty_rb.clear()
         if self.dirty_rt:
             os.fdatasync(self.fd)  # blocks before the table points at them
             for t in sorted(self.dirty_rt):
-                os.pwrite(self.fd, struct.pack(">Q", self.refcount_table[t]),
-                          self.header.refcount_table_offset + t * 8)
+                at = self.header.refcount_table_offset + t * 8
+                self.check_overlap(at, 8, (META_REFCOUNT_TABLE,))
+                os.pwrite(self.fd, struct.pack(">Q", self.refcount_table[t]), at)
             self.dirty_rt.clear()
 
     def _writeback(self, sync: bool = True):
-        if self.read_only or not self.write_prepared:
+        if self.read_only or not self.write_prepared or self.corrupt:
             return
         if not (self.dirty_rb or self.dirty_rt or self.dirty_l2 or self.dirty_l1 or self.pending_frees):
             if sync:
@@ -843,13 +1010,17 @@ class Qcow2Driver(BlockDriver):
         os.fdatasync(self.fd)
         if self.dirty_l2:
             for off in sorted(self.dirty_l2):
+                # Shared tables are rewritten too (COPIED flags), hence both L2 kinds.
+                self.check_overlap(off, self.cluster_size, _L2_KINDS)
                 os.pwrite(self.fd, to_be(self.l2_cache[off]), off)
             self.dirty_l2.clear()
             if self.dirty_l1:
                 os.fdatasync(self.fd)
         if self.dirty_l1:
             for i in sorted(self.dirty_l1):
-                os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), self.header.l1_table_offset + i * 8)
+                at = self.header.l1_table_offset + i * 8
+                self.check_overlap(at, 8, (META_ACTIVE_L1,))
+                os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), at)
             self.dirty_l1.clear()
         if self.pending_frees:
             os.fdatasync(self.fd)
@@ -872,6 +1043,9 @@ class Qcow2Driver(BlockDriver):
 
     def _prepare_write(self):
         self._check_writable()
+        if self.corrupt:
+            raise ImageError(f"{self.path}: image is marked corrupt after a refused write on "
+                             f"metadata; repair it with `kvmpy img check -r all {self.path}`")
         if self.write_prepared:
             return
         h = self.header
@@ -897,6 +1071,7 @@ class Qcow2Driver(BlockDriver):
                 return self._copy_shared_l2(l1i, off), ci & (self.l2_entries - 1), self.l1[l1i] & L1E_OFFSET_MASK
             return self._load_l2(off), ci & (self.l2_entries - 1), off
         off = self._alloc_clusters(1)
+        self._meta_add(off, 1, META_ACTIVE_L2)
         t = array.array("Q", bytes(self.cluster_size))
         self.l2_cache[off] = t
         self.dirty_l2.add(off)
@@ -913,6 +1088,8 @@ class Qcow2Driver(BlockDriver):
         after the new L1 entry is durable."""
         t = array.array("Q", self._load_l2(off))
         new_off = self._alloc_clusters(1)
+        self._meta_add(new_off, 1, META_ACTIVE_L2)
+        self._meta_remove(off, 1, META_ACTIVE_L2)     # still the snapshot's until it goes
         self.l2_cache[new_off] = t
         self.dirty_l2.add(new_off)
         self.l1[l1i] = new_off | OFLAG_COPIED
@@ -966,6 +1143,9 @@ class Qcow2Driver(BlockDriver):
                         break
                     run = min(run + cs, end - pos)
                     nxt += cs
+                # The host offset comes from an L2 entry, which a corrupt image may
+                # point at a table.
+                self.check_overlap(host + in_cl, run)
                 full_pwritev(self.fd, cur.slices(pos, run), host + in_cl)
                 pos += run
                 continue
@@ -1025,6 +1205,7 @@ class Qcow2Driver(BlockDriver):
             pos = self._alloc_clusters(1)
         else:
             self._set_refcount(pos // cs, self.get_refcount(pos // cs) + 1)
+        self.check_overlap(pos, len(comp))
         os.pwrite(self.fd, comp, pos)
         self.compressed_cursor = pos + len(comp) if (pos + len(comp)) % cs else 0
         nsect = ((pos + len(comp) - 1) >> 9) - (pos >> 9)
@@ -1105,6 +1286,7 @@ class Qcow2Driver(BlockDriver):
             return
         host = self._writable_in_place(e, ci)
         if host:
+            self.check_overlap(host, cs)
             write_zero_bytes(self.fd, host, cs)
         else:
             self._allocating_write(_Cursor([_ZEROS[:cs]]), ci * cs, ci, 1, 0, cs)
@@ -1187,6 +1369,7 @@ class Qcow2Driver(BlockDriver):
     @_locked
     def resize(self, new_size: int) -> None:
         self._prepare_write()
+        self._metadata_changed()     # L2 tables past the new end are dropped below
         if self.snapshots:
             raise ImageError(f"{self.path}: cannot resize an image with internal snapshots "
                              f"(delete them first, as with qemu-img)")
@@ -1218,6 +1401,7 @@ class Qcow2Driver(BlockDriver):
                     self.l2_cache.pop(off, None)
                     self.dirty_l2.discard(off)
                     self.pending_frees.append(off // cs)
+            self._metadata_changed()
             self._writeback()
         else:
             need = -(-new_size // (self.l2_entries * cs))
@@ -1250,6 +1434,7 @@ class Qcow2Driver(BlockDriver):
         os.fdatasync(self.fd)
         self.header.l1_table_offset, self.header.l1_size = new_off, entries
         self.l1 = new_l1
+        self._metadata_changed()
         if old_size:
             for c in range(old_off // cs, old_off // cs + -(-old_size * 8 // cs)):
                 self.pending_frees.append(c)

@@ -9,12 +9,26 @@ from .driver import (BlockDriver, full_preadv, full_pwritev, punch_hole, total_l
                      write_zero_bytes, zero_range)
 
 
+# What QEMU's probes recognise at offset 0 (qcow/qcow2, QED, VMDK sparse and
+# descriptor, VHD, VHDX, LUKS, Parallels, Bochs, cloop). A guest that writes one of
+# these into block 0 of a raw disk opened by probing would have the image open as
+# that format next time, its header (backing file!) under the guest's control.
+FOREIGN_MAGICS = (b"QFI\xfb", b"QED\x00", b"KDMV", b"# Disk DescriptorFile", b"conectix", b"vhdxfile",
+                  b"LUKS\xba\xbe", b"WithoutFreeSpace", b"WithouFreSpacExt", b"Bochs Virtual HD Image",
+                  b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
+_MAGIC_SPAN = max(len(m) for m in FOREIGN_MAGICS)
+
+
 class RawDriver(BlockDriver):
     format = "raw"
 
-    def __init__(self, path: str, read_only: bool = False, fd: int | None = None):
+    def __init__(self, path: str, read_only: bool = False, fd: int | None = None,
+                 restrict_block0: bool = False):
         self.path = path
         self.read_only = read_only
+        # Set when the format was probed (QEMU's rule): block 0 may be written,
+        # but not so that the image would probe as another format afterwards.
+        self.restrict_block0 = restrict_block0
         if fd is None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
             try:
@@ -34,7 +48,27 @@ class RawDriver(BlockDriver):
         self._check_writable()
         length = total_length(buffers)
         self._check_range(offset, length)
+        if self.restrict_block0 and offset < _MAGIC_SPAN and length:
+            self._check_block0(buffers, offset, length)
         return full_pwritev(self.fd, buffers, offset)
+
+    def _check_block0(self, buffers, offset, length) -> None:
+        head = bytearray(os.pread(self.fd, _MAGIC_SPAN, 0).ljust(_MAGIC_SPAN, b"\0"))
+        n = min(length, _MAGIC_SPAN - offset)
+        new = bytearray(n)
+        pos = 0
+        for b in buffers:
+            v = memoryview(b).cast("B")
+            take = min(len(v), n - pos)
+            new[pos:pos + take] = v[:take]
+            pos += take
+            if pos >= n:
+                break
+        head[offset:offset + n] = new
+        for magic in FOREIGN_MAGICS:
+            if head.startswith(magic):
+                raise ImageError(f"{self.path}: write to block 0 refused: the image was probed as raw "
+                                 f"and would then probe as another format; give format=raw to allow it")
 
     def flush(self):
         if not self.read_only:

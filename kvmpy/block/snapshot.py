@@ -181,6 +181,7 @@ def create_snapshot(drv: Qcow2Driver, name: str) -> str:
     old_off, old_len = _write_table(drv, entries)
     _free_range_later(drv, old_off, old_len)
     drv._writeback()
+    drv._metadata_changed()       # a new inactive L1 and snapshot table to protect
     return sid
 
 
@@ -206,6 +207,7 @@ def apply_snapshot(drv: Qcow2Driver, key: str) -> None:
     os.fdatasync(drv.fd)
     drv.l1 = new_l1
     drv.dirty_l1.clear()
+    drv._metadata_changed()       # other L2 tables are active now
     # 3. what the old active L1 reached loses its reference
     drv.pending_frees.extend(old_refs)
     drv._writeback()
@@ -230,6 +232,7 @@ def delete_snapshot(drv: Qcow2Driver, key: str) -> None:
     _free_range_later(drv, old_off, old_len)
     drv._writeback()
     drv.l2_cache.clear()
+    drv._metadata_changed()       # its L1 and L2 tables are free clusters now
     # 3. clusters only the active L1 reaches now are its own again
     _fix_copied_flags(drv)
     drv._writeback()

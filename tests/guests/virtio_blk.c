@@ -5,7 +5,9 @@
  *
  * cmdline: sector=N (2048) where the pattern goes, bytes=N (32768, multiple of
  * 512, at most 65536), reads=N (0) extra sequential 64 KiB reads for timing,
- * rand=N (0) extra 4 KiB random reads for timing.
+ * rand=N (0) extra 4 KiB random reads for timing, qcow2magic=1 puts a qcow2 magic at
+ * the start of the pattern (a guest planting a header; the host must refuse it at
+ * sector 0 of a probed raw disk).
  * Prints:
  *   virtio-blk: found at 00:SS.0
  *   virtio-blk: capacity N sectors
@@ -104,6 +106,8 @@ int guest_main(const struct hvm_start_info *si)
 
     for (uint64_t i = 0; i < bytes; i++)
         wbuf[i] = (uint8_t)((i * 13 + 7) ^ (i >> 9));
+    if (cmdline_get_u64("qcow2magic", 0))   /* a hostile guest planting a qcow2 header */
+        memcpy(wbuf, "QFI\xfb", 4);
     if (blk_request(T_OUT, sector, wbuf, (uint32_t)bytes, 0) < 0)
         return 1;
     printf("virtio-blk: wrote %lu bytes at sector %lu checksum 0x%08x\n", bytes, sector, fnv1a(wbuf, bytes));
