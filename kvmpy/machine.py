@@ -74,7 +74,8 @@ class Machine:
         plat = self.platform
         con = self.console
         self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level),
-                                  out=con.write if con is not None else (lambda data: None),
+                                  out=getattr(con, "buffered_write", con.write) if con is not None
+                                  else (lambda data: None),
                                   on_rx_space=con.rx_space_available if con is not None else None)
         self.pio_bus.register(COM1_BASE, 8, self.serial)
         if con is not None:

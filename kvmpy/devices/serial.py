@@ -7,8 +7,9 @@ how it drives the port afterwards (THRE re-asserted when IER.THRI is enabled
 with an empty transmitter, which its startup "THRE test" relies on).
 
 Transmission is instantaneous: every THR write becomes one ``out(bytes)`` call at
-once, so THRE and TEMT always read 1 and nothing is buffered host side that a
-killed VMM could lose. Reception has a 16-byte FIFO (1 byte with the FIFO
+once, so THRE and TEMT always read 1. The machine passes the console's
+``buffered_write`` as ``out``, which gathers a burst for a few milliseconds before
+one host write (kvmpy/console.py says what a SIGKILL can lose). Reception has a 16-byte FIFO (1 byte with the FIFO
 disabled). The host pushes input with ``receive``, which accepts only what fits
 so the console keeps the rest (back-pressure); ``on_rx_space`` tells it when the
 guest has drained the FIFO. Overrun happens only in loopback mode, where the
