@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import KVM_SKIP_REASON, run_kvmpy
+from conftest import KVM_SKIP_REASON, ROOT, run_kvmpy
 
 
 def _one_line(p) -> str:
@@ -91,3 +91,24 @@ def test_bad_monitor_address_is_one_line_and_exit_2():
     p = run_kvmpy(["run", "--accel", "tcg", "--kernel", guest_path("hello"), "--qmp", "carrier-pigeon:coop"])
     assert p.returncode == 2
     assert "carrier-pigeon" in _one_line(p)
+
+
+def test_a_named_command_imports_only_its_module():
+    """`kvmpy run ...` builds the parser from runcmd alone (the other subcommands'
+    imports were most of its start-up); `kvmpy --help` and unknown words list all."""
+    import subprocess
+    import sys
+    code = ("import sys; from kvmpy.cli import build_parser; build_parser(sys.argv[1:], all_commands=False); "
+            "print(sorted(m for m in sys.modules if m in ('kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', "
+            "'kvmpy.guestbuild', 'kvmpy.nested', 'kvmpy.infocmd')))")
+    def loaded(*argv):
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, cwd=ROOT)
+        return p.stdout.strip()
+    assert loaded("-vv", "run", "--kernel", "x") == "['kvmpy.runcmd']"
+    assert loaded("img", "info", "x") == "['kvmpy.block.imgcli']"
+    everything = str(sorted(['kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', 'kvmpy.guestbuild',
+                             'kvmpy.nested', 'kvmpy.infocmd']))
+    assert loaded("--help") == everything
+    assert loaded("bogus") == everything
+    p = run_kvmpy(["bogus"])
+    assert p.returncode == 2 and "choose from 'run', 'info', 'img', 'service', 'guest', 'selftest'" in p.stderr.decode()
