@@ -112,10 +112,16 @@ PORT_COUNT = 8
 
 class Serial16550:
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
-                 on_rx_space: Callable[[], None] | None = None) -> None:
+                 on_rx_space: Callable[[], None] | None = None,
+                 tx_batching: Callable[[bool], None] | None = None) -> None:
+        """``tx_batching(on)``, when given, is told whether THR writes may be queued
+        and handed over later (KVM's coalesced port writes): on while IER is 0, when
+        no interrupt of the UART's can depend on when a byte is taken."""
         self._irq = irq
         self._out = out
         self._on_rx_space = on_rx_space
+        self._tx_batching = tx_batching
+        self._batching: bool | None = None
         # RLock: callbacks run with the lock held so output stays ordered; a
         # callback that re-enters the UART (tests do) must not deadlock.
         self._lock = threading.RLock()
@@ -140,7 +146,14 @@ class Serial16550:
             self.thr_pending = True  # THR starts empty; IER gates reporting
             self.msr_deltas = 0
             self.last_rbr = 0
+            self._update_batching()
             self._update_irq()
+
+    def _update_batching(self) -> None:
+        on = self.ier == 0
+        if self._tx_batching is not None and on != self._batching:
+            self._batching = on
+            self._tx_batching(on)
 
     @property
     def rx_capacity(self) -> int:
@@ -283,6 +296,7 @@ class Serial16550:
             # enabled; Linux's startup THRE test depends on it.
             if self.ier & IER_THRI and not old & IER_THRI:
                 self.thr_pending = True
+            self._update_batching()
         elif offset == IIR_FCR:
             self._write_fcr(value)
         elif offset == LCR:
