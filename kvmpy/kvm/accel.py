@@ -36,7 +36,7 @@ class KvmAccel:
         except KvmError:
             log.debug("KVM_CAP_EXIT_ON_EMULATION_FAILURE not available")
         for slot, region in enumerate(machine.memory.regions):
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(region.mm)))
+            host = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
             vm.set_user_memory_region(slot, region.gpa, region.size, host)
         self.platform = KvmPlatform(vm, machine.memory)
         supported = self.kvm.supported_cpuid()
