@@ -41,11 +41,15 @@ class KvmAccel:
         self.platform = KvmPlatform(vm, machine.memory)
         supported = self.kvm.supported_cpuid()
         msrs = boot_msrs(self.kvm.msr_index_list())
+        try:
+            tsc_deadline = self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER") > 0
+        except KvmError:
+            tsc_deadline = False
         self.vcpus = []
         self._reset_state = []
         for i in range(num_cpus):
             v = vm.create_vcpu(i)
-            v.set_cpuid(cpuid_for_vcpu(supported, i, num_cpus))
+            v.set_cpuid(cpuid_for_vcpu(supported, i, num_cpus, tsc_deadline))
             if msrs:
                 v.set_msrs(msrs)
             setup_lapic(v)
