@@ -16,8 +16,9 @@ os.write per byte (each waking the reader) cost more than the port exit itself, 
 bytes are gathered for at most OUTPUT_DELAY seconds (or OUTPUT_LIMIT bytes) and
 written together by a flusher thread. ``flush_output()`` writes them at once;
 ``close()``, interpreter exit and a SIGTERM/SIGHUP that ends the process flush
-first, so only a SIGKILL (or a crash of the interpreter) can lose output, at most
-the last OUTPUT_DELAY seconds of it. Input is pushed to
+first, so only a SIGKILL (or a crash of the interpreter) can lose output: the
+last OUTPUT_DELAY seconds of it (plus, under KVM, what is still in the coalesced
+write ring, kvmpy/kvm/coalesced.py). Input is pushed to
 the UART with ``uart.receive``, which takes only what fits in its FIFO; the rest
 stays pending and no more input is read until the guest drains the FIFO
 (``rx_space_available``), so typing or pasting never overruns the guest.
