@@ -15,23 +15,39 @@ import sys
 from . import __version__
 from .errors import UserError
 
-# Modules that add subcommands. A module missing from a partial checkout is skipped.
-SUBCOMMAND_MODULES = (
-    "kvmpy.runcmd",          # run
-    "kvmpy.infocmd",         # info
-    "kvmpy.block.imgcli",    # img
-    "kvmpy.service",         # service
-    "kvmpy.guestbuild",      # guest
-    "kvmpy.nested",          # selftest nested
-)
+# Modules that add subcommands, by the command each adds. A module missing from a
+# partial checkout is skipped.
+COMMAND_MODULES = {
+    "run": "kvmpy.runcmd",
+    "info": "kvmpy.infocmd",
+    "img": "kvmpy.block.imgcli",
+    "service": "kvmpy.service",
+    "guest": "kvmpy.guestbuild",
+    "selftest": "kvmpy.nested",       # selftest nested
+}
+SUBCOMMAND_MODULES = tuple(COMMAND_MODULES.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_command(argv: list[str] | None) -> str | None:
+    """The subcommand argv names, when it is a known one (after -v/-vv/--verbose)."""
+    args = sys.argv[1:] if argv is None else argv
+    for a in args:
+        if a in ("--verbose",) or (a.startswith("-") and not a.startswith("--") and set(a[1:]) == {"v"}):
+            continue
+        return a if a in COMMAND_MODULES else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) -> argparse.ArgumentParser:
+    """The parser; with ``all_commands=False`` and a known command in argv, only that
+    command's module is imported (the others cost more than half of `kvmpy run`'s
+    start-up, which matters where Python runs slowly, as in a nested L1)."""
     parser = argparse.ArgumentParser(prog="kvmpy", description="A virtual machine monitor in Python.")
     parser.add_argument("--version", action="version", version=f"kvmpy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    command = None if all_commands else _named_command(argv)
+    for name in ((COMMAND_MODULES[command],) if command else SUBCOMMAND_MODULES):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -43,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv, all_commands=False)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="kvmpy: %(levelname)s %(name)s: %(message)s")

@@ -9,9 +9,16 @@ Wiring (the machine does this)::
     ...
     console.close()          # also restores the terminal
 
-``write(data)`` is the UART's output callback (called on vCPU threads): it goes
-straight to the file descriptor with os.write, looping on partial writes, never
-buffered in Python, so nothing is lost when the VMM is killed. Input is pushed to
+``write(data)`` goes straight to the file descriptor with os.write, looping on
+partial writes. The UART's output callback (called on vCPU threads) is
+``buffered_write(data)``: a guest's console emits one byte per THR write, and one
+os.write per byte (each waking the reader) cost more than the port exit itself, so
+bytes are gathered for at most OUTPUT_DELAY seconds (or OUTPUT_LIMIT bytes) and
+written together by a flusher thread. ``flush_output()`` writes them at once;
+``close()``, interpreter exit and a SIGTERM/SIGHUP that ends the process flush
+first, so only a SIGKILL (or a crash of the interpreter) can lose output: the
+last OUTPUT_DELAY seconds of it (plus, under KVM, what is still in the coalesced
+write ring, kvmpy/kvm/coalesced.py). Input is pushed to
 the UART with ``uart.receive``, which takes only what fits in its FIFO; the rest
 stays pending and no more input is read until the guest drains the FIFO
 (``rx_space_available``), so typing or pasting never overruns the guest.
@@ -41,6 +48,7 @@ import socket
 import stat
 import termios
 import threading
+import weakref
 from typing import Callable
 
 from .errors import ConfigError
@@ -50,6 +58,11 @@ log = logging.getLogger(__name__)
 CTRL_A = 0x01
 READ_CHUNK = 4096
 UNIX_BACKLOG_LIMIT = 64 * 1024
+# Guest output is gathered this long (seconds) or up to this many bytes before
+# one write: short enough to be invisible when typing, long enough that a burst
+# (a boot log) goes out in a few writes instead of one per byte.
+OUTPUT_DELAY = 0.01
+OUTPUT_LIMIT = 4096
 
 HELP_TEXT = (
     "\r\nC-a h    print this help\r\n"
@@ -97,7 +110,20 @@ def _restore_terminals() -> None:
             _saved_terminals.pop(fd, None)
 
 
+# Consoles with buffered guest output, flushed at interpreter exit and on a fatal signal.
+_live_consoles: "weakref.WeakSet[Console]" = weakref.WeakSet()
+
+
+def _flush_live_consoles() -> None:
+    for con in list(_live_consoles):
+        try:
+            con.flush_output(blocking=False)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
 def _on_fatal_signal(signum, frame) -> None:
+    _flush_live_consoles()
     _restore_terminals()
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
@@ -115,6 +141,7 @@ def _install_restore_hooks() -> None:
         return
     _hooks_installed = True
     atexit.register(_restore_terminals)
+    atexit.register(_flush_live_consoles)   # atexit runs it first
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -168,6 +195,12 @@ class Console:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)  # a vCPU signalling must never block
+        self._out_buf = bytearray()
+        self._out_cond = threading.Condition(threading.Lock())
+        self._flush_lock = threading.Lock()   # one writer at a time: chunks stay in order
+        self._flusher: threading.Thread | None = None
+        _live_consoles.add(self)
+        _install_restore_hooks()      # the exit and SIGTERM flush (set up from the main thread)
 
     # -- UART side
     def attach(self, uart) -> None:
@@ -181,6 +214,56 @@ class Console:
 
     def write(self, data: bytes) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    # -- buffered output (the UART's callback)
+    def buffered_write(self, data: bytes) -> None:
+        """Queue guest output; written within OUTPUT_DELAY seconds, or now when
+        OUTPUT_LIMIT bytes are waiting."""
+        with self._out_cond:
+            if self._closed:
+                full = True
+                self._out_buf += data
+            else:
+                was_empty = not self._out_buf
+                self._out_buf += data
+                full = len(self._out_buf) >= OUTPUT_LIMIT
+                if was_empty and not full:
+                    if self._flusher is None:
+                        self._start_flusher()
+                    self._out_cond.notify()
+        if full:
+            self.flush_output()
+
+    def _start_flusher(self) -> None:
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"console-{self.kind}-out", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        cond = self._out_cond
+        while True:
+            with cond:
+                while not self._out_buf and not self._closed:
+                    cond.wait()
+                if self._closed:
+                    return      # close() flushes what is left
+            # Let a burst gather; a lone keystroke echo waits no longer than this.
+            with cond:
+                cond.wait_for(lambda: self._closed or len(self._out_buf) >= OUTPUT_LIMIT, OUTPUT_DELAY)
+            self.flush_output()
+
+    def flush_output(self, blocking: bool = True) -> None:
+        """Write what buffered_write queued, now. ``blocking=False`` (signal
+        handlers, exit hooks) skips when another flush holds the lock."""
+        if not self._flush_lock.acquire(blocking):
+            return
+        try:
+            with self._out_cond:
+                data = bytes(self._out_buf)
+                self._out_buf.clear()
+            if data:
+                self.write(data)
+        finally:
+            self._flush_lock.release()
 
     def has_pending_input(self) -> bool:
         return bool(self._pending)
@@ -273,7 +356,14 @@ class Console:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self.flush_output()
+        with self._out_cond:
+            self._closed = True
+            self._out_cond.notify_all()
+        self.flush_output()       # what a vCPU queued meanwhile
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(2.0)
+        _live_consoles.discard(self)
         self._space.set()
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -477,6 +567,7 @@ class StdioConsole(Console):
                 self._broken = True
 
     def _message(self, text: str) -> None:
+        self.flush_output()     # after the guest output it follows
         self.write(text.encode())
 
     def fileno(self) -> int | None:
@@ -560,6 +651,7 @@ class StdioConsole(Console):
     def _monitor_key(self, b: int) -> None:
         echo, line = self._editor.feed(b)
         if echo:
+            self.flush_output()
             self.write(echo)
         if line is None:
             return

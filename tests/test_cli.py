@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import KVM_SKIP_REASON, guest_path, run_kvmpy
+from conftest import KVM_SKIP_REASON, ROOT, guest_path, run_kvmpy
 
 
 def _one_line(p) -> str:
@@ -245,3 +245,24 @@ def test_huge_memory_runs_without_touching_it(tmp_path):
         assert rc == 1 and len(stderr.strip().splitlines()) == 1, stderr
         assert "memory 921600M (-m or key 'memory')" in stderr and "cannot map" in stderr
     assert usage.ru_maxrss < 512 * 1024, f"VM process peaked at {usage.ru_maxrss} KiB"
+
+
+def test_a_named_command_imports_only_its_module():
+    """`kvmpy run ...` builds the parser from runcmd alone (the other subcommands'
+    imports were most of its start-up); `kvmpy --help` and unknown words list all."""
+    import subprocess
+    import sys
+    code = ("import sys; from kvmpy.cli import build_parser; build_parser(sys.argv[1:], all_commands=False); "
+            "print(sorted(m for m in sys.modules if m in ('kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', "
+            "'kvmpy.guestbuild', 'kvmpy.nested', 'kvmpy.infocmd')))")
+    def loaded(*argv):
+        p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, cwd=ROOT)
+        return p.stdout.strip()
+    assert loaded("-vv", "run", "--kernel", "x") == "['kvmpy.runcmd']"
+    assert loaded("img", "info", "x") == "['kvmpy.block.imgcli']"
+    everything = str(sorted(['kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', 'kvmpy.guestbuild',
+                             'kvmpy.nested', 'kvmpy.infocmd']))
+    assert loaded("--help") == everything
+    assert loaded("bogus") == everything
+    p = run_kvmpy(["bogus"])
+    assert p.returncode == 2 and "choose from 'run', 'info', 'img', 'service', 'guest', 'selftest'" in p.stderr.decode()

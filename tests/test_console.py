@@ -254,6 +254,53 @@ def test_file_backend(tmp_path):
         open_console(f"file:{tmp_path}/nonexistent/x", lambda: None)
 
 
+def test_buffered_output_arrives_promptly_and_whole(tmp_path):
+    """The UART's callback (buffered_write): a burst goes out in a few writes, a
+    lone byte within the flush delay without close, the rest at close."""
+    path = tmp_path / "serial.log"
+    con = open_console(f"file:{path}", lambda: None)
+    writes = []
+    real = con.write
+    con.write = lambda data: (writes.append(len(data)), real(data))
+    uart = Serial16550(irq=lambda level: None, out=con.buffered_write)
+    burst = bytes(range(32, 127)) * 100          # 9500 bytes, one THR write each
+    for b in burst:
+        uart.write(0, 1, b)
+    assert wait_for(lambda: path.read_bytes() == burst)
+    assert len(writes) < 10
+    uart.write(0, 1, ord("!"))
+    assert wait_for(lambda: path.read_bytes() == burst + b"!", timeout=1.0)
+    for b in b"tail":
+        uart.write(0, 1, b)
+    con.close()
+    assert path.read_bytes() == burst + b"!tail"
+
+
+def test_buffered_output_flushed_on_sigterm(tmp_path):
+    """A process ended by SIGTERM (no handler of kvmpy's own) still writes what
+    the guest sent just before."""
+    path = tmp_path / "serial.log"
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time, kvmpy.console as c
+            c.OUTPUT_DELAY = 60.0
+            con = c.open_console("file:{path}", lambda: None)
+            con.buffered_write(b"last words")
+            sys.stdout.write("queued\\n"); sys.stdout.flush()
+            time.sleep(30)
+        """)], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert child.stdout.readline() == b"queued\n"
+        assert path.read_bytes() == b""
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+        assert path.read_bytes() == b"last words"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def test_unix_socket_backend(tmp_path):
     path = str(tmp_path / "console.sock")
     con = open_console(f"unix:{path},server,nowait", lambda: None)

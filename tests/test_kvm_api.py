@@ -142,3 +142,11 @@ def test_regs_and_msrs_round_trip(real_mode_vm):
     assert vcpu.get_msrs([0xC0000102]) == {0xC0000102: 0xFFFF800000001000}
     with pytest.raises(KvmError):
         vcpu.set_msrs({0xDEADBEEF: 1})
+
+
+def test_cpuid_announces_tsc_deadline_only_when_kvm_has_it():
+    from kvmpy.kvm.cpu_setup import CPUID_1_ECX_TSC_DEADLINE, cpuid_for_vcpu
+    supported = [(1, 0, 0, 0, 0, 0, 0), (0xB, 0, 1, 0, 0, 0, 0)]
+    leaf1 = lambda table: next(e for e in table if e[0] == 1)  # noqa: E731
+    assert not leaf1(cpuid_for_vcpu(supported, 0, 1))[5] & CPUID_1_ECX_TSC_DEADLINE
+    assert leaf1(cpuid_for_vcpu(supported, 0, 1, tsc_deadline=True))[5] & CPUID_1_ECX_TSC_DEADLINE

@@ -907,7 +907,7 @@ class HwPair:
         self.vm.set_tss_addr(0xFFFBD000)
         self.hmem = make_memory(4 << 20)
         region = self.hmem.regions[0]
-        self.vm.set_user_memory_region(0, 0, region.size, int(ffi.cast("uintptr_t", ffi.from_buffer(region.mm))))
+        self.vm.set_user_memory_region(0, 0, region.size, int(ffi.cast("uintptr_t", ffi.from_buffer(region.view))))
         self.hw = self.vm.create_vcpu(0)
         self.hw.set_cpuid(self.kvm.supported_cpuid())
         self.mem = make_memory(4 << 20)

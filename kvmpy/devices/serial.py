@@ -7,8 +7,9 @@ how it drives the port afterwards (THRE re-asserted when IER.THRI is enabled
 with an empty transmitter, which its startup "THRE test" relies on).
 
 Transmission is instantaneous: every THR write becomes one ``out(bytes)`` call at
-once, so THRE and TEMT always read 1 and nothing is buffered host side that a
-killed VMM could lose. Reception has a 16-byte FIFO (1 byte with the FIFO
+once, so THRE and TEMT always read 1. The machine passes the console's
+``buffered_write`` as ``out``, which gathers a burst for a few milliseconds before
+one host write (kvmpy/console.py says what a SIGKILL can lose). Reception has a 16-byte FIFO (1 byte with the FIFO
 disabled). The host pushes input with ``receive``, which accepts only what fits
 so the console keeps the rest (back-pressure); ``on_rx_space`` tells it when the
 guest has drained the FIFO. Overrun happens only in loopback mode, where the
@@ -111,10 +112,16 @@ PORT_COUNT = 8
 
 class Serial16550:
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
-                 on_rx_space: Callable[[], None] | None = None) -> None:
+                 on_rx_space: Callable[[], None] | None = None,
+                 tx_batching: Callable[[bool], None] | None = None) -> None:
+        """``tx_batching(on)``, when given, is told whether THR writes may be queued
+        and handed over later (KVM's coalesced port writes): on while IER is 0, when
+        no interrupt of the UART's can depend on when a byte is taken."""
         self._irq = irq
         self._out = out
         self._on_rx_space = on_rx_space
+        self._tx_batching = tx_batching
+        self._batching: bool | None = None
         # RLock: callbacks run with the lock held so output stays ordered; a
         # callback that re-enters the UART (tests do) must not deadlock.
         self._lock = threading.RLock()
@@ -139,7 +146,14 @@ class Serial16550:
             self.thr_pending = True  # THR starts empty; IER gates reporting
             self.msr_deltas = 0
             self.last_rbr = 0
+            self._update_batching()
             self._update_irq()
+
+    def _update_batching(self) -> None:
+        on = self.ier == 0
+        if self._tx_batching is not None and on != self._batching:
+            self._batching = on
+            self._tx_batching(on)
 
     @property
     def rx_capacity(self) -> int:
@@ -282,6 +296,7 @@ class Serial16550:
             # enabled; Linux's startup THRE test depends on it.
             if self.ier & IER_THRI and not old & IER_THRI:
                 self.thr_pending = True
+            self._update_batching()
         elif offset == IIR_FCR:
             self._write_fcr(value)
         elif offset == LCR:

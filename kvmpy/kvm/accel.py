@@ -8,6 +8,7 @@ import logging
 from ..boot import layout
 from ._kvm_cffi import ffi, lib
 from .api import Kvm, KvmError
+from .coalesced import CoalescedPio
 from .cpu_setup import boot_msrs, cpuid_for_vcpu, setup_lapic
 from .platform import KvmPlatform
 
@@ -35,21 +36,35 @@ class KvmAccel:
         except KvmError:
             log.debug("KVM_CAP_EXIT_ON_EMULATION_FAILURE not available")
         for slot, region in enumerate(machine.memory.regions):
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(region.mm)))
+            host = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
             vm.set_user_memory_region(slot, region.gpa, region.size, host)
         self.platform = KvmPlatform(vm, machine.memory)
         supported = self.kvm.supported_cpuid()
         msrs = boot_msrs(self.kvm.msr_index_list())
+        try:
+            tsc_deadline = self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER") > 0
+        except KvmError:
+            tsc_deadline = False
         self.vcpus = []
         self._reset_state = []
         for i in range(num_cpus):
             v = vm.create_vcpu(i)
-            v.set_cpuid(cpuid_for_vcpu(supported, i, num_cpus))
+            v.set_cpuid(cpuid_for_vcpu(supported, i, num_cpus, tsc_deadline))
             if msrs:
                 v.set_msrs(msrs)
             setup_lapic(v)
             self.vcpus.append(v)
             self._reset_state.append((v.get_regs(), v.get_sregs(), v.get_lapic(), msrs))
+        # Queued port writes (the UART's THR while its interrupts are off), drained
+        # by the vCPU loop before each exit is handled.
+        self.coalesced: CoalescedPio | None = None
+        self.drain_coalesced = None
+        try:
+            if vm.check_extension("KVM_CAP_COALESCED_PIO") > 0:
+                self.coalesced = CoalescedPio(vm, self.vcpus[0].run_mmap, machine.pio_bus.write)
+                self.drain_coalesced = self.coalesced.drain
+        except (KvmError, ValueError) as e:
+            log.debug("coalesced port writes not available: %s", e)
         self._irqchip_reset = vm.get_irqchip_state()
         self._pit_reset = vm.get_pit_state()
 
@@ -70,6 +85,8 @@ class KvmAccel:
             v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE if i == 0 else lib.KVM_MP_STATE_UNINITIALIZED)
 
     def close(self) -> None:
+        if self.coalesced is not None:
+            self.coalesced.close()      # the last queued writes reach their device
         self.platform.close()
         self.vm.close()
         self.kvm.close()

@@ -189,6 +189,12 @@ class Vm:
         _ioctl(self.fd, "KVM_IOEVENTFD", ffi.new("struct kvm_ioeventfd *", {
             "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags}))
 
+    def coalesced_zone(self, addr: int, size: int, pio: bool, register: bool = True) -> None:
+        """KVM_(UN)REGISTER_COALESCED_MMIO: writes there are queued in the ring page
+        of the vCPU mmap instead of exiting (reads still exit)."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        _ioctl(self.fd, "KVM_REGISTER_COALESCED_MMIO" if register else "KVM_UNREGISTER_COALESCED_MMIO", zone)
+
     def get_irqchip_state(self) -> list[bytes]:
         """PIC master, PIC slave and IOAPIC state, to restore on system reset."""
         out = []
@@ -263,6 +269,11 @@ class KvmVcpu:
         self.internal_error = ""
         self.system_event = 0
         _install_kick_handler()
+
+    @property
+    def run_mmap(self) -> mmap.mmap:
+        """The kvm_run mmap (its later pages hold the VM's coalesced-write ring)."""
+        return self._mm
 
     # --- the run protocol -------------------------------------------------
     def run(self) -> int:

@@ -31,8 +31,15 @@ def _bits_for(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def cpuid_for_vcpu(supported: Cpuid, index: int, num_cpus: int) -> Cpuid:
-    """KVM's supported CPUID, with this vCPU's APIC id and the topology filled in."""
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
+
+
+def cpuid_for_vcpu(supported: Cpuid, index: int, num_cpus: int, tsc_deadline: bool = False) -> Cpuid:
+    """KVM's supported CPUID, with this vCPU's APIC id and the topology filled in.
+
+    ``tsc_deadline``: KVM_CAP_TSC_DEADLINE_TIMER, the in-kernel LAPIC's TSC-deadline
+    mode, which KVM_GET_SUPPORTED_CPUID leaves out for the VMM to announce (QEMU
+    does). With it Linux skips calibrating the LAPIC timer against the PM timer."""
     out: Cpuid = []
     shift = _bits_for(num_cpus)
     for fn, idx, flags, a, b, c, d in supported:
@@ -41,6 +48,8 @@ def cpuid_for_vcpu(supported: Cpuid, index: int, num_cpus: int) -> Cpuid:
             if num_cpus > 1:
                 d |= 1 << 28                      # HTT: the logical count above is valid
             c |= 1 << 31                          # running under a hypervisor
+            if tsc_deadline:
+                c |= CPUID_1_ECX_TSC_DEADLINE
         elif fn == 0xB or fn == 0x1F:
             # x2APIC topology: one thread per core, num_cpus cores in one package.
             if idx == 0:

@@ -38,6 +38,9 @@ class VcpuThread(threading.Thread):
         if started is not None:
             started(self.index)
         pre_run = getattr(m.accel, "pre_run", None)   # software interrupt delivery (translator)
+        # KVM's coalesced port writes: handed to their device before any exit is, so
+        # the device sees the guest's accesses in order.
+        drain = getattr(m.accel, "drain_coalesced", None)
         index = self.index
         # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
         # with tracing off.
@@ -53,6 +56,8 @@ class VcpuThread(threading.Thread):
                 if pre_run is not None:
                     pre_run(index)
                 kind = vcpu.run()
+                if drain is not None:
+                    drain()
                 if kind == exits.EXIT_IO:
                     port, size, data = vcpu.io_port, vcpu.io_size, vcpu.io_data
                     try:

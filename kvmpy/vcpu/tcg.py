@@ -134,7 +134,7 @@ class TcgVcpu:
             return
         self._cpu.clear_ram()
         for r in self.memory.regions:
-            self._cpu.add_ram(r.gpa, r.mm)
+            self._cpu.add_ram(r.gpa, r.view)
         self._regions = regions
 
     def close(self) -> None:
