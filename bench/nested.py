@@ -31,6 +31,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 TIMEOUT = 2400
+# No console output this long: the L1 is stuck (kvmpy/nested.py NestedStalled), try a new one.
+IDLE_TIMEOUT = 600
 ROWS_FILE = "bench-rows.json"
 
 
@@ -102,8 +104,16 @@ def run() -> list[dict]:
     subprocess.run([sys.executable, "-m", "compileall", "-q", "kvmpy", "bench"], cwd=REPO, capture_output=True)
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-nested-") as share:
         guestbuild.build(out_dir=os.path.join(share, "guest"), with_disk=False)
-        result = nested.run_nested([sys.executable, "-m", "bench.nested", "--inside"], cwd=REPO, share_dir=share,
-                                   timeout=TIMEOUT, echo=lambda text: sys.stderr.write(text))
+        for attempt in (1, 2):
+            try:
+                result = nested.run_nested([sys.executable, "-m", "bench.nested", "--inside"], cwd=REPO,
+                                           share_dir=share, timeout=TIMEOUT, idle_timeout=IDLE_TIMEOUT,
+                                           echo=lambda text: sys.stderr.write(text))
+                break
+            except nested.NestedStalled as e:
+                if attempt == 2:
+                    raise
+                print(f"bench nested: the L1 stalled ({e}); booting a new one", file=sys.stderr)
         path = os.path.join(share, ROWS_FILE)
         if result.status != 0 or not os.path.exists(path):
             raise RuntimeError(f"the bench in the L1 exited {result.status}: {result.output.strip()[-500:]}")

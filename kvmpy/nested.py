@@ -98,6 +98,12 @@ class NestedTimeout(NestedError):
     exit_status = 124
 
 
+class NestedStalled(NestedTimeout):
+    """The L1 printed nothing for the idle limit. QEMU 7.2's TCG has been seen to park
+    its vCPU threads for good in the middle of an L2 boot (0% CPU, no progress):
+    a caller may boot a new L1 and try once more."""
+
+
 # ------------------------------------------------------------------ the L1 build
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -395,12 +401,14 @@ def _make_scratch(path: str, size: int) -> None:
 
 def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                memory: str = DEFAULT_MEMORY, scratch_size: str = DEFAULT_SCRATCH_SIZE, smp: int = DEFAULT_SMP,
-               share_dir: str | None = None, env: dict[str, str] | None = None, echo=None) -> NestedResult:
+               share_dir: str | None = None, env: dict[str, str] | None = None, echo=None,
+               idle_timeout: float | None = None) -> NestedResult:
     """Boots the L1, runs ``cmd`` in its chroot of the host root (in ``cwd``, default
     the caller's), powers off. ``share_dir`` (a host directory, made temporary if None)
     is the command's $KVMPY_NESTED_SHARE. ``echo`` gets console text as it arrives.
     Raises NestedUnavailable when a tool is missing, NestedTimeout after ``timeout``
-    seconds (QEMU killed), NestedError when the L1 did not run the command."""
+    seconds, NestedStalled after ``idle_timeout`` seconds without console output
+    (QEMU killed in both cases), NestedError when the L1 did not run the command."""
     from .config import parse_size
     if not cmd:
         raise UserError("selftest nested: no command given (put it after --)")
@@ -434,6 +442,7 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                                 start_new_session=True, preexec_fn=_die_with_parent)
         chunks: list[bytes] = []
         ready_at: list[float] = []
+        last_output = [time.monotonic()]
 
         def pump() -> None:
             seen = b""
@@ -442,6 +451,7 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                 if not chunk:
                     return
                 chunks.append(chunk)
+                last_output[0] = time.monotonic()
                 if not ready_at:
                     seen = (seen + chunk)[-4096:]
                     if BEGIN_MARK.encode() in seen:
@@ -452,15 +462,24 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
-            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            reader.join(5)
-            console = _text(chunks)
-            raise NestedTimeout(f"selftest nested: timed out after {timeout:.0f} s; QEMU killed "
-                                f"({_where(console)})", console) from None
+            while True:
+                try:
+                    proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = time.monotonic()
+                    if now - start >= timeout:
+                        kind, why = NestedTimeout, f"timed out after {timeout:.0f} s"
+                    elif idle_timeout and now - last_output[0] >= idle_timeout:
+                        kind, why = NestedStalled, f"no console output for {idle_timeout:.0f} s"
+                    else:
+                        continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                reader.join(5)
+                console = _text(chunks)
+                raise kind(f"selftest nested: {why}; QEMU killed ({_where(console)})", console)
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

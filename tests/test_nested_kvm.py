@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.guest, pytest.mark.xdist_group("nested")]
 INNER_DIR = "tests/nested"
 # The L1 boot (~10 s) plus the inner suite (a few minutes on 2 loaded cores).
 INNER_TIMEOUT = 720
+# The inner pytest prints a dot per check (the longest, a Linux boot, takes about
+# 30 s); silence this long means the L1 is stuck (kvmpy/nested.py NestedStalled).
+INNER_IDLE_TIMEOUT = 240
 
 
 def _inner_ids() -> list[str]:
@@ -42,18 +45,24 @@ def _inner_ids() -> list[str]:
 INNER_IDS = _inner_ids()
 
 
+def l1_or_skip():
+    """The L1 kernel and initramfs (built or cached), or a skip naming what is missing."""
+    from kvmpy import nested
+    reason = nested.missing_tools()
+    if reason:
+        pytest.skip(f"nested KVM: {reason}")
+    try:
+        return nested.build_l1()
+    except nested.NestedUnavailable as e:
+        pytest.skip(f"nested KVM: {e}")
+
+
 @pytest.fixture(scope="module")
 def inner(tmp_path_factory):
     if IN_L1:
         pytest.skip("already inside the nested-KVM L1")
     from kvmpy import guestbuild, nested
-    reason = nested.missing_tools()
-    if reason:
-        pytest.skip(f"nested KVM: {reason}")
-    try:
-        nested.build_l1()
-    except nested.NestedUnavailable as e:
-        pytest.skip(f"nested KVM: {e}")
+    l1_or_skip()
     if not shutil.which("make"):
         pytest.skip("make is needed to build tests/guests")
     r = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "guests")], capture_output=True, text=True)
@@ -68,15 +77,22 @@ def inner(tmp_path_factory):
     # suite's many Python processes does not compile kvmpy again under TCG.
     subprocess.run([sys.executable, "-m", "compileall", "-q", "kvmpy", "tests"], cwd=ROOT, capture_output=True)
     start = time.monotonic()
-    try:
-        result = nested.run_nested([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
-                                    "--junitxml", f"{nested.SHARE_IN_L1}/{INNER_XML}", INNER_DIR],
-                                   cwd=ROOT, timeout=INNER_TIMEOUT, share_dir=str(share),
-                                   # Plugin discovery reads every installed distribution's
-                                   # metadata over 9p; the inner suite needs none of them.
-                                   env={"PY_COLORS": "0", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    except nested.NestedError as e:
-        pytest.fail(f"{e}\n--- L1 console (tail) ---\n{e.console[-4000:]}")
+    inner_cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
+                 "--junitxml", f"{nested.SHARE_IN_L1}/{INNER_XML}", INNER_DIR]
+    for attempt in (1, 2):
+        try:
+            result = nested.run_nested(inner_cmd, cwd=ROOT, timeout=INNER_TIMEOUT, share_dir=str(share),
+                                       idle_timeout=INNER_IDLE_TIMEOUT,
+                                       # Plugin discovery reads every installed distribution's
+                                       # metadata over 9p; the inner suite needs none of them.
+                                       env={"PY_COLORS": "0", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+            break
+        except nested.NestedStalled as e:
+            if attempt == 2:
+                pytest.fail(f"{e} (twice)\n--- L1 console (tail) ---\n{e.console[-4000:]}")
+            print(f"nested KVM: the L1 stalled ({e}); booting a new one")
+        except nested.NestedError as e:
+            pytest.fail(f"{e}\n--- L1 console (tail) ---\n{e.console[-4000:]}")
     xml = share / INNER_XML
     if not xml.exists():
         pytest.fail(f"the inner pytest wrote no {INNER_XML} (exit {result.status}):\n{result.output[-4000:]}")
@@ -122,3 +138,15 @@ def test_bad_options_are_one_line_and_exit_2(args, needle):
     p = _selftest(args)
     assert p.returncode == 2, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+
+
+def test_a_silent_l1_is_killed_as_stalled():
+    """The watchdog behind the fixture's one retry: an L1 whose console stays silent
+    past idle_timeout is killed and reported as stalled, long before its timeout."""
+    from kvmpy import nested
+    l1_or_skip()
+    start = time.monotonic()
+    with pytest.raises(nested.NestedStalled) as stalled:
+        nested.run_nested(["sleep", "600"], cwd=ROOT, timeout=300, idle_timeout=3)
+    assert time.monotonic() - start < 120
+    assert "no console output for 3 s" in str(stalled.value)
