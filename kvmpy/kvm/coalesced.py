@@ -81,12 +81,15 @@ class CoalescedPio:
                 e = ring.coalesced_mmio[first]
                 port, length = e.phys_addr, min(e.len, 8)
                 value = int.from_bytes(ffi.buffer(e.data, length), "little")
-                first = (first + 1) % self._max
-                ring.first = first
                 try:
                     self._write(port, length, value)
                 except Exception as exc:  # a device fault must not stop draining
                     log.error("coalesced write to port %#x failed: %s: %s", port, type(exc).__name__, exc)
+                # Only now: until the device has the write, the unlocked check at the
+                # top must see it pending, so a vCPU's exit waits here for the lock
+                # rather than reaching the device ahead of it.
+                first = (first + 1) % self._max
+                ring.first = first
 
     def _drain_loop(self) -> None:
         while not self._closed:
