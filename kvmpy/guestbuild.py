@@ -714,6 +714,16 @@ def unpack_kernel(deb: str, package: str, version: str, kernels_dir: str) -> Ker
                   os.path.join(target, "modules"))
 
 
+def write_gzip(data, out_path: str) -> None:
+    """An initramfs image, gzip'd, replacing out_path only once it is complete;
+    mtime=0, so the same inputs give the same bytes."""
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+            gz.write(data)
+    os.replace(tmp, out_path)
+
+
 def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
     """Writes the gzip'd newc initramfs; returns what went in (for the manifest)."""
     tree = ModuleTree(kernel.modules)
@@ -763,12 +773,7 @@ def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
     cpio.add_file("init", render_init().encode(), 0o755)
     cpio.close()
 
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        # mtime=0: the same inputs give the same bytes.
-        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
-            gz.write(buf.getbuffer())
-    os.replace(tmp, out_path)
+    write_gzip(buf.getbuffer(), out_path)
     return {"modules": plain, "builtin_used": sorted(n for n in wanted if n in tree.builtin),
             "applets": len(applets), "cpio_bytes": buf.tell()}
 

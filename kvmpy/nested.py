@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -242,11 +241,7 @@ def build_l1_initramfs(kernel: guestbuild.Kernel, busybox: str, out_path: str) -
     cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.add_file("init", render_init().encode(), 0o755)
     cpio.close()
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
-            gz.write(buf.getbuffer())
-    os.replace(tmp, out_path)
+    guestbuild.write_gzip(buf.getbuffer(), out_path)
     return {"modules": plain, "cpio_bytes": buf.tell()}
 
 
