@@ -469,6 +469,9 @@ def _unlink_if_same(path: str, identity: tuple[int, int]) -> None:
         pass
 
 
+PIDFILE_LOCK_WAIT = 3.0
+
+
 def _unlink_pidfile_of(path: str, pid: int) -> None:
     """Remove ``path`` if it still names ``pid`` and nobody holds its lock: a
     successor that replaced it as stale holds the lock (Pidfile._replace_stale),
@@ -478,7 +481,19 @@ def _unlink_pidfile_of(path: str, pid: int) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # The pipe's EOF can come before the dying VM process has closed the
+        # pidfile (the kernel closes a process's fds one by one), so its lock may
+        # still be held for a moment: wait for it, briefly (a successor that took
+        # the file over keeps it, and then the file is not ours to remove).
+        deadline = time.monotonic() + PIDFILE_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.02)
         text = os.pread(fd, 64, 0)
         st, cur = os.fstat(fd), os.lstat(path)
         if text.strip() == str(pid).encode() and (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):
