@@ -77,8 +77,7 @@ class Machine:
         plat = self.platform
         con = self.console
         self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level),
-                                  out=getattr(con, "buffered_write", con.write) if con is not None
-                                  else (lambda data: None),
+                                  out=con.buffered_write if con is not None else (lambda data: None),
                                   on_rx_space=con.rx_space_available if con is not None else None,
                                   tx_batching=self._coalesced_port(COM1_BASE))
         self.pio_bus.register(COM1_BASE, 8, self.serial)

@@ -965,6 +965,18 @@ def reached_end(run) -> bool:
             run.regs.rip in (run.end, run.end + len(END64)))
 
 
+def memory_diffs(ours, other, label: str, width: int) -> list[str]:
+    """Where ours' data and stack regions first differ from another run's."""
+    diffs = []
+    for what in ("data", "stack"):
+        x, y = getattr(ours, what), getattr(other, what)
+        if x != y:
+            off = next(j for j in range(len(x)) if x[j] != y[j])
+            diffs.append(f"{what} differs at +{off:#x}: ours {x[off:off + width].hex()} "
+                         f"{label} {y[off:off + width].hex()}")
+    return diffs
+
+
 def run_diffs(ours, hw) -> list[str]:
     """Everything that differs between two runs of one framed 64-bit stream: exit
     (both at the end, or both stopped at the same RIP), GPRs, the flags a user-mode
@@ -985,10 +997,7 @@ def run_diffs(ours, hw) -> list[str]:
         a_, b_ = ours.xmm_out[16 * n:16 * n + 16], hw.xmm_out[16 * n:16 * n + 16]
         if a_ != b_:
             diffs.append(f"xmm{n} ours={int.from_bytes(a_, 'little'):#x} hardware={int.from_bytes(b_, 'little'):#x}")
-    for what, x, y in (("data", ours.data, hw.data), ("stack", ours.stack, hw.stack)):
-        if x != y:
-            off = next(j for j in range(len(x)) if x[j] != y[j])
-            diffs.append(f"{what} differs at +{off:#x}: ours {x[off:off+16].hex()} hardware {y[off:off+16].hex()}")
+    diffs += memory_diffs(ours, hw, "hardware", 16)
     return diffs
 
 
@@ -1052,10 +1061,7 @@ def unicorn_diffs(mode: int, ours, theirs, tolerant: bool) -> list[str]:
             continue
         if (ov & mask) != (tv & mask):
             diffs.append(f"{name} ours={ov:#x} unicorn={tv:#x}")
-    for what, o, t in (("data", ours.data, theirs.data), ("stack", ours.stack, theirs.stack)):
-        if o != t:
-            off = next(i for i in range(len(t)) if t[i] != o[i])
-            diffs.append(f"{what} differs at +{off:#x}: ours {o[off:off+8].hex()} unicorn {t[off:off+8].hex()}")
+    diffs += memory_diffs(ours, theirs, "unicorn", 8)
     return diffs
 
 
