@@ -20,6 +20,7 @@ from .boot.loader import load_kernel
 from .config import VmConfig
 from .devices.bus import Bus
 from .errors import ConfigError, HostError
+from .events import EventLoop
 from .memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ COM1_BASE, COM1_IRQ = 0x3F8, 4
 
 
 class Machine:
-    def __init__(self, cfg: VmConfig, console=None, accel: str | None = None) -> None:
+    def __init__(self, cfg: VmConfig, console=None, accel: str | None = None,
+                 events: EventLoop | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.console = console
@@ -53,6 +55,12 @@ class Machine:
         self._parked = 0
         self.threads: list = []
         self._closers: list[Callable[[], None]] = []
+        # The one loop every device and service waits on (kvmpy.events); the caller's
+        # when it gives one (it then closes it), else the machine's own.
+        self.events = events if events is not None else EventLoop(name=f"{cfg.name or 'vm'}-events")
+        if events is None:
+            self._closers.append(self.events.close)
+        self.events.start()
         self.block_info: list[dict] = []
         self.net_info: list[dict] = []
         self.accel = None
