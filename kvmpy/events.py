@@ -128,6 +128,12 @@ class EventLoop:
                 log.debug("%s: select failed: %s", self.name, e)
                 self._drop_bad_fds()
                 continue
+            # The wake-up is consumed before the calls are taken, so a call queued
+            # after this point wakes the next wait rather than being lost.
+            try:
+                os.eventfd_read(self._wake_fd)
+            except (BlockingIOError, OSError):
+                pass
             # Calls from other threads first: a modify or unsubscribe made before an
             # fd became ready must hold for this round's dispatch too.
             with self._lock:
@@ -136,10 +142,6 @@ class EventLoop:
                 self._guarded(fn)
             for key, events in ready:
                 if key.fd == self._wake_fd:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except (BlockingIOError, OSError):
-                        pass
                     continue
                 try:
                     now = self._selector.get_key(key.fd)
