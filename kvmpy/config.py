@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .pathcheck import refuse_special_file
+from .plugins import DeviceConfig
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -73,10 +74,11 @@ class VmConfig:
     service: dict = field(default_factory=dict)
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
+    devices: list[DeviceConfig] = field(default_factory=list)   # plug-ins: kvmpy.plugins
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
-            "no_reboot", "disk", "net", "monitor", "service", "enabled", "pidfile", "runas", "debug"}
+            "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug"}
 DISK_KEYS = {"path", "format", "readonly", "serial"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
@@ -214,6 +216,15 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             raise ConfigError(f"{where} key 'type': only \"tap\" is supported, got {net.type!r}")
         check_mac(net.mac, f"{where} key 'mac'")
         cfg.nets.append(net)
+    for i, d in enumerate(_expect(data.get("device", []), list, w("device"),
+                                  "an array of tables ([[device]])")):
+        where = f"{source}: [[device]] #{i + 1}"
+        _expect(d, dict, where, "a table")
+        if "type" not in d:
+            raise ConfigError(f"{where}: missing key 'type' (e.g. \"package.module:Class\")")
+        dtype = _expect(d["type"], str, f"{where} key 'type'", "a string")
+        options = {k: v for k, v in d.items() if k != "type"}
+        cfg.devices.append(DeviceConfig(type=dtype, options=options, where=where, base_dir=base))
     mon = _expect(data.get("monitor", {}), dict, w("monitor"), "a table")
     _check_unknown(mon, MONITOR_KEYS, f"{source}: [monitor]")
     for key in ("qmp", "hmp"):
