@@ -36,6 +36,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, eq=False)
 class DeviceEntry:
+    """One device of a machine, declared.
+
+    name: unique in the table (logs, the monitor, ``MachineDevices.get``).
+    bus: "pio" or "mmio" (placed at ``slots``), or "pci" (plugged into PCI bus 0,
+        which assigns its BARs; no slots).
+    factory: ``factory(ctx) -> device``, a class taking a DeviceContext will do.
+    slots: PortSlots for "pio", MmioSlots for "mmio": base, length, IRQ.
+    options: handed to the factory as ``ctx.options``.
+    backend: ``backend(ctx) -> object`` opened first and handed to the factory as
+        ``ctx.backend`` (a disk image, a tap); closed after the device if Closeable.
+    query, describe: the monitor query the device answers ("block", "net") and
+        ``describe(placed) -> dict``, its entry in that query's reply.
+    """
+
     name: str
     bus: str
     factory: DeviceFactory

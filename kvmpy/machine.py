@@ -1,8 +1,11 @@
-"""The PC machine: guest RAM, buses, platform devices, vCPU threads, lifecycle.
+"""The running PC: guest RAM, buses, vCPU threads and the run state around them.
 
 The machine is accelerator-neutral: ``KvmAccel`` and ``TcgAccel`` supply the
-vCPUs and the Platform (interrupt delivery); everything else is shared. It also
-implements the monitor's VmControl protocol (status/pause/resume/reset/...).
+vCPUs and the Platform (interrupt delivery). Its devices are kvmpy.pc's table,
+built by kvmpy.builder; the machine gives them a DeviceContext and answers their
+GuestPower requests. It keeps the run state (start, pause, resume, reset, stop,
+wait, close, events to listeners), serves the vCPU threads' callbacks, and is the
+monitors' VmControl (kvmpy.monitor.control).
 """
 
 from __future__ import annotations
@@ -17,13 +20,20 @@ from typing import Callable
 
 from .boot import layout
 from .boot.loader import load_kernel
+from .builder import build_devices
 from .config import VmConfig
+from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus
+from .devices.context import DeviceContext
+from .devices.irqchip import TimerWheel
+from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .events import EventLoop
 from .memory import GuestMemory
+from .pc import ACPI_PM, pc_devices, write_acpi_tables
 
 log = logging.getLogger(__name__)
+
 
 class Machine:
     def __init__(self, cfg: VmConfig, console=None, accel: str | None = None,
@@ -71,14 +81,9 @@ class Machine:
     # --- construction ------------------------------------------------------------
     def _build_devices(self) -> None:
         """The PC of kvmpy.pc's table, on the accelerator's platform."""
-        from .builder import build_devices
-        from .devices.context import DeviceContext
-        from .devices.pci import PciBus
-        from .pc import pc_devices
         # KVM keeps its timers in the kernel; the RTC's interrupt needs one in userspace.
         wheel = self.accel.timer_wheel
         if wheel is None:
-            from .devices.irqchip import TimerWheel
             wheel = TimerWheel(name="rtc-timer")
             self._closers.append(wheel.close)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
@@ -91,7 +96,6 @@ class Machine:
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
 
     def _boot(self) -> None:
-        from .pc import write_acpi_tables
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
@@ -279,8 +283,6 @@ class Machine:
         self.request_reset(guest=False, reason="host-qmp-system-reset")
 
     def powerdown(self) -> None:
-        from .devices.acpi_pm import AcpiPm
-        from .pc import ACPI_PM
         self._emit("POWERDOWN", {})
         self.devices.get(ACPI_PM, AcpiPm).press_power_button()
 
@@ -304,7 +306,9 @@ class Machine:
     def cpus(self) -> list[dict]:
         out = []
         for i, t in enumerate(self.threads or [None] * len(self.vcpus)):
-            out.append({"cpu-index": i, "thread-id": getattr(t, "native_id", None) or os.getpid(),
+            # Before start() there are no vCPU threads yet: the process stands in.
+            thread_id = t.native_id if t is not None and t.native_id else os.getpid()
+            out.append({"cpu-index": i, "thread-id": thread_id,
                         "qom-path": f"/machine/unattached/device[{i}]", "target": "x86_64",
                         "props": {"core-id": i, "thread-id": 0, "socket-id": 0}})
         return out

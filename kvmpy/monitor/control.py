@@ -44,8 +44,8 @@ class VmControl(Protocol):
         """Stop all vCPUs: they leave KVM_RUN and wait. Emits STOP."""
 
     def resume(self) -> None:
-        """Let the vCPUs run again. Emits RESUME. ControlError when the VM cannot
-        run any more (it shut down)."""
+        """Let the vCPUs run again. Emits RESUME. May raise ControlError where the
+        VM cannot run on (QEMU: after a shutdown, until a reset)."""
 
     def reset(self) -> None:
         """system_reset. Emits RESET."""
