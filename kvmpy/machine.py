@@ -1,8 +1,11 @@
-"""The PC machine: guest RAM, buses, platform devices, vCPU threads, lifecycle.
+"""The running PC: guest RAM, buses, vCPU threads and the run state around them.
 
 The machine is accelerator-neutral: ``KvmAccel`` and ``TcgAccel`` supply the
-vCPUs and the Platform (interrupt delivery); everything else is shared. It also
-implements the monitor's VmControl protocol (status/pause/resume/reset/...).
+vCPUs and the Platform (interrupt delivery). Its devices are kvmpy.pc's table,
+built by kvmpy.builder; the machine gives them a DeviceContext and answers their
+GuestPower requests. It keeps the run state (start, pause, resume, reset, stop,
+wait, close, events to listeners), serves the vCPU threads' callbacks, and is the
+monitors' VmControl (kvmpy.monitor.control).
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from typing import Callable
 
 from .boot import layout
 from .boot.loader import load_kernel
+from .builder import build_devices
 from .config import VmConfig
+from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus
+from .devices.context import DeviceContext
+from .devices.irqchip import TimerWheel
+from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .events import EventLoop
 from .memory import GuestMemory
+from .pc import ACPI_PM, pc_devices, write_acpi_tables
 
 log = logging.getLogger(__name__)
-
-PM_BASE = 0x600
-SCI_IRQ = 9
-COM1_BASE, COM1_IRQ = 0x3F8, 4
 
 
 class Machine:
@@ -61,8 +66,6 @@ class Machine:
         if events is None:
             self._closers.append(self.events.close)
         self.events.start()
-        self.block_info: list[dict] = []
-        self.net_info: list[dict] = []
         self.accel = None
         self.accel_name = accel or cfg.accel
         try:
@@ -77,112 +80,25 @@ class Machine:
 
     # --- construction ------------------------------------------------------------
     def _build_devices(self) -> None:
-        from .devices.serial import Serial16550
-        from .devices.i8042 import I8042, KBD_IRQ
-        from .devices.rtc import RTC_IRQ, RtcCmos
-        from .devices.legacy import register_legacy_ports
-        from .devices.acpi_pm import AcpiPm, PM_IO_LENGTH
-        plat = self.platform
-        con = self.console
-        self.serial = Serial16550(irq=lambda level: plat.set_irq_level(COM1_IRQ, level),
-                                  out=con.buffered_write if con is not None else (lambda data: None),
-                                  on_rx_space=con.rx_space_available if con is not None else None,
-                                  tx_batching=self._coalesced_port(COM1_BASE))
-        self.pio_bus.register(COM1_BASE, 8, self.serial)
-        if con is not None:
-            con.attach(self.serial)
-        guest_reset = lambda: self.request_reset(guest=True, reason="guest-reset")  # noqa: E731
-        self.i8042 = I8042(on_reset=guest_reset, irq_kbd=lambda level: plat.set_irq_level(KBD_IRQ, level))
-        self.i8042.register(self.pio_bus)
-        low = min(self.cfg.memory, layout.PCI_HOLE_START)
+        """The PC of kvmpy.pc's table, on the accelerator's platform."""
         # KVM keeps its timers in the kernel; the RTC's interrupt needs one in userspace.
-        wheel = getattr(self.accel, "timer_wheel", None)
+        wheel = self.accel.timer_wheel
         if wheel is None:
-            from .devices.irqchip import TimerWheel
             wheel = TimerWheel(name="rtc-timer")
             self._closers.append(wheel.close)
-        self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=len(self.vcpus),
-                           irq=lambda level: plat.set_irq_level(RTC_IRQ, level), timer_wheel=wheel)
-        self._closers.append(self.rtc.close)
-        self.pio_bus.register(0x70, 2, self.rtc)
-        # Port 0x61 belongs to the PIT: KVM's in-kernel one, or the translator's irqchip.
-        register_legacy_ports(self.pio_bus, on_exit=self._debug_exit, on_reset=guest_reset, port_b=False)
-        self.acpi_pm = AcpiPm(on_sleep=self._acpi_sleep, sci=lambda level: plat.set_irq_level(SCI_IRQ, level))
-        self.pio_bus.register(PM_BASE, PM_IO_LENGTH, self.acpi_pm)
-        self.resettable = [self.serial, self.i8042, self.rtc, self.acpi_pm]
-        self._build_pci()
-
-    def _coalesced_port(self, port: int):
-        """A tx_batching callback queueing OUTs to ``port`` in KVM's coalesced ring
-        (None where the accelerator has none, and under ``trace = ["exits"]``, whose
-        trace shows every port access)."""
-        co = getattr(self.accel, "coalesced", None)
-        if co is None or "exits" in getattr(self.cfg, "trace", ()):
-            return None
-        return lambda on: co.set_zone(port, 1, on)
-
-    def _build_pci(self) -> None:
-        from .devices.pci import PciBus, PciConfigIo
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
                           mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)
-        guest_reset = lambda: self.request_reset(guest=True, reason="guest-reset")  # noqa: E731
-        self.pio_bus.register(0xCF8, 8, ConfigPortsWithResetControl(PciConfigIo(self.pci), guest_reset))
-        for i, disk in enumerate(self.cfg.disks):
-            self._add_disk(i, disk)
-        for i, net in enumerate(self.cfg.nets):
-            self._add_net(i, net)
-
-    def _add_disk(self, index: int, disk) -> None:
-        from .block import open_image
-        from .devices.virtio.blk import VirtioBlk
-        driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True)
-        self.on_close(driver.close)
-        if disk.format is None:
-            # QEMU's warning: after the open, so that a refused image is one line.
-            if driver.format == "raw":
-                log.warning("Image format was not specified for '%s' and probing guessed raw. Automatically "
-                            "detecting the format is dangerous for raw images, write operations on block 0 "
-                            "will be restricted. Specify the 'raw' format explicitly to remove the "
-                            "restrictions.", disk.path)
-            else:
-                log.warning("Image format was not specified for '%s' and probing guessed %s. Specify the "
-                            "format explicitly (format=%s).", disk.path, driver.format, driver.format)
-        dev = VirtioBlk(self.platform, driver, serial=disk.serial, read_only=disk.readonly,
-                        name=f"virtio-blk{index}")
-        self.on_close(dev.close)
-        slot = self.pci.add(dev)
-        self.resettable.append(dev)
-        self.block_info.append({
-            "device": f"virtio{index}", "qdev": f"/machine/peripheral-anon/device[{slot}]/virtio-backend",
-            "locked": False, "removable": False, "type": "unknown", "tray_open": False,
-            "inserted": {"file": disk.path, "drv": driver.format, "ro": bool(driver.read_only or disk.readonly),
-                         "encrypted": False, "backing_file_depth": 0, "image": {
-                             "filename": disk.path, "format": driver.format, "virtual-size": driver.size}},
-        })
-
-    def _add_net(self, index: int, net) -> None:
-        from .devices.virtio.net import VirtioNet
-        from .tap import TapNetwork
-        tapnet = TapNetwork.open(ifname=net.ifname or None, bridge=net.bridge or None, mac=net.mac or None,
-                                 vm_name=self.name, index=index)
-        self.on_close(tapnet.close)
-        dev = VirtioNet(self.platform, tapnet.tap, mac=tapnet.mac, vm_name=self.name, index=index,
-                        name=f"virtio-net{index}")
-        self.on_close(dev.close)
-        self.pci.add(dev)
-        self.resettable.append(dev)
-        self.net_info.append({"name": f"net{index}", "type": "tap", "ifname": tapnet.tap.name,
-                              "mac": ":".join(f"{b:02x}" for b in tapnet.mac), "bridge": tapnet.bridge or ""})
+        context = DeviceContext(
+            name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
+            timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console,
+            # The exits trace shows every port access, so none may be queued.
+            port_write_queue=None if "exits" in self.cfg.trace else self.accel.port_write_queue)
+        self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
 
     def _boot(self) -> None:
-        from .boot.acpi import PciRoot, build_acpi_tables
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
-        windows = self.pci.windows()
-        root = PciRoot(mem32=((windows["mmio"].base, windows["mmio"].end),), prt=tuple(self.pci.intx_routes()))
-        # The MADT announces the vCPUs that exist (the translator may run fewer than asked).
-        self.rsdp = build_acpi_tables(self.memory, layout.ACPI_BASE, num_cpus=len(self.vcpus),
-                                      pm_base=PM_BASE, sci_irq=SCI_IRQ, pci_root=root)
+        self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory)
         self.accel.load_boot_state(self.boot_state)
@@ -261,10 +177,7 @@ class Machine:
     def _do_reset(self, guest: bool, reason: str) -> None:
         was_paused = self._state == "paused"
         self._park_all()
-        for dev in self.resettable:
-            reset = getattr(dev, "reset", None)
-            if reset:
-                reset()
+        self.devices.reset()
         self.accel.reset()
         self._boot()
         self._emit("RESET", {"guest": guest, "reason": reason})
@@ -337,18 +250,13 @@ class Machine:
     def request_reset(self, guest: bool, reason: str) -> None:
         self._requests.put(("reset", guest, reason))
 
-    def _debug_exit(self, value: int) -> None:
-        self.request_shutdown(value & 0xFF, guest=True, reason="guest-shutdown")
-        with self._lock:
-            self._stopping = True
-            self.control_pending = True
+    # --- GuestPower: what the guest asks through its devices (any vCPU thread) ------------
+    def guest_reset(self) -> None:
+        self.request_reset(guest=True, reason="guest-reset")
 
-    def _acpi_sleep(self, slp_typ: int) -> None:
-        from .devices.acpi_pm import SLP_TYP_S5
-        if slp_typ != SLP_TYP_S5:
-            log.info("guest asked for sleep type %d; only S5 (soft off) is supported", slp_typ)
-            return
-        self.request_shutdown(0, guest=True, reason="guest-shutdown")
+    def guest_power_off(self, status: int) -> None:
+        self.request_shutdown(status & 0xFF, guest=True, reason="guest-shutdown")
+        # The asking vCPU must not run on past its power-off.
         with self._lock:
             self._stopping = True
             self.control_pending = True
@@ -376,7 +284,7 @@ class Machine:
 
     def powerdown(self) -> None:
         self._emit("POWERDOWN", {})
-        self.acpi_pm.press_power_button()
+        self.devices.get(ACPI_PM, AcpiPm).press_power_button()
 
     def quit(self) -> None:
         self.request_shutdown(0, guest=False, reason="host-qmp-quit")
@@ -398,16 +306,18 @@ class Machine:
     def cpus(self) -> list[dict]:
         out = []
         for i, t in enumerate(self.threads or [None] * len(self.vcpus)):
-            out.append({"cpu-index": i, "thread-id": getattr(t, "native_id", None) or os.getpid(),
+            # Before start() there are no vCPU threads yet: the process stands in.
+            thread_id = t.native_id if t is not None and t.native_id else os.getpid()
+            out.append({"cpu-index": i, "thread-id": thread_id,
                         "qom-path": f"/machine/unattached/device[{i}]", "target": "x86_64",
                         "props": {"core-id": i, "thread-id": 0, "socket-id": 0}})
         return out
 
     def block_devices(self) -> list[dict]:
-        return list(self.block_info)
+        return self.devices.query("block")
 
     def network_devices(self) -> list[dict]:
-        return list(self.net_info)
+        return self.devices.query("net")
 
     def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
         self._listeners.append(callback)
@@ -440,32 +350,6 @@ class Machine:
         if self.accel is not None:
             self.accel.close()
             self.accel = None
-
-
-class ConfigPortsWithResetControl:
-    """Ports 0xCF8-0xCFF: PCI config mechanism #1, except a byte write to 0xCF9,
-    which is the PIIX reset control register (the FADT's RESET_REG)."""
-
-    RESET_CONTROL = 1
-    RESET_CPU = 0x04
-
-    def __init__(self, config_io, on_reset: Callable[[], None]) -> None:
-        self.config_io = config_io
-        self.on_reset = on_reset
-        self._reset_control = 0
-
-    def read(self, offset: int, size: int) -> int:
-        if offset == self.RESET_CONTROL and size == 1:
-            return self._reset_control
-        return self.config_io.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset == self.RESET_CONTROL and size == 1:
-            self._reset_control = value & 0x0E
-            if value & self.RESET_CPU:
-                self.on_reset()
-            return
-        self.config_io.write(offset, size, value)
 
 
 def kvm_usable() -> tuple[bool, str]:

@@ -127,17 +127,17 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
 def _run(cfg: VmConfig, notify_running) -> int:
     from .console import open_console
     from .machine import Machine
+    from .monitor import console_monitor, start_servers
 
     machine_ref: list = []
+    monitor_ref: list = []      # the console's Ctrl-A c interpreter, once the machine exists
 
     def on_quit() -> None:
         if machine_ref:
             machine_ref[0].request_shutdown(0, guest=False, reason="host-ui")
 
-    def on_monitor() -> None:
-        if machine_ref and getattr(machine_ref[0], "hmp", None):
-            return machine_ref[0].hmp
-        return None
+    def on_monitor():
+        return monitor_ref[0] if monitor_ref else None
 
     serial_spec = "none" if cfg.daemonize and cfg.serial == "stdio" else cfg.serial
     console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
@@ -150,7 +150,8 @@ def _run(cfg: VmConfig, notify_running) -> int:
             pidfile = Pidfile(cfg.pidfile)
         machine = Machine(cfg, console=console)
         machine_ref.append(machine)
-        servers = _start_monitors(machine, cfg)
+        monitor_ref.append(console_monitor(machine))
+        servers = start_servers(machine, cfg.qmp, cfg.hmp)
         if cfg.runas:
             from .lifecycle import drop_privileges, start_cleanup_helper
             sockets = [(srv.address.path, srv._socket_identity) for srv in servers
@@ -174,15 +175,6 @@ def _run(cfg: VmConfig, notify_running) -> int:
             pidfile.remove()
         if finish_cleanup is not None:
             finish_cleanup()    # the root helper removes what we no longer may
-
-
-def _start_monitors(machine, cfg: VmConfig) -> list:
-    """QMP/human monitor servers; the console's Ctrl-A c always gets an interpreter
-    (its ``quit`` deferred: the console prints the output before the VM goes)."""
-    from .monitor import start_servers
-    from .monitor.hmp import Hmp
-    machine.hmp = Hmp(machine, defer_quit=True)
-    return start_servers(machine, cfg.qmp, cfg.hmp)
 
 
 def _install_signal_handlers(machine):

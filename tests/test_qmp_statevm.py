@@ -33,6 +33,7 @@ class StateVm:
         self.quit_called = threading.Event()
         self.counters = [0] * ncpus
         self.calls: list[str] = []
+        self._closers = []
         self._threads = [threading.Thread(target=self._vcpu, args=(i,), daemon=True,
                                           name=f"toy-vcpu{i}") for i in range(ncpus)]
         self._tids = [0] * ncpus
@@ -142,8 +143,18 @@ class StateVm:
         return [{"name": "net0", "type": "tap", "ifname": "tap-toy0", "mac": "52:54:00:12:34:56",
                  "bridge": "br0"}]
 
+    def vcpu_registers(self) -> list:
+        raise ControlError("info registers is not available for this VM")
+
     def add_event_listener(self, callback) -> None:
         self._listeners.append(callback)
+
+    def remove_event_listener(self, callback) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def on_close(self, fn) -> None:
+        self._closers.append(fn)
 
     def close(self) -> None:
         with self._lock:
@@ -151,6 +162,9 @@ class StateVm:
             self._lock.notify_all()
         for t in self._threads:
             t.join(2)
+        for fn in reversed(self._closers):
+            fn()
+        self._closers.clear()
 
     def progress(self, wait: float = 0.05) -> bool:
         """Did any vCPU run during the next `wait` seconds?"""

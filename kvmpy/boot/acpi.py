@@ -16,7 +16,9 @@ and 0xE0000-0xFFFFF reserved (or ACPI) in its E820 map. Putting ``base`` at
 The FADT describes full (not hardware-reduced) ACPI with the fixed hardware of
 kvmpy.devices.acpi_pm at ``pm_base``, SCI on ``sci_irq`` (level, active high
 through a MADT override as QEMU does), a fixed-feature power button, the RTC
-century byte 0x32 and optionally the 0xCF9 reset register. The DSDT is
+century byte 0x32 and optionally the 0xCF9 reset register. Addresses and IRQs
+are the devices' own constants (COM1, RTC, KBD_DATA, PM_BLOCK, PCI_CONFIG_PORTS),
+the same ones the machine's device table places the devices at. The DSDT is
 hand-assembled AML: \\_S5 (SLP_TYP shared with acpi_pm), processor devices,
 COM1 (PNP0501), the RTC (PNP0B00, no IRQ: kvmpy raises no RTC interrupts yet,
 so Linux's rtc-cmos runs without alarms rather than waiting for them), the
@@ -32,6 +34,10 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..devices import acpi_pm
+from ..devices.i8042 import KBD_COMMAND, KBD_DATA
+from ..devices.pci.config_ports import PCI_CONFIG_PORTS, RESET_CONTROL_PORT, RESET_VALUE
+from ..devices.rtc import REG_CENTURY, RTC
+from ..devices.serial import COM1
 from ..errors import ConfigError, GuestMemoryError
 from ..memory import GuestMemory
 
@@ -44,7 +50,7 @@ BIOS_RSDP_COPY = 0xE0000
 IOAPIC_ADDRESS = 0xFEC00000
 IOAPIC_ID = 0  # what KVM's in-kernel IOAPIC reports in its ID register
 LAPIC_ADDRESS = 0xFEE00000
-RTC_CENTURY_INDEX = 0x32
+RTC_CENTURY_INDEX = REG_CENTURY
 MAX_CPUS = 255  # xAPIC MADT entries carry 8-bit ids; 0xff is the broadcast id
 
 
@@ -227,14 +233,15 @@ def build_dsdt(num_cpus: int, pci: PciRoot | None, mcfg: Mcfg | None,
     if com1:
         sb += aml_device("COM1", aml_def_name("_HID", aml_eisa("PNP0501"))
                          + aml_def_name("_UID", aml_int(1))
-                         + aml_def_name("_CRS", res_template(res_io(0x3F8, 8), res_irq(4))))
+                         + aml_def_name("_CRS", res_template(res_io(COM1.base, COM1.length), res_irq(COM1.irq))))
     if rtc:
         sb += aml_device("RTC", aml_def_name("_HID", aml_eisa("PNP0B00"))
-                         + aml_def_name("_CRS", res_template(res_io(0x70, 2))))
+                         + aml_def_name("_CRS", res_template(res_io(RTC.base, RTC.length))))
     if kbd:
         sb += aml_device("KBD", aml_def_name("_HID", aml_eisa("PNP0303"))
-                         + aml_def_name("_CRS", res_template(res_io(0x60, 1), res_io(0x64, 1),
-                                                             res_irq(1))))
+                         + aml_def_name("_CRS", res_template(res_io(KBD_DATA.base, KBD_DATA.length),
+                                                             res_io(KBD_COMMAND.base, KBD_COMMAND.length),
+                                                             res_irq(KBD_DATA.irq))))
     if pci is not None:
         hid = "PNP0A08" if mcfg is not None else "PNP0A03"
         dev = aml_def_name("_HID", aml_eisa(hid))
@@ -243,7 +250,7 @@ def build_dsdt(num_cpus: int, pci: PciRoot | None, mcfg: Mcfg | None,
         dev += aml_def_name("_UID", aml_int(0))
         dev += aml_def_name("_BBN", aml_int(pci.bus_start))
         dev += aml_def_name("_SEG", aml_int(mcfg.segment if mcfg else 0))
-        res = [res_word_bus(pci.bus_start, pci.bus_end), res_io(0xCF8, 8)]
+        res = [res_word_bus(pci.bus_start, pci.bus_end), res_io(PCI_CONFIG_PORTS.base, PCI_CONFIG_PORTS.length)]
         res += [res_word_io(a, b) for a, b in pci.io]
         res += [res_dword_mem(a, b) for a, b in pci.mem32]
         res += [res_qword_mem(a, b) for a, b in pci.mem64]
@@ -338,10 +345,11 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int, pm_base: int = 0x600,
-                      sci_irq: int = 9, ioapic: bool = True, pci_mcfg: Mcfg | tuple | None = None,
+def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,
+                      pm_base: int = acpi_pm.PM_BLOCK.base, sci_irq: int = acpi_pm.SCI_IRQ,
+                      ioapic: bool = True, pci_mcfg: Mcfg | tuple | None = None,
                       pci_root: PciRoot | None = None, timer_32bit: bool = True,
-                      reset_reg: tuple[int, int] | None = (0xCF9, 0x06),
+                      reset_reg: tuple[int, int] | None = (RESET_CONTROL_PORT, RESET_VALUE),
                       bios_rsdp_copy: int | None = BIOS_RSDP_COPY) -> int:
     """Write the tables into guest RAM; returns the RSDP's guest physical address.
 

@@ -24,10 +24,15 @@ import threading
 import time
 from typing import Callable
 
+from .bus import PortSlot
+
 log = logging.getLogger(__name__)
 
 PM_BASE_DEFAULT = 0x600
 PM_IO_LENGTH = 0x40
+SCI_IRQ = 9
+# Where QEMU's ICH9 has it; the FADT points here and names SCI_IRQ.
+PM_BLOCK = PortSlot(base=PM_BASE_DEFAULT, length=PM_IO_LENGTH, irq=SCI_IRQ)
 
 PM1_EVT_OFFSET = 0x00
 PM1_EVT_LENGTH = 4

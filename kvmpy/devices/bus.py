@@ -1,24 +1,78 @@
-"""Address-range buses for port I/O and MMIO exits.
+"""Address-range buses for port I/O and MMIO exits, and what a bus device is.
 
-A device is any object with ``read(offset, size) -> int`` and
+A bus device (``BusDevice``) is any object with ``read(offset, size) -> int`` and
 ``write(offset, size, value)``; offsets are relative to the range the device
 was registered at. Devices never see the vCPU or KVM. Unclaimed reads return
 all ones (as on real hardware: a floating bus) and unclaimed writes are dropped.
+
+A device may also be ``Resettable`` (system reset puts it back to power-on
+state) and ``Closeable`` (it holds host resources: timers, files, threads).
+Both are optional: the machine checks them once, when it places the device.
+
+Where a device sits is declared once, in its own module, as a ``PortSlot`` or
+``MmioSlot`` (base, length, IRQ); the machine's device table and the ACPI
+tables both read that constant.
 """
 
 from __future__ import annotations
 
 import logging
 from bisect import bisect_right
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
 
-class Device(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int:
+        """``size`` bytes (1, 2, 4 or 8) at ``offset`` in the device's range. A value
+        the guest must not see (bad offset or size) is answered as all ones."""
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Guest input: a bad offset, size or value is logged and ignored, never raised."""
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    def reset(self) -> None:
+        """Back to the power-on state (system_reset, a guest reset)."""
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    def close(self) -> None:
+        """Release host resources; called once, when the machine closes."""
+
+
+@dataclass(frozen=True)
+class AddressSlot:
+    """Where a device answers: ``length`` bytes from ``base``, and the ISA IRQ
+    (GSI) it raises, if any."""
+
+    base: int
+    length: int
+    irq: int | None = None
+
+    @property
+    def end(self) -> int:
+        """One past the last address."""
+        return self.base + self.length
+
+    def overlaps(self, other: "AddressSlot") -> bool:
+        return self.base < other.end and other.base < self.end
+
+    def __str__(self) -> str:
+        irq = f" IRQ {self.irq}" if self.irq is not None else ""
+        return f"{self.base:#x}-{self.end - 1:#x}{irq}"
+
+
+class PortSlot(AddressSlot):
+    """A range of I/O ports."""
+
+
+class MmioSlot(AddressSlot):
+    """A range of guest physical addresses decoded as MMIO."""
 
 
 class BusError(Exception):
@@ -29,10 +83,10 @@ class Bus:
     def __init__(self, name: str) -> None:
         self.name = name
         self._starts: list[int] = []
-        self._entries: list[tuple[int, int, Device]] = []  # (base, end, device), sorted
+        self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted
         self._unclaimed_logged: set[int] = set()
 
-    def register(self, base: int, length: int, device: Device) -> None:
+    def register(self, base: int, length: int, device: BusDevice) -> None:
         end = base + length
         if length <= 0:
             raise BusError(f"{self.name}: empty range at {base:#x}")
@@ -47,7 +101,7 @@ class Bus:
         self._entries = [t for t in self._entries if t[0] != base]
         self._starts = [t[0] for t in self._entries]
 
-    def find(self, addr: int) -> tuple[int, Device] | None:
+    def find(self, addr: int) -> tuple[int, BusDevice] | None:
         i = bisect_right(self._starts, addr) - 1
         if i >= 0:
             base, end, dev = self._entries[i]

@@ -23,11 +23,16 @@ import threading
 from collections import deque
 from typing import Callable
 
+from .bus import PortSlot
+
 log = logging.getLogger(__name__)
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
 KBD_IRQ = 1
+# Two single ports, not a range: 0x61 between them is the PIT's port B.
+KBD_DATA = PortSlot(base=DATA_PORT, length=1, irq=KBD_IRQ)
+KBD_COMMAND = PortSlot(base=COMMAND_PORT, length=1)
 
 # status register
 STR_OBF = 0x01

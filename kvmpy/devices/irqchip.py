@@ -51,7 +51,7 @@ from typing import Callable
 
 from .ioapic import IoApic
 from .lapic import APIC_DEFAULT_BASE, DM_FIXED, DM_LOWEST, Lapic
-from .legacy import SystemControlB
+from .legacy import SYSTEM_CONTROL_B, SystemControlB
 from .pic8259 import Pic8259Pair
 from .pit8254 import Pit8254
 
@@ -329,7 +329,7 @@ class SoftIrqChip:
         self.pic.register(pio_bus)
         self.pit.register(pio_bus)
         if port_b:
-            pio_bus.register(0x61, 1, self.port_b)
+            pio_bus.register(SYSTEM_CONTROL_B.base, SYSTEM_CONTROL_B.length, self.port_b)
         self.ioapic.register(mmio_bus)
         mmio_bus.register(APIC_DEFAULT_BASE, 0x1000, self.lapic_mmio)
 

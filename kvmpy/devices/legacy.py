@@ -1,14 +1,16 @@
 """The small PC ports Linux touches while booting, so it boots quietly.
 
-Registration map (port, length, device) for the machine:
+Where each sits (the slots below; the machine's device table places them):
 
-    0x80   1  PostCodePort   POST codes / Linux io_delay: remembered, logged at debug
-    0x81  15  PortSink       DMA page registers 0x81-0x8f (0x87 included)
-    0xed   1  PortSink       Linux's alternative io_delay port
-    0xf4   4  DebugExit      test-guest exit port: on_exit(value)
-    0x61   1  SystemControlB speaker / PIT channel 2 gate (only when KVM's in-kernel
-                             PIT is NOT used: KVM_CREATE_PIT2 claims 0x61 itself)
-    0x92   1  FastA20Reset   system control port A: bit 0 pulses a reset
+    0x80   1  POST_CODE         PostCodePort    POST codes / Linux io_delay: remembered,
+                                                logged at debug
+    0x81  15  DMA_PAGE          PortSink        DMA page registers 0x81-0x8f (0x87 included)
+    0xed   1  IO_DELAY          PortSink        Linux's alternative io_delay port
+    0xf4   4  DEBUG_EXIT        DebugExit       test-guest exit port: on_exit(value)
+    0x61   1  SYSTEM_CONTROL_B  SystemControlB  speaker / PIT channel 2 gate (only when
+                                                KVM's in-kernel PIT is NOT used:
+                                                KVM_CREATE_PIT2 claims 0x61 itself)
+    0x92   1  SYSTEM_CONTROL_A  FastA20Reset    system control port A: bit 0 pulses a reset
 
 Not here on purpose: the PIC/ELCR ports (0x20, 0xa0, 0x4d0; KVM's irqchip), the
 PCI configuration ports 0xcf8-0xcff (and the 0xcf9 reset control inside them),
@@ -22,7 +24,16 @@ import logging
 import time
 from typing import Callable
 
+from .bus import PortSlot
+
 log = logging.getLogger(__name__)
+
+POST_CODE = PortSlot(base=0x80, length=1)
+DMA_PAGE = PortSlot(base=0x81, length=15)
+IO_DELAY = PortSlot(base=0xED, length=1)
+DEBUG_EXIT = PortSlot(base=0xF4, length=4)
+SYSTEM_CONTROL_A = PortSlot(base=0x92, length=1)
+SYSTEM_CONTROL_B = PortSlot(base=0x61, length=1)
 
 
 class PortSink:
@@ -64,9 +75,6 @@ class DebugExit:
     Same port as QEMU's isa-debug-exit, but the value is passed through as is
     (QEMU's process status would be value*2+1).
     """
-
-    PORT = 0xF4
-    LENGTH = 4
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self._on_exit = on_exit
@@ -171,12 +179,11 @@ def register_legacy_ports(bus, on_exit: Callable[[int], None],
         "debug-exit": DebugExit(on_exit),
         "port-a": FastA20Reset(on_reset),
     }
-    bus.register(0x80, 1, devices["post"])
-    bus.register(0x81, 15, devices["dma-page"])
-    bus.register(0xED, 1, devices["delay-ed"])
-    bus.register(DebugExit.PORT, DebugExit.LENGTH, devices["debug-exit"])
-    bus.register(0x92, 1, devices["port-a"])
+    slots = {"post": POST_CODE, "dma-page": DMA_PAGE, "delay-ed": IO_DELAY,
+             "debug-exit": DEBUG_EXIT, "port-a": SYSTEM_CONTROL_A}
     if port_b:
         devices["port-b"] = SystemControlB()
-        bus.register(0x61, 1, devices["port-b"])
+        slots["port-b"] = SYSTEM_CONTROL_B
+    for name, slot in slots.items():
+        bus.register(slot.base, slot.length, devices[name])
     return devices

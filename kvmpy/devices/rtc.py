@@ -28,11 +28,14 @@ import threading
 import time
 from typing import Callable
 
+from .bus import PortSlot
+
 log = logging.getLogger(__name__)
 
 INDEX_PORT = 0x70
 PORT_COUNT = 2
 RTC_IRQ = 8
+RTC = PortSlot(base=INDEX_PORT, length=PORT_COUNT, irq=RTC_IRQ)
 
 REG_SECONDS, REG_SECONDS_ALARM = 0x00, 0x01
 REG_MINUTES, REG_MINUTES_ALARM = 0x02, 0x03

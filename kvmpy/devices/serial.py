@@ -31,6 +31,8 @@ import threading
 from collections import deque
 from typing import Callable
 
+from .bus import PortSlot
+
 log = logging.getLogger(__name__)
 
 # register offsets
@@ -105,9 +107,8 @@ FIFO_SIZE = 16
 # is always there, as QEMU reports.
 EXTERNAL_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 
-COM1_BASE = 0x3F8
-COM1_IRQ = 4
 PORT_COUNT = 8
+COM1 = PortSlot(base=0x3F8, length=PORT_COUNT, irq=4)
 
 
 class Serial16550:

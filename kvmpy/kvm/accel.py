@@ -57,12 +57,13 @@ class KvmAccel:
             self._reset_state.append((v.get_regs(), v.get_sregs(), v.get_lapic(), msrs))
         # Queued port writes (the UART's THR while its interrupts are off), drained
         # by the vCPU loop before each exit is handled.
-        self.coalesced: CoalescedPio | None = None
+        self.timer_wheel = None             # KVM's timers are in the kernel
+        self.port_write_queue: CoalescedPio | None = None
         self.drain_coalesced = None
         try:
             if vm.check_extension("KVM_CAP_COALESCED_PIO") > 0:
-                self.coalesced = CoalescedPio(vm, self.vcpus[0].run_mmap, machine.pio_bus.write)
-                self.drain_coalesced = self.coalesced.drain
+                self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, machine.pio_bus.write)
+                self.drain_coalesced = self.port_write_queue.drain
         except (KvmError, ValueError) as e:
             log.debug("coalesced port writes not available: %s", e)
         self._irqchip_reset = vm.get_irqchip_state()
@@ -85,8 +86,8 @@ class KvmAccel:
             v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE if i == 0 else lib.KVM_MP_STATE_UNINITIALIZED)
 
     def close(self) -> None:
-        if self.coalesced is not None:
-            self.coalesced.close()      # the last queued writes reach their device
+        if self.port_write_queue is not None:
+            self.port_write_queue.close()      # the last queued writes reach their device
         self.platform.close()
         self.vm.close()
         self.kvm.close()

@@ -1,7 +1,8 @@
 """Monitors: QMP (qmp.py), the human monitor (hmp.py), over sockets (server.py).
 
-The machine implements control.VmControl; ``start_servers`` is what the run
-command calls.
+A VM offers control.VmControl and nothing else to its monitors. The run command
+calls ``start_servers`` for the sockets and ``console_monitor`` for the console's
+Ctrl-A c.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import atexit
 import logging
 
 from .control import ControlError, VmControl
+from .hmp import Hmp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlError", "VmControl", "start_servers"]
+__all__ = ["ControlError", "VmControl", "console_monitor", "start_servers"]
 
 
 def start_servers(control: VmControl, qmp_specs=(), hmp_specs=()) -> list:
@@ -21,12 +23,11 @@ def start_servers(control: VmControl, qmp_specs=(), hmp_specs=()) -> list:
     ``hmp_specs`` entry (``unix:/path``, ``tcp:HOST:PORT``, ``telnet:HOST:PORT``).
 
     Returns the servers. Each is closed (socket file removed, threads joined)
-    by ``control.on_close`` when the control offers it, and at interpreter exit
-    in any case. Also gives the control an ``hmp`` attribute (an Hmp for the
-    console's Ctrl-A c) if it has none. A bad or busy address raises ConfigError
-    after closing the servers already started.
+    when the control closes (``control.on_close``), and at interpreter exit in
+    any case. A bad or busy address raises ConfigError after closing the servers
+    already started.
     """
-    from .hmp import Hmp, start_hmp_server
+    from .hmp import start_hmp_server
     from .qmp import start_qmp_server
 
     servers: list = []
@@ -40,13 +41,12 @@ def start_servers(control: VmControl, qmp_specs=(), hmp_specs=()) -> list:
             srv.close()
         raise
     for srv in servers:
-        on_close = getattr(control, "on_close", None)
-        if callable(on_close):
-            on_close(srv.close)
+        control.on_close(srv.close)
         atexit.register(srv.close)
-    if getattr(control, "hmp", None) is None:
-        try:
-            control.hmp = Hmp(control)
-        except AttributeError:
-            pass
     return servers
+
+
+def console_monitor(control: VmControl) -> Hmp:
+    """The human monitor for the console's Ctrl-A c. Its ``quit`` is deferred
+    (``quit_requested``): the console shows the output before the VM goes."""
+    return Hmp(control, defer_quit=True)

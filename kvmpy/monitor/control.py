@@ -10,7 +10,7 @@ and must never block; the monitors only queue them.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 # QMP RunState names this project reports (a subset of QEMU's qapi/run-state.json).
 RUN_STATES = ("running", "paused", "shutdown", "prelaunch", "internal-error", "guest-panicked")
@@ -32,6 +32,9 @@ class ControlError(Exception):
 
 @runtime_checkable
 class VmControl(Protocol):
+    """Everything a monitor (QMP, HMP, the console's, the signal handlers) may ask
+    of a VM; monitors call nothing else on it."""
+
     name: str
 
     def status(self) -> str:
@@ -41,7 +44,8 @@ class VmControl(Protocol):
         """Stop all vCPUs: they leave KVM_RUN and wait. Emits STOP."""
 
     def resume(self) -> None:
-        """Let the vCPUs run again. Emits RESUME."""
+        """Let the vCPUs run again. Emits RESUME. May raise ControlError where the
+        VM cannot run on (QEMU: after a shutdown, until a reset)."""
 
     def reset(self) -> None:
         """system_reset. Emits RESET."""
@@ -58,6 +62,12 @@ class VmControl(Protocol):
     def cpus(self) -> list[dict]:
         """query-cpus-fast entries: cpu-index, thread-id, qom-path, target, props."""
 
+    def vcpu_registers(self) -> list[tuple[Any, Any]]:
+        """(regs, sregs) per vCPU, read with the vCPUs held outside the guest: the
+        fields of KVM's kvm_regs and kvm_sregs (rax..r15, rip, rflags; segments cs..tr
+        with selector/base/limit/type/dpl/l/db/present, gdt/idt base/limit, cr0-cr4,
+        efer, apic_base). ControlError when this VM has no registers to show."""
+
     def block_devices(self) -> list[dict]:
         """query-block shaped dicts."""
 
@@ -66,3 +76,9 @@ class VmControl(Protocol):
 
     def add_event_listener(self, callback: EventCallback) -> None:
         """Call callback(event_name, data) for each event in EVENT_NAMES."""
+
+    def remove_event_listener(self, callback: EventCallback) -> None:
+        """Stop calling ``callback``; a callback never added is ignored."""
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the VM is closed (a monitor's servers close with it)."""

@@ -100,11 +100,8 @@ def _version(control: VmControl, args: list[str]) -> str:
 
 
 def _registers(control: VmControl, args: list[str]) -> str:
-    regs_of = getattr(control, "vcpu_registers", None)
-    if regs_of is None:
-        return "info registers is not available for this VM\n"
     out = []
-    for cpu, (regs, sregs) in enumerate(regs_of()):
+    for cpu, (regs, sregs) in enumerate(control.vcpu_registers()):
         out.append(f"CPU#{cpu}\n")
         names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")

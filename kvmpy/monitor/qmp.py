@@ -100,9 +100,7 @@ class QmpServer(MonitorServer):
         control.add_event_listener(self._on_event)
 
     def close(self, timeout: float = 5.0) -> None:
-        remove = getattr(self.control, "remove_event_listener", None)
-        if callable(remove):
-            remove(self._on_event)
+        self.control.remove_event_listener(self._on_event)
         super().close(timeout)
 
     # -- events (any thread) --
@@ -308,9 +306,9 @@ def _human_monitor_command(srv: QmpServer, args: dict) -> str:
     return text.replace("\n", "\r\n")
 
 
-def _void(method: str) -> Callable[[QmpServer, dict], dict]:
+def _void(action: Callable[[VmControl], None]) -> Callable[[QmpServer, dict], dict]:
     def run(srv: QmpServer, args: dict) -> dict:
-        getattr(srv.control, method)()
+        action(srv.control)
         return {}
     return run
 
@@ -324,10 +322,10 @@ _COMMANDS = [
     _Command("query-cpus-fast", lambda srv, a: list(srv.control.cpus())),
     _Command("query-block", lambda srv, a: list(srv.control.block_devices())),
     _Command("query-commands", _query_commands),
-    _Command("stop", _void("pause")),
-    _Command("cont", _void("resume")),
-    _Command("system_reset", _void("reset")),
-    _Command("system_powerdown", _void("powerdown")),
+    _Command("stop", _void(lambda control: control.pause())),
+    _Command("cont", _void(lambda control: control.resume())),
+    _Command("system_reset", _void(lambda control: control.reset())),
+    _Command("system_powerdown", _void(lambda control: control.powerdown())),
     _Command("quit", lambda srv, a: {}, quits=True),
     _Command("human-monitor-command", _human_monitor_command,
              {"command-line": (str, "string", True), "cpu-index": (int, "int", False)}),

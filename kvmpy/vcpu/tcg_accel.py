@@ -70,6 +70,7 @@ class TcgAccel:
         for i, v in enumerate(self.vcpus):
             v.set_cpuid(translator_cpuid(num_cpus, i))
         self.timer_wheel = TimerWheel()
+        self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu)
