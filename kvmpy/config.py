@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .pathcheck import refuse_special_file
-from .plugins import DeviceConfig
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -49,6 +48,15 @@ class NetConfig:
     ifname: str = ""
     bridge: str = ""
     mac: str = ""
+
+
+@dataclass
+class DeviceConfig:
+    """A ``[[device]]`` table or ``--device``: a plug-in device (kvmpy.plugins)."""
+    type: str
+    options: dict = field(default_factory=dict)
+    where: str = ""          # "vm.toml: [[device]] #1": where errors point
+    base_dir: str = ""       # resolves a relative ``file.py:Class``
 
 
 @dataclass

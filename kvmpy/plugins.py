@@ -21,8 +21,12 @@ import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Protocol
 
+from .builder import DeviceEntry
+from .config import DeviceConfig
+from .devices.bus import AddressSlot, MmioSlot, PortSlot
+from .devices.context import DeviceContext
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "kvmpy.devices"
@@ -31,12 +35,72 @@ _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _CLASS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-@dataclass
-class DeviceConfig:
-    type: str
-    options: dict = field(default_factory=dict)
-    where: str = ""          # "vm.toml: [[device]] #1": where errors point
-    base_dir: str = ""       # resolves a relative ``file.py:Class``
+PLUGIN_BUSES = ("pio", "mmio", "virtio")
+
+
+class PluginDevice(Protocol):
+    """What a plug-in device class declares (see docs/plugins.md).
+
+    bus: "pio" or "mmio" (the instance is a kvmpy.devices.bus.BusDevice) or
+        "virtio" (the instance is a kvmpy.devices.virtio.device.VirtioDevice, which
+        kvmpy puts on PCI behind its virtio transport).
+    place(options): where a "pio"/"mmio" device sits (PortSlots / MmioSlots), from
+        its options, so a user can move it as QEMU's ``iobase=`` does; () for "virtio".
+    The constructor takes the DeviceContext (``ctx.options`` holds the options).
+    """
+
+    bus: ClassVar[str]
+
+    @classmethod
+    def place(cls, options: Mapping[str, Any]) -> tuple[AddressSlot, ...]: ...
+
+    def __init__(self, ctx: DeviceContext) -> None: ...
+
+
+def plugin_entry(dev: DeviceConfig, index: int) -> DeviceEntry:
+    """The machine's table entry for one configured plug-in device; ConfigError
+    naming the table for anything the class or its options get wrong."""
+    cls = load_device_class(dev)
+    bus = cls.__dict__.get("bus") if isinstance(cls.__dict__.get("bus"), str) else None
+    for base in cls.__mro__[1:]:
+        if bus is None and isinstance(base.__dict__.get("bus"), str):
+            bus = base.__dict__["bus"]
+    if bus not in PLUGIN_BUSES:
+        raise ConfigError(f"{dev.where}: {dev.type} declares no 'bus' (one of {', '.join(PLUGIN_BUSES)})")
+    options = dict(dev.options)
+    name = options.pop("id", None) or f"{cls.__name__.lower()}{index}"
+    if not isinstance(name, str):
+        raise ConfigError(f"{dev.where} key 'id': expected a string, got {name!r}")
+    try:
+        slots = tuple(cls.place(options))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{dev.where}: {type(e).__name__}: {e}") from None
+    want = {"pio": PortSlot, "mmio": MmioSlot}.get(bus)
+    if want is None:
+        if slots:
+            raise ConfigError(f"{dev.where}: a virtio device is placed on PCI, not at {slots[0]}")
+        return DeviceEntry(name, "pci", _virtio_factory(cls, dev), options=options)
+    if not slots or not all(isinstance(s, want) for s in slots):
+        raise ConfigError(f"{dev.where}: {dev.type}.place() must give {want.__name__}s for bus {bus!r}")
+    return DeviceEntry(name, bus, _checked_factory(cls, dev), slots, options=options)
+
+
+def _checked_factory(cls: type, dev: DeviceConfig):
+    def make(ctx: DeviceContext):
+        try:
+            return cls(ctx)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{dev.where}: {type(e).__name__}: {e}") from None
+    return make
+
+
+def _virtio_factory(cls: type, dev: DeviceConfig):
+    make_device = _checked_factory(cls, dev)
+
+    def make(ctx: DeviceContext):
+        from .devices.virtio.pci import VirtioPciTransport
+        return VirtioPciTransport(make_device(ctx), ctx.platform, ctx.events, name=ctx.name)
+    return make
 
 
 def load_device_class(dev: DeviceConfig) -> type:
