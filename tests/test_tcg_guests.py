@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tcg_helpers import TcgVcpu, make_memory, regs
+from support.tcg import TcgVcpu, make_memory, regs
 from kvmpy.vcpu import exits
 from kvmpy.vcpu.state import flat_segment
 
