@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support.guest_models import compute_reference
 from support.tcg import TcgVcpu, make_memory, regs
 from kvmpy.vcpu import exits
 from kvmpy.vcpu.state import flat_segment
@@ -123,40 +124,6 @@ def test_hello():
     assert "cpu vendor: GenuineIntel" in lines
     assert lines[-1] == "guest: done"
     assert status == 0
-
-
-def compute_reference(iters: int):
-    """The compute guest's result, computed on the host (see tests/guests/compute.c)."""
-    mask = (1 << 64) - 1
-
-    def xs(x):
-        x ^= (x << 13) & mask
-        x ^= x >> 7
-        x ^= (x << 17) & mask
-        return x
-
-    x = 0x9E3779B97F4A7C15
-    buf = bytearray()
-    for _ in range(0, 4096, 8):
-        x = xs(x)
-        buf += x.to_bytes(8, "little")
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (0xEDB88320 ^ (c >> 1)) if c & 1 else c >> 1
-        table.append(c)
-    crc = 0xFFFFFFFF
-    for b in buf:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    h = crc
-    for _ in range(iters):
-        x = xs(x)
-        h = ((h ^ x) * 0x100000001B3) & mask
-        h ^= h >> 29
-        h = (h + table[h & 0xFF]) & mask
-    return crc, h
 
 
 @pytest.mark.parametrize("cmdline", ["iters=20000", "iters=5000 user=1", "iters=5000 user=1 sys=syscall",
