@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from support.guest_models import compute_reference
-from support.tcg import TcgVcpu, make_memory, regs
+from support.tcg import TcgVcpu, make_memory, regs, set_protected_flat
 from kvmpy.vcpu import exits
-from kvmpy.vcpu.state import flat_segment
 
 BUILD = Path(__file__).parent / "guests" / "build"
 START_INFO = 0x6000
@@ -67,13 +66,8 @@ def boot(name: str, cmdline: str = "", max_seconds: float = 60.0, shutdown_ok: b
     mem.write(MEMMAP, struct.pack("<QQII", 0, 0x9F000, 1, 0) + struct.pack("<QQII", 0x100000, RAM - 0x100000, 1, 0))
     mem.write(START_INFO, struct.pack("<IIIIQQQQII", 0x336EC578, 1, 0, 0, 0, CMDLINE, 0, MEMMAP, 2, 0))
     vcpu = TcgVcpu(mem)
-    sr = vcpu.get_sregs()
-    sr.cs = flat_segment(0x8, True, False)
-    sr.ds = sr.es = sr.ss = sr.fs = sr.gs = flat_segment(0x18, False, False)
-    sr.cr0 = 0x11
-    sr.cr4 = 0
-    sr.efer = 0
-    vcpu.set_sregs(sr)
+    # The PVH entry state: protected mode, caches on (CR0 PE|ET), no SSE enabled yet.
+    set_protected_flat(vcpu, data_selector=0x18, cr0=0x11, cr4=0)
     vcpu.set_regs(regs(rip=entry, rbx=START_INFO, rflags=2))
     out = bytearray()
     status = None
