@@ -63,7 +63,7 @@ def _timed_boot(argv: list[str]) -> tuple[float | None, float | None, str]:
 
 
 def run() -> list[dict]:
-    from kvmpy import guestbuild
+    from kvmpy.tools import guestbuild
     g = guestbuild.build(with_disk=False)
     common = ["-m", "512", "--kernel", g.kernel, "--initrd", g.initrd]
     kvmpy = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "--no-reboot", "--serial", "stdio",

@@ -1,5 +1,5 @@
 """kvmpy --enable-kvm beside QEMU -enable-kvm on real KVM, on any host: inside one
-nested-KVM L1 (kvmpy/nested.py: Debian's kernel under QEMU's TCG with emulated AMD
+nested-KVM L1 (kvmpy/tools/nested.py: Debian's kernel under QEMU's TCG with emulated AMD
 SVM, kvm-amd loaded).
 
     python3 -m bench.nested
@@ -31,7 +31,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 TIMEOUT = 2400
-# No console output this long: the L1 is stuck (kvmpy/nested.py NestedStalled), try a new one.
+# No console output this long: the L1 is stuck (kvmpy/tools/nested.py NestedStalled), try a new one.
 IDLE_TIMEOUT = 600
 ROWS_FILE = "bench-rows.json"
 
@@ -96,7 +96,7 @@ def _inside(share: str) -> list[dict]:
 
 
 def run() -> list[dict]:
-    from kvmpy import guestbuild, nested
+    from kvmpy.tools import guestbuild, nested
     reason = nested.missing_tools()
     if reason:
         return [{"name": "L1 (nested KVM)", "kvmpy": None, "qemu": None, "unit": "", "note": reason}]

@@ -16,14 +16,15 @@ from . import __version__
 from .errors import UserError
 
 # Modules that add subcommands, by the command each adds. A module missing from a
-# partial checkout is skipped.
+# partial checkout is skipped. The tools (kvmpy.tools) are named here only: nothing
+# else in the VMM imports them.
 COMMAND_MODULES = {
     "run": "kvmpy.runcmd",
     "info": "kvmpy.infocmd",
     "img": "kvmpy.block.imgcli",
     "service": "kvmpy.service",
-    "guest": "kvmpy.guestbuild",
-    "selftest": "kvmpy.nested",       # selftest nested
+    "guest": "kvmpy.tools.guestbuild",
+    "selftest": "kvmpy.tools.nested",       # selftest nested
 }
 SUBCOMMAND_MODULES = tuple(COMMAND_MODULES.values())
 

@@ -30,6 +30,7 @@ from typing import Callable, TypeVar
 
 from .errors import UserError
 from .monitor.control import VmControl
+from .procfs import process_stat
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True         # exists, owned by someone else
     # A zombie is dead for our purposes: it will never remove its pidfile.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
-        return True
+    stat = process_stat(pid)
+    return stat is None or stat.state != "Z"
 
 
 def read_pidfile(path: str) -> int | None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, UserError
 from .lifecycle import pid_alive, read_pidfile
+from .procfs import process_age_seconds
 
 DEFAULT_CONFIG_DIR = "/etc/kvmpy"
 DEFAULT_RUN_DIR = "/run/kvmpy"
@@ -174,19 +175,6 @@ def _clean_stale(entry: VmEntry, run_dir: str) -> None:
             pass
 
 
-def uptime_seconds(pid: int) -> float | None:
-    """From /proc/PID/stat field 22 (start time in clock ticks after boot)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        with open("/proc/uptime", "rb") as f:
-            boot_uptime = float(f.read().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    start_ticks = int(fields[19])          # field 22 overall; fields[0] is field 3
-    return max(0.0, boot_uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-
-
 def format_uptime(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -325,7 +313,7 @@ def status_line(entry: VmEntry, run_dir: str) -> tuple[bool, str]:
         state = _qmp(entry, run_dir, "query-status", timeout=2.0)["status"]
     except (ConnectionError, OSError, TypeError, KeyError):
         state = "unknown"
-    return True, f"{entry.name:<16} {pid:>8}  {state:<14} {format_uptime(uptime_seconds(pid))}"
+    return True, f"{entry.name:<16} {pid:>8}  {state:<14} {format_uptime(process_age_seconds(pid))}"
 
 
 # ----------------------------------------------------------- systemd unit

@@ -10,13 +10,9 @@ import pytest
 from kvmpy.block import open_image
 from kvmpy.block.qcow2 import create_qcow2
 from kvmpy.errors import ImageError
+from support.qemu_utils import MISSING_REASON, QEMU_IMG, QEMU_IO, MiB, run_qemu_io
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-needs_qemu = pytest.mark.skipif(not (QEMU_IMG and QEMU_IO),
-                                reason="qemu-img/qemu-io not installed (apt-get install qemu-utils)")
-
-MiB = 1 << 20
+needs_qemu = pytest.mark.skipif(MISSING_REASON is not None, reason=str(MISSING_REASON))
 
 
 def qimg(*args, check=True):
@@ -27,10 +23,7 @@ def qimg(*args, check=True):
 
 
 def qio(path, *cmds, fmt="qcow2"):
-    argv = [QEMU_IO, "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [str(path)], capture_output=True, text=True)
+    r = run_qemu_io(path, *cmds, fmt=fmt)
     assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), r.stdout + r.stderr
     return r.stdout
 

@@ -254,15 +254,47 @@ def test_a_named_command_imports_only_its_module():
     import sys
     code = ("import sys; from kvmpy.cli import build_parser; build_parser(sys.argv[1:], all_commands=False); "
             "print(sorted(m for m in sys.modules if m in ('kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', "
-            "'kvmpy.guestbuild', 'kvmpy.nested', 'kvmpy.infocmd')))")
+            "'kvmpy.tools.guestbuild', 'kvmpy.tools.nested', 'kvmpy.infocmd')))")
     def loaded(*argv):
         p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True, cwd=ROOT)
         return p.stdout.strip()
     assert loaded("-vv", "run", "--kernel", "x") == "['kvmpy.runcmd']"
     assert loaded("img", "info", "x") == "['kvmpy.block.imgcli']"
-    everything = str(sorted(['kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', 'kvmpy.guestbuild',
-                             'kvmpy.nested', 'kvmpy.infocmd']))
+    everything = str(sorted(['kvmpy.runcmd', 'kvmpy.block.imgcli', 'kvmpy.service', 'kvmpy.tools.guestbuild',
+                             'kvmpy.tools.nested', 'kvmpy.infocmd']))
     assert loaded("--help") == everything
     assert loaded("bogus") == everything
     p = run_kvmpy(["bogus"])
     assert p.returncode == 2 and "choose from 'run', 'info', 'img', 'service', 'guest', 'selftest'" in p.stderr.decode()
+
+
+def test_only_the_cli_reaches_the_tools():
+    """kvmpy.tools (the guest builder, the nested harness) are not the VMM: no module
+    of it imports them; cli.py names them in COMMAND_MODULES and imports them by name."""
+    import ast
+    from kvmpy.cli import COMMAND_MODULES
+    package = os.path.join(ROOT, "kvmpy")
+    offenders = []
+    for dirpath, _, files in os.walk(package):
+        rel_dir = os.path.relpath(dirpath, ROOT)
+        if rel_dir.split(os.sep)[:2] == ["kvmpy", "tools"]:
+            continue
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            is_package = name == "__init__.py"
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = module.split(".") if is_package else module.split(".")[:-1]
+                    base = base[:len(base) - node.level + 1] if node.level else []
+                    source = ".".join(base + ([node.module] if node.module else []))
+                    targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                offenders += [f"{module}: {t}" for t in targets if t == "kvmpy.tools" or t.startswith("kvmpy.tools.")]
+    assert offenders == []
+    assert {"kvmpy.tools.guestbuild", "kvmpy.tools.nested"} <= set(COMMAND_MODULES.values())

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import run_kvmpy, tool_required
-from kvmpy import guestbuild as gb
+from kvmpy.tools import guestbuild as gb
 
 BUSYBOX = shutil.which("busybox") or ("/bin/busybox" if os.path.exists("/bin/busybox") else None)
 

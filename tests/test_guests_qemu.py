@@ -13,9 +13,10 @@ import shutil
 import struct
 import subprocess
 import time
-import zlib
 
 import pytest
+
+from support.guest_models import compute_reference
 
 GUESTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guests")
 BUILD_DIR = os.path.join(GUESTS_DIR, "build")
@@ -188,40 +189,6 @@ def test_exit_code(qemu, append, code):
     run.expect_exit(code)
     run.expect_line(f"exit code: {code}")
     assert run.last_line() == ("guest: done" if code == 0 else f"guest: exit {code}")
-
-
-M64 = (1 << 64) - 1
-SEED = 0x9E3779B97F4A7C15
-
-
-def xorshift64(x):
-    x ^= (x << 13) & M64
-    x ^= x >> 7
-    x ^= (x << 17) & M64
-    return x
-
-
-def compute_reference(iters):
-    """What compute.c must print, computed on the host."""
-    x = SEED
-    buf = bytearray()
-    for _ in range(4096 // 8):
-        x = xorshift64(x)
-        buf += x.to_bytes(8, "little")
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = 0xEDB88320 ^ (c >> 1) if c & 1 else c >> 1
-        table.append(c)
-    crc = zlib.crc32(bytes(buf))
-    h = crc
-    for _ in range(iters):
-        x = xorshift64(x)
-        h = ((h ^ x) * 0x100000001B3) & M64
-        h ^= h >> 29
-        h = (h + table[h & 0xFF]) & M64
-    return crc, h
 
 
 @pytest.mark.parametrize("iters,user,sys", [

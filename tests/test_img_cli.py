@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,36 +9,16 @@ import pytest
 
 from kvmpy.block import open_image
 from kvmpy.block.imgcli import parse_size
+from support.qemu_utils import MISSING_REASON, QEMU_IMG, ROOT, MiB, kimg, qio
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-if not (QEMU_IMG and QEMU_IO):
-    pytest.skip("qemu-img/qemu-io not installed (apt-get install qemu-utils)", allow_module_level=True)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1 << 20
-
-
-def kimg(*args, rc=0):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "kvmpy", "img", *map(str, args)], capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == rc, f"kvmpy img {args}: rc={r.returncode}\n{r.stdout}{r.stderr}"
-    return r
+if MISSING_REASON:
+    pytest.skip(MISSING_REASON, allow_module_level=True)
 
 
 def qimg(*args, rc=0):
     r = subprocess.run([QEMU_IMG, *map(str, args)], capture_output=True, text=True)
     assert r.returncode == rc, r.stdout + r.stderr
     return r
-
-
-def qio(path, *cmds, fmt="qcow2"):
-    argv = [QEMU_IO, "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [str(path)], capture_output=True, text=True)
-    assert r.returncode == 0 and "fail" not in r.stdout.lower(), r.stdout + r.stderr
 
 
 def test_parse_size():
@@ -312,7 +291,7 @@ def test_snapshot_list(tmp_path):
     ["frobnicate"],
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, argv):
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "kvmpy", "img", *argv], capture_output=True, text=True,
                        env=env, cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -3,14 +3,17 @@
 import os
 import subprocess
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.block import open_image
 from kvmpy.block.qcow2 import Qcow2Driver, create_qcow2
 from kvmpy.block.snapshot import apply_snapshot, create_snapshot, delete_snapshot
-# the qemu-img helpers (and the module skip when qemu-utils is missing)
-from test_img_cli import MiB, QEMU_IMG, kimg, qio
+from support.qemu_utils import MISSING_REASON, QEMU_IMG, MiB, kimg, qio
+
+if MISSING_REASON:
+    pytest.skip(MISSING_REASON, allow_module_level=True)
 
 
 def qemu_check(path):

@@ -18,7 +18,7 @@ BOOT_TIMEOUT = 900
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
-    from kvmpy import guestbuild
+    from kvmpy.tools import guestbuild
     if not all(map(__import__("shutil").which, ("apt-get", "dpkg-deb"))):
         pytest.skip("not a Debian host: no apt-get/dpkg-deb to build the guest")
     out = tmp_path_factory.mktemp("guest")

@@ -1,5 +1,5 @@
 """Linux and the test guests under real KVM, on any host: one L1 (Debian's standard
-kernel under QEMU's TCG with emulated AMD SVM, kvmpy/nested.py) boots once and runs
+kernel under QEMU's TCG with emulated AMD SVM, kvmpy/tools/nested.py) boots once and runs
 the suite in tests/nested/ inside; each test here is one of those inner checks and
 shows its failure text. The host's own KVM may be software-nested (kvm_pvm) and
 unable to run Linux: this is where kvmpy meets kvm-amd."""
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from nested_support import GUEST_SUBDIR, IN_L1, INNER_XML, nodeid_key, read_junit
+from support.nested import GUEST_SUBDIR, IN_L1, INNER_XML, nodeid_key, read_junit
 
 # one L1 boot for the module, on one xdist worker
 pytestmark = [pytest.mark.guest, pytest.mark.xdist_group("nested")]
@@ -24,7 +24,7 @@ INNER_DIR = "tests/nested"
 # The L1 boot (~10 s) plus the inner suite (a few minutes on 2 loaded cores).
 INNER_TIMEOUT = 720
 # The inner pytest prints a dot per check (the longest, a Linux boot, takes about
-# 30 s); silence this long means the L1 is stuck (kvmpy/nested.py NestedStalled).
+# 30 s); silence this long means the L1 is stuck (kvmpy/tools/nested.py NestedStalled).
 INNER_IDLE_TIMEOUT = 240
 
 
@@ -47,7 +47,7 @@ INNER_IDS = _inner_ids()
 
 def l1_or_skip():
     """The L1 kernel and initramfs (built or cached), or a skip naming what is missing."""
-    from kvmpy import nested
+    from kvmpy.tools import nested
     reason = nested.missing_tools()
     if reason:
         pytest.skip(f"nested KVM: {reason}")
@@ -61,7 +61,7 @@ def l1_or_skip():
 def inner(tmp_path_factory):
     if IN_L1:
         pytest.skip("already inside the nested-KVM L1")
-    from kvmpy import guestbuild, nested
+    from kvmpy.tools import guestbuild, nested
     l1_or_skip()
     if not shutil.which("make"):
         pytest.skip("make is needed to build tests/guests")
@@ -143,7 +143,7 @@ def test_bad_options_are_one_line_and_exit_2(args, needle):
 def test_a_silent_l1_is_killed_as_stalled():
     """The watchdog behind the fixture's one retry: an L1 whose console stays silent
     past idle_timeout is killed and reported as stalled, long before its timeout."""
-    from kvmpy import nested
+    from kvmpy.tools import nested
     l1_or_skip()
     start = time.monotonic()
     with pytest.raises(nested.NestedStalled) as stalled:

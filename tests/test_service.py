@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from kvmpy.service import load_entry, run_argv, select_entries, uptime_seconds, format_uptime
+from kvmpy.service import load_entry, run_argv, select_entries, format_uptime
+from kvmpy.procfs import process_age_seconds
 from kvmpy.errors import ConfigError
 from kvmpy.lifecycle import pid_alive
 
@@ -140,7 +141,7 @@ def test_install_writes_a_systemd_unit(dirs, tmp_path):
 
 
 def test_uptime_of_this_process():
-    up = uptime_seconds(os.getpid())
+    up = process_age_seconds(os.getpid())
     assert up is not None and 0 <= up < 24 * 3600 * 365
     assert format_uptime(3723) == "01:02:03" and format_uptime(90061) == "1d 01:01:01"
     assert format_uptime(None) == "-"

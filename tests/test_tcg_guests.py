@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from test_tcg_helpers import TcgVcpu, make_memory, regs
+from support.guest_models import compute_reference
+from support.tcg import TcgVcpu, make_memory, regs, set_protected_flat
 from kvmpy.vcpu import exits
-from kvmpy.vcpu.state import flat_segment
 
 BUILD = Path(__file__).parent / "guests" / "build"
 START_INFO = 0x6000
@@ -66,13 +66,8 @@ def boot(name: str, cmdline: str = "", max_seconds: float = 60.0, shutdown_ok: b
     mem.write(MEMMAP, struct.pack("<QQII", 0, 0x9F000, 1, 0) + struct.pack("<QQII", 0x100000, RAM - 0x100000, 1, 0))
     mem.write(START_INFO, struct.pack("<IIIIQQQQII", 0x336EC578, 1, 0, 0, 0, CMDLINE, 0, MEMMAP, 2, 0))
     vcpu = TcgVcpu(mem)
-    sr = vcpu.get_sregs()
-    sr.cs = flat_segment(0x8, True, False)
-    sr.ds = sr.es = sr.ss = sr.fs = sr.gs = flat_segment(0x18, False, False)
-    sr.cr0 = 0x11
-    sr.cr4 = 0
-    sr.efer = 0
-    vcpu.set_sregs(sr)
+    # The PVH entry state: protected mode, caches on (CR0 PE|ET), no SSE enabled yet.
+    set_protected_flat(vcpu, data_selector=0x18, cr0=0x11, cr4=0)
     vcpu.set_regs(regs(rip=entry, rbx=START_INFO, rflags=2))
     out = bytearray()
     status = None
@@ -123,40 +118,6 @@ def test_hello():
     assert "cpu vendor: GenuineIntel" in lines
     assert lines[-1] == "guest: done"
     assert status == 0
-
-
-def compute_reference(iters: int):
-    """The compute guest's result, computed on the host (see tests/guests/compute.c)."""
-    mask = (1 << 64) - 1
-
-    def xs(x):
-        x ^= (x << 13) & mask
-        x ^= x >> 7
-        x ^= (x << 17) & mask
-        return x
-
-    x = 0x9E3779B97F4A7C15
-    buf = bytearray()
-    for _ in range(0, 4096, 8):
-        x = xs(x)
-        buf += x.to_bytes(8, "little")
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (0xEDB88320 ^ (c >> 1)) if c & 1 else c >> 1
-        table.append(c)
-    crc = 0xFFFFFFFF
-    for b in buf:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    h = crc
-    for _ in range(iters):
-        x = xs(x)
-        h = ((h ^ x) * 0x100000001B3) & mask
-        h ^= h >> 29
-        h = (h + table[h & 0xFF]) & mask
-    return crc, h
 
 
 @pytest.mark.parametrize("cmdline", ["iters=20000", "iters=5000 user=1", "iters=5000 user=1 sys=syscall",

@@ -58,7 +58,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from unicorn import x86_const as U  # noqa: E402
 
-from test_tcg_helpers import (TcgVcpu, identity_map_2m, make_memory, regs,  # noqa: E402
+from support.tcg import (TcgVcpu, identity_map_2m, make_memory, regs,  # noqa: E402
                               set_long_mode, set_protected_flat, set_real_mode)
 from kvmpy.vcpu import exits  # noqa: E402
 
@@ -901,7 +901,7 @@ class HwPair:
     def __init__(self) -> None:
         from kvmpy.kvm._kvm_cffi import ffi
         from kvmpy.kvm.api import Kvm
-        from test_tcg_helpers import PD, PDPT, PML4
+        from support.tcg import PD, PDPT, PML4
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(0xFFFBD000)

@@ -17,7 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from test_tcg_helpers import (TcgVcpu, identity_map_2m, make_memory, regs, set_long_mode,  # noqa: E402
+from support.tcg import (TcgVcpu, identity_map_2m, make_memory, regs, set_long_mode,  # noqa: E402
                               set_protected_flat, set_real_mode)
 from kvmpy.vcpu import exits  # noqa: E402
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from test_tcg_helpers import (GDT_ENTRIES, TcgVcpu, assemble, idt64_gate, make_memory, regs,
+from support.tcg import (GDT_ENTRIES, TcgVcpu, assemble, idt64_gate, make_memory, regs,
                               set_real_mode, tss_descriptor)
 from kvmpy.vcpu import exits
 from kvmpy.vcpu.state import DTable, Segment, flat_segment

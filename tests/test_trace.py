@@ -450,6 +450,25 @@ def test_register_dump_layout(mem):
     assert code_line(mem, sregs32, 0x30).split()[20] == "<70>"
 
 
+
+def test_info_registers_is_the_register_dump_per_vcpu():
+    """The monitor's `info registers` prints the internal-error dump's layout (QEMU's),
+    each vCPU under its CPU#N line, without the Code= line (no guest memory read)."""
+    from kvmpy.monitor.hmp import Hmp
+    states = [(Regs(rip=0x10 + i, rflags=0x246), SRegs(cs=flat_segment(0x10, True, True), cr0=0x11, efer=0x500))
+              for i in range(2)]
+
+    class TwoVcpus:
+        name = "t"
+
+        def vcpu_registers(self):
+            return states
+
+    out = Hmp(TwoVcpus()).execute("info registers")
+    assert out == "".join(f"CPU#{i}\n{register_dump(r, s)}\n" for i, (r, s) in enumerate(states))
+    assert "Code=" not in out and "RIP=0000000000000011 RFL=00000246" in out
+
+
 _ANY_U64 = st.integers(0, (1 << 64) - 1)
 
 

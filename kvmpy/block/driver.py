@@ -80,9 +80,31 @@ def zero_range(fd: int, offset: int, length: int, may_unmap: bool) -> None:
     write_zero_bytes(fd, offset, length)
 
 
+def create_image_file(path: str) -> int:
+    """A new, empty image file at ``path`` (an old one there is truncated), open for writing."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+
+
 def _bytes_view(b) -> memoryview:
     v = memoryview(b)
     return v if (v.format == "B" and v.ndim == 1) else v.cast("B")
+
+
+def _byte_views(buffers: list) -> list[memoryview]:
+    # Empty views are dropped: a call that moves 0 bytes would read as EOF or a failed write.
+    return [v for v in map(_bytes_view, buffers) if len(v)]
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drops the first n bytes of ``views``: what a short preadv/pwritev did move."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views.pop(0)
+    if n and views:
+        views[0] = views[0][n:]
 
 
 def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True) -> int:
@@ -92,8 +114,7 @@ def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True)
     file truncated sparse, a qcow2 whose tail cluster was never written), so EOF
     inside the request is zeroes, not an error.
     """
-    views = [_bytes_view(b) for b in buffers]
-    views = [v for v in views if len(v)]
+    views = _byte_views(buffers)
     total = sum(len(v) for v in views)
     done = 0
     while views:
@@ -105,17 +126,12 @@ def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True)
                 v[:] = bytes(len(v))
             return total
         done += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
+        _consume(views, n)
     return total
 
 
 def full_pwritev(fd: int, buffers: list, offset: int) -> int:
-    views = [_bytes_view(b) for b in buffers]
-    views = [v for v in views if len(v)]
+    views = _byte_views(buffers)
     total = sum(len(v) for v in views)
     done = 0
     while views:
@@ -123,11 +139,7 @@ def full_pwritev(fd: int, buffers: list, offset: int) -> int:
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
+        _consume(views, n)
     return total
 
 

@@ -16,6 +16,7 @@ import sys
 
 from ..errors import ImageError, UserError
 from . import open_image, probe_format
+from .driver import create_image_file
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .raw import RawDriver
@@ -101,10 +102,7 @@ def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None
             raise UserError(f"{path}: raw images cannot have a backing file")
         if size is None:
             raise UserError(f"{path}: image size is required for raw images")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+        fd = create_image_file(path)
         try:
             os.ftruncate(fd, size)
             if prealloc in ("falloc", "full") and size:
@@ -282,7 +280,7 @@ def cmd_check(args) -> int:
     from .check import check_image
     fmt = _format_arg(args.format, "image") or probe_format(args.filename)
     if fmt != "qcow2":
-        print(f"This image format does not support checks", file=sys.stderr)
+        print("This image format does not support checks", file=sys.stderr)
         return 63
     repair = args.repair
     drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair))
@@ -384,7 +382,7 @@ class Progress:
 
     def finish(self):
         if self.enabled:
-            sys.stdout.write(f"    (100.00/100%)\n")
+            sys.stdout.write("    (100.00/100%)\n")
             sys.stdout.flush()
 
 
@@ -622,7 +620,6 @@ def cmd_commit(args) -> int:
                     base.truncate(top.size)
                 else:
                     base.resize(top.size)
-            cs = top.cluster_size
             buf = bytearray(2 << 20)
             pos = 0
             prog = Progress(args.progress, top.size)

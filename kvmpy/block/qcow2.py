@@ -27,7 +27,7 @@ import zlib
 from collections import OrderedDict
 
 from ..errors import ImageError
-from .driver import BlockDriver, full_preadv, full_pwritev, write_zero_bytes
+from .driver import BlockDriver, create_image_file, full_preadv, full_pwritev, write_zero_bytes
 from .qcow2_format import (MAGIC, L1E_OFFSET_MASK, L1E_RESERVED, L2E_OFFSET_MASK, L2E_STD_RESERVED,
                            RT_RESERVED, OFLAG_COPIED, OFLAG_COMPRESSED, OFLAG_ZERO, INCOMPAT_DIRTY,
                            INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION,
@@ -1538,10 +1538,7 @@ def create_qcow2(path: str, size: int, cluster_size: int = 65536, backing_file: 
         else:
             per = 8 // bits
             image[blk + i // per] |= 1 << ((i % per) * bits)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+    fd = create_image_file(path)
     try:
         os.write(fd, image)
         os.fsync(fd)

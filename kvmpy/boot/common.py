@@ -63,23 +63,26 @@ def _tss_segment() -> Segment:
     return Segment(base=0, limit=0xFFFFF, selector=layout.BOOT_TSS, type=0xB, present=1, s=0, g=1)
 
 
+def _flat_sregs(long_mode: bool) -> SRegs:
+    """Flat code and data over the boot GDT; paging (the boot page tables) only in long mode."""
+    code = flat_segment(layout.BOOT_CS, code=True, long_mode=long_mode)
+    data = flat_segment(layout.BOOT_DS, code=False, long_mode=long_mode)
+    sregs = SRegs(cs=code, ds=data, es=data, fs=data, gs=data, ss=data,
+                  tr=_tss_segment(), ldt=Segment(type=2, s=0, present=1, limit=0xFFFF),
+                  gdt=DTable(layout.GDT_ADDR, 5 * 8 - 1), idt=DTable(layout.IDT_ADDR, 0),
+                  cr0=CR0_PE | CR0_ET, cr3=0, cr4=0, efer=0)
+    if long_mode:
+        sregs.cr0 |= CR0_PG
+        sregs.cr3, sregs.cr4, sregs.efer = layout.PML4_ADDR, CR4_PAE, EFER_LME | EFER_LMA
+    return sregs
+
+
 def long_mode_sregs() -> SRegs:
-    code = flat_segment(layout.BOOT_CS, code=True, long_mode=True)
-    data = flat_segment(layout.BOOT_DS, code=False, long_mode=True)
-    return SRegs(cs=code, ds=data, es=data, fs=data, gs=data, ss=data,
-                 tr=_tss_segment(), ldt=Segment(type=2, s=0, present=1, limit=0xFFFF),
-                 gdt=DTable(layout.GDT_ADDR, 5 * 8 - 1), idt=DTable(layout.IDT_ADDR, 0),
-                 cr0=CR0_PE | CR0_ET | CR0_PG, cr3=layout.PML4_ADDR, cr4=CR4_PAE,
-                 efer=EFER_LME | EFER_LMA)
+    return _flat_sregs(long_mode=True)
 
 
 def protected_mode_sregs() -> SRegs:
-    code = flat_segment(layout.BOOT_CS, code=True, long_mode=False)
-    data = flat_segment(layout.BOOT_DS, code=False, long_mode=False)
-    return SRegs(cs=code, ds=data, es=data, fs=data, gs=data, ss=data,
-                 tr=_tss_segment(), ldt=Segment(type=2, s=0, present=1, limit=0xFFFF),
-                 gdt=DTable(layout.GDT_ADDR, 5 * 8 - 1), idt=DTable(layout.IDT_ADDR, 0),
-                 cr0=CR0_PE | CR0_ET, cr3=0, cr4=0, efer=0)
+    return _flat_sregs(long_mode=False)
 
 
 def write_cmdline(memory: GuestMemory, cmdline: str, limit: int = layout.CMDLINE_MAX) -> int:

@@ -14,6 +14,7 @@ import shlex
 from typing import Callable
 
 from .. import __version__
+from ..vcpu.trace import register_dump
 from .control import ControlError, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
@@ -100,23 +101,11 @@ def _version(control: VmControl, args: list[str]) -> str:
 
 
 def _registers(control: VmControl, args: list[str]) -> str:
-    out = []
-    for cpu, (regs, sregs) in enumerate(control.vcpu_registers()):
-        out.append(f"CPU#{cpu}\n")
-        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-                 "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-        for i in range(0, len(names), 4):
-            out.append(" ".join(f"{n.upper():<3}={getattr(regs, n):016x}" for n in names[i:i + 4]) + "\n")
-        out.append(f"RIP={regs.rip:016x} RFL={regs.rflags:08x} CPL={sregs.cs.selector & 3}\n")
-        for name in ("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr"):
-            seg = getattr(sregs, name)
-            out.append(f"{name.upper():<3}={seg.selector:04x} {seg.base:016x} {seg.limit:08x} "
-                       f"type={seg.type:x} dpl={seg.dpl} l={seg.l} db={seg.db} p={seg.present}\n")
-        out.append(f"GDT=     {sregs.gdt.base:016x} {sregs.gdt.limit:08x}\n")
-        out.append(f"IDT=     {sregs.idt.base:016x} {sregs.idt.limit:08x}\n")
-        out.append(f"CR0={sregs.cr0:08x} CR2={sregs.cr2:016x} CR3={sregs.cr3:016x} CR4={sregs.cr4:08x}\n")
-        out.append(f"EFER={sregs.efer:016x} APIC_BASE={sregs.apic_base:016x}\n")
-    return "".join(out)
+    # QEMU's layout, which the internal-error dump prints too: a script parses one format.
+    return "".join(f"CPU#{cpu}
+{register_dump(regs, sregs)}
+"
+                   for cpu, (regs, sregs) in enumerate(control.vcpu_registers()))
 
 
 # name -> (handler, max args, args synopsis, help)

@@ -388,7 +388,9 @@ def code_line(memory, sregs, rip: int, rflags: int = 0) -> str:
 
 
 def register_dump(regs, sregs, memory=None) -> str:
-    """The vCPU state in the layout of QEMU's ``info registers`` / internal-error dump."""
+    """The vCPU state in the layout of QEMU's ``info registers`` / internal-error dump:
+    the one register dump, for the monitor's ``info registers`` and the machine's
+    internal-error report alike; with ``memory``, QEMU's ``Code=`` line ends it."""
     lma = bool(sregs.efer & EFER_LMA)
     wide = lma and bool(sregs.cs.l)
     protected = bool(sregs.cr0 & CR0_PE)

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from conftest import ROOT, guest_path, run_kvmpy
-from nested_support import l1_only
+from support.nested import l1_only
 from test_same_output import serial_lines
 from test_tcg_x87_guest import kvmpy_lines as x87_lines
 from test_virtio_guest_qemu import Echo, fnv1a, guest_pattern, make_image

@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from conftest import ROOT, run_kvmpy
-from nested_support import l1_only, linux_guest_files
+from support.nested import l1_only, linux_guest_files
 
 pytestmark = l1_only
 

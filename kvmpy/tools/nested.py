@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
-import json
 import os
 import re
 import shlex
@@ -43,8 +41,10 @@ import tempfile
 import threading
 import time
 
+import kvmpy
+
 from . import guestbuild
-from .errors import UserError
+from ..errors import UserError
 
 # Bump when the initramfs or /init changes in a way the source hash would miss.
 RECIPE_VERSION = 2
@@ -65,6 +65,8 @@ SHARE_IN_L1 = "/tmp/kvmpy-share"
 # scratch disk, e.g. a checkout CI cloned under /tmp.
 HOST_TMP_PATHS = "host-tmp-paths"
 L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable"
+# The directory holding the kvmpy package: the command in the L1 imports this very tree.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))
 
 # What the L1 needs: virtio-pci, 9p for the host's root and the share, virtio-blk and
 # ext4 for the scratch disk, KVM on SVM, and tap + bridge for guests' networks.
@@ -106,7 +108,7 @@ class NestedStalled(NestedTimeout):
 # ------------------------------------------------------------------ the L1 build
 
 INIT_SCRIPT = r"""#!/bin/sh
-# The kvmpy nested-KVM L1: made by kvmpy/nested.py. Mounts the host's root (9p,
+# The kvmpy nested-KVM L1: made by kvmpy/tools/nested.py. Mounts the host's root (9p,
 # read-only), the scratch disk on its /tmp and the share, then runs the share's
 # run.sh in a chroot of it and powers off.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -186,26 +188,20 @@ def cache_root() -> str:
 
 
 def recipe_hash() -> str:
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read() + str(RECIPE_VERSION).encode()).hexdigest()
+    return guestbuild.recipe_hash(__file__, RECIPE_VERSION)
 
 
 def missing_tools() -> str | None:
     """One line naming the first missing host tool and how to get it, or None."""
     if not shutil.which(QEMU):
         return f"{QEMU} is missing (apt-get install qemu-system-x86)"
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "dpkg-query"):
-        if not shutil.which(tool):
-            return (f"{tool} is missing: the L1 kernel ({KERNEL_META_PACKAGE}) comes from Debian's archive, "
-                    "so this needs a Debian host")
-    if not _mke2fs():
+    tool = guestbuild.missing_debian_tool()
+    if tool:
+        return (f"{tool} is missing: the L1 kernel ({KERNEL_META_PACKAGE}) comes from Debian's archive, "
+                "so this needs a Debian host")
+    if not guestbuild.find_mke2fs():
         return "mke2fs is missing (apt-get install e2fsprogs)"
     return None
-
-
-def _mke2fs() -> str | None:
-    return shutil.which("mke2fs") or next((p for p in ("/sbin/mke2fs", "/usr/sbin/mke2fs")
-                                           if os.path.exists(p)), None)
 
 
 def build_l1_initramfs(kernel: guestbuild.Kernel, busybox: str, out_path: str) -> dict:
@@ -222,16 +218,7 @@ def build_l1_initramfs(kernel: guestbuild.Kernel, busybox: str, out_path: str) -
             "lib", "lib/modules", modules_dir, "host"]
     for d in dirs:
         cpio.add_dir(d, 0o1777 if d == "tmp" else 0o755)
-    cpio.add_device("dev/console", "c", 5, 1)
-    cpio.add_device("dev/null", "c", 1, 3, 0o666)
-    with open(busybox, "rb") as f:
-        cpio.add_file("bin/busybox", f.read(), 0o755)
-    for applet in sorted(set(guestbuild.busybox_applets(busybox)) - {"bin/busybox"}):
-        parent = os.path.dirname(applet)
-        if parent and parent not in dirs:
-            dirs.append(parent)
-            cpio.add_dir(parent)
-        cpio.add_symlink(applet, "/bin/busybox")
+    guestbuild.add_busybox_system(cpio, busybox, set(dirs))
     # Flat: module file names are unique across this set, and insmod takes a path.
     if len(set(plain)) != len(plain):
         raise guestbuild.GuestBuildError(f"L1 modules: two modules share a file name in {plain}")
@@ -250,11 +237,8 @@ def build_l1() -> L1Image:
     reason = missing_tools()
     if reason:
         raise NestedUnavailable(reason)
-    root = cache_root()
-    debs, kernels, builds = (os.path.join(root, d) for d in ("debs", "kernels", "builds"))
-    for d in (debs, kernels, builds):
-        os.makedirs(d, exist_ok=True)
-    with guestbuild._lock(os.path.join(root, ".lock")):
+    cache = guestbuild.BuildCache(cache_root())
+    with cache.locked():
         apt = guestbuild.Apt()
         try:
             busybox, bb_version = guestbuild.busybox_info(apt)
@@ -262,42 +246,19 @@ def build_l1() -> L1Image:
             version = version or apt.candidate(package)
         except guestbuild.GuestBuildError as e:
             raise NestedUnavailable(f"L1 kernel/busybox: {e}") from None
-        with open(busybox, "rb") as f:
-            bb_hash = hashlib.sha256(f.read()).hexdigest()
-        inputs = {"kernel_package": package, "kernel_version": version, "busybox_sha256": bb_hash,
-                  "recipe": recipe_hash()}
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-        build_dir = os.path.join(builds, key)
-        manifest_path = os.path.join(build_dir, "manifest.json")
-        cached = os.path.exists(manifest_path)
+        inputs = {"kernel_package": package, "kernel_version": version,
+                  "busybox_sha256": guestbuild.file_sha256(busybox), "recipe": recipe_hash()}
+        build_dir = cache.build_dir(inputs)
+        cached = cache.has(build_dir)
         if not cached:
             try:
-                deb = apt.download(package, version, debs)
-            except guestbuild.GuestBuildError as first:
-                try:
-                    apt.update(str(first))
-                    version = apt.candidate(package)
-                    deb = apt.download(package, version, debs)
-                except guestbuild.GuestBuildError as e:
-                    raise NestedUnavailable(f"the L1 kernel package: {e}") from None
-                inputs["kernel_version"] = version
-                key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-                build_dir = os.path.join(builds, key)
-                manifest_path = os.path.join(build_dir, "manifest.json")
-            kernel = guestbuild.unpack_kernel(deb, package, version, kernels)
-            tmp_dir = build_dir + ".tmp"
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            os.makedirs(tmp_dir)
-            guestbuild._place(kernel.vmlinuz, os.path.join(tmp_dir, "vmlinuz"))
-            contents = build_l1_initramfs(kernel, busybox, os.path.join(tmp_dir, "initrd.img"))
-            with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
-                json.dump({**inputs, "release": kernel.release, **contents}, f, indent=1)
-            shutil.rmtree(build_dir, ignore_errors=True)
-            os.rename(tmp_dir, build_dir)
-            guestbuild._prune(debs, kernels, builds, keep={
-                os.path.basename(deb), os.path.basename(os.path.dirname(kernel.vmlinuz)), key})
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+                deb, version = guestbuild.fetch_kernel(apt, package, version, cache.debs)
+            except guestbuild.GuestBuildError as e:
+                raise NestedUnavailable(f"the L1 kernel package: {e}") from None
+            inputs["kernel_version"] = version
+            build_dir = cache.make(inputs, deb, package, version,
+                                   lambda kernel, path: build_l1_initramfs(kernel, busybox, path))
+        manifest = cache.manifest(build_dir)
     return L1Image(os.path.join(build_dir, "vmlinuz"), os.path.join(build_dir, "initrd.img"),
                    manifest["release"], package, manifest["kernel_version"], cached)
 
@@ -338,8 +299,7 @@ def _python_env(cwd: str) -> dict[str, str]:
     # `python3` in the command is the caller's interpreter (a venv's, pyenv's, ...):
     # its directory comes first, without the caller's PATH (shims need the real HOME).
     env["PATH"] = f"{bindir}:{path}" if bindir not in path.split(":") else path
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = package_root
+    env["PYTHONPATH"] = PACKAGE_PARENT
     for name in ("CI", "TERM", "KVMPY_FUZZ"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -350,7 +310,7 @@ def host_tmp_paths(cwd: str, share: str) -> list[str]:
     """What the command needs from under the host's /tmp (its directory, this
     package, the interpreter's prefixes), relative to /tmp, outermost only. The
     share is mounted on its own; a path inside it is not repeated."""
-    wanted = {cwd, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    wanted = {cwd, PACKAGE_PARENT,
               sys.prefix, sys.base_prefix, os.path.dirname(sys.executable)}
     under = sorted(os.path.relpath(os.path.realpath(p), "/tmp") for p in wanted
                    if os.path.realpath(p).startswith("/tmp/"))
@@ -365,7 +325,7 @@ def host_tmp_paths(cwd: str, share: str) -> list[str]:
 
 
 def _run_script(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
-    lines = ["#!/bin/sh", "# written by kvmpy/nested.py; runs in the L1's chroot of the host root"]
+    lines = ["#!/bin/sh", "# written by kvmpy/tools/nested.py; runs in the L1's chroot of the host root"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     lines.append(f"cd {shlex.quote(cwd)} || exit 125")
     lines.append(f"exec {shlex.join(cmd)} </dev/null")
@@ -387,7 +347,7 @@ def _make_scratch(path: str, size: int) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
     # lazy_itable_init: mke2fs writes only what it must, the file stays sparse.
-    p = subprocess.run([_mke2fs(), "-q", "-F", "-t", "ext4", "-L", "kvmpy-scratch",
+    p = subprocess.run([guestbuild.find_mke2fs(), "-q", "-F", "-t", "ext4", "-L", "kvmpy-scratch",
                         "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
                        capture_output=True, text=True)
     if p.returncode != 0:
@@ -404,7 +364,7 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
     Raises NestedUnavailable when a tool is missing, NestedTimeout after ``timeout``
     seconds, NestedStalled after ``idle_timeout`` seconds without console output
     (QEMU killed in both cases), NestedError when the L1 did not run the command."""
-    from .config import parse_size
+    from ..config import parse_size
     if not cmd:
         raise UserError("selftest nested: no command given (put it after --)")
     cwd = os.path.abspath(cwd or os.getcwd())

@@ -1,4 +1,4 @@
-"""Shared by the nested-KVM tests: tests/test_nested_kvm.py boots one L1 (kvmpy/nested.py)
+"""Shared by the nested-KVM tests: tests/test_nested_kvm.py boots one L1 (kvmpy/tools/nested.py)
 and runs the suite in tests/nested/ inside it; those inner tests run only there."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ INNER_XML = "inner.xml"
 def share_dir() -> str:
     path = os.environ.get("KVMPY_NESTED_SHARE")
     if not path or not os.path.isdir(path):
-        pytest.fail(f"KVMPY_NESTED_SHARE ({path!r}) is not a directory: not started by kvmpy/nested.py?")
+        pytest.fail(f"KVMPY_NESTED_SHARE ({path!r}) is not a directory: not started by kvmpy/tools/nested.py?")
     return path
 
 

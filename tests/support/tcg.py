@@ -48,12 +48,13 @@ def set_long_mode(vcpu, cr3: int = PML4, cpl: int = 0) -> None:
     vcpu.set_sregs(sr)
 
 
-def set_protected_flat(vcpu) -> None:
+def set_protected_flat(vcpu, data_selector: int = 0x10, cr0: int = 0x60000011, cr4: int = 0x600) -> None:
+    """32-bit protected mode, flat code at selector 8 and flat data, no paging."""
     sr = vcpu.get_sregs()
     sr.cs = flat_segment(0x8, True, False)
-    sr.ds = sr.es = sr.ss = sr.fs = sr.gs = flat_segment(0x10, False, False)
-    sr.cr0 = 0x60000011
-    sr.cr4 = 0x600
+    sr.ds = sr.es = sr.ss = sr.fs = sr.gs = flat_segment(data_selector, False, False)
+    sr.cr0 = cr0
+    sr.cr4 = cr4
     sr.efer = 0
     vcpu.set_sregs(sr)
 

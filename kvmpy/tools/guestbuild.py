@@ -31,8 +31,9 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Callable
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +531,14 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+DEBIAN_TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "dpkg-query")
+
+
+def missing_debian_tool() -> str | None:
+    """The first of apt's and dpkg's tools this host lacks (the kernels come from Debian's archive)."""
+    return next((tool for tool in DEBIAN_TOOLS if not shutil.which(tool)), None)
+
+
 def non_debian_hint() -> str:
     release = os.uname().release
     kernel = next((p for p in (f"/boot/vmlinuz-{release}", "/boot/vmlinuz") if os.path.exists(p)),
@@ -678,9 +687,16 @@ def cache_root() -> str:
     return os.path.join(base, "kvmpy", "guest")
 
 
-def recipe_hash() -> str:
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read() + str(RECIPE_VERSION).encode()).hexdigest()
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def recipe_hash(source: str = __file__, version: int = RECIPE_VERSION) -> str:
+    """What a build's cache key takes from its recipe: the recipe module's source and
+    its RECIPE_VERSION (for a change the source alone would not show)."""
+    with open(source, "rb") as f:
+        return hashlib.sha256(f.read() + str(version).encode()).hexdigest()
 
 
 def unpack_kernel(deb: str, package: str, version: str, kernels_dir: str) -> Kernel:
@@ -724,6 +740,24 @@ def write_gzip(data, out_path: str) -> None:
     os.replace(tmp, out_path)
 
 
+def add_busybox_system(cpio: CpioWriter, busybox: str, dirs: set[str]) -> int:
+    """The console and null devices, /bin/busybox and a link per applet into ``cpio``,
+    whose directories ``dirs`` already holds (an applet's missing one is added to both).
+    Returns how many applets were linked."""
+    cpio.add_device("dev/console", "c", 5, 1)
+    cpio.add_device("dev/null", "c", 1, 3, 0o666)
+    with open(busybox, "rb") as f:
+        cpio.add_file("bin/busybox", f.read(), 0o755)
+    applets = sorted(set(busybox_applets(busybox)) - {"bin/busybox"})
+    for applet in applets:
+        parent = os.path.dirname(applet)
+        if parent and parent not in dirs:
+            dirs.add(parent)
+            cpio.add_dir(parent)
+        cpio.add_symlink(applet, "/bin/busybox")
+    return len(applets)
+
+
 def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
     """Writes the gzip'd newc initramfs; returns what went in (for the manifest)."""
     tree = ModuleTree(kernel.modules)
@@ -741,17 +775,7 @@ def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
         dirs.update("/".join([f"lib/modules/{kernel.release}"] + parts[:i]) for i in range(1, len(parts)))
     for d in sorted(dirs):
         cpio.add_dir(d, 0o1777 if d == "tmp" else 0o755)
-    cpio.add_device("dev/console", "c", 5, 1)
-    cpio.add_device("dev/null", "c", 1, 3, 0o666)
-    with open(busybox, "rb") as f:
-        cpio.add_file("bin/busybox", f.read(), 0o755)
-    applets = sorted(set(busybox_applets(busybox)) - {"bin/busybox"})
-    for applet in applets:
-        parent = os.path.dirname(applet)
-        if parent and parent not in dirs:
-            dirs.add(parent)
-            cpio.add_dir(parent)
-        cpio.add_symlink(applet, "/bin/busybox")
+    applets = add_busybox_system(cpio, busybox, dirs)
     for src, dst in zip(order, plain):
         cpio.add_file(f"lib/modules/{kernel.release}/{dst}", read_module(os.path.join(kernel.modules, src)))
     # For busybox modprobe/modinfo in the guest: the same graph, with plain .ko names.
@@ -775,12 +799,18 @@ def build_initramfs(kernel: Kernel, busybox: str, out_path: str) -> dict:
 
     write_gzip(buf.getbuffer(), out_path)
     return {"modules": plain, "builtin_used": sorted(n for n in wanted if n in tree.builtin),
-            "applets": len(applets), "cpio_bytes": buf.tell()}
+            "applets": applets, "cpio_bytes": buf.tell()}
+
+
+def find_mke2fs() -> str | None:
+    # Debian keeps it in /sbin, which a normal user's PATH often lacks.
+    return shutil.which("mke2fs") or next((p for p in ("/sbin/mke2fs", "/usr/sbin/mke2fs")
+                                           if os.path.exists(p)), None)
 
 
 def make_disk(path: str, size: int) -> None:
     """An empty ext4 image with a README; mke2fs -d fills it without root or loop devices."""
-    mke2fs = shutil.which("mke2fs") or next((p for p in ("/sbin/mke2fs", "/usr/sbin/mke2fs") if os.path.exists(p)), None)
+    mke2fs = find_mke2fs()
     if not mke2fs:
         raise GuestBuildError("mke2fs is missing (apt-get install e2fsprogs), or pass --no-disk")
     seed = path + ".seed"
@@ -799,7 +829,7 @@ def make_disk(path: str, size: int) -> None:
     os.replace(tmp, path)
 
 
-def _place(src: str, dst: str) -> None:
+def place_file(src: str, dst: str) -> None:
     """dst becomes src's content: a hard link when possible (read-only artefacts), else a copy."""
     # rename() between two links of one inode is a no-op that would leave tmp behind.
     if os.path.exists(dst) and os.path.samefile(src, dst):
@@ -833,7 +863,7 @@ def vm_toml(with_disk: bool) -> str:
 
 
 def _parse_disk_size(text: str) -> int:
-    from .config import parse_size
+    from ..config import parse_size
     size = parse_size(text, "--disk-size", "M")
     if size < 16 << 20:
         raise GuestBuildError(f"--disk-size: {text} is too small for ext4 with a journal (at least 16M)")
@@ -842,14 +872,84 @@ def _parse_disk_size(text: str) -> int:
     return size
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def fetch_kernel(apt: Apt, package: str, version: str, dest: str) -> tuple[str, str]:
+    """The .deb of package=version in dest, and the version it is: a stale list names a
+    version the mirror no longer has, so a failed download refreshes the lists once and
+    takes the new candidate."""
+    try:
+        return apt.download(package, version, dest), version
+    except GuestBuildError as first:
+        apt.update(str(first))
+        version = apt.candidate(package)
+        return apt.download(package, version, dest), version
+
+
+class BuildCache:
+    """A cache root shared by the builds of one kind (the default guest, the nested L1):
+    debs/ (downloaded kernel packages), kernels/ (unpacked, ~100 MB each) and
+    builds/KEY/ (vmlinuz, initrd.img, manifest.json), KEY a hash of the build's inputs.
+    Only the newest build's inputs are kept. Hold ``locked()`` across a lookup and the
+    build it leads to: two processes must not build into one directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.debs, self.kernels, self.builds = (os.path.join(root, d) for d in ("debs", "kernels", "builds"))
+        for d in (self.debs, self.kernels, self.builds):
+            os.makedirs(d, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        with open(os.path.join(self.root, ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def build_dir(self, inputs: dict) -> str:
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.builds, key)
+
+    def has(self, build_dir: str) -> bool:
+        # The manifest is written last: a build dir without one is a crashed build.
+        return os.path.exists(os.path.join(build_dir, "manifest.json"))
+
+    @staticmethod
+    def manifest(build_dir: str) -> dict:
+        with open(os.path.join(build_dir, "manifest.json")) as f:
+            return json.load(f)
+
+    def make(self, inputs: dict, deb: str, package: str, version: str,
+             make_initramfs: Callable[[Kernel, str], dict]) -> str:
+        """Unpacks the kernel, has ``make_initramfs(kernel, path)`` write the initramfs
+        (returning what went in, for the manifest), and publishes the build directory
+        whole; then drops what older inputs left. Returns the build directory."""
+        build_dir = self.build_dir(inputs)
+        kernel = unpack_kernel(deb, package, version, self.kernels)
+        tmp_dir = build_dir + ".tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        place_file(kernel.vmlinuz, os.path.join(tmp_dir, "vmlinuz"))
+        contents = make_initramfs(kernel, os.path.join(tmp_dir, "initrd.img"))
+        with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
+            json.dump({**inputs, "release": kernel.release, **contents}, f, indent=1)
+        shutil.rmtree(build_dir, ignore_errors=True)
+        os.rename(tmp_dir, build_dir)
+        self._prune(keep={os.path.basename(deb), os.path.basename(os.path.dirname(kernel.vmlinuz)),
+                          os.path.basename(build_dir)})
+        return build_dir
+
+    def _prune(self, keep: set[str]) -> None:
+        for d in (self.debs, self.kernels, self.builds):
+            for entry in os.listdir(d):
+                if entry in keep or entry.endswith(".tmp"):
+                    continue
+                path = os.path.join(d, entry)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
 
 @dataclasses.dataclass
@@ -870,58 +970,32 @@ class BuildResult:
 def build(out_dir: str | None = None, disk_size: str = DEFAULT_DISK_SIZE, with_disk: bool = True,
           force: bool = False) -> BuildResult:
     start = time.monotonic()
-    missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb", "dpkg-query") if not shutil.which(t)]
-    if missing:
+    if missing_debian_tool():
         raise GuestBuildError(non_debian_hint())
     size = _parse_disk_size(disk_size) if with_disk else 0
     root = cache_root()
-    debs, kernels, builds = (os.path.join(root, d) for d in ("debs", "kernels", "builds"))
-    for d in (debs, kernels, builds):
-        os.makedirs(d, exist_ok=True)
+    cache = BuildCache(root)
     out_dir = os.path.abspath(out_dir or os.path.join(root, "default"))
     os.makedirs(out_dir, exist_ok=True)
 
-    with _lock(os.path.join(root, ".lock")):
+    with cache.locked():
         apt = Apt()
         busybox, bb_version = busybox_info(apt)
         package, version = apt.kernel_package(KERNEL_META_PACKAGE)
         version = version or apt.candidate(package)
-        with open(busybox, "rb") as f:
-            bb_hash = hashlib.sha256(f.read()).hexdigest()
         inputs = {"kernel_package": package, "kernel_version": version, "busybox_version": bb_version,
-                  "busybox_sha256": bb_hash, "recipe": recipe_hash()}
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-        build_dir = os.path.join(builds, key)
-        manifest_path = os.path.join(build_dir, "manifest.json")
-        cached = os.path.exists(manifest_path) and not force
+                  "busybox_sha256": file_sha256(busybox), "recipe": recipe_hash()}
+        build_dir = cache.build_dir(inputs)
+        cached = cache.has(build_dir) and not force
         if not cached:
-            try:
-                deb = apt.download(package, version, debs)
-            except GuestBuildError as first:
-                # A stale list names a version the mirror no longer has: refresh once.
-                apt.update(str(first))
-                version = apt.candidate(package)
-                deb = apt.download(package, version, debs)
-                inputs["kernel_version"] = version
-                key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-                build_dir = os.path.join(builds, key)
-                manifest_path = os.path.join(build_dir, "manifest.json")
-            kernel = unpack_kernel(deb, package, version, kernels)
-            tmp_dir = build_dir + ".tmp"
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            os.makedirs(tmp_dir)
-            _place(kernel.vmlinuz, os.path.join(tmp_dir, "vmlinuz"))
-            contents = build_initramfs(kernel, busybox, os.path.join(tmp_dir, "initrd.img"))
-            with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
-                json.dump({**inputs, "release": kernel.release, **contents}, f, indent=1)
-            shutil.rmtree(build_dir, ignore_errors=True)
-            os.rename(tmp_dir, build_dir)
-            _prune(debs, kernels, builds, keep={os.path.basename(deb), os.path.basename(os.path.dirname(kernel.vmlinuz)), key})
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+            deb, version = fetch_kernel(apt, package, version, cache.debs)
+            inputs["kernel_version"] = version
+            build_dir = cache.make(inputs, deb, package, version,
+                                   lambda kernel, path: build_initramfs(kernel, busybox, path))
+        manifest = cache.manifest(build_dir)
 
         for name in ("vmlinuz", "initrd.img", "manifest.json"):
-            _place(os.path.join(build_dir, name), os.path.join(out_dir, name))
+            place_file(os.path.join(build_dir, name), os.path.join(out_dir, name))
         disk = os.path.join(out_dir, "disk.img") if with_disk else None
         if disk:
             # The disk holds the user's data: made once, remade only on --force or a new size.
@@ -935,20 +1009,6 @@ def build(out_dir: str | None = None, disk_size: str = DEFAULT_DISK_SIZE, with_d
     return BuildResult(out_dir, os.path.join(out_dir, "vmlinuz"), os.path.join(out_dir, "initrd.img"), disk,
                        config, manifest["release"], package, manifest["kernel_version"], bb_version, cached,
                        time.monotonic() - start)
-
-
-def _prune(debs: str, kernels: str, builds: str, keep: set[str]) -> None:
-    """Older kernels are ~100 MB each unpacked: keep only the current inputs."""
-    for d in (debs, kernels, builds):
-        for entry in os.listdir(d):
-            if entry in keep or entry.endswith(".tmp"):
-                continue
-            path = os.path.join(d, entry)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
 
 
 def _program() -> list[str]:
