@@ -102,9 +102,7 @@ def _version(control: VmControl, args: list[str]) -> str:
 
 def _registers(control: VmControl, args: list[str]) -> str:
     # QEMU's layout, which the internal-error dump prints too: a script parses one format.
-    return "".join(f"CPU#{cpu}
-{register_dump(regs, sregs)}
-"
+    return "".join(f"CPU#{cpu}\n{register_dump(regs, sregs)}\n"
                    for cpu, (regs, sregs) in enumerate(control.vcpu_registers()))
 
 
