@@ -37,6 +37,7 @@ from .devices.pci.config_ports import PCI_CONFIG_PORTS, ConfigPortsWithResetCont
 from .devices.rtc import RTC, RtcCmos
 from .devices.serial import COM1, Serial16550
 from .memory import GuestMemory
+from .plugins import plugin_entry
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,12 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 
 
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
-    """The PC's fixed devices, then a virtio-blk per disk and a virtio-net per NIC."""
+    """The PC's fixed devices, a virtio-blk per disk, a virtio-net per NIC, then the
+    user's plug-in devices ([[device]], --device; kvmpy.plugins)."""
     return [*PC_DEVICES,
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
-            *(nic_entry(i, net) for i, net in enumerate(cfg.nets))]
+            *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
+            *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 
 def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory, num_cpus: int) -> int:

@@ -73,7 +73,9 @@ def plugin_entry(dev: DeviceConfig, index: int) -> DeviceEntry:
         raise ConfigError(f"{dev.where} key 'id': expected a string, got {name!r}")
     try:
         slots = tuple(cls.place(options))
-    except (ValueError, TypeError, KeyError) as e:
+    except KeyError as e:
+        raise ConfigError(f"{dev.where}: missing option {e}") from None
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"{dev.where}: {type(e).__name__}: {e}") from None
     want = {"pio": PortSlot, "mmio": MmioSlot}.get(bus)
     if want is None:
@@ -89,8 +91,12 @@ def _checked_factory(cls: type, dev: DeviceConfig):
     def make(ctx: DeviceContext):
         try:
             return cls(ctx)
-        except (ValueError, TypeError, KeyError) as e:
+        except KeyError as e:
+            raise ConfigError(f"{dev.where}: missing option {e}") from None
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"{dev.where}: {type(e).__name__}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{dev.where}: {e.filename or ''}: {e.strerror or e}") from None
     return make
 
 

@@ -11,6 +11,7 @@ from .config import (VmConfig, check_name, config_from_dict, load_config, parse_
                      parse_netdev, parse_size, validate)
 from .errors import ConfigError
 from .pathcheck import require_file
+from .plugins import parse_device_option
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
     p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]")
     p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M]")
+    p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
+                   help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
+                        "(see docs/plugins.md)")
     p.add_argument("--name", help="VM name")
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT")
     p.add_argument("--monitor", action="append", default=[], help="human monitor server: unix:PATH or tcp:HOST:PORT")
@@ -70,6 +74,7 @@ def build_config(args) -> VmConfig:
         cfg.no_reboot = True
     cfg.disks += [parse_drive(d) for d in args.drive]
     cfg.nets += [parse_netdev(n) for n in args.net]
+    cfg.devices += [parse_device_option(d) for d in args.device]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
     if args.pidfile:
