@@ -1,8 +1,10 @@
 """The PC machine: guest RAM, buses, platform devices, vCPU threads, lifecycle.
 
-The machine is accelerator-neutral: ``KvmAccel`` and ``TcgAccel`` supply the
-vCPUs and the Platform (interrupt delivery); everything else is shared. It also
-implements the monitor's VmControl protocol (status/pause/resume/reset/...).
+The machine is accelerator-neutral: an accelerator (kvmpy.hv.protocol.Accel, KVM
+or the translator) supplies the vCPUs and the Platform (interrupt delivery);
+everything else is shared. It is the host of its vCPU threads
+(kvmpy.vcpu.runner.VcpuHost) and implements the monitor's VmControl protocol
+(status/pause/resume/reset/...).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 from .boot import layout
 from .boot.loader import load_kernel
@@ -21,13 +23,26 @@ from .config import VmConfig
 from .devices.bus import Bus
 from .errors import ConfigError, HostError
 from .events import EventLoop
+from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
+
+if TYPE_CHECKING:  # pragma: no cover - neither imports this module
+    from .hv.protocol import Vcpu
+    from .hv.regs import Regs, SRegs
+    from .vcpu.runner import VcpuThread
 
 log = logging.getLogger(__name__)
 
 PM_BASE = 0x600
 SCI_IRQ = 9
 COM1_BASE, COM1_IRQ = 0x3F8, 4
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """A device with state to bring back to power-on on a system reset."""
+
+    def reset(self) -> None: ...
 
 
 class Machine:
@@ -49,6 +64,7 @@ class Machine:
         self._listeners: list[Callable[[str, dict], None]] = []
         self._requests: "queue.Queue[tuple]" = queue.Queue()
         self._lock = threading.Condition()
+        self._shutdown_emitted = False
         self.control_pending = False
         self._paused = False
         self._stopping = False
@@ -96,7 +112,7 @@ class Machine:
         self.i8042.register(self.pio_bus)
         low = min(self.cfg.memory, layout.PCI_HOLE_START)
         # KVM keeps its timers in the kernel; the RTC's interrupt needs one in userspace.
-        wheel = getattr(self.accel, "timer_wheel", None)
+        wheel = self.accel.timer_wheel
         if wheel is None:
             from .devices.irqchip import TimerWheel
             wheel = TimerWheel(name="rtc-timer")
@@ -116,7 +132,7 @@ class Machine:
         """A tx_batching callback queueing OUTs to ``port`` in KVM's coalesced ring
         (None where the accelerator has none, and under ``trace = ["exits"]``, whose
         trace shows every port access)."""
-        co = getattr(self.accel, "coalesced", None)
+        co = self.accel.port_write_queue
         if co is None or "exits" in getattr(self.cfg, "trace", ()):
             return None
         return lambda on: co.set_zone(port, 1, on)
@@ -188,6 +204,10 @@ class Machine:
         self.accel.load_boot_state(self.boot_state)
 
     # --- running ----------------------------------------------------------------------
+    @property
+    def trace_exits(self) -> bool:
+        return "exits" in self.cfg.trace
+
     def start(self) -> None:
         from .vcpu.runner import VcpuThread
         self.started_at = time.time()
@@ -262,9 +282,9 @@ class Machine:
         was_paused = self._state == "paused"
         self._park_all()
         for dev in self.resettable:
-            reset = getattr(dev, "reset", None)
-            if reset:
-                reset()
+            # Not every device has power-on state to restore (the ACPI PM block has no reset).
+            if isinstance(dev, Resettable):
+                dev.reset()
         self.accel.reset()
         self._boot()
         self._emit("RESET", {"guest": guest, "reason": reason})
@@ -272,7 +292,7 @@ class Machine:
             self._unpark_all()
 
     # --- called by vCPU threads ---------------------------------------------------------
-    def vcpu_checkpoint(self, thread) -> bool:
+    def vcpu_checkpoint(self, thread: VcpuThread) -> bool:
         with self._lock:
             while True:
                 if self._stopping:
@@ -284,20 +304,16 @@ class Machine:
                 self._lock.wait()
                 self._parked -= 1
 
-    def vcpu_halted(self, thread) -> None:
-        wait = getattr(self.accel, "wait_halted", None)
-        if wait is not None:
-            wait(thread.index)
-        else:
-            time.sleep(0.001)
+    def vcpu_halted(self, thread: VcpuThread) -> None:
+        self.accel.wait_halted(thread.index)
 
-    def vcpu_exited(self, thread) -> None:
+    def vcpu_exited(self, thread: VcpuThread) -> None:
         with self._lock:
             self._lock.notify_all()
         if not self._stopping and all(not t.is_alive() or t is thread for t in self.threads):
             self.request_shutdown(1, guest=False, reason="vcpus-exited")
 
-    def vcpu_internal_error(self, thread, message: str) -> None:
+    def vcpu_internal_error(self, thread: VcpuThread, message: str) -> None:
         print(f"kvmpy: vCPU {thread.index}: {message}", file=sys.stderr, flush=True)
         dump = self._register_dump(thread.vcpu)
         if dump:
@@ -308,7 +324,7 @@ class Machine:
             self._stopping = True
             self.control_pending = True
 
-    def _register_dump(self, vcpu) -> str:
+    def _register_dump(self, vcpu: Vcpu) -> str:
         """QEMU-style register dump and Code= line; called on the vCPU's own thread."""
         from .vcpu.trace import register_dump
         try:
@@ -317,7 +333,7 @@ class Machine:
             log.debug("register dump failed", exc_info=True)
             return f"(registers unavailable: {e})"
 
-    def guest_triple_fault(self, thread) -> None:
+    def guest_triple_fault(self, thread: VcpuThread) -> None:
         log.info("vCPU %d: triple fault (shutdown); resetting like a PC", thread.index)
         self.request_reset(guest=True, reason="guest-reset")
         # Hold this vCPU until the reset (or stop) has been handled.
@@ -327,7 +343,7 @@ class Machine:
 
     # --- requests (any thread) ---------------------------------------------------------
     def request_shutdown(self, status: int, guest: bool, reason: str, message: str = "") -> None:
-        if not getattr(self, "_shutdown_emitted", False):
+        if not self._shutdown_emitted:
             self._shutdown_emitted = True
             self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
         self._requests.put(("stop", status, message or reason))
@@ -381,7 +397,7 @@ class Machine:
     def quit(self) -> None:
         self.request_shutdown(0, guest=False, reason="host-qmp-quit")
 
-    def vcpu_registers(self) -> list:
+    def vcpu_registers(self) -> list[tuple[Regs, SRegs]]:
         """[(Regs, SRegs)] per vCPU, read with the vCPUs held outside the guest."""
         was_running = self._state == "running"
         if was_running:
@@ -393,7 +409,7 @@ class Machine:
                 self._unpark_all()
 
     def kvm_info(self) -> dict:
-        return {"enabled": self.accel.name == "kvm", "present": os.path.exists("/dev/kvm")}
+        return {"enabled": self.accel.name == "kvm", "present": kvm_device_present()}
 
     def cpus(self) -> list[dict]:
         out = []
@@ -467,41 +483,3 @@ class ConfigPortsWithResetControl:
             return
         self.config_io.write(offset, size, value)
 
-
-def kvm_usable() -> tuple[bool, str]:
-    """Can a KVM VM be created here? (False, reason) when not."""
-    from .kvm.api import KVM_DEVICE, Kvm
-    if not os.path.exists(KVM_DEVICE):
-        return False, f"{KVM_DEVICE} does not exist (no KVM module loaded, or not exposed to this container)"
-    try:
-        k = Kvm()
-        k.close()
-    except OSError as e:
-        return False, f"{KVM_DEVICE}: {e.strerror or e}"
-    return True, ""
-
-
-def _software_nested_kvm() -> bool:
-    return os.path.isdir("/sys/module/kvm_pvm")
-
-
-def make_accel(name: str, machine: Machine):
-    if name == "auto":
-        # KVM when it can run a general guest. A software-nested backend (kvm_pvm)
-        # emulates guest kernel code and fails on unmodified Linux: the translator is better.
-        ok, _ = kvm_usable()
-        name = "kvm" if ok and not _software_nested_kvm() else "tcg"
-    if name == "kvm":
-        ok, why = kvm_usable()
-        if not ok:
-            from .errors import UserError
-
-            class KvmUnavailable(UserError):
-                exit_status = 1
-            raise KvmUnavailable(f"--enable-kvm: KVM is not usable: {why}")
-        from .kvm.accel import KvmAccel
-        return KvmAccel(machine)
-    if name == "tcg":
-        from .vcpu.tcg_accel import TcgAccel
-        return TcgAccel(machine)
-    raise ConfigError(f"unknown accelerator {name!r}")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from test_tcg_helpers import TcgVcpu, make_memory, regs
-from kvmpy.vcpu import exits
-from kvmpy.vcpu.state import flat_segment
+from kvmpy.hv import exits
+from kvmpy.hv.regs import flat_segment
 
 BUILD = Path(__file__).parent / "guests" / "build"
 START_INFO = 0x6000
