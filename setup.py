@@ -1,6 +1,6 @@
 """The two native parts of kvmpy; everything else is declared in pyproject.toml.
 
-- kvmpy.kvm._kvm_cffi: cffi bindings over <linux/kvm.h> in API mode, so the
+- kvmpy.hv.kvm._kvm_cffi: cffi bindings over <linux/kvm.h> in API mode, so the
   compiler checks every struct kvmpy uses against the host's kernel headers;
 - kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
 """
@@ -10,7 +10,7 @@ import glob
 from setuptools import Extension, setup
 
 setup(
-    cffi_modules=["kvmpy/kvm/_build.py:ffibuilder"],
+    cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder"],
     ext_modules=[Extension(
         "kvmpy._tcg",
         sources=sorted(glob.glob("c_ext/*.c")),

@@ -72,9 +72,9 @@ def _boot_info(write, cmdline: str) -> None:
 def run_translator(iters: int, guest: str = GUEST, cmdline: str | None = None):
     """(seconds, instructions, stats, serial text) for one guest run on TcgVcpu."""
     from kvmpy.memory import GuestMemory
-    from kvmpy.vcpu import exits
-    from kvmpy.vcpu.state import Regs, flat_segment
-    from kvmpy.vcpu.tcg import TcgVcpu
+    from kvmpy.hv import exits
+    from kvmpy.hv.regs import Regs, flat_segment
+    from kvmpy.hv.tcg.vcpu import TcgVcpu
 
     mem = GuestMemory.anonymous([(0, RAM)])
     elf = open(guest, "rb").read()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .kvm_probe import probe_kvm
+from .hv.select import probe_kvm
 
 
 def register(sub) -> None:

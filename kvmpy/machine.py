@@ -1,11 +1,12 @@
 """The running PC: guest RAM, buses, vCPU threads and the run state around them.
 
-The machine is accelerator-neutral: ``KvmAccel`` and ``TcgAccel`` supply the
-vCPUs and the Platform (interrupt delivery). Its devices are kvmpy.pc's table,
-built by kvmpy.builder; the machine gives them a DeviceContext and answers their
-GuestPower requests. It keeps the run state (start, pause, resume, reset, stop,
-wait, close, events to listeners), serves the vCPU threads' callbacks, and is the
-monitors' VmControl (kvmpy.monitor.control).
+The machine is accelerator-neutral: an accelerator (kvmpy.hv.protocol.Accel, KVM
+or the translator) supplies the vCPUs and the Platform (interrupt delivery). Its
+devices are kvmpy.pc's table, built by kvmpy.builder; the machine gives them a
+DeviceContext and answers their GuestPower requests. It keeps the run state
+(start, pause, resume, reset, stop, wait, close, events to listeners), is the host
+of its vCPU threads (kvmpy.vcpu.runner.VcpuHost), and is the monitors' VmControl
+(kvmpy.monitor.control).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .boot import layout
 from .boot.loader import load_kernel
@@ -29,8 +30,14 @@ from .devices.irqchip import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .events import EventLoop
+from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
 from .pc import ACPI_PM, pc_devices, write_acpi_tables
+
+if TYPE_CHECKING:  # pragma: no cover - neither imports this module
+    from .hv.protocol import Vcpu
+    from .hv.regs import Regs, SRegs
+    from .vcpu.runner import VcpuThread
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class Machine:
         self._listeners: list[Callable[[str, dict], None]] = []
         self._requests: "queue.Queue[tuple]" = queue.Queue()
         self._lock = threading.Condition()
+        self._shutdown_emitted = False
         self.control_pending = False
         self._paused = False
         self._stopping = False
@@ -92,7 +100,7 @@ class Machine:
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console,
             # The exits trace shows every port access, so none may be queued.
-            port_write_queue=None if "exits" in self.cfg.trace else self.accel.port_write_queue)
+            port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
 
     def _boot(self) -> None:
@@ -104,6 +112,10 @@ class Machine:
         self.accel.load_boot_state(self.boot_state)
 
     # --- running ----------------------------------------------------------------------
+    @property
+    def trace_exits(self) -> bool:
+        return "exits" in self.cfg.trace
+
     def start(self) -> None:
         from .vcpu.runner import VcpuThread
         self.started_at = time.time()
@@ -185,7 +197,7 @@ class Machine:
             self._unpark_all()
 
     # --- called by vCPU threads ---------------------------------------------------------
-    def vcpu_checkpoint(self, thread) -> bool:
+    def vcpu_checkpoint(self, thread: VcpuThread) -> bool:
         with self._lock:
             while True:
                 if self._stopping:
@@ -197,20 +209,16 @@ class Machine:
                 self._lock.wait()
                 self._parked -= 1
 
-    def vcpu_halted(self, thread) -> None:
-        wait = getattr(self.accel, "wait_halted", None)
-        if wait is not None:
-            wait(thread.index)
-        else:
-            time.sleep(0.001)
+    def vcpu_halted(self, thread: VcpuThread) -> None:
+        self.accel.wait_halted(thread.index)
 
-    def vcpu_exited(self, thread) -> None:
+    def vcpu_exited(self, thread: VcpuThread) -> None:
         with self._lock:
             self._lock.notify_all()
         if not self._stopping and all(not t.is_alive() or t is thread for t in self.threads):
             self.request_shutdown(1, guest=False, reason="vcpus-exited")
 
-    def vcpu_internal_error(self, thread, message: str) -> None:
+    def vcpu_internal_error(self, thread: VcpuThread, message: str) -> None:
         print(f"kvmpy: vCPU {thread.index}: {message}", file=sys.stderr, flush=True)
         dump = self._register_dump(thread.vcpu)
         if dump:
@@ -221,7 +229,7 @@ class Machine:
             self._stopping = True
             self.control_pending = True
 
-    def _register_dump(self, vcpu) -> str:
+    def _register_dump(self, vcpu: Vcpu) -> str:
         """QEMU-style register dump and Code= line; called on the vCPU's own thread."""
         from .vcpu.trace import register_dump
         try:
@@ -230,7 +238,7 @@ class Machine:
             log.debug("register dump failed", exc_info=True)
             return f"(registers unavailable: {e})"
 
-    def guest_triple_fault(self, thread) -> None:
+    def guest_triple_fault(self, thread: VcpuThread) -> None:
         log.info("vCPU %d: triple fault (shutdown); resetting like a PC", thread.index)
         self.request_reset(guest=True, reason="guest-reset")
         # Hold this vCPU until the reset (or stop) has been handled.
@@ -240,7 +248,7 @@ class Machine:
 
     # --- requests (any thread) ---------------------------------------------------------
     def request_shutdown(self, status: int, guest: bool, reason: str, message: str = "") -> None:
-        if not getattr(self, "_shutdown_emitted", False):
+        if not self._shutdown_emitted:
             self._shutdown_emitted = True
             self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
         self._requests.put(("stop", status, message or reason))
@@ -289,7 +297,7 @@ class Machine:
     def quit(self) -> None:
         self.request_shutdown(0, guest=False, reason="host-qmp-quit")
 
-    def vcpu_registers(self) -> list:
+    def vcpu_registers(self) -> list[tuple[Regs, SRegs]]:
         """[(Regs, SRegs)] per vCPU, read with the vCPUs held outside the guest."""
         was_running = self._state == "running"
         if was_running:
@@ -301,7 +309,7 @@ class Machine:
                 self._unpark_all()
 
     def kvm_info(self) -> dict:
-        return {"enabled": self.accel.name == "kvm", "present": os.path.exists("/dev/kvm")}
+        return {"enabled": self.accel.name == "kvm", "present": kvm_device_present()}
 
     def cpus(self) -> list[dict]:
         out = []
@@ -352,40 +360,3 @@ class Machine:
             self.accel = None
 
 
-def kvm_usable() -> tuple[bool, str]:
-    """Can a KVM VM be created here? (False, reason) when not."""
-    from .kvm.api import KVM_DEVICE, Kvm
-    if not os.path.exists(KVM_DEVICE):
-        return False, f"{KVM_DEVICE} does not exist (no KVM module loaded, or not exposed to this container)"
-    try:
-        k = Kvm()
-        k.close()
-    except OSError as e:
-        return False, f"{KVM_DEVICE}: {e.strerror or e}"
-    return True, ""
-
-
-def _software_nested_kvm() -> bool:
-    return os.path.isdir("/sys/module/kvm_pvm")
-
-
-def make_accel(name: str, machine: Machine):
-    if name == "auto":
-        # KVM when it can run a general guest. A software-nested backend (kvm_pvm)
-        # emulates guest kernel code and fails on unmodified Linux: the translator is better.
-        ok, _ = kvm_usable()
-        name = "kvm" if ok and not _software_nested_kvm() else "tcg"
-    if name == "kvm":
-        ok, why = kvm_usable()
-        if not ok:
-            from .errors import UserError
-
-            class KvmUnavailable(UserError):
-                exit_status = 1
-            raise KvmUnavailable(f"--enable-kvm: KVM is not usable: {why}")
-        from .kvm.accel import KvmAccel
-        return KvmAccel(machine)
-    if name == "tcg":
-        from .vcpu.tcg_accel import TcgAccel
-        return TcgAccel(machine)
-    raise ConfigError(f"unknown accelerator {name!r}")

@@ -120,8 +120,8 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
     if cfg.accel != "kvm":
         return
     from .boot.loader import kernel_kind
-    from .machine import _software_nested_kvm
-    if kernel_kind(cfg.kernel) != "bzimage" or not _software_nested_kvm():
+    from .hv.select import software_nested_kvm
+    if kernel_kind(cfg.kernel) != "bzimage" or not software_nested_kvm():
         return
     if not cfg.accel_force:
         raise ConfigError(SOFTWARE_NESTED_LINUX + " (to insist: --accel kvm,force=on, "

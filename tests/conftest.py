@@ -56,7 +56,7 @@ def _kvm_reason() -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible to this user"
     try:
-        from kvmpy.kvm.api import Kvm
+        from kvmpy.hv.kvm.api import Kvm
         Kvm().close()
     except Exception as e:  # noqa: BLE001 - any failure means: skip with the reason
         return f"KVM cannot be opened: {e}"

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from kvmpy.kvm.api import Kvm, KvmError
-from kvmpy.kvm._kvm_cffi import ffi
+from kvmpy.hv.kvm.api import Kvm, KvmError
+from kvmpy.hv.kvm._kvm_cffi import ffi
 from kvmpy.memory import GuestMemory
-from kvmpy.vcpu import exits
+from kvmpy.hv import exits
 
 pytestmark = pytest.mark.usefixtures("kvm_required")
 
@@ -145,7 +145,7 @@ def test_regs_and_msrs_round_trip(real_mode_vm):
 
 
 def test_cpuid_announces_tsc_deadline_only_when_kvm_has_it():
-    from kvmpy.kvm.cpu_setup import CPUID_1_ECX_TSC_DEADLINE, cpuid_for_vcpu
+    from kvmpy.hv.kvm.cpu_setup import CPUID_1_ECX_TSC_DEADLINE, cpuid_for_vcpu
     supported = [(1, 0, 0, 0, 0, 0, 0), (0xB, 0, 1, 0, 0, 0, 0)]
     leaf1 = lambda table: next(e for e in table if e[0] == 1)  # noqa: E731
     assert not leaf1(cpuid_for_vcpu(supported, 0, 1))[5] & CPUID_1_ECX_TSC_DEADLINE

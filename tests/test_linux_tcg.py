@@ -64,7 +64,7 @@ def test_linux_boots_on_the_translator(guest):
 def test_linux_boots_under_kvm(guest):
     if KVM_SKIP_REASON:
         pytest.skip(KVM_SKIP_REASON)
-    from kvmpy.kvm_probe import probe_kvm
+    from kvmpy.hv.select import probe_kvm
     if "kvm_pvm" in probe_kvm()["backend"]:
         pytest.skip("software-nested KVM (kvm_pvm) cannot run an unmodified Linux kernel "
                     "(emulation failures on int3/xrstor/cmpxchg16b); the translator test covers Linux here")

@@ -50,7 +50,7 @@ def kvmpy_command(venv, args, cwd, timeout=120):
 
 def test_installed_package_has_both_native_parts(installed, tmp_path):
     py = installed / "bin" / "python"
-    r = subprocess.run([str(py), "-c", "import kvmpy, kvmpy._tcg, kvmpy.kvm._kvm_cffi; print(kvmpy.__file__)"],
+    r = subprocess.run([str(py), "-c", "import kvmpy, kvmpy._tcg, kvmpy.hv.kvm._kvm_cffi; print(kvmpy.__file__)"],
                        cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert r.returncode == 0, r.stderr
     # imported from the venv, not from the checkout

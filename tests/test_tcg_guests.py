@@ -16,7 +16,7 @@ import pytest
 
 from support.guest_models import compute_reference
 from support.tcg import TcgVcpu, make_memory, regs, set_protected_flat
-from kvmpy.vcpu import exits
+from kvmpy.hv import exits
 
 BUILD = Path(__file__).parent / "guests" / "build"
 START_INFO = 0x6000

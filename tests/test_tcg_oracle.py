@@ -60,7 +60,7 @@ from unicorn import x86_const as U  # noqa: E402
 
 from support.tcg import (TcgVcpu, identity_map_2m, make_memory, regs,  # noqa: E402
                               set_long_mode, set_protected_flat, set_real_mode)
-from kvmpy.vcpu import exits  # noqa: E402
+from kvmpy.hv import exits  # noqa: E402
 
 FUZZ = os.environ.get("KVMPY_FUZZ") == "1"
 
@@ -899,8 +899,8 @@ class HwPair:
     user code natively but may emulate supervisor code."""
 
     def __init__(self) -> None:
-        from kvmpy.kvm._kvm_cffi import ffi
-        from kvmpy.kvm.api import Kvm
+        from kvmpy.hv.kvm._kvm_cffi import ffi
+        from kvmpy.hv.kvm.api import Kvm
         from support.tcg import PD, PDPT, PML4
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from support.tcg import (TcgVcpu, identity_map_2m, make_memory, regs, set_long_mode,  # noqa: E402
                               set_protected_flat, set_real_mode)
-from kvmpy.vcpu import exits  # noqa: E402
+from kvmpy.hv import exits  # noqa: E402
 
 FUZZ = os.environ.get("KVMPY_FUZZ") == "1"
 CODE = {64: 0x100000, 32: 0x100000, 16: 0x1000}

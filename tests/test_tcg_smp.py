@@ -16,7 +16,7 @@ import time
 import pytest
 
 from support.tcg import TcgVcpu, assemble, identity_map_2m, make_memory, regs, set_long_mode
-from kvmpy.vcpu import exits
+from kvmpy.hv import exits
 
 CODE = 0x100000
 STACK = 0x90000

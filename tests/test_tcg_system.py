@@ -16,8 +16,8 @@ import pytest
 
 from support.tcg import (GDT_ENTRIES, TcgVcpu, assemble, idt64_gate, make_memory, regs,
                               set_real_mode, tss_descriptor)
-from kvmpy.vcpu import exits
-from kvmpy.vcpu.state import DTable, Segment, flat_segment
+from kvmpy.hv import exits
+from kvmpy.hv.regs import DTable, Segment, flat_segment
 
 CODE = 0x100000
 GDT = 0x5000

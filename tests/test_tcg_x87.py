@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from test_tcg_system import machines  # noqa: F401,F811  (the fixture)
-from kvmpy.vcpu import exits
+from kvmpy.hv import exits
 
 MF, NM = 16, 7
 

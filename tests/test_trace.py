@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 from conftest import KVM_SKIP_REASON, ROOT, guest_path, run_kvmpy
 from kvmpy.errors import ConfigError
 from kvmpy.memory import GuestMemory
-from kvmpy.vcpu import exits
-from kvmpy.vcpu.state import Regs, Segment, SRegs, flat_segment
+from kvmpy.hv import exits
+from kvmpy.hv.regs import Regs, Segment, SRegs, flat_segment
 from kvmpy.vcpu.trace import (TRACE_EVENTS, Disassembler, code_bits, code_line, could_cause,
                               describe_instruction, linear_to_physical, parse_trace, read_linear,
                               register_dump, rip_after_exit)
@@ -552,7 +552,7 @@ def _check_probe(seen, exact: bool):
 
 
 def test_translator_rip_at_each_exit_kind():
-    from kvmpy.vcpu.tcg import TcgVcpu
+    from kvmpy.hv.tcg.vcpu import TcgVcpu
     mem = GuestMemory.anonymous([(0, 0x10000)])
     mem.write(0x1000, bytes.fromhex("".join(code for _, code, *_ in RIP_PROBE)))
     vcpu = TcgVcpu(mem)
@@ -567,8 +567,8 @@ def test_translator_rip_at_each_exit_kind():
 def test_kvm_rip_at_each_exit_kind(kvm_required):
     """A bare VM (no in-kernel irqchip, so hlt exits too); RIP placement varies by kernel."""
     from kvmpy.boot import layout
-    from kvmpy.kvm._kvm_cffi import ffi
-    from kvmpy.kvm.api import Kvm
+    from kvmpy.hv.kvm._kvm_cffi import ffi
+    from kvmpy.hv.kvm.api import Kvm
     mem = GuestMemory.anonymous([(0, 0x10000)])
     mem.write(0x1000, bytes.fromhex("".join(code for _, code, *_ in RIP_PROBE)))
     kvm = Kvm()

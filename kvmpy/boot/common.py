@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..memory import GuestMemory
-from ..vcpu.state import DTable, Regs, Segment, SRegs, flat_segment
+from ..hv.regs import DTable, Regs, Segment, SRegs, flat_segment
 from . import layout
 
 CR0_PE = 1 << 0

@@ -11,7 +11,7 @@ import struct
 
 from ..errors import BootError, GuestMemoryError
 from ..memory import GuestMemory
-from ..vcpu.state import Regs
+from ..hv.regs import Regs
 from . import layout
 from .common import (BootState, long_mode_sregs, place_initrd, protected_mode_sregs,
                      write_cmdline, write_gdt, write_gdt32, write_identity_page_tables)

@@ -1,70 +1,106 @@
 """The vCPU thread: run the backend, dispatch exits to the buses, obey the machine.
 
-One loop serves both backends (KVM and the translator); it only speaks the
-protocol of kvmpy.vcpu.exits. Device faults are logged, never raised into the
-guest loop: a hostile guest must not be able to kill the VMM through a device.
+One loop serves both accelerators; it speaks the run protocol of kvmpy.hv.exits
+and asks its machine only what ``VcpuHost`` declares. Device faults are logged,
+never raised into the guest loop: a hostile guest must not be able to kill the
+VMM through a device.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from . import exits
+from ..hv.exits import (EXIT_DEBUG, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_MMIO,
+                        EXIT_SHUTDOWN, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_RESET)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..machine import Machine
+if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports this module
+    from ..devices.bus import Bus
+    from ..hv.protocol import Accel, Vcpu
+    from ..memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
+DEVICE_ERRORS_LOGGED = 20     # per vCPU: a guest hammering a broken device must not flood the log
+
+
+class VcpuHost(Protocol):
+    """What a vCPU thread reads of its machine and all it may call there (the Machine)."""
+
+    pio_bus: Bus
+    mmio_bus: Bus
+    memory: GuestMemory          # for the exit tracer's view of the guest's code
+    accel: Accel
+    trace_exits: bool            # ``trace = ["exits"]``: wrap the vCPU in an ExitTracer
+    # Set when the machine wants its vCPUs at a checkpoint (pause, reset, stop).
+    control_pending: bool
+
+    def vcpu_checkpoint(self, thread: VcpuThread) -> bool:
+        """Between exits while control_pending; blocks while paused. False: end the thread."""
+
+    def vcpu_halted(self, thread: VcpuThread) -> None:
+        """After a halt exit: wait until something can end the halt."""
+
+    def guest_triple_fault(self, thread: VcpuThread) -> None: ...
+
+    def request_reset(self, guest: bool, reason: str) -> None: ...
+
+    def request_shutdown(self, status: int, guest: bool, reason: str, message: str = "") -> None: ...
+
+    def vcpu_internal_error(self, thread: VcpuThread, message: str) -> None:
+        """The vCPU cannot go on (the backend failed, or kvmpy has a bug): stop the VM."""
+
+    def vcpu_exited(self, thread: VcpuThread) -> None:
+        """Last call on the thread, however it ended."""
+
 
 class VcpuThread(threading.Thread):
-    def __init__(self, machine: "Machine", vcpu, index: int) -> None:
+    def __init__(self, host: VcpuHost, vcpu: Vcpu, index: int) -> None:
         super().__init__(name=f"vcpu{index}", daemon=True)
-        self.machine = machine
+        self.host = host
         self.vcpu = vcpu
         self.index = index
         self._device_errors = 0
 
     def run(self) -> None:
-        m = self.machine
+        host = self.host
+        accel = host.accel
         vcpu = self.vcpu
-        pio, mmio = m.pio_bus, m.mmio_bus
-        # Software doorbells (translator); under KVM, ioeventfds take those writes in the kernel.
-        doorbell = getattr(m.platform, "doorbell_write", None)
-        soft_doorbells = doorbell is not None
-        started = getattr(m.accel, "vcpu_thread_started", None)
-        if started is not None:
-            started(self.index)
-        pre_run = getattr(m.accel, "pre_run", None)   # software interrupt delivery (translator)
-        # KVM's coalesced port writes: handed to their device before any exit is, so
-        # the device sees the guest's accesses in order.
-        drain = getattr(m.accel, "drain_coalesced", None)
         index = self.index
+        pio, mmio = host.pio_bus, host.mmio_bus
+        accel.vcpu_thread_started(index)
+        # Decided once here, so that an accelerator with nothing to do before an
+        # entry, after an exit or on a doorbell write costs the loop no call.
+        doorbell = accel.platform.doorbell_write if accel.software_doorbells else None
+        before_entry = accel.before_guest_entry if accel.needs_before_guest_entry else None
+        # Queued port writes reach their device before any exit does, so the device
+        # sees the guest's accesses in order.
+        port_writes = accel.port_write_queue
+        drain = port_writes.drain if port_writes is not None else None
         # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
         # with tracing off.
         tracer = None
-        if "exits" in getattr(m.cfg, "trace", ()):
+        if host.trace_exits:
             from .trace import ExitTracer
-            vcpu = tracer = ExitTracer(vcpu, index, m.memory, getattr(m.accel, "name", ""))
+            vcpu = tracer = ExitTracer(vcpu, index, host.memory, accel.name)
         try:
             while True:
-                if m.control_pending:
-                    if not m.vcpu_checkpoint(self):
+                if host.control_pending:
+                    if not host.vcpu_checkpoint(self):
                         return
-                if pre_run is not None:
-                    pre_run(index)
+                if before_entry is not None:
+                    before_entry(index)
                 kind = vcpu.run()
                 if drain is not None:
                     drain()
-                if kind == exits.EXIT_IO:
+                if kind == EXIT_IO:
                     port, size, data = vcpu.io_port, vcpu.io_size, vcpu.io_data
                     try:
                         if vcpu.io_write:
                             for off in range(0, len(data), size):
                                 value = int.from_bytes(data[off:off + size], "little")
-                                if soft_doorbells and doorbell(port, size, value, True):
+                                if doorbell is not None and doorbell(port, size, value, True):
                                     continue
                                 pio.write(port, size, value)
                         else:
@@ -72,42 +108,42 @@ class VcpuThread(threading.Thread):
                                 data[off:off + size] = (pio.read(port, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                     except Exception as e:  # a device bug or hostile value: log, keep the VM alive
                         self._device_error(f"port {port:#x}", e)
-                elif kind == exits.EXIT_MMIO:
+                elif kind == EXIT_MMIO:
                     addr, size, data = vcpu.mmio_addr, vcpu.mmio_size, vcpu.mmio_data
                     try:
                         if vcpu.mmio_write:
                             value = int.from_bytes(data, "little")
-                            if not (soft_doorbells and doorbell(addr, size, value, False)):
+                            if doorbell is None or not doorbell(addr, size, value, False):
                                 mmio.write(addr, size, value)
                         else:
                             data[:] = (mmio.read(addr, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                     except Exception as e:
                         self._device_error(f"MMIO {addr:#x}", e)
-                elif kind == exits.EXIT_INTR:
+                elif kind == EXIT_INTR:
                     continue
-                elif kind == exits.EXIT_HLT:
-                    m.vcpu_halted(self)
-                elif kind == exits.EXIT_SHUTDOWN:
-                    m.guest_triple_fault(self)
-                elif kind == exits.EXIT_SYSTEM_EVENT:
-                    if vcpu.system_event == exits.SYSTEM_EVENT_RESET:
-                        m.request_reset(guest=True, reason="guest-reset")
+                elif kind == EXIT_HLT:
+                    host.vcpu_halted(self)
+                elif kind == EXIT_SHUTDOWN:
+                    host.guest_triple_fault(self)
+                elif kind == EXIT_SYSTEM_EVENT:
+                    if vcpu.system_event == SYSTEM_EVENT_RESET:
+                        host.request_reset(guest=True, reason="guest-reset")
                     else:
-                        m.request_shutdown(0, guest=True, reason="guest-shutdown")
-                elif kind == exits.EXIT_INTERNAL_ERROR:
-                    m.vcpu_internal_error(self, vcpu.internal_error)
-                elif kind == exits.EXIT_DEBUG:
+                        host.request_shutdown(0, guest=True, reason="guest-shutdown")
+                elif kind == EXIT_INTERNAL_ERROR:
+                    host.vcpu_internal_error(self, vcpu.internal_error)
+                elif kind == EXIT_DEBUG:
                     continue
         except Exception as e:  # a bug in kvmpy itself: stop the VM with a clear message
             log.debug("vcpu%d crashed", self.index, exc_info=True)
-            m.vcpu_internal_error(self, f"vCPU {self.index} thread failed: {e}")
+            host.vcpu_internal_error(self, f"vCPU {self.index} thread failed: {e}")
         finally:
             if tracer is not None:
                 tracer.close()
-            m.vcpu_exited(self)
+            host.vcpu_exited(self)
 
     def _device_error(self, where: str, e: Exception) -> None:
         self._device_errors += 1
-        if self._device_errors <= 20:
+        if self._device_errors <= DEVICE_ERRORS_LOGGED:
             log.error("device error at %s: %s: %s", where, type(e).__name__, e)
             log.debug("device error traceback", exc_info=True)

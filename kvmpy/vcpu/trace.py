@@ -22,7 +22,7 @@ import threading
 from typing import Callable, TextIO
 
 from ..errors import ConfigError, GuestMemoryError
-from . import exits
+from ..hv import exits
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.memory import GuestMemory
-from kvmpy.vcpu.state import Regs, Segment, flat_segment
+from kvmpy.hv.regs import Regs, Segment, flat_segment
 
-tcg = pytest.importorskip("kvmpy.vcpu.tcg")
+tcg = pytest.importorskip("kvmpy.hv.tcg.vcpu")
 if tcg._tcg is None:  # pragma: no cover
     pytest.skip(f"kvmpy._tcg not built: {tcg._IMPORT_ERROR}", allow_module_level=True)
 

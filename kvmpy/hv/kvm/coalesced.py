@@ -7,7 +7,7 @@ as an LSR read and a THR write, and under nested KVM every exit to userspace cos
 far more than the in-kernel queueing, so this halves the console's exits.
 
 Order is kept: every exit to userspace drains the ring before it is handled (the
-vCPU loop calls ``drain``), so the device sees the queued writes before any later
+vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``), so the device sees the queued writes before any later
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
 covered by a drainer thread that empties the ring every DRAIN_INTERVAL seconds
@@ -49,12 +49,12 @@ class CoalescedPio:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def set_zone(self, port: int, size: int, on: bool) -> None:
-        """Queue (True) or stop queueing (False) OUTs to port..port+size-1."""
-        key = (port, size)
+    def set_zone(self, port: int, length: int, on: bool) -> None:
+        """Queue (True) or stop queueing (False) OUTs to port..port+length-1."""
+        key = (port, length)
         if on == (key in self._zones) or self._closed:
             return
-        self.vm.coalesced_zone(port, size, pio=True, register=on)
+        self.vm.coalesced_zone(port, length, pio=True, register=on)
         if on:
             self._zones.add(key)
             self._active.set()

@@ -14,7 +14,7 @@ the backend exposes the access through attributes set before returning:
 
 Registers: get_regs()/set_regs(Regs), get_sregs()/set_sregs(SRegs),
 get_msrs([index])->{index: value}/set_msrs({index: value}) with the dataclasses
-in kvmpy.vcpu.state. ``kick()`` may be called from any thread: the vCPU leaves
+in kvmpy.hv.regs. The whole protocol is declared as kvmpy.hv.protocol.Vcpu. ``kick()`` may be called from any thread: the vCPU leaves
 run() soon with EXIT_INTR.
 """
 

@@ -12,8 +12,8 @@ import os
 import signal
 import threading
 
-from ..vcpu import exits
-from ..vcpu.state import DTable, Regs, Segment, SRegs, GPR_NAMES, SEGMENT_NAMES
+from .. import exits
+from ..regs import DTable, Regs, Segment, SRegs, GPR_NAMES, SEGMENT_NAMES
 from ._kvm_cffi import ffi, lib
 
 KVM_DEVICE = os.environ.get("KVMPY_KVM_DEVICE", "/dev/kvm")  # override for unusual hosts
@@ -246,7 +246,7 @@ _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s",
 
 
 class KvmVcpu:
-    """A KVM vCPU offering the run protocol of kvmpy.vcpu.exits."""
+    """A KVM vCPU offering the run protocol of kvmpy.hv.exits (kvmpy.hv.protocol.Vcpu)."""
 
     def __init__(self, vm: Vm, index: int, fd: int) -> None:
         self.vm = vm

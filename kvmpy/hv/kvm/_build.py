@@ -215,7 +215,7 @@ struct kvmpy_run_emulation_failure *kvmpy_run_emulation_failure(struct kvm_run *
 __u64 kvmpy_run_hw_exit_reason(struct kvm_run *run);
 """)
 
-ffibuilder.set_source("kvmpy.kvm._kvm_cffi", r"""
+ffibuilder.set_source("kvmpy.hv.kvm._kvm_cffi", r"""
 #include <stddef.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>

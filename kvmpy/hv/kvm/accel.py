@@ -1,30 +1,44 @@
-"""KVM as the machine's accelerator: VM with in-kernel irqchip and PIT, vCPUs set up
-like a PC after its BIOS, and the state to go back to on system reset."""
+"""KVM as the machine's accelerator (kvmpy.hv.protocol.Accel): VM with in-kernel
+irqchip and PIT, vCPUs set up like a PC after its BIOS, and the state to go back to
+on system reset."""
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import TYPE_CHECKING
 
-from ..boot import layout
+from ...boot import layout
 from ._kvm_cffi import ffi, lib
 from .api import Kvm, KvmError
 from .coalesced import CoalescedPio
 from .cpu_setup import boot_msrs, cpuid_for_vcpu, setup_lapic
 from .platform import KvmPlatform
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ...boot.common import BootState
+    from ..protocol import AccelHost
+
 log = logging.getLogger(__name__)
+
+
+# With the in-kernel LAPIC, KVM keeps a halted vCPU inside KVM_RUN; should a halt
+# exit reach userspace all the same, this pause keeps the loop from spinning on it.
+HALT_EXIT_PAUSE = 0.001
 
 
 class KvmAccel:
     name = "kvm"
+    timer_wheel = None               # the PIT and LAPIC timers run in the kernel
+    software_doorbells = False       # ioeventfds take doorbell writes in the kernel
+    needs_before_guest_entry = False  # the in-kernel irqchip injects interrupts
 
-    def __init__(self, machine) -> None:
-        self.machine = machine
+    def __init__(self, host: AccelHost) -> None:
         self.kvm = Kvm()
-        num_cpus = machine.cfg.cpus
+        num_cpus = host.cfg.cpus
         if num_cpus > self.kvm.max_vcpus():
-            from ..errors import ConfigError
-            raise ConfigError(f"{machine.cfg.source}: key 'cpus': KVM here allows at most {self.kvm.max_vcpus()}")
+            from ...errors import ConfigError
+            raise ConfigError(f"{host.cfg.source}: key 'cpus': KVM here allows at most {self.kvm.max_vcpus()}")
         self.vm = self.kvm.create_vm()
         vm = self.vm
         vm.set_tss_addr(layout.TSS_ADDR)
@@ -35,10 +49,10 @@ class KvmAccel:
             vm.enable_cap("KVM_CAP_EXIT_ON_EMULATION_FAILURE", 1)
         except KvmError:
             log.debug("KVM_CAP_EXIT_ON_EMULATION_FAILURE not available")
-        for slot, region in enumerate(machine.memory.regions):
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
-            vm.set_user_memory_region(slot, region.gpa, region.size, host)
-        self.platform = KvmPlatform(vm, machine.memory)
+        for slot, region in enumerate(host.memory.regions):
+            host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
+            vm.set_user_memory_region(slot, region.gpa, region.size, host_addr)
+        self.platform = KvmPlatform(vm, host.memory)
         supported = self.kvm.supported_cpuid()
         msrs = boot_msrs(self.kvm.msr_index_list())
         try:
@@ -57,19 +71,16 @@ class KvmAccel:
             self._reset_state.append((v.get_regs(), v.get_sregs(), v.get_lapic(), msrs))
         # Queued port writes (the UART's THR while its interrupts are off), drained
         # by the vCPU loop before each exit is handled.
-        self.timer_wheel = None             # KVM's timers are in the kernel
         self.port_write_queue: CoalescedPio | None = None
-        self.drain_coalesced = None
         try:
             if vm.check_extension("KVM_CAP_COALESCED_PIO") > 0:
-                self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, machine.pio_bus.write)
-                self.drain_coalesced = self.port_write_queue.drain
+                self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, host.pio_bus.write)
         except (KvmError, ValueError) as e:
             log.debug("coalesced port writes not available: %s", e)
         self._irqchip_reset = vm.get_irqchip_state()
         self._pit_reset = vm.get_pit_state()
 
-    def load_boot_state(self, boot) -> None:
+    def load_boot_state(self, boot: BootState) -> None:
         bsp = self.vcpus[0]
         bsp.set_sregs(boot.sregs)
         bsp.set_regs(boot.regs)
@@ -84,6 +95,15 @@ class KvmAccel:
             if msrs:
                 v.set_msrs(msrs)
             v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE if i == 0 else lib.KVM_MP_STATE_UNINITIALIZED)
+
+    def vcpu_thread_started(self, index: int) -> None:
+        pass
+
+    def before_guest_entry(self, index: int) -> None:
+        pass
+
+    def wait_halted(self, index: int) -> None:
+        time.sleep(HALT_EXIT_PAUSE)
 
     def close(self) -> None:
         if self.port_write_queue is not None:

@@ -1,4 +1,4 @@
-"""The C translator as the machine's accelerator (no KVM needed).
+"""The C translator as the machine's accelerator (kvmpy.hv.protocol.Accel; no KVM needed).
 
 What KVM does in the kernel is done here in software: the interrupt controllers
 and the PIT (kvmpy.devices.irqchip), interrupt lines and MSIs through a
@@ -10,9 +10,14 @@ for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from ..devices.platform import SoftPlatform
-from ..errors import UserError
+from ...devices.platform import SoftPlatform
+from ...errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...boot.common import BootState
+    from ..protocol import AccelHost
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +60,21 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0) -> list[tuple[int, int, in
 
 class TcgAccel:
     name = "tcg"
+    port_write_queue = None          # every port write exits; nothing to queue
+    software_doorbells = True        # no ioeventfds: the vCPU loop checks each write
+    needs_before_guest_entry = True  # interrupts go into the CPU from here
 
-    def __init__(self, machine) -> None:
+    def __init__(self, host: AccelHost) -> None:
         try:
-            from .tcg import TcgVcpu
+            from .vcpu import TcgVcpu
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
-        from ..devices.irqchip import SoftIrqChip, TimerWheel
-        self.machine = machine
-        num_cpus = machine.cfg.cpus
+        from ...devices.irqchip import SoftIrqChip, TimerWheel
+        self.memory = host.memory
+        num_cpus = host.cfg.cpus
         # APIC id = index: what the MADT announces and the LAPIC model reports
-        self.vcpus = [TcgVcpu(machine.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
+        self.vcpus = [TcgVcpu(host.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
         for i, v in enumerate(self.vcpus):
             v.set_cpuid(translator_cpuid(num_cpus, i))
         self.timer_wheel = TimerWheel()
@@ -74,10 +82,10 @@ class TcgAccel:
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu)
-        self.irqchip.register(machine.pio_bus, machine.mmio_bus, port_b=True)
-        self.platform = SoftPlatform(machine.memory, on_irq=self.irqchip.set_irq_level,
+        self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
+        self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
                                      on_msi=self.irqchip.send_msi)
-        machine.memory.dma_listeners.append(self._dma_written)
+        host.memory.dma_listeners.append(self._dma_written)
 
     def _dma_written(self, gpa: int, length: int) -> None:
         # Device writes bypass the translator's write tracking: drop code translated there.
@@ -100,11 +108,11 @@ class TcgAccel:
             self.vcpus[cpu].request_sipi(vector)
             self.vcpus[cpu].wakeup.set()
 
-    # --- hooks the vCPU thread calls ------------------------------------------------
+    # --- what each vCPU thread's loop calls ------------------------------------------
     def vcpu_thread_started(self, index: int) -> None:
         self.irqchip.set_current_cpu(index)
 
-    def pre_run(self, index: int) -> None:
+    def before_guest_entry(self, index: int) -> None:
         """Move what the interrupt controllers have for this CPU into the CPU.
 
         An NMI goes in at once (the CPU holds it while an NMI handler runs). A
@@ -140,7 +148,7 @@ class TcgAccel:
             return
         v.wakeup.wait(IDLE_WAIT)
 
-    def load_boot_state(self, boot) -> None:
+    def load_boot_state(self, boot: BootState) -> None:
         v = self.vcpus[0]
         v.set_sregs(boot.sregs)
         v.set_regs(boot.regs)
@@ -154,12 +162,12 @@ class TcgAccel:
         # The loader rewrites guest RAM from Python, behind the translator's back:
         # drop every translated block.
         for v in self.vcpus:
-            for region in self.machine.memory.regions:
+            for region in self.memory.regions:
                 v.invalidate_ram(region.gpa, region.size)
 
     def close(self) -> None:
-        if self._dma_written in self.machine.memory.dma_listeners:
-            self.machine.memory.dma_listeners.remove(self._dma_written)
+        if self._dma_written in self.memory.dma_listeners:
+            self.memory.dma_listeners.remove(self._dma_written)
         self.platform.close()
         self.irqchip.close()
         self.timer_wheel.close()

@@ -1,4 +1,11 @@
-"""Probe the host's KVM: device, API, backend module, capabilities, and a real guest run."""
+"""Which accelerator runs the guest here, and what the host's KVM is.
+
+The one place that probes the host: whether KVM can be used at all
+(``kvm_usable``), whether it is the software-nested kvm_pvm (``software_nested_kvm``:
+``--accel auto`` passes it over and ``kvmpy run`` refuses a Linux kernel on it
+without ``--accel kvm,force=on``), the full report of ``kvmpy info kvm``
+(``probe_kvm``), and the choice itself (``make_accel``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,61 @@ import grp
 import os
 import pwd
 import stat
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, UserError
+from . import exits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .protocol import Accel, AccelHost
+
+KVM_PVM_MODULE = "/sys/module/kvm_pvm"
+
+
+class KvmUnavailable(UserError):
+    exit_status = 1
+
+
+def software_nested_kvm() -> bool:
+    """Is /dev/kvm the software-nested kvm_pvm? It emulates guest kernel code: small
+    guests run, an unmodified Linux kernel runs for minutes and then fails."""
+    return os.path.isdir(KVM_PVM_MODULE)
+
+
+def kvm_device_present() -> bool:
+    from .kvm.api import KVM_DEVICE
+    return os.path.exists(KVM_DEVICE)
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Can a KVM VM be created here? (False, reason) when not."""
+    from .kvm.api import KVM_DEVICE, Kvm
+    if not os.path.exists(KVM_DEVICE):
+        return False, f"{KVM_DEVICE} does not exist (no KVM module loaded, or not exposed to this container)"
+    try:
+        k = Kvm()
+        k.close()
+    except OSError as e:
+        return False, f"{KVM_DEVICE}: {e.strerror or e}"
+    return True, ""
+
+
+def make_accel(name: str, host: AccelHost) -> Accel:
+    """The accelerator ``name`` ("kvm", "tcg" or "auto") for ``host``'s RAM and buses."""
+    if name == "auto":
+        # KVM when it can run a general guest; on kvm_pvm the translator is better.
+        ok, _ = kvm_usable()
+        name = "kvm" if ok and not software_nested_kvm() else "tcg"
+    if name == "kvm":
+        ok, why = kvm_usable()
+        if not ok:
+            raise KvmUnavailable(f"--enable-kvm: KVM is not usable: {why}")
+        from .kvm.accel import KvmAccel
+        return KvmAccel(host)
+    if name == "tcg":
+        from .tcg.accel import TcgAccel
+        return TcgAccel(host)
+    raise ConfigError(f"unknown accelerator {name!r}")
 
 
 def _cpu_flags() -> set[str]:
@@ -22,7 +84,7 @@ def _cpu_flags() -> set[str]:
 def _backend(flags: set[str]) -> str:
     mods = set(os.listdir("/sys/module")) if os.path.isdir("/sys/module") else set()
     nested = "hypervisor" in flags
-    if "kvm_pvm" in mods:
+    if software_nested_kvm():
         return ("software-nested (kvm_pvm: no VT-x/SVM; guest kernel code is emulated, "
                 "unmodified Linux kernels may fail with emulation failures)")
     if "kvm_intel" in mods:
@@ -38,7 +100,6 @@ def _smoke_test(kvm) -> tuple[bool, str]:
     """Run two real-mode instructions (mov al, 42; out 0xf4, al) and expect that port exit."""
     import mmap
     from .kvm._kvm_cffi import ffi
-    from .vcpu import exits
     vm = kvm.create_vm()
     mm = mmap.mmap(-1, 0x10000)
     try:
@@ -63,6 +124,7 @@ def _smoke_test(kvm) -> tuple[bool, str]:
 
 
 def probe_kvm(path: str | None = None) -> dict:
+    """The report of ``kvmpy info kvm`` (also its --json output)."""
     from .kvm.api import CAPABILITIES, KVM_DEVICE, Kvm
     path = path or KVM_DEVICE
     flags = _cpu_flags()
@@ -115,7 +177,7 @@ def probe_kvm(path: str | None = None) -> dict:
     report["usable"] = not problems
     if problems:
         report["verdict"] = "KVM is NOT usable: " + "; ".join(problems) + " (kvmpy run without --enable-kvm uses the translator)"
-    elif "kvm_pvm" in report["backend"]:
+    elif software_nested_kvm():
         report["verdict"] = ("KVM is usable for small guests (run --enable-kvm works), but this is a "
                              "software-nested backend: expect slow kernel-mode code and failures on "
                              "unmodified Linux; the translator is the better choice for Linux here")

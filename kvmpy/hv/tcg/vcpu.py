@@ -1,4 +1,4 @@
-"""TcgVcpu: the C translator (kvmpy._tcg) behind the vCPU run protocol of exits.py.
+"""TcgVcpu: the C translator (kvmpy._tcg) behind the vCPU run protocol of kvmpy.hv.exits.
 
 Used where KVM cannot run the guest. Guest RAM is shared with the device models:
 the C side holds buffer exports of the GuestMemory mmaps (no copies), so call
@@ -35,13 +35,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from . import exits
-from .state import DTable, Regs, Segment, SRegs
+from .. import exits
+from ..regs import DTable, Regs, Segment, SRegs
 
 log = logging.getLogger(__name__)
 
 try:
-    from .. import _tcg
+    from ... import _tcg
 except ImportError as exc:  # pragma: no cover - reported by the caller
     _tcg = None
     _IMPORT_ERROR = exc

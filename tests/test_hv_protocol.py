@@ -1,0 +1,188 @@
+"""The accelerators against their declared protocols (kvmpy.hv.protocol), the machine
+against the vCPU loop's (VcpuHost), and the direction of imports between them.
+
+Every member a Protocol declares must exist on every implementation: callers use
+them without asking (no getattr), so a missing one would only show up as an
+AttributeError on the one path that needs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import typing
+
+import pytest
+
+from conftest import KVM_SKIP_REASON, ROOT, guest_path
+from kvmpy.config import VmConfig
+from kvmpy.devices.bus import Bus
+from kvmpy.hv import protocol
+from kvmpy.memory import GuestMemory
+from kvmpy.vcpu.runner import VcpuHost
+
+MiB = 1 << 20
+
+
+def declared_members(proto: type) -> set[str]:
+    """Attributes and methods ``proto`` and the protocols it extends declare."""
+    names: set[str] = set()
+    for klass in proto.__mro__:
+        if klass in (typing.Protocol, typing.Generic, object):
+            continue
+        names |= set(vars(klass).get("__annotations__", {}))
+        names |= {n for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    return names
+
+
+def missing(obj: object, proto: type) -> list[str]:
+    return sorted(n for n in declared_members(proto) if not hasattr(obj, n))
+
+
+class Host:
+    """The least an accelerator is built from (protocol.AccelHost)."""
+
+    def __init__(self, cpus: int = 2) -> None:
+        self.cfg = VmConfig(cpus=cpus, memory=64 * MiB)
+        self.memory = GuestMemory.anonymous([(0, 64 * MiB)])
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+
+
+def check_accel(accel) -> None:
+    assert missing(accel, protocol.Accel) == []
+    assert missing(accel.platform, protocol.Platform) == []
+    for vcpu in accel.vcpus:
+        assert missing(vcpu, protocol.Vcpu) == []
+    if accel.port_write_queue is not None:
+        assert missing(accel.port_write_queue, protocol.PortWriteQueue) == []
+    # the loop's once-per-thread decisions read these as plain booleans
+    assert isinstance(accel.software_doorbells, bool)
+    assert isinstance(accel.needs_before_guest_entry, bool)
+
+
+def test_the_protocols_declare_what_their_callers_use():
+    assert {"run", "kick", "io_data", "mmio_data", "get_regs", "set_sregs", "get_msrs"} <= declared_members(protocol.Vcpu)
+    assert {"doorbell_write", "set_irq_level", "msi_eventfd", "add_doorbell"} <= declared_members(protocol.Platform)
+    assert {"timer_wheel", "port_write_queue", "vcpu_thread_started", "before_guest_entry", "wait_halted",
+            "load_boot_state", "reset", "close"} <= declared_members(protocol.Accel)
+
+
+def test_translator_implements_the_accelerator_protocol():
+    pytest.importorskip("kvmpy._tcg")
+    from kvmpy.hv.tcg.accel import TcgAccel
+    host = Host()
+    accel = TcgAccel(host)
+    try:
+        check_accel(accel)
+        assert accel.timer_wheel is not None and accel.port_write_queue is None
+        assert accel.software_doorbells and accel.needs_before_guest_entry
+    finally:
+        accel.close()
+        host.memory.close()
+
+
+def test_kvm_implements_the_accelerator_protocol():
+    if KVM_SKIP_REASON:
+        pytest.skip(KVM_SKIP_REASON)
+    from kvmpy.hv.kvm.accel import KvmAccel
+    host = Host()
+    accel = KvmAccel(host)
+    try:
+        check_accel(accel)
+        assert accel.timer_wheel is None
+        assert not accel.software_doorbells and not accel.needs_before_guest_entry
+        # ioeventfds take doorbell writes in the kernel: none ever reaches the loop
+        fd = accel.platform.add_doorbell(0xC000, 2, None, True)
+        assert accel.platform.doorbell_write(0xC000, 2, 0, True) is False
+        accel.platform.remove_doorbell(fd)
+    finally:
+        accel.close()
+        host.memory.close()
+
+
+def test_machine_is_a_vcpu_host():
+    pytest.importorskip("kvmpy._tcg")
+    from kvmpy.machine import Machine
+    m = Machine(VmConfig(accel="tcg", memory=64 * MiB, kernel=guest_path("hello")))
+    try:
+        assert missing(m, VcpuHost) == []
+        assert m.trace_exits is False
+    finally:
+        m.close()
+
+
+def test_select_refuses_an_unknown_accelerator():
+    from kvmpy.errors import ConfigError
+    from kvmpy.hv.select import make_accel
+    with pytest.raises(ConfigError, match="unknown accelerator 'xen'"):
+        make_accel("xen", Host())
+
+
+# --- the direction of imports ---------------------------------------------------------
+
+def _module_imports() -> dict[str, set[str]]:
+    """kvmpy module -> the kvmpy modules it imports anywhere (lazily and for typing too)."""
+    top = os.path.join(ROOT, "kvmpy")
+    paths = {}
+    for dirpath, _, files in os.walk(top):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                paths[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in paths}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1])
+                    source = base + ("." + node.module if node.module else "")
+                else:
+                    source = node.module or ""
+                for a in node.names:
+                    full = f"{source}.{a.name}"
+                    deps.add(full if full in paths else source)
+        graph[name] = {d for d in deps if d in paths} - {name}
+    return graph
+
+
+def _under(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_imports_go_one_way():
+    graph = _module_imports()
+    bad = []
+    for name, deps in graph.items():
+        for dep in deps:
+            if _under(name, "kvmpy.devices") and _under(dep, "kvmpy.hv", "kvmpy.vcpu", "kvmpy.machine"):
+                bad.append((name, dep))
+            if _under(name, "kvmpy.hv") and _under(dep, "kvmpy.vcpu", "kvmpy.machine"):
+                bad.append((name, dep))
+            if _under(name, "kvmpy.vcpu") and _under(dep, "kvmpy.machine"):
+                bad.append((name, dep))
+    assert bad == []
+
+
+def test_no_import_circle_through_the_accelerators_or_the_loop():
+    graph = _module_imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()]:
+                if dep == goal:
+                    return True
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return False
+
+    ours = [n for n in graph if _under(n, "kvmpy.hv", "kvmpy.vcpu", "kvmpy.machine")]
+    assert [n for n in ours if reaches(n, n)] == []
