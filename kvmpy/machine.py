@@ -99,7 +99,7 @@ class Machine:
         wheel = getattr(self.accel, "timer_wheel", None)
         if wheel is None:
             from .devices.irqchip import TimerWheel
-            wheel = TimerWheel(name="rtc-timer")
+            wheel = TimerWheel(name="rtc-timer", events=self.events)
             self._closers.append(wheel.close)
         self.rtc = RtcCmos(low, self.cfg.memory - low, num_cpus=len(self.vcpus),
                            irq=lambda level: plat.set_irq_level(RTC_IRQ, level), timer_wheel=wheel)

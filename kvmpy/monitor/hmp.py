@@ -14,6 +14,7 @@ import shlex
 from typing import Callable
 
 from .. import __version__
+from ..events import EventLoop
 from .control import ControlError, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
@@ -337,6 +338,6 @@ class HmpServer(MonitorServer):
         self._emit(conn, out)
 
 
-def start_hmp_server(spec: str | Address, control: VmControl) -> HmpServer:
+def start_hmp_server(spec: str | Address, control: VmControl, events: EventLoop | None = None) -> HmpServer:
     """Listen on ``spec`` and serve the human monitor for ``control``."""
-    return HmpServer(spec, control).start()
+    return HmpServer(spec, control).start(events)
