@@ -296,7 +296,11 @@ class Console:
             with self._out_buf_lock:
                 data = bytes(self._out_buf)
                 self._out_buf.clear()
-            done = self._write_some(data) if data else 0
+            try:
+                done = self._write_some(data) if data else 0
+            except OSError as e:
+                log.warning("console: writing guest output failed: %s; %d bytes dropped", e, len(data))
+                done = len(data)
             with self._out_buf_lock:
                 if done < len(data):
                     self._out_buf[0:0] = data[done:]
@@ -352,10 +356,13 @@ class Console:
 
     def start(self) -> None:
         """Serve input on the event loop."""
-        if self._started or self._closed:
+        if self._started or self._closed or not self._has_input():
             return
         self._started = True
         self._loop().call_soon(self._start_input)
+
+    def _has_input(self) -> bool:
+        return self.fileno() is not None
 
     def _start_input(self) -> None:
         fd = self.fileno()
@@ -435,6 +442,9 @@ class NullConsole(Console):
     kind = "none"
 
     def write(self, data: bytes) -> None:
+        pass
+
+    def buffered_write(self, data: bytes) -> None:
         pass
 
 
@@ -656,8 +666,12 @@ class StdioConsole(Console):
     def _write_some(self, data: bytes) -> int:
         if self._broken:
             return len(data)
-        with self._out_lock:
+        if not self._out_lock.acquire(blocking=False):
+            return 0            # another writer waits for the terminal: not the loop too
+        try:
             n = write_some(self._write_fd, data)
+        finally:
+            self._out_lock.release()
         if n is None:
             self._broken = True
             return len(data)
@@ -895,6 +909,9 @@ class UnixSocketConsole(Console):
 
     def fileno(self) -> int | None:
         return None  # several descriptors: use start()
+
+    def _has_input(self) -> bool:
+        return True
 
     def _start_input(self) -> None:
         if not self._closed:

@@ -19,6 +19,9 @@ Rules for subscribers:
     ``unsubscribe(fd, close=True)``, which closes it on the loop's thread once it
     is forgotten: a number closed under the loop can be reused by a new file the
     loop would then mistake for the old one.
+  * a file epoll cannot watch (a regular file or /dev/null as stdin) is always
+    ready, as select() reports it: its callback runs every round until it
+    unsubscribes or waits for nothing (``modify(fd, 0)``).
 
 Timers: ``call_later`` is for coarse delays (a console flush, a powerdown
 timeout): it rides on the wait's timeout, which epoll rounds up to whole
@@ -79,6 +82,8 @@ class EventLoop:
         self._closed = False
         # A selector cannot hold an fd that waits for nothing: such subscribers wait here.
         self._parked: dict[int, OnReady] = {}
+        # Files epoll refuses (EPERM: regular files, /dev/null): fd -> (events, callback).
+        self._always_ready: dict[int, tuple[int, OnReady]] = {}
 
     # --- subscribers ------------------------------------------------------------------
     def subscribe(self, fd: int, events: int, on_ready: OnReady) -> None:
@@ -111,6 +116,14 @@ class EventLoop:
             self._parked[fd] = on_ready
 
     def _modify(self, fd: int, events: int) -> None:
+        if fd in self._always_ready:
+            callback = self._always_ready[fd][1]
+            if events:
+                self._always_ready[fd] = (events, callback)
+            else:
+                del self._always_ready[fd]
+                self._parked[fd] = callback
+            return
         try:
             key = self._selector.get_key(fd)
         except KeyError:
@@ -132,6 +145,8 @@ class EventLoop:
     def _register(self, fd: int, events: int, callback: OnReady) -> None:
         try:
             self._selector.register(fd, events, callback)
+        except PermissionError:
+            self._always_ready[fd] = (events, callback)
         except (OSError, ValueError) as e:
             log.warning("%s: cannot wait on fd %d: %s", self.name, fd, e)
             return
@@ -143,6 +158,7 @@ class EventLoop:
         except (KeyError, ValueError):
             pass
         self._parked.pop(fd, None)
+        self._always_ready.pop(fd, None)
 
     def _in_loop(self, fn: Callable[[], None], if_closed: Callable[[], None] | None = None) -> None:
         if self.on_loop_thread():
@@ -264,13 +280,16 @@ class EventLoop:
                     self._guarded(fn)
                 for key, events in ready:
                     self._dispatch(key, events)
+                for fd, (events, callback) in list(self._always_ready.items()):
+                    if self._always_ready.get(fd, (0, None))[1] is callback:
+                        self._guarded(callback, events)
                 self._run_due_timers()
         finally:
             self._finish()
 
     def _wait(self) -> list:
         with self._lock:
-            timeout = self._timer_timeout_locked()
+            timeout = 0 if self._always_ready else self._timer_timeout_locked()
         try:
             return self._selector.select(timeout)
         except (OSError, ValueError) as e:
@@ -349,6 +368,7 @@ class EventLoop:
             fd, self._wake_fd = self._wake_fd, -1
         self._selector.close()
         self._parked.clear()
+        self._always_ready.clear()
         _close_quietly(fd)
 
 

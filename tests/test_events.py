@@ -324,10 +324,10 @@ TestPipesOnALoop.settings = settings(max_examples=25, stateful_step_count=20, de
 def test_worker_runs_jobs_in_order_and_close_drops_the_rest():
     w = Worker("test-worker")
     seen = []
-    gate = threading.Event()
-    w.submit(lambda: (gate.wait(5), seen.append(1)))
+    running, gate = threading.Event(), threading.Event()
+    w.submit(lambda: (running.set(), gate.wait(5), seen.append(1)))
     w.submit(lambda: seen.append(2))
-    _wait_for(lambda: w._thread is not None)
+    assert running.wait(5)
     threading.Timer(0.05, gate.set).start()
     w.close()
     assert not w._thread.is_alive()
@@ -547,3 +547,32 @@ def test_one_loop_thread_serves_console_monitor_signals_timers_and_msis(tmp_path
         vm.close()
         lp.close()
     assert signal_module.getsignal(signal_module.SIGTERM) == old_sigterm
+
+
+def test_a_file_epoll_cannot_watch_is_always_ready(loop, tmp_path):
+    """stdin redirected from a file or /dev/null: read as select() would have it."""
+    path = tmp_path / "keys"
+    path.write_bytes(b"typed ahead")
+    fd = os.open(path, os.O_RDONLY)
+    got = []
+
+    def on_ready(ev):
+        data = os.read(fd, 4)
+        got.append(data)
+        if not data:
+            loop.unsubscribe(fd)
+    loop.subscribe(fd, EVENT_READ, on_ready)
+    _wait_for(lambda: got and got[-1] == b"")
+    assert b"".join(got) == b"typed ahead"
+    _settle(loop)
+    n = len(got)
+    _settle(loop)
+    assert len(got) == n                        # unsubscribed: no busy loop left
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    seen = []
+    loop.subscribe(null, EVENT_READ, lambda ev: (seen.append(os.read(null, 10)), loop.modify(null, 0)))
+    _wait_for(lambda: seen == [b""])
+    loop.modify(null, EVENT_READ)               # parked and back, like a held console
+    _wait_for(lambda: len(seen) == 2)
+    loop.unsubscribe(null, close=True)
