@@ -1,22 +1,26 @@
 """The serial console: connects the guest's UART to stdio, a file, a unix socket or nothing.
 
-Wiring (the machine does this)::
+Wiring (runcmd and the machine do this)::
 
-    console = open_console(spec, on_quit=..., on_monitor=...)
-    uart = Serial16550(irq=..., out=console.write, on_rx_space=console.rx_space_available)
+    console = open_console(spec, on_quit=..., on_monitor=..., events=loop)
+    uart = Serial16550(irq=..., out=console.buffered_write, on_rx_space=console.rx_space_available)
     console.attach(uart)
-    console.start()          # input thread; or poll console.fileno() and call handle_input()
+    console.start()          # input served on the loop; or poll console.fileno() and call handle_input()
     ...
     console.close()          # also restores the terminal
+
+The console's descriptors are subscribers of the process's event loop
+(kvmpy.events; a console given none makes a loop of its own when first needed).
 
 ``write(data)`` goes straight to the file descriptor with os.write, looping on
 partial writes. The UART's output callback (called on vCPU threads) is
 ``buffered_write(data)``: a guest's console emits one byte per THR write, and one
 os.write per byte (each waking the reader) cost more than the port exit itself, so
 bytes are gathered for at most OUTPUT_DELAY seconds (or OUTPUT_LIMIT bytes) and
-written together by a flusher thread. ``flush_output()`` writes them at once;
-``close()``, interpreter exit and a SIGTERM/SIGHUP that ends the process flush
-first, so only a SIGKILL (or a crash of the interpreter) can lose output: the
+written together by a timer on the loop, which never waits for the descriptor (a
+terminal or pipe is reopened non-blocking for that). ``flush_output()`` writes them
+at once; ``close()``, interpreter exit and a SIGTERM/SIGHUP that ends the process
+flush first, so only a SIGKILL (or a crash of the interpreter) can lose output: the
 last OUTPUT_DELAY seconds of it (plus, under KVM, what is still in the coalesced
 write ring, kvmpy/kvm/coalesced.py). Input is pushed to
 the UART with ``uart.receive``, which takes only what fits in its FIFO; the rest
@@ -31,7 +35,8 @@ tty, and restored on close, at exit and on SIGTERM/SIGHUP.
 The monitor side follows QEMU's mux chardev (chardev/char-mux.c): the escapes
 work in both modes; while the monitor has the focus, typed bytes go to a line
 editor with the "(qemu) " prompt and each line to the HMP interpreter that
-``on_monitor()`` returns; guest output keeps reaching the terminal (the mux
+``on_monitor()`` returns, run on a worker thread (a command may wait for the
+vCPUs; the loop must not); guest output keeps reaching the terminal (the mux
 writes every frontend's output whatever the focus), and guest input typed
 before the switch stays queued for the guest.
 """
@@ -49,9 +54,11 @@ import stat
 import termios
 import threading
 import weakref
-from typing import Callable
+from typing import Callable, Protocol
 
 from .errors import ConfigError
+from .events import EVENT_READ, EVENT_WRITE, EventLoop, TimerHandle, Worker
+from .monitor.control import VmControl
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ UNIX_BACKLOG_LIMIT = 64 * 1024
 # (a boot log) goes out in a few writes instead of one per byte.
 OUTPUT_DELAY = 0.01
 OUTPUT_LIMIT = 4096
+# Input held back by a full guest FIFO is offered again this often (seconds) even
+# if the UART never says it has room.
+INPUT_RETRY = 0.1
 
 HELP_TEXT = (
     "\r\nC-a h    print this help\r\n"
@@ -91,6 +101,19 @@ def write_all(fd: int, data: bytes | memoryview) -> bool:
             raise
         view = view[n:]
     return True
+
+
+def write_some(fd: int, data: bytes) -> int | None:
+    """One write without waiting (``fd`` non-blocking): the bytes taken, 0 when
+    none fit now, None when the descriptor is gone."""
+    try:
+        return os.write(fd, data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as e:
+        if e.errno in (errno.EPIPE, errno.EIO, errno.EBADF, errno.ECONNRESET):
+            return None
+        raise
 
 
 # ------------------------------------------------------------- terminal state
@@ -182,74 +205,111 @@ def restore_terminal(fd: int) -> None:
 
 
 # ------------------------------------------------------------------ consoles
-class Console:
-    """Base class: the UART side (attach, back-pressure) and the input thread."""
+class ConsoleUart(Protocol):
+    """What the console needs of the UART it feeds."""
 
-    def __init__(self) -> None:
-        self._uart = None
+    def receive(self, data: bytes) -> int:
+        """Take what fits of ``data``; returns how many bytes were taken."""
+
+    def send_break(self) -> None:
+        """A break condition on the line (C-a b)."""
+
+
+class Console:
+    """Base class: the UART side (attach, back-pressure), buffered output and input
+    served on an event loop (``events``, the process's; without one, a loop of the
+    console's own, made when first needed)."""
+
+    kind = "console"
+
+    def __init__(self, events: EventLoop | None = None) -> None:
+        self._uart: ConsoleUart | None = None
         self._pending = bytearray()
         self._pending_lock = threading.Lock()
-        self._space = threading.Event()
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)  # a vCPU signalling must never block
+        self._started = False
+        self._events = events
+        self._own_events = False
+        self._events_lock = threading.Lock()
+        self._input_fd: int | None = None      # subscribed for input (loop thread)
+        self._retry: TimerHandle | None = None  # held-back input offered again (loop thread)
         self._out_buf = bytearray()
-        self._out_cond = threading.Condition(threading.Lock())
-        self._flush_lock = threading.Lock()   # one writer at a time: chunks stay in order
-        self._flusher: threading.Thread | None = None
+        self._out_buf_lock = threading.Lock()
+        self._flush_scheduled = False          # a flush of _out_buf is due on the loop
+        self._flush_lock = threading.Lock()    # one writer at a time: chunks stay in order
         _live_consoles.add(self)
         _install_restore_hooks()      # the exit and SIGTERM flush (set up from the main thread)
 
+    def _loop(self) -> EventLoop:
+        with self._events_lock:
+            if self._events is None:
+                self._events = EventLoop(name=f"console-{self.kind}")
+                self._own_events = True
+                self._events.start()
+            return self._events
+
     # -- UART side
-    def attach(self, uart) -> None:
-        """``uart`` needs ``receive(bytes) -> int`` (and ``send_break()`` for C-a b)."""
+    def attach(self, uart: ConsoleUart) -> None:
         self._uart = uart
 
     def rx_space_available(self) -> None:
         """The UART's on_rx_space callback: runs on a vCPU thread, only signals."""
-        self._space.set()
-        self._wake()
+        if self._started:
+            self._loop().call_soon(self._update_input)
 
     def write(self, data: bytes) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _write_some(self, data: bytes) -> int:
+        """Write what the descriptor takes now without waiting; returns how many
+        bytes are done with (written, or dropped for good)."""
+        self.write(data)
+        return len(data)
 
     # -- buffered output (the UART's callback)
     def buffered_write(self, data: bytes) -> None:
         """Queue guest output; written within OUTPUT_DELAY seconds, or now when
         OUTPUT_LIMIT bytes are waiting."""
-        with self._out_cond:
-            if self._closed:
-                full = True
-                self._out_buf += data
+        schedule = False
+        with self._out_buf_lock:
+            self._out_buf += data
+            now = self._closed or len(self._out_buf) >= OUTPUT_LIMIT
+            if not now and not self._flush_scheduled:
+                self._flush_scheduled = schedule = True
+        if schedule:
+            loop = self._loop()
+            if loop.closed:
+                now = True
             else:
-                was_empty = not self._out_buf
-                self._out_buf += data
-                full = len(self._out_buf) >= OUTPUT_LIMIT
-                if was_empty and not full:
-                    if self._flusher is None:
-                        self._start_flusher()
-                    self._out_cond.notify()
-        if full:
+                loop.call_later(OUTPUT_DELAY, self._flush_from_loop)
+        if now:
             self.flush_output()
 
-    def _start_flusher(self) -> None:
-        self._flusher = threading.Thread(target=self._flush_loop, name=f"console-{self.kind}-out", daemon=True)
-        self._flusher.start()
-
-    def _flush_loop(self) -> None:
-        cond = self._out_cond
-        while True:
-            with cond:
-                while not self._out_buf and not self._closed:
-                    cond.wait()
-                if self._closed:
-                    return      # close() flushes what is left
-            # Let a burst gather; a lone keystroke echo waits no longer than this.
-            with cond:
-                cond.wait_for(lambda: self._closed or len(self._out_buf) >= OUTPUT_LIMIT, OUTPUT_DELAY)
-            self.flush_output()
+    def _flush_from_loop(self) -> None:
+        # Without waiting, on the loop's thread: a terminal that takes nothing now
+        # (a paused pipe reader) is tried again every OUTPUT_DELAY; meanwhile the
+        # buffer fills up to OUTPUT_LIMIT and the vCPU then waits in flush_output.
+        if not self._flush_lock.acquire(blocking=False):
+            self._loop().call_later(OUTPUT_DELAY, self._flush_from_loop)
+            return
+        try:
+            with self._out_buf_lock:
+                data = bytes(self._out_buf)
+                self._out_buf.clear()
+            try:
+                done = self._write_some(data) if data else 0
+            except OSError as e:
+                log.warning("console: writing guest output failed: %s; %d bytes dropped", e, len(data))
+                done = len(data)
+            with self._out_buf_lock:
+                if done < len(data):
+                    self._out_buf[0:0] = data[done:]
+                if not self._out_buf:
+                    self._flush_scheduled = False
+                    return
+        finally:
+            self._flush_lock.release()
+        self._loop().call_later(OUTPUT_DELAY, self._flush_from_loop)
 
     def flush_output(self, blocking: bool = True) -> None:
         """Write what buffered_write queued, now. ``blocking=False`` (signal
@@ -257,7 +317,7 @@ class Console:
         if not self._flush_lock.acquire(blocking):
             return
         try:
-            with self._out_cond:
+            with self._out_buf_lock:
                 data = bytes(self._out_buf)
                 self._out_buf.clear()
             if data:
@@ -277,7 +337,6 @@ class Console:
         """Offer held-back input to the UART again; True when nothing is left."""
         with self._pending_lock:
             if self._pending and self._uart is not None:
-                self._space.clear()
                 n = self._uart.receive(bytes(self._pending))
                 del self._pending[:n]
             return not self._pending
@@ -296,83 +355,87 @@ class Console:
         """
 
     def start(self) -> None:
-        if self._thread is None and self._has_input():
-            self._thread = threading.Thread(target=self._input_loop, name=f"console-{self.kind}",
-                                            daemon=True)
-            self._thread.start()
+        """Serve input on the event loop."""
+        if self._started or self._closed or not self._has_input():
+            return
+        self._started = True
+        self._loop().call_soon(self._start_input)
 
     def _has_input(self) -> bool:
         return self.fileno() is not None
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _input_loop(self) -> None:
-        while not self._closed:
-            if self._pending and not self.flush_pending() and self._guest_has_focus():
-                self._space.wait(0.1)
-                continue
-            fds = self._poll_fds()
-            if not fds:
-                return
-            try:
-                ready, _, _ = select.select(fds + [self._wake_r], [], [], 1.0)
-            except (OSError, ValueError):
-                if self._closed:
-                    return
-                raise
-            if self._wake_r in ready:
-                self._drain_wake()
-            if self._closed:
-                return
-            if any(fd != self._wake_r for fd in ready):
-                try:
-                    self.handle_input()
-                except Exception:  # the thread must not die silently with a live guest
-                    log.exception("console: input handling failed")
-                    return
-
-    def _poll_fds(self) -> list[int]:
+    def _start_input(self) -> None:
         fd = self.fileno()
-        return [] if fd is None else [fd]
+        if fd is not None and not self._closed:
+            self._input_fd = fd
+            self._loop().subscribe(fd, EVENT_READ, self._input_ready)
+
+    def _input_ready(self, ready: int) -> None:
+        try:
+            self.handle_input()
+        except Exception:  # noqa: BLE001 - logged; the guest goes on without input
+            log.exception("console: input handling failed")
+            self._stop_input()
+            return
+        self._update_input()
+
+    def _input_held(self) -> bool:
+        """Offer held-back input again; True while reading more must wait."""
+        return bool(self._pending) and not self.flush_pending() and self._guest_has_focus()
+
+    def _update_input(self) -> None:
+        """On the loop's thread: read input only while the guest can take it."""
+        if self._closed or self._input_fd is None:
+            return
+        if self.fileno() is None:           # end of input
+            self._stop_input()
+            return
+        held = self._input_held()
+        self._loop().modify(self._input_fd, 0 if held or self._input_paused() else EVENT_READ)
+        self._retry_while(held)
+
+    def _retry_while(self, held: bool) -> None:
+        # The UART says when its FIFO has room (rx_space_available); this is the
+        # safety net for a FIFO emptied without saying so (a reset).
+        if held and self._retry is None:
+            self._retry = self._loop().call_later(INPUT_RETRY, self._retry_held_input)
+
+    def _retry_held_input(self) -> None:
+        self._retry = None
+        self._update_input()
+
+    def _input_paused(self) -> bool:
+        """True while input must wait for something other than the guest (a
+        monitor command)."""
+        return False
+
+    def _stop_input(self) -> None:
+        if self._input_fd is not None:
+            self._loop().unsubscribe(self._input_fd)
+            self._input_fd = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def _guest_has_focus(self) -> bool:
         """False while input goes elsewhere (the monitor): then a full guest FIFO
         must not stop reading, or the user could not type commands or escapes."""
         return True
 
-    kind = "console"
-
     def close(self) -> None:
         if self._closed:
             return
         self.flush_output()
-        with self._out_cond:
+        with self._out_buf_lock:
             self._closed = True
-            self._out_cond.notify_all()
         self.flush_output()       # what a vCPU queued meanwhile
-        if self._flusher is not None and self._flusher is not threading.current_thread():
-            self._flusher.join(2.0)
         _live_consoles.discard(self)
-        self._space.set()
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2.0)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        events = self._events
+        if events is not None:
+            # On the loop's thread, so no input handling is half done when close returns.
+            events.call_and_wait(self._stop_input, timeout=2.0)
+            if self._own_events:
+                events.close()
 
 
 class NullConsole(Console):
@@ -381,26 +444,44 @@ class NullConsole(Console):
     def write(self, data: bytes) -> None:
         pass
 
+    def buffered_write(self, data: bytes) -> None:
+        pass
+
 
 class FileConsole(Console):
     """Output appended to a file (truncated when opened, as QEMU does); no input."""
 
     kind = "file"
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
+    def __init__(self, path: str, events: EventLoop | None = None) -> None:
+        super().__init__(events)
         self.path = path
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
             super().close()
             raise ConfigError(f"serial = \"file:{path}\": {e.strerror}") from None
+        # Our own open file: a FIFO named here then cannot keep the loop waiting
+        # (a regular file never does).
+        os.set_blocking(self._fd, False)
         self._broken = False
 
     def write(self, data: bytes) -> None:
         if not self._broken and not write_all(self._fd, data):
-            self._broken = True
-            log.warning("console: writing %s failed; further output dropped", self.path)
+            self._gone()
+
+    def _write_some(self, data: bytes) -> int:
+        if self._broken:
+            return len(data)
+        n = write_some(self._fd, data)
+        if n is None:
+            self._gone()
+            return len(data)
+        return n
+
+    def _gone(self) -> None:
+        self._broken = True
+        log.warning("console: writing %s failed; further output dropped", self.path)
 
     def close(self) -> None:
         super().close()
@@ -535,26 +616,42 @@ class LineEditor:
         return action() if action is not None else b""
 
 
+class MonitorInterpreter(Protocol):
+    """What ``on_monitor()`` returns: the human monitor (monitor/hmp.py's Hmp with
+    ``defer_quit``, whose ``quit`` only sets ``quit_requested``)."""
+
+    quit_requested: bool
+    control: VmControl
+
+    def execute(self, line: str) -> str: ...
+
+
 class StdioConsole(Console):
     kind = "stdio"
 
-    def __init__(self, on_quit: Callable[[], None], on_monitor: Callable[[], object] | None = None,
-                 in_fd: int = 0, out_fd: int = 1) -> None:
+    def __init__(self, on_quit: Callable[[], None],
+                 on_monitor: Callable[[], MonitorInterpreter | None] | None = None,
+                 in_fd: int = 0, out_fd: int = 1, events: EventLoop | None = None) -> None:
         """``on_monitor()`` is called at each switch to the monitor and returns the
-        HMP interpreter (``execute(line) -> str``; ``quit_requested`` and ``control``
-        when it defers ``quit``), or None when there is none."""
-        super().__init__()
+        HMP interpreter, or None when there is none."""
+        super().__init__(events)
         self.on_quit = on_quit
         self.on_monitor = on_monitor
         self.in_fd = in_fd
         self.out_fd = out_fd
+        self._write_fd, self._own_write_fd = _nonblocking_writer(out_fd)
         self._got_escape = False
         self._eof = False
         self._broken = False
         self._out_lock = threading.Lock()
-        self._monitor = None            # the interpreter while the monitor has the focus
+        self._monitor: MonitorInterpreter | None = None   # while the monitor has the focus
         self._monitor_opened = False
         self._editor = LineEditor()
+        # Monitor commands may wait for the vCPUs (stop, info registers): they run on
+        # this worker, never on the loop; keys typed meanwhile wait in _held_keys.
+        self._commands = Worker(f"console-{self.kind}-monitor")
+        self._command_running = False
+        self._held_keys = b""
         self.is_tty = os.isatty(in_fd)
         if self.is_tty:
             make_raw(in_fd)
@@ -563,8 +660,22 @@ class StdioConsole(Console):
         if self._broken:
             return
         with self._out_lock:
-            if not write_all(self.out_fd, data):
+            if not write_all(self._write_fd, data):
                 self._broken = True
+
+    def _write_some(self, data: bytes) -> int:
+        if self._broken:
+            return len(data)
+        if not self._out_lock.acquire(blocking=False):
+            return 0            # another writer waits for the terminal: not the loop too
+        try:
+            n = write_some(self._write_fd, data)
+        finally:
+            self._out_lock.release()
+        if n is None:
+            self._broken = True
+            return len(data)
+        return n
 
     def _message(self, text: str) -> None:
         self.flush_output()     # after the guest output it follows
@@ -575,6 +686,9 @@ class StdioConsole(Console):
 
     def _guest_has_focus(self) -> bool:
         return self._monitor is None
+
+    def _input_paused(self) -> bool:
+        return self._command_running
 
     def handle_input(self) -> None:
         if self._pending and not self.flush_pending() and self._monitor is None:
@@ -595,14 +709,22 @@ class StdioConsole(Console):
             self._push(to_guest)
 
     def process_keys(self, data: bytes) -> bytes:
-        """Apply the C-a escapes and feed the monitor; returns the bytes meant for the guest."""
+        """Apply the C-a escapes and feed the monitor; returns the bytes meant for the guest.
+
+        A monitor line handed to the worker holds the keys after it until the
+        command is done (they may switch focus, quit or be the next command)."""
+        if self._command_running:
+            self._held_keys += data
+            return b""
         out = bytearray()
-        for b in data:
+        for i, b in enumerate(data):
             if self._got_escape:
                 self._got_escape = False
                 if b == CTRL_A:
                     if self._monitor is not None:
-                        self._monitor_key(b)
+                        if self._monitor_key(b):
+                            self._held_keys = bytes(data[i + 1:])
+                            break
                     else:
                         out.append(CTRL_A)
                 elif b in (ord("x"), ord("X")):
@@ -618,14 +740,15 @@ class StdioConsole(Console):
                     # QEMU sends the break to the frontend with the focus: the monitor ignores it
                     if self._monitor is None:
                         self._flush_to_guest(out)
-                        send_break = getattr(self._uart, "send_break", None)
-                        if send_break is not None:
-                            send_break()
+                        if self._uart is not None:
+                            self._uart.send_break()
                 # anything else after C-a is dropped, as in QEMU
             elif b == CTRL_A:
                 self._got_escape = True
             elif self._monitor is not None:
-                self._monitor_key(b)
+                if self._monitor_key(b):
+                    self._held_keys = bytes(data[i + 1:])
+                    break
             else:
                 out.append(b)
         return bytes(out)
@@ -648,24 +771,49 @@ class StdioConsole(Console):
             text = BANNER + "\r\n" + text
         self._message(text)
 
-    def _monitor_key(self, b: int) -> None:
+    def _monitor_key(self, b: int) -> bool:
+        """Feed one key to the line editor; True when it ended a line that went to
+        the worker (the keys after it must wait)."""
         echo, line = self._editor.feed(b)
         if echo:
             self.flush_output()
             self.write(echo)
         if line is None:
-            return
+            return False
         monitor = self._monitor
+        if not self._started:           # no loop serves us: the caller's thread may wait
+            self._run_command(monitor, line)
+            return False
+        self._command_running = True
+        self._commands.submit(lambda: self._run_command_then_resume(monitor, line))
+        return True
+
+    def _run_command(self, monitor: MonitorInterpreter, line: str) -> None:
         out = monitor.execute(line)
         if out:
             self._message(out.replace("\n", "\r\n"))
-        if getattr(monitor, "quit_requested", False):
+        if monitor.quit_requested:
             # deferred so the output above is out before the VM goes away
             monitor.quit_requested = False
             monitor.control.quit()
             return
         if self._monitor is monitor:
             self._message(MONITOR_PROMPT)
+
+    def _run_command_then_resume(self, monitor: MonitorInterpreter, line: str) -> None:
+        try:
+            self._run_command(monitor, line)
+        finally:
+            self._loop().call_soon(self._command_done)
+
+    def _command_done(self) -> None:
+        self._command_running = False
+        keys, self._held_keys = self._held_keys, b""
+        if keys:
+            to_guest = self.process_keys(keys)
+            if to_guest:
+                self._push(to_guest)
+        self._update_input()
 
     def _flush_to_guest(self, out: bytearray) -> None:
         # keep ordering: bytes typed before an escape reach the UART first
@@ -675,6 +823,9 @@ class StdioConsole(Console):
 
     def close(self) -> None:
         super().close()
+        self._commands.close()
+        if self._own_write_fd:
+            os.close(self._write_fd)
         if self.is_tty:
             restore_terminal(self.in_fd)
 
@@ -689,14 +840,16 @@ class UnixSocketConsole(Console):
 
     kind = "unix"
 
-    def __init__(self, path: str, backlog_limit: int = UNIX_BACKLOG_LIMIT) -> None:
-        super().__init__()
+    def __init__(self, path: str, backlog_limit: int = UNIX_BACKLOG_LIMIT,
+                 events: EventLoop | None = None) -> None:
+        super().__init__(events)
         self.path = path
         self.backlog_limit = backlog_limit
         self._backlog = bytearray()
         self._dropped = 0
         self._lock = threading.Lock()
         self._client: socket.socket | None = None
+        self._client_fd = -1
         try:
             st = os.lstat(path)
             if stat.S_ISSOCK(st.st_mode):
@@ -721,6 +874,8 @@ class UnixSocketConsole(Console):
         return self._client is not None
 
     def write(self, data: bytes) -> None:
+        """Never waits: what the client does not take now goes to the backlog."""
+        wants_writable = False
         with self._lock:
             if self._client is not None and not self._backlog:
                 try:
@@ -732,54 +887,49 @@ class UnixSocketConsole(Console):
                     n = 0
                 data = data[n:]
             if data:
+                wants_writable = self._client is not None and not self._backlog
                 self._backlog += data
                 excess = len(self._backlog) - self.backlog_limit
                 if excess > 0:
                     del self._backlog[:excess]
                     self._dropped += excess
-                if self._client is not None:
-                    self._wake()  # the input thread sends the rest when writable
+        if wants_writable and self._started:
+            self._loop().call_soon(self._update_input)   # the loop sends the rest when writable
 
     def _drop_client_locked(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            except OSError:
-                pass
-            self._client = None
-
-    def _has_input(self) -> bool:
-        return True
+        if self._client is None:
+            return
+        fd = self._client.detach()
+        self._client = None
+        self._client_fd = -1
+        if self._started:
+            self._loop().unsubscribe(fd, close=True)    # closed once the loop has forgotten it
+        else:
+            os.close(fd)
 
     def fileno(self) -> int | None:
         return None  # several descriptors: use start()
 
-    def _input_loop(self) -> None:
-        while not self._closed:
-            client = self._client
-            rfds = [self._listener, self._wake_r]
-            if client is not None and not self._pending:
-                rfds.append(client)
-            wfds = [client] if client is not None and self._backlog else []
-            timeout = 0.1 if self._pending else 1.0
-            try:
-                ready_r, ready_w, _ = select.select(rfds, wfds, [], timeout)
-            except (OSError, ValueError):
-                if self._closed:
-                    return
-                continue
-            if self._closed:
+    def _has_input(self) -> bool:
+        return True
+
+    def _start_input(self) -> None:
+        if not self._closed:
+            self._loop().subscribe(self._listener.fileno(), EVENT_READ, lambda ready: self._accept())
+
+    def _update_input(self) -> None:
+        """On the loop's thread: read the client only while the guest can take its
+        input; wait for it to be writable while output is backlogged."""
+        if self._closed:
+            return
+        held = self._input_held()
+        with self._lock:
+            client, fd = self._client, self._client_fd
+            if client is None:
                 return
-            if self._wake_r in ready_r:
-                self._drain_wake()
-            if self._pending:
-                self.flush_pending()
-            if self._listener in ready_r:
-                self._accept()
-            if client is not None and client in ready_w:
-                self._send_backlog()
-            if client is not None and client in ready_r:
-                self._read_client(client)
+            events = (0 if held else EVENT_READ) | (EVENT_WRITE if self._backlog else 0)
+        self._loop().modify(fd, events)
+        self._retry_while(held)
 
     def _accept(self) -> None:
         try:
@@ -792,12 +942,24 @@ class UnixSocketConsole(Console):
                 conn.close()
                 return
             conn.setblocking(False)
-            self._client = conn
+            self._client, self._client_fd = conn, conn.fileno()
             if self._dropped:
                 log.info("console: %d bytes of output dropped before a client connected",
                          self._dropped)
                 self._dropped = 0
+        self._loop().subscribe(conn.fileno(), EVENT_READ,
+                               lambda ready: self._client_ready(conn, ready))
         self._send_backlog()
+        self._update_input()
+
+    def _client_ready(self, client: socket.socket, ready: int) -> None:
+        if self._client is not client:
+            return
+        if ready & EVENT_WRITE:
+            self._send_backlog()
+        if ready & EVENT_READ:
+            self._read_client(client)
+        self._update_input()
 
     def _send_backlog(self) -> None:
         with self._lock:
@@ -826,6 +988,13 @@ class UnixSocketConsole(Console):
             return
         self._push(data)
 
+    def _stop_input(self) -> None:
+        super()._stop_input()
+        with self._lock:
+            self._drop_client_locked()
+        if self._started:
+            self._loop().unsubscribe(self._listener.fileno())
+
     def close(self) -> None:
         super().close()
         with self._lock:
@@ -838,22 +1007,43 @@ class UnixSocketConsole(Console):
             pass
 
 
+def _nonblocking_writer(fd: int) -> tuple[int, bool]:
+    """A descriptor writing where ``fd`` does that never makes the writer wait:
+    (fd, whether we opened it). A terminal or a pipe is opened again as our own,
+    non-blocking, open file: setting O_NONBLOCK on an inherited stdout would
+    change it for the shell and everyone else sharing it. A regular file or a
+    device never keeps a writer waiting for long, and is written as it is."""
+    try:
+        if os.isatty(fd):
+            path = os.ttyname(fd)
+        elif stat.S_ISFIFO(os.fstat(fd).st_mode):
+            path = f"/proc/self/fd/{fd}"
+        else:
+            return fd, False
+        return os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC), True
+    except OSError as e:
+        log.debug("console: fd %d cannot be reopened non-blocking (%s); writing it as it is", fd, e)
+        return fd, False
+
+
 def open_console(spec: str, on_quit: Callable[[], None],
-                 on_monitor: Callable[[], object] | None = None) -> Console:
-    """``stdio``, ``file:PATH``, ``unix:PATH[,server][,nowait]`` or ``none``."""
+                 on_monitor: Callable[[], MonitorInterpreter | None] | None = None,
+                 events: EventLoop | None = None) -> Console:
+    """``stdio``, ``file:PATH``, ``unix:PATH[,server][,nowait]`` or ``none``;
+    served on ``events`` (the process's loop) when given."""
     if not isinstance(spec, str):
         raise ConfigError(f"serial = {spec!r}: expected a string")
     if spec == "stdio":
-        return StdioConsole(on_quit, on_monitor)
+        return StdioConsole(on_quit, on_monitor, events=events)
     if spec == "none":
-        return NullConsole()
+        return NullConsole(events)
     if spec.startswith("file:") and len(spec) > 5:
-        return FileConsole(spec[5:])
+        return FileConsole(spec[5:], events)
     if spec.startswith("unix:"):
         path, *options = spec[5:].split(",")
         bad = [o for o in options if o not in ("server", "server=on", "nowait", "wait=off")]
         if path and not bad:
-            return UnixSocketConsole(path)
+            return UnixSocketConsole(path, events=events)
         if bad:
             raise ConfigError(f"serial = {spec!r}: unsupported option {bad[0]!r} "
                               "(kvmpy listens as a server: unix:PATH[,server][,nowait])")

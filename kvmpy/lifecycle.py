@@ -7,11 +7,14 @@ The order the run command follows (each step needs the one before):
                 open /dev/kvm, taps, images, monitor sockets (as root)
                 drop_privileges(user)  # before any guest code runs
                 start the vCPUs
-                SignalActions(control).install()
+                SignalActions(control, events=loop).install()
       return  -> parent exits 0; child continues with the VM
 
-Nothing here starts a thread that outlives its owner: SignalActions.close()
-joins its thread, Pidfile.release() is idempotent and also runs at exit.
+Nothing here starts a thread that outlives its owner: SignalActions works on the
+process's event loop (or closes the one it made), Pidfile.release() is idempotent
+and also runs at exit. Which process runs what: the daemonize parent only waits on
+a pipe, the VM process runs the one event loop, the --runas cleanup helper only
+waits on a pipe; ``kvmpy service`` is a separate short-lived command.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import fcntl
 import logging
 import os
 import pwd
-import queue
 import signal
 import sys
 import threading
@@ -29,6 +31,7 @@ import time
 from typing import Callable, TypeVar
 
 from .errors import UserError
+from .events import EVENT_READ, EventLoop, TimerHandle
 from .monitor.control import VmControl
 from .procfs import process_stat
 
@@ -508,58 +511,76 @@ class SignalActions:
     ``powerdown_timeout`` seconds (a second SIGTERM quits at once).
     SIGINT: quit.
 
-    The handlers only queue the signal; a helper thread talks to the machine,
-    because a Python signal handler runs in the main thread between bytecodes,
-    possibly while that thread holds a lock the machine needs. install() must
-    be called from the main thread; close() restores the old handlers and
-    joins the helper.
+    The handlers only write the signal's number to a pipe; the event loop
+    (``events``, the process's loop; without one, a loop of its own) reads it and
+    talks to the machine, because a Python signal handler runs in the main thread
+    between bytecodes, possibly while that thread holds a lock the machine (or
+    the loop's call queue) needs. install() must be called from the main thread;
+    close() restores the old handlers, and once it returns nothing more is done.
     """
 
-    def __init__(self, control: VmControl, powerdown_timeout: float = 30.0):
+    def __init__(self, control: VmControl, powerdown_timeout: float = 30.0,
+                 events: EventLoop | None = None):
         self.control = control
         self.powerdown_timeout = powerdown_timeout
-        self._queue: "queue.SimpleQueue[int | None]" = queue.SimpleQueue()
+        self._events = events
+        self._own_events = False
         self._old: dict[int, object] = {}
-        self._thread: threading.Thread | None = None
+        self._pipe_r = self._pipe_w = -1
+        self._powerdown_timer: TimerHandle | None = None
+        self._done = False          # quit was asked, or closed: later signals do nothing
         self.quit_reason: str | None = None
 
     def install(self) -> "SignalActions":
-        self._thread = threading.Thread(target=self._run, name="kvmpy-signals", daemon=True)
-        self._thread.start()
+        if self._events is None:
+            self._events = EventLoop(name="kvmpy-signals")
+            self._own_events = True
+            self._events.start()
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._events.subscribe(self._pipe_r, EVENT_READ, self._signals_arrived)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
-        self._queue.put(signum)     # SimpleQueue.put is safe in a signal handler
+        # os.write takes no lock the interrupted code may hold; a full pipe already
+        # holds enough signals to act on.
+        try:
+            os.write(self._pipe_w, bytes([signum]))
+        except OSError:
+            pass
 
-    def _run(self) -> None:
-        deadline: float | None = None
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    def _signals_arrived(self, ready: int) -> None:
+        try:
+            numbers = os.read(self._pipe_r, 64)
+        except (BlockingIOError, OSError):
+            return
+        for sig in numbers:
+            self._on_signal(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._done:
+            return
+        if sig == signal.SIGTERM and self._powerdown_timer is None:
+            log.info("SIGTERM: pressing the ACPI power button")
             try:
-                sig = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                log.warning("guest ignored the power button for %.0f s; quitting",
-                            self.powerdown_timeout)
-                self._quit("powerdown-timeout")
+                self.control.powerdown()
+            except Exception as e:
+                log.warning("powerdown failed (%s); quitting", e)
+                self._quit("powerdown-failed")
                 return
-            if sig is None:
-                return
-            if sig == signal.SIGTERM and deadline is None:
-                log.info("SIGTERM: pressing the ACPI power button")
-                try:
-                    self.control.powerdown()
-                except Exception as e:
-                    log.warning("powerdown failed (%s); quitting", e)
-                    self._quit("powerdown-failed")
-                    return
-                deadline = time.monotonic() + self.powerdown_timeout
-            else:
-                self._quit("sigterm-again" if sig == signal.SIGTERM else "sigint")
-                return
+            self._powerdown_timer = self._events.call_later(self.powerdown_timeout, self._powerdown_expired)
+        else:
+            self._quit("sigterm-again" if sig == signal.SIGTERM else "sigint")
+
+    def _powerdown_expired(self) -> None:
+        if self._done:
+            return
+        log.warning("guest ignored the power button for %.0f s; quitting", self.powerdown_timeout)
+        self._quit("powerdown-timeout")
 
     def _quit(self, reason: str) -> None:
+        self._done = True
         self.quit_reason = reason
         try:
             self.control.quit()
@@ -573,11 +594,25 @@ class SignalActions:
             except (ValueError, TypeError):
                 pass        # not the main thread, or a handler Python cannot reinstall
         self._old.clear()
-        if self._thread is not None:
-            self._queue.put(None)
-            if self._thread is not threading.current_thread():
-                self._thread.join(5)
-            self._thread = None
+        events = self._events
+        if events is None or self._pipe_r < 0:
+            return
+        pipe_r, pipe_w = self._pipe_r, self._pipe_w
+
+        def stop() -> None:
+            self._done = True
+            if self._powerdown_timer is not None:
+                self._powerdown_timer.cancel()
+            events.unsubscribe(pipe_r)
+        # On the loop's thread, so no action is half done when close returns.
+        events.call_and_wait(stop)
+        self._pipe_r = self._pipe_w = -1     # a handler Python could not remove writes nowhere
+        os.close(pipe_r)
+        os.close(pipe_w)
+        if self._own_events:
+            events.close()
+            self._events = None
+            self._own_events = False
 
     def __enter__(self) -> "SignalActions":
         return self.install()

@@ -92,7 +92,7 @@ class Machine:
         # KVM keeps its timers in the kernel; the RTC's interrupt needs one in userspace.
         wheel = self.accel.timer_wheel
         if wheel is None:
-            wheel = TimerWheel(name="rtc-timer")
+            wheel = TimerWheel(name="rtc-timer", events=self.events)
             self._closers.append(wheel.close)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
                           mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)

@@ -10,6 +10,7 @@ import threading
 from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
                      parse_netdev, parse_size, validate)
 from .errors import ConfigError
+from .events import EventLoop
 from .pathcheck import require_file
 from .plugins import parse_device_option
 
@@ -130,6 +131,8 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
 
 
 def _run(cfg: VmConfig, notify_running) -> int:
+    """The VM process (the daemonized child with --daemonize): its one event loop
+    serves the console, the monitors, the signals and the machine's devices."""
     from .console import open_console
     from .machine import Machine
     from .monitor import console_monitor, start_servers
@@ -144,8 +147,13 @@ def _run(cfg: VmConfig, notify_running) -> int:
     def on_monitor():
         return monitor_ref[0] if monitor_ref else None
 
+    events = EventLoop()
     serial_spec = "none" if cfg.daemonize and cfg.serial == "stdio" else cfg.serial
-    console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor)
+    try:
+        console = open_console(serial_spec, on_quit=on_quit, on_monitor=on_monitor, events=events)
+    except BaseException:
+        events.close()
+        raise
     pidfile = None
     machine = None
     finish_cleanup = None
@@ -153,10 +161,10 @@ def _run(cfg: VmConfig, notify_running) -> int:
         if cfg.pidfile:
             from .lifecycle import Pidfile
             pidfile = Pidfile(cfg.pidfile)
-        machine = Machine(cfg, console=console)
+        machine = Machine(cfg, console=console, events=events)
         machine_ref.append(machine)
         monitor_ref.append(console_monitor(machine))
-        servers = start_servers(machine, cfg.qmp, cfg.hmp)
+        servers = start_servers(machine, cfg.qmp, cfg.hmp, events=events)
         if cfg.runas:
             from .lifecycle import drop_privileges, start_cleanup_helper
             sockets = [(srv.address.path, srv._socket_identity) for srv in servers
@@ -164,7 +172,7 @@ def _run(cfg: VmConfig, notify_running) -> int:
             if pidfile is not None or sockets:
                 finish_cleanup = start_cleanup_helper(pidfile, sockets)
             drop_privileges(cfg.runas)
-        _install_signal_handlers(machine)
+        _install_signal_handlers(machine, events)
         console.start()
         machine.start()
         if notify_running is not None:
@@ -176,17 +184,18 @@ def _run(cfg: VmConfig, notify_running) -> int:
         raise
     finally:
         console.close()
+        events.close()          # after everything that subscribed to it
         if pidfile is not None:
             pidfile.remove()
         if finish_cleanup is not None:
             finish_cleanup()    # the root helper removes what we no longer may
 
 
-def _install_signal_handlers(machine):
+def _install_signal_handlers(machine, events: EventLoop):
     """SIGTERM: ACPI powerdown, then quit after a timeout; SIGINT: quit."""
     if threading.current_thread() is not threading.main_thread():
         return None
     from .lifecycle import SignalActions
-    actions = SignalActions(machine, powerdown_timeout=SIGTERM_POWERDOWN_TIMEOUT).install()
+    actions = SignalActions(machine, powerdown_timeout=SIGTERM_POWERDOWN_TIMEOUT, events=events).install()
     machine.on_close(actions.close)
     return actions

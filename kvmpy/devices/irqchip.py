@@ -34,8 +34,8 @@ The vCPU side (translator run loop) -- the protocol:
   calls ``set_current_cpu(cpu)`` once when it starts, and accesses from that thread
   reach that vCPU's LAPIC (``lapic_read``/``lapic_write`` take an explicit cpu).
 
-Threading: one re-entrant lock for the whole chip (vCPU threads, the TimerWheel
-thread and I/O threads all come through it). Callouts to the CPU side
+Threading: one re-entrant lock for the whole chip (vCPU threads and the event
+loop's thread, which fires the TimerWheel's timers and the MSIs, all come through it). Callouts to the CPU side
 (``cpu_kick``, ``on_init``, ``on_sipi``) are deferred until the outermost holder
 releases the lock, so the machine may call back into the chip from them.
 """
@@ -54,6 +54,7 @@ from .lapic import APIC_DEFAULT_BASE, DM_FIXED, DM_LOWEST, Lapic
 from .legacy import SYSTEM_CONTROL_B, SystemControlB
 from .pic8259 import Pic8259Pair
 from .pit8254 import Pit8254
+from ..events import EVENT_READ, EventLoop, TimerFd
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ NUM_IOAPIC_PINS = 24
 class WheelTimer:
     """One timer of a TimerWheel: ``arm(deadline_ns, token)``, ``cancel()``.
 
-    The callback runs on the wheel's thread as ``callback(deadline_ns, token)``,
+    The callback runs on the wheel's loop thread as ``callback(deadline_ns, token)``,
     without any wheel lock held; a re-arm or cancel racing with the callback may
     still let one stale call through, so callbacks check ``token`` under their own
     lock.
@@ -91,24 +92,42 @@ class WheelTimer:
         return self.deadline is not None
 
 
-class TimerWheel:
-    """All the timers of one machine on one host thread (heapq + Condition).
+# Timers fired per wake-up of the loop at most: a guest whose timers are all overdue
+# (a host that stalled) must not keep the console and the monitors waiting.
+MAX_FIRED_PER_WAKE = 64
 
-    ``clock`` is in nanoseconds (CLOCK_MONOTONIC by default). With
+
+class TimerWheel:
+    """All the timers of one machine in one heap, fired on an event loop.
+
+    The wheel subscribes a timerfd (kvmpy.events.TimerFd) set to its earliest
+    deadline to ``events`` (the machine's loop), or, without one, to a loop of its
+    own started at the first arm. Arming a timer earlier than that deadline, from
+    any thread, resets the timerfd; nothing else wakes the loop. ``clock`` is in
+    nanoseconds: on a loop it must be time.monotonic_ns (the timerfd's clock). With
     ``threaded=False`` nothing runs by itself: ``run_due()`` fires what is due at
     ``clock()`` (deterministic tests drive a fake clock this way).
     """
 
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns, threaded: bool = True,
-                 name: str = "timer-wheel") -> None:
+                 name: str = "timer-wheel", events: EventLoop | None = None) -> None:
+        if threaded and clock is not time.monotonic_ns:
+            raise ValueError("a TimerWheel on an event loop keeps time.monotonic_ns (its timerfd's clock); "
+                             "other clocks need threaded=False")
+        if events is not None and not threaded:
+            raise ValueError("a TimerWheel with threaded=False fires only in run_due(): give it no loop")
         self.clock = clock
         self._threaded = threaded
         self._name = name
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._heap: list[tuple[int, int, WheelTimer, int]] = []
         self._seq = itertools.count()
         self._live = 0
-        self._thread: threading.Thread | None = None
+        self._events = events
+        self._own_events = False
+        self._timerfd: TimerFd | None = None
+        self._programmed: int | None = None     # the deadline the timerfd is set to
+        self._firing = False                    # the loop is firing: it sets the timerfd after
         self._closed = False
         self.fired = 0
 
@@ -116,7 +135,7 @@ class TimerWheel:
         return WheelTimer(self, callback)
 
     def _arm(self, t: WheelTimer, deadline: int, token: object) -> None:
-        with self._cv:
+        with self._lock:
             if self._closed:
                 return
             if t.deadline is None:
@@ -129,21 +148,34 @@ class TimerWheel:
                 # re-armed timers leave stale entries behind: drop them
                 self._heap = [e for e in self._heap if e[2]._gen == e[3] and e[2].deadline is not None]
                 heapq.heapify(self._heap)
-            if self._heap[0][2] is t:
-                self._cv.notify()
-            if self._threaded and self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            if not self._threaded:
+                return
+            if self._timerfd is None:
+                self._subscribe_locked()
+            if not self._firing and (self._programmed is None or deadline < self._programmed):
+                self._program_locked(deadline)
+
+    def _subscribe_locked(self) -> None:
+        if self._events is None:
+            self._events = EventLoop(name=self._name)
+            self._own_events = True
+            self._events.start()
+        self._timerfd = TimerFd()
+        self._events.subscribe(self._timerfd.fd, EVENT_READ, self._on_timerfd)
+
+    def _program_locked(self, deadline: int) -> None:
+        self._timerfd.set(deadline)
+        self._programmed = deadline
 
     def _cancel(self, t: WheelTimer) -> None:
-        with self._cv:
+        with self._lock:
             if t.deadline is not None:
                 self._live -= 1
             t._gen += 1
             t.deadline = None
 
     def _pop_due(self, now: int):
-        """(timer, deadline, token) of the next due live entry, or None. Under _cv."""
+        """(timer, deadline, token) of the next due live entry, or None. Under _lock."""
         while self._heap:
             deadline, _, t, gen = self._heap[0]
             if t._gen != gen or t.deadline is None:
@@ -168,41 +200,66 @@ class TimerWheel:
         """Fire every timer due now (manual mode); returns how many fired."""
         n = 0
         while True:
-            with self._cv:
+            with self._lock:
                 hit = self._pop_due(self.clock())
             if hit is None:
                 return n
             self._fire(*hit)
             n += 1
 
+    def _earliest_locked(self) -> int | None:
+        """The heap's first live deadline (stale entries on top are dropped)."""
+        while self._heap:
+            deadline, _, t, gen = self._heap[0]
+            if t._gen == gen and t.deadline is not None:
+                return deadline
+            heapq.heappop(self._heap)
+        return None
+
     def next_deadline(self) -> int | None:
-        with self._cv:
+        with self._lock:
             live = [e[0] for e in self._heap if e[2]._gen == e[3] and e[2].deadline is not None]
             return min(live) if live else None
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    if self._closed:
-                        return
-                    hit = self._pop_due(self.clock())
-                    if hit is not None:
-                        break
-                    if self._heap:
-                        wait = (self._heap[0][0] - self.clock()) / 1e9
-                        self._cv.wait(max(0.0, min(wait, 1.0)))
-                    else:
-                        self._cv.wait()
-            self._fire(*hit)
+    def _on_timerfd(self, ready: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._timerfd.clear()
+            self._firing = True
+        try:
+            for _ in range(MAX_FIRED_PER_WAKE):
+                with self._lock:
+                    hit = None if self._closed else self._pop_due(self.clock())
+                if hit is None:
+                    break
+                self._fire(*hit)
+        finally:
+            with self._lock:
+                self._firing = False
+                self._programmed = None
+                if not self._closed:
+                    head = self._earliest_locked()
+                    if head is not None:
+                        self._program_locked(head)
 
     def close(self) -> None:
-        with self._cv:
+        """Stop every timer; once this returns no callback runs (one that was
+        running has finished), unless the loop is stuck for more than 2 s."""
+        with self._lock:
             self._closed = True
             self._heap.clear()
-            self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+            timerfd, self._timerfd = self._timerfd, None
+        events = self._events
+        if events is None:
+            return
+        if timerfd is not None:
+            def release() -> None:
+                events.unsubscribe(timerfd.fd)
+                timerfd.close()
+            events.call_and_wait(release, timeout=2)
+        if self._own_events:
+            events.close()
 
 
 # ---------------------------------------------------------------------- the chip lock

@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Callable, Protocol
 
+from ..events import EVENT_READ, EventLoop
 from ..memory import GuestMemory
 
 
@@ -52,13 +53,16 @@ class SoftPlatform:
 
     ``on_msi(address, data)`` and ``on_irq(gsi, level)`` are called for every
     injection; tests record them, the translator forwards them to its APIC model.
-    Doorbells are checked by ``doorbell_write`` which the software MMIO/PIO
-    dispatch calls before the bus.
+    MSI eventfds are subscribed to ``events`` (the machine's loop; without one, a
+    loop of the platform's own started by the first), which turns each write into
+    an ``on_msi`` call. Doorbells are checked by ``doorbell_write`` which the
+    software MMIO/PIO dispatch calls before the bus.
     """
 
     def __init__(self, memory: GuestMemory,
                  on_irq: Callable[[int, bool], None] | None = None,
-                 on_msi: Callable[[int, int], None] | None = None) -> None:
+                 on_msi: Callable[[int, int], None] | None = None,
+                 events: EventLoop | None = None) -> None:
         self.memory = memory
         self.on_irq = on_irq or (lambda gsi, level: None)
         self.on_msi = on_msi or (lambda address, data: None)
@@ -66,8 +70,8 @@ class SoftPlatform:
         self._lock = threading.Lock()
         self._msi_fds: dict[int, tuple[int, int]] = {}
         self._doorbells: dict[int, tuple[int, int, int | None, bool]] = {}
-        self._msi_thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._events = events
+        self._own_events = False
         self._closed = False
 
     # legacy lines and direct MSIs
@@ -78,14 +82,21 @@ class SoftPlatform:
     def send_msi(self, address: int, data: int) -> None:
         self.on_msi(address, data)
 
-    # MSI eventfds: a small poller thread turns eventfd writes into on_msi calls
+    # MSI eventfds: each is a subscriber of the event loop
     def msi_eventfd(self, address: int, data: int) -> int:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         with self._lock:
             self._msi_fds[fd] = (address, data)
-        self._ensure_msi_thread()
-        os.write(self._wake_w, b"x")
+            events = self._loop_locked()
+        events.subscribe(fd, EVENT_READ, lambda ready: self._msi_signalled(fd))
         return fd
+
+    def _loop_locked(self) -> EventLoop:
+        if self._events is None:
+            self._events = EventLoop(name="soft-msi")
+            self._own_events = True
+            self._events.start()
+        return self._events
 
     def update_msi_eventfd(self, fd: int, address: int, data: int) -> None:
         with self._lock:
@@ -94,36 +105,22 @@ class SoftPlatform:
 
     def release_msi_eventfd(self, fd: int) -> None:
         with self._lock:
-            self._msi_fds.pop(fd, None)
-        os.write(self._wake_w, b"x")
-        os.close(fd)
+            known = self._msi_fds.pop(fd, None) is not None
+            events = self._events
+        if known and events is not None:
+            events.unsubscribe(fd, close=True)
+        else:
+            os.close(fd)
 
-    def _ensure_msi_thread(self) -> None:
-        if self._msi_thread is None:
-            self._msi_thread = threading.Thread(target=self._msi_loop, name="soft-msi", daemon=True)
-            self._msi_thread.start()
-
-    def _msi_loop(self) -> None:
-        import select
-        while not self._closed:
-            with self._lock:
-                fds = list(self._msi_fds)
-            try:
-                ready, _, _ = select.select(fds + [self._wake_r], [], [])
-            except (OSError, ValueError):
-                continue
-            for fd in ready:
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    continue
-                try:
-                    os.eventfd_read(fd)
-                except (BlockingIOError, OSError):
-                    continue
-                with self._lock:
-                    target = self._msi_fds.get(fd)
-                if target is not None:
-                    self.on_msi(*target)
+    def _msi_signalled(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, OSError):
+            return
+        with self._lock:
+            target = None if self._closed else self._msi_fds.get(fd)
+        if target is not None:
+            self.on_msi(*target)
 
     # doorbells
     def add_doorbell(self, addr: int, size: int, datamatch: int | None, pio: bool) -> int:
@@ -144,7 +141,16 @@ class SoftPlatform:
         return False
 
     def close(self) -> None:
-        self._closed = True
-        os.write(self._wake_w, b"x")
+        """Stop delivering MSIs (their eventfds stay open until released) and drop
+        the doorbells."""
+        with self._lock:
+            self._closed = True
+            fds = list(self._msi_fds)
+            events = self._events
+        if events is not None:
+            for fd in fds:
+                events.unsubscribe(fd)
+            if self._own_events:
+                events.close()
         for fd in list(self._doorbells):
             self.remove_doorbell(fd)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports 
     from ..config import VmConfig
     from ..devices.bus import Bus
     from ..devices.irqchip import TimerWheel
+    from ..events import EventLoop
     from ..memory import GuestMemory
     from .regs import Regs, SRegs
 
@@ -99,6 +100,8 @@ class AccelHost(Protocol):
     memory: GuestMemory
     pio_bus: Bus
     mmio_bus: Bus
+    events: EventLoop
+    """The process's event loop: the translator's timers and MSI eventfds run on it."""
 
 
 class Accel(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 
+from ..events import EventLoop
 from .control import ControlError, VmControl
 from .hmp import Hmp
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ControlError", "VmControl", "console_monitor", "start_servers"]
 
 
-def start_servers(control: VmControl, qmp_specs=(), hmp_specs=()) -> list:
+def start_servers(control: VmControl, qmp_specs=(), hmp_specs=(), events: EventLoop | None = None) -> list:
     """Start a QMP server per ``qmp_specs`` entry and a human monitor per
     ``hmp_specs`` entry (``unix:/path``, ``tcp:HOST:PORT``, ``telnet:HOST:PORT``).
 
@@ -33,9 +34,9 @@ def start_servers(control: VmControl, qmp_specs=(), hmp_specs=()) -> list:
     servers: list = []
     try:
         for spec in qmp_specs:
-            servers.append(start_qmp_server(spec, control))
+            servers.append(start_qmp_server(spec, control, events))
         for spec in hmp_specs:
-            servers.append(start_hmp_server(spec, control))
+            servers.append(start_hmp_server(spec, control, events))
     except BaseException:
         for srv in servers:
             srv.close()

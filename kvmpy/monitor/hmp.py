@@ -15,6 +15,7 @@ from typing import Callable
 
 from .. import __version__
 from ..vcpu.trace import register_dump
+from ..events import EventLoop
 from .control import ControlError, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
@@ -321,6 +322,6 @@ class HmpServer(MonitorServer):
         self._emit(conn, out)
 
 
-def start_hmp_server(spec: str | Address, control: VmControl) -> HmpServer:
+def start_hmp_server(spec: str | Address, control: VmControl, events: EventLoop | None = None) -> HmpServer:
     """Listen on ``spec`` and serve the human monitor for ``control``."""
-    return HmpServer(spec, control).start()
+    return HmpServer(spec, control).start(events)

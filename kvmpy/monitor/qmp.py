@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..events import EventLoop
 from .control import ControlError, VmControl
 from .hmp import Hmp
 from .server import Address, Connection, MonitorServer
@@ -334,8 +335,8 @@ _COMMANDS = [
 COMMANDS = tuple(c.name for c in _COMMANDS)
 
 
-def start_qmp_server(spec: str | Address, control: VmControl) -> QmpServer:
+def start_qmp_server(spec: str | Address, control: VmControl, events: EventLoop | None = None) -> QmpServer:
     """Listen on ``spec`` (``unix:/path`` or ``tcp:HOST:PORT``) and serve QMP for
     ``control`` from background threads. Raises ConfigError for a bad or busy
     address. The caller closes it (``server.close()``) when the VM stops."""
-    return QmpServer(spec, control).start()
+    return QmpServer(spec, control).start(events)

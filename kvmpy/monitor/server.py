@@ -1,11 +1,12 @@
 """Socket plumbing shared by the QMP and human monitor servers.
 
-One I/O thread multiplexes the listening socket and every client with selectors;
-one dispatch thread runs monitor commands in arrival order. The split matters:
-a command such as ``stop`` waits for every vCPU to leave KVM_RUN, and while it
-waits the I/O thread keeps reading, writing and broadcasting events. Neither
-thread is ever a vCPU thread, and nothing a vCPU thread calls (event callbacks)
-does more than append to a queue and poke a pipe.
+The listening socket and every client are subscribers of the process's event
+loop (kvmpy.events; a server given none makes a loop of its own); one dispatch
+worker per server runs monitor commands in arrival order. The split matters: a
+command such as ``stop`` waits for every vCPU to leave KVM_RUN, which the loop
+must never do, and while it waits the loop keeps reading, writing and
+broadcasting events. Nothing a vCPU thread calls (event callbacks) does more
+than queue a call on the loop.
 
 Client sockets are non-blocking; each has bounded input (the protocol decides
 what a message is) and bounded output (a client that stops reading while events
@@ -17,8 +18,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
-import selectors
 import socket
 import stat
 import threading
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError
+from ..events import EVENT_READ, EVENT_WRITE, EventLoop, Worker
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,13 @@ def _remove_stale_unix_socket(path: str) -> None:
 
 
 class Connection:
-    """One client. Its methods are called on the I/O thread only, except
-    ``post`` and ``post_close`` which any thread may call."""
+    """One client. Its methods are called on the loop's thread only, except
+    ``post``, ``post_close`` and ``wait_flushed``, which any thread may call."""
 
     def __init__(self, server: "MonitorServer", sock: socket.socket, peer: str):
         self.server = server
         self.sock = sock
+        self.fd = sock.fileno()
         self.peer = peer
         self.closed = False
         self.closing = False         # close once the output is written
@@ -187,7 +188,7 @@ class Connection:
         self.server.call_soon(self.close_when_flushed)
 
     def wait_flushed(self, timeout: float) -> bool:
-        """From a non-I/O thread: wait until everything posted so far is written."""
+        """From a thread other than the loop's: wait until everything posted so far is written."""
         done = threading.Event()
         if self.server._stopping:
             return True
@@ -200,7 +201,7 @@ class Connection:
         self.server.call_soon(arm)
         return done.wait(timeout)
 
-    # -- I/O thread --
+    # -- loop thread --
     def write(self, data: bytes) -> None:
         if self.closed:
             return
@@ -262,7 +263,7 @@ class Connection:
 
 
 class MonitorServer:
-    """Listening socket + I/O thread + dispatch thread. Subclasses implement
+    """Listening socket + loop subscribers + a dispatch worker. Subclasses implement
     ``protocol_connected``, ``protocol_data``, ``protocol_eof``, ``protocol_closed``."""
 
     thread_name = "monitor"
@@ -278,72 +279,63 @@ class MonitorServer:
             # Report the real port when 0 asked the kernel to pick one.
             host, port = self._listener.getsockname()[:2]
             self.address = Address("tcp", host=host, port=port, telnet=self.address.telnet)
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._events: EventLoop | None = None
+        self._own_events = False
+        self._dispatch = Worker(f"{self.thread_name}-dispatch")
         self._conns: dict[int, Connection] = {}
         self._stopping = False
         self._closed = False
         self._close_lock = threading.Lock()
-        self._wake_lock = threading.Lock()
         self._torn_down = False
-        self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._io_thread = threading.Thread(target=self._io_loop, daemon=True,
-                                           name=f"{self.thread_name}-io")
-        self._dispatch_thread = threading.Thread(target=self._dispatch_loop, daemon=True,
-                                                 name=f"{self.thread_name}-dispatch")
 
-    def start(self) -> "MonitorServer":
-        self._io_thread.start()
-        self._dispatch_thread.start()
+    def start(self, events: EventLoop | None = None) -> "MonitorServer":
+        """Serve on ``events`` (the process's loop), or on a loop of its own."""
+        if events is None:
+            events = EventLoop(name=f"{self.thread_name}-io")
+            self._own_events = True
+        self._events = events
+        events.subscribe(self._listener.fileno(), EVENT_READ, lambda ready: self._accept())
+        events.start()
         return self
 
     # -- any thread --
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run fn on the I/O thread. Safe from any thread, vCPU threads included."""
-        if self._stopping:
+        """Run fn on the loop's thread. Safe from any thread, vCPU threads included;
+        dropped once the server is closing."""
+        if self._stopping or self._events is None:
             return
-        self._calls.put(fn)
-        self._wake()
 
-    def _wake(self) -> None:
-        # The lock keeps a late caller from writing into a recycled fd number.
-        with self._wake_lock:
-            if self._wake_w < 0:
-                return
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass        # the pipe is full, so a wakeup is already pending
+        def guarded() -> None:
+            if not self._torn_down:
+                fn()
+        self._events.call_soon(guarded)
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Run job on the dispatch thread, after every job submitted before it."""
+        """Run job on the dispatch worker, after every job submitted before it."""
         if not self._stopping:
-            self._jobs.put(job)
+            self._dispatch.submit(job)
 
     def client_count(self) -> int:
         return len(self._conns)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop both threads, drop every client, remove the unix socket file.
-        Safe to call twice and from the dispatch thread itself (``quit``)."""
+        """Stop the dispatch worker, drop every client, remove the unix socket file.
+        Safe to call twice, from the dispatch worker itself (``quit``) and from the loop."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         self._stopping = True
-        self._calls.put(None)
-        self._jobs.put(None)
-        self._wake()
-        me = threading.current_thread()
-        for t in (self._io_thread, self._dispatch_thread):
-            if t.is_alive() and t is not me:
-                t.join(timeout)
-        if not self._io_thread.is_alive():
+        self._dispatch.close(timeout)
+        events = self._events
+        if events is None:
             self._teardown()
-        # else: close() ran on the I/O thread; the loop tears down as it exits.
+            return
+        if not events.call_and_wait(self._teardown, timeout):
+            log.warning("monitor %s: the event loop did not answer within %.0f s; "
+                        "clients are dropped when it does", self.address, timeout)
+        if self._own_events:
+            events.close()
 
     def __enter__(self):
         return self
@@ -351,7 +343,7 @@ class MonitorServer:
     def __exit__(self, *exc):
         self.close()
 
-    # -- protocol hooks (I/O thread) --
+    # -- protocol hooks (loop thread) --
     def protocol_connected(self, conn: Connection) -> None:
         raise NotImplementedError
 
@@ -364,50 +356,9 @@ class MonitorServer:
     def protocol_closed(self, conn: Connection) -> None:
         pass
 
-    # -- internals --
-    def _io_loop(self) -> None:
-        try:
-            while not self._stopping:
-                for key, events in self._sel.select():
-                    if key.fileobj is self._listener:
-                        self._accept()
-                    elif key.fileobj == self._wake_r:
-                        self._drain_wakeups()
-                    else:
-                        conn = key.data
-                        if events & selectors.EVENT_WRITE:
-                            conn._flush()
-                        if events & selectors.EVENT_READ and not conn.closed:
-                            self._read(conn)
-                    if self._stopping:
-                        break
-        except Exception:
-            log.exception("monitor %s: I/O thread failed", self.address)
-        finally:
-            if self._closed:
-                self._teardown()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                fn = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            if fn is None:
-                self._stopping = True
-                return
-            try:
-                fn()
-            except Exception:
-                log.exception("monitor %s: callback failed", self.address)
-
+    # -- internals (loop thread) --
     def _accept(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -418,13 +369,19 @@ class MonitorServer:
                 return
             sock.setblocking(False)
             conn = Connection(self, sock, str(peer) or "unix-client")
-            self._conns[sock.fileno()] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._conns[conn.fd] = conn
+            self._events.subscribe(conn.fd, EVENT_READ, lambda ready, conn=conn: self._ready(conn, ready))
             try:
                 self.protocol_connected(conn)
             except Exception:
                 log.exception("monitor %s: error greeting client", self.address)
                 conn.close()
+
+    def _ready(self, conn: Connection, ready: int) -> None:
+        if ready & EVENT_WRITE:
+            conn._flush()
+        if ready & EVENT_READ and not conn.closed:
+            self._read(conn)
 
     def _read(self, conn: Connection) -> None:
         try:
@@ -452,41 +409,16 @@ class MonitorServer:
     def _update_interest(self, conn: Connection) -> None:
         if conn.closed:
             return
-        events = 0 if conn.eof else selectors.EVENT_READ
+        events = 0 if conn.eof else EVENT_READ
         if conn.wants_write():
-            events |= selectors.EVENT_WRITE
-        try:
-            if events:
-                try:
-                    self._sel.modify(conn.sock, events, conn)
-                except KeyError:
-                    self._sel.register(conn.sock, events, conn)
-            else:
-                try:
-                    self._sel.unregister(conn.sock)
-                except KeyError:
-                    pass
-        except (ValueError, OSError):
-            conn.close()
+            events |= EVENT_WRITE
+        self._events.modify(conn.fd, events)
 
     def _forget(self, conn: Connection) -> None:
-        try:
-            self._sel.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        for fd, c in list(self._conns.items()):
-            if c is conn:
-                del self._conns[fd]
-
-    def _dispatch_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None or self._stopping:
-                return
-            try:
-                job()
-            except Exception:
-                log.exception("monitor %s: command failed", self.address)
+        if self._events is not None:
+            self._events.unsubscribe(conn.fd)
+        if self._conns.get(conn.fd) is conn:
+            del self._conns[conn.fd]
 
     def _teardown(self) -> None:
         with self._close_lock:
@@ -495,20 +427,9 @@ class MonitorServer:
             self._torn_down = True
         for conn in list(self._conns.values()):
             conn.close()
-        for obj in (self._listener,):
-            try:
-                self._sel.unregister(obj)
-            except (KeyError, ValueError):
-                pass
-            obj.close()
-        try:
-            self._sel.close()
-        except Exception:
-            pass
-        with self._wake_lock:
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
-            self._wake_r = self._wake_w = -1
+        if self._events is not None:
+            self._events.unsubscribe(self._listener.fileno())
+        self._listener.close()
         if self.address.kind == "unix":
             # Only our own socket file: a successor may already have bound the path.
             try:

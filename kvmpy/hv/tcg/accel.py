@@ -77,14 +77,14 @@ class TcgAccel:
         self.vcpus = [TcgVcpu(host.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
         for i, v in enumerate(self.vcpus):
             v.set_cpuid(translator_cpuid(num_cpus, i))
-        self.timer_wheel = TimerWheel()
+        self.timer_wheel = TimerWheel(events=host.events)
         self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
         self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
-                                     on_msi=self.irqchip.send_msi)
+                                     on_msi=self.irqchip.send_msi, events=host.events)
         host.memory.dma_listeners.append(self._dma_written)
 
     def _dma_written(self, gpa: int, length: int) -> None:
