@@ -16,6 +16,7 @@ import pytest
 
 from conftest import KVM_SKIP_REASON, ROOT, guest_path
 from kvmpy.config import VmConfig
+from kvmpy.events import EventLoop
 from kvmpy.devices.bus import Bus
 from kvmpy.hv import protocol
 from kvmpy.memory import GuestMemory
@@ -47,6 +48,7 @@ class Host:
         self.memory = GuestMemory.anonymous([(0, 64 * MiB)])
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
+        self.events = EventLoop(name="test-host-events")
 
 
 def check_accel(accel) -> None:
