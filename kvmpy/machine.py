@@ -135,6 +135,7 @@ class Machine:
     def _add_disk(self, index: int, disk) -> None:
         from .block import open_image
         from .devices.virtio.blk import VirtioBlk
+        from .devices.virtio.pci import VirtioPciTransport
         driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True)
         self.on_close(driver.close)
         if disk.format is None:
@@ -147,8 +148,8 @@ class Machine:
             else:
                 log.warning("Image format was not specified for '%s' and probing guessed %s. Specify the "
                             "format explicitly (format=%s).", disk.path, driver.format, driver.format)
-        dev = VirtioBlk(self.platform, driver, serial=disk.serial, read_only=disk.readonly,
-                        name=f"virtio-blk{index}")
+        blk = VirtioBlk(driver, serial=disk.serial, read_only=disk.readonly, name=f"virtio-blk{index}")
+        dev = VirtioPciTransport(self.platform, self.events, blk)
         self.on_close(dev.close)
         slot = self.pci.add(dev)
         self.resettable.append(dev)
@@ -162,12 +163,13 @@ class Machine:
 
     def _add_net(self, index: int, net) -> None:
         from .devices.virtio.net import VirtioNet
+        from .devices.virtio.pci import VirtioPciTransport
         from .tap import TapNetwork
         tapnet = TapNetwork.open(ifname=net.ifname or None, bridge=net.bridge or None, mac=net.mac or None,
                                  vm_name=self.name, index=index)
         self.on_close(tapnet.close)
-        dev = VirtioNet(self.platform, tapnet.tap, mac=tapnet.mac, vm_name=self.name, index=index,
-                        name=f"virtio-net{index}")
+        nic = VirtioNet(tapnet.tap, mac=tapnet.mac, vm_name=self.name, index=index, name=f"virtio-net{index}")
+        dev = VirtioPciTransport(self.platform, self.events, nic)
         self.on_close(dev.close)
         self.pci.add(dev)
         self.resettable.append(dev)

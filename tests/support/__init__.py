@@ -1,0 +1,1 @@
+"""Test scaffolding shared by kvmpy's tests (never shipped in the package)."""
