@@ -134,8 +134,10 @@ def open_disk_image(ctx: DeviceContext):
 
 def make_virtio_blk(ctx: DeviceContext):
     from .devices.virtio.blk import VirtioBlk
+    from .devices.virtio.pci import VirtioPciTransport
     disk: DiskConfig = ctx.options["disk"]
-    return VirtioBlk(ctx.platform, ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name)
+    return VirtioPciTransport(ctx.platform, ctx.events,
+                              VirtioBlk(ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name))
 
 
 def describe_disk(placed: PlacedDevice) -> dict:
@@ -166,9 +168,11 @@ def open_tap(ctx: DeviceContext):
 
 def make_virtio_net(ctx: DeviceContext):
     from .devices.virtio.net import VirtioNet
+    from .devices.virtio.pci import VirtioPciTransport
     tapnet = ctx.backend
-    return VirtioNet(ctx.platform, tapnet.tap, mac=tapnet.mac, vm_name=ctx.config.name,
-                     index=ctx.options["index"], name=ctx.name)
+    return VirtioPciTransport(ctx.platform, ctx.events,
+                              VirtioNet(tapnet.tap, mac=tapnet.mac, vm_name=ctx.config.name,
+                                        index=ctx.options["index"], name=ctx.name))
 
 
 def describe_nic(placed: PlacedDevice) -> dict:

@@ -105,7 +105,7 @@ def _virtio_factory(cls: type, dev: DeviceConfig):
 
     def make(ctx: DeviceContext):
         from .devices.virtio.pci import VirtioPciTransport
-        return VirtioPciTransport(make_device(ctx), ctx.platform, ctx.events, name=ctx.name)
+        return VirtioPciTransport(ctx.platform, ctx.events, make_device(ctx))
     return make
 
 

@@ -21,6 +21,11 @@ GUEST_DIR = os.path.join(ROOT, "tests", "guests", "build")
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Test modules import the scaffolding in tests/support/ as `support`, from the repo
+# root and in xdist workers alike, whatever pytest's import mode.
+TESTS_DIR = os.path.join(ROOT, "tests")
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
 
 
 # `make test-quick`: the unit tests of models, parsers and the translator's pieces,
@@ -30,11 +35,12 @@ if ROOT not in sys.path:
 QUICK_MODULES = {
     "test_acpi", "test_block_badimage", "test_block_fuzz", "test_block_overlap", "test_block_probe",
     "test_block_qcow2", "test_boot",
-    "test_config", "test_events", "test_hmp", "test_hv_protocol", "test_i8042", "test_ioapic", "test_irqchip", "test_kvm_api",
-    "test_lapic", "test_legacy", "test_pc_table", "test_pci", "test_pic", "test_pit", "test_procfs",
-    "test_qmp", "test_qmp_statevm", "test_rtc", "test_serial", "test_tcg_build",
+    "test_config", "test_events", "test_hmp", "test_hv_protocol", "test_i8042", "test_ioapic",
+    "test_irqchip", "test_kvm_api", "test_lapic", "test_legacy", "test_pc_table", "test_pci", "test_pic",
+    "test_pit", "test_plugin_virtio_rng", "test_procfs", "test_qmp", "test_qmp_statevm", "test_rtc",
+    "test_serial", "test_tcg_build",
     "test_tcg_robustness", "test_tcg_smp", "test_tcg_system", "test_tcg_x87", "test_virtio_pci",
-    "test_virtio_queue",
+    "test_virtio_queue", "test_virtio_state",
 }
 
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from kvmpy.devices.pci import BAR_IO, BAR_MEM32, PciDevice
 from kvmpy.devices.pci.bus import PciEcam
 from kvmpy.devices.virtio.blk import VirtioBlk
-from kvmpy.devices.virtio.driver import SoftMachine
 from kvmpy.devices.virtio.pci import BAR0_SIZE, NOTIFY_OFFSET
+from support.virtio_driver import SoftMachine
 
 
 class RawDisk:
@@ -76,7 +76,7 @@ def test_bar_sizing_and_readonly_fields(m):
 
 
 def test_virtio_64bit_bar_sizing(m):
-    dev = VirtioBlk(m.platform, RawDisk())
+    dev = m.virtio_pci(VirtioBlk(RawDisk()))
     slot = m.pci.add(dev)
     m.cfg_write(slot, 0x10, 4, 0xFFFFFFFF)
     m.cfg_write(slot, 0x14, 4, 0xFFFFFFFF)
@@ -122,7 +122,7 @@ def test_bar_decode_relocation_and_refusals(m, caplog):
 
 
 def test_doorbells_follow_the_bar(m):
-    dev = VirtioBlk(m.platform, RawDisk())
+    dev = m.virtio_pci(VirtioBlk(RawDisk()))
     slot = m.pci.add(dev)
     assert not m.platform._doorbells
     m.cfg_write(slot, 0x04, 2, 0x6)
@@ -137,7 +137,7 @@ def test_doorbells_follow_the_bar(m):
 
 
 def test_capability_list_and_ecam(m):
-    dev = VirtioBlk(m.platform, RawDisk())
+    dev = m.virtio_pci(VirtioBlk(RawDisk()))
     slot = m.pci.add(dev)
     assert m.cfg_read(slot, 0x06, 2) & 0x10
     ptr, ids = m.cfg_read(slot, 0x34, 1), []
@@ -157,7 +157,7 @@ def test_capability_list_and_ecam(m):
 
 
 def test_msix_mask_pending_and_retarget(m):
-    dev = VirtioBlk(m.platform, RawDisk())
+    dev = m.virtio_pci(VirtioBlk(RawDisk()))
     slot = m.pci.add(dev)
     m.cfg_write(slot, 0x04, 2, 0x6)
     cap = dev.msix.cap_offset
@@ -215,7 +215,7 @@ def test_intx_shared_line_and_disable(m):
                                  st.integers(0, 2**32 - 1)), max_size=40))
 def test_random_config_writes_keep_identity(writes):
     m = SoftMachine(ram_size=1 << 20)
-    dev = VirtioBlk(m.platform, RawDisk())
+    dev = m.virtio_pci(VirtioBlk(RawDisk()))
     slot = m.pci.add(dev)
     ecam_dev = PciEcam.__new__(PciEcam)
     ecam_dev.pci = m.pci

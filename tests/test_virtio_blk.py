@@ -13,8 +13,8 @@ from kvmpy.devices.virtio.blk import (VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIR
                                       VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
                                       VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                       VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
-from kvmpy.devices.virtio.driver import SoftMachine, VirtioPciDriver
 from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 DISK = 4 << 20
 HDR = 0x200000     # request headers
@@ -43,7 +43,7 @@ class Rig:
     def __init__(self, image, read_only=False, msix=True, event_idx=False, serial="kvmpy-serial-0001"):
         self.m = SoftMachine()
         self.driver = open_disk(image, read_only)
-        self.dev = VirtioBlk(self.m.platform, self.driver, serial=serial, read_only=read_only)
+        self.dev = self.m.virtio_pci(VirtioBlk(self.driver, serial=serial, read_only=read_only))
         self.slot = self.m.pci.add(self.dev)
         self.d = VirtioPciDriver(self.m, self.slot)
         want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD) | (1 << 14) | (1 << 9) | (1 << 28)

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from kvmpy.devices.virtio.driver import SoftMachine, VirtioPciDriver
 from kvmpy.devices.virtio.net import (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MAC,
                                       VIRTIO_NET_F_STATUS, VirtioNet)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.tap import TapError, TapNetwork, format_mac, parse_mac, run_in_netns, stable_mac
+from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 ETH_TYPE = 0x88B5  # IEEE local experimental: nothing else in the namespace speaks it
 RXBUF = 0x400000
@@ -82,7 +82,7 @@ class NetRig:
         self.ns = ns
         self.net = TapNetwork.open(bridge="kbr0", vm_name="rig", netns=ns)
         self.m = SoftMachine(ram_size=8 << 20)
-        self.dev = VirtioNet(self.m.platform, self.net.tap, mac=self.net.mac)
+        self.dev = self.m.virtio_pci(VirtioNet(self.net.tap, mac=self.net.mac))
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
         self.features = self.d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
                                           | want_extra)
@@ -167,7 +167,7 @@ def test_tx_then_rx_echo(rig):
         assert got == reply
         assert mem.read_u16(RXBUF + 10) == 1  # num_buffers
         assert rig.m.wait_msi(msis_before + 1), "no interrupt for a received frame"
-    assert rig.dev.stats["tx_frames"] == 5 and rig.dev.stats["rx_frames"] >= 5
+    assert rig.dev.device.stats["tx_frames"] == 5 and rig.dev.device.stats["rx_frames"] >= 5
     assert {d for _, d in rig.m.msis} <= {0x31, 0x32}  # the RX and TX vectors
 
 
@@ -177,7 +177,7 @@ def test_rx_waits_for_buffers_and_small_chains_drop(rig):
     reply = _frame(rig.net.mac, b"\x02\x00\x00\x00\x00\x01", b"x" * 100)
     rig.sock.send(reply)
     time.sleep(0.05)
-    assert rig.dev.stats["rx_frames"] == 0
+    assert rig.dev.device.stats["rx_frames"] == 0
     assert _receive_ours(rig) == reply
     # a chain too small for the header is returned empty, not written past
     head = rig.rxq.add([], [(RXBUF, 4)])

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvmpy.devices.virtio.blk import VirtioBlk
-from kvmpy.devices.virtio.driver import SoftMachine, VirtioPciDriver
 from kvmpy.devices.virtio.pci import (DEVICE_NEEDS_RESET, DRIVER_OK, FEATURES_OK, VIRTIO_F_VERSION_1)
+from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 
 class Disk:
@@ -52,7 +52,7 @@ class TransportMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.m = SoftMachine(ram_size=4 << 20)
-        self.dev = VirtioBlk(self.m.platform, Disk(), num_queues=2)
+        self.dev = self.m.virtio_pci(VirtioBlk(Disk(), num_queues=2))
         self.slot = self.m.pci.add(self.dev)
         self.d = VirtioPciDriver(self.m, self.slot)
         self.d.enable()
@@ -99,16 +99,17 @@ class TransportMachine(RuleBasedStateMachine):
         if not hasattr(self, "dev"):
             return
         dev = self.dev
-        broken = dev.broken  # read first: the I/O thread may break the device any time
+        broken = dev.broken  # read first: the event loop may break the device any time
         status = self.d.status
         assert status & ~DEVICE_NEEDS_RESET == dev.status & ~DEVICE_NEEDS_RESET
         if status & FEATURES_OK:
             assert dev.driver_features >> VIRTIO_F_VERSION_1 & 1
             assert dev.driver_features & ~dev.all_features() == 0
-        if dev._thread is not None:
-            assert status & DRIVER_OK and dev._thread.is_alive()
+        # the event loop serves the device only between DRIVER_OK and a reset
+        if dev.serving:
+            assert status & DRIVER_OK and self.m.events._thread.is_alive()
         if status == 0:
-            assert dev._thread is None and not any(dev.queue_enable)
+            assert not dev.serving and not any(dev.queue_enable)
             assert not dev.broken
         for q in range(2):
             if dev.queue_enable[q]:
@@ -125,7 +126,7 @@ TestTransport = TransportMachine.TestCase
 
 def test_features_ok_refused_without_version_1():
     m = SoftMachine(ram_size=1 << 20)
-    dev = VirtioBlk(m.platform, Disk())
+    dev = m.virtio_pci(VirtioBlk(Disk()))
     d = VirtioPciDriver(m, m.pci.add(dev))
     try:
         d.enable()
@@ -148,6 +149,68 @@ def test_features_ok_refused_without_version_1():
         assert d.status & DEVICE_NEEDS_RESET
         d.set_status(0)
         assert d.status == 0
+    finally:
+        dev.close()
+        m.close()
+
+
+def _read_request(m, d, q, n=0):
+    """One virtio-blk read of sector 0; returns its status byte."""
+    hdr, status = 0x300000 + 0x100 * n, 0x310000 + n
+    m.memory.write(hdr, bytes(16))                 # VIRTIO_BLK_T_IN, sector 0
+    m.memory.write(status, b"\xee")
+    head = q.add([(hdr, 16)], [(0x320000 + 0x1000 * n, 512), (status, 1)])
+    d.kick(0)
+    assert d.wait_used(0) == [(head, 513)]
+    return m.memory.read(status, 1)[0]
+
+
+def test_devices_share_the_machine_event_loop():
+    """No device starts a thread of its own: DRIVER_OK subscribes it to the loop."""
+    import threading
+    m = SoftMachine(ram_size=8 << 20)
+    devs = [m.virtio_pci(VirtioBlk(Disk(), name=f"virtio-blk{i}")) for i in range(3)]
+    try:
+        drivers = []
+        for i, dev in enumerate(devs):
+            d = VirtioPciDriver(m, m.pci.add(dev), ring_base=0x100000 + 0x40000 * i)
+            d.negotiate(1 << VIRTIO_F_VERSION_1)
+            d.enable_msix()
+            drivers.append((d, d.setup_queue(0, 16, vector=1)))
+        before = set(threading.enumerate())
+        for d, _ in drivers:
+            d.driver_ok()
+        for i, (d, q) in enumerate(drivers):
+            assert _read_request(m, d, q, i) == 0
+        assert set(threading.enumerate()) == before
+        assert all(dev.serving for dev in devs)
+    finally:
+        for dev in devs:
+            dev.close()
+        m.close()
+
+
+def test_bar_move_while_serving_keeps_the_doorbell():
+    m = SoftMachine(ram_size=8 << 20)
+    dev = m.virtio_pci(VirtioBlk(Disk()))
+    try:
+        slot = m.pci.add(dev)
+        d = VirtioPciDriver(m, slot)
+        d.negotiate(1 << VIRTIO_F_VERSION_1)
+        q = d.setup_queue(0, 16)
+        d.driver_ok()
+        assert _read_request(m, d, q, 0) == 0
+        old_notify = dev.notify_address(0)
+        m.cfg_write(slot, 0x10, 4, 0xE0000000)
+        assert dev.notify_address(0) == 0xE0000000 + 0x3000 != old_notify
+        for n in range(1, 4):
+            assert _read_request(m, d, q, n) == 0
+        # unmapped: nothing decodes the BAR; mapped again: kicks work again
+        m.cfg_write(slot, 0x04, 2, 0)
+        assert dev.notify_address(0) is None
+        d.enable()
+        assert _read_request(m, d, q, 4) == 0
+        assert dev.serving and not d.status & DEVICE_NEEDS_RESET
     finally:
         dev.close()
         m.close()

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvmpy.devices.virtio.driver import DriverQueue
 from kvmpy.devices.virtio.queue import (DescriptorChain, QueueError, SplitQueue, gather, split_tail,
                                         vring_need_event)
 from kvmpy.memory import GuestMemory
+from support.virtio_driver import DriverQueue
 
 RAM = 0x40000  # small: random addresses hit RAM often enough to exercise valid chains
 RING = 0x1000

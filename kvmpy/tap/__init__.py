@@ -1,7 +1,7 @@
 """Tap devices for virtio-net: open (python-pytun), offloads, bridge attach (pyroute2).
 
     net = TapNetwork.open(bridge="br0", vm_name="web", index=0)   # tap attached to br0
-    dev = VirtioNet(platform, net.tap, mac=net.mac)
+    dev = VirtioNet(net.tap, mac=net.mac)                         # a VirtioDevice on it
     ...
     net.close()        # detaches and deletes the tap (and a bridge we created, if now empty)
 

@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.x, section 5.2) over the modern PCI transport.
+"""virtio-blk (virtio 1.x, section 5.2): a VirtioDevice on a kvmpy.block driver.
 
 Requests are {u32 type, u32 reserved, u64 sector} + data + u8 status, laid out
 in any split of buffers the driver likes. Data moves with the block driver's
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
+from typing import Sequence
 
 from ...errors import ImageError
-from .pci import VirtioPciDevice
-from .queue import DescriptorChain, gather, split_tail, truncate_views, write_views
+from ...memory import GuestMemory
+from .device import FdWatch, VirtioTransport
+from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +63,53 @@ class _RequestError(Exception):
         self.status = status
 
 
-class VirtioBlk(VirtioPciDevice):
-    """A virtio-blk PCI function backed by a kvmpy.block BlockDriver.
+@dataclass(frozen=True)
+class VirtioBlkState:
+    """virtio-blk's own state: what it offers the driver (requests carry no state
+    between notifications)."""
+
+    capacity: int          # in 512-byte sectors; a restore needs an image of this size
+    serial: bytes
+    read_only: bool
+    num_queues: int
+    queue_size: int
+    seg_max: int
+    discard: bool
+
+
+class VirtioBlk:
+    """virtio-blk, a VirtioDevice backed by a kvmpy.block BlockDriver.
 
     Arguments:
-      platform: the machine's Platform (memory, MSI eventfds, doorbells, INTx).
       driver: an open BlockDriver (``kvmpy.block.open_image(...)``); the device
-        does not close it (the machine does, after ``close()``).
+        does not close it (the machine does, after the transport's ``close()``).
       serial: GET_ID string, at most 20 bytes.
       read_only: force VIRTIO_BLK_F_RO (also set when ``driver.read_only``).
       num_queues: request queues (VIRTIO_BLK_F_MQ when > 1).
       queue_size: maximum ring size offered to the driver.
       seg_max: data segments per request the driver may use.
       discard: offer DISCARD and WRITE_ZEROES (only on writable disks).
-      name: for log messages and the I/O thread name.
-    Plug into the bus with ``pci_bus.add(VirtioBlk(...))``; ``close()`` on shutdown.
+      name: for log messages.
+    Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
-    DEVICE_TYPE = 2
-    CLASS_CODE = 0x010000  # mass storage, SCSI (what QEMU reports for virtio-blk)
+    device_type = 2
 
-    def __init__(self, platform, driver, serial: str = "", read_only: bool = False, num_queues: int = 1,
+    def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
                  queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk") -> None:
+        self.name = name
         self.driver = driver
         self.read_only = bool(read_only or driver.read_only)
-        serial_bytes = serial.encode()
+        serial_bytes = serial if isinstance(serial, bytes) else serial.encode()
         if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"{name}: serial {serial!r} is longer than 20 bytes")
+        if num_queues < 1:
+            raise ValueError(f"{name}: {num_queues} queues")
         self.serial = serial_bytes
         self.capacity = driver.size // SECTOR
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.queue_max_sizes = (queue_size,) * num_queues
         self.seg_max = seg_max
         self.discard_enabled = discard and not self.read_only
         self.max_discard_sectors = 0x3FFFFF
@@ -99,7 +120,29 @@ class VirtioBlk(VirtioPciDevice):
         if driver.size % SECTOR:
             log.warning("%s: image size %d is not a multiple of 512; the tail is not visible",
                         name, driver.size)
-        super().__init__(platform, num_queues=num_queues, queue_max_size=queue_size, name=name)
+        self.acked_features = 0
+        self._queues: Sequence[SplitQueue] = ()
+        self._transport: VirtioTransport | None = None
+
+    # state -------------------------------------------------------------------------
+
+    def state(self) -> VirtioBlkState:
+        return VirtioBlkState(capacity=self.capacity, serial=self.serial, read_only=self.read_only,
+                              num_queues=self.num_queues, queue_size=self.queue_size, seg_max=self.seg_max,
+                              discard=self.discard_enabled)
+
+    @classmethod
+    def from_state(cls, state: VirtioBlkState, driver, name: str = "virtio-blk") -> "VirtioBlk":
+        """The device ``state`` describes, on ``driver`` (the same image, or a copy)."""
+        if driver.size // SECTOR != state.capacity:
+            raise ValueError(f"{name}: the image has {driver.size // SECTOR} sectors, the saved device "
+                             f"{state.capacity}")
+        if driver.read_only and not state.read_only:
+            raise ValueError(f"{name}: the saved device is writable, the image is read-only")
+        return cls(driver, serial=state.serial, read_only=state.read_only, num_queues=state.num_queues,
+                   queue_size=state.queue_size, seg_max=state.seg_max, discard=state.discard, name=name)
+
+    # what the driver sees ----------------------------------------------------------
 
     def device_features(self) -> int:
         f = (1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
@@ -111,6 +154,9 @@ class VirtioBlk(VirtioPciDevice):
         if self.discard_enabled:
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
         return f
+
+    def ack_features(self, features: int) -> None:
+        self.acked_features = features
 
     def config_bytes(self) -> bytes:
         return struct.pack(
@@ -126,10 +172,27 @@ class VirtioBlk(VirtioPciDevice):
             1,                            # write_zeroes_may_unmap
         )
 
-    # request processing (I/O thread) -----------------------------------------
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Nothing in virtio-blk's config is writable without the features that make it so."""
+
+    # life cycle --------------------------------------------------------------------
+
+    def activate(self, queues: Sequence[SplitQueue], memory: GuestMemory, transport: VirtioTransport) -> None:
+        self._queues = queues
+        self._transport = transport
+
+    def fd_watches(self) -> Sequence[FdWatch]:
+        return ()
+
+    def reset(self) -> None:
+        self._queues = ()
+        self._transport = None
+        self.acked_features = 0
+
+    # request processing (event loop thread) ------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        q = self.queues[index]
+        q = self._queues[index]
         while True:
             did = False
             for chain in q.iter_chains():
@@ -137,7 +200,7 @@ class VirtioBlk(VirtioPciDevice):
                 q.add_used(chain.head, written)
                 did = True
             if did:
-                self.signal_used(index)
+                self._transport.signal_used(index)
             if not q.set_notification(True):
                 return
 

@@ -1,4 +1,4 @@
-"""virtio-net (virtio 1.x, section 5.1) over a tap device.
+"""virtio-net (virtio 1.x, section 5.1): a VirtioDevice on a tap device.
 
 The tap carries the same 12-byte virtio-net header the guest uses, so frames
 move with one readv (tap -> guest RX buffers) or writev (guest TX buffers -> tap)
@@ -13,12 +13,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import struct
+from dataclasses import dataclass
+from typing import Sequence
 
+from ...events import EVENT_READ
+from ...memory import GuestMemory
 from ...tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_SIZE, format_mac,
                     stable_mac)
-from .pci import VirtioPciDevice
+from .device import FdWatch, VirtioTransport
+from .queue import SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +43,69 @@ VIRTIO_NET_S_LINK_UP = 1
 RX_QUEUE = 0
 TX_QUEUE = 1
 IOV_MAX = 1024
-# Frames handled per wake-up before yielding to the other queue and the doorbells.
+# Frames handled per wake-up before yielding to the other queue, the doorbells
+# and the other devices on the event loop.
 BATCH = 64
 
 
-class VirtioNet(VirtioPciDevice):
-    """A virtio-net PCI function on an open tap.
+@dataclass(frozen=True)
+class VirtioNetState:
+    """virtio-net's own state: its MAC, ring size and counters (frames move
+    straight between the tap and guest buffers, none is held here)."""
+
+    mac: bytes
+    queue_size: int
+    rx_frames: int
+    tx_frames: int
+    rx_dropped: int
+    tx_dropped: int
+
+
+class VirtioNet:
+    """virtio-net, a VirtioDevice on an open tap.
 
     Arguments:
-      platform: the machine's Platform.
       tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``); the device uses its fd
-        and sets its offloads, the caller closes it after ``close()``.
+        and sets its offloads, the caller closes it after the transport's ``close()``.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
-      name: for log messages and the I/O thread name.
-    Plug into the bus with ``pci_bus.add(VirtioNet(...))``.
+      name: for log messages.
+    Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioNet(...)))``.
     """
 
-    DEVICE_TYPE = 1
-    CLASS_CODE = 0x020000  # network, ethernet
+    device_type = 1
 
-    def __init__(self, platform, tap, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
+    def __init__(self, tap, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
                  queue_size: int = 256, name: str = "virtio-net") -> None:
+        self.name = name
         self.tap = tap
         self.mac = bytes(mac) if mac else stable_mac(vm_name, index)
         if len(self.mac) != 6:
             raise ValueError(f"{name}: MAC must be 6 bytes")
-        self._rx_polling = False
+        self.queue_size = queue_size
+        self.queue_max_sizes = (queue_size, queue_size)
         self.stats = {"rx_frames": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0}
-        super().__init__(platform, num_queues=2, queue_max_size=queue_size, name=name)
+        self.acked_features = 0
+        self._queues: Sequence[SplitQueue] = ()
+        self._transport: VirtioTransport | None = None
+        self._rx_polling = False
         log.info("%s: tap %s, MAC %s", name, tap.name, format_mac(self.mac))
+
+    # state -------------------------------------------------------------------------
+
+    def state(self) -> VirtioNetState:
+        return VirtioNetState(mac=self.mac, queue_size=self.queue_size, **self.stats)
+
+    @classmethod
+    def from_state(cls, state: VirtioNetState, tap, name: str = "virtio-net") -> "VirtioNet":
+        """The device ``state`` describes, on ``tap``."""
+        dev = cls(tap, mac=state.mac, queue_size=state.queue_size, name=name)
+        dev.stats.update(rx_frames=state.rx_frames, tx_frames=state.tx_frames, rx_dropped=state.rx_dropped,
+                         tx_dropped=state.tx_dropped)
+        return dev
+
+    # what the driver sees ----------------------------------------------------------
 
     def device_features(self) -> int:
         f = 0
@@ -77,14 +113,25 @@ class VirtioNet(VirtioPciDevice):
                     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
                     VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_STATUS):
             f |= 1 << bit
-        if getattr(self.tap, "supports_ufo", False):
+        if self.tap.supports_ufo:
             f |= 1 << VIRTIO_NET_F_GUEST_UFO
         return f
+
+    def ack_features(self, features: int) -> None:
+        self.acked_features = features
+
+    def negotiated(self, bit: int) -> bool:
+        return bool(self.acked_features >> bit & 1)
 
     def config_bytes(self) -> bytes:
         return struct.pack("<6sHHH", self.mac, VIRTIO_NET_S_LINK_UP, 1, 1500)
 
-    def activate(self) -> None:
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR, which is not offered."""
+
+    # life cycle --------------------------------------------------------------------
+
+    def activate(self, queues: Sequence[SplitQueue], memory: GuestMemory, transport: VirtioTransport) -> None:
         flags = 0
         if self.negotiated(VIRTIO_NET_F_GUEST_CSUM):
             flags |= TUN_F_CSUM
@@ -99,22 +146,29 @@ class VirtioNet(VirtioPciDevice):
                 flags |= TUN_F_UFO
         if not self.tap.set_offload(flags):
             raise RuntimeError(f"tap {self.tap.name} refused offloads {flags:#x}")
+        self._queues = queues
+        self._transport = transport
 
-    def deactivate(self) -> None:
-        self.tap.set_offload(0)
-
-    # I/O thread -------------------------------------------------------------------
-
-    def extra_poll(self):
+    def fd_watches(self) -> Sequence[FdWatch]:
         self._rx_polling = True
-        return [(self.tap.fd, select.POLLIN)]
+        return (FdWatch(self.tap.fd, EVENT_READ, self._tap_readable),)
+
+    def reset(self) -> None:
+        if self._transport is not None:
+            self.tap.set_offload(0)
+        self._queues = ()
+        self._transport = None
+        self._rx_polling = False
+        self.acked_features = 0
+
+    # event loop thread ---------------------------------------------------------------
 
     def _rx_poll(self, on: bool) -> None:
         if on != self._rx_polling:
             self._rx_polling = on
-            self.set_poll(self.tap.fd, select.POLLIN if on else 0)
+            self._transport.set_fd_events(self.tap.fd, EVENT_READ if on else 0)
 
-    def on_fd_ready(self, fd: int, events: int) -> None:
+    def _tap_readable(self, events: int) -> None:
         self._receive()
 
     def process_queue(self, index: int) -> None:
@@ -126,9 +180,9 @@ class VirtioNet(VirtioPciDevice):
             self._receive()
 
     def _receive(self) -> None:
-        if not self.queue_enable[RX_QUEUE]:
+        q = self._queues[RX_QUEUE]
+        if not q.ready:
             return
-        q = self.queues[RX_QUEUE]
         done = 0
         while done < BATCH:
             chain = q.pop()
@@ -164,12 +218,12 @@ class VirtioNet(VirtioPciDevice):
             q.add_used(chain.head, n)
             done += 1
         if done:
-            self.signal_used(RX_QUEUE)
+            self._transport.signal_used(RX_QUEUE)
         # After BATCH frames, the level-triggered poll brings us back once the
         # doorbells had their turn.
 
     def _transmit(self) -> None:
-        q = self.queues[TX_QUEUE]
+        q = self._queues[TX_QUEUE]
         while True:
             did = 0
             for chain in q.iter_chains():
@@ -188,7 +242,7 @@ class VirtioNet(VirtioPciDevice):
                 q.add_used(chain.head, 0)
                 did += 1
             if did:
-                self.signal_used(TX_QUEUE)
+                self._transport.signal_used(TX_QUEUE)
             if not q.set_notification(True):
                 return
 

@@ -1,33 +1,40 @@
-"""Modern virtio-pci transport (virtio 1.x, section 4.1) and the per-device I/O thread.
+"""Modern virtio-pci transport (virtio 1.x, section 4.1) for any VirtioDevice.
 
 Layout of the device's BARs:
   BAR0 (64-bit memory, 16 KiB): common cfg @0x0000, ISR @0x1000,
         device cfg @0x2000, notify @0x3000 (queue n at 0x3000 + 4*n)
   BAR2 (32-bit memory, 4 KiB): MSI-X table @0x000, PBA @0x800
 
-Queue notifications are Platform doorbells (ioeventfds under KVM) on the notify
-addresses, so a guest kick never runs device code on the vCPU thread: the I/O
-thread polls the doorbell eventfds and runs ``process_queue``. Interrupts go out
-through the MSI-X vector's eventfd, or INTx + ISR when MSI-X is disabled.
+Queue notifications are Platform doorbells (ioeventfds under KVM, software
+doorbells the translator's vCPU loop rings) on the notify addresses, so a guest
+kick never runs device code on a vCPU thread: the transport subscribes the
+doorbell eventfds, and the device's own fds (a tap), to the machine's EventLoop,
+whose thread runs ``process_queue``. Interrupts go out through the MSI-X vector's
+eventfd, or INTx + ISR when MSI-X is disabled.
 
-A device model subclasses VirtioPciDevice and provides DEVICE_TYPE, the feature
-bits, the config space and ``process_queue``. Anything the guest does wrong in a
-queue ends as DEVICE_NEEDS_RESET plus a config-change interrupt and one logged
-error; the device then ignores its queues until the driver resets it.
+The device model is a VirtioDevice (device.py) the transport wraps:
+``VirtioPciTransport(platform, events, VirtioBlk(driver))``. Anything the guest
+does wrong in a queue ends as DEVICE_NEEDS_RESET plus a config-change interrupt
+and one logged error; the transport then stops serving the device until the
+driver resets it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import struct
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 from ...errors import GuestMemoryError
+from ...events import EVENT_READ, EventLoop
 from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciDevice
 from ..pci.msix import NO_VECTOR, MsixCapability
-from .queue import QueueError, SplitQueue
+from ..platform import Platform
+from .device import VirtioDevice
+from .queue import QueueError, QueueState, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -68,89 +75,85 @@ COMMON_CFG_SIZE = 0x38
 ISR_QUEUE = 1
 ISR_CONFIG = 2
 
+# PCI class per virtio device type, as QEMU reports them (drivers match on the
+# device id; the class only shows in lspci). Other types: "unclassified device".
+_PCI_CLASS_BY_DEVICE_TYPE = {
+    1: 0x020000,   # network: ethernet controller
+    2: 0x010000,   # block: mass storage, SCSI
+}
+_PCI_CLASS_OTHER = 0xFF0000
 
-class VirtioPciDevice(PciDevice):
-    """Base class of virtio devices on PCI. Subclasses set:
 
-    DEVICE_TYPE (virtio device id), CLASS_CODE, ``num_queues`` and ``queue_max_size``
-    (set before calling this constructor), and override ``device_features``,
-    ``config_bytes``/``device_config_write``, ``process_queue``, optionally ``activate``,
-    ``deactivate``, ``extra_poll`` and ``on_fd_ready``.
+
+@dataclass(frozen=True)
+class VirtioPciState:
+    """The transport's virtio state as a value: the common config the driver
+    programmed (status, features, selectors, MSI-X vectors), the ISR and every
+    queue. The PCI function around it (config space, BARs, MSI-X table) and the
+    wrapped device have states of their own."""
+
+    status: int
+    device_feature_select: int
+    driver_feature_select: int
+    driver_features: int
+    config_msix_vector: int
+    queue_select: int
+    config_generation: int
+    isr: int
+    broken: bool
+    queue_vectors: tuple[int, ...]
+    queues: tuple[QueueState, ...]
+
+
+class VirtioPciTransport(PciDevice):
+    """A PCI function carrying one VirtioDevice.
+
+    Arguments:
+      platform: the machine's Platform (memory, MSI eventfds, doorbells).
+      events: the machine's EventLoop; doorbells and the device's fds are served
+        on its thread.
+      device: the VirtioDevice to carry; its ``name`` names the function.
+    Plug into the bus with ``pci_bus.add(transport)``; ``reset()`` on machine
+    reset, ``close()`` on shutdown (the device's backend is its owner's to close).
     """
 
-    DEVICE_TYPE = 0
-    CLASS_CODE = 0xFF0000
-
-    def __init__(self, platform, num_queues: int, queue_max_size: int = 256, name: str = "virtio") -> None:
-        if not 1 <= num_queues <= REGION_SIZE // NOTIFY_MULTIPLIER:
-            raise ValueError(f"{name}: {num_queues} queues is not supported")
-        super().__init__(VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + self.DEVICE_TYPE, self.CLASS_CODE,
+    def __init__(self, platform: Platform, events: EventLoop, device: VirtioDevice) -> None:
+        sizes = tuple(device.queue_max_sizes)
+        name = device.name
+        if not 1 <= len(sizes) <= REGION_SIZE // NOTIFY_MULTIPLIER:
+            raise ValueError(f"{name}: {len(sizes)} queues is not supported")
+        class_code = _PCI_CLASS_BY_DEVICE_TYPE.get(device.device_type, _PCI_CLASS_OTHER)
+        super().__init__(VIRTIO_PCI_VENDOR, VIRTIO_PCI_DEVICE_BASE + device.device_type, class_code,
                          revision=1, subsystem_vendor_id=VIRTIO_PCI_VENDOR, subsystem_id=0x1100,
                          interrupt_pin=1, name=name)
+        self.device = device
         self.platform = platform
         self.memory = platform.memory
-        self.num_queues = num_queues
-        self.queues = [SplitQueue(self.memory, queue_max_size) for _ in range(num_queues)]
-        self.queue_vector = [NO_VECTOR] * num_queues
+        self.events = events
+        self.num_queues = len(sizes)
+        self.queues = [SplitQueue(self.memory, size) for size in sizes]
         self.add_bar(0, BAR0_SIZE, BAR_MEM64)
         self.add_bar(MSIX_BAR, 0x1000, BAR_MEM32)
         for cfg_type, off, length in ((CAP_COMMON, COMMON_OFFSET, COMMON_CFG_SIZE), (CAP_ISR, ISR_OFFSET, 1),
                                       (CAP_DEVICE, DEVICE_OFFSET, REGION_SIZE)):
             self.add_capability(CAP_ID_VENDOR, struct.pack("<BBBBxxII", 16, cfg_type, 0, 0, off, length))
         self.add_capability(CAP_ID_VENDOR, struct.pack("<BBBBxxIII", 20, CAP_NOTIFY, 0, 0, NOTIFY_OFFSET,
-                                                      NOTIFY_MULTIPLIER * num_queues, NOTIFY_MULTIPLIER))
-        self.msix = MsixCapability(self, platform, num_queues + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
-        # _lock serialises guest config accesses (vCPU threads) and may be held while
-        # joining the I/O thread; _state_lock is the inner lock the I/O thread also
-        # takes (status bits, ISR), never held across a join.
+                                                      NOTIFY_MULTIPLIER * self.num_queues, NOTIFY_MULTIPLIER))
+        self.msix = MsixCapability(self, platform, self.num_queues + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        # _lock serialises the driver's config accesses (vCPU threads), reset and
+        # close (other threads) and the device's callbacks (the event loop thread),
+        # so a device never runs a request while the driver reconfigures it.
+        # _isr_lock is taken alone: reading the ISR in an INTx handler must not wait
+        # for a request in progress.
         self._lock = threading.RLock()
-        self._state_lock = threading.RLock()
-        self._doorbells: list[int | None] = [None] * num_queues
+        self._isr_lock = threading.Lock()
+        self._doorbells: list[int | None] = [None] * self.num_queues
         self._notify_base: int | None = None
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._soft_kicks: set[int] = set()
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self._poller = None
+        self._serving = False
+        self._device_fds: list[int] = []
         self._reset_state()
 
-    # subclass interface -------------------------------------------------------
-
-    def device_features(self) -> int:
-        return 0
-
-    def config_bytes(self) -> bytes:
-        """The device-specific config structure as the guest sees it now."""
-        return b""
-
-    def device_config_write(self, offset: int, size: int, value: int) -> None:
-        """A driver write into the device-specific config (default: read-only)."""
-
-    def activate(self) -> None:
-        """Called on DRIVER_OK, before the I/O thread starts. Raise to fail."""
-
-    def deactivate(self) -> None:
-        """Called after the I/O thread stopped (reset, FAILED, close)."""
-
-    def process_queue(self, index: int) -> None:
-        """The driver kicked queue ``index``. Runs on the I/O thread."""
-
-    def extra_poll(self) -> list[tuple[int, int]]:
-        """Additional (fd, poll events) for the I/O thread, e.g. a tap fd."""
-        return []
-
-    def on_fd_ready(self, fd: int, events: int) -> None:
-        """An ``extra_poll`` fd is ready. Runs on the I/O thread."""
-
-    def set_poll(self, fd: int, events: int) -> None:
-        """From the I/O thread: change the events polled on an extra fd (0 = none)."""
-        if self._poller is not None:
-            if events:
-                self._poller.modify(fd, events)
-            else:
-                self._poller.modify(fd, 0)
-
-    # state --------------------------------------------------------------------
+    # state ----------------------------------------------------------------------
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -165,9 +168,58 @@ class VirtioPciDevice(PciDevice):
         for q in self.queues:
             q.reset()
         self.queue_vector = [NO_VECTOR] * self.num_queues
-        self.queue_enable = [False] * self.num_queues
-        self._soft_kicks.clear()
         self._warned: set[str] = set()
+
+    @property
+    def queue_enable(self) -> list[bool]:
+        return [q.ready for q in self.queues]
+
+    @property
+    def serving(self) -> bool:
+        """Whether the event loop runs the device for this transport now (from
+        DRIVER_OK until a reset, FAILED or a device error)."""
+        return self._serving
+
+    def state(self) -> VirtioPciState:
+        with self._lock:
+            return VirtioPciState(
+                status=self.status, device_feature_select=self.device_feature_select,
+                driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
+                config_msix_vector=self.config_msix_vector, queue_select=self.queue_select,
+                config_generation=self.config_generation, isr=self.isr, broken=self.broken,
+                queue_vectors=tuple(self.queue_vector), queues=tuple(q.state() for q in self.queues))
+
+    @classmethod
+    def from_state(cls, state: VirtioPciState, platform: Platform, events: EventLoop,
+                   device: VirtioDevice) -> "VirtioPciTransport":
+        """A transport in ``state`` carrying ``device`` (restored by its own
+        ``from_state``); a device the driver had started is activated again and
+        served once the bus maps the BARs. Raises ValueError (or QueueError for
+        rings outside ``platform.memory``) if the state does not fit the device."""
+        transport = cls(platform, events, device)
+        sizes = tuple(q.max_size for q in state.queues)
+        if sizes != tuple(device.queue_max_sizes) or len(state.queue_vectors) != len(sizes):
+            raise ValueError(f"{device.name}: saved queues {sizes} do not match the device's "
+                             f"{tuple(device.queue_max_sizes)}")
+        with transport._lock:
+            transport.queues = [SplitQueue.from_state(transport.memory, q) for q in state.queues]
+            transport.queue_vector = list(state.queue_vectors)
+            transport.status = state.status
+            transport.device_feature_select = state.device_feature_select
+            transport.driver_feature_select = state.driver_feature_select
+            transport.driver_features = state.driver_features
+            transport.config_msix_vector = state.config_msix_vector
+            transport.queue_select = state.queue_select
+            transport.config_generation = state.config_generation
+            transport.isr = state.isr
+            transport.broken = state.broken
+            if state.status & FEATURES_OK:
+                device.ack_features(state.driver_features)
+            if state.status & DRIVER_OK and not state.broken:
+                transport._activate_device()
+                if state.status & FAILED:
+                    transport._stop_serving()
+        return transport
 
     def _warn(self, fmt: str, *args) -> None:
         """A guest protocol slip: logged once per kind until the next reset, so a
@@ -177,7 +229,7 @@ class VirtioPciDevice(PciDevice):
             log.warning("%s: " + fmt, self.name, *args)
 
     def all_features(self) -> int:
-        return (self.device_features() | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_RING_INDIRECT_DESC
+        return (self.device.device_features() | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_RING_INDIRECT_DESC
                 | 1 << VIRTIO_F_RING_EVENT_IDX)
 
     def negotiated(self, bit: int) -> bool:
@@ -194,14 +246,14 @@ class VirtioPciDevice(PciDevice):
             with self._lock:
                 return self._common_read(offset, size)
         if offset == ISR_OFFSET and size == 1:
-            with self._state_lock:
+            with self._isr_lock:
                 value, self.isr = self.isr, 0
                 if self.pci_bus is not None:
                     self.pci_bus.set_intx(self, False)
                 return value
         if DEVICE_OFFSET <= offset < DEVICE_OFFSET + REGION_SIZE:
             o = offset - DEVICE_OFFSET
-            cfg = self.config_bytes()
+            cfg = self.device.config_bytes()
             if o + size > len(cfg):
                 return 0
             return int.from_bytes(cfg[o:o + size], "little")
@@ -219,7 +271,7 @@ class VirtioPciDevice(PciDevice):
                 self._common_write(offset, size, value)
         elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + REGION_SIZE:
             with self._lock:
-                self.device_config_write(offset - DEVICE_OFFSET, size, value)
+                self.device.write_config(offset - DEVICE_OFFSET, size, value)
         elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_MULTIPLIER * self.num_queues:
             # Reached only when no doorbell took the write (e.g. an odd access size).
             self._soft_kick((offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER)
@@ -229,8 +281,7 @@ class VirtioPciDevice(PciDevice):
         if fd is not None:
             os.eventfd_write(fd, 1)
         else:
-            self._soft_kicks.add(q)
-            os.eventfd_write(self._wake_fd, 1)
+            self.events.call_soon(lambda: self._run_queue(q))
 
     # common configuration ---------------------------------------------------------
 
@@ -238,8 +289,7 @@ class VirtioPciDevice(PciDevice):
         qs = self.queue_select
         if qs < self.num_queues:
             q = self.queues[qs]
-            qfields = (q.size, self.queue_vector[qs], int(self.queue_enable[qs]), qs,
-                       q.desc_addr, q.avail_addr, q.used_addr)
+            qfields = (q.size, self.queue_vector[qs], int(q.ready), qs, q.desc_addr, q.avail_addr, q.used_addr)
         else:
             qfields = (0, NO_VECTOR, 0, 0, 0, 0, 0)
         sel = self.device_feature_select
@@ -278,14 +328,14 @@ class VirtioPciDevice(PciDevice):
         elif qvalid and offset in (0x18, 0x1A, 0x1C) and size == 2:
             if offset == 0x1A:
                 self.queue_vector[qs] = value if value < self.msix.num_vectors else NO_VECTOR
-            elif self.queue_enable[qs]:
+            elif self.queues[qs].ready:
                 self._warn("queue %d reconfigured while enabled; ignored", qs)
             elif offset == 0x18:
                 self.queues[qs].size = value
             elif value == 1:
                 self._enable_queue(qs)
         elif qvalid and 0x20 <= offset < 0x38 and (size == 8 and offset % 8 == 0 or size == 4 and offset % 4 == 0):
-            if self.queue_enable[qs]:
+            if self.queues[qs].ready:
                 self._warn("queue %d address changed while enabled; ignored", qs)
                 return
             q = self.queues[qs]
@@ -310,8 +360,6 @@ class VirtioPciDevice(PciDevice):
                                      indirect=self.negotiated(VIRTIO_F_RING_INDIRECT_DESC))
         except QueueError as e:
             self.device_error(f"queue {qs}: {e}")
-            return
-        self.queue_enable[qs] = True
 
     # status state machine ---------------------------------------------------------------
 
@@ -333,64 +381,76 @@ class VirtioPciDevice(PciDevice):
                            f"unknown bits {missing:#x}" if missing else "VIRTIO_F_VERSION_1 missing")
                 value &= ~FEATURES_OK
                 new_bits &= ~FEATURES_OK
-        with self._state_lock:
-            self.status = value | (self.status & DEVICE_NEEDS_RESET)
+            else:
+                self.device.ack_features(self.driver_features)
+        self.status = value | (self.status & DEVICE_NEEDS_RESET)
         if new_bits & DRIVER_OK:
             if not value & FEATURES_OK:
                 self.device_error("DRIVER_OK without FEATURES_OK")
                 return
             if not self.broken:
-                try:
-                    self.activate()
-                except Exception as e:  # a backend that cannot start is a device error, not a crash
-                    log.exception("%s: activation failed", self.name)
-                    self.device_error(f"activation failed: {e}")
-                    return
-                self._start_worker()
+                self._activate_device()
         if new_bits & FAILED:
-            self._stop_worker()
+            self._stop_serving()
+
+    def _activate_device(self) -> None:
+        try:
+            self.device.activate(self.queues, self.memory, self)
+        except (QueueError, GuestMemoryError) as e:
+            self.device_error(f"activation failed: {e}")
+            return
+        except Exception as e:  # a backend that cannot start is a device error, not a crash
+            log.exception("%s: activation failed", self.name)
+            self.device_error(f"activation failed: {e}")
+            return
+        self._start_serving()
 
     def reset(self) -> None:
-        """Device reset (status 0): stop the I/O thread, forget queues and features."""
+        """Device reset (status 0): stop serving, reset the device, forget queues and features."""
         with self._lock:
-            was_running = self._thread is not None
-            self._stop_worker()
-            if was_running:
-                self.deactivate()
+            self._stop_serving()
+            # The device resets even if it never started: it may hold acked features.
+            self.device.reset()
             self._reset_state()
             if self.pci_bus is not None:
                 self.pci_bus.set_intx(self, False)
 
-    # errors and interrupts ----------------------------------------------------------------
+    # errors and interrupts (the device's VirtioTransport) ----------------------------------
 
     def device_error(self, message: str) -> None:
         """The guest broke the protocol: NEEDS_RESET, config interrupt, one error log line."""
-        with self._state_lock:
+        with self._lock:
             if self.broken:
                 return
             # status before broken: whoever sees broken also sees NEEDS_RESET
             self.status |= DEVICE_NEEDS_RESET
             self.broken = True
             log.error("%s: device needs reset: %s", self.name, message)
+            # A level-triggered fd (a tap with frames) would wake the loop forever.
+            self._stop_serving()
             if self.status & DRIVER_OK:
                 self.config_changed()
 
     def config_changed(self) -> None:
-        with self._state_lock:
+        with self._lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
             self._interrupt(self.config_msix_vector, ISR_CONFIG)
 
-    def signal_used(self, index: int) -> None:
-        """Interrupt the driver for queue ``index`` if it wants one."""
-        if self.queues[index].needs_notification():
-            self._interrupt(self.queue_vector[index], ISR_QUEUE)
+    def signal_used(self, queue_index: int) -> None:
+        """Interrupt the driver for queue ``queue_index`` if it wants one."""
+        if self.queues[queue_index].needs_notification():
+            self._interrupt(self.queue_vector[queue_index], ISR_QUEUE)
+
+    def set_fd_events(self, fd: int, events: int) -> None:
+        if fd in self._device_fds:
+            self.events.modify(fd, events)
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         if self.msix.enabled:
             if vector != NO_VECTOR:
                 self.msix.notify(vector)
             return
-        with self._state_lock:
+        with self._isr_lock:
             self.isr |= isr_bit
         if self.pci_bus is not None:
             self.pci_bus.set_intx(self, True)
@@ -401,105 +461,103 @@ class VirtioPciDevice(PciDevice):
         if index != 0:
             return
         with self._lock:
-            running = self._thread is not None
-            self._stop_worker()
-            for q, fd in enumerate(self._doorbells):
-                if fd is not None:
-                    self.platform.remove_doorbell(fd)
-                    self._doorbells[q] = None
+            self._drop_doorbells()
             self._notify_base = new
             if new is not None:
                 for q in range(self.num_queues):
                     # size 0: any access width, no datamatch (VIRTIO_F_NOTIFICATION_DATA is not offered)
-                    self._doorbells[q] = self.platform.add_doorbell(
-                        new + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q, 0, None, False)
-            if running:
-                self._start_worker()
+                    fd = self.platform.add_doorbell(new + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q, 0, None, False)
+                    self._doorbells[q] = fd
+                    if self._serving:
+                        self._watch_doorbell(q, fd)
+            if self._serving:
+                # A kick written while no doorbell was there must not be lost.
+                self._kick_enabled_queues()
+
+    def _drop_doorbells(self) -> None:
+        for q, fd in enumerate(self._doorbells):
+            if fd is not None:
+                if self._serving:
+                    self.events.unsubscribe(fd)
+                self.platform.remove_doorbell(fd)
+                self._doorbells[q] = None
 
     def notify_address(self, q: int) -> int | None:
         return None if self._notify_base is None else self._notify_base + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q
 
-    # the I/O thread -----------------------------------------------------------------------
+    # serving the device on the event loop ------------------------------------------------
 
-    def _start_worker(self) -> None:
-        if self._thread is not None:
+    def _start_serving(self) -> None:
+        if self._serving:
             return
-        self._stop = False
-        self._thread = threading.Thread(target=self._worker, name=f"{self.name}-io", daemon=True)
-        self._thread.start()
-        # Buffers made available before DRIVER_OK (or during a re-aim) get a look now.
-        for q in range(self.num_queues):
-            if self.queue_enable[q]:
-                self._soft_kicks.add(q)
-        os.eventfd_write(self._wake_fd, 1)
-
-    def _stop_worker(self) -> None:
-        t = self._thread
-        if t is None:
-            return
-        self._stop = True
-        os.eventfd_write(self._wake_fd, 1)
-        if t is not threading.current_thread():
-            t.join()
-        self._thread = None
-
-    def _worker(self) -> None:
-        poller = select.poll()
-        self._poller = poller
-        by_fd: dict[int, int] = {}
-        poller.register(self._wake_fd, select.POLLIN)
+        self._serving = True
         for q, fd in enumerate(self._doorbells):
             if fd is not None:
-                by_fd[fd] = q
-                poller.register(fd, select.POLLIN)
-        extra = set()
-        for fd, events in self.extra_poll():
-            poller.register(fd, events)
-            extra.add(fd)
-        try:
-            while not self._stop:
-                for fd, events in poller.poll():
-                    if self._stop:
-                        break
-                    if fd == self._wake_fd:
-                        _drain(fd)
-                        kicks, self._soft_kicks = self._soft_kicks, set()
-                        for q in sorted(kicks):
-                            self._run_queue(q)
-                    elif fd in by_fd:
-                        _drain(fd)
-                        self._run_queue(by_fd[fd])
-                    elif fd in extra and not self.broken:
-                        self._guarded(self.on_fd_ready, fd, events)
-        finally:
-            self._poller = None
+                self._watch_doorbell(q, fd)
+        self._device_fds = []
+        for watch in self.device.fd_watches():
+            self.events.subscribe(watch.fd, watch.events, self._device_fd_callback(watch.on_ready))
+            self._device_fds.append(watch.fd)
+        # Buffers made available before DRIVER_OK (or during a re-aim) get a look now.
+        self._kick_enabled_queues()
+
+    def _stop_serving(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        for fd in self._doorbells:
+            if fd is not None:
+                self.events.unsubscribe(fd)
+        for fd in self._device_fds:
+            self.events.unsubscribe(fd)
+        self._device_fds = []
+
+    def _watch_doorbell(self, q: int, fd: int) -> None:
+        self.events.subscribe(fd, EVENT_READ, lambda _ready: self._doorbell_rang(q, fd))
+
+    def _kick_enabled_queues(self) -> None:
+        def run_enabled() -> None:
+            for q in range(self.num_queues):
+                self._run_queue(q)
+        self.events.call_soon(run_enabled)
+
+    def _doorbell_rang(self, q: int, fd: int) -> None:
+        with self._lock:
+            # A doorbell dropped by a BAR move may still be dispatched once; its fd
+            # number may already belong to someone else's eventfd.
+            if self._doorbells[q] != fd:
+                return
+            _drain(fd)
+            self._run_queue(q)
 
     def _run_queue(self, q: int) -> None:
-        if self.broken or not self.queue_enable[q] or not self.status & DRIVER_OK:
-            return
-        self._guarded(self.process_queue, q)
+        with self._lock:
+            if not self._serving or self.broken or not self.queues[q].ready or not self.status & DRIVER_OK:
+                return
+            self._guarded(self.device.process_queue, q)
+
+    def _device_fd_callback(self, on_ready: Callable[[int], None]) -> Callable[[int], None]:
+        def ready(events: int) -> None:
+            with self._lock:
+                if self._serving and not self.broken:
+                    self._guarded(on_ready, events)
+        return ready
 
     def _guarded(self, fn, *args) -> None:
         try:
             fn(*args)
         except (QueueError, GuestMemoryError) as e:
             self.device_error(str(e))
-        except Exception as e:  # a bug must not kill the I/O thread silently
+        except Exception as e:  # a device bug must not reach the event loop as a traceback per kick
             log.exception("%s: internal error", self.name)
             self.device_error(f"internal error: {e!r}")
 
     def close(self) -> None:
-        """Machine shutdown: stop the thread, drop doorbells and MSI eventfds."""
+        """Machine shutdown: stop serving, drop doorbells and MSI eventfds."""
         self.reset()
         with self._lock:
-            for q, fd in enumerate(self._doorbells):
-                if fd is not None:
-                    self.platform.remove_doorbell(fd)
-                    self._doorbells[q] = None
+            self._drop_doorbells()
         self.msix.close()
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
 
 
 def _drain(fd: int) -> None:

@@ -69,12 +69,31 @@ class DescriptorChain:
         return sum(len(v) for v in self.writable)
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """One split virtqueue as a value: what the driver configured and how far both
+    sides got. Taken between requests, so no chain is popped and not yet used."""
+
+    max_size: int
+    size: int
+    ready: bool
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: bool
+    indirect: bool
+    next_avail: int
+    next_used: int
+    # The used idx at the last interrupt decision (None: nothing signalled yet).
+    signalled_used: int | None
+
+
 class SplitQueue:
     """Device view of one split virtqueue.
 
     The transport fills in ``size``, the three ring addresses and ``ready``;
     ``activate`` validates them once, after which ``pop``/``add_used`` serve the
-    device. Not thread safe: one I/O thread owns an activated queue.
+    device. Not thread safe: the transport runs one device callback at a time.
     """
 
     def __init__(self, memory: GuestMemory, max_size: int = 256) -> None:
@@ -115,6 +134,14 @@ class SplitQueue:
                              f"avail={self.avail_addr:#x} used={self.used_addr:#x}")
         self.event_idx = event_idx
         self.indirect = indirect
+        self._map_rings()
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used = None
+        self.ready = True
+
+    def _map_rings(self) -> None:
+        size = self.size
         try:
             self._desc = self.memory.view(self.desc_addr, DESC_SIZE * size)
             self._avail = self.memory.view(self.avail_addr, 4 + 2 * size + 2)
@@ -122,10 +149,32 @@ class SplitQueue:
         except GuestMemoryError as e:
             self._desc = self._avail = self._used = None
             raise QueueError(f"ring outside guest RAM: {e}") from None
-        self.next_avail = 0
-        self.next_used = 0
-        self.signalled_used = None
-        self.ready = True
+
+    # state as a value --------------------------------------------------------
+
+    def state(self) -> QueueState:
+        return QueueState(max_size=self.max_size, size=self.size, ready=self.ready, desc_addr=self.desc_addr,
+                          avail_addr=self.avail_addr, used_addr=self.used_addr, event_idx=self.event_idx,
+                          indirect=self.indirect, next_avail=self.next_avail, next_used=self.next_used,
+                          signalled_used=self.signalled_used)
+
+    @classmethod
+    def from_state(cls, memory: GuestMemory, state: QueueState) -> "SplitQueue":
+        """The queue ``state`` describes, on ``memory`` (which holds the rings' contents).
+
+        A ready queue maps its rings again, with the same checks as ``activate``:
+        QueueError if the state does not fit this memory.
+        """
+        q = cls(memory, state.max_size)
+        q.size = state.size
+        q.desc_addr, q.avail_addr, q.used_addr = state.desc_addr, state.avail_addr, state.used_addr
+        q.event_idx, q.indirect = state.event_idx, state.indirect
+        if state.ready:
+            q.activate(event_idx=state.event_idx, indirect=state.indirect)
+        q.next_avail = state.next_avail & 0xFFFF
+        q.next_used = state.next_used & 0xFFFF
+        q.signalled_used = None if state.signalled_used is None else state.signalled_used & 0xFFFF
+        return q
 
     @property
     def active(self) -> bool:

@@ -1,14 +1,24 @@
 """A minimal driver side of a split virtqueue, written the way a guest driver would.
 
-Used by the device tests and the benchmark to act as the guest: it lays out the
-rings in guest RAM, publishes chains in the avail ring and collects used entries.
-It is deliberately independent of queue.py (different code path, plain
-GuestMemory accessors) so tests compare two implementations of the layout.
+Used by the device tests to act as the guest: it lays out the rings in guest
+RAM, publishes chains in the avail ring and collects used entries. It is
+deliberately independent of queue.py (different code path, plain GuestMemory
+accessors) so tests compare two implementations of the layout.
 """
 
 from __future__ import annotations
 
-from .queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+import threading
+import time
+
+from kvmpy.devices.bus import Bus
+from kvmpy.devices.pci.bus import PciBus, PciConfigIo
+from kvmpy.devices.platform import SoftPlatform
+from kvmpy.devices.virtio.device import VirtioDevice
+from kvmpy.devices.virtio.pci import VirtioPciTransport
+from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from kvmpy.events import EventLoop
+from kvmpy.memory import GuestMemory
 
 
 def ring_bytes(size: int) -> int:
@@ -102,18 +112,11 @@ class DriverQueue:
 # -- a software machine and a virtio-pci driver, for tests and the benchmark ----------------
 
 class SoftMachine:
-    """RAM, the PIO/MMIO buses, a SoftPlatform and PCI bus 0 behind 0xCF8: enough
-    machine to drive PCI devices from Python exactly as a guest would."""
+    """RAM, the PIO/MMIO buses, a SoftPlatform, an event loop and PCI bus 0 behind
+    0xCF8: enough machine to drive PCI devices from Python exactly as a guest would."""
 
     def __init__(self, ram_size: int = 16 << 20, mmio_window=(0xC0000000, 0xFEBFFFFF),
                  io_window=(0xC000, 0xFFFF)) -> None:
-        import threading
-
-        from ...memory import GuestMemory
-        from ..bus import Bus
-        from ..pci.bus import PciBus, PciConfigIo
-        from ..platform import SoftPlatform
-
         self.memory = GuestMemory.anonymous([(0, ram_size)])
         self.msis: list[tuple[int, int]] = []
         self.irq_changes: list[tuple[int, bool]] = []
@@ -130,10 +133,16 @@ class SoftMachine:
                 self.cond.notify_all()
 
         self.platform = SoftPlatform(self.memory, on_irq=on_irq, on_msi=on_msi)
+        self.events = EventLoop(name="soft-machine-events")
+        self.events.start()
         self.mmio = Bus("mmio")
         self.pio = Bus("pio")
         self.pci = PciBus(self.mmio, self.pio, self.platform, mmio_window=mmio_window, io_window=io_window)
         self.pio.register(0xCF8, 8, PciConfigIo(self.pci))
+
+    def virtio_pci(self, device: VirtioDevice) -> VirtioPciTransport:
+        """``device`` on a virtio-pci function of this machine (not on the bus yet)."""
+        return VirtioPciTransport(self.platform, self.events, device)
 
     def pio_read(self, addr, size):
         return self.pio.read(addr, size)
@@ -162,6 +171,7 @@ class SoftMachine:
             return self.cond.wait_for(lambda: len(self.msis) >= count, timeout)
 
     def close(self):
+        self.events.close()
         self.platform.close()
 
 
@@ -286,7 +296,6 @@ class VirtioPciDriver:
         self.m.mmio_write(self._region(2) + off * self.notify_mult, 2, index)
 
     def wait_used(self, index: int, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
-        import time
         dq = self.queues[index]
         got: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
