@@ -133,3 +133,19 @@ def test_linux_pings_across_a_bridge(guest, netns):
     assert "kvmpy guest: eth0 up" in out
     assert "3 packets transmitted, 3 packets received" in out, out[-3000:]
     assert "kvmpy guest: run exit 0" in out
+
+
+def test_linux_reads_entropy_from_the_virtio_rng_plugin(guest):
+    """The virtio-rng plug-in (examples/plugins/virtio_rng.py, outside the package) is a
+    hwrng Linux's own virtio-rng driver binds to and reads, in requests of at most
+    ``max_bytes_per_request`` bytes."""
+    p = run_kvmpy(["run", "--accel", "tcg", "-m", "512", "--kernel", guest.kernel, "--initrd", guest.initrd,
+                   "--no-reboot", "--device", "examples.plugins.virtio_rng:VirtioRng,id=rng0,max_bytes_per_request=16",
+                   "--append", 'console=ttyS0 panic=-1 quiet kvmpy.run="cat /sys/class/misc/hw_random/rng_current; '
+                               'dd if=/dev/hwrng bs=256 count=1 2>/dev/null | od -An -v -tx1 | tr -s \' \\n\' \'\\n\' '
+                               '| grep -c ."'], timeout=BOOT_TIMEOUT)
+    out = p.stdout.decode(errors="replace").replace("\r\n", "\n")
+    assert p.returncode == 0, out[-3000:] + p.stderr.decode()[-2000:]
+    assert re.search(r"^virtio_rng\.\d+$", out, re.M), out[-3000:]
+    assert re.search(r"^256$", out, re.M), out[-3000:]       # 256 bytes read through 16-byte requests
+    assert "kvmpy guest: run exit 0" in out, out[-3000:]
