@@ -11,9 +11,9 @@ of its vCPU threads (kvmpy.vcpu.runner.VcpuHost), and is the monitors' VmControl
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -59,11 +59,20 @@ class Machine:
         self.exit_reason = ""
         self._state = "prelaunch"
         self._listeners: list[Callable[[str, dict], None]] = []
-        self._requests: "queue.Queue[tuple]" = queue.Queue()
+        # Run state. ``_lock`` guards what the vCPU threads read at their checkpoint:
+        # ``_holds`` (why they must stay out of the guest: a user's stop, a reset in
+        # progress, a register read, a triple fault awaiting its reset), ``_stopping``
+        # and ``_parked``. ``_transition`` makes each monitor command and each reset one
+        # step: a `cont` cannot release vCPUs in the middle of a reset.
         self._lock = threading.Condition()
+        self._transition = threading.RLock()
+        self._holds: collections.Counter[str] = collections.Counter()
+        # Requests for wait(): the stop (first one wins) and one pending reset (resets
+        # asked for while one is pending are one reset, as QEMU's reset request is a flag).
+        self._stop_request: tuple[int, str] | None = None
+        self._reset_request: tuple[bool, str] | None = None
         self._shutdown_emitted = False
         self.control_pending = False
-        self._paused = False
         self._stopping = False
         self._parked = 0
         self.threads: list = []
@@ -125,24 +134,26 @@ class Machine:
             t.start()
 
     def wait(self) -> int:
-        """Serve lifecycle requests until the VM ends; returns the exit status."""
+        """Serve lifecycle requests until the VM ends; returns the exit status.
+        A stop wins over any reset still pending, so `quit` is never queued behind resets."""
         while True:
-            req = self._requests.get()
-            kind = req[0]
-            if kind == "stop":
-                _, status, reason = req
+            with self._lock:
+                while self._stop_request is None and self._reset_request is None:
+                    self._lock.wait()
+                stop, reset = self._stop_request, self._reset_request
+                self._reset_request = None
+            if stop is not None:
                 self._stop_vcpus()
                 if self.exit_status is None:
-                    self.exit_status, self.exit_reason = status, reason
+                    self.exit_status, self.exit_reason = stop
                 break
-            if kind == "reset":
-                _, guest, reason = req
-                if self.cfg.no_reboot:
-                    self._stop_vcpus()
-                    self.exit_status, self.exit_reason = 0, "reset with no_reboot"
-                    self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
-                    break
-                self._do_reset(guest, reason)
+            guest, reason = reset
+            if self.cfg.no_reboot:
+                self._stop_vcpus()
+                self.exit_status, self.exit_reason = 0, "reset with no_reboot"
+                self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
+                break
+            self._do_reset(guest, reason)
         self._set_state("shutdown")
         self.close()
         return self.exit_status or 0
@@ -162,10 +173,11 @@ class Machine:
                     v.kick()
                 t.join(0.05)
 
-    def _park_all(self) -> None:
-        """Bring every vCPU out of the guest and hold it at its checkpoint."""
+    def _hold(self, why: str) -> None:
+        """Bring every vCPU out of the guest and keep it at its checkpoint until
+        ``_release(why)``; returns once all are there (or the VM is stopping)."""
         with self._lock:
-            self._paused = True
+            self._holds[why] += 1
             self.control_pending = True
         alive = [t for t in self.threads if t.is_alive()]
         deadline = time.monotonic() + 5
@@ -180,21 +192,29 @@ class Machine:
                 log.warning("vCPUs did not stop within 5 s")
                 return
 
-    def _unpark_all(self) -> None:
+    def _release(self, why: str, all_of_them: bool = False) -> None:
         with self._lock:
-            self._paused = False
-            self.control_pending = self._stopping
-            self._lock.notify_all()
+            if all_of_them:
+                del self._holds[why]
+            elif self._holds[why] > 0:
+                self._holds[why] -= 1
+            self._holds = +self._holds          # drop reasons counted down to zero
+            if not self._holds:
+                self.control_pending = self._stopping
+                self._lock.notify_all()
 
     def _do_reset(self, guest: bool, reason: str) -> None:
-        was_paused = self._state == "paused"
-        self._park_all()
-        self.devices.reset()
-        self.accel.reset()
-        self._boot()
-        self._emit("RESET", {"guest": guest, "reason": reason})
-        if not was_paused:
-            self._unpark_all()
+        with self._transition:
+            self._hold("reset")
+            try:
+                self.devices.reset()
+                self.accel.reset()
+                self._boot()
+            finally:
+                # A vCPU that triple-faulted waited for this reset; a user's stop stays.
+                self._release("triple-fault", all_of_them=True)
+                self._release("reset")
+            self._emit("RESET", {"guest": guest, "reason": reason})
 
     # --- called by vCPU threads ---------------------------------------------------------
     def vcpu_checkpoint(self, thread: VcpuThread) -> bool:
@@ -202,7 +222,7 @@ class Machine:
             while True:
                 if self._stopping:
                     return False
-                if not self._paused:
+                if not self._holds:
                     return True
                 self._parked += 1
                 self._lock.notify_all()
@@ -240,23 +260,29 @@ class Machine:
 
     def guest_triple_fault(self, thread: VcpuThread) -> None:
         log.info("vCPU %d: triple fault (shutdown); resetting like a PC", thread.index)
-        self.request_reset(guest=True, reason="guest-reset")
-        # Hold this vCPU until the reset (or stop) has been handled.
+        # Every vCPU waits at its checkpoint until the reset (or a stop) is done; this
+        # one cannot wait for itself to park, so the hold is only set here.
         with self._lock:
-            self._paused = True
+            self._holds["triple-fault"] += 1
             self.control_pending = True
+        self.request_reset(guest=True, reason="guest-reset")
 
     # --- requests (any thread) ---------------------------------------------------------
     def request_shutdown(self, status: int, guest: bool, reason: str, message: str = "") -> None:
         if not self._shutdown_emitted:
             self._shutdown_emitted = True
             self._emit("SHUTDOWN", {"guest": guest, "reason": reason})
-        self._requests.put(("stop", status, message or reason))
         with self._lock:
+            if self._stop_request is None:
+                self._stop_request = (status, message or reason)
             self.control_pending = True
+            self._lock.notify_all()
 
     def request_reset(self, guest: bool, reason: str) -> None:
-        self._requests.put(("reset", guest, reason))
+        with self._lock:
+            if self._reset_request is None:
+                self._reset_request = (guest, reason)
+            self._lock.notify_all()
 
     # --- GuestPower: what the guest asks through its devices (any vCPU thread) ------------
     def guest_reset(self) -> None:
@@ -274,17 +300,19 @@ class Machine:
         return self._state
 
     def pause(self) -> None:
-        if self._state != "running":
-            return
-        self._park_all()
-        self._set_state("paused")
+        with self._transition:
+            if self._state != "running":
+                return
+            self._hold("user")
+            self._set_state("paused")
         self._emit("STOP", {})
 
     def resume(self) -> None:
-        if self._state != "paused":
-            return
-        self._unpark_all()
-        self._set_state("running")
+        with self._transition:
+            if self._state != "paused":
+                return
+            self._release("user")
+            self._set_state("running")
         self._emit("RESUME", {})
 
     def reset(self) -> None:
@@ -299,14 +327,12 @@ class Machine:
 
     def vcpu_registers(self) -> list[tuple[Regs, SRegs]]:
         """[(Regs, SRegs)] per vCPU, read with the vCPUs held outside the guest."""
-        was_running = self._state == "running"
-        if was_running:
-            self._park_all()
-        try:
-            return [(v.get_regs(), v.get_sregs()) for v in self.vcpus]
-        finally:
-            if was_running:
-                self._unpark_all()
+        with self._transition:
+            self._hold("registers")
+            try:
+                return [(v.get_regs(), v.get_sregs()) for v in self.vcpus]
+            finally:
+                self._release("registers")
 
     def kvm_info(self) -> dict:
         return {"enabled": self.accel.name == "kvm", "present": kvm_device_present()}

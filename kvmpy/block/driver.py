@@ -154,6 +154,7 @@ class BlockDriver:
     format: str
     size: int
     read_only: bool
+    backing: "BlockDriver | None" = None     # the image reads fall through to (qcow2), else None
 
     def preadv(self, buffers: list, offset: int) -> int:
         raise NotImplementedError

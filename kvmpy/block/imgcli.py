@@ -359,7 +359,7 @@ def chain_reads_zero(drv, off: int, length: int):
         return True, run
     if alloc:
         return False, run
-    b = getattr(drv, "backing", None)
+    b = drv.backing
     if b is None or off >= b.size:
         return True, run
     return chain_reads_zero(b, off, min(run, b.size - off))
@@ -527,7 +527,7 @@ def cmd_convert(args) -> int:
             prog = Progress(args.progress, src.size)
             copy_image(src, dst, compress=args.compress, progress=prog, granularity=gran,
                        chunk=max(2 << 20, gran), zeroes=zeroes,
-                       base=getattr(dst, "backing", None) if backing else None)
+                       base=dst.backing if backing else None)
             dst.flush()
             prog.finish()
     return 0
@@ -707,7 +707,7 @@ def cmd_map(args) -> int:
 
 
 def _file_at_depth(drv, depth):
-    while depth and getattr(drv, "backing", None) is not None:
+    while depth and drv.backing is not None:
         drv = drv.backing
         depth -= 1
     return drv.path

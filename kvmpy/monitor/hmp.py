@@ -141,6 +141,12 @@ class Hmp:
         self.control = control
         self.defer_quit = defer_quit
         self.quit_requested = False
+        self._handlers: dict[str, Callable[[list[str]], str]] = {
+            "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
+            "stop": self._cmd_stop, "system_powerdown": self._cmd_system_powerdown,
+            "system_reset": self._cmd_system_reset,
+        }
+        assert self._handlers.keys() == self.COMMANDS.keys()
         self._alias = {}
         for name, (aliases, _, _) in self.COMMANDS.items():
             self._alias[name] = name
@@ -160,7 +166,7 @@ class Hmp:
             return f"unknown command: '{words[0]}'\n"
         args = words[1:]
         try:
-            return getattr(self, "_cmd_" + name)(args)
+            return self._handlers[name](args)
         except ControlError as e:
             return f"Error: {e}\n"
         except Exception as e:
