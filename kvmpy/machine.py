@@ -128,10 +128,14 @@ class Machine:
     def start(self) -> None:
         from .vcpu.runner import VcpuThread
         self.started_at = time.time()
-        self._set_state("running")
-        self.threads = [VcpuThread(self, v, i) for i, v in enumerate(self.vcpus)]
-        for t in self.threads:
-            t.start()
+        with self._transition:
+            # A `stop` that came in before the start (the monitors listen first) holds
+            # the vCPUs from their first instruction, as QEMU's -S does until `cont`.
+            if self._state == "prelaunch":
+                self._set_state("running")
+            self.threads = [VcpuThread(self, v, i) for i, v in enumerate(self.vcpus)]
+            for t in self.threads:
+                t.start()
 
     def wait(self) -> int:
         """Serve lifecycle requests until the VM ends; returns the exit status.
@@ -301,7 +305,7 @@ class Machine:
 
     def pause(self) -> None:
         with self._transition:
-            if self._state != "running":
+            if self._state not in ("running", "prelaunch"):
                 return
             self._hold("user")
             self._set_state("paused")
