@@ -5,6 +5,7 @@
 #ifndef KVMPY_INSN_SYSTEM_H
 #define KVMPY_INSN_SYSTEM_H
 
+#include <x86intrin.h>
 #include "insn_fpu.h"
 
 /* 8C: mov r/m, sreg (a register destination takes the operand size) */
