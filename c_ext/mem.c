@@ -1,5 +1,6 @@
 /* Guest memory: RAM lookup, page walks, the software TLB, slow paths (page
- * crossing, MMIO, writes into pages holding translated code).
+ * crossing, MMIO, writes into pages holding translated code), and the access log
+ * of device accesses (port I/O, MMIO) that become VM exits.
  *
  * Self-modifying code across vCPUs: every TcgVcpu on the same RAM shares one
  * "holds translated code" byte per page (bitmaps keyed by the host mapping).
@@ -18,6 +19,7 @@
  * and every CPU's RAM list as the registry sees it (registry_lock), page-table
  * entries (accessed/dirty bits are set with compare-and-swap on guest RAM). */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include "tcg.h"
 
@@ -430,6 +432,22 @@ void invalidate_local_blocks(CPU *c, uint64_t pa)
         c->st_invalidations++;
 }
 
+/* any thread: queue a range of guest RAM whose translations must go */
+void request_invalidate(CPU *c, uint64_t gpa, uint64_t size)
+{
+    while (atomic_flag_test_and_set_explicit(&c->inval_lock, memory_order_acquire))
+        ;
+    if (c->ninval < (int)(sizeof c->inval / sizeof c->inval[0])) {
+        c->inval[c->ninval].gpa = gpa;
+        c->inval[c->ninval].size = size;
+        c->ninval++;
+    } else {
+        c->inval_overflow = 1;
+    }
+    atomic_flag_clear_explicit(&c->inval_lock, memory_order_release);
+    atomic_store(&c->exit_request, 1);
+}
+
 /* This vCPU writes a page marked as code: invalidate here and on every other vCPU
  * mapping the same host memory. */
 void invalidate_code_page(CPU *c, uint64_t pa)
@@ -563,4 +581,87 @@ void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size)
         lin += chunk;
         size -= chunk;
     }
+}
+
+/* ---- the access log: device accesses that become VM exits ---- */
+
+/* errmsg = what + rip + the instruction bytes there (as far as they are readable RAM) */
+static void error_with_bytes(CPU *c, const char *what)
+{
+    int n = snprintf(c->errmsg, sizeof c->errmsg, "%s at rip %#llx, bytes:", what, (unsigned long long)c->rip);
+    uint64_t lin = linear(c, S_CS, c->rip);
+    for (int k = 0; k < 15 && n < (int)sizeof c->errmsg - 4; k++) {
+        uint64_t pa;
+        if (translate(c, lin + k, 2, c->cpl == 3, &pa, 0) < 0)
+            break;
+        uint8_t *h = ram_ptr(c, pa, 1);
+        if (!h)
+            break;
+        n += snprintf(c->errmsg + n, sizeof c->errmsg - n, " %02x", *h);
+    }
+}
+
+static Access *next_access(CPU *c, int kind, uint64_t addr, unsigned size, int write, unsigned count)
+{
+    if (c->acc_pos < c->nacc) {
+        Access *a = &c->acc[c->acc_pos++];
+        if (a->kind == kind && a->addr == addr && a->size == size && a->write == write)
+            return a;
+        /* the replay no longer matches (guest state changed under us): start over */
+        c->nacc = c->acc_pos = 0;
+    }
+    if (c->nacc >= 4) {
+        error_with_bytes(c, "more than 4 device accesses in one instruction");
+        cpu_exit(c, EXIT_INTERNAL_ERROR);
+    }
+    Access *a = &c->acc[c->nacc++];
+    c->acc_pos = c->nacc;
+    a->kind = kind;
+    a->addr = addr;
+    a->size = size;
+    a->write = write;
+    a->count = count;
+    a->data = count > 1 ? c->iobuf : a->small;
+    memset(a->small, 0, sizeof a->small);
+    return 0;
+}
+
+uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val)
+{
+    Access *a = next_access(c, EXIT_IO, port, size, write, 1);
+    if (a) {
+        uint64_t v = 0;
+        if (!write)
+            memcpy(&v, a->data, size);
+        return v;
+    }
+    a = &c->acc[c->nacc - 1];
+    if (write)
+        memcpy(a->data, &val, size);
+    cpu_exit(c, EXIT_IO);
+}
+
+/* Rep string I/O: one exit for `count` elements whose data sits in iobuf. */
+Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh)
+{
+    Access *a = next_access(c, EXIT_IO, port, size, write, count);
+    *fresh = a == 0;
+    if (a)
+        return a;
+    return &c->acc[c->nacc - 1];
+}
+
+uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val)
+{
+    Access *a = next_access(c, EXIT_MMIO, pa, size, write, 1);
+    if (a) {
+        uint64_t v = 0;
+        if (!write)
+            memcpy(&v, a->data, size);
+        return v;
+    }
+    a = &c->acc[c->nacc - 1];
+    if (write)
+        memcpy(a->data, &val, size);
+    cpu_exit(c, EXIT_MMIO);
 }

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <stdlib.h>
 #include "tcg.h"
+#include "flags.h"
 
 typedef struct {
     PyObject_HEAD

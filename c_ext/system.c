@@ -1,23 +1,9 @@
 /* System architecture: exceptions and interrupt delivery (IVT, 32-bit and
  * 64-bit IDT), segment loading, far transfers, iret, syscall/sysret, control
- * registers, MSRs, CPUID, and I/O / MMIO accesses that become VM exits. */
-#include <stdio.h>
+ * registers, MSRs, CPUID. */
 #include <x86intrin.h>
 #include "tcg.h"
-
-void raise_exc(CPU *c, int vec, uint32_t err, int has_err)
-{
-    c->exc_vec = vec;
-    c->exc_err = err;
-    c->exc_has_err = has_err;
-    longjmp(c->jb, 1);
-}
-
-void cpu_exit(CPU *c, int reason)
-{
-    c->exit_reason = reason;
-    longjmp(c->jb, 2);
-}
+#include "flags.h"
 
 void update_mode(CPU *c)
 {
@@ -706,85 +692,4 @@ void do_cpuid(CPU *c)
     c->r[R_BX] = b;
     c->r[R_CX] = cc;
     c->r[R_DX] = d;
-}
-
-/* errmsg = what + rip + the instruction bytes there (as far as they are readable RAM) */
-static void error_with_bytes(CPU *c, const char *what)
-{
-    int n = snprintf(c->errmsg, sizeof c->errmsg, "%s at rip %#llx, bytes:", what, (unsigned long long)c->rip);
-    uint64_t lin = linear(c, S_CS, c->rip);
-    for (int k = 0; k < 15 && n < (int)sizeof c->errmsg - 4; k++) {
-        uint64_t pa;
-        if (translate(c, lin + k, 2, c->cpl == 3, &pa, 0) < 0)
-            break;
-        uint8_t *h = ram_ptr(c, pa, 1);
-        if (!h)
-            break;
-        n += snprintf(c->errmsg + n, sizeof c->errmsg - n, " %02x", *h);
-    }
-}
-
-static Access *next_access(CPU *c, int kind, uint64_t addr, unsigned size, int write, unsigned count)
-{
-    if (c->acc_pos < c->nacc) {
-        Access *a = &c->acc[c->acc_pos++];
-        if (a->kind == kind && a->addr == addr && a->size == size && a->write == write)
-            return a;
-        /* the replay no longer matches (guest state changed under us): start over */
-        c->nacc = c->acc_pos = 0;
-    }
-    if (c->nacc >= 4) {
-        error_with_bytes(c, "more than 4 device accesses in one instruction");
-        cpu_exit(c, EXIT_INTERNAL_ERROR);
-    }
-    Access *a = &c->acc[c->nacc++];
-    c->acc_pos = c->nacc;
-    a->kind = kind;
-    a->addr = addr;
-    a->size = size;
-    a->write = write;
-    a->count = count;
-    a->data = count > 1 ? c->iobuf : a->small;
-    memset(a->small, 0, sizeof a->small);
-    return 0;
-}
-
-uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val)
-{
-    Access *a = next_access(c, EXIT_IO, port, size, write, 1);
-    if (a) {
-        uint64_t v = 0;
-        if (!write)
-            memcpy(&v, a->data, size);
-        return v;
-    }
-    a = &c->acc[c->nacc - 1];
-    if (write)
-        memcpy(a->data, &val, size);
-    cpu_exit(c, EXIT_IO);
-}
-
-/* Rep string I/O: one exit for `count` elements whose data sits in iobuf. */
-Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh)
-{
-    Access *a = next_access(c, EXIT_IO, port, size, write, count);
-    *fresh = a == 0;
-    if (a)
-        return a;
-    return &c->acc[c->nacc - 1];
-}
-
-uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val)
-{
-    Access *a = next_access(c, EXIT_MMIO, pa, size, write, 1);
-    if (a) {
-        uint64_t v = 0;
-        if (!write)
-            memcpy(&v, a->data, size);
-        return v;
-    }
-    a = &c->acc[c->nacc - 1];
-    if (write)
-        memcpy(a->data, &val, size);
-    cpu_exit(c, EXIT_MMIO);
 }

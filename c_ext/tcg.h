@@ -251,77 +251,21 @@ typedef struct CPU {
     uint64_t st_invalidations;
 } CPU;
 
-/* ---- mem.c ---- */
-uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch);
-void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val);
-void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size);
-void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size);
-int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault);
-uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
-void tlb_flush(CPU *c, int global_too);
-void tlb_flush_page(CPU *c, uint64_t lin);
-void code_page_mark(CPU *c, uint64_t pa);
-void invalidate_code_page(CPU *c, uint64_t pa);
-void invalidate_local_blocks(CPU *c, uint64_t pa);
-void drop_code_write_tags(CPU *c);
-void cpu_register(CPU *c);
-void cpu_unregister(CPU *c);
-uint8_t *code_bitmap_get(uint8_t *host, uint64_t size);
-void code_bitmap_put(uint8_t *code);
-void ram_registry_lock(void);
-void ram_registry_unlock(void);
-void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size);
-extern _Atomic uint64_t code_epoch;
-uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
-void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
+/* Layering: a file calls only into files listed before it, so the calls between
+ * c_ext files form no circle (flags.h and operands.h are inline only):
+ *   unwind.c   raise_exc / cpu_exit, the longjmp back to cpu_run; calls nothing
+ *   decode.c   instruction bytes -> Insn; calls nothing
+ *   mem.c      RAM, page walks, TLB, code-page tracking and invalidation requests,
+ *              the access log of I/O and MMIO exits; calls unwind.c
+ *   system.c, x87.c, sse.c   system architecture, x87, SSE; call mem.c, unwind.c
+ *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
+ *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
-/* ---- system.c ---- */
+/* ---- unwind.c ---- */
 void __attribute__((noreturn)) raise_exc(CPU *c, int vec, uint32_t err, int has_err);
 #define RAISE(c, v) raise_exc((c), (v), 0, 0)
 #define RAISE_ERR(c, v, e) raise_exc((c), (v), (e), 1)
 void __attribute__((noreturn)) cpu_exit(CPU *c, int reason);
-void deliver_interrupt(CPU *c, int vec, int soft, uint32_t err, int has_err, uint64_t ret_rip);
-void update_mode(CPU *c);
-void load_seg(CPU *c, int sreg, uint16_t sel);
-void load_seg_real(CPU *c, int sreg, uint16_t sel);
-int read_descriptor(CPU *c, uint16_t sel, uint32_t d[4], int wide);
-void seg_from_desc(Seg *s, uint16_t sel, const uint32_t d[2]);
-int msr_read(CPU *c, uint32_t idx, uint64_t *val);
-int msr_write(CPU *c, uint32_t idx, uint64_t val);
-void do_cpuid(CPU *c);
-void set_cr0(CPU *c, uint64_t v);
-void set_cr3(CPU *c, uint64_t v);
-void set_cr4(CPU *c, uint64_t v);
-void set_efer(CPU *c, uint64_t v);
-void do_far_jump(CPU *c, uint16_t sel, uint64_t off, int call, int osz);
-void do_far_ret(CPU *c, int osz, uint32_t pop_extra);
-void do_iret(CPU *c, int osz);
-void do_syscall(CPU *c);
-void do_sysret(CPU *c, int osz);
-uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val);
-uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val);
-
-/* ---- x87.c ---- */
-void x87_exec(CPU *c, Insn *i);
-void x87_fwait(CPU *c);
-void fpu_reset(CPU *c);
-void fxsave(CPU *c, uint64_t lin, int rexw);
-void fxrstor(CPU *c, uint64_t lin, int rexw);
-
-/* ---- exec.c ---- */
-uint64_t get_eflags(CPU *c);
-void set_eflags(CPU *c, uint64_t v, uint64_t mask);
-int cpu_run(CPU *c);
-void cpu_init(CPU *c);
-void cpu_free(CPU *c);
-void block_cache_flush(CPU *c);
-void request_invalidate(CPU *c, uint64_t gpa, uint64_t size);
-void cpu_reset(CPU *c, int wait_sipi);
-void request_init(CPU *c);
-void request_sipi(CPU *c, int vector);
-void request_nmi(CPU *c);
-void request_irq_window(CPU *c);
-int cpu_interruptible(CPU *c);
 
 /* ---- decode.c ---- */
 #define OP_UD 0x3ff
@@ -345,7 +289,75 @@ enum {
 };
 #define DISPATCH_SIZE 0x440
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
+
+/* ---- mem.c ---- */
+uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch);
+void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val);
+void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size);
+void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size);
+int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault);
+uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
+void tlb_flush(CPU *c, int global_too);
+void tlb_flush_page(CPU *c, uint64_t lin);
+void code_page_mark(CPU *c, uint64_t pa);
+void invalidate_code_page(CPU *c, uint64_t pa);
+void invalidate_local_blocks(CPU *c, uint64_t pa);
+void request_invalidate(CPU *c, uint64_t gpa, uint64_t size);
+void drop_code_write_tags(CPU *c);
+void cpu_register(CPU *c);
+void cpu_unregister(CPU *c);
+uint8_t *code_bitmap_get(uint8_t *host, uint64_t size);
+void code_bitmap_put(uint8_t *code);
+void ram_registry_lock(void);
+void ram_registry_unlock(void);
+void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size);
+extern _Atomic uint64_t code_epoch;
+uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
+void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
+uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val);
 Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsigned count, int *fresh);
+uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val);
+
+/* ---- system.c ---- */
+void deliver_interrupt(CPU *c, int vec, int soft, uint32_t err, int has_err, uint64_t ret_rip);
+void update_mode(CPU *c);
+void load_seg(CPU *c, int sreg, uint16_t sel);
+void load_seg_real(CPU *c, int sreg, uint16_t sel);
+int read_descriptor(CPU *c, uint16_t sel, uint32_t d[4], int wide);
+void seg_from_desc(Seg *s, uint16_t sel, const uint32_t d[2]);
+int msr_read(CPU *c, uint32_t idx, uint64_t *val);
+int msr_write(CPU *c, uint32_t idx, uint64_t val);
+void do_cpuid(CPU *c);
+void set_cr0(CPU *c, uint64_t v);
+void set_cr3(CPU *c, uint64_t v);
+void set_cr4(CPU *c, uint64_t v);
+void set_efer(CPU *c, uint64_t v);
+void do_far_jump(CPU *c, uint16_t sel, uint64_t off, int call, int osz);
+void do_far_ret(CPU *c, int osz, uint32_t pop_extra);
+void do_iret(CPU *c, int osz);
+void do_syscall(CPU *c);
+void do_sysret(CPU *c, int osz);
+
+/* ---- x87.c ---- */
+void x87_exec(CPU *c, Insn *i);
+void x87_fwait(CPU *c);
+void fpu_reset(CPU *c);
+void fxsave(CPU *c, uint64_t lin, int rexw);
+void fxrstor(CPU *c, uint64_t lin, int rexw);
+
+/* ---- sse.c ---- */
+void sse_exec(CPU *c, Insn *i);
+
+/* ---- exec.c ---- */
+int cpu_run(CPU *c);
+void cpu_init(CPU *c);
+void block_cache_flush(CPU *c);
+void cpu_reset(CPU *c, int wait_sipi);
+void request_init(CPU *c);
+void request_sipi(CPU *c, int vector);
+void request_nmi(CPU *c);
+void request_irq_window(CPU *c);
+int cpu_interruptible(CPU *c);
 
 static inline uint64_t now_ns(void)
 {

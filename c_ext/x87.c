@@ -26,6 +26,7 @@
  * depends on the guest's mode and operand size.
  */
 #include "tcg.h"
+#include "flags.h"
 
 #define CR0_MP 2u
 #define CR0_EM 4u
