@@ -74,7 +74,8 @@ class KvmAccel:
         self.port_write_queue: CoalescedPio | None = None
         try:
             if vm.check_extension("KVM_CAP_COALESCED_PIO") > 0:
-                self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, host.pio_bus.write)
+                self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, host.pio_bus.write,
+                                                     host.events)
         except (KvmError, ValueError) as e:
             log.debug("coalesced port writes not available: %s", e)
         self._irqchip_reset = vm.get_irqchip_state()

@@ -10,8 +10,9 @@ Order is kept: every exit to userspace drains the ring before it is handled (the
 vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``), so the device sees the queued writes before any later
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
-covered by a drainer thread that empties the ring every DRAIN_INTERVAL seconds
-while a zone is registered; closing the accelerator drains what is left.
+covered by a timer on the machine's event loop that empties the ring every
+DRAIN_INTERVAL seconds while a zone is registered; closing the accelerator drains
+what is left.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
-import time
 from typing import Callable
 
+from ...events import EventLoop, TimerHandle
 from ._kvm_cffi import ffi, lib
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,13 @@ DRAIN_INTERVAL = 0.01
 
 
 class CoalescedPio:
-    def __init__(self, vm, vcpu_mm: mmap.mmap, write: Callable[[int, int, int], None]) -> None:
-        """``write(port, size, value)`` is the port bus; ``vcpu_mm`` any vCPU's kvm_run mmap."""
+    def __init__(self, vm, vcpu_mm: mmap.mmap, write: Callable[[int, int, int], None],
+                 events: EventLoop) -> None:
+        """``write(port, size, value)`` is the port bus; ``vcpu_mm`` any vCPU's kvm_run mmap;
+        ``events`` runs the periodic drain."""
         self.vm = vm
         self._write = write
+        self._events = events
         off = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
         if len(vcpu_mm) < off + mmap.PAGESIZE:
             raise ValueError("the vCPU mmap has no coalesced ring page")
@@ -45,9 +49,9 @@ class CoalescedPio:
             "struct kvm_coalesced_mmio")
         self._lock = threading.Lock()
         self._zones: set[tuple[int, int]] = set()
-        self._active = threading.Event()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._timer: TimerHandle | None = None
+        self._timer_lock = threading.Lock()     # set_zone (a vCPU) vs the tick (the loop)
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
         """Queue (True) or stop queueing (False) OUTs to port..port+length-1."""
@@ -56,15 +60,13 @@ class CoalescedPio:
             return
         self.vm.coalesced_zone(port, length, pio=True, register=on)
         if on:
-            self._zones.add(key)
-            self._active.set()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._drain_loop, name="coalesced-pio", daemon=True)
-                self._thread.start()
+            with self._timer_lock:
+                self._zones.add(key)
+                if self._timer is None:
+                    self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
         else:
-            self._zones.discard(key)
-            if not self._zones:
-                self._active.clear()
+            with self._timer_lock:
+                self._zones.discard(key)
 
     def pending(self) -> bool:
         ring = self._ring
@@ -91,18 +93,20 @@ class CoalescedPio:
                 first = (first + 1) % self._max
                 ring.first = first
 
-    def _drain_loop(self) -> None:
-        while not self._closed:
-            if not self._active.wait(1.0):
-                continue
-            time.sleep(DRAIN_INTERVAL)
-            self.drain()
+    def _drain_tick(self) -> None:
+        """On the event loop: drain, and come back while a zone is registered."""
+        self.drain()
+        with self._timer_lock:
+            if self._zones and not self._closed:
+                self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
+            else:
+                self._timer = None
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._active.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2.0)
+        with self._timer_lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
         self.drain()
