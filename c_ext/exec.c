@@ -3,6 +3,7 @@
  * insn_*.h files, each inlined into its dispatch label here. */
 #include <stdio.h>
 #include "tcg.h"
+#include "access.h"
 #include "flags.h"
 #include "operands.h"
 #include "insn_alu.h"

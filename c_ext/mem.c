@@ -1,6 +1,8 @@
 /* Guest memory: RAM lookup, page walks, the software TLB, slow paths (page
  * crossing, MMIO, writes into pages holding translated code), and the access log
- * of device accesses (port I/O, MMIO) that become VM exits.
+ * of device accesses (port I/O, MMIO) that become VM exits. The fast paths that
+ * fall back to these slow paths are inline in access.h, which this file does not
+ * include: it sits below them.
  *
  * Self-modifying code across vCPUs: every TcgVcpu on the same RAM shares one
  * "holds translated code" byte per page (bitmaps keyed by the host mapping).
@@ -549,38 +551,6 @@ void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
         return;
     }
     access_one(c, lin, size, 1, 1, val);
-}
-
-void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size)
-{
-    uint8_t *d = dst;
-    while (size) {
-        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
-        uint64_t v = ld(c, lin, chunk);
-        memcpy(d, &v, chunk);
-        d += chunk;
-        lin += chunk;
-        size -= chunk;
-    }
-}
-
-void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size)
-{
-    const uint8_t *s = src;
-    /* probe both ends first so a fault cannot leave a partial write */
-    if (size) {
-        ld(c, lin, 1);
-        ld(c, lin + size - 1, 1);
-    }
-    while (size) {
-        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
-        uint64_t v = 0;
-        memcpy(&v, s, chunk);
-        st(c, lin, chunk, v);
-        s += chunk;
-        lin += chunk;
-        size -= chunk;
-    }
 }
 
 /* ---- the access log: device accesses that become VM exits ---- */

@@ -6,6 +6,7 @@
 #ifndef KVMPY_OPERANDS_H
 #define KVMPY_OPERANDS_H
 
+#include "access.h"
 #include "flags.h"
 
 /* An instruction handler: inlined into its dispatch label in exec_block, so splitting

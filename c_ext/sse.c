@@ -6,6 +6,7 @@
  * exactly the hardware's. CPUID advertises SSE3, not SSSE3 or later. */
 #include <emmintrin.h>
 #include "tcg.h"
+#include "access.h"
 
 typedef union {
     uint8_t b[16];

@@ -3,6 +3,7 @@
  * registers, MSRs, CPUID. */
 #include <x86intrin.h>
 #include "tcg.h"
+#include "access.h"
 #include "flags.h"
 
 void update_mode(CPU *c)

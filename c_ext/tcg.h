@@ -1,4 +1,4 @@
-/* kvmpy C translator: shared CPU state and the inline fast paths.
+/* kvmpy C translator: shared CPU state, the functions of each file, addresses.
  *
  * Design: guest code is decoded once into blocks of pre-decoded instructions
  * (struct Insn), cached by guest-physical address + code mode, and executed by
@@ -7,7 +7,8 @@
  * Faults and VM exits leave an instruction with longjmp back to the run loop;
  * instructions do their register writeback only after their last memory
  * access, so they can restart (after a #PF, or after an I/O/MMIO exit whose
- * data the VMM completes: see the access log below).
+ * data the VMM completes: see the access log below). The inline guest-memory fast
+ * paths (ld, st, atomic_host over the TLB) are in access.h.
  */
 #ifndef KVMPY_TCG_H
 #define KVMPY_TCG_H
@@ -252,12 +253,17 @@ typedef struct CPU {
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
- * c_ext files form no circle (flags.h and operands.h are inline only):
+ * c_ext files form no circle (flags.h and operands.h are inline only). A header
+ * uses nothing defined in a .c file that includes it: this one holds types,
+ * constants, prototypes and inlines over the CPU state alone.
  *   unwind.c   raise_exc / cpu_exit, the longjmp back to cpu_run; calls nothing
  *   decode.c   instruction bytes -> Insn; calls nothing
  *   mem.c      RAM, page walks, TLB, code-page tracking and invalidation requests,
- *              the access log of I/O and MMIO exits; calls unwind.c
- *   system.c, x87.c, sse.c   system architecture, x87, SSE; call mem.c, unwind.c
+ *              the access log of I/O and MMIO exits, the slow paths of guest memory
+ *              access; calls unwind.c
+ *   access.h   guest memory access, inline: the TLB hit, mem.c's slow path otherwise;
+ *              calls mem.c, and so mem.c does not include it
+ *   system.c, x87.c, sse.c   system architecture, x87, SSE; call access.h, mem.c, unwind.c
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
  *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
@@ -290,11 +296,9 @@ enum {
 #define DISPATCH_SIZE 0x440
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
 
-/* ---- mem.c ---- */
+/* ---- mem.c ---- (mem_read_slow, mem_write_slow, atomic_host_slow: behind access.h) */
 uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch);
 void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val);
-void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size);
-void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size);
 int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault);
 uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
 void tlb_flush(CPU *c, int global_too);
@@ -311,7 +315,6 @@ void code_bitmap_put(uint8_t *code);
 void ram_registry_lock(void);
 void ram_registry_unlock(void);
 void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size);
-extern _Atomic uint64_t code_epoch;
 uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size);
 void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v);
 uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val);
@@ -366,7 +369,7 @@ static inline uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
-/* ---- inline fast paths ---- */
+/* ---- addresses: pure functions of the CPU state, no memory access ---- */
 
 static inline __attribute__((always_inline)) uint64_t linear(CPU *c, int sreg, uint64_t off)
 {
@@ -393,53 +396,6 @@ static inline __attribute__((always_inline)) uint64_t ea_off(CPU *c, Insn *i)
 static inline __attribute__((always_inline)) uint64_t ea_lin(CPU *c, Insn *i)
 {
     return linear(c, i->seg, ea_off(c, i));
-}
-
-static inline __attribute__((always_inline)) void *tlb_hit(CPU *c, uint64_t lin, unsigned size, int write)
-{
-    TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
-    uint64_t tag = write ? e->tag_w : e->tag_r;
-    if (likely(tag == (lin & ~0xfffULL) && (lin & 0xfff) <= 4096 - size))
-        return (void *)(e->addend + (uintptr_t)lin);
-    return 0;
-}
-
-/* Host pointer for an atomic read-modify-write (lock prefix, xchg, cmpxchg): the
- * guest's atomicity against other vCPUs comes from the host's own atomics. 0 when the
- * operand is not plain RAM on one page (MMIO, page-crossing): the caller falls back
- * to a non-atomic load/store. */
-static inline __attribute__((always_inline)) void *atomic_host(CPU *c, uint64_t lin, unsigned size)
-{
-    void *p = tlb_hit(c, lin, size, 1);
-    return likely(p != 0) ? p : atomic_host_slow(c, lin, size);
-}
-
-static inline __attribute__((always_inline)) uint64_t ld(CPU *c, uint64_t lin, unsigned size)
-{
-    void *p = tlb_hit(c, lin, size, 0);
-    if (likely(p != 0)) {
-        switch (size) {
-        case 1: return *(uint8_t *)p;
-        case 2: { uint16_t v; memcpy(&v, p, 2); return v; }
-        case 4: { uint32_t v; memcpy(&v, p, 4); return v; }
-        default: { uint64_t v; memcpy(&v, p, 8); return v; }
-        }
-    }
-    return mem_read_slow(c, lin, size, 0);
-}
-
-static inline __attribute__((always_inline)) void st(CPU *c, uint64_t lin, unsigned size, uint64_t v)
-{
-    void *p = tlb_hit(c, lin, size, 1);
-    if (likely(p != 0)) {
-        switch (size) {
-        case 1: *(uint8_t *)p = (uint8_t)v; return;
-        case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); return; }
-        case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); return; }
-        default: memcpy(p, &v, 8); return;
-        }
-    }
-    mem_write_slow(c, lin, size, v);
 }
 
 #endif

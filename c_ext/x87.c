@@ -26,6 +26,7 @@
  * depends on the guest's mode and operand size.
  */
 #include "tcg.h"
+#include "access.h"
 #include "flags.h"
 
 #define CR0_MP 2u
@@ -35,6 +36,40 @@
 #define FSW_ES 0x0080u
 #define FSW_B 0x8000u
 #define FSW_TOP_SHIFT 11
+
+/* Guest memory as byte strings, through ld/st: the x87 environment, fnsave/frstor
+ * images and fxsave/fxrstor areas, the 80-bit operands. */
+static void mem_read_bytes(CPU *c, uint64_t lin, void *dst, unsigned size)
+{
+    uint8_t *d = dst;
+    while (size) {
+        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
+        uint64_t v = ld(c, lin, chunk);
+        memcpy(d, &v, chunk);
+        d += chunk;
+        lin += chunk;
+        size -= chunk;
+    }
+}
+
+static void mem_write_bytes(CPU *c, uint64_t lin, const void *src, unsigned size)
+{
+    const uint8_t *s = src;
+    /* probe both ends first so a fault cannot leave a partial write */
+    if (size) {
+        ld(c, lin, 1);
+        ld(c, lin + size - 1, 1);
+    }
+    while (size) {
+        unsigned chunk = size >= 8 ? 8 : (size >= 4 ? 4 : 1);
+        uint64_t v = 0;
+        memcpy(&v, s, chunk);
+        st(c, lin, chunk, v);
+        s += chunk;
+        lin += chunk;
+        size -= chunk;
+    }
+}
 
 /* "ESC modrm; ret; int3" for every ESC opcode (D8-DF) and ModRM byte; ModRM with
  * mod=00 rm=111 is [rdi]. Index (opcode & 7) << 8 | modrm. */
