@@ -30,7 +30,8 @@ if ROOT not in sys.path:
 QUICK_MODULES = {
     "test_acpi", "test_block_badimage", "test_block_fuzz", "test_block_overlap", "test_block_probe",
     "test_block_qcow2", "test_boot",
-    "test_config", "test_events", "test_hmp", "test_i8042", "test_ioapic", "test_irqchip", "test_kvm_api",
+    "test_config", "test_device_state", "test_events", "test_hmp", "test_i8042", "test_ioapic",
+    "test_irqchip", "test_kvm_api",
     "test_lapic", "test_legacy", "test_pci", "test_pic", "test_pit", "test_qmp",
     "test_qmp_statevm", "test_rtc", "test_serial", "test_tcg_build", "test_tcg_helpers",
     "test_tcg_robustness", "test_tcg_smp", "test_tcg_system", "test_tcg_x87", "test_virtio_pci",
