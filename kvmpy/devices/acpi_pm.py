@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
+from .saved_state import MAX_RELATIVE_NS, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,38 @@ PM1_CNT_RW = SCI_EN | (1 << 1) | (1 << 2) | SLP_TYP_MASK
 SLP_TYP_S5 = 5
 
 
+@dataclass(frozen=True)
+class AcpiPmState:
+    """The PM registers and timer (see kvmpy/devices/saved_state.py)."""
+
+    pm1_status: int
+    pm1_enable: int
+    pm1_control: int
+    gpe0_status: int
+    gpe0_enable: int
+    timer_bits: int
+    # how long the PM timer has been counting: it goes on from there after a restore
+    timer_running_for_ns: int
+    # the timer's top bit as last seen (TMR_STS is raised when it toggles)
+    timer_carry_epoch: int
+    # the SCI as driven, not recomputed: a TMR_STS a read latches only reaches
+    # the line at the next register write or event
+    sci_level: bool
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.bits("pm1_status", self.pm1_status, PM1_STS_MASK)
+        check.bits("pm1_enable", self.pm1_enable, PM1_EN_MASK)
+        check.bits("pm1_control", self.pm1_control, PM1_CNT_RW)
+        check.integer("gpe0_status", self.gpe0_status, 0, 0xFFFFFFFF)
+        check.integer("gpe0_enable", self.gpe0_enable, 0, 0xFFFFFFFF)
+        if check.integer("timer_bits", self.timer_bits, 24, 32) not in (24, 32):
+            raise check.fail("timer_bits", f"{self.timer_bits!r} is not 24 or 32")
+        check.integer("timer_running_for_ns", self.timer_running_for_ns, 0, MAX_RELATIVE_NS)
+        check.integer("timer_carry_epoch", self.timer_carry_epoch, 0, MAX_RELATIVE_NS)
+        check.flag("sci_level", self.sci_level)
+
+
 class AcpiPm:
     def __init__(self, on_sleep: Callable[[int], None],
                  sci: Callable[[bool], None] | None = None,
@@ -85,6 +119,34 @@ class AcpiPm:
         self.gpe_sts = 0
         self.gpe_en = 0
         self._timer_epoch = 0
+
+    # ------------------------------------------------------------ saved state
+    def state(self) -> AcpiPmState:
+        with self._lock:
+            return AcpiPmState(
+                pm1_status=self.pm1_sts, pm1_enable=self.pm1_en, pm1_control=self.pm1_cnt,
+                gpe0_status=self.gpe_sts, gpe0_enable=self.gpe_en, timer_bits=self.timer_bits,
+                timer_running_for_ns=self._clock_ns() - self._t0,
+                timer_carry_epoch=self._timer_epoch, sci_level=self._sci_level)
+
+    def restore(self, state: AcpiPmState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, AcpiPmState)
+        if state.timer_bits != self.timer_bits:
+            # the FADT told the guest this machine's width
+            raise StateCheck(state).fail("timer_bits", f"{state.timer_bits}, but this PM timer has "
+                                         f"{self.timer_bits} bits")
+        with self._lock:
+            self.pm1_sts = state.pm1_status
+            self.pm1_en = state.pm1_enable
+            self.pm1_cnt = state.pm1_control
+            self.gpe_sts = state.gpe0_status
+            self.gpe_en = state.gpe0_enable
+            self._t0 = self._clock_ns() - state.timer_running_for_ns
+            self._timer_epoch = state.timer_carry_epoch
+            if state.sci_level != self._sci_level:
+                self._sci_level = state.sci_level
+                self._sci(state.sci_level)
 
     # ------------------------------------------------------------ timer
     def _ticks(self) -> int:

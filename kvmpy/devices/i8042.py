@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,51 @@ KBD_BAT_OK = 0xAA
 
 # commands that take one data byte after them (to the keyboard)
 _KBD_CMDS_WITH_ARG = {0xED, 0xF0, 0xF3}
+# controller commands that take one data byte after them
+_CONTROLLER_CMDS_WITH_ARG = frozenset(range(0x60, 0x80)) | {0xD1, 0xD2, 0xD3, 0xD4}
+
+# The keyboard queue only grows with host input (inject_scancodes); a saved state
+# holding more than this much unread input is not one this model produced.
+MAX_SAVED_QUEUE = 1 << 16
+
+
+@dataclass(frozen=True)
+class I8042State:
+    """The controller's registers and the keyboard's (see kvmpy/devices/saved_state.py)."""
+
+    ctr: int
+    ram: bytes
+    status: int
+    output_buffer: int | None
+    output_is_aux: bool
+    keyboard_queue: bytes
+    pending_command: int | None
+    keyboard_pending_command: int | None
+    keyboard_scanning: bool
+    scancode_set: int
+    output_port: int
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.integer("ctr", self.ctr, 0, 0xFF)
+        check.data("ram", self.ram, length=32)
+        check.bits("status", self.status, STR_SYSFLAG | STR_KEYLOCK | STR_CMDDAT)
+        check.optional_integer("output_buffer", self.output_buffer, 0, 0xFF)
+        if check.flag("output_is_aux", self.output_is_aux) and self.output_buffer is None:
+            raise check.fail("output_is_aux", "set with an empty output buffer")
+        check.data("keyboard_queue", self.keyboard_queue, max_length=MAX_SAVED_QUEUE)
+        if check.optional_integer("pending_command", self.pending_command, 0, 0xFF) is not None \
+                and self.pending_command not in _CONTROLLER_CMDS_WITH_ARG:
+            raise check.fail("pending_command", f"{self.pending_command:#x} takes no data byte")
+        if check.optional_integer("keyboard_pending_command", self.keyboard_pending_command,
+                                  0, 0xFF) is not None \
+                and self.keyboard_pending_command not in _KBD_CMDS_WITH_ARG:
+            raise check.fail("keyboard_pending_command",
+                             f"{self.keyboard_pending_command:#x} takes no argument")
+        check.flag("keyboard_scanning", self.keyboard_scanning)
+        check.integer("scancode_set", self.scancode_set, 1, 3)
+        if not check.integer("output_port", self.output_port, 0, 0xFF) & 0x02:
+            raise check.fail("output_port", "A20 (bit 1) is always on in this model")
 
 
 class I8042:
@@ -89,6 +136,32 @@ class I8042:
         self.scancode_set = 2
         self.output_port = 0x03  # bit 0: reset line inactive, bit 1: A20 on
         self._update_irq()
+
+    def state(self) -> I8042State:
+        with self._lock:
+            return I8042State(
+                ctr=self.ctr, ram=bytes(self.ram), status=self.status, output_buffer=self.outbuf,
+                output_is_aux=self.out_aux, keyboard_queue=bytes(self.queue),
+                pending_command=self.pending_cmd, keyboard_pending_command=self.kbd_pending,
+                keyboard_scanning=self.kbd_scanning, scancode_set=self.scancode_set,
+                output_port=self.output_port)
+
+    def restore(self, state: I8042State) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, I8042State)
+        with self._lock:
+            self.ctr = state.ctr
+            self.ram = bytearray(state.ram)
+            self.status = state.status
+            self.outbuf = state.output_buffer
+            self.out_aux = state.output_is_aux
+            self.queue = deque(state.keyboard_queue)
+            self.pending_cmd = state.pending_command
+            self.kbd_pending = state.keyboard_pending_command
+            self.kbd_scanning = state.keyboard_scanning
+            self.scancode_set = state.scancode_set
+            self.output_port = state.output_port
+            self._update_irq()
 
     def register(self, bus) -> None:
         bus.register(DATA_PORT, 1, self.data)
@@ -145,7 +218,7 @@ class I8042:
         if 0x20 <= cmd <= 0x3F:
             idx = cmd & 0x1F
             self._controller_reply(self.ctr if idx == 0 else self.ram[idx])
-        elif 0x60 <= cmd <= 0x7F or cmd in (0xD1, 0xD2, 0xD3, 0xD4):
+        elif cmd in _CONTROLLER_CMDS_WITH_ARG:
             self.pending_cmd = cmd
         elif cmd == 0xA7:
             self.ctr |= CTR_AUXDIS

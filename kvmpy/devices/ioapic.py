@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
+
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,25 @@ RTE_MASKED = 1 << 16
 # guest-writable bits of an entry (delivery status and remote IRR are read-only)
 RTE_WRITABLE = 0xFF << 56 | RTE_MASKED | RTE_LEVEL | RTE_POLARITY_LOW | RTE_DEST_LOGICAL | \
     RTE_DELIVERY_MODE | RTE_VECTOR
+
+
+@dataclass(frozen=True)
+class IoApicState:
+    """The IOAPIC's registers and input lines (see kvmpy/devices/saved_state.py)."""
+
+    ioapic_id: int
+    select: int
+    entries: tuple[int, ...]
+    asserted: int   # bit n: pin n's line is asserted
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.integer("ioapic_id", self.ioapic_id, 0, 0xF)
+        check.integer("select", self.select, 0, 0xFF)
+        check.integers("entries", self.entries, NUM_PINS, 0, (1 << 64) - 1)
+        for pin, entry in enumerate(self.entries):
+            check.bits(f"entries[{pin}]", entry, RTE_WRITABLE | RTE_REMOTE_IRR)
+        check.integer("asserted", self.asserted, 0, (1 << NUM_PINS) - 1)
 
 
 class IoApic:
@@ -72,6 +94,21 @@ class IoApic:
 
     def register(self, mmio_bus) -> None:
         mmio_bus.register(self.BASE, self.MMIO_SIZE, self)
+
+    def state(self) -> IoApicState:
+        with self._lock:
+            return IoApicState(ioapic_id=self.id, select=self.select, entries=tuple(self.entries),
+                               asserted=self.asserted)
+
+    def restore(self, state: IoApicState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed). Nothing is
+        delivered: a level pin still waiting for its EOI has remote IRR in the state."""
+        state = checked(state, IoApicState)
+        with self._lock:
+            self.id = state.ioapic_id
+            self.select = state.select
+            self.entries = list(state.entries)
+            self.asserted = state.asserted
 
     # ---- lines ----
 

@@ -44,7 +44,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,80 @@ _LVT_WRITABLE = {
 ESR_SEND_ILLEGAL_VECTOR = 1 << 5
 ESR_RECV_ILLEGAL_VECTOR = 1 << 6
 ESR_ILLEGAL_REGISTER = 1 << 7
+
+
+# the LVT registers in the order a saved state lists them
+LVT_REGISTERS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1,
+                 REG_LVT_ERROR)
+ESR_BITS = ESR_SEND_ILLEGAL_VECTOR | ESR_RECV_ILLEGAL_VECTOR | ESR_ILLEGAL_REGISTER
+# vectors 0-15 are refused on arrival, so they are never in IRR, ISR or TMR
+VECTOR_BITS = ((1 << 256) - 1) & ~0xFFFF
+
+
+@dataclass(frozen=True)
+class LapicState:
+    """One local APIC's registers, pending inputs and timer (see kvmpy/devices/saved_state.py)."""
+
+    apic_base: int
+    apic_id: int
+    tpr: int
+    ldr: int
+    dfr: int
+    svr: int
+    irr: int
+    isr: int
+    tmr: int
+    esr: int
+    esr_pending: int        # errors latched into ESR by the next ESR write
+    icr_lo: int
+    icr_hi: int
+    lvt: tuple[int, ...]    # in LVT_REGISTERS order
+    timer_initial: int
+    timer_divide_config: int
+    timer_running: bool
+    # the timer's start (its count is computed from it), before the state was taken
+    timer_started_ns_ago: int
+    # when the armed timer expiry is due, relative to the state's moment
+    timer_due_in_ns: int | None
+    lint0_level: bool
+    nmi_pending: bool
+    extint_message: bool
+    wait_for_sipi: bool
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.integer("apic_base", self.apic_base, 0, (1 << 64) - 1)
+        if self.apic_base & ~(APIC_BASE_ENABLE | APIC_BASE_BSP) != APIC_DEFAULT_BASE:
+            raise check.fail("apic_base", f"{self.apic_base:#x}: the APIC does not move from "
+                             f"{APIC_DEFAULT_BASE:#x}")
+        check.integer("apic_id", self.apic_id, 0, 0xFF)
+        check.integer("tpr", self.tpr, 0, 0xFF)
+        check.bits("ldr", self.ldr, 0xFF000000)
+        if check.integer("dfr", self.dfr, 0, 0xFFFFFFFF) & 0x0FFFFFFF != 0x0FFFFFFF:
+            raise check.fail("dfr", f"{self.dfr:#x}: bits 27:0 read as ones")
+        check.integer("svr", self.svr, 0, 0x1FF)
+        check.bits("irr", self.irr, VECTOR_BITS)
+        check.bits("isr", self.isr, VECTOR_BITS)
+        check.bits("tmr", self.tmr, VECTOR_BITS)
+        check.bits("esr", self.esr, ESR_BITS)
+        check.bits("esr_pending", self.esr_pending, ESR_BITS)
+        check.bits("icr_lo", self.icr_lo, 0xFFFFFFFF & ~(1 << 12))
+        check.bits("icr_hi", self.icr_hi, 0xFF000000)
+        check.integers("lvt", self.lvt, len(LVT_REGISTERS), 0, 0xFFFFFFFF)
+        for reg, value in zip(LVT_REGISTERS, self.lvt):
+            check.bits(f"lvt[{reg:#x}]", value, _LVT_WRITABLE[reg] | LVT_REMOTE_IRR)
+        check.integer("timer_initial", self.timer_initial, 0, 0xFFFFFFFF)
+        check.bits("timer_divide_config", self.timer_divide_config, 0xB)
+        if check.flag("timer_running", self.timer_running) and self.timer_initial == 0:
+            raise check.fail("timer_running", "set with an initial count of 0")
+        check.relative_ns("timer_started_ns_ago", self.timer_started_ns_ago)
+        if check.optional_relative_ns("timer_due_in_ns", self.timer_due_in_ns) is not None \
+                and not self.timer_running:
+            raise check.fail("timer_due_in_ns", "an expiry is due but the timer is not running")
+        for name, flag in (("lint0_level", self.lint0_level), ("nmi_pending", self.nmi_pending),
+                           ("extint_message", self.extint_message),
+                           ("wait_for_sipi", self.wait_for_sipi)):
+            check.flag(name, flag)
 
 
 def _top(bits: int) -> int:
@@ -184,7 +261,7 @@ class Lapic:
         self._timer_start = 0
         self._timer_running = False
         self._timer_gen = 0
-        self._timer_next = 0
+        self._timer_deadline: int | None = None   # when the armed expiry is due
         if self._timer is not None:
             self._timer.cancel()
 
@@ -486,6 +563,7 @@ class Lapic:
     def _timer_stop(self) -> None:
         self._timer_running = False
         self._timer_gen += 1
+        self._timer_deadline = None
         if self._timer is not None:
             self._timer.cancel()
 
@@ -494,6 +572,7 @@ class Lapic:
         self._timer_running = self.timer_initial != 0
         self._timer_gen += 1
         if not self._timer_running:
+            self._timer_deadline = None
             if self._timer is not None:
                 self._timer.cancel()
             return
@@ -501,16 +580,20 @@ class Lapic:
         now = self._clock()
         if self.lvt[REG_LVT_TIMER] & LVT_PERIODIC:
             k = max(1, -(-(now - start) // period)) if now > start else 1
-            self._timer_next = start + k * period
+            self._arm_timer(start + k * period)
         else:
-            self._timer_next = start + period
+            self._arm_timer(start + period)
+
+    def _arm_timer(self, deadline: int) -> None:
+        self._timer_deadline = deadline
         if self._timer is not None:
-            self._timer.arm(self._timer_next, self._timer_gen)
+            self._timer.arm(deadline, self._timer_gen)
 
     def _timer_expired(self, deadline: int, token=None) -> None:
         with self._lock:
             if token != self._timer_gen or not self._timer_running:
                 return
+            self._timer_deadline = None
             self.stats["timer_fired"] += 1
             self._local_interrupt(REG_LVT_TIMER)
             if self.lvt[REG_LVT_TIMER] & LVT_PERIODIC:
@@ -520,10 +603,7 @@ class Lapic:
                 if nxt <= now:
                     # the host fell behind: skip the lost periods, they coalesce in IRR anyway
                     nxt = self._timer_start + (-(-(now - self._timer_start) // period)) * period
-                nxt = max(nxt, deadline + MIN_PERIOD_NS)
-                self._timer_next = nxt
-                if self._timer is not None:
-                    self._timer.arm(nxt, self._timer_gen)
+                self._arm_timer(max(nxt, deadline + MIN_PERIOD_NS))
             # one-shot: the count stays at 0 until the next initial-count write
 
     # ------------------------------------------------------------------ MMIO
@@ -666,11 +746,47 @@ class Lapic:
             # a lone LAPIC (no bus): it can still interrupt itself
             self.deliver(mode, vector, level_trig, assert_level)
 
-    # ------------------------------------------------------------------ inspection
+    # ------------------------------------------------------------------ saved state
 
-    def state(self) -> dict:
+    def state(self) -> LapicState:
         with self._lock:
-            return {"id": self.id, "irr": self.irr, "isr": self.isr, "tmr": self.tmr, "tpr": self.tpr,
-                    "ppr": self.ppr, "svr": self.svr, "lvt": dict(self.lvt),
-                    "timer_initial": self.timer_initial, "timer_current": self._current_count(self._clock()),
-                    "apic_base": self.apic_base}
+            now = self._clock()
+            return LapicState(
+                apic_base=self.apic_base, apic_id=self.id, tpr=self.tpr, ldr=self.ldr, dfr=self.dfr,
+                svr=self.svr, irr=self.irr, isr=self.isr, tmr=self.tmr, esr=self.esr,
+                esr_pending=self._esr_pending, icr_lo=self.icr_lo, icr_hi=self.icr_hi,
+                lvt=tuple(self.lvt[reg] for reg in LVT_REGISTERS),
+                timer_initial=self.timer_initial, timer_divide_config=self.timer_dcr,
+                timer_running=self._timer_running, timer_started_ns_ago=now - self._timer_start,
+                timer_due_in_ns=None if self._timer_deadline is None else self._timer_deadline - now,
+                lint0_level=self.lint0_level, nmi_pending=self.nmi_pending,
+                extint_message=self.extint_message, wait_for_sipi=self.wait_for_sipi)
+
+    def restore(self, state: LapicState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed); the vCPU is
+        kicked if an interrupt is pending."""
+        state = checked(state, LapicState)
+        if bool(state.apic_base & APIC_BASE_BSP) != self.bsp:
+            raise StateCheck(state).fail("apic_base", f"BSP flag {bool(state.apic_base & APIC_BASE_BSP)}"
+                                         f" restored into LAPIC {self.cpu_index} (bsp={self.bsp})")
+        with self._lock:
+            self.apic_base = state.apic_base
+            self.id = state.apic_id
+            self.tpr, self.ldr, self.dfr, self.svr = state.tpr, state.ldr, state.dfr, state.svr
+            self.irr, self.isr, self.tmr = state.irr, state.isr, state.tmr
+            self.esr, self._esr_pending = state.esr, state.esr_pending
+            self.icr_lo, self.icr_hi = state.icr_lo, state.icr_hi
+            self.lvt = dict(zip(LVT_REGISTERS, state.lvt))
+            self.timer_initial = state.timer_initial
+            self.timer_dcr = state.timer_divide_config
+            self.lint0_level = state.lint0_level
+            self.nmi_pending = state.nmi_pending
+            self.extint_message = state.extint_message
+            self.wait_for_sipi = state.wait_for_sipi
+            now = self._clock()
+            self._timer_stop()
+            self._timer_start = now - state.timer_started_ns_ago
+            self._timer_running = state.timer_running
+            if state.timer_due_in_ns is not None:
+                self._arm_timer(now + state.timer_due_in_ns)
+            self._maybe_notify()

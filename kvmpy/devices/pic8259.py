@@ -32,13 +32,68 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
+
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
 CASCADE_IRQ = 2
 MASTER_ELCR_MASK = 0xF8   # IRQ0, 1, 2 are edge only on a PC
 SLAVE_ELCR_MASK = 0xDE    # IRQ8 and IRQ13 are edge only
+
+
+@dataclass(frozen=True)
+class Pic8259State:
+    """One 8259A's registers and input levels (see kvmpy/devices/saved_state.py)."""
+
+    line: int
+    irr: int
+    isr: int
+    imr: int
+    irq_base: int
+    priority_add: int
+    read_isr: bool
+    poll: bool
+    special_mask: bool
+    init_state: int
+    needs_icw4: bool
+    single: bool
+    auto_eoi: bool
+    rotate_on_auto_eoi: bool
+    special_fully_nested: bool
+    elcr: int
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        for name, value in (("line", self.line), ("irr", self.irr), ("isr", self.isr),
+                            ("imr", self.imr), ("elcr", self.elcr)):
+            check.integer(name, value, 0, 0xFF)
+        check.bits("irq_base", self.irq_base, 0xF8)
+        check.integer("priority_add", self.priority_add, 0, 7)
+        check.integer("init_state", self.init_state, 0, 3)
+        for name, flag in (("read_isr", self.read_isr), ("poll", self.poll),
+                           ("special_mask", self.special_mask), ("needs_icw4", self.needs_icw4),
+                           ("single", self.single), ("auto_eoi", self.auto_eoi),
+                           ("rotate_on_auto_eoi", self.rotate_on_auto_eoi),
+                           ("special_fully_nested", self.special_fully_nested)):
+            check.flag(name, flag)
+
+
+@dataclass(frozen=True)
+class Pic8259PairState:
+    master: Pic8259State
+    slave: Pic8259State
+
+    def validate(self) -> None:
+        checked(self.master, Pic8259State)
+        checked(self.slave, Pic8259State)
+        check = StateCheck(self)
+        if self.master.elcr & ~MASTER_ELCR_MASK:
+            raise check.fail("master.elcr", f"{self.master.elcr:#x}: IRQ 0-2 are edge only")
+        if self.slave.elcr & ~SLAVE_ELCR_MASK:
+            raise check.fail("slave.elcr", f"{self.slave.elcr:#x}: IRQ 8 and 13 are edge only")
 
 
 def _size_mask(size: int) -> int:
@@ -72,6 +127,33 @@ class Pic8259:
         self.auto_eoi = False
         self.rotate_on_auto_eoi = False
         self.special_fully_nested = False
+
+    def state(self) -> Pic8259State:
+        return Pic8259State(
+            line=self.line, irr=self.irr, isr=self.isr, imr=self.imr, irq_base=self.irq_base,
+            priority_add=self.priority_add, read_isr=self.read_isr, poll=self.poll,
+            special_mask=self.special_mask, init_state=self.init_state, needs_icw4=self.needs_icw4,
+            single=self.single, auto_eoi=self.auto_eoi, rotate_on_auto_eoi=self.rotate_on_auto_eoi,
+            special_fully_nested=self.special_fully_nested, elcr=self.elcr)
+
+    def restore(self, state: Pic8259State) -> None:
+        """Take over ``state``; the pair re-evaluates INTR (Pic8259Pair.restore)."""
+        state = checked(state, Pic8259State)
+        if state.elcr & ~self.elcr_mask:
+            raise StateCheck(state).fail("elcr", f"{state.elcr:#x} outside {self.elcr_mask:#x}")
+        self.line, self.irr, self.isr, self.imr = state.line, state.irr, state.isr, state.imr
+        self.irq_base = state.irq_base
+        self.priority_add = state.priority_add
+        self.read_isr = state.read_isr
+        self.poll = state.poll
+        self.special_mask = state.special_mask
+        self.init_state = state.init_state
+        self.needs_icw4 = state.needs_icw4
+        self.single = state.single
+        self.auto_eoi = state.auto_eoi
+        self.rotate_on_auto_eoi = state.rotate_on_auto_eoi
+        self.special_fully_nested = state.special_fully_nested
+        self.elcr = state.elcr
 
     # ---- priority resolution ----
 
@@ -349,10 +431,16 @@ class Pic8259Pair:
                     chip.write_data(value)
             self._update()
 
-    # ---- inspection (tests, monitor) ----
+    # ---- saved state ----
 
-    def state(self) -> dict:
+    def state(self) -> Pic8259PairState:
         with self._lock:
-            return {c.name: {"irr": c.irr, "isr": c.isr, "imr": c.imr, "base": c.irq_base,
-                             "elcr": c.elcr, "auto_eoi": c.auto_eoi}
-                    for c in (self.master, self.slave)}
+            return Pic8259PairState(master=self.master.state(), slave=self.slave.state())
+
+    def restore(self, state: Pic8259PairState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, Pic8259PairState)
+        with self._lock:
+            self.master.restore(state.master)
+            self.slave.restore(state.slave)
+            self._update()

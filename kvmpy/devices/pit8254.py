@@ -26,7 +26,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from .saved_state import MAX_RELATIVE_NS, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,63 @@ def _from_bcd(value: int) -> int:
     return ((value >> 12) & 0xF) * 1000 + ((value >> 8) & 0xF) * 100 + ((value >> 4) & 0xF) * 10 + (value & 0xF)
 
 
+@dataclass(frozen=True)
+class PitChannelState:
+    """One counter (see kvmpy/devices/saved_state.py)."""
+
+    gate: bool
+    mode: int
+    access: int             # RW_LSB, RW_MSB or RW_WORD
+    bcd: bool
+    count: int              # the effective reload value
+    loaded: bool
+    null_count: bool
+    ticks_before_run: int   # ticks counted before the current run began
+    # how long the current run has lasted (None: not counting)
+    running_for_ns: int | None
+    write_msb_next: bool
+    write_latch: int
+    read_msb_next: bool
+    latched_count: bytes    # latched count bytes not yet read, in reading order
+    latched_status: int | None
+    out_at_program: bool
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.flag("gate", self.gate)
+        check.integer("mode", self.mode, 0, 5)
+        check.integer("access", self.access, RW_LSB, RW_WORD)
+        check.flag("bcd", self.bcd)
+        check.integer("count", self.count, 1, 0x10000)
+        check.flag("loaded", self.loaded)
+        check.flag("null_count", self.null_count)
+        check.integer("ticks_before_run", self.ticks_before_run, 0, MAX_RELATIVE_NS)
+        check.optional_integer("running_for_ns", self.running_for_ns, 0, MAX_RELATIVE_NS)
+        check.flag("write_msb_next", self.write_msb_next)
+        check.integer("write_latch", self.write_latch, 0, 0xFF)
+        check.flag("read_msb_next", self.read_msb_next)
+        check.data("latched_count", self.latched_count, max_length=2)
+        check.optional_integer("latched_status", self.latched_status, 0, 0xFF)
+        check.flag("out_at_program", self.out_at_program)
+
+
+@dataclass(frozen=True)
+class PitState:
+    channels: tuple[PitChannelState, ...]
+    irq0_level: bool
+    # when channel 0's next IRQ0 edge is due, relative to the state's moment
+    irq0_due_in_ns: int | None
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        if type(self.channels) is not tuple or len(self.channels) != 3:
+            raise check.fail("channels", "expected a tuple of 3 PitChannelState")
+        for channel in self.channels:
+            checked(channel, PitChannelState)
+        check.flag("irq0_level", self.irq0_level)
+        check.optional_relative_ns("irq0_due_in_ns", self.irq0_due_in_ns)
+
+
 class PitChannel:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -67,6 +127,33 @@ class PitChannel:
         self.latched: list[int] = []    # bytes of a latched count, read in order
         self.status_latched: int | None = None
         self.out_at_program = False     # OUT right after the control word (mode dependent)
+
+    def state(self, now: int) -> PitChannelState:
+        return PitChannelState(
+            gate=self.gate, mode=self.mode, access=self.rw_mode, bcd=self.bcd, count=self.count,
+            loaded=self.loaded, null_count=self.null_count, ticks_before_run=self.base_ticks,
+            running_for_ns=None if self.run_since is None else now - self.run_since,
+            write_msb_next=self.write_msb_next, write_latch=self.write_latch,
+            read_msb_next=self.read_msb_next, latched_count=bytes(self.latched),
+            latched_status=self.status_latched, out_at_program=self.out_at_program)
+
+    def restore(self, state: PitChannelState, now: int) -> None:
+        """Take over a validated ``state``."""
+        self.gate = state.gate
+        self.mode = state.mode
+        self.rw_mode = state.access
+        self.bcd = state.bcd
+        self.count = state.count
+        self.loaded = state.loaded
+        self.null_count = state.null_count
+        self.base_ticks = state.ticks_before_run
+        self.run_since = None if state.running_for_ns is None else now - state.running_for_ns
+        self.write_msb_next = state.write_msb_next
+        self.write_latch = state.write_latch
+        self.read_msb_next = state.read_msb_next
+        self.latched = list(state.latched_count)
+        self.status_latched = state.latched_status
+        self.out_at_program = state.out_at_program
 
     def elapsed(self, now: int) -> int:
         if self.run_since is None:
@@ -136,6 +223,7 @@ class Pit8254:
         self._clock = clock
         self._timer = timer_wheel.timer(self._irq0_edge) if timer_wheel is not None else None
         self._gen = 0
+        self._irq0_deadline: int | None = None   # when the armed IRQ0 edge is due
         self._irq_level = False
         self.irq0_edges = 0
         self.channels = [PitChannel(i) for i in range(3)]
@@ -148,6 +236,30 @@ class Pit8254:
             self.channels = [PitChannel(i) for i in range(3)]
             self._set_irq0(False)
             self._reschedule()
+
+    # ---- saved state ----
+
+    def state(self) -> PitState:
+        with self._lock:
+            now = self._clock()
+            return PitState(
+                channels=tuple(ch.state(now) for ch in self.channels), irq0_level=self._irq_level,
+                irq0_due_in_ns=None if self._irq0_deadline is None else self._irq0_deadline - now)
+
+    def restore(self, state: PitState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, PitState)
+        with self._lock:
+            now = self._clock()
+            for ch, saved in zip(self.channels, state.channels):
+                ch.restore(saved, now)
+            self._gen += 1
+            self._irq0_deadline = None
+            if self._timer is not None:
+                self._timer.cancel()
+            if state.irq0_due_in_ns is not None:
+                self._arm_irq0(now + state.irq0_due_in_ns)
+            self._set_irq0(state.irq0_level)
 
     # ---- port 0x61 side ----
 
@@ -328,14 +440,21 @@ class Pit8254:
         now = self._clock()
         tick = ch.next_edge_tick(now)
         if tick is None:
+            self._irq0_deadline = None
             self._timer.cancel()
             return
-        self._timer.arm(max(ch.tick_time(tick), not_before), self._gen)
+        self._arm_irq0(max(ch.tick_time(tick), not_before))
+
+    def _arm_irq0(self, deadline: int) -> None:
+        if self._timer is not None:
+            self._irq0_deadline = deadline
+            self._timer.arm(deadline, self._gen)
 
     def _irq0_edge(self, deadline: int, token=None) -> None:
         with self._lock:
             if token != self._gen:
                 return
+            self._irq0_deadline = None
             ch = self.channels[0]
             self.irq0_edges += 1
             if ch.mode in (0, 1):

@@ -26,9 +26,11 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,51 @@ MIN_PERIOD = 1 / 1024
 KiB, MiB = 1024, 1024 * 1024
 
 
+# The guest can only set years 1900-9999 (century byte 19..99); a saved guest time
+# is held to about that span, a day's margin either side.
+EARLIEST_GUEST_TIME = calendar.timegm((1900, 1, 1, 0, 0, 0)) - 86400
+LATEST_GUEST_TIME = calendar.timegm((9999, 12, 31, 23, 59, 59)) + 86400
+
+
+@dataclass(frozen=True)
+class RtcState:
+    """The RTC's clock, registers and CMOS (see kvmpy/devices/saved_state.py).
+
+    The guest's time is the host's wall clock plus ``guest_offset_s``: the RTC is
+    battery-backed, so after a restore it shows the current time in the guest's
+    timezone and setting, not the moment the state was taken. ``flags_since`` (when
+    register C was last read) is a guest time for the same reason.
+    """
+
+    guest_offset_s: float
+    index: int
+    nmi_disabled: bool
+    cmos: bytes
+    # the time registers (TIME_REGS order) while register B's SET bit holds the clock
+    frozen_time: tuple[int, ...] | None
+    flags_since: float
+    irq_level: bool
+    # when the IRQ 8 timer fires next, relative to the timer wheel's clock
+    timer_due_in_ns: int | None
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        span = LATEST_GUEST_TIME - EARLIEST_GUEST_TIME
+        check.seconds("guest_offset_s", self.guest_offset_s, -span, span)
+        check.integer("index", self.index, 0, 0x7F)
+        check.flag("nmi_disabled", self.nmi_disabled)
+        check.data("cmos", self.cmos, length=128)
+        if self.cmos[REG_A] & A_UIP:
+            raise check.fail("cmos", "register A has UIP stored (it is computed)")
+        if self.frozen_time is not None:
+            check.integers("frozen_time", self.frozen_time, len(TIME_REGS), 0, 0xFF)
+        if (self.frozen_time is not None) != bool(self.cmos[REG_B] & B_SET):
+            raise check.fail("frozen_time", "present exactly when register B has SET")
+        check.seconds("flags_since", self.flags_since, EARLIEST_GUEST_TIME, LATEST_GUEST_TIME)
+        check.flag("irq_level", self.irq_level)
+        check.optional_relative_ns("timer_due_in_ns", self.timer_due_in_ns)
+
+
 def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
@@ -83,6 +130,8 @@ class RtcCmos:
         self._irq_level = False
         self._wheel = timer_wheel if irq is not None else None
         self._timer = self._wheel.timer(self._timer_fired) if self._wheel is not None else None
+        self._timer_deadline: int | None = None   # on the wheel's clock, while armed
+        self._timer_generation = 0                # tells a stale expiry from the armed one
         self.offset = 0.0  # guest time - host time, seconds
         self.index = 0
         self.nmi_disabled = False
@@ -296,7 +345,7 @@ class RtcCmos:
             return
         b = self.cmos[REG_B]
         if self._irq_level or self.frozen is not None or not b & (B_PIE | B_AIE | B_UIE):
-            self._timer.cancel()
+            self._cancel_timer()
             return
         now = self._now()
         due = []
@@ -307,13 +356,29 @@ class RtcCmos:
             period = max(period, MIN_PERIOD)
             due.append((math.floor(now / period) + 1) * period)
         if not due:
-            self._timer.cancel()
+            self._cancel_timer()
             return
         delay = max(0.0, min(due) - now)
-        self._timer.arm(self._wheel.clock() + int(delay * 1e9) + 1000)
+        self._arm_timer(self._wheel.clock() + int(delay * 1e9) + 1000)
 
-    def _timer_fired(self, _deadline: int, _token) -> None:
+    def _arm_timer(self, deadline: int) -> None:
+        if self._timer is None:
+            return
+        self._timer_generation += 1
+        self._timer_deadline = deadline
+        self._timer.arm(deadline, self._timer_generation)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is None:
+            return
+        self._timer_generation += 1
+        self._timer_deadline = None
+        self._timer.cancel()
+
+    def _timer_fired(self, _deadline: int, generation) -> None:
         with self._lock:
+            if generation == self._timer_generation:
+                self._timer_deadline = None
             if self._irq_level:
                 return
             now = self._now()
@@ -330,12 +395,42 @@ class RtcCmos:
             self._c_since = self._now()
             if self._irq_level:
                 self._set_irq(False)
-            if self._timer is not None:
-                self._timer.cancel()
+            self._cancel_timer()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
+
+    # ---------------------------------------------------------- saved state
+    def state(self) -> RtcState:
+        with self._lock:
+            due = None
+            if self._timer_deadline is not None and self._wheel is not None:
+                due = self._timer_deadline - self._wheel.clock()
+            return RtcState(
+                guest_offset_s=self.offset, index=self.index, nmi_disabled=self.nmi_disabled,
+                cmos=bytes(self.cmos),
+                frozen_time=None if self.frozen is None else tuple(self.frozen[r] for r in TIME_REGS),
+                flags_since=self._c_since, irq_level=self._irq_level, timer_due_in_ns=due)
+
+    def restore(self, state: RtcState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, RtcState)
+        guest_now = self._clock() + state.guest_offset_s
+        if not EARLIEST_GUEST_TIME <= guest_now <= LATEST_GUEST_TIME:
+            raise StateCheck(state).fail("guest_offset_s", f"puts the guest's clock at {guest_now:.0f}, "
+                                         "outside the years 1900-9999")
+        with self._lock:
+            self.offset = state.guest_offset_s
+            self.index = state.index
+            self.nmi_disabled = state.nmi_disabled
+            self.cmos[:] = state.cmos
+            self.frozen = None if state.frozen_time is None else dict(zip(TIME_REGS, state.frozen_time))
+            self._c_since = state.flags_since
+            self._cancel_timer()
+            if state.timer_due_in_ns is not None and self._wheel is not None:
+                self._arm_timer(self._wheel.clock() + state.timer_due_in_ns)
+            if state.irq_level != self._irq_level:
+                self._set_irq(state.irq_level)
 
     # ---------------------------------------------------------- bus entry
     def read(self, offset: int, size: int) -> int:

@@ -29,9 +29,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
+from .saved_state import StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,46 @@ PORT_COUNT = 8
 COM1 = PortSlot(base=0x3F8, length=PORT_COUNT, irq=4)
 
 
+@dataclass(frozen=True)
+class SerialState:
+    """A Serial16550's registers and RX FIFO (see kvmpy/devices/saved_state.py)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    fifo_enabled: bool
+    fcr_trigger_bits: int
+    rx: bytes
+    lsr_errors: int
+    thr_pending: bool
+    msr_deltas: int
+    last_rbr: int
+    # the host has input the FIFO had no room for: on_rx_space is owed to it
+    rx_wanted: bool
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.bits("ier", self.ier, IER_MASK)
+        check.integer("lcr", self.lcr, 0, 0xFF)
+        check.bits("mcr", self.mcr, MCR_MASK)
+        check.integer("scr", self.scr, 0, 0xFF)
+        check.integer("dll", self.dll, 0, 0xFF)
+        check.integer("dlm", self.dlm, 0, 0xFF)
+        check.flag("fifo_enabled", self.fifo_enabled)
+        check.integer("fcr_trigger_bits", self.fcr_trigger_bits, 0, 0xFF)
+        if self.fcr_trigger_bits not in TRIGGER_LEVELS:
+            raise check.fail("fcr_trigger_bits", f"{self.fcr_trigger_bits:#x} is no trigger level")
+        check.data("rx", self.rx, max_length=FIFO_SIZE if self.fifo_enabled else 1)
+        check.bits("lsr_errors", self.lsr_errors, LSR_ERRORS)
+        check.flag("thr_pending", self.thr_pending)
+        check.bits("msr_deltas", self.msr_deltas, MSR_DELTAS)
+        check.integer("last_rbr", self.last_rbr, 0, 0xFF)
+        check.flag("rx_wanted", self.rx_wanted)
+
+
 class Serial16550:
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
                  on_rx_space: Callable[[], None] | None = None,
@@ -147,6 +189,32 @@ class Serial16550:
             self.thr_pending = True  # THR starts empty; IER gates reporting
             self.msr_deltas = 0
             self.last_rbr = 0
+            self._update_batching()
+            self._update_irq()
+
+    def state(self) -> SerialState:
+        with self._lock:
+            return SerialState(
+                ier=self.ier, lcr=self.lcr, mcr=self.mcr, scr=self.scr, dll=self.dll, dlm=self.dlm,
+                fifo_enabled=self.fifo_enabled, fcr_trigger_bits=self.fcr_trigger_bits,
+                rx=bytes(self.rx), lsr_errors=self.lsr_errors, thr_pending=self.thr_pending,
+                msr_deltas=self.msr_deltas, last_rbr=self.last_rbr, rx_wanted=self._rx_wanted)
+
+    def restore(self, state: SerialState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed)."""
+        state = checked(state, SerialState)
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = state.ier, state.lcr, state.mcr, state.scr
+            self.dll, self.dlm = state.dll, state.dlm
+            self.fifo_enabled = state.fifo_enabled
+            self.fcr_trigger_bits = state.fcr_trigger_bits
+            self.trigger = TRIGGER_LEVELS[state.fcr_trigger_bits]
+            self.rx = deque(state.rx)
+            self.lsr_errors = state.lsr_errors
+            self.thr_pending = state.thr_pending
+            self.msr_deltas = state.msr_deltas
+            self.last_rbr = state.last_rbr
+            self._rx_wanted = state.rx_wanted
             self._update_batching()
             self._update_irq()
 

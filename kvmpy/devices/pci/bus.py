@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..bus import Bus, BusError
+from ..saved_state import StateCheck, checked
 from .device import CMD_INTX_DISABLE, CMD_IO, CMD_MEMORY, INTERRUPT_LINE, PciDevice
 
 log = logging.getLogger(__name__)
@@ -156,12 +158,16 @@ class PciBus:
 
     # BAR decoding ------------------------------------------------------------
 
-    def device_mapping_changed(self, dev: PciDevice) -> None:
-        """Called by a device after its command register or a BAR changed."""
+    def device_mapping_changed(self, dev: PciDevice, decodable: Collection[int] | None = None) -> None:
+        """Called by a device after its command register or a BAR changed; when it
+        restores a saved state, only the ``decodable`` BARs may be mapped (the others
+        lost a clash with a BAR mapped before them)."""
         cmd = dev.command
         for bar in dev.bars.values():
             key = (dev.slot, bar.index)
             enabled = cmd & (CMD_IO if bar.is_io else CMD_MEMORY)
+            if decodable is not None and bar.index not in decodable:
+                enabled = 0
             want = dev.bar_address(bar.index) if enabled else None
             if want is not None and not self._acceptable(bar, want):
                 self._log_refusal(dev, bar, want)
@@ -226,6 +232,17 @@ class PciBus:
         self.platform.set_irq_level(gsi, level)
 
 
+CONFIG_ADDRESS_BITS = 0x80FFFFFC
+
+
+@dataclass(frozen=True)
+class PciConfigIoState:
+    address: int    # the 0xCF8 latch
+
+    def validate(self) -> None:
+        StateCheck(self).bits("address", self.address, CONFIG_ADDRESS_BITS)
+
+
 class PciConfigIo:
     """Configuration mechanism #1: register at PIO 0xCF8, length 8.
 
@@ -236,6 +253,12 @@ class PciConfigIo:
     def __init__(self, pci: PciBus) -> None:
         self.pci = pci
         self.address = 0
+
+    def state(self) -> PciConfigIoState:
+        return PciConfigIoState(address=self.address)
+
+    def restore(self, state: PciConfigIoState) -> None:
+        self.address = checked(state, PciConfigIoState).address
 
     def _target(self, offset: int):
         a = self.address
@@ -258,7 +281,7 @@ class PciConfigIo:
             # Only dword writes latch the address; byte writes to 0xCF9 are the
             # reset-control register on real chipsets, not ours.
             if offset == 0 and size == 4:
-                self.address = value & 0x80FFFFFC
+                self.address = value & CONFIG_ADDRESS_BITS
             return
         t = self._target(offset)
         if t is not None and offset + size <= 8:

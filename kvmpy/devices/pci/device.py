@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from ..saved_state import StateCheck, checked
+
 log = logging.getLogger(__name__)
 
 # header offsets
@@ -54,6 +56,25 @@ CAP_ID_MSIX = 0x11
 
 CONFIG_SIZE = 256
 EXT_CONFIG_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class PciConfigState:
+    """A function's configuration space (see kvmpy/devices/saved_state.py): the
+    command register, BAR addresses, interrupt line and capability registers are
+    all in it. Capability owners keep what lives outside it (MsixCapability.state)."""
+
+    config: bytes   # CONFIG_SIZE bytes
+    # BARs the bus decodes: of two BARs the guest made overlap, the one mapped first
+    # keeps the range, and the config bytes cannot tell which that was
+    decoded_bars: tuple[int, ...]
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.data("config", self.config, length=CONFIG_SIZE)
+        check.integers("decoded_bars", self.decoded_bars, None, 0, 5)
+        if list(self.decoded_bars) != sorted(set(self.decoded_bars)):
+            raise check.fail("decoded_bars", f"{self.decoded_bars} is not a sorted set of BARs")
 
 
 @dataclass
@@ -212,6 +233,39 @@ class PciDevice:
     def set_interrupt_status(self, asserted: bool) -> None:
         st = self.get16(STATUS)
         self._set16(STATUS, st | STATUS_INTERRUPT if asserted else st & ~STATUS_INTERRUPT)
+
+    # saved state --------------------------------------------------------------
+
+    def state(self) -> PciConfigState:
+        bus = self.pci_bus
+        decoded = () if bus is None else tuple(i for i in sorted(self.bars)
+                                               if bus.mapping(self, i) is not None)
+        return PciConfigState(config=bytes(self.config[:CONFIG_SIZE]), decoded_bars=decoded)
+
+    def restore(self, state: PciConfigState) -> None:
+        """Take over ``state`` (StateError and no change if it is malformed or of
+        another kind of device), then map the BARs where it puts them and drive INTx
+        as its status register says. Capability write hooks are not run: their
+        owners restore their own state afterwards."""
+        state = checked(state, PciConfigState)
+        undeclared = set(state.decoded_bars) - set(self.bars)
+        if undeclared:
+            raise StateCheck(state).fail("decoded_bars", f"{self.name} has no BAR {min(undeclared)}")
+        for offset in range(CONFIG_SIZE):
+            # what the guest cannot write is what makes the device: IDs, BAR sizes and
+            # kinds, the capability list; only the INTx status bit is the device's to change
+            fixed = ~(self.wmask[offset] | self.w1cmask[offset]) & 0xFF
+            if offset == STATUS:
+                fixed &= ~STATUS_INTERRUPT
+            if (state.config[offset] ^ self.config[offset]) & fixed:
+                raise StateCheck(state).fail(
+                    f"config[{offset:#x}]", f"{state.config[offset]:#04x} differs from {self.name}'s "
+                    f"read-only bits ({self.config[offset]:#04x} under mask {fixed:#04x}): "
+                    "a state of another device")
+        self.config[:CONFIG_SIZE] = state.config
+        if self.pci_bus is not None:
+            self.pci_bus.device_mapping_changed(self, decodable=frozenset(state.decoded_bars))
+            self.pci_bus.set_intx(self, bool(self.get16(STATUS) & STATUS_INTERRUPT))
 
     # config access from the host bridge ---------------------------------------
 

@@ -13,7 +13,9 @@ import logging
 import os
 import struct
 import threading
+from dataclasses import dataclass
 
+from ..saved_state import StateCheck, checked
 from .device import CAP_ID_MSIX, PciDevice
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,20 @@ VECTOR_MASKED = 1
 NO_VECTOR = 0xFFFF
 
 _ENTRY = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True)
+class MsixState:
+    """The vector table and pending bits (see kvmpy/devices/saved_state.py); the
+    enable and function-mask bits are in config space (PciConfigState)."""
+
+    table: bytes
+    pending_bits: bytes     # the PBA as the guest reads it
+
+    def validate(self) -> None:
+        check = StateCheck(self)
+        check.data("table", self.table)
+        check.data("pending_bits", self.pending_bits)
 
 
 class MsixCapability:
@@ -119,8 +135,7 @@ class MsixCapability:
                 o = offset - self.table_offset
                 return int.from_bytes(self.table[o:o + size], "little")
             if self.pba_offset <= offset and offset + size <= self.pba_offset + self.pba_size:
-                bits = sum(1 << v for v in range(self.num_vectors) if self.pending[v])
-                pba = bits.to_bytes(self.pba_size, "little")
+                pba = self._pba()
                 o = offset - self.pba_offset
                 return int.from_bytes(pba[o:o + size], "little")
         return (1 << (8 * size)) - 1
@@ -138,6 +153,42 @@ class MsixCapability:
             if self.fds[v] is not None and (o % ENTRY_SIZE < 12 or size == 8 and o % ENTRY_SIZE == 8):
                 addr, data, _ = self._entry(v)
                 self.platform.update_msi_eventfd(self.fds[v], addr, data)
+            self._deliver_unmasked_pending()
+
+    # saved state ------------------------------------------------------------
+
+    def _pba(self) -> bytes:
+        bits = sum(1 << v for v in range(self.num_vectors) if self.pending[v])
+        return bits.to_bytes(self.pba_size, "little")
+
+    def state(self) -> MsixState:
+        with self.lock:
+            return MsixState(table=bytes(self.table), pending_bits=self._pba())
+
+    def restore(self, state: MsixState) -> None:
+        """Take over ``state`` (StateError and no change if it does not fit this
+        capability), after the function's config space (PciDevice.restore): vectors
+        are aimed at the restored table, and if MSI-X is enabled every vector gets
+        its eventfd as on the guest's own enable."""
+        state = checked(state, MsixState)
+        check = StateCheck(state)
+        if len(state.table) != self.table_size:
+            raise check.fail("table", f"{len(state.table)} bytes for {self.num_vectors} vectors")
+        if len(state.pending_bits) != self.pba_size:
+            raise check.fail("pending_bits", f"{len(state.pending_bits)} bytes for "
+                             f"{self.num_vectors} vectors")
+        pending = int.from_bytes(state.pending_bits, "little")
+        if pending >> self.num_vectors:
+            raise check.fail("pending_bits", f"bits set beyond vector {self.num_vectors - 1}")
+        with self.lock:
+            self.table[:] = state.table
+            self.pending = [bool(pending >> v & 1) for v in range(self.num_vectors)]
+            for v, fd in enumerate(self.fds):
+                if fd is not None:
+                    addr, data, _ = self._entry(v)
+                    self.platform.update_msi_eventfd(fd, addr, data)
+            if self.enabled:
+                self._ensure_fds()
             self._deliver_unmasked_pending()
 
     # device side (any thread) ---------------------------------------------
