@@ -32,6 +32,7 @@ from kvmpy.devices.lapic import (APIC_BASE_ENABLE, APIC_DEFAULT_BASE, REG_EOI, R
                                  REG_TIMER_DCR, REG_TIMER_ICR, REG_TPR, Lapic)
 from kvmpy.devices.pci import BAR_IO, BAR_MEM32, BAR_MEM64, MsixCapability, PciBus, PciDevice
 from kvmpy.devices.pci.bus import PciConfigIo
+from kvmpy.devices.pic8259 import Pic8259Pair
 from kvmpy.devices.pit8254 import Pit8254
 from kvmpy.devices.rtc import REG_A, REG_B, RtcCmos
 from kvmpy.devices.saved_state import Stateful, StateError
@@ -992,3 +993,19 @@ def test_states_are_plain_frozen_values(make):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(state, dataclasses.fields(state)[0].name, 0)
     assert hash(state) == hash(dataclasses.replace(state))
+
+
+def test_from_state_is_construct_then_restore():
+    """``Cls.from_state(state, *constructor args)`` (saved_state.Restorable) gives the
+    device of a restore: every stateful device has it."""
+    from kvmpy.devices.saved_state import Restorable
+    rig = SerialRig(FakeClock())
+    for op in [("write", 3, 0x83), ("write", 0, 0x0C), ("write", 3, 0x03), ("write", 1, 0x05),
+               ("receive", b"abc"), ("write", 7, 0x5A)]:
+        rig.apply(op)
+    state = rig.device.state()
+    again = Serial16550.from_state(state, lambda level: None, lambda data: None)
+    assert again.state() == state
+    for cls in (Serial16550, I8042, RtcCmos, AcpiPm, Pic8259Pair, IoApic, Lapic, Pit8254, PciDevice,
+                MsixCapability, PciConfigIo):
+        assert issubclass(cls, Restorable), cls

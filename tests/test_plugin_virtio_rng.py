@@ -262,8 +262,8 @@ def test_restored_device_keeps_serving(rig):
     try:
         m2.memory.write(0, rig.m.memory.read(0, RAM))
         rng2 = VirtioRng.from_state(saved_dev, rng_context())
-        dev2 = type(rig.dev).from_state(saved_transport, m2.platform, m2.events, rng2)
-        d2 = VirtioPciDriver(m2, m2.pci.add(dev2))
+        dev2 = type(rig.dev).from_state(saved_transport, m2.platform, m2.events, rng2, m2.pci)
+        d2 = VirtioPciDriver(m2, dev2.slot)
         d2.enable()
         d2.enable_msix()
         d2.queues[0] = rig.q                       # the driver's own ring bookkeeping carries over

@@ -183,10 +183,11 @@ def test_transport_state_round_trips(writes, negotiate):
             da.common_write(off, size, small if value % 2 else value & ((1 << (8 * size)) - 1))
         state = ta.state()
         b.memory.write(0, a.memory.read(0, RAM))
-        tb = VirtioPciTransport.from_state(state, b.platform, b.events, VirtioBlk(MemDisk(), num_queues=2))
+        tb = VirtioPciTransport.from_state(state, b.platform, b.events, VirtioBlk(MemDisk(), num_queues=2), b.pci)
+        slot = tb.slot
         assert tb.state() == state
         assert tb.serving == (bool(state.status & DRIVER_OK) and not state.broken and not state.status & 0x80)
-        db = VirtioPciDriver(b, b.pci.add(tb))
+        db = VirtioPciDriver(b, slot)
         db.enable()
         for qs in range(3):
             da.common_write(0x16, 2, qs)
@@ -206,7 +207,7 @@ def test_transport_state_must_match_the_device():
     t = m.virtio_pci(VirtioBlk(MemDisk(), num_queues=2))
     try:
         with pytest.raises(ValueError, match="queues"):
-            VirtioPciTransport.from_state(t.state(), m.platform, m.events, VirtioBlk(MemDisk()))
+            VirtioPciTransport.from_state(t.state(), m.platform, m.events, VirtioBlk(MemDisk()), m.pci)
     finally:
         t.close()
         m.close()
@@ -240,8 +241,9 @@ class BlkSide:
             self.m.memory.write(0, other.m.memory.read(0, RAM))
             self.disk = MemDisk(bytes(other.disk.buf))
             self.blk = VirtioBlk.from_state(other.blk.state(), self.disk)
-            self.t = VirtioPciTransport.from_state(other.t.state(), self.m.platform, self.m.events, self.blk)
-            self.d = VirtioPciDriver(self.m, self.m.pci.add(self.t))
+            self.t = VirtioPciTransport.from_state(other.t.state(), self.m.platform, self.m.events, self.blk,
+                                                   self.m.pci)
+            self.d = VirtioPciDriver(self.m, self.t.slot)
             self.d.enable()
             self.d.enable_msix()
             self.q = copy.copy(other.q)
@@ -350,8 +352,9 @@ class NetSide:
             other = restore_from
             self.m.memory.write(0, other.m.memory.read(0, RAM))
             self.net = VirtioNet.from_state(other.net.state(), self.tap)
-            self.t = VirtioPciTransport.from_state(other.t.state(), self.m.platform, self.m.events, self.net)
-            self.d = VirtioPciDriver(self.m, self.m.pci.add(self.t))
+            self.t = VirtioPciTransport.from_state(other.t.state(), self.m.platform, self.m.events, self.net,
+                                                   self.m.pci)
+            self.d = VirtioPciDriver(self.m, self.t.slot)
             self.d.enable()
             self.d.enable_msix()
             for i, name in ((0, "rxq"), (1, "txq")):

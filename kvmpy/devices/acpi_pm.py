@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
-from .saved_state import MAX_RELATIVE_NS, StateCheck, checked
+from .saved_state import MAX_RELATIVE_NS, Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class AcpiPmState:
         check.flag("sci_level", self.sci_level)
 
 
-class AcpiPm:
+class AcpiPm(Restorable):
     def __init__(self, on_sleep: Callable[[int], None],
                  sci: Callable[[bool], None] | None = None,
                  timer_32bit: bool = True,

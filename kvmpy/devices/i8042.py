@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class I8042State:
             raise check.fail("output_port", "A20 (bit 1) is always on in this model")
 
 
-class I8042:
+class I8042(Restorable):
     def __init__(self, on_reset: Callable[[], None],
                  irq_kbd: Callable[[bool], None] | None = None,
                  keyboard: bool = True) -> None:

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class IoApicState:
         check.integer("asserted", self.asserted, 0, (1 << NUM_PINS) - 1)
 
 
-class IoApic:
+class IoApic(Restorable):
     BASE = 0xFEC00000
     MMIO_SIZE = 0x1000
 

@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _noop(*args) -> None:
     pass
 
 
-class Lapic:
+class Lapic(Restorable):
     """One vCPU's local APIC."""
 
     def __init__(self, cpu_index: int, apic_id: int | None = None, *, bsp: bool | None = None,
@@ -223,7 +223,7 @@ class Lapic:
         self._on_sipi = on_sipi or _noop
         self._lock = lock if lock is not None else threading.RLock()
         if clock is None:
-            clock = getattr(timer_wheel, "clock", None) or time.monotonic_ns
+            clock = timer_wheel.clock if timer_wheel is not None else time.monotonic_ns
         self._clock = clock
         self.bus_hz = max(1, int(bus_hz))
         self._timer = timer_wheel.timer(self._timer_expired) if timer_wheel is not None else None

@@ -35,7 +35,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class _PortView:
         return f"Pic8259Pair.{self._which}"
 
 
-class Pic8259Pair:
+class Pic8259Pair(Restorable):
     """Master + slave 8259A as wired on a PC, plus the ELCR ports."""
 
     MASTER_PORT = 0x20

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .saved_state import MAX_RELATIVE_NS, StateCheck, checked
+from .saved_state import MAX_RELATIVE_NS, Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class PitChannel:
         return self.run_since + -(-(tick - self.base_ticks) * NS // PIT_HZ)
 
 
-class Pit8254:
+class Pit8254(Restorable):
     """The three-channel PIT; ``irq0(level)`` is ISA IRQ0."""
 
     BASE_PORT = 0x40
@@ -219,7 +219,7 @@ class Pit8254:
         self._irq0 = irq0 or (lambda level: None)
         self._lock = lock if lock is not None else threading.RLock()
         if clock is None:
-            clock = getattr(timer_wheel, "clock", None) or time.monotonic_ns
+            clock = timer_wheel.clock if timer_wheel is not None else time.monotonic_ns
         self._clock = clock
         self._timer = timer_wheel.timer(self._irq0_edge) if timer_wheel is not None else None
         self._gen = 0

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _from_bcd(v: int) -> int | None:
     return hi * 10 + lo
 
 
-class RtcCmos:
+class RtcCmos(Restorable):
     def __init__(self, ram_below_4g: int, ram_above_4g: int = 0, num_cpus: int = 1,
                  clock: Callable[[], float] = time.time,
                  irq: Callable[[bool], None] | None = None, timer_wheel=None) -> None:

@@ -4,7 +4,8 @@ Every stateful platform device has ``state()``, returning a frozen dataclass of
 plain values (ints, bools, bytes, tuples of them, nested state dataclasses, and
 floats only for wall-clock seconds), and ``restore(state)``, which replaces the
 whole state of an instance built with the same constructor arguments (normally a
-fresh one, wired into the machine being restored). Nothing in a state is live: no
+fresh one, wired into the machine being restored); ``Cls.from_state(state, *args)``
+(``Restorable``) is the two in one step. Nothing in a state is live: no
 callbacks, locks or timers, so it can be compared, copied and written to a file.
 
 A state may come back from a file, so ``restore`` treats it as hostile as guest
@@ -45,6 +46,18 @@ class Stateful(Protocol[StateT]):
     def restore(self, state: StateT) -> None:
         """Replace the device's state with ``state``; StateError (and no change) if it is bad."""
         ...
+
+
+class Restorable:
+    """Gives a device class ``from_state(state, *constructor arguments)``: a new
+    instance in ``state``. The arguments are what a state cannot hold (interrupt
+    callbacks, output, timers: the new machine's wiring); the rest is ``restore``."""
+
+    @classmethod
+    def from_state(cls, state, *args, **kwargs):
+        device = cls(*args, **kwargs)
+        device.restore(state)
+        return device
 
 
 class SelfChecking(Protocol):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bus import PortSlot
-from .saved_state import StateCheck, checked
+from .saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class SerialState:
         check.flag("rx_wanted", self.rx_wanted)
 
 
-class Serial16550:
+class Serial16550(Restorable):
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
                  on_rx_space: Callable[[], None] | None = None,
                  tx_batching: Callable[[bool], None] | None = None) -> None:

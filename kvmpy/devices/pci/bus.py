@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..bus import Bus, BusError
-from ..saved_state import StateCheck, checked
+from ..saved_state import Restorable, StateCheck, checked
 from .device import CMD_INTX_DISABLE, CMD_IO, CMD_MEMORY, INTERRUPT_LINE, PciDevice
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class PciConfigIoState:
         StateCheck(self).bits("address", self.address, CONFIG_ADDRESS_BITS)
 
 
-class PciConfigIo:
+class PciConfigIo(Restorable):
     """Configuration mechanism #1: register at PIO 0xCF8, length 8.
 
     0xCF8 holds the 32-bit address (enable bit 31, bus, device, function,

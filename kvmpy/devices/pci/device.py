@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..saved_state import StateCheck, checked
+from ..saved_state import Restorable, StateCheck, checked
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Bar:
         return bits | (0x8 if self.prefetchable else 0)
 
 
-class PciDevice:
+class PciDevice(Restorable):
     """Base of every PCI function on the bus (function 0 only; no multi-function)."""
 
     def __init__(self, vendor_id: int, device_id: int, class_code: int, revision: int = 0,

@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from ..saved_state import StateCheck, checked
+from ..saved_state import Restorable, StateCheck, checked
 from .device import CAP_ID_MSIX, PciDevice
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class MsixState:
         check.data("pending_bits", self.pending_bits)
 
 
-class MsixCapability:
+class MsixCapability(Restorable):
     def __init__(self, dev: PciDevice, platform, num_vectors: int, bar: int,
                  table_offset: int, pba_offset: int) -> None:
         if not 1 <= num_vectors <= 2048:

@@ -30,8 +30,9 @@ from typing import Callable
 
 from ...errors import GuestMemoryError
 from ...events import EVENT_READ, EventLoop
-from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciDevice
-from ..pci.msix import NO_VECTOR, MsixCapability
+from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciConfigState, PciDevice
+from ..pci.bus import PciBus
+from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
 from .device import VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
@@ -87,10 +88,10 @@ _PCI_CLASS_OTHER = 0xFF0000
 
 @dataclass(frozen=True)
 class VirtioPciState:
-    """The transport's virtio state as a value: the common config the driver
-    programmed (status, features, selectors, MSI-X vectors), the ISR and every
-    queue. The PCI function around it (config space, BARs, MSI-X table) and the
-    wrapped device have states of their own."""
+    """The transport's state as a value: the PCI function (config space and BARs,
+    the MSI-X table), the common config the driver programmed (status, features,
+    selectors, MSI-X vectors), the ISR and every queue. The wrapped device has a
+    state of its own."""
 
     status: int
     device_feature_select: int
@@ -103,6 +104,8 @@ class VirtioPciState:
     broken: bool
     queue_vectors: tuple[int, ...]
     queues: tuple[QueueState, ...]
+    function: PciConfigState
+    msix: MsixState
 
 
 class VirtioPciTransport(PciDevice):
@@ -187,39 +190,52 @@ class VirtioPciTransport(PciDevice):
                 driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
                 config_msix_vector=self.config_msix_vector, queue_select=self.queue_select,
                 config_generation=self.config_generation, isr=self.isr, broken=self.broken,
-                queue_vectors=tuple(self.queue_vector), queues=tuple(q.state() for q in self.queues))
+                queue_vectors=tuple(self.queue_vector), queues=tuple(q.state() for q in self.queues),
+                function=PciDevice.state(self), msix=self.msix.state())
 
     @classmethod
     def from_state(cls, state: VirtioPciState, platform: Platform, events: EventLoop,
-                   device: VirtioDevice) -> "VirtioPciTransport":
+                   device: VirtioDevice, pci_bus: PciBus) -> "VirtioPciTransport":
         """A transport in ``state`` carrying ``device`` (restored by its own
-        ``from_state``); a device the driver had started is activated again and
-        served once the bus maps the BARs. Raises ValueError (or QueueError for
+        ``from_state``), plugged into ``pci_bus``: plugging assigns BARs as firmware
+        would, so the saved config space is taken after it. A device the driver had
+        started is activated again. Raises ValueError (StateError, or QueueError for
         rings outside ``platform.memory``) if the state does not fit the device."""
         transport = cls(platform, events, device)
-        sizes = tuple(q.max_size for q in state.queues)
-        if sizes != tuple(device.queue_max_sizes) or len(state.queue_vectors) != len(sizes):
-            raise ValueError(f"{device.name}: saved queues {sizes} do not match the device's "
-                             f"{tuple(device.queue_max_sizes)}")
-        with transport._lock:
-            transport.queues = [SplitQueue.from_state(transport.memory, q) for q in state.queues]
-            transport.queue_vector = list(state.queue_vectors)
-            transport.status = state.status
-            transport.device_feature_select = state.device_feature_select
-            transport.driver_feature_select = state.driver_feature_select
-            transport.driver_features = state.driver_features
-            transport.config_msix_vector = state.config_msix_vector
-            transport.queue_select = state.queue_select
-            transport.config_generation = state.config_generation
-            transport.isr = state.isr
-            transport.broken = state.broken
-            if state.status & FEATURES_OK:
-                device.ack_features(state.driver_features)
-            if state.status & DRIVER_OK and not state.broken:
-                transport._activate_device()
-                if state.status & FAILED:
-                    transport._stop_serving()
+        pci_bus.add(transport)
+        transport.restore(state)
         return transport
+
+    def restore(self, state: VirtioPciState) -> None:  # type: ignore[override]
+        """Take over ``state`` on a transport built with the same device and plugged
+        into a bus: the PCI function first (its config space and MSI-X table), then
+        the virtio part."""
+        if not isinstance(state, VirtioPciState):
+            raise ValueError(f"{self.name}: not a virtio-pci state: {type(state).__name__}")
+        sizes = tuple(q.max_size for q in state.queues)
+        if sizes != tuple(self.device.queue_max_sizes) or len(state.queue_vectors) != len(sizes):
+            raise ValueError(f"{self.device.name}: saved queues {sizes} do not match the device's "
+                             f"{tuple(self.device.queue_max_sizes)}")
+        PciDevice.restore(self, state.function)
+        self.msix.restore(state.msix)
+        with self._lock:
+            self.queues = [SplitQueue.from_state(self.memory, q) for q in state.queues]
+            self.queue_vector = list(state.queue_vectors)
+            self.status = state.status
+            self.device_feature_select = state.device_feature_select
+            self.driver_feature_select = state.driver_feature_select
+            self.driver_features = state.driver_features
+            self.config_msix_vector = state.config_msix_vector
+            self.queue_select = state.queue_select
+            self.config_generation = state.config_generation
+            self.isr = state.isr
+            self.broken = state.broken
+            if state.status & FEATURES_OK:
+                self.device.ack_features(state.driver_features)
+            if state.status & DRIVER_OK and not state.broken:
+                self._activate_device()
+                if state.status & FAILED:
+                    self._stop_serving()
 
     def _warn(self, fmt: str, *args) -> None:
         """A guest protocol slip: logged once per kind until the next reset, so a
