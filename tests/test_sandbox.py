@@ -348,8 +348,13 @@ def _left(tmp_path):
 def _running_status(proc, tmp_path):
     """({thread id: its /proc status}, the vCPU threads' ids) once the guest runs."""
     _wait_for(tmp_path / "vm.qmp", proc)
-    status, cpus = _qmp(tmp_path, "query-status", "query-cpus-fast")
-    assert status["status"] == "running"
+    deadline = time.monotonic() + 30
+    while True:     # the monitors listen before the vCPUs start ("prelaunch")
+        status, cpus = _qmp(tmp_path, "query-status", "query-cpus-fast")
+        if status["status"] == "running":
+            break
+        assert status["status"] == "prelaunch" and time.monotonic() < deadline, status
+        time.sleep(0.05)
     vcpus = {str(c["thread-id"]) for c in cpus}
     return {t: sandbox.status(f"{proc.pid}/task/{t}") for t in os.listdir(f"/proc/{proc.pid}/task")}, vcpus
 
@@ -510,3 +515,35 @@ def test_translator_vm_with_two_vcpus_is_sandboxed(tmp_path):
                   timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     assert b"Traceback" not in p.stderr
+
+
+@pytest.mark.usefixtures("kvm_required", "seccomp_required")
+def test_bridge_a_sandboxed_vm_created_is_taken_down_after_it(netns):
+    """A sandboxed VM may not open a netlink socket: the cleanup helper, forked
+    before the filter, deletes the bridge kvmpy made once the VM is gone."""
+    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "kvmpy", "run", "--enable-kvm",
+                        "--sandbox", "on", "--kernel", guest_path("hello"), "--net", "tap,ifname=ktapS,bridge=kbrS"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "guest: done" in r.stdout
+    links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
+    assert "ktapS" not in links and "kbrS" not in links, links
+
+
+@pytest.mark.usefixtures("kvm_required", "seccomp_required", "root_required")
+def test_runas_vm_is_sandboxed_too_and_leaves_nothing(tmp_path):
+    import pwd
+    proc = _start(tmp_path, "acpi_power", "--runas", "nobody", "--sandbox", "on")
+    try:
+        threads, _ = _running_status(proc, tmp_path)
+        assert pwd.getpwuid(os.stat(f"/proc/{proc.pid}").st_uid).pw_name == "nobody"
+        assert {(s["Seccomp"], s["NoNewPrivs"]) for s in threads.values()} == {("2", "1")}
+        _qmp(tmp_path, "quit")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert _left(tmp_path) == []
