@@ -79,6 +79,9 @@ class VmConfig:
     pidfile: str | None = None
     daemonize: bool = False
     runas: str | None = None
+    # seccomp + NO_NEW_PRIVS once running (kvmpy.sandbox): True/False as asked
+    # (vm.toml ``sandbox``, ``--sandbox on|off``), None: on where the host can
+    sandbox: bool | None = None
     service: dict = field(default_factory=dict)
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
@@ -86,7 +89,8 @@ class VmConfig:
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
-            "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug"}
+            "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
+            "sandbox"}
 DISK_KEYS = {"path", "format", "readonly", "serial"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
@@ -200,6 +204,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         cfg.pidfile = _path(base, data["pidfile"], w("pidfile"))
     if "runas" in data:
         cfg.runas = _expect(data["runas"], str, w("runas"), "a user name")
+    if "sandbox" in data:
+        cfg.sandbox = _expect(data["sandbox"], bool, w("sandbox"), "true or false")
     for i, d in enumerate(_expect(data.get("disk", []), list, w("disk"), "an array of tables ([[disk]])")):
         where = f"{source}: [[disk]] #{i + 1}"
         _expect(d, dict, where, "a table")
@@ -282,6 +288,13 @@ def parse_accel(spec: str, where: str) -> tuple[str, bool]:
     if force and name != "kvm":
         raise ConfigError(f"{where}: force=on applies to kvm only, got {spec!r}")
     return name, force
+
+
+def parse_on_off(value: str, where: str) -> bool:
+    """QEMU's spelling of a switch: ``on`` or ``off``."""
+    if value in ("on", "off"):
+        return value == "on"
+    raise ConfigError(f"{where}: expected on or off, got {value!r}")
 
 
 def parse_drive(spec: str) -> DiskConfig:

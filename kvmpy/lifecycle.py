@@ -243,6 +243,7 @@ def daemonize(start: Callable[..., T], *, log_path: str | None = None,
         _parent_wait(r, pid)        # never returns
     os.close(r)
     pipe = [w]
+    detach: list[tuple[int, int, int]] = []
 
     def notify_running() -> None:
         if pipe[0] < 0:
@@ -253,12 +254,17 @@ def daemonize(start: Callable[..., T], *, log_path: str | None = None,
         except OSError:
             pass    # the parent died: keep the VM running all the same
         os.close(fd)
-        _detach_stdio(log_path)
+        null, err, root = detach.pop()
+        _detach_stdio(null, err)
         if chdir:
-            os.chdir("/")
+            os.fchdir(root)
+        os.close(root)
 
     try:
         os.setsid()
+        # Opened now, not when running: by then the VM process may be sandboxed
+        # (kvmpy.sandbox), and a sandboxed process opens nothing.
+        detach.append(_open_detach_files(log_path))
         result = start(notify_running) if wants_notify else start()
     except BaseException as e:      # SystemExit too: the parent must hear about it
         if pipe[0] < 0:
@@ -342,14 +348,22 @@ def _parent_wait(r: int, child: int) -> None:
     os._exit(status)
 
 
-def _detach_stdio(log_path: str | None) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
+def _open_detach_files(log_path: str | None) -> tuple[int, int, int]:
+    """(/dev/null, where stderr goes, the root directory) for _detach_stdio and
+    the chdir: the daemon's stdio must not hold its starter's terminal or pipe open,
+    nor its working directory a mount busy."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     err = null
     if log_path:
         try:
-            err = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            err = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
             log.warning("cannot open log %s: %s; logging to /dev/null", log_path, e)
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return null, err, root
+
+
+def _detach_stdio(null: int, err: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(null, 0)
@@ -398,9 +412,11 @@ def drop_privileges(user: str) -> None:
 
 # ----------------------------------------------- cleanup after dropping root
 
-def start_cleanup_helper(pidfile: "Pidfile | None", sockets: list[tuple[str, tuple[int, int]]]) -> Callable[[], None]:
+def start_cleanup_helper(pidfile: "Pidfile | None", sockets: list[tuple[str, tuple[int, int]]],
+                         after: list[Callable[[], None]] = ()) -> Callable[[], None]:
     """Keep a root process that removes the pidfile and monitor sockets once this
-    process is gone; returns ``finish()``, which the VM process calls on its way out.
+    process is gone, then calls each of ``after`` (a bridge kvmpy created, taken
+    down); returns ``finish()``, which the VM process calls on its way out.
 
     After drop_privileges the VM process usually cannot unlink them: they were
     created as root in root's directories (/run, a sticky /tmp). Removing them
@@ -410,6 +426,8 @@ def start_cleanup_helper(pidfile: "Pidfile | None", sockets: list[tuple[str, tup
     VM process: EOF comes when the VM process exits by any path, SIGKILL included,
     and the helper removes what is still ours, then exits. It holds nothing else
     (every other fd closed), runs no guest code and ignores the terminal's signals.
+    A sandboxed VM process (kvmpy.sandbox) has the same need: it may neither
+    unlink nor open a netlink socket, so the helper does that for it too.
     """
     vm_pid = os.getpid()
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -435,6 +453,11 @@ def start_cleanup_helper(pidfile: "Pidfile | None", sockets: list[tuple[str, tup
                 _unlink_if_same(path, identity)
             if pidfile is not None:
                 _unlink_pidfile_of(pidfile.path, vm_pid)
+            for fn in after:
+                try:
+                    fn()
+                except Exception:       # noqa: BLE001 - the others still get their turn
+                    status = 1
         except BaseException:
             status = 1
         finally:

@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .boot import layout
-from .boot.loader import load_kernel
+from .boot.loader import BootFiles, load_kernel
 from .builder import build_devices
 from .config import VmConfig
 from .devices.acpi_pm import AcpiPm
@@ -84,6 +84,9 @@ class Machine:
             self._closers.append(self.events.close)
         self.events.start()
         self.accel = None
+        self._boot_files: BootFiles | None = None
+        # Looked at once: a sandboxed process (kvmpy.sandbox) cannot look later.
+        self._kvm_present = kvm_device_present()
         self.accel_name = accel or cfg.accel
         try:
             self.accel = make_accel(self.accel_name, self)
@@ -115,9 +118,12 @@ class Machine:
     def _boot(self) -> None:
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
+        if self._boot_files is None:
+            self._boot_files = BootFiles(self.cfg.kernel, self.cfg.initrd)
+            self._closers.append(self._boot_files.close)
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
-                                      rsdp_addr=self.rsdp, mem_size=self.cfg.memory)
+                                      rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
         self.accel.load_boot_state(self.boot_state)
 
     # --- running ----------------------------------------------------------------------
@@ -339,7 +345,7 @@ class Machine:
                 self._release("registers")
 
     def kvm_info(self) -> dict:
-        return {"enabled": self.accel.name == "kvm", "present": kvm_device_present()}
+        return {"enabled": self.accel.name == "kvm", "present": self._kvm_present}
 
     def cpus(self) -> list[dict]:
         out = []

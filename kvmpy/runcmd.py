@@ -8,7 +8,7 @@ import sys
 import threading
 
 from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_size, validate)
+                     parse_netdev, parse_on_off, parse_size, validate)
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--daemonize", action="store_true", help="detach once the VM is running")
     p.add_argument("--runas", help="drop to this user after opening devices and images")
     p.add_argument("--no-reboot", action="store_true", help="exit instead of rebooting")
+    p.add_argument("--sandbox", metavar="on|off",
+                   help="seccomp filter and NO_NEW_PRIVS once the VM is set up (default: on where the "
+                        "host supports it; KVMPY_SANDBOX_AUDIT=1 logs forbidden calls instead)")
     p.add_argument("--trace", action="append", default=[], metavar="ITEM[,ITEM...]",
                    help="debug output on stderr, like QEMU's -d: 'exits' logs every vCPU exit with "
                         "the instruction at RIP; '--trace help' lists the items")
@@ -82,6 +85,8 @@ def build_config(args) -> VmConfig:
         cfg.pidfile = os.path.abspath(args.pidfile)
     if args.runas:
         cfg.runas = args.runas
+    if args.sandbox is not None:
+        cfg.sandbox = parse_on_off(args.sandbox, f"--sandbox {args.sandbox}")
     cfg.daemonize = args.daemonize
     for spec in args.trace:
         from .vcpu.trace import parse_trace
@@ -147,6 +152,7 @@ def _run(cfg: VmConfig, notify_running) -> int:
     def on_monitor():
         return monitor_ref[0] if monitor_ref else None
 
+    sandbox = _sandbox_possible(cfg)
     events = EventLoop()
     serial_spec = "none" if cfg.daemonize and cfg.serial == "stdio" else cfg.serial
     try:
@@ -165,15 +171,16 @@ def _run(cfg: VmConfig, notify_running) -> int:
         machine_ref.append(machine)
         monitor_ref.append(console_monitor(machine))
         servers = start_servers(machine, cfg.qmp, cfg.hmp, events=events)
+        if cfg.runas or sandbox:
+            # Neither a dropped nor a sandboxed process may remove these at exit.
+            finish_cleanup = _start_cleanup_helper(machine, pidfile, servers)
         if cfg.runas:
-            from .lifecycle import drop_privileges, start_cleanup_helper
-            sockets = [(srv.address.path, srv._socket_identity) for srv in servers
-                       if srv.address.kind == "unix"]
-            if pidfile is not None or sockets:
-                finish_cleanup = start_cleanup_helper(pidfile, sockets)
+            from .lifecycle import drop_privileges
             drop_privileges(cfg.runas)
         _install_signal_handlers(machine, events)
         console.start()
+        if sandbox:
+            _enter_sandbox(cfg)
         machine.start()
         if notify_running is not None:
             notify_running()
@@ -189,6 +196,58 @@ def _run(cfg: VmConfig, notify_running) -> int:
             pidfile.remove()
         if finish_cleanup is not None:
             finish_cleanup()    # the root helper removes what we no longer may
+
+
+def _start_cleanup_helper(machine, pidfile, servers):
+    from .lifecycle import start_cleanup_helper
+    from .tap import TapNetwork
+    sockets = [(srv.address.path, srv._socket_identity) for srv in servers if srv.address.kind == "unix"]
+    bridges = [p.backend.hand_over_bridge_cleanup() for p in machine.devices.placed
+               if isinstance(p.backend, TapNetwork)]
+    bridges = [b for b in bridges if b is not None]
+    if pidfile is None and not sockets and not bridges:
+        return None
+    return start_cleanup_helper(pidfile, sockets, bridges)
+
+
+def _sandbox_where(cfg: VmConfig) -> str:
+    return f"{cfg.source}: sandbox (--sandbox on or key 'sandbox')"
+
+
+def _sandbox_possible(cfg: VmConfig) -> bool:
+    """Whether the VM process will be sandboxed: asked for (an error here if the
+    host cannot), or by default where the host can."""
+    if cfg.sandbox is False:
+        return False
+    from .sandbox import SandboxUnavailable, unavailable_reason
+    reason = unavailable_reason()
+    if reason is None:
+        return True
+    if cfg.sandbox:
+        raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {reason}")
+    log.debug("running without the sandbox: %s", reason)
+    return False
+
+
+# What the running VM imports only when first needed (starting the vCPUs, a
+# register dump, the console's monitor): a sandboxed process cannot open a module.
+_LATE_IMPORTS = ("kvmpy.vcpu.runner", "kvmpy.vcpu.trace", "kvmpy.monitor.hmp")
+
+
+def _enter_sandbox(cfg: VmConfig) -> None:
+    import importlib
+    from .sandbox import SandboxUnavailable, install
+    for name in _LATE_IMPORTS:
+        importlib.import_module(name)
+    if cfg.trace:
+        from .vcpu.trace import _load_capstone
+        _load_capstone()
+    try:
+        install()
+    except SandboxUnavailable as e:
+        if cfg.sandbox:
+            raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {e}") from None
+        log.debug("running without the sandbox: %s", e)
 
 
 def _install_signal_handlers(machine, events: EventLoop):

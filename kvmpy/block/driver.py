@@ -9,7 +9,6 @@ virtual size with ImageError rather than silently growing or reading garbage.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -27,7 +26,9 @@ _libc = None
 def _fallocate_fn():
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The libc this process already runs on: ctypes.util.find_library would run
+        # ldconfig in a child process, which a sandboxed VM (kvmpy.sandbox) may not.
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         _libc.fallocate.restype = ctypes.c_int
     return _libc.fallocate

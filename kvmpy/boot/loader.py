@@ -7,6 +7,7 @@ tables) and returns the bootstrap vCPU's initial state.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from ..errors import BootError, GuestMemoryError
@@ -58,11 +59,59 @@ def _read_file(path: str, what: str) -> bytes:
         raise BootError(f"{what} {path}: {e.strerror}") from None
 
 
+class BootFiles:
+    """The kernel and initrd held open for the machine's life: every reset loads
+    them again from the same files (QEMU likewise keeps its -kernel and -initrd
+    blobs), also once the process may open nothing (kvmpy.sandbox)."""
+
+    def __init__(self, kernel_path: str, initrd_path: str | None = None) -> None:
+        self.kernel_path, self.initrd_path = kernel_path, initrd_path
+        self._fds: dict[str, int] = {}
+        try:
+            self._fds["kernel"] = self._open(kernel_path, "kernel")
+            if initrd_path:
+                self._fds["initrd"] = self._open(initrd_path, "initrd")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open(path: str, what: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BootError(f"{what} {path}: {e.strerror}") from None
+
+    def read(self, what: str) -> bytes | None:
+        """The whole file as it is now (``what``: "kernel" or "initrd"), None if not given."""
+        fd = self._fds.get(what)
+        if fd is None:
+            return None
+        chunks, offset = [], 0
+        try:
+            while chunk := os.pread(fd, 1 << 24, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+        except OSError as e:
+            path = self.kernel_path if what == "kernel" else self.initrd_path
+            raise BootError(f"{what} {path}: {e.strerror}") from None
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
                 initrd_path: str | None = None, rsdp_addr: int = 0,
-                mem_size: int | None = None) -> BootState:
-    image = _read_file(kernel_path, "kernel")
-    initrd = _read_file(initrd_path, "initrd") if initrd_path else None
+                mem_size: int | None = None, files: BootFiles | None = None) -> BootState:
+    """``files``: read the kernel and initrd through these instead of opening the paths."""
+    if files is not None:
+        image, initrd = files.read("kernel"), files.read("initrd")
+    else:
+        image = _read_file(kernel_path, "kernel")
+        initrd = _read_file(initrd_path, "initrd") if initrd_path else None
     mem_size = mem_size if mem_size is not None else memory.total_size
     try:
         if image[:4] == b"\x7fELF":

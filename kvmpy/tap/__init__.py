@@ -235,6 +235,7 @@ class TapNetwork:
         self.mac = mac
         self.bridge = bridge
         self.created_bridge = created_bridge
+        self._bridge_cleanup_elsewhere = False
 
     @classmethod
     def open(cls, ifname: str | None = None, bridge: str | None = None, mac: str | bytes | None = None,
@@ -256,10 +257,23 @@ class TapNetwork:
             raise
         return cls(tap, mac, bridge, created)
 
+    def hand_over_bridge_cleanup(self):
+        """The bridge's clean-up as a call for another process (lifecycle's cleanup
+        helper, once this one is gone), or None without a bridge; ``close()`` then
+        only closes the tap. For a process that will not be allowed netlink sockets
+        (kvmpy.sandbox) or CAP_NET_ADMIN (--runas) when it closes: closing the tap
+        takes it off the bridge, but a persistent tap stays on it and a bridge we
+        created stays up."""
+        if not self.bridge:
+            return None
+        self._bridge_cleanup_elsewhere = True
+        netns, bridge, name, created = self.tap.netns, self.bridge, self.tap.name, self.created_bridge
+        return lambda: run_in_netns(netns, _bridge_detach, bridge, name, created)
+
     def close(self) -> None:
         if self.tap.fd < 0:
             return
-        if self.bridge:
+        if self.bridge and not self._bridge_cleanup_elsewhere:
             run_in_netns(self.tap.netns, _bridge_detach, self.bridge, self.tap.name, self.created_bridge)
         self.tap.close()
 
