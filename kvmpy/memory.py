@@ -45,8 +45,10 @@ def _anonymous_ram(gpa: int, size: int) -> tuple[mmap.mmap, memoryview]:
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if size < HUGE_PAGE:
         mm = mmap.mmap(-1, size, flags=flags, prot=prot)
+        _not_inherited(mm)
         return mm, memoryview(mm)
     mm = mmap.mmap(-1, size + HUGE_PAGE, flags=flags, prot=prot)
+    _not_inherited(mm)
     import ctypes
     probe = ctypes.c_char.from_buffer(mm)
     host = ctypes.addressof(probe)
@@ -58,6 +60,17 @@ def _anonymous_ram(gpa: int, size: int) -> tuple[mmap.mmap, memoryview]:
         except OSError:
             pass                        # THP disabled: 4 KiB pages, as before
     return mm, memoryview(mm)[pad:pad + size]
+
+
+def _not_inherited(mm: mmap.mmap) -> None:
+    """Guest RAM stays out of any child the VMM forks (the cleanup helper of
+    --runas and the sandbox), as QEMU marks it: a child has no business with the
+    guest's memory, and copy-on-write would charge the host for it once more."""
+    if hasattr(mmap, "MADV_DONTFORK"):
+        try:
+            mm.madvise(mmap.MADV_DONTFORK)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
