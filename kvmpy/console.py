@@ -860,6 +860,9 @@ class UnixSocketConsole(Console):
             super().close()
             raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The console is the guest's keyboard: whoever may connect may type into the
+        # guest. Born 0600, as the monitors' sockets are (bind takes the umask).
+        old_umask = os.umask(0o177)
         try:
             self._listener.bind(path)
             self._listener.listen(1)
@@ -867,7 +870,12 @@ class UnixSocketConsole(Console):
             self._listener.close()
             super().close()
             raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
         self._listener.setblocking(False)
+        st = os.lstat(path)
+        # Which file is ours, for a cleanup helper that removes it after we are gone.
+        self.socket_identity = (st.st_dev, st.st_ino)
 
     @property
     def connected(self) -> bool:

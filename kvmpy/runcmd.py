@@ -173,7 +173,7 @@ def _run(cfg: VmConfig, notify_running) -> int:
         servers = start_servers(machine, cfg.qmp, cfg.hmp, events=events)
         if cfg.runas or sandbox:
             # Neither a dropped nor a sandboxed process may remove these at exit.
-            finish_cleanup = _start_cleanup_helper(machine, pidfile, servers)
+            finish_cleanup = _start_cleanup_helper(machine, pidfile, servers, console)
         if cfg.runas:
             from .lifecycle import drop_privileges
             drop_privileges(cfg.runas)
@@ -198,10 +198,13 @@ def _run(cfg: VmConfig, notify_running) -> int:
             finish_cleanup()    # the root helper removes what we no longer may
 
 
-def _start_cleanup_helper(machine, pidfile, servers):
+def _start_cleanup_helper(machine, pidfile, servers, console):
+    from .console import UnixSocketConsole
     from .lifecycle import start_cleanup_helper
     from .tap import TapNetwork
     sockets = [(srv.address.path, srv._socket_identity) for srv in servers if srv.address.kind == "unix"]
+    if isinstance(console, UnixSocketConsole):
+        sockets.append((console.path, console.socket_identity))
     bridges = [p.backend.hand_over_bridge_cleanup() for p in machine.devices.placed
                if isinstance(p.backend, TapNetwork)]
     bridges = [b for b in bridges if b is not None]

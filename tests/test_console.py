@@ -470,3 +470,40 @@ def test_ctrl_a_c_switches_a_real_run_to_the_monitor_and_back(tmp_path, with_mon
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+@pytest.mark.parametrize("how", ["quit", "sigkill"])
+def test_unix_console_socket_is_private_and_removed(tmp_path, how):
+    """Whoever connects to the console types into the guest: the socket is 0600,
+    and it is gone after the VM, even one killed by SIGKILL (the cleanup helper
+    removes it: a sandboxed VM may not unlink)."""
+    import stat as stat_mod
+    from conftest import ROOT, guest_path
+    path = tmp_path / "console.sock"
+    qmp = tmp_path / "qmp.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "64M",
+                             "--kernel", guest_path("irq"), "--serial", f"unix:{path}", "--qmp", f"unix:{qmp}"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (path.exists() and qmp.exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.02)
+        assert stat_mod.S_IMODE(os.lstat(path).st_mode) == 0o600
+        if how == "sigkill":
+            proc.send_signal(signal.SIGKILL)
+        else:
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+            client = QEMUMonitorProtocol(str(qmp))
+            client.connect()
+            client.cmd("quit")
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
