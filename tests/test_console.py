@@ -491,12 +491,16 @@ def test_unix_console_socket_is_private_and_removed(tmp_path, how):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
             time.sleep(0.02)
         assert stat_mod.S_IMODE(os.lstat(path).st_mode) == 0o600
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        client = QEMUMonitorProtocol(str(qmp))
+        client.connect()
+        # Running: set-up is over, the cleanup helper is there (it starts before the vCPUs).
+        while client.cmd("query-status")["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         if how == "sigkill":
             proc.send_signal(signal.SIGKILL)
         else:
-            from qemu.qmp.legacy import QEMUMonitorProtocol
-            client = QEMUMonitorProtocol(str(qmp))
-            client.connect()
             client.cmd("quit")
         proc.wait(10)
         deadline = time.monotonic() + 5
