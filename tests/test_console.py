@@ -501,7 +501,10 @@ def test_unix_console_socket_is_private_and_removed(tmp_path, how):
         if how == "sigkill":
             proc.send_signal(signal.SIGKILL)
         else:
-            client.cmd("quit")
+            try:
+                client.cmd("quit")
+            except (EOFError, ConnectionError):
+                pass            # the VM may close the monitor before its reply is read
         proc.wait(10)
         deadline = time.monotonic() + 5
         while path.exists() and time.monotonic() < deadline:
