@@ -596,9 +596,11 @@ static Access *next_access(CPU *c, int kind, uint64_t addr, unsigned size, int w
     return 0;
 }
 
-uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val)
+/* One port or MMIO access of `size` bytes: the value the device gave when the access
+ * is replayed after its exit, else the access is logged and the CPU exits (`kind`). */
+static uint64_t device_access(CPU *c, int kind, uint64_t addr, unsigned size, int write, uint64_t val)
 {
-    Access *a = next_access(c, EXIT_IO, port, size, write, 1);
+    Access *a = next_access(c, kind, addr, size, write, 1);
     if (a) {
         uint64_t v = 0;
         if (!write)
@@ -608,7 +610,12 @@ uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val
     a = &c->acc[c->nacc - 1];
     if (write)
         memcpy(a->data, &val, size);
-    cpu_exit(c, EXIT_IO);
+    cpu_exit(c, kind);
+}
+
+uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val)
+{
+    return device_access(c, EXIT_IO, port, size, write, val);
 }
 
 /* Rep string I/O: one exit for `count` elements whose data sits in iobuf. */
@@ -623,15 +630,5 @@ Access *io_access_string(CPU *c, uint16_t port, unsigned size, int write, unsign
 
 uint64_t mmio_access(CPU *c, uint64_t pa, unsigned size, int write, uint64_t val)
 {
-    Access *a = next_access(c, EXIT_MMIO, pa, size, write, 1);
-    if (a) {
-        uint64_t v = 0;
-        if (!write)
-            memcpy(&v, a->data, size);
-        return v;
-    }
-    a = &c->acc[c->nacc - 1];
-    if (write)
-        memcpy(a->data, &val, size);
-    cpu_exit(c, EXIT_MMIO);
+    return device_access(c, EXIT_MMIO, pa, size, write, val);
 }
