@@ -559,3 +559,24 @@ def test_guest_write_onto_metadata_of_a_corrupt_qcow2_is_an_io_error(tmp_path, k
     # Only the corrupt bit: no guest data, no table written.
     assert after[:72] == before[:72] and after[80:] == before[80:]
     assert qemu_info(qemu_img, img)["format-specific"]["data"]["corrupt"] is True
+
+
+@pytest.mark.guest
+def test_quit_and_reset_from_io_error(tmp_path, full_tmpfs):
+    """An io-error VM still obeys the monitor: system_reset keeps it stopped (QEMU's
+    run state survives a reset) and drops the kept request; quit ends it at once."""
+    mnt, out, wrapper = full_tmpfs
+    vm = Vm(tmp_path, f"file={mnt}/d.qcow2,format=qcow2,werror=stop", "sector=2048 bytes=32768 waitkey=1",
+            wrapper)
+    try:
+        vm.read_until(b"virtio-blk: waiting for a key")
+        vm.key()
+        vm.event("BLOCK_IO_ERROR")
+        vm.event("STOP")
+        vm.qmp.cmd("system_reset")
+        vm.event("RESET")
+        assert vm.qmp.cmd("query-status")["status"] == "io-error"
+        vm.qmp.cmd("quit")
+        assert vm.proc.wait(10) == 0
+    finally:
+        vm.close()
