@@ -12,7 +12,6 @@ write onto metadata.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import struct
