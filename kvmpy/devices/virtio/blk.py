@@ -314,13 +314,14 @@ class VirtioBlk:
             action = policy
         if action == "stop" and self.errors is None:
             action = "report"
+        if action == "stop" and self.io_status == "ok":
+            # Before the event, as QEMU does: query-block never lags a BLOCK_IO_ERROR.
+            self.io_status = "nospace" if err == errno.ENOSPC else "failed"
         if self.errors is not None:
             self.errors.io_error(self.device_name, self.node_name, "read" if is_read else "write",
                                  action, err == errno.ENOSPC, os.strerror(err),
                                  retry=self.retry if action == "stop" else None)
         if action == "stop":
-            if self.io_status == "ok":
-                self.io_status = "nospace" if err == errno.ENOSPC else "failed"
             raise _Kept()
         if action == "ignore":
             status[0][0] = VIRTIO_BLK_S_OK
