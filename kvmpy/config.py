@@ -34,12 +34,28 @@ def parse_size(value, where: str, default_unit: str = "") -> int:
     raise ConfigError(f"{where}: expected a size like 512M or 4G, got {value!r}")
 
 
+# What a disk does when a host I/O error fails a guest's request: QEMU's -drive
+# werror=/rerror= and their defaults. "enospc" stops the VM on ENOSPC (space can be
+# freed and the request retried) and reports every other error.
+WERROR_POLICIES = ("enospc", "stop", "report", "ignore")
+RERROR_POLICIES = ("stop", "report", "ignore")
+
+
 @dataclass
 class DiskConfig:
     path: str
     format: str | None = None
     readonly: bool = False
     serial: str = ""
+    werror: str = "enospc"
+    rerror: str = "report"
+
+
+def check_error_policy(value, key: str, where: str) -> str:
+    allowed = WERROR_POLICIES if key == "werror" else RERROR_POLICIES
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -91,7 +107,7 @@ class VmConfig:
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox"}
-DISK_KEYS = {"path", "format", "readonly", "serial"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -220,6 +236,9 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         disk.readonly = _expect(d.get("readonly", False), bool, f"{where} key 'readonly'", "true or false")
         disk.serial = _expect(d.get("serial", ""), str, f"{where} key 'serial'", "a string")
         check_disk_serial(disk.serial, f"{where} key 'serial'")
+        for key in ("werror", "rerror"):
+            if key in d:
+                setattr(disk, key, check_error_policy(d[key], key, f"{where} key '{key}'"))
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
         where = f"{source}: [[net]] #{i + 1}"
@@ -298,7 +317,8 @@ def parse_on_off(value: str, where: str) -> bool:
 
 
 def parse_drive(spec: str) -> DiskConfig:
-    """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X`` (or just a path)."""
+    """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X,werror=stop,rerror=report``
+    (or just a path)."""
     if "=" not in spec.split(",")[0]:
         spec = "file=" + spec
     opts: dict[str, str] = {}
@@ -309,7 +329,7 @@ def parse_drive(spec: str) -> DiskConfig:
         opts[k] = v
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
-    unknown = set(opts) - {"file", "format", "readonly", "serial", "if"}
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -321,8 +341,10 @@ def parse_drive(spec: str) -> DiskConfig:
     if not opts["file"]:
         raise ConfigError(f"--drive {spec}: empty file=")
     serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
+    policies = {key: check_error_policy(opts[key], key, f"--drive {spec}: {key}")
+                for key in ("werror", "rerror") if key in opts}
     return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
-                      serial=serial)
+                      serial=serial, **policies)
 
 
 def parse_netdev(spec: str) -> NetConfig:

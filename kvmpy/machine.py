@@ -29,7 +29,7 @@ from .devices.context import DeviceContext
 from .devices.irqchip import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
-from .events import EventLoop
+from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
 from .pc import ACPI_PM, pc_devices, write_acpi_tables
@@ -72,11 +72,17 @@ class Machine:
         self._stop_request: tuple[int, str] | None = None
         self._reset_request: tuple[bool, str] | None = None
         self._shutdown_emitted = False
+        # Disks' requests kept by werror/rerror=stop, retried on `cont` (BlockErrors).
+        self._io_retries: list[Callable[[], None]] = []
         self.control_pending = False
         self._stopping = False
         self._parked = 0
         self.threads: list = []
         self._closers: list[Callable[[], None]] = []
+        # Parking the vCPUs for an I/O error waits for them, which the event loop
+        # (where disks report errors) must never do.
+        self._io_error_stops = Worker(f"{cfg.name or 'vm'}-io-error")
+        self._closers.append(self._io_error_stops.close)
         # The one loop every device and service waits on (kvmpy.events); the caller's
         # when it gives one (it then closes it), else the machine's own.
         self.events = events if events is not None else EventLoop(name=f"{cfg.name or 'vm'}-events")
@@ -110,7 +116,7 @@ class Machine:
                           mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)
         context = DeviceContext(
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
-            timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console,
+            timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
@@ -218,6 +224,8 @@ class Machine:
             self._hold("reset")
             try:
                 self.devices.reset()
+                # The disks' resets dropped the requests these would retry.
+                self._io_retries.clear()
                 self.accel.reset()
                 self._boot()
             finally:
@@ -305,6 +313,28 @@ class Machine:
             self._stopping = True
             self.control_pending = True
 
+    # --- BlockErrors: a disk's host I/O error (event loop thread) ---------------------------
+    def io_error(self, device: str, node_name: str, operation: str, action: str, nospace: bool,
+                 reason: str, retry: Callable[[], None] | None = None) -> None:
+        # As QEMU's blk_error_action: the event first, so BLOCK_IO_ERROR comes before STOP.
+        self._emit("BLOCK_IO_ERROR", {"device": device, "node-name": node_name, "operation": operation,
+                                      "action": action, "nospace": nospace, "reason": reason})
+        if action != "stop":
+            return
+        self._io_error_stops.submit(lambda: self._stop_for_io_error(retry))
+
+    def _stop_for_io_error(self, retry: Callable[[], None] | None) -> None:
+        with self._transition:
+            if retry is not None:
+                self._io_retries.append(retry)
+            # A VM already paused stays "paused", as QEMU's vm_stop leaves a stopped VM
+            # alone; its `cont` retries the request all the same.
+            if self._state != "running" or self._stopping:
+                return
+            self._hold("io-error")
+            self._set_state("io-error")
+        self._emit("STOP", {})
+
     # --- VmControl (monitor) ------------------------------------------------------------
     def status(self) -> str:
         return self._state
@@ -319,11 +349,18 @@ class Machine:
 
     def resume(self) -> None:
         with self._transition:
-            if self._state != "paused":
+            if self._state == "paused":
+                self._release("user")
+            elif self._state == "io-error":
+                self._release("io-error", all_of_them=True)
+            else:
                 return
-            self._release("user")
             self._set_state("running")
+            retries, self._io_retries = self._io_retries, []
         self._emit("RESUME", {})
+        # A request that fails again stops the VM again, as in QEMU.
+        for retry in retries:
+            self.events.call_soon(retry)
 
     def reset(self) -> None:
         self.request_reset(guest=False, reason="host-qmp-system-reset")

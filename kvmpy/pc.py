@@ -136,8 +136,21 @@ def make_virtio_blk(ctx: DeviceContext):
     from .devices.virtio.blk import VirtioBlk
     from .devices.virtio.pci import VirtioPciTransport
     disk: DiskConfig = ctx.options["disk"]
+    index = ctx.options["index"]
     return VirtioPciTransport(ctx.platform, ctx.events,
-                              VirtioBlk(ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name))
+                              VirtioBlk(ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name,
+                                        werror=disk.werror, rerror=disk.rerror, errors=ctx.block_errors,
+                                        device=disk_device_name(index), node_name=disk_node_name(index)))
+
+
+def disk_device_name(index: int) -> str:
+    """The disk's name in query-block and BLOCK_IO_ERROR: QEMU's for -drive if=virtio."""
+    return f"virtio{index}"
+
+
+def disk_node_name(index: int) -> str:
+    """The image's node name, in QEMU's spelling of a generated one."""
+    return f"#block{index}"
 
 
 def describe_disk(placed: PlacedDevice) -> dict:
@@ -145,10 +158,12 @@ def describe_disk(placed: PlacedDevice) -> dict:
     disk: DiskConfig = placed.entry.options["disk"]
     driver = placed.backend
     return {
-        "device": f"virtio{placed.entry.options['index']}",
+        "device": disk_device_name(placed.entry.options["index"]),
         "qdev": f"/machine/peripheral-anon/device[{placed.pci_slot}]/virtio-backend",
         "locked": False, "removable": False, "type": "unknown", "tray_open": False,
-        "inserted": {"file": disk.path, "drv": driver.format, "ro": bool(driver.read_only or disk.readonly),
+        "io-status": placed.device.device.io_status,
+        "inserted": {"file": disk.path, "node-name": disk_node_name(placed.entry.options["index"]),
+                     "drv": driver.format, "ro": bool(driver.read_only or disk.readonly),
                      "encrypted": False, "backing_file_depth": 0, "image": {
                          "filename": disk.path, "format": driver.format, "virtual-size": driver.size}},
     }

@@ -1167,6 +1167,7 @@ class Qcow2Driver(BlockDriver):
 
     def _allocating_write(self, cur, offset, ci, k, pos, run_end):
         cs = self.cluster_size
+        file_size, free_hint = self.file_size, self.free_hint
         host = self._alloc_clusters(k)
         g0 = offset + pos
         head = g0 - ci * cs
@@ -1180,7 +1181,16 @@ class Qcow2Driver(BlockDriver):
             last = ci + k - 1
             old = self._cluster_content(last, self._entry(last))
             iov.append(memoryview(old)[cs - tail:])
-        full_pwritev(self.fd, iov, host)
+        try:
+            full_pwritev(self.fd, iov, host)
+        except OSError:
+            # Nothing refers to the new clusters yet: give them back, as QEMU's
+            # qcow2_alloc_cluster_abort does, so that a failed request (a full host
+            # disk, which `cont` retries) leaves no leak behind.
+            for c in range(host // cs, host // cs + k):
+                self._set_refcount(c, 0)
+            self.file_size, self.free_hint = file_size, free_hint
+            raise
         for j in range(k):
             t, i, l2off = self._l2_for_write(ci + j)
             old_e = t[i]

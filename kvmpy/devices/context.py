@@ -39,6 +39,20 @@ class GuestPower(Protocol):
         process exits with ``status`` (its low 8 bits)."""
 
 
+class BlockErrors(Protocol):
+    """Where a disk reports a host I/O error that failed a guest's request, as QEMU's
+    block layer does (``blk_error_action``): the machine emits BLOCK_IO_ERROR and, for
+    ``action == "stop"``, pauses the VM with the run state "io-error"."""
+
+    def io_error(self, device: str, node_name: str, operation: str, action: str,
+                 nospace: bool, reason: str, retry: Callable[[], None] | None = None) -> None:
+        """Called on the event loop thread; must not block (the pause happens later,
+        off the loop). ``operation`` is "read" or "write", ``action`` "stop", "report"
+        or "ignore", ``reason`` the host's strerror. With "stop" the device keeps the
+        request and ``retry`` is called on the event loop once the VM continues
+        (``cont``); a system reset drops it, as the device's reset drops the request."""
+
+
 class SerialConsole(Protocol):
     """The host end of a UART: the console, as the UART sees it."""
 
@@ -84,6 +98,9 @@ class DeviceContext:
     """Where the entry places the device (empty on bus "pci")."""
     backend: object | None = None
     """What the entry's backend opener returned (a disk image, a tap), else None."""
+    block_errors: BlockErrors | None = None
+    """Where a disk reports I/O errors (BLOCK_IO_ERROR, werror/rerror=stop); None
+    where nothing can pause the VM (stop then acts as report)."""
 
     @property
     def slot(self) -> AddressSlot:

@@ -13,13 +13,16 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, runtime_checkable
 
 # QMP RunState names this project reports (a subset of QEMU's qapi/run-state.json).
-RUN_STATES = ("running", "paused", "shutdown", "prelaunch", "internal-error", "guest-panicked")
+RUN_STATES = ("running", "paused", "shutdown", "prelaunch", "internal-error", "guest-panicked", "io-error")
 
 # Events a machine emits through add_event_listener, with QEMU's data members:
 #   STOP {}, RESUME {}, POWERDOWN {},
 #   SHUTDOWN {"guest": bool, "reason": "guest-shutdown" | "host-qmp-quit" | "host-signal" | ...},
-#   RESET {"guest": bool, "reason": "guest-reset" | "host-qmp-system-reset" | ...}
-EVENT_NAMES = ("STOP", "RESUME", "SHUTDOWN", "POWERDOWN", "RESET")
+#   RESET {"guest": bool, "reason": "guest-reset" | "host-qmp-system-reset" | ...},
+#   BLOCK_IO_ERROR {"device", "node-name", "operation": "read" | "write",
+#                   "action": "stop" | "report" | "ignore", "nospace": bool, "reason": strerror}
+#     (with "stop" the VM then goes to "io-error" and a STOP follows)
+EVENT_NAMES = ("STOP", "RESUME", "SHUTDOWN", "POWERDOWN", "RESET", "BLOCK_IO_ERROR")
 
 EventCallback = Callable[[str, dict], None]
 
@@ -44,7 +47,8 @@ class VmControl(Protocol):
         """Stop all vCPUs: they leave KVM_RUN and wait. Emits STOP."""
 
     def resume(self) -> None:
-        """Let the vCPUs run again. Emits RESUME. May raise ControlError where the
+        """Let the vCPUs run again, from "paused" or "io-error" (the requests a disk
+        kept are retried). Emits RESUME. May raise ControlError where the
         VM cannot run on (QEMU: after a shutdown, until a reset)."""
 
     def reset(self) -> None:

@@ -67,6 +67,8 @@ def _block(control: VmControl, args: list[str]) -> str:
             out.append(f"{name}: {inserted.get('file', '?')} ({flags})\n")
             if dev.get("qdev"):
                 out.append(f"    Attached to:      {dev['qdev']}\n")
+            if dev.get("io-status", "ok") != "ok":
+                out.append(f"    I/O status:       {dev['io-status']}\n")
             cache = inserted.get("cache")
             if isinstance(cache, dict):
                 mode = "writeback" if cache.get("writeback", True) else "writethrough"

@@ -7,13 +7,15 @@
  * 512, at most 65536), reads=N (0) extra sequential 64 KiB reads for timing,
  * rand=N (0) extra 4 KiB random reads for timing, qcow2magic=1 puts a qcow2 magic at
  * the start of the pattern (a guest planting a header; the host must refuse it at
- * sector 0 of a probed raw disk).
+ * sector 0 of a probed raw disk), waitkey=1 waits for a byte on COM1 before the write
+ * (a test connects its monitor first, then lets the write go).
  * Prints:
  *   virtio-blk: found at 00:SS.0
  *   virtio-blk: capacity N sectors
  *   virtio-blk: serial <GET_ID>
  *   virtio-blk: sector0 <first 16 bytes of sector 0, non-printables as '.'>
  *   virtio-blk: sector0 checksum 0x........
+ *   virtio-blk: waiting for a key              (waitkey=1)
  *   virtio-blk: wrote N bytes at sector S checksum 0x........
  *   virtio-blk: read back checksum 0x........
  *   virtio-blk: pattern ok
@@ -108,6 +110,11 @@ int guest_main(const struct hvm_start_info *si)
         wbuf[i] = (uint8_t)((i * 13 + 7) ^ (i >> 9));
     if (cmdline_get_u64("qcow2magic", 0))   /* a hostile guest planting a qcow2 header */
         memcpy(wbuf, "QFI\xfb", 4);
+    if (cmdline_get_u64("waitkey", 0)) {
+        puts("virtio-blk: waiting for a key");
+        while (serial_getc_nowait() < 0)
+            cpu_relax();
+    }
     if (blk_request(T_OUT, sector, wbuf, (uint32_t)bytes, 0) < 0)
         return 1;
     printf("virtio-blk: wrote %lu bytes at sector %lu checksum 0x%08x\n", bytes, sector, fnv1a(wbuf, bytes));

@@ -3,22 +3,34 @@
 Requests are {u32 type, u32 reserved, u64 sector} + data + u8 status, laid out
 in any split of buffers the driver likes. Data moves with the block driver's
 preadv/pwritev straight between the image and guest RAM slices. Every sector
-range is checked against the capacity before the driver is called; a failed
+range is checked against the capacity before the driver is called; a malformed
 request gets IOERR/UNSUPP in its status byte, never a device reset (only a
 malformed ring does that).
+
+A host I/O error (EIO, ENOSPC, a corrupt qcow2 refusing the write) follows the
+disk's policy, QEMU's werror=/rerror=: "report" fails the request with IOERR,
+"ignore" completes it as if it had worked, "stop" keeps it and has the machine
+pause the VM (run state io-error) until `cont` retries it; "enospc" (werror's
+default) stops on ENOSPC and reports the rest. Reads follow rerror, everything
+that changes the disk (write, flush, discard, write-zeroes) werror, as in QEMU.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ...errors import ImageError
 from ...memory import GuestMemory
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
+
+if TYPE_CHECKING:  # pragma: no cover - the protocol only; context.py imports far more
+    from ..context import BlockErrors
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +62,17 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_ID_BYTES = 20
 WRITE_ZEROES_FLAG_UNMAP = 1
 
+ERROR_POLICIES = ("enospc", "stop", "report", "ignore")
+
 # preadv/pwritev take at most IOV_MAX buffers; a longer (indirect) chain is refused.
 IOV_MAX = 1024
 
 _REQ_HDR = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
+
+
+class _Kept(Exception):
+    """The request failed with the "stop" action: it stays with the device until retried."""
 
 
 class _RequestError(Exception):
@@ -90,14 +108,33 @@ class VirtioBlk:
       seg_max: data segments per request the driver may use.
       discard: offer DISCARD and WRITE_ZEROES (only on writable disks).
       name: for log messages.
+      werror, rerror: QEMU's error policies for requests that change the disk and
+        for reads: "enospc" (werror only), "stop", "report", "ignore".
+      errors: where I/O errors go (BLOCK_IO_ERROR, the stop); without one, "stop"
+        acts as "report" (nothing could pause the VM or retry).
+      device, node_name: how BLOCK_IO_ERROR names this disk.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
     device_type = 2
 
     def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
-                 queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk") -> None:
+                 queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk",
+                 werror: str = "enospc", rerror: str = "report", errors: BlockErrors | None = None,
+                 device: str = "", node_name: str = "") -> None:
         self.name = name
+        if werror not in ERROR_POLICIES or rerror not in ERROR_POLICIES[1:]:
+            raise ValueError(f"{name}: werror={werror!r} rerror={rerror!r}")
+        self.werror = werror
+        self.rerror = rerror
+        self.errors = errors
+        self.device_name = device or name
+        self.node_name = node_name
+        # The request that failed with "stop", as (queue index, chain): the queues wait
+        # behind it until `cont` retries it, so the guest's requests complete in order.
+        self._kept: tuple[int, DescriptorChain] | None = None
+        # query-block's io-status: the first error that stopped the VM, until `cont`.
+        self.io_status = "ok"
         self.driver = driver
         self.read_only = bool(read_only or driver.read_only)
         serial_bytes = serial if isinstance(serial, bytes) else serial.encode()
@@ -188,21 +225,53 @@ class VirtioBlk:
         self._queues = ()
         self._transport = None
         self.acked_features = 0
+        self._kept = None
+        self.io_status = "ok"
+
+    @property
+    def stopped_request(self) -> bool:
+        """Whether a request that failed with "stop" waits for a retry."""
+        return self._kept is not None
 
     # request processing (event loop thread) ------------------------------------------
 
     def process_queue(self, index: int) -> None:
+        if self._kept is not None:
+            return          # stopped on an error: everything waits for the retry
         q = self._queues[index]
         while True:
             did = False
             for chain in q.iter_chains():
-                written = self._handle(chain)
+                try:
+                    written = self._handle(chain)
+                except _Kept:
+                    self._kept = (index, chain)
+                    break
                 q.add_used(chain.head, written)
                 did = True
             if did:
                 self._transport.signal_used(index)
-            if not q.set_notification(True):
+            if self._kept is not None or not q.set_notification(True):
                 return
+
+    def retry(self) -> None:
+        """Run the request kept by a "stop" again, then what queued up behind it
+        (event loop thread; the machine calls it on `cont`)."""
+        if self._kept is None or not self._queues:
+            return
+        index, chain = self._kept
+        self._kept = None
+        self.io_status = "ok"
+        try:
+            written = self._handle(chain)
+        except _Kept:
+            self._kept = (index, chain)
+            return
+        self._queues[index].add_used(chain.head, written)
+        self._transport.signal_used(index)
+        for i in range(len(self._queues)):
+            if self._queues[i].active:
+                self.process_queue(i)
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Execute one request; returns the bytes written into the writable part."""
@@ -226,13 +295,39 @@ class VirtioBlk:
             written = 0
         except OSError as e:
             log.error("%s: I/O error on request type %d sector %d: %s", self.name, rtype, sector, e)
-            status[0][0] = VIRTIO_BLK_S_IOERR
-            written = 0
-        except ImageError as e:  # e.g. a corrupt qcow2 table met on this request
+            written = self._io_failed(rtype, e.errno or errno.EIO, status, data_in)
+        except ImageError as e:
+            # A corrupt qcow2 table met on this request, or a write refused because it
+            # would land on metadata: the guest sees EIO, never a silently lost write.
             log.error("%s: request type %d sector %d failed: %s", self.name, rtype, sector, e)
-            status[0][0] = VIRTIO_BLK_S_IOERR
-            written = 0
+            written = self._io_failed(rtype, errno.EIO, status, data_in)
         return written + 1
+
+    def _io_failed(self, rtype: int, err: int, status: list, data_in: list) -> int:
+        """Apply the disk's error policy to a request the host failed; returns the
+        bytes to report written (besides the status) or raises _Kept."""
+        is_read = rtype == VIRTIO_BLK_T_IN
+        policy = self.rerror if is_read else self.werror
+        if policy == "enospc":
+            action = "stop" if err == errno.ENOSPC else "report"
+        else:
+            action = policy
+        if action == "stop" and self.errors is None:
+            action = "report"
+        if action == "stop" and self.io_status == "ok":
+            # Before the event, as QEMU does: query-block never lags a BLOCK_IO_ERROR.
+            self.io_status = "nospace" if err == errno.ENOSPC else "failed"
+        if self.errors is not None:
+            self.errors.io_error(self.device_name, self.node_name, "read" if is_read else "write",
+                                 action, err == errno.ENOSPC, os.strerror(err),
+                                 retry=self.retry if action == "stop" else None)
+        if action == "stop":
+            raise _Kept()
+        if action == "ignore":
+            status[0][0] = VIRTIO_BLK_S_OK
+            return sum(len(v) for v in data_in) if is_read else 0
+        status[0][0] = VIRTIO_BLK_S_IOERR
+        return 0
 
     def _check_range(self, sector: int, nbytes: int) -> None:
         if nbytes % SECTOR:
