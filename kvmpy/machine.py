@@ -26,7 +26,7 @@ from .config import VmConfig
 from .devices.acpi_pm import AcpiPm
 from .devices.bus import Bus
 from .devices.context import DeviceContext
-from .devices.irqchip import TimerWheel
+from .devices.timers import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .events import EventLoop, Worker

@@ -16,7 +16,6 @@ kvmpy/devices/bus.py (port and MMIO devices) and kvmpy/devices/virtio/device.py
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -114,6 +113,7 @@ def load_device_class(dev: DeviceConfig) -> type:
     where = f"{dev.where} key 'type'"
     spec = dev.type
     if ":" not in spec:
+        import importlib.metadata      # only here: reading every installed package's metadata is slow
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == spec:
                 try:

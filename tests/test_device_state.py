@@ -25,7 +25,7 @@ from kvmpy.devices.acpi_pm import SLP_EN, AcpiPm
 from kvmpy.devices.bus import Bus
 from kvmpy.devices.i8042 import COMMAND_PORT, DATA_PORT, MAX_SAVED_QUEUE, I8042
 from kvmpy.devices.ioapic import NUM_PINS, IoApic
-from kvmpy.devices.irqchip import TimerWheel
+from kvmpy.devices.timers import TimerWheel
 from kvmpy.devices.lapic import (APIC_BASE_ENABLE, APIC_DEFAULT_BASE, REG_EOI, REG_ESR, REG_ICR_HI,
                                  REG_ICR_LO, REG_ID, REG_LDR, REG_DFR, REG_LVT_ERROR, REG_LVT_LINT0,
                                  REG_LVT_LINT1, REG_LVT_TIMER, REG_PPR, REG_SVR, REG_TIMER_CCR,

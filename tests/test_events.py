@@ -11,7 +11,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvmpy.devices.irqchip import MAX_FIRED_PER_WAKE, TimerWheel
+from kvmpy.devices.timers import MAX_FIRED_PER_WAKE, TimerWheel
 from kvmpy.events import EVENT_READ, EventLoop, TimerFd, Worker
 
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from kvmpy.devices.bus import Bus
-from kvmpy.devices.irqchip import ChipLock, SoftIrqChip, TimerWheel
+from kvmpy.devices.irqchip import ChipLock, SoftIrqChip
+from kvmpy.devices.timers import TimerWheel
 from kvmpy.devices.lapic import (REG_EOI, REG_ICR_HI, REG_ICR_LO, REG_LDR, REG_LVT_LINT0,
                                  REG_LVT_TIMER, REG_SVR, REG_TIMER_CCR, REG_TIMER_DCR,
                                  REG_TIMER_ICR, LVT_MASKED, LVT_PERIODIC)

@@ -9,7 +9,7 @@ import time
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvmpy.devices.irqchip import TimerWheel
+from kvmpy.devices.timers import TimerWheel
 from kvmpy.devices.lapic import (APIC_BASE_ENABLE, DM_EXTINT, LVT_MASKED, LVT_PERIODIC,
                                  REG_EOI, REG_ESR, REG_ICR_HI, REG_ICR_LO, REG_LVT_ERROR,
                                  REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_TIMER, REG_PPR, REG_SVR,

@@ -17,7 +17,8 @@ from kvmpy.config import DiskConfig, NetConfig, VmConfig
 from kvmpy.devices import acpi_pm
 from kvmpy.devices.bus import Bus, MmioSlot, PortSlot
 from kvmpy.devices.context import DeviceContext
-from kvmpy.devices.irqchip import SoftIrqChip, TimerWheel
+from kvmpy.devices.irqchip import SoftIrqChip
+from kvmpy.devices.timers import TimerWheel
 from kvmpy.devices.pci import PciBus
 from kvmpy.devices.platform import SoftPlatform
 from kvmpy.errors import ConfigError

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvmpy.devices.bus import Bus
-from kvmpy.devices.irqchip import PitPortB, TimerWheel
+from kvmpy.devices.irqchip import PitPortB
+from kvmpy.devices.timers import TimerWheel
 from kvmpy.devices.pit8254 import PIT_HZ, Pit8254
 
 NS = 1_000_000_000

@@ -154,7 +154,7 @@ class Linked:
     """One fake time for the RTC (seconds) and the timer wheel (nanoseconds)."""
 
     def __init__(self):
-        from kvmpy.devices.irqchip import TimerWheel
+        from kvmpy.devices.timers import TimerWheel
         self.t = T0
         self.wheel = TimerWheel(clock=lambda: int(self.t * 1e9), threaded=False)
         self.levels = []

@@ -17,15 +17,17 @@ Either may also be ``Resettable`` and ``Closeable`` (kvmpy.devices.bus).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
-from ..config import VmConfig
-from ..events import EventLoop
-from ..memory import GuestMemory
 from .bus import AddressSlot
-from .irqchip import TimerWheel
-from .pci import PciBus
-from .platform import Platform
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: a KVM machine never loads the software irqchip
+    from ..config import VmConfig
+    from ..events import EventLoop
+    from ..memory import GuestMemory
+    from .timers import TimerWheel
+    from .pci import PciBus
+    from .platform import Platform
 
 
 class GuestPower(Protocol):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports 
     from ..boot.common import BootState
     from ..config import VmConfig
     from ..devices.bus import Bus
-    from ..devices.irqchip import TimerWheel
+    from ..devices.timers import TimerWheel
     from ..events import EventLoop
     from ..memory import GuestMemory
     from .regs import Regs, SRegs

@@ -70,7 +70,8 @@ class TcgAccel:
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
-        from ...devices.irqchip import SoftIrqChip, TimerWheel
+        from ...devices.irqchip import SoftIrqChip
+        from ...devices.timers import TimerWheel
         self.memory = host.memory
         num_cpus = host.cfg.cpus
         # APIC id = index: what the MADT announces and the LAPIC model reports
