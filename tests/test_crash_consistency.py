@@ -581,11 +581,14 @@ def lone_write_states(initial: bytes, entries: list, max_length: int = 16, count
 
 
 POWER_LOSS_CASES = {
-    "4k-flush": ("4k", True, False),
-    "512-rc64-flush": ("512-rc64", True, False),
-    "4k-writethrough": ("4k", False, False),
+    "4k-flush": ("4k", True, None),
+    "512-rc64-flush": ("512-rc64", True, None),
+    "4k-writethrough": ("4k", False, None),
     # An internal snapshot shares every table and cluster: writes copy them first.
-    "4k-snapshot": ("4k", True, True),
+    "4k-snapshot": ("4k", True, "snapshot"),
+    # The base's data compressed into the image itself (no backing file): several
+    # guest clusters share a host cluster, and overwriting one frees a reference.
+    "4k-compressed": ("4k", True, "compressed"),
 }
 SNAPSHOT_AT = 100        # writes made before `qemu-img snapshot -c`
 
@@ -615,13 +618,20 @@ def test_power_loss_states(case, tmp_path, monkeypatch):
     from test_virtio_blk import Rig
 
     qemu_img = tool_required("qemu-img")
-    image_kind, flush, snapshot = POWER_LOSS_CASES[case]
+    image_kind, flush, prep = POWER_LOSS_CASES[case]
+    snapshot = prep == "snapshot"
     rng = random.Random(MASTER_SEED ^ (sum(map(ord, f"power{case}")) << 16))
     cluster, vsize, opts = IMAGES[image_kind]
     base, overlay, flat = tmp_path / "base.raw", tmp_path / "overlay.qcow2", tmp_path / "flat.raw"
     make_base(base)
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", ",".join([f"cluster_size={cluster}", *opts]),
-                    "-b", str(base), "-F", "raw", str(overlay), str(vsize)], check=True)
+    options = ",".join([f"cluster_size={cluster}", *opts])
+    if prep == "compressed":
+        subprocess.run([qemu_img, "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", options, str(base),
+                        str(overlay)], check=True)
+        subprocess.run([qemu_img, "resize", "-q", str(overlay), str(vsize)], check=True)
+    else:
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", options, "-b", str(base), "-F", "raw",
+                        str(overlay), str(vsize)], check=True)
     # More WRITE_ZEROES (with UNMAP half the time) on a smaller hot region than the
     # guest's: clusters are freed and reused, the ordering most easily got wrong.
     wl = Workload(rng.randrange(1 << 32), vsize // SECTOR, hot=4096, zero_mod=4)
@@ -654,8 +664,9 @@ def test_power_loss_states(case, tmp_path, monkeypatch):
             last = next(x for x in reversed(entries[:i]) if x[0] != "ack")
             assert last[0] == "sync", f"{tag}: write {e[1] - 1} acknowledged with an unsynced write before it"
     crashed = tmp_path / "crashed.qcow2"
-    leaks = 0
+    leaks = states = 0
     for state, acked, k in power_loss_states(initial, entries, POWER_LOSS_STATES, rng):
+        states += 1
         crashed.write_bytes(state)
         what = f"{tag}: power loss after sync {k} of {nsyncs} ({acked} writes acknowledged)"
         info = qemu_img_check(qemu_img, crashed, what)
@@ -673,7 +684,7 @@ def test_power_loss_states(case, tmp_path, monkeypatch):
         crashed.write_bytes(state)
         qemu_img_check(qemu_img, crashed, f"{tag}: power loss right after the table update at offset {offset}")
         lone += 1
-    print(f"{tag}: {POWER_LOSS_WRITES - first_write} writes, {nsyncs} syncs, {POWER_LOSS_STATES} random states "
+    print(f"{tag}: {POWER_LOSS_WRITES - first_write} writes, {nsyncs} syncs, {states} random states "
           f"and {lone} after table updates checked, {leaks} leaked clusters in the random ones")
 
 

@@ -1009,9 +1009,10 @@ class Qcow2Driver(BlockDriver):
         refcount in that block, and that block may be new too (its table entry
         dirty in the same writeback). Then its table entry must not become durable
         before the entry that makes its refcount visible: a power loss in between
-        leaves a table pointing at a block whose cluster is free (QEMU flushes
-        between the two as well). So entries go out in waves, synced in between:
-        first those counted by a block already in the durable table."""
+        leaves a table pointing at a block whose cluster is free (QEMU's
+        alloc_refcount_block orders them the same way). So entries go out in
+        waves, synced in between: first those counted by a block already in the
+        durable table."""
         pending = set(self.dirty_rt)
         first = True
         while pending:
