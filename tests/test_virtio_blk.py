@@ -40,13 +40,14 @@ def raw_image(tmp_path):
 
 
 class Rig:
-    def __init__(self, image, read_only=False, msix=True, event_idx=False, serial="kvmpy-serial-0001"):
+    def __init__(self, image, read_only=False, msix=True, event_idx=False, serial="kvmpy-serial-0001",
+                 flush=True):
         self.m = SoftMachine()
         self.driver = open_disk(image, read_only)
         self.dev = self.m.virtio_pci(VirtioBlk(self.driver, serial=serial, read_only=read_only))
         self.slot = self.m.pci.add(self.dev)
         self.d = VirtioPciDriver(self.m, self.slot)
-        want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD) | (1 << 14) | (1 << 9) | (1 << 28)
+        want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD) | (1 << 14) | (flush << 9) | (1 << 28)
         if event_idx:
             want |= 1 << VIRTIO_F_RING_EVENT_IDX
         self.features = self.d.negotiate(want)
@@ -300,3 +301,37 @@ def test_qcow2_write_onto_metadata_gets_ioerr(tmp_path, caplog):
     assert after[:72] == before[:72] and after[80:] == before[80:]
     info = subprocess.run(["qemu-img", "info", str(p)], capture_output=True, text=True)
     assert "file format: qcow2" in info.stdout and "corrupt: true" in info.stdout
+
+
+def test_qcow2_write_through_without_the_flush_feature(tmp_path):
+    """A driver that does not negotiate VIRTIO_BLK_F_FLUSH has a write-through disk
+    (virtio 1.1, 5.2.6.2): every completed write is stable. The device used to leave
+    the new L2 entries of such writes in the qcow2 driver's cache until a flush that
+    such a driver never sends, so a VMM crash lost completed writes. Now each write
+    is in the image, metadata included, before its used entry: qemu-img reads it
+    while the device is still open and has not flushed."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("qemu-img is not installed")
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"BASE" * (DISK // 4))
+    p = tmp_path / "overlay.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", str(base),
+                    "-F", "raw", str(p)], check=True)
+    r = Rig(p, flush=False)
+    conv = tmp_path / "out.raw"
+    try:
+        assert not r.features >> 9 & 1
+        pattern = os.urandom(3 * 4096 + 1024)
+        assert r.request(VIRTIO_BLK_T_OUT, 8 * 5 + 1, out=pattern)[0] == VIRTIO_BLK_S_OK
+        seg = struct.pack("<QII", 8 * 100, 16, 1)          # WRITE_ZEROES with UNMAP
+        assert r.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg)[0] == VIRTIO_BLK_S_OK
+        check = subprocess.run([qemu_img, "check", str(p)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        subprocess.run([qemu_img, "convert", "-O", "raw", str(p), str(conv)], check=True)
+        data = conv.read_bytes()
+        assert data[(8 * 5 + 1) * 512:(8 * 5 + 1) * 512 + len(pattern)] == pattern
+        assert data[(8 * 5) * 512:(8 * 5 + 1) * 512] == b"BASE" * 128          # copy-on-write kept the rest
+        assert data[8 * 100 * 512:8 * 102 * 512] == bytes(8192)
+    finally:
+        r.close()

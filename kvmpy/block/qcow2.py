@@ -993,11 +993,38 @@ class Qcow2Driver(BlockDriver):
         self.dirty_rb.clear()
         if self.dirty_rt:
             os.fdatasync(self.fd)  # blocks before the table points at them
-            for t in sorted(self.dirty_rt):
+            for t in self._refcount_table_waves():
+                if t is None:
+                    os.fdatasync(self.fd)
+                    continue
                 at = self.header.refcount_table_offset + t * 8
                 self.check_overlap(at, 8, (META_REFCOUNT_TABLE,))
                 os.pwrite(self.fd, struct.pack(">Q", self.refcount_table[t]), at)
             self.dirty_rt.clear()
+
+    def _refcount_table_waves(self):
+        """The dirty refcount table indices in a safe order, None between waves.
+
+        A new refcount block placed inside another block's range has its own
+        refcount in that block, and that block may be new too (its table entry
+        dirty in the same writeback). Then its table entry must not become durable
+        before the entry that makes its refcount visible: a power loss in between
+        leaves a table pointing at a block whose cluster is free (QEMU's
+        alloc_refcount_block orders them the same way). So entries go out in
+        waves, synced in between: first those counted by a block already in the
+        durable table."""
+        pending = set(self.dirty_rt)
+        first = True
+        while pending:
+            wave = sorted(t for t in pending
+                          if (self.refcount_table[t] // self.cluster_size // self.rb_entries) not in pending - {t})
+            if not wave:      # cannot happen (a block is counted by an older one), but never loop forever
+                wave = sorted(pending)
+            if not first:
+                yield None
+            first = False
+            yield from wave
+            pending.difference_update(wave)
 
     def _writeback(self, sync: bool = True):
         if self.read_only or not self.write_prepared or self.corrupt:

@@ -355,6 +355,7 @@ class VirtioBlk:
             self._check_segments(data_out)
             if n:
                 self.driver.pwritev(data_out, sector * SECTOR)
+                self._write_through()
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.driver.flush()
@@ -366,8 +367,21 @@ class VirtioBlk:
             if not self.discard_enabled:
                 raise _RequestError(VIRTIO_BLK_S_UNSUPP, "discard/write-zeroes not offered")
             self._segments(rtype, data_out)
+            self._write_through()
             return 0
         raise _RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {rtype}")
+
+    def _write_through(self) -> None:
+        """Makes a completed write stable when the driver has no way to ask for it.
+
+        Without VIRTIO_BLK_F_FLUSH negotiated (and CONFIG_WCE, which is not offered)
+        the disk is write-through: a write is stable once it completes (virtio 1.1,
+        5.2.6.2), and a driver that cannot flush relies on that. So the write, and
+        the image metadata that makes it reachable, must be durable before its used
+        entry: qcow2 otherwise keeps new L2 entries cached until a flush that never
+        comes. QEMU does the same (write cache off, each write flushed)."""
+        if not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1:
+            self.driver.flush()
 
     def _segments(self, rtype: int, data_out: list) -> None:
         payload = b"".join(bytes(v) for v in data_out[:self.max_discard_seg + 1])
