@@ -113,8 +113,8 @@ def load_device_class(dev: DeviceConfig) -> type:
     where = f"{dev.where} key 'type'"
     spec = dev.type
     if ":" not in spec:
-        import importlib.metadata      # only here: reading every installed package's metadata is slow
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        from importlib.metadata import entry_points   # only here: it reads every installed package
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == spec:
                 try:
                     return ep.load()
