@@ -264,32 +264,42 @@ class EventLoop:
         try:
             while not self._closed:
                 ready = self._wait()
-                # The wake-up is consumed with the calls taken, under one lock, so a
-                # call queued after this point wakes the next wait rather than being lost.
-                with self._lock:
-                    if self._woken:
+                # The hot path (one device fd ready, nothing queued, no timer) takes no
+                # lock: `_woken` is read unlocked, and a wake-up written meanwhile keeps
+                # the eventfd readable, so the next wait returns at once for it.
+                if self._woken:
+                    # The wake-up is consumed with the calls taken, under one lock, so a
+                    # call queued after this point wakes the next wait rather than being lost.
+                    with self._lock:
                         self._woken = False
                         try:
                             os.eventfd_read(self._wake_fd)
                         except OSError:
                             pass
-                    pending, self._pending = self._pending, []
-                # Calls from other threads first: a modify or unsubscribe made before an
-                # fd became ready must hold for this round's dispatch too.
-                for fn in pending:
-                    self._guarded(fn)
+                        pending, self._pending = self._pending, []
+                    # Calls from other threads first: a modify or unsubscribe made before
+                    # an fd became ready must hold for this round's dispatch too.
+                    for fn in pending:
+                        self._guarded(fn)
                 for key, events in ready:
                     self._dispatch(key, events)
-                for fd, (events, callback) in list(self._always_ready.items()):
-                    if self._always_ready.get(fd, (0, None))[1] is callback:
-                        self._guarded(callback, events)
-                self._run_due_timers()
+                if self._always_ready:
+                    for fd, (events, callback) in list(self._always_ready.items()):
+                        if self._always_ready.get(fd, (0, None))[1] is callback:
+                            self._guarded(callback, events)
+                if self._timers:
+                    self._run_due_timers()
         finally:
             self._finish()
 
     def _wait(self) -> list:
-        with self._lock:
-            timeout = 0 if self._always_ready else self._timer_timeout_locked()
+        if self._always_ready:
+            timeout = 0
+        elif self._timers:
+            with self._lock:
+                timeout = self._timer_timeout_locked()
+        else:
+            timeout = None      # a timer armed from another thread wakes the loop
         try:
             return self._selector.select(timeout)
         except (OSError, ValueError) as e:
