@@ -202,13 +202,15 @@ def _run(cfg: VmConfig, notify_running) -> int:
 def _start_cleanup_helper(machine, pidfile, servers, console):
     from .console import UnixSocketConsole
     from .lifecycle import start_cleanup_helper
-    from .tap import TapNetwork
     sockets = [(srv.address.path, srv._socket_identity) for srv in servers if srv.address.kind == "unix"]
     if isinstance(console, UnixSocketConsole):
         sockets.append((console.path, console.socket_identity))
-    bridges = [p.backend.hand_over_bridge_cleanup() for p in machine.devices.placed
-               if isinstance(p.backend, TapNetwork)]
-    bridges = [b for b in bridges if b is not None]
+    bridges = []
+    if machine.cfg.nets:        # the tap module (and what it loads) only where there are NICs
+        from .tap import TapNetwork
+        bridges = [p.backend.hand_over_bridge_cleanup() for p in machine.devices.placed
+                   if isinstance(p.backend, TapNetwork)]
+        bridges = [b for b in bridges if b is not None]
     if pidfile is None and not sockets and not bridges:
         return None
     return start_cleanup_helper(pidfile, sockets, bridges)

@@ -38,7 +38,6 @@ import ctypes
 import errno
 import logging
 import os
-import platform
 from dataclasses import dataclass
 
 from .errors import HostError
@@ -331,8 +330,9 @@ def _prctl(option: int, arg2: int = 0) -> int:
 def unavailable_reason() -> str | None:
     """Why this process cannot be sandboxed, or None when it can (as far as can be
     told without installing: an outer filter may still refuse the install)."""
-    if platform.machine() != "x86_64":
-        return f"the filter is written for x86-64 system calls, this host is {platform.machine()}"
+    machine = os.uname().machine
+    if machine != "x86_64":
+        return f"the filter is written for x86-64 system calls, this host is {machine}"
     try:
         _prctl(PR_GET_SECCOMP)
     except OSError as e:
