@@ -29,6 +29,9 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 BUS_KINDS = ("pio", "mmio", "pci")
+PORT_SPACE = 1 << 16
+ADDRESS_SPACE = 1 << 64
+GSI_COUNT = 24      # the IOAPIC's pins, where set_irq_level reaches
 QUERY_KINDS = ("", "block", "net")
 
 T = TypeVar("T")
@@ -68,6 +71,15 @@ class DeviceEntry:
                 raise ConfigError(f"device {self.name!r}: a PCI device gets its addresses from the PCI bus")
         elif not self.slots or not all(isinstance(s, slot_type) for s in self.slots):
             raise ConfigError(f"device {self.name!r}: bus {self.bus!r} needs one or more {slot_type.__name__}s")
+        limit = PORT_SPACE if self.bus == "pio" else ADDRESS_SPACE
+        for slot in self.slots:
+            # A plug-in's place() computes these from user options: check them here, once.
+            if not (isinstance(slot.base, int) and isinstance(slot.length, int)
+                    and 0 <= slot.base and 0 < slot.length <= limit - slot.base):
+                raise ConfigError(f"device {self.name!r}: {slot.base!r}+{slot.length!r} is not a range of the "
+                                  f"{self.bus} space (0..{limit - 1:#x})")
+            if slot.irq is not None and not (isinstance(slot.irq, int) and 0 <= slot.irq < GSI_COUNT):
+                raise ConfigError(f"device {self.name!r}: IRQ {slot.irq!r} is not a GSI (0..{GSI_COUNT - 1})")
         if self.query not in QUERY_KINDS:
             raise ConfigError(f"device {self.name!r}: query {self.query!r} is not one of block, net")
         if bool(self.query) != (self.describe is not None):

@@ -60,10 +60,9 @@ def plugin_entry(dev: DeviceConfig, index: int) -> DeviceEntry:
     """The machine's table entry for one configured plug-in device; ConfigError
     naming the table for anything the class or its options get wrong."""
     cls = load_device_class(dev)
-    bus = cls.__dict__.get("bus") if isinstance(cls.__dict__.get("bus"), str) else None
-    for base in cls.__mro__[1:]:
-        if bus is None and isinstance(base.__dict__.get("bus"), str):
-            bus = base.__dict__["bus"]
+    # The class attribute as Python would find it (inherited too), read without
+    # running a metaclass's or descriptor's code.
+    bus = next((vars(k)["bus"] for k in cls.__mro__ if "bus" in vars(k)), None)
     if bus not in PLUGIN_BUSES:
         raise ConfigError(f"{dev.where}: {dev.type} declares no 'bus' (one of {', '.join(PLUGIN_BUSES)})")
     options = dict(dev.options)
@@ -83,7 +82,10 @@ def plugin_entry(dev: DeviceConfig, index: int) -> DeviceEntry:
         return DeviceEntry(name, "pci", _virtio_factory(cls, dev), options=options)
     if not slots or not all(isinstance(s, want) for s in slots):
         raise ConfigError(f"{dev.where}: {dev.type}.place() must give {want.__name__}s for bus {bus!r}")
-    return DeviceEntry(name, bus, _checked_factory(cls, dev), slots, options=options)
+    try:
+        return DeviceEntry(name, bus, _checked_factory(cls, dev), slots, options=options)
+    except ConfigError as e:        # a place() out of range: name the table that asked for it
+        raise ConfigError(f"{dev.where}: {e}") from None
 
 
 def _checked_factory(cls: type, dev: DeviceConfig):

@@ -88,6 +88,18 @@ BAD_CLASSES = {
                    "    @classmethod\n    def place(cls, o): return (PortSlot(int(o['iobase']), 1),)\n"
                    "    def __init__(self, ctx): pass\n", "missing option 'iobase'"),
     "raises_in_import": ("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    "port_past_64k": ("from kvmpy.devices.bus import PortSlot\n"
+                      "class D:\n    bus = 'pio'\n"
+                      "    @classmethod\n    def place(cls, o): return (PortSlot(0xfffe, 4),)\n"
+                      "    def __init__(self, ctx): pass\n", "is not a range of the pio space"),
+    "negative_port": ("from kvmpy.devices.bus import PortSlot\n"
+                      "class D:\n    bus = 'pio'\n"
+                      "    @classmethod\n    def place(cls, o): return (PortSlot(-1, 1),)\n"
+                      "    def __init__(self, ctx): pass\n", "is not a range of the pio space"),
+    "bad_irq": ("from kvmpy.devices.bus import PortSlot\n"
+                "class D:\n    bus = 'pio'\n"
+                "    @classmethod\n    def place(cls, o): return (PortSlot(0x510, 1, irq=99),)\n"
+                "    def __init__(self, ctx): pass\n", "IRQ 99 is not a GSI"),
 }
 
 
