@@ -49,6 +49,11 @@ class DiskConfig:
     serial: str = ""
     werror: str = "enospc"
     rerror: str = "report"
+    # How the guest sees it: "virtio" (virtio-blk) or "ide" (PIIX IDE, QEMU's -hda/-cdrom),
+    # and as a hard disk or a CD-ROM (read-only ATAPI; ide only)
+    interface: str = "virtio"
+    media: str = "disk"
+    index: int | None = None          # IDE position 0-3 (primary master .. secondary slave)
 
 
 def check_error_policy(value, key: str, where: str) -> str:
@@ -102,12 +107,24 @@ class VmConfig:
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
     devices: list[DeviceConfig] = field(default_factory=list)   # plug-ins: kvmpy.plugins
+    # What runs first: "none" (kvmpy loads --kernel itself), "bios" (SeaBIOS) or "uefi"
+    # (OVMF); None picks "bios" without a kernel and "none" with one.
+    firmware: str | None = None
+    bios: str | None = None           # the firmware image (QEMU's -bios); None: Debian's
+    boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
+    boot_menu: bool = False
+
+
+FIRMWARES = ("none", "bios", "uefi")
+BOOT_DEVICES = ("cdrom", "disk", "net")
+DISK_INTERFACES = ("virtio", "ide")
+DISK_MEDIA = ("disk", "cdrom")
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
-            "sandbox"}
-DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror"}
+            "sandbox", "firmware", "bios", "boot", "boot_menu"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -222,6 +239,15 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         cfg.runas = _expect(data["runas"], str, w("runas"), "a user name")
     if "sandbox" in data:
         cfg.sandbox = _expect(data["sandbox"], bool, w("sandbox"), "true or false")
+    if "firmware" in data:
+        cfg.firmware = _choice(data["firmware"], FIRMWARES, w("firmware"))
+    if "bios" in data:
+        cfg.bios = _path(base, data["bios"], w("bios"))
+    if "boot" in data:
+        order = _expect(data["boot"], list, w("boot"), 'a list such as ["cdrom", "disk"]')
+        cfg.boot_order = [_choice(b, BOOT_DEVICES, w("boot")) for b in order]
+    if "boot_menu" in data:
+        cfg.boot_menu = _expect(data["boot_menu"], bool, w("boot_menu"), "true or false")
     for i, d in enumerate(_expect(data.get("disk", []), list, w("disk"), "an array of tables ([[disk]])")):
         where = f"{source}: [[disk]] #{i + 1}"
         _expect(d, dict, where, "a table")
@@ -239,6 +265,13 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         for key in ("werror", "rerror"):
             if key in d:
                 setattr(disk, key, check_error_policy(d[key], key, f"{where} key '{key}'"))
+        if "media" in d:
+            disk.media = _choice(d["media"], DISK_MEDIA, f"{where} key 'media'")
+            if disk.media == "cdrom":
+                disk.interface, disk.readonly = "ide", True
+        if "interface" in d:
+            disk.interface = _choice(d["interface"], DISK_INTERFACES, f"{where} key 'interface'")
+        check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
         where = f"{source}: [[net]] #{i + 1}"
@@ -275,6 +308,22 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
     return cfg
 
 
+def _choice(value, allowed: tuple[str, ...], where: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def check_disk(disk: DiskConfig, where: str) -> None:
+    """What no disk may be, however it was spelt (vm.toml, --drive, -hda, -cdrom)."""
+    if disk.media == "cdrom" and disk.interface != "ide":
+        raise ConfigError(f"{where}: a CD-ROM is an IDE (ATAPI) device, not {disk.interface}")
+    if disk.media == "cdrom" and not disk.readonly:
+        raise ConfigError(f"{where}: a CD-ROM is read-only")
+    if disk.index is not None and not (disk.interface == "ide" and 0 <= disk.index <= 3):
+        raise ConfigError(f"{where}: index must be 0-3 on an IDE disk, got {disk.index}")
+
+
 def validate(cfg: VmConfig) -> None:
     src = cfg.source
     if not 1 <= cfg.cpus <= MAX_CPUS:
@@ -285,6 +334,13 @@ def validate(cfg: VmConfig) -> None:
         raise ConfigError(f"{src}: key 'memory': must be a multiple of 2M")
     if cfg.memory > (1 << 40):
         raise ConfigError(f"{src}: key 'memory': at most 1T")
+    ide = [d for d in cfg.disks if d.interface == "ide"]
+    if len(ide) > 4:
+        raise ConfigError(f"{src}: at most 4 IDE disks and CD-ROMs (two channels, master and slave), "
+                          f"got {len(ide)}")
+    taken = [d.index for d in ide if d.index is not None]
+    if len(taken) != len(set(taken)):
+        raise ConfigError(f"{src}: two IDE disks at index {max(taken, key=taken.count)}")
 
 
 ACCELS = ("kvm", "tcg", "auto")

@@ -36,6 +36,7 @@ from .devices.pci import PciBus, PciConfigIo
 from .devices.pci.config_ports import PCI_CONFIG_PORTS, ConfigPortsWithResetControl
 from .devices.rtc import RTC, RtcCmos
 from .devices.serial import COM1, Serial16550
+from .errors import ConfigError
 from .memory import GuestMemory
 from .plugins import plugin_entry
 
@@ -220,6 +221,10 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     """The PC's fixed devices, a virtio-blk per disk, a virtio-net per NIC, then the
     user's plug-in devices ([[device]], --device; kvmpy.plugins)."""
+    for disk in cfg.disks:
+        if disk.interface != "virtio":
+            raise ConfigError(f"{cfg.source}: disk {disk.path}: interface {disk.interface!r} is not "
+                              "available yet (only virtio)")
     return [*PC_DEVICES,
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
