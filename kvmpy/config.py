@@ -385,7 +385,7 @@ def parse_drive(spec: str) -> DiskConfig:
         opts[k] = v
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
-    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror"}
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -399,8 +399,28 @@ def parse_drive(spec: str) -> DiskConfig:
     serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
     policies = {key: check_error_policy(opts[key], key, f"--drive {spec}: {key}")
                 for key in ("werror", "rerror") if key in opts}
-    return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
+    disk = DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
+    parse_drive_placement(disk, opts, f"--drive {spec}")
+    return disk
+
+
+def parse_drive_placement(disk: DiskConfig, opts: dict[str, str], where: str) -> None:
+    """QEMU's if=ide|virtio, media=disk|cdrom and index=N of a -drive: media=cdrom is an
+    IDE CD-ROM, read-only, and without if= a drive with an index is IDE, as on QEMU's pc."""
+    if "media" in opts:
+        disk.media = _choice(opts["media"], DISK_MEDIA, f"{where}: media")
+        if disk.media == "cdrom":
+            disk.interface, disk.readonly = "ide", True
+    if "index" in opts:
+        if not opts["index"].isdigit():
+            raise ConfigError(f"{where}: index must be a number 0-3, got {opts['index']!r}")
+        disk.index = int(opts["index"])
+        if "if" not in opts:
+            disk.interface = "ide"
+    if "if" in opts:
+        disk.interface = _choice(opts["if"], DISK_INTERFACES, f"{where}: if")
+    check_disk(disk, where)
 
 
 def parse_netdev(spec: str) -> NetConfig:
