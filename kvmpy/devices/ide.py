@@ -454,8 +454,10 @@ class IdeController(Restorable):
 
     def _raise(self, ch: _Channel) -> None:
         ch.irq_pending = True
-        # The PIIX latches the drive's INTRQ in the engine's status, DMA or not.
-        ch.bm_status |= BM_STATUS_INTERRUPT
+        # The PIIX latches the drive's INTRQ pin in the engine's status, DMA or not;
+        # nIEN keeps the pin (and so the bit) low, as on QEMU's.
+        if not ch.control & CTL_NIEN:
+            ch.bm_status |= BM_STATUS_INTERRUPT
         self._update_line(ch)
 
     def _lower(self, ch: _Channel) -> None:
