@@ -759,3 +759,26 @@ def test_legacy_ports_decode_both_channels(rig):
     assert ports.read(0x170 - 0x1F0 + REG_LBA_HIGH, 1) == 0xEB
     assert ports.read(0x3F6 - 0x1F0, 1) & DRDY
     assert ports.read(0x100, 1) == 0xFF
+
+
+def test_a_medium_change_abandons_the_read_in_flight(rig, iso_path):
+    host = rig.hosts[1]
+    host.select(0)
+    host.out(REG_LBA_MID, 0x00)
+    host.out(REG_LBA_HIGH, 0x08)            # 2048 bytes per DRQ
+    host.command(0xA0)
+    host.write_pio(struct.pack(">BBIBH3x", 0x28, 0, 0, 0, 4))
+    assert host.status() & DRQ
+    old = rig.controller.change_medium(2, None)
+    assert old is rig.drivers[1]
+    st = host.status()
+    assert st & ERR and not st & DRQ, "the read of the old disc ended"
+    new = open_image(iso_path, "raw", read_only=True)
+    rig.drivers.append(new)
+    assert rig.controller.change_medium(2, new) is None
+    st, _ = host.packet(b"\x00")
+    assert st & ERR and sense(host) == (0x06, 0x28)
+    st, data = host.packet(struct.pack(">BBIBH3x", 0x28, 0, 5, 0, 1))
+    assert data == cd_pattern(5)
+    with pytest.raises(ValueError):
+        rig.controller.change_medium(0, None)

@@ -412,6 +412,27 @@ class IdeController(Restorable):
     def drive(self, position: int) -> IdeDrive | None:
         return self.channels[position // 2].drives[position % 2]
 
+    # removable media ---------------------------------------------------------------
+
+    def change_medium(self, position: int, backend) -> object | None:
+        """Put ``backend`` (None: take the disc out) into the CD-ROM at ``position``;
+        returns the medium that was in it, for the caller to close. A command in
+        flight on the drive is abandoned first (it would read from the old disc), and
+        the guest learns of the change as a real drive tells it: a unit attention on
+        its next command, a media event for GET EVENT STATUS NOTIFICATION."""
+        with self.lock:
+            drive = self.drive(position)
+            if drive is None or drive.atapi is None:
+                raise ValueError(f"{self.name}: position {position} is not a CD-ROM")
+            c, unit = divmod(position, 2)
+            if drive.xfer != XFER_NONE or drive.dma != DMA_NONE or (c, unit) in self._kept:
+                self._kept.pop((c, unit), None)
+                drive.atapi.fail(0x0B, 0)       # ABORTED COMMAND
+                self._atapi_check_condition(self.channels[c], drive)
+            old, drive.backend = drive.backend, backend
+            drive.atapi.change_medium(backend)
+            return old
+
     # life cycle --------------------------------------------------------------------
 
     def reset(self) -> None:
