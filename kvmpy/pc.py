@@ -24,6 +24,7 @@ the device modules' own constants, which the ACPI tables read too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from .boot import layout
@@ -298,20 +299,72 @@ def describe_ide(placed: PlacedDevice) -> list[dict]:
     rows = []
     controller = placed.device.controller
     for position, disk in placed.entry.options["drives"].items():
-        driver = placed.backend.drivers[position]
+        driver = placed.backend.drivers.get(position)
         drive = controller.drive(position)
         cdrom = disk.media == "cdrom"
-        rows.append({
-            "device": ide_device_name(position, disk),
-            "qdev": ide_boot_path(position),
-            "locked": bool(cdrom and drive.atapi.locked), "removable": cdrom, "type": "unknown",
-            "tray_open": False, "io-status": drive.io_status,
-            "inserted": {"file": disk.path, "node-name": ide_node_name(position), "drv": driver.format,
-                         "ro": bool(driver.read_only or disk.readonly), "encrypted": False,
-                         "backing_file_depth": 0, "image": {
-                             "filename": disk.path, "format": driver.format, "virtual-size": driver.size}},
-        })
+        row = {"device": ide_device_name(position, disk), "qdev": ide_boot_path(position),
+               "locked": bool(cdrom and drive.atapi.locked), "removable": cdrom, "type": "unknown",
+               "tray_open": driver is None, "io-status": drive.io_status}
+        if driver is not None:
+            row["inserted"] = {"file": disk.path, "node-name": ide_node_name(position), "drv": driver.format,
+                               "ro": bool(driver.read_only or disk.readonly), "encrypted": False,
+                               "backing_file_depth": 0, "image": {
+                                   "filename": disk.path, "format": driver.format, "virtual-size": driver.size}}
+        rows.append(row)
     return rows
+
+
+class MediaError(Exception):
+    """A monitor's eject/change the drives cannot do (QEMU's message)."""
+
+
+class RemovableMedia:
+    """The monitor's eject and change (blockdev-change-medium) on the IDE CD-ROMs,
+    by QEMU's device names ("ide1-cd0")."""
+
+    def __init__(self, devices: MachineDevices) -> None:
+        placed = next(p for p in devices.placed if p.entry.name == "ide")
+        self.controller = placed.device.controller
+        self.images: IdeImages = placed.backend
+        self.disks: dict[int, DiskConfig] = placed.entry.options["drives"]
+
+    def _cdrom(self, device: str) -> int:
+        for position, disk in self.disks.items():
+            if ide_device_name(position, disk) == device:
+                if disk.media != "cdrom":
+                    raise MediaError(f"Device '{device}' is not removable")
+                return position
+        raise MediaError(f"Device '{device}' not found")
+
+    def eject(self, device: str, force: bool = False) -> None:
+        position = self._cdrom(device)
+        drive = self.controller.drive(position)
+        if drive.atapi.locked and not force:
+            raise MediaError(f"Device '{device}' is locked and force was not specified, "
+                             "wait for tray to open and try again")
+        self._swap(position, None)
+
+    def change(self, device: str, filename: str, format: str | None = None) -> None:
+        from .block import open_image
+        from .errors import ImageError
+        position = self._cdrom(device)
+        if format not in (None, "raw", "qcow2"):
+            raise MediaError(f"Unknown driver '{format}'")
+        try:
+            driver = open_image(filename, format, read_only=True)
+        except (ImageError, OSError) as e:
+            raise MediaError(f"Could not open '{filename}': {e}") from None
+        self._swap(position, driver)
+        self.disks[position] = dataclasses.replace(self.disks[position], path=filename, format=driver.format)
+
+    def _swap(self, position: int, driver) -> None:
+        old = self.controller.change_medium(position, driver)
+        if driver is None:
+            self.images.drivers.pop(position, None)
+        else:
+            self.images.drivers[position] = driver
+        if old is not None:
+            old.close()
 
 
 def ide_entries(cfg: VmConfig) -> list[DeviceEntry]:

@@ -782,3 +782,41 @@ def test_a_medium_change_abandons_the_read_in_flight(rig, iso_path):
     assert data == cd_pattern(5)
     with pytest.raises(ValueError):
         rig.controller.change_medium(0, None)
+
+
+def test_monitor_eject_and_change(tmp_path, disk_path, iso_path):
+    """The real machine (not started) behind HMP and QMP: eject, change, query-block."""
+    from conftest import guest_path
+    from kvmpy.machine import Machine
+    from kvmpy.monitor.hmp import Hmp
+    other = tmp_path / "other.iso"
+    other.write_bytes(cd_pattern(0) * 3)
+    cfg = VmConfig(kernel=guest_path("hello"), memory=32 << 20,
+                   disks=[DiskConfig(disk_path, format="raw", interface="ide"),
+                          DiskConfig(iso_path, format="raw", interface="ide", media="cdrom", readonly=True, index=2)])
+    m = Machine(cfg, accel="tcg")
+    try:
+        hmp = Hmp(m)
+        assert hmp.execute("eject ide0-hd0") == "Error: Device 'ide0-hd0' is not removable\n"
+        assert hmp.execute("eject ide9-cd0") == "Error: Device 'ide9-cd0' not found\n"
+        m.pio_bus.write(0x176, 1, 0xA0)
+        host = AtaHost(m.devices.get("ide", IdeLegacyPorts).controller, 1)
+        host.packet(b"\x1E\0\0\0\x01")                 # the guest locks the tray
+        assert "is locked and force was not specified" in hmp.execute("eject ide1-cd0")
+        assert hmp.execute("eject -f ide1-cd0") == ""
+        cd = [b for b in m.block_devices() if b["device"] == "ide1-cd0"][0]
+        assert "inserted" not in cd and cd["tray_open"]
+        assert "ide1-cd0: [not inserted]" in hmp.execute("info block")
+        st, _ = host.packet(b"\x00")
+        assert st & ERR and host.error() >> 4 == 0x06          # unit attention first
+        st, _ = host.packet(b"\x00")
+        assert st & ERR and sense(host) == (0x02, 0x3A)         # then: no medium
+        assert "Could not open" in hmp.execute(f"change ide1-cd0 {tmp_path / 'missing.iso'}")
+        assert hmp.execute(f"change ide1-cd0 {other} raw") == ""
+        cd = [b for b in m.block_devices() if b["device"] == "ide1-cd0"][0]
+        assert cd["inserted"]["file"] == str(other) and cd["inserted"]["image"]["virtual-size"] == 3 * CD_SECTOR
+        host.packet(b"\x00")
+        st, data = host.packet(b"\x25")
+        assert struct.unpack(">II", data) == (2, CD_SECTOR)
+    finally:
+        m.close()
