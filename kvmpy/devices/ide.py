@@ -508,9 +508,9 @@ class IdeController(Restorable):
                 return drive.status
             if offset == REG_DEVICE:
                 return ch.select
-            if drive is None and ch.unit == 1:
-                return 0        # an absent slave answers nothing, as QEMU's
-            if offset == REG_ERROR and not ch.control & CTL_HOB:
+            if offset == REG_ERROR and (drive is None or not ch.control & CTL_HOB):
+                # an absent device's error (and status) read 0; the task file it shares
+                # with the present one reads back what was written, as on QEMU's
                 return drive.error if drive is not None else 0
             regs = ch.hob if ch.control & CTL_HOB else ch.taskfile
             return regs[offset - 1]
