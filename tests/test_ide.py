@@ -820,3 +820,44 @@ def test_monitor_eject_and_change(tmp_path, disk_path, iso_path):
         assert struct.unpack(">II", data) == (2, CD_SECTOR)
     finally:
         m.close()
+
+
+@HOSTILE
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 0xFF), st.sampled_from([1, 2, 4]),
+                          st.integers(0, 0xFFFFFFFF)), max_size=30), st.lists(ops, max_size=30))
+def test_piix3_state_round_trip(disk_path, iso_path, config_writes, traffic):
+    """The PIIX3's whole state (both functions' config space, the controller) as a
+    value: a fresh PIIX3 restored from it hands out the same state and drives its
+    PIRQ-routed ISA IRQs the same."""
+    rigs = [fresh_rig(disk_path, iso_path), fresh_rig(disk_path, iso_path)]
+    platforms = [IsaPlatform(), IsaPlatform()]
+    try:
+        buses, piixes, nics = [], [], []
+        from kvmpy.devices.pci import PciDevice
+        for r, platform in zip(rigs, platforms):
+            bus = PciBus(Bus("mmio"), Bus("pio"), platform)
+            dev = Piix3(r.controller, set_isa_irq=platform.set_irq_level)
+            bus.add(dev)
+            nic = PciDevice(0x1AF4, 0x1000, 0x020000, name="nic")
+            bus.add(nic)
+            buses.append(bus), piixes.append(dev), nics.append(nic)
+        bus, dev, nic = buses[0], piixes[0], nics[0]
+        bus.set_intx(nic, True)
+        for fn, offset, size, value in config_writes:
+            if offset + size <= 0x100:
+                bus.config_write(0, 1, fn, offset & ~(size - 1), size, value)
+        for op in traffic:
+            apply(rigs[0], op)
+        saved = dev.state()
+        buses[1].set_intx(nics[1], True)
+        piixes[1].restore(saved)
+        assert piixes[1].state() == saved
+        def isa_irqs_up(platform: IsaPlatform) -> set[int]:
+            return {irq for irq, level in platform.levels.items() if level and irq < 16}
+        assert isa_irqs_up(platforms[1]) == isa_irqs_up(platforms[0])
+        with pytest.raises(StateError):
+            piixes[1].restore(dataclasses.replace(saved, bridge=saved.ide))    # the IDE's config as the bridge's
+        assert piixes[1].state() == saved
+    finally:
+        for r in rigs:
+            r.close()
