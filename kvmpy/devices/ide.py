@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import GuestMemoryError, ImageError
-from .atapi import CD_SECTOR, MEDIUM_ERROR, ASC_UNRECOVERED_READ_ERROR, AtapiCdrom, AtapiState
+from .atapi import ASC_UNRECOVERED_READ_ERROR, MEDIUM_ERROR, AtapiCdrom, AtapiState
 from .bus import PortSlot
 from .saved_state import Restorable, StateCheck, checked
 
@@ -169,7 +169,7 @@ class IdeDriveState:
     mult_sectors: int
     write_cache: bool
     pio_mode: int
-    dma_mode: int           # 0: none selected; 0x20|n multiword n; 0x40|n UDMA n
+    dma_mode: int           # 0: none selected; 0x10|n single-word n; 0x20|n multiword n; 0x40|n UDMA n
     xfer: int
     buffer: bytes
     pos: int
@@ -331,6 +331,13 @@ class IdeDrive:
             raise StateCheck(state).fail("atapi", f"{where} is a {self.media}, the state is not")
         if self.atapi is None and state.lba + state.remaining > self.sectors:
             raise StateCheck(state).fail("lba", f"{state.lba}+{state.remaining} is past the disk's end")
+        if state.xfer in (XFER_PIO_IN, XFER_PIO_OUT) and state.remaining and not state.block:
+            raise StateCheck(state).fail("block", "a transfer of sectors in blocks of none")
+        if state.xfer == XFER_PIO_OUT and (len(state.buffer) % SECTOR or len(state.buffer) > state.block * SECTOR
+                                           or len(state.buffer) > state.remaining * SECTOR):
+            raise StateCheck(state).fail("buffer", f"{len(state.buffer)} bytes is not the block being written")
+        if state.xfer == XFER_PACKET and len(state.buffer) != ATAPI_PACKET_BYTES:
+            raise StateCheck(state).fail("buffer", f"a packet of {len(state.buffer)} bytes")
 
     def restore(self, state: IdeDriveState) -> None:
         for name in ("status", "error", "mult_sectors", "write_cache", "pio_mode", "dma_mode", "xfer", "pos",
@@ -804,6 +811,8 @@ class IdeController(Restorable):
             kind, mode = value >> 3, value & 7
             if kind in (0, 1) and (kind == 0 or mode <= 4):
                 drive.pio_mode = mode if kind == 1 else drive.pio_mode
+            elif kind == 2 and mode <= 2:
+                drive.dma_mode = 0x10 | mode
             elif kind == 4 and mode <= 2:
                 drive.dma_mode = 0x20 | mode
             elif kind == 8 and mode <= 5:
@@ -835,7 +844,7 @@ class IdeController(Restorable):
         if drive.mult_sectors:
             w[59] = 0x100 | drive.mult_sectors
         w[60], w[61] = lba28 & 0xFFFF, lba28 >> 16
-        w[62] = 0x07
+        w[62] = 0x07 | (1 << (8 + (drive.dma_mode & 7)) if drive.dma_mode & 0x10 else 0)
         w[63] = 0x07 | (1 << (8 + (drive.dma_mode & 7)) if drive.dma_mode & 0x20 else 0)
         w[64] = 0x03                    # PIO 3 and 4
         w[65] = w[66] = w[67] = w[68] = 120
