@@ -124,7 +124,7 @@ DISK_MEDIA = ("disk", "cdrom")
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "boot", "boot_menu"}
-DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -271,6 +271,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                 disk.interface, disk.readonly = "ide", True
         if "interface" in d:
             disk.interface = _choice(d["interface"], DISK_INTERFACES, f"{where} key 'interface'")
+        if "index" in d:
+            disk.index = _expect(d["index"], int, f"{where} key 'index'", "an IDE position 0-3")
         check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):

@@ -861,3 +861,19 @@ def test_piix3_state_round_trip(disk_path, iso_path, config_writes, traffic):
     finally:
         for r in rigs:
             r.close()
+
+
+def test_toml_disks_on_ide():
+    from kvmpy.config import config_from_dict
+    cfg = config_from_dict({"kernel": "k", "disk": [{"path": "/a.img", "interface": "ide", "index": 1},
+                                                    {"path": "/c.iso", "media": "cdrom"}]}, "vm.toml")
+    positions = ide_positions(cfg.disks)
+    assert positions[1] is cfg.disks[0] and positions[0] is cfg.disks[1] and list(positions) == [0, 1]
+    for disk, message in [({"path": "/a.img", "interface": "ide", "index": 5}, "index must be 0-3"),
+                          ({"path": "/a.img", "interface": "ide", "index": "1"}, "key 'index': expected"),
+                          ({"path": "/a.img", "index": 1}, "index must be 0-3 on an IDE disk")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"kernel": "k", "disk": [disk]}, "vm.toml")
+    with pytest.raises(ConfigError, match="two IDE disks at index 1"):
+        config_from_dict({"kernel": "k", "disk": [{"path": "/a", "interface": "ide", "index": 1},
+                                                  {"path": "/b", "interface": "ide", "index": 1}]}, "vm.toml")
