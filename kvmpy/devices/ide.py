@@ -292,9 +292,11 @@ class IdeDrive:
         self.pio_mode = 4
         self.dma_mode = 0
         self.reset_device()
+        self.status = DRDY | DSC    # a packet device too, at power-on (as QEMU's)
 
     def reset_device(self) -> None:
-        """What SRST, DEVICE RESET and a system reset leave: no command, diagnostics passed."""
+        """What SRST and DEVICE RESET leave: no command, diagnostics passed; a packet
+        device is not ready (DRDY clear) until its driver has looked at it."""
         self.status = 0 if self.is_atapi else DRDY | DSC
         self.error = 0x01
         self.cancel()

@@ -217,12 +217,24 @@ int guest_main(const struct hvm_start_info *si)
         inb(PRI_CTL);
     outb(PRI_CTL, 0x02);
     outb(SEC_CTL, 0x02);
-    outb(PRI + 6, 0xa0);
+    /* the reset may end some time after SRST goes low (QEMU finishes it later): BSY
+     * clear first, then the master selected and ready */
     if (wait_ready(PRI) < 0)
-        return fail("primary master stays busy");
+        return fail("primary channel stays busy after the reset");
+    /* selecting again until it takes: a device ignores the write while the one
+     * selected before is busy (QEMU's absent slave can be, for a moment) */
+    int ready = 0;
+    for (long i = 0; i < 50000000 && !ready; i++) {
+        outb(PRI + 6, 0xa0);
+        ready = (inb(PRI + 7) & (ST_BSY | ST_DRDY)) == ST_DRDY;
+    }
+    if (!ready)
+        return fail("primary master not ready");
     outb(PRI + 7, 0xec);
-    if (pio_in(PRI, buf, 1, 512) < 0)
+    if (pio_in(PRI, buf, 1, 512) < 0) {
+        printf("ide: status 0x%02x error 0x%02x\n", inb(PRI + 7), inb(PRI + 1));
         return fail("IDENTIFY DEVICE");
+    }
     const uint16_t *id = (const uint16_t *)buf;
     char model[41];
     for (int i = 0; i < 20; i++) {
@@ -292,15 +304,21 @@ int guest_main(const struct hvm_start_info *si)
     printf("ide: wrote lba %lu (pio) and %lu (dma), flushed\n", wlba, wlba + 1);
 
     /* The CD-ROM, secondary master */
-    outb(SEC + 6, 0xa0);
     if (wait_ready(SEC) < 0)
-        return fail("secondary master stays busy");
+        return fail("secondary channel stays busy after the reset");
+    int selected = 0;
+    for (long i = 0; i < 50000000 && !selected; i++) {
+        outb(SEC + 6, 0xa0);
+        selected = !(inb(SEC + 7) & ST_BSY) && (inb(SEC + 6) & 0x10) == 0;
+    }
+    if (!selected)
+        return fail("secondary master cannot be selected");
     if (inb(SEC + 4) != 0x14 || inb(SEC + 5) != 0xeb)
         return fail("no ATAPI signature on the secondary master");
     puts("ide: cdrom signature ok");
     uint8_t cdb[12];
     uint32_t got = 0;
-    int ready = 0;
+    ready = 0;
     for (int tries = 0; tries < 4 && !ready; tries++) {
         memset(cdb, 0, 12);                       /* TEST UNIT READY: a unit attention first is fine */
         ready = packet(cdb, buf, 0, &got, 0) == 0;
