@@ -645,7 +645,7 @@ def test_the_pc_attaches_ide_disks(tmp_path, disk_path, iso_path):
 
 # --- hostile traffic --------------------------------------------------------------------------
 
-HOSTILE = settings(max_examples=1000 if FUZZ else 150, deadline=None,
+HOSTILE = settings(max_examples=1000 if FUZZ else 75, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 commands = st.sampled_from([0xEC, 0xA1, 0xA0, 0x20, 0x24, 0x29, 0x30, 0x34, 0x39, 0xC4, 0xC5, 0xC6, 0xC8, 0xCA,
