@@ -446,9 +446,13 @@ class IdeController(Restorable):
 
     def reset(self) -> None:
         with self.lock:
+            # a system reset drops the requests a "stop" kept, and with them the error
             self._kept.clear()
             for ch in self.channels:
                 ch.power_on()
+                for drive in ch.drives:
+                    if drive is not None:
+                        drive.io_status = "ok"
                 self._update_line(ch)
 
     def state(self) -> IdeControllerState:
