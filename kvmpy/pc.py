@@ -304,7 +304,8 @@ def describe_ide(placed: PlacedDevice) -> list[dict]:
         cdrom = disk.media == "cdrom"
         row = {"device": ide_device_name(position, disk), "qdev": ide_boot_path(position),
                "locked": bool(cdrom and drive.atapi.locked), "removable": cdrom, "type": "unknown",
-               "tray_open": driver is None, "io-status": drive.io_status}
+               "tray_open": bool(cdrom and (driver is None or drive.atapi.tray_open)),
+               "io-status": drive.io_status}
         if driver is not None:
             row["inserted"] = {"file": disk.path, "node-name": ide_node_name(position), "drv": driver.format,
                                "ro": bool(driver.read_only or disk.readonly), "encrypted": False,

@@ -877,3 +877,20 @@ def test_toml_disks_on_ide():
     with pytest.raises(ConfigError, match="two IDE disks at index 1"):
         config_from_dict({"kernel": "k", "disk": [{"path": "/a", "interface": "ide", "index": 1},
                                                   {"path": "/b", "interface": "ide", "index": 1}]}, "vm.toml")
+
+
+def test_the_guest_ejects_and_loads(rig):
+    host = rig.hosts[1]
+    host.select(0)
+    atapi = rig.controller.drive(2).atapi
+    st, _ = host.packet(b"\x1B\0\0\0\x02")              # START STOP UNIT: eject
+    assert not st & ERR and atapi.tray_open
+    st, _ = host.packet(b"\x00")
+    assert st & ERR
+    st, data = host.packet(b"\x03\0\0\0\x12")
+    assert (data[2], data[12], data[13]) == (0x02, 0x3A, 0x02), "not ready: medium not present, tray open"
+    st, ev = host.packet(b"\x4A\x01\0\0\x10\0\0\0\x08")
+    assert ev[4] == 3 and ev[5] == 3, "media removal; a disc in the open tray"
+    st, _ = host.packet(b"\x1B\0\0\0\x03")              # load
+    st, _ = host.packet(b"\x00")
+    assert not st & ERR and not atapi.tray_open

@@ -99,13 +99,14 @@ class AtapiState:
     unit_attention: bool    # a medium change the host has not been told of
     media_event: bool       # a new-medium event GET EVENT STATUS has not reported
     locked: bool            # PREVENT MEDIUM REMOVAL
+    tray_open: bool         # the guest ejected (START STOP UNIT): the disc is out of reach
 
     def validate(self) -> None:
         check = StateCheck(self)
         check.integer("sense_key", self.sense_key, 0, 0xF)
         check.integer("asc", self.asc, 0, 0xFF)
         check.integer("ascq", self.ascq, 0, 0xFF)
-        for name in ("unit_attention", "media_event", "locked"):
+        for name in ("unit_attention", "media_event", "locked", "tray_open"):
             check.flag(name, getattr(self, name))
 
 
@@ -138,29 +139,37 @@ class AtapiCdrom:
         self.unit_attention = False
         self.media_event = medium is not None
         self.locked = False
+        self.tray_open = False
 
     # the disc ----------------------------------------------------------------------
 
     @property
+    def present(self) -> bool:
+        """A disc the drive can read: in it, with the tray closed."""
+        return self.medium is not None and not self.tray_open
+
+    @property
     def sectors(self) -> int:
-        return self.medium.size // CD_SECTOR if self.medium is not None else 0
+        return self.medium.size // CD_SECTOR if self.present else 0
 
     def change_medium(self, medium) -> None:
         """A disc inserted or taken out (the monitor's change/eject): the host is
         told by a unit attention on its next command, as a real drive does."""
         self.medium = medium
+        self.tray_open = medium is None     # an eject leaves the tray open; a change closes it
         self.unit_attention = True
         self.media_event = True
 
     def reset(self) -> None:
         self.sense = (NO_SENSE, 0, 0)
         self.locked = False
+        self.tray_open = False      # as QEMU's reset closes it
 
     # saved state -------------------------------------------------------------------
 
     def state(self) -> AtapiState:
         return AtapiState(*self.sense, unit_attention=self.unit_attention, media_event=self.media_event,
-                          locked=self.locked)
+                          locked=self.locked, tray_open=self.tray_open)
 
     def restore(self, state: AtapiState) -> None:
         state = checked(state, AtapiState)
@@ -168,6 +177,7 @@ class AtapiCdrom:
         self.unit_attention = state.unit_attention
         self.media_event = state.media_event
         self.locked = state.locked
+        self.tray_open = state.tray_open
 
     # commands ----------------------------------------------------------------------
 
@@ -183,8 +193,9 @@ class AtapiCdrom:
             if self.unit_attention and opcode not in _PASS_UNIT_ATTENTION:
                 self.unit_attention = False
                 raise CheckCondition(UNIT_ATTENTION, ASC_MEDIUM_MAY_HAVE_CHANGED)
-            if self.medium is None and opcode not in _NO_MEDIUM_NEEDED:
-                raise CheckCondition(NOT_READY, ASC_MEDIUM_NOT_PRESENT)
+            if not self.present and opcode not in _NO_MEDIUM_NEEDED:
+                # ASCQ 2: tray open, 1: tray closed (SPC-3 annex D)
+                raise CheckCondition(NOT_READY, ASC_MEDIUM_NOT_PRESENT, 2 if self.tray_open else 1)
             handler = _HANDLERS.get(opcode)
             if handler is None:
                 if opcode in WRITE_OPCODES:
@@ -272,12 +283,12 @@ class AtapiCdrom:
         if page not in pages:
             raise CheckCondition(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
         body = pages[page]
-        medium_type = 0x70 if self.medium is None else 0x01   # "door open" / 120 mm data disc
+        medium_type = 0x70 if not self.present else 0x01      # "door open" / 120 mm data disc
         data = struct.pack(">HB5x", len(body) + 6, medium_type) + body
         return AtapiReply(data[:alloc])
 
     def _profile(self) -> int:
-        if self.medium is None:
+        if not self.present:
             return PROFILE_NONE
         return PROFILE_DVD_ROM if self.sectors > CD_MAX_SECTORS else PROFILE_CD_ROM
 
@@ -307,9 +318,10 @@ class AtapiCdrom:
         if cdb[4] & media_class:
             event = 0
             if self.media_event:
-                event = 2 if self.medium is not None else 3     # new media / media removal
+                event = 2 if self.present else 3                # new media / media removal
                 self.media_event = False
-            status = 2 if self.medium is not None else 0        # media present
+            # media present, tray open
+            status = (2 if self.medium is not None else 0) | (1 if self.tray_open else 0)
             data = struct.pack(">HBB", 6, 4, media_class) + bytes((event, status, 0, 0))
         else:       # no event of the classes asked for
             data = struct.pack(">HBB", 2, 0x80, media_class)
@@ -332,8 +344,14 @@ class AtapiCdrom:
 
     def _start_stop_unit(self, cdb: bytes) -> AtapiReply:
         load_eject, start = cdb[4] & 2, cdb[4] & 1
-        if load_eject and not start and self.locked:
-            raise CheckCondition(ILLEGAL_REQUEST, ASC_MEDIUM_REMOVAL_PREVENTED, 2)
+        if load_eject and not start:
+            if self.locked:
+                raise CheckCondition(ILLEGAL_REQUEST, ASC_MEDIUM_REMOVAL_PREVENTED, 2)
+            self.tray_open = True       # the disc stays in the tray, out of reach
+            self.media_event = True
+        elif load_eject and start and self.tray_open:
+            self.tray_open = False
+            self.media_event = True
         return AtapiReply()
 
     def _prevent_allow(self, cdb: bytes) -> AtapiReply:
