@@ -115,3 +115,111 @@ def test_ide_guest_same_as_qemu(tmp_path):
         outputs.append([line.replace("QEMU HARDDISK", "KVMPY HARDDISK") for line in guest_lines(out)])
     assert outputs[0] == outputs[1]
     assert outputs[1][-1] == "guest: done"
+
+
+# The disk image on a small tmpfs filled up by a filler file, in a mount namespace of
+# the VM's own; the filler is deleted through /proc/PID/root to free the space, and
+# the image is copied out for checking once the VM has exited.
+FULL_DISK = r"""
+set -e
+mnt=$1 image=$2 out=$3
+shift 3
+mount -t tmpfs -o size=4M kvmpy-ide-ioerr "$mnt"
+cp "$image" "$mnt/d.qcow2"
+dd if=/dev/zero of="$mnt/filler" bs=4k 2>/dev/null || true
+st=0
+"$@" || st=$?
+cp "$mnt/d.qcow2" "$out"
+exit $st
+"""
+
+
+def test_werror_stop_pauses_and_cont_completes_the_ide_write(tmp_path):
+    """A write that finds the host disk full (ENOSPC) with werror=stop: BLOCK_IO_ERROR
+    names ide0-hd0, the VM pauses in io-error with the drive busy, and `cont` after
+    space was freed completes the write, which lands in the image."""
+    import signal
+    import sys
+    import time
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from conftest import ROOT
+    if KVM_SKIP_REASON:
+        pytest.skip(KVM_SKIP_REASON)
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the full disk is a tmpfs mounted in a private mount namespace")
+    qemu_img = tool_required("qemu-img")
+    tool_required("unshare")
+    pattern = tmp_path / "pattern.raw"
+    make_disk(pattern)
+    image = tmp_path / "src.qcow2"
+    subprocess.run([qemu_img, "convert", "-q", "-O", "qcow2", str(pattern), str(image)], check=True)
+    subprocess.run([qemu_img, "resize", "-q", str(image), "16M"], check=True)
+    iso = make_iso(tmp_path)
+    wlba = 8192         # past the pattern: the write needs a new cluster, and the disk is full
+    mnt, out, qmp_path = tmp_path / "mnt", tmp_path / "after.qcow2", tmp_path / "vm.qmp"
+    mnt.mkdir()
+    cmd = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--kernel", guest_path("ide"),
+           "--append", f"lba={READ_LBA} wlba={wlba} waitkey=1", "--qmp", f"unix:{qmp_path}",
+           "--drive", f"file={mnt}/d.qcow2,format=qcow2,if=ide,index=0,werror=stop",
+           "--drive", f"file={iso},format=raw,media=cdrom,index=2"]
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", FULL_DISK, "sh", str(mnt),
+                             str(image), str(out), *cmd], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    output = b""
+
+    def read_until(needle: bytes, timeout: float = 60) -> None:
+        nonlocal output
+        deadline = time.monotonic() + timeout
+        while needle not in output and time.monotonic() < deadline:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            output += chunk
+        assert needle in output, output.decode(errors="replace") + proc.stderr.read().decode()
+
+    qmp = None
+    try:
+        read_until(b"ide: waiting for a key")
+        qmp = QEMUMonitorProtocol(str(qmp_path))
+        qmp.connect()
+
+        def event(name: str, timeout: float = 30) -> dict:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for e in qmp.get_events(wait=max(0.1, deadline - time.monotonic())):
+                    if e["event"] == name:
+                        return e
+            raise AssertionError(f"no {name} event within {timeout} s")
+        proc.stdin.write(b"g")
+        proc.stdin.flush()
+        e = event("BLOCK_IO_ERROR")
+        assert e["data"] == {"device": "ide0-hd0", "node-name": "#ide0", "operation": "write", "action": "stop",
+                             "nospace": True, "reason": "No space left on device"}
+        event("STOP")
+        assert qmp.cmd("query-status")["status"] == "io-error"
+        disk = next(b for b in qmp.cmd("query-block") if b["device"] == "ide0-hd0")
+        assert disk["io-status"] == "nospace"
+        assert b"ide: wrote" not in output
+        os.unlink(f"/proc/{proc.pid}/root{mnt}/filler")
+        qmp.cmd("cont")
+        event("RESUME")
+        read_until(b"guest: ")
+        assert proc.wait(60) == 0, output.decode(errors="replace") + proc.stderr.read().decode()
+        output += proc.stdout.read()
+        assert f"ide: wrote lba {wlba} (pio) and {wlba + 1} (dma), flushed".encode() in output
+        assert b"guest: done" in output
+    finally:
+        if qmp is not None:
+            try:
+                qmp.close()
+            except Exception:     # after the VM's exit the socket is gone
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    raw = tmp_path / "after.raw"
+    subprocess.run([qemu_img, "convert", "-O", "raw", str(out), str(raw)], check=True)
+    with open(raw, "rb") as f:
+        f.seek(wlba * 512)
+        assert f.read(1024) == written_sectors()

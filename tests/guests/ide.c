@@ -6,7 +6,8 @@
  * commands, all polled (nIEN set), at the legacy ports of compatibility mode.
  *
  * The disk holds the host's pattern: byte j of sector i is disk_byte(i, j).
- * cmdline: lba=N (8) where the reads start, wlba=N (100) where the writes go.
+ * cmdline: lba=N (8) where the reads start, wlba=N (100) where the writes go,
+ * waitkey=1 waits for a byte on COM1 before the writes.
  * Prints:
  *   ide: found at 00:SS.F bmdma 0xPPPP
  *   ide: disk "MODEL" sectors N lba48 1
@@ -61,9 +62,13 @@ static int fail(const char *what)
 }
 
 /* Waits for BSY to clear (a bounded number of polls); returns the status or -1. */
+/* Polls before a wait gives up; a test that pauses the VM on a write error asks
+ * for more (waitkey=1): the drive stays busy until the monitor's cont. */
+static long patience = 50000000;
+
 static int wait_ready(uint16_t base)
 {
-    for (long i = 0; i < 50000000; i++) {
+    for (long i = 0; i < patience; i++) {
         uint8_t st = inb(base + 7);
         if (!(st & ST_BSY))
             return st;
@@ -115,7 +120,7 @@ static int pio_in(uint16_t base, uint8_t *p, int blocks, int block_bytes)
  * and with nIEN set the interrupt bit stays clear). */
 static int wait_dma(uint16_t bm)
 {
-    for (long i = 0; i < 50000000; i++) {
+    for (long i = 0; i < patience; i++) {
         uint8_t bst = inb(bm + 2);
         if (!(bst & 0x01) || (bst & 0x02))
             return bst;
@@ -280,6 +285,12 @@ int guest_main(const struct hvm_start_info *si)
         return fail("dma read");
     printf("ide: dma read lba %lu ok\n", lba + 3);
 
+    if (cmdline_get_u64("waitkey", 0)) {      /* a test sets up its monitor first */
+        puts("ide: waiting for a key");
+        while (serial_getc_nowait() < 0)
+            cpu_relax();
+        patience *= 20;
+    }
     /* WRITE SECTORS (PIO) at wlba, WRITE DMA at wlba+1, FLUSH CACHE EXT */
     for (uint32_t j = 0; j < 1024; j++)
         dmabuf[j] = (uint8_t)(0x5a ^ j ^ (j >> 8));
