@@ -894,3 +894,21 @@ def test_the_guest_ejects_and_loads(rig):
     st, _ = host.packet(b"\x1B\0\0\0\x03")              # load
     st, _ = host.packet(b"\x00")
     assert not st & ERR and not atapi.tray_open
+
+
+def test_a_cdrom_image_may_be_qcow2(tmp_path, iso_path):
+    import subprocess
+    from conftest import tool_required
+    qemu_img = tool_required("qemu-img")
+    qcow2 = tmp_path / "cd.qcow2"
+    subprocess.run([qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", iso_path, str(qcow2)], check=True)
+    r = Rig({2: IdeDrive(open_image(str(qcow2), read_only=True), media="cdrom")})
+    try:
+        host = r.hosts[1]
+        host.select(0)
+        st, data = host.packet(b"\x25")
+        assert struct.unpack(">II", data) == (CD_SECTORS - 1, CD_SECTOR)
+        st, data = host.packet(struct.pack(">BBIBH3x", 0x28, 0, 11, 0, 2))
+        assert data == cd_pattern(11) + cd_pattern(12)
+    finally:
+        r.close()
