@@ -189,8 +189,13 @@ def test_pio_write_then_flush_is_on_disk(rig, disk_path):
     host.command(0x30)
     assert host.status() & DRQ and rig.irqs[0].raised == 0, "the first block is asked for without an interrupt"
     host.write_pio(data, 4)
+    drive = rig.controller.drive(0)
+    synced = []
+    real_flush = drive.backend.flush
+    drive.backend.flush = lambda: (synced.append(1), real_flush())
     host.command(0xE7)
     assert host.status() == DRDY | 0x10
+    assert synced == [1], "FLUSH CACHE reaches the image's flush (fsync)"
     with open(disk_path, "rb") as f:
         f.seek(9 * 512)
         assert f.read(1024) == data
