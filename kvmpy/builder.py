@@ -60,7 +60,7 @@ class DeviceEntry:
     options: Mapping[str, Any] = field(default_factory=dict)
     backend: BackendOpener | None = None
     query: str = ""
-    describe: Callable[["PlacedDevice"], dict] | None = None
+    describe: Callable[["PlacedDevice"], dict | list[dict]] | None = None
 
     def __post_init__(self) -> None:
         if self.bus not in BUS_KINDS:
@@ -139,9 +139,14 @@ class MachineDevices:
             device.reset()
 
     def query(self, kind: str) -> list[dict]:
-        """What the entries answering monitor query ``kind`` ("block", "net") report."""
-        return [p.entry.describe(p) for p in self.placed
-                if p.entry.query == kind and p.entry.describe is not None]
+        """What the entries answering monitor query ``kind`` ("block", "net") report; an
+        entry with several (the IDE controller's drives) describes them as a list."""
+        rows: list[dict] = []
+        for p in self.placed:
+            if p.entry.query == kind and p.entry.describe is not None:
+                row = p.entry.describe(p)
+                rows.extend(row if isinstance(row, list) else [row])
+        return rows
 
 
 def check_table(entries: Iterable[DeviceEntry]) -> None:

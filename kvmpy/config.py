@@ -124,7 +124,7 @@ DISK_MEDIA = ("disk", "cdrom")
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "boot", "boot_menu"}
-DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -271,6 +271,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                 disk.interface, disk.readonly = "ide", True
         if "interface" in d:
             disk.interface = _choice(d["interface"], DISK_INTERFACES, f"{where} key 'interface'")
+        if "index" in d:
+            disk.index = _expect(d["index"], int, f"{where} key 'index'", "an IDE position 0-3")
         check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
@@ -385,7 +387,7 @@ def parse_drive(spec: str) -> DiskConfig:
         opts[k] = v
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
-    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror"}
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -399,8 +401,28 @@ def parse_drive(spec: str) -> DiskConfig:
     serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
     policies = {key: check_error_policy(opts[key], key, f"--drive {spec}: {key}")
                 for key in ("werror", "rerror") if key in opts}
-    return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
+    disk = DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
+    parse_drive_placement(disk, opts, f"--drive {spec}")
+    return disk
+
+
+def parse_drive_placement(disk: DiskConfig, opts: dict[str, str], where: str) -> None:
+    """QEMU's if=ide|virtio, media=disk|cdrom and index=N of a -drive: media=cdrom is an
+    IDE CD-ROM, read-only, and without if= a drive with an index is IDE, as on QEMU's pc."""
+    if "media" in opts:
+        disk.media = _choice(opts["media"], DISK_MEDIA, f"{where}: media")
+        if disk.media == "cdrom":
+            disk.interface, disk.readonly = "ide", True
+    if "index" in opts:
+        if not opts["index"].isdigit():
+            raise ConfigError(f"{where}: index must be a number 0-3, got {opts['index']!r}")
+        disk.index = int(opts["index"])
+        if "if" not in opts:
+            disk.interface = "ide"
+    if "if" in opts:
+        disk.interface = _choice(opts["if"], DISK_INTERFACES, f"{where}: if")
+    check_disk(disk, where)
 
 
 def parse_netdev(spec: str) -> NetConfig:

@@ -32,7 +32,8 @@ from .errors import ConfigError, HostError
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
-from .pc import ACPI_PM, pc_devices, write_acpi_tables
+from .monitor.control import ControlError
+from .pc import ACPI_PM, MediaError, RemovableMedia, pc_devices, write_acpi_tables
 
 if TYPE_CHECKING:  # pragma: no cover - neither imports this module
     from .hv.protocol import Vcpu
@@ -399,6 +400,18 @@ class Machine:
 
     def network_devices(self) -> list[dict]:
         return self.devices.query("net")
+
+    def eject(self, device: str, force: bool = False) -> None:
+        try:
+            RemovableMedia(self.devices).eject(device, force)
+        except MediaError as e:
+            raise ControlError(str(e)) from None
+
+    def change_medium(self, device: str, filename: str, format: str | None = None) -> None:
+        try:
+            RemovableMedia(self.devices).change(device, filename, format)
+        except MediaError as e:
+            raise ControlError(str(e)) from None
 
     def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
         self._listeners.append(callback)

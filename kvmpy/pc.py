@@ -11,7 +11,10 @@
     system-control-a  pio  0x92                              fast A20 / reset
     acpi-pm           pio  0x600-0x63f                    9  ACPI PM1 / timer / GPE0 (SCI)
     pci-config        pio  0xcf8-0xcff                       PCI config #1 + 0xcf9 reset
-    virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured disk
+    ide               pio  0x1f0-0x1f7, 0x3f6              14  IDE primary channel (compatibility mode)
+                           0x170-0x177, 0x376              15  IDE secondary channel
+    piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
+    virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured virtio disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
 
 Not in the table: what the accelerator models itself (KVM's in-kernel or the
@@ -21,6 +24,7 @@ the device modules' own constants, which the ACPI tables read too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from .boot import layout
@@ -117,8 +121,11 @@ def make_pci_config_ports(ctx: DeviceContext) -> ConfigPortsWithResetControl:
 
 # --- disks and NICs ----------------------------------------------------------------------
 def open_disk_image(ctx: DeviceContext):
+    return open_configured_image(ctx.options["disk"])
+
+
+def open_configured_image(disk: DiskConfig):
     from .block import open_image
-    disk: DiskConfig = ctx.options["disk"]
     driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True)
     if disk.format is None:
         # QEMU's warning: after the open, so that a refused image is one line.
@@ -203,6 +210,175 @@ def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
                        backend=open_tap, query="net", describe=describe_nic)
 
 
+# --- the IDE controller (PIIX3) --------------------------------------------------------
+def ide_positions(disks: list[DiskConfig]) -> dict[int, DiskConfig]:
+    """Where each IDE disk and CD-ROM sits, 0 primary master .. 3 secondary slave: its
+    index if given (QEMU's -hda=0 .. -hdd=3, -cdrom=2), else the first free position."""
+    ide = [d for d in disks if d.interface == "ide"]
+    placed = {d.index: d for d in ide if d.index is not None}
+    for disk in ide:
+        if disk.index is None:
+            free = next((p for p in range(4) if p not in placed), None)
+            if free is None:
+                raise ConfigError(f"disk {disk.path}: no free IDE position (at most 4 devices)")
+            placed[free] = disk
+    return dict(sorted(placed.items()))
+
+
+def ide_device_name(position: int, disk: DiskConfig) -> str:
+    """QEMU's name for an IDE drive in query-block and BLOCK_IO_ERROR: ide0-hd0, ide1-cd0."""
+    return f"ide{position // 2}-{'cd' if disk.media == 'cdrom' else 'hd'}{position % 2}"
+
+
+def ide_node_name(position: int) -> str:
+    return f"#ide{position}"
+
+
+class IdeImages:
+    """The open images of the IDE drives, by position; closed together."""
+
+    def __init__(self, drivers: dict) -> None:
+        self.drivers = drivers
+
+    def close(self) -> None:
+        for driver in self.drivers.values():
+            driver.close()
+
+
+def open_ide_images(ctx: DeviceContext) -> IdeImages:
+    drivers: dict = {}
+    try:
+        for position, disk in ctx.options["drives"].items():
+            drivers[position] = open_configured_image(disk)
+    except BaseException:
+        IdeImages(drivers).close()
+        raise
+    return IdeImages(drivers)
+
+
+class BlockErrorsOnLoop:
+    """A device that does its I/O on a vCPU thread reports errors through this:
+    BlockErrors are to be called on the event loop thread."""
+
+    def __init__(self, errors, events) -> None:
+        self.errors, self.events = errors, events
+
+    def io_error(self, device: str, node_name: str, operation: str, action: str, nospace: bool,
+                 reason: str, retry=None) -> None:
+        self.events.call_soon(lambda: self.errors.io_error(device, node_name, operation, action, nospace,
+                                                           reason, retry=retry))
+
+
+def make_ide(ctx: DeviceContext):
+    """The IDE controller with its drives, at its legacy ports; the PIIX3 entry after
+    it puts the same controller on PCI (``options["shared"]`` carries it across)."""
+    from .devices.ide import IdeController, IdeDrive, IdeLegacyPorts
+    images: IdeImages = ctx.backend
+    drives = {}
+    for position, disk in ctx.options["drives"].items():
+        drives[position] = IdeDrive(images.drivers[position], media=disk.media, read_only=disk.readonly,
+                                    serial=disk.serial or f"QM0000{position + 1}", werror=disk.werror,
+                                    rerror=disk.rerror, device=ide_device_name(position, disk),
+                                    node_name=ide_node_name(position))
+    errors = BlockErrorsOnLoop(ctx.block_errors, ctx.events) if ctx.block_errors is not None else None
+    primary, _, secondary, _ = ctx.slots
+    controller = IdeController(ctx.memory, (ctx.irq_line(primary.irq), ctx.irq_line(secondary.irq)),
+                               drives, errors=errors, name=ctx.name)
+    ctx.options["shared"]["controller"] = controller
+    return IdeLegacyPorts(controller)
+
+
+def make_piix3(ctx: DeviceContext):
+    from .devices.pci.piix import Piix3
+    return Piix3(ctx.options["shared"]["controller"], set_isa_irq=ctx.platform.set_irq_level)
+
+
+def describe_ide(placed: PlacedDevice) -> list[dict]:
+    """query-block's entries for the IDE drives."""
+    from .devices.pci.piix import ide_boot_path
+    rows = []
+    controller = placed.device.controller
+    for position, disk in placed.entry.options["drives"].items():
+        driver = placed.backend.drivers.get(position)
+        drive = controller.drive(position)
+        cdrom = disk.media == "cdrom"
+        row = {"device": ide_device_name(position, disk), "qdev": ide_boot_path(position),
+               "locked": bool(cdrom and drive.atapi.locked), "removable": cdrom, "type": "unknown",
+               "tray_open": bool(cdrom and (driver is None or drive.atapi.tray_open)),
+               "io-status": drive.io_status}
+        if driver is not None:
+            row["inserted"] = {"file": disk.path, "node-name": ide_node_name(position), "drv": driver.format,
+                               "ro": bool(driver.read_only or disk.readonly), "encrypted": False,
+                               "backing_file_depth": 0, "image": {
+                                   "filename": disk.path, "format": driver.format, "virtual-size": driver.size}}
+        rows.append(row)
+    return rows
+
+
+class MediaError(Exception):
+    """A monitor's eject/change the drives cannot do (QEMU's message)."""
+
+
+class RemovableMedia:
+    """The monitor's eject and change (blockdev-change-medium) on the IDE CD-ROMs,
+    by QEMU's device names ("ide1-cd0")."""
+
+    def __init__(self, devices: MachineDevices) -> None:
+        placed = next(p for p in devices.placed if p.entry.name == "ide")
+        self.controller = placed.device.controller
+        self.images: IdeImages = placed.backend
+        self.disks: dict[int, DiskConfig] = placed.entry.options["drives"]
+
+    def _cdrom(self, device: str) -> int:
+        for position, disk in self.disks.items():
+            if ide_device_name(position, disk) == device:
+                if disk.media != "cdrom":
+                    raise MediaError(f"Device '{device}' is not removable")
+                return position
+        raise MediaError(f"Device '{device}' not found")
+
+    def eject(self, device: str, force: bool = False) -> None:
+        position = self._cdrom(device)
+        drive = self.controller.drive(position)
+        if drive.atapi.locked and not force:
+            raise MediaError(f"Device '{device}' is locked and force was not specified, "
+                             "wait for tray to open and try again")
+        self._swap(position, None)
+
+    def change(self, device: str, filename: str, format: str | None = None) -> None:
+        from .block import open_image
+        from .errors import ImageError
+        position = self._cdrom(device)
+        if format not in (None, "raw", "qcow2"):
+            raise MediaError(f"Unknown driver '{format}'")
+        try:
+            driver = open_image(filename, format, read_only=True)
+        except (ImageError, OSError) as e:
+            raise MediaError(f"Could not open '{filename}': {e}") from None
+        self._swap(position, driver)
+        self.disks[position] = dataclasses.replace(self.disks[position], path=filename, format=driver.format)
+
+    def _swap(self, position: int, driver) -> None:
+        old = self.controller.change_medium(position, driver)
+        if driver is None:
+            self.images.drivers.pop(position, None)
+        else:
+            self.images.drivers[position] = driver
+        if old is not None:
+            old.close()
+
+
+def ide_entries(cfg: VmConfig) -> list[DeviceEntry]:
+    """The IDE controller (its legacy ports, with the drives) and the PIIX3 that puts
+    it on PCI; there on every PC, with or without drives, as on QEMU's."""
+    from .devices.ide import LEGACY_SLOTS
+    shared: dict = {}
+    return [DeviceEntry("ide", "pio", make_ide, LEGACY_SLOTS,
+                        options={"drives": ide_positions(cfg.disks), "shared": shared},
+                        backend=open_ide_images, query="block", describe=describe_ide),
+            DeviceEntry("piix3", "pci", make_piix3, options={"shared": shared})]
+
+
 # --- the table ---------------------------------------------------------------------------
 PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry(SERIAL, "pio", make_com1, (COM1,)),
@@ -219,14 +395,12 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 
 
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
-    """The PC's fixed devices, a virtio-blk per disk, a virtio-net per NIC, then the
-    user's plug-in devices ([[device]], --device; kvmpy.plugins)."""
-    for disk in cfg.disks:
-        if disk.interface != "virtio":
-            raise ConfigError(f"{cfg.source}: disk {disk.path}: interface {disk.interface!r} is not "
-                              "available yet (only virtio)")
-    return [*PC_DEVICES,
-            *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
+    """The PC's fixed devices, the PIIX3 with the IDE disks and CD-ROMs, a virtio-blk per
+    virtio disk, a virtio-net per NIC, then the user's plug-in devices ([[device]],
+    --device; kvmpy.plugins)."""
+    virtio_disks = [disk for disk in cfg.disks if disk.interface == "virtio"]
+    return [*PC_DEVICES, *ide_entries(cfg),
+            *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 

@@ -90,8 +90,12 @@ def entry_named(name: str) -> DeviceEntry:
 
 def test_every_entry_is_placed_once_where_the_table_says(pc):
     names = [p.entry.name for p in pc.devices.placed]
-    assert names == [e.name for e in PC_DEVICES] and len(set(names)) == len(names)
+    # the IDE controller is on every PC: its legacy ports, then the PIIX3 at 00:01
+    assert names == [e.name for e in PC_DEVICES] + ["ide", "piix3"] and len(set(names)) == len(names)
     for placed in pc.devices.placed:
+        if placed.entry.bus == "pci":
+            assert placed.pci_slot == 1
+            continue
         bus = {"pio": pc.pio, "mmio": pc.mmio}[placed.entry.bus]
         for slot in placed.entry.slots:
             for addr in (slot.base, slot.end - 1):
@@ -152,7 +156,7 @@ def test_reset_reaches_every_resettable_device(pc):
     pc.devices.reset()
     assert pc.pio.read(com1.base + 7, 1) == 0
     assert {type(d).__name__ for d in pc.devices.resettable} == {"Serial16550", "KeyboardControllerPorts",
-                                                                "RtcCmos"}
+                                                                "RtcCmos", "IdeLegacyPorts", "Piix3"}
 
 
 # --- ACPI ---------------------------------------------------------------------------------
@@ -251,7 +255,9 @@ def test_disks_and_nics_become_entries(tmp_path):
                           DiskConfig(str(tmp_path / "b.img"), format="raw", readonly=True, serial="B")],
                    nets=[NetConfig(bridge="br0")])
     entries = pc_devices(cfg)
-    extra = entries[len(PC_DEVICES):]
+    extra = entries[len(PC_DEVICES) + 2:]      # after the IDE controller's two entries
+    assert [(e.name, e.bus, e.query) for e in entries[len(PC_DEVICES):][:2]] == [
+        ("ide", "pio", "block"), ("piix3", "pci", "")]
     assert [(e.name, e.bus, e.query) for e in extra] == [
         ("virtio-blk0", "pci", "block"), ("virtio-blk1", "pci", "block"), ("virtio-net0", "pci", "net")]
     assert extra[1].options["disk"] is cfg.disks[1] and extra[2].options["net"] is cfg.nets[0]
@@ -276,8 +282,8 @@ def test_block_and_network_info_come_from_the_entries(tmp_path):
         blocks = pc.devices.query("block")
         assert [b["device"] for b in blocks] == ["virtio0", "virtio1"]
         slots = [p.pci_slot for p in pc.devices.placed if p.entry.bus == "pci"]
-        assert slots == [1, 2, 3]
-        assert blocks[0]["qdev"] == "/machine/peripheral-anon/device[1]/virtio-backend"
+        assert slots == [1, 2, 3, 4]      # the PIIX3 first, at 00:01
+        assert blocks[0]["qdev"] == "/machine/peripheral-anon/device[2]/virtio-backend"
         assert blocks[1]["inserted"]["ro"] is True and blocks[0]["inserted"]["ro"] is False
         assert blocks[0]["inserted"]["image"]["virtual-size"] == 1 << 20
         assert pc.devices.query("net") == [{"name": "net0", "type": "tap", "ifname": "tap-test0",

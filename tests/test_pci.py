@@ -229,7 +229,7 @@ def test_random_config_writes_keep_identity(writes):
         assert m.cfg_read(slot, 0x10) & 0xF == 0x4 and m.cfg_read(slot, 0x18) & 0xF == 0
         assert m.cfg_read(slot, 0x34, 1) == 0x40
         # decoded ranges always lie inside the windows
-        for (s, bar), (addr, pio) in m.pci._mapped.items():
+        for (s, fn, bar), (addr, pio) in m.pci._mapped.items():
             win = m.pci.io_window if pio else m.pci.mmio_window
             assert win.contains(addr, dev.bars[bar].size)
     finally:

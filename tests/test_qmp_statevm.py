@@ -139,6 +139,12 @@ class StateVm:
                               "backing_file_depth": 0, "encrypted": False,
                               "cache": {"writeback": True, "direct": False, "no-flush": False}}}]
 
+    def eject(self, device: str, force: bool = False) -> None:
+        raise ControlError(f"Device '{device}' is not removable")
+
+    def change_medium(self, device: str, filename: str, format: str | None = None) -> None:
+        raise ControlError(f"Device '{device}' is not removable")
+
     def network_devices(self) -> list[dict]:
         return [{"name": "net0", "type": "tap", "ifname": "tap-toy0", "mac": "52:54:00:12:34:56",
                  "bridge": "br0"}]

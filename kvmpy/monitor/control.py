@@ -75,6 +75,16 @@ class VmControl(Protocol):
     def block_devices(self) -> list[dict]:
         """query-block shaped dicts."""
 
+    def eject(self, device: str, force: bool = False) -> None:
+        """Take the disc out of removable drive ``device`` ("ide1-cd0"), as QEMU's
+        eject. ControlError for an unknown or fixed drive, or one the guest locked
+        (unless ``force``)."""
+
+    def change_medium(self, device: str, filename: str, format: str | None = None) -> None:
+        """Put image ``filename`` (read-only; format probed when None) into removable
+        drive ``device``: blockdev-change-medium, HMP change. ControlError naming
+        what is wrong."""
+
     def network_devices(self) -> list[dict]:
         """[{"name", "type", "ifname", "mac", "bridge"}]"""
 

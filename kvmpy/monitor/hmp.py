@@ -128,7 +128,9 @@ class Hmp:
 
     # name -> (aliases, args synopsis, help)
     COMMANDS = {
+        "change": ((), "device filename [format]", "change a removable medium"),
         "cont": (("c",), "", "resume emulation"),
+        "eject": ((), "[-f] device", "eject a removable medium (use -f to force it)"),
         "help": (("?",), "[cmd]", "show the help"),
         "info": ((), "[subcommand]", "show various information about the system state"),
         "quit": (("q",), "", "quit the emulator"),
@@ -144,6 +146,7 @@ class Hmp:
         self.defer_quit = defer_quit
         self.quit_requested = False
         self._handlers: dict[str, Callable[[list[str]], str]] = {
+            "change": self._cmd_change, "eject": self._cmd_eject,
             "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
             "stop": self._cmd_stop, "system_powerdown": self._cmd_system_powerdown,
             "system_reset": self._cmd_system_reset,
@@ -185,6 +188,20 @@ class Hmp:
         if err:
             return err
         action()
+        return ""
+
+    def _cmd_eject(self, args):
+        force = bool(args) and args[0] == "-f"
+        rest = args[1:] if force else args
+        if len(rest) != 1:
+            return "eject: usage: eject [-f] device\n"
+        self.control.eject(rest[0], force)
+        return ""
+
+    def _cmd_change(self, args):
+        if not 2 <= len(args) <= 3:
+            return "change: usage: change device filename [format]\n"
+        self.control.change_medium(args[0], args[1], args[2] if len(args) == 3 else None)
         return ""
 
     def _cmd_cont(self, args):

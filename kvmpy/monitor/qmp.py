@@ -307,6 +307,16 @@ def _human_monitor_command(srv: QmpServer, args: dict) -> str:
     return text.replace("\n", "\r\n")
 
 
+def _eject(srv: QmpServer, args: dict) -> dict:
+    srv.control.eject(args["device"], args.get("force", False))
+    return {}
+
+
+def _change_medium(srv: QmpServer, args: dict) -> dict:
+    srv.control.change_medium(args["device"], args["filename"], args.get("format"))
+    return {}
+
+
 def _void(action: Callable[[VmControl], None]) -> Callable[[QmpServer, dict], dict]:
     def run(srv: QmpServer, args: dict) -> dict:
         action(srv.control)
@@ -323,6 +333,9 @@ _COMMANDS = [
     _Command("query-cpus-fast", lambda srv, a: list(srv.control.cpus())),
     _Command("query-block", lambda srv, a: list(srv.control.block_devices())),
     _Command("query-commands", _query_commands),
+    _Command("eject", _eject, {"device": (str, "string", True), "force": (bool, "boolean", False)}),
+    _Command("blockdev-change-medium", _change_medium,
+             {"device": (str, "string", True), "filename": (str, "string", True), "format": (str, "string", False)}),
     _Command("stop", _void(lambda control: control.pause())),
     _Command("cont", _void(lambda control: control.resume())),
     _Command("system_reset", _void(lambda control: control.reset())),

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 from ..bus import Bus, BusError
 from ..saved_state import Restorable, StateCheck, checked
-from .device import CMD_INTX_DISABLE, CMD_IO, CMD_MEMORY, INTERRUPT_LINE, PciDevice
+from .device import CMD_INTX_DISABLE, CMD_IO, CMD_MEMORY, HEADER_TYPE, INTERRUPT_LINE, PciDevice
 
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 32
+MAX_FUNCTIONS = 8
+HEADER_TYPE_MULTI_FUNCTION = 0x80
 ECAM_BUS_SIZE = 1 << 20  # one bus: 32 devices x 8 functions x 4 KiB
 
 
@@ -81,28 +83,51 @@ class PciBus:
         self.mmio64_window = Window(*mmio64_window) if mmio64_window else None
         self.intx_gsis = tuple(intx_gsis)
         self.ecam_base = ecam_base
-        self.devices: dict[int, PciDevice] = {}
-        self._mapped: dict[tuple[int, int], tuple[int, bool]] = {}  # (slot, bar) -> (addr, pio)
+        self.devices: dict[int, PciDevice] = {}     # slot -> its function 0
+        # (slot, function) -> every function, 0 included: config cycles route by both
+        self.functions: dict[tuple[int, int], PciDevice] = {}
+        self._mapped: dict[tuple[int, int, int], tuple[int, bool]] = {}  # (slot, fn, bar) -> (addr, pio)
         self._next_mmio = self.mmio_window.base
         self._next_mmio64 = self.mmio64_window.base if self.mmio64_window else None
         self._next_io = self.io_window.base
-        self._intx_levels: dict[int, bool] = {}  # slot -> device line level
+        self._intx_levels: dict[tuple[int, int], bool] = {}  # (slot, fn) -> device line level
         self._irq_lock = threading.Lock()
+        # The chipset function that also routes PIRQA-D to ISA IRQs (the PIIX3), if any.
+        self.pirq_router = None
         self.add(PciHostBridge(), slot=0)
 
     # topology --------------------------------------------------------------
 
     def add(self, dev: PciDevice, slot: int | None = None) -> int:
-        """Plug ``dev`` in (next free slot unless given), assign its BARs; returns the slot."""
+        """Plug ``dev`` in (at its ``preferred_slot``, else the next free slot, unless
+        given) with the functions it brings along (``dev.other_functions``) and assign
+        their BARs; returns the slot."""
+        if slot is None:
+            slot = dev.preferred_slot
         if slot is None:
             slot = next((s for s in range(MAX_SLOTS) if s not in self.devices), None)
             if slot is None:
                 raise ValueError("PCI bus 0 is full (32 devices)")
         if slot in self.devices or not 0 <= slot < MAX_SLOTS:
             raise ValueError(f"PCI slot {slot} is taken or invalid")
+        others = dict(dev.other_functions)
+        if not all(1 <= fn < MAX_FUNCTIONS for fn in others):
+            raise ValueError(f"{dev.name}: functions must be 1..{MAX_FUNCTIONS - 1}, got {sorted(others)}")
         self.devices[slot] = dev
+        if callable(getattr(dev, "route_intx", None)):
+            self.pirq_router = dev
+        if others:
+            # Guests scan functions 1-7 only when function 0 says it has them.
+            dev.config[HEADER_TYPE] |= HEADER_TYPE_MULTI_FUNCTION
+        for fn, function in ((0, dev), *sorted(others.items())):
+            self._attach(function, slot, fn)
+        return slot
+
+    def _attach(self, dev: PciDevice, slot: int, fn: int) -> None:
+        self.functions[(slot, fn)] = dev
         dev.pci_bus = self
         dev.slot = slot
+        dev.function = fn
         pin = dev.config[0x3D]
         if pin:
             dev.intx_gsi = self.intx_gsis[(slot + pin - 1) % 4]
@@ -110,7 +135,6 @@ class PciBus:
         # Largest first keeps natural alignment without holes.
         for bar in sorted(dev.bars.values(), key=lambda b: -b.size):
             dev.set_bar_address(bar.index, self._allocate(bar))
-        return slot
 
     def _allocate(self, bar) -> int:
         if bar.is_io:
@@ -146,13 +170,13 @@ class PciBus:
     # config space ------------------------------------------------------------
 
     def config_read(self, bus: int, slot: int, fn: int, offset: int, size: int) -> int:
-        dev = self.devices.get(slot) if bus == 0 and fn == 0 else None
+        dev = self.functions.get((slot, fn)) if bus == 0 else None
         if dev is None:
             return (1 << (8 * size)) - 1
         return dev.config_read(offset, size)
 
     def config_write(self, bus: int, slot: int, fn: int, offset: int, size: int, value: int) -> None:
-        dev = self.devices.get(slot) if bus == 0 and fn == 0 else None
+        dev = self.functions.get((slot, fn)) if bus == 0 else None
         if dev is not None:
             dev.config_write(offset, size, value)
 
@@ -164,7 +188,7 @@ class PciBus:
         lost a clash with a BAR mapped before them)."""
         cmd = dev.command
         for bar in dev.bars.values():
-            key = (dev.slot, bar.index)
+            key = (dev.slot, dev.function, bar.index)
             enabled = cmd & (CMD_IO if bar.is_io else CMD_MEMORY)
             if decodable is not None and bar.index not in decodable:
                 enabled = 0
@@ -207,7 +231,7 @@ class PciBus:
 
     def mapping(self, dev: PciDevice, index: int) -> int | None:
         """Where BAR ``index`` of ``dev`` is decoded now, or None."""
-        m = self._mapped.get((dev.slot, index))
+        m = self._mapped.get((dev.slot, dev.function, index))
         return m[0] if m else None
 
     # INTx ------------------------------------------------------------------
@@ -217,7 +241,7 @@ class PciBus:
         if dev.intx_gsi is None:
             return
         with self._irq_lock:
-            self._intx_levels[dev.slot] = level
+            self._intx_levels[(dev.slot, dev.function)] = level
             dev.set_interrupt_status(level)
             self._update_gsi(dev.intx_gsi)
 
@@ -226,10 +250,24 @@ class PciBus:
             with self._irq_lock:
                 self._update_gsi(dev.intx_gsi)
 
+    def _gsi_level(self, gsi: int) -> bool:
+        return any(self._intx_levels.get(at) and not d.command & CMD_INTX_DISABLE
+                   for at, d in self.functions.items() if d.intx_gsi == gsi)
+
     def _update_gsi(self, gsi: int) -> None:
-        level = any(self._intx_levels.get(s) and not d.command & CMD_INTX_DISABLE
-                    for s, d in self.devices.items() if d.intx_gsi == gsi)
-        self.platform.set_irq_level(gsi, level)
+        self.platform.set_irq_level(gsi, self._gsi_level(gsi))
+        if self.pirq_router is not None:
+            self._route_pirqs()
+
+    def refresh_pirqs(self) -> None:
+        """The PIRQ routing changed (the router's registers): drive the ISA IRQs anew."""
+        if self.pirq_router is not None:
+            with self._irq_lock:
+                self._route_pirqs()
+
+    def _route_pirqs(self) -> None:
+        # PIRQ n is the line that reaches GSI intx_gsis[n] (the same swizzle as _PRT)
+        self.pirq_router.route_intx([self._gsi_level(gsi) for gsi in self.intx_gsis])
 
 
 CONFIG_ADDRESS_BITS = 0x80FFFFFC

@@ -96,7 +96,15 @@ class Bar:
 
 
 class PciDevice(Restorable):
-    """Base of every PCI function on the bus (function 0 only; no multi-function)."""
+    """Base of every PCI function on the bus.
+
+    A multi-function device is its function 0 with ``other_functions`` set to
+    {function number: PciDevice}; the bus plugs them in with it and sets the
+    multi-function bit of function 0's header type. ``preferred_slot`` pins a
+    device where guests expect it (the PIIX3 at 00:01).
+    """
+
+    preferred_slot: int | None = None
 
     def __init__(self, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0, interrupt_pin: int = 1,
@@ -112,6 +120,8 @@ class PciDevice(Restorable):
         # Set by PciBus when the device is attached.
         self.pci_bus = None
         self.slot: int | None = None
+        self.function = 0
+        self.other_functions: dict[int, PciDevice] = {}
         self.intx_gsi: int | None = None
         self._set16(VENDOR_ID, vendor_id)
         self._set16(DEVICE_ID, device_id)
