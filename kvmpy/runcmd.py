@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
     p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]"
                    "[,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore]")
-    p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M]")
+    p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M] or user[,hostfwd=tcp::2222-:22]"
+                   "[,restrict=on][,net=10.0.2.0/24]... (QEMU's -netdev user options)")
     p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
                    help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
                         "(see docs/plugins.md)")
@@ -249,7 +250,7 @@ def _enter_sandbox(cfg: VmConfig) -> None:
         from .vcpu.trace import _load_capstone
         _load_capstone()
     try:
-        install()
+        install(user_network=any(net.type == "user" for net in cfg.nets))
     except SandboxUnavailable as e:
         if cfg.sandbox:
             raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {e}") from None
