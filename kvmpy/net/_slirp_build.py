@@ -131,10 +131,12 @@ struct kvmpy_slirp {
     int frame_fd;              /* our end of the socketpair: vnet header + frame per record */
     int epoll_fd;              /* the sockets libslirp waits on; kvmpy's loop waits on this */
     uint32_t timeout_ms;       /* from the last fill: when libslirp wants to run its timers */
-    int sockets;               /* sockets in the last fill */
+    int sockets;               /* sockets libslirp holds open */
     int max_sockets;           /* beyond this, guest packets that open new flows are dropped */
     uint64_t to_guest, to_guest_dropped, from_guest, from_guest_dropped, flows_refused;
     void *handle;
+    uint8_t *live;             /* by fd: a socket libslirp registered and has not unregistered */
+    int live_cap;
     struct pollfd *pfds;       /* the last fill, indexed as libslirp numbered them */
     int npfds, pfd_cap;
     struct kvmpy_watch *watched;   /* what epoll_fd holds, sorted by fd */
@@ -201,11 +203,14 @@ static int watch_index(struct kvmpy_slirp *s, int fd)
     return lo < s->nwatched && s->watched[lo].fd == fd ? lo : -1;
 }
 
-/* A new socket may reuse a closed one's number, which epoll dropped with the old
-   file: forget the number so the next sync adds it afresh. */
-static void cb_register_poll_fd(int fd, void *opaque)
+static int grow(void **array, int *cap, int need, size_t item);
+
+/* libslirp registers each socket it makes and unregisters it before closing it:
+   that is the count the flow bound holds to. A new socket may also reuse a closed
+   one's number, which epoll dropped with the old file: forget the number so the
+   next sync adds it afresh. */
+static void forget_watch(struct kvmpy_slirp *s, int fd)
 {
-    struct kvmpy_slirp *s = opaque;
     int i = watch_index(s, fd);
     if (i >= 0) {
         epoll_ctl(s->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
@@ -214,9 +219,30 @@ static void cb_register_poll_fd(int fd, void *opaque)
     }
 }
 
+static void cb_register_poll_fd(int fd, void *opaque)
+{
+    struct kvmpy_slirp *s = opaque;
+    if (fd >= 0) {
+        int old = s->live_cap;
+        if (grow((void **)&s->live, &s->live_cap, fd + 1, 1) == 0) {
+            memset(s->live + old, 0, s->live_cap - old);
+            if (!s->live[fd]) {
+                s->live[fd] = 1;
+                s->sockets++;
+            }
+        }
+    }
+    forget_watch(s, fd);
+}
+
 static void cb_unregister_poll_fd(int fd, void *opaque)
 {
-    cb_register_poll_fd(fd, opaque);
+    struct kvmpy_slirp *s = opaque;
+    if (fd >= 0 && fd < s->live_cap && s->live[fd]) {
+        s->live[fd] = 0;
+        s->sockets--;
+    }
+    forget_watch(s, fd);
 }
 
 static void cb_notify(void *opaque)
@@ -305,7 +331,6 @@ static void sync_epoll(struct kvmpy_slirp *s)
         else
             s->next[m++] = s->next[i];
     }
-    s->sockets = m;
     int i = 0, j = 0;
     while (i < s->nwatched || j < m) {
         struct kvmpy_watch *old = i < s->nwatched ? &s->watched[i] : NULL;
@@ -446,6 +471,7 @@ void kvmpy_slirp_free(struct kvmpy_slirp *s)
     free(s->pfds);
     free(s->watched);
     free(s->next);
+    free(s->live);
     free(s);
 }
 
