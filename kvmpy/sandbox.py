@@ -159,9 +159,8 @@ def _ioctl_rule() -> Rule:
 
 # User-mode networking (libslirp, kvmpy.net) makes a host socket for each guest
 # connection, UDP flow and forwarded port while the VM runs: these are allowed
-# only in a VM with a user NIC. Files stay closed to it: libslirp cannot read
-# /etc/resolv.conf under the filter, so the guest's DNS (10.0.2.3) is forwarded to
-# 127.0.0.1, as libslirp does on a host without one (--sandbox off for the host's).
+# only in a VM with a user NIC. Files stay closed: the guest's DNS is relayed by
+# kvmpy.net.slirp to the nameserver /etc/resolv.conf named before the filter.
 USER_NETWORK_CALLS = ("socket", "connect", "accept", "bind", "listen", "getpeername", "sendmsg", "recvmsg")
 
 

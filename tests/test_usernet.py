@@ -8,7 +8,7 @@ and driven over its serial console:
 udhcpc gets 10.0.2.15; wget fetches a file from a Python HTTP server on the host's
 127.0.0.1 through 10.0.2.2; a host client reaches a guest ``nc -l`` through hostfwd
 (data both ways); restrict=on refuses the guest's outbound connection while its
-hostfwd still works; DNS at 10.0.2.3 is answered; HMP ``info usernet`` and
+hostfwd still works; DNS at 10.0.2.3 is relayed (to a responder on 127.0.0.1:53); HMP ``info usernet`` and
 ``hostfwd_add``/``hostfwd_remove`` work on the running VM. When the tests run as root
 the VM runs ``--runas nobody``: every guest connection, and the hostfwd added
 through the monitor, is made by an unprivileged process. All traffic stays on
@@ -105,11 +105,22 @@ class _FakeDns(threading.Thread):
         self.sock = sock
         self.queries = 0
 
+    def stop(self) -> None:
+        # A close alone would not wake the thread's recvfrom, which keeps the port bound.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.join(5)
+        self.sock.close()
+
     def run(self) -> None:
         while True:
             try:
                 query, peer = self.sock.recvfrom(512)
             except OSError:
+                return
+            if not query:
                 return
             if len(query) < 12:
                 continue
@@ -179,7 +190,10 @@ def guest(tmp_path_factory):
             "--monitor", f"unix:{hmp_path}"]
     if runas:
         argv += ["--runas", "nobody"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.PIPE,
+    resolv_conf = tmp / "resolv.conf"
+    resolv_conf.write_text("nameserver 127.0.0.1\n")     # the responder above: DNS stays on loopback
+    env = dict(os.environ, PYTHONPATH=ROOT, KVMPY_RESOLV_CONF=str(resolv_conf))
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shell = SerialShell(proc)
     try:
@@ -192,7 +206,7 @@ def guest(tmp_path_factory):
         proc.wait()
         httpd.shutdown()
         if isinstance(dns, _FakeDns):
-            dns.sock.close()
+            dns.stop()
 
 
 def _dhcp(guest, ifname: str) -> str:
@@ -280,16 +294,13 @@ def test_restrict_blocks_outbound_but_not_hostfwd(guest, configured):
 
 
 def test_dns_at_10_0_2_3(guest, configured):
-    """Under the sandbox libslirp cannot read /etc/resolv.conf, so it forwards the
-    guest's queries to 127.0.0.1:53 (kvmpy.sandbox's note); the test answers there,
-    which keeps its traffic on loopback."""
+    """The guest's resolver (10.0.2.3, from DHCP) relays to the resolv.conf's first
+    nameserver, read before the sandbox; here a responder on 127.0.0.1:53
+    (KVMPY_RESOLV_CONF), so the test's traffic stays on loopback."""
     if isinstance(guest.dns, str):
         pytest.skip(guest.dns)
-    from kvmpy.sandbox import unavailable_reason
-    if unavailable_reason() is not None:
-        pytest.skip(f"no sandbox here ({unavailable_reason()}): libslirp would ask the host's own "
-                    "resolvers, and these tests send nothing beyond loopback")
-    rc, out = guest.shell.run("nslookup kvmpy-test.example 10.0.2.3")
+    rc, out = guest.shell.run("cat /etc/resolv.conf; nslookup kvmpy-test.example")
+    assert "nameserver 10.0.2.3" in out, out
     assert rc == 0 and _FakeDns.ADDRESS in out, out
     assert guest.dns.queries >= 1
 

@@ -337,6 +337,49 @@ def test_close_releases_descriptors(loop):
     assert _fd_count() == before
 
 
+@pytest.fixture
+def loopback_dns(tmp_path, monkeypatch):
+    """A DNS responder on 127.0.0.1:53 and a resolv.conf naming it (KVMPY_RESOLV_CONF)."""
+    from test_usernet import _FakeDns
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 53))
+    except OSError as e:
+        sock.close()
+        pytest.skip(f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})")
+    dns = _FakeDns(sock)
+    dns.start()
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# test\nnameserver 127.0.0.1\n")
+    monkeypatch.setenv("KVMPY_RESOLV_CONF", str(conf))
+    yield dns
+    dns.stop()
+
+
+def _dns_query(name: str, ident: int) -> bytes:
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question
+
+
+def test_dns_is_forwarded_to_the_resolv_conf_server(loop, loopback_dns):
+    with _user_net(loop) as net:
+        _send(net, frames.ip_frame(frames.udp("10.0.2.15", 33333, "10.0.2.3", 53, _dns_query("a.example", 77))))
+        reply = _receive(net, lambda f: f[12:14] == b"\x08\x00" and f[14 + 9] == 17)
+        ip, udp = reply[14:34], reply[34:]
+        assert frames.checksum(ip) == 0
+        assert socket.inet_ntoa(ip[12:16]) == "10.0.2.3" and socket.inet_ntoa(ip[16:20]) == "10.0.2.15"
+        assert struct.unpack("!HH", udp[:4]) == (53, 33333)
+        assert udp[8:10] == struct.pack("!H", 77) and socket.inet_aton("192.0.2.53") in udp
+        assert loopback_dns.queries == 1
+
+
+def test_restricted_network_has_no_dns_forwarder(loop, loopback_dns):
+    with _user_net(loop, "user,restrict=on") as net:
+        _send(net, frames.ip_frame(frames.udp("10.0.2.15", 33333, "10.0.2.3", 53, _dns_query("a.example", 78))))
+        time.sleep(0.5)
+        assert loopback_dns.queries == 0
+
+
 # --- the command line ------------------------------------------------------------------------
 def test_port_taken_is_one_line_and_status_2():
     if SLIRP_SKIP:

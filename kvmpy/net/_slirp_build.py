@@ -82,6 +82,7 @@ struct kvmpy_slirp {
     uint64_t from_guest;
     uint64_t from_guest_dropped;
     uint64_t flows_refused;
+    uint32_t dns_intercept;
     ...;
 };
 
@@ -101,6 +102,8 @@ extern "Python" void *kvmpy_slirp_timer_new(SlirpTimerId id, void *cb_opaque, vo
 extern "Python" void kvmpy_slirp_timer_free(void *timer, void *handle);
 extern "Python" void kvmpy_slirp_timer_mod(void *timer, int64_t expire_ms, void *handle);
 extern "Python" ssize_t kvmpy_slirp_guestfwd_write(const void *buf, size_t len, void *fwd_handle);
+extern "Python" void kvmpy_slirp_dns_query(const uint8_t *frame, int len, void *handle);
+int kvmpy_slirp_send_to_guest(struct kvmpy_slirp *s, const uint8_t *frame, int len);
 """)
 
 ffibuilder.set_source("kvmpy.net._slirp_cffi", r"""
@@ -134,6 +137,7 @@ struct kvmpy_slirp {
     int sockets;               /* sockets libslirp holds open */
     int max_sockets;           /* beyond this, guest packets that open new flows are dropped */
     uint64_t to_guest, to_guest_dropped, from_guest, from_guest_dropped, flows_refused;
+    uint32_t dns_intercept;    /* network order: UDP to this address port 53 goes to Python, 0: off */
     void *handle;
     uint8_t *live;             /* by fd: a socket libslirp registered and has not unregistered */
     int live_cap;
@@ -150,6 +154,7 @@ static void *kvmpy_slirp_timer_new(SlirpTimerId id, void *cb_opaque, void *handl
 static void kvmpy_slirp_timer_free(void *timer, void *handle);
 static void kvmpy_slirp_timer_mod(void *timer, int64_t expire_ms, void *handle);
 static ssize_t kvmpy_slirp_guestfwd_write(const void *buf, size_t len, void *fwd_handle);
+static void kvmpy_slirp_dns_query(const uint8_t *frame, int len, void *handle);
 
 static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
 {
@@ -403,10 +408,38 @@ static int opens_flow(const uint8_t *f, int len)
     return proto == IPPROTO_UDP || proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6;
 }
 
+int kvmpy_slirp_send_to_guest(struct kvmpy_slirp *s, const uint8_t *frame, int len)
+{
+    uint64_t before = s->to_guest;
+    cb_send_packet(frame, (size_t)len, s);
+    return s->to_guest != before ? 0 : -1;
+}
+
+/* An unfragmented IPv4 UDP datagram to dns_intercept:53? */
+static int is_dns_query(const struct kvmpy_slirp *s, const uint8_t *f, int len)
+{
+    if (!s->dns_intercept || len < 14 + 20 + 8 || f[12] != 0x08 || f[13] != 0x00)
+        return 0;
+    const uint8_t *ip = f + 14;
+    int ihl = (ip[0] & 15) * 4;
+    uint32_t dst;
+    memcpy(&dst, ip + 16, 4);
+    if ((ip[0] >> 4) != 4 || ihl < 20 || len < 14 + ihl + 8 || ip[9] != IPPROTO_UDP || dst != s->dns_intercept)
+        return 0;
+    if ((ip[6] & 0x3f) || ip[7])       /* more fragments, or a fragment offset */
+        return 0;
+    return ip[ihl + 2] == 0 && ip[ihl + 3] == 53;
+}
+
 void kvmpy_slirp_input(struct kvmpy_slirp *s, const uint8_t *frame, int len)
 {
     if (len < 14 || len > KVMPY_MAX_FRAME) {
         s->from_guest_dropped++;
+        return;
+    }
+    if (is_dns_query(s, frame, len)) {
+        s->from_guest++;
+        kvmpy_slirp_dns_query(frame, len, s->handle);
         return;
     }
     if (s->sockets >= s->max_sockets && opens_flow(frame, len)) {

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import sys
 import time
 from ipaddress import IPv4Address, IPv6Address
@@ -43,6 +44,12 @@ BATCH = 64
 FRAME_BUFFER_BYTES = 256 << 10
 GUEST_ERROR_BURST = 10
 GUEST_ERROR_WINDOW = 60.0
+# The guest's DNS (10.0.2.3) is forwarded by kvmpy rather than libslirp: libslirp
+# reads /etc/resolv.conf on each query, which the sandbox forbids. Read once at
+# start instead (this variable names another file: tests, unusual hosts).
+RESOLV_CONF_ENV = "KVMPY_RESOLV_CONF"
+DNS_QUERIES_IN_FLIGHT = 64
+DNS_TIMEOUT = 10.0
 
 
 def default_max_sockets() -> int:
@@ -115,6 +122,7 @@ class UserNetwork:
         self._guest_errors: list[float] = []
         self._guest_errors_dropped = 0
         self._guestfwds: list[_GuestForwardLink] = []
+        self._dns: _DnsForwarder | None = None
         self._s = ffi.NULL
         nic, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (nic, mine):
@@ -165,6 +173,10 @@ class UserNetwork:
             self.add_hostfwd(fwd)
         for gfwd in o.guestfwd:
             self._guestfwds.append(_GuestForwardLink(self, gfwd))
+        if o.ipv4 and not o.restrict:
+            self._dns = _DnsForwarder(self, o.dns)
+            if self._dns.servers:
+                s.dns_intercept = int.from_bytes(o.dns.packed, sys.byteorder)
         self.events.subscribe(self._frame_fd, EVENT_READ, self._guest_frames_ready)
         self.events.subscribe(s.epoll_fd, EVENT_READ, self._sockets_ready)
         log.info("%s: user-mode networking on %s (host %s, DNS %s, libslirp %s)", self.name, o.net, o.host,
@@ -309,6 +321,8 @@ class UserNetwork:
                 self._timer_free(timer)
             for link in self._guestfwds:
                 link.close()
+            if self._dns is not None:
+                self._dns.close()
             if self._s != ffi.NULL:
                 self.events.unsubscribe(self._s.epoll_fd)
                 self.events.unsubscribe(self._frame_fd)
@@ -387,6 +401,110 @@ class _GuestForwardLink:
             self._retry.cancel()
         self.net.events.unsubscribe(self.sock.fileno())
         self.sock.close()
+
+
+def read_nameservers(path: str) -> list[str]:
+    """The IPv4 nameservers of a resolv.conf, in order ([] if it cannot be read)."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    try:
+                        servers.append(str(IPv4Address(words[1].split("%")[0])))
+                    except ValueError:
+                        continue
+    except OSError as e:
+        log.warning("cannot read %s (%s): the guest's DNS server answers nothing", path, e.strerror)
+    return servers
+
+
+class _DnsForwarder:
+    """The guest's queries to the virtual DNS address, relayed as UDP to the host's
+    first nameserver (libslirp's choice too), one socket per query, and the answer
+    written back as a datagram from the virtual address. Queries in flight are
+    bounded; an unanswered one is forgotten after DNS_TIMEOUT."""
+
+    def __init__(self, net: UserNetwork, address: IPv4Address) -> None:
+        self.net = net
+        self.address = address
+        self.servers = read_nameservers(os.environ.get(RESOLV_CONF_ENV) or "/etc/resolv.conf")
+        self.pending: dict[int, tuple[socket.socket, bytes, bytes, int, object]] = {}
+        self.dropped = 0
+
+    def query(self, frame: bytes) -> None:
+        if len(self.pending) >= DNS_QUERIES_IN_FLIGHT:
+            self.dropped += 1
+            return
+        ihl = (frame[14] & 15) * 4
+        udp = 14 + ihl
+        guest_mac, guest_ip = frame[6:12], frame[14 + 12:14 + 16]
+        sport, _, length = struct.unpack_from("!HHH", frame, udp)
+        payload = frame[udp + 8:udp + max(8, min(length, len(frame) - udp))]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((self.servers[0], 53))
+            sock.send(payload)
+        except OSError as e:
+            sock.close()
+            log.debug("%s: DNS query not sent: %s", self.net.name, e)
+            return
+        fd = sock.fileno()
+        timer = self.net.events.call_later(DNS_TIMEOUT, lambda: self._forget(fd))
+        self.pending[fd] = (sock, guest_mac, guest_ip, sport, timer)
+        self.net.events.subscribe(fd, EVENT_READ, lambda events: self._answer(fd))
+
+    def _answer(self, fd: int) -> None:
+        entry = self.pending.get(fd)
+        if entry is None:
+            return
+        sock, guest_mac, guest_ip, sport, _ = entry
+        try:
+            answer = sock.recv(65535)
+        except OSError:
+            answer = b""
+        self._forget(fd)
+        if not answer or len(answer) > lib.KVMPY_MAX_FRAME - 14 - 28:
+            return
+        src = self.address.packed
+        udp = struct.pack("!HHHH", 53, sport, 8 + len(answer), 0) + answer
+        csum = _checksum(src + guest_ip + struct.pack("!BBH", 0, 17, len(udp)) + udp) or 0xFFFF
+        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, src, guest_ip)
+        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        frame = guest_mac + b"\x52\x55" + src + b"\x08\x00" + ip + udp
+        if self.net._s != ffi.NULL:
+            lib.kvmpy_slirp_send_to_guest(self.net._s, frame, len(frame))
+
+    def _forget(self, fd: int) -> None:
+        entry = self.pending.pop(fd, None)
+        if entry is not None:
+            sock, _, _, _, timer = entry
+            timer.cancel()
+            self.net.events.unsubscribe(fd)
+            sock.close()
+
+    def close(self) -> None:
+        for fd in list(self.pending):
+            self._forget(fd)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@ffi.def_extern()
+def kvmpy_slirp_dns_query(frame, length, handle):
+    net = ffi.from_handle(handle)
+    if net._dns is not None:
+        net._dns.query(bytes(ffi.buffer(frame, length)))
 
 
 @ffi.def_extern()
