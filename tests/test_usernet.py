@@ -132,6 +132,30 @@ class _FakeDns(threading.Thread):
             self.sock.sendto(header + query[12:end] + (answer if qtype == 1 else b""), peer)
 
 
+class GuestFwdServer(threading.Thread):
+    """The host end of a guestfwd: kvmpy connects once at start; whatever arrives is
+    kept, and each line is answered with ``echo:`` and the line."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.listener = listener
+        self.received = b""
+
+    def run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            pending = b""
+            while chunk := conn.recv(4096):
+                self.received += chunk
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    conn.sendall(b"echo:" + line + b"\n")
+
+
 class UserNetGuest:
     def __init__(self, shell, proc, hmp_path, ports, payload, http_port, runas, dns) -> None:
         self.shell, self.proc, self.hmp_path = shell, proc, hmp_path
@@ -180,12 +204,19 @@ def guest(tmp_path_factory):
         dns = f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})"
 
     ports = {"eth0": _free_port(), "eth1": _free_port(), "added": _free_port()}
+    # guestfwd: the guest's connections to 10.0.2.100:1234 reach this host listener.
+    fwd_listener = socket.socket()
+    fwd_listener.bind(("127.0.0.1", 0))
+    fwd_listener.listen(1)
+    guestfwd = GuestFwdServer(fwd_listener)
+    guestfwd.start()
     hmp_path = str(tmp / "hmp.sock")
     runas = os.geteuid() == 0
     argv = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "256",
             "--kernel", built.kernel, "--initrd", built.initrd, "--no-reboot",
             "--append", "console=ttyS0 panic=-1 quiet",
-            "--net", f"user,hostfwd=tcp:127.0.0.1:{ports['eth0']}-:22",
+            "--net", f"user,hostfwd=tcp:127.0.0.1:{ports['eth0']}-:22,"
+                     f"guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:{fwd_listener.getsockname()[1]}",
             "--net", f"user,net=10.0.3.0/24,restrict=on,hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
             "--monitor", f"unix:{hmp_path}"]
     if runas:
@@ -199,12 +230,15 @@ def guest(tmp_path_factory):
     try:
         shell.wait_for(rb"shell on the console", BOOT_TIMEOUT)
         time.sleep(0.5)
-        yield UserNetGuest(shell, proc, hmp_path, ports, payload, httpd.server_address[1], runas, dns)
+        g = UserNetGuest(shell, proc, hmp_path, ports, payload, httpd.server_address[1], runas, dns)
+        g.guestfwd = guestfwd
+        yield g
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         httpd.shutdown()
+        fwd_listener.close()
         if isinstance(dns, _FakeDns):
             dns.stop()
 
@@ -224,10 +258,14 @@ def configured(guest):
     return out0, out1
 
 
-def test_the_vm_runs_unprivileged(guest):
+def test_the_vm_runs_unprivileged_and_sandboxed(guest):
+    """Every other test here then shows libslirp working as nobody, under seccomp."""
+    from kvmpy.sandbox import unavailable_reason
+    status = open(f"/proc/{guest.proc.pid}/status").read()
+    if unavailable_reason() is None:
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), status
     if not guest.runas:
         pytest.skip("not root: the test runs kvmpy as this (unprivileged) user already")
-    status = open(f"/proc/{guest.proc.pid}/status").read()
     uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
     assert uid and uid.groups() == (str(65534), str(65534)), status
 
@@ -303,6 +341,13 @@ def test_dns_at_10_0_2_3(guest, configured):
     assert "nameserver 10.0.2.3" in out, out
     assert rc == 0 and _FakeDns.ADDRESS in out, out
     assert guest.dns.queries >= 1
+
+
+def test_guestfwd_to_a_host_address(guest, configured):
+    token = os.urandom(6).hex()
+    rc, out = guest.shell.run(f"(echo line-{token}; sleep 3) | timeout 20 nc 10.0.2.100 1234")
+    assert f"line-{token}".encode() in guest.guestfwd.received, (out, guest.guestfwd.received)
+    assert f"echo:line-{token}" in out, out
 
 
 def test_monitor_info_usernet_and_hostfwd_add_remove(guest, configured):

@@ -380,6 +380,15 @@ def test_restricted_network_has_no_dns_forwarder(loop, loopback_dns):
         assert loopback_dns.queries == 0
 
 
+def test_sandbox_allows_sockets_only_with_a_user_nic():
+    from kvmpy import sandbox
+    plain, user = sandbox.policy(1), sandbox.policy(1, user_network=True)
+    for name in sandbox.USER_NETWORK_CALLS:
+        assert name in sandbox.SYSCALLS
+        assert user[name].allow
+        assert name not in plain or not plain[name].allow, name
+
+
 # --- the command line ------------------------------------------------------------------------
 def test_port_taken_is_one_line_and_status_2():
     if SLIRP_SKIP:

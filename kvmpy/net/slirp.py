@@ -76,7 +76,7 @@ class FramePort:
     """What virtio-net sees of a user network: a descriptor carrying vnet header +
     frame per record, without offloads (so TUNSETOFFLOAD does not apply)."""
 
-    offloads = False
+    no_offloads = True
     supports_ufo = False
 
     def __init__(self, fd: int, name: str) -> None:

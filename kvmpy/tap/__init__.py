@@ -110,8 +110,6 @@ class Tap:
     ``fd`` is non-blocking; readv/writev on it move one frame each.
     """
 
-    offloads = True     # virtio-net may offer checksum/segmentation offloads (TUNSETOFFLOAD)
-
     def __init__(self, name: str | None = None, netns: str | None = None) -> None:
         self.netns = netns
         self._dev = run_in_netns(netns, self._open, name or "")

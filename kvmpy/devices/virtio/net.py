@@ -66,9 +66,10 @@ class VirtioNet:
 
     Arguments:
       tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``), or anything with the same
-        ``fd`` framing, ``name``, ``offloads`` (False: none offered, no TUNSETOFFLOAD),
-        ``supports_ufo`` and ``set_offload`` (kvmpy.net.slirp.FramePort); the device uses
-        its fd, the caller closes it after the transport's ``close()``.
+        ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
+        ``no_offloads = True`` none is offered and TUNSETOFFLOAD is not used
+        (kvmpy.net.slirp.FramePort). The device uses its fd, the caller closes it
+        after the transport's ``close()``.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
@@ -82,8 +83,8 @@ class VirtioNet:
                  queue_size: int = 256, name: str = "virtio-net") -> None:
         self.name = name
         self.tap = tap
-        # Without the attribute: a tap-like port that takes the tap's offloads.
-        self.offloads = getattr(tap, "offloads", True)
+        # A port that takes complete frames only (kvmpy.net.slirp.FramePort) says so.
+        self.offloads = not getattr(tap, "no_offloads", False)
         self.mac = bytes(mac) if mac else stable_mac(vm_name, index)
         if len(self.mac) != 6:
             raise ValueError(f"{name}: MAC must be 6 bytes")
