@@ -211,6 +211,7 @@ def guest(tmp_path_factory):
     guestfwd = GuestFwdServer(fwd_listener)
     guestfwd.start()
     hmp_path = str(tmp / "hmp.sock")
+    qmp_path = str(tmp / "qmp.sock")
     runas = os.geteuid() == 0
     argv = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "256",
             "--kernel", built.kernel, "--initrd", built.initrd, "--no-reboot",
@@ -218,7 +219,7 @@ def guest(tmp_path_factory):
             "--net", f"user,hostfwd=tcp:127.0.0.1:{ports['eth0']}-:22,"
                      f"guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:{fwd_listener.getsockname()[1]}",
             "--net", f"user,net=10.0.3.0/24,restrict=on,hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
-            "--monitor", f"unix:{hmp_path}"]
+            "--monitor", f"unix:{hmp_path}", "--qmp", f"unix:{qmp_path}"]
     if runas:
         argv += ["--runas", "nobody"]
     resolv_conf = tmp / "resolv.conf"
@@ -232,6 +233,7 @@ def guest(tmp_path_factory):
         time.sleep(0.5)
         g = UserNetGuest(shell, proc, hmp_path, ports, payload, httpd.server_address[1], runas, dns)
         g.guestfwd = guestfwd
+        g.qmp_path = qmp_path
         yield g
     finally:
         if proc.poll() is None:
@@ -341,6 +343,22 @@ def test_dns_at_10_0_2_3(guest, configured):
     assert "nameserver 10.0.2.3" in out, out
     assert rc == 0 and _FakeDns.ADDRESS in out, out
     assert guest.dns.queries >= 1
+
+
+def test_qmp_reaches_hostfwd_through_human_monitor_command(guest, configured):
+    """QEMU 7.2 has no QMP hostfwd command: management tools use human-monitor-command."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    qmp = QEMUMonitorProtocol(guest.qmp_path)
+    qmp.connect()
+    try:
+        port = _free_port()
+        hmp = lambda line: qmp.cmd_obj({"execute": "human-monitor-command",  # noqa: E731
+                                        "arguments": {"command-line": line}})["return"]
+        assert hmp(f"hostfwd_add net0 udp:127.0.0.1:{port}-:5353") == ""
+        assert re.search(rf"UDP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+{port}\s", hmp("info usernet"))
+        assert "removed" in hmp(f"hostfwd_remove net0 udp:127.0.0.1:{port}")
+    finally:
+        qmp.close()
 
 
 def test_guestfwd_to_a_host_address(guest, configured):

@@ -53,13 +53,14 @@ DNS_TIMEOUT = 10.0
 
 
 def default_max_sockets() -> int:
-    """Half the descriptors the process may open, at most 4096: the rest stay for
-    disks, monitors and other NICs."""
+    """Half the descriptors the process may open, at most 1024: the rest stay for
+    disks, monitors and other NICs, and libslirp's buffers (up to ~128 KiB a TCP
+    connection) stay within ~128 MiB."""
     import resource
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 8192
-    return max(16, min(4096, soft // 2))
+    return max(16, min(1024, soft // 2))
 
 
 def _in_addr(addr: IPv4Address | None):
@@ -218,10 +219,12 @@ class UserNetwork:
         self._sockets_ready(0)
 
     def input_frame(self, frame: bytes) -> None:
-        """Hand one Ethernet frame to libslirp as if the guest sent it (tests, fuzzing)."""
-        lib.kvmpy_slirp_input(self._s, frame, len(frame))
-        lib.kvmpy_slirp_step(self._s)
-        self._rearm()
+        """Hand one Ethernet frame to libslirp as if the guest had sent it."""
+        def feed():
+            lib.kvmpy_slirp_input(self._s, frame, len(frame))
+            lib.kvmpy_slirp_step(self._s)
+            self._rearm()
+        self._on_loop(feed)
 
     # --- what the monitor may ask, on the loop's thread -----------------------------------
     def _on_loop(self, fn):
