@@ -3,7 +3,7 @@ kernel, busybox) on the translator, booted once for the module with two user NIC
 and driven over its serial console:
 
   eth0  --net user,hostfwd=tcp:127.0.0.1:P0-:22            (10.0.2.0/24)
-  eth1  --net user,net=10.0.3.0/24,restrict=on,hostfwd=...  (the restricted one)
+  eth1  --net user,net=10.0.3.0/24,restrict=on,ipv6=off,hostfwd=...  (the restricted one)
 
 udhcpc gets 10.0.2.15; wget fetches a file from a Python HTTP server on the host's
 127.0.0.1 through 10.0.2.2; a host client reaches a guest ``nc -l`` through hostfwd
@@ -218,7 +218,7 @@ def guest(tmp_path_factory):
             "--append", "console=ttyS0 panic=-1 quiet",
             "--net", f"user,hostfwd=tcp:127.0.0.1:{ports['eth0']}-:22,"
                      f"guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:{fwd_listener.getsockname()[1]}",
-            "--net", f"user,net=10.0.3.0/24,restrict=on,hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
+            "--net", f"user,net=10.0.3.0/24,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
             "--monitor", f"unix:{hmp_path}", "--qmp", f"unix:{qmp_path}"]
     if runas:
         argv += ["--runas", "nobody"]
@@ -278,6 +278,24 @@ def test_dhcp_gives_qemus_addresses(guest, configured):
     assert "lease of 10.0.3.15 obtained from 10.0.3.2" in out1, out1
     rc, out = guest.shell.run("ip -4 addr show eth0; ip route")
     assert "inet 10.0.2.15/24" in out and "default via 10.0.2.2" in out, out
+
+
+def test_ipv6_slaac_and_the_virtual_host(guest, configured):
+    """libslirp's router advertisements (fec0::/64) give eth0 an address; eth1 has ipv6=off."""
+    # The guest's udhcpc script flushed every address of the NICs, IPv6 too: IPv6 off
+    # and on again makes a new link-local address and a router solicitation.
+    guest.shell.run("for i in eth0 eth1; do echo 1 > /proc/sys/net/ipv6/conf/$i/disable_ipv6; "
+                    "echo 0 > /proc/sys/net/ipv6/conf/$i/disable_ipv6; done")
+    deadline = time.monotonic() + 60
+    while True:
+        rc, out = guest.shell.run("ip -6 addr show eth0; ip -6 addr show eth1")
+        eth0, _, eth1 = out.partition("eth1:")
+        if "inet6 fec0::" in eth0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert "inet6 fec0::" in eth0 and "fec0::" not in eth1, out
+    rc, out = guest.shell.run("ping -c 2 fec0::2")
+    assert rc == 0 and "2 packets received" in out, out
 
 
 def test_wget_from_the_hosts_loopback(guest, configured):

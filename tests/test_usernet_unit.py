@@ -330,6 +330,18 @@ def test_random_frames_do_not_crash_or_grow(loop):
         net.close()
 
 
+def test_libslirp_timers_ride_on_the_event_loop(loop):
+    """With IPv6 on, libslirp arms its router-advertisement timer (SLIRP_TIMER_RA) at
+    start, 200-600 s ahead: the deadline libslirp gives in its clock's milliseconds
+    becomes an event-loop timer that far ahead. Without IPv6 there is none."""
+    with _user_net(loop) as net:
+        timers = list(net._slirp_timers.values())
+        assert len(timers) == 1 and timers[0].pending is not None
+        assert 150 <= timers[0].pending.when - time.monotonic() <= 650
+    with _user_net(loop, "user,ipv6=off") as net:
+        assert not any(t.pending for t in net._slirp_timers.values())
+
+
 def test_close_releases_descriptors(loop):
     before = _fd_count()
     for _ in range(20):
