@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from support.dns import LoopbackDns
 
 BOOT_TIMEOUT = 900
 COMMAND_TIMEOUT = 180
@@ -93,43 +93,6 @@ class SerialShell:
         m = self.wait_for(rf"{tag}=(\d+)".encode(), timeout, start)
         text = self.out[start:m.start()].decode(errors="replace").replace("\r\n", "\n")
         return int(m.group(1)), text
-
-
-class _FakeDns(threading.Thread):
-    """A DNS responder on 127.0.0.1:53 that answers every A query with 192.0.2.53."""
-
-    ADDRESS = "192.0.2.53"
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.queries = 0
-
-    def stop(self) -> None:
-        # A close alone would not wake the thread's recvfrom, which keeps the port bound.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.join(5)
-        self.sock.close()
-
-    def run(self) -> None:
-        while True:
-            try:
-                query, peer = self.sock.recvfrom(512)
-            except OSError:
-                return
-            if not query:
-                return
-            if len(query) < 12:
-                continue
-            self.queries += 1
-            end = query.index(b"\0", 12) + 5          # the question: name, type, class
-            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(self.ADDRESS)
-            qtype = struct.unpack("!H", query[end - 4:end - 2])[0]
-            header = query[:2] + b"\x81\x80" + query[4:6] + struct.pack("!HHH", int(qtype == 1), 0, 0)
-            self.sock.sendto(header + query[12:end] + (answer if qtype == 1 else b""), peer)
 
 
 class GuestFwdServer(threading.Thread):
@@ -198,7 +161,7 @@ def guest(tmp_path_factory):
     try:
         dns_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns_sock.bind(("127.0.0.1", 53))
-        dns = _FakeDns(dns_sock)
+        dns = LoopbackDns(dns_sock)
         dns.start()
     except OSError as e:
         dns = f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})"
@@ -241,7 +204,7 @@ def guest(tmp_path_factory):
         proc.wait()
         httpd.shutdown()
         fwd_listener.close()
-        if isinstance(dns, _FakeDns):
+        if isinstance(dns, LoopbackDns):
             dns.stop()
 
 
@@ -359,7 +322,7 @@ def test_dns_at_10_0_2_3(guest, configured):
         pytest.skip(guest.dns)
     rc, out = guest.shell.run("cat /etc/resolv.conf; nslookup kvmpy-test.example")
     assert "nameserver 10.0.2.3" in out, out
-    assert rc == 0 and _FakeDns.ADDRESS in out, out
+    assert rc == 0 and LoopbackDns.ADDRESS in out, out
     assert guest.dns.queries >= 1
 
 

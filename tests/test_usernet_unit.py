@@ -352,14 +352,14 @@ def test_close_releases_descriptors(loop):
 @pytest.fixture
 def loopback_dns(tmp_path, monkeypatch):
     """A DNS responder on 127.0.0.1:53 and a resolv.conf naming it (KVMPY_RESOLV_CONF)."""
-    from test_usernet import _FakeDns
+    from support.dns import LoopbackDns
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind(("127.0.0.1", 53))
     except OSError as e:
         sock.close()
         pytest.skip(f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})")
-    dns = _FakeDns(sock)
+    dns = LoopbackDns(sock)
     dns.start()
     conf = tmp_path / "resolv.conf"
     conf.write_text("# test\nnameserver 127.0.0.1\n")

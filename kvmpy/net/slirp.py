@@ -13,6 +13,11 @@ on two descriptors per NIC: the socketpair end and an epoll set mirroring the
 sockets libslirp asked to poll; libslirp's own timer deadline rides on
 ``call_later`` and is asked only while libslirp has timers running.
 
+The guest's DNS queries to the virtual DNS address (10.0.2.3) are relayed by
+kvmpy, not libslirp: libslirp re-reads /etc/resolv.conf for each one, which the
+sandbox forbids; kvmpy reads it once at start (``KVMPY_RESOLV_CONF`` names another
+file). IPv6 DNS (fec0::3) stays libslirp's and fails under the sandbox.
+
 Bounds on what a guest can make the VMM do: a frame longer than the MTU (plus a
 VLAN tag) is dropped; frames in flight either way are bounded by the socketpair's
 buffers (a full buffer drops, as a NIC does); a guest opening flows (TCP SYN,
@@ -368,6 +373,8 @@ class _GuestForwardLink:
         net.events.subscribe(self.sock.fileno(), EVENT_READ, self._host_readable)
 
     def to_host(self, data: bytes) -> int:
+        # libslirp counts what it hands over as written: a short blocking send (the
+        # socket's 1 s timeout) rather than a buffer of our own.
         try:
             self.sock.sendall(data)
         except OSError as e:
