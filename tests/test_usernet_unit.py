@@ -401,6 +401,57 @@ def test_sandbox_allows_sockets_only_with_a_user_nic():
         assert name not in plain or not plain[name].allow, name
 
 
+# --- the human monitor, on a state-only VM with real user networks -------------------------------
+@pytest.fixture
+def hmp_with_usernets(loop):
+    from kvmpy.monitor.hmp import Hmp
+    from test_qmp_statevm import StateVm
+    nets = [_user_net(loop), _user_net(loop, "user,net=10.0.3.0/24")]
+
+    class VmWithUserNets(StateVm):
+        def network_devices(self):
+            return [{"name": f"net{i}", "type": "user", "net": str(n.options.net), "mac": "52:54:00:12:34:56",
+                     "usernet": n} for i, n in enumerate(nets)]
+    vm = VmWithUserNets(name="usernet")
+    yield Hmp(vm), nets
+    vm.close()
+    for n in nets:
+        n.close()
+
+
+def test_hmp_hostfwd_commands(hmp_with_usernets):
+    hmp, nets = hmp_with_usernets
+    port = _free_port()
+    assert hmp.execute(f"hostfwd_add tcp:127.0.0.1:{port}-:22").startswith("hostfwd_add: several user networks")
+    assert hmp.execute(f"hostfwd_add net1 tcp:127.0.0.1:{port}-:22") == ""
+    assert f"127.0.0.1 {port}" in " ".join(nets[1].connection_info().split())
+    assert f"127.0.0.1 {port}" not in " ".join(nets[0].connection_info().split())
+    assert hmp.execute(f"hostfwd_add net0 tcp:127.0.0.1:{port}-:22") == \
+        f"could not set up host forwarding rule 'tcp:127.0.0.1:{port}-:22'\n"
+    assert "invalid host forwarding rule" in hmp.execute("hostfwd_add net0 tcp:127.0.0.1:x-:22")
+    assert "unknown netdev 'net9'" in hmp.execute("hostfwd_add net9 tcp::1-:2")
+    assert hmp.execute("hostfwd_remove net1 tcp:127.0.0.1:bad") == "invalid format\n"
+    assert hmp.execute(f"hostfwd_remove net1 tcp:127.0.0.1:{port}") == \
+        f"host forwarding rule for tcp:127.0.0.1:{port} removed\n"
+    assert hmp.execute(f"hostfwd_remove net1 tcp:127.0.0.1:{port}") == \
+        f"host forwarding rule for tcp:127.0.0.1:{port} not found\n"
+    info = hmp.execute("info usernet")
+    assert info.index("Hub -1 (net0):") < info.index("Hub -1 (net1):")
+    assert "index=1,type=user,net=10.0.3.0/24" in hmp.execute("info network")
+    assert "hostfwd_add" in hmp.execute("help")
+
+
+def test_hmp_hostfwd_without_a_user_network():
+    from kvmpy.monitor.hmp import Hmp
+    from test_qmp_statevm import StateVm
+    vm = StateVm(name="tap-only")
+    try:
+        assert "no user-mode network" in Hmp(vm).execute("hostfwd_add tcp::1-:2")
+        assert Hmp(vm).execute("info usernet") == ""
+    finally:
+        vm.close()
+
+
 # --- the command line ------------------------------------------------------------------------
 def test_port_taken_is_one_line_and_status_2():
     if SLIRP_SKIP:

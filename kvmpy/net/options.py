@@ -118,9 +118,9 @@ def parse_v4_net(value, where: str) -> IPv4Network:
     return net
 
 
-def _port(text: str, where: str, spec: str, what: str) -> int:
+def _port(text: str, where: str, spec: str, what: str, rule: str = "host forwarding") -> int:
     if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 1 <= int(text) <= 65535:
-        raise ConfigError(f"{where}: invalid forwarding rule {spec!r} (bad {what} port {text!r})")
+        raise ConfigError(f"{where}: invalid {rule} rule {spec!r} (bad {what} port {text!r})")
     return int(text)
 
 
@@ -160,7 +160,7 @@ def parse_guestfwd(spec, where: str) -> GuestForward:
         server = IPv4Address(parts[0])
     except ValueError:
         raise ConfigError(f"{where}: invalid guest forwarding rule {spec!r} (bad server address)") from None
-    port = _port(parts[1], where, spec, "server")
+    port = _port(parts[1], where, spec, "server", "guest forwarding")
     if dev.startswith("cmd:"):
         raise ConfigError(f"{where}: guest forwarding rule {spec!r}: 'cmd:' is not supported "
                           "(forward to a host address: tcp:HOST:PORT)")
@@ -169,7 +169,8 @@ def parse_guestfwd(spec, where: str) -> GuestForward:
     if not colon or not host:
         raise ConfigError(f"{where}: invalid guest forwarding rule {spec!r} "
                           "(expected tcp:server:port-tcp:hostaddr:hostport)")
-    return GuestForward(server=server, port=port, host=host, host_port=_port(hport, where, spec, "host"),
+    return GuestForward(server=server, port=port, host=host,
+                        host_port=_port(hport, where, spec, "host", "guest forwarding"),
                         spec=spec)
 
 
