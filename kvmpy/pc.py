@@ -210,7 +210,7 @@ def describe_nic(placed: PlacedDevice) -> dict:
     as "usernet" for the monitor's info usernet and hostfwd_add/remove."""
     if placed.entry.options["net"].type == "user":
         return {"name": f"net{placed.entry.options['index']}", "type": "user",
-                "net": str(placed.backend.options.net),
+                "net": str(placed.backend.options.net), "restrict": placed.backend.options.restrict,
                 "mac": ":".join(f"{b:02x}" for b in placed.device.device.mac), "usernet": placed.backend}
     tapnet = placed.backend
     return {"name": f"net{placed.entry.options['index']}", "type": "tap", "ifname": tapnet.tap.name,

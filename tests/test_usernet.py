@@ -354,7 +354,8 @@ def test_monitor_info_usernet_and_hostfwd_add_remove(guest, configured):
     assert "Hub -1 (net0):" in info and "Hub -1 (net1):" in info, info
     assert re.search(rf"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+{guest.ports['eth0']}\s+10\.0\.2\.15\s+22", info), info
     net = guest.hmp("info network")
-    assert "net0: index=0,type=user,net=10.0.2.0/24" in net, net
+    assert "net0: index=0,type=user,net=10.0.2.0/24,restrict=off" in net, net
+    assert "net1: index=1,type=user,net=10.0.3.0/24,restrict=on" in net, net
     port = guest.ports["added"]
     out = guest.hmp(f"hostfwd_add net0 tcp:127.0.0.1:{port}-:2323")
     assert "could not" not in out and "rror" not in out, out

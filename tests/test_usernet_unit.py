@@ -342,6 +342,16 @@ def test_libslirp_timers_ride_on_the_event_loop(loop):
         assert not any(t.pending for t in net._slirp_timers.values())
 
 
+def test_guest_errors_are_logged_rate_limited(loop, caplog):
+    with _user_net(loop) as net:
+        with caplog.at_level("WARNING", logger="kvmpy.net.slirp"):
+            for i in range(100):
+                slirp_mod.kvmpy_slirp_guest_error(slirp_mod.ffi.new("char[]", f"bad {i}".encode()), net._handle)
+        logged = [r for r in caplog.records if "guest error" in r.getMessage()]
+        assert len(logged) == slirp_mod.GUEST_ERROR_BURST
+        assert net.stats()["guest_errors_dropped"] == 100 - slirp_mod.GUEST_ERROR_BURST
+
+
 def test_close_releases_descriptors(loop):
     before = _fd_count()
     for _ in range(20):

@@ -90,7 +90,7 @@ def _network(control: VmControl, args: list[str]) -> str:
         if nic.get("bridge"):
             parts.append(f"br={nic['bridge']}")
         if nic.get("net"):
-            parts.append(f"net={nic['net']}")
+            parts.append(f"net={nic['net']},restrict={'on' if nic.get('restrict') else 'off'}")
         out.append(f"{nic.get('name', f'net{i}')}: {','.join(parts)}\n")
         if nic.get("mac"):
             out.append(f" \\ {nic.get('name', f'net{i}')}: model=virtio-net-pci,macaddr={nic['mac']}\n")
