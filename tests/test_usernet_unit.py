@@ -128,6 +128,25 @@ def test_hostfwd_parser_takes_anything(spec):
         assert 1 <= rule.host_port <= 65535 and 1 <= rule.guest_port <= 65535
 
 
+@settings(max_examples=500 if FUZZ else 80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.sampled_from(["cidr", "mask", "none"]))
+def test_any_net_gets_qemus_defaults_inside_it(address, prefix, spelling):
+    """Whatever net= a user gives: a ConfigError line, or host .2, dns .3 and
+    dhcpstart .15 that are host addresses of it (a net too small for them is refused)."""
+    from ipaddress import IPv4Address, IPv4Network
+    net = IPv4Network(f"{IPv4Address(address)}/{prefix}", strict=False)
+    text = {"cidr": f"{net.network_address}/{prefix}", "mask": f"{net.network_address}/{net.netmask}",
+            "none": str(net.network_address)}[spelling]
+    try:
+        u = parse_netdev(f"user,net={text}").user
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    for addr in (u.host, u.dns, u.dhcpstart):
+        assert addr in u.net and addr not in (u.net.network_address, u.net.broadcast_address)
+    assert len({u.host, u.dns}) == 2
+
+
 # --- a real libslirp instance ----------------------------------------------------------------
 @pytest.fixture
 def loop():
