@@ -12,8 +12,10 @@ VPY := $(VENV)/bin/python
 # (an L1 boot, a pip install) is one xdist_group, so one worker runs it all.
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
-               netcat-openbsd socat libslirp-dev \
+               netcat-openbsd socat \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
+# user-mode networking (kvmpy.net._slirp_cffi is built against it)
+APT_PACKAGES += libslirp-dev
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean
 
