@@ -14,6 +14,8 @@ TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat xorriso \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
+# user-mode networking (kvmpy.net._slirp_cffi is built against it)
+APT_PACKAGES += libslirp-dev
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean
 
@@ -78,7 +80,7 @@ fuzz: build
 	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
-	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c
+	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c kvmpy/net/_slirp_cffi*.so
 	$(MAKE) -C tests/guests clean
 
 distclean: clean

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .net.options import UserNetOptions, parse_user_options, split_netdev_options
 from .pathcheck import refuse_special_file
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -65,10 +66,11 @@ def check_error_policy(value, key: str, where: str) -> str:
 
 @dataclass
 class NetConfig:
-    type: str = "tap"
+    type: str = "tap"                 # "tap" or "user" (libslirp, kvmpy.net)
     ifname: str = ""
     bridge: str = ""
     mac: str = ""
+    user: UserNetOptions | None = None    # type "user": its options
 
 
 @dataclass
@@ -278,10 +280,13 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
         where = f"{source}: [[net]] #{i + 1}"
         _expect(n, dict, where, "a table")
+        if n.get("type") == "user":
+            cfg.nets.append(parse_user_net_options(n, where))
+            continue
         _check_unknown(n, NET_KEYS, where)
         net = NetConfig(**{k: _expect(v, str, f"{where} key '{k}'", "a string") for k, v in n.items()})
         if net.type != "tap":
-            raise ConfigError(f"{where} key 'type': only \"tap\" is supported, got {net.type!r}")
+            raise ConfigError(f"{where} key 'type': must be \"tap\" or \"user\", got {net.type!r}")
         check_mac(net.mac, f"{where} key 'mac'")
         cfg.nets.append(net)
     for i, d in enumerate(_expect(data.get("device", []), list, w("device"),
@@ -425,11 +430,28 @@ def parse_drive_placement(disk: DiskConfig, opts: dict[str, str], where: str) ->
     check_disk(disk, where)
 
 
+def parse_user_net_options(opts: dict, where: str) -> NetConfig:
+    """A user-mode NIC (libslirp) from QEMU's ``-netdev user`` options as a dict:
+    strings from a command line (``{"hostfwd": ["tcp::2222-:22"], "restrict": "on"}``)
+    or typed vm.toml values (``restrict = true``); ``type`` and ``id`` are ignored.
+    ``where`` starts every error ("vm.toml: [[net]] #1", "--net user,...")."""
+    mac = opts.get("mac", "")
+    if not isinstance(mac, str):
+        raise ConfigError(f"{where}: mac: expected xx:xx:xx:xx:xx:xx, got {mac!r}")
+    check_mac(mac, f"{where}: mac")
+    user = parse_user_options({k: v for k, v in opts.items() if k != "mac"}, where)
+    return NetConfig(type="user", mac=mac, user=user)
+
+
 def parse_netdev(spec: str) -> NetConfig:
-    """``--net tap,ifname=tap0,bridge=br0,mac=52:54:00:12:34:56``."""
+    """``--net tap,ifname=tap0,bridge=br0,mac=52:54:00:12:34:56`` or
+    ``--net user[,hostfwd=tcp::2222-:22][,restrict=on]...``."""
     parts = spec.split(",")
+    if parts[0] == "user":
+        rest = spec[len("user"):].lstrip(",")
+        return parse_user_net_options(split_netdev_options(rest, f"--net {spec}"), f"--net {spec}")
     if parts[0] != "tap":
-        raise ConfigError(f"--net {spec}: only 'tap' is supported")
+        raise ConfigError(f"--net {spec}: must be 'tap' or 'user'")
     net = NetConfig()
     for part in parts[1:]:
         k, sep, v = part.partition("=")

@@ -189,17 +189,36 @@ def open_tap(ctx: DeviceContext):
                            vm_name=ctx.config.name, index=ctx.options["index"])
 
 
+def open_nic_backend(ctx: DeviceContext):
+    """A NIC's backend: a tap (kvmpy.tap) or user-mode networking (kvmpy.net.slirp)."""
+    net: NetConfig = ctx.options["net"]
+    if net.type == "user":
+        from .net.slirp import UserNetwork
+        return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}")
+    return open_tap(ctx)
+
+
 def make_virtio_net(ctx: DeviceContext):
     from .devices.virtio.net import VirtioNet
     from .devices.virtio.pci import VirtioPciTransport
-    tapnet = ctx.backend
+    net: NetConfig = ctx.options["net"]
+    if net.type == "user":
+        from .tap import parse_mac
+        port, mac = ctx.backend.port, parse_mac(net.mac) if net.mac else None
+    else:
+        port, mac = ctx.backend.tap, ctx.backend.mac
     return VirtioPciTransport(ctx.platform, ctx.events,
-                              VirtioNet(tapnet.tap, mac=tapnet.mac, vm_name=ctx.config.name,
+                              VirtioNet(port, mac=mac, vm_name=ctx.config.name,
                                         index=ctx.options["index"], name=ctx.name))
 
 
 def describe_nic(placed: PlacedDevice) -> dict:
-    """info network's line for a NIC."""
+    """info network's line for a NIC; a user network's entry carries its backend
+    as "usernet" for the monitor's info usernet and hostfwd_add/remove."""
+    if placed.entry.options["net"].type == "user":
+        return {"name": f"net{placed.entry.options['index']}", "type": "user",
+                "net": str(placed.backend.options.net), "restrict": placed.backend.options.restrict,
+                "mac": ":".join(f"{b:02x}" for b in placed.device.device.mac), "usernet": placed.backend}
     tapnet = placed.backend
     return {"name": f"net{placed.entry.options['index']}", "type": "tap", "ifname": tapnet.tap.name,
             "mac": ":".join(f"{b:02x}" for b in tapnet.mac), "bridge": tapnet.bridge or ""}
@@ -207,7 +226,7 @@ def describe_nic(placed: PlacedDevice) -> dict:
 
 def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
     return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net, options={"net": net, "index": index},
-                       backend=open_tap, query="net", describe=describe_nic)
+                       backend=open_nic_backend, query="net", describe=describe_nic)
 
 
 # --- the IDE controller (PIIX3) --------------------------------------------------------

@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]"
                    "[,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore]"
                    "[,if=virtio|ide][,media=disk|cdrom][,index=0-3]")
-    p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M]")
+    p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M] or user[,hostfwd=tcp::2222-:22]"
+                   "[,restrict=on][,net=10.0.2.0/24]... (QEMU's -netdev user options), or none")
     p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
                    help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
                         "(see docs/plugins.md)")
@@ -79,7 +80,9 @@ def build_config(args) -> VmConfig:
     if args.no_reboot:
         cfg.no_reboot = True
     cfg.disks += [parse_drive(d) for d in args.drive]
-    cfg.nets += [parse_netdev(n) for n in args.net]
+    if "none" in args.net:      # QEMU's -nic none: no NIC, whatever the vm.toml has
+        cfg.nets = []
+    cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
     cfg.devices += [parse_device_option(d) for d in args.device]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
@@ -250,7 +253,7 @@ def _enter_sandbox(cfg: VmConfig) -> None:
         from .vcpu.trace import _load_capstone
         _load_capstone()
     try:
-        install()
+        install(user_network=any(net.type == "user" for net in cfg.nets))
     except SandboxUnavailable as e:
         if cfg.sandbox:
             raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {e}") from None

@@ -85,8 +85,9 @@ SYSCALLS = {
     "rt_sigaction": 13, "rt_sigprocmask": 14, "rt_sigreturn": 15, "ioctl": 16,
     "pread64": 17, "pwrite64": 18, "readv": 19, "writev": 20, "access": 21,
     "sched_yield": 24, "mremap": 25, "madvise": 28, "dup": 32, "dup2": 33, "nanosleep": 35,
-    "getpid": 39, "socket": 41, "sendto": 44, "recvfrom": 45, "shutdown": 48,
-    "getsockname": 51, "setsockopt": 54, "getsockopt": 55, "clone": 56, "execve": 59,
+    "getpid": 39, "socket": 41, "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45,
+    "sendmsg": 46, "recvmsg": 47, "shutdown": 48, "bind": 49, "listen": 50,
+    "getsockname": 51, "getpeername": 52, "setsockopt": 54, "getsockopt": 55, "clone": 56, "execve": 59,
     "exit": 60, "wait4": 61, "kill": 62, "fcntl": 72, "fsync": 74, "fdatasync": 75,
     "ftruncate": 77, "getcwd": 79, "fchdir": 81, "unlink": 87, "readlink": 89,
     "gettimeofday": 96, "ptrace": 101, "sigaltstack": 131, "gettid": 186, "time": 201,
@@ -156,7 +157,14 @@ def _ioctl_rule() -> Rule:
     return Rule(when=(kvm,) + tuple((Arg(1, req),) for req in IOCTLS.values()))
 
 
-def policy(pid: int) -> dict[str, Rule]:
+# User-mode networking (libslirp, kvmpy.net) makes a host socket for each guest
+# connection, UDP flow and forwarded port while the VM runs: these are allowed
+# only in a VM with a user NIC. Files stay closed: the guest's DNS is relayed by
+# kvmpy.net.slirp to the nameserver /etc/resolv.conf named before the filter.
+USER_NETWORK_CALLS = ("socket", "connect", "accept", "bind", "listen", "getpeername", "sendmsg", "recvmsg")
+
+
+def policy(pid: int, user_network: bool = False) -> dict[str, Rule]:
     """The allow-list for the VM process ``pid``. Order matters only for speed: the
     hot calls (ioctl for KVM_RUN, futex, reads and writes, the loop's wait) come
     first; kernels from 5.11 skip the filter for calls allowed whatever their
@@ -219,6 +227,8 @@ def policy(pid: int) -> dict[str, Rule]:
         "faccessat": _refuse(errno.EACCES), "faccessat2": _refuse(errno.EACCES),
         "readlink": _refuse(errno.EACCES), "readlinkat": _refuse(errno.EACCES),
     }
+    if user_network:
+        p.update((name, ALLOW) for name in USER_NETWORK_CALLS)
     return p
 
 
@@ -353,18 +363,19 @@ def audit_mode() -> bool:
     return os.environ.get(AUDIT_ENV, "") not in ("", "0")
 
 
-def install(audit: bool | None = None) -> int:
+def install(audit: bool | None = None, user_network: bool = False) -> int:
     """Set NO_NEW_PRIVS and install the filter on every thread of this process
     (threads started later inherit it). Returns the program's length.
     ``audit`` (default: $KVMPY_SANDBOX_AUDIT): log calls outside the list instead
-    of killing the process. SandboxUnavailable when the kernel refuses."""
+    of killing the process. ``user_network``: the VM has a user-mode NIC (see
+    USER_NETWORK_CALLS). SandboxUnavailable when the kernel refuses."""
     if audit is None:
         audit = audit_mode()
     reason = unavailable_reason()
     if reason is not None:
         raise SandboxUnavailable(reason)
     default = SECCOMP_RET_LOG if audit else SECCOMP_RET_KILL_PROCESS
-    prog = assemble(policy(os.getpid()), default)
+    prog = assemble(policy(os.getpid(), user_network), default)
     filters = (_SockFilter * len(prog))(*[_SockFilter(code, jt, jf, k) for code, jt, jf, k in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(filters, ctypes.POINTER(_SockFilter)))
     try:

@@ -46,7 +46,7 @@ def test_full_config(tmp_path):
     ({"disk": [{"format": "raw"}]}, "missing key 'path'"),
     ({"disk": [{"path": "x", "format": "vmdk"}]}, "'format'"),
     ({"disk": [{"path": "x", "serial": "y" * 21}]}, "'serial'"),
-    ({"net": [{"type": "user"}]}, "'type'"),
+    ({"net": [{"type": "vde"}]}, "'type'"),
     ({"net": [{"mac": "01:00:00:00:00:00"}]}, "multicast"),
     ({"monitor": {"qmpp": "x"}}, "qmpp"),
     ({"name": "bad name!"}, "'name'"),
@@ -66,7 +66,7 @@ def test_drive_and_net_options():
     n = parse_netdev("tap,ifname=t0,bridge=br9")
     assert (n.ifname, n.bridge) == ("t0", "br9")
     with pytest.raises(ConfigError):
-        parse_netdev("user,hostfwd=tcp::22-:22")
+        parse_netdev("vde,sock=/tmp/vde")   # user is kvmpy.net (test_usernet_unit.py)
 
 
 def test_cli_and_toml_share_drive_and_net_checks():

@@ -89,10 +89,39 @@ def _network(control: VmControl, args: list[str]) -> str:
             parts.append(f"ifname={nic['ifname']}")
         if nic.get("bridge"):
             parts.append(f"br={nic['bridge']}")
+        if nic.get("net"):
+            parts.append(f"net={nic['net']},restrict={'on' if nic.get('restrict') else 'off'}")
         out.append(f"{nic.get('name', f'net{i}')}: {','.join(parts)}\n")
         if nic.get("mac"):
             out.append(f" \\ {nic.get('name', f'net{i}')}: model=virtio-net-pci,macaddr={nic['mac']}\n")
     return "".join(out)
+
+
+def _user_networks(control: VmControl) -> list[tuple[str, object]]:
+    """(netdev name, kvmpy.net.slirp.UserNetwork) for each user-mode NIC."""
+    return [(nic.get("name", ""), nic["usernet"]) for nic in control.network_devices() if "usernet" in nic]
+
+
+def _usernet(control: VmControl, args: list[str]) -> str:
+    return "".join(f"Hub -1 ({name}):\n{usernet.connection_info()}" for name, usernet in _user_networks(control))
+
+
+def _pick_user_network(control: VmControl, args: list[str], command: str):
+    """QEMU's ``[netdev_id] rule``: the NIC may be left out when there is one."""
+    nets = _user_networks(control)
+    if len(args) == 2:
+        found = [u for name, u in nets if name == args[0]]
+        if not found:
+            return None, f"{command}: unknown netdev '{args[0]}' (user networks: " \
+                         f"{', '.join(n for n, _ in nets) or 'none'})\n"
+        return found[0], None
+    if len(args) != 1:
+        return None, f"{command}: expected [netdev_id] rule\n"
+    if not nets:
+        return None, f"{command}: no user-mode network (use --net user)\n"
+    if len(nets) > 1:
+        return None, f"{command}: several user networks: name one ({', '.join(n for n, _ in nets)})\n"
+    return nets[0][1], None
 
 
 def _name(control: VmControl, args: list[str]) -> str:
@@ -118,6 +147,7 @@ INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, 
     "registers": (_registers, 0, "", "show the cpu registers"),
     "network": (_network, 0, "", "show the network state"),
     "status": (_status, 0, "", "show the current VM status (running|paused)"),
+    "usernet": (_usernet, 0, "", "show user network stack connection states"),
     "version": (_version, 0, "", "show the version of kvmpy"),
 }
 
@@ -132,6 +162,10 @@ class Hmp:
         "cont": (("c",), "", "resume emulation"),
         "eject": ((), "[-f] device", "eject a removable medium (use -f to force it)"),
         "help": (("?",), "[cmd]", "show the help"),
+        "hostfwd_add": ((), "[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+                        "redirect TCP or UDP connections from host to guest (requires --net user)"),
+        "hostfwd_remove": ((), "[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+                           "remove host-to-guest TCP or UDP redirection"),
         "info": ((), "[subcommand]", "show various information about the system state"),
         "quit": (("q",), "", "quit the emulator"),
         "stop": (("s",), "", "stop emulation"),
@@ -148,6 +182,7 @@ class Hmp:
         self._handlers: dict[str, Callable[[list[str]], str]] = {
             "change": self._cmd_change, "eject": self._cmd_eject,
             "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
+            "hostfwd_add": self._cmd_hostfwd_add, "hostfwd_remove": self._cmd_hostfwd_remove,
             "stop": self._cmd_stop, "system_powerdown": self._cmd_system_powerdown,
             "system_reset": self._cmd_system_reset,
         }
@@ -225,6 +260,41 @@ class Hmp:
         else:
             self.control.quit()
         return ""
+
+    def _cmd_hostfwd_add(self, args):
+        from ..errors import ConfigError
+        from ..net.options import parse_hostfwd
+        usernet, err = _pick_user_network(self.control, args, "hostfwd_add")
+        if err:
+            return err
+        try:
+            rule = parse_hostfwd(args[-1], "hostfwd_add")
+        except ConfigError as e:
+            return f"{e}\n"
+        try:
+            usernet.add_hostfwd(rule)
+        except ConfigError:
+            return f"could not set up host forwarding rule '{args[-1]}'\n"
+        return ""
+
+    def _cmd_hostfwd_remove(self, args):
+        from ipaddress import IPv4Address
+        usernet, err = _pick_user_network(self.control, args, "hostfwd_remove")
+        if err:
+            return err
+        spec = args[-1]
+        proto, sep, rest = spec.partition(":")
+        addr, colon, port = rest.rpartition(":")
+        try:
+            if not sep or not colon or proto not in ("", "tcp", "udp") or not port.isdigit():
+                raise ValueError
+            host_addr = IPv4Address(addr or "0.0.0.0")
+            host_port = int(port)
+        except ValueError:
+            return "invalid format\n"
+        if not usernet.remove_hostfwd(proto == "udp", host_addr, host_port):
+            return f"host forwarding rule for {spec} not found\n"
+        return f"host forwarding rule for {spec} removed\n"
 
     def _cmd_info(self, args):
         if not args:

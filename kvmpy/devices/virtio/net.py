@@ -65,8 +65,11 @@ class VirtioNet:
     """virtio-net, a VirtioDevice on an open tap.
 
     Arguments:
-      tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``); the device uses its fd
-        and sets its offloads, the caller closes it after the transport's ``close()``.
+      tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``), or anything with the same
+        ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
+        ``no_offloads = True`` none is offered and TUNSETOFFLOAD is not used
+        (kvmpy.net.slirp.FramePort). The device uses its fd, the caller closes it
+        after the transport's ``close()``.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
@@ -80,6 +83,8 @@ class VirtioNet:
                  queue_size: int = 256, name: str = "virtio-net") -> None:
         self.name = name
         self.tap = tap
+        # A port that takes complete frames only (kvmpy.net.slirp.FramePort) says so.
+        self.offloads = not getattr(tap, "no_offloads", False)
         self.mac = bytes(mac) if mac else stable_mac(vm_name, index)
         if len(self.mac) != 6:
             raise ValueError(f"{name}: MAC must be 6 bytes")
@@ -108,6 +113,9 @@ class VirtioNet:
     # what the driver sees ----------------------------------------------------------
 
     def device_features(self) -> int:
+        if not self.offloads:
+            # A user-mode network (kvmpy.net) takes complete, checksummed frames only.
+            return 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
         f = 0
         for bit in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_GUEST_TSO4,
                     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
@@ -144,7 +152,7 @@ class VirtioNet:
                 flags |= TUN_F_TSO_ECN
             if self.negotiated(VIRTIO_NET_F_GUEST_UFO):
                 flags |= TUN_F_UFO
-        if not self.tap.set_offload(flags):
+        if self.offloads and not self.tap.set_offload(flags):
             raise RuntimeError(f"tap {self.tap.name} refused offloads {flags:#x}")
         self._queues = queues
         self._transport = transport
@@ -154,7 +162,7 @@ class VirtioNet:
         return (FdWatch(self.tap.fd, EVENT_READ, self._tap_readable),)
 
     def reset(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and self.offloads:
             self.tap.set_offload(0)
         self._queues = ()
         self._transport = None
