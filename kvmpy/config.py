@@ -113,6 +113,13 @@ class VmConfig:
     bios: str | None = None           # the firmware image (QEMU's -bios); None: Debian's
     boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
     boot_menu: bool = False
+    # QEMU's command line (kvmpy.qemu_cli): -L directories, -name ...,process=, -S, -D,
+    # and a multiboot kernel's modules (path, command line) from -initrd "mod arg,mod2"
+    firmware_path: list[str] = field(default_factory=list)
+    process_name: str = ""
+    start_paused: bool = False
+    log_file: str | None = None
+    multiboot_modules: list[tuple[str, str]] = field(default_factory=list)
 
 
 FIRMWARES = ("none", "bios", "uefi")

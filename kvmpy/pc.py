@@ -218,6 +218,23 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 )
 
 
+# QEMU's test devices (-device isa-debug-exit, pc-testdev, pci-testdev: kvmpy.qemu_cli)
+QEMU_DEBUG_EXIT_TYPE = "kvmpy.devices.testdev:IsaDebugExit"
+PCI_TESTDEV_TYPE = "pci-testdev"
+
+
+def make_pci_testdev(ctx: DeviceContext):
+    from .devices.testdev import PciTestdev
+    return PciTestdev(name=ctx.name)
+
+
+def user_device_entry(dev, index: int) -> DeviceEntry:
+    """A [[device]]/--device/-device: pci-testdev is kvmpy's own PCI device, the rest plug-ins."""
+    if dev.type == PCI_TESTDEV_TYPE:
+        return DeviceEntry(dev.options.get("id") or f"pci-testdev{index}", "pci", make_pci_testdev)
+    return plugin_entry(dev, index)
+
+
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     """The PC's fixed devices, a virtio-blk per disk, a virtio-net per NIC, then the
     user's plug-in devices ([[device]], --device; kvmpy.plugins)."""
@@ -225,10 +242,15 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
         if disk.interface != "virtio":
             raise ConfigError(f"{cfg.source}: disk {disk.path}: interface {disk.interface!r} is not "
                               "available yet (only virtio)")
-    return [*PC_DEVICES,
+    fixed = PC_DEVICES
+    if any(dev.type == QEMU_DEBUG_EXIT_TYPE for dev in cfg.devices):
+        # QEMU's isa-debug-exit takes the place of kvmpy's own port 0xf4, wherever it sits:
+        # a guest written for QEMU finds nothing else there.
+        fixed = tuple(e for e in PC_DEVICES if e.name != "debug-exit")
+    return [*fixed,
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
-            *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
+            *(user_device_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 
 def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory, num_cpus: int) -> int:

@@ -94,13 +94,20 @@ def build_config(args) -> VmConfig:
         for name in parse_trace(spec, f"--trace {spec}"):
             if name not in cfg.trace:
                 cfg.trace.append(name)
+    finish_config(cfg)
+    return cfg
+
+
+def finish_config(cfg: VmConfig) -> None:
+    """What every command line (kvmpy's, QEMU's: kvmpy.qemu_cli) must satisfy at the end."""
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
     require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
     if cfg.initrd:
         require_file(cfg.initrd, f"initrd {cfg.initrd}", ConfigError)
+    for path, _ in cfg.multiboot_modules:
+        require_file(path, f"multiboot module {path} (-initrd)", ConfigError)
     validate(cfg)
-    return cfg
 
 
 def run_command(args) -> int:
@@ -108,7 +115,11 @@ def run_command(args) -> int:
         from .vcpu.trace import trace_help
         print(trace_help())
         return 0
-    cfg = build_config(args)
+    return run_config(build_config(args))
+
+
+def run_config(cfg: VmConfig) -> int:
+    """Run a finished VmConfig (from ``kvmpy run``'s options or QEMU's: kvmpy.qemu_cli)."""
     _check_linux_on_software_nested_kvm(cfg)
     if cfg.daemonize:
         from .lifecycle import daemonize
@@ -182,6 +193,8 @@ def _run(cfg: VmConfig, notify_running) -> int:
         console.start()
         if sandbox:
             _enter_sandbox(cfg)
+        if cfg.start_paused:        # QEMU's -S: the vCPUs wait for `cont` from their first instruction
+            machine.pause()
         machine.start()
         if notify_running is not None:
             notify_running()
