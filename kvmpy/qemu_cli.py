@@ -908,7 +908,30 @@ def run_qemu(argv: list[str], *, allow_config: bool) -> int:
         sys.stdout.write(help_text(topic))
         return 0
     finish_config(cfg)
-    return run_config(cfg)
+    if cfg.log_file is None:
+        return run_config(cfg)
+    return _run_logging_to(cfg, run_config)
+
+
+def _run_logging_to(cfg: VmConfig, run) -> int:
+    """QEMU's -D: the log (kvmpy's warnings and --trace/-d lines) goes to the file,
+    errors that end kvmpy still to stderr."""
+    try:
+        log_stream = open(cfg.log_file, "a", buffering=1)
+    except OSError as e:
+        raise QemuOptionError(f"qemu option -D {cfg.log_file}: {e.strerror}") from None
+    handler = logging.StreamHandler(log_stream)
+    handler.setFormatter(logging.Formatter("kvmpy: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_handlers, saved_stderr = root.handlers[:], sys.stderr
+    root.handlers = [handler]
+    sys.stderr = log_stream          # the exit tracer writes to sys.stderr as it is at each line
+    try:
+        return run(cfg)
+    finally:
+        sys.stderr = saved_stderr
+        root.handlers = saved_handlers
+        log_stream.close()
 
 
 def main(argv: list[str] | None = None) -> int:
