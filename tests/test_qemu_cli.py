@@ -588,3 +588,59 @@ def test_tcp_console_bad_specs():
             open_console(f"tcp:127.0.0.1:{busy.getsockname()[1]},server,nowait", lambda: None)
     finally:
         busy.close()
+
+
+# ------------------------------------------------------------------ service: qemu.conf
+
+def write_conf(tmp_path, text):
+    conf = tmp_path / "etc"
+    conf.mkdir(exist_ok=True)
+    (conf / "qemu.conf").write_text(text)
+    return str(conf)
+
+
+def test_service_qemu_conf(tmp_path):
+    from kvmpy.service import run_argv, select_entries
+    conf = write_conf(tmp_path, 'QEMU_MACHINES=(b !a)\nqemu_a="-m 64 \\\n  -kernel k -vnc :1"  # trailing\n'
+                                "qemu_b='-enable-kvm -kernel k2 -display none -k de'\nqemu_b_haltcmd=\"ssh b poweroff\"\n"
+                                'qemu_b_type="system-x86_64"\n')
+    (tmp_path / "etc" / "c.toml").write_text('kernel = "k"\n')
+    entries = select_entries(conf, [])
+    assert [e.name for e in entries] == ["c", "b", "a"]
+    c, b, a = entries
+    assert (a.enabled, a.qemu_args, a.qemu_left_out) == (False, ["-m", "64", "-kernel", "k"], ("-vnc :1",))
+    assert (b.halt, b.halt_command, b.qemu_left_out) == ("command", "ssh b poweroff", ("-k de",))
+    assert b.qemu_args == ["-enable-kvm", "-kernel", "k2", "-display", "none"]
+    argv = run_argv(b, "/run/k")
+    assert argv[3:] == ["run", "-enable-kvm", "-kernel", "k2", "-display", "none", "-name", "b", "-pidfile",
+                        "/run/k/b.pid", "-daemonize", "-qmp", "unix:/run/k/b.qmp,server,nowait"]
+    assert [e.name for e in select_entries(conf, ["a"])] == ["a"]
+    with pytest.raises(ConfigError, match="no qemu_zz"):
+        select_entries(conf, ["zz"])
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('qemu_a="-m 64 -foo"\n', "key 'qemu_a': qemu option -foo: not supported by kvmpy"),
+    ('qemu_a="-m $MEM"\n', "key 'qemu_a': shell expansion"),
+    ('qemu_a="-m 64\n', "not shell assignments"),
+    ('foo="bar"\n', "unknown key 'foo'"),
+    ('echo hi\n', "is not an assignment"),
+    ('qemu_a="-m 64"\nqemu_a_type="system-arm"\n', "system-x86_64 only"),
+    ('QEMU_MACHINES=(b)\nqemu_a="-m 64"\n', "no qemu_b line"),
+    ('QEMU_MACHINES=(a\n', "array without ')'"),
+    ('qemu_a="-hda"\n', "-hda: requires an argument"),
+])
+def test_service_qemu_conf_errors(tmp_path, text, needle):
+    from kvmpy.service import select_entries
+    conf = write_conf(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        select_entries(conf, [])
+    assert needle in str(e.value) and "qemu.conf" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_service_name_in_toml_and_conf_is_refused(tmp_path):
+    from kvmpy.service import select_entries
+    conf = write_conf(tmp_path, 'qemu_a="-m 64"\n')
+    (tmp_path / "etc" / "a.toml").write_text('kernel = "k"\n')
+    with pytest.raises(ConfigError, match="also defined in"):
+        select_entries(conf, [])
