@@ -644,3 +644,120 @@ def test_service_name_in_toml_and_conf_is_refused(tmp_path):
     (tmp_path / "etc" / "a.toml").write_text('kernel = "k"\n')
     with pytest.raises(ConfigError, match="also defined in"):
         select_entries(conf, [])
+
+
+# ------------------------------------------------------------------ multiboot loader
+
+import struct  # noqa: E402
+
+from kvmpy.boot import layout  # noqa: E402
+from kvmpy.boot.loader import kernel_kind, load_kernel  # noqa: E402
+from kvmpy.boot.multiboot import (BOOTLOADER_MAGIC, FLAG_AOUT_KLUDGE, HEADER_MAGIC, INFO_ADDR,  # noqa: E402
+                                  find_header)
+from kvmpy.errors import BootError  # noqa: E402
+from kvmpy.memory import GuestMemory  # noqa: E402
+
+
+def aout_kernel(flags=FLAG_AOUT_KLUDGE | 3, load=0x100000, header_offset=0x40, size=0x2000, bss=0x1000,
+                entry=0x100080, checksum=None):
+    image = bytearray(size)
+    checksum = -(HEADER_MAGIC + flags) & 0xFFFFFFFF if checksum is None else checksum
+    struct.pack_into("<8I", image, header_offset, HEADER_MAGIC, flags, checksum, load + header_offset, load,
+                     load + size, load + size + bss, entry)
+    image[0x80:0x84] = b"\xf4\xeb\xfd\x90"
+    return bytes(image)
+
+
+@pytest.fixture
+def memory():
+    mem = GuestMemory.anonymous(layout.ram_layout(64 << 20))
+    yield mem
+    mem.close()
+
+
+def test_multiboot_aout_load_and_boot_information(memory, tmp_path):
+    kernel = tmp_path / "mb.bin"
+    kernel.write_bytes(aout_kernel())
+    (tmp_path / "m1").write_bytes(b"one")
+    (tmp_path / "m2").write_bytes(b"two" * 2000)
+    assert kernel_kind(str(kernel)) == "multiboot"
+    state = load_kernel(memory, str(kernel), "a b", modules=[(str(tmp_path / "m1"), "m1 x y"),
+                                                             (str(tmp_path / "m2"), "m2")])
+    assert (state.regs.rax, state.regs.rbx, state.regs.rip) == (BOOTLOADER_MAGIC, INFO_ADDR, 0x100080)
+    assert state.sregs.cr0 & 1 and not state.sregs.cr0 >> 31 and not state.regs.rflags & 0x200
+    assert memory.read(0x100080, 4) == b"\xf4\xeb\xfd\x90"
+    assert memory.read(0x102000, 0x1000) == bytes(0x1000)          # bss zeroed
+    flags, lower, upper, dev, cmd, count, mods = struct.unpack("<7I", memory.read(INFO_ADDR, 28))
+    assert flags & 0x24F == 0x24F and (lower, upper, count) == (639, (64 << 10) - 1024, 2)
+    assert memory.read(cmd, 200).split(b"\0")[0] == f"{kernel} a b".encode()
+    m1 = struct.unpack("<4I", memory.read(mods, 16))
+    m2 = struct.unpack("<4I", memory.read(mods + 16, 16))
+    assert m1[0] == 0x103000 and m1[1] - m1[0] == 3 and memory.read(m1[0], 3) == b"one"
+    assert m2[0] == 0x104000 and memory.read(m2[0], 6000) == b"two" * 2000
+    assert memory.read(m1[2], 7) == b"m1 x y\0"
+    mmap_len, mmap_addr = struct.unpack("<II", memory.read(INFO_ADDR + 44, 8))
+    entries = [struct.unpack_from("<IQQI", memory.read(mmap_addr, mmap_len), off) for off in range(0, mmap_len, 24)]
+    assert (20, 0x100000, (64 << 20) - 0x100000, 1) in entries
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"flags": FLAG_AOUT_KLUDGE | 1 << 5}, "features kvmpy does not offer"),
+    ({"load": 0x1000}, "overlaps the boot area below 1 MiB"),
+    ({"load": 0x7000000}, "outside guest RAM"),
+    ({"bss": 0x10000000}, "outside guest RAM"),
+    ({"header_offset": 0x10, "load": 0x100000, "size": 0x2000}, None),
+])
+def test_multiboot_aout_refusals(memory, tmp_path, kwargs, needle):
+    kernel = tmp_path / "mb.bin"
+    kernel.write_bytes(aout_kernel(**kwargs))
+    if needle is None:
+        load_kernel(memory, str(kernel))
+        return
+    with pytest.raises(BootError, match=needle):
+        load_kernel(memory, str(kernel))
+
+
+def test_multiboot_header_rules(tmp_path):
+    assert find_header(aout_kernel()) is not None
+    assert find_header(aout_kernel(checksum=0)) is None                 # a bad checksum is no header
+    assert find_header(b"\0" * 2 + aout_kernel()) is None               # not 32-bit aligned
+    assert find_header(bytes(8192) + aout_kernel()) is None             # past the first 8 KiB
+    elf64 = bytearray(aout_kernel(flags=3))
+    elf64[:5] = b"\x7fELF\x02"
+    (tmp_path / "k64").write_bytes(bytes(elf64))
+    mem = GuestMemory.anonymous(layout.ram_layout(64 << 20))
+    try:
+        with pytest.raises(BootError, match="64-bit ELF multiboot kernel"):
+            load_kernel(mem, str(tmp_path / "k64"))
+        (tmp_path / "mod").write_bytes(b"x")
+        with pytest.raises(BootError, match="not multiboot"):
+            load_kernel(mem, os.path.join(ROOT, "tests/guests/build/hello.elf"), modules=[(str(tmp_path / "mod"), "mod")])
+    finally:
+        mem.close()
+
+
+@given(st.binary(max_size=300), st.integers(0, 0x1FFFF), st.integers(0, 0xFFFFF), st.integers(0, 0x3FFFFF),
+       st.integers(0, 0x3FFFFF), st.integers(0, (1 << 32) - 1))
+@settings(max_examples=400 if FUZZ else 80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_multiboot_hostile_headers(tail, flags, header_addr, load_end, bss_end, entry):
+    """Whatever the header's fields say: a BootState or one BootError, never a write outside RAM."""
+    flags |= FLAG_AOUT_KLUDGE
+    image = struct.pack("<8I", HEADER_MAGIC, flags, -(HEADER_MAGIC + flags) & 0xFFFFFFFF, 0x100000 + header_addr,
+                        0x100000, 0x100000 + load_end if load_end else 0, 0x100000 + bss_end if bss_end else 0,
+                        entry) + tail
+    from kvmpy.boot.multiboot import load_multiboot
+    try:
+        load_multiboot(HOSTILE_MEMORY, "k", image, find_header(image), "", [], 8 << 20)
+    except BootError as e:
+        assert "\n" not in str(e)
+
+
+HOSTILE_MEMORY = GuestMemory.anonymous([(0, 8 << 20)])    # reserved, not committed: one for every example
+
+
+def test_qemu_initrd_is_multiboot_modules(tmp_path):
+    kernel = tmp_path / "mb.bin"
+    kernel.write_bytes(aout_kernel())
+    cfg, _ = config_from_qemu_args(["-kernel", str(kernel), "-initrd", f"{tmp_path}/m1,,x arg,{tmp_path}/m2"])
+    assert cfg.initrd is None and cfg.multiboot_modules == [(f"{tmp_path}/m1,x", f"{tmp_path}/m1,x arg"),
+                                                            (f"{tmp_path}/m2", f"{tmp_path}/m2")]

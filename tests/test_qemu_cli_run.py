@@ -222,3 +222,60 @@ while b"waiting for power button" not in got:
     got += chunk
 sys.stdout.buffer.write(got)
 """
+
+
+# ------------------------------------------------------------------ multiboot
+
+def multiboot_args(tmp_path, kernel: str) -> list[str]:
+    (tmp_path / "mod1").write_bytes(b"module-one\n")
+    (tmp_path / "mod2").write_bytes(b"second module")
+    return ["-m", "64", "-kernel", guest_path(kernel), "-append", "mb=1 code=3",
+            "-initrd", f"{tmp_path}/mod1 arg1 arg2,{tmp_path}/mod2",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+
+
+def multiboot_lines(stdout: bytes) -> list[str]:
+    return re.findall(r"multiboot: [^\r\n]*", stdout.decode(errors="replace"))
+
+
+@pytest.mark.parametrize("kernel", ["multiboot_aout", "multiboot_elf"])
+@pytest.mark.parametrize("accel", ACCELS)
+def test_multiboot_kernel(tmp_path, accel, kernel):
+    r = run_kvmpy(["run", *accel_args(accel), *multiboot_args(tmp_path, kernel)], timeout=120)
+    lines = multiboot_lines(r.stdout)
+    assert r.returncode == 7, (r.returncode, lines, r.stderr[-2000:])
+    assert lines == [
+        "multiboot: magic 0x2badb002",
+        "multiboot: cr0.pe 1 cr0.pg 0 eflags.if 0 eflags.vm 0",
+        "multiboot: info flags have memory, cmdline, mods, mmap: 1",
+        "multiboot: mem_lower in 639..640 1 mem_upper 64512",
+        f"multiboot: cmdline \"{guest_path(kernel)} mb=1 code=3\"",
+        "multiboot: modules 2",
+        f"multiboot: module 0 page-aligned 1 after the kernel 1 size 11 cmdline \"{tmp_path}/mod1 arg1 arg2\" "
+        "data \"module-one.\"",
+        f"multiboot: module 1 page-aligned 1 after the kernel 1 size 13 cmdline \"{tmp_path}/mod2\" "
+        "data \"second module\"",
+        "multiboot: mmap has RAM under the kernel 1, RAM above 1 MiB (KiB, rounded to MiB) 64512",
+        "multiboot: loader kvmpy",
+        "multiboot: exit 3"], lines
+
+
+@pytest.mark.parametrize("kernel", ["multiboot_aout", "multiboot_elf"])
+def test_multiboot_kernel_same_as_qemu(tmp_path, kernel):
+    """qemu-system-x86_64 -kernel boots the same kernel with the same modules the same way.
+    What the firmware decides differs and is masked: SeaBIOS keeps the top of RAM for
+    itself (mem_upper, the map's RAM total), and the loader's name."""
+    qemu = tool_required("qemu-system-x86_64")
+    if KVM_SKIP_REASON:
+        pytest.skip(KVM_SKIP_REASON)
+    args = ["-enable-kvm", *multiboot_args(tmp_path, kernel)]
+    theirs = subprocess.run([qemu, *args, "-nographic", "-nodefaults", "-serial", "stdio"], capture_output=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    ours = run_kvmpy(["run", *args, "-nographic"], timeout=120)
+    assert theirs.returncode == ours.returncode == 7, (theirs, ours)
+
+    def masked(lines):
+        return [re.sub(r"(mem_upper|rounded to MiB\)) \d+", r"\1 N", ln) for ln in lines
+                if not ln.startswith("multiboot: loader")]
+    assert masked(multiboot_lines(ours.stdout)) == masked(multiboot_lines(theirs.stdout))
+    assert len(multiboot_lines(ours.stdout)) == 11
