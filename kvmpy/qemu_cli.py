@@ -908,9 +908,25 @@ def run_qemu(argv: list[str], *, allow_config: bool) -> int:
         sys.stdout.write(help_text(topic))
         return 0
     finish_config(cfg)
+    if cfg.process_name:
+        set_process_name(cfg.process_name)
     if cfg.log_file is None:
         return run_config(cfg)
     return _run_logging_to(cfg, run_config)
+
+
+PR_SET_NAME = 15
+TASK_COMM_LEN = 16
+
+
+def set_process_name(name: str) -> None:
+    """QEMU's -name ...,process=NAME: the name ps and top show (the kernel keeps 15 bytes)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:TASK_COMM_LEN - 1]), 0, 0, 0)
+    except (OSError, AttributeError) as e:        # a libc without prctl: the name is cosmetic
+        log.debug("cannot set the process name: %s", e)
 
 
 def _run_logging_to(cfg: VmConfig, run) -> int:
