@@ -220,7 +220,8 @@ class QemuCommandLine:
 
     def opt_machine(self, value, text) -> None:
         opts = _opts_dict(split_suboptions(value, "-machine", "type"), "-machine", value,
-                          {"type", "accel", "usb", "vmport", "dump-guest-core", "mem-merge", "hpet"})
+                          {"type", "accel", "usb", "vmport", "dump-guest-core", "mem-merge", "hpet",
+                           "kernel-irqchip", "kernel_irqchip"})
         mtype = opts.get("type", "pc")
         if mtype == "help":
             self._wants_help = "machine"
@@ -233,6 +234,9 @@ class QemuCommandLine:
             if accel not in ("kvm", "tcg"):
                 raise _unsupported(f"-machine accel={accel}", "kvm or tcg")
             self._accel_given.append(accel)
+        for key in ("kernel-irqchip", "kernel_irqchip"):    # kvmpy's KVM irqchip is in the kernel
+            if opts.get(key, "on") not in ("on", "split"):
+                raise _unsupported(f"-machine {key}={opts[key]}", "the irqchip is always in the kernel")
         for key in ("usb", "vmport", "hpet"):      # absent from kvmpy's PC: off is what it is
             if key in opts and _on_off(opts[key], f"qemu option -machine {key}"):
                 raise _unsupported(f"-machine {key}=on")
@@ -445,10 +449,10 @@ class QemuCommandLine:
 
     def opt_monitor(self, value, text) -> None:
         kind = value.split(",")[0]
-        if kind in ("stdio", "mon:stdio", "vc"):
+        if kind in ("stdio", "mon:stdio"):
             self._monitor_stdio = True
             return
-        if kind == "none":
+        if kind in ("none", "vc"):       # vc: the display's monitor tab, and there is no display
             return
         self.cfg.hmp.append(_monitor_address(value, "-monitor"))
 
@@ -762,7 +766,7 @@ def qemu_chardev_to_serial(value: str) -> str:
         for o in options:
             if o not in known:
                 raise _unsupported(f"-serial {value}", f"option {o!r}")
-        if not any(o.startswith("server") for o in options) and kind != "unix":
+        if not any(o.startswith("server") for o in options):
             raise _unsupported(f"-serial {value}", "a client connection; kvmpy listens: add ,server,nowait")
         if kind != "unix":
             from .monitor.server import parse_address

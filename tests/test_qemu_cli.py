@@ -246,7 +246,8 @@ def test_serial_paths_are_absolute():
 
 
 @pytest.mark.parametrize("line,needle", [
-    ("-serial telnet:localhost:7000", "a client connection"),
+    ("-serial telnet:localhost:7000", "a client connection"), ("-serial unix:/tmp/c", "a client connection"),
+    ("-machine pc,kernel-irqchip=off", "always in the kernel"),
     ("-serial tcp:h:1,server,reconnect=1", "option 'reconnect=1'"),
     ("-serial pty", "-serial pty: not supported"), ("-serial vc", "-serial vc"),
     ("-serial stdio -serial null", "one serial port"), ("-serial udp::1", "-serial udp"),
