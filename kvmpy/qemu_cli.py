@@ -50,7 +50,7 @@ def _unsupported(option: str, why: str = "") -> QemuOptionError:
 # ------------------------------------------------------------------ QemuOpts
 
 def split_suboptions(text: str, option: str, implied: str | None = None) -> list[tuple[str, str]]:
-    """``a=1,b,,c=2,flag`` -> [("a", "1"), ("b,c", "2")...] in QEMU's spelling: ``,,`` is a
+    """``a=1,b,,c=2,flag`` -> [("a", "1"), ("b,c", "2"), ("flag", "on")] in QEMU's spelling: ``,,`` is a
     literal comma, a bare first element is the ``implied`` key's value, a bare later
     element ``x`` is ``x=on`` (``nox`` is not ``x=off`` here: nothing kvmpy takes needs it)."""
     parts: list[str] = []
@@ -194,7 +194,7 @@ class QemuCommandLine:
     _accel_given: list = field(default_factory=list)
     _initrd_spec: str | None = None
     _monitor_stdio: bool = False
-    _wants_help: str | None = None
+    wants_help: str | None = None
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -224,7 +224,7 @@ class QemuCommandLine:
                            "kernel-irqchip", "kernel_irqchip"})
         mtype = opts.get("type", "pc")
         if mtype == "help":
-            self._wants_help = "machine"
+            self.wants_help = "machine"
             return
         if mtype == "q35" or mtype.startswith("pc-q35"):
             raise _unsupported(f"-machine {mtype}", "only the i440FX PC, -machine pc")
@@ -493,7 +493,7 @@ class QemuCommandLine:
         from .vcpu.trace import TRACE_EVENTS
         for item in value.split(","):
             if item == "help":
-                self._wants_help = "trace"
+                self.wants_help = "trace"
             elif item in TRACE_EVENTS:
                 if item not in self.cfg.trace:
                     self.cfg.trace.append(item)
@@ -513,10 +513,10 @@ class QemuCommandLine:
         self.warn("-usb: kvmpy's PC has no USB controller; the option is ignored")
 
     def opt_version(self, value, text) -> None:
-        self._wants_help = "version"
+        self.wants_help = "version"
 
     def opt_h(self, value, text) -> None:
-        self._wants_help = "help"
+        self.wants_help = "help"
 
     opt_help = opt_h
 
@@ -632,7 +632,7 @@ class QemuCommandLine:
         elif driver in ("e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet"):
             raise _unsupported(f"-device {driver}", "use virtio-net-pci")
         elif driver == "help":
-            self._wants_help = "device"
+            self.wants_help = "device"
         else:
             raise _unsupported(f"-device {driver or value}")
 
@@ -822,7 +822,7 @@ def _kvmpy_option(line: QemuCommandLine, name: str, value: str | None) -> None:
     elif name == "trace":
         from .vcpu.trace import parse_trace
         if value == "help":
-            line._wants_help = "trace"
+            line.wants_help = "trace"
             return
         for item in parse_trace(value, f"--trace {value}"):
             if item not in cfg.trace:
@@ -879,17 +879,17 @@ def config_from_qemu_args(argv: list[str], *, allow_config: bool = False, ignore
     """The finished VmConfig and what to print instead of running (help, version), if anything."""
     line = parse_qemu_args(argv, allow_config=allow_config, ignore_display=ignore_display)
     cfg = line.finish()
-    return cfg, line._wants_help
+    return cfg, line.wants_help
 
 
-QEMU_VERSION_TEXT = ("QEMU emulator version 7.2.0 (kvmpy {version}: QEMU's command line for what kvmpy "
-                     "supports)\n")
+# Not "QEMU emulator version ...": a script that parses that would assume QEMU's features.
+VERSION_TEXT = "kvmpy-system-x86_64 {version}: QEMU's command line for what kvmpy supports\n"
 
 
 def help_text(topic: str) -> str:
     from . import __version__
     if topic == "version":
-        return QEMU_VERSION_TEXT.format(version=__version__)
+        return VERSION_TEXT.format(version=__version__)
     if topic == "machine":
         return "Supported machines are:\npc                   Standard PC (i440FX + PIIX, 1996) (default)\n"
     if topic == "device":

@@ -389,7 +389,7 @@ def test_kvmpy_run_errors_are_one_line(args, needle):
 
 def test_kvmpy_system_x86_64_entry_point():
     r = kvmpy("-version", module="kvmpy.qemu_cli")
-    assert r.returncode == 0 and r.stdout.startswith("QEMU emulator version"), r
+    assert r.returncode == 0 and r.stdout.startswith("kvmpy-system-x86_64 "), r
     r = kvmpy("--sandbox", "off", module="kvmpy.qemu_cli")
     assert r.returncode == 2 and r.stderr.strip() == "kvmpy: qemu option --sandbox: not supported by kvmpy"
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
