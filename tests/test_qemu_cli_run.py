@@ -279,3 +279,14 @@ def test_multiboot_kernel_same_as_qemu(tmp_path, kernel):
                 if not ln.startswith("multiboot: loader")]
     assert masked(multiboot_lines(ours.stdout)) == masked(multiboot_lines(theirs.stdout))
     assert len(multiboot_lines(ours.stdout)) == 11
+
+
+def test_log_file_takes_the_trace(tmp_path):
+    """-d exits -D FILE: the exit trace goes to the file, the guest's console stays on stdout."""
+    log = tmp_path / "trace.log"
+    r = run_kvmpy(["run", "-accel", "tcg", "-m", "64", "-kernel", guest_path("exit"), "-append", "code=4",
+                   "-d", "exits", "-D", str(log)], timeout=120)
+    assert r.returncode == 4, r
+    assert b"exit code: 4" in r.stdout and b"trace:" not in r.stderr
+    text = log.read_text()
+    assert "trace: vcpu0 io out port=0x00f4 size=4 value=0x4 " in text, text[-2000:]
