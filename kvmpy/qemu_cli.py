@@ -694,10 +694,11 @@ class QemuCommandLine:
         spec = self._initrd_spec
         # QEMU's -initrd for a multiboot kernel: "mod1 arg arg,mod2" (",," a literal comma).
         modules = [m for m in _split_commas(spec)]
-        multiboot = False
-        if self.cfg.kernel and os.path.isfile(self.cfg.kernel):
-            from .boot.loader import kernel_kind
-            multiboot = kernel_kind(self.cfg.kernel) == "multiboot"
+        if not (self.cfg.kernel and os.path.isfile(self.cfg.kernel)):
+            self.cfg.initrd = os.path.abspath(spec)     # the missing kernel is the error to report
+            return
+        from .boot.loader import kernel_kind
+        multiboot = kernel_kind(self.cfg.kernel) == "multiboot"
         if multiboot:
             self.cfg.multiboot_modules = []
             for m in modules:

@@ -21,7 +21,8 @@ SIGTERM_POWERDOWN_TIMEOUT = 30.0
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="boot a VM", description="Boot a VM from vm.toml and/or options "
-                       "(like qemu-system-x86_64 -kernel ... -append ...).")
+                       "(like qemu-system-x86_64 -kernel ... -append ...). QEMU's own spelling works too "
+                       "(kvmpy run -enable-kvm -m 512 -hda disk.img): see docs/qemu-cli.md.")
     p.add_argument("config", nargs="?", help="vm.toml")
     p.add_argument("--enable-kvm", action="store_true", help="use KVM (default: the translator, as QEMU)")
     p.add_argument("--accel", metavar="kvm|tcg|auto[,force=on]",
