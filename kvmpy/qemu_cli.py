@@ -122,7 +122,7 @@ OPTIONS: dict[str, bool] = {
     "name": True, "pidfile": True, "daemonize": False, "runas": True, "no-reboot": False,
     "no-shutdown": False, "net": True, "netdev": True, "nic": True, "device": True,
     "vnc": True, "k": True, "S": False, "D": True, "d": True, "rtc": True, "usb": False, "vga": True,
-    "version": False, "h": False, "help": False,
+    "version": False, "h": False, "help": False, "nodefaults": False, "no-user-config": False,
 }
 
 # kvmpy's own `kvmpy run` options whose meaning differs from QEMU's option of that
@@ -194,6 +194,7 @@ class QemuCommandLine:
     _accel_given: list = field(default_factory=list)
     _initrd_spec: str | None = None
     _monitor_stdio: bool = False
+    _nodefaults: bool = False
     wants_help: str | None = None
 
     def warn(self, text: str) -> None:
@@ -426,7 +427,16 @@ class QemuCommandLine:
             self._display(f"-display {value}")
 
     def opt_vnc(self, value, text) -> None:
+        if value == "none":      # kvm-unit-tests' spelling: no VNC server
+            return
         self._display(f"-vnc {value}")
+
+    def opt_nodefaults(self, value, text) -> None:
+        # QEMU then has no serial port on stdio unless -serial puts one there (kvm-unit-tests does)
+        self._nodefaults = True
+
+    def opt_no_user_config(self, value, text) -> None:
+        pass        # kvmpy reads no user configuration files
 
     def opt_k(self, value, text) -> None:
         self._display(f"-k {value}")
@@ -683,6 +693,8 @@ class QemuCommandLine:
             self.cfg.accel = "auto" if first == "kvm" and "tcg" in self._accel_given[1:] else first
             if self.cfg.accel_force and self.cfg.accel != "kvm":
                 raise QemuOptionError("qemu option -accel: force=on applies to kvm only")
+        if self._nodefaults and not self._serial_given:
+            self.cfg.serial = "none"
         if self._monitor_stdio and self.cfg.serial != "stdio":
             raise _unsupported("-monitor stdio", "the human monitor on stdio is Ctrl-A c on the stdio serial "
                                "console; use -monitor telnet:HOST:PORT,server,nowait or unix:PATH,server,nowait")

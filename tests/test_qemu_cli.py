@@ -276,6 +276,20 @@ def test_monitors_process_and_debug():
     refuse(["-name", "bad name"], "-name bad name")
 
 
+def test_kvm_unit_tests_command_line(tmp_path):
+    """x86/run's line: the test is a multiboot kernel, the environment a module."""
+    kernel = tmp_path / "msr.flat"
+    kernel.write_bytes(bytes(64) + struct.pack("<III", 0x1BADB002, 3, -(0x1BADB002 + 3) & 0xFFFFFFFF))
+    (tmp_path / "env").write_text("KVM_UNIT_TESTS=1\n")
+    cfg, _ = config_from_qemu_args(
+        ["-nodefaults", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-vnc", "none",
+         "-serial", "stdio", "-device", "pci-testdev", "-machine", "accel=kvm", "-kernel", str(kernel), "-smp", "1",
+         "-initrd", str(tmp_path / "env"), "-no-user-config"])
+    assert (cfg.serial, cfg.accel, cfg.initrd) == ("stdio", "kvm", None)
+    assert cfg.multiboot_modules == [(str(tmp_path / "env"), str(tmp_path / "env"))]
+    assert parse("-nodefaults").serial == "none"          # no -serial: QEMU has no serial port then
+
+
 def test_legacy_net_pairs_per_vlan():
     cfg = parse("-net nic,macaddr=52:54:00:00:00:01,model=virtio -net tap,ifname=tap0,script=no,downscript=no "
                 "-net nic,vlan=1 -net tap,vlan=1,ifname=tap1,br=br0 -net none")
