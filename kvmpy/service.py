@@ -29,6 +29,9 @@ QEMU's command line, unchanged (kvmpy.qemu_cli reads it):
     qemu_vm1_type="system-x86_64"      # optional; the only one there is
     qemu_vm1_haltcmd="ssh root@vm1 poweroff"   # optional: halt_command
 
+or the page's systemd form, one file per VM, ``DIR/qemu.d/NAME`` with ``type=``,
+``args="QEMU command line"`` and ``haltcmd=``.
+
 kvmpy adds its own ``-name NAME -pidfile RUNDIR/NAME.pid -daemonize -qmp ...`` after
 the line (the last -pidfile wins, as in QEMU, so status and stop find the VM), and
 stops the VM as above. ``-vnc``, ``-k`` and a ``-display``/``-vga`` other than none
@@ -151,6 +154,9 @@ def select_entries(config_dir: str, names: list[str]) -> list[VmEntry]:
     toml_paths = sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.toml")))
     qemu_entries = [e for p in sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.conf")))
                     for e in load_qemu_conf(p)]
+    qemu_entries += [load_qemu_d_file(p) for p in sorted(glob.glob(os.path.join(glob.escape(config_dir),
+                                                                                  "qemu.d", "*")))
+                     if os.path.isfile(p)]
     by_name: dict[str, VmEntry | str] = {}
     for path in toml_paths:
         by_name[os.path.splitext(os.path.basename(path))[0]] = path
@@ -216,7 +222,6 @@ def read_shell_assignments(path: str) -> list[tuple[str, str | list[str]]]:
 
 def load_qemu_conf(path: str) -> list[VmEntry]:
     """The VMs of an ArchWiki-style qemu.conf, in QEMU_MACHINES order (else file order)."""
-    from .qemu_cli import config_from_qemu_args
     lines: dict[str, str] = {}
     extras: dict[tuple[str, str], str] = {}
     machines: list[str] | None = None
@@ -237,9 +242,6 @@ def load_qemu_conf(path: str) -> list[VmEntry]:
                 break
         else:
             lines[name] = value
-    for (name, what), value in extras.items():
-        if what == "type" and value != "system-x86_64":
-            raise ConfigError(f"{path}: key 'qemu_{name}_type': kvmpy is system-x86_64 only, got {value!r}")
     order = list(lines)
     disabled: set[str] = set()
     if machines is not None:
@@ -252,26 +254,51 @@ def load_qemu_conf(path: str) -> list[VmEntry]:
                 disabled.add(name)
             order.append(name)
         order += [n for n in lines if n not in order]
-    entries = []
-    for name in order:
-        where = f"{path}: key 'qemu_{name}'"
-        if not NAME_RE.fullmatch(name):
-            raise ConfigError(f"{where}: VM name must be letters, digits, '.', '_', '-'")
-        try:
-            args = shlex.split(lines[name])
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        args, left_out = strip_display_options(args)
-        try:
-            config_from_qemu_args(args)
-        except UserError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        entry = VmEntry(name=name, config=os.path.abspath(path), enabled=name not in disabled, qemu_args=args,
-                        qemu_left_out=tuple(left_out))
-        if (name, "haltcmd") in extras:
-            entry.halt, entry.halt_command = "command", extras[(name, "haltcmd")]
-        entries.append(entry)
-    return entries
+    return [_qemu_entry(path, name, lines[name], extras.get((name, "type")), extras.get((name, "haltcmd")),
+                        name not in disabled, f"{path}: key 'qemu_{name}'") for name in order]
+
+
+QEMU_D_KEYS = {"type", "args", "haltcmd"}
+
+
+def load_qemu_d_file(path: str) -> VmEntry:
+    """The page's systemd form: DIR/qemu.d/NAME holding type=, args="QEMU command line"
+    and haltcmd= (what the qemu@NAME unit reads)."""
+    name = os.path.basename(path)
+    values: dict[str, str] = {}
+    for key, value in read_shell_assignments(path):
+        if key not in QEMU_D_KEYS or isinstance(value, list):
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(QEMU_D_KEYS))})")
+        values[key] = value
+    if "args" not in values:
+        raise ConfigError(f"{path}: missing key 'args' (the QEMU command line)")
+    return _qemu_entry(path, name, values["args"], values.get("type"), values.get("haltcmd"), True,
+                       f"{path}: key 'args'")
+
+
+def _qemu_entry(path: str, name: str, line: str, vm_type: str | None, haltcmd: str | None, enabled: bool,
+                where: str) -> VmEntry:
+    from .qemu_cli import config_from_qemu_args
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: VM name {name!r} must be letters, digits, '.', '_', '-'")
+    if vm_type is not None and vm_type != "system-x86_64":
+        raise ConfigError(f"{where}: kvmpy is system-x86_64 only, got type {vm_type!r}")
+    try:
+        args = shlex.split(line)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    args, left_out = strip_display_options(args)
+    try:
+        config_from_qemu_args(args)
+    except UserError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    entry = VmEntry(name=name, config=os.path.abspath(path), enabled=enabled, qemu_args=args,
+                    qemu_left_out=tuple(left_out))
+    if haltcmd is not None:
+        if not haltcmd.strip():
+            raise ConfigError(f"{where}: an empty haltcmd")
+        entry.halt, entry.halt_command = "command", haltcmd
+    return entry
 
 
 DISPLAY_OPTIONS = {"-vnc", "-k", "-display", "-vga", "--vnc", "--k", "--display", "--vga"}

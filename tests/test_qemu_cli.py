@@ -640,7 +640,7 @@ def test_service_qemu_conf(tmp_path):
     ('qemu_a="-m 64\n', "not shell assignments"),
     ('foo="bar"\n', "unknown key 'foo'"),
     ('echo hi\n', "is not an assignment"),
-    ('qemu_a="-m 64"\nqemu_a_type="system-arm"\n', "system-x86_64 only"),
+    ('qemu_a="-m 64"\nqemu_a_type="system-arm"\n', "system-x86_64 only, got type 'system-arm'"),
     ('QEMU_MACHINES=(b)\nqemu_a="-m 64"\n', "no qemu_b line"),
     ('QEMU_MACHINES=(a\n', "array without ')'"),
     ('qemu_a="-hda"\n', "-hda: requires an argument"),
@@ -776,3 +776,23 @@ def test_qemu_initrd_is_multiboot_modules(tmp_path):
     cfg, _ = config_from_qemu_args(["-kernel", str(kernel), "-initrd", f"{tmp_path}/m1,,x arg,{tmp_path}/m2"])
     assert cfg.initrd is None and cfg.multiboot_modules == [(f"{tmp_path}/m1,x", f"{tmp_path}/m1,x arg"),
                                                             (f"{tmp_path}/m2", f"{tmp_path}/m2")]
+
+
+def test_service_qemu_d_files(tmp_path):
+    """The page's systemd form: DIR/qemu.d/NAME with type=, args=, haltcmd=."""
+    from kvmpy.service import select_entries
+    conf = tmp_path / "etc"
+    (conf / "qemu.d").mkdir(parents=True)
+    (conf / "qemu.d" / "vm1").write_text('type="system-x86_64"\n\nargs="-enable-kvm -m 512 -kernel k \\\n'
+                                         ' -vnc :0"\n\nhaltcmd="echo \'system_powerdown\' | nc localhost 7100" '
+                                         '# or netcat/ncat\n')
+    (vm1,) = select_entries(str(conf), [])
+    assert (vm1.name, vm1.qemu_args, vm1.qemu_left_out, vm1.halt) == (
+        "vm1", ["-enable-kvm", "-m", "512", "-kernel", "k"], ("-vnc :0",), "command")
+    assert vm1.halt_command == "echo 'system_powerdown' | nc localhost 7100"
+    (conf / "qemu.d" / "vm2").write_text('args="-m 64"\nmemory=1\n')
+    with pytest.raises(ConfigError, match="vm2: unknown key 'memory'"):
+        select_entries(str(conf), [])
+    (conf / "qemu.d" / "vm2").write_text('type="system-x86_64"\n')
+    with pytest.raises(ConfigError, match="missing key 'args'"):
+        select_entries(str(conf), [])
