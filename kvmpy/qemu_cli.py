@@ -123,6 +123,7 @@ OPTIONS: dict[str, bool] = {
     "no-shutdown": False, "net": True, "netdev": True, "nic": True, "device": True,
     "vnc": True, "k": True, "S": False, "D": True, "d": True, "rtc": True, "usb": False, "vga": True,
     "version": False, "h": False, "help": False, "nodefaults": False, "no-user-config": False,
+    "chardev": True, "mon": True,
 }
 
 # kvmpy's own `kvmpy run` options whose meaning differs from QEMU's option of that
@@ -195,6 +196,8 @@ class QemuCommandLine:
     _initrd_spec: str | None = None
     _monitor_stdio: bool = False
     _nodefaults: bool = False
+    _chardevs: dict = field(default_factory=dict)           # id -> the old spelling (unix:PATH,server)
+    _chardev_uses: list = field(default_factory=list)       # (option, chardev id, text), resolved at the end
     wants_help: str | None = None
 
     def warn(self, text: str) -> None:
@@ -455,9 +458,77 @@ class QemuCommandLine:
         if self._serial_given:
             raise _unsupported(f"-serial {value}", "one serial port (COM1) only")
         self._serial_given = True
+        if value.startswith("chardev:"):
+            self._chardev_uses.append(("-serial", value[8:], ""))
+            return
         self.cfg.serial = qemu_chardev_to_serial(value)
 
+    def opt_chardev(self, value, text) -> None:
+        """``-chardev BACKEND,id=ID,...``: remembered in the old spelling (``unix:PATH,server``)
+        for the ``-serial chardev:ID``, ``-monitor chardev:ID`` or ``-mon chardev=ID`` using it."""
+        where = f"qemu option -chardev {value}"
+        pairs = split_suboptions(value, "-chardev", "backend")
+        backend = pairs[0][1] if pairs and pairs[0][0] == "backend" else ""
+        allowed = {"stdio": {"id", "mux", "signal"}, "null": {"id"}, "file": {"id", "path"},
+                   "socket": {"id", "path", "host", "port", "server", "wait", "telnet", "nodelay"}}.get(backend)
+        if allowed is None:
+            raise _unsupported(f"-chardev {backend or value}", "stdio, null, file or socket")
+        opts = _opts_dict(pairs[1:], "-chardev", value, allowed)
+        if not opts.get("id"):
+            raise QemuOptionError(f"{where}: missing id=")
+        if opts["id"] in self._chardevs:
+            raise QemuOptionError(f"{where}: a chardev with id={opts['id']} already exists")
+        if backend == "stdio":
+            spec = "stdio"
+        elif backend == "null":
+            spec = "none"
+        elif backend == "file":
+            if not opts.get("path"):
+                raise QemuOptionError(f"{where}: missing path=")
+            spec = "file:" + opts["path"]
+        else:
+            if not _on_off(opts.get("server", "off"), f"{where}: server"):
+                raise _unsupported(f"-chardev {value}", "a client connection; kvmpy listens: add server=on,wait=off")
+            if "path" in opts:
+                spec = f"unix:{opts['path']}"
+            elif "port" in opts:
+                kind = "telnet" if _on_off(opts.get("telnet", "off"), f"{where}: telnet") else "tcp"
+                spec = f"{kind}:{opts.get('host', '')}:{opts['port']}"
+            else:
+                raise QemuOptionError(f"{where}: socket needs path= or host=,port=")
+            spec += ",server"
+            if not _on_off(opts.get("wait", "on"), f"{where}: wait"):
+                spec += ",nowait"
+            if _on_off(opts.get("nodelay", "off"), f"{where}: nodelay"):
+                spec += ",nodelay"
+        self._chardevs[opts["id"]] = spec
+
+    def opt_mon(self, value, text) -> None:
+        opts = _opts_dict(split_suboptions(value, "-mon", "chardev"), "-mon", value, {"chardev", "mode", "pretty"})
+        mode = opts.get("mode", "readline")
+        if mode not in ("readline", "control"):
+            raise QemuOptionError(f"qemu option -mon {value}: mode must be readline or control")
+        if not opts.get("chardev"):
+            raise QemuOptionError(f"qemu option -mon {value}: missing chardev=")
+        self._chardev_uses.append(("-qmp" if mode == "control" else "-monitor", opts["chardev"], value))
+
+    def _resolve_chardevs(self) -> None:
+        for option, chardev_id, text in self._chardev_uses:
+            spec = self._chardevs.get(chardev_id)
+            if spec is None:
+                raise QemuOptionError(f"qemu option {option} {text or 'chardev:' + chardev_id}: no -chardev "
+                                      f"with id={chardev_id}")
+            if option == "-serial":
+                self.cfg.serial = qemu_chardev_to_serial(spec)
+            elif option == "-qmp" and spec == "stdio":
+                raise _unsupported(f"-mon {text}", "QMP on stdio; use a socket chardev")
+            else:
+                getattr(self, "opt_" + option[1:])(spec, option)
+
     def opt_monitor(self, value, text) -> None:
+        if value.startswith("chardev:"):
+            self._chardev_uses.append(("-monitor", value[8:], ""))
+            return
         kind = value.split(",")[0]
         if kind in ("stdio", "mon:stdio"):
             self._monitor_stdio = True
@@ -467,6 +538,9 @@ class QemuCommandLine:
         self.cfg.hmp.append(_monitor_address(value, "-monitor"))
 
     def opt_qmp(self, value, text) -> None:
+        if value.startswith("chardev:"):
+            self._chardev_uses.append(("-qmp", value[8:], ""))
+            return
         self.cfg.qmp.append(_monitor_address(value, "-qmp"))
 
     # --- process --------------------------------------------------------------------
@@ -680,6 +754,7 @@ class QemuCommandLine:
         self._ide_disk("-hda", value)
 
     def finish(self) -> VmConfig:
+        self._resolve_chardevs()
         self._finish_legacy_net()
         for drive_id, disk in self._unattached.items():
             self.warn(f"qemu option -drive id={drive_id}: if=none and no -device uses it; the guest does not see it")

@@ -290,6 +290,32 @@ def test_kvm_unit_tests_command_line(tmp_path):
     assert parse("-nodefaults").serial == "none"          # no -serial: QEMU has no serial port then
 
 
+def test_chardevs():
+    cfg = parse("-chardev socket,id=mon0,path=/tmp/m.sock,server=on,wait=off -mon chardev=mon0,mode=control "
+                "-chardev socket,id=s0,host=127.0.0.1,port=4555,server=on,wait=off,telnet=on "
+                "-serial chardev:s0 -chardev socket,id=h,port=4556,server=on,wait=off -monitor chardev:h "
+                "-chardev null,id=unused")
+    assert cfg.qmp == ["unix:/tmp/m.sock,server,nowait"] and cfg.hmp == ["tcp::4556,server,nowait"]
+    assert cfg.serial == "telnet:127.0.0.1:4555,server,nowait"
+    # the mux'ed stdio of `-nographic`: the serial port and the human monitor on one terminal
+    cfg = parse("-serial chardev:c -mon chardev=c -chardev stdio,mux=on,id=c")
+    assert cfg.serial == "stdio" and cfg.hmp == []
+    assert parse("-chardev file,id=f,path=/tmp/out -serial chardev:f").serial == "file:/tmp/out"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("-serial chardev:x", "no -chardev with id=x"), ("-chardev pty,id=p", "-chardev pty: not supported"),
+    ("-chardev socket,id=s,path=/x", "a client connection"), ("-chardev stdio", "missing id="),
+    ("-chardev null,id=a -chardev null,id=a", "id=a already exists"),
+    ("-chardev socket,id=s,server=on", "needs path= or host=,port="),
+    ("-mon chardev=c,mode=json", "mode must be readline or control"),
+    ("-chardev stdio,id=c -mon chardev=c,mode=control", "QMP on stdio"),
+    ("-chardev socket,id=s,path=/x,server=on,reconnect=1", "parameter 'reconnect' is not supported"),
+])
+def test_chardev_refusals(line, needle):
+    refuse(line, needle)
+
+
 def test_legacy_net_pairs_per_vlan():
     cfg = parse("-net nic,macaddr=52:54:00:00:00:01,model=virtio -net tap,ifname=tap0,script=no,downscript=no "
                 "-net nic,vlan=1 -net tap,vlan=1,ifname=tap1,br=br0 -net none")
@@ -364,7 +390,7 @@ def test_wants_qemu_parser():
 
 
 OPTION_WORDS = sorted("-" + o for o in OPTIONS) + ["--sandbox", "--trace", "--drive", "--net", "-foo", "--"]
-VALUE_WORDS = ["kvm", "tcg", "pc", "q35", "512", "0", "-1", "file=x,if=ide", "nic", "tap", "tap,id=n0",
+VALUE_WORDS = ["chardev:c", "socket,id=c,path=/tmp/x,server=on,wait=off", "chardev=c,mode=control", "kvm", "tcg", "pc", "q35", "512", "0", "-1", "file=x,if=ide", "nic", "tap", "tap,id=n0",
                "virtio-net-pci,netdev=n0", "isa-debug-exit,iobase=0xf4", "telnet::7,server,nowait", "order=cd",
                "", ",", ",,", "=", "a=b", "help", "stdio", "unix:", "\x00", "é"]
 
