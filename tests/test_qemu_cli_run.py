@@ -71,13 +71,15 @@ def test_debug_exit_at_kvmpys_port_with_qemus_status(accel):
     assert r.returncode == 5, r
 
 
-def test_start_paused_until_cont(tmp_path):
+@pytest.mark.parametrize("qmp", ["-qmp unix:{sock},server,nowait",
+                                 "-chardev socket,id=m,path={sock},server=on,wait=off -mon chardev=m,mode=control"])
+def test_start_paused_until_cont(tmp_path, qmp):
     if KVM_SKIP_REASON:
         pytest.skip(KVM_SKIP_REASON)
     sock = str(tmp_path / "qmp.sock")
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "-enable-kvm", "-S", "-m", "64", "-kernel",
-                             guest_path("exit"), "-append", "code=9", "-qmp", f"unix:{sock},server,nowait"],
+                             guest_path("exit"), "-append", "code=9", *qmp.format(sock=sock).split()],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
