@@ -780,7 +780,7 @@ class QemuCommandLine:
     def _finish_initrd(self) -> None:
         spec = self._initrd_spec
         # QEMU's -initrd for a multiboot kernel: "mod1 arg arg,mod2" (",," a literal comma).
-        modules = [m for m in _split_commas(spec)]
+        modules = _split_commas(spec)
         if not (self.cfg.kernel and os.path.isfile(self.cfg.kernel)):
             self.cfg.initrd = os.path.abspath(spec)     # the missing kernel is the error to report
             return
@@ -796,7 +796,7 @@ class QemuCommandLine:
             return
         if len(modules) != 1:
             raise _unsupported(f"-initrd {spec}", "several initrds are for multiboot kernels only")
-        self.cfg.initrd = os.path.abspath(spec)
+        self.cfg.initrd = os.path.abspath(modules[0])
 
 
 def _split_commas(text: str) -> list[str]:

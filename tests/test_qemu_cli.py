@@ -228,6 +228,7 @@ def test_kernel_initrd_append_bios(tmp_path):
     assert cfg.bios == f"{tmp_path}/b.bin" and cfg.firmware_path == [str(tmp_path)]
     assert parse("-bios bios-256k.bin").bios == "bios-256k.bin"     # looked up by the firmware loader
     refuse(f"-kernel {kernel} -initrd a,b", "several initrds are for multiboot kernels only")
+    assert parse(f"-kernel {kernel} -initrd {tmp_path}/i,,1.img").initrd == f"{tmp_path}/i,1.img"
 
 
 @pytest.mark.parametrize("value,serial", [
