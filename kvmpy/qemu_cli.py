@@ -196,6 +196,7 @@ class QemuCommandLine:
     _initrd_spec: str | None = None
     _monitor_stdio: bool = False
     _nodefaults: bool = False
+    _cpu_model: str = ""
     _chardevs: dict = field(default_factory=dict)           # id -> the old spelling (unix:PATH,server)
     _chardev_uses: list = field(default_factory=list)       # (option, chardev id, text), resolved at the end
     wants_help: str | None = None
@@ -251,7 +252,7 @@ class QemuCommandLine:
         opts = _opts_dict(split_suboptions(value, "-m", "size"), "-m", value, {"size", "slots", "maxmem"})
         if "slots" in opts or "maxmem" in opts:
             raise _unsupported(f"-m {value}", "memory hotplug: slots=/maxmem=")
-        self.cfg.memory = parse_size(opts.get("size", ""), f"qemu option -m {value}", "M")
+        self.cfg.memory = qemu_size(opts.get("size", ""), f"qemu option -m {value}")
 
     def opt_smp(self, value, text) -> None:
         opts = _opts_dict(split_suboptions(value, "-smp", "cpus"), "-smp", value,
@@ -270,6 +271,7 @@ class QemuCommandLine:
 
     def opt_cpu(self, value, text) -> None:
         model = value.split(",")[0]
+        self._cpu_model = model
         if model not in ("host", "max"):
             raise _unsupported(f"-cpu {model}", "only host and max: kvmpy gives the guest the host's CPUID "
                                "under KVM and its translator's own model otherwise")
@@ -768,6 +770,9 @@ class QemuCommandLine:
             self.cfg.accel = "auto" if first == "kvm" and "tcg" in self._accel_given[1:] else first
             if self.cfg.accel_force and self.cfg.accel != "kvm":
                 raise QemuOptionError("qemu option -accel: force=on applies to kvm only")
+        if self._cpu_model == "host" and self.cfg.accel == "tcg":
+            raise QemuOptionError("qemu option -cpu host: needs KVM (-enable-kvm or -accel kvm); the translator "
+                                  "has its own model: -cpu max")
         if self._nodefaults and not self._serial_given:
             self.cfg.serial = "none"
         if self._monitor_stdio and self.cfg.serial != "stdio":
@@ -797,6 +802,22 @@ class QemuCommandLine:
         if len(modules) != 1:
             raise _unsupported(f"-initrd {spec}", "several initrds are for multiboot kernels only")
         self.cfg.initrd = os.path.abspath(modules[0])
+
+
+_QEMU_SIZE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?([kKmMgGtT]?)[bB]?")
+
+
+def qemu_size(text: str, where: str) -> int:
+    """QEMU's -m size: MiB when bare, a K/M/G/T suffix, a fraction allowed (``1.5G``)."""
+    m = _QEMU_SIZE_RE.fullmatch(text.strip())
+    if m is None:
+        raise QemuOptionError(f"{where}: expected a size like 512, 512M or 1.5G, got {text!r}")
+    unit = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(3).lower()]
+    whole, fraction = int(m.group(1)), m.group(2) or ""
+    size = whole * unit + int(fraction or "0") * unit // 10 ** len(fraction)
+    if fraction and int(fraction) * unit % 10 ** len(fraction):
+        raise QemuOptionError(f"{where}: {text!r} is not a whole number of bytes")
+    return size
 
 
 def _split_commas(text: str) -> list[str]:

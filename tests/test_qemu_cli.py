@@ -102,6 +102,7 @@ def test_archwiki_service_line():
 
 @pytest.mark.parametrize("line,accel,force", [
     ("-enable-kvm", "kvm", False), ("-accel kvm", "kvm", False), ("-accel tcg", "tcg", False),
+    ("-accel kvm -cpu host", "kvm", False),
     ("-accel tcg,thread=multi", "tcg", False), ("-accel kvm,force=on", "kvm", True),
     ("-machine pc,accel=kvm", "kvm", False), ("-M pc-i440fx-7.2,accel=kvm:tcg", "auto", False),
     ("-accel kvm -accel tcg", "auto", False), ("", "tcg", False),
@@ -143,8 +144,21 @@ def test_memory_smp_cpu_refusals(line, needle):
 
 
 def test_cpu_models_accepted():
-    parse("-cpu host")
+    parse("-enable-kvm -cpu host")
     parse("-cpu max")
+    refuse("-cpu host", "-cpu host: needs KVM")
+    refuse("-accel tcg -cpu host", "-cpu host: needs KVM")
+
+
+@pytest.mark.parametrize("text,size", [("512", 512 << 20), ("1.5G", 3 << 29), ("1536M", 1536 << 20),
+                                       ("2g", 2 << 30), ("262144k", 256 << 20), ("1GB", 1 << 30)])
+def test_memory_sizes_as_qemu(text, size):
+    assert parse(f"-m {text}").memory == size
+
+
+@pytest.mark.parametrize("text", ["x", "-1", "1.5.5G", "0.0000001K", "1e3M", ""])
+def test_memory_size_refusals(text):
+    refuse(["-m", text], f"qemu option -m {text}")
 
 
 def test_ide_disks_and_cdrom():
