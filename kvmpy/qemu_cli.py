@@ -621,9 +621,12 @@ class QemuCommandLine:
                                                          "br", "vhost"})
             _check_scripts(opts, "-net tap")
         elif kind == "user":
-            raise _unsupported("-net user", "user networking (slirp); use -net tap")
+            vlan = _number(dict(pairs[1:]).get("vlan", "0"), f"{where}: vlan")
+            net = _user_network([p for p in pairs[1:] if p[0] not in ("vlan", "name", "id")], "-net", value)
+            self._legacy_net.append(_LegacyNet("user", vlan, {"net": net}, value))
+            return
         else:
-            raise _unsupported(f"-net {kind or value}", "nic, tap or none")
+            raise _unsupported(f"-net {kind or value}", "nic, tap, user or none")
         if "netdev" in opts:
             raise _unsupported("-net nic,netdev=", "use -device virtio-net-pci,netdev=ID")
         vlan = _number(opts.pop("vlan", "0"), f"{where}: vlan")
@@ -633,7 +636,14 @@ class QemuCommandLine:
         pairs = split_suboptions(value, "-netdev", "type")
         kind = pairs[0][1] if pairs and pairs[0][0] == "type" else ""
         if kind == "user":
-            raise _unsupported("-netdev user", "user networking (slirp); use -netdev tap")
+            ids = [v for k, v in pairs[1:] if k == "id"]
+            if not ids:
+                raise QemuOptionError(f"qemu option -netdev {value}: missing id=")
+            if ids[-1] in self._netdevs:
+                raise QemuOptionError(f"qemu option -netdev {value}: a netdev with id={ids[-1]} already exists")
+            self._netdevs[ids[-1]] = [_user_network([p for p in pairs[1:] if p[0] != "id"], "-netdev", value),
+                                      False, value]
+            return
         if kind not in ("tap", "bridge"):
             raise _unsupported(f"-netdev {kind or value}", "tap or bridge")
         allowed = {"id", "ifname", "script", "downscript", "br", "vhost"} if kind == "tap" else {"id", "br",
@@ -655,7 +665,11 @@ class QemuCommandLine:
         if kind == "none":
             return
         if kind == "user":
-            raise _unsupported("-nic user", "user networking (slirp); use -nic tap")
+            model = dict(pairs[1:]).get("model", "virtio")
+            _check_model(model, "-nic")
+            self.cfg.nets.append(_user_network([p for p in pairs[1:] if p[0] not in ("model", "id")], "-nic",
+                                               value))
+            return
         if kind not in ("tap", "bridge"):
             raise _unsupported(f"-nic {kind or value}", "tap, bridge or none")
         opts = _opts_dict(pairs[1:], "-nic", value, {"id", "ifname", "script", "downscript", "br", "vhost", "mac",
@@ -673,12 +687,16 @@ class QemuCommandLine:
             vlans.setdefault(part.vlan, []).append(part)
         for vlan, parts in sorted(vlans.items()):
             nics = [p for p in parts if p.kind == "nic"]
-            taps = [p for p in parts if p.kind == "tap"]
+            taps = [p for p in parts if p.kind in ("tap", "user")]
             if len(nics) != 1 or len(taps) != 1:
                 first = (nics or taps)[0]
-                raise _unsupported(f"-net {first.text}", f"each vlan (hub) needs one -net nic and one -net tap; "
-                                   f"vlan {vlan} has {len(nics)} nic(s) and {len(taps)} tap(s)")
+                raise _unsupported(f"-net {first.text}", f"each vlan (hub) needs one -net nic and one -net tap or "
+                                   f"user; vlan {vlan} has {len(nics)} nic(s) and {len(taps)} backend(s)")
             nic, tap = nics[0].opts, taps[0].opts
+            if taps[0].kind == "user":
+                tap["net"].mac = check_mac(nic.get("macaddr", ""), f"qemu option -net {nics[0].text}: macaddr")
+                self.cfg.nets.append(tap["net"])
+                continue
             self.cfg.nets.append(NetConfig(
                 ifname=tap.get("ifname", ""), bridge=tap.get("br", ""),
                 mac=check_mac(nic.get("macaddr", ""), f"qemu option -net {nics[0].text}: macaddr")))
@@ -822,6 +840,22 @@ def qemu_size(text: str, where: str) -> int:
 
 def _split_commas(text: str) -> list[str]:
     return [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+
+
+def _user_network(pairs: list[tuple[str, str]], option: str, text: str) -> NetConfig:
+    """A user-mode (libslirp) NIC from QEMU's options, through kvmpy.config's parser for
+    them where this kvmpy has user networking."""
+    from . import config
+    parse = getattr(config, "parse_user_net_options", None)
+    if parse is None:
+        raise _unsupported(f"{option} user", "user networking (slirp) is not in this kvmpy; use tap")
+    opts: dict = {}
+    for key, value in pairs:
+        if key in ("hostfwd", "guestfwd"):         # QEMU takes these several times
+            opts.setdefault(key, []).append(value)
+        else:
+            opts[key] = value
+    return parse(opts, f"qemu option {option} {text}")
 
 
 def _check_model(model: str, option: str) -> None:

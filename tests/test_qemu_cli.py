@@ -338,11 +338,12 @@ def test_legacy_net_pairs_per_vlan():
 
 
 @pytest.mark.parametrize("line,needle", [
-    ("-net nic", "vlan 0 has 1 nic(s) and 0 tap(s)"),
-    ("-net tap,ifname=t", "vlan 0 has 0 nic(s) and 1 tap(s)"),
+    ("-net nic", "vlan 0 has 1 nic(s) and 0 backend(s)"),
+    ("-net tap,ifname=t", "vlan 0 has 0 nic(s) and 1 backend(s)"),
     ("-net nic -net nic -net tap", "vlan 0 has 2 nic(s)"),
+    ("-net nic -net tap -net tap", "vlan 0 has 1 nic(s) and 2 backend(s)"),
     ("-net nic,model=e1000 -net tap", "not supported; use model=virtio"),
-    ("-net user", "-net user: not supported"), ("-net socket", "-net socket"),
+    ("-net socket", "-net socket"),
     ("-net tap,script=/etc/qemu-ifup -net nic", "kvmpy runs no ifup scripts"),
     ("-net tap,vhost=on -net nic", "no vhost-net"),
     ("-net nic,macaddr=01:00:00:00:00:01 -net tap", "multicast"),
@@ -362,9 +363,8 @@ def test_netdev_device_and_nic():
     refuse("-netdev tap,ifname=t", "missing id=")
     refuse("-device virtio-net-pci,netdev=x", "netdev=x names no -netdev")
     refuse("-netdev tap,id=a -device virtio-net-pci,netdev=a -device virtio-net-pci,netdev=a", "already used")
-    refuse("-netdev user,id=a", "-netdev user: not supported")
+
     refuse("-device e1000,netdev=a", "-device e1000: not supported by kvmpy (use virtio-net-pci)")
-    refuse("-nic user", "-nic user: not supported")
     refuse("-nic tap,model=e1000", "not supported; use model=virtio")
 
 
@@ -837,3 +837,23 @@ def test_service_qemu_d_files(tmp_path):
     (conf / "qemu.d" / "vm2").write_text('type="system-x86_64"\n')
     with pytest.raises(ConfigError, match="missing key 'args'"):
         select_entries(str(conf), [])
+
+
+def test_user_networking_goes_to_kvmpys_parser():
+    """-nic user / -netdev user / -net user go to kvmpy.config.parse_user_net_options
+    (the user-networking work); without it, one line each."""
+    import kvmpy.config
+    lines = ["-nic user,model=virtio,hostfwd=tcp::2222-:22,hostfwd=udp::6000-:6000",
+             "-netdev user,id=u0,restrict=on -device virtio-net-pci,netdev=u0,mac=52:54:00:00:00:09",
+             "-net nic,macaddr=52:54:00:00:00:08 -net user,hostfwd=tcp::2223-:22"]
+    if not hasattr(kvmpy.config, "parse_user_net_options"):
+        for line in lines:
+            refuse(line, "user: not supported by kvmpy (user networking (slirp) is not in this kvmpy; use tap)")
+        return
+    nic = parse(lines[0]).nets[0]
+    assert nic.type == "user" and [f.spec for f in nic.user.hostfwd] == ["tcp::2222-:22", "udp::6000-:6000"]
+    dev = parse(lines[1]).nets[0]
+    assert dev.type == "user" and dev.user.restrict and dev.mac == "52:54:00:00:00:09"
+    legacy = parse(lines[2]).nets[0]
+    assert legacy.type == "user" and legacy.mac == "52:54:00:00:00:08"
+    refuse("-nic user,hostfwd=bogus", "qemu option -nic user,hostfwd=bogus")
