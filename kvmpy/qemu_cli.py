@@ -427,11 +427,20 @@ class QemuCommandLine:
         pass       # kvmpy's serial console is on stdio unless -serial says otherwise: -nographic's own
 
     def opt_display(self, value, text) -> None:
-        kind = value.split(",")[0]
-        if kind != "none":
-            self._display(f"-display {value}")
+        kind, _, rest = value.partition(",")
+        if kind == "none":
+            return
+        if kind.startswith("vnc=") and has_display():
+            self.opt_vnc(value[4:], "-vnc")
+            return
+        self._display(f"-display {value}")
 
     def opt_vnc(self, value, text) -> None:
+        from . import config
+        set_vnc = getattr(config, "set_vnc", None)
+        if set_vnc is not None:        # where kvmpy has its display: QEMU's -vnc spelling is its own
+            set_vnc(self.cfg, value, f"qemu option -vnc {value}")
+            return
         if value == "none":      # kvm-unit-tests' spelling: no VNC server
             return
         self._display(f"-vnc {value}")
@@ -444,17 +453,27 @@ class QemuCommandLine:
         pass        # kvmpy reads no user configuration files
 
     def opt_k(self, value, text) -> None:
+        from . import config
+        set_keymap = getattr(config, "set_keymap", None)
+        if set_keymap is not None:
+            set_keymap(self.cfg, value, f"qemu option -k {value}")
+            return
         self._display(f"-k {value}")
 
     def opt_vga(self, value, text) -> None:
-        if value != "none":
-            self._display(f"-vga {value}")
+        from . import config
+        kinds = getattr(config, "VGA_KINDS", ("none",))
+        if value in kinds and hasattr(self.cfg, "display"):
+            self.cfg.display.vga = value
+        elif value != "none":
+            self._display(f"-vga {value}", f"kvmpy's display adapters: {', '.join(kinds)}" if has_display() else "")
 
-    def _display(self, option: str) -> None:
+    def _display(self, option: str, why: str = "") -> None:
+        why = why or (NO_DISPLAY if not has_display() else "kvmpy's display is VNC: -vnc, -k, -vga std")
         if self.ignore_display:
-            self.warn(f"{option} ignored: {NO_DISPLAY}")
+            self.warn(f"{option} ignored: {why}")
             return
-        raise _unsupported(option, NO_DISPLAY)
+        raise _unsupported(option, why)
 
     def opt_serial(self, value, text) -> None:
         if self._serial_given:
@@ -840,6 +859,12 @@ def qemu_size(text: str, where: str) -> int:
 
 def _split_commas(text: str) -> list[str]:
     return [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+
+
+def has_display() -> bool:
+    """Whether this kvmpy has its display (a VGA and a VNC server: kvmpy.config.set_vnc)."""
+    from . import config
+    return hasattr(config, "set_vnc")
 
 
 def _user_network(pairs: list[tuple[str, str]], option: str, text: str) -> NetConfig:

@@ -34,8 +34,8 @@ or the page's systemd form, one file per VM, ``DIR/qemu.d/NAME`` with ``type=``,
 
 kvmpy adds its own ``-name NAME -pidfile RUNDIR/NAME.pid -daemonize -qmp ...`` after
 the line (the last -pidfile wins, as in QEMU, so status and stop find the VM), and
-stops the VM as above. ``-vnc``, ``-k`` and a ``-display``/``-vga`` other than none
-are left out with a warning: kvmpy has no display yet.
+stops the VM as above. Where kvmpy has no display, ``-vnc``, ``-k`` and a
+``-display``/``-vga`` other than none are left out with a warning.
 """
 
 from __future__ import annotations
@@ -305,8 +305,11 @@ DISPLAY_OPTIONS = {"-vnc", "-k", "-display", "-vga", "--vnc", "--k", "--display"
 
 
 def strip_display_options(args: list[str]) -> tuple[list[str], list[str]]:
-    """QEMU's display options, which kvmpy has no display for: (args without them, what was
-    left out). ``-display none`` and ``-vga none`` stay: they ask for no display."""
+    """QEMU's display options, where kvmpy has no display for them: (args without them,
+    what was left out). ``-display none`` and ``-vga none`` stay: they ask for no display."""
+    from .qemu_cli import has_display
+    if has_display():
+        return list(args), []
     kept, dropped = [], []
     i = 0
     while i < len(args):

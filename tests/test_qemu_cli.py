@@ -19,11 +19,13 @@ from kvmpy.devices.testdev import (DATAMATCH, IsaDebugExit, PcTestdevIomem, PcTe
                                    PcTestdevPortsState, PciTestdev, PciTestdevState)
 from kvmpy.errors import ConfigError, UserError
 from kvmpy.qemu_cli import (ISA_DEBUG_EXIT, OPTIONS, PC_TESTDEV_IOMEM, PC_TESTDEV_PORTS, PCI_TESTDEV,
-                            QemuOptionError, config_from_qemu_args, split_options, split_suboptions,
+                            QemuOptionError, config_from_qemu_args, has_display, split_options, split_suboptions,
                             wants_qemu_parser)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.environ.get("KVMPY_FUZZ") == "1"
+# Whether this kvmpy has its display (VGA + VNC): QEMU's -vnc/-k/-vga then map onto it.
+DISPLAY = has_display()
 
 
 def parse(line: str, **kw):
@@ -96,7 +98,10 @@ def test_archwiki_service_line():
     assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00")]
     assert cfg.serial == "telnet:localhost:7000,server,nowait"
     assert cfg.hmp == ["telnet:localhost:7100,server,nowait,nodelay"]
-    refuse("-vnc :0", "qemu option -vnc :0: not supported by kvmpy (kvmpy has no display yet")
+    if DISPLAY:
+        assert parse("-vnc :0 -k de").display.vnc == ":0"
+    else:
+        refuse("-vnc :0", "qemu option -vnc :0: not supported by kvmpy (kvmpy has no display yet")
     cfg, _ = config_from_qemu_args(["-vnc", ":0", "-k", "de"], ignore_display=True)   # service mode
 
 
@@ -269,8 +274,8 @@ def test_serial_paths_are_absolute():
     ("-serial tcp:h:99999,server", "out of range"),
     ("-monitor tcp:h:1,nowait", "a client connection"), ("-monitor bogus:x", "unknown address type"),
     ("-qmp unix:", "no socket path"), ("-monitor stdio -serial none", "-monitor stdio: not supported"),
-    ("-display gtk", "-display gtk: not supported by kvmpy (kvmpy has no display yet"),
-    ("-vga std", "-vga std"), ("-no-shutdown", "-no-shutdown: not supported"),
+    ("-display gtk", "-display gtk: not supported by kvmpy ("),
+    ("-vga cirrus", "-vga cirrus: not supported"), ("-no-shutdown", "-no-shutdown: not supported"),
     ("-rtc base=localtime", "-rtc base=localtime"), ("-rtc base=utc,clock=vm", "clock=vm"),
     ("-d in_asm", "-d in_asm: not supported"),
 ])
@@ -431,7 +436,7 @@ def kvmpy(*args, module="kvmpy", timeout=60):
 
 @pytest.mark.parametrize("args,needle", [
     (["run", "-enable-kvm", "-m", "512", "-hda"], "kvmpy: qemu option -hda: requires an argument"),
-    (["run", "-enable-kvm", "-vnc", ":0"], "kvmpy: qemu option -vnc :0: not supported by kvmpy"),
+    (["run", "-enable-kvm", "-vnc", "bogus"], "kvmpy: qemu option -vnc bogus: "),
     (["run", "-enable-kvm", "-machine", "q35"], "kvmpy: qemu option -machine q35: not supported"),
     (["run", "-enable-kvm", "-frobnicate"], "kvmpy: qemu option -frobnicate: not supported by kvmpy"),
     (["run", "-enable-kvm", "-m", "64"], "kvmpy: no kernel"),
@@ -664,8 +669,13 @@ def test_service_qemu_conf(tmp_path):
     entries = select_entries(conf, [])
     assert [e.name for e in entries] == ["c", "b", "a"]
     c, b, a = entries
-    assert (a.enabled, a.qemu_args, a.qemu_left_out) == (False, ["-m", "64", "-kernel", "k"], ("-vnc :1",))
-    assert (b.halt, b.halt_command, b.qemu_left_out) == ("command", "ssh b poweroff", ("-k de",))
+    if DISPLAY:         # kvmpy serves -vnc and -k itself
+        assert (a.qemu_args, a.qemu_left_out, b.qemu_left_out) == (["-m", "64", "-kernel", "k", "-vnc", ":1"], (), ())
+        b.qemu_args = b.qemu_args[:-2]
+    else:
+        assert (a.qemu_args, a.qemu_left_out) == (["-m", "64", "-kernel", "k"], ("-vnc :1",))
+        assert b.qemu_left_out == ("-k de",)
+    assert (a.enabled, b.halt, b.halt_command) == (False, "command", "ssh b poweroff")
     assert b.qemu_args == ["-enable-kvm", "-kernel", "k2", "-display", "none"]
     argv = run_argv(b, "/run/k")
     assert argv[3:] == ["run", "-enable-kvm", "-kernel", "k2", "-display", "none", "-name", "b", "-pidfile",
@@ -828,8 +838,8 @@ def test_service_qemu_d_files(tmp_path):
                                          ' -vnc :0"\n\nhaltcmd="echo \'system_powerdown\' | nc localhost 7100" '
                                          '# or netcat/ncat\n')
     (vm1,) = select_entries(str(conf), [])
-    assert (vm1.name, vm1.qemu_args, vm1.qemu_left_out, vm1.halt) == (
-        "vm1", ["-enable-kvm", "-m", "512", "-kernel", "k"], ("-vnc :0",), "command")
+    assert (vm1.name, vm1.qemu_args[:5], vm1.halt) == ("vm1", ["-enable-kvm", "-m", "512", "-kernel", "k"], "command")
+    assert vm1.qemu_left_out == (() if DISPLAY else ("-vnc :0",))
     assert vm1.halt_command == "echo 'system_powerdown' | nc localhost 7100"
     (conf / "qemu.d" / "vm2").write_text('args="-m 64"\nmemory=1\n')
     with pytest.raises(ConfigError, match="vm2: unknown key 'memory'"):
