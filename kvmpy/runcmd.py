@@ -95,17 +95,23 @@ def build_config(args) -> VmConfig:
         for name in parse_trace(spec, f"--trace {spec}"):
             if name not in cfg.trace:
                 cfg.trace.append(name)
-    finish_config(cfg)
-    return cfg
-
-
-def finish_config(cfg: VmConfig) -> None:
-    """What every command line (kvmpy's, QEMU's: kvmpy.qemu_cli) must satisfy at the end."""
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
     require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
     if cfg.initrd:
         require_file(cfg.initrd, f"initrd {cfg.initrd}", ConfigError)
+    validate(cfg)
+    return cfg
+
+
+def finish_config(cfg: VmConfig) -> None:
+    """The end of a QEMU command line (kvmpy.qemu_cli): its files exist and the whole is
+    valid. Without -kernel the firmware boots (-hda, -cdrom): only firmware "none" needs one."""
+    if not cfg.kernel and cfg.firmware == "none":
+        raise ConfigError("no kernel: give -kernel FILE (or let the firmware boot a disk)")
+    for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd"), (cfg.bios, "bios")):
+        if path and (what != "bios" or os.sep in path):     # a bare -bios name is the firmware loader's to find
+            require_file(path, f"{what} {path}", ConfigError)
     for path, _ in cfg.multiboot_modules:
         require_file(path, f"multiboot module {path} (-initrd)", ConfigError)
     validate(cfg)
@@ -136,7 +142,7 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
     """kvm_pvm emulates guest kernel code: a Linux kernel spins for minutes at 100% CPU
     and then fails, silently. Refuse unless the user insisted (kvm,force=on). Tiny
     PVH guests run fine there, so only a bzImage is refused."""
-    if cfg.accel != "kvm":
+    if cfg.accel != "kvm" or not cfg.kernel:
         return
     from .boot.loader import kernel_kind
     from .hv.select import software_nested_kvm

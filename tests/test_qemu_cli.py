@@ -439,7 +439,7 @@ def kvmpy(*args, module="kvmpy", timeout=60):
     (["run", "-enable-kvm", "-vnc", "bogus"], "kvmpy: qemu option -vnc bogus: "),
     (["run", "-enable-kvm", "-machine", "q35"], "kvmpy: qemu option -machine q35: not supported"),
     (["run", "-enable-kvm", "-frobnicate"], "kvmpy: qemu option -frobnicate: not supported by kvmpy"),
-    (["run", "-enable-kvm", "-m", "64"], "kvmpy: no kernel"),
+    (["run", "-enable-kvm", "-m", "64", "-kernel", "/nonexistent/k"], "kvmpy: kernel /nonexistent/k: no such file"),
 ])
 def test_kvmpy_run_errors_are_one_line(args, needle):
     r = kvmpy(*args)
