@@ -197,6 +197,7 @@ class QemuCommandLine:
     _monitor_stdio: bool = False
     _nodefaults: bool = False
     _cpu_model: str = ""
+    _bios_name: str | None = None
     _chardevs: dict = field(default_factory=dict)           # id -> the old spelling (unix:PATH,server)
     _chardev_uses: list = field(default_factory=list)       # (option, chardev id, text), resolved at the end
     wants_help: str | None = None
@@ -416,8 +417,7 @@ class QemuCommandLine:
     def opt_bios(self, value, text) -> None:
         if not value:
             raise QemuOptionError("qemu option -bios: empty file name")
-        # A bare name is looked up by the firmware loader (in -L directories too), as QEMU does.
-        self.cfg.bios = os.path.abspath(value) if os.path.exists(value) or os.sep in value else value
+        self._bios_name = value          # found at the end: -L may come after it
 
     def opt_L(self, value, text) -> None:
         self.cfg.firmware_path.append(os.path.abspath(value))
@@ -817,6 +817,8 @@ class QemuCommandLine:
                                "console; use -monitor telnet:HOST:PORT,server,nowait or unix:PATH,server,nowait")
         if self._initrd_spec is not None:
             self._finish_initrd()
+        if self._bios_name is not None:
+            self.cfg.bios = find_firmware_file(self._bios_name, self.cfg.firmware_path)
         return self.cfg
 
     def _finish_initrd(self) -> None:
@@ -859,6 +861,23 @@ def qemu_size(text: str, where: str) -> int:
 
 def _split_commas(text: str) -> list[str]:
     return [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+
+
+# Where QEMU (Debian's qemu-system-data, seabios, ovmf) keeps firmware, after -L's directories.
+FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/share/OVMF")
+
+
+def find_firmware_file(name: str, search: list[str]) -> str:
+    """QEMU's lookup of a -bios name: the name itself (from the current directory),
+    then each -L directory, then QEMU's data directories."""
+    if os.path.isfile(name) or os.sep in name:
+        return os.path.abspath(name)
+    for directory in (*search, *FIRMWARE_DIRS):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise QemuOptionError(f"qemu option -bios {name}: not found here, in -L directories or in "
+                          f"{', '.join(FIRMWARE_DIRS)}")
 
 
 def has_display() -> bool:

@@ -110,7 +110,7 @@ def finish_config(cfg: VmConfig) -> None:
     if not cfg.kernel and cfg.firmware == "none":
         raise ConfigError("no kernel: give -kernel FILE (or let the firmware boot a disk)")
     for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd"), (cfg.bios, "bios")):
-        if path and (what != "bios" or os.sep in path):     # a bare -bios name is the firmware loader's to find
+        if path:
             require_file(path, f"{what} {path}", ConfigError)
     for path, _ in cfg.multiboot_modules:
         require_file(path, f"multiboot module {path} (-initrd)", ConfigError)

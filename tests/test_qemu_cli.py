@@ -241,11 +241,17 @@ def test_boot():
 def test_kernel_initrd_append_bios(tmp_path):
     kernel = tmp_path / "k"
     kernel.write_bytes(b"\0" * 4096)
+    (tmp_path / "fw").mkdir()
+    (tmp_path / "fw" / "my.bin").write_bytes(b"\xff" * 65536)
     cfg = parse(f"-kernel {kernel} -initrd {tmp_path}/i.img -append console=ttyS0 -bios {tmp_path}/b.bin "
                 f"-L {tmp_path}")
     assert (cfg.kernel, cfg.initrd, cfg.cmdline) == (str(kernel), f"{tmp_path}/i.img", "console=ttyS0")
     assert cfg.bios == f"{tmp_path}/b.bin" and cfg.firmware_path == [str(tmp_path)]
-    assert parse("-bios bios-256k.bin").bios == "bios-256k.bin"     # looked up by the firmware loader
+    # a bare name: here, then in -L directories (given before or after), then QEMU's own
+    assert parse(f"-bios my.bin -L {tmp_path}/fw").bios == f"{tmp_path}/fw/my.bin"
+    refuse("-bios no-such-firmware.bin", "-bios no-such-firmware.bin: not found here, in -L directories")
+    if os.path.isfile("/usr/share/qemu/bios-256k.bin"):
+        assert parse("-bios bios-256k.bin").bios == "/usr/share/qemu/bios-256k.bin"
     refuse(f"-kernel {kernel} -initrd a,b", "several initrds are for multiboot kernels only")
     assert parse(f"-kernel {kernel} -initrd {tmp_path}/i,,1.img").initrd == f"{tmp_path}/i,1.img"
 
