@@ -228,6 +228,14 @@ def make_pci_testdev(ctx: DeviceContext):
     return PciTestdev(name=ctx.name)
 
 
+def fixed_devices(cfg: VmConfig) -> tuple[DeviceEntry, ...]:
+    """PC_DEVICES, but for kvmpy's own exit port where QEMU's isa-debug-exit takes its
+    place, wherever that sits: a guest written for QEMU finds nothing else at 0xf4."""
+    if any(dev.type == QEMU_DEBUG_EXIT_TYPE for dev in cfg.devices):
+        return tuple(e for e in PC_DEVICES if e.name != "debug-exit")
+    return PC_DEVICES
+
+
 def user_device_entry(dev, index: int) -> DeviceEntry:
     """A [[device]]/--device/-device: pci-testdev is kvmpy's own PCI device, the rest plug-ins."""
     if dev.type == PCI_TESTDEV_TYPE:
@@ -242,12 +250,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
         if disk.interface != "virtio":
             raise ConfigError(f"{cfg.source}: disk {disk.path}: interface {disk.interface!r} is not "
                               "available yet (only virtio)")
-    fixed = PC_DEVICES
-    if any(dev.type == QEMU_DEBUG_EXIT_TYPE for dev in cfg.devices):
-        # QEMU's isa-debug-exit takes the place of kvmpy's own port 0xf4, wherever it sits:
-        # a guest written for QEMU finds nothing else there.
-        fixed = tuple(e for e in PC_DEVICES if e.name != "debug-exit")
-    return [*fixed,
+    return [*fixed_devices(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(user_device_entry(dev, i) for i, dev in enumerate(cfg.devices))]
