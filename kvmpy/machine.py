@@ -125,13 +125,11 @@ class Machine:
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
         if self._boot_files is None:
-            self._boot_files = BootFiles(self.cfg.kernel, self.cfg.initrd,
-                                         [path for path, _ in self.cfg.multiboot_modules])
+            self._boot_files = BootFiles(self.cfg.kernel, self.cfg.initrd, self.cfg.multiboot_modules)
             self._closers.append(self._boot_files.close)
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
-                                      rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files,
-                                      modules=self.cfg.multiboot_modules)
+                                      rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
         self.accel.load_boot_state(self.boot_state)
 
     # --- running ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .devices.rtc import RTC, RtcCmos
 from .devices.serial import COM1, Serial16550
 from .errors import ConfigError
 from .memory import GuestMemory
-from .plugins import plugin_entry
+from .plugins import plugin_entry as load_plugin_entry
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +236,12 @@ def fixed_devices(cfg: VmConfig) -> tuple[DeviceEntry, ...]:
     return PC_DEVICES
 
 
-def user_device_entry(dev, index: int) -> DeviceEntry:
-    """A [[device]]/--device/-device: pci-testdev is kvmpy's own PCI device, the rest plug-ins."""
+def plugin_entry(dev, index: int) -> DeviceEntry:
+    """A [[device]]/--device/-device: pci-testdev is kvmpy's own PCI device (a plug-in
+    cannot be a plain PCI function), the rest kvmpy.plugins' plug-ins."""
     if dev.type == PCI_TESTDEV_TYPE:
         return DeviceEntry(dev.options.get("id") or f"pci-testdev{index}", "pci", make_pci_testdev)
-    return plugin_entry(dev, index)
+    return load_plugin_entry(dev, index)
 
 
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
@@ -253,7 +254,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     return [*fixed_devices(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
-            *(user_device_entry(dev, i) for i, dev in enumerate(cfg.devices))]
+            *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 
 def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory, num_cpus: int) -> int:

@@ -66,15 +66,15 @@ class BootFiles:
     blobs), also once the process may open nothing (kvmpy.sandbox)."""
 
     def __init__(self, kernel_path: str, initrd_path: str | None = None,
-                 module_paths: list[str] | tuple[str, ...] = ()) -> None:
+                 modules: list[tuple[str, str]] | tuple = ()) -> None:
         self.kernel_path, self.initrd_path = kernel_path, initrd_path
-        self.module_paths = list(module_paths)        # a multiboot kernel's modules
+        self.modules = list(modules)        # a multiboot kernel's (path, command line)
         self._fds: dict[str, int] = {}
         try:
             self._fds["kernel"] = self._open(kernel_path, "kernel")
             if initrd_path:
                 self._fds["initrd"] = self._open(initrd_path, "initrd")
-            for i, path in enumerate(self.module_paths):
+            for i, (path, _) in enumerate(self.modules):
                 self._fds[f"module{i}"] = self._open(path, "multiboot module")
         except BaseException:
             self.close()
@@ -112,10 +112,11 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
                 initrd_path: str | None = None, rsdp_addr: int = 0,
                 mem_size: int | None = None, files: BootFiles | None = None,
                 modules: list[tuple[str, str]] | tuple = ()) -> BootState:
-    """``files``: read the kernel and initrd through these instead of opening the paths.
+    """``files``: read the kernel, initrd and modules through these instead of opening the paths.
     ``modules``: a multiboot kernel's (path, command line), QEMU's ``-initrd "a arg,b"``."""
     if files is not None:
         image, initrd = files.read("kernel"), files.read("initrd")
+        modules = modules or files.modules
         module_data = [files.read(f"module{i}") or b"" for i in range(len(modules))]
     else:
         image = _read_file(kernel_path, "kernel")
