@@ -104,19 +104,6 @@ def build_config(args) -> VmConfig:
     return cfg
 
 
-def finish_config(cfg: VmConfig) -> None:
-    """The end of a QEMU command line (kvmpy.qemu_cli): its files exist and the whole is
-    valid. Without -kernel the firmware boots (-hda, -cdrom): only firmware "none" needs one."""
-    if not cfg.kernel and cfg.firmware == "none":
-        raise ConfigError("no kernel: give -kernel FILE (or let the firmware boot a disk)")
-    for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd"), (cfg.bios, "bios")):
-        if path:
-            require_file(path, f"{what} {path}", ConfigError)
-    for path, _ in cfg.multiboot_modules:
-        require_file(path, f"multiboot module {path} (-initrd)", ConfigError)
-    validate(cfg)
-
-
 def run_command(args) -> int:
     if "help" in args.trace:
         from .vcpu.trace import trace_help
@@ -132,6 +119,19 @@ def run_config(cfg: VmConfig) -> int:
         from .lifecycle import daemonize
         return daemonize(lambda notify_running: _run(cfg, notify_running))
     return _run(cfg, None)
+
+
+def finish_config(cfg: VmConfig) -> None:
+    """The end of a QEMU command line (kvmpy.qemu_cli): its files exist and the whole is
+    valid. Without -kernel the firmware boots (-hda, -cdrom): only firmware "none" needs one."""
+    if not cfg.kernel and cfg.firmware == "none":
+        raise ConfigError("no kernel: give -kernel FILE (or let the firmware boot a disk)")
+    for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd"), (cfg.bios, "bios")):
+        if path:
+            require_file(path, f"{what} {path}", ConfigError)
+    for path, _ in cfg.multiboot_modules:
+        require_file(path, f"multiboot module {path} (-initrd)", ConfigError)
+    validate(cfg)
 
 
 SOFTWARE_NESTED_LINUX = ("KVM here is software-nested (kvm_pvm): Linux will run slowly or fail; "
