@@ -819,6 +819,9 @@ class QemuCommandLine:
             self._finish_initrd()
         if self._bios_name is not None:
             self.cfg.bios = find_firmware_file(self._bios_name, self.cfg.firmware_path)
+            if self.cfg.firmware is None:
+                # QEMU runs the -bios image it is given, -kernel or not, and OVMF is UEFI.
+                self.cfg.firmware = "uefi" if is_uefi_image(self.cfg.bios) else "bios"
         return self.cfg
 
     def _finish_initrd(self) -> None:
@@ -864,7 +867,17 @@ def _split_commas(text: str) -> list[str]:
 
 
 # Where QEMU (Debian's qemu-system-data, seabios, ovmf) keeps firmware, after -L's directories.
-FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/share/OVMF")
+FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/share/OVMF", "/usr/share/ovmf")
+UEFI_VOLUME_SIGNATURE = b"_FVH"       # a UEFI firmware volume header's, at offset 40 (PI spec)
+
+
+def is_uefi_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head[40:44] == UEFI_VOLUME_SIGNATURE
 
 
 def find_firmware_file(name: str, search: list[str]) -> str:

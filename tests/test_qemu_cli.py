@@ -250,8 +250,14 @@ def test_kernel_initrd_append_bios(tmp_path):
     # a bare name: here, then in -L directories (given before or after), then QEMU's own
     assert parse(f"-bios my.bin -L {tmp_path}/fw").bios == f"{tmp_path}/fw/my.bin"
     refuse("-bios no-such-firmware.bin", "-bios no-such-firmware.bin: not found here, in -L directories")
-    if os.path.isfile("/usr/share/qemu/bios-256k.bin"):
-        assert parse("-bios bios-256k.bin").bios == "/usr/share/qemu/bios-256k.bin"
+    assert parse(f"-bios my.bin -L {tmp_path}/fw").firmware == "bios"
+    assert parse(f"-kernel {kernel}").firmware is None            # direct boot stays the default
+    for seabios in ("/usr/share/qemu/bios-256k.bin", "/usr/share/seabios/bios-256k.bin"):
+        if os.path.isfile(seabios):
+            assert parse("-bios bios-256k.bin").bios == seabios
+            break
+    if os.path.isfile("/usr/share/OVMF/OVMF_CODE.fd"):        # Debian's ovmf: a UEFI firmware volume
+        assert parse("-bios /usr/share/OVMF/OVMF_CODE.fd").firmware == "uefi"
     refuse(f"-kernel {kernel} -initrd a,b", "several initrds are for multiboot kernels only")
     assert parse(f"-kernel {kernel} -initrd {tmp_path}/i,,1.img").initrd == f"{tmp_path}/i,1.img"
 
