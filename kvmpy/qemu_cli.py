@@ -320,6 +320,9 @@ class QemuCommandLine:
                           {"file", "format", "if", "media", "index", "readonly", "snapshot", "cache", "werror",
                            "rerror", "id", "serial", "aio", "discard", "detect-zeroes"})
         iface = opts.get("if", "ide")         # QEMU's default for -drive on a PC
+        if iface == "pflash":
+            self._pflash(opts, where)
+            return
         if iface not in ("ide", "virtio", "none"):
             raise _unsupported(f"-drive if={iface}", "if=ide, if=virtio or if=none")
         if "snapshot" in opts and _on_off(opts["snapshot"], f"{where}: snapshot"):
@@ -376,6 +379,18 @@ class QemuCommandLine:
             self._unattached[drive_id] = disk
             return
         self._add_disk(disk, where)
+
+    def _pflash(self, opts: dict, where: str) -> None:
+        """UEFI as QEMU's users start it: the first -drive if=pflash is the firmware code
+        (as -bios); a second one, the variable store, kvmpy does not keep yet."""
+        if self._bios_name is not None:
+            raise _unsupported("-drive if=pflash", "a second flash (OVMF's variable store) is not kept by kvmpy; "
+                               "give only the code, read-only")
+        if not opts.get("file"):
+            raise QemuOptionError(f"{where}: missing file=")
+        if opts.get("format", "raw") != "raw":
+            raise QemuOptionError(f"{where}: a flash image is raw")
+        self._bios_name = opts["file"]
 
     # --- boot ------------------------------------------------------------------
     def opt_boot(self, value, text) -> None:

@@ -198,7 +198,6 @@ def test_drive():
 @pytest.mark.parametrize("line,needle", [
     ("-drive file=x,snapshot=on", "-drive snapshot=on: not supported"),
     ("-drive file=x,if=scsi", "-drive if=scsi: not supported"),
-    ("-drive file=x,if=pflash", "-drive if=pflash"),
     ("-drive file=x,cache=bogus", "-drive cache=bogus"),
     ("-drive file=x,format=vmdk", "-drive format=vmdk"),
     ("-drive format=raw", "missing file="),
@@ -258,6 +257,10 @@ def test_kernel_initrd_append_bios(tmp_path):
             break
     if os.path.isfile("/usr/share/OVMF/OVMF_CODE.fd"):        # Debian's ovmf: a UEFI firmware volume
         assert parse("-bios /usr/share/OVMF/OVMF_CODE.fd").firmware == "uefi"
+        cfg = parse("-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
+        assert (cfg.bios, cfg.firmware, cfg.disks) == ("/usr/share/OVMF/OVMF_CODE.fd", "uefi", [])
+    refuse(f"-drive if=pflash,readonly=on,file={kernel} -drive if=pflash,file=vars.fd", "variable store")
+    refuse("-drive if=pflash,format=qcow2,file=x", "a flash image is raw")
     refuse(f"-kernel {kernel} -initrd a,b", "several initrds are for multiboot kernels only")
     assert parse(f"-kernel {kernel} -initrd {tmp_path}/i,,1.img").initrd == f"{tmp_path}/i,1.img"
 
