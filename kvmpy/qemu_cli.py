@@ -123,7 +123,7 @@ OPTIONS: dict[str, bool] = {
     "no-shutdown": False, "net": True, "netdev": True, "nic": True, "device": True,
     "vnc": True, "k": True, "S": False, "D": True, "d": True, "rtc": True, "usb": False, "vga": True,
     "version": False, "h": False, "help": False, "nodefaults": False, "no-user-config": False,
-    "chardev": True, "mon": True,
+    "chardev": True, "mon": True, "snapshot": False,
 }
 
 # kvmpy's own `kvmpy run` options whose meaning differs from QEMU's option of that
@@ -198,6 +198,10 @@ class QemuCommandLine:
     _nodefaults: bool = False
     _cpu_model: str = ""
     _bios_name: str | None = None
+    _snapshot_all: bool = False
+    # Disks whose writes go to a temporary overlay (-snapshot, -drive snapshot=on): see
+    # make_snapshot_overlays, which run_qemu calls just before the VM starts.
+    snapshot_disks: list = field(default_factory=list)
     _chardevs: dict = field(default_factory=dict)           # id -> the old spelling (unix:PATH,server)
     _chardev_uses: list = field(default_factory=list)       # (option, chardev id, text), resolved at the end
     wants_help: str | None = None
@@ -325,9 +329,7 @@ class QemuCommandLine:
             return
         if iface not in ("ide", "virtio", "none"):
             raise _unsupported(f"-drive if={iface}", "if=ide, if=virtio or if=none")
-        if "snapshot" in opts and _on_off(opts["snapshot"], f"{where}: snapshot"):
-            raise _unsupported("-drive snapshot=on", "write to an overlay instead: kvmpy img create -f qcow2 "
-                               "-b IMAGE -F FMT overlay.qcow2")
+        snapshot = "snapshot" in opts and _on_off(opts["snapshot"], f"{where}: snapshot")
         cache = opts.get("cache", "writeback")
         if cache not in ("writeback", "none", "unsafe", "directsync", "writethrough"):
             raise _unsupported(f"-drive cache={cache}", "writeback, none, unsafe, directsync, writethrough")
@@ -373,6 +375,8 @@ class QemuCommandLine:
             if drive_id in self._drives_by_id:
                 raise QemuOptionError(f"{where}: a drive with id={drive_id} already exists")
             self._drives_by_id[drive_id] = disk
+        if snapshot and not disk.readonly:
+            self.snapshot_disks.append(disk)
         if iface == "none":
             if drive_id is None:
                 raise QemuOptionError(f"{where}: if=none needs id= (for -device ...,drive=ID)")
@@ -603,6 +607,9 @@ class QemuCommandLine:
     def opt_no_shutdown(self, value, text) -> None:
         raise _unsupported("-no-shutdown", "a guest power-off ends kvmpy")
 
+    def opt_snapshot(self, value, text) -> None:
+        self._snapshot_all = True
+
     def opt_S(self, value, text) -> None:
         self.cfg.start_paused = True
 
@@ -832,6 +839,10 @@ class QemuCommandLine:
                                "console; use -monitor telnet:HOST:PORT,server,nowait or unix:PATH,server,nowait")
         if self._initrd_spec is not None:
             self._finish_initrd()
+        if self._snapshot_all:
+            self.snapshot_disks = [d for d in self.cfg.disks if not d.readonly]
+        else:
+            self.snapshot_disks = [d for d in self.snapshot_disks if any(d is c for c in self.cfg.disks)]
         if self._bios_name is not None:
             self.cfg.bios = find_firmware_file(self._bios_name, self.cfg.firmware_path)
             if self.cfg.firmware is None:
@@ -1118,15 +1129,43 @@ def help_text(topic: str) -> str:
             "Anything else is refused with one line naming it.\n")
 
 
+def make_snapshot_overlays(disks: list[DiskConfig]) -> None:
+    """QEMU's -snapshot: each disk's writes go to a temporary qcow2 overlay over it, gone
+    when kvmpy ends. As QEMU does, the overlay (in $TMPDIR) is unlinked as soon as it is
+    open; kvmpy reaches it through /proc/self/fd, which its children (-daemonize) inherit,
+    so nothing is left behind however kvmpy ends."""
+    import tempfile
+    from .block import open_image, probe_format
+    from .block.qcow2 import create_qcow2
+    for disk in disks:
+        backing_format = disk.format or probe_format(disk.path)
+        driver = open_image(disk.path, backing_format, read_only=True)
+        try:
+            size = driver.size
+        finally:
+            driver.close()
+        fd, path = tempfile.mkstemp(prefix="kvmpy-snapshot-", suffix=".qcow2")
+        os.close(fd)
+        try:
+            create_qcow2(path, (size + 511) & ~511, backing_file=disk.path, backing_format=backing_format)
+            fd = os.open(path, os.O_RDWR)
+        finally:
+            os.unlink(path)
+        log.info("-snapshot: %s's writes go to a temporary overlay", disk.path)
+        disk.path, disk.format = f"/proc/self/fd/{fd}", "qcow2"
+
+
 def run_qemu(argv: list[str], *, allow_config: bool) -> int:
     """Parse a QEMU command line and run the VM (`kvmpy run` in QEMU's spelling and
     kvmpy-system-x86_64)."""
     from .runcmd import finish_config, run_config
-    cfg, topic = config_from_qemu_args(argv, allow_config=allow_config)
+    line = parse_qemu_args(argv, allow_config=allow_config)
+    cfg, topic = line.finish(), line.wants_help
     if topic is not None:
         sys.stdout.write(help_text(topic))
         return 0
     finish_config(cfg)
+    make_snapshot_overlays(line.snapshot_disks)
     if cfg.process_name:
         set_process_name(cfg.process_name)
     if cfg.log_file is None:

@@ -196,7 +196,7 @@ def test_drive():
 
 
 @pytest.mark.parametrize("line,needle", [
-    ("-drive file=x,snapshot=on", "-drive snapshot=on: not supported"),
+    ("-drive file=x,snapshot=maybe", "snapshot: expected on or off"),
     ("-drive file=x,if=scsi", "-drive if=scsi: not supported"),
     ("-drive file=x,cache=bogus", "-drive cache=bogus"),
     ("-drive file=x,format=vmdk", "-drive format=vmdk"),
@@ -214,6 +214,16 @@ def test_drive():
 ])
 def test_drive_refusals(line, needle):
     refuse(line, needle)
+
+
+def test_snapshot_marks_writable_disks():
+    from kvmpy.qemu_cli import parse_qemu_args
+    line = parse_qemu_args("-snapshot -hda a.img -cdrom c.iso -drive file=r.img,if=virtio,readonly=on".split())
+    line.finish()
+    assert [os.path.basename(d.path) for d in line.snapshot_disks] == ["a.img"]
+    line = parse_qemu_args("-hda a.img -drive file=b.img,if=virtio,snapshot=on".split())
+    line.finish()
+    assert [os.path.basename(d.path) for d in line.snapshot_disks] == ["b.img"]
 
 
 def test_drive_if_none_with_device():

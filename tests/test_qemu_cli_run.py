@@ -294,3 +294,26 @@ def test_log_file_takes_the_trace(tmp_path):
     assert b"exit code: 4" in r.stdout and b"trace:" not in r.stderr
     text = log.read_text()
     assert "trace: vcpu0 io out port=0x00f4 size=4 value=0x4 " in text, text[-2000:]
+
+
+@pytest.mark.parametrize("spelling", ["-snapshot -drive file={img},format=raw,if=virtio",
+                                      "-drive file={img},format=raw,if=virtio,snapshot=on"])
+def test_snapshot_leaves_the_image_alone(tmp_path, spelling):
+    """-snapshot: the guest writes and reads back its pattern, the image stays as it was,
+    and no overlay is left in $TMPDIR."""
+    img = tmp_path / "base.img"
+    img.write_bytes(bytes(range(256)) * 8192)        # 2 MiB
+    before = img.read_bytes()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    r = run_kvmpy(["run", "-accel", "tcg", "-m", "64", "-kernel", guest_path("virtio_blk"),
+                   "-append", "sector=2048 bytes=32768", *spelling.format(img=img).split()],
+                  timeout=120, env={"TMPDIR": str(tmpdir)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert b"virtio-blk: pattern ok" in r.stdout
+    assert img.read_bytes() == before
+    assert list(tmpdir.iterdir()) == []
+    # without it, the same run changes the image: the test above can fail
+    r = run_kvmpy(["run", "-accel", "tcg", "-m", "64", "-kernel", guest_path("virtio_blk"),
+                   "-append", "sector=2048 bytes=32768", "-drive", f"file={img},format=raw,if=virtio"], timeout=120)
+    assert r.returncode == 0 and img.read_bytes() != before
