@@ -59,7 +59,21 @@ def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) ->
     return parser
 
 
+def _qemu_run_args(argv: list[str] | None) -> list[str] | None:
+    """The arguments after `run` when they are in QEMU's spelling (kvmpy.qemu_cli): `-hda`
+    would otherwise be argparse's `-h da`."""
+    args = sys.argv[1:] if argv is None else argv
+    if _named_command(args) != "run":
+        return None
+    rest = args[args.index("run") + 1:]
+    from .qemu_cli import wants_qemu_parser
+    return rest if wants_qemu_parser(rest) else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    qemu_args = _qemu_run_args(argv)
+    if qemu_args is not None:
+        return _main_qemu(argv, qemu_args)
     parser = build_parser(argv, all_commands=False)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -69,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main_qemu(argv: list[str] | None, qemu_args: list[str]) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    verbose = sum(a.count("v") for a in args[:args.index("run")] if a != "--verbose") + args.count("--verbose")
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="kvmpy: %(levelname)s %(name)s: %(message)s")
+    from .qemu_cli import run_qemu
+    try:
+        return run_qemu(qemu_args, allow_config=True)
     except UserError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return e.exit_status

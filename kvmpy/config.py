@@ -109,6 +109,13 @@ class VmConfig:
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
     devices: list[DeviceConfig] = field(default_factory=list)   # plug-ins: kvmpy.plugins
+    # QEMU's command line (kvmpy.qemu_cli): -L directories, -name ...,process=, -S, -D,
+    # and a multiboot kernel's modules (path, command line) from -initrd "mod arg,mod2"
+    firmware_path: list[str] = field(default_factory=list)
+    process_name: str = ""
+    start_paused: bool = False
+    log_file: str | None = None
+    multiboot_modules: list[tuple[str, str]] = field(default_factory=list)
     # What runs first: "none" (kvmpy loads --kernel itself), "bios" (SeaBIOS) or "uefi"
     # (OVMF); None picks "bios" without a kernel and "none" with one.
     firmware: str | None = None

@@ -830,52 +830,36 @@ class StdioConsole(Console):
             restore_terminal(self.in_fd)
 
 
-class UnixSocketConsole(Console):
-    """A listening unix socket; one client at a time gets output and sends input.
+class SocketConsole(Console):
+    """A listening socket; one client at a time gets output and sends input (QEMU's
+    ``server`` chardevs). The subclasses make the listener.
 
     Output with no client connected (or that a slow client has not taken yet)
     is kept up to ``backlog_limit`` bytes, oldest dropped first, and delivered
     when a client connects, so a late ``socat`` still sees the boot log tail.
     """
 
-    kind = "unix"
+    kind = "socket"
 
-    def __init__(self, path: str, backlog_limit: int = UNIX_BACKLOG_LIMIT,
+    def __init__(self, listener: socket.socket, label: str, backlog_limit: int = UNIX_BACKLOG_LIMIT,
                  events: EventLoop | None = None) -> None:
         super().__init__(events)
-        self.path = path
+        self.label = label
         self.backlog_limit = backlog_limit
         self._backlog = bytearray()
         self._dropped = 0
         self._lock = threading.Lock()
         self._client: socket.socket | None = None
         self._client_fd = -1
-        try:
-            st = os.lstat(path)
-            if stat.S_ISSOCK(st.st_mode):
-                os.unlink(path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            super().close()
-            raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The console is the guest's keyboard: whoever may connect may type into the
-        # guest. Born 0600, as the monitors' sockets are (bind takes the umask).
-        old_umask = os.umask(0o177)
-        try:
-            self._listener.bind(path)
-            self._listener.listen(1)
-        except OSError as e:
-            self._listener.close()
-            super().close()
-            raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
-        finally:
-            os.umask(old_umask)
+        self._listener = listener
         self._listener.setblocking(False)
-        st = os.lstat(path)
-        # Which file is ours, for a cleanup helper that removes it after we are gone.
-        self.socket_identity = (st.st_dev, st.st_ino)
+
+    def _on_connect(self, conn: socket.socket) -> None:
+        """A new client, before it gets the backlog."""
+
+    def _filter_input(self, data: bytes) -> bytes:
+        """What of the client's bytes is the guest's input."""
+        return data
 
     @property
     def connected(self) -> bool:
@@ -946,10 +930,11 @@ class UnixSocketConsole(Console):
             return
         with self._lock:
             if self._client is not None:
-                log.info("console: %s already has a client; refusing another", self.path)
+                log.info("console: %s already has a client; refusing another", self.label)
                 conn.close()
                 return
             conn.setblocking(False)
+            self._on_connect(conn)
             self._client, self._client_fd = conn, conn.fileno()
             if self._dropped:
                 log.info("console: %d bytes of output dropped before a client connected",
@@ -994,7 +979,9 @@ class UnixSocketConsole(Console):
                 if self._client is client:
                     self._drop_client_locked()
             return
-        self._push(data)
+        data = self._filter_input(data)
+        if data:
+            self._push(data)
 
     def _stop_input(self) -> None:
         super()._stop_input()
@@ -1008,11 +995,159 @@ class UnixSocketConsole(Console):
         with self._lock:
             self._drop_client_locked()
         self._listener.close()
+
+
+class UnixSocketConsole(SocketConsole):
+    """``unix:PATH``: the listening socket is a file, born 0600 and removed at close."""
+
+    kind = "unix"
+
+    def __init__(self, path: str, backlog_limit: int = UNIX_BACKLOG_LIMIT,
+                 events: EventLoop | None = None) -> None:
+        self.path = path
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The console is the guest's keyboard: whoever may connect may type into the
+        # guest. Born 0600, as the monitors' sockets are (bind takes the umask).
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+        except OSError as e:
+            listener.close()
+            raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        st = os.lstat(path)
+        # Which file is ours, for a cleanup helper that removes it after we are gone.
+        self.socket_identity = (st.st_dev, st.st_ino)
+        super().__init__(listener, path, backlog_limit, events)
+
+    def close(self) -> None:
+        super().close()
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+# Telnet (RFC 854): what a telnet client is told on connect, as QEMU's telnet chardev
+# tells it: the server echoes and suppresses go-ahead (character mode), no linemode.
+IAC, DONT, DO, WONT, WILL, SB, SE = 255, 254, 253, 252, 251, 250, 240
+TELNET_ECHO, TELNET_SGA, TELNET_LINEMODE = 1, 3, 34
+TELNET_GREETING = bytes([IAC, WILL, TELNET_ECHO, IAC, WILL, TELNET_SGA, IAC, DO, TELNET_SGA,
+                         IAC, DONT, TELNET_LINEMODE])
+
+
+class TelnetInput:
+    """Strips telnet commands from a client's byte stream, across reads: IAC IAC is
+    a 0xff data byte, option negotiation and subnegotiation are dropped, and a CR
+    followed by NUL (a telnet client's bare Enter) is the CR alone."""
+
+    def __init__(self) -> None:
+        self._state = "data"
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        state = self._state
+        for b in data:
+            if state == "data":
+                if b == IAC:
+                    state = "iac"
+                else:
+                    out.append(b)
+                    if b == 0x0D:
+                        state = "cr"
+            elif state == "cr":
+                state = "data"
+                if b == IAC:
+                    state = "iac"
+                elif b != 0:
+                    out.append(b)
+                    if b == 0x0D:
+                        state = "cr"
+            elif state == "iac":
+                if b == IAC:
+                    out.append(IAC)
+                    state = "data"
+                elif b in (WILL, WONT, DO, DONT):
+                    state = "option"
+                elif b == SB:
+                    state = "sb"
+                else:
+                    state = "data"
+            elif state == "option":
+                state = "data"
+            elif state == "sb":
+                if b == IAC:
+                    state = "sb-iac"
+            elif state == "sb-iac":
+                state = "data" if b == SE else "sb"
+        self._state = state
+        return bytes(out)
+
+
+class TcpConsole(SocketConsole):
+    """``tcp:HOST:PORT`` / ``telnet:HOST:PORT`` (QEMU's ``-serial telnet:...,server,nowait``):
+    a listening TCP socket, the guest's console to whoever connects; the guest runs
+    without a client (nowait). An empty host is 127.0.0.1: the console is the guest's
+    keyboard, so listening beyond loopback must be spelt out."""
+
+    kind = "tcp"
+
+    def __init__(self, host: str, port: int, telnet: bool = False, nodelay: bool = False,
+                 backlog_limit: int = UNIX_BACKLOG_LIMIT, events: EventLoop | None = None) -> None:
+        self.telnet = telnet
+        self.nodelay = nodelay
+        spec = f"{'telnet' if telnet else 'tcp'}:{host}:{port}"
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(host or "127.0.0.1", port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+        except (socket.gaierror, UnicodeError) as e:
+            raise ConfigError(f"serial = \"{spec}\": cannot resolve {host!r}: {e}") from None
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(sockaddr)
+            listener.listen(1)
+        except OSError as e:
+            listener.close()
+            raise ConfigError(f"serial = \"{spec}\": cannot listen: {e.strerror}") from None
+        self.address = listener.getsockname()[:2]      # the port the kernel chose for port 0
+        if not ipaddress_is_loopback(self.address[0]):
+            log.warning("serial console on %s listens beyond loopback: anyone who can reach it types "
+                        "into the guest", spec)
+        self._telnet_input = TelnetInput()
+        super().__init__(listener, spec, backlog_limit, events)
+
+    def _on_connect(self, conn: socket.socket) -> None:
+        if self.nodelay:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._telnet_input = TelnetInput()
+        if self.telnet:
+            try:
+                conn.send(TELNET_GREETING)
+            except OSError:
+                pass        # a client gone at once is noticed at its first read
+
+    def _filter_input(self, data: bytes) -> bytes:
+        return self._telnet_input.feed(data) if self.telnet else data
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _nonblocking_writer(fd: int) -> tuple[int, bool]:
@@ -1037,7 +1172,8 @@ def _nonblocking_writer(fd: int) -> tuple[int, bool]:
 def open_console(spec: str, on_quit: Callable[[], None],
                  on_monitor: Callable[[], MonitorInterpreter | None] | None = None,
                  events: EventLoop | None = None) -> Console:
-    """``stdio``, ``file:PATH``, ``unix:PATH[,server][,nowait]`` or ``none``;
+    """``stdio``, ``file:PATH``, ``unix:PATH[,server][,nowait]``,
+    ``tcp:HOST:PORT[,server,nowait,nodelay]``, ``telnet:HOST:PORT[,...]`` or ``none``;
     served on ``events`` (the process's loop) when given."""
     if not isinstance(spec, str):
         raise ConfigError(f"serial = {spec!r}: expected a string")
@@ -1055,5 +1191,29 @@ def open_console(spec: str, on_quit: Callable[[], None],
         if bad:
             raise ConfigError(f"serial = {spec!r}: unsupported option {bad[0]!r} "
                               "(kvmpy listens as a server: unix:PATH[,server][,nowait])")
+    if spec.startswith(("tcp:", "telnet:")):
+        return _open_tcp_console(spec, events)
     raise ConfigError(f"serial = {spec!r}: expected \"stdio\", \"file:PATH\", "
-                      "\"unix:PATH[,server]\" or \"none\"")
+                      "\"unix:PATH[,server]\", \"tcp:HOST:PORT[,server,nowait]\", "
+                      "\"telnet:HOST:PORT[,server,nowait]\" or \"none\"")
+
+
+def _open_tcp_console(spec: str, events: EventLoop | None) -> TcpConsole:
+    head, *options = spec.split(",")
+    kind, _, address = head.partition(":")
+    allowed = ("server", "server=on", "nowait", "wait=off", "nodelay", "nodelay=on", "telnet", "telnet=on")
+    bad = [o for o in options if o not in allowed]
+    if bad:
+        raise ConfigError(f"serial = {spec!r}: unsupported option {bad[0]!r} (kvmpy listens and does not "
+                          "wait for a client: server,nowait[,nodelay])")
+    if address.startswith("["):
+        host, bracket, port_text = address[1:].partition("]")
+        port_text = port_text[1:] if bracket and port_text.startswith(":") else ""
+    else:
+        host, colon, port_text = address.rpartition(":")
+        port_text = port_text if colon else ""      # QEMU's tcp::PORT, never tcp:PORT
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"serial = {spec!r}: expected {kind}:HOST:PORT with a port number 0-65535")
+    telnet = kind == "telnet" or any(o.startswith("telnet") for o in options)
+    nodelay = any(o.startswith("nodelay") for o in options)
+    return TcpConsole(host, int(port_text), telnet=telnet, nodelay=nodelay, events=events)

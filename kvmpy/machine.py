@@ -126,7 +126,7 @@ class Machine:
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
         if self._boot_files is None:
-            self._boot_files = BootFiles(self.cfg.kernel, self.cfg.initrd)
+            self._boot_files = BootFiles(self.cfg.kernel, self.cfg.initrd, self.cfg.multiboot_modules)
             self._closers.append(self._boot_files.close)
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,

@@ -42,7 +42,7 @@ from .devices.rtc import RTC, RtcCmos
 from .devices.serial import COM1, Serial16550
 from .errors import ConfigError
 from .memory import GuestMemory
-from .plugins import plugin_entry
+from .plugins import plugin_entry as load_plugin_entry
 
 log = logging.getLogger(__name__)
 
@@ -413,12 +413,38 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 )
 
 
+# QEMU's test devices (-device isa-debug-exit, pc-testdev, pci-testdev: kvmpy.qemu_cli)
+QEMU_DEBUG_EXIT_TYPE = "kvmpy.devices.testdev:IsaDebugExit"
+PCI_TESTDEV_TYPE = "pci-testdev"
+
+
+def make_pci_testdev(ctx: DeviceContext):
+    from .devices.testdev import PciTestdev
+    return PciTestdev(name=ctx.name)
+
+
+def fixed_devices(cfg: VmConfig) -> tuple[DeviceEntry, ...]:
+    """PC_DEVICES, but for kvmpy's own exit port where QEMU's isa-debug-exit takes its
+    place, wherever that sits: a guest written for QEMU finds nothing else at 0xf4."""
+    if any(dev.type == QEMU_DEBUG_EXIT_TYPE for dev in cfg.devices):
+        return tuple(e for e in PC_DEVICES if e.name != "debug-exit")
+    return PC_DEVICES
+
+
+def plugin_entry(dev, index: int) -> DeviceEntry:
+    """A [[device]]/--device/-device: pci-testdev is kvmpy's own PCI device (a plug-in
+    cannot be a plain PCI function), the rest kvmpy.plugins' plug-ins."""
+    if dev.type == PCI_TESTDEV_TYPE:
+        return DeviceEntry(dev.options.get("id") or f"pci-testdev{index}", "pci", make_pci_testdev)
+    return load_plugin_entry(dev, index)
+
+
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     """The PC's fixed devices, the PIIX3 with the IDE disks and CD-ROMs, a virtio-blk per
     virtio disk, a virtio-net per NIC, then the user's plug-in devices ([[device]],
     --device; kvmpy.plugins)."""
     virtio_disks = [disk for disk in cfg.disks if disk.interface == "virtio"]
-    return [*PC_DEVICES, *ide_entries(cfg),
+    return [*fixed_devices(cfg), *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]

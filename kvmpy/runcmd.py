@@ -21,7 +21,8 @@ SIGTERM_POWERDOWN_TIMEOUT = 30.0
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="boot a VM", description="Boot a VM from vm.toml and/or options "
-                       "(like qemu-system-x86_64 -kernel ... -append ...).")
+                       "(like qemu-system-x86_64 -kernel ... -append ...). QEMU's own spelling works too "
+                       "(kvmpy run -enable-kvm -m 512 -hda disk.img): see docs/qemu-cli.md.")
     p.add_argument("config", nargs="?", help="vm.toml")
     p.add_argument("--enable-kvm", action="store_true", help="use KVM (default: the translator, as QEMU)")
     p.add_argument("--accel", metavar="kvm|tcg|auto[,force=on]",
@@ -112,12 +113,29 @@ def run_command(args) -> int:
         from .vcpu.trace import trace_help
         print(trace_help())
         return 0
-    cfg = build_config(args)
+    return run_config(build_config(args))
+
+
+def run_config(cfg: VmConfig) -> int:
+    """Run a finished VmConfig (from ``kvmpy run``'s options or QEMU's: kvmpy.qemu_cli)."""
     _check_linux_on_software_nested_kvm(cfg)
     if cfg.daemonize:
         from .lifecycle import daemonize
         return daemonize(lambda notify_running: _run(cfg, notify_running))
     return _run(cfg, None)
+
+
+def finish_config(cfg: VmConfig) -> None:
+    """The end of a QEMU command line (kvmpy.qemu_cli): its files exist and the whole is
+    valid. Without -kernel the firmware boots (-hda, -cdrom): only firmware "none" needs one."""
+    if not cfg.kernel and cfg.firmware == "none":
+        raise ConfigError("no kernel: give -kernel FILE (or let the firmware boot a disk)")
+    for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd"), (cfg.bios, "bios")):
+        if path:
+            require_file(path, f"{what} {path}", ConfigError)
+    for path, _ in cfg.multiboot_modules:
+        require_file(path, f"multiboot module {path} (-initrd)", ConfigError)
+    validate(cfg)
 
 
 SOFTWARE_NESTED_LINUX = ("KVM here is software-nested (kvm_pvm): Linux will run slowly or fail; "
@@ -128,7 +146,7 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
     """kvm_pvm emulates guest kernel code: a Linux kernel spins for minutes at 100% CPU
     and then fails, silently. Refuse unless the user insisted (kvm,force=on). Tiny
     PVH guests run fine there, so only a bzImage is refused."""
-    if cfg.accel != "kvm":
+    if cfg.accel != "kvm" or not cfg.kernel:
         return
     from .boot.loader import kernel_kind
     from .hv.select import software_nested_kvm
@@ -186,6 +204,8 @@ def _run(cfg: VmConfig, notify_running) -> int:
         console.start()
         if sandbox:
             _enter_sandbox(cfg)
+        if cfg.start_paused:        # QEMU's -S: the vCPUs wait for `cont` from their first instruction
+            machine.pause()
         machine.start()
         if notify_running is not None:
             notify_running()

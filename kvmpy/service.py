@@ -17,6 +17,25 @@ SIGKILL. The per-VM ``[service]`` table:
     runas = "kvm"                # passed as --runas (also accepted at top level)
 
 halt_command runs with KVMPY_NAME, KVMPY_PID and KVMPY_QMP (socket path) set.
+
+The old script's own form works too (the ArchWiki QEMU page's /etc/conf.d/qemu.conf):
+a ``DIR/*.conf`` file of shell assignments, each ``qemu_NAME="..."`` a VM given as
+QEMU's command line, unchanged (kvmpy.qemu_cli reads it):
+
+    QEMU_MACHINES=(vm1 !vm2)           # optional: the order, '!' = not started
+    qemu_vm1="-name vm1 -pidfile /var/run/qemu/vm1.pid -daemonize -nographic -enable-kvm \
+      -m 512 -hda /srv/kvm/vm1.img -net nic,macaddr=DE:AD:BE:EF:E0:00 -net tap,ifname=tap0 \
+      -serial telnet:localhost:7000,server,nowait,nodelay -vnc :0"
+    qemu_vm1_type="system-x86_64"      # optional; the only one there is
+    qemu_vm1_haltcmd="ssh root@vm1 poweroff"   # optional: halt_command
+
+or the page's systemd form, one file per VM, ``DIR/qemu.d/NAME`` with ``type=``,
+``args="QEMU command line"`` and ``haltcmd=``.
+
+kvmpy adds its own ``-name NAME -pidfile RUNDIR/NAME.pid -daemonize -qmp ...`` after
+the line (the last -pidfile wins, as in QEMU, so status and stop find the VM), and
+stops the VM as above. Where kvmpy has no display, ``-vnc``, ``-k`` and a
+``-display``/``-vga`` other than none are left out with a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ import argparse
 import glob
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -56,6 +76,8 @@ class VmEntry:
     halt_command: str | None = None
     halt_timeout: float = DEFAULT_HALT_TIMEOUT
     runas: str | None = None
+    qemu_args: list[str] | None = None      # a qemu_NAME="..." line of a .conf file
+    qemu_left_out: tuple[str, ...] = ()     # its display options kvmpy cannot honour
 
     def pidfile(self, run_dir: str) -> str:
         return os.path.join(run_dir, f"{self.name}.pid")
@@ -129,18 +151,178 @@ def _check_vm_config(path: str) -> None:
 def select_entries(config_dir: str, names: list[str]) -> list[VmEntry]:
     if not os.path.isdir(config_dir):
         raise ConfigError(f"{config_dir}: no such config directory (--config DIR)")
+    toml_paths = sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.toml")))
+    qemu_entries = [e for p in sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.conf")))
+                    for e in load_qemu_conf(p)]
+    qemu_entries += [load_qemu_d_file(p) for p in sorted(glob.glob(os.path.join(glob.escape(config_dir),
+                                                                                  "qemu.d", "*")))
+                     if os.path.isfile(p)]
+    by_name: dict[str, VmEntry | str] = {}
+    for path in toml_paths:
+        by_name[os.path.splitext(os.path.basename(path))[0]] = path
+    for entry in qemu_entries:
+        if entry.name in by_name:
+            other = by_name[entry.name]
+            raise ConfigError(f"{entry.config}: key 'qemu_{entry.name}': VM '{entry.name}' is also defined in "
+                              f"{other if isinstance(other, str) else other.config}")
+        by_name[entry.name] = entry
     if names:
-        paths = []
+        chosen = []
         for name in names:
             if not NAME_RE.fullmatch(name):
                 raise ConfigError(f"{name}: not a VM name")
-            path = os.path.join(config_dir, f"{name}.toml")
-            if not os.path.isfile(path):
-                raise ConfigError(f"{path}: no such file (VM '{name}')")
-            paths.append(path)
+            if name not in by_name:
+                raise ConfigError(f"{os.path.join(config_dir, name + '.toml')}: no such file, and no "
+                                  f"qemu_{name} in {config_dir}/*.conf (VM '{name}')")
+            chosen.append(by_name[name])
     else:
-        paths = sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.toml")))
-    return [load_entry(p) for p in paths]
+        chosen = [*toml_paths, *qemu_entries]
+    return [load_entry(c) if isinstance(c, str) else c for c in chosen]
+
+
+# ------------------------------------------------------------------ qemu.conf
+QEMU_KEY_RE = re.compile(r"qemu_([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})")
+
+
+def read_shell_assignments(path: str) -> list[tuple[str, str | list[str]]]:
+    """``KEY="value"`` and ``KEY=(a b)`` lines as a shell reads them (quotes, backslash-
+    newline, comments), without running anything: a value that would need expansion
+    (``$``, backticks) is refused, naming the key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    lexer = shlex.shlex(text.replace("\\\n", ""), posix=True, punctuation_chars="()")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        tokens = list(lexer)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not shell assignments: {e}") from None
+    out: list[tuple[str, str | list[str]]] = []
+    i = 0
+    while i < len(tokens):
+        key, eq, value = tokens[i].partition("=")
+        i += 1
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+            raise ConfigError(f"{path}: {tokens[i - 1]!r} is not an assignment KEY=\"value\"")
+        if value == "" and i < len(tokens) and tokens[i] == "(":
+            end = tokens.index(")", i) if ")" in tokens[i:] else -1
+            if end < 0:
+                raise ConfigError(f"{path}: key '{key}': array without ')'")
+            out.append((key, tokens[i + 1:end]))
+            i = end + 1
+            continue
+        if "$" in value or "`" in value:
+            raise ConfigError(f"{path}: key '{key}': shell expansion ($, `) is not supported")
+        out.append((key, value))
+    return out
+
+
+def load_qemu_conf(path: str) -> list[VmEntry]:
+    """The VMs of an ArchWiki-style qemu.conf, in QEMU_MACHINES order (else file order)."""
+    lines: dict[str, str] = {}
+    extras: dict[tuple[str, str], str] = {}
+    machines: list[str] | None = None
+    assignments = read_shell_assignments(path)
+    keys = {k for k, _ in assignments}
+    for key, value in assignments:
+        if key == "QEMU_MACHINES":
+            machines = value if isinstance(value, list) else value.split()
+            continue
+        m = QEMU_KEY_RE.fullmatch(key)
+        if m is None or isinstance(value, list):
+            raise ConfigError(f"{path}: unknown key '{key}' (known: QEMU_MACHINES, qemu_NAME, qemu_NAME_type, "
+                              "qemu_NAME_haltcmd)")
+        name = m.group(1)
+        for suffix in ("_type", "_haltcmd"):
+            if name.endswith(suffix) and f"qemu_{name[:-len(suffix)]}" in keys:
+                extras[(name[:-len(suffix)], suffix[1:])] = value
+                break
+        else:
+            lines[name] = value
+    order = list(lines)
+    disabled: set[str] = set()
+    if machines is not None:
+        order = []
+        for item in machines:
+            name = item[1:] if item.startswith("!") else item
+            if name not in lines:
+                raise ConfigError(f"{path}: key 'QEMU_MACHINES': no qemu_{name} line for {item!r}")
+            if item.startswith("!"):
+                disabled.add(name)
+            order.append(name)
+        order += [n for n in lines if n not in order]
+    return [_qemu_entry(path, name, lines[name], extras.get((name, "type")), extras.get((name, "haltcmd")),
+                        name not in disabled, f"{path}: key 'qemu_{name}'") for name in order]
+
+
+QEMU_D_KEYS = {"type", "args", "haltcmd"}
+
+
+def load_qemu_d_file(path: str) -> VmEntry:
+    """The page's systemd form: DIR/qemu.d/NAME holding type=, args="QEMU command line"
+    and haltcmd= (what the qemu@NAME unit reads)."""
+    name = os.path.basename(path)
+    values: dict[str, str] = {}
+    for key, value in read_shell_assignments(path):
+        if key not in QEMU_D_KEYS or isinstance(value, list):
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(QEMU_D_KEYS))})")
+        values[key] = value
+    if "args" not in values:
+        raise ConfigError(f"{path}: missing key 'args' (the QEMU command line)")
+    return _qemu_entry(path, name, values["args"], values.get("type"), values.get("haltcmd"), True,
+                       f"{path}: key 'args'")
+
+
+def _qemu_entry(path: str, name: str, line: str, vm_type: str | None, haltcmd: str | None, enabled: bool,
+                where: str) -> VmEntry:
+    from .qemu_cli import config_from_qemu_args
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: VM name {name!r} must be letters, digits, '.', '_', '-'")
+    if vm_type is not None and vm_type != "system-x86_64":
+        raise ConfigError(f"{where}: kvmpy is system-x86_64 only, got type {vm_type!r}")
+    try:
+        args = shlex.split(line)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    args, left_out = strip_display_options(args)
+    try:
+        config_from_qemu_args(args)
+    except UserError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    entry = VmEntry(name=name, config=os.path.abspath(path), enabled=enabled, qemu_args=args,
+                    qemu_left_out=tuple(left_out))
+    if haltcmd is not None:
+        if not haltcmd.strip():
+            raise ConfigError(f"{where}: an empty haltcmd")
+        entry.halt, entry.halt_command = "command", haltcmd
+    return entry
+
+
+DISPLAY_OPTIONS = {"-vnc", "-k", "-display", "-vga", "--vnc", "--k", "--display", "--vga"}
+
+
+def strip_display_options(args: list[str]) -> tuple[list[str], list[str]]:
+    """QEMU's display options, where kvmpy has no display for them: (args without them,
+    what was left out). ``-display none`` and ``-vga none`` stay: they ask for no display."""
+    from .qemu_cli import has_display
+    if has_display():
+        return list(args), []
+    kept, dropped = [], []
+    i = 0
+    while i < len(args):
+        if args[i] in DISPLAY_OPTIONS and i + 1 < len(args):
+            if args[i].lstrip("-") in ("display", "vga") and args[i + 1].split(",")[0] == "none":
+                kept += args[i:i + 2]
+            else:
+                dropped.append(f"{args[i]} {args[i + 1]}")
+            i += 2
+            continue
+        kept.append(args[i])
+        i += 1
+    return kept, dropped
 
 
 # ------------------------------------------------------------- processes
@@ -221,6 +403,15 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def run_argv(entry: VmEntry, run_dir: str, python: str | None = None) -> list[str]:
+    if entry.qemu_args is not None:
+        # The service's own options last: QEMU's last -pidfile/-name wins, so status
+        # and stop find the VM where they look for it.
+        argv = [python or sys.executable, "-m", "kvmpy", "run", *entry.qemu_args,
+                "-name", entry.name, "-pidfile", entry.pidfile(run_dir), "-daemonize",
+                "-qmp", f"unix:{entry.qmp_path(run_dir)},server,nowait"]
+        if entry.runas:
+            argv += ["-runas", entry.runas]
+        return argv
     argv = [python or sys.executable, "-m", "kvmpy", "run", "--daemonize",
             "--pidfile", entry.pidfile(run_dir),
             "--qmp", f"unix:{entry.qmp_path(run_dir)}",
@@ -244,6 +435,8 @@ def start_one(entry: VmEntry, run_dir: str) -> tuple[bool, str]:
     if pid:
         return True, f"{entry.name}: already running (pid {pid})"
     _clean_stale(entry, run_dir)
+    for option in entry.qemu_left_out:
+        _print(f"{entry.name}: warning: {option} left out: kvmpy has no display yet")
     try:
         r = subprocess.run(run_argv(entry, run_dir), cwd=os.path.dirname(entry.config),
                            env=_child_env(), stdin=subprocess.DEVNULL, capture_output=True,

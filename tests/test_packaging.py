@@ -88,3 +88,15 @@ def test_installed_kvmpy_runs_a_guest_under_kvm(installed, tmp_path):
     r = kvmpy_command(installed, ["run", "--enable-kvm", "-m", "64", "--kernel", str(kernel)], cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.rstrip().endswith("guest: done"), r.stdout[-2000:]
+
+
+def test_installed_kvmpy_system_x86_64_runs_a_guest(installed, tmp_path):
+    """The QEMU-spelling entry point is installed beside `kvmpy`."""
+    kernel = tmp_path / "hello.elf"
+    shutil.copy(guest_path("hello"), kernel)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    r = subprocess.run([str(installed / "bin" / "kvmpy-system-x86_64"), "-accel", "tcg", "-m", "64", "-nographic",
+                        "-kernel", str(kernel), "-append", "from-qemu-spelling"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "cmdline: from-qemu-spelling" in r.stdout

@@ -16,6 +16,7 @@ from ..hv.regs import Regs
 from . import layout
 from .common import (BootState, long_mode_sregs, place_initrd, protected_mode_sregs,
                      write_cmdline, write_gdt, write_gdt32, write_identity_page_tables)
+from .multiboot import HEADER_SEARCH, find_header, load_multiboot
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578
@@ -64,13 +65,17 @@ class BootFiles:
     them again from the same files (QEMU likewise keeps its -kernel and -initrd
     blobs), also once the process may open nothing (kvmpy.sandbox)."""
 
-    def __init__(self, kernel_path: str, initrd_path: str | None = None) -> None:
+    def __init__(self, kernel_path: str, initrd_path: str | None = None,
+                 modules: list[tuple[str, str]] | tuple = ()) -> None:
         self.kernel_path, self.initrd_path = kernel_path, initrd_path
+        self.modules = list(modules)        # a multiboot kernel's (path, command line)
         self._fds: dict[str, int] = {}
         try:
             self._fds["kernel"] = self._open(kernel_path, "kernel")
             if initrd_path:
                 self._fds["initrd"] = self._open(initrd_path, "initrd")
+            for i, (path, _) in enumerate(self.modules):
+                self._fds[f"module{i}"] = self._open(path, "multiboot module")
         except BaseException:
             self.close()
             raise
@@ -93,7 +98,7 @@ class BootFiles:
                 chunks.append(chunk)
                 offset += len(chunk)
         except OSError as e:
-            path = self.kernel_path if what == "kernel" else self.initrd_path
+            path = {"kernel": self.kernel_path, "initrd": self.initrd_path}.get(what, what)
             raise BootError(f"{what} {path}: {e.strerror}") from None
         return b"".join(chunks)
 
@@ -105,15 +110,32 @@ class BootFiles:
 
 def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
                 initrd_path: str | None = None, rsdp_addr: int = 0,
-                mem_size: int | None = None, files: BootFiles | None = None) -> BootState:
-    """``files``: read the kernel and initrd through these instead of opening the paths."""
+                mem_size: int | None = None, files: BootFiles | None = None,
+                modules: list[tuple[str, str]] | tuple = ()) -> BootState:
+    """``files``: read the kernel, initrd and modules through these instead of opening the paths.
+    ``modules``: a multiboot kernel's (path, command line), QEMU's ``-initrd "a arg,b"``."""
     if files is not None:
         image, initrd = files.read("kernel"), files.read("initrd")
+        modules = modules or files.modules
+        module_data = [files.read(f"module{i}") or b"" for i in range(len(modules))]
     else:
         image = _read_file(kernel_path, "kernel")
         initrd = _read_file(initrd_path, "initrd") if initrd_path else None
+        module_data = [_read_file(path, "multiboot module") for path, _ in modules]
     mem_size = mem_size if mem_size is not None else memory.total_size
     try:
+        is_linux = len(image) > HDR_MAGIC + 4 and image[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS"
+        # As QEMU: a multiboot header wins over the ELF's PVH note (a multiboot kernel may be ELF).
+        header = None if is_linux else find_header(image)
+        if header is not None:
+            if initrd is not None and not modules:    # kvmpy's --initrd: one module, named by its path
+                modules, module_data = [(initrd_path, initrd_path)], [initrd]
+            return load_multiboot(memory, kernel_path, image, header, cmdline,
+                                  [(path, text, data) for (path, text), data in zip(modules, module_data)],
+                                  mem_size)
+        if modules:
+            raise BootError(f"kernel {kernel_path}: multiboot modules (-initrd a,b) for a kernel that is not "
+                            "multiboot")
         if image[:4] == b"\x7fELF":
             return _load_pvh(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
         if len(image) > HDR_MAGIC + 4 and image[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
@@ -275,12 +297,14 @@ def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, 
 
 
 def kernel_kind(path: str) -> str:
-    """'pvh', 'bzimage' or 'unknown' without loading anything (for messages and tests)."""
+    """'pvh', 'bzimage', 'multiboot' or 'unknown' without loading anything (for messages and tests)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(0x210)
+            head = f.read(HEADER_SEARCH)
     except OSError:
         return "unknown"
+    if head[HDR_MAGIC:HDR_MAGIC + 4] != b"HdrS" and find_header(head) is not None:
+        return "multiboot"
     if head[:4] == b"\x7fELF":
         return "pvh"
     if head[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":

@@ -70,23 +70,29 @@ class PostCodePort:
 
 
 class DebugExit:
-    """The test exit port (0xf4, 4 bytes): a write ends the machine with ``value``.
+    """The test exit port: a write ends the machine.
 
-    Same port as QEMU's isa-debug-exit, but the value is passed through as is
-    (QEMU's process status would be value*2+1).
+    kvmpy's own (0xf4, 4 bytes, in every PC) passes the value through as the exit
+    status. QEMU's isa-debug-exit (``qemu_status=True``, at a user's ``iobase``/
+    ``iosize``: kvmpy.devices.testdev) exits with ``(value << 1) | 1``, so a test
+    suite written for QEMU reads the same status from kvmpy; a write anywhere in
+    its range counts, as QEMU's region does.
     """
 
-    def __init__(self, on_exit: Callable[[int], None]) -> None:
+    def __init__(self, on_exit: Callable[[int], None], qemu_status: bool = False, length: int = 4) -> None:
         self._on_exit = on_exit
+        self.qemu_status = qemu_status
+        self.length = length
 
     def read(self, offset: int, size: int) -> int:
         return (1 << (8 * max(1, min(size, 8)))) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if size not in (1, 2, 4) or offset != 0:
+        if size not in (1, 2, 4) or not (offset == 0 or self.qemu_status and 0 <= offset < self.length):
             log.debug("debug-exit: %d-byte write at offset %d ignored", size, offset)
             return
-        self._on_exit(value & ((1 << (8 * size)) - 1))
+        value &= (1 << (8 * size)) - 1
+        self._on_exit((value << 1) | 1 if self.qemu_status else value)
 
 
 # port 0x61 bits
