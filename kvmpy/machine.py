@@ -20,6 +20,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .boot import layout
+from .boot.firmware import (FirmwareMemory, boot_devices_of, fill_fw_cfg, find_image, firmware_kind,
+                            firmware_ram_layout, read_image)
 from .boot.loader import BootFiles, load_kernel
 from .builder import build_devices
 from .config import VmConfig
@@ -32,7 +34,7 @@ from .errors import ConfigError, HostError
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
-from .pc import ACPI_PM, pc_devices, write_acpi_tables
+from .pc import ACPI_PM, FW_CFG, SERIAL, pc_devices, write_acpi_tables
 
 if TYPE_CHECKING:  # pragma: no cover - neither imports this module
     from .hv.protocol import Vcpu
@@ -48,10 +50,19 @@ class Machine:
         self.cfg = cfg
         self.name = cfg.name
         self.console = console
+        self.firmware_kind = firmware_kind(cfg)
+        self.firmware: FirmwareMemory | None = None
+        image = None
+        if self.firmware_kind != "none":
+            image = read_image(find_image(self.firmware_kind, cfg.bios, cfg.source), cfg.source)
+        ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
         try:
-            self.memory = GuestMemory.anonymous(layout.ram_layout(cfg.memory))
+            self.memory = GuestMemory.anonymous(ram)
         except HostError as e:
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
+        if image is not None:
+            # Before the accelerator, which maps every region once.
+            self.firmware = FirmwareMemory(self.memory, image)
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.started_at = 0.0
@@ -112,8 +123,13 @@ class Machine:
         if wheel is None:
             wheel = TimerWheel(name="rtc-timer", events=self.events)
             self._closers.append(wheel.close)
+        host_bridge = None
+        if self.firmware is not None:
+            from .devices.pci.host_bridge import I440fxHostBridge
+            host_bridge = self.host_bridge = I440fxHostBridge(on_pam=self.firmware.pam_changed)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
-                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)
+                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW,
+                          host_bridge=host_bridge)
         context = DeviceContext(
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
@@ -122,6 +138,9 @@ class Machine:
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
 
     def _boot(self) -> None:
+        if self.firmware is not None:
+            self._boot_firmware()
+            return
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
         if self._boot_files is None:
@@ -131,6 +150,18 @@ class Machine:
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
         self.accel.load_boot_state(self.boot_state)
+
+    def _boot_firmware(self) -> None:
+        """Power-on for the firmware: ROM state back, fw_cfg filled; the vCPUs are at
+        the reset vector already (both accelerators make them so, and reset them so)."""
+        self.host_bridge.reset()            # PAM closed: also protects the shadow again
+        self.firmware.reset()
+        from .devices.fw_cfg import FwCfg
+        fw_cfg = self.devices.get(FW_CFG, FwCfg)
+        serial_port = None
+        if self.cfg.serial != "none":
+            serial_port = self.devices.entry(SERIAL).slots[0].base
+        fill_fw_cfg(fw_cfg, self.cfg, len(self.vcpus), boot_devices_of(self.devices), serial_port)
 
     # --- running ----------------------------------------------------------------------
     @property

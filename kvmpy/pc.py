@@ -25,10 +25,12 @@ import logging
 
 from .boot import layout
 from .boot.acpi import PciRoot, build_acpi_tables
+from .boot.firmware import BootDevice, firmware_kind, virtio_blk_boot_path, virtio_net_boot_path
 from .builder import DeviceEntry, MachineDevices, PlacedDevice
 from .config import DiskConfig, NetConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
+from .devices.fw_cfg import FW_CFG_PORTS, FwCfg
 from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
 from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_CONTROL_A, DebugExit,
                              FastA20Reset, PortSink, PostCodePort)
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SERIAL = "serial0"
 ACPI_PM = "acpi-pm"
+FW_CFG = "fw-cfg"
 
 
 # --- factories ---------------------------------------------------------------------------
@@ -170,8 +173,17 @@ def describe_disk(placed: PlacedDevice) -> dict:
     }
 
 
+def virtio_blk_boot(placed: PlacedDevice) -> BootDevice:
+    return BootDevice("disk", virtio_blk_boot_path(placed.pci_slot))
+
+
+def virtio_net_boot(placed: PlacedDevice) -> BootDevice:
+    return BootDevice("net", virtio_net_boot_path(placed.pci_slot))
+
+
 def disk_entry(index: int, disk: DiskConfig) -> DeviceEntry:
-    return DeviceEntry(f"virtio-blk{index}", "pci", make_virtio_blk, options={"disk": disk, "index": index},
+    return DeviceEntry(f"virtio-blk{index}", "pci", make_virtio_blk,
+                       options={"disk": disk, "index": index, "boot": virtio_blk_boot},
                        backend=open_disk_image, query="block", describe=describe_disk)
 
 
@@ -199,7 +211,8 @@ def describe_nic(placed: PlacedDevice) -> dict:
 
 
 def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
-    return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net, options={"net": net, "index": index},
+    return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net,
+                       options={"net": net, "index": index, "boot": virtio_net_boot},
                        backend=open_tap, query="net", describe=describe_nic)
 
 
@@ -218,6 +231,18 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
 )
 
 
+def make_fw_cfg(ctx: DeviceContext) -> FwCfg:
+    # Filled by the machine at boot (kvmpy.boot.firmware.fill_fw_cfg): the items
+    # describe devices placed after this one.
+    return FwCfg(ctx.platform.memory)
+
+
+# What a firmware boot adds (the i440FX host bridge is the PCI bus's device 0).
+FIRMWARE_DEVICES: tuple[DeviceEntry, ...] = (
+    DeviceEntry(FW_CFG, "pio", make_fw_cfg, (FW_CFG_PORTS,)),
+)
+
+
 def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     """The PC's fixed devices, a virtio-blk per disk, a virtio-net per NIC, then the
     user's plug-in devices ([[device]], --device; kvmpy.plugins)."""
@@ -226,6 +251,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
             raise ConfigError(f"{cfg.source}: disk {disk.path}: interface {disk.interface!r} is not "
                               "available yet (only virtio)")
     return [*PC_DEVICES,
+            *(FIRMWARE_DEVICES if firmware_kind(cfg) != "none" else ()),
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
