@@ -161,7 +161,33 @@ class Machine:
         serial_port = None
         if self.cfg.serial != "none":
             serial_port = self.devices.entry(SERIAL).slots[0].base
-        fill_fw_cfg(fw_cfg, self.cfg, len(self.vcpus), boot_devices_of(self.devices), serial_port)
+        extra: dict[str, bytes] = {}
+        first: tuple[str, ...] = ()
+        if self.cfg.kernel:
+            # -kernel with firmware: QEMU's way, the option ROM loads it from fw_cfg.
+            from .boot.firmware import LINUXBOOT_BOOT_PATH, LINUXBOOT_ROM_FILE, linux_boot_items
+            if not hasattr(self, "_linux_files"):
+                self._linux_files = self._read_linux_files()
+            kernel, initrd, rom = self._linux_files
+            linux_boot_items(fw_cfg, kernel, initrd, self.cfg.cmdline or "", self.cfg.memory, self.cfg.source)
+            extra[LINUXBOOT_ROM_FILE] = rom
+            first = (LINUXBOOT_BOOT_PATH,)
+        fill_fw_cfg(fw_cfg, self.cfg, len(self.vcpus), boot_devices_of(self.devices), serial_port,
+                    extra_files=extra, first_boot_paths=first)
+
+    def _read_linux_files(self) -> tuple[bytes, bytes | None, bytes]:
+        from .boot.firmware import find_linuxboot_rom
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise ConfigError(f"{self.cfg.source}: {what} {path}: {e.strerror}") from None
+        rom_path = find_linuxboot_rom(self.cfg.source)
+        return (read(self.cfg.kernel, "kernel"),
+                read(self.cfg.initrd, "initrd") if self.cfg.initrd else None,
+                read(rom_path, "option ROM"))
 
     # --- running ----------------------------------------------------------------------
     @property

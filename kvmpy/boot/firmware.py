@@ -178,7 +178,8 @@ def bootorder(order: list[str], devices: list[BootDevice]) -> bytes:
 
 # --- fw_cfg contents -----------------------------------------------------------------------
 def fill_fw_cfg(fw_cfg, cfg, num_cpus: int, boot_devices: list[BootDevice],
-                serial_port: int | None, extra_files: dict[str, bytes] | None = None) -> None:
+                serial_port: int | None, extra_files: dict[str, bytes] | None = None,
+                first_boot_paths: tuple[str, ...] = ()) -> None:
     """The items SeaBIOS and OVMF read, from the machine's configuration."""
     from ..devices import fw_cfg as f
     fw_cfg.add_u64(f.FW_CFG_RAM_SIZE, cfg.memory)
@@ -195,7 +196,7 @@ def fill_fw_cfg(fw_cfg, cfg, num_cpus: int, boot_devices: list[BootDevice],
     if serial_port is not None:
         # SeaBIOS mirrors its text console on this UART (sercon).
         fw_cfg.add_file("etc/sercon-port", struct.pack("<H", serial_port))
-    order = bootorder(cfg.boot_order, boot_devices)
+    order = "".join(p + "\n" for p in first_boot_paths).encode() + bootorder(cfg.boot_order, boot_devices)
     if order:
         fw_cfg.add_file("bootorder", order)
     for name, data in (extra_files or {}).items():
@@ -214,3 +215,70 @@ def boot_devices_of(devices) -> list[BootDevice]:
             if dev is not None:
                 out.append(dev)
     return out
+
+
+# --- -kernel through the firmware (QEMU hw/i386/x86.c x86_load_linux + linuxboot_dma.bin) ---
+LINUXBOOT_ROM_FILE = "genroms/linuxboot_dma.bin"
+LINUXBOOT_BOOT_PATH = "/rom@genroms/linuxboot_dma.bin"
+REAL_MODE_ADDR = 0x10000           # where the option ROM puts the setup code
+CMDLINE_ADDR = 0x20000
+PROTECTED_MODE_ADDR = 0x100000
+# Room the firmware keeps at the top of low RAM for its tables, above the initrd.
+FIRMWARE_TABLE_ROOM = 0x200000
+
+
+def find_linuxboot_rom(source: str) -> str:
+    for path in LINUXBOOT_ROMS:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"{source}: kernel with firmware: the option ROM linuxboot_dma.bin is missing "
+                      f"({', '.join(LINUXBOOT_ROMS)}); install Debian's qemu-system-data package")
+
+
+def linux_boot_items(fw_cfg, kernel: bytes, initrd: bytes | None, cmdline: str, mem_size: int,
+                     source: str) -> None:
+    """The FW_CFG_KERNEL_*/INITRD_*/CMDLINE_*/SETUP_* items linuxboot_dma.bin reads,
+    with the bzImage header filled in as a boot loader does (QEMU's x86_load_linux)."""
+    from ..devices import fw_cfg as f
+    if len(kernel) < 0x400 or kernel[0x202:0x206] != b"HdrS":
+        raise ConfigError(f"{source}: kernel: firmware boot takes a Linux bzImage (no 'HdrS' header)")
+    protocol = struct.unpack_from("<H", kernel, 0x206)[0]
+    if protocol < 0x202:
+        raise ConfigError(f"{source}: kernel: boot protocol {protocol >> 8}.{protocol & 0xFF} is too old "
+                          "(2.02 or later)")
+    setup_sects = kernel[0x1F1] or 4
+    setup_size = (setup_sects + 1) * 512
+    if setup_size >= len(kernel):
+        raise ConfigError(f"{source}: kernel: setup of {setup_size} bytes leaves no kernel")
+    setup = bytearray(kernel[:setup_size])
+    body = kernel[setup_size:]
+    setup[0x210] = 0xB0                                   # type_of_loader: "other", as QEMU
+    setup[0x211] |= 0x80                                  # CAN_USE_HEAP
+    struct.pack_into("<H", setup, 0x224, CMDLINE_ADDR - REAL_MODE_ADDR - 0x200)   # heap_end_ptr
+    struct.pack_into("<I", setup, 0x228, CMDLINE_ADDR)     # cmd_line_ptr
+    cmd = cmdline.encode() + b"\0"
+    if protocol >= 0x206:
+        limit = struct.unpack_from("<I", kernel, 0x238)[0] + 1
+        if len(cmd) > limit:
+            raise ConfigError(f"{source}: cmdline is {len(cmd) - 1} bytes; this kernel takes {limit - 1}")
+    if initrd:
+        initrd_max = struct.unpack_from("<I", kernel, 0x22C)[0] if protocol >= 0x203 else 0x37FFFFFF
+        low_end = min(mem_size, layout.PCI_HOLE_START)
+        initrd_max = min(initrd_max, low_end - FIRMWARE_TABLE_ROOM - 1)
+        initrd_addr = (initrd_max - len(initrd)) & ~0xFFF
+        if initrd_addr < PROTECTED_MODE_ADDR + len(body):
+            raise ConfigError(f"{source}: initrd of {len(initrd) >> 20} MiB does not fit below "
+                              f"{initrd_max >> 20} MiB with the kernel; give more memory (-m)")
+        struct.pack_into("<II", setup, 0x218, initrd_addr, len(initrd))
+        fw_cfg.add_u32(f.FW_CFG_INITRD_ADDR, initrd_addr)
+        fw_cfg.add_u32(f.FW_CFG_INITRD_SIZE, len(initrd))
+        fw_cfg.add(f.FW_CFG_INITRD_DATA, initrd)
+    fw_cfg.add_u32(f.FW_CFG_KERNEL_ADDR, PROTECTED_MODE_ADDR)
+    fw_cfg.add_u32(f.FW_CFG_KERNEL_SIZE, len(body))
+    fw_cfg.add(f.FW_CFG_KERNEL_DATA, body)
+    fw_cfg.add_u32(f.FW_CFG_CMDLINE_ADDR, CMDLINE_ADDR)
+    fw_cfg.add_u32(f.FW_CFG_CMDLINE_SIZE, len(cmd))
+    fw_cfg.add(f.FW_CFG_CMDLINE_DATA, cmd)
+    fw_cfg.add_u32(f.FW_CFG_SETUP_ADDR, REAL_MODE_ADDR)
+    fw_cfg.add_u32(f.FW_CFG_SETUP_SIZE, len(setup))
+    fw_cfg.add(f.FW_CFG_SETUP_DATA, bytes(setup))
