@@ -161,7 +161,8 @@ class Machine:
         serial_port = None
         if self.cfg.serial != "none":
             serial_port = self.devices.entry(SERIAL).slots[0].base
-        extra: dict[str, bytes] = {}
+        from .pc import acpi_loader_files
+        extra: dict[str, bytes] = acpi_loader_files(self.devices, self.pci, len(self.vcpus))
         first: tuple[str, ...] = ()
         if self.cfg.kernel:
             # -kernel with firmware: QEMU's way, the option ROM loads it from fw_cfg.

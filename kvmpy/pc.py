@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 
 from .boot import layout
-from .boot.acpi import PciRoot, build_acpi_tables
+from .boot.acpi import RSDP_FILE, TABLES_FILE, PciRoot, build_acpi_tables, build_loader_tables
 from .boot.firmware import BootDevice, firmware_kind, virtio_blk_boot_path, virtio_net_boot_path
 from .builder import DeviceEntry, MachineDevices, PlacedDevice
 from .config import DiskConfig, NetConfig, VmConfig
@@ -265,3 +265,13 @@ def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory,
     root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
     return build_acpi_tables(memory, layout.ACPI_BASE, num_cpus=num_cpus,
                              pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+
+
+def acpi_loader_files(devices: MachineDevices, pci: PciBus, num_cpus: int) -> dict[str, bytes]:
+    """The same tables as write_acpi_tables, as fw_cfg files for the firmware's
+    table loader (etc/table-loader, etc/acpi/tables, etc/acpi/rsdp)."""
+    pm = devices.entry(ACPI_PM)
+    mmio = pci.windows()["mmio"]
+    root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
+    t = build_loader_tables(num_cpus=num_cpus, pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+    return {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}
