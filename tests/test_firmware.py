@@ -331,3 +331,27 @@ def test_loader_tables_are_the_direct_boot_tables_once_placed():
     finally:
         mem.close()
     assert sum(blobs[RSDP_FILE][:20]) % 256 == 0 and sum(blobs[RSDP_FILE]) % 256 == 0
+
+
+@pytest.mark.guest
+def test_linux_through_seabios_and_linuxboot_on_the_translator(tmp_path_factory):
+    """--firmware bios --kernel: SeaBIOS loads the kernel with QEMU's linuxboot_dma
+    option ROM from fw_cfg; Linux finds the ACPI tables the table loader placed,
+    reaches its init, runs a command and powers off through ACPI."""
+    seabios_required()
+    from kvmpy.boot.firmware import LINUXBOOT_ROMS
+    if not any(os.path.isfile(p) for p in LINUXBOOT_ROMS):
+        pytest.skip(f"linuxboot_dma.bin is missing ({', '.join(LINUXBOOT_ROMS)}; Debian qemu-system-data)")
+    if not all(map(shutil.which, ("apt-get", "dpkg-deb"))):
+        pytest.skip("not a Debian host: no apt-get/dpkg-deb to build the guest")
+    from kvmpy.tools import guestbuild
+    guest = guestbuild.build(out_dir=str(tmp_path_factory.mktemp("guest")), with_disk=False)
+    r = run_kvmpy(["run", "--accel", "tcg", "--firmware", "bios", "-m", "512", "--kernel", guest.kernel,
+                   "--initrd", guest.initrd, "--no-reboot",
+                   "--append", 'console=ttyS0 panic=-1 kvmpy.run="uname -r"'], timeout=900)
+    out = r.stdout.decode(errors="replace").replace("\r\n", "\n")
+    assert r.returncode == 0, out[-3000:] + r.stderr.decode()[-2000:]
+    assert "SeaBIOS (version" in out
+    assert "ACPI: RSDP" in out and "KVMPY" in out
+    assert f"kvmpy guest: init {guest.release}" in out, out[-3000:]
+    assert "kvmpy guest: run exit 0" in out
