@@ -287,8 +287,9 @@ class Machine:
                 self.accel.reset()
                 self._boot()
             finally:
-                # A vCPU that triple-faulted waited for this reset; a user's stop stays.
+                # A vCPU that triple-faulted or asked for the reset waited for it; a user's stop stays.
                 self._release("triple-fault", all_of_them=True)
+                self._release("guest-reset", all_of_them=True)
                 self._release("reset")
             self._emit("RESET", {"guest": guest, "reason": reason})
 
@@ -362,6 +363,12 @@ class Machine:
 
     # --- GuestPower: what the guest asks through its devices (any vCPU thread) ------------
     def guest_reset(self) -> None:
+        # A PC's reset (0xCF9, the keyboard controller, port 0x92) takes effect at
+        # once: no vCPU may run on past it. SeaBIOS's reboot writes 0xCF9 and then
+        # executes int3 to triple-fault should the write not have reset the machine.
+        with self._lock:
+            self._holds["guest-reset"] += 1
+            self.control_pending = True
         self.request_reset(guest=True, reason="guest-reset")
 
     def guest_power_off(self, status: int) -> None:
