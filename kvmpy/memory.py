@@ -147,6 +147,15 @@ class GuestMemory:
         self._readonly.add(region.gpa)
         return region
 
+    def writable_view(self, gpa: int, length: int) -> memoryview:
+        """``view`` for a device's write into guest memory (DMA): ROM refuses it
+        with GuestMemoryError, as a PC's ROM ignores bus-master writes."""
+        r = self._region(gpa, length)
+        if r.gpa in self._readonly:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is ROM")
+        off = gpa - r.gpa
+        return r.view[off:off + length]
+
     def is_readonly(self, region: RamRegion) -> bool:
         return region.gpa in self._readonly
 

@@ -162,6 +162,23 @@ def test_rom_and_shadow_start_as_a_pc_has_them():
         mem.close()
 
 
+def test_fw_cfg_dma_cannot_write_rom(caplog):
+    image = b"\x5A" * 0x40000
+    mem, fw = _firmware_memory(image)
+    try:
+        dev = FwCfg(mem)
+        status = _dma(mem, dev, (FW_CFG_SIGNATURE << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 4, 0xFFFC0000)
+        assert status == DMA_CTL_ERROR and "is ROM" in caplog.text
+        assert mem.read(0xFFFC0000, 4) == b"\x5A" * 4
+        status = _dma(mem, dev, (FW_CFG_SIGNATURE << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 4, 0xF0000)
+        assert status == DMA_CTL_ERROR              # shadow RAM while PAM protects it
+        fw.pam_changed([(0xF0000, 0x10000, 0x3)])
+        assert _dma(mem, dev, (FW_CFG_SIGNATURE << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 4, 0xF0000) == 0
+        assert mem.read(0xF0000, 4) == b"QEMU"
+    finally:
+        mem.close()
+
+
 def test_pam_opens_and_closes_the_shadow_and_reset_restores_it():
     image = b"\xAA" * 0x40000
     mem, fw = _firmware_memory(image)

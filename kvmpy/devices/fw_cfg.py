@@ -216,9 +216,9 @@ class FwCfg(Restorable):
             return
         ok = self._transfer(control, length, buffer)
         try:
-            self.memory.write(address, (0 if ok else DMA_CTL_ERROR).to_bytes(4, "big"))
-        except GuestMemoryError:
-            pass   # read a moment ago: only a concurrent unplug could get here
+            self.memory.writable_view(address, 4)[:] = (0 if ok else DMA_CTL_ERROR).to_bytes(4, "big")
+        except GuestMemoryError as e:
+            log.warning("fw_cfg: DMA descriptor at %#x: status not written: %s", address, e)
 
     def _transfer(self, control: int, length: int, buffer: int) -> bool:
         if control & DMA_CTL_SELECT:
@@ -233,7 +233,7 @@ class FwCfg(Restorable):
             # Past the item's end a read gives zeros, as QEMU does.
             chunk = data[self.offset:self.offset + length]
             try:
-                view = self.memory.view(buffer, length)
+                view = self.memory.writable_view(buffer, length)
             except GuestMemoryError as e:
                 log.warning("fw_cfg: DMA read of %d bytes to %#x: %s", length, buffer, e)
                 return False
