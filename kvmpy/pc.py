@@ -11,6 +11,7 @@
     system-control-a  pio  0x92                              fast A20 / reset
     acpi-pm           pio  0x600-0x63f                    9  ACPI PM1 / timer / GPE0 (SCI)
     pci-config        pio  0xcf8-0xcff                       PCI config #1 + 0xcf9 reset
+    fw-cfg            pio  0x510-0x51b                       QEMU's fw_cfg (firmware boot only)
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
 
@@ -216,6 +217,12 @@ def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
                        backend=open_tap, query="net", describe=describe_nic)
 
 
+def make_fw_cfg(ctx: DeviceContext) -> FwCfg:
+    # Filled by the machine at boot (kvmpy.boot.firmware.fill_fw_cfg): the items
+    # describe devices placed after this one.
+    return FwCfg(ctx.platform.memory)
+
+
 # --- the table ---------------------------------------------------------------------------
 PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry(SERIAL, "pio", make_com1, (COM1,)),
@@ -230,14 +237,8 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry("pci-config", "pio", make_pci_config_ports, (PCI_CONFIG_PORTS,)),
 )
 
-
-def make_fw_cfg(ctx: DeviceContext) -> FwCfg:
-    # Filled by the machine at boot (kvmpy.boot.firmware.fill_fw_cfg): the items
-    # describe devices placed after this one.
-    return FwCfg(ctx.platform.memory)
-
-
-# What a firmware boot adds (the i440FX host bridge is the PCI bus's device 0).
+# What a firmware boot adds (the i440FX host bridge is the PCI bus's device 0). Only
+# then: a direct boot keeps 0x510-0x51B free, as it always was, for plug-ins.
 FIRMWARE_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry(FW_CFG, "pio", make_fw_cfg, (FW_CFG_PORTS,)),
 )
