@@ -41,8 +41,11 @@ class KvmAccel:
             raise ConfigError(f"{host.cfg.source}: key 'cpus': KVM here allows at most {self.kvm.max_vcpus()}")
         self.vm = self.kvm.create_vm()
         vm = self.vm
-        vm.set_tss_addr(layout.TSS_ADDR)
-        vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        tss, identity_map = layout.TSS_ADDR, layout.IDENTITY_MAP_ADDR
+        if any(r.gpa < tss + 3 * 0x1000 and identity_map < r.end for r in host.memory.regions):
+            tss, identity_map = layout.FIRMWARE_TSS_ADDR, layout.FIRMWARE_IDENTITY_MAP_ADDR
+        vm.set_tss_addr(tss)
+        vm.set_identity_map_addr(identity_map)
         vm.create_irqchip()
         vm.create_pit2()
         try:
