@@ -394,5 +394,18 @@ def test_linux_through_seabios_and_linuxboot_on_the_translator(tmp_path_factory)
     assert r.returncode == 0, out[-3000:] + r.stderr.decode()[-2000:]
     assert "SeaBIOS (version" in out
     assert "ACPI: RSDP" in out and "KVMPY" in out
+    assert "DMI: kvmpy Standard PC (i440FX + PIIX, 1996)" in out        # fw_cfg's SMBIOS
     assert f"kvmpy guest: init {guest.release}" in out, out[-3000:]
     assert "kvmpy guest: run exit 0" in out
+
+
+def test_smbios_structures_parse_back():
+    from kvmpy.boot.smbios import build_smbios, parse_structures
+    tables, anchor = build_smbios(2, [(0, 3 << 30), (1 << 32, 1 << 30)], 4 << 30)
+    parsed = parse_structures(tables)
+    assert [p[0] for p in parsed] == [1, 3, 4, 4, 16, 17, 19, 19, 32, 127]
+    assert parsed[0][3] == [b"kvmpy", b"Standard PC (i440FX + PIIX, 1996)", b"1.0"]
+    assert all(len(p[2]) + 4 == {1: 27, 3: 21, 4: 42, 16: 23, 17: 34, 19: 31, 32: 11, 127: 4}[p[0]] for p in parsed)
+    assert len(anchor) == 31 and anchor[:4] == b"_SM_" and anchor[0x10:0x15] == b"_DMI_"
+    length, _address, count = struct.unpack_from("<HIH", anchor, 0x16)
+    assert length == len(tables) and count == len(parsed)

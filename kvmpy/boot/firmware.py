@@ -193,6 +193,10 @@ def fill_fw_cfg(fw_cfg, cfg, num_cpus: int, boot_devices: list[BootDevice],
     fw_cfg.add_file("etc/show-boot-menu", struct.pack("<B", 1 if cfg.boot_menu else 0))
     if cfg.boot_menu:
         fw_cfg.add_file("etc/boot-menu-wait", struct.pack("<H", 2500))
+    from .smbios import build_smbios
+    tables, anchor = build_smbios(num_cpus, [(a, n) for a, n, _t in e820_entries(cfg.memory)], cfg.memory)
+    fw_cfg.add_file("etc/smbios/smbios-tables", tables)
+    fw_cfg.add_file("etc/smbios/smbios-anchor", anchor)
     if serial_port is not None:
         # SeaBIOS mirrors its text console on this UART (sercon).
         fw_cfg.add_file("etc/sercon-port", struct.pack("<H", serial_port))
