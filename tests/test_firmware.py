@@ -409,3 +409,28 @@ def test_smbios_structures_parse_back():
     assert len(anchor) == 31 and anchor[:4] == b"_SM_" and anchor[0x10:0x15] == b"_DMI_"
     length, _address, count = struct.unpack_from("<HIH", anchor, 0x16)
     assert length == len(tables) and count == len(parsed)
+
+
+def test_host_bridge_state_round_trip_reapplies_pam():
+    seen = []
+    bridge = I440fxHostBridge(on_pam=seen.append)
+    bridge.config_write(PAM0 - 1, 4, 0x30 << 8)
+    state = bridge.state()
+    seen.clear()
+    again = I440fxHostBridge.from_state(state, on_pam=seen.append)
+    assert again.config_read(PAM0, 1) == 0x30
+    assert seen and seen[-1][0] == (0xF0000, 0x10000, 0x3)
+    assert again.pam() == bridge.pam()
+
+
+def test_fw_cfg_state_round_trip(cfg_device):
+    mem, dev = cfg_device
+    dev.write(0, 2, 0x21)
+    dev.read(1, 1)
+    again = FwCfg.from_state(dev.state(), mem)
+    again.add_file("etc/b", b"B" * 300)
+    again.add_file("etc/a", bytes(range(100)))
+    assert again.state() == dev.state() and again.read(1, 1) == ord("B")
+    from kvmpy.devices.saved_state import StateError
+    with pytest.raises(StateError):
+        FwCfg.from_state(FwCfgState(selector=0x10000, offset=0, dma_address_high=0), mem)
