@@ -55,7 +55,7 @@ def test_seabios_boots_the_boot_sector_from_virtio_blk(accel, boot_disk, tmp_pat
         request.getfixturevalue("kvm_required")
     log = tmp_path / "serial.log"
     r = run_kvmpy(["run", "--accel", accel, "-m", "128M", "--drive", f"file={boot_disk},format=raw",
-                   "--serial", f"file:{log}", "--sandbox", "off"], timeout=120)
+                   "--serial", f"file:{log}"], timeout=120)
     out = log.read_bytes()
     assert r.returncode == EXIT_VALUE, (r.returncode, r.stderr[-2000:], out[-2000:])
     assert BANNER in out
@@ -103,7 +103,7 @@ def test_seabios_without_a_disk_and_system_reset(accel, tmp_path, request):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvmpy", "run", "--accel", accel, "-m", "64M", "--serial", f"file:{log}",
-         "--qmp", f"unix:{sock}", "--sandbox", "off"], cwd=root,
+         "--qmp", f"unix:{sock}"], cwd=root,
         env={**os.environ, "PYTHONPATH": root}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
     try:
