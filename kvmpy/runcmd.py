@@ -119,8 +119,9 @@ def apply_firmware_options(cfg: VmConfig, args) -> None:
         cfg.firmware = args.firmware
     if getattr(args, "bios", None):
         cfg.bios = os.path.abspath(args.bios)
-    if cfg.bios:
-        require_file(cfg.bios, f"bios {cfg.bios}", ConfigError)
+        require_file(cfg.bios, f"--bios {args.bios}", ConfigError)
+    elif cfg.bios:
+        require_file(cfg.bios, f"{cfg.source}: key 'bios' {cfg.bios}", ConfigError)
 
 
 def run_command(args) -> int:

@@ -437,3 +437,22 @@ def test_fw_cfg_state_round_trip(cfg_device):
     from kvmpy.devices.saved_state import StateError
     with pytest.raises(StateError):
         FwCfg.from_state(FwCfgState(selector=0x10000, offset=0, dma_address_high=0), mem)
+
+
+def test_missing_bios_names_the_key_or_option(tmp_path):
+    toml = tmp_path / "vm.toml"
+    toml.write_text('firmware = "bios"\nbios = "nope.bin"\n')
+    r = run_kvmpy(["run", str(toml)])
+    assert r.returncode == 2
+    line = r.stderr.decode().strip()
+    assert "\n" not in line and str(toml) in line and "key 'bios'" in line, line
+    r = run_kvmpy(["run", "--bios", str(tmp_path / "nope.bin")])
+    assert r.returncode == 2 and "--bios" in r.stderr.decode()
+
+
+def test_firmware_boot_of_a_pvh_kernel_is_refused_in_one_line():
+    from conftest import guest_path
+    r = run_kvmpy(["run", "--accel", "tcg", "--firmware", "bios", "--kernel", guest_path("acpi_power")])
+    assert r.returncode == 2
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "bzImage" in lines[0], lines
