@@ -62,6 +62,20 @@ def test_seabios_boots_the_boot_sector_from_virtio_blk(accel, boot_disk, tmp_pat
     assert b"Booting from Hard Disk" in out
     assert GREETING in out and SECOND_SECTOR_TEXT in out
     assert FAIL_TEXT not in out
+    assert b"Press ESC for boot menu" not in out          # no menu unless asked: no pause either
+
+
+@pytest.mark.guest
+def test_boot_menu_key_shows_the_prompt(boot_disk, tmp_path):
+    seabios_required()
+    log = tmp_path / "serial.log"
+    toml = tmp_path / "vm.toml"
+    toml.write_text(f'accel = "tcg"\nmemory = "128M"\nboot_menu = true\nserial = "file:{log}"\n'
+                    f'[[disk]]\npath = "{boot_disk}"\nformat = "raw"\n')
+    r = run_kvmpy(["run", str(toml)], timeout=120)
+    out = log.read_bytes()
+    assert r.returncode == EXIT_VALUE, (r.stderr[-2000:], out[-2000:])
+    assert b"Press ESC for boot menu" in out and SECOND_SECTOR_TEXT in out
 
 
 @pytest.mark.guest
