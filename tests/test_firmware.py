@@ -470,3 +470,20 @@ def test_firmware_boot_of_a_pvh_kernel_is_refused_in_one_line():
     assert r.returncode == 2
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "bzImage" in lines[0], lines
+
+
+def test_disks_and_nics_advertise_their_boot_paths():
+    """The table's entries say where they boot from; the builder's placement gives
+    the PCI slot; vm.toml's boot order picks the order."""
+    from kvmpy.boot.firmware import boot_devices_of
+    from kvmpy.builder import MachineDevices, PlacedDevice
+    from kvmpy.config import DiskConfig, NetConfig
+    from kvmpy.pc import disk_entry, nic_entry
+    placed = [PlacedDevice(disk_entry(0, DiskConfig("a.img")), object(), pci_slot=3),
+              PlacedDevice(nic_entry(0, NetConfig()), object(), pci_slot=4),
+              PlacedDevice(disk_entry(1, DiskConfig("b.img")), object(), pci_slot=5)]
+    devices = boot_devices_of(MachineDevices(placed))
+    assert devices == [BootDevice("disk", "/pci@i0cf8/scsi@3/disk@0,0"),
+                       BootDevice("net", "/pci@i0cf8/ethernet@4/ethernet-phy@0"),
+                       BootDevice("disk", "/pci@i0cf8/scsi@5/disk@0,0")]
+    assert bootorder(["net", "disk"], devices).splitlines()[0] == b"/pci@i0cf8/ethernet@4/ethernet-phy@0"
