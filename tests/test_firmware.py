@@ -487,3 +487,28 @@ def test_disks_and_nics_advertise_their_boot_paths():
                        BootDevice("net", "/pci@i0cf8/ethernet@4/ethernet-phy@0"),
                        BootDevice("disk", "/pci@i0cf8/scsi@5/disk@0,0")]
     assert bootorder(["net", "disk"], devices).splitlines()[0] == b"/pci@i0cf8/ethernet@4/ethernet-phy@0"
+
+
+@settings(max_examples=100, deadline=None)
+@given(writes=st.lists(st.tuples(st.integers(0, 0xFF), st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF)),
+                       max_size=40))
+def test_hostile_config_writes_keep_memory_protection_in_step_with_pam(writes):
+    """Whatever the guest writes to the bridge's config space, each BIOS-area piece
+    is writable exactly when its PAM nibble's write-enable bit is set, the IDs stay,
+    and nothing outside 0xC0000-0xFFFFF changes protection."""
+    image = b"\x11" * 0x40000
+    mem, fw = _firmware_memory(image)
+    try:
+        bridge = I440fxHostBridge(on_pam=fw.pam_changed)
+        for offset, size, value in writes:
+            if offset + size <= 0x100:
+                bridge.config_write(offset, size, value & ((1 << (8 * size)) - 1))
+        for base, _size, bits in bridge.pam():
+            region = next(r for r in mem.regions if r.gpa == base)
+            assert mem.is_readonly(region) == (not bits & 0x2)
+        assert bridge.config_read(0, 4) == 0x12378086 and bridge.config_read(0x2C, 4) == 0x11001AF4
+        assert bridge.config_read(PAM0, 1) & 0x0F == 0              # reserved nibble stays clear
+        outside = [r for r in mem.regions if not 0xC0000 <= r.gpa < 0x100000]
+        assert [mem.is_readonly(r) for r in outside] == [r.gpa == 0xFFFC0000 for r in outside]
+    finally:
+        mem.close()
