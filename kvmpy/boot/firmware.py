@@ -32,7 +32,9 @@ from . import layout
 log = logging.getLogger(__name__)
 
 SEABIOS_IMAGES = ("/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/bios-256k.bin")
-OVMF_IMAGES = ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/qemu/OVMF.fd")
+# The combined image (code and a variable store in one), as QEMU's -bios takes it:
+# mapped read-only, OVMF keeps its variables in RAM.
+OVMF_IMAGES = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd")
 LINUXBOOT_ROMS = ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/genroms/linuxboot_dma.bin",
                   "/usr/share/seabios/linuxboot_dma.bin")
 
