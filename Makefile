@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 # (an L1 boot, a pip install) is one xdist_group, so one worker runs it all.
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
-               netcat-openbsd socat xorriso \
+               netcat-openbsd socat xorriso seabios qemu-system-data ovmf \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 # user-mode networking (kvmpy.net._slirp_cffi is built against it)
 APT_PACKAGES += libslirp-dev

@@ -11,7 +11,8 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.tcg", "bench.boot", "bench.nested", "bench.usernet")
+MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.tcg", "bench.boot", "bench.firmware", "bench.nested",
+           "bench.usernet")
 LOWER_IS_BETTER_UNITS = {"s", "ms", "seconds"}
 
 

@@ -136,6 +136,12 @@ static RamRegion *ram_region(CPU *c, uint64_t pa)
     return 0;
 }
 
+int ram_readonly(CPU *c, uint64_t pa)
+{
+    RamRegion *r = ram_region(c, pa);
+    return r && r->readonly;
+}
+
 static int is_code_page(CPU *c, uint64_t pa)
 {
     RamRegion *r = ram_region(c, pa);
@@ -154,7 +160,7 @@ uint64_t phys_ld(CPU *c, uint64_t pa, unsigned size)
 void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v)
 {
     uint8_t *h = ram_ptr(c, pa, size);
-    if (h)
+    if (h && !ram_readonly(c, pa))
         memcpy(h, &v, size);
 }
 
@@ -358,7 +364,7 @@ static uint64_t tlb_fill(CPU *c, uint64_t lin, int access)
         e->addend = (uintptr_t)h - (uintptr_t)page;
         if (perm & PERM_R)
             e->tag_r = page;
-        if ((perm & PERM_W) && !is_code_page(c, e->paddr))
+        if ((perm & PERM_W) && !is_code_page(c, e->paddr) && !ram_readonly(c, e->paddr))
             e->tag_w = page;
         if (perm & PERM_X)
             e->tag_x = page;
@@ -486,7 +492,7 @@ void *atomic_host_slow(CPU *c, uint64_t lin, unsigned size)
         return 0;   /* split lock: rare, and not worth a global lock here */
     uint64_t pa = tlb_fill(c, lin, 1);   /* a write access: faults and the dirty bit like a store */
     uint8_t *h = ram_ptr(c, pa, size);
-    if (!h)
+    if (!h || ram_readonly(c, pa))
         return 0;
     if (is_code_page(c, pa)) {
         invalidate_code_page(c, pa);
@@ -499,7 +505,7 @@ static uint64_t access_one(CPU *c, uint64_t lin, unsigned size, int access, int 
 {
     uint64_t pa = tlb_fill(c, lin, access);
     uint8_t *h = ram_ptr(c, pa, size);
-    if (!h)
+    if (!h || (write && ram_readonly(c, pa)))
         return mmio_access(c, pa, size, write, val);
     if (write) {
         if (is_code_page(c, pa))

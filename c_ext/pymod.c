@@ -88,7 +88,8 @@ static PyObject *Cpu_add_ram(CpuObject *self, PyObject *args)
 {
     unsigned long long gpa;
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "KO", &gpa, &obj))
+    int readonly = 0;
+    if (!PyArg_ParseTuple(args, "KO|p", &gpa, &obj, &readonly))
         return NULL;
     CPU *c = self->cpu;
     if (c->nram >= MAX_RAM) {
@@ -114,10 +115,32 @@ static PyObject *Cpu_add_ram(CpuObject *self, PyObject *args)
     r->size = b->len;
     r->host = b->buf;
     r->code = code;
+    r->readonly = readonly;
     c->nram++;
     ram_registry_unlock();
     self->nbufs++;
     tlb_flush(c, 1);
+    Py_RETURN_NONE;
+}
+
+/* set_ram_readonly(gpa, readonly): the region starting at gpa becomes ROM or RAM
+ * again (the chipset's shadow-RAM write protection); on the vCPU's own thread,
+ * outside run(). */
+static PyObject *Cpu_set_ram_readonly(CpuObject *self, PyObject *args)
+{
+    unsigned long long gpa;
+    int readonly;
+    if (!PyArg_ParseTuple(args, "Kp", &gpa, &readonly))
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "set_ram_readonly while the vCPU runs");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    for (int k = 0; k < c->nram; k++)
+        if (c->ram[k].gpa == gpa)
+            c->ram[k].readonly = readonly;
+    tlb_flush(c, 1);   /* the write tags of the fast path follow the new protection */
     Py_RETURN_NONE;
 }
 
@@ -501,8 +524,10 @@ static PyObject *Cpu_set_fpu(CpuObject *self, PyObject *args)
 }
 
 static PyMethodDef Cpu_methods[] = {
-    { "add_ram", (PyCFunction)Cpu_add_ram, METH_VARARGS, "add_ram(gpa, writable_buffer)" },
+    { "add_ram", (PyCFunction)Cpu_add_ram, METH_VARARGS, "add_ram(gpa, writable_buffer, readonly=False)" },
     { "clear_ram", (PyCFunction)Cpu_clear_ram, METH_NOARGS, "release every RAM buffer" },
+    { "set_ram_readonly", (PyCFunction)Cpu_set_ram_readonly, METH_VARARGS,
+      "set_ram_readonly(gpa, readonly): write-protect the region at gpa (or open it)" },
     { "run", (PyCFunction)Cpu_run, METH_NOARGS, "run until an exit; returns the exit kind" },
     { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
     { "set_regs", (PyCFunction)Cpu_set_regs, METH_VARARGS, NULL },

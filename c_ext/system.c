@@ -591,6 +591,7 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val)
     switch (idx) {
     case 0x10: *val = __rdtsc() + c->tsc_offset; return 0;
     case 0x1b: *val = c->apic_base; return 0;
+    case 0x17: *val = 0; return 0;   /* platform id: what KVM answers (OVMF reads it) */
     case 0x3a: *val = 1; return 0;   /* feature control: locked, nothing enabled */
     case 0x8b: *val = 0; return 0;
     case 0xfe: *val = 0; return 0;   /* MTRRcap: no variable ranges */

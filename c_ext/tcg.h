@@ -133,6 +133,7 @@ typedef struct RamRegion {
     uint64_t gpa, size;
     uint8_t *host;
     uint8_t *code;          /* one byte per 4 KiB page: translated code lives there */
+    int readonly;           /* ROM: guest writes become MMIO exits (dropped), as under KVM */
 } RamRegion;
 
 enum { STOP_BLOCK = 1, STOP_REPLAY = 2 };
@@ -301,6 +302,7 @@ uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch);
 void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val);
 int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fault);
 uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
+int ram_readonly(CPU *c, uint64_t pa);
 void tlb_flush(CPU *c, int global_too);
 void tlb_flush_page(CPU *c, uint64_t lin);
 void code_page_mark(CPU *c, uint64_t pa);

@@ -20,6 +20,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .boot import layout
+from .boot.firmware import (FirmwareMemory, boot_devices_of, fill_fw_cfg, find_image, firmware_kind,
+                            firmware_ram_layout, read_image)
 from .boot.loader import BootFiles, load_kernel
 from .builder import build_devices
 from .config import VmConfig
@@ -33,7 +35,7 @@ from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
 from .monitor.control import ControlError
-from .pc import ACPI_PM, MediaError, RemovableMedia, pc_devices, write_acpi_tables
+from .pc import ACPI_PM, FW_CFG, SERIAL, MediaError, RemovableMedia, pc_devices, write_acpi_tables
 
 if TYPE_CHECKING:  # pragma: no cover - neither imports this module
     from .hv.protocol import Vcpu
@@ -49,10 +51,23 @@ class Machine:
         self.cfg = cfg
         self.name = cfg.name
         self.console = console
+        self.firmware_kind = firmware_kind(cfg)
+        self.firmware: FirmwareMemory | None = None
+        image = None
+        if self.firmware_kind != "none":
+            image = read_image(find_image(self.firmware_kind, cfg.bios, cfg.source), cfg.source)
+        ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
         try:
-            self.memory = GuestMemory.anonymous(layout.ram_layout(cfg.memory))
+            self.memory = GuestMemory.anonymous(ram)
         except HostError as e:
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
+        if self.firmware_kind == "uefi":
+            log.warning("UEFI is experimental: OVMF looks for its ACPI timer in the PIIX4 power "
+                        "management function (00:01.3), which this machine does not have yet, and "
+                        "stops there")
+        if image is not None:
+            # Before the accelerator, which maps every region once.
+            self.firmware = FirmwareMemory(self.memory, image)
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.started_at = 0.0
@@ -113,8 +128,13 @@ class Machine:
         if wheel is None:
             wheel = TimerWheel(name="rtc-timer", events=self.events)
             self._closers.append(wheel.close)
+        host_bridge = None
+        if self.firmware is not None:
+            from .devices.pci.host_bridge import I440fxHostBridge
+            host_bridge = self.host_bridge = I440fxHostBridge(on_pam=self.firmware.pam_changed)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
-                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW)
+                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW,
+                          host_bridge=host_bridge)
         context = DeviceContext(
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
@@ -123,6 +143,9 @@ class Machine:
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
 
     def _boot(self) -> None:
+        if self.firmware is not None:
+            self._boot_firmware()
+            return
         if not self.cfg.kernel:
             raise ConfigError(f"{self.cfg.source}: no kernel given (key 'kernel' or --kernel)")
         if self._boot_files is None:
@@ -132,6 +155,45 @@ class Machine:
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
         self.accel.load_boot_state(self.boot_state)
+
+    def _boot_firmware(self) -> None:
+        """Power-on for the firmware: ROM state back, fw_cfg filled; the vCPUs are at
+        the reset vector already (both accelerators make them so, and reset them so)."""
+        self.host_bridge.reset()            # PAM closed: also protects the shadow again
+        self.firmware.reset()
+        from .devices.fw_cfg import FwCfg
+        fw_cfg = self.devices.get(FW_CFG, FwCfg)
+        serial_port = None
+        if self.cfg.serial != "none":
+            serial_port = self.devices.entry(SERIAL).slots[0].base
+        from .pc import acpi_loader_files
+        extra: dict[str, bytes] = acpi_loader_files(self.devices, self.pci, len(self.vcpus))
+        first: tuple[str, ...] = ()
+        if self.cfg.kernel:
+            # -kernel with firmware: QEMU's way, the option ROM loads it from fw_cfg.
+            from .boot.firmware import LINUXBOOT_BOOT_PATH, LINUXBOOT_ROM_FILE, linux_boot_items
+            if not hasattr(self, "_linux_files"):
+                self._linux_files = self._read_linux_files()
+            kernel, initrd, rom = self._linux_files
+            linux_boot_items(fw_cfg, kernel, initrd, self.cfg.cmdline or "", self.cfg.memory, self.cfg.source)
+            extra[LINUXBOOT_ROM_FILE] = rom
+            first = (LINUXBOOT_BOOT_PATH,)
+        fill_fw_cfg(fw_cfg, self.cfg, len(self.vcpus), boot_devices_of(self.devices), serial_port,
+                    extra_files=extra, first_boot_paths=first)
+
+    def _read_linux_files(self) -> tuple[bytes, bytes | None, bytes]:
+        from .boot.firmware import find_linuxboot_rom
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise ConfigError(f"{self.cfg.source}: {what} {path}: {e.strerror}") from None
+        rom_path = find_linuxboot_rom(self.cfg.source)
+        return (read(self.cfg.kernel, "kernel"),
+                read(self.cfg.initrd, "initrd") if self.cfg.initrd else None,
+                read(rom_path, "option ROM"))
 
     # --- running ----------------------------------------------------------------------
     @property
@@ -230,8 +292,9 @@ class Machine:
                 self.accel.reset()
                 self._boot()
             finally:
-                # A vCPU that triple-faulted waited for this reset; a user's stop stays.
+                # A vCPU that triple-faulted or asked for the reset waited for it; a user's stop stays.
                 self._release("triple-fault", all_of_them=True)
+                self._release("guest-reset", all_of_them=True)
                 self._release("reset")
             self._emit("RESET", {"guest": guest, "reason": reason})
 
@@ -305,6 +368,12 @@ class Machine:
 
     # --- GuestPower: what the guest asks through its devices (any vCPU thread) ------------
     def guest_reset(self) -> None:
+        # A PC's reset (0xCF9, the keyboard controller, port 0x92) takes effect at
+        # once: no vCPU may run on past it. SeaBIOS's reboot writes 0xCF9 and then
+        # executes int3 to triple-fault should the write not have reset the machine.
+        with self._lock:
+            self._holds["guest-reset"] += 1
+            self.control_pending = True
         self.request_reset(guest=True, reason="guest-reset")
 
     def guest_power_off(self, status: int) -> None:

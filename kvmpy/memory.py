@@ -95,6 +95,15 @@ class GuestMemory:
         # translator listens, to drop translated code in those pages; under KVM
         # the list is empty and devices skip the bookkeeping.
         self.dma_listeners: list = []
+        # Regions the guest may read but not write (firmware ROM, shadow RAM that
+        # the chipset write-protects): the accelerators map them so that guest
+        # writes exit as MMIO, which nothing claims, so they are dropped as on a PC.
+        self._readonly: set[int] = set()
+        # Called as cb(region, readonly) when a region's protection changes (KVM
+        # re-registers its slot); bumped for the translator, which looks before
+        # every entry into the guest on the vCPU's own thread.
+        self.protection_listeners: list = []
+        self.protection_generation = 0
 
     def notify_dma_write(self, gpa: int, length: int) -> None:
         for cb in self.dma_listeners:
@@ -127,6 +136,43 @@ class GuestMemory:
         self.regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self.regions]
         return region
+
+    def add_rom(self, gpa: int, data: bytes, size: int | None = None) -> RamRegion:
+        """A read-only region at ``gpa`` holding ``data`` (padded with zeros to
+        ``size``, the page-rounded length of data by default)."""
+        if size is None:
+            size = -(-len(data) // mmap.PAGESIZE) * mmap.PAGESIZE
+        region = self.add_region(gpa, size)
+        region.view[:len(data)] = data
+        self._readonly.add(region.gpa)
+        return region
+
+    def writable_view(self, gpa: int, length: int) -> memoryview:
+        """``view`` for a device's write into guest memory (DMA): ROM refuses it
+        with GuestMemoryError, as a PC's ROM ignores bus-master writes."""
+        r = self._region(gpa, length)
+        if r.gpa in self._readonly:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is ROM")
+        off = gpa - r.gpa
+        return r.view[off:off + length]
+
+    def is_readonly(self, region: RamRegion) -> bool:
+        return region.gpa in self._readonly
+
+    def set_readonly(self, gpa: int, readonly: bool) -> None:
+        """Write-protect (or open) the region starting at ``gpa``."""
+        region = self._region(gpa, 1)
+        if region.gpa != gpa:
+            raise ValueError(f"no RAM region starts at {gpa:#x}")
+        if (gpa in self._readonly) == readonly:
+            return
+        if readonly:
+            self._readonly.add(gpa)
+        else:
+            self._readonly.discard(gpa)
+        self.protection_generation += 1
+        for cb in list(self.protection_listeners):
+            cb(region, readonly)
 
     @property
     def total_size(self) -> int:
@@ -183,3 +229,4 @@ class GuestMemory:
             r.mm.close()
         self.regions.clear()
         self._starts.clear()
+        self._readonly.clear()

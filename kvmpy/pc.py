@@ -11,6 +11,7 @@
     system-control-a  pio  0x92                              fast A20 / reset
     acpi-pm           pio  0x600-0x63f                    9  ACPI PM1 / timer / GPE0 (SCI)
     pci-config        pio  0xcf8-0xcff                       PCI config #1 + 0xcf9 reset
+    fw-cfg            pio  0x510-0x51b                       QEMU's fw_cfg (firmware boot only)
     ide               pio  0x1f0-0x1f7, 0x3f6              14  IDE primary channel (compatibility mode)
                            0x170-0x177, 0x376              15  IDE secondary channel
     piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
@@ -28,11 +29,13 @@ import dataclasses
 import logging
 
 from .boot import layout
-from .boot.acpi import PciRoot, build_acpi_tables
+from .boot.acpi import RSDP_FILE, TABLES_FILE, PciRoot, build_acpi_tables, build_loader_tables
+from .boot.firmware import BootDevice, firmware_kind, virtio_blk_boot_path, virtio_net_boot_path
 from .builder import DeviceEntry, MachineDevices, PlacedDevice
 from .config import DiskConfig, NetConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
+from .devices.fw_cfg import FW_CFG_PORTS, FwCfg
 from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
 from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_CONTROL_A, DebugExit,
                              FastA20Reset, PortSink, PostCodePort)
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SERIAL = "serial0"
 ACPI_PM = "acpi-pm"
+FW_CFG = "fw-cfg"
 
 
 # --- factories ---------------------------------------------------------------------------
@@ -177,8 +181,17 @@ def describe_disk(placed: PlacedDevice) -> dict:
     }
 
 
+def virtio_blk_boot(placed: PlacedDevice) -> BootDevice:
+    return BootDevice("disk", virtio_blk_boot_path(placed.pci_slot))
+
+
+def virtio_net_boot(placed: PlacedDevice) -> BootDevice:
+    return BootDevice("net", virtio_net_boot_path(placed.pci_slot))
+
+
 def disk_entry(index: int, disk: DiskConfig) -> DeviceEntry:
-    return DeviceEntry(f"virtio-blk{index}", "pci", make_virtio_blk, options={"disk": disk, "index": index},
+    return DeviceEntry(f"virtio-blk{index}", "pci", make_virtio_blk,
+                       options={"disk": disk, "index": index, "boot": virtio_blk_boot},
                        backend=open_disk_image, query="block", describe=describe_disk)
 
 
@@ -225,7 +238,7 @@ def describe_nic(placed: PlacedDevice) -> dict:
 
 
 def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
-    return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net, options={"net": net, "index": index},
+    return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net, options={"net": net, "index": index, "boot": virtio_net_boot},
                        backend=open_nic_backend, query="net", describe=describe_nic)
 
 
@@ -387,15 +400,27 @@ class RemovableMedia:
             old.close()
 
 
+def ide_boot(placed: PlacedDevice) -> list[BootDevice]:
+    from .devices.pci.piix import ide_boot_path
+    return [BootDevice("cdrom" if disk.media == "cdrom" else "disk", ide_boot_path(position))
+            for position, disk in placed.entry.options["drives"].items()]
+
+
 def ide_entries(cfg: VmConfig) -> list[DeviceEntry]:
     """The IDE controller (its legacy ports, with the drives) and the PIIX3 that puts
     it on PCI; there on every PC, with or without drives, as on QEMU's."""
     from .devices.ide import LEGACY_SLOTS
     shared: dict = {}
     return [DeviceEntry("ide", "pio", make_ide, LEGACY_SLOTS,
-                        options={"drives": ide_positions(cfg.disks), "shared": shared},
+                        options={"drives": ide_positions(cfg.disks), "shared": shared, "boot": ide_boot},
                         backend=open_ide_images, query="block", describe=describe_ide),
             DeviceEntry("piix3", "pci", make_piix3, options={"shared": shared})]
+
+
+def make_fw_cfg(ctx: DeviceContext) -> FwCfg:
+    # Filled by the machine at boot (kvmpy.boot.firmware.fill_fw_cfg): the items
+    # describe devices placed after this one.
+    return FwCfg(ctx.platform.memory)
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -410,6 +435,12 @@ PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry("system-control-a", "pio", make_system_control_a, (SYSTEM_CONTROL_A,)),
     DeviceEntry(ACPI_PM, "pio", make_acpi_pm, (PM_BLOCK,)),
     DeviceEntry("pci-config", "pio", make_pci_config_ports, (PCI_CONFIG_PORTS,)),
+)
+
+# What a firmware boot adds (the i440FX host bridge is the PCI bus's device 0). Only
+# then: a direct boot keeps 0x510-0x51B free, as it always was, for plug-ins.
+FIRMWARE_DEVICES: tuple[DeviceEntry, ...] = (
+    DeviceEntry(FW_CFG, "pio", make_fw_cfg, (FW_CFG_PORTS,)),
 )
 
 
@@ -444,7 +475,9 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     virtio disk, a virtio-net per NIC, then the user's plug-in devices ([[device]],
     --device; kvmpy.plugins)."""
     virtio_disks = [disk for disk in cfg.disks if disk.interface == "virtio"]
-    return [*fixed_devices(cfg), *ide_entries(cfg),
+    return [*fixed_devices(cfg),
+            *(FIRMWARE_DEVICES if firmware_kind(cfg) != "none" else ()),
+            *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
@@ -458,3 +491,13 @@ def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory,
     root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
     return build_acpi_tables(memory, layout.ACPI_BASE, num_cpus=num_cpus,
                              pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+
+
+def acpi_loader_files(devices: MachineDevices, pci: PciBus, num_cpus: int) -> dict[str, bytes]:
+    """The same tables as write_acpi_tables, as fw_cfg files for the firmware's
+    table loader (etc/table-loader, etc/acpi/tables, etc/acpi/rsdp)."""
+    pm = devices.entry(ACPI_PM)
+    mmio = pci.windows()["mmio"]
+    root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
+    t = build_loader_tables(num_cpus=num_cpus, pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+    return {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}

@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--kernel", help="kernel: bzImage or PVH ELF")
     p.add_argument("--initrd", help="initial ramdisk")
     p.add_argument("--append", help="kernel command line")
+    p.add_argument("--bios", help="firmware image (QEMU's -bios; default: Debian's SeaBIOS or OVMF)")
+    p.add_argument("--firmware", metavar="bios|uefi|none",
+                   help="what runs first: SeaBIOS (default without --kernel), OVMF, or none "
+                        "(kvmpy loads --kernel itself: the default with --kernel)")
     p.add_argument("-m", "--memory", help="RAM size (e.g. 512M, 2G; a bare number is MiB)")
     p.add_argument("--smp", type=int, help="number of vCPUs")
     p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
@@ -99,13 +103,30 @@ def build_config(args) -> VmConfig:
         for name in parse_trace(spec, f"--trace {spec}"):
             if name not in cfg.trace:
                 cfg.trace.append(name)
-    if not cfg.kernel:
-        raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
-    require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
+    apply_firmware_options(cfg, args)
+    if not cfg.kernel and cfg.firmware == "none":
+        raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel' "
+                          "(or boot firmware: --firmware bios)")
+    if cfg.kernel:
+        require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
     if cfg.initrd:
         require_file(cfg.initrd, f"initrd {cfg.initrd}", ConfigError)
     validate(cfg)
     return cfg
+
+
+def apply_firmware_options(cfg: VmConfig, args) -> None:
+    """--firmware and --bios over vm.toml's keys."""
+    from .config import FIRMWARES
+    if getattr(args, "firmware", None) is not None:
+        if args.firmware not in FIRMWARES:
+            raise ConfigError(f"--firmware {args.firmware}: expected one of {', '.join(FIRMWARES)}")
+        cfg.firmware = args.firmware
+    if getattr(args, "bios", None):
+        cfg.bios = os.path.abspath(args.bios)
+        require_file(cfg.bios, f"--bios {args.bios}", ConfigError)
+    elif cfg.bios:
+        require_file(cfg.bios, f"{cfg.source}: key 'bios' {cfg.bios}", ConfigError)
 
 
 def run_command(args) -> int:

@@ -58,7 +58,9 @@ def test_invalid_toml_syntax(tmp_path):
 
 
 def test_no_kernel_at_all():
-    p = run_kvmpy(["run"])
+    """Without a kernel kvmpy boots SeaBIOS, as QEMU; without firmware either there
+    is nothing to run."""
+    p = run_kvmpy(["run", "--firmware", "none"])
     assert p.returncode == 2
     assert "kernel" in _one_line(p)
 

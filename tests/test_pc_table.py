@@ -46,7 +46,7 @@ class Pc:
     interrupt controllers on the buses first (as the TcgAccel puts them)."""
 
     def __init__(self, entries, cfg: VmConfig | None = None) -> None:
-        self.cfg = cfg or VmConfig(memory=32 << 20)
+        self.cfg = cfg or VmConfig(memory=32 << 20, firmware="none")
         self.memory = GuestMemory.anonymous(layout.ram_layout(self.cfg.memory))
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.wheel = TimerWheel(threaded=False)
@@ -77,7 +77,7 @@ class Pc:
 
 @pytest.fixture
 def pc():
-    machine = Pc(pc_devices(VmConfig(memory=32 << 20)))
+    machine = Pc(pc_devices(VmConfig(memory=32 << 20, firmware="none")))
     yield machine
     machine.close()
 
@@ -215,7 +215,7 @@ class ScratchPorts:
 def test_a_plugin_shaped_device_answers_through_the_bus():
     plugin = DeviceEntry("scratch", "pio", ScratchPorts, (PortSlot(base=0x510, length=2, irq=5),),
                          options={"value": 0x5A})
-    pc = Pc([*pc_devices(VmConfig(memory=32 << 20)), plugin])
+    pc = Pc([*pc_devices(VmConfig(memory=32 << 20, firmware="none")), plugin])
     try:
         dev = pc.devices.get("scratch", ScratchPorts)
         assert pc.pio.read(0x510, 1) == 0x5A and pc.pio.read(0x511, 1) == 0x5B
@@ -253,7 +253,7 @@ def test_a_device_over_several_slots_sees_one_range():
 def test_disks_and_nics_become_entries(tmp_path):
     cfg = VmConfig(disks=[DiskConfig(str(tmp_path / "a.img"), format="raw"),
                           DiskConfig(str(tmp_path / "b.img"), format="raw", readonly=True, serial="B")],
-                   nets=[NetConfig(bridge="br0")])
+                   nets=[NetConfig(bridge="br0")], firmware="none")
     entries = pc_devices(cfg)
     extra = entries[len(PC_DEVICES) + 2:]      # after the IDE controller's two entries
     assert [(e.name, e.bus, e.query) for e in entries[len(PC_DEVICES):][:2]] == [
@@ -316,3 +316,9 @@ def test_describe_is_the_monitor_shape():
     tapnet = SimpleNamespace(tap=SimpleNamespace(name="tap7"), mac=bytes(range(6)), bridge=None)
     assert entry.describe(PlacedDevice(entry, device=None, backend=tapnet, pci_slot=4)) == {
         "name": "net0", "type": "tap", "ifname": "tap7", "mac": "00:01:02:03:04:05", "bridge": ""}
+
+
+def test_a_firmware_boot_adds_fw_cfg():
+    from kvmpy.pc import FW_CFG
+    names = [e.name for e in pc_devices(VmConfig(memory=32 << 20, firmware="bios"))]
+    assert names == [e.name for e in PC_DEVICES] + [FW_CFG]

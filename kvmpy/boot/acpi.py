@@ -345,6 +345,102 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """The tables laid out from ``xsdt_at``, each pointer already aimed at its
+    table's address (addresses are relative when the layout starts at 0)."""
+
+    xsdt_at: int
+    xsdt: bytes
+    rsdt_at: int
+    rsdt: bytes
+    facs_at: int
+    fadt_at: int
+    fadt: bytes
+    dsdt_at: int
+    dsdt: bytes
+    madt_at: int
+    madt: bytes
+    mcfg_at: int
+    mcfg: bytes | None
+    end: int
+    pointers: tuple[int, ...]       # the tables the XSDT/RSDT list, in order
+
+
+def _lay_out(start: int, num_cpus: int, pm_base: int, sci_irq: int, ioapic: bool, pci_mcfg: Mcfg | None,
+             pci_root: PciRoot | None, timer_32bit: bool, reset_reg: tuple[int, int] | None) -> _Tables:
+    # fixed order; addresses are known before the pointing tables are built
+    dsdt = build_dsdt(num_cpus, pci_root, pci_mcfg)
+    madt = build_madt(num_cpus, sci_irq, ioapic)
+    mcfg = build_mcfg(pci_mcfg) if pci_mcfg is not None else None
+    n_entries = 2 + (1 if mcfg else 0)  # FADT, MADT, MCFG
+    xsdt_at = start
+    rsdt_at = _align(xsdt_at + 36 + 8 * n_entries, 16)
+    facs_at = _align(rsdt_at + 36 + 4 * n_entries, 64)
+    fadt_at = _align(facs_at + 64, 16)
+    dsdt_at = _align(fadt_at + 276, 16)
+    madt_at = _align(dsdt_at + len(dsdt), 16)
+    mcfg_at = _align(madt_at + len(madt), 16)
+    end = mcfg_at + (len(mcfg) if mcfg else 0)
+    fadt = build_fadt(facs_at, dsdt_at, pm_base, sci_irq, timer_32bit, reset_reg)
+    pointers = (fadt_at, madt_at) + ((mcfg_at,) if mcfg else ())
+    xsdt = sdt(b"XSDT", 1, b"".join(struct.pack("<Q", p) for p in pointers))
+    rsdt = sdt(b"RSDT", 1, b"".join(struct.pack("<I", p) for p in pointers))
+    return _Tables(xsdt_at, xsdt, rsdt_at, rsdt, facs_at, fadt_at, fadt, dsdt_at, dsdt, madt_at, madt,
+                   mcfg_at, mcfg, end, pointers)
+
+
+@dataclass(frozen=True)
+class LoaderTables:
+    """ACPI tables for a firmware that places them itself (QEMU's fw_cfg files):
+    ``tables`` (etc/acpi/tables) and ``rsdp`` (etc/acpi/rsdp) hold offsets into
+    the tables blob where addresses go, and ``loader`` (etc/table-loader) says
+    which fields to turn into addresses and which checksums to fix then."""
+
+    tables: bytes
+    rsdp: bytes
+    loader: bytes
+
+
+TABLES_FILE = "etc/acpi/tables"
+RSDP_FILE = "etc/acpi/rsdp"
+
+
+def build_loader_tables(num_cpus: int, pm_base: int = acpi_pm.PM_BLOCK.base, sci_irq: int = acpi_pm.SCI_IRQ,
+                        ioapic: bool = True, pci_mcfg: Mcfg | None = None, pci_root: PciRoot | None = None,
+                        timer_32bit: bool = True,
+                        reset_reg: tuple[int, int] | None = (RESET_CONTROL_PORT, RESET_VALUE)) -> LoaderTables:
+    """The same tables as ``build_acpi_tables``, for the firmware's table loader."""
+    from ..devices.fw_cfg import TableLoader
+    if not 1 <= num_cpus <= MAX_CPUS:
+        raise ConfigError(f"cpus = {num_cpus}: the ACPI tables describe 1 to {MAX_CPUS} CPUs")
+    t = _lay_out(0, num_cpus, pm_base, sci_irq, ioapic, pci_mcfg, pci_root, timer_32bit, reset_reg)
+    blob = bytearray(t.end)
+    for at, data in ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.facs_at, build_facs()), (t.fadt_at, t.fadt),
+                     (t.dsdt_at, t.dsdt), (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ()):
+        blob[at:at + len(data)] = data
+    rsdp = build_rsdp(t.rsdt_at, t.xsdt_at)
+    loader = TableLoader()
+    loader.allocate(RSDP_FILE, 16, fseg=True)
+    loader.allocate(TABLES_FILE, 64)
+    # pointers first: each checksum below is computed over the patched table
+    for field in (36, 40):                                   # FIRMWARE_CTRL, DSDT
+        loader.add_pointer(TABLES_FILE, TABLES_FILE, t.fadt_at + field, 4)
+    for field in (132, 140):                                 # X_FIRMWARE_CTRL, X_DSDT
+        loader.add_pointer(TABLES_FILE, TABLES_FILE, t.fadt_at + field, 8)
+    for i in range(len(t.pointers)):
+        loader.add_pointer(TABLES_FILE, TABLES_FILE, t.xsdt_at + 36 + 8 * i, 8)
+        loader.add_pointer(TABLES_FILE, TABLES_FILE, t.rsdt_at + 36 + 4 * i, 4)
+    loader.add_pointer(RSDP_FILE, TABLES_FILE, 16, 4)
+    loader.add_pointer(RSDP_FILE, TABLES_FILE, 24, 8)
+    for at, data in ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.fadt_at, t.fadt), (t.dsdt_at, t.dsdt),
+                     (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ()):
+        loader.add_checksum(TABLES_FILE, at + 9, at, len(data))
+    loader.add_checksum(RSDP_FILE, 8, 0, 20)
+    loader.add_checksum(RSDP_FILE, 32, 0, 36)
+    return LoaderTables(tables=bytes(blob), rsdp=rsdp, loader=loader.blob())
+
+
 def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,
                       pm_base: int = acpi_pm.PM_BLOCK.base, sci_irq: int = acpi_pm.SCI_IRQ,
                       ioapic: bool = True, pci_mcfg: Mcfg | tuple | None = None,
@@ -369,30 +465,16 @@ def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,
     if pci_mcfg is not None and pci_root is None:
         pci_root = PciRoot(bus_start=pci_mcfg.start_bus, bus_end=pci_mcfg.end_bus)
 
-    # fixed order; addresses are known before the pointing tables are built
-    dsdt = build_dsdt(num_cpus, pci_root, pci_mcfg)
-    madt = build_madt(num_cpus, sci_irq, ioapic)
-    mcfg = build_mcfg(pci_mcfg) if pci_mcfg is not None else None
-    n_entries = 2 + (1 if mcfg else 0)  # FADT, MADT, MCFG
-
     rsdp_at = base
-    xsdt_at = _align(rsdp_at + 36, 16)
-    rsdt_at = _align(xsdt_at + 36 + 8 * n_entries, 16)
-    facs_at = _align(rsdt_at + 36 + 4 * n_entries, 64)
-    fadt_at = _align(facs_at + 64, 16)
-    dsdt_at = _align(fadt_at + 276, 16)
-    madt_at = _align(dsdt_at + len(dsdt), 16)
-    mcfg_at = _align(madt_at + len(madt), 16)
-    end = mcfg_at + (len(mcfg) if mcfg else 0)
+    t = _lay_out(_align(rsdp_at + 36, 16), num_cpus, pm_base, sci_irq, ioapic, pci_mcfg, pci_root,
+                 timer_32bit, reset_reg)
+    end = t.end
     if end - base > ACPI_REGION_SIZE:
         raise ValueError(f"ACPI tables need {end - base:#x} bytes, more than {ACPI_REGION_SIZE:#x}")
-
-    fadt = build_fadt(facs_at, dsdt_at, pm_base, sci_irq, timer_32bit, reset_reg)
-    pointers = [fadt_at, madt_at] + ([mcfg_at] if mcfg else [])
-    xsdt = sdt(b"XSDT", 1, b"".join(struct.pack("<Q", p) for p in pointers))
-    rsdt = sdt(b"RSDT", 1, b"".join(struct.pack("<I", p) for p in pointers))
-    rsdp = build_rsdp(rsdt_at, xsdt_at)
-
+    rsdp = build_rsdp(t.rsdt_at, t.xsdt_at)
+    xsdt_at, xsdt, rsdt_at, rsdt, facs_at, fadt_at, fadt, dsdt_at, dsdt, madt_at, madt, mcfg_at, mcfg = (
+        t.xsdt_at, t.xsdt, t.rsdt_at, t.rsdt, t.facs_at, t.fadt_at, t.fadt, t.dsdt_at, t.dsdt, t.madt_at,
+        t.madt, t.mcfg_at, t.mcfg)
     placed = [(rsdp_at, rsdp), (xsdt_at, xsdt), (rsdt_at, rsdt), (facs_at, build_facs()),
               (fadt_at, fadt), (dsdt_at, dsdt), (madt_at, madt)]
     if mcfg:

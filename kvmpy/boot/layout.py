@@ -29,6 +29,10 @@ LAPIC_ADDR = 0xFEE00000
 TSS_ADDR = 0xFFFBD000             # three pages KVM needs on VT-x for real mode
 IDENTITY_MAP_ADDR = 0xFFFBC000
 FOUR_GIB = 1 << 32
+# QEMU's places for KVM's real-mode pages, below the IOAPIC: where a firmware image
+# larger than 256 KiB (OVMF's 2 MiB and up) covers TSS_ADDR.
+FIRMWARE_TSS_ADDR = 0xFEFFD000
+FIRMWARE_IDENTITY_MAP_ADDR = 0xFEFFC000
 
 BOOT_CS = 0x10
 BOOT_DS = 0x18

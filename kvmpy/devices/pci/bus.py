@@ -67,6 +67,7 @@ class PciBus:
         swizzled (slot + pin - 1) % 4 like a standard bridge. Describe the result
         in ACPI _PRT with ``intx_routes()``.
       ecam_base: if given, ``ecam()`` returns an MMIO device for an MCFG.
+      host_bridge: device 0 (firmware wants the i440FX); a generic bridge otherwise.
     """
 
     def __init__(self, mmio_bus: Bus, pio_bus: Bus, platform,
@@ -74,7 +75,7 @@ class PciBus:
                  io_window: tuple[int, int] = (0xC000, 0xFFFF),
                  mmio64_window: tuple[int, int] | None = None,
                  intx_gsis: tuple[int, int, int, int] = (16, 17, 18, 19),
-                 ecam_base: int | None = None) -> None:
+                 ecam_base: int | None = None, host_bridge: PciDevice | None = None) -> None:
         self.mmio_bus = mmio_bus
         self.pio_bus = pio_bus
         self.platform = platform
@@ -94,7 +95,7 @@ class PciBus:
         self._irq_lock = threading.Lock()
         # The chipset function that also routes PIRQA-D to ISA IRQs (the PIIX3), if any.
         self.pirq_router = None
-        self.add(PciHostBridge(), slot=0)
+        self.add(host_bridge if host_bridge is not None else PciHostBridge(), slot=0)
 
     # topology --------------------------------------------------------------
 

@@ -41,17 +41,23 @@ class KvmAccel:
             raise ConfigError(f"{host.cfg.source}: key 'cpus': KVM here allows at most {self.kvm.max_vcpus()}")
         self.vm = self.kvm.create_vm()
         vm = self.vm
-        vm.set_tss_addr(layout.TSS_ADDR)
-        vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        tss, identity_map = layout.TSS_ADDR, layout.IDENTITY_MAP_ADDR
+        if any(r.gpa < tss + 3 * 0x1000 and identity_map < r.end for r in host.memory.regions):
+            tss, identity_map = layout.FIRMWARE_TSS_ADDR, layout.FIRMWARE_IDENTITY_MAP_ADDR
+        vm.set_tss_addr(tss)
+        vm.set_identity_map_addr(identity_map)
         vm.create_irqchip()
         vm.create_pit2()
         try:
             vm.enable_cap("KVM_CAP_EXIT_ON_EMULATION_FAILURE", 1)
         except KvmError:
             log.debug("KVM_CAP_EXIT_ON_EMULATION_FAILURE not available")
+        self.memory = host.memory
+        self._slots: dict[int, int] = {}         # region gpa -> KVM slot
         for slot, region in enumerate(host.memory.regions):
-            host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
-            vm.set_user_memory_region(slot, region.gpa, region.size, host_addr)
+            self._slots[region.gpa] = slot
+            self._map_region(region, host.memory.is_readonly(region))
+        host.memory.protection_listeners.append(self._protection_changed)
         self.platform = KvmPlatform(vm, host.memory)
         supported = self.kvm.supported_cpuid()
         msrs = boot_msrs(self.kvm.msr_index_list())
@@ -81,6 +87,19 @@ class KvmAccel:
         self._irqchip_reset = vm.get_irqchip_state()
         self._pit_reset = vm.get_pit_state()
 
+    def _map_region(self, region, readonly: bool) -> None:
+        host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
+        # A read-only slot makes guest writes exit as MMIO (dropped by the bus), as
+        # writes to a PC's ROM go nowhere.
+        flags = lib.KVM_MEM_READONLY if readonly else 0
+        self.vm.set_user_memory_region(self._slots[region.gpa], region.gpa, region.size, host_addr, flags)
+
+    def _protection_changed(self, region, readonly: bool) -> None:
+        # KVM cannot change a slot's flags in place: it goes (size 0) and comes back.
+        slot = self._slots[region.gpa]
+        self.vm.set_user_memory_region(slot, region.gpa, 0, 0)
+        self._map_region(region, readonly)
+
     def load_boot_state(self, boot: BootState) -> None:
         bsp = self.vcpus[0]
         bsp.set_sregs(boot.sregs)
@@ -107,6 +126,8 @@ class KvmAccel:
         time.sleep(HALT_EXIT_PAUSE)
 
     def close(self) -> None:
+        if self._protection_changed in self.memory.protection_listeners:
+            self.memory.protection_listeners.remove(self._protection_changed)
         if self.port_write_queue is not None:
             self.port_write_queue.close()      # the last queued writes reach their device
         self.platform.close()

@@ -115,6 +115,7 @@ class TcgVcpu:
         # set by kick(): a thread waiting for this halted vCPU wakes up
         self.wakeup = threading.Event()
         self._regions = None
+        self._protection = -1
         self._sync_memory()
         self.io_port = 0
         self.io_size = 0
@@ -134,8 +135,14 @@ class TcgVcpu:
             return
         self._cpu.clear_ram()
         for r in self.memory.regions:
-            self._cpu.add_ram(r.gpa, r.view)
+            self._cpu.add_ram(r.gpa, r.view, self.memory.is_readonly(r))
         self._regions = regions
+        self._protection = self.memory.protection_generation
+
+    def _sync_protection(self) -> None:
+        for r in self.memory.regions:
+            self._cpu.set_ram_readonly(r.gpa, self.memory.is_readonly(r))
+        self._protection = self.memory.protection_generation
 
     def close(self) -> None:
         """Release the RAM buffer exports (GuestMemory.close() needs that)."""
@@ -149,6 +156,8 @@ class TcgVcpu:
     def run(self) -> int:
         if len(self.memory.regions) != len(self._regions or ()):
             self._sync_memory()
+        elif self._protection != self.memory.protection_generation:
+            self._sync_protection()
         kind = self._cpu.run()
         if kind == exits.EXIT_IO:
             _, port, size, write, count, data = self._cpu.exit_access()
