@@ -321,4 +321,4 @@ def test_describe_is_the_monitor_shape():
 def test_a_firmware_boot_adds_fw_cfg():
     from kvmpy.pc import FW_CFG
     names = [e.name for e in pc_devices(VmConfig(memory=32 << 20, firmware="bios"))]
-    assert names == [e.name for e in PC_DEVICES] + [FW_CFG]
+    assert names == [e.name for e in PC_DEVICES] + [FW_CFG, "ide", "piix3"]
