@@ -1,7 +1,9 @@
-"""The two native parts of kvmpy; everything else is declared in pyproject.toml.
+"""The three native parts of kvmpy; everything else is declared in pyproject.toml.
 
 - kvmpy.hv.kvm._kvm_cffi: cffi bindings over <linux/kvm.h> in API mode, so the
   compiler checks every struct kvmpy uses against the host's kernel headers;
+- kvmpy.devices.virtio._dataplane_cffi: the virtio-blk data plane (c_ext/dataplane/),
+  cffi API mode too, apart from the KVM module because device models may not import it;
 - kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
 """
 
@@ -10,7 +12,8 @@ import glob
 from setuptools import Extension, setup
 
 setup(
-    cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder"],
+    cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder",
+                  "kvmpy/devices/virtio/_dataplane_build.py:ffibuilder"],
     ext_modules=[Extension(
         "kvmpy._tcg",
         sources=sorted(glob.glob("c_ext/*.c")),

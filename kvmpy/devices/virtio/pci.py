@@ -12,6 +12,14 @@ doorbell eventfds, and the device's own fds (a tap), to the machine's EventLoop,
 whose thread runs ``process_queue``. Interrupts go out through the MSI-X vector's
 eventfd, or INTx + ISR when MSI-X is disabled.
 
+A device that offers a native data plane (``native_backend()``, virtio-blk on a
+raw image) gets each enabled queue served by a C thread (dataplane.py) once the
+Python model has run it once: the queue's doorbell then belongs to that thread,
+not to the event loop. Whatever the thread leaves to the model (it hands the
+queue back), a reset, a device error, a BAR move or ``state()`` stop the thread
+first and put its ring indices back into the SplitQueue; the next doorbell the
+model serves offers the queue to the thread again.
+
 The device model is a VirtioDevice (device.py) the transport wraps:
 ``VirtioPciTransport(platform, events, VirtioBlk(driver))``. Anything the guest
 does wrong in a queue ends as DEVICE_NEEDS_RESET plus a config-change interrupt
@@ -34,6 +42,7 @@ from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciConfigState, Pc
 from ..pci.bus import PciBus
 from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
+from . import dataplane
 from .device import VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
 
@@ -154,6 +163,10 @@ class VirtioPciTransport(PciDevice):
         self._notify_base: int | None = None
         self._serving = False
         self._device_fds: list[int] = []
+        # The queues a native data plane thread serves now (their doorbells are its).
+        self._native: list[dataplane.NativeQueue | None] = [None] * self.num_queues
+        self._native_regions: dataplane.RegionPointers | None = None
+        self._native_refused = False
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -185,6 +198,12 @@ class VirtioPciTransport(PciDevice):
 
     def state(self) -> VirtioPciState:
         with self._lock:
+            # The ring indices live in the native threads while they run.
+            taken_back = [q for q in range(self.num_queues) if self._native[q] is not None]
+            for q in taken_back:
+                self._stop_native(q, rewatch=True)
+            for q in taken_back:
+                self.events.call_soon(lambda q=q: self._run_queue(q))
             return VirtioPciState(
                 status=self.status, device_feature_select=self.device_feature_select,
                 driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
@@ -219,6 +238,9 @@ class VirtioPciTransport(PciDevice):
         PciDevice.restore(self, state.function)
         self.msix.restore(state.msix)
         with self._lock:
+            for q in range(self.num_queues):
+                if self._native[q] is not None:
+                    self._stop_native(q, rewatch=True)
             self.queues = [SplitQueue.from_state(self.memory, q) for q in state.queues]
             self.queue_vector = list(state.queue_vectors)
             self.status = state.status
@@ -492,9 +514,11 @@ class VirtioPciTransport(PciDevice):
 
     def _drop_doorbells(self) -> None:
         for q, fd in enumerate(self._doorbells):
+            if self._native[q] is not None:
+                self._stop_native(q, rewatch=False)
+            elif fd is not None and self._serving:
+                self.events.unsubscribe(fd)
             if fd is not None:
-                if self._serving:
-                    self.events.unsubscribe(fd)
                 self.platform.remove_doorbell(fd)
                 self._doorbells[q] = None
 
@@ -521,8 +545,10 @@ class VirtioPciTransport(PciDevice):
         if not self._serving:
             return
         self._serving = False
-        for fd in self._doorbells:
-            if fd is not None:
+        for q, fd in enumerate(self._doorbells):
+            if self._native[q] is not None:
+                self._stop_native(q, rewatch=False)
+            elif fd is not None:
                 self.events.unsubscribe(fd)
         for fd in self._device_fds:
             self.events.unsubscribe(fd)
@@ -541,16 +567,82 @@ class VirtioPciTransport(PciDevice):
         with self._lock:
             # A doorbell dropped by a BAR move may still be dispatched once; its fd
             # number may already belong to someone else's eventfd.
-            if self._doorbells[q] != fd:
+            # Dispatched once more after the queue went native: the thread's kick.
+            if self._doorbells[q] != fd or self._native[q] is not None:
                 return
             _drain(fd)
             self._run_queue(q)
 
     def _run_queue(self, q: int) -> None:
         with self._lock:
-            if not self._serving or self.broken or not self.queues[q].ready or not self.status & DRIVER_OK:
+            if (not self._serving or self.broken or not self.queues[q].ready or not self.status & DRIVER_OK
+                    or self._native[q] is not None):
                 return
             self._guarded(self.device.process_queue, q)
+            self._start_native(q)
+
+    # native data plane ------------------------------------------------------------------
+
+    def _start_native(self, q: int) -> None:
+        """Hand queue ``q`` to a native thread if the device offers one now (event
+        loop thread, under _lock, right after the model served the queue)."""
+        fd = self._doorbells[q]
+        offer = getattr(self.device, "native_backend", None)
+        # The translator drops translated code on device writes through
+        # memory.dma_listeners, which a C thread would bypass.
+        if (offer is None or self._native_refused or fd is None or self.memory.dma_listeners
+                or not self._serving or self.broken or not self.queues[q].active):
+            return
+        backend = offer()
+        if backend is None:
+            return
+        try:
+            if self._native_regions is None:
+                self._native_regions = dataplane.RegionPointers(self.memory)
+            native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd)
+        except (OSError, ValueError) as e:
+            self._native_refused = True
+            log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
+            return
+        self.events.unsubscribe(fd)
+        self._native[q] = native
+        self.events.subscribe(native.call_fd, EVENT_READ, lambda _r: self._native_interrupt(q, native))
+        self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_handback(q, native))
+
+    def _stop_native(self, q: int, rewatch: bool) -> dataplane.StopInfo:
+        """Stop queue ``q``'s thread at a request boundary and take its indices back;
+        ``rewatch``: the event loop serves the doorbell again."""
+        native = self._native[q]
+        self._native[q] = None
+        info = native.stop()
+        # An interrupt the thread asked for that the loop has not delivered yet.
+        if native.take_interrupt():
+            self._interrupt(self.queue_vector[q], ISR_QUEUE)
+        self.events.unsubscribe(native.call_fd, close=True)
+        self.events.unsubscribe(native.handback_fd, close=True)
+        fd = self._doorbells[q]
+        if rewatch and self._serving and fd is not None:
+            self._watch_doorbell(q, fd)
+            # A kick the thread had not read yet is still counted in the eventfd.
+        return info
+
+    def _native_interrupt(self, q: int, native: dataplane.NativeQueue) -> None:
+        if self._native[q] is native and native.take_interrupt():
+            self._interrupt(self.queue_vector[q], ISR_QUEUE)
+
+    def _native_handback(self, q: int, native: dataplane.NativeQueue) -> None:
+        """The thread stopped before a request only the model may answer: the model
+        takes the queue from there (and may give it back to a new thread)."""
+        with self._lock:
+            if self._native[q] is not native:
+                return
+            self._stop_native(q, rewatch=True)
+            self._run_queue(q)
+
+    @property
+    def native_queues(self) -> tuple[bool, ...]:
+        """Which queues a native data plane thread serves now."""
+        return tuple(n is not None for n in self._native)
 
     def _device_fd_callback(self, on_ready: Callable[[int], None]) -> Callable[[int], None]:
         def ready(events: int) -> None:

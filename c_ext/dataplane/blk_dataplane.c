@@ -1,0 +1,442 @@
+/* virtio-blk data plane: the split ring walker and the per-queue I/O thread.
+ * See blk_dataplane.h for the division of work with the Python model. The ring
+ * checks mirror kvmpy/devices/virtio/queue.py SplitQueue._read_chain one for one,
+ * and tests/test_dataplane_walker.py holds the two to the same answers. */
+#define _GNU_SOURCE
+#include "blk_dataplane.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+#define MAX_QUEUE_SIZE 32768u
+#define MAX_CHAIN_BYTES 0xFFFFFFFFull
+#define SECTOR 512u
+#define BLK_IOV_MAX 1024
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define S_OK 0
+
+struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+
+struct dp_queue {
+    struct dp_config c;
+    uint8_t *desc, *avail, *used;
+    int stop_fd;
+    int stop;                       /* atomic */
+    int exit_reason;
+    uint64_t completed;
+    pthread_t thread;
+    struct dp_seg segs[DP_MAX_SEGS];
+    struct iovec iov[BLK_IOV_MAX];
+};
+
+/* The host address of guest range [gpa, gpa+len) when it lies inside one RAM
+ * region (GuestMemory.view's rule), else NULL. */
+static uint8_t *gpa_to_host(const struct dp_region *regions, int nregions, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < nregions; i++) {
+        const struct dp_region *r = &regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+/* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
+static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
+{
+    memcpy(d, table + 16u * index, sizeof *d);
+}
+
+int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
+                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs)
+{
+    const uint8_t *table = gpa_to_host(regions, nregions, desc_addr, 16ull * size);
+    uint32_t table_len = size, index = head, steps = 0;
+    int in_indirect = 0, have_writable = 0, n = 0;
+    uint64_t total = 0;
+    *nsegs = 0;
+    if (!table || head >= size)
+        return DP_WALK_BAD;
+    for (;;) {
+        struct desc d;
+        if (++steps > table_len)
+            return DP_WALK_BAD;                      /* a loop */
+        read_desc(table, index, &d);
+        if (d.flags & DESC_F_INDIRECT) {
+            if (in_indirect || !indirect || (d.flags & DESC_F_NEXT))
+                return DP_WALK_BAD;
+            if (d.len == 0 || d.len % 16 || d.len / 16 > MAX_QUEUE_SIZE)
+                return DP_WALK_BAD;
+            table = gpa_to_host(regions, nregions, d.addr, d.len);
+            if (!table)
+                return DP_WALK_BAD;
+            table_len = d.len / 16;
+            index = 0;
+            steps = 0;
+            in_indirect = 1;
+            continue;
+        }
+        if (d.len) {
+            total += d.len;
+            if (total > MAX_CHAIN_BYTES)
+                return DP_WALK_BAD;
+            if (!gpa_to_host(regions, nregions, d.addr, d.len))
+                return DP_WALK_BAD;
+            if (d.flags & DESC_F_WRITE)
+                have_writable = 1;
+            else if (have_writable)
+                return DP_WALK_BAD;                  /* readable after writable */
+            if (n == max_segs)
+                return DP_WALK_TOO_LONG;
+            segs[n].gpa = d.addr;
+            segs[n].len = d.len;
+            segs[n].writable = !!(d.flags & DESC_F_WRITE);
+            n++;
+            *nsegs = n;
+        } else if (have_writable && !(d.flags & DESC_F_WRITE)) {
+            return DP_WALK_BAD;
+        }
+        if (!(d.flags & DESC_F_NEXT))
+            return DP_WALK_OK;
+        if (d.next >= table_len)
+            return DP_WALK_BAD;
+        index = d.next;
+    }
+}
+
+/* ---- the ring, device side ---------------------------------------------------- */
+
+static uint16_t avail_idx(struct dp_queue *q)
+{
+    return __atomic_load_n((uint16_t *)(q->avail + 2), __ATOMIC_ACQUIRE);
+}
+
+static uint16_t avail_ring(struct dp_queue *q, uint16_t slot)
+{
+    return __atomic_load_n((uint16_t *)(q->avail + 4 + 2u * slot), __ATOMIC_RELAXED);
+}
+
+static void add_used(struct dp_queue *q, uint16_t head, uint32_t len)
+{
+    uint8_t *elem = q->used + 4 + 8u * (q->c.next_used % q->c.size);
+    uint32_t id = head;
+    memcpy(elem, &id, 4);
+    memcpy(elem + 4, &len, 4);
+    q->c.next_used++;
+    /* The element must be visible before the index that publishes it. */
+    __atomic_store_n((uint16_t *)(q->used + 2), q->c.next_used, __ATOMIC_RELEASE);
+}
+
+static int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* SplitQueue.needs_notification, after a full barrier: the driver's used_event
+ * (or NO_INTERRUPT) written after it saw our older used idx must be read here. */
+static void signal_used(struct dp_queue *q)
+{
+    uint16_t old = q->c.signalled_used, new_idx = q->c.next_used;
+    int valid = q->c.signalled_valid, want;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    q->c.signalled_used = new_idx;
+    q->c.signalled_valid = 1;
+    if (q->c.event_idx) {
+        uint16_t used_event = __atomic_load_n((uint16_t *)(q->avail + 4 + 2u * q->c.size), __ATOMIC_RELAXED);
+        want = !valid || vring_need_event(used_event, new_idx, old);
+    } else {
+        want = !(__atomic_load_n((uint16_t *)q->avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
+    }
+    if (want) {
+        uint64_t one = 1;
+        ssize_t r;
+        do r = write(q->c.call_fd, &one, 8); while (r < 0 && errno == EINTR);
+    }
+}
+
+/* SplitQueue.set_notification(True): ask for the next kick; returns whether
+ * buffers are already waiting. */
+static int enable_notification(struct dp_queue *q)
+{
+    if (q->c.event_idx) {
+        __atomic_store_n((uint16_t *)(q->used + 4 + 8u * q->c.size), q->c.next_avail, __ATOMIC_RELAXED);
+    } else {
+        uint16_t *flags = (uint16_t *)q->used;
+        uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+        if (f & USED_F_NO_NOTIFY)
+            __atomic_store_n(flags, f & ~USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return avail_idx(q) != q->c.next_avail;
+}
+
+/* ---- requests -------------------------------------------------------------------- */
+
+static uint8_t *host(struct dp_queue *q, const struct dp_seg *s)
+{
+    return gpa_to_host(q->c.regions, q->c.nregions, s->gpa, s->len);
+}
+
+/* All of iov moved, or -1: an error or an end of file, both the model's to answer
+ * (it reruns the whole request: a read or write of the same bytes is idempotent). */
+static int full_io(struct dp_queue *q, int niov, uint64_t offset, int write)
+{
+    struct iovec *iov = q->iov;
+    while (niov > 0) {
+        ssize_t n = write ? pwritev(q->c.fd, iov, niov, (off_t)offset) : preadv(q->c.fd, iov, niov, (off_t)offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        offset += (uint64_t)n;
+        while (niov > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+static int sync_image(struct dp_queue *q)
+{
+    int r;
+    do r = fdatasync(q->c.fd); while (r < 0 && errno == EINTR);
+    return r;
+}
+
+/* Serve the chain in q->segs; returns the used length, or -1 to hand it back. */
+static int64_t execute(struct dp_queue *q, int nsegs)
+{
+    uint8_t hdr[16];
+    int i = 0, hdr_got = 0, niov = 0;
+    uint32_t hdr_split = 0;        /* bytes of segs[i] the header used */
+    int first_w, last_w = nsegs - 1;
+    uint32_t type;
+    uint64_t sector, nbytes = 0;
+
+    if (nsegs == 0 || !q->segs[last_w].writable)
+        return -1;                 /* no status byte: the model logs it */
+    for (first_w = 0; first_w < nsegs && !q->segs[first_w].writable; first_w++)
+        ;
+    for (i = 0; i < first_w && hdr_got < 16; i++) {
+        uint32_t take = q->segs[i].len < (uint32_t)(16 - hdr_got) ? q->segs[i].len : (uint32_t)(16 - hdr_got);
+        memcpy(hdr + hdr_got, host(q, &q->segs[i]), take);
+        hdr_got += (int)take;
+        hdr_split = take;
+    }
+    if (hdr_got < 16)
+        return -1;
+    memcpy(&type, hdr, 4);
+    memcpy(&sector, hdr + 8, 8);
+    uint8_t *status = host(q, &q->segs[last_w]) + q->segs[last_w].len - 1;
+
+    if (type == T_IN) {
+        for (int j = first_w; j <= last_w; j++) {
+            uint32_t len = q->segs[j].len - (j == last_w);
+            if (!len)
+                continue;
+            if (niov == BLK_IOV_MAX)
+                return -1;
+            q->iov[niov].iov_base = host(q, &q->segs[j]);
+            q->iov[niov++].iov_len = len;
+            nbytes += len;
+        }
+    } else if (type == T_OUT) {
+        /* data_out: what follows the header in the readable part */
+        i--;                       /* the segment the header ended in */
+        for (int j = i; j < first_w; j++) {
+            uint32_t skip = j == i ? hdr_split : 0;
+            if (q->segs[j].len == skip)
+                continue;
+            if (niov == BLK_IOV_MAX)
+                return -1;
+            q->iov[niov].iov_base = host(q, &q->segs[j]) + skip;
+            q->iov[niov++].iov_len = q->segs[j].len - skip;
+            nbytes += q->segs[j].len - skip;
+        }
+        if (q->c.read_only)
+            return -1;
+    } else if (type == T_FLUSH) {
+        if (!q->c.read_only && sync_image(q) < 0)
+            return -1;
+        *status = S_OK;
+        return 1;
+    } else if (type == T_GET_ID) {
+        uint32_t done = 0;
+        for (int j = first_w; j <= last_w && done < DP_SERIAL_BYTES; j++) {
+            uint32_t len = q->segs[j].len - (j == last_w);
+            uint32_t take = len < DP_SERIAL_BYTES - done ? len : DP_SERIAL_BYTES - done;
+            memcpy(host(q, &q->segs[j]), q->c.serial + done, take);
+            done += take;
+        }
+        *status = S_OK;
+        return (int64_t)done + 1;
+    } else {
+        return -1;                 /* DISCARD, WRITE_ZEROES, unknown: the model's */
+    }
+    /* Bad lengths and ranges are answered by the model (IOERR, logged there). */
+    if (nbytes % SECTOR || sector > q->c.capacity || nbytes / SECTOR > q->c.capacity - sector)
+        return -1;
+    if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
+        return -1;
+    if (nbytes && full_io(q, niov, sector * SECTOR, type == T_OUT) < 0)
+        return -1;
+    if (type == T_OUT && nbytes && q->c.write_through && sync_image(q) < 0)
+        return -1;
+    *status = S_OK;
+    return type == T_IN ? (int64_t)nbytes + 1 : 1;
+}
+
+/* Serve everything available; DP_EXIT_RUNNING when the ring is empty (and
+ * notifications are enabled again), else why the thread must end. */
+static int process(struct dp_queue *q)
+{
+    for (;;) {
+        int did = 0, reason = DP_EXIT_RUNNING;
+        while (!__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+            uint16_t pending = (uint16_t)(avail_idx(q) - q->c.next_avail);
+            if (pending > q->c.size) {
+                reason = DP_EXIT_HANDBACK;   /* the model calls the ring broken */
+                break;
+            }
+            if (!pending)
+                break;
+            uint16_t head = avail_ring(q, q->c.next_avail % q->c.size);
+            int nsegs;
+            if (dp_walk_chain(q->c.regions, q->c.nregions, q->c.desc_addr, q->c.size, q->c.indirect, head,
+                              q->segs, DP_MAX_SEGS, &nsegs) != DP_WALK_OK) {
+                reason = DP_EXIT_HANDBACK;
+                break;
+            }
+            int64_t used = execute(q, nsegs);
+            if (used < 0) {
+                reason = DP_EXIT_HANDBACK;
+                break;
+            }
+            q->c.next_avail++;
+            add_used(q, head, (uint32_t)used);
+            q->completed++;
+            did = 1;
+        }
+        if (did)
+            signal_used(q);
+        if (reason != DP_EXIT_RUNNING)
+            return reason;
+        if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
+            return DP_EXIT_STOPPED;
+        if (!enable_notification(q))
+            return DP_EXIT_RUNNING;
+    }
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, 8) < 0 && errno == EINTR)
+        ;
+}
+
+static void *dp_thread(void *arg)
+{
+    struct dp_queue *q = arg;
+    int reason;
+    for (;;) {
+        reason = process(q);
+        if (reason != DP_EXIT_RUNNING)
+            break;
+        struct pollfd fds[2] = {{q->c.kick_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
+        int r = poll(fds, 2, -1);
+        if (r < 0 && errno != EINTR) {
+            reason = DP_EXIT_HANDBACK;
+            break;
+        }
+        if (fds[1].revents || __atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+            reason = DP_EXIT_STOPPED;
+            break;
+        }
+        if (fds[0].revents & POLLIN)
+            drain(q->c.kick_fd);
+    }
+    q->exit_reason = reason;
+    if (reason == DP_EXIT_HANDBACK) {
+        uint64_t one = 1;
+        ssize_t w;
+        do w = write(q->c.handback_fd, &one, 8); while (w < 0 && errno == EINTR);
+    }
+    return NULL;
+}
+
+struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
+{
+    struct dp_queue *q;
+    uint32_t size = cfg->size;
+    *err = EINVAL;
+    if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1)) || cfg->nregions < 0
+        || cfg->nregions > DP_MAX_REGIONS)
+        return NULL;
+    q = calloc(1, sizeof *q);
+    if (!q) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    q->c = *cfg;
+    q->desc = gpa_to_host(cfg->regions, cfg->nregions, cfg->desc_addr, 16ull * size);
+    q->avail = gpa_to_host(cfg->regions, cfg->nregions, cfg->avail_addr, 4 + 2ull * size + 2);
+    q->used = gpa_to_host(cfg->regions, cfg->nregions, cfg->used_addr, 4 + 8ull * size + 2);
+    if (!q->desc || !q->avail || !q->used || cfg->desc_addr % 16 || cfg->avail_addr % 2 || cfg->used_addr % 4) {
+        free(q);
+        return NULL;
+    }
+    q->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->stop_fd < 0) {
+        *err = errno;
+        free(q);
+        return NULL;
+    }
+    int r = pthread_create(&q->thread, NULL, dp_thread, q);
+    if (r) {
+        *err = r;
+        close(q->stop_fd);
+        free(q);
+        return NULL;
+    }
+    *err = 0;
+    return q;
+}
+
+void dp_stop(struct dp_queue *q, struct dp_indices *out)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
+    while (write(q->stop_fd, &one, 8) < 0 && errno == EINTR)
+        ;
+    pthread_join(q->thread, NULL);
+    out->next_avail = q->c.next_avail;
+    out->next_used = q->c.next_used;
+    out->signalled_valid = q->c.signalled_valid;
+    out->signalled_used = q->c.signalled_used;
+    out->exit_reason = q->exit_reason;
+    out->completed = q->completed;
+    close(q->stop_fd);
+    free(q);
+}
