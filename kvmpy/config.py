@@ -54,6 +54,9 @@ class DiskConfig:
     interface: str = "virtio"
     media: str = "disk"
     index: int | None = None          # IDE position 0-3 (primary master .. secondary slave)
+    # virtio-blk on a raw image: "native" serves routine requests from a C thread per
+    # queue (kvmpy/devices/virtio/dataplane.py), "python" keeps them all in the model
+    dataplane: str = "native"
 
 
 def check_error_policy(value, key: str, where: str) -> str:
@@ -118,13 +121,14 @@ class VmConfig:
 FIRMWARES = ("none", "bios", "uefi")
 BOOT_DEVICES = ("cdrom", "disk", "net")
 DISK_INTERFACES = ("virtio", "ide")
+DISK_DATAPLANES = ("native", "python")
 DISK_MEDIA = ("disk", "cdrom")
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "boot", "boot_menu"}
-DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "dataplane"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -271,6 +275,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                 disk.interface, disk.readonly = "ide", True
         if "interface" in d:
             disk.interface = _choice(d["interface"], DISK_INTERFACES, f"{where} key 'interface'")
+        if "dataplane" in d:
+            disk.dataplane = _choice(d["dataplane"], DISK_DATAPLANES, f"{where} key 'dataplane'")
         check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
@@ -374,7 +380,7 @@ def parse_on_off(value: str, where: str) -> bool:
 
 def parse_drive(spec: str) -> DiskConfig:
     """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X,werror=stop,rerror=report``
-    (or just a path)."""
+    (and kvmpy's ``dataplane=native|python``), or just a path."""
     if "=" not in spec.split(",")[0]:
         spec = "file=" + spec
     opts: dict[str, str] = {}
@@ -385,7 +391,7 @@ def parse_drive(spec: str) -> DiskConfig:
         opts[k] = v
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
-    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror"}
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "dataplane"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -399,6 +405,8 @@ def parse_drive(spec: str) -> DiskConfig:
     serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
     policies = {key: check_error_policy(opts[key], key, f"--drive {spec}: {key}")
                 for key in ("werror", "rerror") if key in opts}
+    if "dataplane" in opts:
+        policies["dataplane"] = _choice(opts["dataplane"], DISK_DATAPLANES, f"--drive {spec}: dataplane")
     return DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
 
