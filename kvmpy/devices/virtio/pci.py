@@ -167,6 +167,7 @@ class VirtioPciTransport(PciDevice):
         self._native: list[dataplane.NativeQueue | None] = [None] * self.num_queues
         self._native_regions: dataplane.RegionPointers | None = None
         self._native_refused = False
+        self._native_completed = 0
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -615,6 +616,7 @@ class VirtioPciTransport(PciDevice):
         native = self._native[q]
         self._native[q] = None
         info = native.stop()
+        self._native_completed += info.completed
         # An interrupt the thread asked for that the loop has not delivered yet.
         if native.take_interrupt():
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
@@ -638,6 +640,11 @@ class VirtioPciTransport(PciDevice):
                 return
             self._stop_native(q, rewatch=True)
             self._run_queue(q)
+
+    @property
+    def native_requests(self) -> int:
+        """Requests native threads answered, counted when each stopped."""
+        return self._native_completed
 
     @property
     def native_queues(self) -> tuple[bool, ...]:

@@ -1,0 +1,415 @@
+"""virtio-blk's native data plane, driven from Python as a guest would, on real raw images.
+
+Each test runs the same requests with ``dataplane="native"`` and, where the answer
+is compared, ``"python"``: the C thread must answer exactly as the model, hand every
+case it leaves to the model back without losing or doubling a request, and stop
+cleanly on reset, a moved ring and ``state()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import signal
+import struct
+import time
+
+import pytest
+
+from kvmpy.block.raw import RawDriver
+from kvmpy.config import ConfigError, load_config, parse_drive
+from kvmpy.devices.virtio import dataplane
+from kvmpy.devices.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+                                      VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+                                      VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
+from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_NEXT
+from support.virtio_driver import SoftMachine, VirtioPciDriver
+
+needs_native = pytest.mark.skipif(not dataplane.available(),
+                                  reason=f"native data plane not built: {dataplane.unavailable_reason()}")
+
+DISK = 8 << 20
+HDR = 0x200000
+STATUS = 0x2F0000
+DATA = 0x300000          # 16 slots of 64 KiB
+SLOTS = 16
+FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << 9 | 1 << 13 | 1 << 14 | 1 << 28
+
+
+class Recorder:
+    """BlockErrors as the machine would take them: reports and the retries `cont` runs."""
+
+    def __init__(self, events) -> None:
+        self.events = events
+        self.reports: list[tuple[str, str, str]] = []
+        self.retries: list = []
+
+    def io_error(self, device, node_name, operation, action, nospace, reason, retry=None):
+        self.reports.append((operation, action, reason))
+        if retry is not None:
+            self.retries.append(retry)
+
+    def cont(self) -> None:
+        retries, self.retries = self.retries, []
+        for retry in retries:
+            self.events.call_soon(retry)
+
+
+class Rig:
+    def __init__(self, image, mode="native", event_idx=False, werror="enospc", ring_base=0x100000,
+                 queue_size=64, flush=True):
+        self.m = SoftMachine()
+        self.driver = RawDriver(str(image))
+        self.errors = Recorder(self.m.events)
+        self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors)
+        self.dev = self.m.virtio_pci(self.blk)
+        self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev), ring_base=ring_base)
+        self.event_idx = event_idx
+        self.queue_size = queue_size
+        self.features = FEATURES | (event_idx << VIRTIO_F_RING_EVENT_IDX)
+        if not flush:
+            self.features &= ~(1 << 9)
+        self.start()
+
+    def start(self, ring_base=None):
+        if ring_base is not None:
+            self.d.ring_base = ring_base
+        self.d.negotiate(self.features)
+        self.d.enable_msix()
+        self.q = self.d.setup_queue(0, self.queue_size, vector=1, event_idx=self.event_idx)
+        self.d.common_write(0x10, 2, 0)
+        self.d.driver_ok()
+        self.n = 0
+        # The model serves the queue once at DRIVER_OK, then hands it to the thread.
+        self.settle()
+
+    def put(self, rtype, sector, out=b"", in_len=0, publish=True):
+        """Lay out one request in the next slot and make it available; returns (head, slot)."""
+        n = self.n % SLOTS
+        self.n += 1
+        hdr = HDR + 0x100 * n
+        self.m.memory.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+        data = DATA + 0x10000 * n
+        readable, writable = [(hdr, 16)], []
+        if out:
+            self.m.memory.write(data, out)
+            readable.append((data, len(out)))
+        if in_len:
+            self.m.memory.write(data, b"\xcc" * in_len)
+            writable.append((data, in_len))
+        self.m.memory.write(STATUS + n, b"\xee")
+        writable.append((STATUS + n, 1))
+        return self.q.add(readable, writable, publish=publish), n
+
+    def request(self, rtype, sector, out=b"", in_len=0):
+        """One request to completion: (status, used length, data read)."""
+        head, n = self.put(rtype, sector, out, in_len)
+        self.d.kick(0)
+        (h, used), = self.d.wait_used(0)
+        assert h == head
+        return self.m.memory.read(STATUS + n, 1)[0], used, self.m.memory.read(DATA + 0x10000 * n, in_len)
+
+    def settle(self):
+        assert self.m.events.call_and_wait(lambda: None)
+
+    def native_requests(self) -> int:
+        """Requests the C threads answered so far (state() takes the queues back)."""
+        self.dev.state()
+        return self.dev.native_requests
+
+    def close(self):
+        self.dev.close()
+        self.driver.close()
+        self.m.close()
+
+
+@pytest.fixture
+def make_rig(tmp_path):
+    rigs = []
+
+    def make(mode="native", name=None, **kw):
+        path = tmp_path / (name or f"{mode}-{len(rigs)}.raw")
+        if not path.exists():
+            path.write_bytes(bytes(range(256)) * (DISK // 256))
+        rigs.append(Rig(path, mode=mode, **kw))
+        rigs[-1].path = path
+        return rigs[-1]
+    yield make
+    for r in rigs:
+        r.close()
+
+
+PATTERN = bytes((i * 13 + 5) & 0xFF for i in range(64 * 1024))
+
+
+def script(rig):
+    """A mix of what the data plane serves and what it leaves to the model."""
+    out = []
+    out.append(rig.request(VIRTIO_BLK_T_OUT, 16, out=PATTERN))
+    out.append(rig.request(VIRTIO_BLK_T_IN, 16, in_len=len(PATTERN)))
+    out.append(rig.request(VIRTIO_BLK_T_IN, 3, in_len=4096))
+    out.append(rig.request(VIRTIO_BLK_T_FLUSH, 0))
+    out.append(rig.request(VIRTIO_BLK_T_GET_ID, 0, in_len=20))
+    out.append(rig.request(VIRTIO_BLK_T_GET_ID, 0, in_len=7))
+    out.append(rig.request(VIRTIO_BLK_T_IN, DISK // 512, in_len=512))         # beyond the end
+    out.append(rig.request(VIRTIO_BLK_T_IN, DISK // 512 - 1, in_len=1024))    # straddles the end
+    out.append(rig.request(VIRTIO_BLK_T_OUT, 0, out=b"x" * 100))              # not whole sectors
+    out.append(rig.request(99, 0))                                             # unknown type
+    out.append(rig.request(VIRTIO_BLK_T_DISCARD, 0, out=struct.pack("<QII", 40, 8, 0)))
+    out.append(rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, out=struct.pack("<QII", 64, 4, 1)))
+    out.append(rig.request(VIRTIO_BLK_T_IN, 32, in_len=8192))
+    out.append(rig.request(VIRTIO_BLK_T_OUT, 1, out=PATTERN[:4096]))
+    out.append(rig.request(VIRTIO_BLK_T_IN, 0, in_len=0))
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_same_answers_as_the_python_model(make_rig, event_idx):
+    native, python = make_rig("native", event_idx=event_idx), make_rig("python", event_idx=event_idx)
+    got, want = script(native), script(python)
+    assert got == want
+    statuses = [s for s, _, _ in got]
+    assert statuses.count(VIRTIO_BLK_S_IOERR) == 3 and statuses.count(VIRTIO_BLK_S_UNSUPP) == 1
+    assert got[1][2] == PATTERN and got[4][2] == b"dp-serial".ljust(20, b"\0") and got[5][2] == b"dp-serial"[:7]
+    assert native.path.read_bytes() == python.path.read_bytes()
+    assert native.dev.native_queues == (True,), "the queue went back to the thread after the model's turns"
+    assert native.native_requests() >= 8 and python.native_requests() == 0
+    assert not native.d.status & DEVICE_NEEDS_RESET
+
+
+@needs_native
+def test_many_requests_in_flight_and_interrupts(make_rig):
+    """A full ring of writes, one kick: every request once, in the image, one MSI at least."""
+    rig = make_rig("native")
+    msis = len(rig.m.msis)
+    heads = []
+    for i in range(SLOTS):
+        heads.append(rig.put(VIRTIO_BLK_T_OUT, 128 * i, out=bytes([i + 1]) * 65536)[0])
+    rig.d.kick(0)
+    used = rig.d.wait_used(0, count=SLOTS)
+    assert sorted(h for h, _ in used) == sorted(heads) and all(n == 1 for _, n in used)
+    assert rig.m.wait_msi(msis + 1)
+    data = rig.path.read_bytes()
+    for i in range(SLOTS):
+        assert data[128 * 512 * i:128 * 512 * i + 65536] == bytes([i + 1]) * 65536
+    assert rig.native_requests() == SLOTS
+    time.sleep(0.05)
+    assert rig.q.collect() == [], "no request answered twice"
+
+
+@needs_native
+def test_write_through_without_flush(make_rig):
+    """No FLUSH negotiated: the disk is write-through; the thread serves it too."""
+    rig = make_rig("native", flush=False)
+    assert rig.request(VIRTIO_BLK_T_OUT, 8, out=PATTERN[:8192])[:2] == (VIRTIO_BLK_S_OK, 1)
+    assert rig.path.read_bytes()[4096:4096 + 8192] == PATTERN[:8192]
+    assert rig.native_requests() == 1
+
+
+@needs_native
+def test_bad_descriptor_mid_stream(make_rig, caplog):
+    """Good, good, a chain pointing outside RAM, good: the first two are answered once,
+    the model sets NEEDS_RESET on the third and the fourth is never run."""
+    rig = make_rig("native")
+    before = rig.path.read_bytes()
+    h1, _ = rig.put(VIRTIO_BLK_T_OUT, 0, out=b"\1" * 512)
+    h2, _ = rig.put(VIRTIO_BLK_T_OUT, 1, out=b"\2" * 512)
+    bad, _ = rig.put(VIRTIO_BLK_T_OUT, 2, out=b"\3" * 512, publish=False)
+    # its data descriptor now points beyond the 16 MiB of RAM
+    rig.m.memory.write_u64(rig.q.desc_addr + 16 * rig.q.chains[bad][1], 0x7FFF0000)
+    rig.q.publish(bad)
+    rig.put(VIRTIO_BLK_T_OUT, 3, out=b"\4" * 512)
+    with caplog.at_level(logging.ERROR):
+        rig.d.kick(0)
+        used = rig.d.wait_used(0, count=2)
+        deadline = time.monotonic() + 5
+        while not rig.d.status & DEVICE_NEEDS_RESET and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert [h for h, _ in used] == [h1, h2]
+    assert rig.d.status & DEVICE_NEEDS_RESET
+    assert "buffer of chain" in caplog.text
+    rig.settle()
+    assert rig.q.collect() == []
+    data = rig.path.read_bytes()
+    assert data[:1024] == b"\1" * 512 + b"\2" * 512 and data[1024:] == before[1024:]
+    assert rig.dev.native_queues == (False,)
+
+
+@needs_native
+def test_reset_with_requests_queued(make_rig):
+    """A reset while the thread works: it stops between requests; every used entry is
+    a whole write in the image, every write in the image has its used entry, and
+    nothing changes once the reset returned."""
+    rig = make_rig("native")
+    heads = {}
+    for i in range(SLOTS):
+        head, _ = rig.put(VIRTIO_BLK_T_OUT, 128 * i, out=bytes([0xA0 + i]) * 65536)
+        heads[head] = i
+    rig.d.kick(0)
+    rig.d.set_status(0)
+    used = rig.q.collect()
+    done = {heads[h] for h, _ in used}
+    data = rig.path.read_bytes()
+    for i in range(SLOTS):
+        chunk = data[128 * 512 * i:128 * 512 * i + 65536]
+        if i in done:
+            assert chunk == bytes([0xA0 + i]) * 65536
+        else:
+            assert chunk == (bytes(range(256)) * 256), f"request {i} ran without a used entry"
+    time.sleep(0.05)
+    assert rig.path.read_bytes() == data
+    assert rig.dev.native_queues == (False,)
+    assert len(used) == len(done)
+
+
+@needs_native
+def test_driver_moves_its_ring(make_rig):
+    """After a reset the driver puts the rings elsewhere: the new thread serves the
+    new ring and never touches the old one."""
+    rig = make_rig("native")
+    assert rig.request(VIRTIO_BLK_T_OUT, 0, out=b"\5" * 512)[0] == VIRTIO_BLK_S_OK
+    old = (rig.q.desc_addr, rig.q.used_addr)
+    rig.d.set_status(0)
+    rig.m.memory.write(0x100000, b"\x77" * 0x10000)
+    rig.start(ring_base=0x180000)
+    assert rig.q.desc_addr != old[0]
+    st, used, data = rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)
+    assert (st, used, data) == (VIRTIO_BLK_S_OK, 513, b"\5" * 512)
+    assert rig.m.memory.read(0x100000, 0x10000) == b"\x77" * 0x10000
+    assert rig.native_requests() == 2
+
+
+@needs_native
+def test_state_takes_the_indices_back(make_rig):
+    rig = make_rig("native")
+    for i in range(5):
+        assert rig.request(VIRTIO_BLK_T_IN, i, in_len=512)[0] == VIRTIO_BLK_S_OK
+    q = rig.dev.state().queues[0]
+    assert (q.next_avail, q.next_used, q.signalled_used) == (5, 5, 5)
+    # and the thread serves on afterwards from there
+    assert rig.request(VIRTIO_BLK_T_IN, 9, in_len=512)[0] == VIRTIO_BLK_S_OK
+    rig.settle()
+    assert rig.dev.native_queues == (True,)
+    assert rig.dev.state().queues[0].next_used == 6
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes beyond 1 MiB fail with EFBIG in this process: a real host error the
+    kernel returns to the data plane's pwritev."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    state = {"on": False}
+
+    def set_on(on: bool):
+        resource.setrlimit(resource.RLIMIT_FSIZE, ((1 << 20) if on else old_limit[0], old_limit[1]))
+        state["on"] = on
+    yield set_on
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@needs_native
+def test_host_io_error_goes_to_the_error_policy(make_rig, file_size_limit):
+    rig = make_rig("native", werror="report")
+    file_size_limit(True)
+    sector = (2 << 20) // 512
+    assert rig.request(VIRTIO_BLK_T_OUT, sector, out=PATTERN[:4096])[:2] == (VIRTIO_BLK_S_IOERR, 1)
+    assert rig.errors.reports == [("write", "report", "File too large")]
+    file_size_limit(False)
+    assert rig.request(VIRTIO_BLK_T_OUT, sector, out=PATTERN[:4096])[:2] == (VIRTIO_BLK_S_OK, 1)
+    assert rig.path.read_bytes()[2 << 20:(2 << 20) + 4096] == PATTERN[:4096]
+    rig.settle()
+    assert rig.dev.native_queues == (True,)
+
+
+@needs_native
+def test_stop_policy_keeps_the_request_until_cont(make_rig, file_size_limit):
+    """werror=stop: the model keeps the request the thread handed back; `cont` runs it
+    once, and the requests queued behind it after it, each once."""
+    rig = make_rig("native", werror="stop")
+    file_size_limit(True)
+    sector = (2 << 20) // 512
+    h1, _ = rig.put(VIRTIO_BLK_T_OUT, sector, out=b"\x11" * 4096)
+    h2, _ = rig.put(VIRTIO_BLK_T_OUT, 0, out=b"\x22" * 4096)
+    rig.d.kick(0)
+    deadline = time.monotonic() + 5
+    while not rig.errors.retries and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert rig.errors.reports == [("write", "stop", "File too large")]
+    rig.settle()
+    assert rig.q.collect() == [] and rig.blk.stopped_request
+    file_size_limit(False)
+    rig.errors.cont()
+    used = rig.d.wait_used(0, count=2)
+    assert [h for h, _ in used] == [h1, h2]
+    data = rig.path.read_bytes()
+    assert data[2 << 20:(2 << 20) + 4096] == b"\x11" * 4096 and data[:4096] == b"\x22" * 4096
+    time.sleep(0.05)
+    assert rig.q.collect() == []
+    # the next request brings the thread back
+    assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[2] == b"\x22" * 512
+    rig.settle()
+    assert rig.dev.native_queues == (True,)
+
+
+@needs_native
+def test_chain_longer_than_the_thread_keeps_is_the_models(make_rig):
+    """An indirect table of 5000 data buffers: beyond the walker's segment cap and
+    preadv's 1024; the model answers (IOERR), the device stays healthy."""
+    rig = make_rig("native")
+    rig.settle()
+    n = 5000
+    table = 0x600000
+    hdr, st = HDR, STATUS
+    rig.m.memory.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+    descs = [(hdr, 16, VIRTQ_DESC_F_NEXT)] + [(0x700000 + 512 * i, 512, VIRTQ_DESC_F_NEXT | 2) for i in range(n)]
+    descs.append((st, 1, 2))
+    for i, (a, ln, f) in enumerate(descs):
+        rig.m.memory.write(table + 16 * i, struct.pack("<QIHH", a, ln, f, i + 1 if f & VIRTQ_DESC_F_NEXT else 0))
+    head = rig.q.free.pop(0)
+    rig.m.memory.write(rig.q.desc_addr + 16 * head, struct.pack("<QIHH", table, 16 * len(descs), 4, 0))
+    rig.q.chains[head] = [head]
+    rig.q.publish(head)
+    rig.d.kick(0)
+    (h, used), = rig.d.wait_used(0)
+    assert h == head and used == 1 and rig.m.memory.read(st, 1)[0] == VIRTIO_BLK_S_IOERR
+    assert not rig.d.status & DEVICE_NEEDS_RESET
+
+
+# --- the switch ----------------------------------------------------------------------------
+
+def test_dataplane_key_and_option(tmp_path):
+    assert parse_drive("file=/x.raw").dataplane == "native"
+    assert parse_drive("file=/x.raw,dataplane=python").dataplane == "python"
+    with pytest.raises(ConfigError, match=r"--drive file=/x.raw,dataplane=c: dataplane: must be one of native, python"):
+        parse_drive("file=/x.raw,dataplane=c")
+    toml = tmp_path / "vm.toml"
+    toml.write_text('[[disk]]\npath = "d.raw"\ndataplane = "python"\n')
+    assert load_config(str(toml)).disks[0].dataplane == "python"
+    toml.write_text('[[disk]]\npath = "d.raw"\ndataplane = 1\n')
+    with pytest.raises(ConfigError, match=r"\[\[disk\]\] #1 key 'dataplane': must be one of native, python"):
+        load_config(str(toml))
+
+
+def test_device_refuses_an_unknown_mode(tmp_path):
+    p = tmp_path / "d.raw"
+    p.write_bytes(bytes(4096))
+    drv = RawDriver(str(p))
+    try:
+        with pytest.raises(ValueError, match="dataplane"):
+            VirtioBlk(drv, dataplane="rust")
+    finally:
+        drv.close()
+
+
+@needs_native
+def test_python_mode_stays_in_python(make_rig):
+    rig = make_rig("python")
+    assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+    assert rig.dev.native_queues == (False,)
+    assert rig.blk.native_backend() is None
+
