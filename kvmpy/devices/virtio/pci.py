@@ -607,6 +607,7 @@ class VirtioPciTransport(PciDevice):
             return
         self.events.unsubscribe(fd)
         self._native[q] = native
+        log.debug("%s: queue %d served by a native thread", self.name, q)
         self.events.subscribe(native.call_fd, EVENT_READ, lambda _r: self._native_interrupt(q, native))
         self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_handback(q, native))
 
@@ -638,7 +639,8 @@ class VirtioPciTransport(PciDevice):
         with self._lock:
             if self._native[q] is not native:
                 return
-            self._stop_native(q, rewatch=True)
+            info = self._stop_native(q, rewatch=True)
+            log.debug("%s: queue %d handed back to the model after %d requests", self.name, q, info.completed)
             self._run_queue(q)
 
     @property
