@@ -413,3 +413,24 @@ def test_python_mode_stays_in_python(make_rig):
     assert rig.dev.native_queues == (False,)
     assert rig.blk.native_backend() is None
 
+
+
+@needs_native
+def test_vm_stop_holds_the_threads(make_rig):
+    """The machine's stop/cont (hold_native): while stopped the event loop serves the
+    queue with the indices the thread had reached; on cont the thread takes over again."""
+    rig = make_rig("native")
+    assert rig.request(VIRTIO_BLK_T_OUT, 0, out=b"\x31" * 512)[0] == VIRTIO_BLK_S_OK
+    rig.dev.hold_native(True)
+    assert rig.dev.native_queues == (False,)
+    served = rig.dev.native_requests
+    assert served == 1
+    assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[2] == b"\x31" * 512
+    rig.settle()
+    assert rig.dev.native_queues == (False,) and rig.dev.native_requests == served
+    rig.dev.hold_native(False)
+    rig.settle()
+    assert rig.dev.native_queues == (True,)
+    assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[2] == b"\x31" * 512
+    assert rig.native_requests() == served + 1
+    assert rig.dev.state().queues[0].next_used == 3

@@ -167,6 +167,7 @@ class VirtioPciTransport(PciDevice):
         self._native: list[dataplane.NativeQueue | None] = [None] * self.num_queues
         self._native_regions: dataplane.RegionPointers | None = None
         self._native_refused = False
+        self._native_held = False
         self._native_completed = 0
         self._reset_state()
 
@@ -591,7 +592,7 @@ class VirtioPciTransport(PciDevice):
         offer = getattr(self.device, "native_backend", None)
         # The translator drops translated code on device writes through
         # memory.dma_listeners, which a C thread would bypass.
-        if (offer is None or self._native_refused or fd is None or self.memory.dma_listeners
+        if (offer is None or self._native_refused or self._native_held or fd is None or self.memory.dma_listeners
                 or not self._serving or self.broken or not self.queues[q].active):
             return
         backend = offer()
@@ -642,6 +643,19 @@ class VirtioPciTransport(PciDevice):
             info = self._stop_native(q, rewatch=True)
             log.debug("%s: queue %d handed back to the model after %d requests", self.name, q, info.completed)
             self._run_queue(q)
+
+    def hold_native(self, held: bool) -> None:
+        """The VM stopped (``held``) or runs again: while it is stopped the event loop
+        serves the queues, as it does for a device without a data plane."""
+        with self._lock:
+            self._native_held = held
+            if held:
+                for q in range(self.num_queues):
+                    if self._native[q] is not None:
+                        self._stop_native(q, rewatch=True)
+                        self.events.call_soon(lambda q=q: self._run_queue(q))
+            elif self._serving:
+                self._kick_enabled_queues()
 
     @property
     def native_requests(self) -> int:
