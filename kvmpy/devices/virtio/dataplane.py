@@ -9,10 +9,12 @@ type, range or layout it leaves to the model) it stops before consuming that
 request and writes its hand-back eventfd; the transport then takes the queue
 indices back into the SplitQueue and lets the model carry on from there.
 
-Interrupts leave the thread as writes to a call eventfd that the transport turns
-into an MSI-X message or INTx + ISR on the event loop (so masking, vector changes
-and the ISR keep one owner); the decision whether the driver wants one at all
-(EVENT_IDX, NO_INTERRUPT) is made in C.
+Interrupts: with MSI-X on and the queue's vector unmasked, the thread writes the
+vector's own eventfd (an irqfd under KVM: no Python on the way). Otherwise (INTx
+with its ISR bit, a masked vector whose pending bit the capability keeps) it writes
+a call eventfd that the transport turns into the interrupt on the event loop; the
+transport restarts the thread when the guest changes which applies. Whether the
+driver wants an interrupt at all (EVENT_IDX, NO_INTERRUPT) is decided in C.
 """
 
 from __future__ import annotations
@@ -93,8 +95,10 @@ class RegionPointers:
 class NativeQueue:
     """One queue served by a C thread from ``start`` until ``stop``."""
 
-    def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int) -> None:
+    def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int,
+                 irq_fd: int | None = None) -> None:
         self.queue = queue
+        self.irq_fd = irq_fd
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cfg = ffi.new("struct dp_config *")
@@ -108,7 +112,8 @@ class NativeQueue:
         cfg.write_through = int(backend.write_through)
         cfg.guarded_bytes = backend.guarded_bytes
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
-        cfg.kick_fd, cfg.call_fd, cfg.handback_fd = kick_fd, self.call_fd, self.handback_fd
+        cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
+        cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
         cfg.next_avail, cfg.next_used = queue.next_avail, queue.next_used
         cfg.signalled_valid = int(queue.signalled_used is not None)
         cfg.signalled_used = queue.signalled_used or 0
@@ -132,7 +137,8 @@ class NativeQueue:
         return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed)
 
     def take_interrupt(self) -> bool:
-        """Whether the thread asked for an interrupt since the last call."""
+        """Whether the thread asked for an interrupt through the call eventfd since
+        the last call (never when it raises the MSI-X vector itself)."""
         try:
             os.eventfd_read(self.call_fd)
             return True

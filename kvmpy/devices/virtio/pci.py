@@ -152,6 +152,7 @@ class VirtioPciTransport(PciDevice):
         self.add_capability(CAP_ID_VENDOR, struct.pack("<BBBBxxIII", 20, CAP_NOTIFY, 0, 0, NOTIFY_OFFSET,
                                                       NOTIFY_MULTIPLIER * self.num_queues, NOTIFY_MULTIPLIER))
         self.msix = MsixCapability(self, platform, self.num_queues + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        self.msix.on_change = self._interrupt_route_changed
         # _lock serialises the driver's config accesses (vCPU threads), reset and
         # close (other threads) and the device's callbacks (the event loop thread),
         # so a device never runs a request while the driver reconfigures it.
@@ -368,6 +369,7 @@ class VirtioPciTransport(PciDevice):
         elif qvalid and offset in (0x18, 0x1A, 0x1C) and size == 2:
             if offset == 0x1A:
                 self.queue_vector[qs] = value if value < self.msix.num_vectors else NO_VECTOR
+                self._interrupt_route_changed()
             elif self.queues[qs].ready:
                 self._warn("queue %d reconfigured while enabled; ignored", qs)
             elif offset == 0x18:
@@ -601,7 +603,8 @@ class VirtioPciTransport(PciDevice):
         try:
             if self._native_regions is None:
                 self._native_regions = dataplane.RegionPointers(self.memory)
-            native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd)
+            native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd,
+                                           irq_fd=self.msix.unmasked_fd(self.queue_vector[q]))
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
@@ -629,6 +632,16 @@ class VirtioPciTransport(PciDevice):
             self._watch_doorbell(q, fd)
             # A kick the thread had not read yet is still counted in the eventfd.
         return info
+
+    def _interrupt_route_changed(self) -> None:
+        """MSI-X was switched, a vector (un)masked or re-aimed, a queue's vector
+        changed: a thread raising a vector's eventfd itself restarts with the route
+        that applies now (a vCPU thread, after the guest's write)."""
+        with self._lock:
+            for q, native in enumerate(self._native):
+                if native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
+                    self._stop_native(q, rewatch=True)
+                    self.events.call_soon(lambda q=q: self._run_queue(q))
 
     def _native_interrupt(self, q: int, native: dataplane.NativeQueue) -> None:
         if self._native[q] is native and native.take_interrupt():
