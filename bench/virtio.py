@@ -5,6 +5,7 @@
 Rows (higher is better):
   virtio-blk seq read 64k   MB/s   tests/guests/virtio_blk.elf reads=N (64 KiB each)
   virtio-blk rand read 4k   IOPS   tests/guests/virtio_blk.elf rand=N
+  virtio-blk seq write 64k  MB/s   tests/guests/virtio_blk.elf writes=N (64 KiB each)
   (kvmpy's figure is its native data plane; the note gives dataplane=python's)
   virtio-net tx to bridge   frames/s  tests/guests/virtio_net.elf flood=N, counted on the bridge
 
@@ -37,6 +38,7 @@ BUILD = os.path.join(GUESTS, "build")
 QEMU = shutil.which("qemu-system-x86_64")
 DISK_SIZE = 256 << 20
 SEQ_READS = 2000        # x 64 KiB = 125 MiB
+SEQ_WRITES = 1000       # x 64 KiB = 62.5 MiB
 RAND_READS = 5000
 FLOOD = 20000
 ETH_TYPE = 0x88B5
@@ -102,7 +104,8 @@ def _blk_rows(tmp: str) -> list[dict]:
     rows = []
     for name, unit, arg, count, scale in (
             ("virtio-blk seq read 64k", "MB/s", "reads", SEQ_READS, 65536 / 1e6),
-            ("virtio-blk rand read 4k", "IOPS", "rand", RAND_READS, 1.0)):
+            ("virtio-blk rand read 4k", "IOPS", "rand", RAND_READS, 1.0),
+            ("virtio-blk seq write 64k", "MB/s", "writes", SEQ_WRITES, 65536 / 1e6)):
         row = {"name": name, "unit": unit, "kvmpy": None, "qemu": None}
         notes = []
         # kvmpy-python: the same disk with every request in the Python model, for the note
@@ -216,6 +219,7 @@ def run() -> list[dict]:
         note = "cannot build tests/guests: " + (r.stdout + r.stderr).strip()[-200:]
         return [{"name": n, "kvmpy": None, "qemu": None, "unit": u, "note": note}
                 for n, u in (("virtio-blk seq read 64k", "MB/s"), ("virtio-blk rand read 4k", "IOPS"),
+                             ("virtio-blk seq write 64k", "MB/s"),
                              ("virtio-net tx to bridge", "frames/s"))]
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
         rows = _blk_rows(tmp)

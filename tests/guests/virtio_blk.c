@@ -5,7 +5,8 @@
  *
  * cmdline: sector=N (2048) where the pattern goes, bytes=N (32768, multiple of
  * 512, at most 65536), reads=N (0) extra sequential 64 KiB reads for timing,
- * rand=N (0) extra 4 KiB random reads for timing, qcow2magic=1 puts a qcow2 magic at
+ * rand=N (0) extra 4 KiB random reads for timing, writes=N (0) extra sequential
+ * 64 KiB writes for timing (after the reads, from sector 0 on), qcow2magic=1 puts a qcow2 magic at
  * the start of the pattern (a guest planting a header; the host must refuse it at
  * sector 0 of a probed raw disk), waitkey=1 waits for a byte on COM1 before the write
  * (a test connects its monitor first, then lets the write go).
@@ -70,6 +71,7 @@ int guest_main(const struct hvm_start_info *si)
     uint64_t bytes = cmdline_get_u64("bytes", 32768);
     uint64_t reads = cmdline_get_u64("reads", 0);
     uint64_t rand_reads = cmdline_get_u64("rand", 0);
+    uint64_t writes = cmdline_get_u64("writes", 0);
     if (bytes == 0 || bytes % 512 || bytes > sizeof(wbuf)) {
         puts("virtio-blk: bad bytes=");
         return 1;
@@ -148,6 +150,14 @@ int guest_main(const struct hvm_start_info *si)
         }
         uint64_t t2 = rdtsc();
         printf("virtio-blk: bench seq64k=%lu cycles=%lu rand4k=%lu cycles=%lu\n", reads, t1 - t0, rand_reads, t2 - t1);
+    }
+    if (writes) {
+        uint64_t span = capacity - capacity % 128;
+        uint64_t t0 = rdtsc();
+        for (uint64_t i = 0; i < writes; i++)
+            if (blk_request(T_OUT, (i * 128) % span, wbuf, 65536, 0) < 0)
+                return 1;
+        printf("virtio-blk: bench write64k=%lu cycles=%lu\n", writes, rdtsc() - t0);
     }
     return 0;
 }
