@@ -496,3 +496,56 @@ def test_intx_goes_through_the_isr(tmp_path):
         dev.close()
         drv.close()
         m.close()
+
+
+@needs_native
+def test_two_queues_and_a_kept_request_holds_both(tmp_path, file_size_limit):
+    """num_queues=2: a thread per queue; a request kept by werror=stop on one queue
+    stops the other queue's thread too, and `cont` runs the kept one once."""
+    p = tmp_path / "d.raw"
+    p.write_bytes(bytes(DISK))
+    m = SoftMachine()
+    drv = RawDriver(str(p))
+    errors = Recorder(m.events)
+    blk = VirtioBlk(drv, num_queues=2, werror="stop", errors=errors)
+    dev = m.virtio_pci(blk)
+    try:
+        d = VirtioPciDriver(m, m.pci.add(dev))
+        d.negotiate(FEATURES)
+        d.enable_msix()
+        qs = [d.setup_queue(i, 16, vector=1 + i) for i in range(2)]
+        d.driver_ok()
+        assert m.events.call_and_wait(lambda: None)
+        assert dev.native_queues == (True, True)
+
+        def put(qi, slot, rtype, sector, out):
+            hdr = HDR + 0x100 * slot
+            m.memory.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+            m.memory.write(DATA + 0x10000 * slot, out)
+            return qs[qi].add([(hdr, 16), (DATA + 0x10000 * slot, len(out))], [(STATUS + slot, 1)])
+
+        put(1, 1, VIRTIO_BLK_T_OUT, 8, b"\x41" * 512)
+        d.kick(1)
+        d.wait_used(1)
+        file_size_limit(True)
+        put(0, 0, VIRTIO_BLK_T_OUT, (2 << 20) // 512, b"\x42" * 512)
+        d.kick(0)
+        deadline = time.monotonic() + 5
+        while not errors.retries and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert errors.reports == [("write", "stop", "File too large")]
+        assert m.events.call_and_wait(lambda: None)
+        assert dev.native_queues == (False, False)
+        put(1, 2, VIRTIO_BLK_T_OUT, 16, b"\x43" * 512)
+        d.kick(1)
+        time.sleep(0.05)
+        assert qs[1].collect() == [], "a queue ran on past the kept request"
+        file_size_limit(False)
+        errors.cont()
+        assert len(d.wait_used(0)) == 1 and len(d.wait_used(1)) == 1
+        data = p.read_bytes()
+        assert data[2 << 20:(2 << 20) + 512] == b"\x42" * 512 and data[16 * 512:17 * 512] == b"\x43" * 512
+    finally:
+        dev.close()
+        drv.close()
+        m.close()

@@ -599,6 +599,11 @@ class VirtioPciTransport(PciDevice):
             return
         backend = offer()
         if backend is None:
+            # The model keeps every queue now (a request waits for `cont`): the
+            # other queues' threads must not run on past it.
+            for other, native in enumerate(self._native):
+                if native is not None:
+                    self._stop_native(other, rewatch=True)
             return
         try:
             if self._native_regions is None:
