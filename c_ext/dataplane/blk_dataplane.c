@@ -6,6 +6,8 @@
 #include "blk_dataplane.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -28,6 +30,9 @@
 #define T_OUT 1
 #define T_FLUSH 4
 #define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define WRITE_ZEROES_FLAG_UNMAP 1
 #define S_OK 0
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
@@ -224,6 +229,36 @@ static int sync_image(struct dp_queue *q)
     return r;
 }
 
+/* DISCARD / WRITE_ZEROES with segments the model would accept as they are (no
+ * answer but OK), done with the fallocate modes RawDriver uses; anything else,
+ * a file system without the mode included, is handed back to the model. */
+static int discard_segments(struct dp_queue *q, uint32_t type, uint8_t *payload, uint32_t len)
+{
+    struct { uint64_t sector; uint32_t num, flags; } seg;
+    if (!q->c.discard || len == 0 || len % 16 || len / 16 > DP_MAX_DISCARD_SEG)
+        return -1;
+    for (uint32_t o = 0; o < len; o += 16) {
+        memcpy(&seg, payload + o, 16);
+        if ((seg.flags & ~WRITE_ZEROES_FLAG_UNMAP) || (type == T_DISCARD && seg.flags)
+            || seg.num > DP_MAX_DISCARD_SECTORS || seg.sector > q->c.capacity
+            || seg.num > q->c.capacity - seg.sector)
+            return -1;
+    }
+    for (uint32_t o = 0; o < len; o += 16) {
+        memcpy(&seg, payload + o, 16);
+        if (!seg.num)
+            continue;
+        int mode = type == T_DISCARD || (seg.flags & WRITE_ZEROES_FLAG_UNMAP)
+                   ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+        int r;
+        do r = fallocate(q->c.fd, mode, (off_t)(seg.sector * SECTOR), (off_t)seg.num * SECTOR);
+        while (r < 0 && errno == EINTR);
+        if (r < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* Serve the chain in q->segs; returns the used length, or -1 to hand it back. */
 static int64_t execute(struct dp_queue *q, int nsegs)
 {
@@ -291,8 +326,29 @@ static int64_t execute(struct dp_queue *q, int nsegs)
         }
         *status = S_OK;
         return (int64_t)done + 1;
+    } else if (type == T_DISCARD || type == T_WRITE_ZEROES) {
+        uint8_t payload[16 * DP_MAX_DISCARD_SEG];
+        uint32_t len = 0;
+        int views = 0;
+        /* The model reads segments from the first max_discard_seg + 1 buffers only:
+         * a longer list is its to judge. */
+        for (int j = i - 1; j < first_w; j++) {
+            uint32_t skip = j == i - 1 ? hdr_split : 0, n = q->segs[j].len - skip;
+            if (!n)
+                continue;
+            if (++views > DP_MAX_DISCARD_SEG + 1 || n > sizeof payload - len)
+                return -1;
+            memcpy(payload + len, host(q, &q->segs[j]) + skip, n);
+            len += n;
+        }
+        if (discard_segments(q, type, payload, len) < 0)
+            return -1;
+        if (q->c.write_through && sync_image(q) < 0)
+            return -1;
+        *status = S_OK;
+        return 1;
     } else {
-        return -1;                 /* DISCARD, WRITE_ZEROES, unknown: the model's */
+        return -1;                 /* unknown types: the model's (UNSUPP) */
     }
     /* Bad lengths and ranges are answered by the model (IOERR, logged there). */
     if (nbytes % SECTOR || sector > q->c.capacity || nbytes / SECTOR > q->c.capacity - sector)

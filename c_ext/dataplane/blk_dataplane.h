@@ -3,7 +3,8 @@
  * The Python device model (kvmpy/devices/virtio/blk.py) stays the control plane:
  * it negotiates, answers everything unusual and owns the error policy. This thread
  * serves only the requests whose answer cannot differ from the model's (a read or
- * write inside the disk, a flush, GET_ID) and hands the queue back, at a request
+ * write inside the disk, a flush, GET_ID, a well-formed DISCARD or WRITE_ZEROES)
+ * and hands the queue back, at a request
  * boundary, for anything else. Declarations shared with the cffi build
  * (kvmpy/devices/virtio/_dataplane_build.py). */
 #ifndef KVMPY_BLK_DATAPLANE_H
@@ -16,6 +17,9 @@
  * answers it (more data segments than preadv takes is an IOERR there). */
 #define DP_MAX_SEGS 4096
 #define DP_SERIAL_BYTES 20
+/* virtio-blk config limits the model offers (blk.py: max_discard_seg, max_discard_sectors) */
+#define DP_MAX_DISCARD_SEG 32
+#define DP_MAX_DISCARD_SECTORS 0x3FFFFFu
 
 /* dp_walk_chain's answers */
 #define DP_WALK_OK 0
@@ -41,6 +45,7 @@ struct dp_config {
     int read_only;
     int write_through;             /* no FLUSH negotiated: each write is made durable before its used entry */
     uint64_t guarded_bytes;        /* writes below this offset go to Python (probed raw's block-0 rule) */
+    int discard;                   /* DISCARD and WRITE_ZEROES offered */
     uint8_t serial[DP_SERIAL_BYTES];
     int kick_fd;                   /* the queue's doorbell eventfd */
     int call_fd;                   /* written when the driver wants an interrupt */

@@ -247,7 +247,7 @@ class VirtioBlk:
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                           write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
-                          serial=self.serial)
+                          serial=self.serial, discard=self.discard_enabled)
 
     @property
     def stopped_request(self) -> bool:

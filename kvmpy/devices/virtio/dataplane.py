@@ -1,7 +1,8 @@
 """The native virtio-blk data plane's Python side: hand a queue to its C thread and take it back.
 
 The C thread (c_ext/dataplane/blk_dataplane.c) serves one split virtqueue from its
-doorbell eventfd: reads and writes inside the disk, flushes and GET_ID, straight
+doorbell eventfd: reads and writes inside the disk, flushes, GET_ID, well-formed
+DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight
 between the raw image and guest RAM, with the same ring checks as queue.py. It
 never decides anything the device model decides: at the first request it does not
 serve exactly as the model would (a bad descriptor, a host I/O error, a request
@@ -59,6 +60,7 @@ class BlkBackend:
     write_through: bool      # FLUSH not negotiated: each write durable before its used entry
     guarded_bytes: int       # writes below this offset stay with the model
     serial: bytes            # GET_ID's answer, at most 20 bytes
+    discard: bool = False    # DISCARD and WRITE_ZEROES offered
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class NativeQueue:
         cfg.read_only = int(backend.read_only)
         cfg.write_through = int(backend.write_through)
         cfg.guarded_bytes = backend.guarded_bytes
+        cfg.discard = int(backend.discard)
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
