@@ -2,8 +2,8 @@
 
 The C thread (c_ext/dataplane/blk_dataplane.c) serves one split virtqueue from its
 doorbell eventfd: reads and writes inside the disk, flushes, GET_ID, well-formed
-DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight
-between the raw image and guest RAM, with the same ring checks as queue.py. It
+DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight between the raw image
+and guest RAM, with the same ring checks as queue.py. It
 never decides anything the device model decides: at the first request it does not
 serve exactly as the model would (a bad descriptor, a host I/O error, a request
 type, range or layout it leaves to the model) it stops before consuming that
