@@ -10,6 +10,7 @@
 #include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -469,7 +470,14 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         free(q);
         return NULL;
     }
+    /* Signals are the Python main thread's business (CPython's handlers only set
+     * a flag there): the I/O thread starts with all of them blocked, as QEMU's
+     * iothreads do, so none interrupts it or lands where no handler runs. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int r = pthread_create(&q->thread, NULL, dp_thread, q);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (r) {
         *err = r;
         close(q->stop_fd);
