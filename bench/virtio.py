@@ -6,6 +6,7 @@ Rows (higher is better):
   virtio-blk seq read 64k   MB/s   tests/guests/virtio_blk.elf reads=N (64 KiB each)
   virtio-blk rand read 4k   IOPS   tests/guests/virtio_blk.elf rand=N
   virtio-blk seq write 64k  MB/s   tests/guests/virtio_blk.elf writes=N (64 KiB each)
+  virtio-blk rand read 4k QD32  IOPS  tests/guests/virtio_blk.elf rand=N depth=32
   (kvmpy's figure is its native data plane; the note gives dataplane=python's)
   virtio-net tx to bridge   frames/s  tests/guests/virtio_net.elf flood=N, counted on the bridge
 
@@ -105,7 +106,8 @@ def _blk_rows(tmp: str) -> list[dict]:
     for name, unit, arg, count, scale in (
             ("virtio-blk seq read 64k", "MB/s", "reads", SEQ_READS, 65536 / 1e6),
             ("virtio-blk rand read 4k", "IOPS", "rand", RAND_READS, 1.0),
-            ("virtio-blk seq write 64k", "MB/s", "writes", SEQ_WRITES, 65536 / 1e6)):
+            ("virtio-blk seq write 64k", "MB/s", "writes", SEQ_WRITES, 65536 / 1e6),
+            ("virtio-blk rand read 4k QD32", "IOPS", "depth=32 rand", RAND_READS, 1.0)):
         row = {"name": name, "unit": unit, "kvmpy": None, "qemu": None}
         notes = []
         # kvmpy-python: the same disk with every request in the Python model, for the note
@@ -219,7 +221,7 @@ def run() -> list[dict]:
         note = "cannot build tests/guests: " + (r.stdout + r.stderr).strip()[-200:]
         return [{"name": n, "kvmpy": None, "qemu": None, "unit": u, "note": note}
                 for n, u in (("virtio-blk seq read 64k", "MB/s"), ("virtio-blk rand read 4k", "IOPS"),
-                             ("virtio-blk seq write 64k", "MB/s"),
+                             ("virtio-blk seq write 64k", "MB/s"), ("virtio-blk rand read 4k QD32", "IOPS"),
                              ("virtio-net tx to bridge", "frames/s"))]
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
         rows = _blk_rows(tmp)
