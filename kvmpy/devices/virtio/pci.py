@@ -569,9 +569,9 @@ class VirtioPciTransport(PciDevice):
 
     def _doorbell_rang(self, q: int, fd: int) -> None:
         with self._lock:
-            # A doorbell dropped by a BAR move may still be dispatched once; its fd
-            # number may already belong to someone else's eventfd.
-            # Dispatched once more after the queue went native: the thread's kick.
+            # A doorbell dropped by a BAR move may still be dispatched once (its fd
+            # number may already belong to someone else's eventfd), and one handed
+            # to a native thread too: that kick is the thread's to read.
             if self._doorbells[q] != fd or self._native[q] is not None:
                 return
             _drain(fd)
@@ -634,8 +634,9 @@ class VirtioPciTransport(PciDevice):
         self.events.unsubscribe(native.handback_fd, close=True)
         fd = self._doorbells[q]
         if rewatch and self._serving and fd is not None:
+            # A kick the thread had not read yet is still counted in the eventfd,
+            # so the loop sees it at once.
             self._watch_doorbell(q, fd)
-            # A kick the thread had not read yet is still counted in the eventfd.
         return info
 
     def _interrupt_route_changed(self) -> None:
