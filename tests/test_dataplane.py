@@ -8,8 +8,8 @@ cleanly on reset, a moved ring and ``state()``.
 
 from __future__ import annotations
 
-import errno
 import logging
+import os
 import resource
 import signal
 import struct
@@ -27,6 +27,7 @@ from kvmpy.devices.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTI
                                       VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
 from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_NEXT
+from conftest import tool_required
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 needs_native = pytest.mark.skipif(not dataplane.available(),
@@ -601,3 +602,54 @@ def test_random_requests_same_answers(tmp_path_factory, requests, seed):
     finally:
         for r in rigs:
             r.close()
+
+
+# --- a real guest under KVM: a raw image on a full tmpfs, served by the native thread -------
+
+@pytest.fixture
+def full_tmpfs_raw(tmp_path, kvm_required):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the full disk is a tmpfs mounted in a private mount namespace")
+    tool_required("unshare")
+    from test_block_errors import FULL_DISK
+    image = tmp_path / "src.raw"
+    image.write_bytes(b"KVMPY-DISK-MAGIC".ljust(512, b"\0"))
+    os.truncate(image, 16 << 20)          # sparse: the copy on the tmpfs takes one page
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = tmp_path / "after.raw"
+    wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c", FULL_DISK, "sh", str(mnt), str(image),
+               str(out)]
+    return mnt, out, wrapper
+
+
+@pytest.mark.guest
+@needs_native
+def test_guest_on_a_full_disk_stops_and_cont_completes_the_write(tmp_path, full_tmpfs_raw):
+    """The guest's reads go through the thread; its write meets ENOSPC in the thread's
+    pwritev, goes back to the model, which stops the VM (io-error); `cont` after the
+    space is freed writes it once, and the guest carries on natively."""
+    from test_block_errors import Vm, pattern_bytes
+    mnt, out, wrapper = full_tmpfs_raw
+    vm = Vm(tmp_path, f"file={mnt}/d.qcow2,format=raw,werror=stop,dataplane=native",
+            "sector=2048 bytes=32768 waitkey=1", wrapper)
+    try:
+        vm.read_until(b"virtio-blk: waiting for a key")
+        assert b"virtio-blk: sector0 KVMPY-DISK-MAGIC" in vm.out
+        vm.key()
+        e = vm.event("BLOCK_IO_ERROR")
+        assert e["data"]["action"] == "stop" and e["data"]["nospace"] is True
+        vm.event("STOP")
+        assert vm.qmp.cmd("query-status")["status"] == "io-error"
+        time.sleep(0.3)
+        assert b"virtio-blk: wrote" not in vm.out
+        os.unlink(f"/proc/{vm.proc.pid}/root{mnt}/filler")
+        vm.qmp.cmd("cont")
+        vm.event("RESUME")
+        rc = vm.finish()
+        text = vm.out.decode(errors="replace")
+        assert rc == 0, text + vm.proc.stderr.read().decode()
+        assert "virtio-blk: pattern ok" in text and "guest: done" in text
+    finally:
+        vm.close()
+    assert out.read_bytes()[2048 * 512:2048 * 512 + 32768] == pattern_bytes(32768)
