@@ -653,3 +653,58 @@ def test_guest_on_a_full_disk_stops_and_cont_completes_the_write(tmp_path, full_
     finally:
         vm.close()
     assert out.read_bytes()[2048 * 512:2048 * 512 + 32768] == pattern_bytes(32768)
+
+
+@needs_native
+def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig):
+    """A ring of reads of data not in the page cache: the thread's workers read them
+    together, and the used entries still come out in ring order, each once."""
+    rig = make_rig("native")
+    data = bytes((i * 31 + 7) & 0xFF for i in range(DISK))
+    rig.path.write_bytes(data)
+    fd = os.open(rig.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    heads = [rig.put(VIRTIO_BLK_T_IN, 1024 * i, in_len=65536)[0] for i in range(SLOTS)]
+    rig.d.kick(0)
+    used = rig.d.wait_used(0, count=SLOTS)
+    assert [h for h, _ in used] == heads and all(n == 65537 for _, n in used)
+    for i in range(SLOTS):
+        assert rig.m.memory.read(STATUS + i, 1) == b"\0"
+        assert rig.m.memory.read(DATA + 0x10000 * i, 65536) == data[1024 * 512 * i:1024 * 512 * i + 65536]
+    assert rig.native_requests() == SLOTS
+    if rig.dev.native_deferred_reads == 0:
+        pytest.skip("the page cache kept the image (or RWF_NOWAIT is refused here): the workers were not needed")
+    time.sleep(0.05)
+    assert rig.q.collect() == []
+
+
+@needs_native
+def test_a_failed_worker_read_goes_back_to_the_model_in_ring_order(make_rig):
+    """The image shrinks under the disk: a worker's read meets end of file, which the
+    thread leaves to the model (it reads zeroes there, as QEMU's raw driver does);
+    the requests around it are answered once each, in ring order."""
+    rig = make_rig("native")
+    data = bytes((i * 31 + 7) & 0xFF for i in range(DISK // 2))
+    rig.path.write_bytes(data)            # half of what the disk says it has
+    fd = os.open(rig.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    reads = [(0, 65536), (DISK // 512 - 256, 65536), (2048, 65536)]
+    heads = [rig.put(VIRTIO_BLK_T_IN, sector, in_len=n)[0] for sector, n in reads]
+    rig.d.kick(0)
+    used = rig.d.wait_used(0, count=3)
+    assert [h for h, _ in used] == heads and all(n == 65537 for _, n in used)
+    assert [rig.m.memory.read(STATUS + i, 1) for i in range(3)] == [b"\0"] * 3
+    assert rig.m.memory.read(DATA, 65536) == data[:65536]
+    assert rig.m.memory.read(DATA + 0x10000, 65536) == bytes(65536)
+    assert rig.m.memory.read(DATA + 0x20000, 65536) == data[2048 * 512:2048 * 512 + 65536]
+    time.sleep(0.05)
+    assert rig.q.collect() == []
+    assert not rig.d.status & DEVICE_NEEDS_RESET

@@ -36,7 +36,34 @@
 #define WRITE_ZEROES_FLAG_UNMAP 1
 #define S_OK 0
 
+/* Reads the page cache cannot answer at once (RWF_NOWAIT) go to a few worker
+ * threads, so up to DP_BATCH of them wait on the disk together; everything else
+ * runs on the ring thread. */
+#define DP_WORKERS 4
+#define DP_BATCH 32
+
+#define EXEC_HANDBACK (-1)
+#define EXEC_DEFERRED (-2)
+
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+
+/* One read handed to the workers. */
+struct dp_job {
+    int niov;
+    uint64_t offset;
+    int result;                     /* 0 done, -1 failed: the model's */
+    int done;                       /* atomic */
+    struct iovec iov[BLK_IOV_MAX];
+};
+
+/* A request of the current batch: answered (status written) or a job in flight;
+ * its used entry is published once every earlier one is. */
+struct dp_slot {
+    uint16_t head;
+    uint32_t used;
+    uint8_t *status;
+    struct dp_job *job;             /* NULL: answered on the ring thread */
+};
 
 struct dp_queue {
     struct dp_config c;
@@ -45,9 +72,19 @@ struct dp_queue {
     int stop;                       /* atomic */
     int exit_reason;
     uint64_t completed;
+    uint64_t deferred;              /* reads that went to the workers */
+    int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
     pthread_t thread;
     struct dp_seg segs[DP_MAX_SEGS];
     struct iovec iov[BLK_IOV_MAX];
+    /* the batch and the workers */
+    struct dp_slot batch[DP_BATCH];
+    struct dp_job jobs[DP_BATCH];
+    struct dp_job *work[DP_BATCH];
+    int work_queued, work_taken, outstanding, workers_exit, nworkers;
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv, done_cv;
+    pthread_t workers[DP_WORKERS];
 };
 
 /* The host address of guest range [gpa, gpa+len) when it lies inside one RAM
@@ -200,11 +237,10 @@ static uint8_t *host(struct dp_queue *q, const struct dp_seg *s)
 
 /* All of iov moved, or -1: an error or an end of file, both the model's to answer
  * (it reruns the whole request: a read or write of the same bytes is idempotent). */
-static int full_io(struct dp_queue *q, int niov, uint64_t offset, int write)
+static int full_io(int fd, struct iovec *iov, int niov, uint64_t offset, int write)
 {
-    struct iovec *iov = q->iov;
     while (niov > 0) {
-        ssize_t n = write ? pwritev(q->c.fd, iov, niov, (off_t)offset) : preadv(q->c.fd, iov, niov, (off_t)offset);
+        ssize_t n = write ? pwritev(fd, iov, niov, (off_t)offset) : preadv(fd, iov, niov, (off_t)offset);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -221,6 +257,82 @@ static int full_io(struct dp_queue *q, int niov, uint64_t offset, int write)
         }
     }
     return 0;
+}
+
+static void *dp_worker(void *arg)
+{
+    struct dp_queue *q = arg;
+    pthread_mutex_lock(&q->lock);
+    for (;;) {
+        while (!q->workers_exit && q->work_taken == q->work_queued)
+            pthread_cond_wait(&q->work_cv, &q->lock);
+        if (q->work_taken == q->work_queued)
+            break;                  /* told to exit, nothing left */
+        struct dp_job *job = q->work[q->work_taken++];
+        pthread_mutex_unlock(&q->lock);
+        job->result = full_io(q->c.fd, job->iov, job->niov, job->offset, 0);
+        pthread_mutex_lock(&q->lock);
+        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+        if (--q->outstanding == 0)
+            pthread_cond_signal(&q->done_cv);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return NULL;
+}
+
+/* Queue job; the workers start with the first one (from the ring thread, whose
+ * signal mask they inherit: all blocked). Returns -1 if no worker could start. */
+static int defer_read(struct dp_queue *q, struct dp_job *job)
+{
+    if (!q->nworkers) {
+        for (int i = 0; i < DP_WORKERS; i++) {
+            if (pthread_create(&q->workers[i], NULL, dp_worker, q))
+                break;
+            q->nworkers++;
+        }
+        if (!q->nworkers)
+            return -1;
+    }
+    job->done = 0;
+    pthread_mutex_lock(&q->lock);
+    q->work[q->work_queued++] = job;
+    q->outstanding++;
+    pthread_cond_signal(&q->work_cv);
+    pthread_mutex_unlock(&q->lock);
+    q->deferred++;
+    return 0;
+}
+
+/* Every job of the batch finished; the work list starts over. */
+static void wait_for_workers(struct dp_queue *q)
+{
+    pthread_mutex_lock(&q->lock);
+    while (q->outstanding)
+        pthread_cond_wait(&q->done_cv, &q->lock);
+    q->work_queued = q->work_taken = 0;
+    pthread_mutex_unlock(&q->lock);
+}
+
+static void stop_workers(struct dp_queue *q)
+{
+    pthread_mutex_lock(&q->lock);
+    q->workers_exit = 1;
+    pthread_cond_broadcast(&q->work_cv);
+    pthread_mutex_unlock(&q->lock);
+    for (int i = 0; i < q->nworkers; i++)
+        pthread_join(q->workers[i], NULL);
+    q->nworkers = 0;
+}
+
+/* 0: the page cache answered the whole read now; 1: it would wait on the disk. */
+static int read_nowait(struct dp_queue *q, int niov, uint64_t offset, uint64_t nbytes)
+{
+    ssize_t n;
+    do n = preadv2(q->c.fd, q->iov, niov, (off_t)offset, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
+        q->nowait_refused = 1;
+    return n >= 0 && (uint64_t)n == nbytes ? 0 : 1;
 }
 
 static int sync_image(struct dp_queue *q)
@@ -260,8 +372,10 @@ static int discard_segments(struct dp_queue *q, uint32_t type, uint8_t *payload,
     return 0;
 }
 
-/* Serve the chain in q->segs; returns the used length, or -1 to hand it back. */
-static int64_t execute(struct dp_queue *q, int nsegs)
+/* Serve the chain in q->segs; returns the used length, EXEC_HANDBACK, or
+ * EXEC_DEFERRED with slot filled in (a read in job, its status not written yet).
+ * Only a read with a job given may be deferred. */
+static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, struct dp_job *job)
 {
     uint8_t hdr[16];
     int i = 0, hdr_got = 0, niov = 0;
@@ -356,7 +470,24 @@ static int64_t execute(struct dp_queue *q, int nsegs)
         return -1;
     if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
         return -1;
-    if (nbytes && full_io(q, niov, sector * SECTOR, type == T_OUT) < 0)
+    if (type == T_IN && nbytes && job && !q->nowait_refused) {
+        if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
+            *status = S_OK;
+            return (int64_t)nbytes + 1;
+        }
+        if (!q->nowait_refused) {
+            memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
+            job->niov = niov;
+            job->offset = sector * SECTOR;
+            if (defer_read(q, job) == 0) {
+                slot->status = status;
+                slot->used = (uint32_t)nbytes + 1;
+                slot->job = job;
+                return EXEC_DEFERRED;
+            }
+        }
+    }
+    if (nbytes && full_io(q->c.fd, q->iov, niov, sector * SECTOR, type == T_OUT) < 0)
         return -1;
     if (type == T_OUT && nbytes && q->c.write_through && sync_image(q) < 0)
         return -1;
@@ -364,43 +495,85 @@ static int64_t execute(struct dp_queue *q, int nsegs)
     return type == T_IN ? (int64_t)nbytes + 1 : 1;
 }
 
+/* Publish the batch's used entries in order, as far as the requests are answered;
+ * a failed read stops there (and the rest of the batch, answered or not, is the
+ * model's again: it reruns them). Returns how many it published. */
+static int publish_ready(struct dp_queue *q, int from, int n, int *failed)
+{
+    int i;
+    for (i = from; i < n; i++) {
+        struct dp_slot *slot = &q->batch[i];
+        if (slot->job) {
+            if (!__atomic_load_n(&slot->job->done, __ATOMIC_ACQUIRE))
+                break;
+            if (slot->job->result < 0) {
+                *failed = 1;
+                break;
+            }
+            *slot->status = S_OK;
+        }
+        q->c.next_avail++;
+        add_used(q, slot->head, slot->used);
+        q->completed++;
+    }
+    return i - from;
+}
+
 /* Serve everything available; DP_EXIT_RUNNING when the ring is empty (and
- * notifications are enabled again), else why the thread must end. */
+ * notifications are enabled again), else why the thread must end. Requests are
+ * taken in batches: a read the page cache cannot answer at once goes to the
+ * workers while the ring thread walks on; used entries go out in ring order, so
+ * next_avail is always where the model would carry on. */
 static int process(struct dp_queue *q)
 {
     for (;;) {
-        int did = 0, reason = DP_EXIT_RUNNING;
-        while (!__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
-            uint16_t pending = (uint16_t)(avail_idx(q) - q->c.next_avail);
-            if (pending > q->c.size) {
-                reason = DP_EXIT_HANDBACK;   /* the model calls the ring broken */
-                break;
-            }
-            if (!pending)
-                break;
-            uint16_t head = avail_ring(q, q->c.next_avail % q->c.size);
+        int did = 0, reason = DP_EXIT_RUNNING, n = 0, published = 0, failed = 0, deferred = 0;
+        uint16_t base = q->c.next_avail;    /* ring position of batch[0] */
+        uint16_t pending = (uint16_t)(avail_idx(q) - base);
+        if (pending > q->c.size)
+            return DP_EXIT_HANDBACK;         /* the model calls the ring broken */
+        while (n < DP_BATCH && n < pending && !__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+            struct dp_slot *slot = &q->batch[n];
+            slot->head = avail_ring(q, (uint16_t)(base + n) % q->c.size);
+            slot->job = NULL;
             int nsegs;
-            if (dp_walk_chain(q->c.regions, q->c.nregions, q->c.desc_addr, q->c.size, q->c.indirect, head,
-                              q->segs, DP_MAX_SEGS, &nsegs) != DP_WALK_OK) {
+            if (dp_walk_chain(q->c.regions, q->c.nregions, q->c.desc_addr, q->c.size, q->c.indirect,
+                              slot->head, q->segs, DP_MAX_SEGS, &nsegs) != DP_WALK_OK) {
                 reason = DP_EXIT_HANDBACK;
                 break;
             }
-            int64_t used = execute(q, nsegs);
-            if (used < 0) {
+            int64_t used = execute(q, nsegs, slot, &q->jobs[n]);
+            if (used == EXEC_HANDBACK) {
                 reason = DP_EXIT_HANDBACK;
                 break;
             }
-            q->c.next_avail++;
-            add_used(q, head, (uint32_t)used);
-            q->completed++;
+            if (used == EXEC_DEFERRED)
+                deferred = 1;
+            else
+                slot->used = (uint32_t)used;
+            n++;
+            /* Answered requests go out at once unless a read ahead of them waits. */
+            if (published == n - 1 && !slot->job) {
+                published += publish_ready(q, published, n, &failed);
+                did = 1;
+            }
+        }
+        if (deferred)
+            wait_for_workers(q);
+        if (published < n && !failed) {
+            published += publish_ready(q, published, n, &failed);
             did = 1;
         }
         if (did)
             signal_used(q);
+        if (failed)
+            reason = DP_EXIT_HANDBACK;       /* at the read that failed */
         if (reason != DP_EXIT_RUNNING)
             return reason;
         if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
             return DP_EXIT_STOPPED;
+        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail))
+            continue;
         if (!enable_notification(q))
             return DP_EXIT_RUNNING;
     }
@@ -434,6 +607,7 @@ static void *dp_thread(void *arg)
         if (fds[0].revents & POLLIN)
             drain(q->c.kick_fd);
     }
+    stop_workers(q);
     q->exit_reason = reason;
     if (reason == DP_EXIT_HANDBACK) {
         uint64_t one = 1;
@@ -464,6 +638,9 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         free(q);
         return NULL;
     }
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_cond_init(&q->work_cv, NULL);
+    pthread_cond_init(&q->done_cv, NULL);
     q->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q->stop_fd < 0) {
         *err = errno;
@@ -501,6 +678,10 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     out->signalled_used = q->c.signalled_used;
     out->exit_reason = q->exit_reason;
     out->completed = q->completed;
+    out->deferred = q->deferred;
     close(q->stop_fd);
+    pthread_cond_destroy(&q->done_cv);
+    pthread_cond_destroy(&q->work_cv);
+    pthread_mutex_destroy(&q->lock);
     free(q);
 }

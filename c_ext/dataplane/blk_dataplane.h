@@ -61,6 +61,7 @@ struct dp_indices {
     uint16_t signalled_used;
     int exit_reason;
     uint64_t completed;            /* requests this thread answered */
+    uint64_t deferred;             /* of them, reads its workers did (not in the page cache) */
 };
 
 struct dp_queue;

@@ -53,6 +53,7 @@ struct dp_indices {
     uint16_t signalled_used;
     int exit_reason;
     uint64_t completed;
+    uint64_t deferred;
     ...;
 };
 struct dp_queue;

@@ -67,6 +67,7 @@ class BlkBackend:
 class StopInfo:
     handed_back: bool        # the thread stopped at a request the model must answer
     completed: int           # requests the thread answered
+    deferred: int            # reads of them its workers did (the page cache had not the data)
 
 
 class RegionPointers:
@@ -137,7 +138,8 @@ class NativeQueue:
         q.next_avail = out.next_avail
         q.next_used = out.next_used
         q.signalled_used = out.signalled_used if out.signalled_valid else None
-        return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed)
+        return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
+                        deferred=out.deferred)
 
     def take_interrupt(self) -> bool:
         """Whether the thread asked for an interrupt through the call eventfd since

@@ -170,6 +170,7 @@ class VirtioPciTransport(PciDevice):
         self._native_refused = False
         self._native_held = False
         self._native_completed = 0
+        self._native_deferred = 0
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -627,6 +628,7 @@ class VirtioPciTransport(PciDevice):
         self._native[q] = None
         info = native.stop()
         self._native_completed += info.completed
+        self._native_deferred += info.deferred
         # An interrupt the thread asked for that the loop has not delivered yet.
         if native.take_interrupt():
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
@@ -680,6 +682,11 @@ class VirtioPciTransport(PciDevice):
     def native_requests(self) -> int:
         """Requests native threads answered, counted when each stopped."""
         return self._native_completed
+
+    @property
+    def native_deferred_reads(self) -> int:
+        """Of those, reads the threads' workers did (not in the page cache)."""
+        return self._native_deferred
 
     @property
     def native_queues(self) -> tuple[bool, ...]:
