@@ -1,4 +1,5 @@
-/* The virtio-blk data plane: one native thread per virtqueue, no Python on its path.
+/* The virtio-blk data plane: one native thread per virtqueue (and, once a read
+ * misses the page cache, four workers for such reads), no Python on its path.
  *
  * The Python device model (kvmpy/devices/virtio/blk.py) stays the control plane:
  * it negotiates, answers everything unusual and owns the error policy. This thread

@@ -10,6 +10,13 @@ type, range or layout it leaves to the model) it stops before consuming that
 request and writes its hand-back eventfd; the transport then takes the queue
 indices back into the SplitQueue and lets the model carry on from there.
 
+Reads the page cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker
+threads, so up to 32 of a batch wait on the disk together; used entries still go
+out in ring order, so the hand-back point is always a ring position. A worker's
+failed read hands the queue back at that request; the requests after it in the
+batch were done but not answered, and the model does them again (a read or write
+of the same bytes twice is what an in-flight request may see anyway).
+
 Interrupts: with MSI-X on and the queue's vector unmasked, the thread writes the
 vector's own eventfd (an irqfd under KVM: no Python on the way). Otherwise (INTx
 with its ISR bit, a masked vector whose pending bit the capability keeps) it writes
