@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--smp", type=int, help="number of vCPUs")
     p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
     p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]"
-                   "[,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore][,dataplane=native|python]")
+                   "[,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore][,dataplane=native|python]"
+                   "[,queues=N]")
     p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M]")
     p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
                    help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
