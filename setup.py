@@ -4,6 +4,8 @@
   compiler checks every struct kvmpy uses against the host's kernel headers;
 - kvmpy.net._slirp_cffi: libslirp (user-mode networking) through cffi in API mode,
   with its per-packet glue in C (needs libslirp-dev);
+- kvmpy.devices.virtio._dataplane_cffi: the virtio-blk data plane (c_ext/dataplane/),
+  cffi API mode too, apart from the KVM module because device models may not import it;
 - kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
 """
 
@@ -12,7 +14,8 @@ import glob
 from setuptools import Extension, setup
 
 setup(
-    cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder", "kvmpy/net/_slirp_build.py:ffibuilder"],
+    cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder", "kvmpy/net/_slirp_build.py:ffibuilder",
+                  "kvmpy/devices/virtio/_dataplane_build.py:ffibuilder"],
     ext_modules=[Extension(
         "kvmpy._tcg",
         sources=sorted(glob.glob("c_ext/*.c")),

@@ -55,6 +55,12 @@ class DiskConfig:
     interface: str = "virtio"
     media: str = "disk"
     index: int | None = None          # IDE position 0-3 (primary master .. secondary slave)
+    # virtio-blk on a raw image: "native" serves routine requests from a C thread per
+    # queue (kvmpy/devices/virtio/dataplane.py), "python" keeps them all in the model
+    dataplane: str = "native"
+    # virtio-blk request queues (QEMU's num-queues): a guest with MQ spreads its CPUs'
+    # requests over them; with the native data plane each has its own thread
+    queues: int = 1
 
 
 def check_error_policy(value, key: str, where: str) -> str:
@@ -127,13 +133,16 @@ class VmConfig:
 FIRMWARES = ("none", "bios", "uefi")
 BOOT_DEVICES = ("cdrom", "disk", "net")
 DISK_INTERFACES = ("virtio", "ide")
+DISK_DATAPLANES = ("native", "python")
+MAX_DISK_QUEUES = 16
 DISK_MEDIA = ("disk", "cdrom")
 
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "boot", "boot_menu"}
-DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index"}
+DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
+             "dataplane", "queues"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -169,6 +178,15 @@ def check_disk_serial(serial: str, where: str) -> str:
     if len(serial.encode("utf-8", "surrogateescape")) > 20:
         raise ConfigError(f"{where}: at most 20 bytes (virtio-blk ID), got {serial!r}")
     return serial
+
+
+def check_disk_queues(value, where: str) -> int:
+    """A virtio-blk queue count: an integer 1..MAX_DISK_QUEUES (a string from --drive)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DISK_QUEUES:
+        raise ConfigError(f"{where}: expected a number of queues from 1 to {MAX_DISK_QUEUES}, got {value!r}")
+    return value
 
 
 def check_mac(mac: str, where: str) -> str:
@@ -282,6 +300,12 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             disk.interface = _choice(d["interface"], DISK_INTERFACES, f"{where} key 'interface'")
         if "index" in d:
             disk.index = _expect(d["index"], int, f"{where} key 'index'", "an IDE position 0-3")
+        if "dataplane" in d:
+            disk.dataplane = _choice(d["dataplane"], DISK_DATAPLANES, f"{where} key 'dataplane'")
+        if "queues" in d:
+            key = f"{where} key 'queues'"
+            disk.queues = check_disk_queues(_expect(d["queues"], int, key, f"a number of queues from 1 to "
+                                                    f"{MAX_DISK_QUEUES}"), key)
         check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
@@ -388,7 +412,7 @@ def parse_on_off(value: str, where: str) -> bool:
 
 def parse_drive(spec: str) -> DiskConfig:
     """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X,werror=stop,rerror=report``
-    (or just a path)."""
+    (and kvmpy's ``dataplane=native|python``, ``queues=N``), or just a path."""
     if "=" not in spec.split(",")[0]:
         spec = "file=" + spec
     opts: dict[str, str] = {}
@@ -399,7 +423,8 @@ def parse_drive(spec: str) -> DiskConfig:
         opts[k] = v
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
-    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index"}
+    unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index",
+                           "dataplane", "queues"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -413,6 +438,10 @@ def parse_drive(spec: str) -> DiskConfig:
     serial = check_disk_serial(opts.get("serial", ""), f"--drive {spec}: serial")
     policies = {key: check_error_policy(opts[key], key, f"--drive {spec}: {key}")
                 for key in ("werror", "rerror") if key in opts}
+    if "dataplane" in opts:
+        policies["dataplane"] = _choice(opts["dataplane"], DISK_DATAPLANES, f"--drive {spec}: dataplane")
+    if "queues" in opts:
+        policies["queues"] = check_disk_queues(opts["queues"], f"--drive {spec}: queues")
     disk = DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
     parse_drive_placement(disk, opts, f"--drive {spec}")

@@ -402,6 +402,7 @@ class Machine:
             if self._state != "running" or self._stopping:
                 return
             self._hold("io-error")
+            self._hold_native_data_planes(True)
             self._set_state("io-error")
         self._emit("STOP", {})
 
@@ -414,6 +415,7 @@ class Machine:
             if self._state not in ("running", "prelaunch"):
                 return
             self._hold("user")
+            self._hold_native_data_planes(True)
             self._set_state("paused")
         self._emit("STOP", {})
 
@@ -426,11 +428,20 @@ class Machine:
             else:
                 return
             self._set_state("running")
+            self._hold_native_data_planes(False)
             retries, self._io_retries = self._io_retries, []
         self._emit("RESUME", {})
         # A request that fails again stops the VM again, as in QEMU.
         for retry in retries:
             self.events.call_soon(retry)
+
+    def _hold_native_data_planes(self, held: bool) -> None:
+        """While the VM is not running its disks' queues are the event loop's alone
+        (as without native data planes), so their indices are all in Python."""
+        for placed in self.devices.placed:
+            hold = getattr(placed.device, "hold_native", None)
+            if hold is not None:
+                hold(held)
 
     def reset(self) -> None:
         self.request_reset(guest=False, reason="host-qmp-system-reset")

@@ -152,7 +152,8 @@ def make_virtio_blk(ctx: DeviceContext):
     return VirtioPciTransport(ctx.platform, ctx.events,
                               VirtioBlk(ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name,
                                         werror=disk.werror, rerror=disk.rerror, errors=ctx.block_errors,
-                                        device=disk_device_name(index), node_name=disk_node_name(index)))
+                                        device=disk_device_name(index), node_name=disk_node_name(index),
+                                        dataplane=disk.dataplane, num_queues=disk.queues))
 
 
 def disk_device_name(index: int) -> str:

@@ -17,6 +17,9 @@ FOREIGN_MAGICS = (b"QFI\xfb", b"QED\x00", b"KDMV", b"# Disk DescriptorFile", b"c
                   b"LUKS\xba\xbe", b"WithoutFreeSpace", b"WithouFreSpacExt", b"Bochs Virtual HD Image",
                   b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
 _MAGIC_SPAN = max(len(m) for m in FOREIGN_MAGICS)
+# Writes starting below this offset may change how a probed image probes: a native
+# data plane leaves them to the driver's check.
+RAW_GUARDED_BYTES = _MAGIC_SPAN
 
 
 class RawDriver(BlockDriver):

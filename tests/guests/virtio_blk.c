@@ -5,7 +5,9 @@
  *
  * cmdline: sector=N (2048) where the pattern goes, bytes=N (32768, multiple of
  * 512, at most 65536), reads=N (0) extra sequential 64 KiB reads for timing,
- * rand=N (0) extra 4 KiB random reads for timing, qcow2magic=1 puts a qcow2 magic at
+ * rand=N (0) extra 4 KiB random reads for timing, writes=N (0) extra sequential
+ * 64 KiB writes for timing (after the reads, from sector 0 on), depth=N (1, at most
+ * 32) random reads kept in flight at once for rand=, qcow2magic=1 puts a qcow2 magic at
  * the start of the pattern (a guest planting a header; the host must refuse it at
  * sector 0 of a probed raw disk), waitkey=1 waits for a byte on COM1 before the write
  * (a test connects its monitor first, then lets the write go).
@@ -23,6 +25,8 @@
  */
 #include "guest.h"
 
+/* 32 requests of three descriptors in flight */
+#define QSZ 128
 #include "lib/virtio_pci.h"
 
 
@@ -64,12 +68,64 @@ static int blk_request(uint32_t type, uint64_t sector, void *buf, uint32_t len, 
     return 0;
 }
 
+#define DEPTH_MAX 32
+static struct { uint32_t type, reserved; uint64_t sector; } slot_hdr[DEPTH_MAX];
+static volatile uint8_t slot_status[DEPTH_MAX];
+static uint8_t slot_buf[DEPTH_MAX][4096] __attribute__((aligned(4096)));
+
+/* A 4 KiB read in slot s (descriptors 3s..3s+2, head 3s), published and kicked. */
+static void submit_read(int s, uint64_t sector)
+{
+    slot_hdr[s].type = T_IN;
+    slot_hdr[s].reserved = 0;
+    slot_hdr[s].sector = sector;
+    slot_status[s] = 0xff;
+    uint16_t d = (uint16_t)(3 * s);
+    rq.desc[d] = (struct vq_desc){(uintptr_t)&slot_hdr[s], sizeof(slot_hdr[s]), 1, (uint16_t)(d + 1)};
+    rq.desc[d + 1] = (struct vq_desc){(uintptr_t)slot_buf[s], 4096, 1 | 2, (uint16_t)(d + 2)};
+    rq.desc[d + 2] = (struct vq_desc){(uintptr_t)&slot_status[s], 1, 2, 0};
+    vq_submit(&rq, d);
+}
+
+/* n random 4 KiB reads, depth of them in flight: each completion submits the next. */
+static int random_reads_in_flight(uint64_t n, int depth, uint64_t capacity)
+{
+    uint64_t x = 88172645463325252ull, submitted = 0, done = 0;
+    for (int s = 0; s < depth && submitted < n; s++, submitted++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        submit_read(s, (x % (capacity / 8)) * 8);
+    }
+    while (done < n) {
+        uint32_t id;
+        if (vq_wait(&blk, &rq, &id) < 0)
+            return -1;
+        int s = (int)(id / 3);
+        if (id % 3 || s >= depth || slot_status[s] != 0) {
+            printf("virtio-blk: in-flight read id %u failed: status %u\n", id, s < depth ? slot_status[s] : 0xff);
+            return -1;
+        }
+        done++;
+        if (submitted < n) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            submit_read(s, (x % (capacity / 8)) * 8);
+            submitted++;
+        }
+    }
+    return 0;
+}
+
 int guest_main(const struct hvm_start_info *si)
 {
     uint64_t sector = cmdline_get_u64("sector", 2048);
     uint64_t bytes = cmdline_get_u64("bytes", 32768);
     uint64_t reads = cmdline_get_u64("reads", 0);
     uint64_t rand_reads = cmdline_get_u64("rand", 0);
+    uint64_t writes = cmdline_get_u64("writes", 0);
+    uint64_t depth = cmdline_get_u64("depth", 1);
+    if (depth < 1 || depth > DEPTH_MAX) {
+        puts("virtio-blk: bad depth=");
+        return 1;
+    }
     if (bytes == 0 || bytes % 512 || bytes > sizeof(wbuf)) {
         puts("virtio-blk: bad bytes=");
         return 1;
@@ -141,13 +197,26 @@ int guest_main(const struct hvm_start_info *si)
                 return 1;
         uint64_t t1 = rdtsc();
         uint64_t x = 88172645463325252ull;
-        for (uint64_t i = 0; i < rand_reads; i++) {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            if (blk_request(T_IN, (x % (capacity / 8)) * 8, rbuf, 4096, 1) < 0)
+        if (depth > 1) {
+            if (random_reads_in_flight(rand_reads, (int)depth, capacity) < 0)
                 return 1;
+        } else {
+            for (uint64_t i = 0; i < rand_reads; i++) {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                if (blk_request(T_IN, (x % (capacity / 8)) * 8, rbuf, 4096, 1) < 0)
+                    return 1;
+            }
         }
         uint64_t t2 = rdtsc();
         printf("virtio-blk: bench seq64k=%lu cycles=%lu rand4k=%lu cycles=%lu\n", reads, t1 - t0, rand_reads, t2 - t1);
+    }
+    if (writes) {
+        uint64_t span = capacity - capacity % 128;
+        uint64_t t0 = rdtsc();
+        for (uint64_t i = 0; i < writes; i++)
+            if (blk_request(T_OUT, (i * 128) % span, wbuf, 65536, 0) < 0)
+                return 1;
+        printf("virtio-blk: bench write64k=%lu cycles=%lu\n", writes, rdtsc() - t0);
     }
     return 0;
 }

@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from ..saved_state import Restorable, StateCheck, checked
 from .device import CAP_ID_MSIX, PciDevice
@@ -62,6 +63,10 @@ class MsixCapability(Restorable):
         self.pending = [False] * num_vectors
         self.fds: list[int | None] = [None] * num_vectors
         self.lock = threading.Lock()
+        # Called (without the lock) after the guest changed the control word or the
+        # table: whoever raises vectors behind the capability's back (a native data
+        # plane writing a vector's eventfd) looks again at what it may do.
+        self.on_change: Callable[[], None] | None = None
         body = struct.pack("<HII", num_vectors - 1, table_offset | bar, pba_offset | bar)
         writable = struct.pack("<HII", CTRL_ENABLE | CTRL_FUNCTION_MASK, 0, 0)
         self.cap_offset = dev.add_capability(CAP_ID_MSIX, body, writable, self._config_written)
@@ -99,6 +104,8 @@ class MsixCapability(Restorable):
             if self.enabled:
                 self._ensure_fds()
             self._deliver_unmasked_pending()
+        if self.on_change is not None:
+            self.on_change()
 
     def _ensure_fds(self) -> None:
         for v in range(self.num_vectors):
@@ -154,6 +161,8 @@ class MsixCapability(Restorable):
                 addr, data, _ = self._entry(v)
                 self.platform.update_msi_eventfd(self.fds[v], addr, data)
             self._deliver_unmasked_pending()
+        if self.on_change is not None:
+            self.on_change()
 
     # saved state ------------------------------------------------------------
 
@@ -205,6 +214,16 @@ class MsixCapability(Restorable):
             else:
                 self._fire(vector)
         return True
+
+    def unmasked_fd(self, vector: int) -> int | None:
+        """The eventfd that raises ``vector`` when MSI-X is on and the vector is
+        unmasked: a write to it is then exactly ``notify(vector)``. None otherwise."""
+        if not 0 <= vector < self.num_vectors:
+            return None
+        with self.lock:
+            if not self.enabled or self._masked(vector):
+                return None
+            return self.fds[vector]
 
     def reset(self) -> None:
         """Device reset: table masked, MSI-X disabled; eventfds are kept for reuse."""

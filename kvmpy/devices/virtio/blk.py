@@ -24,8 +24,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
 from ...memory import GuestMemory
+from .dataplane import DATAPLANE_MODES, BlkBackend
+from .dataplane import available as dataplane_available
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
 
@@ -113,6 +116,9 @@ class VirtioBlk:
       errors: where I/O errors go (BLOCK_IO_ERROR, the stop); without one, "stop"
         acts as "report" (nothing could pause the VM or retry).
       device, node_name: how BLOCK_IO_ERROR names this disk.
+      dataplane: "native" lets the transport serve a raw image's queues from C
+        threads (dataplane.py) while every request is one the model would answer
+        the same way; "python" keeps every request here.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
@@ -121,8 +127,11 @@ class VirtioBlk:
     def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
                  queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk",
                  werror: str = "enospc", rerror: str = "report", errors: BlockErrors | None = None,
-                 device: str = "", node_name: str = "") -> None:
+                 device: str = "", node_name: str = "", dataplane: str = "native") -> None:
         self.name = name
+        if dataplane not in DATAPLANE_MODES:
+            raise ValueError(f"{name}: dataplane={dataplane!r}")
+        self.dataplane = dataplane
         if werror not in ERROR_POLICIES or rerror not in ERROR_POLICIES[1:]:
             raise ValueError(f"{name}: werror={werror!r} rerror={rerror!r}")
         self.werror = werror
@@ -227,6 +236,18 @@ class VirtioBlk:
         self.acked_features = 0
         self._kept = None
         self.io_status = "ok"
+
+    def native_backend(self) -> BlkBackend | None:
+        """What a native data plane may serve on its own now, or None while every
+        request must come here: another image format, the Python data plane chosen,
+        the native module missing, or a request kept by a "stop" waiting for `cont`."""
+        if (self.dataplane != "native" or self._kept is not None or not isinstance(self.driver, RawDriver)
+                or self.driver.fd < 0 or not dataplane_available()):
+            return None
+        return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
+                          write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
+                          guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
+                          serial=self.serial, discard=self.discard_enabled)
 
     @property
     def stopped_request(self) -> bool:

@@ -12,6 +12,14 @@ doorbell eventfds, and the device's own fds (a tap), to the machine's EventLoop,
 whose thread runs ``process_queue``. Interrupts go out through the MSI-X vector's
 eventfd, or INTx + ISR when MSI-X is disabled.
 
+A device that offers a native data plane (``native_backend()``, virtio-blk on a
+raw image) gets each enabled queue served by a C thread (dataplane.py) once the
+Python model has run it once: the queue's doorbell then belongs to that thread,
+not to the event loop. Whatever the thread leaves to the model (it hands the
+queue back), a reset, a device error, a BAR move or ``state()`` stop the thread
+first and put its ring indices back into the SplitQueue; the next doorbell the
+model serves offers the queue to the thread again.
+
 The device model is a VirtioDevice (device.py) the transport wraps:
 ``VirtioPciTransport(platform, events, VirtioBlk(driver))``. Anything the guest
 does wrong in a queue ends as DEVICE_NEEDS_RESET plus a config-change interrupt
@@ -34,6 +42,7 @@ from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciConfigState, Pc
 from ..pci.bus import PciBus
 from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
+from . import dataplane
 from .device import VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
 
@@ -143,6 +152,7 @@ class VirtioPciTransport(PciDevice):
         self.add_capability(CAP_ID_VENDOR, struct.pack("<BBBBxxIII", 20, CAP_NOTIFY, 0, 0, NOTIFY_OFFSET,
                                                       NOTIFY_MULTIPLIER * self.num_queues, NOTIFY_MULTIPLIER))
         self.msix = MsixCapability(self, platform, self.num_queues + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        self.msix.on_change = self._interrupt_route_changed
         # _lock serialises the driver's config accesses (vCPU threads), reset and
         # close (other threads) and the device's callbacks (the event loop thread),
         # so a device never runs a request while the driver reconfigures it.
@@ -154,6 +164,13 @@ class VirtioPciTransport(PciDevice):
         self._notify_base: int | None = None
         self._serving = False
         self._device_fds: list[int] = []
+        # The queues a native data plane thread serves now (their doorbells are its).
+        self._native: list[dataplane.NativeQueue | None] = [None] * self.num_queues
+        self._native_regions: dataplane.RegionPointers | None = None
+        self._native_refused = False
+        self._native_held = False
+        self._native_completed = 0
+        self._native_deferred = 0
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -185,6 +202,12 @@ class VirtioPciTransport(PciDevice):
 
     def state(self) -> VirtioPciState:
         with self._lock:
+            # The ring indices live in the native threads while they run.
+            taken_back = [q for q in range(self.num_queues) if self._native[q] is not None]
+            for q in taken_back:
+                self._stop_native(q, rewatch=True)
+            for q in taken_back:
+                self.events.call_soon(lambda q=q: self._run_queue(q))
             return VirtioPciState(
                 status=self.status, device_feature_select=self.device_feature_select,
                 driver_feature_select=self.driver_feature_select, driver_features=self.driver_features,
@@ -219,6 +242,9 @@ class VirtioPciTransport(PciDevice):
         PciDevice.restore(self, state.function)
         self.msix.restore(state.msix)
         with self._lock:
+            for q in range(self.num_queues):
+                if self._native[q] is not None:
+                    self._stop_native(q, rewatch=True)
             self.queues = [SplitQueue.from_state(self.memory, q) for q in state.queues]
             self.queue_vector = list(state.queue_vectors)
             self.status = state.status
@@ -344,6 +370,7 @@ class VirtioPciTransport(PciDevice):
         elif qvalid and offset in (0x18, 0x1A, 0x1C) and size == 2:
             if offset == 0x1A:
                 self.queue_vector[qs] = value if value < self.msix.num_vectors else NO_VECTOR
+                self._interrupt_route_changed()
             elif self.queues[qs].ready:
                 self._warn("queue %d reconfigured while enabled; ignored", qs)
             elif offset == 0x18:
@@ -492,9 +519,11 @@ class VirtioPciTransport(PciDevice):
 
     def _drop_doorbells(self) -> None:
         for q, fd in enumerate(self._doorbells):
+            if self._native[q] is not None:
+                self._stop_native(q, rewatch=False)
+            elif fd is not None and self._serving:
+                self.events.unsubscribe(fd)
             if fd is not None:
-                if self._serving:
-                    self.events.unsubscribe(fd)
                 self.platform.remove_doorbell(fd)
                 self._doorbells[q] = None
 
@@ -521,8 +550,10 @@ class VirtioPciTransport(PciDevice):
         if not self._serving:
             return
         self._serving = False
-        for fd in self._doorbells:
-            if fd is not None:
+        for q, fd in enumerate(self._doorbells):
+            if self._native[q] is not None:
+                self._stop_native(q, rewatch=False)
+            elif fd is not None:
                 self.events.unsubscribe(fd)
         for fd in self._device_fds:
             self.events.unsubscribe(fd)
@@ -539,18 +570,128 @@ class VirtioPciTransport(PciDevice):
 
     def _doorbell_rang(self, q: int, fd: int) -> None:
         with self._lock:
-            # A doorbell dropped by a BAR move may still be dispatched once; its fd
-            # number may already belong to someone else's eventfd.
-            if self._doorbells[q] != fd:
+            # A doorbell dropped by a BAR move may still be dispatched once (its fd
+            # number may already belong to someone else's eventfd), and one handed
+            # to a native thread too: that kick is the thread's to read.
+            if self._doorbells[q] != fd or self._native[q] is not None:
                 return
             _drain(fd)
             self._run_queue(q)
 
     def _run_queue(self, q: int) -> None:
         with self._lock:
-            if not self._serving or self.broken or not self.queues[q].ready or not self.status & DRIVER_OK:
+            if (not self._serving or self.broken or not self.queues[q].ready or not self.status & DRIVER_OK
+                    or self._native[q] is not None):
                 return
             self._guarded(self.device.process_queue, q)
+            self._start_native(q)
+
+    # native data plane ------------------------------------------------------------------
+
+    def _start_native(self, q: int) -> None:
+        """Hand queue ``q`` to a native thread if the device offers one now (event
+        loop thread, under _lock, right after the model served the queue)."""
+        fd = self._doorbells[q]
+        offer = getattr(self.device, "native_backend", None)
+        # The translator drops translated code on device writes through
+        # memory.dma_listeners, which a C thread would bypass.
+        if (offer is None or self._native_refused or self._native_held or fd is None or self.memory.dma_listeners
+                or not self._serving or self.broken or not self.queues[q].active):
+            return
+        backend = offer()
+        if backend is None:
+            # The model keeps every queue now (a request waits for `cont`): the
+            # other queues' threads must not run on past it.
+            for other, native in enumerate(self._native):
+                if native is not None:
+                    self._stop_native(other, rewatch=True)
+            return
+        try:
+            if self._native_regions is None:
+                self._native_regions = dataplane.RegionPointers(self.memory)
+            native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd,
+                                           irq_fd=self.msix.unmasked_fd(self.queue_vector[q]))
+        except (OSError, ValueError) as e:
+            self._native_refused = True
+            log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
+            return
+        self.events.unsubscribe(fd)
+        self._native[q] = native
+        log.debug("%s: queue %d served by a native thread", self.name, q)
+        self.events.subscribe(native.call_fd, EVENT_READ, lambda _r: self._native_interrupt(q, native))
+        self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_handback(q, native))
+
+    def _stop_native(self, q: int, rewatch: bool) -> dataplane.StopInfo:
+        """Stop queue ``q``'s thread at a request boundary and take its indices back;
+        ``rewatch``: the event loop serves the doorbell again."""
+        native = self._native[q]
+        self._native[q] = None
+        info = native.stop()
+        self._native_completed += info.completed
+        self._native_deferred += info.deferred
+        # An interrupt the thread asked for that the loop has not delivered yet.
+        if native.take_interrupt():
+            self._interrupt(self.queue_vector[q], ISR_QUEUE)
+        self.events.unsubscribe(native.call_fd, close=True)
+        self.events.unsubscribe(native.handback_fd, close=True)
+        fd = self._doorbells[q]
+        if rewatch and self._serving and fd is not None:
+            # A kick the thread had not read yet is still counted in the eventfd,
+            # so the loop sees it at once.
+            self._watch_doorbell(q, fd)
+        return info
+
+    def _interrupt_route_changed(self) -> None:
+        """MSI-X was switched, a vector (un)masked or re-aimed, a queue's vector
+        changed: a thread raising a vector's eventfd itself restarts with the route
+        that applies now (a vCPU thread, after the guest's write)."""
+        with self._lock:
+            for q, native in enumerate(self._native):
+                if native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
+                    self._stop_native(q, rewatch=True)
+                    self.events.call_soon(lambda q=q: self._run_queue(q))
+
+    def _native_interrupt(self, q: int, native: dataplane.NativeQueue) -> None:
+        if self._native[q] is native and native.take_interrupt():
+            self._interrupt(self.queue_vector[q], ISR_QUEUE)
+
+    def _native_handback(self, q: int, native: dataplane.NativeQueue) -> None:
+        """The thread stopped before a request only the model may answer: the model
+        takes the queue from there (and may give it back to a new thread)."""
+        with self._lock:
+            if self._native[q] is not native:
+                return
+            info = self._stop_native(q, rewatch=True)
+            log.debug("%s: queue %d handed back to the model after %d requests", self.name, q, info.completed)
+            self._run_queue(q)
+
+    def hold_native(self, held: bool) -> None:
+        """The VM stopped (``held``) or runs again: while it is stopped the event loop
+        serves the queues, as it does for a device without a data plane."""
+        with self._lock:
+            self._native_held = held
+            if held:
+                for q in range(self.num_queues):
+                    if self._native[q] is not None:
+                        self._stop_native(q, rewatch=True)
+                        self.events.call_soon(lambda q=q: self._run_queue(q))
+            elif self._serving:
+                self._kick_enabled_queues()
+
+    @property
+    def native_requests(self) -> int:
+        """Requests native threads answered, counted when each stopped."""
+        return self._native_completed
+
+    @property
+    def native_deferred_reads(self) -> int:
+        """Of those, reads the threads' workers did (not in the page cache)."""
+        return self._native_deferred
+
+    @property
+    def native_queues(self) -> tuple[bool, ...]:
+        """Which queues a native data plane thread serves now."""
+        return tuple(n is not None for n in self._native)
 
     def _device_fd_callback(self, on_ready: Callable[[int], None]) -> Callable[[int], None]:
         def ready(events: int) -> None:

@@ -143,7 +143,9 @@ static __attribute__((unused)) int virtio_negotiate(struct vdev *d, uint64_t wan
 }
 
 struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+#ifndef QSZ          /* a guest that keeps many requests in flight asks for more */
 #define QSZ 16
+#endif
 struct vring {
     struct vq_desc desc[QSZ];
     struct { uint16_t flags, idx, ring[QSZ], used_event; } avail __attribute__((aligned(2)));

@@ -1,0 +1,687 @@
+/* virtio-blk data plane: the split ring walker and the per-queue I/O thread.
+ * See blk_dataplane.h for the division of work with the Python model. The ring
+ * checks mirror kvmpy/devices/virtio/queue.py SplitQueue._read_chain one for one,
+ * and tests/test_dataplane_walker.py holds the two to the same answers. */
+#define _GNU_SOURCE
+#include "blk_dataplane.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+#define MAX_QUEUE_SIZE 32768u
+#define MAX_CHAIN_BYTES 0xFFFFFFFFull
+#define SECTOR 512u
+#define BLK_IOV_MAX 1024
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define WRITE_ZEROES_FLAG_UNMAP 1
+#define S_OK 0
+
+/* Reads the page cache cannot answer at once (RWF_NOWAIT) go to a few worker
+ * threads, so up to DP_BATCH of them wait on the disk together; everything else
+ * runs on the ring thread. */
+#define DP_WORKERS 4
+#define DP_BATCH 32
+
+#define EXEC_HANDBACK (-1)
+#define EXEC_DEFERRED (-2)
+
+struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+
+/* One read handed to the workers. */
+struct dp_job {
+    int niov;
+    uint64_t offset;
+    int result;                     /* 0 done, -1 failed: the model's */
+    int done;                       /* atomic */
+    struct iovec iov[BLK_IOV_MAX];
+};
+
+/* A request of the current batch: answered (status written) or a job in flight;
+ * its used entry is published once every earlier one is. */
+struct dp_slot {
+    uint16_t head;
+    uint32_t used;
+    uint8_t *status;
+    struct dp_job *job;             /* NULL: answered on the ring thread */
+};
+
+struct dp_queue {
+    struct dp_config c;
+    uint8_t *desc, *avail, *used;
+    int stop_fd;
+    int stop;                       /* atomic */
+    int exit_reason;
+    uint64_t completed;
+    uint64_t deferred;              /* reads that went to the workers */
+    int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
+    pthread_t thread;
+    struct dp_seg segs[DP_MAX_SEGS];
+    struct iovec iov[BLK_IOV_MAX];
+    /* the batch and the workers */
+    struct dp_slot batch[DP_BATCH];
+    struct dp_job jobs[DP_BATCH];
+    struct dp_job *work[DP_BATCH];
+    int work_queued, work_taken, outstanding, workers_exit, nworkers;
+    pthread_mutex_t lock;
+    pthread_cond_t work_cv, done_cv;
+    pthread_t workers[DP_WORKERS];
+};
+
+/* The host address of guest range [gpa, gpa+len) when it lies inside one RAM
+ * region (GuestMemory.view's rule), else NULL. */
+static uint8_t *gpa_to_host(const struct dp_region *regions, int nregions, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < nregions; i++) {
+        const struct dp_region *r = &regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+/* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
+static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
+{
+    memcpy(d, table + 16u * index, sizeof *d);
+}
+
+int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
+                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs)
+{
+    const uint8_t *table = gpa_to_host(regions, nregions, desc_addr, 16ull * size);
+    uint32_t table_len = size, index = head, steps = 0;
+    int in_indirect = 0, have_writable = 0, n = 0;
+    uint64_t total = 0;
+    *nsegs = 0;
+    if (!table || head >= size)
+        return DP_WALK_BAD;
+    for (;;) {
+        struct desc d;
+        if (++steps > table_len)
+            return DP_WALK_BAD;                      /* a loop */
+        read_desc(table, index, &d);
+        if (d.flags & DESC_F_INDIRECT) {
+            if (in_indirect || !indirect || (d.flags & DESC_F_NEXT))
+                return DP_WALK_BAD;
+            if (d.len == 0 || d.len % 16 || d.len / 16 > MAX_QUEUE_SIZE)
+                return DP_WALK_BAD;
+            table = gpa_to_host(regions, nregions, d.addr, d.len);
+            if (!table)
+                return DP_WALK_BAD;
+            table_len = d.len / 16;
+            index = 0;
+            steps = 0;
+            in_indirect = 1;
+            continue;
+        }
+        if (d.len) {
+            total += d.len;
+            if (total > MAX_CHAIN_BYTES)
+                return DP_WALK_BAD;
+            if (!gpa_to_host(regions, nregions, d.addr, d.len))
+                return DP_WALK_BAD;
+            if (d.flags & DESC_F_WRITE)
+                have_writable = 1;
+            else if (have_writable)
+                return DP_WALK_BAD;                  /* readable after writable */
+            if (n == max_segs)
+                return DP_WALK_TOO_LONG;
+            segs[n].gpa = d.addr;
+            segs[n].len = d.len;
+            segs[n].writable = !!(d.flags & DESC_F_WRITE);
+            n++;
+            *nsegs = n;
+        } else if (have_writable && !(d.flags & DESC_F_WRITE)) {
+            return DP_WALK_BAD;
+        }
+        if (!(d.flags & DESC_F_NEXT))
+            return DP_WALK_OK;
+        if (d.next >= table_len)
+            return DP_WALK_BAD;
+        index = d.next;
+    }
+}
+
+/* ---- the ring, device side ---------------------------------------------------- */
+
+static uint16_t avail_idx(struct dp_queue *q)
+{
+    return __atomic_load_n((uint16_t *)(q->avail + 2), __ATOMIC_ACQUIRE);
+}
+
+static uint16_t avail_ring(struct dp_queue *q, uint16_t slot)
+{
+    return __atomic_load_n((uint16_t *)(q->avail + 4 + 2u * slot), __ATOMIC_RELAXED);
+}
+
+static void add_used(struct dp_queue *q, uint16_t head, uint32_t len)
+{
+    uint8_t *elem = q->used + 4 + 8u * (q->c.next_used % q->c.size);
+    uint32_t id = head;
+    memcpy(elem, &id, 4);
+    memcpy(elem + 4, &len, 4);
+    q->c.next_used++;
+    /* The element must be visible before the index that publishes it. */
+    __atomic_store_n((uint16_t *)(q->used + 2), q->c.next_used, __ATOMIC_RELEASE);
+}
+
+static int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* SplitQueue.needs_notification, after a full barrier: the driver's used_event
+ * (or NO_INTERRUPT) written after it saw our older used idx must be read here. */
+static void signal_used(struct dp_queue *q)
+{
+    uint16_t old = q->c.signalled_used, new_idx = q->c.next_used;
+    int valid = q->c.signalled_valid, want;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    q->c.signalled_used = new_idx;
+    q->c.signalled_valid = 1;
+    if (q->c.event_idx) {
+        uint16_t used_event = __atomic_load_n((uint16_t *)(q->avail + 4 + 2u * q->c.size), __ATOMIC_RELAXED);
+        want = !valid || vring_need_event(used_event, new_idx, old);
+    } else {
+        want = !(__atomic_load_n((uint16_t *)q->avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
+    }
+    if (want) {
+        uint64_t one = 1;
+        ssize_t r;
+        do r = write(q->c.call_fd, &one, 8); while (r < 0 && errno == EINTR);
+    }
+}
+
+/* SplitQueue.set_notification(True): ask for the next kick; returns whether
+ * buffers are already waiting. */
+static int enable_notification(struct dp_queue *q)
+{
+    if (q->c.event_idx) {
+        __atomic_store_n((uint16_t *)(q->used + 4 + 8u * q->c.size), q->c.next_avail, __ATOMIC_RELAXED);
+    } else {
+        uint16_t *flags = (uint16_t *)q->used;
+        uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+        if (f & USED_F_NO_NOTIFY)
+            __atomic_store_n(flags, f & ~USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return avail_idx(q) != q->c.next_avail;
+}
+
+/* ---- requests -------------------------------------------------------------------- */
+
+static uint8_t *host(struct dp_queue *q, const struct dp_seg *s)
+{
+    return gpa_to_host(q->c.regions, q->c.nregions, s->gpa, s->len);
+}
+
+/* All of iov moved, or -1: an error or an end of file, both the model's to answer
+ * (it reruns the whole request: a read or write of the same bytes is idempotent). */
+static int full_io(int fd, struct iovec *iov, int niov, uint64_t offset, int write)
+{
+    while (niov > 0) {
+        ssize_t n = write ? pwritev(fd, iov, niov, (off_t)offset) : preadv(fd, iov, niov, (off_t)offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        offset += (uint64_t)n;
+        while (niov > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+static void *dp_worker(void *arg)
+{
+    struct dp_queue *q = arg;
+    pthread_mutex_lock(&q->lock);
+    for (;;) {
+        while (!q->workers_exit && q->work_taken == q->work_queued)
+            pthread_cond_wait(&q->work_cv, &q->lock);
+        if (q->work_taken == q->work_queued)
+            break;                  /* told to exit, nothing left */
+        struct dp_job *job = q->work[q->work_taken++];
+        pthread_mutex_unlock(&q->lock);
+        job->result = full_io(q->c.fd, job->iov, job->niov, job->offset, 0);
+        pthread_mutex_lock(&q->lock);
+        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+        if (--q->outstanding == 0)
+            pthread_cond_signal(&q->done_cv);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return NULL;
+}
+
+/* Queue job; the workers start with the first one (from the ring thread, whose
+ * signal mask they inherit: all blocked). Returns -1 if no worker could start. */
+static int defer_read(struct dp_queue *q, struct dp_job *job)
+{
+    if (!q->nworkers) {
+        for (int i = 0; i < DP_WORKERS; i++) {
+            if (pthread_create(&q->workers[i], NULL, dp_worker, q))
+                break;
+            q->nworkers++;
+        }
+        if (!q->nworkers)
+            return -1;
+    }
+    job->done = 0;
+    pthread_mutex_lock(&q->lock);
+    q->work[q->work_queued++] = job;
+    q->outstanding++;
+    pthread_cond_signal(&q->work_cv);
+    pthread_mutex_unlock(&q->lock);
+    q->deferred++;
+    return 0;
+}
+
+/* Every job of the batch finished; the work list starts over. */
+static void wait_for_workers(struct dp_queue *q)
+{
+    pthread_mutex_lock(&q->lock);
+    while (q->outstanding)
+        pthread_cond_wait(&q->done_cv, &q->lock);
+    q->work_queued = q->work_taken = 0;
+    pthread_mutex_unlock(&q->lock);
+}
+
+static void stop_workers(struct dp_queue *q)
+{
+    pthread_mutex_lock(&q->lock);
+    q->workers_exit = 1;
+    pthread_cond_broadcast(&q->work_cv);
+    pthread_mutex_unlock(&q->lock);
+    for (int i = 0; i < q->nworkers; i++)
+        pthread_join(q->workers[i], NULL);
+    q->nworkers = 0;
+}
+
+/* 0: the page cache answered the whole read now; 1: it would wait on the disk. */
+static int read_nowait(struct dp_queue *q, int niov, uint64_t offset, uint64_t nbytes)
+{
+    ssize_t n;
+    do n = preadv2(q->c.fd, q->iov, niov, (off_t)offset, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
+        q->nowait_refused = 1;
+    return n >= 0 && (uint64_t)n == nbytes ? 0 : 1;
+}
+
+static int sync_image(struct dp_queue *q)
+{
+    int r;
+    do r = fdatasync(q->c.fd); while (r < 0 && errno == EINTR);
+    return r;
+}
+
+/* DISCARD / WRITE_ZEROES with segments the model would accept as they are (no
+ * answer but OK), done with the fallocate modes RawDriver uses; anything else,
+ * a file system without the mode included, is handed back to the model. */
+static int discard_segments(struct dp_queue *q, uint32_t type, uint8_t *payload, uint32_t len)
+{
+    struct { uint64_t sector; uint32_t num, flags; } seg;
+    if (!q->c.discard || len == 0 || len % 16 || len / 16 > DP_MAX_DISCARD_SEG)
+        return -1;
+    for (uint32_t o = 0; o < len; o += 16) {
+        memcpy(&seg, payload + o, 16);
+        if ((seg.flags & ~WRITE_ZEROES_FLAG_UNMAP) || (type == T_DISCARD && seg.flags)
+            || seg.num > DP_MAX_DISCARD_SECTORS || seg.sector > q->c.capacity
+            || seg.num > q->c.capacity - seg.sector)
+            return -1;
+    }
+    for (uint32_t o = 0; o < len; o += 16) {
+        memcpy(&seg, payload + o, 16);
+        if (!seg.num)
+            continue;
+        int mode = type == T_DISCARD || (seg.flags & WRITE_ZEROES_FLAG_UNMAP)
+                   ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+        int r;
+        do r = fallocate(q->c.fd, mode, (off_t)(seg.sector * SECTOR), (off_t)seg.num * SECTOR);
+        while (r < 0 && errno == EINTR);
+        if (r < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Serve the chain in q->segs; returns the used length, EXEC_HANDBACK, or
+ * EXEC_DEFERRED with slot filled in (a read in job, its status not written yet).
+ * Only a read with a job given may be deferred. */
+static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, struct dp_job *job)
+{
+    uint8_t hdr[16];
+    int i = 0, hdr_got = 0, niov = 0;
+    uint32_t hdr_split = 0;        /* bytes of segs[i] the header used */
+    int first_w, last_w = nsegs - 1;
+    uint32_t type;
+    uint64_t sector, nbytes = 0;
+
+    if (nsegs == 0 || !q->segs[last_w].writable)
+        return -1;                 /* no status byte: the model logs it */
+    for (first_w = 0; first_w < nsegs && !q->segs[first_w].writable; first_w++)
+        ;
+    for (i = 0; i < first_w && hdr_got < 16; i++) {
+        uint32_t take = q->segs[i].len < (uint32_t)(16 - hdr_got) ? q->segs[i].len : (uint32_t)(16 - hdr_got);
+        memcpy(hdr + hdr_got, host(q, &q->segs[i]), take);
+        hdr_got += (int)take;
+        hdr_split = take;
+    }
+    if (hdr_got < 16)
+        return -1;
+    memcpy(&type, hdr, 4);
+    memcpy(&sector, hdr + 8, 8);
+    uint8_t *status = host(q, &q->segs[last_w]) + q->segs[last_w].len - 1;
+
+    if (type == T_IN) {
+        for (int j = first_w; j <= last_w; j++) {
+            uint32_t len = q->segs[j].len - (j == last_w);
+            if (!len)
+                continue;
+            if (niov == BLK_IOV_MAX)
+                return -1;
+            q->iov[niov].iov_base = host(q, &q->segs[j]);
+            q->iov[niov++].iov_len = len;
+            nbytes += len;
+        }
+    } else if (type == T_OUT) {
+        /* data_out: what follows the header in the readable part */
+        i--;                       /* the segment the header ended in */
+        for (int j = i; j < first_w; j++) {
+            uint32_t skip = j == i ? hdr_split : 0;
+            if (q->segs[j].len == skip)
+                continue;
+            if (niov == BLK_IOV_MAX)
+                return -1;
+            q->iov[niov].iov_base = host(q, &q->segs[j]) + skip;
+            q->iov[niov++].iov_len = q->segs[j].len - skip;
+            nbytes += q->segs[j].len - skip;
+        }
+        if (q->c.read_only)
+            return -1;
+    } else if (type == T_FLUSH) {
+        if (!q->c.read_only && sync_image(q) < 0)
+            return -1;
+        *status = S_OK;
+        return 1;
+    } else if (type == T_GET_ID) {
+        uint32_t done = 0;
+        for (int j = first_w; j <= last_w && done < DP_SERIAL_BYTES; j++) {
+            uint32_t len = q->segs[j].len - (j == last_w);
+            uint32_t take = len < DP_SERIAL_BYTES - done ? len : DP_SERIAL_BYTES - done;
+            memcpy(host(q, &q->segs[j]), q->c.serial + done, take);
+            done += take;
+        }
+        *status = S_OK;
+        return (int64_t)done + 1;
+    } else if (type == T_DISCARD || type == T_WRITE_ZEROES) {
+        uint8_t payload[16 * DP_MAX_DISCARD_SEG];
+        uint32_t len = 0;
+        int views = 0;
+        /* The model reads segments from the first max_discard_seg + 1 buffers only:
+         * a longer list is its to judge. */
+        for (int j = i - 1; j < first_w; j++) {
+            uint32_t skip = j == i - 1 ? hdr_split : 0, n = q->segs[j].len - skip;
+            if (!n)
+                continue;
+            if (++views > DP_MAX_DISCARD_SEG + 1 || n > sizeof payload - len)
+                return -1;
+            memcpy(payload + len, host(q, &q->segs[j]) + skip, n);
+            len += n;
+        }
+        if (discard_segments(q, type, payload, len) < 0)
+            return -1;
+        if (q->c.write_through && sync_image(q) < 0)
+            return -1;
+        *status = S_OK;
+        return 1;
+    } else {
+        return -1;                 /* unknown types: the model's (UNSUPP) */
+    }
+    /* Bad lengths and ranges are answered by the model (IOERR, logged there). */
+    if (nbytes % SECTOR || sector > q->c.capacity || nbytes / SECTOR > q->c.capacity - sector)
+        return -1;
+    if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
+        return -1;
+    if (type == T_IN && nbytes && job && !q->nowait_refused) {
+        if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
+            *status = S_OK;
+            return (int64_t)nbytes + 1;
+        }
+        if (!q->nowait_refused) {
+            memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
+            job->niov = niov;
+            job->offset = sector * SECTOR;
+            if (defer_read(q, job) == 0) {
+                slot->status = status;
+                slot->used = (uint32_t)nbytes + 1;
+                slot->job = job;
+                return EXEC_DEFERRED;
+            }
+        }
+    }
+    if (nbytes && full_io(q->c.fd, q->iov, niov, sector * SECTOR, type == T_OUT) < 0)
+        return -1;
+    if (type == T_OUT && nbytes && q->c.write_through && sync_image(q) < 0)
+        return -1;
+    *status = S_OK;
+    return type == T_IN ? (int64_t)nbytes + 1 : 1;
+}
+
+/* Publish the batch's used entries in order, as far as the requests are answered;
+ * a failed read stops there (and the rest of the batch, answered or not, is the
+ * model's again: it reruns them). Returns how many it published. */
+static int publish_ready(struct dp_queue *q, int from, int n, int *failed)
+{
+    int i;
+    for (i = from; i < n; i++) {
+        struct dp_slot *slot = &q->batch[i];
+        if (slot->job) {
+            if (!__atomic_load_n(&slot->job->done, __ATOMIC_ACQUIRE))
+                break;
+            if (slot->job->result < 0) {
+                *failed = 1;
+                break;
+            }
+            *slot->status = S_OK;
+        }
+        q->c.next_avail++;
+        add_used(q, slot->head, slot->used);
+        q->completed++;
+    }
+    return i - from;
+}
+
+/* Serve everything available; DP_EXIT_RUNNING when the ring is empty (and
+ * notifications are enabled again), else why the thread must end. Requests are
+ * taken in batches: a read the page cache cannot answer at once goes to the
+ * workers while the ring thread walks on; used entries go out in ring order, so
+ * next_avail is always where the model would carry on. */
+static int process(struct dp_queue *q)
+{
+    for (;;) {
+        int did = 0, reason = DP_EXIT_RUNNING, n = 0, published = 0, failed = 0, deferred = 0;
+        uint16_t base = q->c.next_avail;    /* ring position of batch[0] */
+        uint16_t pending = (uint16_t)(avail_idx(q) - base);
+        if (pending > q->c.size)
+            return DP_EXIT_HANDBACK;         /* the model calls the ring broken */
+        while (n < DP_BATCH && n < pending && !__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+            struct dp_slot *slot = &q->batch[n];
+            slot->head = avail_ring(q, (uint16_t)(base + n) % q->c.size);
+            slot->job = NULL;
+            int nsegs;
+            if (dp_walk_chain(q->c.regions, q->c.nregions, q->c.desc_addr, q->c.size, q->c.indirect,
+                              slot->head, q->segs, DP_MAX_SEGS, &nsegs) != DP_WALK_OK) {
+                reason = DP_EXIT_HANDBACK;
+                break;
+            }
+            int64_t used = execute(q, nsegs, slot, &q->jobs[n]);
+            if (used == EXEC_HANDBACK) {
+                reason = DP_EXIT_HANDBACK;
+                break;
+            }
+            if (used == EXEC_DEFERRED)
+                deferred = 1;
+            else
+                slot->used = (uint32_t)used;
+            n++;
+            /* Answered requests go out at once unless a read ahead of them waits. */
+            if (published == n - 1 && !slot->job) {
+                published += publish_ready(q, published, n, &failed);
+                did = 1;
+            }
+        }
+        if (deferred)
+            wait_for_workers(q);
+        if (published < n && !failed) {
+            published += publish_ready(q, published, n, &failed);
+            did = 1;
+        }
+        if (did)
+            signal_used(q);
+        if (failed)
+            reason = DP_EXIT_HANDBACK;       /* at the read that failed */
+        if (reason != DP_EXIT_RUNNING)
+            return reason;
+        if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
+            return DP_EXIT_STOPPED;
+        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail))
+            continue;
+        if (!enable_notification(q))
+            return DP_EXIT_RUNNING;
+    }
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, 8) < 0 && errno == EINTR)
+        ;
+}
+
+static void *dp_thread(void *arg)
+{
+    struct dp_queue *q = arg;
+    int reason;
+    for (;;) {
+        reason = process(q);
+        if (reason != DP_EXIT_RUNNING)
+            break;
+        struct pollfd fds[2] = {{q->c.kick_fd, POLLIN, 0}, {q->stop_fd, POLLIN, 0}};
+        int r = poll(fds, 2, -1);
+        if (r < 0 && errno != EINTR) {
+            reason = DP_EXIT_HANDBACK;
+            break;
+        }
+        if (fds[1].revents || __atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+            reason = DP_EXIT_STOPPED;
+            break;
+        }
+        if (fds[0].revents & POLLIN)
+            drain(q->c.kick_fd);
+    }
+    stop_workers(q);
+    q->exit_reason = reason;
+    if (reason == DP_EXIT_HANDBACK) {
+        uint64_t one = 1;
+        ssize_t w;
+        do w = write(q->c.handback_fd, &one, 8); while (w < 0 && errno == EINTR);
+    }
+    return NULL;
+}
+
+struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
+{
+    struct dp_queue *q;
+    uint32_t size = cfg->size;
+    *err = EINVAL;
+    if (size == 0 || size > MAX_QUEUE_SIZE || (size & (size - 1)) || cfg->nregions < 0
+        || cfg->nregions > DP_MAX_REGIONS)
+        return NULL;
+    q = calloc(1, sizeof *q);
+    if (!q) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    q->c = *cfg;
+    q->desc = gpa_to_host(cfg->regions, cfg->nregions, cfg->desc_addr, 16ull * size);
+    q->avail = gpa_to_host(cfg->regions, cfg->nregions, cfg->avail_addr, 4 + 2ull * size + 2);
+    q->used = gpa_to_host(cfg->regions, cfg->nregions, cfg->used_addr, 4 + 8ull * size + 2);
+    if (!q->desc || !q->avail || !q->used || cfg->desc_addr % 16 || cfg->avail_addr % 2 || cfg->used_addr % 4) {
+        free(q);
+        return NULL;
+    }
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_cond_init(&q->work_cv, NULL);
+    pthread_cond_init(&q->done_cv, NULL);
+    q->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->stop_fd < 0) {
+        *err = errno;
+        free(q);
+        return NULL;
+    }
+    /* Signals are the Python main thread's business (CPython's handlers only set
+     * a flag there): the I/O thread starts with all of them blocked, as QEMU's
+     * iothreads do, so none interrupts it or lands where no handler runs. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int r = pthread_create(&q->thread, NULL, dp_thread, q);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r) {
+        *err = r;
+        close(q->stop_fd);
+        free(q);
+        return NULL;
+    }
+    *err = 0;
+    return q;
+}
+
+void dp_stop(struct dp_queue *q, struct dp_indices *out)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
+    while (write(q->stop_fd, &one, 8) < 0 && errno == EINTR)
+        ;
+    pthread_join(q->thread, NULL);
+    out->next_avail = q->c.next_avail;
+    out->next_used = q->c.next_used;
+    out->signalled_valid = q->c.signalled_valid;
+    out->signalled_used = q->c.signalled_used;
+    out->exit_reason = q->exit_reason;
+    out->completed = q->completed;
+    out->deferred = q->deferred;
+    close(q->stop_fd);
+    pthread_cond_destroy(&q->done_cv);
+    pthread_cond_destroy(&q->work_cv);
+    pthread_mutex_destroy(&q->lock);
+    free(q);
+}

@@ -1,0 +1,188 @@
+"""The native virtio-blk data plane's Python side: hand a queue to its C thread and take it back.
+
+The C thread (c_ext/dataplane/blk_dataplane.c) serves one split virtqueue from its
+doorbell eventfd: reads and writes inside the disk, flushes, GET_ID, well-formed
+DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight between the raw image
+and guest RAM, with the same ring checks as queue.py. It
+never decides anything the device model decides: at the first request it does not
+serve exactly as the model would (a bad descriptor, a host I/O error, a request
+type, range or layout it leaves to the model) it stops before consuming that
+request and writes its hand-back eventfd; the transport then takes the queue
+indices back into the SplitQueue and lets the model carry on from there.
+
+Reads the page cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker
+threads, so up to 32 of a batch wait on the disk together; used entries still go
+out in ring order, so the hand-back point is always a ring position. A worker's
+failed read hands the queue back at that request; the requests after it in the
+batch were done but not answered, and the model does them again (a read or write
+of the same bytes twice is what an in-flight request may see anyway).
+
+Interrupts: with MSI-X on and the queue's vector unmasked, the thread writes the
+vector's own eventfd (an irqfd under KVM: no Python on the way). Otherwise (INTx
+with its ISR bit, a masked vector whose pending bit the capability keeps) it writes
+a call eventfd that the transport turns into the interrupt on the event loop; the
+transport restarts the thread when the guest changes which applies. Whether the
+driver wants an interrupt at all (EVENT_IDX, NO_INTERRUPT) is decided in C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ...memory import GuestMemory
+from .queue import SplitQueue
+
+log = logging.getLogger(__name__)
+
+try:
+    from ._dataplane_cffi import ffi, lib
+except ImportError as _e:  # an in-place checkout without `setup.py build_ext`
+    ffi = lib = None
+    _IMPORT_ERROR = str(_e)
+else:
+    _IMPORT_ERROR = ""
+
+#: ``[[disk]] dataplane`` / ``--drive dataplane=`` values
+DATAPLANE_MODES = ("native", "python")
+
+
+def available() -> bool:
+    """Whether the native module was built (``setup.py build_ext``, or a pip install)."""
+    return lib is not None
+
+
+def unavailable_reason() -> str:
+    return _IMPORT_ERROR
+
+
+@dataclass(frozen=True)
+class BlkBackend:
+    """What a virtio-blk model lets its data plane do on its own, as plain values."""
+
+    fd: int
+    capacity: int            # in 512-byte sectors
+    read_only: bool
+    write_through: bool      # FLUSH not negotiated: each write durable before its used entry
+    guarded_bytes: int       # writes below this offset stay with the model
+    serial: bytes            # GET_ID's answer, at most 20 bytes
+    discard: bool = False    # DISCARD and WRITE_ZEROES offered
+
+
+@dataclass(frozen=True)
+class StopInfo:
+    handed_back: bool        # the thread stopped at a request the model must answer
+    completed: int           # requests the thread answered
+    deferred: int            # reads of them its workers did (the page cache had not the data)
+
+
+class RegionPointers:
+    """Guest RAM as (gpa, size, host pointer) for C, kept alive with the memory."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        if len(memory.regions) > lib.DP_MAX_REGIONS:
+            raise ValueError(f"{len(memory.regions)} RAM regions > {lib.DP_MAX_REGIONS}")
+        # The address only, no buffer export held: an exported memoryview in a garbage
+        # cycle cannot be cleared (and GuestMemory.close could not unmap). The mmaps
+        # are kept referenced; the transport stops its threads before the machine
+        # closes the memory.
+        self.regions = []
+        for r in memory.regions:
+            buf = ffi.from_buffer("uint8_t[]", r.view, require_writable=True)
+            self.regions.append((r.gpa, r.size, int(ffi.cast("uintptr_t", buf))))
+            ffi.release(buf)
+        self._mappings = [r.mm for r in memory.regions]
+
+    def fill(self, array) -> int:
+        for i, (gpa, size, host) in enumerate(self.regions):
+            array[i].gpa = gpa
+            array[i].size = size
+            array[i].host = ffi.cast("uint8_t *", host)
+        return len(self.regions)
+
+
+class NativeQueue:
+    """One queue served by a C thread from ``start`` until ``stop``."""
+
+    def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int,
+                 irq_fd: int | None = None) -> None:
+        self.queue = queue
+        self.irq_fd = irq_fd
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        cfg = ffi.new("struct dp_config *")
+        cfg.nregions = regions.fill(cfg.regions)
+        cfg.size = queue.size
+        cfg.desc_addr, cfg.avail_addr, cfg.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
+        cfg.event_idx, cfg.indirect = int(queue.event_idx), int(queue.indirect)
+        cfg.fd = backend.fd
+        cfg.capacity = backend.capacity
+        cfg.read_only = int(backend.read_only)
+        cfg.write_through = int(backend.write_through)
+        cfg.guarded_bytes = backend.guarded_bytes
+        cfg.discard = int(backend.discard)
+        ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
+        cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
+        cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
+        cfg.next_avail, cfg.next_used = queue.next_avail, queue.next_used
+        cfg.signalled_valid = int(queue.signalled_used is not None)
+        cfg.signalled_used = queue.signalled_used or 0
+        self._regions = regions
+        err = ffi.new("int *")
+        self._handle = lib.dp_start(cfg, err)
+        if self._handle == ffi.NULL:
+            self._close_fds()
+            raise OSError(err[0], f"data plane did not start: {os.strerror(err[0])}")
+
+    def stop(self) -> StopInfo:
+        """Join the thread (it finishes the request in hand) and put the ring
+        indices back into the SplitQueue, which carries on from there."""
+        out = ffi.new("struct dp_indices *")
+        lib.dp_stop(self._handle, out)
+        self._handle = None
+        q = self.queue
+        q.next_avail = out.next_avail
+        q.next_used = out.next_used
+        q.signalled_used = out.signalled_used if out.signalled_valid else None
+        return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
+                        deferred=out.deferred)
+
+    def take_interrupt(self) -> bool:
+        """Whether the thread asked for an interrupt through the call eventfd since
+        the last call (never when it raises the MSI-X vector itself)."""
+        try:
+            os.eventfd_read(self.call_fd)
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        """After ``stop``: release the eventfds."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.call_fd, self.handback_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.call_fd = self.handback_fd = -1
+
+
+def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool, head: int,
+               regions: RegionPointers | None = None) -> list[tuple[int, int, bool]] | None:
+    """The C walker's view of one chain: its buffers as (gpa, len, writable), or
+    None where it refuses the chain. The entry point the tests hold against
+    SplitQueue; the data plane's threads call the same C function."""
+    regions = regions or RegionPointers(memory)
+    arr = ffi.new("struct dp_region[]", lib.DP_MAX_REGIONS)
+    n = regions.fill(arr)
+    segs = ffi.new("struct dp_seg[]", lib.DP_MAX_SEGS)
+    nsegs = ffi.new("int *")
+    rc = lib.dp_walk_chain(arr, n, desc_addr, size, int(indirect), head, segs, lib.DP_MAX_SEGS, nsegs)
+    if rc == lib.DP_WALK_TOO_LONG:
+        raise OverflowError(f"chain has more than {lib.DP_MAX_SEGS} buffers")
+    if rc != lib.DP_WALK_OK:
+        return None
+    return [(segs[i].gpa, segs[i].len, bool(segs[i].writable)) for i in range(nsegs[0])]
