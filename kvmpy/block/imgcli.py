@@ -15,7 +15,7 @@ import re
 import sys
 
 from ..errors import ImageError, UserError
-from . import open_image, probe_format
+from . import open_image, readable_format
 from .driver import create_image_file
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
@@ -141,7 +141,7 @@ def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None
     if backing:
         bpath = _resolve_backing(path, backing)
         if backing_fmt is None:
-            backing_fmt = probe_format(bpath)
+            backing_fmt = readable_format(bpath)
         with open_image(bpath, backing_fmt, read_only=True) as b:
             if size is None:
                 size = b.size
@@ -241,7 +241,7 @@ def cmd_info(args) -> int:
             raise ImageError(f"{path}: backing chain loops back to {path}")
         seen.add(real)
         # Opening the top alone keeps info usable on images whose backing file is missing.
-        drv = _open_for_info(path, pfmt)
+        drv = _open_for_info(path, pfmt, args.force_share)
         try:
             d = image_info(drv)
         finally:
@@ -260,11 +260,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _open_for_info(path, fmt):
-    fmt = fmt or probe_format(path)
+def _open_for_info(path, fmt, force_share=False):
+    fmt = readable_format(path, fmt)
     if fmt == "qcow2":
-        return _Qcow2NoBacking(path, read_only=True)
-    return open_image(path, fmt, read_only=True)
+        return _Qcow2NoBacking(path, read_only=True, force_share=force_share)
+    return open_image(path, fmt, read_only=True, force_share=force_share)
 
 
 class _Qcow2NoBacking(Qcow2Driver):
@@ -278,12 +278,15 @@ class _Qcow2NoBacking(Qcow2Driver):
 
 def cmd_check(args) -> int:
     from .check import check_image
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         print("This image format does not support checks", file=sys.stderr)
         return 63
     repair = args.repair
-    drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair))
+    if repair and args.force_share:
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only checks, not -r")
+    drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair),
+                          force_share=args.force_share)
     try:
         res = check_image(drv, repair=repair)
         if repair and (res.leaks_fixed or res.corruptions_fixed):
@@ -325,7 +328,13 @@ def cmd_check(args) -> int:
 
 # ------------------------------------------------------------------ resize
 
+def _refuse_force_share(args, what: str) -> None:
+    if getattr(args, "force_share", False):
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only use, not {what}")
+
+
 def cmd_resize(args) -> int:
+    _refuse_force_share(args, "resize")
     sign, amount = parse_size(args.size, "size", allow_sign=True)
     fmt = _format_arg(args.format, "image")
     with open_image(args.filename, fmt) as drv:
@@ -498,20 +507,20 @@ def cmd_convert(args) -> int:
         raise UserError("-B and -n together: the existing target keeps its own backing file")
     if args.compress and (backing or sparse == 0):
         raise UserError("compression (-c) cannot be combined with -B or -S 0")
-    with open_image(args.source, src_fmt, read_only=True) as src:
+    with open_image(args.source, src_fmt, read_only=True, force_share=args.force_share) as src:
         if args.no_create:
             if opts:
                 raise UserError(f"-o {','.join(opts)}: no image is created with -n")
             if not os.path.exists(args.dest):
                 raise ImageError(f"{args.dest}: target image not found (-n uses an existing image)")
-            if probe_format(args.dest) != out_fmt:
+            if readable_format(args.dest) != out_fmt:
                 raise ImageError(f"{args.dest}: target is not a {out_fmt} image (give its format with -O)")
         else:
             if backing:
                 bpath = _resolve_backing(args.dest, backing)
                 if not os.path.exists(bpath):
                     raise ImageError(f"{bpath}: backing file not found")
-                backing_fmt = backing_fmt or probe_format(bpath)
+                backing_fmt = backing_fmt or readable_format(bpath)
             create_image(args.dest, out_fmt, src.size, opts, backing=backing, backing_fmt=backing_fmt, quiet=True)
         with open_image(args.dest, out_fmt) as dst:
             if dst.size < src.size:
@@ -536,7 +545,7 @@ def cmd_convert(args) -> int:
 # ------------------------------------------------------------------- rebase
 
 def cmd_rebase(args) -> int:
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: only qcow2 images have a backing file to rebase")
     new = args.backing
@@ -547,7 +556,7 @@ def cmd_rebase(args) -> int:
             if not args.unsafe:
                 raise ImageError(f"{new_path}: new backing file not found")
         elif new_fmt is None:
-            new_fmt = probe_format(new_path)
+            new_fmt = readable_format(new_path)
     if args.unsafe:
         drv = _Qcow2NoBacking(args.filename)
         try:
@@ -556,7 +565,7 @@ def cmd_rebase(args) -> int:
             drv.close()
         return 0
     with open_image(args.filename, "qcow2") as drv:
-        newb = open_image(new_path, new_fmt, read_only=True) if new else None
+        newb = open_image(new_path, new_fmt, read_only=True, force_share=args.force_share) if new else None
         try:
             _safe_rebase(drv, newb, args.progress)
         finally:
@@ -607,13 +616,19 @@ def _read_or_zero(drv, view, pos):
 # ------------------------------------------------------------------- commit
 
 def cmd_commit(args) -> int:
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    _refuse_force_share(args, "commit")
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: only qcow2 images can be committed into a backing file")
     with open_image(args.filename, "qcow2") as top:
         if top.backing is None:
             raise UserError(f"{args.filename}: image has no backing file to commit into")
+        # The overlay holds its backing file read-only, with the reader's locks that
+        # keep writers out (this one too): hand the overlay the writable open instead.
+        top.backing.close()
+        top.backing = None
         base = open_image(top.backing_path(), top.header.backing_format, read_only=False)
+        top.backing = base
         try:
             if base.size < top.size:
                 if isinstance(base, RawDriver):
@@ -690,7 +705,7 @@ def _map_one(drv, pos, length, depth):
 
 def cmd_map(args) -> int:
     fmt = _format_arg(args.format, "image")
-    with open_image(args.filename, fmt, read_only=True) as drv:
+    with open_image(args.filename, fmt, read_only=True, force_share=args.force_share) as drv:
         entries = map_image(drv)
         # Human output needs the file each mapped run comes from.
         if args.output != "json":
@@ -730,11 +745,11 @@ def cmd_snapshot(args) -> int:
                                                    ("-d", args.delete)) if value is not None]
     if len(actions) + bool(args.list) != 1:
         raise UserError("snapshot: give exactly one of -l, -c NAME, -a NAME, -d NAME")
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: {fmt} images have no internal snapshots")
     if args.list:
-        drv = _Qcow2NoBacking(args.filename, read_only=True)
+        drv = _Qcow2NoBacking(args.filename, read_only=True, force_share=args.force_share)
         try:
             snaps = [_snap_dict(s) for s in drv.snapshots]
         finally:
@@ -744,6 +759,8 @@ def cmd_snapshot(args) -> int:
             _print_snapshots_from_dicts(snaps)
         return 0
     flag, key = actions[0]
+    if args.force_share:
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only use (snapshot -l)")
     # The backing chain is not needed: snapshots only move references within this file.
     drv = _Qcow2NoBacking(args.filename)
     try:
@@ -823,6 +840,7 @@ def register(subparsers) -> None:
     p.add_argument("size", nargs="?")
 
     p = add("info", cmd_info, "show image information")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--json", dest="output", action="store_const", const="json")
@@ -830,6 +848,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("check", cmd_check, "check (and repair) qcow2 refcounts")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-r", dest="repair", choices=("leaks", "all"))
     p.add_argument("--output", choices=("human", "json"), default="human")
@@ -837,6 +856,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("resize", cmd_resize, "grow or shrink an image")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--shrink", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
@@ -844,6 +864,7 @@ def register(subparsers) -> None:
     p.add_argument("size", help="[+-]SIZE")
 
     p = add("rebase", cmd_rebase, "change an image's backing file")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-b", dest="backing", required=True)
     p.add_argument("-F", dest="backing_format")
@@ -852,6 +873,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("convert", cmd_convert, "copy an image, possibly to another format")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-O", dest="output_format")
     p.add_argument("-o", dest="options", action="append")
@@ -865,17 +887,20 @@ def register(subparsers) -> None:
     p.add_argument("dest")
 
     p = add("commit", cmd_commit, "write an overlay's changes into its backing file")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-d", dest="skip_empty", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("filename")
 
     p = add("map", cmd_map, "show where guest data lives")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("filename")
 
     p = add("snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-l", dest="list", action="store_true")
     p.add_argument("-c", dest="create", metavar="NAME")

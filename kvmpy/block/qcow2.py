@@ -28,6 +28,7 @@ from collections import OrderedDict
 
 from ..errors import ImageError
 from .driver import BlockDriver, create_image_file, full_preadv, full_pwritev, write_zero_bytes
+from .locking import lock_image, mode_for
 from .qcow2_format import (MAGIC, L1E_OFFSET_MASK, L1E_RESERVED, L2E_OFFSET_MASK, L2E_STD_RESERVED,
                            RT_RESERVED, OFLAG_COPIED, OFLAG_COMPRESSED, OFLAG_ZERO, INCOMPAT_DIRTY,
                            INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION,
@@ -399,8 +400,10 @@ class Qcow2Driver(BlockDriver):
     METADATA_DIRTY_LIMIT = 512
 
     def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
-                 require_backing_format: bool = False):
+                 require_backing_format: bool = False, force_share: bool = False):
         self.path = path
+        # -U: no locks here nor down the chain (read-only inspection of a busy image).
+        self.force_share = force_share
         self.read_only = read_only
         # Set for a probed image: its backing chain is only followed where each
         # image names its backing file's format (never probe a file it points at).
@@ -422,6 +425,8 @@ class Qcow2Driver(BlockDriver):
         except OSError as e:
             raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
         try:
+            if not force_share:
+                lock_image(self.fd, path, mode_for(read_only))
             self._open(_chain + (real,), _repairing)
         except BaseException:
             self.close()
@@ -521,8 +526,9 @@ class Qcow2Driver(BlockDriver):
         from . import open_image
         if self.require_backing_format and fmt == "qcow2":
             # The rule holds down the whole chain.
-            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True)
-        return open_image(bpath, format=fmt, read_only=True, _chain=chain)
+            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True,
+                               force_share=self.force_share)
+        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share)
 
     # ------------------------------------------------------------- L1 / L2
 
