@@ -1413,9 +1413,11 @@ class Qcow2Driver(BlockDriver):
     def resize(self, new_size: int) -> None:
         self._prepare_write()
         self._metadata_changed()     # L2 tables past the new end are dropped below
-        if self.snapshots:
-            raise ImageError(f"{self.path}: cannot resize an image with internal snapshots "
-                             f"(delete them first, as with qemu-img)")
+        # A v3 snapshot records its own disk size (applying it restores that size), so
+        # the active layer may change size freely, as in QEMU 7.2; a v2 snapshot does
+        # not, and applying it after a resize would give its tables the wrong size.
+        if self.snapshots and self.header.version < 3:
+            raise ImageError(f"{self.path}: can't resize a v2 (compat=0.10) image which has snapshots")
         cs = self.cluster_size
         if new_size % 512:
             raise ImageError(f"{self.path}: new size {new_size} is not a multiple of 512")
@@ -1425,14 +1427,13 @@ class Qcow2Driver(BlockDriver):
             if first * cs < old:
                 for ci in range(first, -(-old // cs)):
                     l2off = self._l2_offset(ci >> self.l2_bits)
-                    if not l2off:
+                    if not l2off or not self._load_l2(l2off)[ci & (self.l2_entries - 1)]:
                         continue
-                    t = self._load_l2(l2off)
-                    i = ci & (self.l2_entries - 1)
-                    if t[i]:
-                        self._free_entry_later(t[i], ci)
-                        t[i] = 0
-                        self.dirty_l2.add(l2off)
+                    # A table a snapshot shares is copied first, never cleared in place.
+                    t, i, l2off = self._l2_for_write(ci)
+                    self._free_entry_later(t[i], ci)
+                    t[i] = 0
+                    self.dirty_l2.add(l2off)
             self._writeback()
             # L2 tables wholly past the end are dropped from the L1 table.
             first_l1 = -(-first // self.l2_entries)
