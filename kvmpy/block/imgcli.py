@@ -11,66 +11,16 @@ import datetime
 import functools
 import json
 import os
-import re
 import sys
 
 from ..errors import ImageError, UserError
-from . import open_image, readable_format
+from . import compare, open_image, readable_format
 from .driver import create_image_file
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .raw import RawDriver
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-             "e": 1 << 60}
-_SIZE_RE = re.compile(r"^([+-]?)(\d+(?:\.\d+)?)([bkmgtpe]?)(?:i?b)?$", re.IGNORECASE)
-
-
-def parse_size(text: str, what: str = "size", allow_sign: bool = False):
-    """'4G', '512M', '1024', '1.5G' -> bytes; with allow_sign returns (sign, bytes)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise UserError(f"invalid {what} {text!r} (use e.g. 1024, 512M, 4G)")
-    sign, num, suffix = m.groups()
-    if sign and not allow_sign:
-        raise UserError(f"invalid {what} {text!r}: a sign is only allowed for resize")
-    value = float(num) * _SUFFIXES[suffix.lower()] if "." in num else int(num) * _SUFFIXES[suffix.lower()]
-    value = int(value)
-    if value > (1 << 63) - 1:
-        raise UserError(f"invalid {what} {text!r}: too large")
-    return (sign, value) if allow_sign else value
-
-
-def human_size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        n /= 1024
-        if n < 1024 or unit == "EiB":
-            s = f"{n:.3g}"
-            return f"{s} {unit}"
-    return f"{n} B"
-
-
-def parse_options(opts: list[str]) -> dict:
-    out = {}
-    for group in opts or []:
-        for item in group.split(","):
-            if not item:
-                continue
-            if "=" not in item:
-                raise UserError(f"invalid -o option {item!r} (expected key=value)")
-            k, v = item.split("=", 1)
-            out[k.strip().replace("-", "_")] = v.strip()
-    return out
-
-
-def _onoff(key, v) -> bool:
-    if v in ("on", "true", "yes"):
-        return True
-    if v in ("off", "false", "no"):
-        return False
-    raise UserError(f"invalid value {v!r} for -o {key} (on/off)")
+from .options import _onoff, human_size, parse_options, parse_size  # noqa: F401  (re-exported)
 
 
 def _format_arg(fmt: str | None, what: str) -> str | None:
@@ -892,6 +842,8 @@ def register(subparsers) -> None:
     p.add_argument("-d", dest="skip_empty", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("filename")
+
+    compare.register(add)
 
     p = add("map", cmd_map, "show where guest data lives")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
