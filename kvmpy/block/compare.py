@@ -105,11 +105,9 @@ def _first_different_sector(a: bytes, b: bytes) -> int:
 def compare_images(drv1, drv2, name1: str, name2: str, strict: bool, say) -> int:
     """qemu-img compare's walk; say(line) prints unless quiet. Returns the exit status."""
     size1, size2 = drv1.size, drv2.size
-    if size1 != size2:
-        if strict:
-            say("Strict mode: Image size mismatch!")
-            return 1
-        say("Warning: Image size mismatch!")
+    if size1 != size2 and strict:
+        say("Strict mode: Image size mismatch!")
+        return 1
     common = min(size1, size2)
     off = 0
     while off < common:
@@ -136,6 +134,8 @@ def compare_images(drv1, drv2, name1: str, name2: str, strict: bool, say) -> int
                 return 1
         off += chunk
     if size1 != size2:
+        # qemu-img warns only once the common part compared equal
+        say("Warning: Image size mismatch!")
         drv, name, end = (drv1, name1, size1) if size1 > size2 else (drv2, name2, size2)
         while off < end:
             n = min(end - off, IO_BUF_SIZE)
