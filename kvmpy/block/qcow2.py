@@ -474,6 +474,7 @@ class Qcow2Driver(BlockDriver):
         self.dirty_rt = set()
         self.pending_frees = []       # host cluster indices to decrement after tables are durable
         self.free_hint = 0
+        self.first_free_seen = None
         self.compressed_cursor = 0    # byte offset inside a cluster holding compressed data
         self.decompressed = (None, None)
         self.write_prepared = False
@@ -747,20 +748,45 @@ class Qcow2Driver(BlockDriver):
         return -(-self.file_size // self.cluster_size)
 
     def _find_free(self, n: int, start: int) -> int:
+        """First run of n free clusters at or after ``start``.
+
+        Also leaves in self.first_free_seen the first free cluster it met, so that
+        the allocator can move its hint past a region it just filled (a hint left
+        behind makes every later search rescan the whole image: quadratic)."""
         c = start
         run = 0
+        self.first_free_seen = None
+        rb_entries = self.rb_entries
+        bits = self.refcount_bits
+        width = bits >> 3
+        zero = bytes(width) if width else b""
         while True:
-            t = c // self.rb_entries
+            t = c // rb_entries
             b = self._rb_load(t)
             if b is None:
                 # A whole unallocated block: every cluster in it is free.
-                step = (t + 1) * self.rb_entries - c
+                if self.first_free_seen is None:
+                    self.first_free_seen = c
+                step = (t + 1) * rb_entries - c
                 run += step
                 if run >= n:
                     return c + step - run
                 c += step
                 continue
-            if self._rc_get_in(b, c % self.rb_entries) == 0:
+            i = c % rb_entries
+            if width and run == 0:
+                # Skip the allocated stretch in C: the next all-zero, aligned entry.
+                pos = b.find(zero, i * width)
+                while pos >= 0 and pos % width:
+                    pos = b.find(zero, pos + width - pos % width)
+                if pos < 0:
+                    c = (t + 1) * rb_entries
+                    continue
+                c = t * rb_entries + pos // width
+                i = pos // width
+            if self._rc_get_in(b, i) == 0:
+                if self.first_free_seen is None:
+                    self.first_free_seen = c
                 run += 1
                 if run >= n:
                     return c - n + 1
@@ -785,8 +811,9 @@ class Qcow2Driver(BlockDriver):
         self.check_overlap(start * self.cluster_size, n * self.cluster_size)
         for c in range(start, start + n):
             self._set_refcount(c, 1)
-        if n == 1:
-            self.free_hint = start + 1
+        first = self.first_free_seen
+        # No free cluster lies between the old hint and the first free one seen.
+        self.free_hint = start + n if first is None or first >= start else first
         self.file_size = max(self.file_size, (start + n) * self.cluster_size)
         return start * self.cluster_size
 
