@@ -58,7 +58,8 @@ def readable_format(path: str, format: str | None = None) -> str:
 
 
 def open_image(path: str, format: str | None = None, read_only: bool = False,
-               _chain: tuple = (), guard_probe: bool = False, force_share: bool = False) -> BlockDriver:
+               _chain: tuple = (), guard_probe: bool = False, force_share: bool = False,
+               l2_cache_size: int | None = None, cache_clean_interval: float | None = None) -> BlockDriver:
     """Open a disk image; format None probes it by its magic (see formats.py).
 
     guard_probe (for disks a guest writes to): when the format is probed, a raw
@@ -72,6 +73,10 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
     (locking.py) for as long as the driver is open: a writer keeps everyone else
     from writing, a reader keeps writers away. force_share (qemu-img's -U) takes
     no locks and is for read-only opens only.
+
+    l2_cache_size (bytes) and cache_clean_interval (seconds, 0 never) are QEMU's
+    qcow2 options of the same names, with QEMU's defaults; a raw image has no
+    tables to cache and ignores them.
     """
     path = os.fspath(path)
     _refuse_non_image(path)
@@ -91,7 +96,8 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
     if format == "qcow2":
         from .qcow2 import Qcow2Driver
         return Qcow2Driver(path, read_only=read_only, _chain=_chain,
-                           require_backing_format=guard_probe and probed, force_share=force_share)
+                           require_backing_format=guard_probe and probed, force_share=force_share,
+                           l2_cache_size=l2_cache_size, cache_clean_interval=cache_clean_interval)
     if probed:
         raise ImageError(unreadable_message(path, format))
     raise ImageError(f"{path}: unknown image format {format!r} (supported: {', '.join(FORMATS)})")

@@ -22,6 +22,7 @@ import bisect
 import functools
 import os
 import threading
+import time
 import struct
 import zlib
 from collections import OrderedDict
@@ -396,12 +397,25 @@ def _locked(method):
 
 class Qcow2Driver(BlockDriver):
     format = "qcow2"
-    L2_CACHE_BYTES = 32 << 20
+    # QEMU 7.2 on Linux: the L2 cache covers the whole image up to 32 MiB of tables
+    # (DEFAULT_L2_CACHE_MAX_SIZE), at least 2 tables; tables unused for
+    # cache-clean-interval seconds (600) are dropped.
+    L2_CACHE_MAX_BYTES = 32 << 20
+    MIN_L2_CACHE_TABLES = 2
+    CACHE_CLEAN_INTERVAL = 600.0
     METADATA_DIRTY_LIMIT = 512
 
     def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
-                 require_backing_format: bool = False, force_share: bool = False):
+                 require_backing_format: bool = False, force_share: bool = False,
+                 l2_cache_size: int | None = None, cache_clean_interval: float | None = None):
         self.path = path
+        if l2_cache_size is not None and l2_cache_size < 0:
+            raise ImageError(f"{path}: l2-cache-size {l2_cache_size} must not be negative")
+        if cache_clean_interval is not None and cache_clean_interval < 0:
+            raise ImageError(f"{path}: cache-clean-interval {cache_clean_interval} must not be negative")
+        self._l2_cache_request = l2_cache_size
+        self.cache_clean_interval = (self.CACHE_CLEAN_INTERVAL if cache_clean_interval is None
+                                     else cache_clean_interval)
         # -U: no locks here nor down the chain (read-only inspection of a busy image).
         self.force_share = force_share
         self.read_only = read_only
@@ -467,6 +481,13 @@ class Qcow2Driver(BlockDriver):
                 raise ImageError(f"{path}: refcount table entry {i}: refcount block offset {e} is "
                                  f"{'not cluster aligned' if e % cs else 'outside the file'}")
         self.l2_cache = OrderedDict()
+        # Enough tables to map the whole image, capped as QEMU caps it.
+        whole = -(-(-(-h.size // cs) * 8) // cs) * cs
+        request = self._l2_cache_request
+        wanted = min(whole, self.L2_CACHE_MAX_BYTES) if request is None else request
+        self.l2_cache_tables = max(self.MIN_L2_CACHE_TABLES, wanted // cs)
+        self.l2_used = set()          # tables used since the last clean
+        self.next_clean = time.monotonic() + self.cache_clean_interval
         self.dirty_l2 = set()
         self.dirty_l1 = set()
         self.rb_cache = {}
@@ -539,6 +560,10 @@ class Qcow2Driver(BlockDriver):
         return self.l1[l1_index] & L1E_OFFSET_MASK
 
     def _load_l2(self, off: int) -> array.array:
+        if self.cache_clean_interval:
+            self.l2_used.add(off)
+            if time.monotonic() >= self.next_clean:
+                self._clean_l2_cache()
         t = self.l2_cache.get(off)
         if t is not None:
             self.l2_cache.move_to_end(off)
@@ -553,8 +578,17 @@ class Qcow2Driver(BlockDriver):
         self._evict_l2()
         return t
 
+    def _clean_l2_cache(self) -> None:
+        """Drop the clean tables nobody used for a whole interval (QEMU's
+        cache-clean-interval): a VM that once read its whole disk does not keep
+        32 MiB of tables forever. Dirty tables stay until they are written."""
+        for off in [o for o in self.l2_cache if o not in self.l2_used and o not in self.dirty_l2]:
+            del self.l2_cache[off]
+        self.l2_used.clear()
+        self.next_clean = time.monotonic() + self.cache_clean_interval
+
     def _evict_l2(self):
-        limit = max(16, self.L2_CACHE_BYTES // self.cluster_size)
+        limit = self.l2_cache_tables
         if len(self.l2_cache) <= limit:
             return
         for off in list(self.l2_cache):
@@ -1098,7 +1132,10 @@ class Qcow2Driver(BlockDriver):
         self._writeback(sync=True)
 
     def _maybe_writeback(self):
-        if len(self.dirty_l2) + len(self.dirty_rb) > self.METADATA_DIRTY_LIMIT:
+        # Between requests only: mid-request a table may be half updated. Dirty
+        # tables the cache has no room for go out so that they can be evicted.
+        if (len(self.dirty_l2) + len(self.dirty_rb) > self.METADATA_DIRTY_LIMIT
+                or (self.dirty_l2 and len(self.l2_cache) > self.l2_cache_tables)):
             self._writeback()
 
     def _prepare_write(self):
