@@ -14,9 +14,12 @@ from ..pathcheck import refuse_special_file
 from .driver import BlockDriver
 from .formats import probe_file, unreadable_message
 
-__all__ = ["BlockDriver", "ImageError", "open_image", "probe_format", "readable_format", "FORMATS"]
+__all__ = ["BlockDriver", "ImageError", "open_image", "probe_format", "readable_format", "FORMATS",
+           "READ_ONLY_FORMATS"]
 
 FORMATS = ("raw", "qcow2")
+# Formats kvmpy reads but never writes: what cloud images and other hypervisors ship.
+READ_ONLY_FORMATS = ("vmdk", "vdi")
 
 
 def _refuse_non_image(path: str) -> None:
@@ -52,7 +55,7 @@ def probe_format(path: str, with_tail: bool = True) -> str:
 def readable_format(path: str, format: str | None = None) -> str:
     """probe_format, refusing (one line naming the format) what kvmpy cannot read."""
     fmt = format or probe_format(path)
-    if fmt not in FORMATS:
+    if fmt not in FORMATS + READ_ONLY_FORMATS:
         raise ImageError(unreadable_message(path, fmt))
     return fmt
 
@@ -98,6 +101,12 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
         return Qcow2Driver(path, read_only=read_only, _chain=_chain,
                            require_backing_format=guard_probe and probed, force_share=force_share,
                            l2_cache_size=l2_cache_size, cache_clean_interval=cache_clean_interval)
+    if format == "vmdk":
+        from .vmdk import VmdkDriver
+        return VmdkDriver(path, read_only=read_only, force_share=force_share)
+    if format == "vdi":
+        from .vdi import VdiDriver
+        return VdiDriver(path, read_only=read_only, force_share=force_share)
     if probed:
         raise ImageError(unreadable_message(path, format))
     raise ImageError(f"{path}: unknown image format {format!r} (supported: {', '.join(FORMATS)})")

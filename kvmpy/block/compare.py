@@ -16,7 +16,7 @@ import json
 import sys
 
 from ..errors import ImageError, UserError
-from . import open_image, readable_format
+from . import FORMATS, READ_ONLY_FORMATS, open_image, readable_format
 from .options import parse_options, parse_size
 from .raw import RawDriver
 
@@ -159,8 +159,8 @@ def cmd_compare(args) -> int:
     try:
         for name, fmt in ((args.image1, args.format1), (args.image2, args.format2)):
             try:
-                if fmt is not None and fmt not in ("raw", "qcow2"):
-                    raise ImageError(f"{name}: unknown image format {fmt!r} (supported: raw, qcow2)")
+                if fmt is not None and fmt not in FORMATS + READ_ONLY_FORMATS:
+                    raise ImageError(f"{name}: unknown image format {fmt!r}")
                 drivers.append(open_image(name, readable_format(name, fmt), read_only=True,
                                           force_share=args.force_share))
             except UserError as e:
@@ -287,8 +287,8 @@ def cmd_measure(args) -> int:
     opts = parse_options(args.options)
     if args.filename:
         fmt = args.format
-        if fmt is not None and fmt not in ("raw", "qcow2"):
-            raise UserError(f"unknown image format {fmt!r} (supported: raw, qcow2)")
+        if fmt is not None and fmt not in FORMATS + READ_ONLY_FORMATS:
+            raise UserError(f"unknown image format {fmt!r} (supported: {', '.join(FORMATS + READ_ONLY_FORMATS)})")
         with open_image(args.filename, readable_format(args.filename, fmt), read_only=True,
                         force_share=args.force_share) as drv:
             res = measure(out_fmt, opts, drv=drv)

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import ImageError, UserError
-from . import compare, open_image, readable_format
+from . import READ_ONLY_FORMATS, compare, open_image, readable_format
 from .driver import create_image_file
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
@@ -24,8 +24,10 @@ from .options import _onoff, human_size, parse_options, parse_size  # noqa: F401
 
 
 def _format_arg(fmt: str | None, what: str) -> str | None:
-    if fmt is not None and fmt not in ("raw", "qcow2"):
-        raise UserError(f"unknown {what} format {fmt!r} (supported: raw, qcow2)")
+    # Images kvmpy only reads may be named as a source; what it writes is raw or qcow2.
+    readable = ("raw", "qcow2") + (READ_ONLY_FORMATS if what in ("image", "source") else ())
+    if fmt is not None and fmt not in readable:
+        raise UserError(f"unknown {what} format {fmt!r} (supported: {', '.join(readable)})")
     return fmt
 
 
