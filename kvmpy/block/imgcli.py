@@ -232,6 +232,8 @@ def cmd_check(args) -> int:
     from .check import check_image
     fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
+        # Opened all the same: a kind of image kvmpy cannot read is refused by name.
+        open_image(args.filename, fmt, read_only=True, force_share=args.force_share).close()
         print("This image format does not support checks", file=sys.stderr)
         return 63
     repair = args.repair
