@@ -1,8 +1,12 @@
-"""Disk images: raw and qcow2 behind one BlockDriver interface.
+"""Disk images: raw and qcow2 (read and write), vmdk and vdi (read-only) behind one
+BlockDriver interface; every other format qemu-img knows is recognised and refused.
 
-    drv = open_image("disk.qcow2")          # format probed: qcow2 magic, else raw
+    drv = open_image("disk.qcow2")          # format probed by its magic (formats.py)
     n = drv.preadv([memoryview(buf)], 4096)  # straight into guest RAM slices
     drv.pwritev([...], off); drv.flush(); drv.close()
+
+Opening locks the image as QEMU does (locking.py), so kvmpy and QEMU keep out of
+each other's images; force_share=True (qemu-img -U) inspects a busy image read-only.
 """
 
 from __future__ import annotations

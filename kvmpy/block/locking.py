@@ -99,11 +99,14 @@ def _holder_pid(fd: int, byte: int) -> int | None:
         if pid == own:
             continue
         try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
         for name in fds:
             try:
+                other = os.stat(f"/proc/{pid}/fd/{name}")
+                if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+                    continue        # another file: its lock list is not read at all
                 with open(f"/proc/{pid}/fdinfo/{name}") as f:
                     text = f.read()
             except OSError:
