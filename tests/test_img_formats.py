@@ -212,3 +212,23 @@ def test_guest_cannot_make_its_raw_disk_another_format(tmp_path, offset, data):
             d.pwrite(data, offset)
         d.pwrite(data, 4096)            # elsewhere it is just data
     assert probe_format(str(img)) == "raw"
+
+
+def test_measure_and_compare_read_only_formats_like_qemu(tmp_path):
+    """Block status of vmdk (plain and compressed grains) and vdi (dynamic, and
+    static over a sparse file) as qemu-img sees it: measure and compare -s agree."""
+    src = _mixed_source(tmp_path / "src.raw")
+    images = [src]
+    for (fmt, opts), name in zip(READABLE, READABLE_IDS):
+        img = tmp_path / f"{name}.{fmt}"
+        subprocess.run([QEMU_IMG, "convert", "-O", fmt, *opts, str(src), str(img)], check=True)
+        images.append(img)
+    for img in images[1:]:
+        q = subprocess.run([QEMU_IMG, "measure", "-O", "qcow2", str(img)], capture_output=True, text=True)
+        assert kimg("measure", "-O", "qcow2", img).stdout == q.stdout, img
+        for other in images:
+            for flags in ([], ["-s"]):
+                q = subprocess.run([QEMU_IMG, "compare", *flags, str(img), str(other)], capture_output=True,
+                                   text=True)
+                k = kimg("compare", *flags, img, other, rc=q.returncode)
+                assert k.stdout == q.stdout, (img, other, flags)

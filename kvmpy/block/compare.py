@@ -13,6 +13,7 @@ on the byte.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..errors import ImageError, UserError
@@ -28,14 +29,16 @@ class ChainStatus:
     """How a run of guest bytes reads, as QEMU's block status above the whole chain.
 
     allocated: some image of the chain decides the content (a raw file always does);
-    zero: it reads as zeroes without reading data; data: it is stored data."""
-    __slots__ = ("allocated", "zero", "data")
+    zero: it reads as zeroes without reading data; data: it is stored data;
+    offset_valid: it lies uncompressed at a known place of a file (strict compare
+    tells a compressed grain from a plain one by this, as qemu-img does)."""
+    __slots__ = ("allocated", "zero", "data", "offset_valid")
 
-    def __init__(self, allocated: bool, zero: bool, data: bool):
-        self.allocated, self.zero, self.data = allocated, zero, data
+    def __init__(self, allocated: bool, zero: bool, data: bool, offset_valid: bool = True):
+        self.allocated, self.zero, self.data, self.offset_valid = allocated, zero, data, offset_valid
 
     def key(self):
-        return self.allocated, self.zero, self.data
+        return self.allocated, self.zero, self.data, self.offset_valid
 
 
 def chain_status(drv, off: int, length: int) -> tuple[ChainStatus, int]:
@@ -43,16 +46,38 @@ def chain_status(drv, off: int, length: int) -> tuple[ChainStatus, int]:
         data, zero, run = drv.block_status(off, length)
         return ChainStatus(True, not data, data), max(1, min(run, length))
     from .qcow2_format import COMPRESSED, DATA, ZERO
-    kind, _host, run = drv.host_mapping(off, length)
+    kind, host, run = drv.host_mapping(off, length)
     run = max(1, min(run, length))
-    if kind in (DATA, COMPRESSED):
+    if kind == DATA:
+        if getattr(drv, "holes_are_zero", False):
+            # As QEMU asks the file under a preallocated format (a static vdi): stored
+            # data over a hole of the file reads as zeroes too.
+            hole, run = _file_hole(drv.fd, host, run)
+            return ChainStatus(True, hole, True), run
         return ChainStatus(True, False, True), run
+    if kind == COMPRESSED:
+        return ChainStatus(True, False, True, offset_valid=False), run
     if kind == ZERO:
-        return ChainStatus(True, True, False), run
+        return ChainStatus(True, True, False, offset_valid=bool(host)), run
     b = drv.backing
     if b is None or off >= b.size:
-        return ChainStatus(False, True, False), run
+        return ChainStatus(False, True, False, offset_valid=False), run
     return chain_status(b, off, min(run, b.size - off))
+
+
+def _file_hole(fd: int, host: int, run: int) -> tuple[bool, int]:
+    """(whether [host, host+run) starts in a hole of the file, how far that lasts)."""
+    try:
+        data = os.lseek(fd, host, os.SEEK_DATA)
+    except OSError:
+        return True, run            # ENXIO: only a hole from here to the end
+    if data > host:
+        return True, min(run, data - host)
+    try:
+        hole = os.lseek(fd, host, os.SEEK_HOLE)
+    except OSError:
+        return False, run
+    return False, max(1, min(run, hole - host))
 
 
 # ------------------------------------------------------------------ compare

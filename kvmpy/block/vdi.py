@@ -58,6 +58,9 @@ class VdiDriver(GrainDriver):
         self.size = disk_size
         self.grain_size = block_size
         self.data_offset = off_data
+        # A static image is preallocated, mostly as holes of the file: its blocks'
+        # block status looks at the file, as QEMU's BDRV_BLOCK_RECURSE does.
+        self.holes_are_zero = itype == TYPE_STATIC
 
     def _lookup(self, gi: int):
         if gi >= len(self.bmap):
