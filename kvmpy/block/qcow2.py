@@ -638,11 +638,34 @@ class Qcow2Driver(BlockDriver):
             return kind, host, run
         start_host = host + in_cl if kind == DATA else host
         next_host = host + cs
+        # Within one L2 table the common continuations (the next data cluster right
+        # behind this one, another unallocated one) are recognised from the raw
+        # entry: no per-cluster method calls on sequential I/O. Anything else goes
+        # through _classify, which validates it.
+        mask = self.l2_entries - 1
+        table = None
+        file_size = self.file_size
         while run < length:
             ci += 1
-            k2, h2 = self._classify(self._entry(ci), ci)
-            if k2 != kind or (kind == DATA and h2 != next_host):
-                break
+            i = ci & mask
+            if i == 0 or table is None:
+                l2off = self._l2_offset(ci >> self.l2_bits)
+                table = self._load_l2(l2off) if l2off else None
+                if table is None:
+                    if kind != UNALLOC:
+                        break
+                    run = min(run + (self.l2_entries - i) * cs, length)   # the whole table is unallocated
+                    ci += self.l2_entries - i - 1
+                    continue
+            e = table[i]
+            if kind == DATA and e & ~OFLAG_COPIED == next_host and next_host < file_size:
+                pass
+            elif kind == UNALLOC and e == 0:
+                pass
+            else:
+                k2, h2 = self._classify(e, ci)
+                if k2 != kind or (kind == DATA and h2 != next_host):
+                    break
             next_host += cs
             run = min(run + cs, length)
         return kind, start_host, run
