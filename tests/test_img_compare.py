@@ -121,7 +121,17 @@ def test_measure_sizes_like_qemu_img(size, opts):
 def test_measure_images_like_qemu_img(tmp_path):
     raw = make(tmp_path / "a.raw", "raw", "3M", [(4097, 1, 1), (2 << 20, 70000, 2)])
     qc = make(tmp_path / "b.qcow2", "qcow2", "5M", [(0, 512, 1), (3 << 20, 131072, 3)], [(1 << 20, 65536)])
-    for img in (raw, qc):
+    meta = tmp_path / "meta.qcow2"       # clusters allocated over holes of the file
+    assert qimg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", meta, "8M").returncode == 0
+    qio(meta, "write -P 4 1M 64k")
+    falloc = tmp_path / "falloc.qcow2"   # clusters allocated and stored
+    assert qimg("create", "-q", "-f", "qcow2", "-o", "preallocation=falloc", falloc, "4M").returncode == 0
+    for a in (meta, falloc):
+        for b in (raw, qc, meta, falloc):
+            for flags in ([], ["-s"]):
+                q, k = both("compare", *flags, a, b)
+                assert k == q, (a, b, flags)
+    for img in (raw, qc, meta, falloc):
         for out in (["-O", "qcow2"], ["-O", "raw"], [], ["-O", "qcow2", "-o", "cluster_size=4096"],
                     ["-O", "qcow2", "-o", "compat=0.10"]):
             q, k = both("measure", *out, img)

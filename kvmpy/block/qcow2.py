@@ -1609,6 +1609,22 @@ class Qcow2Driver(BlockDriver):
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    @functools.cached_property
+    def holes_are_zero(self) -> bool:
+        """Whether this is a metadata-preallocated image (clusters allocated that the
+        file holds as holes), so that block status must ask the file, as QEMU's
+        qcow2_detect_metadata_preallocation decides: more clusters in use than 10/9
+        of what the file really stores."""
+        cs = self.cluster_size
+        st = os.fstat(self.fd)
+        threshold = st.st_blocks * 512 // cs * 10 // 9
+        count = 0
+        for c in range(-(-st.st_size // cs)):
+            if count >= threshold:
+                break
+            count += self.get_refcount(c) != 0
+        return count >= threshold
+
 
 # ------------------------------------------------------------------- create
 
