@@ -131,6 +131,9 @@ def test_measure_images_like_qemu_img(tmp_path):
             for flags in ([], ["-s"]):
                 q, k = both("compare", *flags, a, b)
                 assert k == q, (a, b, flags)
+    for img in (meta, falloc):
+        q = qimg("map", "--output=json", img).stdout
+        assert json.loads(kimg("map", "--output=json", img).stdout) == json.loads(q)
     for img in (raw, qc, meta, falloc):
         for out in (["-O", "qcow2"], ["-O", "raw"], [], ["-O", "qcow2", "-o", "cluster_size=4096"],
                     ["-O", "qcow2", "-o", "compat=0.10"]):

@@ -4,6 +4,7 @@ raw (which would serve the container's bytes as the disk's)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -114,9 +115,11 @@ def test_read_only_formats_read_like_qemu(tmp_path, fmt, opts):
             d.pwrite(b"x", 0)
     with pytest.raises(ImageError, match="read-only; use readonly=on"):
         open_image(str(img))
-    if fmt == "vmdk" and not opts:     # the data layout qemu-img map reports, entry for entry
-        q = subprocess.run([QEMU_IMG, "map", str(img)], capture_output=True, text=True).stdout
-        assert kimg("map", img).stdout == q
+    # the layout qemu-img map reports, entry for entry (present, zero, data, offset)
+    q = subprocess.run([QEMU_IMG, "map", "--output=json", str(img)], capture_output=True, text=True).stdout
+    assert json.loads(kimg("map", "--output=json", img).stdout) == json.loads(q)
+    q = subprocess.run([QEMU_IMG, "map", str(img)], capture_output=True, text=True).stdout
+    assert kimg("map", img).stdout == q
 
 
 def test_vm_reads_a_vmdk_disk_read_only(tmp_path):

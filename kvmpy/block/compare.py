@@ -52,7 +52,7 @@ def chain_status(drv, off: int, length: int) -> tuple[ChainStatus, int]:
         if getattr(drv, "holes_are_zero", False):
             # As QEMU asks the file under a preallocated format (a static vdi): stored
             # data over a hole of the file reads as zeroes too.
-            hole, run = _file_hole(drv.fd, host, run)
+            hole, run = file_hole(drv.fd, host, run)
             return ChainStatus(True, hole, True), run
         return ChainStatus(True, False, True), run
     if kind == COMPRESSED:
@@ -65,7 +65,7 @@ def chain_status(drv, off: int, length: int) -> tuple[ChainStatus, int]:
     return chain_status(b, off, min(run, b.size - off))
 
 
-def _file_hole(fd: int, host: int, run: int) -> tuple[bool, int]:
+def file_hole(fd: int, host: int, run: int) -> tuple[bool, int]:
     """(whether [host, host+run) starts in a hole of the file, how far that lasts)."""
     try:
         data = os.lseek(fd, host, os.SEEK_DATA)

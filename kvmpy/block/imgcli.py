@@ -651,7 +651,10 @@ def _map_one(drv, pos, length, depth):
     from .qcow2_format import COMPRESSED, DATA, ZERO
     kind, host, run = drv.host_mapping(pos, length)
     if kind == DATA:
-        return {"depth": depth, "present": True, "zero": False, "data": True, "offset": host,
+        hole = False
+        if getattr(drv, "holes_are_zero", False):     # preallocated: the file knows better
+            hole, run = compare.file_hole(drv.fd, host, run)
+        return {"depth": depth, "present": True, "zero": hole, "data": True, "offset": host,
                 "_file": drv.path}, run
     if kind == COMPRESSED:
         return {"depth": depth, "present": True, "zero": False, "data": True, "_file": drv.path}, run
@@ -671,14 +674,19 @@ def cmd_map(args) -> int:
         if args.output != "json":
             rows = []
             for e in entries:
-                if e["data"] and "offset" in e:
+                if e["data"] and not e["zero"] and "offset" in e:
                     rows.append((e["start"], e["length"], e["offset"], _file_at_depth(drv, e["depth"])))
             print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
             for start, length, off, f in rows:
-                print(f"{start:<#16x}{length:<#16x}{off:<#16x}{f}")
+                print(f"{_c_hex(start):<16}{_c_hex(length):<16}{_c_hex(off):<16}{f}")
             return 0
     print("[" + ",\n".join(json.dumps(e) for e in entries) + "]")
     return 0
+
+
+def _c_hex(n: int) -> str:
+    """C's %#x, which qemu-img prints: no 0x before a zero."""
+    return f"{n:#x}" if n else "0"
 
 
 def _file_at_depth(drv, depth):

@@ -13,7 +13,7 @@ import struct
 import sys
 
 from ..errors import ImageError
-from .grains import DATA, UNALLOC, ZERO, GrainDriver
+from .grains import DATA, ZERO, GrainDriver
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
@@ -66,9 +66,9 @@ class VdiDriver(GrainDriver):
         if gi >= len(self.bmap):
             raise ImageError(f"{self.path}: block {gi} beyond the block map")
         e = self.bmap[gi]
-        if e == UNALLOCATED:
-            return UNALLOC, 0
-        if e == DISCARDED:
+        if e in (UNALLOCATED, DISCARDED):
+            # vdi has no backing file: a block never written is this image's zeroes
+            # ("present" in qemu-img map), not a hole to look through.
             return ZERO, 0
         if e >= len(self.bmap):
             raise ImageError(f"{self.path}: block map entry {gi} names block {e}, beyond the image")
