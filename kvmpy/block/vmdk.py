@@ -127,6 +127,12 @@ class VmdkDriver(GrainDriver):
             self.gt_cache.popitem(last=False)
         return t
 
+    def _unallocated_span(self, gi: int) -> int:
+        gdi, i = divmod(gi, self.gt_entries)
+        if gdi < len(self.gd) and not self.gd[gdi]:
+            return self.gt_entries - i
+        return 0
+
     def _lookup(self, gi: int):
         gdi, i = divmod(gi, self.gt_entries)
         if gdi >= len(self.gd):
