@@ -1273,12 +1273,19 @@ class Qcow2Driver(BlockDriver):
                 self._write_compressed(ci, table, idx, bytes(b"".join(cur.slices(pos, n))))
                 pos += n
                 continue
-            # Allocate a run of clusters that all need fresh storage.
+            # Allocate a run of clusters that all need fresh storage. An entry of 0
+            # (never written) needs it for certain: no method calls for those.
             k = 1
+            mask = self.l2_entries - 1
+            t2 = None
             while pos + (k * cs - in_cl) < end and k < 256:
                 c2 = ci + k
-                t2, i2, _ = self._l2_for_write(c2)
-                if self._writable_in_place(t2[i2], c2):
+                if t2 is None or not c2 & mask:
+                    t2, i2, _ = self._l2_for_write(c2)
+                else:
+                    i2 = c2 & mask
+                e2 = t2[i2]
+                if e2 and self._writable_in_place(e2, c2):
                     break
                 k += 1
             run_end = min(end, pos + k * cs - in_cl)
@@ -1311,8 +1318,15 @@ class Qcow2Driver(BlockDriver):
                 self._set_refcount(c, 0)
             self.file_size, self.free_hint = file_size, free_hint
             raise
+        mask = self.l2_entries - 1
+        t = None
         for j in range(k):
-            t, i, l2off = self._l2_for_write(ci + j)
+            c = ci + j
+            if t is None or not c & mask:
+                # Once per table: _l2_for_write made this one the active L1's own.
+                t, i, l2off = self._l2_for_write(c)
+            else:
+                i = c & mask
             old_e = t[i]
             if old_e:
                 self._free_entry_later(old_e, ci + j)
