@@ -16,6 +16,7 @@ import sys
 from ..errors import ImageError, UserError
 from . import READ_ONLY_FORMATS, compare, open_image, readable_format
 from .driver import create_image_file
+from .grains import GrainDriver
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .raw import RawDriver
@@ -130,11 +131,13 @@ def image_info(drv) -> dict:
         h = drv.header
         d["cluster-size"] = drv.cluster_size
         d["dirty-flag"] = bool(h.incompatible & INCOMPAT_DIRTY)
-        data = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": drv.refcount_bits}
+        # qemu-img's order of the fields
+        data = {"compat": "1.1" if h.version >= 3 else "0.10", "compression-type": "zlib"}
         if h.version >= 3:
-            data.update({"compression-type": "zlib",
-                         "lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
-                         "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT), "extended-l2": False})
+            data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = drv.refcount_bits
+        if h.version >= 3:
+            data.update({"corrupt": bool(h.incompatible & INCOMPAT_CORRUPT), "extended-l2": False})
         d["format-specific"] = {"type": "qcow2", "data": data}
         if h.backing_file is not None:
             d["backing-filename"] = h.backing_file
@@ -143,6 +146,10 @@ def image_info(drv) -> dict:
                 d["backing-filename-format"] = h.backing_format
         if drv.snapshots:
             d["snapshots"] = [_snap_dict(s) for s in drv.snapshots]
+    elif isinstance(drv, GrainDriver):
+        d["cluster-size"] = drv.grain_size
+        if hasattr(drv, "format_specific"):
+            d["format-specific"] = {"type": drv.format, "data": drv.format_specific()}
     return d
 
 
@@ -174,12 +181,24 @@ def _print_info(d: dict) -> None:
         names = {"compat": "compat", "compression-type": "compression type",
                  "lazy-refcounts": "lazy refcounts", "refcount-bits": "refcount bits",
                  "corrupt": "corrupt", "extended-l2": "extended l2"}
-        for k, v in fs["data"].items():
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            print(f"    {names.get(k, k)}: {v}")
+        _print_fields(fs["data"], names, "    ")
     if d.get("dirty-flag"):
         print("dirty flag: true")
+
+
+def _print_fields(data: dict, names: dict, indent: str) -> None:
+    """qemu-img's human dump of a format's details: nested lists as "[i]:" blocks."""
+    for k, v in data.items():
+        name = names.get(k, k.replace("-", " "))
+        if isinstance(v, list):
+            print(f"{indent}{name}:")
+            for i, item in enumerate(v):
+                print(f"{indent}    [{i}]:")
+                _print_fields(item, names, indent + "        ")
+            continue
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        print(f"{indent}{name}: {v}")
 
 
 def cmd_info(args) -> int:

@@ -94,8 +94,20 @@ class VmdkDriver(GrainDriver):
         self.gd = _u32_array(self._pread_exact(n_gd * 4, gd * SECTOR, "grain directory"))
         self.gt_cache = OrderedDict()
 
+    def format_specific(self) -> dict:
+        """qemu-img info's "Format specific information" for this image."""
+        extent = {"virtual-size": self.size, "filename": self.path, "cluster-size": self.grain_size, "format": ""}
+        if self.flags & FLAG_COMPRESSED:
+            extent = {"compressed": True, **extent}
+        data = {"cid": self.cid, "parent-cid": 0xFFFFFFFF, "create-type": self.create_type, "extents": [extent]}
+        if self.cid is None:
+            del data["cid"]
+        return data
+
     def _descriptor_checks(self, desc_off: int, desc_size: int) -> None:
         """The embedded descriptor: one extent, this file, no parent image."""
+        self.cid = None
+        self.create_type = "monolithicSparse"
         if not desc_off or not desc_size:
             return      # a sparse extent without a descriptor: the header says it all
         if desc_size > 2048:
@@ -107,6 +119,8 @@ class VmdkDriver(GrainDriver):
         if ctype not in SUPPORTED:
             raise ImageError(f"{self.path}: a vmdk image of type {ctype}; kvmpy reads monolithicSparse and "
                              f"streamOptimized (convert it with: qemu-img convert -O qcow2 {self.path} out.qcow2)")
+        m = re.search(r'^\s*CID\s*=\s*([0-9a-fA-F]{1,8})\s*$', text, re.M)
+        self.cid = int(m.group(1), 16) if m else None
         m = re.search(r'^\s*parentCID\s*=\s*([0-9a-fA-F]+)', text, re.M)
         if m and m.group(1).lower() != "ffffffff":
             raise ImageError(f"{self.path}: a vmdk delta image with a parent; kvmpy reads standalone vmdk "
