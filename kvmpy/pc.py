@@ -138,6 +138,9 @@ def open_configured_image(disk: DiskConfig):
                         "detecting the format is dangerous for raw images, write operations on block 0 "
                         "will be restricted. Specify the 'raw' format explicitly to remove the "
                         "restrictions.", disk.path)
+        elif driver.read_only and driver.format not in ("raw", "qcow2"):
+            log.warning("'%s' is a %s image, which kvmpy reads read-only; convert it to write it: "
+                        "qemu-img convert -O qcow2 %s out.qcow2", disk.path, driver.format, disk.path)
         else:
             log.warning("Image format was not specified for '%s' and probing guessed %s. Specify the "
                         "format explicitly (format=%s).", disk.path, driver.format, driver.format)

@@ -86,8 +86,10 @@ def test_missing_and_unknown_format(tmp_path):
     with pytest.raises(ImageError, match="nope.img"):
         open_image(str(tmp_path / "nope.img"))
     (tmp_path / "a").write_bytes(b"abc")
-    with pytest.raises(ImageError, match="unknown image format 'vmdk'"):
-        open_image(str(tmp_path / "a"), "vmdk")
+    with pytest.raises(ImageError, match="unknown image format 'vhdx'"):
+        open_image(str(tmp_path / "a"), "vhdx")
+    with pytest.raises(ImageError, match="no KDMV magic|vmdk image without a sparse header"):
+        open_image(str(tmp_path / "a"), "vmdk", read_only=True)     # read-only vmdk: this is none
 
 
 # --------------------------------------------------- images kvmpy writes

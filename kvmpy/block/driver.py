@@ -82,11 +82,23 @@ def zero_range(fd: int, offset: int, length: int, may_unmap: bool) -> None:
 
 
 def create_image_file(path: str) -> int:
-    """A new, empty image file at ``path`` (an old one there is truncated), open for writing."""
+    """A new, empty image file at ``path``, open for writing.
+
+    An old image there is truncated only once this process holds the writer's
+    locks on it: recreating an image a VM or QEMU still uses would pull the disk
+    from under it (qemu-img create refuses that too)."""
+    from .locking import WRITER, lock_image
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise ImageError(f"{path}: cannot create image: {e.strerror}") from None
+    try:
+        lock_image(fd, path, WRITER)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _bytes_view(b) -> memoryview:

@@ -11,71 +11,24 @@ import datetime
 import functools
 import json
 import os
-import re
 import sys
 
 from ..errors import ImageError, UserError
-from . import open_image, probe_format
+from . import READ_ONLY_FORMATS, compare, open_image, readable_format
 from .driver import create_image_file
+from .grains import GrainDriver
 from .qcow2 import Qcow2Driver, create_qcow2
 from .qcow2_format import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from .raw import RawDriver
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-             "e": 1 << 60}
-_SIZE_RE = re.compile(r"^([+-]?)(\d+(?:\.\d+)?)([bkmgtpe]?)(?:i?b)?$", re.IGNORECASE)
-
-
-def parse_size(text: str, what: str = "size", allow_sign: bool = False):
-    """'4G', '512M', '1024', '1.5G' -> bytes; with allow_sign returns (sign, bytes)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise UserError(f"invalid {what} {text!r} (use e.g. 1024, 512M, 4G)")
-    sign, num, suffix = m.groups()
-    if sign and not allow_sign:
-        raise UserError(f"invalid {what} {text!r}: a sign is only allowed for resize")
-    value = float(num) * _SUFFIXES[suffix.lower()] if "." in num else int(num) * _SUFFIXES[suffix.lower()]
-    value = int(value)
-    if value > (1 << 63) - 1:
-        raise UserError(f"invalid {what} {text!r}: too large")
-    return (sign, value) if allow_sign else value
-
-
-def human_size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        n /= 1024
-        if n < 1024 or unit == "EiB":
-            s = f"{n:.3g}"
-            return f"{s} {unit}"
-    return f"{n} B"
-
-
-def parse_options(opts: list[str]) -> dict:
-    out = {}
-    for group in opts or []:
-        for item in group.split(","):
-            if not item:
-                continue
-            if "=" not in item:
-                raise UserError(f"invalid -o option {item!r} (expected key=value)")
-            k, v = item.split("=", 1)
-            out[k.strip().replace("-", "_")] = v.strip()
-    return out
-
-
-def _onoff(key, v) -> bool:
-    if v in ("on", "true", "yes"):
-        return True
-    if v in ("off", "false", "no"):
-        return False
-    raise UserError(f"invalid value {v!r} for -o {key} (on/off)")
+from .options import _onoff, human_size, parse_options, parse_size  # noqa: F401  (re-exported)
 
 
 def _format_arg(fmt: str | None, what: str) -> str | None:
-    if fmt is not None and fmt not in ("raw", "qcow2"):
-        raise UserError(f"unknown {what} format {fmt!r} (supported: raw, qcow2)")
+    # Images kvmpy only reads may be named as a source; what it writes is raw or qcow2.
+    readable = ("raw", "qcow2") + (READ_ONLY_FORMATS if what in ("image", "source") else ())
+    if fmt is not None and fmt not in readable:
+        raise UserError(f"unknown {what} format {fmt!r} (supported: {', '.join(readable)})")
     return fmt
 
 
@@ -141,7 +94,7 @@ def create_image(path: str, fmt: str, size: int | None, opts: dict | None = None
     if backing:
         bpath = _resolve_backing(path, backing)
         if backing_fmt is None:
-            backing_fmt = probe_format(bpath)
+            backing_fmt = readable_format(bpath)
         with open_image(bpath, backing_fmt, read_only=True) as b:
             if size is None:
                 size = b.size
@@ -178,11 +131,13 @@ def image_info(drv) -> dict:
         h = drv.header
         d["cluster-size"] = drv.cluster_size
         d["dirty-flag"] = bool(h.incompatible & INCOMPAT_DIRTY)
-        data = {"compat": "1.1" if h.version >= 3 else "0.10", "refcount-bits": drv.refcount_bits}
+        # qemu-img's order of the fields
+        data = {"compat": "1.1" if h.version >= 3 else "0.10", "compression-type": "zlib"}
         if h.version >= 3:
-            data.update({"compression-type": "zlib",
-                         "lazy-refcounts": bool(h.compatible & COMPAT_LAZY_REFCOUNTS),
-                         "corrupt": bool(h.incompatible & INCOMPAT_CORRUPT), "extended-l2": False})
+            data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = drv.refcount_bits
+        if h.version >= 3:
+            data.update({"corrupt": bool(h.incompatible & INCOMPAT_CORRUPT), "extended-l2": False})
         d["format-specific"] = {"type": "qcow2", "data": data}
         if h.backing_file is not None:
             d["backing-filename"] = h.backing_file
@@ -191,6 +146,10 @@ def image_info(drv) -> dict:
                 d["backing-filename-format"] = h.backing_format
         if drv.snapshots:
             d["snapshots"] = [_snap_dict(s) for s in drv.snapshots]
+    elif isinstance(drv, GrainDriver):
+        d["cluster-size"] = drv.grain_size
+        if hasattr(drv, "format_specific"):
+            d["format-specific"] = {"type": drv.format, "data": drv.format_specific()}
     return d
 
 
@@ -222,12 +181,24 @@ def _print_info(d: dict) -> None:
         names = {"compat": "compat", "compression-type": "compression type",
                  "lazy-refcounts": "lazy refcounts", "refcount-bits": "refcount bits",
                  "corrupt": "corrupt", "extended-l2": "extended l2"}
-        for k, v in fs["data"].items():
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            print(f"    {names.get(k, k)}: {v}")
+        _print_fields(fs["data"], names, "    ")
     if d.get("dirty-flag"):
         print("dirty flag: true")
+
+
+def _print_fields(data: dict, names: dict, indent: str) -> None:
+    """qemu-img's human dump of a format's details: nested lists as "[i]:" blocks."""
+    for k, v in data.items():
+        name = names.get(k, k.replace("-", " "))
+        if isinstance(v, list):
+            print(f"{indent}{name}:")
+            for i, item in enumerate(v):
+                print(f"{indent}    [{i}]:")
+                _print_fields(item, names, indent + "        ")
+            continue
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        print(f"{indent}{name}: {v}")
 
 
 def cmd_info(args) -> int:
@@ -241,7 +212,7 @@ def cmd_info(args) -> int:
             raise ImageError(f"{path}: backing chain loops back to {path}")
         seen.add(real)
         # Opening the top alone keeps info usable on images whose backing file is missing.
-        drv = _open_for_info(path, pfmt)
+        drv = _open_for_info(path, pfmt, args.force_share)
         try:
             d = image_info(drv)
         finally:
@@ -260,11 +231,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _open_for_info(path, fmt):
-    fmt = fmt or probe_format(path)
+def _open_for_info(path, fmt, force_share=False):
+    fmt = readable_format(path, fmt)
     if fmt == "qcow2":
-        return _Qcow2NoBacking(path, read_only=True)
-    return open_image(path, fmt, read_only=True)
+        return _Qcow2NoBacking(path, read_only=True, force_share=force_share)
+    return open_image(path, fmt, read_only=True, force_share=force_share)
 
 
 class _Qcow2NoBacking(Qcow2Driver):
@@ -278,12 +249,17 @@ class _Qcow2NoBacking(Qcow2Driver):
 
 def cmd_check(args) -> int:
     from .check import check_image
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
+        # Opened all the same: a kind of image kvmpy cannot read is refused by name.
+        open_image(args.filename, fmt, read_only=True, force_share=args.force_share).close()
         print("This image format does not support checks", file=sys.stderr)
         return 63
     repair = args.repair
-    drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair))
+    if repair and args.force_share:
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only checks, not -r")
+    drv = _Qcow2NoBacking(args.filename, read_only=not repair, _repairing=bool(repair),
+                          force_share=args.force_share)
     try:
         res = check_image(drv, repair=repair)
         if repair and (res.leaks_fixed or res.corruptions_fixed):
@@ -325,7 +301,13 @@ def cmd_check(args) -> int:
 
 # ------------------------------------------------------------------ resize
 
+def _refuse_force_share(args, what: str) -> None:
+    if getattr(args, "force_share", False):
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only use, not {what}")
+
+
 def cmd_resize(args) -> int:
+    _refuse_force_share(args, "resize")
     sign, amount = parse_size(args.size, "size", allow_sign=True)
     fmt = _format_arg(args.format, "image")
     with open_image(args.filename, fmt) as drv:
@@ -447,11 +429,17 @@ def copy_image(src, dst, compress: bool = False, progress: Progress | None = Non
 def _write_granules(dst, pos, view, bview, granularity, zeroes, compress) -> None:
     """Write one chunk as runs of like granules: data, zeroes, or unchanged-from-base."""
     n = len(view)
+    # Comparisons on bytes run as one memcmp; on memoryviews CPython compares
+    # element by element, which dominated a whole convert.
+    data = view.tobytes()
+    base = bview.tobytes() if bview is not None else None
+    zero = _ZERO_CHUNK if granularity > len(_ZERO_CHUNK) else _ZERO_CHUNK[:granularity]
 
     def kind(g, k):
-        if bview is not None and view[g:g + k] == bview[g:g + k]:
+        chunk = data[g:g + k]
+        if base is not None and chunk == base[g:g + k]:
             return "same"
-        if zeroes != ZERO_WRITE and view[g:g + k] == _ZERO_CHUNK[:k]:
+        if zeroes != ZERO_WRITE and chunk == (zero if k == len(zero) else bytes(k)):
             return "zero"
         return "data"
 
@@ -498,20 +486,20 @@ def cmd_convert(args) -> int:
         raise UserError("-B and -n together: the existing target keeps its own backing file")
     if args.compress and (backing or sparse == 0):
         raise UserError("compression (-c) cannot be combined with -B or -S 0")
-    with open_image(args.source, src_fmt, read_only=True) as src:
+    with open_image(args.source, src_fmt, read_only=True, force_share=args.force_share) as src:
         if args.no_create:
             if opts:
                 raise UserError(f"-o {','.join(opts)}: no image is created with -n")
             if not os.path.exists(args.dest):
                 raise ImageError(f"{args.dest}: target image not found (-n uses an existing image)")
-            if probe_format(args.dest) != out_fmt:
+            if readable_format(args.dest) != out_fmt:
                 raise ImageError(f"{args.dest}: target is not a {out_fmt} image (give its format with -O)")
         else:
             if backing:
                 bpath = _resolve_backing(args.dest, backing)
                 if not os.path.exists(bpath):
                     raise ImageError(f"{bpath}: backing file not found")
-                backing_fmt = backing_fmt or probe_format(bpath)
+                backing_fmt = backing_fmt or readable_format(bpath)
             create_image(args.dest, out_fmt, src.size, opts, backing=backing, backing_fmt=backing_fmt, quiet=True)
         with open_image(args.dest, out_fmt) as dst:
             if dst.size < src.size:
@@ -536,7 +524,7 @@ def cmd_convert(args) -> int:
 # ------------------------------------------------------------------- rebase
 
 def cmd_rebase(args) -> int:
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: only qcow2 images have a backing file to rebase")
     new = args.backing
@@ -547,7 +535,7 @@ def cmd_rebase(args) -> int:
             if not args.unsafe:
                 raise ImageError(f"{new_path}: new backing file not found")
         elif new_fmt is None:
-            new_fmt = probe_format(new_path)
+            new_fmt = readable_format(new_path)
     if args.unsafe:
         drv = _Qcow2NoBacking(args.filename)
         try:
@@ -556,7 +544,7 @@ def cmd_rebase(args) -> int:
             drv.close()
         return 0
     with open_image(args.filename, "qcow2") as drv:
-        newb = open_image(new_path, new_fmt, read_only=True) if new else None
+        newb = open_image(new_path, new_fmt, read_only=True, force_share=args.force_share) if new else None
         try:
             _safe_rebase(drv, newb, args.progress)
         finally:
@@ -607,13 +595,19 @@ def _read_or_zero(drv, view, pos):
 # ------------------------------------------------------------------- commit
 
 def cmd_commit(args) -> int:
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    _refuse_force_share(args, "commit")
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: only qcow2 images can be committed into a backing file")
     with open_image(args.filename, "qcow2") as top:
         if top.backing is None:
             raise UserError(f"{args.filename}: image has no backing file to commit into")
+        # The overlay holds its backing file read-only, with the reader's locks that
+        # keep writers out (this one too): hand the overlay the writable open instead.
+        top.backing.close()
+        top.backing = None
         base = open_image(top.backing_path(), top.header.backing_format, read_only=False)
+        top.backing = base
         try:
             if base.size < top.size:
                 if isinstance(base, RawDriver):
@@ -676,7 +670,10 @@ def _map_one(drv, pos, length, depth):
     from .qcow2_format import COMPRESSED, DATA, ZERO
     kind, host, run = drv.host_mapping(pos, length)
     if kind == DATA:
-        return {"depth": depth, "present": True, "zero": False, "data": True, "offset": host,
+        hole = False
+        if getattr(drv, "holes_are_zero", False):     # preallocated: the file knows better
+            hole, run = compare.file_hole(drv.fd, host, run)
+        return {"depth": depth, "present": True, "zero": hole, "data": True, "offset": host,
                 "_file": drv.path}, run
     if kind == COMPRESSED:
         return {"depth": depth, "present": True, "zero": False, "data": True, "_file": drv.path}, run
@@ -690,20 +687,25 @@ def _map_one(drv, pos, length, depth):
 
 def cmd_map(args) -> int:
     fmt = _format_arg(args.format, "image")
-    with open_image(args.filename, fmt, read_only=True) as drv:
+    with open_image(args.filename, fmt, read_only=True, force_share=args.force_share) as drv:
         entries = map_image(drv)
         # Human output needs the file each mapped run comes from.
         if args.output != "json":
             rows = []
             for e in entries:
-                if e["data"] and "offset" in e:
+                if e["data"] and not e["zero"] and "offset" in e:
                     rows.append((e["start"], e["length"], e["offset"], _file_at_depth(drv, e["depth"])))
             print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
             for start, length, off, f in rows:
-                print(f"{start:<#16x}{length:<#16x}{off:<#16x}{f}")
+                print(f"{_c_hex(start):<16}{_c_hex(length):<16}{_c_hex(off):<16}{f}")
             return 0
     print("[" + ",\n".join(json.dumps(e) for e in entries) + "]")
     return 0
+
+
+def _c_hex(n: int) -> str:
+    """C's %#x, which qemu-img prints: no 0x before a zero."""
+    return f"{n:#x}" if n else "0"
 
 
 def _file_at_depth(drv, depth):
@@ -730,11 +732,11 @@ def cmd_snapshot(args) -> int:
                                                    ("-d", args.delete)) if value is not None]
     if len(actions) + bool(args.list) != 1:
         raise UserError("snapshot: give exactly one of -l, -c NAME, -a NAME, -d NAME")
-    fmt = _format_arg(args.format, "image") or probe_format(args.filename)
+    fmt = _format_arg(args.format, "image") or readable_format(args.filename)
     if fmt != "qcow2":
         raise UserError(f"{args.filename}: {fmt} images have no internal snapshots")
     if args.list:
-        drv = _Qcow2NoBacking(args.filename, read_only=True)
+        drv = _Qcow2NoBacking(args.filename, read_only=True, force_share=args.force_share)
         try:
             snaps = [_snap_dict(s) for s in drv.snapshots]
         finally:
@@ -744,6 +746,8 @@ def cmd_snapshot(args) -> int:
             _print_snapshots_from_dicts(snaps)
         return 0
     flag, key = actions[0]
+    if args.force_share:
+        raise UserError(f"{args.filename}: -U (force-share) is only for read-only use (snapshot -l)")
     # The backing chain is not needed: snapshots only move references within this file.
     drv = _Qcow2NoBacking(args.filename)
     try:
@@ -823,6 +827,7 @@ def register(subparsers) -> None:
     p.add_argument("size", nargs="?")
 
     p = add("info", cmd_info, "show image information")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("--json", dest="output", action="store_const", const="json")
@@ -830,6 +835,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("check", cmd_check, "check (and repair) qcow2 refcounts")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-r", dest="repair", choices=("leaks", "all"))
     p.add_argument("--output", choices=("human", "json"), default="human")
@@ -837,6 +843,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("resize", cmd_resize, "grow or shrink an image")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--shrink", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
@@ -844,6 +851,7 @@ def register(subparsers) -> None:
     p.add_argument("size", help="[+-]SIZE")
 
     p = add("rebase", cmd_rebase, "change an image's backing file")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-b", dest="backing", required=True)
     p.add_argument("-F", dest="backing_format")
@@ -852,6 +860,7 @@ def register(subparsers) -> None:
     p.add_argument("filename")
 
     p = add("convert", cmd_convert, "copy an image, possibly to another format")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-O", dest="output_format")
     p.add_argument("-o", dest="options", action="append")
@@ -865,17 +874,22 @@ def register(subparsers) -> None:
     p.add_argument("dest")
 
     p = add("commit", cmd_commit, "write an overlay's changes into its backing file")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-d", dest="skip_empty", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("filename")
 
+    compare.register(add)
+
     p = add("map", cmd_map, "show where guest data lives")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("filename")
 
     p = add("snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("-f", dest="format")
     p.add_argument("-l", dest="list", action="store_true")
     p.add_argument("-c", dest="create", metavar="NAME")

@@ -22,12 +22,14 @@ import bisect
 import functools
 import os
 import threading
+import time
 import struct
 import zlib
 from collections import OrderedDict
 
 from ..errors import ImageError
 from .driver import BlockDriver, create_image_file, full_preadv, full_pwritev, write_zero_bytes
+from .locking import lock_image, mode_for
 from .qcow2_format import (MAGIC, L1E_OFFSET_MASK, L1E_RESERVED, L2E_OFFSET_MASK, L2E_STD_RESERVED,
                            RT_RESERVED, OFLAG_COPIED, OFLAG_COMPRESSED, OFLAG_ZERO, INCOMPAT_DIRTY,
                            INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION,
@@ -395,12 +397,27 @@ def _locked(method):
 
 class Qcow2Driver(BlockDriver):
     format = "qcow2"
-    L2_CACHE_BYTES = 32 << 20
+    # QEMU 7.2 on Linux: the L2 cache covers the whole image up to 32 MiB of tables
+    # (DEFAULT_L2_CACHE_MAX_SIZE), at least 2 tables; tables unused for
+    # cache-clean-interval seconds (600) are dropped.
+    L2_CACHE_MAX_BYTES = 32 << 20
+    MIN_L2_CACHE_TABLES = 2
+    CACHE_CLEAN_INTERVAL = 600.0
     METADATA_DIRTY_LIMIT = 512
 
     def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
-                 require_backing_format: bool = False):
+                 require_backing_format: bool = False, force_share: bool = False,
+                 l2_cache_size: int | None = None, cache_clean_interval: float | None = None):
         self.path = path
+        if l2_cache_size is not None and l2_cache_size < 0:
+            raise ImageError(f"{path}: l2-cache-size {l2_cache_size} must not be negative")
+        if cache_clean_interval is not None and cache_clean_interval < 0:
+            raise ImageError(f"{path}: cache-clean-interval {cache_clean_interval} must not be negative")
+        self._l2_cache_request = l2_cache_size
+        self.cache_clean_interval = (self.CACHE_CLEAN_INTERVAL if cache_clean_interval is None
+                                     else cache_clean_interval)
+        # -U: no locks here nor down the chain (read-only inspection of a busy image).
+        self.force_share = force_share
         self.read_only = read_only
         # Set for a probed image: its backing chain is only followed where each
         # image names its backing file's format (never probe a file it points at).
@@ -422,6 +439,8 @@ class Qcow2Driver(BlockDriver):
         except OSError as e:
             raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
         try:
+            if not force_share:
+                lock_image(self.fd, path, mode_for(read_only))
             self._open(_chain + (real,), _repairing)
         except BaseException:
             self.close()
@@ -462,6 +481,13 @@ class Qcow2Driver(BlockDriver):
                 raise ImageError(f"{path}: refcount table entry {i}: refcount block offset {e} is "
                                  f"{'not cluster aligned' if e % cs else 'outside the file'}")
         self.l2_cache = OrderedDict()
+        # Enough tables to map the whole image, capped as QEMU caps it.
+        whole = -(-(-(-h.size // cs) * 8) // cs) * cs
+        request = self._l2_cache_request
+        wanted = min(whole, self.L2_CACHE_MAX_BYTES) if request is None else request
+        self.l2_cache_tables = max(self.MIN_L2_CACHE_TABLES, wanted // cs)
+        self.l2_used = set()          # tables used since the last clean
+        self.next_clean = time.monotonic() + self.cache_clean_interval
         self.dirty_l2 = set()
         self.dirty_l1 = set()
         self.rb_cache = {}
@@ -469,6 +495,7 @@ class Qcow2Driver(BlockDriver):
         self.dirty_rt = set()
         self.pending_frees = []       # host cluster indices to decrement after tables are durable
         self.free_hint = 0
+        self.first_free_seen = None
         self.compressed_cursor = 0    # byte offset inside a cluster holding compressed data
         self.decompressed = (None, None)
         self.write_prepared = False
@@ -521,8 +548,9 @@ class Qcow2Driver(BlockDriver):
         from . import open_image
         if self.require_backing_format and fmt == "qcow2":
             # The rule holds down the whole chain.
-            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True)
-        return open_image(bpath, format=fmt, read_only=True, _chain=chain)
+            return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True,
+                               force_share=self.force_share)
+        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share)
 
     # ------------------------------------------------------------- L1 / L2
 
@@ -532,6 +560,10 @@ class Qcow2Driver(BlockDriver):
         return self.l1[l1_index] & L1E_OFFSET_MASK
 
     def _load_l2(self, off: int) -> array.array:
+        if self.cache_clean_interval:
+            self.l2_used.add(off)
+            if time.monotonic() >= self.next_clean:
+                self._clean_l2_cache()
         t = self.l2_cache.get(off)
         if t is not None:
             self.l2_cache.move_to_end(off)
@@ -546,8 +578,17 @@ class Qcow2Driver(BlockDriver):
         self._evict_l2()
         return t
 
+    def _clean_l2_cache(self) -> None:
+        """Drop the clean tables nobody used for a whole interval (QEMU's
+        cache-clean-interval): a VM that once read its whole disk does not keep
+        32 MiB of tables forever. Dirty tables stay until they are written."""
+        for off in [o for o in self.l2_cache if o not in self.l2_used and o not in self.dirty_l2]:
+            del self.l2_cache[off]
+        self.l2_used.clear()
+        self.next_clean = time.monotonic() + self.cache_clean_interval
+
     def _evict_l2(self):
-        limit = max(16, self.L2_CACHE_BYTES // self.cluster_size)
+        limit = self.l2_cache_tables
         if len(self.l2_cache) <= limit:
             return
         for off in list(self.l2_cache):
@@ -597,11 +638,34 @@ class Qcow2Driver(BlockDriver):
             return kind, host, run
         start_host = host + in_cl if kind == DATA else host
         next_host = host + cs
+        # Within one L2 table the common continuations (the next data cluster right
+        # behind this one, another unallocated one) are recognised from the raw
+        # entry: no per-cluster method calls on sequential I/O. Anything else goes
+        # through _classify, which validates it.
+        mask = self.l2_entries - 1
+        table = None
+        file_size = self.file_size
         while run < length:
             ci += 1
-            k2, h2 = self._classify(self._entry(ci), ci)
-            if k2 != kind or (kind == DATA and h2 != next_host):
-                break
+            i = ci & mask
+            if i == 0 or table is None:
+                l2off = self._l2_offset(ci >> self.l2_bits)
+                table = self._load_l2(l2off) if l2off else None
+                if table is None:
+                    if kind != UNALLOC:
+                        break
+                    run = min(run + (self.l2_entries - i) * cs, length)   # the whole table is unallocated
+                    ci += self.l2_entries - i - 1
+                    continue
+            e = table[i]
+            if kind == DATA and e & ~OFLAG_COPIED == next_host and next_host < file_size:
+                pass
+            elif kind == UNALLOC and e == 0:
+                pass
+            else:
+                k2, h2 = self._classify(e, ci)
+                if k2 != kind or (kind == DATA and h2 != next_host):
+                    break
             next_host += cs
             run = min(run + cs, length)
         return kind, start_host, run
@@ -741,20 +805,45 @@ class Qcow2Driver(BlockDriver):
         return -(-self.file_size // self.cluster_size)
 
     def _find_free(self, n: int, start: int) -> int:
+        """First run of n free clusters at or after ``start``.
+
+        Also leaves in self.first_free_seen the first free cluster it met, so that
+        the allocator can move its hint past a region it just filled (a hint left
+        behind makes every later search rescan the whole image: quadratic)."""
         c = start
         run = 0
+        self.first_free_seen = None
+        rb_entries = self.rb_entries
+        bits = self.refcount_bits
+        width = bits >> 3
+        zero = bytes(width) if width else b""
         while True:
-            t = c // self.rb_entries
+            t = c // rb_entries
             b = self._rb_load(t)
             if b is None:
                 # A whole unallocated block: every cluster in it is free.
-                step = (t + 1) * self.rb_entries - c
+                if self.first_free_seen is None:
+                    self.first_free_seen = c
+                step = (t + 1) * rb_entries - c
                 run += step
                 if run >= n:
                     return c + step - run
                 c += step
                 continue
-            if self._rc_get_in(b, c % self.rb_entries) == 0:
+            i = c % rb_entries
+            if width and run == 0:
+                # Skip the allocated stretch in C: the next all-zero, aligned entry.
+                pos = b.find(zero, i * width)
+                while pos >= 0 and pos % width:
+                    pos = b.find(zero, pos + width - pos % width)
+                if pos < 0:
+                    c = (t + 1) * rb_entries
+                    continue
+                c = t * rb_entries + pos // width
+                i = pos // width
+            if self._rc_get_in(b, i) == 0:
+                if self.first_free_seen is None:
+                    self.first_free_seen = c
                 run += 1
                 if run >= n:
                     return c - n + 1
@@ -779,8 +868,9 @@ class Qcow2Driver(BlockDriver):
         self.check_overlap(start * self.cluster_size, n * self.cluster_size)
         for c in range(start, start + n):
             self._set_refcount(c, 1)
-        if n == 1:
-            self.free_hint = start + 1
+        first = self.first_free_seen
+        # No free cluster lies between the old hint and the first free one seen.
+        self.free_hint = start + n if first is None or first >= start else first
         self.file_size = max(self.file_size, (start + n) * self.cluster_size)
         return start * self.cluster_size
 
@@ -1065,7 +1155,10 @@ class Qcow2Driver(BlockDriver):
         self._writeback(sync=True)
 
     def _maybe_writeback(self):
-        if len(self.dirty_l2) + len(self.dirty_rb) > self.METADATA_DIRTY_LIMIT:
+        # Between requests only: mid-request a table may be half updated. Dirty
+        # tables the cache has no room for go out so that they can be evicted.
+        if (len(self.dirty_l2) + len(self.dirty_rb) > self.METADATA_DIRTY_LIMIT
+                or (self.dirty_l2 and len(self.l2_cache) > self.l2_cache_tables)):
             self._writeback()
 
     def _prepare_write(self):
@@ -1180,12 +1273,19 @@ class Qcow2Driver(BlockDriver):
                 self._write_compressed(ci, table, idx, bytes(b"".join(cur.slices(pos, n))))
                 pos += n
                 continue
-            # Allocate a run of clusters that all need fresh storage.
+            # Allocate a run of clusters that all need fresh storage. An entry of 0
+            # (never written) needs it for certain: no method calls for those.
             k = 1
+            mask = self.l2_entries - 1
+            t2 = None
             while pos + (k * cs - in_cl) < end and k < 256:
                 c2 = ci + k
-                t2, i2, _ = self._l2_for_write(c2)
-                if self._writable_in_place(t2[i2], c2):
+                if t2 is None or not c2 & mask:
+                    t2, i2, _ = self._l2_for_write(c2)
+                else:
+                    i2 = c2 & mask
+                e2 = t2[i2]
+                if e2 and self._writable_in_place(e2, c2):
                     break
                 k += 1
             run_end = min(end, pos + k * cs - in_cl)
@@ -1218,8 +1318,15 @@ class Qcow2Driver(BlockDriver):
                 self._set_refcount(c, 0)
             self.file_size, self.free_hint = file_size, free_hint
             raise
+        mask = self.l2_entries - 1
+        t = None
         for j in range(k):
-            t, i, l2off = self._l2_for_write(ci + j)
+            c = ci + j
+            if t is None or not c & mask:
+                # Once per table: _l2_for_write made this one the active L1's own.
+                t, i, l2off = self._l2_for_write(c)
+            else:
+                i = c & mask
             old_e = t[i]
             if old_e:
                 self._free_entry_later(old_e, ci + j)
@@ -1407,9 +1514,11 @@ class Qcow2Driver(BlockDriver):
     def resize(self, new_size: int) -> None:
         self._prepare_write()
         self._metadata_changed()     # L2 tables past the new end are dropped below
-        if self.snapshots:
-            raise ImageError(f"{self.path}: cannot resize an image with internal snapshots "
-                             f"(delete them first, as with qemu-img)")
+        # A v3 snapshot records its own disk size (applying it restores that size), so
+        # the active layer may change size freely, as in QEMU 7.2; a v2 snapshot does
+        # not, and applying it after a resize would give its tables the wrong size.
+        if self.snapshots and self.header.version < 3:
+            raise ImageError(f"{self.path}: can't resize a v2 (compat=0.10) image which has snapshots")
         cs = self.cluster_size
         if new_size % 512:
             raise ImageError(f"{self.path}: new size {new_size} is not a multiple of 512")
@@ -1419,14 +1528,13 @@ class Qcow2Driver(BlockDriver):
             if first * cs < old:
                 for ci in range(first, -(-old // cs)):
                     l2off = self._l2_offset(ci >> self.l2_bits)
-                    if not l2off:
+                    if not l2off or not self._load_l2(l2off)[ci & (self.l2_entries - 1)]:
                         continue
-                    t = self._load_l2(l2off)
-                    i = ci & (self.l2_entries - 1)
-                    if t[i]:
-                        self._free_entry_later(t[i], ci)
-                        t[i] = 0
-                        self.dirty_l2.add(l2off)
+                    # A table a snapshot shares is copied first, never cleared in place.
+                    t, i, l2off = self._l2_for_write(ci)
+                    self._free_entry_later(t[i], ci)
+                    t[i] = 0
+                    self.dirty_l2.add(l2off)
             self._writeback()
             # L2 tables wholly past the end are dropped from the L1 table.
             first_l1 = -(-first // self.l2_entries)
@@ -1514,6 +1622,22 @@ class Qcow2Driver(BlockDriver):
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
+
+    @functools.cached_property
+    def holes_are_zero(self) -> bool:
+        """Whether this is a metadata-preallocated image (clusters allocated that the
+        file holds as holes), so that block status must ask the file, as QEMU's
+        qcow2_detect_metadata_preallocation decides: more clusters in use than 10/9
+        of what the file really stores."""
+        cs = self.cluster_size
+        st = os.fstat(self.fd)
+        threshold = st.st_blocks * 512 // cs * 10 // 9
+        count = 0
+        for c in range(-(-st.st_size // cs)):
+            if count >= threshold:
+                break
+            count += self.get_refcount(c) != 0
+        return count >= threshold
 
 
 # ------------------------------------------------------------------- create

@@ -7,16 +7,20 @@ import os
 from ..errors import ImageError
 from .driver import (BlockDriver, full_preadv, full_pwritev, punch_hole, total_length,
                      write_zero_bytes, zero_range)
+from .formats import CLOOP_MAGIC, PROBE_SPAN, probe_head
+from .locking import lock_image, mode_for
 
 
 # What QEMU's probes recognise at offset 0 (qcow/qcow2, QED, VMDK sparse and
 # descriptor, VHD, VHDX, LUKS, Parallels, Bochs, cloop). A guest that writes one of
 # these into block 0 of a raw disk opened by probing would have the image open as
 # that format next time, its header (backing file!) under the guest's control.
-FOREIGN_MAGICS = (b"QFI\xfb", b"QED\x00", b"KDMV", b"# Disk DescriptorFile", b"conectix", b"vhdxfile",
+# The guard itself asks formats.probe_head, which also knows the subtler probes
+# (a vmdk descriptor's "version=" line, vdi's signature at 0x40).
+FOREIGN_MAGICS = (b"QFI\xfb", b"QED\x00", b"KDMV", b"COWD", b"# Disk DescriptorFile", b"conectix", b"vhdxfile",
                   b"LUKS\xba\xbe", b"WithoutFreeSpace", b"WithouFreSpacExt", b"Bochs Virtual HD Image",
-                  b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
-_MAGIC_SPAN = max(len(m) for m in FOREIGN_MAGICS)
+                  CLOOP_MAGIC)
+_MAGIC_SPAN = PROBE_SPAN
 # Writes starting below this offset may change how a probed image probes: a native
 # data plane leaves them to the driver's check.
 RAW_GUARDED_BYTES = _MAGIC_SPAN
@@ -26,7 +30,7 @@ class RawDriver(BlockDriver):
     format = "raw"
 
     def __init__(self, path: str, read_only: bool = False, fd: int | None = None,
-                 restrict_block0: bool = False):
+                 restrict_block0: bool = False, force_share: bool = False):
         self.path = path
         self.read_only = read_only
         # Set when the format was probed (QEMU's rule): block 0 may be written,
@@ -38,6 +42,12 @@ class RawDriver(BlockDriver):
                 fd = os.open(path, flags)
             except OSError as e:
                 raise ImageError(f"{path}: cannot open raw image: {e.strerror}") from None
+            if not force_share:
+                try:
+                    lock_image(fd, path, mode_for(read_only))
+                except BaseException:
+                    os.close(fd)
+                    raise
         self.fd = fd
         # lseek(SEEK_END) rather than fstat: it also gives the size of a block device.
         self.size = os.lseek(fd, 0, os.SEEK_END)
@@ -68,10 +78,9 @@ class RawDriver(BlockDriver):
             if pos >= n:
                 break
         head[offset:offset + n] = new
-        for magic in FOREIGN_MAGICS:
-            if head.startswith(magic):
-                raise ImageError(f"{self.path}: write to block 0 refused: the image was probed as raw "
-                                 f"and would then probe as another format; give format=raw to allow it")
+        if probe_head(bytes(head)) is not None:
+            raise ImageError(f"{self.path}: write to block 0 refused: the image was probed as raw "
+                             f"and would then probe as another format; give format=raw to allow it")
 
     def flush(self):
         if not self.read_only:

@@ -188,9 +188,8 @@ def create_snapshot(drv: Qcow2Driver, name: str) -> str:
 def apply_snapshot(drv: Qcow2Driver, key: str) -> None:
     """Make the disk read as it did when the snapshot was taken (the snapshot stays)."""
     snap = find_snapshot(drv, key)
-    if snap.disk_size is not None and snap.disk_size != drv.size:
-        raise ImageError(f"{drv.path}: snapshot {snap.id} has disk size {snap.disk_size}, the image "
-                         f"{drv.size}; resizing on apply is unsupported")
+    # The image was resized since (v3 only): the snapshot brings its own size back.
+    new_size = snap.disk_size if snap.disk_size is not None else drv.size
     _begin(drv)
     snap_l1 = _read_l1(drv, snap)
     if len(snap_l1) > len(drv.l1):
@@ -207,6 +206,12 @@ def apply_snapshot(drv: Qcow2Driver, key: str) -> None:
     os.fdatasync(drv.fd)
     drv.l1 = new_l1
     drv.dirty_l1.clear()
+    if new_size != drv.size:
+        # After the L1 switch: a crash in between leaves the snapshot's data under the
+        # old size (reads past the snapshot's end are zeroes), never a table too short.
+        os.pwrite(drv.fd, struct.pack(">Q", new_size), 24)
+        os.fdatasync(drv.fd)
+        drv.header.size = drv.size = new_size
     drv._metadata_changed()       # other L2 tables are active now
     # 3. what the old active L1 reached loses its reference
     drv.pending_frees.extend(old_refs)
