@@ -77,7 +77,7 @@ def _not_inherited(mm: mmap.mmap) -> None:
 class RamRegion:
     gpa: int
     size: int
-    mm: mmap.mmap       # the mapping (may be larger than size: see _anonymous_ram)
+    mm: mmap.mmap | None  # the mapping (may be larger than size: see _anonymous_ram); None for device memory
     view: memoryview    # the region's size bytes, sliced for accesses; what KVM maps
 
     @property
@@ -95,6 +95,11 @@ class GuestMemory:
         # translator listens, to drop translated code in those pages; under KVM
         # the list is empty and devices skip the bookkeeping.
         self.dma_listeners: list = []
+        # Device memory the guest maps at an address it chooses (a framebuffer BAR):
+        # not RAM (no DMA, not in total_size), but the translator maps it as RAM.
+        # ``generation`` changes with every map/unmap so a vCPU resyncs cheaply.
+        self.device_regions: dict[str, RamRegion] = {}
+        self.generation = 0
 
     def notify_dma_write(self, gpa: int, length: int) -> None:
         for cb in self.dma_listeners:
@@ -126,6 +131,26 @@ class GuestMemory:
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self.regions]
+        return region
+
+    def map_device_region(self, region_id: str, gpa: int, view: memoryview) -> RamRegion:
+        """Map ``view`` (owned by a device, page aligned) at ``gpa`` as ``region_id``,
+        replacing where it was mapped before. Refuses overlap with RAM."""
+        size = len(view)
+        if size <= 0 or gpa < 0 or gpa % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise ValueError(f"device region {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"device region {gpa:#x}+{size:#x} overlaps RAM {r.gpa:#x}+{r.size:#x}")
+        region = RamRegion(gpa, size, None, view)
+        self.device_regions[region_id] = region
+        self.generation += 1
+        return region
+
+    def unmap_device_region(self, region_id: str) -> RamRegion | None:
+        region = self.device_regions.pop(region_id, None)
+        if region is not None:
+            self.generation += 1
         return region
 
     @property
@@ -181,5 +206,6 @@ class GuestMemory:
         for r in self.regions:
             r.view.release()
             r.mm.close()
+        self.device_regions.clear()     # their owners release them
         self.regions.clear()
         self._starts.clear()

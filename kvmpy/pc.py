@@ -29,7 +29,7 @@ from .builder import DeviceEntry, MachineDevices, PlacedDevice
 from .config import DiskConfig, NetConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
-from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
+from .devices.i8042 import AUX_IRQ, KBD_COMMAND, KBD_DATA, I8042
 from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_CONTROL_A, DebugExit,
                              FastA20Reset, PortSink, PostCodePort)
 from .devices.pci import PciBus, PciConfigIo
@@ -83,7 +83,10 @@ class KeyboardControllerPorts:
 
 def make_i8042(ctx: DeviceContext) -> KeyboardControllerPorts:
     data, command = ctx.slots
-    controller = I8042(on_reset=ctx.power.guest_reset, irq_kbd=ctx.irq_line(data.irq))
+    # A PS/2 mouse where there is a screen to point at.
+    mouse = ctx.config.display.vga != "none"
+    controller = I8042(on_reset=ctx.power.guest_reset, irq_kbd=ctx.irq_line(data.irq), aux=mouse,
+                       irq_aux=ctx.irq_line(AUX_IRQ) if mouse else None)
     return KeyboardControllerPorts(controller, command.base - data.base)
 
 
@@ -203,6 +206,40 @@ def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
                        backend=open_tap, query="net", describe=describe_nic)
 
 
+# --- the display ------------------------------------------------------------------------
+VGA = "vga"
+
+
+def make_vga(ctx: DeviceContext):
+    from .devices.vga import Vga
+    vga = Vga(ctx.platform, name=ctx.name)
+    ctx.options["shared"]["vga"] = vga
+    return vga
+
+
+def make_vga_ports(ctx: DeviceContext):
+    from .devices.vga import VgaPorts
+    return VgaPorts(ctx.options["shared"]["vga"])
+
+
+def make_vga_window(ctx: DeviceContext):
+    from .devices.vga import VgaWindow
+    return VgaWindow(ctx.options["shared"]["vga"])
+
+
+def vga_entries(cfg: VmConfig) -> list[DeviceEntry]:
+    """The PCI VGA and, as entries of their own, its legacy ports and memory window
+    (one Vga behind all three: the PCI entry makes it, the others find it in
+    ``shared``, so the PCI entry comes first)."""
+    if cfg.display.vga == "none":
+        return []
+    from .devices.vga import VBE_PORTS, VGA_PORTS, VGA_WINDOW
+    shared: dict = {}
+    return [DeviceEntry(VGA, "pci", make_vga, options={"shared": shared}),
+            DeviceEntry("vga-ports", "pio", make_vga_ports, (VBE_PORTS, VGA_PORTS), options={"shared": shared}),
+            DeviceEntry("vga-window", "mmio", make_vga_window, (VGA_WINDOW,), options={"shared": shared})]
+
+
 # --- the table ---------------------------------------------------------------------------
 PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry(SERIAL, "pio", make_com1, (COM1,)),
@@ -228,6 +265,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     return [*PC_DEVICES,
             *(disk_entry(i, disk) for i, disk in enumerate(cfg.disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
+            *vga_entries(cfg),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 

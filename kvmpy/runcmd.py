@@ -7,8 +7,8 @@ import os
 import sys
 import threading
 
-from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_on_off, parse_size, validate)
+from .config import (VGA_KINDS, VmConfig, _choice, check_name, config_from_dict, load_config, parse_accel,
+                     parse_drive, parse_netdev, parse_on_off, parse_size, set_keymap, set_vnc, validate)
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -49,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--sandbox", metavar="on|off",
                    help="seccomp filter and NO_NEW_PRIVS once the VM is set up (default: on where the "
                         "host supports it; KVMPY_SANDBOX_AUDIT=1 logs forbidden calls instead)")
+    p.add_argument("--vga", metavar="std|none", help="display adapter (default: none; std with --vnc)")
+    p.add_argument("--vnc", metavar=":N|HOST:N|unix:PATH[,password=on]",
+                   help="VNC server on port 5900+N (QEMU's -vnc: ':N' listens on every address)")
+    p.add_argument("-k", "--keymap", metavar="LANG", help="keyboard layout of the VNC viewer (QEMU's -k: de, fr, ...)")
     p.add_argument("--trace", action="append", default=[], metavar="ITEM[,ITEM...]",
                    help="debug output on stderr, like QEMU's -d: 'exits' logs every vCPU exit with "
                         "the instruction at RIP; '--trace help' lists the items")
@@ -94,6 +98,12 @@ def build_config(args) -> VmConfig:
         for name in parse_trace(spec, f"--trace {spec}"):
             if name not in cfg.trace:
                 cfg.trace.append(name)
+    if args.vga:
+        cfg.display.vga = _choice(args.vga, VGA_KINDS, f"--vga {args.vga}")
+    if args.vnc:
+        set_vnc(cfg, args.vnc, f"--vnc {args.vnc}")
+    if args.keymap:
+        set_keymap(cfg, args.keymap, f"-k {args.keymap}")
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
     require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)

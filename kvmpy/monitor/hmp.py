@@ -16,7 +16,7 @@ from typing import Callable
 from .. import __version__
 from ..vcpu.trace import register_dump
 from ..events import EventLoop
-from .control import ControlError, VmControl
+from .control import ControlError, DisplayControl, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
 
@@ -109,6 +109,16 @@ def _registers(control: VmControl, args: list[str]) -> str:
                    for cpu, (regs, sregs) in enumerate(control.vcpu_registers()))
 
 
+def _vnc(control: VmControl, args: list[str]) -> str:
+    info = control.vnc_info() if isinstance(control, DisplayControl) else {"enabled": False}
+    if not info.get("enabled"):
+        return "Server: none\n"
+    out = f"Server: {info['host']}:{info['service']} ({info['family']})\n    Auth: {info['auth']}\n"
+    clients = info.get("clients", [])
+    out += "".join(f"Client: {c['host']}\n" for c in clients) if clients else "Client: none\n"
+    return out
+
+
 # name -> (handler, max args, args synopsis, help)
 INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, str]] = {
     "block": (_block, 1, "[device]", "show info of one block device or all block devices"),
@@ -119,6 +129,7 @@ INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, 
     "network": (_network, 0, "", "show the network state"),
     "status": (_status, 0, "", "show the current VM status (running|paused)"),
     "version": (_version, 0, "", "show the version of kvmpy"),
+    "vnc": (_vnc, 0, "", "show the vnc server status"),
 }
 
 
@@ -132,6 +143,9 @@ class Hmp:
         "help": (("?",), "[cmd]", "show the help"),
         "info": ((), "[subcommand]", "show various information about the system state"),
         "quit": (("q",), "", "quit the emulator"),
+        "screendump": ((), "[-f format] filename", "save screen from current console to a PPM or PNG file"),
+        "sendkey": ((), "keys [hold_ms]", "send keys to the VM (e.g. 'sendkey ctrl-alt-f1')"),
+        "change": ((), "vnc password PASSWORD", "change the VNC password"),
         "stop": (("s",), "", "stop emulation"),
         "system_powerdown": ((), "", "send system power down event"),
         "system_reset": ((), "", "reset the system"),
@@ -146,7 +160,8 @@ class Hmp:
         self._handlers: dict[str, Callable[[list[str]], str]] = {
             "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
             "stop": self._cmd_stop, "system_powerdown": self._cmd_system_powerdown,
-            "system_reset": self._cmd_system_reset,
+            "system_reset": self._cmd_system_reset, "screendump": self._cmd_screendump,
+            "sendkey": self._cmd_sendkey, "change": self._cmd_change,
         }
         assert self._handlers.keys() == self.COMMANDS.keys()
         self._alias = {}
@@ -207,6 +222,42 @@ class Hmp:
             self.quit_requested = True
         else:
             self.control.quit()
+        return ""
+
+    def _display(self) -> DisplayControl:
+        if not isinstance(self.control, DisplayControl):
+            raise ControlError("There is no QemuConsole I can screendump from.")
+        return self.control
+
+    def _cmd_screendump(self, args):
+        fmt = "ppm"
+        if len(args) >= 2 and args[0] == "-f":
+            fmt, args = args[1], args[2:]
+        if fmt not in ("ppm", "png"):
+            return f"screendump: format '{fmt}' is not ppm or png\n"
+        if len(args) != 1:
+            return "screendump: expected one file name\n"
+        self._display().screendump(args[0], fmt)
+        return ""
+
+    def _cmd_sendkey(self, args):
+        from ..display.keymap import parse_key_combo
+        if not 1 <= len(args) <= 2:
+            return "sendkey: expected keys [hold_ms]\n"
+        try:
+            keys = parse_key_combo(args[0])
+            hold = int(args[1]) if len(args) == 2 else 100
+        except ValueError as e:
+            return f"{e}\n"
+        if not 0 <= hold <= 10000:
+            return "sendkey: hold_ms must be 0..10000\n"
+        self._display().send_keys(keys, hold)
+        return ""
+
+    def _cmd_change(self, args):
+        if len(args) != 3 or args[:2] != ["vnc", "password"]:
+            return "change: only 'change vnc password PASSWORD' is available\n"
+        self._display().set_vnc_password(args[2])
         return ""
 
     def _cmd_info(self, args):

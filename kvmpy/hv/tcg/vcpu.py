@@ -115,6 +115,7 @@ class TcgVcpu:
         # set by kick(): a thread waiting for this halted vCPU wakes up
         self.wakeup = threading.Event()
         self._regions = None
+        self._generation = -1
         self._sync_memory()
         self.io_port = 0
         self.io_size = 0
@@ -129,11 +130,13 @@ class TcgVcpu:
         self.system_event = 0
 
     def _sync_memory(self) -> None:
-        regions = [(r.gpa, r.size) for r in self.memory.regions]
+        self._generation = self.memory.generation
+        every = [*self.memory.regions, *self.memory.device_regions.values()]
+        regions = [(r.gpa, r.size) for r in every]
         if regions == self._regions:
             return
         self._cpu.clear_ram()
-        for r in self.memory.regions:
+        for r in every:
             self._cpu.add_ram(r.gpa, r.view)
         self._regions = regions
 
@@ -147,7 +150,7 @@ class TcgVcpu:
     # ---- run protocol ----
 
     def run(self) -> int:
-        if len(self.memory.regions) != len(self._regions or ()):
+        if self.memory.generation != self._generation or len(self.memory.regions) != len(self._regions or ()):
             self._sync_memory()
         kind = self._cpu.run()
         if kind == exits.EXIT_IO:
