@@ -1,0 +1,428 @@
+"""The standard VGA: the model's registers, the pictures it renders, screendumps, and
+the test guest (tests/guests/vga.c) drawing text and a VBE mode under KVM and the
+translator, its screendumps compared pixel for pixel with pictures computed here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import KVM_SKIP_REASON, ROOT, guest_path
+from kvmpy.devices.vga import (VBE_BPP, VBE_ENABLE, VBE_XRES, VBE_YRES, VRAM_SIZE, Vga, VgaPorts, VgaState,
+                               VgaWindow)
+from kvmpy.devices.vgafont import box_font, default_font, font_from_psf, load_font
+from kvmpy.display.render import Renderer, Surface
+from kvmpy.display.screendump import png_bytes, ppm_bytes, read_ppm, write_screendump
+
+FUZZ = int(os.environ.get("KVMPY_FUZZ", "0") or 0)
+EXAMPLES = 200 * (10 if FUZZ else 1)
+
+# The 16 text colours of a PC's mode 3 (CGA's), as 8-bit RGB: what the default
+# attribute palette and DAC must show.
+CGA = [(0, 0, 0), (0, 0, 0xAA), (0, 0xAA, 0), (0, 0xAA, 0xAA), (0xAA, 0, 0), (0xAA, 0, 0xAA), (0xAA, 0x55, 0),
+       (0xAA, 0xAA, 0xAA), (0x55, 0x55, 0x55), (0x55, 0x55, 0xFF), (0x55, 0xFF, 0x55), (0x55, 0xFF, 0xFF),
+       (0xFF, 0x55, 0x55), (0xFF, 0x55, 0xFF), (0xFF, 0xFF, 0x55), (0xFF, 0xFF, 0xFF)]
+
+
+def ports(vga):
+    p = VgaPorts(vga)
+    return lambda port, value: p.write(port - 0x1CE, 1, value), lambda port: p.read(port - 0x1CE, 1)
+
+
+def dispi(vga, index, value=None):
+    p = VgaPorts(vga)
+    p.write(0, 2, index)
+    if value is not None:
+        p.write(1, 2, value)
+    return p.read(1, 2)
+
+
+# --- expected pictures, computed from the rules, not from the renderer ------------------------
+def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None) -> Surface:
+    """80x25 text: ``cells`` [(char, attribute)] from the start; blink on (attribute bit 7
+    picks blinking, not a bright background), blinking text shown steady."""
+    font = font or default_font()
+    surface = Surface.blank(640, 400)
+    for i, (char, attr) in enumerate(cells):
+        fg, bg = CGA[attr & 0x0F], CGA[(attr >> 4) & 0x07]
+        col, row = i % 80, i // 80
+        glyph = font.glyph(char)
+        for line in range(16):
+            bits = 0xFF if cursor == i and cursor_lines[0] <= line <= cursor_lines[1] else glyph[line]
+            for x in range(8):
+                r, g, b = fg if bits & (0x80 >> x) else bg
+                o = ((row * 16 + line) * 640 + col * 8 + x) * 4
+                surface.data[o:o + 4] = bytes((b, g, r, 0))
+    return surface
+
+
+def guest_text_cells():
+    return [(0x20 + i % 95, (i * 13) & 0xFF) for i in range(80 * 25)]
+
+
+def guest_vbe_pixel(x, y):
+    return x & 0xFF, y & 0xFF, (x + y) & 0xFF
+
+
+def expected_vbe() -> Surface:
+    surface = Surface.blank(640, 480)
+    for y in range(480):
+        for x in range(640):
+            r, g, b = guest_vbe_pixel(x, y)
+            o = (y * 640 + x) * 4
+            surface.data[o:o + 3] = bytes((b, g, r))
+    return surface
+
+
+def decode_png(data: bytes) -> Surface:
+    """Our own reading of an 8-bit RGB PNG (filter 0 rows only, as kvmpy writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert (depth, colour) == (8, 2)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = width * 3 + 1
+    out = bytearray(width * height * 4)
+    for y in range(height):
+        row = raw[y * stride:(y + 1) * stride]
+        assert row[0] == 0
+        out[(y * width) * 4:(y + 1) * width * 4:4] = row[3::3]
+        out[(y * width) * 4 + 1:(y + 1) * width * 4:4] = row[2::3]
+        out[(y * width) * 4 + 2:(y + 1) * width * 4:4] = row[1::3]
+    return Surface(width, height, out)
+
+
+def first_difference(got: Surface, want: Surface) -> str:
+    if (got.width, got.height) != (want.width, want.height):
+        return f"size {got.width}x{got.height}, expected {want.width}x{want.height}"
+    for y in range(want.height):
+        for x in range(want.width):
+            if got.pixel(x, y) != want.pixel(x, y):
+                return f"pixel ({x}, {y}) is {got.pixel(x, y)}, expected {want.pixel(x, y)}"
+    return ""
+
+
+# --- the model ------------------------------------------------------------------------------
+def test_pci_identity_and_bars():
+    vga = Vga()
+    try:
+        assert vga.config_read(0, 4) == 0x11111234
+        assert vga.config_read(0x08, 4) >> 8 == 0x030000
+        vga.config_write(0x10, 4, 0xFFFFFFFF)
+        assert vga.config_read(0x10, 4) == (~(VRAM_SIZE - 1) & 0xFFFFFFFF) | 0x8   # prefetchable mem32
+        vga.config_write(0x18, 4, 0xFFFFFFFF)
+        assert vga.config_read(0x18, 4) == 0xFFFFF000
+    finally:
+        vga.close()
+
+
+def test_text_mode_renders_font_colours_and_cursor():
+    vga = Vga()
+    try:
+        window = VgaWindow(vga)
+        cells = [(ord(c), a) for c, a in zip("Hello, VGA! \x01\xdb", (0x07, 0x1F, 0x4E, 0x70, 0x8A, 0x0C) * 3)]
+        for i, (char, attr) in enumerate(cells):
+            window.write(0x18000 + 2 * i, 2, char | attr << 8)
+        write, _ = ports(vga)
+        write(0x3D4, 0x0E); write(0x3D5, 0)
+        write(0x3D4, 0x0F); write(0x3D5, 3)
+        got = Renderer(vga).render()
+        want = expected_text(cells + [(0, 0)] * (2000 - len(cells)), cursor=3, cursor_lines=(0x0D, 0x0E))
+        assert first_difference(got, want) == ""
+        # the cursor off (CR0A bit 5): the glyph again
+        write(0x3D4, 0x0A); write(0x3D5, 0x20)
+        want = expected_text(cells + [(0, 0)] * (2000 - len(cells)))
+        assert first_difference(Renderer(vga).render(), want) == ""
+    finally:
+        vga.close()
+
+
+def test_dac_and_attribute_registers():
+    vga = Vga()
+    try:
+        write, read = ports(vga)
+        write(0x3C8, 5)
+        for v in (0x3F, 0x00, 0x15, 0x01, 0x02, 0x03):
+            write(0x3C9, v)
+        write(0x3C7, 5)
+        assert [read(0x3C9) for _ in range(6)] == [0x3F, 0x00, 0x15, 0x01, 0x02, 0x03]
+        assert read(0x3C8) == 7
+        # reading 0x3DA resets the flip-flop: the next 0x3C0 write is an index
+        write(0x3C0, 0x01)
+        read(0x3DA)
+        write(0x3C0, 0x02); write(0x3C0, 0x3F)
+        assert vga.attr[2] == 0x3F and vga.attr[1] == 0x01
+        # text colour 2 now shows DAC entry 0x3F: white
+        VgaWindow(vga).write(0x18000, 2, 0xDB | 0x02 << 8)
+        assert Renderer(vga).render().pixel(0, 4) == (0xFF, 0xFF, 0xFF)
+    finally:
+        vga.close()
+
+
+def test_dispi_registers_as_bochs_documents():
+    vga = Vga()
+    try:
+        assert dispi(vga, 0, 0xB0C0) == 0xB0C0
+        assert dispi(vga, 0, 0x1234) == 0xB0C0          # unknown IDs ignored
+        dispi(vga, 0, 0xB0C5)
+        dispi(vga, VBE_ENABLE, 0x02)                     # GETCAPS: maxima
+        assert dispi(vga, VBE_XRES) >= 1920 and dispi(vga, VBE_BPP) == 32
+        dispi(vga, VBE_ENABLE, 0)
+        assert dispi(vga, VBE_XRES, 641) == 640          # not a multiple of 8: refused
+        assert dispi(vga, VBE_BPP, 12) == 32
+        assert dispi(vga, 0x0A) == VRAM_SIZE >> 16
+        dispi(vga, VBE_XRES, 800); dispi(vga, VBE_YRES, 600); dispi(vga, VBE_BPP, 16)
+        vga.vram[:16] = b"\xff" * 16
+        dispi(vga, VBE_ENABLE, 0x41)
+        assert bytes(vga.vram[:16]) == bytes(16)          # enabling clears, without NOCLEARMEM
+        assert dispi(vga, VBE_XRES, 1024) == 800          # fixed while enabled
+        assert (Renderer(vga).render().width, Renderer(vga).render().height) == (800, 600)
+        # banked access through the legacy window
+        dispi(vga, 5, 2)
+        VgaWindow(vga).write(0x10, 4, 0xDEADBEEF)
+        assert bytes(vga.vram[0x20010:0x20014]) == b"\xef\xbe\xad\xde"
+    finally:
+        vga.close()
+
+
+def test_mmio_bar_mirrors_ports_and_dispi():
+    vga = Vga()
+    try:
+        vga.bar_write(2, 0x500, 2, 0xB0C4)
+        assert vga.bar_read(2, 0x500, 2) == 0xB0C4
+        vga.bar_write(2, 0x400 + 0x14, 2, 0x0E | 0x12 << 8)   # 0x3D4/0x3D5: CRTC 0x0E = 0x12
+        assert vga.crtc[0x0E] == 0x12
+        assert vga.bar_read(2, 0x400 + 0x0C, 1) == vga.misc     # 0x3CC
+        assert vga.bar_read(2, 0xF00, 4) == 0xFFFFFFFF
+    finally:
+        vga.close()
+
+
+@pytest.mark.parametrize("bpp", [8, 15, 16, 24, 32])
+def test_vbe_depths_render_each_pixel(bpp):
+    vga = Vga()
+    try:
+        width, height = 64, 8
+        dispi(vga, VBE_XRES, width); dispi(vga, VBE_YRES, height); dispi(vga, VBE_BPP, bpp)
+        dispi(vga, VBE_ENABLE, 0x41)
+        size = (bpp + 7) // 8
+        want = []
+        for i in range(width * height):
+            raw = (i * 2654435761) & ((1 << (8 * size)) - 1)
+            vga.vram[i * size:(i + 1) * size] = raw.to_bytes(size, "little")
+            if bpp == 32 or bpp == 24:
+                want.append(((raw >> 16) & 0xFF, (raw >> 8) & 0xFF, raw & 0xFF))
+            elif bpp == 16:
+                r, g, b = raw >> 11, (raw >> 5) & 0x3F, raw & 0x1F
+                want.append(((r << 3) | (r >> 2), (g << 2) | (g >> 4), (b << 3) | (b >> 2)))
+            elif bpp == 15:
+                r, g, b = (raw >> 10) & 0x1F, (raw >> 5) & 0x1F, raw & 0x1F
+                want.append(tuple((c << 3) | (c >> 2) for c in (r, g, b)))
+            else:
+                dac = vga.dac[raw * 3:raw * 3 + 3]
+                want.append(tuple(((c & 0x3F) << 2) | ((c & 0x3F) >> 4) for c in dac))
+        got = Renderer(vga).render()
+        assert [got.pixel(i % width, i // width) for i in range(width * height)] == want
+    finally:
+        vga.close()
+
+
+def test_screendump_ppm_and_png_hold_the_same_picture(tmp_path):
+    surface = Surface.blank(13, 7)
+    for i in range(13 * 7):
+        surface.data[i * 4:i * 4 + 3] = bytes((i, 255 - i, (i * 7) & 0xFF))
+    write_screendump(surface, str(tmp_path / "a.ppm"), "ppm")
+    write_screendump(surface, str(tmp_path / "a.png"), "png")
+    assert read_ppm((tmp_path / "a.ppm").read_bytes()).data == surface.data
+    assert decode_png((tmp_path / "a.png").read_bytes()).data == surface.data
+    assert (tmp_path / "a.ppm").read_bytes() == ppm_bytes(surface)
+    assert png_bytes(surface).startswith(b"\x89PNG")
+    with pytest.raises(ValueError):
+        write_screendump(surface, str(tmp_path / "a.gif"), "gif")
+
+
+def test_png_reads_with_a_real_decoder(tmp_path):
+    """Pillow, where installed (a test tool only), reads kvmpy's PNG as the same pixels."""
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed")
+    surface = Surface.blank(5, 3)
+    surface.data[0:3] = b"\x10\x20\x30"
+    write_screendump(surface, str(tmp_path / "p.png"), "png")
+    image = Image.open(tmp_path / "p.png").convert("RGB")
+    assert image.size == (5, 3) and image.getpixel((0, 0)) == (0x30, 0x20, 0x10)
+
+
+def test_font_from_a_psf2_file_and_the_fallback():
+    glyphs = bytes(range(256)) * 16
+    header = struct.pack("<IIIIIIII", 0x864AB572, 0, 32, 0, 256, 16, 16, 8)
+    font = font_from_psf(header + glyphs, "test")
+    assert font.glyph(1) == glyphs[16:32]
+    assert box_font().glyph(ord("A")) != bytes(16) and box_font().glyph(0x20) == bytes(16)
+    assert load_font("/nonexistent/font.psf").source in (default_font().source, "built-in boxes")
+
+
+def test_state_round_trip():
+    vga = Vga()
+    other = Vga()
+    try:
+        write, _ = ports(vga)
+        write(0x3D4, 0x0E); write(0x3D5, 0x07)
+        dispi(vga, VBE_XRES, 320)
+        VgaWindow(vga).write(0x18000, 2, 0x1F41)
+        state = vga.state()
+        assert isinstance(state, VgaState)
+        other.restore(state)
+        assert other.state() == state
+        with pytest.raises(Exception):
+            other.restore(VgaState(**{**state.__dict__, "crtc": b"\0"}))
+    finally:
+        vga.close()
+        other.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["port", "dispi", "window", "mmio"]), st.integers(0, 0x3F),
+                          st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF)), max_size=60))
+def test_hostile_register_sequences_never_raise_and_render_in_bounds(ops):
+    vga = Vga()
+    try:
+        p, window = VgaPorts(vga), VgaWindow(vga)
+        for kind, where, size, value in ops:
+            if kind == "port":
+                p.write(0x3B0 - 0x1CE + where % 0x30, size, value)
+                p.read(0x3B0 - 0x1CE + (where * 7) % 0x30, size)
+            elif kind == "dispi":
+                p.write(0, 2, where % 12)
+                p.write(1, 2, value & 0xFFFF)
+            elif kind == "window":
+                window.write((value >> 8) % 0x20000, size, value)
+                window.read(0x1FFFF, size)
+            else:
+                vga.bar_write(2, 0x400 + where * 9, size, value)
+                vga.bar_read(2, 0x4F0 + where, size)
+        surface = Renderer(vga, box_font()).render()
+        assert len(surface.data) == surface.width * surface.height * 4
+        assert 0 < surface.width <= 2560 and 0 < surface.height <= 1600
+    finally:
+        vga.close()
+
+
+# --- the guest ------------------------------------------------------------------------------
+class GuestVm:
+    """``kvmpy run`` of tests/guests/vga.c with a QMP socket (the test's own client:
+    line JSON is all this needs)."""
+
+    def __init__(self, tmp_path, accel: str, phase: str, *extra: str):
+        self.qmp_path = str(tmp_path / "qmp.sock")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmpy", "run", "--accel", accel, "--kernel", guest_path("vga"),
+             "--append", f"phase={phase}", "--vga", "std", "--qmp", f"unix:{self.qmp_path}", *extra],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.output = b""
+
+    def wait_for(self, needle: bytes, timeout: float = 120) -> bytes:
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {needle!r} from the guest: {self.output!r} "
+                                     f"{self.proc.stderr.read().decode() if self.proc.poll() is not None else ''}")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                time.sleep(0.05)
+            self.output += chunk
+        return self.output
+
+    def qmp(self, *commands: dict) -> list:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.qmp_path):
+            assert time.monotonic() < deadline, "no QMP socket"
+            time.sleep(0.05)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(self.qmp_path)
+        f = sock.makefile("rw")
+        f.readline()
+        replies = []
+        for command in ({"execute": "qmp_capabilities"}, *commands):
+            f.write(json.dumps(command) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "event" not in reply:
+                    break
+            replies.append(reply)
+        sock.close()
+        return replies[1:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+ACCELS = [pytest.param("kvm", marks=pytest.mark.skipif(KVM_SKIP_REASON is not None, reason=str(KVM_SKIP_REASON))),
+          "tcg"]
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_guest_text_mode_screendump(tmp_path, accel):
+    vm = GuestVm(tmp_path, accel, "text", "--sandbox", "off")
+    try:
+        vm.wait_for(b"vga: text ready")
+        ppm, png = tmp_path / "text.ppm", tmp_path / "text.png"
+        replies = vm.qmp({"execute": "screendump", "arguments": {"filename": str(ppm)}},
+                         {"execute": "screendump", "arguments": {"filename": str(png), "format": "png"}},
+                         {"execute": "human-monitor-command",
+                          "arguments": {"command-line": f"screendump {tmp_path / 'hmp.ppm'}"}})
+        assert replies[:2] == [{"return": {}}, {"return": {}}], replies
+        want = expected_text(guest_text_cells(), cursor=5 * 80 + 10)
+        assert first_difference(read_ppm(ppm.read_bytes()), want) == ""
+        assert first_difference(decode_png(png.read_bytes()), want) == ""
+        assert (tmp_path / "hmp.ppm").read_bytes() == ppm.read_bytes()
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_guest_vbe_mode_screendump(tmp_path, accel):
+    vm = GuestVm(tmp_path, accel, "vbe", "--sandbox", "off")
+    try:
+        out = vm.wait_for(b"vga: vbe ready")
+        assert b"id b0c5 mmio-id b0c5" in out
+        ppm = tmp_path / "vbe.ppm"
+        assert vm.qmp({"execute": "screendump", "arguments": {"filename": str(ppm)}}) == [{"return": {}}]
+        assert first_difference(read_ppm(ppm.read_bytes()), expected_vbe()) == ""
+        bad = vm.qmp({"execute": "screendump", "arguments": {"filename": str(tmp_path / "x"), "format": "gif"}},
+                     {"execute": "screendump", "arguments": {"filename": "/nonexistent/dir/x.ppm"}})
+        assert all("error" in r for r in bad), bad
+    finally:
+        vm.close()
+
+
+def test_screendump_without_a_display_says_so(tmp_path):
+    vm = GuestVm(tmp_path, "tcg", "kbd", "--vga", "none", "--sandbox", "off")
+    try:
+        vm.wait_for(b"kbd: listening")
+        reply = vm.qmp({"execute": "screendump", "arguments": {"filename": str(tmp_path / "x.ppm")}})[0]
+        assert reply["error"]["desc"] == "There is no QemuConsole I can screendump from."
+    finally:
+        vm.close()
