@@ -215,6 +215,9 @@ def _start_cleanup_helper(machine, pidfile, servers, console):
     sockets = [(srv.address.path, srv._socket_identity) for srv in servers if srv.address.kind == "unix"]
     if isinstance(console, UnixSocketConsole):
         sockets.append((console.path, console.socket_identity))
+    vnc = machine.display.vnc if machine.display is not None else None
+    if vnc is not None and vnc.socket_identity is not None:
+        sockets.append((vnc.address.path, vnc.socket_identity))
     bridges = []
     if machine.cfg.nets:        # the tap module (and what it loads) only where there are NICs
         from .tap import TapNetwork

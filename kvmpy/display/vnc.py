@@ -185,6 +185,7 @@ class VncServer:
         self.clients: list[VncClient] = []
         self._timer = None
         self._closed = False
+        self.socket_identity: tuple[int, int] | None = None
         if address.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -194,6 +195,8 @@ class VncServer:
                         os.unlink(address.path)
                 sock.bind(address.path)
                 os.chmod(address.path, 0o600)
+                st = os.lstat(address.path)
+                self.socket_identity = (st.st_dev, st.st_ino)
             except OSError:
                 sock.close()
                 raise
@@ -240,10 +243,14 @@ class VncServer:
         self.events.unsubscribe(self.sock.fileno())
         self.sock.close()
         if self.address.kind == "unix":
+            # Only our own socket file (a successor may have bound the path). Under
+            # the sandbox the lookup is refused and the cleanup helper removes it.
             try:
-                os.unlink(self.address.path)
-            except OSError:
-                pass
+                st = os.lstat(self.address.path)
+                if (st.st_dev, st.st_ino) == self.socket_identity:
+                    os.unlink(self.address.path)
+            except OSError as e:
+                log.debug("VNC: not removing %s: %s", self.address.path, e)
 
     def _accept(self, ready: int) -> None:
         while True:
