@@ -212,6 +212,7 @@ def test_mmio_bar_mirrors_ports_and_dispi():
         assert vga.crtc[0x0E] == 0x12
         assert vga.bar_read(2, 0x400 + 0x0C, 1) == vga.misc     # 0x3CC
         assert vga.bar_read(2, 0xF00, 4) == 0xFFFFFFFF
+        assert vga.bar_read(2, 0x600, 4) == 8 and vga.bar_read(2, 0x604, 4) == 0x1E1E1E1E
     finally:
         vga.close()
 
@@ -426,3 +427,86 @@ def test_screendump_without_a_display_says_so(tmp_path):
         assert reply["error"]["desc"] == "There is no QemuConsole I can screendump from."
     finally:
         vm.close()
+
+
+# --- device memory: the framebuffer as guest memory with a dirty log ---------------------------
+# mov ax,0x2000; mov ds,ax; mov byte [0x1000],0x5a; out 0xf4,al (real mode: writes 0x21000)
+WRITE_0x21000 = bytes([0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x10, 0x5A, 0xE6, 0xF4])
+
+
+def _real_mode_start(vcpu, memory, code):
+    memory.write(0x1000, code)
+    s = vcpu.get_sregs()
+    s.cs.base, s.cs.selector = 0, 0
+    vcpu.set_sregs(s)
+    r = vcpu.get_regs()
+    r.rip, r.rflags = 0x1000, 2
+    vcpu.set_regs(r)
+
+
+@pytest.mark.skipif(KVM_SKIP_REASON is not None, reason=str(KVM_SKIP_REASON))
+def test_kvm_device_memory_is_mapped_and_its_dirty_log_names_the_written_page():
+    import mmap
+    from kvmpy.hv import exits
+    from kvmpy.hv.kvm._kvm_cffi import ffi
+    from kvmpy.hv.kvm.api import Kvm
+    from kvmpy.hv.kvm.platform import KvmPlatform
+    from kvmpy.memory import GuestMemory
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    memory = GuestMemory.anonymous([(0, 0x10000)])
+    backing = mmap.mmap(-1, 0x4000)
+    view = memoryview(backing)
+    try:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.create_irqchip()
+        vm.set_user_memory_region(0, 0, 0x10000, int(ffi.cast("uintptr_t", ffi.from_buffer(memory.regions[0].view))))
+        platform = KvmPlatform(vm, memory)
+        vcpu = vm.create_vcpu(0)
+        platform.map_device_memory("fb", 0x20000, view)
+        _real_mode_start(vcpu, memory, WRITE_0x21000)
+        assert vcpu.run() == exits.EXIT_IO and vcpu.io_port == 0xF4
+        assert view[0x1000] == 0x5A                      # the write went to the device's memory
+        assert platform.dirty_device_pages("fb")[0] == 0b0010   # page 1 of 4, and only it
+        assert not any(platform.dirty_device_pages("fb"))       # read and cleared
+        platform.unmap_device_memory("fb")
+        assert platform.dirty_device_pages("fb") is None
+        _real_mode_start(vcpu, memory, WRITE_0x21000)
+        assert vcpu.run() == exits.EXIT_MMIO and vcpu.mmio_addr == 0x21000   # an exit again
+        platform.close()
+    finally:
+        vm.close()
+        view.release()
+        backing.close()
+        memory.close()
+        kvm.close()
+
+
+def test_translator_maps_device_memory_at_its_next_run():
+    pytest.importorskip("kvmpy._tcg", reason="the translator is not built")
+    import mmap
+    from kvmpy.devices.platform import SoftPlatform
+    from kvmpy.hv import exits
+    from kvmpy.hv.tcg.vcpu import TcgVcpu
+    from kvmpy.memory import GuestMemory
+    memory = GuestMemory.anonymous([(0, 0x10000)])
+    backing = mmap.mmap(-1, 0x4000)
+    view = memoryview(backing)
+    vcpu = TcgVcpu(memory)
+    try:
+        platform = SoftPlatform(memory)
+        platform.map_device_memory("fb", 0x20000, view)
+        assert platform.dirty_device_pages("fb") is None        # the caller compares contents
+        _real_mode_start(vcpu, memory, WRITE_0x21000)
+        assert vcpu.run() == exits.EXIT_IO
+        assert view[0x1000] == 0x5A
+        platform.unmap_device_memory("fb")
+        _real_mode_start(vcpu, memory, WRITE_0x21000)
+        assert vcpu.run() == exits.EXIT_MMIO and vcpu.mmio_addr == 0x21000
+        with pytest.raises(ValueError):
+            platform.map_device_memory("fb", 0x8000, view)       # over RAM
+    finally:
+        vcpu.close()
+        view.release()
+        backing.close()
+        memory.close()

@@ -368,6 +368,39 @@ def test_typing_over_vnc_with_a_german_layout_reaches_the_guest(tmp_path, accel)
         proc.stderr.close()
 
 
+@pytest.mark.parametrize("accel", [
+    pytest.param("kvm", marks=pytest.mark.skipif(KVM_SKIP_REASON is not None, reason=str(KVM_SKIP_REASON))),
+    "tcg"])
+def test_a_viewer_sees_the_guests_vbe_mode(tmp_path, accel):
+    """The framebuffer the guest drew through its BAR (a KVM memory slot with a dirty
+    log, or the translator's RAM), as a viewer on TCP gets it."""
+    from test_vga import expected_vbe
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--accel", accel, "--kernel", guest_path("vga"),
+                             "--append", "phase=vbe", "--vnc", f"127.0.0.1:{port - 5900}"],
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 60
+        while b"vga: vbe ready" not in out and time.monotonic() < deadline and proc.poll() is None:
+            out += os.read(proc.stdout.fileno(), 4096)
+        assert b"vga: vbe ready" in out, out
+        client = RfbClient(("127.0.0.1", port))
+        client.update()
+        assert client.pixels == expected_vbe().data
+        assert client.update(incremental=False) == 1      # a full update again on request
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_bad_vnc_options_are_one_line(tmp_path):
     from conftest import run_kvmpy
     for args, needle in (([":x"], b"--vnc :x"), (["-k", "xx-nowhere"], b"-k xx-nowhere")):

@@ -38,6 +38,9 @@ FRAMEBUFFER_BAR = 0
 MMIO_BAR = 2
 MMIO_VGA_PORTS = 0x400      # ports 0x3C0.. at this offset of BAR2
 MMIO_DISPI = 0x500          # dispi register i at 0x500 + 2 * i
+MMIO_QEXT = 0x600           # QEMU's extended registers: their size, then the framebuffer byte order
+QEXT_SIZE = 8
+QEXT_LITTLE_ENDIAN = 0x1E1E1E1E
 FRAMEBUFFER_REGION = "vga-framebuffer"
 
 VBE_PORTS = PortSlot(base=0x1CE, length=2)
@@ -413,6 +416,10 @@ class Vga(PciDevice):
             return value | (self.port_read(port + 1) << 8) if size == 2 else value
         if MMIO_DISPI <= offset < MMIO_DISPI + 2 * VBE_REGISTERS and size == 2 and not offset & 1:
             return self.vbe_read((offset - MMIO_DISPI) // 2)
+        if offset == MMIO_QEXT and size == 4:
+            return QEXT_SIZE
+        if offset == MMIO_QEXT + 4 and size == 4:
+            return QEXT_LITTLE_ENDIAN    # bochs-drm asks for little endian; big is not offered
         return (1 << (8 * size)) - 1
 
     def _mmio_write(self, offset: int, size: int, value: int) -> None:

@@ -16,6 +16,10 @@ from ..devices.vga import Vga
 from .render import Renderer, Surface
 
 
+CLEAN = "clean"
+DIRTY = "dirty"
+
+
 class Display:
     def __init__(self, vga: Vga, keyboard, events=None, font=None) -> None:
         """``keyboard``: an object with ``press_key(number, down)`` and
@@ -26,20 +30,21 @@ class Display:
         self.renderer = Renderer(vga, font)
         self._lock = threading.Lock()
         self._surface: Surface | None = None
-        self._fingerprint = None
+        self._generation = -1
+        self._content: bytes | None = None
         self.serial = 0          # bumped whenever the picture changed
         self._pointer = None
         self.vnc = None          # the VNC server, when one runs
 
     def _source(self):
         """What the picture is made of, cheaply comparable: the registers' generation
-        and the memory the mode shows (the framebuffer pages KVM saw written, or
-        the bytes themselves)."""
+        and the memory the mode shows: CLEAN where KVM's dirty log says no page of
+        the framebuffer was written, DIRTY where it says some were, else the bytes."""
         vga = self.vga
         if vga.vbe_enabled:
             dirty = vga.dirty_framebuffer_pages()
             if dirty is not None:
-                return vga.generation, None if any(dirty) else "clean"
+                return vga.generation, DIRTY if any(dirty) else CLEAN
             start = vga.vbe_start()
             size = vga.vbe_line_offset() * vga.vbe[2]
             return vga.generation, bytes(vga.vram[start:start + size])
@@ -49,15 +54,15 @@ class Display:
         """The current picture and whether it changed since the last refresh."""
         with self._lock:
             generation, content = self._source()
-            fingerprint = (generation, content)
-            if self._surface is not None and (content == "clean" and generation == self._fingerprint[0]
-                                              or fingerprint == self._fingerprint):
+            if self._surface is not None and generation == self._generation and content is not DIRTY \
+                    and (content is CLEAN or content == self._content):
                 return self._surface, False
             surface = self.renderer.render()
             changed = self._surface is None or surface.width != self._surface.width \
                 or surface.height != self._surface.height or surface.data != self._surface.data
             self._surface = surface
-            self._fingerprint = (generation, content if content != "clean" else None)
+            self._generation = generation
+            self._content = content if isinstance(content, bytes) else None
             if changed:
                 self.serial += 1
             return surface, changed
@@ -65,7 +70,7 @@ class Display:
     def surface(self) -> Surface:
         """The picture now (screendump)."""
         with self._lock:
-            self._fingerprint = None       # force a render: screendump must show this moment
+            self._surface = None           # force a render: screendump must show this moment
         return self.refresh()[0]
 
     # --- input ------------------------------------------------------------------------
