@@ -12,6 +12,7 @@ of its vCPU threads (kvmpy.vcpu.runner.VcpuHost), and is the monitors' VmControl
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import sys
@@ -439,7 +440,10 @@ class Machine:
         try:
             write_screendump(surface, filename, fmt)
         except OSError as e:
-            raise ControlError(f"Could not open '{filename}': {e.strerror}") from None
+            # The sandbox (on by default) refuses opening files once the VM runs.
+            hint = " (with the sandbox on, kvmpy opens no new files: --sandbox off)" \
+                if e.errno == errno.EACCES else ""
+            raise ControlError(f"Could not open '{filename}': {e.strerror}{hint}") from None
 
     def send_keys(self, keys: list[int], hold_ms: int = 100) -> None:
         self._display_or_fail().send_keys(keys, hold_ms)

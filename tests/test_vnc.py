@@ -408,3 +408,37 @@ def test_bad_vnc_options_are_one_line(tmp_path):
         res = run_kvmpy(["run", "--kernel", guest_path("vga"), *opt])
         assert res.returncode == 2, res.stderr
         assert needle in res.stderr and len(res.stderr.decode().strip().splitlines()) == 1, res.stderr
+
+
+def test_monitor_commands_for_the_display(tmp_path):
+    """query-vnc / info vnc, change-vnc-password, HMP sendkey and QMP send-key on a
+    running VM (the guest reports the bytes its keyboard controller gives it)."""
+    from test_vga import GuestVm
+    sock = str(tmp_path / "vnc.sock")
+    vm = GuestVm(tmp_path, "tcg", "kbd count=6", "--vnc", f"unix:{sock},password=on")
+    try:
+        vm.wait_for(b"kbd: listening")
+        (info,) = vm.qmp({"execute": "query-vnc"})
+        assert info["return"]["enabled"] and info["return"]["auth"] == "vnc"
+        assert info["return"]["family"] == "unix" and info["return"]["service"] == sock
+        with pytest.raises(RfbError):
+            RfbClient(sock, password="pw")            # no password set: nobody gets in
+        assert vm.qmp({"execute": "change-vnc-password", "arguments": {"password": "pw"}}) == [{"return": {}}]
+        viewer = RfbClient(sock, password="pw")
+        viewer.update()
+        replies = vm.qmp({"execute": "human-monitor-command", "arguments": {"command-line": "info vnc"}},
+                         {"execute": "human-monitor-command", "arguments": {"command-line": "sendkey shift-a 10"}},
+                         {"execute": "human-monitor-command", "arguments": {"command-line": "sendkey nokey"}},
+                         {"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "esc"}],
+                                                               "hold-time": 10}},
+                         {"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "nokey"}]}})
+        assert f"Server: {sock}".replace("\n", "") in replies[0]["return"] and "Client: unix" in replies[0]["return"]
+        assert replies[1] == {"return": ""}
+        assert "unknown key: 'nokey'" in replies[2]["return"]
+        assert replies[3] == {"return": {}} and "error" in replies[4]
+        out = vm.wait_for(b"guest: done", timeout=60).decode()
+        lines = [line for line in out.splitlines() if line.startswith("kbd: ") and "listening" not in line]
+        assert lines == ["kbd: 2a", "kbd: 1e", "kbd: 9e", "kbd: aa", "kbd: 01", "kbd: 81"]
+        viewer.close()
+    finally:
+        vm.close()

@@ -9,6 +9,7 @@ frame, as a real scan-out does.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -34,7 +35,10 @@ class Display:
         self._content: bytes | None = None
         self.serial = 0          # bumped whenever the picture changed
         self._pointer = None
-        self.vnc = None          # the VNC server, when one runs
+        self.vnc = None
+        self._keys: collections.deque = collections.deque()     # monitor key events, in order
+        self._keys_lock = threading.Lock()
+        self._keys_pumping = False          # the VNC server, when one runs
 
     def _source(self):
         """What the picture is made of, cheaply comparable: the registers' generation
@@ -78,19 +82,36 @@ class Display:
         self.keyboard.press_key(number, down)
 
     def send_keys(self, numbers: list[int], hold_ms: int = 100) -> None:
-        """HMP sendkey / QMP send-key: press in order, release in reverse after ``hold_ms``."""
-        for number in numbers:
-            self.keyboard.press_key(number, True)
+        """HMP sendkey / QMP send-key: press in order, release in reverse after ``hold_ms``.
+        Commands queue behind each other, as QEMU's do: a second sendkey's keys come
+        after the first one's releases."""
+        with self._keys_lock:
+            self._keys.extend((number, True) for number in numbers)
+            self._keys.append(("hold", hold_ms / 1000.0))
+            self._keys.extend((number, False) for number in reversed(numbers))
+            start = not self._keys_pumping
+            self._keys_pumping = True
+        if start:
+            if self.events is not None:
+                self.events.call_soon(self._pump_keys)
+            else:
+                self._pump_keys()
 
-        def release() -> None:
-            for number in reversed(numbers):
-                self.keyboard.press_key(number, False)
-        if self.events is not None and hold_ms > 0:
-            self.events.call_later(hold_ms / 1000.0, release)
-        else:
-            if hold_ms > 0:
-                time.sleep(hold_ms / 1000.0)
-            release()
+    def _pump_keys(self) -> None:
+        while True:
+            with self._keys_lock:
+                if not self._keys:
+                    self._keys_pumping = False
+                    return
+                item, value = self._keys.popleft()
+            if item == "hold":
+                if value > 0:
+                    if self.events is not None:
+                        self.events.call_later(value, self._pump_keys)
+                        return
+                    time.sleep(value)
+                continue
+            self.keyboard.press_key(item, value)
 
     def pointer(self, x: int, y: int, buttons: int, wheel: int = 0) -> None:
         """An absolute position from a viewer, as relative PS/2 motion (y grows down
