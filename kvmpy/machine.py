@@ -156,6 +156,9 @@ class Machine:
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
+        if self.display is not None:
+            from .boot.screen import announce_vga_text
+            announce_vga_text(self.memory)
         self.accel.load_boot_state(self.boot_state)
 
     # --- running ----------------------------------------------------------------------
