@@ -515,9 +515,25 @@ class I8042(Restorable):
         if size != 1:
             log.debug("i8042: %d-byte read of %#x, answering the low byte", size, port)
         with self._lock:
-            value = self._status() if port == COMMAND_PORT else self._read_data()
+            if port == COMMAND_PORT:
+                value = self._status()
+            else:
+                value = self._read_data()
+                # The line drops when the guest reads the data port, as on a PC: the
+                # next byte behind this one is then a new edge, which the edge-triggered
+                # PIC/IOAPIC input needs to interrupt again (Linux's atkbd waits for
+                # the ID bytes after GETID's acknowledge that way).
+                self._lower_irqs()
             self._update_irq()
             return value
+
+    def _lower_irqs(self) -> None:
+        if self._irq_level:
+            self._irq_level = False
+            self._irq_kbd(False)
+        if self._aux_level:
+            self._aux_level = False
+            self._irq_aux(False)
 
     def _io_write(self, port: int, size: int, value: int) -> None:
         if size != 1:

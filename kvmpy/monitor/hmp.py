@@ -16,6 +16,7 @@ from typing import Callable
 from .. import __version__
 from ..vcpu.trace import register_dump
 from ..events import EventLoop
+from ..display.keymap import parse_key_combo
 from .control import ControlError, DisplayControl, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
@@ -241,7 +242,6 @@ class Hmp:
         return ""
 
     def _cmd_sendkey(self, args):
-        from ..display.keymap import parse_key_combo
         if not 1 <= len(args) <= 2:
             return "sendkey: expected keys [hold_ms]\n"
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..events import EventLoop
+from ..display.keymap import QKEYCODES
 from .control import ControlError, DisplayControl, VmControl
 from .hmp import Hmp
 from .server import Address, Connection, MonitorServer
