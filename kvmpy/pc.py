@@ -276,4 +276,5 @@ def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory,
     mmio = pci.windows()["mmio"]
     root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
     return build_acpi_tables(memory, layout.ACPI_BASE, num_cpus=num_cpus,
-                             pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+                             pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root,
+                             mouse=any(p.entry.name == VGA for p in devices.placed))
