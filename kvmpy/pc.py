@@ -2,7 +2,8 @@
 
     name              bus  where                        IRQ  device
     serial0           pio  COM1 0x3f8-0x3ff               4  Serial16550 on the console
-    i8042             pio  0x60, 0x64                     1  keyboard controller (reset line)
+    i8042             pio  0x60, 0x64                     1  keyboard controller (reset line); with a
+                                                        12  display also a PS/2 mouse on the AUX port
     rtc               pio  0x70-0x71                      8  MC146818 RTC + CMOS
     post-code         pio  0x80                              POST codes / io_delay
     dma-page          pio  0x81-0x8f                         sink
@@ -13,6 +14,9 @@
     pci-config        pio  0xcf8-0xcff                       PCI config #1 + 0xcf9 reset
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
+    vga               pci  (BAR0 framebuffer, BAR2 MMIO)     with [display] vga = "std" or a VNC server
+    vga-ports         pio  0x1ce-0x1cf, 0x3b0-0x3df          its VBE dispi and VGA registers
+    vga-window        mmio 0xa0000-0xbffff                   its legacy memory window (text mode)
 
 Not in the table: what the accelerator models itself (KVM's in-kernel or the
 translator's PICs, PIT and port 0x61, IOAPIC, LAPICs). Addresses and IRQs are

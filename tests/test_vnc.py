@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import KVM_SKIP_REASON, ROOT, guest_path
-from support.rfb import RfbClient, RfbError
+from support.rfb import RfbClient, RfbError, WebSocketStream
 from kvmpy.devices.i8042 import CTR_XLATE, I8042, key_bytes
 from kvmpy.devices.vga import VBE_BPP, VBE_ENABLE, VBE_XRES, VBE_YRES, Vga, VgaPorts, VgaWindow
 from kvmpy.display.des import des_encrypt_block, vnc_auth_response
@@ -52,7 +52,8 @@ def test_vnc_spec_parsing():
     assert (a.host, a.port, a.password) == ("127.0.0.1", 5900, True)
     assert parse_vnc_spec("unix:/tmp/x.sock", "--vnc").path == "/tmp/x.sock"
     assert parse_vnc_spec("none", "--vnc") is None
-    for bad in ("1", ":x", "unix:", ":1,foo=bar", ":70000", ":1,websocket=5701"):
+    assert parse_vnc_spec(":1,websocket=5701", "--vnc").websocket == 5701
+    for bad in ("1", ":x", "unix:", ":1,foo=bar", ":70000", ":1,websocket=x"):
         with pytest.raises(ConfigError, match="--vnc"):
             parse_vnc_spec(bad, "--vnc")
 
@@ -314,6 +315,56 @@ def test_random_client_messages_never_break_the_server(rig, handshake, junk):
     viewer.update()
     assert_same_picture(viewer, rig.display)
     viewer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[str, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.decode().split("\r\n")[0], body
+
+
+def test_websocket_viewer_and_the_browser_page(tmp_path):
+    """QEMU's websocket=PORT: RFB in WebSocket frames (what noVNC speaks), and the
+    page that loads noVNC from the same port."""
+    port = free_port()
+    rig = Rig(tmp_path, f",websocket={port}")
+    try:
+        rig.text("in a browser")
+        stream = WebSocketStream("127.0.0.1", port)
+        assert stream.protocol == "binary"
+        viewer = RfbClient(stream)
+        viewer.update()
+        assert_same_picture(viewer, rig.display)
+        if os.path.isdir(KEYMAP_DIRS[0]):
+            viewer.tap(XK_z)
+            viewer.update(incremental=False)
+            assert rig.guest_reads() == b"\x15\x95"
+        viewer.close()
+        status, body = http_get(port, "/../../etc/passwd")
+        assert status.split()[1] == "404"
+        if not rig.server.web_files:
+            status, body = http_get(port, "/")
+            assert status.split()[1] == "404" and b"make novnc" in body
+            pytest.skip("noVNC is not vendored (make novnc) nor installed: the page is not served")
+        status, body = http_get(port, "/")
+        assert status.split()[1] == "200" and b"import RFB from './core/rfb.js'" in body
+        status, body = http_get(port, "/core/rfb.js")
+        assert status.split()[1] == "200" and b"export default class RFB" in body
+    finally:
+        rig.close()
 
 
 def test_pixel_format_problems_are_refused():

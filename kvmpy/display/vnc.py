@@ -61,6 +61,7 @@ class VncAddress:
     port: int
     path: str
     password: bool
+    websocket: int | None = None    # TCP port of RFB over WebSocket (and the browser page), same host
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"{self.host or '0.0.0.0'}:{self.port}"
@@ -70,12 +71,15 @@ def parse_vnc_spec(spec: str, where: str) -> VncAddress | None:
     """``:N``, ``HOST:N``, ``unix:PATH``, ``none``, with ``,password=on|off``; None for "none"."""
     head, *options = spec.split(",")
     password = False
+    websocket = None
     for option in options:
         key, _, value = option.partition("=")
         if key == "password" and value in ("on", "off", ""):
             password = value != "off"
         elif key == "websocket":
-            raise ConfigError(f"{where}: websocket is not available yet")
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise ConfigError(f"{where}: websocket must be a TCP port number, got {value!r}")
+            websocket = int(value)
         else:
             raise ConfigError(f"{where}: unknown option {option!r} (known: password=on|off)")
     if head == "none":
@@ -84,13 +88,13 @@ def parse_vnc_spec(spec: str, where: str) -> VncAddress | None:
         path = head[5:]
         if not path:
             raise ConfigError(f"{where}: unix: needs a path")
-        return VncAddress("unix", "", 0, os.path.abspath(path), password)
+        return VncAddress("unix", "", 0, os.path.abspath(path), password, websocket)
     host, sep, display = head.rpartition(":")
     if not sep or not display.isdigit() or int(display) > 65535 - VNC_BASE_PORT:
         raise ConfigError(f"{where}: expected :N, HOST:N or unix:PATH (N a display number), got {spec!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return VncAddress("tcp", host, VNC_BASE_PORT + int(display), "", password)
+    return VncAddress("tcp", host, VNC_BASE_PORT + int(display), "", password, websocket)
 
 
 @dataclass
@@ -216,6 +220,25 @@ class VncServer:
         sock.listen(8)
         sock.setblocking(False)
         self.sock = sock
+        self.web_files: dict[str, bytes] = {}
+        self.ws_sock: socket.socket | None = None
+        if address.websocket is not None:
+            host = address.host if address.kind == "tcp" else "127.0.0.1"
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            ws = socket.socket(family, socket.SOCK_STREAM)
+            ws.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                ws.bind((host or "0.0.0.0", address.websocket))
+            except OSError:
+                ws.close()
+                sock.close()
+                raise
+            ws.listen(8)
+            ws.setblocking(False)
+            self.ws_sock = ws
+            # Read now: once the VM runs (and its sandbox with it) no file opens.
+            self.web_files = load_web_files()
+            events.subscribe(ws.fileno(), EVENT_READ, lambda ready: self._accept(ready, websocket=True))
         events.subscribe(sock.fileno(), EVENT_READ, self._accept)
 
     @property
@@ -242,6 +265,9 @@ class VncServer:
             client.close("server closing")
         self.events.unsubscribe(self.sock.fileno())
         self.sock.close()
+        if self.ws_sock is not None:
+            self.events.unsubscribe(self.ws_sock.fileno())
+            self.ws_sock.close()
         if self.address.kind == "unix":
             # Only our own socket file (a successor may have bound the path). Under
             # the sandbox the lookup is refused and the cleanup helper removes it.
@@ -252,10 +278,11 @@ class VncServer:
             except OSError as e:
                 log.debug("VNC: not removing %s: %s", self.address.path, e)
 
-    def _accept(self, ready: int) -> None:
+    def _accept(self, ready: int, websocket: bool = False) -> None:
+        listener = self.ws_sock if websocket else self.sock
         while True:
             try:
-                conn, peer = self.sock.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -268,7 +295,8 @@ class VncServer:
             conn.setblocking(False)
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = VncClient(self, conn, f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix")
+            peer_name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+            client = (WebSocketVncClient if websocket else VncClient)(self, conn, peer_name)
             self.clients.append(client)
             client.start()
 
@@ -343,7 +371,7 @@ class VncClient:
     def _send(self, data: bytes) -> None:
         if self.closed:
             return
-        self.outbuf += data
+        self.outbuf += self._frame(data)
         if len(self.outbuf) > BACKLOG_DROP:
             self.close("its output backlog passed the limit (a stalled viewer)")
             return
@@ -378,8 +406,8 @@ class VncClient:
             if not data:
                 self.close("end of stream")
                 return
-            self.inbuf += data
             try:
+                self._received(data)
                 while not self.closed and self._parse_one():
                     pass
             except ProtocolError as e:
@@ -387,6 +415,14 @@ class VncClient:
                 return
             if len(self.inbuf) > MAX_CLIENT_BUFFER:
                 self.close("too much unparsed input")
+
+    def _received(self, data: bytes) -> None:
+        """Bytes from the socket into ``inbuf`` (a WebSocket viewer unwraps frames here)."""
+        self.inbuf += data
+
+    def _frame(self, data: bytes) -> bytes:
+        """RFB bytes as they go on the wire (a WebSocket viewer wraps them in frames)."""
+        return data
 
     # --- input ----------------------------------------------------------------------
     def _parse_one(self) -> bool:
@@ -631,3 +667,184 @@ def _cpixels(pixels: bytes, low: bool, big_endian: bool) -> bytes:
 
 class ProtocolError(Exception):
     pass
+
+
+# --- RFB over WebSocket (RFC 6455), and the browser page ----------------------------------
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+MAX_HTTP_REQUEST = 8192
+WEB_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "novnc"), "/usr/share/novnc")
+MAX_WEB_FILES = 32 << 20
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json",
+                 ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf", ".mp3": "audio/mpeg",
+                 ".oga": "audio/ogg"}
+
+
+CONSOLE_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "console.html")
+
+
+def load_web_files(directories=WEB_DIRS) -> dict[str, bytes]:
+    """The browser console by URL path: kvmpy's page (``/``) and noVNC's ``core/`` and
+    ``vendor/`` from the first directory that has ``core/rfb.js`` (the copy ``make
+    novnc`` vendors into kvmpy/display/novnc, else Debian's novnc package). Read
+    whole at start; without noVNC the page is missing and ``/`` says so."""
+    for directory in directories:
+        if not os.path.isfile(os.path.join(directory, "core", "rfb.js")):
+            continue
+        files: dict[str, bytes] = {}
+        total = 0
+        for top in ("core", "vendor"):
+            for root, dirs, names in os.walk(os.path.join(directory, top), followlinks=False):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in names:
+                    if os.path.splitext(name)[1] not in CONTENT_TYPES:
+                        continue
+                    path = os.path.join(root, name)
+                    try:
+                        with open(path, "rb") as f:
+                            data = f.read(MAX_WEB_FILES)
+                    except OSError:
+                        continue
+                    total += len(data)
+                    if total > MAX_WEB_FILES:
+                        log.warning("VNC: %s holds more than %d MiB of noVNC; not served", directory,
+                                    MAX_WEB_FILES >> 20)
+                        return {}
+                    files["/" + os.path.relpath(path, directory).replace(os.sep, "/")] = data
+        with open(CONSOLE_PAGE, "rb") as f:
+            files["/"] = files["/console.html"] = f.read()
+        return files
+    return {}
+
+
+class WebSocketVncClient(VncClient):
+    """A viewer in a browser: an HTTP request first, either the WebSocket upgrade
+    (then RFB in binary frames) or a GET for the noVNC page's files."""
+
+    def __init__(self, server: VncServer, sock: socket.socket, peer: str) -> None:
+        super().__init__(server, sock, peer)
+        self.state = "http"
+        self.raw = bytearray()
+
+    def start(self) -> None:
+        self.server.events.subscribe(self.fd, EVENT_READ, self._ready)
+
+    def _frame(self, data: bytes) -> bytes:
+        if self.state in ("http", "closing-http"):
+            return data
+        length = len(data)
+        if length < 126:
+            header = bytes([0x82, length])
+        elif length < 65536:
+            header = bytes([0x82, 126]) + struct.pack(">H", length)
+        else:
+            header = bytes([0x82, 127]) + struct.pack(">Q", length)
+        return header + data
+
+    def _received(self, data: bytes) -> None:
+        self.raw += data
+        if self.state == "http":
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.raw) > MAX_HTTP_REQUEST:
+                    raise ProtocolError("HTTP request too long")
+                return
+            request = bytes(self.raw[:end]).decode("latin-1")
+            del self.raw[:end + 4]
+            self._http(request)
+            if self.state in ("http", "closing-http"):
+                return
+        if self.state == "closing-http":
+            return
+        self._frames()
+
+    def _http(self, request: str) -> None:
+        lines = request.split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[0] != "GET":
+            self._respond("405 Method Not Allowed", b"only GET\n", "text/plain")
+            return
+        headers = {}
+        for line in lines[1:]:
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        if "websocket" in headers.get("upgrade", "").lower():
+            key = headers.get("sec-websocket-key", "")
+            if not key:
+                self._respond("400 Bad Request", b"no Sec-WebSocket-Key\n", "text/plain")
+                return
+            import base64
+            import hashlib
+            accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
+            protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+            reply = ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Accept: {accept}\r\n")
+            if "binary" in protocols:
+                reply += "Sec-WebSocket-Protocol: binary\r\n"
+            self._send((reply + "\r\n").encode())
+            self.state = "version"
+            self._send(b"RFB 003.008\n")
+            return
+        path = parts[1].split("?", 1)[0]
+        if not self.server.web_files:
+            self._respond("404 Not Found", b"the browser console needs noVNC: make novnc (or Debian's novnc)\n",
+                          "text/plain")
+            return
+        data = self.server.web_files.get(path)
+        if data is None:
+            self._respond("404 Not Found", b"not found\n", "text/plain")
+            return
+        kind = "text/html; charset=utf-8" if path == "/" else \
+            CONTENT_TYPES.get(os.path.splitext(path)[1], "application/octet-stream")
+        self._respond("200 OK", data, kind)
+
+    def _respond(self, status: str, body: bytes, content_type: str, extra: str = "") -> None:
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n{extra}\r\n").encode()
+        self.state = "closing-http"
+        self._send(head + body)
+        self._close_when_sent()
+
+    def _close_when_sent(self) -> None:
+        if self.closed:
+            return
+        if self.outbuf:
+            self.server.events.call_later(0.05, self._close_when_sent)
+        else:
+            self.close("page served")
+
+    def _frames(self) -> None:
+        raw = self.raw
+        while len(raw) >= 2:
+            opcode, masked, length = raw[0] & 0x0F, raw[1] & 0x80, raw[1] & 0x7F
+            pos = 2
+            if length == 126:
+                if len(raw) < 4:
+                    return
+                length, pos = struct.unpack_from(">H", raw, 2)[0], 4
+            elif length == 127:
+                if len(raw) < 10:
+                    return
+                length, pos = struct.unpack_from(">Q", raw, 2)[0], 10
+            if not masked:
+                raise ProtocolError("an unmasked frame from a WebSocket client")
+            if length > MAX_CLIENT_BUFFER:
+                raise ProtocolError(f"a WebSocket frame of {length} bytes")
+            if len(raw) < pos + 4 + length:
+                return
+            mask = (bytes(raw[pos:pos + 4]) * (length // 4 + 1))[:length]
+            payload = (int.from_bytes(raw[pos + 4:pos + 4 + length], "big")
+                       ^ int.from_bytes(mask, "big")).to_bytes(length, "big")
+            del raw[:pos + 4 + length]
+            if opcode in (0, 2):
+                self.inbuf += payload
+            elif opcode == 8:
+                self.outbuf += b"\x88\x00"
+                self._flush()
+                raise ProtocolError("the viewer closed the WebSocket")
+            elif opcode == 9:
+                self.outbuf += bytes([0x8A, len(payload)]) + payload if len(payload) < 126 else b""
+                self._flush()
+            elif opcode != 10:
+                raise ProtocolError(f"WebSocket opcode {opcode}")

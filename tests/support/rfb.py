@@ -21,10 +21,13 @@ class RfbError(Exception):
 class RfbClient:
     def __init__(self, address, password: str | None = None, timeout: float = 20.0,
                  encodings: tuple[int, ...] = (16, 0, -223), version: bytes = b"RFB 003.008\n") -> None:
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(address)
+        if hasattr(address, "sendall"):
+            self.sock = address              # connected already (a WebSocketStream)
+        else:
+            family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
         self.zlib = zlib.decompressobj()
         server_version = self._recv(12)
         if not server_version.startswith(b"RFB 003."):
@@ -200,6 +203,75 @@ class RfbClient:
     def rgb_at(self, x: int, y: int) -> tuple[int, int, int]:
         o = (y * self.width + x) * 4
         return self.pixels[o + 2], self.pixels[o + 1], self.pixels[o]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class WebSocketStream:
+    """A client WebSocket (RFC 6455) that looks like a blocking socket to RfbClient:
+    the upgrade handshake, masked binary frames out, frames unwrapped in."""
+
+    def __init__(self, host: str, port: int, path: str = "/websockify", timeout: float = 20.0) -> None:
+        import base64
+        import hashlib
+        import os
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           "Sec-WebSocket-Protocol: binary\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise RfbError("closed during the WebSocket handshake")
+            head += chunk
+        lines = head.decode("latin-1").split("\r\n")
+        if not lines[0].startswith("HTTP/1.1 101"):
+            raise RfbError(f"no WebSocket upgrade: {lines[0]}")
+        want = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65").digest()).decode()
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]) if k}
+        if headers.get("sec-websocket-accept") != want:
+            raise RfbError("wrong Sec-WebSocket-Accept")
+        self.protocol = headers.get("sec-websocket-protocol")
+        self.pending = bytearray()
+
+    def sendall(self, data: bytes) -> None:
+        import os
+        mask = os.urandom(4)
+        n = len(data)
+        header = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+                                  if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise RfbError("connection closed")
+            data += chunk
+        return data
+
+    def recv(self, n: int) -> bytes:
+        while not self.pending:
+            b0, b1 = self._exact(2)
+            if b1 & 0x80:
+                raise RfbError("a masked frame from the server")
+            length = b1 & 0x7F
+            if length == 126:
+                length = int.from_bytes(self._exact(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self._exact(8), "big")
+            payload = self._exact(length)
+            if b0 & 0x0F in (0, 2):
+                self.pending += payload
+            elif b0 & 0x0F == 8:
+                return b""
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
 
     def close(self) -> None:
         self.sock.close()
