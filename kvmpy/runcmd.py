@@ -50,7 +50,7 @@ def register(sub) -> None:
                    help="seccomp filter and NO_NEW_PRIVS once the VM is set up (default: on where the "
                         "host supports it; KVMPY_SANDBOX_AUDIT=1 logs forbidden calls instead)")
     p.add_argument("--vga", metavar="std|none", help="display adapter (default: none; std with --vnc)")
-    p.add_argument("--vnc", metavar=":N|HOST:N|unix:PATH[,password=on]",
+    p.add_argument("--vnc", metavar=":N|HOST:N|unix:PATH[,password=on][,websocket=PORT]",
                    help="VNC server on port 5900+N (QEMU's -vnc: ':N' listens on every address)")
     p.add_argument("-k", "--keymap", metavar="LANG", help="keyboard layout of the VNC viewer (QEMU's -k: de, fr, ...)")
     p.add_argument("--trace", action="append", default=[], metavar="ITEM[,ITEM...]",

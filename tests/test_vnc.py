@@ -8,6 +8,7 @@ guest as the scancodes a German keyboard sends."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -365,6 +366,18 @@ def test_websocket_viewer_and_the_browser_page(tmp_path):
         assert status.split()[1] == "200" and b"export default class RFB" in body
     finally:
         rig.close()
+
+
+@keymaps_required
+def test_display_table_in_vm_toml():
+    from kvmpy.config import config_from_dict
+    cfg = config_from_dict({"display": {"vnc": "unix:/tmp/x.sock,password=on", "keymap": "fr"}}, "vm.toml")
+    assert (cfg.display.vga, cfg.display.vnc_password, cfg.display.keymap) == ("std", True, "fr")
+    assert config_from_dict({}, "vm.toml").display.vga == "none"
+    for bad, where in (({"vga": "cirrus"}, "[display] key 'vga'"), ({"vnc": 5}, "[display] key 'vnc'"),
+                       ({"keymap": "xx"}, "[display] key 'keymap'"), ({"screen": 1}, "[display]")):
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            config_from_dict({"display": bad}, "vm.toml")
 
 
 def test_pixel_format_problems_are_refused():

@@ -174,8 +174,13 @@ class Vga(PciDevice):
         if self.platform is not None and self.framebuffer_gpa is not None:
             self.platform.unmap_device_memory(FRAMEBUFFER_REGION)
             self.framebuffer_gpa = None
-        self.vram.release()
-        self._vram_map.close()
+        try:
+            self.vram.release()
+            self._vram_map.close()
+        except BufferError:
+            # A translator vCPU still holds the framebuffer as RAM until the
+            # accelerator closes (after the devices); the mapping goes with it.
+            pass
 
     # --- the mode, as the renderer reads it ---------------------------------------------
     @property
