@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 # (an L1 boot, a pip install) is one xdist_group, so one worker runs it all.
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
-               netcat-openbsd socat console-setup-linux x11proto-dev \
+               netcat-openbsd socat console-setup-linux x11proto-dev chromium npm \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc

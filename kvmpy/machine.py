@@ -437,11 +437,10 @@ class Machine:
         return self.display
 
     def screendump(self, filename: str, fmt: str = "ppm") -> None:
-        from .display.screendump import write_screendump
         from .monitor.control import ControlError
-        surface = self._display_or_fail().surface()
+        display = self._display_or_fail()
         try:
-            write_screendump(surface, filename, fmt)
+            display.screendump(filename, fmt)
         except OSError as e:
             # The sandbox (on by default) refuses opening files once the VM runs.
             hint = " (with the sandbox on, kvmpy opens no new files: --sandbox off)" \

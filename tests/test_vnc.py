@@ -337,6 +337,11 @@ def http_get(port: int, path: str) -> tuple[str, bytes]:
     return head.decode().split("\r\n")[0], body
 
 
+def test_websocket_accept_matches_the_rfc_example():
+    from kvmpy.display.vnc import websocket_accept
+    assert websocket_accept("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
 def test_websocket_viewer_and_the_browser_page(tmp_path):
     """QEMU's websocket=PORT: RFB in WebSocket frames (what noVNC speaks), and the
     page that loads noVNC from the same port."""

@@ -15,6 +15,7 @@ import time
 
 from ..devices.vga import Vga
 from .render import Renderer, Surface
+from .screendump import write_screendump
 
 
 CLEAN = "clean"
@@ -76,6 +77,10 @@ class Display:
         with self._lock:
             self._surface = None           # force a render: screendump must show this moment
         return self.refresh()[0]
+
+    def screendump(self, filename: str, fmt: str = "ppm") -> None:
+        """The picture now into ``filename`` (PPM or PNG); OSError as the host gives it."""
+        write_screendump(self.surface(), filename, fmt)
 
     # --- input ------------------------------------------------------------------------
     def press_key(self, number: int, down: bool) -> None:

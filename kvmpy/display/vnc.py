@@ -21,9 +21,12 @@ the layout (kvmpy.display.keymap) to the i8042; the pointer to the PS/2 mouse.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import socket
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -194,7 +197,6 @@ class VncServer:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 if os.path.exists(address.path) and not os.path.isdir(address.path):
-                    import stat
                     if stat.S_ISSOCK(os.lstat(address.path).st_mode):
                         os.unlink(address.path)
                 sock.bind(address.path)
@@ -670,7 +672,7 @@ class ProtocolError(Exception):
 
 
 # --- RFB over WebSocket (RFC 6455), and the browser page ----------------------------------
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HTTP_REQUEST = 8192
 WEB_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "novnc"), "/usr/share/novnc")
 MAX_WEB_FILES = 32 << 20
@@ -678,6 +680,11 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", 
                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json",
                  ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf", ".mp3": "audio/mpeg",
                  ".oga": "audio/ogg"}
+
+
+def websocket_accept(key: str) -> str:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
 
 
 CONSOLE_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "console.html")
@@ -774,9 +781,7 @@ class WebSocketVncClient(VncClient):
             if not key:
                 self._respond("400 Bad Request", b"no Sec-WebSocket-Key\n", "text/plain")
                 return
-            import base64
-            import hashlib
-            accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
+            accept = websocket_accept(key)
             protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
             reply = ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      f"Sec-WebSocket-Accept: {accept}\r\n")

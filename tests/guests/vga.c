@@ -10,8 +10,9 @@
  *               0x1CE/0x1CF and through BAR2's MMIO copy, sets 640x480x32 with the
  *               linear framebuffer and draws pixel (x, y) = R x & 0xff, G y & 0xff,
  *               B (x + y) & 0xff in BAR0. Prints "vga: vbe ready".
- *   phase=kbd   reads count=N bytes from the i8042 (polling, translation on as a
- *               PC boots) and prints each as "kbd: XX".
+ *   phase=kbd   draws the text of phase=text, then reads count=N bytes from the
+ *               i8042 (polling, translation on as a PC boots) and prints each as
+ *               "kbd: XX".
  *   phase=mouse enables the AUX port and the mouse's streaming, then prints
  *               count=N AUX bytes as "aux: XX".
  *
@@ -40,7 +41,7 @@ static int find_vga(void)
     return -1;
 }
 
-static int phase_text(void)
+static void draw_text(void)
 {
     volatile uint16_t *text = (volatile uint16_t *)0xb8000;
     for (int i = 0; i < 80 * 25; i++)
@@ -50,6 +51,12 @@ static int phase_text(void)
     outb(0x3d4, 0x0b); outb(0x3d5, 15);
     outb(0x3d4, 0x0e); outb(0x3d5, cursor >> 8);
     outb(0x3d4, 0x0f); outb(0x3d5, cursor & 0xff);
+}
+
+static int phase_text(void)
+{
+    volatile uint16_t *text = (volatile uint16_t *)0xb8000;
+    draw_text();
     if (text[0] != (0x20 | (0 << 8)) || text[81] != ((0x20 + 81 % 95) | (((81 * 13) & 0xff) << 8))) {
         printf("vga: text memory reads back wrong: %x %x\n", text[0], text[81]);
         return 1;
@@ -115,6 +122,7 @@ static int read_i8042(bool aux)
 static int phase_kbd(void)
 {
     uint64_t count = cmdline_get_u64("count", 1);
+    draw_text();                            /* something to look at meanwhile */
     printf("kbd: listening\n");
     for (uint64_t i = 0; i < count; i++) {
         int value = read_i8042(false);

@@ -230,18 +230,18 @@ class WebSocketStream:
         lines = head.decode("latin-1").split("\r\n")
         if not lines[0].startswith("HTTP/1.1 101"):
             raise RfbError(f"no WebSocket upgrade: {lines[0]}")
-        want = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65").digest()).decode()
+        want = base64.b64encode(hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]) if k}
         if headers.get("sec-websocket-accept") != want:
             raise RfbError("wrong Sec-WebSocket-Accept")
         self.protocol = headers.get("sec-websocket-protocol")
         self.pending = bytearray()
 
-    def sendall(self, data: bytes) -> None:
+    def sendall(self, data: bytes, opcode: int = 2) -> None:
         import os
         mask = os.urandom(4)
         n = len(data)
-        header = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        header = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
                                   if n < 65536 else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
         self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
@@ -265,7 +265,7 @@ class WebSocketStream:
             elif length == 127:
                 length = int.from_bytes(self._exact(8), "big")
             payload = self._exact(length)
-            if b0 & 0x0F in (0, 2):
+            if b0 & 0x0F in (0, 1, 2):
                 self.pending += payload
             elif b0 & 0x0F == 8:
                 return b""
