@@ -47,20 +47,28 @@ def dispi(vga, index, value=None):
 
 
 # --- expected pictures, computed from the rules, not from the renderer ------------------------
-def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None) -> Surface:
-    """80x25 text: ``cells`` [(char, attribute)] from the start; blink on (attribute bit 7
-    picks blinking, not a bright background), blinking text shown steady."""
+def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None, dots=9) -> Surface:
+    """80x25 text in ``dots``-wide cells (mode 3: 9, 720x400 as QEMU shows it):
+    ``cells`` [(char, attribute)] from the start; blink on (attribute bit 7 picks
+    blinking, not a bright background), blinking text shown steady; the 9th dot
+    repeats the 8th for 0xB0-0xDF (line graphics, on in mode 3) and the cursor."""
     font = font or default_font()
-    surface = Surface.blank(640, 400)
+    width = 80 * dots
+    surface = Surface.blank(width, 400)
     for i, (char, attr) in enumerate(cells):
         fg, bg = CGA[attr & 0x0F], CGA[(attr >> 4) & 0x07]
         col, row = i % 80, i // 80
         glyph = font.glyph(char)
         for line in range(16):
-            bits = 0xFF if cursor == i and cursor_lines[0] <= line <= cursor_lines[1] else glyph[line]
-            for x in range(8):
-                r, g, b = fg if bits & (0x80 >> x) else bg
-                o = ((row * 16 + line) * 640 + col * 8 + x) * 4
+            is_cursor = cursor == i and cursor_lines[0] <= line <= cursor_lines[1]
+            bits = 0xFF if is_cursor else glyph[line]
+            for x in range(dots):
+                if x < 8:
+                    on = bits & (0x80 >> x)
+                else:
+                    on = (is_cursor or 0xB0 <= char <= 0xDF) and bits & 1
+                r, g, b = fg if on else bg
+                o = ((row * 16 + line) * width + col * dots + x) * 4
                 surface.data[o:o + 4] = bytes((b, g, r, 0))
     return surface
 
@@ -150,6 +158,10 @@ def test_text_mode_renders_font_colours_and_cursor():
         # the cursor off (CR0A bit 5): the glyph again
         write(0x3D4, 0x0A); write(0x3D5, 0x20)
         want = expected_text(cells + [(0, 0)] * (2000 - len(cells)))
+        assert first_difference(Renderer(vga).render(), want) == ""
+        # 8-dot cells (sequencer clocking mode bit 0): 640 wide
+        write(0x3C4, 0x01); write(0x3C5, 0x01)
+        want = expected_text(cells + [(0, 0)] * (2000 - len(cells)), dots=8)
         assert first_difference(Renderer(vga).render(), want) == ""
     finally:
         vga.close()

@@ -138,7 +138,7 @@ def assert_same_picture(client: RfbClient, display: Display) -> None:
 def test_viewer_sees_the_text_screen_in_zrle_and_raw(rig):
     rig.text("kvmpy VNC")
     zrle = rig.client()
-    assert zrle.name == "rig" and (zrle.width, zrle.height) == (640, 400)
+    assert zrle.name == "rig" and (zrle.width, zrle.height) == (720, 400)
     zrle.update()
     assert_same_picture(zrle, rig.display)
     raw = rig.client(encodings=(0,))
@@ -281,7 +281,7 @@ def test_a_stalled_viewer_does_not_stop_the_others(rig):
     live = rig.client()
     for frame in range(30):
         rig.text(f"frame {frame:3d}", attr=0x10 + frame % 7)
-        stalled.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, 640, 400))
+        stalled.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, 720, 400))
         started = time.monotonic()
         live.update(incremental=True)
         assert time.monotonic() - started < 5, "the live viewer waited for the stalled one"
@@ -412,7 +412,7 @@ def test_typing_over_vnc_with_a_german_layout_reaches_the_guest(tmp_path, accel)
         assert b"kbd: listening" in out, out + proc.stderr.read() if proc.poll() is not None else out
         client = RfbClient(sock)
         client.update()
-        assert (client.width, client.height) == (640, 400)
+        assert (client.width, client.height) == (720, 400)
         client.tap(XK_z)
         client.tap(XK_y)
         client.tap(XK_adiaeresis)

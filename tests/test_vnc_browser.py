@@ -167,7 +167,7 @@ def test_browser_console_shows_the_screen_and_types(tmp_path):
         (tmp_path / "browser.png").write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
         want = expected_text(guest_text_cells(), cursor=5 * 80 + 10)
         # The canvas' CSS box may sit at a fractional position: look within a pixel of it.
-        differences = [first_difference(crop(shot, round(rect["x"]) + dx, round(rect["y"]) + dy, 640, 400), want)
+        differences = [first_difference(crop(shot, round(rect["x"]) + dx, round(rect["y"]) + dy, 720, 400), want)
                        for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
         assert "" in differences, (rect, differences[4])
         for kind in ("keyDown", "keyUp"):

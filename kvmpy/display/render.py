@@ -121,20 +121,29 @@ class TextRenderer:
         self.font = font or default_font()
         self._rows: dict[tuple[int, bytes, bytes], bytes] = {}
 
-    def _row(self, bits: int, fg: bytes, bg: bytes) -> bytes:
-        key = (bits, fg, bg)
+    def _row(self, bits: int, fg: bytes, bg: bytes, ninth: bool | None) -> bytes:
+        """One scan line of a cell: 8 dots, and a 9th (``ninth`` not None) that repeats
+        the 8th for line-graphics characters (``ninth`` True) or shows the background."""
+        key = (bits, fg, bg, ninth)
         row = self._rows.get(key)
         if row is None:
             if len(self._rows) > 65536:
                 self._rows.clear()
             row = b"".join(fg if bits & (0x80 >> i) else bg for i in range(GLYPH_WIDTH))
+            if ninth is not None:
+                row += fg if ninth and bits & 1 else bg
             self._rows[key] = row
         return row
 
     def render(self, vga: Vga) -> Surface:
         columns, rows, char_height = vga.text_geometry()
         char_height = min(char_height, 16)
-        width, height = columns * GLYPH_WIDTH, rows * char_height
+        # 9-dot cells unless the sequencer's clocking mode asks for 8 (mode 3 has 9:
+        # 720x400, as QEMU shows it); the 9th dot repeats the 8th for 0xB0-0xDF when
+        # the attribute controller enables line graphics (QEMU's range).
+        cell_width = GLYPH_WIDTH if vga.seq[1] & 0x01 else GLYPH_WIDTH + 1
+        line_graphics = bool(vga.attr[0x10] & 0x04)
+        width, height = columns * cell_width, rows * char_height
         data = bytearray(width * height * 4)
         rgb = vga.dac_rgb()
         palette = vga.attr
@@ -156,14 +165,17 @@ class TextRenderer:
             fg = colours[attribute & 0x0F]
             bg = colours[(attribute >> 4) & (0x07 if blink else 0x0F)]
             x, y = cell % columns, cell // columns
-            base = y * char_height * stride + x * GLYPH_WIDTH * 4
+            base = y * char_height * stride + x * cell_width * 4
             glyph = glyphs[code * 16:code * 16 + 16]
+            ninth = None if cell_width == GLYPH_WIDTH else (line_graphics and 0xB0 <= code <= 0xDF)
             for line in range(char_height):
                 bits = glyph[line]
-                if cursor is not None and cursor[0] == cell and cursor[1] <= line <= cursor[2]:
+                cursor_line = cursor is not None and cursor[0] == cell and cursor[1] <= line <= cursor[2]
+                if cursor_line:
                     bits = 0xFF
                 o = base + line * stride
-                data[o:o + GLYPH_WIDTH * 4] = self._row(bits, fg, bg)
+                data[o:o + cell_width * 4] = self._row(bits, fg, bg, True if cursor_line and ninth is not None
+                                                       else ninth)
         return Surface(width, height, data)
 
 
