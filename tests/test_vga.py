@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -47,7 +48,7 @@ def dispi(vga, index, value=None):
 
 
 # --- expected pictures, computed from the rules, not from the renderer ------------------------
-def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None, dots=9) -> Surface:
+def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None, dots=9, blink=True) -> Surface:
     """80x25 text in ``dots``-wide cells (mode 3: 9, 720x400 as QEMU shows it):
     ``cells`` [(char, attribute)] from the start; blink on (attribute bit 7 picks
     blinking, not a bright background), blinking text shown steady; the 9th dot
@@ -56,7 +57,7 @@ def expected_text(cells, cursor=None, cursor_lines=(14, 15), font=None, dots=9) 
     width = 80 * dots
     surface = Surface.blank(width, 400)
     for i, (char, attr) in enumerate(cells):
-        fg, bg = CGA[attr & 0x0F], CGA[(attr >> 4) & 0x07]
+        fg, bg = CGA[attr & 0x0F], CGA[(attr >> 4) & (0x07 if blink else 0x0F)]
         col, row = i % 80, i // 80
         glyph = font.glyph(char)
         for line in range(16):
@@ -522,3 +523,67 @@ def test_translator_maps_device_memory_at_its_next_run():
         view.release()
         backing.close()
         memory.close()
+
+
+# --- QEMU as the oracle: the same guest on QEMU's -vga std --------------------------------------
+def qemu_screendump(tmp_path, phase: str, ready: bytes) -> Surface:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
+    qmp = str(tmp_path / "qemu.qmp")
+    proc = subprocess.Popen([qemu, "-accel", "tcg", "-machine", "pc", "-m", "128", "-nodefaults", "-display", "none",
+                             "-vga", "std", "-serial", "stdio", "-no-reboot", "-qmp", f"unix:{qmp},server=on,wait=off",
+                             "-kernel", guest_path("vga"), "-append", f"phase={phase}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 120
+        while ready not in out:
+            assert time.monotonic() < deadline and proc.poll() is None, out + proc.stderr.read()
+            out += os.read(proc.stdout.fileno(), 4096)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(qmp)
+        f = sock.makefile("rw")
+        f.readline()
+        dump = tmp_path / "qemu.ppm"
+        for command in ({"execute": "qmp_capabilities"},
+                        {"execute": "screendump", "arguments": {"filename": str(dump)}}):
+            f.write(json.dumps(command) + "\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            assert "return" in reply, reply
+        sock.close()
+        return read_ppm(dump.read_bytes())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_qemu_draws_the_vbe_guest_as_we_expect(tmp_path):
+    """QEMU's stdvga shows the guest's VBE mode exactly as expected_vbe says (and
+    test_guest_vbe_mode_screendump holds kvmpy to the same picture)."""
+    assert first_difference(qemu_screendump(tmp_path, "vbe", b"vga: vbe ready"), expected_vbe()) == ""
+
+
+def test_qemu_shows_the_text_guest_in_the_same_cells_and_colours(tmp_path):
+    """QEMU's font is not ours, so cell by cell: the same 720x400 geometry, the same
+    two colours (foreground where the glyph has dots, background) in every cell.
+    QEMU widens the DAC's 6 bits as (v << 2) | (v & 1) * 3 (0x15 -> 0x57), kvmpy as
+    v * 255 / 63 (0x15 -> 0x55, CGA's values): equal up to 3 per channel. And QEMU
+    reads attribute bit 7 as a bright background even with blinking enabled (the
+    attribute controller's mode bit 3, on in mode 3), where kvmpy, as a VGA,
+    takes it for blinking: compared with that reading here."""
+    theirs = qemu_screendump(tmp_path, "text", b"vga: text ready")
+    ours = expected_text(guest_text_cells(), cursor=5 * 80 + 10, blink=False)
+    assert (theirs.width, theirs.height) == (ours.width, ours.height) == (720, 400)
+
+    def widened(rgb):
+        return tuple(((c >> 2) << 2) | ((c >> 2) & 1) * 3 for c in rgb)
+    for cell in range(80 * 25):
+        x0, y0 = (cell % 80) * 9, (cell // 80) * 16
+        colours = [{theirs.pixel(x0 + x, y0 + y) for x in range(9) for y in range(16)},
+                   {widened(ours.pixel(x0 + x, y0 + y)) for x in range(9) for y in range(16)}]
+        assert colours[0] == colours[1], f"cell {cell}: QEMU {colours[0]}, expected {colours[1]}"
