@@ -40,7 +40,7 @@ from .render import Surface
 log = logging.getLogger(__name__)
 
 VNC_BASE_PORT = 5900
-FRAME_INTERVAL = 0.04          # seconds between looks at the screen while viewers wait
+FRAME_INTERVAL = 0.03          # seconds between looks at the screen while viewers wait (QEMU: 30 ms)
 BACKLOG_SKIP = 1 << 20
 BACKLOG_DROP = 64 << 20
 MAX_CLIENT_BUFFER = 1 << 20    # unparsed input a viewer may leave (a ClientCutText's length is its to choose)

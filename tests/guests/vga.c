@@ -13,6 +13,9 @@
  *   phase=kbd   draws the text of phase=text, then reads count=N bytes from the
  *               i8042 (polling, translation on as a PC boots) and prints each as
  *               "kbd: XX".
+ *   phase=anim  the VBE mode of phase=vbe, then a new frame forever (the pattern
+ *               moved one pixel a frame): what bench/display.py watches a viewer
+ *               receive. Prints "vga: anim running".
  *   phase=mouse enables the AUX port and the mouse's streaming, then prints
  *               count=N AUX bytes as "aux: XX".
  *
@@ -63,6 +66,33 @@ static int phase_text(void)
     }
     printf("vga: text ready\n");
     wait_forever();
+    return 0;
+}
+
+static volatile uint32_t *setup_vbe(void)
+{
+    int slot = find_vga();
+    if (slot < 0)
+        return 0;
+    pci_write32(slot, 0x04, pci_read32(slot, 0x04) | 0x3);
+    vbe_write(4, 0);
+    vbe_write(1, 640);
+    vbe_write(2, 480);
+    vbe_write(3, 32);
+    vbe_write(4, 0x41);
+    return (volatile uint32_t *)(uintptr_t)(pci_read32(slot, 0x10) & ~0xfu);
+}
+
+static int phase_anim(void)
+{
+    volatile uint32_t *pixels = setup_vbe();
+    if (!pixels)
+        return 1;
+    printf("vga: anim running\n");
+    for (uint32_t frame = 0;; frame++)
+        for (uint32_t y = 0; y < 480; y++)
+            for (uint32_t x = 0; x < 640; x++)
+                pixels[y * 640 + x] = (((x + frame) & 0xff) << 16) | ((y & 0xff) << 8) | ((x + y + frame) & 0xff);
     return 0;
 }
 
@@ -165,6 +195,8 @@ int guest_main(const struct hvm_start_info *si)
         return phase_kbd();
     if (!strcmp(phase, "mouse"))
         return phase_mouse();
+    if (!strcmp(phase, "anim"))
+        return phase_anim();
     printf("vga: unknown phase %s\n", phase);
     return 1;
 }
