@@ -492,13 +492,15 @@ def test_monitor_commands_for_the_display(tmp_path):
         assert vm.qmp({"execute": "change-vnc-password", "arguments": {"password": "pw"}}) == [{"return": {}}]
         viewer = RfbClient(sock, password="pw")
         viewer.update()
+        (info,) = vm.qmp({"execute": "query-vnc"})
+        assert info["return"]["clients"] == [{"host": sock, "service": "", "family": "unix", "websocket": False}]
         replies = vm.qmp({"execute": "human-monitor-command", "arguments": {"command-line": "info vnc"}},
                          {"execute": "human-monitor-command", "arguments": {"command-line": "sendkey shift-a 10"}},
                          {"execute": "human-monitor-command", "arguments": {"command-line": "sendkey nokey"}},
                          {"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "esc"}],
                                                                "hold-time": 10}},
                          {"execute": "send-key", "arguments": {"keys": [{"type": "qcode", "data": "nokey"}]}})
-        assert f"Server: {sock}".replace("\n", "") in replies[0]["return"] and "Client: unix" in replies[0]["return"]
+        assert f"Server: {sock}" in replies[0]["return"] and f"Client: {sock} (unix)" in replies[0]["return"]
         assert replies[1] == {"return": ""}
         assert "unknown key: 'nokey'" in replies[2]["return"]
         assert replies[3] == {"return": {}} and "error" in replies[4]

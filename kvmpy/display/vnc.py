@@ -250,7 +250,7 @@ class VncServer:
     def info(self) -> dict:
         """query-vnc's reply."""
         enabled = {"enabled": True, "auth": "vnc" if self.address.password else "none",
-                   "clients": [c.info() for c in self.clients]}
+                   "clients": [c.info() for c in self.clients if c.state not in ("http", "closing-http")]}
         if self.address.kind == "tcp":
             host = self.sock.getsockname()[0]
             enabled.update(host=host, service=str(self.port),
@@ -351,7 +351,13 @@ class VncClient:
         self.peer = peer
 
     def info(self) -> dict:
-        return {"host": self.peer, "state": self.state}
+        """query-vnc's VncClientInfo."""
+        host, sep, service = self.peer.rpartition(":")
+        if not sep:
+            return {"host": self.server.address.path, "service": "", "family": "unix",
+                    "websocket": isinstance(self, WebSocketVncClient)}
+        return {"host": host, "service": service, "family": "ipv6" if ":" in host else "ipv4",
+                "websocket": isinstance(self, WebSocketVncClient)}
 
     def start(self) -> None:
         self.server.events.subscribe(self.fd, EVENT_READ, self._ready)

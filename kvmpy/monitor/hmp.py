@@ -116,7 +116,8 @@ def _vnc(control: VmControl, args: list[str]) -> str:
         return "Server: none\n"
     out = f"Server: {info['host']}:{info['service']} ({info['family']})\n    Auth: {info['auth']}\n"
     clients = info.get("clients", [])
-    out += "".join(f"Client: {c['host']}\n" for c in clients) if clients else "Client: none\n"
+    out += "".join(f"Client: {c['host']}{':' + c['service'] if c['service'] else ''} ({c['family']})\n"
+                   for c in clients) if clients else "Client: none\n"
     return out
 
 
