@@ -259,6 +259,28 @@ def test_vbe_depths_render_each_pixel(bpp):
         vga.close()
 
 
+def test_mode_13h_renders_chained_256_colours():
+    vga = Vga()
+    try:
+        write, _ = ports(vga)
+        write(0x3CE, 0x06); write(0x3CF, 0x05)     # graphics, A0000 64K
+        write(0x3C4, 0x04); write(0x3C5, 0x0E)     # chain-4
+        write(0x3C8, 0x80)
+        for v in (0x3F, 0x20, 0x01):
+            write(0x3C9, v)
+        window = VgaWindow(vga)
+        window.write(0, 1, 0x80)
+        window.write(320 * 199 + 319, 1, 0x80)
+        surface = Renderer(vga).render()
+        assert (surface.width, surface.height) == (320, 200)
+        assert surface.pixel(0, 0) == surface.pixel(319, 199) == (0xFF, 0x82, 0x04)
+        assert surface.pixel(1, 0) == (0, 0, 0)
+        write(0x3C4, 0x04); write(0x3C5, 0x06)     # planar (mode 12h style): not modelled, blank
+        assert not any(Renderer(vga).render().data)
+    finally:
+        vga.close()
+
+
 def test_screendump_ppm_and_png_hold_the_same_picture(tmp_path):
     surface = Surface.blank(13, 7)
     for i in range(13 * 7):
