@@ -429,6 +429,38 @@ class Machine:
     def network_devices(self) -> list[dict]:
         return self.devices.query("net")
 
+    def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
+        self._listeners.append(callback)
+
+    def remove_event_listener(self, callback: Callable[[str, dict], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _emit(self, event: str, data: dict) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, data)
+            except Exception:
+                log.debug("event listener failed", exc_info=True)
+
+    def _set_state(self, state: str) -> None:
+        if self._state != "internal-error" or state == "shutdown":
+            self._state = state
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:
+                log.debug("close hook failed", exc_info=True)
+        self._closers.clear()
+        if self.accel is not None:
+            self.accel.close()
+            self.accel = None
+
     # --- DisplayControl (monitor/control.py) ---------------------------------------------
     def _display_or_fail(self):
         from .monitor.control import ControlError
@@ -462,37 +494,3 @@ class Machine:
         if display is None or display.vnc is None:
             raise ControlError("Could not set password")
         display.vnc.password = password
-
-    def add_event_listener(self, callback: Callable[[str, dict], None]) -> None:
-        self._listeners.append(callback)
-
-    def remove_event_listener(self, callback: Callable[[str, dict], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
-    def _emit(self, event: str, data: dict) -> None:
-        for cb in list(self._listeners):
-            try:
-                cb(event, data)
-            except Exception:
-                log.debug("event listener failed", exc_info=True)
-
-    def _set_state(self, state: str) -> None:
-        if self._state != "internal-error" or state == "shutdown":
-            self._state = state
-
-    def on_close(self, fn: Callable[[], None]) -> None:
-        self._closers.append(fn)
-
-    def close(self) -> None:
-        for fn in reversed(self._closers):
-            try:
-                fn()
-            except Exception:
-                log.debug("close hook failed", exc_info=True)
-        self._closers.clear()
-        if self.accel is not None:
-            self.accel.close()
-            self.accel = None
-
-

@@ -89,17 +89,17 @@ class GuestMemory:
     """A set of non-overlapping RAM regions in guest physical address space."""
 
     def __init__(self) -> None:
+        # Device memory the guest maps at an address it chooses (a framebuffer BAR):
+        # not RAM (no DMA, not in total_size), but the translator maps it as RAM.
+        # ``generation`` changes with every map/unmap so a vCPU resyncs cheaply.
+        self.device_regions: dict[str, RamRegion] = {}
+        self.generation = 0
         self.regions: list[RamRegion] = []
         self._starts: list[int] = []
         # Called as cb(gpa, length) after a device wrote guest RAM (DMA). The
         # translator listens, to drop translated code in those pages; under KVM
         # the list is empty and devices skip the bookkeeping.
         self.dma_listeners: list = []
-        # Device memory the guest maps at an address it chooses (a framebuffer BAR):
-        # not RAM (no DMA, not in total_size), but the translator maps it as RAM.
-        # ``generation`` changes with every map/unmap so a vCPU resyncs cheaply.
-        self.device_regions: dict[str, RamRegion] = {}
-        self.generation = 0
 
     def notify_dma_write(self, gpa: int, length: int) -> None:
         for cb in self.dma_listeners:
@@ -131,26 +131,6 @@ class GuestMemory:
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self.regions]
-        return region
-
-    def map_device_region(self, region_id: str, gpa: int, view: memoryview) -> RamRegion:
-        """Map ``view`` (owned by a device, page aligned) at ``gpa`` as ``region_id``,
-        replacing where it was mapped before. Refuses overlap with RAM."""
-        size = len(view)
-        if size <= 0 or gpa < 0 or gpa % mmap.PAGESIZE or size % mmap.PAGESIZE:
-            raise ValueError(f"device region {gpa:#x}+{size:#x} must be page aligned and non-empty")
-        for r in self.regions:
-            if gpa < r.end and r.gpa < gpa + size:
-                raise ValueError(f"device region {gpa:#x}+{size:#x} overlaps RAM {r.gpa:#x}+{r.size:#x}")
-        region = RamRegion(gpa, size, None, view)
-        self.device_regions[region_id] = region
-        self.generation += 1
-        return region
-
-    def unmap_device_region(self, region_id: str) -> RamRegion | None:
-        region = self.device_regions.pop(region_id, None)
-        if region is not None:
-            self.generation += 1
         return region
 
     @property
@@ -201,6 +181,26 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+
+    def map_device_region(self, region_id: str, gpa: int, view: memoryview) -> RamRegion:
+        """Map ``view`` (owned by a device, page aligned) at ``gpa`` as ``region_id``,
+        replacing where it was mapped before. Refuses overlap with RAM."""
+        size = len(view)
+        if size <= 0 or gpa < 0 or gpa % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise ValueError(f"device region {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"device region {gpa:#x}+{size:#x} overlaps RAM {r.gpa:#x}+{r.size:#x}")
+        region = RamRegion(gpa, size, None, view)
+        self.device_regions[region_id] = region
+        self.generation += 1
+        return region
+
+    def unmap_device_region(self, region_id: str) -> RamRegion | None:
+        region = self.device_regions.pop(region_id, None)
+        if region is not None:
+            self.generation += 1
+        return region
 
     def close(self) -> None:
         for r in self.regions:
