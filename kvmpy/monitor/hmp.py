@@ -226,6 +226,35 @@ class Hmp:
             self.control.quit()
         return ""
 
+    def _cmd_info(self, args):
+        if not args:
+            return self._info_help()
+        entry = INFO_COMMANDS.get(args[0])
+        if entry is None:
+            return f"unknown command: 'info {args[0]}'\n"
+        handler, max_args, _, _ = entry
+        if len(args) - 1 > max_args:
+            return f"info {args[0]}: extraneous characters at the end of line\n"
+        return handler(self.control, args[1:])
+
+    def _info_help(self) -> str:
+        return "".join(f"info {name} {syn} -- {text}\n".replace("  ", " ")
+                       for name, (_, _, syn, text) in INFO_COMMANDS.items())
+
+    def _cmd_help(self, args):
+        if args:
+            if args[0] == "info":
+                return self._info_help()
+            name = self._alias.get(args[0])
+            if name is None:
+                return f"unknown command: '{args[0]}'\n"
+            return self._help_line(name)
+        return "".join(self._help_line(name) for name in self.COMMANDS)
+
+    def _help_line(self, name: str) -> str:
+        aliases, syn, text = self.COMMANDS[name]
+        return f"{'|'.join((name, *aliases))} {syn} -- {text}\n"
+
     def _display(self) -> DisplayControl:
         if not isinstance(self.control, DisplayControl):
             raise ControlError("There is no QemuConsole I can screendump from.")
@@ -260,36 +289,6 @@ class Hmp:
             return "change: only 'change vnc password PASSWORD' is available\n"
         self._display().set_vnc_password(args[2])
         return ""
-
-    def _cmd_info(self, args):
-        if not args:
-            return self._info_help()
-        entry = INFO_COMMANDS.get(args[0])
-        if entry is None:
-            return f"unknown command: 'info {args[0]}'\n"
-        handler, max_args, _, _ = entry
-        if len(args) - 1 > max_args:
-            return f"info {args[0]}: extraneous characters at the end of line\n"
-        return handler(self.control, args[1:])
-
-    def _info_help(self) -> str:
-        return "".join(f"info {name} {syn} -- {text}\n".replace("  ", " ")
-                       for name, (_, _, syn, text) in INFO_COMMANDS.items())
-
-    def _cmd_help(self, args):
-        if args:
-            if args[0] == "info":
-                return self._info_help()
-            name = self._alias.get(args[0])
-            if name is None:
-                return f"unknown command: '{args[0]}'\n"
-            return self._help_line(name)
-        return "".join(self._help_line(name) for name in self.COMMANDS)
-
-    def _help_line(self, name: str) -> str:
-        aliases, syn, text = self.COMMANDS[name]
-        return f"{'|'.join((name, *aliases))} {syn} -- {text}\n"
-
 
 class _LineState:
     def __init__(self) -> None:
