@@ -33,7 +33,8 @@ from .builder import DeviceEntry, MachineDevices, PlacedDevice
 from .config import DiskConfig, NetConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
-from .devices.i8042 import AUX_IRQ, KBD_COMMAND, KBD_DATA, I8042
+from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
+from .devices.i8042 import AUX_IRQ
 from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_CONTROL_A, DebugExit,
                              FastA20Reset, PortSink, PostCodePort)
 from .devices.pci import PciBus, PciConfigIo

@@ -86,6 +86,12 @@ def build_config(args) -> VmConfig:
     cfg.devices += [parse_device_option(d) for d in args.device]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
+    if args.vga:
+        cfg.display.vga = _choice(args.vga, VGA_KINDS, f"--vga {args.vga}")
+    if args.vnc:
+        set_vnc(cfg, args.vnc, f"--vnc {args.vnc}")
+    if args.keymap:
+        set_keymap(cfg, args.keymap, f"-k {args.keymap}")
     if args.pidfile:
         cfg.pidfile = os.path.abspath(args.pidfile)
     if args.runas:
@@ -98,12 +104,6 @@ def build_config(args) -> VmConfig:
         for name in parse_trace(spec, f"--trace {spec}"):
             if name not in cfg.trace:
                 cfg.trace.append(name)
-    if args.vga:
-        cfg.display.vga = _choice(args.vga, VGA_KINDS, f"--vga {args.vga}")
-    if args.vnc:
-        set_vnc(cfg, args.vnc, f"--vnc {args.vnc}")
-    if args.keymap:
-        set_keymap(cfg, args.keymap, f"-k {args.keymap}")
     if not cfg.kernel:
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel'")
     require_file(cfg.kernel, f"kernel {cfg.kernel}", ConfigError)
