@@ -13,11 +13,12 @@ VPY := $(VENV)/bin/python
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat xorriso seabios qemu-system-data ovmf \
+               console-setup-linux x11proto-dev chromium npm \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 # user-mode networking (kvmpy.net._slirp_cffi is built against it)
 APT_PACKAGES += libslirp-dev
 
-.PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean
+.PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc
 
 all: build
 
@@ -54,6 +55,20 @@ venv:
 build: deps
 	$(VPY) setup.py -q build_ext --inplace
 	$(MAKE) -s -C tests/guests
+	$(MAKE) -s novnc
+
+# The browser console's RFB client: noVNC's library (MPL-2.0) from npm, vendored once
+# into kvmpy/display/novnc (not in git; kvmpy never fetches it at run time).
+NOVNC_VERSION = 1.4.0
+NOVNC_DIR = kvmpy/display/novnc
+novnc: $(NOVNC_DIR)/.version-$(NOVNC_VERSION)
+$(NOVNC_DIR)/.version-$(NOVNC_VERSION):
+	@if ! command -v npm >/dev/null; then echo "npm not found: the browser console (websocket=) has no noVNC"; exit 0; fi; \
+	tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q @novnc/novnc@$(NOVNC_VERSION) >/dev/null) && \
+	rm -rf $(NOVNC_DIR) && mkdir -p $(NOVNC_DIR) && \
+	tar -xzf $$tmp/novnc-novnc-$(NOVNC_VERSION).tgz -C $(NOVNC_DIR) --strip-components=1 \
+	    package/core package/vendor package/LICENSE.txt package/AUTHORS && \
+	rm -rf $$tmp && touch $@
 
 guests:
 	$(MAKE) -C tests/guests

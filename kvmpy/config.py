@@ -89,6 +89,19 @@ class DeviceConfig:
 
 
 @dataclass
+class DisplayConfig:
+    """The screen: ``vga`` "std" (a PCI VGA as QEMU's -vga std) or "none"; ``vnc`` the
+    VNC server's address (QEMU's -vnc spelling, parsed by kvmpy.display.vnc) or None;
+    ``keymap`` the layout of the keysyms a viewer sends (QEMU's -k)."""
+
+    vga: str = "none"
+    vnc: str | None = None
+    keymap: str = "en-us"
+    keymaps_dir: str | None = None     # None: QEMU's (kvmpy.display.keymap.KEYMAP_DIRS)
+    vnc_password: bool = False
+
+
+@dataclass
 class VmConfig:
     name: str = "kvmpy"
     source: str = "<command line>"
@@ -128,6 +141,7 @@ class VmConfig:
     bios: str | None = None           # the firmware image (QEMU's -bios); None: Debian's
     boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
     boot_menu: bool = False
+    display: DisplayConfig = field(default_factory=DisplayConfig)
 
 
 FIRMWARES = ("none", "bios", "uefi")
@@ -140,12 +154,14 @@ DISK_MEDIA = ("disk", "cdrom")
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
-            "sandbox", "firmware", "bios", "boot", "boot_menu"}
+            "sandbox", "firmware", "bios", "boot", "boot_menu", "display"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
              "dataplane", "queues"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
+DISPLAY_KEYS = {"vga", "vnc", "keymap", "keymaps"}
+VGA_KINDS = ("std", "none")
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
 
@@ -342,8 +358,36 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         from .vcpu.trace import parse_trace
         cfg.trace = parse_trace(debug["trace"], f"{source}: [debug] key 'trace'")
     cfg.service = _expect(data.get("service", {}), dict, w("service"), "a table")
+    display = _expect(data.get("display", {}), dict, w("display"), "a table")
+    _check_unknown(display, DISPLAY_KEYS, f"{source}: [display]")
+    if "keymaps" in display:
+        cfg.display.keymaps_dir = _path(base, display["keymaps"], f"{source}: [display] key 'keymaps'")
+    if "vga" in display:
+        cfg.display.vga = _choice(display["vga"], VGA_KINDS, f"{source}: [display] key 'vga'")
+    if "vnc" in display:
+        set_vnc(cfg, _expect(display["vnc"], str, f"{source}: [display] key 'vnc'", 'a string such as ":1"'),
+                f"{source}: [display] key 'vnc'")
+    if "keymap" in display:
+        set_keymap(cfg, _expect(display["keymap"], str, f"{source}: [display] key 'keymap'", 'a string such as "de"'),
+                   f"{source}: [display] key 'keymap'")
     validate(cfg)
     return cfg
+
+
+def set_vnc(cfg: VmConfig, spec: str, where: str) -> None:
+    """``vnc`` / ``--vnc``: checked now (one line naming ``where``); a VNC server implies a VGA."""
+    from .display.vnc import parse_vnc_spec
+    address = parse_vnc_spec(spec, where)
+    cfg.display.vnc = None if address is None else spec
+    cfg.display.vnc_password = address is not None and address.password
+    if address is not None and cfg.display.vga == "none":
+        cfg.display.vga = "std"
+
+
+def set_keymap(cfg: VmConfig, name: str, where: str) -> None:
+    from .display.keymap import find_keymap
+    find_keymap(name, cfg.display.keymaps_dir, where)
+    cfg.display.keymap = name
 
 
 def _choice(value, allowed: tuple[str, ...], where: str) -> str:

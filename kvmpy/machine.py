@@ -12,6 +12,7 @@ of its vCPU threads (kvmpy.vcpu.runner.VcpuHost), and is the monitors' VmControl
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import sys
@@ -141,6 +142,31 @@ class Machine:
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
+        self._attach_display()
+
+    def _attach_display(self) -> None:
+        """The screen the monitors and the VNC server see (kvmpy.display), where the
+        machine has a VGA. The VNC socket is made here, before any sandbox."""
+        self.display = None
+        if self.cfg.display.vga == "none":
+            return
+        from .devices.vga import Vga
+        from .display.display import Display
+        from .pc import VGA, KeyboardControllerPorts
+        keyboard = self.devices.get("i8042", KeyboardControllerPorts).controller
+        self.display = Display(self.devices.get(VGA, Vga), keyboard, self.events)
+        spec = self.cfg.display.vnc
+        if spec:
+            from .display.keymap import Keymap
+            from .display.vnc import VncServer, parse_vnc_spec
+            keymap = Keymap(self.cfg.display.keymap, self.cfg.display.keymaps_dir)
+            try:
+                server = VncServer(parse_vnc_spec(spec, f"vnc {spec}"), self.display, self.events, keymap,
+                                   name=self.name)
+            except OSError as e:
+                raise HostError(f"{self.cfg.source}: vnc {spec}: {e.strerror or e}") from None
+            self.display.vnc = server
+            self._closers.append(server.close)
 
     def _boot(self) -> None:
         if self.firmware is not None:
@@ -154,6 +180,9 @@ class Machine:
         self.rsdp = write_acpi_tables(self.devices, self.pci, self.memory, num_cpus=len(self.vcpus))
         self.boot_state = load_kernel(self.memory, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd,
                                       rsdp_addr=self.rsdp, mem_size=self.cfg.memory, files=self._boot_files)
+        if self.display is not None:
+            from .boot.screen import announce_vga_text
+            announce_vga_text(self.memory)
         self.accel.load_boot_state(self.boot_state)
 
     def _boot_firmware(self) -> None:
@@ -525,4 +554,36 @@ class Machine:
             self.accel.close()
             self.accel = None
 
+    # --- DisplayControl (monitor/control.py) ---------------------------------------------
+    def _display_or_fail(self):
+        from .monitor.control import ControlError
+        if self.display is None:
+            raise ControlError("There is no QemuConsole I can screendump from.")
+        return self.display
 
+    def screendump(self, filename: str, fmt: str = "ppm") -> None:
+        from .monitor.control import ControlError
+        display = self._display_or_fail()
+        try:
+            display.screendump(filename, fmt)
+        except OSError as e:
+            # The sandbox (on by default) refuses opening files once the VM runs.
+            hint = " (with the sandbox on, kvmpy opens no new files: --sandbox off)" \
+                if e.errno == errno.EACCES else ""
+            raise ControlError(f"Could not open '{filename}': {e.strerror}{hint}") from None
+
+    def send_keys(self, keys: list[int], hold_ms: int = 100) -> None:
+        self._display_or_fail().send_keys(keys, hold_ms)
+
+    def vnc_info(self) -> dict:
+        display = self.display
+        if display is None or display.vnc is None:
+            return {"enabled": False}
+        return display.vnc.info()
+
+    def set_vnc_password(self, password: str) -> None:
+        from .monitor.control import ControlError
+        display = self.display
+        if display is None or display.vnc is None:
+            raise ControlError("Could not set password")
+        display.vnc.password = password

@@ -77,7 +77,7 @@ def _not_inherited(mm: mmap.mmap) -> None:
 class RamRegion:
     gpa: int
     size: int
-    mm: mmap.mmap       # the mapping (may be larger than size: see _anonymous_ram)
+    mm: mmap.mmap | None  # the mapping (may be larger than size: see _anonymous_ram); None for device memory
     view: memoryview    # the region's size bytes, sliced for accesses; what KVM maps
 
     @property
@@ -89,6 +89,11 @@ class GuestMemory:
     """A set of non-overlapping RAM regions in guest physical address space."""
 
     def __init__(self) -> None:
+        # Device memory the guest maps at an address it chooses (a framebuffer BAR):
+        # not RAM (no DMA, not in total_size), but the translator maps it as RAM.
+        # ``generation`` changes with every map/unmap so a vCPU resyncs cheaply.
+        self.device_regions: dict[str, RamRegion] = {}
+        self.generation = 0
         self.regions: list[RamRegion] = []
         self._starts: list[int] = []
         # Called as cb(gpa, length) after a device wrote guest RAM (DMA). The
@@ -223,10 +228,31 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
 
+    def map_device_region(self, region_id: str, gpa: int, view: memoryview) -> RamRegion:
+        """Map ``view`` (owned by a device, page aligned) at ``gpa`` as ``region_id``,
+        replacing where it was mapped before. Refuses overlap with RAM."""
+        size = len(view)
+        if size <= 0 or gpa < 0 or gpa % mmap.PAGESIZE or size % mmap.PAGESIZE:
+            raise ValueError(f"device region {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"device region {gpa:#x}+{size:#x} overlaps RAM {r.gpa:#x}+{r.size:#x}")
+        region = RamRegion(gpa, size, None, view)
+        self.device_regions[region_id] = region
+        self.generation += 1
+        return region
+
+    def unmap_device_region(self, region_id: str) -> RamRegion | None:
+        region = self.device_regions.pop(region_id, None)
+        if region is not None:
+            self.generation += 1
+        return region
+
     def close(self) -> None:
         for r in self.regions:
             r.view.release()
             r.mm.close()
+        self.device_regions.clear()     # their owners release them
         self.regions.clear()
         self._starts.clear()
         self._readonly.clear()

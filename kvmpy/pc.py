@@ -2,7 +2,8 @@
 
     name              bus  where                        IRQ  device
     serial0           pio  COM1 0x3f8-0x3ff               4  Serial16550 on the console
-    i8042             pio  0x60, 0x64                     1  keyboard controller (reset line)
+    i8042             pio  0x60, 0x64                     1  keyboard controller (reset line); with a
+                                                        12  display also a PS/2 mouse on the AUX port
     rtc               pio  0x70-0x71                      8  MC146818 RTC + CMOS
     post-code         pio  0x80                              POST codes / io_delay
     dma-page          pio  0x81-0x8f                         sink
@@ -17,6 +18,9 @@
     piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured virtio disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
+    vga               pci  (BAR0 framebuffer, BAR2 MMIO)     with [display] vga = "std" or a VNC server
+    vga-ports         pio  0x1ce-0x1cf, 0x3b0-0x3df          its VBE dispi and VGA registers
+    vga-window        mmio 0xa0000-0xbffff                   its legacy memory window (text mode)
 
 Not in the table: what the accelerator models itself (KVM's in-kernel or the
 translator's PICs, PIT and port 0x61, IOAPIC, LAPICs). Addresses and IRQs are
@@ -37,6 +41,7 @@ from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
 from .devices.fw_cfg import FW_CFG_PORTS, FwCfg
 from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
+from .devices.i8042 import AUX_IRQ
 from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_CONTROL_A, DebugExit,
                              FastA20Reset, PortSink, PostCodePort)
 from .devices.pci import PciBus, PciConfigIo
@@ -91,7 +96,10 @@ class KeyboardControllerPorts:
 
 def make_i8042(ctx: DeviceContext) -> KeyboardControllerPorts:
     data, command = ctx.slots
-    controller = I8042(on_reset=ctx.power.guest_reset, irq_kbd=ctx.irq_line(data.irq))
+    # A PS/2 mouse where there is a screen to point at.
+    mouse = ctx.config.display.vga != "none"
+    controller = I8042(on_reset=ctx.power.guest_reset, irq_kbd=ctx.irq_line(data.irq), aux=mouse,
+                       irq_aux=ctx.irq_line(AUX_IRQ) if mouse else None)
     return KeyboardControllerPorts(controller, command.base - data.base)
 
 
@@ -427,6 +435,40 @@ def make_fw_cfg(ctx: DeviceContext) -> FwCfg:
     return FwCfg(ctx.platform.memory)
 
 
+# --- the display ------------------------------------------------------------------------
+VGA = "vga"
+
+
+def make_vga(ctx: DeviceContext):
+    from .devices.vga import Vga
+    vga = Vga(ctx.platform, name=ctx.name)
+    ctx.options["shared"]["vga"] = vga
+    return vga
+
+
+def make_vga_ports(ctx: DeviceContext):
+    from .devices.vga import VgaPorts
+    return VgaPorts(ctx.options["shared"]["vga"])
+
+
+def make_vga_window(ctx: DeviceContext):
+    from .devices.vga import VgaWindow
+    return VgaWindow(ctx.options["shared"]["vga"])
+
+
+def vga_entries(cfg: VmConfig) -> list[DeviceEntry]:
+    """The PCI VGA and, as entries of their own, its legacy ports and memory window
+    (one Vga behind all three: the PCI entry makes it, the others find it in
+    ``shared``, so the PCI entry comes first)."""
+    if cfg.display.vga == "none":
+        return []
+    from .devices.vga import VBE_PORTS, VGA_PORTS, VGA_WINDOW
+    shared: dict = {}
+    return [DeviceEntry(VGA, "pci", make_vga, options={"shared": shared}),
+            DeviceEntry("vga-ports", "pio", make_vga_ports, (VBE_PORTS, VGA_PORTS), options={"shared": shared}),
+            DeviceEntry("vga-window", "mmio", make_vga_window, (VGA_WINDOW,), options={"shared": shared})]
+
+
 # --- the table ---------------------------------------------------------------------------
 PC_DEVICES: tuple[DeviceEntry, ...] = (
     DeviceEntry(SERIAL, "pio", make_com1, (COM1,)),
@@ -484,6 +526,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
             *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
+            *vga_entries(cfg),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 
@@ -494,7 +537,8 @@ def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory,
     mmio = pci.windows()["mmio"]
     root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
     return build_acpi_tables(memory, layout.ACPI_BASE, num_cpus=num_cpus,
-                             pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+                             pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root,
+                             mouse=has_mouse(devices))
 
 
 def acpi_loader_files(devices: MachineDevices, pci: PciBus, num_cpus: int) -> dict[str, bytes]:
@@ -503,5 +547,11 @@ def acpi_loader_files(devices: MachineDevices, pci: PciBus, num_cpus: int) -> di
     pm = devices.entry(ACPI_PM)
     mmio = pci.windows()["mmio"]
     root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
-    t = build_loader_tables(num_cpus=num_cpus, pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root)
+    t = build_loader_tables(num_cpus=num_cpus, pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root,
+                            mouse=has_mouse(devices))
     return {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}
+
+
+def has_mouse(devices: MachineDevices) -> bool:
+    """A display brings a PS/2 mouse on the i8042's AUX port, which ACPI must announce."""
+    return any(p.entry.name == VGA for p in devices.placed)

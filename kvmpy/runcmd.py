@@ -7,8 +7,8 @@ import os
 import sys
 import threading
 
-from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_on_off, parse_size, validate)
+from .config import (VGA_KINDS, VmConfig, _choice, check_name, config_from_dict, load_config, parse_accel,
+                     parse_drive, parse_netdev, parse_on_off, parse_size, set_keymap, set_vnc, validate)
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -56,6 +56,10 @@ def register(sub) -> None:
     p.add_argument("--sandbox", metavar="on|off",
                    help="seccomp filter and NO_NEW_PRIVS once the VM is set up (default: on where the "
                         "host supports it; KVMPY_SANDBOX_AUDIT=1 logs forbidden calls instead)")
+    p.add_argument("--vga", metavar="std|none", help="display adapter (default: none; std with --vnc)")
+    p.add_argument("--vnc", metavar=":N|HOST:N|unix:PATH[,password=on][,websocket=PORT]",
+                   help="VNC server on port 5900+N (QEMU's -vnc: ':N' listens on every address)")
+    p.add_argument("-k", "--keymap", metavar="LANG", help="keyboard layout of the VNC viewer (QEMU's -k: de, fr, ...)")
     p.add_argument("--trace", action="append", default=[], metavar="ITEM[,ITEM...]",
                    help="debug output on stderr, like QEMU's -d: 'exits' logs every vCPU exit with "
                         "the instruction at RIP; '--trace help' lists the items")
@@ -91,6 +95,12 @@ def build_config(args) -> VmConfig:
     cfg.devices += [parse_device_option(d) for d in args.device]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
+    if args.vga:
+        cfg.display.vga = _choice(args.vga, VGA_KINDS, f"--vga {args.vga}")
+    if args.vnc:
+        set_vnc(cfg, args.vnc, f"--vnc {args.vnc}")
+    if args.keymap:
+        set_keymap(cfg, args.keymap, f"-k {args.keymap}")
     if args.pidfile:
         cfg.pidfile = os.path.abspath(args.pidfile)
     if args.runas:
@@ -250,6 +260,9 @@ def _start_cleanup_helper(machine, pidfile, servers, console):
     sockets = [(srv.address.path, srv._socket_identity) for srv in servers if srv.address.kind == "unix"]
     if isinstance(console, UnixSocketConsole):
         sockets.append((console.path, console.socket_identity))
+    vnc = machine.display.vnc if machine.display is not None else None
+    if vnc is not None and vnc.socket_identity is not None:
+        sockets.append((vnc.address.path, vnc.socket_identity))
     bridges = []
     if machine.cfg.nets:        # the tap module (and what it loads) only where there are NICs
         from .tap import TapNetwork

@@ -126,3 +126,40 @@ def test_hostile_traffic(ops):
         expected = kbc.outbuf is not None and not kbc.out_aux and bool(kbc.ctr & 1)
         assert bool(r.levels and r.levels[-1]) == expected
         assert len(kbc.queue) < 10 * (len(ops) + 1)
+
+
+def test_each_byte_after_a_read_is_a_new_interrupt_edge():
+    """GETID answers three bytes: the line drops at each read of the data port and
+    rises again for the next byte, so an edge-triggered IOAPIC input (Linux's ISA
+    IRQ 1) interrupts for every byte, as atkbd's probe needs."""
+    r = Rig()
+    r.bus.write(0x60, 1, 0xF2)
+    assert r.levels == [True]
+    got = [r.bus.read(0x60, 1) for _ in range(3)]
+    assert got == [0xFA, 0xAB, 0x41]
+    assert r.levels == [True, False, True, False, True, False]
+
+
+def test_mouse_on_the_aux_port():
+    levels = []
+    kbc = I8042(lambda: None, None, aux=True, irq_aux=levels.append)
+    bus = Bus("pio")
+    kbc.register(bus)
+    assert (bus.write(0x64, 1, 0xA9), bus.read(0x60, 1))[1] == 0x00       # AUX interface test passes
+    bus.write(0x64, 1, 0x60)
+    bus.write(0x60, 1, 0x47)                                             # AUX interrupts on
+    answers = []
+    for command in (0xFF, 0xF3, 200, 0xF3, 100, 0xF3, 80, 0xF2, 0xF4):
+        bus.write(0x64, 1, 0xD4)
+        bus.write(0x60, 1, command)
+        while bus.read(0x64, 1) & OBF:
+            assert bus.read(0x64, 1) & AUXDATA
+            answers.append(bus.read(0x60, 1))
+    # reset: ACK, self-test passed, ID 0; three rates: the IntelliMouse ID 3
+    assert answers == [0xFA, 0xAA, 0x00, 0xFA, 0xFA, 0xFA, 0xFA, 0xFA, 0xFA, 0xFA, 0x03, 0xFA]
+    kbc.mouse_event(300, -2, 1, 0b001)          # more than one packet can carry
+    packets = []
+    while bus.read(0x64, 1) & OBF:
+        packets.append(bus.read(0x60, 1))
+    assert packets == [0x29, 255, 0xFE, 0x01, 0x09, 45, 0, 0]   # y sign (0x20) in the first
+    assert levels and levels[-1] is False

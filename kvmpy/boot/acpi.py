@@ -22,7 +22,7 @@ the same ones the machine's device table places the devices at. The DSDT is
 hand-assembled AML: \\_S5 (SLP_TYP shared with acpi_pm), processor devices,
 COM1 (PNP0501), the RTC (PNP0B00, no IRQ: kvmpy raises no RTC interrupts yet,
 so Linux's rtc-cmos runs without alarms rather than waiting for them), the
-keyboard controller (PNP0303; no PS/2 mouse node, so Linux skips the AUX port)
+keyboard controller (PNP0303; a PS/2 mouse node, PNP0F13, only where a display has a mouse)
 and, when asked, the PCI root bridge with its bus/IO/memory windows, _PRT and a
 motherboard reservation of the MMCONFIG area.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..devices import acpi_pm
-from ..devices.i8042 import KBD_COMMAND, KBD_DATA
+from ..devices.i8042 import AUX_IRQ, KBD_COMMAND, KBD_DATA
 from ..devices.pci.config_ports import PCI_CONFIG_PORTS, RESET_CONTROL_PORT, RESET_VALUE
 from ..devices.rtc import REG_CENTURY, RTC
 from ..devices.serial import COM1
@@ -223,7 +223,7 @@ def gas(space: int, bit_width: int, address: int, access_size: int = 0) -> bytes
 
 
 def build_dsdt(num_cpus: int, pci: PciRoot | None, mcfg: Mcfg | None,
-               kbd: bool = True, com1: bool = True, rtc: bool = True) -> bytes:
+               kbd: bool = True, com1: bool = True, rtc: bool = True, mouse: bool = False) -> bytes:
     s5 = acpi_pm.SLP_TYP_S5
     body = aml_def_name("\\_S5", aml_package([aml_int(s5), aml_int(s5), aml_int(0), aml_int(0)]))
     sb = b""
@@ -242,6 +242,10 @@ def build_dsdt(num_cpus: int, pci: PciRoot | None, mcfg: Mcfg | None,
                          + aml_def_name("_CRS", res_template(res_io(KBD_DATA.base, KBD_DATA.length),
                                                              res_io(KBD_COMMAND.base, KBD_COMMAND.length),
                                                              res_irq(KBD_DATA.irq))))
+    if mouse:
+        # The i8042's AUX port has a mouse: without this node Linux's i8042 skips the port.
+        sb += aml_device("MOU", aml_def_name("_HID", aml_eisa("PNP0F13"))
+                         + aml_def_name("_CRS", res_template(res_irq(AUX_IRQ))))
     if pci is not None:
         hid = "PNP0A08" if mcfg is not None else "PNP0A03"
         dev = aml_def_name("_HID", aml_eisa(hid))
@@ -368,9 +372,10 @@ class _Tables:
 
 
 def _lay_out(start: int, num_cpus: int, pm_base: int, sci_irq: int, ioapic: bool, pci_mcfg: Mcfg | None,
-             pci_root: PciRoot | None, timer_32bit: bool, reset_reg: tuple[int, int] | None) -> _Tables:
+             pci_root: PciRoot | None, timer_32bit: bool, reset_reg: tuple[int, int] | None,
+             mouse: bool = False) -> _Tables:
     # fixed order; addresses are known before the pointing tables are built
-    dsdt = build_dsdt(num_cpus, pci_root, pci_mcfg)
+    dsdt = build_dsdt(num_cpus, pci_root, pci_mcfg, mouse=mouse)
     madt = build_madt(num_cpus, sci_irq, ioapic)
     mcfg = build_mcfg(pci_mcfg) if pci_mcfg is not None else None
     n_entries = 2 + (1 if mcfg else 0)  # FADT, MADT, MCFG
@@ -409,12 +414,13 @@ RSDP_FILE = "etc/acpi/rsdp"
 def build_loader_tables(num_cpus: int, pm_base: int = acpi_pm.PM_BLOCK.base, sci_irq: int = acpi_pm.SCI_IRQ,
                         ioapic: bool = True, pci_mcfg: Mcfg | None = None, pci_root: PciRoot | None = None,
                         timer_32bit: bool = True,
-                        reset_reg: tuple[int, int] | None = (RESET_CONTROL_PORT, RESET_VALUE)) -> LoaderTables:
+                        reset_reg: tuple[int, int] | None = (RESET_CONTROL_PORT, RESET_VALUE),
+                        mouse: bool = False) -> LoaderTables:
     """The same tables as ``build_acpi_tables``, for the firmware's table loader."""
     from ..devices.fw_cfg import TableLoader
     if not 1 <= num_cpus <= MAX_CPUS:
         raise ConfigError(f"cpus = {num_cpus}: the ACPI tables describe 1 to {MAX_CPUS} CPUs")
-    t = _lay_out(0, num_cpus, pm_base, sci_irq, ioapic, pci_mcfg, pci_root, timer_32bit, reset_reg)
+    t = _lay_out(0, num_cpus, pm_base, sci_irq, ioapic, pci_mcfg, pci_root, timer_32bit, reset_reg, mouse)
     blob = bytearray(t.end)
     for at, data in ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.facs_at, build_facs()), (t.fadt_at, t.fadt),
                      (t.dsdt_at, t.dsdt), (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ()):
@@ -446,7 +452,7 @@ def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,
                       ioapic: bool = True, pci_mcfg: Mcfg | tuple | None = None,
                       pci_root: PciRoot | None = None, timer_32bit: bool = True,
                       reset_reg: tuple[int, int] | None = (RESET_CONTROL_PORT, RESET_VALUE),
-                      bios_rsdp_copy: int | None = BIOS_RSDP_COPY) -> int:
+                      bios_rsdp_copy: int | None = BIOS_RSDP_COPY, mouse: bool = False) -> int:
     """Write the tables into guest RAM; returns the RSDP's guest physical address.
 
     ``pci_mcfg``: ``Mcfg`` or (base, start_bus, end_bus[, segment]) for an MCFG
@@ -467,7 +473,7 @@ def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,
 
     rsdp_at = base
     t = _lay_out(_align(rsdp_at + 36, 16), num_cpus, pm_base, sci_irq, ioapic, pci_mcfg, pci_root,
-                 timer_32bit, reset_reg)
+                 timer_32bit, reset_reg, mouse)
     end = t.end
     if end - base > ACPI_REGION_SIZE:
         raise ValueError(f"ACPI tables need {end - base:#x} bytes, more than {ACPI_REGION_SIZE:#x}")

@@ -98,7 +98,7 @@ def place_initrd(memory: GuestMemory, data_len: int, low: int, high_limit: int, 
     """Highest page-aligned address for an initrd of ``data_len`` bytes that stays
     below ``high_limit``, inside low RAM and above ``low``."""
     from ..errors import BootError
-    low_ram_end = memory.regions[0].end
+    low_ram_end = max(r.end for r in memory.regions if r.gpa < layout.PCI_HOLE_START)
     top = min(high_limit + 1, low_ram_end)
     addr = (top - data_len) & ~0xFFF
     if addr < low:

@@ -20,6 +20,9 @@ EBDA_START = 0x9FC00
 ACPI_BASE = 0xE0000               # ACPI tables and a BIOS-area copy of the RSDP
 ACPI_SIZE = 0x20000
 HIGH_MEMORY = 0x100000            # kernels load at 1 MiB and up
+# The legacy VGA window: not RAM, so its accesses reach the VGA device (text mode at
+# 0xB8000) as on a PC; e820 already reserves 0x9FC00-0xFFFFF.
+VGA_WINDOW = (0xA0000, 0xC0000)
 
 PCI_HOLE_START = 0xC0000000       # 3 GiB: RAM above this moves to 4 GiB
 PCI_MMIO_WINDOW = (0xC0000000, 0xFEBFFFFF)
@@ -45,9 +48,15 @@ E820_ACPI = 3
 
 def ram_layout(mem_size: int) -> list[tuple[int, int]]:
     """[(gpa, size)] for ``mem_size`` bytes of RAM, leaving the PCI hole below 4 GiB."""
+    low_end = min(mem_size, PCI_HOLE_START)
+    vga_start, vga_end = VGA_WINDOW
+    if low_end <= vga_end:
+        low = [(0, min(low_end, vga_start))]
+    else:
+        low = [(0, vga_start), (vga_end, low_end - vga_end)]
     if mem_size <= PCI_HOLE_START:
-        return [(0, mem_size)]
-    return [(0, PCI_HOLE_START), (FOUR_GIB, mem_size - PCI_HOLE_START)]
+        return low
+    return [*low, (FOUR_GIB, mem_size - PCI_HOLE_START)]
 
 
 def e820_map(mem_size: int) -> list[tuple[int, int, int]]:

@@ -1,4 +1,4 @@
-"""An 8042 keyboard controller with a minimal AT keyboard and no AUX (mouse) port.
+"""An 8042 keyboard controller with a minimal AT keyboard and, optionally, a PS/2 mouse.
 
 Enough for Linux's i8042 and atkbd drivers to probe quickly and quietly (each
 command is answered at once, so no 0.5 s controller timeouts) and for the
@@ -10,10 +10,17 @@ through ``irq_kbd(level)``: high while the output buffer holds a keyboard byte
 and the configuration byte enables the keyboard interrupt (an edge for the
 in-kernel PIC/IOAPIC, as QEMU drives it).
 
-There is no AUX port: AUX loopback (0xd3) is refused by answering without the
-AUXDATA status bit and the AUX interface test (0xa9) reports "clock line stuck
-high", which makes Linux drop the AUX port without waiting. Describing only
-PNP0303 in the DSDT (kvmpy.boot.acpi) gets the same result earlier.
+Without a mouse (``aux=False``, the default) there is no AUX port: AUX loopback
+(0xd3) is refused by answering without the AUXDATA status bit and the AUX interface
+test (0xa9) reports "clock line stuck high", which makes Linux drop the AUX port
+without waiting. Describing only PNP0303 in the DSDT (kvmpy.boot.acpi) gets the
+same result earlier. With ``aux=True`` (a display is configured) the AUX port has
+a PS/2 mouse (IntelliMouse wheel after the 200-100-80 sample-rate knock), fed by
+``mouse_event`` and interrupting on ISA IRQ 12 through ``irq_aux``.
+
+Host key input: ``press_key(number, down)`` takes QEMU's key number (set 1, 0x80
+for the 0xE0 keys) and queues what a keyboard in the guest's chosen set sends,
+through the controller's set 2 -> set 1 translation when that is on.
 """
 
 from __future__ import annotations
@@ -66,6 +73,44 @@ _KBD_CMDS_WITH_ARG = {0xED, 0xF0, 0xF3}
 # controller commands that take one data byte after them
 _CONTROLLER_CMDS_WITH_ARG = frozenset(range(0x60, 0x80)) | {0xD1, 0xD2, 0xD3, 0xD4}
 
+AUX_IRQ = 12
+MOUSE_QUEUE_LIMIT = 256      # bytes: a guest that never reads loses movement, not memory
+MOUSE_ACK = 0xFA
+_MOUSE_CMDS_WITH_ARG = {0xF3, 0xE8}
+
+# Set 1 -> set 2 make codes, for a guest that turns translation off.
+SET1_TO_SET2 = {
+    0x01: 0x76, 0x02: 0x16, 0x03: 0x1E, 0x04: 0x26, 0x05: 0x25, 0x06: 0x2E, 0x07: 0x36, 0x08: 0x3D,
+    0x09: 0x3E, 0x0A: 0x46, 0x0B: 0x45, 0x0C: 0x4E, 0x0D: 0x55, 0x0E: 0x66, 0x0F: 0x0D, 0x10: 0x15,
+    0x11: 0x1D, 0x12: 0x24, 0x13: 0x2D, 0x14: 0x2C, 0x15: 0x35, 0x16: 0x3C, 0x17: 0x43, 0x18: 0x44,
+    0x19: 0x4D, 0x1A: 0x54, 0x1B: 0x5B, 0x1C: 0x5A, 0x1D: 0x14, 0x1E: 0x1C, 0x1F: 0x1B, 0x20: 0x23,
+    0x21: 0x2B, 0x22: 0x34, 0x23: 0x33, 0x24: 0x3B, 0x25: 0x42, 0x26: 0x4B, 0x27: 0x4C, 0x28: 0x52,
+    0x29: 0x0E, 0x2A: 0x12, 0x2B: 0x5D, 0x2C: 0x1A, 0x2D: 0x22, 0x2E: 0x21, 0x2F: 0x2A, 0x30: 0x32,
+    0x31: 0x31, 0x32: 0x3A, 0x33: 0x41, 0x34: 0x49, 0x35: 0x4A, 0x36: 0x59, 0x37: 0x7C, 0x38: 0x11,
+    0x39: 0x29, 0x3A: 0x58, 0x3B: 0x05, 0x3C: 0x06, 0x3D: 0x04, 0x3E: 0x0C, 0x3F: 0x03, 0x40: 0x0B,
+    0x41: 0x83, 0x42: 0x0A, 0x43: 0x01, 0x44: 0x09, 0x45: 0x77, 0x46: 0x7E, 0x47: 0x6C, 0x48: 0x75,
+    0x49: 0x7D, 0x4A: 0x7B, 0x4B: 0x6B, 0x4C: 0x73, 0x4D: 0x74, 0x4E: 0x79, 0x4F: 0x69, 0x50: 0x72,
+    0x51: 0x7A, 0x52: 0x70, 0x53: 0x71, 0x56: 0x61, 0x57: 0x78, 0x58: 0x07,
+}
+SET1_TO_SET2_EXTENDED = {
+    0x1C: 0x5A, 0x1D: 0x14, 0x35: 0x4A, 0x37: 0x7C, 0x38: 0x11, 0x47: 0x6C, 0x48: 0x75, 0x49: 0x7D,
+    0x4B: 0x6B, 0x4D: 0x74, 0x4F: 0x69, 0x50: 0x72, 0x51: 0x7A, 0x52: 0x70, 0x53: 0x71, 0x5B: 0x1F,
+    0x5C: 0x27, 0x5D: 0x2F,
+}
+
+
+def key_bytes(number: int, down: bool, scancode_set: int, translated: bool) -> bytes:
+    """What a keyboard sends for QEMU key ``number`` as the guest reads it."""
+    extended, code = bool(number & 0x80), number & 0x7F
+    if translated or scancode_set == 1:
+        return (b"\xe0" if extended else b"") + bytes([code if down else code | 0x80])
+    table = SET1_TO_SET2_EXTENDED if extended else SET1_TO_SET2
+    set2 = table.get(code)
+    if set2 is None:
+        return b""
+    return (b"\xe0" if extended else b"") + (b"" if down else b"\xf0") + bytes([set2])
+
+
 # The keyboard queue only grows with host input (inject_scancodes); a saved state
 # holding more than this much unread input is not one this model produced.
 MAX_SAVED_QUEUE = 1 << 16
@@ -86,6 +131,14 @@ class I8042State:
     keyboard_scanning: bool
     scancode_set: int
     output_port: int
+    mouse_queue: bytes = b""
+    mouse_pending_command: int | None = None
+    mouse_streaming: bool = False
+    mouse_sample_rate: int = 100
+    mouse_resolution: int = 2
+    mouse_scaling: bool = False
+    mouse_id: int = 0
+    mouse_rate_history: bytes = b""
 
     def validate(self) -> None:
         check = StateCheck(self)
@@ -108,14 +161,29 @@ class I8042State:
         check.integer("scancode_set", self.scancode_set, 1, 3)
         if not check.integer("output_port", self.output_port, 0, 0xFF) & 0x02:
             raise check.fail("output_port", "A20 (bit 1) is always on in this model")
+        check.data("mouse_queue", self.mouse_queue, max_length=MOUSE_QUEUE_LIMIT + 8)
+        if check.optional_integer("mouse_pending_command", self.mouse_pending_command, 0, 0xFF) is not None \
+                and self.mouse_pending_command not in _MOUSE_CMDS_WITH_ARG:
+            raise check.fail("mouse_pending_command", f"{self.mouse_pending_command:#x} takes no argument")
+        check.flag("mouse_streaming", self.mouse_streaming)
+        check.flag("mouse_scaling", self.mouse_scaling)
+        check.integer("mouse_sample_rate", self.mouse_sample_rate, 0, 0xFF)
+        check.integer("mouse_resolution", self.mouse_resolution, 0, 3)
+        if self.mouse_id not in (0, 3):
+            raise check.fail("mouse_id", f"{self.mouse_id} is not 0 or 3")
+        check.data("mouse_rate_history", self.mouse_rate_history, max_length=3)
 
 
 class I8042(Restorable):
     def __init__(self, on_reset: Callable[[], None],
                  irq_kbd: Callable[[bool], None] | None = None,
-                 keyboard: bool = True) -> None:
+                 keyboard: bool = True, aux: bool = False,
+                 irq_aux: Callable[[bool], None] | None = None) -> None:
         self._on_reset = on_reset
         self._irq_kbd = irq_kbd or (lambda level: None)
+        self._irq_aux = irq_aux or (lambda level: None)
+        self.aux_present = aux
+        self._aux_level = False
         self.keyboard_present = keyboard
         self.data = _Port(self, DATA_PORT)
         self.command = _Port(self, COMMAND_PORT)
@@ -135,7 +203,18 @@ class I8042(Restorable):
         self.kbd_scanning = True
         self.scancode_set = 2
         self.output_port = 0x03  # bit 0: reset line inactive, bit 1: A20 on
+        self._mouse_reset()
         self._update_irq()
+
+    def _mouse_reset(self) -> None:
+        self.mouse_queue: deque[int] = deque()
+        self.mouse_pending: int | None = None
+        self.mouse_streaming = False
+        self.mouse_sample_rate = 100
+        self.mouse_resolution = 2
+        self.mouse_scaling = False
+        self.mouse_id = 0
+        self.mouse_rates: deque[int] = deque(maxlen=3)
 
     def state(self) -> I8042State:
         with self._lock:
@@ -144,7 +223,11 @@ class I8042(Restorable):
                 output_is_aux=self.out_aux, keyboard_queue=bytes(self.queue),
                 pending_command=self.pending_cmd, keyboard_pending_command=self.kbd_pending,
                 keyboard_scanning=self.kbd_scanning, scancode_set=self.scancode_set,
-                output_port=self.output_port)
+                output_port=self.output_port, mouse_queue=bytes(self.mouse_queue),
+                mouse_pending_command=self.mouse_pending, mouse_streaming=self.mouse_streaming,
+                mouse_sample_rate=self.mouse_sample_rate, mouse_resolution=self.mouse_resolution,
+                mouse_scaling=self.mouse_scaling, mouse_id=self.mouse_id,
+                mouse_rate_history=bytes(self.mouse_rates))
 
     def restore(self, state: I8042State) -> None:
         """Take over ``state`` (StateError and no change if it is malformed)."""
@@ -161,6 +244,14 @@ class I8042(Restorable):
             self.kbd_scanning = state.keyboard_scanning
             self.scancode_set = state.scancode_set
             self.output_port = state.output_port
+            self.mouse_queue = deque(state.mouse_queue)
+            self.mouse_pending = state.mouse_pending_command
+            self.mouse_streaming = state.mouse_streaming
+            self.mouse_sample_rate = state.mouse_sample_rate
+            self.mouse_resolution = state.mouse_resolution
+            self.mouse_scaling = state.mouse_scaling
+            self.mouse_id = state.mouse_id
+            self.mouse_rates = deque(state.mouse_rate_history, maxlen=3)
             self._update_irq()
 
     def register(self, bus) -> None:
@@ -184,14 +275,22 @@ class I8042(Restorable):
         self._refill()
 
     def _refill(self) -> None:
-        if self.outbuf is None and self.queue and not self.ctr & CTR_KBDDIS:
+        if self.outbuf is not None:
+            return
+        if self.queue and not self.ctr & CTR_KBDDIS:
             self._set_output(self.queue.popleft())
+        elif self.mouse_queue and not self.ctr & CTR_AUXDIS:
+            self._set_output(self.mouse_queue.popleft(), aux=True)
 
     def _update_irq(self) -> None:
         level = (self.outbuf is not None and not self.out_aux and bool(self.ctr & CTR_KBDINT))
         if level != self._irq_level:
             self._irq_level = level
             self._irq_kbd(level)
+        aux_level = self.outbuf is not None and self.out_aux and bool(self.ctr & CTR_AUXINT)
+        if aux_level != self._aux_level:
+            self._aux_level = aux_level
+            self._irq_aux(aux_level)
 
     def _status(self) -> int:
         s = self.status & (STR_SYSFLAG | STR_KEYLOCK | STR_CMDDAT)
@@ -224,8 +323,10 @@ class I8042(Restorable):
             self.ctr |= CTR_AUXDIS
         elif cmd == 0xA8:
             self.ctr &= ~CTR_AUXDIS
+            self._refill()
         elif cmd == 0xA9:
-            self._controller_reply(0x02)  # AUX clock line stuck high: no AUX port
+            # 0x00: the AUX interface passed; 0x02: clock line stuck high, no AUX port
+            self._controller_reply(0x00 if self.aux_present else 0x02)
         elif cmd == 0xAA:
             self._controller_reply(0x55)
         elif cmd == 0xAB:
@@ -274,11 +375,83 @@ class I8042(Restorable):
         elif cmd == 0xD2:
             self._controller_reply(value)  # as if the keyboard sent it
         elif cmd == 0xD3:
-            # No AUX port: the byte comes back but not as AUX data, which
+            # Without an AUX port the byte comes back but not as AUX data, which
             # Linux's AUX loopback test reads as "no AUX".
-            self._controller_reply(value)
+            self._controller_reply(value, aux=self.aux_present)
         elif cmd == 0xD4:
-            log.debug("i8042: byte %#x for the absent AUX device dropped", value)
+            if self.aux_present:
+                self.ctr &= ~CTR_AUXDIS     # writing to the mouse enables its interface
+                self._mouse_write(value)
+            else:
+                log.debug("i8042: byte %#x for the absent AUX device dropped", value)
+
+    # ------------------------------------------------------------ the mouse
+    def _mouse_reply(self, *values: int) -> None:
+        # Command replies go ahead of movement packets still queued.
+        self.mouse_queue.extendleft(reversed([v & 0xFF for v in values]))
+        self._refill()
+
+    def _mouse_write(self, value: int) -> None:
+        pending = self.mouse_pending
+        if pending is not None:
+            self.mouse_pending = None
+            if pending == 0xF3:
+                self.mouse_sample_rate = value
+                self.mouse_rates.append(value)
+                if list(self.mouse_rates) == [200, 100, 80]:
+                    self.mouse_id = 3       # IntelliMouse: the wheel byte from now on
+            elif pending == 0xE8:
+                self.mouse_resolution = value & 3
+            self._mouse_reply(MOUSE_ACK)
+            return
+        if value in _MOUSE_CMDS_WITH_ARG:
+            self.mouse_pending = value
+            self._mouse_reply(MOUSE_ACK)
+        elif value == 0xFF:
+            self._mouse_reset()
+            self._mouse_reply(MOUSE_ACK, 0xAA, 0x00)
+        elif value == 0xF6:
+            streaming = self.mouse_streaming
+            self._mouse_reset()
+            self.mouse_streaming = streaming
+            self._mouse_reply(MOUSE_ACK)
+        elif value in (0xF4, 0xF5):
+            self.mouse_streaming = value == 0xF4
+            self._mouse_reply(MOUSE_ACK)
+        elif value == 0xF2:
+            self._mouse_reply(MOUSE_ACK, self.mouse_id)
+        elif value == 0xE9:
+            status = (0x20 if self.mouse_streaming else 0) | (0x10 if self.mouse_scaling else 0)
+            self._mouse_reply(MOUSE_ACK, status, self.mouse_resolution, self.mouse_sample_rate)
+        elif value in (0xE6, 0xE7):
+            self.mouse_scaling = value == 0xE7
+            self._mouse_reply(MOUSE_ACK)
+        elif value in (0xEA, 0xF0, 0xEB, 0xEC, 0xEE):
+            self._mouse_reply(MOUSE_ACK)    # stream/remote/wrap modes: acknowledged, stream kept
+        else:
+            self._mouse_reply(0xFE)
+
+    def mouse_event(self, dx: int, dy: int, dz: int, buttons: int) -> None:
+        """Host pointer input: motion (dy positive is up, as PS/2 counts it), wheel
+        steps and the buttons held (bit 0 left, 1 right, 2 middle)."""
+        with self._lock:
+            if not self.aux_present or not self.mouse_streaming:
+                return
+            first = True
+            while first or dx or dy or dz:
+                first = False
+                step_x, step_y = max(-255, min(255, dx)), max(-255, min(255, dy))
+                step_z = max(-7, min(7, dz))
+                dx, dy, dz = dx - step_x, dy - step_y, dz - step_z
+                packet = [0x08 | (buttons & 7) | (0x10 if step_x < 0 else 0) | (0x20 if step_y < 0 else 0),
+                          step_x & 0xFF, step_y & 0xFF]
+                if self.mouse_id == 3:
+                    packet.append(step_z & 0xFF)
+                if len(self.mouse_queue) + len(packet) > MOUSE_QUEUE_LIMIT:
+                    break
+                self.mouse_queue.extend(packet)
+            self._refill()
+            self._update_irq()
 
     # --------------------------------------------------------- the keyboard
     def _keyboard_write(self, value: int) -> None:
@@ -322,6 +495,13 @@ class I8042(Restorable):
         else:
             self._kbd_reply(KBD_RESEND)
 
+    def press_key(self, number: int, down: bool) -> None:
+        """Host key input as QEMU's key number (see key_bytes)."""
+        with self._lock:
+            data = key_bytes(number, down, self.scancode_set, bool(self.ctr & CTR_XLATE))
+        if data:
+            self.inject_scancodes(data)
+
     def inject_scancodes(self, data: bytes) -> None:
         """Host-side key input (already in the set the guest reads)."""
         with self._lock:
@@ -335,9 +515,25 @@ class I8042(Restorable):
         if size != 1:
             log.debug("i8042: %d-byte read of %#x, answering the low byte", size, port)
         with self._lock:
-            value = self._status() if port == COMMAND_PORT else self._read_data()
+            if port == COMMAND_PORT:
+                value = self._status()
+            else:
+                value = self._read_data()
+                # The line drops when the guest reads the data port, as on a PC: the
+                # next byte behind this one is then a new edge, which the edge-triggered
+                # PIC/IOAPIC input needs to interrupt again (Linux's atkbd waits for
+                # the ID bytes after GETID's acknowledge that way).
+                self._lower_irqs()
             self._update_irq()
             return value
+
+    def _lower_irqs(self) -> None:
+        if self._irq_level:
+            self._irq_level = False
+            self._irq_kbd(False)
+        if self._aux_level:
+            self._aux_level = False
+            self._irq_aux(False)
 
     def _io_write(self, port: int, size: int, value: int) -> None:
         if size != 1:

@@ -43,6 +43,18 @@ class Platform(Protocol):
 
     def remove_doorbell(self, fd: int) -> None: ...
 
+    def map_device_memory(self, region_id: str, gpa: int, view: memoryview) -> None:
+        """Let the guest access ``view`` (device memory, page aligned: a framebuffer)
+        as RAM at ``gpa``, without exits; mapping ``region_id`` again moves it."""
+
+    def unmap_device_memory(self, region_id: str) -> None:
+        """Stop mapping ``region_id`` (its accesses exit to the MMIO bus again)."""
+
+    def dirty_device_pages(self, region_id: str) -> bytes | None:
+        """The pages of ``region_id`` the guest wrote since the last call, one bit per
+        4 KiB page (bit i of byte i // 8: KVM's dirty log layout); None where the
+        accelerator does not track writes (the caller then compares contents)."""
+
 
 def eventfd_signal(fd: int) -> None:
     os.eventfd_write(fd, 1)
@@ -139,6 +151,17 @@ class SoftPlatform:
                 os.eventfd_write(fd, 1)
                 return True
         return False
+
+    # device memory: the translator maps GuestMemory.device_regions as RAM at its
+    # next run(); it keeps no dirty log, so callers compare contents
+    def map_device_memory(self, region_id: str, gpa: int, view: memoryview) -> None:
+        self.memory.map_device_region(region_id, gpa, view)
+
+    def unmap_device_memory(self, region_id: str) -> None:
+        self.memory.unmap_device_region(region_id)
+
+    def dirty_device_pages(self, region_id: str) -> bytes | None:
+        return None
 
     def close(self) -> None:
         """Stop delivering MSIs (their eventfds stay open until released) and drop

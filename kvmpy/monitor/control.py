@@ -96,3 +96,21 @@ class VmControl(Protocol):
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` when the VM is closed (a monitor's servers close with it)."""
+
+
+@runtime_checkable
+class DisplayControl(Protocol):
+    """What a VM with a screen offers besides VmControl (kvmpy.display); monitors
+    check for it and answer as QEMU does without a display when it is missing."""
+
+    def screendump(self, filename: str, fmt: str = "ppm") -> None:
+        """Write the screen to ``filename`` as "ppm" or "png"; ControlError if it cannot."""
+
+    def send_keys(self, keys: list[int], hold_ms: int = 100) -> None:
+        """Press QEMU key numbers (kvmpy.display.keymap.QKEYCODES) in order, release
+        them in reverse after ``hold_ms``."""
+
+    def vnc_info(self) -> dict:
+        """query-vnc's reply ({"enabled": False} without a VNC server)."""
+
+    def set_vnc_password(self, password: str) -> None: ...

@@ -16,7 +16,8 @@ from typing import Callable
 from .. import __version__
 from ..vcpu.trace import register_dump
 from ..events import EventLoop
-from .control import ControlError, VmControl
+from ..display.keymap import parse_key_combo
+from .control import ControlError, DisplayControl, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
 
@@ -138,6 +139,17 @@ def _registers(control: VmControl, args: list[str]) -> str:
                    for cpu, (regs, sregs) in enumerate(control.vcpu_registers()))
 
 
+def _vnc(control: VmControl, args: list[str]) -> str:
+    info = control.vnc_info() if isinstance(control, DisplayControl) else {"enabled": False}
+    if not info.get("enabled"):
+        return "Server: none\n"
+    out = f"Server: {info['host']}:{info['service']} ({info['family']})\n    Auth: {info['auth']}\n"
+    clients = info.get("clients", [])
+    out += "".join(f"Client: {c['host']}{':' + c['service'] if c['service'] else ''} ({c['family']})\n"
+                   for c in clients) if clients else "Client: none\n"
+    return out
+
+
 # name -> (handler, max args, args synopsis, help)
 INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, str]] = {
     "block": (_block, 1, "[device]", "show info of one block device or all block devices"),
@@ -149,6 +161,7 @@ INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, 
     "status": (_status, 0, "", "show the current VM status (running|paused)"),
     "usernet": (_usernet, 0, "", "show user network stack connection states"),
     "version": (_version, 0, "", "show the version of kvmpy"),
+    "vnc": (_vnc, 0, "", "show the vnc server status"),
 }
 
 
@@ -158,7 +171,8 @@ class Hmp:
 
     # name -> (aliases, args synopsis, help)
     COMMANDS = {
-        "change": ((), "device filename [format]", "change a removable medium"),
+        "change": ((), "device filename [format] | vnc password PASSWORD",
+                   "change a removable medium, or the VNC password"),
         "cont": (("c",), "", "resume emulation"),
         "eject": ((), "[-f] device", "eject a removable medium (use -f to force it)"),
         "help": (("?",), "[cmd]", "show the help"),
@@ -168,6 +182,8 @@ class Hmp:
                            "remove host-to-guest TCP or UDP redirection"),
         "info": ((), "[subcommand]", "show various information about the system state"),
         "quit": (("q",), "", "quit the emulator"),
+        "screendump": ((), "[-f format] filename", "save screen from current console to a PPM or PNG file"),
+        "sendkey": ((), "keys [hold_ms]", "send keys to the VM (e.g. 'sendkey ctrl-alt-f1')"),
         "stop": (("s",), "", "stop emulation"),
         "system_powerdown": ((), "", "send system power down event"),
         "system_reset": ((), "", "reset the system"),
@@ -184,7 +200,8 @@ class Hmp:
             "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
             "hostfwd_add": self._cmd_hostfwd_add, "hostfwd_remove": self._cmd_hostfwd_remove,
             "stop": self._cmd_stop, "system_powerdown": self._cmd_system_powerdown,
-            "system_reset": self._cmd_system_reset,
+            "system_reset": self._cmd_system_reset, "screendump": self._cmd_screendump,
+            "sendkey": self._cmd_sendkey,
         }
         assert self._handlers.keys() == self.COMMANDS.keys()
         self._alias = {}
@@ -234,6 +251,8 @@ class Hmp:
         return ""
 
     def _cmd_change(self, args):
+        if args[:2] == ["vnc", "password"]:
+            return self._change_vnc_password(args)
         if not 2 <= len(args) <= 3:
             return "change: usage: change device filename [format]\n"
         self.control.change_medium(args[0], args[1], args[2] if len(args) == 3 else None)
@@ -325,6 +344,40 @@ class Hmp:
         aliases, syn, text = self.COMMANDS[name]
         return f"{'|'.join((name, *aliases))} {syn} -- {text}\n"
 
+    def _display(self) -> DisplayControl:
+        if not isinstance(self.control, DisplayControl):
+            raise ControlError("There is no QemuConsole I can screendump from.")
+        return self.control
+
+    def _cmd_screendump(self, args):
+        fmt = "ppm"
+        if len(args) >= 2 and args[0] == "-f":
+            fmt, args = args[1], args[2:]
+        if fmt not in ("ppm", "png"):
+            return f"screendump: format '{fmt}' is not ppm or png\n"
+        if len(args) != 1:
+            return "screendump: expected one file name\n"
+        self._display().screendump(args[0], fmt)
+        return ""
+
+    def _cmd_sendkey(self, args):
+        if not 1 <= len(args) <= 2:
+            return "sendkey: expected keys [hold_ms]\n"
+        try:
+            keys = parse_key_combo(args[0])
+            hold = int(args[1]) if len(args) == 2 else 100
+        except ValueError as e:
+            return f"{e}\n"
+        if not 0 <= hold <= 10000:
+            return "sendkey: hold_ms must be 0..10000\n"
+        self._display().send_keys(keys, hold)
+        return ""
+
+    def _change_vnc_password(self, args):
+        if len(args) != 3:
+            return "change: usage: change vnc password PASSWORD\n"
+        self._display().set_vnc_password(args[2])
+        return ""
 
 class _LineState:
     def __init__(self) -> None:

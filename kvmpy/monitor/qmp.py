@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..events import EventLoop
-from .control import ControlError, VmControl
+from ..display.keymap import QKEYCODES
+from .control import ControlError, DisplayControl, VmControl
 from .hmp import Hmp
 from .server import Address, Connection, MonitorServer
 from .version import version_info
@@ -324,7 +325,57 @@ def _void(action: Callable[[VmControl], None]) -> Callable[[QmpServer, dict], di
     return run
 
 
+# --- the display (DisplayControl) ------------------------------------------------------
+def _display(srv: QmpServer) -> DisplayControl:
+    if not isinstance(srv.control, DisplayControl):
+        raise QmpError("There is no QemuConsole I can screendump from.")
+    return srv.control
+
+
+def _screendump(srv: QmpServer, args: dict) -> dict:
+    fmt = args.get("format", "ppm")
+    if fmt not in ("ppm", "png"):
+        raise QmpError(f"Parameter 'format' does not accept value '{fmt}'")
+    if args.get("head", 0) != 0:
+        raise QmpError(f"Head '{args['head']}' is not available on this console")
+    _display(srv).screendump(args["filename"], fmt)
+    return {}
+
+
+def _send_key(srv: QmpServer, args: dict) -> dict:
+    keys = args["keys"]
+    if not isinstance(keys, list) or not keys:
+        raise QmpError("Invalid parameter type for 'keys', expected: array")
+    numbers = []
+    for key in keys:
+        kind = key.get("type") if isinstance(key, dict) else None
+        data = key.get("data") if isinstance(key, dict) else None
+        if kind == "qcode" and isinstance(data, str) and data in QKEYCODES:
+            numbers.append(QKEYCODES[data])
+        elif kind == "number" and isinstance(data, int) and 0 < data < 0x100:
+            numbers.append(data)
+        else:
+            raise QmpError(f"Invalid parameter 'keys': {json.dumps(key)} is not a KeyValue")
+    hold = args.get("hold-time", 100)
+    if not 0 <= hold <= 10000:
+        raise QmpError("Parameter 'hold-time' expects a value of 0..10000")
+    _display(srv).send_keys(numbers, hold)
+    return {}
+
+
+def _query_vnc(srv: QmpServer, args: dict) -> dict:
+    if not isinstance(srv.control, DisplayControl):
+        return {"enabled": False}
+    return srv.control.vnc_info()
+
+
 _COMMANDS = [
+    _Command("screendump", _screendump, {"filename": (str, "string", True), "device": (str, "string", False),
+                                         "head": (int, "int", False), "format": (str, "ImageFormat", False)}),
+    _Command("send-key", _send_key, {"keys": (object, "array of KeyValue", True), "hold-time": (int, "int", False)}),
+    _Command("query-vnc", _query_vnc),
+    _Command("change-vnc-password", lambda srv, a: _display(srv).set_vnc_password(a["password"]) or {},
+             {"password": (str, "string", True)}),
     _Command("qmp_capabilities", lambda srv, a: {}, {"enable": (list, "array of QMPCapability", False)}),
     _Command("query-status", _query_status),
     _Command("query-kvm", lambda srv, a: dict(srv.control.kvm_info())),

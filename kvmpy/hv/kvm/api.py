@@ -132,6 +132,14 @@ class Vm:
             "memory_size": size, "userspace_addr": host_addr})
         _ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
 
+    def get_dirty_log(self, slot: int, bitmap) -> None:
+        """Fill ``bitmap`` (a cffi buffer, one bit per page of the slot) with the pages
+        written since the last call; KVM clears its log as it copies."""
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        _ioctl(self.fd, "KVM_GET_DIRTY_LOG", log)
+
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
 

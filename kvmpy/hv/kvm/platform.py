@@ -7,10 +7,13 @@ import os
 import threading
 
 from ...memory import GuestMemory
-from ._kvm_cffi import lib
+from ._kvm_cffi import ffi, lib
 from .api import Vm
 
 FIRST_MSI_GSI = 24   # 0-23 are the IOAPIC pins
+# Memory slots for device memory (framebuffers) start here, above the few slots
+# of guest RAM (kvmpy.hv.kvm.accel numbers those from 0); KVM allows 32 or more.
+FIRST_DEVICE_SLOT = 16
 
 
 def legacy_routes() -> list[tuple]:
@@ -39,6 +42,7 @@ class KvmPlatform:
         self._free_gsis: list[int] = []
         self._next_gsi = FIRST_MSI_GSI
         self._doorbells: dict[int, tuple[int, int, int | None, bool]] = {}
+        self._device_slots: dict[str, tuple[int, object]] = {}   # region id -> (slot, dirty bitmap)
         self.vm.set_gsi_routing(self._legacy)
 
     def set_irq_level(self, gsi: int, level: bool) -> None:
@@ -91,10 +95,47 @@ class KvmPlatform:
             self.vm.ioeventfd(fd, addr, size, datamatch, pio, deassign=True)
             os.close(fd)
 
+    # device memory: a memory slot of its own with KVM's dirty log, so a display
+    # re-encodes only the pages the guest wrote
+    def map_device_memory(self, region_id: str, gpa: int, view: memoryview) -> None:
+        with self._lock:
+            self._unmap_locked(region_id)
+            used = {slot for slot, _ in self._device_slots.values()}
+            slot = next(s for s in range(FIRST_DEVICE_SLOT, FIRST_DEVICE_SLOT + 64) if s not in used)
+            region = self.memory.map_device_region(region_id, gpa, view)
+            host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.view)))
+            self.vm.set_user_memory_region(slot, gpa, region.size, host_addr, lib.KVM_MEM_LOG_DIRTY_PAGES)
+            pages = region.size // 4096
+            self._device_slots[region_id] = (slot, ffi.new("uint64_t[]", (pages + 63) // 64))
+
+    def unmap_device_memory(self, region_id: str) -> None:
+        with self._lock:
+            self._unmap_locked(region_id)
+
+    def _unmap_locked(self, region_id: str) -> None:
+        entry = self._device_slots.pop(region_id, None)
+        if entry is not None:
+            self.vm.set_user_memory_region(entry[0], 0, 0, 0)    # size 0 deletes the slot
+            self.memory.unmap_device_region(region_id)
+
+    def dirty_device_pages(self, region_id: str) -> bytes | None:
+        with self._lock:
+            entry = self._device_slots.get(region_id)
+            if entry is None:
+                return None
+            slot, bitmap = entry
+            self.vm.get_dirty_log(slot, bitmap)
+            return bytes(ffi.buffer(bitmap))
+
     def doorbell_write(self, addr: int, size: int, value: int, pio: bool) -> bool:
         return False        # the ioeventfd took the write in the kernel: no exit came here
 
     def close(self) -> None:
+        for region_id in list(self._device_slots):
+            try:
+                self.unmap_device_memory(region_id)
+            except OSError:
+                pass
         for fd in list(self._doorbells):
             try:
                 self.remove_doorbell(fd)

@@ -116,6 +116,7 @@ class TcgVcpu:
         self.wakeup = threading.Event()
         self._regions = None
         self._protection = -1
+        self._generation = -1
         self._sync_memory()
         self.io_port = 0
         self.io_size = 0
@@ -130,11 +131,13 @@ class TcgVcpu:
         self.system_event = 0
 
     def _sync_memory(self) -> None:
-        regions = [(r.gpa, r.size) for r in self.memory.regions]
+        self._generation = self.memory.generation
+        every = [*self.memory.regions, *self.memory.device_regions.values()]
+        regions = [(r.gpa, r.size) for r in every]
         if regions == self._regions:
             return
         self._cpu.clear_ram()
-        for r in self.memory.regions:
+        for r in every:
             self._cpu.add_ram(r.gpa, r.view, self.memory.is_readonly(r))
         self._regions = regions
         self._protection = self.memory.protection_generation
@@ -154,7 +157,7 @@ class TcgVcpu:
     # ---- run protocol ----
 
     def run(self) -> int:
-        if len(self.memory.regions) != len(self._regions or ()):
+        if self.memory.generation != self._generation or len(self.memory.regions) != len(self._regions or ()):
             self._sync_memory()
         elif self._protection != self.memory.protection_generation:
             self._sync_protection()
