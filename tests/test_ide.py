@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shutil
 import struct
 import time
 
@@ -715,7 +716,9 @@ def test_hostile_traffic_never_raises_nor_hangs(disk_path, iso_path, sequence):
 @HOSTILE
 @given(st.lists(ops, max_size=60), st.lists(ops, max_size=30))
 def test_state_round_trip(disk_path, iso_path, before, after):
-    a, b = fresh_rig(disk_path, iso_path), fresh_rig(disk_path, iso_path)
+    twin = disk_path + ".twin"          # a writer holds its image's lock: one file each
+    shutil.copyfile(disk_path, twin)
+    a, b = fresh_rig(disk_path, iso_path), fresh_rig(twin, iso_path)
     try:
         for rig_ in (a, b):
             rig_.controller.write_bmdma(4, 4, TABLE)
@@ -834,7 +837,9 @@ def test_piix3_state_round_trip(disk_path, iso_path, config_writes, traffic):
     """The PIIX3's whole state (both functions' config space, the controller) as a
     value: a fresh PIIX3 restored from it hands out the same state and drives its
     PIRQ-routed ISA IRQs the same."""
-    rigs = [fresh_rig(disk_path, iso_path), fresh_rig(disk_path, iso_path)]
+    twin = disk_path + ".twin"          # a writer holds its image's lock: one file each
+    shutil.copyfile(disk_path, twin)
+    rigs = [fresh_rig(disk_path, iso_path), fresh_rig(twin, iso_path)]
     platforms = [IsaPlatform(), IsaPlatform()]
     try:
         buses, piixes, nics = [], [], []
