@@ -1,0 +1,226 @@
+"""``kvmpy nbd``: qemu-nbd's command line over kvmpy's block drivers.
+
+    kvmpy nbd -f qcow2 -t -p 10809 disk.qcow2           # nbd://HOST:10809
+    kvmpy nbd -r -k /run/disk.sock disk.raw            # nbd+unix:///?socket=/run/disk.sock
+    kvmpy nbd -c /dev/nbd0 -f qcow2 disk.qcow2         # the kernel's /dev/nbd0 shows the image
+    kvmpy nbd -d /dev/nbd0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+from ..block import open_image
+from ..block.imgcli import _one_line_errors
+from ..errors import UserError
+from ..lifecycle import Pidfile, daemonize
+from ..pathcheck import refuse_special_file
+from . import protocol as p
+from .server import Export, ExportOptions, NbdServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10809
+DEFAULT_BIND = "0.0.0.0"
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+
+class NbdUsageError(UserError):
+    """A bad kvmpy nbd command line or an address it cannot listen on."""
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text} out of range 0-65535")
+    return port
+
+
+def _shared(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shared device number {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"invalid shared device number {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < s <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 and at most 3600 seconds")
+    return s
+
+
+def register(subparsers) -> None:
+    cmd = _one_line_errors(subparsers.add_parser(
+        "nbd", help="export a disk image over NBD (qemu-nbd)",
+        description="Serve IMAGE over the Network Block Device protocol, as qemu-nbd does."))
+    cmd.set_defaults(func=run)
+    cmd.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    cmd.add_argument("-f", "--format", choices=("raw", "qcow2"), help="image format (default: probed)")
+    cmd.add_argument("-x", "--export-name", default="", help="export name (default: empty)")
+    cmd.add_argument("-D", "--description", default="", help="a human-readable description of the export")
+    cmd.add_argument("-p", "--port", type=_port, help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    cmd.add_argument("-b", "--bind", help=f"address to listen on (default {DEFAULT_BIND})")
+    cmd.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
+    cmd.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
+                     help="serve up to NUM clients at once (default 1; 0: no limit but the server's own)")
+    cmd.add_argument("-t", "--persistent", action="store_true", help="keep serving after the last client leaves")
+    cmd.add_argument("--fork", action="store_true", help="go to the background once listening")
+    cmd.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    cmd.add_argument("-c", "--connect", metavar="DEV", help="connect IMAGE to the kernel's nbd device DEV")
+    cmd.add_argument("-d", "--disconnect", action="store_true", help="disconnect the nbd device IMAGE names")
+    cmd.add_argument("-n", "--nocache", dest="cache", action="store_const", const="none",
+                     help="same as --cache=none")
+    cmd.add_argument("--cache", choices=CACHE_MODES, default="writeback")
+    cmd.add_argument("--discard", choices=("ignore", "unmap"), default="ignore",
+                     help="whether TRIM and zero writes may free space (default ignore)")
+    cmd.add_argument("--detect-zeroes", choices=("off", "on", "unmap"), default="off", nargs="?",
+                     const="on", help="write all-zero data as zeroes (unmap: and free it with --discard=unmap)")
+    cmd.add_argument("--handshake-limit", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="drop a client that has not finished the handshake by then (default 10)")
+    cmd.add_argument("image", metavar="IMAGE")
+
+
+def run(args) -> int:
+    if args.disconnect:
+        from .kernel import disconnect_device
+        disconnect_device(args.image)
+        print(f"{args.image} disconnected")
+        return 0
+    if args.connect and (args.socket or args.port is not None or args.bind):
+        raise NbdUsageError("-c/--connect: cannot be combined with -k, -p or -b")
+    if args.socket and (args.port is not None or args.bind):
+        raise NbdUsageError("-k/--socket: cannot be combined with -p or -b")
+    if args.cache == "unsafe" or args.cache == "none":
+        log.info("--cache=%s: served as writeback (kvmpy opens images with the page cache)", args.cache)
+    name = _wire_string(args.export_name, "-x/--export-name")
+    description = _wire_string(args.description, "-D/--description")
+    if args.connect:
+        from .kernel import check_device
+        check_device(args.connect)
+    # Open everything a user can get wrong before going to the background, so the
+    # error is one line on the terminal that started us.
+    driver = open_image(args.image, args.format, read_only=args.read_only)
+    status = 1
+    listeners: list[socket.socket] = []
+    try:
+        options = ExportOptions(name=name, description=description, read_only=args.read_only,
+                                discard_unmap=args.discard == "unmap", detect_zeroes=args.detect_zeroes,
+                                writethrough=args.cache in ("writethrough", "directsync"),
+                                multi_conn=args.shared != 1)
+        export = Export(driver, options)
+        listeners = [] if args.connect else _listen(args)
+        pidfile = Pidfile(args.pid_file, create=False).acquire() if args.pid_file else None
+
+        def serve(notify_running=None) -> int:
+            if pidfile is not None:
+                pidfile.write_pid()
+            try:
+                return _serve(args, export, listeners, notify_running)
+            finally:
+                if pidfile is not None:
+                    pidfile.release()
+
+        status = daemonize(serve, chdir=False) if args.fork else serve()
+    finally:
+        if args.socket and listeners:
+            _unlink_socket(args.socket)
+        status = _flush_and_close(driver, args.image, status)
+    return status
+
+
+def _flush_and_close(driver, image: str, status: int) -> int:
+    """What clients wrote is durable before we exit, whatever the way out."""
+    try:
+        driver.flush()
+    except (OSError, UserError) as e:
+        print(f"kvmpy: {image}: flush failed: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        driver.close()
+    return status
+
+
+def _wire_string(text: str, option: str) -> bytes:
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) > p.MAX_STRING:
+        raise NbdUsageError(f"{option}: longer than {p.MAX_STRING} bytes")
+    return data
+
+
+def _listen(args) -> list[socket.socket]:
+    if args.socket:
+        path = os.path.abspath(args.socket)
+        if os.path.lexists(path):
+            refuse_special_file(path, "-k/--socket", NbdUsageError)
+            raise NbdUsageError(f"-k/--socket {args.socket}: already exists (remove it if no server uses it)")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(path)
+        except OSError as e:
+            s.close()
+            raise NbdUsageError(f"-k/--socket {args.socket}: cannot listen: {e.strerror}") from None
+        s.listen(128)
+        return [s]
+    host = args.bind or DEFAULT_BIND
+    port = DEFAULT_PORT if args.port is None else args.port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise NbdUsageError(f"-b/--bind {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        raise NbdUsageError(f"-p/--port {port}: cannot listen on {host}: {e.strerror}") from None
+    s.listen(128)
+    return [s]
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _serve(args, export: Export, listeners, notify_running) -> int:
+    server = NbdServer(export, listeners, shared=args.shared, persistent=args.persistent or bool(args.connect),
+                       handshake_limit=args.handshake_limit)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    kernel = None
+    try:
+        if args.connect:
+            from .kernel import KernelClient
+            kernel = KernelClient(args.connect, export, server)
+            kernel.start()
+        if notify_running is not None:
+            notify_running()
+        server.serve()
+    finally:
+        if kernel is not None:
+            kernel.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
+    if kernel is not None and kernel.error:
+        print(f"kvmpy: {args.connect}: {kernel.error}", file=sys.stderr)
+        return 1
+    return 0
