@@ -11,7 +11,7 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.tcg", "bench.boot", "bench.nested")
+MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.nbd", "bench.tcg", "bench.boot", "bench.nested")
 LOWER_IS_BETTER_UNITS = {"s", "ms", "seconds"}
 
 

@@ -319,9 +319,10 @@ class Session:
                 return
             self._request(req)
 
-    def _reply_error(self, req: p.Request, error: int, message: str) -> None:
-        log.info("nbd client %s: %s at %d+%d: %s", self.peer, p.CMD_NAMES.get(req.command, req.command),
-                 req.offset, req.length, message)
+    def _reply_error(self, req: p.Request, error: int, message: str, host_fault: bool = False) -> None:
+        # A client's bad request is its business (info); the image failing is the user's (warning).
+        log.log(logging.WARNING if host_fault else logging.INFO, "nbd client %s: %s at %d+%d: %s", self.peer,
+                p.CMD_NAMES.get(req.command, req.command), req.offset, req.length, message)
         if self.structured and req.command in (p.CMD_READ, p.CMD_BLOCK_STATUS):
             self._send(p.error_chunk(req.cookie, error, message))
         else:
@@ -346,7 +347,7 @@ class Session:
         writes = cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
         if writes and self.export.options.read_only:
             return self._reply_error(req, p.EPERM, "export is read-only")
-        if cmd in (p.CMD_READ, p.CMD_CACHE, p.CMD_BLOCK_STATUS) and req.length > p.MAX_REQUEST and cmd == p.CMD_READ:
+        if cmd == p.CMD_READ and req.length > p.MAX_REQUEST:
             return self._reply_error(req, p.EINVAL, f"request of {req.length} bytes (limit {p.MAX_REQUEST})")
         if cmd != p.CMD_FLUSH and (req.offset > size or req.length > size - req.offset):
             error = p.ENOSPC if cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
@@ -359,7 +360,7 @@ class Session:
             self._modify(req, data if cmd == p.CMD_WRITE else None)
         except (ImageError, OSError) as e:
             error = p.host_error_to_nbd(e) if isinstance(e, OSError) else p.EIO
-            return self._reply_error(req, error, str(e))
+            return self._reply_error(req, error, str(e), host_fault=True)
         self._send(p.simple_reply(0, req.cookie))
 
     def _modify(self, req: p.Request, data: memoryview | None) -> None:
@@ -389,7 +390,8 @@ class Session:
             try:
                 drv.preadv([buf], req.offset)
             except (ImageError, OSError) as e:
-                return self._reply_error(req, p.host_error_to_nbd(e) if isinstance(e, OSError) else p.EIO, str(e))
+                return self._reply_error(req, p.host_error_to_nbd(e) if isinstance(e, OSError) else p.EIO, str(e),
+                                         host_fault=True)
             return self._send(p.simple_reply(0, req.cookie), buf)
         if req.length == 0:
             return self._send(p.done_chunk(req.cookie))
@@ -405,7 +407,7 @@ class Session:
                 drv.preadv([view], off)
             except (ImageError, OSError) as e:
                 error = p.host_error_to_nbd(e) if isinstance(e, OSError) else p.EIO
-                log.info("nbd client %s: read at %d+%d: %s", self.peer, off, n, e)
+                log.warning("nbd client %s: read at %d+%d: %s", self.peer, off, n, e)
                 return self._send(p.error_chunk(req.cookie, error, str(e), offset=off))
             self._send(p.offset_data_header(flags, req.cookie, off, n), view)
 
@@ -520,13 +522,13 @@ class NbdServer:
             if len(self._sessions) < self.shared:
                 return self._start_session(sock, peer, None)
             if self._refusing >= MAX_REFUSING:
-                log.warning("nbd client %s refused: %d clients already connected (--shared %d)",
+                log.info("nbd client %s refused: %d clients already connected (--shared %d)",
                             peer, len(self._sessions), self.shared)
                 sock.close()
                 return
             self._refusing += 1
-        log.warning("nbd client %s refused: %d clients already connected (--shared %d)",
-                    peer, self.shared, self.shared)
+        log.info("nbd client %s refused: %d clients already connected (--shared %d)",
+                 peer, self.shared, self.shared)
         session = Session(self, sock, peer,
                           refuse=f"server is serving its limit of {self.shared} clients (--shared)")
         threading.Thread(target=self._run_refusal, args=(session,), name="nbd-refuse", daemon=True).start()
