@@ -114,13 +114,13 @@ def run(args) -> int:
         check_device(args.connect)
     # Open everything a user can get wrong before going to the background, so the
     # error is one line on the terminal that started us.
-    if args.format is None:
-        log.warning("image format was not specified for %s and probing guessed it; give -f raw|qcow2. "
-                    "A probed raw image refuses writes that would make it probe as another format",
-                    args.image)
     # Clients are as untrusted as guests: a probed image gets the guest's rules
     # (no block 0 write that changes the probe, backing formats named).
     driver = open_image(args.image, args.format, read_only=args.read_only, guard_probe=args.format is None)
+    if args.format is None:
+        log.warning("image format was not specified for %s and probing guessed %s; give -f %s. "
+                    "A probed raw image refuses writes that would make it probe as another format",
+                    args.image, driver.format, driver.format)
     status = 1
     listeners: list[socket.socket] = []
     try:
