@@ -366,6 +366,28 @@ def test_bad_requests(hostile):
     assert n.closed_by_server(s)
 
 
+def test_large_reads_and_writes(hostile, tmp_path):
+    """Requests past the session's own buffer borrow from the shared budget."""
+    want = converted(hostile.image, "qcow2", str(tmp_path / "want.raw"))
+    s = hostile.connect()
+    n.go(s)
+    n.request(s, n.CMD_READ, 0, 16 * MiB)
+    err, _, chunks = n.reply(s)
+    assert err == 0 and n.assemble_read(0, 16 * MiB, chunks) == want
+    assert any(kind == 2 for kind, _ in chunks), "holes are sent as holes"
+    n.request(s, n.CMD_READ, 0, 3 * MiB, flags=4)           # DF: one data chunk
+    err, _, chunks = n.reply(s)
+    assert err == 0 and [k for k, _ in chunks] == [1] and chunks[0][1][8:] == want[:3 * MiB]
+    blob = os.urandom(5 * MiB)
+    n.request(s, n.CMD_WRITE, 8 * MiB, len(blob), data=blob, flags=1)
+    assert n.reply(s)[0] == 0
+    n.request(s, n.CMD_READ, 8 * MiB, len(blob))
+    err, _, chunks = n.reply(s)
+    assert err == 0 and n.assemble_read(8 * MiB, len(blob), chunks) == blob
+    n.request(s, n.CMD_DISC, 0, 0)
+    s.close()
+
+
 def test_write_whose_data_never_arrives(hostile):
     stalled = hostile.connect()
     n.go(stalled)

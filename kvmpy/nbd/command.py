@@ -92,10 +92,13 @@ def register(subparsers) -> None:
                      const="on", help="write all-zero data as zeroes (unmap: and free it with --discard=unmap)")
     cmd.add_argument("--handshake-limit", type=_seconds, default=10.0, metavar="SECONDS",
                      help="drop a client that has not finished the handshake by then (default 10)")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="log each client and each refused request")
     cmd.add_argument("image", metavar="IMAGE")
 
 
 def run(args) -> int:
+    if args.verbose:
+        logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     if args.disconnect:
         from .kernel import disconnect_device
         disconnect_device(args.image)

@@ -1,8 +1,9 @@
 """The NBD server: one export, several clients, each on its own thread.
 
 A client thread reads a request, does it against the block driver and answers
-before reading the next, so a client's memory is one buffer of at most
-MAX_REQUEST bytes and a slow or hostile client stalls only itself. The drivers
+before reading the next, so a slow or hostile client stalls only itself, and its
+memory is one buffer of SESSION_BUFFER bytes plus, for a larger request (up to
+MAX_REQUEST), a loan from a budget all clients share. The drivers
 are safe to share between the threads: RawDriver is positional I/O on one
 descriptor, Qcow2Driver takes its own lock around every request.
 
@@ -40,6 +41,33 @@ REFUSAL_LIMIT = 2.0
 MAX_EXTENTS = 1 << 16
 # --shared 0 means "no limit" in qemu-nbd; here a bound all the same.
 UNLIMITED_SHARED = 1024
+# Each session keeps a buffer this big for its requests; a larger request borrows
+# from a budget all sessions share, so N clients sending 32 MiB requests hold at
+# most LARGE_BUFFER_BUDGET between them, not N * 32 MiB.
+SESSION_BUFFER = 1 << 20
+LARGE_BUFFER_BUDGET = 256 << 20
+
+
+class BufferBudget:
+    """Bytes of large request buffers the sessions may hold at once."""
+
+    def __init__(self, total: int):
+        self.free = total
+        self._cond = threading.Condition()
+
+    def take(self, n: int, stopping) -> None:
+        with self._cond:
+            while self.free < n:
+                if stopping():
+                    raise ClientGone("server shutting down")
+                self._cond.wait(0.5)
+            self.free -= n
+
+    def give(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
 
 
 class ClientGone(Exception):
@@ -127,7 +155,8 @@ class Session:
                     raise ClientGone("handshake took too long")
                 self.sock.settimeout(left)
             try:
-                k = self.sock.recv_into(view[got:n], n - got)
+                # Past the handshake nothing times out, so one call may wait for the whole payload.
+                k = self.sock.recv_into(view[got:n], n - got, 0 if deadline is not None else socket.MSG_WAITALL)
             except socket.timeout:
                 raise ClientGone("handshake took too long") from None
             except OSError as e:
@@ -153,10 +182,18 @@ class Session:
         except OSError as e:
             raise ClientGone(e.strerror or str(e)) from None
 
-    def _buffer_view(self, n: int) -> memoryview:
-        if len(self._buffer) < n:
-            self._buffer = bytearray(n)
-        return memoryview(self._buffer)[:n]
+    def _borrow(self, n: int) -> tuple[memoryview, int]:
+        """A buffer of n bytes and how much of the shared budget it took (give it back)."""
+        if n <= SESSION_BUFFER:
+            if len(self._buffer) < n:
+                self._buffer = bytearray(SESSION_BUFFER if n > SESSION_BUFFER // 4 else max(n, 65536))
+            return memoryview(self._buffer)[:n], 0
+        self.server.budget.take(n, lambda: self.server.stopping)
+        try:
+            return memoryview(bytearray(n)), n
+        except MemoryError:
+            self.server.budget.give(n)
+            raise
 
     # ------------------------------------------------------------ the session
 
@@ -329,14 +366,21 @@ class Session:
             self._send(p.simple_reply(error, req.cookie))
 
     def _request(self, req: p.Request) -> None:
+        if req.command == p.CMD_WRITE and req.length > p.MAX_REQUEST:
+            # Its payload cannot be skipped cheaply: answer and end the connection.
+            self._reply_error(req, p.EINVAL, f"request of {req.length} bytes (limit {p.MAX_REQUEST})")
+            raise p.ProtocolError(f"write of {req.length} bytes")
+        moves_data = req.command in (p.CMD_READ, p.CMD_WRITE) and req.length <= p.MAX_REQUEST
+        buf, borrowed = self._borrow(req.length if moves_data else 0)
+        try:
+            self._serve_request(req, buf)
+        finally:
+            self.server.budget.give(borrowed)
+
+    def _serve_request(self, req: p.Request, data: memoryview) -> None:
         cmd = req.command
         size = self.export.size
         if cmd == p.CMD_WRITE:
-            if req.length > p.MAX_REQUEST:
-                # Its payload cannot be skipped cheaply: answer and end the connection.
-                self._reply_error(req, p.EINVAL, f"request of {req.length} bytes (limit {p.MAX_REQUEST})")
-                raise p.ProtocolError(f"write of {req.length} bytes")
-            data = self._buffer_view(req.length)
             self._recv_exact(req.length, into=data)
         if cmd not in self._VALID_FLAGS:
             return self._reply_error(req, p.EINVAL, f"unknown command {cmd}")
@@ -354,7 +398,7 @@ class Session:
             return self._reply_error(req, error, f"past the end of the export ({size} bytes)")
         try:
             if cmd == p.CMD_READ:
-                return self._read(req)
+                return self._read(req, data)
             if cmd == p.CMD_BLOCK_STATUS:
                 return self._block_status(req)
             self._modify(req, data if cmd == p.CMD_WRITE else None)
@@ -383,9 +427,8 @@ class Session:
         if cmd == p.CMD_FLUSH or req.flags & p.CMD_FLAG_FUA or (opts.writethrough and cmd != p.CMD_CACHE):
             drv.flush()
 
-    def _read(self, req: p.Request) -> None:
+    def _read(self, req: p.Request, buf: memoryview) -> None:
         drv = self.export.driver
-        buf = self._buffer_view(req.length)
         if not self.structured:
             try:
                 drv.preadv([buf], req.offset)
@@ -470,11 +513,12 @@ class NbdServer:
         self._refusing = 0
         self._served_any = False
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
+        self.stopping = False
+        self.budget = BufferBudget(LARGE_BUFFER_BUDGET)
 
     def stop(self) -> None:
         """From any thread or a signal handler: end the accept loop."""
-        self._stopping = True
+        self.stopping = True
         try:
             os.write(self._stop_w, b"x")
         except OSError:
@@ -493,7 +537,7 @@ class NbdServer:
             sel.register(ls, selectors.EVENT_READ)
         sel.register(self._stop_r, selectors.EVENT_READ)
         try:
-            while not self._stopping:
+            while not self.stopping:
                 for key, _ in sel.select():
                     if key.fileobj == self._stop_r:
                         continue

@@ -203,3 +203,18 @@ def reply(s: socket.socket, read_length: int = 0) -> tuple[int, bytes, list]:
             return error, b"", chunks
         magic = struct.unpack(">I", recv_exact(s, 4))[0]
         assert magic == STRUCTURED_REPLY_MAGIC
+
+
+def assemble_read(offset: int, length: int, chunks: list) -> bytes:
+    """The bytes a structured READ reply describes (data and hole chunks)."""
+    out = bytearray(length)
+    covered = 0
+    for kind, body in chunks:
+        if kind == 1:
+            at = struct.unpack(">Q", body[:8])[0] - offset
+            out[at:at + len(body) - 8] = body[8:]
+            covered += len(body) - 8
+        elif kind == 2:
+            covered += struct.unpack(">QI", body)[1]
+    assert covered == length, (covered, length)
+    return bytes(out)
