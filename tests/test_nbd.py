@@ -163,6 +163,29 @@ def test_writes_through_qemu_io(tmp_path, qemu_tools, fmt):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
+def test_detect_zeroes_unmap_and_concurrent_writers(tmp_path, qemu_tools):
+    _, top = make_chain(tmp_path)
+    with serve(["-t", "-e", "3", "--discard=unmap", "--detect-zeroes=unmap", "--cache=writethrough",
+                "-f", "qcow2", top], tmp_path) as srv:
+        writers = [subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P {0x60 + i} {i * 4}M 4M", srv.uri],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(1, 3)]
+        zero = sh("qemu-io", "-f", "raw", "-c", "write -P 0 1536K 512k", srv.uri)
+        assert "error" not in zero.stdout.lower()
+        for w in writers:
+            out, _ = w.communicate(timeout=60)
+            assert w.returncode == 0 and b"error" not in out.lower(), out
+        status, err = srv.stop()
+    assert status == 0, err
+    sh("qemu-img", "check", "-f", "qcow2", top)
+    for i in range(1, 3):
+        r = sh("qemu-io", "-f", "qcow2", "-c", f"read -P {0x60 + i} {i * 4}M 4M", top)
+        assert "verification failed" not in r.stdout
+    # The all-zero write became zero clusters, not data.
+    zeroed = [e for e in json.loads(sh("qemu-img", "map", "--output=json", "-f", "qcow2", top).stdout)
+              if e["start"] <= 1536 * 1024 < e["start"] + e["length"]]
+    assert zeroed[0]["zero"] and not zeroed[0]["data"], zeroed
+
+
 def test_read_only_export_refuses_writes_over_unix_socket(tmp_path, qemu_tools):
     _, top = make_chain(tmp_path)
     before = sha(top)

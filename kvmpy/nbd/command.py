@@ -88,8 +88,7 @@ def register(subparsers) -> None:
     cmd.add_argument("--cache", choices=CACHE_MODES, default="writeback")
     cmd.add_argument("--discard", choices=("ignore", "unmap"), default="ignore",
                      help="whether TRIM and zero writes may free space (default ignore)")
-    cmd.add_argument("--detect-zeroes", choices=("off", "on", "unmap"), default="off", nargs="?",
-                     const="on", help="write all-zero data as zeroes (unmap: and free it with --discard=unmap)")
+    cmd.add_argument("--detect-zeroes", choices=("off", "on", "unmap"), default="off", help="write all-zero data as zeroes (unmap: and free it with --discard=unmap)")
     cmd.add_argument("--handshake-limit", type=_seconds, default=10.0, metavar="SECONDS",
                      help="drop a client that has not finished the handshake by then (default 10)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log each client and each refused request")
@@ -108,8 +107,10 @@ def run(args) -> int:
         raise NbdUsageError("-c/--connect: cannot be combined with -k, -p or -b")
     if args.socket and (args.port is not None or args.bind):
         raise NbdUsageError("-k/--socket: cannot be combined with -p or -b")
-    if args.cache == "unsafe" or args.cache == "none":
-        log.info("--cache=%s: served as writeback (kvmpy opens images with the page cache)", args.cache)
+    if args.cache in ("none", "unsafe", "directsync"):
+        # Flushes are always honoured: no mode here loses data a client was told is durable.
+        log.info("--cache=%s: served as %s through the page cache", args.cache,
+                 "writethrough" if args.cache == "directsync" else "writeback")
     name = _wire_string(args.export_name, "-x/--export-name")
     description = _wire_string(args.description, "-D/--description")
     if args.connect:
