@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from ..errors import UserError
 from . import protocol as p
@@ -138,9 +139,21 @@ class KernelClient:
         self._socket = kernels
         self._thread = threading.Thread(target=self._do_it, name=f"nbd-kernel-{self.device}", daemon=True)
         self._thread.start()
+        self._wait_started()
         if size % SECTOR:
             log.warning("%s: the last %d bytes of the image are not visible (not a whole sector)",
                         self.device, size % SECTOR)
+
+    def _wait_started(self, timeout: float = 10.0) -> None:
+        """Return once the kernel serves the device: before NBD_DO_IT has started it,
+        I/O on /dev/nbdX fails, and a `mount` right after `kvmpy nbd --fork -c` would."""
+        marker = f"/sys/block/{os.path.basename(os.path.realpath(self.device))}/pid"
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(marker):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                log.warning("%s: the kernel did not report the device started (%s)", self.device, marker)
+                return
+            time.sleep(0.01)
 
     def _do_it(self) -> None:
         try:
