@@ -549,3 +549,39 @@ def test_kernel_nbd_device(tmp_path, qemu_tools):
         r = run_kvmpy(["nbd", "-d", "/dev/nbd0"], timeout=30)
         assert r.returncode == 0, r.stderr
         n_proc.wait(timeout=30)
+
+
+def test_kernel_client_handshake_and_simple_replies(tmp_path, qemu_tools):
+    """What -c does before handing the socket to the kernel, and the simple replies
+    the kernel then reads, against the real server (no /dev/nbd needed)."""
+    from kvmpy.nbd.kernel import client_handshake
+    _, top = make_chain(tmp_path)
+    want = converted(top, "qcow2", str(tmp_path / "want.raw"))
+    with serve(["-t", "-r", "-x", "k", "-f", "qcow2", top], tmp_path) as srv:
+        s = srv.connect()
+        size, flags = client_handshake(s, b"k")
+        assert size == 16 * MiB and flags & 1 and flags & 2
+        n.request(s, n.CMD_READ, 1 * MiB, 2 * MiB, cookie=0x1234)
+        magic, err, cookie = struct.unpack(">IIQ", n.recv_exact(s, 16))
+        assert (magic, err, cookie) == (n.SIMPLE_REPLY_MAGIC, 0, 0x1234)
+        assert n.recv_exact(s, 2 * MiB) == want[MiB:3 * MiB]
+        n.request(s, n.CMD_DISC, 0, 0)
+        s.close()
+
+
+def test_kernel_ioctl_numbers_match_linux_nbd_h(tmp_path):
+    """-c cannot run on a host without the nbd module; its ioctl numbers are still
+    checked against the kernel's header."""
+    gcc = tool_required("gcc")
+    if not os.path.exists("/usr/include/linux/nbd.h"):
+        pytest.skip("linux/nbd.h is not installed (linux-libc-dev)")
+    from kvmpy.nbd import kernel
+    names = ["NBD_SET_SOCK", "NBD_SET_BLKSIZE", "NBD_DO_IT", "NBD_CLEAR_SOCK", "NBD_CLEAR_QUE",
+             "NBD_SET_SIZE_BLOCKS", "NBD_DISCONNECT", "NBD_SET_FLAGS"]
+    src = tmp_path / "n.c"
+    src.write_text("#include <stdio.h>\n#include <linux/fs.h>\n#include <linux/nbd.h>\nint main(void){\n"
+                   + "".join(f'printf("%lu\\n", (unsigned long){x});\n' for x in names + ["BLKROSET"])
+                   + "return 0;}\n")
+    sh(gcc, "-o", str(tmp_path / "n"), str(src))
+    got = [int(x) for x in sh(str(tmp_path / "n")).stdout.split()]
+    assert got == [getattr(kernel, x) for x in names + ["BLKROSET"]]
