@@ -123,7 +123,8 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 def closed_by_server(s: socket.socket, timeout: float = 10.0) -> bool:
-    """True once the server closes (reading whatever it still sends), False on timeout."""
+    """True once the server closes (reading whatever it still sends), False on timeout.
+    Our end is closed either way."""
     s.settimeout(timeout)
     try:
         while s.recv(65536):
@@ -133,6 +134,8 @@ def closed_by_server(s: socket.socket, timeout: float = 10.0) -> bool:
         return False
     except OSError:
         return True
+    finally:
+        s.close()
 
 
 def greet(s: socket.socket) -> None:
