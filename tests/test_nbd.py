@@ -250,6 +250,7 @@ def test_not_persistent_exits_after_last_client_and_sigterm_flushes(tmp_path, qe
     srv = serve(["-f", "qcow2", top], tmp_path)
     sh("nbdinfo", srv.uri)
     assert srv.proc.wait(timeout=15) == 0
+    srv.stop()                      # collects its output; it has already exited
     srv = serve(["-t", "--pid-file", str(tmp_path / "nbd.pid"), "-f", "qcow2", top], tmp_path)
     with open(tmp_path / "nbd.pid") as f:
         assert int(f.read()) == srv.proc.pid
