@@ -121,10 +121,6 @@ def run(args) -> int:
     # Clients are as untrusted as guests: a probed image gets the guest's rules
     # (no block 0 write that changes the probe, backing formats named).
     driver = open_image(args.image, args.format, read_only=args.read_only, guard_probe=args.format is None)
-    if args.format is None:
-        log.warning("image format was not specified for %s and probing guessed %s; give -f %s. "
-                    "A probed raw image refuses writes that would make it probe as another format",
-                    args.image, driver.format, driver.format)
     status = 1
     listeners: list[socket.socket] = []
     try:
@@ -135,6 +131,11 @@ def run(args) -> int:
         export = Export(driver, options)
         listeners = [] if args.connect else _listen(args)
         pidfile = Pidfile(args.pid_file, create=False).acquire() if args.pid_file else None
+        if args.format is None:
+            # Only now: a command line with an error says that one line and nothing else.
+            log.warning("image format was not specified for %s and probing guessed %s; give -f %s. "
+                        "A probed raw image refuses writes that would make it probe as another format",
+                        args.image, driver.format, driver.format)
 
         def serve(notify_running=None) -> int:
             if pidfile is not None:
