@@ -412,7 +412,7 @@ class Session:
         opts = self.export.options
         cmd = req.command
         if cmd == p.CMD_WRITE and req.length:
-            if opts.detect_zeroes != "off" and data == _zeroes(req.length):
+            if opts.detect_zeroes != "off" and _all_zero(data):
                 drv.write_zeroes(req.offset, req.length,
                                  may_unmap=opts.detect_zeroes == "unmap" and opts.discard_unmap)
             else:
@@ -491,11 +491,13 @@ class Session:
                                         [(n, f) for n, f in extents]))
 
 
-_ZEROES = bytes(p.MAX_REQUEST)
+_ZERO_CHUNK = bytes(1 << 20)
 
 
-def _zeroes(n: int) -> memoryview:
-    return memoryview(_ZEROES)[:n]
+def _all_zero(data: memoryview) -> bool:
+    # bytes.startswith is a memcmp; memoryview == compares element by element, 10x slower.
+    step = len(_ZERO_CHUNK)
+    return all(_ZERO_CHUNK.startswith(data[i:i + step]) for i in range(0, len(data), step))
 
 
 class NbdServer:
