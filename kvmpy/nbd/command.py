@@ -142,6 +142,11 @@ def run(args) -> int:
                 pidfile.write_pid()
             try:
                 return _serve(args, export, listeners, notify_running)
+            except BaseException:
+                # A --fork child that fails to start ends in os._exit: clean up here.
+                if args.socket and listeners:
+                    _unlink_socket(args.socket)
+                raise
             finally:
                 if pidfile is not None:
                     pidfile.release()
