@@ -186,6 +186,30 @@ def test_detect_zeroes_unmap_and_concurrent_writers(tmp_path, qemu_tools):
     assert zeroed[0]["zero"] and not zeroed[0]["data"], zeroed
 
 
+def test_probed_raw_block0_cannot_become_another_format(tmp_path):
+    """Without -f a client gets a guest's rules: no write, zeroing or trim may turn
+    block 0 into a header another program would then trust."""
+    img = tmp_path / "probed.img"
+    img.write_bytes(b"QEDx" + bytes(MiB - 4))
+    with serve(["-t", "-e", "2", "--discard=unmap", str(img)], tmp_path) as srv:
+        s = srv.connect()
+        n.go(s)
+        n.request(s, n.CMD_WRITE, 0, 4, data=b"QFI\xfb")
+        assert n.reply(s)[0] == n.EIO
+        for cmd in (n.CMD_WRITE_ZEROES, n.CMD_TRIM):
+            n.request(s, cmd, 3, 600)
+            assert n.reply(s)[0] == n.EIO
+        n.request(s, n.CMD_WRITE, 4, 4, data=b"abcd")        # an ordinary write there is fine
+        assert n.reply(s)[0] == 0
+        n.request(s, n.CMD_WRITE_ZEROES, 4, 600)
+        assert n.reply(s)[0] == 0
+        n.request(s, n.CMD_DISC, 0, 0)
+        s.close()
+        status, err = srv.stop()
+    assert status == 0 and "Traceback" not in err, err
+    assert img.read_bytes()[:8] == b"QEDx\0\0\0\0"
+
+
 def test_read_only_export_refuses_writes_over_unix_socket(tmp_path, qemu_tools):
     _, top = make_chain(tmp_path)
     before = sha(top)

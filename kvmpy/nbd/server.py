@@ -92,6 +92,10 @@ class Export:
         self.driver = driver
         self.options = options
         self.size = driver.size
+        # A probed raw image checks that block 0 will not probe as another format
+        # by reading it before each write: two clients writing halves of a magic
+        # at once would both pass, so changes to block 0 go one at a time.
+        self.block0_lock = threading.Lock()
 
     def transmission_flags(self, structured: bool) -> int:
         flags = p.TFLAG_HAS_FLAGS | p.TFLAG_SEND_FLUSH | p.TFLAG_SEND_FUA | p.TFLAG_SEND_CACHE
@@ -408,9 +412,31 @@ class Session:
         self._send(p.simple_reply(0, req.cookie))
 
     def _modify(self, req: p.Request, data: memoryview | None) -> None:
+        if req.offset < BLOCK0 and req.command != p.CMD_FLUSH:
+            with self.export.block0_lock:
+                return self._modify_unlocked(req, data)
+        return self._modify_unlocked(req, data)
+
+    def _modify_unlocked(self, req: p.Request, data: memoryview | None) -> None:
         drv = self.export.driver
         opts = self.export.options
         cmd = req.command
+        if (req.offset < BLOCK0 and cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
+                and getattr(drv, "restrict_block0", False)):
+            # Zeroing can complete a magic too ("QED\0"): zeroes in block 0 of a
+            # probed raw image go through the driver's checked write path.
+            head = min(req.length, BLOCK0 - req.offset)
+            if cmd == p.CMD_WRITE:
+                drv.pwritev([data], req.offset)
+            elif cmd == p.CMD_WRITE_ZEROES or opts.discard_unmap:
+                drv.pwritev([memoryview(_ZERO_CHUNK)[:head]], req.offset)
+                rest = req.length - head
+                if rest:
+                    self._modify_unlocked(p.Request(req.flags & ~p.CMD_FLAG_FUA, cmd, req.cookie,
+                                                  req.offset + head, rest), None)
+            if req.flags & p.CMD_FLAG_FUA or opts.writethrough:
+                drv.flush()
+            return
         if cmd == p.CMD_WRITE and req.length:
             if opts.detect_zeroes != "off" and _all_zero(data):
                 drv.write_zeroes(req.offset, req.length,
@@ -492,6 +518,7 @@ class Session:
 
 
 _ZERO_CHUNK = bytes(1 << 20)
+BLOCK0 = 512
 
 
 def _all_zero(data: memoryview) -> bool:
