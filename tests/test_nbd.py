@@ -538,6 +538,18 @@ def test_cli_errors_are_one_line_status_2(tmp_path, args, says):
     assert len(err.strip().splitlines()) == 1 and says in err, err
 
 
+def test_writable_export_beyond_loopback_warns(tmp_path):
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(MiB))
+    port = n.free_port()
+    loud = n.NbdServerProcess(["-b", "0.0.0.0", "-f", "raw", str(img)], port=port, listen_args=[])
+    _, err = loud.stop()
+    assert "exported writable to anyone" in err
+    quiet = n.NbdServerProcess(["-f", "raw", str(img)], port=n.free_port())     # 127.0.0.1
+    _, err = quiet.stop()
+    assert "exported writable" not in err
+
+
 def test_socket_path_in_use_is_refused(tmp_path):
     img = tmp_path / "d.raw"
     img.write_bytes(bytes(MiB))

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -207,6 +208,10 @@ def _listen(args) -> list[socket.socket]:
         s.close()
         raise NbdUsageError(f"-p/--port {port}: cannot listen on {host}: {e.strerror}") from None
     s.listen(128)
+    if not args.read_only and not ipaddress.ip_address(addr[0].partition("%")[0]).is_loopback:
+        # NBD has no authentication without TLS, which kvmpy nbd does not offer.
+        log.warning("%s is exported writable to anyone who can reach %s port %d; "
+                    "-b 127.0.0.1, -k PATH or -r keep it safe", args.image, host, port)
     return [s]
 
 

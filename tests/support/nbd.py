@@ -53,10 +53,12 @@ class NbdServerProcess:
     connecting (a probe would be a client, and end a non-persistent server)."""
 
     def __init__(self, args: list[str], *, port: int | None = None, socket_path: str | None = None,
-                 cwd: str | None = None):
+                 cwd: str | None = None, listen_args: list[str] | None = None):
         self.port = port
         self.socket_path = socket_path
         listen = ["-k", socket_path] if socket_path else ["-b", "127.0.0.1", "-p", str(port)]
+        if listen_args is not None:      # the test names the address itself
+            listen = listen_args + ([] if socket_path else ["-p", str(port)])
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "-v", "nbd", *listen, *args],
                                      cwd=cwd or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
