@@ -378,6 +378,29 @@ def test_options_with_huge_lengths(hostile):
     assert n.closed_by_server(s)
 
 
+@pytest.mark.parametrize("client_flags", [0, 1, 3])
+def test_old_style_export_name(hostile, client_flags):
+    """NBD_OPT_EXPORT_NAME, the option clients older than NBD_OPT_GO use, with and
+    without fixed newstyle and the 124 zero bytes."""
+    s = hostile.connect()
+    n.recv_exact(s, 18)
+    s.sendall(struct.pack(">I", client_flags))
+    n.send_option(s, 1, b"")
+    size, flags = struct.unpack(">QH", n.recv_exact(s, 10))
+    assert size == 16 * MiB and flags & 1
+    if not client_flags & 2:
+        assert n.recv_exact(s, 124) == bytes(124)
+    n.request(s, n.CMD_READ, 1536 * 1024, 512, cookie=77)
+    assert n.reply(s, 512) == (0, b"\x22" * 512, [])
+    n.request(s, n.CMD_DISC, 0, 0)
+    assert n.closed_by_server(s)
+    # A name the server does not export ends the connection (no error reply exists).
+    s = hostile.connect()
+    n.greet(s)
+    n.send_option(s, 1, b"nosuch")
+    assert n.closed_by_server(s)
+
+
 def test_silent_client_is_dropped_after_the_handshake_limit(hostile):
     s = hostile.connect()
     t0 = time.monotonic()
