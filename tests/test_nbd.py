@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -208,6 +209,23 @@ def test_probed_raw_block0_cannot_become_another_format(tmp_path):
         status, err = srv.stop()
     assert status == 0 and "Traceback" not in err, err
     assert img.read_bytes()[:8] == b"QEDx\0\0\0\0"
+
+
+def test_snapshot_keeps_the_image_untouched(tmp_path, qemu_tools):
+    _, top = make_chain(tmp_path)
+    before = sha(top)
+    want = bytearray(converted(top, "qcow2", str(tmp_path / "want.raw")))
+    with serve(["-t", "-s", "-f", "qcow2", top], tmp_path) as srv:
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 1M", srv.uri)
+        out = tmp_path / "got.raw"
+        sh("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, str(out))
+        want[MiB:2 * MiB] = b"\xab" * MiB
+        assert out.read_bytes() == bytes(want)
+        overlays = [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("kvmpy-nbd-snapshot-")]
+        status, err = srv.stop()
+    assert status == 0, err
+    assert sha(top) == before
+    assert not set(overlays) & set(os.listdir(tempfile.gettempdir())), "the overlay outlived the server"
 
 
 def test_read_only_export_refuses_writes_over_unix_socket(tmp_path, qemu_tools):

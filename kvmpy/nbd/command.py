@@ -12,12 +12,14 @@ import argparse
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 
-from ..block import open_image
-from ..block.imgcli import _one_line_errors
+from ..block import open_image, probe_format
+from ..block.imgcli import _one_line_errors, create_image
 from ..errors import UserError
 from ..lifecycle import Pidfile, daemonize
 from ..pathcheck import refuse_special_file
@@ -82,6 +84,8 @@ def register(subparsers) -> None:
     cmd.add_argument("-t", "--persistent", action="store_true", help="keep serving after the last client leaves")
     cmd.add_argument("--fork", action="store_true", help="go to the background once listening")
     cmd.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    cmd.add_argument("-s", "--snapshot", action="store_true",
+                     help="serve a temporary overlay over IMAGE: clients' writes never reach IMAGE")
     cmd.add_argument("-c", "--connect", metavar="DEV", help="connect IMAGE to the kernel's nbd device DEV")
     cmd.add_argument("-d", "--disconnect", action="store_true", help="disconnect the nbd device IMAGE names")
     cmd.add_argument("-n", "--nocache", dest="cache", action="store_const", const="none",
@@ -121,7 +125,11 @@ def run(args) -> int:
     # error is one line on the terminal that started us.
     # Clients are as untrusted as guests: a probed image gets the guest's rules
     # (no block 0 write that changes the probe, backing formats named).
-    driver = open_image(args.image, args.format, read_only=args.read_only, guard_probe=args.format is None)
+    snapshot_dir = None
+    if args.snapshot:
+        snapshot_dir, driver = _open_snapshot(args)
+    else:
+        driver = open_image(args.image, args.format, read_only=args.read_only, guard_probe=args.format is None)
     status = 1
     listeners: list[socket.socket] = []
     try:
@@ -157,7 +165,24 @@ def run(args) -> int:
         if args.socket and listeners:
             _unlink_socket(args.socket)
         status = _flush_and_close(driver, args.image, status)
+        if snapshot_dir is not None:
+            shutil.rmtree(snapshot_dir, ignore_errors=True)
     return status
+
+
+def _open_snapshot(args):
+    """-s: a qcow2 overlay in a private temporary directory, IMAGE its read-only backing file."""
+    base_format = args.format or probe_format(args.image)
+    with open_image(args.image, base_format, read_only=True):
+        pass        # a bad IMAGE is its own one-line error, not the overlay's
+    directory = tempfile.mkdtemp(prefix="kvmpy-nbd-snapshot-")
+    try:
+        overlay = os.path.join(directory, "overlay.qcow2")
+        create_image(overlay, "qcow2", None, backing=os.path.abspath(args.image), backing_fmt=base_format)
+        return directory, open_image(overlay, "qcow2", read_only=args.read_only)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def _flush_and_close(driver, image: str, status: int) -> int:
