@@ -557,6 +557,33 @@ def test_random_bytes_after_handshake(hostile, noise):
     assert hostile.alive()
 
 
+OPTION = st.tuples(st.sampled_from([1, 3, 5, 6, 7, 8, 9, 10, 11, 99, 0xFFFFFFFF]),
+                   st.one_of(st.binary(max_size=64),
+                             st.builds(lambda name, k: struct.pack(">I", len(name)) + name + struct.pack(">H", k),
+                                       st.binary(max_size=8), st.integers(0, 0xFFFF))))
+
+
+@settings(max_examples=150 if FUZZ else 20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flags=st.sampled_from([0, 1, 3, 4]), options=st.lists(OPTION, min_size=1, max_size=6))
+def test_random_options(hostile, flags, options):
+    s = hostile.connect()
+    try:
+        n.recv_exact(s, 18)
+        try:
+            s.sendall(struct.pack(">I", flags))
+            for option, data in options:
+                n.send_option(s, option, data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        # Whatever it made of them, the server ends this client once it stops talking.
+        assert n.closed_by_server(s, timeout=20)
+    finally:
+        s.close()
+    assert hostile.alive()
+
+
 # ---------------------------------------------------------------- the command line
 
 @pytest.mark.parametrize("args, says", [
