@@ -294,8 +294,11 @@ def test_not_persistent_exits_after_last_client_and_sigterm_flushes(tmp_path, qe
     assert srv.proc.wait(timeout=15) == 0
     srv.stop()                      # collects its output; it has already exited
     srv = serve(["-t", "--pid-file", str(tmp_path / "nbd.pid"), "-f", "qcow2", top], tmp_path)
-    with open(tmp_path / "nbd.pid") as f:
-        assert int(f.read()) == srv.proc.pid
+    # The pid goes in once serving starts, a moment after the socket listens.
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "nbd.pid").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert int((tmp_path / "nbd.pid").read_text()) == srv.proc.pid
     s = srv.connect()
     n.go(s, structured=False)
     n.request(s, n.CMD_WRITE, 4 * MiB, 65536, data=b"\x99" * 65536)
