@@ -121,6 +121,52 @@ def test_map_agrees_with_qemu_img_map(tmp_path, qemu_tools, fmt):
         assert _runs_from_nbdinfo(srv.uri) == want
 
 
+def _map_via(uri: str, context: str) -> list:
+    out = json.loads(sh("nbdinfo", f"--map={context}", "--json", uri).stdout)
+    runs = []
+    for e in out:
+        if runs and runs[-1][2] == e["type"] and runs[-1][0] + runs[-1][1] == e["offset"]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + e["length"], e["type"])
+        else:
+            runs.append((e["offset"], e["length"], e["type"]))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2", "chain"])
+def test_allocation_depth_and_map_agree_with_qemu_nbd(tmp_path, qemu_tools, kind):
+    """-A's qemu:allocation-depth and base:allocation, context by context, as qemu-nbd -A serves them."""
+    tool_required("nbdinfo")
+    tool_required("qemu-nbd")
+    base, top = make_chain(tmp_path)
+    # A third layer, so that depth 2 and 3 both occur.
+    top2 = str(tmp_path / "top2.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", top2, "16M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 3M 64k", top2)
+    alone = str(tmp_path / "alone.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", alone, "4M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 1M 128k", "-c", "write -z 2M 64k", alone)
+    path = {"raw": base, "qcow2": alone, "chain": top2}[kind]
+    fmt = "raw" if kind == "raw" else "qcow2"
+    sock = str(tmp_path / "qemu.sock")
+    qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-A", "-k", sock, "-f", fmt, path])
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        uri = f"nbd+unix:///?socket={sock}"
+        want = {c: _map_via(uri, c) for c in ("base:allocation", "qemu:allocation-depth")}
+    finally:
+        qemu.terminate()
+        qemu.wait(timeout=30)
+    depths = {t for _, _, t in want["qemu:allocation-depth"]}
+    assert depths == {"raw": {1}, "qcow2": {0, 1}, "chain": {1, 2, 3}}[kind]
+    with serve(["-t", "-r", "-A", "-f", fmt, path], tmp_path, unix=True) as srv:
+        for context, runs in want.items():
+            assert _map_via(srv.uri, context) == runs, context
+        contexts = json.loads(sh("nbdinfo", "--json", srv.uri).stdout)["exports"][0]["contexts"]
+        assert sorted(contexts) == ["base:allocation", "qemu:allocation-depth"]
+
+
 def test_nbdcopy_reads_what_qemu_img_convert_reads(tmp_path, qemu_tools):
     tool_required("nbdcopy")
     _, top = make_chain(tmp_path)

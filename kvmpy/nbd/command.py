@@ -84,6 +84,8 @@ def register(subparsers) -> None:
     cmd.add_argument("-t", "--persistent", action="store_true", help="keep serving after the last client leaves")
     cmd.add_argument("--fork", action="store_true", help="go to the background once listening")
     cmd.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    cmd.add_argument("-A", "--allocation-depth", action="store_true",
+                     help="offer the qemu:allocation-depth meta context (which layer of the chain holds data)")
     cmd.add_argument("-s", "--snapshot", action="store_true",
                      help="serve a temporary overlay over IMAGE: clients' writes never reach IMAGE")
     cmd.add_argument("-c", "--connect", metavar="DEV", help="connect IMAGE to the kernel's nbd device DEV")
@@ -136,7 +138,7 @@ def run(args) -> int:
         options = ExportOptions(name=name, description=description, read_only=args.read_only,
                                 discard_unmap=args.discard == "unmap", detect_zeroes=args.detect_zeroes,
                                 writethrough=args.cache in ("writethrough", "directsync"),
-                                multi_conn=args.shared != 1)
+                                multi_conn=args.shared != 1, allocation_depth=args.allocation_depth)
         export = Export(driver, options)
         listeners = [] if args.connect else _listen(args)
         pidfile = Pidfile(args.pid_file, create=False).acquire() if args.pid_file else None

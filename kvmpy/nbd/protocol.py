@@ -117,6 +117,7 @@ _HOST_ERRNO = {errno.EPERM: EPERM, errno.EACCES: EPERM, errno.EROFS: EPERM, errn
                errno.EOPNOTSUPP: ENOTSUP}
 
 META_BASE_ALLOCATION = "base:allocation"
+META_ALLOCATION_DEPTH = "qemu:allocation-depth"
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 

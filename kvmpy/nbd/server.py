@@ -83,6 +83,7 @@ class ExportOptions:
     detect_zeroes: str = "off"           # off | on | unmap
     writethrough: bool = False           # --cache=writethrough|directsync: every write durable
     multi_conn: bool = False
+    allocation_depth: bool = False       # -A: offer qemu:allocation-depth
 
 
 class Export:
@@ -113,6 +114,21 @@ class Export:
         """(base:allocation flags, run) at offset, run <= length, for the whole chain."""
         return _chain_allocation(self.driver, offset, length)
 
+    def depth(self, offset: int, length: int) -> tuple[int, int]:
+        """(qemu:allocation-depth value, run): 0 unallocated in the whole chain, 1 this
+        image, 2 its backing file, and so on."""
+        return _allocation_depth(self.driver, offset, length)
+
+    def contexts(self) -> dict[bytes, int]:
+        """The meta contexts this export offers, by name, with the id SET_META_CONTEXT gives them."""
+        offered = {p.META_BASE_ALLOCATION.encode(): 1}
+        if self.options.allocation_depth:
+            offered[p.META_ALLOCATION_DEPTH.encode()] = 2
+        return offered
+
+    def context_status(self, context_id: int):
+        return self.allocation if context_id == 1 else self.depth
+
 
 def _chain_allocation(drv, offset: int, length: int) -> tuple[int, int]:
     data, zero, run = drv.block_status(offset, length)
@@ -126,6 +142,20 @@ def _chain_allocation(drv, offset: int, length: int) -> tuple[int, int]:
     if backing is None or offset >= backing.size:
         return p.STATE_HOLE | p.STATE_ZERO, run
     return _chain_allocation(backing, offset, min(run, backing.size - offset))
+
+
+def _allocation_depth(drv, offset: int, length: int) -> tuple[int, int]:
+    data, zero, run = drv.block_status(offset, length)
+    run = max(1, min(run, length))
+    if drv.format == "raw" or data:
+        return 1, run           # a raw file holds every byte of itself, holes too
+    backing = drv.backing
+    if backing is None:
+        return 0, run
+    if offset >= backing.size:
+        return 2, run           # QEMU counts what lies past a backing file's end as that file's
+    below, run = _allocation_depth(backing, offset, min(run, backing.size - offset))
+    return (below + 1 if below else 0), run
 
 
 class _Refused(Exception):
@@ -143,8 +173,8 @@ class Session:
         self.refuse = refuse           # why this client may not use the export, if it may not
         self.structured = False
         self.no_zeroes = False
-        self.context_export: bytes | None = None   # export name the selected context is for
-        self.allocation_id: int | None = None
+        self.context_export: bytes | None = None   # export name the selected contexts are for
+        self.context_ids: tuple[int, ...] = ()
         self._buffer = bytearray(0)
 
     # ------------------------------------------------------------ I/O helpers
@@ -311,7 +341,7 @@ class Session:
         self._send(*replies)
         if option == p.OPT_GO:
             if self.context_export != opts.name:
-                self.allocation_id = None
+                self.context_ids = ()
             return True
         return False
 
@@ -320,15 +350,20 @@ class Session:
             raise p.OptionError(p.REP_ERR_INVALID, "meta contexts need structured replies first")
         if req.name != self.export.options.name:
             raise p.OptionError(p.REP_ERR_UNKNOWN, f"no export named {req.name.decode('utf-8', 'replace')!r}")
-        known = p.META_BASE_ALLOCATION.encode()
+        offered = self.export.contexts()
         if option == p.OPT_LIST_META_CONTEXT:
-            listed = (not req.queries) or any(q in (b"base:", known) for q in req.queries)
-            replies = [p.option_reply(option, p.REP_META_CONTEXT, p.meta_context_entry(0, known))] if listed else []
+            # A query names a context or, ending in ':', a whole namespace.
+            listed = [name for name in offered
+                      if not req.queries or any(q == name or (q.endswith(b":") and name.startswith(q))
+                                                for q in req.queries)]
+            replies = [p.option_reply(option, p.REP_META_CONTEXT, p.meta_context_entry(0, name))
+                       for name in listed]
         else:
             self.context_export = req.name
-            self.allocation_id = 1 if known in req.queries else None
-            replies = ([p.option_reply(option, p.REP_META_CONTEXT, p.meta_context_entry(1, known))]
-                       if self.allocation_id else [])
+            chosen = [name for name in offered if name in req.queries]
+            self.context_ids = tuple(offered[name] for name in chosen)
+            replies = [p.option_reply(option, p.REP_META_CONTEXT, p.meta_context_entry(offered[name], name))
+                       for name in chosen]
         self._send(*replies, p.option_reply(option, p.REP_ACK))
 
     # ------------------------------------------------------------ transmission
@@ -496,15 +531,21 @@ class Session:
         return pieces
 
     def _block_status(self, req: p.Request) -> None:
-        if self.allocation_id is None:
+        if not self.context_ids:
             return self._reply_error(req, p.EINVAL, "no meta context negotiated")
         if req.length == 0:
             return self._reply_error(req, p.EINVAL, "block status of 0 bytes")
+        chunks = [p.block_status_chunk(p.REPLY_FLAG_DONE if i == len(self.context_ids) - 1 else 0, req.cookie,
+                                       context_id, self._extents(req, self.export.context_status(context_id)))
+                  for i, context_id in enumerate(self.context_ids)]
+        self._send(*chunks)
+
+    def _extents(self, req: p.Request, status) -> list[tuple[int, int]]:
         one = bool(req.flags & p.CMD_FLAG_REQ_ONE)
         extents: list[list[int]] = []
         pos, end = req.offset, req.offset + req.length
         while pos < end:
-            flags, run = self.export.allocation(pos, end - pos)
+            flags, run = status(pos, end - pos)
             if extents and extents[-1][1] == flags and extents[-1][0] + run <= 0xFFFFFFFF:
                 extents[-1][0] += run
             elif len(extents) >= (1 if one else MAX_EXTENTS):
@@ -513,8 +554,7 @@ class Session:
                 extents.append([min(run, 0xFFFFFFFF), flags])
                 run = extents[-1][0]
             pos += run
-        self._send(p.block_status_chunk(p.REPLY_FLAG_DONE, req.cookie, self.allocation_id,
-                                        [(n, f) for n, f in extents]))
+        return [(n, f) for n, f in extents]
 
 
 _ZERO_CHUNK = bytes(1 << 20)
