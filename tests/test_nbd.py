@@ -379,6 +379,27 @@ def test_fork_returns_once_listening(tmp_path, qemu_tools):
 
 # ---------------------------------------------------------------- hostile clients
 
+def _good_client(srv, patience: float = 15.0) -> socket.socket:
+    """A connection the server admits, once the hostile ones it just dropped have
+    left their --shared slots (their threads end a moment after the sockets close)."""
+    deadline = time.monotonic() + patience
+    while True:
+        s = srv.connect()
+        n.greet(s)
+        n.send_option(s, n.OPT_INFO, struct.pack(">IH", 0, 0))
+        replies = []
+        while not replies or replies[-1] not in (n.REP_ACK,) and not replies[-1] & (1 << 31):
+            replies.append(n.option_reply(s)[1])
+        if replies[-1] == n.REP_ACK:
+            n.send_option(s, n.OPT_ABORT)
+            n.option_reply(s)
+            s.close()
+            return srv.connect()
+        s.close()
+        assert replies[-1] == n.REP_ERR_POLICY and time.monotonic() < deadline, hex(replies[-1])
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def hostile(tmp_path, qemu_tools):
     """A persistent writable qcow2 export with a short handshake limit; after the test,
@@ -389,7 +410,7 @@ def hostile(tmp_path, qemu_tools):
     yield srv
     try:
         assert srv.alive(), "the server died"
-        s = srv.connect()
+        s = _good_client(srv)
         size, _ = n.go(s)
         assert size == 16 * MiB
         n.request(s, n.CMD_READ, 1536 * 1024, 4096)
@@ -472,7 +493,7 @@ def test_silent_client_is_dropped_after_the_handshake_limit(hostile):
     s = hostile.connect()
     t0 = time.monotonic()
     assert n.closed_by_server(s, timeout=10)
-    assert time.monotonic() - t0 < 6
+    assert time.monotonic() - t0 < 9       # the limit is 2 s; the rest is a loaded CI machine
 
 
 def test_bad_requests(hostile):
