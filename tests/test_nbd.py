@@ -379,27 +379,6 @@ def test_fork_returns_once_listening(tmp_path, qemu_tools):
 
 # ---------------------------------------------------------------- hostile clients
 
-def _good_client(srv, patience: float = 15.0) -> socket.socket:
-    """A connection the server admits, once the hostile ones it just dropped have
-    left their --shared slots (their threads end a moment after the sockets close)."""
-    deadline = time.monotonic() + patience
-    while True:
-        s = srv.connect()
-        n.greet(s)
-        n.send_option(s, n.OPT_INFO, struct.pack(">IH", 0, 0))
-        replies = []
-        while not replies or replies[-1] not in (n.REP_ACK,) and not replies[-1] & (1 << 31):
-            replies.append(n.option_reply(s)[1])
-        if replies[-1] == n.REP_ACK:
-            n.send_option(s, n.OPT_ABORT)
-            n.option_reply(s)
-            s.close()
-            return srv.connect()
-        s.close()
-        assert replies[-1] == n.REP_ERR_POLICY and time.monotonic() < deadline, hex(replies[-1])
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def hostile(tmp_path, qemu_tools):
     """A persistent writable qcow2 export with a short handshake limit; after the test,
@@ -410,9 +389,7 @@ def hostile(tmp_path, qemu_tools):
     yield srv
     try:
         assert srv.alive(), "the server died"
-        s = _good_client(srv)
-        size, _ = n.go(s)
-        assert size == 16 * MiB
+        s = n.admitted(srv)
         n.request(s, n.CMD_READ, 1536 * 1024, 4096)
         err, _, chunks = n.reply(s)
         assert err == 0 and chunks[0][1][8:] == b"\x22" * 4096
@@ -579,9 +556,7 @@ def test_many_connections_with_small_shared(hostile):
         for s in socks:
             s.close()
     # Four clients in transmission fill --shared 4; the fifth is told why it may not in.
-    holders = [hostile.connect() for _ in range(4)]
-    for s in holders:
-        n.go(s)
+    holders = [n.admitted(hostile) for _ in range(4)]
     extra = hostile.connect()
     n.greet(extra)
     n.send_option(extra, n.OPT_GO, struct.pack(">IH", 0, 0))

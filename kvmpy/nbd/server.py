@@ -246,11 +246,12 @@ class Session:
             log.error("nbd client %s dropped after an internal error: %s: %s",
                       self.peer, type(e).__name__, e)
             log.debug("internal error", exc_info=True)
-        finally:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------ handshake
 
@@ -660,14 +661,17 @@ class NbdServer:
         finally:
             with self._lock:
                 self._refusing -= 1
+            session.close()
 
     def _run_session(self, session: Session) -> None:
         try:
             session.run()
         finally:
+            # The slot is free before the client sees the end: it may reconnect at once.
             with self._lock:
                 self._sessions.pop(session, None)
                 last = not self._sessions
+            session.close()
             if last and not self.persistent:
                 self.stop()
 

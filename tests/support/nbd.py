@@ -156,6 +156,12 @@ def option_reply(s: socket.socket) -> tuple[int, int, bytes]:
     return option, reply, recv_exact(s, length)
 
 
+class OptionRefused(Exception):
+    def __init__(self, reply: int, message: bytes):
+        super().__init__(f"option refused: {reply:#x} {message!r}")
+        self.reply = reply
+
+
 def go(s: socket.socket, name: bytes = b"", structured: bool = True, allocation: bool = False) -> tuple[int, int]:
     """Greet, negotiate, enter transmission: (size, transmission flags)."""
     greet(s)
@@ -179,6 +185,8 @@ def go(s: socket.socket, name: bytes = b"", structured: bool = True, allocation:
         _, rep, data = option_reply(s)
         if rep == REP_ACK:
             return size, flags
+        if rep & (1 << 31):
+            raise OptionRefused(rep, data)
         assert rep == REP_INFO, hex(rep)
         if struct.unpack(">H", data[:2])[0] == 0:
             _, size, flags = struct.unpack(">HQH", data)
@@ -223,3 +231,19 @@ def assemble_read(offset: int, length: int, chunks: list) -> bytes:
             covered += struct.unpack(">QI", body)[1]
     assert covered == length, (covered, length)
     return bytes(out)
+
+
+def admitted(srv: NbdServerProcess, patience: float = 15.0, **go_args) -> socket.socket:
+    """A connection in transmission, retried while the server says its --shared
+    slots are full (hostile clients it just dropped may still hold them)."""
+    deadline = time.monotonic() + patience
+    while True:
+        s = srv.connect()
+        try:
+            go(s, **go_args)
+            return s
+        except OptionRefused as e:
+            s.close()
+            if e.reply != REP_ERR_POLICY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
