@@ -60,7 +60,8 @@ def serve(args, tmp_path, unix=False, **kw) -> n.NbdServerProcess:
 
 
 def converted(path: str, fmt: str, out: str) -> bytes:
-    sh("qemu-img", "convert", "-f", fmt, "-O", "raw", path, out)
+    # -U: some tests read an image a writable export holds (and, with image locking, locks).
+    sh("qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, out)
     with open(out, "rb") as f:
         return f.read()
 
