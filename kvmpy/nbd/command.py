@@ -261,7 +261,7 @@ def _serve(args, export: Export, listeners, notify_running) -> int:
             kernel.start()
         if notify_running is not None:
             notify_running()
-        server.serve()
+        server.serve(before_ending_sessions=kernel.stop if kernel is not None else None)
     finally:
         if kernel is not None:
             kernel.stop()

@@ -117,6 +117,7 @@ class KernelClient:
         self.error: str | None = None
         self._fd = -1
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
 
     def start(self) -> None:
         ours, kernels = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -179,9 +180,9 @@ class KernelClient:
                 pass
             self._thread.join(10.0)
         self._close_device()
-        sock = getattr(self, "_socket", None)
-        if sock is not None:
-            sock.close()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def _close_device(self) -> None:
         if self._fd >= 0:

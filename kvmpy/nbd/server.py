@@ -599,8 +599,10 @@ class NbdServer:
         with self._lock:
             self._start_session(sock, peer, None)
 
-    def serve(self) -> None:
-        """Accept and serve until stop(), or until the last client leaves when not persistent."""
+    def serve(self, before_ending_sessions=None) -> None:
+        """Accept and serve until stop(), or until the last client leaves when not persistent.
+        ``before_ending_sessions`` runs while the clients are still served (the kernel's
+        client, told to disconnect, sends its NBD_CMD_DISC through one of them)."""
         sel = selectors.DefaultSelector()
         for ls in self.listeners:
             ls.setblocking(False)
@@ -616,7 +618,11 @@ class NbdServer:
             sel.close()
             for ls in self.listeners:
                 ls.close()
-            self._end_sessions()
+            try:
+                if before_ending_sessions is not None:
+                    before_ending_sessions()
+            finally:
+                self._end_sessions()
 
     def _accept(self, listener: socket.socket) -> None:
         try:
