@@ -343,7 +343,8 @@ def test_not_persistent_exits_after_last_client_and_sigterm_flushes(tmp_path, qe
     srv = serve(["-t", "--pid-file", str(tmp_path / "nbd.pid"), "-f", "qcow2", top], tmp_path)
     # The pid goes in once serving starts, a moment after the socket listens.
     deadline = time.monotonic() + 10
-    while not (tmp_path / "nbd.pid").read_text() and time.monotonic() < deadline:
+    pidfile = tmp_path / "nbd.pid"
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert int((tmp_path / "nbd.pid").read_text()) == srv.proc.pid
     s = srv.connect()

@@ -140,8 +140,8 @@ def run(args) -> int:
                                 writethrough=args.cache in ("writethrough", "directsync"),
                                 multi_conn=args.shared != 1, allocation_depth=args.allocation_depth)
         export = Export(driver, options)
-        listeners = [] if args.connect else _listen(args)
         pidfile = Pidfile(args.pid_file, create=False).acquire() if args.pid_file else None
+        listeners = [] if args.connect else _listen(args)
         if args.format is None:
             # Only now: a command line with an error says that one line and nothing else.
             log.warning("image format was not specified for %s and probing guessed %s; give -f %s. "
