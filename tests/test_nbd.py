@@ -571,6 +571,23 @@ def test_many_connections_with_small_shared(hostile):
 
 
 PROBE = 1536 * 1024     # where the hostile fixture's good client reads 0x22 afterwards
+def test_next_client_waits_for_a_freeing_slot(tmp_path, qemu_tools):
+    """With --shared 1, a client that connects while the previous one is leaving is
+    served once it has left, as qemu-nbd serves it (its listener pauses)."""
+    _, top = make_chain(tmp_path)
+    with serve(["-t", "-r", "-f", "qcow2", top], tmp_path) as srv:
+        first = srv.connect()
+        n.go(first)
+        second = srv.connect()
+        time.sleep(0.3)
+        n.request(first, n.CMD_DISC, 0, 0)
+        first.close()
+        size, _ = n.go(second)          # would be ERR_POLICY had it been turned away
+        assert size == 16 * MiB
+        n.request(second, n.CMD_DISC, 0, 0)
+        second.close()
+
+
 REQUEST = st.builds(
     lambda cmd, flags, offset, length, payload: (cmd, flags, offset, length, payload),
     st.sampled_from([0, 1, 3, 4, 5, 6, 7, 9, 0xFFFF]),

@@ -37,6 +37,9 @@ MAX_OPTION_DATA = 1 << 20
 # moment: past this many at once they are simply closed.
 MAX_REFUSING = 16
 REFUSAL_LIMIT = 2.0
+# A client arriving just as another leaves (the usual "one client after another"
+# with --shared 1) waits this long for the slot rather than being turned away.
+SLOT_WAIT = 2.0
 # BLOCK_STATUS answers at most this many extents per request (the client asks again).
 MAX_EXTENTS = 1 << 16
 # --shared 0 means "no limit" in qemu-nbd; here a bound all the same.
@@ -581,7 +584,7 @@ class NbdServer:
         self._lock = threading.Lock()
         self._sessions: dict[Session, threading.Thread] = {}
         self._refusing = 0
-        self._served_any = False
+        self._slot_freed = threading.Condition(self._lock)
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
         self.budget = BufferBudget(LARGE_BUFFER_BUDGET)
@@ -647,21 +650,31 @@ class NbdServer:
                 sock.close()
                 return
             self._refusing += 1
-        log.info("nbd client %s refused: %d clients already connected (--shared %d)",
-                 peer, self.shared, self.shared)
         session = Session(self, sock, peer,
                           refuse=f"server is serving its limit of {self.shared} clients (--shared)")
-        threading.Thread(target=self._run_refusal, args=(session,), name="nbd-refuse", daemon=True).start()
+        threading.Thread(target=self._run_waiting, args=(session,), name="nbd-waiting", daemon=True).start()
 
     def _start_session(self, sock: socket.socket, peer: str, refuse) -> None:
         session = Session(self, sock, peer, refuse=refuse)
         thread = threading.Thread(target=self._run_session, args=(session,), name=f"nbd-{peer}", daemon=True)
         self._sessions[session] = thread
-        self._served_any = True
         log.info("nbd client %s connected", peer)
         thread.start()
 
-    def _run_refusal(self, session: Session) -> None:
+    def _run_waiting(self, session: Session) -> None:
+        """A client past --shared: admitted if a slot frees within SLOT_WAIT, else refused."""
+        with self._lock:
+            admitted = self._slot_freed.wait_for(
+                lambda: self.stopping or len(self._sessions) < self.shared, SLOT_WAIT) and not self.stopping
+            if admitted:
+                self._refusing -= 1
+                session.refuse = None
+                self._sessions[session] = threading.current_thread()
+        if admitted:
+            log.info("nbd client %s connected", session.peer)
+            return self._run_session(session)
+        log.info("nbd client %s refused: %d clients already connected (--shared %d)",
+                 session.peer, self.shared, self.shared)
         try:
             session.run()
         finally:
@@ -677,6 +690,7 @@ class NbdServer:
             with self._lock:
                 self._sessions.pop(session, None)
                 last = not self._sessions
+                self._slot_freed.notify()
             session.close()
             if last and not self.persistent:
                 self.stop()
