@@ -570,7 +570,6 @@ def test_many_connections_with_small_shared(hostile):
     time.sleep(0.5)
 
 
-PROBE = 1536 * 1024     # where the hostile fixture's good client reads 0x22 afterwards
 def test_next_client_waits_for_a_freeing_slot(tmp_path, qemu_tools):
     """With --shared 1, a client that connects while the previous one is leaving is
     served once it has left, as qemu-nbd serves it (its listener pauses)."""
@@ -588,6 +587,7 @@ def test_next_client_waits_for_a_freeing_slot(tmp_path, qemu_tools):
         second.close()
 
 
+PROBE = 1536 * 1024     # where the hostile fixture's good client reads 0x22 afterwards
 REQUEST = st.builds(
     lambda cmd, flags, offset, length, payload: (cmd, flags, offset, length, payload),
     st.sampled_from([0, 1, 3, 4, 5, 6, 7, 9, 0xFFFF]),
