@@ -93,9 +93,9 @@ def client_handshake(sock: socket.socket, name: bytes) -> tuple[int, int]:
     size = tflags = None
     while True:
         magic, option, reply, length = struct.unpack(">QIII", _recv_exact(sock, 20))
-        data = _recv_exact(sock, length) if length <= p.MAX_STRING + 64 else b""
-        if magic != p.OPTION_REPLY_MAGIC or option != p.OPT_GO:
+        if magic != p.OPTION_REPLY_MAGIC or option != p.OPT_GO or length > p.MAX_STRING + 64:
             raise OSError(errno.EPROTO, "bad option reply")
+        data = _recv_exact(sock, length)
         if reply == p.REP_ACK:
             break
         if reply & (1 << 31):
