@@ -79,6 +79,7 @@ def test_nbdinfo_and_list(tmp_path, qemu_tools):
         assert exp["is_read_only"] is False and exp["can_flush"] and exp["can_fua"] and exp["can_zero"]
         assert "base:allocation" in exp["contexts"]
         assert exp["block_size_maximum"] == 32 * MiB
+        assert exp["can_multi_conn"] is False
         listing = json.loads(sh("nbdinfo", "--json", "--list", srv.uri).stdout)
         assert [e["export-name"] for e in listing["exports"]] == ["disk0"]
         assert listing["exports"][0].get("description") == "the test disk"
@@ -172,9 +173,10 @@ def test_nbdcopy_reads_what_qemu_img_convert_reads(tmp_path, qemu_tools):
     tool_required("nbdcopy")
     _, top = make_chain(tmp_path)
     want = converted(top, "qcow2", str(tmp_path / "want.raw"))
-    with serve(["-t", "-r", "-e", "4", "-f", "qcow2", top], tmp_path) as srv:
+    with serve(["-t", "-r", "-e", "4", "--multi-conn", "-f", "qcow2", top], tmp_path) as srv:
+        assert json.loads(sh("nbdinfo", "--json", srv.uri).stdout)["exports"][0]["can_multi_conn"]
         out = tmp_path / "got.raw"
-        sh("nbdcopy", srv.uri, str(out))
+        sh("nbdcopy", "--connections=4", srv.uri, str(out))
         assert out.read_bytes() == want
         # qemu-img as an NBD client reads the same bytes.
         out2 = tmp_path / "got2.raw"
@@ -659,6 +661,7 @@ def test_random_options(hostile, flags, options):
     (["-f", "vmdk", "IMG"], "vmdk"),
     (["-c", "/nonexistent/nbd0", "IMG"], "/nonexistent/nbd0"),
     (["-k", "SOCK", "-p", "1234", "IMG"], "-k"),
+    (["--multi-conn", "IMG"], "--multi-conn"),
 ])
 def test_cli_errors_are_one_line_status_2(tmp_path, args, says):
     img = tmp_path / "d.raw"

@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     cmd.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket instead of TCP")
     cmd.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
                      help="serve up to NUM clients at once (default 1; 0: no limit but the server's own)")
+    cmd.add_argument("--multi-conn", action="store_true",
+                     help="tell clients they may open several connections (needs -e 2 or more); "
+                          "off by default: one connection is faster with a Python server")
     cmd.add_argument("-t", "--persistent", action="store_true", help="keep serving after the last client leaves")
     cmd.add_argument("--fork", action="store_true", help="go to the background once listening")
     cmd.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -114,6 +117,8 @@ def run(args) -> int:
         raise NbdUsageError("-c/--connect: cannot be combined with -k, -p or -b")
     if args.socket and (args.port is not None or args.bind):
         raise NbdUsageError("-k/--socket: cannot be combined with -p or -b")
+    if args.multi_conn and args.shared == 1:
+        raise NbdUsageError("--multi-conn: needs -e/--shared 2 or more (or 0) for the extra connections")
     if args.cache in ("none", "unsafe", "directsync"):
         # Flushes are always honoured: no mode here loses data a client was told is durable.
         log.info("--cache=%s: served as %s through the page cache", args.cache,
@@ -138,7 +143,7 @@ def run(args) -> int:
         options = ExportOptions(name=name, description=description, read_only=args.read_only,
                                 discard_unmap=args.discard == "unmap", detect_zeroes=args.detect_zeroes,
                                 writethrough=args.cache in ("writethrough", "directsync"),
-                                multi_conn=args.shared != 1, allocation_depth=args.allocation_depth)
+                                multi_conn=args.multi_conn, allocation_depth=args.allocation_depth)
         export = Export(driver, options)
         pidfile = Pidfile(args.pid_file, create=False).acquire() if args.pid_file else None
         listeners = [] if args.connect else _listen(args)
