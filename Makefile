@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 # pytest-xdist workers (0: one process). A module whose tests share one costly fixture
 # (an L1 boot, a pip install) is one xdist_group, so one worker runs it all.
 TEST_WORKERS ?= auto
-APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs iproute2 acpica-tools \
+APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin python3-libnbd busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat xorriso seabios qemu-system-data ovmf \
                console-setup-linux x11proto-dev chromium npm \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev

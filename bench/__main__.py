@@ -11,8 +11,8 @@ import importlib
 import sys
 import traceback
 
-MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.tcg", "bench.boot", "bench.firmware", "bench.nested",
-           "bench.usernet", "bench.display")
+MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.nbd", "bench.tcg", "bench.boot", "bench.firmware",
+           "bench.nested", "bench.usernet", "bench.display")
 LOWER_IS_BETTER_UNITS = {"s", "ms", "seconds"}
 
 

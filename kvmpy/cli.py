@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "run": "kvmpy.runcmd",
     "info": "kvmpy.infocmd",
     "img": "kvmpy.block.imgcli",
+    "nbd": "kvmpy.nbd.command",
     "service": "kvmpy.service",
     "guest": "kvmpy.tools.guestbuild",
     "selftest": "kvmpy.tools.nested",       # selftest nested

@@ -36,7 +36,7 @@ QUICK_MODULES = {
     "test_acpi", "test_block_badimage", "test_block_fuzz", "test_block_overlap", "test_block_probe",
     "test_block_errors", "test_block_qcow2", "test_boot",
     "test_config", "test_device_state", "test_events", "test_hmp", "test_hv_protocol", "test_i8042", "test_ide",
-    "test_ioapic",
+    "test_ioapic", "test_nbd_protocol",
     "test_irqchip", "test_kvm_api", "test_lapic", "test_legacy", "test_pc_table", "test_pci", "test_pic",
     "test_pit", "test_plugin_virtio_rng", "test_procfs", "test_qmp", "test_qmp_statevm", "test_rtc",
     "test_serial", "test_tcg_build", "test_usernet_unit",
