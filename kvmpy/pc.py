@@ -16,6 +16,7 @@
     piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured virtio disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
+    virtio-fs<N>      pci  (BARs from the PCI bus)           one per [[share]] / --share
 
 Not in the table: what the accelerator models itself (KVM's in-kernel or the
 translator's PICs, PIT and port 0x61, IOAPIC, LAPICs). Addresses and IRQs are
@@ -30,7 +31,7 @@ import logging
 from .boot import layout
 from .boot.acpi import PciRoot, build_acpi_tables
 from .builder import DeviceEntry, MachineDevices, PlacedDevice
-from .config import DiskConfig, NetConfig, VmConfig
+from .config import DiskConfig, NetConfig, ShareConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
 from .devices.i8042 import KBD_COMMAND, KBD_DATA, I8042
@@ -229,6 +230,28 @@ def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
                        backend=open_nic_backend, query="net", describe=describe_nic)
 
 
+def open_share(ctx: DeviceContext):
+    """A share's FUSE server: the directory opened now, before the sandbox."""
+    from .devices.virtio.fuse_server import FuseServer
+    share: ShareConfig = ctx.options["share"]
+    try:
+        return FuseServer(share.path, readonly=share.readonly, name=ctx.name)
+    except OSError as e:
+        raise ConfigError(f"share {share.tag!r}: {share.path}: {e.strerror}") from None
+
+
+def make_virtio_fs(ctx: DeviceContext):
+    from .devices.virtio.fs import VirtioFs
+    from .devices.virtio.pci import VirtioPciTransport
+    return VirtioPciTransport(ctx.platform, ctx.events, VirtioFs(ctx.backend, ctx.options["share"].tag,
+                                                                 name=ctx.name))
+
+
+def share_entry(index: int, share: ShareConfig) -> DeviceEntry:
+    return DeviceEntry(f"virtio-fs{index}", "pci", make_virtio_fs, options={"share": share, "index": index},
+                       backend=open_share)
+
+
 # --- the IDE controller (PIIX3) --------------------------------------------------------
 def ide_positions(disks: list[DiskConfig]) -> dict[int, DiskConfig]:
     """Where each IDE disk and CD-ROM sits, 0 primary master .. 3 secondary slave: its
@@ -421,6 +444,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     return [*PC_DEVICES, *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
+            *(share_entry(i, share) for i, share in enumerate(cfg.shares)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_on_off, parse_size, validate)
+                     parse_netdev, parse_on_off, parse_size, parse_share, validate)
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -38,6 +38,8 @@ def register(sub) -> None:
                    "[,if=virtio|ide][,media=disk|cdrom][,index=0-3]")
     p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M] or user[,hostfwd=tcp::2222-:22]"
                    "[,restrict=on][,net=10.0.2.0/24]... (QEMU's -netdev user options), or none")
+    p.add_argument("--share", action="append", default=[], metavar="path=DIR,tag=TAG[,readonly=on]",
+                   help="a host directory as virtio-fs: mount -t virtiofs TAG /mnt in the guest")
     p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
                    help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
                         "(see docs/plugins.md)")
@@ -84,6 +86,7 @@ def build_config(args) -> VmConfig:
         cfg.nets = []
     cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
     cfg.devices += [parse_device_option(d) for d in args.device]
+    cfg.shares += [parse_share(s) for s in args.share]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
     if args.pidfile:

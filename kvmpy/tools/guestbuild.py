@@ -52,7 +52,8 @@ BANNER = "kvmpy guest: init"
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
 OPTIONAL_MODULES = ("virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_ring", "virtio",
                     "net_failover", "failover", "jbd2", "mbcache", "crc16", "crc32c_generic", "libcrc32c", "virtio_rng", "virtio_console",
-                    "button", "evdev")   # the ACPI power button, as an input device for acpid
+                    "button", "evdev",   # the ACPI power button, as an input device for acpid
+                    "fuse", "virtiofs")  # [[share]]: mount -t virtiofs TAG /mnt
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
