@@ -160,6 +160,17 @@ def open_beneath(dir_fd: int, name: str, flags: int, mode: int = 0) -> int:
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
 
+def openat2_available() -> bool:
+    """Whether this kernel (and any seccomp filter) lets us use openat2."""
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_BENEATH)
+    fd = _libc.syscall(ctypes.c_long(SYS_openat2), ctypes.c_int(-100), b".", ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
 def renameat2(olddir: int, oldname: str, newdir: int, newname: str, flags: int) -> None:
     if not flags:
         os.rename(oldname, newname, src_dir_fd=olddir, dst_dir_fd=newdir)
