@@ -256,7 +256,7 @@ def _enter_sandbox(cfg: VmConfig) -> None:
         from .vcpu.trace import _load_capstone
         _load_capstone()
     try:
-        install(user_network=any(net.type == "user" for net in cfg.nets))
+        install(user_network=any(net.type == "user" for net in cfg.nets), file_share=bool(cfg.shares))
     except SandboxUnavailable as e:
         if cfg.sandbox:
             raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {e}") from None

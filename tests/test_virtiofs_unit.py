@@ -436,3 +436,49 @@ def test_share_config_and_pc_entry(tmp_path):
         with pytest.raises(ConfigError) as e:
             parse_share(spec)
         assert message in str(e.value) and str(e.value).startswith("--share ")
+
+
+# --- under the VM's seccomp filter -------------------------------------------------------
+def test_server_works_inside_the_sandbox_of_a_vm_with_a_share(tree):
+    import subprocess
+    import sys
+    import textwrap
+    from kvmpy import sandbox
+    reason = sandbox.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no seccomp filter here: {reason}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent(f"""
+        import os, errno
+        from kvmpy.devices.virtio import fuse_server as F
+        from support.fuse_client import FuseClient, FuseError
+        server = F.FuseServer({str(tree[0])!r})
+        from kvmpy import sandbox
+        sandbox.install(file_share=True)
+        c = FuseClient(server)
+        c.init()
+        d = c.mkdir(1, b"made")
+        node, fh = c.create(d, b"f")
+        c.write(node, fh, 0, b"inside")
+        c.call(F.FSYNC, node, F.FSYNC_IN.pack(fh, 0, 0))
+        c.release(node, fh)
+        c.rename(d, b"f", 1, b"g")
+        c.symlink(1, b"s", b"g")
+        c.link(node, 1, b"h")
+        c.setattr(node, F.FATTR_MODE | F.FATTR_MTIME, mode=0o600, mtime=5)
+        dh = c.opendir(1)
+        print(sorted(n.decode() for n, _, _ in c.readdir(1, dh)))
+        try:
+            c.lookup(1, b"..")
+        except FuseError as e:
+            print("dotdot", errno.errorcode[e.errno])
+        os.execv("/bin/true", ["true"])
+    """)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.path.join(root, 'tests')}")
+    env.pop(sandbox.AUDIT_ENV, None)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    lines = p.stdout.splitlines()
+    assert lines == ["['.', '..', 'abs', 'g', 'h', 'hello.txt', 'made', 's', 'sub', 'up']", "dotdot EINVAL"], p.stderr
+    assert p.returncode == -31, "exec must still kill a VM with a share"
+    assert (tree[0] / "g").read_bytes() == b"inside" and os.stat(tree[0] / "h").st_mtime == 5

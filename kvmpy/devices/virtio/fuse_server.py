@@ -238,6 +238,7 @@ class FuseServer:
         self._next_node = FUSE_ROOT_ID + 1
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._euid = os.geteuid()
         self._egid = os.getegid()
         self.initialized = False
@@ -261,6 +262,7 @@ class FuseServer:
         root = self._inodes.pop(FUSE_ROOT_ID, None)
         if root is not None:
             os.close(root.fd)
+            os.close(self._proc_fd)
 
     def _drop_session(self) -> None:
         for h in self._handles.values():
@@ -391,8 +393,10 @@ class FuseServer:
     @staticmethod
     def _proc(fd: int) -> str:
         # The one way to reach the inode an O_PATH fd holds for chmod, utimes,
-        # truncate and reopening: the fd is ours, so this names nothing the guest chose.
-        return f"/proc/self/fd/{fd}"
+        # linking and reopening: its entry in /proc/self/fd (held open as
+        # ``_proc_fd``, used as dir_fd, so every call is an *at call). The fd is
+        # ours: the name is nothing the guest chose.
+        return str(fd)
 
     def _reopen(self, inode: _Inode, flags: int) -> int:
         st = os.fstat(inode.fd)
@@ -400,7 +404,7 @@ class FuseServer:
             raise _Reply(errno.ELOOP, "open of a symlink")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise _Reply(errno.EACCES, "open of a device, fifo or socket")
-        return os.open(self._proc(inode.fd), flags | os.O_CLOEXEC)
+        return os.open(self._proc(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     def _open_flags(self, flags: int) -> int:
         accmode = flags & os.O_ACCMODE
@@ -476,13 +480,13 @@ class FuseServer:
         if valid & FATTR_MODE:
             if is_link:
                 raise _Reply(errno.EOPNOTSUPP, "chmod of a symlink")
-            os.chmod(self._proc(inode.fd), mode & 0o7777)
+            os.chmod(self._proc(inode.fd), mode & 0o7777, dir_fd=self._proc_fd)
         if valid & (FATTR_UID | FATTR_GID):
             host_uid = self._host_id(uid, self._euid) if valid & FATTR_UID else -1
             host_gid = self._host_id(gid, self._egid) if valid & FATTR_GID else -1
             if is_link:
                 raise _Reply(errno.EOPNOTSUPP, "chown of a symlink")
-            os.chown(self._proc(inode.fd), host_uid, host_gid)
+            os.chown(self._proc(inode.fd), host_uid, host_gid, dir_fd=self._proc_fd)
         if valid & FATTR_SIZE:
             if not stat.S_ISREG(st.st_mode):
                 raise _Reply(errno.EINVAL if not stat.S_ISDIR(st.st_mode) else errno.EISDIR)
@@ -505,7 +509,7 @@ class FuseServer:
                 else cur.st_atime_ns
             m = now if valid & FATTR_MTIME_NOW else mtime * 10**9 + mtimensec if valid & FATTR_MTIME \
                 else cur.st_mtime_ns
-            os.utime(self._proc(inode.fd), ns=(a, m))
+            os.utime(self._proc(inode.fd), ns=(a, m), dir_fd=self._proc_fd)
         return ATTR_OUT.pack(ENTRY_TIMEOUT, 0, 0) + self._attr(os.fstat(inode.fd))
 
     def _host_id(self, guest_id: int, own: int) -> int:
@@ -582,7 +586,8 @@ class FuseServer:
             raise _Reply(errno.EPERM, "hard link to a directory")
         # The source is an inode the guest looked up inside the share; /proc/self/fd
         # names exactly it (linkat's AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
-        os.link(self._proc(source.fd), name, dst_dir_fd=self._inode(nodeid).fd, follow_symlinks=True)
+        os.link(self._proc(source.fd), name, src_dir_fd=self._proc_fd, dst_dir_fd=self._inode(nodeid).fd,
+                follow_symlinks=True)
         return self._lookup(nodeid, name)
 
     def op_open(self, nodeid: int, body: memoryview) -> bytes:
@@ -600,7 +605,7 @@ class FuseServer:
         host_flags = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
         fd = open_beneath(self._inode(nodeid).fd, name, host_flags, mode & 0o7777 & ~umask)
         try:
-            path_fd = os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC)
+            path_fd = os.open(self._proc(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
         except BaseException:
             os.close(fd)
             raise
@@ -706,7 +711,7 @@ class FuseServer:
         st = os.fstat(inode.fd)
         if stat.S_ISLNK(st.st_mode):
             return b""
-        if not os.access(self._proc(inode.fd), mask & (os.R_OK | os.W_OK | os.X_OK)):
+        if not os.access(self._proc(inode.fd), mask & (os.R_OK | os.W_OK | os.X_OK), dir_fd=self._proc_fd):
             raise _Reply(errno.EACCES)
         return b""
 
