@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,9 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
 def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, children: list) -> None:
     near, far = _loopback_pair()
     try:
+        # its own process group: smbd starts helpers (smbd-notifyd, -cleanupd) that must go with it
         child = subprocess.Popen([smbd, "-l", log_dir, "-s", conf], stdin=far.fileno(), stdout=far.fileno(),
-                                 stderr=subprocess.DEVNULL, close_fds=True)
+                                 stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     except OSError:
         conn.close()
         near.close()
@@ -165,11 +167,25 @@ def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, children: li
     children.append(child)
     far.close()
     _relay(conn, near)
+    _end_group(child, grace=30)
+
+
+def _end_group(child: subprocess.Popen, grace: float) -> None:
+    """Wait up to ``grace`` seconds for smbd, then end its whole process group."""
     try:
-        child.wait(timeout=30)
+        child.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+        pass
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.2)
 
 
 def spawner_main(smbd: str, conf: str, private_dir: str) -> int:
@@ -192,13 +208,7 @@ def spawner_main(smbd: str, conf: str, private_dir: str) -> int:
     finally:
         listener.close()
         for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            _end_group(child, grace=0)
         shutil.rmtree(private_dir, ignore_errors=True)
     return 0
 
