@@ -239,8 +239,6 @@ class FuseServer:
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._euid = os.geteuid()
-        self._egid = os.getegid()
         self.initialized = False
         self.minor = 0
         self.flags = 0
@@ -342,6 +340,16 @@ class FuseServer:
             out.append(rest[:end])
             rest = rest[end + 1:]
         return out
+
+    # Asked each time, not at start: ``--runas`` drops the VMM's ids after the
+    # share is opened, and the guest's root is then that user.
+    @property
+    def _euid(self) -> int:
+        return os.geteuid()
+
+    @property
+    def _egid(self) -> int:
+        return os.getegid()
 
     def _guest_id(self, host_id: int, own: int) -> int:
         return 0 if host_id == own else host_id
