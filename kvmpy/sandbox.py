@@ -102,7 +102,7 @@ SYSCALLS = {
     # virtio-fs shares (FILE_SHARE_CALLS)
     "fstatfs": 138, "getdents64": 217, "mkdirat": 258, "fchownat": 260, "unlinkat": 263, "renameat": 264,
     "linkat": 265, "symlinkat": 266, "fchmodat": 268, "utimensat": 280, "renameat2": 316,
-    "geteuid": 107, "getegid": 108,
+    "geteuid": 107, "getegid": 108, "syncfs": 306,
 }
 
 # ioctl requests outside KVM's own (type 0xAE, <linux/kvm.h>) a running VM makes.
@@ -176,7 +176,7 @@ USER_NETWORK_CALLS = ("socket", "connect", "accept", "bind", "listen", "getpeern
 # guarantees (no exec, no fork, no ptrace, no mount).
 FILE_SHARE_CALLS = ("openat", "openat2", "newfstatat", "readlinkat", "faccessat", "faccessat2", "fstatfs",
                     "getdents64", "mkdirat", "fchownat", "unlinkat", "renameat", "renameat2", "linkat",
-                    "symlinkat", "fchmodat", "utimensat",
+                    "symlinkat", "fchmodat", "utimensat", "syncfs",
                     "geteuid", "getegid")     # whose files the guest's root owns (after --runas too)
 
 

@@ -97,6 +97,7 @@ def test_create_write_fsync_setattr(client, tree):
     assert client.write(node, fh, 10, b"XY") == 2
     client.call(F.FSYNC, node, F.FSYNC_IN.pack(fh, 0, 0))
     client.call(F.FSYNC, node, F.FSYNC_IN.pack(fh, F.FUSE_FSYNC_FDATASYNC, 0))
+    client.call(F.SYNCFS, ROOT, bytes(8))
     client.release(node, fh)
     assert (tree[0] / "new.bin").read_bytes() == b"abcdef\0\0\0\0XY"
     attr = client.setattr(node, F.FATTR_SIZE | F.FATTR_MODE, size=3, mode=0o600)
@@ -461,6 +462,7 @@ def test_server_works_inside_the_sandbox_of_a_vm_with_a_share(tree):
         node, fh = c.create(d, b"f")
         c.write(node, fh, 0, b"inside")
         c.call(F.FSYNC, node, F.FSYNC_IN.pack(fh, 0, 0))
+        c.call(F.SYNCFS, 1, bytes(8))
         c.release(node, fh)
         c.rename(d, b"f", 1, b"g")
         c.symlink(1, b"s", b"g")

@@ -57,6 +57,7 @@ MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS = 8, 9, 10,
 RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT = 18, 20, 21, 22, 23, 24, 25, 26
 OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS, CREATE, INTERRUPT = 27, 28, 29, 30, 34, 35, 36
 DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK = 38, 42, 43, 44, 45, 46
+SYNCFS = 50
 
 # INIT flags offered (and only those the guest asked for are answered)
 FUSE_ASYNC_READ = 1 << 0
@@ -239,6 +240,8 @@ class FuseServer:
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # syncfs needs a descriptor of the file system that is not O_PATH
+        self._sync_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.initialized = False
         self.minor = 0
         self.flags = 0
@@ -261,6 +264,7 @@ class FuseServer:
         if root is not None:
             os.close(root.fd)
             os.close(self._proc_fd)
+            os.close(self._sync_fd)
 
     def _drop_session(self) -> None:
         for h in self._handles.values():
@@ -680,6 +684,13 @@ class FuseServer:
     def op_fsyncdir(self, nodeid: int, body: memoryview) -> bytes:
         return self._fsync(body, True)
 
+    def op_syncfs(self, nodeid: int, body: memoryview) -> bytes:
+        # The guest's sync(1): what it wrote is on the host's disk, not in its page cache.
+        if _libc.syncfs(self._sync_fd) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return b""
+
     def op_opendir(self, nodeid: int, body: memoryview) -> bytes:
         inode = self._inode(nodeid)
         if not stat.S_ISDIR(os.fstat(inode.fd).st_mode):
@@ -738,5 +749,5 @@ class FuseServer:
         READ: op_read, WRITE: op_write, STATFS: op_statfs, RELEASE: op_release, RELEASEDIR: op_releasedir,
         FLUSH: op_flush, FSYNC: op_fsync, FSYNCDIR: op_fsyncdir, OPENDIR: op_opendir, READDIR: op_readdir,
         ACCESS: op_access, GETXATTR: op_xattr, LISTXATTR: op_xattr, SETXATTR: op_xattr,
-        REMOVEXATTR: op_xattr, INTERRUPT: op_interrupt,
+        REMOVEXATTR: op_xattr, INTERRUPT: op_interrupt, SYNCFS: op_syncfs,
     }
