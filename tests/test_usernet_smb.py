@@ -32,6 +32,15 @@ def _smbd_pids() -> set[int]:
     return {int(p) for p in out.split()}
 
 
+class SmbGuest:
+    def __init__(self, shell, proc, share, private_before, smbd_before):
+        self.shell, self.proc, self.share = shell, proc, share
+        self.private_before, self.smbd_before = private_before, smbd_before
+
+    def run(self, command: str) -> tuple[int, str]:
+        return self.shell.run(command)
+
+
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
     from kvmpy.net.smb import find_smbd
@@ -63,8 +72,7 @@ def guest(tmp_path_factory):
         rc, out = shell.run("ip link set eth0 up; udhcpc -i eth0 -q -n -t 5 -s /etc/kvmpy/udhcpc.script "
                             "&& mkdir -p /mnt/s")
         assert rc == 0, out
-        shell.share, shell.proc, shell.private_before, shell.smbd_before = share, proc, private_before, smbd_before
-        yield shell
+        yield SmbGuest(shell, proc, share, private_before, smbd_before)
     finally:
         if proc.poll() is None:
             proc.kill()
