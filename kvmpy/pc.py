@@ -195,7 +195,7 @@ def open_nic_backend(ctx: DeviceContext):
     net: NetConfig = ctx.options["net"]
     if net.type == "user":
         from .net.slirp import UserNetwork
-        return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}")
+        return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}", runas=ctx.config.runas)
     return open_tap(ctx)
 
 

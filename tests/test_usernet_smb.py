@@ -2,8 +2,9 @@
 translator with ``--net user,smb=DIR`` mounts ``//10.0.2.4/qemu`` with cifs, reads
 a host file (same md5) and writes one the host then sees; every guest connection
 gets a fresh smbd from the spawner (kvmpy.net.smb), which the VMM's seccomp
-filter would not let it start itself. When the VM is gone, so are its smbds and
-its private directory.
+filter would not let it start itself. When the tests run as root the VM runs
+``--runas nobody`` and its smbds as nobody too: what the guest writes is nobody's.
+When the VM is gone, so are its smbds and its private directory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import pathlib
+import pwd
 import shutil
 import subprocess
 import sys
@@ -33,8 +36,8 @@ def _smbd_pids() -> set[int]:
 
 
 class SmbGuest:
-    def __init__(self, shell, proc, share, private_before, smbd_before):
-        self.shell, self.proc, self.share = shell, proc, share
+    def __init__(self, shell, proc, share, private_before, smbd_before, runas):
+        self.shell, self.proc, self.share, self.runas = shell, proc, share, runas
         self.private_before, self.smbd_before = private_before, smbd_before
 
     def run(self, command: str) -> tuple[int, str]:
@@ -55,14 +58,19 @@ def guest(tmp_path_factory):
         pytest.skip(f"kvmpy.net._slirp_cffi is not built ({e}): apt-get install libslirp-dev, rebuild")
     tmp = tmp_path_factory.mktemp("smb")
     built = guestbuild.build(out_dir=str(tmp / "guest"), with_disk=False)
-    share = tmp / "share"
-    share.mkdir()
+    runas = os.geteuid() == 0
+    # pytest's own temporary tree is root's alone: nobody's smbd needs a way in
+    share = tmp / "share" if not runas else pathlib.Path(tempfile.mkdtemp(prefix="kvmpy-smbtest."))
+    share.mkdir(exist_ok=True)
+    share.chmod(0o777)
     (share / "host.bin").write_bytes(os.urandom(200 << 10))
     private_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmpy-smb.*")))
     smbd_before = _smbd_pids()
     argv = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "256",
             "--kernel", built.kernel, "--initrd", built.initrd, "--no-reboot",
             "--append", "console=ttyS0 panic=-1 quiet", "--net", f"user,smb={share}"]
+    if runas:
+        argv += ["--runas", "nobody"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shell = SerialShell(proc)
@@ -72,11 +80,13 @@ def guest(tmp_path_factory):
         rc, out = shell.run("ip link set eth0 up; udhcpc -i eth0 -q -n -t 5 -s /etc/kvmpy/udhcpc.script "
                             "&& mkdir -p /mnt/s")
         assert rc == 0, out
-        yield SmbGuest(shell, proc, share, private_before, smbd_before)
+        yield SmbGuest(shell, proc, share, private_before, smbd_before, runas)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if runas:
+            shutil.rmtree(share, ignore_errors=True)
 
 
 def test_cifs_reads_and_writes_host_files(guest):
@@ -87,6 +97,8 @@ def test_cifs_reads_and_writes_host_files(guest):
                         "&& md5sum /mnt/s/guest.bin && umount /mnt/s")
     assert rc == 0, out
     assert hashlib.md5((guest.share / "guest.bin").read_bytes()).hexdigest() in out
+    if guest.runas:
+        assert os.stat(guest.share / "guest.bin").st_uid == pwd.getpwnam("nobody").pw_uid
     # a second connection gets its own smbd
     rc, out = guest.run(f"{MOUNT} && cat /mnt/s/guest.bin | md5sum && mv /mnt/s/guest.bin /mnt/s/moved.bin "
                         "&& umount /mnt/s")

@@ -118,7 +118,7 @@ class UserNetwork:
     """
 
     def __init__(self, options: UserNetOptions, events: EventLoop, name: str = "net0",
-                 max_sockets: int | None = None) -> None:
+                 max_sockets: int | None = None, runas: str | None = None) -> None:
         self.options = options
         self.events = events
         self.name = name
@@ -130,6 +130,7 @@ class UserNetwork:
         self._guestfwds: list[_GuestForwardLink] = []
         self._dns: _DnsForwarder | None = None
         self._smb = None
+        self._runas = runas         # smb=: the user its smbds run as
         self._s = ffi.NULL
         nic, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (nic, mine):
@@ -194,7 +195,7 @@ class UserNetwork:
     def _start_smb(self, o: UserNetOptions) -> None:
         """smb=DIR: each guest connection to smbserver:445 reaches a fresh smbd (kvmpy.net.smb)."""
         from .smb import SMB_PORT, SmbServer
-        self._smb = SmbServer(o.smb, name=self.name)
+        self._smb = SmbServer(o.smb, name=self.name, runas=self._runas)
         path = ffi.new("char[]", self._smb.socket_path.encode())
         if lib.slirp_add_unix(self._s.slirp, path, _in_addr(o.smbserver), SMB_PORT) < 0:
             raise ConfigError(f"{self.name}: smb={o.smb}: conflicting/invalid smbserver address {o.smbserver}")

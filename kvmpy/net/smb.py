@@ -4,8 +4,8 @@ QEMU writes a private smb.conf exporting DIR as ``[qemu]`` and has libslirp run
 ``smbd -l DIR -s CONF`` for each guest connection (slirp_add_exec), smbd serving
 the connection on its stdin/stdout (inetd mode). libslirp would fork from the
 VMM, which kvmpy's seccomp filter forbids once the VM runs, so the forking is
-done by a spawner: a small process started (``python -m kvmpy.net.smb``) while
-the NIC is set up, before the filter, listening on a unix socket in the private
+done by a spawner: a small process started (``python kvmpy/net/smb.py``) while
+the NIC is set up (before the filter), listening on a unix socket in the private
 directory. libslirp connects there for each guest connection
 (``slirp_add_unix``); the spawner accepts, makes a loopback TCP pair (smbd in
 inetd mode asks for its peer's address, which an AF_UNIX stdin has not: libslirp's
@@ -75,29 +75,47 @@ class SmbServer:
     """The private directory, smb.conf and the spawner for one user NIC's ``smb=``.
     ``socket_path`` is what libslirp connects to; ``close()`` ends it all."""
 
-    def __init__(self, share_dir: str, name: str = "net0") -> None:
+    def __init__(self, share_dir: str, name: str = "net0", runas: str | None = None) -> None:
+        """``runas``: the user the VM will run as (``--runas``): the smbds run as
+        that user, never as root (the spawner, which only relays bytes, stays)."""
+        import pwd
         from ..errors import ConfigError
         smbd = find_smbd()
         if smbd is None:
             raise ConfigError(f"{name}: smb={share_dir}: no smbd on this host (Debian: apt-get install samba)")
-        import pwd
-        user = pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            pw = pwd.getpwnam(runas) if runas and os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        except KeyError:
+            raise ConfigError(f"--runas: no such user '{runas}'") from None
         self.private_dir = tempfile.mkdtemp(prefix="kvmpy-smb.")
         os.mkdir(os.path.join(self.private_dir, "ncalrpc"), 0o700)
         self.conf = os.path.join(self.private_dir, "smb.conf")
         with open(self.conf, "w") as f:
-            f.write(smb_conf(self.private_dir, share_dir, user))
+            f.write(smb_conf(self.private_dir, share_dir, pw.pw_name))
+        if pw.pw_uid != os.geteuid():
+            for d in (self.private_dir, os.path.join(self.private_dir, "ncalrpc"), self.conf):
+                os.chown(d, pw.pw_uid, pw.pw_gid)
         self.socket_path = os.path.join(self.private_dir, "smbd.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         listener.listen(16)
+        os.chown(self.socket_path, pw.pw_uid, pw.pw_gid)
         life_r, self._life_w = os.pipe2(os.O_CLOEXEC)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmpy.net.smb", smbd, self.conf, self.private_dir],
-            stdin=life_r, stdout=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
-            env=dict(os.environ, KVMPY_SMB_LISTEN_FD=str(listener.fileno())), start_new_session=True)
-        os.close(life_r)
-        listener.close()
+        try:
+            self.proc = subprocess.Popen(
+                # this file as a script: it needs the standard library only, and kvmpy
+                # need not be importable from "/" (a checkout run with python -m kvmpy)
+                [sys.executable, os.path.abspath(__file__), smbd, self.conf, self.private_dir,
+                 str(pw.pw_uid), str(pw.pw_gid)],
+                stdin=life_r, stdout=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
+                env=dict(os.environ, KVMPY_SMB_LISTEN_FD=str(listener.fileno())), start_new_session=True, cwd="/")
+        except OSError as e:
+            os.close(self._life_w)
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            raise ConfigError(f"{name}: smb={share_dir}: cannot start the smbd spawner: {e.strerror}") from None
+        finally:
+            os.close(life_r)
+            listener.close()
         log.info("%s: smb=%s through %s", name, share_dir, self.socket_path)
 
     def close(self) -> None:
@@ -153,12 +171,14 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
     b.close()
 
 
-def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, children: list) -> None:
+def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, ids: tuple[int, int],
+           children: list) -> None:
     near, far = _loopback_pair()
     try:
         # its own process group: smbd starts helpers (smbd-notifyd, -cleanupd) that must go with it
         child = subprocess.Popen([smbd, "-l", log_dir, "-s", conf], stdin=far.fileno(), stdout=far.fileno(),
-                                 stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+                                 stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+                                 **_as_user(*ids))
     except OSError:
         conn.close()
         near.close()
@@ -188,7 +208,13 @@ def _end_group(child: subprocess.Popen, grace: float) -> None:
         time.sleep(0.2)
 
 
-def spawner_main(smbd: str, conf: str, private_dir: str) -> int:
+def _as_user(uid: int, gid: int) -> dict:
+    if uid == os.geteuid():
+        return {}
+    return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def spawner_main(smbd: str, conf: str, private_dir: str, uid: str, gid: str) -> int:
     listener = socket.socket(fileno=int(os.environ["KVMPY_SMB_LISTEN_FD"]))
     children: list[subprocess.Popen] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the VMM's Ctrl-C is not ours: the pipe is
@@ -199,7 +225,7 @@ def spawner_main(smbd: str, conf: str, private_dir: str) -> int:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_serve, args=(conn, smbd, conf, private_dir, children), daemon=True).start()
+            threading.Thread(target=_serve, args=(conn, smbd, conf, private_dir, (int(uid), int(gid)), children), daemon=True).start()
 
     threading.Thread(target=accept_loop, daemon=True).start()
     try:
@@ -214,4 +240,4 @@ def spawner_main(smbd: str, conf: str, private_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(spawner_main(*sys.argv[1:4]))
+    sys.exit(spawner_main(*sys.argv[1:6]))
