@@ -186,8 +186,13 @@ def test_escapes_are_refused(client, tree):
     node, _ = client.lookup(ROOT, b"outdir")
     expect_errno(errno.ENOTDIR, client.lookup, node, b"secret")
     expect_errno(errno.ENOTDIR, client.mkdir, node, b"x")
-    # hard links take their source from the node table: no name for an outside file
+    # hard links take their source from the node table: no name for an outside file;
+    # linking a symlink that points out links the symlink, not its target
     expect_errno(errno.ESTALE, client.link, 9999, ROOT, b"h")
+    up, _ = client.lookup(ROOT, b"up")
+    client.link(up, ROOT, b"uplink")
+    assert os.path.islink(share / "uplink") and os.lstat(share / "uplink").st_ino == os.lstat(share / "up").st_ino
+    assert os.stat(outside / "secret").st_nlink == 1
     # unknown node ids and handles
     expect_errno(errno.ESTALE, client.getattr, 4242)
     expect_errno(errno.EBADF, client.read, ROOT, 77, 0, 10)
