@@ -132,6 +132,16 @@ def test_symlinks_out_of_the_share_do_not_reach_the_host(guest):
     rc, out = guest.run("cat /mnt/h/x")
     assert rc != 0 or out.strip() not in host_passwd or not out.strip()
     assert sorted(os.listdir(guest.outside)) == ["secret"]
+    # nothing outside the share is held open by the VMM (the server's inodes are O_PATH fds)
+    fds = os.listdir(f"/proc/{guest.proc.pid}/fd")
+    targets = []
+    for fd in fds:
+        try:
+            targets.append(os.readlink(f"/proc/{guest.proc.pid}/fd/{fd}"))
+        except OSError:
+            pass
+    assert any(t.startswith(str(guest.share)) for t in targets), targets
+    assert not [t for t in targets if t.startswith(str(guest.outside))], targets
 
 
 def test_readonly_share_refuses_writes(guest):
