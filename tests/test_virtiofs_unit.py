@@ -489,3 +489,10 @@ def test_server_works_inside_the_sandbox_of_a_vm_with_a_share(tree):
     assert lines == ["['.', '..', 'abs', 'g', 'h', 'hello.txt', 'made', 's', 'sub', 'up']", "dotdot EINVAL"], p.stderr
     assert p.returncode == -31, "exec must still kill a VM with a share"
     assert (tree[0] / "g").read_bytes() == b"inside" and os.stat(tree[0] / "h").st_mtime == 5
+
+
+def test_the_example_vm_toml_loads():
+    from kvmpy.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "examples", "debian-share.toml"))
+    assert [(s.path, s.tag, s.readonly) for s in cfg.shares] == [(os.path.join(root, "examples"), "examples", True)]
