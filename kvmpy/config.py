@@ -147,13 +147,13 @@ class VmConfig:
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
     devices: list[DeviceConfig] = field(default_factory=list)   # plug-ins: kvmpy.plugins
+    shares: list[ShareConfig] = field(default_factory=list)    # virtio-fs: [[share]], --share
     # What runs first: "none" (kvmpy loads --kernel itself), "bios" (SeaBIOS) or "uefi"
     # (OVMF); None picks "bios" without a kernel and "none" with one.
     firmware: str | None = None
     bios: str | None = None           # the firmware image (QEMU's -bios); None: Debian's
     boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
     boot_menu: bool = False
-    shares: list[ShareConfig] = field(default_factory=list)    # virtio-fs: [[share]], --share
 
 
 FIRMWARES = ("none", "bios", "uefi")
@@ -164,11 +164,12 @@ DISK_MEDIA = ("disk", "cdrom")
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
-            "sandbox", "firmware", "bios", "boot", "boot_menu", "share"}
+            "sandbox", "firmware", "bios", "boot", "boot_menu"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
+TOP_KEYS |= {"share"}          # [[share]]: virtio-fs
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
 

@@ -14,9 +14,9 @@
     ide               pio  0x1f0-0x1f7, 0x3f6              14  IDE primary channel (compatibility mode)
                            0x170-0x177, 0x376              15  IDE secondary channel
     piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
+    virtio-fs<N>      pci  (BARs from the PCI bus)           one per [[share]] / --share
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured virtio disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
-    virtio-fs<N>      pci  (BARs from the PCI bus)           one per [[share]] / --share
 
 Not in the table: what the accelerator models itself (KVM's in-kernel or the
 translator's PICs, PIT and port 0x61, IOAPIC, LAPICs). Addresses and IRQs are
@@ -443,8 +443,8 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
     virtio_disks = [disk for disk in cfg.disks if disk.interface == "virtio"]
     return [*PC_DEVICES, *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
-            *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(share_entry(i, share) for i, share in enumerate(cfg.shares)),
+            *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 

@@ -8,7 +8,8 @@ import sys
 import threading
 
 from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_on_off, parse_size, parse_share, validate)
+                     parse_netdev, parse_on_off, parse_size, validate)
+from .config import parse_share
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
