@@ -135,6 +135,7 @@ class VmConfig:
     no_reboot: bool = False
     disks: list[DiskConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
+    shares: list[ShareConfig] = field(default_factory=list)    # virtio-fs: [[share]], --share
     qmp: list[str] = field(default_factory=list)
     hmp: list[str] = field(default_factory=list)
     pidfile: str | None = None
@@ -147,7 +148,6 @@ class VmConfig:
     enabled: bool = True
     trace: list[str] = field(default_factory=list)   # debug output: kvmpy.vcpu.trace.TRACE_EVENTS
     devices: list[DeviceConfig] = field(default_factory=list)   # plug-ins: kvmpy.plugins
-    shares: list[ShareConfig] = field(default_factory=list)    # virtio-fs: [[share]], --share
     # What runs first: "none" (kvmpy loads --kernel itself), "bios" (SeaBIOS) or "uefi"
     # (OVMF); None picks "bios" without a kernel and "none" with one.
     firmware: str | None = None
@@ -169,9 +169,9 @@ DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interf
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
-TOP_KEYS |= {"share"}          # [[share]]: virtio-fs
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
+TOP_KEYS |= {"share"}          # [[share]]: virtio-fs
 
 
 def _expect(value, types, where: str, what: str):

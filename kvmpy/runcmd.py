@@ -9,7 +9,6 @@ import threading
 
 from .config import (VmConfig, check_name, config_from_dict, load_config, parse_accel, parse_drive,
                      parse_netdev, parse_on_off, parse_size, validate)
-from .config import parse_share
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -87,7 +86,9 @@ def build_config(args) -> VmConfig:
         cfg.nets = []
     cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
     cfg.devices += [parse_device_option(d) for d in args.device]
-    cfg.shares += [parse_share(s) for s in args.share]
+    if args.share:
+        from .config import parse_share
+        cfg.shares += [parse_share(s) for s in args.share]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
     if args.pidfile:
