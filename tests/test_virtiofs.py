@@ -8,13 +8,16 @@ and driven over its serial console: mount -t virtiofs, a host file read with the
 same md5, a guest file the host sees after sync, rename, mkdir/rmdir, hard and
 symbolic links, symlinks that point out of the share (the guest resolves them in
 its own name space: the host file outside is never shown), and EROFS on the
-read-only share. The VM runs under its seccomp filter, as a user would run it.
+read-only share. The VM runs under its seccomp filter, as a user would run it, and
+when the tests run as root, ``--runas nobody``: what the guest creates is nobody's
+on the host and root's in the guest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -30,7 +33,8 @@ pytestmark = pytest.mark.xdist_group("virtiofs-guest")
 
 
 class FsGuest:
-    def __init__(self, shell, proc, share, ro, outside, token):
+    def __init__(self, shell, proc, share, ro, outside, token, owner):
+        self.owner = owner      # the VMM's uid once running: what guest-made files belong to
         self.shell, self.proc, self.share, self.ro, self.outside, self.token = shell, proc, share, ro, outside, token
 
     def run(self, command: str) -> tuple[int, str]:
@@ -54,6 +58,10 @@ def guest(tmp_path_factory):
         d.mkdir()
     (share / "big.bin").write_bytes(os.urandom(300 << 10))
     (share / "sub").mkdir()
+    runas = os.geteuid() == 0
+    if runas:       # nobody creates in the share and its subdirectory
+        share.chmod(0o777)
+        (share / "sub").chmod(0o777)
     (ro / "r.txt").write_bytes(b"read-only content\n")
     token = os.urandom(12).hex()
     (outside / "secret").write_text(token + "\n")
@@ -62,13 +70,16 @@ def guest(tmp_path_factory):
             "--kernel", built.kernel, "--initrd", built.initrd, "--no-reboot",
             "--append", "console=ttyS0 panic=-1 quiet",
             "--share", f"path={share},tag=host", "--share", f"path={ro},tag=ro,readonly=on"]
+    if runas:
+        argv += ["--runas", "nobody"]
+    owner = pwd.getpwnam("nobody").pw_uid if runas else os.geteuid()
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shell = SerialShell(proc)
     try:
         shell.wait_for(rb"shell on the console", BOOT_TIMEOUT)
         time.sleep(0.5)
-        g = FsGuest(shell, proc, share, ro, outside, token)
+        g = FsGuest(shell, proc, share, ro, outside, token, owner)
         g.ok("mkdir -p /mnt/h /mnt/r && mount -t virtiofs host /mnt/h && mount -t virtiofs ro /mnt/r")
         yield g
     finally:
@@ -93,7 +104,7 @@ def test_mounted_and_sandboxed(guest):
 def test_guest_reads_a_host_file(guest):
     out = guest.ok("md5sum /mnt/h/big.bin; ls -ln /mnt/h/big.bin")
     assert md5(guest.share / "big.bin") in out
-    # the VMM's user owns it on the host: the guest sees root
+    # owned by the test (root, or the VMM's user when not root): the guest sees root
     assert re.search(r"-rw\S*\s+\d+\s+0\s+0\s+307200 ", out), out
 
 
@@ -102,6 +113,8 @@ def test_guest_writes_the_host_sees_after_sync(guest):
                    "&& md5sum /mnt/h/made.bin")
     assert md5(guest.share / "made.bin") in out
     assert os.path.getsize(guest.share / "made.bin") == 37 * 4096
+    assert os.stat(guest.share / "made.bin").st_uid == guest.owner
+    assert re.search(r"\s0\s+0\s+151552 ", guest.ok("ls -ln /mnt/h/made.bin")), "the VMM's user is the guest's root"
     guest.ok("echo appended >> /mnt/h/made.bin && sync")
     assert open(guest.share / "made.bin", "rb").read()[-9:] == b"appended\n"
 
