@@ -437,7 +437,8 @@ def test_share_config_and_pc_entry(tmp_path):
         with pytest.raises(ConfigError) as e:
             config_from_dict(data, src)
         assert message in str(e.value) and "\n" not in str(e.value)
-    for spec, message in [("path=/nonexistent-kvmpy,tag=a", "not a directory"), (f"path={tmp_path},x=1", "unknown option"),
+    for spec, message in [("path=/nonexistent-kvmpy,tag=a", "not a directory"),
+                          (f"path={tmp_path},x=1", "unknown option"),
                           ("tag=a", "missing path="), (f"path={tmp_path},tag=a,readonly=maybe", "readonly")]:
         with pytest.raises(ConfigError) as e:
             parse_share(spec)

@@ -225,7 +225,8 @@ def spawner_main(smbd: str, conf: str, private_dir: str, uid: str, gid: str) -> 
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_serve, args=(conn, smbd, conf, private_dir, (int(uid), int(gid)), children), daemon=True).start()
+            threading.Thread(target=_serve, args=(conn, smbd, conf, private_dir, (int(uid), int(gid)), children),
+                             daemon=True).start()
 
     threading.Thread(target=accept_loop, daemon=True).start()
     try:
