@@ -244,7 +244,7 @@ def make_virtio_fs(ctx: DeviceContext):
     from .devices.virtio.fs import VirtioFs
     from .devices.virtio.pci import VirtioPciTransport
     return VirtioPciTransport(ctx.platform, ctx.events, VirtioFs(ctx.backend, ctx.options["share"].tag,
-                                                                 name=ctx.name))
+                                                                 name=ctx.name, events=ctx.events))
 
 
 def share_entry(index: int, share: ShareConfig) -> DeviceEntry:

@@ -327,11 +327,12 @@ class FsRig:
 
     REQ, REPLY = 0x200000, 0x300000
 
-    def __init__(self, share, readonly=False):
+    def __init__(self, share, readonly=False, worker=True):
         from support.virtio_driver import SoftMachine, VirtioPciDriver
         self.m = SoftMachine()
         self.server = F.FuseServer(str(share), readonly=readonly)
-        self.dev = self.m.virtio_pci(VirtioFs(self.server, "hostshare"))
+        self.fs = VirtioFs(self.server, "hostshare", events=self.m.events if worker else None)
+        self.dev = self.m.virtio_pci(self.fs)
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
         self.d.negotiate(1 << 32)
         self.hiprio = self.d.setup_queue(0, 16)
@@ -354,12 +355,14 @@ class FsRig:
 
     def close(self):
         self.dev.close()
+        self.fs.close()
         self.server.close()
         self.m.close()
 
 
-def test_device_config_and_requests(tree):
-    rig = FsRig(tree[0])
+@pytest.mark.parametrize("worker", [True, False], ids=["worker-thread", "inline"])
+def test_device_config_and_requests(tree, worker):
+    rig = FsRig(tree[0], worker=worker)
     try:
         assert rig.dev.device.device_type == 26
         tag = bytes(rig.d.device_cfg(i, 1) for i in range(36))
@@ -386,8 +389,30 @@ def test_device_config_and_requests(tree):
         reply = rig.request(F.GETATTR, ROOT, bytes(16))
         assert F.OUT_HEADER.unpack_from(reply)[1] == 0
         assert rig.dev.device.state().tag == b"hostshare"
+        if worker:
+            # many requests in flight at once: every one answered, in order
+            heads = []
+            for i in range(6):
+                base = rig.REQ + 0x1000 * i
+                req = F.IN_HEADER.pack(F.IN_HEADER.size + 16, F.GETATTR, 1000 + i, ROOT, 0, 0, 1, 0, 0) + bytes(16)
+                rig.m.memory.write(base, req)
+                heads.append(rig.q.add([(base, len(req))], [(rig.REPLY + 0x1000 * i, 256)]))
+            rig.d.kick(1)
+            used = rig.d.wait_used(1, count=6)
+            assert [h for h, _ in used] == heads
+            uniques = [F.OUT_HEADER.unpack_from(rig.m.memory.read(rig.REPLY + 0x1000 * i, 16))[2] for i in range(6)]
+            assert uniques == list(range(1000, 1006))
     finally:
         rig.close()
+
+
+def test_closed_server_answers_eio(tree):
+    server = F.FuseServer(str(tree[0]))
+    c = FuseClient(server)
+    c.init()
+    server.close()
+    assert errno_of(c.raw(F.GETATTR, ROOT, bytes(16))) == errno.EIO
+    assert errno_of(server.handle(b"")) == errno.EIO
 
 
 def test_device_state_round_trip(tree):

@@ -5,8 +5,11 @@ The driver (Linux's virtiofs) puts FUSE requests in two kinds of queue: queue 0,
 1 carries everything else. Each request is a device-readable part (fuse_in_header
 and its arguments, a WRITE's data) and a device-writable part for the reply. The
 FUSE protocol itself is kvmpy.devices.virtio.fuse_server's FuseServer; this
-module only moves bytes between the ring and it, on the event loop thread (never
-a vCPU's).
+module only moves bytes between the ring and it. Given the event loop, requests
+are served on a worker thread of the device's own (kvmpy.events.Worker), one at a
+time and in order, so a slow host file system stalls neither a vCPU nor the loop
+(the console, the other devices); their used entries are added back on the loop.
+Without one (unit tests), inline on the caller's thread.
 
 A request longer than a FUSE header plus ``max_write`` plus a page for names is
 not read (the server answers the truncated request with EINVAL); a reply that
@@ -27,7 +30,7 @@ from typing import Sequence
 from ...memory import GuestMemory
 from .device import FdWatch, VirtioTransport
 from .fuse_server import IN_HEADER, OUT_HEADER, FuseServer, FuseSessionState
-from .queue import SplitQueue, gather, write_views
+from .queue import DescriptorChain, SplitQueue, gather, write_views
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,16 @@ class VirtioFs:
 
     device_type = VIRTIO_ID_FS
 
-    def __init__(self, server: FuseServer, tag: str, queue_size: int = 128, name: str = "virtio-fs") -> None:
+    def __init__(self, server: FuseServer, tag: str, queue_size: int = 128, name: str = "virtio-fs",
+                 events=None) -> None:
         self.name = name
+        self._events = events
+        self._worker = None
+        if events is not None:
+            from ...events import Worker
+            self._worker = Worker(f"{name}-requests")
+        # bumped at every reset: completions of requests popped before it are dropped
+        self._generation = 0
         self.server = server
         self.tag = check_tag(tag)
         self.queue_size = queue_size
@@ -105,21 +116,43 @@ class VirtioFs:
         return ()
 
     def reset(self) -> None:
+        self._generation += 1
         self._queues = ()
         self._transport = None
         self.acked_features = 0
+
+    def close(self) -> None:
+        """Stop the worker after the request it runs (the server is closed after this)."""
+        self._generation += 1
+        if self._worker is not None:
+            self._worker.close()
 
     def process_queue(self, index: int) -> None:
         q = self._queues[index]
         while True:
             did = False
             for chain in q.iter_chains():
+                if self._worker is not None:
+                    self._worker.submit(lambda chain=chain: self._serve_off_loop(index, chain, self._generation))
+                    continue
                 q.add_used(chain.head, self._serve(chain.readable, chain.writable))
                 did = True
             if did:
                 self._transport.signal_used(index)
             if not q.set_notification(True):
                 return
+
+    def _serve_off_loop(self, index: int, chain: DescriptorChain, generation: int) -> None:
+        if generation != self._generation:
+            return          # the driver reset the device since: nobody waits for it
+        used = self._serve(chain.readable, chain.writable)
+        self._events.call_soon(lambda: self._complete(index, chain.head, used, generation))
+
+    def _complete(self, index: int, head: int, used: int, generation: int) -> None:
+        if generation != self._generation or not self._queues:
+            return
+        self._queues[index].add_used(head, used)
+        self._transport.signal_used(index)
 
     def _serve(self, readable: list, writable: list) -> int:
         request, _ = gather(readable, self.max_request)

@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -245,6 +246,9 @@ class FuseServer:
         self.initialized = False
         self.minor = 0
         self.flags = 0
+        # close() must not pull descriptors from under a request (their numbers would be reused)
+        self._lock = threading.Lock()
+        self._closed = False
 
     # state -----------------------------------------------------------------------
     def state(self) -> FuseSessionState:
@@ -259,6 +263,11 @@ class FuseServer:
         return len(self._handles)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._close_all()
+
+    def _close_all(self) -> None:
         self._drop_session()
         root = self._inodes.pop(FUSE_ROOT_ID, None)
         if root is not None:
@@ -276,6 +285,13 @@ class FuseServer:
 
     # the request loop ------------------------------------------------------------
     def handle(self, request: bytes) -> bytes:
+        with self._lock:
+            if self._closed:
+                unique = IN_HEADER.unpack_from(request)[2] if len(request) >= IN_HEADER.size else 0
+                return self._error(unique, errno.EIO)
+            return self._handle_request(request)
+
+    def _handle_request(self, request: bytes) -> bytes:
         if len(request) < IN_HEADER.size:
             log.warning("%s: request of %d bytes, shorter than its header", self.name, len(request))
             return OUT_HEADER.pack(OUT_HEADER.size, -errno.EINVAL, 0)
