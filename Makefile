@@ -17,6 +17,8 @@ APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin python3-libnbd busybox-stat
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 # user-mode networking (kvmpy.net._slirp_cffi is built against it)
 APT_PACKAGES += libslirp-dev
+# smb=DIR on a user NIC runs smbd (tests/test_usernet_smb.py)
+APT_PACKAGES += samba
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc
 

@@ -80,6 +80,44 @@ class NetConfig:
 
 
 @dataclass
+class ShareConfig:
+    """A ``[[share]]`` table or ``--share``: a host directory as virtio-fs."""
+    path: str
+    tag: str
+    readonly: bool = False
+
+
+SHARE_KEYS = {"path", "tag", "readonly"}
+SHARE_TAG_BYTES = 36       # virtio-fs config's tag field
+
+
+def check_share(share: ShareConfig, where: str) -> ShareConfig:
+    raw = share.tag.encode("utf-8", "surrogateescape")
+    if not raw or len(raw) > SHARE_TAG_BYTES or "\0" in share.tag:
+        raise ConfigError(f"{where}: tag must be 1-{SHARE_TAG_BYTES} bytes, got {share.tag!r}")
+    if not os.path.isdir(share.path):
+        raise ConfigError(f"{where}: {share.path} is not a directory")
+    return share
+
+
+def parse_share(spec: str) -> ShareConfig:
+    """``--share path=/dir,tag=host[,readonly=on]``."""
+    where = f"--share {spec}"
+    opts: dict[str, str] = {}
+    for part in spec.split(","):
+        k, sep, v = part.partition("=")
+        if not sep or k not in SHARE_KEYS:
+            raise ConfigError(f"{where}: unknown option {part!r} (known: path=, tag=, readonly=on|off)")
+        opts[k] = v
+    for key in ("path", "tag"):
+        if not opts.get(key):
+            raise ConfigError(f"{where}: missing {key}=")
+    share = ShareConfig(path=os.path.abspath(opts["path"]), tag=opts["tag"],
+                        readonly=parse_on_off(opts.get("readonly", "off"), f"{where}: readonly"))
+    return check_share(share, where)
+
+
+@dataclass
 class DeviceConfig:
     """A ``[[device]]`` table or ``--device``: a plug-in device (kvmpy.plugins)."""
     type: str
@@ -116,6 +154,7 @@ class VmConfig:
     no_reboot: bool = False
     disks: list[DiskConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
+    shares: list[ShareConfig] = field(default_factory=list)    # virtio-fs: [[share]], --share
     qmp: list[str] = field(default_factory=list)
     hmp: list[str] = field(default_factory=list)
     pidfile: str | None = None
@@ -164,6 +203,7 @@ DISPLAY_KEYS = {"vga", "vnc", "keymap", "keymaps"}
 VGA_KINDS = ("std", "none")
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
+TOP_KEYS |= {"share"}          # [[share]]: virtio-fs
 
 
 def _expect(value, types, where: str, what: str):
@@ -345,6 +385,18 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         dtype = _expect(d["type"], str, f"{where} key 'type'", "a string")
         options = {k: v for k, v in d.items() if k != "type"}
         cfg.devices.append(DeviceConfig(type=dtype, options=options, where=where, base_dir=base))
+    for i, d in enumerate(_expect(data.get("share", []), list, w("share"), "an array of tables ([[share]])")):
+        where = f"{source}: [[share]] #{i + 1}"
+        _expect(d, dict, where, "a table")
+        _check_unknown(d, SHARE_KEYS, where)
+        for key in ("path", "tag"):
+            if key not in d:
+                raise ConfigError(f"{where}: missing key '{key}'")
+        share = ShareConfig(path=_path(base, d["path"], f"{where} key 'path'"),
+                            tag=_expect(d["tag"], str, f"{where} key 'tag'", "a string"),
+                            readonly=_expect(d.get("readonly", False), bool, f"{where} key 'readonly'",
+                                             "true or false"))
+        cfg.shares.append(check_share(share, where))
     mon = _expect(data.get("monitor", {}), dict, w("monitor"), "a table")
     _check_unknown(mon, MONITOR_KEYS, f"{source}: [monitor]")
     for key in ("qmp", "hmp"):
@@ -420,6 +472,9 @@ def validate(cfg: VmConfig) -> None:
     if len(ide) > 4:
         raise ConfigError(f"{src}: at most 4 IDE disks and CD-ROMs (two channels, master and slave), "
                           f"got {len(ide)}")
+    tags = [share.tag for share in cfg.shares]
+    if len(tags) != len(set(tags)):
+        raise ConfigError(f"{src}: two shares with tag {max(tags, key=tags.count)!r}")
     taken = [d.index for d in ide if d.index is not None]
     if len(taken) != len(set(taken)):
         raise ConfigError(f"{src}: two IDE disks at index {max(taken, key=taken.count)}")

@@ -16,6 +16,7 @@
     ide               pio  0x1f0-0x1f7, 0x3f6              14  IDE primary channel (compatibility mode)
                            0x170-0x177, 0x376              15  IDE secondary channel
     piix3             pci  00:01.0 ISA bridge, 00:01.1 IDE (BAR4: bus-master DMA); the ide entry's controller
+    virtio-fs<N>      pci  (BARs from the PCI bus)           one per [[share]] / --share
     virtio-blk<N>     pci  (BARs from the PCI bus)           one per configured virtio disk
     virtio-net<N>     pci  (BARs from the PCI bus)           one per configured NIC
     vga               pci  (BAR0 framebuffer, BAR2 MMIO)     with [display] vga = "std" or a VNC server
@@ -36,7 +37,7 @@ from .boot import layout
 from .boot.acpi import RSDP_FILE, TABLES_FILE, PciRoot, build_acpi_tables, build_loader_tables
 from .boot.firmware import BootDevice, firmware_kind, virtio_blk_boot_path, virtio_net_boot_path
 from .builder import DeviceEntry, MachineDevices, PlacedDevice
-from .config import DiskConfig, NetConfig, VmConfig
+from .config import DiskConfig, NetConfig, ShareConfig, VmConfig
 from .devices.acpi_pm import PM_BLOCK, SLP_TYP_S5, AcpiPm
 from .devices.context import DeviceContext
 from .devices.fw_cfg import FW_CFG_PORTS, FwCfg
@@ -219,7 +220,7 @@ def open_nic_backend(ctx: DeviceContext):
     net: NetConfig = ctx.options["net"]
     if net.type == "user":
         from .net.slirp import UserNetwork
-        return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}")
+        return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}", runas=ctx.config.runas)
     return open_tap(ctx)
 
 
@@ -252,6 +253,28 @@ def describe_nic(placed: PlacedDevice) -> dict:
 def nic_entry(index: int, net: NetConfig) -> DeviceEntry:
     return DeviceEntry(f"virtio-net{index}", "pci", make_virtio_net, options={"net": net, "index": index, "boot": virtio_net_boot},
                        backend=open_nic_backend, query="net", describe=describe_nic)
+
+
+def open_share(ctx: DeviceContext):
+    """A share's FUSE server: the directory opened now, before the sandbox."""
+    from .devices.virtio.fuse_server import FuseServer
+    share: ShareConfig = ctx.options["share"]
+    try:
+        return FuseServer(share.path, readonly=share.readonly, name=ctx.name)
+    except OSError as e:
+        raise ConfigError(f"share {share.tag!r}: {share.path}: {e.strerror}") from None
+
+
+def make_virtio_fs(ctx: DeviceContext):
+    from .devices.virtio.fs import VirtioFs
+    from .devices.virtio.pci import VirtioPciTransport
+    return VirtioPciTransport(ctx.platform, ctx.events, VirtioFs(ctx.backend, ctx.options["share"].tag,
+                                                                 name=ctx.name, events=ctx.events))
+
+
+def share_entry(index: int, share: ShareConfig) -> DeviceEntry:
+    return DeviceEntry(f"virtio-fs{index}", "pci", make_virtio_fs, options={"share": share, "index": index},
+                       backend=open_share)
 
 
 # --- the IDE controller (PIIX3) --------------------------------------------------------
@@ -525,6 +548,7 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
             *(FIRMWARE_DEVICES if firmware_kind(cfg) != "none" else ()),
             *ide_entries(cfg),
             *(disk_entry(i, disk) for i, disk in enumerate(virtio_disks)),
+            *(share_entry(i, share) for i, share in enumerate(cfg.shares)),
             *(nic_entry(i, net) for i, net in enumerate(cfg.nets)),
             *vga_entries(cfg),
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]

@@ -43,6 +43,8 @@ def register(sub) -> None:
                    "[,if=virtio|ide][,media=disk|cdrom][,index=0-3][,dataplane=native|python][,queues=N]")
     p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M] or user[,hostfwd=tcp::2222-:22]"
                    "[,restrict=on][,net=10.0.2.0/24]... (QEMU's -netdev user options), or none")
+    p.add_argument("--share", action="append", default=[], metavar="path=DIR,tag=TAG[,readonly=on]",
+                   help="a host directory as virtio-fs: mount -t virtiofs TAG /mnt in the guest")
     p.add_argument("--device", action="append", default=[], metavar="TYPE[,KEY=VALUE...]",
                    help="a plug-in device: an entry point name, package.module:Class or file.py:Class "
                         "(see docs/plugins.md)")
@@ -93,6 +95,9 @@ def build_config(args) -> VmConfig:
         cfg.nets = []
     cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
     cfg.devices += [parse_device_option(d) for d in args.device]
+    if args.share:
+        from .config import parse_share
+        cfg.shares += [parse_share(s) for s in args.share]
     cfg.qmp += args.qmp
     cfg.hmp += args.monitor
     if args.vga:
@@ -307,7 +312,7 @@ def _enter_sandbox(cfg: VmConfig) -> None:
         from .vcpu.trace import _load_capstone
         _load_capstone()
     try:
-        install(user_network=any(net.type == "user" for net in cfg.nets))
+        install(user_network=any(net.type == "user" for net in cfg.nets), file_share=bool(cfg.shares))
     except SandboxUnavailable as e:
         if cfg.sandbox:
             raise SandboxUnavailable(f"{_sandbox_where(cfg)}: {e}") from None

@@ -99,6 +99,10 @@ SYSCALLS = {
     "eventfd2": 290, "epoll_create1": 291, "dup3": 292, "pipe2": 293, "preadv": 295,
     "pwritev": 296, "seccomp": 317, "getrandom": 318, "preadv2": 327, "pwritev2": 328,
     "statx": 332, "rseq": 334, "clone3": 435, "openat2": 437, "faccessat2": 439,
+    # virtio-fs shares (FILE_SHARE_CALLS)
+    "fstatfs": 138, "getdents64": 217, "mkdirat": 258, "fchownat": 260, "unlinkat": 263, "renameat": 264,
+    "linkat": 265, "symlinkat": 266, "fchmodat": 268, "utimensat": 280, "renameat2": 316,
+    "geteuid": 107, "getegid": 108, "syncfs": 306,
 }
 
 # ioctl requests outside KVM's own (type 0xAE, <linux/kvm.h>) a running VM makes.
@@ -164,7 +168,19 @@ def _ioctl_rule() -> Rule:
 USER_NETWORK_CALLS = ("socket", "connect", "accept", "bind", "listen", "getpeername", "sendmsg", "recvmsg")
 
 
-def policy(pid: int, user_network: bool = False) -> dict[str, Rule]:
+# A virtio-fs share (kvmpy.devices.virtio.fuse_server) opens, creates, renames and
+# removes files under its directory for the guest while the VM runs: a VM with a
+# [[share]] gets the file system calls back. The server confines itself (one name
+# component at a time under O_PATH descriptors, openat2 RESOLVE_BENEATH); the
+# filter cannot check paths, so for such a VM it keeps only the rest of its
+# guarantees (no exec, no fork, no ptrace, no mount).
+FILE_SHARE_CALLS = ("openat", "openat2", "newfstatat", "readlinkat", "faccessat", "faccessat2", "fstatfs",
+                    "getdents64", "mkdirat", "fchownat", "unlinkat", "renameat", "renameat2", "linkat",
+                    "symlinkat", "fchmodat", "utimensat", "syncfs",
+                    "geteuid", "getegid")     # whose files the guest's root owns (after --runas too)
+
+
+def policy(pid: int, user_network: bool = False, file_share: bool = False) -> dict[str, Rule]:
     """The allow-list for the VM process ``pid``. Order matters only for speed: the
     hot calls (ioctl for KVM_RUN, futex, reads and writes, the loop's wait) come
     first; kernels from 5.11 skip the filter for calls allowed whatever their
@@ -229,6 +245,8 @@ def policy(pid: int, user_network: bool = False) -> dict[str, Rule]:
     }
     if user_network:
         p.update((name, ALLOW) for name in USER_NETWORK_CALLS)
+    if file_share:
+        p.update((name, ALLOW) for name in FILE_SHARE_CALLS)
     return p
 
 
@@ -363,19 +381,20 @@ def audit_mode() -> bool:
     return os.environ.get(AUDIT_ENV, "") not in ("", "0")
 
 
-def install(audit: bool | None = None, user_network: bool = False) -> int:
+def install(audit: bool | None = None, user_network: bool = False, file_share: bool = False) -> int:
     """Set NO_NEW_PRIVS and install the filter on every thread of this process
     (threads started later inherit it). Returns the program's length.
     ``audit`` (default: $KVMPY_SANDBOX_AUDIT): log calls outside the list instead
     of killing the process. ``user_network``: the VM has a user-mode NIC (see
-    USER_NETWORK_CALLS). SandboxUnavailable when the kernel refuses."""
+    USER_NETWORK_CALLS). ``file_share``: the VM has a virtio-fs share (FILE_SHARE_CALLS).
+    SandboxUnavailable when the kernel refuses."""
     if audit is None:
         audit = audit_mode()
     reason = unavailable_reason()
     if reason is not None:
         raise SandboxUnavailable(reason)
     default = SECCOMP_RET_LOG if audit else SECCOMP_RET_KILL_PROCESS
-    prog = assemble(policy(os.getpid(), user_network), default)
+    prog = assemble(policy(os.getpid(), user_network, file_share), default)
     filters = (_SockFilter * len(prog))(*[_SockFilter(code, jt, jf, k) for code, jt, jf, k in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(filters, ctypes.POINTER(_SockFilter)))
     try:

@@ -39,7 +39,7 @@ QUICK_MODULES = {
     "test_ioapic", "test_nbd_protocol",
     "test_irqchip", "test_kvm_api", "test_lapic", "test_legacy", "test_pc_table", "test_pci", "test_pic",
     "test_pit", "test_plugin_virtio_rng", "test_procfs", "test_qmp", "test_qmp_statevm", "test_rtc",
-    "test_serial", "test_tcg_build", "test_usernet_unit",
+    "test_serial", "test_tcg_build", "test_usernet_unit", "test_virtiofs_unit",
     "test_tcg_robustness", "test_tcg_smp", "test_tcg_system", "test_tcg_x87", "test_virtio_pci",
     "test_virtio_queue", "test_virtio_state", "test_qemu_cli",
 }

@@ -66,6 +66,7 @@ size_t slirp_socket_can_recv(Slirp *slirp, struct in_addr guest_addr, int guest_
 void slirp_socket_recv(Slirp *slirp, struct in_addr guest_addr, int guest_port,
                        const uint8_t *buf, int size);
 int slirp_remove_guestfwd(Slirp *slirp, struct in_addr guest_addr, int guest_port);
+int slirp_add_unix(Slirp *slirp, const char *unixsock, struct in_addr *guest_addr, int guest_port);
 char *slirp_connection_info(Slirp *slirp);
 void slirp_handle_timer(Slirp *slirp, SlirpTimerId id, void *cb_opaque);
 void free(void *);

@@ -8,6 +8,8 @@ and is a ConfigError (one line, exit status 2). Nothing here needs libslirp.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -55,11 +57,14 @@ class UserNetOptions:
     restrict: bool = False
     hostfwd: tuple[HostForward, ...] = ()
     guestfwd: tuple[GuestForward, ...] = ()
+    # QEMU's smb=DIR: a Samba server for the guest at smbserver (default x.x.x.4), port 445
+    smb: str = ""
+    smbserver: IPv4Address | None = None
 
 
 USER_NET_KEYS = frozenset({"type", "mac", "net", "host", "dhcpstart", "dns", "hostname", "domainname",
                            "restrict", "hostfwd", "guestfwd", "ipv4", "ipv6", "ipv6-net", "ipv6-prefix",
-                           "ipv6-prefixlen", "ipv6-host", "ipv6-dns", "id"})
+                           "ipv6-prefixlen", "ipv6-host", "ipv6-dns", "id", "smb", "smbserver"})
 _BOOL_WORDS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False,
                "y": True, "n": False}
 
@@ -241,7 +246,17 @@ def parse_user_options(opts: dict, where: str) -> UserNetOptions:
     for fwd in guestfwd:
         if fwd.server not in net:
             raise ConfigError(f"{where}: guestfwd {fwd.spec!r}: {fwd.server} is not in the guest network {net}")
-    return UserNetOptions(net=net, host=host, dhcpstart=dhcp, dns=dns, ipv4=ipv4, ipv6=ipv6, ipv6_net=v6,
+    smb, smbserver = "", None
+    if "smb" in opts:
+        smb = os.path.abspath(_str(opts["smb"], w("smb")))
+        if not os.path.isdir(smb):
+            raise ConfigError(f"{where}: smb: {smb} is not a directory")
+        smbserver = _inside(_v4(opts["smbserver"], w("smbserver")) if "smbserver" in opts
+                            else IPv4Address(base + 4), net, "smbserver", where)
+    elif "smbserver" in opts:
+        raise ConfigError(f"{where}: smbserver without smb=DIR")
+    return UserNetOptions(smb=smb, smbserver=smbserver,
+                          net=net, host=host, dhcpstart=dhcp, dns=dns, ipv4=ipv4, ipv6=ipv6, ipv6_net=v6,
                           ipv6_host=v6addr["ipv6-host"], ipv6_dns=v6addr["ipv6-dns"], hostname=hostname,
                           domainname=domainname, restrict=parse_bool(opts.get("restrict", False), w("restrict")),
                           hostfwd=hostfwd, guestfwd=guestfwd)

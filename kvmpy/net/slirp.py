@@ -118,7 +118,7 @@ class UserNetwork:
     """
 
     def __init__(self, options: UserNetOptions, events: EventLoop, name: str = "net0",
-                 max_sockets: int | None = None) -> None:
+                 max_sockets: int | None = None, runas: str | None = None) -> None:
         self.options = options
         self.events = events
         self.name = name
@@ -129,6 +129,8 @@ class UserNetwork:
         self._guest_errors_dropped = 0
         self._guestfwds: list[_GuestForwardLink] = []
         self._dns: _DnsForwarder | None = None
+        self._smb = None
+        self._runas = runas         # smb=: the user its smbds run as
         self._s = ffi.NULL
         nic, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (nic, mine):
@@ -179,6 +181,8 @@ class UserNetwork:
             self.add_hostfwd(fwd)
         for gfwd in o.guestfwd:
             self._guestfwds.append(_GuestForwardLink(self, gfwd))
+        if o.smb:
+            self._start_smb(o)
         if o.ipv4 and not o.restrict:
             self._dns = _DnsForwarder(self, o.dns)
             if self._dns.servers:
@@ -187,6 +191,14 @@ class UserNetwork:
         self.events.subscribe(s.epoll_fd, EVENT_READ, self._sockets_ready)
         log.info("%s: user-mode networking on %s (host %s, DNS %s, libslirp %s)", self.name, o.net, o.host,
                  o.dns, ffi.string(lib.slirp_version_string()).decode())
+
+    def _start_smb(self, o: UserNetOptions) -> None:
+        """smb=DIR: each guest connection to smbserver:445 reaches a fresh smbd (kvmpy.net.smb)."""
+        from .smb import SMB_PORT, SmbServer
+        self._smb = SmbServer(o.smb, name=self.name, runas=self._runas)
+        path = ffi.new("char[]", self._smb.socket_path.encode())
+        if lib.slirp_add_unix(self._s.slirp, path, _in_addr(o.smbserver), SMB_PORT) < 0:
+            raise ConfigError(f"{self.name}: smb={o.smb}: conflicting/invalid smbserver address {o.smbserver}")
 
     # --- the event loop -----------------------------------------------------------------
     def _guest_frames_ready(self, events: int) -> None:
@@ -337,6 +349,8 @@ class UserNetwork:
                 s, self._s = self._s, ffi.NULL
                 lib.kvmpy_slirp_free(s)
             os.close(self._frame_fd)
+            if self._smb is not None:
+                self._smb.close()
         if self.events.running and not self.events.on_loop_thread():
             self.events.call_and_wait(stop, timeout=5.0)
         else:

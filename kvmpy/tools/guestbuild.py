@@ -52,7 +52,11 @@ BANNER = "kvmpy guest: init"
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
 OPTIONAL_MODULES = ("virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_ring", "virtio",
                     "net_failover", "failover", "jbd2", "mbcache", "crc16", "crc32c_generic", "libcrc32c", "virtio_rng", "virtio_console",
-                    "button", "evdev")   # the ACPI power button, as an input device for acpid
+                    "button", "evdev",   # the ACPI power button, as an input device for acpid
+                    "fuse", "virtiofs",  # [[share]]: mount -t virtiofs TAG /mnt
+                    # --net user,smb=DIR: mount -t cifs //10.0.2.4/qemu /mnt; SMB3 signs and
+                    # encrypts with what cifs only names as soft dependencies
+                    "cifs", "cmac", "ccm", "gcm", "ctr", "ghash_generic", "sha512_generic", "ecb")
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
