@@ -203,6 +203,35 @@ def test_pio_write_then_flush_is_on_disk(rig, disk_path):
         assert f.read(512) == sector_pattern(11)
 
 
+def test_a_dma_write_to_block_0_of_a_probed_raw_disk_writes_what_was_checked(disk_path, monkeypatch):
+    """The guard against a raw disk becoming qcow2 checks the guest's data; another
+    vCPU may rewrite that RAM before the write reaches the file, so what goes to
+    the file must be what was checked, not the guest's buffer read a second time."""
+    from kvmpy.block import raw
+    r = Rig({0: IdeDrive(open_image(disk_path, guard_probe=True))})
+    qcow2_header = b"QFI\xfb" + struct.pack(">I", 3) + bytes(504)
+    real_probe = raw.probe_head
+
+    def probe_then_the_guest_rewrites(head):
+        answer = real_probe(head)
+        r.memory.write(BUF, qcow2_header)       # the other vCPU, between check and write
+        return answer
+    monkeypatch.setattr(raw, "probe_head", probe_then_the_guest_rewrites)
+    try:
+        host = r.hosts[0]
+        host.select(0)
+        r.memory.write(BUF, sector_pattern(77))
+        host.setup_dma(r.memory, TABLE, [(BUF, 512)], to_memory=False)
+        host.taskfile(lba=0, count=1)
+        host.command(0xCA)
+        host.start_dma(to_memory=False)
+        assert not host.status() & ERR
+    finally:
+        r.close()
+    with open(disk_path, "rb") as f:
+        assert f.read(512) == sector_pattern(77)
+
+
 def test_write_to_a_read_only_disk_aborts(disk_path):
     r = Rig({1: IdeDrive(open_image(disk_path, "raw"), read_only=True)})
     try:
