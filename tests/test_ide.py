@@ -301,6 +301,30 @@ def test_bad_prd_tables_are_engine_errors(rig, segments, eot, caplog):
     assert "DMA failed" in caplog.text
 
 
+def test_dma_does_not_write_rom_but_reads_it(rig, disk_path, caplog):
+    rom = rig.memory.add_rom(RAM, b"\x90" * 4096)
+    host = rig.hosts[0]
+    host.select(0)
+    host.setup_dma(rig.memory, TABLE, [(rom.gpa, 512)], to_memory=True)
+    host.taskfile(lba=5, count=1)
+    host.command(0xC8)
+    host.start_dma(to_memory=True)
+    assert host.bm(2) & BM_STATUS_ERROR and host.status() & ERR
+    assert rig.memory.read(rom.gpa, 4096) == b"\x90" * 4096
+    assert "is ROM" in caplog.text
+    host.stop_dma()
+    host.bm(2, BM_STATUS_ERROR | BM_STATUS_INTERRUPT)
+    # to the disk, ROM is as good a source as RAM
+    host.setup_dma(rig.memory, TABLE, [(rom.gpa, 512)], to_memory=False)
+    host.taskfile(lba=5, count=1)
+    host.command(0xCA)
+    host.start_dma(to_memory=False)
+    assert not host.status() & ERR and not host.bm(2) & BM_STATUS_ERROR
+    with open(disk_path, "rb") as f:
+        f.seek(5 * 512)
+        assert f.read(512) == b"\x90" * 512
+
+
 def test_a_table_without_end_mark_is_read_no_further_than_64k(tmp_path):
     path = tmp_path / "big.img"
     with open(path, "wb") as f:

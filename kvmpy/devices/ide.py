@@ -1088,9 +1088,13 @@ class IdeController(Restorable):
             return
         self._run_dma(c, ch, drive)
 
-    def _prd_segments(self, ch: _Channel, length: int) -> tuple[list[tuple[int, memoryview]], bool] | str:
+    def _prd_segments(self, ch: _Channel, length: int,
+                      to_memory: bool) -> tuple[list[tuple[int, memoryview]], bool] | str:
         """The guest memory the PRD table gives for ``length`` bytes, as (address,
-        view) pairs, and whether the table ended exactly there; or why it cannot be used."""
+        view) pairs, and whether the table ended exactly there; or why it cannot be used.
+        ``to_memory``: the engine writes there, which ROM (and write-protected shadow
+        RAM) refuses, as fw_cfg's DMA does."""
+        view_of = self.memory.writable_view if to_memory else self.memory.view
         segments: list[tuple[int, memoryview]] = []
         total = 0
         for i in range(MAX_PRD_ENTRIES):
@@ -1103,9 +1107,9 @@ class IdeController(Restorable):
             take = min(count, length - total)
             if take:
                 try:
-                    segments.append((base & ~1, self.memory.view(base & ~1, take)))
-                except GuestMemoryError:
-                    return f"PRD entry {i} ({base:#x}+{take:#x}) is outside guest RAM"
+                    segments.append((base & ~1, view_of(base & ~1, take)))
+                except GuestMemoryError as e:
+                    return f"PRD entry {i}: {e}"
                 total += take
             if total == length:
                 return segments, bool(flags & PRD_EOT) and take == count
@@ -1116,7 +1120,7 @@ class IdeController(Restorable):
     def _run_dma(self, c: int, ch: _Channel, drive: IdeDrive) -> None:
         atapi = drive.is_atapi
         length = drive.atapi_remaining if atapi else drive.remaining * SECTOR
-        found = self._prd_segments(ch, length)
+        found = self._prd_segments(ch, length, to_memory=atapi or drive.dma == DMA_FROM_DISK)
         if isinstance(found, str):
             log.error("%s: DMA failed: %s", drive.device_name, found)
             ch.bm_status = (ch.bm_status & ~BM_STATUS_ACTIVE) | BM_STATUS_ERROR
