@@ -62,9 +62,9 @@ class Recorder:
 
 class Rig:
     def __init__(self, image, mode="native", event_idx=False, werror="enospc", ring_base=0x100000,
-                 queue_size=64, flush=True):
+                 queue_size=64, flush=True, restrict_block0=False):
         self.m = SoftMachine()
-        self.driver = RawDriver(str(image))
+        self.driver = RawDriver(str(image), restrict_block0=restrict_block0)
         self.errors = Recorder(self.m.events)
         self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors)
         self.dev = self.m.virtio_pci(self.blk)
@@ -360,6 +360,23 @@ def test_stop_policy_keeps_the_request_until_cont(make_rig, file_size_limit):
     assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[2] == b"\x22" * 512
     rig.settle()
     assert rig.dev.native_queues == (True,)
+
+
+@needs_native
+def test_block_0_of_a_probed_raw_disk_stays_the_models(make_rig):
+    """A probed raw image refuses writes that would make it probe as another format
+    (a guest-written qcow2 header could name a host file as its backing file): the
+    thread leaves every write below the guarded span to the model, which checks it."""
+    rig = make_rig(restrict_block0=True)
+    qcow2_header = b"QFI\xfb" + struct.pack(">I", 3) + bytes(504)
+    assert rig.request(VIRTIO_BLK_T_OUT, 0, out=qcow2_header)[0] == VIRTIO_BLK_S_IOERR
+    assert rig.request(VIRTIO_BLK_T_OUT, 3, out=b"\xa5" * 512)[0] == VIRTIO_BLK_S_OK
+    before = rig.native_requests()
+    assert rig.request(VIRTIO_BLK_T_OUT, 4, out=qcow2_header)[0] == VIRTIO_BLK_S_OK
+    assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=2048)[2] == bytes(range(256)) * 6 + b"\xa5" * 512
+    assert rig.native_requests() > before, "past the guarded span the thread serves writes"
+    with open(rig.path, "rb") as f:
+        assert f.read(4) == bytes(range(4))
 
 
 @needs_native

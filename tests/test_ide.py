@@ -203,6 +203,35 @@ def test_pio_write_then_flush_is_on_disk(rig, disk_path):
         assert f.read(512) == sector_pattern(11)
 
 
+def test_a_dma_write_to_block_0_of_a_probed_raw_disk_writes_what_was_checked(disk_path, monkeypatch):
+    """The guard against a raw disk becoming qcow2 checks the guest's data; another
+    vCPU may rewrite that RAM before the write reaches the file, so what goes to
+    the file must be what was checked, not the guest's buffer read a second time."""
+    from kvmpy.block import raw
+    r = Rig({0: IdeDrive(open_image(disk_path, guard_probe=True))})
+    qcow2_header = b"QFI\xfb" + struct.pack(">I", 3) + bytes(504)
+    real_probe = raw.probe_head
+
+    def probe_then_the_guest_rewrites(head):
+        answer = real_probe(head)
+        r.memory.write(BUF, qcow2_header)       # the other vCPU, between check and write
+        return answer
+    monkeypatch.setattr(raw, "probe_head", probe_then_the_guest_rewrites)
+    try:
+        host = r.hosts[0]
+        host.select(0)
+        r.memory.write(BUF, sector_pattern(77))
+        host.setup_dma(r.memory, TABLE, [(BUF, 512)], to_memory=False)
+        host.taskfile(lba=0, count=1)
+        host.command(0xCA)
+        host.start_dma(to_memory=False)
+        assert not host.status() & ERR
+    finally:
+        r.close()
+    with open(disk_path, "rb") as f:
+        assert f.read(512) == sector_pattern(77)
+
+
 def test_write_to_a_read_only_disk_aborts(disk_path):
     r = Rig({1: IdeDrive(open_image(disk_path, "raw"), read_only=True)})
     try:
@@ -270,6 +299,30 @@ def test_bad_prd_tables_are_engine_errors(rig, segments, eot, caplog):
     assert host.bm(2) & (BM_STATUS_ERROR | BM_STATUS_ACTIVE) == BM_STATUS_ERROR
     assert host.status() & ERR and host.error() & ABRT
     assert "DMA failed" in caplog.text
+
+
+def test_dma_does_not_write_rom_but_reads_it(rig, disk_path, caplog):
+    rom = rig.memory.add_rom(RAM, b"\x90" * 4096)
+    host = rig.hosts[0]
+    host.select(0)
+    host.setup_dma(rig.memory, TABLE, [(rom.gpa, 512)], to_memory=True)
+    host.taskfile(lba=5, count=1)
+    host.command(0xC8)
+    host.start_dma(to_memory=True)
+    assert host.bm(2) & BM_STATUS_ERROR and host.status() & ERR
+    assert rig.memory.read(rom.gpa, 4096) == b"\x90" * 4096
+    assert "is ROM" in caplog.text
+    host.stop_dma()
+    host.bm(2, BM_STATUS_ERROR | BM_STATUS_INTERRUPT)
+    # to the disk, ROM is as good a source as RAM
+    host.setup_dma(rig.memory, TABLE, [(rom.gpa, 512)], to_memory=False)
+    host.taskfile(lba=5, count=1)
+    host.command(0xCA)
+    host.start_dma(to_memory=False)
+    assert not host.status() & ERR and not host.bm(2) & BM_STATUS_ERROR
+    with open(disk_path, "rb") as f:
+        f.seek(5 * 512)
+        assert f.read(512) == b"\x90" * 512
 
 
 def test_a_table_without_end_mark_is_read_no_further_than_64k(tmp_path):

@@ -35,6 +35,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..block.raw import RAW_GUARDED_BYTES
 from ..errors import GuestMemoryError, ImageError
 from .atapi import ASC_UNRECOVERED_READ_ERROR, MEDIUM_ERROR, AtapiCdrom, AtapiState
 from .bus import PortSlot
@@ -1087,9 +1088,13 @@ class IdeController(Restorable):
             return
         self._run_dma(c, ch, drive)
 
-    def _prd_segments(self, ch: _Channel, length: int) -> tuple[list[tuple[int, memoryview]], bool] | str:
+    def _prd_segments(self, ch: _Channel, length: int,
+                      to_memory: bool) -> tuple[list[tuple[int, memoryview]], bool] | str:
         """The guest memory the PRD table gives for ``length`` bytes, as (address,
-        view) pairs, and whether the table ended exactly there; or why it cannot be used."""
+        view) pairs, and whether the table ended exactly there; or why it cannot be used.
+        ``to_memory``: the engine writes there, which ROM (and write-protected shadow
+        RAM) refuses, as fw_cfg's DMA does."""
+        view_of = self.memory.writable_view if to_memory else self.memory.view
         segments: list[tuple[int, memoryview]] = []
         total = 0
         for i in range(MAX_PRD_ENTRIES):
@@ -1102,9 +1107,9 @@ class IdeController(Restorable):
             take = min(count, length - total)
             if take:
                 try:
-                    segments.append((base & ~1, self.memory.view(base & ~1, take)))
-                except GuestMemoryError:
-                    return f"PRD entry {i} ({base:#x}+{take:#x}) is outside guest RAM"
+                    segments.append((base & ~1, view_of(base & ~1, take)))
+                except GuestMemoryError as e:
+                    return f"PRD entry {i}: {e}"
                 total += take
             if total == length:
                 return segments, bool(flags & PRD_EOT) and take == count
@@ -1115,7 +1120,7 @@ class IdeController(Restorable):
     def _run_dma(self, c: int, ch: _Channel, drive: IdeDrive) -> None:
         atapi = drive.is_atapi
         length = drive.atapi_remaining if atapi else drive.remaining * SECTOR
-        found = self._prd_segments(ch, length)
+        found = self._prd_segments(ch, length, to_memory=atapi or drive.dma == DMA_FROM_DISK)
         if isinstance(found, str):
             log.error("%s: DMA failed: %s", drive.device_name, found)
             ch.bm_status = (ch.bm_status & ~BM_STATUS_ACTIVE) | BM_STATUS_ERROR
@@ -1140,7 +1145,7 @@ class IdeController(Restorable):
             operation = "read"
         else:
             def io() -> None:
-                self._batched(drive.backend.pwritev, views, drive.lba * SECTOR)
+                self._batched(drive.backend.pwritev, self._stable_head(drive, views), drive.lba * SECTOR)
                 if not drive.write_cache:
                     drive.backend.flush()
             operation = "write"
@@ -1167,6 +1172,21 @@ class IdeController(Restorable):
             self._set_address(ch, drive, drive.lba + drive.remaining - 1)
             drive.cancel()
             self._complete(ch, drive)
+
+    @staticmethod
+    def _stable_head(drive: IdeDrive, views: list[memoryview]) -> list[memoryview]:
+        """``views`` with the part a probed raw image checks before writing (its
+        block 0 must not come to name another format) copied out of guest RAM:
+        another vCPU can rewrite the guest's buffer between that check and the
+        write, and then a format header the check refused would land on the disk."""
+        if not getattr(drive.backend, "restrict_block0", False):
+            return views
+        guarded = RAW_GUARDED_BYTES - drive.lba * SECTOR
+        stable, pos = [], 0
+        for view in views:
+            stable.append(memoryview(bytes(view)) if pos < guarded else view)
+            pos += len(view)
+        return stable
 
     @staticmethod
     def _scatter(views: list[memoryview], data: bytes) -> None:
