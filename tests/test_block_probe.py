@@ -76,3 +76,25 @@ def test_probed_qcow2_backing_chain_needs_formats(tmp_path):
     with open_image(str(top), guard_probe=True) as d:
         assert d.backing.read_only and d.backing.backing.read_only
         assert d.pread(4, 0) == b"BBBB"
+
+
+def test_probed_raw_block0_writes_the_bytes_it_checked(tmp_path, monkeypatch):
+    """The buffers are guest RAM: another vCPU may rewrite them between the check and
+    the write. What lands on the disk is the copy that was checked."""
+    from kvmpy.block import raw
+    img = tmp_path / "d.raw"
+    img.write_bytes(b"M" * 4096)
+    guest = bytearray(1024)
+    real = raw.probe_head
+
+    def racing_probe(head):
+        answer = real(head)
+        guest[:4] = b"QFI\xfb"          # another vCPU, between the check and the write
+        return answer
+
+    monkeypatch.setattr(raw, "probe_head", racing_probe)
+    with open_image(str(img), guard_probe=True) as d:
+        d.pwritev([memoryview(guest)[:512], memoryview(guest)[512:]], 0)
+    data = img.read_bytes()
+    assert data[:1024] == bytes(1024) and data[1024:] == b"M" * 3072
+    assert real(data[:2048]) is None

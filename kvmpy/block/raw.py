@@ -62,25 +62,31 @@ class RawDriver(BlockDriver):
         length = total_length(buffers)
         self._check_range(offset, length)
         if self.restrict_block0 and offset < _MAGIC_SPAN and length:
-            self._check_block0(buffers, offset, length)
+            # What is written is the copy that was checked: the buffers are guest RAM,
+            # which another vCPU may change between the check and the write.
+            buffers = self._check_block0(buffers, offset, length)
         return full_pwritev(self.fd, buffers, offset)
 
-    def _check_block0(self, buffers, offset, length) -> None:
+    def _check_block0(self, buffers, offset, length) -> list:
+        """Refuse a write that would make the image probe as another format; else the
+        buffers to write, their guarded head replaced by the bytes that were checked."""
         head = bytearray(os.pread(self.fd, _MAGIC_SPAN, 0).ljust(_MAGIC_SPAN, b"\0"))
         n = min(length, _MAGIC_SPAN - offset)
         new = bytearray(n)
+        rest = []
         pos = 0
         for b in buffers:
             v = memoryview(b).cast("B")
-            take = min(len(v), n - pos)
+            take = max(0, min(len(v), n - pos))
             new[pos:pos + take] = v[:take]
             pos += take
-            if pos >= n:
-                break
+            if take < len(v):
+                rest.append(v[take:])
         head[offset:offset + n] = new
         if probe_head(bytes(head)) is not None:
             raise ImageError(f"{self.path}: write to block 0 refused: the image was probed as raw "
                              f"and would then probe as another format; give format=raw to allow it")
+        return [bytes(new), *rest]
 
     def flush(self):
         if not self.read_only:
