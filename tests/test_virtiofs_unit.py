@@ -251,6 +251,35 @@ def test_forget_and_bounded_tables(tree):
     server.close()
 
 
+
+def test_listings_of_many_open_directories_are_bounded_together(tree):
+    """A guest opening the same big directory max_handles times and reading each
+    must not make the server hold max_handles copies of its listing; a listing
+    dropped for room is read again when the guest resumes it, and is whole."""
+    for i in range(200):
+        (tree[0] / f"f{i:03d}").write_bytes(b"")
+    names = {b".", b"..", b"hello.txt", b"sub", b"up", b"abs"} | {f"f{i:03d}".encode() for i in range(200)}
+    server = F.FuseServer(str(tree[0]), max_handles=64, max_listed=1000)
+    c = FuseClient(server)
+    c.init()
+    handles = [c.opendir(ROOT) for _ in range(64)]
+    firsts = [c.readdir(ROOT, dh, 0, 256) for dh in handles]
+    assert server.listed_count <= 1000
+    for dh, first in zip(handles, firsts):
+        rest, offset = [], first[-1][1]
+        while True:
+            page = c.readdir(ROOT, dh, offset)
+            if not page:
+                break
+            rest += page
+            offset = page[-1][1]
+        assert {n for n, _, _ in first + rest} == names
+        assert server.listed_count <= 1000
+    for dh in handles:
+        c.release(ROOT, dh, F.RELEASEDIR)
+    assert server.listed_count == 0
+    server.close()
+
 def test_malformed_requests_get_error_replies(client):
     server = client.server
     assert errno_of(server.handle(b"")) == errno.EINVAL
