@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -434,6 +435,30 @@ def test_device_config_and_requests(tree, worker):
     finally:
         rig.close()
 
+
+
+def test_a_driver_reusing_a_head_in_flight_is_a_device_error(tree):
+    """A driver has at most a queue's worth of requests out; one that makes the same
+    head available again and again while the worker is busy would queue requests
+    without bound: that is DEVICE_NEEDS_RESET, and the worker holds no more."""
+    from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET
+    rig = FsRig(tree[0])
+    try:
+        rig.request(F.INIT, 0, F.INIT_IN.pack(7, 37, 0, 0) + bytes(48))
+        req = F.IN_HEADER.pack(F.IN_HEADER.size + 16, F.GETATTR, 7, ROOT, 0, 0, 1, 0, 0) + bytes(16)
+        rig.m.memory.write(rig.REQ, req)
+        head = rig.q.add([(rig.REQ, len(req))], [(rig.REPLY, 4096)], publish=False)
+        with rig.server._lock:          # the worker stalls on the first request
+            for _ in range(4):
+                for _ in range(16):
+                    rig.q.publish(head)
+                rig.d.kick(1)
+                time.sleep(0.2)
+            waiting = rig.fs._worker._jobs.qsize()
+        assert waiting < 16, f"{waiting} requests wait for the worker, from a queue of 16"
+        assert rig.d.status & DEVICE_NEEDS_RESET
+    finally:
+        rig.close()
 
 def test_closed_server_answers_eio(tree):
     server = F.FuseServer(str(tree[0]))
