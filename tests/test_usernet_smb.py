@@ -137,3 +137,49 @@ def test_smb_options():
         with pytest.raises(ConfigError) as e:
             parse_netdev(spec)
         assert message in str(e.value), str(e.value)
+
+
+def _children(pid: int) -> list[int]:
+    # the spawner starts each smbd from a thread of its own: every task's children
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_a_guest_opening_connections_without_end_gets_a_bounded_number_of_smbds(tmp_path):
+    """Every connection to 10.0.2.4:445 costs a host smbd: a guest that opens them
+    without end gets MAX_SMBDS at once, the rest are closed."""
+    import socket
+    from kvmpy.net.smb import MAX_SMBDS, SmbServer, find_smbd
+    if find_smbd() is None:
+        pytest.skip("no smbd on this host (Debian: apt-get install samba)")
+    server = SmbServer(str(tmp_path), runas="nobody")
+    conns = []
+    try:
+        for _ in range(MAX_SMBDS + 8):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(server.socket_path)
+            conns.append(c)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_children(server.proc.pid)) < MAX_SMBDS:
+            time.sleep(0.2)
+        time.sleep(1)
+        assert len(_children(server.proc.pid)) == MAX_SMBDS
+        refused = 0
+        for c in conns:
+            c.settimeout(0)
+            try:
+                refused += c.recv(1) == b""
+            except BlockingIOError:
+                pass
+        assert refused == 8
+    finally:
+        for c in conns:
+            c.close()
+        server.close()
+    assert not os.path.exists(server.private_dir)

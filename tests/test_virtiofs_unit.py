@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -251,6 +252,35 @@ def test_forget_and_bounded_tables(tree):
     server.close()
 
 
+
+def test_listings_of_many_open_directories_are_bounded_together(tree):
+    """A guest opening the same big directory max_handles times and reading each
+    must not make the server hold max_handles copies of its listing; a listing
+    dropped for room is read again when the guest resumes it, and is whole."""
+    for i in range(200):
+        (tree[0] / f"f{i:03d}").write_bytes(b"")
+    names = {b".", b"..", b"hello.txt", b"sub", b"up", b"abs"} | {f"f{i:03d}".encode() for i in range(200)}
+    server = F.FuseServer(str(tree[0]), max_handles=64, max_listed=1000)
+    c = FuseClient(server)
+    c.init()
+    handles = [c.opendir(ROOT) for _ in range(64)]
+    firsts = [c.readdir(ROOT, dh, 0, 256) for dh in handles]
+    assert server.listed_count <= 1000
+    for dh, first in zip(handles, firsts):
+        rest, offset = [], first[-1][1]
+        while True:
+            page = c.readdir(ROOT, dh, offset)
+            if not page:
+                break
+            rest += page
+            offset = page[-1][1]
+        assert {n for n, _, _ in first + rest} == names
+        assert server.listed_count <= 1000
+    for dh in handles:
+        c.release(ROOT, dh, F.RELEASEDIR)
+    assert server.listed_count == 0
+    server.close()
+
 def test_malformed_requests_get_error_replies(client):
     server = client.server
     assert errno_of(server.handle(b"")) == errno.EINVAL
@@ -405,6 +435,30 @@ def test_device_config_and_requests(tree, worker):
     finally:
         rig.close()
 
+
+
+def test_a_driver_reusing_a_head_in_flight_is_a_device_error(tree):
+    """A driver has at most a queue's worth of requests out; one that makes the same
+    head available again and again while the worker is busy would queue requests
+    without bound: that is DEVICE_NEEDS_RESET, and the worker holds no more."""
+    from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET
+    rig = FsRig(tree[0])
+    try:
+        rig.request(F.INIT, 0, F.INIT_IN.pack(7, 37, 0, 0) + bytes(48))
+        req = F.IN_HEADER.pack(F.IN_HEADER.size + 16, F.GETATTR, 7, ROOT, 0, 0, 1, 0, 0) + bytes(16)
+        rig.m.memory.write(rig.REQ, req)
+        head = rig.q.add([(rig.REQ, len(req))], [(rig.REPLY, 4096)], publish=False)
+        with rig.server._lock:          # the worker stalls on the first request
+            for _ in range(4):
+                for _ in range(16):
+                    rig.q.publish(head)
+                rig.d.kick(1)
+                time.sleep(0.2)
+            waiting = rig.fs._worker._jobs.qsize()
+        assert waiting < 16, f"{waiting} requests wait for the worker, from a queue of 16"
+        assert rig.d.status & DEVICE_NEEDS_RESET
+    finally:
+        rig.close()
 
 def test_closed_server_answers_eio(tree):
     server = F.FuseServer(str(tree[0]))

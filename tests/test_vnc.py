@@ -373,6 +373,29 @@ def test_websocket_viewer_and_the_browser_page(tmp_path):
         rig.close()
 
 
+
+def test_a_browser_that_does_not_read_its_page_cannot_grow_the_servers_input(tmp_path):
+    """While a page goes out, what the browser sends is not kept: a client that reads
+    nothing and sends on must not grow the server's memory."""
+    port = free_port()
+    rig = Rig(tmp_path, f",websocket={port}")
+    try:
+        rig.server.web_files = {"/": b"x" * (8 << 20)}
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(64):
+            s.sendall(bytes(64 << 10))      # 4 MiB the server has no use for
+        time.sleep(0.5)
+        held = []
+        rig.events.call_and_wait(lambda: held.extend(len(c.raw) + len(c.inbuf) for c in rig.server.clients))
+        assert all(n <= 1 << 20 for n in held), held
+        s.close()
+    finally:
+        rig.close()
+
 @keymaps_required
 def test_display_table_in_vm_toml():
     from kvmpy.config import config_from_dict

@@ -755,6 +755,8 @@ class WebSocketVncClient(VncClient):
         return header + data
 
     def _received(self, data: bytes) -> None:
+        if self.state == "closing-http":
+            return      # the one request is answered: more input is never parsed, so it is not kept
         self.raw += data
         if self.state == "http":
             end = self.raw.find(b"\r\n\r\n")

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 SMB_PORT = 445
 SMBD_CANDIDATES = ("/usr/sbin/smbd", "/usr/local/sbin/smbd")
+# Each guest connection costs a host process (smbd and its helpers): a guest that
+# opens connections without end must not fill the host with them. A mount holds
+# one; past this many at once the guest's connection is closed.
+MAX_SMBDS = 16
 
 
 def find_smbd() -> str | None:
@@ -173,7 +177,11 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
 
 def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, ids: tuple[int, int],
            children: list) -> None:
-    near, far = _loopback_pair()
+    try:
+        near, far = _loopback_pair()
+    except OSError:     # out of descriptors: this connection is refused, the others go on
+        conn.close()
+        return
     try:
         # its own process group: smbd starts helpers (smbd-notifyd, -cleanupd) that must go with it
         child = subprocess.Popen([smbd, "-l", log_dir, "-s", conf], stdin=far.fileno(), stdout=far.fileno(),
@@ -188,6 +196,8 @@ def _serve(conn: socket.socket, smbd: str, conf: str, log_dir: str, ids: tuple[i
     far.close()
     _relay(conn, near)
     _end_group(child, grace=30)
+    # Forgotten once its group is gone: its number may then be another's process group.
+    children.remove(child)
 
 
 def _end_group(child: subprocess.Popen, grace: float) -> None:
@@ -219,14 +229,24 @@ def spawner_main(smbd: str, conf: str, private_dir: str, uid: str, gid: str) -> 
     children: list[subprocess.Popen] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the VMM's Ctrl-C is not ours: the pipe is
 
+    slots = threading.BoundedSemaphore(MAX_SMBDS)
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            _serve(conn, smbd, conf, private_dir, (int(uid), int(gid)), children)
+        finally:
+            slots.release()
+
     def accept_loop() -> None:
         while True:
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_serve, args=(conn, smbd, conf, private_dir, (int(uid), int(gid)), children),
-                             daemon=True).start()
+            if not slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept_loop, daemon=True).start()
     try:
@@ -234,7 +254,7 @@ def spawner_main(smbd: str, conf: str, private_dir: str, uid: str, gid: str) -> 
             pass
     finally:
         listener.close()
-        for child in children:
+        for child in list(children):
             _end_group(child, grace=0)
         shutil.rmtree(private_dir, ignore_errors=True)
     return 0

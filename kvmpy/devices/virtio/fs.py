@@ -30,7 +30,7 @@ from typing import Sequence
 from ...memory import GuestMemory
 from .device import FdWatch, VirtioTransport
 from .fuse_server import IN_HEADER, OUT_HEADER, FuseServer, FuseSessionState
-from .queue import DescriptorChain, SplitQueue, gather, write_views
+from .queue import DescriptorChain, QueueError, SplitQueue, gather, write_views
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class VirtioFs:
         self.acked_features = 0
         self._queues: Sequence[SplitQueue] = ()
         self._transport: VirtioTransport | None = None
+        # Requests handed to the worker and not yet used, by queue: a driver has at
+        # most a queue's worth; more is a head made available again while in flight,
+        # and each would wait in the worker's queue, without bound.
+        self._in_flight: list[int] = []
 
     def state(self) -> VirtioFsState:
         return VirtioFsState(self.tag, self.server.readonly, self.queue_size, self.server.state())
@@ -111,6 +115,7 @@ class VirtioFs:
     def activate(self, queues: Sequence[SplitQueue], memory: GuestMemory, transport: VirtioTransport) -> None:
         self._queues = queues
         self._transport = transport
+        self._in_flight = [0] * len(queues)
 
     def fd_watches(self) -> Sequence[FdWatch]:
         return ()
@@ -119,6 +124,7 @@ class VirtioFs:
         self._generation += 1
         self._queues = ()
         self._transport = None
+        self._in_flight = []
         self.acked_features = 0
 
     def close(self) -> None:
@@ -133,6 +139,10 @@ class VirtioFs:
             did = False
             for chain in q.iter_chains():
                 if self._worker is not None:
+                    if self._in_flight[index] >= q.size:
+                        raise QueueError(f"more than {q.size} requests in flight on queue {index}: "
+                                         f"head {chain.head} made available again before it was used")
+                    self._in_flight[index] += 1
                     self._worker.submit(lambda chain=chain: self._serve_off_loop(index, chain, self._generation))
                     continue
                 q.add_used(chain.head, self._serve(chain.readable, chain.writable))
@@ -151,6 +161,7 @@ class VirtioFs:
     def _complete(self, index: int, head: int, used: int, generation: int) -> None:
         if generation != self._generation or not self._queues:
             return
+        self._in_flight[index] -= 1
         self._queues[index].add_used(head, used)
         self._transport.signal_used(index)
 

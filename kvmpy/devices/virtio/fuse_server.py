@@ -225,13 +225,19 @@ class FuseServer:
     """
 
     def __init__(self, root: str, readonly: bool = False, max_write: int = 1 << 17, max_read: int = 1 << 17,
-                 max_inodes: int = 1 << 16, max_handles: int = 1 << 12, name: str = "virtio-fs") -> None:
+                 max_inodes: int = 1 << 16, max_handles: int = 1 << 12, max_listed: int = 1 << 18,
+                 name: str = "virtio-fs") -> None:
         self.name = name
         self.readonly = readonly
         self.max_write = max_write
         self.max_read = max_read
         self.max_inodes = max_inodes
         self.max_handles = max_handles
+        # Directory listings the open directories keep, in entries, all together: a
+        # guest opening max_handles directories of a big one must not multiply it.
+        # Past it older listings are dropped and read again if the guest resumes one.
+        self.max_listed = max_listed
+        self._listed = 0
         self.root_path = root
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
@@ -262,6 +268,10 @@ class FuseServer:
     def handle_count(self) -> int:
         return len(self._handles)
 
+    @property
+    def listed_count(self) -> int:
+        return self._listed
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -279,6 +289,7 @@ class FuseServer:
         for h in self._handles.values():
             os.close(h.fd)
         self._handles.clear()
+        self._listed = 0
         for nodeid in [n for n in self._inodes if n != FUSE_ROOT_ID]:
             os.close(self._inodes.pop(nodeid).fd)
         self._by_key = {k: n for k, n in self._by_key.items() if n == FUSE_ROOT_ID}
@@ -681,7 +692,9 @@ class FuseServer:
     def op_releasedir(self, nodeid: int, body: memoryview) -> bytes:
         fh = self._struct(body, RELEASE_IN)[0]
         self._handle(fh, True)
-        os.close(self._handles.pop(fh).fd)
+        h = self._handles.pop(fh)
+        self._forget_listing(h)
+        os.close(h.fd)
         return b""
 
     def op_flush(self, nodeid: int, body: memoryview) -> bytes:
@@ -726,7 +739,13 @@ class FuseServer:
                     except OSError:
                         continue
                     entries.append((os.fsencode(e.name), st.st_ino, stat.S_IFMT(st.st_mode)))
+            self._forget_listing(h)
+            for other in self._handles.values():
+                if self._listed + len(entries) <= self.max_listed:
+                    break
+                self._forget_listing(other)
             h.entries = entries
+            self._listed += len(entries)
         size = min(size, self.max_read)
         out = bytearray()
         for index in range(offset, len(h.entries)):
@@ -737,6 +756,11 @@ class FuseServer:
                 break
             out += rec
         return bytes(out)
+
+    def _forget_listing(self, h: _Handle) -> None:
+        if h.entries is not None:
+            self._listed -= len(h.entries)
+            h.entries = None
 
     def op_access(self, nodeid: int, body: memoryview) -> bytes:
         mask, _ = self._struct(body, ACCESS_IN)
