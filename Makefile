@@ -16,12 +16,13 @@ APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin busybox-static e2fsprogs ip
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 # user-mode networking (kvmpy.net._slirp_cffi is built against it)
 APT_PACKAGES += libslirp-dev
-# boot media tests: grub-mkrescue's BIOS and UEFI images (with xorriso above)
-APT_PACKAGES += grub-pc-bin grub-efi-amd64-bin mtools
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean
 
 all: build
+
+# boot media tests: grub-mkrescue's BIOS and UEFI images (with xorriso above)
+APT_PACKAGES += grub-pc-bin grub-efi-amd64-bin mtools
 
 deps: venv
 	@missing=""; for p in $(APT_PACKAGES); do \
