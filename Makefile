@@ -24,6 +24,9 @@ APT_PACKAGES += samba
 
 all: build
 
+# boot media tests: grub-mkrescue's BIOS and UEFI images (with xorriso above)
+APT_PACKAGES += grub-pc-bin grub-efi-amd64-bin mtools
+
 deps: venv
 	@missing=""; for p in $(APT_PACKAGES); do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

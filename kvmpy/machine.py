@@ -63,9 +63,8 @@ class Machine:
         except HostError as e:
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         if self.firmware_kind == "uefi":
-            log.warning("UEFI is experimental: OVMF looks for its ACPI timer in the PIIX4 power "
-                        "management function (00:01.3), which this machine does not have yet, and "
-                        "stops there")
+            log.warning("UEFI is experimental: OVMF boots, but the OS it starts finds only part of "
+                        "kvmpy's ACPI tables (Linux runs without ACPI: no power-off)")
         if image is not None:
             # Before the accelerator, which maps every region once.
             self.firmware = FirmwareMemory(self.memory, image)

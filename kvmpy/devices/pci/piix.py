@@ -1,4 +1,5 @@
-"""The PIIX3 at 00:01: function 0 the PCI-to-ISA bridge, function 1 the IDE controller.
+"""The PIIX3 at 00:01: function 0 the PCI-to-ISA bridge, function 1 the IDE controller,
+function 3 the PIIX4-style power-management function.
 
 What firmware and OSes look for on an i440FX PC (QEMU's "pc" machine):
 
@@ -15,6 +16,18 @@ What firmware and OSes look for on an i440FX PC (QEMU's "pc" machine):
     7), as SeaBIOS leaves them: Linux's ata_piix skips a channel that is off, and
     with a direct kernel boot there is no firmware to turn them on.
 
+  * 00:01.3, 8086:7113, class 06.80.00: the PIIX4 power-management function
+    (QEMU's "PIIX4_PM"). Firmware finds the ACPI PM block (the PM timer at +8)
+    through it: PMBA (0x40, I/O base | 1) and PMREGMISC (0x80) bit 0, I/O space
+    enabled. OVMF on an i440FX reads the timer's port from PMBA and programs one
+    only when PMREGMISC is off; SeaBIOS always writes 0x601. kvmpy's PM block sits
+    at a fixed port (the FADT's, kvmpy.devices.acpi_pm.PM_BLOCK), so the function
+    comes up decoding it there, as if the firmware had set it, and both registers
+    read back where the block is whatever is written: a register that moved
+    without the block would send the firmware's timer reads into empty ports.
+    DEVACTB's APMC enable (0x5B bit 1) reads set, as on QEMU without SMM, so
+    SeaBIOS does not try to relocate an SMM handler that does not exist.
+
 OpenFirmware device paths for fw_cfg's ``bootorder`` (SeaBIOS src/boot.c reads
 them): ``ide_boot_path(position)``.
 """
@@ -24,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..acpi_pm import PM_BASE_DEFAULT
 from ..ide import BMDMA_SIZE, IdeController, IdeControllerState
 from ..saved_state import StateCheck, StateError, checked
 from .device import BAR_IO, CMD_BUS_MASTER, PciConfigState, PciDevice
@@ -35,6 +49,14 @@ PIRQ_DISABLED = 0x80
 IDE_BMDMA_BAR = 4
 IDETIM = 0x40               # primary 0x40-0x41, secondary 0x42-0x43
 IDETIM_DECODE_ENABLE = 0x8000
+PM_FUNCTION = 3
+PMBA = 0x40
+PMBA_IO_SPACE = 0x01        # bit 0 of an I/O base register: "this is I/O space"
+DEVACTB = 0x58
+DEVACTB_APMC_EN = 0x02      # of DEVACTB's top byte (0x5B): bit 25
+PMREGMISC = 0x80
+PMREGMISC_PMIOSE = 0x01
+SMBHSTBASE = 0x90
 
 # The bridge's power-on register values (Intel 290550, QEMU's piix3_reset).
 _BRIDGE_DEFAULTS = {0x4C: 0x4D, 0x4E: 0x03, 0x60: 0x80, 0x61: 0x80, 0x62: 0x80, 0x63: 0x80, 0x69: 0x02,
@@ -77,11 +99,39 @@ class PiixIde(PciDevice):
         self.controller.write_bmdma(offset, size, value)
 
 
+class PiixPm(PciDevice):
+    """00:01.3: the power-management function, pointing at the ACPI PM block at
+    ``pm_base``. The rest of its space (SMBus base, device activity and resource
+    registers) is plain storage: nothing behind it."""
+
+    def __init__(self, pm_base: int = PM_BASE_DEFAULT) -> None:
+        # QEMU gives the function INTA for the SCI; kvmpy's SCI is ISA IRQ 9 from the
+        # PM block itself (the FADT says so), so no PCI interrupt here.
+        super().__init__(0x8086, 0x7113, 0x068000, revision=0x03, interrupt_pin=0, name="piix4-pm")
+        self.pm_base = pm_base
+        for reg in range(0x40, 0x100):
+            self.wmask[reg] = 0xFF
+        for reg in (*range(PMBA, PMBA + 4), PMREGMISC):
+            self.wmask[reg] = 0
+        self._power_on_registers()
+
+    def _power_on_registers(self) -> None:
+        for reg in range(0x40, 0x100):
+            self.config[reg] = 0
+        self.config[PMBA:PMBA + 4] = (self.pm_base | PMBA_IO_SPACE).to_bytes(4, "little")
+        self.config[PMREGMISC] = PMREGMISC_PMIOSE
+        self.config[DEVACTB + 3] = DEVACTB_APMC_EN
+
+    def reset(self) -> None:
+        self._power_on_registers()
+
+
 @dataclass(frozen=True)
 class Piix3State:
     bridge: PciConfigState
     ide: PciConfigState
     controller: IdeControllerState
+    pm: PciConfigState | None = None        # None: a state saved before the PM function existed
 
     def validate(self) -> None:
         check = StateCheck(self)
@@ -89,6 +139,10 @@ class Piix3State:
             if type(getattr(self, name)) is not PciConfigState:
                 raise check.fail(name, "expected a PciConfigState")
             getattr(self, name).validate()
+        if self.pm is not None:
+            if type(self.pm) is not PciConfigState:
+                raise check.fail("pm", "expected a PciConfigState")
+            self.pm.validate()
         checked(self.controller, IdeControllerState)
 
 
@@ -108,7 +162,8 @@ class Piix3(PciDevice):
         self.controller = controller
         self.ide = PiixIde(controller)
         controller.bus_master = self.ide.bus_master_enabled
-        self.other_functions = {IDE_FUNCTION: self.ide}
+        self.pm = PiixPm()
+        self.other_functions = {IDE_FUNCTION: self.ide, PM_FUNCTION: self.pm}
         for reg in range(0x40, 0x100):
             self.wmask[reg] = 0xFF
         self.set_isa_irq = set_isa_irq
@@ -155,11 +210,13 @@ class Piix3(PciDevice):
         # (the controller's own reset comes with its ports: IdeLegacyPorts)
         self._power_on_registers()
         self.ide.power_on_timing()
+        self.pm.reset()
         if self.pci_bus is not None:
             self.pci_bus.refresh_pirqs()
 
     def state(self) -> Piix3State:
-        return Piix3State(bridge=PciDevice.state(self), ide=self.ide.state(), controller=self.controller.state())
+        return Piix3State(bridge=PciDevice.state(self), ide=self.ide.state(), controller=self.controller.state(),
+                          pm=self.pm.state())
 
     def restore(self, state: Piix3State) -> None:
         state = checked(state, Piix3State)
@@ -173,6 +230,10 @@ class Piix3(PciDevice):
     def _restore_parts(self, state: Piix3State) -> None:
         PciDevice.restore(self, state.bridge)
         self.ide.restore(state.ide)
+        if state.pm is not None:
+            self.pm.restore(state.pm)
+        else:
+            self.pm.reset()
         self.controller.restore(state.controller)
         if self.pci_bus is not None:
             self.pci_bus.refresh_pirqs()
