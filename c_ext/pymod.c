@@ -401,11 +401,28 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
 static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 {
     CPU *c = self->cpu;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
-                         "invalidations", (unsigned long long)c->st_invalidations);
+                         "invalidations", (unsigned long long)c->st_invalidations,
+                         "slow_mem", (unsigned long long)c->st_slow_mem,
+                         "slow_mem_ns", (unsigned long long)c->st_slow_mem_ns);
+}
+
+static PyObject *Cpu_set_profiling(CpuObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on))
+        return NULL;
+    self->cpu->profiling = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_host_tsc_hz(CpuObject *self, PyObject *unused)
+{
+    (void)self;
+    return PyLong_FromUnsignedLongLong(host_tsc_hz());
 }
 
 static PyObject *Cpu_invalidate(CpuObject *self, PyObject *args)
@@ -525,6 +542,8 @@ static PyMethodDef Cpu_methods[] = {
     { "exit_access", (PyCFunction)Cpu_exit_access, METH_NOARGS, NULL },
     { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
     { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
+    { "set_profiling", (PyCFunction)Cpu_set_profiling, METH_VARARGS, "time the slow memory paths" },
+    { "host_tsc_hz", (PyCFunction)Cpu_host_tsc_hz, METH_NOARGS, "the frequency the guest's TSC runs at" },
     { "invalidate", (PyCFunction)Cpu_invalidate, METH_VARARGS, "drop translations of guest RAM written behind our back (DMA)" },
     { "flush", (PyCFunction)Cpu_flush, METH_NOARGS, NULL },
     { "get_xmm", (PyCFunction)Cpu_get_xmm, METH_VARARGS, NULL },

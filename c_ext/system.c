@@ -593,6 +593,13 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val)
     case 0x1b: *val = c->apic_base; return 0;
     case 0x3a: *val = 1; return 0;   /* feature control: locked, nothing enabled */
     case 0x8b: *val = 0; return 0;
+    /* IA32_ARCH_CAPABILITIES (CPUID 7 EDX bit 29): an interpreter has no speculative
+     * execution, so say so, as QEMU's models do; Linux then skips page-table isolation
+     * and the buffer-clearing mitigations, which cost a translator far more than a CPU.
+     * RDCL_NO SKIP_L1DFL_VMENTRY SSB_NO MDS_NO PSCHANGE_MC_NO TAA_NO SBDR_SSDP_NO
+     * FBSDP_NO PSDP_NO GDS_NO RFDS_NO */
+    case 0x10a: *val = (1u << 0) | (1u << 3) | (1u << 4) | (1u << 5) | (1u << 6) | (1u << 8) |
+                       (1u << 13) | (1u << 14) | (1u << 15) | (1u << 26) | (1u << 27); return 0;
     case 0xfe: *val = 0; return 0;   /* MTRRcap: no variable ranges */
     case 0x174: *val = c->sysenter_cs; return 0;
     case 0x175: *val = c->sysenter_esp; return 0;
@@ -693,4 +700,26 @@ void do_cpuid(CPU *c)
     c->r[R_BX] = b;
     c->r[R_CX] = cc;
     c->r[R_DX] = d;
+}
+
+/* The host TSC's frequency, which the guest's TSC runs at (rdtsc is the host's plus an
+ * offset): measured once against CLOCK_MONOTONIC_RAW over 20 ms, so CPUID 0x15/0x16 can
+ * announce it and Linux need not calibrate the TSC against the PIT (thousands of port
+ * exits). Rounded to 1 kHz, Linux's unit. */
+uint64_t host_tsc_hz(void)
+{
+    static uint64_t hz;
+    if (hz)
+        return hz;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &a);
+    uint64_t t0 = __rdtsc();
+    do {
+        clock_gettime(CLOCK_MONOTONIC_RAW, &b);
+    } while ((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec) < 20000000ll);
+    uint64_t t1 = __rdtsc();
+    uint64_t ns = (uint64_t)((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec));
+    uint64_t measured = (uint64_t)((double)(t1 - t0) * 1e9 / (double)ns);
+    hz = (measured + 500) / 1000 * 1000;
+    return hz;
 }

@@ -250,6 +250,10 @@ typedef struct CPU {
     /* statistics (decode vs execute split for the benchmark) */
     uint64_t st_insns, st_blocks, st_translated, st_decoded_insns, st_decode_ns, st_exec_ns;
     uint64_t st_invalidations;
+    /* --trace profile: slow memory paths (TLB misses, page crossings, MMIO, writes to
+     * code pages); the clock is read around them only while `profiling` is set */
+    uint64_t st_slow_mem, st_slow_mem_ns;
+    int profiling;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
@@ -331,6 +335,7 @@ void seg_from_desc(Seg *s, uint16_t sel, const uint32_t d[2]);
 int msr_read(CPU *c, uint32_t idx, uint64_t *val);
 int msr_write(CPU *c, uint32_t idx, uint64_t val);
 void do_cpuid(CPU *c);
+uint64_t host_tsc_hz(void);
 void set_cr0(CPU *c, uint64_t v);
 void set_cr3(CPU *c, uint64_t v);
 void set_cr4(CPU *c, uint64_t v);

@@ -56,6 +56,7 @@ _LEAF1_ECX = sum(1 << b for b in (0, 13, 23, 31))               # sse3 cx16 popc
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
 _LEAF7_EBX = 1 << 0                                              # fsgsbase
+_LEAF7_EDX = 1 << 29                                             # arch_capabilities (msr 0x10a)
 
 
 def filter_cpuid(entries):
@@ -72,9 +73,10 @@ def filter_cpuid(entries):
             if idx == 0:
                 a = 0
                 b &= _LEAF7_EBX
+                d &= _LEAF7_EDX
             else:
-                b = 0
-            c = d = 0
+                b = d = 0
+            c = 0
         elif fn == 0xD:
             a = b = c = d = 0
         elif fn == 0x80000001:
@@ -217,6 +219,10 @@ class TcgVcpu:
 
     def stats(self) -> dict:
         return self._cpu.stats()
+
+    def host_tsc_hz(self) -> int:
+        """The frequency of the guest's TSC (the host's), measured once per process."""
+        return self._cpu.host_tsc_hz()
 
     # ---- state ----
 
