@@ -594,12 +594,15 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val)
     case 0x3a: *val = 1; return 0;   /* feature control: locked, nothing enabled */
     case 0x8b: *val = 0; return 0;
     /* IA32_ARCH_CAPABILITIES (CPUID 7 EDX bit 29): an interpreter has no speculative
-     * execution, so say so, as QEMU's models do; Linux then skips page-table isolation
-     * and the buffer-clearing mitigations, which cost a translator far more than a CPU.
-     * RDCL_NO SKIP_L1DFL_VMENTRY SSB_NO MDS_NO PSCHANGE_MC_NO TAA_NO SBDR_SSDP_NO
-     * FBSDP_NO PSDP_NO GDS_NO RFDS_NO */
-    case 0x10a: *val = (1u << 0) | (1u << 3) | (1u << 4) | (1u << 5) | (1u << 6) | (1u << 8) |
-                       (1u << 13) | (1u << 14) | (1u << 15) | (1u << 26) | (1u << 27); return 0;
+     * execution, so say so, as QEMU's models do; Linux then skips page-table isolation,
+     * buffer clearing, retpolines and return thunks, which cost a translator far more
+     * than a CPU. RDCL_NO IBRS_ALL SKIP_L1DFL_VMENTRY SSB_NO MDS_NO PSCHANGE_MC_NO
+     * TAA_NO SBDR_SSDP_NO FBSDP_NO PSDP_NO BHI_NO PBRSB_NO GDS_NO RFDS_NO ITS_NO */
+    case 0x10a: *val = (1ull << 0) | (1ull << 1) | (1ull << 3) | (1ull << 4) | (1ull << 5) | (1ull << 6) |
+                       (1ull << 8) | (1ull << 13) | (1ull << 14) | (1ull << 15) | (1ull << 20) | (1ull << 24) |
+                       (1ull << 26) | (1ull << 27) | (1ull << 62); return 0;
+    /* IA32_SPEC_CTRL (CPUID 7 EDX bit 26): kept for the guest to read back, no effect */
+    case 0x48: *val = c->spec_ctrl; return 0;
     case 0xfe: *val = 0; return 0;   /* MTRRcap: no variable ranges */
     case 0x174: *val = c->sysenter_cs; return 0;
     case 0x175: *val = c->sysenter_esp; return 0;
@@ -651,6 +654,13 @@ int msr_write(CPU *c, uint32_t idx, uint64_t v)
     case 0xc0000082: if (!canonical(v)) return -1; c->lstar = v; return 0;
     case 0xc0000083: if (!canonical(v)) return -1; c->cstar = v; return 0;
     case 0xc0000084: c->fmask = v & 0xffffffff; return 0;
+    case 0x48:   /* IA32_SPEC_CTRL: IBRS STIBP SSBD are accepted and mean nothing here */
+        if (v & ~7ull)
+            return -1;
+        c->spec_ctrl = v;
+        return 0;
+    case 0x49:   /* IA32_PRED_CMD: IBPB, a barrier with nothing to flush */
+        return (v & ~1ull) ? -1 : 0;
     case 0xc0000100: if (!canonical(v)) return -1; c->seg[S_FS].base = v; return 0;
     case 0xc0000101: if (!canonical(v)) return -1; c->seg[S_GS].base = v; return 0;
     case 0xc0000102: if (!canonical(v)) return -1; c->kernel_gs_base = v; return 0;

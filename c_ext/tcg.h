@@ -168,6 +168,7 @@ typedef struct CPU {
     uint64_t dr[8];
     uint64_t star, lstar, cstar, fmask, kernel_gs_base, tsc_offset, apic_base, pat;
     uint64_t sysenter_cs, sysenter_esp, sysenter_eip, tsc_aux, misc_enable;
+    uint64_t spec_ctrl;   /* IA32_SPEC_CTRL as the guest wrote it */
     uint64_t mtrr_def_type;
     int cpl;
     int code_mode;                   /* 0 = 16-bit, 1 = 32-bit, 2 = 64-bit code */
@@ -252,7 +253,7 @@ typedef struct CPU {
     uint64_t st_invalidations;
     /* --trace profile: slow memory paths (TLB misses, page crossings, MMIO, writes to
      * code pages); the clock is read around them only while `profiling` is set */
-    uint64_t st_slow_mem, st_slow_mem_ns;
+    uint64_t st_slow_mem, st_slow_mem_ns, st_gil_wait_ns;
     int profiling;
 } CPU;
 

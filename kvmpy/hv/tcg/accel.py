@@ -99,7 +99,8 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
         _cache_leaf(1, 2, 1, 32 << 10, 8, cores_minus_1),     # L1 instruction
         _cache_leaf(2, 3, 2, 4 << 20, 16, cores_minus_1),     # L2 4 MiB 16-way, as QEMU's legacy cache
         (4, 3, significant, 0, 0, 0, 0),
-        (7, 0, significant, 0, 0, 0, 1 << 29),                # IA32_ARCH_CAPABILITIES (msr_read)
+        # IBRS/IBPB (IA32_SPEC_CTRL, IA32_PRED_CMD) and IA32_ARCH_CAPABILITIES: msr_read/msr_write
+        (7, 0, significant, 0, 0, 0, (1 << 26) | (1 << 29)),
         # x2APIC topology: SMT level of one thread, core level of num_cpus
         (0xB, 0, significant, 0, 1, (1 << 8) | 0, apic_id),
         (0xB, 1, significant, shift, num_cpus, (2 << 8) | 1, apic_id),

@@ -56,7 +56,7 @@ _LEAF1_ECX = sum(1 << b for b in (0, 13, 23, 31))               # sse3 cx16 popc
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
 _LEAF7_EBX = 1 << 0                                              # fsgsbase
-_LEAF7_EDX = 1 << 29                                             # arch_capabilities (msr 0x10a)
+_LEAF7_EDX = (1 << 26) | (1 << 29)                               # ibrs/ibpb, arch_capabilities (msrs 0x48 0x49 0x10a)
 
 
 def filter_cpuid(entries):
@@ -219,6 +219,14 @@ class TcgVcpu:
 
     def stats(self) -> dict:
         return self._cpu.stats()
+
+    def set_profiling(self, on: bool) -> None:
+        """Time the slow memory paths too (two clock reads each)."""
+        self._cpu.set_profiling(on)
+
+    def sample_rip(self) -> int | None:
+        """Thread-safe, while run() executes: the guest's RIP now (a sample), None if halted."""
+        return self._cpu.sample_rip()
 
     def host_tsc_hz(self) -> int:
         """The frequency of the guest's TSC (the host's), measured once per process."""
