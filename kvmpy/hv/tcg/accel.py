@@ -85,7 +85,7 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
     ecx = int.from_bytes(VENDOR[8:12], "little")
     leaf1_edx = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15) \
         | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)   # fpu tsc msr pae cx8 apic pge cmov clflush mmx fxsr sse sse2
-    leaf1_ecx = (1 << 0) | (1 << 13) | (1 << 31)                      # sse3 cx16 hypervisor
+    leaf1_ecx = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)          # sse3 cx16 popcnt hypervisor
     if num_cpus > 1:
         leaf1_edx |= 1 << 28          # HTT: EBX[23:16] holds the package's logical count
     leaf1_ebx = (apic_id & 0xFF) << 24 | (min(num_cpus, 255) << 16) | (8 << 8)   # clflush 64 bytes
@@ -106,7 +106,7 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
         (0xB, 1, significant, shift, num_cpus, (2 << 8) | 1, apic_id),
         (0xB, 2, significant, 0, 0, 2, apic_id),
         (0x80000000, 0, 0, 0x80000008, 0, 0, 0),
-        (0x80000001, 0, 0, 0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),   # lahf, syscall, nx, lm
+        (0x80000001, 0, 0, 0, 0, 1 | (1 << 5), (1 << 11) | (1 << 20) | (1 << 29)),   # lahf abm(lzcnt), syscall nx lm
         *_brand_leaves(),
         (0x80000006, 0, 0, 0, 0, (4096 << 16) | (8 << 12) | 64, 0),      # L2: 4 MiB, 16-way (code 8), 64-byte lines
         (0x80000007, 0, 0, 0, 0, 0, 1 << 8),                               # invariant TSC
