@@ -3,7 +3,7 @@
  * x87 and fxsave/fxrstor live in x87.c.
  * SSE/SSE2 floating point runs on the host's own SSE unit with the guest's MXCSR
  * (rounding, FTZ/DAZ) loaded, so results, NaN propagation and status flags are
- * exactly the hardware's. CPUID advertises SSE3, not SSSE3 or later. */
+ * exactly the hardware's. CPUID advertises up to SSSE3 (ssse3.h), MMX (mmx.h) too. */
 #include <emmintrin.h>
 #include "tcg.h"
 #include "access.h"
@@ -508,6 +508,7 @@ static int packed_int(int op, const X *dp, const X *sp, X *rp)
 }
 
 #include "mmx.h"
+#include "ssse3.h"
 
 void sse_exec(CPU *c, Insn *i)
 {
@@ -515,8 +516,12 @@ void sse_exec(CPU *c, Insn *i)
     int pfx = i->pfx;   /* 0 none, 1 66, 2 F3, 3 F2 */
     X s, d;
     uint8_t *dst = c->xmm[i->reg];
-    if (i->op >= 0x200)
-        RAISE(c, EXC_UD);   /* 0F38 / 0F3A: SSSE3+ not advertised */
+    if (i->op >= 0x200) {   /* 0F38 / 0F3A: SSSE3; SSE4 is not advertised */
+        if (!ssse3_op(i->op))
+            RAISE(c, EXC_UD);
+        ssse3_exec(c, i, i->op, pfx);
+        return;
+    }
     if (pfx == 0 && mmx_op(op)) {
         mmx_exec(c, i, op);
         return;

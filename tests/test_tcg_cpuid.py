@@ -104,6 +104,7 @@ FEATURES = {
     (1, "edx", 26): "66480fd4c1",           # sse2: paddq xmm0, xmm1
     (1, "edx", 28): None,                   # htt (topology field valid)
     (1, "ecx", 0): "f20f7cc1",              # sse3: haddps
+    (1, "ecx", 9): "660f3800c1" "0f3804c1" "0f77",   # ssse3: pshufb xmm0, xmm1; pmaddubsw mm0, mm1
     (1, "ecx", 13): "480fc70b",             # cx16: cmpxchg16b [rbx]
     (1, "ecx", 23): "f3480fb8c1",           # popcnt rax, rcx
     (1, "ecx", 31): None,                   # hypervisor

@@ -1,4 +1,4 @@
-"""MMX on the translator against unicorn (QEMU's TCG), with test_tcg_oracle's harness.
+"""MMX and SSSE3 on the translator against unicorn (QEMU's TCG), with test_tcg_oracle's harness.
 
 A stream loads MM0-MM7 from the data region, runs random MMX instructions (every
 opcode of the set: register and memory forms, immediates, the SSE additions on MMX
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from test_tcg_oracle import (FUZZ, GPR64, LAYOUT, MXCSR_EPILOGUE, MXCSR_PROLOGUE, Asm, check,  # noqa: E402
-                             initial_state)
+                             g_mov, g_sse, initial_state, sse_programs)
 
 MM_IN = 0x100       # [r15 + MM_IN + 8n]: MMn's initial value
 MM_OUT = 0x1100     # [r15 + MM_OUT + 8n]: MMn at the end; the x87 status word after them
@@ -33,7 +33,9 @@ MMX_BINARY = ["60", "61", "62", "63", "64", "65", "66", "67", "68", "69", "6a", 
               "e0", "e1", "e2", "e3", "e4", "e5", "e8", "e9", "ea", "eb", "ec", "ed", "ee", "ef",
               "f1", "f2", "f3", "f4", "f5", "f6", "f8", "f9", "fa", "fb", "fc", "fd", "fe", "6f"]
 SHIFT_IMM = [("71", 2), ("71", 4), ("71", 6), ("72", 2), ("72", 4), ("72", 6), ("73", 2), ("73", 6)]
-FORMS = ["binary"] * 6 + ["pshufw", "shift", "movd_in", "movd_out", "movq_out", "movntq", "pinsrw",
+# SSSE3 (0F 38 xx; palignr is 0F 3A 0F ib), in MMX (no prefix) and XMM (66) forms
+SSSE3 = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "0a", "0b", "1c", "1d", "1e"]
+FORMS = ["binary"] * 6 + ["ssse3"] * 3 + ["palignr", "pshufw", "shift", "movd_in", "movd_out", "movq_out", "movntq", "pinsrw",
                           "pextrw", "pmovmskb", "maskmovq"]
 
 
@@ -64,6 +66,11 @@ def unit(draw, a: Asm, form: str) -> bytes:
         opc = bytes.fromhex("0f" + draw(st.sampled_from(MMX_BINARY)))
         rm = ("m", a.mem(draw, 8)) if draw(st.booleans()) else ("r", mm_reg(draw))
         return a.enc(opc, mm_reg(draw), rm, 4)
+    if form in ("ssse3", "palignr"):
+        rm = ("m", a.mem(draw, 8)) if draw(st.booleans()) else ("r", mm_reg(draw))
+        if form == "palignr":
+            return a.enc(b"\x0f\x3a\x0f", mm_reg(draw), rm, 4, bytes([draw(st.integers(0, 20))]))
+        return a.enc(bytes.fromhex("0f38" + draw(st.sampled_from(SSSE3))), mm_reg(draw), rm, 4)
     if form == "pshufw":
         rm = ("m", a.mem(draw, 8)) if draw(st.booleans()) else ("r", mm_reg(draw))
         return a.enc(b"\x0f\x70", mm_reg(draw), rm, 4, imm)
@@ -110,6 +117,41 @@ N_MMX = 3000 if FUZZ else 300
 @given(code=mmx_programs(24), state=initial_state(64))
 def test_oracle_mmx(code, state):
     check(64, code, state)
+
+
+def g_ssse3_xmm(draw, a: Asm):
+    """An SSSE3 instruction in its XMM form: 66 0F 38 xx /r, or palignr 66 0F 3A 0F /r ib;
+    m128 operands 16-byte aligned (legacy SSE: misaligned is #GP)."""
+    if draw(st.booleans()):
+        rm = ("m", (2, 7, None, struct.pack("<i", draw(st.integers(-0x100, 0x100)) * 16), 0, 1))
+    else:
+        rm = ("r", draw(st.integers(0, 15)))
+    reg = draw(st.integers(0, 15))
+    if draw(st.integers(0, 5)) == 0:
+        return a.enc(b"\x0f\x3a\x0f", reg, rm, 4, bytes([draw(st.integers(0, 40))]), prefix=b"\x66"), 0
+    return a.enc(bytes.fromhex("0f38" + draw(st.sampled_from(SSSE3))), reg, rm, 4, prefix=b"\x66"), 0
+
+
+@settings(max_examples=N_MMX, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=sse_programs(24, gens=(g_ssse3_xmm, g_ssse3_xmm, g_ssse3_xmm, g_sse, g_mov)), state=initial_state(64))
+def test_oracle_ssse3_xmm(code, state):
+    check(64, code, state)
+
+
+@pytest.mark.parametrize("opc", SSSE3 + ["palignr"])
+@pytest.mark.parametrize("width", ["mmx", "xmm"])
+def test_each_ssse3_op(opc, width):
+    """Every SSSE3 opcode once in each width, register and memory source, on edge
+    bytes (0x80 saturates pabs/psign/pmulhrsw, 0x7f/0xff the horizontal sums)."""
+    a = Asm(64)
+    pfx = b"" if width == "mmx" else b"\x66"
+    opcode, imm = (b"\x0f\x3a\x0f", b"\x05") if opc == "palignr" else (bytes.fromhex("0f38" + opc), b"")
+    mem = (2, 7, None, struct.pack("<i", MM_IN), 0, 1)
+    body = a.enc(opcode, 0, ("r", 1), 4, imm, prefix=pfx) + a.enc(opcode, 2, ("m", mem), 4, imm, prefix=pfx)
+    code = mmx_prologue() + body + mmx_epilogue()
+    vals, flags, _data, xmm = fixed_state(sum(opc.encode()))
+    data = bytes([0x7f, 0x80, 0xff, 0x00, 0x01, 0xfe, 0x81, 0x7e]) * 8
+    check(64, code, (vals, flags, data, xmm))
 
 
 def fixed_state(seed: int):
