@@ -509,6 +509,7 @@ static int packed_int(int op, const X *dp, const X *sp, X *rp)
 
 #include "mmx.h"
 #include "ssse3.h"
+#include "sse41.h"
 
 void sse_exec(CPU *c, Insn *i)
 {
@@ -516,7 +517,11 @@ void sse_exec(CPU *c, Insn *i)
     int pfx = i->pfx;   /* 0 none, 1 66, 2 F3, 3 F2 */
     X s, d;
     uint8_t *dst = c->xmm[i->reg];
-    if (i->op >= 0x200) {   /* 0F38 / 0F3A: SSSE3; SSE4 is not advertised */
+    if (i->op >= 0x200) {   /* 0F38 / 0F3A: SSSE3, SSE4.1, pcmpgtq */
+        if (sse41_op(i->op)) {
+            sse41_exec(c, i, i->op);
+            return;
+        }
         if (!ssse3_op(i->op))
             RAISE(c, EXC_UD);
         ssse3_exec(c, i, i->op, pfx);

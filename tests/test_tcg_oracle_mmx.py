@@ -154,6 +154,65 @@ def test_each_ssse3_op(opc, width):
     check(64, code, (vals, flags, data, xmm))
 
 
+# SSE4.1 (and SSE4.2's pcmpgtq), all 66-prefixed: (opcode, form)
+SSE41 = ([("0f38" + o, "x") for o in ("10", "14", "15", "17", "28", "29", "2b", "37", "38", "39", "3a", "3b",
+                                      "3c", "3d", "3e", "3f", "40", "41")]
+         + [("0f3a" + o, "xi") for o in ("0c", "0d", "0e", "40", "41", "42", "08", "09")]
+         + [("0f38" + o, "part") for o in ("20", "21", "22", "23", "24", "25", "30", "31", "32", "33", "34", "35")]
+         + [("0f3a0a", "part_i"), ("0f3a0b", "part_i"), ("0f382a", "load")]
+         + [("0f3a" + o, "extract") for o in ("14", "15", "16", "17")]
+         + [("0f3a20", "insert"), ("0f3a22", "insert"), ("0f3a21", "insertps")])
+
+
+def g_sse41(draw, a: Asm):
+    opc, form = draw(st.sampled_from(SSE41))
+    opcode = bytes.fromhex(opc)
+    reg = draw(st.integers(0, 15))
+    imm = bytes([draw(st.integers(0, 255))])
+    aligned = ("m", (2, 7, None, struct.pack("<i", draw(st.integers(-0x100, 0x100)) * 16), 0, 1))
+    xreg = ("r", draw(st.integers(0, 15)))
+    if form in ("x", "xi"):
+        rm = aligned if draw(st.booleans()) else xreg
+        return a.enc(opcode, reg, rm, 4, imm if form == "xi" else b"", prefix=b"\x66"), 0
+    if form in ("part", "part_i"):
+        rm = ("m", a.mem(draw, 8)) if draw(st.booleans()) else xreg
+        return a.enc(opcode, reg, rm, 4, imm if form == "part_i" else b"", prefix=b"\x66"), 0
+    if form == "load":
+        return a.enc(opcode, reg, aligned, 4, prefix=b"\x66"), 0
+    size = draw(st.sampled_from([4, 8])) if opc in ("0f3a16", "0f3a22") else 4
+    if form in ("extract", "insert"):
+        rm = ("m", a.mem(draw, 8)) if draw(st.booleans()) else ("r", draw(st.sampled_from(GPR64)))
+        return a.enc(opcode, reg, rm, size, imm, prefix=b"\x66"), 0
+    rm = ("m", a.mem(draw, 4)) if draw(st.booleans()) else xreg     # insertps
+    return a.enc(opcode, reg, rm, 4, imm, prefix=b"\x66"), 0
+
+
+@settings(max_examples=N_MMX, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=sse_programs(24, gens=(g_sse41, g_sse41, g_sse41, g_sse, g_mov)), state=initial_state(64))
+def test_oracle_sse41(code, state):
+    check(64, code, state)
+
+
+@pytest.mark.parametrize("entry", SSE41, ids=lambda e: e[0])
+def test_each_sse41_op(entry):
+    """Every SSE4.1 opcode once, register and memory forms, fixed edge operands."""
+    opc, form = entry
+    a = Asm(64)
+    opcode = bytes.fromhex(opc)
+    imm = b"\xa5" if form not in ("x", "part", "load") else b""
+    mem = ("m", (2, 7, None, struct.pack("<i", MM_IN), 0, 1))
+    if form in ("extract", "insert"):
+        body = a.enc(opcode, 1, ("r", 3), 4, imm, prefix=b"\x66") + a.enc(opcode, 2, mem, 4, imm, prefix=b"\x66")
+    elif form == "load":
+        body = a.enc(opcode, 2, mem, 4, prefix=b"\x66")
+    else:
+        body = a.enc(opcode, 0, ("r", 1), 4, imm, prefix=b"\x66") + a.enc(opcode, 2, mem, 4, imm, prefix=b"\x66")
+    code = MXCSR_PROLOGUE + body + MXCSR_EPILOGUE
+    vals, flags, _data, xmm = fixed_state(sum(opc.encode()))
+    data = bytes([0x7f, 0x80, 0xff, 0x00, 0x01, 0xfe, 0x81, 0x7e]) * 8
+    check(64, code, (vals, flags, data, xmm))
+
+
 def fixed_state(seed: int):
     rnd = random.Random(seed)
     vals = {n: rnd.getrandbits(64) for n in range(16)}
