@@ -268,7 +268,10 @@ typedef struct CPU {
  *              access; calls unwind.c
  *   access.h   guest memory access, inline: the TLB hit, mem.c's slow path otherwise;
  *              calls mem.c, and so mem.c does not include it
- *   system.c, x87.c, sse.c   system architecture, x87, SSE; call access.h, mem.c, unwind.c
+ *   system.c, x87.c   system architecture, x87; call access.h, mem.c, unwind.c
+ *   mmx.c      MMX (and the faults EMMS checks); calls access.h, mem.c, unwind.c
+ *   ssse3.c, sse41.c   SSSE3 (XMM and MMX forms), SSE4.1; call mmx.c and what it calls
+ *   sse.c      SSE/SSE2/SSE3, routing to the three above; simd.h is their shared inline part
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
  *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
@@ -337,7 +340,6 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val);
 int msr_write(CPU *c, uint32_t idx, uint64_t val);
 void do_cpuid(CPU *c);
 uint64_t host_tsc_hz(void);
-void mmx_check(CPU *c);   /* sse.c (mmx.h): the faults of an MMX instruction and EMMS */
 void set_cr0(CPU *c, uint64_t v);
 void set_cr3(CPU *c, uint64_t v);
 void set_cr4(CPU *c, uint64_t v);
@@ -357,6 +359,15 @@ void fxrstor(CPU *c, uint64_t lin, int rexw);
 
 /* ---- sse.c ---- */
 void sse_exec(CPU *c, Insn *i);
+
+/* ---- mmx.c, ssse3.c, sse41.c (called by sse.c; mmx_check by exec.c's emms too) ---- */
+void mmx_check(CPU *c);
+int mmx_op(int op);
+void mmx_exec(CPU *c, Insn *i, int op);
+int ssse3_op(int op);
+void ssse3_exec(CPU *c, Insn *i, int op, int pfx);
+int sse41_op(int op);
+void sse41_exec(CPU *c, Insn *i, int op);
 
 /* ---- exec.c ---- */
 int cpu_run(CPU *c);

@@ -1,16 +1,14 @@
 /* SSE4.1 (66 0F 38 10-41, 66 0F 3A 08-22/40-42) and SSE4.2's pcmpgtq (66 0F 38 37).
  * Integer work is plain C over the X union; the floating point (round*, dpps, dppd)
  * runs each scalar step on the host's SSE unit under the guest's MXCSR, as sse.c's
- * other floating point does, so rounding, NaNs and status flags are the hardware's.
- * Included by sse.c only. */
-#ifndef KVMPY_SSE41_H
-#define KVMPY_SSE41_H
+ * other floating point does, so rounding, NaNs and status flags are the hardware's. */
+#include "simd.h"
 
 #include <fenv.h>
 #include <math.h>
 #include <smmintrin.h>
 
-static int sse41_op(int op)
+int sse41_op(int op)
 {
     switch (op) {
     case 0x210: case 0x214: case 0x215: case 0x217:
@@ -90,7 +88,7 @@ __attribute__((target("sse4.1"))) static void round_host(int op, unsigned imm, c
     }
 }
 
-static void sse41_exec(CPU *c, Insn *i, int op)
+void sse41_exec(CPU *c, Insn *i, int op)
 {
     if (i->pfx != 1)
         RAISE(c, EXC_UD);
@@ -281,5 +279,3 @@ static void sse41_exec(CPU *c, Insn *i, int op)
     }
     memcpy(dst, &r, 16);
 }
-
-#endif

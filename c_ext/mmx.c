@@ -6,17 +6,15 @@
  * MM0-MM7 are the x87 registers' 64-bit mantissas (physical R0-R7, not the stack
  * order). Every MMX instruction sets TOP to 0 and tags all eight registers valid; a
  * write also sets the register's sign and exponent to all ones, so x87 code that
- * forgets EMMS sees NaNs. Included by sse.c only: it shares its operand helpers and
- * the packed-integer core. */
-#ifndef KVMPY_MMX_H
-#define KVMPY_MMX_H
+ * forgets EMMS sees NaNs. sse.c routes the prefix-less forms here; the operand
+ * helpers and the packed-integer core are simd.h's. */
+#include "simd.h"
 
 #define MMX_CR0_EM 4u
 #define MMX_CR0_NE 0x20u
 #define MMX_FSW_ES 0x0080u
-#define MMX_FSW_TOP (7u << 11)
 
-static int mmx_op(int op)
+int mmx_op(int op)
 {
     if (op >= 0x60 && op <= 0x7f)
         return op != 0x6c && op != 0x6d && op != 0x77 && op != 0x78 && op != 0x79 && op != 0x7a &&
@@ -41,34 +39,11 @@ void mmx_check(CPU *c)
         RAISE(c, EXC_MF);
 }
 
-/* the x87 side of any MMX instruction but EMMS: TOP = 0, all registers valid */
-static void mmx_enter(CPU *c)
-{
-    c->fsw &= ~MMX_FSW_TOP;
-    c->ftw = 0;
-}
 
-static uint64_t mm_get(CPU *c, int n)
-{
-    uint64_t v;
-    memcpy(&v, c->fpregs[n & 7], 8);
-    return v;
-}
 
-static void mm_set(CPU *c, int n, uint64_t v)
-{
-    memcpy(c->fpregs[n & 7], &v, 8);
-    c->fpregs[n & 7][8] = 0xff;
-    c->fpregs[n & 7][9] = 0xff;
-}
 
-/* the r/m operand: an MMX register (REX.B does not extend it) or 64 bits of memory */
-static uint64_t mm_src(CPU *c, Insn *i)
-{
-    return i->mod == 3 ? mm_get(c, i->rm) : ld(c, ea_lin(c, i), 8);
-}
 
-static void mmx_exec(CPU *c, Insn *i, int op)
+void mmx_exec(CPU *c, Insn *i, int op)
 {
     mmx_check(c);
     int dr = i->reg & 7;   /* REX.R does not extend an MMX register either */
@@ -225,5 +200,3 @@ static void mmx_exec(CPU *c, Insn *i, int op)
     mmx_enter(c);
     mm_set(c, dr, r.q[0]);
 }
-
-#endif

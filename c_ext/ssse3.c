@@ -1,11 +1,9 @@
 /* SSSE3: 0F 38 00-0B and 1C-1E, 0F 3A 0F (palignr), each in an MMX form (no prefix,
  * 8 bytes, the x87 effects of mmx.h) and an XMM form (66, 16 bytes, an m128 operand
- * must be 16-byte aligned). One lane-generic core serves both widths. Included by
- * sse.c only, after mmx.h. */
-#ifndef KVMPY_SSSE3_H
-#define KVMPY_SSSE3_H
+ * must be 16-byte aligned). One lane-generic core serves both widths. */
+#include "simd.h"
 
-static int ssse3_op(int op)
+int ssse3_op(int op)
 {
     return (op >= 0x200 && op <= 0x20b) || (op >= 0x21c && op <= 0x21e) || op == 0x30f;
 }
@@ -83,7 +81,7 @@ static void ssse3_core(int op, const X *d, const X *s, X *r, int n, unsigned imm
     }
 }
 
-static void ssse3_exec(CPU *c, Insn *i, int op, int pfx)
+void ssse3_exec(CPU *c, Insn *i, int op, int pfx)
 {
     X d, s, r;
     memset(&d, 0, sizeof d);
@@ -106,5 +104,3 @@ static void ssse3_exec(CPU *c, Insn *i, int op, int pfx)
     ssse3_core(op, &d, &s, &r, 16, imm);
     memcpy(c->xmm[i->reg], &r, 16);
 }
-
-#endif
