@@ -31,10 +31,12 @@ VENDOR = b"GenuineIntel"  # 12 bytes: ebx, edx, ecx order below
 SIGNATURE = 0x000306A9    # family 6, model 0x3A, stepping 9
 BRAND = b"Intel Xeon E3-12xx v2 (Ivy Bridge)"   # QEMU's model-id for it
 
-# The LAPIC model's timer clock (kvmpy.devices.lapic.NOMINAL_BUS_HZ), announced as the
-# crystal of CPUID 0x15: Linux derives the LAPIC timer period from it and skips
-# calibrating the timer against the PIT.
-CRYSTAL_HZ = 1_000_000_000
+# The LAPIC timer's clock (the bus_hz given to the LAPIC models below), announced as
+# the crystal of CPUID 0x15: Linux derives the LAPIC timer period from it and skips
+# calibrating the timer against the PIT. 25 MHz, a common Intel crystal: Linux
+# computes crystal_kHz * EBX in 32 bits, and a slower crystal leaves EBX room for a
+# TSC/crystal ratio within a few ppm of the TSC (1 GHz allowed errors of ~100 ppm).
+CRYSTAL_HZ = 25_000_000
 
 
 # How long a halted vCPU sleeps without a wake-up; every event that can end a halt
@@ -63,12 +65,12 @@ def _cache_leaf(subleaf: int, kind: int, level: int, size: int, ways: int, cores
 
 def tsc_ratio(tsc_hz: int) -> tuple[int, int]:
     """CPUID 0x15's TSC/crystal ratio (EBX, EAX) for a TSC of ``tsc_hz``: Linux 6.1
-    computes crystal_kHz * EBX / EAX in 32 bits, so EBX must stay under 2^32 / 10^6
-    (~4294); the closest fraction within that bound keeps the guest's clock within a
-    few ppm of the TSC."""
+    computes crystal_kHz * EBX / EAX in 32 bits, so EBX must stay under 2^32 /
+    crystal_kHz (171798 for 25 MHz); the closest fraction within that bound keeps the
+    guest's clock within a few ppm of the TSC."""
     limit = (1 << 32) // (CRYSTAL_HZ // 1000) - 1
     ratio = Fraction(tsc_hz // 1000, CRYSTAL_HZ // 1000)
-    best = ratio.limit_denominator(max(1, int(limit / max(ratio, Fraction(1)))))
+    best = ratio.limit_denominator(max(1, min(int(limit / ratio), (1 << 32) - 1)))
     while best.numerator > limit:
         best = ratio.limit_denominator(max(1, best.denominator - 1))
     return best.numerator, best.denominator
@@ -144,7 +146,7 @@ class TcgAccel:
         self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
-                                   on_init=self._init_cpu, on_sipi=self._sipi_cpu)
+                                   on_init=self._init_cpu, on_sipi=self._sipi_cpu, bus_hz=CRYSTAL_HZ)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
         self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
                                      on_msi=self.irqchip.send_msi, events=host.events)
