@@ -353,7 +353,11 @@ void sse_exec(CPU *c, Insn *i)
     int pfx = i->pfx;   /* 0 none, 1 66, 2 F3, 3 F2 */
     X s, d;
     uint8_t *dst = c->xmm[i->reg];
-    if (i->op >= 0x200) {   /* 0F38 / 0F3A: SSSE3, SSE4.1, pcmpgtq */
+    if (i->op >= 0x200) {   /* 0F38 / 0F3A: SSSE3, SSE4.1, SSE4.2 */
+        if (sse42_op(i->op)) {
+            sse42_exec(c, i, i->op);
+            return;
+        }
         if (sse41_op(i->op)) {
             sse41_exec(c, i, i->op);
             return;

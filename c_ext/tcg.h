@@ -270,8 +270,9 @@ typedef struct CPU {
  *              calls mem.c, and so mem.c does not include it
  *   system.c, x87.c   system architecture, x87; call access.h, mem.c, unwind.c
  *   mmx.c      MMX (and the faults EMMS checks); calls access.h, mem.c, unwind.c
- *   ssse3.c, sse41.c   SSSE3 (XMM and MMX forms), SSE4.1; call mmx.c and what it calls
- *   sse.c      SSE/SSE2/SSE3, routing to the three above; simd.h is their shared inline part
+ *   ssse3.c, sse41.c, sse42.c   SSSE3 (XMM and MMX forms), SSE4.1, SSE4.2; call mmx.c and
+ *              what it calls
+ *   sse.c      SSE/SSE2/SSE3, routing to the four above; simd.h is their shared inline part
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
  *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
@@ -368,6 +369,8 @@ int ssse3_op(int op);
 void ssse3_exec(CPU *c, Insn *i, int op, int pfx);
 int sse41_op(int op);
 void sse41_exec(CPU *c, Insn *i, int op);
+int sse42_op(int op);
+void sse42_exec(CPU *c, Insn *i, int op);
 
 /* ---- exec.c ---- */
 int cpu_run(CPU *c);

@@ -108,6 +108,7 @@ FEATURES = {
     (1, "ecx", 9): "660f3800c1" "0f3804c1" "0f77",   # ssse3: pshufb xmm0, xmm1; pmaddubsw mm0, mm1
     (1, "ecx", 13): "480fc70b",             # cx16: cmpxchg16b [rbx]
     (1, "ecx", 19): "660f3a0bc105" "660f3817c1" "660f3a40c1ff",   # sse4.1: roundsd, ptest, dpps
+    (1, "ecx", 20): "f20f38f1c1" "660f3a63c10c" "660f3837c1",      # sse4.2: crc32, pcmpistri, pcmpgtq
     (1, "ecx", 23): "f3480fb8c1",           # popcnt rax, rcx
     (1, "ecx", 31): None,                   # hypervisor
     (7, "edx", 26): "b948000000" "0f32" "0f30" "b949000000" "31c0" "31d2" "0f30",   # ibrs/ibpb msrs

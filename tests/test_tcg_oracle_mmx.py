@@ -213,6 +213,39 @@ def test_each_sse41_op(entry):
     check(64, code, (vals, flags, data, xmm))
 
 
+def g_sse42(draw, a: Asm):
+    """crc32 (every operand size, register and memory) and the four string compares
+    with random control bytes; explicit lengths in eax/edx set small (signed) first,
+    and zero bytes planted in XMM registers for the implicit-length forms."""
+    k = draw(st.integers(0, 5))
+    if k == 0:
+        opc = draw(st.sampled_from(["0f38f0", "0f38f1"]))
+        size = draw(st.sampled_from([4, 8])) if opc == "0f38f1" else draw(st.sampled_from([4, 8]))
+        src_size = 1 if opc == "0f38f0" else size
+        pfx = b"\xf2"
+        no66 = True
+        if opc == "0f38f1" and draw(st.booleans()):
+            pfx, size = b"\x66\xf2", 4      # crc32 r32, r/m16
+        rm = ("m", a.mem(draw, src_size)) if draw(st.booleans()) else ("r", draw(st.sampled_from(GPR64)))
+        return a.enc(bytes.fromhex(opc), draw(st.sampled_from(GPR64)), rm, size, prefix=pfx, no66=no66), 0
+    if k == 1:   # a zero element where the implicit forms stop
+        return (b"\x31\xc0" + a.enc(b"\x0f\x3a\x20", draw(st.integers(0, 15)), ("r", 0), 4,
+                                     bytes([draw(st.integers(0, 15))]), prefix=b"\x66")), 0
+    if k == 2:   # explicit lengths, sometimes negative or past the end
+        return (b"\xb8" + struct.pack("<i", draw(st.integers(-20, 20))) +
+                b"\xba" + struct.pack("<i", draw(st.integers(-20, 20)))), 0
+    opc = bytes.fromhex(draw(st.sampled_from(["0f3a60", "0f3a61", "0f3a62", "0f3a63"])))
+    rm = ("m", a.mem(draw, 16)) if draw(st.booleans()) else ("r", draw(st.integers(0, 15)))
+    size = 8 if draw(st.booleans()) else 4    # REX.W: 64-bit lengths
+    return a.enc(opc, draw(st.integers(0, 15)), rm, size, bytes([draw(st.integers(0, 127))]), prefix=b"\x66"), 0
+
+
+@settings(max_examples=N_MMX, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=sse_programs(24, gens=(g_sse42, g_sse42, g_sse42, g_sse, g_mov)), state=initial_state(64))
+def test_oracle_sse42(code, state):
+    check(64, code, state)
+
+
 def fixed_state(seed: int):
     rnd = random.Random(seed)
     vals = {n: rnd.getrandbits(64) for n in range(16)}

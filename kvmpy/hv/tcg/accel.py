@@ -87,7 +87,8 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
     ecx = int.from_bytes(VENDOR[8:12], "little")
     leaf1_edx = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15) \
         | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)   # fpu tsc msr pae cx8 apic pge cmov clflush mmx fxsr sse sse2
-    leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 23) | (1 << 31)   # sse3 ssse3 cx16 sse4.1 popcnt hypervisor
+    # sse3 ssse3 cx16 sse4.1 sse4.2 popcnt hypervisor
+    leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
     if num_cpus > 1:
         leaf1_edx |= 1 << 28          # HTT: EBX[23:16] holds the package's logical count
     leaf1_ebx = (apic_id & 0xFF) << 24 | (min(num_cpus, 255) << 16) | (8 << 8)   # clflush 64 bytes
