@@ -1,11 +1,14 @@
-"""MMX and SSSE3 on the translator against unicorn (QEMU's TCG), with test_tcg_oracle's harness.
+"""MMX, SSSE3, SSE4.1 and SSE4.2 on the translator against unicorn (QEMU's TCG), with
+test_tcg_oracle's harness.
 
 A stream loads MM0-MM7 from the data region, runs random MMX instructions (every
 opcode of the set: register and memory forms, immediates, the SSE additions on MMX
 registers, movd/movq to and from general registers, maskmovq through rDI), then
 stores MM0-MM7 and the x87 status word (TOP must be 0 after MMX code) into the
-compared data region and ends with EMMS. Registers, flags, XMM and memory are
-compared as in test_tcg_oracle. The x87 tag effects, which the data region does not
+compared data region and ends with EMMS. SSSE3 (both widths), SSE4.1 and SSE4.2
+(crc32 and the string compares, with small explicit lengths and planted zero
+elements) run in test_tcg_oracle's SSE streams. Registers, flags, XMM and memory are
+compared as in test_tcg_oracle; each opcode also runs once on fixed edge operands. The x87 tag effects, which the data region does not
 show, are checked on ours against the SDM in test_mmx_x87_state.
 """
 
