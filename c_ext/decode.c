@@ -248,6 +248,7 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
         i->reg = reg | ((rex & 4) ? 8 : 0);
         if (mod == 3) {
             i->rm = rm | ((rex & 1) ? 8 : 0);
+            i->seg = seg >= 0 ? seg : S_DS;   /* maskmovq/maskmovdqu store through DS:rDI */
         } else if (asz == 2) {
             static const uint8_t b16[8] = { R_BX, R_BX, R_BP, R_BP, R_SI, R_DI, R_BP, R_BX };
             static const uint8_t x16[8] = { R_SI, R_DI, R_SI, R_DI, NOREG, NOREG, NOREG, NOREG };

@@ -8,6 +8,7 @@
 /* 0F 77 */
 HANDLER emms(CPU *c)
 {
+    mmx_check(c);
     c->ftw = 0xffff;
 }
 

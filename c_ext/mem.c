@@ -520,7 +520,7 @@ static uint64_t access_one(CPU *c, uint64_t lin, unsigned size, int access, int 
     return v;
 }
 
-uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch)
+static uint64_t read_slow(CPU *c, uint64_t lin, unsigned size, int fetch)
 {
     if (!c->long64)
         lin = (uint32_t)lin;
@@ -537,7 +537,7 @@ uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch)
     return access_one(c, lin, size, fetch ? 2 : 0, 0, 0);
 }
 
-void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
+static void write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
 {
     if (!c->long64)
         lin = (uint32_t)lin;
@@ -557,6 +557,31 @@ void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
         return;
     }
     access_one(c, lin, size, 1, 1, val);
+}
+
+/* The slow paths as the fast paths call them: counted always, timed for --trace profile
+ * (a fault longjmps out and goes untimed; its count stays). */
+uint64_t mem_read_slow(CPU *c, uint64_t lin, unsigned size, int fetch)
+{
+    c->st_slow_mem++;
+    if (likely(!c->profiling))
+        return read_slow(c, lin, size, fetch);
+    uint64_t t0 = now_ns();
+    uint64_t v = read_slow(c, lin, size, fetch);
+    c->st_slow_mem_ns += now_ns() - t0;
+    return v;
+}
+
+void mem_write_slow(CPU *c, uint64_t lin, unsigned size, uint64_t val)
+{
+    c->st_slow_mem++;
+    if (likely(!c->profiling)) {
+        write_slow(c, lin, size, val);
+        return;
+    }
+    uint64_t t0 = now_ns();
+    write_slow(c, lin, size, val);
+    c->st_slow_mem_ns += now_ns() - t0;
 }
 
 /* ---- the access log: device accesses that become VM exits ---- */

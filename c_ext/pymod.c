@@ -158,9 +158,15 @@ static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
     }
     int r;
     self->running = 1;
+    uint64_t returned = 0;
     Py_BEGIN_ALLOW_THREADS
     r = cpu_run(self->cpu);
+    if (self->cpu->profiling)
+        returned = now_ns();
     Py_END_ALLOW_THREADS
+    /* --trace profile: how long the exit waited for the GIL (other Python threads) */
+    if (returned)
+        self->cpu->st_gil_wait_ns += now_ns() - returned;
     self->running = 0;
     return PyLong_FromLong(r);
 }
@@ -424,11 +430,39 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
 static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 {
     CPU *c = self->cpu;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
-                         "invalidations", (unsigned long long)c->st_invalidations);
+                         "invalidations", (unsigned long long)c->st_invalidations,
+                         "slow_mem", (unsigned long long)c->st_slow_mem,
+                         "slow_mem_ns", (unsigned long long)c->st_slow_mem_ns,
+                         "gil_wait_ns", (unsigned long long)c->st_gil_wait_ns);
+}
+
+static PyObject *Cpu_set_profiling(CpuObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on))
+        return NULL;
+    self->cpu->profiling = on;
+    Py_RETURN_NONE;
+}
+
+/* --trace profile's sampler, from another thread while run() executes: where the
+ * guest is (a racy read of an aligned word: a sample, not state), None while halted */
+static PyObject *Cpu_sample_rip(CpuObject *self, PyObject *unused)
+{
+    CPU *c = self->cpu;
+    if (c->halted)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(*(volatile uint64_t *)&c->rip);
+}
+
+static PyObject *Cpu_host_tsc_hz(CpuObject *self, PyObject *unused)
+{
+    (void)self;
+    return PyLong_FromUnsignedLongLong(host_tsc_hz());
 }
 
 static PyObject *Cpu_invalidate(CpuObject *self, PyObject *args)
@@ -550,6 +584,9 @@ static PyMethodDef Cpu_methods[] = {
     { "exit_access", (PyCFunction)Cpu_exit_access, METH_NOARGS, NULL },
     { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
     { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
+    { "set_profiling", (PyCFunction)Cpu_set_profiling, METH_VARARGS, "time the slow memory paths" },
+    { "sample_rip", (PyCFunction)Cpu_sample_rip, METH_NOARGS, "thread-safe: rip now, None if halted" },
+    { "host_tsc_hz", (PyCFunction)Cpu_host_tsc_hz, METH_NOARGS, "the frequency the guest's TSC runs at" },
     { "invalidate", (PyCFunction)Cpu_invalidate, METH_VARARGS, "drop translations of guest RAM written behind our back (DMA)" },
     { "flush", (PyCFunction)Cpu_flush, METH_NOARGS, NULL },
     { "get_xmm", (PyCFunction)Cpu_get_xmm, METH_VARARGS, NULL },

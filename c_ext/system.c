@@ -594,6 +594,16 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val)
     case 0x17: *val = 0; return 0;   /* platform id: what KVM answers (OVMF reads it) */
     case 0x3a: *val = 1; return 0;   /* feature control: locked, nothing enabled */
     case 0x8b: *val = 0; return 0;
+    /* IA32_ARCH_CAPABILITIES (CPUID 7 EDX bit 29): an interpreter has no speculative
+     * execution, so say so, as QEMU's models do; Linux then skips page-table isolation,
+     * buffer clearing, retpolines and return thunks, which cost a translator far more
+     * than a CPU. RDCL_NO IBRS_ALL SKIP_L1DFL_VMENTRY SSB_NO MDS_NO PSCHANGE_MC_NO
+     * TAA_NO SBDR_SSDP_NO FBSDP_NO PSDP_NO BHI_NO PBRSB_NO GDS_NO RFDS_NO ITS_NO */
+    case 0x10a: *val = (1ull << 0) | (1ull << 1) | (1ull << 3) | (1ull << 4) | (1ull << 5) | (1ull << 6) |
+                       (1ull << 8) | (1ull << 13) | (1ull << 14) | (1ull << 15) | (1ull << 20) | (1ull << 24) |
+                       (1ull << 26) | (1ull << 27) | (1ull << 62); return 0;
+    /* IA32_SPEC_CTRL (CPUID 7 EDX bit 26): kept for the guest to read back, no effect */
+    case 0x48: *val = c->spec_ctrl; return 0;
     case 0xfe: *val = 0; return 0;   /* MTRRcap: no variable ranges */
     case 0x174: *val = c->sysenter_cs; return 0;
     case 0x175: *val = c->sysenter_esp; return 0;
@@ -645,6 +655,13 @@ int msr_write(CPU *c, uint32_t idx, uint64_t v)
     case 0xc0000082: if (!canonical(v)) return -1; c->lstar = v; return 0;
     case 0xc0000083: if (!canonical(v)) return -1; c->cstar = v; return 0;
     case 0xc0000084: c->fmask = v & 0xffffffff; return 0;
+    case 0x48:   /* IA32_SPEC_CTRL: IBRS STIBP SSBD are accepted and mean nothing here */
+        if (v & ~7ull)
+            return -1;
+        c->spec_ctrl = v;
+        return 0;
+    case 0x49:   /* IA32_PRED_CMD: IBPB, a barrier with nothing to flush */
+        return (v & ~1ull) ? -1 : 0;
     case 0xc0000100: if (!canonical(v)) return -1; c->seg[S_FS].base = v; return 0;
     case 0xc0000101: if (!canonical(v)) return -1; c->seg[S_GS].base = v; return 0;
     case 0xc0000102: if (!canonical(v)) return -1; c->kernel_gs_base = v; return 0;
@@ -694,4 +711,26 @@ void do_cpuid(CPU *c)
     c->r[R_BX] = b;
     c->r[R_CX] = cc;
     c->r[R_DX] = d;
+}
+
+/* The host TSC's frequency, which the guest's TSC runs at (rdtsc is the host's plus an
+ * offset): measured once against CLOCK_MONOTONIC_RAW over 20 ms, so CPUID 0x15/0x16 can
+ * announce it and Linux need not calibrate the TSC against the PIT (thousands of port
+ * exits). Rounded to 1 kHz, Linux's unit. */
+uint64_t host_tsc_hz(void)
+{
+    static uint64_t hz;
+    if (hz)
+        return hz;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &a);
+    uint64_t t0 = __rdtsc();
+    do {
+        clock_gettime(CLOCK_MONOTONIC_RAW, &b);
+    } while ((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec) < 20000000ll);
+    uint64_t t1 = __rdtsc();
+    uint64_t ns = (uint64_t)((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec));
+    uint64_t measured = (uint64_t)((double)(t1 - t0) * 1e9 / (double)ns);
+    hz = (measured + 500) / 1000 * 1000;
+    return hz;
 }

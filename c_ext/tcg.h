@@ -169,6 +169,7 @@ typedef struct CPU {
     uint64_t dr[8];
     uint64_t star, lstar, cstar, fmask, kernel_gs_base, tsc_offset, apic_base, pat;
     uint64_t sysenter_cs, sysenter_esp, sysenter_eip, tsc_aux, misc_enable;
+    uint64_t spec_ctrl;   /* IA32_SPEC_CTRL as the guest wrote it */
     uint64_t mtrr_def_type;
     int cpl;
     int code_mode;                   /* 0 = 16-bit, 1 = 32-bit, 2 = 64-bit code */
@@ -251,6 +252,10 @@ typedef struct CPU {
     /* statistics (decode vs execute split for the benchmark) */
     uint64_t st_insns, st_blocks, st_translated, st_decoded_insns, st_decode_ns, st_exec_ns;
     uint64_t st_invalidations;
+    /* --trace profile: slow memory paths (TLB misses, page crossings, MMIO, writes to
+     * code pages); the clock is read around them only while `profiling` is set */
+    uint64_t st_slow_mem, st_slow_mem_ns, st_gil_wait_ns;
+    int profiling;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
@@ -264,7 +269,11 @@ typedef struct CPU {
  *              access; calls unwind.c
  *   access.h   guest memory access, inline: the TLB hit, mem.c's slow path otherwise;
  *              calls mem.c, and so mem.c does not include it
- *   system.c, x87.c, sse.c   system architecture, x87, SSE; call access.h, mem.c, unwind.c
+ *   system.c, x87.c   system architecture, x87; call access.h, mem.c, unwind.c
+ *   mmx.c      MMX (and the faults EMMS checks); calls access.h, mem.c, unwind.c
+ *   ssse3.c, sse41.c, sse42.c   SSSE3 (XMM and MMX forms), SSE4.1, SSE4.2; call mmx.c and
+ *              what it calls
+ *   sse.c      SSE/SSE2/SSE3, routing to the four above; simd.h is their shared inline part
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
  *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
@@ -333,6 +342,7 @@ void seg_from_desc(Seg *s, uint16_t sel, const uint32_t d[2]);
 int msr_read(CPU *c, uint32_t idx, uint64_t *val);
 int msr_write(CPU *c, uint32_t idx, uint64_t val);
 void do_cpuid(CPU *c);
+uint64_t host_tsc_hz(void);
 void set_cr0(CPU *c, uint64_t v);
 void set_cr3(CPU *c, uint64_t v);
 void set_cr4(CPU *c, uint64_t v);
@@ -352,6 +362,17 @@ void fxrstor(CPU *c, uint64_t lin, int rexw);
 
 /* ---- sse.c ---- */
 void sse_exec(CPU *c, Insn *i);
+
+/* ---- mmx.c, ssse3.c, sse41.c (called by sse.c; mmx_check by exec.c's emms too) ---- */
+void mmx_check(CPU *c);
+int mmx_op(int op);
+void mmx_exec(CPU *c, Insn *i, int op);
+int ssse3_op(int op);
+void ssse3_exec(CPU *c, Insn *i, int op, int pfx);
+int sse41_op(int op);
+void sse41_exec(CPU *c, Insn *i, int op);
+int sse42_op(int op);
+void sse42_exec(CPU *c, Insn *i, int op);
 
 /* ---- exec.c ---- */
 int cpu_run(CPU *c);

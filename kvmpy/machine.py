@@ -37,6 +37,7 @@ from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
 from .monitor.control import ControlError
 from .pc import ACPI_PM, FW_CFG, SERIAL, MediaError, RemovableMedia, pc_devices, write_acpi_tables
+from .vcpu.profile import BootProfile
 
 if TYPE_CHECKING:  # pragma: no cover - neither imports this module
     from .hv.protocol import Vcpu
@@ -70,6 +71,8 @@ class Machine:
             self.firmware = FirmwareMemory(self.memory, image)
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
+        # ``--trace profile``: the breakdown of the run, printed as the machine closes
+        self.profile = BootProfile(self.pio_bus, self.mmio_bus) if "profile" in cfg.trace else None
         self.started_at = 0.0
         self.exit_status: int | None = None
         self.exit_reason = ""
@@ -543,6 +546,8 @@ class Machine:
         self._closers.append(fn)
 
     def close(self) -> None:
+        if self.profile is not None:
+            self.profile.report()
         for fn in reversed(self._closers):
             try:
                 fn()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports 
     from ..devices.bus import Bus
     from ..hv.protocol import Accel, Vcpu
     from ..memory import GuestMemory
+    from .profile import BootProfile
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class VcpuHost(Protocol):
     memory: GuestMemory          # for the exit tracer's view of the guest's code
     accel: Accel
     trace_exits: bool            # ``trace = ["exits"]``: wrap the vCPU in an ExitTracer
+    profile: BootProfile | None  # ``trace = ["profile"]``: time the vCPU's run and exits
     # Set when the machine wants its vCPUs at a checkpoint (pause, reset, stop).
     control_pending: bool
 
@@ -84,6 +86,9 @@ class VcpuThread(threading.Thread):
         if host.trace_exits:
             from .trace import ExitTracer
             vcpu = tracer = ExitTracer(vcpu, index, host.memory, accel.name)
+        profiled = None
+        if host.profile is not None:
+            vcpu = profiled = host.profile.wrap(vcpu, index)
         try:
             while True:
                 if host.control_pending:
@@ -140,6 +145,8 @@ class VcpuThread(threading.Thread):
         finally:
             if tracer is not None:
                 tracer.close()
+            if profiled is not None:
+                profiled.close()
             host.vcpu_exited(self)
 
     def _device_error(self, where: str, e: Exception) -> None:

@@ -10,6 +10,7 @@ for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ...devices.platform import SoftPlatform
@@ -21,9 +22,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-# What the translator advertises: a plain x86-64 CPU without the extensions it
-# does not implement (no AVX, XSAVE, x2APIC, PCID...).
-VENDOR = b"KvmpyTCGCPU\0"  # 12 bytes: ebx, edx, ecx order below
+# What the translator advertises: an Intel CPU of a model QEMU offers (its "IvyBridge":
+# family 6, model 58, stepping 9) without the extensions the translator does not
+# implement (no AVX, XSAVE, x2APIC, PCID...). A real vendor sends Linux down the
+# vendor's init path (cache and topology leaves, TSC frequency from CPUID 0x15) rather
+# than generic init, which reports SMT siblings and assumes Meltdown.
+VENDOR = b"GenuineIntel"  # 12 bytes: ebx, edx, ecx order below
+SIGNATURE = 0x000306A9    # family 6, model 0x3A, stepping 9
+BRAND = b"Intel Xeon E3-12xx v2 (Ivy Bridge)"   # QEMU's model-id for it
+
+# The LAPIC timer's clock (the bus_hz given to the LAPIC models below), announced as
+# the crystal of CPUID 0x15: Linux derives the LAPIC timer period from it and skips
+# calibrating the timer against the PIT. 25 MHz, a common Intel crystal: Linux
+# computes crystal_kHz * EBX in 32 bits, and a slower crystal leaves EBX room for a
+# TSC/crystal ratio within a few ppm of the TSC (1 GHz allowed errors of ~100 ppm).
+CRYSTAL_HZ = 25_000_000
 
 
 # How long a halted vCPU sleeps without a wake-up; every event that can end a halt
@@ -31,31 +44,83 @@ VENDOR = b"KvmpyTCGCPU\0"  # 12 bytes: ebx, edx, ecx order below
 IDLE_WAIT = 0.5
 
 
-def translator_cpuid(num_cpus: int, apic_id: int = 0) -> list[tuple[int, int, int, int, int, int, int]]:
+def _brand_leaves() -> list[tuple[int, int, int, int, int, int, int]]:
+    text = BRAND.ljust(48, b"\0")[:47] + b"\0"
+    rows = []
+    for k in range(3):
+        chunk = text[16 * k:16 * k + 16]
+        regs = [int.from_bytes(chunk[4 * j:4 * j + 4], "little") for j in range(4)]
+        rows.append((0x80000002 + k, 0, 0, *regs))
+    return rows
+
+
+def _cache_leaf(subleaf: int, kind: int, level: int, size: int, ways: int, cores_minus_1: int):
+    """One CPUID 4 sub-leaf: a cache of ``size`` bytes, 64-byte lines, private to a core."""
+    line = 64
+    sets = size // (ways * line)
+    eax = kind | (level << 5) | (1 << 8) | (0 << 14) | (cores_minus_1 << 26)
+    ebx = (line - 1) | (0 << 12) | ((ways - 1) << 22)
+    return (4, subleaf, 1, eax, ebx, sets - 1, 0)
+
+
+def tsc_ratio(tsc_hz: int) -> tuple[int, int]:
+    """CPUID 0x15's TSC/crystal ratio (EBX, EAX) for a TSC of ``tsc_hz``: Linux 6.1
+    computes crystal_kHz * EBX / EAX in 32 bits, so EBX must stay under 2^32 /
+    crystal_kHz (171798 for 25 MHz); the closest fraction within that bound keeps the
+    guest's clock within a few ppm of the TSC."""
+    limit = (1 << 32) // (CRYSTAL_HZ // 1000) - 1
+    ratio = Fraction(tsc_hz // 1000, CRYSTAL_HZ // 1000)
+    best = ratio.limit_denominator(max(1, min(int(limit / ratio), (1 << 32) - 1)))
+    while best.numerator > limit:
+        best = ratio.limit_denominator(max(1, best.denominator - 1))
+    return best.numerator, best.denominator
+
+
+def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[tuple[int, int, int, int, int, int, int]]:
     """CPUID of one vCPU: ``num_cpus`` single-thread cores in one package (what KVM's
-    table says too), so Linux's topology code sees as many cores as the MADT lists."""
+    table says too), so Linux's topology code sees as many cores as the MADT lists
+    and one thread per core. ``tsc_hz``: the TSC's frequency (CPUID 0x15/0x16), 0 if
+    unknown (Linux then calibrates it)."""
     shift = max(0, (num_cpus - 1).bit_length())
     ebx = int.from_bytes(VENDOR[0:4], "little")
     edx = int.from_bytes(VENDOR[4:8], "little")
     ecx = int.from_bytes(VENDOR[8:12], "little")
     leaf1_edx = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15) \
         | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)   # fpu tsc msr pae cx8 apic pge cmov clflush mmx fxsr sse sse2
-    leaf1_ecx = (1 << 0) | (1 << 13) | (1 << 31)                      # sse3 cx16 hypervisor
+    # sse3 ssse3 cx16 sse4.1 sse4.2 popcnt hypervisor
+    leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
     if num_cpus > 1:
         leaf1_edx |= 1 << 28          # HTT: EBX[23:16] holds the package's logical count
     leaf1_ebx = (apic_id & 0xFF) << 24 | (min(num_cpus, 255) << 16) | (8 << 8)   # clflush 64 bytes
     significant = 1                   # KVM_CPUID_FLAG_SIGNIFCANT_INDEX: leaf 0xB has sub-leaves
-    return [
-        (0, 0, 0, 0xD, ebx, ecx, edx),
-        (1, 0, 0, 0x000606A0, leaf1_ebx, leaf1_ecx, leaf1_edx),
+    cores_minus_1 = min((1 << shift) - 1, 63)
+    rows = [
+        (0, 0, 0, 0x16 if tsc_hz else 0xD, ebx, ecx, edx),
+        (1, 0, 0, SIGNATURE, leaf1_ebx, leaf1_ecx, leaf1_edx),
+        (2, 0, 0, 0x0000FF01, 0, 0, 0),   # descriptor 0xFF: the caches are in leaf 4
+        _cache_leaf(0, 1, 1, 32 << 10, 8, cores_minus_1),     # L1 data 32 KiB 8-way
+        _cache_leaf(1, 2, 1, 32 << 10, 8, cores_minus_1),     # L1 instruction
+        _cache_leaf(2, 3, 2, 4 << 20, 16, cores_minus_1),     # L2 4 MiB 16-way, as QEMU's legacy cache
+        (4, 3, significant, 0, 0, 0, 0),
+        # IBRS/IBPB (IA32_SPEC_CTRL, IA32_PRED_CMD) and IA32_ARCH_CAPABILITIES: msr_read/msr_write
+        (7, 0, significant, 0, 0, 0, (1 << 26) | (1 << 29)),
         # x2APIC topology: SMT level of one thread, core level of num_cpus
         (0xB, 0, significant, 0, 1, (1 << 8) | 0, apic_id),
         (0xB, 1, significant, shift, num_cpus, (2 << 8) | 1, apic_id),
         (0xB, 2, significant, 0, 0, 2, apic_id),
         (0x80000000, 0, 0, 0x80000008, 0, 0, 0),
-        (0x80000001, 0, 0, 0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),   # lahf, syscall, nx, lm
+        (0x80000001, 0, 0, 0, 0, 1 | (1 << 5), (1 << 11) | (1 << 20) | (1 << 29)),   # lahf abm(lzcnt), syscall nx lm
+        *_brand_leaves(),
+        (0x80000006, 0, 0, 0, 0, (4096 << 16) | (8 << 12) | 64, 0),      # L2: 4 MiB, 16-way (code 8), 64-byte lines
+        (0x80000007, 0, 0, 0, 0, 0, 1 << 8),                               # invariant TSC
         (0x80000008, 0, 0, 0x3028, 0, 0, 0),                                # 40-bit phys, 48-bit virt
     ]
+    if tsc_hz:
+        numerator, denominator = tsc_ratio(tsc_hz)
+        rows.append((0x15, 0, 0, denominator, numerator, CRYSTAL_HZ, 0))
+        mhz = tsc_hz // 1_000_000
+        rows.append((0x16, 0, 0, mhz, mhz, CRYSTAL_HZ // 1_000_000, 0))
+    return rows
 
 
 class TcgAccel:
@@ -77,12 +142,12 @@ class TcgAccel:
         # APIC id = index: what the MADT announces and the LAPIC model reports
         self.vcpus = [TcgVcpu(host.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
         for i, v in enumerate(self.vcpus):
-            v.set_cpuid(translator_cpuid(num_cpus, i))
+            v.set_cpuid(translator_cpuid(num_cpus, i, v.host_tsc_hz()))
         self.timer_wheel = TimerWheel(events=host.events)
         self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
-                                   on_init=self._init_cpu, on_sipi=self._sipi_cpu)
+                                   on_init=self._init_cpu, on_sipi=self._sipi_cpu, bus_hz=CRYSTAL_HZ)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
         self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
                                      on_msi=self.irqchip.send_msi, events=host.events)

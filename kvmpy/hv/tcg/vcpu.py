@@ -26,8 +26,8 @@ guest RAM (virtio), or another TcgVcpu's writes, must be followed by
 while run() executes (the range is applied at the next block boundary).
 
 Only the instruction sets advertised through ``set_cpuid`` (filtered by
-``filter_cpuid``) are implemented: the integer ISA, x87 (c_ext/x87.c), SSE/SSE2/SSE3,
-fxsave/fxrstor, cmpxchg16b, popcnt/lzcnt; no MMX, SSSE3+, AVX, XSAVE or SYSENTER.
+``filter_cpuid``) are implemented: the integer ISA, x87 (c_ext/x87.c), MMX, SSE/SSE2/SSE3/
+SSSE3/SSE4.1/SSE4.2, fxsave/fxrstor, cmpxchg16b, popcnt/lzcnt; no AVX, XSAVE or SYSENTER.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ else:
 # so the guest never picks an instruction set extension we would #UD on.
 # fpu pse tsc msr pae cx8 apic mtrr pge cmov pat clflush mmx fxsr sse sse2 htt (no sysenter)
 _LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 12, 13, 15, 16, 19, 23, 24, 25, 26, 28))
-_LEAF1_ECX = sum(1 << b for b in (0, 13, 23, 31))               # sse3 cx16 popcnt hypervisor
+_LEAF1_ECX = sum(1 << b for b in (0, 9, 13, 19, 20, 23, 31))    # sse3 ssse3 cx16 sse4.1/4.2 popcnt hypervisor
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
 _LEAF7_EBX = 1 << 0                                              # fsgsbase
+_LEAF7_EDX = (1 << 26) | (1 << 29)                               # ibrs/ibpb, arch_capabilities (msrs 0x48 0x49 0x10a)
 
 
 def filter_cpuid(entries):
@@ -72,9 +73,10 @@ def filter_cpuid(entries):
             if idx == 0:
                 a = 0
                 b &= _LEAF7_EBX
+                d &= _LEAF7_EDX
             else:
-                b = 0
-            c = d = 0
+                b = d = 0
+            c = 0
         elif fn == 0xD:
             a = b = c = d = 0
         elif fn == 0x80000001:
@@ -229,6 +231,18 @@ class TcgVcpu:
 
     def stats(self) -> dict:
         return self._cpu.stats()
+
+    def set_profiling(self, on: bool) -> None:
+        """Time the slow memory paths too (two clock reads each)."""
+        self._cpu.set_profiling(on)
+
+    def sample_rip(self) -> int | None:
+        """Thread-safe, while run() executes: the guest's RIP now (a sample), None if halted."""
+        return self._cpu.sample_rip()
+
+    def host_tsc_hz(self) -> int:
+        """The frequency of the guest's TSC (the host's), measured once per process."""
+        return self._cpu.host_tsc_hz()
 
     # ---- state ----
 
