@@ -772,8 +772,9 @@ def test_multiboot_aout_load_and_boot_information(memory, tmp_path):
     (tmp_path / "m1").write_bytes(b"one")
     (tmp_path / "m2").write_bytes(b"two" * 2000)
     assert kernel_kind(str(kernel)) == "multiboot"
+    # mem_size as the machine passes it: -m, not the RAM mapped (the VGA window is a hole)
     state = load_kernel(memory, str(kernel), "a b", modules=[(str(tmp_path / "m1"), "m1 x y"),
-                                                             (str(tmp_path / "m2"), "m2")])
+                                                             (str(tmp_path / "m2"), "m2")], mem_size=64 << 20)
     assert (state.regs.rax, state.regs.rbx, state.regs.rip) == (BOOTLOADER_MAGIC, INFO_ADDR, 0x100080)
     assert state.sregs.cr0 & 1 and not state.sregs.cr0 >> 31 and not state.regs.rflags & 0x200
     assert memory.read(0x100080, 4) == b"\xf4\xeb\xfd\x90"

@@ -329,9 +329,10 @@ def test_qcow2_write_through_without_the_flush_feature(tmp_path):
         assert r.request(VIRTIO_BLK_T_OUT, 8 * 5 + 1, out=pattern)[0] == VIRTIO_BLK_S_OK
         seg = struct.pack("<QII", 8 * 100, 16, 1)          # WRITE_ZEROES with UNMAP
         assert r.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg)[0] == VIRTIO_BLK_S_OK
-        check = subprocess.run([qemu_img, "check", str(p)], capture_output=True, text=True)
+        # -U: the device holds the image's write lock, as QEMU's would
+        check = subprocess.run([qemu_img, "check", "-U", str(p)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        subprocess.run([qemu_img, "convert", "-O", "raw", str(p), str(conv)], check=True)
+        subprocess.run([qemu_img, "convert", "-U", "-O", "raw", str(p), str(conv)], check=True)
         data = conv.read_bytes()
         assert data[(8 * 5 + 1) * 512:(8 * 5 + 1) * 512 + len(pattern)] == pattern
         assert data[(8 * 5) * 512:(8 * 5 + 1) * 512] == b"BASE" * 128          # copy-on-write kept the rest

@@ -178,8 +178,10 @@ def load_multiboot(memory: GuestMemory, path: str, image: bytes, header: Multibo
         return addr
 
     cmdline_addr = add_string(f"{path} {cmdline}", "-append")
-    low_ram_end = min(memory.regions[0].end, 1 << 32)
     mod_addr = (kernel_end + PAGE - 1) & ~(PAGE - 1)
+    # Modules follow the kernel in the RAM region it was loaded into (low memory has
+    # holes: the VGA window and the BIOS area below 1 MiB, the PCI hole below 4 GiB).
+    low_ram_end = min(next((r.end for r in memory.regions if r.gpa <= mod_addr < r.end), mod_addr), 1 << 32)
     mod_entries = bytearray()
     for mod_path, mod_cmdline, data in modules:
         if mod_addr + len(data) > low_ram_end:
