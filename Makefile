@@ -13,7 +13,7 @@ VPY := $(VENV)/bin/python
 TEST_WORKERS ?= auto
 APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin python3-libnbd busybox-static e2fsprogs iproute2 acpica-tools \
                netcat-openbsd socat xorriso seabios qemu-system-data ovmf \
-               console-setup-linux x11proto-dev chromium npm \
+               console-setup-linux x11proto-dev chromium \
                gcc make binutils libffi-dev linux-libc-dev python3-venv python3-dev
 # user-mode networking (kvmpy.net._slirp_cffi is built against it)
 APT_PACKAGES += libslirp-dev
@@ -30,6 +30,7 @@ APT_PACKAGES += grub-pc-bin grub-efi-amd64-bin mtools
 deps: venv
 	@missing=""; for p in $(APT_PACKAGES); do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -69,11 +70,14 @@ NOVNC_DIR = kvmpy/display/novnc
 novnc: $(NOVNC_DIR)/.version-$(NOVNC_VERSION)
 $(NOVNC_DIR)/.version-$(NOVNC_VERSION):
 	@if ! command -v npm >/dev/null; then echo "npm not found: the browser console (websocket=) has no noVNC"; exit 0; fi; \
-	tmp=$$(mktemp -d) && (cd $$tmp && npm pack -q @novnc/novnc@$(NOVNC_VERSION) >/dev/null) && \
-	rm -rf $(NOVNC_DIR) && mkdir -p $(NOVNC_DIR) && \
-	tar -xzf $$tmp/novnc-novnc-$(NOVNC_VERSION).tgz -C $(NOVNC_DIR) --strip-components=1 \
-	    package/core package/vendor package/LICENSE.txt package/AUTHORS && \
-	rm -rf $$tmp && touch $@
+	tmp=$$(mktemp -d); \
+	if (cd $$tmp && npm pack -q @novnc/novnc@$(NOVNC_VERSION) >/dev/null) && \
+	   rm -rf $(NOVNC_DIR) && mkdir -p $(NOVNC_DIR) && \
+	   tar -xzf $$tmp/novnc-novnc-$(NOVNC_VERSION).tgz -C $(NOVNC_DIR) --strip-components=1 \
+	       package/core package/vendor package/LICENSE.txt package/AUTHORS; then \
+	    touch $@; \
+	else echo "could not fetch noVNC from npm: the browser console (websocket=) has no page"; \
+	    rm -rf $(NOVNC_DIR); fi; rm -rf $$tmp
 
 guests:
 	$(MAKE) -C tests/guests
