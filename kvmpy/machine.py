@@ -110,6 +110,8 @@ class Machine:
         self.events.start()
         self.accel = None
         self._boot_files: BootFiles | None = None
+        # kernel, initrd and linuxboot ROM for a firmware boot with --kernel, read once
+        self._linux_files: tuple[bytes, bytes | None, bytes] | None = None
         # Looked at once: a sandboxed process (kvmpy.sandbox) cannot look later.
         self._kvm_present = kvm_device_present()
         self.accel_name = accel or cfg.accel
@@ -203,7 +205,7 @@ class Machine:
         if self.cfg.kernel:
             # -kernel with firmware: QEMU's way, the option ROM loads it from fw_cfg.
             from .boot.firmware import LINUXBOOT_BOOT_PATH, LINUXBOOT_ROM_FILE, linux_boot_items
-            if not hasattr(self, "_linux_files"):
+            if self._linux_files is None:
                 self._linux_files = self._read_linux_files()
             kernel, initrd, rom = self._linux_files
             linux_boot_items(fw_cfg, kernel, initrd, self.cfg.cmdline or "", self.cfg.memory, self.cfg.source)
@@ -469,10 +471,10 @@ class Machine:
     def _hold_native_data_planes(self, held: bool) -> None:
         """While the VM is not running its disks' queues are the event loop's alone
         (as without native data planes), so their indices are all in Python."""
+        from .devices.virtio.pci import VirtioPciTransport
         for placed in self.devices.placed:
-            hold = getattr(placed.device, "hold_native", None)
-            if hold is not None:
-                hold(held)
+            if isinstance(placed.device, VirtioPciTransport):
+                placed.device.hold_native(held)
 
     def reset(self) -> None:
         self.request_reset(guest=False, reason="host-qmp-system-reset")
