@@ -32,6 +32,7 @@ from .devices.context import DeviceContext
 from .devices.timers import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
+from .devices.virtio.pci import VirtioPciTransport   # imported now: the sandbox forbids it later
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
@@ -471,7 +472,6 @@ class Machine:
     def _hold_native_data_planes(self, held: bool) -> None:
         """While the VM is not running its disks' queues are the event loop's alone
         (as without native data planes), so their indices are all in Python."""
-        from .devices.virtio.pci import VirtioPciTransport
         for placed in self.devices.placed:
             if isinstance(placed.device, VirtioPciTransport):
                 placed.device.hold_native(held)

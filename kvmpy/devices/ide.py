@@ -35,7 +35,6 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ..block.raw import RAW_GUARDED_BYTES
 from ..errors import GuestMemoryError, ImageError
 from .atapi import ASC_UNRECOVERED_READ_ERROR, MEDIUM_ERROR, AtapiCdrom, AtapiState
 from .bus import PortSlot
@@ -1145,7 +1144,7 @@ class IdeController(Restorable):
             operation = "read"
         else:
             def io() -> None:
-                self._batched(drive.backend.pwritev, self._stable_head(drive, views), drive.lba * SECTOR)
+                self._batched(drive.backend.pwritev, views, drive.lba * SECTOR)
                 if not drive.write_cache:
                     drive.backend.flush()
             operation = "write"
@@ -1172,21 +1171,6 @@ class IdeController(Restorable):
             self._set_address(ch, drive, drive.lba + drive.remaining - 1)
             drive.cancel()
             self._complete(ch, drive)
-
-    @staticmethod
-    def _stable_head(drive: IdeDrive, views: list[memoryview]) -> list[memoryview]:
-        """``views`` with the part a probed raw image checks before writing (its
-        block 0 must not come to name another format) copied out of guest RAM:
-        another vCPU can rewrite the guest's buffer between that check and the
-        write, and then a format header the check refused would land on the disk."""
-        if not getattr(drive.backend, "restrict_block0", False):
-            return views
-        guarded = RAW_GUARDED_BYTES - drive.lba * SECTOR
-        stable, pos = [], 0
-        for view in views:
-            stable.append(memoryview(bytes(view)) if pos < guarded else view)
-            pos += len(view)
-        return stable
 
     @staticmethod
     def _scatter(views: list[memoryview], data: bytes) -> None:
