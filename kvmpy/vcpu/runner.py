@@ -82,6 +82,9 @@ class VcpuThread(threading.Thread):
         drain = port_writes.drain if port_writes is not None else None
         # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
         # with tracing off.
+        # Both count every exit, so the backend must return each one.
+        if host.trace_exits or host.profile is not None:
+            vcpu.report_every_exit = True
         tracer = None
         if host.trace_exits:
             from .trace import ExitTracer

@@ -276,6 +276,11 @@ class KvmVcpu:
         self.mmio_data: memoryview = self._mv[0:0]
         self.internal_error = ""
         self.system_event = 0
+        self._run_size = vm.kvm.vcpu_mmap_size
+        # What run()'s C loop answered without returning (see ``use_exit_map``).
+        self._loop_stats = ffi.new("struct kvmpy_loop_stats *")
+        self._exit_map = ffi.NULL
+        self._report_every_exit = False
         _install_kick_handler()
 
     @property
@@ -283,15 +288,37 @@ class KvmVcpu:
         """The kvm_run mmap (its later pages hold the VM's coalesced-write ring)."""
         return self._mm
 
+    def use_exit_map(self, exit_map) -> None:
+        """From now on run() answers the port and MMIO accesses that ``exit_map``
+        (a ``struct kvmpy_exit_map *`` its accelerator keeps current) shows no device
+        claims, in C, and returns only for the rest (see ``kvmpy_run_loop``)."""
+        self._exit_map = exit_map
+
+    @property
+    def report_every_exit(self) -> bool:
+        """True: run() returns after every exit, even an unclaimed access (the exits
+        tracer and the profiler account for each one)."""
+        return self._report_every_exit
+
+    @report_every_exit.setter
+    def report_every_exit(self, on: bool) -> None:
+        self._report_every_exit = on
+
+    def loop_stats(self) -> dict[str, int]:
+        """Accesses run()'s C loop answered itself, and how often it returned."""
+        st = self._loop_stats
+        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned}
+
     # --- the run protocol -------------------------------------------------
     def run(self) -> int:
         run = self._run
         if self.thread_id is None:
             self.thread_id = threading.get_ident()
             self.native_id = threading.get_native_id()
-        ret = lib.ioctl(self.fd, lib.KVM_RUN, ffi.cast("unsigned long", 0))
+        ret = lib.kvmpy_run_loop(self.fd, run, self._run_size,
+                                 ffi.NULL if self._report_every_exit else self._exit_map, self._loop_stats)
         if ret < 0:
-            err = ffi.errno
+            err = -ret
             if err in (errno.EINTR, errno.EAGAIN):
                 run.immediate_exit = 0
                 return exits.EXIT_INTR
