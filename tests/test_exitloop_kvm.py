@@ -139,3 +139,15 @@ def test_a_guest_probing_every_address_floods_no_log(caplog):
     # Past the first 256 new addresses per bus, even new ones stay in C.
     assert st["pio_served"] >= 2 * 3000 - 256 and st["mmio_served"] >= 3000 - 256, st
     assert time.monotonic() - t < 60
+
+
+def test_cmos_index_writes_are_queued_and_reach_the_rtc_in_order():
+    rounds = 1000
+    m, con = kvm_machine(guest_path("exitstorm"), f"cmos={rounds}")
+    run_to_end(m)
+    # 64 MiB: 48 MiB above 16 MiB in 64 KiB units, as QEMU's CMOS says it.
+    assert f"cmos: above 16M 768 x 64K, 0 of {rounds} NVRAM read-backs wrong" in con.text(), con.text()
+    # Each round makes 3 index writes (queued: no exit) and 4 data accesses (exits);
+    # unqueued it would be 7 exits a round.
+    returned = loop_totals(m)["returned"]
+    assert 4 * rounds <= returned < 5 * rounds, returned

@@ -10,6 +10,9 @@
  *  sweep=N    one byte write and one read at each of N ports from 0x2000, and one
  *             read at each of N MMIO addresses from 0xFEB10000 (claimed by nothing):
  *             a hostile guest probing everything.
+ *  cmos=N     N rounds of: the memory size above 16 MiB from CMOS 0x34/0x35, and a
+ *             byte written to NVRAM 0x50 and read back, through the index port
+ *             0x70 (whose writes KVM queues) and the data port 0x71.
  */
 #include "guest.h"
 #include "virtio_pci.h"
@@ -65,8 +68,30 @@ static void sweep(uint64_t n)
     printf("sweep: %lu of %lu reads were all ones\n", ones, 2 * n);
 }
 
+static uint8_t cmos_read(uint8_t index)
+{
+    outb(0x70, index);
+    return inb(0x71);
+}
+
+static void cmos(uint64_t n)
+{
+    uint64_t bad = 0;
+    uint32_t size = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        size = cmos_read(0x34) | (uint32_t)cmos_read(0x35) << 8;
+        outb(0x70, 0x50);
+        outb(0x71, (uint8_t)i);
+        bad += cmos_read(0x50) != (uint8_t)i;
+    }
+    printf("cmos: above 16M %u x 64K, %lu of %lu NVRAM read-backs wrong\n", size, bad, n);
+}
+
 int guest_main(const struct hvm_start_info *si)
 {
+    uint64_t rounds = cmdline_get_u64("cmos", 0);
+    if (rounds)
+        cmos(rounds);
     if (cmdline_get_u64("barmove", 0))
         barmove();
     uint64_t n = cmdline_get_u64("sweep", 0);
