@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
+FOUND_KEPT = 4096       # claimed addresses whose device Bus.find remembers
+
 
 class BusDevice(Protocol):
     def read(self, offset: int, size: int) -> int:
@@ -97,6 +99,9 @@ class Bus:
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted
         self._unclaimed_logged: set[int] = set()
         self._listeners: list[BusListener] = []
+        # find()'s answers for claimed addresses, dropped whenever the map changes:
+        # a guest goes back to the same few registers, and a dict beats bisecting.
+        self._found: dict[int, tuple[int, BusDevice]] = {}
 
     def add_listener(self, listener: BusListener) -> None:
         """Subscribe ``listener``; it is told once at once, so it starts from the map as it is."""
@@ -112,6 +117,7 @@ class Bus:
         return [(base, end) for base, end, _ in self._entries]
 
     def _changed(self) -> None:
+        self._found = {}
         for listener in list(self._listeners):
             listener.bus_changed(self)
 
@@ -133,10 +139,17 @@ class Bus:
         self._changed()
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        found = self._found
+        hit = found.get(addr)
+        if hit is not None:
+            return hit
         i = bisect_right(self._starts, addr) - 1
         if i >= 0:
             base, end, dev = self._entries[i]
             if addr < end:
+                # Bounded: a guest sweeping a large MMIO range must not grow it for good.
+                if len(found) < FOUND_KEPT:
+                    found[addr] = (base, dev)
                 return base, dev
         return None
 

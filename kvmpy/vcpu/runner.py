@@ -85,6 +85,7 @@ class VcpuThread(threading.Thread):
         # Both count every exit, so the backend must return each one.
         if host.trace_exits or host.profile is not None:
             vcpu.report_every_exit = True
+        masks = [(1 << (8 * n)) - 1 for n in range(9)]    # a value's bytes, by access size
         tracer = None
         if host.trace_exits:
             from .trace import ExitTracer
@@ -105,7 +106,14 @@ class VcpuThread(threading.Thread):
                 if kind == EXIT_IO:
                     port, size, data = vcpu.io_port, vcpu.io_size, vcpu.io_data
                     try:
-                        if vcpu.io_write:
+                        if len(data) == size:      # one access (all but rep ins/outs): no slicing
+                            if vcpu.io_write:
+                                value = int.from_bytes(data, "little")
+                                if doorbell is None or not doorbell(port, size, value, True):
+                                    pio.write(port, size, value)
+                            else:
+                                data[:] = (pio.read(port, size) & masks[size]).to_bytes(size, "little")
+                        elif vcpu.io_write:
                             for off in range(0, len(data), size):
                                 value = int.from_bytes(data[off:off + size], "little")
                                 if doorbell is not None and doorbell(port, size, value, True):
@@ -124,7 +132,7 @@ class VcpuThread(threading.Thread):
                             if doorbell is None or not doorbell(addr, size, value, False):
                                 mmio.write(addr, size, value)
                         else:
-                            data[:] = (mmio.read(addr, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                            data[:] = (mmio.read(addr, size) & masks[size]).to_bytes(size, "little")
                     except Exception as e:
                         self._device_error(f"MMIO {addr:#x}", e)
                 elif kind == EXIT_INTR:

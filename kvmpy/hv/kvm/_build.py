@@ -426,7 +426,7 @@ static int kvmpy_serve_here(struct kvmpy_exit_map *map, int pio, __u64 addr)
     return here;
 }
 
-/* KVM_RUN until an exit Python must see. 0: run->exit_reason tells which;
+/* KVM_RUN until an exit Python must see. >= 0: its run->exit_reason;
    -errno: KVM_RUN failed (-EINTR after a kick or immediate_exit). A NULL map
    returns after every exit (the tracer and the profiler want each one). */
 static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
@@ -461,7 +461,7 @@ static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct k
         break;
     }
     stats->returned++;
-    return 0;
+    return (int)run->exit_reason;
 }
 """)
 
