@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import guest_path
+from conftest import guest_path, run_kvmpy
 from support.exitloop import RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
 
 pytestmark = [pytest.mark.usefixtures("kvm_required"), pytest.mark.guest]
@@ -171,3 +171,12 @@ def test_interrupt_driven_transmit_keeps_every_byte_in_order(txloop):
         assert loop_totals(m)["returned"] < lines * 36 // 2
     else:
         assert time.monotonic() - t < 30
+
+
+def test_the_exits_trace_still_shows_every_unclaimed_access():
+    p = run_kvmpy(["run", "--enable-kvm", "-m", "64", "--trace", "exits", "--kernel", guest_path("exitloop"),
+                   "--append", "n=50 mmio=30 port=0x300"])
+    assert p.returncode == 0, p.stderr.decode()[-500:]
+    err = p.stderr.decode()
+    assert err.count("io out port=0x0300 size=1") == 50
+    assert err.count("mmio read addr=0xfebff000 size=4 value=0xffffffff") == 30
