@@ -80,12 +80,13 @@ class VcpuThread(threading.Thread):
         # sees the guest's accesses in order.
         port_writes = accel.port_write_queue
         drain = port_writes.drain if port_writes is not None else None
-        # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
-        # with tracing off.
-        # Both count every exit, so the backend must return each one.
+        # A value's bytes by access size, up to the translator's widest (32-byte) access.
+        masks = [(1 << (8 * n)) - 1 for n in range(33)]
+        # The tracer and the profiler count every exit, so the backend must return each one.
         if host.trace_exits or host.profile is not None:
             vcpu.report_every_exit = True
-        masks = [(1 << (8 * n)) - 1 for n in range(9)]    # a value's bytes, by access size
+        # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
+        # with tracing off.
         tracer = None
         if host.trace_exits:
             from .trace import ExitTracer

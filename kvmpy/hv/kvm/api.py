@@ -359,9 +359,9 @@ class KvmVcpu:
                 run.immediate_exit = 0
                 return exits.EXIT_INTR
             raise KvmError("KVM_RUN", err)
-        if reason == lib.KVM_EXIT_HLT:
+        if reason == _EXIT_HLT:
             return exits.EXIT_HLT
-        if reason == lib.KVM_EXIT_INTR:
+        if reason == _EXIT_INTR:
             run.immediate_exit = 0
             return exits.EXIT_INTR
         if reason == lib.KVM_EXIT_SHUTDOWN:
