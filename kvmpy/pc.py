@@ -107,8 +107,18 @@ def make_i8042(ctx: DeviceContext) -> KeyboardControllerPorts:
 def make_rtc(ctx: DeviceContext) -> RtcCmos:
     memory = ctx.config.memory
     low = min(memory, layout.PCI_HOLE_START)
-    return RtcCmos(low, memory - low, num_cpus=ctx.num_cpus, irq=ctx.irq_line(ctx.slot.irq),
-                   timer_wheel=ctx.timer_wheel)
+    rtc = RtcCmos(low, memory - low, num_cpus=ctx.num_cpus, irq=ctx.irq_line(ctx.slot.irq),
+                  timer_wheel=ctx.timer_wheel)
+    # Index writes (port 0x70) may be queued, as QEMU queues them (its RTC's
+    # coalesced_io region): reads of 0x70 answer 0xFF whatever was written, the index
+    # matters only to the data port 0x71, every access to which leaves the guest, and
+    # the vCPU loop hands queued writes over before it serves any exit. The NMI-mask
+    # bit written with it is kept in the state and acted on nowhere. A CMOS read is
+    # then one exit instead of two.
+    queue = ctx.port_write_queue
+    if queue is not None:
+        queue.set_zone(ctx.slot.base, 1, True)
+    return rtc
 
 
 def make_debug_exit(ctx: DeviceContext) -> DebugExit:

@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
+FOUND_KEPT = 4096       # claimed addresses whose device Bus.find remembers
+
 
 class BusDevice(Protocol):
     def read(self, offset: int, size: int) -> int:
@@ -79,12 +81,45 @@ class BusError(Exception):
     pass
 
 
+class BusListener(Protocol):
+    """Told of every change to a bus's map (an accelerator that answers unclaimed
+    accesses without asking the bus keeps its own copy of the map current)."""
+
+    def bus_changed(self, bus: "Bus") -> None:
+        """After a range was registered or unregistered, on the thread that did it
+        (a vCPU moving a BAR, the machine placing its devices), before that thread
+        goes on: a vCPU re-entering the guest after a BAR write already finds the
+        new map."""
+
+
 class Bus:
     def __init__(self, name: str) -> None:
         self.name = name
         self._starts: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted
         self._unclaimed_logged: set[int] = set()
+        self._listeners: list[BusListener] = []
+        # find()'s answers for claimed addresses, dropped whenever the map changes:
+        # a guest goes back to the same few registers, and a dict beats bisecting.
+        self._found: dict[int, tuple[int, BusDevice]] = {}
+
+    def add_listener(self, listener: BusListener) -> None:
+        """Subscribe ``listener``; it is told once at once, so it starts from the map as it is."""
+        self._listeners.append(listener)
+        listener.bus_changed(self)
+
+    def remove_listener(self, listener: BusListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def claimed_ranges(self) -> list[tuple[int, int]]:
+        """(base, end) of every registered range, sorted by base; end is exclusive."""
+        return [(base, end) for base, end, _ in self._entries]
+
+    def _changed(self) -> None:
+        self._found = {}
+        for listener in list(self._listeners):
+            listener.bus_changed(self)
 
     def register(self, base: int, length: int, device: BusDevice) -> None:
         end = base + length
@@ -96,16 +131,25 @@ class Bus:
         self._entries.append((base, end, device))
         self._entries.sort(key=lambda t: t[0])
         self._starts = [t[0] for t in self._entries]
+        self._changed()
 
     def unregister(self, base: int) -> None:
         self._entries = [t for t in self._entries if t[0] != base]
         self._starts = [t[0] for t in self._entries]
+        self._changed()
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        found = self._found
+        hit = found.get(addr)
+        if hit is not None:
+            return hit
         i = bisect_right(self._starts, addr) - 1
         if i >= 0:
             base, end, dev = self._entries[i]
             if addr < end:
+                # Bounded: a guest sweeping a large MMIO range must not grow it for good.
+                if len(found) < FOUND_KEPT:
+                    found[addr] = (base, dev)
                 return base, dev
         return None
 

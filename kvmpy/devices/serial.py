@@ -157,20 +157,32 @@ class Serial16550(Restorable):
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
                  on_rx_space: Callable[[], None] | None = None,
                  tx_batching: Callable[[bool], None] | None = None) -> None:
-        """``tx_batching(on)``, when given, is told whether THR writes may be queued
-        and handed over later (KVM's coalesced port writes): on while IER is 0, when
-        no interrupt of the UART's can depend on when a byte is taken."""
+        """``tx_batching(True)``, when given, is called once: THR writes may be queued
+        and handed over later (KVM's coalesced port writes), whatever IER says.
+
+        Why that is safe: every read of a UART register leaves the guest, and the
+        vCPU loop hands the queued writes over before it serves any exit, so LSR,
+        IIR, RBR and every other register read reflect all earlier THR writes, in
+        order. What a queued write delays is only its effect on the interrupt line:
+        THRE's interrupt (IER.THRI), or the RX one of a loopback byte, comes when
+        the write is handed over (the guest's next exit, or the coalesced ring's
+        drain timer within 10 ms), as it would from a UART on a slower line. THR
+        writes have no other effect. Linux's 8250 driver writes THR with IER 0 from
+        the console (one LSR read per byte: one exit instead of two) and, with
+        THRI, up to 16 bytes per interrupt from its handler, whose loop then reads
+        IIR again: one exit per 16 bytes instead of one per byte. QEMU does not
+        queue THR writes; this is kvmpy's own use of KVM's coalesced PIO."""
         self._irq = irq
         self._out = out
         self._on_rx_space = on_rx_space
-        self._tx_batching = tx_batching
-        self._batching: bool | None = None
         # RLock: callbacks run with the lock held so output stays ordered; a
         # callback that re-enters the UART (tests do) must not deadlock.
         self._lock = threading.RLock()
         self._irq_level = False
         self._rx_wanted = False
         self.reset()
+        if tx_batching is not None:
+            tx_batching(True)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -189,7 +201,6 @@ class Serial16550(Restorable):
             self.thr_pending = True  # THR starts empty; IER gates reporting
             self.msr_deltas = 0
             self.last_rbr = 0
-            self._update_batching()
             self._update_irq()
 
     def state(self) -> SerialState:
@@ -215,14 +226,7 @@ class Serial16550(Restorable):
             self.msr_deltas = state.msr_deltas
             self.last_rbr = state.last_rbr
             self._rx_wanted = state.rx_wanted
-            self._update_batching()
             self._update_irq()
-
-    def _update_batching(self) -> None:
-        on = self.ier == 0
-        if self._tx_batching is not None and on != self._batching:
-            self._batching = on
-            self._tx_batching(on)
 
     @property
     def rx_capacity(self) -> int:
@@ -365,7 +369,6 @@ class Serial16550(Restorable):
             # enabled; Linux's startup THRE test depends on it.
             if self.ier & IER_THRI and not old & IER_THRI:
                 self.thr_pending = True
-            self._update_batching()
         elif offset == IIR_FCR:
             self._write_fcr(value)
         elif offset == LCR:

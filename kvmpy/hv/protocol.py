@@ -47,6 +47,10 @@ class Vcpu(Protocol):
     mmio_data: memoryview
     internal_error: str
     system_event: int
+    # False lets run() answer accesses no device claims without returning (KVM's C
+    # loop: all ones for reads, writes dropped, as the bus would). The exits tracer
+    # and the profiler set it True to see every exit.
+    report_every_exit: bool
 
     def run(self) -> int:
         """Enter the guest until the next exit; returns its kind (kvmpy.hv.exits.EXIT_*)."""

@@ -80,6 +80,11 @@ class VcpuThread(threading.Thread):
         # sees the guest's accesses in order.
         port_writes = accel.port_write_queue
         drain = port_writes.drain if port_writes is not None else None
+        # A value's bytes by access size, up to the translator's widest (32-byte) access.
+        masks = [(1 << (8 * n)) - 1 for n in range(33)]
+        # The tracer and the profiler count every exit, so the backend must return each one.
+        if host.trace_exits or host.profile is not None:
+            vcpu.report_every_exit = True
         # Tracing wraps the vCPU, so the loop below is the same code, and as fast,
         # with tracing off.
         tracer = None
@@ -102,7 +107,14 @@ class VcpuThread(threading.Thread):
                 if kind == EXIT_IO:
                     port, size, data = vcpu.io_port, vcpu.io_size, vcpu.io_data
                     try:
-                        if vcpu.io_write:
+                        if len(data) == size:      # one access (all but rep ins/outs): no slicing
+                            if vcpu.io_write:
+                                value = int.from_bytes(data, "little")
+                                if doorbell is None or not doorbell(port, size, value, True):
+                                    pio.write(port, size, value)
+                            else:
+                                data[:] = (pio.read(port, size) & masks[size]).to_bytes(size, "little")
+                        elif vcpu.io_write:
                             for off in range(0, len(data), size):
                                 value = int.from_bytes(data[off:off + size], "little")
                                 if doorbell is not None and doorbell(port, size, value, True):
@@ -121,7 +133,7 @@ class VcpuThread(threading.Thread):
                             if doorbell is None or not doorbell(addr, size, value, False):
                                 mmio.write(addr, size, value)
                         else:
-                            data[:] = (mmio.read(addr, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+                            data[:] = (mmio.read(addr, size) & masks[size]).to_bytes(size, "little")
                     except Exception as e:
                         self._device_error(f"MMIO {addr:#x}", e)
                 elif kind == EXIT_INTR:

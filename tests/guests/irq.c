@@ -5,6 +5,10 @@
  *           and exits 0 on 'q'.
  *  pit=1:   PIT channel 0 at 100 Hz on ISA IRQ 0 (IOAPIC pin 2 on PCs); counts 10
  *           ticks, prints "pit ticks: 10", exits 0.
+ *  tx=N:    interrupt-driven transmit as Linux's 8250 tty does: N lines
+ *           "tx NNNN abc...xyz" handed to THR up to 16 bytes per THRE interrupt; with
+ *           txloop=1 (default) the handler reads IIR again until it reports nothing,
+ *           as Linux's does; txloop=0 leaves after one round and waits in hlt.
  * ISA IRQ -> GSI comes from the MADT's source overrides; without a MADT the PC
  * defaults (IRQ0 -> pin 2, others identity) and IOAPIC_BASE are assumed.
  */
@@ -40,6 +44,54 @@ static void pit_irq(struct trap_frame *f)
     if (ticks < PIT_TICKS && ++ticks == PIT_TICKS)
         ioapic_mask(ioapic, pit_pin, true);
     lapic_eoi();
+}
+
+static uint32_t isa_pin(uint32_t irq, uint16_t *flags);
+
+static char tx_buf[64 * 1024];
+static volatile uint32_t tx_len, tx_pos;
+static int tx_loop = 1;
+
+/* One THRE round: up to a FIFO's worth of bytes; THRI off once all are out. */
+static void com1_tx_irq(struct trap_frame *f)
+{
+    for (;;) {
+        uint8_t iir = inb(COM1_BASE + UART_IIR);
+        if (iir & 0x01)
+            break;
+        if ((iir & 0x0E) == 0x02) {
+            for (int i = 0; i < 16 && tx_pos < tx_len; i++)
+                outb(COM1_BASE + UART_THR, (uint8_t)tx_buf[tx_pos++]);
+            if (tx_pos == tx_len)
+                outb(COM1_BASE + UART_IER, 0x00);
+        }
+        if (!tx_loop)
+            break;
+    }
+    uart_irqs++;
+    lapic_eoi();
+}
+
+static int tx_test(uint32_t bsp, uint32_t lines)
+{
+    uint16_t flags;
+    uint32_t pin = isa_pin(4, &flags);
+    tx_loop = (int)cmdline_get_u64("txloop", 1);
+    uint32_t len = 0;
+    for (uint32_t i = 0; i < lines && len + 40 < sizeof(tx_buf); i++)
+        len += (uint32_t)snprintf(tx_buf + len, sizeof(tx_buf) - len, "tx %04u abcdefghijklmnopqrstuvwxyz\r\n", i);
+    tx_len = len;
+    idt_set_handler(VEC_COM1, com1_tx_irq);
+    ioapic_route(ioapic, pin, VEC_COM1, bsp, flags);
+    uint64_t start = rdtsc();
+    outb(COM1_BASE + UART_IER, 0x02);   /* THRI: the interrupt comes at once, THR being empty */
+    irq_disable();
+    while (tx_pos < tx_len)
+        irq_enable_and_halt();
+    irq_disable();
+    ioapic_mask(ioapic, pin, true);
+    printf("irq: tx %u bytes in %u interrupts, %lu tsc cycles\n", tx_len, uart_irqs, rdtsc() - start);
+    return 0;
 }
 
 static uint32_t isa_pin(uint32_t irq, uint16_t *flags)
@@ -114,5 +166,8 @@ int guest_main(const struct hvm_start_info *si)
     printf("irq: ioapic at 0x%lx with %u pins, bsp apic id %u\n", (uint64_t)ioapic, pins, bsp);
     if (cmdline_get_u64("pit", 0))
         return pit_test(bsp);
+    uint64_t lines = cmdline_get_u64("tx", 0);
+    if (lines)
+        return tx_test(bsp, (uint32_t)lines);
     return echo_test(bsp);
 }

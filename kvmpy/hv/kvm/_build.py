@@ -221,6 +221,17 @@ struct kvmpy_run_system_event *kvmpy_run_system_event(struct kvm_run *run);
 struct kvmpy_run_fail_entry *kvmpy_run_fail_entry(struct kvm_run *run);
 struct kvmpy_run_emulation_failure *kvmpy_run_emulation_failure(struct kvm_run *run);
 __u64 kvmpy_run_hw_exit_reason(struct kvm_run *run);
+/* The vCPU run loop in C (see the source below): which port and MMIO ranges a
+   device claims, kept current by the accelerator, and what the loop served. */
+struct kvmpy_exit_map;
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+struct kvmpy_exit_map *kvmpy_exit_map_new(void);
+void kvmpy_exit_map_free(struct kvmpy_exit_map *map);
+int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges, size_t n);
+int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 addr);
+int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
+                   struct kvmpy_loop_stats *stats);
+#define KVMPY_UNCLAIMED_NOTED_MAX ...
 """)
 
 ffibuilder.set_source("kvmpy.hv.kvm._kvm_cffi", r"""
@@ -263,6 +274,195 @@ static struct kvmpy_run_system_event *kvmpy_run_system_event(struct kvm_run *r) 
 static struct kvmpy_run_fail_entry *kvmpy_run_fail_entry(struct kvm_run *r) { return (void *)&r->fail_entry; }
 static struct kvmpy_run_emulation_failure *kvmpy_run_emulation_failure(struct kvm_run *r) { return (void *)&r->emulation_failure; }
 static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware_exit_reason; }
+
+/* --- the run loop ----------------------------------------------------------------
+   Python calls kvmpy_run_loop once per exit it must see; in between, with the GIL
+   released (cffi drops it around every call), the loop answers the port and MMIO
+   accesses no device claims exactly as kvmpy.devices.bus.Bus does: reads are all
+   ones (a floating bus), writes are dropped. Under nested KVM each return to
+   Python costs tens of microseconds of interpreter time; these answers cost none.
+
+   Bus.read/write log each unclaimed address once at debug level, up to 256 per
+   bus; to keep that, the first access to each new unclaimed address (while fewer
+   than KVMPY_UNCLAIMED_NOTED_MAX have been noted) goes to Python, which logs it;
+   later ones stay here. A hostile guest sweeping addresses thus costs Python at
+   most 256 exits per bus.
+
+   The map is written by whichever thread changes a bus (a vCPU reprogramming a
+   BAR, the main thread placing devices) and read by every vCPU's loop: a mutex
+   keeps each lookup on one whole version. It is held for a bitmap test or a
+   binary search, never across KVM_RUN. */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+
+#define KVMPY_UNCLAIMED_NOTED_MAX 256
+#define KVMPY_PORTS 65536
+
+struct kvmpy_mmio_range { __u64 base, end; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+
+struct kvmpy_exit_map {
+    pthread_mutex_t lock;
+    unsigned char ports[KVMPY_PORTS / 8];
+    struct kvmpy_mmio_range *mmio;   /* sorted by base, not overlapping (Bus refuses overlaps) */
+    size_t n_mmio;
+    unsigned char ports_noted[KVMPY_PORTS / 8];
+    unsigned n_ports_noted;
+    __u64 mmio_noted[KVMPY_UNCLAIMED_NOTED_MAX];
+    unsigned n_mmio_noted;
+};
+
+static struct kvmpy_exit_map *kvmpy_exit_map_new(void)
+{
+    struct kvmpy_exit_map *map = calloc(1, sizeof(*map));
+    if (map != NULL && pthread_mutex_init(&map->lock, NULL) != 0) {
+        free(map);
+        return NULL;
+    }
+    return map;
+}
+
+static void kvmpy_exit_map_free(struct kvmpy_exit_map *map)
+{
+    if (map == NULL)
+        return;
+    pthread_mutex_destroy(&map->lock);
+    free(map->mmio);
+    free(map);
+}
+
+/* ranges: n pairs (base, end), end exclusive, sorted by base: the whole bus. */
+static int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges, size_t n)
+{
+    if (pio) {
+        unsigned char ports[KVMPY_PORTS / 8];
+        memset(ports, 0, sizeof(ports));
+        for (size_t i = 0; i < n; i++) {
+            __u64 end = ranges[2 * i + 1] < KVMPY_PORTS ? ranges[2 * i + 1] : KVMPY_PORTS;
+            for (__u64 p = ranges[2 * i]; p < end; p++)
+                ports[p / 8] |= (unsigned char)(1u << (p % 8));
+        }
+        pthread_mutex_lock(&map->lock);
+        memcpy(map->ports, ports, sizeof(ports));
+        pthread_mutex_unlock(&map->lock);
+        return 0;
+    }
+    struct kvmpy_mmio_range *fresh = NULL;
+    if (n > 0) {
+        fresh = malloc(n * sizeof(*fresh));
+        if (fresh == NULL)
+            return -ENOMEM;
+        for (size_t i = 0; i < n; i++) {
+            fresh[i].base = ranges[2 * i];
+            fresh[i].end = ranges[2 * i + 1];
+        }
+    }
+    pthread_mutex_lock(&map->lock);
+    struct kvmpy_mmio_range *old = map->mmio;
+    map->mmio = fresh;
+    map->n_mmio = n;
+    pthread_mutex_unlock(&map->lock);
+    free(old);
+    return 0;
+}
+
+static int kvmpy_port_claimed_locked(struct kvmpy_exit_map *map, __u64 port)
+{
+    return port < KVMPY_PORTS && (map->ports[port / 8] >> (port % 8)) & 1;
+}
+
+static int kvmpy_mmio_claimed_locked(struct kvmpy_exit_map *map, __u64 addr)
+{
+    size_t lo = 0, hi = map->n_mmio;       /* the last range with base <= addr */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (map->mmio[mid].base <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo > 0 && addr < map->mmio[lo - 1].end;
+}
+
+static int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 addr)
+{
+    pthread_mutex_lock(&map->lock);
+    int claimed = pio ? kvmpy_port_claimed_locked(map, addr) : kvmpy_mmio_claimed_locked(map, addr);
+    pthread_mutex_unlock(&map->lock);
+    return claimed;
+}
+
+/* 1: the loop answers this access itself; 0: Python must see it (a device claims
+   it, or it is a new unclaimed address that Bus has yet to log). */
+static int kvmpy_serve_here(struct kvmpy_exit_map *map, int pio, __u64 addr)
+{
+    int here = 0;
+    pthread_mutex_lock(&map->lock);
+    if (pio) {
+        if (kvmpy_port_claimed_locked(map, addr))
+            here = 0;
+        else if ((map->ports_noted[addr / 8] >> (addr % 8)) & 1)
+            here = 1;
+        else if (map->n_ports_noted < KVMPY_UNCLAIMED_NOTED_MAX) {
+            map->ports_noted[addr / 8] |= (unsigned char)(1u << (addr % 8));
+            map->n_ports_noted++;
+        } else
+            here = 1;
+    } else if (!kvmpy_mmio_claimed_locked(map, addr)) {
+        here = 1;
+        if (map->n_mmio_noted < KVMPY_UNCLAIMED_NOTED_MAX) {
+            unsigned i;
+            for (i = 0; i < map->n_mmio_noted && map->mmio_noted[i] != addr; i++)
+                ;
+            if (i == map->n_mmio_noted) {
+                map->mmio_noted[map->n_mmio_noted++] = addr;
+                here = 0;
+            }
+        }
+    }
+    pthread_mutex_unlock(&map->lock);
+    return here;
+}
+
+/* KVM_RUN until an exit Python must see. >= 0: its run->exit_reason;
+   -errno: KVM_RUN failed (-EINTR after a kick or immediate_exit). A NULL map
+   returns after every exit (the tracer and the profiler want each one). */
+static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
+                          struct kvmpy_loop_stats *stats)
+{
+    for (;;) {
+        if (ioctl(fd, KVM_RUN, 0) < 0)
+            return -errno;
+        if (map == NULL)
+            break;
+        if (run->exit_reason == KVM_EXIT_IO) {
+            if (!kvmpy_serve_here(map, 1, run->io.port))
+                break;
+            if (run->io.direction == KVM_EXIT_IO_IN) {
+                __u64 n = (__u64)run->io.size * run->io.count;
+                /* Out of bounds: Python reports it as an internal error. */
+                if (run->io.data_offset > run_size || n > run_size - run->io.data_offset)
+                    break;
+                memset((char *)run + run->io.data_offset, 0xff, n);
+            }
+            stats->pio_served++;
+            continue;
+        }
+        if (run->exit_reason == KVM_EXIT_MMIO) {
+            if (!kvmpy_serve_here(map, 0, run->mmio.phys_addr))
+                break;
+            if (!run->mmio.is_write)
+                memset(run->mmio.data, 0xff, run->mmio.len < 8 ? run->mmio.len : 8);
+            stats->mmio_served++;
+            continue;
+        }
+        break;
+    }
+    stats->returned++;
+    return (int)run->exit_reason;
+}
 """)
 
 if __name__ == "__main__":

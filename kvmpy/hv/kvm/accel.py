@@ -5,6 +5,8 @@ on system reset."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ from .platform import KvmPlatform
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...boot.common import BootState
+    from ...devices.bus import Bus
     from ..protocol import AccelHost
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,19 @@ class KvmAccel:
                                                      host.events)
         except (KvmError, ValueError) as e:
             log.debug("coalesced port writes not available: %s", e)
+        # The claimed port and MMIO ranges, in C memory the vCPUs' run loops read
+        # (KvmVcpu.use_exit_map), kept current through the buses' listener interface.
+        exit_map = lib.kvmpy_exit_map_new()
+        if exit_map == ffi.NULL:
+            raise MemoryError("kvmpy_exit_map_new")
+        self._exit_map = ffi.gc(exit_map, lib.kvmpy_exit_map_free)
+        # Two threads changing buses at once must not leave the older map in C.
+        self._exit_map_lock = threading.Lock()
+        self._pio_bus, self._mmio_bus = host.pio_bus, host.mmio_bus
+        host.pio_bus.add_listener(self)
+        host.mmio_bus.add_listener(self)
+        for v in self.vcpus:
+            v.use_exit_map(self._exit_map)
         self._irqchip_reset = vm.get_irqchip_state()
         self._pit_reset = vm.get_pit_state()
 
@@ -99,6 +115,15 @@ class KvmAccel:
         slot = self._slots[region.gpa]
         self.vm.set_user_memory_region(slot, region.gpa, 0, 0)
         self._map_region(region, readonly)
+
+    def bus_changed(self, bus: Bus) -> None:
+        """BusListener: copy the bus's claimed ranges into the C map."""
+        with self._exit_map_lock:
+            ranges = bus.claimed_ranges()
+            flat = ffi.new("__u64[]", [v for r in ranges for v in r] or [0])
+            err = lib.kvmpy_exit_map_set(self._exit_map, int(bus is self._pio_bus), flat, len(ranges))
+        if err < 0:
+            raise MemoryError(f"kvmpy_exit_map_set: {os.strerror(-err)}")
 
     def load_boot_state(self, boot: BootState) -> None:
         bsp = self.vcpus[0]
@@ -126,6 +151,8 @@ class KvmAccel:
         time.sleep(HALT_EXIT_PAUSE)
 
     def close(self) -> None:
+        self._pio_bus.remove_listener(self)
+        self._mmio_bus.remove_listener(self)
         if self._protection_changed in self.memory.protection_listeners:
             self.memory.protection_listeners.remove(self._protection_changed)
         if self.port_write_queue is not None:

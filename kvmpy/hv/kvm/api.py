@@ -253,6 +253,15 @@ def _install_kick_handler() -> None:
 _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
 
+# Read once: a cffi constant costs a lookup on every use, and run() is the hot path.
+_EXIT_IO, _EXIT_MMIO, _EXIT_HLT, _EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_HLT, lib.KVM_EXIT_INTR
+_IO_OUT = lib.KVM_EXIT_IO_OUT
+_run_loop = lib.kvmpy_run_loop
+# Views of kvm_run's I/O data kept per vCPU, by (offset, length): KVM puts the data
+# at one fixed offset and the lengths are size x count, so a handful ever occur.
+_IO_VIEWS_KEPT = 64
+
+
 class KvmVcpu:
     """A KVM vCPU offering the run protocol of kvmpy.hv.exits (kvmpy.hv.protocol.Vcpu)."""
 
@@ -276,6 +285,14 @@ class KvmVcpu:
         self.mmio_data: memoryview = self._mv[0:0]
         self.internal_error = ""
         self.system_event = 0
+        self._run_size = vm.kvm.vcpu_mmap_size
+        # What run()'s C loop answered without returning (see ``use_exit_map``).
+        self._loop_stats = ffi.new("struct kvmpy_loop_stats *")
+        self._exit_map = ffi.NULL
+        self._report_every_exit = False
+        self._loop_map = ffi.NULL          # _exit_map, or NULL while every exit is reported
+        self._io_views: dict[tuple[int, int], memoryview] = {}
+        self._mmio_views = [self._mv[self._mmio_data_off:self._mmio_data_off + n] for n in range(9)]
         _install_kick_handler()
 
     @property
@@ -283,40 +300,68 @@ class KvmVcpu:
         """The kvm_run mmap (its later pages hold the VM's coalesced-write ring)."""
         return self._mm
 
+    def use_exit_map(self, exit_map) -> None:
+        """From now on run() answers the port and MMIO accesses that ``exit_map``
+        (a ``struct kvmpy_exit_map *`` its accelerator keeps current) shows no device
+        claims, in C, and returns only for the rest (see ``kvmpy_run_loop``)."""
+        self._exit_map = exit_map
+        self._loop_map = ffi.NULL if self._report_every_exit else exit_map
+
+    @property
+    def report_every_exit(self) -> bool:
+        """True: run() returns after every exit, even an unclaimed access (the exits
+        tracer and the profiler account for each one)."""
+        return self._report_every_exit
+
+    @report_every_exit.setter
+    def report_every_exit(self, on: bool) -> None:
+        self._report_every_exit = on
+        self._loop_map = ffi.NULL if on else self._exit_map
+
+    def loop_stats(self) -> dict[str, int]:
+        """Accesses run()'s C loop answered itself, and how often it returned."""
+        st = self._loop_stats
+        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned}
+
     # --- the run protocol -------------------------------------------------
     def run(self) -> int:
         run = self._run
         if self.thread_id is None:
             self.thread_id = threading.get_ident()
             self.native_id = threading.get_native_id()
-        ret = lib.ioctl(self.fd, lib.KVM_RUN, ffi.cast("unsigned long", 0))
-        if ret < 0:
-            err = ffi.errno
+        reason = _run_loop(self.fd, run, self._run_size, self._loop_map, self._loop_stats)
+        if reason == _EXIT_IO:
+            io = self._io
+            size, count = io.size, io.count
+            self.io_port, self.io_size, self.io_count = io.port, size, count
+            self.io_write = io.direction == _IO_OUT
+            key = (io.data_offset, size * count)
+            view = self._io_views.get(key)
+            if view is None:
+                off, n = key
+                if off + n > self._run_size:
+                    self.internal_error = f"KVM_EXIT_IO data outside kvm_run (offset {off:#x} + {n})"
+                    return exits.EXIT_INTERNAL_ERROR
+                view = self._mv[off:off + n]
+                if len(self._io_views) < _IO_VIEWS_KEPT:
+                    self._io_views[key] = view
+            self.io_data = view
+            return exits.EXIT_IO
+        if reason == _EXIT_MMIO:
+            m = self._mmio
+            length = min(m.len, 8)
+            self.mmio_addr, self.mmio_size, self.mmio_write = m.phys_addr, length, bool(m.is_write)
+            self.mmio_data = self._mmio_views[length]
+            return exits.EXIT_MMIO
+        if reason < 0:
+            err = -reason
             if err in (errno.EINTR, errno.EAGAIN):
                 run.immediate_exit = 0
                 return exits.EXIT_INTR
             raise KvmError("KVM_RUN", err)
-        reason = run.exit_reason
-        if reason == lib.KVM_EXIT_IO:
-            io = self._io
-            self.io_port, self.io_size, self.io_count = io.port, io.size, io.count
-            self.io_write = io.direction == lib.KVM_EXIT_IO_OUT
-            off = io.data_offset
-            n = io.size * io.count
-            if off + n > len(self._mv):
-                self.internal_error = f"KVM_EXIT_IO data outside kvm_run (offset {off:#x} + {n})"
-                return exits.EXIT_INTERNAL_ERROR
-            self.io_data = self._mv[off:off + n]
-            return exits.EXIT_IO
-        if reason == lib.KVM_EXIT_MMIO:
-            m = self._mmio
-            length = min(m.len, 8)
-            self.mmio_addr, self.mmio_size, self.mmio_write = m.phys_addr, length, bool(m.is_write)
-            self.mmio_data = self._mv[self._mmio_data_off:self._mmio_data_off + length]
-            return exits.EXIT_MMIO
-        if reason == lib.KVM_EXIT_HLT:
+        if reason == _EXIT_HLT:
             return exits.EXIT_HLT
-        if reason == lib.KVM_EXIT_INTR:
+        if reason == _EXIT_INTR:
             run.immediate_exit = 0
             return exits.EXIT_INTR
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -453,6 +498,10 @@ class KvmVcpu:
         if self.fd >= 0:
             self._io = self._mmio = self._run = None
             self.io_data = self.mmio_data = None
+            for view in (*self._io_views.values(), *self._mmio_views):
+                view.release()
+            self._io_views.clear()
+            self._mmio_views = []
             self._mv.release()
             self._mm.close()
             os.close(self.fd)

@@ -120,6 +120,8 @@ class TcgVcpu:
         self._protection = -1
         self._generation = -1
         self._sync_memory()
+        # The translator returns every exit whatever this says (kvmpy.hv.protocol.Vcpu).
+        self.report_every_exit = True
         self.io_port = 0
         self.io_size = 0
         self.io_write = False

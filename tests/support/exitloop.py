@@ -1,0 +1,85 @@
+"""An in-process KVM machine for the exit-loop tests: the guest's console captured,
+and the vCPUs' C-loop counters (KvmVcpu.loop_stats) at hand."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kvmpy.config import DeviceConfig, VmConfig
+from kvmpy.machine import Machine
+
+MiB = 1 << 20
+
+
+class CapturedConsole:
+    """The UART's console, keeping what the guest printed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._out = bytearray()
+
+    def attach(self, uart) -> None:
+        pass
+
+    def rx_space_available(self) -> None:
+        pass
+
+    def buffered_write(self, data: bytes) -> None:
+        with self._lock:
+            self._out += data
+
+    def text(self) -> str:
+        with self._lock:
+            return self._out.decode(errors="replace")
+
+
+class RecordingPorts:
+    """A bus device that keeps every write in order and answers reads with ``answer``."""
+
+    def __init__(self, answer: int = 0x5A) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads = 0
+        self.answer = answer
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return self.answer
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def kvm_machine(guest: str, cmdline: str, pci_testdev: bool = False) -> tuple[Machine, CapturedConsole]:
+    devices = [DeviceConfig(type="pci-testdev")] if pci_testdev else []
+    cfg = VmConfig(accel="kvm", memory=64 * MiB, kernel=guest, cmdline=cmdline, devices=devices)
+    console = CapturedConsole()
+    return Machine(cfg, console=console), console
+
+
+def loop_totals(machine: Machine) -> dict[str, int]:
+    totals = {"pio_served": 0, "mmio_served": 0, "returned": 0}
+    for v in machine.vcpus:
+        for k, n in v.loop_stats().items():
+            totals[k] += n
+    return totals
+
+
+def run_to_end(machine: Machine, timeout: float = 60) -> int:
+    """Start, wait for the guest's own exit (a watchdog quits it after ``timeout``)."""
+    watchdog = threading.Timer(timeout, machine.quit)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        machine.start()
+        return machine.wait()
+    finally:
+        watchdog.cancel()
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

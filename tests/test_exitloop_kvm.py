@@ -1,0 +1,182 @@
+"""The KVM vCPU loop in C (kvmpy_run_loop): accesses no device claims are answered
+there, the rest reach their device in order, and the map it answers from follows the
+buses as the guest and the machine change them. Real /dev/kvm, the test guests."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import guest_path, run_kvmpy
+from support.exitloop import RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
+
+pytestmark = [pytest.mark.usefixtures("kvm_required"), pytest.mark.guest]
+
+STORM = "n=1000000000000 port=0x300"      # exitloop.elf writing port 0x300 for good
+
+
+def _unclaimed_records(caplog, what: str, addr: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records
+            if r.name == "kvmpy.devices.bus" and r.getMessage().endswith(f"unclaimed {what} at {addr:#x}")]
+
+
+def test_unclaimed_accesses_are_answered_in_the_loop(caplog):
+    caplog.set_level(logging.DEBUG, logger="kvmpy.devices.bus")
+    m, con = kvm_machine(guest_path("exitloop"), "n=5000 mmio=5000 port=0x300")
+    assert m.pio_bus.find(0x300) is None and m.mmio_bus.find(0xFEBFF000) is None
+    run_to_end(m)
+    out = con.text()
+    assert "guest: done" in out, out
+    # Every read was all ones, as the bus answers: 5000 x 0xffffffff, modulo 2**32.
+    assert f"(sink {(-5000) % 2**32})" in out
+    st = loop_totals(m)
+    # The first access to each address went to the bus, which logged it; the rest never left C.
+    assert st["pio_served"] >= 4999 and st["mmio_served"] >= 4999, st
+    assert st["returned"] < 1000, st
+    assert len(_unclaimed_records(caplog, "write", 0x300)) == 1
+    assert len(_unclaimed_records(caplog, "read", 0xFEBFF000)) == 1
+
+
+def test_a_claimed_port_sees_every_access_in_order():
+    m, con = kvm_machine(guest_path("exitloop"), "n=3000 port=0x300")
+    recorder = RecordingPorts()
+    # Placed after the accelerator exists: only the bus's listener can tell the C map.
+    m.pio_bus.register(0x300, 1, recorder)
+    run_to_end(m)
+    assert "guest: done" in con.text()
+    assert recorder.writes == [(0, 1, i & 0xFF) for i in range(3000)]
+    assert loop_totals(m)["pio_served"] < 100       # the guest's few other unclaimed ports
+
+
+def test_a_bar_the_guest_moves_is_seen_by_the_loop_at_once():
+    m, con = kvm_machine(guest_path("exitstorm"), "barmove=1 reads=1000 newio=0xff00 newmem=0xfeb00000",
+                         pci_testdev=True)
+    assert m.pio_bus.find(0xFF01) is None and m.mmio_bus.find(0xFEB00001) is None
+    run_to_end(m)
+    out = con.text()
+    assert "guest: done" in out, out
+    lines = [line for line in out.splitlines() if line.startswith("barmove:")]
+    assert len(lines) == 4, out
+    # Header byte 1 is test 0's width (1, 2 or 4) where the device answers, 0xff where nothing does.
+    before, moved, storm, back = lines
+    width = "0[124]"
+    assert re.fullmatch(rf"barmove: io \S+ mem \S+ before: io {width} mem {width}", before), before
+    assert re.fullmatch(rf"barmove: moved: old io ff mem ff, new io {width} mem {width}", moved), moved
+    assert storm == "barmove: 2000 of 2000 reads at the old places were all ones"
+    assert re.fullmatch(rf"barmove: back: io {width} mem {width}, new places io ff mem ff", back), back
+    st = loop_totals(m)
+    # The storm at the old places after the move was answered in C, from the new map.
+    assert st["pio_served"] >= 999 and st["mmio_served"] >= 999, st
+
+
+def test_registering_and_unregistering_during_a_storm():
+    m, con = kvm_machine(guest_path("exitloop"), STORM)
+    done = threading.Thread(target=m.wait, daemon=True)
+    try:
+        m.start()
+        done.start()
+        wait_until(lambda: loop_totals(m)["pio_served"] > 2000, what="the storm in C")
+        recorder = RecordingPorts()
+        m.pio_bus.register(0x300, 1, recorder)
+        wait_until(lambda: len(recorder.writes) > 500, what="the device to see the storm")
+        m.pio_bus.unregister(0x300)
+        seen = list(recorder.writes)
+        values = [v for _, _, v in seen]
+        # In order, none lost while the device held the port.
+        assert all((b - a) & 0xFF == 1 for a, b in zip(values, values[1:])), values[:20]
+        served = loop_totals(m)["pio_served"]
+        wait_until(lambda: loop_totals(m)["pio_served"] > served + 2000, what="the storm back in C")
+        assert len(recorder.writes) <= len(seen) + 1      # at most the write that raced the unregister
+    finally:
+        m.quit()
+        done.join(15)
+    assert not done.is_alive()
+
+
+def test_pause_cont_reset_and_quit_during_a_storm():
+    m, con = kvm_machine(guest_path("exitloop"), STORM)
+    events: list[str] = []
+    m.add_event_listener(lambda name, data: events.append(name))
+    done = threading.Thread(target=m.wait, daemon=True)
+    try:
+        m.start()
+        done.start()
+        wait_until(lambda: loop_totals(m)["pio_served"] > 2000, what="the storm in C")
+        t = time.monotonic()
+        m.pause()
+        assert time.monotonic() - t < 5 and m.status() == "paused"
+        held = loop_totals(m)["pio_served"]
+        time.sleep(0.3)
+        assert loop_totals(m)["pio_served"] == held            # nobody is in the guest
+        m.resume()
+        wait_until(lambda: loop_totals(m)["pio_served"] > held + 2000, what="the storm after cont")
+        m.reset()
+        wait_until(lambda: "RESET" in events, what="the reset")
+        after_reset = loop_totals(m)["pio_served"]
+        wait_until(lambda: loop_totals(m)["pio_served"] > after_reset + 2000, what="the storm after reset")
+    finally:
+        t = time.monotonic()
+        m.quit()
+        done.join(15)
+    assert not done.is_alive() and time.monotonic() - t < 10
+
+
+def test_a_guest_probing_every_address_floods_no_log(caplog):
+    caplog.set_level(logging.DEBUG, logger="kvmpy.devices.bus")
+    m, con = kvm_machine(guest_path("exitstorm"), "sweep=3000")
+    assert all(m.pio_bus.find(0x2000 + i) is None for i in range(3000))
+    assert all(m.mmio_bus.find(0xFEB10000 + 4 * i) is None for i in range(3000))
+    t = time.monotonic()
+    run_to_end(m)
+    assert "sweep: 6000 of 6000 reads were all ones" in con.text(), con.text()
+    records = [r for r in caplog.records if r.name == "kvmpy.devices.bus"]
+    assert len(records) <= 2 * 256                     # each bus logs 256 addresses at most
+    st = loop_totals(m)
+    # Past the first 256 new addresses per bus, even new ones stay in C.
+    assert st["pio_served"] >= 2 * 3000 - 256 and st["mmio_served"] >= 3000 - 256, st
+    assert time.monotonic() - t < 60
+
+
+def test_cmos_index_writes_are_queued_and_reach_the_rtc_in_order():
+    rounds = 1000
+    m, con = kvm_machine(guest_path("exitstorm"), f"cmos={rounds}")
+    run_to_end(m)
+    # 64 MiB: 48 MiB above 16 MiB in 64 KiB units, as QEMU's CMOS says it.
+    assert f"cmos: above 16M 768 x 64K, 0 of {rounds} NVRAM read-backs wrong" in con.text(), con.text()
+    # Each round makes 3 index writes (queued: no exit) and 4 data accesses (exits);
+    # unqueued it would be 7 exits a round.
+    returned = loop_totals(m)["returned"]
+    assert 4 * rounds <= returned < 5 * rounds, returned
+
+
+@pytest.mark.parametrize("txloop", [1, 0])
+def test_interrupt_driven_transmit_keeps_every_byte_in_order(txloop):
+    """THR writes are queued under IER.THRI too. A handler that reads IIR again (Linux's)
+    hands them over at once; one that leaves and halts gets its next THRE interrupt
+    from the ring's drain timer: slower, never stuck."""
+    lines = 40
+    m, con = kvm_machine(guest_path("irq"), f"tx={lines} txloop={txloop}")
+    t = time.monotonic()
+    run_to_end(m)
+    out = con.text()
+    sent = [line for line in out.splitlines() if line.startswith("tx ")]
+    assert sent == [f"tx {i:04d} abcdefghijklmnopqrstuvwxyz" for i in range(lines)], out[-500:]
+    assert re.search(rf"irq: tx {lines * 36} bytes in \d+ interrupts", out), out[-300:]
+    if txloop:
+        # Sixteen bytes per IIR read: far fewer exits than bytes.
+        assert loop_totals(m)["returned"] < lines * 36 // 2
+    else:
+        assert time.monotonic() - t < 30
+
+
+def test_the_exits_trace_still_shows_every_unclaimed_access():
+    p = run_kvmpy(["run", "--enable-kvm", "-m", "64", "--trace", "exits", "--kernel", guest_path("exitloop"),
+                   "--append", "n=50 mmio=30 port=0x300"])
+    assert p.returncode == 0, p.stderr.decode()[-500:]
+    err = p.stderr.decode()
+    assert err.count("io out port=0x0300 size=1") == 50
+    assert err.count("mmio read addr=0xfebff000 size=4 value=0xffffffff") == 30
