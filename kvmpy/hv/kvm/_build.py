@@ -231,6 +231,7 @@ int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges,
 int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 addr);
 int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
                    struct kvmpy_loop_stats *stats);
+int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
 """)
 
@@ -293,9 +294,26 @@ static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware
    keeps each lookup on one whole version. It is held for a bitmap test or a
    binary search, never across KVM_RUN. */
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+
+/* The vCPU kick: a handler that does nothing, installed without SA_RESTART, so the
+   signal only ends KVM_RUN with EINTR. Installed here rather than with Python's
+   signal module because CPython puts SIG_DFL back on the handlers it installed when
+   the interpreter finalizes, and a kick that arrives late (a stop that gave up
+   waiting for a vCPU) would then kill the process with SIGUSR1. */
+static void kvmpy_kick_noop(int signo) { (void)signo; }
+
+static int kvmpy_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = kvmpy_kick_noop;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL);
+}
 
 #define KVMPY_UNCLAIMED_NOTED_MAX 256
 #define KVMPY_PORTS 65536

@@ -243,11 +243,10 @@ class Vm:
 
 
 def _install_kick_handler() -> None:
-    # A Python-level handler (not SIG_IGN) so the signal interrupts KVM_RUN with
-    # EINTR; CPython installs it without SA_RESTART. Only the main thread may do this.
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    # A C handler (kvmpy_install_kick_handler says why not signal.signal), installed
+    # from whichever thread creates the first vCPU: sigaction is process-wide.
+    if lib.kvmpy_install_kick_handler(KICK_SIGNAL) != 0:
+        raise KvmError("sigaction(KICK_SIGNAL)", ffi.errno)
 
 
 _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
