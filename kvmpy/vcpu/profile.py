@@ -92,7 +92,7 @@ class BootProfile:
         """The breakdown as text (also written to ``out``, stderr by default, once)."""
         wall = time.perf_counter() - self.started
         self._stop.set()
-        insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = 0
+        insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = pm_timer_reads = 0
         have_stats = False
         run_s = hlt_s = intr_s = 0.0
         runs = hlts = 0
@@ -108,6 +108,7 @@ class BootProfile:
                 slow += st.get("slow_mem", 0)
                 slow_ns += st.get("slow_mem_ns", 0)
                 gil_ns += st.get("gil_wait_ns", 0)
+                pm_timer_reads += st.get("pm_timer_reads", 0)
             run_s += p.run_s
             runs += p.runs
             hlt_s += p.hlt_s
@@ -130,6 +131,7 @@ class BootProfile:
             lines.append(f"    slow memory paths  {slow} (TLB misses, MMIO, page crossings, code-page writes), "
                          f"{slow_ns / 1e9:.2f} s")
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")
+            lines.append(f"    PM timer reads answered in the core, without an exit: {pm_timer_reads}")
         lines.append(f"  HLT idle            {hlt_s:8.2f} s over {hlts} halts")
         lines.append(f"  interrupt windows   {intr_s:8.2f} s")
         total_dev = sum(t for _n, t in devices.values())

@@ -18,6 +18,7 @@ from ...errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...boot.common import BootState
+    from ...devices.acpi_pm import PmTimerClock
     from ..protocol import AccelHost
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,16 @@ class TcgAccel:
         if lapic.nmi_pending or (v.interruptible and self.irqchip.has_pending(index)):
             return
         v.wakeup.wait(IDLE_WAIT)
+
+    def serve_pm_timer(self, port: int, clock: PmTimerClock | None) -> None:
+        # Linux reads the PM timer to check the TSC and calibrate against it; the
+        # counter is a pure function of time, so the C core computes it (stats:
+        # pm_timer_reads) instead of an exit to the model per read.
+        for v in self.vcpus:
+            if clock is None:
+                v.serve_pm_timer(0, 0, 32)
+            else:
+                v.serve_pm_timer(port, clock.origin_ns, clock.bits)
 
     def load_boot_state(self, boot: BootState) -> None:
         v = self.vcpus[0]

@@ -232,6 +232,12 @@ class TcgVcpu:
     def stats(self) -> dict:
         return self._cpu.stats()
 
+    def serve_pm_timer(self, port: int, origin_ns: int, bits: int) -> None:
+        """Answer reads of the 4 bytes at ``port`` in C as the ACPI PM timer: ``(monotonic_ns
+        - origin_ns) * 3.579545 MHz``, low ``bits`` bits (kvmpy.devices.acpi_pm.PmTimerClock);
+        port 0: exit for them again. Not while run() executes."""
+        self._cpu.set_pm_timer(port, origin_ns, bits)
+
     def set_profiling(self, on: bool) -> None:
         """Time the slow memory paths too (two clock reads each)."""
         self._cpu.set_profiling(on)
