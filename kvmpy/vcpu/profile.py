@@ -93,6 +93,7 @@ class BootProfile:
         wall = time.perf_counter() - self.started
         self._stop.set()
         insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = pm_timer_reads = 0
+        halt_asked_ns = halt_late_ns = 0
         have_stats = False
         run_s = hlt_s = intr_s = 0.0
         runs = hlts = 0
@@ -109,6 +110,8 @@ class BootProfile:
                 slow_ns += st.get("slow_mem_ns", 0)
                 gil_ns += st.get("gil_wait_ns", 0)
                 pm_timer_reads += st.get("pm_timer_reads", 0)
+                halt_asked_ns += st.get("halt_until_deadline_ns", 0)
+                halt_late_ns += st.get("halt_past_deadline_ns", 0)
             run_s += p.run_s
             runs += p.runs
             hlt_s += p.hlt_s
@@ -133,6 +136,9 @@ class BootProfile:
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")
             lines.append(f"    PM timer reads answered in the core, without an exit: {pm_timer_reads}")
         lines.append(f"  HLT idle            {hlt_s:8.2f} s over {hlts} halts")
+        if have_stats:
+            lines.append(f"    before the guest's timer deadline {halt_asked_ns / 1e9:.2f} s, "
+                         f"woken after it {halt_late_ns / 1e9:.3f} s")
         lines.append(f"  interrupt windows   {intr_s:8.2f} s")
         total_dev = sum(t for _n, t in devices.values())
         lines.append(f"  device exits        {total_dev:8.2f} s over {sum(n for n, _t in devices.values())} exits:")

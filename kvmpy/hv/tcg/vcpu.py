@@ -131,6 +131,10 @@ class TcgVcpu:
         self.mmio_data = memoryview(b"")
         self.internal_error = ""
         self.system_event = 0
+        # --trace profile: time halted before the guest's LAPIC timer deadline (what it
+        # asked to sleep) and after it (the wake-up's lateness); TcgAccel.wait_halted adds
+        self.halt_until_deadline_ns = 0
+        self.halt_past_deadline_ns = 0
 
     def _sync_memory(self) -> None:
         self._generation = self.memory.generation
@@ -230,7 +234,8 @@ class TcgVcpu:
         return self._cpu.halted
 
     def stats(self) -> dict:
-        return self._cpu.stats()
+        return {**self._cpu.stats(), "halt_until_deadline_ns": self.halt_until_deadline_ns,
+                "halt_past_deadline_ns": self.halt_past_deadline_ns}
 
     def serve_pm_timer(self, port: int, origin_ns: int, bits: int) -> None:
         """Answer reads of the 4 bytes at ``port`` in C as the ACPI PM timer: ``(monotonic_ns
