@@ -590,8 +590,11 @@ class Lapic(Restorable):
             self._timer.arm(deadline, self._timer_gen)
 
     @property
-    def timer_deadline_ns(self) -> int | None:
-        """When the armed timer expires (the wheel's clock), None if it is not armed."""
+    def timer_interrupt_due_ns(self) -> int | None:
+        """When the armed timer expires with an interrupt (the wheel's clock); None if it
+        is not armed or its LVT is masked (that expiry ends no halt)."""
+        if self.lvt[REG_LVT_TIMER] & LVT_MASKED or not self.hw_enabled:
+            return None
         return self._timer_deadline
 
     def expire_timer_if_due(self) -> bool:

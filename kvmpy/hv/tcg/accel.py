@@ -214,7 +214,7 @@ class TcgAccel:
         if lapic.nmi_pending or (v.interruptible and self.irqchip.has_pending(index)):
             return
         clock = self.timer_wheel.clock
-        due = lapic.timer_deadline_ns
+        due = lapic.timer_interrupt_due_ns
         start = clock()
         if due is None:
             v.wakeup.wait(IDLE_WAIT)
