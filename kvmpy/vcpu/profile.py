@@ -7,8 +7,10 @@ call is the exit's handling, charged to the bus device that served the exit (or 
 HLT idle for a halt, where the loop sleeps until an interrupt). The translator adds
 its own counters (kvmpy._tcg's stats): instructions executed, blocks translated and
 the time spent translating them, slow memory paths (TLB misses, MMIO, page-crossing
-accesses) and their time. Serial output (port 0x3f8) is watched for the first byte
-and for the first line that mentions init.
+accesses) and their time, the ACPI PM timer reads it answered without an exit, and
+how much of each halt came before the guest's LAPIC timer deadline (what the guest
+asked to sleep) and after it (the wake-up's lateness). Serial output (port 0x3f8) is
+watched for the first byte and for the first line that mentions init.
 """
 
 from __future__ import annotations
