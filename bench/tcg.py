@@ -195,8 +195,15 @@ def boot_breakdown() -> dict:
         "GIL s": num(r"waiting for the GIL after exits ([\d.]+) s"),
         "exits s": num(r"device exits\s+([\d.]+) s"),
         "hlt s": num(r"HLT idle\s+([\d.]+) s"),
+        "hlt past deadline s": num(r"woken after it ([\d.]+) s"),
+        "PM timer reads in C": num(r"PM timer reads answered in the core, without an exit: (\d+)"),
     }
-    note = "whole run: " + ", ".join(f"{k} {v:.0f}" if k == "insns" else f"{k} {v:.2f}" for k, v in parts.items() if v is not None)
+    counted = ("insns", "PM timer reads in C")
+    note = "whole run: " + ", ".join(f"{k} {v:.0f}" if k in counted else f"{k} {v:.2f}" for k, v in parts.items() if v is not None)
+    # the costliest exit sources: "<seconds> s <count> <us> us each  <bus> <addr> <device>"
+    top = re.findall(r"^\s+([\d.]+) s\s+(\d+)\s+[\d.]+ us each  (\S+ \S+ \S+)", err, re.M)[:3]
+    if top:
+        note += "; top exits: " + ", ".join(f"{where} {n}x {float(t):.2f} s" for t, n, where in top)
     return {"name": "Linux boot to init under --trace profile (translator)", "kvmpy": init, "qemu": None,
             "unit": "s", "better": "lower", "note": note or f"no profile printed (exit {p.returncode})"}
 

@@ -644,8 +644,22 @@ static uint64_t device_access(CPU *c, int kind, uint64_t addr, unsigned size, in
     cpu_exit(c, kind);
 }
 
+#define PM_TIMER_HZ 3579545u
+
+/* The PM timer's bytes [offset, offset + size) now, exactly as the model computes
+ * them: ticks = (now - origin) * 3.579545 MHz, rounded down, in one clock read. */
+static uint64_t pm_timer_read(CPU *c, unsigned offset, unsigned size)
+{
+    int64_t ns = (int64_t)now_ns() - c->pm_timer_origin_ns;
+    uint64_t ticks = ns > 0 ? (uint64_t)((unsigned __int128)(uint64_t)ns * PM_TIMER_HZ / 1000000000u) : 0;
+    c->st_pm_timer_reads++;
+    return ((ticks & c->pm_timer_mask) >> (8 * offset)) & ((1ull << (8 * size)) - 1);
+}
+
 uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val)
 {
+    if (!write && c->pm_timer_port && (uint16_t)(port - c->pm_timer_port) + size <= 4)
+        return pm_timer_read(c, (uint16_t)(port - c->pm_timer_port), size);
     return device_access(c, EXIT_IO, port, size, write, val);
 }
 

@@ -430,14 +430,35 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
 static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 {
     CPU *c = self->cpu;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
                          "invalidations", (unsigned long long)c->st_invalidations,
                          "slow_mem", (unsigned long long)c->st_slow_mem,
                          "slow_mem_ns", (unsigned long long)c->st_slow_mem_ns,
-                         "gil_wait_ns", (unsigned long long)c->st_gil_wait_ns);
+                         "gil_wait_ns", (unsigned long long)c->st_gil_wait_ns,
+                         "pm_timer_reads", (unsigned long long)c->st_pm_timer_reads);
+}
+
+/* set_pm_timer(port, origin_ns, bits): answer reads of the 4 bytes at `port` as the
+ * ACPI PM timer (see tcg.h); port 0 sends them to the VMM again. Not while run() executes. */
+static PyObject *Cpu_set_pm_timer(CpuObject *self, PyObject *args)
+{
+    unsigned int port, bits;
+    long long origin;
+    if (!PyArg_ParseTuple(args, "ILI", &port, &origin, &bits))
+        return NULL;
+    if (port > 0xfffc || (bits != 24 && bits != 32)) {
+        PyErr_Format(PyExc_ValueError, "PM timer: port %#x, %u bits: want a port up to 0xfffc, 24 or 32 bits",
+                     port, bits);
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    c->pm_timer_origin_ns = origin;
+    c->pm_timer_mask = (1ull << bits) - 1;
+    c->pm_timer_port = (uint16_t)port;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Cpu_set_profiling(CpuObject *self, PyObject *args)
@@ -585,6 +606,7 @@ static PyMethodDef Cpu_methods[] = {
     { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
     { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
     { "set_profiling", (PyCFunction)Cpu_set_profiling, METH_VARARGS, "time the slow memory paths" },
+    { "set_pm_timer", (PyCFunction)Cpu_set_pm_timer, METH_VARARGS, "answer the ACPI PM timer's reads without exits" },
     { "sample_rip", (PyCFunction)Cpu_sample_rip, METH_NOARGS, "thread-safe: rip now, None if halted" },
     { "host_tsc_hz", (PyCFunction)Cpu_host_tsc_hz, METH_NOARGS, "the frequency the guest's TSC runs at" },
     { "invalidate", (PyCFunction)Cpu_invalidate, METH_VARARGS, "drop translations of guest RAM written behind our back (DMA)" },

@@ -713,24 +713,49 @@ void do_cpuid(CPU *c)
     c->r[R_DX] = d;
 }
 
+static uint64_t raw_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The TSC and CLOCK_MONOTONIC_RAW at one instant: the TSC read between two clock reads,
+ * the tightest bracket of a few tries. A plain clock-then-rdtsc pair is off by however
+ * long the thread was preempted between the two, which on a loaded host moved the
+ * measured frequency by up to 80 ppm from one process to the next. */
+static void tsc_at_instant(uint64_t *ns, uint64_t *tsc)
+{
+    uint64_t best = UINT64_MAX;
+    for (int k = 0; k < 32; k++) {
+        uint64_t before = raw_ns();
+        uint64_t t = __rdtsc();
+        uint64_t after = raw_ns();
+        if (after - before < best) {
+            best = after - before;
+            *ns = before + best / 2;
+            *tsc = t;
+        }
+    }
+}
+
 /* The host TSC's frequency, which the guest's TSC runs at (rdtsc is the host's plus an
  * offset): measured once against CLOCK_MONOTONIC_RAW over 20 ms, so CPUID 0x15/0x16 can
  * announce it and Linux need not calibrate the TSC against the PIT (thousands of port
- * exits). Rounded to 1 kHz, Linux's unit. */
+ * exits). Each end is bracketed within ~100 ns, a few ppm of the interval; rounded to
+ * 1 kHz, Linux's unit. */
 uint64_t host_tsc_hz(void)
 {
     static uint64_t hz;
     if (hz)
         return hz;
-    struct timespec a, b;
-    clock_gettime(CLOCK_MONOTONIC_RAW, &a);
-    uint64_t t0 = __rdtsc();
-    do {
-        clock_gettime(CLOCK_MONOTONIC_RAW, &b);
-    } while ((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec) < 20000000ll);
-    uint64_t t1 = __rdtsc();
-    uint64_t ns = (uint64_t)((b.tv_sec - a.tv_sec) * 1000000000ll + (b.tv_nsec - a.tv_nsec));
-    uint64_t measured = (uint64_t)((double)(t1 - t0) * 1e9 / (double)ns);
+    uint64_t ns0, tsc0, ns1, tsc1;
+    tsc_at_instant(&ns0, &tsc0);
+    struct timespec pause = { 0, 20000000 };
+    while (nanosleep(&pause, &pause) != 0)
+        ;
+    tsc_at_instant(&ns1, &tsc1);
+    uint64_t measured = (uint64_t)((double)(tsc1 - tsc0) * 1e9 / (double)(ns1 - ns0));
     hz = (measured + 500) / 1000 * 1000;
     return hz;
 }

@@ -256,6 +256,15 @@ typedef struct CPU {
      * code pages); the clock is read around them only while `profiling` is set */
     uint64_t st_slow_mem, st_slow_mem_ns, st_gil_wait_ns;
     int profiling;
+
+    /* The ACPI PM timer's reads answered here instead of exiting: the counter is a
+     * pure function of CLOCK_MONOTONIC, whose origin and width its Python model
+     * publishes (kvmpy/devices/acpi_pm.py PmTimerClock). Port 0: every read exits.
+     * After nram, so a CPU reset keeps them (they are the machine's, not the CPU's). */
+    uint16_t pm_timer_port;
+    uint64_t pm_timer_mask;
+    int64_t pm_timer_origin_ns;
+    uint64_t st_pm_timer_reads;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between

@@ -26,7 +26,7 @@ from .boot.firmware import (FirmwareMemory, boot_devices_of, fill_fw_cfg, find_i
 from .boot.loader import BootFiles, load_kernel
 from .builder import build_devices
 from .config import VmConfig
-from .devices.acpi_pm import AcpiPm
+from .devices.acpi_pm import PM_TMR_OFFSET, AcpiPm
 from .devices.bus import Bus
 from .devices.context import DeviceContext
 from .devices.timers import TimerWheel
@@ -147,7 +147,18 @@ class Machine:
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
+        self._serve_pm_timer()
         self._attach_display()
+
+    def _serve_pm_timer(self) -> None:
+        """Let the accelerator answer PM timer reads from the model's clock, and follow
+        it when a restore moves it; not while the exits trace must show every access."""
+        if self.trace_exits:
+            return
+        pm = self.devices.get(ACPI_PM, AcpiPm)
+        port = self.devices.entry(ACPI_PM).slots[0].base + PM_TMR_OFFSET
+        pm.timer_clock_changed.append(lambda clock: self.accel.serve_pm_timer(port, clock))
+        self.accel.serve_pm_timer(port, pm.timer_clock)
 
     def _attach_display(self) -> None:
         """The screen the monitors and the VNC server see (kvmpy.display), where the

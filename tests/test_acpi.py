@@ -205,6 +205,51 @@ def test_pm_timer_rate_and_width():
     assert b >= a
 
 
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(0, 1 << 40), step=st.integers(1, 2000), reads=st.integers(2, 40),
+       bits=st.sampled_from([24, 32]))
+def test_pm_timer_reads_are_one_instant_and_monotonic(start, step, reads, bits):
+    """Every 4-byte PM_TMR read is the counter at one instant, so a clock that moves
+    between the bytes (it moves at every look here) never makes the counter jump ahead
+    and back: what Linux's acpi_pm checks before using the timer."""
+    clock = [start]
+
+    def moving_clock():
+        clock[0] += step
+        return clock[0]
+
+    dev = AcpiPm(lambda t: None, clock_ns=moving_clock, timer_32bit=bits == 32)
+    mask = (1 << bits) - 1
+    last = None
+    for _ in range(reads):
+        value = dev.read(acpi_pm.PM_TMR_OFFSET, 4)
+        expected = (clock[0] - (start + step)) * acpi_pm.PM_TIMER_HZ // 1_000_000_000 & mask
+        assert value == expected
+        if last is not None:
+            assert (value - last) & mask < 1 << (bits - 1), f"{last:#x} then {value:#x}"
+        last = value
+
+
+def test_pm_timer_clock_is_published_for_monotonic_time_only():
+    import time
+    real = AcpiPm(lambda t: None)
+    clock = real.timer_clock
+    assert clock is not None and clock.bits == 32
+    now = time.monotonic_ns()
+    value = real.read(acpi_pm.PM_TMR_OFFSET, 4)
+    after = time.monotonic_ns()
+    ticks = lambda t: (t - clock.origin_ns) * acpi_pm.PM_TIMER_HZ // 1_000_000_000 & 0xFFFFFFFF
+    assert ticks(now) <= value <= ticks(after)
+    assert Pm().dev.timer_clock is None      # a fake clock is not the accelerator's
+    # a restore moves the origin: whoever serves the timer hears of it
+    heard = []
+    real.timer_clock_changed.append(heard.append)
+    state = real.state()
+    real.restore(type(state)(**{**state.__dict__, "timer_running_for_ns": 5_000_000_000}))
+    assert len(heard) == 1 and heard[0].origin_ns < clock.origin_ns
+    assert heard[0] == real.timer_clock
+
+
 def test_gpe_block():
     pm = Pm()
     pm.dev.raise_gpe(3)

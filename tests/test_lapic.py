@@ -400,3 +400,37 @@ class LapicModel(RuleBasedStateMachine):
 TestLapicModel = LapicModel.TestCase
 TestLapicModel.settings = settings(max_examples=120, stateful_step_count=50, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=150, deadline=None)
+@given(periodic=st.booleans(), initial=st.integers(1, 5000),
+       steps=st.lists(st.tuples(st.integers(0, 12_000), st.booleans(), st.booleans()), max_size=40))
+def test_a_halted_vcpu_expiring_its_timer_fires_each_expiry_once(periodic, initial, steps):
+    """expire_timer_if_due (the halted vCPU's own thread, TcgAccel.wait_halted) racing
+    with the wheel's loop for the same expiry: the guest sees exactly the interrupts the
+    wheel alone gives, at the same moments, and never one before the deadline."""
+    clock = FakeClock()
+    alone_wheel, raced_wheel = TimerWheel(clock=clock, threaded=False), TimerWheel(clock=clock, threaded=False)
+    alone, alone_cpu = make(clock=clock, wheel=alone_wheel)
+    raced, raced_cpu = make(clock=clock, wheel=raced_wheel)
+    for la in (alone, raced):
+        enable(la)
+        la.write(REG_TIMER_DCR, 4, 0xB)
+        la.write(REG_LVT_TIMER, 4, (LVT_PERIODIC if periodic else 0) | 0xEC)
+        la.write(REG_TIMER_ICR, 4, initial)
+    for advance, halted_first, wheel_too in steps:
+        clock.now += advance
+        due = raced.timer_interrupt_due_ns
+        if halted_first:
+            expired = raced.expire_timer_if_due()
+            assert expired == (due is not None and clock.now >= due)
+        if wheel_too:
+            raced_wheel.run_due()
+        else:
+            raced.expire_timer_if_due()
+        alone_wheel.run_due()
+        assert raced.stats["timer_fired"] == alone.stats["timer_fired"]
+        assert raced.timer_interrupt_due_ns == alone.timer_interrupt_due_ns
+        assert raced_cpu.take_all() == alone_cpu.take_all()
+    raced_wheel.run_due()
+    assert raced.stats["timer_fired"] == alone.stats["timer_fired"] <= (1 if not periodic else len(steps) + 1)

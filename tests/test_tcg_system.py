@@ -844,3 +844,64 @@ def test_cross_vcpu_code_modification(machines):
         assert m.vcpu.stats()["invalidations"] >= 1
     finally:
         a.close()
+
+
+def test_pm_timer_reads_are_answered_in_the_core_as_the_model_answers(machines):
+    """With the ACPI PM timer's clock published (kvmpy.devices.acpi_pm.PmTimerClock), its
+    reads never exit: each is the model's counter at an instant between the run's start
+    and end, they never go back, and the counter runs at 3.579545 MHz of host time
+    (the guest waits for 35795 ticks: 10 ms). Other ports still exit, and with the
+    clock withdrawn the timer's reads exit again."""
+    from kvmpy.devices.acpi_pm import PM_TIMER_HZ, PM_TMR_OFFSET, AcpiPm
+    src = f"""
+        mov dx, 0x600 + {PM_TMR_OFFSET}
+        mov rdi, {LOG}
+        mov rcx, 1000
+    1:  in eax, dx
+        mov [rdi], eax
+        add rdi, 4
+        dec rcx
+        jnz 1b
+        mov r9d, [{LOG}]
+    2:  in eax, dx
+        sub eax, r9d
+        cmp eax, 35795
+        jb 2b
+        in eax, dx
+        mov [rdi], eax
+        in ax, dx                      # a 16-bit read: the low half
+        mov [rdi + 4], eax
+        mov dx, 0x600 + {PM_TMR_OFFSET} + 2
+        in ax, dx                      # and the high half on its own
+        mov [rdi + 8], eax
+        out 0x80, al
+        mov dx, 0x600 + {PM_TMR_OFFSET}
+        in eax, dx
+        hlt
+    """
+    pm = AcpiPm(lambda slp_typ: None)
+    clock = pm.timer_clock
+    m = machines(src)
+    v = m.vcpu
+    m.mem.write(LOG, bytes(4 * 1004))
+    v.serve_pm_timer(0x600 + PM_TMR_OFFSET, clock.origin_ns, clock.bits)
+    before = pm.timer_value()
+    t0 = time.monotonic_ns()
+    assert m.run() == exits.EXIT_IO
+    elapsed = time.monotonic_ns() - t0
+    after = pm.timer_value()
+    assert (v.io_port, v.io_write) == (0x80, True)
+    log = struct.unpack_from("<1001I", m.mem.read(LOG, 4 * 1001))
+    assert all(a <= b for a, b in zip(log, log[1:])), "the counter went back"
+    assert before <= log[0] and log[-1] <= after
+    assert log[-1] - log[0] >= 35795
+    assert elapsed * PM_TIMER_HZ >= (log[-1] - log[0] - 1) * 1_000_000_000, "faster than 3.579545 MHz"
+    low, high = struct.unpack_from("<II", m.mem.read(LOG + 4 * 1001, 8))
+    assert (low & 0xFFFF) - (log[-1] & 0xFFFF) & 0xFFFF < PM_TIMER_HZ // 10
+    assert (high & 0xFFFF) - (log[-1] >> 16) & 0xFFFF <= 1
+    assert v.stats()["pm_timer_reads"] >= 1000 + 1 + 3
+    v.serve_pm_timer(0, 0, 32)
+    assert m.run() == exits.EXIT_IO
+    assert (v.io_port, v.io_size, v.io_write) == (0x600 + PM_TMR_OFFSET, 4, False)
+    v.io_data[:] = struct.pack("<I", pm.read(PM_TMR_OFFSET, 4))
+    assert m.run() == exits.EXIT_HLT

@@ -70,6 +70,17 @@ SLP_TYP_S5 = 5
 
 
 @dataclass(frozen=True)
+class PmTimerClock:
+    """PM_TMR as a pure function of time.monotonic_ns: ``ticks = (now - origin_ns) *
+    PM_TIMER_HZ // 10**9``, its low ``bits`` bits read. What the translator needs to
+    answer the timer's reads without an exit (the model stays the source of truth:
+    it publishes a new clock when a restore moves the origin)."""
+
+    origin_ns: int
+    bits: int
+
+
+@dataclass(frozen=True)
 class AcpiPmState:
     """The PM registers and timer (see kvmpy/devices/saved_state.py)."""
 
@@ -119,6 +130,9 @@ class AcpiPm(Restorable):
         self.gpe_sts = 0
         self.gpe_en = 0
         self._timer_epoch = 0
+        # Called with the new timer_clock when a restore moves the counter's origin:
+        # an accelerator answering PM_TMR reads itself must follow (kvmpy.machine).
+        self.timer_clock_changed: list[Callable[[PmTimerClock | None], None]] = []
 
     # ------------------------------------------------------------ saved state
     def state(self) -> AcpiPmState:
@@ -147,17 +161,32 @@ class AcpiPm(Restorable):
             if state.sci_level != self._sci_level:
                 self._sci_level = state.sci_level
                 self._sci(state.sci_level)
+        clock = self.timer_clock
+        for listener in self.timer_clock_changed:
+            listener(clock)
 
     # ------------------------------------------------------------ timer
-    def _ticks(self) -> int:
-        return (self._clock_ns() - self._t0) * PM_TIMER_HZ // 1_000_000_000
+    def _ticks(self, now_ns: int) -> int:
+        return (now_ns - self._t0) * PM_TIMER_HZ // 1_000_000_000
 
-    def timer_value(self) -> int:
-        return self._ticks() & ((1 << self.timer_bits) - 1)
+    def timer_value(self, now_ns: int | None = None) -> int:
+        """The counter at ``now_ns`` (this device's clock; now if not given)."""
+        if now_ns is None:
+            now_ns = self._clock_ns()
+        return self._ticks(now_ns) & ((1 << self.timer_bits) - 1)
 
-    def _note_timer_carry(self) -> None:
+    @property
+    def timer_clock(self) -> PmTimerClock | None:
+        """The counter as a pure function of time.monotonic_ns, for an accelerator that
+        answers PM_TMR reads itself; None when this model keeps another clock (tests)."""
+        if self._clock_ns is not time.monotonic_ns:
+            return None
+        with self._lock:
+            return PmTimerClock(origin_ns=self._t0, bits=self.timer_bits)
+
+    def _note_timer_carry(self, now_ns: int) -> None:
         # TMR_STS is set whenever the counter's top bit toggles
-        epoch = self._ticks() >> (self.timer_bits - 1)
+        epoch = self._ticks(now_ns) >> (self.timer_bits - 1)
         if epoch != self._timer_epoch:
             self._timer_epoch = epoch
             self.pm1_sts |= TMR_STS
@@ -187,17 +216,17 @@ class AcpiPm(Restorable):
         return self._sci_level
 
     # ------------------------------------------------------------ registers
-    def _read_reg(self, offset: int) -> tuple[int, int]:
-        """(value of the register containing ``offset``, its start offset)."""
+    def _read_reg(self, offset: int, now_ns: int) -> tuple[int, int]:
+        """(value of the register containing ``offset`` at ``now_ns``, its start offset)."""
         if PM1_EVT_OFFSET <= offset < PM1_EVT_OFFSET + 2:
-            self._note_timer_carry()
+            self._note_timer_carry(now_ns)
             return self.pm1_sts, PM1_EVT_OFFSET
         if PM1_EVT_OFFSET + 2 <= offset < PM1_EVT_OFFSET + 4:
             return self.pm1_en, PM1_EVT_OFFSET + 2
         if PM1_CNT_OFFSET <= offset < PM1_CNT_OFFSET + PM1_CNT_LENGTH:
             return self.pm1_cnt & ~SLP_EN, PM1_CNT_OFFSET
         if PM_TMR_OFFSET <= offset < PM_TMR_OFFSET + PM_TMR_LENGTH:
-            return self.timer_value(), PM_TMR_OFFSET
+            return self.timer_value(now_ns), PM_TMR_OFFSET
         if GPE0_OFFSET <= offset < GPE0_OFFSET + 4:
             return self.gpe_sts, GPE0_OFFSET
         if GPE0_OFFSET + 4 <= offset < GPE0_OFFSET + 8:
@@ -209,10 +238,14 @@ class AcpiPm(Restorable):
             log.debug("acpi-pm: %d-byte read at %#x", size, offset)
             size = max(1, min(size, 4))
         with self._lock:
-            # assemble byte by byte so unaligned or straddling reads are exact
+            # Assembled byte by byte so unaligned or straddling reads are exact, all
+            # bytes at one instant: a clock read per byte let a carry between two bytes
+            # make the counter jump 256 ticks ahead and then back (Linux's acpi_pm
+            # monotonicity check saw it and refused the PM timer).
+            now = self._clock_ns()
             value = 0
             for i in range(size):
-                reg, start = self._read_reg(offset + i)
+                reg, start = self._read_reg(offset + i, now)
                 value |= ((reg >> (8 * (offset + i - start))) & 0xFF) << (8 * i)
             return value
 

@@ -589,10 +589,30 @@ class Lapic(Restorable):
         if self._timer is not None:
             self._timer.arm(deadline, self._timer_gen)
 
-    def _timer_expired(self, deadline: int, token=None) -> None:
+    @property
+    def timer_interrupt_due_ns(self) -> int | None:
+        """When the armed timer expires with an interrupt (the wheel's clock); None if it
+        is not armed or its LVT is masked (that expiry ends no halt)."""
+        if self.lvt[REG_LVT_TIMER] & LVT_MASKED or not self.hw_enabled:
+            return None
+        return self._timer_deadline
+
+    def expire_timer_if_due(self) -> bool:
+        """On a halted vCPU's own thread: expire the timer now if its deadline has
+        passed, rather than sleep on until the wheel's loop thread gets to it (under a
+        loaded host that took milliseconds). The wheel's later call finds the expiry
+        done. True if this call expired it."""
         with self._lock:
-            if token != self._timer_gen or not self._timer_running:
-                return
+            deadline, token = self._timer_deadline, self._timer_gen
+        if deadline is None or self._clock() < deadline:
+            return False
+        return self._timer_expired(deadline, token)
+
+    def _timer_expired(self, deadline: int, token=None) -> bool:
+        with self._lock:
+            # the deadline too: expire_timer_if_due and the wheel may both come for one expiry
+            if token != self._timer_gen or not self._timer_running or deadline != self._timer_deadline:
+                return False
             self._timer_deadline = None
             self.stats["timer_fired"] += 1
             self._local_interrupt(REG_LVT_TIMER)
@@ -605,6 +625,7 @@ class Lapic(Restorable):
                     nxt = self._timer_start + (-(-(now - self._timer_start) // period)) * period
                 self._arm_timer(max(nxt, deadline + MIN_PERIOD_NS))
             # one-shot: the count stays at 0 until the next initial-count write
+            return True
 
     # ------------------------------------------------------------------ MMIO
 

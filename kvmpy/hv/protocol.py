@@ -19,6 +19,7 @@ from ..devices.platform import Platform as DevicePlatform
 if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports kvmpy.hv
     from ..boot.common import BootState
     from ..config import VmConfig
+    from ..devices.acpi_pm import PmTimerClock
     from ..devices.bus import Bus
     from ..devices.timers import TimerWheel
     from ..events import EventLoop
@@ -150,3 +151,8 @@ class Accel(Protocol):
     def wait_halted(self, index: int) -> None:
         """On vCPU ``index``'s thread after a halt exit: sleep until something can end
         the halt (every such event kicks the vCPU), or briefly."""
+
+    def serve_pm_timer(self, port: int, clock: PmTimerClock | None) -> None:
+        """Answer the guest's reads of the ACPI PM timer at ``port`` from ``clock``
+        without an exit, where the accelerator can (the translator); None sends them
+        to the device model again. Under KVM the reads exit to the model, as in QEMU."""

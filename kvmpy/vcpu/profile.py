@@ -7,8 +7,10 @@ call is the exit's handling, charged to the bus device that served the exit (or 
 HLT idle for a halt, where the loop sleeps until an interrupt). The translator adds
 its own counters (kvmpy._tcg's stats): instructions executed, blocks translated and
 the time spent translating them, slow memory paths (TLB misses, MMIO, page-crossing
-accesses) and their time. Serial output (port 0x3f8) is watched for the first byte
-and for the first line that mentions init.
+accesses) and their time, the ACPI PM timer reads it answered without an exit, and
+how much of each halt came before the guest's LAPIC timer deadline (what the guest
+asked to sleep) and after it (the wake-up's lateness). Serial output (port 0x3f8) is
+watched for the first byte and for the first line that mentions init.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class BootProfile:
         """The breakdown as text (also written to ``out``, stderr by default, once)."""
         wall = time.perf_counter() - self.started
         self._stop.set()
-        insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = 0
+        insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = pm_timer_reads = 0
+        halt_asked_ns = halt_late_ns = 0
         have_stats = False
         run_s = hlt_s = intr_s = 0.0
         runs = hlts = 0
@@ -108,6 +111,9 @@ class BootProfile:
                 slow += st.get("slow_mem", 0)
                 slow_ns += st.get("slow_mem_ns", 0)
                 gil_ns += st.get("gil_wait_ns", 0)
+                pm_timer_reads += st.get("pm_timer_reads", 0)
+                halt_asked_ns += st.get("halt_until_deadline_ns", 0)
+                halt_late_ns += st.get("halt_past_deadline_ns", 0)
             run_s += p.run_s
             runs += p.runs
             hlt_s += p.hlt_s
@@ -130,7 +136,11 @@ class BootProfile:
             lines.append(f"    slow memory paths  {slow} (TLB misses, MMIO, page crossings, code-page writes), "
                          f"{slow_ns / 1e9:.2f} s")
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")
+            lines.append(f"    PM timer reads answered in the core, without an exit: {pm_timer_reads}")
         lines.append(f"  HLT idle            {hlt_s:8.2f} s over {hlts} halts")
+        if have_stats:
+            lines.append(f"    before the guest's timer deadline {halt_asked_ns / 1e9:.2f} s, "
+                         f"woken after it {halt_late_ns / 1e9:.3f} s")
         lines.append(f"  interrupt windows   {intr_s:8.2f} s")
         total_dev = sum(t for _n, t in devices.values())
         lines.append(f"  device exits        {total_dev:8.2f} s over {sum(n for n, _t in devices.values())} exits:")

@@ -133,6 +133,10 @@ class TcgVcpu:
         self.mmio_data = memoryview(b"")
         self.internal_error = ""
         self.system_event = 0
+        # --trace profile: time halted before the guest's LAPIC timer deadline (what it
+        # asked to sleep) and after it (the wake-up's lateness); TcgAccel.wait_halted adds
+        self.halt_until_deadline_ns = 0
+        self.halt_past_deadline_ns = 0
 
     def _sync_memory(self) -> None:
         self._generation = self.memory.generation
@@ -232,7 +236,14 @@ class TcgVcpu:
         return self._cpu.halted
 
     def stats(self) -> dict:
-        return self._cpu.stats()
+        return {**self._cpu.stats(), "halt_until_deadline_ns": self.halt_until_deadline_ns,
+                "halt_past_deadline_ns": self.halt_past_deadline_ns}
+
+    def serve_pm_timer(self, port: int, origin_ns: int, bits: int) -> None:
+        """Answer reads of the 4 bytes at ``port`` in C as the ACPI PM timer: ``(monotonic_ns
+        - origin_ns) * 3.579545 MHz``, low ``bits`` bits (kvmpy.devices.acpi_pm.PmTimerClock);
+        port 0: exit for them again. Not while run() executes."""
+        self._cpu.set_pm_timer(port, origin_ns, bits)
 
     def set_profiling(self, on: bool) -> None:
         """Time the slow memory paths too (two clock reads each)."""

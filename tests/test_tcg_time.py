@@ -1,0 +1,62 @@
+"""The translator's clocks: the TSC frequency it announces (CPUID 0x15/0x16)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from support.tcg import TcgVcpu  # noqa: F401 - skips the module where kvmpy._tcg is not built
+
+MEASURE = "from kvmpy import _tcg; print(_tcg.Cpu(0).host_tsc_hz())"
+
+
+def test_every_process_measures_the_same_tsc_frequency():
+    """Each VM process measures the host TSC once and announces it to its guest: a
+    measurement a preemption can skew gave each VM another clock rate (they spread by
+    ~150 ppm on a loaded host); bracketed reads keep them within a few ppm."""
+    values = sorted(int(subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True,
+                                       check=True, timeout=60).stdout) for _ in range(5))
+    assert values[0] > 100_000_000, values
+    assert values[-1] - values[0] <= values[0] // 200_000, f"spread {values}"   # 5 ppm
+
+
+def test_a_halted_vcpu_wakes_at_its_lapic_deadline_by_itself():
+    """HLT sleeps until the guest's own timer deadline, not a poll interval, and the
+    vCPU's thread expires the timer itself: here the machine's event loop never runs,
+    so nothing else could fire it."""
+    import time
+
+    from kvmpy.config import VmConfig
+    from kvmpy.devices.bus import Bus
+    from kvmpy.devices.lapic import REG_LVT_TIMER, REG_SVR, REG_TIMER_DCR, REG_TIMER_ICR
+    from kvmpy.events import EventLoop
+    from kvmpy.hv.tcg.accel import CRYSTAL_HZ, IDLE_WAIT, TcgAccel
+    from kvmpy.memory import GuestMemory
+
+    class Host:
+        cfg = VmConfig(cpus=1, memory=16 << 20)
+        memory = GuestMemory.anonymous([(0, 16 << 20)])
+        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        events = EventLoop(name="never-started")
+
+    accel = TcgAccel(Host)
+    try:
+        lapic = accel.irqchip.lapics[0]
+        lapic.write(REG_SVR, 4, 0x1FF)
+        lapic.write(REG_TIMER_DCR, 4, 0xB)                  # divide by 1
+        lapic.write(REG_LVT_TIMER, 4, 0xEC)                 # one-shot, vector 0xEC
+        lapic.write(REG_TIMER_ICR, 4, CRYSTAL_HZ // 50)     # 20 ms
+        due = lapic.timer_interrupt_due_ns
+        assert due is not None and not lapic.has_pending()
+        accel.wait_halted(0)
+        woke = time.monotonic_ns()
+        assert woke >= due
+        assert woke - due < IDLE_WAIT * 1e9 / 2, "slept on past the deadline"
+        assert lapic.has_pending() and lapic.intr_ack() == 0xEC
+        v = accel.vcpus[0]
+        assert v.stats()["halt_until_deadline_ns"] > 10_000_000
+        accel.wait_halted(0)        # nothing armed now: the timer fired once, and only once
+        assert not lapic.has_pending()
+    finally:
+        accel.close()
+        Host.memory.close()
