@@ -62,9 +62,9 @@ class Recorder:
 
 class Rig:
     def __init__(self, image, mode="native", event_idx=False, werror="enospc", ring_base=0x100000,
-                 queue_size=64, flush=True, restrict_block0=False):
+                 queue_size=64, flush=True, restrict_block0=False, driver=None):
         self.m = SoftMachine()
-        self.driver = RawDriver(str(image), restrict_block0=restrict_block0)
+        self.driver = driver or RawDriver(str(image), restrict_block0=restrict_block0)
         self.errors = Recorder(self.m.events)
         self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors)
         self.dev = self.m.virtio_pci(self.blk)

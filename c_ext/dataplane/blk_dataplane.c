@@ -99,6 +99,88 @@ static uint8_t *gpa_to_host(const struct dp_region *regions, int nregions, uint6
     return NULL;
 }
 
+/* ---- the qcow2 cluster map --------------------------------------------------- */
+
+struct dp_map_entry { uint64_t key; uint64_t host; };   /* key: cluster + 1; 0 is empty */
+
+struct dp_map {
+    /* Readers are the queue threads, for the whole of a request's I/O: once Python's
+     * invalidation returns, no thread still writes where the old mapping pointed
+     * (a cluster Python is about to free or share). Writers first, so a steady
+     * stream of requests cannot keep an invalidation waiting. */
+    pthread_rwlock_t lock;
+    uint32_t cluster_bits;
+    uint64_t generation;           /* the driver's mapping generation the entries belong to */
+    struct dp_map_entry e[DP_MAP_ENTRIES];
+};
+
+struct dp_map *dp_map_new(uint32_t cluster_bits)
+{
+    if (cluster_bits < 9 || cluster_bits > 21)
+        return NULL;
+    struct dp_map *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&m->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    m->cluster_bits = cluster_bits;
+    return m;
+}
+
+void dp_map_free(struct dp_map *m)
+{
+    if (!m)
+        return;
+    pthread_rwlock_destroy(&m->lock);
+    free(m);
+}
+
+/* Entries computed by Python at mapping generation `generation`; dropped (returns
+ * 0) when the mapping changed since, else returns n. */
+int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n)
+{
+    int stored = 0;
+    pthread_rwlock_wrlock(&m->lock);
+    if (generation == m->generation) {
+        for (int i = 0; i < n; i++) {
+            if (hosts[i] == 0 || hosts[i] & ((1ull << m->cluster_bits) - 1))
+                continue;          /* never a cluster 0 (the header) or a misaligned one */
+            struct dp_map_entry *e = &m->e[clusters[i] & (DP_MAP_ENTRIES - 1)];
+            e->key = clusters[i] + 1;
+            e->host = hosts[i];
+            stored++;
+        }
+    }
+    pthread_rwlock_unlock(&m->lock);
+    return stored;
+}
+
+void dp_map_invalidate(struct dp_map *m, uint64_t generation)
+{
+    pthread_rwlock_wrlock(&m->lock);
+    memset(m->e, 0, sizeof m->e);
+    m->generation = generation;
+    pthread_rwlock_unlock(&m->lock);
+}
+
+/* Under the lock (read or write): the host offset of cluster, or 0. */
+static uint64_t map_lookup(const struct dp_map *m, uint64_t cluster)
+{
+    const struct dp_map_entry *e = &m->e[cluster & (DP_MAP_ENTRIES - 1)];
+    return e->key == cluster + 1 ? e->host : 0;
+}
+
+int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host)
+{
+    pthread_rwlock_rdlock(&m->lock);
+    *host = map_lookup(m, cluster);
+    pthread_rwlock_unlock(&m->lock);
+    return *host != 0;
+}
+
 /* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
 static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
 {
@@ -257,6 +339,54 @@ static int full_io(int fd, struct iovec *iov, int niov, uint64_t offset, int wri
         }
     }
     return 0;
+}
+
+/* A read or write of guest bytes [offset, offset+nbytes) of a qcow2 disk through
+ * the cluster map, or -1 (nothing written) when a cluster is not in it: an
+ * unallocated, zero, compressed or shared cluster, all the model's. The map's
+ * read lock is held through the I/O (see struct dp_map). */
+static int mapped_io(struct dp_queue *q, struct iovec *iov, int niov, uint64_t offset, uint64_t nbytes, int write)
+{
+    struct dp_map *m = q->c.map;
+    uint32_t bits = m->cluster_bits;
+    uint64_t mask = (1ull << bits) - 1, last = (offset + nbytes - 1) >> bits;
+    struct iovec sub[BLK_IOV_MAX + 1];
+    int r = -1, vi = 0;
+    size_t vo = 0;                 /* bytes of iov[vi] already used */
+    pthread_rwlock_rdlock(&m->lock);
+    for (uint64_t c = offset >> bits; c <= last; c++)
+        if (!map_lookup(m, c))
+            goto out;
+    for (uint64_t pos = offset, end = offset + nbytes; pos < end;) {
+        uint64_t host = map_lookup(m, pos >> bits) + (pos & mask);
+        uint64_t run = ((pos | mask) + 1) - pos;
+        /* Clusters whose host clusters follow each other go in one call. */
+        while (pos + run < end && map_lookup(m, (pos + run) >> bits) == host + run)
+            run += 1ull << bits;
+        if (run > end - pos)
+            run = end - pos;
+        int nsub = 0;
+        for (uint64_t left = run; left;) {
+            size_t take = iov[vi].iov_len - vo;
+            if (take > left)
+                take = (size_t)left;
+            sub[nsub].iov_base = (uint8_t *)iov[vi].iov_base + vo;
+            sub[nsub++].iov_len = take;
+            left -= take;
+            vo += take;
+            if (vo == iov[vi].iov_len) {
+                vi++;
+                vo = 0;
+            }
+        }
+        if (full_io(q->c.fd, sub, nsub, host, write) < 0)
+            goto out;
+        pos += run;
+    }
+    r = 0;
+out:
+    pthread_rwlock_unlock(&m->lock);
+    return r;
 }
 
 static void *dp_worker(void *arg)
@@ -427,6 +557,8 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         if (q->c.read_only)
             return -1;
     } else if (type == T_FLUSH) {
+        if (q->c.map)
+            return -1;             /* qcow2: the driver's dirty tables go out first, in Python */
         if (!q->c.read_only && sync_image(q) < 0)
             return -1;
         *status = S_OK;
@@ -442,6 +574,8 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         *status = S_OK;
         return (int64_t)done + 1;
     } else if (type == T_DISCARD || type == T_WRITE_ZEROES) {
+        if (q->c.map)
+            return -1;             /* qcow2: a change of mapping, the driver's */
         uint8_t payload[16 * DP_MAX_DISCARD_SEG];
         uint32_t len = 0;
         int views = 0;
@@ -470,6 +604,13 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         return -1;
     if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
         return -1;
+    if (q->c.map && nbytes) {
+        if ((type == T_OUT && q->c.write_through)
+            || mapped_io(q, q->iov, niov, sector * SECTOR, nbytes, type == T_OUT) < 0)
+            return -1;
+        *status = S_OK;
+        return type == T_IN ? (int64_t)nbytes + 1 : 1;
+    }
     if (type == T_IN && nbytes && job && !q->nowait_refused) {
         if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
             *status = S_OK;

@@ -25,6 +25,7 @@ ffibuilder.cdef(r"""
 #define DP_EXIT_RUNNING ...
 #define DP_EXIT_STOPPED ...
 #define DP_EXIT_HANDBACK ...
+#define DP_MAP_ENTRIES ...
 
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; ...; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; ...; };
@@ -40,6 +41,7 @@ struct dp_config {
     int write_through;
     uint64_t guarded_bytes;
     int discard;
+    struct dp_map *map;
     uint8_t serial[20];
     int kick_fd, call_fd, handback_fd;
     uint16_t next_avail, next_used;
@@ -57,6 +59,12 @@ struct dp_indices {
     ...;
 };
 struct dp_queue;
+struct dp_map;
+struct dp_map *dp_map_new(uint32_t cluster_bits);
+void dp_map_free(struct dp_map *m);
+int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n);
+void dp_map_invalidate(struct dp_map *m, uint64_t generation);
+int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host);
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
 int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,

@@ -24,10 +24,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from ...block.qcow2 import Qcow2Driver
 from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
 from ...memory import GuestMemory
-from .dataplane import DATAPLANE_MODES, BlkBackend
+from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap
 from .dataplane import available as dataplane_available
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
@@ -69,6 +70,10 @@ ERROR_POLICIES = ("enospc", "stop", "report", "ignore")
 
 # preadv/pwritev take at most IOV_MAX buffers; a longer (indirect) chain is refused.
 IOV_MAX = 1024
+
+# Guest cluster ranges the model served, kept for the next cluster-map fill; more
+# than this between two fills and the rest simply miss again.
+CLUSTER_FILL_RANGES = 64
 
 _REQ_HDR = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
@@ -169,6 +174,17 @@ class VirtioBlk:
         self.acked_features = 0
         self._queues: Sequence[SplitQueue] = ()
         self._transport: VirtioTransport | None = None
+        # qcow2 under the native data plane: where its threads may read and write in
+        # place. Whole L2 tables are filled the first time the model serves a
+        # request in them (since the last change of mapping), then the clusters of
+        # each request the model served, so an allocating write is in the map for
+        # the next overwrite.
+        self.cluster_map: ClusterMap | None = None
+        self._map_tables_filled: set[int] = set()
+        self._map_wanted: list[tuple[int, int]] = []
+        if dataplane == "native" and isinstance(driver, Qcow2Driver) and dataplane_available():
+            self.cluster_map = ClusterMap(driver.cluster_bits)
+            driver.mapping_listeners.append(self._mapping_changed)
 
     # state -------------------------------------------------------------------------
 
@@ -240,14 +256,49 @@ class VirtioBlk:
     def native_backend(self) -> BlkBackend | None:
         """What a native data plane may serve on its own now, or None while every
         request must come here: another image format, the Python data plane chosen,
-        the native module missing, or a request kept by a "stop" waiting for `cont`."""
-        if (self.dataplane != "native" or self._kept is not None or not isinstance(self.driver, RawDriver)
-                or self.driver.fd < 0 or not dataplane_available()):
+        the native module missing, or a request kept by a "stop" waiting for `cont`.
+        A qcow2 disk is served while the driver can flush (a write-through disk
+        flushes the driver's tables after every write, which is the model's)."""
+        if self.dataplane != "native" or self._kept is not None or self.driver.fd < 0 or not dataplane_available():
+            return None
+        if self.cluster_map is not None:
+            if not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1:
+                return None
+            self._fill_cluster_map()
+            return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
+                              write_through=False, guarded_bytes=0, serial=self.serial,
+                              discard=self.discard_enabled, cluster_map=self.cluster_map)
+        if not isinstance(self.driver, RawDriver):
             return None
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                           write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
                           serial=self.serial, discard=self.discard_enabled)
+
+    def _mapping_changed(self, generation: int) -> None:
+        """The qcow2 driver changed a mapping (under its lock): forget the map."""
+        self._map_tables_filled.clear()
+        self.cluster_map.invalidate(generation)
+
+    def _want_clusters(self, offset: int, nbytes: int) -> None:
+        if self.cluster_map is not None and nbytes and len(self._map_wanted) < CLUSTER_FILL_RANGES:
+            bits = self.cluster_map.cluster_bits
+            self._map_wanted.append((offset >> bits, ((offset + nbytes - 1) >> bits) - (offset >> bits) + 1))
+
+    def _fill_cluster_map(self) -> None:
+        wanted, self._map_wanted = self._map_wanted, []
+        l2_entries = self.driver.l2_entries
+        for first, count in wanted:
+            table = first // l2_entries
+            if table not in self._map_tables_filled and (first + count - 1) // l2_entries == table:
+                self._map_tables_filled.add(table)
+                first, count = table * l2_entries, l2_entries
+            try:
+                generation, pairs = self.driver.in_place_clusters(first, count)
+            except (OSError, ImageError) as e:
+                log.debug("%s: clusters %d+%d stay with the model: %s", self.name, first, count, e)
+                continue
+            self.cluster_map.set(generation, pairs)
 
     @property
     def stopped_request(self) -> bool:
@@ -367,6 +418,7 @@ class VirtioBlk:
             self._check_segments(data_in)
             if n:
                 self.driver.preadv(data_in, sector * SECTOR)
+                self._want_clusters(sector * SECTOR, n)
             return n
         if rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
@@ -377,6 +429,7 @@ class VirtioBlk:
             if n:
                 self.driver.pwritev(data_out, sector * SECTOR)
                 self._write_through()
+                self._want_clusters(sector * SECTOR, n)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.driver.flush()

@@ -3,7 +3,15 @@
 The C thread (c_ext/dataplane/blk_dataplane.c) serves one split virtqueue from its
 doorbell eventfd: reads and writes inside the disk, flushes, GET_ID, well-formed
 DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight between the raw image
-and guest RAM, with the same ring checks as queue.py. It
+and guest RAM, with the same ring checks as queue.py.
+
+A qcow2 disk's thread reads and overwrites only the data clusters in its
+``ClusterMap``, which the model fills from the driver (Qcow2Driver.in_place_clusters)
+and the driver empties through ``mapping_listeners`` whenever a mapping changes
+(allocation over an old entry, discard, zeroing, snapshots, resize, commit,
+repair, a refused write); everything else (unallocated or zero clusters, backing
+files, compressed or shared clusters, allocating writes, flushes, discards) is
+handed back to the model. It
 never decides anything the device model decides: at the first request it does not
 serve exactly as the model would (a bad descriptor, a host I/O error, a request
 type, range or layout it leaves to the model) it stops before consuming that
@@ -57,6 +65,50 @@ def unavailable_reason() -> str:
     return _IMPORT_ERROR
 
 
+class ClusterMap:
+    """The C cluster map of one qcow2 disk (struct dp_map), shared by its queues'
+    threads: guest cluster -> host offset for the data clusters the driver says a
+    read or write may reach in place. A request touching any other cluster goes to
+    the model. ``generation`` is the driver's mapping generation: entries computed
+    at an older one than the last ``invalidate`` are dropped, so a fill racing with
+    a change of mapping can never store a stale entry."""
+
+    def __init__(self, cluster_bits: int) -> None:
+        handle = lib.dp_map_new(cluster_bits)
+        if handle == ffi.NULL:
+            raise ValueError(f"cluster_bits {cluster_bits}: no cluster map")
+        self.handle = handle
+        self.cluster_bits = cluster_bits
+
+    def set(self, generation: int, pairs: list[tuple[int, int]]) -> int:
+        """Store (guest cluster, host offset) pairs; returns how many were stored."""
+        if not pairs or self.handle is None:
+            return 0
+        clusters = ffi.new("uint64_t[]", [c for c, _ in pairs])
+        hosts = ffi.new("uint64_t[]", [h for _, h in pairs])
+        return lib.dp_map_set(self.handle, generation, clusters, hosts, len(pairs))
+
+    def invalidate(self, generation: int) -> None:
+        """Forget every entry; returns once no thread does I/O through an old one."""
+        if self.handle is not None:
+            lib.dp_map_invalidate(self.handle, generation)
+
+    def get(self, cluster: int) -> int | None:
+        """The host offset the threads would use for guest cluster ``cluster``."""
+        host = ffi.new("uint64_t *")
+        return host[0] if self.handle is not None and lib.dp_map_get(self.handle, cluster, host) else None
+
+    def close(self) -> None:
+        """After every thread using the map stopped."""
+        if self.handle is not None:
+            lib.dp_map_free(self.handle)
+            self.handle = None
+
+    # The disk that owns the map outlives its queue threads (the transport stops
+    # them on reset and close), so the map goes with the disk.
+    __del__ = close
+
+
 @dataclass(frozen=True)
 class BlkBackend:
     """What a virtio-blk model lets its data plane do on its own, as plain values."""
@@ -68,6 +120,7 @@ class BlkBackend:
     guarded_bytes: int       # writes below this offset stay with the model
     serial: bytes            # GET_ID's answer, at most 20 bytes
     discard: bool = False    # DISCARD and WRITE_ZEROES offered
+    cluster_map: ClusterMap | None = None   # qcow2: where the data clusters are (fd is the image file)
 
 
 @dataclass(frozen=True)
@@ -122,6 +175,7 @@ class NativeQueue:
         cfg.write_through = int(backend.write_through)
         cfg.guarded_bytes = backend.guarded_bytes
         cfg.discard = int(backend.discard)
+        cfg.map = backend.cluster_map.handle if backend.cluster_map is not None else ffi.NULL
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
