@@ -673,9 +673,11 @@ def test_guest_on_a_full_disk_stops_and_cont_completes_the_write(tmp_path, full_
 
 
 @needs_native
-def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig):
+def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig, monkeypatch):
     """A ring of reads of data not in the page cache: the thread's workers read them
-    together, and the used entries still come out in ring order, each once."""
+    together (without io_uring), and the used entries still come out in ring order,
+    each once."""
+    monkeypatch.setenv(dataplane.AIO_ENV, "threads")
     rig = make_rig("native")
     data = bytes((i * 31 + 7) & 0xFF for i in range(DISK))
     rig.path.write_bytes(data)
@@ -700,11 +702,19 @@ def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig):
 
 
 @needs_native
-def test_a_failed_worker_read_goes_back_to_the_model_in_ring_order(make_rig):
-    """The image shrinks under the disk: a worker's read meets end of file, which the
-    thread leaves to the model (it reads zeroes there, as QEMU's raw driver does);
-    the requests around it are answered once each, in ring order."""
+@pytest.mark.parametrize("aio", ["threads", "io_uring"])
+def test_a_failed_worker_read_goes_back_to_the_model_in_ring_order(make_rig, monkeypatch, aio):
+    """The image shrinks under the disk: a worker's (or the io_uring's) read meets
+    end of file, which the thread leaves to the model (it reads zeroes there, as
+    QEMU's raw driver does); the requests around it are answered once each, in
+    ring order."""
+    if aio == "threads":
+        monkeypatch.setenv(dataplane.AIO_ENV, "threads")
+    else:
+        monkeypatch.delenv(dataplane.AIO_ENV, raising=False)
     rig = make_rig("native")
+    if aio == "io_uring" and rig.blk._rings[0] is None:
+        pytest.skip("this kernel refuses io_uring")
     data = bytes((i * 31 + 7) & 0xFF for i in range(DISK // 2))
     rig.path.write_bytes(data)            # half of what the disk says it has
     fd = os.open(rig.path, os.O_RDONLY)

@@ -8,12 +8,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#ifdef DP_HAVE_URING
+#include <liburing.h>
+#endif
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -44,13 +48,16 @@
 
 #define EXEC_HANDBACK (-1)
 #define EXEC_DEFERRED (-2)
+#define EXEC_BARRIER (-3)           /* not started: the batch's ring I/O must finish first */
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 
-/* One read handed to the workers. */
+/* One read handed to the workers, or a read or write in the io_uring. */
 struct dp_job {
     int niov;
+    int write;
     uint64_t offset;
+    uint64_t nbytes;
     int result;                     /* 0 done, -1 failed: the model's */
     int done;                       /* atomic */
     struct iovec iov[BLK_IOV_MAX];
@@ -74,6 +81,8 @@ struct dp_queue {
     uint64_t completed;
     uint64_t deferred;              /* reads that went to the workers */
     int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
+    uint64_t ring_ops;              /* reads and writes that went through the io_uring */
+    int ring_inflight;              /* of the current batch, not reaped yet */
     pthread_t thread;
     struct dp_seg segs[DP_MAX_SEGS];
     struct iovec iov[BLK_IOV_MAX];
@@ -180,6 +189,75 @@ int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host)
     pthread_rwlock_unlock(&m->lock);
     return *host != 0;
 }
+
+/* ---- io_uring ------------------------------------------------------------------ */
+
+/* Built without liburing (its headers missing: see _dataplane_build.py) there is
+ * never a ring, and the threads use the workers. */
+#ifdef DP_HAVE_URING
+struct dp_ring { struct io_uring ring; };
+
+/* A ring that can do nothing but what the thread submits (even in a process a
+ * guest has taken over): vectored reads and writes, fsync, fallocate. */
+struct dp_ring *dp_ring_new(int *err)
+{
+    static const uint8_t ops[] = {IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC, IORING_OP_FALLOCATE};
+    struct io_uring_restriction res[sizeof ops];
+    struct io_uring_params params;
+    struct dp_ring *r = calloc(1, sizeof *r);
+    if (!r) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    memset(&params, 0, sizeof params);
+    params.flags = IORING_SETUP_R_DISABLED;
+    int rc = io_uring_queue_init_params(DP_RING_ENTRIES, &r->ring, &params);
+    if (rc < 0) {
+        *err = -rc;
+        free(r);
+        return NULL;
+    }
+    memset(res, 0, sizeof res);
+    for (size_t i = 0; i < sizeof ops; i++) {
+        res[i].opcode = IORING_RESTRICTION_SQE_OP;
+        res[i].sqe_op = ops[i];
+    }
+    /* By the system call: Debian 12's liburing 2.3 declares but does not export
+     * the two helpers. */
+    rc = (int)syscall(__NR_io_uring_register, r->ring.ring_fd, IORING_REGISTER_RESTRICTIONS, res,
+                      (unsigned)(sizeof ops));
+    if (rc >= 0)
+        rc = (int)syscall(__NR_io_uring_register, r->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    if (rc < 0)
+        rc = -errno;
+    if (rc < 0) {
+        *err = -rc;
+        io_uring_queue_exit(&r->ring);
+        free(r);
+        return NULL;
+    }
+    *err = 0;
+    return r;
+}
+
+void dp_ring_free(struct dp_ring *r)
+{
+    if (!r)
+        return;
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+#else
+struct dp_ring *dp_ring_new(int *err)
+{
+    *err = ENOSYS;
+    return NULL;
+}
+
+void dp_ring_free(struct dp_ring *r)
+{
+}
+#endif
 
 /* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
 static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
@@ -389,6 +467,90 @@ out:
     return r;
 }
 
+#ifdef DP_HAVE_URING
+/* Queue job in the ring (submitted with the rest of the batch by ring_wait). */
+static int ring_queue(struct dp_queue *q, struct dp_job *job)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->c.ring->ring);
+    if (!sqe)
+        return -1;                 /* not with DP_RING_ENTRIES >= DP_BATCH */
+    if (job->write)
+        io_uring_prep_writev(sqe, q->c.fd, job->iov, (unsigned)job->niov, job->offset);
+    else
+        io_uring_prep_readv(sqe, q->c.fd, job->iov, (unsigned)job->niov, job->offset);
+    io_uring_sqe_set_data(sqe, job);
+    job->done = 0;
+    q->ring_inflight++;
+    q->ring_ops++;
+    return 0;
+}
+
+/* A completion's result as full_io's: a short transfer is finished here, and a
+ * refusal to wait (EAGAIN) is done again the blocking way. */
+static int ring_result(struct dp_queue *q, struct dp_job *job, int res)
+{
+    if (res >= 0 && (uint64_t)res == job->nbytes)
+        return 0;
+    if (res < 0 && res != -EAGAIN)
+        return -1;
+    uint64_t skip = res > 0 ? (uint64_t)res : 0;
+    struct iovec *iov = job->iov;
+    int niov = job->niov;
+    while (niov > 0 && skip >= iov->iov_len) {
+        skip -= iov->iov_len;
+        iov++;
+        niov--;
+    }
+    if (niov > 0) {
+        iov->iov_base = (uint8_t *)iov->iov_base + skip;
+        iov->iov_len -= skip;
+    }
+    return full_io(q->c.fd, iov, niov, job->offset + (res > 0 ? (uint64_t)res : 0), job->write);
+}
+
+/* Submit the batch's ring I/O and reap all of it. */
+static void ring_wait(struct dp_queue *q)
+{
+    struct io_uring *ring = &q->c.ring->ring;
+    int r;
+    do r = io_uring_submit(ring); while (r == -EINTR || r == -EAGAIN || r == -EBUSY);
+    while (q->ring_inflight) {
+        struct io_uring_cqe *cqe;
+        r = io_uring_wait_cqe(ring, &cqe);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r < 0) {
+            /* Not for a ring of our own making. What it did not answer fails, so the
+             * batch goes back to the model from there, and the ring is not used again. */
+            for (int i = 0; i < DP_BATCH; i++)
+                if (!__atomic_load_n(&q->jobs[i].done, __ATOMIC_ACQUIRE)) {
+                    q->jobs[i].result = -1;
+                    __atomic_store_n(&q->jobs[i].done, 1, __ATOMIC_RELEASE);
+                }
+            q->ring_inflight = 0;
+            q->c.ring = NULL;
+            return;
+        }
+        struct dp_job *job = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(ring, cqe);
+        q->ring_inflight--;
+        job->result = ring_result(q, job, res);
+        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+#else
+static int ring_queue(struct dp_queue *q, struct dp_job *job)
+{
+    return -1;
+}
+
+static void ring_wait(struct dp_queue *q)
+{
+}
+#endif
+
 static void *dp_worker(void *arg)
 {
     struct dp_queue *q = arg;
@@ -557,6 +719,8 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         if (q->c.read_only)
             return -1;
     } else if (type == T_FLUSH) {
+        if (q->ring_inflight)
+            return EXEC_BARRIER;   /* writes of this batch first: a flush covers what completed */
         if (q->c.map)
             return -1;             /* qcow2: the driver's dirty tables go out first, in Python */
         if (!q->c.read_only && sync_image(q) < 0)
@@ -574,6 +738,8 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         *status = S_OK;
         return (int64_t)done + 1;
     } else if (type == T_DISCARD || type == T_WRITE_ZEROES) {
+        if (q->ring_inflight)
+            return EXEC_BARRIER;
         if (q->c.map)
             return -1;             /* qcow2: a change of mapping, the driver's */
         uint8_t payload[16 * DP_MAX_DISCARD_SEG];
@@ -611,6 +777,19 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         *status = S_OK;
         return type == T_IN ? (int64_t)nbytes + 1 : 1;
     }
+    if (q->c.ring && nbytes && job && !(type == T_OUT && q->c.write_through)) {
+        memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
+        job->niov = niov;
+        job->write = type == T_OUT;
+        job->offset = sector * SECTOR;
+        job->nbytes = nbytes;
+        if (ring_queue(q, job) == 0) {
+            slot->status = status;
+            slot->used = type == T_IN ? (uint32_t)nbytes + 1 : 1;
+            slot->job = job;
+            return EXEC_DEFERRED;
+        }
+    }
     if (type == T_IN && nbytes && job && !q->nowait_refused) {
         if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
             *status = S_OK;
@@ -619,7 +798,9 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         if (!q->nowait_refused) {
             memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
             job->niov = niov;
+            job->write = 0;
             job->offset = sector * SECTOR;
+            job->nbytes = nbytes;
             if (defer_read(q, job) == 0) {
                 slot->status = status;
                 slot->used = (uint32_t)nbytes + 1;
@@ -684,6 +865,8 @@ static int process(struct dp_queue *q)
                 break;
             }
             int64_t used = execute(q, nsegs, slot, &q->jobs[n]);
+            if (used == EXEC_BARRIER)
+                break;                       /* it starts the next batch */
             if (used == EXEC_HANDBACK) {
                 reason = DP_EXIT_HANDBACK;
                 break;
@@ -699,7 +882,9 @@ static int process(struct dp_queue *q)
                 did = 1;
             }
         }
-        if (deferred)
+        if (q->ring_inflight)
+            ring_wait(q);
+        else if (deferred)
             wait_for_workers(q);
         if (published < n && !failed) {
             published += publish_ready(q, published, n, &failed);
@@ -820,6 +1005,7 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     out->exit_reason = q->exit_reason;
     out->completed = q->completed;
     out->deferred = q->deferred;
+    out->ring_ops = q->ring_ops;
     close(q->stop_fd);
     pthread_cond_destroy(&q->done_cv);
     pthread_cond_destroy(&q->work_cv);

@@ -41,6 +41,15 @@
 
 struct dp_map;
 
+/* An io_uring for one queue's thread (liburing). Made, restricted to the
+ * operations below and enabled before the VMM's seccomp filter closes (which
+ * refuses io_uring_setup and io_uring_register; see kvmpy/sandbox.py): raw reads
+ * and writes of a batch go to it together. Without one, reads the page cache
+ * cannot answer go to worker threads and writes run on the queue's thread. */
+#define DP_RING_ENTRIES 64
+
+struct dp_ring;
+
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; };
 
@@ -57,6 +66,7 @@ struct dp_config {
     uint64_t guarded_bytes;        /* writes below this offset go to Python (probed raw's block-0 rule) */
     int discard;                   /* DISCARD and WRITE_ZEROES offered */
     struct dp_map *map;            /* qcow2: the cluster map (NULL: fd is the raw disk itself) */
+    struct dp_ring *ring;          /* NULL: preadv workers */
     uint8_t serial[DP_SERIAL_BYTES];
     int kick_fd;                   /* the queue's doorbell eventfd */
     int call_fd;                   /* written when the driver wants an interrupt */
@@ -73,12 +83,16 @@ struct dp_indices {
     int exit_reason;
     uint64_t completed;            /* requests this thread answered */
     uint64_t deferred;             /* of them, reads its workers did (not in the page cache) */
+    uint64_t ring_ops;             /* of them, reads and writes done through its io_uring */
 };
 
 struct dp_queue;
 
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
+struct dp_ring *dp_ring_new(int *err);
+void dp_ring_free(struct dp_ring *r);
+
 struct dp_map *dp_map_new(uint32_t cluster_bits);
 void dp_map_free(struct dp_map *m);
 int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n);

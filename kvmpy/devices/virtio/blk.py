@@ -28,7 +28,7 @@ from ...block.qcow2 import Qcow2Driver
 from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
 from ...memory import GuestMemory
-from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap
+from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap, Ring
 from .dataplane import available as dataplane_available
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
@@ -185,6 +185,11 @@ class VirtioBlk:
         if dataplane == "native" and isinstance(driver, Qcow2Driver) and dataplane_available():
             self.cluster_map = ClusterMap(driver.cluster_bits)
             driver.mapping_listeners.append(self._mapping_changed)
+        # One io_uring per queue for a raw disk's threads, made now: a device is
+        # built before the sandbox, which refuses io_uring_setup afterwards.
+        self._rings: tuple[Ring | None, ...] = ()
+        if dataplane == "native" and isinstance(driver, RawDriver) and dataplane_available():
+            self._rings = tuple(Ring.make() for _ in range(num_queues))
 
     # state -------------------------------------------------------------------------
 
@@ -273,7 +278,7 @@ class VirtioBlk:
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                           write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
-                          serial=self.serial, discard=self.discard_enabled)
+                          serial=self.serial, discard=self.discard_enabled, rings=self._rings)
 
     def _mapping_changed(self, generation: int) -> None:
         """The qcow2 driver changed a mapping (under its lock): forget the map."""

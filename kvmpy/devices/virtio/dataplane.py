@@ -18,8 +18,10 @@ type, range or layout it leaves to the model) it stops before consuming that
 request and writes its hand-back eventfd; the transport then takes the queue
 indices back into the SplitQueue and lets the model carry on from there.
 
-Reads the page cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker
-threads, so up to 32 of a batch wait on the disk together; used entries still go
+Reads and writes of a raw disk go to the queue's io_uring (``Ring``), a batch of up
+to 32 at once; a flush or discard waits for the batch's I/O first. Without a
+ring (KVMPY_BLK_AIO=threads, or a kernel that refuses io_uring), reads the page
+cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker threads, so up to 32 of a batch wait on the disk together; used entries still go
 out in ring order, so the hand-back point is always a ring position. A worker's
 failed read hands the queue back at that request; the requests after it in the
 batch were done but not answered, and the model does them again (a read or write
@@ -63,6 +65,43 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     return _IMPORT_ERROR
+
+
+#: ``KVMPY_BLK_AIO=threads`` keeps the data plane off io_uring (preadv workers), as
+#: QEMU's aio=threads; anything else uses io_uring where the kernel lets us.
+AIO_ENV = "KVMPY_BLK_AIO"
+
+
+class Ring:
+    """One queue thread's io_uring (struct dp_ring), made while the process may
+    still call io_uring_setup (before the sandbox), restricted to reads, writes,
+    fsync and fallocate. ``Ring.make()`` is None where the kernel refuses one
+    (seccomp, io_uring_disabled, an old kernel) or the environment asks for the
+    worker threads; the data plane then does without."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    @classmethod
+    def make(cls) -> "Ring | None":
+        if os.environ.get(AIO_ENV, "") == "threads":
+            return None
+        err = ffi.new("int *")
+        handle = lib.dp_ring_new(err)
+        if handle == ffi.NULL:
+            log.info("io_uring unavailable (%s): the virtio-blk data plane uses worker threads",
+                     os.strerror(err[0]))
+            return None
+        return cls(handle)
+
+    def close(self) -> None:
+        """After the thread using it stopped."""
+        if self.handle is not None:
+            lib.dp_ring_free(self.handle)
+            self.handle = None
+
+    # Owned by the disk, which outlives its queue threads (see ClusterMap).
+    __del__ = close
 
 
 class ClusterMap:
@@ -121,6 +160,7 @@ class BlkBackend:
     serial: bytes            # GET_ID's answer, at most 20 bytes
     discard: bool = False    # DISCARD and WRITE_ZEROES offered
     cluster_map: ClusterMap | None = None   # qcow2: where the data clusters are (fd is the image file)
+    rings: tuple[Ring | None, ...] = ()      # per queue; None or missing: worker threads
 
 
 @dataclass(frozen=True)
@@ -128,6 +168,7 @@ class StopInfo:
     handed_back: bool        # the thread stopped at a request the model must answer
     completed: int           # requests the thread answered
     deferred: int            # reads of them its workers did (the page cache had not the data)
+    ring_ops: int = 0        # reads and writes of them done through its io_uring
 
 
 class RegionPointers:
@@ -159,7 +200,7 @@ class NativeQueue:
     """One queue served by a C thread from ``start`` until ``stop``."""
 
     def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int,
-                 irq_fd: int | None = None) -> None:
+                 irq_fd: int | None = None, index: int = 0) -> None:
         self.queue = queue
         self.irq_fd = irq_fd
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -176,6 +217,9 @@ class NativeQueue:
         cfg.guarded_bytes = backend.guarded_bytes
         cfg.discard = int(backend.discard)
         cfg.map = backend.cluster_map.handle if backend.cluster_map is not None else ffi.NULL
+        ring = backend.rings[index] if index < len(backend.rings) else None
+        cfg.ring = ring.handle if ring is not None and ring.handle is not None else ffi.NULL
+        self._ring = ring
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
@@ -200,7 +244,7 @@ class NativeQueue:
         q.next_used = out.next_used
         q.signalled_used = out.signalled_used if out.signalled_valid else None
         return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
-                        deferred=out.deferred)
+                        deferred=out.deferred, ring_ops=out.ring_ops)
 
     def take_interrupt(self) -> bool:
         """Whether the thread asked for an interrupt through the call eventfd since
