@@ -27,6 +27,7 @@ from kvmpy.devices.virtio.blk import (VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIR
 from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET
 from conftest import tool_required
 from test_dataplane import Rig
+from test_dataplane_uring import aio  # noqa: F401 - the fixture: io_uring and worker threads
 
 needs_native = pytest.mark.skipif(not dataplane.available(),
                                   reason=f"native data plane not built: {dataplane.unavailable_reason()}")
@@ -185,7 +186,7 @@ def answered(rig, rtype, sector, out=b"", in_len=0):
 
 
 @needs_native
-def test_allocated_clusters_in_c_the_rest_in_the_model(tmp_path):
+def test_allocated_clusters_in_c_the_rest_in_the_model(tmp_path, aio):
     path = make_qcow2(tmp_path / "d.qcow2", writes=[(1 << 20, 1 << 20, 0x61)])
     rig = qcow2_rig(path)
     try:
@@ -248,6 +249,39 @@ def test_python_mode_has_no_cluster_map(tmp_path):
         rig.close()
 
 
+@needs_native
+def test_reads_off_the_disk_run_in_parallel(tmp_path, aio):
+    """A ring of reads of qcow2 data not in the page cache: through the io_uring or
+    the read workers (a batch at a time, as on raw), used entries in ring order."""
+    path = make_qcow2(tmp_path / "d.qcow2", writes=[(0, DISK, 0x61), (0, DISK // 2, 0x62)])
+    rig = qcow2_rig(path)
+    try:
+        assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK   # the model fills the map
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        rig.settle()
+        rig.n = 0
+        heads = [rig.put(VIRTIO_BLK_T_IN, 1024 * i, in_len=65536)[0] for i in range(16)]
+        rig.d.kick(0)
+        used = rig.d.wait_used(0, count=16)
+        assert [h for h, _ in used] == heads and all(n == 65537 for _, n in used)
+        for i in range(16):
+            want = 0x62 if 1024 * 512 * i < DISK // 2 else 0x61
+            assert rig.m.memory.read(0x300000 + 0x10000 * i, 65536) == bytes([want]) * 65536
+        assert rig.native_requests() >= 16
+        if aio == "io_uring":
+            assert rig.dev.native_ring_ops >= 16
+        elif rig.dev.native_deferred_reads == 0:
+            pytest.skip("the page cache kept the image (or RWF_NOWAIT is refused here): the workers were not needed")
+    finally:
+        rig.close()
+    check_clean(path)
+
+
 # Random request streams against the model alone: same answers, same image, clean image.
 SMALL_CLUSTER = 4096
 SMALL_DISK = 2 << 20
@@ -276,11 +310,11 @@ def run_stream(rig, requests, seed):
 
 
 @needs_native
-@settings(max_examples=200 if os.environ.get("KVMPY_FUZZ") else 20, deadline=None,
+@settings(max_examples=200 if os.environ.get("KVMPY_FUZZ") else 15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(base=BASE, requests=st.lists(REQUEST, min_size=1, max_size=16), seed=st.integers(0, 255),
        layout=st.sampled_from(["plain", "snapshot", "backing"]))
-def test_random_streams_same_as_the_model_and_clean(tmp_path_factory, base, requests, seed, layout):
+def test_random_streams_same_as_the_model_and_clean(tmp_path_factory, aio, base, requests, seed, layout):
     tmp = tmp_path_factory.mktemp("q")
     backing = None
     if layout == "backing":

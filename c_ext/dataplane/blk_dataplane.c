@@ -83,6 +83,7 @@ struct dp_queue {
     int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
     uint64_t ring_ops;              /* reads and writes that went through the io_uring */
     int ring_inflight;              /* of the current batch, not reaped yet */
+    int map_held;                   /* the cluster map's read lock, for this batch */
     pthread_t thread;
     struct dp_seg segs[DP_MAX_SEGS];
     struct iovec iov[BLK_IOV_MAX];
@@ -419,22 +420,60 @@ static int full_io(int fd, struct iovec *iov, int niov, uint64_t offset, int wri
     return 0;
 }
 
-/* A read or write of guest bytes [offset, offset+nbytes) of a qcow2 disk through
- * the cluster map, or -1 (nothing written) when a cluster is not in it: an
- * unallocated, zero, compressed or shared cluster, all the model's. The map's
- * read lock is held through the I/O (see struct dp_map). */
+/* The cluster map's read lock, taken by the first qcow2 request of a batch and
+ * held until the batch's I/O is done (map_release), so an invalidation returns
+ * only once no I/O through an old mapping is in flight. Never taken twice: with
+ * writers preferred, a second read lock behind a waiting writer would wait on it. */
+static void map_hold(struct dp_queue *q)
+{
+    if (!q->map_held) {
+        pthread_rwlock_rdlock(&q->c.map->lock);
+        q->map_held = 1;
+    }
+}
+
+static void map_release(struct dp_queue *q)
+{
+    if (q->map_held) {
+        pthread_rwlock_unlock(&q->c.map->lock);
+        q->map_held = 0;
+    }
+}
+
+/* Where guest bytes [offset, offset+nbytes) of a qcow2 disk are in the image
+ * file (map held): 1 and *host when in one run of host clusters, 2 when in
+ * several, 0 when a cluster is not in the map (an unallocated, zero, compressed
+ * or shared cluster: the model's). */
+static int map_runs(struct dp_queue *q, uint64_t offset, uint64_t nbytes, uint64_t *host)
+{
+    const struct dp_map *m = q->c.map;
+    uint32_t bits = m->cluster_bits;
+    uint64_t mask = (1ull << bits) - 1, first = offset >> bits, last = (offset + nbytes - 1) >> bits;
+    uint64_t base = map_lookup(m, first);
+    int runs = 1;
+    if (!base)
+        return 0;
+    for (uint64_t c = first + 1; c <= last; c++) {
+        uint64_t h = map_lookup(m, c);
+        if (!h)
+            return 0;
+        if (h != base + ((c - first) << bits))
+            runs = 2;
+    }
+    *host = base + (offset & mask);
+    return runs;
+}
+
+/* A read or write of guest bytes [offset, offset+nbytes) of a qcow2 disk whose
+ * clusters are all in the map (held), a call per run of host clusters. */
 static int mapped_io(struct dp_queue *q, struct iovec *iov, int niov, uint64_t offset, uint64_t nbytes, int write)
 {
-    struct dp_map *m = q->c.map;
+    const struct dp_map *m = q->c.map;
     uint32_t bits = m->cluster_bits;
-    uint64_t mask = (1ull << bits) - 1, last = (offset + nbytes - 1) >> bits;
+    uint64_t mask = (1ull << bits) - 1;
     struct iovec sub[BLK_IOV_MAX + 1];
-    int r = -1, vi = 0;
+    int vi = 0;
     size_t vo = 0;                 /* bytes of iov[vi] already used */
-    pthread_rwlock_rdlock(&m->lock);
-    for (uint64_t c = offset >> bits; c <= last; c++)
-        if (!map_lookup(m, c))
-            goto out;
     for (uint64_t pos = offset, end = offset + nbytes; pos < end;) {
         uint64_t host = map_lookup(m, pos >> bits) + (pos & mask);
         uint64_t run = ((pos | mask) + 1) - pos;
@@ -458,13 +497,10 @@ static int mapped_io(struct dp_queue *q, struct iovec *iov, int niov, uint64_t o
             }
         }
         if (full_io(q->c.fd, sub, nsub, host, write) < 0)
-            goto out;
+            return -1;
         pos += run;
     }
-    r = 0;
-out:
-    pthread_rwlock_unlock(&m->lock);
-    return r;
+    return 0;
 }
 
 #ifdef DP_HAVE_URING
@@ -770,18 +806,29 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         return -1;
     if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
         return -1;
+    /* Where the bytes are in the file: the same offset on a raw disk; on qcow2 the
+     * map's answer, and a request over several runs of host clusters is done here
+     * and now, run by run. */
+    uint64_t file_offset = sector * SECTOR;
     if (q->c.map && nbytes) {
-        if ((type == T_OUT && q->c.write_through)
-            || mapped_io(q, q->iov, niov, sector * SECTOR, nbytes, type == T_OUT) < 0)
+        if (type == T_OUT && q->c.write_through)
             return -1;
-        *status = S_OK;
-        return type == T_IN ? (int64_t)nbytes + 1 : 1;
+        map_hold(q);
+        int runs = map_runs(q, file_offset, nbytes, &file_offset);
+        if (runs == 0)
+            return -1;
+        if (runs > 1) {
+            if (mapped_io(q, q->iov, niov, sector * SECTOR, nbytes, type == T_OUT) < 0)
+                return -1;
+            *status = S_OK;
+            return type == T_IN ? (int64_t)nbytes + 1 : 1;
+        }
     }
     if (q->c.ring && nbytes && job && !(type == T_OUT && q->c.write_through)) {
         memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
         job->niov = niov;
         job->write = type == T_OUT;
-        job->offset = sector * SECTOR;
+        job->offset = file_offset;
         job->nbytes = nbytes;
         if (ring_queue(q, job) == 0) {
             slot->status = status;
@@ -791,7 +838,7 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         }
     }
     if (type == T_IN && nbytes && job && !q->nowait_refused) {
-        if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
+        if (!read_nowait(q, niov, file_offset, nbytes)) {
             *status = S_OK;
             return (int64_t)nbytes + 1;
         }
@@ -799,7 +846,7 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
             memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
             job->niov = niov;
             job->write = 0;
-            job->offset = sector * SECTOR;
+            job->offset = file_offset;
             job->nbytes = nbytes;
             if (defer_read(q, job) == 0) {
                 slot->status = status;
@@ -809,7 +856,7 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
             }
         }
     }
-    if (nbytes && full_io(q->c.fd, q->iov, niov, sector * SECTOR, type == T_OUT) < 0)
+    if (nbytes && full_io(q->c.fd, q->iov, niov, file_offset, type == T_OUT) < 0)
         return -1;
     if (type == T_OUT && nbytes && q->c.write_through && sync_image(q) < 0)
         return -1;
@@ -884,8 +931,9 @@ static int process(struct dp_queue *q)
         }
         if (q->ring_inflight)
             ring_wait(q);
-        else if (deferred)
-            wait_for_workers(q);
+        if (deferred)
+            wait_for_workers(q);   /* nothing to wait for when the ring had them all */
+        map_release(q);
         if (published < n && !failed) {
             published += publish_ready(q, published, n, &failed);
             did = 1;

@@ -43,7 +43,7 @@ struct dp_map;
 
 /* An io_uring for one queue's thread (liburing). Made, restricted to the
  * operations below and enabled before the VMM's seccomp filter closes (which
- * refuses io_uring_setup and io_uring_register; see kvmpy/sandbox.py): raw reads
+ * refuses io_uring_setup and io_uring_register; see kvmpy/sandbox.py): the reads
  * and writes of a batch go to it together. Without one, reads the page cache
  * cannot answer go to worker threads and writes run on the queue's thread. */
 #define DP_RING_ENTRIES 64

@@ -185,10 +185,11 @@ class VirtioBlk:
         if dataplane == "native" and isinstance(driver, Qcow2Driver) and dataplane_available():
             self.cluster_map = ClusterMap(driver.cluster_bits)
             driver.mapping_listeners.append(self._mapping_changed)
-        # One io_uring per queue for a raw disk's threads, made now: a device is
-        # built before the sandbox, which refuses io_uring_setup afterwards.
+        # One io_uring per queue for the threads, made now: a device is built
+        # before the sandbox, which refuses io_uring_setup afterwards.
         self._rings: tuple[Ring | None, ...] = ()
-        if dataplane == "native" and isinstance(driver, RawDriver) and dataplane_available():
+        if (dataplane == "native" and (isinstance(driver, RawDriver) or self.cluster_map is not None)
+                and dataplane_available()):
             self._rings = tuple(Ring.make() for _ in range(num_queues))
 
     # state -------------------------------------------------------------------------
@@ -272,7 +273,7 @@ class VirtioBlk:
             self._fill_cluster_map()
             return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                               write_through=False, guarded_bytes=0, serial=self.serial,
-                              discard=self.discard_enabled, cluster_map=self.cluster_map)
+                              discard=self.discard_enabled, cluster_map=self.cluster_map, rings=self._rings)
         if not isinstance(self.driver, RawDriver):
             return None
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,

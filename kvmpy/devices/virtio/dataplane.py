@@ -18,8 +18,9 @@ type, range or layout it leaves to the model) it stops before consuming that
 request and writes its hand-back eventfd; the transport then takes the queue
 indices back into the SplitQueue and lets the model carry on from there.
 
-Reads and writes of a raw disk go to the queue's io_uring (``Ring``), a batch of up
-to 32 at once; a flush or discard waits for the batch's I/O first. Without a
+Reads and writes go to the queue's io_uring (``Ring``), a batch of up to 32 at
+once (on qcow2 those within one run of host clusters; one over several runs is
+done on the thread, run by run); a flush or discard waits for the batch's I/O first. Without a
 ring (KVMPY_BLK_AIO=threads, or a kernel that refuses io_uring), reads the page
 cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker threads, so up to 32 of a batch wait on the disk together; used entries still go
 out in ring order, so the hand-back point is always a ring position. A worker's
