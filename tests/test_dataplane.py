@@ -62,11 +62,12 @@ class Recorder:
 
 class Rig:
     def __init__(self, image, mode="native", event_idx=False, werror="enospc", ring_base=0x100000,
-                 queue_size=64, flush=True, restrict_block0=False, driver=None):
+                 queue_size=64, flush=True, restrict_block0=False, driver=None, iothread=""):
         self.m = SoftMachine()
         self.driver = driver or RawDriver(str(image), restrict_block0=restrict_block0)
         self.errors = Recorder(self.m.events)
-        self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors)
+        self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors,
+                             iothread=iothread)
         self.dev = self.m.virtio_pci(self.blk)
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev), ring_base=ring_base)
         self.event_idx = event_idx

@@ -84,6 +84,10 @@ struct dp_queue {
     uint64_t ring_ops;              /* reads and writes that went through the io_uring */
     int ring_inflight;              /* of the current batch, not reaped yet */
     int map_held;                   /* the cluster map's read lock, for this batch */
+    /* served by an iothread: run at its next turn (a kick, or just attached), and
+     * finished once the iothread let go of it (dp_stop waits for that) */
+    int io_run;
+    int io_finished;
     pthread_t thread;
     struct dp_seg segs[DP_MAX_SEGS];
     struct iovec iov[BLK_IOV_MAX];
@@ -991,6 +995,142 @@ static void *dp_thread(void *arg)
     return NULL;
 }
 
+/* ---- iothreads ----------------------------------------------------------------- */
+
+struct dp_iothread {
+    pthread_t thread;
+    int ctl_fd;                     /* written on attach, stop and exit */
+    pthread_mutex_t lock;
+    pthread_cond_t finished_cv;
+    struct dp_queue *queues[DP_IOTHREAD_QUEUES];
+    int nqueues;
+    int exit;
+};
+
+static void io_wake(struct dp_iothread *io)
+{
+    uint64_t one = 1;
+    while (write(io->ctl_fd, &one, 8) < 0 && errno == EINTR)
+        ;
+}
+
+/* The iothread lets go of q, whose turn ended with reason. */
+static void io_finish(struct dp_iothread *io, struct dp_queue *q, int reason)
+{
+    stop_workers(q);
+    q->exit_reason = reason;
+    if (reason == DP_EXIT_HANDBACK) {
+        uint64_t one = 1;
+        ssize_t w;
+        do w = write(q->c.handback_fd, &one, 8); while (w < 0 && errno == EINTR);
+    }
+    pthread_mutex_lock(&io->lock);
+    for (int i = 0; i < io->nqueues; i++)
+        if (io->queues[i] == q) {
+            io->queues[i] = io->queues[--io->nqueues];
+            break;
+        }
+    /* dp_stop may free q as soon as it sees this. */
+    q->io_finished = 1;
+    pthread_cond_broadcast(&io->finished_cv);
+    pthread_mutex_unlock(&io->lock);
+}
+
+/* Each attached queue in turn: a turn serves what its ring has (process), then
+ * one poll waits for any queue's kick or a change of the set. */
+static void *dp_iothread_main(void *arg)
+{
+    struct dp_iothread *io = arg;
+    struct dp_queue *qs[DP_IOTHREAD_QUEUES];
+    struct pollfd fds[DP_IOTHREAD_QUEUES + 1];
+    for (;;) {
+        pthread_mutex_lock(&io->lock);
+        int n = io->nqueues, exiting = io->exit;
+        memcpy(qs, io->queues, sizeof qs[0] * (size_t)n);
+        pthread_mutex_unlock(&io->lock);
+        if (exiting && n == 0)
+            break;
+        int live = 0;
+        for (int i = 0; i < n; i++) {
+            struct dp_queue *q = qs[i];
+            if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+                io_finish(io, q, DP_EXIT_STOPPED);
+                continue;
+            }
+            if (q->io_run) {
+                q->io_run = 0;
+                int reason = process(q);
+                if (reason != DP_EXIT_RUNNING) {
+                    io_finish(io, q, reason);
+                    continue;
+                }
+            }
+            qs[live++] = q;
+        }
+        fds[0] = (struct pollfd){io->ctl_fd, POLLIN, 0};
+        for (int i = 0; i < live; i++)
+            fds[i + 1] = (struct pollfd){qs[i]->c.kick_fd, POLLIN, 0};
+        if (poll(fds, (nfds_t)live + 1, -1) < 0)
+            continue;
+        if (fds[0].revents & POLLIN)
+            drain(io->ctl_fd);
+        for (int i = 0; i < live; i++)
+            if (fds[i + 1].revents & POLLIN) {
+                drain(qs[i]->c.kick_fd);
+                qs[i]->io_run = 1;
+            }
+    }
+    return NULL;
+}
+
+struct dp_iothread *dp_iothread_new(int *err)
+{
+    struct dp_iothread *io = calloc(1, sizeof *io);
+    if (!io) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    io->ctl_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (io->ctl_fd < 0) {
+        *err = errno;
+        free(io);
+        return NULL;
+    }
+    pthread_mutex_init(&io->lock, NULL);
+    pthread_cond_init(&io->finished_cv, NULL);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);      /* as dp_start's threads */
+    int r = pthread_create(&io->thread, NULL, dp_iothread_main, io);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r) {
+        *err = r;
+        close(io->ctl_fd);
+        pthread_cond_destroy(&io->finished_cv);
+        pthread_mutex_destroy(&io->lock);
+        free(io);
+        return NULL;
+    }
+    *err = 0;
+    return io;
+}
+
+/* After every queue it served was stopped. */
+void dp_iothread_free(struct dp_iothread *io)
+{
+    if (!io)
+        return;
+    pthread_mutex_lock(&io->lock);
+    io->exit = 1;
+    pthread_mutex_unlock(&io->lock);
+    io_wake(io);
+    pthread_join(io->thread, NULL);
+    close(io->ctl_fd);
+    pthread_cond_destroy(&io->finished_cv);
+    pthread_mutex_destroy(&io->lock);
+    free(io);
+}
+
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
 {
     struct dp_queue *q;
@@ -1021,6 +1161,25 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         free(q);
         return NULL;
     }
+    if (cfg->iothread) {
+        struct dp_iothread *io = cfg->iothread;
+        pthread_mutex_lock(&io->lock);
+        int full = io->nqueues == DP_IOTHREAD_QUEUES || io->exit;
+        if (!full) {
+            q->io_run = 1;              /* what came in since the model's turn */
+            io->queues[io->nqueues++] = q;
+        }
+        pthread_mutex_unlock(&io->lock);
+        if (full) {
+            *err = ENOSPC;
+            close(q->stop_fd);
+            free(q);
+            return NULL;
+        }
+        io_wake(io);
+        *err = 0;
+        return q;
+    }
     /* Signals are the Python main thread's business (CPython's handlers only set
      * a flag there): the I/O thread starts with all of them blocked, as QEMU's
      * iothreads do, so none interrupts it or lands where no handler runs. */
@@ -1045,7 +1204,16 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
     while (write(q->stop_fd, &one, 8) < 0 && errno == EINTR)
         ;
-    pthread_join(q->thread, NULL);
+    if (q->c.iothread) {
+        struct dp_iothread *io = q->c.iothread;
+        io_wake(io);
+        pthread_mutex_lock(&io->lock);
+        while (!q->io_finished)
+            pthread_cond_wait(&io->finished_cv, &io->lock);
+        pthread_mutex_unlock(&io->lock);
+    } else {
+        pthread_join(q->thread, NULL);
+    }
     out->next_avail = q->c.next_avail;
     out->next_used = q->c.next_used;
     out->signalled_valid = q->c.signalled_valid;

@@ -50,6 +50,12 @@ struct dp_map;
 
 struct dp_ring;
 
+/* An iothread (QEMU's -object iothread): one thread serving the queues of every
+ * disk that names it, in turn, instead of a thread per queue. */
+#define DP_IOTHREAD_QUEUES 64
+
+struct dp_iothread;
+
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; };
 
@@ -67,6 +73,7 @@ struct dp_config {
     int discard;                   /* DISCARD and WRITE_ZEROES offered */
     struct dp_map *map;            /* qcow2: the cluster map (NULL: fd is the raw disk itself) */
     struct dp_ring *ring;          /* NULL: preadv workers */
+    struct dp_iothread *iothread;  /* NULL: a thread of its own */
     uint8_t serial[DP_SERIAL_BYTES];
     int kick_fd;                   /* the queue's doorbell eventfd */
     int call_fd;                   /* written when the driver wants an interrupt */
@@ -90,6 +97,8 @@ struct dp_queue;
 
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
+struct dp_iothread *dp_iothread_new(int *err);
+void dp_iothread_free(struct dp_iothread *io);
 struct dp_ring *dp_ring_new(int *err);
 void dp_ring_free(struct dp_ring *r);
 

@@ -32,6 +32,7 @@ ffibuilder.cdef(r"""
 #define DP_EXIT_HANDBACK ...
 #define DP_MAP_ENTRIES ...
 #define DP_RING_ENTRIES ...
+#define DP_IOTHREAD_QUEUES ...
 
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; ...; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; ...; };
@@ -49,6 +50,7 @@ struct dp_config {
     int discard;
     struct dp_map *map;
     struct dp_ring *ring;
+    struct dp_iothread *iothread;
     uint8_t serial[20];
     int kick_fd, call_fd, handback_fd;
     uint16_t next_avail, next_used;
@@ -69,6 +71,9 @@ struct dp_indices {
 struct dp_queue;
 struct dp_map;
 struct dp_ring;
+struct dp_iothread;
+struct dp_iothread *dp_iothread_new(int *err);
+void dp_iothread_free(struct dp_iothread *io);
 struct dp_ring *dp_ring_new(int *err);
 void dp_ring_free(struct dp_ring *r);
 struct dp_map *dp_map_new(uint32_t cluster_bits);

@@ -28,7 +28,8 @@ from ...block.qcow2 import Qcow2Driver
 from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
 from ...memory import GuestMemory
-from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap, Ring
+from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap, Iothread, Ring
+from .dataplane import iothread as named_iothread
 from .dataplane import available as dataplane_available
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
@@ -121,9 +122,12 @@ class VirtioBlk:
       errors: where I/O errors go (BLOCK_IO_ERROR, the stop); without one, "stop"
         acts as "report" (nothing could pause the VM or retry).
       device, node_name: how BLOCK_IO_ERROR names this disk.
-      dataplane: "native" lets the transport serve a raw image's queues from C
-        threads (dataplane.py) while every request is one the model would answer
-        the same way; "python" keeps every request here.
+      dataplane: "native" lets the transport serve a raw or qcow2 image's queues
+        from C threads (dataplane.py) while every request is one the model would
+        answer the same way; "python" keeps every request here.
+      iothread: with the native data plane, the name of the iothread that serves
+        all the queues of every disk naming it (QEMU's iothread=); "" for a
+        thread per queue.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
@@ -132,7 +136,7 @@ class VirtioBlk:
     def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
                  queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk",
                  werror: str = "enospc", rerror: str = "report", errors: BlockErrors | None = None,
-                 device: str = "", node_name: str = "", dataplane: str = "native") -> None:
+                 device: str = "", node_name: str = "", dataplane: str = "native", iothread: str = "") -> None:
         self.name = name
         if dataplane not in DATAPLANE_MODES:
             raise ValueError(f"{name}: dataplane={dataplane!r}")
@@ -185,6 +189,9 @@ class VirtioBlk:
         if dataplane == "native" and isinstance(driver, Qcow2Driver) and dataplane_available():
             self.cluster_map = ClusterMap(driver.cluster_bits)
             driver.mapping_listeners.append(self._mapping_changed)
+        self.iothread: Iothread | None = None
+        if iothread and dataplane == "native" and dataplane_available():
+            self.iothread = named_iothread(iothread)
         # One io_uring per queue for the threads, made now: a device is built
         # before the sandbox, which refuses io_uring_setup afterwards.
         self._rings: tuple[Ring | None, ...] = ()
@@ -273,13 +280,15 @@ class VirtioBlk:
             self._fill_cluster_map()
             return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                               write_through=False, guarded_bytes=0, serial=self.serial,
-                              discard=self.discard_enabled, cluster_map=self.cluster_map, rings=self._rings)
+                              discard=self.discard_enabled, cluster_map=self.cluster_map, rings=self._rings,
+                              iothread=self.iothread)
         if not isinstance(self.driver, RawDriver):
             return None
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                           write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
-                          serial=self.serial, discard=self.discard_enabled, rings=self._rings)
+                          serial=self.serial, discard=self.discard_enabled, rings=self._rings,
+                          iothread=self.iothread)
 
     def _mapping_changed(self, generation: int) -> None:
         """The qcow2 driver changed a mapping (under its lock): forget the map."""

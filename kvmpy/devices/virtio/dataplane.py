@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 from ...memory import GuestMemory
@@ -105,6 +106,34 @@ class Ring:
     __del__ = close
 
 
+class Iothread:
+    """A C thread serving, in turn, the queues of every disk that names it (QEMU's
+    ``-object iothread`` and ``iothread=`` on the device) instead of a thread per
+    queue. Made on first use by name (``iothread(name)``) and kept for the
+    process, as QEMU keeps its iothread objects."""
+
+    def __init__(self, name: str) -> None:
+        err = ffi.new("int *")
+        handle = lib.dp_iothread_new(err)
+        if handle == ffi.NULL:
+            raise OSError(err[0], f"iothread {name}: {os.strerror(err[0])}")
+        self.name = name
+        self.handle = handle
+
+
+_IOTHREADS: dict[str, Iothread] = {}
+_IOTHREADS_LOCK = threading.Lock()
+
+
+def iothread(name: str) -> Iothread:
+    """The iothread called ``name``, started on first use."""
+    with _IOTHREADS_LOCK:
+        found = _IOTHREADS.get(name)
+        if found is None:
+            found = _IOTHREADS[name] = Iothread(name)
+        return found
+
+
 class ClusterMap:
     """The C cluster map of one qcow2 disk (struct dp_map), shared by its queues'
     threads: guest cluster -> host offset for the data clusters the driver says a
@@ -162,6 +191,7 @@ class BlkBackend:
     discard: bool = False    # DISCARD and WRITE_ZEROES offered
     cluster_map: ClusterMap | None = None   # qcow2: where the data clusters are (fd is the image file)
     rings: tuple[Ring | None, ...] = ()      # per queue; None or missing: worker threads
+    iothread: Iothread | None = None         # serves the queues; None: a thread per queue
 
 
 @dataclass(frozen=True)
@@ -221,6 +251,7 @@ class NativeQueue:
         ring = backend.rings[index] if index < len(backend.rings) else None
         cfg.ring = ring.handle if ring is not None and ring.handle is not None else ffi.NULL
         self._ring = ring
+        cfg.iothread = backend.iothread.handle if backend.iothread is not None else ffi.NULL
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
