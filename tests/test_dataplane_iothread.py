@@ -114,3 +114,23 @@ def test_guest_under_kvm_with_two_disks_on_one_iothread(tmp_path, kvm_required):
     out = p.stdout.decode()
     assert p.returncode == 0, out + p.stderr.decode()
     assert "virtio-blk: pattern ok" in out and "randw4k=200" in out and "guest: done" in out
+
+
+def test_qemu_object_iothread_and_device_iothread(tmp_path):
+    from kvmpy.qemu_cli import config_from_qemu_args
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    drive = ["-drive", f"if=none,id=d0,file={img},format=raw"]
+    cfg = config_from_qemu_args(["-object", "iothread,id=io0,poll-max-ns=32768", *drive,
+                                 "-device", "virtio-blk-pci,drive=d0,iothread=io0,num-queues=4"])[0]
+    assert (cfg.disks[0].iothread, cfg.disks[0].queues) == ("io0", 4)
+    for argv, message in (
+            (["-object", "iothread"], r"-object iothread: missing id="),
+            (["-object", "iothread,id=a", "-object", "iothread,id=a"], r"iothread a is already defined"),
+            (["-object", "memory-backend-ram,id=m"], r"-object memory-backend-ram: not supported by kvmpy"),
+            ([*drive, "-device", "virtio-blk-pci,drive=d0,iothread=io9"],
+             r"iothread=io9 names no -object iothread given before it"),
+            (["-object", "iothread,id=io0", *drive, "-device", "virtio-blk-pci,drive=d0,num-queues=99"],
+             r"num-queues: expected a number of queues from 1 to 16")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_qemu_args(argv)

@@ -950,8 +950,13 @@ static int process(struct dp_queue *q)
             return reason;
         if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
             return DP_EXIT_STOPPED;
-        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail))
+        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail)) {
+            if (q->c.iothread) {
+                q->io_run = 1;     /* a batch per turn: the iothread's other queues are served between */
+                return DP_EXIT_RUNNING;
+            }
             continue;
+        }
         if (!enable_notification(q))
             return DP_EXIT_RUNNING;
     }
@@ -1067,10 +1072,13 @@ static void *dp_iothread_main(void *arg)
             }
             qs[live++] = q;
         }
+        int busy = 0;              /* a queue with more than its turn took: look, do not wait */
         fds[0] = (struct pollfd){io->ctl_fd, POLLIN, 0};
-        for (int i = 0; i < live; i++)
+        for (int i = 0; i < live; i++) {
             fds[i + 1] = (struct pollfd){qs[i]->c.kick_fd, POLLIN, 0};
-        if (poll(fds, (nfds_t)live + 1, -1) < 0)
+            busy |= qs[i]->io_run;
+        }
+        if (poll(fds, (nfds_t)live + 1, busy ? 0 : -1) < 0)
             continue;
         if (fds[0].revents & POLLIN)
             drain(io->ctl_fd);
