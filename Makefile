@@ -19,6 +19,8 @@ APT_PACKAGES = qemu-system-x86 qemu-utils libnbd-bin python3-libnbd busybox-stat
 APT_PACKAGES += libslirp-dev
 # smb=DIR on a user NIC runs smbd (tests/test_usernet_smb.py)
 APT_PACKAGES += samba
+# the virtio-blk data plane's io_uring (kvmpy/devices/virtio/_dataplane_build.py links liburing)
+APT_PACKAGES += liburing-dev
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc
 

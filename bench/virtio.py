@@ -2,16 +2,27 @@
 
     python3 -m bench.virtio
 
-Rows (higher is better):
-  virtio-blk seq read 64k   MB/s   tests/guests/virtio_blk.elf reads=N (64 KiB each)
-  virtio-blk rand read 4k   IOPS   tests/guests/virtio_blk.elf rand=N
-  virtio-blk seq write 64k  MB/s   tests/guests/virtio_blk.elf writes=N (64 KiB each)
-  virtio-blk rand read 4k QD32  IOPS  tests/guests/virtio_blk.elf rand=N depth=32
-  (kvmpy's figure is its native data plane; the note gives dataplane=python's)
+    python3 -c 'import bench.virtio as v, tempfile; [print(r) for r in v._blk_rows(tempfile.mkdtemp())]'
+
+Rows (higher is better), each for a raw image and a fully allocated qcow2 one
+(qemu-img convert of the raw, 256 MiB of random data):
+  virtio-blk FMT seq read 64k        MB/s  tests/guests/virtio_blk.elf reads=N (64 KiB each)
+  virtio-blk FMT seq write 64k       MB/s  writes=N (64 KiB each)
+  virtio-blk FMT rand read 4k QD1    IOPS  qd=1 rand=N
+  virtio-blk FMT rand read 4k QD32   IOPS  qd=32 rand=N (32 requests in flight)
+  virtio-blk FMT rand write 4k QD1   IOPS  qd=1 randw=N
+  virtio-blk FMT rand write 4k QD32  IOPS  qd=32 randw=N
+  kvmpy's figure is its native data plane; the note gives dataplane=python's. QEMU
+  runs with cache=none and aio=io_uring (else aio=native) where the image's file
+  system takes O_DIRECT, else cache=writeback; the note says which. kvmpy reads and
+  writes through the host page cache, so its reads of a disk that fits in RAM are
+  cache hits where QEMU's go to the device.
   virtio-net tx to bridge   frames/s  tests/guests/virtio_net.elf flood=N, counted on the bridge
 
-Each figure is work / (wall time of a run with the work - wall time of the same
-boot without it), so boot and guest setup cancel out. Both sides use KVM when
+The virtio-blk figures under KVM are work / the guest's own count of TSC cycles
+around it (the TSC rate from KVM_GET_TSC_KHZ), the best of two runs; elsewhere,
+and for the net row, work / (wall time of a run with the work - wall time of
+the same boot without it), so boot and guest setup cancel out. Both sides use KVM when
 /dev/kvm is usable (QEMU -accel kvm, kvmpy run --enable-kvm), else QEMU TCG and
 the kvmpy translator. The net row needs root (namespace, bridge, tap). A side
 that cannot run reports None and says why in "note".
@@ -19,7 +30,9 @@ that cannot run reports None and says why in "note".
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
 import socket
 import struct
@@ -41,6 +54,7 @@ DISK_SIZE = 256 << 20
 SEQ_READS = 2000        # x 64 KiB = 125 MiB
 SEQ_WRITES = 1000       # x 64 KiB = 62.5 MiB
 RAND_READS = 5000
+RAND_WRITES = 5000
 FLOOD = 20000
 ETH_TYPE = 0x88B5
 TIMEOUT = 600
@@ -82,51 +96,160 @@ def _rate(cmd_for, work: float, ok_status: int, prefix=None) -> float:
     return work / max(loaded - base, 1e-3)
 
 
-def _blk_rows(tmp: str) -> list[dict]:
+#: (row name, unit, guest arguments with {n}, count, unit per request, what the guest's timing line calls it)
+BLK_WORKLOADS = (
+    ("seq read 64k", "MB/s", "reads={n}", SEQ_READS, 65536 / 1e6, "seq64k"),
+    ("seq write 64k", "MB/s", "writes={n}", SEQ_WRITES, 65536 / 1e6, "write64k"),
+    ("rand read 4k QD1", "IOPS", "qd=1 rand={n}", RAND_READS, 1.0, "rand4k"),
+    ("rand read 4k QD32", "IOPS", "qd=32 rand={n}", RAND_READS, 1.0, "rand4k"),
+    ("rand write 4k QD1", "IOPS", "qd=1 randw={n}", RAND_WRITES, 1.0, "randw4k"),
+    ("rand write 4k QD32", "IOPS", "qd=32 randw={n}", RAND_WRITES, 1.0, "randw4k"),
+)
+GUEST_TIMED_RUNS = 2    # the best of these: the guest's own clock, no boot in it
+BLK_FORMATS = ("raw", "qcow2")
+
+
+def blk_row_names() -> list[tuple[str, str]]:
+    return [(f"virtio-blk {fmt} {name}", unit) for fmt in BLK_FORMATS for name, unit, *_ in BLK_WORKLOADS]
+
+
+def _o_direct_ok(path: str) -> bool:
+    """Whether the file system under path takes O_DIRECT (tmpfs, for one, does not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _qemu_cache_modes(img: str) -> list[tuple[str, str]]:
+    """QEMU's fastest settings first, as (drive options, what the note says):
+    O_DIRECT with io_uring or Linux AIO where the file system has O_DIRECT, else
+    the page cache with its thread pool."""
+    modes = []
+    if _o_direct_ok(img):
+        modes += [("cache=none,aio=io_uring", "cache=none,aio=io_uring"),
+                  ("cache=none,aio=native", "cache=none,aio=native")]
+    modes.append(("cache=writeback,aio=threads", "cache=writeback (no O_DIRECT here)" if not modes
+                  else "cache=writeback (io_uring and native AIO refused)"))
+    return modes
+
+
+def _blk_images(tmp: str) -> dict[str, str]:
     img = os.path.join(tmp, "disk.raw")
-    with open(img, "wb") as f:
-        f.truncate(DISK_SIZE)
     # Real data, not holes: a sparse file would measure the page cache's zero page.
     chunk = os.urandom(1 << 20)
-    with open(img, "r+b") as f:
-        for off in range(0, DISK_SIZE, 1 << 20):
+    with open(img, "wb") as f:
+        for _ in range(DISK_SIZE >> 20):
             f.write(chunk)
+    images = {"raw": img}
+    qcow2 = os.path.join(tmp, "disk.qcow2")
+    # Every cluster allocated: the rows measure reads and overwrites of data in the
+    # image, the steady state of a used disk (allocation is the model's business).
+    r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, qcow2], capture_output=True,
+                       text=True)
+    if r.returncode == 0:
+        images["qcow2"] = qcow2
+    return images
 
-    def q(append):
-        return _qemu_cmd("virtio_blk", append, ["-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
-                                                "-drive", f"if=none,id=d0,file={img},format=raw,cache=none"])
 
-    def k(append, dataplane="native"):
-        return _kvmpy_cmd("virtio_blk", append, ["--drive", f"file={img},format=raw,dataplane={dataplane}"])
+def _tsc_hz() -> int | None:
+    """The guests' TSC rate under KVM (KVM_GET_TSC_KHZ of a scratch vCPU): QEMU and
+    kvmpy leave it at the host's, so the cycles the test guest counts around its
+    work are seconds with no boot, no process start and no exit in them."""
+    fds = []
+    try:
+        fds.append(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        fds.append(fcntl.ioctl(fds[0], 0xAE01, 0))         # KVM_CREATE_VM
+        fds.append(fcntl.ioctl(fds[1], 0xAE41, 0))         # KVM_CREATE_VCPU 0
+        khz = fcntl.ioctl(fds[2], 0xAEA3, 0)               # KVM_GET_TSC_KHZ
+        return khz * 1000 if khz > 0 else None
+    except OSError:
+        return None
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
 
-    def k_python(append):
-        return k(append, "python")
 
+def _guest_cycles(argv: list[str], ok_status: int, key: str) -> int:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    out = r.stdout.replace("\r\n", "\n")
+    m = re.search(rf"\b{key}=\d+ cycles=(\d+)", out)
+    if r.returncode != ok_status or m is None:
+        tail = (out + r.stderr).strip().splitlines()[-3:]
+        raise RuntimeError(f"status {r.returncode}: {' | '.join(tail)}")
+    return int(m.group(1))
+
+
+def _blk_side_rates(build, ok_status: int, tsc_hz: int | None) -> dict[str, float]:
+    """Each workload's rate on one side (one image, one configuration). Under KVM
+    from the guest's own count of TSC cycles around the work (best of
+    GUEST_TIMED_RUNS); else from wall times, the boot without work measured once."""
+    rates = {}
+    if tsc_hz:
+        for name, _unit, args, count, scale, key in BLK_WORKLOADS:
+            cycles = min(_guest_cycles(build(args.format(n=count)), ok_status, key)
+                         for _ in range(GUEST_TIMED_RUNS))
+            rates[name] = count * scale / max(cycles / tsc_hz, 1e-6)
+        return rates
+    base = min(_timed(build(""), ok_status) for _ in range(2))
+    for name, _unit, args, count, scale, _key in BLK_WORKLOADS:
+        loaded = _timed(build(args.format(n=count)), ok_status)
+        rates[name] = count * scale / max(loaded - base, 1e-3)
+    return rates
+
+
+def _blk_rows(tmp: str) -> list[dict]:
+    images = _blk_images(tmp)
+    tsc_hz = _tsc_hz() if _kvm_ok() else None
+    timing = (f"guest TSC cycles at {tsc_hz / 1e9:.3f} GHz, best of {GUEST_TIMED_RUNS}" if tsc_hz
+              else "wall time less an idle boot")
     rows = []
-    for name, unit, arg, count, scale in (
-            ("virtio-blk seq read 64k", "MB/s", "reads", SEQ_READS, 65536 / 1e6),
-            ("virtio-blk rand read 4k", "IOPS", "rand", RAND_READS, 1.0),
-            ("virtio-blk seq write 64k", "MB/s", "writes", SEQ_WRITES, 65536 / 1e6),
-            ("virtio-blk rand read 4k QD32", "IOPS", "depth=32 rand", RAND_READS, 1.0)):
-        row = {"name": name, "unit": unit, "kvmpy": None, "qemu": None}
+    for fmt in BLK_FORMATS:
+        results: dict[str, dict[str, float]] = {}
         notes = []
-        # kvmpy-python: the same disk with every request in the Python model, for the note
-        for side, build, status in (("qemu", q, 1), ("kvmpy", k, 0), ("kvmpy-python", k_python, 0)):
-            if side == "qemu" and QEMU is None:
+        img = images.get(fmt)
+        if img is None:
+            notes.append(f"qemu-img cannot make a {fmt} image")
+        else:
+            def k(dataplane):
+                return lambda append: _kvmpy_cmd("virtio_blk", append, [
+                    "--drive", f"file={img},format={fmt},dataplane={dataplane}"])
+
+            sides = []
+            if QEMU is None:
                 notes.append("qemu: not installed")
-                continue
-            try:
-                if side == "kvmpy-python":
-                    rate = _rate(lambda loaded: build(f"{arg}={count if loaded else 0}"), count * scale, status)
-                    notes.append(f"python data plane: {rate:.1f}")
-                    continue
-                row[side] = round(_rate(lambda loaded: build(f"{arg}={count if loaded else 0}"), count * scale,
-                                        status), 1)
-            except Exception as e:  # a side that cannot run says why; the other still reports
-                notes.append(f"{side}: {e}")
-        if notes:
-            row["note"] = "; ".join(notes)
-        rows.append(row)
+            else:
+                for drive_opts, label in _qemu_cache_modes(img):
+                    def q(append, drive_opts=drive_opts):
+                        return _qemu_cmd("virtio_blk", append, [
+                            "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+                            "-drive", f"if=none,id=d0,file={img},format={fmt},{drive_opts}"])
+                    try:
+                        _timed(q(""), 1)
+                    except Exception:
+                        continue
+                    sides.append(("qemu", q, 1))
+                    notes.append(f"qemu {label}")
+                    break
+            # kvmpy-python: the same disk with every request in the Python model, for the note
+            sides += [("kvmpy", k("native"), 0), ("kvmpy-python", k("python"), 0)]
+            for side, build, status in sides:
+                try:
+                    results[side] = _blk_side_rates(build, status, tsc_hz)
+                except Exception as e:  # a side that cannot run says why; the other still reports
+                    notes.append(f"{side}: {e}")
+        for name, unit, *_ in BLK_WORKLOADS:
+            row = {"name": f"virtio-blk {fmt} {name}", "unit": unit,
+                   "kvmpy": round(results["kvmpy"][name], 1) if "kvmpy" in results else None,
+                   "qemu": round(results["qemu"][name], 1) if "qemu" in results else None}
+            row_notes = [timing] + notes
+            if "kvmpy-python" in results:
+                row_notes.append(f"python data plane: {results['kvmpy-python'][name]:.1f}")
+            if row_notes:
+                row["note"] = "; ".join(row_notes)
+            rows.append(row)
     return rows
 
 
@@ -220,9 +343,7 @@ def run() -> list[dict]:
     if r.returncode != 0:
         note = "cannot build tests/guests: " + (r.stdout + r.stderr).strip()[-200:]
         return [{"name": n, "kvmpy": None, "qemu": None, "unit": u, "note": note}
-                for n, u in (("virtio-blk seq read 64k", "MB/s"), ("virtio-blk rand read 4k", "IOPS"),
-                             ("virtio-blk seq write 64k", "MB/s"), ("virtio-blk rand read 4k QD32", "IOPS"),
-                             ("virtio-net tx to bridge", "frames/s"))]
+                for n, u in blk_row_names() + [("virtio-net tx to bridge", "frames/s")]]
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
         rows = _blk_rows(tmp)
     rows.append(_net_row())

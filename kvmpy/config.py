@@ -61,6 +61,9 @@ class DiskConfig:
     # virtio-blk request queues (QEMU's num-queues): a guest with MQ spreads its CPUs'
     # requests over them; with the native data plane each has its own thread
     queues: int = 1
+    # QEMU's iothread=: the native data plane serves the queues of every disk naming
+    # the same iothread from one thread ("": a thread per queue)
+    iothread: str = ""
 
 
 def check_error_policy(value, key: str, where: str) -> str:
@@ -195,7 +198,7 @@ TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "a
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "boot", "boot_menu", "display"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
-             "dataplane", "queues"}
+             "dataplane", "queues", "iothread"}
 NET_KEYS = {"type", "ifname", "bridge", "mac"}
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
@@ -243,6 +246,14 @@ def check_disk_queues(value, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DISK_QUEUES:
         raise ConfigError(f"{where}: expected a number of queues from 1 to {MAX_DISK_QUEUES}, got {value!r}")
     return value
+
+
+def check_iothread(name: str, where: str) -> str:
+    """An iothread name: QEMU's id= alphabet, at most 64 characters."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", name):
+        raise ConfigError(f"{where}: expected an iothread name (a letter, then letters, digits, '.', '_' "
+                          f"or '-', at most 64), got {name!r}")
+    return name
 
 
 def check_mac(mac: str, where: str) -> str:
@@ -362,6 +373,9 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             key = f"{where} key 'queues'"
             disk.queues = check_disk_queues(_expect(d["queues"], int, key, f"a number of queues from 1 to "
                                                     f"{MAX_DISK_QUEUES}"), key)
+        if "iothread" in d:
+            disk.iothread = check_iothread(_expect(d["iothread"], str, f"{where} key 'iothread'", "an iothread name"),
+                                           f"{where} key 'iothread'")
         check_disk(disk, where)
         cfg.disks.append(disk)
     for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
@@ -511,7 +525,7 @@ def parse_on_off(value: str, where: str) -> bool:
 
 def parse_drive(spec: str) -> DiskConfig:
     """QEMU-style ``--drive file=PATH,format=qcow2,readonly=on,serial=X,werror=stop,rerror=report``
-    (and kvmpy's ``dataplane=native|python``, ``queues=N``), or just a path."""
+    (and kvmpy's ``dataplane=native|python``, ``queues=N``, ``iothread=NAME``), or just a path."""
     if "=" not in spec.split(",")[0]:
         spec = "file=" + spec
     opts: dict[str, str] = {}
@@ -523,7 +537,7 @@ def parse_drive(spec: str) -> DiskConfig:
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
     unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index",
-                           "dataplane", "queues"}
+                           "dataplane", "queues", "iothread"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -541,6 +555,8 @@ def parse_drive(spec: str) -> DiskConfig:
         policies["dataplane"] = _choice(opts["dataplane"], DISK_DATAPLANES, f"--drive {spec}: dataplane")
     if "queues" in opts:
         policies["queues"] = check_disk_queues(opts["queues"], f"--drive {spec}: queues")
+    if "iothread" in opts:
+        policies["iothread"] = check_iothread(opts["iothread"], f"--drive {spec}: iothread")
     disk = DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
     parse_drive_placement(disk, opts, f"--drive {spec}")

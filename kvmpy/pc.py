@@ -175,7 +175,8 @@ def make_virtio_blk(ctx: DeviceContext):
                               VirtioBlk(ctx.backend, serial=disk.serial, read_only=disk.readonly, name=ctx.name,
                                         werror=disk.werror, rerror=disk.rerror, errors=ctx.block_errors,
                                         device=disk_device_name(index), node_name=disk_node_name(index),
-                                        dataplane=disk.dataplane, num_queues=disk.queues))
+                                        dataplane=disk.dataplane, num_queues=disk.queues,
+                                        iothread=disk.iothread))
 
 
 def disk_device_name(index: int) -> str:

@@ -20,7 +20,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .config import (DeviceConfig, DiskConfig, NetConfig, VmConfig, check_disk, check_disk_serial, check_error_policy,
+from .config import (DeviceConfig, DiskConfig, NetConfig, VmConfig, check_disk, check_disk_queues, check_disk_serial,
+                     check_error_policy, check_iothread,
                      check_mac, check_name, config_from_dict, load_config, parse_accel, parse_drive,
                      parse_netdev, parse_on_off, parse_size)
 from .errors import ConfigError
@@ -125,6 +126,7 @@ OPTIONS: dict[str, bool] = {
     "version": False, "h": False, "help": False, "nodefaults": False, "no-user-config": False,
     "chardev": True, "mon": True, "snapshot": False,
 }
+OPTIONS["object"] = True        # -object iothread,id=NAME (the virtio-blk data plane's iothreads)
 
 # kvmpy's own `kvmpy run` options whose meaning differs from QEMU's option of that
 # name (or that QEMU lacks): spelt with two dashes in a `kvmpy run` command line they
@@ -190,6 +192,7 @@ class QemuCommandLine:
     _drives_by_id: dict = field(default_factory=dict)
     _unattached: dict = field(default_factory=dict)      # if=none drives waiting for a -device
     _netdevs: dict = field(default_factory=dict)
+    _iothreads: set = field(default_factory=set)        # -object iothread ids
     _legacy_net: list = field(default_factory=list)
     _serial_given: bool = False
     _accel_given: list = field(default_factory=list)
@@ -742,6 +745,25 @@ class QemuCommandLine:
                 ifname=tap.get("ifname", ""), bridge=tap.get("br", ""),
                 mac=check_mac(nic.get("macaddr", ""), f"qemu option -net {nics[0].text}: macaddr")))
 
+    # --- objects ---------------------------------------------------------------------
+    def opt_object(self, value, text) -> None:
+        """``-object iothread,id=NAME``: a virtio-blk-pci with ``iothread=NAME`` has the
+        native data plane serve its queues from that one thread (QEMU's polling
+        knobs are accepted and have no effect)."""
+        pairs = split_suboptions(value, "-object", "qom-type")
+        qom_type = pairs[0][1] if pairs and pairs[0][0] == "qom-type" else ""
+        if qom_type != "iothread":
+            raise _unsupported(f"-object {qom_type or value}", "only -object iothread,id=NAME")
+        opts = _opts_dict(pairs[1:], "-object", value, {"id", "poll-max-ns", "poll-grow", "poll-shrink",
+                                                         "aio-max-batch"})
+        where = f"qemu option -object {value}"
+        if "id" not in opts:
+            raise QemuOptionError(f"{where}: missing id=")
+        name = check_iothread(opts["id"], f"{where}: id")
+        if name in self._iothreads:
+            raise QemuOptionError(f"{where}: iothread {name} is already defined")
+        self._iothreads.add(name)
+
     # --- devices ---------------------------------------------------------------------
     def opt_device(self, value, text) -> None:
         pairs = split_suboptions(value, "-device", "driver")
@@ -761,7 +783,8 @@ class QemuCommandLine:
             _opts_dict(pairs[1:], "-device", value, common | {"membar"})
             self._device(PCI_TESTDEV, where)
         elif driver in ("virtio-blk-pci", "virtio-blk", "ide-hd", "ide-cd", "ide-drive"):
-            opts = _opts_dict(pairs[1:], "-device", value, common | {"drive", "serial", "unit", "bootindex"})
+            extra = {"iothread", "num-queues"} if driver.startswith("virtio") else set()
+            opts = _opts_dict(pairs[1:], "-device", value, common | {"drive", "serial", "unit", "bootindex"} | extra)
             self._attach_drive(driver, opts, where)
         elif driver in ("virtio-net-pci", "virtio-net"):
             opts = _opts_dict(pairs[1:], "-device", value, common | {"netdev", "mac", "bootindex"})
@@ -793,6 +816,13 @@ class QemuCommandLine:
             if disk.media == "cdrom":
                 raise QemuOptionError(f"{where}: drive {drive_id} is a CD-ROM: use ide-cd")
             disk.interface, disk.index = "virtio", None
+            if "iothread" in opts:
+                if opts["iothread"] not in self._iothreads:
+                    raise QemuOptionError(f"{where}: iothread={opts['iothread']} names no -object iothread "
+                                          "given before it")
+                disk.iothread = opts["iothread"]
+            if "num-queues" in opts:
+                disk.queues = check_disk_queues(opts["num-queues"], f"{where}: num-queues")
         else:
             disk.interface = "ide"
             disk.media = "cdrom" if driver == "ide-cd" else disk.media

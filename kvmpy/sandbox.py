@@ -98,7 +98,8 @@ SYSCALLS = {
     "fallocate": 285, "timerfd_settime": 286, "timerfd_gettime": 287, "accept4": 288,
     "eventfd2": 290, "epoll_create1": 291, "dup3": 292, "pipe2": 293, "preadv": 295,
     "pwritev": 296, "seccomp": 317, "getrandom": 318, "preadv2": 327, "pwritev2": 328,
-    "statx": 332, "rseq": 334, "clone3": 435, "openat2": 437, "faccessat2": 439,
+    "statx": 332, "rseq": 334, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "clone3": 435, "openat2": 437, "faccessat2": 439,
     # virtio-fs shares (FILE_SHARE_CALLS)
     "fstatfs": 138, "getdents64": 217, "mkdirat": 258, "fchownat": 260, "unlinkat": 263, "renameat": 264,
     "linkat": 265, "symlinkat": 266, "fchmodat": 268, "utimensat": 280, "renameat2": 316,
@@ -236,6 +237,13 @@ def policy(pid: int, user_network: bool = False, file_share: bool = False) -> di
         # later copes with a refusal (a traceback's source lines, glibc's malloc
         # probing /proc/sys/vm/overcommit_memory, a lazy import fails as an
         # ImportError in its handler instead of ending the VM).
+        # The virtio-blk data plane's rings are made and restricted (reads, writes,
+        # fsync, fallocate) before the filter; a new ring, or lifting a ring's
+        # restrictions, would let its operations (an open, a connect) bypass the
+        # filter, so only submitting to the existing ones stays. Refused, the data
+        # plane uses its worker threads.
+        "io_uring_enter": ALLOW,
+        "io_uring_setup": _refuse(errno.EPERM), "io_uring_register": _refuse(errno.EPERM),
         "openat": _refuse(errno.EACCES), "open": _refuse(errno.EACCES),
         "openat2": _refuse(errno.ENOSYS),
         "stat": _refuse(errno.EACCES), "lstat": _refuse(errno.EACCES),

@@ -62,11 +62,12 @@ class Recorder:
 
 class Rig:
     def __init__(self, image, mode="native", event_idx=False, werror="enospc", ring_base=0x100000,
-                 queue_size=64, flush=True, restrict_block0=False):
+                 queue_size=64, flush=True, restrict_block0=False, driver=None, iothread=""):
         self.m = SoftMachine()
-        self.driver = RawDriver(str(image), restrict_block0=restrict_block0)
+        self.driver = driver or RawDriver(str(image), restrict_block0=restrict_block0)
         self.errors = Recorder(self.m.events)
-        self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors)
+        self.blk = VirtioBlk(self.driver, serial="dp-serial", dataplane=mode, werror=werror, errors=self.errors,
+                             iothread=iothread)
         self.dev = self.m.virtio_pci(self.blk)
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev), ring_base=ring_base)
         self.event_idx = event_idx
@@ -673,9 +674,11 @@ def test_guest_on_a_full_disk_stops_and_cont_completes_the_write(tmp_path, full_
 
 
 @needs_native
-def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig):
+def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig, monkeypatch):
     """A ring of reads of data not in the page cache: the thread's workers read them
-    together, and the used entries still come out in ring order, each once."""
+    together (without io_uring), and the used entries still come out in ring order,
+    each once."""
+    monkeypatch.setenv(dataplane.AIO_ENV, "threads")
     rig = make_rig("native")
     data = bytes((i * 31 + 7) & 0xFF for i in range(DISK))
     rig.path.write_bytes(data)
@@ -700,11 +703,19 @@ def test_reads_off_the_disk_go_to_the_workers_and_keep_ring_order(make_rig):
 
 
 @needs_native
-def test_a_failed_worker_read_goes_back_to_the_model_in_ring_order(make_rig):
-    """The image shrinks under the disk: a worker's read meets end of file, which the
-    thread leaves to the model (it reads zeroes there, as QEMU's raw driver does);
-    the requests around it are answered once each, in ring order."""
+@pytest.mark.parametrize("aio", ["threads", "io_uring"])
+def test_a_failed_worker_read_goes_back_to_the_model_in_ring_order(make_rig, monkeypatch, aio):
+    """The image shrinks under the disk: a worker's (or the io_uring's) read meets
+    end of file, which the thread leaves to the model (it reads zeroes there, as
+    QEMU's raw driver does); the requests around it are answered once each, in
+    ring order."""
+    if aio == "threads":
+        monkeypatch.setenv(dataplane.AIO_ENV, "threads")
+    else:
+        monkeypatch.delenv(dataplane.AIO_ENV, raising=False)
     rig = make_rig("native")
+    if aio == "io_uring" and rig.blk._rings[0] is None:
+        pytest.skip("this kernel refuses io_uring")
     data = bytes((i * 31 + 7) & 0xFF for i in range(DISK // 2))
     rig.path.write_bytes(data)            # half of what the disk says it has
     fd = os.open(rig.path, os.O_RDONLY)

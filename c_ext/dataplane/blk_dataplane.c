@@ -8,12 +8,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#ifdef DP_HAVE_URING
+#include <liburing.h>
+#endif
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -44,13 +48,16 @@
 
 #define EXEC_HANDBACK (-1)
 #define EXEC_DEFERRED (-2)
+#define EXEC_BARRIER (-3)           /* not started: the batch's ring I/O must finish first */
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 
-/* One read handed to the workers. */
+/* One read handed to the workers, or a read or write in the io_uring. */
 struct dp_job {
     int niov;
+    int write;
     uint64_t offset;
+    uint64_t nbytes;
     int result;                     /* 0 done, -1 failed: the model's */
     int done;                       /* atomic */
     struct iovec iov[BLK_IOV_MAX];
@@ -74,6 +81,13 @@ struct dp_queue {
     uint64_t completed;
     uint64_t deferred;              /* reads that went to the workers */
     int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
+    uint64_t ring_ops;              /* reads and writes that went through the io_uring */
+    int ring_inflight;              /* of the current batch, not reaped yet */
+    int map_held;                   /* the cluster map's read lock, for this batch */
+    /* served by an iothread: run at its next turn (a kick, or just attached), and
+     * finished once the iothread let go of it (dp_stop waits for that) */
+    int io_run;
+    int io_finished;
     pthread_t thread;
     struct dp_seg segs[DP_MAX_SEGS];
     struct iovec iov[BLK_IOV_MAX];
@@ -98,6 +112,157 @@ static uint8_t *gpa_to_host(const struct dp_region *regions, int nregions, uint6
     }
     return NULL;
 }
+
+/* ---- the qcow2 cluster map --------------------------------------------------- */
+
+struct dp_map_entry { uint64_t key; uint64_t host; };   /* key: cluster + 1; 0 is empty */
+
+struct dp_map {
+    /* Readers are the queue threads, for the whole of a request's I/O: once Python's
+     * invalidation returns, no thread still writes where the old mapping pointed
+     * (a cluster Python is about to free or share). Writers first, so a steady
+     * stream of requests cannot keep an invalidation waiting. */
+    pthread_rwlock_t lock;
+    uint32_t cluster_bits;
+    uint64_t generation;           /* the driver's mapping generation the entries belong to */
+    struct dp_map_entry e[DP_MAP_ENTRIES];
+};
+
+struct dp_map *dp_map_new(uint32_t cluster_bits)
+{
+    if (cluster_bits < 9 || cluster_bits > 21)
+        return NULL;
+    struct dp_map *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&m->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    m->cluster_bits = cluster_bits;
+    return m;
+}
+
+void dp_map_free(struct dp_map *m)
+{
+    if (!m)
+        return;
+    pthread_rwlock_destroy(&m->lock);
+    free(m);
+}
+
+/* Entries computed by Python at mapping generation `generation`; dropped (returns
+ * 0) when the mapping changed since, else returns n. */
+int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n)
+{
+    int stored = 0;
+    pthread_rwlock_wrlock(&m->lock);
+    if (generation == m->generation) {
+        for (int i = 0; i < n; i++) {
+            if (hosts[i] == 0 || hosts[i] & ((1ull << m->cluster_bits) - 1))
+                continue;          /* never a cluster 0 (the header) or a misaligned one */
+            struct dp_map_entry *e = &m->e[clusters[i] & (DP_MAP_ENTRIES - 1)];
+            e->key = clusters[i] + 1;
+            e->host = hosts[i];
+            stored++;
+        }
+    }
+    pthread_rwlock_unlock(&m->lock);
+    return stored;
+}
+
+void dp_map_invalidate(struct dp_map *m, uint64_t generation)
+{
+    pthread_rwlock_wrlock(&m->lock);
+    memset(m->e, 0, sizeof m->e);
+    m->generation = generation;
+    pthread_rwlock_unlock(&m->lock);
+}
+
+/* Under the lock (read or write): the host offset of cluster, or 0. */
+static uint64_t map_lookup(const struct dp_map *m, uint64_t cluster)
+{
+    const struct dp_map_entry *e = &m->e[cluster & (DP_MAP_ENTRIES - 1)];
+    return e->key == cluster + 1 ? e->host : 0;
+}
+
+int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host)
+{
+    pthread_rwlock_rdlock(&m->lock);
+    *host = map_lookup(m, cluster);
+    pthread_rwlock_unlock(&m->lock);
+    return *host != 0;
+}
+
+/* ---- io_uring ------------------------------------------------------------------ */
+
+/* Built without liburing (its headers missing: see _dataplane_build.py) there is
+ * never a ring, and the threads use the workers. */
+#ifdef DP_HAVE_URING
+struct dp_ring { struct io_uring ring; };
+
+/* A ring that can do nothing but what the thread submits (even in a process a
+ * guest has taken over): vectored reads and writes, fsync, fallocate. */
+struct dp_ring *dp_ring_new(int *err)
+{
+    static const uint8_t ops[] = {IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC, IORING_OP_FALLOCATE};
+    struct io_uring_restriction res[sizeof ops];
+    struct io_uring_params params;
+    struct dp_ring *r = calloc(1, sizeof *r);
+    if (!r) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    memset(&params, 0, sizeof params);
+    params.flags = IORING_SETUP_R_DISABLED;
+    int rc = io_uring_queue_init_params(DP_RING_ENTRIES, &r->ring, &params);
+    if (rc < 0) {
+        *err = -rc;
+        free(r);
+        return NULL;
+    }
+    memset(res, 0, sizeof res);
+    for (size_t i = 0; i < sizeof ops; i++) {
+        res[i].opcode = IORING_RESTRICTION_SQE_OP;
+        res[i].sqe_op = ops[i];
+    }
+    /* By the system call: Debian 12's liburing 2.3 declares but does not export
+     * the two helpers. */
+    rc = (int)syscall(__NR_io_uring_register, r->ring.ring_fd, IORING_REGISTER_RESTRICTIONS, res,
+                      (unsigned)(sizeof ops));
+    if (rc >= 0)
+        rc = (int)syscall(__NR_io_uring_register, r->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+    if (rc < 0)
+        rc = -errno;
+    if (rc < 0) {
+        *err = -rc;
+        io_uring_queue_exit(&r->ring);
+        free(r);
+        return NULL;
+    }
+    *err = 0;
+    return r;
+}
+
+void dp_ring_free(struct dp_ring *r)
+{
+    if (!r)
+        return;
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+#else
+struct dp_ring *dp_ring_new(int *err)
+{
+    *err = ENOSYS;
+    return NULL;
+}
+
+void dp_ring_free(struct dp_ring *r)
+{
+}
+#endif
 
 /* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
 static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
@@ -258,6 +423,173 @@ static int full_io(int fd, struct iovec *iov, int niov, uint64_t offset, int wri
     }
     return 0;
 }
+
+/* The cluster map's read lock, taken by the first qcow2 request of a batch and
+ * held until the batch's I/O is done (map_release), so an invalidation returns
+ * only once no I/O through an old mapping is in flight. Never taken twice: with
+ * writers preferred, a second read lock behind a waiting writer would wait on it. */
+static void map_hold(struct dp_queue *q)
+{
+    if (!q->map_held) {
+        pthread_rwlock_rdlock(&q->c.map->lock);
+        q->map_held = 1;
+    }
+}
+
+static void map_release(struct dp_queue *q)
+{
+    if (q->map_held) {
+        pthread_rwlock_unlock(&q->c.map->lock);
+        q->map_held = 0;
+    }
+}
+
+/* Where guest bytes [offset, offset+nbytes) of a qcow2 disk are in the image
+ * file (map held): 1 and *host when in one run of host clusters, 2 when in
+ * several, 0 when a cluster is not in the map (an unallocated, zero, compressed
+ * or shared cluster: the model's). */
+static int map_runs(struct dp_queue *q, uint64_t offset, uint64_t nbytes, uint64_t *host)
+{
+    const struct dp_map *m = q->c.map;
+    uint32_t bits = m->cluster_bits;
+    uint64_t mask = (1ull << bits) - 1, first = offset >> bits, last = (offset + nbytes - 1) >> bits;
+    uint64_t base = map_lookup(m, first);
+    int runs = 1;
+    if (!base)
+        return 0;
+    for (uint64_t c = first + 1; c <= last; c++) {
+        uint64_t h = map_lookup(m, c);
+        if (!h)
+            return 0;
+        if (h != base + ((c - first) << bits))
+            runs = 2;
+    }
+    *host = base + (offset & mask);
+    return runs;
+}
+
+/* A read or write of guest bytes [offset, offset+nbytes) of a qcow2 disk whose
+ * clusters are all in the map (held), a call per run of host clusters. */
+static int mapped_io(struct dp_queue *q, struct iovec *iov, int niov, uint64_t offset, uint64_t nbytes, int write)
+{
+    const struct dp_map *m = q->c.map;
+    uint32_t bits = m->cluster_bits;
+    uint64_t mask = (1ull << bits) - 1;
+    struct iovec sub[BLK_IOV_MAX + 1];
+    int vi = 0;
+    size_t vo = 0;                 /* bytes of iov[vi] already used */
+    for (uint64_t pos = offset, end = offset + nbytes; pos < end;) {
+        uint64_t host = map_lookup(m, pos >> bits) + (pos & mask);
+        uint64_t run = ((pos | mask) + 1) - pos;
+        /* Clusters whose host clusters follow each other go in one call. */
+        while (pos + run < end && map_lookup(m, (pos + run) >> bits) == host + run)
+            run += 1ull << bits;
+        if (run > end - pos)
+            run = end - pos;
+        int nsub = 0;
+        for (uint64_t left = run; left;) {
+            size_t take = iov[vi].iov_len - vo;
+            if (take > left)
+                take = (size_t)left;
+            sub[nsub].iov_base = (uint8_t *)iov[vi].iov_base + vo;
+            sub[nsub++].iov_len = take;
+            left -= take;
+            vo += take;
+            if (vo == iov[vi].iov_len) {
+                vi++;
+                vo = 0;
+            }
+        }
+        if (full_io(q->c.fd, sub, nsub, host, write) < 0)
+            return -1;
+        pos += run;
+    }
+    return 0;
+}
+
+#ifdef DP_HAVE_URING
+/* Queue job in the ring (submitted with the rest of the batch by ring_wait). */
+static int ring_queue(struct dp_queue *q, struct dp_job *job)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&q->c.ring->ring);
+    if (!sqe)
+        return -1;                 /* not with DP_RING_ENTRIES >= DP_BATCH */
+    if (job->write)
+        io_uring_prep_writev(sqe, q->c.fd, job->iov, (unsigned)job->niov, job->offset);
+    else
+        io_uring_prep_readv(sqe, q->c.fd, job->iov, (unsigned)job->niov, job->offset);
+    io_uring_sqe_set_data(sqe, job);
+    job->done = 0;
+    q->ring_inflight++;
+    q->ring_ops++;
+    return 0;
+}
+
+/* A completion's result as full_io's: a short transfer is finished here, and a
+ * refusal to wait (EAGAIN) is done again the blocking way. */
+static int ring_result(struct dp_queue *q, struct dp_job *job, int res)
+{
+    if (res >= 0 && (uint64_t)res == job->nbytes)
+        return 0;
+    if (res < 0 && res != -EAGAIN)
+        return -1;
+    uint64_t skip = res > 0 ? (uint64_t)res : 0;
+    struct iovec *iov = job->iov;
+    int niov = job->niov;
+    while (niov > 0 && skip >= iov->iov_len) {
+        skip -= iov->iov_len;
+        iov++;
+        niov--;
+    }
+    if (niov > 0) {
+        iov->iov_base = (uint8_t *)iov->iov_base + skip;
+        iov->iov_len -= skip;
+    }
+    return full_io(q->c.fd, iov, niov, job->offset + (res > 0 ? (uint64_t)res : 0), job->write);
+}
+
+/* Submit the batch's ring I/O and reap all of it. */
+static void ring_wait(struct dp_queue *q)
+{
+    struct io_uring *ring = &q->c.ring->ring;
+    int r;
+    do r = io_uring_submit(ring); while (r == -EINTR || r == -EAGAIN || r == -EBUSY);
+    while (q->ring_inflight) {
+        struct io_uring_cqe *cqe;
+        r = io_uring_wait_cqe(ring, &cqe);
+        if (r == -EINTR || r == -EAGAIN)
+            continue;
+        if (r < 0) {
+            /* Not for a ring of our own making. What it did not answer fails, so the
+             * batch goes back to the model from there, and the ring is not used again. */
+            for (int i = 0; i < DP_BATCH; i++)
+                if (!__atomic_load_n(&q->jobs[i].done, __ATOMIC_ACQUIRE)) {
+                    q->jobs[i].result = -1;
+                    __atomic_store_n(&q->jobs[i].done, 1, __ATOMIC_RELEASE);
+                }
+            q->ring_inflight = 0;
+            q->c.ring = NULL;
+            return;
+        }
+        struct dp_job *job = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(ring, cqe);
+        q->ring_inflight--;
+        job->result = ring_result(q, job, res);
+        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+#else
+static int ring_queue(struct dp_queue *q, struct dp_job *job)
+{
+    return -1;
+}
+
+static void ring_wait(struct dp_queue *q)
+{
+}
+#endif
 
 static void *dp_worker(void *arg)
 {
@@ -427,6 +759,10 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         if (q->c.read_only)
             return -1;
     } else if (type == T_FLUSH) {
+        if (q->ring_inflight)
+            return EXEC_BARRIER;   /* writes of this batch first: a flush covers what completed */
+        if (q->c.map)
+            return -1;             /* qcow2: the driver's dirty tables go out first, in Python */
         if (!q->c.read_only && sync_image(q) < 0)
             return -1;
         *status = S_OK;
@@ -442,6 +778,10 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         *status = S_OK;
         return (int64_t)done + 1;
     } else if (type == T_DISCARD || type == T_WRITE_ZEROES) {
+        if (q->ring_inflight)
+            return EXEC_BARRIER;
+        if (q->c.map)
+            return -1;             /* qcow2: a change of mapping, the driver's */
         uint8_t payload[16 * DP_MAX_DISCARD_SEG];
         uint32_t len = 0;
         int views = 0;
@@ -470,15 +810,48 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
         return -1;
     if (type == T_OUT && nbytes && sector * SECTOR < q->c.guarded_bytes)
         return -1;
+    /* Where the bytes are in the file: the same offset on a raw disk; on qcow2 the
+     * map's answer, and a request over several runs of host clusters is done here
+     * and now, run by run. */
+    uint64_t file_offset = sector * SECTOR;
+    if (q->c.map && nbytes) {
+        if (type == T_OUT && q->c.write_through)
+            return -1;
+        map_hold(q);
+        int runs = map_runs(q, file_offset, nbytes, &file_offset);
+        if (runs == 0)
+            return -1;
+        if (runs > 1) {
+            if (mapped_io(q, q->iov, niov, sector * SECTOR, nbytes, type == T_OUT) < 0)
+                return -1;
+            *status = S_OK;
+            return type == T_IN ? (int64_t)nbytes + 1 : 1;
+        }
+    }
+    if (q->c.ring && nbytes && job && !(type == T_OUT && q->c.write_through)) {
+        memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
+        job->niov = niov;
+        job->write = type == T_OUT;
+        job->offset = file_offset;
+        job->nbytes = nbytes;
+        if (ring_queue(q, job) == 0) {
+            slot->status = status;
+            slot->used = type == T_IN ? (uint32_t)nbytes + 1 : 1;
+            slot->job = job;
+            return EXEC_DEFERRED;
+        }
+    }
     if (type == T_IN && nbytes && job && !q->nowait_refused) {
-        if (!read_nowait(q, niov, sector * SECTOR, nbytes)) {
+        if (!read_nowait(q, niov, file_offset, nbytes)) {
             *status = S_OK;
             return (int64_t)nbytes + 1;
         }
         if (!q->nowait_refused) {
             memcpy(job->iov, q->iov, sizeof job->iov[0] * (size_t)niov);
             job->niov = niov;
-            job->offset = sector * SECTOR;
+            job->write = 0;
+            job->offset = file_offset;
+            job->nbytes = nbytes;
             if (defer_read(q, job) == 0) {
                 slot->status = status;
                 slot->used = (uint32_t)nbytes + 1;
@@ -487,7 +860,7 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
             }
         }
     }
-    if (nbytes && full_io(q->c.fd, q->iov, niov, sector * SECTOR, type == T_OUT) < 0)
+    if (nbytes && full_io(q->c.fd, q->iov, niov, file_offset, type == T_OUT) < 0)
         return -1;
     if (type == T_OUT && nbytes && q->c.write_through && sync_image(q) < 0)
         return -1;
@@ -543,6 +916,8 @@ static int process(struct dp_queue *q)
                 break;
             }
             int64_t used = execute(q, nsegs, slot, &q->jobs[n]);
+            if (used == EXEC_BARRIER)
+                break;                       /* it starts the next batch */
             if (used == EXEC_HANDBACK) {
                 reason = DP_EXIT_HANDBACK;
                 break;
@@ -558,8 +933,11 @@ static int process(struct dp_queue *q)
                 did = 1;
             }
         }
+        if (q->ring_inflight)
+            ring_wait(q);
         if (deferred)
-            wait_for_workers(q);
+            wait_for_workers(q);   /* nothing to wait for when the ring had them all */
+        map_release(q);
         if (published < n && !failed) {
             published += publish_ready(q, published, n, &failed);
             did = 1;
@@ -572,8 +950,13 @@ static int process(struct dp_queue *q)
             return reason;
         if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE))
             return DP_EXIT_STOPPED;
-        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail))
+        if (n == DP_BATCH || (uint16_t)(avail_idx(q) - q->c.next_avail)) {
+            if (q->c.iothread) {
+                q->io_run = 1;     /* a batch per turn: the iothread's other queues are served between */
+                return DP_EXIT_RUNNING;
+            }
             continue;
+        }
         if (!enable_notification(q))
             return DP_EXIT_RUNNING;
     }
@@ -617,6 +1000,145 @@ static void *dp_thread(void *arg)
     return NULL;
 }
 
+/* ---- iothreads ----------------------------------------------------------------- */
+
+struct dp_iothread {
+    pthread_t thread;
+    int ctl_fd;                     /* written on attach, stop and exit */
+    pthread_mutex_t lock;
+    pthread_cond_t finished_cv;
+    struct dp_queue *queues[DP_IOTHREAD_QUEUES];
+    int nqueues;
+    int exit;
+};
+
+static void io_wake(struct dp_iothread *io)
+{
+    uint64_t one = 1;
+    while (write(io->ctl_fd, &one, 8) < 0 && errno == EINTR)
+        ;
+}
+
+/* The iothread lets go of q, whose turn ended with reason. */
+static void io_finish(struct dp_iothread *io, struct dp_queue *q, int reason)
+{
+    stop_workers(q);
+    q->exit_reason = reason;
+    if (reason == DP_EXIT_HANDBACK) {
+        uint64_t one = 1;
+        ssize_t w;
+        do w = write(q->c.handback_fd, &one, 8); while (w < 0 && errno == EINTR);
+    }
+    pthread_mutex_lock(&io->lock);
+    for (int i = 0; i < io->nqueues; i++)
+        if (io->queues[i] == q) {
+            io->queues[i] = io->queues[--io->nqueues];
+            break;
+        }
+    /* dp_stop may free q as soon as it sees this. */
+    q->io_finished = 1;
+    pthread_cond_broadcast(&io->finished_cv);
+    pthread_mutex_unlock(&io->lock);
+}
+
+/* Each attached queue in turn: a turn serves what its ring has (process), then
+ * one poll waits for any queue's kick or a change of the set. */
+static void *dp_iothread_main(void *arg)
+{
+    struct dp_iothread *io = arg;
+    struct dp_queue *qs[DP_IOTHREAD_QUEUES];
+    struct pollfd fds[DP_IOTHREAD_QUEUES + 1];
+    for (;;) {
+        pthread_mutex_lock(&io->lock);
+        int n = io->nqueues, exiting = io->exit;
+        memcpy(qs, io->queues, sizeof qs[0] * (size_t)n);
+        pthread_mutex_unlock(&io->lock);
+        if (exiting && n == 0)
+            break;
+        int live = 0;
+        for (int i = 0; i < n; i++) {
+            struct dp_queue *q = qs[i];
+            if (__atomic_load_n(&q->stop, __ATOMIC_ACQUIRE)) {
+                io_finish(io, q, DP_EXIT_STOPPED);
+                continue;
+            }
+            if (q->io_run) {
+                q->io_run = 0;
+                int reason = process(q);
+                if (reason != DP_EXIT_RUNNING) {
+                    io_finish(io, q, reason);
+                    continue;
+                }
+            }
+            qs[live++] = q;
+        }
+        int busy = 0;              /* a queue with more than its turn took: look, do not wait */
+        fds[0] = (struct pollfd){io->ctl_fd, POLLIN, 0};
+        for (int i = 0; i < live; i++) {
+            fds[i + 1] = (struct pollfd){qs[i]->c.kick_fd, POLLIN, 0};
+            busy |= qs[i]->io_run;
+        }
+        if (poll(fds, (nfds_t)live + 1, busy ? 0 : -1) < 0)
+            continue;
+        if (fds[0].revents & POLLIN)
+            drain(io->ctl_fd);
+        for (int i = 0; i < live; i++)
+            if (fds[i + 1].revents & POLLIN) {
+                drain(qs[i]->c.kick_fd);
+                qs[i]->io_run = 1;
+            }
+    }
+    return NULL;
+}
+
+struct dp_iothread *dp_iothread_new(int *err)
+{
+    struct dp_iothread *io = calloc(1, sizeof *io);
+    if (!io) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    io->ctl_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (io->ctl_fd < 0) {
+        *err = errno;
+        free(io);
+        return NULL;
+    }
+    pthread_mutex_init(&io->lock, NULL);
+    pthread_cond_init(&io->finished_cv, NULL);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);      /* as dp_start's threads */
+    int r = pthread_create(&io->thread, NULL, dp_iothread_main, io);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r) {
+        *err = r;
+        close(io->ctl_fd);
+        pthread_cond_destroy(&io->finished_cv);
+        pthread_mutex_destroy(&io->lock);
+        free(io);
+        return NULL;
+    }
+    *err = 0;
+    return io;
+}
+
+/* After every queue it served was stopped. */
+void dp_iothread_free(struct dp_iothread *io)
+{
+    if (!io)
+        return;
+    pthread_mutex_lock(&io->lock);
+    io->exit = 1;
+    pthread_mutex_unlock(&io->lock);
+    io_wake(io);
+    pthread_join(io->thread, NULL);
+    close(io->ctl_fd);
+    pthread_cond_destroy(&io->finished_cv);
+    pthread_mutex_destroy(&io->lock);
+    free(io);
+}
+
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
 {
     struct dp_queue *q;
@@ -647,6 +1169,25 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         free(q);
         return NULL;
     }
+    if (cfg->iothread) {
+        struct dp_iothread *io = cfg->iothread;
+        pthread_mutex_lock(&io->lock);
+        int full = io->nqueues == DP_IOTHREAD_QUEUES || io->exit;
+        if (!full) {
+            q->io_run = 1;              /* what came in since the model's turn */
+            io->queues[io->nqueues++] = q;
+        }
+        pthread_mutex_unlock(&io->lock);
+        if (full) {
+            *err = ENOSPC;
+            close(q->stop_fd);
+            free(q);
+            return NULL;
+        }
+        io_wake(io);
+        *err = 0;
+        return q;
+    }
     /* Signals are the Python main thread's business (CPython's handlers only set
      * a flag there): the I/O thread starts with all of them blocked, as QEMU's
      * iothreads do, so none interrupts it or lands where no handler runs. */
@@ -671,7 +1212,16 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     __atomic_store_n(&q->stop, 1, __ATOMIC_RELEASE);
     while (write(q->stop_fd, &one, 8) < 0 && errno == EINTR)
         ;
-    pthread_join(q->thread, NULL);
+    if (q->c.iothread) {
+        struct dp_iothread *io = q->c.iothread;
+        io_wake(io);
+        pthread_mutex_lock(&io->lock);
+        while (!q->io_finished)
+            pthread_cond_wait(&io->finished_cv, &io->lock);
+        pthread_mutex_unlock(&io->lock);
+    } else {
+        pthread_join(q->thread, NULL);
+    }
     out->next_avail = q->c.next_avail;
     out->next_used = q->c.next_used;
     out->signalled_valid = q->c.signalled_valid;
@@ -679,6 +1229,7 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     out->exit_reason = q->exit_reason;
     out->completed = q->completed;
     out->deferred = q->deferred;
+    out->ring_ops = q->ring_ops;
     close(q->stop_fd);
     pthread_cond_destroy(&q->done_cv);
     pthread_cond_destroy(&q->work_cv);

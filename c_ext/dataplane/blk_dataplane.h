@@ -32,6 +32,30 @@
 #define DP_EXIT_STOPPED 1       /* dp_stop asked */
 #define DP_EXIT_HANDBACK 2      /* a request (at next_avail) the model must see */
 
+/* The qcow2 cluster map: guest cluster -> host offset of the data clusters the
+ * Python driver (kvmpy/block/qcow2.py) has said reads and writes may reach in
+ * place. Filled by Python, emptied by Python whenever the driver changes a
+ * mapping; a cluster not in it is a request for the model. Direct-mapped: a
+ * colliding cluster replaces the older one, which then misses. */
+#define DP_MAP_ENTRIES 65536u
+
+struct dp_map;
+
+/* An io_uring for one queue's thread (liburing). Made, restricted to the
+ * operations below and enabled before the VMM's seccomp filter closes (which
+ * refuses io_uring_setup and io_uring_register; see kvmpy/sandbox.py): the reads
+ * and writes of a batch go to it together. Without one, reads the page cache
+ * cannot answer go to worker threads and writes run on the queue's thread. */
+#define DP_RING_ENTRIES 64
+
+struct dp_ring;
+
+/* An iothread (QEMU's -object iothread): one thread serving the queues of every
+ * disk that names it, in turn, instead of a thread per queue. */
+#define DP_IOTHREAD_QUEUES 64
+
+struct dp_iothread;
+
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; };
 
@@ -47,6 +71,9 @@ struct dp_config {
     int write_through;             /* no FLUSH negotiated: each write is made durable before its used entry */
     uint64_t guarded_bytes;        /* writes below this offset go to Python (probed raw's block-0 rule) */
     int discard;                   /* DISCARD and WRITE_ZEROES offered */
+    struct dp_map *map;            /* qcow2: the cluster map (NULL: fd is the raw disk itself) */
+    struct dp_ring *ring;          /* NULL: preadv workers */
+    struct dp_iothread *iothread;  /* NULL: a thread of its own */
     uint8_t serial[DP_SERIAL_BYTES];
     int kick_fd;                   /* the queue's doorbell eventfd */
     int call_fd;                   /* written when the driver wants an interrupt */
@@ -63,12 +90,24 @@ struct dp_indices {
     int exit_reason;
     uint64_t completed;            /* requests this thread answered */
     uint64_t deferred;             /* of them, reads its workers did (not in the page cache) */
+    uint64_t ring_ops;             /* of them, reads and writes done through its io_uring */
 };
 
 struct dp_queue;
 
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
+struct dp_iothread *dp_iothread_new(int *err);
+void dp_iothread_free(struct dp_iothread *io);
+struct dp_ring *dp_ring_new(int *err);
+void dp_ring_free(struct dp_ring *r);
+
+struct dp_map *dp_map_new(uint32_t cluster_bits);
+void dp_map_free(struct dp_map *m);
+int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n);
+void dp_map_invalidate(struct dp_map *m, uint64_t generation);
+int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host);
+
 int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
                   int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs);
 

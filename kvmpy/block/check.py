@@ -262,6 +262,7 @@ def _repair(drv: BlockDriver, res: CheckResult, mismatches, copied_fixes, mode):
                 drv._load_l2(l2off)[i] = value
                 drv.dirty_l2.add(l2off)
             res.corruptions_fixed += 1
+        drv._mapping_changed()
     drv.free_hint = 0
     drv._writeback()
     h = drv.header

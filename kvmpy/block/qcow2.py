@@ -426,6 +426,11 @@ class Qcow2Driver(BlockDriver):
         self.backing = None
         self.write_prepared = False
         self._lock = threading.RLock()
+        # Whoever caches where guest clusters live outside this driver (the virtio-blk
+        # data plane's cluster map) is called with the new generation, under the
+        # driver's lock, whenever a mapping changes; see in_place_clusters.
+        self.mapping_listeners: list = []
+        self.mapping_generation = 0
         real = os.path.realpath(path)
         if real in _chain:
             raise ImageError(f"{path}: backing chain loops back to {path}")
@@ -985,6 +990,7 @@ class Qcow2Driver(BlockDriver):
 
     def _free_entry_later(self, e: int, ci: int) -> None:
         """Queue the host clusters an old L2 entry held, freed after tables are durable."""
+        self._mapping_changed()
         self.pending_frees.extend(self.entry_clusters(e, ci))
 
     # ------------------------------------------------------- overlap check
@@ -1028,6 +1034,53 @@ class Qcow2Driver(BlockDriver):
 
     def _metadata_changed(self) -> None:
         self._meta = None
+        self._mapping_changed()
+
+    def _mapping_changed(self) -> None:
+        """A guest cluster may map elsewhere now, read differently, or no longer be
+        writable in place: caches of in_place_clusters' answers are dropped before
+        the change can be acted on (the listeners return once nobody does I/O
+        through an old answer)."""
+        self.mapping_generation += 1
+        for listener in self.mapping_listeners:
+            listener(self.mapping_generation)
+
+    @_locked
+    def in_place_clusters(self, first: int, count: int) -> tuple[int, list[tuple[int, int]]]:
+        """(mapping generation, [(guest cluster, host offset)]) for the guest clusters
+        in [first, first + count) whose data lies in this file and that a read, and
+        for a writable image a write, may reach directly: allocated data clusters
+        (not zero, compressed or in a backing file), for a writable image only those
+        held by the active table alone (an overwrite needs no copy) and clear of
+        every metadata cluster. Valid until the generation changes."""
+        if self.fd < 0 or self.corrupt:
+            return self.mapping_generation, []
+        first = max(first, 0)
+        end = min(first + count, -(-self.size // self.cluster_size))
+        cs, mask = self.cluster_size, self.l2_entries - 1
+        out = []
+        meta = None if self.read_only else self._metadata()
+        ci = first
+        while ci < end:
+            stop = min(end, (ci | mask) + 1)
+            l2off = self._l2_offset(ci >> self.l2_bits)
+            if not l2off:
+                ci = stop
+                continue
+            table = self._load_l2(l2off)
+            for c in range(ci, stop):
+                e = table[c & mask]
+                if not e or e & (OFLAG_COMPRESSED | OFLAG_ZERO):
+                    continue
+                try:
+                    host = (self._classify(e, c)[1] if self.read_only else self._writable_in_place(e, c))
+                except ImageError:
+                    continue     # a corrupt entry is the model's to report
+                if not host or (meta is not None and meta.hit(host // cs, host // cs + 1) is not None):
+                    continue
+                out.append((c, host))
+            ci = stop
+        return self.mapping_generation, out
 
     def _meta_add(self, off: int, nclusters: int, kind: str) -> None:
         if self._meta is not None:
@@ -1060,6 +1113,7 @@ class Qcow2Driver(BlockDriver):
         # Cached metadata may already point at the wrong place: drop it unwritten
         # (what the tables say on disk is the last consistent state we know).
         self.corrupt = True
+        self._mapping_changed()
         self.dirty_l2.clear()
         self.dirty_l1.clear()
         self.dirty_rb.clear()
@@ -1206,6 +1260,7 @@ class Qcow2Driver(BlockDriver):
         tables instead of one shared one); their entries carry no COPIED flag, so
         writes to them allocate. The old table loses the active L1's reference
         after the new L1 entry is durable."""
+        self._mapping_changed()
         t = array.array("Q", self._load_l2(off))
         new_off = self._alloc_clusters(1)
         self._meta_add(new_off, 1, META_ACTIVE_L2)
@@ -1411,7 +1466,9 @@ class Qcow2Driver(BlockDriver):
                     return
                 host = self._writable_in_place(e, ci)
                 if host:
-                    # Keep the allocation (the guest asked not to unmap).
+                    # Keep the allocation (the guest asked not to unmap); it reads
+                    # as zeroes from now on.
+                    self._mapping_changed()
                     new = host | OFLAG_COPIED | OFLAG_ZERO
                 else:
                     if e:
@@ -1609,6 +1666,7 @@ class Qcow2Driver(BlockDriver):
 
     @_locked
     def close(self):
+        self._mapping_changed()
         if self.fd >= 0:
             try:
                 if not self.read_only and self.write_prepared:

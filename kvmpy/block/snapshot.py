@@ -150,6 +150,7 @@ def _free_range_later(drv: Qcow2Driver, off: int, length: int) -> None:
 
 
 def _begin(drv: Qcow2Driver) -> None:
+    drv._mapping_changed()        # refcounts and COPIED flags change below
     drv._prepare_write()
     drv._writeback()
 

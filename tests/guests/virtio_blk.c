@@ -6,8 +6,9 @@
  * cmdline: sector=N (2048) where the pattern goes, bytes=N (32768, multiple of
  * 512, at most 65536), reads=N (0) extra sequential 64 KiB reads for timing,
  * rand=N (0) extra 4 KiB random reads for timing, writes=N (0) extra sequential
- * 64 KiB writes for timing (after the reads, from sector 0 on), depth=N (1, at most
- * 32) random reads kept in flight at once for rand=, qcow2magic=1 puts a qcow2 magic at
+ * 64 KiB writes for timing (after the reads, from sector 0 on), randw=N (0) extra
+ * 4 KiB random writes for timing (after those), qd=N (1, at most 32; depth=N is the
+ * same) random requests kept in flight at once for rand= and randw=, qcow2magic=1 puts a qcow2 magic at
  * the start of the pattern (a guest planting a header; the host must refuse it at
  * sector 0 of a probed raw disk), waitkey=1 waits for a byte on COM1 before the write
  * (a test connects its monitor first, then lets the write go).
@@ -21,6 +22,9 @@
  *   virtio-blk: wrote N bytes at sector S checksum 0x........
  *   virtio-blk: read back checksum 0x........
  *   virtio-blk: pattern ok
+ *   virtio-blk: bench seq64k=N cycles=C rand4k=N cycles=C      (reads=, rand=)
+ *   virtio-blk: bench write64k=N cycles=C                      (writes=)
+ *   virtio-blk: bench randw4k=N cycles=C                       (randw=)
  * The checksum is FNV-1a 32 over the bytes.
  */
 #include "guest.h"
@@ -73,27 +77,30 @@ static struct { uint32_t type, reserved; uint64_t sector; } slot_hdr[DEPTH_MAX];
 static volatile uint8_t slot_status[DEPTH_MAX];
 static uint8_t slot_buf[DEPTH_MAX][4096] __attribute__((aligned(4096)));
 
-/* A 4 KiB read in slot s (descriptors 3s..3s+2, head 3s), published and kicked. */
-static void submit_read(int s, uint64_t sector)
+/* A 4 KiB request of type (T_IN or T_OUT) in slot s (descriptors 3s..3s+2, head
+ * 3s), published and kicked. */
+static void submit_slot(int s, uint32_t type, uint64_t sector)
 {
-    slot_hdr[s].type = T_IN;
+    slot_hdr[s].type = type;
     slot_hdr[s].reserved = 0;
     slot_hdr[s].sector = sector;
     slot_status[s] = 0xff;
     uint16_t d = (uint16_t)(3 * s);
+    uint16_t data_flags = (uint16_t)(1 | (type == T_IN ? 2 : 0));
     rq.desc[d] = (struct vq_desc){(uintptr_t)&slot_hdr[s], sizeof(slot_hdr[s]), 1, (uint16_t)(d + 1)};
-    rq.desc[d + 1] = (struct vq_desc){(uintptr_t)slot_buf[s], 4096, 1 | 2, (uint16_t)(d + 2)};
+    rq.desc[d + 1] = (struct vq_desc){(uintptr_t)slot_buf[s], 4096, data_flags, (uint16_t)(d + 2)};
     rq.desc[d + 2] = (struct vq_desc){(uintptr_t)&slot_status[s], 1, 2, 0};
     vq_submit(&rq, d);
 }
 
-/* n random 4 KiB reads, depth of them in flight: each completion submits the next. */
-static int random_reads_in_flight(uint64_t n, int depth, uint64_t capacity)
+/* n random 4 KiB requests of one type, depth of them in flight: each completion
+ * submits the next. */
+static int random_in_flight(uint32_t type, uint64_t n, int depth, uint64_t capacity)
 {
-    uint64_t x = 88172645463325252ull, submitted = 0, done = 0;
+    uint64_t x = 88172645463325252ull ^ type, submitted = 0, done = 0;
     for (int s = 0; s < depth && submitted < n; s++, submitted++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        submit_read(s, (x % (capacity / 8)) * 8);
+        submit_slot(s, type, (x % (capacity / 8)) * 8);
     }
     while (done < n) {
         uint32_t id;
@@ -101,13 +108,14 @@ static int random_reads_in_flight(uint64_t n, int depth, uint64_t capacity)
             return -1;
         int s = (int)(id / 3);
         if (id % 3 || s >= depth || slot_status[s] != 0) {
-            printf("virtio-blk: in-flight read id %u failed: status %u\n", id, s < depth ? slot_status[s] : 0xff);
+            printf("virtio-blk: in-flight request type %u id %u failed: status %u\n", type, id,
+                   s < depth ? slot_status[s] : 0xff);
             return -1;
         }
         done++;
         if (submitted < n) {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            submit_read(s, (x % (capacity / 8)) * 8);
+            submit_slot(s, type, (x % (capacity / 8)) * 8);
             submitted++;
         }
     }
@@ -121,9 +129,10 @@ int guest_main(const struct hvm_start_info *si)
     uint64_t reads = cmdline_get_u64("reads", 0);
     uint64_t rand_reads = cmdline_get_u64("rand", 0);
     uint64_t writes = cmdline_get_u64("writes", 0);
-    uint64_t depth = cmdline_get_u64("depth", 1);
+    uint64_t rand_writes = cmdline_get_u64("randw", 0);
+    uint64_t depth = cmdline_get_u64("qd", cmdline_get_u64("depth", 1));
     if (depth < 1 || depth > DEPTH_MAX) {
-        puts("virtio-blk: bad depth=");
+        puts("virtio-blk: bad qd=");
         return 1;
     }
     if (bytes == 0 || bytes % 512 || bytes > sizeof(wbuf)) {
@@ -198,7 +207,7 @@ int guest_main(const struct hvm_start_info *si)
         uint64_t t1 = rdtsc();
         uint64_t x = 88172645463325252ull;
         if (depth > 1) {
-            if (random_reads_in_flight(rand_reads, (int)depth, capacity) < 0)
+            if (random_in_flight(T_IN, rand_reads, (int)depth, capacity) < 0)
                 return 1;
         } else {
             for (uint64_t i = 0; i < rand_reads; i++) {
@@ -217,6 +226,15 @@ int guest_main(const struct hvm_start_info *si)
             if (blk_request(T_OUT, (i * 128) % span, wbuf, 65536, 0) < 0)
                 return 1;
         printf("virtio-blk: bench write64k=%lu cycles=%lu\n", writes, rdtsc() - t0);
+    }
+    if (rand_writes) {
+        for (int s = 0; s < DEPTH_MAX; s++)
+            for (int i = 0; i < 4096; i++)
+                slot_buf[s][i] = (uint8_t)(i * 31 + s);
+        uint64_t t0 = rdtsc();
+        if (random_in_flight(T_OUT, rand_writes, (int)depth, capacity) < 0)
+            return 1;
+        printf("virtio-blk: bench randw4k=%lu cycles=%lu\n", rand_writes, rdtsc() - t0);
     }
     return 0;
 }

@@ -11,6 +11,11 @@ from cffi import FFI
 
 _SRC = os.path.join("c_ext", "dataplane")
 
+# io_uring through liburing (Debian's liburing-dev, in the Makefile's APT_PACKAGES);
+# without its headers the data plane is built without rings and uses its preadv
+# worker threads, as it does where the kernel refuses io_uring.
+_HAVE_URING = any(os.path.exists(os.path.join(d, "liburing.h")) for d in ("/usr/include", "/usr/local/include"))
+
 ffibuilder = FFI()
 
 ffibuilder.cdef(r"""
@@ -25,6 +30,9 @@ ffibuilder.cdef(r"""
 #define DP_EXIT_RUNNING ...
 #define DP_EXIT_STOPPED ...
 #define DP_EXIT_HANDBACK ...
+#define DP_MAP_ENTRIES ...
+#define DP_RING_ENTRIES ...
+#define DP_IOTHREAD_QUEUES ...
 
 struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; ...; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; ...; };
@@ -40,6 +48,9 @@ struct dp_config {
     int write_through;
     uint64_t guarded_bytes;
     int discard;
+    struct dp_map *map;
+    struct dp_ring *ring;
+    struct dp_iothread *iothread;
     uint8_t serial[20];
     int kick_fd, call_fd, handback_fd;
     uint16_t next_avail, next_used;
@@ -54,9 +65,22 @@ struct dp_indices {
     int exit_reason;
     uint64_t completed;
     uint64_t deferred;
+    uint64_t ring_ops;
     ...;
 };
 struct dp_queue;
+struct dp_map;
+struct dp_ring;
+struct dp_iothread;
+struct dp_iothread *dp_iothread_new(int *err);
+void dp_iothread_free(struct dp_iothread *io);
+struct dp_ring *dp_ring_new(int *err);
+void dp_ring_free(struct dp_ring *r);
+struct dp_map *dp_map_new(uint32_t cluster_bits);
+void dp_map_free(struct dp_map *m);
+int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n);
+void dp_map_invalidate(struct dp_map *m, uint64_t generation);
+int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host);
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
 int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
@@ -70,7 +94,8 @@ ffibuilder.set_source(
     sources=[os.path.join(_SRC, "blk_dataplane.c")],
     include_dirs=[_SRC],
     depends=[os.path.join(_SRC, "blk_dataplane.h")],
-    libraries=["pthread"],
+    libraries=(["uring"] if _HAVE_URING else []) + ["pthread"],
+    define_macros=[("DP_HAVE_URING", "1")] if _HAVE_URING else [],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

@@ -24,10 +24,12 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from ...block.qcow2 import Qcow2Driver
 from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
 from ...memory import GuestMemory
-from .dataplane import DATAPLANE_MODES, BlkBackend
+from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap, Iothread, Ring
+from .dataplane import iothread as named_iothread
 from .dataplane import available as dataplane_available
 from .device import FdWatch, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
@@ -69,6 +71,10 @@ ERROR_POLICIES = ("enospc", "stop", "report", "ignore")
 
 # preadv/pwritev take at most IOV_MAX buffers; a longer (indirect) chain is refused.
 IOV_MAX = 1024
+
+# Guest cluster ranges the model served, kept for the next cluster-map fill; more
+# than this between two fills and the rest simply miss again.
+CLUSTER_FILL_RANGES = 64
 
 _REQ_HDR = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
@@ -116,9 +122,12 @@ class VirtioBlk:
       errors: where I/O errors go (BLOCK_IO_ERROR, the stop); without one, "stop"
         acts as "report" (nothing could pause the VM or retry).
       device, node_name: how BLOCK_IO_ERROR names this disk.
-      dataplane: "native" lets the transport serve a raw image's queues from C
-        threads (dataplane.py) while every request is one the model would answer
-        the same way; "python" keeps every request here.
+      dataplane: "native" lets the transport serve a raw or qcow2 image's queues
+        from C threads (dataplane.py) while every request is one the model would
+        answer the same way; "python" keeps every request here.
+      iothread: with the native data plane, the name of the iothread that serves
+        all the queues of every disk naming it (QEMU's iothread=); "" for a
+        thread per queue.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
@@ -127,7 +136,7 @@ class VirtioBlk:
     def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
                  queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk",
                  werror: str = "enospc", rerror: str = "report", errors: BlockErrors | None = None,
-                 device: str = "", node_name: str = "", dataplane: str = "native") -> None:
+                 device: str = "", node_name: str = "", dataplane: str = "native", iothread: str = "") -> None:
         self.name = name
         if dataplane not in DATAPLANE_MODES:
             raise ValueError(f"{name}: dataplane={dataplane!r}")
@@ -169,6 +178,26 @@ class VirtioBlk:
         self.acked_features = 0
         self._queues: Sequence[SplitQueue] = ()
         self._transport: VirtioTransport | None = None
+        # qcow2 under the native data plane: where its threads may read and write in
+        # place. Whole L2 tables are filled the first time the model serves a
+        # request in them (since the last change of mapping), then the clusters of
+        # each request the model served, so an allocating write is in the map for
+        # the next overwrite.
+        self.cluster_map: ClusterMap | None = None
+        self._map_tables_filled: set[int] = set()
+        self._map_wanted: list[tuple[int, int]] = []
+        if dataplane == "native" and isinstance(driver, Qcow2Driver) and dataplane_available():
+            self.cluster_map = ClusterMap(driver.cluster_bits)
+            driver.mapping_listeners.append(self._mapping_changed)
+        self.iothread: Iothread | None = None
+        if iothread and dataplane == "native" and dataplane_available():
+            self.iothread = named_iothread(iothread)
+        # One io_uring per queue for the threads, made now: a device is built
+        # before the sandbox, which refuses io_uring_setup afterwards.
+        self._rings: tuple[Ring | None, ...] = ()
+        if (dataplane == "native" and (isinstance(driver, RawDriver) or self.cluster_map is not None)
+                and dataplane_available()):
+            self._rings = tuple(Ring.make() for _ in range(num_queues))
 
     # state -------------------------------------------------------------------------
 
@@ -240,14 +269,51 @@ class VirtioBlk:
     def native_backend(self) -> BlkBackend | None:
         """What a native data plane may serve on its own now, or None while every
         request must come here: another image format, the Python data plane chosen,
-        the native module missing, or a request kept by a "stop" waiting for `cont`."""
-        if (self.dataplane != "native" or self._kept is not None or not isinstance(self.driver, RawDriver)
-                or self.driver.fd < 0 or not dataplane_available()):
+        the native module missing, or a request kept by a "stop" waiting for `cont`.
+        A qcow2 disk is served while the driver can flush (a write-through disk
+        flushes the driver's tables after every write, which is the model's)."""
+        if self.dataplane != "native" or self._kept is not None or self.driver.fd < 0 or not dataplane_available():
+            return None
+        if self.cluster_map is not None:
+            if not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1:
+                return None
+            self._fill_cluster_map()
+            return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
+                              write_through=False, guarded_bytes=0, serial=self.serial,
+                              discard=self.discard_enabled, cluster_map=self.cluster_map, rings=self._rings,
+                              iothread=self.iothread)
+        if not isinstance(self.driver, RawDriver):
             return None
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                           write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
-                          serial=self.serial, discard=self.discard_enabled)
+                          serial=self.serial, discard=self.discard_enabled, rings=self._rings,
+                          iothread=self.iothread)
+
+    def _mapping_changed(self, generation: int) -> None:
+        """The qcow2 driver changed a mapping (under its lock): forget the map."""
+        self._map_tables_filled.clear()
+        self.cluster_map.invalidate(generation)
+
+    def _want_clusters(self, offset: int, nbytes: int) -> None:
+        if self.cluster_map is not None and nbytes and len(self._map_wanted) < CLUSTER_FILL_RANGES:
+            bits = self.cluster_map.cluster_bits
+            self._map_wanted.append((offset >> bits, ((offset + nbytes - 1) >> bits) - (offset >> bits) + 1))
+
+    def _fill_cluster_map(self) -> None:
+        wanted, self._map_wanted = self._map_wanted, []
+        l2_entries = self.driver.l2_entries
+        for first, count in wanted:
+            table = first // l2_entries
+            if table not in self._map_tables_filled and (first + count - 1) // l2_entries == table:
+                self._map_tables_filled.add(table)
+                first, count = table * l2_entries, l2_entries
+            try:
+                generation, pairs = self.driver.in_place_clusters(first, count)
+            except (OSError, ImageError) as e:
+                log.debug("%s: clusters %d+%d stay with the model: %s", self.name, first, count, e)
+                continue
+            self.cluster_map.set(generation, pairs)
 
     @property
     def stopped_request(self) -> bool:
@@ -367,6 +433,7 @@ class VirtioBlk:
             self._check_segments(data_in)
             if n:
                 self.driver.preadv(data_in, sector * SECTOR)
+                self._want_clusters(sector * SECTOR, n)
             return n
         if rtype == VIRTIO_BLK_T_OUT:
             if self.read_only:
@@ -377,6 +444,7 @@ class VirtioBlk:
             if n:
                 self.driver.pwritev(data_out, sector * SECTOR)
                 self._write_through()
+                self._want_clusters(sector * SECTOR, n)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.driver.flush()

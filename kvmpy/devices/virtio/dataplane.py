@@ -3,15 +3,26 @@
 The C thread (c_ext/dataplane/blk_dataplane.c) serves one split virtqueue from its
 doorbell eventfd: reads and writes inside the disk, flushes, GET_ID, well-formed
 DISCARD and WRITE_ZEROES (fallocate, as RawDriver), straight between the raw image
-and guest RAM, with the same ring checks as queue.py. It
+and guest RAM, with the same ring checks as queue.py.
+
+A qcow2 disk's thread reads and overwrites only the data clusters in its
+``ClusterMap``, which the model fills from the driver (Qcow2Driver.in_place_clusters)
+and the driver empties through ``mapping_listeners`` whenever a mapping changes
+(allocation over an old entry, discard, zeroing, snapshots, resize, commit,
+repair, a refused write); everything else (unallocated or zero clusters, backing
+files, compressed or shared clusters, allocating writes, flushes, discards) is
+handed back to the model. It
 never decides anything the device model decides: at the first request it does not
 serve exactly as the model would (a bad descriptor, a host I/O error, a request
 type, range or layout it leaves to the model) it stops before consuming that
 request and writes its hand-back eventfd; the transport then takes the queue
 indices back into the SplitQueue and lets the model carry on from there.
 
-Reads the page cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker
-threads, so up to 32 of a batch wait on the disk together; used entries still go
+Reads and writes go to the queue's io_uring (``Ring``), a batch of up to 32 at
+once (on qcow2 those within one run of host clusters; one over several runs is
+done on the thread, run by run); a flush or discard waits for the batch's I/O first. Without a
+ring (KVMPY_BLK_AIO=threads, or a kernel that refuses io_uring), reads the page
+cache cannot answer at once (preadv2 RWF_NOWAIT) go to four worker threads, so up to 32 of a batch wait on the disk together; used entries still go
 out in ring order, so the hand-back point is always a ring position. A worker's
 failed read hands the queue back at that request; the requests after it in the
 batch were done but not answered, and the model does them again (a read or write
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 from ...memory import GuestMemory
@@ -57,6 +69,115 @@ def unavailable_reason() -> str:
     return _IMPORT_ERROR
 
 
+#: ``KVMPY_BLK_AIO=threads`` keeps the data plane off io_uring (preadv workers), as
+#: QEMU's aio=threads; anything else uses io_uring where the kernel lets us.
+AIO_ENV = "KVMPY_BLK_AIO"
+
+
+class Ring:
+    """One queue thread's io_uring (struct dp_ring), made while the process may
+    still call io_uring_setup (before the sandbox), restricted to reads, writes,
+    fsync and fallocate. ``Ring.make()`` is None where the kernel refuses one
+    (seccomp, io_uring_disabled, an old kernel) or the environment asks for the
+    worker threads; the data plane then does without."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    @classmethod
+    def make(cls) -> "Ring | None":
+        if os.environ.get(AIO_ENV, "") == "threads":
+            return None
+        err = ffi.new("int *")
+        handle = lib.dp_ring_new(err)
+        if handle == ffi.NULL:
+            log.info("io_uring unavailable (%s): the virtio-blk data plane uses worker threads",
+                     os.strerror(err[0]))
+            return None
+        return cls(handle)
+
+    def close(self) -> None:
+        """After the thread using it stopped."""
+        if self.handle is not None:
+            lib.dp_ring_free(self.handle)
+            self.handle = None
+
+    # Owned by the disk, which outlives its queue threads (see ClusterMap).
+    __del__ = close
+
+
+class Iothread:
+    """A C thread serving, in turn, the queues of every disk that names it (QEMU's
+    ``-object iothread`` and ``iothread=`` on the device) instead of a thread per
+    queue. Made on first use by name (``iothread(name)``) and kept for the
+    process, as QEMU keeps its iothread objects."""
+
+    def __init__(self, name: str) -> None:
+        err = ffi.new("int *")
+        handle = lib.dp_iothread_new(err)
+        if handle == ffi.NULL:
+            raise OSError(err[0], f"iothread {name}: {os.strerror(err[0])}")
+        self.name = name
+        self.handle = handle
+
+
+_IOTHREADS: dict[str, Iothread] = {}
+_IOTHREADS_LOCK = threading.Lock()
+
+
+def iothread(name: str) -> Iothread:
+    """The iothread called ``name``, started on first use."""
+    with _IOTHREADS_LOCK:
+        found = _IOTHREADS.get(name)
+        if found is None:
+            found = _IOTHREADS[name] = Iothread(name)
+        return found
+
+
+class ClusterMap:
+    """The C cluster map of one qcow2 disk (struct dp_map), shared by its queues'
+    threads: guest cluster -> host offset for the data clusters the driver says a
+    read or write may reach in place. A request touching any other cluster goes to
+    the model. ``generation`` is the driver's mapping generation: entries computed
+    at an older one than the last ``invalidate`` are dropped, so a fill racing with
+    a change of mapping can never store a stale entry."""
+
+    def __init__(self, cluster_bits: int) -> None:
+        handle = lib.dp_map_new(cluster_bits)
+        if handle == ffi.NULL:
+            raise ValueError(f"cluster_bits {cluster_bits}: no cluster map")
+        self.handle = handle
+        self.cluster_bits = cluster_bits
+
+    def set(self, generation: int, pairs: list[tuple[int, int]]) -> int:
+        """Store (guest cluster, host offset) pairs; returns how many were stored."""
+        if not pairs or self.handle is None:
+            return 0
+        clusters = ffi.new("uint64_t[]", [c for c, _ in pairs])
+        hosts = ffi.new("uint64_t[]", [h for _, h in pairs])
+        return lib.dp_map_set(self.handle, generation, clusters, hosts, len(pairs))
+
+    def invalidate(self, generation: int) -> None:
+        """Forget every entry; returns once no thread does I/O through an old one."""
+        if self.handle is not None:
+            lib.dp_map_invalidate(self.handle, generation)
+
+    def get(self, cluster: int) -> int | None:
+        """The host offset the threads would use for guest cluster ``cluster``."""
+        host = ffi.new("uint64_t *")
+        return host[0] if self.handle is not None and lib.dp_map_get(self.handle, cluster, host) else None
+
+    def close(self) -> None:
+        """After every thread using the map stopped."""
+        if self.handle is not None:
+            lib.dp_map_free(self.handle)
+            self.handle = None
+
+    # The disk that owns the map outlives its queue threads (the transport stops
+    # them on reset and close), so the map goes with the disk.
+    __del__ = close
+
+
 @dataclass(frozen=True)
 class BlkBackend:
     """What a virtio-blk model lets its data plane do on its own, as plain values."""
@@ -68,6 +189,9 @@ class BlkBackend:
     guarded_bytes: int       # writes below this offset stay with the model
     serial: bytes            # GET_ID's answer, at most 20 bytes
     discard: bool = False    # DISCARD and WRITE_ZEROES offered
+    cluster_map: ClusterMap | None = None   # qcow2: where the data clusters are (fd is the image file)
+    rings: tuple[Ring | None, ...] = ()      # per queue; None or missing: worker threads
+    iothread: Iothread | None = None         # serves the queues; None: a thread per queue
 
 
 @dataclass(frozen=True)
@@ -75,6 +199,7 @@ class StopInfo:
     handed_back: bool        # the thread stopped at a request the model must answer
     completed: int           # requests the thread answered
     deferred: int            # reads of them its workers did (the page cache had not the data)
+    ring_ops: int = 0        # reads and writes of them done through its io_uring
 
 
 class RegionPointers:
@@ -106,7 +231,7 @@ class NativeQueue:
     """One queue served by a C thread from ``start`` until ``stop``."""
 
     def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int,
-                 irq_fd: int | None = None) -> None:
+                 irq_fd: int | None = None, index: int = 0) -> None:
         self.queue = queue
         self.irq_fd = irq_fd
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -122,6 +247,11 @@ class NativeQueue:
         cfg.write_through = int(backend.write_through)
         cfg.guarded_bytes = backend.guarded_bytes
         cfg.discard = int(backend.discard)
+        cfg.map = backend.cluster_map.handle if backend.cluster_map is not None else ffi.NULL
+        ring = backend.rings[index] if index < len(backend.rings) else None
+        cfg.ring = ring.handle if ring is not None and ring.handle is not None else ffi.NULL
+        self._ring = ring
+        cfg.iothread = backend.iothread.handle if backend.iothread is not None else ffi.NULL
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
@@ -146,7 +276,7 @@ class NativeQueue:
         q.next_used = out.next_used
         q.signalled_used = out.signalled_used if out.signalled_valid else None
         return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
-                        deferred=out.deferred)
+                        deferred=out.deferred, ring_ops=out.ring_ops)
 
     def take_interrupt(self) -> bool:
         """Whether the thread asked for an interrupt through the call eventfd since

@@ -171,6 +171,7 @@ class VirtioPciTransport(PciDevice):
         self._native_held = False
         self._native_completed = 0
         self._native_deferred = 0
+        self._native_ring_ops = 0
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -610,7 +611,7 @@ class VirtioPciTransport(PciDevice):
             if self._native_regions is None:
                 self._native_regions = dataplane.RegionPointers(self.memory)
             native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd,
-                                           irq_fd=self.msix.unmasked_fd(self.queue_vector[q]))
+                                           irq_fd=self.msix.unmasked_fd(self.queue_vector[q]), index=q)
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
@@ -629,6 +630,7 @@ class VirtioPciTransport(PciDevice):
         info = native.stop()
         self._native_completed += info.completed
         self._native_deferred += info.deferred
+        self._native_ring_ops += info.ring_ops
         # An interrupt the thread asked for that the loop has not delivered yet.
         if native.take_interrupt():
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
@@ -687,6 +689,11 @@ class VirtioPciTransport(PciDevice):
     def native_deferred_reads(self) -> int:
         """Of those, reads the threads' workers did (not in the page cache)."""
         return self._native_deferred
+
+    @property
+    def native_ring_ops(self) -> int:
+        """Of those, reads and writes the threads did through io_uring."""
+        return self._native_ring_ops
 
     @property
     def native_queues(self) -> tuple[bool, ...]:
