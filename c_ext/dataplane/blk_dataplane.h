@@ -13,7 +13,8 @@
 
 #include <stdint.h>
 
-#define DP_MAX_REGIONS 16
+#include "vring.h"
+
 /* Segments of one chain the walker keeps; a longer chain goes to Python, which
  * answers it (more data segments than preadv takes is an IOERR there). */
 #define DP_MAX_SEGS 4096
@@ -22,18 +23,12 @@
 #define DP_MAX_DISCARD_SEG 32
 #define DP_MAX_DISCARD_SECTORS 0x3FFFFFu
 
-/* dp_walk_chain's answers */
-#define DP_WALK_OK 0
-#define DP_WALK_BAD (-1)        /* the Python queue raises QueueError for this chain */
-#define DP_WALK_TOO_LONG (-2)   /* valid or not, too many segments to judge here */
 
 /* why the thread ended */
 #define DP_EXIT_RUNNING 0
 #define DP_EXIT_STOPPED 1       /* dp_stop asked */
 #define DP_EXIT_HANDBACK 2      /* a request (at next_avail) the model must see */
 
-struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; };
 
 struct dp_config {
     struct dp_region regions[DP_MAX_REGIONS];
@@ -69,7 +64,5 @@ struct dp_queue;
 
 struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
-int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
-                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs);
 
 #endif
