@@ -23,6 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from ...memory import GuestMemory
 from .dataplane import RegionPointers
 from .queue import SplitQueue
 
@@ -177,3 +178,21 @@ class NativeNetPair:
                 pass
         self.call_fds = (-1, -1)
         self.handback_fd = -1
+
+
+def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool,
+               head: int) -> list[tuple[int, int, bool]] | None:
+    """This module's copy of the shared walker (vring.c) on one chain: its buffers
+    as (gpa, len, writable), or None where it refuses the chain; the tests hold it
+    to SplitQueue and to the blk plane's."""
+    regions = RegionPointers(memory)
+    arr = ffi.new("struct dp_region[]", lib.DP_MAX_REGIONS)
+    n = regions.fill(arr)
+    segs = ffi.new("struct dp_seg[]", lib.NP_MAX_SEGS)
+    nsegs = ffi.new("int *")
+    rc = lib.dp_walk_chain(arr, n, desc_addr, size, int(indirect), head, segs, lib.NP_MAX_SEGS, nsegs)
+    if rc == lib.DP_WALK_TOO_LONG:
+        raise OverflowError(f"chain has more than {lib.NP_MAX_SEGS} buffers")
+    if rc != lib.DP_WALK_OK:
+        return None
+    return [(segs[i].gpa, segs[i].len, bool(segs[i].writable)) for i in range(nsegs[0])]
