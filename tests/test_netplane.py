@@ -309,6 +309,8 @@ def test_hold_and_state_take_the_pair_back(make_rig):
     rig.d.wait_used(1, 7)
     rig.dev.hold_native(True)
     assert rig.native() == (False, False)
+    # the thread asked for no kicks while it worked; the model must get them again
+    assert rig.txq.device_wants_notify() and rig.rxq.device_wants_notify()
     assert rig.dev.queues[1].next_used == 7 and rig.dev.queues[1].next_avail == 7
     # while held the model serves the queues
     rig.send_from_guest([rig.frame(7)])

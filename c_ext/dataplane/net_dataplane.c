@@ -72,6 +72,7 @@ static int tx_process(struct np_pair *p)
     struct dp_vring *r = &p->ring[NP_TX];
     uint16_t done = 0;
     p->tx_more = 0;
+    dp_vring_disable_notification(r);
     for (;;) {
         uint16_t pending = (uint16_t)(dp_vring_avail_idx(r) - r->next_avail);
         if (pending > r->size) {
@@ -207,6 +208,7 @@ static int rx_process(struct np_pair *p)
     int frames = 0;
     p->rx_more = 0;
     p->rx_starved = 0;
+    dp_vring_disable_notification(r);
     for (;;) {
         if (frames == NP_BATCH || stopping(p)) {
             p->rx_more = 1;
@@ -313,6 +315,9 @@ static void *np_thread(void *arg)
             break;
         }
     }
+    /* Whoever serves the rings next (the model, a new thread) must hear the kicks. */
+    dp_vring_enable_notification(&p->ring[NP_RX]);
+    dp_vring_enable_notification(&p->ring[NP_TX]);
     p->exit_reason = reason;
     if (reason == NP_EXIT_HANDBACK) {
         uint64_t one = 1;

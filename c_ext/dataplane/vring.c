@@ -153,6 +153,16 @@ void dp_vring_signal(struct dp_vring *r)
     }
 }
 
+void dp_vring_disable_notification(struct dp_vring *r)
+{
+    if (!r->event_idx) {
+        uint16_t *flags = (uint16_t *)r->used;
+        uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+        if (!(f & USED_F_NO_NOTIFY))
+            __atomic_store_n(flags, f | USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+    }
+}
+
 /* SplitQueue.set_notification(True). */
 int dp_vring_enable_notification(struct dp_vring *r)
 {

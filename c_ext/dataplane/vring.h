@@ -55,6 +55,9 @@ void dp_vring_put_used(struct dp_vring *r, uint16_t offset, uint16_t head, uint3
 void dp_vring_publish(struct dp_vring *r, uint16_t count);
 /* Writes call_fd if the driver wants an interrupt for what was published. */
 void dp_vring_signal(struct dp_vring *r);
+/* While the device works through a ring it needs no kicks: without EVENT_IDX it
+ * says so in used.flags (with it, avail_event left behind says so already). */
+void dp_vring_disable_notification(struct dp_vring *r);
 /* Asks for the driver's next kick; returns whether buffers already wait. */
 int dp_vring_enable_notification(struct dp_vring *r);
 
