@@ -37,7 +37,7 @@ struct np_ring_config {
     int signalled_valid;
     uint16_t signalled_used;
     int kick_fd;                   /* the queue's doorbell eventfd */
-    int call_fd;                   /* written when the driver wants an interrupt */
+    int call_fd;                   /* written when the driver wants an interrupt; -1: it has none */
 };
 
 struct np_config {

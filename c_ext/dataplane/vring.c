@@ -146,7 +146,7 @@ void dp_vring_signal(struct dp_vring *r)
     } else {
         want = !(__atomic_load_n((uint16_t *)r->avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
     }
-    if (want) {
+    if (want && r->call_fd >= 0) {
         uint64_t one = 1;
         ssize_t w;
         do w = write(r->call_fd, &one, 8); while (w < 0 && errno == EINTR);

@@ -42,7 +42,7 @@ struct dp_vring {
     uint16_t next_avail, next_used;
     int signalled_valid;
     uint16_t signalled_used;
-    int call_fd;
+    int call_fd;                   /* -1: the driver takes no interrupt for this ring (no vector) */
 };
 
 /* Maps the ring's parts; -1 when one lies outside guest RAM or is misaligned. */

@@ -45,6 +45,10 @@ def unavailable_reason() -> str:
     return _IMPORT_ERROR
 
 
+#: an ``irq_fds`` entry: the queue raises no interrupt
+NO_INTERRUPT = -1
+
+
 @dataclass(frozen=True)
 class NetPairBackend:
     """What a virtio-net model lets a data plane thread do with one rx/tx pair, as plain values."""
@@ -89,8 +93,10 @@ class NativeNetPair:
     """One rx/tx pair served by a C thread from construction until ``stop``.
 
     ``irq_fds``: per queue, the unmasked MSI-X vector's eventfd the thread may write
-    itself (an irqfd under KVM), or None: then it writes that queue's ``call_fds``
-    entry and the transport raises the interrupt on the event loop."""
+    itself (an irqfd under KVM); NO_INTERRUPT when the queue has no interrupt at all
+    (MSI-X on, no vector: a polling driver), so nothing wakes the event loop per
+    batch; or None: then it writes that queue's ``call_fds`` entry and the
+    transport raises the interrupt on the event loop."""
 
     def __init__(self, regions: RegionPointers, rx: SplitQueue, tx: SplitQueue, backend: NetPairBackend,
                  kick_fds: tuple[int, int], irq_fds: tuple[int | None, int | None]) -> None:

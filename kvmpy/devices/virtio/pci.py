@@ -656,7 +656,7 @@ class VirtioPciTransport(PciDevice):
         with self._lock:
             for q, native in enumerate(self._native):
                 if isinstance(native, netplane.NativeNetPair):
-                    routes = tuple(self.msix.unmasked_fd(self.queue_vector[i]) for i in native.queue_indices)
+                    routes = tuple(self._pair_irq_route(i) for i in native.queue_indices)
                     if native.irq_fds != routes:
                         self._stop_native(q, rewatch=True)
                 elif native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
@@ -693,7 +693,7 @@ class VirtioPciTransport(PciDevice):
             native = netplane.NativeNetPair(
                 self._native_regions, self.queues[pair.rx_queue], self.queues[pair.tx_queue], pair,
                 kick_fds=(self._doorbells[pair.rx_queue], self._doorbells[pair.tx_queue]),
-                irq_fds=tuple(self.msix.unmasked_fd(self.queue_vector[i]) for i in indices))
+                irq_fds=tuple(self._pair_irq_route(i) for i in indices))
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, frames stay in Python: %s", self.name, e)
@@ -706,6 +706,13 @@ class VirtioPciTransport(PciDevice):
         for i, fd in zip(indices, native.call_fds):
             self.events.subscribe(fd, EVENT_READ, lambda _r, i=i: self._native_pair_interrupt(i, native))
         self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_pair_handback(native))
+
+    def _pair_irq_route(self, q: int) -> int | None:
+        """Queue ``q``'s interrupt as a pair's thread raises it (NativeNetPair's irq_fds)."""
+        fd = self.msix.unmasked_fd(self.queue_vector[q])
+        if fd is None and self.msix.enabled and self.queue_vector[q] == NO_VECTOR:
+            return netplane.NO_INTERRUPT      # what _interrupt does for it: nothing
+        return fd
 
     def _stop_native_pair(self, native: netplane.NativeNetPair, rewatch: bool) -> netplane.NetStopInfo:
         for i in native.queue_indices:
