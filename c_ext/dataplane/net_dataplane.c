@@ -11,9 +11,11 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define NUM_BUFFERS_OFFSET 10
+#define NP_SPIN_NS 50000L
 
 /* An rx chain walked ahead of the frame that will fill it: the ring entries from
  * next_avail on belong to the device until it uses them, so the walk stays valid
@@ -56,12 +58,37 @@ static int hand_back(struct np_pair *p, int queue)
     return NP_EXIT_HANDBACK;
 }
 
-static void finish_batch(struct dp_vring *r, uint16_t *unpublished)
+/* Used entries go out as each frame is done (the driver may be reposting them
+ * while the rest of the batch is served); the interrupt once per batch. */
+static void finish_batch(struct dp_vring *r, uint16_t *unsignalled)
 {
-    if (*unpublished) {
-        dp_vring_publish(r, *unpublished);
-        *unpublished = 0;
+    if (*unsignalled) {
+        *unsignalled = 0;
         dp_vring_signal(r);
+    }
+}
+
+/* Whether the driver makes buffers available within NP_SPIN_NS, notifications
+ * still off: a ring that just went empty in a stream usually refills within
+ * microseconds, and its kick would cost an exit and a wake-up. Only right after
+ * work, so an idle pair does not spin. */
+static int avail_soon(struct np_pair *p, struct dp_vring *r)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1;; i++) {
+        if (dp_vring_avail_idx(r) != r->next_avail)
+            return 1;
+        if (stopping(p))
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (!(i & 63)) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) >= NP_SPIN_NS)
+                return 0;
+        }
     }
 }
 
@@ -80,7 +107,10 @@ static int tx_process(struct np_pair *p)
             return hand_back(p, NP_TX);          /* the model calls the ring broken */
         }
         if (!pending) {
+            int worked = done != 0;
             finish_batch(r, &done);
+            if (worked && avail_soon(p, r))
+                continue;
             if (!dp_vring_enable_notification(r))
                 return NP_EXIT_RUNNING;
             continue;
@@ -115,9 +145,10 @@ static int tx_process(struct np_pair *p)
         /* EAGAIN/ENOBUFS: the host is congested; EINVAL: the kernel refused the
          * guest's vnet header. A NIC drops such a frame, as the model does. */
         count(w < 0 ? &p->tx_dropped : &p->tx_frames);
-        dp_vring_put_used(r, done, head, 0);
-        done++;
+        dp_vring_put_used(r, 0, head, 0);
         r->next_avail++;
+        dp_vring_publish(r, 1);
+        done++;
     }
 }
 
@@ -127,7 +158,7 @@ static int tx_process(struct np_pair *p)
  * one chain is there (without it: a frame takes one chain). 1: chains are ready;
  * 0: the ring is empty (the doorbell is armed); NP_EXIT_HANDBACK: the chain at
  * next_avail is the model's. */
-static int rx_gather(struct np_pair *p)
+static int rx_gather(struct np_pair *p, int worked)
 {
     struct dp_vring *r = &p->ring[NP_RX];
     for (;;) {
@@ -139,6 +170,10 @@ static int rx_gather(struct np_pair *p)
         if (pending <= p->nchains) {
             if (p->nchains)
                 return 1;
+            if (worked && avail_soon(p, r)) {
+                worked = 0;
+                continue;
+            }
             if (!dp_vring_enable_notification(r))
                 return 0;
             continue;
@@ -214,7 +249,7 @@ static int rx_process(struct np_pair *p)
             p->rx_more = 1;
             break;
         }
-        int g = rx_gather(p);
+        int g = rx_gather(p, frames != 0);
         if (g == NP_EXIT_HANDBACK) {
             finish_batch(r, &entries);
             return g;
@@ -239,8 +274,10 @@ static int rx_process(struct np_pair *p)
              * stay for the next frame: dropped as a NIC out of buffers would. */
             count(&p->rx_dropped);
             if (!p->c.mrg_rxbuf) {
-                dp_vring_put_used(r, entries++, p->chains[0].head, 0);
+                dp_vring_put_used(r, 0, p->chains[0].head, 0);
                 rx_consume(p, 1);
+                dp_vring_publish(r, 1);
+                entries++;
             }
             continue;
         }
@@ -257,9 +294,11 @@ static int rx_process(struct np_pair *p)
         for (int i = 0; i < k; i++) {
             uint32_t len = left < p->chains[i].cap ? left : p->chains[i].cap;
             left -= len;
-            dp_vring_put_used(r, entries++, p->chains[i].head, len);
+            dp_vring_put_used(r, (uint16_t)i, p->chains[i].head, len);
         }
         rx_consume(p, k);
+        dp_vring_publish(r, (uint16_t)k);
+        entries += (uint16_t)k;
         count(&p->rx_frames);
     }
     finish_batch(r, &entries);
