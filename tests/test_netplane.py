@@ -244,6 +244,25 @@ def test_bad_descriptor_mid_stream(make_rig, caplog):
 
 
 @needs_native
+def test_bad_rx_descriptor_mid_stream(make_rig, caplog):
+    rig = make_rig()
+    assert wait_for(lambda: rig.native() == (True, True))
+    rig.post_rx_mapped(2)
+    loop = rig.rxq.add([], [(RXBUF + 2 * SLOT, 64), (RXBUF + 2 * SLOT + 64, 64)])
+    last = rig.rxq.desc_addr + 16 * rig.rxq.chains[loop][1]
+    rig.m.memory.write_u16(last + 12, 3)                        # NEXT | WRITE ...
+    rig.m.memory.write_u16(last + 14, rig.rxq.chains[loop][0])  # ... back to the head: a loop
+    with caplog.at_level(logging.ERROR):
+        for i in range(3):
+            rig.sock.send(rig.frame(i))
+        rig.d.kick(0)
+        assert [f for _, f, _ in rig.guest_receives(2)] == [rig.frame(0), rig.frame(1)]
+        assert wait_for(lambda: rig.d.status & 0x40)      # the loop: NEEDS_RESET, nothing written for it
+    assert rig.rxq.used_idx() == 2 and rig.native() == (False, False)
+    assert any("needs reset" in r.getMessage() for r in caplog.records)
+
+
+@needs_native
 def test_unusual_chains_go_to_the_model_and_come_back(make_rig):
     rig = make_rig()
     assert wait_for(lambda: rig.native() == (True, True))

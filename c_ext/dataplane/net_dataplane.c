@@ -36,7 +36,7 @@ struct np_pair {
     struct iovec tx_iov[NP_MAX_SEGS];
     struct rx_chain chains[NP_MAX_RX_CHAINS];
     int nchains;
-    uint32_t rx_cap;                /* bytes the walked chains hold */
+    uint64_t rx_cap;                /* bytes the walked chains hold (one may hold 4 GiB) */
     struct iovec rx_iov[NP_MAX_SEGS];
     int rx_niov;
 };
