@@ -348,6 +348,52 @@ def test_hold_and_state_take_the_pair_back(make_rig):
 
 
 @needs_native
+def test_intx_and_no_vector_routes(netns):
+    """Without MSI-X the thread's used entries raise INTx with the ISR's queue bit
+    (through the event loop); with MSI-X on and no vector, nothing at all."""
+    net = TapNetwork.open(vm_name="np", netns=netns)
+    m = SoftMachine(ram_size=8 << 20)
+    dev = m.virtio_pci(VirtioNet(net.tap, mac=net.mac))
+    sock = run_in_netns(netns, packet_socket, net.tap.name)
+    try:
+        d = VirtioPciDriver(m, m.pci.add(dev))
+        d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC)
+        d.setup_queue(0, 16)
+        txq = d.setup_queue(1, 16)
+        d.driver_ok()
+        assert wait_for(lambda: dev.native_queues == (True, True))
+        frame = net.mac + PEER + struct.pack("!H", ETH_TYPE) + b"intx".ljust(46, b"-")
+        m.memory.write(TXBUF, bytes(12) + frame)
+        txq.add([(TXBUF, 12 + len(frame))], [])
+        d.kick(1)
+        d.wait_used(1)
+        with m.cond:
+            assert m.cond.wait_for(lambda: (dev.intx_gsi, True) in m.irq_changes, 5)
+        assert d.isr() & 1
+        assert sock.recv(2048) == frame
+        # MSI-X on, the queues without a vector: the thread raises nothing
+        d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC)
+        d.enable_msix()
+        d.setup_queue(0, 16)
+        txq = d.setup_queue(1, 16)
+        d.driver_ok()
+        assert wait_for(lambda: dev.native_queues == (True, True))
+        m.irq_changes.clear()
+        txq.add([(TXBUF, 12 + len(frame))], [])
+        d.kick(1)
+        d.wait_used(1)
+        assert sock.recv(2048) == frame
+        time.sleep(0.05)
+        assert m.msis == [] and (dev.intx_gsi, True) not in m.irq_changes
+        assert dev.state().queues[1].next_used == 1
+    finally:
+        sock.close()
+        dev.close()
+        net.close()
+        m.close()
+
+
+@needs_native
 def test_python_mode_stays_in_python(make_rig):
     rig = make_rig("python")
     rig.send_from_guest([rig.frame(0)])
