@@ -394,6 +394,20 @@ def test_intx_and_no_vector_routes(netns):
 
 
 @needs_native
+def test_translator_memory_keeps_frames_in_python(make_rig):
+    """Under the translator, device writes must reach memory.dma_listeners (its
+    translated code is dropped on them), which a C thread would bypass."""
+    rig = make_rig()
+    heard = []
+    rig.m.memory.dma_listeners.append(lambda gpa, n: heard.append((gpa, n)))
+    rig.start()                         # reset, and DRIVER_OK again with the listener there
+    rig.post_rx_mapped(1)
+    rig.sock.send(rig.frame(0))
+    (head, frame, _), = rig.guest_receives(1)
+    assert frame == rig.frame(0) and heard and rig.native() == (False, False)
+
+
+@needs_native
 def test_python_mode_stays_in_python(make_rig):
     rig = make_rig("python")
     rig.send_from_guest([rig.frame(0)])
