@@ -98,8 +98,8 @@ static int tx_process(struct np_pair *p)
 {
     struct dp_vring *r = &p->ring[NP_TX];
     uint16_t done = 0;
+    int quiet = 0;
     p->tx_more = 0;
-    dp_vring_disable_notification(r);
     for (;;) {
         uint16_t pending = (uint16_t)(dp_vring_avail_idx(r) - r->next_avail);
         if (pending > r->size) {
@@ -119,6 +119,12 @@ static int tx_process(struct np_pair *p)
             finish_batch(r, &done);
             p->tx_more = 1;
             return NP_EXIT_RUNNING;
+        }
+        if (!quiet) {
+            /* Frames are coming: no kicks until the ring is empty again. Only
+             * then, so a thread that finds nothing leaves the flags as they were. */
+            dp_vring_disable_notification(r);
+            quiet = 1;
         }
         uint16_t head = dp_vring_head(r, r->next_avail);
         int nsegs;
@@ -243,7 +249,6 @@ static int rx_process(struct np_pair *p)
     int frames = 0;
     p->rx_more = 0;
     p->rx_starved = 0;
-    dp_vring_disable_notification(r);
     for (;;) {
         if (frames == NP_BATCH || stopping(p)) {
             p->rx_more = 1;
@@ -267,7 +272,8 @@ static int rx_process(struct np_pair *p)
             finish_batch(r, &entries);
             return hand_back(p, NP_RX);         /* the model logs the tap's error */
         }
-        frames++;
+        if (!frames++)
+            dp_vring_disable_notification(r);   /* a stream: buffers are looked for anyway */
         if ((uint64_t)n > p->rx_cap) {
             /* The frame did not fit (the tap reports its whole length). Without
              * MRG_RXBUF the model hands back the chain empty; with it the chains
@@ -326,6 +332,11 @@ static void *np_thread(void *arg)
             reason = NP_EXIT_STOPPED;
             break;
         }
+        int block = !p->tx_more && !p->rx_more;
+        /* Waiting on the tap with buffers in hand: the driver's kicks are welcome
+         * again (and the used flags are as the model leaves them). */
+        if (block && !p->rx_starved)
+            dp_vring_enable_notification(&p->ring[NP_RX]);
         struct pollfd fds[4] = {
             {p->stop_fd, POLLIN, 0},
             {p->c.rings[NP_TX].kick_fd, POLLIN, 0},
@@ -334,7 +345,7 @@ static void *np_thread(void *arg)
              * drops when full) until the driver adds some and rings. */
             {p->c.tap_fd, p->rx_starved ? 0 : POLLIN, 0},
         };
-        int r = poll(fds, 4, p->tx_more || p->rx_more ? 0 : -1);
+        int r = poll(fds, 4, block ? -1 : 0);
         if (r < 0 && errno != EINTR) {
             p->tap_errno = errno;
             reason = hand_back(p, NP_RX);
