@@ -106,7 +106,8 @@ fuzz: build
 	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
-	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c kvmpy/net/_slirp_cffi*.so
+	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c kvmpy/net/_slirp_cffi*.so \
+		kvmpy/devices/virtio/_netplane_cffi*.so
 	$(MAKE) -C tests/guests clean
 
 distclean: clean

@@ -1,4 +1,4 @@
-"""The three native parts of kvmpy; everything else is declared in pyproject.toml.
+"""The native parts of kvmpy; everything else is declared in pyproject.toml.
 
 - kvmpy.hv.kvm._kvm_cffi: cffi bindings over <linux/kvm.h> in API mode, so the
   compiler checks every struct kvmpy uses against the host's kernel headers;
@@ -6,6 +6,8 @@
   with its per-packet glue in C (needs libslirp-dev);
 - kvmpy.devices.virtio._dataplane_cffi: the virtio-blk data plane (c_ext/dataplane/),
   cffi API mode too, apart from the KVM module because device models may not import it;
+- kvmpy.devices.virtio._netplane_cffi: the virtio-net data plane (same directory, the
+  ring walker vring.c shared with the blk one);
 - kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
 """
 
@@ -15,7 +17,8 @@ from setuptools import Extension, setup
 
 setup(
     cffi_modules=["kvmpy/hv/kvm/_build.py:ffibuilder", "kvmpy/net/_slirp_build.py:ffibuilder",
-                  "kvmpy/devices/virtio/_dataplane_build.py:ffibuilder"],
+                  "kvmpy/devices/virtio/_dataplane_build.py:ffibuilder",
+                  "kvmpy/devices/virtio/_netplane_build.py:ffibuilder"],
     ext_modules=[Extension(
         "kvmpy._tcg",
         sources=sorted(glob.glob("c_ext/*.c")),

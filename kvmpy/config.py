@@ -80,6 +80,9 @@ class NetConfig:
     bridge: str = ""
     mac: str = ""
     user: UserNetOptions | None = None    # type "user": its options
+    # "native": a C thread per rx/tx pair moves a tap's frames (kvmpy/devices/virtio/netplane.py);
+    # "python" keeps them all in the model
+    dataplane: str = "native"
 
 
 @dataclass
@@ -199,7 +202,8 @@ TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "a
             "sandbox", "firmware", "bios", "boot", "boot_menu", "display"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
              "dataplane", "queues", "iothread"}
-NET_KEYS = {"type", "ifname", "bridge", "mac"}
+NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane"}
+NET_DATAPLANES = ("native", "python")
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
 DISPLAY_KEYS = {"vga", "vnc", "keymap", "keymaps"}
@@ -389,6 +393,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         if net.type != "tap":
             raise ConfigError(f"{where} key 'type': must be \"tap\" or \"user\", got {net.type!r}")
         check_mac(net.mac, f"{where} key 'mac'")
+        net.dataplane = _choice(net.dataplane, NET_DATAPLANES, f"{where} key 'dataplane'")
         cfg.nets.append(net)
     for i, d in enumerate(_expect(data.get("device", []), list, w("device"),
                                   "an array of tables ([[device]])")):
@@ -610,4 +615,5 @@ def parse_netdev(spec: str) -> NetConfig:
             raise ConfigError(f"--net {spec}: unknown option {part!r}")
         setattr(net, k, v)
     check_mac(net.mac, f"--net {spec}: mac")
+    net.dataplane = _choice(net.dataplane, NET_DATAPLANES, f"--net {spec}: dataplane")
     return net

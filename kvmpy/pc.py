@@ -246,7 +246,7 @@ def make_virtio_net(ctx: DeviceContext):
         port, mac = ctx.backend.tap, ctx.backend.mac
     return VirtioPciTransport(ctx.platform, ctx.events,
                               VirtioNet(port, mac=mac, vm_name=ctx.config.name,
-                                        index=ctx.options["index"], name=ctx.name))
+                                        index=ctx.options["index"], name=ctx.name, dataplane=net.dataplane))
 
 
 def describe_nic(placed: PlacedDevice) -> dict:

@@ -1,9 +1,10 @@
 """The native data plane's ring walker against queue.py's, on random descriptor tables.
 
 Both walk the same bytes in the same GuestMemory: SplitQueue._read_chain (what the
-Python model trusts) and dp_walk_chain in c_ext/dataplane/blk_dataplane.c (the
-function the data plane threads call, through its test entry point). They must
-accept the same chains with the same buffers, and refuse the same ones.
+Python model trusts) and dp_walk_chain in c_ext/dataplane/vring.c (the function
+the data plane threads call, through its test entry point), as built into the
+blk plane's module and into the net plane's. They must accept the same chains with
+the same buffers, and refuse the same ones.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kvmpy.devices.virtio import dataplane
+from kvmpy.devices.virtio import dataplane, netplane
 from kvmpy.devices.virtio.queue import QueueError, SplitQueue
 from kvmpy.memory import GuestMemory
 
@@ -114,6 +115,8 @@ def test_native_walker_agrees_with_split_queue(memory, data, size, indirect, tab
     expected = python_walk(memory, size, indirect, head)
     got = dataplane.walk_chain(memory, DESC, size, indirect, head)
     assert got == expected
+    if netplane.available():
+        assert netplane.walk_chain(memory, DESC, size, indirect, head) == expected
     if data is None:
         assert got == [(BUFFERS, 16, False), (BUFFERS + 0x100, 512, True), (BUFFERS + 0x400, 1, True)]
 
@@ -130,3 +133,16 @@ def test_walker_refuses_a_loop_and_a_nested_table(memory):
     memory.write(TABLES, struct.pack("<QIHH", BUFFERS, 16, 0, 0))
     assert dataplane.walk_chain(memory, DESC, 2, True, 0) == [(BUFFERS, 16, False)]
     assert dataplane.walk_chain(memory, DESC, 2, False, 0) is None
+
+
+@pytest.mark.skipif(not netplane.available(), reason=f"net data plane not built: {netplane.unavailable_reason()}")
+def test_net_planes_walker_refuses_a_loop_and_takes_a_table(memory):
+    memory.view(0, LOW_SIZE)[:] = bytes(LOW_SIZE)
+    memory.write(DESC, struct.pack("<QIHH", BUFFERS, 16, 1, 1))
+    memory.write(DESC + 16, struct.pack("<QIHH", BUFFERS, 16, 1, 0))
+    assert netplane.walk_chain(memory, DESC, 2, False, 0) is None
+    memory.write(DESC, struct.pack("<QIHH", TABLES, 32, 4, 0))
+    memory.write(TABLES, struct.pack("<QIHH", BUFFERS, 12, 1, 1))
+    memory.write(TABLES + 16, struct.pack("<QIHH", BUFFERS + 0x100, 1514, 0, 0))
+    assert netplane.walk_chain(memory, DESC, 2, True, 0) == [(BUFFERS, 12, False), (BUFFERS + 0x100, 1514, False)]
+    assert netplane.walk_chain(memory, DESC, 2, False, 0) is None

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("packaging")
 # the developer's venv, caches.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "*.o", "*.d", "__pycache__",
                                     "*.egg-info", ".hypothesis", ".pytest_cache", "guest-cache",
-                                    "_kvm_cffi.c", "_slirp_cffi.c", "_dataplane_cffi.c")
+                                    "_kvm_cffi.c", "_slirp_cffi.c", "_dataplane_cffi.c", "_netplane_cffi.c")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_installed_package_has_its_native_parts(installed, tmp_path):
     py = installed / "bin" / "python"
     r = subprocess.run([str(py), "-c", "import kvmpy, kvmpy._tcg, kvmpy.hv.kvm._kvm_cffi, kvmpy.net._slirp_cffi; "
                         "from kvmpy.devices.virtio import dataplane; assert dataplane.available(), "
-                        "dataplane.unavailable_reason(); print(kvmpy.__file__)"],
+                        "dataplane.unavailable_reason(); from kvmpy.devices.virtio import netplane; "
+                        "assert netplane.available(), netplane.unavailable_reason(); print(kvmpy.__file__)"],
                        cwd=tmp_path, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert r.returncode == 0, r.stderr
     # imported from the venv, not from the checkout

@@ -1,7 +1,6 @@
-/* virtio-blk data plane: the split ring walker and the per-queue I/O thread.
+/* virtio-blk data plane: the per-queue I/O thread.
  * See blk_dataplane.h for the division of work with the Python model. The ring
- * checks mirror kvmpy/devices/virtio/queue.py SplitQueue._read_chain one for one,
- * and tests/test_dataplane_walker.py holds the two to the same answers. */
+ * walker is vring.c's, shared with the net data plane. */
 #define _GNU_SOURCE
 #include "blk_dataplane.h"
 
@@ -21,13 +20,9 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
 #define USED_F_NO_NOTIFY 1
 #define MAX_QUEUE_SIZE 32768u
-#define MAX_CHAIN_BYTES 0xFFFFFFFFull
 #define SECTOR 512u
 #define BLK_IOV_MAX 1024
 
@@ -49,8 +44,6 @@
 #define EXEC_HANDBACK (-1)
 #define EXEC_DEFERRED (-2)
 #define EXEC_BARRIER (-3)           /* not started: the batch's ring I/O must finish first */
-
-struct desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
 
 /* One read handed to the workers, or a read or write in the io_uring. */
 struct dp_job {
@@ -100,18 +93,6 @@ struct dp_queue {
     pthread_cond_t work_cv, done_cv;
     pthread_t workers[DP_WORKERS];
 };
-
-/* The host address of guest range [gpa, gpa+len) when it lies inside one RAM
- * region (GuestMemory.view's rule), else NULL. */
-static uint8_t *gpa_to_host(const struct dp_region *regions, int nregions, uint64_t gpa, uint64_t len)
-{
-    for (int i = 0; i < nregions; i++) {
-        const struct dp_region *r = &regions[i];
-        if (gpa >= r->gpa && gpa - r->gpa <= r->size && len <= r->size - (gpa - r->gpa))
-            return r->host + (gpa - r->gpa);
-    }
-    return NULL;
-}
 
 /* ---- the qcow2 cluster map --------------------------------------------------- */
 
@@ -264,69 +245,6 @@ void dp_ring_free(struct dp_ring *r)
 }
 #endif
 
-/* The guest may rewrite a descriptor while we read it: copy it once, use the copy. */
-static void read_desc(const uint8_t *table, uint32_t index, struct desc *d)
-{
-    memcpy(d, table + 16u * index, sizeof *d);
-}
-
-int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
-                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs)
-{
-    const uint8_t *table = gpa_to_host(regions, nregions, desc_addr, 16ull * size);
-    uint32_t table_len = size, index = head, steps = 0;
-    int in_indirect = 0, have_writable = 0, n = 0;
-    uint64_t total = 0;
-    *nsegs = 0;
-    if (!table || head >= size)
-        return DP_WALK_BAD;
-    for (;;) {
-        struct desc d;
-        if (++steps > table_len)
-            return DP_WALK_BAD;                      /* a loop */
-        read_desc(table, index, &d);
-        if (d.flags & DESC_F_INDIRECT) {
-            if (in_indirect || !indirect || (d.flags & DESC_F_NEXT))
-                return DP_WALK_BAD;
-            if (d.len == 0 || d.len % 16 || d.len / 16 > MAX_QUEUE_SIZE)
-                return DP_WALK_BAD;
-            table = gpa_to_host(regions, nregions, d.addr, d.len);
-            if (!table)
-                return DP_WALK_BAD;
-            table_len = d.len / 16;
-            index = 0;
-            steps = 0;
-            in_indirect = 1;
-            continue;
-        }
-        if (d.len) {
-            total += d.len;
-            if (total > MAX_CHAIN_BYTES)
-                return DP_WALK_BAD;
-            if (!gpa_to_host(regions, nregions, d.addr, d.len))
-                return DP_WALK_BAD;
-            if (d.flags & DESC_F_WRITE)
-                have_writable = 1;
-            else if (have_writable)
-                return DP_WALK_BAD;                  /* readable after writable */
-            if (n == max_segs)
-                return DP_WALK_TOO_LONG;
-            segs[n].gpa = d.addr;
-            segs[n].len = d.len;
-            segs[n].writable = !!(d.flags & DESC_F_WRITE);
-            n++;
-            *nsegs = n;
-        } else if (have_writable && !(d.flags & DESC_F_WRITE)) {
-            return DP_WALK_BAD;
-        }
-        if (!(d.flags & DESC_F_NEXT))
-            return DP_WALK_OK;
-        if (d.next >= table_len)
-            return DP_WALK_BAD;
-        index = d.next;
-    }
-}
-
 /* ---- the ring, device side ---------------------------------------------------- */
 
 static uint16_t avail_idx(struct dp_queue *q)
@@ -350,11 +268,6 @@ static void add_used(struct dp_queue *q, uint16_t head, uint32_t len)
     __atomic_store_n((uint16_t *)(q->used + 2), q->c.next_used, __ATOMIC_RELEASE);
 }
 
-static int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
-}
-
 /* SplitQueue.needs_notification, after a full barrier: the driver's used_event
  * (or NO_INTERRUPT) written after it saw our older used idx must be read here. */
 static void signal_used(struct dp_queue *q)
@@ -366,7 +279,7 @@ static void signal_used(struct dp_queue *q)
     q->c.signalled_valid = 1;
     if (q->c.event_idx) {
         uint16_t used_event = __atomic_load_n((uint16_t *)(q->avail + 4 + 2u * q->c.size), __ATOMIC_RELAXED);
-        want = !valid || vring_need_event(used_event, new_idx, old);
+        want = !valid || dp_vring_need_event(used_event, new_idx, old);
     } else {
         want = !(__atomic_load_n((uint16_t *)q->avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
     }
@@ -397,7 +310,7 @@ static int enable_notification(struct dp_queue *q)
 
 static uint8_t *host(struct dp_queue *q, const struct dp_seg *s)
 {
-    return gpa_to_host(q->c.regions, q->c.nregions, s->gpa, s->len);
+    return dp_gpa_to_host(q->c.regions, q->c.nregions, s->gpa, s->len);
 }
 
 /* All of iov moved, or -1: an error or an end of file, both the model's to answer
@@ -1153,9 +1066,9 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         return NULL;
     }
     q->c = *cfg;
-    q->desc = gpa_to_host(cfg->regions, cfg->nregions, cfg->desc_addr, 16ull * size);
-    q->avail = gpa_to_host(cfg->regions, cfg->nregions, cfg->avail_addr, 4 + 2ull * size + 2);
-    q->used = gpa_to_host(cfg->regions, cfg->nregions, cfg->used_addr, 4 + 8ull * size + 2);
+    q->desc = dp_gpa_to_host(cfg->regions, cfg->nregions, cfg->desc_addr, 16ull * size);
+    q->avail = dp_gpa_to_host(cfg->regions, cfg->nregions, cfg->avail_addr, 4 + 2ull * size + 2);
+    q->used = dp_gpa_to_host(cfg->regions, cfg->nregions, cfg->used_addr, 4 + 8ull * size + 2);
     if (!q->desc || !q->avail || !q->used || cfg->desc_addr % 16 || cfg->avail_addr % 2 || cfg->used_addr % 4) {
         free(q);
         return NULL;

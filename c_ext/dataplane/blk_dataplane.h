@@ -13,7 +13,8 @@
 
 #include <stdint.h>
 
-#define DP_MAX_REGIONS 16
+#include "vring.h"
+
 /* Segments of one chain the walker keeps; a longer chain goes to Python, which
  * answers it (more data segments than preadv takes is an IOERR there). */
 #define DP_MAX_SEGS 4096
@@ -22,10 +23,6 @@
 #define DP_MAX_DISCARD_SEG 32
 #define DP_MAX_DISCARD_SECTORS 0x3FFFFFu
 
-/* dp_walk_chain's answers */
-#define DP_WALK_OK 0
-#define DP_WALK_BAD (-1)        /* the Python queue raises QueueError for this chain */
-#define DP_WALK_TOO_LONG (-2)   /* valid or not, too many segments to judge here */
 
 /* why the thread ended */
 #define DP_EXIT_RUNNING 0
@@ -56,8 +53,6 @@ struct dp_ring;
 
 struct dp_iothread;
 
-struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; };
 
 struct dp_config {
     struct dp_region regions[DP_MAX_REGIONS];
@@ -107,8 +102,5 @@ void dp_map_free(struct dp_map *m);
 int dp_map_set(struct dp_map *m, uint64_t generation, const uint64_t *clusters, const uint64_t *hosts, int n);
 void dp_map_invalidate(struct dp_map *m, uint64_t generation);
 int dp_map_get(struct dp_map *m, uint64_t cluster, uint64_t *host);
-
-int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
-                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs);
 
 #endif

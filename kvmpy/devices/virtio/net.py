@@ -15,13 +15,15 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...events import EVENT_READ
 from ...memory import GuestMemory
 from ...tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_SIZE, format_mac,
                     stable_mac)
+from . import netplane
 from .device import FdWatch, VirtioTransport
+from .netplane import NetBackend, NetPairBackend, NetStopInfo
 from .queue import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,14 @@ IOV_MAX = 1024
 # Frames handled per wake-up before yielding to the other queue, the doorbells
 # and the other devices on the event loop.
 BATCH = 64
+
+#: ``[[net]] dataplane`` / ``--net dataplane=`` values
+NET_DATAPLANE_MODES = ("native", "python")
+_VIRTIO_F_VERSION_1 = 32
+_MRG_RXBUF_BIT = 15
+# What the tap may hand over after the header: a 64 KiB GSO frame, its Ethernet
+# and VLAN headers, with room to spare (QEMU's receive buffer is as large).
+_RX_FRAME_MAX = 69632
 
 
 @dataclass(frozen=True)
@@ -74,13 +84,19 @@ class VirtioNet:
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
       name: for log messages.
+      dataplane: "native" lets the transport serve each rx/tx pair from a C thread
+        (netplane.py) while the model would do nothing else with it; "python"
+        keeps every frame here.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioNet(...)))``.
     """
 
     device_type = 1
 
     def __init__(self, tap, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
-                 queue_size: int = 256, name: str = "virtio-net") -> None:
+                 queue_size: int = 256, name: str = "virtio-net", dataplane: str = "native") -> None:
+        if dataplane not in NET_DATAPLANE_MODES:
+            raise ValueError(f"{name}: dataplane={dataplane!r}")
+        self.dataplane = dataplane
         self.name = name
         self.tap = tap
         # A port that takes complete frames only (kvmpy.net.slirp.FramePort) says so.
@@ -95,12 +111,17 @@ class VirtioNet:
         self._queues: Sequence[SplitQueue] = ()
         self._transport: VirtioTransport | None = None
         self._rx_polling = False
+        # A native thread reads the tap: a readiness the loop reported before the
+        # thread started is not the model's to act on.
+        self._native_rx = False
+        # Per native pair (by rx queue): the thread's own counts so far.
+        self._native_counts: dict[int, Callable[[], dict[str, int]]] = {}
         log.info("%s: tap %s, MAC %s", name, tap.name, format_mac(self.mac))
 
     # state -------------------------------------------------------------------------
 
     def state(self) -> VirtioNetState:
-        return VirtioNetState(mac=self.mac, queue_size=self.queue_size, **self.stats)
+        return VirtioNetState(mac=self.mac, queue_size=self.queue_size, **self.counts())
 
     @classmethod
     def from_state(cls, state: VirtioNetState, tap, name: str = "virtio-net") -> "VirtioNet":
@@ -167,7 +188,54 @@ class VirtioNet:
         self._queues = ()
         self._transport = None
         self._rx_polling = False
+        self._native_rx = False
+        self._native_counts.clear()
         self.acked_features = 0
+
+    # native data plane (netplane.py) -------------------------------------------------
+
+    def native_backend(self) -> NetBackend | None:
+        """The pairs a native thread may serve now, or None while every frame must
+        come here: the Python data plane chosen, the module missing, or a port that
+        is not a tap with the vnet header (user networking).
+
+        The rx filter rule: a thread delivers every frame the tap has, so while the
+        guest has a filter other than the promiscuous default (control queue
+        CTRL_RX / CTRL_MAC) the pairs stay here, where each frame passes the filter;
+        the filter's return to the default gives them back to the threads."""
+        if self.dataplane != "native" or not self.offloads or not netplane.available():
+            return None
+        mrg = self.negotiated(_MRG_RXBUF_BIT)
+        hdr_len = 12 if mrg or self.negotiated(_VIRTIO_F_VERSION_1) else 10
+        # With multiqueue each pair has a tap fd of its own.
+        return NetBackend(pairs=(NetPairBackend(rx_queue=RX_QUEUE, tx_queue=TX_QUEUE, tap_fd=self.tap.fd,
+                                                hdr_len=hdr_len, mrg_rxbuf=mrg,
+                                                rx_frame_max=hdr_len + _RX_FRAME_MAX),))
+
+    def native_started(self, pair: NetPairBackend, counts: Callable[[], dict[str, int]]) -> None:
+        """A thread serves ``pair`` now: its tap is the thread's to read; ``counts()``
+        tells what it moved so far."""
+        self._native_counts[pair.rx_queue] = counts
+        self._native_rx = True
+        self._rx_poll(False)
+
+    def native_stopped(self, pair: NetPairBackend, info: NetStopInfo) -> None:
+        """The thread of ``pair`` stopped: its counts join the model's (the transport
+        runs both queues next, and the rx queue's run polls the tap again)."""
+        self._native_rx = False
+        self._native_counts.pop(pair.rx_queue, None)
+        self.stats["rx_frames"] += info.rx_frames
+        self.stats["tx_frames"] += info.tx_frames
+        self.stats["rx_dropped"] += info.rx_dropped
+        self.stats["tx_dropped"] += info.tx_dropped
+
+    def counts(self) -> dict[str, int]:
+        """Frames moved and dropped, by the model and the native threads running now."""
+        total = dict(self.stats)
+        for counts in list(self._native_counts.values()):
+            for key, value in counts().items():
+                total[key] += value
+        return total
 
     # event loop thread ---------------------------------------------------------------
 
@@ -177,7 +245,8 @@ class VirtioNet:
             self._transport.set_fd_events(self.tap.fd, EVENT_READ if on else 0)
 
     def _tap_readable(self, events: int) -> None:
-        self._receive()
+        if not self._native_rx:
+            self._receive()
 
     def process_queue(self, index: int) -> None:
         if index == TX_QUEUE:

@@ -42,7 +42,7 @@ from ..pci.device import BAR_MEM32, BAR_MEM64, CAP_ID_VENDOR, PciConfigState, Pc
 from ..pci.bus import PciBus
 from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
-from . import dataplane
+from . import dataplane, netplane
 from .device import VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
 
@@ -600,6 +600,9 @@ class VirtioPciTransport(PciDevice):
                 or not self._serving or self.broken or not self.queues[q].active):
             return
         backend = offer()
+        if isinstance(backend, netplane.NetBackend):
+            self._start_native_pair(q, backend)
+            return
         if backend is None:
             # The model keeps every queue now (a request waits for `cont`): the
             # other queues' threads must not run on past it.
@@ -626,6 +629,11 @@ class VirtioPciTransport(PciDevice):
         """Stop queue ``q``'s thread at a request boundary and take its indices back;
         ``rewatch``: the event loop serves the doorbell again."""
         native = self._native[q]
+        if native is None:      # a pair's thread, stopped through its other queue
+            return dataplane.StopInfo(handed_back=False, completed=0, deferred=0)
+        if isinstance(native, netplane.NativeNetPair):
+            info = self._stop_native_pair(native, rewatch)
+            return dataplane.StopInfo(handed_back=info.handed_back, completed=info.completed, deferred=0)
         self._native[q] = None
         info = native.stop()
         self._native_completed += info.completed
@@ -649,7 +657,11 @@ class VirtioPciTransport(PciDevice):
         that applies now (a vCPU thread, after the guest's write)."""
         with self._lock:
             for q, native in enumerate(self._native):
-                if native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
+                if isinstance(native, netplane.NativeNetPair):
+                    routes = tuple(self._pair_irq_route(i) for i in native.queue_indices)
+                    if native.irq_fds != routes:
+                        self._stop_native(q, rewatch=True)
+                elif native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
                     self._stop_native(q, rewatch=True)
                     self.events.call_soon(lambda q=q: self._run_queue(q))
 
@@ -666,6 +678,83 @@ class VirtioPciTransport(PciDevice):
             info = self._stop_native(q, rewatch=True)
             log.debug("%s: queue %d handed back to the model after %d requests", self.name, q, info.completed)
             self._run_queue(q)
+
+    # a native rx/tx pair (virtio-net, netplane.py): one thread, both queues' slots
+
+    def _start_native_pair(self, q: int, backend: netplane.NetBackend) -> None:
+        pair = backend.pair_of(q)
+        if pair is None:
+            return      # the control queue stays the model's
+        indices = (pair.rx_queue, pair.tx_queue)
+        if any(self._native[i] is not None or self._doorbells[i] is None or not self.queues[i].active
+               for i in indices):
+            return      # the other queue of the pair is not running yet: its own run starts the pair
+        try:
+            if self._native_regions is None:
+                self._native_regions = dataplane.RegionPointers(self.memory)
+            native = netplane.NativeNetPair(
+                self._native_regions, self.queues[pair.rx_queue], self.queues[pair.tx_queue], pair,
+                kick_fds=(self._doorbells[pair.rx_queue], self._doorbells[pair.tx_queue]),
+                irq_fds=tuple(self._pair_irq_route(i) for i in indices))
+        except (OSError, ValueError) as e:
+            self._native_refused = True
+            log.warning("%s: native data plane unavailable, frames stay in Python: %s", self.name, e)
+            return
+        for i in indices:
+            self.events.unsubscribe(self._doorbells[i])
+            self._native[i] = native
+        self.device.native_started(pair, native.counts)
+        log.debug("%s: queues %d and %d served by a native thread", self.name, *indices)
+        for i, fd in zip(indices, native.call_fds):
+            self.events.subscribe(fd, EVENT_READ, lambda _r, i=i: self._native_pair_interrupt(i, native))
+        self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_pair_handback(native))
+
+    def _pair_irq_route(self, q: int) -> int | None:
+        """Queue ``q``'s interrupt as a pair's thread raises it (NativeNetPair's irq_fds)."""
+        fd = self.msix.unmasked_fd(self.queue_vector[q])
+        if fd is None and self.msix.enabled and self.queue_vector[q] == NO_VECTOR:
+            return netplane.NO_INTERRUPT      # what _interrupt does for it: nothing
+        return fd
+
+    def _stop_native_pair(self, native: netplane.NativeNetPair, rewatch: bool) -> netplane.NetStopInfo:
+        for i in native.queue_indices:
+            self._native[i] = None
+        info = native.stop()
+        self._native_completed += info.completed
+        self.device.native_stopped(native.backend, info)
+        for i in native.queue_indices:
+            if native.take_interrupt(i):
+                self._interrupt(self.queue_vector[i], ISR_QUEUE)
+        for fd in (*native.call_fds, native.handback_fd):
+            self.events.unsubscribe(fd, close=True)
+        if info.tap_errno:
+            # The model logs the tap's error when it meets it; a thread started again
+            # would only hand the pair back at once.
+            self._native_refused = True
+            log.warning("%s: tap error (%s): frames stay in Python", self.name, os.strerror(info.tap_errno))
+        if rewatch and self._serving:
+            for i in native.queue_indices:
+                if self._doorbells[i] is not None:
+                    self._watch_doorbell(i, self._doorbells[i])
+            # The model polls the tap again from the rx queue's run.
+            first = info.handback_queue if info.handback_queue is not None else native.queue_indices[0]
+            for i in (first, *(i for i in native.queue_indices if i != first)):
+                self.events.call_soon(lambda i=i: self._run_queue(i))
+        return info
+
+    def _native_pair_interrupt(self, q: int, native: netplane.NativeNetPair) -> None:
+        if self._native[q] is native and native.take_interrupt(q):
+            self._interrupt(self.queue_vector[q], ISR_QUEUE)
+
+    def _native_pair_handback(self, native: netplane.NativeNetPair) -> None:
+        """The thread stopped before a chain only the model may handle: the model
+        takes both queues from there (their runs may start a new thread)."""
+        with self._lock:
+            if self._native[native.queue_indices[0]] is not native:
+                return
+            info = self._stop_native_pair(native, rewatch=True)
+            log.debug("%s: queue %s handed back to the model after %d frames", self.name, info.handback_queue,
+                      info.completed)
 
     def hold_native(self, held: bool) -> None:
         """The VM stopped (``held``) or runs again: while it is stopped the event loop

@@ -1,0 +1,465 @@
+/* virtio-net data plane: the per-pair thread. See net_dataplane.h for the
+ * division of work with the Python model; the ring walker is vring.c's. */
+#define _GNU_SOURCE
+#include "net_dataplane.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NUM_BUFFERS_OFFSET 10
+#define NP_SPIN_NS 50000L
+
+/* An rx chain walked ahead of the frame that will fill it: the ring entries from
+ * next_avail on belong to the device until it uses them, so the walk stays valid
+ * (its host addresses were checked against guest RAM when it was made). */
+struct rx_chain { uint16_t head; int first_iov, niov; uint32_t cap; };
+
+struct np_pair {
+    struct np_config c;
+    struct dp_vring ring[2];
+    int stop_fd;
+    int stop;                       /* atomic */
+    int exit_reason, handback_queue, tap_errno;
+    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    int tx_more, rx_more;           /* a batch ended with work left */
+    int rx_starved;                 /* no rx buffers: the tap waits for the rx doorbell */
+    pthread_t thread;
+    struct dp_seg segs[NP_MAX_SEGS];
+    struct iovec tx_iov[NP_MAX_SEGS];
+    struct rx_chain chains[NP_MAX_RX_CHAINS];
+    int nchains;
+    uint64_t rx_cap;                /* bytes the walked chains hold (one may hold 4 GiB) */
+    struct iovec rx_iov[NP_MAX_SEGS];
+    int rx_niov;
+};
+
+static int stopping(struct np_pair *p)
+{
+    return __atomic_load_n(&p->stop, __ATOMIC_ACQUIRE);
+}
+
+/* The counters are read by np_counters while the thread runs. */
+static void count(uint64_t *counter)
+{
+    __atomic_store_n(counter, *counter + 1, __ATOMIC_RELAXED);
+}
+
+static int hand_back(struct np_pair *p, int queue)
+{
+    p->handback_queue = queue;
+    return NP_EXIT_HANDBACK;
+}
+
+/* Used entries go out as each frame is done (the driver may be reposting them
+ * while the rest of the batch is served); the interrupt once per batch. */
+static void finish_batch(struct dp_vring *r, uint16_t *unsignalled)
+{
+    if (*unsignalled) {
+        *unsignalled = 0;
+        dp_vring_signal(r);
+    }
+}
+
+/* Whether the driver makes buffers available within NP_SPIN_NS, notifications
+ * still off: a ring that just went empty in a stream usually refills within
+ * microseconds, and its kick would cost an exit and a wake-up. Only right after
+ * work, so an idle pair does not spin. */
+static int avail_soon(struct np_pair *p, struct dp_vring *r)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1;; i++) {
+        if (dp_vring_avail_idx(r) != r->next_avail)
+            return 1;
+        if (stopping(p))
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (!(i & 63)) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) >= NP_SPIN_NS)
+                return 0;
+        }
+    }
+}
+
+/* ---- tx: guest -> tap ------------------------------------------------------------ */
+
+static int tx_process(struct np_pair *p)
+{
+    struct dp_vring *r = &p->ring[NP_TX];
+    uint16_t done = 0;
+    int quiet = 0;
+    p->tx_more = 0;
+    for (;;) {
+        uint16_t pending = (uint16_t)(dp_vring_avail_idx(r) - r->next_avail);
+        if (pending > r->size) {
+            finish_batch(r, &done);
+            return hand_back(p, NP_TX);          /* the model calls the ring broken */
+        }
+        if (!pending) {
+            int worked = done != 0;
+            finish_batch(r, &done);
+            if (worked && avail_soon(p, r))
+                continue;
+            if (!dp_vring_enable_notification(r))
+                return NP_EXIT_RUNNING;
+            continue;
+        }
+        if (done == NP_BATCH || stopping(p)) {
+            finish_batch(r, &done);
+            p->tx_more = 1;
+            return NP_EXIT_RUNNING;
+        }
+        if (!quiet) {
+            /* Frames are coming: no kicks until the ring is empty again. Only
+             * then, so a thread that finds nothing leaves the flags as they were. */
+            dp_vring_disable_notification(r);
+            quiet = 1;
+        }
+        uint16_t head = dp_vring_head(r, r->next_avail);
+        int nsegs;
+        uint64_t len = 0;
+        if (dp_walk_chain(r->regions, r->nregions, r->desc_addr, r->size, r->indirect, head, p->segs,
+                          NP_MAX_SEGS, &nsegs) != DP_WALK_OK) {
+            finish_batch(r, &done);
+            return hand_back(p, NP_TX);
+        }
+        for (int i = 0; i < nsegs; i++) {
+            if (p->segs[i].writable)
+                break;
+            p->tx_iov[i].iov_base = dp_gpa_to_host(r->regions, r->nregions, p->segs[i].gpa, p->segs[i].len);
+            p->tx_iov[i].iov_len = p->segs[i].len;
+            len += p->segs[i].len;
+        }
+        /* A writable buffer, or no frame after the header: the model drops (and counts) it. */
+        if (len <= p->c.hdr_len || p->segs[nsegs - 1].writable) {
+            finish_batch(r, &done);
+            return hand_back(p, NP_TX);
+        }
+        ssize_t w;
+        do w = writev(p->c.tap_fd, p->tx_iov, nsegs); while (w < 0 && errno == EINTR);
+        /* EAGAIN/ENOBUFS: the host is congested; EINVAL: the kernel refused the
+         * guest's vnet header. A NIC drops such a frame, as the model does. */
+        count(w < 0 ? &p->tx_dropped : &p->tx_frames);
+        dp_vring_put_used(r, 0, head, 0);
+        r->next_avail++;
+        dp_vring_publish(r, 1);
+        done++;
+    }
+}
+
+/* ---- rx: tap -> guest ------------------------------------------------------------- */
+
+/* Walk rx chains ahead until one frame of rx_frame_max bytes fits (MRG_RXBUF) or
+ * one chain is there (without it: a frame takes one chain). 1: chains are ready;
+ * 0: the ring is empty (the doorbell is armed); NP_EXIT_HANDBACK: the chain at
+ * next_avail is the model's. */
+static int rx_gather(struct np_pair *p, int worked)
+{
+    struct dp_vring *r = &p->ring[NP_RX];
+    for (;;) {
+        if (p->nchains && (!p->c.mrg_rxbuf || p->rx_cap >= p->c.rx_frame_max || p->nchains == NP_MAX_RX_CHAINS))
+            return 1;
+        uint16_t pending = (uint16_t)(dp_vring_avail_idx(r) - r->next_avail);
+        if (pending > r->size)
+            return p->nchains ? 1 : hand_back(p, NP_RX);
+        if (pending <= p->nchains) {
+            if (p->nchains)
+                return 1;
+            if (worked && avail_soon(p, r)) {
+                worked = 0;
+                continue;
+            }
+            if (!dp_vring_enable_notification(r))
+                return 0;
+            continue;
+        }
+        uint16_t head = dp_vring_head(r, (uint16_t)(r->next_avail + p->nchains));
+        int nsegs;
+        uint32_t cap = 0;
+        /* A bad chain, or one the model drops (too small for the header, readable
+         * buffers, too many buffers): the model takes over when it is the first. */
+        if (dp_walk_chain(r->regions, r->nregions, r->desc_addr, r->size, r->indirect, head, p->segs,
+                          NP_MAX_SEGS, &nsegs) != DP_WALK_OK || nsegs == 0 || !p->segs[0].writable
+                || p->rx_niov + nsegs > NP_MAX_SEGS)
+            return p->nchains ? 1 : hand_back(p, NP_RX);
+        for (int i = 0; i < nsegs; i++)
+            cap += p->segs[i].len;
+        if (cap < p->c.hdr_len)
+            return p->nchains ? 1 : hand_back(p, NP_RX);
+        struct rx_chain *ch = &p->chains[p->nchains++];
+        ch->head = head;
+        ch->first_iov = p->rx_niov;
+        ch->niov = nsegs;
+        ch->cap = cap;
+        for (int i = 0; i < nsegs; i++) {
+            p->rx_iov[p->rx_niov].iov_base = dp_gpa_to_host(r->regions, r->nregions, p->segs[i].gpa, p->segs[i].len);
+            p->rx_iov[p->rx_niov++].iov_len = p->segs[i].len;
+        }
+        p->rx_cap += cap;
+    }
+}
+
+/* The first k walked chains are used: the rest move to the front. */
+static void rx_consume(struct np_pair *p, int k)
+{
+    int iovs = 0;
+    for (int i = 0; i < k; i++) {
+        iovs += p->chains[i].niov;
+        p->rx_cap -= p->chains[i].cap;
+    }
+    p->nchains -= k;
+    p->rx_niov -= iovs;
+    memmove(p->chains, p->chains + k, sizeof p->chains[0] * (size_t)p->nchains);
+    memmove(p->rx_iov, p->rx_iov + iovs, sizeof p->rx_iov[0] * (size_t)p->rx_niov);
+    for (int i = 0; i < p->nchains; i++)
+        p->chains[i].first_iov -= iovs;
+    p->ring[NP_RX].next_avail += (uint16_t)k;
+}
+
+/* num_buffers, bytes 10-11 of the header, which may straddle buffers. */
+static void set_num_buffers(struct np_pair *p, uint16_t value)
+{
+    uint8_t bytes[2] = {(uint8_t)value, (uint8_t)(value >> 8)};
+    uint32_t pos = 0;
+    for (int i = 0; i < p->rx_niov && pos < NUM_BUFFERS_OFFSET + 2; i++) {
+        for (int b = 0; b < 2; b++) {
+            uint32_t off = NUM_BUFFERS_OFFSET + (uint32_t)b;
+            if (off >= pos && off < pos + p->rx_iov[i].iov_len)
+                ((uint8_t *)p->rx_iov[i].iov_base)[off - pos] = bytes[b];
+        }
+        pos += (uint32_t)p->rx_iov[i].iov_len;
+    }
+}
+
+static int rx_process(struct np_pair *p)
+{
+    struct dp_vring *r = &p->ring[NP_RX];
+    uint16_t entries = 0;
+    int frames = 0;
+    p->rx_more = 0;
+    p->rx_starved = 0;
+    for (;;) {
+        if (frames == NP_BATCH || stopping(p)) {
+            p->rx_more = 1;
+            break;
+        }
+        int g = rx_gather(p, frames != 0);
+        if (g == NP_EXIT_HANDBACK) {
+            finish_batch(r, &entries);
+            return g;
+        }
+        if (g == 0) {
+            p->rx_starved = 1;
+            break;
+        }
+        ssize_t n;
+        do n = readv(p->c.tap_fd, p->rx_iov, p->rx_niov); while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN)
+                break;                          /* the tap is empty */
+            p->tap_errno = errno;
+            finish_batch(r, &entries);
+            return hand_back(p, NP_RX);         /* the model logs the tap's error */
+        }
+        if (!frames++)
+            dp_vring_disable_notification(r);   /* a stream: buffers are looked for anyway */
+        if ((uint64_t)n > p->rx_cap) {
+            /* The frame did not fit (the tap reports its whole length). Without
+             * MRG_RXBUF the model hands back the chain empty; with it the chains
+             * stay for the next frame: dropped as a NIC out of buffers would. */
+            count(&p->rx_dropped);
+            if (!p->c.mrg_rxbuf) {
+                dp_vring_put_used(r, 0, p->chains[0].head, 0);
+                rx_consume(p, 1);
+                dp_vring_publish(r, 1);
+                entries++;
+            }
+            continue;
+        }
+        int k = 0;
+        uint32_t left = (uint32_t)n;
+        do {
+            uint32_t len = left < p->chains[k].cap ? left : p->chains[k].cap;
+            left -= len;
+            k++;
+        } while (left && k < p->nchains);
+        if (p->c.hdr_len >= NUM_BUFFERS_OFFSET + 2)
+            set_num_buffers(p, (uint16_t)k);
+        left = (uint32_t)n;
+        for (int i = 0; i < k; i++) {
+            uint32_t len = left < p->chains[i].cap ? left : p->chains[i].cap;
+            left -= len;
+            dp_vring_put_used(r, (uint16_t)i, p->chains[i].head, len);
+        }
+        rx_consume(p, k);
+        dp_vring_publish(r, (uint16_t)k);
+        entries += (uint16_t)k;
+        count(&p->rx_frames);
+    }
+    finish_batch(r, &entries);
+    return NP_EXIT_RUNNING;
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, 8) < 0 && errno == EINTR)
+        ;
+}
+
+static void *np_thread(void *arg)
+{
+    struct np_pair *p = arg;
+    int reason;
+    for (;;) {
+        reason = tx_process(p);
+        if (reason == NP_EXIT_RUNNING)
+            reason = rx_process(p);
+        if (reason != NP_EXIT_RUNNING)
+            break;
+        if (stopping(p)) {
+            reason = NP_EXIT_STOPPED;
+            break;
+        }
+        int block = !p->tx_more && !p->rx_more;
+        /* Waiting on the tap with buffers in hand: the driver's kicks are welcome
+         * again (and the used flags are as the model leaves them). */
+        if (block && !p->rx_starved)
+            dp_vring_enable_notification(&p->ring[NP_RX]);
+        struct pollfd fds[4] = {
+            {p->stop_fd, POLLIN, 0},
+            {p->c.rings[NP_TX].kick_fd, POLLIN, 0},
+            {p->c.rings[NP_RX].kick_fd, POLLIN, 0},
+            /* Backpressure: without rx buffers frames stay in the tap (whose queue
+             * drops when full) until the driver adds some and rings. */
+            {p->c.tap_fd, p->rx_starved ? 0 : POLLIN, 0},
+        };
+        int r = poll(fds, 4, block ? -1 : 0);
+        if (r < 0 && errno != EINTR) {
+            p->tap_errno = errno;
+            reason = hand_back(p, NP_RX);
+            break;
+        }
+        if (fds[0].revents || stopping(p)) {
+            reason = NP_EXIT_STOPPED;
+            break;
+        }
+        if (fds[1].revents & POLLIN)
+            drain(p->c.rings[NP_TX].kick_fd);
+        if (fds[2].revents & POLLIN)
+            drain(p->c.rings[NP_RX].kick_fd);
+        if (fds[3].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            p->tap_errno = EIO;
+            reason = hand_back(p, NP_RX);
+            break;
+        }
+    }
+    /* Whoever serves the rings next (the model, a new thread) must hear the kicks. */
+    dp_vring_enable_notification(&p->ring[NP_RX]);
+    dp_vring_enable_notification(&p->ring[NP_TX]);
+    p->exit_reason = reason;
+    if (reason == NP_EXIT_HANDBACK) {
+        uint64_t one = 1;
+        ssize_t w;
+        do w = write(p->c.handback_fd, &one, 8); while (w < 0 && errno == EINTR);
+    }
+    return NULL;
+}
+
+struct np_pair *np_start(const struct np_config *cfg, int *err)
+{
+    struct np_pair *p;
+    *err = EINVAL;
+    if (cfg->nregions < 0 || cfg->nregions > DP_MAX_REGIONS || (cfg->hdr_len != 10 && cfg->hdr_len != 12)
+        || (cfg->mrg_rxbuf && cfg->hdr_len != 12) || cfg->rx_frame_max < cfg->hdr_len)
+        return NULL;
+    p = calloc(1, sizeof *p);
+    if (!p) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    p->c = *cfg;
+    for (int q = 0; q < 2; q++) {
+        const struct np_ring_config *rc = &cfg->rings[q];
+        struct dp_vring *r = &p->ring[q];
+        r->regions = p->c.regions;
+        r->nregions = cfg->nregions;
+        r->size = rc->size;
+        r->desc_addr = rc->desc_addr;
+        r->event_idx = cfg->event_idx;
+        r->indirect = cfg->indirect;
+        r->next_avail = rc->next_avail;
+        r->next_used = rc->next_used;
+        r->signalled_valid = rc->signalled_valid;
+        r->signalled_used = rc->signalled_used;
+        r->call_fd = rc->call_fd;
+        if (dp_vring_map(r, rc->avail_addr, rc->used_addr) < 0) {
+            free(p);
+            return NULL;
+        }
+    }
+    p->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->stop_fd < 0) {
+        *err = errno;
+        free(p);
+        return NULL;
+    }
+    /* Signals are the Python main thread's business: the thread starts with all
+     * of them blocked, as the blk plane's and QEMU's iothreads do. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int r = pthread_create(&p->thread, NULL, np_thread, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r) {
+        *err = r;
+        close(p->stop_fd);
+        free(p);
+        return NULL;
+    }
+    *err = 0;
+    return p;
+}
+
+void np_counters(struct np_pair *p, struct np_result *out)
+{
+    out->rx_frames = __atomic_load_n(&p->rx_frames, __ATOMIC_RELAXED);
+    out->tx_frames = __atomic_load_n(&p->tx_frames, __ATOMIC_RELAXED);
+    out->rx_dropped = __atomic_load_n(&p->rx_dropped, __ATOMIC_RELAXED);
+    out->tx_dropped = __atomic_load_n(&p->tx_dropped, __ATOMIC_RELAXED);
+}
+
+void np_stop(struct np_pair *p, struct np_result *out)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+    while (write(p->stop_fd, &one, 8) < 0 && errno == EINTR)
+        ;
+    pthread_join(p->thread, NULL);
+    for (int q = 0; q < 2; q++) {
+        out->rings[q].next_avail = p->ring[q].next_avail;
+        out->rings[q].next_used = p->ring[q].next_used;
+        out->rings[q].signalled_valid = p->ring[q].signalled_valid;
+        out->rings[q].signalled_used = p->ring[q].signalled_used;
+    }
+    out->exit_reason = p->exit_reason;
+    out->handback_queue = p->handback_queue;
+    out->tap_errno = p->tap_errno;
+    out->rx_frames = p->rx_frames;
+    out->tx_frames = p->tx_frames;
+    out->rx_dropped = p->rx_dropped;
+    out->tx_dropped = p->tx_dropped;
+    close(p->stop_fd);
+    free(p);
+}

@@ -1,0 +1,85 @@
+"""cffi API-mode build of the virtio-net data plane (c_ext/dataplane/net_dataplane.c).
+
+A module of its own beside the blk plane's (``_dataplane_cffi``), so the two
+planes build and change apart; both compile the shared ring walker vring.c. Calls
+into it release the GIL (cffi's default), so ``np_stop``'s join never holds up the VMM.
+"""
+
+import os
+
+from cffi import FFI
+
+_SRC = os.path.join("c_ext", "dataplane")
+
+ffibuilder = FFI()
+
+ffibuilder.cdef(r"""
+#define DP_MAX_REGIONS ...
+#define NP_MAX_SEGS ...
+#define NP_BATCH ...
+#define NP_RX ...
+#define NP_TX ...
+#define NP_EXIT_RUNNING ...
+#define NP_EXIT_STOPPED ...
+#define NP_EXIT_HANDBACK ...
+#define DP_WALK_OK ...
+#define DP_WALK_TOO_LONG ...
+
+struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; ...; };
+struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; ...; };
+int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
+                  int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs);
+struct np_ring_config {
+    uint32_t size;
+    uint64_t desc_addr, avail_addr, used_addr;
+    uint16_t next_avail, next_used;
+    int signalled_valid;
+    uint16_t signalled_used;
+    int kick_fd, call_fd;
+    ...;
+};
+struct np_config {
+    struct dp_region regions[16];
+    int nregions;
+    int event_idx, indirect;
+    struct np_ring_config rings[2];
+    int tap_fd;
+    uint32_t hdr_len;
+    int mrg_rxbuf;
+    uint32_t rx_frame_max;
+    int handback_fd;
+    ...;
+};
+struct np_ring_state {
+    uint16_t next_avail, next_used;
+    int signalled_valid;
+    uint16_t signalled_used;
+    ...;
+};
+struct np_result {
+    struct np_ring_state rings[2];
+    int exit_reason;
+    int handback_queue;
+    int tap_errno;
+    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    ...;
+};
+struct np_pair;
+struct np_pair *np_start(const struct np_config *cfg, int *err);
+void np_stop(struct np_pair *p, struct np_result *out);
+void np_counters(struct np_pair *p, struct np_result *out);
+""")
+
+ffibuilder.set_source(
+    "kvmpy.devices.virtio._netplane_cffi",
+    '#include "net_dataplane.h"\n'
+    '_Static_assert(DP_MAX_REGIONS == 16, "the cdef above spells it out");\n',
+    sources=[os.path.join(_SRC, "net_dataplane.c"), os.path.join(_SRC, "vring.c")],
+    include_dirs=[_SRC],
+    depends=[os.path.join(_SRC, "net_dataplane.h"), os.path.join(_SRC, "vring.h")],
+    libraries=["pthread"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,204 @@
+"""The native virtio-net data plane's Python side: hand an rx/tx queue pair to its C thread and take it back.
+
+For hosts without vhost-net. The C thread (c_ext/dataplane/net_dataplane.c) serves
+one rx/tx pair from the two doorbell eventfds and the tap fd: each tx chain is one
+writev of header and frame to the tap, each frame the tap has is one readv into
+rx chains (several with VIRTIO_NET_F_MRG_RXBUF, num_buffers set), in batches of up
+to NP_BATCH frames per queue with one used-index update and at most one interrupt
+(EVENT_IDX or NO_INTERRUPT decided in C) per batch. While the guest has no rx
+buffers the thread stops reading the tap until the rx doorbell rings.
+
+It walks the rings with the blk plane's walker (vring.c, the checks of queue.py)
+and never decides anything the model decides: at the first chain it does not take
+as the model would (a bad descriptor, a chain the model drops and counts, a tap
+error) it stops before consuming it and writes its hand-back eventfd; the
+transport then puts both queues' indices back into their SplitQueues and lets the
+model carry on (pci.py). Frames and drops the thread counted go into the model's
+statistics when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from ...memory import GuestMemory
+from .dataplane import RegionPointers
+from .queue import SplitQueue
+
+try:
+    from ._netplane_cffi import ffi, lib
+except ImportError as _e:  # an in-place checkout without `setup.py build_ext`
+    ffi = lib = None
+    _IMPORT_ERROR = str(_e)
+else:
+    _IMPORT_ERROR = ""
+
+
+def available() -> bool:
+    """Whether the native module was built (``setup.py build_ext``, or a pip install)."""
+    return lib is not None
+
+
+def unavailable_reason() -> str:
+    return _IMPORT_ERROR
+
+
+#: an ``irq_fds`` entry: the queue raises no interrupt
+NO_INTERRUPT = -1
+
+
+@dataclass(frozen=True)
+class NetPairBackend:
+    """What a virtio-net model lets a data plane thread do with one rx/tx pair, as plain values."""
+
+    rx_queue: int
+    tx_queue: int
+    tap_fd: int              # non-blocking, with the vnet header of hdr_len bytes
+    hdr_len: int             # 12 (VERSION_1 or MRG_RXBUF: with num_buffers) or 10
+    mrg_rxbuf: bool          # a frame may fill several rx chains
+    rx_frame_max: int        # header + the largest frame the tap may hand the guest
+
+
+@dataclass(frozen=True)
+class NetBackend:
+    """Every pair a virtio-net model lets native threads serve now."""
+
+    pairs: tuple[NetPairBackend, ...]
+
+    def pair_of(self, queue: int) -> NetPairBackend | None:
+        for pair in self.pairs:
+            if queue in (pair.rx_queue, pair.tx_queue):
+                return pair
+        return None
+
+
+@dataclass(frozen=True)
+class NetStopInfo:
+    handed_back: bool        # the thread stopped at a chain the model must see
+    handback_queue: int | None    # which queue's chain (a queue index of the device)
+    tap_errno: int           # the tap failed (not EAGAIN) with this errno: the pair stays the model's
+    rx_frames: int
+    tx_frames: int
+    rx_dropped: int
+    tx_dropped: int
+
+    @property
+    def completed(self) -> int:
+        return self.rx_frames + self.tx_frames + self.rx_dropped + self.tx_dropped
+
+
+class NativeNetPair:
+    """One rx/tx pair served by a C thread from construction until ``stop``.
+
+    ``irq_fds``: per queue, the unmasked MSI-X vector's eventfd the thread may write
+    itself (an irqfd under KVM); NO_INTERRUPT when the queue has no interrupt at all
+    (MSI-X on, no vector: a polling driver), so nothing wakes the event loop per
+    batch; or None: then it writes that queue's ``call_fds`` entry and the
+    transport raises the interrupt on the event loop."""
+
+    def __init__(self, regions: RegionPointers, rx: SplitQueue, tx: SplitQueue, backend: NetPairBackend,
+                 kick_fds: tuple[int, int], irq_fds: tuple[int | None, int | None]) -> None:
+        self.backend = backend
+        self.queue_indices = (backend.rx_queue, backend.tx_queue)
+        self.queues = (rx, tx)
+        self.irq_fds = irq_fds
+        self.call_fds = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+        self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        cfg = ffi.new("struct np_config *")
+        cfg.nregions = regions.fill(cfg.regions)
+        if rx.event_idx != tx.event_idx or rx.indirect != tx.indirect:
+            self._close_fds()
+            raise ValueError("rx and tx queues disagree on EVENT_IDX or INDIRECT_DESC")
+        cfg.event_idx, cfg.indirect = int(rx.event_idx), int(rx.indirect)
+        for i, q in enumerate(self.queues):
+            rc = cfg.rings[i]
+            rc.size = q.size
+            rc.desc_addr, rc.avail_addr, rc.used_addr = q.desc_addr, q.avail_addr, q.used_addr
+            rc.next_avail, rc.next_used = q.next_avail, q.next_used
+            rc.signalled_valid = int(q.signalled_used is not None)
+            rc.signalled_used = q.signalled_used or 0
+            rc.kick_fd = kick_fds[i]
+            rc.call_fd = self.call_fds[i] if irq_fds[i] is None else irq_fds[i]
+        cfg.tap_fd = backend.tap_fd
+        cfg.hdr_len = backend.hdr_len
+        cfg.mrg_rxbuf = int(backend.mrg_rxbuf)
+        cfg.rx_frame_max = backend.rx_frame_max
+        cfg.handback_fd = self.handback_fd
+        self._regions = regions
+        # counts() may come from any thread: never on a pair np_stop freed.
+        self._handle_lock = threading.Lock()
+        err = ffi.new("int *")
+        self._handle = lib.np_start(cfg, err)
+        if self._handle == ffi.NULL:
+            self._close_fds()
+            raise OSError(err[0], f"net data plane did not start: {os.strerror(err[0])}")
+
+    def stop(self) -> NetStopInfo:
+        """Join the thread (it finishes the frame in hand) and put both rings'
+        indices back into their SplitQueues, which carry on from there."""
+        out = ffi.new("struct np_result *")
+        with self._handle_lock:
+            lib.np_stop(self._handle, out)
+            self._handle = None
+        for i, q in enumerate(self.queues):
+            ring = out.rings[i]
+            q.next_avail = ring.next_avail
+            q.next_used = ring.next_used
+            q.signalled_used = ring.signalled_used if ring.signalled_valid else None
+        handed_back = out.exit_reason == lib.NP_EXIT_HANDBACK
+        return NetStopInfo(handed_back=handed_back,
+                           handback_queue=self.queue_indices[out.handback_queue] if handed_back else None,
+                           tap_errno=out.tap_errno, rx_frames=out.rx_frames, tx_frames=out.tx_frames,
+                           rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped)
+
+    def counts(self) -> dict[str, int]:
+        """The frames the thread moved and dropped so far (nothing once stopped:
+        then ``stop`` has them)."""
+        out = ffi.new("struct np_result *")
+        with self._handle_lock:
+            if self._handle is not None:
+                lib.np_counters(self._handle, out)
+        return {"rx_frames": out.rx_frames, "tx_frames": out.tx_frames, "rx_dropped": out.rx_dropped,
+                "tx_dropped": out.tx_dropped}
+
+    def take_interrupt(self, queue: int) -> bool:
+        """Whether the thread asked for an interrupt for device queue ``queue``
+        through its call eventfd since the last call."""
+        try:
+            os.eventfd_read(self.call_fds[self.queue_indices.index(queue)])
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        """After ``stop``: release the eventfds."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (*self.call_fds, self.handback_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.call_fds = (-1, -1)
+        self.handback_fd = -1
+
+
+def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool,
+               head: int) -> list[tuple[int, int, bool]] | None:
+    """This module's copy of the shared walker (vring.c) on one chain: its buffers
+    as (gpa, len, writable), or None where it refuses the chain; the tests hold it
+    to SplitQueue and to the blk plane's."""
+    regions = RegionPointers(memory)
+    arr = ffi.new("struct dp_region[]", lib.DP_MAX_REGIONS)
+    n = regions.fill(arr)
+    segs = ffi.new("struct dp_seg[]", lib.NP_MAX_SEGS)
+    nsegs = ffi.new("int *")
+    rc = lib.dp_walk_chain(arr, n, desc_addr, size, int(indirect), head, segs, lib.NP_MAX_SEGS, nsegs)
+    if rc == lib.DP_WALK_TOO_LONG:
+        raise OverflowError(f"chain has more than {lib.NP_MAX_SEGS} buffers")
+    if rc != lib.DP_WALK_OK:
+        return None
+    return [(segs[i].gpa, segs[i].len, bool(segs[i].writable)) for i in range(nsegs[0])]
