@@ -273,6 +273,9 @@ class TapNetwork:
         self.bridge = bridge
         self.created_bridge = created_bridge
         self._bridge_cleanup_elsewhere = False
+        # Open vhost-net devices bound to this tap's queues (kvmpy.devices.virtio.vhost),
+        # released with the tap.
+        self.vhost: list | None = None
 
     @classmethod
     def open(cls, ifname: str | None = None, bridge: str | None = None, mac: str | bytes | None = None,
@@ -310,6 +313,9 @@ class TapNetwork:
         return lambda: run_in_netns(netns, _bridge_detach, bridge, name, created)
 
     def close(self) -> None:
+        for vhost in self.vhost or ():
+            vhost.close()
+        self.vhost = None
         if self.tap.fd < 0:
             return
         if self.bridge and not self._bridge_cleanup_elsewhere:
