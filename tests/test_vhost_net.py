@@ -103,3 +103,17 @@ def test_vhost_on_without_the_device_is_one_line_and_status_2(netns):
         "(load the vhost_net module, or use vhost=off)"]
     links = subprocess.run(["ip", "-n", netns, "-o", "link"], capture_output=True, text=True).stdout
     assert "kvh0" not in links          # the tap opened first is gone again
+
+
+def test_memory_table_addresses_are_our_mappings():
+    import ctypes
+
+    from kvmpy.memory import GuestMemory
+    mem = GuestMemory.anonymous([(0, 1 << 20), (1 << 32, 1 << 20)])
+    try:
+        for gpa in (0x1234, (1 << 32) + 0x10):
+            mem.write(gpa, b"vhost!")
+            r = next(r for r in mem.regions if r.gpa <= gpa < r.end)
+            assert ctypes.string_at(vhost.host_address(r.view) + gpa - r.gpa, 6) == b"vhost!"
+    finally:
+        mem.close()

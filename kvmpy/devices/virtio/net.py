@@ -245,6 +245,8 @@ class VirtioNet:
         if vhost is not None and len(vhost) != queue_pairs:
             raise ValueError(f"{name}: {queue_pairs} queue pairs need as many vhost devices, got {len(vhost)}")
         self.vhost = tuple(vhost) if vhost is not None else None
+        # Queues the kernel serves now: the model keeps its hands off their rings.
+        self._in_kernel: set[int] = set()
         log.info("%s: tap %s, MAC %s%s", name, tap.name, format_mac(self.mac),
                  f", {queue_pairs} queue pairs" if queue_pairs > 1 else "")
 
@@ -368,6 +370,7 @@ class VirtioNet:
         self._transport = None
         self._rx_polling = [False] * self.queue_pairs
         self._rx_waiting = [None] * self.queue_pairs
+        self._in_kernel.clear()
         self.acked_features = 0
         self._mergeable = self._vlan_filtering = False
         self._ctrl_index = 2
@@ -394,20 +397,21 @@ class VirtioNet:
         if ring == RX_QUEUE and self._rx_waiting[pair] is not None:
             return None     # the model delivers what it holds first
         vhost = self.vhost[pair]
-        stopped = None
         if ring == RX_QUEUE:
             # The kernel reads the tap now; the model's watch sleeps until it is back.
             self._rx_poll(pair, False)
 
-            def stopped() -> None:
-                if self._transport is not None:
-                    self._rx_poll(pair, True)
+        def stopped() -> None:
+            self._in_kernel.discard(index)
+            if ring == RX_QUEUE and self._transport is not None:
+                self._rx_poll(pair, True)
         try:
-            return vhost.start_ring(ring, queue, self.acked_features, kick_fd, irq_fd, on_stop=stopped)
+            started = vhost.start_ring(ring, queue, self.acked_features, kick_fd, irq_fd, on_stop=stopped)
         except OSError:
-            if stopped is not None:
-                stopped()
+            stopped()
             raise
+        self._in_kernel.add(index)
+        return started
 
     # event loop thread ---------------------------------------------------------------
 
@@ -433,7 +437,8 @@ class VirtioNet:
 
     def _receive(self, pair: int) -> None:
         q = self._queues[2 * pair]
-        if not q.ready:
+        # A tap readiness reported in the same wake-up as the kernel took the ring.
+        if not q.ready or 2 * pair in self._in_kernel:
             return
         fd = self.fds[pair]
         filt = self.rx_filter
