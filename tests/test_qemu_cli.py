@@ -95,7 +95,7 @@ def test_archwiki_service_line():
     assert (cfg.name, cfg.pidfile, cfg.daemonize, cfg.accel, cfg.memory) == ("vm1", "/run/q/vm1.pid", True, "kvm",
                                                                              512 << 20)
     assert cfg.disks == [DiskConfig(path="/srv/vm1.img", interface="ide", index=0)]
-    assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00")]
+    assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00", vhost="off")]
     assert cfg.serial == "telnet:localhost:7000,server,nowait"
     assert cfg.hmp == ["telnet:localhost:7100,server,nowait,nodelay"]
     if DISPLAY:
