@@ -392,3 +392,14 @@ def test_hostile_states_are_refused():
                 dict(rx_filter=RxFilter(unicast=(b"abc",))), dict(rx_waiting=(b"", b"")), dict(rx_filter=None)):
         with pytest.raises(ValueError):
             VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, **bad}), Port())
+
+
+def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
+    """Linux's driver (EVENT_IDX) kicks the control queue only past avail_event: the
+    device must move it after each command, or the second command is never seen."""
+    from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX
+    rig = make_rig(extra=CTRL_ALL | 1 << VIRTIO_F_RING_EVENT_IDX)
+    assert rig.features >> VIRTIO_F_RING_EVENT_IDX & 1
+    for n in range(1, 4):
+        assert rig.ctrl(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00") == VIRTIO_NET_OK
+        assert rig.ctrlq.avail_event() == n

@@ -575,6 +575,13 @@ class VirtioNet:
         q = self._queues[self._ctrl_index]
         if not q.ready:
             return
+        while True:
+            self._control_batch(q)
+            # With EVENT_IDX the driver kicks only past avail_event: ask for the next one.
+            if not q.set_notification(True):
+                return
+
+    def _control_batch(self, q: SplitQueue) -> None:
         did = False
         for chain in q.iter_chains():
             did = True
