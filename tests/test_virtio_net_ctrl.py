@@ -403,3 +403,25 @@ def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
     for n in range(1, 4):
         assert rig.ctrl(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00") == VIRTIO_NET_OK
         assert rig.ctrlq.avail_event() == n
+
+
+class _Port:
+    name, fd, supports_ufo = "p", -1, False
+
+    def set_offload(self, flags):
+        return True
+
+
+@settings(max_examples=int(os.environ.get("KVMPY_FUZZ") and 3000 or 300), deadline=None)
+@given(commands=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6),
+                                   st.one_of(st.binary(max_size=40),
+                                             st.builds(_mac_table, st.lists(macs, max_size=70),
+                                                       st.lists(macs, max_size=3)))), max_size=8))
+def test_any_control_command_is_ok_or_err_and_leaves_a_valid_state(commands):
+    """The parser alone, on the commands a hostile driver may send: each is
+    answered, the state stays one a restore accepts."""
+    dev = VirtioNet(_Port(), mac=b"\x52\x54\x00\x00\x00\x01")
+    dev.ack_features(dev.device_features() | CTRL_ALL)
+    for cls, cmd, data in commands:
+        assert dev._ctrl_command(cls, cmd, data) in (VIRTIO_NET_OK, VIRTIO_NET_ERR)
+        VirtioNet.from_state(dev.state(), _Port())

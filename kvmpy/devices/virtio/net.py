@@ -520,6 +520,7 @@ class VirtioNet:
         start = q.next_avail
         entries: list[tuple[int, int]] = []
         header_views = first
+        header_at = 0           # entries before it are chains returned empty, not the frame's
         off = 0
         while off < len(data) or not entries and first is None:
             chain = q.pop()
@@ -533,6 +534,7 @@ class VirtioNet:
                     self.stats["rx_dropped"] += 1
                     continue
                 header_views = chain.writable
+                header_at = len(entries)
             n = write_views(chain.writable, data[off:off + chain.writable_len])
             entries.append((chain.head, n))
             off += n
@@ -541,7 +543,7 @@ class VirtioNet:
                 # a driver that did not negotiate it): the rest is lost.
                 self.stats["rx_dropped"] += 1
                 break
-        _set_num_buffers(header_views, chains_before + sum(1 for _, n in entries if n))
+        _set_num_buffers(header_views, chains_before + len(entries) - header_at)
         return entries
 
     def _transmit(self, pair: int) -> None:
