@@ -425,3 +425,49 @@ def test_any_control_command_is_ok_or_err_and_leaves_a_valid_state(commands):
     for cls, cmd, data in commands:
         assert dev._ctrl_command(cls, cmd, data) in (VIRTIO_NET_OK, VIRTIO_NET_ERR)
         VirtioNet.from_state(dev.state(), _Port())
+
+
+def test_a_restored_nic_asks_its_driver_to_announce():
+    """As QEMU after a migration: a NIC restored from its state sets ANNOUNCE (and a
+    config interrupt) once the driver runs it, until the driver acknowledges."""
+    from kvmpy.devices.virtio.pci import VirtioPciTransport
+    ram = 4 << 20
+    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    ports = []
+    for ours, _ in ends:
+        ours.setblocking(False)
+        port = _Port()
+        port.fd = ours.fileno()
+        ports.append(port)
+    machines = [SoftMachine(ram_size=ram), SoftMachine(ram_size=ram)]
+    transports = []
+    try:
+        net = VirtioNet(ports[0], mac=b"\x52\x54\x00\x00\x00\x09")
+        t = machines[0].virtio_pci(net)
+        transports.append(t)
+        d = VirtioPciDriver(machines[0], machines[0].pci.add(t))
+        d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | CTRL_ALL)
+        d.enable_msix()
+        d.common_write(0x10, 2, 0)
+        for i in range(3):
+            d.setup_queue(i, 16, vector=i + 1)
+        d.driver_ok()
+        assert d.device_cfg(6, 2) == 1
+        m2 = machines[1]
+        m2.memory.write(0, machines[0].memory.read(0, ram))
+        net2 = VirtioNet.from_state(net.state(), ports[1])
+        t2 = VirtioPciTransport.from_state(t.state(), m2.platform, m2.events, net2, m2.pci)
+        transports.append(t2)
+        d2 = VirtioPciDriver(m2, t2.slot)
+        assert d2.device_cfg(6, 2) == 3                      # LINK_UP | ANNOUNCE
+        assert net2.state().announce and not net.state().announce
+        assert net2._ctrl_command(VIRTIO_NET_CTRL_ANNOUNCE, 0, b"") == VIRTIO_NET_OK
+        assert d2.device_cfg(6, 2) == 1
+    finally:
+        for t in transports:
+            t.close()
+        for m in machines:
+            m.close()
+        for a, b in ends:
+            a.close()
+            b.close()

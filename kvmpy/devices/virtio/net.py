@@ -233,6 +233,7 @@ class VirtioNet:
         self.rx_filter = RxFilter()
         self.active_pairs = 1
         self.announce_pending = False
+        self._announce_at_activation = False
         self._ctrl_index = 2
         self._mergeable = False
         self._vlan_filtering = False
@@ -286,6 +287,9 @@ class VirtioNet:
         dev.announce_pending = state.announce
         for pair, frame in enumerate(state.rx_waiting):
             dev._rx_waiting[pair] = frame or None
+        # A restored NIC may sit on another host's bridge now: as QEMU after a
+        # migration, the driver is asked to announce itself once it runs again.
+        dev._announce_at_activation = True
         return dev
 
     # what the driver sees ----------------------------------------------------------
@@ -353,6 +357,9 @@ class VirtioNet:
         self._queues = queues
         self._transport = transport
         self._attach_tap_queues()
+        if self._announce_at_activation:
+            self._announce_at_activation = False
+            self.announce()
 
     def fd_watches(self) -> Sequence[FdWatch]:
         watches = []
