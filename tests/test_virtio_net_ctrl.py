@@ -175,14 +175,17 @@ def test_mergeable_frame_waits_whole_for_enough_buffers(make_rig):
     mem = rig.m.memory
     big = _frame(rig.net.mac, b"B" * 1500)
     rig.rx[0].add([], [(RXBUF, 1024)])
-    rig.sock.send(big)
     rig.d.kick(0)
-    deadline = time.monotonic() + 5
+    sends = 0
+    deadline = time.monotonic() + 10
     while not rig.model._rx_waiting[0] and time.monotonic() < deadline:
         # a small frame of the bridge's may take the one chain first: give another
         if rig.rx[0].collect():
             rig.rx[0].add([], [(RXBUF, 1024)])
             rig.d.kick(0)
+        if sends < 1 + (10 - (deadline - time.monotonic())) // 1:
+            rig.sock.send(big)      # again each second: a bridge port coming up may drop one
+            sends += 1
         time.sleep(0.01)
     assert rig.model._rx_waiting[0], "the big frame never waited"
     assert rig.rx[0].collect() == []                        # nothing half-delivered
@@ -194,7 +197,8 @@ def test_mergeable_frame_waits_whole_for_enough_buffers(make_rig):
     assert [n for _, n in used] == [1024, 12 + len(big) - 1024]
     assert mem.read_u16(RXBUF + 10) == 2
     assert (mem.read(RXBUF, 1024) + mem.read(RXBUF + 0x1000, used[1][1]))[12:] == big
-    assert rig.model.state().rx_waiting == ()
+    if sends == 1:
+        assert rig.model.state().rx_waiting == ()
 
 
 # -- control queue and receive filter ------------------------------------------------------------
@@ -324,7 +328,7 @@ def test_multiqueue_pairs_each_with_a_tap_queue(make_rig):
     try:
         bufs = {}
         for p in range(2):
-            for k in range(24):
+            for k in range(48):         # room for every flow on either pair: no buffer is reposted
                 addr = RXBUF + 0x100000 * p + 0x1000 * k
                 bufs[(p, rig.rx[p].add([], [(addr, 2048)]))] = addr
             rig.d.kick(2 * p)
@@ -402,6 +406,10 @@ def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
     assert rig.features >> VIRTIO_F_RING_EVENT_IDX & 1
     for n in range(1, 4):
         assert rig.ctrl(VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, b"\x00") == VIRTIO_NET_OK
+        # written right after the used entry the driver saw
+        deadline = time.monotonic() + 5
+        while rig.ctrlq.avail_event() != n and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert rig.ctrlq.avail_event() == n
 
 
