@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -55,6 +56,14 @@ class Rig:
         self.ctrlq = self.d.setup_queue(self.ctrl_index, 16, vector=3) if extra & 1 << VIRTIO_NET_F_CTRL_VQ else None
         self.d.driver_ok()
         self.sock = run_in_netns(ns, self._packet_socket)
+        # Frames sent before the bridge forwards to the new port would be lost.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            link = subprocess.run(["bridge", "-n", ns, "link", "show", "dev", self.net.tap.name],
+                                  capture_output=True, text=True).stdout
+            if "state forwarding" in link:
+                break
+            time.sleep(0.05)
 
     @staticmethod
     def _packet_socket():
