@@ -83,6 +83,11 @@ class NetConfig:
     # "native": a C thread per rx/tx pair moves a tap's frames (kvmpy/devices/virtio/netplane.py);
     # "python" keeps them all in the model
     dataplane: str = "native"
+    # tap only: RX/TX queue pairs (virtio-net MQ, one IFF_MULTI_QUEUE tap queue each)
+    queues: int = 1
+    # tap only: the kernel's data plane (/dev/vhost-net), QEMU's spelling; "auto":
+    # where /dev/vhost-net opens
+    vhost: str = "auto"
 
 
 @dataclass
@@ -202,8 +207,11 @@ TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "a
             "sandbox", "firmware", "bios", "boot", "boot_menu", "display"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
              "dataplane", "queues", "iothread"}
-NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane"}
+NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane", "queues", "vhost"}
 NET_DATAPLANES = ("native", "python")
+NET_VHOST = ("on", "off", "auto")
+# QEMU's limit (and virtio-net's MAX_QUEUE_PAIRS)
+MAX_NET_QUEUES = 16
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
 DISPLAY_KEYS = {"vga", "vnc", "keymap", "keymaps"}
@@ -258,6 +266,22 @@ def check_iothread(name: str, where: str) -> str:
         raise ConfigError(f"{where}: expected an iothread name (a letter, then letters, digits, '.', '_' "
                           f"or '-', at most 64), got {name!r}")
     return name
+
+
+def check_net_queues(value, where: str) -> int:
+    """A NIC's queue pairs: an integer 1..MAX_NET_QUEUES (a string from --net)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 4:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_NET_QUEUES:
+        raise ConfigError(f"{where}: expected a number of queue pairs from 1 to {MAX_NET_QUEUES}, got {value!r}")
+    return value
+
+
+def check_net_vhost(value, where: str) -> str:
+    """vhost = "on" | "off" | "auto" (vm.toml may say true/false too)."""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return _choice(value, NET_VHOST, where)
 
 
 def check_mac(mac: str, where: str) -> str:
@@ -389,7 +413,14 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             cfg.nets.append(parse_user_net_options(n, where))
             continue
         _check_unknown(n, NET_KEYS, where)
+        n = dict(n)
+        queues = n.pop("queues", 1)
+        vhost = n.pop("vhost", "auto")
         net = NetConfig(**{k: _expect(v, str, f"{where} key '{k}'", "a string") for k, v in n.items()})
+        key = f"{where} key 'queues'"
+        net.queues = check_net_queues(_expect(queues, int, key, f"a number of queue pairs from 1 to "
+                                              f"{MAX_NET_QUEUES}"), key)
+        net.vhost = check_net_vhost(vhost, f"{where} key 'vhost'")
         if net.type != "tap":
             raise ConfigError(f"{where} key 'type': must be \"tap\" or \"user\", got {net.type!r}")
         check_mac(net.mac, f"{where} key 'mac'")
@@ -613,7 +644,12 @@ def parse_netdev(spec: str) -> NetConfig:
         k, sep, v = part.partition("=")
         if not sep or k not in NET_KEYS - {"type"}:
             raise ConfigError(f"--net {spec}: unknown option {part!r}")
-        setattr(net, k, v)
+        if k == "queues":
+            net.queues = check_net_queues(v, f"--net {spec}: queues")
+        elif k == "vhost":
+            net.vhost = check_net_vhost(v, f"--net {spec}: vhost")
+        else:
+            setattr(net, k, v)
     check_mac(net.mac, f"--net {spec}: mac")
     net.dataplane = _choice(net.dataplane, NET_DATAPLANES, f"--net {spec}: dataplane")
     return net

@@ -222,8 +222,29 @@ def disk_entry(index: int, disk: DiskConfig) -> DeviceEntry:
 def open_tap(ctx: DeviceContext):
     from .tap import TapNetwork
     net: NetConfig = ctx.options["net"]
-    return TapNetwork.open(ifname=net.ifname or None, bridge=net.bridge or None, mac=net.mac or None,
-                           vm_name=ctx.config.name, index=ctx.options["index"])
+    tapnet = TapNetwork.open(ifname=net.ifname or None, bridge=net.bridge or None, mac=net.mac or None,
+                             vm_name=ctx.config.name, index=ctx.options["index"], queues=net.queues)
+    try:
+        tapnet.vhost = open_vhost(ctx, tapnet.tap.fds)
+    except BaseException:
+        tapnet.close()
+        raise
+    return tapnet
+
+
+def open_vhost(ctx: DeviceContext, tap_fds) -> list | None:
+    """The NIC's vhost-net devices (before the sandbox: they are device nodes), one
+    per tap queue, as ``vhost=`` says; "on" where /dev/vhost-net does not open is
+    the user's error."""
+    from .devices.virtio.vhost import VhostUnavailable, open_vhost_nets
+    from .errors import UserError
+    net: NetConfig = ctx.options["net"]
+    name = f"net{ctx.options['index']}"
+    try:
+        return open_vhost_nets(tap_fds, net.vhost, name)
+    except VhostUnavailable as e:
+        raise UserError(f"{name}: vhost=on, but {e.strerror} (load the vhost_net module, or use vhost=off)") \
+            from None
 
 
 def open_nic_backend(ctx: DeviceContext):
@@ -246,7 +267,9 @@ def make_virtio_net(ctx: DeviceContext):
         port, mac = ctx.backend.tap, ctx.backend.mac
     return VirtioPciTransport(ctx.platform, ctx.events,
                               VirtioNet(port, mac=mac, vm_name=ctx.config.name,
-                                        index=ctx.options["index"], name=ctx.name, dataplane=net.dataplane))
+                                        index=ctx.options["index"], name=ctx.name, dataplane=net.dataplane,
+                                        queue_pairs=1 if net.type == "user" else net.queues,
+                                        vhost=None if net.type == "user" else ctx.backend.vhost))
 
 
 def describe_nic(placed: PlacedDevice) -> dict:

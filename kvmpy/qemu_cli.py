@@ -690,8 +690,8 @@ class QemuCommandLine:
             return
         if kind not in ("tap", "bridge"):
             raise _unsupported(f"-netdev {kind or value}", "tap or bridge")
-        allowed = {"id", "ifname", "script", "downscript", "br", "vhost"} if kind == "tap" else {"id", "br",
-                                                                                                 "helper"}
+        allowed = {"id", "ifname", "script", "downscript", "br", "vhost", "queues"} if kind == "tap" else {
+            "id", "br", "helper"}
         opts = _opts_dict(pairs[1:], "-netdev", value, allowed)
         if "id" not in opts:
             raise QemuOptionError(f"qemu option -netdev {value}: missing id=")
@@ -700,7 +700,8 @@ class QemuCommandLine:
         if kind == "bridge" and "helper" in opts:
             raise _unsupported("-netdev bridge,helper=", "kvmpy attaches the tap to the bridge itself")
         _check_scripts(opts, f"-netdev {kind}")
-        net = NetConfig(ifname=opts.get("ifname", ""), bridge=opts.get("br", ""))
+        net = NetConfig(ifname=opts.get("ifname", ""), bridge=opts.get("br", ""),
+                        **_tap_extras(opts, f"-netdev {value}"))
         self._netdevs[opts["id"]] = [net, False, value]
 
     def opt_nic(self, value, text) -> None:
@@ -717,11 +718,12 @@ class QemuCommandLine:
         if kind not in ("tap", "bridge"):
             raise _unsupported(f"-nic {kind or value}", "tap, bridge or none")
         opts = _opts_dict(pairs[1:], "-nic", value, {"id", "ifname", "script", "downscript", "br", "vhost", "mac",
-                                                     "model"})
+                                                     "model", "queues"})
         _check_model(opts.get("model", "virtio"), "-nic")
         _check_scripts(opts, "-nic")
         self.cfg.nets.append(NetConfig(ifname=opts.get("ifname", ""), bridge=opts.get("br", ""),
-                                       mac=check_mac(opts.get("mac", ""), f"qemu option -nic {value}: mac")))
+                                       mac=check_mac(opts.get("mac", ""), f"qemu option -nic {value}: mac"),
+                                       **_tap_extras(opts, f"-nic {value}")))
 
     def _finish_legacy_net(self) -> None:
         """QEMU connects every -net part on one vlan (a hub); kvmpy's NIC is one tap for
@@ -742,7 +744,7 @@ class QemuCommandLine:
                 self.cfg.nets.append(tap["net"])
                 continue
             self.cfg.nets.append(NetConfig(
-                ifname=tap.get("ifname", ""), bridge=tap.get("br", ""),
+                ifname=tap.get("ifname", ""), bridge=tap.get("br", ""), vhost=tap.get("vhost", "off"),
                 mac=check_mac(nic.get("macaddr", ""), f"qemu option -net {nics[0].text}: macaddr")))
 
     # --- objects ---------------------------------------------------------------------
@@ -985,8 +987,16 @@ def _check_scripts(opts: dict, option: str) -> None:
         if opts.get(key, "no") != "no":
             raise _unsupported(f"{option},{key}={opts[key]}", "kvmpy runs no ifup scripts; use script=no "
                                "and br=BRIDGE, or set the tap up beforehand")
-    if opts.get("vhost", "off") not in ("off",):
-        raise _unsupported(f"{option},vhost={opts['vhost']}", "no vhost-net")
+    if opts.get("vhost", "off") not in ("on", "off"):
+        raise QemuOptionError(f"qemu option {option},vhost={opts['vhost']}: must be on or off")
+
+
+def _tap_extras(opts: dict, option: str) -> dict:
+    """vhost= and queues= of a tap backend, as NetConfig fields: vhost is off unless
+    asked for, as in QEMU (kvmpy's own default is auto)."""
+    from .config import check_net_queues
+    return {"vhost": opts.get("vhost", "off"),
+            "queues": check_net_queues(opts.get("queues", "1"), f"qemu option {option}: queues")}
 
 
 def _monitor_address(value: str, option: str) -> str:

@@ -116,6 +116,14 @@ IOCTLS = {
     "FIONBIO": 0x5421, "FIONREAD": 0x541B, "FIOCLEX": 0x5451, "FIONCLEX": 0x5450,
     # virtio-net: offloads follow what the guest's driver negotiates
     "TUNSETOFFLOAD": 0x400454D0, "TUNSETVNETHDRSZ": 0x400454D8, "TUNGETVNETHDRSZ": 0x800454D7,
+    # virtio-net multiqueue: a pair the guest stops using has its tap queue detached
+    "TUNSETQUEUE": 0x400454D9,
+    # vhost-net (kvmpy/devices/virtio/vhost.py VHOST_IOCTLS): rings handed to the
+    # kernel and taken back at every DRIVER_OK, reset, pause and state()
+    "VHOST_GET_FEATURES": 0x8008AF00, "VHOST_SET_FEATURES": 0x4008AF00, "VHOST_SET_MEM_TABLE": 0x4008AF03,
+    "VHOST_SET_VRING_NUM": 0x4008AF10, "VHOST_SET_VRING_ADDR": 0x4028AF11, "VHOST_SET_VRING_BASE": 0x4008AF12,
+    "VHOST_GET_VRING_BASE": 0xC008AF12, "VHOST_SET_VRING_KICK": 0x4008AF20, "VHOST_SET_VRING_CALL": 0x4008AF21,
+    "VHOST_SET_VRING_ERR": 0x4008AF22, "VHOST_NET_SET_BACKEND": 0x4008AF30,
 }
 # Deliberately absent: TIOCSTI (0x5412) pushes characters into the controlling
 # terminal's input, a way out of any sandbox whose stdin is the user's shell.

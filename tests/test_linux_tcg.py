@@ -152,3 +152,30 @@ def test_linux_reads_entropy_from_the_virtio_rng_plugin(guest):
     assert re.search(r"^virtio_rng\.\d+$", out, re.M), out[-3000:]
     assert re.search(r"^256$", out, re.M), out[-3000:]       # 256 bytes read through 16-byte requests
     assert "kvmpy guest: run exit 0" in out, out[-3000:]
+
+
+def test_linux_uses_two_queue_pairs_and_the_control_queue(guest, netns):
+    """virtio-net with queues=2 on the translator: Linux's driver negotiates MQ,
+    merged RX buffers and the control queue, sets two queue pairs (one per vCPU)
+    and its receive filter through it, and pings across the bridge."""
+    import sys
+    from conftest import ROOT
+    ns = netns
+    for cmd in (["link", "add", "kbr8", "type", "bridge"], ["addr", "add", "10.78.0.1/24", "dev", "kbr8"],
+                ["link", "set", "kbr8", "up"], ["link", "set", "lo", "up"]):
+        subprocess.run(["ip", "-n", ns, *cmd], check=True)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmpy", "-v", "run", "--accel", "tcg",
+                        "-m", "512", "--smp", "2", "--kernel", guest.kernel, "--initrd", guest.initrd,
+                        "--no-reboot", "--net", "tap,bridge=kbr8,queues=2",
+                        "--append", 'console=ttyS0 panic=-1 quiet kvmpy.ip=10.78.0.2/24 '
+                                    'kvmpy.run="ls /sys/class/net/eth0/queues; ping -c 3 -W 5 10.78.0.1"'],
+                       cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT)
+    out = p.stdout.decode(errors="replace")
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, out[-3000:] + err[-2000:]
+    assert "3 packets transmitted, 3 packets received" in out, out[-3000:]
+    assert re.search(r"\brx-1\b", out) and re.search(r"\btx-1\b", out), out[-3000:]
+    assert "2 queue pairs in use" in err, err[-3000:]
+    assert "control queue" not in err, err[-3000:]        # no command of Linux's was refused
+    assert "kvmpy guest: run exit 0" in out

@@ -273,7 +273,7 @@ def test_block_and_network_info_come_from_the_entries(tmp_path):
     host_end, guest_end = socket.socketpair()
     fake_tap = SimpleNamespace(tap=SimpleNamespace(name="tap-test0", fd=host_end.fileno(),
                                                    set_offload=lambda flags: True),
-                               mac=bytes.fromhex("525400123456"), bridge="br0")
+                               mac=bytes.fromhex("525400123456"), bridge="br0", vhost=None)
     # A tap needs root: the NIC's entry gets a stand-in backend, the rest is as built.
     entries = [dataclasses.replace(e, backend=lambda ctx: fake_tap) if e.query == "net" else e
                for e in pc_devices(cfg)]

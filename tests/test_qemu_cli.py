@@ -95,7 +95,7 @@ def test_archwiki_service_line():
     assert (cfg.name, cfg.pidfile, cfg.daemonize, cfg.accel, cfg.memory) == ("vm1", "/run/q/vm1.pid", True, "kvm",
                                                                              512 << 20)
     assert cfg.disks == [DiskConfig(path="/srv/vm1.img", interface="ide", index=0)]
-    assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00")]
+    assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00", vhost="off")]
     assert cfg.serial == "telnet:localhost:7000,server,nowait"
     assert cfg.hmp == ["telnet:localhost:7100,server,nowait,nodelay"]
     if DISPLAY:
@@ -364,7 +364,8 @@ def test_chardev_refusals(line, needle):
 def test_legacy_net_pairs_per_vlan():
     cfg = parse("-net nic,macaddr=52:54:00:00:00:01,model=virtio -net tap,ifname=tap0,script=no,downscript=no "
                 "-net nic,vlan=1 -net tap,vlan=1,ifname=tap1,br=br0 -net none")
-    assert cfg.nets == [NetConfig(ifname="tap0", mac="52:54:00:00:00:01"), NetConfig(ifname="tap1", bridge="br0")]
+    assert cfg.nets == [NetConfig(ifname="tap0", mac="52:54:00:00:00:01", vhost="off"),
+                        NetConfig(ifname="tap1", bridge="br0", vhost="off")]
 
 
 @pytest.mark.parametrize("line,needle", [
@@ -375,7 +376,7 @@ def test_legacy_net_pairs_per_vlan():
     ("-net nic,model=e1000 -net tap", "not supported; use model=virtio"),
     ("-net socket", "-net socket"),
     ("-net tap,script=/etc/qemu-ifup -net nic", "kvmpy runs no ifup scripts"),
-    ("-net tap,vhost=on -net nic", "no vhost-net"),
+    ("-net tap,vhost=maybe -net nic", "vhost=maybe: must be on or off"),
     ("-net nic,macaddr=01:00:00:00:00:01 -net tap", "multicast"),
     ("-net nic,macaddr=zz -net tap", "expected xx:xx"),
 ])
@@ -387,8 +388,13 @@ def test_netdev_device_and_nic():
     cfg = parse("-netdev tap,id=n0,ifname=tap5,script=no,downscript=no "
                 "-device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc -nic tap,ifname=tap6,model=virtio "
                 "-netdev bridge,id=n1,br=br9 -device virtio-net-pci,netdev=n1")
-    assert cfg.nets == [NetConfig(ifname="tap5", mac="52:54:00:aa:bb:cc"), NetConfig(ifname="tap6"),
-                        NetConfig(bridge="br9")]
+    assert cfg.nets == [NetConfig(ifname="tap5", mac="52:54:00:aa:bb:cc", vhost="off"),
+                        NetConfig(ifname="tap6", vhost="off"), NetConfig(bridge="br9", vhost="off")]
+    # QEMU's vhost=on and queues=N
+    cfg = parse("-netdev tap,id=n0,ifname=tap5,vhost=on,queues=4 -device virtio-net-pci,netdev=n0 "
+                "-nic tap,ifname=tap6,queues=2")
+    assert [(n.vhost, n.queues) for n in cfg.nets] == [("on", 4), ("off", 2)]
+    refuse("-netdev tap,id=n0,queues=99 -device virtio-net-pci,netdev=n0", "queues")
     refuse("-netdev tap,id=n0", "no -device virtio-net-pci,netdev=n0 uses it")
     refuse("-netdev tap,ifname=t", "missing id=")
     refuse("-device virtio-net-pci,netdev=x", "netdev=x names no -netdev")

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -107,15 +110,28 @@ def run_in_netns(netns: str | None, fn, *args):
 class Tap:
     """An open tap device with a 12-byte virtio-net header on every frame.
 
-    ``fd`` is non-blocking; readv/writev on it move one frame each.
+    ``fd`` is non-blocking; readv/writev on it move one frame each. With
+    ``queues`` > 1 the tap is IFF_MULTI_QUEUE and ``fds`` holds one fd per queue
+    (``fd`` is the first): the kernel spreads flows over the attached ones.
     """
 
-    def __init__(self, name: str | None = None, netns: str | None = None) -> None:
+    def __init__(self, name: str | None = None, netns: str | None = None, queues: int = 1) -> None:
         self.netns = netns
-        self._dev = run_in_netns(netns, self._open, name or "")
+        self._devs = []
+        self._dev = run_in_netns(netns, self._open, name or "", queues > 1)
+        self._devs.append(self._dev)
         self.name = self._dev.name.decode() if isinstance(self._dev.name, bytes) else self._dev.name
-        self.fd = self._dev.fileno()
-        os.set_blocking(self.fd, False)
+        try:
+            for _ in range(queues - 1):
+                self._devs.append(run_in_netns(netns, self._open, self.name, True))
+        except BaseException:
+            self.close()
+            raise
+        self.fds = tuple(d.fileno() for d in self._devs)
+        self.fd = self.fds[0]
+        self._attached = [True] * queues
+        for fd in self.fds:
+            os.set_blocking(fd, False)
         try:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
         except OSError as e:
@@ -125,15 +141,18 @@ class Tap:
         self.set_offload(0)
 
     @staticmethod
-    def _open(name: str):
+    def _open(name: str, multi_queue: bool = False):
         try:
             import pytun
         except ImportError:
             raise TapError("tap networking needs python-pytun: pip install 'kvmpy[net]'") from None
         if not os.path.exists("/dev/net/tun"):
             raise TapError(f"tap {name or '(auto)'}: /dev/net/tun does not exist (modprobe tun)")
+        flags = pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR
+        if multi_queue:
+            flags |= pytun.IFF_MULTI_QUEUE
         try:
-            return pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+            return pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
             code = e.args[0] if e.args and isinstance(e.args[0], int) else None
             if code in (errno.EPERM, errno.EACCES):
@@ -141,6 +160,21 @@ class Tap:
             if code == errno.EBUSY:
                 raise TapError(f"tap {name}: the interface is busy (already in use)") from None
             raise TapError(f"tap {name or '(auto)'}: cannot create: {e}") from None
+
+    def set_queue_attached(self, index: int, attached: bool) -> bool:
+        """TUNSETQUEUE: let the kernel steer frames to queue ``index`` or not (a
+        detached queue's fd stays open for when the guest uses its pair again)."""
+        if self._attached[index] == attached:
+            return True
+        flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self.fds[index], TUNSETQUEUE, struct.pack("16sH22x", b"", flags))
+        except OSError as e:
+            log.warning("tap %s: TUNSETQUEUE queue %d %s: %s", self.name, index,
+                        "attach" if attached else "detach", e.strerror)
+            return False
+        self._attached[index] = attached
+        return True
 
     def set_offload(self, flags: int) -> bool:
         """TUNSETOFFLOAD: which offloaded frames the kernel may hand us (and so the guest)."""
@@ -154,9 +188,12 @@ class Tap:
     def close(self) -> None:
         if self._dev is not None:
             # A non-persistent tap disappears with its last fd.
-            self._dev.close()
+            for dev in self._devs:
+                dev.close()
+            self._devs = []
             self._dev = None
             self.fd = -1
+            self.fds = ()
 
 
 def _pyroute2():
@@ -236,16 +273,21 @@ class TapNetwork:
         self.bridge = bridge
         self.created_bridge = created_bridge
         self._bridge_cleanup_elsewhere = False
+        # Open vhost-net devices bound to this tap's queues (kvmpy.devices.virtio.vhost),
+        # released with the tap.
+        self.vhost: list | None = None
 
     @classmethod
     def open(cls, ifname: str | None = None, bridge: str | None = None, mac: str | bytes | None = None,
-             vm_name: str = "kvmpy", index: int = 0, netns: str | None = None) -> "TapNetwork":
-        """Open tap ``ifname`` (kernel-chosen name if None), bring it up, attach it to
-        ``bridge`` (created if missing). MAC: given, else stable_mac(vm_name, index)."""
+             vm_name: str = "kvmpy", index: int = 0, netns: str | None = None,
+             queues: int = 1) -> "TapNetwork":
+        """Open tap ``ifname`` (kernel-chosen name if None) with ``queues`` queues,
+        bring it up, attach it to ``bridge`` (created if missing). MAC: given, else
+        stable_mac(vm_name, index)."""
         if isinstance(mac, str):
             mac = parse_mac(mac)
         mac = mac or stable_mac(vm_name, index)
-        tap = Tap(ifname, netns=netns)
+        tap = Tap(ifname, netns=netns, queues=queues)
         try:
             created = False
             if bridge:
@@ -271,6 +313,9 @@ class TapNetwork:
         return lambda: run_in_netns(netns, _bridge_detach, bridge, name, created)
 
     def close(self) -> None:
+        for vhost in self.vhost or ():
+            vhost.close()
+        self.vhost = None
         if self.tap.fd < 0:
             return
         if self.bridge and not self._bridge_cleanup_elsewhere:

@@ -74,7 +74,10 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)
 REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "ext4", "kvm_amd", "tun", "bridge")
 OPTIONAL_MODULES = ("virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_ring", "virtio",
                     "crc32c_generic", "libcrc32c", "virtio_rng",
-                    "nbd")          # kvmpy nbd -c /dev/nbd0 (tests/nested/test_l1_nbd.py)
+                    "nbd",          # kvmpy nbd -c /dev/nbd0 (tests/nested/test_l1_nbd.py)
+                    # /dev/vhost-net for vhost=on (tests/nested/test_l1_vhost_net.py); modinfo
+                    # brings vhost, vhost_iotlb and tap with it
+                    "vhost_net")
 
 MARK = "kvmpy-nested:"
 BEGIN_MARK = f"{MARK} run begin"

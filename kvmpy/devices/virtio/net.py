@@ -4,8 +4,31 @@ The tap carries the same 12-byte virtio-net header the guest uses, so frames
 move with one readv (tap -> guest RX buffers) or writev (guest TX buffers -> tap)
 straight on guest RAM slices. The kernel validates the GSO/checksum fields of
 guest headers; we only tell it (TUNSETOFFLOAD) which offloaded frames the guest
-agreed to receive. MRG_RXBUF is not offered: each RX chain holds a whole frame
-(Linux then posts 64 KiB "big packet" chains when it negotiates GUEST_TSO).
+agreed to receive.
+
+With VIRTIO_NET_F_MRG_RXBUF a frame may span several RX chains (Linux then posts
+small page-fragment buffers): the read lands in the first chain and, past its
+end, in a bounce buffer copied into the next chains; num_buffers tells the
+driver how many. A frame that finds too few chains waits, whole, for the driver
+to add more (nothing is lost to a half-filled ring).
+
+The control queue (VIRTIO_NET_F_CTRL_VQ) sets the receive filter (CTRL_RX,
+CTRL_RX_EXTRA, CTRL_MAC, CTRL_VLAN, as QEMU applies them to incoming frames),
+the MAC address (CTRL_MAC_ADDR), acknowledges announcements (GUEST_ANNOUNCE)
+and, with VIRTIO_NET_F_MQ, how many RX/TX queue pairs are in use; each pair has
+a tap queue of its own (IFF_MULTI_QUEUE), detached from the tap while its pair
+is unused so the kernel does not steer frames to it. Every command is checked;
+a malformed one is answered VIRTIO_NET_ERR and logged, never raised.
+
+Queues: RX0, TX0, RX1, TX1, ..., then the control queue, which is queue 2
+without MQ negotiated and queue 2*max_pairs with it (section 5.1.2).
+
+vhost-net (vhost.py): where a ``vhost`` backend factory is given, the transport
+hands each enabled RX/TX queue to the kernel (``native_queue``) once the model
+served it, as it hands virtio-blk queues to their C threads, and takes it back
+on reset, pause, ``state()`` or a ring error. The control queue stays here; the
+receive filter is then not applied to what the kernel delivers (as with QEMU's
+vhost=on), and the model's own tap watch sleeps while the kernel reads the tap.
 """
 
 from __future__ import annotations
@@ -14,7 +37,7 @@ import errno
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from ...events import EVENT_READ
@@ -24,7 +47,7 @@ from ...tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO
 from . import netplane
 from .device import FdWatch, VirtioTransport
 from .netplane import NetBackend, NetPairBackend, NetStopInfo
-from .queue import SplitQueue
+from .queue import QueueError, SplitQueue, gather, write_views
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +61,50 @@ VIRTIO_NET_F_GUEST_UFO = 10
 VIRTIO_NET_F_HOST_TSO4 = 11
 VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_CTRL_RX = 18
+VIRTIO_NET_F_CTRL_VLAN = 19
+VIRTIO_NET_F_CTRL_RX_EXTRA = 20
+VIRTIO_NET_F_GUEST_ANNOUNCE = 21
+VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_F_CTRL_MAC_ADDR = 23
 
 VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_S_ANNOUNCE = 2
+
+# control queue: classes, commands, acks (section 5.1.6.5)
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+VIRTIO_NET_CTRL_RX = 0
+VIRTIO_NET_CTRL_RX_PROMISC = 0
+VIRTIO_NET_CTRL_RX_ALLMULTI = 1
+VIRTIO_NET_CTRL_RX_ALLUNI = 2
+VIRTIO_NET_CTRL_RX_NOMULTI = 3
+VIRTIO_NET_CTRL_RX_NOUNI = 4
+VIRTIO_NET_CTRL_RX_NOBCAST = 5
+VIRTIO_NET_CTRL_MAC = 1
+VIRTIO_NET_CTRL_MAC_TABLE_SET = 0
+VIRTIO_NET_CTRL_MAC_ADDR_SET = 1
+VIRTIO_NET_CTRL_VLAN = 2
+VIRTIO_NET_CTRL_VLAN_ADD = 0
+VIRTIO_NET_CTRL_VLAN_DEL = 1
+VIRTIO_NET_CTRL_ANNOUNCE = 3
+VIRTIO_NET_CTRL_ANNOUNCE_ACK = 0
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+
+# QEMU's sizes: a longer MAC table than this accepts all frames of its kind
+# (the guest asked for more addresses than a filter holds, as a NIC's overflow bit).
+MAC_TABLE_ENTRIES = 64
+MAX_VLAN = 4096
+# QEMU's limit on queue pairs (the tap's IFF_MULTI_QUEUE allows 256).
+MAX_QUEUE_PAIRS = 16
+CTRL_QUEUE_SIZE = 64
+# A control command is a few bytes; a full MAC table of overflowing lists is at
+# most a few KiB. Anything longer is refused without being read.
+MAX_CTRL_BYTES = 64 << 10
 
 RX_QUEUE = 0
 TX_QUEUE = 1
@@ -48,6 +112,60 @@ IOV_MAX = 1024
 # Frames handled per wake-up before yielding to the other queue, the doorbells
 # and the other devices on the event loop.
 BATCH = 64
+# The largest frame a tap hands out: a 64 KiB GSO frame, its Ethernet and VLAN
+# headers and the vnet header.
+MAX_TAP_FRAME = 65536 + 64
+BROADCAST = b"\xff" * 6
+ETH_P_8021Q = 0x8100
+
+
+@dataclass(frozen=True)
+class RxFilter:
+    """What the guest lets in (QEMU's receive_filter): promiscuous by default,
+    as the spec's device starts."""
+
+    promisc: bool = True
+    allmulti: bool = False
+    alluni: bool = False
+    nomulti: bool = False
+    nouni: bool = False
+    nobcast: bool = False
+    unicast: tuple[bytes, ...] = ()
+    multicast: tuple[bytes, ...] = ()
+    unicast_overflow: bool = False
+    multicast_overflow: bool = False
+    vlans: tuple[int, ...] = ()     # VLAN ids let through when VLAN filtering is on (sorted)
+
+    def accepts(self, frame: bytes, own_mac: bytes, vlan_filtering: bool) -> bool:
+        """Whether a frame starting with ``frame`` (at least its first 16 bytes)
+        reaches the guest."""
+        if self.promisc:
+            return True
+        if len(frame) < 14:
+            return False
+        if vlan_filtering and frame[12:14] == b"\x81\x00":
+            if len(frame) < 16 or (int.from_bytes(frame[14:16], "big") & 0xFFF) not in self.vlans:
+                return False
+        dst = frame[:6]
+        if dst[0] & 1:
+            if dst == BROADCAST:
+                return not self.nobcast
+            if self.nomulti:
+                return False
+            return self.allmulti or self.multicast_overflow or dst in self.multicast
+        if self.nouni:
+            return False
+        return self.alluni or self.unicast_overflow or dst == own_mac or dst in self.unicast
+
+    def validate(self, where: str) -> None:
+        for name in ("unicast", "multicast"):
+            macs = getattr(self, name)
+            if (not isinstance(macs, tuple) or len(macs) > MAC_TABLE_ENTRIES
+                    or any(not isinstance(m, bytes) or len(m) != 6 for m in macs)):
+                raise ValueError(f"{where}: rx_filter.{name}: at most {MAC_TABLE_ENTRIES} 6-byte MACs")
+        if not isinstance(self.vlans, tuple) or any(not isinstance(v, int) or not 0 <= v < MAX_VLAN
+                                                     for v in self.vlans):
+            raise ValueError(f"{where}: rx_filter.vlans: VLAN ids 0-{MAX_VLAN - 1}")
 
 #: ``[[net]] dataplane`` / ``--net dataplane=`` values
 NET_DATAPLANE_MODES = ("native", "python")
@@ -60,8 +178,9 @@ _RX_FRAME_MAX = 69632
 
 @dataclass(frozen=True)
 class VirtioNetState:
-    """virtio-net's own state: its MAC, ring size and counters (frames move
-    straight between the tap and guest buffers, none is held here)."""
+    """virtio-net's own state: its MAC, ring size, counters, the receive filter
+    and queue pairs the driver set, and frames that wait for RX buffers (at most
+    one per pair: a merged frame that found too few; none without MRG_RXBUF)."""
 
     mac: bytes
     queue_size: int
@@ -69,6 +188,12 @@ class VirtioNetState:
     tx_frames: int
     rx_dropped: int
     tx_dropped: int
+    queue_pairs: int = 1
+    active_pairs: int = 1
+    rx_filter: RxFilter = field(default_factory=RxFilter)
+    announce: bool = False
+    rx_filtered: int = 0
+    rx_waiting: tuple[bytes, ...] = ()
 
 
 class VirtioNet:
@@ -79,7 +204,9 @@ class VirtioNet:
         ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
         ``no_offloads = True`` none is offered and TUNSETOFFLOAD is not used
         (kvmpy.net.slirp.FramePort). The device uses its fd, the caller closes it
-        after the transport's ``close()``.
+        after the transport's ``close()``. With ``queue_pairs`` > 1 it is a
+        multiqueue tap: ``fds`` holds one fd per pair and ``set_queue_attached(i, on)``
+        (TUNSETQUEUE) steers the kernel's frames away from unused ones.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
@@ -87,13 +214,18 @@ class VirtioNet:
       dataplane: "native" lets the transport serve each rx/tx pair from a C thread
         (netplane.py) while the model would do nothing else with it; "python"
         keeps every frame here.
+      queue_pairs: RX/TX pairs offered (VIRTIO_NET_F_MQ when > 1).
+      vhost: one open kvmpy.devices.virtio.vhost.VhostNet per pair (the caller's to
+        close, after the transport's ``close()``), or None: the kernel's data plane
+        then serves the RX/TX queues.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioNet(...)))``.
     """
 
     device_type = 1
 
     def __init__(self, tap, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
-                 queue_size: int = 256, name: str = "virtio-net", dataplane: str = "native") -> None:
+                 queue_size: int = 256, name: str = "virtio-net", dataplane: str = "native",
+                 queue_pairs: int = 1, vhost: Sequence | None = None) -> None:
         if dataplane not in NET_DATAPLANE_MODES:
             raise ValueError(f"{name}: dataplane={dataplane!r}")
         self.dataplane = dataplane
@@ -104,43 +236,99 @@ class VirtioNet:
         self.mac = bytes(mac) if mac else stable_mac(vm_name, index)
         if len(self.mac) != 6:
             raise ValueError(f"{name}: MAC must be 6 bytes")
+        if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"{name}: queue pairs {queue_pairs} not in 1-{MAX_QUEUE_PAIRS}")
+        self.queue_pairs = queue_pairs
+        self.fds = tuple(tap.fds) if queue_pairs > 1 else (tap.fd,)
+        if len(self.fds) != queue_pairs:
+            raise ValueError(f"{name}: {queue_pairs} queue pairs need as many tap queues, got {len(self.fds)}")
         self.queue_size = queue_size
-        self.queue_max_sizes = (queue_size, queue_size)
-        self.stats = {"rx_frames": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0}
+        self.queue_max_sizes = (queue_size,) * (2 * queue_pairs) + (CTRL_QUEUE_SIZE,)
+        self.stats = {"rx_frames": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0, "rx_filtered": 0}
         self.acked_features = 0
+        self.rx_filter = RxFilter()
+        self.active_pairs = 1
+        self.announce_pending = False
+        self._announce_at_activation = False
+        self._ctrl_index = 2
+        self._mergeable = False
+        self._vlan_filtering = False
         self._queues: Sequence[SplitQueue] = ()
         self._transport: VirtioTransport | None = None
-        self._rx_polling = False
-        # A native thread reads the tap: a readiness the loop reported before the
-        # thread started is not the model's to act on.
-        self._native_rx = False
-        # Per native pair (by rx queue): the thread's own counts so far.
+        self._rx_polling = [False] * queue_pairs
+        # A frame read from the tap that found too few merged RX buffers: (bytes, length).
+        self._rx_waiting: list[bytes | None] = [None] * queue_pairs
+        self._bounce = memoryview(bytearray(MAX_TAP_FRAME))
+        if vhost is not None and len(vhost) != queue_pairs:
+            raise ValueError(f"{name}: {queue_pairs} queue pairs need as many vhost devices, got {len(vhost)}")
+        self.vhost = tuple(vhost) if vhost is not None else None
+        # Queues the kernel serves now: the model keeps its hands off their rings.
+        self._in_kernel: set[int] = set()
+        # Pairs a native thread serves (by pair): a readiness the loop reported
+        # before the thread started is not the model's to act on.
+        self._native_rx: set[int] = set()
+        # Per native pair: the thread's own counts so far.
         self._native_counts: dict[int, Callable[[], dict[str, int]]] = {}
-        log.info("%s: tap %s, MAC %s", name, tap.name, format_mac(self.mac))
+        log.info("%s: tap %s, MAC %s%s", name, tap.name, format_mac(self.mac),
+                 f", {queue_pairs} queue pairs" if queue_pairs > 1 else "")
 
     # state -------------------------------------------------------------------------
 
     def state(self) -> VirtioNetState:
-        return VirtioNetState(mac=self.mac, queue_size=self.queue_size, **self.counts())
+        s = self.counts()
+        return VirtioNetState(mac=self.mac, queue_size=self.queue_size, rx_frames=s["rx_frames"],
+                              tx_frames=s["tx_frames"], rx_dropped=s["rx_dropped"], tx_dropped=s["tx_dropped"],
+                              queue_pairs=self.queue_pairs, active_pairs=self.active_pairs,
+                              rx_filter=self.rx_filter, announce=self.announce_pending,
+                              rx_filtered=s["rx_filtered"],
+                              rx_waiting=tuple(w or b"" for w in self._rx_waiting)
+                              if any(self._rx_waiting) else ())
 
     @classmethod
-    def from_state(cls, state: VirtioNetState, tap, name: str = "virtio-net") -> "VirtioNet":
-        """The device ``state`` describes, on ``tap``."""
-        dev = cls(tap, mac=state.mac, queue_size=state.queue_size, name=name)
+    def from_state(cls, state: VirtioNetState, tap, name: str = "virtio-net", **kwargs) -> "VirtioNet":
+        """The device ``state`` describes, on ``tap`` (``kwargs``: the constructor's
+        backend arguments, e.g. ``vhost``). ValueError if the state is malformed or
+        does not fit the tap."""
+        if not isinstance(state, VirtioNetState):
+            raise ValueError(f"{name}: not a virtio-net state: {type(state).__name__}")
+        if not isinstance(state.rx_filter, RxFilter):
+            raise ValueError(f"{name}: rx_filter is not an RxFilter")
+        state.rx_filter.validate(name)
+        if not 1 <= state.active_pairs <= state.queue_pairs:
+            raise ValueError(f"{name}: active pairs {state.active_pairs} of {state.queue_pairs}")
+        if len(state.rx_waiting) not in (0, state.queue_pairs) or any(
+                not isinstance(w, bytes) or len(w) > MAX_TAP_FRAME for w in state.rx_waiting):
+            raise ValueError(f"{name}: rx_waiting must hold one frame (or b'') per pair")
+        dev = cls(tap, mac=state.mac, queue_size=state.queue_size, name=name, queue_pairs=state.queue_pairs,
+                  **kwargs)
         dev.stats.update(rx_frames=state.rx_frames, tx_frames=state.tx_frames, rx_dropped=state.rx_dropped,
-                         tx_dropped=state.tx_dropped)
+                         tx_dropped=state.tx_dropped, rx_filtered=state.rx_filtered)
+        dev.rx_filter = state.rx_filter
+        dev.active_pairs = state.active_pairs
+        dev.announce_pending = state.announce
+        for pair, frame in enumerate(state.rx_waiting):
+            dev._rx_waiting[pair] = frame or None
+        # A restored NIC may sit on another host's bridge now: as QEMU after a
+        # migration, the driver is asked to announce itself once it runs again.
+        dev._announce_at_activation = True
         return dev
 
     # what the driver sees ----------------------------------------------------------
 
     def device_features(self) -> int:
+        f = 0
+        for bit in (VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_CTRL_VQ,
+                    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN,
+                    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_GUEST_ANNOUNCE):
+            f |= 1 << bit
+        if self.queue_pairs > 1:
+            f |= 1 << VIRTIO_NET_F_MQ
         if not self.offloads:
             # A user-mode network (kvmpy.net) takes complete, checksummed frames only.
-            return 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
-        f = 0
-        for bit in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_GUEST_TSO4,
+            return f
+        for bit in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
                     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
-                    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_STATUS):
+                    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN):
             f |= 1 << bit
         if self.tap.supports_ufo:
             f |= 1 << VIRTIO_NET_F_GUEST_UFO
@@ -148,15 +336,27 @@ class VirtioNet:
 
     def ack_features(self, features: int) -> None:
         self.acked_features = features
+        self._mergeable = self.negotiated(VIRTIO_NET_F_MRG_RXBUF)
+        self._vlan_filtering = self.negotiated(VIRTIO_NET_F_CTRL_VLAN)
+        self._ctrl_index = 2 * self.queue_pairs if self.negotiated(VIRTIO_NET_F_MQ) else 2
 
     def negotiated(self, bit: int) -> bool:
         return bool(self.acked_features >> bit & 1)
 
     def config_bytes(self) -> bytes:
-        return struct.pack("<6sHHH", self.mac, VIRTIO_NET_S_LINK_UP, 1, 1500)
+        status = VIRTIO_NET_S_LINK_UP | (VIRTIO_NET_S_ANNOUNCE if self.announce_pending else 0)
+        return struct.pack("<6sHHH", self.mac, status, self.queue_pairs, 1500)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        """The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR, which is not offered."""
+        """Read-only for a virtio 1.x driver: the MAC changes through CTRL_MAC_ADDR_SET."""
+
+    def announce(self) -> None:
+        """Ask the driver to announce itself (gratuitous ARP), as after a migration:
+        the ANNOUNCE status bit and a config interrupt, until it acknowledges."""
+        if self._transport is None or not self.negotiated(VIRTIO_NET_F_GUEST_ANNOUNCE):
+            return
+        self.announce_pending = True
+        self._transport.config_changed()
 
     # life cycle --------------------------------------------------------------------
 
@@ -177,20 +377,71 @@ class VirtioNet:
             raise RuntimeError(f"tap {self.tap.name} refused offloads {flags:#x}")
         self._queues = queues
         self._transport = transport
+        self._attach_tap_queues()
+        if self._announce_at_activation:
+            self._announce_at_activation = False
+            self.announce()
 
     def fd_watches(self) -> Sequence[FdWatch]:
-        self._rx_polling = True
-        return (FdWatch(self.tap.fd, EVENT_READ, self._tap_readable),)
+        watches = []
+        for pair, fd in enumerate(self.fds):
+            on = pair < self.active_pairs
+            self._rx_polling[pair] = on
+            watches.append(FdWatch(fd, EVENT_READ if on else 0,
+                                   lambda _events, pair=pair: self._tap_readable(pair)))
+        return watches
 
     def reset(self) -> None:
         if self._transport is not None and self.offloads:
             self.tap.set_offload(0)
         self._queues = ()
         self._transport = None
-        self._rx_polling = False
-        self._native_rx = False
+        self._rx_polling = [False] * self.queue_pairs
+        self._rx_waiting = [None] * self.queue_pairs
+        self._in_kernel.clear()
+        self._native_rx.clear()
         self._native_counts.clear()
         self.acked_features = 0
+        self._mergeable = self._vlan_filtering = False
+        self._ctrl_index = 2
+        self.rx_filter = RxFilter()
+        self.active_pairs = 1
+        self.announce_pending = False
+        self._attach_tap_queues()
+
+    def _attach_tap_queues(self) -> None:
+        if self.queue_pairs == 1:
+            return
+        for pair in range(self.queue_pairs):
+            self.tap.set_queue_attached(pair, pair < self.active_pairs)
+
+    # the kernel's data plane (vhost-net) --------------------------------------------
+
+    def native_queue(self, index: int, queue: SplitQueue, kick_fd: int, irq_fd: int | None):
+        """The transport offers queue ``index`` to a data plane outside Python: a
+        started vhost ring (vhost.VhostQueue, the transport's NativeQueue protocol),
+        or None to keep it in the model (no vhost, the control queue, an unused pair)."""
+        if self.vhost is None or index >= 2 * self.active_pairs or self._transport is None:
+            return None
+        pair, ring = divmod(index, 2)
+        if ring == RX_QUEUE and self._rx_waiting[pair] is not None:
+            return None     # the model delivers what it holds first
+        vhost = self.vhost[pair]
+        if ring == RX_QUEUE:
+            # The kernel reads the tap now; the model's watch sleeps until it is back.
+            self._rx_poll(pair, False)
+
+        def stopped() -> None:
+            self._in_kernel.discard(index)
+            if ring == RX_QUEUE and self._transport is not None:
+                self._rx_poll(pair, True)
+        try:
+            started = vhost.start_ring(ring, queue, self.acked_features, kick_fd, irq_fd, on_stop=stopped)
+        except OSError:
+            stopped()
+            raise
+        self._in_kernel.add(index)
+        return started
 
     # native data plane (netplane.py) -------------------------------------------------
 
@@ -203,27 +454,33 @@ class VirtioNet:
         guest has a filter other than the promiscuous default (control queue
         CTRL_RX / CTRL_MAC) the pairs stay here, where each frame passes the filter;
         the filter's return to the default gives them back to the threads."""
-        if self.dataplane != "native" or not self.offloads or not netplane.available():
+        if (self.dataplane != "native" or not self.offloads or not netplane.available()
+                or self.vhost is not None or self.rx_filter != RxFilter()):
             return None
-        mrg = self.negotiated(_MRG_RXBUF_BIT)
+        mrg = self._mergeable
         hdr_len = 12 if mrg or self.negotiated(_VIRTIO_F_VERSION_1) else 10
-        # With multiqueue each pair has a tap fd of its own.
-        return NetBackend(pairs=(NetPairBackend(rx_queue=RX_QUEUE, tx_queue=TX_QUEUE, tap_fd=self.tap.fd,
-                                                hdr_len=hdr_len, mrg_rxbuf=mrg,
-                                                rx_frame_max=hdr_len + _RX_FRAME_MAX),))
+        # One thread per active pair, each on its own tap queue; a pair whose model
+        # holds a frame for merged buffers delivers it first.
+        pairs = tuple(NetPairBackend(rx_queue=2 * pair + RX_QUEUE, tx_queue=2 * pair + TX_QUEUE,
+                                     tap_fd=self.fds[pair], hdr_len=hdr_len, mrg_rxbuf=mrg,
+                                     rx_frame_max=hdr_len + _RX_FRAME_MAX)
+                      for pair in range(self.active_pairs) if self._rx_waiting[pair] is None)
+        return NetBackend(pairs=pairs) if pairs else None
 
     def native_started(self, pair: NetPairBackend, counts: Callable[[], dict[str, int]]) -> None:
         """A thread serves ``pair`` now: its tap is the thread's to read; ``counts()``
         tells what it moved so far."""
-        self._native_counts[pair.rx_queue] = counts
-        self._native_rx = True
-        self._rx_poll(False)
+        index = pair.rx_queue // 2
+        self._native_counts[index] = counts
+        self._native_rx.add(index)
+        self._rx_poll(index, False)
 
     def native_stopped(self, pair: NetPairBackend, info: NetStopInfo) -> None:
         """The thread of ``pair`` stopped: its counts join the model's (the transport
         runs both queues next, and the rx queue's run polls the tap again)."""
-        self._native_rx = False
-        self._native_counts.pop(pair.rx_queue, None)
+        index = pair.rx_queue // 2
+        self._native_rx.discard(index)
+        self._native_counts.pop(index, None)
         self.stats["rx_frames"] += info.rx_frames
         self.stats["tx_frames"] += info.tx_frames
         self.stats["rx_dropped"] += info.rx_dropped
@@ -239,44 +496,67 @@ class VirtioNet:
 
     # event loop thread ---------------------------------------------------------------
 
-    def _rx_poll(self, on: bool) -> None:
-        if on != self._rx_polling:
-            self._rx_polling = on
-            self._transport.set_fd_events(self.tap.fd, EVENT_READ if on else 0)
+    def _rx_poll(self, pair: int, on: bool) -> None:
+        if on != self._rx_polling[pair]:
+            self._rx_polling[pair] = on
+            self._transport.set_fd_events(self.fds[pair], EVENT_READ if on else 0)
 
-    def _tap_readable(self, events: int) -> None:
-        if not self._native_rx:
-            self._receive()
+    def _tap_readable(self, pair: int) -> None:
+        if pair not in self._native_rx:
+            self._receive(pair)
 
     def process_queue(self, index: int) -> None:
-        if index == TX_QUEUE:
-            self._transmit()
+        if index == self._ctrl_index:
+            self._control()
+            return
+        pair, ring = divmod(index, 2)
+        if pair >= self.active_pairs:
+            log.debug("%s: queue %d of an unused pair notified; ignored", self.name, index)
+            return
+        if ring == TX_QUEUE:
+            self._transmit(pair)
         else:
             # New RX buffers: frames may be waiting in the tap.
-            self._rx_poll(True)
-            self._receive()
+            self._rx_poll(pair, True)
+            self._receive(pair)
 
-    def _receive(self) -> None:
-        q = self._queues[RX_QUEUE]
-        if not q.ready:
+    def _receive(self, pair: int) -> None:
+        q = self._queues[2 * pair]
+        # A tap readiness reported in the same wake-up as the kernel took the ring.
+        if not q.ready or 2 * pair in self._in_kernel:
             return
+        fd = self.fds[pair]
+        filt = self.rx_filter
         done = 0
+        used: list[tuple[int, int]] = []
         while done < BATCH:
+            waiting = self._rx_waiting[pair]
+            if waiting is not None:
+                entries = self._merge_copy(q, waiting, 0, None)
+                if entries is None:
+                    break
+                self._rx_waiting[pair] = None
+                used += entries
+                self.stats["rx_frames"] += 1
+                done += 1
+                continue
             chain = q.pop()
             if chain is None:
                 # Out of guest buffers: stop watching the tap until the driver adds some.
                 if not q.set_notification(True):
-                    self._rx_poll(False)
+                    self._rx_poll(pair, False)
                     break
                 continue
             if len(chain.writable) > IOV_MAX or chain.writable_len < VNET_HDR_SIZE:
-                q.add_used(chain.head, 0)
+                used.append((chain.head, 0))
                 self.stats["rx_dropped"] += 1
                 done += 1
                 log.debug("%s: unusable RX chain of %d bytes", self.name, chain.writable_len)
                 continue
+            cap = chain.writable_len
+            iov = chain.writable + [self._bounce] if self._mergeable else chain.writable
             try:
-                n = os.readv(self.tap.fd, chain.writable)
+                n = os.readv(fd, iov)
             except BlockingIOError:
                 q.undo_pop()
                 break
@@ -284,23 +564,76 @@ class VirtioNet:
                 q.undo_pop()
                 log.error("%s: tap read: %s", self.name, e)
                 break
-            cap = chain.writable_len
-            if n > cap:
+            done += 1
+            if not filt.promisc:
+                head, _ = gather(iov, min(n, VNET_HDR_SIZE + 16))
+                if not filt.accepts(head[VNET_HDR_SIZE:], self.mac, self._vlan_filtering):
+                    # The chain was only scribbled on: the next frame takes it.
+                    q.undo_pop()
+                    self.stats["rx_filtered"] += 1
+                    continue
+            if n <= cap:
+                _set_num_buffers(chain.writable, 1)
+                used.append((chain.head, n))
+                self.stats["rx_frames"] += 1
+            elif not self._mergeable:
                 # The frame did not fit: hand back an empty buffer (the guest counts a length error).
                 self.stats["rx_dropped"] += 1
-                n = 0
+                used.append((chain.head, 0))
             else:
-                _set_num_buffers(chain.writable, 1)
+                entries = self._merge_copy(q, self._bounce[:n - cap], 1, chain.writable)
+                if entries is None:
+                    # Too few buffers for the rest: the whole frame waits for more.
+                    q.undo_pop()
+                    self._rx_waiting[pair] = b"".join(chain.writable) + bytes(self._bounce[:n - cap])
+                    self._rx_poll(pair, False)
+                    break
+                used.append((chain.head, cap))
+                used += entries
                 self.stats["rx_frames"] += 1
-            q.add_used(chain.head, n)
-            done += 1
-        if done:
-            self._transport.signal_used(RX_QUEUE)
+        if used:
+            q.add_used_many(used)
+            self._transport.signal_used(2 * pair)
         # After BATCH frames, the level-triggered poll brings us back once the
         # doorbells had their turn.
 
-    def _transmit(self) -> None:
-        q = self._queues[TX_QUEUE]
+    def _merge_copy(self, q: SplitQueue, data, chains_before: int,
+                    first: list[memoryview] | None) -> list[tuple[int, int]] | None:
+        """Copy ``data`` into the next chains (with ``first``, the views of a chain
+        already holding the frame's start and its header); returns their used
+        entries, or None with nothing popped when there are too few."""
+        start = q.next_avail
+        entries: list[tuple[int, int]] = []
+        header_views = first
+        header_at = 0           # entries before it are chains returned empty, not the frame's
+        off = 0
+        while off < len(data) or not entries and first is None:
+            chain = q.pop()
+            if chain is None:
+                q.next_avail = start
+                return None
+            if header_views is None:
+                if chain.writable_len < VNET_HDR_SIZE:
+                    # Not even room for the header: returned empty, as above.
+                    entries.append((chain.head, 0))
+                    self.stats["rx_dropped"] += 1
+                    continue
+                header_views = chain.writable
+                header_at = len(entries)
+            n = write_views(chain.writable, data[off:off + chain.writable_len])
+            entries.append((chain.head, n))
+            off += n
+            if first is None and not self._mergeable and off < len(data):
+                # Only one chain per frame without MRG_RXBUF (after a restore into
+                # a driver that did not negotiate it): the rest is lost.
+                self.stats["rx_dropped"] += 1
+                break
+        _set_num_buffers(header_views, chains_before + len(entries) - header_at)
+        return entries
+
+    def _transmit(self, pair: int) -> None:
+        q = self._queues[2 * pair + 1]
+        fd = self.fds[pair]
         while True:
             did = 0
             for chain in q.iter_chains():
@@ -308,7 +641,7 @@ class VirtioNet:
                     self.stats["tx_dropped"] += 1
                 else:
                     try:
-                        os.writev(self.tap.fd, chain.readable)
+                        os.writev(fd, chain.readable)
                         self.stats["tx_frames"] += 1
                     except OSError as e:
                         # EAGAIN/ENOBUFS: the host is congested, drop like a NIC would.
@@ -319,9 +652,126 @@ class VirtioNet:
                 q.add_used(chain.head, 0)
                 did += 1
             if did:
-                self._transport.signal_used(TX_QUEUE)
+                self._transport.signal_used(2 * pair + 1)
             if not q.set_notification(True):
                 return
+
+    # the control queue ------------------------------------------------------------------
+
+    def _control(self) -> None:
+        q = self._queues[self._ctrl_index]
+        if not q.ready:
+            return
+        while True:
+            self._control_batch(q)
+            # With EVENT_IDX the driver kicks only past avail_event: ask for the next one.
+            if not q.set_notification(True):
+                return
+
+    def _control_batch(self, q: SplitQueue) -> None:
+        did = False
+        for chain in q.iter_chains():
+            did = True
+            if not chain.writable:
+                # Nowhere to put the ack: a driver bug, answered with nothing.
+                log.warning("%s: control command without an ack buffer; ignored", self.name)
+                q.add_used(chain.head, 0)
+                continue
+            if chain.readable_len > MAX_CTRL_BYTES or chain.readable_len < 2:
+                ack = self._ctrl_refuse(f"control command of {chain.readable_len} bytes")
+            else:
+                data, _ = gather(chain.readable, chain.readable_len)
+                ack = self._ctrl_command(data[0], data[1], data[2:])
+            write_views(chain.writable, bytes([ack]))
+            q.add_used(chain.head, 1)
+        if did:
+            self._transport.signal_used(self._ctrl_index)
+
+    def _ctrl_refuse(self, why: str) -> int:
+        log.warning("%s: control queue: %s; answered VIRTIO_NET_ERR", self.name, why)
+        return VIRTIO_NET_ERR
+
+    def _ctrl_command(self, cls: int, cmd: int, data: bytes) -> int:
+        if cls == VIRTIO_NET_CTRL_RX and self.negotiated(VIRTIO_NET_F_CTRL_RX):
+            return self._ctrl_rx(cmd, data)
+        if cls == VIRTIO_NET_CTRL_MAC:
+            return self._ctrl_mac(cmd, data)
+        if cls == VIRTIO_NET_CTRL_VLAN and self.negotiated(VIRTIO_NET_F_CTRL_VLAN):
+            if cmd not in (VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL) or len(data) != 2:
+                return self._ctrl_refuse(f"VLAN command {cmd} with {len(data)} bytes")
+            vid = int.from_bytes(data, "little")
+            if vid >= MAX_VLAN:
+                return self._ctrl_refuse(f"VLAN id {vid}")
+            vlans = set(self.rx_filter.vlans)
+            if cmd == VIRTIO_NET_CTRL_VLAN_ADD:
+                vlans.add(vid)
+            else:
+                vlans.discard(vid)
+            self.rx_filter = replace(self.rx_filter, vlans=tuple(sorted(vlans)))
+            return VIRTIO_NET_OK
+        if cls == VIRTIO_NET_CTRL_ANNOUNCE and self.negotiated(VIRTIO_NET_F_GUEST_ANNOUNCE):
+            if cmd != VIRTIO_NET_CTRL_ANNOUNCE_ACK or data:
+                return self._ctrl_refuse(f"ANNOUNCE command {cmd} with {len(data)} bytes")
+            self.announce_pending = False
+            return VIRTIO_NET_OK
+        if cls == VIRTIO_NET_CTRL_MQ and self.negotiated(VIRTIO_NET_F_MQ):
+            if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET or len(data) != 2:
+                return self._ctrl_refuse(f"MQ command {cmd} with {len(data)} bytes")
+            pairs = int.from_bytes(data, "little")
+            if not 1 <= pairs <= self.queue_pairs:
+                return self._ctrl_refuse(f"{pairs} queue pairs (1-{self.queue_pairs})")
+            self._set_active_pairs(pairs)
+            return VIRTIO_NET_OK
+        return self._ctrl_refuse(f"unknown or not negotiated class {cls} command {cmd}")
+
+    def _ctrl_rx(self, cmd: int, data: bytes) -> int:
+        names = {VIRTIO_NET_CTRL_RX_PROMISC: "promisc", VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
+        if self.negotiated(VIRTIO_NET_F_CTRL_RX_EXTRA):
+            names.update({VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+                          VIRTIO_NET_CTRL_RX_NOUNI: "nouni", VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"})
+        if cmd not in names or len(data) != 1:
+            return self._ctrl_refuse(f"RX command {cmd} with {len(data)} bytes")
+        self.rx_filter = replace(self.rx_filter, **{names[cmd]: bool(data[0])})
+        return VIRTIO_NET_OK
+
+    def _ctrl_mac(self, cmd: int, data: bytes) -> int:
+        if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET and self.negotiated(VIRTIO_NET_F_CTRL_MAC_ADDR):
+            if len(data) != 6:
+                return self._ctrl_refuse(f"MAC_ADDR_SET with {len(data)} bytes")
+            self.mac = bytes(data)
+            return VIRTIO_NET_OK
+        if cmd != VIRTIO_NET_CTRL_MAC_TABLE_SET or not self.negotiated(VIRTIO_NET_F_CTRL_RX):
+            return self._ctrl_refuse(f"MAC command {cmd}")
+        tables = []
+        off = 0
+        for _ in range(2):
+            if off + 4 > len(data):
+                return self._ctrl_refuse("MAC table shorter than its entry count")
+            entries = int.from_bytes(data[off:off + 4], "little")
+            off += 4
+            if entries > (len(data) - off) // 6:
+                return self._ctrl_refuse(f"MAC table of {entries} entries in {len(data) - off} bytes")
+            tables.append(tuple(data[off + 6 * i:off + 6 * i + 6] for i in range(entries)))
+            off += 6 * entries
+        if off != len(data):
+            return self._ctrl_refuse(f"{len(data) - off} bytes after the MAC tables")
+        uc, mc = tables
+        self.rx_filter = replace(self.rx_filter,
+                                 unicast=uc if len(uc) <= MAC_TABLE_ENTRIES else (),
+                                 unicast_overflow=len(uc) > MAC_TABLE_ENTRIES,
+                                 multicast=mc if len(mc) <= MAC_TABLE_ENTRIES else (),
+                                 multicast_overflow=len(mc) > MAC_TABLE_ENTRIES)
+        return VIRTIO_NET_OK
+
+    def _set_active_pairs(self, pairs: int) -> None:
+        old = self.active_pairs
+        if pairs == old:
+            return
+        self.active_pairs = pairs
+        self._attach_tap_queues()
+        for pair in range(min(old, pairs), max(old, pairs)):
+            self._rx_poll(pair, pair < pairs)
+        log.info("%s: %d queue pairs in use", self.name, pairs)
 
 
 def _set_num_buffers(views, value: int) -> None:
@@ -336,3 +786,6 @@ def _set_num_buffers(views, value: int) -> None:
         pos += len(v)
         if pos >= 12:
             return
+
+
+__all__ = ["QueueError", "RxFilter", "VirtioNet", "VirtioNetState"]

@@ -594,21 +594,35 @@ class VirtioPciTransport(PciDevice):
         loop thread, under _lock, right after the model served the queue)."""
         fd = self._doorbells[q]
         offer = getattr(self.device, "native_backend", None)
+        take = getattr(self.device, "native_queue", None)
         # The translator drops translated code on device writes through
-        # memory.dma_listeners, which a C thread would bypass.
-        if (offer is None or self._native_refused or self._native_held or fd is None or self.memory.dma_listeners
-                or not self._serving or self.broken or not self.queues[q].active):
+        # memory.dma_listeners, which a C thread (or the kernel) would bypass.
+        if ((offer is None and take is None) or self._native_refused or self._native_held or fd is None
+                or self.memory.dma_listeners or not self._serving or self.broken or not self.queues[q].active):
             return
-        backend = offer()
+        backend = offer() if offer is not None else None
         if isinstance(backend, netplane.NetBackend):
             self._start_native_pair(q, backend)
             return
         if backend is None:
-            # The model keeps every queue now (a request waits for `cont`): the
-            # other queues' threads must not run on past it.
-            for other, native in enumerate(self._native):
+            if offer is not None:
+                # The model keeps every queue its offer covers now (a request waits
+                # for `cont`, a guest's rx filter): the other queues' threads must not
+                # run on past it. Rings a device's own plane serves stay where they are.
+                for other, native in enumerate(self._native):
+                    if isinstance(native, (dataplane.NativeQueue, netplane.NativeNetPair)):
+                        self._stop_native(other, rewatch=True)
+            if take is not None:
+                # A device whose queues a plane of its own serves (virtio-net's vhost
+                # rings): it decides per queue, None keeps the queue here.
+                try:
+                    native = take(q, self.queues[q], fd, self.msix.unmasked_fd(self.queue_vector[q]))
+                except OSError as e:
+                    self._native_refused = True
+                    log.warning("%s: queue %d stays in Python: %s", self.name, q, e)
+                    return
                 if native is not None:
-                    self._stop_native(other, rewatch=True)
+                    self._adopt_native(q, fd, native)
             return
         try:
             if self._native_regions is None:
@@ -619,6 +633,11 @@ class VirtioPciTransport(PciDevice):
             self._native_refused = True
             log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
             return
+        self._adopt_native(q, fd, native)
+
+    def _adopt_native(self, q: int, fd: int, native) -> None:
+        """Queue ``q``'s doorbell ``fd`` belongs to ``native`` (a NativeQueue's
+        interface) from now on; its interrupt and hand-back eventfds are watched."""
         self.events.unsubscribe(fd)
         self._native[q] = native
         log.debug("%s: queue %d served by a native thread", self.name, q)

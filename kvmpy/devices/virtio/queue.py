@@ -292,6 +292,23 @@ class SplitQueue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         _U16.pack_into(self._used, 2, self.next_used)
 
+    def add_used_many(self, entries: list[tuple[int, int]]) -> None:
+        """Return several chains (head, length) at once, published by one index
+        update: a driver polling the ring sees all of them or none (a merged RX
+        frame's buffers must arrive together)."""
+        if not self.active:
+            raise QueueError("queue used before activation")
+        slot = self.next_used
+        for head, length in entries:
+            ranges = self._dma_ranges.pop(head, None) if self._dma_ranges else None
+            if ranges:
+                for gpa, n in ranges:
+                    self.memory.notify_dma_write(gpa, n)
+            _USED_ELEM.pack_into(self._used, 4 + 8 * (slot % self.size), head, length & 0xFFFFFFFF)
+            slot = (slot + 1) & 0xFFFF
+        self.next_used = slot
+        _U16.pack_into(self._used, 2, slot)
+
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added so far."""
         if not self.active:
