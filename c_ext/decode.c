@@ -286,10 +286,8 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     i->rep = rep;
     i->lock = lock;
     i->pfx = rep == 1 ? 2 : rep == 2 ? 3 : (opsz_pfx ? 1 : 0);
-    if (vex) {
+    if (vex)
         i->pfx = vex_pp;   /* VEX.pp encodes 66/F3/F2 in the same order */
-        osz = vex_w ? 8 : 4;
-    }
     (void)last_sse;
     i->asz = asz;
     i->base = i->index = NOREG;
@@ -307,7 +305,7 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
 
     int has_modrm = op < 0x100 ? modrm1[op] : (op < 0x200 ? modrm2(op & 0xff) : (op != OP_UD));
     if (vex)
-        has_modrm = op != OP_UD;   /* all VEX instructions but vzeroupper/vzeroall (AVX) */
+        has_modrm = op != OP_UD && op != 0x177;   /* all but vzeroupper/vzeroall (AVX) */
     int mod = 0, reg = 0, rm = 0;
     if (has_modrm) {
         NEED(1);
