@@ -12,8 +12,9 @@ Where unicorn is wrong the SDM wins; in 64-bit streams the host CPU says so, in
 32-bit ones (no referee) the difference is neutralised:
   * BLSI with a zero source: the SDM clears CF ("CF is set if the source is not
     zero"), QEMU 5 sets it. Its CF is left out of 32-bit streams.
-  * BZHI r32 with an index of 32 or more: the SDM leaves the source as it is, QEMU 5
-    clamps the index to 31 (clearing bit 31). 32-bit streams use indexes below 32.
+  * BZHI r32 with an index of 31 or more: the SDM leaves the source as it is from 32
+    up and sets CF from 32 up; QEMU 5 clamps the index to 31 (clearing bit 31) and
+    sets CF from 31 up. 32-bit streams use indexes below 31.
 
 RDRAND/RDSEED return random values: checked on ours only, for CF=1 and values
 that vary.
@@ -107,7 +108,7 @@ def g_bmi(draw, a: Asm):
         setup = mov_imm32(a, vreg, draw(st.integers(0, 70)) | draw(st.integers(0, 70)) << 8 |
                           draw(st.integers(0, 0xFFFF)) << 16)
     elif name == "bzhi" and a.mode != 64:             # unicorn's index >= 32 (module docstring)
-        setup = mov_imm32(a, vreg, draw(st.integers(0, 31)) | draw(st.integers(0, 0xFFFFFF)) << 8)
+        setup = mov_imm32(a, vreg, draw(st.integers(0, 30)) | draw(st.integers(0, 0xFFFFFF)) << 8)
     elif name == "bzhi" and draw(st.integers(0, 3)):    # the index byte only; bits above ignored
         setup = mov_imm32(a, vreg, draw(st.integers(0, 70)) | draw(st.integers(0, 0xFFFFFF)) << 8)
     if rm[0] == "r" and draw(st.integers(0, 5)) == 0:   # a zero source
