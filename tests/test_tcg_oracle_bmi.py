@@ -425,3 +425,19 @@ def test_each_mmx_conversion(entry):
     xmm[4] = int.from_bytes(FLOAT_EDGES[16:32], "little")
     data = (FLOAT_EDGES[16:] + FLOAT_EDGES[:16])[:32] * 2
     check(64, code, (vals, flags, data, xmm))
+
+
+def test_vex_or_lds_in_32_bit_mode():
+    """C5 alike: lds ecx, [0x200000] (next byte 0x0d: a memory operand) stays lds, while
+    C5 with a register-form next byte is VEX, here vaddps (AVX): #UD at it."""
+    from kvmpy.hv import exits
+    lds = b"\xc5\x0d" + struct.pack("<I", 0x200000)
+    code = (b"\xc7\x05" + struct.pack("<II", 0x200000, 0x0BADCAFE) +
+            b"\x66\xc7\x05" + struct.pack("<IH", 0x200004, 0) + lds)
+    kind, r, sr, _mem = run_ours(32, code)
+    assert kind == exits.EXIT_HLT, kind
+    assert r.rcx & 0xFFFFFFFF == 0x0BADCAFE and sr.ds.selector == 0
+    vaddps = vex(1, 0, 0x58, 0, 1, ("r", 2), two_byte=True)
+    assert vaddps[1] & 0xC0 == 0xC0
+    kind, r, _sr, _mem = run_ours(32, vaddps)
+    assert (kind, r.rip) == (exits.EXIT_SHUTDOWN, 0x100000)   # unicorn runs it as addps (UNICORN_RUNS)
