@@ -87,6 +87,27 @@ static int ends_block(int op, int reg, int mod)
     return 0;
 }
 
+/* The VEX instruction (opcode map << 8 | byte, with its pp, L, ModRM.reg, vvvv) the
+ * translator implements: BMI1 and BMI2 (SDM Vol. 2, Table A-2's VEX rows), or -1.
+ * Everything else VEX-encoded is AVX, which CPUID does not announce: #UD. */
+static int vex_kind(int op, int pp, int l, int reg, int vvvv)
+{
+    static const int group_f7[4] = { VX_BEXTR, VX_SHLX, VX_SARX, VX_SHRX };   /* by pp */
+    if (l)
+        return -1;   /* the BMI forms are VEX.LZ: L=1 would be a 256-bit (AVX) encoding */
+    switch (op) {
+    case 0x2f2: return pp == 0 ? VX_ANDN : -1;
+    case 0x2f3:      /* group 17 */
+        if (pp != 0) return -1;
+        return reg == 1 ? VX_BLSR : reg == 2 ? VX_BLSMSK : reg == 3 ? VX_BLSI : -1;
+    case 0x2f5: return pp == 0 ? VX_BZHI : pp == 3 ? VX_PDEP : pp == 2 ? VX_PEXT : -1;
+    case 0x2f6: return pp == 3 ? VX_MULX : -1;
+    case 0x2f7: return group_f7[pp];
+    case 0x3f0: return pp == 3 && vvvv == 0 ? VX_RORX : -1;   /* vvvv reserved (1111b) */
+    }
+    return -1;
+}
+
 /* P_ALU_RR64..P_ALU_RI32 with the operation in imm2 -> the per-operation pseudo-op */
 static void split_alu(Insn *i)
 {
@@ -190,9 +211,53 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
             rex = b[p++];
         }
     }
+    /* VEX: C4 (three bytes) or C5 (two). In 64-bit mode always; in 32-bit code only
+     * when the next byte's top two bits are 11, which LES/LDS would read as a register
+     * operand (invalid for them); 16-bit code keeps LES/LDS, as QEMU does. */
+    int vex = 0, vex_bad = 0, vex_op = 0, vex_w = 0, vex_l = 0, vex_v = 0, vex_pp = 0;
+    if (mode >= 1) {
+        NEED(1);
+        if (b[p] == 0xc4 || b[p] == 0xc5) {
+            NEED(2);
+            if (mode == 2 || (b[p + 1] & 0xc0) == 0xc0) {
+                uint8_t v1 = b[p + 1], v2 = v1;
+                int vr = !(v1 & 0x80), vx = 0, vb = 0, map = 1;
+                vex = 1;
+                /* a 66, F2, F3, LOCK or REX prefix before VEX is #UD (SDM Vol. 2, 2.3.2) */
+                vex_bad = opsz_pfx || rep || lock || rex;
+                if (b[p] == 0xc4) {
+                    NEED(3);
+                    v2 = b[p + 2];
+                    vx = !(v1 & 0x40);
+                    vb = !(v1 & 0x20);
+                    map = v1 & 0x1f;
+                    vex_w = v2 >> 7;
+                    p += 3;
+                } else {
+                    p += 2;
+                }
+                vex_v = (~v2 >> 3) & 15;
+                vex_l = (v2 >> 2) & 1;
+                vex_pp = v2 & 3;
+                if (mode == 2) {
+                    rex = 0x40 | vex_w << 3 | vr << 2 | vx << 1 | vb;
+                } else {
+                    rex = 0;      /* outside 64-bit mode VEX.W, B and vvvv[3] are ignored */
+                    vex_w = 0;
+                    vex_v &= 7;
+                }
+                NEED(1);
+                vex_op = b[p++];
+                if (map >= 1 && map <= 3)
+                    vex_op |= map << 8;
+                else
+                    vex_op = OP_UD, vex_bad = 1;   /* reserved opcode map */
+            }
+        }
+    }
     NEED(1);
-    int op = b[p++];
-    if (op == 0x0f) {
+    int op = vex ? vex_op : b[p++];
+    if (!vex && op == 0x0f) {
         NEED(1);
         op = b[p++];
         if (op == 0x38) {
@@ -221,6 +286,8 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     i->rep = rep;
     i->lock = lock;
     i->pfx = rep == 1 ? 2 : rep == 2 ? 3 : (opsz_pfx ? 1 : 0);
+    if (vex)
+        i->pfx = vex_pp;   /* VEX.pp encodes 66/F3/F2 in the same order */
     (void)last_sse;
     i->asz = asz;
     i->base = i->index = NOREG;
@@ -237,6 +304,8 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     }
 
     int has_modrm = op < 0x100 ? modrm1[op] : (op < 0x200 ? modrm2(op & 0xff) : (op != OP_UD));
+    if (vex)
+        has_modrm = op != OP_UD && op != 0x177;   /* all but vzeroupper/vzeroall (AVX) */
     int mod = 0, reg = 0, rm = 0;
     if (has_modrm) {
         NEED(1);
@@ -324,6 +393,8 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
         osz = 8;
     if (mode == 2 && (op == 0x120 || op == 0x122 || op == 0x121 || op == 0x123))
         osz = 8;
+    if (vex)
+        osz = vex_w ? 8 : 4;
     i->osz = osz;
 
     /* immediates */
@@ -395,6 +466,11 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     }
     if (p > 15)
         return -1;
+    if (vex) {
+        int kind = vex_bad ? -1 : vex_kind(op, vex_pp, vex_l, reg, vex_v);
+        op = kind < 0 ? OP_UD : P_VEX;
+        i->imm2 = kind < 0 ? 0 : (uint64_t)(kind | vex_v << 8);
+    }
     i->op = op;
     i->len = p;
     *ends = ends_block(op, reg, mod);

@@ -17,6 +17,7 @@
 #include "insn_control.h"
 #include "insn_fpu.h"
 #include "insn_system.h"
+#include "insn_bmi.h"
 
 /* ---- block cache ---- */
 
@@ -975,6 +976,10 @@ enter:
         [0x1cf] = &&op_0x1cf,
         [0x177] = &&op_0x177,
         [OP_UD] = &&op_OP_UD,
+        [P_VEX] = &&op_P_VEX,
+        [0x2f0] = &&op_0x2f0,
+        [0x2f1] = &&op_0x2f1,
+        [0x2f6] = &&op_0x2f6,
     };
     int op;
 #define PROLOGUE()                                          \
@@ -1163,11 +1168,14 @@ enter:
         op_0x1bc: op_0x1bd: bit_scan(c, i, op); NEXT;
         op_0x1c0: xadd(c, i, 1); NEXT;
         op_0x1c1: xadd(c, i, i->osz); NEXT;
-        op_0x1c7: exchange_group9(c, i); NEXT;
+        op_0x1c7: if (i->mod == 3) rdrand_rdseed(c, i); else exchange_group9(c, i); NEXT;
         op_0x1c8: op_0x1c9: op_0x1ca: op_0x1cb: op_0x1cc: op_0x1cd: op_0x1ce: op_0x1cf:
             bswap(c, i); NEXT;
         op_0x177: emms(c); NEXT;
         op_OP_UD: UD(); NEXT;
+        op_P_VEX: vex_bmi(c, i); NEXT;
+        op_0x2f0: op_0x2f1: movbe_or_crc32(c, i, op); NEXT;
+        op_0x2f6: adx(c, i); NEXT;
 
         /* the decoder's specialised forms (specialize() in decode.c) */
         op_P_MOV_RM_R64: mov_rr64(c, i->rm, i->reg); NEXT;

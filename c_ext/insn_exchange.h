@@ -176,7 +176,7 @@ static void cmpxchg8b(CPU *c, uint64_t lin)
 HANDLER exchange_group9(CPU *c, Insn *i)
 {
     if ((i->reg & 7) != 1 || i->mod == 3)
-        UD();   /* rdrand/rdseed/vmptrld: not advertised */
+        UD();   /* vmptrld & co.; the register forms (rdrand/rdseed) go to insn_bmi.h */
     uint64_t lin = ea_lin(c, i);
     if (i->osz == 8)
         cmpxchg16b(c, lin);

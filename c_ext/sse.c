@@ -371,6 +371,10 @@ void sse_exec(CPU *c, Insn *i)
         mmx_exec(c, i, op);
         return;
     }
+    if ((op == 0x2a || op == 0x2c || op == 0x2d) && pfx <= 1) {
+        mmx_cvt_exec(c, i);
+        return;
+    }
     if (op == 0xc3) {   /* movnti m, r: a plain store for us */
         if (i->mod == 3 || pfx)
             RAISE(c, EXC_UD);

@@ -690,9 +690,13 @@ void do_cpuid(CPU *c)
         case 1:
             a = 0x000306a9;
             b = ((uint32_t)c->cpu_index << 24) | (1 << 16) | (8 << 8);
-            cc = (1u << 13) | (1u << 23) | (1u << 31);   /* cx16 popcnt hypervisor */
+            cc = (1u << 13) | (1u << 22) | (1u << 23) | (1u << 30) | (1u << 31);   /* cx16 movbe popcnt rdrand hypervisor */
             d = 1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) |
                 (1 << 15) | (1 << 16) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26);
+            break;
+        case 7:
+            if (idx == 0)
+                b = (1u << 3) | (1u << 8) | (1u << 18) | (1u << 19);   /* bmi1 bmi2 rdseed adx */
             break;
         case 0x80000000: a = 0x80000008; break;
         case 0x80000001:

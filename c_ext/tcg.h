@@ -282,8 +282,10 @@ typedef struct CPU {
  *   mmx.c      MMX (and the faults EMMS checks); calls access.h, mem.c, unwind.c
  *   ssse3.c, sse41.c, sse42.c   SSSE3 (XMM and MMX forms), SSE4.1, SSE4.2; call mmx.c and
  *              what it calls
+ *   mmx_cvt.c  the SSE conversions with an MMX operand; calls mmx.c and what it calls
  *   sse.c      SSE/SSE2/SSE3, routing to the four above; simd.h is their shared inline part
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
+ *              (insn_bmi.h: BMI1/2, ADX, MOVBE, RDRAND/RDSEED; it calls sse.c for crc32)
  *   pymod.c    the Python type kvmpy._tcg.Cpu */
 
 /* ---- unwind.c ---- */
@@ -311,8 +313,16 @@ enum {
     P_ADD_RR32 = P_ALUX + 8, P_OR_RR32, P_AND_RR32 = P_ALUX + 12, P_SUB_RR32, P_XOR_RR32, P_CMP_RR32,
     P_ADD_RI64 = P_ALUX + 16, P_OR_RI64, P_AND_RI64 = P_ALUX + 20, P_SUB_RI64, P_XOR_RI64, P_CMP_RI64,
     P_ADD_RI32 = P_ALUX + 24, P_OR_RI32, P_AND_RI32 = P_ALUX + 28, P_SUB_RI32, P_XOR_RI32, P_CMP_RI32,
+    /* a VEX-encoded instruction the translator implements (BMI1/BMI2, insn_bmi.h); the
+     * decoder turns every other VEX encoding into OP_UD, as a CPU without AVX does */
+    P_VEX = P_ALUX + 32,
 };
-#define DISPATCH_SIZE 0x440
+#define DISPATCH_SIZE 0x441
+/* P_VEX: which one, in i->imm2 with VEX.vvvv (the extra register operand) above it */
+enum { VX_ANDN, VX_BLSR, VX_BLSMSK, VX_BLSI, VX_BZHI, VX_PDEP, VX_PEXT, VX_MULX, VX_BEXTR,
+       VX_SHLX, VX_SARX, VX_SHRX, VX_RORX };
+#define VEX_KIND(i) ((int)((i)->imm2 & 0xff))
+#define VEX_VREG(i) ((int)((i)->imm2 >> 8) & 15)
 int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends);
 
 /* ---- mem.c ---- (mem_read_slow, mem_write_slow, atomic_host_slow: behind access.h) */
@@ -382,6 +392,9 @@ int sse41_op(int op);
 void sse41_exec(CPU *c, Insn *i, int op);
 int sse42_op(int op);
 void sse42_exec(CPU *c, Insn *i, int op);
+
+/* ---- mmx_cvt.c (called by sse.c) ---- */
+void mmx_cvt_exec(CPU *c, Insn *i);
 
 /* ---- exec.c ---- */
 int cpu_run(CPU *c);

@@ -52,9 +52,16 @@ def test_linux_boots_on_the_translator(guest):
     p, seconds = boot(guest, ["--accel", "tcg", "--smp", "2"],
                       f"uname -r; grep -c ^processor /proc/cpuinfo; echo {marker} > /mnt/f; sync; "
                       "echo +1 > /sys/class/rtc/rtc0/wakealarm; sleep 3; grep rtc0 /proc/interrupts; "
-                      "sleep 5; grep rtc0 /proc/interrupts")
+                      "sleep 5; grep rtc0 /proc/interrupts; grep -m1 ^flags /proc/cpuinfo")
     out = check_run(guest, p, marker)
     assert re.search(r"^2$", out, re.M), out[-3000:]     # two processors in /proc/cpuinfo
+    # the extensions after SSE4.2 (c_ext/insn_bmi.h) as Linux reports them; no AVX
+    flags = re.findall(r"^flags\s*:(.*)$", out, re.M)
+    assert flags, out[-3000:]
+    have = set(flags[-1].split())
+    assert {"movbe", "popcnt", "rdrand", "bmi1", "bmi2", "adx", "rdseed", "abm"} <= have, flags[-1]
+    assert not {"avx", "avx2", "xsave"} & have, flags[-1]
+    assert "RDRAND gives funky smelling output" not in out
     assert "smp: Brought up 1 node, 2 CPUs" in out
     # the RTC alarm (rtc-cmos through the IOAPIC) interrupted once. The last count
     # decides: on a loaded host the alarm has come after more than 3 guest seconds

@@ -109,8 +109,14 @@ FEATURES = {
     (1, "ecx", 13): "480fc70b",             # cx16: cmpxchg16b [rbx]
     (1, "ecx", 19): "660f3a0bc105" "660f3817c1" "660f3a40c1ff",   # sse4.1: roundsd, ptest, dpps
     (1, "ecx", 20): "f20f38f1c1" "660f3a63c10c" "660f3837c1",      # sse4.2: crc32, pcmpistri, pcmpgtq
+    (1, "ecx", 22): "480f38f003" "480f38f103",   # movbe rax, [rbx]; movbe [rbx], rax
     (1, "ecx", 23): "f3480fb8c1",           # popcnt rax, rcx
+    (1, "ecx", 30): "480fc7f0",             # rdrand rax
     (1, "ecx", 31): None,                   # hypervisor
+    (7, "ebx", 3): "c4e2f0f2c2" "c4e2f8f3cb" "f3480fbcc1",   # bmi1: andn rax, rcx, rdx; blsr rax, rbx; tzcnt
+    (7, "ebx", 8): "c4e2f3f5c2" "c4e3fbf0c105" "c4e2ebf6c1",   # bmi2: pdep rax, rcx, rdx; rorx; mulx
+    (7, "ebx", 18): "480fc7f8",             # rdseed rax
+    (7, "ebx", 19): "66480f38f6c1" "f3480f38f6c1",   # adx: adcx rax, rcx; adox rax, rcx
     (7, "edx", 26): "b948000000" "0f32" "0f30" "b949000000" "31c0" "31d2" "0f30",   # ibrs/ibpb msrs
     (7, "edx", 29): "b90a010000" "0f32",    # arch_capabilities: rdmsr
     (0x80000001, "ecx", 0): "9f",           # lahf_lm: lahf in 64-bit mode
@@ -159,5 +165,43 @@ def test_announced_feature_executes(feature):
         kind = v.run()
         assert kind == exits.EXIT_HLT, f"{feature}: exit {kind}, not the hlt after the instruction"
         assert v.get_regs().rip == 0x100000 + len(code)
+    finally:
+        v.close()
+
+
+def test_the_extensions_after_sse42_are_announced():
+    """What c_ext/insn_bmi.h implements is announced with the bits QEMU's Haswell and
+    Broadwell models use (leaf 1 ECX, leaf 7 EBX, 0x80000001 ECX), and AVX, AVX2 and
+    XSAVE, which it does not implement, are not."""
+    t = table()
+    leaf1_ecx, leaf7_ebx, ext_ecx = t[(1, 0)][2], t[(7, 0)][1], t[(0x80000001, 0)][2]
+    for bit, name in ((22, "movbe"), (23, "popcnt"), (30, "rdrand")):
+        assert leaf1_ecx >> bit & 1, name
+    for bit, name in ((3, "bmi1"), (8, "bmi2"), (18, "rdseed"), (19, "adx")):
+        assert leaf7_ebx >> bit & 1, name
+    assert ext_ecx >> 5 & 1, "abm (lzcnt)"
+    assert not leaf1_ecx >> 28 & 1 and not leaf1_ecx >> 26 & 1, "avx / xsave"
+    assert not leaf7_ebx >> 5 & 1, "avx2"
+
+
+@pytest.mark.parametrize("code", ["c5f458c2", "c4e17058c2", "c5fc77", "c4e27d18c0"],
+                         ids=["vaddps-c5", "vaddps-c4", "vzeroall", "vbroadcastss-ymm"])
+def test_an_unannounced_vex_instruction_is_ud(code):
+    """AVX is not announced: its VEX encodings raise #UD (a triple fault here, no IDT)
+    at the instruction, as on a CPU without AVX, while BMI's VEX forms execute
+    (test_announced_feature_executes)."""
+    mem = make_memory(8 << 20)
+    identity_map_2m(mem)
+    mem.write(0x100000, bytes.fromhex(code) + b"\xf4")
+    v = TcgVcpu(mem)
+    set_long_mode(v)
+    sr = v.get_sregs()
+    sr.idt.limit = 0
+    v.set_sregs(sr)
+    v.set_cpuid(translator_cpuid(1, 0, 2_600_000_000))
+    v.set_regs(regs(rip=0x100000, rsp=0x300000, rbx=SCRATCH))
+    try:
+        assert v.run() == exits.EXIT_SHUTDOWN
+        assert v.get_regs().rip == 0x100000
     finally:
         v.close()

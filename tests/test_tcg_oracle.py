@@ -777,7 +777,7 @@ def _load(mem, lay, code: bytes, data_seed: bytes, xmm) -> None:
 class Pair:
     """Our translator and unicorn set up identically for one CPU mode."""
 
-    def __init__(self, mode: int) -> None:
+    def __init__(self, mode: int, cpu_model: int | None = None) -> None:
         self.mode = mode
         self.lay = LAYOUT[mode]
         self.mem = make_memory(4 << 20)
@@ -786,6 +786,8 @@ class Pair:
         self.vcpu = TcgVcpu(self.mem)
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, {64: unicorn.UC_MODE_64, 32: unicorn.UC_MODE_32,
                                                    16: unicorn.UC_MODE_16}[mode])
+        if cpu_model is not None:   # unicorn's CPUID model gates what it decodes (ADX: Broadwell)
+            self.uc.ctl_set_cpu_model(cpu_model)
         if mode == 16:
             self.uc.mem_map(0, 0x10000)
         else:
@@ -875,13 +877,13 @@ class _UcMem:
         self.uc.mem_write(addr, data)
 
 
-_pairs: dict[int, Pair] = {}
+_pairs: dict[tuple[int, int | None], Pair] = {}
 
 
-def pair(mode: int) -> Pair:
-    if mode not in _pairs:
-        _pairs[mode] = Pair(mode)
-    return _pairs[mode]
+def pair(mode: int, cpu_model: int | None = None) -> Pair:
+    if (mode, cpu_model) not in _pairs:
+        _pairs[mode, cpu_model] = Pair(mode, cpu_model)
+    return _pairs[mode, cpu_model]
 
 
 def describe(mode: int, code: bytes) -> str:
@@ -1065,15 +1067,16 @@ def unicorn_diffs(mode: int, ours, theirs, tolerant: bool) -> list[str]:
     return diffs
 
 
-def check(mode: int, code: bytes, state, normalize=None) -> None:
+def check(mode: int, code: bytes, state, normalize=None, cpu_model: int | None = None) -> None:
     """Ours against unicorn and, where they differ, against the host CPU.
     normalize(ours_data, unicorn_data) -> (ours_data, unicorn_data) neutralises a
     documented disagreement inside the data region (raising AssertionError for what
     it cannot excuse); like same_but_nan_choice it applies only where the host CPU
-    cannot judge."""
+    cannot judge. cpu_model: unicorn's (x86_const.UC_CPU_X86_*), for instructions
+    its default model does not decode."""
     vals, flags, data, xmm = state
     assert count_insns(mode, code) > 0, f"encoder produced bytes capstone rejects: {code.hex()}"
-    p = pair(mode)
+    p = pair(mode, cpu_model)
     ours, theirs = p.run(code, vals, flags, data, xmm)
     listing = describe(mode, code)
     init = " ".join(f"{NAMES[n]}={v:#x}" for n, v in vals.items())

@@ -39,6 +39,10 @@ BRAND = b"Intel Xeon E3-12xx v2 (Ivy Bridge)"   # QEMU's model-id for it
 # TSC/crystal ratio within a few ppm of the TSC (1 GHz allowed errors of ~100 ppm).
 CRYSTAL_HZ = 25_000_000
 
+# CPUID 7.0 EBX: BMI1, BMI2, RDSEED and ADX (c_ext/insn_bmi.h); no AVX2, whose
+# VEX encodings stay #UD along with every other AVX one
+LEAF7_EBX = (1 << 3) | (1 << 8) | (1 << 18) | (1 << 19)
+
 
 # How long a halted vCPU sleeps without a wake-up; every event that can end a halt
 # (interrupt, INIT/SIPI, pause/stop) kicks it, so this is only a safety net.
@@ -88,8 +92,9 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
     ecx = int.from_bytes(VENDOR[8:12], "little")
     leaf1_edx = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) | (1 << 15) \
         | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)   # fpu tsc msr pae cx8 apic pge cmov clflush mmx fxsr sse sse2
-    # sse3 ssse3 cx16 sse4.1 sse4.2 popcnt hypervisor
-    leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 31)
+    # sse3 ssse3 cx16 sse4.1 sse4.2 movbe popcnt rdrand hypervisor
+    leaf1_ecx = (1 << 0) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 30) \
+        | (1 << 31)
     if num_cpus > 1:
         leaf1_edx |= 1 << 28          # HTT: EBX[23:16] holds the package's logical count
     leaf1_ebx = (apic_id & 0xFF) << 24 | (min(num_cpus, 255) << 16) | (8 << 8)   # clflush 64 bytes
@@ -103,8 +108,9 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
         _cache_leaf(1, 2, 1, 32 << 10, 8, cores_minus_1),     # L1 instruction
         _cache_leaf(2, 3, 2, 4 << 20, 16, cores_minus_1),     # L2 4 MiB 16-way, as QEMU's legacy cache
         (4, 3, significant, 0, 0, 0, 0),
-        # IBRS/IBPB (IA32_SPEC_CTRL, IA32_PRED_CMD) and IA32_ARCH_CAPABILITIES: msr_read/msr_write
-        (7, 0, significant, 0, 0, 0, (1 << 26) | (1 << 29)),
+        # bmi1 bmi2 rdseed adx (the bits of QEMU's Haswell/Broadwell); IBRS/IBPB
+        # (IA32_SPEC_CTRL, IA32_PRED_CMD) and IA32_ARCH_CAPABILITIES: msr_read/msr_write
+        (7, 0, significant, 0, LEAF7_EBX, 0, (1 << 26) | (1 << 29)),
         # x2APIC topology: SMT level of one thread, core level of num_cpus
         (0xB, 0, significant, 0, 1, (1 << 8) | 0, apic_id),
         (0xB, 1, significant, shift, num_cpus, (2 << 8) | 1, apic_id),

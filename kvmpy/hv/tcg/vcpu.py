@@ -27,7 +27,8 @@ while run() executes (the range is applied at the next block boundary).
 
 Only the instruction sets advertised through ``set_cpuid`` (filtered by
 ``filter_cpuid``) are implemented: the integer ISA, x87 (c_ext/x87.c), MMX, SSE/SSE2/SSE3/
-SSSE3/SSE4.1/SSE4.2, fxsave/fxrstor, cmpxchg16b, popcnt/lzcnt; no AVX, XSAVE or SYSENTER.
+SSSE3/SSE4.1/SSE4.2, fxsave/fxrstor, cmpxchg16b, popcnt/lzcnt, BMI1/BMI2 (VEX-encoded),
+ADX, MOVBE, RDRAND/RDSEED; no AVX, XSAVE or SYSENTER.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ else:
 # so the guest never picks an instruction set extension we would #UD on.
 # fpu pse tsc msr pae cx8 apic mtrr pge cmov pat clflush mmx fxsr sse sse2 htt (no sysenter)
 _LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 12, 13, 15, 16, 19, 23, 24, 25, 26, 28))
-_LEAF1_ECX = sum(1 << b for b in (0, 9, 13, 19, 20, 23, 31))    # sse3 ssse3 cx16 sse4.1/4.2 popcnt hypervisor
+# sse3 ssse3 cx16 sse4.1/4.2 movbe popcnt rdrand hypervisor
+_LEAF1_ECX = sum(1 << b for b in (0, 9, 13, 19, 20, 22, 23, 30, 31))
 _EXT1_EDX = sum(1 << b for b in (11, 20, 26, 27, 29))           # syscall nx pdpe1gb rdtscp lm
 _EXT1_ECX = sum(1 << b for b in (0, 5))                          # lahf_lm abm(lzcnt)
-_LEAF7_EBX = 1 << 0                                              # fsgsbase
+_LEAF7_EBX = sum(1 << b for b in (0, 3, 8, 18, 19))             # fsgsbase bmi1 bmi2 rdseed adx
 _LEAF7_EDX = (1 << 26) | (1 << 29)                               # ibrs/ibpb, arch_capabilities (msrs 0x48 0x49 0x10a)
 
 
