@@ -240,7 +240,15 @@ def g_sse42(draw, a: Asm):
     opc = bytes.fromhex(draw(st.sampled_from(["0f3a60", "0f3a61", "0f3a62", "0f3a63"])))
     rm = ("m", a.mem(draw, 16)) if draw(st.booleans()) else ("r", draw(st.integers(0, 15)))
     size = 8 if draw(st.booleans()) else 4    # REX.W: 64-bit lengths
-    return a.enc(opc, draw(st.integers(0, 15)), rm, size, bytes([draw(st.integers(0, 127))]), prefix=b"\x66"), 0
+    lengths = b""
+    if opc[2] in (0x60, 0x61):
+        # The explicit forms get their lengths just before: unicorn's helper crashes
+        # the process on some random 64-bit lengths (a sign-extended mov keeps them
+        # small, negative ones included, in both widths).
+        lengths = (b"\x48\xc7\xc0" + struct.pack("<i", draw(st.integers(-40, 40))) +
+                   b"\x48\xc7\xc2" + struct.pack("<i", draw(st.integers(-40, 40))))
+    return lengths + a.enc(opc, draw(st.integers(0, 15)), rm, size, bytes([draw(st.integers(0, 127))]),
+                           prefix=b"\x66"), 0
 
 
 @settings(max_examples=N_MMX, deadline=None, suppress_health_check=list(HealthCheck))
