@@ -68,8 +68,8 @@ class VirtioNet:
       tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``), or anything with the same
         ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
         ``no_offloads = True`` none of a tap's is offered, only the feature bits in
-        its ``virtio_net_offloads`` (kvmpy.net.slirp.FramePort). The device uses its fd, the caller closes it
-        after the transport's ``close()``.
+        its ``virtio_net_offloads`` (kvmpy.net.slirp.FramePort). The device uses its
+        fd, the caller closes it after the transport's ``close()``.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
       queue_size: maximum ring size offered.
