@@ -820,9 +820,6 @@ class QemuCommandLine:
     def finish(self) -> VmConfig:
         self._resolve_chardevs()
         self._finish_legacy_net()
-        if self._nodefaults:
-            self.cfg.default_nic = False
-        add_default_nic(self.cfg)
         for drive_id, disk in self._unattached.items():
             self.warn(f"qemu option -drive id={drive_id}: if=none and no -device uses it; the guest does not see it")
         for netdev_id, (net, used, text) in self._netdevs.items():
@@ -854,6 +851,9 @@ class QemuCommandLine:
             if self.cfg.firmware is None:
                 # QEMU runs the -bios image it is given, -kernel or not, and OVMF is UEFI.
                 self.cfg.firmware = "uefi" if is_uefi_image(self.cfg.bios) else "bios"
+        if self._nodefaults:
+            self.cfg.default_nic = False
+        add_default_nic(self.cfg)       # after the firmware is known: not under UEFI
         return self.cfg
 
     def _finish_initrd(self) -> None:

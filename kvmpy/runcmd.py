@@ -97,7 +97,6 @@ def build_config(args) -> VmConfig:
     cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
     if args.net:
         cfg.default_nic = False
-    add_default_nic(cfg)
     cfg.devices += [parse_device_option(d) for d in args.device]
     if args.share:
         from .config import parse_share
@@ -123,6 +122,7 @@ def build_config(args) -> VmConfig:
             if name not in cfg.trace:
                 cfg.trace.append(name)
     apply_firmware_options(cfg, args)
+    add_default_nic(cfg)
     if not cfg.kernel and cfg.firmware == "none":
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel' "
                           "(or boot firmware: --firmware bios)")

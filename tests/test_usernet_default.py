@@ -155,3 +155,19 @@ def test_without_libslirp_a_warning_and_no_nic():
     r = _run_guest("--net", "user", "--append", "count=0", prefix=WITHOUT_SLIRP)
     assert r.returncode == 2 and b"net0 (user): user-mode networking is not available here" in r.stderr, r.stderr
     assert len(r.stderr.decode().strip().splitlines()) == 1, r.stderr
+
+
+def test_no_default_nic_under_uefi(slirp_built, caplog):
+    """OVMF puts virtio BARs outside the PCI windows kvmpy decodes (2 GiB, 32 GiB) and
+    Linux's virtio-pci then hangs in its reset: under UEFI only a NIC asked for."""
+    import os
+    from kvmpy.boot.firmware import OVMF_IMAGES
+    assert _kinds(_run_options("--firmware", "uefi")) == []
+    assert "no default NIC under UEFI firmware" in caplog.text
+    assert _kinds(_run_options("--firmware", "uefi", "--net", "user")) == ["user"]
+    assert _kinds(_run_options("--firmware", "bios")) == ["user"]
+    ovmf = next((p for p in OVMF_IMAGES if os.path.isfile(p)), None)
+    if ovmf is None:
+        pytest.skip(f"OVMF is not installed ({', '.join(OVMF_IMAGES)}): -bios OVMF.fd not checked")
+    cfg, _ = config_from_qemu_args(["-bios", ovmf])
+    assert cfg.firmware == "uefi" and _kinds(cfg) == []
