@@ -75,7 +75,7 @@ def check_error_policy(value, key: str, where: str) -> str:
 
 @dataclass
 class NetConfig:
-    type: str = "tap"                 # "tap" or "user" (libslirp, kvmpy.net)
+    type: str = "tap"                 # "tap" or "user" (libslirp, kvmpy.net); see NO_NIC_TYPE
     ifname: str = ""
     bridge: str = ""
     mac: str = ""
@@ -192,6 +192,10 @@ class VmConfig:
     boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
     boot_menu: bool = False
     display: DisplayConfig = field(default_factory=DisplayConfig)
+    # QEMU's default NIC: a front end (kvmpy run, QEMU's command line) adds a user-mode
+    # NIC when nothing names one (add_default_nic). False once any NIC option or "none"
+    # was given: vm.toml [[net]], --net, -net/-netdev/-nic, -nodefaults.
+    default_nic: bool = True
 
 
 FIRMWARES = ("none", "bios", "uefi")
@@ -212,6 +216,7 @@ NET_DATAPLANES = ("native", "python")
 NET_VHOST = ("on", "off", "auto")
 # QEMU's limit (and virtio-net's MAX_QUEUE_PAIRS)
 MAX_NET_QUEUES = 16
+NO_NIC_TYPE = "none"          # [[net]] type = "none", --net none: QEMU's -nic none
 MONITOR_KEYS = {"qmp", "hmp"}
 DEBUG_KEYS = {"trace"}
 DISPLAY_KEYS = {"vga", "vnc", "keymap", "keymaps"}
@@ -406,9 +411,17 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                                            f"{where} key 'iothread'")
         check_disk(disk, where)
         cfg.disks.append(disk)
-    for i, n in enumerate(_expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")):
+    nets = _expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")
+    if nets:
+        cfg.default_nic = False
+    for i, n in enumerate(nets):
         where = f"{source}: [[net]] #{i + 1}"
         _expect(n, dict, where, "a table")
+        if n.get("type") == NO_NIC_TYPE:
+            _check_unknown(n, {"type"}, where)
+            if len(nets) > 1:
+                raise ConfigError(f"{where} key 'type': \"none\" (no NIC) cannot stand beside other [[net]] tables")
+            continue
         if n.get("type") == "user":
             cfg.nets.append(parse_user_net_options(n, where))
             continue
@@ -422,7 +435,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                                               f"{MAX_NET_QUEUES}"), key)
         net.vhost = check_net_vhost(vhost, f"{where} key 'vhost'")
         if net.type != "tap":
-            raise ConfigError(f"{where} key 'type': must be \"tap\" or \"user\", got {net.type!r}")
+            raise ConfigError(f"{where} key 'type': must be \"tap\", \"user\" or \"none\", got {net.type!r}")
         check_mac(net.mac, f"{where} key 'mac'")
         net.dataplane = _choice(net.dataplane, NET_DATAPLANES, f"{where} key 'dataplane'")
         cfg.nets.append(net)
@@ -653,3 +666,30 @@ def parse_netdev(spec: str) -> NetConfig:
     check_mac(net.mac, f"--net {spec}: mac")
     net.dataplane = _choice(net.dataplane, NET_DATAPLANES, f"--net {spec}: dataplane")
     return net
+
+
+def add_default_nic(cfg: VmConfig) -> None:
+    """QEMU's default NIC: with no NIC named and none refused, a user-mode NIC
+    (``-nic user``) with QEMU's addresses. Where libslirp's module cannot be loaded
+    (kvmpy built without libslirp-dev, or libslirp.so missing) the VM starts without
+    a NIC and one warning line says why: a VM that asked for nothing must not fail."""
+    if not cfg.default_nic or cfg.nets:
+        return
+    cfg.default_nic = False
+    import logging
+    if cfg.firmware == "uefi":
+        # OVMF places a virtio device's BARs at 2 GiB and 32 GiB, outside the PCI
+        # windows kvmpy decodes: Linux's virtio-pci then waits for ever for a reset
+        # the device never sees. Until the windows follow OVMF, no NIC unless asked.
+        logging.getLogger(__name__).warning(
+            "no default NIC under UEFI firmware (OVMF's virtio BARs fall outside kvmpy's PCI windows); "
+            "name one with --net user to try")
+        return
+    try:
+        from .net import slirp  # noqa: F401 - the native module is what may be missing
+    except ImportError as e:
+        logging.getLogger(__name__).warning(
+            "no default NIC: user-mode networking is not available (%s); name one with --net tap,... "
+            "or say --net none", e)
+        return
+    cfg.nets.append(parse_user_net_options({}, "the default NIC (--net user)"))

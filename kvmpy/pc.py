@@ -251,7 +251,11 @@ def open_nic_backend(ctx: DeviceContext):
     """A NIC's backend: a tap (kvmpy.tap) or user-mode networking (kvmpy.net.slirp)."""
     net: NetConfig = ctx.options["net"]
     if net.type == "user":
-        from .net.slirp import UserNetwork
+        try:
+            from .net.slirp import UserNetwork
+        except ImportError as e:
+            raise ConfigError(f"net{ctx.options['index']} (user): user-mode networking is not available here "
+                              f"({e}); kvmpy needs libslirp (Debian libslirp-dev) when it is built") from None
         return UserNetwork(net.user, ctx.events, name=f"net{ctx.options['index']}", runas=ctx.config.runas)
     return open_tap(ctx)
 

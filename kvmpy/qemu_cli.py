@@ -20,8 +20,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .config import (DeviceConfig, DiskConfig, NetConfig, VmConfig, check_disk, check_disk_queues, check_disk_serial,
-                     check_error_policy, check_iothread,
+from .config import (DeviceConfig, DiskConfig, NetConfig, VmConfig, add_default_nic, check_disk, check_disk_queues,
+                     check_disk_serial, check_error_policy, check_iothread,
                      check_mac, check_name, config_from_dict, load_config, parse_accel, parse_drive,
                      parse_netdev, parse_on_off, parse_size)
 from .errors import ConfigError
@@ -652,6 +652,7 @@ class QemuCommandLine:
 
     # --- network ---------------------------------------------------------------------
     def opt_net(self, value, text) -> None:
+        self.cfg.default_nic = False      # QEMU: any -net/-netdev/-nic, "none" too
         pairs = split_suboptions(value, "-net", "type")
         kind = pairs[0][1] if pairs and pairs[0][0] == "type" else ""
         where = f"qemu option -net {value}"
@@ -677,6 +678,7 @@ class QemuCommandLine:
         self._legacy_net.append(_LegacyNet(kind, vlan, opts, value))
 
     def opt_netdev(self, value, text) -> None:
+        self.cfg.default_nic = False
         pairs = split_suboptions(value, "-netdev", "type")
         kind = pairs[0][1] if pairs and pairs[0][0] == "type" else ""
         if kind == "user":
@@ -705,6 +707,7 @@ class QemuCommandLine:
         self._netdevs[opts["id"]] = [net, False, value]
 
     def opt_nic(self, value, text) -> None:
+        self.cfg.default_nic = False
         pairs = split_suboptions(value, "-nic", "type")
         kind = pairs[0][1] if pairs and pairs[0][0] == "type" else ""
         if kind == "none":
@@ -880,6 +883,9 @@ class QemuCommandLine:
             if self.cfg.firmware is None:
                 # QEMU runs the -bios image it is given, -kernel or not, and OVMF is UEFI.
                 self.cfg.firmware = "uefi" if is_uefi_image(self.cfg.bios) else "bios"
+        if self._nodefaults:
+            self.cfg.default_nic = False
+        add_default_nic(self.cfg)       # after the firmware is known: not under UEFI
         return self.cfg
 
     def _finish_initrd(self) -> None:
@@ -1098,7 +1104,11 @@ def _kvmpy_option(line: QemuCommandLine, name: str, value: str | None) -> None:
     elif name == "drive":
         cfg.disks.append(parse_drive(value))
     elif name == "net":
-        cfg.nets.append(parse_netdev(value))
+        cfg.default_nic = False
+        if value == "none":         # as `kvmpy run --net none`: no NIC, whatever the vm.toml has
+            cfg.nets.clear()
+        else:
+            cfg.nets.append(parse_netdev(value))
     elif name == "device":
         from .plugins import parse_device_option
         cfg.devices.append(parse_device_option(value))

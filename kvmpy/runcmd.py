@@ -7,8 +7,9 @@ import os
 import sys
 import threading
 
-from .config import (VGA_KINDS, VmConfig, _choice, check_name, config_from_dict, load_config, parse_accel,
-                     parse_drive, parse_netdev, parse_on_off, parse_size, set_keymap, set_vnc, validate)
+from .config import (VGA_KINDS, VmConfig, _choice, add_default_nic, check_name, config_from_dict, load_config,
+                     parse_accel, parse_drive, parse_netdev, parse_on_off, parse_size, set_keymap, set_vnc,
+                     validate)
 from .errors import ConfigError
 from .events import EventLoop
 from .pathcheck import require_file
@@ -94,6 +95,8 @@ def build_config(args) -> VmConfig:
     if "none" in args.net:      # QEMU's -nic none: no NIC, whatever the vm.toml has
         cfg.nets = []
     cfg.nets += [parse_netdev(n) for n in args.net if n != "none"]
+    if args.net:
+        cfg.default_nic = False
     cfg.devices += [parse_device_option(d) for d in args.device]
     if args.share:
         from .config import parse_share
@@ -119,6 +122,7 @@ def build_config(args) -> VmConfig:
             if name not in cfg.trace:
                 cfg.trace.append(name)
     apply_firmware_options(cfg, args)
+    add_default_nic(cfg)
     if not cfg.kernel and cfg.firmware == "none":
         raise ConfigError("no kernel: give --kernel FILE or a vm.toml with key 'kernel' "
                           "(or boot firmware: --firmware bios)")

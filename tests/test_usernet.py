@@ -2,17 +2,18 @@
 kernel, busybox) on the translator, booted once for the module with two user NICs
 and driven over its serial console:
 
-  eth0  --net user,hostfwd=tcp:127.0.0.1:P0-:22            (10.0.2.0/24)
-  eth1  --net user,net=10.0.3.0/24,restrict=on,ipv6=off,hostfwd=...  (the restricted one)
+  eth0  --net user,hostfwd=tcp (x2),hostfwd=udp,hostname=,dns=,guestfwd=   (10.0.2.0/24)
+  eth1  --net user,net=10.0.3.0/24,restrict=on,ipv6=off,hostname=,hostfwd=...  (the restricted one)
 
-udhcpc gets 10.0.2.15; wget fetches a file from a Python HTTP server on the host's
-127.0.0.1 through 10.0.2.2; a host client reaches a guest ``nc -l`` through hostfwd
-(data both ways); restrict=on refuses the guest's outbound connection while its
-hostfwd still works; DNS at 10.0.2.3 is relayed (to a responder on 127.0.0.1:53); HMP ``info usernet`` and
-``hostfwd_add``/``hostfwd_remove`` work on the running VM. When the tests run as root
-the VM runs ``--runas nobody``: every guest connection, and the hostfwd added
-through the monitor, is made by an unprivileged process. All traffic stays on
-loopback.
+udhcpc gets 10.0.2.15 (and the hostname and DNS server the options name); wget
+fetches a file from a Python HTTP server on the host's 127.0.0.1 through 10.0.2.2;
+host clients reach guest ``nc -l`` listeners through both TCP hostfwds (data both
+ways) and UDP datagrams reach the guest's stack; restrict=on refuses the guest's
+outbound connection while its hostfwd still works; DNS is relayed (to a
+responder on 127.0.0.1:53) at the address dns= names; HMP ``info usernet`` and ``hostfwd_add``/``hostfwd_remove``
+work on the running VM. When the tests run as root the VM is started as nobody
+(setpriv; ``--runas nobody`` where no interpreter nobody may run has kvmpy's
+dependencies): no part of it ever runs as root. All traffic stays on loopback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -44,6 +46,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NOBODY_UID = NOBODY_GID = 65534
+ETH0_HOSTNAME = "kvmpy-eth0-guest"
+ETH1_HOSTNAME = "kvmpy-eth1-guest"
+ETH0_DNS = "10.0.2.53"       # dns=: not QEMU's 10.0.2.3, so the option shows
+GUEST_UDP_PORT = 7777
+
+
+def _unprivileged_python() -> tuple[str, str | None]:
+    """(interpreter, how the VM drops root): as root, "setpriv" starts the VM as nobody
+    with an interpreter nobody can run (this one, else Debian's /usr/bin/python3 when it
+    has what kvmpy needs), "runas" falls back to --runas nobody; not root, None: the VM
+    already runs unprivileged."""
+    if os.geteuid() != 0:
+        return sys.executable, None
+    if shutil.which("setpriv"):
+        for python in dict.fromkeys((sys.executable, "/usr/bin/python3")):
+            probe = subprocess.run(["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups",
+                                    python, "-c", "import kvmpy.net.slirp"], cwd=ROOT, capture_output=True,
+                                   env=dict(os.environ, PYTHONPATH=ROOT))
+            if probe.returncode == 0:
+                return python, "setpriv"
+    return sys.executable, "runas"
 
 
 class SerialShell:
@@ -166,29 +198,48 @@ def guest(tmp_path_factory):
     except OSError as e:
         dns = f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})"
 
-    ports = {"eth0": _free_port(), "eth1": _free_port(), "added": _free_port()}
+    ports = {"eth0": _free_port(), "eth0_second": _free_port(), "eth0_udp": _free_udp_port(),
+             "eth1": _free_port(), "added": _free_port()}
     # guestfwd: the guest's connections to 10.0.2.100:1234 reach this host listener.
     fwd_listener = socket.socket()
     fwd_listener.bind(("127.0.0.1", 0))
     fwd_listener.listen(1)
     guestfwd = GuestFwdServer(fwd_listener)
     guestfwd.start()
-    hmp_path = str(tmp / "hmp.sock")
-    qmp_path = str(tmp / "qmp.sock")
-    runas = os.geteuid() == 0
-    argv = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "256",
-            "--kernel", built.kernel, "--initrd", built.initrd, "--no-reboot",
+    # What the VM process opens lives where an unprivileged user may read it (and
+    # make its monitor sockets): pytest's own temporary directories are root's alone.
+    vm_dir = tempfile.mkdtemp(prefix="kvmpy-usernet-")
+    os.chmod(vm_dir, 0o755)
+    kernel, initrd = shutil.copy(built.kernel, vm_dir), shutil.copy(built.initrd, vm_dir)
+    sock_dir = os.path.join(vm_dir, "sockets")
+    os.mkdir(sock_dir, 0o700)
+    hmp_path = os.path.join(sock_dir, "hmp.sock")
+    qmp_path = os.path.join(sock_dir, "qmp.sock")
+    python, runas = _unprivileged_python()
+    if runas == "setpriv":
+        os.chown(sock_dir, NOBODY_UID, NOBODY_GID)
+    argv = [python, "-m", "kvmpy", "run", "--accel", "tcg", "-m", "256",
+            "--kernel", kernel, "--initrd", initrd, "--no-reboot",
             "--append", "console=ttyS0 panic=-1 quiet",
             "--net", f"user,hostfwd=tcp:127.0.0.1:{ports['eth0']}-:22,"
+                     f"hostfwd=tcp:127.0.0.1:{ports['eth0_second']}-:24,"
+                     f"hostfwd=udp:127.0.0.1:{ports['eth0_udp']}-:{GUEST_UDP_PORT},hostname={ETH0_HOSTNAME},"
+                     f"dns={ETH0_DNS},"
                      f"guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:{fwd_listener.getsockname()[1]}",
-            "--net", f"user,net=10.0.3.0/24,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
+            "--net", f"user,net=10.0.3.0/24,restrict=on,ipv6=off,hostname={ETH1_HOSTNAME},"
+                     f"hostfwd=tcp:127.0.0.1:{ports['eth1']}-:23",
             "--monitor", f"unix:{hmp_path}", "--qmp", f"unix:{qmp_path}"]
-    if runas:
+    if runas == "setpriv":
+        # Started as nobody, never root: what a user without privileges runs.
+        argv = ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups", *argv]
+    elif runas == "runas":
         argv += ["--runas", "nobody"]
-    resolv_conf = tmp / "resolv.conf"
-    resolv_conf.write_text("nameserver 127.0.0.1\n")     # the responder above: DNS stays on loopback
-    env = dict(os.environ, PYTHONPATH=ROOT, KVMPY_RESOLV_CONF=str(resolv_conf))
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+    resolv_conf = os.path.join(vm_dir, "resolv.conf")
+    with open(resolv_conf, "w") as f:
+        f.write("nameserver 127.0.0.1\n")     # the responder above: DNS stays on loopback
+    os.chmod(resolv_conf, 0o644)
+    env = dict(os.environ, PYTHONPATH=ROOT, KVMPY_RESOLV_CONF=resolv_conf)
+    proc = subprocess.Popen(argv, cwd=vm_dir, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shell = SerialShell(proc)
     try:
@@ -206,6 +257,7 @@ def guest(tmp_path_factory):
         fwd_listener.close()
         if isinstance(dns, LoopbackDns):
             dns.stop()
+        shutil.rmtree(vm_dir, ignore_errors=True)
 
 
 def _dhcp(guest, ifname: str) -> str:
@@ -224,15 +276,18 @@ def configured(guest):
 
 
 def test_the_vm_runs_unprivileged_and_sandboxed(guest):
-    """Every other test here then shows libslirp working as nobody, under seccomp."""
+    """Every other test here then shows libslirp working as nobody, under seccomp:
+    started as nobody (setpriv) where the test is root, never root at all."""
     from kvmpy.sandbox import unavailable_reason
     status = open(f"/proc/{guest.proc.pid}/status").read()
     if unavailable_reason() is None:
         assert re.search(r"^Seccomp:\s+2$", status, re.M), status
     if not guest.runas:
         pytest.skip("not root: the test runs kvmpy as this (unprivileged) user already")
-    uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
-    assert uid and uid.groups() == (str(65534), str(65534)), status
+    uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
+    assert uid and uid.groups() == (str(NOBODY_UID),) * 3, status
+    if guest.runas == "runas":
+        pytest.skip("no interpreter nobody can run kvmpy with: the VM dropped root by --runas instead")
 
 
 def test_dhcp_gives_qemus_addresses(guest, configured):
@@ -314,14 +369,14 @@ def test_restrict_blocks_outbound_but_not_hostfwd(guest, configured):
     _through_hostfwd(guest, "eth1", guest.ports["eth1"], 23)
 
 
-def test_dns_at_10_0_2_3(guest, configured):
-    """The guest's resolver (10.0.2.3, from DHCP) relays to the resolv.conf's first
+def test_dns_at_the_dns_address(guest, configured):
+    """The guest's resolver (dns=10.0.2.53, from DHCP) relays to the resolv.conf's first
     nameserver, read before the sandbox; here a responder on 127.0.0.1:53
     (KVMPY_RESOLV_CONF), so the test's traffic stays on loopback."""
     if isinstance(guest.dns, str):
         pytest.skip(guest.dns)
     rc, out = guest.shell.run("cat /etc/resolv.conf; nslookup kvmpy-test.example")
-    assert "nameserver 10.0.2.3" in out, out
+    assert f"nameserver {ETH0_DNS}" in out, out
     assert rc == 0 and LoopbackDns.ADDRESS in out, out
     assert guest.dns.queries >= 1
 
@@ -370,3 +425,54 @@ def test_monitor_info_usernet_and_hostfwd_add_remove(guest, configured):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert "unknown netdev 'net7'" in guest.hmp("hostfwd_add net7 tcp::1-:2")
     assert "several user networks" in guest.hmp("hostfwd_add tcp::1-:2")
+
+
+def test_dhcp_hands_out_hostname_and_dns_options(guest, configured):
+    """hostname= and dns= reach the guest in the DHCP lease (options 12 and 6); a
+    script that only prints keeps the addresses the earlier lease set."""
+    guest.shell.run("printf '#!/bin/sh\\n[ \"$1\" = bound ] && echo lease-$interface ip=$ip hostname=$hostname "
+                    "dns=$dns\\n' > /tmp/show-lease; chmod +x /tmp/show-lease")
+    leases = {}
+    for ifname in ("eth1", "eth0"):
+        rc, out = guest.shell.run(f"udhcpc -i {ifname} -q -n -t 5 -s /tmp/show-lease")
+        assert rc == 0, out
+        m = re.search(rf"lease-{ifname} ip=(\S*) hostname=(\S*) dns=(.*)", out)
+        assert m, out
+        leases[ifname] = m.groups()
+    assert leases["eth0"] == ("10.0.2.15", ETH0_HOSTNAME, ETH0_DNS), leases
+    # restrict=on: libslirp names no DNS server (as in QEMU), the guest may reach none
+    assert leases["eth1"] == ("10.0.3.15", ETH1_HOSTNAME, ""), leases
+
+
+def test_several_hostfwds_on_one_nic(guest, configured):
+    """eth0's second TCP rule, beside the first: each reaches its own guest port."""
+    _through_hostfwd(guest, "eth0", guest.ports["eth0_second"], 24)
+
+
+def _udp_datagrams_seen(guest) -> int:
+    """The guest kernel's count of UDP datagrams that arrived (delivered, or to a
+    port nobody listens on: busybox has no UDP server)."""
+    rc, out = guest.shell.run("cat /proc/net/snmp")
+    names, values = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")][:2]
+    counts = dict(zip(names, map(int, values)))
+    return counts["InDatagrams"] + counts["NoPorts"]
+
+
+def test_udp_hostfwd_delivers_datagrams(guest, configured):
+    before = _udp_datagrams_seen(guest)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(5):
+            s.sendto(b"kvmpy-udp-%d" % i, ("127.0.0.1", guest.ports["eth0_udp"]))
+            time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while (seen := _udp_datagrams_seen(guest) - before) < 5 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert seen >= 5, seen
+    # Without the rule the host port is closed and nothing reaches the guest.
+    assert "removed" in guest.hmp(f"hostfwd_remove net0 udp:127.0.0.1:{guest.ports['eth0_udp']}")
+    before = _udp_datagrams_seen(guest)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(5):
+            s.sendto(b"kvmpy-udp-late", ("127.0.0.1", guest.ports["eth0_udp"]))
+    time.sleep(3)
+    assert _udp_datagrams_seen(guest) - before == 0

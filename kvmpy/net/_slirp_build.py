@@ -4,8 +4,9 @@ libslirp (Debian libslirp-dev) is QEMU's user-mode TCP/IP stack. The compiler
 reads the real <slirp/libslirp.h>, so SlirpConfig's layout is its, not ours.
 
 The per-packet work stays in C: frames from the guest (read from a
-SOCK_SEQPACKET socketpair, one virtio-net header + frame per record) go to
-slirp_input, slirp's send_packet writes header + frame back, and one "step"
+SOCK_SEQPACKET socketpair, one virtio-net header + frame per record) have the
+checksum the guest left to the device completed and TSO frames cut into
+segments, then go to slirp_input, slirp's send_packet writes header + frame back, and one "step"
 polls libslirp's sockets (slirp_pollfds_fill, poll with no wait,
 slirp_pollfds_poll) and mirrors what they wait for into a private epoll set,
 whose single descriptor is what kvmpy's event loop waits on. Python runs once
@@ -84,12 +85,17 @@ struct kvmpy_slirp {
     uint64_t from_guest_dropped;
     uint64_t flows_refused;
     uint32_t dns_intercept;
+    uint64_t from_guest_gso;
+    uint64_t csum_completed;
+    int guest_csum;
     ...;
 };
 
 #define KVMPY_SLIRP_IDLE_MS ...
 #define KVMPY_VNET_HDR_SIZE ...
 #define KVMPY_MAX_FRAME ...
+#define KVMPY_MAX_GSO_FRAME ...
+#define KVMPY_MIN_GSO_SIZE ...
 
 struct kvmpy_slirp *kvmpy_slirp_new(const SlirpConfig *cfg, int frame_fd, int max_sockets, void *handle);
 void kvmpy_slirp_free(struct kvmpy_slirp *s);
@@ -105,6 +111,7 @@ extern "Python" void kvmpy_slirp_timer_mod(void *timer, int64_t expire_ms, void 
 extern "Python" ssize_t kvmpy_slirp_guestfwd_write(const void *buf, size_t len, void *fwd_handle);
 extern "Python" void kvmpy_slirp_dns_query(const uint8_t *frame, int len, void *handle);
 int kvmpy_slirp_send_to_guest(struct kvmpy_slirp *s, const uint8_t *frame, int len);
+void kvmpy_slirp_set_guest_csum(struct kvmpy_slirp *s, int on);
 """)
 
 ffibuilder.set_source("kvmpy.net._slirp_cffi", r"""
@@ -127,6 +134,20 @@ ffibuilder.set_source("kvmpy.net._slirp_cffi", r"""
 #define KVMPY_VNET_HDR_SIZE 12
 /* An Ethernet frame of the 1500-byte MTU, with a VLAN tag: anything longer is dropped. */
 #define KVMPY_MAX_FRAME 1522
+/* With VIRTIO_NET_F_HOST_TSO4 the guest hands over TCP/IPv4 frames of up to 64 KiB
+   (an IPv4 packet's limit) and the device cuts them into MTU-sized segments, as a
+   NIC does: the guest's TCP then costs one pass per 64 KiB, not per 1460 bytes. */
+#define KVMPY_MAX_GSO_FRAME (65535 + 18)
+/* A smaller segment size would let one frame make thousands of segments. Linux never
+   sends an MSS below 88 (TCP_MIN_SND_MSS 48 plus options). */
+#define KVMPY_MIN_GSO_SIZE 88
+
+/* virtio_net_hdr (virtio 1.x, little-endian fields) */
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_F_DATA_VALID 2
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_ECN 0x80
 
 struct kvmpy_watch { int fd; uint32_t events; };
 
@@ -139,6 +160,11 @@ struct kvmpy_slirp {
     int max_sockets;           /* beyond this, guest packets that open new flows are dropped */
     uint64_t to_guest, to_guest_dropped, from_guest, from_guest_dropped, flows_refused;
     uint32_t dns_intercept;    /* network order: UDP to this address port 53 goes to Python, 0: off */
+    uint64_t from_guest_gso;   /* TSO frames the guest handed over whole, cut into segments here */
+    uint64_t csum_completed;   /* frames whose checksum the guest left to the device (NEEDS_CSUM) */
+    int guest_csum;            /* VIRTIO_NET_F_GUEST_CSUM: frames to the guest say DATA_VALID */
+    uint8_t *record;           /* one record from the guest: vnet header + frame, up to a TSO frame */
+    uint8_t *segment;          /* one MTU-sized segment cut from a TSO frame */
     void *handle;
     uint8_t *live;             /* by fd: a socket libslirp registered and has not unregistered */
     int live_cap;
@@ -160,8 +186,12 @@ static void kvmpy_slirp_dns_query(const uint8_t *frame, int len, void *handle);
 static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
 {
     struct kvmpy_slirp *s = opaque;
-    static const uint8_t header[KVMPY_VNET_HDR_SIZE];   /* no offloads: all zero */
-    struct iovec iov[2] = {{(void *)header, sizeof header}, {(void *)buf, len}};
+    /* libslirp's frames carry correct checksums: with GUEST_CSUM the guest is told so
+       and skips checking them; no segmentation offload either way. */
+    static const uint8_t plain[KVMPY_VNET_HDR_SIZE];
+    static const uint8_t valid[KVMPY_VNET_HDR_SIZE] = {VNET_F_DATA_VALID};
+    const uint8_t *header = s->guest_csum ? valid : plain;
+    struct iovec iov[2] = {{(void *)header, KVMPY_VNET_HDR_SIZE}, {(void *)buf, len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
     if (len > KVMPY_MAX_FRAME || sendmsg(s->frame_fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
         /* The guest's RX queue is full (the socket buffer is the bound): drop, as a NIC does. */
@@ -452,12 +482,118 @@ void kvmpy_slirp_input(struct kvmpy_slirp *s, const uint8_t *frame, int len)
     slirp_input(s->slirp, frame, len);
 }
 
+static uint64_t csum_add(uint64_t sum, const uint8_t *p, size_t len)
+{
+    for (; len > 1; p += 2, len -= 2)
+        sum += (uint32_t)p[0] << 8 | p[1];
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t csum_fold(uint64_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+static void put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* VIRTIO_NET_HDR_F_NEEDS_CSUM: the guest left the 16-bit one's-complement sum from
+   csum_start to the end (its field holding the pseudo-header's sum) to the device.
+   0 on success, -1 when the offsets do not fit the frame. */
+static int complete_csum(uint8_t *f, int len, const uint8_t *hdr)
+{
+    int start = le16(hdr + 6), offset = le16(hdr + 8);
+    if (start >= len || offset > len - start - 2)
+        return -1;
+    uint16_t sum = csum_fold(csum_add(0, f + start, len - start));
+    put16(f + start + offset, sum ? sum : 0xffff);     /* 0 means "no checksum" to UDP */
+    return 0;
+}
+
+/* A TCP/IPv4 TSO frame cut into segments of gso_size payload bytes, each with its
+   own IP length, id and checksum and TCP sequence number, flags and checksum, as the
+   NIC the guest thinks it has would send them. -1: not a frame this can cut. */
+static int input_tso4(struct kvmpy_slirp *s, const uint8_t *f, int len, int gso_size)
+{
+    int l2 = 14;
+    if (len < l2 + 20)
+        return -1;
+    if (f[12] == 0x81 && f[13] == 0x00)
+        l2 = 18;
+    if (len < l2 + 20 || f[l2 - 2] != 0x08 || f[l2 - 1] != 0x00)
+        return -1;
+    const uint8_t *ip = f + l2;
+    int ihl = (ip[0] & 15) * 4;
+    if ((ip[0] >> 4) != 4 || ihl < 20 || ip[9] != IPPROTO_TCP || len < l2 + ihl + 20)
+        return -1;
+    const uint8_t *tcp = ip + ihl;
+    int thl = (tcp[12] >> 4) * 4;
+    int headers = l2 + ihl + thl;
+    int payload = len - headers;
+    if (thl < 20 || payload <= 0 || gso_size < KVMPY_MIN_GSO_SIZE || headers + gso_size > KVMPY_MAX_FRAME)
+        return -1;
+    uint32_t seq = (uint32_t)tcp[4] << 24 | tcp[5] << 16 | tcp[6] << 8 | tcp[7];
+    uint16_t id = get16(ip + 4);
+    s->from_guest_gso++;
+    for (int off = 0, i = 0; off < payload; off += gso_size, i++) {
+        int n = payload - off < gso_size ? payload - off : gso_size;
+        uint8_t *seg = s->segment, *sip = seg + l2, *stcp = sip + ihl;
+        memcpy(seg, f, headers);
+        memcpy(seg + headers, f + headers + off, n);
+        put16(sip + 2, (uint16_t)(ihl + thl + n));
+        put16(sip + 4, (uint16_t)(id + i));
+        put16(sip + 10, 0);
+        put16(sip + 10, csum_fold(csum_add(0, sip, ihl)));
+        uint32_t sseq = seq + (uint32_t)off;
+        stcp[4] = sseq >> 24; stcp[5] = sseq >> 16; stcp[6] = sseq >> 8; stcp[7] = (uint8_t)sseq;
+        if (off + n < payload)
+            stcp[13] &= ~0x09;      /* FIN and PSH: the last segment's */
+        if (i > 0)
+            stcp[13] &= ~0x80;      /* CWR: the first's */
+        put16(stcp + 16, 0);
+        uint64_t sum = csum_add(0, sip + 12, 8) + IPPROTO_TCP + (uint32_t)(thl + n);
+        put16(stcp + 16, csum_fold(csum_add(sum, stcp, thl + n)));
+        kvmpy_slirp_input(s, seg, headers + n);
+    }
+    return 0;
+}
+
+/* One record from the guest: finish what it left to the device (checksum, TSO),
+   then hand the frame(s) to libslirp. A header that does not fit its frame is the
+   guest's error: the frame is dropped and counted. */
+static void input_record(struct kvmpy_slirp *s, uint8_t *record, int n)
+{
+    const uint8_t *hdr = record;
+    uint8_t *f = record + KVMPY_VNET_HDR_SIZE;
+    int len = n - KVMPY_VNET_HDR_SIZE;
+    int gso = hdr[1] & ~VNET_GSO_ECN;
+    if (gso == VNET_GSO_NONE) {
+        if (hdr[0] & VNET_F_NEEDS_CSUM) {
+            if (len > KVMPY_MAX_FRAME || complete_csum(f, len, hdr) < 0) {
+                s->from_guest_dropped++;
+                return;
+            }
+            s->csum_completed++;
+        }
+        kvmpy_slirp_input(s, f, len);
+        return;
+    }
+    /* The segments' checksums are computed whole: NEEDS_CSUM's partial sum is not needed. */
+    if (gso != VNET_GSO_TCPV4 || input_tso4(s, f, len, le16(hdr + 4)) < 0)
+        s->from_guest_dropped++;
+}
+
 int kvmpy_slirp_from_guest(struct kvmpy_slirp *s, int budget)
 {
-    uint8_t buf[KVMPY_VNET_HDR_SIZE + KVMPY_MAX_FRAME + 1];
+    const ssize_t room = KVMPY_VNET_HDR_SIZE + KVMPY_MAX_GSO_FRAME + 1;
     int done = 0;
     while (done < budget) {
-        ssize_t n = recv(s->frame_fd, buf, sizeof buf, MSG_DONTWAIT | MSG_TRUNC);
+        ssize_t n = recv(s->frame_fd, s->record, room, MSG_DONTWAIT | MSG_TRUNC);
         if (n < 0)
             break;
         done++;
@@ -465,14 +601,19 @@ int kvmpy_slirp_from_guest(struct kvmpy_slirp *s, int budget)
             done = -1;
             break;
         }
-        if (n <= KVMPY_VNET_HDR_SIZE || n > (ssize_t)sizeof buf - 1) {
+        if (n <= KVMPY_VNET_HDR_SIZE || n > room - 1) {
             s->from_guest_dropped++;
             continue;
         }
-        kvmpy_slirp_input(s, buf + KVMPY_VNET_HDR_SIZE, (int)n - KVMPY_VNET_HDR_SIZE);
+        input_record(s, s->record, (int)n);
     }
     kvmpy_slirp_step(s);
     return done;
+}
+
+void kvmpy_slirp_set_guest_csum(struct kvmpy_slirp *s, int on)
+{
+    s->guest_csum = on;
 }
 
 struct kvmpy_slirp *kvmpy_slirp_new(const SlirpConfig *cfg, int frame_fd, int max_sockets, void *handle)
@@ -483,14 +624,20 @@ struct kvmpy_slirp *kvmpy_slirp_new(const SlirpConfig *cfg, int frame_fd, int ma
     s->frame_fd = frame_fd;
     s->max_sockets = max_sockets;
     s->handle = handle;
-    s->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    s->record = malloc(KVMPY_VNET_HDR_SIZE + KVMPY_MAX_GSO_FRAME + 1);
+    s->segment = malloc(KVMPY_MAX_FRAME);
+    s->epoll_fd = s->record && s->segment ? epoll_create1(EPOLL_CLOEXEC) : -1;
     if (s->epoll_fd < 0) {
+        free(s->record);
+        free(s->segment);
         free(s);
         return NULL;
     }
     s->slirp = slirp_new(cfg, &kvmpy_callbacks, s);
     if (!s->slirp) {
         close(s->epoll_fd);
+        free(s->record);
+        free(s->segment);
         free(s);
         return NULL;
     }
@@ -506,6 +653,8 @@ void kvmpy_slirp_free(struct kvmpy_slirp *s)
     free(s->watched);
     free(s->next);
     free(s->live);
+    free(s->record);
+    free(s->segment);
     free(s);
 }
 

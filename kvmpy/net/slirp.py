@@ -4,8 +4,11 @@ The guest's NIC does not know it: it gets one end of a SOCK_SEQPACKET socketpair
 (``UserNetwork.port``), which carries what a tap carries (a 12-byte virtio-net
 header, then the frame, one record per frame), so virtio-net keeps its one data
 path. The other end is read here, in C (kvmpy.net._slirp_build), straight into
-slirp_input; libslirp's replies are written back the same way. No offloads are
-offered on this port, so the guest sends complete, checksummed frames.
+slirp_input; libslirp's replies are written back the same way. The port offers
+the offloads its C side finishes, as a NIC would: checksums the guest leaves to
+the device (VIRTIO_NET_F_CSUM) and TCP/IPv4 segmentation (HOST_TSO4), so a guest's
+TCP sends one frame per 64 KiB instead of one per 1460 bytes, with no checksum
+pass of its own; libslirp's frames are marked DATA_VALID (GUEST_CSUM).
 
 libslirp is not thread-safe: every call into it runs on kvmpy's event loop thread
 (or before the loop starts, on the thread building the machine). The loop waits
@@ -78,19 +81,36 @@ def _set_in6(field, addr: IPv6Address) -> None:
     ffi.memmove(field.s6_addr, addr.packed, 16)
 
 
+# virtio-net feature bits (virtio 1.x, 5.1.3) the port finishes itself, in C: the
+# checksum the guest leaves to the device (CSUM), TCP/IPv4 segmentation (HOST_TSO4),
+# and telling the guest libslirp's checksums are good (GUEST_CSUM).
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_HOST_TSO4 = 11
+TUN_F_CSUM = 0x01       # what virtio-net asks of set_offload once GUEST_CSUM is negotiated
+
+
 class FramePort:
     """What virtio-net sees of a user network: a descriptor carrying vnet header +
-    frame per record, without offloads (so TUNSETOFFLOAD does not apply)."""
+    frame per record. It is no tap (``no_offloads``: none of a tap's offloads), but
+    offers what its C side finishes (``virtio_net_offloads``); ``set_offload`` takes
+    TUN_F_CSUM only."""
 
     no_offloads = True
     supports_ufo = False
+    virtio_net_offloads = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, on_guest_csum=None) -> None:
         self.fd = fd
         self.name = name
+        self._on_guest_csum = on_guest_csum
 
     def set_offload(self, flags: int) -> bool:
-        return flags == 0
+        if flags & ~TUN_F_CSUM:
+            return False
+        if self._on_guest_csum is not None:
+            self._on_guest_csum(bool(flags & TUN_F_CSUM))
+        return True
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -137,7 +157,7 @@ class UserNetwork:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FRAME_BUFFER_BYTES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FRAME_BUFFER_BYTES)
-        self.port = FramePort(nic.detach(), f"user:{name}")
+        self.port = FramePort(nic.detach(), f"user:{name}", on_guest_csum=self._set_guest_csum)
         self._frame_fd = mine.detach()
         self._handle = ffi.new_handle(self)
         try:
@@ -293,8 +313,15 @@ class UserNetwork:
         s = self._s
         return {"to_guest": s.to_guest, "to_guest_dropped": s.to_guest_dropped, "from_guest": s.from_guest,
                 "from_guest_dropped": s.from_guest_dropped, "flows_refused": s.flows_refused,
+                "from_guest_gso": s.from_guest_gso, "csum_completed": s.csum_completed,
                 "sockets": s.sockets, "max_sockets": s.max_sockets,
                 "guest_errors_dropped": self._guest_errors_dropped}
+
+    def _set_guest_csum(self, on: bool) -> None:
+        # A plain int store the loop thread's next frame to the guest reads: set by
+        # the driver's feature negotiation, on whichever thread made it.
+        if self._s != ffi.NULL:
+            lib.kvmpy_slirp_set_guest_csum(self._s, int(on))
 
     # --- callbacks from libslirp (loop thread) ------------------------------------------
     def _guest_error(self, msg: str) -> None:

@@ -202,9 +202,10 @@ class VirtioNet:
     Arguments:
       tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``), or anything with the same
         ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
-        ``no_offloads = True`` none is offered and TUNSETOFFLOAD is not used
-        (kvmpy.net.slirp.FramePort). The device uses its fd, the caller closes it
-        after the transport's ``close()``. With ``queue_pairs`` > 1 it is a
+        ``no_offloads = True`` none of a tap's is offered, only the feature bits in
+        its ``virtio_net_offloads`` (kvmpy.net.slirp.FramePort), and TUNSETOFFLOAD is
+        not used. The device uses its fd, the caller closes it after the transport's
+        ``close()``. With ``queue_pairs`` > 1 it is a
         multiqueue tap: ``fds`` holds one fd per pair and ``set_queue_attached(i, on)``
         (TUNSETQUEUE) steers the kernel's frames away from unused ones.
       mac: 6 bytes; default stable_mac(vm_name, index).
@@ -324,8 +325,8 @@ class VirtioNet:
         if self.queue_pairs > 1:
             f |= 1 << VIRTIO_NET_F_MQ
         if not self.offloads:
-            # A user-mode network (kvmpy.net) takes complete, checksummed frames only.
-            return f
+            # A user-mode network (kvmpy.net) is no tap: it offers what it finishes itself.
+            return f | getattr(self.tap, "virtio_net_offloads", 0)
         for bit in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
                     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
                     VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN):
@@ -373,7 +374,7 @@ class VirtioNet:
                 flags |= TUN_F_TSO_ECN
             if self.negotiated(VIRTIO_NET_F_GUEST_UFO):
                 flags |= TUN_F_UFO
-        if self.offloads and not self.tap.set_offload(flags):
+        if not self.tap.set_offload(flags):
             raise RuntimeError(f"tap {self.tap.name} refused offloads {flags:#x}")
         self._queues = queues
         self._transport = transport
@@ -392,7 +393,7 @@ class VirtioNet:
         return watches
 
     def reset(self) -> None:
-        if self._transport is not None and self.offloads:
+        if self._transport is not None:
             self.tap.set_offload(0)
         self._queues = ()
         self._transport = None
