@@ -232,6 +232,15 @@ class TcgVcpu:
     def stats(self) -> dict:
         return self._cpu.stats()
 
+    def set_native_threshold(self, threshold: int | None) -> None:
+        """Executions before a block runs as host code (0: from its first run); None
+        keeps every block interpreted. Drops the translations made so far."""
+        self._cpu.set_native_threshold(threshold)
+
+    @property
+    def native_threshold(self) -> int | None:
+        return self._cpu.native_threshold
+
     def set_profiling(self, on: bool) -> None:
         """Time the slow memory paths too (two clock reads each)."""
         self._cpu.set_profiling(on)
