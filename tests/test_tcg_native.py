@@ -214,3 +214,89 @@ def test_native_tier_runs_the_blocks(pair):
     assert s["native_blocks"] > 0 and s["native_insns"] > s["native_helper_insns"]
     assert interp.vcpu.stats()["native_insns"] == 0
     assert native.vcpu.native_threshold == 0 and interp.vcpu.native_threshold is None
+
+
+# ---- the interpreter's invariants at the edges of native code ----
+
+from test_tcg_system import NOT_PRESENT, LongMachine  # noqa: E402
+
+
+def _run_both(source, handlers=None):
+    """(native, interpreted) LongMachines run to their hlt"""
+    out = []
+    for threshold in (0, None):
+        m = LongMachine(source, handlers)
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        out.append(m)
+    return out
+
+
+FAULT_MID_BLOCK = f"""
+    mov rax, 1
+    mov rcx, {NOT_PRESENT:#x}
+    add rax, 2
+    lea rdi, [rax + rax * 2 + 5]
+fault:
+    mov rdx, [rcx]
+    mov rax, 99
+    hlt
+pf:
+    mov rbx, [rsp + 8]
+    mov rsi, cr2
+    hlt
+"""
+
+
+def test_page_fault_mid_block_is_precise():
+    native, interp = _run_both(FAULT_MID_BLOCK, {14: ("pf",)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"]        # the pushed rip: the faulting load
+        assert (r.rsi, r.rax, r.rdi) == (NOT_PRESENT, 3, 14)   # earlier results kept, later none
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
+SELF_MODIFYING = """
+    xor ebx, ebx
+    mov ecx, 60
+again:
+    call target
+    add ebx, eax
+    dec ecx
+    jnz again
+    mov edx, 1000
+    mov [rip + target_imm], edx     # the compiled target block is stale now
+    call target
+    add ebx, eax
+    mov edx, 7
+    mov [rip + next_imm], edx       # ... and so is the rest of this block
+    .byte 0xb8                      # mov eax, imm32
+next_imm:
+    .long 5
+    hlt
+target:
+    .byte 0xb8
+target_imm:
+    .long 1
+    ret
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 50])
+def test_self_modifying_code_runs_new_bytes(threshold):
+    m = LongMachine(SELF_MODIFYING)
+    try:
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        r = m.regs()
+        assert (r.rbx & 0xFFFFFFFF, r.rax & 0xFFFFFFFF) == (60 + 1000, 7)
+        assert m.vcpu.stats()["native_blocks"] > 0
+    finally:
+        m.close()
