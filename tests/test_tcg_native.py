@@ -300,3 +300,44 @@ def test_self_modifying_code_runs_new_bytes(threshold):
         assert m.vcpu.stats()["native_blocks"] > 0
     finally:
         m.close()
+
+
+# ---- the switch ----
+
+def test_vm_toml_and_cli_switch():
+    from kvmpy.cli import build_parser
+    from kvmpy.config import config_from_dict
+    from kvmpy.errors import ConfigError
+    from kvmpy.runcmd import build_config
+
+    assert config_from_dict({}, "vm.toml").tcg_native is True
+    assert config_from_dict({"tcg_native": False}, "vm.toml").tcg_native is False
+    with pytest.raises(ConfigError, match="vm.toml: key 'tcg_native'"):
+        config_from_dict({"tcg_native": "no"}, "vm.toml")
+    assert build_config(build_parser().parse_args(["run", "--tcg-native", "off"])).tcg_native is False
+    assert build_config(build_parser().parse_args(["run", "--tcg-native", "on"])).tcg_native is True
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", "--tcg-native", "maybe"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_kvmpy_run_switch_and_profile_stats(switch):
+    """`kvmpy run --tcg-native on|off` on the compute guest: same result, and the
+    profile's native tier line says whether blocks ran as host code"""
+    import re
+
+    from conftest import guest_path, run_kvmpy
+
+    p = run_kvmpy(["run", "--accel", "tcg", "-m", "128", "--trace", "profile", "--tcg-native", switch,
+                   "--kernel", guest_path("compute"), "--append", "iters=20000"])
+    err = p.stderr.decode()
+    assert p.returncode == 0, err[-2000:]
+    assert b"guest: done" in p.stdout, p.stdout[-500:]
+    m = re.search(r"native tier\s+(\d+) blocks compiled .* ([\d.]+) % as host code", err)
+    assert m, err
+    blocks, share = int(m.group(1)), float(m.group(2))
+    if switch == "on":
+        assert blocks > 0 and share > 50, err
+    else:
+        assert blocks == 0 and share == 0, err

@@ -143,6 +143,8 @@ class TcgAccel:
         self.vcpus = [TcgVcpu(host.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
         for i, v in enumerate(self.vcpus):
             v.set_cpuid(translator_cpuid(num_cpus, i, v.host_tsc_hz()))
+            if not host.cfg.tcg_native:
+                v.set_native_threshold(None)
         self.timer_wheel = TimerWheel(events=host.events)
         self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
