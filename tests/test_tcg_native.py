@@ -49,6 +49,10 @@ def modrm(mod, reg, rm):
 
 reg = st.sampled_from(POOL)
 wide = st.sampled_from([0, 1])
+# operand-size (66) and address-size (67) prefixes: forms the native code leaves to the
+# interpreter's handler, next to the same instruction in native form
+osz16 = st.sampled_from([b"", b"", b"\x66"])
+asz32 = st.sampled_from([b"", b"", b"\x67"])
 disp = st.integers(0, DATA_SIZE - 8)
 
 
@@ -57,7 +61,7 @@ def rr_op(draw):
     opc = draw(st.sampled_from([0x89, 0x8B, 0x01, 0x03, 0x09, 0x0B, 0x21, 0x23, 0x29, 0x2B,
                                 0x31, 0x33, 0x39, 0x3B, 0x85, 0x11, 0x19]))
     w, a, b = draw(wide), draw(reg), draw(reg)
-    return rex(w, a, 0, b) + bytes([opc]) + modrm(3, a, b)
+    return draw(osz16) + rex(w, a, 0, b) + bytes([opc]) + modrm(3, a, b)
 
 
 @st.composite
@@ -73,7 +77,7 @@ def ri_op(draw):
 def shift_op(draw):
     kind = draw(st.sampled_from([4, 5, 7]))
     w, r = draw(wide), draw(reg)
-    return rex(w, 0, 0, r) + b"\xC1" + modrm(3, kind, r) + bytes([draw(st.integers(0, 255))])
+    return draw(osz16) + rex(w, 0, 0, r) + b"\xC1" + modrm(3, kind, r) + bytes([draw(st.integers(0, 255))])
 
 
 @st.composite
@@ -100,7 +104,8 @@ def mem_op(draw):
     """load, store or load-ALU at [r15 + disp32]"""
     opc = draw(st.sampled_from([0x8B, 0x89, 0x03, 0x0B, 0x23, 0x2B, 0x33, 0x3B]))
     w, r = draw(wide), draw(reg)
-    return rex(w, r, 0, 15) + bytes([opc]) + modrm(2, r, 7) + struct.pack("<i", draw(disp))
+    return (draw(osz16) + draw(asz32) + rex(w, r, 0, 15) + bytes([opc]) + modrm(2, r, 7) +
+            struct.pack("<i", draw(disp)))
 
 
 @st.composite
@@ -108,11 +113,12 @@ def extend_op(draw):
     opc = draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))
     w, r = draw(wide), draw(reg)
     if draw(st.booleans()):
-        return rex(w, r, 0, 15) + b"\x0F" + bytes([opc]) + modrm(2, r, 7) + struct.pack("<i", draw(disp))
+        return (draw(osz16) + draw(asz32) + rex(w, r, 0, 15) + b"\x0F" + bytes([opc]) + modrm(2, r, 7) +
+                struct.pack("<i", draw(disp)))
     src = draw(reg)
     if draw(st.booleans()) and r < 8 and src < 8 and not w:
         return b"\x0F" + bytes([opc]) + modrm(3, r, src)   # no REX: AH-BH as byte sources
-    return rex(w, r, 0, src) + b"\x0F" + bytes([opc]) + modrm(3, r, src)
+    return draw(osz16) + rex(w, r, 0, src) + b"\x0F" + bytes([opc]) + modrm(3, r, src)
 
 
 @st.composite

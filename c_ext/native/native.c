@@ -615,7 +615,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
             ended = 1;
             break;
         }
-        if (!is_branch(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
+        if (!is_branch(i) && native_has_form(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
             rip_stale = 1;
         } else {
             emit_step_call(&k, i, rip);
