@@ -122,21 +122,35 @@ def extend_op(draw):
 
 
 @st.composite
+def inc_imul_op(draw):
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    o16 = draw(osz16)   # not before 69: it would shorten the immediate
+    return draw(st.sampled_from([
+        o16 + rex(w, 0, 0, a) + b"\xFF" + modrm(3, 0, a),                     # inc
+        o16 + rex(w, 0, 0, a) + b"\xFF" + modrm(3, 1, a),                     # dec
+        o16 + rex(w, a, 0, b) + b"\x0F\xAF" + modrm(3, a, b),                 # imul r, r
+        o16 + rex(w, a, 0, b) + b"\x6B" + modrm(3, a, b) + imm8,              # imul r, r, imm8
+        rex(w, a, 0, b) + b"\x69" + modrm(3, a, b) + imm32,                   # imul r, r, imm32
+        o16 + rex(w, a, 0, 15) + b"\x0F\xAF" + modrm(2, a, 7) + struct.pack("<i", draw(disp)),
+    ]))
+
+
+@st.composite
 def helper_op(draw):
     """instructions without a native form: run through the interpreter's handler"""
     w, a, b = draw(wide), draw(reg), draw(reg)
     cc = draw(st.integers(0, 15))
     return draw(st.sampled_from([
-        rex(w, 0, 0, a) + b"\xFF" + modrm(3, 0, a),                     # inc
-        rex(w, 0, 0, a) + b"\xFF" + modrm(3, 1, a),                     # dec
-        rex(w, a, 0, b) + b"\x0F\xAF" + modrm(3, a, b),                 # imul
         rex(0, 0, 0, a) + bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a),    # setcc
         rex(w, a, 0, b) + bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),    # cmovcc
         rex(w, 0, 0, a) + b"\xF7" + modrm(3, 3, a),                     # neg
     ]))
 
 
-insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), helper_op())
+insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
+                 helper_op())
 
 
 @st.composite

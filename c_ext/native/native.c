@@ -221,6 +221,16 @@ int native_has_form(const Insn *i)
         return (i->osz == 4 || i->osz == 8) && !i->lock && (i->mod == 3 || mem_ok(i));
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
         return i->osz == 4 || i->osz == 8;
+    case 0x1af:   /* imul r, r/m */
+        return (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
+    case 0x69: case 0x6b:   /* imul r, r/m, imm */
+        return (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i)) &&
+               (int64_t)i->imm == (int32_t)i->imm;
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+        return i->osz == 4;   /* inc/dec r32 outside 64-bit mode (where 40-4F are REX) */
+    case 0xff:
+        return (i->reg & 7) <= 1 && i->mod == 3 && !i->lock && (i->osz == 4 || i->osz == 8);
     case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
     case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
     case 0x180: case 0x181: case 0x182: case 0x183: case 0x184: case 0x185: case 0x186: case 0x187:
@@ -379,11 +389,74 @@ static int32_t byte_reg_disp(const Insn *i, int r)
     return GREG(r);
 }
 
+static uint64_t native_get_cf(CPU *c)
+{
+    return (uint64_t)get_cf(c);
+}
+
+/* inc/dec of a register: CF kept (cc_c), the rest from the result, as inc_dec_reg */
+static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
+{
+    Emit *e = &k->e;
+    if (flags_were_live) {
+        b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                  /* setc cl */
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc9);                  /* movzx ecx, cl */
+    } else {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
+        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        b1(e, 0x89); b1(e, 0xc1);                               /* mov ecx, eax */
+        b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe1); b1(e, 0);        /* bt ecx, 0: host CF = guest CF */
+    }
+    store64(e, RCX, CPU_OFF(cc_c));
+    op_mem(e, wide, 0x8b, RAX, GREG(r));
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0xff); b1(e, (uint8_t)(inc ? 0xc0 : 0xc8));         /* inc/dec (e|r)ax: CF stays */
+    store64(e, RAX, CPU_OFF(cc_res));
+    store64(e, RAX, GREG(r));
+    store64_simm(e, CPU_OFF(cc_a), 0);
+    store64_simm(e, CPU_OFF(cc_b), 0);
+    store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
+    store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    k->flags_live = 1;
+}
+
+/* imul_reg_rm: eager flags, CF = OF = signed overflow, SF ZF PF from the result */
+static void emit_imul_tail(Comp *k, const Insn *i)
+{
+    Emit *e = &k->e;
+    int wide = i->osz == 8;
+    if (i->op == 0x1af) {
+        op_mem(e, wide, 0x8b, RCX, GREG(i->reg));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xaf); b1(e, 0xc1);                  /* imul (e|r)ax, (e|r)cx */
+    } else {
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x69); b1(e, 0xc0); b4(e, (uint32_t)i->imm);     /* imul (e|r)ax, (e|r)ax, imm32 */
+    }
+    b1(e, 0x0f); b1(e, 0x90); b1(e, 0xc2);                      /* seto dl */
+    store64(e, RAX, GREG(i->reg));
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0x85); b1(e, 0xc0);                                   /* test (e|r)ax, (e|r)ax */
+    b1(e, 0x9c); b1(e, 0x59);                                   /* pushf; pop rcx */
+    b1(e, 0x81); b1(e, 0xe1); b4(e, F_ZF | F_SF | F_PF);        /* and ecx, ZF|SF|PF */
+    b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xd2);                      /* movzx edx, dl */
+    b1(e, 0x69); b1(e, 0xd2); b4(e, F_CF | F_OF);               /* imul edx, edx, CF|OF */
+    b1(e, 0x09); b1(e, 0xd1);                                   /* or ecx, edx */
+    store64(e, RCX, CPU_OFF(cc_res));
+    store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+}
+
 /* Emits i; returns 0 when it has no native form after all. */
 static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
 {
     Emit *e = &k->e;
     int form, aluop, slow = -1;
+    int flags_were_live = k->flags_live;
     k->flags_live = 0;
     if (alux_form(i, &form, &aluop)) {
         emit_alux(k, i, form, aluop);
@@ -489,6 +562,24 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         emit_ea_off(e, i, next_rip);
         store64(e, RAX, GREG(i->reg));
         return 1;
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+        emit_inc_dec(k, i->op & 7, 0, i->op < 0x48, flags_were_live);
+        return 1;
+    case 0xff:
+        emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
+        return 1;
+    case 0x1af: case 0x69: case 0x6b:
+        if (i->mod == 3) {
+            op_mem(e, i->osz == 8, 0x8b, RAX, GREG(i->rm));
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, i->osz, 0, done);
+            if (i->osz == 8)
+                b1(e, 0x48);
+            b1(e, 0x8b); b1(e, 0x00);                           /* mov (r|e)ax, [rax] */
+        }
+        emit_imul_tail(k, i);
+        break;
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
         return 1;
