@@ -354,7 +354,7 @@ def test_kvmpy_run_switch_and_profile_stats(switch):
     err = p.stderr.decode()
     assert p.returncode == 0, err[-2000:]
     assert b"guest: done" in p.stdout, p.stdout[-500:]
-    m = re.search(r"native tier\s+(\d+) blocks compiled .* ([\d.]+) % as host code", err)
+    m = re.search(r"native tier\s+(\d+) blocks compiled .*, ([\d.]+) % as host code", err)
     assert m, err
     blocks, share = int(m.group(1)), float(m.group(2))
     if switch == "on":

@@ -265,6 +265,9 @@ typedef struct Comp {
     int nstub;
     /* host flags hold the guest's arithmetic flags of the instruction just emitted */
     int flags_live;
+    /* the next instruction overwrites the lazy flags without reading them and cannot
+     * fault or exit: this one need not write them */
+    int cc_dead;
 } Comp;
 
 /* ---- native forms ---- */
@@ -284,15 +287,15 @@ static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);              /* mov rdx, rax */
     alu_rr(e, opc[aluop], RDX, RCX);
     if (logic) {
-        store64_simm(e, CPU_OFF(cc_a), 0);
-        store64_simm(e, CPU_OFF(cc_b), 0);
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
     } else {
-        store64(e, RAX, CPU_OFF(cc_a));
-        store64(e, RCX, CPU_OFF(cc_b));
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_b));
     }
-    store64(e, RDX, CPU_OFF(cc_res));
-    store32_imm(e, CPU_OFF(cc_op), cc);
-    store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    if (!k->cc_dead) store64(e, RDX, CPU_OFF(cc_res));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), cc);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
     if (aluop != ALU_CMP) {
         if (!wide)
             mov32_rr(e, RDX, RDX);
@@ -408,17 +411,17 @@ static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
         b1(e, 0x89); b1(e, 0xc1);                               /* mov ecx, eax */
         b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe1); b1(e, 0);        /* bt ecx, 0: host CF = guest CF */
     }
-    store64(e, RCX, CPU_OFF(cc_c));
+    if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_c));
     op_mem(e, wide, 0x8b, RAX, GREG(r));
     if (wide)
         b1(e, 0x48);
     b1(e, 0xff); b1(e, (uint8_t)(inc ? 0xc0 : 0xc8));         /* inc/dec (e|r)ax: CF stays */
-    store64(e, RAX, CPU_OFF(cc_res));
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
     store64(e, RAX, GREG(r));
-    store64_simm(e, CPU_OFF(cc_a), 0);
-    store64_simm(e, CPU_OFF(cc_b), 0);
-    store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
-    store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
     k->flags_live = 1;
 }
 
@@ -447,8 +450,8 @@ static void emit_imul_tail(Comp *k, const Insn *i)
     b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xd2);                      /* movzx edx, dl */
     b1(e, 0x69); b1(e, 0xd2); b4(e, F_CF | F_OF);               /* imul edx, edx, CF|OF */
     b1(e, 0x09); b1(e, 0xd1);                                   /* or ecx, edx */
-    store64(e, RCX, CPU_OFF(cc_res));
-    store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+    if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_res));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
 }
 
 /* Emits i; returns 0 when it has no native form after all. */
@@ -473,11 +476,11 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         op_mem(e, wide, 0x8b, RCX, GREG(i->reg));
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
         alu_rr(e, 0x21, RDX, RCX);
-        store64(e, RDX, CPU_OFF(cc_res));
-        store64_simm(e, CPU_OFF(cc_a), 0);
-        store64_simm(e, CPU_OFF(cc_b), 0);
-        store32_imm(e, CPU_OFF(cc_op), CC_LOGIC);
-        store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        if (!k->cc_dead) store64(e, RDX, CPU_OFF(cc_res));
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_LOGIC);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
         if (wide)
             b1(e, 0x48);
         b1(e, 0x85); b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));   /* test: host flags */
@@ -496,15 +499,15 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
             return 1;
         }
         op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
-        store64(e, RAX, CPU_OFF(cc_a));
-        store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
         if (wide)
             b1(e, 0x48);
         b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
-        store64(e, RAX, CPU_OFF(cc_res));
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
         store64(e, RAX, GREG(i->rm));
-        store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
-        store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
         return 1;
     }
     case P_LOAD64: case P_LOAD32: {
@@ -668,6 +671,30 @@ static void add_stub(Comp *k, int done)
     s->done = done;
 }
 
+/* Native forms that write the whole lazy-flag state (cc_op and what it reads), read no
+ * flags, and cannot fault: the flags of the instruction before them are dead. */
+static int kills_flags(const Insn *i)
+{
+    int form, aluop;
+    if (!native_has_form(i))
+        return 0;
+    if (alux_form(i, &form, &aluop))
+        return 1;
+    switch (i->op) {
+    case P_TEST_RR64: case P_TEST_RR32:
+        return 1;
+    case P_SHIFT_RI64:
+        return (i->imm & 63) != 0;
+    case P_SHIFT_RI32:
+        return (i->imm & 31) != 0;
+    case P_LOAD_ALU64: case P_LOAD_ALU32:
+        return (i->imm2 & 0x100) != 0;
+    case 0x1af: case 0x69: case 0x6b:
+        return i->mod == 3;
+    }
+    return 0;
+}
+
 static int is_branch(const Insn *i)
 {
     return (i->op >= 0x70 && i->op <= 0x7f) || (i->op >= 0x180 && i->op <= 0x18f) ||
@@ -701,6 +728,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
+        k.cc_dead = n + 1 < b->n && kills_flags(&b->insns[n + 1]);
         if (n + 1 == b->n && is_branch(i)) {
             emit_branch(&k, i, next, (int)b->n);
             ended = 1;
