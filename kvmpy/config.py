@@ -145,7 +145,9 @@ class VmConfig:
     source: str = "<command line>"
     accel: str = "tcg"                 # kvm | tcg | auto
     accel_force: bool = False          # "kvm,force=on": run Linux on a software-nested KVM anyway
-    tcg_native: bool = True            # the translator compiles hot blocks to host code
+    # the translator compiles hot blocks to host code; None: as KVMPY_TCG_NATIVE_THRESHOLD
+    # says (a number, "off"), on when unset
+    tcg_native: bool | None = None
     memory: int = 256 << 20
     cpus: int = 1
     kernel: str | None = None

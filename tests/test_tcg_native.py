@@ -330,7 +330,8 @@ def test_vm_toml_and_cli_switch():
     from kvmpy.errors import ConfigError
     from kvmpy.runcmd import build_config
 
-    assert config_from_dict({}, "vm.toml").tcg_native is True
+    assert config_from_dict({}, "vm.toml").tcg_native is None     # the environment decides
+    assert config_from_dict({"tcg_native": True}, "vm.toml").tcg_native is True
     assert config_from_dict({"tcg_native": False}, "vm.toml").tcg_native is False
     with pytest.raises(ConfigError, match="vm.toml: key 'tcg_native'"):
         config_from_dict({"tcg_native": "no"}, "vm.toml")
@@ -339,6 +340,27 @@ def test_vm_toml_and_cli_switch():
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", "--tcg-native", "maybe"])
     assert e.value.code == 2
+
+
+def test_default_threshold_in_step_with_c(monkeypatch):
+    from kvmpy.hv.tcg.vcpu import NATIVE_DEFAULT_THRESHOLD
+
+    monkeypatch.delenv("KVMPY_TCG_NATIVE_THRESHOLD", raising=False)
+    mem = make_memory(1 << 20)
+    v = TcgVcpu(mem)
+    try:
+        assert v.native_threshold == NATIVE_DEFAULT_THRESHOLD
+    finally:
+        v.close()
+        mem.close()
+    monkeypatch.setenv("KVMPY_TCG_NATIVE_THRESHOLD", "off")
+    mem = make_memory(1 << 20)
+    v = TcgVcpu(mem)
+    try:
+        assert v.native_threshold is None
+    finally:
+        v.close()
+        mem.close()
 
 
 @pytest.mark.parametrize("switch", ["on", "off"])

@@ -102,6 +102,12 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
               "r12", "r13", "r14", "r15", "rip", "rflags")
 
 
+# executions before a block is compiled when nothing says otherwise: the C side's
+# NATIVE_DEFAULT_THRESHOLD (c_ext/native/native.h), for `--tcg-native on` over an
+# environment that turned the tier off
+NATIVE_DEFAULT_THRESHOLD = 50
+
+
 class TcgVcpu:
     """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
 
