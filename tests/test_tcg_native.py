@@ -236,6 +236,92 @@ def test_native_tier_runs_the_blocks(pair):
     assert native.vcpu.native_threshold == 0 and interp.vcpu.native_threshold is None
 
 
+
+# ---- the same in 32-bit protected mode: inc/dec 40-4F, linear addresses through a
+# data segment with a base, 32-bit wrap-around ----
+
+POOL32 = [0, 1, 2, 5, 6, 7]   # esp unused, ebx = data base
+DS_BASE = 0x100000
+
+
+@st.composite
+def insn32(draw):
+    a, b = draw(st.sampled_from(POOL32)), draw(st.sampled_from(POOL32))
+    o16 = draw(osz16)
+    mem = modrm(2, a, 3) + struct.pack("<i", draw(disp))   # [ebx + disp32]
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    cc = draw(st.integers(0, 15))
+    opc = draw(st.sampled_from([0x89, 0x8B, 0x01, 0x03, 0x09, 0x0B, 0x21, 0x23, 0x29, 0x2B,
+                                0x31, 0x33, 0x39, 0x3B, 0x85, 0x11, 0x19]))
+    return draw(st.sampled_from([
+        o16 + bytes([opc]) + modrm(3, a, b),
+        o16 + bytes([opc if opc != 0x85 else 0x8B]) + mem,
+        b"\x83" + modrm(3, draw(st.integers(0, 7)), a) + imm8,
+        b"\x81" + modrm(3, draw(st.integers(0, 7)), a) + imm32,
+        o16 + b"\xC1" + modrm(3, draw(st.sampled_from([4, 5, 7])), a) + bytes([draw(st.integers(0, 255))]),
+        b"\x8D" + modrm(2, a, 4) + bytes([(draw(st.integers(0, 3)) << 6) | (b << 3) | 3]) + imm32,
+        bytes([0xB8 + a]) + imm32,
+        o16 + bytes([0x40 + a]), o16 + bytes([0x48 + a]),               # inc, dec
+        o16 + b"\x0F" + bytes([draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))]) + modrm(3, a, b),
+        o16 + b"\x0F" + bytes([draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))]) + mem,
+        o16 + b"\x0F\xAF" + modrm(3, a, b), b"\x69" + modrm(3, a, b) + imm32, o16 + b"\x0F\xAF" + mem,
+        bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a), bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),
+    ]))
+
+
+@st.composite
+def block32(draw):
+    body = b"".join(draw(st.lists(insn32(), min_size=1, max_size=40)))
+    if draw(st.booleans()):
+        body += bytes([0x70 + draw(st.integers(0, 15)), 1])
+    return body + b"\xF4\xF4"
+
+
+class Cpu32(Cpu):
+    """32-bit protected mode without paging; DS with a base, so linear != offset"""
+
+    def run(self, code, state):
+        from kvmpy.hv.regs import flat_segment
+        from support.tcg import set_protected_flat
+
+        vals, flags, data = state
+        self.mem.write(CODE, code)
+        self.mem.write(DATA, data)
+        self.vcpu.invalidate_ram(CODE, len(code))
+        set_protected_flat(self.vcpu)
+        sr = self.vcpu.get_sregs()
+        sr.ds = flat_segment(0x10, False, False)
+        sr.ds.base = DS_BASE
+        self.vcpu.set_sregs(sr)
+        r = regs(rip=CODE, rflags=flags | 2, rsp=0x300000)
+        for n, v in vals.items():
+            setattr(r, NAMES[n], v & 0xFFFFFFFF)
+        r.rbx = DATA - DS_BASE
+        self.vcpu.set_regs(r)
+        kind = self.vcpu.run()
+        return kind, self.vcpu.get_regs(), self.mem.read(DATA, DATA_SIZE)
+
+
+@pytest.fixture(scope="module")
+def pair32():
+    native, interp = Cpu32(0), Cpu32(None)
+    yield native, interp
+    native.close()
+    interp.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=block32(), state=start_state())
+def test_native_block_matches_interpreter_32bit(pair32, code, state):
+    native, interp = pair32
+    got = native.run(code, state)
+    want = interp.run(code, state)
+    assert got[0] == want[0] == exits.EXIT_HLT
+    assert _state(got[1]) == _state(want[1])
+    assert got[2] == want[2]
+
+
 # ---- the interpreter's invariants at the edges of native code ----
 
 from test_tcg_system import NOT_PRESENT, LongMachine  # noqa: E402
