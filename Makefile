@@ -22,7 +22,7 @@ APT_PACKAGES += samba
 # the virtio-blk data plane's io_uring (kvmpy/devices/virtio/_dataplane_build.py links liburing)
 APT_PACKAGES += liburing-dev
 
-.PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc
+.PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc test-tcg-modes
 
 all: build
 
@@ -102,6 +102,14 @@ bench: build
 	$(VPY) -m bench
 
 # Every test that honours KVMPY_FUZZ explores ten times more (fresh random examples).
+# The translator's tests in the native tier's other two modes (make test runs the
+# default, blocks compiled once hot): every block compiled before its first run, and none.
+TCG_MODE_TESTS = tests/test_tcg_oracle.py tests/test_tcg_oracle_mmx.py tests/test_tcg_oracle_x87.py \
+	tests/test_tcg_guests.py tests/test_tcg_smp.py tests/test_tcg_system.py tests/test_tcg_native.py
+test-tcg-modes: build
+	KVMPY_TCG_NATIVE_THRESHOLD=0 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup $(TCG_MODE_TESTS)
+	KVMPY_TCG_NATIVE_THRESHOLD=off $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup $(TCG_MODE_TESTS)
+
 fuzz: build
 	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 

@@ -21,8 +21,8 @@ setup(
                   "kvmpy/devices/virtio/_netplane_build.py:ffibuilder"],
     ext_modules=[Extension(
         "kvmpy._tcg",
-        sources=sorted(glob.glob("c_ext/*.c")),
-        depends=sorted(glob.glob("c_ext/*.h")),
+        sources=sorted(glob.glob("c_ext/*.c")) + sorted(glob.glob("c_ext/native/*.c")),
+        depends=sorted(glob.glob("c_ext/*.h")) + sorted(glob.glob("c_ext/native/*.h")),
         include_dirs=["c_ext"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function",
                             "-fno-strict-aliasing"],

@@ -18,6 +18,7 @@
 #include "insn_fpu.h"
 #include "insn_system.h"
 #include "insn_bmi.h"
+#include "native/native.h"
 
 /* ---- block cache ---- */
 
@@ -31,6 +32,7 @@ void block_cache_flush(CPU *c)
         c->blocks[k].valid = 0;
     c->nblocks = 0;
     c->ninsns = 0;
+    native_arena_reset(c);   /* no compiled block runs now: flushes happen between blocks */
     memset(c->hash, 0, sizeof(Block *) * c->hash_size);
     memset(c->jc, 0, sizeof c->jc);
     memset(c->page_blocks, 0, sizeof c->page_blocks);
@@ -86,6 +88,8 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
     b->cs_base = c->seg[S_CS].base;
     b->mode = mode;
     b->link[0] = b->link[1] = 0;
+    b->native = 0;
+    b->heat = 0;
     unsigned cur = pa & 0xfff;
     int n = 0;
     uint8_t *p2 = 0;
@@ -443,7 +447,9 @@ static int check_async(CPU *c)
     return 0;
 }
 
-static Block *exec_block(CPU *c, Block *b);
+static Block *exec_insns(CPU *c, Block *b, Insn *single);
+static inline Block *exec_block(CPU *c, Block *b);
+static int native_step(CPU *c, Insn *i, uint64_t rip);
 
 static int exc_class(int v)
 {
@@ -554,22 +560,49 @@ static inline __attribute__((always_inline)) int chain_ok(CPU *c)
 /* the most blocks run back to back through links before cpu_run has control again */
 #define CHAIN_MAX 64
 
-/* Runs b, then its linked successors while chain_ok(); returns the last block run. */
-static Block *exec_block(CPU *c, Block *b)
+/* ---- native tier (c_ext/native/): when a block runs compiled ---- */
+
+/* Compiles b once it is hot; says whether its native code may run now. The code
+ * assumes entry at b->pc with nothing pending that the interpreter's first
+ * instruction must handle (interrupt shadow, replayed accesses, stop requests). */
+static inline __attribute__((always_inline)) int native_ready(CPU *c, Block *b)
+{
+    if (unlikely(b->native == 0)) {
+        if (c->native_threshold < 0 || ++b->heat <= (uint32_t)c->native_threshold)
+            return 0;
+        b->native = native_compile(c, b, native_step);
+        if (!b->native) {
+            b->heat = 0;   /* arena full: try again after the next flush */
+            return 0;
+        }
+    }
+    return c->rip == b->pc && !c->shadow && !c->nacc && !c->stop_block;
+}
+
+/* Runs b, then its linked successors while chain_ok(); returns the last block run.
+ * With `single`, runs only that instruction of b (c->cur_block), for native code:
+ * no chaining, no statistics, and 0 when the block must end after it. */
+static Block *exec_insns(CPU *c, Block *b, Insn *single)
 {
     Insn *i, *end;
     uint64_t entry_rip, ip_wrap;
     int chain = CHAIN_MAX;
+    int stopped = 0;
 enter:
-    i = b->insns;
-    end = i + b->n;
+    if (!single && native_ready(c, b)) {
+        c->cur_block = b;
+        native_run(c, b->native);
+        goto chain_next;
+    }
+    i = single ? single : b->insns;
+    end = single ? single + 1 : i + b->n;
     /* next_rip comes from the block's entry rip and the instruction's end offset, not
      * from the previous rip: no store-to-load dependency chain through c->rip from one
      * instruction to the next. Valid because anything that moves rip other than to the
      * next instruction ends the block (ends_block() in decode.c, or stop_block). */
-    entry_rip = c->rip;
+    entry_rip = single ? b->pc : c->rip;
     ip_wrap = c->long64 ? ~0ull : 0xffffffffull;
-    if (unlikely(c->shadow)) {
+    if (unlikely(c->shadow) && !single) {
         end = i + 1;
         c->shadow = 0;
     }
@@ -997,6 +1030,7 @@ enter:
                 c->nacc = c->acc_pos = 0;                   \
             if (why & STOP_BLOCK) {                         \
                 i++;                                        \
+                stopped = 1;                                \
                 goto out;                                   \
             }                                               \
         }                                                   \
@@ -1227,7 +1261,10 @@ enter:
 out:
 #undef NEXT
 #undef PROLOGUE
+    if (single)
+        return stopped ? 0 : b;
     c->st_insns += i - b->insns;
+chain_next:
     /* Block chaining: the successor is taken from b's links (see next_block) without
      * returning to cpu_run, whose per-block work (call, checks, lookup) costs about
      * as much as a short block. Links that miss or need translating go through cpu_run. */
@@ -1247,4 +1284,17 @@ out:
     }
     c->cur_block = 0;
     return b;
+}
+
+static inline Block *exec_block(CPU *c, Block *b)
+{
+    return exec_insns(c, b, 0);
+}
+
+/* native code's helper: one instruction through the interpreter (see native.h) */
+static int native_step(CPU *c, Insn *i, uint64_t rip)
+{
+    c->rip = rip;
+    c->st_native_helper++;
+    return exec_insns(c, c->cur_block, i) == 0;
 }

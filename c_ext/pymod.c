@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include "tcg.h"
 #include "flags.h"
+#include "native/native.h"
 
 typedef struct {
     PyObject_HEAD
@@ -45,6 +46,7 @@ static void Cpu_dealloc(CpuObject *self)
         free(self->cpu->blocks);
         free(self->cpu->insn_pool);
         free(self->cpu->hash);
+        native_arena_free(self->cpu);
         free(self->cpu);
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -79,6 +81,9 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     }
     cpu_init(c);
     c->cpu_index = index;
+    c->native_threshold = native_threshold_from_env();
+    if (native_arena_init(c) < 0)
+        c->native_threshold = NATIVE_OFF;
     self->cpu = c;
     cpu_register(c);
     return 0;
@@ -430,7 +435,7 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
 static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 {
     CPU *c = self->cpu;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
@@ -438,7 +443,11 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
                          "slow_mem", (unsigned long long)c->st_slow_mem,
                          "slow_mem_ns", (unsigned long long)c->st_slow_mem_ns,
                          "gil_wait_ns", (unsigned long long)c->st_gil_wait_ns,
-                         "pm_timer_reads", (unsigned long long)c->st_pm_timer_reads);
+                         "pm_timer_reads", (unsigned long long)c->st_pm_timer_reads,
+                         "native_insns", (unsigned long long)c->st_native_insns,
+                         "native_helper_insns", (unsigned long long)c->st_native_helper,
+                         "native_blocks", (unsigned long long)c->st_native_blocks,
+                         "native_compile_ns", (unsigned long long)c->st_native_compile_ns);
 }
 
 /* set_pm_timer(port, origin_ns, bits): answer reads of the 4 bytes at `port` as the
@@ -468,6 +477,42 @@ static PyObject *Cpu_set_profiling(CpuObject *self, PyObject *args)
         return NULL;
     self->cpu->profiling = on;
     Py_RETURN_NONE;
+}
+
+/* the native tier: executions before a block is compiled, or None to keep every
+ * block interpreted; blocks compiled so far go with the cache, so the choice holds
+ * from the first block on */
+static PyObject *Cpu_set_native_threshold(CpuObject *self, PyObject *args)
+{
+    PyObject *arg;
+    if (!PyArg_ParseTuple(args, "O", &arg))
+        return NULL;
+    CPU *c = self->cpu;
+    int t = NATIVE_OFF;
+    if (arg != Py_None) {
+        long v = PyLong_AsLong(arg);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < 0 || v > 1000000000) {
+            PyErr_SetString(PyExc_ValueError, "native threshold must be 0..1000000000 or None");
+            return NULL;
+        }
+        t = (int)v;
+    }
+    if (t != NATIVE_OFF && !c->nat_arena) {
+        PyErr_SetString(PyExc_OSError, "no executable memory for the native tier");
+        return NULL;
+    }
+    c->native_threshold = t;
+    block_cache_flush(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Cpu_get_native_threshold(CpuObject *self, void *closure)
+{
+    if (self->cpu->native_threshold < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(self->cpu->native_threshold);
 }
 
 /* --trace profile's sampler, from another thread while run() executes: where the
@@ -605,6 +650,8 @@ static PyMethodDef Cpu_methods[] = {
     { "exit_access", (PyCFunction)Cpu_exit_access, METH_NOARGS, NULL },
     { "error", (PyCFunction)Cpu_error, METH_NOARGS, NULL },
     { "stats", (PyCFunction)Cpu_stats, METH_NOARGS, NULL },
+    { "set_native_threshold", (PyCFunction)Cpu_set_native_threshold, METH_VARARGS,
+      "executions before a block runs as host code; None: never" },
     { "set_profiling", (PyCFunction)Cpu_set_profiling, METH_VARARGS, "time the slow memory paths" },
     { "set_pm_timer", (PyCFunction)Cpu_set_pm_timer, METH_VARARGS, "answer the ACPI PM timer's reads without exits" },
     { "sample_rip", (PyCFunction)Cpu_sample_rip, METH_NOARGS, "thread-safe: rip now, None if halted" },
@@ -639,6 +686,8 @@ static PyGetSetDef Cpu_getset[] = {
     { "interruptible", (getter)Cpu_get_interruptible, NULL,
       "IF=1, no interrupt shadow, no exit in progress: a requested vector is taken now", NULL },
     { "nmi_blocked", (getter)Cpu_get_nmi_blocked, NULL, "an NMI handler runs (until its IRET)", NULL },
+    { "native_threshold", (getter)Cpu_get_native_threshold, NULL,
+      "executions before a block runs as host code; None: the native tier is off", NULL },
     { NULL }
 };
 

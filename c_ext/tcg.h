@@ -127,6 +127,11 @@ typedef struct Block {
      * before use, so nothing has to find and clear them when blocks or mappings go. */
     struct Block *link[2];
     struct Block *pnext[2];  /* next in the page lists of phys and phys2 (CPU.page_blocks) */
+    /* native tier (c_ext/native/): host code once the block ran native_threshold times;
+     * it dies with the block (slot refilled by translate_block, arena reset by
+     * block_cache_flush), and runs only while the block is valid */
+    void *native;
+    uint32_t heat;
 } Block;
 
 typedef struct RamRegion {
@@ -265,6 +270,15 @@ typedef struct CPU {
     uint64_t pm_timer_mask;
     int64_t pm_timer_origin_ns;
     uint64_t st_pm_timer_reads;
+
+    /* native tier (c_ext/native/): the code arena (mapped with the CPU, before the
+     * sandbox closes), the executions before a block is compiled (-1: never) and its
+     * statistics (st_native_insns: run inside compiled blocks, st_native_helper: of
+     * those, through the interpreter's handler) */
+    uint8_t *nat_arena;
+    size_t nat_size, nat_used;
+    int native_threshold;
+    uint64_t st_native_insns, st_native_helper, st_native_blocks, st_native_compile_ns;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
@@ -284,6 +298,8 @@ typedef struct CPU {
  *              what it calls
  *   mmx_cvt.c  the SSE conversions with an MMX operand; calls mmx.c and what it calls
  *   sse.c      SSE/SSE2/SSE3, routing to the four above; simd.h is their shared inline part
+ *   native/native.c   the native tier's arena, encoder and block compiler; calls
+ *              nothing (exec.c hands it the helper its code calls)
  *   exec.c     block cache, run loop, dispatcher with the insn_*.h handler groups
  *              (insn_bmi.h: BMI1/2, ADX, MOVBE, RDRAND/RDSEED; it calls sse.c for crc32)
  *   pymod.c    the Python type kvmpy._tcg.Cpu */

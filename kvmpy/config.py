@@ -156,6 +156,9 @@ class VmConfig:
     source: str = "<command line>"
     accel: str = "tcg"                 # kvm | tcg | auto
     accel_force: bool = False          # "kvm,force=on": run Linux on a software-nested KVM anyway
+    # the translator compiles hot blocks to host code; None: as KVMPY_TCG_NATIVE_THRESHOLD
+    # says (a number, "off"), on when unset
+    tcg_native: bool | None = None
     memory: int = 256 << 20
     cpus: int = 1
     kernel: str | None = None
@@ -208,7 +211,7 @@ DISK_MEDIA = ("disk", "cdrom")
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
-            "sandbox", "firmware", "bios", "boot", "boot_menu", "display"}
+            "sandbox", "firmware", "bios", "boot", "boot_menu", "display", "tcg_native"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
              "dataplane", "queues", "iothread"}
 NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane", "queues", "vhost"}
@@ -356,6 +359,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
             cfg.cmdline = _expect(data[key], str, w(key), "a string")
     if "serial" in data:
         cfg.serial = _expect(data["serial"], str, w("serial"), "a string such as \"stdio\"")
+    if "tcg_native" in data:
+        cfg.tcg_native = _expect(data["tcg_native"], bool, w("tcg_native"), "true or false")
     if "no_reboot" in data:
         cfg.no_reboot = _expect(data["no_reboot"], bool, w("no_reboot"), "true or false")
     if "enabled" in data:

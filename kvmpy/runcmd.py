@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--accel", metavar="kvm|tcg|auto[,force=on]",
                    help="accelerator (overrides vm.toml); kvm,force=on boots a Linux kernel on a "
                         "software-nested KVM (kvm_pvm) anyway")
+    p.add_argument("--tcg-native", choices=("on", "off"),
+                   help="the translator compiles hot blocks to host code (default on; overrides vm.toml)")
     p.add_argument("--kernel", help="kernel: bzImage or PVH ELF")
     p.add_argument("--initrd", help="initial ramdisk")
     p.add_argument("--append", help="kernel command line")
@@ -91,6 +93,8 @@ def build_config(args) -> VmConfig:
         cfg.accel = "kvm"
     if args.no_reboot:
         cfg.no_reboot = True
+    if args.tcg_native:
+        cfg.tcg_native = args.tcg_native == "on"
     cfg.disks += [parse_drive(d) for d in args.drive]
     if "none" in args.net:      # QEMU's -nic none: no NIC, whatever the vm.toml has
         cfg.nets = []

@@ -397,6 +397,17 @@ def audit_mode() -> bool:
     return os.environ.get(AUDIT_ENV, "") not in ("", "0")
 
 
+def _preload_unwinder() -> None:
+    """glibc opens libgcc_s the first time a thread exits through pthread_exit or is
+    cancelled (its unwinder); under the filter that open fails and glibc aborts the
+    process ("libgcc_s.so.1 must be installed for pthread_exit to work"), as a
+    native thread ending at VM exit did. Loaded now, the later dlopen finds it."""
+    try:
+        ctypes.CDLL("libgcc_s.so.1", mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    except OSError as e:     # a static or musl build: nothing to load, nothing to abort
+        log.debug("sandbox: libgcc_s not preloaded: %s", e)
+
+
 def install(audit: bool | None = None, user_network: bool = False, file_share: bool = False) -> int:
     """Set NO_NEW_PRIVS and install the filter on every thread of this process
     (threads started later inherit it). Returns the program's length.
@@ -409,6 +420,7 @@ def install(audit: bool | None = None, user_network: bool = False, file_share: b
     reason = unavailable_reason()
     if reason is not None:
         raise SandboxUnavailable(reason)
+    _preload_unwinder()
     default = SECCOMP_RET_LOG if audit else SECCOMP_RET_KILL_PROCESS
     prog = assemble(policy(os.getpid(), user_network, file_share), default)
     filters = (_SockFilter * len(prog))(*[_SockFilter(code, jt, jf, k) for code, jt, jf, k in prog])

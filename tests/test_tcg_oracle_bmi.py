@@ -15,6 +15,8 @@ Where unicorn is wrong the SDM wins; in 64-bit streams the host CPU says so, in
   * BZHI r32 with an index of 31 or more: the SDM leaves the source as it is from 32
     up and sets CF from 32 up; QEMU 5 clamps the index to 31 (clearing bit 31) and
     sets CF from 31 up. 32-bit streams use indexes below 31.
+  * BEXTR r32 with start 0 and a length of 32 or more: the SDM extracts the whole
+    source; QEMU 5 clears its bit 31. 32-bit streams use lengths below 32 there.
 
 RDRAND/RDSEED return random values: checked on ours only, for CF=1 and values
 that vary.
@@ -105,8 +107,10 @@ def g_bmi(draw, a: Asm):
     rm = ("m", a.mem(draw, size)) if draw(st.booleans()) else ("r", draw(st.sampled_from(gprs)))
     setup = b""
     if name == "bextr" and draw(st.integers(0, 3)):     # start and length near the width
-        setup = mov_imm32(a, vreg, draw(st.integers(0, 70)) | draw(st.integers(0, 70)) << 8 |
-                          draw(st.integers(0, 0xFFFF)) << 16)
+        start, length = draw(st.integers(0, 70)), draw(st.integers(0, 70))
+        if a.mode != 64 and start == 0 and length >= 32:
+            length = 31       # unicorn's whole-source extract (module docstring)
+        setup = mov_imm32(a, vreg, start | length << 8 | draw(st.integers(0, 0xFFFF)) << 16)
     elif name == "bzhi" and a.mode != 64:             # unicorn's index >= 32 (module docstring)
         setup = mov_imm32(a, vreg, draw(st.integers(0, 30)) | draw(st.integers(0, 0xFFFFFF)) << 8)
     elif name == "bzhi" and draw(st.integers(0, 3)):    # the index byte only; bits above ignored

@@ -96,6 +96,7 @@ class BootProfile:
         self._stop.set()
         insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = pm_timer_reads = 0
         halt_asked_ns = halt_late_ns = 0
+        native: dict[str, int] = {}
         have_stats = False
         run_s = hlt_s = intr_s = 0.0
         runs = hlts = 0
@@ -114,6 +115,8 @@ class BootProfile:
                 pm_timer_reads += st.get("pm_timer_reads", 0)
                 halt_asked_ns += st.get("halt_until_deadline_ns", 0)
                 halt_late_ns += st.get("halt_past_deadline_ns", 0)
+                for key in ("native_insns", "native_helper_insns", "native_blocks", "native_compile_ns"):
+                    native[key] = native.get(key, 0) + st.get(key, 0)
             run_s += p.run_s
             runs += p.runs
             hlt_s += p.hlt_s
@@ -133,6 +136,12 @@ class BootProfile:
             lines.append(f"    translation        {translated} blocks, {decode_ns / 1e9:.2f} s "
                          f"({decode_ns / max(translated, 1) / 1e3:.1f} us per block)")
             lines.append(f"    C core executing   {exec_ns / 1e9:.2f} s")
+            if native:
+                in_blocks = native["native_insns"]
+                own = in_blocks - native["native_helper_insns"]
+                lines.append(f"    native tier        {native['native_blocks']} blocks compiled in "
+                             f"{native['native_compile_ns'] / 1e9:.3f} s; {100.0 * in_blocks / max(insns, 1):.1f} % "
+                             f"of instructions in compiled blocks, {100.0 * own / max(insns, 1):.1f} % as host code")
             lines.append(f"    slow memory paths  {slow} (TLB misses, MMIO, page crossings, code-page writes), "
                          f"{slow_ns / 1e9:.2f} s")
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")

@@ -138,7 +138,7 @@ class TcgAccel:
 
     def __init__(self, host: AccelHost) -> None:
         try:
-            from .vcpu import TcgVcpu
+            from .vcpu import NATIVE_DEFAULT_THRESHOLD, TcgVcpu
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
@@ -150,6 +150,10 @@ class TcgAccel:
         self.vcpus = [TcgVcpu(host.memory, i, wait_sipi=i != 0) for i in range(num_cpus)]
         for i, v in enumerate(self.vcpus):
             v.set_cpuid(translator_cpuid(num_cpus, i, v.host_tsc_hz()))
+            if host.cfg.tcg_native is False:
+                v.set_native_threshold(None)
+            elif host.cfg.tcg_native and v.native_threshold is None:
+                v.set_native_threshold(NATIVE_DEFAULT_THRESHOLD)
         self.timer_wheel = TimerWheel(events=host.events)
         self.port_write_queue = None         # every port write exits to the vCPU loop
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).

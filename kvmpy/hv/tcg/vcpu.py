@@ -104,6 +104,12 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
               "r12", "r13", "r14", "r15", "rip", "rflags")
 
 
+# executions before a block is compiled when nothing says otherwise: the C side's
+# NATIVE_DEFAULT_THRESHOLD (c_ext/native/native.h), for `--tcg-native on` over an
+# environment that turned the tier off
+NATIVE_DEFAULT_THRESHOLD = 50
+
+
 class TcgVcpu:
     """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
 
@@ -246,6 +252,15 @@ class TcgVcpu:
         - origin_ns) * 3.579545 MHz``, low ``bits`` bits (kvmpy.devices.acpi_pm.PmTimerClock);
         port 0: exit for them again. Not while run() executes."""
         self._cpu.set_pm_timer(port, origin_ns, bits)
+
+    def set_native_threshold(self, threshold: int | None) -> None:
+        """Executions before a block runs as host code (0: from its first run); None
+        keeps every block interpreted. Drops the translations made so far."""
+        self._cpu.set_native_threshold(threshold)
+
+    @property
+    def native_threshold(self) -> int | None:
+        return self._cpu.native_threshold
 
     def set_profiling(self, on: bool) -> None:
         """Time the slow memory paths too (two clock reads each)."""

@@ -1,0 +1,771 @@
+/* The native tier's code arena, x86-64 encoder and block compiler (see native.h). */
+#include <stdlib.h>
+#include <sys/mman.h>
+#include "native.h"
+#include "flags.h"
+
+/* ---- arena ---- */
+
+#define ARENA_SIZE (32u << 20)
+/* the most one instruction can emit, with its exit stub: checked before each one */
+#define INSN_MAX_CODE 160
+
+int native_threshold_from_env(void)
+{
+    const char *s = getenv("KVMPY_TCG_NATIVE_THRESHOLD");
+    if (!s || !*s)
+        return NATIVE_DEFAULT_THRESHOLD;
+    if (!strcmp(s, "off"))
+        return NATIVE_OFF;
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*end || v < 0 || v > 1000000000)
+        return NATIVE_DEFAULT_THRESHOLD;
+    return (int)v;
+}
+
+int native_arena_init(CPU *c)
+{
+    /* One RWX mapping: the arena is private to its vCPU thread and written only while
+     * no block of it runs (compiles happen between blocks). Without it (a hardened
+     * kernel refusing PROT_EXEC on anonymous memory) the tier stays off. */
+    void *p = mmap(0, ARENA_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        c->nat_arena = 0;
+        c->nat_size = 0;
+        return -1;
+    }
+    c->nat_arena = p;
+    c->nat_size = ARENA_SIZE;
+    c->nat_used = 0;
+    return 0;
+}
+
+void native_arena_free(CPU *c)
+{
+    if (c->nat_arena)
+        munmap(c->nat_arena, c->nat_size);
+    c->nat_arena = 0;
+    c->nat_size = 0;
+}
+
+/* ---- encoder: only what the compiler uses; rbx holds the CPU pointer ---- */
+
+enum { RAX = 0, RCX = 1, RDX = 2, RBX = 3, RSP = 4, RBP = 5, RSI = 6, RDI = 7 };
+
+typedef struct Emit {
+    uint8_t *p, *end;
+} Emit;
+
+static void b1(Emit *e, uint8_t v) { *e->p++ = v; }
+static void b4(Emit *e, uint32_t v) { memcpy(e->p, &v, 4); e->p += 4; }
+static void b8(Emit *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
+
+#define CPU_OFF(field) ((int32_t)offsetof(CPU, field))
+#define GREG(n) (CPU_OFF(r) + 8 * (int32_t)(n))
+
+/* opcode with a register and [rbx + disp32]; w selects 64-bit operands */
+static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
+{
+    if (w)
+        b1(e, 0x48);
+    b1(e, opc);
+    b1(e, (uint8_t)(0x80 | ((reg & 7) << 3) | RBX));
+    b4(e, (uint32_t)disp);
+}
+
+static void load64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x8b, reg, disp); }
+/* zero-extends into the whole register, like the interpreter's (uint32_t) reads */
+static void load32(Emit *e, int reg, int32_t disp) { op_mem(e, 0, 0x8b, reg, disp); }
+static void store64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x89, reg, disp); }
+
+/* mov dword [rbx + disp], imm32 */
+static void store32_imm(Emit *e, int32_t disp, uint32_t imm)
+{
+    op_mem(e, 0, 0xc7, 0, disp);
+    b4(e, imm);
+}
+
+/* mov qword [rbx + disp], simm32 */
+static void store64_simm(Emit *e, int32_t disp, int32_t imm)
+{
+    op_mem(e, 1, 0xc7, 0, disp);
+    b4(e, (uint32_t)imm);
+}
+
+/* add qword [rbx + disp], imm32 */
+static void add64_mem_imm(Emit *e, int32_t disp, int32_t imm)
+{
+    op_mem(e, 1, 0x81, 0, disp);
+    b4(e, (uint32_t)imm);
+}
+
+/* mov reg, imm: the shortest form that yields the same 64-bit value */
+static void mov_imm(Emit *e, int reg, uint64_t v)
+{
+    if (v <= 0xffffffffull) {
+        b1(e, (uint8_t)(0xb8 + reg));           /* mov r32, imm32 zero-extends */
+        b4(e, (uint32_t)v);
+    } else if ((int64_t)v == (int32_t)v) {
+        b1(e, 0x48); b1(e, 0xc7); b1(e, (uint8_t)(0xc0 | reg));
+        b4(e, (uint32_t)v);
+    } else {
+        b1(e, 0x48); b1(e, (uint8_t)(0xb8 + reg));
+        b8(e, v);
+    }
+}
+
+/* store a 64-bit constant to [rbx + disp] (through rax when it needs 64 bits) */
+static void store64_const(Emit *e, int32_t disp, uint64_t v)
+{
+    if ((int64_t)v == (int32_t)v) {
+        store64_simm(e, disp, (int32_t)v);
+    } else {
+        mov_imm(e, RAX, v);
+        store64(e, RAX, disp);
+    }
+}
+
+/* two-register ALU op (01 add, 09 or, 21 and, 29 sub, 31 xor, 39 cmp, 85 test):
+ * opc dst, src, 64-bit */
+static void alu_rr(Emit *e, uint8_t opc, int dst, int src)
+{
+    b1(e, 0x48);
+    b1(e, opc);
+    b1(e, (uint8_t)(0xc0 | (src << 3) | dst));
+}
+
+static void mov32_rr(Emit *e, int dst, int src)   /* mov dst32, src32: clears the high half */
+{
+    b1(e, 0x89);
+    b1(e, (uint8_t)(0xc0 | (src << 3) | dst));
+}
+
+static void shl_imm(Emit *e, int reg, uint8_t n)
+{
+    b1(e, 0x48); b1(e, 0xc1); b1(e, (uint8_t)(0xe0 | reg)); b1(e, n);
+}
+
+static uint8_t *jcc32(Emit *e, uint8_t cc)   /* returns the rel32 field to patch */
+{
+    b1(e, 0x0f); b1(e, (uint8_t)(0x80 | cc));
+    uint8_t *at = e->p;
+    b4(e, 0);
+    return at;
+}
+
+static void patch_rel32(uint8_t *at, uint8_t *target)
+{
+    int32_t rel = (int32_t)(target - (at + 4));
+    memcpy(at, &rel, 4);
+}
+
+/* [rbx + rdx + disp32]: the TLB entry addressed by rdx */
+static void op_tlb(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
+{
+    if (w)
+        b1(e, 0x48);
+    b1(e, opc);
+    b1(e, (uint8_t)(0x84 | ((reg & 7) << 3)));
+    b1(e, (RDX << 3) | RBX);
+    b4(e, (uint32_t)disp);
+}
+
+/* ---- what has a native form ---- */
+
+/* ALU operation numbers of decode.c's P_ALUX forms (the modrm reg field) */
+enum { ALU_ADD = 0, ALU_OR = 1, ALU_AND = 4, ALU_SUB = 5, ALU_XOR = 6, ALU_CMP = 7 };
+
+static int alux_form(const Insn *i, int *form, int *aluop)
+{
+    if (i->op < P_ALUX || i->op >= P_ALUX + 32)
+        return 0;
+    *form = (i->op - P_ALUX) / 8;   /* 0 RR64, 1 RR32, 2 RI64, 3 RI32 */
+    *aluop = (i->op - P_ALUX) % 8;
+    switch (*aluop) {
+    case ALU_ADD: case ALU_OR: case ALU_AND: case ALU_SUB: case ALU_XOR: case ALU_CMP:
+        return 1;
+    }
+    return 0;
+}
+
+static int alu_op_ok(int aluop)
+{
+    return aluop == ALU_ADD || aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_SUB ||
+           aluop == ALU_XOR || aluop == ALU_CMP;
+}
+
+/* a memory operand the inline TLB path can address: 32/64-bit addressing */
+static int mem_ok(const Insn *i)
+{
+    return i->mod != 3 && (i->asz == 8 || i->asz == 4) && i->index != RIPREG && i->seg < 6;
+}
+
+int native_has_form(const Insn *i)
+{
+    int form, aluop;
+    if (alux_form(i, &form, &aluop))
+        return 1;
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
+    case P_TEST_RR64: case P_TEST_RR32:
+    case P_SHIFT_RI64: case P_SHIFT_RI32:
+        return 1;
+    case P_LOAD64: case P_LOAD32: case P_STORE64: case P_STORE32:
+        return mem_ok(i);
+    case P_LOAD_ALU64: case P_LOAD_ALU32:
+        return alu_op_ok((int)(i->imm2 & 0xff)) && ((i->imm2 & 0x100) || mem_ok(i));
+    case P_LEA64:
+        return (i->asz == 8 || i->asz == 4) && i->index != RIPREG;
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:   /* movzx, movsx */
+        return (i->osz == 4 || i->osz == 8) && !i->lock && (i->mod == 3 || mem_ok(i));
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+        return i->osz == 4 || i->osz == 8;
+    case 0x1af:   /* imul r, r/m */
+        return (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
+    case 0x69: case 0x6b:   /* imul r, r/m, imm */
+        return (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i)) &&
+               (int64_t)i->imm == (int32_t)i->imm;
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+        return i->osz == 4;   /* inc/dec r32 outside 64-bit mode (where 40-4F are REX) */
+    case 0xff:
+        return (i->reg & 7) <= 1 && i->mod == 3 && !i->lock && (i->osz == 4 || i->osz == 8);
+    case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
+    case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
+    case 0x180: case 0x181: case 0x182: case 0x183: case 0x184: case 0x185: case 0x186: case 0x187:
+    case 0x188: case 0x189: case 0x18a: case 0x18b: case 0x18c: case 0x18d: case 0x18e: case 0x18f:
+    case 0xe9: case 0xeb:
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- the compiler's state for one block ---- */
+
+/* An out-of-line path: a TLB miss (slow) runs the instruction through the helper and
+ * resumes after it; an early end (stub) leaves crediting the instructions run. */
+typedef struct Slow {
+    uint8_t *jump;      /* rel32 of the branch to it */
+    uint8_t *resume;
+    Insn *insn;
+    uint64_t rip;
+    int done;
+} Slow;
+
+typedef struct Comp {
+    Emit e;
+    CPU *c;
+    Block *b;
+    NativeStepFn step;
+    int long64;
+    Slow slow[BLOCK_MAX_INSNS];
+    int nslow;
+    Slow stub[2 * BLOCK_MAX_INSNS];
+    int nstub;
+    /* host flags hold the guest's arithmetic flags of the instruction just emitted */
+    int flags_live;
+    /* the next instruction overwrites the lazy flags without reading them and cannot
+     * fault or exit: this one need not write them */
+    int cc_dead;
+} Comp;
+
+/* ---- native forms ---- */
+
+/* The interpreter's alu() + set_cc() with a in rax and b in rcx; the result goes to
+ * guest register dst (unless cmp). Ends with the operation at its guest size, so the
+ * host flags are the guest's. */
+static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
+{
+    Emit *e = &k->e;
+    int logic = aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
+    uint32_t cc = logic ? CC_LOGIC : aluop == ALU_ADD ? CC_ADD : CC_SUB;
+    static const uint8_t opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x21,
+                                    [ALU_SUB] = 0x29, [ALU_XOR] = 0x31, [ALU_CMP] = 0x29 };
+    /* 64-bit arithmetic on zero-extended 32-bit operands: the same cc_res bits as the
+     * interpreter's uint64_t sums */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);              /* mov rdx, rax */
+    alu_rr(e, opc[aluop], RDX, RCX);
+    if (logic) {
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
+    } else {
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_b));
+    }
+    if (!k->cc_dead) store64(e, RDX, CPU_OFF(cc_res));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), cc);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    if (aluop != ALU_CMP) {
+        if (!wide)
+            mov32_rr(e, RDX, RDX);
+        store64(e, RDX, GREG(dst));
+    }
+    /* the same operation at the guest's size, for the host flags only */
+    static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x85,
+                                         [ALU_SUB] = 0x39, [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (wide)
+        b1(e, 0x48);
+    b1(e, flag_opc[aluop]);
+    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    k->flags_live = 1;
+}
+
+static void emit_alux(Comp *k, const Insn *i, int form, int aluop)
+{
+    Emit *e = &k->e;
+    int wide = form == 0 || form == 2;
+    if (wide)
+        load64(e, RAX, GREG(i->rm));
+    else
+        load32(e, RAX, GREG(i->rm));
+    if (form >= 2)
+        mov_imm(e, RCX, wide ? i->imm : (uint32_t)i->imm);
+    else if (wide)
+        load64(e, RCX, GREG(i->reg));
+    else
+        load32(e, RCX, GREG(i->reg));
+    emit_alu_core(k, aluop, wide, i->rm);
+}
+
+/* rax = offset of i's memory operand (ea_off); next_rip for rip-relative forms */
+static void emit_ea_off(Emit *e, const Insn *i, uint64_t next_rip)
+{
+    uint64_t disp = (uint64_t)i->disp;
+    if (i->base == RIPREG)
+        disp += next_rip;
+    mov_imm(e, RAX, disp);
+    if (i->base != NOREG && i->base != RIPREG) {
+        load64(e, RCX, GREG(i->base));
+        alu_rr(e, 0x01, RAX, RCX);
+    }
+    if (i->index != NOREG) {
+        load64(e, RCX, GREG(i->index));
+        if (i->scale)
+            shl_imm(e, RCX, i->scale);
+        alu_rr(e, 0x01, RAX, RCX);
+    }
+    if (i->asz == 4)
+        mov32_rr(e, RAX, RAX);
+}
+
+/* Host address of i's memory operand in rax through the TLB (tlb_hit in access.h);
+ * a miss, a page crossing or a slow page branches to an out-of-line path that runs
+ * the whole instruction through the interpreter. Returns the slow path's index. */
+static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned size, int write, int done)
+{
+    Emit *e = &k->e;
+    emit_ea_off(e, i, next_rip);
+    /* linear(): flat in 64-bit code but for FS/GS; 32-bit wrap otherwise */
+    if (!k->long64 || i->seg >= S_FS)
+        op_mem(e, 1, 0x03, RAX, CPU_OFF(seg) + (int32_t)(i->seg * sizeof(Seg)) +
+                                    (int32_t)offsetof(Seg, base));   /* add rax, base */
+    if (!k->long64)
+        mov32_rr(e, RAX, RAX);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 12);           /* shr rdx, 12 */
+    b1(e, 0x81); b1(e, 0xe2); b4(e, TLB_SIZE - 1);              /* and edx, TLB_SIZE-1 */
+    b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)sizeof(TlbEnt));  /* imul edx, edx, size */
+    op_mem(e, 1, 0x63, RCX, CPU_OFF(mmu_idx));                  /* movsxd rcx, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xc9);                      /* imul rcx, rcx, ... */
+    b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));
+    alu_rr(e, 0x01, RDX, RCX);
+    /* the page of the last byte: differs from the tag when the access crosses a page */
+    b1(e, 0x48); b1(e, 0x8d); b1(e, 0x48); b1(e, (uint8_t)(size - 1));   /* lea rcx, [rax+size-1] */
+    b1(e, 0x48); b1(e, 0x81); b1(e, 0xe1); b4(e, 0xfffff000u);          /* and rcx, ~0xfff */
+    op_tlb(e, 1, 0x3b, RCX, CPU_OFF(tlb) + (int32_t)(write ? offsetof(TlbEnt, tag_w)
+                                                            : offsetof(TlbEnt, tag_r)));
+    Slow *s = &k->slow[k->nslow];
+    s->jump = jcc32(e, 0x5);                                    /* jne slow */
+    s->insn = i;
+    s->rip = rip;
+    s->done = done;
+    op_tlb(e, 1, 0x03, RAX, CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, addend));   /* add rax, addend */
+    return k->nslow++;
+}
+
+/* movzx/movsx eax|rax from a register: [rbx + disp], the byte registers AH-BH at +1 */
+static int32_t byte_reg_disp(const Insn *i, int r)
+{
+    if (!i->rex && r >= 4 && r < 8)
+        return GREG(r - 4) + 1;
+    return GREG(r);
+}
+
+static uint64_t native_get_cf(CPU *c)
+{
+    return (uint64_t)get_cf(c);
+}
+
+/* inc/dec of a register: CF kept (cc_c), the rest from the result, as inc_dec_reg */
+static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
+{
+    Emit *e = &k->e;
+    if (flags_were_live) {
+        b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                  /* setc cl */
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc9);                  /* movzx ecx, cl */
+    } else {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
+        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        b1(e, 0x89); b1(e, 0xc1);                               /* mov ecx, eax */
+        b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe1); b1(e, 0);        /* bt ecx, 0: host CF = guest CF */
+    }
+    if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_c));
+    op_mem(e, wide, 0x8b, RAX, GREG(r));
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0xff); b1(e, (uint8_t)(inc ? 0xc0 : 0xc8));         /* inc/dec (e|r)ax: CF stays */
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+    store64(e, RAX, GREG(r));
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    k->flags_live = 1;
+}
+
+/* imul_reg_rm: eager flags, CF = OF = signed overflow, SF ZF PF from the result */
+static void emit_imul_tail(Comp *k, const Insn *i)
+{
+    Emit *e = &k->e;
+    int wide = i->osz == 8;
+    if (i->op == 0x1af) {
+        op_mem(e, wide, 0x8b, RCX, GREG(i->reg));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xaf); b1(e, 0xc1);                  /* imul (e|r)ax, (e|r)cx */
+    } else {
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x69); b1(e, 0xc0); b4(e, (uint32_t)i->imm);     /* imul (e|r)ax, (e|r)ax, imm32 */
+    }
+    b1(e, 0x0f); b1(e, 0x90); b1(e, 0xc2);                      /* seto dl */
+    store64(e, RAX, GREG(i->reg));
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0x85); b1(e, 0xc0);                                   /* test (e|r)ax, (e|r)ax */
+    b1(e, 0x9c); b1(e, 0x59);                                   /* pushf; pop rcx */
+    b1(e, 0x81); b1(e, 0xe1); b4(e, F_ZF | F_SF | F_PF);        /* and ecx, ZF|SF|PF */
+    b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xd2);                      /* movzx edx, dl */
+    b1(e, 0x69); b1(e, 0xd2); b4(e, F_CF | F_OF);               /* imul edx, edx, CF|OF */
+    b1(e, 0x09); b1(e, 0xd1);                                   /* or ecx, edx */
+    if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_res));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+}
+
+/* Emits i; returns 0 when it has no native form after all. */
+static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int form, aluop, slow = -1;
+    int flags_were_live = k->flags_live;
+    k->flags_live = 0;
+    if (alux_form(i, &form, &aluop)) {
+        emit_alux(k, i, form, aluop);
+        return 1;
+    }
+    switch (i->op) {
+    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
+    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
+    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
+    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
+    case P_TEST_RR64: case P_TEST_RR32: {
+        int wide = i->op == P_TEST_RR64;
+        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
+        op_mem(e, wide, 0x8b, RCX, GREG(i->reg));
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
+        alu_rr(e, 0x21, RDX, RCX);
+        if (!k->cc_dead) store64(e, RDX, CPU_OFF(cc_res));
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_LOGIC);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x85); b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));   /* test: host flags */
+        k->flags_live = 1;
+        return 1;
+    }
+    case P_SHIFT_RI64: case P_SHIFT_RI32: {
+        int wide = i->op == P_SHIFT_RI64;
+        unsigned n = (unsigned)(i->imm & (wide ? 63 : 31));
+        int kind = (int)i->imm2;   /* 4 shl, 5 shr, 7 sar: the modrm reg field */
+        if (!n) {
+            if (!wide) {   /* a 32-bit destination is written even for count 0 */
+                load32(e, RAX, GREG(i->rm));
+                store64(e, RAX, GREG(i->rm));
+            }
+            return 1;
+        }
+        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+        store64(e, RAX, GREG(i->rm));
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        return 1;
+    }
+    case P_LOAD64: case P_LOAD32: {
+        int wide = i->op == P_LOAD64;
+        slow = emit_mem(k, i, rip, next_rip, wide ? 8 : 4, 0, done);
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x00);                               /* mov (r|e)ax, [rax] */
+        store64(e, RAX, GREG(i->reg));
+        break;
+    }
+    case P_STORE64: case P_STORE32: {
+        int wide = i->op == P_STORE64;
+        slow = emit_mem(k, i, rip, next_rip, wide ? 8 : 4, 1, done);
+        load64(e, RCX, GREG(i->reg));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x89); b1(e, 0x08);                               /* mov [rax], (r|e)cx */
+        break;
+    }
+    case P_LOAD_ALU64: case P_LOAD_ALU32: {
+        int wide = i->op == P_LOAD_ALU64;
+        if (i->imm2 & 0x100) {
+            op_mem(e, wide, 0x8b, RCX, GREG(i->rm));
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, wide ? 8 : 4, 0, done);
+            if (wide)
+                b1(e, 0x48);
+            b1(e, 0x8b); b1(e, 0x08);                           /* mov (r|e)cx, [rax] */
+        }
+        op_mem(e, wide, 0x8b, RAX, GREG(i->reg));
+        emit_alu_core(k, (int)(i->imm2 & 0xff), wide, i->reg);
+        if (slow >= 0)
+            k->flags_live = 0;   /* the slow path joins without them */
+        break;
+    }
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf: {
+        unsigned from = (i->op & 1) ? 2 : 1;
+        int sx = i->op >= 0x1be;
+        uint8_t opc2 = (uint8_t)(i->op & 0xff);                 /* B6 B7 BE BF */
+        if (i->mod == 3) {
+            int32_t d = from == 1 ? byte_reg_disp(i, i->rm) : GREG(i->rm);
+            b1(e, 0x48); b1(e, 0x0f); b1(e, opc2);              /* mov(z|s)x rax, [rbx+d] */
+            b1(e, (uint8_t)(0x80 | (RAX << 3) | RBX)); b4(e, (uint32_t)d);
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, from, 0, done);
+            b1(e, 0x48); b1(e, 0x0f); b1(e, opc2); b1(e, 0x00); /* mov(z|s)x rax, [rax] */
+        }
+        if (sx && i->osz == 4)
+            mov32_rr(e, RAX, RAX);
+        store64(e, RAX, GREG(i->reg));
+        break;
+    }
+    case P_LEA64:
+        emit_ea_off(e, i, next_rip);
+        store64(e, RAX, GREG(i->reg));
+        return 1;
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+        emit_inc_dec(k, i->op & 7, 0, i->op < 0x48, flags_were_live);
+        return 1;
+    case 0xff:
+        emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
+        return 1;
+    case 0x1af: case 0x69: case 0x6b:
+        if (i->mod == 3) {
+            op_mem(e, i->osz == 8, 0x8b, RAX, GREG(i->rm));
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, i->osz, 0, done);
+            if (i->osz == 8)
+                b1(e, 0x48);
+            b1(e, 0x8b); b1(e, 0x00);                           /* mov (r|e)ax, [rax] */
+        }
+        emit_imul_tail(k, i);
+        break;
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+        store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
+        return 1;
+    default:
+        return 0;
+    }
+    if (slow >= 0)
+        k->slow[slow].resume = e->p;
+    return 1;
+}
+
+/* ---- branches (the block's last instruction) ---- */
+
+static int native_cond(CPU *c, int cc)
+{
+    return cond(c, cc);
+}
+
+/* target of a relative branch: ip_mask() of operands.h at compile time */
+static uint64_t branch_target(const Comp *k, const Insn *i, uint64_t next_rip)
+{
+    uint64_t v = next_rip + i->imm;
+    if (k->long64)
+        return v;
+    return i->osz == 2 ? (uint16_t)v : (uint32_t)v;
+}
+
+static void emit_exit(Emit *e, int done)
+{
+    add64_mem_imm(e, CPU_OFF(st_insns), done);
+    add64_mem_imm(e, CPU_OFF(st_native_insns), done);
+    b1(e, 0x5b);   /* pop rbx */
+    b1(e, 0xc3);   /* ret */
+}
+
+/* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
+static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    uint64_t target = branch_target(k, i, next_rip);
+    if (i->op == 0xe9 || i->op == 0xeb) {
+        store64_const(e, CPU_OFF(rip), target);
+        emit_exit(e, done);
+        return;
+    }
+    int cc = i->op & 15;
+    uint8_t *taken;
+    if (k->flags_live) {
+        /* the flag producer just before ran at the guest's size: its host flags
+         * are the guest's, and x86 condition codes are the same on both sides */
+        taken = jcc32(e, (uint8_t)cc);
+    } else {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
+        mov_imm(e, RSI, (uint64_t)cc);
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)native_cond);
+        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        b1(e, 0x85); b1(e, 0xc0);                               /* test eax, eax */
+        taken = jcc32(e, 0x5);
+    }
+    store64_const(e, CPU_OFF(rip), next_rip);
+    emit_exit(e, done);
+    patch_rel32(taken, e->p);
+    store64_const(e, CPU_OFF(rip), target);
+    emit_exit(e, done);
+}
+
+/* ---- the block compiler ---- */
+
+static void emit_step_call(Comp *k, Insn *i, uint64_t rip)
+{
+    Emit *e = &k->e;
+    /* step(c, i, rip): the helper stores rip itself, so c->rip is precise for any
+     * fault or exit of this instruction */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RSI, (uint64_t)(uintptr_t)i);
+    mov_imm(e, RDX, rip);
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)k->step);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    b1(e, 0x85); b1(e, 0xc0);                                   /* test eax, eax */
+}
+
+static void add_stub(Comp *k, int done)
+{
+    Slow *s = &k->stub[k->nstub++];
+    s->jump = jcc32(&k->e, 0x5);   /* jnz: the block ends here */
+    s->done = done;
+}
+
+/* Native forms that write the whole lazy-flag state (cc_op and what it reads), read no
+ * flags, and cannot fault: the flags of the instruction before them are dead. */
+static int kills_flags(const Insn *i)
+{
+    int form, aluop;
+    if (!native_has_form(i))
+        return 0;
+    if (alux_form(i, &form, &aluop))
+        return 1;
+    switch (i->op) {
+    case P_TEST_RR64: case P_TEST_RR32:
+        return 1;
+    case P_SHIFT_RI64:
+        return (i->imm & 63) != 0;
+    case P_SHIFT_RI32:
+        return (i->imm & 31) != 0;
+    case P_LOAD_ALU64: case P_LOAD_ALU32:
+        return (i->imm2 & 0x100) != 0;
+    case 0x1af: case 0x69: case 0x6b:
+        return i->mod == 3;
+    }
+    return 0;
+}
+
+static int is_branch(const Insn *i)
+{
+    return (i->op >= 0x70 && i->op <= 0x7f) || (i->op >= 0x180 && i->op <= 0x18f) ||
+           i->op == 0xe9 || i->op == 0xeb;
+}
+
+void *native_compile(CPU *c, Block *b, NativeStepFn step)
+{
+    if (!c->nat_arena)
+        return 0;
+    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE;
+    if (c->nat_size - c->nat_used < need)
+        return 0;
+    uint64_t t0 = now_ns();
+    uint8_t *start = c->nat_arena + c->nat_used;
+    static __thread Comp k;
+    memset(&k, 0, sizeof k);
+    k.e.p = start;
+    k.e.end = start + need;
+    k.c = c;
+    k.b = b;
+    k.step = step;
+    k.long64 = b->mode == 2;
+    uint64_t wrap = k.long64 ? ~0ull : 0xffffffffull;
+    uint64_t rip = b->pc;
+    int rip_stale = 0;   /* c->rip lags behind: set it before leaving */
+    int ended = 0;
+
+    b1(&k.e, 0x53);                                 /* push rbx: also aligns the stack */
+    b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
+    for (unsigned n = 0; n < b->n; n++) {
+        Insn *i = &b->insns[n];
+        uint64_t next = (b->pc + i->end) & wrap;
+        k.cc_dead = n + 1 < b->n && kills_flags(&b->insns[n + 1]);
+        if (n + 1 == b->n && is_branch(i)) {
+            emit_branch(&k, i, next, (int)b->n);
+            ended = 1;
+            break;
+        }
+        if (!is_branch(i) && native_has_form(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
+            rip_stale = 1;
+        } else {
+            emit_step_call(&k, i, rip);
+            add_stub(&k, (int)n + 1);
+            k.flags_live = 0;
+            rip_stale = 0;
+        }
+        rip = next;
+    }
+    if (!ended) {
+        if (rip_stale)
+            store64_const(&k.e, CPU_OFF(rip), rip);
+        emit_exit(&k.e, (int)b->n);
+    }
+    /* TLB misses: the instruction through the interpreter, then back (or out) */
+    for (int s = 0; s < k.nslow; s++) {
+        patch_rel32(k.slow[s].jump, k.e.p);
+        emit_step_call(&k, k.slow[s].insn, k.slow[s].rip);
+        add_stub(&k, k.slow[s].done);
+        b1(&k.e, 0xe9);
+        uint8_t *at = k.e.p;
+        b4(&k.e, 0);
+        patch_rel32(at, k.slow[s].resume);
+    }
+    for (int s = 0; s < k.nstub; s++) {
+        patch_rel32(k.stub[s].jump, k.e.p);
+        emit_exit(&k.e, k.stub[s].done);
+    }
+    c->nat_used += (size_t)(k.e.p - start);
+    c->nat_used = (c->nat_used + 15) & ~(size_t)15;
+    c->st_native_blocks++;
+    c->st_native_compile_ns += now_ns() - t0;
+    return start;
+}

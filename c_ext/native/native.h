@@ -1,0 +1,55 @@
+/* The native tier: hot blocks compiled to host x86-64 code.
+ *
+ * A compiled block is a plain SysV function `void f(CPU *c)` in the CPU's code arena.
+ * Instructions with a native form become host code over the CPU struct (guest
+ * registers stay in memory: c->r[]); every other instruction becomes a call to the
+ * `step` function the caller passes in (exec.c's native_step), which runs the
+ * interpreter's handler for that one Insn, so a block is always covered whole.
+ *
+ * Invariants the generated code keeps, so the interpreter can take over anywhere:
+ *  - c->rip is the guest rip of an instruction before anything of it can fault or
+ *    exit (the step helper stores it; native forms cannot fault), and the next rip
+ *    when the block function returns;
+ *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b) are written exactly as the
+ *    interpreter's handler writes them;
+ *  - the code uses the block's entry rip (Block.pc) as a constant: exec.c enters it
+ *    only when c->rip == b->pc.
+ * Faults leave through the interpreter's longjmp, which needs no unwinding of the
+ * native frame (only rbx is saved, and setjmp restores it).
+ *
+ * Layering (see tcg.h): native.c calls nothing of exec.c; exec.c passes its helper in.
+ */
+#ifndef KVMPY_NATIVE_H
+#define KVMPY_NATIVE_H
+
+#include <stddef.h>
+#include "tcg.h"
+
+/* runs one instruction of c->cur_block through the interpreter, rip = its guest rip;
+ * nonzero when the block must end after it (the interpreter's stop_block) */
+typedef int (*NativeStepFn)(CPU *c, Insn *i, uint64_t rip);
+
+/* the executions of a block before it is compiled, unless KVMPY_TCG_NATIVE_THRESHOLD
+ * says otherwise (a number, or "off") */
+#define NATIVE_DEFAULT_THRESHOLD 50
+#define NATIVE_OFF (-1)
+int native_threshold_from_env(void);
+
+/* The arena is mapped when the CPU is made, before the seccomp sandbox closes. */
+int native_arena_init(CPU *c);
+void native_arena_free(CPU *c);
+/* every compiled block is dropped with the block cache (block_cache_flush) */
+static inline void native_arena_reset(CPU *c) { c->nat_used = 0; }
+
+/* host code for b, or 0 (arena full, or no arena): b then stays interpreted */
+void *native_compile(CPU *c, Block *b, NativeStepFn step);
+
+/* Does instruction i have a native form? (the differential test picks its ops here) */
+int native_has_form(const Insn *i);
+
+static inline void native_run(CPU *c, void *code)
+{
+    ((void (*)(CPU *))code)(c);
+}
+
+#endif

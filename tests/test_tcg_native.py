@@ -1,0 +1,474 @@
+"""The translator's native tier (c_ext/native/) against its own interpreter.
+
+Random straight-line blocks of the instructions with native forms (mov, ALU, test,
+lea, shifts, loads/stores through the inline TLB path, movzx/movsx, a closing jcc),
+mixed with instructions the native code hands to the interpreter's handler (adc,
+sbb, inc, dec, imul, setcc, cmovcc), run from random register, flag and memory
+states on two translator vCPUs: one compiling every block before its first run
+(threshold 0), one never compiling. Every register, rip, the arithmetic flags and
+the data page must match. Then the invariants the interpreter relies on when it
+takes over from native code: a page fault in the middle of a compiled block leaves
+rip precise and the earlier instructions' results in place; code that rewrites
+itself runs its new bytes; the switch and the statistics work.
+Run more cases with KVMPY_FUZZ=1.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from support.tcg import TcgVcpu, identity_map_2m, make_memory, regs, set_long_mode  # noqa: E402
+from kvmpy.hv import exits  # noqa: E402
+
+FUZZ = os.environ.get("KVMPY_FUZZ") == "1"
+EXAMPLES = 3000 if FUZZ else 300
+
+CODE = 0x100000
+DATA = 0x200000
+DATA_SIZE = 0x1000
+POOL = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]   # rsp, r14 spare, r15 = DATA
+NAMES = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+ARITH = 0x8D5   # CF PF AF ZF SF OF
+
+
+def rex(w, r=0, x=0, b=0):
+    return bytes([0x40 | (w << 3) | ((r >> 3) << 2) | ((x >> 3) << 1) | (b >> 3)])
+
+
+def modrm(mod, reg, rm):
+    return bytes([(mod << 6) | ((reg & 7) << 3) | (rm & 7)])
+
+
+reg = st.sampled_from(POOL)
+wide = st.sampled_from([0, 1])
+# operand-size (66) and address-size (67) prefixes: forms the native code leaves to the
+# interpreter's handler, next to the same instruction in native form
+osz16 = st.sampled_from([b"", b"", b"\x66"])
+asz32 = st.sampled_from([b"", b"", b"\x67"])
+disp = st.integers(0, DATA_SIZE - 8)
+
+
+@st.composite
+def rr_op(draw):
+    opc = draw(st.sampled_from([0x89, 0x8B, 0x01, 0x03, 0x09, 0x0B, 0x21, 0x23, 0x29, 0x2B,
+                                0x31, 0x33, 0x39, 0x3B, 0x85, 0x11, 0x19]))
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    return draw(osz16) + rex(w, a, 0, b) + bytes([opc]) + modrm(3, a, b)
+
+
+@st.composite
+def ri_op(draw):
+    op = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]))
+    w, r = draw(wide), draw(reg)
+    if draw(st.booleans()):
+        return rex(w, 0, 0, r) + b"\x83" + modrm(3, op, r) + struct.pack("<b", draw(st.integers(-128, 127)))
+    return rex(w, 0, 0, r) + b"\x81" + modrm(3, op, r) + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+
+
+@st.composite
+def shift_op(draw):
+    kind = draw(st.sampled_from([4, 5, 7]))
+    w, r = draw(wide), draw(reg)
+    return draw(osz16) + rex(w, 0, 0, r) + b"\xC1" + modrm(3, kind, r) + bytes([draw(st.integers(0, 255))])
+
+
+@st.composite
+def lea_op(draw):
+    w, r, base = draw(wide), draw(reg), draw(reg)
+    index = draw(st.sampled_from([x for x in POOL if x != 4]))
+    scale = draw(st.integers(0, 3))
+    short_addr = b"\x67" if draw(st.booleans()) else b""
+    return (short_addr + rex(w | 1, r, index, base) + b"\x8D" + modrm(2, r, 4) +
+            bytes([(scale << 6) | ((index & 7) << 3) | (base & 7)]) +
+            struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))))
+
+
+@st.composite
+def imm_op(draw):
+    r = draw(reg)
+    if draw(st.booleans()):
+        return rex(1, 0, 0, r) + bytes([0xB8 + (r & 7)]) + struct.pack("<Q", draw(st.integers(0, 2**64 - 1)))
+    return rex(0, 0, 0, r) + bytes([0xB8 + (r & 7)]) + struct.pack("<I", draw(st.integers(0, 2**32 - 1)))
+
+
+@st.composite
+def mem_op(draw):
+    """load, store or load-ALU at [r15 + disp32]"""
+    opc = draw(st.sampled_from([0x8B, 0x89, 0x03, 0x0B, 0x23, 0x2B, 0x33, 0x3B]))
+    w, r = draw(wide), draw(reg)
+    return (draw(osz16) + draw(asz32) + rex(w, r, 0, 15) + bytes([opc]) + modrm(2, r, 7) +
+            struct.pack("<i", draw(disp)))
+
+
+@st.composite
+def extend_op(draw):
+    opc = draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))
+    w, r = draw(wide), draw(reg)
+    if draw(st.booleans()):
+        return (draw(osz16) + draw(asz32) + rex(w, r, 0, 15) + b"\x0F" + bytes([opc]) + modrm(2, r, 7) +
+                struct.pack("<i", draw(disp)))
+    src = draw(reg)
+    if draw(st.booleans()) and r < 8 and src < 8 and not w:
+        return b"\x0F" + bytes([opc]) + modrm(3, r, src)   # no REX: AH-BH as byte sources
+    return draw(osz16) + rex(w, r, 0, src) + b"\x0F" + bytes([opc]) + modrm(3, r, src)
+
+
+@st.composite
+def inc_imul_op(draw):
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    o16 = draw(osz16)   # not before 69: it would shorten the immediate
+    return draw(st.sampled_from([
+        o16 + rex(w, 0, 0, a) + b"\xFF" + modrm(3, 0, a),                     # inc
+        o16 + rex(w, 0, 0, a) + b"\xFF" + modrm(3, 1, a),                     # dec
+        o16 + rex(w, a, 0, b) + b"\x0F\xAF" + modrm(3, a, b),                 # imul r, r
+        o16 + rex(w, a, 0, b) + b"\x6B" + modrm(3, a, b) + imm8,              # imul r, r, imm8
+        rex(w, a, 0, b) + b"\x69" + modrm(3, a, b) + imm32,                   # imul r, r, imm32
+        o16 + rex(w, a, 0, 15) + b"\x0F\xAF" + modrm(2, a, 7) + struct.pack("<i", draw(disp)),
+    ]))
+
+
+@st.composite
+def helper_op(draw):
+    """instructions without a native form: run through the interpreter's handler"""
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    cc = draw(st.integers(0, 15))
+    return draw(st.sampled_from([
+        rex(0, 0, 0, a) + bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a),    # setcc
+        rex(w, a, 0, b) + bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),    # cmovcc
+        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 3, a),                     # neg
+    ]))
+
+
+insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
+                 helper_op())
+
+
+@st.composite
+def block(draw):
+    body = b"".join(draw(st.lists(insn, min_size=1, max_size=40)))
+    if draw(st.booleans()):
+        cc = draw(st.integers(0, 15))
+        body += bytes([0x70 + cc, 1])   # taken: skips the first hlt
+    return body + b"\xF4\xF4"
+
+
+@st.composite
+def start_state(draw):
+    vals = {n: draw(st.integers(0, 2**64 - 1)) for n in POOL}
+    flags = draw(st.integers(0, ARITH)) & ARITH
+    data = draw(st.binary(min_size=DATA_SIZE, max_size=DATA_SIZE))
+    return vals, flags, data
+
+
+class Cpu:
+    """A translator vCPU in 64-bit mode over its own RAM (identity mapped)."""
+
+    def __init__(self, threshold):
+        self.mem = make_memory(4 << 20)
+        identity_map_2m(self.mem)
+        self.vcpu = TcgVcpu(self.mem)
+        self.vcpu.set_native_threshold(threshold)
+
+    def run(self, code, state):
+        vals, flags, data = state
+        self.mem.write(CODE, code)
+        self.mem.write(DATA, data)
+        self.vcpu.invalidate_ram(CODE, len(code))
+        set_long_mode(self.vcpu)
+        r = regs(rip=CODE, rflags=flags | 2, r15=DATA, rsp=0x300000)
+        for n, v in vals.items():
+            setattr(r, NAMES[n], v)
+        self.vcpu.set_regs(r)
+        kind = self.vcpu.run()
+        return kind, self.vcpu.get_regs(), self.mem.read(DATA, DATA_SIZE)
+
+    def close(self):
+        self.vcpu.close()
+        self.mem.close()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    native, interp = Cpu(0), Cpu(None)
+    yield native, interp
+    native.close()
+    interp.close()
+
+
+def _state(r):
+    out = {n: getattr(r, n) for n in NAMES + ["rip"]}
+    out["flags"] = r.rflags & ARITH
+    return out
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=block(), state=start_state())
+def test_native_block_matches_interpreter(pair, code, state):
+    native, interp = pair
+    got = native.run(code, state)
+    want = interp.run(code, state)
+    assert got[0] == want[0] == exits.EXIT_HLT
+    assert _state(got[1]) == _state(want[1])
+    assert got[2] == want[2]
+
+
+def test_native_tier_runs_the_blocks(pair):
+    """the differential test compares something: the native vCPU compiled and ran its
+    blocks natively, the other did not"""
+    native, interp = pair
+    # add rax, rcx; add rcx, 7; mov rax, [r15]; mov [r15+8], rax; hlt
+    code = b"\x48\x01\xc8\x48\x83\xc1\x07\x49\x8b\x07\x49\x89\x47\x08\xf4"
+    native.run(code, ({}, 0, bytes(DATA_SIZE)))
+    interp.run(code, ({}, 0, bytes(DATA_SIZE)))
+    s = native.vcpu.stats()
+    assert s["native_blocks"] > 0 and s["native_insns"] > s["native_helper_insns"]
+    assert interp.vcpu.stats()["native_insns"] == 0
+    assert native.vcpu.native_threshold == 0 and interp.vcpu.native_threshold is None
+
+
+
+# ---- the same in 32-bit protected mode: inc/dec 40-4F, linear addresses through a
+# data segment with a base, 32-bit wrap-around ----
+
+POOL32 = [0, 1, 2, 5, 6, 7]   # esp unused, ebx = data base
+DS_BASE = 0x100000
+
+
+@st.composite
+def insn32(draw):
+    a, b = draw(st.sampled_from(POOL32)), draw(st.sampled_from(POOL32))
+    o16 = draw(osz16)
+    mem = modrm(2, a, 3) + struct.pack("<i", draw(disp))   # [ebx + disp32]
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    cc = draw(st.integers(0, 15))
+    opc = draw(st.sampled_from([0x89, 0x8B, 0x01, 0x03, 0x09, 0x0B, 0x21, 0x23, 0x29, 0x2B,
+                                0x31, 0x33, 0x39, 0x3B, 0x85, 0x11, 0x19]))
+    return draw(st.sampled_from([
+        o16 + bytes([opc]) + modrm(3, a, b),
+        o16 + bytes([opc if opc != 0x85 else 0x8B]) + mem,
+        b"\x83" + modrm(3, draw(st.integers(0, 7)), a) + imm8,
+        b"\x81" + modrm(3, draw(st.integers(0, 7)), a) + imm32,
+        o16 + b"\xC1" + modrm(3, draw(st.sampled_from([4, 5, 7])), a) + bytes([draw(st.integers(0, 255))]),
+        b"\x8D" + modrm(2, a, 4) + bytes([(draw(st.integers(0, 3)) << 6) | (b << 3) | 3]) + imm32,
+        bytes([0xB8 + a]) + imm32,
+        o16 + bytes([0x40 + a]), o16 + bytes([0x48 + a]),               # inc, dec
+        o16 + b"\x0F" + bytes([draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))]) + modrm(3, a, b),
+        o16 + b"\x0F" + bytes([draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))]) + mem,
+        o16 + b"\x0F\xAF" + modrm(3, a, b), b"\x69" + modrm(3, a, b) + imm32, o16 + b"\x0F\xAF" + mem,
+        bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a), bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),
+    ]))
+
+
+@st.composite
+def block32(draw):
+    body = b"".join(draw(st.lists(insn32(), min_size=1, max_size=40)))
+    if draw(st.booleans()):
+        body += bytes([0x70 + draw(st.integers(0, 15)), 1])
+    return body + b"\xF4\xF4"
+
+
+class Cpu32(Cpu):
+    """32-bit protected mode without paging; DS with a base, so linear != offset"""
+
+    def run(self, code, state):
+        from kvmpy.hv.regs import flat_segment
+        from support.tcg import set_protected_flat
+
+        vals, flags, data = state
+        self.mem.write(CODE, code)
+        self.mem.write(DATA, data)
+        self.vcpu.invalidate_ram(CODE, len(code))
+        set_protected_flat(self.vcpu)
+        sr = self.vcpu.get_sregs()
+        sr.ds = flat_segment(0x10, False, False)
+        sr.ds.base = DS_BASE
+        self.vcpu.set_sregs(sr)
+        r = regs(rip=CODE, rflags=flags | 2, rsp=0x300000)
+        for n, v in vals.items():
+            setattr(r, NAMES[n], v & 0xFFFFFFFF)
+        r.rbx = DATA - DS_BASE
+        self.vcpu.set_regs(r)
+        kind = self.vcpu.run()
+        return kind, self.vcpu.get_regs(), self.mem.read(DATA, DATA_SIZE)
+
+
+@pytest.fixture(scope="module")
+def pair32():
+    native, interp = Cpu32(0), Cpu32(None)
+    yield native, interp
+    native.close()
+    interp.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=block32(), state=start_state())
+def test_native_block_matches_interpreter_32bit(pair32, code, state):
+    native, interp = pair32
+    got = native.run(code, state)
+    want = interp.run(code, state)
+    assert got[0] == want[0] == exits.EXIT_HLT
+    assert _state(got[1]) == _state(want[1])
+    assert got[2] == want[2]
+
+
+# ---- the interpreter's invariants at the edges of native code ----
+
+from test_tcg_system import NOT_PRESENT, LongMachine  # noqa: E402
+
+
+def _run_both(source, handlers=None):
+    """(native, interpreted) LongMachines run to their hlt"""
+    out = []
+    for threshold in (0, None):
+        m = LongMachine(source, handlers)
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        out.append(m)
+    return out
+
+
+FAULT_MID_BLOCK = f"""
+    mov rax, 1
+    mov rcx, {NOT_PRESENT:#x}
+    add rax, 2
+    lea rdi, [rax + rax * 2 + 5]
+fault:
+    mov rdx, [rcx]
+    mov rax, 99
+    hlt
+pf:
+    mov rbx, [rsp + 8]
+    mov rsi, cr2
+    hlt
+"""
+
+
+def test_page_fault_mid_block_is_precise():
+    native, interp = _run_both(FAULT_MID_BLOCK, {14: ("pf",)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"]        # the pushed rip: the faulting load
+        assert (r.rsi, r.rax, r.rdi) == (NOT_PRESENT, 3, 14)   # earlier results kept, later none
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
+SELF_MODIFYING = """
+    xor ebx, ebx
+    mov ecx, 60
+again:
+    call target
+    add ebx, eax
+    dec ecx
+    jnz again
+    mov edx, 1000
+    mov [rip + target_imm], edx     # the compiled target block is stale now
+    call target
+    add ebx, eax
+    mov edx, 7
+    mov [rip + next_imm], edx       # ... and so is the rest of this block
+    .byte 0xb8                      # mov eax, imm32
+next_imm:
+    .long 5
+    hlt
+target:
+    .byte 0xb8
+target_imm:
+    .long 1
+    ret
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 50])
+def test_self_modifying_code_runs_new_bytes(threshold):
+    m = LongMachine(SELF_MODIFYING)
+    try:
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        r = m.regs()
+        assert (r.rbx & 0xFFFFFFFF, r.rax & 0xFFFFFFFF) == (60 + 1000, 7)
+        assert m.vcpu.stats()["native_blocks"] > 0
+    finally:
+        m.close()
+
+
+# ---- the switch ----
+
+def test_vm_toml_and_cli_switch():
+    from kvmpy.cli import build_parser
+    from kvmpy.config import config_from_dict
+    from kvmpy.errors import ConfigError
+    from kvmpy.runcmd import build_config
+
+    assert config_from_dict({}, "vm.toml").tcg_native is None     # the environment decides
+    assert config_from_dict({"tcg_native": True}, "vm.toml").tcg_native is True
+    assert config_from_dict({"tcg_native": False}, "vm.toml").tcg_native is False
+    with pytest.raises(ConfigError, match="vm.toml: key 'tcg_native'"):
+        config_from_dict({"tcg_native": "no"}, "vm.toml")
+    assert build_config(build_parser().parse_args(["run", "--tcg-native", "off"])).tcg_native is False
+    assert build_config(build_parser().parse_args(["run", "--tcg-native", "on"])).tcg_native is True
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", "--tcg-native", "maybe"])
+    assert e.value.code == 2
+
+
+def test_default_threshold_in_step_with_c(monkeypatch):
+    from kvmpy.hv.tcg.vcpu import NATIVE_DEFAULT_THRESHOLD
+
+    monkeypatch.delenv("KVMPY_TCG_NATIVE_THRESHOLD", raising=False)
+    mem = make_memory(1 << 20)
+    v = TcgVcpu(mem)
+    try:
+        assert v.native_threshold == NATIVE_DEFAULT_THRESHOLD
+    finally:
+        v.close()
+        mem.close()
+    monkeypatch.setenv("KVMPY_TCG_NATIVE_THRESHOLD", "off")
+    mem = make_memory(1 << 20)
+    v = TcgVcpu(mem)
+    try:
+        assert v.native_threshold is None
+    finally:
+        v.close()
+        mem.close()
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_kvmpy_run_switch_and_profile_stats(switch):
+    """`kvmpy run --tcg-native on|off` on the compute guest: same result, and the
+    profile's native tier line says whether blocks ran as host code"""
+    import re
+
+    from conftest import guest_path, run_kvmpy
+
+    # --sandbox off: with the sandbox, the profile's sampler thread can end the
+    # process at exit in glibc's pthread_exit (libgcc_s cannot be opened any more;
+    # seen with either setting of the switch, and with the hello guest alike)
+    p = run_kvmpy(["run", "--accel", "tcg", "-m", "128", "--trace", "profile", "--tcg-native", switch,
+                   "--sandbox", "off", "--kernel", guest_path("compute"), "--append", "iters=20000"])
+    err = p.stderr.decode()
+    assert p.returncode == 0, err[-2000:]
+    assert b"guest: done" in p.stdout, p.stdout[-500:]
+    m = re.search(r"native tier\s+(\d+) blocks compiled .*, ([\d.]+) % as host code", err)
+    assert m, err
+    blocks, share = int(m.group(1)), float(m.group(2))
+    if switch == "on":
+        assert blocks > 0 and share > 50, err
+    else:
+        assert blocks == 0 and share == 0, err
