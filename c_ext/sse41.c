@@ -8,6 +8,14 @@
 #include <math.h>
 #include <smmintrin.h>
 
+/* Scalar steps whose operand order the compiler must keep: with two NaNs the SSE
+ * unit returns its first source, and GCC treats an intrinsic's add or multiply as
+ * commutative and may swap them. */
+static inline __m128 addss_ordered(__m128 a, __m128 b) { __asm__("addss %1, %0" : "+x"(a) : "x"(b)); return a; }
+static inline __m128 mulss_ordered(__m128 a, __m128 b) { __asm__("mulss %1, %0" : "+x"(a) : "x"(b)); return a; }
+static inline __m128d addsd_ordered(__m128d a, __m128d b) { __asm__("addsd %1, %0" : "+x"(a) : "x"(b)); return a; }
+static inline __m128d mulsd_ordered(__m128d a, __m128d b) { __asm__("mulsd %1, %0" : "+x"(a) : "x"(b)); return a; }
+
 int sse41_op(int op)
 {
     switch (op) {
@@ -186,9 +194,12 @@ void sse41_exec(CPU *c, Insn *i, int op)
                 float a, b;
                 memcpy(&a, &d.d[k], 4);
                 memcpy(&b, &s.d[k], 4);
-                t[k] = (imm >> (4 + k)) & 1 ? _mm_mul_ss(_mm_set_ss(a), _mm_set_ss(b)) : _mm_set_ss(0.0f);
+                t[k] = (imm >> (4 + k)) & 1 ? mulss_ordered(_mm_set_ss(a), _mm_set_ss(b)) : _mm_set_ss(0.0f);
             }
-            __m128 sum = _mm_add_ss(_mm_add_ss(t[0], t[1]), _mm_add_ss(t[2], t[3]));
+            /* The order the hardware shows with a NaN in each product (measured: the
+             * higher element of a pair is the first source, the low pair's sum the
+             * first source of the last add). */
+            __m128 sum = addss_ordered(addss_ordered(t[1], t[0]), addss_ordered(t[3], t[2]));
             float v = _mm_cvtss_f32(sum);
             for (int k = 0; k < 4; k++) {
                 float o = (imm >> k) & 1 ? v : 0.0f;
@@ -202,9 +213,9 @@ void sse41_exec(CPU *c, Insn *i, int op)
                 double a, b;
                 memcpy(&a, &d.q[k], 8);
                 memcpy(&b, &s.q[k], 8);
-                t[k] = (imm >> (4 + k)) & 1 ? _mm_mul_sd(_mm_set_sd(a), _mm_set_sd(b)) : _mm_set_sd(0.0);
+                t[k] = (imm >> (4 + k)) & 1 ? mulsd_ordered(_mm_set_sd(a), _mm_set_sd(b)) : _mm_set_sd(0.0);
             }
-            double v = _mm_cvtsd_f64(_mm_add_sd(t[0], t[1]));
+            double v = _mm_cvtsd_f64(addsd_ordered(t[0], t[1]));
             for (int k = 0; k < 2; k++) {
                 double o = (imm >> k) & 1 ? v : 0.0;
                 memcpy(&r.q[k], &o, 8);

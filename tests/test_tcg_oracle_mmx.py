@@ -196,6 +196,26 @@ def test_oracle_sse41(code, state):
     check(64, code, state)
 
 
+# Two NaN products: which one a dot product returns is the hardware's order of its
+# adds (found by a random stream: packusdw made elements 2 and 3 NaNs, dpps 0xc1).
+DP_NANS = [(0, 0, 0xFFFF0000, 0xFFFFFFFF), (0xFFFF0000, 0xFFFFFFFF, 0, 0), (0xFFFFFFFF, 0, 0xFFFF0000, 0),
+           (0xFFFF0000, 0xFFFFFFFF, 0x7FC00001, 0xFFC00000), (0xFFC00000, 0, 0, 0x7FC00001)]
+
+
+@pytest.mark.parametrize("elements", DP_NANS, ids=lambda e: "-".join(f"{x:08x}" for x in e))
+@pytest.mark.parametrize("imm", [0xC1, 0x31, 0x51, 0xF1, 0x91])
+def test_dot_products_pick_the_hardwares_nan(elements, imm):
+    vals = {n: 0 for n in range(16)}
+    vals[4] = LAYOUT[64]["stack"]
+    vals[15] = 0x208000
+    data = b"".join(x.to_bytes(4, "little") for x in elements) * 4
+    xmm = [int.from_bytes(data[:16], "little")] + [0] * 15
+    dpps = b"\x66\x0f\x3a\x40\xc0" + bytes([imm])                  # dpps xmm0, xmm0, imm
+    dppd = b"\x66\x0f\x3a\x41\xc8" + bytes([imm & 0x33])           # dppd xmm1, xmm0, imm
+    movdqa = b"\x66\x0f\x6f\xc8"                                       # movdqa xmm1, xmm0
+    check(64, MXCSR_PROLOGUE + movdqa + dpps + dppd + MXCSR_EPILOGUE, (vals, 2, data, xmm))
+
+
 @pytest.mark.parametrize("entry", SSE41, ids=lambda e: e[0])
 def test_each_sse41_op(entry):
     """Every SSE4.1 opcode once, register and memory forms, fixed edge operands."""
