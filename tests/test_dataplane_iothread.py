@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,6 +52,12 @@ def test_disks_naming_one_iothread_share_its_thread(tmp_path):
                 assert rig.request(VIRTIO_BLK_T_OUT, 8 * round_, out=data)[0] == VIRTIO_BLK_S_OK
                 assert rig.request(VIRTIO_BLK_T_IN, 8 * round_, in_len=4096)[2] == data
         assert [r.native_requests() for r in rigs] == [8, 8, 8]
+        # state() took each queue back; it goes to the iothread again on the loop's
+        # next turn, and a request sent before that is the model's.
+        deadline = time.monotonic() + 5
+        while not all(r.dev.native_queues == (True,) for r in rigs) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert all(r.dev.native_queues == (True,) for r in rigs)
         rigs[0].settle()
         # One disk's request the model must answer: it takes that queue back (and
         # gives it to the iothread again); the others are served on all the while.

@@ -41,10 +41,10 @@ def raw_image(tmp_path):
 
 class Rig:
     def __init__(self, image, read_only=False, msix=True, event_idx=False, serial="kvmpy-serial-0001",
-                 flush=True):
+                 flush=True, dataplane="native"):
         self.m = SoftMachine()
         self.driver = open_disk(image, read_only)
-        self.dev = self.m.virtio_pci(VirtioBlk(self.driver, serial=serial, read_only=read_only))
+        self.dev = self.m.virtio_pci(VirtioBlk(self.driver, serial=serial, read_only=read_only, dataplane=dataplane))
         self.slot = self.m.pci.add(self.dev)
         self.d = VirtioPciDriver(self.m, self.slot)
         want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_DISCARD) | (1 << 14) | (flush << 9) | (1 << 28)
