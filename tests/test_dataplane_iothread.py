@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +15,7 @@ from kvmpy.devices.virtio import dataplane
 from kvmpy.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET
 from test_dataplane import DISK, REQUEST, Rig, run_requests
+from support.polling import wait_for
 
 needs_native = pytest.mark.skipif(not dataplane.available(),
                                   reason=f"native data plane not built: {dataplane.unavailable_reason()}")
@@ -54,10 +54,7 @@ def test_disks_naming_one_iothread_share_its_thread(tmp_path):
         assert [r.native_requests() for r in rigs] == [8, 8, 8]
         # state() took each queue back; it goes to the iothread again on the loop's
         # next turn, and a request sent before that is the model's.
-        deadline = time.monotonic() + 5
-        while not all(r.dev.native_queues == (True,) for r in rigs) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert all(r.dev.native_queues == (True,) for r in rigs)
+        assert wait_for(lambda: all(r.dev.native_queues == (True,) for r in rigs))
         rigs[0].settle()
         # One disk's request the model must answer: it takes that queue back (and
         # gives it to the iothread again); the others are served on all the while.

@@ -27,6 +27,7 @@ from kvmpy.devices.virtio.net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, Virt
 from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio.queue import SplitQueue
 from kvmpy.tap import TapNetwork, run_in_netns
+from support.polling import wait_for
 from support.virtio_driver import DriverQueue, SoftMachine, VirtioPciDriver
 
 needs_native = pytest.mark.skipif(not netplane.available(),
@@ -141,15 +142,6 @@ def make_rig(netns):
     yield make
     for rig in rigs:
         rig.close()
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def exchange(rig, n_tx: int, n_rx: int, split: bool):

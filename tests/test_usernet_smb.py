@@ -35,6 +35,20 @@ def _smbd_pids() -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def _private_dirs_sharing(guest) -> set[str]:
+    """The new private directories whose smb.conf exports this guest's share (a VM
+    on the other test worker may run its own smbd meanwhile)."""
+    found = set()
+    for d in set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmpy-smb.*"))) - guest.private_before:
+        try:
+            with open(os.path.join(d, "smb.conf")) as f:
+                if f"path={guest.share}\n" in f.read():
+                    found.add(d)
+        except OSError:       # another VM's, going away or not written yet
+            pass
+    return found
+
+
 class SmbGuest:
     def __init__(self, shell, proc, share, private_before, smbd_before, runas):
         self.shell, self.proc, self.share, self.runas = shell, proc, share, runas
@@ -109,7 +123,7 @@ def test_cifs_reads_and_writes_host_files(guest):
 def test_smbds_and_private_dir_go_with_the_vm(guest):
     rc, out = guest.run(MOUNT)
     assert rc == 0, out
-    mine = set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmpy-smb.*"))) - guest.private_before
+    mine = _private_dirs_sharing(guest)
     assert len(mine) == 1 and os.path.exists(os.path.join(mine.pop(), "smb.conf"))
     assert _smbd_pids() - guest.smbd_before, "no smbd serves the mounted share"
     guest.proc.stdin.write(b"poweroff -f\n")
@@ -117,7 +131,7 @@ def test_smbds_and_private_dir_go_with_the_vm(guest):
     assert guest.proc.wait(timeout=120) == 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = set(glob.glob(os.path.join(tempfile.gettempdir(), "kvmpy-smb.*"))) - guest.private_before
+        left = _private_dirs_sharing(guest)
         if not left and not _smbd_pids() - guest.smbd_before:
             break
         time.sleep(0.5)
