@@ -529,17 +529,27 @@ def _unlink_pidfile_of(path: str, pid: int) -> None:
 
 # ------------------------------------------------------------------ signals
 
+ACTED_ON_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _wakeup_fd_does_the_work(signum, frame) -> None:
+    pass
+
+
 class SignalActions:
     """SIGTERM: ACPI powerdown, then quit if the VM is still there after
     ``powerdown_timeout`` seconds (a second SIGTERM quits at once).
     SIGINT: quit.
 
-    The handlers only write the signal's number to a pipe; the event loop
+    The signal's number reaches a pipe through Python's wakeup fd, written by
+    the C-level handler in whichever thread the kernel picked; the event loop
     (``events``, the process's loop; without one, a loop of its own) reads it and
-    talks to the machine, because a Python signal handler runs in the main thread
-    between bytecodes, possibly while that thread holds a lock the machine (or
-    the loop's call queue) needs. install() must be called from the main thread;
-    close() restores the old handlers, and once it returns nothing more is done.
+    talks to the machine. The Python-level handler does nothing: it would run
+    only in the main thread, which may be blocked in a wait that a signal
+    delivered to a vCPU thread never interrupts, and between bytecodes, possibly
+    while that thread holds a lock the machine needs. install() must be called
+    from the main thread; close() restores the old handlers and wakeup fd, and
+    once it returns nothing more is done.
     """
 
     def __init__(self, control: VmControl, powerdown_timeout: float = 30.0,
@@ -550,6 +560,7 @@ class SignalActions:
         self._own_events = False
         self._old: dict[int, object] = {}
         self._pipe_r = self._pipe_w = -1
+        self._old_wakeup_fd = -1
         self._powerdown_timer: TimerHandle | None = None
         self._done = False          # quit was asked, or closed: later signals do nothing
         self.quit_reason: str | None = None
@@ -561,17 +572,11 @@ class SignalActions:
             self._events.start()
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._events.subscribe(self._pipe_r, EVENT_READ, self._signals_arrived)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handler)
+        # A full pipe already holds enough signals to act on.
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._pipe_w, warn_on_full_buffer=False)
+        for sig in ACTED_ON_SIGNALS:
+            self._old[sig] = signal.signal(sig, _wakeup_fd_does_the_work)
         return self
-
-    def _handler(self, signum, frame) -> None:
-        # os.write takes no lock the interrupted code may hold; a full pipe already
-        # holds enough signals to act on.
-        try:
-            os.write(self._pipe_w, bytes([signum]))
-        except OSError:
-            pass
 
     def _signals_arrived(self, ready: int) -> None:
         try:
@@ -579,7 +584,9 @@ class SignalActions:
         except (BlockingIOError, OSError):
             return
         for sig in numbers:
-            self._on_signal(sig)
+            # The wakeup fd carries every signal with a Python handler (SIGHUP's too).
+            if sig in ACTED_ON_SIGNALS:
+                self._on_signal(sig)
 
     def _on_signal(self, sig: int) -> None:
         if self._done:
@@ -621,6 +628,13 @@ class SignalActions:
         if events is None or self._pipe_r < 0:
             return
         pipe_r, pipe_w = self._pipe_r, self._pipe_w
+        keep_pipe = False
+        try:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+        except ValueError:
+            # Not the main thread: signals keep writing to pipe_w, so the pipe stays
+            # open and fills up unread (closed, its numbers could go to an image file).
+            keep_pipe = True
 
         def stop() -> None:
             self._done = True
@@ -629,9 +643,10 @@ class SignalActions:
             events.unsubscribe(pipe_r)
         # On the loop's thread, so no action is half done when close returns.
         events.call_and_wait(stop)
-        self._pipe_r = self._pipe_w = -1     # a handler Python could not remove writes nowhere
-        os.close(pipe_r)
-        os.close(pipe_w)
+        self._pipe_r = self._pipe_w = -1
+        if not keep_pipe:
+            os.close(pipe_r)
+            os.close(pipe_w)
         if self._own_events:
             events.close()
             self._events = None

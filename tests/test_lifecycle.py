@@ -341,6 +341,32 @@ def test_sigterm_powers_down_then_quits_after_timeout(vm):
     assert not [t for t in threading.enumerate() if t.name == "kvmpy-signals"]
 
 
+def test_sigterm_the_kernel_gives_another_thread_still_powers_down(vm):
+    # A VM's SIGTERM may land on a vCPU thread while the main thread sleeps in a wait
+    # no signal interrupts; a Python-level handler would wait for that thread.
+    powered = threading.Event()
+    vm.add_event_listener(lambda e, d: e == "POWERDOWN" and powered.set())
+    def vcpu_thread():
+        time.sleep(0.3)         # the main thread is in powered.wait by now
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+    with SignalActions(vm, powerdown_timeout=30):
+        other = threading.Thread(target=vcpu_thread)
+        other.start()
+        assert powered.wait(5)      # blocked in a lock: only the loop can have acted
+        other.join()
+
+
+def test_other_signals_on_the_wakeup_fd_do_nothing(vm):
+    previous = signal.signal(signal.SIGUSR2, lambda *_: None)
+    try:
+        with SignalActions(vm, powerdown_timeout=30):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.3)
+            assert vm.calls == [] and not vm.quit_called.is_set()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_second_sigterm_quits_at_once(vm):
     with SignalActions(vm, powerdown_timeout=30) as actions:
         os.kill(os.getpid(), signal.SIGTERM)

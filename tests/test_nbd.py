@@ -302,6 +302,33 @@ def test_read_only_export_refuses_writes_over_unix_socket(tmp_path, qemu_tools):
     assert not os.path.exists(tmp_path / "nbd.sock")
 
 
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """A signal to one thread of another process (os has no tgkill)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_tgkill = 234        # x86-64
+    if libc.syscall(SYS_tgkill, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid} {tid}")
+
+
+def test_sigterm_the_kernel_gives_a_session_thread_stops_the_server(tmp_path, qemu_tools):
+    # The kernel may deliver a process's SIGTERM to any thread; Python runs the handler
+    # only in the main thread, asleep in select: seen once in CI as a 30 s hang.
+    _, top = make_chain(tmp_path)
+    with serve(["-t", "-r", "-f", "qcow2", top], tmp_path, unix=True) as srv:
+        s = srv.connect()
+        n.go(s)
+        pid = srv.proc.pid
+        sessions = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        assert len(sessions) == 1, sessions
+        t0 = time.monotonic()
+        tgkill(pid, sessions[0], signal.SIGTERM)
+        status, err = srv.stop(sig=0, timeout=10)
+        s.close()
+    assert status == 0, err
+    assert time.monotonic() - t0 < 10
+
+
 def test_nbdsh_block_status_req_one_and_fua(tmp_path, qemu_tools):
     nbdsh = tool_required("nbdsh")
     # nbdsh is Debian's python3-libnbd: it runs under the system python, not a venv's.

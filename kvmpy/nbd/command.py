@@ -258,6 +258,9 @@ def _serve(args, export: Export, listeners, notify_running) -> int:
     server = NbdServer(export, listeners, shared=args.shared, persistent=args.persistent or bool(args.connect),
                        handshake_limit=args.handshake_limit)
     previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The kernel may hand the signal to a session thread; the handler runs only in the main
+    # thread, asleep in the accept loop's select: the wakeup fd is what wakes it.
+    previous_wakeup_fd = signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
     kernel = None
     try:
         if args.connect:
@@ -272,6 +275,7 @@ def _serve(args, export: Export, listeners, notify_running) -> int:
             kernel.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_wakeup_fd)
         server.close()
     if kernel is not None and kernel.error:
         print(f"kvmpy: {args.connect}: {kernel.error}", file=sys.stderr)

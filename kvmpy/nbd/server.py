@@ -589,6 +589,11 @@ class NbdServer:
         self.stopping = False
         self.budget = BufferBudget(LARGE_BUFFER_BUDGET)
 
+    @property
+    def wakeup_fd(self) -> int:
+        """Writing a byte here wakes the accept loop to look at ``stopping``."""
+        return self._stop_w
+
     def stop(self) -> None:
         """From any thread or a signal handler: end the accept loop."""
         self.stopping = True
