@@ -682,14 +682,6 @@ def add_default_nic(cfg: VmConfig) -> None:
         return
     cfg.default_nic = False
     import logging
-    if cfg.firmware == "uefi":
-        # OVMF places a virtio device's BARs at 2 GiB and 32 GiB, outside the PCI
-        # windows kvmpy decodes: Linux's virtio-pci then waits for ever for a reset
-        # the device never sees. Until the windows follow OVMF, no NIC unless asked.
-        logging.getLogger(__name__).warning(
-            "no default NIC under UEFI firmware (OVMF's virtio BARs fall outside kvmpy's PCI windows); "
-            "name one with --net user to try")
-        return
     try:
         from .net import slirp  # noqa: F401 - the native module is what may be missing
     except ImportError as e:

@@ -138,9 +138,12 @@ class Machine:
         if self.firmware is not None:
             from .devices.pci.host_bridge import I440fxHostBridge
             host_bridge = self.host_bridge = I440fxHostBridge(on_pam=self.firmware.pam_changed)
+        mmio_window, mmio64_window = layout.PCI_MMIO_WINDOW, None
+        if self.firmware is not None:
+            mmio_window, mmio64_window = layout.firmware_pci_windows(self.cfg.memory)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
-                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW,
-                          host_bridge=host_bridge)
+                          mmio_window=mmio_window, io_window=layout.PCI_IO_WINDOW,
+                          mmio64_window=mmio64_window, host_bridge=host_bridge)
         context = DeviceContext(
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
