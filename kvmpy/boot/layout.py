@@ -82,13 +82,16 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     return entries
 
 
-def firmware_pci_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((base, end), (base, end)), ends inclusive: the 32- and 64-bit PCI memory
-    windows of a machine booting through firmware with ``mem_size`` bytes of RAM (the
-    bus decodes BARs there and ACPI _CRS announces them)."""
+def firmware_pci_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """((base, end), (base, end) or None), ends inclusive: the 32- and 64-bit PCI
+    memory windows of a machine booting through firmware with ``mem_size`` bytes of
+    RAM (the bus decodes BARs there and ACPI _CRS announces them); no 64-bit window
+    when RAM reaches the address width."""
     low_end = min(mem_size, PCI_HOLE_START)
     mmio32 = (low_end, IOAPIC_ADDR - 1)
     ram_end = FOUR_GIB + max(0, mem_size - PCI_HOLE_START)
     align = FIRMWARE_PCI_MMIO64_ALIGN
-    mmio64 = ((ram_end + align - 1) // align * align, FIRMWARE_PCI_MMIO64_END)
-    return mmio32, mmio64
+    base64 = (ram_end + align - 1) // align * align
+    if base64 > FIRMWARE_PCI_MMIO64_END:
+        return mmio32, None
+    return mmio32, (base64, FIRMWARE_PCI_MMIO64_END)
