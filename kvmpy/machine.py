@@ -65,8 +65,8 @@ class Machine:
         except HostError as e:
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         if self.firmware_kind == "uefi":
-            log.warning("UEFI is experimental: OVMF boots, but the OS it starts finds only part of "
-                        "kvmpy's ACPI tables (Linux runs without ACPI: no power-off)")
+            log.warning("UEFI is experimental: OVMF keeps its variables in RAM (the image is mapped "
+                        "read-only), so boot entries and settings last until the VM stops")
         if image is not None:
             # Before the accelerator, which maps every region once.
             self.firmware = FirmwareMemory(self.memory, image)

@@ -87,6 +87,40 @@ def test_ovmf_boots_from_virtio_blk_and_gets_dhcp_over_virtio_net(ovmf, esp, tmp
     assert _grub_lines(q.stdout) == lines
 
 
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    from kvmpy.tools import guestbuild
+    if not all(map(shutil.which, ("apt-get", "dpkg-deb"))):
+        pytest.skip("not a Debian host: no apt-get/dpkg-deb to build the guest")
+    return guestbuild.build(out_dir=str(tmp_path_factory.mktemp("guest")), with_disk=False)
+
+
+@pytest.mark.guest
+def test_linux_after_ovmf_sees_the_virtio_disk_and_nic_and_powers_off(ovmf, guest, tmp_path):
+    """OVMF starts the kernel from fw_cfg (its QEMU kernel loader, the EFI stub), hands
+    it kvmpy's ACPI tables, and Linux drives the virtio-blk and virtio-net devices at the
+    BARs OVMF chose: it reads the disk's first bytes, gets its address by DHCP on the
+    default NIC and powers off through ACPI."""
+    from kvmpy.boot import layout
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.write(TOKEN.encode().ljust(1 << 20, b"\0"))
+    run = "head -c %d /dev/vda; echo; ip -4 addr show eth0; dmesg | grep root.bus.resource" % len(TOKEN)
+    r = run_kvmpy(["run", "--accel", "tcg", "--firmware", "uefi", "--bios", ovmf, "-m", "512",
+                   "--kernel", guest.kernel, "--initrd", guest.initrd,
+                   "--append", f'console=ttyS0 panic=-1 kvmpy.ip=dhcp kvmpy.run="{run}"',
+                   "--drive", f"file={disk},format=raw"], timeout=BOOT_TIMEOUT)
+    out = r.stdout.decode(errors="replace")
+    err = r.stderr.decode(errors="replace")
+    assert "outside the PCI windows" not in err, err
+    assert "kvmpy guest: run exit 0" in out, out[-4000:]
+    assert TOKEN in out and "inet 10.0.2.15/24" in out, out[-4000:]
+    (base32, end32), (base64, end64) = layout.firmware_pci_windows(512 << 20)
+    assert f"root bus resource [mem {base32:#010x}-{end32:#010x} window]" in out, out[-4000:]
+    assert f"root bus resource [mem {base64:#x}-{end64:#x} window]" in out, out[-4000:]
+    assert "reboot: Power down" in out and r.returncode == 0, (r.returncode, out[-2000:], err[-2000:])
+
+
 # --- the windows on their own ---------------------------------------------------------------------
 def _ovmf_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where Debian 12's OVMF (edk2 2022.11, OvmfPkg PlatformInitLib) places BARs on an
