@@ -65,8 +65,9 @@ class Machine:
         except HostError as e:
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         if self.firmware_kind == "uefi":
-            log.warning("UEFI is experimental: OVMF keeps its variables in RAM (the image is mapped "
-                        "read-only), so boot entries and settings last until the VM stops")
+            log.warning("UEFI is experimental%s", "" if cfg.firmware_vars else
+                        ": without a variable store (firmware_vars, --firmware-vars) OVMF keeps its "
+                        "variables in RAM, so boot entries and settings last until the VM stops")
         if image is not None:
             # Before the accelerator, which maps every region once.
             self.firmware = FirmwareMemory(self.memory, image)
@@ -150,8 +151,23 @@ class Machine:
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
+        self._attach_firmware_vars()
         self._serve_pm_timer()
         self._attach_display()
+
+    def _attach_firmware_vars(self) -> None:
+        """UEFI's variable store as QEMU's second pflash, right below the firmware code:
+        a flash device (kvmpy.devices.pflash) over the user's file, which it keeps."""
+        self.firmware_vars = None
+        if self.firmware is None or not self.cfg.firmware_vars:
+            return
+        from .boot.firmware import open_vars_store
+        from .devices.pflash import Pflash
+        fd, size, base = open_vars_store(self.cfg, len(self.firmware.image))
+        self._closers.append(lambda: os.close(fd))
+        self.firmware_vars = Pflash(fd, size, name="pflash-vars")
+        self._closers.append(self.firmware_vars.close)      # closers run last first: synced, then closed
+        self.mmio_bus.register(base, size, self.firmware_vars)
 
     def _serve_pm_timer(self) -> None:
         """Let the accelerator answer PM timer reads from the model's clock, and follow
@@ -209,6 +225,8 @@ class Machine:
         the reset vector already (both accelerators make them so, and reset them so)."""
         self.host_bridge.reset()            # PAM closed: also protects the shadow again
         self.firmware.reset()
+        if self.firmware_vars is not None:
+            self.firmware_vars.reset()
         from .devices.fw_cfg import FwCfg
         fw_cfg = self.devices.get(FW_CFG, FwCfg)
         serial_port = None
