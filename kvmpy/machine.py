@@ -59,10 +59,20 @@ class Machine:
         image = None
         if self.firmware_kind != "none":
             image = read_image(find_image(self.firmware_kind, cfg.bios, cfg.source), cfg.source)
-        ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
+        # UEFI's variable store, checked and locked before anything else is set up
+        self._vars_store: tuple[int, int, int] | None = None
+        if cfg.firmware_vars:
+            from .boot.firmware import open_vars_store
+            self._vars_store = open_vars_store(cfg, len(image) if image is not None else 0)
+        try:
+            ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
+        except BaseException:
+            self._close_vars_store()
+            raise
         try:
             self.memory = GuestMemory.anonymous(ram)
         except HostError as e:
+            self._close_vars_store()
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         if self.firmware_kind == "uefi":
             log.warning("UEFI is experimental%s", "" if cfg.firmware_vars else
@@ -99,7 +109,7 @@ class Machine:
         self._stopping = False
         self._parked = 0
         self.threads: list = []
-        self._closers: list[Callable[[], None]] = []
+        self._closers: list[Callable[[], None]] = [self._close_vars_store]
         # Parking the vCPUs for an I/O error waits for them, which the event loop
         # (where disks report errors) must never do.
         self._io_error_stops = Worker(f"{cfg.name or 'vm'}-io-error")
@@ -159,15 +169,18 @@ class Machine:
         """UEFI's variable store as QEMU's second pflash, right below the firmware code:
         a flash device (kvmpy.devices.pflash) over the user's file, which it keeps."""
         self.firmware_vars = None
-        if self.firmware is None or not self.cfg.firmware_vars:
+        if self._vars_store is None:
             return
-        from .boot.firmware import open_vars_store
         from .devices.pflash import Pflash
-        fd, size, base = open_vars_store(self.cfg, len(self.firmware.image))
-        self._closers.append(lambda: os.close(fd))
+        fd, size, base = self._vars_store
         self.firmware_vars = Pflash(fd, size, name="pflash-vars")
         self._closers.append(self.firmware_vars.close)      # closers run last first: synced, then closed
         self.mmio_bus.register(base, size, self.firmware_vars)
+
+    def _close_vars_store(self) -> None:
+        if self._vars_store is not None:
+            os.close(self._vars_store[0])
+            self._vars_store = None
 
     def _serve_pm_timer(self) -> None:
         """Let the accelerator answer PM timer reads from the model's clock, and follow
