@@ -9,7 +9,7 @@ same disk through OVMF's virtio-blk driver and gets an address by DHCP through O
 virtio-net driver on the default user NIC (libslirp), then leaves through the
 debug-exit port. QEMU boots the same image as the reference. OVMF runs on the
 translator only: under this host's software-nested KVM its SEC phase stops with an
-emulation failure (an x87 fninit), in kvmpy as in the check described in the report.
+emulation failure (an x87 fninit), in kvmpy as in `qemu-system-x86_64 -enable-kvm`.
 """
 
 from __future__ import annotations
