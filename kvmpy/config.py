@@ -192,6 +192,9 @@ class VmConfig:
     # (OVMF); None picks "bios" without a kernel and "none" with one.
     firmware: str | None = None
     bios: str | None = None           # the firmware image (QEMU's -bios); None: Debian's
+    # UEFI's variable store, a flash the guest writes (QEMU's second -drive if=pflash,
+    # e.g. a copy of OVMF_VARS.fd beside OVMF_CODE.fd); None: OVMF keeps them in RAM
+    firmware_vars: str | None = None
     boot_order: list[str] = field(default_factory=list)   # "cdrom", "disk", "net": -boot order=
     boot_menu: bool = False
     display: DisplayConfig = field(default_factory=DisplayConfig)
@@ -211,7 +214,7 @@ DISK_MEDIA = ("disk", "cdrom")
 
 TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "append", "serial",
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
-            "sandbox", "firmware", "bios", "boot", "boot_menu", "display", "tcg_native"}
+            "sandbox", "firmware", "bios", "firmware_vars", "boot", "boot_menu", "display", "tcg_native"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
              "dataplane", "queues", "iothread"}
 NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane", "queues", "vhost"}
@@ -375,6 +378,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         cfg.firmware = _choice(data["firmware"], FIRMWARES, w("firmware"))
     if "bios" in data:
         cfg.bios = _path(base, data["bios"], w("bios"))
+    if "firmware_vars" in data:
+        cfg.firmware_vars = _path(base, data["firmware_vars"], w("firmware_vars"))
     if "boot" in data:
         order = _expect(data["boot"], list, w("boot"), 'a list such as ["cdrom", "disk"]')
         cfg.boot_order = [_choice(b, BOOT_DEVICES, w("boot")) for b in order]
@@ -682,14 +687,6 @@ def add_default_nic(cfg: VmConfig) -> None:
         return
     cfg.default_nic = False
     import logging
-    if cfg.firmware == "uefi":
-        # OVMF places a virtio device's BARs at 2 GiB and 32 GiB, outside the PCI
-        # windows kvmpy decodes: Linux's virtio-pci then waits for ever for a reset
-        # the device never sees. Until the windows follow OVMF, no NIC unless asked.
-        logging.getLogger(__name__).warning(
-            "no default NIC under UEFI firmware (OVMF's virtio BARs fall outside kvmpy's PCI windows); "
-            "name one with --net user to try")
-        return
     try:
         from .net import slirp  # noqa: F401 - the native module is what may be missing
     except ImportError as e:

@@ -59,14 +59,25 @@ class Machine:
         image = None
         if self.firmware_kind != "none":
             image = read_image(find_image(self.firmware_kind, cfg.bios, cfg.source), cfg.source)
-        ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
+        # UEFI's variable store, checked and locked before anything else is set up
+        self._vars_store: tuple[int, int, int] | None = None
+        if cfg.firmware_vars:
+            from .boot.firmware import open_vars_store
+            self._vars_store = open_vars_store(cfg, len(image) if image is not None else 0)
+        try:
+            ram = firmware_ram_layout(cfg.memory) if image is not None else layout.ram_layout(cfg.memory)
+        except BaseException:
+            self._close_vars_store()
+            raise
         try:
             self.memory = GuestMemory.anonymous(ram)
         except HostError as e:
+            self._close_vars_store()
             raise HostError(f"{cfg.source}: memory {cfg.memory >> 20}M (-m or key 'memory'): {e}") from None
         if self.firmware_kind == "uefi":
-            log.warning("UEFI is experimental: OVMF boots, but the OS it starts finds only part of "
-                        "kvmpy's ACPI tables (Linux runs without ACPI: no power-off)")
+            log.warning("UEFI is experimental%s", "" if cfg.firmware_vars else
+                        ": without a variable store (firmware_vars, --firmware-vars) OVMF keeps its "
+                        "variables in RAM, so boot entries and settings last until the VM stops")
         if image is not None:
             # Before the accelerator, which maps every region once.
             self.firmware = FirmwareMemory(self.memory, image)
@@ -98,7 +109,7 @@ class Machine:
         self._stopping = False
         self._parked = 0
         self.threads: list = []
-        self._closers: list[Callable[[], None]] = []
+        self._closers: list[Callable[[], None]] = [self._close_vars_store]
         # Parking the vCPUs for an I/O error waits for them, which the event loop
         # (where disks report errors) must never do.
         self._io_error_stops = Worker(f"{cfg.name or 'vm'}-io-error")
@@ -138,17 +149,38 @@ class Machine:
         if self.firmware is not None:
             from .devices.pci.host_bridge import I440fxHostBridge
             host_bridge = self.host_bridge = I440fxHostBridge(on_pam=self.firmware.pam_changed)
+        mmio_window, mmio64_window = layout.PCI_MMIO_WINDOW, None
+        if self.firmware is not None:
+            mmio_window, mmio64_window = layout.firmware_pci_windows(self.cfg.memory)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
-                          mmio_window=layout.PCI_MMIO_WINDOW, io_window=layout.PCI_IO_WINDOW,
-                          host_bridge=host_bridge)
+                          mmio_window=mmio_window, io_window=layout.PCI_IO_WINDOW,
+                          mmio64_window=mmio64_window, host_bridge=host_bridge)
         context = DeviceContext(
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
+        self._attach_firmware_vars()
         self._serve_pm_timer()
         self._attach_display()
+
+    def _attach_firmware_vars(self) -> None:
+        """UEFI's variable store as QEMU's second pflash, right below the firmware code:
+        a flash device (kvmpy.devices.pflash) over the user's file, which it keeps."""
+        self.firmware_vars = None
+        if self._vars_store is None:
+            return
+        from .devices.pflash import Pflash
+        fd, size, base = self._vars_store
+        self.firmware_vars = Pflash(fd, size, name="pflash-vars")
+        self._closers.append(self.firmware_vars.close)      # closers run last first: synced, then closed
+        self.mmio_bus.register(base, size, self.firmware_vars)
+
+    def _close_vars_store(self) -> None:
+        if self._vars_store is not None:
+            os.close(self._vars_store[0])
+            self._vars_store = None
 
     def _serve_pm_timer(self) -> None:
         """Let the accelerator answer PM timer reads from the model's clock, and follow
@@ -206,6 +238,8 @@ class Machine:
         the reset vector already (both accelerators make them so, and reset them so)."""
         self.host_bridge.reset()            # PAM closed: also protects the shadow again
         self.firmware.reset()
+        if self.firmware_vars is not None:
+            self.firmware_vars.reset()
         from .devices.fw_cfg import FwCfg
         fw_cfg = self.devices.get(FW_CFG, FwCfg)
         serial_port = None

@@ -592,12 +592,20 @@ def pc_devices(cfg: VmConfig) -> list[DeviceEntry]:
             *(plugin_entry(dev, i) for i, dev in enumerate(cfg.devices))]
 
 
+def pci_root_of(pci: PciBus) -> PciRoot:
+    """The root bridge as ACPI _CRS describes it: the very windows the bus decodes."""
+    windows = pci.windows()
+    mmio, mmio64 = windows["mmio"], windows["mmio64"]
+    return PciRoot(mem32=((mmio.base, mmio.end),),
+                   mem64=((mmio64.base, mmio64.end),) if mmio64 is not None else (),
+                   prt=tuple(pci.intx_routes()))
+
+
 def write_acpi_tables(devices: MachineDevices, pci: PciBus, memory: GuestMemory, num_cpus: int) -> int:
     """The ACPI tables describing these devices, at layout.ACPI_BASE; returns the RSDP's address.
     The MADT announces ``num_cpus``: the vCPUs that exist (the translator may run fewer than asked)."""
     pm = devices.entry(ACPI_PM)
-    mmio = pci.windows()["mmio"]
-    root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
+    root = pci_root_of(pci)
     return build_acpi_tables(memory, layout.ACPI_BASE, num_cpus=num_cpus,
                              pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root,
                              mouse=has_mouse(devices))
@@ -607,8 +615,7 @@ def acpi_loader_files(devices: MachineDevices, pci: PciBus, num_cpus: int) -> di
     """The same tables as write_acpi_tables, as fw_cfg files for the firmware's
     table loader (etc/table-loader, etc/acpi/tables, etc/acpi/rsdp)."""
     pm = devices.entry(ACPI_PM)
-    mmio = pci.windows()["mmio"]
-    root = PciRoot(mem32=((mmio.base, mmio.end),), prt=tuple(pci.intx_routes()))
+    root = pci_root_of(pci)
     t = build_loader_tables(num_cpus=num_cpus, pm_base=pm.slots[0].base, sci_irq=pm.irq, pci_root=root,
                             mouse=has_mouse(devices))
     return {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}

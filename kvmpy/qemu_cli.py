@@ -389,15 +389,19 @@ class QemuCommandLine:
 
     def _pflash(self, opts: dict, where: str) -> None:
         """UEFI as QEMU's users start it: the first -drive if=pflash is the firmware code
-        (as -bios); a second one, the variable store, kvmpy does not keep yet."""
-        if self._bios_name is not None:
-            raise _unsupported("-drive if=pflash", "a second flash (OVMF's variable store) is not kept by kvmpy; "
-                               "give only the code, read-only")
+        (as -bios), the second the variable store the guest writes (firmware_vars)."""
         if not opts.get("file"):
             raise QemuOptionError(f"{where}: missing file=")
         if opts.get("format", "raw") != "raw":
             raise QemuOptionError(f"{where}: a flash image is raw")
-        self._bios_name = opts["file"]
+        if self._bios_name is None:
+            self._bios_name = opts["file"]
+        elif self.cfg.firmware_vars is None:
+            if opts.get("readonly") in ("on", "true", "yes"):
+                raise QemuOptionError(f"{where}: the variable store is written by the guest; drop readonly=on")
+            self.cfg.firmware_vars = os.path.abspath(opts["file"])
+        else:
+            raise _unsupported("-drive if=pflash", "two flashes: the firmware code and its variable store")
 
     # --- boot ------------------------------------------------------------------
     def opt_boot(self, value, text) -> None:

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--initrd", help="initial ramdisk")
     p.add_argument("--append", help="kernel command line")
     p.add_argument("--bios", help="firmware image (QEMU's -bios; default: Debian's SeaBIOS or OVMF)")
+    p.add_argument("--firmware-vars", metavar="FILE",
+                   help="UEFI variable store the guest writes (a copy of OVMF_VARS.fd; QEMU's second "
+                        "-drive if=pflash); give --bios OVMF_CODE.fd with it")
     p.add_argument("--firmware", metavar="bios|uefi|none",
                    help="what runs first: SeaBIOS (default without --kernel), OVMF, or none "
                         "(kvmpy loads --kernel itself: the default with --kernel)")
@@ -150,6 +153,11 @@ def apply_firmware_options(cfg: VmConfig, args) -> None:
         require_file(cfg.bios, f"--bios {args.bios}", ConfigError)
     elif cfg.bios:
         require_file(cfg.bios, f"{cfg.source}: key 'bios' {cfg.bios}", ConfigError)
+    if getattr(args, "firmware_vars", None):
+        cfg.firmware_vars = os.path.abspath(args.firmware_vars)
+        require_file(cfg.firmware_vars, f"--firmware-vars {args.firmware_vars}", ConfigError)
+    elif cfg.firmware_vars:
+        require_file(cfg.firmware_vars, f"{cfg.source}: key 'firmware_vars' {cfg.firmware_vars}", ConfigError)
 
 
 def run_command(args) -> int:

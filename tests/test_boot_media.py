@@ -174,8 +174,8 @@ def test_qemu_installs_from_the_same_iso_and_boots_the_disk_kvmpy_installed(iso,
 def test_ovmf_boots_the_iso_and_installs_on_the_translator(iso, tmp_path):
     """OVMF finds its ACPI timer through 00:01.3, reaches its boot manager, starts
     the ISO's EFI GRUB from the ATAPI CD-ROM (UEFI names it cd0), and the kernel
-    runs the installer onto the blank disk. The boot is stopped there: the OS finds
-    only part of kvmpy's ACPI tables under OVMF, so its power-off only halts."""
+    runs the installer onto the blank disk. The boot is stopped there, once the
+    installer says it is done."""
     from kvmpy.boot.firmware import OVMF_IMAGES
     ovmf = next((p for p in OVMF_IMAGES if os.path.isfile(p)), None)
     if ovmf is None:

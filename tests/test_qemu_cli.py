@@ -269,7 +269,10 @@ def test_kernel_initrd_append_bios(tmp_path):
         assert parse("-bios /usr/share/OVMF/OVMF_CODE.fd").firmware == "uefi"
         cfg = parse("-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
         assert (cfg.bios, cfg.firmware, cfg.disks) == ("/usr/share/OVMF/OVMF_CODE.fd", "uefi", [])
-    refuse(f"-drive if=pflash,readonly=on,file={kernel} -drive if=pflash,file=vars.fd", "variable store")
+    cfg = parse(f"-drive if=pflash,readonly=on,file={kernel} -drive if=pflash,file=vars.fd")
+    assert (cfg.bios, cfg.firmware_vars) == (str(kernel), os.path.abspath("vars.fd"))     # the variable store
+    refuse(f"-drive if=pflash,readonly=on,file={kernel} -drive if=pflash,file=vars.fd -drive if=pflash,file=x",
+           "two flashes")
     refuse("-drive if=pflash,format=qcow2,file=x", "a flash image is raw")
     refuse(f"-kernel {kernel} -initrd a,b", "several initrds are for multiboot kernels only")
     assert parse(f"-kernel {kernel} -initrd {tmp_path}/i,,1.img").initrd == f"{tmp_path}/i,1.img"

@@ -425,7 +425,15 @@ def build_loader_tables(num_cpus: int, pm_base: int = acpi_pm.PM_BLOCK.base, sci
     for at, data in ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.facs_at, build_facs()), (t.fadt_at, t.fadt),
                      (t.dsdt_at, t.dsdt), (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ()):
         blob[at:at + len(data)] = data
-    rsdp = build_rsdp(t.rsdt_at, t.xsdt_at)
+    checksummed = ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.fadt_at, t.fadt), (t.dsdt_at, t.dsdt),
+                   (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ())
+    rsdp = bytearray(build_rsdp(t.rsdt_at, t.xsdt_at))
+    # The loader's contract (QEMU's bios-linker-loader): a checksum field is zero until
+    # ADD_CHECKSUM fills it. OVMF stores the checksum of the range as it finds it, field
+    # included, so a precomputed one would stay in the sum and OVMF would find no table.
+    for at, _data in checksummed:
+        blob[at + 9] = 0
+    rsdp[8] = rsdp[32] = 0
     loader = TableLoader()
     loader.allocate(RSDP_FILE, 16, fseg=True)
     loader.allocate(TABLES_FILE, 64)
@@ -439,12 +447,11 @@ def build_loader_tables(num_cpus: int, pm_base: int = acpi_pm.PM_BLOCK.base, sci
         loader.add_pointer(TABLES_FILE, TABLES_FILE, t.rsdt_at + 36 + 4 * i, 4)
     loader.add_pointer(RSDP_FILE, TABLES_FILE, 16, 4)
     loader.add_pointer(RSDP_FILE, TABLES_FILE, 24, 8)
-    for at, data in ((t.xsdt_at, t.xsdt), (t.rsdt_at, t.rsdt), (t.fadt_at, t.fadt), (t.dsdt_at, t.dsdt),
-                     (t.madt_at, t.madt)) + (((t.mcfg_at, t.mcfg),) if t.mcfg else ()):
+    for at, data in checksummed:
         loader.add_checksum(TABLES_FILE, at + 9, at, len(data))
     loader.add_checksum(RSDP_FILE, 8, 0, 20)
     loader.add_checksum(RSDP_FILE, 32, 0, 36)
-    return LoaderTables(tables=bytes(blob), rsdp=rsdp, loader=loader.blob())
+    return LoaderTables(tables=bytes(blob), rsdp=bytes(rsdp), loader=loader.blob())
 
 
 def build_acpi_tables(memory: GuestMemory, base: int, num_cpus: int,

@@ -108,6 +108,34 @@ def read_image(path: str, source: str) -> bytes:
     return data
 
 
+def open_vars_store(cfg, image_size: int) -> tuple[int, int, int]:
+    """(fd, size, guest address) of the UEFI variable store ``cfg.firmware_vars``: opened
+    read-write and locked against a second VM (as QEMU locks a pflash image), placed
+    right below the firmware code as QEMU stacks its two flashes under 4 GiB."""
+    import fcntl
+    path, source = cfg.firmware_vars, cfg.source
+    where = f"{source}: firmware_vars {path}"
+    if firmware_kind(cfg) != "uefi":
+        raise ConfigError(f"{where}: a variable store is for UEFI firmware (--firmware uefi)")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror} (the guest writes it: it must be writable)") from None
+    try:
+        size = os.fstat(fd).st_size
+        if not size or size % 0x1000 or size + image_size > MAX_IMAGE:
+            raise ConfigError(f"{where}: a variable store is a multiple of 4 KiB, at most "
+                              f"{(MAX_IMAGE - image_size) >> 10} KiB beside this firmware ({size} bytes here)")
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{where}: in use by another process (locked)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size, layout.FOUR_GIB - image_size - size
+
+
 class FirmwareMemory:
     """The firmware's ROM and the BIOS area's shadow RAM in ``memory``; made before
     the accelerator (which maps every region once), put back by ``reset()``."""

@@ -32,6 +32,15 @@ LAPIC_ADDR = 0xFEE00000
 TSS_ADDR = 0xFFFBD000             # three pages KVM needs on VT-x for real mode
 IDENTITY_MAP_ADDR = 0xFFFBC000
 FOUR_GIB = 1 << 32
+# Under firmware the PCI holes are QEMU's i440FX ones, because the firmware, not kvmpy,
+# places the BARs and each firmware has its own rule: SeaBIOS fills the top of the
+# 32-bit hole, OVMF starts at max(2 GiB, end of low RAM) and puts 64-bit BARs in a
+# window of its own above RAM (32-64 GiB for Debian 12's; newer ones size it from the
+# CPU's address width). The hole below 4 GiB runs from the end of low RAM to the
+# IOAPIC; the one above from the end of RAM, rounded up to 1 GiB, to the 40 bits of
+# physical address the translator's CPUID announces.
+FIRMWARE_PCI_MMIO64_END = (1 << 40) - 1
+FIRMWARE_PCI_MMIO64_ALIGN = 1 << 30
 # QEMU's places for KVM's real-mode pages, below the IOAPIC: where a firmware image
 # larger than 256 KiB (OVMF's 2 MiB and up) covers TSS_ADDR.
 FIRMWARE_TSS_ADDR = 0xFEFFD000
@@ -71,3 +80,18 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     if mem_size > PCI_HOLE_START:
         entries.append((FOUR_GIB, mem_size - PCI_HOLE_START, E820_RAM))
     return entries
+
+
+def firmware_pci_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """((base, end), (base, end) or None), ends inclusive: the 32- and 64-bit PCI
+    memory windows of a machine booting through firmware with ``mem_size`` bytes of
+    RAM (the bus decodes BARs there and ACPI _CRS announces them); no 64-bit window
+    when RAM reaches the address width."""
+    low_end = min(mem_size, PCI_HOLE_START)
+    mmio32 = (low_end, IOAPIC_ADDR - 1)
+    ram_end = FOUR_GIB + max(0, mem_size - PCI_HOLE_START)
+    align = FIRMWARE_PCI_MMIO64_ALIGN
+    base64 = (ram_end + align - 1) // align * align
+    if base64 > FIRMWARE_PCI_MMIO64_END:
+        return mmio32, None
+    return mmio32, (base64, FIRMWARE_PCI_MMIO64_END)
