@@ -27,6 +27,7 @@ from kvmpy.devices.virtio.net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, Virt
 from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio.queue import SplitQueue
 from kvmpy.tap import TapNetwork, run_in_netns
+from support.net_ports import SocketPort
 from support.polling import wait_for
 from support.virtio_driver import DriverQueue, SoftMachine, VirtioPciDriver
 
@@ -477,10 +478,8 @@ def test_dataplane_key_and_option(tmp_path):
 
 
 def test_device_refuses_an_unknown_mode():
-    class NoTap:
-        name, fd, supports_ufo = "none", -1, False
     with pytest.raises(ValueError, match="dataplane"):
-        VirtioNet(NoTap(), dataplane="fast")
+        VirtioNet(SocketPort(), dataplane="fast")
 
 
 # -- random traffic: the thread and the model answer alike ------------------------------------

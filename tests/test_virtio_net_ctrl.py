@@ -25,6 +25,7 @@ from kvmpy.devices.virtio.net import (MAC_TABLE_ENTRIES, VIRTIO_NET_CTRL_ANNOUNC
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio import netplane
 from kvmpy.tap import TapNetwork, run_in_netns
+from support.net_ports import SocketPort
 from support.polling import wait_for
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
@@ -418,14 +419,12 @@ def test_rx_filter_rules(f, dst, own, vlan, filtering):
 
 
 def test_hostile_states_are_refused():
-    class Port:
-        name, fd, supports_ufo = "p", -1, False
     ok = VirtioNetState(b"\x52\x54\x00\x00\x00\x01", 256, 0, 0, 0, 0)
-    VirtioNet.from_state(ok, Port())
+    VirtioNet.from_state(ok, SocketPort())
     for bad in (dict(active_pairs=2), dict(rx_filter=RxFilter(vlans=(5000,))),
                 dict(rx_filter=RxFilter(unicast=(b"abc",))), dict(rx_waiting=(b"", b"")), dict(rx_filter=None)):
         with pytest.raises(ValueError):
-            VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, **bad}), Port())
+            VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, **bad}), SocketPort())
 
 
 def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
@@ -443,13 +442,6 @@ def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
         assert rig.ctrlq.avail_event() == n
 
 
-class _Port:
-    name, fd, supports_ufo = "p", -1, False
-
-    def set_offload(self, flags):
-        return True
-
-
 @settings(max_examples=int(os.environ.get("KVMPY_FUZZ") and 3000 or 300), deadline=None)
 @given(commands=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6),
                                    st.one_of(st.binary(max_size=40),
@@ -458,11 +450,11 @@ class _Port:
 def test_any_control_command_is_ok_or_err_and_leaves_a_valid_state(commands):
     """The parser alone, on the commands a hostile driver may send: each is
     answered, the state stays one a restore accepts."""
-    dev = VirtioNet(_Port(), mac=b"\x52\x54\x00\x00\x00\x01")
+    dev = VirtioNet(SocketPort(), mac=b"\x52\x54\x00\x00\x00\x01")
     dev.ack_features(dev.device_features() | CTRL_ALL)
     for cls, cmd, data in commands:
         assert dev._ctrl_command(cls, cmd, data) in (VIRTIO_NET_OK, VIRTIO_NET_ERR)
-        VirtioNet.from_state(dev.state(), _Port())
+        VirtioNet.from_state(dev.state(), SocketPort())
 
 
 def test_a_restored_nic_asks_its_driver_to_announce():
@@ -470,13 +462,7 @@ def test_a_restored_nic_asks_its_driver_to_announce():
     config interrupt) once the driver runs it, until the driver acknowledges."""
     from kvmpy.devices.virtio.pci import VirtioPciTransport
     ram = 4 << 20
-    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
-    ports = []
-    for ours, _ in ends:
-        ours.setblocking(False)
-        port = _Port()
-        port.fd = ours.fileno()
-        ports.append(port)
+    ports = [SocketPort.pair("p"), SocketPort.pair("p")]
     machines = [SoftMachine(ram_size=ram), SoftMachine(ram_size=ram)]
     transports = []
     try:
@@ -506,6 +492,5 @@ def test_a_restored_nic_asks_its_driver_to_announce():
             t.close()
         for m in machines:
             m.close()
-        for a, b in ends:
-            a.close()
-            b.close()
+        for port in ports:
+            port.close()

@@ -23,6 +23,7 @@ import struct
 import threading
 
 from ..errors import UserError
+from ..net.backend import OFFLOAD_FEATURES, VIRTIO_NET_F_GUEST_UFO, NetBackend
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,16 @@ def run_in_netns(netns: str | None, fn, *args):
     return result.get("value")
 
 
-class Tap:
+class Tap(NetBackend):
     """An open tap device with a 12-byte virtio-net header on every frame.
 
     ``fd`` is non-blocking; readv/writev on it move one frame each. With
     ``queues`` > 1 the tap is IFF_MULTI_QUEUE and ``fds`` holds one fd per queue
     (``fd`` is the first): the kernel spreads flows over the attached ones.
     """
+
+    # The kernel reads and writes frames itself: a C thread may do all the rest.
+    allows_native_plane = True
 
     def __init__(self, name: str | None = None, netns: str | None = None, queues: int = 1) -> None:
         self.netns = netns
@@ -160,6 +164,11 @@ class Tap:
             if code == errno.EBUSY:
                 raise TapError(f"tap {name}: the interface is busy (already in use)") from None
             raise TapError(f"tap {name or '(auto)'}: cannot create: {e}") from None
+
+    @property
+    def offloads(self) -> int:
+        """Every offload a tap takes; UFO where this kernel's tap accepted it at open."""
+        return OFFLOAD_FEATURES & ~(0 if self.supports_ufo else 1 << VIRTIO_NET_F_GUEST_UFO)
 
     def set_queue_attached(self, index: int, attached: bool) -> bool:
         """TUNSETQUEUE: let the kernel steer frames to queue ``index`` or not (a
