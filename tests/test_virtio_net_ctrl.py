@@ -24,8 +24,9 @@ from kvmpy.devices.virtio.net import (MAC_TABLE_ENTRIES, VIRTIO_NET_CTRL_ANNOUNC
                                       RxFilter, VirtioNet, VirtioNetState)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio import netplane
-from kvmpy.tap import TapNetwork, run_in_netns
+from kvmpy.tap import run_in_netns
 from support.net_ports import SocketPort
+from support.net_rig import TapNicRig, packet_socket
 from support.polling import wait_for
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
@@ -38,22 +39,14 @@ CTRL_ALL = (1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_NET_F_CTRL_RX | 1 << VIRTIO_
             | 1 << VIRTIO_NET_F_CTRL_VLAN | 1 << VIRTIO_NET_F_CTRL_MAC_ADDR | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
 
 
-class Rig:
+class Rig(TapNicRig):
     """A VirtioNet on a tap on bridge kbr0, its driver, and a packet socket on the bridge."""
 
     def __init__(self, ns, extra=0, pairs=1, qsize=64, dataplane="python"):
-        self.ns = ns
-        self.net = TapNetwork.open(bridge="kbr0", vm_name="ctrl", netns=ns, queues=pairs)
-        self.m = SoftMachine(ram_size=16 << 20)
         # By default the model's own rx/tx path (merged buffers waiting whole, the
         # filter); the native plane's answers are held to it in test_netplane.py.
-        self.dev = self.m.virtio_pci(VirtioNet(self.net.tap, mac=self.net.mac, queue_pairs=pairs,
-                                               dataplane=dataplane))
-        self.model = self.dev.device
-        self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
-        self.features = self.d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | extra)
-        self.d.enable_msix()
-        self.d.common_write(0x10, 2, 0)  # config-change vector
+        super().__init__(ns, vm_name="ctrl", ram_size=16 << 20, bridge="kbr0", pairs=pairs, dataplane=dataplane)
+        self.features = self.start_driver(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | extra)
         self.rx, self.tx = [], []
         for p in range(pairs if self.features >> VIRTIO_NET_F_MQ & 1 else 1):
             self.rx.append(self.d.setup_queue(2 * p, qsize, vector=1))
@@ -61,7 +54,7 @@ class Rig:
         self.ctrl_index = 2 * pairs if self.features >> VIRTIO_NET_F_MQ & 1 else 2
         self.ctrlq = self.d.setup_queue(self.ctrl_index, 16, vector=3) if extra & 1 << VIRTIO_NET_F_CTRL_VQ else None
         self.d.driver_ok()
-        self.sock = run_in_netns(ns, self._packet_socket)
+        self.sock = packet_socket(ns, "kbr0", ETH_TYPE)
         # Frames sent before the bridge forwards to the new port would be lost.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -70,13 +63,6 @@ class Rig:
             if "state forwarding" in link:
                 break
             time.sleep(0.05)
-
-    @staticmethod
-    def _packet_socket():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
-        s.bind(("kbr0", 0))
-        s.settimeout(5)
-        return s
 
     def ctrl(self, cls, cmd, data=b""):
         """One control command as a driver sends it: header, data, ack in three buffers."""
@@ -89,12 +75,6 @@ class Rig:
         self.d.kick(self.ctrl_index)
         assert self.d.wait_used(self.ctrl_index) == [(head, 1)]
         return mem.read(CTRLBUF + 0x1000, 1)[0]
-
-    def close(self):
-        self.sock.close()
-        self.dev.close()
-        self.net.close()
-        self.m.close()
 
 
 @pytest.fixture

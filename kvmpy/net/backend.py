@@ -23,6 +23,14 @@ VIRTIO_NET_F_HOST_TSO4 = 11
 VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_HOST_ECN = 13
 
+# What ``set_offload`` takes: the offloaded frames the driver accepts, in the
+# tap's own flags (TUNSETOFFLOAD, <linux/if_tun.h>).
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+
 #: every bit a backend's ``offloads`` may hold
 OFFLOAD_FEATURES = (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4
                     | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN | 1 << VIRTIO_NET_F_GUEST_UFO
@@ -53,7 +61,7 @@ class NetBackend(Protocol):
         ...
 
     def set_offload(self, flags: int) -> bool:
-        """Which offloaded frames (TUN_F_* of kvmpy.tap) the driver accepts now, as
+        """Which offloaded frames (the TUN_F_* flags above) the driver accepts now, as
         TUNSETOFFLOAD says it to a tap; False if the backend refuses them."""
         ...
 

@@ -41,8 +41,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from ..errors import ConfigError
 from ..events import EVENT_READ, EventLoop
-from ..tap import TUN_F_CSUM
-from .backend import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, NetBackend
+from .backend import TUN_F_CSUM, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, NetBackend
 from .options import GuestForward, HostForward, UserNetOptions
 from ._slirp_cffi import ffi, lib
 

@@ -23,7 +23,7 @@ import struct
 import threading
 
 from ..errors import UserError
-from ..net.backend import OFFLOAD_FEATURES, VIRTIO_NET_F_GUEST_UFO, NetBackend
+from ..net.backend import OFFLOAD_FEATURES, TUN_F_CSUM, TUN_F_UFO, VIRTIO_NET_F_GUEST_UFO, NetBackend
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
-TUN_F_UFO = 0x10
 
 VNET_HDR_SIZE = 12  # virtio 1.x: virtio_net_hdr + num_buffers
 CLONE_NEWNET = 0x40000000

@@ -42,10 +42,10 @@ from typing import Callable, Sequence
 
 from ...events import EVENT_READ
 from ...memory import GuestMemory
-from ...net.backend import (OFFLOAD_FEATURES, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+from ...net.backend import (OFFLOAD_FEATURES, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
+                            VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
                             VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, NetBackend)
-from ...tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_SIZE, format_mac,
-                    stable_mac)
+from ...tap import VNET_HDR_SIZE, format_mac, stable_mac
 from . import netplane
 from .device import FdWatch, ServedQueue, VirtioDevice, VirtioTransport
 from .netplane import NetPairBackend, NetPairs, NetStopInfo
