@@ -17,6 +17,7 @@ from support.virtio_driver import SoftMachine, VirtioPciDriver
 class Disk:
     size = 1 << 20
     read_only = False
+    fd = -1         # no file a native data plane could serve: every request comes to the model
 
     def __init__(self):
         self.buf = bytearray(self.size)

@@ -32,6 +32,7 @@ class MemDisk:
     """A BlockDriver in a bytearray, so a copy of the disk is one ``bytes()`` away."""
 
     read_only = False
+    fd = -1         # no file a native data plane could serve: every request comes to the model
 
     def __init__(self, data: bytes | None = None, size: int = DISK):
         self.buf = bytearray(data if data is not None else size)
