@@ -166,7 +166,7 @@ class VirtioPciTransport(PciDevice):
         self._device_fds: list[int] = []
         # A plug-in may implement VirtioDevice without deriving from it, and so
         # without the native plane's methods (device.py): it is served in Python.
-        self._plane_device = VirtioDevice in type(device).__mro__
+        self._asks_native_plane = VirtioDevice in type(device).__mro__
         # The queues a native data plane thread serves now (their doorbells are its).
         self._native: list[ServedQueue | netplane.NativeNetPair | None] = [None] * self.num_queues
         self._native_regions: dataplane.RegionPointers | None = None
@@ -598,7 +598,7 @@ class VirtioPciTransport(PciDevice):
         fd = self._doorbells[q]
         # The translator drops translated code on device writes through
         # memory.dma_listeners, which a C thread (or the kernel) would bypass.
-        if (not self._plane_device or self._native_refused or self._native_held or fd is None
+        if (not self._asks_native_plane or self._native_refused or self._native_held or fd is None
                 or self.memory.dma_listeners or not self._serving or self.broken or not self.queues[q].active):
             return
         backend = self.device.native_backend()
