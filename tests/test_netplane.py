@@ -26,7 +26,9 @@ from kvmpy.devices.virtio.dataplane import RegionPointers
 from kvmpy.devices.virtio.net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VirtioNet
 from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio.queue import SplitQueue
-from kvmpy.tap import TapNetwork, run_in_netns
+from kvmpy.tap import TapNetwork
+from support.net_ports import SocketPort
+from support.net_rig import TapNicRig, packet_socket
 from support.polling import wait_for
 from support.virtio_driver import DriverQueue, SoftMachine, VirtioPciDriver
 
@@ -44,31 +46,18 @@ def ours(frame: bytes) -> bool:
     return frame[12:14] == struct.pack("!H", ETH_TYPE)
 
 
-def packet_socket(ifname: str):
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
-    s.bind((ifname, 0))
-    s.settimeout(5)
-    return s
-
-
-class Rig:
+class Rig(TapNicRig):
     def __init__(self, ns, mode="native", event_idx=False, queue_size=64):
-        self.net = TapNetwork.open(vm_name="np", netns=ns)   # one MAC for both modes
-        self.m = SoftMachine(ram_size=8 << 20)
-        self.model = VirtioNet(self.net.tap, mac=self.net.mac, dataplane=mode)
-        self.dev = self.m.virtio_pci(self.model)
-        self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
+        super().__init__(ns, vm_name="np", ram_size=8 << 20, dataplane=mode)   # one MAC for both modes
         self.event_idx = event_idx
         self.queue_size = queue_size
-        self.sock = run_in_netns(ns, packet_socket, self.net.tap.name)
+        self.sock = packet_socket(ns, self.net.tap.name, ETH_TYPE)
         self.rx_buffer_of: dict[int, int] = {}
         self.start()
 
     def start(self):
-        self.d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
-                         | self.event_idx << VIRTIO_F_RING_EVENT_IDX)
-        self.d.enable_msix()
-        self.d.common_write(0x10, 2, 0)
+        self.start_driver(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+                          | self.event_idx << VIRTIO_F_RING_EVENT_IDX)
         self.rxq = self.d.setup_queue(0, self.queue_size, vector=1, event_idx=self.event_idx)
         self.txq = self.d.setup_queue(1, self.queue_size, vector=2, event_idx=self.event_idx)
         self.d.driver_ok()
@@ -123,12 +112,6 @@ class Rig:
     def native(self) -> tuple[bool, ...]:
         """rx and tx (the control queue is always the model's)."""
         return self.dev.native_queues[:2]
-
-    def close(self):
-        self.sock.close()
-        self.dev.close()
-        self.net.close()
-        self.m.close()
 
 
 @pytest.fixture
@@ -347,7 +330,7 @@ def test_intx_and_no_vector_routes(netns):
     net = TapNetwork.open(vm_name="np", netns=netns)
     m = SoftMachine(ram_size=8 << 20)
     dev = m.virtio_pci(VirtioNet(net.tap, mac=net.mac))
-    sock = run_in_netns(netns, packet_socket, net.tap.name)
+    sock = packet_socket(netns, net.tap.name, ETH_TYPE)
     try:
         d = VirtioPciDriver(m, m.pci.add(dev))
         d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC)
@@ -415,7 +398,7 @@ def test_python_mode_stays_in_python(make_rig):
 def test_mergeable_rx_buffers_spread_a_frame(netns):
     net = TapNetwork.open(vm_name="np-mrg", netns=netns)
     m = SoftMachine(ram_size=8 << 20)
-    sock = run_in_netns(netns, packet_socket, net.tap.name)
+    sock = packet_socket(netns, net.tap.name, ETH_TYPE)
     kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
     pair = None
     try:
@@ -477,10 +460,8 @@ def test_dataplane_key_and_option(tmp_path):
 
 
 def test_device_refuses_an_unknown_mode():
-    class NoTap:
-        name, fd, supports_ufo = "none", -1, False
     with pytest.raises(ValueError, match="dataplane"):
-        VirtioNet(NoTap(), dataplane="fast")
+        VirtioNet(SocketPort(), dataplane="fast")
 
 
 # -- random traffic: the thread and the model answer alike ------------------------------------

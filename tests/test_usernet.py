@@ -35,9 +35,8 @@ import pytest
 
 from conftest import ROOT
 from support.dns import LoopbackDns
+from support.serial_shell import booted_shell
 
-BOOT_TIMEOUT = 900
-COMMAND_TIMEOUT = 180
 
 pytestmark = pytest.mark.xdist_group("usernet-guest")
 
@@ -76,55 +75,6 @@ def _unprivileged_python() -> tuple[str, str | None]:
             if probe.returncode == 0:
                 return python, "setpriv"
     return sys.executable, "runas"
-
-
-class SerialShell:
-    """The guest's shell on kvmpy's stdio console: send a command line, wait for its
-    end marker, return what it printed."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.out = bytearray()
-        self.cond = threading.Condition()
-        self.count = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-            with self.cond:
-                if not chunk:
-                    self.cond.notify_all()
-                    return
-                self.out += chunk
-                self.cond.notify_all()
-
-    def wait_for(self, pattern: bytes, timeout: float, start: int = 0) -> re.Match:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                m = regex.search(self.out, start)
-                if m:
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no {pattern!r} on the console; last output:\n"
-                                         f"{self.out[-3000:].decode(errors='replace')}")
-                self.cond.wait(min(left, 1.0))
-
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str]:
-        """(exit status, output) of one shell command line in the guest."""
-        self.count += 1
-        tag = f"kvmpy-done-{self.count}"
-        with self.cond:
-            start = len(self.out)
-        # The tag is split in the typed line, so the echo of the line never matches.
-        self.proc.stdin.write(f"{command}; echo kvmpy-done-\"{self.count}\"=$?\n".encode())
-        self.proc.stdin.flush()
-        m = self.wait_for(rf"{tag}=(\d+)".encode(), timeout, start)
-        text = self.out[start:m.start()].decode(errors="replace").replace("\r\n", "\n")
-        return int(m.group(1)), text
 
 
 class GuestFwdServer(threading.Thread):
@@ -239,20 +189,13 @@ def guest(tmp_path_factory):
         f.write("nameserver 127.0.0.1\n")     # the responder above: DNS stays on loopback
     os.chmod(resolv_conf, 0o644)
     env = dict(os.environ, PYTHONPATH=ROOT, KVMPY_RESOLV_CONF=resolv_conf)
-    proc = subprocess.Popen(argv, cwd=vm_dir, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    shell = SerialShell(proc)
     try:
-        shell.wait_for(rb"shell on the console", BOOT_TIMEOUT)
-        time.sleep(0.5)
-        g = UserNetGuest(shell, proc, hmp_path, ports, payload, httpd.server_address[1], runas, dns)
-        g.guestfwd = guestfwd
-        g.qmp_path = qmp_path
-        yield g
+        with booted_shell(argv, vm_dir, env) as shell:
+            g = UserNetGuest(shell, shell.proc, hmp_path, ports, payload, httpd.server_address[1], runas, dns)
+            g.guestfwd = guestfwd
+            g.qmp_path = qmp_path
+            yield g
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
         httpd.shutdown()
         fwd_listener.close()
         if isinstance(dns, LoopbackDns):

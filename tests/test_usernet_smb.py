@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_usernet import BOOT_TIMEOUT, SerialShell
+from support.serial_shell import booted_shell
 
 pytestmark = pytest.mark.xdist_group("smb-guest")
 
@@ -85,20 +85,13 @@ def guest(tmp_path_factory):
             "--append", "console=ttyS0 panic=-1 quiet", "--net", f"user,smb={share}"]
     if runas:
         argv += ["--runas", "nobody"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    shell = SerialShell(proc)
     try:
-        shell.wait_for(rb"shell on the console", BOOT_TIMEOUT)
-        time.sleep(0.5)
-        rc, out = shell.run("ip link set eth0 up; udhcpc -i eth0 -q -n -t 5 -s /etc/kvmpy/udhcpc.script "
-                            "&& mkdir -p /mnt/s")
-        assert rc == 0, out
-        yield SmbGuest(shell, proc, share, private_before, smbd_before, runas)
+        with booted_shell(argv, ROOT, dict(os.environ, PYTHONPATH=ROOT)) as shell:
+            rc, out = shell.run("ip link set eth0 up; udhcpc -i eth0 -q -n -t 5 -s /etc/kvmpy/udhcpc.script "
+                                "&& mkdir -p /mnt/s")
+            assert rc == 0, out
+            yield SmbGuest(shell, shell.proc, share, private_before, smbd_before, runas)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
         if runas:
             shutil.rmtree(share, ignore_errors=True)
 

@@ -674,3 +674,43 @@ def _close_offload_net():
         ev, net = _OFFLOAD_NET
         net.close()
         ev.close()
+
+
+# --- the NIC's backend: what it declares is what the driver is offered ----------------------
+
+def test_the_nic_offers_the_offloads_its_backend_declares_and_nothing_else():
+    from kvmpy.devices.virtio.net import VIRTIO_NET_F_MQ, VirtioNet
+    from kvmpy.net.backend import OFFLOAD_FEATURES
+    from support.net_ports import SocketPort
+
+    class NoOffloads(SocketPort):
+        offloads = 0
+
+    class Greedy(SocketPort):
+        # MQ is the device's to offer (one pair here: not offered); bit 63 no one's
+        offloads = SocketPort.offloads | 1 << VIRTIO_NET_F_MQ | 1 << 63
+
+    bare = VirtioNet(NoOffloads()).device_features()
+    assert bare & OFFLOAD_FEATURES == 0
+    assert VirtioNet(SocketPort()).device_features() == bare | SocketPort.offloads
+    assert VirtioNet(Greedy()).device_features() == bare | SocketPort.offloads
+
+
+def test_the_user_nic_offers_what_its_port_finishes_and_keeps_every_frame_in_python():
+    if SLIRP_SKIP:
+        pytest.skip(SLIRP_SKIP)
+    from kvmpy.devices.virtio import netplane
+    from kvmpy.devices.virtio.net import VirtioNet
+    from kvmpy.net.backend import (OFFLOAD_FEATURES, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                                   VIRTIO_NET_F_HOST_TSO4)
+    from support.net_ports import SocketPort
+    if not netplane.available():
+        pytest.skip(f"net data plane not built: {netplane.unavailable_reason()}")
+    user = VirtioNet(slirp_mod.FramePort(-1, "user0"))
+    assert user.device_features() & OFFLOAD_FEATURES == (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM
+                                                         | 1 << VIRTIO_NET_F_HOST_TSO4)
+    tap_like = VirtioNet(SocketPort())
+    for dev in (user, tap_like):
+        dev.ack_features(dev.device_features())
+    assert user.native_backend() is None
+    assert tap_like.native_backend() is not None       # the same NIC on a tap's contract gets its threads

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from kvmpy.devices.virtio.net import (VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MAC,
-                                      VIRTIO_NET_F_STATUS, VirtioNet)
+                                      VIRTIO_NET_F_STATUS)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.tap import TapError, TapNetwork, format_mac, parse_mac, run_in_netns, stable_mac
-from support.virtio_driver import SoftMachine, VirtioPciDriver
+from support.net_rig import TapNicRig, packet_socket
 
 ETH_TYPE = 0x88B5  # IEEE local experimental: nothing else in the namespace speaks it
 RXBUF = 0x400000
@@ -77,35 +77,16 @@ def test_tap_errors_are_user_errors(netns):
         assert "kperm0" in r.stdout and "not permitted" in r.stdout
 
 
-class NetRig:
+class NetRig(TapNicRig):
     def __init__(self, ns, want_extra=0):
-        self.ns = ns
-        self.net = TapNetwork.open(bridge="kbr0", vm_name="rig", netns=ns)
-        self.m = SoftMachine(ram_size=8 << 20)
-        self.dev = self.m.virtio_pci(VirtioNet(self.net.tap, mac=self.net.mac))
-        self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
-        self.features = self.d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        super().__init__(ns, vm_name="rig", ram_size=8 << 20, bridge="kbr0")
+        self.features = self.start_driver(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
                                           | want_extra)
-        self.d.enable_msix()
-        self.d.common_write(0x10, 2, 0)  # config-change vector
         self.rxq = self.d.setup_queue(0, 64, vector=1)
         self.txq = self.d.setup_queue(1, 64, vector=2)
         self.d.driver_ok()
         # the "other host": a packet socket on the bridge, made inside the namespace
-        self.sock = run_in_netns(ns, self._packet_socket)
-
-    @staticmethod
-    def _packet_socket():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
-        s.bind(("kbr0", 0))
-        s.settimeout(5)
-        return s
-
-    def close(self):
-        self.sock.close()
-        self.dev.close()
-        self.net.close()
-        self.m.close()
+        self.sock = packet_socket(ns, "kbr0", ETH_TYPE)
 
 
 @pytest.fixture

@@ -24,7 +24,9 @@ from kvmpy.devices.virtio.net import (MAC_TABLE_ENTRIES, VIRTIO_NET_CTRL_ANNOUNC
                                       RxFilter, VirtioNet, VirtioNetState)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio import netplane
-from kvmpy.tap import TapNetwork, run_in_netns
+from kvmpy.tap import run_in_netns
+from support.net_ports import SocketPort
+from support.net_rig import TapNicRig, packet_socket
 from support.polling import wait_for
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
@@ -37,22 +39,14 @@ CTRL_ALL = (1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_NET_F_CTRL_RX | 1 << VIRTIO_
             | 1 << VIRTIO_NET_F_CTRL_VLAN | 1 << VIRTIO_NET_F_CTRL_MAC_ADDR | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
 
 
-class Rig:
+class Rig(TapNicRig):
     """A VirtioNet on a tap on bridge kbr0, its driver, and a packet socket on the bridge."""
 
     def __init__(self, ns, extra=0, pairs=1, qsize=64, dataplane="python"):
-        self.ns = ns
-        self.net = TapNetwork.open(bridge="kbr0", vm_name="ctrl", netns=ns, queues=pairs)
-        self.m = SoftMachine(ram_size=16 << 20)
         # By default the model's own rx/tx path (merged buffers waiting whole, the
         # filter); the native plane's answers are held to it in test_netplane.py.
-        self.dev = self.m.virtio_pci(VirtioNet(self.net.tap, mac=self.net.mac, queue_pairs=pairs,
-                                               dataplane=dataplane))
-        self.model = self.dev.device
-        self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
-        self.features = self.d.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | extra)
-        self.d.enable_msix()
-        self.d.common_write(0x10, 2, 0)  # config-change vector
+        super().__init__(ns, vm_name="ctrl", ram_size=16 << 20, bridge="kbr0", pairs=pairs, dataplane=dataplane)
+        self.features = self.start_driver(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | extra)
         self.rx, self.tx = [], []
         for p in range(pairs if self.features >> VIRTIO_NET_F_MQ & 1 else 1):
             self.rx.append(self.d.setup_queue(2 * p, qsize, vector=1))
@@ -60,7 +54,7 @@ class Rig:
         self.ctrl_index = 2 * pairs if self.features >> VIRTIO_NET_F_MQ & 1 else 2
         self.ctrlq = self.d.setup_queue(self.ctrl_index, 16, vector=3) if extra & 1 << VIRTIO_NET_F_CTRL_VQ else None
         self.d.driver_ok()
-        self.sock = run_in_netns(ns, self._packet_socket)
+        self.sock = packet_socket(ns, "kbr0", ETH_TYPE)
         # Frames sent before the bridge forwards to the new port would be lost.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -69,13 +63,6 @@ class Rig:
             if "state forwarding" in link:
                 break
             time.sleep(0.05)
-
-    @staticmethod
-    def _packet_socket():
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
-        s.bind(("kbr0", 0))
-        s.settimeout(5)
-        return s
 
     def ctrl(self, cls, cmd, data=b""):
         """One control command as a driver sends it: header, data, ack in three buffers."""
@@ -88,12 +75,6 @@ class Rig:
         self.d.kick(self.ctrl_index)
         assert self.d.wait_used(self.ctrl_index) == [(head, 1)]
         return mem.read(CTRLBUF + 0x1000, 1)[0]
-
-    def close(self):
-        self.sock.close()
-        self.dev.close()
-        self.net.close()
-        self.m.close()
 
 
 @pytest.fixture
@@ -418,14 +399,12 @@ def test_rx_filter_rules(f, dst, own, vlan, filtering):
 
 
 def test_hostile_states_are_refused():
-    class Port:
-        name, fd, supports_ufo = "p", -1, False
     ok = VirtioNetState(b"\x52\x54\x00\x00\x00\x01", 256, 0, 0, 0, 0)
-    VirtioNet.from_state(ok, Port())
+    VirtioNet.from_state(ok, SocketPort())
     for bad in (dict(active_pairs=2), dict(rx_filter=RxFilter(vlans=(5000,))),
                 dict(rx_filter=RxFilter(unicast=(b"abc",))), dict(rx_waiting=(b"", b"")), dict(rx_filter=None)):
         with pytest.raises(ValueError):
-            VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, **bad}), Port())
+            VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, **bad}), SocketPort())
 
 
 def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
@@ -443,13 +422,6 @@ def test_control_queue_asks_for_the_next_kick_with_event_idx(make_rig):
         assert rig.ctrlq.avail_event() == n
 
 
-class _Port:
-    name, fd, supports_ufo = "p", -1, False
-
-    def set_offload(self, flags):
-        return True
-
-
 @settings(max_examples=int(os.environ.get("KVMPY_FUZZ") and 3000 or 300), deadline=None)
 @given(commands=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6),
                                    st.one_of(st.binary(max_size=40),
@@ -458,11 +430,11 @@ class _Port:
 def test_any_control_command_is_ok_or_err_and_leaves_a_valid_state(commands):
     """The parser alone, on the commands a hostile driver may send: each is
     answered, the state stays one a restore accepts."""
-    dev = VirtioNet(_Port(), mac=b"\x52\x54\x00\x00\x00\x01")
+    dev = VirtioNet(SocketPort(), mac=b"\x52\x54\x00\x00\x00\x01")
     dev.ack_features(dev.device_features() | CTRL_ALL)
     for cls, cmd, data in commands:
         assert dev._ctrl_command(cls, cmd, data) in (VIRTIO_NET_OK, VIRTIO_NET_ERR)
-        VirtioNet.from_state(dev.state(), _Port())
+        VirtioNet.from_state(dev.state(), SocketPort())
 
 
 def test_a_restored_nic_asks_its_driver_to_announce():
@@ -470,13 +442,7 @@ def test_a_restored_nic_asks_its_driver_to_announce():
     config interrupt) once the driver runs it, until the driver acknowledges."""
     from kvmpy.devices.virtio.pci import VirtioPciTransport
     ram = 4 << 20
-    ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
-    ports = []
-    for ours, _ in ends:
-        ours.setblocking(False)
-        port = _Port()
-        port.fd = ours.fileno()
-        ports.append(port)
+    ports = [SocketPort.pair("p"), SocketPort.pair("p")]
     machines = [SoftMachine(ram_size=ram), SoftMachine(ram_size=ram)]
     transports = []
     try:
@@ -506,6 +472,5 @@ def test_a_restored_nic_asks_its_driver_to_announce():
             t.close()
         for m in machines:
             m.close()
-        for a, b in ends:
-            a.close()
-            b.close()
+        for port in ports:
+            port.close()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvmpy.devices.virtio.blk import VirtioBlk
+from kvmpy.devices.virtio.device import VirtioDevice
 from kvmpy.devices.virtio.pci import (DEVICE_NEEDS_RESET, DRIVER_OK, FEATURES_OK, VIRTIO_F_VERSION_1)
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
@@ -16,6 +17,7 @@ from support.virtio_driver import SoftMachine, VirtioPciDriver
 class Disk:
     size = 1 << 20
     read_only = False
+    fd = -1         # no file a native data plane could serve: every request comes to the model
 
     def __init__(self):
         self.buf = bytearray(self.size)
@@ -214,3 +216,95 @@ def test_bar_move_while_serving_keeps_the_doorbell():
     finally:
         dev.close()
         m.close()
+
+
+# -- the native data plane is part of VirtioDevice: asked of a device that derives from it ------
+
+class _UsesEveryChain:
+    """A device written to the structural protocol alone (as a plug-in may be): it
+    uses every chain at once, empty."""
+
+    name = "uses-every-chain"
+    device_type = 0x3F
+    queue_max_sizes = (16,)
+
+    def __init__(self):
+        self.queues = ()
+        self.transport = None
+        self.runs = 0
+
+    def device_features(self):
+        return 0
+
+    def ack_features(self, features):
+        pass
+
+    def config_bytes(self):
+        return b""
+
+    def write_config(self, offset, size, value):
+        pass
+
+    def activate(self, queues, memory, transport):
+        self.queues, self.transport = queues, transport
+
+    def process_queue(self, index):
+        self.runs += 1
+        q = self.queues[index]
+        for chain in q.iter_chains():
+            q.add_used(chain.head, 0)
+        self.transport.signal_used(index)
+
+    def fd_watches(self):
+        return ()
+
+    def reset(self):
+        self.queues = ()
+
+    def state(self):
+        return None
+
+
+class _DerivedUsesEveryChain(_UsesEveryChain, VirtioDevice):
+    """The same, deriving from VirtioDevice: the transport offers it its queues."""
+
+    def __init__(self):
+        super().__init__()
+        self.offered: list[int] = []
+
+    def native_queue(self, index, queue, kick_fd, irq_fd):
+        self.offered.append(index)
+        return None
+
+
+def _serve_chains(device, count=3):
+    """Kick ``count`` chains one by one through a transport carrying ``device``; returns
+    whether a native plane served its queue at the end."""
+    m = SoftMachine(ram_size=4 << 20)
+    t = m.virtio_pci(device)
+    try:
+        d = VirtioPciDriver(m, m.pci.add(t))
+        d.negotiate(1 << VIRTIO_F_VERSION_1)
+        q = d.setup_queue(0, 16)
+        d.driver_ok()
+        for _ in range(count):
+            q.add([(0x300000, 64)], [])
+            d.kick(0)
+            assert d.wait_used(0) != []
+        return t.native_queues
+    finally:
+        t.close()
+        m.close()
+
+
+def test_a_structural_device_is_served_in_python(caplog):
+    device = _UsesEveryChain()
+    assert _serve_chains(device) == (False,)
+    assert device.runs >= 3
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_a_derived_device_is_offered_its_queues_and_may_keep_them():
+    device = _DerivedUsesEveryChain()
+    assert _serve_chains(device) == (False,)        # its native_queue kept each one here
+    assert device.runs >= 3 and device.offered and set(device.offered) == {0}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import struct
 
 import pytest
@@ -21,6 +20,7 @@ from kvmpy.devices.virtio.pci import (DRIVER_OK, VIRTIO_F_RING_EVENT_IDX, VIRTIO
                                       VIRTIO_F_VERSION_1, VirtioPciTransport)
 from kvmpy.devices.virtio.queue import QueueState, SplitQueue
 from kvmpy.memory import GuestMemory
+from support.net_ports import SocketPort
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 RAM = 4 << 20
@@ -32,6 +32,7 @@ class MemDisk:
     """A BlockDriver in a bytearray, so a copy of the disk is one ``bytes()`` away."""
 
     read_only = False
+    fd = -1         # no file a native data plane could serve: every request comes to the model
 
     def __init__(self, data: bytes | None = None, size: int = DISK):
         self.buf = bytearray(data if data is not None else size)
@@ -58,29 +59,6 @@ class MemDisk:
 
     def close(self):
         pass
-
-
-class FakeTap:
-    """A tap's contract over a SOCK_SEQPACKET pair: one frame per message; ``host``
-    is the other end of the wire."""
-
-    supports_ufo = False
-
-    def __init__(self, name="ftap0"):
-        self.name = name
-        ours, self.host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        self._sock = ours
-        self.fd = ours.fileno()
-        self.offloads = []
-
-    def set_offload(self, flags):
-        self.offloads.append(flags)
-        return True
-
-    def close(self):
-        self._sock.close()
-        self.host.close()
 
 
 # -- queues ---------------------------------------------------------------------------------
@@ -145,7 +123,7 @@ def test_blk_state_needs_an_image_of_the_same_size():
 @given(mac=st.binary(min_size=6, max_size=6).filter(any), queue_log2=st.integers(0, 10),
        counters=st.lists(st.integers(0, 2**40), min_size=4, max_size=4))
 def test_net_state_round_trips(mac, queue_log2, counters):
-    tap = FakeTap()
+    tap = SocketPort.pair()
     try:
         state = VirtioNetState(mac, 1 << queue_log2, *counters)
         dev = VirtioNet.from_state(state, tap)
@@ -338,7 +316,7 @@ class NetSide:
 
     def __init__(self, restore_from=None):
         self.m = SoftMachine(ram_size=RAM)
-        self.tap = FakeTap()
+        self.tap = SocketPort.pair()
         if restore_from is None:
             self.net = VirtioNet(self.tap, mac=b"\x52\x54\x00\x00\x00\x07")
             self.t = self.m.virtio_pci(self.net)
@@ -395,7 +373,7 @@ def test_restored_net_answers_like_the_original():
         assert original.receive(b"first") != []
         restored = NetSide(restore_from=original)
         assert restored.t.state() == original.t.state() and restored.net.state() == original.net.state()
-        assert restored.tap.offloads == [0] and original.tap.offloads == [0]   # re-applied on restore
+        assert restored.tap.offload_calls == [0] and original.tap.offload_calls == [0]   # re-applied on restore
         for side in (original, restored):
             assert side.receive(b"second" * 10) == [(1, 72)]
             assert side.send(b"y" * 60) == bytes(12) + b"y" * 60

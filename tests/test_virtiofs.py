@@ -20,14 +20,12 @@ import os
 import pwd
 import re
 import shutil
-import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import ROOT
-from test_usernet import BOOT_TIMEOUT, SerialShell
+from support.serial_shell import booted_shell
 
 pytestmark = pytest.mark.xdist_group("virtiofs-guest")
 
@@ -73,19 +71,10 @@ def guest(tmp_path_factory):
     if runas:
         argv += ["--runas", "nobody"]
     owner = pwd.getpwnam("nobody").pw_uid if runas else os.geteuid()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    shell = SerialShell(proc)
-    try:
-        shell.wait_for(rb"shell on the console", BOOT_TIMEOUT)
-        time.sleep(0.5)
-        g = FsGuest(shell, proc, share, ro, outside, token, owner)
+    with booted_shell(argv, ROOT, dict(os.environ, PYTHONPATH=ROOT)) as shell:
+        g = FsGuest(shell, shell.proc, share, ro, outside, token, owner)
         g.ok("mkdir -p /mnt/h /mnt/r && mount -t virtiofs host /mnt/h && mount -t virtiofs ro /mnt/r")
         yield g
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def md5(path) -> str:

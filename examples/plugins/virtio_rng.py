@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from kvmpy.devices.virtio.device import FdWatch, QueueError, VirtioTransport
+from kvmpy.devices.virtio.device import FdWatch, QueueError, VirtioDevice, VirtioTransport
 from kvmpy.devices.virtio.queue import MAX_QUEUE_SIZE, SplitQueue, write_views
 from kvmpy.errors import ConfigError
 from kvmpy.memory import GuestMemory
@@ -45,7 +45,7 @@ class VirtioRngState:
     bytes_served: int
 
 
-class VirtioRng:
+class VirtioRng(VirtioDevice):
     """An entropy device. Its options (``ctx.options``, all optional):
 
       max_bytes_per_request: bytes served per request at most (1 .. 1 MiB, default 64 KiB)

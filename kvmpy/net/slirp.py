@@ -41,6 +41,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from ..errors import ConfigError
 from ..events import EVENT_READ, EventLoop
+from .backend import TUN_F_CSUM, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, NetBackend
 from .options import GuestForward, HostForward, UserNetOptions
 from ._slirp_cffi import ffi, lib
 
@@ -81,29 +82,30 @@ def _set_in6(field, addr: IPv6Address) -> None:
     ffi.memmove(field.s6_addr, addr.packed, 16)
 
 
-# virtio-net feature bits (virtio 1.x, 5.1.3) the port finishes itself, in C: the
-# checksum the guest leaves to the device (CSUM), TCP/IPv4 segmentation (HOST_TSO4),
-# and telling the guest libslirp's checksums are good (GUEST_CSUM).
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_HOST_TSO4 = 11
-TUN_F_CSUM = 0x01       # what virtio-net asks of set_offload once GUEST_CSUM is negotiated
-
-
-class FramePort:
+class FramePort(NetBackend):
     """What virtio-net sees of a user network: a descriptor carrying vnet header +
-    frame per record. It is no tap (``no_offloads``: none of a tap's offloads), but
-    offers what its C side finishes (``virtio_net_offloads``); ``set_offload`` takes
-    TUN_F_CSUM only."""
+    frame per record. It is no tap: it offers the offloads its C side finishes
+    (``offloads``), ``set_offload`` takes TUN_F_CSUM only, and every frame passes
+    libslirp on the event loop (no native data plane)."""
 
-    no_offloads = True
-    supports_ufo = False
-    virtio_net_offloads = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
+    # Finished in C before libslirp: the checksum the guest leaves to the device
+    # (CSUM), TCP/IPv4 segmentation (HOST_TSO4); and libslirp's checksums are
+    # good, which the guest may be told (GUEST_CSUM).
+    offloads = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
+    allows_native_plane = False
 
     def __init__(self, fd: int, name: str, on_guest_csum=None) -> None:
         self.fd = fd
         self.name = name
         self._on_guest_csum = on_guest_csum
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
+    def set_queue_attached(self, index: int, attached: bool) -> bool:
+        """One queue, always attached."""
+        return index == 0 and attached
 
     def set_offload(self, flags: int) -> bool:
         if flags & ~TUN_F_CSUM:

@@ -23,6 +23,7 @@ import struct
 import threading
 
 from ..errors import UserError
+from ..net.backend import OFFLOAD_FEATURES, TUN_F_CSUM, TUN_F_UFO, VIRTIO_NET_F_GUEST_UFO, NetBackend
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,6 @@ TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
-TUN_F_UFO = 0x10
 
 VNET_HDR_SIZE = 12  # virtio 1.x: virtio_net_hdr + num_buffers
 CLONE_NEWNET = 0x40000000
@@ -107,13 +103,16 @@ def run_in_netns(netns: str | None, fn, *args):
     return result.get("value")
 
 
-class Tap:
+class Tap(NetBackend):
     """An open tap device with a 12-byte virtio-net header on every frame.
 
     ``fd`` is non-blocking; readv/writev on it move one frame each. With
     ``queues`` > 1 the tap is IFF_MULTI_QUEUE and ``fds`` holds one fd per queue
     (``fd`` is the first): the kernel spreads flows over the attached ones.
     """
+
+    # The kernel reads and writes frames itself: a C thread may do all the rest.
+    allows_native_plane = True
 
     def __init__(self, name: str | None = None, netns: str | None = None, queues: int = 1) -> None:
         self.netns = netns
@@ -160,6 +159,11 @@ class Tap:
             if code == errno.EBUSY:
                 raise TapError(f"tap {name}: the interface is busy (already in use)") from None
             raise TapError(f"tap {name or '(auto)'}: cannot create: {e}") from None
+
+    @property
+    def offloads(self) -> int:
+        """Every offload a tap takes; UFO where this kernel's tap accepted it at open."""
+        return OFFLOAD_FEATURES & ~(0 if self.supports_ufo else 1 << VIRTIO_NET_F_GUEST_UFO)
 
     def set_queue_attached(self, index: int, attached: bool) -> bool:
         """TUNSETQUEUE: let the kernel steer frames to queue ``index`` or not (a

@@ -31,7 +31,7 @@ from ...memory import GuestMemory
 from .dataplane import DATAPLANE_MODES, BlkBackend, ClusterMap, Iothread, Ring
 from .dataplane import iothread as named_iothread
 from .dataplane import available as dataplane_available
-from .device import FdWatch, VirtioTransport
+from .device import FdWatch, VirtioDevice, VirtioTransport
 from .queue import DescriptorChain, SplitQueue, gather, split_tail, truncate_views, write_views
 
 if TYPE_CHECKING:  # pragma: no cover - the protocol only; context.py imports far more
@@ -104,7 +104,7 @@ class VirtioBlkState:
     discard: bool
 
 
-class VirtioBlk:
+class VirtioBlk(VirtioDevice):
     """virtio-blk, a VirtioDevice backed by a kvmpy.block BlockDriver.
 
     Arguments:

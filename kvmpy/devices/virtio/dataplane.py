@@ -44,17 +44,12 @@ import threading
 from dataclasses import dataclass
 
 from ...memory import GuestMemory
+from . import plane_glue
 from .queue import SplitQueue
 
 log = logging.getLogger(__name__)
 
-try:
-    from ._dataplane_cffi import ffi, lib
-except ImportError as _e:  # an in-place checkout without `setup.py build_ext`
-    ffi = lib = None
-    _IMPORT_ERROR = str(_e)
-else:
-    _IMPORT_ERROR = ""
+ffi, lib, _IMPORT_ERROR = plane_glue.load_cffi("_dataplane_cffi")
 
 #: ``[[disk]] dataplane`` / ``--drive dataplane=`` values
 DATAPLANE_MODES = ("native", "python")
@@ -234,12 +229,11 @@ class NativeQueue:
                  irq_fd: int | None = None, index: int = 0) -> None:
         self.queue = queue
         self.irq_fd = irq_fd
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = plane_glue.new_eventfd()
+        self.handback_fd = plane_glue.new_eventfd()
         cfg = ffi.new("struct dp_config *")
         cfg.nregions = regions.fill(cfg.regions)
-        cfg.size = queue.size
-        cfg.desc_addr, cfg.avail_addr, cfg.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
+        plane_glue.ring_to_c(cfg, queue)
         cfg.event_idx, cfg.indirect = int(queue.event_idx), int(queue.indirect)
         cfg.fd = backend.fd
         cfg.capacity = backend.capacity
@@ -255,9 +249,6 @@ class NativeQueue:
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
-        cfg.next_avail, cfg.next_used = queue.next_avail, queue.next_used
-        cfg.signalled_valid = int(queue.signalled_used is not None)
-        cfg.signalled_used = queue.signalled_used or 0
         self._regions = regions
         err = ffi.new("int *")
         self._handle = lib.dp_start(cfg, err)
@@ -271,32 +262,21 @@ class NativeQueue:
         out = ffi.new("struct dp_indices *")
         lib.dp_stop(self._handle, out)
         self._handle = None
-        q = self.queue
-        q.next_avail = out.next_avail
-        q.next_used = out.next_used
-        q.signalled_used = out.signalled_used if out.signalled_valid else None
+        plane_glue.ring_from_c(self.queue, out)
         return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
                         deferred=out.deferred, ring_ops=out.ring_ops)
 
     def take_interrupt(self) -> bool:
         """Whether the thread asked for an interrupt through the call eventfd since
         the last call (never when it raises the MSI-X vector itself)."""
-        try:
-            os.eventfd_read(self.call_fd)
-            return True
-        except BlockingIOError:
-            return False
+        return plane_glue.take_event(self.call_fd)
 
     def close(self) -> None:
         """After ``stop``: release the eventfds."""
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self.call_fd, self.handback_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        plane_glue.close_fds((self.call_fd, self.handback_fd))
         self.call_fd = self.handback_fd = -1
 
 
@@ -305,14 +285,5 @@ def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool, h
     """The C walker's view of one chain: its buffers as (gpa, len, writable), or
     None where it refuses the chain. The entry point the tests hold against
     SplitQueue; the data plane's threads call the same C function."""
-    regions = regions or RegionPointers(memory)
-    arr = ffi.new("struct dp_region[]", lib.DP_MAX_REGIONS)
-    n = regions.fill(arr)
-    segs = ffi.new("struct dp_seg[]", lib.DP_MAX_SEGS)
-    nsegs = ffi.new("int *")
-    rc = lib.dp_walk_chain(arr, n, desc_addr, size, int(indirect), head, segs, lib.DP_MAX_SEGS, nsegs)
-    if rc == lib.DP_WALK_TOO_LONG:
-        raise OverflowError(f"chain has more than {lib.DP_MAX_SEGS} buffers")
-    if rc != lib.DP_WALK_OK:
-        return None
-    return [(segs[i].gpa, segs[i].len, bool(segs[i].writable)) for i in range(nsegs[0])]
+    return plane_glue.walk_chain(ffi, lib, regions or RegionPointers(memory), lib.DP_MAX_SEGS, desc_addr, size,
+                                 indirect, head)

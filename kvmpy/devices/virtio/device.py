@@ -23,6 +23,23 @@ Anything hostile in a queue raises QueueError (or GuestMemoryError) out of
 error and stops serving the device until the driver resets it. A bad *request*
 the device can answer (an out-of-range sector) is answered, not raised.
 
+A native data plane (optional: the defaults below say "none", and a device that
+does not derive from VirtioDevice is always served in Python). The transport
+offers a queue to a plane each time the model has served it:
+  offer: ``native_backend()`` says what threads of the transport's may serve on
+     their own now (dataplane.BlkBackend: each queue on a virtio-blk thread;
+     netplane.NetPairs: rx/tx pairs on virtio-net threads); where it has none,
+     ``native_queue()`` may start a plane of the device's own (vhost-net's kernel
+     rings) on one queue and return it as a ServedQueue. From then on the queue's
+     doorbell and ring indices are the plane's, not the event loop's.
+  take back: at the first request or frame the plane would not handle exactly as
+     the model would, it stops before consuming it and writes its hand-back
+     eventfd; the transport stops it, puts the ring indices back into the
+     SplitQueue (``native_stopped()`` for a net pair) and runs the model from there.
+  stop: a reset, a device error, FAILED, a BAR move, a change of interrupt route,
+     a paused VM, ``state()`` and an offer of None (the model holds a request for
+     `cont`, a receive filter is set) take every queue back the same way first.
+
 State as values: ``state()`` returns a frozen dataclass of the device's own
 state (not the transport's, not the queues'); each device class also offers
 ``from_state(state, <its backend>)`` building an equal device, as rust-vmm's
@@ -33,12 +50,16 @@ member, because every device takes different backends (a block driver, a tap).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from ...memory import GuestMemory
 from .queue import QueueError, SplitQueue
 
-__all__ = ["FdWatch", "QueueError", "VirtioDevice", "VirtioTransport"]
+if TYPE_CHECKING:   # the planes load their cffi modules; a plug-in needs neither
+    from .dataplane import BlkBackend, StopInfo
+    from .netplane import NetPairBackend, NetPairs, NetStopInfo
+
+__all__ = ["FdWatch", "QueueError", "ServedQueue", "VirtioDevice", "VirtioTransport"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,27 @@ class VirtioTransport(Protocol):
     def set_fd_events(self, fd: int, events: int) -> None:
         """Change what one of the device's ``fd_watches`` waits for (0: nothing
         for now, e.g. no RX buffers to fill); called from the device's callbacks."""
+
+
+class ServedQueue(Protocol):
+    """One queue a data plane outside the event loop serves, from its start until
+    ``stop()`` (dataplane.NativeQueue, vhost.VhostQueue); its doorbell is the plane's."""
+
+    #: the queue whose ring indices the plane holds while it runs
+    queue: SplitQueue
+    #: the unmasked MSI-X vector's eventfd the plane raises itself, or None: it
+    #: writes ``call_fd`` and the transport raises the interrupt on the event loop
+    irq_fd: int | None
+    #: written when the plane wants an interrupt the transport must raise
+    call_fd: int
+    #: written when the plane stopped before something only the model may answer
+    handback_fd: int
+
+    def stop(self) -> StopInfo:
+        """Stop at a request boundary and put the ring indices back into ``queue``."""
+
+    def take_interrupt(self) -> bool:
+        """Whether ``call_fd`` was written since the last call (reads it empty)."""
 
 
 class VirtioDevice(Protocol):
@@ -108,3 +150,29 @@ class VirtioDevice(Protocol):
 
     def state(self) -> object:
         """The device's own state as a frozen dataclass (see the module docstring)."""
+
+    # a native data plane (see the module docstring); the defaults: none ------------
+
+    def native_backend(self) -> BlkBackend | NetPairs | None:
+        """Offer: what the transport's threads may serve on their own now, or None
+        while everything must come to ``process_queue``. Asked on the event loop
+        thread right after the model served a queue; None also takes back every
+        queue those threads serve, so none runs on past what the model holds."""
+        return None
+
+    def native_queue(self, index: int, queue: SplitQueue, kick_fd: int, irq_fd: int | None) -> ServedQueue | None:
+        """Offer of a plane of the device's own, asked where ``native_backend()`` has
+        none: start serving queue ``index`` from its doorbell ``kick_fd``, raising
+        ``irq_fd`` (None: the returned queue's ``call_fd``), or return None to keep
+        the queue in the model. OSError: the plane cannot start (the transport then
+        keeps every queue in Python)."""
+        return None
+
+    def native_started(self, pair: NetPairBackend, counts: Callable[[], dict[str, int]]) -> None:
+        """A thread serves the rx/tx ``pair`` of a NetPairs offer now; ``counts()``
+        tells what it moved so far."""
+
+    def native_stopped(self, pair: NetPairBackend, info: NetStopInfo) -> None:
+        """Take back: the thread of ``pair`` stopped (handed back, or stopped by the
+        transport) and the rings' indices are in the SplitQueues again; ``info`` has
+        what it moved."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ...memory import GuestMemory
-from .device import FdWatch, VirtioTransport
+from .device import FdWatch, VirtioDevice, VirtioTransport
 from .fuse_server import IN_HEADER, OUT_HEADER, FuseServer, FuseSessionState
 from .queue import DescriptorChain, QueueError, SplitQueue, gather, write_views
 
@@ -61,7 +61,7 @@ class VirtioFsState:
     session: FuseSessionState
 
 
-class VirtioFs:
+class VirtioFs(VirtioDevice):
     """virtio-fs over a FuseServer (which the caller opened on the shared directory
     and closes; the device does not)."""
 

@@ -42,25 +42,19 @@ from typing import Callable, Sequence
 
 from ...events import EVENT_READ
 from ...memory import GuestMemory
-from ...tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_SIZE, format_mac,
-                    stable_mac)
+from ...net.backend import (OFFLOAD_FEATURES, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
+                            VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+                            VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, NetBackend)
+from ...tap import VNET_HDR_SIZE, format_mac, stable_mac
 from . import netplane
-from .device import FdWatch, VirtioTransport
-from .netplane import NetBackend, NetPairBackend, NetStopInfo
+from .device import FdWatch, ServedQueue, VirtioDevice, VirtioTransport
+from .netplane import NetPairBackend, NetPairs, NetStopInfo
 from .queue import QueueError, SplitQueue, gather, write_views
 
 log = logging.getLogger(__name__)
 
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
+# The offload bits (CSUM, GUEST_*, HOST_*) are the backend's to offer (net/backend.py).
 VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_GUEST_UFO = 10
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_F_CTRL_VQ = 17
@@ -196,17 +190,16 @@ class VirtioNetState:
     rx_waiting: tuple[bytes, ...] = ()
 
 
-class VirtioNet:
+class VirtioNet(VirtioDevice):
     """virtio-net, a VirtioDevice on an open tap.
 
     Arguments:
-      tap: a kvmpy.tap.Tap (``TapNetwork.open(...).tap``), or anything with the same
-        ``fd`` framing, ``name``, ``supports_ufo`` and ``set_offload``; with
-        ``no_offloads = True`` none of a tap's is offered, only the feature bits in
-        its ``virtio_net_offloads`` (kvmpy.net.slirp.FramePort), and TUNSETOFFLOAD is
-        not used. The device uses its fd, the caller closes it after the transport's
-        ``close()``. With ``queue_pairs`` > 1 it is a
-        multiqueue tap: ``fds`` holds one fd per pair and ``set_queue_attached(i, on)``
+      tap: its NetBackend (kvmpy.net.backend): a kvmpy.tap.Tap
+        (``TapNetwork.open(...).tap``) or the user network's
+        kvmpy.net.slirp.FramePort; the driver is offered the backend's
+        ``offloads``. The device uses its fds, the caller closes them after the
+        transport's ``close()``. With ``queue_pairs`` > 1 it is a multiqueue tap:
+        ``fds`` holds one fd per pair and ``set_queue_attached(i, on)``
         (TUNSETQUEUE) steers the kernel's frames away from unused ones.
       mac: 6 bytes; default stable_mac(vm_name, index).
       vm_name, index: for the default MAC.
@@ -224,7 +217,7 @@ class VirtioNet:
 
     device_type = 1
 
-    def __init__(self, tap, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
+    def __init__(self, tap: NetBackend, mac: bytes | None = None, vm_name: str = "kvmpy", index: int = 0,
                  queue_size: int = 256, name: str = "virtio-net", dataplane: str = "native",
                  queue_pairs: int = 1, vhost: Sequence | None = None) -> None:
         if dataplane not in NET_DATAPLANE_MODES:
@@ -232,8 +225,6 @@ class VirtioNet:
         self.dataplane = dataplane
         self.name = name
         self.tap = tap
-        # A port that takes complete frames only (kvmpy.net.slirp.FramePort) says so.
-        self.offloads = not getattr(tap, "no_offloads", False)
         self.mac = bytes(mac) if mac else stable_mac(vm_name, index)
         if len(self.mac) != 6:
             raise ValueError(f"{name}: MAC must be 6 bytes")
@@ -286,7 +277,7 @@ class VirtioNet:
                               if any(self._rx_waiting) else ())
 
     @classmethod
-    def from_state(cls, state: VirtioNetState, tap, name: str = "virtio-net", **kwargs) -> "VirtioNet":
+    def from_state(cls, state: VirtioNetState, tap: NetBackend, name: str = "virtio-net", **kwargs) -> "VirtioNet":
         """The device ``state`` describes, on ``tap`` (``kwargs``: the constructor's
         backend arguments, e.g. ``vhost``). ValueError if the state is malformed or
         does not fit the tap."""
@@ -324,16 +315,8 @@ class VirtioNet:
             f |= 1 << bit
         if self.queue_pairs > 1:
             f |= 1 << VIRTIO_NET_F_MQ
-        if not self.offloads:
-            # A user-mode network (kvmpy.net) is no tap: it offers what it finishes itself.
-            return f | getattr(self.tap, "virtio_net_offloads", 0)
-        for bit in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
-                    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
-                    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN):
-            f |= 1 << bit
-        if self.tap.supports_ufo:
-            f |= 1 << VIRTIO_NET_F_GUEST_UFO
-        return f
+        # Only offload bits: a backend cannot offer the driver anything else.
+        return f | self.tap.offloads & OFFLOAD_FEATURES
 
     def ack_features(self, features: int) -> None:
         self.acked_features = features
@@ -418,10 +401,10 @@ class VirtioNet:
 
     # the kernel's data plane (vhost-net) --------------------------------------------
 
-    def native_queue(self, index: int, queue: SplitQueue, kick_fd: int, irq_fd: int | None):
+    def native_queue(self, index: int, queue: SplitQueue, kick_fd: int, irq_fd: int | None) -> ServedQueue | None:
         """The transport offers queue ``index`` to a data plane outside Python: a
-        started vhost ring (vhost.VhostQueue, the transport's NativeQueue protocol),
-        or None to keep it in the model (no vhost, the control queue, an unused pair)."""
+        started vhost ring (vhost.VhostQueue, a ServedQueue), or None to keep it in
+        the model (no vhost, the control queue, an unused pair)."""
         if self.vhost is None or index >= 2 * self.active_pairs or self._transport is None:
             return None
         pair, ring = divmod(index, 2)
@@ -446,16 +429,16 @@ class VirtioNet:
 
     # native data plane (netplane.py) -------------------------------------------------
 
-    def native_backend(self) -> NetBackend | None:
+    def native_backend(self) -> NetPairs | None:
         """The pairs a native thread may serve now, or None while every frame must
-        come here: the Python data plane chosen, the module missing, or a port that
-        is not a tap with the vnet header (user networking).
+        come here: the Python data plane chosen, the module missing, or a backend
+        that needs Python per frame (user networking).
 
         The rx filter rule: a thread delivers every frame the tap has, so while the
         guest has a filter other than the promiscuous default (control queue
         CTRL_RX / CTRL_MAC) the pairs stay here, where each frame passes the filter;
         the filter's return to the default gives them back to the threads."""
-        if (self.dataplane != "native" or not self.offloads or not netplane.available()
+        if (self.dataplane != "native" or not self.tap.allows_native_plane or not netplane.available()
                 or self.vhost is not None or self.rx_filter != RxFilter()):
             return None
         mrg = self._mergeable
@@ -466,7 +449,7 @@ class VirtioNet:
                                      tap_fd=self.fds[pair], hdr_len=hdr_len, mrg_rxbuf=mrg,
                                      rx_frame_max=hdr_len + _RX_FRAME_MAX)
                       for pair in range(self.active_pairs) if self._rx_waiting[pair] is None)
-        return NetBackend(pairs=pairs) if pairs else None
+        return NetPairs(pairs=pairs) if pairs else None
 
     def native_started(self, pair: NetPairBackend, counts: Callable[[], dict[str, int]]) -> None:
         """A thread serves ``pair`` now: its tap is the thread's to read; ``counts()``

@@ -24,16 +24,11 @@ import threading
 from dataclasses import dataclass
 
 from ...memory import GuestMemory
+from . import plane_glue
 from .dataplane import RegionPointers
 from .queue import SplitQueue
 
-try:
-    from ._netplane_cffi import ffi, lib
-except ImportError as _e:  # an in-place checkout without `setup.py build_ext`
-    ffi = lib = None
-    _IMPORT_ERROR = str(_e)
-else:
-    _IMPORT_ERROR = ""
+ffi, lib, _IMPORT_ERROR = plane_glue.load_cffi("_netplane_cffi")
 
 
 def available() -> bool:
@@ -62,7 +57,7 @@ class NetPairBackend:
 
 
 @dataclass(frozen=True)
-class NetBackend:
+class NetPairs:
     """Every pair a virtio-net model lets native threads serve now."""
 
     pairs: tuple[NetPairBackend, ...]
@@ -104,8 +99,8 @@ class NativeNetPair:
         self.queue_indices = (backend.rx_queue, backend.tx_queue)
         self.queues = (rx, tx)
         self.irq_fds = irq_fds
-        self.call_fds = tuple(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
-        self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fds = (plane_glue.new_eventfd(), plane_glue.new_eventfd())
+        self.handback_fd = plane_glue.new_eventfd()
         cfg = ffi.new("struct np_config *")
         cfg.nregions = regions.fill(cfg.regions)
         if rx.event_idx != tx.event_idx or rx.indirect != tx.indirect:
@@ -114,11 +109,7 @@ class NativeNetPair:
         cfg.event_idx, cfg.indirect = int(rx.event_idx), int(rx.indirect)
         for i, q in enumerate(self.queues):
             rc = cfg.rings[i]
-            rc.size = q.size
-            rc.desc_addr, rc.avail_addr, rc.used_addr = q.desc_addr, q.avail_addr, q.used_addr
-            rc.next_avail, rc.next_used = q.next_avail, q.next_used
-            rc.signalled_valid = int(q.signalled_used is not None)
-            rc.signalled_used = q.signalled_used or 0
+            plane_glue.ring_to_c(rc, q)
             rc.kick_fd = kick_fds[i]
             rc.call_fd = self.call_fds[i] if irq_fds[i] is None else irq_fds[i]
         cfg.tap_fd = backend.tap_fd
@@ -143,10 +134,7 @@ class NativeNetPair:
             lib.np_stop(self._handle, out)
             self._handle = None
         for i, q in enumerate(self.queues):
-            ring = out.rings[i]
-            q.next_avail = ring.next_avail
-            q.next_used = ring.next_used
-            q.signalled_used = ring.signalled_used if ring.signalled_valid else None
+            plane_glue.ring_from_c(q, out.rings[i])
         handed_back = out.exit_reason == lib.NP_EXIT_HANDBACK
         return NetStopInfo(handed_back=handed_back,
                            handback_queue=self.queue_indices[out.handback_queue] if handed_back else None,
@@ -166,22 +154,14 @@ class NativeNetPair:
     def take_interrupt(self, queue: int) -> bool:
         """Whether the thread asked for an interrupt for device queue ``queue``
         through its call eventfd since the last call."""
-        try:
-            os.eventfd_read(self.call_fds[self.queue_indices.index(queue)])
-            return True
-        except BlockingIOError:
-            return False
+        return plane_glue.take_event(self.call_fds[self.queue_indices.index(queue)])
 
     def close(self) -> None:
         """After ``stop``: release the eventfds."""
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (*self.call_fds, self.handback_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        plane_glue.close_fds((*self.call_fds, self.handback_fd))
         self.call_fds = (-1, -1)
         self.handback_fd = -1
 
@@ -191,14 +171,5 @@ def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool,
     """This module's copy of the shared walker (vring.c) on one chain: its buffers
     as (gpa, len, writable), or None where it refuses the chain; the tests hold it
     to SplitQueue and to the blk plane's."""
-    regions = RegionPointers(memory)
-    arr = ffi.new("struct dp_region[]", lib.DP_MAX_REGIONS)
-    n = regions.fill(arr)
-    segs = ffi.new("struct dp_seg[]", lib.NP_MAX_SEGS)
-    nsegs = ffi.new("int *")
-    rc = lib.dp_walk_chain(arr, n, desc_addr, size, int(indirect), head, segs, lib.NP_MAX_SEGS, nsegs)
-    if rc == lib.DP_WALK_TOO_LONG:
-        raise OverflowError(f"chain has more than {lib.NP_MAX_SEGS} buffers")
-    if rc != lib.DP_WALK_OK:
-        return None
-    return [(segs[i].gpa, segs[i].len, bool(segs[i].writable)) for i in range(nsegs[0])]
+    return plane_glue.walk_chain(ffi, lib, RegionPointers(memory), lib.NP_MAX_SEGS, desc_addr, size, indirect,
+                                 head)

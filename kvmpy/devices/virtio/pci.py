@@ -43,7 +43,7 @@ from ..pci.bus import PciBus
 from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
 from . import dataplane, netplane
-from .device import VirtioDevice
+from .device import ServedQueue, VirtioDevice
 from .queue import QueueError, QueueState, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,11 @@ class VirtioPciTransport(PciDevice):
         self._notify_base: int | None = None
         self._serving = False
         self._device_fds: list[int] = []
+        # A plug-in may implement VirtioDevice without deriving from it, and so
+        # without the native plane's methods (device.py): it is served in Python.
+        self._asks_native_plane = VirtioDevice in type(device).__mro__
         # The queues a native data plane thread serves now (their doorbells are its).
-        self._native: list[dataplane.NativeQueue | None] = [None] * self.num_queues
+        self._native: list[ServedQueue | netplane.NativeNetPair | None] = [None] * self.num_queues
         self._native_regions: dataplane.RegionPointers | None = None
         self._native_refused = False
         self._native_held = False
@@ -593,36 +596,32 @@ class VirtioPciTransport(PciDevice):
         """Hand queue ``q`` to a native thread if the device offers one now (event
         loop thread, under _lock, right after the model served the queue)."""
         fd = self._doorbells[q]
-        offer = getattr(self.device, "native_backend", None)
-        take = getattr(self.device, "native_queue", None)
         # The translator drops translated code on device writes through
         # memory.dma_listeners, which a C thread (or the kernel) would bypass.
-        if ((offer is None and take is None) or self._native_refused or self._native_held or fd is None
+        if (not self._asks_native_plane or self._native_refused or self._native_held or fd is None
                 or self.memory.dma_listeners or not self._serving or self.broken or not self.queues[q].active):
             return
-        backend = offer() if offer is not None else None
-        if isinstance(backend, netplane.NetBackend):
+        backend = self.device.native_backend()
+        if isinstance(backend, netplane.NetPairs):
             self._start_native_pair(q, backend)
             return
         if backend is None:
-            if offer is not None:
-                # The model keeps every queue its offer covers now (a request waits
-                # for `cont`, a guest's rx filter): the other queues' threads must not
-                # run on past it. Rings a device's own plane serves stay where they are.
-                for other, native in enumerate(self._native):
-                    if isinstance(native, (dataplane.NativeQueue, netplane.NativeNetPair)):
-                        self._stop_native(other, rewatch=True)
-            if take is not None:
-                # A device whose queues a plane of its own serves (virtio-net's vhost
-                # rings): it decides per queue, None keeps the queue here.
-                try:
-                    native = take(q, self.queues[q], fd, self.msix.unmasked_fd(self.queue_vector[q]))
-                except OSError as e:
-                    self._native_refused = True
-                    log.warning("%s: queue %d stays in Python: %s", self.name, q, e)
-                    return
-                if native is not None:
-                    self._adopt_native(q, fd, native)
+            # The model keeps every queue its offer covers now (a request waits
+            # for `cont`, a guest's rx filter): the other queues' threads must not
+            # run on past it. Rings a device's own plane serves stay where they are.
+            for other, native in enumerate(self._native):
+                if isinstance(native, (dataplane.NativeQueue, netplane.NativeNetPair)):
+                    self._stop_native(other, rewatch=True)
+            # A device whose queues a plane of its own serves (virtio-net's vhost
+            # rings): it decides per queue, None keeps the queue here.
+            try:
+                native = self.device.native_queue(q, self.queues[q], fd, self.msix.unmasked_fd(self.queue_vector[q]))
+            except OSError as e:
+                self._native_refused = True
+                log.warning("%s: queue %d stays in Python: %s", self.name, q, e)
+                return
+            if native is not None:
+                self._adopt_native(q, fd, native)
             return
         try:
             if self._native_regions is None:
@@ -635,9 +634,9 @@ class VirtioPciTransport(PciDevice):
             return
         self._adopt_native(q, fd, native)
 
-    def _adopt_native(self, q: int, fd: int, native) -> None:
-        """Queue ``q``'s doorbell ``fd`` belongs to ``native`` (a NativeQueue's
-        interface) from now on; its interrupt and hand-back eventfds are watched."""
+    def _adopt_native(self, q: int, fd: int, native: ServedQueue) -> None:
+        """Queue ``q``'s doorbell ``fd`` belongs to ``native`` from now on; its
+        interrupt and hand-back eventfds are watched."""
         self.events.unsubscribe(fd)
         self._native[q] = native
         log.debug("%s: queue %d served by a native thread", self.name, q)
@@ -684,11 +683,11 @@ class VirtioPciTransport(PciDevice):
                     self._stop_native(q, rewatch=True)
                     self.events.call_soon(lambda q=q: self._run_queue(q))
 
-    def _native_interrupt(self, q: int, native: dataplane.NativeQueue) -> None:
+    def _native_interrupt(self, q: int, native: ServedQueue) -> None:
         if self._native[q] is native and native.take_interrupt():
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
 
-    def _native_handback(self, q: int, native: dataplane.NativeQueue) -> None:
+    def _native_handback(self, q: int, native: ServedQueue) -> None:
         """The thread stopped before a request only the model may answer: the model
         takes the queue from there (and may give it back to a new thread)."""
         with self._lock:
@@ -700,7 +699,7 @@ class VirtioPciTransport(PciDevice):
 
     # a native rx/tx pair (virtio-net, netplane.py): one thread, both queues' slots
 
-    def _start_native_pair(self, q: int, backend: netplane.NetBackend) -> None:
+    def _start_native_pair(self, q: int, backend: netplane.NetPairs) -> None:
         pair = backend.pair_of(q)
         if pair is None:
             return      # the control queue stays the model's

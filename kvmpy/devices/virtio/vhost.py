@@ -34,6 +34,7 @@ import struct
 from typing import Callable
 
 from ...memory import GuestMemory
+from . import plane_glue
 from .dataplane import StopInfo
 from .queue import SplitQueue
 
@@ -179,8 +180,8 @@ class VhostQueue:
         self._on_stop = on_stop
         # Without an unmasked MSI-X vector (INTx, a masked vector) the kernel writes
         # call_fd and the transport raises the interrupt from the event loop.
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.handback_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = plane_glue.new_eventfd()
+        self.handback_fd = plane_glue.new_eventfd()
         fd = vhost.fd
         try:
             size = queue.size
@@ -196,8 +197,7 @@ class VhostQueue:
             fcntl.ioctl(fd, VHOST_NET_SET_BACKEND, _FILE.pack(ring, vhost.tap_fd))
         except OSError:
             self._unbind()
-            for efd in (self.call_fd, self.handback_fd):
-                os.close(efd)
+            plane_glue.close_fds((self.call_fd, self.handback_fd))
             raise
         vhost.running.add(ring)
         if ring not in vhost.announced:
@@ -232,21 +232,13 @@ class VhostQueue:
             q.next_used = q.memory.read_u16(q.used_addr + 2)
         # The kernel's interrupt bookkeeping is not ours: the next decision is conservative.
         q.signalled_used = None
-        handed_back = self._readable(self.handback_fd)
+        handed_back = plane_glue.take_event(self.handback_fd)
         if self._on_stop is not None:
             self._on_stop()
         return StopInfo(handed_back=handed_back, completed=0, deferred=0)
 
-    @staticmethod
-    def _readable(fd: int) -> bool:
-        try:
-            os.eventfd_read(fd)
-            return True
-        except BlockingIOError:
-            return False
-
     def take_interrupt(self) -> bool:
-        return self._readable(self.call_fd)
+        return plane_glue.take_event(self.call_fd)
 
 
 def open_vhost_nets(tap_fds, mode: str, name: str, path: str = VHOST_NET_PATH) -> list[VhostNet] | None:
