@@ -91,7 +91,7 @@ class RawDriver(BlockDriver):
         return [bytes(new), *rest]
 
     def flush(self):
-        if not self.read_only:
+        if not self.read_only and not self.cache.flush_ignored:
             os.fdatasync(self.fd)
 
     def discard(self, offset, length):
