@@ -399,3 +399,30 @@ def test_file_system_without_o_direct_is_one_line_and_status_2(tmp_path):
     assert len(lines) == 1, p.stderr
     assert lines[0] == f"kvmpy: Could not open '{mnt}/d.raw': filesystem does not support O_DIRECT (cache=none)", (
         fstype, lines)
+
+
+@needs_native
+def test_aligned_requests_under_cache_none_go_straight_to_the_ring(direct_dir):
+    """Page-aligned guest buffers on a cache=none disk need no bounce: the thread
+    serves every request, reads and writes through its io_uring where it has one."""
+    path = direct_dir / "a.raw"
+    path.write_bytes(bytes(8 << 20))
+    rig = Rig(path, mode="native", driver=RawDriver(str(path), cache="none"))
+    try:
+        writes = SLOTS - 1
+        for i in range(writes):
+            rig.put(VIRTIO_BLK_T_OUT, 128 * i, out=bytes([i + 1]) * 65536)
+        rig.d.kick(0)
+        assert len(rig.d.wait_used(0, count=writes)) == writes
+        rig.n = 0
+        reads = [rig.put(VIRTIO_BLK_T_IN, 128 * i, in_len=65536) for i in range(writes)]
+        rig.d.kick(0)
+        assert len(rig.d.wait_used(0, count=writes)) == writes
+        for _head, n in reads:
+            assert rig.m.memory.read(STATUS + n, 1)[0] == 0
+            assert rig.m.memory.read(DATA + 0x10000 * n, 65536) == bytes([n + 1]) * 65536
+        assert rig.native_requests() == 2 * writes
+        has_ring = any(r is not None for r in rig.blk._rings)
+        assert rig.dev.native_ring_ops == (2 * writes if has_ring else 0)
+    finally:
+        rig.close()
