@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 
 from ..errors import ImageError
-from . import direct
 from .driver import BlockDriver
 from .qcow2_format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L1E_RESERVED,
                            L2E_OFFSET_MASK, L2E_STD_RESERVED, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
@@ -135,7 +134,7 @@ def check_image(drv: BlockDriver, repair: str | None = None) -> CheckResult:
 
     def drv_pread(off, n):
         import os
-        return direct.pread(drv.fd, n, off)
+        return os.pread(drv.fd, n, off)
 
     walk_l1(drv.l1, h.l1_table_offset, h.l1_size, True)
     for s in drv.snapshots:
@@ -149,7 +148,7 @@ def check_image(drv: BlockDriver, repair: str | None = None) -> CheckResult:
         end = last.entry_offset + 40 + 16
         import os
         import struct
-        _, _, id_len, name_len, *_rest, extra_len = struct.unpack(">QIHHIIQII", direct.pread(drv.fd, 40, last.entry_offset))
+        _, _, id_len, name_len, *_rest, extra_len = struct.unpack(">QIHHIIQII", os.pread(drv.fd, 40, last.entry_offset))
         end = last.entry_offset + 40 + extra_len + id_len + name_len
         inc(h.snapshots_offset, end - h.snapshots_offset, "snapshot table")
     inc(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
