@@ -465,3 +465,17 @@ def test_flush_is_durable_in_every_mode_but_unsafe(direct_dir, fmt):
             assert syncs == 0, (fmt, mode, during)
         else:
             assert syncs >= 1, (fmt, mode, during)
+
+
+def test_backing_file_inherits_o_direct(direct_dir):
+    """As QEMU's cache.direct: the base image of a cache=none overlay is read with
+    O_DIRECT too, and unaligned reads through the chain read what qemu-img wrote."""
+    qemu_img = tool_required("qemu-img")
+    base, top = direct_dir / "base.raw", direct_dir / "top.qcow2"
+    content = os.urandom(1 << 20)
+    base.write_bytes(content)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)], check=True)
+    for mode, direct_base in (("none", True), ("directsync", True), ("writeback", False)):
+        with open_image(str(top), "qcow2", cache=mode) as drv:
+            assert bool(fd_flags(os.getpid(), drv.backing.fd) & O_DIRECT) == direct_base, mode
+            assert drv.pread(1000, 12345) == content[12345:13345]

@@ -88,7 +88,7 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
 
     cache is QEMU's cache= mode of the image itself (direct.py: "none" and
     "directsync" open it O_DIRECT, "writethrough" and "directsync" O_DSYNC);
-    None is "writeback". Backing files are read through the page cache.
+    None is "writeback". Backing files inherit O_DIRECT, as QEMU's cache.direct.
     """
     path = os.fspath(path)
     _refuse_non_image(path)

@@ -553,11 +553,15 @@ class Qcow2Driver(BlockDriver):
         if os.path.realpath(bpath) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {bpath}")
         from . import open_image
+        # QEMU's backing files inherit cache.direct: a cache=none disk's reads of its
+        # base image bypass the page cache too (O_DSYNC means nothing to a reader).
+        cache = "none" if self.cache.direct else None
         if self.require_backing_format and fmt == "qcow2":
             # The rule holds down the whole chain.
             return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True,
-                               force_share=self.force_share)
-        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share)
+                               force_share=self.force_share, cache=cache)
+        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share,
+                          cache=cache)
 
     # ------------------------------------------------------------- L1 / L2
 
