@@ -21,6 +21,8 @@ APT_PACKAGES += libslirp-dev
 APT_PACKAGES += samba
 # the virtio-blk data plane's io_uring (kvmpy/devices/virtio/_dataplane_build.py links liburing)
 APT_PACKAGES += liburing-dev
+# the cache-mode tests watch a flush's system calls (tests/test_blk_cache.py)
+APT_PACKAGES += strace
 
 .PHONY: all deps venv build guests guest test test-quick run bench fuzz clean distclean novnc test-tcg-modes
 

@@ -64,6 +64,8 @@ class DiskConfig:
     # QEMU's iothread=: the native data plane serves the queues of every disk naming
     # the same iothread from one thread ("": a thread per queue)
     iothread: str = ""
+    # QEMU's cache=: writeback, none, directsync, writethrough, unsafe (kvmpy/block/direct.py)
+    cache: str = "writeback"
 
 
 def check_error_policy(value, key: str, where: str) -> str:
@@ -208,6 +210,7 @@ FIRMWARES = ("none", "bios", "uefi")
 BOOT_DEVICES = ("cdrom", "disk", "net")
 DISK_INTERFACES = ("virtio", "ide")
 DISK_DATAPLANES = ("native", "python")
+DISK_CACHE_MODES = ("writeback", "none", "directsync", "writethrough", "unsafe")
 MAX_DISK_QUEUES = 16
 DISK_MEDIA = ("disk", "cdrom")
 
@@ -216,7 +219,7 @@ TOP_KEYS = {"name", "accel", "memory", "cpus", "kernel", "initrd", "cmdline", "a
             "no_reboot", "disk", "net", "device", "monitor", "service", "enabled", "pidfile", "runas", "debug",
             "sandbox", "firmware", "bios", "firmware_vars", "boot", "boot_menu", "display", "tcg_native"}
 DISK_KEYS = {"path", "format", "readonly", "serial", "werror", "rerror", "interface", "media", "index",
-             "dataplane", "queues", "iothread"}
+             "dataplane", "queues", "iothread", "cache"}
 NET_KEYS = {"type", "ifname", "bridge", "mac", "dataplane", "queues", "vhost"}
 NET_DATAPLANES = ("native", "python")
 NET_VHOST = ("on", "off", "auto")
@@ -419,6 +422,8 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
         if "iothread" in d:
             disk.iothread = check_iothread(_expect(d["iothread"], str, f"{where} key 'iothread'", "an iothread name"),
                                            f"{where} key 'iothread'")
+        if "cache" in d:
+            disk.cache = _choice(d["cache"], DISK_CACHE_MODES, f"{where} key 'cache'")
         check_disk(disk, where)
         cfg.disks.append(disk)
     nets = _expect(data.get("net", []), list, w("net"), "an array of tables ([[net]])")
@@ -596,7 +601,7 @@ def parse_drive(spec: str) -> DiskConfig:
     if "file" not in opts:
         raise ConfigError(f"--drive {spec}: missing file=")
     unknown = set(opts) - {"file", "format", "readonly", "serial", "if", "werror", "rerror", "media", "index",
-                           "dataplane", "queues", "iothread"}
+                           "dataplane", "queues", "iothread", "cache"}
     if unknown:
         raise ConfigError(f"--drive {spec}: unknown option '{sorted(unknown)[0]}'")
     fmt = opts.get("format")
@@ -616,6 +621,8 @@ def parse_drive(spec: str) -> DiskConfig:
         policies["queues"] = check_disk_queues(opts["queues"], f"--drive {spec}: queues")
     if "iothread" in opts:
         policies["iothread"] = check_iothread(opts["iothread"], f"--drive {spec}: iothread")
+    if "cache" in opts:
+        policies["cache"] = _choice(opts["cache"], DISK_CACHE_MODES, f"--drive {spec}: cache")
     disk = DiskConfig(path=os.path.abspath(opts["file"]), format=fmt, readonly=ro in ("on", "true"),
                       serial=serial, **policies)
     parse_drive_placement(disk, opts, f"--drive {spec}")

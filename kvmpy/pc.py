@@ -149,7 +149,7 @@ def open_disk_image(ctx: DeviceContext):
 
 def open_configured_image(disk: DiskConfig):
     from .block import open_image
-    driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True)
+    driver = open_image(disk.path, disk.format, read_only=disk.readonly, guard_probe=True, cache=disk.cache)
     if disk.format is None:
         # QEMU's warning: after the open, so that a refused image is one line.
         if driver.format == "raw":
@@ -176,7 +176,13 @@ def make_virtio_blk(ctx: DeviceContext):
                                         werror=disk.werror, rerror=disk.rerror, errors=ctx.block_errors,
                                         device=disk_device_name(index), node_name=disk_node_name(index),
                                         dataplane=disk.dataplane, num_queues=disk.queues,
-                                        iothread=disk.iothread))
+                                        iothread=disk.iothread, write_cache=disk_write_cache(disk)))
+
+
+def disk_write_cache(disk: DiskConfig) -> bool:
+    """Whether the guest is offered a write cache by the disk's cache= mode."""
+    from .block.direct import cache_mode
+    return cache_mode(disk.cache).write_cache
 
 
 def disk_device_name(index: int) -> str:
@@ -201,8 +207,16 @@ def describe_disk(placed: PlacedDevice) -> dict:
         "inserted": {"file": disk.path, "node-name": disk_node_name(placed.entry.options["index"]),
                      "drv": driver.format, "ro": bool(driver.read_only or disk.readonly),
                      "encrypted": False, "backing_file_depth": 0, "image": {
-                         "filename": disk.path, "format": driver.format, "virtual-size": driver.size}},
+                         "filename": disk.path, "format": driver.format, "virtual-size": driver.size},
+                     "cache": disk_cache_info(disk, placed.device.device)},
     }
+
+
+def disk_cache_info(disk: DiskConfig, blk) -> dict:
+    """query-block's "cache" of a virtio disk: its mode, with the write cache the guest may have switched."""
+    from .block.direct import cache_mode
+    mode = cache_mode(disk.cache)
+    return {"writeback": bool(blk.write_cache), "direct": mode.direct, "no-flush": mode.flush_ignored}
 
 
 def virtio_blk_boot(placed: PlacedDevice) -> BootDevice:

@@ -20,7 +20,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .config import (DeviceConfig, DiskConfig, NetConfig, VmConfig, add_default_nic, check_disk, check_disk_queues,
+from .config import (DISK_CACHE_MODES, DeviceConfig, DiskConfig, NetConfig, VmConfig, add_default_nic, check_disk,
+                     check_disk_queues,
                      check_disk_serial, check_error_policy, check_iothread,
                      check_mac, check_name, config_from_dict, load_config, parse_accel, parse_drive,
                      parse_netdev, parse_on_off, parse_size)
@@ -334,13 +335,8 @@ class QemuCommandLine:
             raise _unsupported(f"-drive if={iface}", "if=ide, if=virtio or if=none")
         snapshot = "snapshot" in opts and _on_off(opts["snapshot"], f"{where}: snapshot")
         cache = opts.get("cache", "writeback")
-        if cache not in ("writeback", "none", "unsafe", "directsync", "writethrough"):
-            raise _unsupported(f"-drive cache={cache}", "writeback, none, unsafe, directsync, writethrough")
-        if cache in ("directsync", "writethrough"):
-            # kvmpy offers the guest a write cache with flush (durable on fdatasync);
-            # a guest that does not take it gets every write durable before it completes.
-            self.warn(f"{where}: cache={cache} runs as kvmpy's write-back disk: guest flushes are made "
-                      "durable, a guest without flush support gets write-through")
+        if cache not in DISK_CACHE_MODES:
+            raise _unsupported(f"-drive cache={cache}", ", ".join(DISK_CACHE_MODES))
         if opts.get("aio", "threads") not in ("threads",):
             raise _unsupported(f"-drive aio={opts['aio']}", "kvmpy does its I/O on worker threads")
         if opts.get("discard", "ignore") not in ("ignore", "off", "unmap", "on"):
@@ -362,6 +358,7 @@ class QemuCommandLine:
                                                                                   else "ide"))
         if media == "cdrom" and iface == "virtio":
             raise QemuOptionError(f"{where}: a CD-ROM is an IDE (ATAPI) device, not if=virtio")
+        disk.cache = cache
         disk.serial = check_disk_serial(opts.get("serial", ""), f"{where}: serial")
         for key in ("werror", "rerror"):
             if key in opts:

@@ -46,7 +46,8 @@ def register(sub) -> None:
     p.add_argument("--serial", help="console: stdio, file:PATH, unix:PATH, none")
     p.add_argument("--drive", action="append", default=[], help="disk: file=PATH[,format=raw|qcow2][,readonly=on][,serial=ID]"
                    "[,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore]"
-                   "[,if=virtio|ide][,media=disk|cdrom][,index=0-3][,dataplane=native|python][,queues=N][,iothread=NAME]")
+                   "[,if=virtio|ide][,media=disk|cdrom][,index=0-3][,dataplane=native|python][,queues=N][,iothread=NAME]"
+                   "[,cache=writeback|none|directsync|writethrough|unsafe]")
     p.add_argument("--net", action="append", default=[], help="network: tap[,ifname=N][,bridge=BR][,mac=M][,dataplane=native|python] or user[,hostfwd=tcp::2222-:22]"
                    "[,restrict=on][,net=10.0.2.0/24]... (QEMU's -netdev user options), or none")
     p.add_argument("--share", action="append", default=[], metavar="path=DIR,tag=TAG[,readonly=on]",

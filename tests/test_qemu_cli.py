@@ -190,9 +190,10 @@ def test_drive():
     assert (d.interface, d.index, d.readonly, d.format) == ("ide", 3, True, "raw")
     # QEMU's -drive is IDE unless told otherwise
     assert parse("-drive file=x.img").disks[0].interface == "ide"
-    # cache modes kvmpy runs as its write-back disk with durable flushes
+    # QEMU's cache modes reach the disk as they are (kvmpy/block/direct.py)
     for mode in ("writeback", "none", "unsafe", "directsync", "writethrough"):
-        parse(f"-drive file=x,if=virtio,cache={mode}")
+        assert parse(f"-drive file=x,if=virtio,cache={mode}").disks[0].cache == mode
+    assert parse("-drive file=x,if=virtio").disks[0].cache == "writeback"
 
 
 @pytest.mark.parametrize("line,needle", [

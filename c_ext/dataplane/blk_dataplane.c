@@ -77,6 +77,8 @@ struct dp_queue {
     uint64_t ring_ops;              /* reads and writes that went through the io_uring */
     int ring_inflight;              /* of the current batch, not reaped yet */
     int map_held;                   /* the cluster map's read lock, for this batch */
+    uint8_t *bounce;                /* O_DIRECT: aligned, for requests with unaligned buffers */
+    size_t bounce_size;
     /* served by an iothread: run at its next turn (a kick, or just attached), and
      * finished once the iothread let go of it (dp_stop waits for that) */
     int io_run;
@@ -587,6 +589,43 @@ static int sync_image(struct dp_queue *q)
     return r;
 }
 
+/* Whether every buffer of iov may go to an O_DIRECT descriptor as it is. */
+static int iov_direct_ok(const struct dp_queue *q, const struct iovec *iov, int niov)
+{
+    for (int i = 0; i < niov; i++)
+        if ((uintptr_t)iov[i].iov_base % q->c.direct_mem_align || iov[i].iov_len % q->c.direct_align)
+            return 0;
+    return 1;
+}
+
+/* The bounce buffer, at least nbytes; 0 or -1 when it cannot be had. */
+static int bounce_reserve(struct dp_queue *q, size_t nbytes)
+{
+    if (q->bounce_size >= nbytes)
+        return 0;
+    size_t align = q->c.direct_mem_align > 4096 ? q->c.direct_mem_align : 4096;
+    void *p;
+    if (posix_memalign(&p, align, nbytes))
+        return -1;
+    free(q->bounce);
+    q->bounce = p;
+    q->bounce_size = nbytes;
+    return 0;
+}
+
+/* Copy between the bounce buffer and iov (to_bounce: gather a write's data). */
+static void bounce_copy(struct dp_queue *q, const struct iovec *iov, int niov, int to_bounce)
+{
+    size_t pos = 0;
+    for (int i = 0; i < niov; i++) {
+        if (to_bounce)
+            memcpy(q->bounce + pos, iov[i].iov_base, iov[i].iov_len);
+        else
+            memcpy(iov[i].iov_base, q->bounce + pos, iov[i].iov_len);
+        pos += iov[i].iov_len;
+    }
+}
+
 /* DISCARD / WRITE_ZEROES with segments the model would accept as they are (no
  * answer but OK), done with the fallocate modes RawDriver uses; anything else,
  * a file system without the mode included, is handed back to the model. */
@@ -676,7 +715,7 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
             return EXEC_BARRIER;   /* writes of this batch first: a flush covers what completed */
         if (q->c.map)
             return -1;             /* qcow2: the driver's dirty tables go out first, in Python */
-        if (!q->c.read_only && sync_image(q) < 0)
+        if (!q->c.read_only && !q->c.flush_ignored && sync_image(q) < 0)
             return -1;
         *status = S_OK;
         return 1;
@@ -727,13 +766,37 @@ static int64_t execute(struct dp_queue *q, int nsegs, struct dp_slot *slot, stru
      * map's answer, and a request over several runs of host clusters is done here
      * and now, run by run. */
     uint64_t file_offset = sector * SECTOR;
+    int runs = 1;
+    if (q->c.direct_align && nbytes && (file_offset % q->c.direct_align || nbytes % q->c.direct_align))
+        return -1;                 /* part of a block: the model reads, modifies and writes it */
     if (q->c.map && nbytes) {
         if (type == T_OUT && q->c.write_through)
             return -1;
         map_hold(q);
-        int runs = map_runs(q, file_offset, nbytes, &file_offset);
+        runs = map_runs(q, file_offset, nbytes, &file_offset);
         if (runs == 0)
             return -1;
+    }
+    if (q->c.direct_align && nbytes && !iov_direct_ok(q, q->iov, niov)) {
+        /* Done here and now through the bounce buffer: file offset and length are
+         * aligned, so no block is read that the request does not cover. */
+        if (nbytes > DP_BOUNCE_MAX || bounce_reserve(q, (size_t)nbytes) < 0)
+            return -1;
+        struct iovec whole = {q->bounce, (size_t)nbytes};
+        if (type == T_OUT)
+            bounce_copy(q, q->iov, niov, 1);
+        int r = runs > 1 ? mapped_io(q, &whole, 1, sector * SECTOR, nbytes, type == T_OUT)
+                         : full_io(q->c.fd, &whole, 1, file_offset, type == T_OUT);
+        if (r < 0)
+            return -1;
+        if (type == T_IN)
+            bounce_copy(q, q->iov, niov, 0);
+        if (type == T_OUT && q->c.write_through && sync_image(q) < 0)
+            return -1;
+        *status = S_OK;
+        return type == T_IN ? (int64_t)nbytes + 1 : 1;
+    }
+    if (q->c.map && nbytes) {
         if (runs > 1) {
             if (mapped_io(q, q->iov, niov, sector * SECTOR, nbytes, type == T_OUT) < 0)
                 return -1;
@@ -1144,6 +1207,7 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     out->deferred = q->deferred;
     out->ring_ops = q->ring_ops;
     close(q->stop_fd);
+    free(q->bounce);
     pthread_cond_destroy(&q->done_cv);
     pthread_cond_destroy(&q->work_cv);
     pthread_mutex_destroy(&q->lock);

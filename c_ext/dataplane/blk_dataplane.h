@@ -22,6 +22,9 @@
 /* virtio-blk config limits the model offers (blk.py: max_discard_seg, max_discard_sectors) */
 #define DP_MAX_DISCARD_SEG 32
 #define DP_MAX_DISCARD_SECTORS 0x3FFFFFu
+/* The largest request an O_DIRECT queue bounces; a larger one with unaligned
+ * buffers is the model's. */
+#define DP_BOUNCE_MAX (4u << 20)
 
 
 /* why the thread ended */
@@ -66,6 +69,12 @@ struct dp_config {
     int write_through;             /* no FLUSH negotiated: each write is made durable before its used entry */
     uint64_t guarded_bytes;        /* writes below this offset go to Python (probed raw's block-0 rule) */
     int discard;                   /* DISCARD and WRITE_ZEROES offered */
+    int flush_ignored;             /* cache=unsafe: FLUSH answers OK at once */
+    /* fd is O_DIRECT (cache=none, directsync): file offsets and lengths must be
+     * multiples of direct_align, buffers of direct_mem_align. A request whose
+     * buffers are not goes through the queue's bounce buffer; one whose offset or
+     * length is not (a read-modify-write) is the model's. 0: the page cache. */
+    uint32_t direct_align, direct_mem_align;
     struct dp_map *map;            /* qcow2: the cluster map (NULL: fd is the raw disk itself) */
     struct dp_ring *ring;          /* NULL: preadv workers */
     struct dp_iothread *iothread;  /* NULL: a thread of its own */

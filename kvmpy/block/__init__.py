@@ -66,7 +66,8 @@ def readable_format(path: str, format: str | None = None) -> str:
 
 def open_image(path: str, format: str | None = None, read_only: bool = False,
                _chain: tuple = (), guard_probe: bool = False, force_share: bool = False,
-               l2_cache_size: int | None = None, cache_clean_interval: float | None = None) -> BlockDriver:
+               l2_cache_size: int | None = None, cache_clean_interval: float | None = None,
+               cache: str | None = None) -> BlockDriver:
     """Open a disk image; format None probes it by its magic (see formats.py).
 
     guard_probe (for disks a guest writes to): when the format is probed, a raw
@@ -84,6 +85,10 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
     l2_cache_size (bytes) and cache_clean_interval (seconds, 0 never) are QEMU's
     qcow2 options of the same names, with QEMU's defaults; a raw image has no
     tables to cache and ignores them.
+
+    cache is QEMU's cache= mode of the image itself (direct.py: "none" and
+    "directsync" open it O_DIRECT, "writethrough" and "directsync" O_DSYNC);
+    None is "writeback". Backing files inherit O_DIRECT, as QEMU's cache.direct.
     """
     path = os.fspath(path)
     _refuse_non_image(path)
@@ -99,12 +104,13 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
         if os.path.isdir(path):
             raise ImageError(f"{path}: is a directory, not an image")
         return RawDriver(path, read_only=read_only, restrict_block0=guard_probe and probed,
-                         force_share=force_share)
+                         force_share=force_share, cache=cache)
     if format == "qcow2":
         from .qcow2 import Qcow2Driver
         return Qcow2Driver(path, read_only=read_only, _chain=_chain,
                            require_backing_format=guard_probe and probed, force_share=force_share,
-                           l2_cache_size=l2_cache_size, cache_clean_interval=cache_clean_interval)
+                           l2_cache_size=l2_cache_size, cache_clean_interval=cache_clean_interval,
+                           cache=cache)
     if format == "vmdk":
         from .vmdk import VmdkDriver
         return VmdkDriver(path, read_only=read_only, force_share=force_share)

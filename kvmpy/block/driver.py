@@ -13,6 +13,7 @@ import errno
 import os
 
 from ..errors import ImageError
+from . import direct
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -59,7 +60,7 @@ def write_zero_bytes(fd: int, offset: int, length: int) -> None:
     """Plain zero writes: the portable fallback when hole punching is unavailable."""
     while length > 0:
         n = min(length, len(_ZERO_CHUNK))
-        written = os.pwrite(fd, memoryview(_ZERO_CHUNK)[:n], offset)
+        written = direct.pwrite(fd, memoryview(_ZERO_CHUNK)[:n], offset)
         if written <= 0:
             raise OSError(errno.EIO, "short write")
         offset += written
@@ -128,6 +129,9 @@ def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True)
     inside the request is zeroes, not an error.
     """
     views = _byte_views(buffers)
+    alignment = direct.alignment_of(fd)
+    if alignment is not None:
+        return direct.preadv(fd, views, offset, alignment, zero_fill_eof) if views else 0
     total = sum(len(v) for v in views)
     done = 0
     while views:
@@ -145,6 +149,9 @@ def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True)
 
 def full_pwritev(fd: int, buffers: list, offset: int) -> int:
     views = _byte_views(buffers)
+    alignment = direct.alignment_of(fd)
+    if alignment is not None:
+        return direct.pwritev(fd, views, offset, alignment) if views else 0
     total = sum(len(v) for v in views)
     done = 0
     while views:

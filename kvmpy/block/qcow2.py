@@ -28,6 +28,7 @@ import zlib
 from collections import OrderedDict
 
 from ..errors import ImageError
+from . import direct
 from .driver import BlockDriver, create_image_file, full_preadv, full_pwritev, write_zero_bytes
 from .locking import lock_image, mode_for
 from .qcow2_format import (MAGIC, L1E_OFFSET_MASK, L1E_RESERVED, L2E_OFFSET_MASK, L2E_STD_RESERVED,
@@ -173,7 +174,7 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
     h = Header()
     if file_size < 72:
         raise ImageError(f"{path}: file is {file_size} bytes, too short for a qcow2 header (72)")
-    raw = os.pread(fd, 104, 0)
+    raw = direct.pread(fd, 104, 0)
     (magic, h.version, h.backing_file_offset, h.backing_file_size, h.cluster_bits, h.size,
      h.crypt_method, h.l1_size, h.l1_table_offset, h.refcount_table_offset,
      h.refcount_table_clusters, h.nb_snapshots, h.snapshots_offset) = struct.unpack_from(
@@ -198,7 +199,7 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
         if h.header_length > cs or h.header_length > file_size:
             raise _field_error(path, "header_length", f"{h.header_length} exceeds the first cluster/file")
         if h.header_length > 104:
-            extra = os.pread(fd, h.header_length - 104, 104)
+            extra = direct.pread(fd, h.header_length - 104, 104)
             h.compression_type = extra[0]
             h.extra_fields = bytes(extra)
         if h.refcount_order > 6:
@@ -212,7 +213,7 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
         if h.backing_file_offset + h.backing_file_size > min(cs, file_size):
             raise _field_error(path, "backing_file_offset",
                                f"{h.backing_file_offset}+{h.backing_file_size} outside the first cluster")
-        h.backing_file = os.pread(fd, h.backing_file_size, h.backing_file_offset).decode(
+        h.backing_file = direct.pread(fd, h.backing_file_size, h.backing_file_offset).decode(
             "utf-8", "surrogateescape")
     # Header extensions come before feature checks so errors can name features.
     ext_start = h.header_length
@@ -222,13 +223,13 @@ def parse_header(path: str, fd: int, file_size: int) -> Header:
     pos = ext_start
     seen = set()
     while pos + 8 <= ext_end:
-        etype, elen = struct.unpack(">II", os.pread(fd, 8, pos))
+        etype, elen = struct.unpack(">II", direct.pread(fd, 8, pos))
         if etype == EXT_END:
             break
         if pos + 8 + elen > ext_end:
             raise ImageError(f"{path}: header extension 0x{etype:08x} at offset {pos} "
                              f"(length {elen}) runs past the header area")
-        data = os.pread(fd, elen, pos + 8)
+        data = direct.pread(fd, elen, pos + 8)
         if etype in seen and etype in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_DATA_FILE):
             raise ImageError(f"{path}: duplicate header extension 0x{etype:08x} at offset {pos}")
         seen.add(etype)
@@ -307,11 +308,11 @@ def read_snapshots(path, fd, h: Header, file_size: int) -> list:
         if pos + 40 > file_size:
             raise ImageError(f"{path}: snapshot table entry {i} at offset {pos} lies outside the file")
         (l1_off, l1_size, id_len, name_len, date_s, date_ns, vm_clock, vm_state32,
-         extra_len) = struct.unpack(">QIHHIIQII", os.pread(fd, 40, pos))
+         extra_len) = struct.unpack(">QIHHIIQII", direct.pread(fd, 40, pos))
         total = 40 + extra_len + id_len + name_len
         if pos + total > file_size or extra_len > 1024:
             raise ImageError(f"{path}: snapshot table entry {i} at offset {pos} is malformed")
-        blob = os.pread(fd, total - 40, pos + 40)
+        blob = direct.pread(fd, total - 40, pos + 40)
         extra = blob[:extra_len]
         vm_state = vm_state32
         disk_size = None
@@ -407,8 +408,10 @@ class Qcow2Driver(BlockDriver):
 
     def __init__(self, path: str, read_only: bool = False, _chain: tuple = (), _repairing=False,
                  require_backing_format: bool = False, force_share: bool = False,
-                 l2_cache_size: int | None = None, cache_clean_interval: float | None = None):
+                 l2_cache_size: int | None = None, cache_clean_interval: float | None = None,
+                 cache: str | None = None):
         self.path = path
+        self.cache = direct.cache_mode(cache)
         if l2_cache_size is not None and l2_cache_size < 0:
             raise ImageError(f"{path}: l2-cache-size {l2_cache_size} must not be negative")
         if cache_clean_interval is not None and cache_clean_interval < 0:
@@ -437,13 +440,12 @@ class Qcow2Driver(BlockDriver):
         if len(_chain) >= MAX_CHAIN_DEPTH:
             raise ImageError(f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH} images")
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if not os.path.exists(path):
+            raise ImageError(f"{path}: image file not found")
+        self.fd = direct.open_image_file(path, flags, self.cache)
         try:
-            self.fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise ImageError(f"{path}: image file not found") from None
-        except OSError as e:
-            raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
-        try:
+            if self.cache.direct:
+                direct.register(self.fd)
             if not force_share:
                 lock_image(self.fd, path, mode_for(read_only))
             self._open(_chain + (real,), _repairing)
@@ -469,7 +471,7 @@ class Qcow2Driver(BlockDriver):
         self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.snapshots = read_snapshots(path, self.fd, h, self.file_size) if h.nb_snapshots else []
-        self.l1 = be_array(os.pread(self.fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array.array("Q")
+        self.l1 = be_array(direct.pread(self.fd, h.l1_size * 8, h.l1_table_offset)) if h.l1_size else array.array("Q")
         for i, e in enumerate(self.l1):
             if e & L1E_RESERVED:
                 raise ImageError(f"{path}: L1 entry {i} (0x{e:016x}) has reserved bits set")
@@ -477,7 +479,7 @@ class Qcow2Driver(BlockDriver):
             if off and (off % cs or off + cs > self.file_size):
                 raise ImageError(f"{path}: L1 entry {i}: L2 table offset {off} is "
                                  f"{'not cluster aligned' if off % cs else 'outside the file'}")
-        self.refcount_table = be_array(os.pread(self.fd, h.refcount_table_clusters * cs,
+        self.refcount_table = be_array(direct.pread(self.fd, h.refcount_table_clusters * cs,
                                                  h.refcount_table_offset))
         for i, e in enumerate(self.refcount_table):
             if e & RT_RESERVED:
@@ -551,11 +553,15 @@ class Qcow2Driver(BlockDriver):
         if os.path.realpath(bpath) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {bpath}")
         from . import open_image
+        # QEMU's backing files inherit cache.direct: a cache=none disk's reads of its
+        # base image bypass the page cache too (O_DSYNC means nothing to a reader).
+        cache = "none" if self.cache.direct else None
         if self.require_backing_format and fmt == "qcow2":
             # The rule holds down the whole chain.
             return Qcow2Driver(bpath, read_only=True, _chain=chain, require_backing_format=True,
-                               force_share=self.force_share)
-        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share)
+                               force_share=self.force_share, cache=cache)
+        return open_image(bpath, format=fmt, read_only=True, _chain=chain, force_share=self.force_share,
+                          cache=cache)
 
     # ------------------------------------------------------------- L1 / L2
 
@@ -575,7 +581,7 @@ class Qcow2Driver(BlockDriver):
             return t
         if off + self.cluster_size > self.file_size:
             raise ImageError(f"{self.path}: L2 table at offset {off} lies outside the file")
-        raw = os.pread(self.fd, self.cluster_size, off)
+        raw = direct.pread(self.fd, self.cluster_size, off)
         if len(raw) != self.cluster_size:
             raise ImageError(f"{self.path}: L2 table at offset {off} is truncated")
         t = be_array(raw)
@@ -725,7 +731,7 @@ class Qcow2Driver(BlockDriver):
         off = e & self.coffset_mask
         nsect = ((e >> self.csize_shift) & self.csize_mask) + 1
         clen = nsect * 512 - (off & 511)
-        raw = os.pread(self.fd, clen, off)
+        raw = direct.pread(self.fd, clen, off)
         try:
             d = zlib.decompressobj(-15)
             data = d.decompress(raw, self.cluster_size)
@@ -764,7 +770,7 @@ class Qcow2Driver(BlockDriver):
             return None
         b = self.rb_cache.get(off)
         if b is None:
-            raw = os.pread(self.fd, self.cluster_size, off)
+            raw = direct.pread(self.fd, self.cluster_size, off)
             if len(raw) != self.cluster_size:
                 raise ImageError(f"{self.path}: refcount block at offset {off} is truncated")
             b = self.rb_cache[off] = bytearray(raw)
@@ -947,15 +953,15 @@ class Qcow2Driver(BlockDriver):
                 self._rc_set_in(self._rb_load(t), c % E, 1)
                 self.dirty_rb.add(self.refcount_table[t])
         for t, blk in new_blocks.items():
-            os.pwrite(self.fd, blk, new_table[t])
+            direct.pwrite(self.fd, blk, new_table[t])
             self.rb_cache[new_table[t]] = blk
-        os.pwrite(self.fd, to_be(new_table), table_off)
+        direct.pwrite(self.fd, to_be(new_table), table_off)
         self.file_size = max(self.file_size, (start + len(used)) * cs)
         self._writeback_refcounts()  # blocks that count the new table
         os.fdatasync(self.fd)
         old_off = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
-        os.pwrite(self.fd, struct.pack(">QI", table_off, table_clusters), 48)
+        direct.pwrite(self.fd, struct.pack(">QI", table_off, table_clusters), 48)
         os.fdatasync(self.fd)
         self.header.refcount_table_offset = table_off
         self.header.refcount_table_clusters = table_clusters
@@ -1025,7 +1031,7 @@ class Qcow2Driver(BlockDriver):
             m.add(snap.l1_table_offset // cs, -(-snap.l1_size * 8 // cs), META_INACTIVE_L1)
             # One read per snapshot, once: cheap, and its L2 tables are what a stray
             # write would destroy without anyone noticing until the snapshot is applied.
-            for e in be_array(os.pread(self.fd, snap.l1_size * 8, snap.l1_table_offset)):
+            for e in be_array(direct.pread(self.fd, snap.l1_size * 8, snap.l1_table_offset)):
                 off = e & L1E_OFFSET_MASK
                 if off and not off % cs:
                     m.add(off // cs, 1, META_INACTIVE_L2)
@@ -1133,7 +1139,7 @@ class Qcow2Driver(BlockDriver):
         for off in sorted(self.dirty_rb):
             self.check_overlap(off, cs, (META_REFCOUNT_BLOCK,))
         for off in sorted(self.dirty_rb):
-            os.pwrite(self.fd, self.rb_cache[off], off)
+            direct.pwrite(self.fd, self.rb_cache[off], off)
         self.dirty_rb.clear()
         if self.dirty_rt:
             os.fdatasync(self.fd)  # blocks before the table points at them
@@ -1143,7 +1149,7 @@ class Qcow2Driver(BlockDriver):
                     continue
                 at = self.header.refcount_table_offset + t * 8
                 self.check_overlap(at, 8, (META_REFCOUNT_TABLE,))
-                os.pwrite(self.fd, struct.pack(">Q", self.refcount_table[t]), at)
+                direct.pwrite(self.fd, struct.pack(">Q", self.refcount_table[t]), at)
             self.dirty_rt.clear()
 
     def _refcount_table_waves(self):
@@ -1183,7 +1189,7 @@ class Qcow2Driver(BlockDriver):
             for off in sorted(self.dirty_l2):
                 # Shared tables are rewritten too (COPIED flags), hence both L2 kinds.
                 self.check_overlap(off, self.cluster_size, _L2_KINDS)
-                os.pwrite(self.fd, to_be(self.l2_cache[off]), off)
+                direct.pwrite(self.fd, to_be(self.l2_cache[off]), off)
             self.dirty_l2.clear()
             if self.dirty_l1:
                 os.fdatasync(self.fd)
@@ -1191,7 +1197,7 @@ class Qcow2Driver(BlockDriver):
             for i in sorted(self.dirty_l1):
                 at = self.header.l1_table_offset + i * 8
                 self.check_overlap(at, 8, (META_ACTIVE_L1,))
-                os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), at)
+                direct.pwrite(self.fd, struct.pack(">Q", self.l1[i]), at)
             self.dirty_l1.clear()
         if self.pending_frees:
             os.fdatasync(self.fd)
@@ -1206,7 +1212,9 @@ class Qcow2Driver(BlockDriver):
     def flush(self):
         if self.read_only:
             return
-        self._writeback(sync=True)
+        # cache=unsafe: dirty tables still go out (in their safe order), but the
+        # guest's flush waits for no disk when there are none.
+        self._writeback(sync=not self.cache.flush_ignored)
 
     def _maybe_writeback(self):
         # Between requests only: mid-request a table may be half updated. Dirty
@@ -1227,7 +1235,7 @@ class Qcow2Driver(BlockDriver):
             # Clearing unknown autoclear bits is how the spec lets us write without
             # maintaining the features they guard (bitmaps).
             h.autoclear = 0
-            os.pwrite(self.fd, struct.pack(">Q", 0), 88)
+            direct.pwrite(self.fd, struct.pack(">Q", 0), 88)
             os.fdatasync(self.fd)
         self.write_prepared = True
 
@@ -1405,7 +1413,7 @@ class Qcow2Driver(BlockDriver):
         else:
             self._set_refcount(pos // cs, self.get_refcount(pos // cs) + 1)
         self.check_overlap(pos, len(comp))
-        os.pwrite(self.fd, comp, pos)
+        direct.pwrite(self.fd, comp, pos)
         self.compressed_cursor = pos + len(comp) if (pos + len(comp)) % cs else 0
         nsect = ((pos + len(comp) - 1) >> 9) - (pos >> 9)
         table[idx] = OFLAG_COMPRESSED | (nsect << self.csize_shift) | pos
@@ -1609,7 +1617,7 @@ class Qcow2Driver(BlockDriver):
             need = -(-new_size // (self.l2_entries * cs))
             if need > len(self.l1):
                 self._grow_l1(need)
-        os.pwrite(self.fd, struct.pack(">Q", new_size), 24)
+        direct.pwrite(self.fd, struct.pack(">Q", new_size), 24)
         os.fdatasync(self.fd)
         self.header.size = self.size = new_size
         if new_size > old:
@@ -1629,10 +1637,10 @@ class Qcow2Driver(BlockDriver):
         new_l1 = array.array("Q", self.l1)
         new_l1.extend([0] * (entries - len(new_l1)))
         self._writeback_refcounts()
-        os.pwrite(self.fd, to_be(new_l1), new_off)
+        direct.pwrite(self.fd, to_be(new_l1), new_off)
         os.fdatasync(self.fd)
         old_off, old_size = self.header.l1_table_offset, self.header.l1_size
-        os.pwrite(self.fd, struct.pack(">IQ", entries, new_off), 36)
+        direct.pwrite(self.fd, struct.pack(">IQ", entries, new_off), 36)
         os.fdatasync(self.fd)
         self.header.l1_table_offset, self.header.l1_size = new_off, entries
         self.l1 = new_l1
@@ -1654,13 +1662,13 @@ class Qcow2Driver(BlockDriver):
         h.backing_format = backing_format if backing_file else None
         blob = h.pack()
         pad = max(0, min(self.cluster_size, self.file_size) - len(blob))
-        os.pwrite(self.fd, blob + bytes(pad), 0)
+        direct.pwrite(self.fd, blob + bytes(pad), 0)
         os.fdatasync(self.fd)
 
     def set_incompatible_bits(self, value: int) -> None:
         if self.header.version < 3:
             return
-        os.pwrite(self.fd, struct.pack(">Q", value), 72)
+        direct.pwrite(self.fd, struct.pack(">Q", value), 72)
         os.fdatasync(self.fd)
         self.header.incompatible = value
 
@@ -1672,6 +1680,7 @@ class Qcow2Driver(BlockDriver):
                 if not self.read_only and self.write_prepared:
                     self._writeback()
             finally:
+                direct.forget(self.fd)
                 os.close(self.fd)
                 self.fd = -1
         if self.backing is not None:

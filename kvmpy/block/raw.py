@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ImageError
+from . import direct
 from .driver import (BlockDriver, full_preadv, full_pwritev, punch_hole, total_length,
                      write_zero_bytes, zero_range)
 from .formats import CLOOP_MAGIC, PROBE_SPAN, probe_head
@@ -30,24 +31,25 @@ class RawDriver(BlockDriver):
     format = "raw"
 
     def __init__(self, path: str, read_only: bool = False, fd: int | None = None,
-                 restrict_block0: bool = False, force_share: bool = False):
+                 restrict_block0: bool = False, force_share: bool = False, cache: str | None = None):
         self.path = path
+        self.cache = direct.cache_mode(cache)
         self.read_only = read_only
         # Set when the format was probed (QEMU's rule): block 0 may be written,
         # but not so that the image would probe as another format afterwards.
         self.restrict_block0 = restrict_block0
         if fd is None:
             flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            fd = direct.open_image_file(path, flags, self.cache, "raw image")
             try:
-                fd = os.open(path, flags)
-            except OSError as e:
-                raise ImageError(f"{path}: cannot open raw image: {e.strerror}") from None
-            if not force_share:
-                try:
+                if self.cache.direct:
+                    direct.register(fd)
+                if not force_share:
                     lock_image(fd, path, mode_for(read_only))
-                except BaseException:
-                    os.close(fd)
-                    raise
+            except BaseException:
+                direct.forget(fd)
+                os.close(fd)
+                raise
         self.fd = fd
         # lseek(SEEK_END) rather than fstat: it also gives the size of a block device.
         self.size = os.lseek(fd, 0, os.SEEK_END)
@@ -70,7 +72,7 @@ class RawDriver(BlockDriver):
     def _check_block0(self, buffers, offset, length) -> list:
         """Refuse a write that would make the image probe as another format; else the
         buffers to write, their guarded head replaced by the bytes that were checked."""
-        head = bytearray(os.pread(self.fd, _MAGIC_SPAN, 0).ljust(_MAGIC_SPAN, b"\0"))
+        head = bytearray(direct.pread(self.fd, _MAGIC_SPAN, 0).ljust(_MAGIC_SPAN, b"\0"))
         n = min(length, _MAGIC_SPAN - offset)
         new = bytearray(n)
         rest = []
@@ -89,7 +91,7 @@ class RawDriver(BlockDriver):
         return [bytes(new), *rest]
 
     def flush(self):
-        if not self.read_only:
+        if not self.read_only and not self.cache.flush_ignored:
             os.fdatasync(self.fd)
 
     def discard(self, offset, length):
@@ -128,6 +130,7 @@ class RawDriver(BlockDriver):
 
     def close(self):
         if self.fd >= 0:
+            direct.forget(self.fd)
             os.close(self.fd)
             self.fd = -1
 

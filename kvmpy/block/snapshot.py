@@ -19,6 +19,7 @@ import struct
 import time
 
 from ..errors import ImageError, UserError
+from . import direct
 from .qcow2 import Qcow2Driver, read_snapshots
 from .qcow2_format import COMPRESSED, DATA, L1E_OFFSET_MASK, OFLAG_COPIED, ZERO, be_array, to_be
 
@@ -43,7 +44,7 @@ def _read_l1(drv: Qcow2Driver, snap) -> array.array:
                          snap.l1_table_offset + snap.l1_size * 8 > drv.file_size):
         raise ImageError(f"{drv.path}: snapshot {snap.id} L1 table at offset {snap.l1_table_offset} "
                          f"is invalid")
-    return be_array(os.pread(drv.fd, snap.l1_size * 8, snap.l1_table_offset)) if snap.l1_size \
+    return be_array(direct.pread(drv.fd, snap.l1_size * 8, snap.l1_table_offset)) if snap.l1_size \
         else array.array("Q")
 
 
@@ -104,10 +105,10 @@ def _fix_copied_flags(drv: Qcow2Driver) -> None:
 
 def _entry_bytes(drv: Qcow2Driver, snap) -> bytes:
     """A snapshot table entry as stored, padding included (kept byte for byte)."""
-    head = os.pread(drv.fd, 40, snap.entry_offset)
+    head = direct.pread(drv.fd, 40, snap.entry_offset)
     _, _, id_len, name_len, _, _, _, _, extra_len = struct.unpack(">QIHHIIQII", head)
     total = 40 + extra_len + id_len + name_len
-    return os.pread(drv.fd, total, snap.entry_offset) + bytes((-total) % 8)
+    return direct.pread(drv.fd, total, snap.entry_offset) + bytes((-total) % 8)
 
 
 def _new_entry(l1_off: int, l1_size: int, sid: str, name: str, disk_size: int) -> bytes:
@@ -133,9 +134,9 @@ def _write_table(drv: Qcow2Driver, entries: list[bytes]) -> tuple[int, int]:
         off = drv._alloc_clusters(-(-len(blob) // cs))
         drv._writeback_refcounts()
         os.fdatasync(drv.fd)
-        os.pwrite(drv.fd, blob, off)
+        direct.pwrite(drv.fd, blob, off)
         os.fdatasync(drv.fd)
-    os.pwrite(drv.fd, struct.pack(">IQ", len(entries), off), HEADER_NB_SNAPSHOTS)
+    direct.pwrite(drv.fd, struct.pack(">IQ", len(entries), off), HEADER_NB_SNAPSHOTS)
     os.fdatasync(drv.fd)
     h.nb_snapshots, h.snapshots_offset = len(entries), off
     drv.file_size = max(drv.file_size, os.fstat(drv.fd).st_size)
@@ -172,7 +173,7 @@ def create_snapshot(drv: Qcow2Driver, name: str) -> str:
     drv._writeback_refcounts()
     os.fdatasync(drv.fd)
     if len(l1_copy):
-        os.pwrite(drv.fd, to_be(l1_copy), l1_off)
+        direct.pwrite(drv.fd, to_be(l1_copy), l1_off)
     drv._writeback()
     # 3. the table that names it, then the header that points at the table
     ids = [int(s.id) for s in drv.snapshots if s.id.isdigit()]
@@ -203,14 +204,14 @@ def apply_snapshot(drv: Qcow2Driver, key: str) -> None:
     old_refs = _reachable(drv, drv.l1)
     new_l1 = array.array("Q", snap_l1)
     new_l1.extend([0] * (len(drv.l1) - len(new_l1)))
-    os.pwrite(drv.fd, to_be(new_l1), drv.header.l1_table_offset)
+    direct.pwrite(drv.fd, to_be(new_l1), drv.header.l1_table_offset)
     os.fdatasync(drv.fd)
     drv.l1 = new_l1
     drv.dirty_l1.clear()
     if new_size != drv.size:
         # After the L1 switch: a crash in between leaves the snapshot's data under the
         # old size (reads past the snapshot's end are zeroes), never a table too short.
-        os.pwrite(drv.fd, struct.pack(">Q", new_size), 24)
+        direct.pwrite(drv.fd, struct.pack(">Q", new_size), 24)
         os.fdatasync(drv.fd)
         drv.header.size = drv.size = new_size
     drv._metadata_changed()       # other L2 tables are active now

@@ -11,7 +11,10 @@
  * same) random requests kept in flight at once for rand= and randw=, qcow2magic=1 puts a qcow2 magic at
  * the start of the pattern (a guest planting a header; the host must refuse it at
  * sector 0 of a probed raw disk), waitkey=1 waits for a byte on COM1 before the write
- * (a test connects its monitor first, then lets the write go).
+ * (a test connects its monitor first, then lets the write go), misalign=N (0, below
+ * 4096) moves the pattern's write and read-back buffers N bytes off their page
+ * (and splits each in two descriptors there), as a guest's odd DMA buffers would
+ * be: a host with O_DIRECT must bounce them.
  * Prints:
  *   virtio-blk: found at 00:SS.0
  *   virtio-blk: capacity N sectors
@@ -43,8 +46,12 @@
 static struct vring rq;
 static struct { uint32_t type, reserved; uint64_t sector; } hdr;
 static volatile uint8_t status;
-static uint8_t wbuf[65536] __attribute__((aligned(4096)));
-static uint8_t rbuf[65536] __attribute__((aligned(4096)));
+static uint8_t wbuf_space[65536 + 4096] __attribute__((aligned(4096)));
+static uint8_t rbuf_space[65536 + 4096] __attribute__((aligned(4096)));
+static uint8_t *wbuf = wbuf_space, *rbuf = rbuf_space;
+#define BUF_BYTES 65536u
+/* misalign=: the data of one request in two descriptors split at this byte (0: one) */
+static uint32_t split_at;
 static struct vdev blk;
 
 static int blk_request(uint32_t type, uint64_t sector, void *buf, uint32_t len, int device_writes)
@@ -57,8 +64,14 @@ static int blk_request(uint32_t type, uint64_t sector, void *buf, uint32_t len, 
     rq.desc[n] = (struct vq_desc){(uintptr_t)&hdr, sizeof(hdr), 1, (uint16_t)(n + 1)};
     n++;
     if (len) {
-        rq.desc[n] = (struct vq_desc){(uintptr_t)buf, len, (uint16_t)(1 | (device_writes ? 2 : 0)), (uint16_t)(n + 1)};
+        uint16_t flags = (uint16_t)(1 | (device_writes ? 2 : 0));
+        uint32_t first = split_at && split_at < len ? split_at : len;
+        rq.desc[n] = (struct vq_desc){(uintptr_t)buf, first, flags, (uint16_t)(n + 1)};
         n++;
+        if (first < len) {
+            rq.desc[n] = (struct vq_desc){(uintptr_t)buf + first, len - first, flags, (uint16_t)(n + 1)};
+            n++;
+        }
     }
     rq.desc[n] = (struct vq_desc){(uintptr_t)&status, 1, 2, 0};
     vq_submit(&rq, 0);
@@ -135,9 +148,19 @@ int guest_main(const struct hvm_start_info *si)
         puts("virtio-blk: bad qd=");
         return 1;
     }
-    if (bytes == 0 || bytes % 512 || bytes > sizeof(wbuf)) {
+    uint64_t misalign = cmdline_get_u64("misalign", 0);
+    if (bytes == 0 || bytes % 512 || bytes > BUF_BYTES) {
         puts("virtio-blk: bad bytes=");
         return 1;
+    }
+    if (misalign >= 4096) {
+        puts("virtio-blk: bad misalign=");
+        return 1;
+    }
+    if (misalign) {
+        wbuf = wbuf_space + misalign;
+        rbuf = rbuf_space + misalign;
+        split_at = (uint32_t)(bytes / 2 + misalign % 512);
     }
     if (virtio_find(0x1042, &blk) < 0) {
         puts("virtio-blk: no modern virtio-blk device found");
@@ -188,7 +211,7 @@ int guest_main(const struct hvm_start_info *si)
             return 1;
         puts("virtio-blk: flushed");
     }
-    memset(rbuf, 0, sizeof(rbuf));
+    memset(rbuf, 0, BUF_BYTES);
     if (blk_request(T_IN, sector, rbuf, (uint32_t)bytes, 1) < 0)
         return 1;
     printf("virtio-blk: read back checksum 0x%08x\n", fnv1a(rbuf, bytes));

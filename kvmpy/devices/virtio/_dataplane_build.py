@@ -48,6 +48,8 @@ struct dp_config {
     int write_through;
     uint64_t guarded_bytes;
     int discard;
+    int flush_ignored;
+    uint32_t direct_align, direct_mem_align;
     struct dp_map *map;
     struct dp_ring *ring;
     struct dp_iothread *iothread;

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from ...block import direct
 from ...block.qcow2 import Qcow2Driver
 from ...block.raw import RAW_GUARDED_BYTES, RawDriver
 from ...errors import ImageError
@@ -48,6 +49,7 @@ VIRTIO_BLK_F_RO = 5
 VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
 VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
@@ -65,6 +67,8 @@ VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 
 VIRTIO_BLK_ID_BYTES = 20
+# virtio_blk_config.writeback: the write cache the driver sees, and may switch with CONFIG_WCE
+CONFIG_WRITEBACK_OFFSET = 32
 WRITE_ZEROES_FLAG_UNMAP = 1
 
 ERROR_POLICIES = ("enospc", "stop", "report", "ignore")
@@ -102,6 +106,7 @@ class VirtioBlkState:
     queue_size: int
     seg_max: int
     discard: bool
+    write_cache: bool = True   # the guest's write cache is on (config writeback)
 
 
 class VirtioBlk(VirtioDevice):
@@ -128,6 +133,10 @@ class VirtioBlk(VirtioDevice):
       iothread: with the native data plane, the name of the iothread that serves
         all the queues of every disk naming it (QEMU's iothread=); "" for a
         thread per queue.
+      write_cache: whether the guest is told of a volatile write cache (QEMU's
+        cache=writeback, none, unsafe) or that each write is durable when it
+        completes (writethrough, directsync); with VIRTIO_BLK_F_CONFIG_WCE the
+        driver may switch it, as on QEMU.
     Put it on PCI with ``pci_bus.add(VirtioPciTransport(platform, events, VirtioBlk(...)))``.
     """
 
@@ -136,8 +145,15 @@ class VirtioBlk(VirtioDevice):
     def __init__(self, driver, serial: str | bytes = "", read_only: bool = False, num_queues: int = 1,
                  queue_size: int = 256, seg_max: int = 126, discard: bool = True, name: str = "virtio-blk",
                  werror: str = "enospc", rerror: str = "report", errors: BlockErrors | None = None,
-                 device: str = "", node_name: str = "", dataplane: str = "native", iothread: str = "") -> None:
+                 device: str = "", node_name: str = "", dataplane: str = "native", iothread: str = "",
+                 write_cache: bool = True) -> None:
         self.name = name
+        self.configured_write_cache = write_cache
+        self.write_cache = write_cache
+        # An image opened O_DSYNC (cache=writethrough, directsync) makes each data
+        # write durable by itself; only qcow2's tables then need a flush.
+        mode = getattr(driver, "cache", None)
+        self._data_writes_durable = bool(mode is not None and mode.dsync)
         if dataplane not in DATAPLANE_MODES:
             raise ValueError(f"{name}: dataplane={dataplane!r}")
         self.dataplane = dataplane
@@ -204,7 +220,7 @@ class VirtioBlk(VirtioDevice):
     def state(self) -> VirtioBlkState:
         return VirtioBlkState(capacity=self.capacity, serial=self.serial, read_only=self.read_only,
                               num_queues=self.num_queues, queue_size=self.queue_size, seg_max=self.seg_max,
-                              discard=self.discard_enabled)
+                              discard=self.discard_enabled, write_cache=self.write_cache)
 
     @classmethod
     def from_state(cls, state: VirtioBlkState, driver, name: str = "virtio-blk") -> "VirtioBlk":
@@ -215,13 +231,14 @@ class VirtioBlk(VirtioDevice):
         if driver.read_only and not state.read_only:
             raise ValueError(f"{name}: the saved device is writable, the image is read-only")
         return cls(driver, serial=state.serial, read_only=state.read_only, num_queues=state.num_queues,
-                   queue_size=state.queue_size, seg_max=state.seg_max, discard=state.discard, name=name)
+                   queue_size=state.queue_size, seg_max=state.seg_max, discard=state.discard, name=name,
+                   write_cache=state.write_cache)
 
     # what the driver sees ----------------------------------------------------------
 
     def device_features(self) -> int:
         f = (1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH
-             | 1 << VIRTIO_BLK_F_SIZE_MAX)
+             | 1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_CONFIG_WCE)
         if self.read_only:
             f |= 1 << VIRTIO_BLK_F_RO
         if self.num_queues > 1:
@@ -240,7 +257,7 @@ class VirtioBlk(VirtioDevice):
             0, 0, 0,                      # geometry (not offered)
             self.blk_size,
             0, 0, 0, 0,                   # topology (not offered)
-            0, 0,                         # writeback, unused
+            int(self.write_cache), 0,     # writeback, unused
             self.num_queues,
             self.max_discard_sectors, self.max_discard_seg, 1,
             self.max_write_zeroes_sectors, self.max_write_zeroes_seg,
@@ -248,7 +265,24 @@ class VirtioBlk(VirtioDevice):
         )
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        """Nothing in virtio-blk's config is writable without the features that make it so."""
+        """Only ``writeback``, and only with CONFIG_WCE negotiated (virtio 1.1, 5.2.6.1):
+        the driver switches the write cache (Linux: /sys/block/vdX/queue/write_cache)."""
+        if offset != CONFIG_WRITEBACK_OFFSET or size != 1:
+            return
+        if not self.acked_features >> VIRTIO_BLK_F_CONFIG_WCE & 1:
+            log.debug("%s: writeback written without CONFIG_WCE", self.name)
+            return
+        wanted = bool(value & 1)
+        if wanted == self.write_cache:
+            return
+        self.write_cache = wanted
+        log.info("%s: the guest turned the write cache %s", self.name, "on" if wanted else "off")
+        # Native threads carry the old mode in their configuration: stopped here (the
+        # transport's lock is held), they start again with native_backend's new one.
+        restart = getattr(self._transport, "hold_native", None)
+        if restart is not None:
+            restart(True)
+            restart(False)
 
     # life cycle --------------------------------------------------------------------
 
@@ -265,6 +299,7 @@ class VirtioBlk(VirtioDevice):
         self.acked_features = 0
         self._kept = None
         self.io_status = "ok"
+        self.write_cache = self.configured_write_cache
 
     def native_backend(self) -> BlkBackend | None:
         """What a native data plane may serve on its own now, or None while every
@@ -275,20 +310,28 @@ class VirtioBlk(VirtioDevice):
         if self.dataplane != "native" or self._kept is not None or self.driver.fd < 0 or not dataplane_available():
             return None
         if self.cluster_map is not None:
-            if not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1:
+            if self._each_write_flushed() and not self._data_writes_durable:
                 return None
             self._fill_cluster_map()
             return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
                               write_through=False, guarded_bytes=0, serial=self.serial,
                               discard=self.discard_enabled, cluster_map=self.cluster_map, rings=self._rings,
-                              iothread=self.iothread)
+                              iothread=self.iothread, **self._cache_backend())
         if not isinstance(self.driver, RawDriver):
             return None
         return BlkBackend(fd=self.driver.fd, capacity=self.capacity, read_only=self.read_only,
-                          write_through=not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1,
+                          write_through=self._each_write_flushed() and not self._data_writes_durable,
                           guarded_bytes=RAW_GUARDED_BYTES if self.driver.restrict_block0 else 0,
                           serial=self.serial, discard=self.discard_enabled, rings=self._rings,
-                          iothread=self.iothread)
+                          iothread=self.iothread, **self._cache_backend())
+
+    def _cache_backend(self) -> dict:
+        """What the image's cache mode asks of a native thread (BlkBackend's fields)."""
+        mode = getattr(self.driver, "cache", None)
+        alignment = direct.alignment_of(self.driver.fd)
+        return {"flush_ignored": bool(mode is not None and mode.flush_ignored),
+                "direct_align": alignment.offset if alignment is not None else 0,
+                "direct_mem_align": alignment.memory if alignment is not None else 0}
 
     def _mapping_changed(self, generation: int) -> None:
         """The qcow2 driver changed a mapping (under its lock): forget the map."""
@@ -468,9 +511,16 @@ class VirtioBlk(VirtioDevice):
         5.2.6.2), and a driver that cannot flush relies on that. So the write, and
         the image metadata that makes it reachable, must be durable before its used
         entry: qcow2 otherwise keeps new L2 entries cached until a flush that never
-        comes. QEMU does the same (write cache off, each write flushed)."""
-        if not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1:
+        comes. QEMU does the same (write cache off, each write flushed).
+
+        The same when the write cache is off (cache=writethrough or directsync, or
+        the driver switched it off): a raw image opened O_DSYNC needs nothing more."""
+        if self._each_write_flushed() and not (self._data_writes_durable and isinstance(self.driver, RawDriver)):
             self.driver.flush()
+
+    def _each_write_flushed(self) -> bool:
+        """Whether a completed write must be durable before its used entry."""
+        return not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1 or not self.write_cache
 
     def _segments(self, rtype: int, data_out: list) -> None:
         payload = b"".join(bytes(v) for v in data_out[:self.max_discard_seg + 1])

@@ -187,6 +187,9 @@ class BlkBackend:
     cluster_map: ClusterMap | None = None   # qcow2: where the data clusters are (fd is the image file)
     rings: tuple[Ring | None, ...] = ()      # per queue; None or missing: worker threads
     iothread: Iothread | None = None         # serves the queues; None: a thread per queue
+    flush_ignored: bool = False              # cache=unsafe
+    direct_align: int = 0                    # fd is O_DIRECT: offsets and lengths in these units; 0: not
+    direct_mem_align: int = 0                # and buffer addresses in these
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,9 @@ class NativeQueue:
         cfg.write_through = int(backend.write_through)
         cfg.guarded_bytes = backend.guarded_bytes
         cfg.discard = int(backend.discard)
+        cfg.flush_ignored = int(backend.flush_ignored)
+        cfg.direct_align = backend.direct_align
+        cfg.direct_mem_align = backend.direct_mem_align or backend.direct_align
         cfg.map = backend.cluster_map.handle if backend.cluster_map is not None else ffi.NULL
         ring = backend.rings[index] if index < len(backend.rings) else None
         cfg.ring = ring.handle if ring is not None and ring.handle is not None else ffi.NULL
