@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import guest_path, run_kvmpy
-from support.exitloop import RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
+from support.exitloop import EchoRegister, RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
 
 pytestmark = [pytest.mark.usefixtures("kvm_required"), pytest.mark.guest]
 
@@ -50,6 +50,57 @@ def test_a_claimed_port_sees_every_access_in_order():
     assert "guest: done" in con.text()
     assert recorder.writes == [(0, 1, i & 0xFF) for i in range(3000)]
     assert loop_totals(m)["pio_served"] < 100       # the guest's few other unclaimed ports
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["decoded", "general"])
+def test_claimed_port_and_mmio_accesses_of_every_size_reach_their_device(fast_path):
+    """Every write in order with its size and value, every read answered with the
+    device's value, through the decoded fast path and through the general one (what
+    the tracer and the profiler use), with rep string I/O among them."""
+    rounds = 500
+    m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
+    port_dev, mmio_dev = EchoRegister(), EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    if not fast_path:
+        for v in m.vcpus:
+            v.report_every_exit = True
+    run_to_end(m)
+    out = con.text()
+    assert f"echo: {rounds} rounds, 0 wrong answers" in out, out
+    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
+    assert port_dev.writes == [(0, n, v & ((1 << (8 * n)) - 1)) for v in values for n in (1, 2, 4)] + [
+        (0, 1, 0xA0 + i) for i in range(16)]
+    assert mmio_dev.writes == [(0, n, v & ((1 << (8 * n)) - 1)) for v in values for n in (1, 2, 4, 8)]
+    assert port_dev.reads == 3 * rounds + 16 and mmio_dev.reads == 4 * rounds
+    decoded = loop_totals(m)["decoded"]
+    if fast_path:
+        assert decoded >= 14 * rounds, decoded      # the rep string I/O went the general way
+    else:
+        assert decoded == 0
+
+
+def test_a_device_error_on_the_fast_path_is_logged_and_the_read_floats(caplog):
+    """A device that raises: one logged error per access (up to the cap), reads
+    answered all ones, and the guest runs on."""
+
+    class Broken:
+        def read(self, offset: int, size: int) -> int:
+            raise ValueError("broken read")
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            raise ValueError("broken write")
+
+    m, con = kvm_machine(guest_path("exitstorm"), "echo=5 port=0x300 mmioecho=0xfeb20000")
+    m.pio_bus.register(0x300, 1, Broken())
+    m.mmio_bus.register(0xFEB20000, 8, Broken())
+    caplog.set_level(logging.ERROR, logger="kvmpy.vcpu.runner")
+    run_to_end(m)
+    # Every read of the 5 rounds floated (all ones), and so did the 16 of rep insb.
+    assert "echo: 5 rounds, 51 wrong answers" in con.text(), con.text()
+    errors = [r.getMessage() for r in caplog.records if r.name == "kvmpy.vcpu.runner"]
+    assert len(errors) == 20 and all("ValueError: broken" in e for e in errors), errors[:3]
+    assert any("port 0x300" in e for e in errors) and any("MMIO 0xfeb20000" in e for e in errors)
 
 
 def test_a_bar_the_guest_moves_is_seen_by_the_loop_at_once():

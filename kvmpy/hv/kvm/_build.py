@@ -224,7 +224,7 @@ __u64 kvmpy_run_hw_exit_reason(struct kvm_run *run);
 /* The vCPU run loop in C (see the source below): which port and MMIO ranges a
    device claims, kept current by the accelerator, and what the loop served. */
 struct kvmpy_exit_map;
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
 struct kvmpy_exit_map *kvmpy_exit_map_new(void);
 void kvmpy_exit_map_free(struct kvmpy_exit_map *map);
 int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges, size_t n);
@@ -332,7 +332,7 @@ static int kvmpy_install_kick_handler(int signo)
 #define KVMPY_PORTS 65536
 
 struct kvmpy_mmio_range { __u64 base, end; };
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
 
 struct kvmpy_exit_map {
     pthread_mutex_t lock;
@@ -548,6 +548,7 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop, __u64 answer)
             && (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
             && run->io.data_offset <= loop->run_size - run->io.size) {
         unsigned char *data = (unsigned char *)run + run->io.data_offset;
+        loop->stats.decoded++;
         loop->access[0] = run->io.port;
         loop->access[1] = run->io.size;
         if (run->io.direction == KVM_EXIT_IO_OUT) {
@@ -559,6 +560,7 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop, __u64 answer)
         return KVMPY_DECODED_PIO_READ;
     }
     if (reason == KVM_EXIT_MMIO && run->mmio.len >= 1 && run->mmio.len <= 8) {
+        loop->stats.decoded++;
         loop->access[0] = run->mmio.phys_addr;
         loop->access[1] = run->mmio.len;
         if (run->mmio.is_write) {

@@ -325,9 +325,11 @@ class KvmVcpu:
         self._loop.map = ffi.NULL if on else self._exit_map
 
     def loop_stats(self) -> dict[str, int]:
-        """Accesses run()'s C loop answered itself, and how often it returned."""
+        """Accesses the C loop answered itself, how often it returned, and how many of
+        those returns were one access decoded for the vCPU loop's fast path."""
         st = self._loop.stats
-        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned}
+        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned,
+                "decoded": st.decoded}
 
     def decoded_exits(self) -> DecodedExits | None:
         """The vCPU loop's fast path (kvmpy.hv.exits.DecodedExits); None while every
