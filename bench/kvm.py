@@ -6,7 +6,7 @@ on the same test guests.
 Rows: wall time from process start to the guest's exit for hello.elf (QEMU runs its
 firmware first, kvmpy boots the kernel directly: that difference is real), and port
 I/O and MMIO exits per second from tests/guests/exitloop.c (to an unclaimed port and
-address, and to a claimed port), measured as
+address, and to a claimed port and MMIO register), measured as
 N / (time with N exits - time with none) so start-up cost cancels out; and the same
 exits' cost as the guest itself measures it (TSC cycles per exit, around its loop
 only), which start-up noise cannot touch: under nested KVM kvmpy's start-up takes
@@ -27,15 +27,15 @@ GUESTS = os.path.join(REPO, "tests", "guests")
 N_EXITS = 20000
 
 
-def _kvmpy(kernel: str, append: str) -> list[str]:
+def _kvmpy(kernel: str, append: str, device: str | None = None) -> list[str]:
     return [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128", "--serial", "stdio",
-            "--kernel", kernel, "--append", append]
+            *(["--device", device] if device else []), "--kernel", kernel, "--append", append]
 
 
-def _qemu(kernel: str, append: str) -> list[str]:
+def _qemu(kernel: str, append: str, device: str | None = None) -> list[str]:
     return ["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-kernel", kernel, "-append", append]
+            *(["-device", device] if device else []), "-kernel", kernel, "-append", append]
 
 
 def _run(argv: list[str], ok_status: int) -> tuple[float, str]:
@@ -83,25 +83,35 @@ def _rate(delta: float) -> float | None:
 def run() -> list[dict]:
     subprocess.run(["make", "-s", "-C", GUESTS], check=True)
     hello = os.path.join(GUESTS, "build", "hello.elf")
+    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    k = _best(_kvmpy(hello, ""), 0)
+    q = _best(_qemu(hello, ""), 1) if have_qemu else None
+    return [{"name": "boot to guest exit (hello.elf)", "kvmpy": k, "qemu": q, "unit": "s", "better": "lower"},
+            *exit_rows()]
+
+
+def exit_rows() -> list[dict]:
+    """The exit-path rows alone (``python3 -c "import bench.kvm as b; print(b.exit_rows())"``)."""
+    subprocess.run(["make", "-s", "-C", GUESTS], check=True)
     loop = os.path.join(GUESTS, "build", "exitloop.elf")
     have_qemu = shutil.which("qemu-system-x86_64") is not None
     rows = []
-    k = _best(_kvmpy(hello, ""), 0)
-    q = _best(_qemu(hello, ""), 1) if have_qemu else None
-    rows.append({"name": "boot to guest exit (hello.elf)", "kvmpy": k, "qemu": q, "unit": "s", "better": "lower"})
-    # The unclaimed rows measure the exit itself; the claimed one adds a device model's
-    # dispatch (the UART's scratch register, a plain store in both VMMs).
-    for label, arg, port in (("port I/O exits", "n", 0x300), ("MMIO exits", "mmio", 0x300),
-                             ("claimed port exits (UART scratch 0x3ff)", "n", 0x3FF)):
-        base = f"n=0 mmio=0 port={port:#x}"
+    # The unclaimed rows measure the exit itself; the claimed ones add a device model's
+    # dispatch (the UART's scratch register, a plain store in both VMMs; pci-testdev's
+    # BAR0 with no test selected, a plain load of 0 in both).
+    for label, arg, base, device in (
+            ("port I/O exits", "n", "port=0x300", None), ("MMIO exits", "mmio", "port=0x300", None),
+            ("claimed port exits (UART scratch 0x3ff)", "n", "port=0x3ff", None),
+            ("claimed MMIO exits (pci-testdev BAR0)", "mmio", "testdev=1", "pci-testdev")):
+        base = f"n=0 mmio=0 {base}"
         loaded = f"{base} {arg}={N_EXITS}"
         mmio = arg == "mmio"
-        k_wall, k_cycles = _loaded(_kvmpy(loop, loaded), 0, mmio)
-        k = _rate(k_wall - _best(_kvmpy(loop, base), 0, 2))
+        k_wall, k_cycles = _loaded(_kvmpy(loop, loaded, device), 0, mmio)
+        k = _rate(k_wall - _best(_kvmpy(loop, base, device), 0, 2))
         q = q_cycles = None
         if have_qemu:
-            q_wall, q_cycles = _loaded(_qemu(loop, loaded), 1, mmio)
-            q = _rate(q_wall - _best(_qemu(loop, base), 1, 2))
+            q_wall, q_cycles = _loaded(_qemu(loop, loaded, device), 1, mmio)
+            q = _rate(q_wall - _best(_qemu(loop, base, device), 1, 2))
         rows.append({"name": f"{label} per second (exitloop.elf)", "kvmpy": k, "qemu": q, "unit": "exits/s",
                      "better": "higher"})
         rows.append({"name": f"{label}: guest TSC cycles per exit (exitloop.elf)", "kvmpy": k_cycles,
