@@ -68,10 +68,8 @@ def test_claimed_port_and_mmio_accesses_of_every_size_reach_their_device(fast_pa
     run_to_end(m)
     out = con.text()
     assert f"echo: {rounds} rounds, 0 wrong answers" in out, out
-    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
-    assert port_dev.writes == [(0, n, v & ((1 << (8 * n)) - 1)) for v in values for n in (1, 2, 4)] + [
-        (0, 1, 0xA0 + i) for i in range(16)]
-    assert mmio_dev.writes == [(0, n, v & ((1 << (8 * n)) - 1)) for v in values for n in (1, 2, 4, 8)]
+    port_expected, mmio_expected = _echo_writes(rounds)
+    assert port_dev.writes == port_expected and mmio_dev.writes == mmio_expected
     assert port_dev.reads == 3 * rounds + 16 and mmio_dev.reads == 4 * rounds
     decoded = loop_totals(m)["decoded"]
     if fast_path:
@@ -174,6 +172,76 @@ def test_pause_cont_reset_and_quit_during_a_storm():
         m.quit()
         done.join(15)
     assert not done.is_alive() and time.monotonic() - t < 10
+
+
+def _echo_writes(rounds: int) -> tuple[list, list]:
+    """The writes exitstorm.elf's echo= mode makes: at the port, at the MMIO register."""
+    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
+    sized = [[(0, n, v & ((1 << (8 * n)) - 1)) for n in (1, 2, 4, 8)] for v in values]
+    port = [w for ws in sized for w in ws[:3]] + [(0, 1, 0xA0 + i) for i in range(16)]
+    return port, [w for ws in sized for w in ws]
+
+
+def test_pause_cont_reset_and_quit_during_a_claimed_storm():
+    """Decoded reads and writes to claimed registers while the machine pauses, resumes
+    and resets: none lost, none repeated, every read answered (the guest checks them)."""
+    rounds = 8000       # long enough that the reset comes mid-run even where exits are cheap
+    m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
+    port_dev, mmio_dev = EchoRegister(), EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    events: list[str] = []
+    m.add_event_listener(lambda name, data: events.append(name))
+    done = threading.Thread(target=m.wait, daemon=True)
+    port_expected, mmio_expected = _echo_writes(rounds)
+    try:
+        m.start()
+        done.start()
+        wait_until(lambda: len(port_dev.writes) > 600, what="the claimed storm")
+        m.pause()
+        assert m.status() == "paused"
+        held = len(port_dev.writes), len(mmio_dev.writes)
+        time.sleep(0.3)
+        assert (len(port_dev.writes), len(mmio_dev.writes)) == held
+        m.resume()
+        wait_until(lambda: len(port_dev.writes) > held[0] + 600, what="the storm after cont")
+        m.reset()
+        wait_until(lambda: "RESET" in events, what="the reset")
+        first_port, first_mmio = len(port_dev.writes), len(mmio_dev.writes)
+        # The run before the reset: a prefix of the guest's sequence, cut in the middle.
+        assert first_port < len(port_expected), "the guest finished before the reset"
+        assert port_dev.writes == port_expected[:first_port]
+        assert mmio_dev.writes == mmio_expected[:first_mmio]
+        wait_until(lambda: "echo:" in con.text(), timeout=120, what="the guest's second run")
+    finally:
+        m.quit()
+        done.join(15)
+    assert not done.is_alive()
+    assert f"echo: {rounds} rounds, 0 wrong answers" in con.text(), con.text()[-300:]
+    # After the reset the guest started over, possibly after some writes of the old run
+    # that raced the reset's hold (the vCPU finishes the exit it is in).
+    second_port = port_dev.writes[first_port:]
+    assert second_port[-len(port_expected):] == port_expected
+    assert len(second_port) - len(port_expected) <= 1
+    assert mmio_dev.writes[first_mmio:][-len(mmio_expected):] == mmio_expected
+
+
+def test_quit_during_a_claimed_storm():
+    m, con = kvm_machine(guest_path("exitstorm"), "echo=1000000000 port=0x300 mmioecho=0xfeb20000")
+    port_dev = EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, EchoRegister())
+    done = threading.Thread(target=m.wait, daemon=True)
+    m.start()
+    done.start()
+    wait_until(lambda: len(port_dev.writes) > 300, what="the claimed storm")
+    t = time.monotonic()
+    m.quit()
+    done.join(15)
+    assert not done.is_alive() and time.monotonic() - t < 10
+    seen = len(port_dev.writes)
+    time.sleep(0.2)
+    assert len(port_dev.writes) == seen
 
 
 def test_a_guest_probing_every_address_floods_no_log(caplog):
