@@ -4,6 +4,12 @@ One loop serves both accelerators; it speaks the run protocol of kvmpy.hv.exits
 and asks its machine only what ``VcpuHost`` declares. Device faults are logged,
 never raised into the guest loop: a hostile guest must not be able to kill the
 VMM through a device.
+
+Where the backend offers it (KVM without tracing or profiling), one port or MMIO
+access a device claims takes the shortest way there is: the C loop returns it
+decoded, and the loop calls the device's own read or write with the offset the
+bus resolved once for that address (``Bus.accessors``). Under nested KVM every
+Python operation on this path costs tens of microseconds of the guest's time.
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ static struct kvmpy_run_emulation_failure *kvmpy_run_emulation_failure(struct kv
 static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware_exit_reason; }
 
 /* --- the run loop ----------------------------------------------------------------
-   Python calls kvmpy_run_loop once per exit it must see; in between, with the GIL
+   Python calls kvmpy_run_loop (or kvmpy_run_decoded, the vCPU thread's fast path)
+   once per exit it must see; in between, with the GIL
    released (cffi drops it around every call), the loop answers the port and MMIO
    accesses no device claims exactly as kvmpy.devices.bus.Bus does: reads are all
    ones (a floating bus), writes are dropped. Under nested KVM each return to
