@@ -8,8 +8,8 @@ VMM through a device.
 Where the backend offers it (KVM without tracing or profiling), one port or MMIO
 access a device claims takes the shortest way there is: the C loop returns it
 decoded, and the loop calls the device's own read or write with the offset the
-bus resolved once for that address (``Bus.accessors``). Under nested KVM every
-Python operation on this path costs tens of microseconds of the guest's time.
+bus resolved once for that address (``Bus.accessors``). Under nested KVM the
+Python run per exit is most of what a claimed access costs the guest.
 """
 
 from __future__ import annotations
