@@ -49,13 +49,13 @@ DECODED_MMIO_READ = 0x103
 
 class DecodedExits(NamedTuple):
     """A backend's fast path for the vCPU loop (``Vcpu.decoded_exits()``), for the
-    exits a device must answer: ``run(state, answer)`` enters the guest and returns
+    exits a device must answer: ``run(state)`` enters the guest and returns
     DECODED_* with ``access[0]`` the port or address, ``access[1]`` the size and,
-    for a write, ``access[2]`` the value; a read's value is the next call's
-    ``answer`` (ignored after anything else). Any other return value becomes the
-    exit kind, with the exit attributes set, through ``exit_kind(value)``."""
+    for a write, ``access[2]`` the value; for a read the loop stores the value in
+    ``access[3]`` before the next ``run``. Any other return value becomes the exit
+    kind, with the exit attributes set, through ``exit_kind(value)``."""
 
-    run: Callable[[Any, int], int]
+    run: Callable[[Any], int]
     state: Any
-    access: Any                  # indexable: address, size, value
+    access: Any                  # indexable and writable: address, size, value, read's value
     exit_kind: Callable[[int], int]

@@ -110,14 +110,13 @@ class VcpuThread(threading.Thread):
             decoded = vcpu.decoded_exits()
         if decoded is not None:
             run_decoded, state, access, exit_kind = decoded
-        answer = 0          # what the last decoded read gave, for the next run_decoded
         try:
             while True:
                 if host.control_pending:
                     if not host.vcpu_checkpoint(self):
                         return
                 if decoded is not None:
-                    code = run_decoded(state, answer)
+                    code = run_decoded(state)
                     if code == DECODED_PIO_WRITE:
                         port = access[0]
                         acc = pio.accessors.get(port) or pio.accessor(port)
@@ -133,9 +132,9 @@ class VcpuThread(threading.Thread):
                         port, size = access[0], access[1]
                         acc = pio.accessors.get(port) or pio.accessor(port)
                         try:
-                            answer = (pio.read(port, size) if acc is None else acc[0](acc[2], size)) & masks[size]
+                            access[3] = (pio.read(port, size) if acc is None else acc[0](acc[2], size)) & masks[size]
                         except Exception as e:
-                            answer = masks[size]
+                            access[3] = masks[size]
                             self._device_error(f"port {port:#x}", e)
                         continue
                     if code == DECODED_MMIO_WRITE:
@@ -153,9 +152,9 @@ class VcpuThread(threading.Thread):
                         addr, size = access[0], access[1]
                         acc = mmio.accessors.get(addr) or mmio.accessor(addr)
                         try:
-                            answer = (mmio.read(addr, size) if acc is None else acc[0](acc[2], size)) & masks[size]
+                            access[3] = (mmio.read(addr, size) if acc is None else acc[0](acc[2], size)) & masks[size]
                         except Exception as e:
-                            answer = masks[size]
+                            access[3] = masks[size]
                             self._device_error(f"MMIO {addr:#x}", e)
                         continue
                     kind = exit_kind(code)

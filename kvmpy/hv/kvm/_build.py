@@ -235,11 +235,11 @@ struct kvmpy_vcpu_loop {
     struct kvmpy_exit_map *map;
     struct kvm_coalesced_mmio_ring *ring;
     struct kvmpy_loop_stats stats;
-    __u64 access[3];
+    __u64 access[4];
     ...;
 };
 int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop);
-int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop, __u64 answer);
+int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
 #define KVMPY_DECODED_PIO_WRITE ...
 #define KVMPY_DECODED_PIO_READ ...
 #define KVMPY_DECODED_MMIO_WRITE ...
@@ -461,7 +461,8 @@ static int kvmpy_serve_here(struct kvmpy_exit_map *map, int pio, __u64 addr)
 /* A vCPU's run loop: its kvm_run, the claimed map (NULL: return after every exit,
    for the tracer and the profiler), the VM's coalesced-write ring as this vCPU maps
    it (NULL where there is none), what the loop answered itself, and the access
-   kvmpy_run_decoded last returned: address, size and, for a write, the value. */
+   kvmpy_run_decoded last returned: address, size and, for a write, the value; the
+   fourth word is where Python puts a read's value for the next call. */
 struct kvmpy_vcpu_loop {
     int fd;
     struct kvm_run *run;
@@ -469,8 +470,8 @@ struct kvmpy_vcpu_loop {
     struct kvmpy_exit_map *map;
     struct kvm_coalesced_mmio_ring *ring;
     struct kvmpy_loop_stats stats;
-    __u64 access[3];
-    unsigned char *answer_to;   /* where the next kvmpy_run_decoded's answer goes */
+    __u64 access[4];
+    unsigned char *answer_to;   /* where the next kvmpy_run_decoded puts access[3] */
     unsigned answer_len;
 };
 
@@ -530,17 +531,17 @@ static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
 }
 
 /* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
-   loop->access (no struct walk through cffi) and hands the value a read gave
-   back as the next call's ``answer``, stored here before KVM_RUN completes the
-   instruction with it. Everything else returns as from kvmpy_run_loop: string and
+   loop->access (no struct walk through cffi) and puts the value a read gave in
+   loop->access[3], stored here before KVM_RUN completes the instruction with it.
+   One argument, because cffi passes a single one without building a tuple. Everything else returns as from kvmpy_run_loop: string and
    rep accesses, odd sizes, and any exit while the coalesced ring holds writes (the
    device must see those first, and draining is Python's). */
-static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop, __u64 answer)
+static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
 {
     struct kvm_run *run = loop->run;
     if (loop->answer_to != NULL) {
         for (unsigned i = 0; i < loop->answer_len; i++)
-            loop->answer_to[i] = (unsigned char)(answer >> (8 * i));
+            loop->answer_to[i] = (unsigned char)(loop->access[3] >> (8 * i));
     }
     int reason = kvmpy_run_loop(loop);
     if (loop->ring != NULL && loop->ring->first != loop->ring->last)
