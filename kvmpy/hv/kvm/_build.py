@@ -533,9 +533,10 @@ static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
 /* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
    loop->access (no struct walk through cffi) and puts the value a read gave in
    loop->access[3], stored here before KVM_RUN completes the instruction with it.
-   One argument, because cffi passes a single one without building a tuple. Everything else returns as from kvmpy_run_loop: string and
-   rep accesses, odd sizes, and any exit while the coalesced ring holds writes (the
-   device must see those first, and draining is Python's). */
+   One argument, because cffi passes a single one without building a tuple.
+   Everything else returns as from kvmpy_run_loop: string and rep accesses, odd
+   sizes, and any exit while the coalesced ring holds writes (the device must see
+   those first, and draining is Python's). */
 static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
 {
     struct kvm_run *run = loop->run;
