@@ -68,6 +68,14 @@ def _check(bus: Bus, mirror: MirroredMap, ops, probes) -> None:
             if hit is not None:
                 base_found, _ = hit
                 assert any(b == base_found and b <= addr < e for b, e in bus.claimed_ranges())
+            # The vCPU loop's accessor: the same device, its own methods, the offset in its range.
+            for _ in range(2):
+                acc = bus.accessors.get(addr) or bus.accessor(addr)
+                if hit is None:
+                    assert acc is None and addr not in bus.accessors
+                else:
+                    base_found, dev = hit
+                    assert acc == (dev.read, dev.write, addr - base_found)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

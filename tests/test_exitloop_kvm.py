@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import guest_path, run_kvmpy
-from support.exitloop import RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
+from support.exitloop import EchoRegister, RecordingPorts, kvm_machine, loop_totals, run_to_end, wait_until
 
 pytestmark = [pytest.mark.usefixtures("kvm_required"), pytest.mark.guest]
 
@@ -50,6 +50,55 @@ def test_a_claimed_port_sees_every_access_in_order():
     assert "guest: done" in con.text()
     assert recorder.writes == [(0, 1, i & 0xFF) for i in range(3000)]
     assert loop_totals(m)["pio_served"] < 100       # the guest's few other unclaimed ports
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["decoded", "general"])
+def test_claimed_port_and_mmio_accesses_of_every_size_reach_their_device(fast_path):
+    """Every write in order with its size and value, every read answered with the
+    device's value, through the decoded fast path and through the general one (what
+    the tracer and the profiler use), with rep string I/O among them."""
+    rounds = 500
+    m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
+    port_dev, mmio_dev = EchoRegister(), EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    if not fast_path:
+        for v in m.vcpus:
+            v.report_every_exit = True
+    run_to_end(m)
+    out = con.text()
+    assert f"echo: {rounds} rounds, 0 wrong answers" in out, out
+    port_expected, mmio_expected = _echo_writes(rounds)
+    assert port_dev.writes == port_expected and mmio_dev.writes == mmio_expected
+    assert port_dev.reads == 3 * rounds + 16 and mmio_dev.reads == 4 * rounds
+    decoded = loop_totals(m)["decoded"]
+    if fast_path:
+        assert decoded >= 14 * rounds, decoded      # the rep string I/O went the general way
+    else:
+        assert decoded == 0
+
+
+def test_a_device_error_on_the_fast_path_is_logged_and_the_read_floats(caplog):
+    """A device that raises: one logged error per access (up to the cap), reads
+    answered all ones, and the guest runs on."""
+
+    class Broken:
+        def read(self, offset: int, size: int) -> int:
+            raise ValueError("broken read")
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            raise ValueError("broken write")
+
+    m, con = kvm_machine(guest_path("exitstorm"), "echo=5 port=0x300 mmioecho=0xfeb20000")
+    m.pio_bus.register(0x300, 1, Broken())
+    m.mmio_bus.register(0xFEB20000, 8, Broken())
+    caplog.set_level(logging.ERROR, logger="kvmpy.vcpu.runner")
+    run_to_end(m)
+    # Every read of the 5 rounds floated (all ones), and so did the 16 of rep insb.
+    assert "echo: 5 rounds, 51 wrong answers" in con.text(), con.text()
+    errors = [r.getMessage() for r in caplog.records if r.name == "kvmpy.vcpu.runner"]
+    assert len(errors) == 20 and all("ValueError: broken" in e for e in errors), errors[:3]
+    assert any("port 0x300" in e for e in errors) and any("MMIO 0xfeb20000" in e for e in errors)
 
 
 def test_a_bar_the_guest_moves_is_seen_by_the_loop_at_once():
@@ -123,6 +172,72 @@ def test_pause_cont_reset_and_quit_during_a_storm():
         m.quit()
         done.join(15)
     assert not done.is_alive() and time.monotonic() - t < 10
+
+
+def _echo_writes(rounds: int) -> tuple[list, list]:
+    """The writes exitstorm.elf's echo= mode makes: at the port, at the MMIO register."""
+    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
+    sized = [[(0, n, v & ((1 << (8 * n)) - 1)) for n in (1, 2, 4, 8)] for v in values]
+    port = [w for ws in sized for w in ws[:3]] + [(0, 1, 0xA0 + i) for i in range(16)]
+    return port, [w for ws in sized for w in ws]
+
+
+def test_pause_cont_reset_and_quit_during_a_claimed_storm():
+    """Decoded reads and writes to claimed registers while the machine pauses, resumes
+    and resets: none lost, none repeated, every read answered (the guest checks them)."""
+    rounds = 8000       # long enough that the reset comes mid-run even where exits are cheap
+    m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
+    port_dev, mmio_dev = EchoRegister(), EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    events: list[str] = []
+    m.add_event_listener(lambda name, data: events.append(name))
+    done = threading.Thread(target=m.wait, daemon=True)
+    port_expected, mmio_expected = _echo_writes(rounds)
+    try:
+        m.start()
+        done.start()
+        wait_until(lambda: len(port_dev.writes) > 600, what="the claimed storm")
+        m.pause()
+        assert m.status() == "paused"
+        held = len(port_dev.writes), len(mmio_dev.writes)
+        time.sleep(0.3)
+        assert (len(port_dev.writes), len(mmio_dev.writes)) == held
+        m.resume()
+        wait_until(lambda: len(port_dev.writes) > held[0] + 600, what="the storm after cont")
+        m.reset()
+        wait_until(lambda: "RESET" in events, what="the reset")
+        wait_until(lambda: "echo:" in con.text(), timeout=120, what="the guest's second run")
+    finally:
+        m.quit()
+        done.join(15)
+    assert not done.is_alive()
+    assert f"echo: {rounds} rounds, 0 wrong answers" in con.text(), con.text()[-300:]
+    # The run the reset cut short, then the whole run after it; the device's own
+    # writes are all in sequence, none lost or repeated across the pause.
+    for writes, expected in ((port_dev.writes, port_expected), (mmio_dev.writes, mmio_expected)):
+        assert writes[-len(expected):] == expected
+        cut_short = writes[:-len(expected)]
+        assert 0 < len(cut_short) < len(expected), "the guest finished before the reset"
+        assert cut_short == expected[:len(cut_short)]
+
+
+def test_quit_during_a_claimed_storm():
+    m, con = kvm_machine(guest_path("exitstorm"), "echo=1000000000 port=0x300 mmioecho=0xfeb20000")
+    port_dev = EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, EchoRegister())
+    done = threading.Thread(target=m.wait, daemon=True)
+    m.start()
+    done.start()
+    wait_until(lambda: len(port_dev.writes) > 300, what="the claimed storm")
+    t = time.monotonic()
+    m.quit()
+    done.join(15)
+    assert not done.is_alive() and time.monotonic() - t < 10
+    seen = len(port_dev.writes)
+    time.sleep(0.2)
+    assert len(port_dev.writes) == seen
 
 
 def test_a_guest_probing_every_address_floods_no_log(caplog):

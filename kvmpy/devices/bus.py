@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class MmioSlot(AddressSlot):
     """A range of guest physical addresses decoded as MMIO."""
 
 
+# A claimed address as the vCPU loop calls it: the device's read and write, and
+# the address's offset in the device's range.
+Accessor = tuple[Callable[[int, int], int], Callable[[int, int, int], None], int]
+
+
 class BusError(Exception):
     pass
 
@@ -102,6 +107,10 @@ class Bus:
         # find()'s answers for claimed addresses, dropped whenever the map changes:
         # a guest goes back to the same few registers, and a dict beats bisecting.
         self._found: dict[int, tuple[int, BusDevice]] = {}
+        # The same per address as the device's own methods and the offset to give
+        # them, for the vCPU loop's fast path (``accessor``); replaced, never
+        # emptied, on a change, so the loop reads the attribute once per access.
+        self.accessors: dict[int, Accessor] = {}
 
     def add_listener(self, listener: BusListener) -> None:
         """Subscribe ``listener``; it is told once at once, so it starts from the map as it is."""
@@ -118,6 +127,7 @@ class Bus:
 
     def _changed(self) -> None:
         self._found = {}
+        self.accessors = {}
         for listener in list(self._listeners):
             listener.bus_changed(self)
 
@@ -152,6 +162,21 @@ class Bus:
                     found[addr] = (base, dev)
                 return base, dev
         return None
+
+    def accessor(self, addr: int) -> Accessor | None:
+        """``(read, write, offset)`` of the device claiming ``addr``, kept in
+        ``accessors``; None where no device does."""
+        # Taken before the lookup: should the map change meanwhile, the answer goes
+        # to the dict being dropped, never into its successor.
+        accessors = self.accessors
+        hit = self.find(addr)
+        if hit is None:
+            return None
+        base, dev = hit
+        acc = (dev.read, dev.write, addr - base)
+        if len(accessors) < FOUND_KEPT:
+            accessors[addr] = acc
+        return acc
 
     def read(self, addr: int, size: int) -> int:
         hit = self.find(addr)

@@ -18,6 +18,8 @@ in kvmpy.hv.regs. The whole protocol is declared as kvmpy.hv.protocol.Vcpu. ``ki
 run() soon with EXIT_INTR.
 """
 
+from typing import Any, Callable, NamedTuple
+
 EXIT_IO = 1
 EXIT_MMIO = 2
 EXIT_HLT = 3
@@ -35,3 +37,25 @@ NAMES = {
     EXIT_INTERNAL_ERROR: "internal-error", EXIT_INTR: "intr",
     EXIT_SYSTEM_EVENT: "system-event", EXIT_DEBUG: "debug",
 }
+
+
+# What DecodedExits.run returns for one port or MMIO access (any other value is
+# for DecodedExits.exit_kind).
+DECODED_PIO_WRITE = 0x100
+DECODED_PIO_READ = 0x101
+DECODED_MMIO_WRITE = 0x102
+DECODED_MMIO_READ = 0x103
+
+
+class DecodedExits(NamedTuple):
+    """A backend's fast path for the vCPU loop (``Vcpu.decoded_exits()``), for the
+    exits a device must answer: ``run(state)`` enters the guest and returns
+    DECODED_* with ``access[0]`` the port or address, ``access[1]`` the size and,
+    for a write, ``access[2]`` the value; for a read the loop stores the value in
+    ``access[3]`` before the next ``run``. Any other return value becomes the exit
+    kind, with the exit attributes set, through ``exit_kind(value)``."""
+
+    run: Callable[[Any], int]
+    state: Any
+    access: Any                  # indexable and writable: address, size, value, read's value
+    exit_kind: Callable[[int], int]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports 
     from ..devices.timers import TimerWheel
     from ..events import EventLoop
     from ..memory import GuestMemory
+    from .exits import DecodedExits
     from .regs import Regs, SRegs
 
 CpuidEntry = tuple[int, int, int, int, int, int, int]   # function, index, flags, eax, ebx, ecx, edx
@@ -58,6 +59,10 @@ class Vcpu(Protocol):
 
     def kick(self) -> None:
         """From any thread: make ``run()`` return EXIT_INTR soon."""
+
+    def decoded_exits(self) -> DecodedExits | None:
+        """The loop's fast path for exits a device answers, or None (then ``run()``);
+        asked once, on the vCPU's thread, after ``report_every_exit`` is set."""
 
     def get_regs(self) -> Regs: ...
 

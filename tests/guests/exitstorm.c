@@ -13,6 +13,11 @@
  *  cmos=N     N rounds of: the memory size above 16 MiB from CMOS 0x34/0x35, and a
  *             byte written to NVRAM 0x50 and read back, through the index port
  *             0x70 (whose writes KVM queues) and the data port 0x71.
+ *  echo=N     N rounds of writes and reads of every size at port= (default 0x300) and
+ *             at MMIO mmioecho= (default 0xFEB20000), where the test places a device
+ *             whose every read answers its last value plus one (sized to the read);
+ *             then a rep outsb and a rep insb of 16 bytes at the port. Counts the
+ *             wrong answers; the test checks the writes the device saw.
  */
 #include "guest.h"
 #include "virtio_pci.h"
@@ -87,6 +92,42 @@ static void cmos(uint64_t n)
     printf("cmos: above 16M %u x 64K, %lu of %lu NVRAM read-backs wrong\n", size, bad, n);
 }
 
+static void echo(uint64_t n)
+{
+    uint16_t port = (uint16_t)cmdline_get_u64("port", 0x300);
+    uintptr_t mem = (uintptr_t)cmdline_get_u64("mmioecho", 0xFEB20000u);
+    uint64_t bad = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t v = i * 0x9E3779B97F4A7C15ull;
+        outb(port, (uint8_t)v);
+        bad += inb(port) != (uint8_t)(v + 1);
+        outw(port, (uint16_t)v);
+        bad += inw(port) != (uint16_t)(v + 1);
+        outl(port, (uint32_t)v);
+        bad += inl(port) != (uint32_t)(v + 1);
+        *(volatile uint8_t *)mem = (uint8_t)v;
+        bad += *(volatile uint8_t *)mem != (uint8_t)(v + 1);
+        *(volatile uint16_t *)mem = (uint16_t)v;
+        bad += *(volatile uint16_t *)mem != (uint16_t)(v + 1);
+        *(volatile uint32_t *)mem = (uint32_t)v;
+        bad += *(volatile uint32_t *)mem != (uint32_t)(v + 1);
+        *(volatile uint64_t *)mem = v;
+        bad += *(volatile uint64_t *)mem != v + 1;
+    }
+    uint8_t buf[16];
+    for (int i = 0; i < 16; i++)
+        buf[i] = (uint8_t)(0xA0 + i);
+    const uint8_t *src = buf;
+    uint64_t count = 16;
+    __asm__ volatile("rep outsb" : "+S"(src), "+c"(count) : "d"(port) : "memory");
+    uint8_t *dst = buf;
+    count = 16;
+    __asm__ volatile("rep insb" : "+D"(dst), "+c"(count) : "d"(port) : "memory");
+    for (int i = 0; i < 16; i++)            /* the device's last value was 0xAF */
+        bad += buf[i] != (uint8_t)(0xB0 + i);
+    printf("echo: %lu rounds, %lu wrong answers\n", n, bad);
+}
+
 int guest_main(const struct hvm_start_info *si)
 {
     uint64_t rounds = cmdline_get_u64("cmos", 0);
@@ -94,6 +135,9 @@ int guest_main(const struct hvm_start_info *si)
         cmos(rounds);
     if (cmdline_get_u64("barmove", 0))
         barmove();
+    uint64_t echoes = cmdline_get_u64("echo", 0);
+    if (echoes)
+        echo(echoes);
     uint64_t n = cmdline_get_u64("sweep", 0);
     if (n)
         sweep(n);

@@ -50,6 +50,25 @@ class RecordingPorts:
         self.writes.append((offset, size, value))
 
 
+class EchoRegister:
+    """A bus device keeping every write in order; each read answers the last value
+    (written or read) plus one, cut to the read's size, and becomes the last value."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads = 0
+        self.last = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        self.last = (self.last + 1) & ((1 << (8 * size)) - 1)
+        return self.last
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+        self.last = value
+
+
 def kvm_machine(guest: str, cmdline: str, pci_testdev: bool = False) -> tuple[Machine, CapturedConsole]:
     devices = [DeviceConfig(type="pci-testdev")] if pci_testdev else []
     cfg = VmConfig(accel="kvm", memory=64 * MiB, kernel=guest, cmdline=cmdline, devices=devices)
@@ -58,7 +77,7 @@ def kvm_machine(guest: str, cmdline: str, pci_testdev: bool = False) -> tuple[Ma
 
 
 def loop_totals(machine: Machine) -> dict[str, int]:
-    totals = {"pio_served": 0, "mmio_served": 0, "returned": 0}
+    totals = {"pio_served": 0, "mmio_served": 0, "returned": 0, "decoded": 0}
     for v in machine.vcpus:
         for k, n in v.loop_stats().items():
             totals[k] += n

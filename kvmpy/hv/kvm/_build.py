@@ -224,13 +224,26 @@ __u64 kvmpy_run_hw_exit_reason(struct kvm_run *run);
 /* The vCPU run loop in C (see the source below): which port and MMIO ranges a
    device claims, kept current by the accelerator, and what the loop served. */
 struct kvmpy_exit_map;
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
 struct kvmpy_exit_map *kvmpy_exit_map_new(void);
 void kvmpy_exit_map_free(struct kvmpy_exit_map *map);
 int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges, size_t n);
 int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 addr);
-int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
-                   struct kvmpy_loop_stats *stats);
+/* One per vCPU: what the loop runs and what it decoded (see the source below). */
+struct kvmpy_vcpu_loop {
+    int fd; struct kvm_run *run; size_t run_size;
+    struct kvmpy_exit_map *map;
+    struct kvm_coalesced_mmio_ring *ring;
+    struct kvmpy_loop_stats stats;
+    __u64 access[4];
+    ...;
+};
+int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop);
+int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
+#define KVMPY_DECODED_PIO_WRITE ...
+#define KVMPY_DECODED_PIO_READ ...
+#define KVMPY_DECODED_MMIO_WRITE ...
+#define KVMPY_DECODED_MMIO_READ ...
 int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
 """)
@@ -277,7 +290,8 @@ static struct kvmpy_run_emulation_failure *kvmpy_run_emulation_failure(struct kv
 static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware_exit_reason; }
 
 /* --- the run loop ----------------------------------------------------------------
-   Python calls kvmpy_run_loop once per exit it must see; in between, with the GIL
+   Python calls kvmpy_run_loop (or kvmpy_run_decoded, the vCPU thread's fast path)
+   once per exit it must see; in between, with the GIL
    released (cffi drops it around every call), the loop answers the port and MMIO
    accesses no device claims exactly as kvmpy.devices.bus.Bus does: reads are all
    ones (a floating bus), writes are dropped. Under nested KVM each return to
@@ -319,7 +333,7 @@ static int kvmpy_install_kick_handler(int signo)
 #define KVMPY_PORTS 65536
 
 struct kvmpy_mmio_range { __u64 base, end; };
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
 
 struct kvmpy_exit_map {
     pthread_mutex_t lock;
@@ -444,14 +458,33 @@ static int kvmpy_serve_here(struct kvmpy_exit_map *map, int pio, __u64 addr)
     return here;
 }
 
+/* A vCPU's run loop: its kvm_run, the claimed map (NULL: return after every exit,
+   for the tracer and the profiler), the VM's coalesced-write ring as this vCPU maps
+   it (NULL where there is none), what the loop answered itself, and the access
+   kvmpy_run_decoded last returned: address, size and, for a write, the value; the
+   fourth word is where Python puts a read's value for the next call. */
+struct kvmpy_vcpu_loop {
+    int fd;
+    struct kvm_run *run;
+    size_t run_size;
+    struct kvmpy_exit_map *map;
+    struct kvm_coalesced_mmio_ring *ring;
+    struct kvmpy_loop_stats stats;
+    __u64 access[4];
+    unsigned char *answer_to;   /* where the next kvmpy_run_decoded puts access[3] */
+    unsigned answer_len;
+};
+
 /* KVM_RUN until an exit Python must see. >= 0: its run->exit_reason;
-   -errno: KVM_RUN failed (-EINTR after a kick or immediate_exit). A NULL map
-   returns after every exit (the tracer and the profiler want each one). */
-static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct kvmpy_exit_map *map,
-                          struct kvmpy_loop_stats *stats)
+   -errno: KVM_RUN failed (-EINTR after a kick or immediate_exit). */
+static int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop)
 {
+    struct kvm_run *run = loop->run;
+    struct kvmpy_exit_map *map = loop->map;
+    /* The caller of this entry completes reads in kvm_run itself. */
+    loop->answer_to = NULL;
     for (;;) {
-        if (ioctl(fd, KVM_RUN, 0) < 0)
+        if (ioctl(loop->fd, KVM_RUN, 0) < 0)
             return -errno;
         if (map == NULL)
             break;
@@ -461,11 +494,11 @@ static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct k
             if (run->io.direction == KVM_EXIT_IO_IN) {
                 __u64 n = (__u64)run->io.size * run->io.count;
                 /* Out of bounds: Python reports it as an internal error. */
-                if (run->io.data_offset > run_size || n > run_size - run->io.data_offset)
+                if (run->io.data_offset > loop->run_size || n > loop->run_size - run->io.data_offset)
                     break;
                 memset((char *)run + run->io.data_offset, 0xff, n);
             }
-            stats->pio_served++;
+            loop->stats.pio_served++;
             continue;
         }
         if (run->exit_reason == KVM_EXIT_MMIO) {
@@ -473,13 +506,75 @@ static int kvmpy_run_loop(int fd, struct kvm_run *run, size_t run_size, struct k
                 break;
             if (!run->mmio.is_write)
                 memset(run->mmio.data, 0xff, run->mmio.len < 8 ? run->mmio.len : 8);
-            stats->mmio_served++;
+            loop->stats.mmio_served++;
             continue;
         }
         break;
     }
-    stats->returned++;
+    loop->stats.returned++;
     return (int)run->exit_reason;
+}
+
+/* kvmpy_run_decoded's answers beside KVM's exit reasons (all below 256): one port
+   or MMIO access, its address, size and written value in loop->access. */
+#define KVMPY_DECODED_PIO_WRITE 0x100
+#define KVMPY_DECODED_PIO_READ 0x101
+#define KVMPY_DECODED_MMIO_WRITE 0x102
+#define KVMPY_DECODED_MMIO_READ 0x103
+
+static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
+{
+    __u64 v = 0;
+    for (unsigned i = n; i-- > 0;)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
+   loop->access (no struct walk through cffi) and puts the value a read gave in
+   loop->access[3], stored here before KVM_RUN completes the instruction with it.
+   One argument, because cffi passes a single one without building a tuple.
+   Everything else returns as from kvmpy_run_loop: string and rep accesses, odd
+   sizes, and any exit while the coalesced ring holds writes (the device must see
+   those first, and draining is Python's). */
+static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
+{
+    struct kvm_run *run = loop->run;
+    if (loop->answer_to != NULL) {
+        for (unsigned i = 0; i < loop->answer_len; i++)
+            loop->answer_to[i] = (unsigned char)(loop->access[3] >> (8 * i));
+    }
+    int reason = kvmpy_run_loop(loop);
+    if (loop->ring != NULL && loop->ring->first != loop->ring->last)
+        return reason;
+    if (reason == KVM_EXIT_IO && run->io.count == 1
+            && (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
+            && run->io.data_offset <= loop->run_size - run->io.size) {
+        unsigned char *data = (unsigned char *)run + run->io.data_offset;
+        loop->stats.decoded++;
+        loop->access[0] = run->io.port;
+        loop->access[1] = run->io.size;
+        if (run->io.direction == KVM_EXIT_IO_OUT) {
+            loop->access[2] = kvmpy_le_load(data, run->io.size);
+            return KVMPY_DECODED_PIO_WRITE;
+        }
+        loop->answer_to = data;
+        loop->answer_len = run->io.size;
+        return KVMPY_DECODED_PIO_READ;
+    }
+    if (reason == KVM_EXIT_MMIO && run->mmio.len >= 1 && run->mmio.len <= 8) {
+        loop->stats.decoded++;
+        loop->access[0] = run->mmio.phys_addr;
+        loop->access[1] = run->mmio.len;
+        if (run->mmio.is_write) {
+            loop->access[2] = kvmpy_le_load(run->mmio.data, run->mmio.len);
+            return KVMPY_DECODED_MMIO_WRITE;
+        }
+        loop->answer_to = run->mmio.data;
+        loop->answer_len = run->mmio.len;
+        return KVMPY_DECODED_MMIO_READ;
+    }
+    return reason;
 }
 """)
 

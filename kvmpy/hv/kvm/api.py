@@ -13,6 +13,7 @@ import signal
 import threading
 
 from .. import exits
+from ..exits import DecodedExits
 from ..regs import DTable, Regs, Segment, SRegs, GPR_NAMES, SEGMENT_NAMES
 from ._kvm_cffi import ffi, lib
 
@@ -285,11 +286,17 @@ class KvmVcpu:
         self.internal_error = ""
         self.system_event = 0
         self._run_size = vm.kvm.vcpu_mmap_size
-        # What run()'s C loop answered without returning (see ``use_exit_map``).
-        self._loop_stats = ffi.new("struct kvmpy_loop_stats *")
+        # The C loop's state: this vCPU's kvm_run, the claimed map (``use_exit_map``),
+        # what it answered without returning, the access it decoded last.
+        self._loop = ffi.new("struct kvmpy_vcpu_loop *")
+        self._loop.fd, self._loop.run, self._loop.run_size = fd, self._run, self._run_size
+        ring_at = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        if self._run_size >= ring_at + mmap.PAGESIZE:
+            # The VM's one ring, mapped into every vCPU's kvm_run mmap.
+            self._loop.ring = ffi.cast("struct kvm_coalesced_mmio_ring *", ffi.cast("char *", self._run) + ring_at)
+        self._access = memoryview(ffi.buffer(self._loop.access)).cast("Q")
         self._exit_map = ffi.NULL
         self._report_every_exit = False
-        self._loop_map = ffi.NULL          # _exit_map, or NULL while every exit is reported
         self._io_views: dict[tuple[int, int], memoryview] = {}
         self._mmio_views = [self._mv[self._mmio_data_off:self._mmio_data_off + n] for n in range(9)]
         _install_kick_handler()
@@ -304,7 +311,7 @@ class KvmVcpu:
         (a ``struct kvmpy_exit_map *`` its accelerator keeps current) shows no device
         claims, in C, and returns only for the rest (see ``kvmpy_run_loop``)."""
         self._exit_map = exit_map
-        self._loop_map = ffi.NULL if self._report_every_exit else exit_map
+        self._loop.map = ffi.NULL if self._report_every_exit else exit_map
 
     @property
     def report_every_exit(self) -> bool:
@@ -315,20 +322,38 @@ class KvmVcpu:
     @report_every_exit.setter
     def report_every_exit(self, on: bool) -> None:
         self._report_every_exit = on
-        self._loop_map = ffi.NULL if on else self._exit_map
+        self._loop.map = ffi.NULL if on else self._exit_map
 
     def loop_stats(self) -> dict[str, int]:
-        """Accesses run()'s C loop answered itself, and how often it returned."""
-        st = self._loop_stats
-        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned}
+        """Accesses the C loop answered itself, how often it returned, and how many of
+        those returns were one access decoded for the vCPU loop's fast path."""
+        st = self._loop.stats
+        return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned,
+                "decoded": st.decoded}
 
-    # --- the run protocol -------------------------------------------------
-    def run(self) -> int:
-        run = self._run
+    def decoded_exits(self) -> DecodedExits | None:
+        """The vCPU loop's fast path (kvmpy.hv.exits.DecodedExits); None while every
+        exit is reported. Called on the thread that will run the vCPU."""
+        if self._report_every_exit:
+            return None
+        self._note_thread()
+        return DecodedExits(lib.kvmpy_run_decoded, self._loop, self._access, self.exit_kind)
+
+    def _note_thread(self) -> None:
         if self.thread_id is None:
             self.thread_id = threading.get_ident()
             self.native_id = threading.get_native_id()
-        reason = _run_loop(self.fd, run, self._run_size, self._loop_map, self._loop_stats)
+
+    # --- the run protocol -------------------------------------------------
+    def run(self) -> int:
+        if self.thread_id is None:
+            self._note_thread()
+        return self.exit_kind(_run_loop(self._loop))
+
+    def exit_kind(self, reason: int) -> int:
+        """The exit the C loop returned (a KVM exit reason, or -errno) as run() reports
+        it, with the exit attributes set."""
+        run = self._run
         if reason == _EXIT_IO:
             io = self._io
             size, count = io.size, io.count
