@@ -1292,9 +1292,14 @@ static inline Block *exec_block(CPU *c, Block *b)
 }
 
 /* native code's helper: one instruction through the interpreter (see native.h) */
+_Static_assert(sizeof(((CPU *)0)->st_native_helper_op) / sizeof(uint64_t) == DISPATCH_SIZE,
+               "CPU.st_native_helper_op is indexed by dispatch op");
+
 static int native_step(CPU *c, Insn *i, uint64_t rip)
 {
     c->rip = rip;
     c->st_native_helper++;
+    if (unlikely(c->profiling))
+        c->st_native_helper_op[i->op]++;
     return exec_insns(c, c->cur_block, i) == 0;
 }

@@ -279,6 +279,13 @@ typedef struct CPU {
     size_t nat_size, nat_used;
     int native_threshold;
     uint64_t st_native_insns, st_native_helper, st_native_blocks, st_native_compile_ns;
+    /* native tier, while `profiling`: helper calls per dispatch op (Insn.op), to find
+     * what still lacks a native form; sized by DISPATCH_SIZE (exec.c checks) */
+    uint64_t st_native_helper_op[0x441];
+    /* the native tier's direct chaining (native.h): the successor slot of the exit a
+     * compiled block just left by, or 0; exec.c links it and clears it */
+    struct Block **nat_exit_slot;
+    uint64_t st_native_chained;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
