@@ -132,6 +132,11 @@ typedef struct Block {
      * block_cache_flush), and runs only while the block is valid */
     void *native;
     uint32_t heat;
+    /* native tier: the compiled successors of this block's two direct exits (taken,
+     * fall-through), jumped to straight from its code; set by exec.c once a successor
+     * fits (native.h says when), cleared when the slot is refilled. The jump re-checks
+     * the successor's validity and fetch mapping, so nothing must unlink them. */
+    struct Block *nat_succ[2];
 } Block;
 
 typedef struct RamRegion {
@@ -285,6 +290,7 @@ typedef struct CPU {
     /* the native tier's direct chaining (native.h): the successor slot of the exit a
      * compiled block just left by, or 0; exec.c links it and clears it */
     struct Block **nat_exit_slot;
+    const _Atomic uint64_t *nat_code_epoch;   /* mem.c's code_epoch, for the chained jumps */
     uint64_t st_native_chained;
 } CPU;
 

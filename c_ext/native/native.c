@@ -9,6 +9,10 @@
 #define ARENA_SIZE (32u << 20)
 /* the most one instruction can emit, with its exit stub: checked before each one */
 #define INSN_MAX_CODE 160
+/* a chained exit's code (emit_chain_exit), at most */
+#define CHAIN_EXIT_CODE 192
+/* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
+#define NATIVE_CHAIN_ENTRY 4
 
 int native_threshold_from_env(void)
 {
@@ -618,6 +622,59 @@ static void emit_exit(Emit *e, int done)
     b1(e, 0xc3);   /* ret */
 }
 
+/* Leaves for the direct successor at guest rip `target` (c->rip already holds it),
+ * jumping straight into its compiled code when native_chain_fits() linked it in
+ * b->nat_succ[slot] and the conditions of native.h hold; otherwise returns with
+ * CPU.nat_exit_slot naming the slot, so exec.c can link it. */
+static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
+{
+    Emit *e = &k->e;
+    uint8_t *out[8];
+    int nout = 0;
+    add64_mem_imm(e, CPU_OFF(st_insns), done);
+    add64_mem_imm(e, CPU_OFF(st_native_insns), done);
+    uint64_t slot_addr = (uint64_t)(uintptr_t)&k->b->nat_succ[slot];
+    mov_imm(e, RAX, slot_addr);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x08);                      /* mov rcx, [rax] */
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
+    out[nout++] = jcc32(e, 0x4);                                /* jz out */
+    /* what the run loop and native_ready() look at between blocks, all zero */
+    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
+    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
+    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
+    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    /* block_fits(): the successor's page is what this CPU fetches at its linear address */
+    uint64_t lin = k->long64 ? target : (uint32_t)(k->b->cs_base + target);
+    int32_t ent = CPU_OFF(tlb) + (int32_t)(((lin >> 12) & (TLB_SIZE - 1)) * sizeof(TlbEnt));
+    op_mem(e, 1, 0x63, RDX, CPU_OFF(mmu_idx));                  /* movsxd rdx, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdx, rdx, row */
+    mov_imm(e, RAX, lin & ~0xfffull);
+    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
+    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
+    out[nout++] = jcc32(e, 0x5);
+    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
+    add64_mem_imm(e, CPU_OFF(st_native_chained), 1);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
+    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    for (int n = 0; n < nout; n++)
+        patch_rel32(out[n], e->p);
+    mov_imm(e, RAX, slot_addr);
+    store64(e, RAX, CPU_OFF(nat_exit_slot));
+    b1(e, 0x5b);   /* pop rbx */
+    b1(e, 0xc3);   /* ret */
+}
+
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
 static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
 {
@@ -625,7 +682,7 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
     uint64_t target = branch_target(k, i, next_rip);
     if (i->op == 0xe9 || i->op == 0xeb) {
         store64_const(e, CPU_OFF(rip), target);
-        emit_exit(e, done);
+        emit_chain_exit(k, 0, target, done);
         return;
     }
     int cc = i->op & 15;
@@ -643,10 +700,10 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
         taken = jcc32(e, 0x5);
     }
     store64_const(e, CPU_OFF(rip), next_rip);
-    emit_exit(e, done);
+    emit_chain_exit(k, 1, next_rip, done);
     patch_rel32(taken, e->p);
     store64_const(e, CPU_OFF(rip), target);
-    emit_exit(e, done);
+    emit_chain_exit(k, 0, target, done);
 }
 
 /* ---- the block compiler ---- */
@@ -705,7 +762,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 {
     if (!c->nat_arena)
         return 0;
-    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE;
+    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE;
     if (c->nat_size - c->nat_used < need)
         return 0;
     uint64_t t0 = now_ns();
@@ -725,6 +782,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 
     b1(&k.e, 0x53);                                 /* push rbx: also aligns the stack */
     b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
+    /* NATIVE_CHAIN_ENTRY: where a chained jump enters, rbx and the frame already set */
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
@@ -745,9 +803,13 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         rip = next;
     }
     if (!ended) {
-        if (rip_stale)
+        if (rip_stale) {
+            /* ran into the block's size or page limit: the next block follows directly */
             store64_const(&k.e, CPU_OFF(rip), rip);
-        emit_exit(&k.e, (int)b->n);
+            emit_chain_exit(&k, 1, rip, (int)b->n);
+        } else {
+            emit_exit(&k.e, (int)b->n);   /* the helper set rip: a jump of its own */
+        }
     }
     /* TLB misses: the instruction through the interpreter, then back (or out) */
     for (int s = 0; s < k.nslow; s++) {
