@@ -10,7 +10,7 @@
 /* the most one instruction can emit, with its exit stub: checked before each one */
 #define INSN_MAX_CODE 160
 /* a chained exit's code (emit_chain_exit), at most */
-#define CHAIN_EXIT_CODE 192
+#define CHAIN_EXIT_CODE 256
 /* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
 #define NATIVE_CHAIN_ENTRY 4
 
@@ -241,6 +241,24 @@ int native_has_form(const Insn *i)
     case 0x188: case 0x189: case 0x18a: case 0x18b: case 0x18c: case 0x18d: case 0x18e: case 0x18f:
     case 0xe9: case 0xeb:
         return 1;
+    case 0x11f:   /* hint nop: no memory access */
+        return 1;
+    case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
+        return i->osz == 8 && (i->mod == 3 || mem_ok(i));
+    case 0xc1:    /* rol/ror r32|r64, imm8 */
+        return (i->reg & 7) <= 1 && i->mod == 3 && (i->osz == 4 || i->osz == 8);
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+        return i->mod == 3;   /* setcc r8 */
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+        return i->mod == 3 && (i->osz == 4 || i->osz == 8);   /* cmovcc r, r */
+    /* the stack: the operand size must be the mode's stack width (stack_osz), which
+     * emit_native checks with the block's mode; 16-bit forms stay with the helper */
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x68: case 0x6a: case 0xe8: case 0xc3: case 0xc2:
+        return i->osz == 8 || i->osz == 4;
     }
     return 0;
 }
@@ -251,7 +269,8 @@ int native_has_form(const Insn *i)
  * resumes after it; an early end (stub) leaves crediting the instructions run. */
 typedef struct Slow {
     uint8_t *jump;      /* rel32 of the branch to it */
-    uint8_t *resume;
+    uint8_t *jump2;     /* and of a second one (the stack-size guard), or 0 */
+    uint8_t *resume;    /* 0: the instruction ends the block, leave after it */
     Insn *insn;
     uint64_t rip;
     int done;
@@ -275,6 +294,9 @@ typedef struct Comp {
 } Comp;
 
 /* ---- native forms ---- */
+
+static int native_cond(CPU *c, int cc);
+#define native_cond_fn native_cond
 
 /* The interpreter's alu() + set_cc() with a in rax and b in rcx; the result goes to
  * guest register dst (unless cmp). Ends with the operation at its guest size, so the
@@ -353,19 +375,22 @@ static void emit_ea_off(Emit *e, const Insn *i, uint64_t next_rip)
         mov32_rr(e, RAX, RAX);
 }
 
-/* Host address of i's memory operand in rax through the TLB (tlb_hit in access.h);
- * a miss, a page crossing or a slow page branches to an out-of-line path that runs
- * the whole instruction through the interpreter. Returns the slow path's index. */
-static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned size, int write, int done)
+/* A new out-of-line path running i through the interpreter (see Slow) */
+static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
+{
+    Slow *s = &k->slow[k->nslow];
+    memset(s, 0, sizeof *s);
+    s->insn = i;
+    s->rip = rip;
+    s->done = done;
+    return k->nslow++;
+}
+
+/* Linear address in rax -> host address in rax through the TLB (tlb_hit in access.h);
+ * a miss, a page crossing or a slow page branches to slow path s. Clobbers rcx, rdx. */
+static void emit_tlb(Comp *k, int s, unsigned size, int write)
 {
     Emit *e = &k->e;
-    emit_ea_off(e, i, next_rip);
-    /* linear(): flat in 64-bit code but for FS/GS; 32-bit wrap otherwise */
-    if (!k->long64 || i->seg >= S_FS)
-        op_mem(e, 1, 0x03, RAX, CPU_OFF(seg) + (int32_t)(i->seg * sizeof(Seg)) +
-                                    (int32_t)offsetof(Seg, base));   /* add rax, base */
-    if (!k->long64)
-        mov32_rr(e, RAX, RAX);
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
     b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 12);           /* shr rdx, 12 */
     b1(e, 0x81); b1(e, 0xe2); b4(e, TLB_SIZE - 1);              /* and edx, TLB_SIZE-1 */
@@ -379,13 +404,88 @@ static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned 
     b1(e, 0x48); b1(e, 0x81); b1(e, 0xe1); b4(e, 0xfffff000u);          /* and rcx, ~0xfff */
     op_tlb(e, 1, 0x3b, RCX, CPU_OFF(tlb) + (int32_t)(write ? offsetof(TlbEnt, tag_w)
                                                             : offsetof(TlbEnt, tag_r)));
-    Slow *s = &k->slow[k->nslow];
-    s->jump = jcc32(e, 0x5);                                    /* jne slow */
-    s->insn = i;
-    s->rip = rip;
-    s->done = done;
+    k->slow[s].jump = jcc32(e, 0x5);                            /* jne slow */
     op_tlb(e, 1, 0x03, RAX, CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, addend));   /* add rax, addend */
-    return k->nslow++;
+}
+
+/* Host address of i's memory operand in rax through the TLB; a miss, a page crossing
+ * or a slow page branches to an out-of-line path that runs the whole instruction
+ * through the interpreter. Returns the slow path's index. */
+static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned size, int write, int done)
+{
+    Emit *e = &k->e;
+    emit_ea_off(e, i, next_rip);
+    /* linear(): flat in 64-bit code but for FS/GS; 32-bit wrap otherwise */
+    if (!k->long64 || i->seg >= S_FS)
+        op_mem(e, 1, 0x03, RAX, CPU_OFF(seg) + (int32_t)(i->seg * sizeof(Seg)) +
+                                    (int32_t)offsetof(Seg, base));   /* add rax, base */
+    if (!k->long64)
+        mov32_rr(e, RAX, RAX);
+    int s = new_slow(k, i, rip, done);
+    emit_tlb(k, s, size, write);
+    return s;
+}
+
+/* ---- the stack (push, pop, call, ret): 64-bit code, or 32-bit code on a 32-bit stack ---- */
+
+/* The operand size of a stack form with a native form in this block's mode, or 0 */
+static unsigned stack_osz(const Insn *i, int long64)
+{
+    return long64 ? (i->osz == 8 ? 8 : 0) : (i->osz == 4 ? 4 : 0);
+}
+
+/* rax = linear address of the stack at rsp + delta, as sp_add/sp_lin do. Outside
+ * 64-bit code SS must be a 32-bit stack: checked here (SS can change within a block's
+ * mode), a 16-bit one takes slow path s. */
+static void emit_stack_lin(Comp *k, int s, int32_t delta)
+{
+    Emit *e = &k->e;
+    if (k->long64) {
+        load64(e, RAX, GREG(R_SP));
+        if (delta) {
+            b1(e, 0x48); b1(e, 0x05); b4(e, (uint32_t)delta);  /* add rax, imm32 */
+        }
+        return;
+    }
+    int32_t ss = CPU_OFF(seg) + (int32_t)(S_SS * sizeof(Seg));
+    b1(e, 0x80); b1(e, 0xbb); b4(e, (uint32_t)(ss + (int32_t)offsetof(Seg, db))); b1(e, 0);   /* cmp byte [rbx+db], 0 */
+    k->slow[s].jump2 = jcc32(e, 0x4);                           /* je slow */
+    load32(e, RAX, GREG(R_SP));
+    if (delta) {
+        b1(e, 0x05); b4(e, (uint32_t)delta);                    /* add eax, imm32: wraps at 32 bits */
+    }
+    op_mem(e, 1, 0x03, RAX, ss + (int32_t)offsetof(Seg, base)); /* add rax, ss.base */
+    mov32_rr(e, RAX, RAX);
+}
+
+/* rsp += delta at the stack's size (after the access succeeded) */
+static void emit_sp_add(Comp *k, int32_t delta)
+{
+    Emit *e = &k->e;
+    if (k->long64) {
+        op_mem(e, 1, 0x81, 0, GREG(R_SP));                      /* add qword [rbx+rsp], imm32 */
+        b4(e, (uint32_t)delta);
+        return;
+    }
+    load32(e, RCX, GREG(R_SP));
+    b1(e, 0x81); b1(e, 0xc1); b4(e, (uint32_t)delta);           /* add ecx, imm32 */
+    store64(e, RCX, GREG(R_SP));                                /* the upper half cleared, as sp_add */
+}
+
+/* push of rcx (the value, loaded by `load_value` after the address checks) */
+static int emit_push(Comp *k, Insn *i, uint64_t rip, int done, unsigned sz)
+{
+    int s = new_slow(k, i, rip, done);
+    emit_stack_lin(k, s, -(int32_t)sz);
+    emit_tlb(k, s, sz, 1);
+    return s;
+}
+
+static void emit_store_rcx(Emit *e, unsigned sz)
+{
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x89); b1(e, 0x08);                                   /* mov [rax], (r|e)cx */
 }
 
 /* movzx/movsx eax|rax from a register: [rbx + disp], the byte registers AH-BH at +1 */
@@ -399,6 +499,37 @@ static int32_t byte_reg_disp(const Insn *i, int r)
 static uint64_t native_get_cf(CPU *c)
 {
     return (uint64_t)get_cf(c);
+}
+
+/* rol/ror's flags, as shift_op: CF and OF from the result r, the others as they were */
+static void native_rotate_flags(CPU *c, uint64_t r, uint32_t how)
+{
+    unsigned bits = how >> 8;
+    uint32_t f = compute_arith(c), cf, of;
+    if ((how & 0xff) == 0) {
+        cf = r & 1;
+        of = ((r >> (bits - 1)) & 1) ^ cf;
+    } else {
+        cf = (r >> (bits - 1)) & 1;
+        of = cf ^ ((r >> (bits - 2)) & 1);
+    }
+    set_flags(c, (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0));
+}
+
+/* eax = cond(c, cc), or the host's own condition when the guest's flags are live in
+ * the host flags: then al = cc and the host flags stay (returns 1) */
+static int emit_cond_al(Comp *k, int cc, int flags_live)
+{
+    Emit *e = &k->e;
+    if (flags_live) {
+        b1(e, 0x0f); b1(e, (uint8_t)(0x90 | cc)); b1(e, 0xc0); /* setcc al */
+        return 1;
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RSI, (uint64_t)cc);
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_cond_fn);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    return 0;
 }
 
 /* inc/dec of a register: CF kept (cc_c), the rest from the result, as inc_dec_reg */
@@ -590,6 +721,93 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
         return 1;
+    case 0x11f:
+        k->flags_live = flags_were_live;
+        return 1;
+    case 0x63:
+        if (!k->long64)
+            return 0;
+        if (i->mod == 3) {
+            op_mem(e, 1, 0x63, RAX, GREG(i->rm));               /* movsxd rax, [rbx+rm] */
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, 4, 0, done);
+            b1(e, 0x48); b1(e, 0x63); b1(e, 0x00);              /* movsxd rax, [rax] */
+        }
+        store64(e, RAX, GREG(i->reg));
+        break;
+    case 0xc1: {
+        int wide = i->osz == 8;
+        unsigned n = (unsigned)(i->imm & (wide ? 63 : 31));
+        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));               /* a 32-bit load zero-extends */
+        if (n) {
+            if (wide)
+                b1(e, 0x48);
+            b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | ((i->reg & 7) << 3) | RAX)); b1(e, (uint8_t)n);
+        }
+        store64(e, RAX, GREG(i->rm));
+        if (n && !k->cc_dead) {
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);              /* mov rdi, rbx */
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);              /* mov rsi, rax */
+            mov_imm(e, RDX, (uint64_t)((i->reg & 7) | (wide ? 64 : 32) << 8));
+            mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
+            b1(e, 0xff); b1(e, 0xd0);                           /* call rax */
+        }
+        if (!n)
+            k->flags_live = flags_were_live;
+        return 1;
+    }
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
+        int live = emit_cond_al(k, i->op & 15, flags_were_live);
+        b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], al */
+        k->flags_live = live;
+        return 1;
+    }
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f: {
+        int wide = i->osz == 8, cc = i->op & 15;
+        if (!flags_were_live) {
+            emit_cond_al(k, cc, 0);
+            b1(e, 0x85); b1(e, 0xc0);                           /* test eax, eax */
+            cc = 0x5;                                           /* cmovnz */
+        }
+        op_mem(e, wide, 0x8b, RAX, GREG(i->reg));              /* 32 bits: zero-extended either way */
+        op_mem(e, wide, 0x8b, RCX, GREG(i->rm));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, (uint8_t)(0x40 | cc)); b1(e, 0xc1); /* cmovcc (e|r)ax, (e|r)cx */
+        store64(e, RAX, GREG(i->reg));
+        k->flags_live = flags_were_live;
+        return 1;
+    }
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x68: case 0x6a: {
+        unsigned sz = stack_osz(i, k->long64);
+        if (!sz)
+            return 0;
+        slow = emit_push(k, i, rip, done, sz);
+        if (i->op >= 0x68)
+            mov_imm(e, RCX, sz == 8 ? i->imm : (uint32_t)i->imm);
+        else
+            op_mem(e, sz == 8, 0x8b, RCX, GREG(i->reg));       /* push rsp: the value before */
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+        break;
+    }
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f: {
+        unsigned sz = stack_osz(i, k->long64);
+        if (!sz)
+            return 0;
+        slow = new_slow(k, i, rip, done);
+        emit_stack_lin(k, slow, 0);
+        emit_tlb(k, slow, sz, 0);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x00);                               /* mov (r|e)ax, [rax] */
+        emit_sp_add(k, (int32_t)sz);                            /* clobbers rcx only */
+        store64(e, RAX, GREG(i->reg));                          /* pop rsp: the loaded value wins */
+        break;
+    }
     default:
         return 0;
     }
@@ -706,6 +924,40 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
     emit_chain_exit(k, 0, target, done);
 }
 
+/* call rel / ret ending the block. Nothing changes before the stack access has
+ * passed the TLB: a miss runs the instruction through the interpreter (precise rsp and
+ * rip on a fault) and leaves after it. */
+static void emit_call_ret(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = stack_osz(i, k->long64);
+    int s = new_slow(k, i, rip, done);
+    if (i->op == 0xe8) {
+        uint64_t target = branch_target(k, i, next_rip);
+        emit_stack_lin(k, s, -(int32_t)sz);
+        emit_tlb(k, s, sz, 1);
+        mov_imm(e, RCX, next_rip);
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+        store64_const(e, CPU_OFF(rip), target);
+        emit_chain_exit(k, 0, target, done);
+        return;
+    }
+    emit_stack_lin(k, s, 0);
+    emit_tlb(k, s, sz, 0);
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x8b); b1(e, 0x00);                                   /* mov (r|e)ax, [rax]: zero-extends */
+    emit_sp_add(k, (int32_t)(sz + (i->op == 0xc2 ? (uint32_t)(i->imm & 0xffff) : 0)));
+    store64(e, RAX, CPU_OFF(rip));
+    emit_exit(e, done);
+}
+
+static int is_call_ret(const Insn *i, int long64)
+{
+    return (i->op == 0xe8 || i->op == 0xc3 || i->op == 0xc2) && stack_osz(i, long64);
+}
+
 /* ---- the block compiler ---- */
 
 static void emit_step_call(Comp *k, Insn *i, uint64_t rip)
@@ -792,6 +1044,11 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
             ended = 1;
             break;
         }
+        if (n + 1 == b->n && is_call_ret(i, k.long64)) {
+            emit_call_ret(&k, i, rip, next, (int)b->n);
+            ended = 1;
+            break;
+        }
         if (!is_branch(i) && native_has_form(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
             rip_stale = 1;
         } else {
@@ -814,7 +1071,13 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     /* TLB misses: the instruction through the interpreter, then back (or out) */
     for (int s = 0; s < k.nslow; s++) {
         patch_rel32(k.slow[s].jump, k.e.p);
+        if (k.slow[s].jump2)
+            patch_rel32(k.slow[s].jump2, k.e.p);
         emit_step_call(&k, k.slow[s].insn, k.slow[s].rip);
+        if (!k.slow[s].resume) {   /* a block-ending instruction: the interpreter set rip */
+            emit_exit(&k.e, k.slow[s].done);
+            continue;
+        }
         add_stub(&k, k.slow[s].done);
         b1(&k.e, 0xe9);
         uint8_t *at = k.e.p;
