@@ -2,8 +2,9 @@
 
 Random straight-line blocks of the instructions with native forms (mov, ALU, test,
 lea, shifts, rol/ror, loads/stores through the inline TLB path, movzx/movsx/movsxd,
-setcc, cmovcc, push/pop, a closing jcc, call or ret), mixed with instructions the
-native code hands to the interpreter's handler (adc, sbb, neg, 16-bit forms), run
+setcc, cmovcc, push/pop, byte, memory and adc/sbb ALU forms, a closing jcc, call or
+ret), mixed with instructions the native code hands to the interpreter's handler
+(neg, lock-prefixed and 16-bit forms), run
 from random register, flag and memory
 states on two translator vCPUs: one compiling every block before its first run
 (threshold 0), one never compiling. Every register, rip, the arithmetic flags and
@@ -182,8 +183,44 @@ def stack_op(draw):
     ]))
 
 
+@st.composite
+def gen_alu_op(draw):
+    """the ALU forms the decoder does not specialise: byte operands (AH-BH without REX),
+    memory operands (read-modify-write, and lock-prefixed: the helper's atomics), adc and
+    sbb, the accumulator with an immediate, test; 16-bit ones through the helper"""
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    op, d, full = draw(st.integers(0, 7)), draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    mem = struct.pack("<i", draw(disp))
+    o16 = draw(osz16)
+    return draw(st.sampled_from([
+        o16 + rex(w, a, 0, b) + bytes([op * 8 + d * 2 + full]) + modrm(3, a, b),
+        bytes([op * 8 + d * 2]) + modrm(3, a & 7, b & 7),                        # no REX: AH-BH
+        o16 + rex(w, a, 0, 15) + bytes([op * 8 + d * 2 + full]) + modrm(2, a, 7) + mem,
+        b"\xF0" + rex(w, a, 0, 15) + bytes([op % 7 * 8 + full]) + modrm(2, a, 7) + mem,   # lock (not cmp)
+        o16 + rex(w) + bytes([op * 8 + 4]) + imm8,
+        rex(w) + bytes([op * 8 + 5]) + imm32,
+        rex(w, 0, 0, a) + b"\x80" + modrm(3, op, a) + imm8,
+        b"\x80" + modrm(3, op, a & 7) + imm8,
+        o16 + rex(w, 0, 0, a) + b"\x83" + modrm(3, op, a) + imm8,
+        rex(w, 0, 0, 15) + bytes([draw(st.sampled_from([0x80, 0x83]))]) + modrm(2, op, 7) + mem + imm8,
+        rex(w, 0, 0, 15) + b"\x81" + modrm(2, op, 7) + mem + imm32,
+        o16 + rex(w, a, 0, b) + bytes([0x84 + full]) + modrm(3, a, b),
+        rex(w, a, 0, 15) + bytes([0x84 + full]) + modrm(2, a, 7) + mem,
+        rex(w) + b"\xA8" + imm8, rex(w) + b"\xA9" + imm32,
+        rex(w, 0, 0, a) + b"\xF6" + modrm(3, 0, a) + imm8,
+        rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 0, 7) + mem + imm32,
+    ]))
+
+
+# a flag producer right before a reader: the native code hands the flags over in the
+# host's flags register there, not through the lazy record
+flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
+                      st.one_of(cond_op(), gen_alu_op())).map(b"".join)
+
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
-                 cond_op(), rotate_movsxd_op(), stack_op())
+                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), flag_pair)
 
 
 def block_end(draw, body, code_base):

@@ -205,10 +205,56 @@ static int mem_ok(const Insn *i)
     return i->mod != 3 && (i->asz == 8 || i->asz == 4) && i->index != RIPREG && i->seg < 6;
 }
 
+/* The ALU forms without a decoder specialisation (byte operands, memory operands,
+ * adc/sbb, the accumulator forms, test): what gen_alu() compiles */
+enum { GA_E_REG, GA_REG_E, GA_ACC_IMM, GA_E_IMM, GA_TEST_E_REG, GA_TEST_E_IMM, GA_TEST_ACC_IMM };
+enum { ALU_ADC = 2, ALU_SBB = 3 };
+
+static int gen_alu_form(const Insn *i, int *aluop, unsigned *sz, int *kind)
+{
+    unsigned op = i->op;
+    if (op < 0x40 && (op & 7) <= 5) {
+        *aluop = (int)(op >> 3);
+        *sz = (op & 1) ? i->osz : 1;
+        *kind = (op & 7) <= 1 ? GA_E_REG : (op & 7) <= 3 ? GA_REG_E : GA_ACC_IMM;
+    } else if (op == 0x80 || op == 0x81 || op == 0x83) {
+        *aluop = i->reg & 7;
+        *sz = op == 0x80 ? 1 : i->osz;
+        *kind = GA_E_IMM;
+    } else if (op == 0x84 || op == 0x85) {
+        *aluop = ALU_AND;
+        *sz = op == 0x84 ? 1 : i->osz;
+        *kind = GA_TEST_E_REG;
+    } else if (op == 0xa8 || op == 0xa9) {
+        *aluop = ALU_AND;
+        *sz = op == 0xa8 ? 1 : i->osz;
+        *kind = GA_TEST_ACC_IMM;
+    } else if ((op == 0xf6 || op == 0xf7) && (i->reg & 7) <= 1) {
+        *aluop = ALU_AND;
+        *sz = op == 0xf6 ? 1 : i->osz;
+        *kind = GA_TEST_E_IMM;
+    } else {
+        return 0;
+    }
+    if (*sz == 2 || i->lock)
+        return 0;
+    if (*kind == GA_ACC_IMM || *kind == GA_TEST_ACC_IMM)
+        return 1;
+    return i->mod == 3 || mem_ok(i);
+}
+
+static int gen_alu_mem(const Insn *i, int kind)
+{
+    return kind != GA_ACC_IMM && kind != GA_TEST_ACC_IMM && i->mod != 3;
+}
+
 int native_has_form(const Insn *i)
 {
-    int form, aluop;
+    int form, aluop, kind;
+    unsigned sz;
     if (alux_form(i, &form, &aluop))
+        return 1;
+    if (gen_alu_form(i, &aluop, &sz, &kind))
         return 1;
     switch (i->op) {
     case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
@@ -575,6 +621,10 @@ static void emit_imul_tail(Comp *k, const Insn *i)
             b1(e, 0x48);
         b1(e, 0x69); b1(e, 0xc0); b4(e, (uint32_t)i->imm);     /* imul (e|r)ax, (e|r)ax, imm32 */
     }
+    if (k->cc_dead) {   /* nothing reads these flags: the product alone */
+        store64(e, RAX, GREG(i->reg));
+        return;
+    }
     b1(e, 0x0f); b1(e, 0x90); b1(e, 0xc2);                      /* seto dl */
     store64(e, RAX, GREG(i->reg));
     if (wide)
@@ -589,6 +639,155 @@ static void emit_imul_tail(Comp *k, const Insn *i)
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
 }
 
+/* The interpreter's alu() for any operation and size 1, 4 or 8: a in rax, b in rcx
+ * (zero-extended), for adc/sbb the carry in r8 (0/1). Leaves the result in rdx (upper
+ * bits as the 64-bit sum has them) and the host flags as the guest's. */
+static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
+{
+    Emit *e = &k->e;
+    int logic = aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
+    int carry = aluop == ALU_ADC || aluop == ALU_SBB;
+    static const uint32_t ccop[8] = { [ALU_ADD] = CC_ADD, [ALU_OR] = CC_LOGIC, [ALU_ADC] = CC_ADC,
+                                      [ALU_SBB] = CC_SBB, [ALU_AND] = CC_LOGIC, [ALU_SUB] = CC_SUB,
+                                      [ALU_XOR] = CC_LOGIC, [ALU_CMP] = CC_SUB };
+    static const uint8_t opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x01,
+                                    [ALU_SBB] = 0x29, [ALU_AND] = 0x21, [ALU_SUB] = 0x29,
+                                    [ALU_XOR] = 0x31, [ALU_CMP] = 0x29 };
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    alu_rr(e, opc[aluop], RDX, RCX);
+    if (carry) {
+        b1(e, 0x4c); b1(e, opc[aluop]); b1(e, 0xc2);            /* add|sub rdx, r8 */
+    }
+    if (!k->cc_dead) {
+        if (logic) {
+            store64_simm(e, CPU_OFF(cc_a), 0);
+            store64_simm(e, CPU_OFF(cc_b), 0);
+        } else {
+            store64(e, RAX, CPU_OFF(cc_a));
+            store64(e, RCX, CPU_OFF(cc_b));
+        }
+        if (carry) {
+            b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_c));   /* mov cc_c, r8 */
+        }
+        store64(e, RDX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), ccop[aluop]);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    if (carry) {
+        b1(e, 0x41); b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe0); b1(e, 0);   /* bt r8d, 0: CF = carry in */
+    }
+    /* the same operation at the guest's size, for the host flags only */
+    static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
+                                         [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
+                                         [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
+    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    k->flags_live = 1;
+}
+
+/* reg = guest register r at size sz, zero-extended */
+static void load_greg(Comp *k, const Insn *i, int reg, int r, unsigned sz)
+{
+    Emit *e = &k->e;
+    if (sz == 1) {
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, byte [rbx+d] */
+        b4(e, (uint32_t)byte_reg_disp(i, r));
+    } else {
+        op_mem(e, sz == 8, 0x8b, reg, GREG(r));
+    }
+}
+
+/* reg = [rsi] at size sz, zero-extended */
+static void load_rsi(Emit *e, int reg, unsigned sz)
+{
+    if (sz == 1) {
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)((reg << 3) | RSI));
+    } else {
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, (uint8_t)((reg << 3) | RSI));
+    }
+}
+
+/* r8 = the guest's CF, for adc/sbb: from the host flags when they are the guest's */
+static void emit_carry_r8(Comp *k, int flags_live)
+{
+    Emit *e = &k->e;
+    if (flags_live) {
+        b1(e, 0x41); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc0);     /* setc r8b */
+        b1(e, 0x45); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc0);     /* movzx r8d, r8b */
+        return;
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    b1(e, 0x41); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8d, eax */
+}
+
+/* A gen_alu_form() instruction; returns its slow path or -1 */
+static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
+{
+    Emit *e = &k->e;
+    int aluop, kind, slow = -1;
+    unsigned sz;
+    gen_alu_form(i, &aluop, &sz, &kind);
+    int mem = gen_alu_mem(i, kind);
+    int test = kind >= GA_TEST_E_REG;
+    int store = !test && aluop != ALU_CMP;
+    if (aluop == ALU_ADC || aluop == ALU_SBB)
+        emit_carry_r8(k, flags_were_live);
+    if (mem) {
+        slow = emit_mem(k, i, rip, next_rip, sz, store && kind != GA_REG_E, done);
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
+    }
+    uint64_t imm = i->imm & szmask(sz);
+    switch (kind) {
+    case GA_E_REG: case GA_TEST_E_REG: case GA_E_IMM: case GA_TEST_E_IMM:
+        if (mem)
+            load_rsi(e, RAX, sz);
+        else
+            load_greg(k, i, RAX, i->rm, sz);
+        if (kind == GA_E_REG || kind == GA_TEST_E_REG)
+            load_greg(k, i, RCX, i->reg, sz);
+        else
+            mov_imm(e, RCX, imm);
+        break;
+    case GA_REG_E:
+        load_greg(k, i, RAX, i->reg, sz);
+        if (mem)
+            load_rsi(e, RCX, sz);
+        else
+            load_greg(k, i, RCX, i->rm, sz);
+        break;
+    default:   /* the accumulator and an immediate */
+        load_greg(k, i, RAX, R_AX, sz);
+        mov_imm(e, RCX, imm);
+        break;
+    }
+    emit_alu_core_any(k, aluop, sz);
+    if (store) {
+        /* movs keep the host flags */
+        if (mem && kind != GA_REG_E) {
+            if (sz == 8)
+                b1(e, 0x48);
+            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|edx|rdx) */
+        } else {
+            int r = kind == GA_REG_E ? i->reg : kind == GA_ACC_IMM ? R_AX : i->rm;
+            if (sz == 1) {
+                b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
+                b4(e, (uint32_t)byte_reg_disp(i, r));
+            } else {
+                if (sz == 4)
+                    mov32_rr(e, RDX, RDX);
+                store64(e, RDX, GREG(r));
+            }
+        }
+    }
+    return slow;
+}
+
 /* Emits i; returns 0 when it has no native form after all. */
 static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
 {
@@ -600,11 +799,24 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         emit_alux(k, i, form, aluop);
         return 1;
     }
+    {
+        int gop, gkind;
+        unsigned gsz;
+        if (gen_alu_form(i, &gop, &gsz, &gkind)) {
+            slow = emit_gen_alu(k, i, rip, next_rip, done, flags_were_live);
+            if (slow >= 0) {
+                k->slow[slow].resume = e->p;
+                k->flags_live = 0;   /* the slow path joins without them */
+            }
+            return 1;
+        }
+    }
     switch (i->op) {
-    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
-    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
-    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
-    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
+    /* movs keep the host flags: a compare's flags still reach the jcc after them */
+    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
     case P_TEST_RR64: case P_TEST_RR32: {
         int wide = i->op == P_TEST_RR64;
         op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
@@ -720,6 +932,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         break;
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
+        k->flags_live = flags_were_live;
         return 1;
     case 0x11f:
         k->flags_live = flags_were_live;
@@ -989,6 +1202,10 @@ static int kills_flags(const Insn *i)
         return 0;
     if (alux_form(i, &form, &aluop))
         return 1;
+    unsigned gsz;
+    int gkind;
+    if (gen_alu_form(i, &aluop, &gsz, &gkind))
+        return !gen_alu_mem(i, gkind) && aluop != ALU_ADC && aluop != ALU_SBB;
     switch (i->op) {
     case P_TEST_RR64: case P_TEST_RR32:
         return 1;
@@ -1000,6 +1217,34 @@ static int kills_flags(const Insn *i)
         return (i->imm2 & 0x100) != 0;
     case 0x1af: case 0x69: case 0x6b:
         return i->mod == 3;
+    }
+    return 0;
+}
+
+/* Native forms that neither read nor write the flags and cannot fault or exit: the
+ * flags of the instruction before them reach the one after them unchanged. */
+static int flags_neutral(const Insn *i)
+{
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x11f:
+        return native_has_form(i);
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
+        return i->mod == 3 && native_has_form(i);
+    }
+    return 0;
+}
+
+/* Are the flags instruction n of b leaves overwritten before anything can see them? */
+static int flags_dead_after(const Block *b, unsigned n)
+{
+    for (unsigned m = n + 1; m < b->n; m++) {
+        const Insn *i = &b->insns[m];
+        if (kills_flags(i))
+            return 1;
+        if (!flags_neutral(i))
+            return 0;
     }
     return 0;
 }
@@ -1038,7 +1283,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
-        k.cc_dead = n + 1 < b->n && kills_flags(&b->insns[n + 1]);
+        k.cc_dead = flags_dead_after(b, n);
         if (n + 1 == b->n && is_branch(i)) {
             emit_branch(&k, i, next, (int)b->n);
             ended = 1;
