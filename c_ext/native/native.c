@@ -291,8 +291,21 @@ int native_has_form(const Insn *i)
         return 1;
     case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
         return i->osz == 8 && (i->mod == 3 || mem_ok(i));
-    case 0xc1:    /* rol/ror r32|r64, imm8 */
+    case 0xc1:    /* rol/ror r32|r64, imm8 (the shifts are P_SHIFT_RI*) */
         return (i->reg & 7) <= 1 && i->mod == 3 && (i->osz == 4 || i->osz == 8);
+    case 0xd1:    /* rol, ror, shl, shr, sar r32|r64 by 1 */
+        return (i->reg & 7) != 2 && (i->reg & 7) != 3 && (i->reg & 7) != 6 && i->mod == 3 &&
+               (i->osz == 4 || i->osz == 8);
+    case 0xc6: case 0xc7:   /* mov r/m, imm */
+        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 4 || i->osz == 8) &&
+               (i->mod == 3 || mem_ok(i));
+    case 0x88: case 0x8a:   /* mov of a byte */
+        return !i->lock && (i->mod == 3 || mem_ok(i));
+    case 0xf6: case 0xf7:   /* not, neg of a register */
+        return ((i->reg & 7) == 2 || (i->reg & 7) == 3) && i->mod == 3 && !i->lock &&
+               (i->op == 0xf6 || i->osz == 4 || i->osz == 8);
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+        return i->osz == 4 || i->osz == 8;   /* bswap */
     case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
     case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
         return i->mod == 3;   /* setcc r8 */
@@ -788,6 +801,51 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
     return slow;
 }
 
+/* shl/shr/sar of a register by a constant: the lazy record as shift_group2 writes it */
+static void emit_shift_reg(Comp *k, int r, int wide, unsigned n, int kind)
+{
+    Emit *e = &k->e;
+    if (!n) {
+        if (!wide) {   /* a 32-bit destination is written even for count 0 */
+            load32(e, RAX, GREG(r));
+            store64(e, RAX, GREG(r));
+        }
+        return;
+    }
+    op_mem(e, wide, 0x8b, RAX, GREG(r));
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+    store64(e, RAX, GREG(r));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+}
+
+/* rol/ror of a register by a constant; returns 1 when the flags stayed as they were
+ * (count 0) */
+static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind)
+{
+    Emit *e = &k->e;
+    op_mem(e, wide, 0x8b, RAX, GREG(r));                       /* a 32-bit load zero-extends */
+    if (n) {
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
+    }
+    store64(e, RAX, GREG(r));
+    if (n && !k->cc_dead) {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
+        mov_imm(e, RDX, (uint64_t)(kind | (wide ? 64 : 32) << 8));
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
+        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+    }
+    return n == 0;
+}
+
 /* Emits i; returns 0 when it has no native form after all. */
 static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
 {
@@ -836,25 +894,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     }
     case P_SHIFT_RI64: case P_SHIFT_RI32: {
         int wide = i->op == P_SHIFT_RI64;
-        unsigned n = (unsigned)(i->imm & (wide ? 63 : 31));
-        int kind = (int)i->imm2;   /* 4 shl, 5 shr, 7 sar: the modrm reg field */
-        if (!n) {
-            if (!wide) {   /* a 32-bit destination is written even for count 0 */
-                load32(e, RAX, GREG(i->rm));
-                store64(e, RAX, GREG(i->rm));
-            }
-            return 1;
-        }
-        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
-        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
-        if (wide)
-            b1(e, 0x48);
-        b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
-        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
-        store64(e, RAX, GREG(i->rm));
-        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
-        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        emit_shift_reg(k, i->rm, wide, (unsigned)(i->imm & (wide ? 63 : 31)), (int)i->imm2);
         return 1;
     }
     case P_LOAD64: case P_LOAD32: {
@@ -948,27 +988,83 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         store64(e, RAX, GREG(i->reg));
         break;
-    case 0xc1: {
-        int wide = i->osz == 8;
-        unsigned n = (unsigned)(i->imm & (wide ? 63 : 31));
-        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));               /* a 32-bit load zero-extends */
-        if (n) {
-            if (wide)
-                b1(e, 0x48);
-            b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | ((i->reg & 7) << 3) | RAX)); b1(e, (uint8_t)n);
-        }
-        store64(e, RAX, GREG(i->rm));
-        if (n && !k->cc_dead) {
-            b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);              /* mov rdi, rbx */
-            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);              /* mov rsi, rax */
-            mov_imm(e, RDX, (uint64_t)((i->reg & 7) | (wide ? 64 : 32) << 8));
-            mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
-            b1(e, 0xff); b1(e, 0xd0);                           /* call rax */
-        }
-        if (!n)
+    case 0xc1: case 0xd1: {
+        int wide = i->osz == 8, kind = i->reg & 7;
+        unsigned n = i->op == 0xd1 ? 1 : (unsigned)(i->imm & (wide ? 63 : 31));
+        if (kind >= 4)
+            emit_shift_reg(k, i->rm, wide, n, kind);
+        else if (emit_rotate_reg(k, i->rm, wide, n, kind))
             k->flags_live = flags_were_live;
         return 1;
     }
+    case 0xc6: case 0xc7: {
+        unsigned sz = i->op == 0xc6 ? 1 : i->osz;
+        if (i->mod == 3) {
+            if (sz == 1) {
+                b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+            } else {
+                store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
+            }
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, sz, 1, done);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, (uint8_t)i->op); b1(e, 0x00);                     /* mov [rax], imm */
+        if (sz == 1)
+            b1(e, (uint8_t)i->imm);
+        else
+            b4(e, (uint32_t)i->imm);                            /* 64 bits: sign-extended, as decoded */
+        break;
+    }
+    case 0x88: case 0x8a: {
+        int to_e = i->op == 0x88;
+        if (i->mod == 3) {
+            load_greg(k, i, RAX, to_e ? i->reg : i->rm, 1);
+            b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, to_e ? i->rm : i->reg));   /* mov [rbx+d], al */
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, 1, to_e, done);
+        if (to_e) {
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);              /* mov rsi, rax */
+            load_greg(k, i, RAX, i->reg, 1);
+            b1(e, 0x88); b1(e, 0x06);                           /* mov [rsi], al */
+        } else {
+            b1(e, 0x0f); b1(e, 0xb6); b1(e, 0x00);              /* movzx eax, byte [rax] */
+            b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->reg));
+        }
+        break;
+    }
+    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's) */
+        unsigned sz = i->op == 0xf6 ? 1 : i->osz;
+        load_greg(k, i, (i->reg & 7) == 3 ? RCX : RAX, i->rm, sz);
+        if ((i->reg & 7) == 2) {
+            b1(e, 0x48); b1(e, 0xf7); b1(e, 0xd0);              /* not rax: no flags */
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);              /* mov rdx, rax */
+            k->flags_live = flags_were_live;
+        } else {
+            b1(e, 0x31); b1(e, 0xc0);                           /* xor eax, eax: neg is 0 - a */
+            emit_alu_core_any(k, ALU_SUB, sz);
+        }
+        if (sz == 1) {
+            b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], dl */
+        } else {
+            if (sz == 4)
+                mov32_rr(e, RDX, RDX);
+            store64(e, RDX, GREG(i->rm));
+        }
+        return 1;
+    }
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+        op_mem(e, i->osz == 8, 0x8b, RAX, GREG(i->reg));
+        if (i->osz == 8)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xc8);                               /* bswap (e|r)ax */
+        store64(e, RAX, GREG(i->reg));
+        k->flags_live = flags_were_live;
+        return 1;
     case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
     case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
         int live = emit_cond_al(k, i->op & 15, flags_were_live);
