@@ -77,7 +77,7 @@ typedef struct Seg {
     uint8_t type, s, dpl, present, avl, l, db, g, unusable;
 } Seg;
 
-#define TLB_BITS 10
+#define TLB_BITS 12
 #define TLB_SIZE (1 << TLB_BITS)
 #define TLB_INVALID (~0ULL)
 typedef struct TlbEnt {
