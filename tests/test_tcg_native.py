@@ -1,9 +1,9 @@
 """The translator's native tier (c_ext/native/) against its own interpreter.
 
 Random straight-line blocks of the instructions with native forms (mov, ALU, test,
-lea, shifts, rol/ror, loads/stores through the inline TLB path, movzx/movsx/movsxd,
-setcc, cmovcc, push/pop, byte, memory and adc/sbb ALU forms, a closing jcc, call or
-ret), mixed with instructions the native code hands to the interpreter's handler
+lea, shifts (by a constant, by 1, by cl), rol/ror, not/neg, bswap, loads/stores
+through the inline TLB path, byte and immediate movs, movzx/movsx/movsxd, setcc,
+cmovcc, push/pop, byte, memory and adc/sbb ALU forms, a closing jcc, call or ret), mixed with instructions the native code hands to the interpreter's handler
 (neg, lock-prefixed and 16-bit forms), run
 from random register, flag and memory
 states on two translator vCPUs: one compiling every block before its first run
@@ -162,10 +162,35 @@ def rotate_movsxd_op(draw):
     return draw(st.sampled_from([
         draw(osz16) + rex(w, 0, 0, a) + b"\xC1" + modrm(3, draw(st.sampled_from([0, 1])), a) +
         bytes([draw(st.integers(0, 255))]),                                     # rol/ror imm8
-        draw(osz16) + rex(w, 0, 0, a) + b"\xD1" + modrm(3, draw(st.sampled_from([0, 1])), a),   # by 1: helper
+        draw(osz16) + rex(w, 0, 0, a) + b"\xD1" + modrm(3, draw(st.sampled_from([0, 1, 4, 5, 7])), a),   # by 1
+        draw(osz16) + rex(w, 0, 0, a) + b"\xD3" + modrm(3, draw(st.sampled_from([4, 5, 7])), a),   # by cl
+        b"\xB1" + bytes([draw(st.sampled_from([0, 1, 31, 32, 33, 63, 64, 200]))]),               # mov cl, n
         rex(1, a, 0, b) + b"\x63" + modrm(3, a, b),                             # movsxd r64, r32
         draw(asz32) + rex(1, a, 0, 15) + b"\x63" + modrm(2, a, 7) + struct.pack("<i", draw(disp)),
         b"\x0F\x1F" + modrm(1, 0, 0) + b"\x00",                                # nop dword [rax]
+        draw(osz16) + rex(w, 0, 0, a) + b"\xF7" + modrm(3, draw(st.sampled_from([2, 3])), a),      # not, neg
+        rex(0, 0, 0, a) + b"\xF6" + modrm(3, draw(st.sampled_from([2, 3])), a),
+        b"\xF6" + modrm(3, draw(st.sampled_from([2, 3])), a & 7),                                 # AH-BH
+        rex(w, 0, 0, a) + b"\x0F" + bytes([0xC8 + (a & 7)]),                                      # bswap
+        draw(asz32) + rex(0, a, b, 15) + b"\x8D" + modrm(2, a, 4) +
+        bytes([(draw(st.integers(0, 3)) << 6) | ((b & 7) << 3) | 7]) + struct.pack("<i", draw(disp)),   # lea r32
+    ]))
+
+
+@st.composite
+def byte_imm_mov_op(draw):
+    """mov of bytes (AH-BH without REX) and mov r/m, imm to registers and memory"""
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    mem = struct.pack("<i", draw(disp))
+    return draw(st.sampled_from([
+        rex(0, a, 0, b) + bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(3, a, b),
+        bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(3, a & 7, b & 7),
+        draw(asz32) + rex(0, a, 0, 15) + bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(2, a, 7) + mem,
+        rex(0, 0, 0, a) + b"\xC6" + modrm(3, 0, a) + bytes([draw(st.integers(0, 255))]),
+        draw(osz16) + rex(w, 0, 0, a) + b"\xC7" + modrm(3, 0, a) +
+        struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+        rex(0, 0, 0, 15) + b"\xC6" + modrm(2, 0, 7) + mem + bytes([draw(st.integers(0, 255))]),
+        rex(w, 0, 0, 15) + b"\xC7" + modrm(2, 0, 7) + mem + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
     ]))
 
 
@@ -220,7 +245,7 @@ flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
                       st.one_of(cond_op(), gen_alu_op())).map(b"".join)
 
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
-                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), flag_pair)
+                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair)
 
 
 def block_end(draw, body, code_base):

@@ -293,6 +293,11 @@ int native_has_form(const Insn *i)
         return i->osz == 8 && (i->mod == 3 || mem_ok(i));
     case 0xc1:    /* rol/ror r32|r64, imm8 (the shifts are P_SHIFT_RI*) */
         return (i->reg & 7) <= 1 && i->mod == 3 && (i->osz == 4 || i->osz == 8);
+    case 0x8d:    /* lea r32 (lea r64 is P_LEA64) */
+        return i->mod != 3 && i->osz == 4 && (i->asz == 8 || i->asz == 4) && i->index != RIPREG;
+    case 0xd3:    /* shl, shr, sar r32|r64 by cl */
+        return ((i->reg & 7) == 4 || (i->reg & 7) == 5 || (i->reg & 7) == 7) && i->mod == 3 &&
+               (i->osz == 4 || i->osz == 8);
     case 0xd1:    /* rol, ror, shl, shr, sar r32|r64 by 1 */
         return (i->reg & 7) != 2 && (i->reg & 7) != 3 && (i->reg & 7) != 6 && i->mod == 3 &&
                (i->osz == 4 || i->osz == 8);
@@ -995,6 +1000,30 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
             emit_shift_reg(k, i->rm, wide, n, kind);
         else if (emit_rotate_reg(k, i->rm, wide, n, kind))
             k->flags_live = flags_were_live;
+        return 1;
+    }
+    case 0x8d:
+        emit_ea_off(e, i, next_rip);
+        mov32_rr(e, RAX, RAX);
+        store64(e, RAX, GREG(i->reg));
+        return 1;
+    case 0xd3: {
+        /* a count of 0 (after masking) changes no flag: the lazy record stays */
+        int wide = i->osz == 8, kind = i->reg & 7;
+        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));               /* 32 bits: zero-extended */
+        load32(e, RCX, GREG(R_CX));
+        b1(e, 0x83); b1(e, 0xe1); b1(e, wide ? 63 : 31);        /* and ecx, mask */
+        uint8_t *zero = jcc32(e, 0x4);                          /* jz: only the write */
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_b));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0xd3); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); /* shl|shr|sar (e|r)ax, cl */
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        patch_rel32(zero, e->p);
+        store64(e, RAX, GREG(i->rm));
         return 1;
     }
     case 0xc6: case 0xc7: {
