@@ -187,8 +187,8 @@ def byte_imm_mov_op(draw):
         bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(3, a & 7, b & 7),
         draw(asz32) + rex(0, a, 0, 15) + bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(2, a, 7) + mem,
         rex(0, 0, 0, a) + b"\xC6" + modrm(3, 0, a) + bytes([draw(st.integers(0, 255))]),
-        draw(osz16) + rex(w, 0, 0, a) + b"\xC7" + modrm(3, 0, a) +
-        struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+        rex(w, 0, 0, a) + b"\xC7" + modrm(3, 0, a) + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+        b"\x66" + rex(0, 0, 0, a) + b"\xC7" + modrm(3, 0, a) + struct.pack("<h", draw(st.integers(-2**15, 2**15 - 1))),
         rex(0, 0, 0, 15) + b"\xC6" + modrm(2, 0, 7) + mem + bytes([draw(st.integers(0, 255))]),
         rex(w, 0, 0, 15) + b"\xC7" + modrm(2, 0, 7) + mem + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
     ]))
