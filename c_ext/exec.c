@@ -90,6 +90,7 @@ static Block *translate_block(CPU *c, uint64_t pc, uint64_t lin, uint64_t pa, ui
     b->link[0] = b->link[1] = 0;
     b->native = 0;
     b->heat = 0;
+    b->nat_succ[0] = b->nat_succ[1] = 0;
     unsigned cur = pa & 0xfff;
     int n = 0;
     uint8_t *p2 = 0;
@@ -570,6 +571,7 @@ static inline __attribute__((always_inline)) int native_ready(CPU *c, Block *b)
     if (unlikely(b->native == 0)) {
         if (c->native_threshold < 0 || ++b->heat <= (uint32_t)c->native_threshold)
             return 0;
+        c->nat_code_epoch = &code_epoch;
         b->native = native_compile(c, b, native_step);
         if (!b->native) {
             b->heat = 0;   /* arena full: try again after the next flush */
@@ -588,10 +590,17 @@ static Block *exec_insns(CPU *c, Block *b, Insn *single)
     uint64_t entry_rip, ip_wrap;
     int chain = CHAIN_MAX;
     int stopped = 0;
+    Block **nat_slot = 0;
 enter:
     if (!single && native_ready(c, b)) {
         c->cur_block = b;
         native_run(c, b->native);
+        /* the code may have jumped on to compiled successors: the last one ran is the
+         * one whose links and exit slot count now */
+        if (likely(c->cur_block != 0))
+            b = c->cur_block;
+        nat_slot = c->nat_exit_slot;
+        c->nat_exit_slot = 0;
         goto chain_next;
     }
     i = single ? single : b->insns;
@@ -1272,12 +1281,17 @@ chain_next:
         uint64_t pc = c->rip, csb = c->seg[S_CS].base;
         uint32_t mode = c->code_mode;
         Block *n = b->link[0];
-        if (likely(n && block_fits(c, n, pc, csb, mode))) {
-            b = n;
-            goto enter;
+        if (!(likely(n && block_fits(c, n, pc, csb, mode)))) {
+            n = b->link[1];
+            if (!(n && block_fits(c, n, pc, csb, mode)))
+                n = 0;
         }
-        n = b->link[1];
-        if (n && block_fits(c, n, pc, csb, mode)) {
+        if (n) {
+            /* a direct exit of native code that found a compiled successor: from now
+             * on the code jumps there itself (native_chain_fits) */
+            if (nat_slot && native_chain_fits(b, n))
+                *nat_slot = n;
+            nat_slot = 0;
             b = n;
             goto enter;
         }
@@ -1292,9 +1306,14 @@ static inline Block *exec_block(CPU *c, Block *b)
 }
 
 /* native code's helper: one instruction through the interpreter (see native.h) */
+_Static_assert(sizeof(((CPU *)0)->st_native_helper_op) / sizeof(uint64_t) == DISPATCH_SIZE,
+               "CPU.st_native_helper_op is indexed by dispatch op");
+
 static int native_step(CPU *c, Insn *i, uint64_t rip)
 {
     c->rip = rip;
     c->st_native_helper++;
+    if (unlikely(c->profiling))
+        c->st_native_helper_op[i->op]++;
     return exec_insns(c, c->cur_block, i) == 0;
 }

@@ -432,10 +432,35 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
     return PyUnicode_FromString(self->cpu->errmsg);
 }
 
+/* {dispatch op: helper calls} from native code while profiling (CPU.st_native_helper_op) */
+static PyObject *native_helper_ops(CPU *c)
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int op = 0; op < (int)(sizeof c->st_native_helper_op / sizeof(uint64_t)); op++) {
+        if (!c->st_native_helper_op[op])
+            continue;
+        PyObject *k = PyLong_FromLong(op), *v = PyLong_FromUnsignedLongLong(c->st_native_helper_op[op]);
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 {
     CPU *c = self->cpu;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "insns", (unsigned long long)c->st_insns,
+    PyObject *ops = native_helper_ops(c);
+    if (!ops)
+        return NULL;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
@@ -447,7 +472,9 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
                          "native_insns", (unsigned long long)c->st_native_insns,
                          "native_helper_insns", (unsigned long long)c->st_native_helper,
                          "native_blocks", (unsigned long long)c->st_native_blocks,
-                         "native_compile_ns", (unsigned long long)c->st_native_compile_ns);
+                         "native_compile_ns", (unsigned long long)c->st_native_compile_ns,
+                         "native_chained", (unsigned long long)c->st_native_chained,
+                         "native_helper_ops", ops);
 }
 
 /* set_pm_timer(port, origin_ns, bits): answer reads of the 4 bytes at `port` as the

@@ -77,7 +77,7 @@ typedef struct Seg {
     uint8_t type, s, dpl, present, avl, l, db, g, unusable;
 } Seg;
 
-#define TLB_BITS 10
+#define TLB_BITS 12
 #define TLB_SIZE (1 << TLB_BITS)
 #define TLB_INVALID (~0ULL)
 typedef struct TlbEnt {
@@ -132,6 +132,11 @@ typedef struct Block {
      * block_cache_flush), and runs only while the block is valid */
     void *native;
     uint32_t heat;
+    /* native tier: the compiled successors of this block's two direct exits (taken,
+     * fall-through), jumped to straight from its code; set by exec.c once a successor
+     * fits (native.h says when), cleared when the slot is refilled. The jump re-checks
+     * the successor's validity and fetch mapping, so nothing must unlink them. */
+    struct Block *nat_succ[2];
 } Block;
 
 typedef struct RamRegion {
@@ -279,6 +284,14 @@ typedef struct CPU {
     size_t nat_size, nat_used;
     int native_threshold;
     uint64_t st_native_insns, st_native_helper, st_native_blocks, st_native_compile_ns;
+    /* native tier, while `profiling`: helper calls per dispatch op (Insn.op), to find
+     * what still lacks a native form; sized by DISPATCH_SIZE (exec.c checks) */
+    uint64_t st_native_helper_op[0x441];
+    /* the native tier's direct chaining (native.h): the successor slot of the exit a
+     * compiled block just left by, or 0; exec.c links it and clears it */
+    struct Block **nat_exit_slot;
+    const _Atomic uint64_t *nat_code_epoch;   /* mem.c's code_epoch, for the chained jumps */
+    uint64_t st_native_chained;
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between

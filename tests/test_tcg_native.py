@@ -1,15 +1,20 @@
 """The translator's native tier (c_ext/native/) against its own interpreter.
 
 Random straight-line blocks of the instructions with native forms (mov, ALU, test,
-lea, shifts, loads/stores through the inline TLB path, movzx/movsx, a closing jcc),
-mixed with instructions the native code hands to the interpreter's handler (adc,
-sbb, inc, dec, imul, setcc, cmovcc), run from random register, flag and memory
+lea, shifts (by a constant, by 1, by cl), rol/ror, not/neg, bswap, loads/stores
+through the inline TLB path, byte and immediate movs, movzx/movsx/movsxd, setcc,
+cmovcc, push/pop, byte, memory and adc/sbb ALU forms, a closing jcc, call or ret), mixed with instructions the native code hands to the interpreter's handler
+(neg, lock-prefixed and 16-bit forms), run
+from random register, flag and memory
 states on two translator vCPUs: one compiling every block before its first run
 (threshold 0), one never compiling. Every register, rip, the arithmetic flags and
 the data page must match. Then the invariants the interpreter relies on when it
 takes over from native code: a page fault in the middle of a compiled block leaves
 rip precise and the earlier instructions' results in place; code that rewrites
-itself runs its new bytes; the switch and the statistics work.
+itself runs its new bytes; a push, pop, call or ret whose stack page is not mapped
+faults with rsp and rip as they were before it; blocks chained straight into each
+other still take interrupts, stop when kicked and see code they rewrite; the switch
+and the statistics work.
 Run more cases with KVMPY_FUZZ=1.
 """
 
@@ -34,6 +39,7 @@ CODE = 0x100000
 DATA = 0x200000
 DATA_SIZE = 0x1000
 POOL = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]   # rsp, r14 spare, r15 = DATA
+STACK = DATA + DATA_SIZE // 2   # rsp: pushes and pops land in the compared page
 NAMES = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
 ARITH = 0x8D5   # CF PF AF ZF SF OF
@@ -138,28 +144,128 @@ def inc_imul_op(draw):
 
 
 @st.composite
-def helper_op(draw):
-    """instructions without a native form: run through the interpreter's handler"""
+def cond_op(draw):
+    """setcc (REX or not: AH-BH as destinations) and cmovcc, with or without live host flags"""
     w, a, b = draw(wide), draw(reg), draw(reg)
     cc = draw(st.integers(0, 15))
     return draw(st.sampled_from([
         rex(0, 0, 0, a) + bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a),    # setcc
-        rex(w, a, 0, b) + bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),    # cmovcc
-        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 3, a),                     # neg
+        (bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a & 7)) if a < 8 else b"\x90",   # setcc ah..bh
+        draw(osz16) + rex(w, a, 0, b) + bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),   # cmovcc
+        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 3, a),                     # neg: through the helper
     ]))
 
 
+@st.composite
+def rotate_movsxd_op(draw):
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    return draw(st.sampled_from([
+        draw(osz16) + rex(w, 0, 0, a) + b"\xC1" + modrm(3, draw(st.sampled_from([0, 1])), a) +
+        bytes([draw(st.integers(0, 255))]),                                     # rol/ror imm8
+        draw(osz16) + rex(w, 0, 0, a) + b"\xD1" + modrm(3, draw(st.sampled_from([0, 1, 4, 5, 7])), a),   # by 1
+        draw(osz16) + rex(w, 0, 0, a) + b"\xD3" + modrm(3, draw(st.sampled_from([4, 5, 7])), a),   # by cl
+        b"\xB1" + bytes([draw(st.sampled_from([0, 1, 31, 32, 33, 63, 64, 200]))]),               # mov cl, n
+        rex(1, a, 0, b) + b"\x63" + modrm(3, a, b),                             # movsxd r64, r32
+        draw(asz32) + rex(1, a, 0, 15) + b"\x63" + modrm(2, a, 7) + struct.pack("<i", draw(disp)),
+        b"\x0F\x1F" + modrm(1, 0, 0) + b"\x00",                                # nop dword [rax]
+        draw(osz16) + rex(w, 0, 0, a) + b"\xF7" + modrm(3, draw(st.sampled_from([2, 3])), a),      # not, neg
+        rex(0, 0, 0, a) + b"\xF6" + modrm(3, draw(st.sampled_from([2, 3])), a),
+        b"\xF6" + modrm(3, draw(st.sampled_from([2, 3])), a & 7),                                 # AH-BH
+        rex(w, 0, 0, a) + b"\x0F" + bytes([0xC8 + (a & 7)]),                                      # bswap
+        draw(asz32) + rex(0, a, b, 15) + b"\x8D" + modrm(2, a, 4) +
+        bytes([(draw(st.integers(0, 3)) << 6) | ((b & 7) << 3) | 7]) + struct.pack("<i", draw(disp)),   # lea r32
+    ]))
+
+
+@st.composite
+def byte_imm_mov_op(draw):
+    """mov of bytes (AH-BH without REX) and mov r/m, imm to registers and memory"""
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    mem = struct.pack("<i", draw(disp))
+    return draw(st.sampled_from([
+        rex(0, a, 0, b) + bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(3, a, b),
+        bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(3, a & 7, b & 7),
+        draw(asz32) + rex(0, a, 0, 15) + bytes([draw(st.sampled_from([0x88, 0x8A]))]) + modrm(2, a, 7) + mem,
+        rex(0, 0, 0, a) + b"\xC6" + modrm(3, 0, a) + bytes([draw(st.integers(0, 255))]),
+        rex(w, 0, 0, a) + b"\xC7" + modrm(3, 0, a) + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+        b"\x66" + rex(0, 0, 0, a) + b"\xC7" + modrm(3, 0, a) + struct.pack("<h", draw(st.integers(-2**15, 2**15 - 1))),
+        rex(0, 0, 0, 15) + b"\xC6" + modrm(2, 0, 7) + mem + bytes([draw(st.integers(0, 255))]),
+        rex(w, 0, 0, 15) + b"\xC7" + modrm(2, 0, 7) + mem + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+    ]))
+
+
+@st.composite
+def stack_op(draw):
+    """push/pop of registers (rsp too) and immediates, with the stack in the data page"""
+    a = draw(st.sampled_from(POOL + [4]))
+    return draw(st.sampled_from([
+        rex(0, 0, 0, a) + bytes([0x50 + (a & 7)]),
+        rex(0, 0, 0, a % 4) + bytes([0x58 + (a % 4)]) if a == 4 else
+        rex(0, 0, 0, a) + bytes([0x58 + (a & 7)]),                               # never pop rsp
+        b"\x66" + rex(0, 0, 0, a) + bytes([0x50 + (a & 7)]),                      # 16-bit: helper
+        b"\x68" + struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1))),
+        b"\x6A" + struct.pack("<b", draw(st.integers(-128, 127))),
+    ]))
+
+
+@st.composite
+def gen_alu_op(draw):
+    """the ALU forms the decoder does not specialise: byte operands (AH-BH without REX),
+    memory operands (read-modify-write, and lock-prefixed: the helper's atomics), adc and
+    sbb, the accumulator with an immediate, test; 16-bit ones through the helper"""
+    w, a, b = draw(wide), draw(reg), draw(reg)
+    op, d, full = draw(st.integers(0, 7)), draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm32 = struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    mem = struct.pack("<i", draw(disp))
+    o16 = draw(osz16)
+    return draw(st.sampled_from([
+        o16 + rex(w, a, 0, b) + bytes([op * 8 + d * 2 + full]) + modrm(3, a, b),
+        bytes([op * 8 + d * 2]) + modrm(3, a & 7, b & 7),                        # no REX: AH-BH
+        o16 + rex(w, a, 0, 15) + bytes([op * 8 + d * 2 + full]) + modrm(2, a, 7) + mem,
+        b"\xF0" + rex(w, a, 0, 15) + bytes([op % 7 * 8 + full]) + modrm(2, a, 7) + mem,   # lock (not cmp)
+        o16 + rex(w) + bytes([op * 8 + 4]) + imm8,
+        rex(w) + bytes([op * 8 + 5]) + imm32,
+        rex(w, 0, 0, a) + b"\x80" + modrm(3, op, a) + imm8,
+        b"\x80" + modrm(3, op, a & 7) + imm8,
+        o16 + rex(w, 0, 0, a) + b"\x83" + modrm(3, op, a) + imm8,
+        rex(w, 0, 0, 15) + bytes([draw(st.sampled_from([0x80, 0x83]))]) + modrm(2, op, 7) + mem + imm8,
+        rex(w, 0, 0, 15) + b"\x81" + modrm(2, op, 7) + mem + imm32,
+        o16 + rex(w, a, 0, b) + bytes([0x84 + full]) + modrm(3, a, b),
+        rex(w, a, 0, 15) + bytes([0x84 + full]) + modrm(2, a, 7) + mem,
+        rex(w) + b"\xA8" + imm8, rex(w) + b"\xA9" + imm32,
+        rex(w, 0, 0, a) + b"\xF6" + modrm(3, 0, a) + imm8,
+        rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 0, 7) + mem + imm32,
+    ]))
+
+
+# a flag producer right before a reader: the native code hands the flags over in the
+# host's flags register there, not through the lazy record
+flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
+                      st.one_of(cond_op(), gen_alu_op())).map(b"".join)
+
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
-                 helper_op())
+                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair)
+
+
+def block_end(draw, body, code_base):
+    """the block's last instruction: none, a taken jcc, a call to the next instruction,
+    or a ret to a pushed address; then the hlt the run stops at"""
+    kind = draw(st.sampled_from(["none", "jcc", "call", "ret"]))
+    if kind == "jcc":
+        return body + bytes([0x70 + draw(st.integers(0, 15)), 1]) + b"\xF4\xF4"
+    if kind == "call":
+        return body + b"\xE8" + struct.pack("<i", 0) + b"\xF4"
+    if kind == "ret":
+        target = code_base + len(body) + 6   # after push imm32 and ret
+        return body + b"\x68" + struct.pack("<I", target) + b"\xC3" + b"\xF4"
+    return body + b"\xF4\xF4"
 
 
 @st.composite
 def block(draw):
     body = b"".join(draw(st.lists(insn, min_size=1, max_size=40)))
-    if draw(st.booleans()):
-        cc = draw(st.integers(0, 15))
-        body += bytes([0x70 + cc, 1])   # taken: skips the first hlt
-    return body + b"\xF4\xF4"
+    return block_end(draw, body, CODE)
 
 
 @st.composite
@@ -185,7 +291,7 @@ class Cpu:
         self.mem.write(DATA, data)
         self.vcpu.invalidate_ram(CODE, len(code))
         set_long_mode(self.vcpu)
-        r = regs(rip=CODE, rflags=flags | 2, r15=DATA, rsp=0x300000)
+        r = regs(rip=CODE, rflags=flags | 2, r15=DATA, rsp=STACK)
         for n, v in vals.items():
             setattr(r, NAMES[n], v)
         self.vcpu.set_regs(r)
@@ -267,19 +373,27 @@ def insn32(draw):
         o16 + b"\x0F" + bytes([draw(st.sampled_from([0xB6, 0xB7, 0xBE, 0xBF]))]) + mem,
         o16 + b"\x0F\xAF" + modrm(3, a, b), b"\x69" + modrm(3, a, b) + imm32, o16 + b"\x0F\xAF" + mem,
         bytes([0x0F, 0x90 + cc]) + modrm(3, 0, a), bytes([0x0F, 0x40 + cc]) + modrm(3, a, b),
+        o16 + b"\xC1" + modrm(3, draw(st.sampled_from([0, 1])), a) + bytes([draw(st.integers(0, 255))]),
+        o16 + bytes([0x50 + draw(st.sampled_from(POOL32 + [4]))]), o16 + bytes([0x58 + a]),   # push, pop
+        b"\x68" + imm32, b"\x6A" + imm8,
     ]))
 
 
 @st.composite
 def block32(draw):
     body = b"".join(draw(st.lists(insn32(), min_size=1, max_size=40)))
-    if draw(st.booleans()):
-        body += bytes([0x70 + draw(st.integers(0, 15)), 1])
-    return body + b"\xF4\xF4"
+    return block_end(draw, body, CODE)
 
 
 class Cpu32(Cpu):
-    """32-bit protected mode without paging; DS with a base, so linear != offset"""
+    """32-bit protected mode without paging; DS with a base, so linear != offset. The
+    stack is in the data page: a 32-bit one (flat SS), or with stack16 a 16-bit one
+    (SS.B clear, its base at the data page), which native code must leave to the
+    interpreter."""
+
+    def __init__(self, threshold, stack16=False):
+        super().__init__(threshold)
+        self.stack16 = stack16
 
     def run(self, code, state):
         from kvmpy.hv.regs import flat_segment
@@ -293,8 +407,11 @@ class Cpu32(Cpu):
         sr = self.vcpu.get_sregs()
         sr.ds = flat_segment(0x10, False, False)
         sr.ds.base = DS_BASE
+        if self.stack16:
+            sr.ss.db = 0
+            sr.ss.base = DATA
         self.vcpu.set_sregs(sr)
-        r = regs(rip=CODE, rflags=flags | 2, rsp=0x300000)
+        r = regs(rip=CODE, rflags=flags | 2, rsp=DATA_SIZE // 2 if self.stack16 else STACK)
         for n, v in vals.items():
             setattr(r, NAMES[n], v & 0xFFFFFFFF)
         r.rbx = DATA - DS_BASE
@@ -303,9 +420,10 @@ class Cpu32(Cpu):
         return kind, self.vcpu.get_regs(), self.mem.read(DATA, DATA_SIZE)
 
 
-@pytest.fixture(scope="module")
-def pair32():
-    native, interp = Cpu32(0), Cpu32(None)
+@pytest.fixture(scope="module", params=["stack32", "stack16"])
+def pair32(request):
+    stack16 = request.param == "stack16"
+    native, interp = Cpu32(0, stack16), Cpu32(None, stack16)
     yield native, interp
     native.close()
     interp.close()
@@ -367,6 +485,147 @@ def test_page_fault_mid_block_is_precise():
     finally:
         native.close()
         interp.close()
+
+
+# A stack access on a page that is not present: the #PF handler (on IST 1, so it has a
+# stack) sees the instruction's rip and the rsp from before it; earlier results stay.
+STACK_FAULT = f"""
+    mov rax, 1
+    mov rsp, {NOT_PRESENT + 0x10:#x}
+    add rax, 2
+fault:
+    {{insn}}
+    mov rax, 99
+    hlt
+pf:
+    mov rbx, [rsp + 8]
+    mov rdi, [rsp + 32]
+    mov rsi, cr2
+    hlt
+target:
+    hlt
+"""
+
+
+@pytest.mark.parametrize("insn,cr2", [("push rax", NOT_PRESENT + 8), ("push 7", NOT_PRESENT + 8),
+                                      ("pop rcx", NOT_PRESENT + 0x10), ("call target", NOT_PRESENT + 8),
+                                      ("ret", NOT_PRESENT + 0x10), ("ret 16", NOT_PRESENT + 0x10)])
+def test_stack_fault_is_precise(insn, cr2):
+    native, interp = _run_both(STACK_FAULT.replace("{insn}", insn), {14: ("pf", 1)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"]
+        assert (r.rdi, r.rsi, r.rax) == (NOT_PRESENT + 0x10, cr2, 3)
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        # the block was compiled: its stack access missed the TLB and the interpreter's
+        # handler, which the native code hands a miss, raised the fault
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
+# ---- chaining: compiled blocks jumping straight into each other ----
+
+# three blocks in a loop that never ends by itself, every exit a direct jump (a ret
+# would return to the run loop each time); the interrupt handler stops it
+CHAINED_LOOP = """
+    sti
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+spin:
+    add rcx, 1
+    jmp second
+second:
+    add rdx, 1
+    cmp rdx, rcx
+    je third
+    hlt
+third:
+    add rsi, 1
+    jmp spin
+irq:
+    mov rax, 0x1234
+    hlt
+"""
+
+
+def _run_in_thread(machine):
+    import threading
+
+    result = []
+    t = threading.Thread(target=lambda: result.append(machine.run()), daemon=True)
+    t.start()
+    return t, result
+
+
+def test_chained_loop_takes_interrupts_and_stops_when_kicked():
+    import time
+
+    m = LongMachine(CHAINED_LOOP, {0x40: ("irq",)})
+    try:
+        m.vcpu.set_native_threshold(0)
+        t, result = _run_in_thread(m)
+        time.sleep(0.3)
+        m.vcpu.kick()                      # what pause and stop do
+        t.join(10)
+        assert not t.is_alive(), "a kick did not stop the chained loop"
+        assert result == [exits.EXIT_INTR]
+        r = m.regs()
+        assert r.rcx > 10000 and r.rax != 0x1234
+        assert m.syms["spin"] <= r.rip < m.syms["irq"]
+        s = m.vcpu.stats()
+        assert s["native_chained"] > 10000, s
+        t, result = _run_in_thread(m)
+        time.sleep(0.2)
+        m.vcpu.request_interrupt(0x40)     # a timer interrupt, from another thread
+        t.join(10)
+        assert not t.is_alive(), "an interrupt did not reach the chained loop"
+        assert result == [exits.EXIT_HLT]
+        r = m.regs()
+        assert r.rax == 0x1234 and r.rip == m.syms["irq"] + 8   # after the handler's hlt
+        assert abs(r.rcx - r.rdx) <= 1 and abs(r.rdx - r.rsi) <= 1
+    finally:
+        m.close()
+
+
+# a chained loop whose first block is rewritten halfway: the second half adds 1000
+SMC_IN_CHAINED_LOOP = """
+    xor ebx, ebx
+    mov ecx, 200
+again:
+    .byte 0xb8                      # mov eax, imm32
+imm:
+    .long 1
+    add ebx, eax
+    jmp next
+next:
+    dec ecx
+    cmp ecx, 100
+    jne skip
+    mov edx, 1000
+    mov [rip + imm], edx
+skip:
+    test ecx, ecx
+    jnz again
+    hlt
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 50, None])
+def test_self_modifying_code_in_a_chained_loop(threshold):
+    m = LongMachine(SMC_IN_CHAINED_LOOP)
+    try:
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        assert m.regs().rbx & 0xFFFFFFFF == 100 * 1 + 100 * 1000
+        if threshold is not None:
+            assert m.vcpu.stats()["native_chained"] > 50
+    finally:
+        m.close()
 
 
 SELF_MODIFYING = """

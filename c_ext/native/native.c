@@ -9,6 +9,10 @@
 #define ARENA_SIZE (32u << 20)
 /* the most one instruction can emit, with its exit stub: checked before each one */
 #define INSN_MAX_CODE 160
+/* a chained exit's code (emit_chain_exit), at most */
+#define CHAIN_EXIT_CODE 256
+/* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
+#define NATIVE_CHAIN_ENTRY 4
 
 int native_threshold_from_env(void)
 {
@@ -201,10 +205,56 @@ static int mem_ok(const Insn *i)
     return i->mod != 3 && (i->asz == 8 || i->asz == 4) && i->index != RIPREG && i->seg < 6;
 }
 
+/* The ALU forms without a decoder specialisation (byte operands, memory operands,
+ * adc/sbb, the accumulator forms, test): what gen_alu() compiles */
+enum { GA_E_REG, GA_REG_E, GA_ACC_IMM, GA_E_IMM, GA_TEST_E_REG, GA_TEST_E_IMM, GA_TEST_ACC_IMM };
+enum { ALU_ADC = 2, ALU_SBB = 3 };
+
+static int gen_alu_form(const Insn *i, int *aluop, unsigned *sz, int *kind)
+{
+    unsigned op = i->op;
+    if (op < 0x40 && (op & 7) <= 5) {
+        *aluop = (int)(op >> 3);
+        *sz = (op & 1) ? i->osz : 1;
+        *kind = (op & 7) <= 1 ? GA_E_REG : (op & 7) <= 3 ? GA_REG_E : GA_ACC_IMM;
+    } else if (op == 0x80 || op == 0x81 || op == 0x83) {
+        *aluop = i->reg & 7;
+        *sz = op == 0x80 ? 1 : i->osz;
+        *kind = GA_E_IMM;
+    } else if (op == 0x84 || op == 0x85) {
+        *aluop = ALU_AND;
+        *sz = op == 0x84 ? 1 : i->osz;
+        *kind = GA_TEST_E_REG;
+    } else if (op == 0xa8 || op == 0xa9) {
+        *aluop = ALU_AND;
+        *sz = op == 0xa8 ? 1 : i->osz;
+        *kind = GA_TEST_ACC_IMM;
+    } else if ((op == 0xf6 || op == 0xf7) && (i->reg & 7) <= 1) {
+        *aluop = ALU_AND;
+        *sz = op == 0xf6 ? 1 : i->osz;
+        *kind = GA_TEST_E_IMM;
+    } else {
+        return 0;
+    }
+    if (*sz == 2 || i->lock)
+        return 0;
+    if (*kind == GA_ACC_IMM || *kind == GA_TEST_ACC_IMM)
+        return 1;
+    return i->mod == 3 || mem_ok(i);
+}
+
+static int gen_alu_mem(const Insn *i, int kind)
+{
+    return kind != GA_ACC_IMM && kind != GA_TEST_ACC_IMM && i->mod != 3;
+}
+
 int native_has_form(const Insn *i)
 {
-    int form, aluop;
+    int form, aluop, kind;
+    unsigned sz;
     if (alux_form(i, &form, &aluop))
+        return 1;
+    if (gen_alu_form(i, &aluop, &sz, &kind))
         return 1;
     switch (i->op) {
     case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
@@ -237,6 +287,42 @@ int native_has_form(const Insn *i)
     case 0x188: case 0x189: case 0x18a: case 0x18b: case 0x18c: case 0x18d: case 0x18e: case 0x18f:
     case 0xe9: case 0xeb:
         return 1;
+    case 0x11f:   /* hint nop: no memory access */
+        return 1;
+    case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
+        return i->osz == 8 && (i->mod == 3 || mem_ok(i));
+    case 0xc1:    /* rol/ror r32|r64, imm8 (the shifts are P_SHIFT_RI*) */
+        return (i->reg & 7) <= 1 && i->mod == 3 && (i->osz == 4 || i->osz == 8);
+    case 0x8d:    /* lea r32 (lea r64 is P_LEA64) */
+        return i->mod != 3 && i->osz == 4 && (i->asz == 8 || i->asz == 4) && i->index != RIPREG;
+    case 0xd3:    /* shl, shr, sar r32|r64 by cl */
+        return ((i->reg & 7) == 4 || (i->reg & 7) == 5 || (i->reg & 7) == 7) && i->mod == 3 &&
+               (i->osz == 4 || i->osz == 8);
+    case 0xd1:    /* rol, ror, shl, shr, sar r32|r64 by 1 */
+        return (i->reg & 7) != 2 && (i->reg & 7) != 3 && (i->reg & 7) != 6 && i->mod == 3 &&
+               (i->osz == 4 || i->osz == 8);
+    case 0xc6: case 0xc7:   /* mov r/m, imm */
+        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 4 || i->osz == 8) &&
+               (i->mod == 3 || mem_ok(i));
+    case 0x88: case 0x8a:   /* mov of a byte */
+        return !i->lock && (i->mod == 3 || mem_ok(i));
+    case 0xf6: case 0xf7:   /* not, neg of a register */
+        return ((i->reg & 7) == 2 || (i->reg & 7) == 3) && i->mod == 3 && !i->lock &&
+               (i->op == 0xf6 || i->osz == 4 || i->osz == 8);
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+        return i->osz == 4 || i->osz == 8;   /* bswap */
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+        return i->mod == 3;   /* setcc r8 */
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+        return i->mod == 3 && (i->osz == 4 || i->osz == 8);   /* cmovcc r, r */
+    /* the stack: the operand size must be the mode's stack width (stack_osz), which
+     * emit_native checks with the block's mode; 16-bit forms stay with the helper */
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x68: case 0x6a: case 0xe8: case 0xc3: case 0xc2:
+        return i->osz == 8 || i->osz == 4;
     }
     return 0;
 }
@@ -247,7 +333,8 @@ int native_has_form(const Insn *i)
  * resumes after it; an early end (stub) leaves crediting the instructions run. */
 typedef struct Slow {
     uint8_t *jump;      /* rel32 of the branch to it */
-    uint8_t *resume;
+    uint8_t *jump2;     /* and of a second one (the stack-size guard), or 0 */
+    uint8_t *resume;    /* 0: the instruction ends the block, leave after it */
     Insn *insn;
     uint64_t rip;
     int done;
@@ -271,6 +358,9 @@ typedef struct Comp {
 } Comp;
 
 /* ---- native forms ---- */
+
+static int native_cond(CPU *c, int cc);
+#define native_cond_fn native_cond
 
 /* The interpreter's alu() + set_cc() with a in rax and b in rcx; the result goes to
  * guest register dst (unless cmp). Ends with the operation at its guest size, so the
@@ -349,19 +439,22 @@ static void emit_ea_off(Emit *e, const Insn *i, uint64_t next_rip)
         mov32_rr(e, RAX, RAX);
 }
 
-/* Host address of i's memory operand in rax through the TLB (tlb_hit in access.h);
- * a miss, a page crossing or a slow page branches to an out-of-line path that runs
- * the whole instruction through the interpreter. Returns the slow path's index. */
-static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned size, int write, int done)
+/* A new out-of-line path running i through the interpreter (see Slow) */
+static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
+{
+    Slow *s = &k->slow[k->nslow];
+    memset(s, 0, sizeof *s);
+    s->insn = i;
+    s->rip = rip;
+    s->done = done;
+    return k->nslow++;
+}
+
+/* Linear address in rax -> host address in rax through the TLB (tlb_hit in access.h);
+ * a miss, a page crossing or a slow page branches to slow path s. Clobbers rcx, rdx. */
+static void emit_tlb(Comp *k, int s, unsigned size, int write)
 {
     Emit *e = &k->e;
-    emit_ea_off(e, i, next_rip);
-    /* linear(): flat in 64-bit code but for FS/GS; 32-bit wrap otherwise */
-    if (!k->long64 || i->seg >= S_FS)
-        op_mem(e, 1, 0x03, RAX, CPU_OFF(seg) + (int32_t)(i->seg * sizeof(Seg)) +
-                                    (int32_t)offsetof(Seg, base));   /* add rax, base */
-    if (!k->long64)
-        mov32_rr(e, RAX, RAX);
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
     b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 12);           /* shr rdx, 12 */
     b1(e, 0x81); b1(e, 0xe2); b4(e, TLB_SIZE - 1);              /* and edx, TLB_SIZE-1 */
@@ -375,13 +468,88 @@ static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned 
     b1(e, 0x48); b1(e, 0x81); b1(e, 0xe1); b4(e, 0xfffff000u);          /* and rcx, ~0xfff */
     op_tlb(e, 1, 0x3b, RCX, CPU_OFF(tlb) + (int32_t)(write ? offsetof(TlbEnt, tag_w)
                                                             : offsetof(TlbEnt, tag_r)));
-    Slow *s = &k->slow[k->nslow];
-    s->jump = jcc32(e, 0x5);                                    /* jne slow */
-    s->insn = i;
-    s->rip = rip;
-    s->done = done;
+    k->slow[s].jump = jcc32(e, 0x5);                            /* jne slow */
     op_tlb(e, 1, 0x03, RAX, CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, addend));   /* add rax, addend */
-    return k->nslow++;
+}
+
+/* Host address of i's memory operand in rax through the TLB; a miss, a page crossing
+ * or a slow page branches to an out-of-line path that runs the whole instruction
+ * through the interpreter. Returns the slow path's index. */
+static int emit_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, unsigned size, int write, int done)
+{
+    Emit *e = &k->e;
+    emit_ea_off(e, i, next_rip);
+    /* linear(): flat in 64-bit code but for FS/GS; 32-bit wrap otherwise */
+    if (!k->long64 || i->seg >= S_FS)
+        op_mem(e, 1, 0x03, RAX, CPU_OFF(seg) + (int32_t)(i->seg * sizeof(Seg)) +
+                                    (int32_t)offsetof(Seg, base));   /* add rax, base */
+    if (!k->long64)
+        mov32_rr(e, RAX, RAX);
+    int s = new_slow(k, i, rip, done);
+    emit_tlb(k, s, size, write);
+    return s;
+}
+
+/* ---- the stack (push, pop, call, ret): 64-bit code, or 32-bit code on a 32-bit stack ---- */
+
+/* The operand size of a stack form with a native form in this block's mode, or 0 */
+static unsigned stack_osz(const Insn *i, int long64)
+{
+    return long64 ? (i->osz == 8 ? 8 : 0) : (i->osz == 4 ? 4 : 0);
+}
+
+/* rax = linear address of the stack at rsp + delta, as sp_add/sp_lin do. Outside
+ * 64-bit code SS must be a 32-bit stack: checked here (SS can change within a block's
+ * mode), a 16-bit one takes slow path s. */
+static void emit_stack_lin(Comp *k, int s, int32_t delta)
+{
+    Emit *e = &k->e;
+    if (k->long64) {
+        load64(e, RAX, GREG(R_SP));
+        if (delta) {
+            b1(e, 0x48); b1(e, 0x05); b4(e, (uint32_t)delta);  /* add rax, imm32 */
+        }
+        return;
+    }
+    int32_t ss = CPU_OFF(seg) + (int32_t)(S_SS * sizeof(Seg));
+    b1(e, 0x80); b1(e, 0xbb); b4(e, (uint32_t)(ss + (int32_t)offsetof(Seg, db))); b1(e, 0);   /* cmp byte [rbx+db], 0 */
+    k->slow[s].jump2 = jcc32(e, 0x4);                           /* je slow */
+    load32(e, RAX, GREG(R_SP));
+    if (delta) {
+        b1(e, 0x05); b4(e, (uint32_t)delta);                    /* add eax, imm32: wraps at 32 bits */
+    }
+    op_mem(e, 1, 0x03, RAX, ss + (int32_t)offsetof(Seg, base)); /* add rax, ss.base */
+    mov32_rr(e, RAX, RAX);
+}
+
+/* rsp += delta at the stack's size (after the access succeeded) */
+static void emit_sp_add(Comp *k, int32_t delta)
+{
+    Emit *e = &k->e;
+    if (k->long64) {
+        op_mem(e, 1, 0x81, 0, GREG(R_SP));                      /* add qword [rbx+rsp], imm32 */
+        b4(e, (uint32_t)delta);
+        return;
+    }
+    load32(e, RCX, GREG(R_SP));
+    b1(e, 0x81); b1(e, 0xc1); b4(e, (uint32_t)delta);           /* add ecx, imm32 */
+    store64(e, RCX, GREG(R_SP));                                /* the upper half cleared, as sp_add */
+}
+
+/* push of rcx (the value, loaded by `load_value` after the address checks) */
+static int emit_push(Comp *k, Insn *i, uint64_t rip, int done, unsigned sz)
+{
+    int s = new_slow(k, i, rip, done);
+    emit_stack_lin(k, s, -(int32_t)sz);
+    emit_tlb(k, s, sz, 1);
+    return s;
+}
+
+static void emit_store_rcx(Emit *e, unsigned sz)
+{
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x89); b1(e, 0x08);                                   /* mov [rax], (r|e)cx */
 }
 
 /* movzx/movsx eax|rax from a register: [rbx + disp], the byte registers AH-BH at +1 */
@@ -395,6 +563,37 @@ static int32_t byte_reg_disp(const Insn *i, int r)
 static uint64_t native_get_cf(CPU *c)
 {
     return (uint64_t)get_cf(c);
+}
+
+/* rol/ror's flags, as shift_op: CF and OF from the result r, the others as they were */
+static void native_rotate_flags(CPU *c, uint64_t r, uint32_t how)
+{
+    unsigned bits = how >> 8;
+    uint32_t f = compute_arith(c), cf, of;
+    if ((how & 0xff) == 0) {
+        cf = r & 1;
+        of = ((r >> (bits - 1)) & 1) ^ cf;
+    } else {
+        cf = (r >> (bits - 1)) & 1;
+        of = cf ^ ((r >> (bits - 2)) & 1);
+    }
+    set_flags(c, (f & ~(F_CF | F_OF)) | cf | (of ? F_OF : 0));
+}
+
+/* eax = cond(c, cc), or the host's own condition when the guest's flags are live in
+ * the host flags: then al = cc and the host flags stay (returns 1) */
+static int emit_cond_al(Comp *k, int cc, int flags_live)
+{
+    Emit *e = &k->e;
+    if (flags_live) {
+        b1(e, 0x0f); b1(e, (uint8_t)(0x90 | cc)); b1(e, 0xc0); /* setcc al */
+        return 1;
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RSI, (uint64_t)cc);
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_cond_fn);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    return 0;
 }
 
 /* inc/dec of a register: CF kept (cc_c), the rest from the result, as inc_dec_reg */
@@ -440,6 +639,10 @@ static void emit_imul_tail(Comp *k, const Insn *i)
             b1(e, 0x48);
         b1(e, 0x69); b1(e, 0xc0); b4(e, (uint32_t)i->imm);     /* imul (e|r)ax, (e|r)ax, imm32 */
     }
+    if (k->cc_dead) {   /* nothing reads these flags: the product alone */
+        store64(e, RAX, GREG(i->reg));
+        return;
+    }
     b1(e, 0x0f); b1(e, 0x90); b1(e, 0xc2);                      /* seto dl */
     store64(e, RAX, GREG(i->reg));
     if (wide)
@@ -454,6 +657,200 @@ static void emit_imul_tail(Comp *k, const Insn *i)
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
 }
 
+/* The interpreter's alu() for any operation and size 1, 4 or 8: a in rax, b in rcx
+ * (zero-extended), for adc/sbb the carry in r8 (0/1). Leaves the result in rdx (upper
+ * bits as the 64-bit sum has them) and the host flags as the guest's. */
+static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
+{
+    Emit *e = &k->e;
+    int logic = aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
+    int carry = aluop == ALU_ADC || aluop == ALU_SBB;
+    static const uint32_t ccop[8] = { [ALU_ADD] = CC_ADD, [ALU_OR] = CC_LOGIC, [ALU_ADC] = CC_ADC,
+                                      [ALU_SBB] = CC_SBB, [ALU_AND] = CC_LOGIC, [ALU_SUB] = CC_SUB,
+                                      [ALU_XOR] = CC_LOGIC, [ALU_CMP] = CC_SUB };
+    static const uint8_t opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x01,
+                                    [ALU_SBB] = 0x29, [ALU_AND] = 0x21, [ALU_SUB] = 0x29,
+                                    [ALU_XOR] = 0x31, [ALU_CMP] = 0x29 };
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    alu_rr(e, opc[aluop], RDX, RCX);
+    if (carry) {
+        b1(e, 0x4c); b1(e, opc[aluop]); b1(e, 0xc2);            /* add|sub rdx, r8 */
+    }
+    if (!k->cc_dead) {
+        if (logic) {
+            store64_simm(e, CPU_OFF(cc_a), 0);
+            store64_simm(e, CPU_OFF(cc_b), 0);
+        } else {
+            store64(e, RAX, CPU_OFF(cc_a));
+            store64(e, RCX, CPU_OFF(cc_b));
+        }
+        if (carry) {
+            b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_c));   /* mov cc_c, r8 */
+        }
+        store64(e, RDX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), ccop[aluop]);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    if (carry) {
+        b1(e, 0x41); b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe0); b1(e, 0);   /* bt r8d, 0: CF = carry in */
+    }
+    /* the same operation at the guest's size, for the host flags only */
+    static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
+                                         [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
+                                         [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
+    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    k->flags_live = 1;
+}
+
+/* reg = guest register r at size sz, zero-extended */
+static void load_greg(Comp *k, const Insn *i, int reg, int r, unsigned sz)
+{
+    Emit *e = &k->e;
+    if (sz == 1) {
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, byte [rbx+d] */
+        b4(e, (uint32_t)byte_reg_disp(i, r));
+    } else {
+        op_mem(e, sz == 8, 0x8b, reg, GREG(r));
+    }
+}
+
+/* reg = [rsi] at size sz, zero-extended */
+static void load_rsi(Emit *e, int reg, unsigned sz)
+{
+    if (sz == 1) {
+        b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)((reg << 3) | RSI));
+    } else {
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, (uint8_t)((reg << 3) | RSI));
+    }
+}
+
+/* r8 = the guest's CF, for adc/sbb: from the host flags when they are the guest's */
+static void emit_carry_r8(Comp *k, int flags_live)
+{
+    Emit *e = &k->e;
+    if (flags_live) {
+        b1(e, 0x41); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc0);     /* setc r8b */
+        b1(e, 0x45); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc0);     /* movzx r8d, r8b */
+        return;
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    b1(e, 0x41); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8d, eax */
+}
+
+/* A gen_alu_form() instruction; returns its slow path or -1 */
+static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
+{
+    Emit *e = &k->e;
+    int aluop, kind, slow = -1;
+    unsigned sz;
+    gen_alu_form(i, &aluop, &sz, &kind);
+    int mem = gen_alu_mem(i, kind);
+    int test = kind >= GA_TEST_E_REG;
+    int store = !test && aluop != ALU_CMP;
+    if (aluop == ALU_ADC || aluop == ALU_SBB)
+        emit_carry_r8(k, flags_were_live);
+    if (mem) {
+        slow = emit_mem(k, i, rip, next_rip, sz, store && kind != GA_REG_E, done);
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
+    }
+    uint64_t imm = i->imm & szmask(sz);
+    switch (kind) {
+    case GA_E_REG: case GA_TEST_E_REG: case GA_E_IMM: case GA_TEST_E_IMM:
+        if (mem)
+            load_rsi(e, RAX, sz);
+        else
+            load_greg(k, i, RAX, i->rm, sz);
+        if (kind == GA_E_REG || kind == GA_TEST_E_REG)
+            load_greg(k, i, RCX, i->reg, sz);
+        else
+            mov_imm(e, RCX, imm);
+        break;
+    case GA_REG_E:
+        load_greg(k, i, RAX, i->reg, sz);
+        if (mem)
+            load_rsi(e, RCX, sz);
+        else
+            load_greg(k, i, RCX, i->rm, sz);
+        break;
+    default:   /* the accumulator and an immediate */
+        load_greg(k, i, RAX, R_AX, sz);
+        mov_imm(e, RCX, imm);
+        break;
+    }
+    emit_alu_core_any(k, aluop, sz);
+    if (store) {
+        /* movs keep the host flags */
+        if (mem && kind != GA_REG_E) {
+            if (sz == 8)
+                b1(e, 0x48);
+            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|edx|rdx) */
+        } else {
+            int r = kind == GA_REG_E ? i->reg : kind == GA_ACC_IMM ? R_AX : i->rm;
+            if (sz == 1) {
+                b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
+                b4(e, (uint32_t)byte_reg_disp(i, r));
+            } else {
+                if (sz == 4)
+                    mov32_rr(e, RDX, RDX);
+                store64(e, RDX, GREG(r));
+            }
+        }
+    }
+    return slow;
+}
+
+/* shl/shr/sar of a register by a constant: the lazy record as shift_group2 writes it */
+static void emit_shift_reg(Comp *k, int r, int wide, unsigned n, int kind)
+{
+    Emit *e = &k->e;
+    if (!n) {
+        if (!wide) {   /* a 32-bit destination is written even for count 0 */
+            load32(e, RAX, GREG(r));
+            store64(e, RAX, GREG(r));
+        }
+        return;
+    }
+    op_mem(e, wide, 0x8b, RAX, GREG(r));
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
+    if (wide)
+        b1(e, 0x48);
+    b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
+    if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+    store64(e, RAX, GREG(r));
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+    if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+}
+
+/* rol/ror of a register by a constant; returns 1 when the flags stayed as they were
+ * (count 0) */
+static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind)
+{
+    Emit *e = &k->e;
+    op_mem(e, wide, 0x8b, RAX, GREG(r));                       /* a 32-bit load zero-extends */
+    if (n) {
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
+    }
+    store64(e, RAX, GREG(r));
+    if (n && !k->cc_dead) {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
+        mov_imm(e, RDX, (uint64_t)(kind | (wide ? 64 : 32) << 8));
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
+        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+    }
+    return n == 0;
+}
+
 /* Emits i; returns 0 when it has no native form after all. */
 static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
 {
@@ -465,11 +862,24 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         emit_alux(k, i, form, aluop);
         return 1;
     }
+    {
+        int gop, gkind;
+        unsigned gsz;
+        if (gen_alu_form(i, &gop, &gsz, &gkind)) {
+            slow = emit_gen_alu(k, i, rip, next_rip, done, flags_were_live);
+            if (slow >= 0) {
+                k->slow[slow].resume = e->p;
+                k->flags_live = 0;   /* the slow path joins without them */
+            }
+            return 1;
+        }
+    }
     switch (i->op) {
-    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
-    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); return 1;
-    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
-    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); return 1;
+    /* movs keep the host flags: a compare's flags still reach the jcc after them */
+    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
     case P_TEST_RR64: case P_TEST_RR32: {
         int wide = i->op == P_TEST_RR64;
         op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
@@ -489,25 +899,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     }
     case P_SHIFT_RI64: case P_SHIFT_RI32: {
         int wide = i->op == P_SHIFT_RI64;
-        unsigned n = (unsigned)(i->imm & (wide ? 63 : 31));
-        int kind = (int)i->imm2;   /* 4 shl, 5 shr, 7 sar: the modrm reg field */
-        if (!n) {
-            if (!wide) {   /* a 32-bit destination is written even for count 0 */
-                load32(e, RAX, GREG(i->rm));
-                store64(e, RAX, GREG(i->rm));
-            }
-            return 1;
-        }
-        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
-        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
-        if (wide)
-            b1(e, 0x48);
-        b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
-        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
-        store64(e, RAX, GREG(i->rm));
-        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
-        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        emit_shift_reg(k, i->rm, wide, (unsigned)(i->imm & (wide ? 63 : 31)), (int)i->imm2);
         return 1;
     }
     case P_LOAD64: case P_LOAD32: {
@@ -585,7 +977,175 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         break;
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
+        k->flags_live = flags_were_live;
         return 1;
+    case 0x11f:
+        k->flags_live = flags_were_live;
+        return 1;
+    case 0x63:
+        if (!k->long64)
+            return 0;
+        if (i->mod == 3) {
+            op_mem(e, 1, 0x63, RAX, GREG(i->rm));               /* movsxd rax, [rbx+rm] */
+        } else {
+            slow = emit_mem(k, i, rip, next_rip, 4, 0, done);
+            b1(e, 0x48); b1(e, 0x63); b1(e, 0x00);              /* movsxd rax, [rax] */
+        }
+        store64(e, RAX, GREG(i->reg));
+        break;
+    case 0xc1: case 0xd1: {
+        int wide = i->osz == 8, kind = i->reg & 7;
+        unsigned n = i->op == 0xd1 ? 1 : (unsigned)(i->imm & (wide ? 63 : 31));
+        if (kind >= 4)
+            emit_shift_reg(k, i->rm, wide, n, kind);
+        else if (emit_rotate_reg(k, i->rm, wide, n, kind))
+            k->flags_live = flags_were_live;
+        return 1;
+    }
+    case 0x8d:
+        emit_ea_off(e, i, next_rip);
+        mov32_rr(e, RAX, RAX);
+        store64(e, RAX, GREG(i->reg));
+        return 1;
+    case 0xd3: {
+        /* a count of 0 (after masking) changes no flag: the lazy record stays */
+        int wide = i->osz == 8, kind = i->reg & 7;
+        op_mem(e, wide, 0x8b, RAX, GREG(i->rm));               /* 32 bits: zero-extended */
+        load32(e, RCX, GREG(R_CX));
+        b1(e, 0x83); b1(e, 0xe1); b1(e, wide ? 63 : 31);        /* and ecx, mask */
+        uint8_t *zero = jcc32(e, 0x4);                          /* jz: only the write */
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
+        if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_b));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0xd3); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); /* shl|shr|sar (e|r)ax, cl */
+        if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
+        if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+        patch_rel32(zero, e->p);
+        store64(e, RAX, GREG(i->rm));
+        return 1;
+    }
+    case 0xc6: case 0xc7: {
+        unsigned sz = i->op == 0xc6 ? 1 : i->osz;
+        if (i->mod == 3) {
+            if (sz == 1) {
+                b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+            } else {
+                store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
+            }
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, sz, 1, done);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, (uint8_t)i->op); b1(e, 0x00);                     /* mov [rax], imm */
+        if (sz == 1)
+            b1(e, (uint8_t)i->imm);
+        else
+            b4(e, (uint32_t)i->imm);                            /* 64 bits: sign-extended, as decoded */
+        break;
+    }
+    case 0x88: case 0x8a: {
+        int to_e = i->op == 0x88;
+        if (i->mod == 3) {
+            load_greg(k, i, RAX, to_e ? i->reg : i->rm, 1);
+            b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, to_e ? i->rm : i->reg));   /* mov [rbx+d], al */
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, 1, to_e, done);
+        if (to_e) {
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);              /* mov rsi, rax */
+            load_greg(k, i, RAX, i->reg, 1);
+            b1(e, 0x88); b1(e, 0x06);                           /* mov [rsi], al */
+        } else {
+            b1(e, 0x0f); b1(e, 0xb6); b1(e, 0x00);              /* movzx eax, byte [rax] */
+            b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->reg));
+        }
+        break;
+    }
+    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's) */
+        unsigned sz = i->op == 0xf6 ? 1 : i->osz;
+        load_greg(k, i, (i->reg & 7) == 3 ? RCX : RAX, i->rm, sz);
+        if ((i->reg & 7) == 2) {
+            b1(e, 0x48); b1(e, 0xf7); b1(e, 0xd0);              /* not rax: no flags */
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);              /* mov rdx, rax */
+            k->flags_live = flags_were_live;
+        } else {
+            b1(e, 0x31); b1(e, 0xc0);                           /* xor eax, eax: neg is 0 - a */
+            emit_alu_core_any(k, ALU_SUB, sz);
+        }
+        if (sz == 1) {
+            b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], dl */
+        } else {
+            if (sz == 4)
+                mov32_rr(e, RDX, RDX);
+            store64(e, RDX, GREG(i->rm));
+        }
+        return 1;
+    }
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+        op_mem(e, i->osz == 8, 0x8b, RAX, GREG(i->reg));
+        if (i->osz == 8)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xc8);                               /* bswap (e|r)ax */
+        store64(e, RAX, GREG(i->reg));
+        k->flags_live = flags_were_live;
+        return 1;
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
+        int live = emit_cond_al(k, i->op & 15, flags_were_live);
+        b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], al */
+        k->flags_live = live;
+        return 1;
+    }
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f: {
+        int wide = i->osz == 8, cc = i->op & 15;
+        if (!flags_were_live) {
+            emit_cond_al(k, cc, 0);
+            b1(e, 0x85); b1(e, 0xc0);                           /* test eax, eax */
+            cc = 0x5;                                           /* cmovnz */
+        }
+        op_mem(e, wide, 0x8b, RAX, GREG(i->reg));              /* 32 bits: zero-extended either way */
+        op_mem(e, wide, 0x8b, RCX, GREG(i->rm));
+        if (wide)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, (uint8_t)(0x40 | cc)); b1(e, 0xc1); /* cmovcc (e|r)ax, (e|r)cx */
+        store64(e, RAX, GREG(i->reg));
+        k->flags_live = flags_were_live;
+        return 1;
+    }
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x68: case 0x6a: {
+        unsigned sz = stack_osz(i, k->long64);
+        if (!sz)
+            return 0;
+        slow = emit_push(k, i, rip, done, sz);
+        if (i->op >= 0x68)
+            mov_imm(e, RCX, sz == 8 ? i->imm : (uint32_t)i->imm);
+        else
+            op_mem(e, sz == 8, 0x8b, RCX, GREG(i->reg));       /* push rsp: the value before */
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+        break;
+    }
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f: {
+        unsigned sz = stack_osz(i, k->long64);
+        if (!sz)
+            return 0;
+        slow = new_slow(k, i, rip, done);
+        emit_stack_lin(k, slow, 0);
+        emit_tlb(k, slow, sz, 0);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x00);                               /* mov (r|e)ax, [rax] */
+        emit_sp_add(k, (int32_t)sz);                            /* clobbers rcx only */
+        store64(e, RAX, GREG(i->reg));                          /* pop rsp: the loaded value wins */
+        break;
+    }
     default:
         return 0;
     }
@@ -618,6 +1178,59 @@ static void emit_exit(Emit *e, int done)
     b1(e, 0xc3);   /* ret */
 }
 
+/* Leaves for the direct successor at guest rip `target` (c->rip already holds it),
+ * jumping straight into its compiled code when native_chain_fits() linked it in
+ * b->nat_succ[slot] and the conditions of native.h hold; otherwise returns with
+ * CPU.nat_exit_slot naming the slot, so exec.c can link it. */
+static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
+{
+    Emit *e = &k->e;
+    uint8_t *out[8];
+    int nout = 0;
+    add64_mem_imm(e, CPU_OFF(st_insns), done);
+    add64_mem_imm(e, CPU_OFF(st_native_insns), done);
+    uint64_t slot_addr = (uint64_t)(uintptr_t)&k->b->nat_succ[slot];
+    mov_imm(e, RAX, slot_addr);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x08);                      /* mov rcx, [rax] */
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
+    out[nout++] = jcc32(e, 0x4);                                /* jz out */
+    /* what the run loop and native_ready() look at between blocks, all zero */
+    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
+    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
+    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
+    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    /* block_fits(): the successor's page is what this CPU fetches at its linear address */
+    uint64_t lin = k->long64 ? target : (uint32_t)(k->b->cs_base + target);
+    int32_t ent = CPU_OFF(tlb) + (int32_t)(((lin >> 12) & (TLB_SIZE - 1)) * sizeof(TlbEnt));
+    op_mem(e, 1, 0x63, RDX, CPU_OFF(mmu_idx));                  /* movsxd rdx, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdx, rdx, row */
+    mov_imm(e, RAX, lin & ~0xfffull);
+    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
+    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
+    out[nout++] = jcc32(e, 0x5);
+    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
+    add64_mem_imm(e, CPU_OFF(st_native_chained), 1);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
+    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    for (int n = 0; n < nout; n++)
+        patch_rel32(out[n], e->p);
+    mov_imm(e, RAX, slot_addr);
+    store64(e, RAX, CPU_OFF(nat_exit_slot));
+    b1(e, 0x5b);   /* pop rbx */
+    b1(e, 0xc3);   /* ret */
+}
+
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
 static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
 {
@@ -625,7 +1238,7 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
     uint64_t target = branch_target(k, i, next_rip);
     if (i->op == 0xe9 || i->op == 0xeb) {
         store64_const(e, CPU_OFF(rip), target);
-        emit_exit(e, done);
+        emit_chain_exit(k, 0, target, done);
         return;
     }
     int cc = i->op & 15;
@@ -643,10 +1256,44 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
         taken = jcc32(e, 0x5);
     }
     store64_const(e, CPU_OFF(rip), next_rip);
-    emit_exit(e, done);
+    emit_chain_exit(k, 1, next_rip, done);
     patch_rel32(taken, e->p);
     store64_const(e, CPU_OFF(rip), target);
+    emit_chain_exit(k, 0, target, done);
+}
+
+/* call rel / ret ending the block. Nothing changes before the stack access has
+ * passed the TLB: a miss runs the instruction through the interpreter (precise rsp and
+ * rip on a fault) and leaves after it. */
+static void emit_call_ret(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = stack_osz(i, k->long64);
+    int s = new_slow(k, i, rip, done);
+    if (i->op == 0xe8) {
+        uint64_t target = branch_target(k, i, next_rip);
+        emit_stack_lin(k, s, -(int32_t)sz);
+        emit_tlb(k, s, sz, 1);
+        mov_imm(e, RCX, next_rip);
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+        store64_const(e, CPU_OFF(rip), target);
+        emit_chain_exit(k, 0, target, done);
+        return;
+    }
+    emit_stack_lin(k, s, 0);
+    emit_tlb(k, s, sz, 0);
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x8b); b1(e, 0x00);                                   /* mov (r|e)ax, [rax]: zero-extends */
+    emit_sp_add(k, (int32_t)(sz + (i->op == 0xc2 ? (uint32_t)(i->imm & 0xffff) : 0)));
+    store64(e, RAX, CPU_OFF(rip));
     emit_exit(e, done);
+}
+
+static int is_call_ret(const Insn *i, int long64)
+{
+    return (i->op == 0xe8 || i->op == 0xc3 || i->op == 0xc2) && stack_osz(i, long64);
 }
 
 /* ---- the block compiler ---- */
@@ -680,6 +1327,10 @@ static int kills_flags(const Insn *i)
         return 0;
     if (alux_form(i, &form, &aluop))
         return 1;
+    unsigned gsz;
+    int gkind;
+    if (gen_alu_form(i, &aluop, &gsz, &gkind))
+        return !gen_alu_mem(i, gkind) && aluop != ALU_ADC && aluop != ALU_SBB;
     switch (i->op) {
     case P_TEST_RR64: case P_TEST_RR32:
         return 1;
@@ -695,6 +1346,34 @@ static int kills_flags(const Insn *i)
     return 0;
 }
 
+/* Native forms that neither read nor write the flags and cannot fault or exit: the
+ * flags of the instruction before them reach the one after them unchanged. */
+static int flags_neutral(const Insn *i)
+{
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x11f:
+        return native_has_form(i);
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
+        return i->mod == 3 && native_has_form(i);
+    }
+    return 0;
+}
+
+/* Are the flags instruction n of b leaves overwritten before anything can see them? */
+static int flags_dead_after(const Block *b, unsigned n)
+{
+    for (unsigned m = n + 1; m < b->n; m++) {
+        const Insn *i = &b->insns[m];
+        if (kills_flags(i))
+            return 1;
+        if (!flags_neutral(i))
+            return 0;
+    }
+    return 0;
+}
+
 static int is_branch(const Insn *i)
 {
     return (i->op >= 0x70 && i->op <= 0x7f) || (i->op >= 0x180 && i->op <= 0x18f) ||
@@ -705,7 +1384,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 {
     if (!c->nat_arena)
         return 0;
-    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE;
+    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE;
     if (c->nat_size - c->nat_used < need)
         return 0;
     uint64_t t0 = now_ns();
@@ -725,12 +1404,18 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 
     b1(&k.e, 0x53);                                 /* push rbx: also aligns the stack */
     b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
+    /* NATIVE_CHAIN_ENTRY: where a chained jump enters, rbx and the frame already set */
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
-        k.cc_dead = n + 1 < b->n && kills_flags(&b->insns[n + 1]);
+        k.cc_dead = flags_dead_after(b, n);
         if (n + 1 == b->n && is_branch(i)) {
             emit_branch(&k, i, next, (int)b->n);
+            ended = 1;
+            break;
+        }
+        if (n + 1 == b->n && is_call_ret(i, k.long64)) {
+            emit_call_ret(&k, i, rip, next, (int)b->n);
             ended = 1;
             break;
         }
@@ -745,14 +1430,24 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         rip = next;
     }
     if (!ended) {
-        if (rip_stale)
+        if (rip_stale) {
+            /* ran into the block's size or page limit: the next block follows directly */
             store64_const(&k.e, CPU_OFF(rip), rip);
-        emit_exit(&k.e, (int)b->n);
+            emit_chain_exit(&k, 1, rip, (int)b->n);
+        } else {
+            emit_exit(&k.e, (int)b->n);   /* the helper set rip: a jump of its own */
+        }
     }
     /* TLB misses: the instruction through the interpreter, then back (or out) */
     for (int s = 0; s < k.nslow; s++) {
         patch_rel32(k.slow[s].jump, k.e.p);
+        if (k.slow[s].jump2)
+            patch_rel32(k.slow[s].jump2, k.e.p);
         emit_step_call(&k, k.slow[s].insn, k.slow[s].rip);
+        if (!k.slow[s].resume) {   /* a block-ending instruction: the interpreter set rip */
+            emit_exit(&k.e, k.slow[s].done);
+            continue;
+        }
         add_stub(&k, k.slow[s].done);
         b1(&k.e, 0xe9);
         uint8_t *at = k.e.p;

@@ -47,6 +47,22 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step);
 /* Does instruction i have a native form? (the differential test picks its ops here) */
 int native_has_form(const Insn *i);
 
+/* Direct chaining: a block ending in a direct jmp/jcc/call (or running into its
+ * 64-instruction or page limit) leaves through an exit that jumps straight to the
+ * compiled successor recorded in its Block.nat_succ slot, when at that moment
+ *  - no asynchronous request, halt, interrupt shadow, stop or replay is pending
+ *    (what cpu_run and native_ready would look at between the two blocks),
+ *  - this CPU has seen every code-page mark (code_epoch),
+ *  - the successor is valid and its page is still what this CPU fetches from there
+ *    (block_fits' TLB test: tag_x and paddr).
+ * Otherwise the exit returns as before, leaving CPU.nat_exit_slot at its slot, and
+ * exec.c fills the slot once it has found the successor through the usual lookup. A
+ * successor must match the block's mode and cs base and lie on one page. */
+static inline int native_chain_fits(const Block *from, const Block *to)
+{
+    return to->native && to->phys2 == ~0ull && to->mode == from->mode && to->cs_base == from->cs_base;
+}
+
 static inline void native_run(CPU *c, void *code)
 {
     ((void (*)(CPU *))code)(c);

@@ -98,6 +98,7 @@ class BootProfile:
         halt_asked_ns = halt_late_ns = 0
         native: dict[str, int] = {}
         have_stats = False
+        helper_ops: dict[int, int] = {}
         run_s = hlt_s = intr_s = 0.0
         runs = hlts = 0
         devices: dict[str, list[float]] = {}
@@ -115,8 +116,11 @@ class BootProfile:
                 pm_timer_reads += st.get("pm_timer_reads", 0)
                 halt_asked_ns += st.get("halt_until_deadline_ns", 0)
                 halt_late_ns += st.get("halt_past_deadline_ns", 0)
-                for key in ("native_insns", "native_helper_insns", "native_blocks", "native_compile_ns"):
+                for key in ("native_insns", "native_helper_insns", "native_blocks", "native_compile_ns",
+                            "native_chained"):
                     native[key] = native.get(key, 0) + st.get(key, 0)
+                for op, n in st.get("native_helper_ops", {}).items():
+                    helper_ops[op] = helper_ops.get(op, 0) + n
             run_s += p.run_s
             runs += p.runs
             hlt_s += p.hlt_s
@@ -141,7 +145,12 @@ class BootProfile:
                 own = in_blocks - native["native_helper_insns"]
                 lines.append(f"    native tier        {native['native_blocks']} blocks compiled in "
                              f"{native['native_compile_ns'] / 1e9:.3f} s; {100.0 * in_blocks / max(insns, 1):.1f} % "
-                             f"of instructions in compiled blocks, {100.0 * own / max(insns, 1):.1f} % as host code")
+                             f"of instructions in compiled blocks, {100.0 * own / max(insns, 1):.1f} % as host code, "
+                             f"{native['native_chained']} direct jumps between compiled blocks")
+                if helper_ops:
+                    top = sorted(helper_ops.items(), key=lambda kv: -kv[1])[:12]
+                    lines.append("    still through the interpreter's handler (op: count): " +
+                                 ", ".join(f"{op:#x}: {n}" for op, n in top))
             lines.append(f"    slow memory paths  {slow} (TLB misses, MMIO, page crossings, code-page writes), "
                          f"{slow_ns / 1e9:.2f} s")
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")
