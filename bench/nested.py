@@ -3,7 +3,7 @@ nested-KVM L1 (kvmpy/tools/nested.py: Debian's kernel under QEMU's TCG with emul
 SVM, kvm-amd loaded).
 
     python3 -m bench.nested              # every area below
-    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-net)
+    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net)
 
 Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
@@ -83,7 +83,7 @@ def _linux_rows(share: str) -> list[dict]:
 
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
-EXTRA_AREAS = ("virtio-net",)
+EXTRA_AREAS = ("virtio-blk", "virtio-net")
 
 
 def _areas(share: str) -> dict:
@@ -91,19 +91,28 @@ def _areas(share: str) -> dict:
     import bench.tcp
     import bench.virtio
     return {"boot": lambda: _linux_rows(share), "kvm": bench.kvm.run, "virtio": bench.virtio.run,
-            "tcp": lambda: bench.tcp.run(os.path.join(share, "guest")), "virtio-net": bench.virtio._net_rows}
+            "tcp": lambda: bench.tcp.run(os.path.join(share, "guest")), "virtio-net": bench.virtio._net_rows,
+            "virtio-blk": lambda: _blk_rows()}
+
+
+def _blk_rows() -> list[dict]:
+    import bench.virtio
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-blk-") as tmp:
+        return bench.virtio._blk_rows(tmp)
 
 
 def _inside(share: str, wanted: list[str] | None = None) -> list[dict]:
     """Runs in the L1: every KVM row (or the wanted areas'), one failing area not hiding the others."""
     rows = []
-    for area, fn in _areas(share).items():
-        if area not in (wanted or AREAS):
-            continue
+    areas = _areas(share)
+    for area in wanted or AREAS:
+        fn = areas[area]
         print(f"bench.nested: {area} ...", file=sys.stderr, flush=True)
         try:
             for row in fn():
                 rows.append({**row, "name": f"L1 {row['name']}"})
+                # on the console as it comes: an L1 killed later still leaves the figures in its log
+                print(f"bench.nested row: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - report it as a row, keep going
             traceback.print_exc()
             rows.append({"name": f"L1 {area} (failed)", "kvmpy": None, "qemu": None, "unit": "",

@@ -40,9 +40,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 QEMU = shutil.which("qemu-system-x86_64")
-SIZE_MIB = 32
-WARMUP_MIB = 2
-REPEATS = 3
+SIZE_MIB = 16
+WARMUP_MIB = 1
+REPEATS = 2
 BOOT_TIMEOUT = 300
 # A transfer at the L1's worst seen rate (about 1 MB/s) must still finish.
 TRANSFER_TIMEOUT = 300
@@ -303,6 +303,7 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                 console.boot()
                 _prepare(console)
                 ready.append((side, console))
+                print(f"bench.tcp: vhost={vhost} {side} guest up", file=sys.stderr, flush=True)
             except Exception as e:  # noqa: BLE001 - one side that cannot run says why
                 notes.append(f"{side}: {e}")
         warm = WARMUP_MIB << 20
@@ -328,6 +329,9 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                         notes.append(f"{side} {direction}: {total} bytes arrived of {size}")
                         continue
                     sides.setdefault((side, direction), []).append(total / seconds / 1e6)
+                    # progress on the console: bench.nested's watchdog takes silence for a stuck L1
+                    print(f"bench.tcp: vhost={vhost} {side} {direction} {total / seconds / 1e6:.2f} MB/s",
+                          file=sys.stderr, flush=True)
         for side, console in consoles:
             if side == "kvmpy":
                 with open(console.stderr_path, errors="replace") as f:
