@@ -278,6 +278,32 @@ def _prepare(guest: GuestConsole) -> None:
         raise RuntimeError(f"the guest cannot reach {PEER_IP} or write {BLOB}: {out[-300:]!r}")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (fields 14 and 15 of
+    /proc/PID/stat, counted after the last ")" since the name may hold one)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _guest_interrupts(console: GuestConsole) -> str:
+    """The guest's interrupt counts per virtio queue (/proc/interrupts), e.g.
+    "input.0=1234 output.0=56": how often each VMM made the driver run."""
+    try:
+        _, out = console.shell("grep virtio /proc/interrupts", timeout=60)
+    except RuntimeError:
+        return ""
+    counts = []
+    for line in out.splitlines():
+        m = re.match(r"\s*\d+:\s+(\d+)\s.*virtio\d+-(\S+)\s*$", line)
+        if m:
+            counts.append(f"{m.group(2)}={m.group(1)}")
+    return " ".join(counts)
+
+
 def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tmp: str, index: int) -> dict:
     """Both VMMs' guests up at once for one vhost setting; their transfers alternate.
     {(side, direction): [MB/s, ...]} and notes."""
@@ -315,10 +341,12 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
             except Exception as e:  # noqa: BLE001
                 notes.append(f"{side} warm-up: {e}")
                 ready.remove((side, console))
+        cpu_before = {side: _cpu_seconds(console.proc.pid) for side, console in ready}
         size = SIZE_MIB << 20
-        for _ in range(REPEATS):
+        for repeat in range(REPEATS):
             for direction in ("tx", "rx"):
-                for side, console in list(ready):
+                # who goes first alternates: a drift in load must not favour one side
+                for side, console in (list(ready) if repeat % 2 == 0 else list(reversed(ready))):
                     try:
                         total, seconds, _, _ = transfer(peer, console, direction, size)
                     except Exception as e:  # noqa: BLE001
@@ -332,6 +360,13 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                     # progress on the console: bench.nested's watchdog takes silence for a stuck L1
                     print(f"bench.tcp: vhost={vhost} {side} {direction} {total / seconds / 1e6:.2f} MB/s",
                           file=sys.stderr, flush=True)
+        for side, console in ready:
+            before, after = cpu_before.get(side), _cpu_seconds(console.proc.pid)
+            if before is not None and after is not None:
+                notes.append(f"{side} process CPU {after - before:.1f} s over the measured transfers")
+            irqs = _guest_interrupts(console)
+            if irqs:
+                notes.append(f"{side} guest's virtio interrupts {irqs}")
         for side, console in consoles:
             if side == "kvmpy":
                 with open(console.stderr_path, errors="replace") as f:
