@@ -107,9 +107,13 @@ class GuestConsole:
                 break
             time.sleep(0.1)
         with open(self.stderr_path, errors="replace") as f:
-            err = f.read()[-1500:]
+            err = f.read()[-300:]
+        # The guest kernel's complaints say most (a ring error, a lockup); else the console's tail.
+        text = self.text()
+        kernel = [line for line in text.splitlines() if re.match(r"\[\s*\d+\.\d+\] ", line)]
+        kernel = [line for line in kernel if "virtio" in line][:2] + kernel[-2:]
         raise RuntimeError(f"{self.name}: no {pattern!r} on the console within {timeout:.0f} s "
-                           f"(exit {self.proc.poll()}): ...{self.text()[-1500:]!r} stderr ...{err!r}")
+                           f"(exit {self.proc.poll()}): {' | '.join(kernel) or text[-400:]!r}; stderr ...{err!r}")
 
     def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         self.wait_for(r"shell on the console", timeout)
