@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -405,7 +406,6 @@ def run(guest_dir: str | None = None) -> list[dict]:
         except guestbuild.GuestBuildError as e:
             return all_rows(f"the default guest cannot be built here: {e}")
     kernel, initrd = os.path.join(guest_dir, "vmlinuz"), os.path.join(guest_dir, "initrd.img")
-    import tempfile
     ns = make_netns()
     peer = TcpPeer(ns)
     try:
