@@ -26,6 +26,7 @@ import selectors
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -106,8 +107,21 @@ def _inside(share: str, wanted: list[str] | None = None) -> list[dict]:
     """Runs in the L1: every KVM row (or the wanted areas'), one failing area not hiding the others."""
     rows = []
     areas = _areas(share)
+    current = {"area": None, "since": time.monotonic()}
+
+    def heartbeat() -> None:
+        # An area may print nothing for longer than IDLE_TIMEOUT (the virtio-blk rows:
+        # ~80 guest runs); the host would take the silence for a stuck L1 and kill it.
+        # A truly stuck L1 runs no thread at all, so it still goes silent.
+        while True:
+            time.sleep(120)
+            print(f"bench.nested: {current['area']} running for {time.monotonic() - current['since']:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
     for area in wanted or AREAS:
         fn = areas[area]
+        current.update(area=area, since=time.monotonic())
         print(f"bench.nested: {area} ...", file=sys.stderr, flush=True)
         try:
             for row in fn():
