@@ -12,7 +12,7 @@ import sys
 import traceback
 
 MODULES = ("bench.kvm", "bench.virtio", "bench.img", "bench.nbd", "bench.tcg", "bench.boot", "bench.firmware",
-           "bench.nested", "bench.usernet", "bench.display")
+           "bench.nested", "bench.usernet", "bench.display", "bench.tcp")
 LOWER_IS_BETTER_UNITS = {"s", "ms", "seconds"}
 
 

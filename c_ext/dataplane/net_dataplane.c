@@ -71,10 +71,13 @@ static void finish_batch(struct dp_vring *r, uint16_t *unsignalled)
 /* Whether the driver makes buffers available within NP_SPIN_NS, notifications
  * still off: a ring that just went empty in a stream usually refills within
  * microseconds, and its kick would cost an exit and a wake-up. Only right after
- * work, so an idle pair does not spin. */
+ * work, so an idle pair does not spin; and only where another CPU can run the
+ * guest meanwhile (np_config.spin): on one CPU the spin only delays the driver. */
 static int avail_soon(struct np_pair *p, struct dp_vring *r)
 {
     struct timespec t0, t;
+    if (!p->c.spin)
+        return 0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (unsigned i = 1;; i++) {
         if (dp_vring_avail_idx(r) != r->next_avail)

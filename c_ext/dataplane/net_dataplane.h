@@ -50,6 +50,7 @@ struct np_config {
     int mrg_rxbuf;                     /* a frame may fill several rx chains */
     uint32_t rx_frame_max;             /* header + the largest frame the tap may hand over */
     int handback_fd;                   /* written when the thread hands the pair back */
+    int spin;                          /* wait briefly for the driver after work (another CPU can refill) */
 };
 
 struct np_ring_state {

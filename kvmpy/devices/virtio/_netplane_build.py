@@ -48,6 +48,7 @@ struct np_config {
     int mrg_rxbuf;
     uint32_t rx_frame_max;
     int handback_fd;
+    int spin;
     ...;
 };
 struct np_ring_state {
