@@ -22,7 +22,18 @@ needs_native = pytest.mark.skipif(not dataplane.available(),
 
 
 def threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """The process's own threads: not the kernel's io_uring workers (iou-wrk-*, iou-sqp-*),
+    which come and go as the rings punt work (a Debian run once counted one mid-test)."""
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("iou-"):
+                    continue
+        except OSError:
+            continue        # gone meanwhile
+        count += 1
+    return count
 
 
 def raw_image(path):
