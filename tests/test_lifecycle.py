@@ -17,6 +17,7 @@ from kvmpy.errors import UserError
 from kvmpy.lifecycle import Pidfile, PidfileError, SignalActions, drop_privileges, pid_alive
 
 from test_qmp_statevm import StateVm
+from support.polling import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,15 +31,6 @@ def dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
-
-
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # ------------------------------------------------------------------ pidfile
