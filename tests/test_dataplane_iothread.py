@@ -21,18 +21,16 @@ needs_native = pytest.mark.skipif(not dataplane.available(),
                                   reason=f"native data plane not built: {dataplane.unavailable_reason()}")
 
 
-def threads() -> int:
-    """The process's own threads: not the kernel's io_uring workers (iou-wrk-*, iou-sqp-*),
-    which come and go as the rings punt work (a Debian run once counted one mid-test)."""
+def threads(name: str) -> int:
+    """The process's threads named ``name`` (the native planes name theirs), so
+    threads other tests left ending, and io_uring's iou-wrk workers, do not count."""
     count = 0
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().startswith("iou-"):
-                    continue
+                count += f.read().strip() == name
         except OSError:
             continue        # gone meanwhile
-        count += 1
     return count
 
 
@@ -46,15 +44,16 @@ def test_disks_naming_one_iothread_share_its_thread(tmp_path):
     dataplane.iothread("io-share")          # the thread itself, before counting
     rigs = []
     try:
-        counts = [threads()]
+        queue_threads = threads("kvmpy-blk")
         for i in range(3):
             rigs.append(Rig(raw_image(tmp_path / f"{i}.raw"), iothread="io-share"))
-            counts.append(threads())
+        assert wait_for(lambda: all(r.dev.native_queues == (True,) for r in rigs))
+        assert threads("kvmpy-blk") == queue_threads, \
+            "a disk on the iothread brought a data-plane thread of its own for its queue"
+        assert threads("kvmpy-iothread") >= 1
         rigs.append(Rig(raw_image(tmp_path / "plain.raw")))
-        counts.append(threads())
-        per_disk = {b - a for a, b in zip(counts, counts[1:-1])}
-        assert len(per_disk) == 1 and counts[-1] - counts[-2] == per_disk.pop() + 1, \
-            f"a disk on the iothread brings no thread of its own for its queue: {counts}"
+        assert wait_for(lambda: rigs[-1].dev.native_queues == (True,))
+        assert threads("kvmpy-blk") == queue_threads + 1, "a disk on no iothread has its own thread"
         rigs.pop().close()
         assert all(r.dev.native_queues == (True,) for r in rigs)
         for round_ in range(4):

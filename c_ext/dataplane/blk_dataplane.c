@@ -535,6 +535,7 @@ static int defer_read(struct dp_queue *q, struct dp_job *job)
         for (int i = 0; i < DP_WORKERS; i++) {
             if (pthread_create(&q->workers[i], NULL, dp_worker, q))
                 break;
+            pthread_setname_np(q->workers[i], "kvmpy-blk-rd");
             q->nworkers++;
         }
         if (!q->nworkers)
@@ -1087,6 +1088,8 @@ struct dp_iothread *dp_iothread_new(int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);      /* as dp_start's threads */
     int r = pthread_create(&io->thread, NULL, dp_iothread_main, io);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!r)     /* named so ps, gdb and tests can tell the threads apart */
+        pthread_setname_np(io->thread, "kvmpy-iothread");
     if (r) {
         *err = r;
         close(io->ctl_fd);
@@ -1172,6 +1175,8 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int r = pthread_create(&q->thread, NULL, dp_thread, q);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!r)
+        pthread_setname_np(q->thread, "kvmpy-blk");
     if (r) {
         *err = r;
         close(q->stop_fd);

@@ -425,6 +425,8 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int r = pthread_create(&p->thread, NULL, np_thread, p);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!r)
+        pthread_setname_np(p->thread, "kvmpy-net");
     if (r) {
         *err = r;
         close(p->stop_fd);
