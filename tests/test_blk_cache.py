@@ -331,6 +331,11 @@ def test_vm_image_fd_flags(direct_dir, kvm_required, mode):
         block = vm.qmp.cmd("query-block")[0]["inserted"]["cache"]
         assert block == {"writeback": mode in ("writeback", "none", "unsafe"), "direct": mode in ("none", "directsync"),
                          "no-flush": mode == "unsafe"}
+        # HMP prints it as QEMU's does: "writeback, direct" for none, ", ignore flushes" for unsafe.
+        hmp = vm.qmp.cmd("human-monitor-command", **{"command-line": "info block"})
+        want = {"writeback": "writeback", "none": "writeback, direct", "unsafe": "writeback, ignore flushes",
+                "writethrough": "writethrough", "directsync": "writethrough, direct"}[mode]
+        assert f"    Cache mode:       {want}" in hmp.splitlines(), hmp
         vm.key()
         assert vm.finish() == 0
         assert b"virtio-blk: pattern ok" in vm.out

@@ -75,6 +75,8 @@ def _block(control: VmControl, args: list[str]) -> str:
                 mode = "writeback" if cache.get("writeback", True) else "writethrough"
                 if cache.get("direct"):
                     mode += ", direct"
+                if cache.get("no-flush"):
+                    mode += ", ignore flushes"
                 out.append(f"    Cache mode:       {mode}\n")
         out.append("\n")
     if wanted is not None and not out:
