@@ -83,6 +83,33 @@ def test_each_mode_opens_the_image_with_its_flags(direct_dir, mode):
         assert direct.alignment_of(drv.fd) is None
 
 
+@pytest.mark.parametrize("fmt,options", [("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]),
+                                         ("vdi", [])])
+def test_read_only_formats_honour_the_mode(direct_dir, fmt, options):
+    """vmdk and vdi are read-only in kvmpy, so only O_DIRECT matters: under none and
+    directsync their reads (headers, tables, grains, compressed grains at odd
+    offsets) bypass the page cache and still give qemu-img's bytes."""
+    qemu_img = tool_required("qemu-img")
+    rnd = random.Random(7)
+    raw = direct_dir / "src.raw"
+    content = bytearray(2 << 20)
+    for start in range(0, len(content), 192 << 10):     # data runs among holes
+        content[start:start + (64 << 10)] = rnd.randbytes(64 << 10)
+    raw.write_bytes(content)
+    image = direct_dir / f"d.{fmt}"
+    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", fmt, *options, str(raw), str(image)], check=True)
+    for mode in sorted(MODE_FLAGS):
+        with open_image(str(image), fmt, read_only=True, cache=mode) as drv:
+            assert fd_flags(os.getpid(), drv.fd) & O_DIRECT == MODE_FLAGS[mode] & O_DIRECT, (mode,)
+            assert (direct.alignment_of(drv.fd) is not None) == bool(MODE_FLAGS[mode] & O_DIRECT)
+            assert drv.pread(len(content), 0) == content, mode
+            for _ in range(20):
+                offset = rnd.randrange(len(content))
+                length = rnd.randint(1, min(70000, len(content) - offset))
+                assert drv.pread(length, offset) == content[offset:offset + length], (mode, offset, length)
+        assert direct.alignment_of(drv.fd) is None
+
+
 DISK = 1 << 20
 ACCESS = st.tuples(st.booleans(), st.integers(0, DISK - 1), st.integers(1, 9000), st.integers(0, 7))
 

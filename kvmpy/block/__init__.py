@@ -113,10 +113,10 @@ def open_image(path: str, format: str | None = None, read_only: bool = False,
                            cache=cache)
     if format == "vmdk":
         from .vmdk import VmdkDriver
-        return VmdkDriver(path, read_only=read_only, force_share=force_share)
+        return VmdkDriver(path, read_only=read_only, force_share=force_share, cache=cache)
     if format == "vdi":
         from .vdi import VdiDriver
-        return VdiDriver(path, read_only=read_only, force_share=force_share)
+        return VdiDriver(path, read_only=read_only, force_share=force_share, cache=cache)
     if probed:
         raise ImageError(unreadable_message(path, format))
     raise ImageError(f"{path}: unknown image format {format!r} (supported: {', '.join(FORMATS)})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ImageError
+from . import direct
 from .driver import BlockDriver, full_preadv, total_length
 from .locking import lock_image, mode_for
 from .qcow2 import _Cursor, _zero_fill
@@ -21,17 +22,19 @@ from .qcow2_format import COMPRESSED, DATA, UNALLOC, ZERO
 class GrainDriver(BlockDriver):
     grain_size: int
 
-    def __init__(self, path: str, read_only: bool = True, force_share: bool = False):
+    def __init__(self, path: str, read_only: bool = True, force_share: bool = False, cache: str | None = None):
         self.path = path
         self.read_only = True
+        # Read-only, so of QEMU's cache= only O_DIRECT matters here (none, directsync):
+        # the image's reads bypass the host page cache, as under QEMU.
+        self.cache = direct.cache_mode(cache)
         if not read_only:
             raise ImageError(f"{path}: kvmpy reads {self.format} images read-only; use readonly=on, "
                              f"or convert it: qemu-img convert -O qcow2 {path} out.qcow2")
+        self.fd = direct.open_image_file(path, os.O_RDONLY | os.O_CLOEXEC, self.cache, f"{self.format} image")
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageError(f"{path}: cannot open image: {e.strerror}") from None
-        try:
+            if self.cache.direct:
+                direct.register(self.fd)
             if not force_share:
                 lock_image(self.fd, path, mode_for(True))
             self.file_size = os.fstat(self.fd).st_size
@@ -53,7 +56,7 @@ class GrainDriver(BlockDriver):
     def _pread_exact(self, length: int, offset: int, what: str) -> bytes:
         if offset < 0 or offset + length > self.file_size:
             raise ImageError(f"{self.path}: {what} at offset {offset} lies outside the file")
-        data = os.pread(self.fd, length, offset)
+        data = direct.pread(self.fd, length, offset)
         if len(data) != length:
             raise ImageError(f"{self.path}: {what} at offset {offset} is truncated")
         return data
@@ -143,6 +146,7 @@ class GrainDriver(BlockDriver):
 
     def close(self):
         if getattr(self, "fd", -1) >= 0:
+            direct.forget(self.fd)
             os.close(self.fd)
             self.fd = -1
 
