@@ -33,6 +33,7 @@ from .devices.timers import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .devices.virtio.pci import VirtioPciTransport   # imported now: the sandbox forbids it later
+from .devices.virtio.dataplane import iothreads
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
@@ -558,6 +559,9 @@ class Machine:
 
     def network_devices(self) -> list[dict]:
         return self.devices.query("net")
+
+    def iothreads(self) -> list[dict]:
+        return iothreads()
 
     def eject(self, device: str, force: bool = False) -> None:
         try:

@@ -148,3 +148,26 @@ def test_qemu_object_iothread_and_device_iothread(tmp_path):
              r"num-queues: expected a number of queues from 1 to 16")):
         with pytest.raises(ConfigError, match=message):
             config_from_qemu_args(argv)
+
+
+@pytest.mark.guest
+@needs_native
+def test_query_iothreads_names_the_vms_iothread(tmp_path, kvm_required):
+    """QMP query-iothreads and HMP info iothreads, as QEMU's: the iothread the disk
+    names, with the kernel id of the VM's thread that serves it."""
+    from test_block_errors import Vm
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(8 << 20))
+    vm = Vm(tmp_path, f"file={img},format=raw,iothread=io-q", "sector=8 bytes=4096 waitkey=1")
+    try:
+        vm.read_until(b"virtio-blk: waiting for a key")
+        [entry] = vm.qmp.cmd("query-iothreads")
+        assert entry["id"] == "io-q" and entry["poll-max-ns"] == 0
+        with open(f"/proc/{vm.proc.pid}/task/{entry['thread-id']}/comm") as f:
+            assert f.read().strip() == "kvmpy-iothread"
+        hmp = vm.qmp.cmd("human-monitor-command", **{"command-line": "info iothreads"}).splitlines()
+        assert hmp[:2] == ["io-q:", f"  thread_id={entry['thread-id']}"], hmp
+        vm.key()
+        assert vm.finish() == 0
+    finally:
+        vm.close()

@@ -149,6 +149,9 @@ class StateVm:
         return [{"name": "net0", "type": "tap", "ifname": "tap-toy0", "mac": "52:54:00:12:34:56",
                  "bridge": "br0"}]
 
+    def iothreads(self) -> list[dict]:
+        return []
+
     def vcpu_registers(self) -> list:
         raise ControlError("info registers is not available for this VM")
 

@@ -987,6 +987,7 @@ struct dp_iothread {
     struct dp_queue *queues[DP_IOTHREAD_QUEUES];
     int nqueues;
     int exit;
+    int tid;                        /* the thread's kernel id, 0 until it runs */
 };
 
 static void io_wake(struct dp_iothread *io)
@@ -1025,6 +1026,10 @@ static void *dp_iothread_main(void *arg)
     struct dp_iothread *io = arg;
     struct dp_queue *qs[DP_IOTHREAD_QUEUES];
     struct pollfd fds[DP_IOTHREAD_QUEUES + 1];
+    pthread_mutex_lock(&io->lock);
+    io->tid = (int)syscall(SYS_gettid);
+    pthread_cond_broadcast(&io->finished_cv);
+    pthread_mutex_unlock(&io->lock);
     for (;;) {
         pthread_mutex_lock(&io->lock);
         int n = io->nqueues, exiting = io->exit;
@@ -1098,8 +1103,18 @@ struct dp_iothread *dp_iothread_new(int *err)
         free(io);
         return NULL;
     }
+    /* Its id is known before anyone can ask (query-iothreads' thread-id). */
+    pthread_mutex_lock(&io->lock);
+    while (!io->tid)
+        pthread_cond_wait(&io->finished_cv, &io->lock);
+    pthread_mutex_unlock(&io->lock);
     *err = 0;
     return io;
+}
+
+int dp_iothread_tid(const struct dp_iothread *io)
+{
+    return io->tid;
 }
 
 /* After every queue it served was stopped. */

@@ -103,6 +103,7 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err);
 void dp_stop(struct dp_queue *q, struct dp_indices *out);
 struct dp_iothread *dp_iothread_new(int *err);
 void dp_iothread_free(struct dp_iothread *io);
+int dp_iothread_tid(const struct dp_iothread *io);      /* its kernel thread id */
 struct dp_ring *dp_ring_new(int *err);
 void dp_ring_free(struct dp_ring *r);
 

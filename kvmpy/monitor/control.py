@@ -88,6 +88,10 @@ class VmControl(Protocol):
     def network_devices(self) -> list[dict]:
         """[{"name", "type", "ifname", "mac", "bridge"}]"""
 
+    def iothreads(self) -> list[dict]:
+        """query-iothreads entries: id, thread-id, poll-max-ns, poll-grow,
+        poll-shrink, aio-max-batch."""
+
     def add_event_listener(self, callback: EventCallback) -> None:
         """Call callback(event_name, data) for each event in EVENT_NAMES."""
 

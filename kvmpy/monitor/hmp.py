@@ -84,6 +84,12 @@ def _block(control: VmControl, args: list[str]) -> str:
     return "".join(out).rstrip("\n") + "\n" if out else ""
 
 
+def _iothreads(control: VmControl, args: list[str]) -> str:
+    return "".join(f"{t['id']}:\n  thread_id={t['thread-id']}\n  poll-max-ns={t['poll-max-ns']}\n"
+                   f"  poll-grow={t['poll-grow']}\n  poll-shrink={t['poll-shrink']}\n"
+                   f"  aio-max-batch={t['aio-max-batch']}\n" for t in control.iothreads())
+
+
 def _network(control: VmControl, args: list[str]) -> str:
     out = []
     for i, nic in enumerate(control.network_devices()):
@@ -156,6 +162,7 @@ def _vnc(control: VmControl, args: list[str]) -> str:
 INFO_COMMANDS: dict[str, tuple[Callable[[VmControl, list[str]], str], int, str, str]] = {
     "block": (_block, 1, "[device]", "show info of one block device or all block devices"),
     "cpus": (_cpus, 0, "", "show infos for each CPU"),
+    "iothreads": (_iothreads, 0, "", "show the iothreads"),
     "kvm": (_kvm, 0, "", "show KVM information"),
     "name": (_name, 0, "", "show the current VM name"),
     "registers": (_registers, 0, "", "show the cpu registers"),

@@ -383,6 +383,7 @@ _COMMANDS = [
     _Command("query-name", _query_name),
     _Command("query-cpus-fast", lambda srv, a: list(srv.control.cpus())),
     _Command("query-block", lambda srv, a: list(srv.control.block_devices())),
+    _Command("query-iothreads", lambda srv, a: list(srv.control.iothreads())),
     _Command("query-commands", _query_commands),
     _Command("eject", _eject, {"device": (str, "string", True), "force": (bool, "boolean", False)}),
     _Command("blockdev-change-medium", _change_medium,

@@ -76,6 +76,7 @@ struct dp_ring;
 struct dp_iothread;
 struct dp_iothread *dp_iothread_new(int *err);
 void dp_iothread_free(struct dp_iothread *io);
+int dp_iothread_tid(const struct dp_iothread *io);
 struct dp_ring *dp_ring_new(int *err);
 void dp_ring_free(struct dp_ring *r);
 struct dp_map *dp_map_new(uint32_t cluster_bits);

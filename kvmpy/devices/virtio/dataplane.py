@@ -115,6 +115,10 @@ class Iothread:
         self.name = name
         self.handle = handle
 
+    @property
+    def thread_id(self) -> int:
+        return lib.dp_iothread_tid(self.handle)
+
 
 _IOTHREADS: dict[str, Iothread] = {}
 _IOTHREADS_LOCK = threading.Lock()
@@ -127,6 +131,16 @@ def iothread(name: str) -> Iothread:
         if found is None:
             found = _IOTHREADS[name] = Iothread(name)
         return found
+
+
+def iothreads() -> list[dict]:
+    """query-iothreads' entries for the iothreads made so far, by name. The
+    thread waits in poll() without busy-polling first, so poll-max-ns is 0 (QEMU's
+    meaning: polling off)."""
+    with _IOTHREADS_LOCK:
+        found = sorted(_IOTHREADS.values(), key=lambda t: t.name)
+    return [{"id": t.name, "thread-id": t.thread_id, "poll-max-ns": 0, "poll-grow": 0, "poll-shrink": 0,
+             "aio-max-batch": 0} for t in found]
 
 
 class ClusterMap:
