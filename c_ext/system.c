@@ -688,7 +688,7 @@ void do_cpuid(CPU *c)
         switch (fn) {
         case 0: a = 7; b = 0x756e6547; d = 0x49656e69; cc = 0x6c65746e; break;   /* GenuineIntel */
         case 1:
-            a = 0x000306a9;
+            a = 0x000306d2;     /* as kvmpy/hv/tcg/accel.py's SIGNATURE */
             b = ((uint32_t)c->cpu_index << 24) | (1 << 16) | (8 << 8);
             cc = (1u << 13) | (1u << 22) | (1u << 23) | (1u << 30) | (1u << 31);   /* cx16 movbe popcnt rdrand hypervisor */
             d = 1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 13) |

@@ -28,7 +28,13 @@ def test_vendor_family_model_brand():
     eax = t[(1, 0)][0]
     family = (eax >> 8) & 0xF
     model = ((eax >> 4) & 0xF) | (((eax >> 16) & 0xF) << 4)
-    assert (family, model, eax & 0xF) == (6, 58, 9)      # QEMU's IvyBridge
+    assert (family, model, eax & 0xF) == (6, 61, 2)      # QEMU's Broadwell
+    # No model older than the extensions announced: Intel's first family-6 models with
+    # each (Haswell 60: BMI1, BMI2, MOVBE; Broadwell 61: ADX, RDSEED).
+    first_model = {3: 60, 8: 60, 18: 61, 19: 61}       # CPUID 7.0 EBX bit -> model
+    leaf7_ebx = t[(7, 0)][1]
+    assert all(model >= first for bit, first in first_model.items() if leaf7_ebx >> bit & 1)
+    assert leaf7_ebx & ~sum(1 << bit for bit in first_model) == 0, "a leaf-7 bit this test does not know"
     brand = b"".join(struct.pack("<IIII", *t[(fn, 0)]) for fn in (0x80000002, 0x80000003, 0x80000004))
     assert brand.rstrip(b"\0") == BRAND
     assert brand.endswith(b"\0")

@@ -23,14 +23,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-# What the translator advertises: an Intel CPU of a model QEMU offers (its "IvyBridge":
-# family 6, model 58, stepping 9) without the extensions the translator does not
-# implement (no AVX, XSAVE, x2APIC, PCID...). A real vendor sends Linux down the
+# What the translator advertises: an Intel CPU of a model QEMU offers (its "Broadwell":
+# family 6, model 61, stepping 2, the first with every leaf-7 extension announced below,
+# ADX and RDSEED) without the extensions the translator does not implement (no AVX,
+# XSAVE, x2APIC, PCID, TSX...). A real vendor sends Linux down the
 # vendor's init path (cache and topology leaves, TSC frequency from CPUID 0x15) rather
 # than generic init, which reports SMT siblings and assumes Meltdown.
 VENDOR = b"GenuineIntel"  # 12 bytes: ebx, edx, ecx order below
-SIGNATURE = 0x000306A9    # family 6, model 0x3A, stepping 9
-BRAND = b"Intel Xeon E3-12xx v2 (Ivy Bridge)"   # QEMU's model-id for it
+SIGNATURE = 0x000306D2    # family 6, model 0x3D, stepping 2
+BRAND = b"Intel Core Processor (Broadwell)"     # QEMU's model-id for it
 
 # The LAPIC timer's clock (the bus_hz given to the LAPIC models below), announced as
 # the crystal of CPUID 0x15: Linux derives the LAPIC timer period from it and skips
