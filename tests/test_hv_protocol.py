@@ -61,6 +61,7 @@ def check_accel(accel) -> None:
     # the loop's once-per-thread decisions read these as plain booleans
     assert isinstance(accel.software_doorbells, bool)
     assert isinstance(accel.needs_before_guest_entry, bool)
+    assert type(accel.phys_bits) is int and 32 <= accel.phys_bits <= 52
 
 
 def test_the_protocols_declare_what_their_callers_use():
@@ -79,6 +80,9 @@ def test_translator_implements_the_accelerator_protocol():
         check_accel(accel)
         assert accel.timer_wheel is not None and accel.port_write_queue is None
         assert accel.software_doorbells and accel.needs_before_guest_entry
+        from kvmpy.hv.kvm.cpu_setup import announced_phys_bits
+        from kvmpy.hv.tcg.accel import translator_cpuid
+        assert announced_phys_bits(translator_cpuid(2)) == accel.phys_bits == 40, "QEMU's TCG default"
     finally:
         accel.close()
         host.memory.close()
@@ -94,6 +98,8 @@ def test_kvm_implements_the_accelerator_protocol():
         check_accel(accel)
         assert accel.timer_wheel is None
         assert not accel.software_doorbells and not accel.needs_before_guest_entry
+        from kvmpy.hv.kvm.cpu_setup import announced_phys_bits
+        assert accel.phys_bits == announced_phys_bits(accel.kvm.supported_cpuid()), "the host's, as KVM passes it"
         # ioeventfds take doorbell writes in the kernel: none ever reaches the loop
         fd = accel.platform.add_doorbell(0xC000, 2, None, True)
         assert accel.platform.doorbell_write(0xC000, 2, 0, True) is False

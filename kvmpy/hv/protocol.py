@@ -136,6 +136,9 @@ class Accel(Protocol):
     software_doorbells: bool
     # True where the accelerator delivers interrupts itself (the translator).
     needs_before_guest_entry: bool
+    # The physical address width every vCPU's CPUID 0x80000008 announces (EAX[7:0]):
+    # the firmware's 64-bit PCI window must end below it for the guest to reach it.
+    phys_bits: int
 
     def load_boot_state(self, boot: BootState) -> None:
         """Registers of the bootstrap vCPU as the kernel loader left them."""
