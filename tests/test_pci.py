@@ -210,6 +210,35 @@ def test_intx_shared_line_and_disable(m):
     assert (sa, 0, a.intx_gsi) in routes
 
 
+def test_only_a_function_that_routes_pirqs_is_handed_their_levels(m):
+    """PciDevice.routes_pirqs False and its no-op route_intx: a plain function is not
+    the bus's PIRQ router and its INTx reaches the GSI alone; one that declares it
+    (the PIIX3's way) gets the PIRQ lines' levels as they change."""
+    plain = Scratch()
+    m.pci.add(plain)
+    assert not plain.routes_pirqs and m.pci.pirq_router is None
+    plain.route_intx([True, False, False, False])       # the base's no-op: nothing happens
+
+    class Router(Scratch):
+        routes_pirqs = True
+
+        def __init__(self):
+            super().__init__()
+            self.levels = []
+
+        def route_intx(self, pirq_levels):
+            self.levels.append(list(pirq_levels))
+
+    router = Router()
+    m.pci.add(router)
+    assert m.pci.pirq_router is router
+    m.pci.set_intx(plain, True)
+    pirq = m.pci.intx_gsis.index(plain.intx_gsi)
+    assert router.levels[-1][pirq] is True and m.platform.irq_levels[plain.intx_gsi] is True
+    m.pci.set_intx(plain, False)
+    assert router.levels[-1] == [False] * 4
+
+
 @settings(max_examples=300, deadline=None)
 @given(writes=st.lists(st.tuples(st.integers(-4, 0x1100), st.sampled_from([1, 2, 4, 3, 8]),
                                  st.integers(0, 2**32 - 1)), max_size=40))
