@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmpy.block.driver import BlockDriver
 from kvmpy.devices.pci import BAR_IO, BAR_MEM32, PciDevice
 from kvmpy.devices.pci.bus import PciEcam
 from kvmpy.devices.virtio.blk import VirtioBlk
@@ -15,7 +16,7 @@ from kvmpy.devices.virtio.pci import BAR0_SIZE, NOTIFY_OFFSET
 from support.virtio_driver import SoftMachine
 
 
-class RawDisk:
+class RawDisk(BlockDriver):
     """The smallest BlockDriver: PCI tests never do I/O."""
     size = 1 << 20
     read_only = True

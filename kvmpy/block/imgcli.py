@@ -148,8 +148,9 @@ def image_info(drv) -> dict:
             d["snapshots"] = [_snap_dict(s) for s in drv.snapshots]
     elif isinstance(drv, GrainDriver):
         d["cluster-size"] = drv.grain_size
-        if hasattr(drv, "format_specific"):
-            d["format-specific"] = {"type": drv.format, "data": drv.format_specific()}
+        specific = drv.format_specific()
+        if specific is not None:
+            d["format-specific"] = {"type": drv.format, "data": specific}
     return d
 
 
@@ -671,7 +672,7 @@ def _map_one(drv, pos, length, depth):
     kind, host, run = drv.host_mapping(pos, length)
     if kind == DATA:
         hole = False
-        if getattr(drv, "holes_are_zero", False):     # preallocated: the file knows better
+        if drv.holes_are_zero:     # preallocated: the file knows better
             hole, run = compare.file_hole(drv.fd, host, run)
         return {"depth": depth, "present": True, "zero": hole, "data": True, "offset": host,
                 "_file": drv.path}, run
