@@ -303,7 +303,7 @@ def cmd_check(args) -> int:
 # ------------------------------------------------------------------ resize
 
 def _refuse_force_share(args, what: str) -> None:
-    if getattr(args, "force_share", False):
+    if args.force_share:
         raise UserError(f"{args.filename}: -U (force-share) is only for read-only use, not {what}")
 
 
@@ -796,7 +796,7 @@ def _wrap(handler):
         except BrokenPipeError:
             return 0
         except OSError as e:
-            name = e.filename or getattr(args, "filename", "") or ""
+            name = e.filename or args.filename
             raise ImageError(f"{name}: {e.strerror or e}") from None
     return run
 
@@ -814,7 +814,9 @@ def register(subparsers) -> None:
 
     def add(name, handler, help_):
         p = _one_line_errors(sub.add_parser(name, help=help_))
-        p.set_defaults(func=_wrap(handler))
+        # filename: what a host error names when the OSError does not (a subcommand
+        # with another positional, as convert's source and dest, leaves it empty).
+        p.set_defaults(func=_wrap(handler), filename="")
         return p
 
     p = add("create", cmd_create, "create a new image")
