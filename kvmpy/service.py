@@ -190,7 +190,7 @@ def read_shell_assignments(path: str) -> list[tuple[str, str | list[str]]]:
         with open(path, encoding="utf-8") as f:
             text = f.read(1 << 20)
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"{path}: {(e.strerror if isinstance(e, OSError) else None) or e}") from None
     lexer = shlex.shlex(text.replace("\\\n", ""), posix=True, punctuation_chars="()")
     lexer.whitespace_split = True
     lexer.commenters = "#"

@@ -39,7 +39,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with flags. False when the file system cannot do this mode."""
     if length <= 0:
         return True
-    if mode == 0 and not hasattr(os, "fallocate"):
+    if mode == 0:        # the plain mode is in the standard library; the flags need libc's call
         try:
             os.posix_fallocate(fd, offset, length)
             return True
