@@ -205,6 +205,28 @@ def test_loadvm_brings_back_the_variables_of_savevm(flash, monkeypatch):
     assert bytes(next_boot.data) == at_savevm
 
 
+@settings(max_examples=60, deadline=None)
+@given(_writes, _writes)
+def test_any_run_after_savevm_is_undone_by_loadvm(tmp_path_factory, before, after):
+    """Whatever the guest does before savevm and after it, restoring the state gives
+    the array, the file and the registers of savevm."""
+    path = tmp_path_factory.mktemp("flash") / "vars.fd"
+    path.write_bytes(os.urandom(SIZE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        dev = pf.Pflash(fd, SIZE)
+        for offset, size, value in before:
+            dev.write(offset, size, value & ((1 << (8 * size)) - 1))
+        saved = dev.state()
+        for offset, size, value in after:
+            dev.write(offset, size, value & ((1 << (8 * size)) - 1))
+        restored = pf.Pflash.from_state(saved, fd, SIZE)
+        assert restored.state() == saved
+        assert path.read_bytes() == saved.contents == bytes(restored.data)
+    finally:
+        os.close(fd)
+
+
 def test_a_refused_state_leaves_the_file_alone(flash):
     dev, path = flash
     saved = dev.state()
