@@ -47,6 +47,8 @@ def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) ->
     parser = argparse.ArgumentParser(prog="kvmpy", description="A virtual machine monitor in Python.")
     parser.add_argument("--version", action="version", version=f"kvmpy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    # Every subcommand sets its handler (set_defaults(func=...)); none given leaves None.
+    parser.set_defaults(func=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     command = None if all_commands else _named_command(argv)
     for name in ((COMMAND_MODULES[command],) if command else SUBCOMMAND_MODULES):
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="kvmpy: %(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "func", None):
+    if args.func is None:
         parser.print_help(sys.stderr)
         return 2
     try:

@@ -49,6 +49,20 @@ if TYPE_CHECKING:  # pragma: no cover - neither imports this module
 log = logging.getLogger(__name__)
 
 
+def firmware_pci_windows_or_refuse(cfg: VmConfig, phys_bits: int):
+    """layout.firmware_pci_windows, or ConfigError on key 'memory' where the RAM leaves
+    no room for the 64-bit window below the vCPUs' physical address width (QEMU
+    refuses such a machine too: "phys-bits too low")."""
+    mmio_window, mmio64_window = layout.firmware_pci_windows(cfg.memory, phys_bits)
+    if mmio64_window is None:
+        most = layout.firmware_max_memory(phys_bits)
+        clamped = (1 << phys_bits) - 1 <= layout.FIRMWARE_PCI_MMIO64_END
+        why = f"the {phys_bits}-bit physical addresses the vCPUs announce" if clamped else "its end at 1T"
+        raise ConfigError(f"{cfg.source}: key 'memory': {cfg.memory >> 20}M of RAM leaves no room for the "
+                          f"firmware's 64-bit PCI window below {why} (at most {most >> 20}M)")
+    return mmio_window, mmio64_window
+
+
 class Machine:
     def __init__(self, cfg: VmConfig, console=None, accel: str | None = None,
                  events: EventLoop | None = None) -> None:
@@ -152,7 +166,7 @@ class Machine:
             host_bridge = self.host_bridge = I440fxHostBridge(on_pam=self.firmware.pam_changed)
         mmio_window, mmio64_window = layout.PCI_MMIO_WINDOW, None
         if self.firmware is not None:
-            mmio_window, mmio64_window = layout.firmware_pci_windows(self.cfg.memory)
+            mmio_window, mmio64_window = firmware_pci_windows_or_refuse(self.cfg, self.accel.phys_bits)
         self.pci = PciBus(self.mmio_bus, self.pio_bus, self.platform,
                           mmio_window=mmio_window, io_window=layout.PCI_IO_WINDOW,
                           mmio64_window=mmio64_window, host_bridge=host_bridge)

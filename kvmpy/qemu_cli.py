@@ -24,7 +24,8 @@ from .config import (DISK_CACHE_MODES, DeviceConfig, DiskConfig, NetConfig, VmCo
                      check_disk_queues,
                      check_disk_serial, check_error_policy, check_iothread,
                      check_mac, check_name, config_from_dict, load_config, parse_accel, parse_drive,
-                     parse_netdev, parse_on_off, parse_size)
+                     parse_netdev, parse_on_off, parse_size, parse_user_net_options, set_keymap, set_vnc,
+                     VGA_KINDS)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ PCI_TESTDEV = "pci-testdev"
 IDE_INDEX = {"-hda": 0, "-hdb": 1, "-hdc": 2, "-hdd": 3}
 CDROM_INDEX = 2
 BOOT_LETTERS = {"c": "disk", "d": "cdrom", "n": "net"}
-NO_DISPLAY = "kvmpy has no display yet (the serial console is on stdio, as with -nographic)"
 
 
 class QemuOptionError(ConfigError):
@@ -426,7 +426,7 @@ class QemuCommandLine:
             if key in opts:
                 _number(opts[key], f"{where}: {key}")
         if "splash" in opts:
-            raise _unsupported("-boot splash=", NO_DISPLAY)
+            raise _unsupported("-boot splash=", "the firmware gets no boot splash image from kvmpy")
 
     def opt_kernel(self, value, text) -> None:
         self.cfg.kernel = os.path.abspath(value)
@@ -453,20 +453,13 @@ class QemuCommandLine:
         kind, _, rest = value.partition(",")
         if kind == "none":
             return
-        if kind.startswith("vnc=") and has_display():
+        if kind.startswith("vnc="):
             self.opt_vnc(value[4:], "-vnc")
             return
         self._display(f"-display {value}")
 
     def opt_vnc(self, value, text) -> None:
-        from . import config
-        set_vnc = getattr(config, "set_vnc", None)
-        if set_vnc is not None:        # where kvmpy has its display: QEMU's -vnc spelling is its own
-            set_vnc(self.cfg, value, f"qemu option -vnc {value}")
-            return
-        if value == "none":      # kvm-unit-tests' spelling: no VNC server
-            return
-        self._display(f"-vnc {value}")
+        set_vnc(self.cfg, value, f"qemu option -vnc {value}")      # QEMU's -vnc spelling is kvmpy's own
 
     def opt_nodefaults(self, value, text) -> None:
         # QEMU then has no serial port on stdio unless -serial puts one there (kvm-unit-tests does)
@@ -476,23 +469,16 @@ class QemuCommandLine:
         pass        # kvmpy reads no user configuration files
 
     def opt_k(self, value, text) -> None:
-        from . import config
-        set_keymap = getattr(config, "set_keymap", None)
-        if set_keymap is not None:
-            set_keymap(self.cfg, value, f"qemu option -k {value}")
-            return
-        self._display(f"-k {value}")
+        set_keymap(self.cfg, value, f"qemu option -k {value}")
 
     def opt_vga(self, value, text) -> None:
-        from . import config
-        kinds = getattr(config, "VGA_KINDS", ("none",))
-        if value in kinds and hasattr(self.cfg, "display"):
+        if value in VGA_KINDS:
             self.cfg.display.vga = value
-        elif value != "none":
-            self._display(f"-vga {value}", f"kvmpy's display adapters: {', '.join(kinds)}" if has_display() else "")
+        else:
+            self._display(f"-vga {value}", f"kvmpy's display adapters: {', '.join(VGA_KINDS)}")
 
     def _display(self, option: str, why: str = "") -> None:
-        why = why or (NO_DISPLAY if not has_display() else "kvmpy's display is VNC: -vnc, -k, -vga std")
+        why = why or "kvmpy's display is VNC: -vnc, -k, -vga std"
         if self.ignore_display:
             self.warn(f"{option} ignored: {why}")
             return
@@ -958,26 +944,15 @@ def find_firmware_file(name: str, search: list[str]) -> str:
                           f"{', '.join(FIRMWARE_DIRS)}")
 
 
-def has_display() -> bool:
-    """Whether this kvmpy has its display (a VGA and a VNC server: kvmpy.config.set_vnc)."""
-    from . import config
-    return hasattr(config, "set_vnc")
-
-
 def _user_network(pairs: list[tuple[str, str]], option: str, text: str) -> NetConfig:
-    """A user-mode (libslirp) NIC from QEMU's options, through kvmpy.config's parser for
-    them where this kvmpy has user networking."""
-    from . import config
-    parse = getattr(config, "parse_user_net_options", None)
-    if parse is None:
-        raise _unsupported(f"{option} user", "user networking (slirp) is not in this kvmpy; use tap")
+    """A user-mode (libslirp) NIC from QEMU's options, through kvmpy.config's parser for them."""
     opts: dict = {}
     for key, value in pairs:
         if key in ("hostfwd", "guestfwd"):         # QEMU takes these several times
             opts.setdefault(key, []).append(value)
         else:
             opts[key] = value
-    return parse(opts, f"qemu option {option} {text}")
+    return parse_user_net_options(opts, f"qemu option {option} {text}")
 
 
 def _check_model(model: str, option: str) -> None:

@@ -145,16 +145,16 @@ def build_config(args) -> VmConfig:
 def apply_firmware_options(cfg: VmConfig, args) -> None:
     """--firmware and --bios over vm.toml's keys."""
     from .config import FIRMWARES
-    if getattr(args, "firmware", None) is not None:
+    if args.firmware is not None:
         if args.firmware not in FIRMWARES:
             raise ConfigError(f"--firmware {args.firmware}: expected one of {', '.join(FIRMWARES)}")
         cfg.firmware = args.firmware
-    if getattr(args, "bios", None):
+    if args.bios:
         cfg.bios = os.path.abspath(args.bios)
         require_file(cfg.bios, f"--bios {args.bios}", ConfigError)
     elif cfg.bios:
         require_file(cfg.bios, f"{cfg.source}: key 'bios' {cfg.bios}", ConfigError)
-    if getattr(args, "firmware_vars", None):
+    if args.firmware_vars:
         cfg.firmware_vars = os.path.abspath(args.firmware_vars)
         require_file(cfg.firmware_vars, f"--firmware-vars {args.firmware_vars}", ConfigError)
     elif cfg.firmware_vars:

@@ -34,8 +34,7 @@ or the page's systemd form, one file per VM, ``DIR/qemu.d/NAME`` with ``type=``,
 
 kvmpy adds its own ``-name NAME -pidfile RUNDIR/NAME.pid -daemonize -qmp ...`` after
 the line (the last -pidfile wins, as in QEMU, so status and stop find the VM), and
-stops the VM as above. Where kvmpy has no display, ``-vnc``, ``-k`` and a
-``-display``/``-vga`` other than none are left out with a warning.
+stops the VM as above.
 """
 
 from __future__ import annotations
@@ -77,7 +76,6 @@ class VmEntry:
     halt_timeout: float = DEFAULT_HALT_TIMEOUT
     runas: str | None = None
     qemu_args: list[str] | None = None      # a qemu_NAME="..." line of a .conf file
-    qemu_left_out: tuple[str, ...] = ()     # its display options kvmpy cannot honour
 
     def pidfile(self, run_dir: str) -> str:
         return os.path.join(run_dir, f"{self.name}.pid")
@@ -192,7 +190,7 @@ def read_shell_assignments(path: str) -> list[tuple[str, str | list[str]]]:
         with open(path, encoding="utf-8") as f:
             text = f.read(1 << 20)
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"{path}: {(e.strerror if isinstance(e, OSError) else None) or e}") from None
     lexer = shlex.shlex(text.replace("\\\n", ""), posix=True, punctuation_chars="()")
     lexer.whitespace_split = True
     lexer.commenters = "#"
@@ -287,42 +285,16 @@ def _qemu_entry(path: str, name: str, line: str, vm_type: str | None, haltcmd: s
         args = shlex.split(line)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    args, left_out = strip_display_options(args)
     try:
         config_from_qemu_args(args)
     except UserError as e:
         raise ConfigError(f"{where}: {e}") from None
-    entry = VmEntry(name=name, config=os.path.abspath(path), enabled=enabled, qemu_args=args,
-                    qemu_left_out=tuple(left_out))
+    entry = VmEntry(name=name, config=os.path.abspath(path), enabled=enabled, qemu_args=args)
     if haltcmd is not None:
         if not haltcmd.strip():
             raise ConfigError(f"{where}: an empty haltcmd")
         entry.halt, entry.halt_command = "command", haltcmd
     return entry
-
-
-DISPLAY_OPTIONS = {"-vnc", "-k", "-display", "-vga", "--vnc", "--k", "--display", "--vga"}
-
-
-def strip_display_options(args: list[str]) -> tuple[list[str], list[str]]:
-    """QEMU's display options, where kvmpy has no display for them: (args without them,
-    what was left out). ``-display none`` and ``-vga none`` stay: they ask for no display."""
-    from .qemu_cli import has_display
-    if has_display():
-        return list(args), []
-    kept, dropped = [], []
-    i = 0
-    while i < len(args):
-        if args[i] in DISPLAY_OPTIONS and i + 1 < len(args):
-            if args[i].lstrip("-") in ("display", "vga") and args[i + 1].split(",")[0] == "none":
-                kept += args[i:i + 2]
-            else:
-                dropped.append(f"{args[i]} {args[i + 1]}")
-            i += 2
-            continue
-        kept.append(args[i])
-        i += 1
-    return kept, dropped
 
 
 # ------------------------------------------------------------- processes
@@ -435,8 +407,6 @@ def start_one(entry: VmEntry, run_dir: str) -> tuple[bool, str]:
     if pid:
         return True, f"{entry.name}: already running (pid {pid})"
     _clean_stale(entry, run_dir)
-    for option in entry.qemu_left_out:
-        _print(f"{entry.name}: warning: {option} left out: kvmpy has no display yet")
     try:
         r = subprocess.run(run_argv(entry, run_dir), cwd=os.path.dirname(entry.config),
                            env=_child_env(), stdin=subprocess.DEVNULL, capture_output=True,

@@ -302,3 +302,11 @@ def test_only_the_cli_reaches_the_tools():
                 offenders += [f"{module}: {t}" for t in targets if t == "kvmpy.tools" or t.startswith("kvmpy.tools.")]
     assert offenders == []
     assert {"kvmpy.tools.guestbuild", "kvmpy.tools.nested"} <= set(COMMAND_MODULES.values())
+
+
+def test_no_command_is_the_help_and_status_2(capsys):
+    """The parser declares func=None for no subcommand (no probe of the namespace)."""
+    from kvmpy.cli import build_parser, main
+    assert build_parser().parse_args([]).func is None
+    assert main([]) == 2
+    assert "usage: kvmpy" in capsys.readouterr().err

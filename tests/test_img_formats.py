@@ -99,6 +99,43 @@ def _mixed_source(path, size=20 * MiB):
     return path
 
 
+def test_the_drivers_declare_what_tools_and_devices_ask(tmp_path):
+    """The members BlockDriver declares, with the values the getattr fallbacks gave
+    when a driver had no such attribute: format_specific None (no "format-specific"
+    in info: vdi, raw), holes_are_zero False (a dynamic vdi, a plain qcow2, raw),
+    restrict_block0 False unless a raw image was probed for a guest, fd -1 once closed, cache None
+    where the driver opens its file itself (vmdk, vdi). (qcow2's holes_are_zero is
+    QEMU's preallocation heuristic, true of a file this small; info shows qcow2's own
+    format-specific data, not format_specific's.)"""
+    made = {}
+    for fmt, opts in (("vdi", []), ("vdi", ["-o", "static=on"]), ("vmdk", []), ("qcow2", []), ("raw", [])):
+        path = tmp_path / f"{fmt}{len(opts)}.img"
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, *opts, str(path), "4M"], check=True)
+        made[(fmt, bool(opts))] = str(path)
+    expect = {("vdi", False): (None, False), ("vdi", True): (None, True), ("vmdk", False): ("dict", False),
+              ("qcow2", False): (None, None), ("raw", False): (None, False)}
+    for (fmt, static), path in made.items():
+        drv = open_image(path, None if fmt == "raw" else fmt, read_only=True)
+        try:
+            specific, holes = expect[(fmt, static)]
+            got = drv.format_specific()
+            assert (None if got is None else type(got).__name__) == specific, fmt
+            assert drv.holes_are_zero is holes if holes is not None else type(drv.holes_are_zero) is bool
+            assert drv.restrict_block0 is False, fmt
+            assert drv.fd >= 0
+            assert (drv.cache is None) == (fmt in ("vdi", "vmdk")), fmt
+        finally:
+            drv.close()
+        assert drv.fd == -1
+    raw = open_image(made[("raw", False)], None, guard_probe=True)
+    try:
+        assert raw.restrict_block0 is True, "a probed raw disk a guest writes is guarded"
+    finally:
+        raw.close()
+    info = json.loads(kimg("info", "--output=json", made[("vdi", False)]).stdout)
+    assert "format-specific" not in info
+
+
 @pytest.mark.parametrize("fmt,opts", READABLE, ids=READABLE_IDS)
 def test_read_only_formats_read_like_qemu(tmp_path, fmt, opts):
     src = _mixed_source(tmp_path / "src.raw")

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmpy.block.driver import BlockDriver
 from kvmpy.devices.pci import BAR_IO, BAR_MEM32, PciDevice
 from kvmpy.devices.pci.bus import PciEcam
 from kvmpy.devices.virtio.blk import VirtioBlk
@@ -15,7 +16,7 @@ from kvmpy.devices.virtio.pci import BAR0_SIZE, NOTIFY_OFFSET
 from support.virtio_driver import SoftMachine
 
 
-class RawDisk:
+class RawDisk(BlockDriver):
     """The smallest BlockDriver: PCI tests never do I/O."""
     size = 1 << 20
     read_only = True
@@ -208,6 +209,35 @@ def test_intx_shared_line_and_disable(m):
     assert m.platform.irq_levels[g] is True
     routes = m.pci.intx_routes()
     assert (sa, 0, a.intx_gsi) in routes
+
+
+def test_only_a_function_that_routes_pirqs_is_handed_their_levels(m):
+    """PciDevice.routes_pirqs False and its no-op route_intx: a plain function is not
+    the bus's PIRQ router and its INTx reaches the GSI alone; one that declares it
+    (the PIIX3's way) gets the PIRQ lines' levels as they change."""
+    plain = Scratch()
+    m.pci.add(plain)
+    assert not plain.routes_pirqs and m.pci.pirq_router is None
+    plain.route_intx([True, False, False, False])       # the base's no-op: nothing happens
+
+    class Router(Scratch):
+        routes_pirqs = True
+
+        def __init__(self):
+            super().__init__()
+            self.levels = []
+
+        def route_intx(self, pirq_levels):
+            self.levels.append(list(pirq_levels))
+
+    router = Router()
+    m.pci.add(router)
+    assert m.pci.pirq_router is router
+    m.pci.set_intx(plain, True)
+    pirq = m.pci.intx_gsis.index(plain.intx_gsi)
+    assert router.levels[-1][pirq] is True and m.platform.irq_levels[plain.intx_gsi] is True
+    m.pci.set_intx(plain, False)
+    assert router.levels[-1] == [False] * 4
 
 
 @settings(max_examples=300, deadline=None)

@@ -159,10 +159,84 @@ def test_state_round_trip_and_malformed_states(flash):
     assert other.data[2 * pf.BLOCK_SIZE:3 * pf.BLOCK_SIZE] == b"\xff" * pf.BLOCK_SIZE
     for bad in (dataclasses.replace(state, mode=7), dataclasses.replace(state, status=0x01),
                 dataclasses.replace(state, erase_block=SIZE // pf.BLOCK_SIZE),
-                dataclasses.replace(state, next_write=True)):
+                dataclasses.replace(state, next_write=True),
+                dataclasses.replace(state, contents=state.contents[:-1]),
+                dataclasses.replace(state, contents=bytearray(state.contents))):
         with pytest.raises(StateError):
             dev.restore(bad)
     assert dev.state() == state
+
+
+def _program(dev, offset: int, data: bytes) -> None:
+    for i, byte in enumerate(data):
+        dev.write(offset + i, 1, pf.CMD_PROGRAM)
+        dev.write(offset + i, 1, byte)
+    dev.write(offset, 1, pf.CMD_READ_ARRAY)
+
+
+def _erase(dev, block: int) -> None:
+    dev.write(block * pf.BLOCK_SIZE, 1, pf.CMD_ERASE)
+    dev.write(block * pf.BLOCK_SIZE, 1, pf.CMD_ERASE_CONFIRM)
+    dev.write(0, 1, pf.CMD_READ_ARRAY)
+
+
+def test_loadvm_brings_back_the_variables_of_savevm(flash, monkeypatch):
+    """savevm takes the state; the guest then rewrites and erases variables; loadvm
+    restores the state into the machine's fresh flash over the same file: the guest
+    reads, the file and the next boot's flash all have the variables of savevm."""
+    dev, path = flash
+    _program(dev, 0x40, b"BootOrder=0001")
+    saved = dev.state()
+    at_savevm = path.read_bytes()
+    assert saved.contents == at_savevm
+    _program(dev, 0x40, b"\x00" * 8)
+    _erase(dev, 0)
+    _erase(dev, 3)
+    assert path.read_bytes() != at_savevm
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(pf.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
+    restored = pf.Pflash.from_state(saved, dev.fd, SIZE)
+    assert synced == [dev.fd], "loadvm's variables are durable before the guest runs"
+    assert restored.read(0x40, 8) == int.from_bytes(b"BootOrde", "little")
+    assert bytes(restored.data) == at_savevm == path.read_bytes()
+    assert restored.state() == saved
+    next_boot = pf.Pflash(dev.fd, SIZE)
+    assert bytes(next_boot.data) == at_savevm
+
+
+@settings(max_examples=60, deadline=None)
+@given(_writes, _writes)
+def test_any_run_after_savevm_is_undone_by_loadvm(tmp_path_factory, before, after):
+    """Whatever the guest does before savevm and after it, restoring the state gives
+    the array, the file and the registers of savevm."""
+    path = tmp_path_factory.mktemp("flash") / "vars.fd"
+    path.write_bytes(os.urandom(SIZE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        dev = pf.Pflash(fd, SIZE)
+        for offset, size, value in before:
+            dev.write(offset, size, value & ((1 << (8 * size)) - 1))
+        saved = dev.state()
+        for offset, size, value in after:
+            dev.write(offset, size, value & ((1 << (8 * size)) - 1))
+        restored = pf.Pflash.from_state(saved, fd, SIZE)
+        assert restored.state() == saved
+        assert path.read_bytes() == saved.contents == bytes(restored.data)
+    finally:
+        os.close(fd)
+
+
+def test_a_refused_state_leaves_the_file_alone(flash):
+    dev, path = flash
+    saved = dev.state()
+    _program(dev, 0x10, b"later")
+    before = path.read_bytes()
+    with pytest.raises(StateError):
+        dev.restore(dataclasses.replace(saved, contents=saved.contents + b"\xff"))
+    with pytest.raises(StateError):
+        dev.restore(dataclasses.replace(saved, erase_block=1 << 20))
+    assert path.read_bytes() == before == bytes(dev.data)
 
 
 # --- configuration ------------------------------------------------------------------------------

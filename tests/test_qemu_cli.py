@@ -19,13 +19,12 @@ from kvmpy.devices.testdev import (DATAMATCH, IsaDebugExit, PcTestdevIomem, PcTe
                                    PcTestdevPortsState, PciTestdev, PciTestdevState)
 from kvmpy.errors import ConfigError, UserError
 from kvmpy.qemu_cli import (ISA_DEBUG_EXIT, OPTIONS, PC_TESTDEV_IOMEM, PC_TESTDEV_PORTS, PCI_TESTDEV,
-                            QemuOptionError, config_from_qemu_args, has_display, split_options, split_suboptions,
+                            QemuOptionError, config_from_qemu_args, split_options, split_suboptions,
                             wants_qemu_parser)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.environ.get("KVMPY_FUZZ") == "1"
 # Whether this kvmpy has its display (VGA + VNC): QEMU's -vnc/-k/-vga then map onto it.
-DISPLAY = has_display()
 
 
 def parse(line: str, **kw):
@@ -98,10 +97,7 @@ def test_archwiki_service_line():
     assert cfg.nets == [NetConfig(ifname="tap0", mac="DE:AD:BE:EF:E0:00", vhost="off")]
     assert cfg.serial == "telnet:localhost:7000,server,nowait"
     assert cfg.hmp == ["telnet:localhost:7100,server,nowait,nodelay"]
-    if DISPLAY:
-        assert parse("-vnc :0 -k de").display.vnc == ":0"
-    else:
-        refuse("-vnc :0", "qemu option -vnc :0: not supported by kvmpy (kvmpy has no display yet")
+    assert parse("-vnc :0 -k de").display.vnc == ":0"
     cfg, _ = config_from_qemu_args(["-vnc", ":0", "-k", "de"], ignore_display=True)   # service mode
 
 
@@ -704,12 +700,10 @@ def test_service_qemu_conf(tmp_path):
     entries = select_entries(conf, [])
     assert [e.name for e in entries] == ["c", "b", "a"]
     c, b, a = entries
-    if DISPLAY:         # kvmpy serves -vnc and -k itself
-        assert (a.qemu_args, a.qemu_left_out, b.qemu_left_out) == (["-m", "64", "-kernel", "k", "-vnc", ":1"], (), ())
-        b.qemu_args = b.qemu_args[:-2]
-    else:
-        assert (a.qemu_args, a.qemu_left_out) == (["-m", "64", "-kernel", "k"], ("-vnc :1",))
-        assert b.qemu_left_out == ("-k de",)
+    # kvmpy serves -vnc and -k itself: the line is kept whole
+    assert a.qemu_args == ["-m", "64", "-kernel", "k", "-vnc", ":1"]
+    assert b.qemu_args[-2:] == ["-k", "de"]
+    b.qemu_args = b.qemu_args[:-2]
     assert (a.enabled, b.halt, b.halt_command) == (False, "command", "ssh b poweroff")
     assert b.qemu_args == ["-enable-kvm", "-kernel", "k2", "-display", "none"]
     argv = run_argv(b, "/run/k")
@@ -875,7 +869,7 @@ def test_service_qemu_d_files(tmp_path):
                                          '# or netcat/ncat\n')
     (vm1,) = select_entries(str(conf), [])
     assert (vm1.name, vm1.qemu_args[:5], vm1.halt) == ("vm1", ["-enable-kvm", "-m", "512", "-kernel", "k"], "command")
-    assert vm1.qemu_left_out == (() if DISPLAY else ("-vnc :0",))
+    assert vm1.qemu_args[-2:] == ["-vnc", ":0"]
     assert vm1.halt_command == "echo 'system_powerdown' | nc localhost 7100"
     (conf / "qemu.d" / "vm2").write_text('args="-m 64"\nmemory=1\n')
     with pytest.raises(ConfigError, match="vm2: unknown key 'memory'"):
@@ -887,15 +881,10 @@ def test_service_qemu_d_files(tmp_path):
 
 def test_user_networking_goes_to_kvmpys_parser():
     """-nic user / -netdev user / -net user go to kvmpy.config.parse_user_net_options
-    (the user-networking work); without it, one line each."""
-    import kvmpy.config
+    (the user-networking work)."""
     lines = ["-nic user,model=virtio,hostfwd=tcp::2222-:22,hostfwd=udp::6000-:6000",
              "-netdev user,id=u0,restrict=on -device virtio-net-pci,netdev=u0,mac=52:54:00:00:00:09",
              "-net nic,macaddr=52:54:00:00:00:08 -net user,hostfwd=tcp::2223-:22"]
-    if not hasattr(kvmpy.config, "parse_user_net_options"):
-        for line in lines:
-            refuse(line, "user: not supported by kvmpy (user networking (slirp) is not in this kvmpy; use tap)")
-        return
     nic = parse(lines[0]).nets[0]
     assert nic.type == "user" and [f.spec for f in nic.user.hostfwd] == ["tcp::2222-:22", "udp::6000-:6000"]
     dev = parse(lines[1]).nets[0]

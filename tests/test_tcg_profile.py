@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, strategies as st
 
-from conftest import guest_path, run_kvmpy
+from conftest import KVM_SKIP_REASON, guest_path, run_kvmpy
 from kvmpy.devices.bus import Bus
 from kvmpy.vcpu.profile import BootProfile
 from kvmpy.vcpu.trace import parse_trace
@@ -31,6 +32,22 @@ def test_hello_under_the_translator_prints_the_breakdown():
     com1 = re.search(r"^\s+[\d.]+ s\s+(\d+)\s+[\d.]+ us each  pio 0x3f8 Serial16550$", err, re.M)
     assert com1, err
     assert int(com1.group(1)) >= len(p.stdout.strip())
+
+
+def test_hello_under_kvm_has_the_breakdown_without_translator_counters():
+    """KVM's declared profiling members are the translator's absent ones: no counters
+    (stats() None), no RIP samples (can_sample_rip False), set_profiling a no-op; the
+    breakdown of run time and exits is the same."""
+    if KVM_SKIP_REASON:
+        pytest.skip(KVM_SKIP_REASON)
+    p = run_kvmpy(["run", "--accel", "kvm", "-m", "128", "--trace", "profile", "--kernel", guest_path("hello")])
+    err = p.stderr.decode()
+    assert p.returncode == 0, err[-2000:]
+    assert re.search(r"kvmpy profile: [\d.]+ s wall, 1 vCPU", err), err
+    assert re.search(r"in the CPU \(run\)\s+[\d.]+ s over [1-9]\d* entries", err), err
+    assert re.search(r"^\s+[\d.]+ s\s+\d+\s+[\d.]+ us each  pio 0x3f8 Serial16550$", err, re.M), err
+    assert "guest instructions" not in err and "guest RIP samples" not in err, err
+    assert "Traceback" not in err
 
 
 def test_profile_is_a_trace_item():

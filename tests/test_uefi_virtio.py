@@ -28,6 +28,7 @@ from support.uefi_esp import BEGIN, DONE, EXIT_PORT, EXIT_VALUE, make_esp, missi
 
 BOOT_TIMEOUT = 600
 TOKEN = "virtio-blk-read-back-5f3a"
+TCG_PHYS_BITS = 40          # what the translator's CPUID announces (OVMF runs on the translator only)
 GIB = 1 << 30
 
 
@@ -115,7 +116,7 @@ def test_linux_after_ovmf_sees_the_virtio_disk_and_nic_and_powers_off(ovmf, gues
     assert "outside the PCI windows" not in err, err
     assert "kvmpy guest: run exit 0" in out, out[-4000:]
     assert TOKEN in out and "inet 10.0.2.15/24" in out, out[-4000:]
-    (base32, end32), (base64, end64) = layout.firmware_pci_windows(512 << 20)
+    (base32, end32), (base64, end64) = layout.firmware_pci_windows(512 << 20, TCG_PHYS_BITS)
     assert f"root bus resource [mem {base32:#010x}-{end32:#010x} window]" in out, out[-4000:]
     assert f"root bus resource [mem {base64:#x}-{end64:#x} window]" in out, out[-4000:]
     assert "reboot: Power down" in out and r.returncode == 0, (r.returncode, out[-2000:], err[-2000:])
@@ -139,7 +140,7 @@ def _ovmf_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 def test_firmware_windows_hold_ovmfs_placement_and_no_ram(mem_size):
     from kvmpy.boot import layout
     from kvmpy.boot.firmware import firmware_ram_layout
-    (base32, end32), mmio64 = layout.firmware_pci_windows(mem_size)
+    (base32, end32), mmio64 = layout.firmware_pci_windows(mem_size, TCG_PHYS_BITS)
     assert end32 == layout.IOAPIC_ADDR - 1 and base32 <= end32
     ram_regions = firmware_ram_layout(mem_size)
     for ram, size in ram_regions:
@@ -156,6 +157,57 @@ def test_firmware_windows_hold_ovmfs_placement_and_no_ram(mem_size):
         assert base64 <= o64 and e64 <= end64
 
 
+_mem_sizes = st.one_of(st.integers(min_value=2, max_value=1 << 19).map(lambda n: n << 21),  # 2 MiB steps to 1T
+                       st.integers(min_value=1, max_value=1 << 10).map(lambda n: n << 30))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_mem_sizes, st.integers(min_value=32, max_value=52))
+def test_the_64_bit_window_ends_within_the_announced_address_width(mem_size, phys_bits):
+    """As QEMU's pc_pci_hole64 within phys-bits: the window ends at 2^40 or at the
+    width CPUID 0x80000008 announces, whichever is lower, and a RAM size that leaves
+    no room for it is refused, one line naming the key, the width and the limit."""
+    from kvmpy.boot import layout
+    from kvmpy.config import VmConfig
+    from kvmpy.errors import ConfigError
+    from kvmpy.machine import firmware_pci_windows_or_refuse
+    cfg = VmConfig(memory=mem_size, source="vm.toml")
+    most = layout.firmware_max_memory(phys_bits)
+    assert most % (2 << 20) == 0
+    _mmio32, mmio64 = layout.firmware_pci_windows(mem_size, phys_bits)
+    width_end = min(1 << 40, 1 << phys_bits) - 1
+    if mem_size <= most:
+        assert mmio64 is not None and firmware_pci_windows_or_refuse(cfg, phys_bits)[1] == mmio64
+        base64, end64 = mmio64
+        ram_end = layout.FOUR_GIB + max(0, mem_size - layout.PCI_HOLE_START)
+        assert end64 == width_end and ram_end <= base64 < end64 and base64 % GIB == 0
+        assert end64 - base64 + 1 >= GIB
+        return
+    assert mmio64 is None
+    with pytest.raises(ConfigError) as refused:
+        firmware_pci_windows_or_refuse(cfg, phys_bits)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("vm.toml: key 'memory': ")
+    assert f"at most {most >> 20}M" in message
+    assert f"{phys_bits}-bit" in message if phys_bits <= 40 else "1T" in message
+    if most:
+        assert layout.firmware_pci_windows(most, phys_bits)[1] is not None, "the limit is the largest that fits"
+
+
+@pytest.mark.guest
+def test_a_ram_size_without_room_for_the_window_is_refused_by_kvmpy_run():
+    """1T of RAM under SeaBIOS on the translator (40-bit addresses): one line, exit 2,
+    before any firmware runs."""
+    pytest.importorskip("kvmpy._tcg", reason="the translator (kvmpy._tcg) is not built")
+    from kvmpy.boot.firmware import SEABIOS_IMAGES
+    if not any(os.path.isfile(p) for p in SEABIOS_IMAGES):
+        pytest.skip(f"SeaBIOS is not installed ({', '.join(SEABIOS_IMAGES)}; Debian package seabios)")
+    r = run_kvmpy(["run", "--accel", "tcg", "--firmware", "bios", "-m", "1T"], timeout=120)
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "key 'memory'" in lines[0] and "40-bit physical addresses" in lines[0] and "at most 1046528M" in lines[0]
+
+
 def test_bus_decodes_bars_where_ovmf_put_them_and_acpi_says_so():
     """The addresses this OVMF gave a virtio-net with -m 512 (BAR2 at 2 GiB, BAR0 at
     32 GiB) decode, and the root bridge's _CRS announces the same two windows."""
@@ -169,7 +221,7 @@ def test_bus_decodes_bars_where_ovmf_put_them_and_acpi_says_so():
         def set_irq_level(self, gsi, level):
             pass
 
-    mmio32, mmio64 = layout.firmware_pci_windows(512 << 20)
+    mmio32, mmio64 = layout.firmware_pci_windows(512 << 20, TCG_PHYS_BITS)
     mmio = Bus("mmio")
     pci = PciBus(mmio, Bus("pio"), Platform(), mmio_window=mmio32, mmio64_window=mmio64)
     dev = PciDevice(0x1AF4, 0x1041, 0x020000, name="nic")
@@ -215,7 +267,7 @@ def test_every_table_ovmf_installs_has_a_valid_checksum(mem_size):
     from kvmpy.boot import layout
     from kvmpy.boot.acpi import RSDP_FILE, TABLES_FILE, PciRoot, build_loader_tables
     from kvmpy.devices.fw_cfg import parse_table_loader
-    mmio32, mmio64 = layout.firmware_pci_windows(mem_size)
+    mmio32, mmio64 = layout.firmware_pci_windows(mem_size, TCG_PHYS_BITS)
     t = build_loader_tables(num_cpus=2, pci_root=PciRoot(mem32=(mmio32,), mem64=(mmio64,)))
     files = {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}
     addresses = {RSDP_FILE: 0x1F77C000, TABLES_FILE: 0x1F77D000}

@@ -8,13 +8,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from kvmpy.block.driver import BlockDriver
 from kvmpy.devices.virtio.blk import VirtioBlk
 from kvmpy.devices.virtio.device import VirtioDevice
 from kvmpy.devices.virtio.pci import (DEVICE_NEEDS_RESET, DRIVER_OK, FEATURES_OK, VIRTIO_F_VERSION_1)
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 
-class Disk:
+class Disk(BlockDriver):
     size = 1 << 20
     read_only = False
     fd = -1         # no file a native data plane could serve: every request comes to the model

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmpy.block.driver import BlockDriver
 from kvmpy.devices.virtio.blk import (VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD,
                                       VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                       VirtioBlk, VirtioBlkState)
@@ -28,7 +29,7 @@ DISK = 1 << 20
 HDR, DATA, STATUS = 0x200000, 0x280000, 0x2F0000
 
 
-class MemDisk:
+class MemDisk(BlockDriver):
     """A BlockDriver in a bytearray, so a copy of the disk is one ``bytes()`` away."""
 
     read_only = False

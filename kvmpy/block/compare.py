@@ -49,7 +49,7 @@ def chain_status(drv, off: int, length: int) -> tuple[ChainStatus, int]:
     kind, host, run = drv.host_mapping(off, length)
     run = max(1, min(run, length))
     if kind == DATA:
-        if getattr(drv, "holes_are_zero", False):
+        if drv.holes_are_zero:
             # As QEMU asks the file under a preallocated format (a static vdi): stored
             # data over a hole of the file reads as zeroes too.
             hole, run = file_hole(drv.fd, host, run)

@@ -39,7 +39,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with flags. False when the file system cannot do this mode."""
     if length <= 0:
         return True
-    if mode == 0 and not hasattr(os, "fallocate"):
+    if mode == 0:        # the plain mode is in the standard library; the flags need libc's call
         try:
             os.posix_fallocate(fd, offset, length)
             return True
@@ -175,6 +175,19 @@ class BlockDriver:
     size: int
     read_only: bool
     backing: "BlockDriver | None" = None     # the image reads fall through to (qcow2), else None
+    # The image file's descriptor, -1 once closed or where the image has no one file
+    # (the native data plane serves a disk only through it).
+    fd: int = -1
+    # The cache mode the file was opened with (direct.CacheMode); None where the
+    # driver opens it read-only with the defaults (vmdk, vdi).
+    cache: "direct.CacheMode | None" = None
+    # True where stored data may lie over holes of the file (a static vdi, a
+    # metadata-preallocated qcow2): block status then asks the file, as QEMU's
+    # BDRV_BLOCK_RECURSE does.
+    holes_are_zero: bool = False
+    # True on a raw image whose format was probed: writes may not give block 0 the
+    # magic of another format (RawDriver; kvmpy.block.formats says why).
+    restrict_block0: bool = False
 
     def preadv(self, buffers: list, offset: int) -> int:
         raise NotImplementedError
@@ -202,6 +215,11 @@ class BlockDriver:
 
     def pwrite(self, data, offset: int) -> int:
         return self.pwritev([memoryview(data)], offset)
+
+    def format_specific(self) -> dict | None:
+        """qemu-img info's "Format specific information" of this image; None where
+        the format has none to show."""
+        return None
 
     def block_status(self, offset: int, length: int):
         """(is_data, is_zero, run_length) for the run starting at offset.

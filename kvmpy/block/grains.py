@@ -145,7 +145,7 @@ class GrainDriver(BlockDriver):
         self._check_writable()
 
     def close(self):
-        if getattr(self, "fd", -1) >= 0:
+        if self.fd >= 0:
             direct.forget(self.fd)
             os.close(self.fd)
             self.fd = -1

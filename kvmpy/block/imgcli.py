@@ -148,8 +148,9 @@ def image_info(drv) -> dict:
             d["snapshots"] = [_snap_dict(s) for s in drv.snapshots]
     elif isinstance(drv, GrainDriver):
         d["cluster-size"] = drv.grain_size
-        if hasattr(drv, "format_specific"):
-            d["format-specific"] = {"type": drv.format, "data": drv.format_specific()}
+        specific = drv.format_specific()
+        if specific is not None:
+            d["format-specific"] = {"type": drv.format, "data": specific}
     return d
 
 
@@ -302,7 +303,7 @@ def cmd_check(args) -> int:
 # ------------------------------------------------------------------ resize
 
 def _refuse_force_share(args, what: str) -> None:
-    if getattr(args, "force_share", False):
+    if args.force_share:
         raise UserError(f"{args.filename}: -U (force-share) is only for read-only use, not {what}")
 
 
@@ -671,7 +672,7 @@ def _map_one(drv, pos, length, depth):
     kind, host, run = drv.host_mapping(pos, length)
     if kind == DATA:
         hole = False
-        if getattr(drv, "holes_are_zero", False):     # preallocated: the file knows better
+        if drv.holes_are_zero:     # preallocated: the file knows better
             hole, run = compare.file_hole(drv.fd, host, run)
         return {"depth": depth, "present": True, "zero": hole, "data": True, "offset": host,
                 "_file": drv.path}, run
@@ -795,7 +796,7 @@ def _wrap(handler):
         except BrokenPipeError:
             return 0
         except OSError as e:
-            name = e.filename or getattr(args, "filename", "") or ""
+            name = e.filename or args.filename
             raise ImageError(f"{name}: {e.strerror or e}") from None
     return run
 
@@ -813,7 +814,9 @@ def register(subparsers) -> None:
 
     def add(name, handler, help_):
         p = _one_line_errors(sub.add_parser(name, help=help_))
-        p.set_defaults(func=_wrap(handler))
+        # filename: what a host error names when the OSError does not (a subcommand
+        # with another positional, as convert's source and dest, leaves it empty).
+        p.set_defaults(func=_wrap(handler), filename="")
         return p
 
     p = add("create", cmd_create, "create a new image")

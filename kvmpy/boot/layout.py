@@ -37,8 +37,10 @@ FOUR_GIB = 1 << 32
 # 32-bit hole, OVMF starts at max(2 GiB, end of low RAM) and puts 64-bit BARs in a
 # window of its own above RAM (32-64 GiB for Debian 12's; newer ones size it from the
 # CPU's address width). The hole below 4 GiB runs from the end of low RAM to the
-# IOAPIC; the one above from the end of RAM, rounded up to 1 GiB, to the 40 bits of
-# physical address the translator's CPUID announces.
+# IOAPIC; the one above from the end of RAM, rounded up to 1 GiB, to 2^40 or to the
+# physical address width the vCPUs' CPUID 0x80000008 announces, whichever is lower
+# (QEMU's pc_pci_hole64 likewise ends within phys-bits): a BAR above what the guest
+# believes it can address would be unreachable to its drivers.
 FIRMWARE_PCI_MMIO64_END = (1 << 40) - 1
 FIRMWARE_PCI_MMIO64_ALIGN = 1 << 30
 # QEMU's places for KVM's real-mode pages, below the IOAPIC: where a firmware image
@@ -82,16 +84,33 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     return entries
 
 
-def firmware_pci_windows(mem_size: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+def firmware_pci_windows(mem_size: int, phys_bits: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """((base, end), (base, end) or None), ends inclusive: the 32- and 64-bit PCI
     memory windows of a machine booting through firmware with ``mem_size`` bytes of
-    RAM (the bus decodes BARs there and ACPI _CRS announces them); no 64-bit window
-    when RAM reaches the address width."""
+    RAM and vCPUs announcing ``phys_bits`` of physical address (the bus decodes BARs
+    there and ACPI _CRS announces them); no 64-bit window when RAM leaves no room for
+    one below that width (the machine refuses such a RAM size)."""
     low_end = min(mem_size, PCI_HOLE_START)
     mmio32 = (low_end, IOAPIC_ADDR - 1)
     ram_end = FOUR_GIB + max(0, mem_size - PCI_HOLE_START)
     align = FIRMWARE_PCI_MMIO64_ALIGN
     base64 = (ram_end + align - 1) // align * align
-    if base64 > FIRMWARE_PCI_MMIO64_END:
+    end64 = firmware_pci_mmio64_end(phys_bits)
+    if base64 > end64:
         return mmio32, None
-    return mmio32, (base64, FIRMWARE_PCI_MMIO64_END)
+    return mmio32, (base64, end64)
+
+
+def firmware_pci_mmio64_end(phys_bits: int) -> int:
+    """The last address of the 64-bit PCI window under firmware (inclusive)."""
+    return min(FIRMWARE_PCI_MMIO64_END, (1 << phys_bits) - 1)
+
+
+def firmware_max_memory(phys_bits: int) -> int:
+    """The most RAM (in 2 MiB steps, as vm.toml allows) that leaves a 64-bit PCI
+    window under firmware below ``phys_bits`` of physical address; 0 if none does."""
+    end64 = firmware_pci_mmio64_end(phys_bits)
+    last_base = end64 // FIRMWARE_PCI_MMIO64_ALIGN * FIRMWARE_PCI_MMIO64_ALIGN
+    if last_base < FOUR_GIB:          # the window never starts below 4 GiB, whatever the RAM
+        return 0
+    return (last_base - FOUR_GIB + PCI_HOLE_START) // (2 << 20) * (2 << 20)

@@ -1001,7 +1001,7 @@ class IdeController(Restorable):
             io()
             return "ok"
         except (OSError, ImageError) as e:
-            err = getattr(e, "errno", None) or errno.EIO
+            err = (e.errno if isinstance(e, OSError) else None) or errno.EIO
             log.error("%s: host I/O error on %s: %s", drive.device_name, operation, e)
         policy = drive.rerror if operation == "read" else drive.werror
         action = ("stop" if err == errno.ENOSPC else "report") if policy == "enospc" else policy

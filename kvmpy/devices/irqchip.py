@@ -140,6 +140,10 @@ class PitPortB(SystemControlB):
 
 # ---------------------------------------------------------------------- SoftIrqChip
 
+class _VcpuThreadLocal(threading.local):
+    cpu: int | None = None      # a thread that never said which vCPU it runs: none
+
+
 class SoftIrqChip:
     """PIC pair + IOAPIC + one LAPIC per vCPU + PIT, wired as a PC."""
 
@@ -155,7 +159,7 @@ class SoftIrqChip:
         self._cpu_kick = cpu_kick
         self._on_init = on_init or (lambda cpu: None)
         self._on_sipi = on_sipi or (lambda cpu, vector: None)
-        self._tls = threading.local()
+        self._tls = _VcpuThreadLocal()
         self.pic = Pic8259Pair(on_intr=self._pic_intr, lock=self.lock)
         self.ioapic = IoApic(deliver=self._ioapic_deliver, lock=self.lock)
         extra = {} if bus_hz is None else {"bus_hz": bus_hz}
@@ -193,7 +197,7 @@ class SoftIrqChip:
         self._tls.cpu = cpu
 
     def current_cpu(self) -> int | None:
-        return getattr(self._tls, "cpu", None)
+        return self._tls.cpu
 
     def lapic_read(self, cpu: int, offset: int, size: int) -> int:
         return self.lapics[cpu].read(offset, size)

@@ -14,6 +14,11 @@ to the file at once, and the file is made durable (fdatasync) when the guest ret
 the part to reading the array, which OVMF does after every variable update; a host
 write error is a logged device error and the status register's error bits, never an
 exception in the vCPU thread.
+
+Snapshots: QEMU snapshots the variable store as one of the VM's block devices, so a
+loadvm brings back the variables of its savevm. Here the state carries the array's
+contents, and ``restore`` writes them back to the host file (durably), so whatever
+gathers the machine's device states brings the variables back with them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class PflashState:
     next_write: int
     status: int
     erase_block: int        # the block a pending 0x20 named (its confirmation erases it)
+    # The array as the guest reads it: the variables themselves (a snapshot without
+    # them would pair a restored machine with the variables of a later run).
+    contents: bytes
 
     def validate(self) -> None:
         check = StateCheck(self)
@@ -67,6 +75,7 @@ class PflashState:
         check.integer("next_write", self.next_write, NEXT_COMMAND, NEXT_ERASE_CONFIRM)
         check.bits("status", self.status, STATUS_BITS)
         check.integer("erase_block", self.erase_block, 0, (1 << 32) - 1)
+        check.data("contents", self.contents)
 
 
 class Pflash(Restorable):
@@ -191,11 +200,32 @@ class Pflash(Restorable):
 
     def state(self) -> PflashState:
         return PflashState(mode=self.mode, next_write=self.next_write, status=self.status,
-                           erase_block=self.erase_block)
+                           erase_block=self.erase_block, contents=bytes(self.data))
 
     def restore(self, state: PflashState) -> None:
+        """The state's registers and array; the blocks that differ are written to the
+        host file and made durable before this returns. OSError if the file refuses
+        them (the blocks written so far are both in the file and in the array)."""
         state = checked(state, PflashState)
+        check = StateCheck(state)
         if state.erase_block * BLOCK_SIZE >= self.size:
-            raise StateCheck(state).fail("erase_block", f"{state.erase_block:#x} is past the flash's end")
+            raise check.fail("erase_block", f"{state.erase_block:#x} is past the flash's end")
+        if len(state.contents) != self.size:
+            raise check.fail("contents", f"{len(state.contents)} bytes, the flash has {self.size}")
+        self._write_back(state.contents)
         self.mode, self.next_write, self.status = state.mode, state.next_write, state.status
         self.erase_block = state.erase_block
+
+    def _write_back(self, contents: bytes) -> None:
+        for offset in range(0, self.size, BLOCK_SIZE):
+            block = contents[offset:offset + BLOCK_SIZE]
+            if self.data[offset:offset + BLOCK_SIZE] == block:
+                continue
+            written = os.pwrite(self.fd, block, offset)
+            if written != len(block):
+                raise OSError(f"{self.name}: short write at {offset:#x} ({written} of {len(block)} bytes)")
+            self.data[offset:offset + BLOCK_SIZE] = block
+            self._unsynced = True
+        if self._unsynced:
+            os.fdatasync(self.fd)
+            self._unsynced = False

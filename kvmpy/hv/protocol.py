@@ -53,6 +53,9 @@ class Vcpu(Protocol):
     # loop: all ones for reads, writes dropped, as the bus would). The exits tracer
     # and the profiler set it True to see every exit.
     report_every_exit: bool
+    # True where ``sample_rip`` reads a running vCPU's RIP from another thread (the
+    # translator): the profiler starts its sampling thread only then.
+    can_sample_rip: bool
 
     def run(self) -> int:
         """Enter the guest until the next exit; returns its kind (kvmpy.hv.exits.EXIT_*)."""
@@ -78,6 +81,19 @@ class Vcpu(Protocol):
     def set_msrs(self, values: dict[int, int]) -> None: ...
 
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None: ...
+
+    # --- ``--trace profile`` (kvmpy.vcpu.profile) ---
+    def set_profiling(self, on: bool) -> None:
+        """Count the accelerator's own work too (the translator's slow memory paths);
+        a no-op where it keeps no counters (KVM)."""
+
+    def sample_rip(self) -> int | None:
+        """From any thread, while ``run()`` executes: the guest's RIP now; None when
+        halted or where it cannot be read (``can_sample_rip`` False)."""
+
+    def stats(self) -> dict | None:
+        """The accelerator's own counters for the profile (kvmpy._tcg's), None where it
+        keeps none (KVM)."""
 
 
 class Platform(DevicePlatform, Protocol):
@@ -136,6 +152,9 @@ class Accel(Protocol):
     software_doorbells: bool
     # True where the accelerator delivers interrupts itself (the translator).
     needs_before_guest_entry: bool
+    # The physical address width every vCPU's CPUID 0x80000008 announces (EAX[7:0]):
+    # the firmware's 64-bit PCI window must end below it for the guest to reach it.
+    phys_bits: int
 
     def load_boot_state(self, boot: BootState) -> None:
         """Registers of the bootstrap vCPU as the kernel loader left them."""

@@ -161,7 +161,7 @@ class QmpServer(MonitorServer):
         try:
             value, end = _decoder.raw_decode(text)
         except (json.JSONDecodeError, ValueError, RecursionError) as e:
-            pos = getattr(e, "pos", 0)
+            pos = e.pos if isinstance(e, json.JSONDecodeError) else 0
             incomplete = isinstance(e, json.JSONDecodeError) and (
                 pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"))
             if incomplete or nl < 0:

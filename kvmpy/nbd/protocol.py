@@ -154,7 +154,7 @@ class OptionError(Exception):
 
 
 def host_error_to_nbd(e: BaseException) -> int:
-    return _HOST_ERRNO.get(getattr(e, "errno", None), EIO)
+    return _HOST_ERRNO.get(e.errno if isinstance(e, OSError) else None, EIO)
 
 
 # ---------------------------------------------------------------- packing

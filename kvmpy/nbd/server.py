@@ -461,7 +461,7 @@ class Session:
         opts = self.export.options
         cmd = req.command
         if (req.offset < BLOCK0 and cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
-                and getattr(drv, "restrict_block0", False)):
+                and drv.restrict_block0):
             # Zeroing can complete a magic too ("QED\0"): zeroes in block 0 of a
             # probed raw image go through the driver's checked write path.
             head = min(req.length, BLOCK0 - req.offset)

@@ -55,7 +55,7 @@ class BootProfile:
         p = ProfiledVcpu(self, vcpu, index)
         with self._lock:
             self.vcpus.append(p)
-            if self._sampler is None and hasattr(vcpu, "sample_rip"):
+            if self._sampler is None and vcpu.can_sample_rip:
                 self._sampler = threading.Thread(target=self._sample, name="profile-sampler", daemon=True)
                 self._sampler.start()
         return p
@@ -194,11 +194,10 @@ class ProfiledVcpu:
         self._returned = 0.0
         self._stats: dict | None = None
         self._dlab = False
-        set_profiling = getattr(vcpu, "set_profiling", None)
-        if set_profiling is not None:
-            set_profiling(True)
+        vcpu.set_profiling(True)
 
     def __getattr__(self, name):
+        # A proxy: what the loop and the machine ask beyond run() is the vCPU's own.
         return getattr(self._vcpu, name)
 
     def run(self) -> int:
@@ -256,8 +255,7 @@ class ProfiledVcpu:
     def final_stats(self) -> dict | None:
         if self._stats is not None:
             return self._stats
-        stats = getattr(self._vcpu, "stats", None)
         try:
-            return stats() if stats is not None else None
+            return self._vcpu.stats()
         except Exception:  # a closed vCPU: nothing more to add
             return None

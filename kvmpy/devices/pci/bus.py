@@ -115,7 +115,7 @@ class PciBus:
         if not all(1 <= fn < MAX_FUNCTIONS for fn in others):
             raise ValueError(f"{dev.name}: functions must be 1..{MAX_FUNCTIONS - 1}, got {sorted(others)}")
         self.devices[slot] = dev
-        if callable(getattr(dev, "route_intx", None)):
+        if dev.routes_pirqs:
             self.pirq_router = dev
         if others:
             # Guests scan functions 1-7 only when function 0 says it has them.

@@ -105,6 +105,9 @@ class PciDevice(Restorable):
     """
 
     preferred_slot: int | None = None
+    # True on the chipset function that also routes PIRQA-D to ISA IRQs (the PIIX3):
+    # the bus then hands it the PIRQ lines' levels through ``route_intx``.
+    routes_pirqs: bool = False
 
     def __init__(self, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0, interrupt_pin: int = 1,
@@ -239,6 +242,10 @@ class PciDevice(Restorable):
         return off
 
     # interrupt status (status register bit 3), kept by the bus for INTx --------
+
+    def route_intx(self, pirq_levels: list[bool]) -> None:
+        """The four PIRQ lines' levels now; the bus calls it only where ``routes_pirqs``,
+        so a function that routes nothing keeps this no-op."""
 
     def set_interrupt_status(self, asserted: bool) -> None:
         st = self.get16(STATUS)

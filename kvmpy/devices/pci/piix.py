@@ -155,6 +155,7 @@ class Piix3(PciDevice):
     """
 
     preferred_slot = PIIX3_SLOT
+    routes_pirqs = True
 
     def __init__(self, controller: IdeController,
                  set_isa_irq: Callable[[int, bool], None] | None = None) -> None:

@@ -152,7 +152,7 @@ class VirtioBlk(VirtioDevice):
         self.write_cache = write_cache
         # An image opened O_DSYNC (cache=writethrough, directsync) makes each data
         # write durable by itself; only qcow2's tables then need a flush.
-        mode = getattr(driver, "cache", None)
+        mode = driver.cache
         self._data_writes_durable = bool(mode is not None and mode.dsync)
         if dataplane not in DATAPLANE_MODES:
             raise ValueError(f"{name}: dataplane={dataplane!r}")
@@ -279,10 +279,9 @@ class VirtioBlk(VirtioDevice):
         log.info("%s: the guest turned the write cache %s", self.name, "on" if wanted else "off")
         # Native threads carry the old mode in their configuration: stopped here (the
         # transport's lock is held), they start again with native_backend's new one.
-        restart = getattr(self._transport, "hold_native", None)
-        if restart is not None:
-            restart(True)
-            restart(False)
+        if self._transport is not None:
+            self._transport.hold_native(True)
+            self._transport.hold_native(False)
 
     # life cycle --------------------------------------------------------------------
 
@@ -327,7 +326,7 @@ class VirtioBlk(VirtioDevice):
 
     def _cache_backend(self) -> dict:
         """What the image's cache mode asks of a native thread (BlkBackend's fields)."""
-        mode = getattr(self.driver, "cache", None)
+        mode = self.driver.cache
         alignment = direct.alignment_of(self.driver.fd)
         return {"flush_ignored": bool(mode is not None and mode.flush_ignored),
                 "direct_align": alignment.offset if alignment is not None else 0,

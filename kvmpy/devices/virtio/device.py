@@ -89,6 +89,10 @@ class VirtioTransport(Protocol):
         """Change what one of the device's ``fd_watches`` waits for (0: nothing
         for now, e.g. no RX buffers to fill); called from the device's callbacks."""
 
+    def hold_native(self, held: bool) -> None:
+        """Stop the device's native data plane threads (``held``) or let them serve
+        again; meanwhile the event loop serves the queues through the device."""
+
 
 class ServedQueue(Protocol):
     """One queue a data plane outside the event loop serves, from its start until

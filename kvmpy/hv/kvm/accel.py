@@ -14,7 +14,7 @@ from ...boot import layout
 from ._kvm_cffi import ffi, lib
 from .api import Kvm, KvmError
 from .coalesced import CoalescedPio
-from .cpu_setup import boot_msrs, cpuid_for_vcpu, setup_lapic
+from .cpu_setup import announced_phys_bits, boot_msrs, cpuid_for_vcpu, setup_lapic
 from .platform import KvmPlatform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +63,7 @@ class KvmAccel:
         host.memory.protection_listeners.append(self._protection_changed)
         self.platform = KvmPlatform(vm, host.memory)
         supported = self.kvm.supported_cpuid()
+        self.phys_bits = announced_phys_bits(cpuid_for_vcpu(supported, 0, num_cpus))
         msrs = boot_msrs(self.kvm.msr_index_list())
         try:
             tsc_deadline = self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER") > 0

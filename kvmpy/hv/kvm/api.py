@@ -518,6 +518,19 @@ class KvmVcpu:
     def set_mp_state(self, state: int) -> None:
         _ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
 
+    # ``--trace profile``'s members of the Vcpu protocol: KVM keeps no counters the
+    # profiler reads, and a running vCPU's registers are the kernel's until it exits.
+    can_sample_rip = False
+
+    def set_profiling(self, on: bool) -> None:
+        pass
+
+    def sample_rip(self) -> int | None:
+        return None
+
+    def stats(self) -> dict | None:
+        return None
+
     def close(self) -> None:
         if self.fd >= 0:
             self._io = self._mmio = self._run = None

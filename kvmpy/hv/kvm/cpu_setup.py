@@ -70,6 +70,19 @@ def cpuid_for_vcpu(supported: Cpuid, index: int, num_cpus: int, tsc_deadline: bo
     return out
 
 
+# MAXPHYADDR of a CPU without leaf 0x80000008 that has PAE (Intel SDM vol. 3A 4.1.4),
+# as every CPU that runs 64-bit code has.
+PHYS_BITS_WITHOUT_LEAF = 36
+
+
+def announced_phys_bits(cpuid: Cpuid) -> int:
+    """The physical address width a guest reads from this CPUID (0x80000008 EAX[7:0])."""
+    for fn, _idx, _flags, a, _b, _c, _d in cpuid:
+        if fn == 0x80000008 and a & 0xFF:
+            return a & 0xFF
+    return PHYS_BITS_WITHOUT_LEAF
+
+
 BOOT_MSRS = {
     MSR_IA32_SYSENTER_CS: 0, MSR_IA32_SYSENTER_ESP: 0, MSR_IA32_SYSENTER_EIP: 0,
     MSR_STAR: 0, MSR_CSTAR: 0, MSR_KERNEL_GS_BASE: 0, MSR_SYSCALL_MASK: 0, MSR_LSTAR: 0,

@@ -82,6 +82,11 @@ def tsc_ratio(tsc_hz: int) -> tuple[int, int]:
     return best.numerator, best.denominator
 
 
+# The physical address width the translator's CPUID announces (its page walker takes
+# 52-bit frames; 40 bits is what QEMU's TCG CPUs announce by default).
+TRANSLATOR_PHYS_BITS = 40
+
+
 def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[tuple[int, int, int, int, int, int, int]]:
     """CPUID of one vCPU: ``num_cpus`` single-thread cores in one package (what KVM's
     table says too), so Linux's topology code sees as many cores as the MADT lists
@@ -121,7 +126,7 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
         *_brand_leaves(),
         (0x80000006, 0, 0, 0, 0, (4096 << 16) | (8 << 12) | 64, 0),      # L2: 4 MiB, 16-way (code 8), 64-byte lines
         (0x80000007, 0, 0, 0, 0, 0, 1 << 8),                               # invariant TSC
-        (0x80000008, 0, 0, 0x3028, 0, 0, 0),                                # 40-bit phys, 48-bit virt
+        (0x80000008, 0, 0, (48 << 8) | TRANSLATOR_PHYS_BITS, 0, 0, 0),      # 48-bit virtual addresses
     ]
     if tsc_hz:
         numerator, denominator = tsc_ratio(tsc_hz)
@@ -136,6 +141,7 @@ class TcgAccel:
     port_write_queue = None          # every port write exits; nothing to queue
     software_doorbells = True        # no ioeventfds: the vCPU loop checks each write
     needs_before_guest_entry = True  # interrupts go into the CPU from here
+    phys_bits = TRANSLATOR_PHYS_BITS
 
     def __init__(self, host: AccelHost) -> None:
         try:

@@ -269,6 +269,8 @@ class TcgVcpu:
         """Time the slow memory paths too (two clock reads each)."""
         self._cpu.set_profiling(on)
 
+    can_sample_rip = True           # kvmpy._tcg keeps the RIP where another thread can read it
+
     def sample_rip(self) -> int | None:
         """Thread-safe, while run() executes: the guest's RIP now (a sample), None if halted."""
         return self._cpu.sample_rip()
