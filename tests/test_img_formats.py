@@ -103,8 +103,8 @@ def test_the_drivers_declare_what_tools_and_devices_ask(tmp_path):
     """The members BlockDriver declares, with the values the getattr fallbacks gave
     when a driver had no such attribute: format_specific None (no "format-specific"
     in info: vdi, raw), holes_are_zero False (a dynamic vdi, a plain qcow2, raw),
-    restrict_block0 False unless a raw image was probed for a guest, fd -1 once closed, cache None
-    where the driver opens its file itself (vmdk, vdi). (qcow2's holes_are_zero is
+    restrict_block0 False unless a raw image was probed for a guest, fd -1 once closed, cache
+    the mode the image was opened with (writeback when none was asked for). (qcow2's holes_are_zero is
     QEMU's preallocation heuristic, true of a file this small; info shows qcow2's own
     format-specific data, not format_specific's.)"""
     made = {}
@@ -123,7 +123,7 @@ def test_the_drivers_declare_what_tools_and_devices_ask(tmp_path):
             assert drv.holes_are_zero is holes if holes is not None else type(drv.holes_are_zero) is bool
             assert drv.restrict_block0 is False, fmt
             assert drv.fd >= 0
-            assert (drv.cache is None) == (fmt in ("vdi", "vmdk")), fmt
+            assert drv.cache.name == "writeback", fmt
         finally:
             drv.close()
         assert drv.fd == -1
