@@ -178,8 +178,8 @@ class BlockDriver:
     # The image file's descriptor, -1 once closed or where the image has no one file
     # (the native data plane serves a disk only through it).
     fd: int = -1
-    # The cache mode the file was opened with (direct.CacheMode); None where the
-    # driver opens it read-only with the defaults (vmdk, vdi).
+    # The cache mode the file was opened with (direct.CacheMode); None for a driver
+    # with no file of its own to open (the tests' disks in memory).
     cache: "direct.CacheMode | None" = None
     # True where stored data may lie over holes of the file (a static vdi, a
     # metadata-preallocated qcow2): block status then asks the file, as QEMU's
