@@ -1,0 +1,107 @@
+"""The native virtio-net plane handing its rx/tx pair to the Python model and taking
+it back while frames flow both ways (tests/support/net_handover.py has the driver,
+the host and the hand-over thread).
+
+A Linux guest once logged ``output.0:id N is not a head!`` and its network hung
+in the nested L1, where at start-up the driver's rx filter changes take the pair
+from the C thread to the model and back. Here a driver checks every used entry
+while another thread takes the pair back at random moments: through the control
+queue, ``state()``, ``hold_native`` and MSI-X masking.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmpy.devices.virtio import netplane
+from support.net_handover import ACTIONS, PATIENCE, DriverSide, Failures, HandoverRig, HostSide, run_handovers
+from support.polling import wait_for
+
+needs_native = pytest.mark.skipif(not netplane.available(),
+                                  reason=f"net data plane not built: {netplane.unavailable_reason()}")
+
+FUZZ = int(os.environ.get("KVMPY_FUZZ", "0") or 0)
+# KVMPY_HANDOVER_EXAMPLES: many more examples for a hunt (each takes about a second).
+EXAMPLES = int(os.environ.get("KVMPY_HANDOVER_EXAMPLES", "0") or 0) or (60 if FUZZ else 6)
+
+
+def run_traffic(event_idx: bool, mrg_rxbuf: bool, queue_size: int, seconds: float, actions) -> dict:
+    """Frames both ways for ``seconds`` while ``actions`` take the pair back over and
+    over; then the traffic drains and every frame is accounted for."""
+    rig = HandoverRig(event_idx, mrg_rxbuf, queue_size)
+    failures = Failures()
+    driver = DriverSide(rig, failures)
+    host = HostSide(rig, failures)
+    stop_handovers = threading.Event()
+    handovers: list[int] = []
+    changer = threading.Thread(target=lambda: handovers.append(run_handovers(rig, failures, actions,
+                                                                             stop_handovers)),
+                               name="handover-changer", daemon=True)
+    try:
+        assert wait_for(lambda: rig.native() == (True, True)), "the pair never went native"
+        driver.start()
+        host.start()
+        changer.start()
+        failures.stop.wait(seconds)
+        stop_handovers.set()
+        changer.join(2 * PATIENCE + 5)
+        driver.generating = host.generating = False
+        time.sleep(0.01)        # a send in progress ends before rx_sent is read
+        driver.rx_total = host.rx_sent
+        driver.finish.set()
+
+        def drained() -> bool:
+            return (not driver.tx_out and driver.rx_next >= host.rx_sent
+                    and host.tx_received + rig.model.counts()["tx_dropped"] >= driver.tx_posted)
+        settled = wait_for(lambda: failures.stop.is_set() or drained(), timeout=2 * PATIENCE + 5)
+        failures.stop.set()
+        host.finish.set()
+        driver.join(PATIENCE + 5)
+        host.join(5)
+        assert not failures.items, failures.items
+        assert settled, (f"traffic did not drain: tx {len(driver.tx_done)}/{driver.tx_posted} completed, "
+                         f"{host.tx_received} reached the host; rx {driver.rx_next}/{host.rx_sent} arrived")
+        # counts() adds the running thread's counters to the model's: read while a
+        # stop moves one into the other, it may briefly miss them.
+        wait_for(lambda: rig.model.counts()["rx_frames"] == host.rx_sent, timeout=2)
+        counts = rig.model.counts()
+        # Every chain completed once; every frame reached the host once, in order,
+        # but those a full socket made the device drop (and count).
+        assert driver.tx_done == set(range(driver.tx_posted)) and driver.rx_next == host.rx_sent
+        assert (host.tx_received == counts["tx_frames"]
+                and host.tx_received + counts["tx_dropped"] == driver.tx_posted), (host.tx_received, counts)
+        assert counts["rx_frames"] == host.rx_sent, counts
+        return {"handovers": handovers[0] if handovers else 0, "wakeups": driver.wakeups,
+                "tx": driver.tx_posted, "rx": host.rx_sent}
+    finally:
+        failures.stop.set()
+        stop_handovers.set()
+        host.finish.set()
+        for t in (driver, host, changer):
+            if t.is_alive():
+                t.join(PATIENCE + 5)
+        rig.close()
+
+
+@needs_native
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event_idx=st.booleans(), mrg_rxbuf=st.booleans(), queue_size=st.sampled_from([16, 64, 256]),
+       actions=st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 8)), min_size=1, max_size=6))
+def test_handover_keeps_every_chain(event_idx, mrg_rxbuf, queue_size, actions):
+    run_traffic(event_idx, mrg_rxbuf, queue_size, seconds=0.5, actions=actions)
+
+
+@needs_native
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_rx_filter_changes_mid_stream(event_idx):
+    """What a Linux driver does at start-up, over and over: promisc off, the
+    multicast table, promisc on again, with frames both ways."""
+    result = run_traffic(event_idx, True, 256, seconds=1.5,
+                         actions=[("promisc_off", 1), ("mac_table", 0), ("promisc_on", 2)])
+    assert result["handovers"] > 0
