@@ -34,7 +34,7 @@ from kvmpy.devices.virtio.net import (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_T
                                       VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
                                       VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC,
                                       VIRTIO_NET_F_MRG_RXBUF, VirtioNet)
-from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from kvmpy.devices.virtio.pci import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from kvmpy.devices.virtio.queue import vring_need_event
 
 from .net_ports import SocketPort
@@ -47,7 +47,7 @@ HDR = 12
 RX, TX = 0, 1
 CTRL = 2
 VECTORS = {RX: 1, TX: 2, CTRL: 3}
-TXBUF, RXBUF, CTRLBUF = 0x400000, 0x600000, 0x7F0000
+TXBUF, RXBUF, CTRLBUF, INDIRECT = 0x400000, 0x600000, 0x7F0000, 0x380000
 SLOT = 0x800
 # How long a driver waiting for an interrupt, or a test waiting for traffic to
 # drain, gives the device: far beyond any batch, so only a lost one runs out.
@@ -83,7 +83,7 @@ class HandoverRig:
     """A VirtioNet with the native plane on a SocketPort, MSI-X on, rx (vector 1),
     tx (2) and the control queue (3) set up, DRIVER_OK."""
 
-    def __init__(self, event_idx: bool, mrg_rxbuf: bool, queue_size: int) -> None:
+    def __init__(self, event_idx: bool, mrg_rxbuf: bool, queue_size: int, indirect: bool = True) -> None:
         self.port = SocketPort.pair("hover0")
         self.port.host.settimeout(0.05)
         # Room for every frame of a run: a full socket is a congested host, where
@@ -97,7 +97,7 @@ class HandoverRig:
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
         wanted = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_CTRL_VQ
                   | 1 << VIRTIO_NET_F_CTRL_RX | event_idx << VIRTIO_F_RING_EVENT_IDX
-                  | mrg_rxbuf << VIRTIO_NET_F_MRG_RXBUF)
+                  | mrg_rxbuf << VIRTIO_NET_F_MRG_RXBUF | indirect << VIRTIO_F_RING_INDIRECT_DESC)
         self.features = self.d.negotiate(wanted)
         assert self.features == wanted, f"features {self.features:#x}, wanted {wanted:#x}"
         self.d.enable_msix()
@@ -164,6 +164,7 @@ class DriverSide(threading.Thread):
         self.rx_out: dict[int, int] = {}           # head -> buffer address
         self.rx_next = 0                           # the next rx frame's seq
         self.mrg = bool(rig.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        self.indirect = bool(rig.features >> VIRTIO_F_RING_INDIRECT_DESC & 1)
         self.finish = threading.Event()            # no more waiting for interrupts: drain and end
         self.wakeups = 0
 
@@ -183,7 +184,14 @@ class DriverSide(threading.Thread):
         if not self._check_used_idx(q, dq, len(outstanding)):
             return []
         out = []
-        for head, length in dq.collect():
+        before = len(dq.free)
+        used = dq.collect()
+        # Linux reuses the chain freed last first (its free list is a stack): a head
+        # completed twice then likely names a chain posted since.
+        freed = dq.free[before:]
+        del dq.free[before:]
+        dq.free[:0] = freed[::-1]
+        for head, length in used:
             if head not in outstanding:
                 self.failures.add(f"queue {q}: used id {head} is not a head the driver has outstanding "
                                   f"(outstanding {sorted(outstanding)})")
@@ -202,9 +210,15 @@ class DriverSide(threading.Thread):
             slot = dq.free[0]
             base = TXBUF + SLOT * slot
             rig.m.memory.write(base, bytes(HDR) + frame)
-            # Linux's layouts: the header apart, or header and frame in one buffer.
+            # Linux's layouts: the header apart, or header and frame in one buffer;
+            # several buffers in an indirect table where INDIRECT_DESC is on.
             bufs = [(base, HDR), (base + HDR, len(frame))] if seq % 3 else [(base, HDR + len(frame))]
-            self.tx_out[dq.add(bufs, [])] = seq
+            if self.indirect and seq % 3 == 2:
+                cut = HDR + len(frame) // 2
+                bufs = [(base, HDR), (base + HDR, cut - HDR), (base + cut, HDR + len(frame) - cut)]
+                self.tx_out[dq.add(bufs, [], indirect_at=INDIRECT + 64 * slot)] = seq
+            else:
+                self.tx_out[dq.add(bufs, [])] = seq
             self.tx_posted += 1
         if dq.avail_idx != old and wants_kick(dq, old):
             rig.kick(TX)
@@ -314,8 +328,8 @@ class HostSide(threading.Thread):
                     try:
                         host.send(bytes(HDR) + frame_for("r", self.rx_sent), socket.MSG_DONTWAIT)
                         self.rx_sent += 1
-                    except BlockingIOError:
-                        pass
+                    except (BlockingIOError, socket.timeout):
+                        pass        # the device's socket is full: the guest is behind
                 try:
                     data = host.recv(4096, 0 if not self.generating else socket.MSG_DONTWAIT)
                 except (BlockingIOError, socket.timeout):

@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -261,6 +262,9 @@ class VirtioNet(VirtioDevice):
         self._native_rx: set[int] = set()
         # Per native pair: the thread's own counts so far.
         self._native_counts: dict[int, Callable[[], dict[str, int]]] = {}
+        # counts() may run on any thread (a monitor's, state()): a stopped thread's
+        # counts move into stats under this lock, so a reader sees them in exactly one.
+        self._counts_lock = threading.Lock()
         log.info("%s: tap %s, MAC %s%s", name, tap.name, format_mac(self.mac),
                  f", {queue_pairs} queue pairs" if queue_pairs > 1 else "")
 
@@ -384,7 +388,8 @@ class VirtioNet(VirtioDevice):
         self._rx_waiting = [None] * self.queue_pairs
         self._in_kernel.clear()
         self._native_rx.clear()
-        self._native_counts.clear()
+        with self._counts_lock:
+            self._native_counts.clear()
         self.acked_features = 0
         self._mergeable = self._vlan_filtering = False
         self._ctrl_index = 2
@@ -455,7 +460,8 @@ class VirtioNet(VirtioDevice):
         """A thread serves ``pair`` now: its tap is the thread's to read; ``counts()``
         tells what it moved so far."""
         index = pair.rx_queue // 2
-        self._native_counts[index] = counts
+        with self._counts_lock:
+            self._native_counts[index] = counts
         self._native_rx.add(index)
         self._rx_poll(index, False)
 
@@ -464,18 +470,20 @@ class VirtioNet(VirtioDevice):
         runs both queues next, and the rx queue's run polls the tap again)."""
         index = pair.rx_queue // 2
         self._native_rx.discard(index)
-        self._native_counts.pop(index, None)
-        self.stats["rx_frames"] += info.rx_frames
-        self.stats["tx_frames"] += info.tx_frames
-        self.stats["rx_dropped"] += info.rx_dropped
-        self.stats["tx_dropped"] += info.tx_dropped
+        with self._counts_lock:
+            self._native_counts.pop(index, None)
+            self.stats["rx_frames"] += info.rx_frames
+            self.stats["tx_frames"] += info.tx_frames
+            self.stats["rx_dropped"] += info.rx_dropped
+            self.stats["tx_dropped"] += info.tx_dropped
 
     def counts(self) -> dict[str, int]:
         """Frames moved and dropped, by the model and the native threads running now."""
-        total = dict(self.stats)
-        for counts in list(self._native_counts.values()):
-            for key, value in counts().items():
-                total[key] += value
+        with self._counts_lock:
+            total = dict(self.stats)
+            for counts in self._native_counts.values():
+                for key, value in counts().items():
+                    total[key] += value
         return total
 
     # event loop thread ---------------------------------------------------------------

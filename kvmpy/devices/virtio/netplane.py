@@ -134,6 +134,9 @@ class NativeNetPair:
         self._regions = regions
         # counts() may come from any thread: never on a pair np_stop freed.
         self._handle_lock = threading.Lock()
+        # What the thread counted when it stopped: counts() goes on answering them
+        # until the model has taken them into its own statistics (native_stopped).
+        self._final_counts: dict[str, int] | None = None
         err = ffi.new("int *")
         self._handle = lib.np_start(cfg, err)
         if self._handle == ffi.NULL:
@@ -147,6 +150,8 @@ class NativeNetPair:
         with self._handle_lock:
             lib.np_stop(self._handle, out)
             self._handle = None
+            self._final_counts = {"rx_frames": out.rx_frames, "tx_frames": out.tx_frames,
+                                  "rx_dropped": out.rx_dropped, "tx_dropped": out.tx_dropped}
         for i, q in enumerate(self.queues):
             plane_glue.ring_from_c(q, out.rings[i])
         handed_back = out.exit_reason == lib.NP_EXIT_HANDBACK
@@ -156,12 +161,13 @@ class NativeNetPair:
                            rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped)
 
     def counts(self) -> dict[str, int]:
-        """The frames the thread moved and dropped so far (nothing once stopped:
-        then ``stop`` has them)."""
+        """The frames the thread moved and dropped so far (once stopped: all it did)."""
         out = ffi.new("struct np_result *")
         with self._handle_lock:
-            if self._handle is not None:
-                lib.np_counters(self._handle, out)
+            if self._handle is None:
+                return dict(self._final_counts or {"rx_frames": 0, "tx_frames": 0, "rx_dropped": 0,
+                                                   "tx_dropped": 0})
+            lib.np_counters(self._handle, out)
         return {"rx_frames": out.rx_frames, "tx_frames": out.tx_frames, "rx_dropped": out.rx_dropped,
                 "tx_dropped": out.tx_dropped}
 
