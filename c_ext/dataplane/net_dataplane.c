@@ -23,12 +23,18 @@
 struct rx_chain { uint16_t head; int first_iov, niov; uint32_t cap; };
 
 struct np_pair {
-    struct np_config c;
+    struct np_config c;             /* c.filter: the filter the thread applies now */
+    /* np_set_filter's hand-over: a new filter waits in next_filter, filter_gen says
+     * there is one; the thread takes it before judging the next frame. */
+    pthread_mutex_t filter_lock;
+    struct np_filter next_filter;
+    unsigned filter_gen;            /* atomic */
+    unsigned filter_seen;
     struct dp_vring ring[2];
     int stop_fd;
     int stop;                       /* atomic */
     int exit_reason, handback_queue, tap_errno;
-    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped, rx_filtered;
     int tx_more, rx_more;           /* a batch ended with work left */
     int rx_starved;                 /* no rx buffers: the tap waits for the rx doorbell */
     pthread_t thread;
@@ -245,6 +251,76 @@ static void set_num_buffers(struct np_pair *p, uint16_t value)
     }
 }
 
+static int mac_listed(const uint8_t (*table)[6], uint32_t n, const uint8_t *mac)
+{
+    for (uint32_t i = 0; i < n && i < NP_MAC_TABLE; i++)
+        if (!memcmp(table[i], mac, 6))
+            return 1;
+    return 0;
+}
+
+int np_filter_accepts(const struct np_filter *f, const uint8_t *frame, uint32_t len)
+{
+    static const uint8_t broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (f->promisc)
+        return 1;
+    if (len < 14)
+        return 0;
+    if (f->vlan_filtering && frame[12] == 0x81 && frame[13] == 0x00) {
+        if (len < 16)
+            return 0;
+        unsigned vid = ((unsigned)frame[14] << 8 | frame[15]) & 0xFFF;
+        if (!(f->vlans[vid / 8] >> (vid % 8) & 1))
+            return 0;
+    }
+    if (frame[0] & 1) {
+        if (!memcmp(frame, broadcast, 6))
+            return !f->nobcast;
+        if (f->nomulti)
+            return 0;
+        return f->allmulti || f->multicast_overflow || mac_listed(f->multicast, f->n_multicast, frame);
+    }
+    if (f->nouni)
+        return 0;
+    return f->alluni || f->unicast_overflow || !memcmp(frame, f->own_mac, 6)
+        || mac_listed(f->unicast, f->n_unicast, frame);
+}
+
+void np_set_filter(struct np_pair *p, const struct np_filter *f)
+{
+    pthread_mutex_lock(&p->filter_lock);
+    p->next_filter = *f;
+    __atomic_add_fetch(&p->filter_gen, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->filter_lock);
+}
+
+/* Whether the frame of n bytes just read into the walked chains passes the
+ * filter: its first 16 bytes after the header, wherever the buffers cut them. */
+static int rx_accepts(struct np_pair *p, uint64_t n)
+{
+    if (__atomic_load_n(&p->filter_gen, __ATOMIC_ACQUIRE) != p->filter_seen) {
+        pthread_mutex_lock(&p->filter_lock);
+        p->c.filter = p->next_filter;
+        p->filter_seen = __atomic_load_n(&p->filter_gen, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&p->filter_lock);
+    }
+    if (p->c.filter.promisc)
+        return 1;
+    uint8_t head[16];
+    uint64_t have = n < p->rx_cap ? n : p->rx_cap, pos = 0;
+    uint32_t got = 0;
+    for (int i = 0; i < p->rx_niov && got < sizeof head && pos < have; i++) {
+        uint64_t len = p->rx_iov[i].iov_len;
+        if (len > have - pos)
+            len = have - pos;
+        for (uint64_t b = 0; b < len && got < sizeof head; b++)
+            if (pos + b >= p->c.hdr_len)
+                head[got++] = ((const uint8_t *)p->rx_iov[i].iov_base)[b];
+        pos += len;
+    }
+    return np_filter_accepts(&p->c.filter, head, got);
+}
+
 static int rx_process(struct np_pair *p)
 {
     struct dp_vring *r = &p->ring[NP_RX];
@@ -277,6 +353,11 @@ static int rx_process(struct np_pair *p)
         }
         if (!frames++)
             dp_vring_disable_notification(r);   /* a stream: buffers are looked for anyway */
+        if (!rx_accepts(p, (uint64_t)n)) {
+            /* The chains were only scribbled on: the next frame takes them. */
+            count(&p->rx_filtered);
+            continue;
+        }
         if ((uint64_t)n > p->rx_cap) {
             /* The frame did not fit (the tap reports its whole length). Without
              * MRG_RXBUF the model hands back the chain empty; with it the chains
@@ -393,6 +474,8 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
         return NULL;
     }
     p->c = *cfg;
+    p->next_filter = cfg->filter;
+    pthread_mutex_init(&p->filter_lock, NULL);
     for (int q = 0; q < 2; q++) {
         const struct np_ring_config *rc = &cfg->rings[q];
         struct dp_vring *r = &p->ring[q];
@@ -443,6 +526,7 @@ void np_counters(struct np_pair *p, struct np_result *out)
     out->tx_frames = __atomic_load_n(&p->tx_frames, __ATOMIC_RELAXED);
     out->rx_dropped = __atomic_load_n(&p->rx_dropped, __ATOMIC_RELAXED);
     out->tx_dropped = __atomic_load_n(&p->tx_dropped, __ATOMIC_RELAXED);
+    out->rx_filtered = __atomic_load_n(&p->rx_filtered, __ATOMIC_RELAXED);
 }
 
 void np_stop(struct np_pair *p, struct np_result *out)
@@ -465,6 +549,8 @@ void np_stop(struct np_pair *p, struct np_result *out)
     out->tx_frames = p->tx_frames;
     out->rx_dropped = p->rx_dropped;
     out->tx_dropped = p->tx_dropped;
+    out->rx_filtered = p->rx_filtered;
     close(p->stop_fd);
+    pthread_mutex_destroy(&p->filter_lock);
     free(p);
 }

@@ -83,7 +83,8 @@ class HandoverRig:
     """A VirtioNet with the native plane on a SocketPort, MSI-X on, rx (vector 1),
     tx (2) and the control queue (3) set up, DRIVER_OK."""
 
-    def __init__(self, event_idx: bool, mrg_rxbuf: bool, queue_size: int, indirect: bool = True) -> None:
+    def __init__(self, event_idx: bool, mrg_rxbuf: bool, queue_size: int, indirect: bool = True,
+                 extra_features: int = 0) -> None:
         self.port = SocketPort.pair("hover0")
         self.port.host.settimeout(0.05)
         # Room for every frame of a run: a full socket is a congested host, where
@@ -97,7 +98,7 @@ class HandoverRig:
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
         wanted = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_CTRL_VQ
                   | 1 << VIRTIO_NET_F_CTRL_RX | event_idx << VIRTIO_F_RING_EVENT_IDX
-                  | mrg_rxbuf << VIRTIO_NET_F_MRG_RXBUF | indirect << VIRTIO_F_RING_INDIRECT_DESC)
+                  | mrg_rxbuf << VIRTIO_NET_F_MRG_RXBUF | indirect << VIRTIO_F_RING_INDIRECT_DESC | extra_features)
         self.features = self.d.negotiate(wanted)
         assert self.features == wanted, f"features {self.features:#x}, wanted {wanted:#x}"
         self.d.enable_msix()

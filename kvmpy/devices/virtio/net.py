@@ -439,12 +439,11 @@ class VirtioNet(VirtioDevice):
         come here: the Python data plane chosen, the module missing, or a backend
         that needs Python per frame (user networking).
 
-        The rx filter rule: a thread delivers every frame the tap has, so while the
-        guest has a filter other than the promiscuous default (control queue
-        CTRL_RX / CTRL_MAC) the pairs stay here, where each frame passes the filter;
-        the filter's return to the default gives them back to the threads."""
+        The receive filter (control queue CTRL_RX / CTRL_MAC / CTRL_VLAN) goes with
+        each pair: the thread applies it as this model does, and a change reaches
+        the running thread (the transport compares the offers) without a hand-over."""
         if (self.dataplane != "native" or not self.tap.allows_native_plane or not netplane.available()
-                or self.vhost is not None or self.rx_filter != RxFilter()):
+                or self.vhost is not None):
             return None
         mrg = self._mergeable
         hdr_len = 12 if mrg or self.negotiated(_VIRTIO_F_VERSION_1) else 10
@@ -452,7 +451,9 @@ class VirtioNet(VirtioDevice):
         # holds a frame for merged buffers delivers it first.
         pairs = tuple(NetPairBackend(rx_queue=2 * pair + RX_QUEUE, tx_queue=2 * pair + TX_QUEUE,
                                      tap_fd=self.fds[pair], hdr_len=hdr_len, mrg_rxbuf=mrg,
-                                     rx_frame_max=hdr_len + _RX_FRAME_MAX)
+                                     rx_frame_max=hdr_len + _RX_FRAME_MAX,
+                                     rx_filter=None if self.rx_filter.promisc else self.rx_filter,
+                                     own_mac=self.mac, vlan_filtering=self._vlan_filtering)
                       for pair in range(self.active_pairs) if self._rx_waiting[pair] is None)
         return NetPairs(pairs=pairs) if pairs else None
 
@@ -476,6 +477,7 @@ class VirtioNet(VirtioDevice):
             self.stats["tx_frames"] += info.tx_frames
             self.stats["rx_dropped"] += info.rx_dropped
             self.stats["tx_dropped"] += info.tx_dropped
+            self.stats["rx_filtered"] += info.rx_filtered
 
     def counts(self) -> dict[str, int]:
         """Frames moved and dropped, by the model and the native threads running now."""
