@@ -49,6 +49,9 @@ CTRL = 2
 VECTORS = {RX: 1, TX: 2, CTRL: 3}
 TXBUF, RXBUF, CTRLBUF, INDIRECT = 0x400000, 0x600000, 0x7F0000, 0x380000
 SLOT = 0x800
+# With odd_chains: every BARE_EVERY-th tx chain a bare header, every TINY_EVERY-th
+# rx buffer 4 bytes; the thread hands the pair back at each.
+BARE_EVERY, TINY_EVERY = 97, 61
 # How long a driver waiting for an interrupt, or a test waiting for traffic to
 # drain, gives the device: far beyond any batch, so only a lost one runs out.
 PATIENCE = 3.0
@@ -154,7 +157,7 @@ class DriverSide(threading.Thread):
     goes False) and rx buffers, every used entry checked; it ends (after
     ``finish``) once its tx chains completed and ``rx_total`` rx frames arrived."""
 
-    def __init__(self, rig: HandoverRig, failures: Failures) -> None:
+    def __init__(self, rig: HandoverRig, failures: Failures, odd_chains: bool = False) -> None:
         super().__init__(name="handover-driver", daemon=True)
         self.rig, self.failures = rig, failures
         self.generating = True                     # False: no new tx frames
@@ -166,6 +169,9 @@ class DriverSide(threading.Thread):
         self.rx_next = 0                           # the next rx frame's seq
         self.mrg = bool(rig.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         self.indirect = bool(rig.features >> VIRTIO_F_RING_INDIRECT_DESC & 1)
+        self.odd_chains = odd_chains
+        self.rx_posted = 0
+        self.rx_tiny: set[int] = set()
         self.finish = threading.Event()            # no more waiting for interrupts: drain and end
         self.wakeups = 0
 
@@ -214,7 +220,11 @@ class DriverSide(threading.Thread):
             # Linux's layouts: the header apart, or header and frame in one buffer;
             # several buffers in an indirect table where INDIRECT_DESC is on.
             bufs = [(base, HDR), (base + HDR, len(frame))] if seq % 3 else [(base, HDR + len(frame))]
-            if self.indirect and seq % 3 == 2:
+            if self.odd_chains and seq % BARE_EVERY == BARE_EVERY - 1:
+                # A bare header: the model drops (and counts) it, so the thread hands
+                # the pair back at it.
+                self.tx_out[dq.add([(base, HDR)], [])] = seq
+            elif self.indirect and seq % 3 == 2:
                 cut = HDR + len(frame) // 2
                 bufs = [(base, HDR), (base + HDR, cut - HDR), (base + cut, HDR + len(frame) - cut)]
                 self.tx_out[dq.add(bufs, [], indirect_at=INDIRECT + 64 * slot)] = seq
@@ -231,7 +241,14 @@ class DriverSide(threading.Thread):
             slot = dq.free[0]
             base = RXBUF + SLOT * slot
             rig.m.memory.write(base, b"\xee" * HDR)
-            self.rx_out[dq.add([], [(base, SLOT)])] = base
+            self.rx_posted += 1
+            tiny = self.odd_chains and self.rx_posted % TINY_EVERY == 0
+            # Too small for the header: returned empty by the model, which takes the
+            # pair back from the thread for it.
+            head = dq.add([], [(base, 4 if tiny else SLOT)])
+            self.rx_out[head] = base
+            if tiny:
+                self.rx_tiny.add(head)
         if dq.avail_idx != old and wants_kick(dq, old):
             rig.kick(RX)
 
@@ -247,6 +264,11 @@ class DriverSide(threading.Thread):
         mem = self.rig.m.memory
         entries = self._collect(RX, self.rig.queues[RX], self.rx_out)
         for head, length, base in entries:
+            if head in self.rx_tiny:
+                self.rx_tiny.discard(head)
+                if length != 0:
+                    self.failures.add(f"rx buffer {head} of 4 bytes came back with {length}")
+                continue
             if length == 0:
                 self.failures.add(f"rx buffer {head} returned empty (frame {self.rx_next} expected)")
                 continue

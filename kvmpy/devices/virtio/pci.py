@@ -577,7 +577,14 @@ class VirtioPciTransport(PciDevice):
             # A doorbell dropped by a BAR move may still be dispatched once (its fd
             # number may already belong to someone else's eventfd), and one handed
             # to a native thread too: that kick is the thread's to read.
-            if self._doorbells[q] != fd or self._native[q] is not None:
+            if self._doorbells[q] != fd:
+                return
+            if self._native[q] is not None:
+                # Watched again though a thread owns it: a stop on another thread
+                # queued this watch, and the loop started the next thread before
+                # it ran. Left here, the level-triggered kick would bring the loop
+                # back at once, again and again, until the thread drained it.
+                self.events.unsubscribe(fd)
                 return
             _drain(fd)
             self._run_queue(q)
