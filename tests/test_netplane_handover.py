@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.devices.virtio import netplane
@@ -104,6 +104,10 @@ def run_traffic(event_idx: bool, mrg_rxbuf: bool, queue_size: int, seconds: floa
 @given(event_idx=st.booleans(), mrg_rxbuf=st.booleans(), queue_size=st.sampled_from([16, 64, 256]),
        actions=st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 8)), min_size=1, max_size=6),
        odd_chains=st.booleans())
+# The example that found counts() missing a whole stopped thread's frames (the
+# thread's counts left the running set before they reached the model's statistics).
+@example(event_idx=False, mrg_rxbuf=True, queue_size=16,
+         actions=[("hold", 6), ("promisc_off", 6), ("mask_tx", 1), ("state", 2), ("state", 2)], odd_chains=False)
 def test_handover_keeps_every_chain(event_idx, mrg_rxbuf, queue_size, actions, odd_chains):
     run_traffic(event_idx, mrg_rxbuf, queue_size, seconds=0.5, actions=actions, odd_chains=odd_chains)
 
