@@ -12,6 +12,7 @@ queue, ``state()``, ``hold_native`` and MSI-X masking.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvmpy.devices.virtio import netplane
-from support.net_handover import ACTIONS, PATIENCE, DriverSide, Failures, HandoverRig, HostSide, run_handovers
+from support.net_handover import (ACTIONS, ETH_TYPE, HDR, MAC, PATIENCE, PEER, RX, RXBUF, SLOT, DriverSide, Failures,
+                                  HandoverRig, HostSide, run_handovers)
 from support.polling import wait_for
 
 needs_native = pytest.mark.skipif(not netplane.available(),
@@ -133,3 +135,63 @@ def test_loop_does_not_spin_on_a_threads_doorbell():
     # Each action stops the pair at most twice (a mask and its unmask), and each
     # stop leaves at most one stale watch.
     assert result["owned_doorbell_wakeups"] <= 2 * result["handovers"] + 2, result
+
+
+# -- frames longer than the rx buffers the guest gave ------------------------------------------
+# A read from a tap returns what fit, not the frame's length: the thread reads on
+# into a bounce buffer, as the model does, to see that a frame did not fit.
+
+def _big(seq: int, length: int) -> bytes:
+    return MAC + PEER + struct.pack("!H", ETH_TYPE) + bytes((seq + i) & 0xFF for i in range(length - 14))
+
+
+@needs_native
+def test_big_frame_waits_whole_for_merged_buffers():
+    rig = HandoverRig(event_idx=True, mrg_rxbuf=True, queue_size=16)
+    try:
+        assert wait_for(lambda: rig.native() == (True, True))
+        dq = rig.queues[RX]
+        bufs = {dq.add([], [(RXBUF + SLOT * i, SLOT)]): RXBUF + SLOT * i for i in range(2)}
+        rig.kick(RX)
+        frame = _big(1, 5000)                  # 5012 bytes with the header: three 2 KiB buffers
+        rig.port.host.send(bytes(HDR) + frame)
+        # the thread hands the frame to the model, where it waits whole
+        assert wait_for(lambda: rig.model._rx_waiting[0] is not None)
+        assert dq.collect() == [] and rig.model.counts()["rx_dropped"] == 0
+        bufs[dq.add([], [(RXBUF + SLOT * 2, SLOT)])] = RXBUF + SLOT * 2
+        rig.kick(RX)
+        used: list[tuple[int, int]] = []
+        assert wait_for(lambda: used.extend(dq.collect()) or len(used) >= 3)
+        data = b"".join(rig.m.memory.read(bufs[h], n) for h, n in used)
+        assert [n for _, n in used] == [SLOT, SLOT, HDR + len(frame) - 2 * SLOT]
+        assert data[HDR:] == frame and struct.unpack_from("<H", data, 10)[0] == 3
+        # delivered, the pair goes back to its thread, which takes the next frame
+        bufs.update({dq.add([], [(RXBUF + SLOT * i, SLOT)]): RXBUF + SLOT * i for i in range(3, 6)})
+        rig.kick(RX)
+        assert wait_for(lambda: rig.native() == (True, True))
+        rig.port.host.send(bytes(HDR) + _big(2, 100))
+        used.clear()
+        assert wait_for(lambda: used.extend(dq.collect()) or len(used) >= 1)
+        assert rig.m.memory.read(bufs[used[0][0]], used[0][1])[HDR:] == _big(2, 100)
+        assert rig.model.counts()["rx_frames"] == 2
+    finally:
+        rig.close()
+
+
+@needs_native
+def test_big_frame_without_merged_buffers_returns_the_chain_empty():
+    rig = HandoverRig(event_idx=False, mrg_rxbuf=False, queue_size=16)
+    try:
+        assert wait_for(lambda: rig.native() == (True, True))
+        dq = rig.queues[RX]
+        bufs = {dq.add([], [(RXBUF + SLOT * i, SLOT)]): RXBUF + SLOT * i for i in range(2)}
+        rig.kick(RX)
+        rig.port.host.send(bytes(HDR) + _big(1, 3000))
+        rig.port.host.send(bytes(HDR) + _big(2, 200))
+        used: list[tuple[int, int]] = []
+        assert wait_for(lambda: used.extend(dq.collect()) or len(used) >= 2)
+        assert used[0][1] == 0 and rig.m.memory.read(bufs[used[1][0]], used[1][1])[HDR:] == _big(2, 200)
+        counts = rig.model.counts()
+        assert counts["rx_dropped"] == 1 and counts["rx_frames"] == 1 and rig.native() == (True, True)
+    finally:
+        rig.close()

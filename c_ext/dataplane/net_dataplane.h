@@ -87,12 +87,16 @@ struct np_result {
     int tap_errno;                     /* the tap failed (not EAGAIN): the model's to log, and to keep */
     uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
     uint64_t rx_filtered;              /* frames the receive filter kept from the guest */
+    uint32_t waiting_len;              /* a merged frame too big for the rx buffers there were:
+                                        * header and frame, handed back whole (np_stop's waiting) */
 };
 
 struct np_pair;
 
 struct np_pair *np_start(const struct np_config *cfg, int *err);
-void np_stop(struct np_pair *p, struct np_result *out);
+/* Joins the thread; a frame it handed back whole goes into waiting (waiting_cap
+ * bytes, rx_frame_max suffice). */
+void np_stop(struct np_pair *p, struct np_result *out, uint8_t *waiting, uint32_t waiting_cap);
 /* The frame counters only (rx_frames..rx_filtered), while the thread runs. */
 void np_counters(struct np_pair *p, struct np_result *out);
 /* A new receive filter: every frame the thread reads after this returns is judged by it. */

@@ -77,11 +77,12 @@ struct np_result {
     int tap_errno;
     uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
     uint64_t rx_filtered;
+    uint32_t waiting_len;
     ...;
 };
 struct np_pair;
 struct np_pair *np_start(const struct np_config *cfg, int *err);
-void np_stop(struct np_pair *p, struct np_result *out);
+void np_stop(struct np_pair *p, struct np_result *out, uint8_t *waiting, uint32_t waiting_cap);
 void np_counters(struct np_pair *p, struct np_result *out);
 void np_set_filter(struct np_pair *p, const struct np_filter *f);
 """)

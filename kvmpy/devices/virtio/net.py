@@ -471,6 +471,10 @@ class VirtioNet(VirtioDevice):
         runs both queues next, and the rx queue's run polls the tap again)."""
         index = pair.rx_queue // 2
         self._native_rx.discard(index)
+        if info.rx_waiting:
+            # The thread read a frame too big for the buffers there were: it waits
+            # here, whole, as one the model read itself would.
+            self._rx_waiting[index] = info.rx_waiting
         with self._counts_lock:
             self._native_counts.pop(index, None)
             self.stats["rx_frames"] += info.rx_frames
@@ -528,6 +532,8 @@ class VirtioNet(VirtioDevice):
             if waiting is not None:
                 entries = self._merge_copy(q, waiting, 0, None)
                 if entries is None:
+                    # Still too few buffers: the tap waits too, until the driver adds some.
+                    self._rx_poll(pair, False)
                     break
                 self._rx_waiting[pair] = None
                 used += entries
@@ -541,14 +547,17 @@ class VirtioNet(VirtioDevice):
                     self._rx_poll(pair, False)
                     break
                 continue
-            if len(chain.writable) > IOV_MAX or chain.writable_len < VNET_HDR_SIZE:
+            # (One iovec of a read is the bounce buffer's.)
+            if len(chain.writable) >= IOV_MAX or chain.writable_len < VNET_HDR_SIZE:
                 used.append((chain.head, 0))
                 self.stats["rx_dropped"] += 1
                 done += 1
                 log.debug("%s: unusable RX chain of %d bytes", self.name, chain.writable_len)
                 continue
             cap = chain.writable_len
-            iov = chain.writable + [self._bounce] if self._mergeable else chain.writable
+            # A tap's read returns what fit, not the frame's length: only a read
+            # that reaches into the bounce buffer shows the chain was too short.
+            iov = chain.writable + [self._bounce]
             try:
                 n = os.readv(fd, iov)
             except BlockingIOError:

@@ -103,6 +103,9 @@ class NetStopInfo:
     rx_dropped: int
     tx_dropped: int
     rx_filtered: int = 0
+    # A merged frame too big for the rx buffers the guest had given: header and
+    # frame, for the model to deliver whole once there are more (b"": none).
+    rx_waiting: bytes = b""
 
     @property
     def completed(self) -> int:
@@ -160,8 +163,9 @@ class NativeNetPair:
         """Join the thread (it finishes the frame in hand) and put both rings'
         indices back into their SplitQueues, which carry on from there."""
         out = ffi.new("struct np_result *")
+        waiting = bytearray(self.backend.rx_frame_max)
         with self._handle_lock:
-            lib.np_stop(self._handle, out)
+            lib.np_stop(self._handle, out, ffi.from_buffer(waiting), len(waiting))
             self._handle = None
             self._final_counts = _counts(out)
         for i, q in enumerate(self.queues):
@@ -170,7 +174,8 @@ class NativeNetPair:
         return NetStopInfo(handed_back=handed_back,
                            handback_queue=self.queue_indices[out.handback_queue] if handed_back else None,
                            tap_errno=out.tap_errno, rx_frames=out.rx_frames, tx_frames=out.tx_frames,
-                           rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped, rx_filtered=out.rx_filtered)
+                           rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped, rx_filtered=out.rx_filtered,
+                           rx_waiting=bytes(waiting[:out.waiting_len]))
 
     def counts(self) -> dict[str, int]:
         """The frames the thread moved and dropped so far (once stopped: all it did)."""
