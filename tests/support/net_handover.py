@@ -52,15 +52,21 @@ SLOT = 0x800
 # With odd_chains: every BARE_EVERY-th tx chain a bare header, every TINY_EVERY-th
 # rx buffer 4 bytes; the thread hands the pair back at each.
 BARE_EVERY, TINY_EVERY = 97, 61
+# With merged rx buffers and no odd chains: every BIG_EVERY-th rx frame spans
+# several buffers, and waits whole (in the model) when the ring has too few.
+BIG_EVERY = 53
 # How long a driver waiting for an interrupt, or a test waiting for traffic to
 # drain, gives the device: far beyond any batch, so only a lost one runs out.
 PATIENCE = 3.0
 
 
-def frame_for(direction: str, seq: int) -> bytes:
+def frame_for(direction: str, seq: int, big: bool = False) -> bytes:
     """The frame number ``seq`` of one direction: its length and every byte follow
-    from ``seq``, so a frame cut, mixed with another or stale is seen."""
+    from ``seq``, so a frame cut, mixed with another or stale is seen. ``big``: now
+    and then one longer than an rx buffer (for merged rx buffers)."""
     length = 46 + (seq * 97) % 1400
+    if big and seq % BIG_EVERY == BIG_EVERY - 1:
+        length = 2500 + (seq * 131) % 6000
     body = (b"%s%08d|" % (direction.encode(), seq)) * (length // 10 + 1)
     dst, src = (PEER, MAC) if direction == "t" else (MAC, PEER)
     return dst + src + struct.pack("!H", ETH_TYPE) + body[:length]
@@ -87,7 +93,7 @@ class HandoverRig:
     tx (2) and the control queue (3) set up, DRIVER_OK."""
 
     def __init__(self, event_idx: bool, mrg_rxbuf: bool, queue_size: int, indirect: bool = True,
-                 extra_features: int = 0) -> None:
+                 extra_features: int = 0, dataplane: str = "native") -> None:
         self.port = SocketPort.pair("hover0")
         self.port.host.settimeout(0.05)
         # Room for every frame of a run: a full socket is a congested host, where
@@ -96,7 +102,7 @@ class HandoverRig:
                           (self.port.host, socket.SO_SNDBUF)):
             sock.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
         self.m = SoftMachine(ram_size=8 << 20)
-        self.model = VirtioNet(self.port, mac=MAC, dataplane="native")
+        self.model = VirtioNet(self.port, mac=MAC, dataplane=dataplane)
         self.dev = self.m.virtio_pci(self.model)
         self.d = VirtioPciDriver(self.m, self.m.pci.add(self.dev))
         wanted = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_CTRL_VQ
@@ -116,6 +122,7 @@ class HandoverRig:
             self.d.common_write(0x16, 2, q)
             self.notify[q] = self.d._region(2) + self.d.common_read(0x1E, 2) * self.d.notify_mult
         self.msix_table = self._msix_table()
+        self.big_rx = False         # the driver side says whether rx frames may span buffers
         self.d.driver_ok()
 
     def _msix_table(self) -> int:
@@ -170,6 +177,9 @@ class DriverSide(threading.Thread):
         self.mrg = bool(rig.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         self.indirect = bool(rig.features >> VIRTIO_F_RING_INDIRECT_DESC & 1)
         self.odd_chains = odd_chains
+        # (A 4-byte buffer may carry a merged frame's last bytes: big frames only without them.)
+        self.big = self.mrg and not odd_chains
+        rig.big_rx = self.big
         self.rx_posted = 0
         self.rx_tiny: set[int] = set()
         self.finish = threading.Event()            # no more waiting for interrupts: drain and end
@@ -263,26 +273,36 @@ class DriverSide(threading.Thread):
     def _take_rx(self) -> int:
         mem = self.rig.m.memory
         entries = self._collect(RX, self.rig.queues[RX], self.rx_out)
-        for head, length, base in entries:
+        i = 0
+        while i < len(entries):
+            head, length, base = entries[i]
             if head in self.rx_tiny:
                 self.rx_tiny.discard(head)
                 if length != 0:
                     self.failures.add(f"rx buffer {head} of 4 bytes came back with {length}")
+                i += 1
                 continue
             if length == 0:
                 self.failures.add(f"rx buffer {head} returned empty (frame {self.rx_next} expected)")
+                i += 1
                 continue
             data = mem.read(base, length)
+            # A merged frame's buffers are published together (one used idx update).
+            num_buffers = struct.unpack_from("<H", data, 10)[0] if self.mrg else 1
+            if not 1 <= num_buffers <= len(entries) - i:
+                self.failures.add(f"rx frame {self.rx_next}: num_buffers {num_buffers}, "
+                                  f"{len(entries) - i} entries published")
+                return len(entries)
+            for _, more_length, more_base in entries[i + 1:i + num_buffers]:
+                data += mem.read(more_base, more_length)
             frame = data[HDR:]
-            want = frame_for("r", self.rx_next)
-            num_buffers = struct.unpack_from("<H", data, 10)[0]
+            want = frame_for("r", self.rx_next, self.big)
             if frame != want:
                 got = seq_of(frame) if len(frame) >= 23 and frame[14:15] == b"r" else None
-                self.failures.add(f"rx: frame {got} ({len(frame)} bytes) where frame {self.rx_next} "
-                                  f"({len(want)} bytes) was due")
-            elif self.mrg and num_buffers != 1:
-                self.failures.add(f"rx frame {self.rx_next}: num_buffers {num_buffers} for one buffer")
+                self.failures.add(f"rx: frame {got} ({len(frame)} bytes, {num_buffers} buffers) where frame "
+                                  f"{self.rx_next} ({len(want)} bytes) was due")
             self.rx_next += 1
+            i += num_buffers
         return len(entries)
 
     def _wait_interrupt(self) -> None:
@@ -349,7 +369,8 @@ class HostSide(threading.Thread):
             while not self.failures.stop.is_set() and not self.finish.is_set():
                 if self.generating:
                     try:
-                        host.send(bytes(HDR) + frame_for("r", self.rx_sent), socket.MSG_DONTWAIT)
+                        host.send(bytes(HDR) + frame_for("r", self.rx_sent, self.rig.big_rx),
+                                  socket.MSG_DONTWAIT)
                         self.rx_sent += 1
                     except (BlockingIOError, socket.timeout):
                         pass        # the device's socket is full: the guest is behind

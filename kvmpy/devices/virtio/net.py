@@ -532,6 +532,8 @@ class VirtioNet(VirtioDevice):
             if waiting is not None:
                 entries = self._merge_copy(q, waiting, 0, None)
                 if entries is None:
+                    if q.ask_for_more():
+                        continue
                     # Still too few buffers: the tap waits too, until the driver adds some.
                     self._rx_poll(pair, False)
                     break
@@ -586,11 +588,11 @@ class VirtioNet(VirtioDevice):
             else:
                 entries = self._merge_copy(q, self._bounce[:n - cap], 1, chain.writable)
                 if entries is None:
-                    # Too few buffers for the rest: the whole frame waits for more.
+                    # Too few buffers for the rest: the whole frame waits for more
+                    # (the next round of the loop asks the driver for them).
                     q.undo_pop()
                     self._rx_waiting[pair] = b"".join(chain.writable) + bytes(self._bounce[:n - cap])
-                    self._rx_poll(pair, False)
-                    break
+                    continue
                 used.append((chain.head, cap))
                 used += entries
                 self.stats["rx_frames"] += 1
