@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -64,7 +63,8 @@ def run_traffic(event_idx: bool, mrg_rxbuf: bool, queue_size: int, seconds: floa
         stop_handovers.set()
         changer.join(2 * PATIENCE + 5)
         driver.generating = host.generating = False
-        time.sleep(0.01)        # a send in progress ends before rx_sent is read
+        # A send in progress (it may wait for room) counts before rx_sent is read.
+        host.stopped_sending.wait(5)
         driver.rx_total = host.rx_sent
         driver.finish.set()
 

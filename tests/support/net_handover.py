@@ -357,6 +357,7 @@ class HostSide(threading.Thread):
         super().__init__(name="handover-host", daemon=True)
         self.rig, self.failures = rig, failures
         self.generating = True                     # False: no new rx frames
+        self.stopped_sending = threading.Event()   # set once it saw generating go False
         self.rx_sent = 0
         self.tx_next = 0
         self.tx_received = 0
@@ -367,7 +368,9 @@ class HostSide(threading.Thread):
         host = self.rig.port.host
         try:
             while not self.failures.stop.is_set() and not self.finish.is_set():
-                if self.generating:
+                if not self.generating:
+                    self.stopped_sending.set()
+                else:
                     try:
                         host.send(bytes(HDR) + frame_for("r", self.rx_sent, self.rig.big_rx),
                                   socket.MSG_DONTWAIT)
