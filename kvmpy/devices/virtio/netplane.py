@@ -15,6 +15,15 @@ error) it stops before consuming it and writes its hand-back eventfd; the
 transport then puts both queues' indices back into their SplitQueues and lets the
 model carry on (pci.py). Frames and drops the thread counted go into the model's
 statistics when it stops.
+
+The guest's receive filter (control queue CTRL_RX, CTRL_MAC, CTRL_VLAN) travels
+with the pair and is applied in the thread (np_filter_accepts, held to
+net.RxFilter.accepts by tests/test_netplane_filter.py); a change reaches the
+running thread through np_set_filter, so Linux turning promiscuous mode off at
+link-up leaves the pair where it is. Every read goes on into a bounce buffer: a
+tap's read returns what fit, so only that shows a frame longer than the chains
+(the chain goes back empty, or with MRG_RXBUF the frame goes to the model whole,
+NetStopInfo.rx_waiting, to wait for more buffers).
 """
 
 from __future__ import annotations
