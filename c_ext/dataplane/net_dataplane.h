@@ -3,10 +3,12 @@
  * the way.
  *
  * The Python model (kvmpy/devices/virtio/net.py) stays the control plane: it
- * negotiates, owns the control queue, the rx filter and every error. The thread
- * takes only chains whose handling cannot differ from the model's (all-readable tx
- * chains longer than the header, all-writable rx chains that hold it) and hands
- * the pair back, before consuming it, at the first chain it does not take. Its
+ * negotiates, owns the control queue (it sets the rx filter the thread applies,
+ * struct np_filter) and every error. The thread takes only chains whose handling
+ * cannot differ from the model's (all-readable tx chains longer than the header,
+ * all-writable rx chains that hold it) and hands the pair back, before consuming
+ * it, at the first chain it does not take, and with a merged frame too big for
+ * the buffers there are (the model keeps it whole until there are more). Its
  * Python side is kvmpy/devices/virtio/netplane.py (cffi: _netplane_build.py). */
 #ifndef KVMPY_NET_DATAPLANE_H
 #define KVMPY_NET_DATAPLANE_H
