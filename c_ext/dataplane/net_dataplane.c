@@ -23,12 +23,18 @@
 struct rx_chain { uint16_t head; int first_iov, niov; uint32_t cap; };
 
 struct np_pair {
-    struct np_config c;
+    struct np_config c;             /* c.filter: the filter the thread applies now */
+    /* np_set_filter's hand-over: a new filter waits in next_filter, filter_gen says
+     * there is one; the thread takes it before judging the next frame. */
+    pthread_mutex_t filter_lock;
+    struct np_filter next_filter;
+    unsigned filter_gen;            /* atomic */
+    unsigned filter_seen;
     struct dp_vring ring[2];
     int stop_fd;
     int stop;                       /* atomic */
     int exit_reason, handback_queue, tap_errno;
-    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped, rx_filtered;
     int tx_more, rx_more;           /* a batch ended with work left */
     int rx_starved;                 /* no rx buffers: the tap waits for the rx doorbell */
     pthread_t thread;
@@ -37,8 +43,14 @@ struct np_pair {
     struct rx_chain chains[NP_MAX_RX_CHAINS];
     int nchains;
     uint64_t rx_cap;                /* bytes the walked chains hold (one may hold 4 GiB) */
-    struct iovec rx_iov[NP_MAX_SEGS];
+    struct iovec rx_iov[NP_MAX_SEGS + 1];   /* + the bounce buffer */
     int rx_niov;
+    /* Read after the walked chains, as the model reads after its chain: a tap read
+     * returns what fit, so only a read that reaches in here shows the frame was
+     * longer than the chains. */
+    uint8_t *bounce;
+    uint32_t bounce_cap;
+    uint32_t waiting_len;           /* a merged frame handed back whole: in bounce */
 };
 
 static int stopping(struct np_pair *p)
@@ -194,7 +206,7 @@ static int rx_gather(struct np_pair *p, int worked)
          * buffers, too many buffers): the model takes over when it is the first. */
         if (dp_walk_chain(r->regions, r->nregions, r->desc_addr, r->size, r->indirect, head, p->segs,
                           NP_MAX_SEGS, &nsegs) != DP_WALK_OK || nsegs == 0 || !p->segs[0].writable
-                || p->rx_niov + nsegs > NP_MAX_SEGS)
+                || p->rx_niov + nsegs >= NP_MAX_SEGS)         /* one iovec is the bounce buffer's */
             return p->nchains ? 1 : hand_back(p, NP_RX);
         for (int i = 0; i < nsegs; i++)
             cap += p->segs[i].len;
@@ -245,6 +257,78 @@ static void set_num_buffers(struct np_pair *p, uint16_t value)
     }
 }
 
+static int mac_listed(const uint8_t (*table)[6], uint32_t n, const uint8_t *mac)
+{
+    for (uint32_t i = 0; i < n && i < NP_MAC_TABLE; i++)
+        if (!memcmp(table[i], mac, 6))
+            return 1;
+    return 0;
+}
+
+int np_filter_accepts(const struct np_filter *f, const uint8_t *frame, uint32_t len)
+{
+    static const uint8_t broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (f->promisc)
+        return 1;
+    if (len < 14)
+        return 0;
+    if (f->vlan_filtering && frame[12] == 0x81 && frame[13] == 0x00) {
+        if (len < 16)
+            return 0;
+        unsigned vid = ((unsigned)frame[14] << 8 | frame[15]) & 0xFFF;
+        if (!(f->vlans[vid / 8] >> (vid % 8) & 1))
+            return 0;
+    }
+    if (frame[0] & 1) {
+        if (!memcmp(frame, broadcast, 6))
+            return !f->nobcast;
+        if (f->nomulti)
+            return 0;
+        return f->allmulti || f->multicast_overflow || mac_listed(f->multicast, f->n_multicast, frame);
+    }
+    if (f->nouni)
+        return 0;
+    return f->alluni || f->unicast_overflow || !memcmp(frame, f->own_mac, 6)
+        || mac_listed(f->unicast, f->n_unicast, frame);
+}
+
+void np_set_filter(struct np_pair *p, const struct np_filter *f)
+{
+    pthread_mutex_lock(&p->filter_lock);
+    p->next_filter = *f;
+    __atomic_add_fetch(&p->filter_gen, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->filter_lock);
+}
+
+/* Whether the frame of n bytes just read into the walked chains passes the
+ * filter: its first 16 bytes after the header, wherever the buffers cut them. */
+static int rx_accepts(struct np_pair *p, uint64_t n)
+{
+    if (__atomic_load_n(&p->filter_gen, __ATOMIC_ACQUIRE) != p->filter_seen) {
+        pthread_mutex_lock(&p->filter_lock);
+        p->c.filter = p->next_filter;
+        p->filter_seen = __atomic_load_n(&p->filter_gen, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&p->filter_lock);
+    }
+    if (p->c.filter.promisc)
+        return 1;
+    uint8_t head[16];
+    /* The frame's start, in the chains or (past them) in the bounce buffer. */
+    int niov = p->rx_niov + 1;
+    uint64_t have = n, pos = 0;
+    uint32_t got = 0;
+    for (int i = 0; i < niov && got < sizeof head && pos < have; i++) {
+        uint64_t len = p->rx_iov[i].iov_len;
+        if (len > have - pos)
+            len = have - pos;
+        for (uint64_t b = 0; b < len && got < sizeof head; b++)
+            if (pos + b >= p->c.hdr_len)
+                head[got++] = ((const uint8_t *)p->rx_iov[i].iov_base)[b];
+        pos += len;
+    }
+    return np_filter_accepts(&p->c.filter, head, got);
+}
+
 static int rx_process(struct np_pair *p)
 {
     struct dp_vring *r = &p->ring[NP_RX];
@@ -267,7 +351,9 @@ static int rx_process(struct np_pair *p)
             break;
         }
         ssize_t n;
-        do n = readv(p->c.tap_fd, p->rx_iov, p->rx_niov); while (n < 0 && errno == EINTR);
+        p->rx_iov[p->rx_niov].iov_base = p->bounce;
+        p->rx_iov[p->rx_niov].iov_len = p->bounce_cap;
+        do n = readv(p->c.tap_fd, p->rx_iov, p->rx_niov + 1); while (n < 0 && errno == EINTR);
         if (n < 0) {
             if (errno == EAGAIN)
                 break;                          /* the tap is empty */
@@ -277,18 +363,41 @@ static int rx_process(struct np_pair *p)
         }
         if (!frames++)
             dp_vring_disable_notification(r);   /* a stream: buffers are looked for anyway */
+        if (!rx_accepts(p, (uint64_t)n)) {
+            /* The chains were only scribbled on: the next frame takes them. */
+            count(&p->rx_filtered);
+            continue;
+        }
         if ((uint64_t)n > p->rx_cap) {
-            /* The frame did not fit (the tap reports its whole length). Without
-             * MRG_RXBUF the model hands back the chain empty; with it the chains
-             * stay for the next frame: dropped as a NIC out of buffers would. */
-            count(&p->rx_dropped);
             if (!p->c.mrg_rxbuf) {
+                /* The frame did not fit: the model hands back the chain empty
+                 * (the guest counts a length error). */
+                count(&p->rx_dropped);
                 dp_vring_put_used(r, 0, p->chains[0].head, 0);
                 rx_consume(p, 1);
                 dp_vring_publish(r, 1);
                 entries++;
+                continue;
             }
-            continue;
+            /* Too few merged buffers for it: the frame waits whole for more, as
+             * in the model, which takes it (and the pair) from here: its head
+             * from the chains, its tail moved up behind it in the bounce buffer. */
+            if ((uint64_t)n > p->bounce_cap) {
+                /* Longer than any frame the tap hands over (rx_frame_max): what
+                 * was read of it cannot be kept whole. Dropped; the chains stay. */
+                count(&p->rx_dropped);
+                continue;
+            }
+            uint32_t tail = (uint32_t)((uint64_t)n - p->rx_cap);
+            memmove(p->bounce + p->rx_cap, p->bounce, tail);
+            uint64_t at = 0;
+            for (int i = 0; i < p->rx_niov; i++) {
+                memcpy(p->bounce + at, p->rx_iov[i].iov_base, p->rx_iov[i].iov_len);
+                at += p->rx_iov[i].iov_len;
+            }
+            p->waiting_len = (uint32_t)n;
+            finish_batch(r, &entries);
+            return hand_back(p, NP_RX);
         }
         int k = 0;
         uint32_t left = (uint32_t)n;
@@ -393,6 +502,17 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
         return NULL;
     }
     p->c = *cfg;
+    /* A frame of rx_frame_max bytes fits in the bounce alone, and so does one the
+     * chains began (which then holds less than rx_frame_max in chains). */
+    p->bounce_cap = cfg->rx_frame_max;
+    p->bounce = malloc(p->bounce_cap);
+    if (!p->bounce) {
+        free(p);
+        *err = ENOMEM;
+        return NULL;
+    }
+    p->next_filter = cfg->filter;
+    pthread_mutex_init(&p->filter_lock, NULL);
     for (int q = 0; q < 2; q++) {
         const struct np_ring_config *rc = &cfg->rings[q];
         struct dp_vring *r = &p->ring[q];
@@ -408,6 +528,7 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
         r->signalled_used = rc->signalled_used;
         r->call_fd = rc->call_fd;
         if (dp_vring_map(r, rc->avail_addr, rc->used_addr) < 0) {
+            free(p->bounce);
             free(p);
             return NULL;
         }
@@ -415,6 +536,7 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
     p->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (p->stop_fd < 0) {
         *err = errno;
+        free(p->bounce);
         free(p);
         return NULL;
     }
@@ -430,6 +552,7 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
     if (r) {
         *err = r;
         close(p->stop_fd);
+        free(p->bounce);
         free(p);
         return NULL;
     }
@@ -443,9 +566,10 @@ void np_counters(struct np_pair *p, struct np_result *out)
     out->tx_frames = __atomic_load_n(&p->tx_frames, __ATOMIC_RELAXED);
     out->rx_dropped = __atomic_load_n(&p->rx_dropped, __ATOMIC_RELAXED);
     out->tx_dropped = __atomic_load_n(&p->tx_dropped, __ATOMIC_RELAXED);
+    out->rx_filtered = __atomic_load_n(&p->rx_filtered, __ATOMIC_RELAXED);
 }
 
-void np_stop(struct np_pair *p, struct np_result *out)
+void np_stop(struct np_pair *p, struct np_result *out, uint8_t *waiting, uint32_t waiting_cap)
 {
     uint64_t one = 1;
     __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
@@ -465,6 +589,14 @@ void np_stop(struct np_pair *p, struct np_result *out)
     out->tx_frames = p->tx_frames;
     out->rx_dropped = p->rx_dropped;
     out->tx_dropped = p->tx_dropped;
+    out->rx_filtered = p->rx_filtered;
+    out->waiting_len = 0;
+    if (p->waiting_len && p->waiting_len <= waiting_cap) {
+        memcpy(waiting, p->bounce, p->waiting_len);
+        out->waiting_len = p->waiting_len;
+    }
     close(p->stop_fd);
+    pthread_mutex_destroy(&p->filter_lock);
+    free(p->bounce);
     free(p);
 }

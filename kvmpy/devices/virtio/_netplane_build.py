@@ -29,6 +29,18 @@ struct dp_region { uint64_t gpa; uint64_t size; uint8_t *host; ...; };
 struct dp_seg { uint64_t gpa; uint32_t len; uint32_t writable; ...; };
 int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_addr, uint32_t size,
                   int indirect, uint16_t head, struct dp_seg *segs, int max_segs, int *nsegs);
+#define NP_MAC_TABLE ...
+struct np_filter {
+    int promisc, allmulti, alluni, nomulti, nouni, nobcast;
+    int unicast_overflow, multicast_overflow;
+    int vlan_filtering;
+    uint8_t own_mac[6];
+    uint32_t n_unicast, n_multicast;
+    uint8_t unicast[64][6], multicast[64][6];
+    uint8_t vlans[512];
+    ...;
+};
+int np_filter_accepts(const struct np_filter *f, const uint8_t *frame, uint32_t len);
 struct np_ring_config {
     uint32_t size;
     uint64_t desc_addr, avail_addr, used_addr;
@@ -49,6 +61,7 @@ struct np_config {
     uint32_t rx_frame_max;
     int handback_fd;
     int spin;
+    struct np_filter filter;
     ...;
 };
 struct np_ring_state {
@@ -63,18 +76,22 @@ struct np_result {
     int handback_queue;
     int tap_errno;
     uint64_t rx_frames, tx_frames, rx_dropped, tx_dropped;
+    uint64_t rx_filtered;
+    uint32_t waiting_len;
     ...;
 };
 struct np_pair;
 struct np_pair *np_start(const struct np_config *cfg, int *err);
-void np_stop(struct np_pair *p, struct np_result *out);
+void np_stop(struct np_pair *p, struct np_result *out, uint8_t *waiting, uint32_t waiting_cap);
 void np_counters(struct np_pair *p, struct np_result *out);
+void np_set_filter(struct np_pair *p, const struct np_filter *f);
 """)
 
 ffibuilder.set_source(
     "kvmpy.devices.virtio._netplane_cffi",
     '#include "net_dataplane.h"\n'
-    '_Static_assert(DP_MAX_REGIONS == 16, "the cdef above spells it out");\n',
+    '_Static_assert(DP_MAX_REGIONS == 16, "the cdef above spells it out");\n'
+    '_Static_assert(NP_MAC_TABLE == 64 && NP_VLANS == 4096, "the cdef above spells them out");\n',
     sources=[os.path.join(_SRC, "net_dataplane.c"), os.path.join(_SRC, "vring.c")],
     include_dirs=[_SRC],
     depends=[os.path.join(_SRC, "net_dataplane.h"), os.path.join(_SRC, "vring.h")],

@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -261,6 +262,9 @@ class VirtioNet(VirtioDevice):
         self._native_rx: set[int] = set()
         # Per native pair: the thread's own counts so far.
         self._native_counts: dict[int, Callable[[], dict[str, int]]] = {}
+        # counts() may run on any thread (a monitor's, state()): a stopped thread's
+        # counts move into stats under this lock, so a reader sees them in exactly one.
+        self._counts_lock = threading.Lock()
         log.info("%s: tap %s, MAC %s%s", name, tap.name, format_mac(self.mac),
                  f", {queue_pairs} queue pairs" if queue_pairs > 1 else "")
 
@@ -384,7 +388,8 @@ class VirtioNet(VirtioDevice):
         self._rx_waiting = [None] * self.queue_pairs
         self._in_kernel.clear()
         self._native_rx.clear()
-        self._native_counts.clear()
+        with self._counts_lock:
+            self._native_counts.clear()
         self.acked_features = 0
         self._mergeable = self._vlan_filtering = False
         self._ctrl_index = 2
@@ -434,12 +439,11 @@ class VirtioNet(VirtioDevice):
         come here: the Python data plane chosen, the module missing, or a backend
         that needs Python per frame (user networking).
 
-        The rx filter rule: a thread delivers every frame the tap has, so while the
-        guest has a filter other than the promiscuous default (control queue
-        CTRL_RX / CTRL_MAC) the pairs stay here, where each frame passes the filter;
-        the filter's return to the default gives them back to the threads."""
+        The receive filter (control queue CTRL_RX / CTRL_MAC / CTRL_VLAN) goes with
+        each pair: the thread applies it as this model does, and a change reaches
+        the running thread (the transport compares the offers) without a hand-over."""
         if (self.dataplane != "native" or not self.tap.allows_native_plane or not netplane.available()
-                or self.vhost is not None or self.rx_filter != RxFilter()):
+                or self.vhost is not None):
             return None
         mrg = self._mergeable
         hdr_len = 12 if mrg or self.negotiated(_VIRTIO_F_VERSION_1) else 10
@@ -447,7 +451,9 @@ class VirtioNet(VirtioDevice):
         # holds a frame for merged buffers delivers it first.
         pairs = tuple(NetPairBackend(rx_queue=2 * pair + RX_QUEUE, tx_queue=2 * pair + TX_QUEUE,
                                      tap_fd=self.fds[pair], hdr_len=hdr_len, mrg_rxbuf=mrg,
-                                     rx_frame_max=hdr_len + _RX_FRAME_MAX)
+                                     rx_frame_max=hdr_len + _RX_FRAME_MAX,
+                                     rx_filter=None if self.rx_filter.promisc else self.rx_filter,
+                                     own_mac=self.mac, vlan_filtering=self._vlan_filtering)
                       for pair in range(self.active_pairs) if self._rx_waiting[pair] is None)
         return NetPairs(pairs=pairs) if pairs else None
 
@@ -455,7 +461,8 @@ class VirtioNet(VirtioDevice):
         """A thread serves ``pair`` now: its tap is the thread's to read; ``counts()``
         tells what it moved so far."""
         index = pair.rx_queue // 2
-        self._native_counts[index] = counts
+        with self._counts_lock:
+            self._native_counts[index] = counts
         self._native_rx.add(index)
         self._rx_poll(index, False)
 
@@ -464,18 +471,25 @@ class VirtioNet(VirtioDevice):
         runs both queues next, and the rx queue's run polls the tap again)."""
         index = pair.rx_queue // 2
         self._native_rx.discard(index)
-        self._native_counts.pop(index, None)
-        self.stats["rx_frames"] += info.rx_frames
-        self.stats["tx_frames"] += info.tx_frames
-        self.stats["rx_dropped"] += info.rx_dropped
-        self.stats["tx_dropped"] += info.tx_dropped
+        if info.rx_waiting:
+            # The thread read a frame too big for the buffers there were: it waits
+            # here, whole, as one the model read itself would.
+            self._rx_waiting[index] = info.rx_waiting
+        with self._counts_lock:
+            self._native_counts.pop(index, None)
+            self.stats["rx_frames"] += info.rx_frames
+            self.stats["tx_frames"] += info.tx_frames
+            self.stats["rx_dropped"] += info.rx_dropped
+            self.stats["tx_dropped"] += info.tx_dropped
+            self.stats["rx_filtered"] += info.rx_filtered
 
     def counts(self) -> dict[str, int]:
         """Frames moved and dropped, by the model and the native threads running now."""
-        total = dict(self.stats)
-        for counts in list(self._native_counts.values()):
-            for key, value in counts().items():
-                total[key] += value
+        with self._counts_lock:
+            total = dict(self.stats)
+            for counts in self._native_counts.values():
+                for key, value in counts().items():
+                    total[key] += value
         return total
 
     # event loop thread ---------------------------------------------------------------
@@ -518,6 +532,10 @@ class VirtioNet(VirtioDevice):
             if waiting is not None:
                 entries = self._merge_copy(q, waiting, 0, None)
                 if entries is None:
+                    if q.ask_for_more():
+                        continue
+                    # Still too few buffers: the tap waits too, until the driver adds some.
+                    self._rx_poll(pair, False)
                     break
                 self._rx_waiting[pair] = None
                 used += entries
@@ -531,14 +549,17 @@ class VirtioNet(VirtioDevice):
                     self._rx_poll(pair, False)
                     break
                 continue
-            if len(chain.writable) > IOV_MAX or chain.writable_len < VNET_HDR_SIZE:
+            # (One iovec of a read is the bounce buffer's.)
+            if len(chain.writable) >= IOV_MAX or chain.writable_len < VNET_HDR_SIZE:
                 used.append((chain.head, 0))
                 self.stats["rx_dropped"] += 1
                 done += 1
                 log.debug("%s: unusable RX chain of %d bytes", self.name, chain.writable_len)
                 continue
             cap = chain.writable_len
-            iov = chain.writable + [self._bounce] if self._mergeable else chain.writable
+            # A tap's read returns what fit, not the frame's length: only a read
+            # that reaches into the bounce buffer shows the chain was too short.
+            iov = chain.writable + [self._bounce]
             try:
                 n = os.readv(fd, iov)
             except BlockingIOError:
@@ -567,11 +588,11 @@ class VirtioNet(VirtioDevice):
             else:
                 entries = self._merge_copy(q, self._bounce[:n - cap], 1, chain.writable)
                 if entries is None:
-                    # Too few buffers for the rest: the whole frame waits for more.
+                    # Too few buffers for the rest: the whole frame waits for more
+                    # (the next round of the loop asks the driver for them).
                     q.undo_pop()
                     self._rx_waiting[pair] = b"".join(chain.writable) + bytes(self._bounce[:n - cap])
-                    self._rx_poll(pair, False)
-                    break
+                    continue
                 used.append((chain.head, cap))
                 used += entries
                 self.stats["rx_frames"] += 1

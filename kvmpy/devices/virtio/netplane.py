@@ -15,13 +15,22 @@ error) it stops before consuming it and writes its hand-back eventfd; the
 transport then puts both queues' indices back into their SplitQueues and lets the
 model carry on (pci.py). Frames and drops the thread counted go into the model's
 statistics when it stops.
+
+The guest's receive filter (control queue CTRL_RX, CTRL_MAC, CTRL_VLAN) travels
+with the pair and is applied in the thread (np_filter_accepts, held to
+net.RxFilter.accepts by tests/test_netplane_filter.py); a change reaches the
+running thread through np_set_filter, so Linux turning promiscuous mode off at
+link-up leaves the pair where it is. Every read goes on into a bounce buffer: a
+tap's read returns what fit, so only that shows a frame longer than the chains
+(the chain goes back empty, or with MRG_RXBUF the frame goes to the model whole,
+NetStopInfo.rx_waiting, to wait for more buffers).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...memory import GuestMemory
 from . import plane_glue
@@ -67,6 +76,17 @@ class NetPairBackend:
     hdr_len: int             # 12 (VERSION_1 or MRG_RXBUF: with num_buffers) or 10
     mrg_rxbuf: bool          # a frame may fill several rx chains
     rx_frame_max: int        # header + the largest frame the tap may hand the guest
+    # The receive filter the thread applies: net.RxFilter (a plain frozen value),
+    # the MAC it lets through, and whether tagged frames need their VLAN listed.
+    rx_filter: object = None     # None: every frame (the promiscuous default)
+    own_mac: bytes = bytes(6)
+    vlan_filtering: bool = False
+
+    def same_but_filter(self, other: "NetPairBackend") -> bool:
+        """Whether ``other`` differs from this at most in its receive filter (a
+        running thread takes such a change without stopping)."""
+        return replace(self, rx_filter=None, own_mac=bytes(6), vlan_filtering=False) == replace(
+            other, rx_filter=None, own_mac=bytes(6), vlan_filtering=False)
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,10 @@ class NetStopInfo:
     tx_frames: int
     rx_dropped: int
     tx_dropped: int
+    rx_filtered: int = 0
+    # A merged frame too big for the rx buffers the guest had given: header and
+    # frame, for the model to deliver whole once there are more (b"": none).
+    rx_waiting: bytes = b""
 
     @property
     def completed(self) -> int:
@@ -131,9 +155,13 @@ class NativeNetPair:
         cfg.rx_frame_max = backend.rx_frame_max
         cfg.handback_fd = self.handback_fd
         cfg.spin = int(SPIN)
+        fill_filter(cfg.filter, backend)
         self._regions = regions
         # counts() may come from any thread: never on a pair np_stop freed.
         self._handle_lock = threading.Lock()
+        # What the thread counted when it stopped: counts() goes on answering them
+        # until the model has taken them into its own statistics (native_stopped).
+        self._final_counts: dict[str, int] | None = None
         err = ffi.new("int *")
         self._handle = lib.np_start(cfg, err)
         if self._handle == ffi.NULL:
@@ -144,26 +172,38 @@ class NativeNetPair:
         """Join the thread (it finishes the frame in hand) and put both rings'
         indices back into their SplitQueues, which carry on from there."""
         out = ffi.new("struct np_result *")
+        waiting = bytearray(self.backend.rx_frame_max)
         with self._handle_lock:
-            lib.np_stop(self._handle, out)
+            lib.np_stop(self._handle, out, ffi.from_buffer(waiting), len(waiting))
             self._handle = None
+            self._final_counts = _counts(out)
         for i, q in enumerate(self.queues):
             plane_glue.ring_from_c(q, out.rings[i])
         handed_back = out.exit_reason == lib.NP_EXIT_HANDBACK
         return NetStopInfo(handed_back=handed_back,
                            handback_queue=self.queue_indices[out.handback_queue] if handed_back else None,
                            tap_errno=out.tap_errno, rx_frames=out.rx_frames, tx_frames=out.tx_frames,
-                           rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped)
+                           rx_dropped=out.rx_dropped, tx_dropped=out.tx_dropped, rx_filtered=out.rx_filtered,
+                           rx_waiting=bytes(waiting[:out.waiting_len]))
 
     def counts(self) -> dict[str, int]:
-        """The frames the thread moved and dropped so far (nothing once stopped:
-        then ``stop`` has them)."""
+        """The frames the thread moved and dropped so far (once stopped: all it did)."""
         out = ffi.new("struct np_result *")
         with self._handle_lock:
+            if self._handle is None:
+                return dict(self._final_counts or _counts(out))
+            lib.np_counters(self._handle, out)
+        return _counts(out)
+
+    def set_filter(self, backend: NetPairBackend) -> None:
+        """The guest changed its receive filter: the thread judges every frame it
+        reads from now on by ``backend``'s (which differs from the pair's at most there)."""
+        f = ffi.new("struct np_filter *")
+        fill_filter(f, backend)
+        with self._handle_lock:
             if self._handle is not None:
-                lib.np_counters(self._handle, out)
-        return {"rx_frames": out.rx_frames, "tx_frames": out.tx_frames, "rx_dropped": out.rx_dropped,
-                "tx_dropped": out.tx_dropped}
+                lib.np_set_filter(self._handle, f)
+        self.backend = backend
 
     def take_interrupt(self, queue: int) -> bool:
         """Whether the thread asked for an interrupt for device queue ``queue``
@@ -178,6 +218,43 @@ class NativeNetPair:
         plane_glue.close_fds((*self.call_fds, self.handback_fd))
         self.call_fds = (-1, -1)
         self.handback_fd = -1
+
+
+def _counts(out) -> dict[str, int]:
+    return {"rx_frames": out.rx_frames, "tx_frames": out.tx_frames, "rx_dropped": out.rx_dropped,
+            "tx_dropped": out.tx_dropped, "rx_filtered": out.rx_filtered}
+
+
+def fill_filter(f, backend: NetPairBackend) -> None:
+    """``backend``'s receive filter into ``f``, a ``struct np_filter``."""
+    rx = backend.rx_filter
+    if rx is None:
+        f.promisc = 1
+        return
+    for name in ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast", "unicast_overflow",
+                 "multicast_overflow"):
+        setattr(f, name, int(getattr(rx, name)))
+    f.vlan_filtering = int(backend.vlan_filtering)
+    f.own_mac = list(backend.own_mac)
+    # RxFilter.validate holds the tables to NP_MAC_TABLE entries; more never reach here.
+    unicast, multicast = rx.unicast[:lib.NP_MAC_TABLE], rx.multicast[:lib.NP_MAC_TABLE]
+    f.n_unicast, f.n_multicast = len(unicast), len(multicast)
+    for i, mac in enumerate(unicast):
+        f.unicast[i] = list(mac)
+    for i, mac in enumerate(multicast):
+        f.multicast[i] = list(mac)
+    bitmap = bytearray(len(f.vlans))
+    for vid in rx.vlans:
+        bitmap[vid // 8] |= 1 << vid % 8
+    f.vlans = list(bitmap)
+
+
+def filter_accepts(backend: NetPairBackend, frame: bytes) -> bool:
+    """The C filter (np_filter_accepts) on one frame, as a thread with ``backend``
+    judges it; the tests hold it to net.RxFilter.accepts."""
+    f = ffi.new("struct np_filter *")
+    fill_filter(f, backend)
+    return bool(lib.np_filter_accepts(f, ffi.from_buffer(frame), len(frame)))
 
 
 def walk_chain(memory: GuestMemory, desc_addr: int, size: int, indirect: bool,

@@ -577,7 +577,14 @@ class VirtioPciTransport(PciDevice):
             # A doorbell dropped by a BAR move may still be dispatched once (its fd
             # number may already belong to someone else's eventfd), and one handed
             # to a native thread too: that kick is the thread's to read.
-            if self._doorbells[q] != fd or self._native[q] is not None:
+            if self._doorbells[q] != fd:
+                return
+            if self._native[q] is not None:
+                # Watched again though a thread owns it: a stop on another thread
+                # queued this watch, and the loop started the next thread before
+                # it ran. Left here, the level-triggered kick would bring the loop
+                # back at once, again and again, until the thread drained it.
+                self.events.unsubscribe(fd)
                 return
             _drain(fd)
             self._run_queue(q)
@@ -700,6 +707,7 @@ class VirtioPciTransport(PciDevice):
     # a native rx/tx pair (virtio-net, netplane.py): one thread, both queues' slots
 
     def _start_native_pair(self, q: int, backend: netplane.NetPairs) -> None:
+        self._refresh_native_pairs(backend)
         pair = backend.pair_of(q)
         if pair is None:
             return      # the control queue stays the model's
@@ -726,6 +734,19 @@ class VirtioPciTransport(PciDevice):
         for i, fd in zip(indices, native.call_fds):
             self.events.subscribe(fd, EVENT_READ, lambda _r, i=i: self._native_pair_interrupt(i, native))
         self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_pair_handback(native))
+
+    def _refresh_native_pairs(self, backend: netplane.NetPairs) -> None:
+        """Running pairs follow the device's offer now: a new receive filter (the
+        control queue just ran) goes to the thread as it runs; a pair no longer
+        offered, or offered otherwise, is taken back."""
+        for native in {n for n in self._native if isinstance(n, netplane.NativeNetPair)}:
+            offer = backend.pair_of(native.backend.rx_queue)
+            if offer == native.backend:
+                continue
+            if offer is not None and native.backend.same_but_filter(offer):
+                native.set_filter(offer)
+            else:
+                self._stop_native(native.queue_indices[0], rewatch=True)
 
     def _pair_irq_route(self, q: int) -> int | None:
         """Queue ``q``'s interrupt as a pair's thread raises it (NativeNetPair's irq_fds)."""

@@ -340,6 +340,22 @@ class SplitQueue:
             _U16.pack_into(self._used, 0, flags)
         return self.pending() > 0
 
+    def ask_for_more(self) -> bool:
+        """Ask the driver to ring once it makes buffers available beyond those
+        pending now (a device that needs more than there are, e.g. a merged frame
+        waiting whole); returns True if it already has, so the caller looks again
+        instead of sleeping. set_notification(True) would ask only for buffers past
+        next_avail, which a driver refilling behind the pending ones never rings for."""
+        if not self.active:
+            return False
+        seen = self.avail_idx()
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, seen)
+        else:
+            flags = _U16.unpack_from(self._used, 0)[0]
+            _U16.pack_into(self._used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+        return self.avail_idx() != seen
+
     # helpers for device models --------------------------------------------
 
     def iter_chains(self):
