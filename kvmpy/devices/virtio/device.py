@@ -89,6 +89,11 @@ class VirtioTransport(Protocol):
         """Change what one of the device's ``fd_watches`` waits for (0: nothing
         for now, e.g. no RX buffers to fill); called from the device's callbacks."""
 
+    def native_offer_changed(self) -> None:
+        """What ``native_backend()`` offers changed in a way the threads serving it
+        must follow before the driver sees the request that changed it complete (a
+        new receive filter): running threads take the new offer, or stop, now."""
+
     def hold_native(self, held: bool) -> None:
         """Stop the device's native data plane threads (``held``) or let them serve
         again; meanwhile the event loop serves the queues through the device."""

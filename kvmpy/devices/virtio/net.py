@@ -687,6 +687,9 @@ class VirtioNet(VirtioDevice):
             else:
                 data, _ = gather(chain.readable, chain.readable_len)
                 ack = self._ctrl_command(data[0], data[1], data[2:])
+                # The driver may send the next frame as soon as it sees the ack: a
+                # running thread must filter with the new tables by then.
+                self._transport.native_offer_changed()
             write_views(chain.writable, bytes([ack]))
             q.add_used(chain.head, 1)
         if did:

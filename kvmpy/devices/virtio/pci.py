@@ -735,6 +735,16 @@ class VirtioPciTransport(PciDevice):
             self.events.subscribe(fd, EVENT_READ, lambda _r, i=i: self._native_pair_interrupt(i, native))
         self.events.subscribe(native.handback_fd, EVENT_READ, lambda _r: self._native_pair_handback(native))
 
+    def native_offer_changed(self) -> None:
+        with self._lock:
+            backend = self.device.native_backend()
+            if isinstance(backend, netplane.NetPairs):
+                self._refresh_native_pairs(backend)
+            elif backend is None:
+                for index, native in enumerate(self._native):
+                    if isinstance(native, netplane.NativeNetPair):
+                        self._stop_native(index, rewatch=True)
+
     def _refresh_native_pairs(self, backend: netplane.NetPairs) -> None:
         """Running pairs follow the device's offer now: a new receive filter (the
         control queue just ran) goes to the thread as it runs; a pair no longer
