@@ -292,6 +292,7 @@ typedef struct CPU {
     struct Block **nat_exit_slot;
     const _Atomic uint64_t *nat_code_epoch;   /* mem.c's code_epoch, for the chained jumps */
     uint64_t st_native_chained;
+    uint64_t st_native_indirect;   /* jumps into compiled blocks found through jc (ret, jmp/call r/m) */
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between

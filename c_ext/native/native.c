@@ -279,7 +279,9 @@ int native_has_form(const Insn *i)
     case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
     case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
         return i->osz == 4;   /* inc/dec r32 outside 64-bit mode (where 40-4F are REX) */
-    case 0xff:
+    case 0xff:   /* inc/dec of a register; jmp/call near (is_indirect, with the mode) */
+        if ((i->reg & 7) == 2 || (i->reg & 7) == 4)
+            return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
         return (i->reg & 7) <= 1 && i->mod == 3 && !i->lock && (i->osz == 4 || i->osz == 8);
     case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
     case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
@@ -962,6 +964,8 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         emit_inc_dec(k, i->op & 7, 0, i->op < 0x48, flags_were_live);
         return 1;
     case 0xff:
+        if ((i->reg & 7) > 1)
+            return 0;   /* jmp/call: only as a block's end (emit_indirect) */
         emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
         return 1;
     case 0x1af: case 0x69: case 0x6b:
@@ -1231,6 +1235,86 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     b1(e, 0xc3);   /* ret */
 }
 
+/* Leaves for a successor known only at run time (ret, jmp/call through a register or
+ * memory; c->rip already holds it): QEMU's lookup_and_goto_ptr. The CPU's jump cache
+ * (CPU.jc, find_block's first probe) names the block last found at that rip; its
+ * compiled code is entered straight from here under the same conditions as a direct
+ * chain (native.h: nothing pending, every code-page mark seen, the block valid, one
+ * page, this block's mode and cs base, its page what this CPU fetches there), else
+ * the exit returns to exec.c's dispatcher as before. The jump cache is cleared with
+ * the block cache and holds only hints, so nothing must unlink anything here. */
+static void emit_lookup_exit(Comp *k, int done)
+{
+    Emit *e = &k->e;
+    uint8_t *out[16];
+    int nout = 0;
+    add64_mem_imm(e, CPU_OFF(st_insns), done);
+    add64_mem_imm(e, CPU_OFF(st_native_insns), done);
+    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
+    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
+    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
+    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
+    out[nout++] = jcc32(e, 0x5);
+    load64(e, RAX, CPU_OFF(rip));
+    /* rcx = jc[(pc ^ (pc >> 10)) & 4095], find_block's index */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc1);                      /* mov rcx, rax */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xe9); b1(e, 10);           /* shr rcx, 10 */
+    b1(e, 0x48); b1(e, 0x31); b1(e, 0xc1);                      /* xor rcx, rax */
+    b1(e, 0x81); b1(e, 0xe1); b4(e, (uint32_t)(sizeof k->c->jc / sizeof k->c->jc[0] - 1));   /* and ecx, mask */
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x8c); b1(e, 0xcb); b4(e, (uint32_t)CPU_OFF(jc));   /* mov rcx, [rbx+rcx*8+jc] */
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, pc));   /* cmp rax, [rcx+pc] */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, native)); b1(e, 0);   /* cmp qword [rcx+native], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, phys2)); b1(e, 0xff);   /* cmp qword [rcx+phys2], -1 */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x81); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, mode)); b4(e, k->b->mode);   /* cmp dword [rcx+mode], mode */
+    out[nout++] = jcc32(e, 0x5);
+    mov_imm(e, RDX, k->b->cs_base);
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x91); b4(e, (uint32_t)offsetof(Block, cs_base));   /* cmp rdx, [rcx+cs_base] */
+    out[nout++] = jcc32(e, 0x5);
+    /* block_fits(): rdx = linear(CS, pc); its TLB entry's fetch tag and page */
+    if (k->long64) {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
+    } else {
+        b1(e, 0x89); b1(e, 0xc2);                               /* mov edx, eax */
+        b1(e, 0x81); b1(e, 0xc2); b4(e, (uint32_t)k->b->cs_base);   /* add edx, cs base: wraps at 32 bits */
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xd6);                      /* mov rsi, rdx */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xee); b1(e, 12);           /* shr rsi, 12 */
+    b1(e, 0x81); b1(e, 0xe6); b4(e, TLB_SIZE - 1);              /* and esi, TLB_SIZE-1 */
+    b1(e, 0x69); b1(e, 0xf6); b4(e, (uint32_t)sizeof(TlbEnt));  /* imul esi, esi, size */
+    op_mem(e, 1, 0x63, RDI, CPU_OFF(mmu_idx));                  /* movsxd rdi, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xff); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdi, rdi, row */
+    b1(e, 0x48); b1(e, 0x01); b1(e, 0xfe);                      /* add rsi, rdi */
+    b1(e, 0x48); b1(e, 0x81); b1(e, 0xe2); b4(e, 0xfffff000u);  /* and rdx, ~0xfff */
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x94); b1(e, 0x33);         /* cmp rdx, [rbx+rsi+tag_x] */
+    b4(e, (uint32_t)(CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, tag_x)));
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x91); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rdx, [rcx+phys] */
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x94); b1(e, 0x33);         /* cmp rdx, [rbx+rsi+paddr] */
+    b4(e, (uint32_t)(CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, paddr)));
+    out[nout++] = jcc32(e, 0x5);
+    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
+    add64_mem_imm(e, CPU_OFF(st_native_indirect), 1);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
+    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    for (int n = 0; n < nout; n++)
+        patch_rel32(out[n], e->p);
+    b1(e, 0x5b);   /* pop rbx */
+    b1(e, 0xc3);   /* ret */
+}
+
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
 static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
 {
@@ -1288,12 +1372,47 @@ static void emit_call_ret(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int
     b1(e, 0x8b); b1(e, 0x00);                                   /* mov (r|e)ax, [rax]: zero-extends */
     emit_sp_add(k, (int32_t)(sz + (i->op == 0xc2 ? (uint32_t)(i->imm & 0xffff) : 0)));
     store64(e, RAX, CPU_OFF(rip));
-    emit_exit(e, done);
+    emit_lookup_exit(k, done);
 }
 
 static int is_call_ret(const Insn *i, int long64)
 {
     return (i->op == 0xe8 || i->op == 0xc3 || i->op == 0xc2) && stack_osz(i, long64);
+}
+
+/* jmp/call near through a register or memory (FF /4, FF /2) at the stack's width */
+static int is_indirect(const Insn *i, int long64)
+{
+    return i->op == 0xff && ((i->reg & 7) == 2 || (i->reg & 7) == 4) && !i->lock &&
+           stack_osz(i, long64) && (i->mod == 3 || mem_ok(i));
+}
+
+/* An indirect jmp or call ending the block. The target is read first (rdE before the
+ * push, as group4_5 does: `call [rsp]` and `call rsp` see the old rsp), and nothing
+ * changes before every access passed the TLB: a miss runs the whole instruction
+ * through the interpreter, which leaves rip and rsp precise on a fault. */
+static void emit_indirect(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = stack_osz(i, k->long64);
+    if (i->mod == 3) {
+        op_mem(e, sz == 8, 0x8b, RSI, GREG(i->rm));             /* mov (r|e)si, reg: zero-extends */
+    } else {
+        emit_mem(k, i, rip, next_rip, sz, 0, done);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x30);                               /* mov (r|e)si, [rax] */
+    }
+    if ((i->reg & 7) == 2) {
+        int s = new_slow(k, i, rip, done);
+        emit_stack_lin(k, s, -(int32_t)sz);
+        emit_tlb(k, s, sz, 1);                                  /* rsi survives: rax rcx rdx only */
+        mov_imm(e, RCX, next_rip);
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+    }
+    store64(e, RSI, CPU_OFF(rip));
+    emit_lookup_exit(k, done);
 }
 
 /* ---- the block compiler ---- */
@@ -1416,6 +1535,11 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         }
         if (n + 1 == b->n && is_call_ret(i, k.long64)) {
             emit_call_ret(&k, i, rip, next, (int)b->n);
+            ended = 1;
+            break;
+        }
+        if (n + 1 == b->n && is_indirect(i, k.long64)) {
+            emit_indirect(&k, i, rip, next, (int)b->n);
             ended = 1;
             break;
         }
