@@ -11,6 +11,8 @@
 #define INSN_MAX_CODE 160
 /* a chained exit's code (emit_chain_exit), at most */
 #define CHAIN_EXIT_CODE 256
+/* an indirect exit's lookup (emit_lookup_exit), at most */
+#define LOOKUP_EXIT_CODE 448
 /* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
 #define NATIVE_CHAIN_ENTRY 4
 
@@ -236,8 +238,8 @@ static int gen_alu_form(const Insn *i, int *aluop, unsigned *sz, int *kind)
     } else {
         return 0;
     }
-    if (*sz == 2 || i->lock)
-        return 0;
+    if (i->lock)   /* atomic on the host: a read-modify-write of memory only (else #UD) */
+        return (*kind == GA_E_REG || *kind == GA_E_IMM) && *aluop != ALU_CMP && mem_ok(i);
     if (*kind == GA_ACC_IMM || *kind == GA_TEST_ACC_IMM)
         return 1;
     return i->mod == 3 || mem_ok(i);
@@ -291,6 +293,10 @@ int native_has_form(const Insn *i)
         return 1;
     case 0x11f:   /* hint nop: no memory access */
         return 1;
+    case 0x90:    /* nop and pause (with REX.B it is xchg r8, rax) */
+        return i->reg == 0;
+    case 0x89: case 0x8b:   /* 16-bit mov (the decoder specialises 32 and 64 bits) */
+        return i->osz == 2 && !i->lock && (i->mod == 3 || mem_ok(i));
     case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
         return i->osz == 8 && (i->mod == 3 || mem_ok(i));
     case 0xc1:    /* rol/ror r32|r64, imm8 (the shifts are P_SHIFT_RI*) */
@@ -304,7 +310,7 @@ int native_has_form(const Insn *i)
         return (i->reg & 7) != 2 && (i->reg & 7) != 3 && (i->reg & 7) != 6 && i->mod == 3 &&
                (i->osz == 4 || i->osz == 8);
     case 0xc6: case 0xc7:   /* mov r/m, imm */
-        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 4 || i->osz == 8) &&
+        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 2 || i->osz == 4 || i->osz == 8) &&
                (i->mod == 3 || mem_ok(i));
     case 0x88: case 0x8a:   /* mov of a byte */
         return !i->lock && (i->mod == 3 || mem_ok(i));
@@ -700,6 +706,8 @@ static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
                                          [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
                                          [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (sz == 2)
+        b1(e, 0x66);
     if (sz == 8)
         b1(e, 0x48);
     b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
@@ -714,6 +722,9 @@ static void load_greg(Comp *k, const Insn *i, int reg, int r, unsigned sz)
     if (sz == 1) {
         b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, byte [rbx+d] */
         b4(e, (uint32_t)byte_reg_disp(i, r));
+    } else if (sz == 2) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, word [rbx+d] */
+        b4(e, (uint32_t)GREG(r));
     } else {
         op_mem(e, sz == 8, 0x8b, reg, GREG(r));
     }
@@ -724,6 +735,8 @@ static void load_rsi(Emit *e, int reg, unsigned sz)
 {
     if (sz == 1) {
         b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)((reg << 3) | RSI));
+    } else if (sz == 2) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, (uint8_t)((reg << 3) | RSI));   /* movzx reg32, word [rsi] */
     } else {
         if (sz == 8)
             b1(e, 0x48);
@@ -746,6 +759,45 @@ static void emit_carry_r8(Comp *k, int flags_live)
     b1(e, 0x41); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8d, eax */
 }
 
+/* lock cmpxchg [rsi], (dl|dx|edx|rdx): compares with (al|ax|eax|rax) */
+static void emit_lock_cmpxchg_rsi_rdx(Emit *e, unsigned sz)
+{
+    b1(e, 0xf0);
+    if (sz == 2)
+        b1(e, 0x66);
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x0f); b1(e, sz == 1 ? 0xb0 : 0xb1); b1(e, (uint8_t)((RDX << 3) | RSI));
+}
+
+/* A lock-prefixed read-modify-write of [rsi] (a host address past the TLB check) with
+ * the second operand guest register i->reg (src < 0) or imm: the host's lock cmpxchg
+ * retried until no other vCPU wrote in between, as alu_E's atomic path. Leaves the
+ * value it replaced in rax and the operand in rcx, zero-extended, for
+ * emit_alu_core_any to record the flags from (adc/sbb: the carry in r8, read once
+ * before, as alu_E restores the flags it read from on a retry). */
+static void emit_locked_rmw(Comp *k, const Insn *i, int aluop, unsigned sz, int src, uint64_t imm)
+{
+    Emit *e = &k->e;
+    static const uint8_t opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x01,
+                                    [ALU_SBB] = 0x29, [ALU_AND] = 0x21, [ALU_SUB] = 0x29,
+                                    [ALU_XOR] = 0x31, [ALU_CMP] = 0x29 };
+    if (src < 0)
+        load_greg(k, i, RCX, i->reg, sz);
+    else
+        mov_imm(e, RCX, imm);
+    uint8_t *retry = e->p;
+    load_rsi(e, RAX, sz);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    alu_rr(e, opc[aluop], RDX, RCX);
+    if (aluop == ALU_ADC || aluop == ALU_SBB) {
+        b1(e, 0x4c); b1(e, opc[aluop]); b1(e, 0xc2);            /* add|sub rdx, r8 */
+    }
+    emit_lock_cmpxchg_rsi_rdx(e, sz);
+    b1(e, 0x0f); b1(e, 0x85);                                   /* jne retry */
+    b4(e, (uint32_t)(int32_t)(retry - (e->p + 4)));
+}
+
 /* A gen_alu_form() instruction; returns its slow path or -1 */
 static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
 {
@@ -763,6 +815,11 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
     }
     uint64_t imm = i->imm & szmask(sz);
+    if (i->lock) {
+        emit_locked_rmw(k, i, aluop, sz, kind == GA_E_REG ? -1 : 0, imm);
+        emit_alu_core_any(k, aluop, sz);   /* the flags from the value the exchange found */
+        return slow;
+    }
     switch (kind) {
     case GA_E_REG: case GA_TEST_E_REG: case GA_E_IMM: case GA_TEST_E_IMM:
         if (mem)
@@ -790,14 +847,19 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
     if (store) {
         /* movs keep the host flags */
         if (mem && kind != GA_REG_E) {
+            if (sz == 2)
+                b1(e, 0x66);
             if (sz == 8)
                 b1(e, 0x48);
-            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|edx|rdx) */
+            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|dx|edx|rdx) */
         } else {
             int r = kind == GA_REG_E ? i->reg : kind == GA_ACC_IMM ? R_AX : i->rm;
             if (sz == 1) {
                 b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
                 b4(e, (uint32_t)byte_reg_disp(i, r));
+            } else if (sz == 2) {   /* the upper 48 bits stay */
+                b1(e, 0x66); b1(e, 0x89); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));
+                b4(e, (uint32_t)GREG(r));
             } else {
                 if (sz == 4)
                     mov32_rr(e, RDX, RDX);
@@ -983,9 +1045,27 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
         k->flags_live = flags_were_live;
         return 1;
-    case 0x11f:
+    case 0x11f: case 0x90:
         k->flags_live = flags_were_live;
         return 1;
+    case 0x89: case 0x8b: {   /* 16 bits: the destination register's upper 48 bits stay */
+        int to_e = i->op == 0x89;
+        if (i->mod == 3) {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->reg : i->rm));   /* movzx eax, word [rbx+d] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->rm : i->reg));   /* mov [rbx+d], ax */
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, 2, to_e, done);
+        if (to_e) {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x8b); b4(e, (uint32_t)GREG(i->reg));   /* movzx ecx, word [rbx+d] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x08);              /* mov [rax], cx */
+        } else {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x00);              /* movzx eax, word [rax] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->reg));   /* mov [rbx+d], ax */
+        }
+        break;
+    }
     case 0x63:
         if (!k->long64)
             return 0;
@@ -1035,6 +1115,9 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             if (sz == 1) {
                 b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+            } else if (sz == 2) {
+                b1(e, 0x66); b1(e, 0xc7); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));
+                b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
             } else {
                 store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
             }
@@ -1042,13 +1125,18 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
             return 1;
         }
         slow = emit_mem(k, i, rip, next_rip, sz, 1, done);
+        if (sz == 2)
+            b1(e, 0x66);
         if (sz == 8)
             b1(e, 0x48);
         b1(e, (uint8_t)i->op); b1(e, 0x00);                     /* mov [rax], imm */
-        if (sz == 1)
+        if (sz == 1) {
             b1(e, (uint8_t)i->imm);
-        else
+        } else if (sz == 2) {
+            b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
+        } else {
             b4(e, (uint32_t)i->imm);                            /* 64 bits: sign-extended, as decoded */
+        }
         break;
     }
     case 0x88: case 0x8a: {
@@ -1472,7 +1560,7 @@ static int flags_neutral(const Insn *i)
     switch (i->op) {
     case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
-    case 0x11f:
+    case 0x11f: case 0x90:
         return native_has_form(i);
     case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
         return i->mod == 3 && native_has_form(i);
@@ -1503,7 +1591,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 {
     if (!c->nat_arena)
         return 0;
-    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE;
+    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE + LOOKUP_EXIT_CODE;
     if (c->nat_size - c->nat_used < need)
         return 0;
     uint64_t t0 = now_ns();
