@@ -281,9 +281,11 @@ int native_has_form(const Insn *i)
     case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
     case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
         return i->osz == 4;   /* inc/dec r32 outside 64-bit mode (where 40-4F are REX) */
-    case 0xff:   /* inc/dec of a register; jmp/call near (is_indirect, with the mode) */
+    case 0xff:   /* inc/dec of a register or memory; jmp/call near (is_indirect, with the mode) */
         if ((i->reg & 7) == 2 || (i->reg & 7) == 4)
             return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
+        if ((i->reg & 7) <= 1 && i->mod != 3)
+            return mem_ok(i);   /* any size, lock-prefixed too */
         return (i->reg & 7) <= 1 && i->mod == 3 && !i->lock && (i->osz == 4 || i->osz == 8);
     case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
     case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
@@ -295,6 +297,12 @@ int native_has_form(const Insn *i)
         return 1;
     case 0x90:    /* nop and pause (with REX.B it is xchg r8, rax) */
         return i->reg == 0;
+    case 0xfe:    /* inc/dec of a byte in memory */
+        return (i->reg & 7) <= 1 && i->mod != 3 && mem_ok(i);
+    case 0x86: case 0x87:   /* xchg with memory: always atomic */
+        return i->mod != 3 && mem_ok(i);
+    case 0x1b0: case 0x1b1:   /* cmpxchg with memory */
+        return i->mod != 3 && mem_ok(i);
     case 0x89: case 0x8b:   /* 16-bit mov (the decoder specialises 32 and 64 bits) */
         return i->osz == 2 && !i->lock && (i->mod == 3 || mem_ok(i));
     case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
@@ -314,7 +322,9 @@ int native_has_form(const Insn *i)
                (i->mod == 3 || mem_ok(i));
     case 0x88: case 0x8a:   /* mov of a byte */
         return !i->lock && (i->mod == 3 || mem_ok(i));
-    case 0xf6: case 0xf7:   /* not, neg of a register */
+    case 0xf6: case 0xf7:   /* not, neg of a register; div r/m32|64 */
+        if (i->op == 0xf7 && (i->reg & 7) == 6)
+            return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
         return ((i->reg & 7) == 2 || (i->reg & 7) == 3) && i->mod == 3 && !i->lock &&
                (i->op == 0xf6 || i->osz == 4 || i->osz == 8);
     case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
@@ -798,6 +808,145 @@ static void emit_locked_rmw(Comp *k, const Insn *i, int aluop, unsigned sz, int 
     b4(e, (uint32_t)(int32_t)(retry - (e->p + 4)));
 }
 
+/* guest register r = rdx's low sz bytes, as setreg: bytes and words keep the rest of
+ * the register, a dword zero-extends */
+static void store_greg_rdx(Comp *k, const Insn *i, int r, unsigned sz)
+{
+    Emit *e = &k->e;
+    if (sz == 1) {
+        b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, r));   /* mov [rbx+d], dl */
+    } else if (sz == 2) {
+        b1(e, 0x66); b1(e, 0x89); b1(e, 0x93); b4(e, (uint32_t)GREG(r));  /* mov [rbx+d], dx */
+    } else {
+        if (sz == 4)
+            mov32_rr(e, RDX, RDX);
+        store64(e, RDX, GREG(r));
+    }
+}
+
+/* an operand-size prefix, REX.W and opcode for a size: the byte form is opc8 */
+static void op_sized(Emit *e, unsigned sz, uint8_t opc8, int two_byte)
+{
+    if (sz == 2)
+        b1(e, 0x66);
+    if (sz == 8)
+        b1(e, 0x48);
+    if (two_byte)
+        b1(e, 0x0f);
+    b1(e, (uint8_t)(sz == 1 ? opc8 : opc8 + 1));
+}
+
+/* inc/dec of memory (FE/FF /0 /1), lock-prefixed or not, as inc_dec_rm: CF kept in
+ * cc_c, the rest from the result. Returns the slow path. */
+static int emit_inc_dec_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, unsigned sz,
+                            int flags_were_live)
+{
+    Emit *e = &k->e;
+    int inc = (i->reg & 7) == 0;
+    if (!k->cc_dead)
+        emit_carry_r8(k, flags_were_live);                      /* before: it may call out */
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                      /* mov rsi, rax */
+    uint8_t *retry = e->p;
+    load_rsi(e, RAX, sz);
+    b1(e, 0x48); b1(e, 0x8d); b1(e, 0x50); b1(e, inc ? 0x01 : 0xff);   /* lea rdx, [rax +- 1] */
+    if (i->lock) {
+        emit_lock_cmpxchg_rsi_rdx(e, sz);
+        b1(e, 0x0f); b1(e, 0x85);                               /* jne retry */
+        b4(e, (uint32_t)(int32_t)(retry - (e->p + 4)));
+    } else {
+        op_sized(e, sz, 0x88, 0);
+        b1(e, (uint8_t)((RDX << 3) | RSI));                     /* mov [rsi], (dl|dx|edx|rdx) */
+    }
+    if (!k->cc_dead) {
+        b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_c));   /* mov cc_c, r8 */
+        store64(e, RDX, CPU_OFF(cc_res));
+        store64_simm(e, CPU_OFF(cc_a), 0);
+        store64_simm(e, CPU_OFF(cc_b), 0);
+        store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    return s;
+}
+
+/* xchg of a register with memory (86/87): the host's xchg, atomic like the guest's */
+static int emit_xchg_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->op == 0x86 ? 1 : i->osz;
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    load_greg(k, i, RDX, i->reg, sz);
+    op_sized(e, sz, 0x86, 0);
+    b1(e, (uint8_t)(RDX << 3));                                 /* xchg [rax], (dl|dx|edx|rdx) */
+    store_greg_rdx(k, i, i->reg, sz);
+    return s;
+}
+
+/* cmpxchg with memory (0F B0/B1), lock-prefixed or not: the host's lock cmpxchg (a
+ * guest without lock cannot tell). The flags are cmp(accumulator, value found), the
+ * accumulator takes the value found when it differed, as the cmpxchg handler. */
+static int emit_cmpxchg_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->op == 0x1b0 ? 1 : i->osz;
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                      /* mov rsi, rax */
+    load_greg(k, i, RDX, i->reg, sz);
+    load_greg(k, i, RAX, R_AX, sz);
+    b1(e, 0x49); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8, rax: the accumulator */
+    emit_lock_cmpxchg_rsi_rdx(e, sz);                           /* rax = the value found, zero-extended */
+    b1(e, 0x4c); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, r8 */
+    b1(e, 0x48); b1(e, 0x29); b1(e, 0xc2);                      /* sub rdx, rax */
+    if (!k->cc_dead) {
+        b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_a));   /* mov cc_a, r8 */
+        store64(e, RAX, CPU_OFF(cc_b));
+        store64(e, RDX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), CC_SUB);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xd2);                      /* test rdx, rdx */
+    uint8_t *same = jcc32(e, 0x4);                              /* je: the accumulator stays */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    store_greg_rdx(k, i, R_AX, sz);
+    patch_rel32(same, e->p);
+    return s;
+}
+
+/* unsigned div r/m32|64 (F7 /6): a quotient too wide (the high half not below the
+ * divisor, which a zero divisor always is) takes the slow path, where the interpreter
+ * raises #DE with rip and every register as before the instruction. With a memory
+ * operand that is the TLB miss's path (it runs the whole instruction again), so a
+ * block of divs needs one slow path each. Flags stay as they were. */
+static int emit_div(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->osz;
+    int w = sz == 8;
+    int s;
+    if (i->mod == 3) {
+        s = new_slow(k, i, rip, done);
+        op_mem(e, w, 0x8b, RCX, GREG(i->rm));
+    } else {
+        s = emit_mem(k, i, rip, next_rip, sz, 0, done);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x08);                               /* mov (r|e)cx, [rax] */
+    }
+    op_mem(e, w, 0x8b, RDX, GREG(R_DX));
+    op_mem(e, w, 0x8b, RAX, GREG(R_AX));
+    b1(e, 0x48); b1(e, 0x39); b1(e, 0xca);                      /* cmp rdx, rcx */
+    if (i->mod == 3)
+        k->slow[s].jump = jcc32(e, 0x3);                        /* jae: #DE */
+    else
+        k->slow[s].jump2 = jcc32(e, 0x3);
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0xf7); b1(e, 0xf1);                                   /* div (e|r)cx */
+    store64(e, RAX, GREG(R_AX));                                /* 32 bits: zero-extended by the host */
+    store64(e, RDX, GREG(R_DX));
+    return s;
+}
+
 /* A gen_alu_form() instruction; returns its slow path or -1 */
 static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
 {
@@ -1025,9 +1174,22 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
         emit_inc_dec(k, i->op & 7, 0, i->op < 0x48, flags_were_live);
         return 1;
+    case 0xfe:
+        slow = emit_inc_dec_mem(k, i, rip, next_rip, done, 1, flags_were_live);
+        break;
+    case 0x86: case 0x87:
+        slow = emit_xchg_mem(k, i, rip, next_rip, done);
+        break;
+    case 0x1b0: case 0x1b1:
+        slow = emit_cmpxchg_mem(k, i, rip, next_rip, done);
+        break;
     case 0xff:
         if ((i->reg & 7) > 1)
             return 0;   /* jmp/call: only as a block's end (emit_indirect) */
+        if (i->mod != 3) {
+            slow = emit_inc_dec_mem(k, i, rip, next_rip, done, i->osz, flags_were_live);
+            break;
+        }
         emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
         return 1;
     case 0x1af: case 0x69: case 0x6b:
@@ -1158,7 +1320,11 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         break;
     }
-    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's) */
+    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's); div */
+        if (i->op == 0xf7 && (i->reg & 7) == 6) {
+            slow = emit_div(k, i, rip, next_rip, done);
+            break;
+        }
         unsigned sz = i->op == 0xf6 ? 1 : i->osz;
         load_greg(k, i, (i->reg & 7) == 3 ? RCX : RAX, i->rm, sz);
         if ((i->reg & 7) == 2) {
