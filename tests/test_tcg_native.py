@@ -292,6 +292,27 @@ def word_div_op(draw):
     ]))
 
 
+@st.composite
+def mul_sreg_hint_op(draw):
+    """unsigned mul of a register or memory (any product, both flag outcomes), mov from
+    a segment register to a register (16, 32 and 64 bits) or memory, prefetches and hint
+    nops (0F 0D, 0F 18-1E)"""
+    w, a = draw(wide), draw(reg)
+    mem = struct.pack("<i", draw(disp))
+    sreg = draw(st.integers(0, 5))
+    small = draw(st.booleans())   # a product that fits the low half: CF = OF = 0
+    return draw(st.sampled_from([
+        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 4, a),
+        rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 4, 7) + mem,
+        (b"\x31\xC0\xB0\x07" if small else b"") + b"\x41\xBA\x0B\x00\x00\x00" + rex(w, 0, 0, 10) +
+        b"\xF7" + modrm(3, 4, 10),                       # [xor eax, eax; mov al, 7;] mov r10d, 11; mul r10
+        draw(osz16) + rex(draw(wide), 0, 0, a) + b"\x8C" + modrm(3, sreg, a),
+        rex(0, 0, 0, 15) + b"\x8C" + modrm(2, sreg, 7) + mem,
+        rex(0, 0, 0, 15) + bytes([0x0F, draw(st.sampled_from([0x0D, 0x18, 0x19, 0x1C, 0x1E]))]) +
+        modrm(2, draw(st.integers(0, 7)), 7) + mem,
+    ]))
+
+
 # a flag producer right before a reader: the native code hands the flags over in the
 # host's flags register there, not through the lazy record
 flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
@@ -299,7 +320,7 @@ flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
 
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
                  cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair,
-                 atomic_op(), word_div_op())
+                 atomic_op(), word_div_op(), mul_sreg_hint_op())
 
 
 def block_end(draw, body, code_base, long64=True):
@@ -467,6 +488,10 @@ def atomic_div32(draw):
         b"\x66\x83" + modrm(2, draw(st.integers(0, 7)), 3) + mem + struct.pack("<b", draw(st.integers(-128, 127))),
         b"\x83" + modrm(3, 1, a) + b"\x01" + b"\x31\xD2" + b"\xF7" + modrm(3, 6, a) if a != 2 else b"\x90",
         b"\x83" + modrm(2, 1, 3) + mem + b"\x01" + b"\x31\xD2" + b"\xF7" + modrm(2, 6, 3) + mem,
+        b"\xF7" + modrm(3, 4, a),
+        b"\xF7" + modrm(2, 4, 3) + mem,
+        o16 + b"\x8C" + modrm(3, draw(st.integers(0, 5)), a),
+        b"\x8C" + modrm(2, draw(st.integers(0, 5)), 3) + mem,
     ]))
 
 
@@ -852,10 +877,54 @@ def test_div_fault_is_precise(setup, insn):
         interp.close()
 
 
+# cli from ring 3 with IOPL 0 faults #GP(0) at the cli, interrupts still on; from ring 0
+# it clears IF and the code goes on
+CLI_IN_USER_MODE = """
+    mov rsp, 0x90000
+    push 0x1b                      # ss: user data
+    push 0x80000
+    push 0x202                     # rflags: IF, IOPL 0
+    push 0x23                      # cs: user code64
+    lea rax, [rip + user]
+    push rax
+    iretq
+user:
+    mov rax, 7
+fault:
+    cli
+    mov rax, 99
+    hlt
+gp:
+    pop rcx                        # the error code
+    mov rbx, [rsp]
+    mov rdx, [rsp + 16]            # the interrupted rflags
+    cli
+    pushfq
+    pop rsi
+    hlt
+"""
+
+
+def test_cli_faults_in_user_mode_and_clears_if_in_ring_0():
+    native, interp = _run_both(CLI_IN_USER_MODE, {13: ("gp",)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"] and (r.rax, r.rcx) == (7, 0)
+        assert r.rdx & 0x200 and not r.rsi & 0x200 and not r.rflags & 0x200
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
 def test_new_forms_run_as_host_code(pair):
     """16-bit ALU and mov, lock-prefixed ALU, inc/dec, xchg and cmpxchg on memory, div,
-    nop and pause, and an indirect jump compile to host code: nothing but the closing
-    hlt goes through the interpreter's handler"""
+    mul, mov from a segment register, prefetches, rdtsc, nop and pause, an indirect jump
+    and cli compile to host code: nothing but the closing hlt goes through the
+    interpreter's handler"""
     native, _ = pair
     code = (b"\x66\x41\x83\x47\x10\x05"          # add word [r15+16], 5
             b"\x66\x41\x89\x47\x20"              # mov [r15+32], ax
@@ -869,13 +938,20 @@ def test_new_forms_run_as_host_code(pair):
             b"\x90\xF3\x90"                      # nop, pause
             b"\xB8\x64\x00\x00\x00\xB9\x07\x00\x00\x00"   # mov eax, 100; mov ecx, 7
             b"\x31\xD2\xF7\xF1"                  # xor edx, edx; div ecx
-            b"\x49\xBE" + struct.pack("<Q", CODE + 0x4E) + b"\x41\xFF\xE6"   # mov r14, target; jmp r14
-            b"\xF4")
-    assert len(code) == 0x4F
+            b"\x49\xF7\xE1"                      # mul r9: r9 = 0
+            b"\x41\xF7\x67\x50"                  # mul dword [r15+80]: 0
+            b"\x8C\xD6"                          # mov esi, ss
+            b"\x41\x8C\x5F\x58"                  # mov [r15+88], ds
+            b"\x41\x0F\x18\x4F\x60\x0F\x0D\x08"      # prefetcht0 [r15+96]; prefetch [rax]
+            b"\x0F\x31\x49\x89\xC2\x49\x89\xD3"      # rdtsc; mov r10, rax; mov r11, rdx
+            b"\x0F\x31\x49\x89\xC4\x49\x89\xD5"      # rdtsc; mov r12, rax; mov r13, rdx
+            b"\x31\xC0\x31\xD2\xB8\x64\x00\x00\x00\x31\xD2\xF7\xF1")   # xor eax, eax; ...; 100 / 7 again
+    code += b"\x49\xBE" + struct.pack("<Q", CODE + len(code) + 13) + b"\x41\xFF\xE6"   # mov r14, target; jmp r14
+    code += b"\xFA\xF4"                               # cli; hlt
     native.run(code, ({0: 100}, 0, bytes(DATA_SIZE)))   # fills the TLB: a miss is a helper call
     # the second run without Cpu.run's set_sregs, which would flush the TLB again
     native.mem.write(DATA, bytes(DATA_SIZE))
-    native.vcpu.set_regs(regs(rip=CODE, rflags=2, r15=DATA, rsp=STACK, rax=100))
+    native.vcpu.set_regs(regs(rip=CODE, rflags=0x202, r15=DATA, rsp=STACK, rax=100))
     native.vcpu.set_profiling(True)
     try:
         before = native.vcpu.stats()["native_helper_ops"]
@@ -884,9 +960,13 @@ def test_new_forms_run_as_host_code(pair):
     finally:
         native.vcpu.set_profiling(False)
     r, data = native.vcpu.get_regs(), native.mem.read(DATA, DATA_SIZE)
-    assert kind == exits.EXIT_HLT and r.rip == CODE + 0x4F
+    assert kind == exits.EXIT_HLT and r.rip == CODE + len(code)
     assert struct.unpack_from("<HHH", data, 16) == (5, 0, 0) and data[32:36] == b"\x64\x00\x34\x12"
-    assert (r.rax, r.rdx) == (14, 2)   # 100 / 7
+    assert (r.rax, r.rdx, r.r9) == (14, 2, 0)   # 100 / 7
+    assert r.rsi == 0x10 and struct.unpack_from("<H", data, 88) == (0x10,)   # set_long_mode's data selector
+    tsc1, tsc2 = r.r11 << 32 | r.r10, r.r13 << 32 | r.r12
+    assert r.r10 >> 32 == r.r11 >> 32 == 0 and 0 < tsc2 - tsc1 < 10**9
+    assert not r.rflags & 0x200   # cli
     grown = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
     assert grown == {0xF4: 1}, grown
 

@@ -295,6 +295,14 @@ int native_has_form(const Insn *i)
         return 1;
     case 0x11f:   /* hint nop: no memory access */
         return 1;
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
+        return !i->lock;   /* prefetches and hint nops: the interpreter's do nothing either */
+    case 0x131:   /* rdtsc: the host's TSC plus the guest's offset, as the handler */
+        return !i->lock;
+    case 0xfa:    /* cli: at CPL 0 (else the helper's IOPL check) */
+        return !i->lock;
+    case 0x8c:    /* mov r/m, sreg */
+        return (i->reg & 7) <= 5 && !i->lock && (i->mod == 3 || mem_ok(i));
     case 0x90:    /* nop and pause (with REX.B it is xchg r8, rax) */
         return i->reg == 0;
     case 0xfe:    /* inc/dec of a byte in memory */
@@ -322,8 +330,8 @@ int native_has_form(const Insn *i)
                (i->mod == 3 || mem_ok(i));
     case 0x88: case 0x8a:   /* mov of a byte */
         return !i->lock && (i->mod == 3 || mem_ok(i));
-    case 0xf6: case 0xf7:   /* not, neg of a register; div r/m32|64 */
-        if (i->op == 0xf7 && (i->reg & 7) == 6)
+    case 0xf6: case 0xf7:   /* not, neg of a register; mul, div r/m32|64 */
+        if (i->op == 0xf7 && ((i->reg & 7) == 6 || (i->reg & 7) == 4))
             return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
         return ((i->reg & 7) == 2 || (i->reg & 7) == 3) && i->mod == 3 && !i->lock &&
                (i->op == 0xf6 || i->osz == 4 || i->osz == 8);
@@ -947,6 +955,80 @@ static int emit_div(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
     return s;
 }
 
+/* unsigned mul r/m32|64 (F7 /4): rdx:rax = rax * operand; CF = OF = a non-zero high
+ * half, SF, ZF, PF from the low half (as do_mul, eagerly) */
+static int emit_mul(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int w = i->osz == 8;
+    int s = -1;
+    if (i->mod == 3) {
+        op_mem(e, w, 0x8b, RCX, GREG(i->rm));
+    } else {
+        s = emit_mem(k, i, rip, next_rip, i->osz, 0, done);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x08);                               /* mov (r|e)cx, [rax] */
+    }
+    op_mem(e, w, 0x8b, RAX, GREG(R_AX));
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0xf7); b1(e, 0xe1);                                   /* mul (e|r)cx */
+    store64(e, RAX, GREG(R_AX));                                /* 32 bits: zero-extended by the host */
+    store64(e, RDX, GREG(R_DX));
+    if (k->cc_dead)
+        return s;
+    b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                      /* setc cl: the high half is not zero */
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0x85); b1(e, 0xc0);                                   /* test (e|r)ax, (e|r)ax */
+    b1(e, 0x9c); b1(e, 0x5a);                                   /* pushf; pop rdx */
+    b1(e, 0x81); b1(e, 0xe2); b4(e, F_ZF | F_SF | F_PF);        /* and edx, ZF|SF|PF */
+    b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc9);                      /* movzx ecx, cl */
+    b1(e, 0x69); b1(e, 0xc9); b4(e, F_CF | F_OF);               /* imul ecx, ecx, CF|OF */
+    b1(e, 0x09); b1(e, 0xca);                                   /* or edx, ecx */
+    store64(e, RDX, CPU_OFF(cc_res));
+    store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+    return s;
+}
+
+/* rdtsc: edx:eax = the host's TSC + tsc_offset, each half zero-extended */
+static void emit_rdtsc(Comp *k)
+{
+    Emit *e = &k->e;
+    b1(e, 0x0f); b1(e, 0x31);                                   /* rdtsc */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xe2); b1(e, 32);           /* shl rdx, 32 */
+    b1(e, 0x48); b1(e, 0x09); b1(e, 0xd0);                      /* or rax, rdx */
+    op_mem(e, 1, 0x03, RAX, CPU_OFF(tsc_offset));              /* add rax, [rbx+tsc_offset] */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 32);           /* shr rdx, 32 */
+    mov32_rr(e, RAX, RAX);
+    store64(e, RAX, GREG(R_AX));
+    store64(e, RDX, GREG(R_DX));
+}
+
+/* mov r/m, sreg (8C): a register takes the selector at the operand size (a word keeps
+ * the upper bits, a dword or qword is zero-extended), memory a word. Returns the slow
+ * path or -1. */
+static int emit_mov_from_sreg(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int32_t sel = CPU_OFF(seg) + (int32_t)((i->reg & 7) * sizeof(Seg)) + (int32_t)offsetof(Seg, sel);
+    if (i->mod == 3) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)sel);   /* movzx eax, word [rbx+sel] */
+        if (i->osz == 2) {
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));   /* mov [rbx+d], ax */
+        } else {
+            store64(e, RAX, GREG(i->rm));
+        }
+        return -1;
+    }
+    int s = emit_mem(k, i, rip, next_rip, 2, 1, done);
+    b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x8b); b4(e, (uint32_t)sel);       /* movzx ecx, word [rbx+sel] */
+    b1(e, 0x66); b1(e, 0x89); b1(e, 0x08);                      /* mov [rax], cx */
+    return s;
+}
+
 /* A gen_alu_form() instruction; returns its slow path or -1 */
 static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
 {
@@ -1208,8 +1290,28 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         k->flags_live = flags_were_live;
         return 1;
     case 0x11f: case 0x90:
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
         k->flags_live = flags_were_live;
         return 1;
+    case 0x131:
+        emit_rdtsc(k);
+        return 1;
+    case 0xfa: {
+        int gp = new_slow(k, i, rip, done);
+        b1(e, 0x83); b1(e, 0xbb); b4(e, (uint32_t)CPU_OFF(cpl)); b1(e, 0);   /* cmp dword [rbx+cpl], 0 */
+        k->slow[gp].jump = jcc32(e, 0x5);                       /* jne: the helper checks IOPL */
+        op_mem(e, 1, 0x81, 4, CPU_OFF(eflags));                 /* and qword [rbx+eflags], ~IF */
+        b4(e, (uint32_t)~(uint32_t)F_IF);
+        slow = gp;
+        break;
+    }
+    case 0x8c:
+        slow = emit_mov_from_sreg(k, i, rip, next_rip, done);
+        if (slow < 0) {
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        break;
     case 0x89: case 0x8b: {   /* 16 bits: the destination register's upper 48 bits stay */
         int to_e = i->op == 0x89;
         if (i->mod == 3) {
@@ -1323,6 +1425,10 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's); div */
         if (i->op == 0xf7 && (i->reg & 7) == 6) {
             slow = emit_div(k, i, rip, next_rip, done);
+            break;
+        }
+        if (i->op == 0xf7 && (i->reg & 7) == 4) {
+            slow = emit_mul(k, i, rip, next_rip, done);
             break;
         }
         unsigned sz = i->op == 0xf6 ? 1 : i->osz;
@@ -1727,7 +1833,10 @@ static int flags_neutral(const Insn *i)
     case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
     case 0x11f: case 0x90:
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
         return native_has_form(i);
+    case 0x8c:
+        return i->mod == 3 && native_has_form(i);
     case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
         return i->mod == 3 && native_has_form(i);
     }
