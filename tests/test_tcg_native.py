@@ -296,11 +296,13 @@ def word_div_op(draw):
 def mul_sreg_hint_op(draw):
     """unsigned mul of a register or memory (any product, both flag outcomes), mov from
     a segment register to a register (16, 32 and 64 bits) or memory, prefetches and hint
-    nops (0F 0D, 0F 18-1E)"""
+    nops (0F 0D, 0F 18-1E), bt/bts/btr/btc with an immediate (any byte: it wraps) on a
+    register or memory, lock-prefixed or not"""
     w, a = draw(wide), draw(reg)
     mem = struct.pack("<i", draw(disp))
     sreg = draw(st.integers(0, 5))
     small = draw(st.booleans())   # a product that fits the low half: CF = OF = 0
+    bt, bit = draw(st.integers(4, 7)), bytes([draw(st.integers(0, 255))])
     return draw(st.sampled_from([
         rex(w, 0, 0, a) + b"\xF7" + modrm(3, 4, a),
         rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 4, 7) + mem,
@@ -310,6 +312,8 @@ def mul_sreg_hint_op(draw):
         rex(0, 0, 0, 15) + b"\x8C" + modrm(2, sreg, 7) + mem,
         rex(0, 0, 0, 15) + bytes([0x0F, draw(st.sampled_from([0x0D, 0x18, 0x19, 0x1C, 0x1E]))]) +
         modrm(2, draw(st.integers(0, 7)), 7) + mem,
+        rex(w, 0, 0, a) + b"\x0F\xBA" + modrm(3, bt, a) + bit,                 # bt/bts/btr/btc r, imm8
+        draw(lock_prefix if bt > 4 else st.just(b"")) + rex(w, 0, 0, 15) + b"\x0F\xBA" + modrm(2, bt, 7) + mem + bit,
     ]))
 
 
@@ -945,6 +949,8 @@ def test_new_forms_run_as_host_code(pair):
             b"\x41\x0F\x18\x4F\x60\x0F\x0D\x08"      # prefetcht0 [r15+96]; prefetch [rax]
             b"\x0F\x31\x49\x89\xC2\x49\x89\xD3"      # rdtsc; mov r10, rax; mov r11, rdx
             b"\x0F\x31\x49\x89\xC4\x49\x89\xD5"      # rdtsc; mov r12, rax; mov r13, rdx
+            b"\xF0\x49\x0F\xBA\x6F\x68\x45"          # lock bts qword [r15+104], 69: bit 5
+            b"\x0F\xBA\xE6\x04"                  # bt esi, 4: CF = 1 (ss is 0x10)
             b"\x31\xC0\x31\xD2\xB8\x64\x00\x00\x00\x31\xD2\xF7\xF1")   # xor eax, eax; ...; 100 / 7 again
     code += b"\x49\xBE" + struct.pack("<Q", CODE + len(code) + 13) + b"\x41\xFF\xE6"   # mov r14, target; jmp r14
     code += b"\xFA\xF4"                               # cli; hlt
@@ -964,6 +970,7 @@ def test_new_forms_run_as_host_code(pair):
     assert struct.unpack_from("<HHH", data, 16) == (5, 0, 0) and data[32:36] == b"\x64\x00\x34\x12"
     assert (r.rax, r.rdx, r.r9) == (14, 2, 0)   # 100 / 7
     assert r.rsi == 0x10 and struct.unpack_from("<H", data, 88) == (0x10,)   # set_long_mode's data selector
+    assert data[104] == 0x20
     tsc1, tsc2 = r.r11 << 32 | r.r10, r.r13 << 32 | r.r12
     assert r.r10 >> 32 == r.r11 >> 32 == 0 and 0 < tsc2 - tsc1 < 10**9
     assert not r.rflags & 0x200   # cli

@@ -303,6 +303,9 @@ int native_has_form(const Insn *i)
         return !i->lock;
     case 0x8c:    /* mov r/m, sreg */
         return (i->reg & 7) <= 5 && !i->lock && (i->mod == 3 || mem_ok(i));
+    case 0x1ba:   /* bt, bts, btr, btc r/m32|64, imm8 (lock-prefixed on memory too) */
+        return (i->reg & 7) >= 4 && (i->osz == 4 || i->osz == 8) &&
+               (i->mod == 3 ? !i->lock : mem_ok(i) && (!i->lock || (i->reg & 7) > 4));
     case 0x90:    /* nop and pause (with REX.B it is xchg r8, rax) */
         return i->reg == 0;
     case 0xfe:    /* inc/dec of a byte in memory */
@@ -992,6 +995,44 @@ static int emit_mul(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
     return s;
 }
 
+/* bt's flags, as bit_op: CF the bit, the others as they were */
+static void native_bt_flags(CPU *c, uint64_t cf)
+{
+    set_flags(c, (compute_arith(c) & ~F_CF) | (uint32_t)(cf & 1));
+}
+
+/* bt/bts/btr/btc r/m32|64, imm8 (0F BA /4-7): the host's own, which wraps the bit
+ * offset at the operand size as the guest's does, locked on memory when the guest's
+ * is. Returns the slow path or -1. */
+static int emit_bit_test_imm(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int w = i->osz == 8, kind = i->reg & 7, s = -1;
+    if (i->mod == 3) {
+        op_mem(e, w, 0x8b, RAX, GREG(i->rm));
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xba); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)i->imm);
+        if (kind != 4)
+            store64(e, RAX, GREG(i->rm));                       /* 32 bits: zero-extended by the host */
+    } else {
+        s = emit_mem(k, i, rip, next_rip, i->osz, kind != 4, done);
+        if (i->lock)
+            b1(e, 0xf0);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xba); b1(e, (uint8_t)((kind << 3) | RAX)); b1(e, (uint8_t)i->imm);   /* [rax] */
+    }
+    if (k->cc_dead)
+        return s;
+    b1(e, 0x40); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc6);         /* setc sil */
+    b1(e, 0x40); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xf6);         /* movzx esi, sil */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_bt_flags);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    return s;
+}
+
 /* rdtsc: edx:eax = the host's TSC + tsc_offset, each half zero-extended */
 static void emit_rdtsc(Comp *k)
 {
@@ -1305,6 +1346,9 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         slow = gp;
         break;
     }
+    case 0x1ba:
+        slow = emit_bit_test_imm(k, i, rip, next_rip, done);
+        break;
     case 0x8c:
         slow = emit_mov_from_sreg(k, i, rip, next_rip, done);
         if (slow < 0) {
