@@ -57,6 +57,7 @@ static uint64_t fetch_phys(CPU *c, uint64_t lin, int fault, int *ok)
     }
     /* fill the TLB through a read of the page */
     if (ram_ptr(c, pa & ~0xfffull, 4096)) {
+        tlb_log_fill(c, c->mmu_idx, e);
         e->tag_r = e->tag_w = TLB_INVALID;
         e->paddr = pa & ~0xfffull;
         e->addend = (uintptr_t)ram_ptr(c, e->paddr, 4096) - (uintptr_t)(lin & ~0xfffull);
@@ -548,6 +549,7 @@ void cpu_init(CPU *c)
     for (int m = 0; m < 2; m++)
         for (int k = 0; k < TLB_SIZE; k++)
             c->tlb[m][k].tag_r = c->tlb[m][k].tag_w = c->tlb[m][k].tag_x = TLB_INVALID;
+    c->tlb_log_n[0] = c->tlb_log_n[1] = 0;
     update_mode(c);
 }
 /* May the block after this one start without a trip through cpu_run? Only when

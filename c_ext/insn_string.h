@@ -39,11 +39,20 @@ static void string_op(CPU *c, Insn *i)
                 if (dp && (kind == 0xaa || sp)) {
                     uint64_t bytes = chunk * sz;
                     if (kind == 0xaa) {
-                        if (sz == 1) {
-                            memset(dp, (int)(c->r[R_AX] & 0xff), bytes);
-                        } else {
+                        uint64_t v = c->r[R_AX] & szmask(sz);
+                        if (sz == 1 || v == 0) {
+                            memset(dp, (int)(v & 0xff), bytes);   /* clear_page's zeroes */
+                        } else if (sz == 8) {   /* constant sizes: stores, not memcpy calls */
                             for (uint64_t k = 0; k < chunk; k++)
-                                memcpy(dp + k * sz, &c->r[R_AX], sz);
+                                memcpy(dp + k * 8, &v, 8);
+                        } else if (sz == 4) {
+                            uint32_t v32 = (uint32_t)v;
+                            for (uint64_t k = 0; k < chunk; k++)
+                                memcpy(dp + k * 4, &v32, 4);
+                        } else {
+                            uint16_t v16 = (uint16_t)v;
+                            for (uint64_t k = 0; k < chunk; k++)
+                                memcpy(dp + k * 2, &v16, 2);
                         }
                     } else if (dp <= sp || dp >= sp + bytes) {
                         memmove(dp, sp, bytes);   /* no forward-overlap: same result as element copies */

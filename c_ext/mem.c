@@ -164,16 +164,52 @@ void phys_st(CPU *c, uint64_t pa, unsigned size, uint64_t v)
         memcpy(h, &v, size);
 }
 
+/* e (of c->tlb[m]) is about to be filled: log it unless a tag shows it logged already */
+void tlb_log_fill(CPU *c, int m, TlbEnt *e)
+{
+    if (e->tag_r != TLB_INVALID || e->tag_w != TLB_INVALID || e->tag_x != TLB_INVALID)
+        return;
+    int n = c->tlb_log_n[m];
+    if (n < TLB_LOG_MAX)
+        c->tlb_log[m][n] = (uint16_t)(e - c->tlb[m]);
+    if (n <= TLB_LOG_MAX)
+        c->tlb_log_n[m] = n + 1;
+}
+
+static void tlb_drop(TlbEnt *e)
+{
+    e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
+    e->global = 0;
+}
+
 void tlb_flush(CPU *c, int global_too)
 {
-    for (int m = 0; m < 2; m++)
-        for (int k = 0; k < TLB_SIZE; k++) {
-            TlbEnt *e = &c->tlb[m][k];
-            if (global_too || !e->global) {
-                e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
-                e->global = 0;
+    for (int m = 0; m < 2; m++) {
+        int n = c->tlb_log_n[m], kept = 0;
+        if (n <= TLB_LOG_MAX) {
+            /* the global entries that stay are logged again, the log stays complete */
+            for (int j = 0; j < n; j++) {
+                TlbEnt *e = &c->tlb[m][c->tlb_log[m][j]];
+                if (!global_too && e->global)
+                    c->tlb_log[m][kept++] = c->tlb_log[m][j];
+                else
+                    tlb_drop(e);
+            }
+        } else {
+            for (int k = 0; k < TLB_SIZE; k++) {
+                TlbEnt *e = &c->tlb[m][k];
+                if (global_too || !e->global) {
+                    tlb_drop(e);
+                } else if (e->tag_r != TLB_INVALID || e->tag_w != TLB_INVALID || e->tag_x != TLB_INVALID) {
+                    if (kept < TLB_LOG_MAX)
+                        c->tlb_log[m][kept] = (uint16_t)k;
+                    if (kept <= TLB_LOG_MAX)
+                        kept++;
+                }
             }
         }
+        c->tlb_log_n[m] = kept;
+    }
     /* no jump-cache flush: its hits are checked against the TLB (block_fits) */
 }
 
@@ -356,6 +392,7 @@ static uint64_t tlb_fill(CPU *c, uint64_t lin, int access)
     walk(c, lin, access, c->mmu_idx == 1, &pa, &perm, &global, 1);
     uint64_t page = lin & ~0xfffull;
     TlbEnt *e = &c->tlb[c->mmu_idx][(lin >> 12) & (TLB_SIZE - 1)];
+    tlb_log_fill(c, c->mmu_idx, e);
     e->paddr = pa & ~0xfffull;
     e->tag_r = e->tag_w = e->tag_x = TLB_INVALID;
     e->global = global;

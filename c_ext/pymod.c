@@ -460,7 +460,7 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
     PyObject *ops = native_helper_ops(c);
     if (!ops)
         return NULL;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
@@ -474,6 +474,7 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
                          "native_blocks", (unsigned long long)c->st_native_blocks,
                          "native_compile_ns", (unsigned long long)c->st_native_compile_ns,
                          "native_chained", (unsigned long long)c->st_native_chained,
+                         "native_indirect", (unsigned long long)c->st_native_indirect,
                          "native_helper_ops", ops);
 }
 

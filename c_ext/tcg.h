@@ -80,6 +80,7 @@ typedef struct Seg {
 #define TLB_BITS 12
 #define TLB_SIZE (1 << TLB_BITS)
 #define TLB_INVALID (~0ULL)
+#define TLB_LOG_MAX 1024
 typedef struct TlbEnt {
     uint64_t tag_r, tag_w, tag_x;  /* linear page, or TLB_INVALID when that access must go slow */
     uintptr_t addend;              /* host = addend + linear */
@@ -186,6 +187,10 @@ typedef struct CPU {
     int long64;                      /* running 64-bit code: flat ES/CS/SS/DS */
     int mmu_idx;                     /* 0 supervisor, 1 user */
     TlbEnt tlb[2][TLB_SIZE];
+    /* the entries filled since the last flush (with repeats), so that a flush (every CR3
+     * write) clears those rather than sweeping both arrays; past TLB_LOG_MAX it sweeps */
+    uint16_t tlb_log[2][TLB_LOG_MAX];
+    int tlb_log_n[2];                /* TLB_LOG_MAX + 1: overflowed */
 
     /* SSE / x87 */
     uint8_t xmm[16][16] __attribute__((aligned(16)));
@@ -292,6 +297,7 @@ typedef struct CPU {
     struct Block **nat_exit_slot;
     const _Atomic uint64_t *nat_code_epoch;   /* mem.c's code_epoch, for the chained jumps */
     uint64_t st_native_chained;
+    uint64_t st_native_indirect;   /* jumps into compiled blocks found through jc (ret, jmp/call r/m) */
 } CPU;
 
 /* Layering: a file calls only into files listed before it, so the calls between
@@ -361,6 +367,7 @@ int translate(CPU *c, uint64_t lin, int access, int user, uint64_t *phys, int fa
 uint8_t *ram_ptr(CPU *c, uint64_t pa, uint64_t len);
 int ram_readonly(CPU *c, uint64_t pa);
 void tlb_flush(CPU *c, int global_too);
+void tlb_log_fill(CPU *c, int m, TlbEnt *e);
 void tlb_flush_page(CPU *c, uint64_t lin);
 void code_page_mark(CPU *c, uint64_t pa);
 void invalidate_code_page(CPU *c, uint64_t pa);

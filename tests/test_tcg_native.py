@@ -239,19 +239,116 @@ def gen_alu_op(draw):
     ]))
 
 
+lock_prefix = st.sampled_from([b"", b"\xF0"])
+
+
+@st.composite
+def atomic_op(draw):
+    """lock-prefixed read-modify-writes of memory (ALU at every size, inc/dec), xchg and
+    cmpxchg with memory (the latter after a load of the accumulator from there, so both
+    outcomes come up): the host's own atomics past the inline TLB check"""
+    w, a = draw(wide), draw(reg)
+    op, full, incdec = draw(st.integers(0, 6)), draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    mem = struct.pack("<i", draw(disp))
+    o16 = draw(osz16)
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm = struct.pack("<h", draw(st.integers(-2**15, 2**15 - 1))) if o16 and not w else \
+        struct.pack("<i", draw(st.integers(-2**31, 2**31 - 1)))
+    acc_load = (o16 + rex(w, 0, 0, 15) + b"\x8B" + modrm(2, 0, 7) + mem) if draw(st.booleans()) else b""
+    return draw(st.sampled_from([
+        b"\xF0" + o16 + rex(w, a, 0, 15) + bytes([op * 8 + full]) + modrm(2, a, 7) + mem,
+        b"\xF0" + o16 + rex(w, 0, 0, 15) + b"\x83" + modrm(2, op, 7) + mem + imm8,
+        b"\xF0" + o16 + rex(w, 0, 0, 15) + b"\x81" + modrm(2, op, 7) + mem + imm,
+        b"\xF0" + rex(0, 0, 0, 15) + b"\x80" + modrm(2, op, 7) + mem + imm8,
+        draw(lock_prefix) + o16 + rex(w, 0, 0, 15) + b"\xFF" + modrm(2, incdec, 7) + mem,
+        draw(lock_prefix) + rex(0, 0, 0, 15) + b"\xFE" + modrm(2, incdec, 7) + mem,
+        draw(lock_prefix) + o16 + rex(w, a, 0, 15) + b"\x87" + modrm(2, a, 7) + mem,
+        draw(lock_prefix) + rex(0, a, 0, 15) + b"\x86" + modrm(2, a, 7) + mem,
+        acc_load + draw(lock_prefix) + o16 + rex(w, a, 0, 15) + b"\x0F\xB1" + modrm(2, a, 7) + mem,
+        acc_load + draw(lock_prefix) + rex(0, a, 0, 15) + b"\x0F\xB0" + modrm(2, a, 7) + mem,
+    ]))
+
+
+@st.composite
+def word_div_op(draw):
+    """16-bit ALU, mov and mov-immediate on memory, nop and pause, and unsigned div of
+    a register or memory made non-zero first, with rdx cleared (no #DE: that has a test
+    of its own)"""
+    w, a = draw(wide), draw(st.sampled_from([x for x in POOL if x != 2]))
+    op = draw(st.integers(0, 7))
+    mem = struct.pack("<i", draw(disp))
+    imm8 = struct.pack("<b", draw(st.integers(-128, 127)))
+    imm16 = struct.pack("<h", draw(st.integers(-2**15, 2**15 - 1)))
+    return draw(st.sampled_from([
+        b"\x66" + rex(0, 0, 0, 15) + b"\x83" + modrm(2, op, 7) + mem + imm8,
+        b"\x66" + rex(0, 0, 0, 15) + b"\x81" + modrm(2, op, 7) + mem + imm16,
+        b"\x66" + rex(0, 0, 0, 15) + b"\xC7" + modrm(2, 0, 7) + mem + imm16,
+        b"\x66" + rex(0, a, 0, 15) + bytes([draw(st.sampled_from([0x89, 0x8B]))]) + modrm(2, a, 7) + mem,
+        b"\x90", b"\xF3\x90",
+        rex(1, 0, 0, a) + b"\x83" + modrm(3, 1, a) + b"\x01" + b"\x31\xD2" +
+        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 6, a),                                  # or a, 1; xor edx, edx; div a
+        rex(1, 0, 0, 15) + b"\x83" + modrm(2, 1, 7) + mem + b"\x01" + b"\x31\xD2" +
+        rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 6, 7) + mem,                            # the same on memory
+    ]))
+
+
+@st.composite
+def mul_sreg_hint_op(draw):
+    """unsigned mul of a register or memory (any product, both flag outcomes), mov from
+    a segment register to a register (16, 32 and 64 bits) or memory, prefetches and hint
+    nops (0F 0D, 0F 18-1E), bt/bts/btr/btc with an immediate (any byte: it wraps) on a
+    register or memory, lock-prefixed or not"""
+    w, a = draw(wide), draw(reg)
+    mem = struct.pack("<i", draw(disp))
+    sreg = draw(st.integers(0, 5))
+    small = draw(st.booleans())   # a product that fits the low half: CF = OF = 0
+    bt, bit = draw(st.integers(4, 7)), bytes([draw(st.integers(0, 255))])
+    return draw(st.sampled_from([
+        rex(w, 0, 0, a) + b"\xF7" + modrm(3, 4, a),
+        rex(w, 0, 0, 15) + b"\xF7" + modrm(2, 4, 7) + mem,
+        (b"\x31\xC0\xB0\x07" if small else b"") + b"\x41\xBA\x0B\x00\x00\x00" + rex(w, 0, 0, 10) +
+        b"\xF7" + modrm(3, 4, 10),                       # [xor eax, eax; mov al, 7;] mov r10d, 11; mul r10
+        draw(osz16) + rex(draw(wide), 0, 0, a) + b"\x8C" + modrm(3, sreg, a),
+        rex(0, 0, 0, 15) + b"\x8C" + modrm(2, sreg, 7) + mem,
+        rex(0, 0, 0, 15) + bytes([0x0F, draw(st.sampled_from([0x0D, 0x18, 0x19, 0x1C, 0x1E]))]) +
+        modrm(2, draw(st.integers(0, 7)), 7) + mem,
+        rex(w, 0, 0, a) + b"\x0F\xBA" + modrm(3, bt, a) + bit,                 # bt/bts/btr/btc r, imm8
+        draw(lock_prefix if bt > 4 else st.just(b"")) + rex(w, 0, 0, 15) + b"\x0F\xBA" + modrm(2, bt, 7) + mem + bit,
+    ]))
+
+
 # a flag producer right before a reader: the native code hands the flags over in the
 # host's flags register there, not through the lazy record
 flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
                       st.one_of(cond_op(), gen_alu_op())).map(b"".join)
 
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
-                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair)
+                 cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair,
+                 atomic_op(), word_div_op(), mul_sreg_hint_op())
 
 
-def block_end(draw, body, code_base):
+def block_end(draw, body, code_base, long64=True):
     """the block's last instruction: none, a taken jcc, a call to the next instruction,
-    or a ret to a pushed address; then the hlt the run stops at"""
-    kind = draw(st.sampled_from(["none", "jcc", "call", "ret"]))
+    a ret to a pushed address, a jmp or call through a register (r14; 32-bit code: esi)
+    or through memory holding it; then the hlt the run stops at"""
+    kind = draw(st.sampled_from(["none", "jcc", "call", "ret", "jmp r", "call r", "jmp m", "call m"]))
+    if not long64 and kind in ("jmp r", "call r"):
+        target = code_base + len(body) + 7   # after mov esi, imm32 and the 2-byte jump
+        return body + b"\xBE" + struct.pack("<I", target) + (b"\xFF\xE6" if kind == "jmp r" else b"\xFF\xD6") + b"\xF4"
+    if not long64 and kind in ("jmp m", "call m"):
+        slot = struct.pack("<i", draw(disp))   # [ebx + disp32]
+        target = code_base + len(body) + 17
+        return body + b"\xBE" + struct.pack("<I", target) + b"\x89\xB3" + slot + \
+            b"\xFF" + (b"\xA3" if kind == "jmp m" else b"\x93") + slot + b"\xF4"
+    if kind in ("jmp r", "call r"):
+        target = code_base + len(body) + 13   # after mov r14, imm64 and the 3-byte jump
+        return body + b"\x49\xBE" + struct.pack("<Q", target) + \
+            (b"\x41\xFF\xE6" if kind == "jmp r" else b"\x41\xFF\xD6") + b"\xF4"
+    if kind in ("jmp m", "call m"):
+        slot = struct.pack("<i", draw(disp))
+        target = code_base + len(body) + 24   # after mov r14, imm64; mov [r15+d], r14; the jump
+        return body + b"\x49\xBE" + struct.pack("<Q", target) + b"\x4D\x89\xB7" + slot + \
+            b"\x41\xFF" + (b"\xA7" if kind == "jmp m" else b"\x97") + slot + b"\xF4"
     if kind == "jcc":
         return body + bytes([0x70 + draw(st.integers(0, 15)), 1]) + b"\xF4\xF4"
     if kind == "call":
@@ -380,9 +477,32 @@ def insn32(draw):
 
 
 @st.composite
+def atomic_div32(draw):
+    """locked ALU, inc/dec, xchg, cmpxchg on [ebx + disp32], 16-bit ALU on memory, div"""
+    a = draw(st.sampled_from(POOL32))
+    op = draw(st.integers(0, 6))
+    mem = struct.pack("<i", draw(disp))
+    o16 = draw(osz16)
+    return draw(st.sampled_from([
+        b"\xF0" + o16 + bytes([op * 8 + 1]) + modrm(2, a, 3) + mem,
+        b"\xF0" + o16 + b"\x83" + modrm(2, op, 3) + mem + struct.pack("<b", draw(st.integers(-128, 127))),
+        draw(lock_prefix) + o16 + b"\xFF" + modrm(2, draw(st.integers(0, 1)), 3) + mem,
+        draw(lock_prefix) + o16 + b"\x87" + modrm(2, a, 3) + mem,
+        b"\x8B" + modrm(2, 0, 3) + mem + draw(lock_prefix) + o16 + b"\x0F\xB1" + modrm(2, a, 3) + mem,
+        b"\x66\x83" + modrm(2, draw(st.integers(0, 7)), 3) + mem + struct.pack("<b", draw(st.integers(-128, 127))),
+        b"\x83" + modrm(3, 1, a) + b"\x01" + b"\x31\xD2" + b"\xF7" + modrm(3, 6, a) if a != 2 else b"\x90",
+        b"\x83" + modrm(2, 1, 3) + mem + b"\x01" + b"\x31\xD2" + b"\xF7" + modrm(2, 6, 3) + mem,
+        b"\xF7" + modrm(3, 4, a),
+        b"\xF7" + modrm(2, 4, 3) + mem,
+        o16 + b"\x8C" + modrm(3, draw(st.integers(0, 5)), a),
+        b"\x8C" + modrm(2, draw(st.integers(0, 5)), 3) + mem,
+    ]))
+
+
+@st.composite
 def block32(draw):
-    body = b"".join(draw(st.lists(insn32(), min_size=1, max_size=40)))
-    return block_end(draw, body, CODE)
+    body = b"".join(draw(st.lists(st.one_of(insn32(), atomic_div32()), min_size=1, max_size=40)))
+    return block_end(draw, body, CODE, long64=False)
 
 
 class Cpu32(Cpu):
@@ -626,6 +746,236 @@ def test_self_modifying_code_in_a_chained_loop(threshold):
             assert m.vcpu.stats()["native_chained"] > 50
     finally:
         m.close()
+
+
+# A loop of calls and returns that never ends by itself: every ret, and the call
+# through a register, finds its compiled successor through the jump cache and jumps
+# there without the run loop; the interrupt handler stops it.
+RET_LOOP = """
+    sti
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    lea r8, [rip + through_reg]
+spin:
+    call direct
+    add rdx, 1
+    call r8
+    jmp spin
+direct:
+    add rcx, 1
+    ret
+through_reg:
+    add rsi, 1
+    ret
+irq:
+    mov rax, 0x1234
+    hlt
+"""
+
+
+def test_ret_chained_loop_takes_interrupts_and_stops_when_kicked():
+    import time
+
+    m = LongMachine(RET_LOOP, {0x40: ("irq",)})
+    try:
+        m.vcpu.set_native_threshold(0)
+        t, result = _run_in_thread(m)
+        time.sleep(0.3)
+        m.vcpu.kick()                      # what pause and stop do
+        t.join(10)
+        assert not t.is_alive(), "a kick did not stop the ret-chained loop"
+        assert result == [exits.EXIT_INTR]
+        r = m.regs()
+        assert r.rcx > 10000 and r.rax != 0x1234
+        assert m.syms["spin"] <= r.rip < m.syms["irq"]
+        s = m.vcpu.stats()
+        assert s["native_indirect"] > 10000, s
+        t, result = _run_in_thread(m)
+        time.sleep(0.2)
+        m.vcpu.request_interrupt(0x40)     # a timer interrupt, from another thread
+        t.join(10)
+        assert not t.is_alive(), "an interrupt did not reach the ret-chained loop"
+        assert result == [exits.EXIT_HLT]
+        r = m.regs()
+        assert r.rax == 0x1234 and r.rip == m.syms["irq"] + 8   # after the handler's hlt
+        assert abs(r.rcx - r.rsi) <= 1
+    finally:
+        m.close()
+
+
+# the block a ret goes back to is rewritten halfway: the second half adds 1000
+SMC_OF_RETURN_TARGET = """
+    xor ebx, ebx
+    mov ecx, 200
+again:
+    call func
+    .byte 0xb8                      # mov eax, imm32: the return target
+imm:
+    .long 1
+    add ebx, eax
+    dec ecx
+    cmp ecx, 100
+    jne skip
+    mov edx, 1000
+    mov [rip + imm], edx
+skip:
+    test ecx, ecx
+    jnz again
+    hlt
+func:
+    ret
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 50, None])
+def test_self_modifying_return_target(threshold):
+    m = LongMachine(SMC_OF_RETURN_TARGET)
+    try:
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        assert m.regs().rbx & 0xFFFFFFFF == 100 * 1 + 100 * 1000
+        if threshold is not None:
+            assert m.vcpu.stats()["native_indirect"] > 50
+    finally:
+        m.close()
+
+
+# div faults (#DE, no error code) with rip at the div and every register as before it
+DIV_FAULT = """
+    mov rax, 1
+    {setup}
+    add rax, 2
+fault:
+    {insn}
+    mov rax, 99
+    hlt
+de:
+    mov rbx, [rsp]
+    hlt
+zero:
+    .quad 0
+three:
+    .quad 3
+"""
+
+
+@pytest.mark.parametrize("setup,insn", [("xor ecx, ecx\n    xor edx, edx", "div rcx"),
+                                        ("mov ecx, 2\n    mov edx, 5", "div ecx"),
+                                        ("mov ecx, 2\n    mov edx, 2", "div rcx"),
+                                        ("xor edx, edx", "div qword ptr [rip + zero]"),
+                                        ("xor edx, edx\n    lea rsi, [rip + zero]\n    mov r9, [rsi]", "div qword ptr [rsi]"),
+                                        ("mov edx, 3\n    lea rsi, [rip + three]\n    mov r9, [rsi]", "div dword ptr [rsi]"),
+                                        ("mov edx, 4\n    lea rsi, [rip + three]\n    mov r9, [rsi]", "div qword ptr [rsi]")])
+def test_div_fault_is_precise(setup, insn):
+    native, interp = _run_both(DIV_FAULT.format(setup=setup, insn=insn), {0: ("de",)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"] and r.rax == 3
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
+# cli from ring 3 with IOPL 0 faults #GP(0) at the cli, interrupts still on; from ring 0
+# it clears IF and the code goes on
+CLI_IN_USER_MODE = """
+    mov rsp, 0x90000
+    push 0x1b                      # ss: user data
+    push 0x80000
+    push 0x202                     # rflags: IF, IOPL 0
+    push 0x23                      # cs: user code64
+    lea rax, [rip + user]
+    push rax
+    iretq
+user:
+    mov rax, 7
+fault:
+    cli
+    mov rax, 99
+    hlt
+gp:
+    pop rcx                        # the error code
+    mov rbx, [rsp]
+    mov rdx, [rsp + 16]            # the interrupted rflags
+    cli
+    pushfq
+    pop rsi
+    hlt
+"""
+
+
+def test_cli_faults_in_user_mode_and_clears_if_in_ring_0():
+    native, interp = _run_both(CLI_IN_USER_MODE, {13: ("gp",)})
+    try:
+        r = native.regs()
+        assert r.rbx == native.syms["fault"] and (r.rax, r.rcx) == (7, 0)
+        assert r.rdx & 0x200 and not r.rsi & 0x200 and not r.rflags & 0x200
+        ri = interp.regs()
+        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
+            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert native.vcpu.stats()["native_blocks"] > 0
+    finally:
+        native.close()
+        interp.close()
+
+
+def test_new_forms_run_as_host_code(pair):
+    """16-bit ALU and mov, lock-prefixed ALU, inc/dec, xchg and cmpxchg on memory, div,
+    mul, mov from a segment register, prefetches, rdtsc, nop and pause, an indirect jump
+    and cli compile to host code: nothing but the closing hlt goes through the
+    interpreter's handler"""
+    native, _ = pair
+    code = (b"\x66\x41\x83\x47\x10\x05"          # add word [r15+16], 5
+            b"\x66\x41\x89\x47\x20"              # mov [r15+32], ax
+            b"\x66\x41\xC7\x47\x22\x34\x12"      # mov word [r15+34], 0x1234
+            b"\xF0\x49\x01\x4F\x28"              # lock add [r15+40], rcx
+            b"\xF0\x41\x83\x77\x30\x7F"          # lock xor dword [r15+48], 127
+            b"\xF0\x41\xFF\x47\x38"              # lock inc dword [r15+56]
+            b"\x41\xFE\x4F\x3C"                  # dec byte [r15+60]
+            b"\x49\x87\x57\x40"                  # xchg [r15+64], rdx
+            b"\xF0\x49\x0F\xB1\x5F\x48"          # lock cmpxchg [r15+72], rbx
+            b"\x90\xF3\x90"                      # nop, pause
+            b"\xB8\x64\x00\x00\x00\xB9\x07\x00\x00\x00"   # mov eax, 100; mov ecx, 7
+            b"\x31\xD2\xF7\xF1"                  # xor edx, edx; div ecx
+            b"\x49\xF7\xE1"                      # mul r9: r9 = 0
+            b"\x41\xF7\x67\x50"                  # mul dword [r15+80]: 0
+            b"\x8C\xD6"                          # mov esi, ss
+            b"\x41\x8C\x5F\x58"                  # mov [r15+88], ds
+            b"\x41\x0F\x18\x4F\x60\x0F\x0D\x08"      # prefetcht0 [r15+96]; prefetch [rax]
+            b"\x0F\x31\x49\x89\xC2\x49\x89\xD3"      # rdtsc; mov r10, rax; mov r11, rdx
+            b"\x0F\x31\x49\x89\xC4\x49\x89\xD5"      # rdtsc; mov r12, rax; mov r13, rdx
+            b"\xF0\x49\x0F\xBA\x6F\x68\x45"          # lock bts qword [r15+104], 69: bit 5
+            b"\x0F\xBA\xE6\x04"                  # bt esi, 4: CF = 1 (ss is 0x10)
+            b"\x31\xC0\x31\xD2\xB8\x64\x00\x00\x00\x31\xD2\xF7\xF1")   # xor eax, eax; ...; 100 / 7 again
+    code += b"\x49\xBE" + struct.pack("<Q", CODE + len(code) + 13) + b"\x41\xFF\xE6"   # mov r14, target; jmp r14
+    code += b"\xFA\xF4"                               # cli; hlt
+    native.run(code, ({0: 100}, 0, bytes(DATA_SIZE)))   # fills the TLB: a miss is a helper call
+    # the second run without Cpu.run's set_sregs, which would flush the TLB again
+    native.mem.write(DATA, bytes(DATA_SIZE))
+    native.vcpu.set_regs(regs(rip=CODE, rflags=0x202, r15=DATA, rsp=STACK, rax=100))
+    native.vcpu.set_profiling(True)
+    try:
+        before = native.vcpu.stats()["native_helper_ops"]
+        kind = native.vcpu.run()
+        after = native.vcpu.stats()["native_helper_ops"]
+    finally:
+        native.vcpu.set_profiling(False)
+    r, data = native.vcpu.get_regs(), native.mem.read(DATA, DATA_SIZE)
+    assert kind == exits.EXIT_HLT and r.rip == CODE + len(code)
+    assert struct.unpack_from("<HHH", data, 16) == (5, 0, 0) and data[32:36] == b"\x64\x00\x34\x12"
+    assert (r.rax, r.rdx, r.r9) == (14, 2, 0)   # 100 / 7
+    assert r.rsi == 0x10 and struct.unpack_from("<H", data, 88) == (0x10,)   # set_long_mode's data selector
+    assert data[104] == 0x20
+    tsc1, tsc2 = r.r11 << 32 | r.r10, r.r13 << 32 | r.r12
+    assert r.r10 >> 32 == r.r11 >> 32 == 0 and 0 < tsc2 - tsc1 < 10**9
+    assert not r.rflags & 0x200   # cli
+    grown = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    assert grown == {0xF4: 1}, grown
 
 
 SELF_MODIFYING = """

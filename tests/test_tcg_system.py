@@ -712,6 +712,34 @@ def test_rep_movs_stos_bulk_and_smc(machines):
     assert m.regs().rbx == 0x909
 
 
+def test_rep_stos_of_each_size_stores_the_accumulators_low_part(machines):
+    """the page-chunk path of rep stos: zero (one memset) and non-zero values at every
+    size, with the accumulator's bits above the size set"""
+    src = """
+        cld
+        mov rax, 0xFFFFFFFF00000000    # stosd: zero dwords
+        mov rdi, 0x180000
+        mov rcx, 0x400
+        rep stosd
+        mov rax, 0xAAAABBBBCCCCDDDD
+        mov rcx, 0x200
+        rep stosw
+        mov rcx, 0x200
+        rep stosd
+        mov rcx, 0x100
+        rep stosq
+        hlt
+    """
+    m = machines(src)
+    m.mem.write(0x180000, b"\xEE" * 0x2000)
+    assert m.run() == exits.EXIT_HLT
+    assert m.mem.read(0x180000, 0x1000) == bytes(0x1000)
+    assert m.mem.read(0x181000, 0x400) == b"\xDD\xDD" * 0x200
+    assert m.mem.read(0x181400, 0x800) == b"\xDD\xDD\xCC\xCC" * 0x200
+    assert m.mem.read(0x181C00, 0x800) == struct.pack("<Q", 0xAAAABBBBCCCCDDDD) * 0x100
+    assert m.regs().rdi == 0x182400
+
+
 def test_fetch_from_mmio_is_an_internal_error_not_a_crash(machines):
     m = machines(f"mov rax, {MMIO}\njmp rax")
     assert m.run() == exits.EXIT_INTERNAL_ERROR

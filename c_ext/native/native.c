@@ -11,6 +11,8 @@
 #define INSN_MAX_CODE 160
 /* a chained exit's code (emit_chain_exit), at most */
 #define CHAIN_EXIT_CODE 256
+/* an indirect exit's lookup (emit_lookup_exit), at most */
+#define LOOKUP_EXIT_CODE 448
 /* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
 #define NATIVE_CHAIN_ENTRY 4
 
@@ -236,8 +238,8 @@ static int gen_alu_form(const Insn *i, int *aluop, unsigned *sz, int *kind)
     } else {
         return 0;
     }
-    if (*sz == 2 || i->lock)
-        return 0;
+    if (i->lock)   /* atomic on the host: a read-modify-write of memory only (else #UD) */
+        return (*kind == GA_E_REG || *kind == GA_E_IMM) && *aluop != ALU_CMP && mem_ok(i);
     if (*kind == GA_ACC_IMM || *kind == GA_TEST_ACC_IMM)
         return 1;
     return i->mod == 3 || mem_ok(i);
@@ -279,7 +281,11 @@ int native_has_form(const Insn *i)
     case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
     case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
         return i->osz == 4;   /* inc/dec r32 outside 64-bit mode (where 40-4F are REX) */
-    case 0xff:
+    case 0xff:   /* inc/dec of a register or memory; jmp/call near (is_indirect, with the mode) */
+        if ((i->reg & 7) == 2 || (i->reg & 7) == 4)
+            return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
+        if ((i->reg & 7) <= 1 && i->mod != 3)
+            return mem_ok(i);   /* any size, lock-prefixed too */
         return (i->reg & 7) <= 1 && i->mod == 3 && !i->lock && (i->osz == 4 || i->osz == 8);
     case 0x70: case 0x71: case 0x72: case 0x73: case 0x74: case 0x75: case 0x76: case 0x77:
     case 0x78: case 0x79: case 0x7a: case 0x7b: case 0x7c: case 0x7d: case 0x7e: case 0x7f:
@@ -289,6 +295,27 @@ int native_has_form(const Insn *i)
         return 1;
     case 0x11f:   /* hint nop: no memory access */
         return 1;
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
+        return !i->lock;   /* prefetches and hint nops: the interpreter's do nothing either */
+    case 0x131:   /* rdtsc: the host's TSC plus the guest's offset, as the handler */
+        return !i->lock;
+    case 0xfa:    /* cli: at CPL 0 (else the helper's IOPL check) */
+        return !i->lock;
+    case 0x8c:    /* mov r/m, sreg */
+        return (i->reg & 7) <= 5 && !i->lock && (i->mod == 3 || mem_ok(i));
+    case 0x1ba:   /* bt, bts, btr, btc r/m32|64, imm8 (lock-prefixed on memory too) */
+        return (i->reg & 7) >= 4 && (i->osz == 4 || i->osz == 8) &&
+               (i->mod == 3 ? !i->lock : mem_ok(i) && (!i->lock || (i->reg & 7) > 4));
+    case 0x90:    /* nop and pause (with REX.B it is xchg r8, rax) */
+        return i->reg == 0;
+    case 0xfe:    /* inc/dec of a byte in memory */
+        return (i->reg & 7) <= 1 && i->mod != 3 && mem_ok(i);
+    case 0x86: case 0x87:   /* xchg with memory: always atomic */
+        return i->mod != 3 && mem_ok(i);
+    case 0x1b0: case 0x1b1:   /* cmpxchg with memory */
+        return i->mod != 3 && mem_ok(i);
+    case 0x89: case 0x8b:   /* 16-bit mov (the decoder specialises 32 and 64 bits) */
+        return i->osz == 2 && !i->lock && (i->mod == 3 || mem_ok(i));
     case 0x63:    /* movsxd r64, r/m32 (64-bit code only: 63 is arpl elsewhere) */
         return i->osz == 8 && (i->mod == 3 || mem_ok(i));
     case 0xc1:    /* rol/ror r32|r64, imm8 (the shifts are P_SHIFT_RI*) */
@@ -302,11 +329,13 @@ int native_has_form(const Insn *i)
         return (i->reg & 7) != 2 && (i->reg & 7) != 3 && (i->reg & 7) != 6 && i->mod == 3 &&
                (i->osz == 4 || i->osz == 8);
     case 0xc6: case 0xc7:   /* mov r/m, imm */
-        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 4 || i->osz == 8) &&
+        return (i->reg & 7) == 0 && !i->lock && (i->op == 0xc6 || i->osz == 2 || i->osz == 4 || i->osz == 8) &&
                (i->mod == 3 || mem_ok(i));
     case 0x88: case 0x8a:   /* mov of a byte */
         return !i->lock && (i->mod == 3 || mem_ok(i));
-    case 0xf6: case 0xf7:   /* not, neg of a register */
+    case 0xf6: case 0xf7:   /* not, neg of a register; mul, div r/m32|64 */
+        if (i->op == 0xf7 && ((i->reg & 7) == 6 || (i->reg & 7) == 4))
+            return !i->lock && (i->osz == 4 || i->osz == 8) && (i->mod == 3 || mem_ok(i));
         return ((i->reg & 7) == 2 || (i->reg & 7) == 3) && i->mod == 3 && !i->lock &&
                (i->op == 0xf6 || i->osz == 4 || i->osz == 8);
     case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
@@ -698,6 +727,8 @@ static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
                                          [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
                                          [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (sz == 2)
+        b1(e, 0x66);
     if (sz == 8)
         b1(e, 0x48);
     b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
@@ -712,6 +743,9 @@ static void load_greg(Comp *k, const Insn *i, int reg, int r, unsigned sz)
     if (sz == 1) {
         b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, byte [rbx+d] */
         b4(e, (uint32_t)byte_reg_disp(i, r));
+    } else if (sz == 2) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, (uint8_t)(0x80 | (reg << 3) | RBX));   /* movzx reg32, word [rbx+d] */
+        b4(e, (uint32_t)GREG(r));
     } else {
         op_mem(e, sz == 8, 0x8b, reg, GREG(r));
     }
@@ -722,6 +756,8 @@ static void load_rsi(Emit *e, int reg, unsigned sz)
 {
     if (sz == 1) {
         b1(e, 0x0f); b1(e, 0xb6); b1(e, (uint8_t)((reg << 3) | RSI));
+    } else if (sz == 2) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, (uint8_t)((reg << 3) | RSI));   /* movzx reg32, word [rsi] */
     } else {
         if (sz == 8)
             b1(e, 0x48);
@@ -744,6 +780,296 @@ static void emit_carry_r8(Comp *k, int flags_live)
     b1(e, 0x41); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8d, eax */
 }
 
+/* lock cmpxchg [rsi], (dl|dx|edx|rdx): compares with (al|ax|eax|rax) */
+static void emit_lock_cmpxchg_rsi_rdx(Emit *e, unsigned sz)
+{
+    b1(e, 0xf0);
+    if (sz == 2)
+        b1(e, 0x66);
+    if (sz == 8)
+        b1(e, 0x48);
+    b1(e, 0x0f); b1(e, sz == 1 ? 0xb0 : 0xb1); b1(e, (uint8_t)((RDX << 3) | RSI));
+}
+
+/* A lock-prefixed read-modify-write of [rsi] (a host address past the TLB check) with
+ * the second operand guest register i->reg (src < 0) or imm: the host's lock cmpxchg
+ * retried until no other vCPU wrote in between, as alu_E's atomic path. Leaves the
+ * value it replaced in rax and the operand in rcx, zero-extended, for
+ * emit_alu_core_any to record the flags from (adc/sbb: the carry in r8, read once
+ * before, as alu_E restores the flags it read from on a retry). */
+static void emit_locked_rmw(Comp *k, const Insn *i, int aluop, unsigned sz, int src, uint64_t imm)
+{
+    Emit *e = &k->e;
+    static const uint8_t opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x01,
+                                    [ALU_SBB] = 0x29, [ALU_AND] = 0x21, [ALU_SUB] = 0x29,
+                                    [ALU_XOR] = 0x31, [ALU_CMP] = 0x29 };
+    if (src < 0)
+        load_greg(k, i, RCX, i->reg, sz);
+    else
+        mov_imm(e, RCX, imm);
+    uint8_t *retry = e->p;
+    load_rsi(e, RAX, sz);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    alu_rr(e, opc[aluop], RDX, RCX);
+    if (aluop == ALU_ADC || aluop == ALU_SBB) {
+        b1(e, 0x4c); b1(e, opc[aluop]); b1(e, 0xc2);            /* add|sub rdx, r8 */
+    }
+    emit_lock_cmpxchg_rsi_rdx(e, sz);
+    b1(e, 0x0f); b1(e, 0x85);                                   /* jne retry */
+    b4(e, (uint32_t)(int32_t)(retry - (e->p + 4)));
+}
+
+/* guest register r = rdx's low sz bytes, as setreg: bytes and words keep the rest of
+ * the register, a dword zero-extends */
+static void store_greg_rdx(Comp *k, const Insn *i, int r, unsigned sz)
+{
+    Emit *e = &k->e;
+    if (sz == 1) {
+        b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, r));   /* mov [rbx+d], dl */
+    } else if (sz == 2) {
+        b1(e, 0x66); b1(e, 0x89); b1(e, 0x93); b4(e, (uint32_t)GREG(r));  /* mov [rbx+d], dx */
+    } else {
+        if (sz == 4)
+            mov32_rr(e, RDX, RDX);
+        store64(e, RDX, GREG(r));
+    }
+}
+
+/* an operand-size prefix, REX.W and opcode for a size: the byte form is opc8 */
+static void op_sized(Emit *e, unsigned sz, uint8_t opc8, int two_byte)
+{
+    if (sz == 2)
+        b1(e, 0x66);
+    if (sz == 8)
+        b1(e, 0x48);
+    if (two_byte)
+        b1(e, 0x0f);
+    b1(e, (uint8_t)(sz == 1 ? opc8 : opc8 + 1));
+}
+
+/* inc/dec of memory (FE/FF /0 /1), lock-prefixed or not, as inc_dec_rm: CF kept in
+ * cc_c, the rest from the result. Returns the slow path. */
+static int emit_inc_dec_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, unsigned sz,
+                            int flags_were_live)
+{
+    Emit *e = &k->e;
+    int inc = (i->reg & 7) == 0;
+    if (!k->cc_dead)
+        emit_carry_r8(k, flags_were_live);                      /* before: it may call out */
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                      /* mov rsi, rax */
+    uint8_t *retry = e->p;
+    load_rsi(e, RAX, sz);
+    b1(e, 0x48); b1(e, 0x8d); b1(e, 0x50); b1(e, inc ? 0x01 : 0xff);   /* lea rdx, [rax +- 1] */
+    if (i->lock) {
+        emit_lock_cmpxchg_rsi_rdx(e, sz);
+        b1(e, 0x0f); b1(e, 0x85);                               /* jne retry */
+        b4(e, (uint32_t)(int32_t)(retry - (e->p + 4)));
+    } else {
+        op_sized(e, sz, 0x88, 0);
+        b1(e, (uint8_t)((RDX << 3) | RSI));                     /* mov [rsi], (dl|dx|edx|rdx) */
+    }
+    if (!k->cc_dead) {
+        b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_c));   /* mov cc_c, r8 */
+        store64(e, RDX, CPU_OFF(cc_res));
+        store64_simm(e, CPU_OFF(cc_a), 0);
+        store64_simm(e, CPU_OFF(cc_b), 0);
+        store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    return s;
+}
+
+/* xchg of a register with memory (86/87): the host's xchg, atomic like the guest's */
+static int emit_xchg_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->op == 0x86 ? 1 : i->osz;
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    load_greg(k, i, RDX, i->reg, sz);
+    op_sized(e, sz, 0x86, 0);
+    b1(e, (uint8_t)(RDX << 3));                                 /* xchg [rax], (dl|dx|edx|rdx) */
+    store_greg_rdx(k, i, i->reg, sz);
+    return s;
+}
+
+/* cmpxchg with memory (0F B0/B1), lock-prefixed or not: the host's lock cmpxchg (a
+ * guest without lock cannot tell). The flags are cmp(accumulator, value found), the
+ * accumulator takes the value found when it differed, as the cmpxchg handler. */
+static int emit_cmpxchg_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->op == 0x1b0 ? 1 : i->osz;
+    int s = emit_mem(k, i, rip, next_rip, sz, 1, done);
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                      /* mov rsi, rax */
+    load_greg(k, i, RDX, i->reg, sz);
+    load_greg(k, i, RAX, R_AX, sz);
+    b1(e, 0x49); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8, rax: the accumulator */
+    emit_lock_cmpxchg_rsi_rdx(e, sz);                           /* rax = the value found, zero-extended */
+    b1(e, 0x4c); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, r8 */
+    b1(e, 0x48); b1(e, 0x29); b1(e, 0xc2);                      /* sub rdx, rax */
+    if (!k->cc_dead) {
+        b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_a));   /* mov cc_a, r8 */
+        store64(e, RAX, CPU_OFF(cc_b));
+        store64(e, RDX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), CC_SUB);
+        store32_imm(e, CPU_OFF(cc_size), sz);
+    }
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xd2);                      /* test rdx, rdx */
+    uint8_t *same = jcc32(e, 0x4);                              /* je: the accumulator stays */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    store_greg_rdx(k, i, R_AX, sz);
+    patch_rel32(same, e->p);
+    return s;
+}
+
+/* unsigned div r/m32|64 (F7 /6): a quotient too wide (the high half not below the
+ * divisor, which a zero divisor always is) takes the slow path, where the interpreter
+ * raises #DE with rip and every register as before the instruction. With a memory
+ * operand that is the TLB miss's path (it runs the whole instruction again), so a
+ * block of divs needs one slow path each. Flags stay as they were. */
+static int emit_div(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = i->osz;
+    int w = sz == 8;
+    int s;
+    if (i->mod == 3) {
+        s = new_slow(k, i, rip, done);
+        op_mem(e, w, 0x8b, RCX, GREG(i->rm));
+    } else {
+        s = emit_mem(k, i, rip, next_rip, sz, 0, done);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x08);                               /* mov (r|e)cx, [rax] */
+    }
+    op_mem(e, w, 0x8b, RDX, GREG(R_DX));
+    op_mem(e, w, 0x8b, RAX, GREG(R_AX));
+    b1(e, 0x48); b1(e, 0x39); b1(e, 0xca);                      /* cmp rdx, rcx */
+    if (i->mod == 3)
+        k->slow[s].jump = jcc32(e, 0x3);                        /* jae: #DE */
+    else
+        k->slow[s].jump2 = jcc32(e, 0x3);
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0xf7); b1(e, 0xf1);                                   /* div (e|r)cx */
+    store64(e, RAX, GREG(R_AX));                                /* 32 bits: zero-extended by the host */
+    store64(e, RDX, GREG(R_DX));
+    return s;
+}
+
+/* unsigned mul r/m32|64 (F7 /4): rdx:rax = rax * operand; CF = OF = a non-zero high
+ * half, SF, ZF, PF from the low half (as do_mul, eagerly) */
+static int emit_mul(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int w = i->osz == 8;
+    int s = -1;
+    if (i->mod == 3) {
+        op_mem(e, w, 0x8b, RCX, GREG(i->rm));
+    } else {
+        s = emit_mem(k, i, rip, next_rip, i->osz, 0, done);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x08);                               /* mov (r|e)cx, [rax] */
+    }
+    op_mem(e, w, 0x8b, RAX, GREG(R_AX));
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0xf7); b1(e, 0xe1);                                   /* mul (e|r)cx */
+    store64(e, RAX, GREG(R_AX));                                /* 32 bits: zero-extended by the host */
+    store64(e, RDX, GREG(R_DX));
+    if (k->cc_dead)
+        return s;
+    b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                      /* setc cl: the high half is not zero */
+    if (w)
+        b1(e, 0x48);
+    b1(e, 0x85); b1(e, 0xc0);                                   /* test (e|r)ax, (e|r)ax */
+    b1(e, 0x9c); b1(e, 0x5a);                                   /* pushf; pop rdx */
+    b1(e, 0x81); b1(e, 0xe2); b4(e, F_ZF | F_SF | F_PF);        /* and edx, ZF|SF|PF */
+    b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc9);                      /* movzx ecx, cl */
+    b1(e, 0x69); b1(e, 0xc9); b4(e, F_CF | F_OF);               /* imul ecx, ecx, CF|OF */
+    b1(e, 0x09); b1(e, 0xca);                                   /* or edx, ecx */
+    store64(e, RDX, CPU_OFF(cc_res));
+    store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+    return s;
+}
+
+/* bt's flags, as bit_op: CF the bit, the others as they were */
+static void native_bt_flags(CPU *c, uint64_t cf)
+{
+    set_flags(c, (compute_arith(c) & ~F_CF) | (uint32_t)(cf & 1));
+}
+
+/* bt/bts/btr/btc r/m32|64, imm8 (0F BA /4-7): the host's own, which wraps the bit
+ * offset at the operand size as the guest's does, locked on memory when the guest's
+ * is. Returns the slow path or -1. */
+static int emit_bit_test_imm(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int w = i->osz == 8, kind = i->reg & 7, s = -1;
+    if (i->mod == 3) {
+        op_mem(e, w, 0x8b, RAX, GREG(i->rm));
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xba); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)i->imm);
+        if (kind != 4)
+            store64(e, RAX, GREG(i->rm));                       /* 32 bits: zero-extended by the host */
+    } else {
+        s = emit_mem(k, i, rip, next_rip, i->osz, kind != 4, done);
+        if (i->lock)
+            b1(e, 0xf0);
+        if (w)
+            b1(e, 0x48);
+        b1(e, 0x0f); b1(e, 0xba); b1(e, (uint8_t)((kind << 3) | RAX)); b1(e, (uint8_t)i->imm);   /* [rax] */
+    }
+    if (k->cc_dead)
+        return s;
+    b1(e, 0x40); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc6);         /* setc sil */
+    b1(e, 0x40); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xf6);         /* movzx esi, sil */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
+    mov_imm(e, RAX, (uint64_t)(uintptr_t)native_bt_flags);
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    return s;
+}
+
+/* rdtsc: edx:eax = the host's TSC + tsc_offset, each half zero-extended */
+static void emit_rdtsc(Comp *k)
+{
+    Emit *e = &k->e;
+    b1(e, 0x0f); b1(e, 0x31);                                   /* rdtsc */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xe2); b1(e, 32);           /* shl rdx, 32 */
+    b1(e, 0x48); b1(e, 0x09); b1(e, 0xd0);                      /* or rax, rdx */
+    op_mem(e, 1, 0x03, RAX, CPU_OFF(tsc_offset));              /* add rax, [rbx+tsc_offset] */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 32);           /* shr rdx, 32 */
+    mov32_rr(e, RAX, RAX);
+    store64(e, RAX, GREG(R_AX));
+    store64(e, RDX, GREG(R_DX));
+}
+
+/* mov r/m, sreg (8C): a register takes the selector at the operand size (a word keeps
+ * the upper bits, a dword or qword is zero-extended), memory a word. Returns the slow
+ * path or -1. */
+static int emit_mov_from_sreg(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    int32_t sel = CPU_OFF(seg) + (int32_t)((i->reg & 7) * sizeof(Seg)) + (int32_t)offsetof(Seg, sel);
+    if (i->mod == 3) {
+        b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)sel);   /* movzx eax, word [rbx+sel] */
+        if (i->osz == 2) {
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));   /* mov [rbx+d], ax */
+        } else {
+            store64(e, RAX, GREG(i->rm));
+        }
+        return -1;
+    }
+    int s = emit_mem(k, i, rip, next_rip, 2, 1, done);
+    b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x8b); b4(e, (uint32_t)sel);       /* movzx ecx, word [rbx+sel] */
+    b1(e, 0x66); b1(e, 0x89); b1(e, 0x08);                      /* mov [rax], cx */
+    return s;
+}
+
 /* A gen_alu_form() instruction; returns its slow path or -1 */
 static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done, int flags_were_live)
 {
@@ -761,6 +1087,11 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
     }
     uint64_t imm = i->imm & szmask(sz);
+    if (i->lock) {
+        emit_locked_rmw(k, i, aluop, sz, kind == GA_E_REG ? -1 : 0, imm);
+        emit_alu_core_any(k, aluop, sz);   /* the flags from the value the exchange found */
+        return slow;
+    }
     switch (kind) {
     case GA_E_REG: case GA_TEST_E_REG: case GA_E_IMM: case GA_TEST_E_IMM:
         if (mem)
@@ -788,14 +1119,19 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
     if (store) {
         /* movs keep the host flags */
         if (mem && kind != GA_REG_E) {
+            if (sz == 2)
+                b1(e, 0x66);
             if (sz == 8)
                 b1(e, 0x48);
-            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|edx|rdx) */
+            b1(e, sz == 1 ? 0x88 : 0x89); b1(e, (uint8_t)((RDX << 3) | RSI));   /* mov [rsi], (dl|dx|edx|rdx) */
         } else {
             int r = kind == GA_REG_E ? i->reg : kind == GA_ACC_IMM ? R_AX : i->rm;
             if (sz == 1) {
                 b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
                 b4(e, (uint32_t)byte_reg_disp(i, r));
+            } else if (sz == 2) {   /* the upper 48 bits stay */
+                b1(e, 0x66); b1(e, 0x89); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));
+                b4(e, (uint32_t)GREG(r));
             } else {
                 if (sz == 4)
                     mov32_rr(e, RDX, RDX);
@@ -961,7 +1297,22 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
         emit_inc_dec(k, i->op & 7, 0, i->op < 0x48, flags_were_live);
         return 1;
+    case 0xfe:
+        slow = emit_inc_dec_mem(k, i, rip, next_rip, done, 1, flags_were_live);
+        break;
+    case 0x86: case 0x87:
+        slow = emit_xchg_mem(k, i, rip, next_rip, done);
+        break;
+    case 0x1b0: case 0x1b1:
+        slow = emit_cmpxchg_mem(k, i, rip, next_rip, done);
+        break;
     case 0xff:
+        if ((i->reg & 7) > 1)
+            return 0;   /* jmp/call: only as a block's end (emit_indirect) */
+        if (i->mod != 3) {
+            slow = emit_inc_dec_mem(k, i, rip, next_rip, done, i->osz, flags_were_live);
+            break;
+        }
         emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
         return 1;
     case 0x1af: case 0x69: case 0x6b:
@@ -979,9 +1330,50 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
         k->flags_live = flags_were_live;
         return 1;
-    case 0x11f:
+    case 0x11f: case 0x90:
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
         k->flags_live = flags_were_live;
         return 1;
+    case 0x131:
+        emit_rdtsc(k);
+        return 1;
+    case 0xfa: {
+        int gp = new_slow(k, i, rip, done);
+        b1(e, 0x83); b1(e, 0xbb); b4(e, (uint32_t)CPU_OFF(cpl)); b1(e, 0);   /* cmp dword [rbx+cpl], 0 */
+        k->slow[gp].jump = jcc32(e, 0x5);                       /* jne: the helper checks IOPL */
+        op_mem(e, 1, 0x81, 4, CPU_OFF(eflags));                 /* and qword [rbx+eflags], ~IF */
+        b4(e, (uint32_t)~(uint32_t)F_IF);
+        slow = gp;
+        break;
+    }
+    case 0x1ba:
+        slow = emit_bit_test_imm(k, i, rip, next_rip, done);
+        break;
+    case 0x8c:
+        slow = emit_mov_from_sreg(k, i, rip, next_rip, done);
+        if (slow < 0) {
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        break;
+    case 0x89: case 0x8b: {   /* 16 bits: the destination register's upper 48 bits stay */
+        int to_e = i->op == 0x89;
+        if (i->mod == 3) {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->reg : i->rm));   /* movzx eax, word [rbx+d] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->rm : i->reg));   /* mov [rbx+d], ax */
+            k->flags_live = flags_were_live;
+            return 1;
+        }
+        slow = emit_mem(k, i, rip, next_rip, 2, to_e, done);
+        if (to_e) {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x8b); b4(e, (uint32_t)GREG(i->reg));   /* movzx ecx, word [rbx+d] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x08);              /* mov [rax], cx */
+        } else {
+            b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x00);              /* movzx eax, word [rax] */
+            b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->reg));   /* mov [rbx+d], ax */
+        }
+        break;
+    }
     case 0x63:
         if (!k->long64)
             return 0;
@@ -1031,6 +1423,9 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             if (sz == 1) {
                 b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+            } else if (sz == 2) {
+                b1(e, 0x66); b1(e, 0xc7); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));
+                b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
             } else {
                 store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
             }
@@ -1038,13 +1433,18 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
             return 1;
         }
         slow = emit_mem(k, i, rip, next_rip, sz, 1, done);
+        if (sz == 2)
+            b1(e, 0x66);
         if (sz == 8)
             b1(e, 0x48);
         b1(e, (uint8_t)i->op); b1(e, 0x00);                     /* mov [rax], imm */
-        if (sz == 1)
+        if (sz == 1) {
             b1(e, (uint8_t)i->imm);
-        else
+        } else if (sz == 2) {
+            b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
+        } else {
             b4(e, (uint32_t)i->imm);                            /* 64 bits: sign-extended, as decoded */
+        }
         break;
     }
     case 0x88: case 0x8a: {
@@ -1066,7 +1466,15 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         break;
     }
-    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's) */
+    case 0xf6: case 0xf7: {   /* not, neg of a register (test is gen_alu_form's); div */
+        if (i->op == 0xf7 && (i->reg & 7) == 6) {
+            slow = emit_div(k, i, rip, next_rip, done);
+            break;
+        }
+        if (i->op == 0xf7 && (i->reg & 7) == 4) {
+            slow = emit_mul(k, i, rip, next_rip, done);
+            break;
+        }
         unsigned sz = i->op == 0xf6 ? 1 : i->osz;
         load_greg(k, i, (i->reg & 7) == 3 ? RCX : RAX, i->rm, sz);
         if ((i->reg & 7) == 2) {
@@ -1231,6 +1639,86 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     b1(e, 0xc3);   /* ret */
 }
 
+/* Leaves for a successor known only at run time (ret, jmp/call through a register or
+ * memory; c->rip already holds it): QEMU's lookup_and_goto_ptr. The CPU's jump cache
+ * (CPU.jc, find_block's first probe) names the block last found at that rip; its
+ * compiled code is entered straight from here under the same conditions as a direct
+ * chain (native.h: nothing pending, every code-page mark seen, the block valid, one
+ * page, this block's mode and cs base, its page what this CPU fetches there), else
+ * the exit returns to exec.c's dispatcher as before. The jump cache is cleared with
+ * the block cache and holds only hints, so nothing must unlink anything here. */
+static void emit_lookup_exit(Comp *k, int done)
+{
+    Emit *e = &k->e;
+    uint8_t *out[16];
+    int nout = 0;
+    add64_mem_imm(e, CPU_OFF(st_insns), done);
+    add64_mem_imm(e, CPU_OFF(st_native_insns), done);
+    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
+    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
+    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
+    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
+    out[nout++] = jcc32(e, 0x5);
+    load64(e, RAX, CPU_OFF(rip));
+    /* rcx = jc[(pc ^ (pc >> 10)) & 4095], find_block's index */
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc1);                      /* mov rcx, rax */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xe9); b1(e, 10);           /* shr rcx, 10 */
+    b1(e, 0x48); b1(e, 0x31); b1(e, 0xc1);                      /* xor rcx, rax */
+    b1(e, 0x81); b1(e, 0xe1); b4(e, (uint32_t)(sizeof k->c->jc / sizeof k->c->jc[0] - 1));   /* and ecx, mask */
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x8c); b1(e, 0xcb); b4(e, (uint32_t)CPU_OFF(jc));   /* mov rcx, [rbx+rcx*8+jc] */
+    b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, pc));   /* cmp rax, [rcx+pc] */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, native)); b1(e, 0);   /* cmp qword [rcx+native], 0 */
+    out[nout++] = jcc32(e, 0x4);
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, phys2)); b1(e, 0xff);   /* cmp qword [rcx+phys2], -1 */
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x81); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, mode)); b4(e, k->b->mode);   /* cmp dword [rcx+mode], mode */
+    out[nout++] = jcc32(e, 0x5);
+    mov_imm(e, RDX, k->b->cs_base);
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x91); b4(e, (uint32_t)offsetof(Block, cs_base));   /* cmp rdx, [rcx+cs_base] */
+    out[nout++] = jcc32(e, 0x5);
+    /* block_fits(): rdx = linear(CS, pc); its TLB entry's fetch tag and page */
+    if (k->long64) {
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
+    } else {
+        b1(e, 0x89); b1(e, 0xc2);                               /* mov edx, eax */
+        b1(e, 0x81); b1(e, 0xc2); b4(e, (uint32_t)k->b->cs_base);   /* add edx, cs base: wraps at 32 bits */
+    }
+    b1(e, 0x48); b1(e, 0x89); b1(e, 0xd6);                      /* mov rsi, rdx */
+    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xee); b1(e, 12);           /* shr rsi, 12 */
+    b1(e, 0x81); b1(e, 0xe6); b4(e, TLB_SIZE - 1);              /* and esi, TLB_SIZE-1 */
+    b1(e, 0x69); b1(e, 0xf6); b4(e, (uint32_t)sizeof(TlbEnt));  /* imul esi, esi, size */
+    op_mem(e, 1, 0x63, RDI, CPU_OFF(mmu_idx));                  /* movsxd rdi, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xff); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdi, rdi, row */
+    b1(e, 0x48); b1(e, 0x01); b1(e, 0xfe);                      /* add rsi, rdi */
+    b1(e, 0x48); b1(e, 0x81); b1(e, 0xe2); b4(e, 0xfffff000u);  /* and rdx, ~0xfff */
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x94); b1(e, 0x33);         /* cmp rdx, [rbx+rsi+tag_x] */
+    b4(e, (uint32_t)(CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, tag_x)));
+    out[nout++] = jcc32(e, 0x5);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x91); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rdx, [rcx+phys] */
+    b1(e, 0x48); b1(e, 0x3b); b1(e, 0x94); b1(e, 0x33);         /* cmp rdx, [rbx+rsi+paddr] */
+    b4(e, (uint32_t)(CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, paddr)));
+    out[nout++] = jcc32(e, 0x5);
+    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
+    add64_mem_imm(e, CPU_OFF(st_native_indirect), 1);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
+    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    for (int n = 0; n < nout; n++)
+        patch_rel32(out[n], e->p);
+    b1(e, 0x5b);   /* pop rbx */
+    b1(e, 0xc3);   /* ret */
+}
+
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
 static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
 {
@@ -1288,12 +1776,47 @@ static void emit_call_ret(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int
     b1(e, 0x8b); b1(e, 0x00);                                   /* mov (r|e)ax, [rax]: zero-extends */
     emit_sp_add(k, (int32_t)(sz + (i->op == 0xc2 ? (uint32_t)(i->imm & 0xffff) : 0)));
     store64(e, RAX, CPU_OFF(rip));
-    emit_exit(e, done);
+    emit_lookup_exit(k, done);
 }
 
 static int is_call_ret(const Insn *i, int long64)
 {
     return (i->op == 0xe8 || i->op == 0xc3 || i->op == 0xc2) && stack_osz(i, long64);
+}
+
+/* jmp/call near through a register or memory (FF /4, FF /2) at the stack's width */
+static int is_indirect(const Insn *i, int long64)
+{
+    return i->op == 0xff && ((i->reg & 7) == 2 || (i->reg & 7) == 4) && !i->lock &&
+           stack_osz(i, long64) && (i->mod == 3 || mem_ok(i));
+}
+
+/* An indirect jmp or call ending the block. The target is read first (rdE before the
+ * push, as group4_5 does: `call [rsp]` and `call rsp` see the old rsp), and nothing
+ * changes before every access passed the TLB: a miss runs the whole instruction
+ * through the interpreter, which leaves rip and rsp precise on a fault. */
+static void emit_indirect(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
+{
+    Emit *e = &k->e;
+    unsigned sz = stack_osz(i, k->long64);
+    if (i->mod == 3) {
+        op_mem(e, sz == 8, 0x8b, RSI, GREG(i->rm));             /* mov (r|e)si, reg: zero-extends */
+    } else {
+        emit_mem(k, i, rip, next_rip, sz, 0, done);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, 0x8b); b1(e, 0x30);                               /* mov (r|e)si, [rax] */
+    }
+    if ((i->reg & 7) == 2) {
+        int s = new_slow(k, i, rip, done);
+        emit_stack_lin(k, s, -(int32_t)sz);
+        emit_tlb(k, s, sz, 1);                                  /* rsi survives: rax rcx rdx only */
+        mov_imm(e, RCX, next_rip);
+        emit_store_rcx(e, sz);
+        emit_sp_add(k, -(int32_t)sz);
+    }
+    store64(e, RSI, CPU_OFF(rip));
+    emit_lookup_exit(k, done);
 }
 
 /* ---- the block compiler ---- */
@@ -1353,8 +1876,11 @@ static int flags_neutral(const Insn *i)
     switch (i->op) {
     case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
     case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
-    case 0x11f:
+    case 0x11f: case 0x90:
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
         return native_has_form(i);
+    case 0x8c:
+        return i->mod == 3 && native_has_form(i);
     case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
         return i->mod == 3 && native_has_form(i);
     }
@@ -1384,7 +1910,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
 {
     if (!c->nat_arena)
         return 0;
-    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE;
+    size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE + LOOKUP_EXIT_CODE;
     if (c->nat_size - c->nat_used < need)
         return 0;
     uint64_t t0 = now_ns();
@@ -1416,6 +1942,11 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         }
         if (n + 1 == b->n && is_call_ret(i, k.long64)) {
             emit_call_ret(&k, i, rip, next, (int)b->n);
+            ended = 1;
+            break;
+        }
+        if (n + 1 == b->n && is_indirect(i, k.long64)) {
+            emit_indirect(&k, i, rip, next, (int)b->n);
             ended = 1;
             break;
         }

@@ -117,7 +117,7 @@ class BootProfile:
                 halt_asked_ns += st.get("halt_until_deadline_ns", 0)
                 halt_late_ns += st.get("halt_past_deadline_ns", 0)
                 for key in ("native_insns", "native_helper_insns", "native_blocks", "native_compile_ns",
-                            "native_chained"):
+                            "native_chained", "native_indirect"):
                     native[key] = native.get(key, 0) + st.get(key, 0)
                 for op, n in st.get("native_helper_ops", {}).items():
                     helper_ops[op] = helper_ops.get(op, 0) + n
@@ -146,7 +146,8 @@ class BootProfile:
                 lines.append(f"    native tier        {native['native_blocks']} blocks compiled in "
                              f"{native['native_compile_ns'] / 1e9:.3f} s; {100.0 * in_blocks / max(insns, 1):.1f} % "
                              f"of instructions in compiled blocks, {100.0 * own / max(insns, 1):.1f} % as host code, "
-                             f"{native['native_chained']} direct jumps between compiled blocks")
+                             f"{native['native_chained']} direct jumps between compiled blocks, "
+                             f"{native.get('native_indirect', 0)} returns and indirect jumps found compiled")
                 if helper_ops:
                     top = sorted(helper_ops.items(), key=lambda kv: -kv[1])[:12]
                     lines.append("    still through the interpreter's handler (op: count): " +
