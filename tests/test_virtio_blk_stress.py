@@ -10,7 +10,9 @@ the doorbell written outside it), with sector-aligned and unaligned buffers, one
 or two data descriptors, lengths that cover a block of the file system only in
 part. Every used entry must name a chain in flight, come once, carry length 1
 and a status byte of VIRTIO_BLK_S_OK written before it; the image must then hold
-every write.
+every write, and the used entries come in the order the chains were made
+available (the native plane publishes a batch's answers as its I/O completes,
+but in ring order).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 
 from kvmpy.block.raw import RawDriver
 from kvmpy.devices.virtio import dataplane
-from kvmpy.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT, VirtioBlk
+from kvmpy.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT, VirtioBlk
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
@@ -84,6 +86,29 @@ class TwoVcpuDriver:
         self.free_slots = list(range(DEPTH))
         self.problems: list[str] = []
         self.completed = 0
+        # Both the model and the native plane answer in ring order (the plane's
+        # hand-back point is a ring position), however its batches complete.
+        self.avail_order: list[int] = []
+        self.used_order: list[int] = []
+        self._first_turn_to_the_model(mode)
+
+    def _first_turn_to_the_model(self, mode: str) -> None:
+        """A flush the model answers; afterwards the native plane (if any) has the
+        queue, else the model would keep it for as long as the two threads keep
+        it busy."""
+        hdr = HDR + 0x40 * DEPTH
+        self.m.memory.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_FLUSH, 0, 0))
+        self.m.memory.write(STATUS + DEPTH, bytes([UNWRITTEN]))
+        self.q.add([(hdr, 16)], [(STATUS + DEPTH, 1)])
+        self.m.mmio_write(self.notify, 2, 0)
+        deadline = time.monotonic() + 5
+        while not self.q.collect():
+            assert time.monotonic() < deadline, "the flush did not complete"
+            time.sleep(0.0005)
+        assert self.m.memory.read(STATUS + DEPTH, 1)[0] == VIRTIO_BLK_S_OK
+        while mode == "native" and self.dev.native_queues != (True,):
+            assert time.monotonic() < deadline, "the native plane did not take the queue"
+            time.sleep(0.0005)
 
     def submit(self, slot: int, sector: int, data: bytes, misalign: int, split: int) -> None:
         hdr = HDR + 0x40 * slot
@@ -96,6 +121,7 @@ class TwoVcpuDriver:
         with self.lock:
             head = self.q.add(readable, [(STATUS + slot, 1)])
             self.in_flight[head] = slot
+            self.avail_order.append(head)
         # the doorbell outside the lock, as Linux's virtqueue_notify
         self.m.mmio_write(self.notify, 2, 0)
 
@@ -104,6 +130,7 @@ class TwoVcpuDriver:
         with self.lock:
             used = self.q.collect()
             for head, length in used:
+                self.used_order.append(head)
                 slot = self.in_flight.pop(head, None)
                 if slot is None:
                     self.problems.append(f"used entry for head {head}, which is not in flight")
@@ -182,7 +209,10 @@ def test_qd32_writes_from_two_vcpus_complete_once_with_their_status(tmp_path, mo
         try:
             run_two_vcpus(rig, requests, want)
             assert not rig.problems, rig.problems[:5]
+            assert rig.used_order == rig.avail_order
             rig.dev.state()     # a native thread stops: nothing of it still runs
+            if mode == "native":
+                assert rig.dev.native_requests > 0, "the plane served none of them"
         finally:
             rig.close()
         assert image.read_bytes() == bytes(want)
