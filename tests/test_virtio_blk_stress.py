@@ -11,8 +11,8 @@ or two data descriptors, lengths that cover a block of the file system only in
 part. Every used entry must name a chain in flight, come once, carry length 1
 and a status byte of VIRTIO_BLK_S_OK written before it; the image must then hold
 every write, and the used entries come in the order the chains were made
-available (the native plane publishes a batch's answers as its I/O completes,
-but in ring order).
+available (the native plane's batches complete in any order, but it publishes
+in ring order: its hand-back point is a ring position).
 """
 
 from __future__ import annotations

@@ -463,25 +463,8 @@ static int ring_result(struct dp_queue *q, struct dp_job *job, int res)
     return full_io(q->c.fd, iov, niov, job->offset + (res > 0 ? (uint64_t)res : 0), job->write);
 }
 
-static int publish_ready(struct dp_queue *q, int from, int n, int *failed);
-
-/* A reaped completion: the job's result, as full_io's. */
-static void ring_reaped(struct dp_queue *q, struct io_uring *ring, struct io_uring_cqe *cqe)
-{
-    struct dp_job *job = io_uring_cqe_get_data(cqe);
-    int res = cqe->res;
-    io_uring_cqe_seen(ring, cqe);
-    q->ring_inflight--;
-    job->result = ring_result(q, job, res);
-    __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
-}
-
-/* Submit the batch's ring I/O and reap all of it. Used entries go out as the
- * completions come, in ring order, with an interrupt per round of completions:
- * the driver takes the first answers (and may queue more) while the slowest of
- * the batch is still on the disk. *published: of the batch's n requests, those
- * published so far (the caller's count, kept up to date). */
-static void ring_wait(struct dp_queue *q, int n, int *published, int *failed)
+/* Submit the batch's ring I/O and reap all of it. */
+static void ring_wait(struct dp_queue *q)
 {
     struct io_uring *ring = &q->c.ring->ring;
     int r;
@@ -503,15 +486,12 @@ static void ring_wait(struct dp_queue *q, int n, int *published, int *failed)
             q->c.ring = NULL;
             return;
         }
-        ring_reaped(q, ring, cqe);
-        while (q->ring_inflight && io_uring_peek_cqe(ring, &cqe) == 0)
-            ring_reaped(q, ring, cqe);
-        if (q->ring_inflight && !*failed && *published < n) {
-            int more = publish_ready(q, *published, n, failed);
-            *published += more;
-            if (more)
-                signal_used(q);
-        }
+        struct dp_job *job = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(ring, cqe);
+        q->ring_inflight--;
+        job->result = ring_result(q, job, res);
+        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
     }
 }
 
@@ -521,7 +501,7 @@ static int ring_queue(struct dp_queue *q, struct dp_job *job)
     return -1;
 }
 
-static void ring_wait(struct dp_queue *q, int n, int *published, int *failed)
+static void ring_wait(struct dp_queue *q)
 {
 }
 #endif
@@ -897,9 +877,8 @@ static int publish_ready(struct dp_queue *q, int from, int n, int *failed)
 static int process(struct dp_queue *q)
 {
     for (;;) {
-        int reason = DP_EXIT_RUNNING, n = 0, published = 0, failed = 0, deferred = 0;
+        int did = 0, reason = DP_EXIT_RUNNING, n = 0, published = 0, failed = 0, deferred = 0;
         uint16_t base = q->c.next_avail;    /* ring position of batch[0] */
-        uint16_t used_before = q->c.next_used;
         uint16_t pending = (uint16_t)(avail_idx(q) - base);
         if (pending > q->c.size)
             return DP_EXIT_HANDBACK;         /* the model calls the ring broken */
@@ -926,19 +905,21 @@ static int process(struct dp_queue *q)
                 slot->used = (uint32_t)used;
             n++;
             /* Answered requests go out at once unless a read ahead of them waits. */
-            if (published == n - 1 && !slot->job)
+            if (published == n - 1 && !slot->job) {
                 published += publish_ready(q, published, n, &failed);
+                did = 1;
+            }
         }
         if (q->ring_inflight)
-            ring_wait(q, n, &published, &failed);
+            ring_wait(q);
         if (deferred)
             wait_for_workers(q);   /* nothing to wait for when the ring had them all */
         map_release(q);
-        if (published < n && !failed)
+        if (published < n && !failed) {
             published += publish_ready(q, published, n, &failed);
-        /* Entries ring_wait signalled need no second interrupt, and a batch that
-         * published nothing none at all. */
-        if (q->c.next_used != (q->c.signalled_valid ? q->c.signalled_used : used_before))
+            did = 1;
+        }
+        if (did)
             signal_used(q);
         if (failed)
             reason = DP_EXIT_HANDBACK;       /* at the read that failed */
