@@ -7,8 +7,8 @@ These tests hunt for that on the real parts (a raw image opened cache=none, the
 Python model and the native plane, the transport's doorbells and event loop):
 two threads share the ring as two vCPUs would (the ring under the driver's lock,
 the doorbell written outside it), with sector-aligned and unaligned buffers, one
-or two data descriptors, lengths that cover a block of the file system only in
-part. Every used entry must name a chain in flight, come once, carry length 1
+or two data descriptors, any whole number of sectors (part of a block where the
+file system's blocks are larger, which the plane leaves to the model). Every used entry must name a chain in flight, come once, carry length 1
 and a status byte of VIRTIO_BLK_S_OK written before it; the image must then hold
 every write, and the used entries come in the order the chains were made
 available (the native plane's batches complete in any order, but it publishes
@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmpy.block import direct
 from kvmpy.block.raw import RawDriver
 from kvmpy.devices.virtio import dataplane
 from kvmpy.devices.virtio.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT, VirtioBlk
@@ -39,7 +40,7 @@ CHUNKS = 96
 DISK = CHUNKS * CHUNK_SECTORS * 512
 HDR = 0x200000
 STATUS = 0x2F0000          # the status bytes side by side, as the guest's slot_status[]
-DATA = 0x300000            # 64 KiB per slot
+DATA = 0x300000            # 128 KiB per slot: 8 KiB of data at most, at any offset in its page
 UNWRITTEN = 0xFF           # what the driver leaves in a status byte before it submits
 FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << 9
 FUZZ = int(os.environ.get("KVMPY_FUZZ", "0") or 0)
@@ -211,7 +212,8 @@ def test_qd32_writes_from_two_vcpus_complete_once_with_their_status(tmp_path, mo
             assert not rig.problems, rig.problems[:5]
             assert rig.used_order == rig.avail_order
             rig.dev.state()     # a native thread stops: nothing of it still runs
-            if mode == "native":
+            if mode == "native" and direct.alignment_of(rig.driver.fd).offset <= 512:
+                # every request is whole blocks then: the plane has no reason to hand any back
                 assert rig.dev.native_requests > 0, "the plane served none of them"
         finally:
             rig.close()
