@@ -6,6 +6,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -187,6 +188,34 @@ def test_intx_and_isr(raw_image):
         assert r.d.isr() & 1
         assert r.m.irq_changes[-1] == (gsi, False)
         assert r.d.isr() == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("dataplane", ["native", "python"])
+def test_intx_raised_once_until_the_isr_is_read(raw_image, dataplane):
+    """A driver that polls and leaves the ISR unread (the bench's guest) keeps the
+    level up: completions after the first raise nothing more (each raise is an
+    ioctl and a vCPU kick), and the first one after the ISR read raises it again."""
+    r = Rig(raw_image, msix=False, dataplane=dataplane)
+    try:
+        gsi = r.dev.intx_gsi
+
+        def raises():
+            r.m.events.call_and_wait(lambda: None)      # interrupts the event loop has yet to deliver
+            with r.m.cond:
+                return r.m.irq_changes.count((gsi, True))
+        for i in range(6):
+            assert r.request(VIRTIO_BLK_T_OUT, i, out=bytes([i]) * 512)[0] == VIRTIO_BLK_S_OK
+        with r.m.cond:
+            assert r.m.cond.wait_for(lambda: (gsi, True) in r.m.irq_changes, 5)
+        time.sleep(0.05)
+        assert raises() == 1
+        assert r.d.isr() & 1 and r.m.irq_changes[-1] == (gsi, False)
+        assert r.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+        with r.m.cond:
+            assert r.m.cond.wait_for(lambda: r.m.irq_changes.count((gsi, True)) == 2, 5)
+        assert r.d.isr() & 1
     finally:
         r.close()
 

@@ -188,6 +188,8 @@ class VirtioPciTransport(PciDevice):
         self.queue_select = 0
         self.config_generation = 0
         self.isr = 0
+        # Whether _interrupt raised INTx since the driver last read the ISR.
+        self._intx_raised = False
         self.broken = False
         for q in self.queues:
             q.reset()
@@ -259,6 +261,7 @@ class VirtioPciTransport(PciDevice):
             self.queue_select = state.queue_select
             self.config_generation = state.config_generation
             self.isr = state.isr
+            self._intx_raised = False     # the line is raised anew with the next interrupt
             self.broken = state.broken
             if state.status & FEATURES_OK:
                 self.device.ack_features(state.driver_features)
@@ -294,6 +297,7 @@ class VirtioPciTransport(PciDevice):
         if offset == ISR_OFFSET and size == 1:
             with self._isr_lock:
                 value, self.isr = self.isr, 0
+                self._intx_raised = False
                 if self.pci_bus is not None:
                     self.pci_bus.set_intx(self, False)
                 return value
@@ -499,7 +503,12 @@ class VirtioPciTransport(PciDevice):
             return
         with self._isr_lock:
             self.isr |= isr_bit
-        if self.pci_bus is not None:
+            # INTx is a level the driver lowers by reading the ISR: while it is up,
+            # raising it again is an ioctl (and a vCPU kick) per completion for
+            # nothing; QEMU's pci_set_irq skips an unchanged level too.
+            if self._intx_raised or self.pci_bus is None:
+                return
+            self._intx_raised = True
             self.pci_bus.set_intx(self, True)
 
     # doorbells ------------------------------------------------------------------------
