@@ -63,6 +63,7 @@ SECCOMP_RET_ALLOW = 0x7FFF0000
 # <linux/prctl.h>
 PR_GET_SECCOMP = 21
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NAME = 15
 
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
 _OFF_NR = 0
@@ -85,7 +86,7 @@ SYSCALLS = {
     "rt_sigaction": 13, "rt_sigprocmask": 14, "rt_sigreturn": 15, "ioctl": 16,
     "pread64": 17, "pwrite64": 18, "readv": 19, "writev": 20, "access": 21,
     "sched_yield": 24, "mremap": 25, "madvise": 28, "dup": 32, "dup2": 33, "nanosleep": 35,
-    "getpid": 39, "socket": 41, "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45,
+    "getpid": 39, "prctl": 157, "socket": 41, "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45,
     "sendmsg": 46, "recvmsg": 47, "shutdown": 48, "bind": 49, "listen": 50,
     "getsockname": 51, "getpeername": 52, "setsockopt": 54, "getsockopt": 55, "clone": 56, "execve": 59,
     "exit": 60, "wait4": 61, "kill": 62, "fcntl": 72, "fsync": 74, "fdatasync": 75,
@@ -227,6 +228,8 @@ def policy(pid: int, user_network: bool = False, file_share: bool = False) -> di
         "clone": Rule(when=((Arg(0, CLONE_THREAD, CLONE_THREAD),),)),
         "clone3": _refuse(errno.ENOSYS),
         "set_robust_list": ALLOW, "rseq": ALLOW, "sched_yield": ALLOW,
+        # the data planes' threads name themselves as they start (ps, gdb)
+        "prctl": Rule(when=((Arg(0, PR_SET_NAME),),)),
         "exit": ALLOW, "exit_group": ALLOW, "getpid": ALLOW, "gettid": ALLOW,
         # virtio-rng's os.urandom; importlib asks for the working directory
         "getrandom": ALLOW, "getcwd": ALLOW,

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -509,6 +510,9 @@ static void ring_wait(struct dp_queue *q)
 static void *dp_worker(void *arg)
 {
     struct dp_queue *q = arg;
+    /* Each thread names itself (ps, gdb, tests): naming another thread writes its
+     * /proc comm file, which the sandbox refuses once the VM runs. */
+    prctl(PR_SET_NAME, "kvmpy-blk-rd");
     pthread_mutex_lock(&q->lock);
     for (;;) {
         while (!q->workers_exit && q->work_taken == q->work_queued)
@@ -535,7 +539,6 @@ static int defer_read(struct dp_queue *q, struct dp_job *job)
         for (int i = 0; i < DP_WORKERS; i++) {
             if (pthread_create(&q->workers[i], NULL, dp_worker, q))
                 break;
-            pthread_setname_np(q->workers[i], "kvmpy-blk-rd");
             q->nworkers++;
         }
         if (!q->nworkers)
@@ -950,6 +953,7 @@ static void *dp_thread(void *arg)
 {
     struct dp_queue *q = arg;
     int reason;
+    prctl(PR_SET_NAME, "kvmpy-blk");
     for (;;) {
         reason = process(q);
         if (reason != DP_EXIT_RUNNING)
@@ -1026,6 +1030,7 @@ static void *dp_iothread_main(void *arg)
     struct dp_iothread *io = arg;
     struct dp_queue *qs[DP_IOTHREAD_QUEUES];
     struct pollfd fds[DP_IOTHREAD_QUEUES + 1];
+    prctl(PR_SET_NAME, "kvmpy-iothread");
     pthread_mutex_lock(&io->lock);
     io->tid = (int)syscall(SYS_gettid);
     pthread_cond_broadcast(&io->finished_cv);
@@ -1093,8 +1098,6 @@ struct dp_iothread *dp_iothread_new(int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);      /* as dp_start's threads */
     int r = pthread_create(&io->thread, NULL, dp_iothread_main, io);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!r)     /* named so ps, gdb and tests can tell the threads apart */
-        pthread_setname_np(io->thread, "kvmpy-iothread");
     if (r) {
         *err = r;
         close(io->ctl_fd);
@@ -1190,8 +1193,6 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int r = pthread_create(&q->thread, NULL, dp_thread, q);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!r)
-        pthread_setname_np(q->thread, "kvmpy-blk");
     if (r) {
         *err = r;
         close(q->stop_fd);

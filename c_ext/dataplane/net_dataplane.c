@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -434,6 +435,7 @@ static void *np_thread(void *arg)
 {
     struct np_pair *p = arg;
     int reason;
+    prctl(PR_SET_NAME, "kvmpy-net");    /* itself: see blk_dataplane.c's dp_worker */
     for (;;) {
         reason = tx_process(p);
         if (reason == NP_EXIT_RUNNING)
@@ -547,8 +549,6 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int r = pthread_create(&p->thread, NULL, np_thread, p);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!r)
-        pthread_setname_np(p->thread, "kvmpy-net");
     if (r) {
         *err = r;
         close(p->stop_fd);
