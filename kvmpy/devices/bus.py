@@ -35,6 +35,15 @@ class BusDevice(Protocol):
         """Guest input: a bad offset, size or value is logged and ignored, never raised."""
 
 
+class RegisterAccessors(Protocol):
+    """Optional, for a device whose registers each have their own read and write."""
+
+    def register_accessors(self, offset: int) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
+        """The ``(read, write)`` pair that serves ``offset``, called as the device's own
+        ``read``/``write`` are (with the offset); they must behave exactly as those do
+        at that offset, for every size and value, whatever state the device is in."""
+
+
 @runtime_checkable
 class Resettable(Protocol):
     def reset(self) -> None:
@@ -173,7 +182,15 @@ class Bus:
         if hit is None:
             return None
         base, dev = hit
-        acc = (dev.read, dev.write, addr - base)
+        offset = addr - base
+        # A device with a method per register hands the loop that register's own
+        # pair, saving its dispatch on every access (RegisterAccessors).
+        split = getattr(dev, "register_accessors", None)
+        if split is None:
+            acc = (dev.read, dev.write, offset)
+        else:
+            read, write = split(offset)
+            acc = (read, write, offset)
         if len(accessors) < FOUND_KEPT:
             accessors[addr] = acc
         return acc
