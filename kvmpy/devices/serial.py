@@ -178,8 +178,12 @@ class Serial16550(Restorable):
         self._irq = irq
         self._out = out
         self._on_rx_space = on_rx_space
-        # RLock: callbacks run with the lock held so output stays ordered; a
-        # callback that re-enters the UART (tests do) must not deadlock.
+        # Serialises what changes an interrupt source against the host side
+        # (receive, send_break on the console's thread). Output order needs no lock:
+        # THR writes come from one thread at a time (the vCPU, or the coalesced
+        # ring's drain, which has its own lock and empties the ring before the vCPU
+        # serves any exit). RLock: a callback run under it that re-enters the UART
+        # must not deadlock.
         self._lock = threading.RLock()
         self._irq_level = False
         self._rx_wanted = False
