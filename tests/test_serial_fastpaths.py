@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 
-from hypothesis import settings
+from hypothesis import given, settings, strategies as st
 
 from kvmpy.devices.bus import Bus
 from kvmpy.devices.serial import COM1, Serial16550
@@ -236,3 +236,70 @@ def test_host_input_racing_the_guests_lock_free_reads_loses_nothing():
     assert breaks_seen >= 1
     assert u.read(5, 1) == LSR_IDLE
     assert not u.interrupt_line() and not w.line
+
+
+class Recorder:
+    """Output as one byte string however it was cut, and every line change."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.levels: list[bool] = []
+
+    def irq(self, level: bool) -> None:
+        self.levels.append(level)
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+
+GUEST_OPS = st.lists(st.tuples(st.sampled_from(["r", "w"]), st.integers(0, 7), st.integers(0, 255)), max_size=30)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(thre_taken=st.booleans(), before=GUEST_OPS, host=st.binary(max_size=20),
+       offset=st.one_of(st.just(0), st.integers(0, 7)), burst=st.binary(min_size=0, max_size=40), after=GUEST_OPS)
+def test_a_burst_is_the_same_as_its_writes_one_by_one(thre_taken, before, host, offset, burst, after):
+    """What the coalesced ring's drain hands over at once (Bus.write_burst) leaves the
+    UART, its output and its interrupt line exactly as the single writes would."""
+    ends = []
+    for as_burst in (False, True):
+        rec = Recorder()
+        u = Serial16550(rec.irq, rec.write)
+        bus = Bus("pio")
+        bus.register(COM1.base, COM1.length, u)
+        u.receive(host)
+        if thre_taken:                   # the tty's handler: THRI on, THRE read from IIR
+            u.write(4, 1, 0x08)
+            u.write(1, 1, 0x02)
+            u.read(2, 1)
+        for kind, reg, value in before:
+            if kind == "r":
+                u.read(reg, 1)
+            else:
+                u.write(reg, 1, value)
+        if as_burst:
+            bus.write_burst(COM1.base + offset, burst)
+        else:
+            for value in burst:
+                bus.write(COM1.base + offset, 1, value)
+        mid = (u.state(), bytes(rec.out), list(rec.levels))
+        reads = [u.read(reg, 1) if kind == "r" else u.write(reg, 1, value) for kind, reg, value in after]
+        ends.append((mid, reads, u.state(), bytes(rec.out), rec.levels))
+    assert ends[0] == ends[1]
+
+
+def test_a_burst_to_an_unclaimed_port_or_a_device_without_bursts():
+    writes = []
+
+    class Plain:
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            writes.append((offset, size, value))
+
+    bus = Bus("pio")
+    bus.register(0x70, 2, Plain())
+    bus.write_burst(0x70, b"\x01\x02\x8f")
+    bus.write_burst(0x300, b"\x01\x02")          # nobody there: dropped, as single writes are
+    assert writes == [(0, 1, 1), (0, 1, 2), (0, 1, 0x8F)]

@@ -211,6 +211,21 @@ class Bus:
         base, dev = hit
         dev.write(addr - base, size, value)
 
+    def write_burst(self, addr: int, data: bytes) -> None:
+        """``len(data)`` byte writes to ``addr``, in order: at once where the device
+        takes bursts (``write_burst(offset, data)``, e.g. the UART's THR), else one by one."""
+        hit = self.find(addr)
+        if hit is None:
+            self._note_unclaimed(addr, "write")
+            return
+        base, dev = hit
+        burst = getattr(dev, "write_burst", None)
+        if burst is not None:
+            burst(addr - base, data)
+            return
+        for value in data:
+            dev.write(addr - base, 1, value)
+
     def _note_unclaimed(self, addr: int, what: str) -> None:
         if addr not in self._unclaimed_logged and len(self._unclaimed_logged) < 256:
             self._unclaimed_logged.add(addr)

@@ -340,6 +340,29 @@ class Serial16550(Restorable):
             log.debug("serial: %d-byte write at offset %d, using the low byte", size, offset)
         self._writers[offset & 7](offset, size, value)
 
+    def write_burst(self, offset: int, data: bytes) -> None:
+        """``len(data)`` byte writes to ``offset``, in order, with the effect of writing
+        them one by one: the queued THR writes KVM's coalesced ring hands over, which
+        go to ``out`` as one call. THRE rises at most once over the run, as it would
+        over single writes; DLAB or loopback (set only by exits, which empty the ring
+        first) send the run through the single-byte path."""
+        write = self._writers[offset & 7]
+        if not data:
+            return
+        if offset & 7 != RBR_THR_DLL:
+            for value in data:
+                write(offset, 1, value)
+            return
+        with self._lock:
+            if self.lcr & LCR_DLAB or self.mcr & MCR_LOOP:
+                for value in data:
+                    write(offset, 1, value)
+                return
+            self._out(bytes(data))
+            if not self.thr_pending:
+                self.thr_pending = True
+                self._update_irq()
+
     def _locked_read(self, reg: int) -> int:
         with self._lock:
             value = self._read(reg)

@@ -246,6 +246,7 @@ int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
 #define KVMPY_DECODED_MMIO_READ ...
 int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
+__u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head, unsigned char *run, __u32 cap);
 """)
 
 ffibuilder.set_source("kvmpy.hv.kvm._kvm_cffi", r"""
@@ -537,6 +538,38 @@ static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
    Everything else returns as from kvmpy_run_loop: string and rep accesses, odd
    sizes, and any exit while the coalesced ring holds writes (the device must see
    those first, and draining is Python's). */
+/* The coalesced ring's oldest write, and the byte writes to the same port that
+   follow it, for CoalescedPio.drain: head gets its address, length (at most 8)
+   and value; a byte write's run (up to cap bytes, itself first) goes to run.
+   Returns how many entries that is (0: the ring is empty). Nothing is consumed:
+   the caller advances ring->first once the device has them, so a vCPU finding
+   the ring non-empty meanwhile waits for the drain rather than overtaking it.
+   Called with the drain's lock held; the kernel only ever appends. */
+static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head,
+                                  unsigned char *run, __u32 cap)
+{
+    __u32 first = ring->first;
+    /* The kernel fills an entry before it publishes it by moving last. */
+    __u32 last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+    if (first == last || first >= max || last >= max || cap == 0)
+        return 0;
+    struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[first];
+    __u32 len = e->len < 8 ? e->len : 8;
+    head[0] = e->phys_addr;
+    head[1] = len;
+    head[2] = kvmpy_le_load(e->data, len);
+    if (len != 1)
+        return 1;
+    __u32 n = 0;
+    for (__u32 i = first; i != last && n < cap; i = (i + 1) % max) {
+        struct kvm_coalesced_mmio *x = &ring->coalesced_mmio[i];
+        if (x->phys_addr != e->phys_addr || x->len != 1 || x->pio != e->pio)
+            break;
+        run[n++] = x->data[0];
+    }
+    return n;
+}
+
 static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
 {
     struct kvm_run *run = loop->run;

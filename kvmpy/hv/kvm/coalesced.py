@@ -28,15 +28,26 @@ from ._kvm_cffi import ffi, lib
 log = logging.getLogger(__name__)
 
 DRAIN_INTERVAL = 0.01
+# Most byte writes handed over in one burst: a page's ring holds fewer entries.
+BURST_MAX = 256
+_take = lib.kvmpy_coalesced_take
 
 
 class CoalescedPio:
     def __init__(self, vm, vcpu_mm: mmap.mmap, write: Callable[[int, int, int], None],
-                 events: EventLoop) -> None:
+                 events: EventLoop, write_burst: Callable[[int, bytes], None] | None = None) -> None:
         """``write(port, size, value)`` is the port bus; ``vcpu_mm`` any vCPU's kvm_run mmap;
-        ``events`` runs the periodic drain."""
+        ``events`` runs the periodic drain; ``write_burst(port, data)``, where given,
+        takes a run of queued byte writes to one port at once (Bus.write_burst)."""
         self.vm = vm
         self._write = write
+        self._write_burst = write_burst
+        # kvmpy_coalesced_take's answers: the oldest write (port, length, value),
+        # and the bytes of a run of byte writes to that port.
+        self._head_c = ffi.new("__u64[3]")
+        self._head = memoryview(ffi.buffer(self._head_c)).cast("Q")
+        self._run_c = ffi.new("unsigned char[]", BURST_MAX)
+        self._run = ffi.buffer(self._run_c)
         self._events = events
         off = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
         if len(vcpu_mm) < off + mmap.PAGESIZE:
@@ -73,25 +84,32 @@ class CoalescedPio:
         return ring.first != ring.last
 
     def drain(self) -> None:
-        """Hand the queued writes to the bus, oldest first."""
+        """Hand the queued writes to the bus, oldest first; consecutive byte writes to
+        one port (the UART's THR: up to 16 per interrupt from Linux's handler, a line
+        from a console) as one burst where the bus takes bursts."""
         ring = self._ring
         if ring.first == ring.last:
             return
         with self._lock:
-            first = ring.first
-            while first != ring.last:
-                e = ring.coalesced_mmio[first]
-                port, length = e.phys_addr, min(e.len, 8)
-                value = int.from_bytes(ffi.buffer(e.data, length), "little")
+            take, head, run, head_c, run_c = _take, self._head, self._run, self._head_c, self._run_c
+            size = self._max
+            cap = BURST_MAX if self._write_burst is not None else 1
+            while True:
+                n = take(ring, size, head_c, run_c, cap)
+                if n == 0:
+                    break
+                port = head[0]
                 try:
-                    self._write(port, length, value)
+                    if n == 1:
+                        self._write(port, head[1], head[2])
+                    else:
+                        self._write_burst(port, run[0:n])
                 except Exception as exc:  # a device fault must not stop draining
                     log.error("coalesced write to port %#x failed: %s: %s", port, type(exc).__name__, exc)
-                # Only now: until the device has the write, the unlocked check at the
-                # top must see it pending, so a vCPU's exit waits here for the lock
-                # rather than reaching the device ahead of it.
-                first = (first + 1) % self._max
-                ring.first = first
+                # Only now: until the device has the writes, the unlocked check at the
+                # top must see them pending, so a vCPU's exit waits here for the lock
+                # rather than reaching the device ahead of them.
+                ring.first = (ring.first + n) % size
 
     def _drain_tick(self) -> None:
         """On the event loop: drain, and come back while a zone is registered."""
