@@ -244,6 +244,7 @@ int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
 #define KVMPY_DECODED_PIO_READ ...
 #define KVMPY_DECODED_MMIO_WRITE ...
 #define KVMPY_DECODED_MMIO_READ ...
+#define KVMPY_DECODED_AFTER_QUEUED ...
 int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
 __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head, unsigned char *run, __u32 cap);
@@ -522,6 +523,9 @@ static int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop)
 #define KVMPY_DECODED_PIO_READ 0x101
 #define KVMPY_DECODED_MMIO_WRITE 0x102
 #define KVMPY_DECODED_MMIO_READ 0x103
+/* Added to the above when the coalesced ring held writes at that exit: the device
+   must see those first, and draining them is Python's. */
+#define KVMPY_DECODED_AFTER_QUEUED 0x200
 
 static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
 {
@@ -531,13 +535,6 @@ static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
     return v;
 }
 
-/* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
-   loop->access (no struct walk through cffi) and puts the value a read gave in
-   loop->access[3], stored here before KVM_RUN completes the instruction with it.
-   One argument, because cffi passes a single one without building a tuple.
-   Everything else returns as from kvmpy_run_loop: string and rep accesses, odd
-   sizes, and any exit while the coalesced ring holds writes (the device must see
-   those first, and draining is Python's). */
 /* The coalesced ring's oldest write, and the byte writes to the same port that
    follow it, for CoalescedPio.drain: head gets its address, length (at most 8)
    and value; a byte write's run (up to cap bytes, itself first) goes to run.
@@ -570,7 +567,8 @@ static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 ma
     return n;
 }
 
-static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
+/* kvmpy_run_decoded without the queued-writes flag. */
+static int kvmpy_run_decoded_access(struct kvmpy_vcpu_loop *loop)
 {
     struct kvm_run *run = loop->run;
     if (loop->answer_to != NULL) {
@@ -578,8 +576,6 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
             loop->answer_to[i] = (unsigned char)(loop->access[3] >> (8 * i));
     }
     int reason = kvmpy_run_loop(loop);
-    if (loop->ring != NULL && loop->ring->first != loop->ring->last)
-        return reason;
     if (reason == KVM_EXIT_IO && run->io.count == 1
             && (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
             && run->io.data_offset <= loop->run_size - run->io.size) {
@@ -608,6 +604,23 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
         return KVMPY_DECODED_MMIO_READ;
     }
     return reason;
+}
+
+/* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
+   loop->access (no struct walk through cffi) and puts the value a read gave in
+   loop->access[3], stored here before KVM_RUN completes the instruction with it.
+   One argument, because cffi passes a single one without building a tuple.
+   An access made while the coalesced ring holds writes comes back decoded all the
+   same, plus KVMPY_DECODED_AFTER_QUEUED (the device must see those writes first,
+   and draining is Python's): a console polling LSR before each queued THR write
+   makes such an access every byte. Everything else returns as from
+   kvmpy_run_loop: string and rep accesses, odd sizes. */
+static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
+{
+    int code = kvmpy_run_decoded_access(loop);
+    if (code >= KVMPY_DECODED_PIO_WRITE && loop->ring != NULL && loop->ring->first != loop->ring->last)
+        code += KVMPY_DECODED_AFTER_QUEUED;
+    return code;
 }
 """)
 
