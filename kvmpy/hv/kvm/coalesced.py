@@ -1,13 +1,16 @@
 """Coalesced port writes: KVM queues guest OUTs to a registered port range in a ring
 (a page of the vCPU mmap, shared by the whole VM) instead of exiting to userspace.
 
-Used for the UART's THR while its IER is 0 (no interrupt of its can be pending, so
-when a byte is taken is invisible to the guest): Linux's console writes each byte
-as an LSR read and a THR write, and under nested KVM every exit to userspace costs
-far more than the in-kernel queueing, so this halves the console's exits.
+Used for the UART's THR (Serial16550's docstring says why that is safe whatever
+IER says) and the RTC's index port: Linux's console writes each byte as an LSR read
+and a THR write, and under nested KVM every exit to userspace costs far more than
+the in-kernel queueing, so this halves the console's exits. A run of byte writes
+to one port goes to the bus as one burst (``Bus.write_burst``): the bytes Linux's
+transmit interrupt handler writes are one call into the UART and one console write.
 
 Order is kept: every exit to userspace drains the ring before it is handled (the
-vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``), so the device sees the queued writes before any later
+vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``; the C loop flags
+a decoded access made while writes were queued, DECODED_AFTER_QUEUED), so the device sees the queued writes before any later
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
 covered by a timer on the machine's event loop that empties the ring every
@@ -58,10 +61,10 @@ class CoalescedPio:
         self._ring = ffi.cast("struct kvm_coalesced_mmio_ring *", base + off)
         self._max = (mmap.PAGESIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
             "struct kvm_coalesced_mmio")
-        # The same page as 32- and 64-bit words, read without a C call: a call
-        # through cffi gives up and retakes the GIL, which cost a drain of one
-        # entry (a console's byte between two LSR polls) microseconds; C walks
-        # runs of several entries (kvmpy_coalesced_take).
+        # The same page as 32- and 64-bit words: the emptiness check and a single
+        # entry (a console's byte between two LSR polls, the common case) are read
+        # here, with no call into C and its GIL release; C walks runs of several
+        # entries (kvmpy_coalesced_take).
         page = ffi.buffer(self._ring, mmap.PAGESIZE)
         entry = ffi.sizeof("struct kvm_coalesced_mmio")
         head_at = ffi.offsetof("struct kvm_coalesced_mmio_ring", "coalesced_mmio")
