@@ -383,7 +383,14 @@ class Serial16550(Restorable):
         return self.dlm if self.lcr & LCR_DLAB else self.ier
 
     def _read_iir(self, offset: int, size: int) -> int:
-        return self._locked_read(IIR_FCR)
+        # Reading IIR changes something only when it reports THRE (which it takes):
+        # the line is looked at again only then.
+        with self._lock:
+            iid = self._pending_iid()
+            if iid == IIR_THRI:
+                self.thr_pending = False
+                self._update_irq()
+            return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
 
     def _read_lcr(self, offset: int, size: int) -> int:
         return self.lcr
@@ -454,11 +461,6 @@ class Serial16550(Restorable):
                     self._rx_wanted = False
                     self._on_rx_space()
             return self.last_rbr
-        if offset == IIR_FCR:
-            iid = self._pending_iid()
-            if iid == IIR_THRI:
-                self.thr_pending = False
-            return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
         if offset == LSR:
             v = self._lsr()
             self.lsr_errors = 0
