@@ -174,9 +174,13 @@ class UartMachine(RuleBasedStateMachine):
     """Drives the UART with arbitrary guest register traffic and host input,
     tracking an independent reference model of what the guest must observe."""
 
+    def make(self):
+        """The UART under test and its wire (test_serial_fastpaths reaches it through a bus)."""
+        return make()
+
     @initialize()
     def setup(self):
-        self.u, self.w = make()
+        self.u, self.w = self.make()
         self.rx = deque()
         self.ier = 0
         self.lcr = 0

@@ -35,6 +35,15 @@ class BusDevice(Protocol):
         """Guest input: a bad offset, size or value is logged and ignored, never raised."""
 
 
+class RegisterAccessors(Protocol):
+    """Optional, for a device whose registers each have their own read and write."""
+
+    def register_accessors(self, offset: int) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
+        """The ``(read, write)`` pair that serves ``offset``, called as the device's own
+        ``read``/``write`` are (with the offset); they must behave exactly as those do
+        at that offset, for every size and value, whatever state the device is in."""
+
+
 @runtime_checkable
 class Resettable(Protocol):
     def reset(self) -> None:
@@ -173,26 +182,50 @@ class Bus:
         if hit is None:
             return None
         base, dev = hit
-        acc = (dev.read, dev.write, addr - base)
+        offset = addr - base
+        # A device with a method per register hands the loop that register's own
+        # pair, saving its dispatch on every access (RegisterAccessors).
+        split = getattr(dev, "register_accessors", None)
+        if split is None:
+            acc = (dev.read, dev.write, offset)
+        else:
+            read, write = split(offset)
+            acc = (read, write, offset)
         if len(accessors) < FOUND_KEPT:
             accessors[addr] = acc
         return acc
 
+    # read and write go through the same per-address accessors as the vCPU loop's
+    # fast path: the general path, the translator's exits and the coalesced ring's
+    # drain then cost one dict lookup and the register's own method too.
     def read(self, addr: int, size: int) -> int:
-        hit = self.find(addr)
-        if hit is None:
+        acc = self.accessors.get(addr) or self.accessor(addr)
+        if acc is None:
             self._note_unclaimed(addr, "read")
             return (1 << (8 * size)) - 1
-        base, dev = hit
-        return dev.read(addr - base, size)
+        return acc[0](acc[2], size)
 
     def write(self, addr: int, size: int, value: int) -> None:
+        acc = self.accessors.get(addr) or self.accessor(addr)
+        if acc is None:
+            self._note_unclaimed(addr, "write")
+            return
+        acc[1](acc[2], size, value)
+
+    def write_burst(self, addr: int, data: bytes) -> None:
+        """``len(data)`` byte writes to ``addr``, in order: at once where the device
+        takes bursts (``write_burst(offset, data)``, e.g. the UART's THR), else one by one."""
         hit = self.find(addr)
         if hit is None:
             self._note_unclaimed(addr, "write")
             return
         base, dev = hit
-        dev.write(addr - base, size, value)
+        burst = getattr(dev, "write_burst", None)
+        if burst is not None:
+            burst(addr - base, data)
+            return
+        for value in data:
+            dev.write(addr - base, 1, value)
 
     def _note_unclaimed(self, addr: int, what: str) -> None:
         if addr not in self._unclaimed_logged and len(self._unclaimed_logged) < 256:

@@ -109,6 +109,9 @@ FIFO_SIZE = 16
 # is always there, as QEMU reports.
 EXTERNAL_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 
+# What a THR write hands to ``out``, made once rather than per byte.
+SINGLE_BYTES = tuple(bytes((b,)) for b in range(256))
+
 PORT_COUNT = 8
 COM1 = PortSlot(base=0x3F8, length=PORT_COUNT, irq=4)
 
@@ -175,11 +178,19 @@ class Serial16550(Restorable):
         self._irq = irq
         self._out = out
         self._on_rx_space = on_rx_space
-        # RLock: callbacks run with the lock held so output stays ordered; a
-        # callback that re-enters the UART (tests do) must not deadlock.
+        # Serialises what changes an interrupt source against the host side
+        # (receive, send_break on the console's thread). Output order needs no lock:
+        # THR writes come from one thread at a time (the vCPU, or the coalesced
+        # ring's drain, which has its own lock and empties the ring before the vCPU
+        # serves any exit). RLock: a callback run under it that re-enters the UART
+        # must not deadlock.
         self._lock = threading.RLock()
         self._irq_level = False
         self._rx_wanted = False
+        self._readers = (self._read_rbr_dll, self._read_ier_dlm, self._read_iir, self._read_lcr,
+                         self._read_mcr, self._read_lsr, self._read_msr, self._read_scr)
+        self._writers = (self._write_thr_dll, self._write_ier_dlm, self._write_fcr, self._write_lcr,
+                         self._write_mcr, self._write_read_only, self._write_read_only, self._write_scr)
         self.reset()
         if tx_batching is not None:
             tx_batching(True)
@@ -305,13 +316,139 @@ class Serial16550(Restorable):
             self._update_irq()
 
     # ----------------------------------------------------------- guest side
+    # Each register has its own read and write method, found by offset in a table:
+    # the vCPU loop calls them directly (``register_accessors``), so a claimed
+    # access costs one call. Under nested KVM every frame and every object a guest
+    # exit touches is paid again after each exit, so the registers whose access has
+    # no effect on the interrupt line (SCR, LCR, DLL/DLM, IER and MCR reads, LSR and
+    # MSR with nothing latched, a THR write while THRE is already due) take no lock
+    # and skip the line update. Lock-free paths write only lcr, scr, dll and dlm,
+    # which no interrupt source depends on, and read single attributes, so every
+    # locked path still sees a consistent state; the rest take the lock as before.
+    def register_accessors(self, offset: int) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
+        """The read and write serving ``offset`` (Bus.accessor's per-register fast path)."""
+        reg = offset & 7
+        return self._readers[reg], self._writers[reg]
+
     def read(self, offset: int, size: int) -> int:
         if size != 1:
             log.debug("serial: %d-byte read at offset %d, answering the low byte", size, offset)
+        return self._readers[offset & 7](offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size != 1:
+            log.debug("serial: %d-byte write at offset %d, using the low byte", size, offset)
+        self._writers[offset & 7](offset, size, value)
+
+    def write_burst(self, offset: int, data: bytes) -> None:
+        """``len(data)`` byte writes to ``offset``, in order, with the effect of writing
+        them one by one: the queued THR writes KVM's coalesced ring hands over, which
+        go to ``out`` as one call. THRE rises at most once over the run, as it would
+        over single writes; DLAB or loopback (set only by exits, which empty the ring
+        first) send the run through the single-byte path."""
+        write = self._writers[offset & 7]
+        if not data:
+            return
+        if offset & 7 != RBR_THR_DLL:
+            for value in data:
+                write(offset, 1, value)
+            return
         with self._lock:
-            value = self._read(offset & 7)
+            if self.lcr & LCR_DLAB or self.mcr & MCR_LOOP:
+                for value in data:
+                    write(offset, 1, value)
+                return
+            self._out(bytes(data))
+            if not self.thr_pending:
+                self.thr_pending = True
+                self._update_irq()
+
+    def _locked_read(self, reg: int) -> int:
+        with self._lock:
+            value = self._read(reg)
             self._update_irq()
             return value
+
+    def _locked_write(self, reg: int, value: int) -> None:
+        with self._lock:
+            self._write(reg, value & 0xFF)
+            self._update_irq()
+
+    def _read_rbr_dll(self, offset: int, size: int) -> int:
+        if self.lcr & LCR_DLAB:
+            return self.dll
+        return self._locked_read(RBR_THR_DLL)
+
+    def _read_ier_dlm(self, offset: int, size: int) -> int:
+        return self.dlm if self.lcr & LCR_DLAB else self.ier
+
+    def _read_iir(self, offset: int, size: int) -> int:
+        # Reading IIR changes something only when it reports THRE (which it takes):
+        # the line is looked at again only then.
+        with self._lock:
+            iid = self._pending_iid()
+            if iid == IIR_THRI:
+                self.thr_pending = False
+                self._update_irq()
+            return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
+
+    def _read_lcr(self, offset: int, size: int) -> int:
+        return self.lcr
+
+    def _read_mcr(self, offset: int, size: int) -> int:
+        return self.mcr
+
+    def _read_lsr(self, offset: int, size: int) -> int:
+        # The FIFO first, the latched errors second: the host side only adds to
+        # either, so errors still clear when read mean none had arrived when the
+        # FIFO was looked at, and the value is the state of that moment. With
+        # errors latched the read clears them, which moves the line: locked.
+        ready = LSR_DR if self.rx else 0
+        if self.lsr_errors:
+            return self._locked_read(LSR)
+        return LSR_THRE | LSR_TEMT | ready
+
+    def _read_msr(self, offset: int, size: int) -> int:
+        # Deltas come only from the guest's own MCR writes; none latched, the read
+        # changes nothing.
+        if self.msr_deltas:
+            return self._locked_read(MSR)
+        return self._lines()
+
+    def _read_scr(self, offset: int, size: int) -> int:
+        return self.scr
+
+    def _write_thr_dll(self, offset: int, size: int, value: int) -> None:
+        if self.lcr & LCR_DLAB:
+            self.dll = value & 0xFF
+        elif self.thr_pending and not self.mcr & MCR_LOOP:
+            # THRE already due and the byte leaves at once: nothing else changes,
+            # so there is no line to update and nothing a lock would order.
+            self._out(SINGLE_BYTES[value & 0xFF])
+        else:
+            self._locked_write(RBR_THR_DLL, value)
+
+    def _write_ier_dlm(self, offset: int, size: int, value: int) -> None:
+        if self.lcr & LCR_DLAB:
+            self.dlm = value & 0xFF
+        elif value & IER_MASK != self.ier:
+            self._locked_write(IER_DLM, value)
+
+    def _write_fcr(self, offset: int, size: int, value: int) -> None:
+        self._locked_write(IIR_FCR, value)
+
+    def _write_lcr(self, offset: int, size: int, value: int) -> None:
+        self.lcr = value & 0xFF
+
+    def _write_mcr(self, offset: int, size: int, value: int) -> None:
+        if value & MCR_MASK != self.mcr:
+            self._locked_write(MCR, value)
+
+    def _write_read_only(self, offset: int, size: int, value: int) -> None:
+        log.debug("serial: write %#x to read-only %s ignored", value & 0xFF, "LSR" if offset & 7 == LSR else "MSR")
+
+    def _write_scr(self, offset: int, size: int, value: int) -> None:
+        self.scr = value & 0xFF
 
     def _read(self, offset: int) -> int:
         dlab = self.lcr & LCR_DLAB
@@ -324,17 +461,6 @@ class Serial16550(Restorable):
                     self._rx_wanted = False
                     self._on_rx_space()
             return self.last_rbr
-        if offset == IER_DLM:
-            return self.dlm if dlab else self.ier
-        if offset == IIR_FCR:
-            iid = self._pending_iid()
-            if iid == IIR_THRI:
-                self.thr_pending = False
-            return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
-        if offset == LCR:
-            return self.lcr
-        if offset == MCR:
-            return self.mcr
         if offset == LSR:
             v = self._lsr()
             self.lsr_errors = 0
@@ -343,14 +469,7 @@ class Serial16550(Restorable):
             v = self._lines() | self.msr_deltas
             self.msr_deltas = 0
             return v
-        return self.scr
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size != 1:
-            log.debug("serial: %d-byte write at offset %d, using the low byte", size, offset)
-        with self._lock:
-            self._write(offset & 7, value & 0xFF)
-            self._update_irq()
+        raise AssertionError(f"serial: offset {offset} is read without the lock")
 
     def _write(self, offset: int, value: int) -> None:
         dlab = self.lcr & LCR_DLAB
@@ -370,19 +489,13 @@ class Serial16550(Restorable):
             if self.ier & IER_THRI and not old & IER_THRI:
                 self.thr_pending = True
         elif offset == IIR_FCR:
-            self._write_fcr(value)
-        elif offset == LCR:
-            self.lcr = value
+            self._write_fcr_locked(value)
         elif offset == MCR:
             before = self._lines()
             self.mcr = value & MCR_MASK
             self._note_line_change(before, self._lines())
-        elif offset == LSR:
-            log.debug("serial: write %#x to read-only LSR ignored", value)
-        elif offset == MSR:
-            log.debug("serial: write %#x to read-only MSR ignored", value)
         else:
-            self.scr = value
+            raise AssertionError(f"serial: offset {offset} is written without the lock")
 
     def _transmit(self, value: int) -> None:
         if self.mcr & MCR_LOOP:
@@ -391,11 +504,11 @@ class Serial16550(Restorable):
             else:
                 self.lsr_errors |= LSR_OE
         else:
-            self._out(bytes((value,)))
+            self._out(SINGLE_BYTES[value])
         # The byte left THR at once: THR is empty again and THRE is due.
         self.thr_pending = True
 
-    def _write_fcr(self, value: int) -> None:
+    def _write_fcr_locked(self, value: int) -> None:
         enable = bool(value & FCR_ENABLE_FIFO)
         if enable != self.fifo_enabled:
             # Toggling the FIFO enable resets both FIFOs (16550A data sheet).

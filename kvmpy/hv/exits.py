@@ -45,6 +45,9 @@ DECODED_PIO_WRITE = 0x100
 DECODED_PIO_READ = 0x101
 DECODED_MMIO_WRITE = 0x102
 DECODED_MMIO_READ = 0x103
+# Added to a DECODED_* value when queued port writes (Accel.port_write_queue) were
+# pending at that exit: the loop drains them first, then serves the access.
+DECODED_AFTER_QUEUED = 0x200
 
 
 class DecodedExits(NamedTuple):

@@ -18,7 +18,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from ..hv.exits import (DECODED_MMIO_READ, DECODED_MMIO_WRITE, DECODED_PIO_READ, DECODED_PIO_WRITE,
+from ..hv.exits import (DECODED_AFTER_QUEUED, DECODED_MMIO_READ, DECODED_MMIO_WRITE, DECODED_PIO_READ,
+                        DECODED_PIO_WRITE,
                         EXIT_DEBUG, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_MMIO,
                         EXIT_SHUTDOWN, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_RESET)
 
@@ -103,8 +104,9 @@ class VcpuThread(threading.Thread):
             vcpu = profiled = host.profile.wrap(vcpu, index)
         # The fast path: a single port or MMIO access comes back from the backend's
         # C loop already decoded, and goes straight to the claiming device's method
-        # (the bus's accessors, resolved once per address per bus map). Everything
-        # else, and every exit with queued port writes, takes the general path below.
+        # (the bus's accessors, resolved once per address per bus map); one made
+        # while port writes were queued comes back flagged (DECODED_AFTER_QUEUED) and
+        # they are drained first. Everything else takes the general path below.
         decoded = None
         if tracer is None and profiled is None and doorbell is None and before_entry is None:
             decoded = vcpu.decoded_exits()
@@ -117,6 +119,11 @@ class VcpuThread(threading.Thread):
                         return
                 if decoded is not None:
                     code = run_decoded(state)
+                    if code > DECODED_MMIO_READ:
+                        # Queued port writes were pending: they reach their devices first.
+                        if drain is not None:
+                            drain()
+                        code -= DECODED_AFTER_QUEUED
                     if code == DECODED_PIO_WRITE:
                         port = access[0]
                         acc = pio.accessors.get(port) or pio.accessor(port)

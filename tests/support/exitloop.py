@@ -18,6 +18,7 @@ class CapturedConsole:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._out = bytearray()
+        self.writes = 0          # buffered_write calls: the UART hands a burst over in one
 
     def attach(self, uart) -> None:
         pass
@@ -28,6 +29,7 @@ class CapturedConsole:
     def buffered_write(self, data: bytes) -> None:
         with self._lock:
             self._out += data
+            self.writes += 1
 
     def text(self) -> str:
         with self._lock:

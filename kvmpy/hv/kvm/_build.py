@@ -244,8 +244,10 @@ int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
 #define KVMPY_DECODED_PIO_READ ...
 #define KVMPY_DECODED_MMIO_WRITE ...
 #define KVMPY_DECODED_MMIO_READ ...
+#define KVMPY_DECODED_AFTER_QUEUED ...
 int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
+__u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head, unsigned char *run, __u32 cap);
 """)
 
 ffibuilder.set_source("kvmpy.hv.kvm._kvm_cffi", r"""
@@ -521,6 +523,9 @@ static int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop)
 #define KVMPY_DECODED_PIO_READ 0x101
 #define KVMPY_DECODED_MMIO_WRITE 0x102
 #define KVMPY_DECODED_MMIO_READ 0x103
+/* Added to the above when the coalesced ring held writes at that exit: the device
+   must see those first, and draining them is Python's. */
+#define KVMPY_DECODED_AFTER_QUEUED 0x200
 
 static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
 {
@@ -530,14 +535,40 @@ static __u64 kvmpy_le_load(const unsigned char *p, unsigned n)
     return v;
 }
 
-/* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
-   loop->access (no struct walk through cffi) and puts the value a read gave in
-   loop->access[3], stored here before KVM_RUN completes the instruction with it.
-   One argument, because cffi passes a single one without building a tuple.
-   Everything else returns as from kvmpy_run_loop: string and rep accesses, odd
-   sizes, and any exit while the coalesced ring holds writes (the device must see
-   those first, and draining is Python's). */
-static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
+/* The coalesced ring's oldest write, and the byte writes to the same port that
+   follow it, for CoalescedPio.drain: head gets its address, length (at most 8)
+   and value; a byte write's run (up to cap bytes, itself first) goes to run.
+   Returns how many entries that is (0: the ring is empty). Nothing is consumed:
+   the caller advances ring->first once the device has them, so a vCPU finding
+   the ring non-empty meanwhile waits for the drain rather than overtaking it.
+   Called with the drain's lock held; the kernel only ever appends. */
+static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head,
+                                  unsigned char *run, __u32 cap)
+{
+    __u32 first = ring->first;
+    /* The kernel fills an entry before it publishes it by moving last. */
+    __u32 last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+    if (first == last || first >= max || last >= max || cap == 0)
+        return 0;
+    struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[first];
+    __u32 len = e->len < 8 ? e->len : 8;
+    head[0] = e->phys_addr;
+    head[1] = len;
+    head[2] = kvmpy_le_load(e->data, len);
+    if (len != 1)
+        return 1;
+    __u32 n = 0;
+    for (__u32 i = first; i != last && n < cap; i = (i + 1) % max) {
+        struct kvm_coalesced_mmio *x = &ring->coalesced_mmio[i];
+        if (x->phys_addr != e->phys_addr || x->len != 1 || x->pio != e->pio)
+            break;
+        run[n++] = x->data[0];
+    }
+    return n;
+}
+
+/* kvmpy_run_decoded without the queued-writes flag. */
+static int kvmpy_run_decoded_access(struct kvmpy_vcpu_loop *loop)
 {
     struct kvm_run *run = loop->run;
     if (loop->answer_to != NULL) {
@@ -545,8 +576,6 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
             loop->answer_to[i] = (unsigned char)(loop->access[3] >> (8 * i));
     }
     int reason = kvmpy_run_loop(loop);
-    if (loop->ring != NULL && loop->ring->first != loop->ring->last)
-        return reason;
     if (reason == KVM_EXIT_IO && run->io.count == 1
             && (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
             && run->io.data_offset <= loop->run_size - run->io.size) {
@@ -575,6 +604,23 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
         return KVMPY_DECODED_MMIO_READ;
     }
     return reason;
+}
+
+/* kvmpy_run_loop for the vCPU thread's own loop: Python reads one access from
+   loop->access (no struct walk through cffi) and puts the value a read gave in
+   loop->access[3], stored here before KVM_RUN completes the instruction with it.
+   One argument, because cffi passes a single one without building a tuple.
+   An access made while the coalesced ring holds writes comes back decoded all the
+   same, plus KVMPY_DECODED_AFTER_QUEUED (the device must see those writes first,
+   and draining is Python's): a console polling LSR before each queued THR write
+   makes such an access every byte. Everything else returns as from
+   kvmpy_run_loop: string and rep accesses, odd sizes. */
+static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
+{
+    int code = kvmpy_run_decoded_access(loop);
+    if (code >= KVMPY_DECODED_PIO_WRITE && loop->ring != NULL && loop->ring->first != loop->ring->last)
+        code += KVMPY_DECODED_AFTER_QUEUED;
+    return code;
 }
 """)
 

@@ -85,7 +85,7 @@ class KvmAccel:
         try:
             if vm.check_extension("KVM_CAP_COALESCED_PIO") > 0:
                 self.port_write_queue = CoalescedPio(vm, self.vcpus[0].run_mmap, host.pio_bus.write,
-                                                     host.events)
+                                                     host.events, write_burst=host.pio_bus.write_burst)
         except (KvmError, ValueError) as e:
             log.debug("coalesced port writes not available: %s", e)
         # The claimed port and MMIO ranges, in C memory the vCPUs' run loops read

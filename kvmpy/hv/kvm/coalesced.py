@@ -1,13 +1,16 @@
 """Coalesced port writes: KVM queues guest OUTs to a registered port range in a ring
 (a page of the vCPU mmap, shared by the whole VM) instead of exiting to userspace.
 
-Used for the UART's THR while its IER is 0 (no interrupt of its can be pending, so
-when a byte is taken is invisible to the guest): Linux's console writes each byte
-as an LSR read and a THR write, and under nested KVM every exit to userspace costs
-far more than the in-kernel queueing, so this halves the console's exits.
+Used for the UART's THR (Serial16550's docstring says why that is safe whatever
+IER says) and the RTC's index port: Linux's console writes each byte as an LSR read
+and a THR write, and under nested KVM every exit to userspace costs far more than
+the in-kernel queueing, so this halves the console's exits. A run of byte writes
+to one port goes to the bus as one burst (``Bus.write_burst``): the bytes Linux's
+transmit interrupt handler writes are one call into the UART and one console write.
 
 Order is kept: every exit to userspace drains the ring before it is handled (the
-vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``), so the device sees the queued writes before any later
+vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``; the C loop flags
+a decoded access made while writes were queued, DECODED_AFTER_QUEUED), so the device sees the queued writes before any later
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
 covered by a timer on the machine's event loop that empties the ring every
@@ -28,15 +31,26 @@ from ._kvm_cffi import ffi, lib
 log = logging.getLogger(__name__)
 
 DRAIN_INTERVAL = 0.01
+# Most byte writes handed over in one burst: a page's ring holds fewer entries.
+BURST_MAX = 256
+_take = lib.kvmpy_coalesced_take
 
 
 class CoalescedPio:
     def __init__(self, vm, vcpu_mm: mmap.mmap, write: Callable[[int, int, int], None],
-                 events: EventLoop) -> None:
+                 events: EventLoop, write_burst: Callable[[int, bytes], None] | None = None) -> None:
         """``write(port, size, value)`` is the port bus; ``vcpu_mm`` any vCPU's kvm_run mmap;
-        ``events`` runs the periodic drain."""
+        ``events`` runs the periodic drain; ``write_burst(port, data)``, where given,
+        takes a run of queued byte writes to one port at once (Bus.write_burst)."""
         self.vm = vm
         self._write = write
+        self._write_burst = write_burst
+        # kvmpy_coalesced_take's answers: the oldest write (port, length, value),
+        # and the bytes of a run of byte writes to that port.
+        self._head_c = ffi.new("__u64[3]")
+        self._head = memoryview(ffi.buffer(self._head_c)).cast("Q")
+        self._run_c = ffi.new("unsigned char[]", BURST_MAX)
+        self._run = ffi.buffer(self._run_c)
         self._events = events
         off = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
         if len(vcpu_mm) < off + mmap.PAGESIZE:
@@ -47,6 +61,22 @@ class CoalescedPio:
         self._ring = ffi.cast("struct kvm_coalesced_mmio_ring *", base + off)
         self._max = (mmap.PAGESIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
             "struct kvm_coalesced_mmio")
+        # The same page as 32- and 64-bit words: the emptiness check and a single
+        # entry (a console's byte between two LSR polls, the common case) are read
+        # here, with no call into C and its GIL release; C walks runs of several
+        # entries (kvmpy_coalesced_take).
+        page = ffi.buffer(self._ring, mmap.PAGESIZE)
+        entry = ffi.sizeof("struct kvm_coalesced_mmio")
+        head_at = ffi.offsetof("struct kvm_coalesced_mmio_ring", "coalesced_mmio")
+        layout = (ffi.offsetof("struct kvm_coalesced_mmio_ring", "first"),
+                  ffi.offsetof("struct kvm_coalesced_mmio_ring", "last"),
+                  ffi.offsetof("struct kvm_coalesced_mmio", "len"),
+                  ffi.offsetof("struct kvm_coalesced_mmio", "data"), entry % 8, head_at % 8)
+        if layout != (0, 4, 8, 16, 0, 0):
+            raise ValueError(f"unexpected coalesced ring layout {layout}")
+        self._words = memoryview(page).cast("I")          # [0] first, [1] last
+        self._qwords = memoryview(page).cast("Q")
+        self._entry_q, self._head_q = entry // 8, head_at // 8
         self._lock = threading.Lock()
         self._zones: set[tuple[int, int]] = set()
         self._closed = False
@@ -69,29 +99,46 @@ class CoalescedPio:
                 self._zones.discard(key)
 
     def pending(self) -> bool:
-        ring = self._ring
-        return ring.first != ring.last
+        words = self._words
+        return words[0] != words[1]
 
     def drain(self) -> None:
-        """Hand the queued writes to the bus, oldest first."""
-        ring = self._ring
-        if ring.first == ring.last:
+        """Hand the queued writes to the bus, oldest first; consecutive byte writes to
+        one port (the UART's THR: up to 16 per interrupt from Linux's handler, a line
+        from a console) as one burst where the bus takes bursts."""
+        words = self._words
+        if words[0] == words[1]:
             return
         with self._lock:
-            first = ring.first
-            while first != ring.last:
-                e = ring.coalesced_mmio[first]
-                port, length = e.phys_addr, min(e.len, 8)
-                value = int.from_bytes(ffi.buffer(e.data, length), "little")
+            ring, qwords, head, run, head_c, run_c = (self._ring, self._qwords, self._head, self._run,
+                                                       self._head_c, self._run_c)
+            size, entry_q, head_q = self._max, self._entry_q, self._head_q
+            cap = BURST_MAX if self._write_burst is not None else 1
+            while True:
+                first, last = words[0], words[1]
+                if first == last or first >= size:
+                    break
+                if (first + 1) % size == last:
+                    # One entry (the common case between a console's LSR polls): read here.
+                    at = head_q + first * entry_q
+                    length = min(qwords[at + 1] & 0xFFFFFFFF, 8)
+                    port, value, n = qwords[at], qwords[at + 2] & ((1 << (8 * length)) - 1), 1
+                else:
+                    n = _take(ring, size, head_c, run_c, cap)
+                    if n == 0:
+                        break
+                    port, length, value = head[0], head[1], head[2]
                 try:
-                    self._write(port, length, value)
+                    if n == 1:
+                        self._write(port, length, value)
+                    else:
+                        self._write_burst(port, run[0:n])
                 except Exception as exc:  # a device fault must not stop draining
                     log.error("coalesced write to port %#x failed: %s: %s", port, type(exc).__name__, exc)
-                # Only now: until the device has the write, the unlocked check at the
-                # top must see it pending, so a vCPU's exit waits here for the lock
-                # rather than reaching the device ahead of it.
-                first = (first + 1) % self._max
-                ring.first = first
+                # Only now: until the device has the writes, the unlocked check at the
+                # top must see them pending, so a vCPU's exit waits here for the lock
+                # rather than reaching the device ahead of them.
+                words[0] = (first + n) % size
 
     def _drain_tick(self) -> None:
         """On the event loop: drain, and come back while a zone is registered."""
