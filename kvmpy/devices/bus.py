@@ -35,6 +35,7 @@ class BusDevice(Protocol):
         """Guest input: a bad offset, size or value is logged and ignored, never raised."""
 
 
+@runtime_checkable
 class RegisterAccessors(Protocol):
     """Optional, for a device whose registers each have their own read and write."""
 
@@ -42,6 +43,15 @@ class RegisterAccessors(Protocol):
         """The ``(read, write)`` pair that serves ``offset``, called as the device's own
         ``read``/``write`` are (with the offset); they must behave exactly as those do
         at that offset, for every size and value, whatever state the device is in."""
+
+
+@runtime_checkable
+class BurstWriter(Protocol):
+    """Optional, for a device that takes a run of byte writes to one register at once."""
+
+    def write_burst(self, offset: int, data: bytes) -> None:
+        """Exactly what ``len(data)`` one-byte writes of ``data`` at ``offset``, in
+        order, would do."""
 
 
 @runtime_checkable
@@ -185,12 +195,11 @@ class Bus:
         offset = addr - base
         # A device with a method per register hands the loop that register's own
         # pair, saving its dispatch on every access (RegisterAccessors).
-        split = getattr(dev, "register_accessors", None)
-        if split is None:
-            acc = (dev.read, dev.write, offset)
-        else:
-            read, write = split(offset)
+        if isinstance(dev, RegisterAccessors):
+            read, write = dev.register_accessors(offset)
             acc = (read, write, offset)
+        else:
+            acc = (dev.read, dev.write, offset)
         if len(accessors) < FOUND_KEPT:
             accessors[addr] = acc
         return acc
@@ -220,9 +229,8 @@ class Bus:
             self._note_unclaimed(addr, "write")
             return
         base, dev = hit
-        burst = getattr(dev, "write_burst", None)
-        if burst is not None:
-            burst(addr - base, data)
+        if isinstance(dev, BurstWriter):
+            dev.write_burst(addr - base, data)
             return
         for value in data:
             dev.write(addr - base, 1, value)
