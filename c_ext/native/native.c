@@ -1586,6 +1586,38 @@ static void emit_exit(Emit *e, int done)
     b1(e, 0xc3);   /* ret */
 }
 
+/* What a direct chain and a jump-cache exit both check before leaving for compiled
+ * code (native.h): nothing pending between blocks (exit request, halt, interrupt
+ * shadow, a stop, an access left over) and every code-page mark seen. Each failed
+ * check is a jcc32 to patch to the plain exit; returns the new count. */
+static int emit_chain_allowed(Comp *k, uint8_t **out, int nout)
+{
+    Emit *e = &k->e;
+    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
+    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
+    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
+    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
+    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
+    out[nout++] = jcc32(e, 0x5);
+    return nout;
+}
+
+/* Into the compiled code of the block in rcx, past its prologue, counting the jump
+ * in the stat at ``stat_off``. */
+static void emit_enter_block_rcx(Comp *k, int32_t stat_off)
+{
+    Emit *e = &k->e;
+    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
+    add64_mem_imm(e, stat_off, 1);
+    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
+    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+}
+
 /* Leaves for the direct successor at guest rip `target` (c->rip already holds it),
  * jumping straight into its compiled code when native_chain_fits() linked it in
  * b->nat_succ[slot] and the conditions of native.h hold; otherwise returns with
@@ -1603,16 +1635,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
     out[nout++] = jcc32(e, 0x4);                                /* jz out */
     /* what the run loop and native_ready() look at between blocks, all zero */
-    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
-    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
-    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
-    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
-    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
-    out[nout++] = jcc32(e, 0x5);
+    nout = emit_chain_allowed(k, out, nout);
     b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
     out[nout++] = jcc32(e, 0x4);
     /* block_fits(): the successor's page is what this CPU fetches at its linear address */
@@ -1626,11 +1649,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
     op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
     out[nout++] = jcc32(e, 0x5);
-    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
-    add64_mem_imm(e, CPU_OFF(st_native_chained), 1);
-    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
-    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
-    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    emit_enter_block_rcx(k, CPU_OFF(st_native_chained));
     for (int n = 0; n < nout; n++)
         patch_rel32(out[n], e->p);
     mov_imm(e, RAX, slot_addr);
@@ -1654,16 +1673,7 @@ static void emit_lookup_exit(Comp *k, int done)
     int nout = 0;
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
-    op_mem(e, 0, 0x8b, RDX, CPU_OFF(exit_request));             /* mov edx, exit_request */
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(halted));                   /* or edx, halted */
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(shadow));
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(stop_block));
-    op_mem(e, 0, 0x0b, RDX, CPU_OFF(nacc));
-    out[nout++] = jcc32(e, 0x5);                                /* jnz out */
-    mov_imm(e, RDX, (uint64_t)(uintptr_t)k->c->nat_code_epoch);
-    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x12);                      /* mov rdx, [rdx] */
-    op_mem(e, 1, 0x3b, RDX, CPU_OFF(seen_code_epoch));          /* cmp rdx, seen_code_epoch */
-    out[nout++] = jcc32(e, 0x5);
+    nout = emit_chain_allowed(k, out, nout);
     load64(e, RAX, CPU_OFF(rip));
     /* rcx = jc[(pc ^ (pc >> 10)) & 4095], find_block's index */
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc1);                      /* mov rcx, rax */
@@ -1708,11 +1718,7 @@ static void emit_lookup_exit(Comp *k, int done)
     b1(e, 0x48); b1(e, 0x3b); b1(e, 0x94); b1(e, 0x33);         /* cmp rdx, [rbx+rsi+paddr] */
     b4(e, (uint32_t)(CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, paddr)));
     out[nout++] = jcc32(e, 0x5);
-    store64(e, RCX, CPU_OFF(cur_block));                        /* the step helper's block */
-    add64_mem_imm(e, CPU_OFF(st_native_indirect), 1);
-    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, native));   /* mov rax, [rcx+native] */
-    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc0); b1(e, NATIVE_CHAIN_ENTRY);   /* past its prologue */
-    b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
+    emit_enter_block_rcx(k, CPU_OFF(st_native_indirect));
     for (int n = 0; n < nout; n++)
         patch_rel32(out[n], e->p);
     b1(e, 0x5b);   /* pop rbx */
