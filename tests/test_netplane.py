@@ -10,11 +10,13 @@ judge, and stop cleanly on reset, hold and ``state()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import struct
 import time
+import types
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -394,26 +396,44 @@ def test_python_mode_stays_in_python(make_rig):
 
 # -- the C plane on its own: MRG_RXBUF, which the model does not offer yet ----------------
 
-@needs_native
-def test_mergeable_rx_buffers_spread_a_frame(netns):
-    net = TapNetwork.open(vm_name="np-mrg", netns=netns)
-    m = SoftMachine(ram_size=8 << 20)
-    sock = packet_socket(netns, net.tap.name, ETH_TYPE)
-    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-    pair = None
+@contextlib.contextmanager
+def _mergeable_pair(netns, vm_name: str):
+    """A C rx/tx pair with MRG_RXBUF on a tap in ``netns``, its rings driven by the
+    test (rig.dqs) and a packet socket on the tap's far side (rig.sock)."""
+    rig = types.SimpleNamespace(net=TapNetwork.open(vm_name=vm_name, netns=netns),
+                                m=SoftMachine(ram_size=8 << 20), pair=None, sock=None,
+                                kicks=[os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)])
     try:
-        dqs, sqs = [], []
+        rig.sock = packet_socket(netns, rig.net.tap.name, ETH_TYPE)
+        rig.dqs, rig.sqs = [], []
         for i in range(2):
-            dq = DriverQueue(m.memory, 0x100000 + 0x10000 * i, 64)
-            sq = SplitQueue(m.memory, 64)
+            dq = DriverQueue(rig.m.memory, 0x100000 + 0x10000 * i, 64)
+            sq = SplitQueue(rig.m.memory, 64)
             sq.size, sq.desc_addr, sq.avail_addr, sq.used_addr = 64, dq.desc_addr, dq.avail_addr, dq.used_addr
             sq.activate()
-            dqs.append(dq)
-            sqs.append(sq)
-        backend = netplane.NetPairBackend(rx_queue=0, tx_queue=1, tap_fd=net.tap.fd, hdr_len=12, mrg_rxbuf=True,
-                                          rx_frame_max=12 + 69632)
-        pair = netplane.NativeNetPair(RegionPointers(m.memory), sqs[0], sqs[1], backend, kick_fds=tuple(kicks),
-                                      irq_fds=(None, None))
+            rig.dqs.append(dq)
+            rig.sqs.append(sq)
+        backend = netplane.NetPairBackend(rx_queue=0, tx_queue=1, tap_fd=rig.net.tap.fd, hdr_len=12,
+                                          mrg_rxbuf=True, rx_frame_max=12 + 69632)
+        rig.pair = netplane.NativeNetPair(RegionPointers(rig.m.memory), rig.sqs[0], rig.sqs[1], backend,
+                                          kick_fds=tuple(rig.kicks), irq_fds=(None, None))
+        yield rig
+    finally:
+        if rig.pair is not None:
+            rig.pair.stop()
+            rig.pair.close()
+        for fd in rig.kicks:
+            os.close(fd)
+        if rig.sock is not None:
+            rig.sock.close()
+        rig.net.close()
+        rig.m.close()
+
+
+@needs_native
+def test_mergeable_rx_buffers_spread_a_frame(netns):
+    with _mergeable_pair(netns, "np-mrg") as rig:
+        m, dqs, sqs, sock, net, kicks, pair = rig.m, rig.dqs, rig.sqs, rig.sock, rig.net, rig.kicks, rig.pair
         # 16 rx chains of 256 bytes; a 1000-byte frame needs 4 of them (1012 bytes with the header)
         heads = [dqs[0].add([], [(RXBUF + 256 * i, 256)]) for i in range(16)]
         os.eventfd_write(kicks[0], 1)
@@ -431,17 +451,11 @@ def test_mergeable_rx_buffers_spread_a_frame(netns):
         assert dqs[0].collect() == [(heads[4], 72)]
         assert m.memory.read(RXBUF + 4 * 256 + 10, 2) == b"\x01\x00"
         assert pair.take_interrupt(0)
-    finally:
-        if pair is not None:
-            info = pair.stop()
-            pair.close()
-            assert info.rx_frames == 2 and not info.handed_back
-            assert sqs[0].next_avail == 5 and sqs[0].next_used == 5
-        for fd in kicks:
-            os.close(fd)
-        sock.close()
-        net.close()
-        m.close()
+        info = pair.stop()
+        pair.close()
+        rig.pair = None
+        assert info.rx_frames == 2 and not info.handed_back
+        assert sqs[0].next_avail == 5 and sqs[0].next_used == 5
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -549,24 +563,8 @@ def test_merged_frame_too_big_for_the_buffers_is_handed_back_whole(netns):
     """A tap's read returns what fit, not the frame's length: the thread must see
     the frame did not fit (it reads on into a bounce buffer) and hand it back whole,
     not deliver the part that fit as a frame."""
-    net = TapNetwork.open(vm_name="np-big", netns=netns)
-    m = SoftMachine(ram_size=8 << 20)
-    sock = packet_socket(netns, net.tap.name, ETH_TYPE)
-    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-    pair = None
-    try:
-        dqs, sqs = [], []
-        for i in range(2):
-            dq = DriverQueue(m.memory, 0x100000 + 0x10000 * i, 64)
-            sq = SplitQueue(m.memory, 64)
-            sq.size, sq.desc_addr, sq.avail_addr, sq.used_addr = 64, dq.desc_addr, dq.avail_addr, dq.used_addr
-            sq.activate()
-            dqs.append(dq)
-            sqs.append(sq)
-        backend = netplane.NetPairBackend(rx_queue=0, tx_queue=1, tap_fd=net.tap.fd, hdr_len=12, mrg_rxbuf=True,
-                                          rx_frame_max=12 + 69632)
-        pair = netplane.NativeNetPair(RegionPointers(m.memory), sqs[0], sqs[1], backend, kick_fds=tuple(kicks),
-                                      irq_fds=(None, None))
+    with _mergeable_pair(netns, "np-big") as rig:
+        dqs, sqs, sock, net, kicks, pair = rig.dqs, rig.sqs, rig.sock, rig.net, rig.kicks, rig.pair
         for i in range(2):
             dqs[0].add([], [(RXBUF + 256 * i, 256)])
         os.eventfd_write(kicks[0], 1)
@@ -575,15 +573,6 @@ def test_merged_frame_too_big_for_the_buffers_is_handed_back_whole(netns):
         assert wait_for(lambda: netplane.plane_glue.take_event(pair.handback_fd))
         info = pair.stop()
         pair.close()
-        pair = None
+        rig.pair = None
         assert info.handed_back and info.rx_waiting[12:] == frame and info.rx_dropped == 0
         assert dqs[0].used_idx() == 0 and sqs[0].next_avail == 0
-    finally:
-        if pair is not None:
-            pair.stop()
-            pair.close()
-        for fd in kicks:
-            os.close(fd)
-        sock.close()
-        net.close()
-        m.close()
