@@ -576,6 +576,12 @@ def _run_both(source, handlers=None):
     return out
 
 
+def assert_same_state(native_regs, interp_regs):
+    """Every general register, rip and rflags alike after the native and interpreted runs."""
+    names = NAMES + ["rip", "rflags"]
+    assert {n: getattr(native_regs, n) for n in names} == {n: getattr(interp_regs, n) for n in names}
+
+
 FAULT_MID_BLOCK = f"""
     mov rax, 1
     mov rcx, {NOT_PRESENT:#x}
@@ -598,9 +604,7 @@ def test_page_fault_mid_block_is_precise():
         r = native.regs()
         assert r.rbx == native.syms["fault"]        # the pushed rip: the faulting load
         assert (r.rsi, r.rax, r.rdi) == (NOT_PRESENT, 3, 14)   # earlier results kept, later none
-        ri = interp.regs()
-        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
-            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert_same_state(r, interp.regs())
         assert native.vcpu.stats()["native_blocks"] > 0
     finally:
         native.close()
@@ -636,9 +640,7 @@ def test_stack_fault_is_precise(insn, cr2):
         r = native.regs()
         assert r.rbx == native.syms["fault"]
         assert (r.rdi, r.rsi, r.rax) == (NOT_PRESENT + 0x10, cr2, 3)
-        ri = interp.regs()
-        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
-            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert_same_state(r, interp.regs())
         # the block was compiled: its stack access missed the TLB and the interpreter's
         # handler, which the native code hands a miss, raised the fault
         assert native.vcpu.stats()["native_blocks"] > 0
@@ -845,9 +847,7 @@ def test_div_fault_is_precise(setup, insn):
     try:
         r = native.regs()
         assert r.rbx == native.syms["fault"] and r.rax == 3
-        ri = interp.regs()
-        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
-            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert_same_state(r, interp.regs())
         assert native.vcpu.stats()["native_blocks"] > 0
     finally:
         native.close()
@@ -888,9 +888,7 @@ def test_cli_faults_in_user_mode_and_clears_if_in_ring_0():
         r = native.regs()
         assert r.rbx == native.syms["fault"] and (r.rax, r.rcx) == (7, 0)
         assert r.rdx & 0x200 and not r.rsi & 0x200 and not r.rflags & 0x200
-        ri = interp.regs()
-        assert {n: getattr(r, n) for n in NAMES + ["rip", "rflags"]} == \
-            {n: getattr(ri, n) for n in NAMES + ["rip", "rflags"]}
+        assert_same_state(r, interp.regs())
         assert native.vcpu.stats()["native_blocks"] > 0
     finally:
         native.close()
