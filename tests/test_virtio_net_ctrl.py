@@ -398,6 +398,13 @@ def test_rx_filter_rules(f, dst, own, vlan, filtering):
 def test_hostile_states_are_refused():
     ok = VirtioNetState(b"\x52\x54\x00\x00\x00\x01", 256, 0, 0, 0, 0)
     VirtioNet.from_state(ok, SocketPort())
+    # the longest frame a native thread may hand back to wait (the header and the
+    # rx_frame_max native_backend gives it): its state comes back
+    from kvmpy.devices.virtio import net as net_model
+    longest = bytes(12 + net_model._RX_FRAME_MAX)
+    VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, "rx_waiting": (longest,)}), SocketPort())
+    with pytest.raises(ValueError):
+        VirtioNet.from_state(VirtioNetState(**{**ok.__dict__, "rx_waiting": (longest + b"\0",)}), SocketPort())
     for bad in (dict(active_pairs=2), dict(rx_filter=RxFilter(vlans=(5000,))),
                 dict(rx_filter=RxFilter(unicast=(b"abc",))), dict(rx_waiting=(b"", b"")), dict(rx_filter=None)):
         with pytest.raises(ValueError):

@@ -169,6 +169,10 @@ _MRG_RXBUF_BIT = 15
 # What the tap may hand over after the header: a 64 KiB GSO frame, its Ethernet
 # and VLAN headers, with room to spare (QEMU's receive buffer is as large).
 _RX_FRAME_MAX = 69632
+# The longest frame that may wait for merged buffers, header included: one the
+# model read (MAX_TAP_FRAME) or one a native thread handed back (its header and
+# up to _RX_FRAME_MAX), so a state() of either is taken back by from_state.
+RX_WAITING_MAX = max(MAX_TAP_FRAME, 12 + _RX_FRAME_MAX)
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class VirtioNet(VirtioDevice):
         if not 1 <= state.active_pairs <= state.queue_pairs:
             raise ValueError(f"{name}: active pairs {state.active_pairs} of {state.queue_pairs}")
         if len(state.rx_waiting) not in (0, state.queue_pairs) or any(
-                not isinstance(w, bytes) or len(w) > MAX_TAP_FRAME for w in state.rx_waiting):
+                not isinstance(w, bytes) or len(w) > RX_WAITING_MAX for w in state.rx_waiting):
             raise ValueError(f"{name}: rx_waiting must hold one frame (or b'') per pair")
         dev = cls(tap, mac=state.mac, queue_size=state.queue_size, name=name, queue_pairs=state.queue_pairs,
                   **kwargs)
