@@ -616,6 +616,9 @@ class VirtioNet(VirtioDevice):
         header_views = first
         header_at = 0           # entries before it are chains returned empty, not the frame's
         off = 0
+        # Counted only once the copy is done: a round short of chains pops nothing
+        # and comes again, and its empty chains with it.
+        dropped = 0
         while off < len(data) or not entries and first is None:
             chain = q.pop()
             if chain is None:
@@ -625,7 +628,7 @@ class VirtioNet(VirtioDevice):
                 if chain.writable_len < VNET_HDR_SIZE:
                     # Not even room for the header: returned empty, as above.
                     entries.append((chain.head, 0))
-                    self.stats["rx_dropped"] += 1
+                    dropped += 1
                     continue
                 header_views = chain.writable
                 header_at = len(entries)
@@ -635,8 +638,9 @@ class VirtioNet(VirtioDevice):
             if first is None and not self._mergeable and off < len(data):
                 # Only one chain per frame without MRG_RXBUF (after a restore into
                 # a driver that did not negotiate it): the rest is lost.
-                self.stats["rx_dropped"] += 1
+                dropped += 1
                 break
+        self.stats["rx_dropped"] += dropped
         _set_num_buffers(header_views, chains_before + len(entries) - header_at)
         return entries
 
