@@ -209,41 +209,57 @@ def _read_span(fd: int, buf: memoryview, offset: int) -> int:
     return done
 
 
-def _write_span(fd: int, buf: memoryview, offset: int) -> None:
+def consume(views: list[memoryview], n: int) -> None:
+    """Drops the first n bytes of ``views``: what a short preadv/pwritev did move."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views.pop(0)
+    if n and views:
+        views[0] = views[0][n:]
+
+
+def read_all(fd: int, views: list[memoryview], offset: int, zero_fill_eof: bool = True,
+             alignment: Alignment | None = None) -> int:
+    """preadv until every view (non-empty) is full; end of file reads zeroes, or is
+    EIO without ``zero_fill_eof``. With ``alignment`` (an O_DIRECT fd, views aligned):
+    a read ending short of a block boundary (end of file) leaves the rest to the
+    bounce path."""
+    total = sum(len(v) for v in views)
+    pending = list(views)
     done = 0
-    while done < len(buf):
-        n = os.pwritev(fd, [buf[done:]], offset + done)
+    while pending:
+        n = os.preadv(fd, pending, offset + done)
+        if n == 0:
+            if not zero_fill_eof:
+                raise OSError(errno.EIO, "unexpected end of file")
+            for v in pending:
+                v[:] = bytes(len(v))
+            return total
+        done += n
+        consume(pending, n)
+        if alignment is not None and pending and not _views_aligned(pending[:1], alignment):
+            preadv(fd, pending, offset + done, alignment, zero_fill_eof)
+            return total
+    return total
+
+
+def write_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """pwritev until every view (non-empty) is written; a write that moves nothing is EIO."""
+    pending = list(views)
+    done = 0
+    while pending:
+        n = os.pwritev(fd, pending, offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
+        consume(pending, n)
 
 
 def preadv(fd: int, views: list[memoryview], offset: int, alignment: Alignment, zero_fill_eof: bool = True) -> int:
     """Fill ``views`` (non-empty byte views) from ``offset`` of an O_DIRECT ``fd``."""
     total = sum(len(v) for v in views)
     if not offset % alignment.offset and _views_aligned(views, alignment):
-        done = 0
-        pending = list(views)
-        while pending:
-            n = os.preadv(fd, pending, offset + done)
-            if n == 0:
-                if not zero_fill_eof:
-                    raise OSError(errno.EIO, "unexpected end of file")
-                for v in pending:
-                    v[:] = bytes(len(v))
-                return total
-            done += n
-            # O_DIRECT transfers stop on a block boundary, so the rest stays aligned.
-            while pending and n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            if n and pending:
-                pending[0] = pending[0][n:]
-                if not _views_aligned(pending[:1], alignment):
-                    # Short of a block boundary (end of file): the bounce path ends it.
-                    preadv(fd, pending, offset + done, alignment, zero_fill_eof)
-                    return total
-        return total
+        return read_all(fd, views, offset, zero_fill_eof, alignment)
     start = offset - offset % alignment.offset
     end = -(-(offset + total) // alignment.offset) * alignment.offset
     bounce = aligned_buffer(end - start, alignment.memory)
@@ -263,7 +279,7 @@ def pwritev(fd: int, views: list[memoryview], offset: int, alignment: Alignment)
     to one block: the drivers' requests are whole sectors, qcow2 holds its lock)."""
     total = sum(len(v) for v in views)
     if not offset % alignment.offset and _views_aligned(views, alignment):
-        _write_views(fd, list(views), offset)
+        write_all(fd, views, offset)
         return total
     start = offset - offset % alignment.offset
     end = -(-(offset + total) // alignment.offset) * alignment.offset
@@ -279,25 +295,11 @@ def pwritev(fd: int, views: list[memoryview], offset: int, alignment: Alignment)
     for v in views:
         bounce[pos:pos + len(v)] = v
         pos += len(v)
-    _write_span(fd, bounce, start)
+    write_all(fd, [bounce], start)
     if file_size is not None and end > file_size and offset + total < end:
         # The block's padding must not grow the file (a raw image's size is the disk's).
         os.ftruncate(fd, max(file_size, offset + total))
     return total
-
-
-def _write_views(fd: int, views: list[memoryview], offset: int) -> None:
-    done = 0
-    while views:
-        n = os.pwritev(fd, views, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n and views:
-            views[0] = views[0][n:]
 
 
 def pread(fd: int, length: int, offset: int) -> bytes:

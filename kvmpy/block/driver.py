@@ -112,15 +112,6 @@ def _byte_views(buffers: list) -> list[memoryview]:
     return [v for v in map(_bytes_view, buffers) if len(v)]
 
 
-def _consume(views: list[memoryview], n: int) -> None:
-    """Drops the first n bytes of ``views``: what a short preadv/pwritev did move."""
-    while views and n >= len(views[0]):
-        n -= len(views[0])
-        views.pop(0)
-    if n and views:
-        views[0] = views[0][n:]
-
-
 def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True) -> int:
     """preadv until every buffer is full; a short read at end of file reads zeroes.
 
@@ -132,19 +123,7 @@ def full_preadv(fd: int, buffers: list, offset: int, zero_fill_eof: bool = True)
     alignment = direct.alignment_of(fd)
     if alignment is not None:
         return direct.preadv(fd, views, offset, alignment, zero_fill_eof) if views else 0
-    total = sum(len(v) for v in views)
-    done = 0
-    while views:
-        n = os.preadv(fd, views, offset + done)
-        if n == 0:
-            if not zero_fill_eof:
-                raise OSError(errno.EIO, "unexpected end of file")
-            for v in views:
-                v[:] = bytes(len(v))
-            return total
-        done += n
-        _consume(views, n)
-    return total
+    return direct.read_all(fd, views, offset, zero_fill_eof)
 
 
 def full_pwritev(fd: int, buffers: list, offset: int) -> int:
@@ -152,15 +131,8 @@ def full_pwritev(fd: int, buffers: list, offset: int) -> int:
     alignment = direct.alignment_of(fd)
     if alignment is not None:
         return direct.pwritev(fd, views, offset, alignment) if views else 0
-    total = sum(len(v) for v in views)
-    done = 0
-    while views:
-        n = os.pwritev(fd, views, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += n
-        _consume(views, n)
-    return total
+    direct.write_all(fd, views, offset)
+    return sum(len(v) for v in views)
 
 
 def total_length(buffers: list) -> int:
