@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from conftest import run_kvmpy, tool_required
 from support.bootsector import (EXIT_VALUE, FAIL_TEXT, GREETING, SECOND_SECTOR_TEXT,
                                 write_boot_disk)
+from support.acpi_loader import run_table_loader
 
 from kvmpy.boot.firmware import (SEABIOS_IMAGES, FirmwareMemory, bootorder, BootDevice,
                                  e820_entries, firmware_ram_layout, virtio_blk_boot_path)
@@ -352,27 +353,6 @@ def test_e820_is_qemus():
     assert e820_entries(4 << 30) == [(0, 3 << 30, 1), (1 << 32, 1 << 30, 1)]
 
 
-def _run_loader(files: dict[str, bytes], addresses: dict[str, int]) -> dict[str, bytearray]:
-    """What SeaBIOS's romfile_loader does, over ``files`` placed at ``addresses``."""
-    blobs = {}
-    for command in parse_table_loader(files["etc/table-loader"]):
-        if command[0] == "allocate":
-            _, name, align, _zone = command
-            assert addresses[name] % align == 0
-            blobs[name] = bytearray(files[name])
-        elif command[0] == "add_pointer":
-            _, dest, src, offset, size = command
-            value = int.from_bytes(blobs[dest][offset:offset + size], "little") + addresses[src]
-            blobs[dest][offset:offset + size] = value.to_bytes(size, "little")
-        elif command[0] == "add_checksum":
-            _, name, offset, start, length = command
-            blob = blobs[name]
-            blob[offset] = (blob[offset] - sum(blob[start:start + length])) & 0xFF
-        else:
-            raise AssertionError(command)
-    return blobs
-
-
 def test_loader_tables_are_the_direct_boot_tables_once_placed():
     """The firmware's copy, placed by the loader script, is byte for byte what direct
     boot writes at the same addresses, checksums included."""
@@ -380,7 +360,7 @@ def test_loader_tables_are_the_direct_boot_tables_once_placed():
     base = 0xE0010                   # RSDP here puts the tables at 0xE0040, 64-byte aligned
     t = build_loader_tables(num_cpus=2)
     files = {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}
-    blobs = _run_loader(files, {RSDP_FILE: base, TABLES_FILE: base + 0x30})
+    blobs = run_table_loader(files, {RSDP_FILE: base, TABLES_FILE: base + 0x30}, "seabios")
     mem = GuestMemory.anonymous([(0, 1 << 20)])
     try:
         assert build_acpi_tables(mem, base, num_cpus=2, bios_rsdp_copy=None) == base

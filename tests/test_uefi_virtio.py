@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from conftest import run_kvmpy, tool_required
 from support.uefi_esp import BEGIN, DONE, EXIT_PORT, EXIT_VALUE, make_esp, missing_esp_tool
+from support.acpi_loader import run_table_loader
 
 BOOT_TIMEOUT = 600
 TOKEN = "virtio-blk-read-back-5f3a"
@@ -241,24 +242,6 @@ def test_bus_decodes_bars_where_ovmf_put_them_and_acpi_says_so():
 
 
 # --- the ACPI tables through OVMF's loader ----------------------------------------------------------
-def _run_loader_as_ovmf(files: dict[str, bytes], addresses: dict[str, int]) -> dict[str, bytearray]:
-    """OVMF's first pass (OvmfPkg/AcpiPlatformDxe): pointers relocated, and a checksum
-    field set to CalculateCheckSum8 of its range as it stands, the field included
-    (SeaBIOS subtracts the sum from the field instead, which forgives a nonzero one)."""
-    from kvmpy.devices.fw_cfg import parse_table_loader
-    blobs: dict[str, bytearray] = {}
-    for command in parse_table_loader(files["etc/table-loader"]):
-        if command[0] == "allocate":
-            blobs[command[1]] = bytearray(files[command[1]])
-        elif command[0] == "add_pointer":
-            _, dest, src, offset, size = command
-            value = int.from_bytes(blobs[dest][offset:offset + size], "little") + addresses[src]
-            blobs[dest][offset:offset + size] = value.to_bytes(size, "little")
-        elif command[0] == "add_checksum":
-            _, name, offset, start, length = command
-            blobs[name][offset] = -sum(blobs[name][start:start + length]) & 0xFF
-    return blobs
-
 
 @pytest.mark.parametrize("mem_size", [512 << 20, 5 << 30])
 def test_every_table_ovmf_installs_has_a_valid_checksum(mem_size):
@@ -271,7 +254,7 @@ def test_every_table_ovmf_installs_has_a_valid_checksum(mem_size):
     t = build_loader_tables(num_cpus=2, pci_root=PciRoot(mem32=(mmio32,), mem64=(mmio64,)))
     files = {"etc/table-loader": t.loader, TABLES_FILE: t.tables, RSDP_FILE: t.rsdp}
     addresses = {RSDP_FILE: 0x1F77C000, TABLES_FILE: 0x1F77D000}
-    blobs = _run_loader_as_ovmf(files, addresses)
+    blobs = run_table_loader(files, addresses, "ovmf")
     pointees = {(c[2], int.from_bytes(blobs[c[1]][c[3]:c[3] + c[4]], "little") - addresses[c[2]])
                 for c in parse_table_loader(t.loader) if c[0] == "add_pointer"}
     signatures = set()
