@@ -59,6 +59,7 @@ from typing import Callable, Protocol
 from .errors import ConfigError
 from .events import EVENT_READ, EVENT_WRITE, EventLoop, TimerHandle, Worker
 from .monitor.control import VmControl
+from .unixsock import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -1013,18 +1014,12 @@ class UnixSocketConsole(SocketConsole):
             pass
         except OSError as e:
             raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The console is the guest's keyboard: whoever may connect may type into the
-        # guest. Born 0600, as the monitors' sockets are (bind takes the umask).
-        old_umask = os.umask(0o177)
+        # guest. 0600 before it can be connected to, as the monitors' sockets are.
         try:
-            listener.bind(path)
-            listener.listen(1)
+            listener = listen_unix(path, 1, mode=0o600)
         except OSError as e:
-            listener.close()
             raise ConfigError(f"serial = \"unix:{path}\": {e.strerror}") from None
-        finally:
-            os.umask(old_umask)
         st = os.lstat(path)
         # Which file is ours, for a cleanup helper that removes it after we are gone.
         self.socket_identity = (st.st_dev, st.st_ino)

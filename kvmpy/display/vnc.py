@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..events import EVENT_READ, EVENT_WRITE
+from ..unixsock import listen_unix
 from .des import vnc_auth_response
 from .keymap import MODIFIER_KEYSYMS, Keymap
 from .render import Surface
@@ -194,18 +195,13 @@ class VncServer:
         self._closed = False
         self.socket_identity: tuple[int, int] | None = None
         if address.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                if os.path.exists(address.path) and not os.path.isdir(address.path):
-                    if stat.S_ISSOCK(os.lstat(address.path).st_mode):
-                        os.unlink(address.path)
-                sock.bind(address.path)
-                os.chmod(address.path, 0o600)
-                st = os.lstat(address.path)
-                self.socket_identity = (st.st_dev, st.st_ino)
-            except OSError:
-                sock.close()
-                raise
+            if os.path.exists(address.path) and not os.path.isdir(address.path):
+                if stat.S_ISSOCK(os.lstat(address.path).st_mode):
+                    os.unlink(address.path)
+            # Whoever connects sees the screen and types: 0600 before anyone can.
+            sock = listen_unix(address.path, 8, mode=0o600)
+            st = os.lstat(address.path)
+            self.socket_identity = (st.st_dev, st.st_ino)
         else:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -219,7 +215,7 @@ class VncServer:
                 log.warning("VNC server on %s listens beyond loopback: anyone who can reach it sees the screen "
                             "and types on the keyboard%s", address,
                             "" if address.password else " (no password)")
-        sock.listen(8)
+            sock.listen(8)
         sock.setblocking(False)
         self.sock = sock
         self.web_files: dict[str, bytes] = {}

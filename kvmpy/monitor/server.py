@@ -26,6 +26,7 @@ from typing import Callable
 
 from ..errors import ConfigError
 from ..events import EVENT_READ, EVENT_WRITE, EventLoop, Worker
+from ..unixsock import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,12 @@ def parse_address(spec: str, *, option: str = "monitor") -> Address:
 def _listen(addr: Address) -> socket.socket:
     if addr.kind == "unix":
         _remove_stale_unix_socket(addr.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Connecting needs write permission on the socket file, and a monitor is full
-        # control of the VM: the file is born 0600 (bind takes its mode from the umask;
-        # a chmod afterwards would leave a window). The umask is process-wide, but
-        # monitors bind during start-up, before vCPU or console threads create files.
-        old_umask = os.umask(0o177)
+        # control of the VM: the file is 0600 before it can be connected to.
         try:
-            sock.bind(addr.path)
+            sock = listen_unix(addr.path, 16, mode=0o600)
         except OSError as e:
-            sock.close()
             raise ConfigError(f"monitor: cannot bind {addr}: {e.strerror}") from None
-        finally:
-            os.umask(old_umask)
     else:
         try:
             infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
@@ -127,7 +121,7 @@ def _listen(addr: Address) -> socket.socket:
         if not _is_loopback(sockaddr[0]):
             log.warning("monitor on %s listens beyond loopback: anyone who can reach it "
                         "controls the VM", addr)
-    sock.listen(16)
+        sock.listen(16)
     sock.setblocking(False)
     return sock
 

@@ -23,6 +23,7 @@ from ..block.imgcli import _one_line_errors, create_image
 from ..errors import UserError
 from ..lifecycle import Pidfile, daemonize
 from ..pathcheck import refuse_special_file
+from ..unixsock import listen_unix
 from . import protocol as p
 from .server import Export, ExportOptions, NbdServer
 
@@ -217,14 +218,10 @@ def _listen(args) -> list[socket.socket]:
         if os.path.lexists(path):
             refuse_special_file(path, "-k/--socket", NbdUsageError)
             raise NbdUsageError(f"-k/--socket {args.socket}: already exists (remove it if no server uses it)")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(path)
+            return [listen_unix(path, 128)]
         except OSError as e:
-            s.close()
             raise NbdUsageError(f"-k/--socket {args.socket}: cannot listen: {e.strerror}") from None
-        s.listen(128)
-        return [s]
     host = args.bind or DEFAULT_BIND
     port = DEFAULT_PORT if args.port is None else args.port
     try:
