@@ -34,6 +34,7 @@ from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .devices.virtio.pci import VirtioPciTransport   # imported now: the sandbox forbids it later
 from .devices.virtio.dataplane import iothreads
+from .devices.virtio.dataplane import available as dataplane_available, iothread as named_iothread
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
@@ -177,10 +178,28 @@ class Machine:
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
+        self._start_iothreads()
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
         self._attach_firmware_vars()
         self._serve_pm_timer()
         self._attach_display()
+
+    def _start_iothreads(self) -> None:
+        """The configured iothreads (-object iothread, [[iothread]]) run from the start,
+        also those no disk names, as QEMU starts one for each object and
+        query-iothreads lists it: until a disk gives it queues it waits in poll()."""
+        if not self.cfg.iothreads:
+            return
+        if not dataplane_available():
+            log.warning("iothreads %s: kvmpy was built without its native data plane, which runs them; "
+                        "no thread runs for them and the disks' queues are served by the event loop",
+                        ", ".join(self.cfg.iothreads))
+            return
+        for name in self.cfg.iothreads:
+            try:
+                named_iothread(name)
+            except OSError as e:
+                raise HostError(f"{self.cfg.source}: iothread {name}: {e.strerror}") from None
 
     def _attach_firmware_vars(self) -> None:
         """UEFI's variable store as QEMU's second pflash, right below the firmware code:
