@@ -157,6 +157,9 @@ def test_guest_announce_status_interrupt_and_ack_with_rarps(soft):
     # the first round at once, then 40 ms, then 40 + 30 ms (event loop timers round up, never down)
     assert gaps[1] >= 0.039 and gaps[2] >= 0.069, gaps
     assert nic.status() == 3, "LINK_UP | ANNOUNCE"
+    assert nic.model.state().announce, "the pending announcement is part of the state"
+    restored = VirtioNet.from_state(nic.model.state(), SocketPort())
+    assert restored.announce_pending
     assert soft.wait_msi(len(soft.msis)) and config_interrupts(soft) > msis, "a config interrupt"
     assert nic.ack_announce() == VIRTIO_NET_OK
     assert nic.status() == 1

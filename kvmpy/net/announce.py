@@ -87,6 +87,7 @@ class Announcer:
         # id -> (its parameters, the timer of its next round); loop thread only
         self._running: dict[str, tuple[AnnounceParameters, TimerHandle | None]] = {}
         self.rounds_done = 0
+        self._closed = False
 
     def start(self, params: AnnounceParameters) -> None:
         """Start ``params``' rounds (any thread); the first runs on the loop at once."""
@@ -97,12 +98,15 @@ class Announcer:
         return sorted(self._running)
 
     def close(self) -> None:
-        for _, timer in self._running.values():
+        """No more rounds (any thread: a round running now on the loop is the last)."""
+        self._closed = True
+        for _, timer in list(self._running.values()):
             if timer is not None:
                 timer.cancel()
-        self._running.clear()
 
     def _start(self, params: AnnounceParameters) -> None:
+        if self._closed:
+            return
         old = self._running.pop(params.id, None)
         if old is not None and old[1] is not None:
             old[1].cancel()
@@ -110,6 +114,8 @@ class Announcer:
             self._round(params, params.rounds)
 
     def _round(self, params: AnnounceParameters, rounds_left: int) -> None:
+        if self._closed:
+            return
         current = self._running.get(params.id)
         if rounds_left != params.rounds and (current is None or current[0] is not params):
             return      # replaced by a newer announcement with this id (its timer raced the cancel)
