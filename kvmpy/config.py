@@ -204,6 +204,9 @@ class VmConfig:
     # NIC when nothing names one (add_default_nic). False once any NIC option or "none"
     # was given: vm.toml [[net]], --net, -net/-netdev/-nic, -nodefaults.
     default_nic: bool = True
+    # QEMU's -object iothread / [[iothread]]: threads that exist from the start,
+    # whether or not a disk names them (a disk's iothread= need not be listed here)
+    iothreads: list[str] = field(default_factory=list)
 
 
 FIRMWARES = ("none", "bios", "uefi")
@@ -233,6 +236,8 @@ VGA_KINDS = ("std", "none")
 MAX_CPUS = 255
 MIN_MEMORY = 16 << 20
 TOP_KEYS |= {"share"}          # [[share]]: virtio-fs
+TOP_KEYS |= {"iothread"}       # [[iothread]] id = "io0": QEMU's -object iothread,id=io0
+IOTHREAD_KEYS = {"id"}
 
 
 def _expect(value, types, where: str, what: str):
@@ -280,6 +285,21 @@ def check_iothread(name: str, where: str) -> str:
         raise ConfigError(f"{where}: expected an iothread name (a letter, then letters, digits, '.', '_' "
                           f"or '-', at most 64), got {name!r}")
     return name
+
+
+def _load_iothreads(cfg: VmConfig, data: dict, source: str) -> None:
+    """``[[iothread]]`` tables: ``id``, as QEMU's ``-object iothread,id=``."""
+    tables = _expect(data.get("iothread", []), list, f"{source}: key 'iothread'", "an array of tables ([[iothread]])")
+    for i, d in enumerate(tables):
+        where = f"{source}: [[iothread]] #{i + 1}"
+        _expect(d, dict, where, "a table")
+        _check_unknown(d, IOTHREAD_KEYS, where)
+        if "id" not in d:
+            raise ConfigError(f"{where}: missing key 'id'")
+        name = check_iothread(_expect(d["id"], str, f"{where} key 'id'", "an iothread name"), f"{where} key 'id'")
+        if name in cfg.iothreads:
+            raise ConfigError(f"{where}: iothread {name} is already defined")
+        cfg.iothreads.append(name)
 
 
 def check_net_queues(value, where: str) -> int:
@@ -475,6 +495,7 @@ def config_from_dict(data: dict, source: str) -> VmConfig:
                             readonly=_expect(d.get("readonly", False), bool, f"{where} key 'readonly'",
                                              "true or false"))
         cfg.shares.append(check_share(share, where))
+    _load_iothreads(cfg, data, source)
     mon = _expect(data.get("monitor", {}), dict, w("monitor"), "a table")
     _check_unknown(mon, MONITOR_KEYS, f"{source}: [monitor]")
     for key in ("qmp", "hmp"):

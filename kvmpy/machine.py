@@ -34,9 +34,11 @@ from .devices.pci import PciBus
 from .errors import ConfigError, HostError
 from .devices.virtio.pci import VirtioPciTransport   # imported now: the sandbox forbids it later
 from .devices.virtio.dataplane import iothreads
+from .devices.virtio.dataplane import available as dataplane_available, iothread as named_iothread
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
+from .net.announce import AnnounceParameters, Announcer     # imported now: the sandbox forbids it later
 from .monitor.control import ControlError
 from .pc import ACPI_PM, FW_CFG, SERIAL, MediaError, RemovableMedia, pc_devices, write_acpi_tables
 from .vcpu.profile import BootProfile
@@ -124,6 +126,7 @@ class Machine:
         self._stopping = False
         self._parked = 0
         self.threads: list = []
+        self._announcer = None      # kvmpy.net.announce.Announcer, made by the first announce-self
         self._closers: list[Callable[[], None]] = [self._close_vars_store]
         # Parking the vCPUs for an I/O error waits for them, which the event loop
         # (where disks report errors) must never do.
@@ -175,10 +178,28 @@ class Machine:
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
+        self._start_iothreads()
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
         self._attach_firmware_vars()
         self._serve_pm_timer()
         self._attach_display()
+
+    def _start_iothreads(self) -> None:
+        """The configured iothreads (-object iothread, [[iothread]]) run from the start,
+        also those no disk names, as QEMU starts one for each object and
+        query-iothreads lists it: until a disk gives it queues it waits in poll()."""
+        if not self.cfg.iothreads:
+            return
+        if not dataplane_available():
+            log.warning("iothreads %s: kvmpy was built without its native data plane, which runs them; "
+                        "no thread runs for them and the disks' queues are served by the event loop",
+                        ", ".join(self.cfg.iothreads))
+            return
+        for name in self.cfg.iothreads:
+            try:
+                named_iothread(name)
+            except OSError as e:
+                raise HostError(f"{self.cfg.source}: iothread {name}: {e.strerror}") from None
 
     def _attach_firmware_vars(self) -> None:
         """UEFI's variable store as QEMU's second pflash, right below the firmware code:
@@ -576,6 +597,19 @@ class Machine:
 
     def iothreads(self) -> list[dict]:
         return iothreads()
+
+    def announce_self(self, params: AnnounceParameters) -> None:
+        with self._transition:      # two monitors' first announce-self make one announcer
+            if self._announcer is None:
+                self._announcer = Announcer(self.events, self._nics_to_announce)
+                self._closers.append(self._announcer.close)
+        self._announcer.start(params)
+
+    def _nics_to_announce(self) -> list:
+        """(name as info network shows it, its announce round) per NIC."""
+        return [(f"net{placed.entry.options['index']}", placed.device.device.announce_self)
+                for placed in self.devices.placed
+                if placed.entry.query == "net" and isinstance(placed.device, VirtioPciTransport)]
 
     def eject(self, device: str, force: bool = False) -> None:
         try:

@@ -755,6 +755,7 @@ class QemuCommandLine:
         if name in self._iothreads:
             raise QemuOptionError(f"{where}: iothread {name} is already defined")
         self._iothreads.add(name)
+        self.cfg.iothreads.append(name)
 
     # --- devices ---------------------------------------------------------------------
     def opt_device(self, value, text) -> None:

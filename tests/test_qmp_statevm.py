@@ -33,6 +33,7 @@ class StateVm:
         self.quit_called = threading.Event()
         self.counters = [0] * ncpus
         self.calls: list[str] = []
+        self.announcements: list = []      # announce-self parameters, as the monitors built them
         self._closers = []
         self._threads = [threading.Thread(target=self._vcpu, args=(i,), daemon=True,
                                           name=f"toy-vcpu{i}") for i in range(ncpus)]
@@ -151,6 +152,9 @@ class StateVm:
 
     def iothreads(self) -> list[dict]:
         return []
+
+    def announce_self(self, params) -> None:
+        self.announcements.append(params)
 
     def vcpu_registers(self) -> list:
         raise ControlError("info registers is not available for this VM")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from ..net.announce import AnnounceParameters
+
 # QMP RunState names this project reports (a subset of QEMU's qapi/run-state.json).
 RUN_STATES = ("running", "paused", "shutdown", "prelaunch", "internal-error", "guest-panicked", "io-error")
 
@@ -87,6 +89,10 @@ class VmControl(Protocol):
 
     def network_devices(self) -> list[dict]:
         """[{"name", "type", "ifname", "mac", "bridge"}]"""
+
+    def announce_self(self, params: AnnounceParameters) -> None:
+        """announce-self: the NICs ``params`` names announce themselves in rounds on
+        the VM's event loop (kvmpy.net.announce); returns at once."""
 
     def iothreads(self) -> list[dict]:
         """query-iothreads entries: id, thread-id, poll-max-ns, poll-grow,

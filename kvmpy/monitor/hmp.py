@@ -17,6 +17,7 @@ from .. import __version__
 from ..vcpu.trace import register_dump
 from ..events import EventLoop
 from ..display.keymap import parse_key_combo
+from ..net.announce import AnnounceParameters
 from .control import ControlError, DisplayControl, VmControl
 from .server import Address, Connection, MonitorServer
 from .version import version_line
@@ -180,6 +181,9 @@ class Hmp:
 
     # name -> (aliases, args synopsis, help)
     COMMANDS = {
+        "announce_self": ((), "[interfaces] [id]",
+                          "trigger GARP/RARP announcements (interfaces: net0,net1,...; id: replaces the "
+                          "announcement of that id still running)"),
         "change": ((), "device filename [format] | vnc password PASSWORD",
                    "change a removable medium, or the VNC password"),
         "cont": (("c",), "", "resume emulation"),
@@ -205,6 +209,7 @@ class Hmp:
         self.defer_quit = defer_quit
         self.quit_requested = False
         self._handlers: dict[str, Callable[[list[str]], str]] = {
+            "announce_self": self._cmd_announce_self,
             "change": self._cmd_change, "eject": self._cmd_eject,
             "cont": self._cmd_cont, "help": self._cmd_help, "info": self._cmd_info, "quit": self._cmd_quit,
             "hostfwd_add": self._cmd_hostfwd_add, "hostfwd_remove": self._cmd_hostfwd_remove,
@@ -249,6 +254,15 @@ class Hmp:
         if err:
             return err
         action()
+        return ""
+
+    def _cmd_announce_self(self, args):
+        # QEMU's: the timing of the migration parameters (their defaults here).
+        if len(args) > 2:
+            return "announce_self: extraneous characters at the end of line\n"
+        interfaces = tuple(name for name in args[0].split(",") if name) if args else None
+        self.control.announce_self(AnnounceParameters(interfaces=interfaces or None,
+                                                      id=args[1] if len(args) == 2 else ""))
         return ""
 
     def _cmd_eject(self, args):

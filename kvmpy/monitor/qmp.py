@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from ..events import EventLoop
 from ..display.keymap import QKEYCODES
+from ..net.announce import AnnounceParameters
 from .control import ControlError, DisplayControl, VmControl
 from .hmp import Hmp
 from .server import Address, Connection, MonitorServer
@@ -325,6 +326,34 @@ def _void(action: Callable[[VmControl], None]) -> Callable[[QmpServer, dict], di
     return run
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _announce_self(srv: QmpServer, args: dict) -> dict:
+    """QEMU's announce-self (qapi/net.json AnnounceParameters)."""
+    values = {}
+    for name in ("initial", "max", "rounds", "step"):
+        value = args[name]
+        if not _INT64[0] <= value <= _INT64[1]:
+            # QEMU's JSON parser makes such a number a double, which is no integer.
+            raise QmpError(f"Invalid parameter type for '{name}', expected: integer")
+        values[name] = value
+    interfaces = args.get("interfaces")
+    if interfaces is not None:
+        if not isinstance(interfaces, list):
+            raise QmpError("Invalid parameter type for 'interfaces', expected: array")
+        for i, name in enumerate(interfaces):
+            if not isinstance(name, str):
+                raise QmpError(f"Invalid parameter type for 'interfaces[{i}]', expected: string")
+        interfaces = tuple(interfaces)
+    try:
+        params = AnnounceParameters(**values, interfaces=interfaces, id=args.get("id", ""))
+    except ValueError as e:
+        raise QmpError(str(e)) from None
+    srv.control.announce_self(params)
+    return {}
+
+
 # --- the display (DisplayControl) ------------------------------------------------------
 def _display(srv: QmpServer) -> DisplayControl:
     if not isinstance(srv.control, DisplayControl):
@@ -385,6 +414,9 @@ _COMMANDS = [
     _Command("query-block", lambda srv, a: list(srv.control.block_devices())),
     _Command("query-iothreads", lambda srv, a: list(srv.control.iothreads())),
     _Command("query-commands", _query_commands),
+    _Command("announce-self", _announce_self,
+             {"initial": (int, "integer", True), "max": (int, "integer", True), "rounds": (int, "integer", True),
+              "step": (int, "integer", True), "interfaces": (object, "array", False), "id": (str, "string", False)}),
     _Command("eject", _eject, {"device": (str, "string", True), "force": (bool, "boolean", False)}),
     _Command("blockdev-change-medium", _change_medium,
              {"device": (str, "string", True), "filename": (str, "string", True), "format": (str, "string", False)}),

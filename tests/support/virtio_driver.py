@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from kvmpy.devices.bus import Bus
 from kvmpy.devices.pci.bus import PciBus, PciConfigIo
@@ -127,10 +128,18 @@ class SoftMachine:
                 self.msis.append((address, data))
                 self.cond.notify_all()
 
+        # Called with every INTx level the devices drive, on the thread that drives it
+        # (for virtio-pci: the one that wrote the used entries), before it goes on: a
+        # test's stand-in for a guest interrupt handler that runs at that very moment.
+        self.irq_hook: Callable[[int, bool], None] | None = None
+
         def on_irq(gsi, level):
             with self.cond:
                 self.irq_changes.append((gsi, level))
                 self.cond.notify_all()
+            hook = self.irq_hook
+            if hook is not None:
+                hook(gsi, level)
 
         self.platform = SoftPlatform(self.memory, on_irq=on_irq, on_msi=on_msi)
         self.events = EventLoop(name="soft-machine-events")

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 from ...events import EVENT_READ
 from ...memory import GuestMemory
+from ...net.announce import rarp_frame
 from ...net.backend import (OFFLOAD_FEATURES, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                             VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
                             VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, NetBackend)
@@ -349,6 +350,20 @@ class VirtioNet(VirtioDevice):
             return
         self.announce_pending = True
         self._transport.config_changed()
+
+    def announce_self(self) -> None:
+        """One round of announce-self for this NIC (event loop thread), as QEMU's
+        qemu_announce_self_iter: a RARP for its MAC from the host side, as if the
+        guest had sent it, and the ANNOUNCE status where the driver negotiated
+        GUEST_ANNOUNCE (which needs the control queue for its acknowledgement)."""
+        frame = bytes(VNET_HDR_SIZE) + rarp_frame(self.mac)
+        try:
+            os.write(self.fds[0], frame)
+        except OSError as e:
+            # A full or gone backend: the next round tries again, as a lost frame would.
+            log.debug("%s: announce RARP: %s", self.name, e)
+        if self.negotiated(VIRTIO_NET_F_CTRL_VQ):
+            self.announce()
 
     # life cycle --------------------------------------------------------------------
 
