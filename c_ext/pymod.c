@@ -3,9 +3,20 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
+#include <errno.h>
+#include <pthread.h>
+#include <unistd.h>
 #include "tcg.h"
 #include "flags.h"
 #include "native/native.h"
+
+/* A guest write that only signals an eventfd (a virtio queue notify): the
+ * translator's ioeventfd. size 0 matches any size; has_match 0 any value. */
+typedef struct {
+    uint64_t addr, match;
+    uint32_t size;
+    int pio, has_match, fd;
+} Doorbell;
 
 typedef struct {
     PyObject_HEAD
@@ -13,7 +24,25 @@ typedef struct {
     Py_buffer bufs[MAX_RAM];
     int nbufs;
     int running;
+    /* run_decoded handed a read to the loop: its value comes back in access[3] */
+    int decoded_read;
+    /* The GuestMemory the RAM list was last synced from, and its generations then
+     * (watch_memory): run_decoded asks for a resync when they moved. */
+    PyObject *memory;
+    long long mem_generation, mem_protection;
+    Py_ssize_t mem_regions;
+    /* doorbells: added and removed from any thread, rung by the vCPU's thread
+     * between exits with the GIL released */
+    pthread_mutex_t bell_lock;
+    Doorbell *bells;
+    int nbells, bells_cap, bell_lock_ready;
 } CpuObject;
+
+/* run_decoded's answer when the guest memory map changed since watch_memory: the
+ * Python side syncs and runs again (not an exit kind, not a DECODED_* value) */
+#define RUN_RESYNC_MEMORY 0x80
+/* kvmpy.hv.exits.DECODED_*: one port or MMIO access, decoded */
+enum { DECODED_PIO_WRITE = 0x100, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ };
 
 static void release_ram(CpuObject *self)
 {
@@ -42,6 +71,10 @@ static void Cpu_dealloc(CpuObject *self)
     if (self->cpu)
         cpu_unregister(self->cpu);
     release_ram(self);
+    Py_CLEAR(self->memory);
+    free(self->bells);
+    if (self->bell_lock_ready)
+        pthread_mutex_destroy(&self->bell_lock);
     if (self->cpu) {
         free(self->cpu->blocks);
         free(self->cpu->insn_pool);
@@ -85,6 +118,10 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     if (native_arena_init(c) < 0)
         c->native_threshold = NATIVE_OFF;
     self->cpu = c;
+    if (!self->bell_lock_ready) {
+        pthread_mutex_init(&self->bell_lock, NULL);
+        self->bell_lock_ready = 1;
+    }
     cpu_register(c);
     return 0;
 }
@@ -155,6 +192,55 @@ static PyObject *Cpu_clear_ram(CpuObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* The one access the last exit stopped at, or 0 (rep string I/O, nothing logged) */
+static Access *single_access(CPU *c)
+{
+    if (c->nacc == 0)
+        return 0;
+    Access *a = &c->acc[c->nacc - 1];
+    return a->count == 1 ? a : 0;
+}
+
+/* A guest write a doorbell takes: its eventfd is signalled and the write is done
+ * (the instruction completes at the next cpu_run, as after any device write), so
+ * a virtio queue notify costs no trip through Python, as KVM's ioeventfd. */
+static int ring_doorbell(CpuObject *self, int kind, Access *a)
+{
+    if (!a || !a->write || a->size > 8)
+        return 0;
+    uint64_t value = 0;
+    memcpy(&value, a->data, a->size);
+    int pio = kind == EXIT_IO, rung = 0;
+    pthread_mutex_lock(&self->bell_lock);
+    for (int k = 0; k < self->nbells; k++) {
+        Doorbell *d = &self->bells[k];
+        if (d->addr == a->addr && d->pio == pio && (!d->size || d->size == a->size) &&
+            (!d->has_match || d->match == value)) {
+            uint64_t one = 1;
+            ssize_t n;
+            do
+                n = write(d->fd, &one, sizeof one);
+            while (n < 0 && errno == EINTR);
+            rung = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&self->bell_lock);
+    return rung;
+}
+
+/* cpu_run until an exit the VMM must see (without the GIL) */
+static int run_serving_doorbells(CpuObject *self)
+{
+    CPU *c = self->cpu;
+    for (;;) {
+        int r = cpu_run(c);
+        if ((r == EXIT_IO || r == EXIT_MMIO) && ring_doorbell(self, r, single_access(c)))
+            continue;
+        return r;
+    }
+}
+
 static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
 {
     if (self->running) {
@@ -163,9 +249,10 @@ static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
     }
     int r;
     self->running = 1;
+    self->decoded_read = 0;
     uint64_t returned = 0;
     Py_BEGIN_ALLOW_THREADS
-    r = cpu_run(self->cpu);
+    r = run_serving_doorbells(self);
     if (self->cpu->profiling)
         returned = now_ns();
     Py_END_ALLOW_THREADS
@@ -174,6 +261,169 @@ static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
         self->cpu->st_gil_wait_ns += now_ns() - returned;
     self->running = 0;
     return PyLong_FromLong(r);
+}
+
+static PyObject *str_generation, *str_protection_generation, *str_regions;
+
+static int attr_ll(PyObject *o, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* 1 if the watched GuestMemory's map or protection moved since watch_memory, -1 on error */
+static int memory_moved(CpuObject *self)
+{
+    long long gen, prot;
+    if (attr_ll(self->memory, str_generation, &gen) < 0 ||
+        attr_ll(self->memory, str_protection_generation, &prot) < 0)
+        return -1;
+    PyObject *regions = PyObject_GetAttr(self->memory, str_regions);
+    if (!regions)
+        return -1;
+    Py_ssize_t n = PyObject_Size(regions);
+    Py_DECREF(regions);
+    if (n < 0)
+        return -1;
+    return gen != self->mem_generation || prot != self->mem_protection || n != self->mem_regions;
+}
+
+/* watch_memory(memory, generation, protection_generation, regions): the RAM list was
+ * synced from `memory` at these values (run_decoded compares) */
+static PyObject *Cpu_watch_memory(CpuObject *self, PyObject *args)
+{
+    PyObject *memory;
+    long long gen, prot;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OLLn", &memory, &gen, &prot, &n))
+        return NULL;
+    Py_INCREF(memory);
+    Py_XSETREF(self->memory, memory);
+    self->mem_generation = gen;
+    self->mem_protection = prot;
+    self->mem_regions = n;
+    Py_RETURN_NONE;
+}
+
+/* run_decoded(access): run() for the vCPU loop's fast path (kvmpy.hv.exits.DecodedExits).
+ * One port or MMIO access of up to 8 bytes comes back as DECODED_*, with access[0]
+ * the port or address, access[1] the size and, for a write, access[2] the value; a
+ * read's value is taken from access[3] at the next call. Anything else is the exit
+ * kind (the exit attributes come from exit_access()), or RUN_RESYNC_MEMORY. */
+static PyObject *Cpu_run_decoded(CpuObject *self, PyObject *access)
+{
+    if (!PyList_CheckExact(access) || PyList_GET_SIZE(access) < 4) {
+        PyErr_SetString(PyExc_TypeError, "run_decoded wants a list of 4");
+        return NULL;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "run() is already executing on another thread");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    if (self->decoded_read) {
+        self->decoded_read = 0;
+        Access *a = single_access(c);
+        if (a && !a->write && a->size <= 8) {
+            uint64_t v = PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(access, 3));
+            if (v == (uint64_t)-1 && PyErr_Occurred())
+                return NULL;
+            memcpy(a->data, &v, a->size);
+        }
+    }
+    if (self->memory) {
+        int moved = memory_moved(self);
+        if (moved < 0)
+            return NULL;
+        if (moved)
+            return PyLong_FromLong(RUN_RESYNC_MEMORY);
+    }
+    int r;
+    self->running = 1;
+    Py_BEGIN_ALLOW_THREADS
+    r = run_serving_doorbells(self);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+    Access *a = (r == EXIT_IO || r == EXIT_MMIO) ? single_access(c) : 0;
+    if (!a || a->size > 8)
+        return PyLong_FromLong(r);
+    PyObject *addr = PyLong_FromUnsignedLongLong(a->addr), *size = PyLong_FromLong(a->size), *value = 0;
+    if (a->write) {
+        uint64_t v = 0;
+        memcpy(&v, a->data, a->size);
+        value = PyLong_FromUnsignedLongLong(v);
+    }
+    if (!addr || !size || (a->write && !value)) {
+        Py_XDECREF(addr);
+        Py_XDECREF(size);
+        Py_XDECREF(value);
+        return NULL;
+    }
+    PyList_SetItem(access, 0, addr);
+    PyList_SetItem(access, 1, size);
+    if (value)
+        PyList_SetItem(access, 2, value);
+    else
+        self->decoded_read = 1;
+    return PyLong_FromLong((r == EXIT_IO ? DECODED_PIO_WRITE : DECODED_MMIO_WRITE) + !a->write);
+}
+
+/* add_doorbell(fd, addr, size, datamatch, pio): guest writes to addr (of `size` bytes,
+ * 0: any; of value datamatch, None: any) signal the eventfd fd instead of exiting.
+ * Thread-safe. */
+static PyObject *Cpu_add_doorbell(CpuObject *self, PyObject *args)
+{
+    int fd, pio;
+    unsigned long long addr;
+    unsigned int size;
+    PyObject *match;
+    if (!PyArg_ParseTuple(args, "iKIOp", &fd, &addr, &size, &match, &pio))
+        return NULL;
+    Doorbell d = { .addr = addr, .size = size, .pio = pio, .fd = fd };
+    if (match != Py_None) {
+        d.match = PyLong_AsUnsignedLongLongMask(match);
+        if (d.match == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        d.has_match = 1;
+    }
+    if (size > 8 || fd < 0) {
+        PyErr_Format(PyExc_ValueError, "doorbell: size %u, fd %d", size, fd);
+        return NULL;
+    }
+    pthread_mutex_lock(&self->bell_lock);
+    if (self->nbells == self->bells_cap) {
+        int cap = self->bells_cap ? 2 * self->bells_cap : 16;
+        Doorbell *more = realloc(self->bells, cap * sizeof *more);
+        if (!more) {
+            pthread_mutex_unlock(&self->bell_lock);
+            return PyErr_NoMemory();
+        }
+        self->bells = more;
+        self->bells_cap = cap;
+    }
+    self->bells[self->nbells++] = d;
+    pthread_mutex_unlock(&self->bell_lock);
+    Py_RETURN_NONE;
+}
+
+/* remove_doorbell(fd): once this returns, no write signals fd (it may be closed) */
+static PyObject *Cpu_remove_doorbell(CpuObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    pthread_mutex_lock(&self->bell_lock);
+    int k = 0;
+    for (int j = 0; j < self->nbells; j++)
+        if (self->bells[j].fd != fd)
+            self->bells[k++] = self->bells[j];
+    self->nbells = k;
+    pthread_mutex_unlock(&self->bell_lock);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Cpu_get_regs(CpuObject *self, PyObject *unused)
@@ -657,6 +907,13 @@ static PyMethodDef Cpu_methods[] = {
     { "set_ram_readonly", (PyCFunction)Cpu_set_ram_readonly, METH_VARARGS,
       "set_ram_readonly(gpa, readonly): write-protect the region at gpa (or open it)" },
     { "run", (PyCFunction)Cpu_run, METH_NOARGS, "run until an exit; returns the exit kind" },
+    { "run_decoded", (PyCFunction)Cpu_run_decoded, METH_O,
+      "run_decoded(access): run(), one port or MMIO access returned decoded (kvmpy.hv.exits)" },
+    { "watch_memory", (PyCFunction)Cpu_watch_memory, METH_VARARGS,
+      "watch_memory(memory, generation, protection_generation, regions): what run_decoded compares" },
+    { "add_doorbell", (PyCFunction)Cpu_add_doorbell, METH_VARARGS,
+      "thread-safe: add_doorbell(fd, addr, size, datamatch, pio): such writes signal fd, no exit" },
+    { "remove_doorbell", (PyCFunction)Cpu_remove_doorbell, METH_VARARGS, "thread-safe: remove_doorbell(fd)" },
     { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
     { "set_regs", (PyCFunction)Cpu_set_regs, METH_VARARGS, NULL },
     { "get_sregs", (PyCFunction)Cpu_get_sregs, METH_NOARGS, NULL },
@@ -740,9 +997,15 @@ PyMODINIT_FUNC PyInit__tcg(void)
 {
     if (PyType_Ready(&CpuType) < 0)
         return NULL;
+    str_generation = PyUnicode_InternFromString("generation");
+    str_protection_generation = PyUnicode_InternFromString("protection_generation");
+    str_regions = PyUnicode_InternFromString("regions");
+    if (!str_generation || !str_protection_generation || !str_regions)
+        return NULL;
     PyObject *m = PyModule_Create(&tcg_module);
     if (!m)
         return NULL;
+    PyModule_AddIntConstant(m, "RUN_RESYNC_MEMORY", RUN_RESYNC_MEMORY);
     Py_INCREF(&CpuType);
     PyModule_AddObject(m, "Cpu", (PyObject *)&CpuType);
     return m;

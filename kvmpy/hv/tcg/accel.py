@@ -2,7 +2,7 @@
 
 What KVM does in the kernel is done here in software: the interrupt controllers
 and the PIT (kvmpy.devices.irqchip), interrupt lines and MSIs through a
-SoftPlatform, doorbells checked by the vCPU loop. ``cfg.cpus`` vCPUs, each in its
+SoftPlatform, doorbells rung by the C core (TranslatorPlatform). ``cfg.cpus`` vCPUs, each in its
 own thread on the shared guest RAM: the BSP starts in the boot state, the APs wait
 for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 """
@@ -136,10 +136,35 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
     return rows
 
 
+class TranslatorPlatform(SoftPlatform):
+    """SoftPlatform whose doorbells every vCPU's C core rings itself (TcgVcpu.add_doorbell):
+    a virtio queue notify signals its eventfd without leaving C, as KVM's ioeventfd
+    does in the kernel, so the vCPU loop never looks at a write for them."""
+
+    def __init__(self, vcpus, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._vcpus = vcpus
+
+    def add_doorbell(self, addr: int, size: int, datamatch: int | None, pio: bool) -> int:
+        fd = super().add_doorbell(addr, size, datamatch, pio)
+        for v in self._vcpus:
+            v.add_doorbell(fd, addr, size, datamatch, pio)
+        return fd
+
+    def remove_doorbell(self, fd: int) -> None:
+        # out of every core first: the eventfd is closed after this
+        for v in self._vcpus:
+            v.remove_doorbell(fd)
+        super().remove_doorbell(fd)
+
+    def doorbell_write(self, addr: int, size: int, value: int, pio: bool) -> bool:
+        return False        # the cores took every doorbell write before it became an exit
+
+
 class TcgAccel:
     name = "tcg"
     port_write_queue = None          # every port write exits; nothing to queue
-    software_doorbells = True        # no ioeventfds: the vCPU loop checks each write
+    software_doorbells = False       # the C core rings them (TranslatorPlatform)
     needs_before_guest_entry = True  # interrupts go into the CPU from here
     phys_bits = TRANSLATOR_PHYS_BITS
 
@@ -167,8 +192,8 @@ class TcgAccel:
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu, bus_hz=CRYSTAL_HZ)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
-        self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
-                                     on_msi=self.irqchip.send_msi, events=host.events)
+        self.platform = TranslatorPlatform(self.vcpus, host.memory, on_irq=self.irqchip.set_irq_level,
+                                           on_msi=self.irqchip.send_msi, events=host.events)
         host.memory.dma_listeners.append(self._dma_written)
 
     def _dma_written(self, gpa: int, length: int) -> None:
