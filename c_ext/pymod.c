@@ -36,6 +36,8 @@ typedef struct {
     pthread_mutex_t bell_lock;
     Doorbell *bells;
     int nbells, bells_cap, bell_lock_ready;
+    /* stats(): exits run_decoded returned decoded, doorbell writes rung in C */
+    uint64_t st_decoded, st_doorbells;
 } CpuObject;
 
 /* run_decoded's answer when the guest memory map changed since watch_memory: the
@@ -222,6 +224,7 @@ static int ring_doorbell(CpuObject *self, int kind, Access *a)
                 n = write(d->fd, &one, sizeof one);
             while (n < 0 && errno == EINTR);
             rung = 1;
+            self->st_doorbells++;
             break;
         }
     }
@@ -369,6 +372,7 @@ static PyObject *Cpu_run_decoded(CpuObject *self, PyObject *access)
         PyList_SetItem(access, 2, value);
     else
         self->decoded_read = 1;
+    self->st_decoded++;
     return PyLong_FromLong((r == EXIT_IO ? DECODED_PIO_WRITE : DECODED_MMIO_WRITE) + !a->write);
 }
 
@@ -682,6 +686,8 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
     return PyUnicode_FromString(self->cpu->errmsg);
 }
 
+static PyObject *core_stats(CPU *c, PyObject *ops);
+
 /* {dispatch op: helper calls} from native code while profiling (CPU.st_native_helper_op) */
 static PyObject *native_helper_ops(CPU *c)
 {
@@ -710,6 +716,25 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
     PyObject *ops = native_helper_ops(c);
     if (!ops)
         return NULL;
+    PyObject *d = core_stats(c, ops);
+    if (!d)
+        return NULL;
+    PyObject *decoded = PyLong_FromUnsignedLongLong(self->st_decoded);
+    PyObject *bells = PyLong_FromUnsignedLongLong(self->st_doorbells);
+    if (!decoded || !bells || PyDict_SetItemString(d, "decoded_exits", decoded) < 0 ||
+        PyDict_SetItemString(d, "doorbells_rung", bells) < 0) {
+        Py_XDECREF(decoded);
+        Py_XDECREF(bells);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(decoded);
+    Py_DECREF(bells);
+    return d;
+}
+
+static PyObject *core_stats(CPU *c, PyObject *ops)
+{
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
