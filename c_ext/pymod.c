@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 #include "tcg.h"
 #include "flags.h"
@@ -38,6 +40,14 @@ typedef struct {
     int nbells, bells_cap, bell_lock_ready;
     /* stats(): exits run_decoded returned decoded, doorbell writes rung in C */
     uint64_t st_decoded, st_doorbells;
+    /* kick_at: a thread of the core's own kicks the CPU at a deadline (the LAPIC
+     * timer's), so no Python thread wakes up for it; started at the first kick_at */
+    pthread_t alarm_thread;
+    pthread_mutex_t alarm_lock;
+    pthread_cond_t alarm_cond;
+    int alarm_ready, alarm_started, alarm_stop;
+    int64_t alarm_deadline;          /* CLOCK_MONOTONIC ns; -1: none */
+    uint64_t st_alarms;
 } CpuObject;
 
 /* run_decoded's answer when the guest memory map changed since watch_memory: the
@@ -68,8 +78,11 @@ static void release_ram(CpuObject *self)
     }
 }
 
+static void alarm_shutdown(CpuObject *self);
+
 static void Cpu_dealloc(CpuObject *self)
 {
+    alarm_shutdown(self);
     if (self->cpu)
         cpu_unregister(self->cpu);
     release_ram(self);
@@ -123,6 +136,16 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     if (!self->bell_lock_ready) {
         pthread_mutex_init(&self->bell_lock, NULL);
         self->bell_lock_ready = 1;
+    }
+    if (!self->alarm_ready) {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&self->alarm_cond, &attr);
+        pthread_condattr_destroy(&attr);
+        pthread_mutex_init(&self->alarm_lock, NULL);
+        self->alarm_deadline = -1;
+        self->alarm_ready = 1;
     }
     cpu_register(c);
     return 0;
@@ -347,9 +370,14 @@ static PyObject *Cpu_run_decoded(CpuObject *self, PyObject *access)
     }
     int r;
     self->running = 1;
+    uint64_t returned = 0;
     Py_BEGIN_ALLOW_THREADS
     r = run_serving_doorbells(self);
+    if (c->profiling)
+        returned = now_ns();
     Py_END_ALLOW_THREADS
+    if (returned)
+        c->st_gil_wait_ns += now_ns() - returned;
     self->running = 0;
     Access *a = (r == EXIT_IO || r == EXIT_MMIO) ? single_access(c) : 0;
     if (!a || a->size > 8)
@@ -427,6 +455,89 @@ static PyObject *Cpu_remove_doorbell(CpuObject *self, PyObject *args)
             self->bells[k++] = self->bells[j];
     self->nbells = k;
     pthread_mutex_unlock(&self->bell_lock);
+    Py_RETURN_NONE;
+}
+
+
+/* ---- kick_at: the core's alarm ---- */
+
+static int64_t monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void *alarm_main(void *arg)
+{
+    CpuObject *self = arg;
+    pthread_mutex_lock(&self->alarm_lock);
+    while (!self->alarm_stop) {
+        int64_t due = self->alarm_deadline;
+        if (due < 0) {
+            pthread_cond_wait(&self->alarm_cond, &self->alarm_lock);
+            continue;
+        }
+        if (monotonic_ns() >= due) {
+            self->alarm_deadline = -1;
+            self->st_alarms++;
+            atomic_store(&self->cpu->kicked, 1);
+            atomic_store(&self->cpu->exit_request, 1);
+            continue;
+        }
+        struct timespec ts = { .tv_sec = due / 1000000000, .tv_nsec = due % 1000000000 };
+        pthread_cond_timedwait(&self->alarm_cond, &self->alarm_lock, &ts);
+    }
+    pthread_mutex_unlock(&self->alarm_lock);
+    return NULL;
+}
+
+static void alarm_shutdown(CpuObject *self)
+{
+    if (!self->alarm_ready)
+        return;
+    if (self->alarm_started) {
+        pthread_mutex_lock(&self->alarm_lock);
+        self->alarm_stop = 1;
+        pthread_cond_signal(&self->alarm_cond);
+        pthread_mutex_unlock(&self->alarm_lock);
+        pthread_join(self->alarm_thread, NULL);
+        self->alarm_started = 0;
+    }
+    pthread_cond_destroy(&self->alarm_cond);
+    pthread_mutex_destroy(&self->alarm_lock);
+    self->alarm_ready = 0;
+}
+
+/* kick_at(deadline_ns): run() returns EXIT_INTR (as after kick()) once CLOCK_MONOTONIC
+ * (time.monotonic_ns) reaches deadline_ns; None disarms. Thread-safe; one deadline. */
+static PyObject *Cpu_kick_at(CpuObject *self, PyObject *arg)
+{
+    int64_t due = -1;
+    if (arg != Py_None) {
+        long long v = PyLong_AsLongLong(arg);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        due = v < 0 ? 0 : v;
+    }
+    pthread_mutex_lock(&self->alarm_lock);
+    if (due >= 0 && !self->alarm_started) {
+        sigset_t all, old;
+        /* the thread takes no signal: Python's handlers run on the main thread */
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        int err = pthread_create(&self->alarm_thread, NULL, alarm_main, self);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (err) {
+            pthread_mutex_unlock(&self->alarm_lock);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        self->alarm_started = 1;
+    }
+    self->alarm_deadline = due;
+    pthread_cond_signal(&self->alarm_cond);
+    pthread_mutex_unlock(&self->alarm_lock);
     Py_RETURN_NONE;
 }
 
@@ -721,15 +832,18 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
         return NULL;
     PyObject *decoded = PyLong_FromUnsignedLongLong(self->st_decoded);
     PyObject *bells = PyLong_FromUnsignedLongLong(self->st_doorbells);
-    if (!decoded || !bells || PyDict_SetItemString(d, "decoded_exits", decoded) < 0 ||
-        PyDict_SetItemString(d, "doorbells_rung", bells) < 0) {
+    PyObject *alarms = PyLong_FromUnsignedLongLong(self->st_alarms);
+    if (!decoded || !bells || !alarms || PyDict_SetItemString(d, "decoded_exits", decoded) < 0 ||
+        PyDict_SetItemString(d, "doorbells_rung", bells) < 0 || PyDict_SetItemString(d, "alarm_kicks", alarms) < 0) {
         Py_XDECREF(decoded);
         Py_XDECREF(bells);
+        Py_XDECREF(alarms);
         Py_DECREF(d);
         return NULL;
     }
     Py_DECREF(decoded);
     Py_DECREF(bells);
+    Py_DECREF(alarms);
     return d;
 }
 
@@ -939,6 +1053,8 @@ static PyMethodDef Cpu_methods[] = {
     { "add_doorbell", (PyCFunction)Cpu_add_doorbell, METH_VARARGS,
       "thread-safe: add_doorbell(fd, addr, size, datamatch, pio): such writes signal fd, no exit" },
     { "remove_doorbell", (PyCFunction)Cpu_remove_doorbell, METH_VARARGS, "thread-safe: remove_doorbell(fd)" },
+    { "kick_at", (PyCFunction)Cpu_kick_at, METH_O,
+      "thread-safe: kick_at(monotonic_ns or None): run() returns EXIT_INTR from then on, as after kick()" },
     { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
     { "set_regs", (PyCFunction)Cpu_set_regs, METH_VARARGS, NULL },
     { "get_sregs", (PyCFunction)Cpu_get_sregs, METH_NOARGS, NULL },

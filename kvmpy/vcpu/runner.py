@@ -5,8 +5,8 @@ and asks its machine only what ``VcpuHost`` declares. Device faults are logged,
 never raised into the guest loop: a hostile guest must not be able to kill the
 VMM through a device.
 
-Where the backend offers it (KVM and the translator, without tracing or
-profiling), one port or MMIO access a device claims takes the shortest way there
+Where the backend offers it (KVM and the translator without tracing; under
+``--trace profile`` the translator), one port or MMIO access a device claims takes the shortest way there
 is: the C loop returns it decoded, and the loop calls the device's own read or
 write with the offset the bus resolved once for that address (``Bus.accessors``).
 Under nested KVM, and for the translator's console, the Python run per exit is
@@ -103,13 +103,14 @@ class VcpuThread(threading.Thread):
         profiled = None
         if host.profile is not None:
             vcpu = profiled = host.profile.wrap(vcpu, index)
-        # The fast path: a single port or MMIO access comes back from the backend's
+        # The fast path (timed by the profiler where the backend keeps it while every
+        # exit is reported): a single port or MMIO access comes back from the backend's
         # C loop already decoded, and goes straight to the claiming device's method
         # (the bus's accessors, resolved once per address per bus map); one made
         # while port writes were queued comes back flagged (DECODED_AFTER_QUEUED) and
         # they are drained first. Everything else takes the general path below.
         decoded = None
-        if tracer is None and profiled is None and doorbell is None:
+        if tracer is None and doorbell is None:
             decoded = vcpu.decoded_exits()
         if decoded is not None:
             run_decoded, state, access, exit_kind = decoded

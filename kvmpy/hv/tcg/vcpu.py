@@ -228,6 +228,12 @@ class TcgVcpu:
         self._cpu.kick()
         self.wakeup.set()
 
+    def kick_at(self, deadline_ns: int | None) -> None:
+        """run() returns EXIT_INTR, as after kick(), once time.monotonic_ns() reaches
+        ``deadline_ns`` (None: no deadline): the C core's own alarm thread, no Python
+        runs for it. Thread-safe."""
+        self._cpu.kick_at(deadline_ns)
+
     def request_interrupt(self, vector: int) -> None:
         self._cpu.request_interrupt(vector)
 
