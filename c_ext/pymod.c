@@ -214,6 +214,9 @@ static PyObject *Cpu_set_ram_readonly(CpuObject *self, PyObject *args)
 static PyObject *Cpu_clear_ram(CpuObject *self, PyObject *unused)
 {
     release_ram(self);
+    /* this object is not GC-tracked: its reference must not hold a cycle through the
+     * memory's listeners once the vCPU is closed */
+    Py_CLEAR(self->memory);
     Py_RETURN_NONE;
 }
 
