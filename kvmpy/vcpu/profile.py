@@ -9,7 +9,9 @@ its own counters (kvmpy._tcg's stats): instructions executed, blocks translated 
 the time spent translating them, slow memory paths (TLB misses, MMIO, page-crossing
 accesses) and their time, the ACPI PM timer reads it answered without an exit, and
 how much of each halt came before the guest's LAPIC timer deadline (what the guest
-asked to sleep) and after it (the wake-up's lateness). Serial output (port 0x3f8) is
+asked to sleep) and after it (the wake-up's lateness), the exits that took the
+loop's decoded fast path (which the wrapper times as well), the doorbells and
+LAPIC timer deadlines the core served without Python. Serial output (port 0x3f8) is
 watched for the first byte and for the first line that mentions init.
 """
 
@@ -96,6 +98,7 @@ class BootProfile:
         wall = time.perf_counter() - self.started
         self._stop.set()
         insns = translated = decode_ns = exec_ns = slow = slow_ns = gil_ns = pm_timer_reads = 0
+        decoded = doorbells = alarms = 0
         halt_asked_ns = halt_late_ns = 0
         native: dict[str, int] = {}
         have_stats = False
@@ -115,6 +118,9 @@ class BootProfile:
                 slow_ns += st.get("slow_mem_ns", 0)
                 gil_ns += st.get("gil_wait_ns", 0)
                 pm_timer_reads += st.get("pm_timer_reads", 0)
+                decoded += st.get("decoded_exits", 0)
+                doorbells += st.get("doorbells_rung", 0)
+                alarms += st.get("alarm_kicks", 0)
                 halt_asked_ns += st.get("halt_until_deadline_ns", 0)
                 halt_late_ns += st.get("halt_past_deadline_ns", 0)
                 for key in ("native_insns", "native_helper_insns", "native_blocks", "native_compile_ns",
@@ -157,6 +163,8 @@ class BootProfile:
                          f"{slow_ns / 1e9:.2f} s")
             lines.append(f"    waiting for the GIL after exits {gil_ns / 1e9:.2f} s (other Python threads)")
             lines.append(f"    PM timer reads answered in the core, without an exit: {pm_timer_reads}")
+            lines.append(f"    exits returned decoded (the loop's fast path) {decoded}; doorbells rung in the "
+                         f"core {doorbells}; LAPIC timer deadlines met by the core's alarm {alarms}")
         lines.append(f"  HLT idle            {hlt_s:8.2f} s over {hlts} halts")
         if have_stats:
             lines.append(f"    before the guest's timer deadline {halt_asked_ns / 1e9:.2f} s, "
