@@ -48,13 +48,21 @@ typedef struct {
     int alarm_ready, alarm_started, alarm_stop;
     int64_t alarm_deadline;          /* CLOCK_MONOTONIC ns; -1: none */
     uint64_t st_alarms;
+    PyObject *port_queue;            /* the PortQueueObject behind cpu->port_queue */
 } CpuObject;
 
 /* run_decoded's answer when the guest memory map changed since watch_memory: the
  * Python side syncs and runs again (not an exit kind, not a DECODED_* value) */
 #define RUN_RESYNC_MEMORY 0x80
 /* kvmpy.hv.exits.DECODED_*: one port or MMIO access, decoded */
-enum { DECODED_PIO_WRITE = 0x100, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ };
+enum { DECODED_PIO_WRITE = 0x100, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ,
+       DECODED_AFTER_QUEUED = 0x200 };
+
+/* kvmpy._tcg.PortQueue: a machine's queued port writes (tcg.h), shared by its Cpus */
+typedef struct {
+    PyObject_HEAD
+    PortQueue *q;
+} PortQueueObject;
 
 static void release_ram(CpuObject *self)
 {
@@ -87,6 +95,9 @@ static void Cpu_dealloc(CpuObject *self)
         cpu_unregister(self->cpu);
     release_ram(self);
     Py_CLEAR(self->memory);
+    if (self->cpu)
+        self->cpu->port_queue = 0;
+    Py_CLEAR(self->port_queue);
     free(self->bells);
     if (self->bell_lock_ready)
         pthread_mutex_destroy(&self->bell_lock);
@@ -404,7 +415,8 @@ static PyObject *Cpu_run_decoded(CpuObject *self, PyObject *access)
     else
         self->decoded_read = 1;
     self->st_decoded++;
-    return PyLong_FromLong((r == EXIT_IO ? DECODED_PIO_WRITE : DECODED_MMIO_WRITE) + !a->write);
+    int queued = c->port_queue && atomic_load(&c->port_queue->count) ? DECODED_AFTER_QUEUED : 0;
+    return PyLong_FromLong((r == EXIT_IO ? DECODED_PIO_WRITE : DECODED_MMIO_WRITE) + !a->write + queued);
 }
 
 /* add_doorbell(fd, addr, size, datamatch, pio): guest writes to addr (of `size` bytes,
@@ -541,6 +553,156 @@ static PyObject *Cpu_kick_at(CpuObject *self, PyObject *arg)
     self->alarm_deadline = due;
     pthread_cond_signal(&self->alarm_cond);
     pthread_mutex_unlock(&self->alarm_lock);
+    Py_RETURN_NONE;
+}
+
+
+/* ---- kvmpy._tcg.PortQueue ---- */
+
+static int PortQueue_init(PortQueueObject *self, PyObject *args, PyObject *kw)
+{
+    if (self->q)
+        return 0;
+    self->q = calloc(1, sizeof *self->q);
+    if (!self->q) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_mutex_init(&self->q->lock, NULL);
+    return 0;
+}
+
+static void PortQueue_dealloc(PortQueueObject *self)
+{
+    if (self->q) {
+        pthread_mutex_destroy(&self->q->lock);
+        free(self->q);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* set_zone(port, on): queue one-byte writes to port (True) or not; False if the
+ * zones are full. Before the vCPUs run (the cores read the zones unlocked). */
+static PyObject *PortQueue_set_zone(PortQueueObject *self, PyObject *args)
+{
+    unsigned int port;
+    int on;
+    if (!PyArg_ParseTuple(args, "Ip", &port, &on))
+        return NULL;
+    PortQueue *q = self->q;
+    int ok = 1;
+    pthread_mutex_lock(&q->lock);
+    int k = 0;
+    while (k < q->nzones && q->zone[k] != port)
+        k++;
+    if (on && k == q->nzones) {
+        if (q->nzones < PORT_QUEUE_ZONES)
+            q->zone[q->nzones++] = (uint16_t)port;
+        else
+            ok = 0;
+    } else if (!on && k < q->nzones) {
+        q->zone[k] = q->zone[--q->nzones];
+    }
+    pthread_mutex_unlock(&q->lock);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *PortQueue_pending(PortQueueObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(atomic_load(&self->q->count) > 0);
+}
+
+/* peek() -> (n, [(port, bytes), ...]): the n queued writes, oldest first, as runs of
+ * writes to one port; they stay queued (pending) until commit(n) */
+static PyObject *PortQueue_peek(PortQueueObject *self, PyObject *unused)
+{
+    PortQueue *q = self->q;
+    uint16_t port[PORT_QUEUE_SIZE];
+    uint8_t value[PORT_QUEUE_SIZE];
+    pthread_mutex_lock(&q->lock);
+    int n = atomic_load(&q->count);
+    memcpy(port, q->port, n * sizeof port[0]);
+    memcpy(value, q->value, n);
+    pthread_mutex_unlock(&q->lock);
+    PyObject *runs = PyList_New(0);
+    if (!runs)
+        return NULL;
+    for (int k = 0; k < n;) {
+        int end = k + 1;
+        while (end < n && port[end] == port[k])
+            end++;
+        PyObject *run = Py_BuildValue("(Iy#)", port[k], (const char *)value + k, (Py_ssize_t)(end - k));
+        if (!run || PyList_Append(runs, run) < 0) {
+            Py_XDECREF(run);
+            Py_DECREF(runs);
+            return NULL;
+        }
+        Py_DECREF(run);
+        k = end;
+    }
+    return Py_BuildValue("(iN)", n, runs);
+}
+
+/* commit(n): the n oldest writes reached their devices */
+static PyObject *PortQueue_commit(PortQueueObject *self, PyObject *args)
+{
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n))
+        return NULL;
+    PortQueue *q = self->q;
+    pthread_mutex_lock(&q->lock);
+    int have = atomic_load(&q->count);
+    if (n < 0 || n > have)
+        n = have;
+    memmove(q->port, q->port + n, (have - n) * sizeof q->port[0]);
+    memmove(q->value, q->value + n, have - n);
+    atomic_store(&q->count, have - n);
+    pthread_mutex_unlock(&q->lock);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef PortQueue_methods[] = {
+    { "set_zone", (PyCFunction)PortQueue_set_zone, METH_VARARGS, "set_zone(port, on) -> False if no room" },
+    { "pending", (PyCFunction)PortQueue_pending, METH_NOARGS, "thread-safe: writes are queued" },
+    { "peek", (PyCFunction)PortQueue_peek, METH_NOARGS, "thread-safe: (n, [(port, bytes)]) oldest first" },
+    { "commit", (PyCFunction)PortQueue_commit, METH_VARARGS, "thread-safe: commit(n) drops the n oldest" },
+    { NULL }
+};
+
+static PyTypeObject PortQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvmpy._tcg.PortQueue",
+    .tp_basicsize = sizeof(PortQueueObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PortQueue_init,
+    .tp_dealloc = (destructor)PortQueue_dealloc,
+    .tp_methods = PortQueue_methods,
+    .tp_doc = "a machine's queued one-byte port writes, shared by its Cpus",
+};
+
+/* set_port_queue(queue or None): this CPU's one-byte OUTs to the queue's ports wait
+ * there. Not while run() executes. */
+static PyObject *Cpu_set_port_queue(CpuObject *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &PortQueueType)) {
+        PyErr_SetString(PyExc_TypeError, "set_port_queue wants a PortQueue or None");
+        return NULL;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "set_port_queue while the vCPU runs");
+        return NULL;
+    }
+    PyObject *old = self->port_queue;
+    if (arg == Py_None) {
+        self->cpu->port_queue = 0;
+        self->port_queue = NULL;
+    } else {
+        Py_INCREF(arg);
+        self->port_queue = arg;
+        self->cpu->port_queue = ((PortQueueObject *)arg)->q;
+    }
+    Py_XDECREF(old);
     Py_RETURN_NONE;
 }
 
@@ -1056,6 +1218,8 @@ static PyMethodDef Cpu_methods[] = {
     { "add_doorbell", (PyCFunction)Cpu_add_doorbell, METH_VARARGS,
       "thread-safe: add_doorbell(fd, addr, size, datamatch, pio): such writes signal fd, no exit" },
     { "remove_doorbell", (PyCFunction)Cpu_remove_doorbell, METH_VARARGS, "thread-safe: remove_doorbell(fd)" },
+    { "set_port_queue", (PyCFunction)Cpu_set_port_queue, METH_O,
+      "set_port_queue(PortQueue or None): one-byte OUTs to its ports wait there, no exit" },
     { "kick_at", (PyCFunction)Cpu_kick_at, METH_O,
       "thread-safe: kick_at(monotonic_ns or None): run() returns EXIT_INTR from then on, as after kick()" },
     { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
@@ -1139,7 +1303,7 @@ static struct PyModuleDef tcg_module = {
 
 PyMODINIT_FUNC PyInit__tcg(void)
 {
-    if (PyType_Ready(&CpuType) < 0)
+    if (PyType_Ready(&CpuType) < 0 || PyType_Ready(&PortQueueType) < 0)
         return NULL;
     str_generation = PyUnicode_InternFromString("generation");
     str_protection_generation = PyUnicode_InternFromString("protection_generation");
@@ -1152,5 +1316,7 @@ PyMODINIT_FUNC PyInit__tcg(void)
     PyModule_AddIntConstant(m, "RUN_RESYNC_MEMORY", RUN_RESYNC_MEMORY);
     Py_INCREF(&CpuType);
     PyModule_AddObject(m, "Cpu", (PyObject *)&CpuType);
+    Py_INCREF(&PortQueueType);
+    PyModule_AddObject(m, "PortQueue", (PyObject *)&PortQueueType);
     return m;
 }

@@ -78,7 +78,7 @@ def test_translator_implements_the_accelerator_protocol():
     accel = TcgAccel(host)
     try:
         check_accel(accel)
-        assert accel.timer_wheel is not None and accel.port_write_queue is None
+        assert accel.timer_wheel is not None and accel.port_write_queue is not None
         # the C core rings doorbells itself (TranslatorPlatform): no write reaches the loop
         assert not accel.software_doorbells and accel.needs_before_guest_entry
         fd = accel.platform.add_doorbell(0xC000, 2, None, False)

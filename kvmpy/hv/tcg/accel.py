@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ...devices.lapic import Lapic
 from ...devices.platform import SoftPlatform
 from ...errors import UserError
+from .portqueue import TcgPortWrites
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...boot.common import BootState
@@ -228,14 +229,13 @@ class TranslatorPlatform(SoftPlatform):
 
 class TcgAccel:
     name = "tcg"
-    port_write_queue = None          # every port write exits; nothing to queue
     software_doorbells = False       # the C core rings them (TranslatorPlatform)
     needs_before_guest_entry = True  # interrupts go into the CPU from here
     phys_bits = TRANSLATOR_PHYS_BITS
 
     def __init__(self, host: AccelHost) -> None:
         try:
-            from .vcpu import NATIVE_DEFAULT_THRESHOLD, TcgVcpu
+            from .vcpu import NATIVE_DEFAULT_THRESHOLD, TcgVcpu, new_port_queue
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
@@ -252,7 +252,15 @@ class TcgAccel:
             elif host.cfg.tcg_native and v.native_threshold is None:
                 v.set_native_threshold(NATIVE_DEFAULT_THRESHOLD)
         self.timer_wheel = TimerWheel(events=host.events)
-        self.port_write_queue = None         # every port write exits to the vCPU loop
+        # The UART's THR and the RTC's index writes wait in the cores' queue (as KVM's
+        # coalesced PIO); not under --trace profile, which watches every console byte.
+        self.port_write_queue: TcgPortWrites | None = None
+        if "profile" not in host.cfg.trace:
+            queue = new_port_queue()
+            for v in self.vcpus:
+                v.set_port_queue(queue)
+            self.port_write_queue = TcgPortWrites(queue, host.pio_bus.write, host.pio_bus.write_burst,
+                                                  host.events)
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self._core_timers = CoreTimerWheel(self.timer_wheel, self.vcpus)
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self._core_timers,
@@ -372,6 +380,8 @@ class TcgAccel:
                 v.invalidate_ram(region.gpa, region.size)
 
     def close(self) -> None:
+        if self.port_write_queue is not None:
+            self.port_write_queue.close()      # the last queued writes reach their device
         if self._dma_written in self.memory.dma_listeners:
             self.memory.dma_listeners.remove(self._dma_written)
         self.platform.close()

@@ -110,6 +110,11 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
 NATIVE_DEFAULT_THRESHOLD = 50
 
 
+def new_port_queue():
+    """A machine's queue of port writes, for set_port_queue on each of its vCPUs."""
+    return _tcg.PortQueue()
+
+
 class TcgVcpu:
     """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
 
@@ -227,6 +232,12 @@ class TcgVcpu:
     def kick(self) -> None:
         self._cpu.kick()
         self.wakeup.set()
+
+    def set_port_queue(self, queue) -> None:
+        """One-byte OUTs to the ports of ``queue`` (a kvmpy._tcg.PortQueue, new_port_queue();
+        None: none) wait there instead of exiting (kvmpy.hv.tcg.portqueue). Not while
+        run() executes."""
+        self._cpu.set_port_queue(queue)
 
     def kick_at(self, deadline_ns: int | None) -> None:
         """run() returns EXIT_INTR, as after kick(), once time.monotonic_ns() reaches
