@@ -612,10 +612,16 @@ static PyObject *PortQueue_pending(PortQueueObject *self, PyObject *unused)
     return PyBool_FromLong(atomic_load(&self->q->count) > 0);
 }
 
-/* peek() -> (n, [(port, bytes), ...]): the n queued writes, oldest first, as runs of
- * writes to one port; they stay queued (pending) until commit(n) */
-static PyObject *PortQueue_peek(PortQueueObject *self, PyObject *unused)
+/* hand_over(write, write_burst): the queued writes to the devices, oldest first, a
+ * run of writes to one port as write_burst(port, bytes), a lone one as write(port, 1,
+ * value); then dropped from the queue (pending until then). Every run is handed over
+ * even when a device raises; the first exception is raised after. The caller
+ * serialises hand_over calls. */
+static PyObject *PortQueue_hand_over(PortQueueObject *self, PyObject *args)
 {
+    PyObject *write, *write_burst;
+    if (!PyArg_ParseTuple(args, "OO", &write, &write_burst))
+        return NULL;
     PortQueue *q = self->q;
     uint16_t port[PORT_QUEUE_SIZE];
     uint8_t value[PORT_QUEUE_SIZE];
@@ -624,48 +630,41 @@ static PyObject *PortQueue_peek(PortQueueObject *self, PyObject *unused)
     memcpy(port, q->port, n * sizeof port[0]);
     memcpy(value, q->value, n);
     pthread_mutex_unlock(&q->lock);
-    PyObject *runs = PyList_New(0);
-    if (!runs)
-        return NULL;
+    PyObject *err_type = NULL, *err_value = NULL, *err_tb = NULL;
     for (int k = 0; k < n;) {
         int end = k + 1;
         while (end < n && port[end] == port[k])
             end++;
-        PyObject *run = Py_BuildValue("(Iy#)", port[k], (const char *)value + k, (Py_ssize_t)(end - k));
-        if (!run || PyList_Append(runs, run) < 0) {
-            Py_XDECREF(run);
-            Py_DECREF(runs);
-            return NULL;
-        }
-        Py_DECREF(run);
+        PyObject *r = end - k == 1
+            ? PyObject_CallFunction(write, "IiI", (unsigned)port[k], 1, (unsigned)value[k])
+            : PyObject_CallFunction(write_burst, "Iy#", (unsigned)port[k], (const char *)value + k,
+                                    (Py_ssize_t)(end - k));
+        if (r)
+            Py_DECREF(r);
+        else if (!err_type)
+            PyErr_Fetch(&err_type, &err_value, &err_tb);
+        else
+            PyErr_Clear();
         k = end;
     }
-    return Py_BuildValue("(iN)", n, runs);
-}
-
-/* commit(n): the n oldest writes reached their devices */
-static PyObject *PortQueue_commit(PortQueueObject *self, PyObject *args)
-{
-    int n;
-    if (!PyArg_ParseTuple(args, "i", &n))
-        return NULL;
-    PortQueue *q = self->q;
     pthread_mutex_lock(&q->lock);
     int have = atomic_load(&q->count);
-    if (n < 0 || n > have)
-        n = have;
     memmove(q->port, q->port + n, (have - n) * sizeof q->port[0]);
     memmove(q->value, q->value + n, have - n);
     atomic_store(&q->count, have - n);
     pthread_mutex_unlock(&q->lock);
-    Py_RETURN_NONE;
+    if (err_type) {
+        PyErr_Restore(err_type, err_value, err_tb);
+        return NULL;
+    }
+    return PyLong_FromLong(n);
 }
 
 static PyMethodDef PortQueue_methods[] = {
+    { "hand_over", (PyCFunction)PortQueue_hand_over, METH_VARARGS,
+      "hand_over(write, write_burst) -> n: the queued writes to the devices, then dropped" },
     { "set_zone", (PyCFunction)PortQueue_set_zone, METH_VARARGS, "set_zone(port, on) -> False if no room" },
     { "pending", (PyCFunction)PortQueue_pending, METH_NOARGS, "thread-safe: writes are queued" },
-    { "peek", (PyCFunction)PortQueue_peek, METH_NOARGS, "thread-safe: (n, [(port, bytes)]) oldest first" },
-    { "commit", (PyCFunction)PortQueue_commit, METH_VARARGS, "thread-safe: commit(n) drops the n oldest" },
     { NULL }
 };
 

@@ -72,17 +72,12 @@ class TcgPortWrites:
         if not queue.pending():
             return
         with self._lock:
-            count, runs = queue.peek()
-            for port, data in runs:
-                try:
-                    if len(data) == 1:
-                        self._write(port, 1, data[0])
-                    else:
-                        self._write_burst(port, data)
-                except Exception as exc:  # a device fault must not stop draining
-                    log.error("queued write to port %#x failed: %s: %s", port, type(exc).__name__, exc)
-            # only now: until the devices have them, every vCPU must see them pending
-            queue.commit(count)
+            # The writes stay pending until the devices have them, so a vCPU exiting
+            # meanwhile waits here for this lock rather than overtaking them.
+            try:
+                queue.hand_over(self._write, self._write_burst)
+            except Exception as exc:  # a device fault: every other write was handed over
+                log.error("queued port write failed: %s: %s", type(exc).__name__, exc)
 
     def _drain_tick(self) -> None:
         self.drain()
