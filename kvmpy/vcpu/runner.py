@@ -5,12 +5,12 @@ and asks its machine only what ``VcpuHost`` declares. Device faults are logged,
 never raised into the guest loop: a hostile guest must not be able to kill the
 VMM through a device.
 
-Where the backend offers it (KVM and the translator without tracing; under
-``--trace profile`` the translator), one port or MMIO access a device claims takes the shortest way there
-is: the C loop returns it decoded, and the loop calls the device's own read or
-write with the offset the bus resolved once for that address (``Bus.accessors``).
-Under nested KVM, and for the translator's console, the Python run per exit is
-most of what a claimed access costs the guest.
+Where the backend offers it (KVM and the translator without tracing; the
+translator under ``--trace profile`` too), one port or MMIO access a device claims
+takes the shortest way there is: the C loop returns it decoded, and the loop calls
+the device's own read or write with the offset the bus resolved once for that
+address (``Bus.accessors``). Under nested KVM, and for the translator's console, the
+Python run per exit is most of what a claimed access costs the guest.
 """
 
 from __future__ import annotations

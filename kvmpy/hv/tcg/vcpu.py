@@ -7,6 +7,13 @@ EXIT_MMIO; port I/O becomes EXIT_IO. Both stop *at* the instruction and complete
 it on the next ``run()`` with whatever the loop wrote into ``io_data`` /
 ``mmio_data`` (reads), exactly like KVM's emulator.
 
+The vCPU loop's fast path (``decoded_exits``) gets one port or MMIO access of up to
+8 bytes back from C as four numbers (``Cpu.run_decoded``). Without Python, the core
+also rings doorbells (``add_doorbell``: an eventfd per virtio queue notify address,
+as KVM's ioeventfd), queues one-byte writes to the ports of a ``PortQueue``
+(``set_port_queue``, kvmpy.hv.tcg.portqueue) and leaves run() at a deadline
+(``kick_at``: its alarm thread, for the LAPIC timer).
+
 HLT with no deliverable interrupt returns EXIT_HLT and the vCPU stays halted
 (``run()`` keeps returning EXIT_HLT) until ``request_interrupt()`` makes an
 interrupt deliverable or ``set_regs`` moves rip.
