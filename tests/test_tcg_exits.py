@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import guest_path
 from support.exitloop import EchoRegister, run_to_end, tcg_machine
@@ -291,6 +292,51 @@ def test_queued_writes_of_a_guest_that_makes_no_exit_reach_the_bus_by_the_tick(v
         runner.join(5)
         writes.close()
         events.close()
+
+
+WRITES = st.lists(st.tuples(st.sampled_from([0x3F8, 0x70, 0x80]), st.integers(0, 255),
+                            st.sampled_from(["out", "in", "spin"])), min_size=1, max_size=700)
+
+
+@settings(max_examples=100 if os.environ.get("KVMPY_FUZZ") else 12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(WRITES)
+def test_queued_and_exiting_writes_reach_the_bus_in_program_order(program):
+    """Writes to queued ports (THR, the RTC index), to a port that exits (0x80), reads
+    and stretches without exits, in any order and past the queue's size: the bus sees
+    every write once, in the order the guest made them, when each exit is served."""
+    from kvmpy.events import EventLoop
+    lines = []
+    for port, value, then in program:
+        lines += [f"mov dx, {port}", f"mov al, {value}", "out dx, al"]
+        if then == "in":
+            lines += ["mov dx, 0x3fd", "in al, dx"]
+        elif then == "spin":
+            lines += ["mov ecx, 20", "3: loop 3b"]
+    v, mem = _vcpu("\n".join(lines + ["hlt"]))
+    rec = _Recorder()
+    try:
+        writes = _queued(v, rec, EventLoop(name="never-started"))
+        writes.set_zone(0x70, 1, True)
+        run, state, access, exit_kind = v.decoded_exits()
+        while True:
+            code = run(state)
+            if code > exits.DECODED_MMIO_READ:
+                writes.drain()
+                code -= exits.DECODED_AFTER_QUEUED
+            if code == exits.DECODED_PIO_WRITE:
+                rec.write(access[0], access[1], access[2])
+            elif code == exits.DECODED_PIO_READ:
+                access[3] = 0x60
+            else:
+                assert exit_kind(code) == exits.EXIT_HLT
+                writes.drain()
+                break
+        seen = [(port, value) for port, data in rec.writes for value in data]
+        assert seen == [(port, value) for port, value, _ in program]
+    finally:
+        v.close()
+        mem.close()
 
 
 def test_divisor_writes_through_the_queue_reach_the_uart_as_divisor():
