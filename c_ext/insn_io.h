@@ -93,7 +93,12 @@ HANDLER out_acc(CPU *c, Insn *i, int op)
     unsigned s = (op & 1) ? (sz == 8 ? 4 : sz) : 1;
     uint16_t port = op < 0xe8 ? (uint16_t)(i->imm & 0xff) : (uint16_t)c->r[R_DX];
     if (!io_allowed(c)) GP0();
-    io_access(c, port, s, 1, c->r[R_AX] & szmask(s));
+    uint64_t v = c->r[R_AX] & szmask(s);
+    /* a byte for a queued port waits in the machine's queue instead of exiting
+     * (not while this OUT is replayed after its exit: the queue was full then) */
+    if (s == 1 && c->port_queue && !c->nacc && port_queue_push(c->port_queue, port, (uint8_t)v))
+        return;
+    io_access(c, port, s, 1, v);
 }
 
 #endif

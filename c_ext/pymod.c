@@ -3,9 +3,22 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
 #include "tcg.h"
 #include "flags.h"
 #include "native/native.h"
+
+/* A guest write that only signals an eventfd (a virtio queue notify): the
+ * translator's ioeventfd. size 0 matches any size; has_match 0 any value. */
+typedef struct {
+    uint64_t addr, match;
+    uint32_t size;
+    int pio, has_match, fd;
+} Doorbell;
 
 typedef struct {
     PyObject_HEAD
@@ -13,7 +26,43 @@ typedef struct {
     Py_buffer bufs[MAX_RAM];
     int nbufs;
     int running;
+    /* run_decoded handed a read to the loop: its value comes back in access[3] */
+    int decoded_read;
+    /* The GuestMemory the RAM list was last synced from, and its generations then
+     * (watch_memory): run_decoded asks for a resync when they moved. */
+    PyObject *memory;
+    long long mem_generation, mem_protection;
+    Py_ssize_t mem_regions;
+    /* doorbells: added and removed from any thread, rung by the vCPU's thread
+     * between exits with the GIL released */
+    pthread_mutex_t bell_lock;
+    Doorbell *bells;
+    int nbells, bells_cap, bell_lock_ready;
+    /* stats(): exits run_decoded returned decoded, doorbell writes rung in C */
+    uint64_t st_decoded, st_doorbells;
+    /* kick_at: a thread of the core's own kicks the CPU at a deadline (the LAPIC
+     * timer's), so no Python thread wakes up for it; started at the first kick_at */
+    pthread_t alarm_thread;
+    pthread_mutex_t alarm_lock;
+    pthread_cond_t alarm_cond;
+    int alarm_ready, alarm_started, alarm_stop;
+    int64_t alarm_deadline;          /* CLOCK_MONOTONIC ns; -1: none */
+    uint64_t st_alarms;
+    PyObject *port_queue;            /* the PortQueueObject behind cpu->port_queue */
 } CpuObject;
+
+/* run_decoded's answer when the guest memory map changed since watch_memory: the
+ * Python side syncs and runs again (not an exit kind, not a DECODED_* value) */
+#define RUN_RESYNC_MEMORY 0x80
+/* kvmpy.hv.exits.DECODED_*: one port or MMIO access, decoded */
+enum { DECODED_PIO_WRITE = 0x100, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ,
+       DECODED_AFTER_QUEUED = 0x200 };
+
+/* kvmpy._tcg.PortQueue: a machine's queued port writes (tcg.h), shared by its Cpus */
+typedef struct {
+    PyObject_HEAD
+    PortQueue *q;
+} PortQueueObject;
 
 static void release_ram(CpuObject *self)
 {
@@ -37,11 +86,21 @@ static void release_ram(CpuObject *self)
     }
 }
 
+static void alarm_shutdown(CpuObject *self);
+
 static void Cpu_dealloc(CpuObject *self)
 {
+    alarm_shutdown(self);
     if (self->cpu)
         cpu_unregister(self->cpu);
     release_ram(self);
+    Py_CLEAR(self->memory);
+    if (self->cpu)
+        self->cpu->port_queue = 0;
+    Py_CLEAR(self->port_queue);
+    free(self->bells);
+    if (self->bell_lock_ready)
+        pthread_mutex_destroy(&self->bell_lock);
     if (self->cpu) {
         free(self->cpu->blocks);
         free(self->cpu->insn_pool);
@@ -85,6 +144,20 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     if (native_arena_init(c) < 0)
         c->native_threshold = NATIVE_OFF;
     self->cpu = c;
+    if (!self->bell_lock_ready) {
+        pthread_mutex_init(&self->bell_lock, NULL);
+        self->bell_lock_ready = 1;
+    }
+    if (!self->alarm_ready) {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&self->alarm_cond, &attr);
+        pthread_condattr_destroy(&attr);
+        pthread_mutex_init(&self->alarm_lock, NULL);
+        self->alarm_deadline = -1;
+        self->alarm_ready = 1;
+    }
     cpu_register(c);
     return 0;
 }
@@ -152,7 +225,60 @@ static PyObject *Cpu_set_ram_readonly(CpuObject *self, PyObject *args)
 static PyObject *Cpu_clear_ram(CpuObject *self, PyObject *unused)
 {
     release_ram(self);
+    /* this object is not GC-tracked: its reference must not hold a cycle through the
+     * memory's listeners once the vCPU is closed */
+    Py_CLEAR(self->memory);
     Py_RETURN_NONE;
+}
+
+/* The one access the last exit stopped at, or 0 (rep string I/O, nothing logged) */
+static Access *single_access(CPU *c)
+{
+    if (c->nacc == 0)
+        return 0;
+    Access *a = &c->acc[c->nacc - 1];
+    return a->count == 1 ? a : 0;
+}
+
+/* A guest write a doorbell takes: its eventfd is signalled and the write is done
+ * (the instruction completes at the next cpu_run, as after any device write), so
+ * a virtio queue notify costs no trip through Python, as KVM's ioeventfd. */
+static int ring_doorbell(CpuObject *self, int kind, Access *a)
+{
+    if (!a || !a->write || a->size > 8)
+        return 0;
+    uint64_t value = 0;
+    memcpy(&value, a->data, a->size);
+    int pio = kind == EXIT_IO, rung = 0;
+    pthread_mutex_lock(&self->bell_lock);
+    for (int k = 0; k < self->nbells; k++) {
+        Doorbell *d = &self->bells[k];
+        if (d->addr == a->addr && d->pio == pio && (!d->size || d->size == a->size) &&
+            (!d->has_match || d->match == value)) {
+            uint64_t one = 1;
+            ssize_t n;
+            do
+                n = write(d->fd, &one, sizeof one);
+            while (n < 0 && errno == EINTR);
+            rung = 1;
+            self->st_doorbells++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&self->bell_lock);
+    return rung;
+}
+
+/* cpu_run until an exit the VMM must see (without the GIL) */
+static int run_serving_doorbells(CpuObject *self)
+{
+    CPU *c = self->cpu;
+    for (;;) {
+        int r = cpu_run(c);
+        if ((r == EXIT_IO || r == EXIT_MMIO) && ring_doorbell(self, r, single_access(c)))
+            continue;
+        return r;
+    }
 }
 
 static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
@@ -163,9 +289,10 @@ static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
     }
     int r;
     self->running = 1;
+    self->decoded_read = 0;
     uint64_t returned = 0;
     Py_BEGIN_ALLOW_THREADS
-    r = cpu_run(self->cpu);
+    r = run_serving_doorbells(self);
     if (self->cpu->profiling)
         returned = now_ns();
     Py_END_ALLOW_THREADS
@@ -174,6 +301,408 @@ static PyObject *Cpu_run(CpuObject *self, PyObject *unused)
         self->cpu->st_gil_wait_ns += now_ns() - returned;
     self->running = 0;
     return PyLong_FromLong(r);
+}
+
+static PyObject *str_generation, *str_protection_generation, *str_regions;
+
+static int attr_ll(PyObject *o, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* 1 if the watched GuestMemory's map or protection moved since watch_memory, -1 on error */
+static int memory_moved(CpuObject *self)
+{
+    long long gen, prot;
+    if (attr_ll(self->memory, str_generation, &gen) < 0 ||
+        attr_ll(self->memory, str_protection_generation, &prot) < 0)
+        return -1;
+    PyObject *regions = PyObject_GetAttr(self->memory, str_regions);
+    if (!regions)
+        return -1;
+    Py_ssize_t n = PyObject_Size(regions);
+    Py_DECREF(regions);
+    if (n < 0)
+        return -1;
+    return gen != self->mem_generation || prot != self->mem_protection || n != self->mem_regions;
+}
+
+/* watch_memory(memory, generation, protection_generation, regions): the RAM list was
+ * synced from `memory` at these values (run_decoded compares) */
+static PyObject *Cpu_watch_memory(CpuObject *self, PyObject *args)
+{
+    PyObject *memory;
+    long long gen, prot;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OLLn", &memory, &gen, &prot, &n))
+        return NULL;
+    Py_INCREF(memory);
+    Py_XSETREF(self->memory, memory);
+    self->mem_generation = gen;
+    self->mem_protection = prot;
+    self->mem_regions = n;
+    Py_RETURN_NONE;
+}
+
+/* run_decoded(access): run() for the vCPU loop's fast path (kvmpy.hv.exits.DecodedExits).
+ * One port or MMIO access of up to 8 bytes comes back as DECODED_*, with access[0]
+ * the port or address, access[1] the size and, for a write, access[2] the value; a
+ * read's value is taken from access[3] at the next call. Anything else is the exit
+ * kind (the exit attributes come from exit_access()), or RUN_RESYNC_MEMORY. */
+static PyObject *Cpu_run_decoded(CpuObject *self, PyObject *access)
+{
+    if (!PyList_CheckExact(access) || PyList_GET_SIZE(access) < 4) {
+        PyErr_SetString(PyExc_TypeError, "run_decoded wants a list of 4");
+        return NULL;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "run() is already executing on another thread");
+        return NULL;
+    }
+    CPU *c = self->cpu;
+    if (self->decoded_read) {
+        self->decoded_read = 0;
+        Access *a = single_access(c);
+        if (a && !a->write && a->size <= 8) {
+            uint64_t v = PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(access, 3));
+            if (v == (uint64_t)-1 && PyErr_Occurred())
+                return NULL;
+            memcpy(a->data, &v, a->size);
+        }
+    }
+    if (self->memory) {
+        int moved = memory_moved(self);
+        if (moved < 0)
+            return NULL;
+        if (moved)
+            return PyLong_FromLong(RUN_RESYNC_MEMORY);
+    }
+    int r;
+    self->running = 1;
+    uint64_t returned = 0;
+    Py_BEGIN_ALLOW_THREADS
+    r = run_serving_doorbells(self);
+    if (c->profiling)
+        returned = now_ns();
+    Py_END_ALLOW_THREADS
+    if (returned)
+        c->st_gil_wait_ns += now_ns() - returned;
+    self->running = 0;
+    Access *a = (r == EXIT_IO || r == EXIT_MMIO) ? single_access(c) : 0;
+    if (!a || a->size > 8)
+        return PyLong_FromLong(r);
+    PyObject *addr = PyLong_FromUnsignedLongLong(a->addr), *size = PyLong_FromLong(a->size), *value = 0;
+    if (a->write) {
+        uint64_t v = 0;
+        memcpy(&v, a->data, a->size);
+        value = PyLong_FromUnsignedLongLong(v);
+    }
+    if (!addr || !size || (a->write && !value)) {
+        Py_XDECREF(addr);
+        Py_XDECREF(size);
+        Py_XDECREF(value);
+        return NULL;
+    }
+    PyList_SetItem(access, 0, addr);
+    PyList_SetItem(access, 1, size);
+    if (value)
+        PyList_SetItem(access, 2, value);
+    else
+        self->decoded_read = 1;
+    self->st_decoded++;
+    int queued = c->port_queue && atomic_load(&c->port_queue->count) ? DECODED_AFTER_QUEUED : 0;
+    return PyLong_FromLong((r == EXIT_IO ? DECODED_PIO_WRITE : DECODED_MMIO_WRITE) + !a->write + queued);
+}
+
+/* add_doorbell(fd, addr, size, datamatch, pio): guest writes to addr (of `size` bytes,
+ * 0: any; of value datamatch, None: any) signal the eventfd fd instead of exiting.
+ * Thread-safe. */
+static PyObject *Cpu_add_doorbell(CpuObject *self, PyObject *args)
+{
+    int fd, pio;
+    unsigned long long addr;
+    unsigned int size;
+    PyObject *match;
+    if (!PyArg_ParseTuple(args, "iKIOp", &fd, &addr, &size, &match, &pio))
+        return NULL;
+    Doorbell d = { .addr = addr, .size = size, .pio = pio, .fd = fd };
+    if (match != Py_None) {
+        d.match = PyLong_AsUnsignedLongLongMask(match);
+        if (d.match == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        d.has_match = 1;
+    }
+    if (size > 8 || fd < 0) {
+        PyErr_Format(PyExc_ValueError, "doorbell: size %u, fd %d", size, fd);
+        return NULL;
+    }
+    pthread_mutex_lock(&self->bell_lock);
+    if (self->nbells == self->bells_cap) {
+        int cap = self->bells_cap ? 2 * self->bells_cap : 16;
+        Doorbell *more = realloc(self->bells, cap * sizeof *more);
+        if (!more) {
+            pthread_mutex_unlock(&self->bell_lock);
+            return PyErr_NoMemory();
+        }
+        self->bells = more;
+        self->bells_cap = cap;
+    }
+    self->bells[self->nbells++] = d;
+    pthread_mutex_unlock(&self->bell_lock);
+    Py_RETURN_NONE;
+}
+
+/* remove_doorbell(fd): once this returns, no write signals fd (it may be closed) */
+static PyObject *Cpu_remove_doorbell(CpuObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    pthread_mutex_lock(&self->bell_lock);
+    int k = 0;
+    for (int j = 0; j < self->nbells; j++)
+        if (self->bells[j].fd != fd)
+            self->bells[k++] = self->bells[j];
+    self->nbells = k;
+    pthread_mutex_unlock(&self->bell_lock);
+    Py_RETURN_NONE;
+}
+
+
+/* ---- kick_at: the core's alarm ---- */
+
+static int64_t monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void *alarm_main(void *arg)
+{
+    CpuObject *self = arg;
+    pthread_mutex_lock(&self->alarm_lock);
+    while (!self->alarm_stop) {
+        int64_t due = self->alarm_deadline;
+        if (due < 0) {
+            pthread_cond_wait(&self->alarm_cond, &self->alarm_lock);
+            continue;
+        }
+        if (monotonic_ns() >= due) {
+            self->alarm_deadline = -1;
+            self->st_alarms++;
+            atomic_store(&self->cpu->kicked, 1);
+            atomic_store(&self->cpu->exit_request, 1);
+            continue;
+        }
+        struct timespec ts = { .tv_sec = due / 1000000000, .tv_nsec = due % 1000000000 };
+        pthread_cond_timedwait(&self->alarm_cond, &self->alarm_lock, &ts);
+    }
+    pthread_mutex_unlock(&self->alarm_lock);
+    return NULL;
+}
+
+static void alarm_shutdown(CpuObject *self)
+{
+    if (!self->alarm_ready)
+        return;
+    if (self->alarm_started) {
+        pthread_mutex_lock(&self->alarm_lock);
+        self->alarm_stop = 1;
+        pthread_cond_signal(&self->alarm_cond);
+        pthread_mutex_unlock(&self->alarm_lock);
+        pthread_join(self->alarm_thread, NULL);
+        self->alarm_started = 0;
+    }
+    pthread_cond_destroy(&self->alarm_cond);
+    pthread_mutex_destroy(&self->alarm_lock);
+    self->alarm_ready = 0;
+}
+
+/* kick_at(deadline_ns): run() returns EXIT_INTR (as after kick()) once CLOCK_MONOTONIC
+ * (time.monotonic_ns) reaches deadline_ns; None disarms. Thread-safe; one deadline. */
+static PyObject *Cpu_kick_at(CpuObject *self, PyObject *arg)
+{
+    int64_t due = -1;
+    if (arg != Py_None) {
+        long long v = PyLong_AsLongLong(arg);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        due = v < 0 ? 0 : v;
+    }
+    pthread_mutex_lock(&self->alarm_lock);
+    if (due >= 0 && !self->alarm_started) {
+        sigset_t all, old;
+        /* the thread takes no signal: Python's handlers run on the main thread */
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        int err = pthread_create(&self->alarm_thread, NULL, alarm_main, self);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (err) {
+            pthread_mutex_unlock(&self->alarm_lock);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        self->alarm_started = 1;
+    }
+    self->alarm_deadline = due;
+    pthread_cond_signal(&self->alarm_cond);
+    pthread_mutex_unlock(&self->alarm_lock);
+    Py_RETURN_NONE;
+}
+
+
+/* ---- kvmpy._tcg.PortQueue ---- */
+
+static int PortQueue_init(PortQueueObject *self, PyObject *args, PyObject *kw)
+{
+    if (self->q)
+        return 0;
+    self->q = calloc(1, sizeof *self->q);
+    if (!self->q) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_mutex_init(&self->q->lock, NULL);
+    return 0;
+}
+
+static void PortQueue_dealloc(PortQueueObject *self)
+{
+    if (self->q) {
+        pthread_mutex_destroy(&self->q->lock);
+        free(self->q);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* set_zone(port, on): queue one-byte writes to port (True) or not; False if the
+ * zones are full. Before the vCPUs run (the cores read the zones unlocked). */
+static PyObject *PortQueue_set_zone(PortQueueObject *self, PyObject *args)
+{
+    unsigned int port;
+    int on;
+    if (!PyArg_ParseTuple(args, "Ip", &port, &on))
+        return NULL;
+    PortQueue *q = self->q;
+    int ok = 1;
+    pthread_mutex_lock(&q->lock);
+    int k = 0;
+    while (k < q->nzones && q->zone[k] != port)
+        k++;
+    if (on && k == q->nzones) {
+        if (q->nzones < PORT_QUEUE_ZONES)
+            q->zone[q->nzones++] = (uint16_t)port;
+        else
+            ok = 0;
+    } else if (!on && k < q->nzones) {
+        q->zone[k] = q->zone[--q->nzones];
+    }
+    pthread_mutex_unlock(&q->lock);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *PortQueue_pending(PortQueueObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(atomic_load(&self->q->count) > 0);
+}
+
+/* hand_over(write, write_burst): the queued writes to the devices, oldest first, a
+ * run of writes to one port as write_burst(port, bytes), a lone one as write(port, 1,
+ * value); then dropped from the queue (pending until then). Every run is handed over
+ * even when a device raises; the first exception is raised after. The caller
+ * serialises hand_over calls. */
+static PyObject *PortQueue_hand_over(PortQueueObject *self, PyObject *args)
+{
+    PyObject *write, *write_burst;
+    if (!PyArg_ParseTuple(args, "OO", &write, &write_burst))
+        return NULL;
+    PortQueue *q = self->q;
+    uint16_t port[PORT_QUEUE_SIZE];
+    uint8_t value[PORT_QUEUE_SIZE];
+    pthread_mutex_lock(&q->lock);
+    int n = atomic_load(&q->count);
+    memcpy(port, q->port, n * sizeof port[0]);
+    memcpy(value, q->value, n);
+    pthread_mutex_unlock(&q->lock);
+    PyObject *err_type = NULL, *err_value = NULL, *err_tb = NULL;
+    for (int k = 0; k < n;) {
+        int end = k + 1;
+        while (end < n && port[end] == port[k])
+            end++;
+        PyObject *r = end - k == 1
+            ? PyObject_CallFunction(write, "IiI", (unsigned)port[k], 1, (unsigned)value[k])
+            : PyObject_CallFunction(write_burst, "Iy#", (unsigned)port[k], (const char *)value + k,
+                                    (Py_ssize_t)(end - k));
+        if (r)
+            Py_DECREF(r);
+        else if (!err_type)
+            PyErr_Fetch(&err_type, &err_value, &err_tb);
+        else
+            PyErr_Clear();
+        k = end;
+    }
+    pthread_mutex_lock(&q->lock);
+    int have = atomic_load(&q->count);
+    memmove(q->port, q->port + n, (have - n) * sizeof q->port[0]);
+    memmove(q->value, q->value + n, have - n);
+    atomic_store(&q->count, have - n);
+    pthread_mutex_unlock(&q->lock);
+    if (err_type) {
+        PyErr_Restore(err_type, err_value, err_tb);
+        return NULL;
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyMethodDef PortQueue_methods[] = {
+    { "hand_over", (PyCFunction)PortQueue_hand_over, METH_VARARGS,
+      "hand_over(write, write_burst) -> n: the queued writes to the devices, then dropped" },
+    { "set_zone", (PyCFunction)PortQueue_set_zone, METH_VARARGS, "set_zone(port, on) -> False if no room" },
+    { "pending", (PyCFunction)PortQueue_pending, METH_NOARGS, "thread-safe: writes are queued" },
+    { NULL }
+};
+
+static PyTypeObject PortQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvmpy._tcg.PortQueue",
+    .tp_basicsize = sizeof(PortQueueObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PortQueue_init,
+    .tp_dealloc = (destructor)PortQueue_dealloc,
+    .tp_methods = PortQueue_methods,
+    .tp_doc = "a machine's queued one-byte port writes, shared by its Cpus",
+};
+
+/* set_port_queue(queue or None): this CPU's one-byte OUTs to the queue's ports wait
+ * there. Not while run() executes. */
+static PyObject *Cpu_set_port_queue(CpuObject *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &PortQueueType)) {
+        PyErr_SetString(PyExc_TypeError, "set_port_queue wants a PortQueue or None");
+        return NULL;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "set_port_queue while the vCPU runs");
+        return NULL;
+    }
+    PyObject *old = self->port_queue;
+    if (arg == Py_None) {
+        self->cpu->port_queue = 0;
+        self->port_queue = NULL;
+    } else {
+        Py_INCREF(arg);
+        self->port_queue = arg;
+        self->cpu->port_queue = ((PortQueueObject *)arg)->q;
+    }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Cpu_get_regs(CpuObject *self, PyObject *unused)
@@ -432,6 +961,8 @@ static PyObject *Cpu_error(CpuObject *self, PyObject *unused)
     return PyUnicode_FromString(self->cpu->errmsg);
 }
 
+static PyObject *core_stats(CPU *c, PyObject *ops);
+
 /* {dispatch op: helper calls} from native code while profiling (CPU.st_native_helper_op) */
 static PyObject *native_helper_ops(CPU *c)
 {
@@ -460,6 +991,28 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
     PyObject *ops = native_helper_ops(c);
     if (!ops)
         return NULL;
+    PyObject *d = core_stats(c, ops);
+    if (!d)
+        return NULL;
+    PyObject *decoded = PyLong_FromUnsignedLongLong(self->st_decoded);
+    PyObject *bells = PyLong_FromUnsignedLongLong(self->st_doorbells);
+    PyObject *alarms = PyLong_FromUnsignedLongLong(self->st_alarms);
+    if (!decoded || !bells || !alarms || PyDict_SetItemString(d, "decoded_exits", decoded) < 0 ||
+        PyDict_SetItemString(d, "doorbells_rung", bells) < 0 || PyDict_SetItemString(d, "alarm_kicks", alarms) < 0) {
+        Py_XDECREF(decoded);
+        Py_XDECREF(bells);
+        Py_XDECREF(alarms);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(decoded);
+    Py_DECREF(bells);
+    Py_DECREF(alarms);
+    return d;
+}
+
+static PyObject *core_stats(CPU *c, PyObject *ops)
+{
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
@@ -657,6 +1210,17 @@ static PyMethodDef Cpu_methods[] = {
     { "set_ram_readonly", (PyCFunction)Cpu_set_ram_readonly, METH_VARARGS,
       "set_ram_readonly(gpa, readonly): write-protect the region at gpa (or open it)" },
     { "run", (PyCFunction)Cpu_run, METH_NOARGS, "run until an exit; returns the exit kind" },
+    { "run_decoded", (PyCFunction)Cpu_run_decoded, METH_O,
+      "run_decoded(access): run(), one port or MMIO access returned decoded (kvmpy.hv.exits)" },
+    { "watch_memory", (PyCFunction)Cpu_watch_memory, METH_VARARGS,
+      "watch_memory(memory, generation, protection_generation, regions): what run_decoded compares" },
+    { "add_doorbell", (PyCFunction)Cpu_add_doorbell, METH_VARARGS,
+      "thread-safe: add_doorbell(fd, addr, size, datamatch, pio): such writes signal fd, no exit" },
+    { "remove_doorbell", (PyCFunction)Cpu_remove_doorbell, METH_VARARGS, "thread-safe: remove_doorbell(fd)" },
+    { "set_port_queue", (PyCFunction)Cpu_set_port_queue, METH_O,
+      "set_port_queue(PortQueue or None): one-byte OUTs to its ports wait there, no exit" },
+    { "kick_at", (PyCFunction)Cpu_kick_at, METH_O,
+      "thread-safe: kick_at(monotonic_ns or None): run() returns EXIT_INTR from then on, as after kick()" },
     { "get_regs", (PyCFunction)Cpu_get_regs, METH_NOARGS, NULL },
     { "set_regs", (PyCFunction)Cpu_set_regs, METH_VARARGS, NULL },
     { "get_sregs", (PyCFunction)Cpu_get_sregs, METH_NOARGS, NULL },
@@ -738,12 +1302,20 @@ static struct PyModuleDef tcg_module = {
 
 PyMODINIT_FUNC PyInit__tcg(void)
 {
-    if (PyType_Ready(&CpuType) < 0)
+    if (PyType_Ready(&CpuType) < 0 || PyType_Ready(&PortQueueType) < 0)
+        return NULL;
+    str_generation = PyUnicode_InternFromString("generation");
+    str_protection_generation = PyUnicode_InternFromString("protection_generation");
+    str_regions = PyUnicode_InternFromString("regions");
+    if (!str_generation || !str_protection_generation || !str_regions)
         return NULL;
     PyObject *m = PyModule_Create(&tcg_module);
     if (!m)
         return NULL;
+    PyModule_AddIntConstant(m, "RUN_RESYNC_MEMORY", RUN_RESYNC_MEMORY);
     Py_INCREF(&CpuType);
     PyModule_AddObject(m, "Cpu", (PyObject *)&CpuType);
+    Py_INCREF(&PortQueueType);
+    PyModule_AddObject(m, "PortQueue", (PyObject *)&PortQueueType);
     return m;
 }

@@ -13,6 +13,7 @@
 #ifndef KVMPY_TCG_H
 #define KVMPY_TCG_H
 
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -298,7 +299,45 @@ typedef struct CPU {
     const _Atomic uint64_t *nat_code_epoch;   /* mem.c's code_epoch, for the chained jumps */
     uint64_t st_native_chained;
     uint64_t st_native_indirect;   /* jumps into compiled blocks found through jc (ret, jmp/call r/m) */
+    /* queued port writes (struct PortQueue below), 0: every OUT exits */
+    struct PortQueue *port_queue;
 } CPU;
+
+/* ---- queued port writes ----
+ * A one-byte OUT to a port of the queue's zones (the UART's THR, the RTC's index)
+ * does not exit: it waits here, in the order the vCPUs issued it, until the VMM
+ * hands the queue to the devices, which it does before it serves any exit
+ * (kvmpy/hv/tcg/portqueue.py): KVM's coalesced PIO, for the translator. A full
+ * queue makes the OUT exit as any other. One queue per machine, shared by its CPUs. */
+#define PORT_QUEUE_SIZE 512
+#define PORT_QUEUE_ZONES 4
+typedef struct PortQueue {
+    pthread_mutex_t lock;
+    int nzones;                      /* set before the vCPUs run */
+    uint16_t zone[PORT_QUEUE_ZONES];
+    _Atomic int count;               /* writes not yet handed over */
+    uint16_t port[PORT_QUEUE_SIZE];
+    uint8_t value[PORT_QUEUE_SIZE];
+} PortQueue;
+
+/* 1 if the write was queued; 0: it must exit */
+static inline int port_queue_push(PortQueue *q, uint16_t port, uint8_t value)
+{
+    int hit = 0;
+    for (int k = 0; k < q->nzones; k++)
+        hit |= q->zone[k] == port;
+    if (!hit)
+        return 0;
+    pthread_mutex_lock(&q->lock);
+    int n = atomic_load(&q->count);
+    if (n < PORT_QUEUE_SIZE) {
+        q->port[n] = port;
+        q->value[n] = value;
+        atomic_store(&q->count, n + 1);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return n < PORT_QUEUE_SIZE;
+}
 
 /* Layering: a file calls only into files listed before it, so the calls between
  * c_ext files form no circle (flags.h and operands.h are inline only). A header

@@ -78,8 +78,12 @@ def test_translator_implements_the_accelerator_protocol():
     accel = TcgAccel(host)
     try:
         check_accel(accel)
-        assert accel.timer_wheel is not None and accel.port_write_queue is None
-        assert accel.software_doorbells and accel.needs_before_guest_entry
+        assert accel.timer_wheel is not None and accel.port_write_queue is not None
+        # the C core rings doorbells itself (TranslatorPlatform): no write reaches the loop
+        assert not accel.software_doorbells and accel.needs_before_guest_entry
+        fd = accel.platform.add_doorbell(0xC000, 2, None, False)
+        assert accel.platform.doorbell_write(0xC000, 2, 0, False) is False
+        accel.platform.remove_doorbell(fd)
         from kvmpy.hv.kvm.cpu_setup import announced_phys_bits
         from kvmpy.hv.tcg.accel import translator_cpuid
         assert announced_phys_bits(translator_cpuid(2)) == accel.phys_bits == 40, "QEMU's TCG default"

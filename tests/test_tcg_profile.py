@@ -32,6 +32,9 @@ def test_hello_under_the_translator_prints_the_breakdown():
     com1 = re.search(r"^\s+[\d.]+ s\s+(\d+)\s+[\d.]+ us each  pio 0x3f8 Serial16550$", err, re.M)
     assert com1, err
     assert int(com1.group(1)) >= len(p.stdout.strip())
+    # and they took the loop's decoded fast path, which the profile times too
+    decoded = re.search(r"exits returned decoded \(the loop's fast path\) (\d+)", err)
+    assert decoded and int(decoded.group(1)) >= len(p.stdout.strip()), err
 
 
 def test_hello_under_kvm_has_the_breakdown_without_translator_counters():

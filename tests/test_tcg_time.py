@@ -60,3 +60,56 @@ def test_a_halted_vcpu_wakes_at_its_lapic_deadline_by_itself():
     finally:
         accel.close()
         Host.memory.close()
+
+
+def test_a_running_vcpu_gets_its_lapic_timer_from_the_core_alarm():
+    """A vCPU running guest code (here a `jmp $`) leaves run() at its LAPIC deadline by
+    the C core's own alarm and expires the timer on its own thread: the machine's
+    event loop never runs, so no other Python thread takes the GIL for a tick."""
+    import time
+
+    from kvmpy.config import VmConfig
+    from kvmpy.devices.bus import Bus
+    from kvmpy.devices.lapic import REG_LVT_TIMER, REG_SVR, REG_TIMER_DCR, REG_TIMER_ICR
+    from kvmpy.events import EventLoop
+    from kvmpy.hv import exits
+    from kvmpy.hv.tcg.accel import CRYSTAL_HZ, TcgAccel
+    from kvmpy.memory import GuestMemory
+
+    class Host:
+        cfg = VmConfig(cpus=1, memory=16 << 20)
+        memory = GuestMemory.anonymous([(0, 16 << 20)])
+        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        events = EventLoop(name="never-started")
+
+    accel = TcgAccel(Host)
+    try:
+        from support.tcg import regs, set_real_mode
+        v, lapic = accel.vcpus[0], accel.irqchip.lapics[0]
+        Host.memory.write(0x1000, b"\xeb\xfe")              # jmp $, with IF=0
+        set_real_mode(v)
+        v.set_regs(regs(rip=0x1000, rflags=2))
+        lapic.write(REG_SVR, 4, 0x1FF)
+        lapic.write(REG_TIMER_DCR, 4, 0xB)                  # divide by 1
+        lapic.write(REG_LVT_TIMER, 4, 0xEC)                 # one-shot, vector 0xEC
+        lapic.write(REG_TIMER_ICR, 4, CRYSTAL_HZ // 50)     # 20 ms
+        due = lapic.timer_interrupt_due_ns
+        assert due is not None and not lapic.has_pending()
+        accel.before_guest_entry(0)
+        import threading
+        rescue = threading.Timer(2.0, v.kick)      # without the alarm the run would never end
+        rescue.start()
+        try:
+            assert v.run() == exits.EXIT_INTR
+        finally:
+            rescue.cancel()
+        left = time.monotonic_ns()
+        assert left >= due and left - due < 250_000_000, (left - due) / 1e6
+        assert not lapic.has_pending(), "expired by the vCPU's thread, not before"
+        accel.before_guest_entry(0)
+        assert lapic.has_pending() and lapic.intr_ack() == 0xEC
+        assert v.stats()["alarm_kicks"] == 1
+        assert accel.timer_wheel.fired == 0, "the machine's wheel fired nothing"
+    finally:
+        accel.close()
+        Host.memory.close()

@@ -5,10 +5,11 @@ and asks its machine only what ``VcpuHost`` declares. Device faults are logged,
 never raised into the guest loop: a hostile guest must not be able to kill the
 VMM through a device.
 
-Where the backend offers it (KVM without tracing or profiling), one port or MMIO
-access a device claims takes the shortest way there is: the C loop returns it
-decoded, and the loop calls the device's own read or write with the offset the
-bus resolved once for that address (``Bus.accessors``). Under nested KVM the
+Where the backend offers it (KVM and the translator without tracing; the
+translator under ``--trace profile`` too), one port or MMIO access a device claims
+takes the shortest way there is: the C loop returns it decoded, and the loop calls
+the device's own read or write with the offset the bus resolved once for that
+address (``Bus.accessors``). Under nested KVM, and for the translator's console, the
 Python run per exit is most of what a claimed access costs the guest.
 """
 
@@ -102,22 +103,33 @@ class VcpuThread(threading.Thread):
         profiled = None
         if host.profile is not None:
             vcpu = profiled = host.profile.wrap(vcpu, index)
-        # The fast path: a single port or MMIO access comes back from the backend's
+        # The fast path (timed by the profiler where the backend keeps it while every
+        # exit is reported): a single port or MMIO access comes back from the backend's
         # C loop already decoded, and goes straight to the claiming device's method
         # (the bus's accessors, resolved once per address per bus map); one made
         # while port writes were queued comes back flagged (DECODED_AFTER_QUEUED) and
         # they are drained first. Everything else takes the general path below.
         decoded = None
-        if tracer is None and profiled is None and doorbell is None and before_entry is None:
+        if tracer is None and doorbell is None:
             decoded = vcpu.decoded_exits()
         if decoded is not None:
             run_decoded, state, access, exit_kind = decoded
+        # Where the accelerator moves interrupts into the CPU (the translator), the fast
+        # path does so only before the first entry and after an exit it does not serve:
+        # whatever makes an interrupt pending kicks the vCPU, and a kicked CPU returns
+        # EXIT_INTR at once (kvmpy.devices.irqchip's protocol), which is such an exit.
+        check_interrupts = True
         try:
             while True:
                 if host.control_pending:
+                    check_interrupts = True
                     if not host.vcpu_checkpoint(self):
                         return
                 if decoded is not None:
+                    if check_interrupts:
+                        check_interrupts = False
+                        if before_entry is not None:
+                            before_entry(index)
                     code = run_decoded(state)
                     if code > DECODED_MMIO_READ:
                         # Queued port writes were pending: they reach their devices first.
@@ -165,6 +177,7 @@ class VcpuThread(threading.Thread):
                             self._device_error(f"MMIO {addr:#x}", e)
                         continue
                     kind = exit_kind(code)
+                    check_interrupts = True
                 else:
                     if before_entry is not None:
                         before_entry(index)

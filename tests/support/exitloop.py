@@ -1,5 +1,5 @@
-"""An in-process KVM machine for the exit-loop tests: the guest's console captured,
-and the vCPUs' C-loop counters (KvmVcpu.loop_stats) at hand."""
+"""An in-process KVM or translator machine for the exit-loop tests: the guest's console
+captured, and the vCPUs' C-loop counters (KvmVcpu.loop_stats) at hand."""
 
 from __future__ import annotations
 
@@ -74,6 +74,13 @@ class EchoRegister:
 def kvm_machine(guest: str, cmdline: str, pci_testdev: bool = False) -> tuple[Machine, CapturedConsole]:
     devices = [DeviceConfig(type="pci-testdev")] if pci_testdev else []
     cfg = VmConfig(accel="kvm", memory=64 * MiB, kernel=guest, cmdline=cmdline, devices=devices)
+    console = CapturedConsole()
+    return Machine(cfg, console=console), console
+
+
+def tcg_machine(guest: str, cmdline: str, disks: list | None = None) -> tuple[Machine, CapturedConsole]:
+    """The same on the translator (its exit counters are in each vCPU's stats())."""
+    cfg = VmConfig(accel="tcg", memory=64 * MiB, kernel=guest, cmdline=cmdline, disks=disks or [])
     console = CapturedConsole()
     return Machine(cfg, console=console), console
 

@@ -2,7 +2,7 @@
 
 What KVM does in the kernel is done here in software: the interrupt controllers
 and the PIT (kvmpy.devices.irqchip), interrupt lines and MSIs through a
-SoftPlatform, doorbells checked by the vCPU loop. ``cfg.cpus`` vCPUs, each in its
+SoftPlatform, doorbells rung by the C core (TranslatorPlatform). ``cfg.cpus`` vCPUs, each in its
 own thread on the shared guest RAM: the BSP starts in the boot state, the APs wait
 for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 """
@@ -10,11 +10,15 @@ for INIT-SIPI from the LAPIC like on a PC (and like KVM's in-kernel LAPIC).
 from __future__ import annotations
 
 import logging
+import threading
 from fractions import Fraction
+from types import MethodType
 from typing import TYPE_CHECKING
 
+from ...devices.lapic import Lapic
 from ...devices.platform import SoftPlatform
 from ...errors import UserError
+from .portqueue import TcgPortWrites
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...boot.common import BootState
@@ -136,16 +140,102 @@ def translator_cpuid(num_cpus: int, apic_id: int = 0, tsc_hz: int = 0) -> list[t
     return rows
 
 
+class VcpuTimer:
+    """A LAPIC's timer kept by its own vCPU instead of the machine's timer wheel: the C
+    core's alarm (TcgVcpu.kick_at) makes run() return EXIT_INTR at the deadline, and
+    the vCPU's thread fires the callback before its next entry (fire_if_due), so no
+    other Python thread wakes up, and takes the GIL, for each of the guest's ticks.
+    The same interface as a WheelTimer (``arm``, ``cancel``, ``armed``)."""
+
+    __slots__ = ("_vcpu", "callback", "deadline", "token", "_lock")
+
+    def __init__(self, vcpu, callback) -> None:
+        self._vcpu = vcpu
+        self.callback = callback
+        self.deadline: int | None = None
+        self.token: object = None
+        self._lock = threading.Lock()
+
+    def arm(self, deadline_ns: int, token: object = None) -> None:
+        with self._lock:
+            self.deadline, self.token = int(deadline_ns), token
+            self._vcpu.kick_at(self.deadline)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.deadline = self.token = None
+            self._vcpu.kick_at(None)
+
+    @property
+    def armed(self) -> bool:
+        return self.deadline is not None
+
+    def fire_if_due(self, now: int) -> None:
+        """On the vCPU's thread: run the callback if the deadline has passed (the
+        callback checks the token, as it does a wheel's late call)."""
+        with self._lock:
+            deadline, token = self.deadline, self.token
+            if deadline is None or now < deadline:
+                return
+            self.deadline = self.token = None
+            self._vcpu.kick_at(None)
+        self.callback(deadline, token)
+
+
+class CoreTimerWheel:
+    """The timer wheel the interrupt controllers are given: each LAPIC's timer is a
+    VcpuTimer of its vCPU; every other timer (the PIT's) is the machine's wheel's."""
+
+    def __init__(self, wheel, vcpus) -> None:
+        self.clock = wheel.clock
+        self._wheel = wheel
+        self._vcpus = vcpus
+        self.lapic_timers: dict[int, VcpuTimer] = {}
+
+    def timer(self, callback):
+        # a LAPIC asks with its own bound method (Lapic._timer_expired)
+        if isinstance(callback, MethodType) and isinstance(callback.__self__, Lapic):
+            cpu = callback.__self__.cpu_index
+            if 0 <= cpu < len(self._vcpus):
+                t = self.lapic_timers[cpu] = VcpuTimer(self._vcpus[cpu], callback)
+                return t
+        return self._wheel.timer(callback)
+
+
+class TranslatorPlatform(SoftPlatform):
+    """SoftPlatform whose doorbells every vCPU's C core rings itself (TcgVcpu.add_doorbell):
+    a virtio queue notify signals its eventfd without leaving C, as KVM's ioeventfd
+    does in the kernel, so the vCPU loop never looks at a write for them."""
+
+    def __init__(self, vcpus, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._vcpus = vcpus
+
+    def add_doorbell(self, addr: int, size: int, datamatch: int | None, pio: bool) -> int:
+        fd = super().add_doorbell(addr, size, datamatch, pio)
+        for v in self._vcpus:
+            v.add_doorbell(fd, addr, size, datamatch, pio)
+        return fd
+
+    def remove_doorbell(self, fd: int) -> None:
+        # out of every core first: the eventfd is closed after this
+        for v in self._vcpus:
+            v.remove_doorbell(fd)
+        super().remove_doorbell(fd)
+
+    def doorbell_write(self, addr: int, size: int, value: int, pio: bool) -> bool:
+        return False        # the cores took every doorbell write before it became an exit
+
+
 class TcgAccel:
     name = "tcg"
-    port_write_queue = None          # every port write exits; nothing to queue
-    software_doorbells = True        # no ioeventfds: the vCPU loop checks each write
+    software_doorbells = False       # the C core rings them (TranslatorPlatform)
     needs_before_guest_entry = True  # interrupts go into the CPU from here
     phys_bits = TRANSLATOR_PHYS_BITS
 
     def __init__(self, host: AccelHost) -> None:
         try:
-            from .vcpu import NATIVE_DEFAULT_THRESHOLD, TcgVcpu
+            from .vcpu import NATIVE_DEFAULT_THRESHOLD, TcgVcpu, new_port_queue
         except ImportError as e:
             raise UserError(f"the translator (kvmpy._tcg) is not available: {e}; "
                             "build it with `make build` or run with --enable-kvm") from None
@@ -162,13 +252,22 @@ class TcgAccel:
             elif host.cfg.tcg_native and v.native_threshold is None:
                 v.set_native_threshold(NATIVE_DEFAULT_THRESHOLD)
         self.timer_wheel = TimerWheel(events=host.events)
-        self.port_write_queue = None         # every port write exits to the vCPU loop
+        # The UART's THR and the RTC's index writes wait in the cores' queue (as KVM's
+        # coalesced PIO); not under --trace profile, which watches every console byte.
+        self.port_write_queue: TcgPortWrites | None = None
+        if "profile" not in host.cfg.trace:
+            queue = new_port_queue()
+            for v in self.vcpus:
+                v.set_port_queue(queue)
+            self.port_write_queue = TcgPortWrites(queue, host.pio_bus.write, host.pio_bus.write_burst,
+                                                  host.events)
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
-        self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
+        self._core_timers = CoreTimerWheel(self.timer_wheel, self.vcpus)
+        self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self._core_timers,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu, bus_hz=CRYSTAL_HZ)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
-        self.platform = SoftPlatform(host.memory, on_irq=self.irqchip.set_irq_level,
-                                     on_msi=self.irqchip.send_msi, events=host.events)
+        self.platform = TranslatorPlatform(self.vcpus, host.memory, on_irq=self.irqchip.set_irq_level,
+                                           on_msi=self.irqchip.send_msi, events=host.events)
         host.memory.dma_listeners.append(self._dma_written)
 
     def _dma_written(self, gpa: int, length: int) -> None:
@@ -206,6 +305,9 @@ class TcgAccel:
         stays in the LAPIC's IRR meanwhile, where a higher one can overtake it."""
         chip = self.irqchip
         v = self.vcpus[index]
+        timer = self._core_timers.lapic_timers.get(index)
+        if timer is not None and timer.deadline is not None:
+            timer.fire_if_due(self.timer_wheel.clock())
         if v.wait_sipi or chip.lapics[index].wait_for_sipi:
             return          # an AP before its SIPI takes nothing (the LAPIC keeps it pending)
         if chip.take_nmi(index):
@@ -242,6 +344,9 @@ class TcgAccel:
         if due > start and v.wakeup.wait(min((due - start) / 1e9, IDLE_WAIT)):
             v.halt_until_deadline_ns += max(0, min(clock(), due) - start)
             return
+        timer = self._core_timers.lapic_timers.get(index)
+        if timer is not None:
+            timer.fire_if_due(clock())
         lapic.expire_timer_if_due()
         end = clock()
         v.halt_until_deadline_ns += max(0, min(end, due) - start)
@@ -275,6 +380,8 @@ class TcgAccel:
                 v.invalidate_ram(region.gpa, region.size)
 
     def close(self) -> None:
+        if self.port_write_queue is not None:
+            self.port_write_queue.close()      # the last queued writes reach their device
         if self._dma_written in self.memory.dma_listeners:
             self.memory.dma_listeners.remove(self._dma_written)
         self.platform.close()

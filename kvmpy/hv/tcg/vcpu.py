@@ -7,6 +7,13 @@ EXIT_MMIO; port I/O becomes EXIT_IO. Both stop *at* the instruction and complete
 it on the next ``run()`` with whatever the loop wrote into ``io_data`` /
 ``mmio_data`` (reads), exactly like KVM's emulator.
 
+The vCPU loop's fast path (``decoded_exits``) gets one port or MMIO access of up to
+8 bytes back from C as four numbers (``Cpu.run_decoded``). Without Python, the core
+also rings doorbells (``add_doorbell``: an eventfd per virtio queue notify address,
+as KVM's ioeventfd), queues one-byte writes to the ports of a ``PortQueue``
+(``set_port_queue``, kvmpy.hv.tcg.portqueue) and leaves run() at a deadline
+(``kick_at``: its alarm thread, for the LAPIC timer).
+
 HLT with no deliverable interrupt returns EXIT_HLT and the vCPU stays halted
 (``run()`` keeps returning EXIT_HLT) until ``request_interrupt()`` makes an
 interrupt deliverable or ``set_regs`` moves rip.
@@ -110,6 +117,11 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
 NATIVE_DEFAULT_THRESHOLD = 50
 
 
+def new_port_queue():
+    """A machine's queue of port writes, for set_port_queue on each of its vCPUs."""
+    return _tcg.PortQueue()
+
+
 class TcgVcpu:
     """A vCPU run by the C translator, with the same run protocol as the KVM backend."""
 
@@ -150,18 +162,29 @@ class TcgVcpu:
         self._generation = self.memory.generation
         every = [*self.memory.regions, *self.memory.device_regions.values()]
         regions = [(r.gpa, r.size) for r in every]
-        if regions == self._regions:
-            return
-        self._cpu.clear_ram()
-        for r in every:
-            self._cpu.add_ram(r.gpa, r.view, self.memory.is_readonly(r))
-        self._regions = regions
-        self._protection = self.memory.protection_generation
+        if regions != self._regions:
+            self._cpu.clear_ram()
+            for r in every:
+                self._cpu.add_ram(r.gpa, r.view, self.memory.is_readonly(r))
+            self._regions = regions
+            self._protection = self.memory.protection_generation
+        self._watch_memory()
 
     def _sync_protection(self) -> None:
         for r in self.memory.regions:
             self._cpu.set_ram_readonly(r.gpa, self.memory.is_readonly(r))
         self._protection = self.memory.protection_generation
+        self._watch_memory()
+
+    def _watch_memory(self) -> None:
+        # run_decoded compares these itself before each entry, as run() does below
+        self._cpu.watch_memory(self.memory, self._generation, self._protection, len(self.memory.regions))
+
+    def _memory_current(self) -> None:
+        if self.memory.generation != self._generation or len(self.memory.regions) != len(self._regions or ()):
+            self._sync_memory()
+        elif self._protection != self.memory.protection_generation:
+            self._sync_protection()
 
     def close(self) -> None:
         """Release the RAM buffer exports (GuestMemory.close() needs that)."""
@@ -172,31 +195,62 @@ class TcgVcpu:
 
     # ---- run protocol ----
 
-    def decoded_exits(self) -> None:
-        return None     # the translator's exits come decoded already
+    def decoded_exits(self) -> exits.DecodedExits:
+        """The loop's fast path: one port or MMIO access (up to 8 bytes) comes back from
+        C as four numbers in ``access`` rather than through exit_access()'s tuple and
+        memoryview, and needs no Python in between (kvmpy.hv.exits.DecodedExits)."""
+        access = [0, 0, 0, 0]      # run_decoded's state is the access itself
+        return exits.DecodedExits(self._cpu.run_decoded, access, access, self.exit_kind)
 
     def run(self) -> int:
-        if self.memory.generation != self._generation or len(self.memory.regions) != len(self._regions or ()):
-            self._sync_memory()
-        elif self._protection != self.memory.protection_generation:
-            self._sync_protection()
-        kind = self._cpu.run()
-        if kind == exits.EXIT_IO:
+        self._memory_current()
+        return self.exit_kind(self._cpu.run())
+
+    def exit_kind(self, code: int) -> int:
+        """What run() (or run_decoded) returned as the exit kind, with the exit
+        attributes set; after RUN_RESYNC_MEMORY the RAM map is synced and the loop
+        goes round again (EXIT_INTR)."""
+        if code == exits.EXIT_IO:
             _, port, size, write, count, data = self._cpu.exit_access()
             self.io_port, self.io_size, self.io_write, self.io_count = port, size, bool(write), count
             self.io_data = data
-        elif kind == exits.EXIT_MMIO:
+        elif code == exits.EXIT_MMIO:
             _, addr, size, write, _count, data = self._cpu.exit_access()
             self.mmio_addr, self.mmio_size, self.mmio_write = addr, size, bool(write)
             self.mmio_data = data
-        elif kind == exits.EXIT_INTERNAL_ERROR:
+        elif code == exits.EXIT_INTERNAL_ERROR:
             self.internal_error = self._cpu.error()
             log.debug("translator internal error: %s", self.internal_error)  # the machine reports it
-        return kind
+        elif code == _tcg.RUN_RESYNC_MEMORY:
+            self._memory_current()
+            return exits.EXIT_INTR
+        return code
+
+    def add_doorbell(self, fd: int, addr: int, size: int, datamatch: int | None, pio: bool) -> None:
+        """Guest writes to ``addr`` (``size`` bytes, 0: any; of ``datamatch``, None: any)
+        signal the eventfd ``fd`` from C, with no exit: the translator's ioeventfd.
+        Thread-safe, also while run() executes."""
+        self._cpu.add_doorbell(fd, addr, size, datamatch, pio)
+
+    def remove_doorbell(self, fd: int) -> None:
+        """Once this returns no write signals ``fd``. Thread-safe."""
+        self._cpu.remove_doorbell(fd)
 
     def kick(self) -> None:
         self._cpu.kick()
         self.wakeup.set()
+
+    def set_port_queue(self, queue) -> None:
+        """One-byte OUTs to the ports of ``queue`` (a kvmpy._tcg.PortQueue, new_port_queue();
+        None: none) wait there instead of exiting (kvmpy.hv.tcg.portqueue). Not while
+        run() executes."""
+        self._cpu.set_port_queue(queue)
+
+    def kick_at(self, deadline_ns: int | None) -> None:
+        """run() returns EXIT_INTR, as after kick(), once time.monotonic_ns() reaches
+        ``deadline_ns`` (None: no deadline): the C core's own alarm thread, no Python
+        runs for it. Thread-safe."""
+        self._cpu.kick_at(deadline_ns)
 
     def request_interrupt(self, vector: int) -> None:
         self._cpu.request_interrupt(vector)
