@@ -10,8 +10,15 @@
  *  - c->rip is the guest rip of an instruction before anything of it can fault or
  *    exit (the step helper stores it; native forms cannot fault), and the next rip
  *    when the block function returns;
- *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b) are written exactly as the
- *    interpreter's handler writes them;
+ *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b, cc_c) are written exactly as
+ *    the interpreter's handler writes them wherever something can read them: before
+ *    every helper call, slow path, possible fault and block exit. Within a block the
+ *    guest's flags also live in the host flags (every native producer ends with the
+ *    host operation at the guest's size), so jcc, setcc, cmovcc, adc/sbb, inc/dec and
+ *    rol/ror read them there; a producer whose flags only such consumers read before
+ *    the next producer skips the lazy record (flags_dead_after). Where the host flags
+ *    were clobbered (a TLB check, a slow path), a consumer rebuilds them by running
+ *    the recorded operation again (emit_remat) rather than calling cond();
  *  - the code uses the block's entry rip (Block.pc) as a constant: exec.c enters it
  *    only when c->rip == b->pc.
  * Faults leave through the interpreter's longjmp, which needs no unwinding of the
