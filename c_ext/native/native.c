@@ -8,13 +8,14 @@
 
 #define ARENA_SIZE (32u << 20)
 /* the most one instruction can emit, with its exit stub: checked before each one */
-#define INSN_MAX_CODE 160
+#define INSN_MAX_CODE 200
 /* a chained exit's code (emit_chain_exit), at most */
 #define CHAIN_EXIT_CODE 256
 /* an indirect exit's lookup (emit_lookup_exit), at most */
 #define LOOKUP_EXIT_CODE 448
-/* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
-#define NATIVE_CHAIN_ENTRY 4
+/* bytes of the prologue (push rbx, r12-r15; mov rbx, rdi) a chained jump skips: the
+ * frame is the same in every block, so one block's code can run on another's */
+#define NATIVE_CHAIN_ENTRY 12
 
 int native_threshold_from_env(void)
 {
@@ -61,6 +62,12 @@ enum { RAX = 0, RCX = 1, RDX = 2, RBX = 3, RSP = 4, RBP = 5, RSI = 6, RDI = 7 };
 
 typedef struct Emit {
     uint8_t *p, *end;
+    /* Guest registers cached in host registers within the block (choose_cached): guest
+     * register n is also in host register host[n] (12-15: r12-r15), or host[n] is 0.
+     * The cache is written through: c->r[] stays exact at every instruction, so exits,
+     * helper calls and faults need no spill; every write to c->r[n] of the generated
+     * code updates host[n] (op_mem, greg_written) and every helper call reloads them. */
+    int8_t host[16];
 } Emit;
 
 static void b1(Emit *e, uint8_t v) { *e->p++ = v; }
@@ -70,14 +77,75 @@ static void b8(Emit *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
 #define CPU_OFF(field) ((int32_t)offsetof(CPU, field))
 #define GREG(n) (CPU_OFF(r) + 8 * (int32_t)(n))
 
-/* opcode with a register and [rbx + disp32]; w selects 64-bit operands */
+/* the guest register a [rbx + disp] operand is, whole, or -1 */
+static int greg_at(int32_t disp)
+{
+    int32_t off = disp - GREG(0);
+    return off >= 0 && off < 16 * 8 && !(off & 7) ? off >> 3 : -1;
+}
+
+/* host[n] = c->r[n] again, after something wrote the guest register in memory */
+static void greg_written(Emit *e, int n)
+{
+    int h = e->host[n];
+    if (!h)
+        return;
+    b1(e, 0x4c); b1(e, 0x8b); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov r1x, [rbx+d] */
+    b4(e, (uint32_t)GREG(n));
+}
+
+static void reload_cached(Emit *e)
+{
+    for (int n = 0; n < 16; n++)
+        greg_written(e, n);
+}
+
+/* opcodes op_mem emits that only read their memory operand */
+static int op_reads_only(uint8_t opc)
+{
+    switch (opc) {
+    case 0x8b: case 0x63: case 0x03: case 0x0b: case 0x13: case 0x1b: case 0x23: case 0x2b:
+    case 0x33: case 0x3b: case 0x39: case 0x85:
+        return 1;
+    }
+    return 0;
+}
+
+/* opcode with a register and [rbx + disp32]; w selects 64-bit operands. A load of a
+ * cached guest register becomes a register move; a write to one updates its host copy. */
 static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
 {
+    int n = greg_at(disp);
+    int h = n >= 0 ? e->host[n] : 0;
+    if (h && opc == 0x8b) {
+        b1(e, w ? 0x49 : 0x41); b1(e, 0x8b); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov reg, r1x */
+        return;
+    }
     if (w)
         b1(e, 0x48);
     b1(e, opc);
     b1(e, (uint8_t)(0x80 | ((reg & 7) << 3) | RBX));
     b4(e, (uint32_t)disp);
+    if (h && opc == 0x89 && w) {
+        b1(e, 0x49); b1(e, 0x89); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov r1x, reg */
+    } else if (h && !op_reads_only(opc)) {
+        greg_written(e, n);
+    }
+}
+
+/* opc /ext [rbx + disp32], imm32 (c7 mov, 81 add/and...): op_mem with the immediate
+ * in place before the host copy of a cached guest register is reloaded */
+static void op_mem_imm32(Emit *e, int w, uint8_t opc, int ext, int32_t disp, uint32_t imm)
+{
+    int n = greg_at(disp);
+    if (w)
+        b1(e, 0x48);
+    b1(e, opc);
+    b1(e, (uint8_t)(0x80 | ((ext & 7) << 3) | RBX));
+    b4(e, (uint32_t)disp);
+    b4(e, imm);
+    if (n >= 0)
+        greg_written(e, n);
 }
 
 static void load64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x8b, reg, disp); }
@@ -88,22 +156,19 @@ static void store64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x89, reg, di
 /* mov dword [rbx + disp], imm32 */
 static void store32_imm(Emit *e, int32_t disp, uint32_t imm)
 {
-    op_mem(e, 0, 0xc7, 0, disp);
-    b4(e, imm);
+    op_mem_imm32(e, 0, 0xc7, 0, disp, imm);
 }
 
 /* mov qword [rbx + disp], simm32 */
 static void store64_simm(Emit *e, int32_t disp, int32_t imm)
 {
-    op_mem(e, 1, 0xc7, 0, disp);
-    b4(e, (uint32_t)imm);
+    op_mem_imm32(e, 1, 0xc7, 0, disp, (uint32_t)imm);
 }
 
 /* add qword [rbx + disp], imm32 */
 static void add64_mem_imm(Emit *e, int32_t disp, int32_t imm)
 {
-    op_mem(e, 1, 0x81, 0, disp);
-    b4(e, (uint32_t)imm);
+    op_mem_imm32(e, 1, 0x81, 0, disp, (uint32_t)imm);
 }
 
 /* mov reg, imm: the shortest form that yields the same 64-bit value */
@@ -674,8 +739,7 @@ static void emit_sp_add(Comp *k, int32_t delta)
 {
     Emit *e = &k->e;
     if (k->long64) {
-        op_mem(e, 1, 0x81, 0, GREG(R_SP));                      /* add qword [rbx+rsp], imm32 */
-        b4(e, (uint32_t)delta);
+        op_mem_imm32(e, 1, 0x81, 0, GREG(R_SP), (uint32_t)delta);   /* add qword [rbx+rsp], imm32 */
         return;
     }
     load32(e, RCX, GREG(R_SP));
@@ -700,6 +764,14 @@ static void emit_store_rcx(Emit *e, unsigned sz)
 }
 
 /* movzx/movsx eax|rax from a register: [rbx + disp], the byte registers AH-BH at +1 */
+static int32_t byte_reg_disp(const Insn *i, int r);
+
+/* the guest register a byte register operand is part of */
+static int byte_reg_greg(const Insn *i, int r)
+{
+    return !i->rex && r >= 4 && r < 8 ? r - 4 : r;
+}
+
 static int32_t byte_reg_disp(const Insn *i, int r)
 {
     if (!i->rex && r >= 4 && r < 8)
@@ -949,8 +1021,10 @@ static void store_greg_rdx(Comp *k, const Insn *i, int r, unsigned sz)
     Emit *e = &k->e;
     if (sz == 1) {
         b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, r));   /* mov [rbx+d], dl */
+        greg_written(e, byte_reg_greg(i, r));
     } else if (sz == 2) {
         b1(e, 0x66); b1(e, 0x89); b1(e, 0x93); b4(e, (uint32_t)GREG(r));  /* mov [rbx+d], dx */
+        greg_written(e, r);
     } else {
         if (sz == 4)
             mov32_rr(e, RDX, RDX);
@@ -1186,6 +1260,7 @@ static int emit_mov_from_sreg(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip,
         b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)sel);   /* movzx eax, word [rbx+sel] */
         if (i->osz == 2) {
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));   /* mov [rbx+d], ax */
+            greg_written(e, i->rm);
         } else {
             store64(e, RAX, GREG(i->rm));
         }
@@ -1256,9 +1331,11 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
             if (sz == 1) {
                 b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
                 b4(e, (uint32_t)byte_reg_disp(i, r));
+                greg_written(e, byte_reg_greg(i, r));
             } else if (sz == 2) {   /* the upper 48 bits stay */
                 b1(e, 0x66); b1(e, 0x89); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));
                 b4(e, (uint32_t)GREG(r));
+                greg_written(e, r);
             } else {
                 if (sz == 4)
                     mov32_rr(e, RDX, RDX);
@@ -1518,8 +1595,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         int gp = new_slow(k, i, rip, done);
         b1(e, 0x83); b1(e, 0xbb); b4(e, (uint32_t)CPU_OFF(cpl)); b1(e, 0);   /* cmp dword [rbx+cpl], 0 */
         k->slow[gp].jump = jcc32(e, 0x5);                       /* jne: the helper checks IOPL */
-        op_mem(e, 1, 0x81, 4, CPU_OFF(eflags));                 /* and qword [rbx+eflags], ~IF */
-        b4(e, (uint32_t)~(uint32_t)F_IF);
+        op_mem_imm32(e, 1, 0x81, 4, CPU_OFF(eflags), ~(uint32_t)F_IF);   /* and qword [rbx+eflags], ~IF */
         slow = gp;
         break;
     }
@@ -1538,6 +1614,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->reg : i->rm));   /* movzx eax, word [rbx+d] */
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->rm : i->reg));   /* mov [rbx+d], ax */
+            greg_written(e, to_e ? i->rm : i->reg);
             k->flags_live = flags_were_live;
             return 1;
         }
@@ -1548,6 +1625,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         } else {
             b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x00);              /* movzx eax, word [rax] */
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->reg));   /* mov [rbx+d], ax */
+            greg_written(e, i->reg);
         }
         break;
     }
@@ -1601,9 +1679,11 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             if (sz == 1) {
                 b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+                greg_written(e, byte_reg_greg(i, i->rm));
             } else if (sz == 2) {
                 b1(e, 0x66); b1(e, 0xc7); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));
                 b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
+                greg_written(e, i->rm);
             } else {
                 store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
             }
@@ -1630,6 +1710,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             load_greg(k, i, RAX, to_e ? i->reg : i->rm, 1);
             b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, to_e ? i->rm : i->reg));   /* mov [rbx+d], al */
+            greg_written(e, byte_reg_greg(i, to_e ? i->rm : i->reg));
             k->flags_live = flags_were_live;
             return 1;
         }
@@ -1641,6 +1722,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         } else {
             b1(e, 0x0f); b1(e, 0xb6); b1(e, 0x00);              /* movzx eax, byte [rax] */
             b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->reg));
+            greg_written(e, byte_reg_greg(i, i->reg));
         }
         break;
     }
@@ -1665,6 +1747,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         if (sz == 1) {
             b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], dl */
+            greg_written(e, byte_reg_greg(i, i->rm));
         } else {
             if (sz == 4)
                 mov32_rr(e, RDX, RDX);
@@ -1684,6 +1767,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
         int live = emit_cond_al(k, i->op & 15, flags_were_live);
         b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], al */
+        greg_written(e, byte_reg_greg(i, i->rm));
         k->flags_live = live;
         return 1;
     }
@@ -1757,12 +1841,22 @@ static uint64_t branch_target(const Comp *k, const Insn *i, uint64_t next_rip)
     return i->osz == 2 ? (uint16_t)v : (uint32_t)v;
 }
 
+/* the epilogue: the registers every block's prologue saved (NATIVE_CHAIN_ENTRY) */
+static void emit_ret(Emit *e)
+{
+    b1(e, 0x41); b1(e, 0x5f);   /* pop r15 */
+    b1(e, 0x41); b1(e, 0x5e);   /* pop r14 */
+    b1(e, 0x41); b1(e, 0x5d);   /* pop r13 */
+    b1(e, 0x41); b1(e, 0x5c);   /* pop r12 */
+    b1(e, 0x5b);                /* pop rbx */
+    b1(e, 0xc3);                /* ret */
+}
+
 static void emit_exit(Emit *e, int done)
 {
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* What a direct chain and a jump-cache exit both check before leaving for compiled
@@ -1833,8 +1927,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
         patch_rel32(out[n], e->p);
     mov_imm(e, RAX, slot_addr);
     store64(e, RAX, CPU_OFF(nat_exit_slot));
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* Leaves for a successor known only at run time (ret, jmp/call through a register or
@@ -1900,8 +1993,7 @@ static void emit_lookup_exit(Comp *k, int done)
     emit_enter_block_rcx(k, CPU_OFF(st_native_indirect));
     for (int n = 0; n < nout; n++)
         patch_rel32(out[n], e->p);
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
@@ -2017,6 +2109,7 @@ static void emit_step_call(Comp *k, Insn *i, uint64_t rip)
     mov_imm(e, RDX, rip);
     mov_imm(e, RAX, (uint64_t)(uintptr_t)k->step);
     b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    reload_cached(e);                                           /* it may have written any */
     b1(e, 0x85); b1(e, 0xc0);                                   /* test eax, eax */
 }
 
@@ -2193,6 +2286,37 @@ static int is_branch(const Insn *i)
            i->op == 0xe9 || i->op == 0xeb;
 }
 
+/* Up to four guest registers the block's native forms use most (at least twice) go
+ * into r12-r15 for the block (Emit.host); the rest stay in memory only. */
+static void choose_cached(Comp *k)
+{
+    int uses[16] = { 0 };
+    const Block *b = k->b;
+    memset(k->e.host, 0, sizeof k->e.host);
+    for (unsigned n = 0; n < b->n; n++) {
+        const Insn *i = &b->insns[n];
+        if (!native_has_form(i))
+            continue;
+        if (i->mod == 3 && i->rm < 16)
+            uses[i->rm]++;
+        if (i->reg < 16)
+            uses[i->reg]++;
+        if (i->mod != 3 && i->base < 16)
+            uses[i->base]++;
+        if (i->mod != 3 && i->index < 16)
+            uses[i->index]++;
+    }
+    for (int h = 12; h <= 15; h++) {
+        int best = -1;
+        for (int r = 0; r < 16; r++)
+            if (!k->e.host[r] && uses[r] >= 2 && (best < 0 || uses[r] > uses[best]))
+                best = r;
+        if (best < 0)
+            break;
+        k->e.host[best] = (int8_t)h;
+    }
+}
+
 void *native_compile(CPU *c, Block *b, NativeStepFn step)
 {
     if (!c->nat_arena)
@@ -2216,9 +2340,15 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     int rip_stale = 0;   /* c->rip lags behind: set it before leaving */
     int ended = 0;
 
-    b1(&k.e, 0x53);                                 /* push rbx: also aligns the stack */
+    b1(&k.e, 0x53);                                 /* push rbx */
+    b1(&k.e, 0x41); b1(&k.e, 0x54);                 /* push r12 */
+    b1(&k.e, 0x41); b1(&k.e, 0x55);                 /* push r13 */
+    b1(&k.e, 0x41); b1(&k.e, 0x56);                 /* push r14 */
+    b1(&k.e, 0x41); b1(&k.e, 0x57);                 /* push r15: five, so calls see an aligned stack */
     b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
     /* NATIVE_CHAIN_ENTRY: where a chained jump enters, rbx and the frame already set */
+    choose_cached(&k);
+    reload_cached(&k.e);
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;

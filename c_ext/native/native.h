@@ -2,7 +2,9 @@
  *
  * A compiled block is a plain SysV function `void f(CPU *c)` in the CPU's code arena.
  * Instructions with a native form become host code over the CPU struct (guest
- * registers stay in memory: c->r[]); every other instruction becomes a call to the
+ * registers live in memory, c->r[], and up to four of a block's most used ones also in
+ * r12-r15, written through: c->r[] is exact after every instruction, and each helper
+ * call reloads the copies); every other instruction becomes a call to the
  * `step` function the caller passes in (exec.c's native_step), which runs the
  * interpreter's handler for that one Insn, so a block is always covered whole.
  *
@@ -22,7 +24,7 @@
  *  - the code uses the block's entry rip (Block.pc) as a constant: exec.c enters it
  *    only when c->rip == b->pc.
  * Faults leave through the interpreter's longjmp, which needs no unwinding of the
- * native frame (only rbx is saved, and setjmp restores it).
+ * native frame (it saves rbx and r12-r15, callee-saved registers setjmp restores).
  *
  * Layering (see tcg.h): native.c calls nothing of exec.c; exec.c passes its helper in.
  */
