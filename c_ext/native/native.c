@@ -601,13 +601,14 @@ static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
             mov32_rr(e, RDX, RDX);
         store64(e, RDX, GREG(dst));
     }
-    /* the same operation at the guest's size, for the host flags only */
+    /* the same operation at the guest's size, for the host flags only (a 64-bit one
+     * left them so already: only movs came after it) */
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x85,
                                          [ALU_SUB] = 0x39, [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
-    if (wide)
-        b1(e, 0x48);
-    b1(e, flag_opc[aluop]);
-    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    if (!wide) {
+        b1(e, flag_opc[aluop]);
+        b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    }
     set_live(k, LIVE_ALL, (int)cc);
     set_known(k, (int)cc, wide ? 8 : 4);
 }
@@ -917,16 +918,19 @@ static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
     if (carry) {
         b1(e, 0x41); b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe0); b1(e, 0);   /* bt r8d, 0: CF = carry in */
     }
-    /* the same operation at the guest's size, for the host flags only */
+    /* the same operation at the guest's size, for the host flags only (a 64-bit one
+     * without a carry left them so already: only movs came after it) */
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
                                          [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
                                          [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
-    if (sz == 2)
-        b1(e, 0x66);
-    if (sz == 8)
-        b1(e, 0x48);
-    b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
-    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    if (sz != 8 || carry) {
+        if (sz == 2)
+            b1(e, 0x66);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
+        b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    }
     set_live(k, LIVE_ALL, (int)ccop[aluop]);
     set_known(k, (int)ccop[aluop], sz);
 }
