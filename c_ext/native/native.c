@@ -64,10 +64,13 @@ typedef struct Emit {
     uint8_t *p, *end;
     /* Guest registers cached in host registers within the block (choose_cached): guest
      * register n is also in host register host[n] (12-15: r12-r15), or host[n] is 0.
-     * The cache is written through: c->r[] stays exact at every instruction, so exits,
-     * helper calls and faults need no spill; every write to c->r[n] of the generated
-     * code updates host[n] (op_mem, greg_written) and every helper call reloads them. */
+     * A 64-bit register write of the generated code goes to host[n] alone and marks it
+     * in `dirty` (c->r[n] stale); flush_greg writes it back before anything reads
+     * c->r[n]: any other access of it in memory (op_mem, the byte and word forms), a
+     * slow path or helper call (the interpreter reads every register), a block exit.
+     * After a helper call, or a write of c->r[n] in memory, host[n] is reloaded. */
     int8_t host[16];
+    uint16_t dirty;
 } Emit;
 
 static void b1(Emit *e, uint8_t v) { *e->p++ = v; }
@@ -82,6 +85,32 @@ static int greg_at(int32_t disp)
 {
     int32_t off = disp - GREG(0);
     return off >= 0 && off < 16 * 8 && !(off & 7) ? off >> 3 : -1;
+}
+
+/* c->r[n] = host[n] for the registers in `set` (the code's own state unchanged: an
+ * out-of-line path uses it for the registers dirty where it branched off) */
+static void emit_writeback(Emit *e, uint16_t set)
+{
+    for (int n = 0; n < 16; n++) {
+        int h = e->host[n];
+        if (!(set & (1u << n)))
+            continue;
+        b1(e, 0x4c); b1(e, 0x89); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov [rbx+d], r1x */
+        b4(e, (uint32_t)GREG(n));
+    }
+}
+
+/* c->r[n] = host[n] when only the host copy is current */
+static void flush_greg(Emit *e, int n)
+{
+    emit_writeback(e, e->dirty & (uint16_t)(1u << n));
+    e->dirty &= (uint16_t)~(1u << n);
+}
+
+static void flush_all(Emit *e)
+{
+    emit_writeback(e, e->dirty);
+    e->dirty = 0;
 }
 
 /* host[n] = c->r[n] again, after something wrote the guest register in memory */
@@ -121,16 +150,20 @@ static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
         b1(e, w ? 0x49 : 0x41); b1(e, 0x8b); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov reg, r1x */
         return;
     }
+    if (h && opc == 0x89 && w) {
+        b1(e, 0x49); b1(e, 0x89); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov r1x, reg */
+        e->dirty |= (uint16_t)(1u << n);
+        return;
+    }
+    if (h)
+        flush_greg(e, n);
     if (w)
         b1(e, 0x48);
     b1(e, opc);
     b1(e, (uint8_t)(0x80 | ((reg & 7) << 3) | RBX));
     b4(e, (uint32_t)disp);
-    if (h && opc == 0x89 && w) {
-        b1(e, 0x49); b1(e, 0x89); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov r1x, reg */
-    } else if (h && !op_reads_only(opc)) {
+    if (h && !op_reads_only(opc))
         greg_written(e, n);
-    }
 }
 
 /* opc /ext [rbx + disp32], imm32 (c7 mov, 81 add/and...): op_mem with the immediate
@@ -138,6 +171,8 @@ static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
 static void op_mem_imm32(Emit *e, int w, uint8_t opc, int ext, int32_t disp, uint32_t imm)
 {
     int n = greg_at(disp);
+    if (n >= 0)
+        flush_greg(e, n);
     if (w)
         b1(e, 0x48);
     b1(e, opc);
@@ -436,6 +471,7 @@ typedef struct Slow {
      * the host flags before it rejoins, so they are live after either path; -1 none */
     int remat_kind;
     unsigned remat_sz;
+    uint16_t dirty;     /* the cached registers to write back before the interpreter runs */
 } Slow;
 
 typedef struct Comp {
@@ -657,6 +693,7 @@ static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
     Slow *s = &k->slow[k->nslow];
     memset(s, 0, sizeof *s);
     s->remat_kind = -1;
+    s->dirty = k->e.dirty;
     s->insn = i;
     s->rip = rip;
     s->done = done;
@@ -1904,6 +1941,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     Emit *e = &k->e;
     uint8_t *out[8];
     int nout = 0;
+    flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     uint64_t slot_addr = (uint64_t)(uintptr_t)&k->b->nat_succ[slot];
@@ -1947,6 +1985,7 @@ static void emit_lookup_exit(Comp *k, int done)
     Emit *e = &k->e;
     uint8_t *out[16];
     int nout = 0;
+    flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     nout = emit_chain_allowed(k, out, nout);
@@ -2290,6 +2329,46 @@ static int is_branch(const Insn *i)
            i->op == 0xe9 || i->op == 0xeb;
 }
 
+/* Native forms whose code reaches guest registers only through op_mem's whole 32- and
+ * 64-bit loads and stores and op_mem_imm32, which know the register cache: before any
+ * other instruction every cached register is written back (the byte and word forms
+ * read and write c->r[] in memory themselves, the helper reads all of it). */
+static int regs_clean(const Insn *i)
+{
+    int form, aluop, kind;
+    unsigned sz;
+    if (!native_has_form(i))
+        return 0;
+    if (alux_form(i, &form, &aluop))
+        return 1;
+    if (gen_alu_form(i, &aluop, &sz, &kind))
+        return sz >= 4;
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
+    case P_TEST_RR64: case P_TEST_RR32: case P_SHIFT_RI64: case P_SHIFT_RI32:
+    case P_LOAD64: case P_LOAD32: case P_STORE64: case P_STORE32: case P_LOAD_ALU64: case P_LOAD_ALU32:
+    case P_LEA64: case 0x8d:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x1af: case 0x69: case 0x6b:
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x68: case 0x6a:
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+    case 0xc1: case 0xd1: case 0xd3:
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+    case 0x131: case 0x90: case 0x11f:
+        return 1;
+    case 0xff:
+        return (i->reg & 7) <= 1 && i->mod == 3;
+    case 0xf7:   /* mul, div; not and neg of a dword or qword register */
+        return (i->reg & 7) == 4 || (i->reg & 7) == 6 || i->mod == 3;
+    }
+    return 0;
+}
+
 /* Up to four guest registers the block's native forms use most (at least twice) go
  * into r12-r15 for the block (Emit.host); the rest stay in memory only. */
 static void choose_cached(Comp *k)
@@ -2357,6 +2436,8 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
         k.cc_dead = flags_dead_after(b, n);
+        if (n + 1 == b->n && (is_branch(i) || is_call_ret(i, k.long64) || is_indirect(i, k.long64)))
+            flush_all(&k.e);   /* c->r[] whole when the block leaves, by any path */
         if (n + 1 == b->n && is_branch(i)) {
             emit_branch(&k, i, next, (int)b->n);
             ended = 1;
@@ -2373,6 +2454,8 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
             break;
         }
         k.known_set = 0;
+        if (!regs_clean(i))
+            flush_all(&k.e);
         if (!is_branch(i) && native_has_form(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
             rip_stale = 1;
             if (!k.known_set && !keeps_lazy_record(i))
@@ -2389,6 +2472,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         rip = next;
     }
     if (!ended) {
+        flush_all(&k.e);
         if (rip_stale) {
             /* ran into the block's size or page limit: the next block follows directly */
             store64_const(&k.e, CPU_OFF(rip), rip);
@@ -2402,6 +2486,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         patch_rel32(k.slow[s].jump, k.e.p);
         if (k.slow[s].jump2)
             patch_rel32(k.slow[s].jump2, k.e.p);
+        emit_writeback(&k.e, k.slow[s].dirty);
         emit_step_call(&k, k.slow[s].insn, k.slow[s].rip);
         if (!k.slow[s].resume) {   /* a block-ending instruction: the interpreter set rip */
             emit_exit(&k.e, k.slow[s].done);

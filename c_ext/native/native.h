@@ -2,9 +2,10 @@
  *
  * A compiled block is a plain SysV function `void f(CPU *c)` in the CPU's code arena.
  * Instructions with a native form become host code over the CPU struct (guest
- * registers live in memory, c->r[], and up to four of a block's most used ones also in
- * r12-r15, written through: c->r[] is exact after every instruction, and each helper
- * call reloads the copies); every other instruction becomes a call to the
+ * registers live in memory, c->r[]; up to four of a block's most used ones live in
+ * r12-r15 within the block and are written back to c->r[] before anything else can
+ * read it: a helper call or slow path, a byte or word form, a block exit); every other
+ * instruction becomes a call to the
  * `step` function the caller passes in (exec.c's native_step), which runs the
  * interpreter's handler for that one Insn, so a block is always covered whole.
  *
