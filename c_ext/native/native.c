@@ -2463,6 +2463,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         } else {
             if (k.cc_missing)   /* the interpreter's handler may read the flags */
                 k.failed = 1;
+            flush_all(&k.e);   /* and every register */
             emit_step_call(&k, i, rip);
             add_stub(&k, (int)n + 1);
             k.flags_live = 0;
