@@ -322,9 +322,46 @@ def mul_sreg_hint_op(draw):
 flag_pair = st.tuples(st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op()),
                       st.one_of(cond_op(), gen_alu_op())).map(b"".join)
 
+
+@st.composite
+def flag_helper_op(draw):
+    """instructions the interpreter's handler runs that read the flags (cmc, lahf, pushf,
+    adc of a word) or replace some (sahf, clc, stc): in front of them the lazy record
+    must be whole, AF included, whatever the native code kept in the host flags"""
+    a = draw(reg)
+    return draw(st.sampled_from([
+        b"\xF5", b"\x9F", b"\x9E", b"\xF8", b"\xF9",
+        b"\x9C" + rex(0, 0, 0, a) + bytes([0x58 + (a & 7)]),                  # pushfq; pop a
+        b"\x66" + rex(0, 0, 0, a) + b"\x83" + modrm(3, 2, a) + b"\x05",         # adc a16, 5
+    ]))
+
+
+@st.composite
+def flag_between_op(draw):
+    """what may stand between a flag producer and its reader: movs that keep the host
+    flags, lea and loads/stores whose TLB check clobbers them (the slow path of a miss
+    too), pushes and pops, instructions the helper runs"""
+    a, b = draw(reg), draw(reg)
+    return draw(st.one_of(
+        st.just(rex(1, a, 0, b) + b"\x89" + modrm(3, a, b)), imm_op(), st.just(b"\x90"),
+        lea_op(), mem_op(), extend_op(), stack_op(), byte_imm_mov_op(), flag_helper_op(),
+        st.just(rex(1, a, 0, b) + b"\x87" + modrm(3, a, b)),                   # xchg r, r: the helper
+    ))
+
+
+# a flag producer, then readers (jcc, setcc, cmovcc, adc/sbb, inc/dec, rol/ror) with
+# anything between them: the host flags the native code hands over must be the guest's
+# at every reader, and the lazy record whole wherever something else can see it
+flag_producer = st.one_of(gen_alu_op(), rr_op(), ri_op(), inc_imul_op(), shift_op(), atomic_op(),
+                          mem_op(), rotate_movsxd_op())
+flag_reader = st.one_of(cond_op(), gen_alu_op(), inc_imul_op(), rotate_movsxd_op(), flag_helper_op())
+flag_chain_insns = st.tuples(flag_producer, st.lists(st.one_of(flag_between_op(), flag_reader), max_size=4),
+                             flag_reader).map(lambda t: [t[0], *t[1], t[2]])
+flag_chain = flag_chain_insns.map(b"".join)
+
 insn = st.one_of(rr_op(), ri_op(), shift_op(), lea_op(), imm_op(), mem_op(), extend_op(), inc_imul_op(),
                  cond_op(), rotate_movsxd_op(), stack_op(), gen_alu_op(), byte_imm_mov_op(), flag_pair,
-                 atomic_op(), word_div_op(), mul_sreg_hint_op())
+                 atomic_op(), word_div_op(), mul_sreg_hint_op(), flag_chain, flag_helper_op())
 
 
 def block_end(draw, body, code_base, long64=True):
@@ -562,7 +599,7 @@ def test_native_block_matches_interpreter_32bit(pair32, code, state):
 
 # ---- the interpreter's invariants at the edges of native code ----
 
-from test_tcg_system import NOT_PRESENT, LongMachine  # noqa: E402
+from test_tcg_system import ISTSTACK, NOT_PRESENT, LongMachine  # noqa: E402
 
 
 def _run_both(source, handlers=None):
@@ -609,6 +646,112 @@ def test_page_fault_mid_block_is_precise():
     finally:
         native.close()
         interp.close()
+
+
+# ---- flags at a fault: random flag chains with a faulting access among them ----
+
+FAULT_CODE = 0x110000   # the random block; LongMachine's own code (the handler) at 0x100000
+FAULT_FRAME = 0x30      # the #PF frame on the IST stack: error code, rip, cs, rflags, rsp, ss
+FAULT_PROGRAM = """
+_start:
+    hlt
+pf:
+    hlt
+"""
+
+
+@st.composite
+def faulting_op(draw):
+    """an access to the page after the data page, which is not present: a load, a store,
+    a read-modify-write and a compare (a flag producer that faults before it writes
+    anything), through the inline TLB path's slow side"""
+    w, r = draw(wide), draw(reg)
+    at = struct.pack("<i", DATA_SIZE + draw(st.integers(0, DATA_SIZE - 8)))
+    return draw(st.sampled_from([
+        rex(w, r, 0, 15) + b"\x8B" + modrm(2, r, 7) + at,
+        rex(w, r, 0, 15) + b"\x89" + modrm(2, r, 7) + at,
+        rex(w, r, 0, 15) + b"\x01" + modrm(2, r, 7) + at,
+        rex(w, 0, 0, 15) + b"\x83" + modrm(2, 7, 7) + at + b"\x05",
+        rex(w, r, 0, 15) + b"\x0F\xB6" + modrm(2, r, 7) + at,
+    ]))
+
+
+@st.composite
+def fault_block(draw):
+    """flag chains and other instructions with a faulting access somewhere among them
+    (mostly between a flag producer and its reader), then the closing hlt"""
+    parts = draw(st.lists(st.one_of(flag_chain, insn), min_size=1, max_size=12))
+    fault = draw(faulting_op())
+    at = draw(st.integers(0, len(parts)))
+    chain = draw(flag_chain_insns)
+    cut = draw(st.integers(1, len(chain) - 1))
+    return b"".join(parts[:at] + chain[:cut] + [fault] + chain[cut:] + parts[at:]) + b"\xF4"
+
+
+class FaultCpu:
+    """A translator vCPU in 64-bit mode with LongMachine's page tables (the page after
+    the data page not present) and a #PF handler on IST 1 that halts."""
+
+    def __init__(self, threshold):
+        self.m = LongMachine(FAULT_PROGRAM, {14: ("pf", 1)})
+        self.m.vcpu.set_native_threshold(threshold)
+
+    def run(self, code, state):
+        vals, flags, data = state
+        m = self.m
+        m.mem.write(FAULT_CODE, code)
+        m.mem.write(DATA, data)
+        m.mem.write(ISTSTACK - FAULT_FRAME, bytes(FAULT_FRAME))
+        m.vcpu.invalidate_ram(FAULT_CODE, len(code))
+        r = regs(rip=FAULT_CODE, rflags=flags | 2, r15=DATA, rsp=STACK)
+        for n, v in vals.items():
+            setattr(r, NAMES[n], v)
+        m.vcpu.set_regs(r)
+        kind = m.vcpu.run()
+        return kind, m.vcpu.get_regs(), m.mem.read(DATA, DATA_SIZE), m.mem.read(ISTSTACK - FAULT_FRAME, FAULT_FRAME)
+
+    def close(self):
+        self.m.close()
+
+
+@pytest.fixture(scope="module")
+def fault_pair():
+    native, interp = FaultCpu(0), FaultCpu(None)
+    yield native, interp
+    native.close()
+    interp.close()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(code=fault_block(), state=start_state())
+def test_flags_at_a_fault_match_interpreter(fault_pair, code, state):
+    """A fault between a flag producer and its reader (or anywhere else in the block)
+    delivers the flags of the last instruction that completed, AF included, in the
+    frame the handler sees and in rflags, as the interpreter does; every register, rip
+    (the handler's hlt) and the data page alike too."""
+    native, interp = fault_pair
+    got = native.run(code, state)
+    want = interp.run(code, state)
+    assert got[0] == want[0] == exits.EXIT_HLT
+    assert _state(got[1]) == _state(want[1])
+    assert got[1].rflags == want[1].rflags
+    assert got[2] == want[2]
+    assert got[3] == want[3]
+    assert got[1].rip == native.m.syms["pf"] + 1   # every block faults: the handler's hlt
+
+
+def test_fault_differential_compiles_and_faults(fault_pair):
+    """the fault differential compares compiled code: a flag chain around a faulting
+    load ran natively up to the fault on one vCPU, interpreted on the other"""
+    native, interp = fault_pair
+    # cmp rax, rcx; mov rdx, [r15 + 0x1008]; setb al; hlt
+    code = b"\x48\x39\xc8\x49\x8b\x97\x08\x10\x00\x00\x0f\x92\xc0\xf4"
+    got = native.run(code, ({0: 1, 1: 2}, 0, bytes(DATA_SIZE)))
+    want = interp.run(code, ({0: 1, 1: 2}, 0, bytes(DATA_SIZE)))
+    assert got[1].rip == want[1].rip == native.m.syms["pf"] + 1
+    assert got[1].rflags & ARITH == want[1].rflags & ARITH == 0x95   # 1 - 2: CF PF AF SF
+    assert native.m.vcpu.stats()["native_blocks"] > 0
+    assert interp.m.vcpu.stats()["native_insns"] == 0
 
 
 # A stack access on a page that is not present: the #PF handler (on IST 1, so it has a

@@ -8,13 +8,14 @@
 
 #define ARENA_SIZE (32u << 20)
 /* the most one instruction can emit, with its exit stub: checked before each one */
-#define INSN_MAX_CODE 160
+#define INSN_MAX_CODE 200
 /* a chained exit's code (emit_chain_exit), at most */
 #define CHAIN_EXIT_CODE 256
 /* an indirect exit's lookup (emit_lookup_exit), at most */
 #define LOOKUP_EXIT_CODE 448
-/* bytes of the prologue (push rbx; mov rbx, rdi) a chained jump skips */
-#define NATIVE_CHAIN_ENTRY 4
+/* bytes of the prologue (push rbx, r12-r15; mov rbx, rdi) a chained jump skips: the
+ * frame is the same in every block, so one block's code can run on another's */
+#define NATIVE_CHAIN_ENTRY 12
 
 int native_threshold_from_env(void)
 {
@@ -61,6 +62,15 @@ enum { RAX = 0, RCX = 1, RDX = 2, RBX = 3, RSP = 4, RBP = 5, RSI = 6, RDI = 7 };
 
 typedef struct Emit {
     uint8_t *p, *end;
+    /* Guest registers cached in host registers within the block (choose_cached): guest
+     * register n is also in host register host[n] (12-15: r12-r15), or host[n] is 0.
+     * A 64-bit register write of the generated code goes to host[n] alone and marks it
+     * in `dirty` (c->r[n] stale); flush_greg writes it back before anything reads
+     * c->r[n]: any other access of it in memory (op_mem, the byte and word forms), a
+     * slow path or helper call (the interpreter reads every register), a block exit.
+     * After a helper call, or a write of c->r[n] in memory, host[n] is reloaded. */
+    int8_t host[16];
+    uint16_t dirty;
 } Emit;
 
 static void b1(Emit *e, uint8_t v) { *e->p++ = v; }
@@ -70,14 +80,107 @@ static void b8(Emit *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
 #define CPU_OFF(field) ((int32_t)offsetof(CPU, field))
 #define GREG(n) (CPU_OFF(r) + 8 * (int32_t)(n))
 
-/* opcode with a register and [rbx + disp32]; w selects 64-bit operands */
+/* the guest register a [rbx + disp] operand is, whole, or -1 */
+static int greg_at(int32_t disp)
+{
+    int32_t off = disp - GREG(0);
+    return off >= 0 && off < 16 * 8 && !(off & 7) ? off >> 3 : -1;
+}
+
+/* c->r[n] = host[n] for the registers in `set` (the code's own state unchanged: an
+ * out-of-line path uses it for the registers dirty where it branched off) */
+static void emit_writeback(Emit *e, uint16_t set)
+{
+    for (int n = 0; n < 16; n++) {
+        int h = e->host[n];
+        if (!(set & (1u << n)))
+            continue;
+        b1(e, 0x4c); b1(e, 0x89); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov [rbx+d], r1x */
+        b4(e, (uint32_t)GREG(n));
+    }
+}
+
+/* c->r[n] = host[n] when only the host copy is current */
+static void flush_greg(Emit *e, int n)
+{
+    emit_writeback(e, e->dirty & (uint16_t)(1u << n));
+    e->dirty &= (uint16_t)~(1u << n);
+}
+
+static void flush_all(Emit *e)
+{
+    emit_writeback(e, e->dirty);
+    e->dirty = 0;
+}
+
+/* host[n] = c->r[n] again, after something wrote the guest register in memory */
+static void greg_written(Emit *e, int n)
+{
+    int h = e->host[n];
+    if (!h)
+        return;
+    b1(e, 0x4c); b1(e, 0x8b); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov r1x, [rbx+d] */
+    b4(e, (uint32_t)GREG(n));
+}
+
+static void reload_cached(Emit *e)
+{
+    for (int n = 0; n < 16; n++)
+        greg_written(e, n);
+}
+
+/* opcodes op_mem emits that only read their memory operand */
+static int op_reads_only(uint8_t opc)
+{
+    switch (opc) {
+    case 0x8b: case 0x63: case 0x03: case 0x0b: case 0x13: case 0x1b: case 0x23: case 0x2b:
+    case 0x33: case 0x3b: case 0x39: case 0x85:
+        return 1;
+    }
+    return 0;
+}
+
+/* opcode with a register and [rbx + disp32]; w selects 64-bit operands. A load of a
+ * cached guest register becomes a register move; a write to one updates its host copy. */
 static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
 {
+    int n = greg_at(disp);
+    int h = n >= 0 ? e->host[n] : 0;
+    if (h && opc == 0x8b) {
+        b1(e, w ? 0x49 : 0x41); b1(e, 0x8b); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov reg, r1x */
+        return;
+    }
+    if (h && opc == 0x89 && w) {
+        b1(e, 0x49); b1(e, 0x89); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov r1x, reg */
+        e->dirty |= (uint16_t)(1u << n);
+        return;
+    }
+    if (h)
+        flush_greg(e, n);
     if (w)
         b1(e, 0x48);
     b1(e, opc);
     b1(e, (uint8_t)(0x80 | ((reg & 7) << 3) | RBX));
     b4(e, (uint32_t)disp);
+    if (h && !op_reads_only(opc))
+        greg_written(e, n);
+}
+
+/* opc /ext [rbx + disp32], imm32 (c7 mov, 81 add/and...): op_mem with the immediate
+ * in place before the host copy of a cached guest register is reloaded */
+static void op_mem_imm32(Emit *e, int w, uint8_t opc, int ext, int32_t disp, uint32_t imm)
+{
+    int n = greg_at(disp);
+    if (n >= 0)
+        flush_greg(e, n);
+    if (w)
+        b1(e, 0x48);
+    b1(e, opc);
+    b1(e, (uint8_t)(0x80 | ((ext & 7) << 3) | RBX));
+    b4(e, (uint32_t)disp);
+    b4(e, imm);
+    if (n >= 0)
+        greg_written(e, n);
 }
 
 static void load64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x8b, reg, disp); }
@@ -88,22 +191,19 @@ static void store64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x89, reg, di
 /* mov dword [rbx + disp], imm32 */
 static void store32_imm(Emit *e, int32_t disp, uint32_t imm)
 {
-    op_mem(e, 0, 0xc7, 0, disp);
-    b4(e, imm);
+    op_mem_imm32(e, 0, 0xc7, 0, disp, imm);
 }
 
 /* mov qword [rbx + disp], simm32 */
 static void store64_simm(Emit *e, int32_t disp, int32_t imm)
 {
-    op_mem(e, 1, 0xc7, 0, disp);
-    b4(e, (uint32_t)imm);
+    op_mem_imm32(e, 1, 0xc7, 0, disp, (uint32_t)imm);
 }
 
 /* add qword [rbx + disp], imm32 */
 static void add64_mem_imm(Emit *e, int32_t disp, int32_t imm)
 {
-    op_mem(e, 1, 0x81, 0, disp);
-    b4(e, (uint32_t)imm);
+    op_mem_imm32(e, 1, 0x81, 0, disp, (uint32_t)imm);
 }
 
 /* mov reg, imm: the shortest form that yields the same 64-bit value */
@@ -367,6 +467,11 @@ typedef struct Slow {
     Insn *insn;
     uint64_t rip;
     int done;
+    /* the lazy-flag kind (and size) the instruction leaves, which the path rebuilds in
+     * the host flags before it rejoins, so they are live after either path; -1 none */
+    int remat_kind;
+    unsigned remat_sz;
+    uint16_t dirty;     /* the cached registers to write back before the interpreter runs */
 } Slow;
 
 typedef struct Comp {
@@ -379,12 +484,124 @@ typedef struct Comp {
     int nslow;
     Slow stub[2 * BLOCK_MAX_INSNS];
     int nstub;
-    /* host flags hold the guest's arithmetic flags of the instruction just emitted */
+    /* host flags hold the guest's arithmetic flags of the instruction just emitted:
+     * LIVE_ALL, or LIVE_NO_OF when the host's OF may differ (a shift by more than 1) */
     int flags_live;
-    /* the next instruction overwrites the lazy flags without reading them and cannot
-     * fault or exit: this one need not write them */
+    /* the lazy kind (CC_*) of the producer whose flags are live: which of the host's
+     * undefined flags (AF after logic ops and shifts) the guest defines as 0 */
+    int live_kind;
+    /* what the lazy record in the CPU holds at this point for certain, written by a
+     * native form of this block (kind CC_*, size), or -1: the consumers rebuild host
+     * flags from it (emit_remat) instead of calling cond() */
+    int known;
+    unsigned known_sz;
+    int known_set;   /* the instruction being emitted called set_known */
+    /* the flags of this instruction are overwritten before anything can see them but
+     * host-flag consumers: it need not write the lazy record */
     int cc_dead;
+    /* the last producer skipped the lazy record (cc_dead); a consumer that then finds
+     * no host flags (a bug in the liveness analysis) sets `failed`: the block stays
+     * interpreted rather than run wrong */
+    int cc_missing;
+    int failed;
 } Comp;
+
+enum { LIVE_ALL = 1, LIVE_NO_OF = 2 };
+
+/* Can condition cc be read from the host flags at liveness `live`? */
+static int live_for(int live, int cc)
+{
+    int uses_of = (cc >> 1) == 0 || (cc >> 1) == 6 || (cc >> 1) == 7;
+    return live == LIVE_ALL || (live == LIVE_NO_OF && !uses_of);
+}
+
+/* bt qword [rbx + cc_c], 0: host CF = the carry an inc/dec kept or adc/sbb took in */
+static void emit_cf_from_cc_c(Emit *e)
+{
+    b1(e, 0x48); b1(e, 0x0f); b1(e, 0xba); b1(e, 0xa3); b4(e, (uint32_t)CPU_OFF(cc_c)); b1(e, 0);
+}
+
+static int remat_kind_ok(int kind)
+{
+    return kind == CC_ADD || kind == CC_SUB || kind == CC_ADC || kind == CC_SBB ||
+           kind == CC_LOGIC || kind == CC_INC || kind == CC_DEC;
+}
+
+/* The host flags from the lazy record of kind `kind` and size sz (what the block's own
+ * native form wrote): the operation run again at the guest's size on the recorded
+ * operands, so every flag a condition reads is the guest's. Clobbers rax and rcx. */
+static void emit_remat(Comp *k, int kind, unsigned sz)
+{
+    Emit *e = &k->e;
+    uint8_t opc;
+    switch (kind) {
+    case CC_LOGIC: case CC_INC: case CC_DEC:
+        load64(e, RAX, CPU_OFF(cc_res));
+        if (kind != CC_LOGIC) {
+            b1(e, 0x48); b1(e, 0x8d); b1(e, 0x40); b1(e, kind == CC_INC ? 0xff : 0x01);   /* lea rax, [rax -+ 1] */
+            emit_cf_from_cc_c(e);
+        }
+        if (sz == 2)
+            b1(e, 0x66);
+        if (sz == 8)
+            b1(e, 0x48);
+        if (kind == CC_LOGIC) {
+            b1(e, sz == 1 ? 0x84 : 0x85); b1(e, 0xc0);          /* test (al|ax|eax|rax) itself */
+        } else {
+            b1(e, sz == 1 ? 0xfe : 0xff); b1(e, kind == CC_INC ? 0xc0 : 0xc8);   /* inc|dec: CF stays */
+        }
+        break;
+    default:   /* add, sub, adc, sbb: a in rax, b in rcx */
+        load64(e, RAX, CPU_OFF(cc_a));
+        load64(e, RCX, CPU_OFF(cc_b));
+        if (kind == CC_ADC || kind == CC_SBB)
+            emit_cf_from_cc_c(e);
+        opc = kind == CC_ADD ? 0x01 : kind == CC_ADC ? 0x11 : kind == CC_SBB ? 0x19 : 0x39;
+        if (sz == 2)
+            b1(e, 0x66);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, (uint8_t)(opc - (sz == 1))); b1(e, 0xc8);         /* op (al|ax|eax|rax), (cl|cx|ecx|rcx) */
+        break;
+    }
+    k->live_kind = kind;   /* the caller says how long they stay live */
+}
+
+/* Makes the guest's condition cc readable from the host flags, which are at liveness
+ * `live`, rebuilding them from the lazy record when it is known; returns their
+ * liveness then, or 0 (the caller asks cond()) */
+static int emit_flags_for(Comp *k, int live, int cc)
+{
+    if (live_for(live, cc))
+        return live;
+    if (k->known >= 0 && remat_kind_ok(k->known)) {
+        emit_remat(k, k->known, k->known_sz);
+        return LIVE_ALL;
+    }
+    if (k->cc_missing)
+        k->failed = 1;
+    return 0;
+}
+
+/* condition codes 2 and 3 (b, ae) read CF alone */
+#define CC_CARRY 2
+
+/* A producer wrote the lazy record kind/sz (CC_EAGER and the shifts: one emit_remat
+ * cannot rebuild), or skipped it (cc_dead) */
+static void set_known(Comp *k, int kind, unsigned sz)
+{
+    k->known = k->cc_dead ? -1 : kind;
+    k->known_sz = sz;
+    k->known_set = 1;
+    k->cc_missing = k->cc_dead;
+}
+
+/* The host flags a producer leaves as the guest's: live at `live`, of lazy kind */
+static void set_live(Comp *k, int live, int kind)
+{
+    k->flags_live = live;
+    k->live_kind = kind;
+}
 
 /* ---- native forms ---- */
 
@@ -420,14 +637,16 @@ static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
             mov32_rr(e, RDX, RDX);
         store64(e, RDX, GREG(dst));
     }
-    /* the same operation at the guest's size, for the host flags only */
+    /* the same operation at the guest's size, for the host flags only (a 64-bit one
+     * left them so already: only movs came after it) */
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x85,
                                          [ALU_SUB] = 0x39, [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
-    if (wide)
-        b1(e, 0x48);
-    b1(e, flag_opc[aluop]);
-    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
-    k->flags_live = 1;
+    if (!wide) {
+        b1(e, flag_opc[aluop]);
+        b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    }
+    set_live(k, LIVE_ALL, (int)cc);
+    set_known(k, (int)cc, wide ? 8 : 4);
 }
 
 static void emit_alux(Comp *k, const Insn *i, int form, int aluop)
@@ -473,6 +692,8 @@ static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
 {
     Slow *s = &k->slow[k->nslow];
     memset(s, 0, sizeof *s);
+    s->remat_kind = -1;
+    s->dirty = k->e.dirty;
     s->insn = i;
     s->rip = rip;
     s->done = done;
@@ -556,8 +777,7 @@ static void emit_sp_add(Comp *k, int32_t delta)
 {
     Emit *e = &k->e;
     if (k->long64) {
-        op_mem(e, 1, 0x81, 0, GREG(R_SP));                      /* add qword [rbx+rsp], imm32 */
-        b4(e, (uint32_t)delta);
+        op_mem_imm32(e, 1, 0x81, 0, GREG(R_SP), (uint32_t)delta);   /* add qword [rbx+rsp], imm32 */
         return;
     }
     load32(e, RCX, GREG(R_SP));
@@ -582,6 +802,14 @@ static void emit_store_rcx(Emit *e, unsigned sz)
 }
 
 /* movzx/movsx eax|rax from a register: [rbx + disp], the byte registers AH-BH at +1 */
+static int32_t byte_reg_disp(const Insn *i, int r);
+
+/* the guest register a byte register operand is part of */
+static int byte_reg_greg(const Insn *i, int r)
+{
+    return !i->rex && r >= 4 && r < 8 ? r - 4 : r;
+}
+
 static int32_t byte_reg_disp(const Insn *i, int r)
 {
     if (!i->rex && r >= 4 && r < 8)
@@ -610,13 +838,15 @@ static void native_rotate_flags(CPU *c, uint64_t r, uint32_t how)
 }
 
 /* eax = cond(c, cc), or the host's own condition when the guest's flags are live in
- * the host flags: then al = cc and the host flags stay (returns 1) */
+ * the host flags or can be rebuilt there: then al = cc and the host flags stay
+ * (returns their liveness, else 0) */
 static int emit_cond_al(Comp *k, int cc, int flags_live)
 {
     Emit *e = &k->e;
-    if (flags_live) {
+    int live = emit_flags_for(k, flags_live, cc);
+    if (live) {
         b1(e, 0x0f); b1(e, (uint8_t)(0x90 | cc)); b1(e, 0xc0); /* setcc al */
-        return 1;
+        return live;
     }
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
     mov_imm(e, RSI, (uint64_t)cc);
@@ -629,7 +859,7 @@ static int emit_cond_al(Comp *k, int cc, int flags_live)
 static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
 {
     Emit *e = &k->e;
-    if (flags_were_live) {
+    if (emit_flags_for(k, flags_were_live, CC_CARRY)) {
         b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                  /* setc cl */
         b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc9);                  /* movzx ecx, cl */
     } else {
@@ -650,7 +880,8 @@ static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
     if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
-    k->flags_live = 1;
+    set_live(k, LIVE_ALL, inc ? CC_INC : CC_DEC);
+    set_known(k, inc ? CC_INC : CC_DEC, wide ? 8 : 4);
 }
 
 /* imul_reg_rm: eager flags, CF = OF = signed overflow, SF ZF PF from the result */
@@ -668,6 +899,7 @@ static void emit_imul_tail(Comp *k, const Insn *i)
             b1(e, 0x48);
         b1(e, 0x69); b1(e, 0xc0); b4(e, (uint32_t)i->imm);     /* imul (e|r)ax, (e|r)ax, imm32 */
     }
+    set_known(k, CC_EAGER, 0);
     if (k->cc_dead) {   /* nothing reads these flags: the product alone */
         store64(e, RAX, GREG(i->reg));
         return;
@@ -723,17 +955,21 @@ static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
     if (carry) {
         b1(e, 0x41); b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe0); b1(e, 0);   /* bt r8d, 0: CF = carry in */
     }
-    /* the same operation at the guest's size, for the host flags only */
+    /* the same operation at the guest's size, for the host flags only (a 64-bit one
+     * without a carry left them so already: only movs came after it) */
     static const uint8_t flag_opc[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_ADC] = 0x11,
                                          [ALU_SBB] = 0x19, [ALU_AND] = 0x85, [ALU_SUB] = 0x39,
                                          [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
-    if (sz == 2)
-        b1(e, 0x66);
-    if (sz == 8)
-        b1(e, 0x48);
-    b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
-    b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
-    k->flags_live = 1;
+    if (sz != 8 || carry) {
+        if (sz == 2)
+            b1(e, 0x66);
+        if (sz == 8)
+            b1(e, 0x48);
+        b1(e, (uint8_t)(flag_opc[aluop] - (sz == 1)));             /* the byte form: one less */
+        b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));
+    }
+    set_live(k, LIVE_ALL, (int)ccop[aluop]);
+    set_known(k, (int)ccop[aluop], sz);
 }
 
 /* reg = guest register r at size sz, zero-extended */
@@ -769,7 +1005,7 @@ static void load_rsi(Emit *e, int reg, unsigned sz)
 static void emit_carry_r8(Comp *k, int flags_live)
 {
     Emit *e = &k->e;
-    if (flags_live) {
+    if (emit_flags_for(k, flags_live, CC_CARRY)) {
         b1(e, 0x41); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc0);     /* setc r8b */
         b1(e, 0x45); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xc0);     /* movzx r8d, r8b */
         return;
@@ -826,8 +1062,10 @@ static void store_greg_rdx(Comp *k, const Insn *i, int r, unsigned sz)
     Emit *e = &k->e;
     if (sz == 1) {
         b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, r));   /* mov [rbx+d], dl */
+        greg_written(e, byte_reg_greg(i, r));
     } else if (sz == 2) {
         b1(e, 0x66); b1(e, 0x89); b1(e, 0x93); b4(e, (uint32_t)GREG(r));  /* mov [rbx+d], dx */
+        greg_written(e, r);
     } else {
         if (sz == 4)
             mov32_rr(e, RDX, RDX);
@@ -877,6 +1115,7 @@ static int emit_inc_dec_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, i
         store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
         store32_imm(e, CPU_OFF(cc_size), sz);
     }
+    set_known(k, inc ? CC_INC : CC_DEC, sz);
     return s;
 }
 
@@ -915,6 +1154,7 @@ static int emit_cmpxchg_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, i
         store32_imm(e, CPU_OFF(cc_op), CC_SUB);
         store32_imm(e, CPU_OFF(cc_size), sz);
     }
+    set_known(k, CC_SUB, sz);
     b1(e, 0x48); b1(e, 0x85); b1(e, 0xd2);                      /* test rdx, rdx */
     uint8_t *same = jcc32(e, 0x4);                              /* je: the accumulator stays */
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
@@ -979,6 +1219,7 @@ static int emit_mul(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int done)
     b1(e, 0xf7); b1(e, 0xe1);                                   /* mul (e|r)cx */
     store64(e, RAX, GREG(R_AX));                                /* 32 bits: zero-extended by the host */
     store64(e, RDX, GREG(R_DX));
+    set_known(k, CC_EAGER, 0);
     if (k->cc_dead)
         return s;
     b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc1);                      /* setc cl: the high half is not zero */
@@ -1023,6 +1264,7 @@ static int emit_bit_test_imm(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, 
             b1(e, 0x48);
         b1(e, 0x0f); b1(e, 0xba); b1(e, (uint8_t)((kind << 3) | RAX)); b1(e, (uint8_t)i->imm);   /* [rax] */
     }
+    set_known(k, CC_EAGER, 0);
     if (k->cc_dead)
         return s;
     b1(e, 0x40); b1(e, 0x0f); b1(e, 0x92); b1(e, 0xc6);         /* setc sil */
@@ -1059,6 +1301,7 @@ static int emit_mov_from_sreg(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip,
         b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)sel);   /* movzx eax, word [rbx+sel] */
         if (i->osz == 2) {
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));   /* mov [rbx+d], ax */
+            greg_written(e, i->rm);
         } else {
             store64(e, RAX, GREG(i->rm));
         }
@@ -1129,9 +1372,11 @@ static int emit_gen_alu(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int d
             if (sz == 1) {
                 b1(e, 0x88); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));   /* mov [rbx+d], dl */
                 b4(e, (uint32_t)byte_reg_disp(i, r));
+                greg_written(e, byte_reg_greg(i, r));
             } else if (sz == 2) {   /* the upper 48 bits stay */
                 b1(e, 0x66); b1(e, 0x89); b1(e, (uint8_t)(0x80 | (RDX << 3) | RBX));
                 b4(e, (uint32_t)GREG(r));
+                greg_written(e, r);
             } else {
                 if (sz == 4)
                     mov32_rr(e, RDX, RDX);
@@ -1163,13 +1408,23 @@ static void emit_shift_reg(Comp *k, int r, int wide, unsigned n, int kind)
     store64(e, RAX, GREG(r));
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL);
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
+    /* the host's shift by a constant sets CF SF ZF PF as the guest's; OF too for a
+     * count of 1 (else it is undefined on the host, defined by shift_group2) */
+    int lazy = kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL;
+    set_live(k, n == 1 ? LIVE_ALL : LIVE_NO_OF, lazy);
+    set_known(k, lazy, wide ? 8 : 4);
 }
 
 /* rol/ror of a register by a constant; returns 1 when the flags stayed as they were
- * (count 0) */
-static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind)
+ * (count 0). With the guest's flags in the host flags (live or rebuilt), the host's
+ * rotate keeps SF ZF AF PF and sets CF as the guest's; OF (undefined on the host past
+ * a count of 1) comes from the result as shift_op has it, and the whole set is stored
+ * eagerly. Otherwise native_rotate_flags works it out from the lazy record. */
+static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind, int flags_were_live)
 {
     Emit *e = &k->e;
+    unsigned bits = wide ? 64 : 32;
+    int host = n && !k->cc_dead && emit_flags_for(k, flags_were_live, CC_CARRY);
     op_mem(e, wide, 0x8b, RAX, GREG(r));                       /* a 32-bit load zero-extends */
     if (n) {
         if (wide)
@@ -1177,14 +1432,52 @@ static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind)
         b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | RAX)); b1(e, (uint8_t)n);
     }
     store64(e, RAX, GREG(r));
-    if (n && !k->cc_dead) {
+    if (host) {
+        /* AF after a logic op or a shift is undefined on the host, 0 for the guest */
+        int af_zero = k->live_kind == CC_LOGIC || k->live_kind == CC_SHL || k->live_kind == CC_SHR ||
+                      k->live_kind == CC_SAR;
+        uint32_t keep = F_ARITH & ~(F_OF | (af_zero ? F_AF : 0u));
+        b1(e, 0x9c); b1(e, 0x59);                               /* pushf; pop rcx */
+        b1(e, 0x81); b1(e, 0xe1); b4(e, keep);                  /* and ecx, keep */
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
+        b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, (uint8_t)(bits - 1));   /* shr rdx, bits-1: the top bit */
+        if (kind == 0) {
+            b1(e, 0x31); b1(e, 0xc2);                           /* xor edx, eax: ^ bit 0 (CF) */
+        } else {
+            b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);              /* mov rsi, rax */
+            b1(e, 0x48); b1(e, 0xc1); b1(e, 0xee); b1(e, (uint8_t)(bits - 2));   /* shr rsi, bits-2 */
+            b1(e, 0x31); b1(e, 0xf2);                           /* xor edx, esi */
+        }
+        b1(e, 0x83); b1(e, 0xe2); b1(e, 0x01);                  /* and edx, 1 */
+        b1(e, 0xc1); b1(e, 0xe2); b1(e, 11);                    /* shl edx, 11: OF */
+        b1(e, 0x09); b1(e, 0xd1);                               /* or ecx, edx */
+        store64(e, RCX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+    } else if (n && !k->cc_dead) {
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
         mov_imm(e, RDX, (uint64_t)(kind | (wide ? 64 : 32) << 8));
         mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
         b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
     }
+    if (n)
+        set_known(k, CC_EAGER, 0);
     return n == 0;
+}
+
+static int alu_logic(int aluop)
+{
+    return aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
+}
+
+/* Slow path s of a flag producer rejoins after its instruction: it rebuilds the host
+ * flags from the lazy record the interpreter wrote (kind, sz), so they stay live past
+ * the join (the lazy record is the interpreter's own there, cc_dead or not). */
+static void slow_rejoin_live(Comp *k, int s, int kind, unsigned sz)
+{
+    k->slow[s].resume = k->e.p;
+    k->slow[s].remat_kind = kind;
+    k->slow[s].remat_sz = sz;
 }
 
 /* Emits i; returns 0 when it has no native form after all. */
@@ -1203,10 +1496,9 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         unsigned gsz;
         if (gen_alu_form(i, &gop, &gsz, &gkind)) {
             slow = emit_gen_alu(k, i, rip, next_rip, done, flags_were_live);
-            if (slow >= 0) {
-                k->slow[slow].resume = e->p;
-                k->flags_live = 0;   /* the slow path joins without them */
-            }
+            if (slow >= 0)
+                slow_rejoin_live(k, slow, gop == ALU_ADD ? CC_ADD : gop == ALU_ADC ? CC_ADC :
+                                 gop == ALU_SBB ? CC_SBB : gop == ALU_SUB || gop == ALU_CMP ? CC_SUB : CC_LOGIC, gsz);
             return 1;
         }
     }
@@ -1230,7 +1522,8 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (wide)
             b1(e, 0x48);
         b1(e, 0x85); b1(e, (uint8_t)(0xc0 | (RCX << 3) | RAX));   /* test: host flags */
-        k->flags_live = 1;
+        set_live(k, LIVE_ALL, CC_LOGIC);
+        set_known(k, CC_LOGIC, wide ? 8 : 4);
         return 1;
     }
     case P_SHIFT_RI64: case P_SHIFT_RI32: {
@@ -1268,8 +1561,10 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         op_mem(e, wide, 0x8b, RAX, GREG(i->reg));
         emit_alu_core(k, (int)(i->imm2 & 0xff), wide, i->reg);
-        if (slow >= 0)
-            k->flags_live = 0;   /* the slow path joins without them */
+        if (slow >= 0) {
+            int aluop = (int)(i->imm2 & 0xff);
+            slow_rejoin_live(k, slow, aluop == ALU_ADD ? CC_ADD : alu_logic(aluop) ? CC_LOGIC : CC_SUB, wide ? 8 : 4);
+        }
         break;
     }
     case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf: {
@@ -1341,8 +1636,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         int gp = new_slow(k, i, rip, done);
         b1(e, 0x83); b1(e, 0xbb); b4(e, (uint32_t)CPU_OFF(cpl)); b1(e, 0);   /* cmp dword [rbx+cpl], 0 */
         k->slow[gp].jump = jcc32(e, 0x5);                       /* jne: the helper checks IOPL */
-        op_mem(e, 1, 0x81, 4, CPU_OFF(eflags));                 /* and qword [rbx+eflags], ~IF */
-        b4(e, (uint32_t)~(uint32_t)F_IF);
+        op_mem_imm32(e, 1, 0x81, 4, CPU_OFF(eflags), ~(uint32_t)F_IF);   /* and qword [rbx+eflags], ~IF */
         slow = gp;
         break;
     }
@@ -1361,6 +1655,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->reg : i->rm));   /* movzx eax, word [rbx+d] */
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(to_e ? i->rm : i->reg));   /* mov [rbx+d], ax */
+            greg_written(e, to_e ? i->rm : i->reg);
             k->flags_live = flags_were_live;
             return 1;
         }
@@ -1371,6 +1666,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         } else {
             b1(e, 0x0f); b1(e, 0xb7); b1(e, 0x00);              /* movzx eax, word [rax] */
             b1(e, 0x66); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)GREG(i->reg));   /* mov [rbx+d], ax */
+            greg_written(e, i->reg);
         }
         break;
     }
@@ -1390,7 +1686,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         unsigned n = i->op == 0xd1 ? 1 : (unsigned)(i->imm & (wide ? 63 : 31));
         if (kind >= 4)
             emit_shift_reg(k, i->rm, wide, n, kind);
-        else if (emit_rotate_reg(k, i->rm, wide, n, kind))
+        else if (emit_rotate_reg(k, i->rm, wide, n, kind, flags_were_live))
             k->flags_live = flags_were_live;
         return 1;
     }
@@ -1416,6 +1712,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
         patch_rel32(zero, e->p);
         store64(e, RAX, GREG(i->rm));
+        set_known(k, -1, 0);   /* the count decides at run time whether it was written */
         return 1;
     }
     case 0xc6: case 0xc7: {
@@ -1423,9 +1720,11 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             if (sz == 1) {
                 b1(e, 0xc6); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm)); b1(e, (uint8_t)i->imm);
+                greg_written(e, byte_reg_greg(i, i->rm));
             } else if (sz == 2) {
                 b1(e, 0x66); b1(e, 0xc7); b1(e, 0x83); b4(e, (uint32_t)GREG(i->rm));
                 b1(e, (uint8_t)i->imm); b1(e, (uint8_t)(i->imm >> 8));
+                greg_written(e, i->rm);
             } else {
                 store64_const(e, GREG(i->rm), sz == 4 ? (uint32_t)i->imm : i->imm);
             }
@@ -1452,6 +1751,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (i->mod == 3) {
             load_greg(k, i, RAX, to_e ? i->reg : i->rm, 1);
             b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, to_e ? i->rm : i->reg));   /* mov [rbx+d], al */
+            greg_written(e, byte_reg_greg(i, to_e ? i->rm : i->reg));
             k->flags_live = flags_were_live;
             return 1;
         }
@@ -1463,6 +1763,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         } else {
             b1(e, 0x0f); b1(e, 0xb6); b1(e, 0x00);              /* movzx eax, byte [rax] */
             b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->reg));
+            greg_written(e, byte_reg_greg(i, i->reg));
         }
         break;
     }
@@ -1487,6 +1788,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         if (sz == 1) {
             b1(e, 0x88); b1(e, 0x93); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], dl */
+            greg_written(e, byte_reg_greg(i, i->rm));
         } else {
             if (sz == 4)
                 mov32_rr(e, RDX, RDX);
@@ -1506,13 +1808,15 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
         int live = emit_cond_al(k, i->op & 15, flags_were_live);
         b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], al */
+        greg_written(e, byte_reg_greg(i, i->rm));
         k->flags_live = live;
         return 1;
     }
     case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
     case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f: {
         int wide = i->osz == 8, cc = i->op & 15;
-        if (!flags_were_live) {
+        int live = emit_flags_for(k, flags_were_live, cc);
+        if (!live) {
             emit_cond_al(k, cc, 0);
             b1(e, 0x85); b1(e, 0xc0);                           /* test eax, eax */
             cc = 0x5;                                           /* cmovnz */
@@ -1523,7 +1827,7 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
             b1(e, 0x48);
         b1(e, 0x0f); b1(e, (uint8_t)(0x40 | cc)); b1(e, 0xc1); /* cmovcc (e|r)ax, (e|r)cx */
         store64(e, RAX, GREG(i->reg));
-        k->flags_live = flags_were_live;
+        k->flags_live = live;
         return 1;
     }
     case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
@@ -1578,12 +1882,22 @@ static uint64_t branch_target(const Comp *k, const Insn *i, uint64_t next_rip)
     return i->osz == 2 ? (uint16_t)v : (uint32_t)v;
 }
 
+/* the epilogue: the registers every block's prologue saved (NATIVE_CHAIN_ENTRY) */
+static void emit_ret(Emit *e)
+{
+    b1(e, 0x41); b1(e, 0x5f);   /* pop r15 */
+    b1(e, 0x41); b1(e, 0x5e);   /* pop r14 */
+    b1(e, 0x41); b1(e, 0x5d);   /* pop r13 */
+    b1(e, 0x41); b1(e, 0x5c);   /* pop r12 */
+    b1(e, 0x5b);                /* pop rbx */
+    b1(e, 0xc3);                /* ret */
+}
+
 static void emit_exit(Emit *e, int done)
 {
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* What a direct chain and a jump-cache exit both check before leaving for compiled
@@ -1627,6 +1941,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     Emit *e = &k->e;
     uint8_t *out[8];
     int nout = 0;
+    flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     uint64_t slot_addr = (uint64_t)(uintptr_t)&k->b->nat_succ[slot];
@@ -1654,8 +1969,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
         patch_rel32(out[n], e->p);
     mov_imm(e, RAX, slot_addr);
     store64(e, RAX, CPU_OFF(nat_exit_slot));
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* Leaves for a successor known only at run time (ret, jmp/call through a register or
@@ -1671,6 +1985,7 @@ static void emit_lookup_exit(Comp *k, int done)
     Emit *e = &k->e;
     uint8_t *out[16];
     int nout = 0;
+    flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
     add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     nout = emit_chain_allowed(k, out, nout);
@@ -1721,8 +2036,7 @@ static void emit_lookup_exit(Comp *k, int done)
     emit_enter_block_rcx(k, CPU_OFF(st_native_indirect));
     for (int n = 0; n < nout; n++)
         patch_rel32(out[n], e->p);
-    b1(e, 0x5b);   /* pop rbx */
-    b1(e, 0xc3);   /* ret */
+    emit_ret(e);
 }
 
 /* jcc/jmp ending the block: c->rip = target or fall-through, then leave */
@@ -1737,9 +2051,10 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
     }
     int cc = i->op & 15;
     uint8_t *taken;
-    if (k->flags_live) {
-        /* the flag producer just before ran at the guest's size: its host flags
-         * are the guest's, and x86 condition codes are the same on both sides */
+    if (emit_flags_for(k, k->flags_live, cc)) {
+        /* the flag producer before ran at the guest's size (or its lazy record was
+         * run again so): the host flags are the guest's, and x86 condition codes are
+         * the same on both sides */
         taken = jcc32(e, (uint8_t)cc);
     } else {
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
@@ -1837,6 +2152,7 @@ static void emit_step_call(Comp *k, Insn *i, uint64_t rip)
     mov_imm(e, RDX, rip);
     mov_imm(e, RAX, (uint64_t)(uintptr_t)k->step);
     b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    reload_cached(e);                                           /* it may have written any */
     b1(e, 0x85); b1(e, 0xc0);                                   /* test eax, eax */
 }
 
@@ -1893,15 +2209,116 @@ static int flags_neutral(const Insn *i)
     return 0;
 }
 
-/* Are the flags instruction n of b leaves overwritten before anything can see them? */
+/* The shift or rotate count of a native C1/D1/P_SHIFT_RI form (after masking) */
+static unsigned shift_count(const Insn *i)
+{
+    int wide = i->op == P_SHIFT_RI64 || ((i->op == 0xc1 || i->op == 0xd1) && i->osz == 8);
+    return i->op == 0xd1 ? 1 : (unsigned)(i->imm & (wide ? 63 : 31));
+}
+
+/* Native forms that never write the lazy record (nor does the interpreter's handler
+ * their slow path runs): what a consumer after them finds there is still what the
+ * block's last producer wrote (Comp.known). */
+static int keeps_lazy_record(const Insn *i)
+{
+    if (!native_has_form(i))
+        return 0;
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32: case P_LEA64:
+    case P_LOAD64: case P_LOAD32: case P_STORE64: case P_STORE32:
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf: case 0x8d: case 0x63:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x11f: case 0x90: case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c:
+    case 0x11d: case 0x11e: case 0x131: case 0xfa: case 0x8c: case 0x89: case 0x8b:
+    case 0xc6: case 0xc7: case 0x88: case 0x8a: case 0x86: case 0x87:
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x68: case 0x6a:
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+        return 1;
+    case 0xf6: case 0xf7:   /* not; div (its flags stay as they were, do_div too) */
+        return (i->reg & 7) == 2 || (i->op == 0xf7 && (i->reg & 7) == 6);
+    case P_SHIFT_RI64: case P_SHIFT_RI32: case 0xc1: case 0xd1:
+        return shift_count(i) == 0;
+    }
+    return 0;
+}
+
+/* The liveness of the guest's flags in the host flags right after native form i
+ * produced them (emit_native's set_live, a slow path rejoining with them rebuilt),
+ * or 0 */
+static int host_live_after(const Insn *i)
+{
+    int form, aluop, kind;
+    unsigned sz;
+    if (!native_has_form(i))
+        return 0;
+    if (alux_form(i, &form, &aluop) || gen_alu_form(i, &aluop, &sz, &kind))
+        return LIVE_ALL;
+    switch (i->op) {
+    case P_TEST_RR64: case P_TEST_RR32:
+        return LIVE_ALL;
+    case P_LOAD_ALU64: case P_LOAD_ALU32:
+        return LIVE_ALL;
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+        return LIVE_ALL;
+    case 0xff:
+        return (i->reg & 7) <= 1 && i->mod == 3 ? LIVE_ALL : 0;
+    case 0xf6: case 0xf7:
+        return (i->reg & 7) == 3 ? LIVE_ALL : 0;
+    case P_SHIFT_RI64: case P_SHIFT_RI32:
+        return shift_count(i) == 0 ? 0 : shift_count(i) == 1 ? LIVE_ALL : LIVE_NO_OF;
+    case 0xc1: case 0xd1:
+        if ((i->reg & 7) < 4 || !shift_count(i))
+            return 0;
+        return shift_count(i) == 1 ? LIVE_ALL : LIVE_NO_OF;
+    }
+    return 0;
+}
+
+/* Native forms that keep the host flags as they are (flags_neutral ones whose code
+ * has no flag-setting host instruction): the live flags pass them */
+static int keeps_host_flags(const Insn *i)
+{
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x11f: case 0x90:
+    case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
+        return native_has_form(i);
+    case 0x8c:
+        return i->mod == 3 && native_has_form(i);
+    }
+    return 0;
+}
+
+/* setcc r8 / cmovcc r, r: native consumers that read the host flags when they are live
+ * for their condition and leave them so */
+static int host_flag_consumer(const Insn *i)
+{
+    return native_has_form(i) && ((i->op >= 0x190 && i->op <= 0x19f) || (i->op >= 0x140 && i->op <= 0x14f));
+}
+
+/* Are the flags instruction n of b leaves overwritten before anything can see them?
+ * Anything but consumers that read them from the live host flags: those they pass. */
 static int flags_dead_after(const Block *b, unsigned n)
 {
+    int live = host_live_after(&b->insns[n]);
     for (unsigned m = n + 1; m < b->n; m++) {
         const Insn *i = &b->insns[m];
         if (kills_flags(i))
             return 1;
+        if (live && host_flag_consumer(i) && live_for(live, i->op & 15))
+            continue;
         if (!flags_neutral(i))
             return 0;
+        if (!keeps_host_flags(i))
+            live = 0;
     }
     return 0;
 }
@@ -1910,6 +2327,77 @@ static int is_branch(const Insn *i)
 {
     return (i->op >= 0x70 && i->op <= 0x7f) || (i->op >= 0x180 && i->op <= 0x18f) ||
            i->op == 0xe9 || i->op == 0xeb;
+}
+
+/* Native forms whose code reaches guest registers only through op_mem's whole 32- and
+ * 64-bit loads and stores and op_mem_imm32, which know the register cache: before any
+ * other instruction every cached register is written back (the byte and word forms
+ * read and write c->r[] in memory themselves, the helper reads all of it). */
+static int regs_clean(const Insn *i)
+{
+    int form, aluop, kind;
+    unsigned sz;
+    if (!native_has_form(i))
+        return 0;
+    if (alux_form(i, &form, &aluop))
+        return 1;
+    if (gen_alu_form(i, &aluop, &sz, &kind))
+        return sz >= 4;
+    switch (i->op) {
+    case P_MOV_RM_R64: case P_MOV_RM_R32: case P_MOV_R_RM64: case P_MOV_R_RM32:
+    case P_TEST_RR64: case P_TEST_RR32: case P_SHIFT_RI64: case P_SHIFT_RI32:
+    case P_LOAD64: case P_LOAD32: case P_STORE64: case P_STORE32: case P_LOAD_ALU64: case P_LOAD_ALU32:
+    case P_LEA64: case 0x8d:
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
+    case 0x1af: case 0x69: case 0x6b:
+    case 0x40: case 0x41: case 0x42: case 0x43: case 0x44: case 0x45: case 0x46: case 0x47:
+    case 0x48: case 0x49: case 0x4a: case 0x4b: case 0x4c: case 0x4d: case 0x4e: case 0x4f:
+    case 0x50: case 0x51: case 0x52: case 0x53: case 0x54: case 0x55: case 0x56: case 0x57:
+    case 0x58: case 0x59: case 0x5a: case 0x5b: case 0x5c: case 0x5d: case 0x5e: case 0x5f:
+    case 0x68: case 0x6a:
+    case 0x140: case 0x141: case 0x142: case 0x143: case 0x144: case 0x145: case 0x146: case 0x147:
+    case 0x148: case 0x149: case 0x14a: case 0x14b: case 0x14c: case 0x14d: case 0x14e: case 0x14f:
+    case 0xc1: case 0xd1: case 0xd3:
+    case 0x1c8: case 0x1c9: case 0x1ca: case 0x1cb: case 0x1cc: case 0x1cd: case 0x1ce: case 0x1cf:
+    case 0x131: case 0x90: case 0x11f:
+        return 1;
+    case 0xff:
+        return (i->reg & 7) <= 1 && i->mod == 3;
+    case 0xf7:   /* mul, div; not and neg of a dword or qword register */
+        return (i->reg & 7) == 4 || (i->reg & 7) == 6 || i->mod == 3;
+    }
+    return 0;
+}
+
+/* Up to four guest registers the block's native forms use most (at least twice) go
+ * into r12-r15 for the block (Emit.host); the rest stay in memory only. */
+static void choose_cached(Comp *k)
+{
+    int uses[16] = { 0 };
+    const Block *b = k->b;
+    memset(k->e.host, 0, sizeof k->e.host);
+    for (unsigned n = 0; n < b->n; n++) {
+        const Insn *i = &b->insns[n];
+        if (!native_has_form(i))
+            continue;
+        if (i->mod == 3 && i->rm < 16)
+            uses[i->rm]++;
+        if (i->reg < 16)
+            uses[i->reg]++;
+        if (i->mod != 3 && i->base < 16)
+            uses[i->base]++;
+        if (i->mod != 3 && i->index < 16)
+            uses[i->index]++;
+    }
+    for (int h = 12; h <= 15; h++) {
+        int best = -1;
+        for (int r = 0; r < 16; r++)
+            if (!k->e.host[r] && uses[r] >= 2 && (best < 0 || uses[r] > uses[best]))
+                best = r;
+        if (best < 0)
+            break;
+        k->e.host[best] = (int8_t)h;
+    }
 }
 
 void *native_compile(CPU *c, Block *b, NativeStepFn step)
@@ -1929,18 +2417,27 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     k.b = b;
     k.step = step;
     k.long64 = b->mode == 2;
+    k.known = -1;   /* the lazy record of whatever ran before the block */
     uint64_t wrap = k.long64 ? ~0ull : 0xffffffffull;
     uint64_t rip = b->pc;
     int rip_stale = 0;   /* c->rip lags behind: set it before leaving */
     int ended = 0;
 
-    b1(&k.e, 0x53);                                 /* push rbx: also aligns the stack */
+    b1(&k.e, 0x53);                                 /* push rbx */
+    b1(&k.e, 0x41); b1(&k.e, 0x54);                 /* push r12 */
+    b1(&k.e, 0x41); b1(&k.e, 0x55);                 /* push r13 */
+    b1(&k.e, 0x41); b1(&k.e, 0x56);                 /* push r14 */
+    b1(&k.e, 0x41); b1(&k.e, 0x57);                 /* push r15: five, so calls see an aligned stack */
     b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
     /* NATIVE_CHAIN_ENTRY: where a chained jump enters, rbx and the frame already set */
+    choose_cached(&k);
+    reload_cached(&k.e);
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
         k.cc_dead = flags_dead_after(b, n);
+        if (n + 1 == b->n && (is_branch(i) || is_call_ret(i, k.long64) || is_indirect(i, k.long64)))
+            flush_all(&k.e);   /* c->r[] whole when the block leaves, by any path */
         if (n + 1 == b->n && is_branch(i)) {
             emit_branch(&k, i, next, (int)b->n);
             ended = 1;
@@ -1956,17 +2453,27 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
             ended = 1;
             break;
         }
+        k.known_set = 0;
+        if (!regs_clean(i))
+            flush_all(&k.e);
         if (!is_branch(i) && native_has_form(i) && emit_native(&k, i, rip, next, (int)n + 1)) {
             rip_stale = 1;
+            if (!k.known_set && !keeps_lazy_record(i))
+                k.known = -1;   /* it wrote the lazy record in a way not followed here */
         } else {
+            if (k.cc_missing)   /* the interpreter's handler may read the flags */
+                k.failed = 1;
+            flush_all(&k.e);   /* and every register */
             emit_step_call(&k, i, rip);
             add_stub(&k, (int)n + 1);
             k.flags_live = 0;
+            k.known = -1;
             rip_stale = 0;
         }
         rip = next;
     }
     if (!ended) {
+        flush_all(&k.e);
         if (rip_stale) {
             /* ran into the block's size or page limit: the next block follows directly */
             store64_const(&k.e, CPU_OFF(rip), rip);
@@ -1980,12 +2487,15 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         patch_rel32(k.slow[s].jump, k.e.p);
         if (k.slow[s].jump2)
             patch_rel32(k.slow[s].jump2, k.e.p);
+        emit_writeback(&k.e, k.slow[s].dirty);
         emit_step_call(&k, k.slow[s].insn, k.slow[s].rip);
         if (!k.slow[s].resume) {   /* a block-ending instruction: the interpreter set rip */
             emit_exit(&k.e, k.slow[s].done);
             continue;
         }
         add_stub(&k, k.slow[s].done);
+        if (k.slow[s].remat_kind >= 0)
+            emit_remat(&k, k.slow[s].remat_kind, k.slow[s].remat_sz);
         b1(&k.e, 0xe9);
         uint8_t *at = k.e.p;
         b4(&k.e, 0);
@@ -1995,6 +2505,8 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
         patch_rel32(k.stub[s].jump, k.e.p);
         emit_exit(&k.e, k.stub[s].done);
     }
+    if (k.failed)
+        return 0;   /* nothing of it is kept: nat_used stays */
     c->nat_used += (size_t)(k.e.p - start);
     c->nat_used = (c->nat_used + 15) & ~(size_t)15;
     c->st_native_blocks++;

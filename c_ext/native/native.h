@@ -2,7 +2,10 @@
  *
  * A compiled block is a plain SysV function `void f(CPU *c)` in the CPU's code arena.
  * Instructions with a native form become host code over the CPU struct (guest
- * registers stay in memory: c->r[]); every other instruction becomes a call to the
+ * registers live in memory, c->r[]; up to four of a block's most used ones live in
+ * r12-r15 within the block and are written back to c->r[] before anything else can
+ * read it: a helper call or slow path, a byte or word form, a block exit); every other
+ * instruction becomes a call to the
  * `step` function the caller passes in (exec.c's native_step), which runs the
  * interpreter's handler for that one Insn, so a block is always covered whole.
  *
@@ -10,12 +13,19 @@
  *  - c->rip is the guest rip of an instruction before anything of it can fault or
  *    exit (the step helper stores it; native forms cannot fault), and the next rip
  *    when the block function returns;
- *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b) are written exactly as the
- *    interpreter's handler writes them;
+ *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b, cc_c) are written exactly as
+ *    the interpreter's handler writes them wherever something can read them: before
+ *    every helper call, slow path, possible fault and block exit. Within a block the
+ *    guest's flags also live in the host flags (every native producer ends with the
+ *    host operation at the guest's size), so jcc, setcc, cmovcc, adc/sbb, inc/dec and
+ *    rol/ror read them there; a producer whose flags only such consumers read before
+ *    the next producer skips the lazy record (flags_dead_after). Where the host flags
+ *    were clobbered (a TLB check, a slow path), a consumer rebuilds them by running
+ *    the recorded operation again (emit_remat) rather than calling cond();
  *  - the code uses the block's entry rip (Block.pc) as a constant: exec.c enters it
  *    only when c->rip == b->pc.
  * Faults leave through the interpreter's longjmp, which needs no unwinding of the
- * native frame (only rbx is saved, and setjmp restores it).
+ * native frame (it saves rbx and r12-r15, callee-saved registers setjmp restores).
  *
  * Layering (see tcg.h): native.c calls nothing of exec.c; exec.c passes its helper in.
  */
