@@ -189,6 +189,14 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
     for (;;) {
         NEED(1);
         uint8_t x = b[p];
+        /* Several REX prefixes: the last counts. A legacy prefix after a REX makes the
+         * REX ignored (SDM 2.2.1: REX must come right before the opcode or escape). */
+        if (mode == 2 && (x & 0xf0) == 0x40) {
+            rex = x;
+            if (++p >= 15)
+                return -1;
+            continue;
+        }
         if (x == 0x66) { opsz_pfx = 1; last_sse = 1; }
         else if (x == 0x67) adsz_pfx = 1;
         else if (x == 0xf0) lock = 1;
@@ -201,15 +209,10 @@ int decode_insn_bytes(const uint8_t *b, int avail, int mode, Insn *i, int *ends)
         else if (x == 0x64) seg = S_FS;
         else if (x == 0x65) seg = S_GS;
         else break;
+        rex = 0;
         p++;
         if (p >= 15)
             return -1;
-    }
-    if (mode == 2) {
-        NEED(1);
-        if ((b[p] & 0xf0) == 0x40) {
-            rex = b[p++];
-        }
     }
     /* VEX: C4 (three bytes) or C5 (two). In 64-bit mode always; in 32-bit code only
      * when the next byte's top two bits are 11, which LES/LDS would read as a register

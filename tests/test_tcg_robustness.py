@@ -75,3 +75,26 @@ def test_random_code_only_ends_in_protocol_exits(mode, code, gprs, flags):
     # the vCPU is still usable afterwards
     vcpu.get_regs()
     vcpu.get_sregs()
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("code, start, want_rax, length", [
+    # Two REX prefixes: the last one counts (REX.B), so the load is from [r15+0x1000].
+    (bytes.fromhex("40418b8700100000"), {"rax": 0, "r15": 0x200000}, 0x5A5A1234, 8),
+    # A legacy prefix after a REX makes the REX ignored (SDM 2.2.1): 66 b8 is mov ax, imm16,
+    # not REX.W's mov rax, imm64.
+    (bytes.fromhex("4866b83412"), {"rax": 2**64 - 1}, 0xFFFFFFFFFFFF1234, 5),
+], ids=["last-rex-counts", "rex-before-legacy-prefix-ignored"])
+def test_rex_prefix_placement(code, start, want_rax, length, native):
+    mem = make_memory(4 << 20)
+    identity_map_2m(mem)
+    vcpu = TcgVcpu(mem)
+    vcpu.set_native_threshold(0 if native else None)
+    set_long_mode(vcpu)
+    base = CODE[64]
+    mem.write(0x201000, (0x5A5A1234).to_bytes(4, "little"))
+    mem.write(base, code + b"\xf4")
+    vcpu.set_regs(regs(rip=base, rflags=2, rsp=0x80000, **start))
+    assert vcpu.run() == exits.EXIT_HLT
+    r = vcpu.get_regs()
+    assert (r.rax, r.rip) == (want_rax, base + length + 1)
