@@ -15,7 +15,6 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu.qmp.protocol import ConnectError
 
 from kvmpy.devices.virtio.net import (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_F_CTRL_VQ,
                                       VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_OK, VirtioNet)
@@ -25,6 +24,7 @@ from kvmpy.monitor.qmp import start_qmp_server
 from kvmpy.net.announce import AnnounceParameters, Announcer, rarp_frame
 
 from conftest import ROOT, guest_path
+from support.qmp_client import connect_when_up
 from support.net_ports import SocketPort
 from support.net_rig import CONFIG_VECTOR, TapNicRig, packet_socket
 from support.virtio_driver import SoftMachine, VirtioPciDriver
@@ -330,16 +330,7 @@ def test_announce_self_on_a_running_vm(netns, kvm_required, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     client = None
     try:
-        deadline = time.monotonic() + 60
-        while client is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"VM did not start: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                c = QEMUMonitorProtocol(str(qmp_path))
-                c.connect()
-                client = c
-            except (ConnectError, OSError, EOFError):
-                time.sleep(0.1)
+        client = connect_when_up(proc, qmp_path)
         # The new tap port forwards after the bridge's own start; the first RARPs may be lost to it.
         deadline = time.monotonic() + 10
         while "state forwarding" not in subprocess.run(

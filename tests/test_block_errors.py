@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, guest_path, tool_required
+from support.qmp_client import connect_when_up
 from kvmpy.block import open_image
 from kvmpy.config import RERROR_POLICIES, WERROR_POLICIES, config_from_dict, parse_drive
 from kvmpy.devices.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
@@ -379,7 +380,6 @@ class Vm:
     optionally inside ``wrapper`` (a command that ends by running the VM)."""
 
     def __init__(self, tmp_path, drive: str, append: str, wrapper: list[str] = ()) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
         self.qmp_path = tmp_path / "vm.qmp"
         env = dict(os.environ, PYTHONPATH=ROOT)
         cmd = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--name", "ioerr",
@@ -388,19 +388,11 @@ class Vm:
         self.proc = subprocess.Popen([*wrapper, *cmd], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.out = b""
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"VM did not start: {self.proc.stderr.read().decode()}")
-            if self.qmp_path.exists():
-                self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-                try:
-                    self.qmp.connect()
-                    break
-                except Exception:   # bound but not yet listening
-                    pass
-            time.sleep(0.05)
+        try:
+            self.qmp = connect_when_up(self.proc, self.qmp_path, timeout=30)
+        except BaseException:
+            self.kill()
+            raise
 
     def read_until(self, needle: bytes, timeout: float = 30) -> bytes:
         deadline = time.monotonic() + timeout

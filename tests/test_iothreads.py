@@ -8,11 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu.qmp.protocol import ConnectError
 
 from kvmpy.config import config_from_dict
 from kvmpy.devices.virtio import dataplane
@@ -20,6 +17,7 @@ from kvmpy.errors import ConfigError
 from kvmpy.qemu_cli import config_from_qemu_args
 
 from conftest import ROOT, guest_path
+from support.qmp_client import connect_when_up
 
 
 def test_toml_iothread_tables():
@@ -47,18 +45,11 @@ def _start(tmp_path, args: list[str]):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", *args, "-qmp", f"unix:{qmp_path},server,nowait"],
                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                proc.kill()
-            raise AssertionError(f"VM did not start: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            client = QEMUMonitorProtocol(str(qmp_path))
-            client.connect()
-            return proc, client
-        except (ConnectError, OSError, EOFError):
-            time.sleep(0.1)
+    try:
+        return proc, connect_when_up(proc, qmp_path)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def _stop(proc, client) -> None:
@@ -119,16 +110,7 @@ def test_a_toml_iothread_no_disk_names_runs(tmp_path, kvm_required):
                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     client = None
     try:
-        deadline = time.monotonic() + 60
-        while client is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"VM did not start: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                c = QEMUMonitorProtocol(str(qmp_path))
-                c.connect()
-                client = c
-            except (ConnectError, OSError, EOFError):
-                time.sleep(0.1)
+        client = connect_when_up(proc, qmp_path)
         listed = client.cmd("query-iothreads")
         assert [t["id"] for t in listed] == ["lonely"]
         assert _thread_name(proc.pid, listed[0]["thread-id"]) == "kvmpy-iothread"

@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from conftest import ROOT, guest_path
+from support.qmp_client import connect_when_up
 
 pytestmark = pytest.mark.usefixtures("kvm_required")
 
@@ -24,22 +24,11 @@ def start_vm(tmp_path, guest: str, *extra: str):
                              "--kernel", guest_path(guest), "--qmp", f"unix:{qmp}", *extra],
                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not qmp.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"VM did not start: {proc.stderr.read().decode()}")
-        time.sleep(0.05)
-    while True:   # the socket file appears at bind(), a moment before listen()
-        client = QEMUMonitorProtocol(str(qmp))
-        try:
-            client.connect()
-            return proc, client
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
+    try:
+        return proc, connect_when_up(proc, qmp, timeout=30)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def close_client(qmp) -> None:
