@@ -57,8 +57,8 @@ BLOB = "/root/tcp-blob"
 VHOST_MODES = ("on", "off")
 
 
-def row_names() -> list[str]:
-    return [f"Linux TCP {d} vhost={v}" for v in VHOST_MODES for d in ("tx", "rx")]
+def row_names(modes: tuple[str, ...] = VHOST_MODES) -> list[str]:
+    return [f"Linux TCP {d} vhost={v}" for v in modes for d in ("tx", "rx")]
 
 
 def linux_kvm_unavailable() -> str | None:
@@ -384,10 +384,11 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
     return {"rates": sides, "notes": notes}
 
 
-def run(guest_dir: str | None = None) -> list[dict]:
-    """The rows; ``guest_dir`` holds vmlinuz and initrd.img of the default guest
-    (default: `kvmpy guest build`'s cache, built if missing)."""
-    rows = [{"name": name, "kvmpy": None, "qemu": None, "unit": "MB/s"} for name in row_names()]
+def run(guest_dir: str | None = None, modes: tuple[str, ...] | list[str] = VHOST_MODES) -> list[dict]:
+    """The rows of the vhost ``modes``; ``guest_dir`` holds vmlinuz and initrd.img of the
+    default guest (default: `kvmpy guest build`'s cache, built if missing)."""
+    modes = tuple(modes)
+    rows = [{"name": name, "kvmpy": None, "qemu": None, "unit": "MB/s"} for name in row_names(modes)]
 
     def all_rows(note: str) -> list[dict]:
         for row in rows:
@@ -410,7 +411,9 @@ def run(guest_dir: str | None = None) -> list[dict]:
     peer = TcpPeer(ns)
     try:
         with tempfile.TemporaryDirectory(prefix="kvmpy-bench-tcp-") as tmp:
-            for index, vhost in enumerate(VHOST_MODES):
+            for vhost in modes:
+                # taps, MACs and addresses per mode: a mode run alone names them as in a full run
+                index = VHOST_MODES.index(vhost)
                 mine = [r for r in rows if r["name"].endswith(f"vhost={vhost}")]
                 if vhost == "on" and not os.path.exists("/dev/vhost-net"):
                     for row in mine:
@@ -431,6 +434,13 @@ def run(guest_dir: str | None = None) -> list[dict]:
         peer.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)
     return rows
+
+
+def parts(guest_dir: str | None = None, limit: float = 900.0) -> list:
+    """The rows as bench.parts runs them: each vhost mode (two Linux guests booted,
+    a warm-up and the measured transfers) with its own deadline."""
+    from bench.parts import Part
+    return [Part(f"tcp vhost={vhost}", __name__, "run", (guest_dir, [vhost]), limit) for vhost in VHOST_MODES]
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def _qemu_cache_modes(img: str) -> list[tuple[str, str]]:
     return modes
 
 
-def _blk_images(tmp: str) -> dict[str, str]:
+def _blk_images(tmp: str, formats: tuple[str, ...] = BLK_FORMATS) -> dict[str, str]:
     img = os.path.join(tmp, "disk.raw")
     # Real data, not holes: a sparse file would measure the page cache's zero page.
     chunk = os.urandom(1 << 20)
@@ -213,6 +213,8 @@ def _blk_images(tmp: str) -> dict[str, str]:
         for _ in range(DISK_SIZE >> 20):
             f.write(chunk)
     images = {"raw": img}
+    if "qcow2" not in formats:
+        return images
     qcow2 = os.path.join(tmp, "disk.qcow2")
     # Every cluster allocated: the rows measure reads and overwrites of data in the
     # image, the steady state of a used disk (allocation is the model's business).
@@ -269,13 +271,19 @@ def _blk_side_rates(build, ok_status: int, tsc_hz: int | None) -> dict[str, floa
     return rates
 
 
-def _blk_rows(tmp: str) -> list[dict]:
-    images = _blk_images(tmp)
+def blk_format_rows(fmt: str) -> list[dict]:
+    """The virtio-blk rows of one image format alone, on a fresh image."""
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
+        return _blk_rows(tmp, (fmt,))
+
+
+def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS) -> list[dict]:
+    images = _blk_images(tmp, formats)
     tsc_hz = _tsc_hz() if _kvm_ok() else None
     timing = (f"guest TSC cycles at {tsc_hz / 1e9:.3f} GHz, best of {GUEST_TIMED_RUNS}" if tsc_hz
               else "wall time less an idle boot")
     rows = []
-    for fmt in BLK_FORMATS:
+    for fmt in formats:
         results: dict[str, dict[str, float]] = {}
         cpu: dict[str, dict[str, float]] = {}
         notes, cpu_notes = [], []
@@ -415,8 +423,10 @@ NET_ROWS = (("virtio-net tx to bridge", "flood", FLOOD), ("virtio-net rx from br
 VHOST_ROW = "virtio-net tx vhost"
 
 
-def _net_rows() -> list[dict]:
-    rows = [{"name": name, "unit": "frames/s", "kvmpy": None, "qemu": None} for name, _, _ in NET_ROWS]
+def net_rows(names: list[str] | None = None) -> list[dict]:
+    """The virtio-net rows, or only those named."""
+    wanted = [spec for spec in NET_ROWS if names is None or spec[0] in names]
+    rows = [{"name": name, "unit": "frames/s", "kvmpy": None, "qemu": None} for name, _, _ in wanted]
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
         for row in rows:
             row["note"] = "needs root and /dev/net/tun"
@@ -435,7 +445,7 @@ def _net_rows() -> list[dict]:
                             ["ip", "-n", ns, "link", "set", "qtap0", "master", "kbr0"],
                             ["ip", "-n", ns, "link", "set", "qtap0", "up"]):
                     subprocess.run(cmd, check=True)
-            for row, note, (name, key, work) in zip(rows, notes, NET_ROWS):
+            for row, note, (name, key, work) in zip(rows, notes, wanted):
                 vhost = "on" if name == VHOST_ROW else "off"
                 if vhost == "on" and not os.path.exists("/dev/vhost-net"):
                     note.append("no /dev/vhost-net on this host (modprobe vhost_net; the nested L1 has it)")
@@ -483,8 +493,16 @@ def run() -> list[dict]:
                 for n, u in blk_row_names() + [(name, "frames/s") for name, _, _ in NET_ROWS]]
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
         rows = _blk_rows(tmp)
-    rows += _net_rows()
+    rows += net_rows()
     return rows
+
+
+def parts(blk_limit: float = 1500.0, net_limit: float = 600.0) -> list:
+    """The rows as bench.parts runs them: each image format's blk rows and each net
+    row with its own deadline."""
+    from bench.parts import Part
+    return ([Part(f"virtio-blk {fmt}", __name__, "blk_format_rows", (fmt,), blk_limit) for fmt in BLK_FORMATS]
+            + [Part(name, __name__, "net_rows", ([name],), net_limit) for name, _, _ in NET_ROWS])
 
 
 if __name__ == "__main__":

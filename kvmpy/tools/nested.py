@@ -64,7 +64,12 @@ SHARE_IN_L1 = "/tmp/kvmpy-share"
 # In the share: the host paths under /tmp (relative to it) that the L1 shows over its
 # scratch disk, e.g. a checkout CI cloned under /tmp.
 HOST_TMP_PATHS = "host-tmp-paths"
-L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable"
+# idle=poll: the L1 never executes HLT. QEMU 7.2's TCG (-cpu max, SVM) has been caught
+# parked with the L1's vCPU halted for good: its thread waiting in qemu_wait_io_event,
+# the main loop's next timer 21 hours away (no LAPIC timer armed), console silent, while
+# an L2 QEMU ran pci-testdev's MMIO loop (bench.kvm). A vCPU that never halts cannot wait
+# for a wake-up that does not come; the L1 is busy whenever it runs a bench anyway.
+L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable idle=poll"
 # The directory holding the kvmpy package: the command in the L1 imports this very tree.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))
 
@@ -481,6 +486,42 @@ def _where(console: str) -> str:
 
 # ---------------------------------------------------------------------- the CLI
 
+class CommandOutput:
+    """-q: the command's own output from the L1 console, written as it arrives (a long
+    command shows its progress, a stuck one shows where it stopped), without the L1's
+    boot messages before the begin mark or the harness's lines after it."""
+
+    def __init__(self, out):
+        self.out = out
+        self.begun = False
+        self._pending = ""
+
+    def feed(self, text: str) -> None:
+        self._pending += text
+        if not self.begun:
+            at = self._pending.find(BEGIN_MARK + "\n")
+            if at < 0:
+                self._pending = self._pending[-len(BEGIN_MARK) - 1:]
+                return
+            self.begun = True
+            self._pending = self._pending[at + len(BEGIN_MARK) + 1:]
+        # whole lines only: the last one may be the start of the harness's exit line
+        complete, _, self._pending = self._pending.rpartition("\n")
+        if complete:
+            self._write(complete + "\n")
+
+    def close(self) -> None:
+        if self.begun and self._pending:
+            self._write(self._pending)
+        self._pending = ""
+
+    def _write(self, text: str) -> None:
+        kept = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(MARK))
+        if kept:
+            self.out.write(kept)
+            self.out.flush()
+
+
 def _echo(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -494,16 +535,20 @@ def _cmd_nested(args) -> int:
         raise UserError(f"--smp: {args.smp} must be at least 1")
     if args.timeout <= 0:
         raise UserError(f"--timeout: {args.timeout} must be positive")
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        raise UserError(f"--idle-timeout: {args.idle_timeout} must be positive")
+    command_output = CommandOutput(sys.stdout)
     try:
         result = run_nested(cmd, timeout=args.timeout, memory=args.mem, scratch_size=args.scratch_size,
-                            smp=args.smp, share_dir=args.share, echo=None if args.quiet else _echo)
+                            smp=args.smp, share_dir=args.share, idle_timeout=args.idle_timeout,
+                            echo=command_output.feed if args.quiet else _echo)
     except NestedError as e:
-        if args.quiet and e.console:
+        if args.quiet and e.console and not command_output.begun:
             sys.stderr.write(e.console[-3000:])
         print(f"kvmpy: {e}", file=sys.stderr)
         return e.exit_status
     if args.quiet:
-        sys.stdout.write(result.output)
+        command_output.close()
     print(f"kvmpy selftest nested: L1 ready in {result.ready_seconds:.1f} s, done in {result.seconds:.1f} s, "
           f"command exit {result.status}", file=sys.stderr)
     return result.status
@@ -520,6 +565,8 @@ def register(subparsers) -> None:
                                    "directory. Exit status: CMD's; 2 when a tool is missing; 124 on timeout.")
     n.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"kill QEMU after S seconds (default {DEFAULT_TIMEOUT:.0f})")
+    n.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="kill QEMU when the L1's console stays silent S seconds (a stalled L1; default: off)")
     n.add_argument("--mem", default=DEFAULT_MEMORY, help=f"L1 RAM (default {DEFAULT_MEMORY})")
     n.add_argument("--smp", type=int, default=DEFAULT_SMP, help=f"L1 vCPUs (default {DEFAULT_SMP})")
     n.add_argument("--scratch-size", default=DEFAULT_SCRATCH_SIZE,
