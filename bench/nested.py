@@ -43,9 +43,9 @@ if REPO not in sys.path:
 TIMEOUT = 3600
 # No console output this long: the L1 is stuck (kvmpy/tools/nested.py NestedStalled), try a
 # new one. Every part prints a line at least each bench.parts.HEARTBEAT seconds.
-IDLE_TIMEOUT = 240
+IDLE_TIMEOUT = 150
 # L1s booted in all: each goes on from the parts its predecessors finished.
-L1_ATTEMPTS = 3
+L1_ATTEMPTS = 4
 ROWS_FILE = "bench-rows.jsonl"
 
 

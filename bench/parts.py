@@ -33,7 +33,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 GRACE = 20.0
-HEARTBEAT = 60.0
+HEARTBEAT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,3 +147,28 @@ def test_quiet_output_before_the_begin_mark_is_not_shown():
     shown.feed("L1 booting\nkvmpy-nested: ready\n")
     shown.close()
     assert sink.text == "" and not shown.begun
+
+
+def test_the_l1_cpu_state_comes_from_a_real_qemu_monitor(tmp_path):
+    """What a stalled L1's report carries: QEMU's own view of the vCPU and its LAPIC."""
+    import shutil
+    import subprocess
+    if not shutil.which(nested.QEMU):
+        pytest.skip(f"{nested.QEMU} is not installed")
+    sock = str(tmp_path / "monitor.sock")
+    qemu = subprocess.Popen([nested.QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
+                             "-monitor", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state = nested.l1_cpu_state(sock)
+    finally:
+        qemu.kill()
+        qemu.wait()
+    # a CPU held at reset (-S): real mode at the reset vector, not halted
+    assert "EIP=0000fff0" in state and "HLT=0" in state, state
+    assert "LVT0" in state and "pic0:" in state, state
+    assert "\x1b" not in state and "(qemu)" not in state
+    assert nested.l1_cpu_state(str(tmp_path / "no-such.sock")) == ""

@@ -341,8 +341,9 @@ def _run_script(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(l1: L1Image, scratch: str, share: str, memory: str, smp: int) -> list[str]:
+def qemu_argv(l1: L1Image, scratch: str, share: str, memory: str, smp: int, monitor: str | None = None) -> list[str]:
     return [QEMU, "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", str(smp),
+            *(["-monitor", f"unix:{monitor},server=on,wait=off"] if monitor else []),
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", l1.kernel, "-initrd", l1.initrd, "-append", L1_CMDLINE,
             "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe,discard=unmap",
@@ -401,7 +402,8 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
             f.write("".join(p + "\n" for p in host_tmp_paths(cwd, share)))
         scratch = os.path.join(work, "scratch.img")
         _make_scratch(scratch, scratch_bytes)
-        argv = qemu_argv(l1, scratch, share, f"{memory_mib}M", smp)
+        monitor = os.path.join(work, "monitor.sock")
+        argv = qemu_argv(l1, scratch, share, f"{memory_mib}M", smp, monitor)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         chunks: list[bytes] = []
@@ -438,6 +440,10 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                         kind, why = NestedStalled, f"no console output for {idle_timeout:.0f} s"
                     else:
                         continue
+                # where the L1's vCPU is, for the report: a stalled L1 cannot tell it
+                state = l1_cpu_state(monitor)
+                if state:
+                    chunks.append(f"\n--- the L1's CPU when it was killed ---\n{state}\n".encode())
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -466,6 +472,36 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
         begin = console.find(BEGIN_MARK)
         output = console[begin + len(BEGIN_MARK) + 1:m.start() if m else len(console)] if begin >= 0 else ""
         return NestedResult(status, output, console, seconds, ready_at[0] if ready_at else seconds, share)
+
+
+L1_STATE_COMMANDS = ("info registers", "info lapic", "info pic")
+
+
+def l1_cpu_state(monitor: str, timeout: float = 5.0) -> str:
+    """The L1's vCPU registers and interrupt controllers from QEMU's human monitor
+    (empty if it does not answer): whether a silent L1 is halted, spinning with
+    interrupts off, inside an L2 (SVM guest mode), or has an interrupt waiting."""
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(monitor)
+            s.sendall("".join(c + "\n" for c in L1_STATE_COMMANDS).encode())
+            received = b""
+            deadline = time.monotonic() + timeout
+            # HMP answers each command, then prompts again: one prompt per command after the banner's
+            while received.count(b"(qemu)") <= len(L1_STATE_COMMANDS) and time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        return ""
+    text = received.decode(errors="replace")
+    # the monitor's line editor repaints each typed command with escape sequences: only the answers
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", text)
+    return "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("(qemu)", "QEMU "))).strip()
 
 
 def _die_with_parent() -> None:
