@@ -442,14 +442,18 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                         continue
                 # where the L1's vCPU is, for the report: a stalled L1 cannot tell it
                 state = l1_cpu_state(monitor)
-                if state:
-                    chunks.append(f"\n--- the L1's CPU when it was killed ---\n{state}\n".encode())
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 reader.join(5)
                 console = _text(chunks)
-                raise kind(f"selftest nested: {why}; QEMU killed ({_where(console)})", console)
+                where = _where(console)
+                if state:
+                    state = f"\n--- the L1's CPU when it was killed ---\n{state}\n"
+                    console += state
+                    if echo:
+                        echo(state)
+                raise kind(f"selftest nested: {why}; QEMU killed ({where})", console)
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
