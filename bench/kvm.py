@@ -164,10 +164,10 @@ def parts(limit: float = 300.0) -> list:
     """The rows as bench.parts runs them, each family with its own deadline: a guest
     that never exits costs one family ``limit`` seconds, not the run."""
     from bench.parts import Part
-    return ([Part("kvm boot (hello.elf)", __name__, "boot_rows", (), limit)]
-            + [Part(f"kvm {family[0]}", __name__, "exit_family_rows", (index,), limit)
+    return ([Part("kvm boot (hello.elf)", "bench.kvm", "boot_rows", (), limit)]
+            + [Part(f"kvm {family[0]}", "bench.kvm", "exit_family_rows", (index,), limit)
                for index, family in enumerate(EXIT_FAMILIES)]
-            + [Part("kvm console", __name__, "console_rows", (), limit)])
+            + [Part("kvm console", "bench.kvm", "console_rows", (), limit)])
 
 
 _CONSOLE = re.compile(r"exitloop: console (\d+) in (\d+) cycles")

@@ -24,6 +24,7 @@ reports the rows as None with the reason; bench/nested.py runs them in the L1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -309,6 +310,29 @@ def _guest_interrupts(console: GuestConsole) -> str:
     return " ".join(counts)
 
 
+def report_stuck_transfer(what: str, console: GuestConsole) -> None:
+    """On stderr (the L1's console, so its log keeps it): what the guest's kernel said
+    about its rings, its virtio interrupt counts, and what the VMM logged about who
+    served the queues (kvmpy's data plane hand-overs), for a transfer that failed or
+    hung, e.g. with virtio_net's "output.0:id N is not a head!"."""
+    lines = [f"bench.tcp: {what} failed; diagnostics follow"]
+    kernel = [line for line in console.text().splitlines() if re.match(r"\[\s*\d+\.\d+\] ", line)]
+    lines += [f"  guest console: {line}" for line in kernel[-20:]]
+    # a hung nc holds the shell: interrupt it, then ask the guest itself
+    with contextlib.suppress(OSError):
+        console.proc.stdin.write(b"\x03\n")
+        console.proc.stdin.flush()
+    with contextlib.suppress(RuntimeError, OSError):
+        _, out = console.shell("dmesg | grep -i -E 'virtio|net|head' | tail -n 20; grep virtio /proc/interrupts",
+                               timeout=60)
+        lines += [f"  guest: {line}" for line in out.splitlines()[-30:]]
+    with contextlib.suppress(OSError):
+        with open(console.stderr_path, errors="replace") as f:
+            err = f.read().splitlines()
+        lines += [f"  vmm: {line}" for line in err if re.search(r"net|queue|plane|ring|reset|hand", line, re.I)][-30:]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tmp: str, index: int) -> dict:
     """Both VMMs' guests up at once for one vhost setting; their transfers alternate.
     {(side, direction): [MB/s, ...]} and notes."""
@@ -346,6 +370,7 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
             except Exception as e:  # noqa: BLE001
                 notes.append(f"{side} warm-up: {e}")
                 ready.remove((side, console))
+                report_stuck_transfer(f"vhost={vhost} {side} warm-up", console)
         cpu_before = {side: _cpu_seconds(console.proc.pid) for side, console in ready}
         size = SIZE_MIB << 20
         for repeat in range(REPEATS):
@@ -357,6 +382,7 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                     except Exception as e:  # noqa: BLE001
                         notes.append(f"{side} {direction}: {e}")
                         ready.remove((side, console))
+                        report_stuck_transfer(f"vhost={vhost} {side} {direction}", console)
                         continue
                     if total != size:
                         notes.append(f"{side} {direction}: {total} bytes arrived of {size}")
@@ -440,7 +466,7 @@ def parts(guest_dir: str | None = None, limit: float = 900.0) -> list:
     """The rows as bench.parts runs them: each vhost mode (two Linux guests booted,
     a warm-up and the measured transfers) with its own deadline."""
     from bench.parts import Part
-    return [Part(f"tcp vhost={vhost}", __name__, "run", (guest_dir, [vhost]), limit) for vhost in VHOST_MODES]
+    return [Part(f"tcp vhost={vhost}", "bench.tcp", "run", (guest_dir, [vhost]), limit) for vhost in VHOST_MODES]
 
 
 if __name__ == "__main__":

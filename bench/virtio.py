@@ -271,13 +271,14 @@ def _blk_side_rates(build, ok_status: int, tsc_hz: int | None) -> dict[str, floa
     return rates
 
 
-def blk_format_rows(fmt: str) -> list[dict]:
+def blk_format_rows(fmt: str, python_side: bool = True) -> list[dict]:
     """The virtio-blk rows of one image format alone, on a fresh image."""
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
-        return _blk_rows(tmp, (fmt,))
+        return _blk_rows(tmp, (fmt,), python_side)
 
 
-def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS) -> list[dict]:
+def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: bool = True) -> list[dict]:
+    """``python_side``: also time dataplane=python for the notes (a third of the runs)."""
     images = _blk_images(tmp, formats)
     tsc_hz = _tsc_hz() if _kvm_ok() else None
     timing = (f"guest TSC cycles at {tsc_hz / 1e9:.3f} GHz, best of {GUEST_TIMED_RUNS}" if tsc_hz
@@ -316,7 +317,9 @@ def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS) -> list[dict]:
                     notes.append(f"qemu {label}")
                     break
             # kvmpy-python: the same disk with every request in the Python model, for the note
-            sides += [("kvmpy", k("native"), 0), ("kvmpy-python", k("python"), 0)]
+            sides.append(("kvmpy", k("native"), 0))
+            if python_side:
+                sides.append(("kvmpy-python", k("python"), 0))
             for side, build, status in sides:
                 try:
                     results[side] = _blk_side_rates(build, status, tsc_hz)
@@ -497,12 +500,13 @@ def run() -> list[dict]:
     return rows
 
 
-def parts(blk_limit: float = 1500.0, net_limit: float = 600.0) -> list:
+def parts(blk_limit: float = 1500.0, net_limit: float = 600.0, python_side: bool = True) -> list:
     """The rows as bench.parts runs them: each image format's blk rows and each net
-    row with its own deadline."""
+    row with its own deadline. ``python_side``: the blk notes' dataplane=python figures."""
     from bench.parts import Part
-    return ([Part(f"virtio-blk {fmt}", __name__, "blk_format_rows", (fmt,), blk_limit) for fmt in BLK_FORMATS]
-            + [Part(name, __name__, "net_rows", ([name],), net_limit) for name, _, _ in NET_ROWS])
+    return ([Part(f"virtio-blk {fmt}", "bench.virtio", "blk_format_rows", (fmt, python_side), blk_limit)
+             for fmt in BLK_FORMATS]
+            + [Part(name, "bench.virtio", "net_rows", ([name],), net_limit) for name, _, _ in NET_ROWS])
 
 
 if __name__ == "__main__":

@@ -172,3 +172,28 @@ def test_the_l1_cpu_state_comes_from_a_real_qemu_monitor(tmp_path):
     assert "LVT0" in state and "pic0:" in state, state
     assert "\x1b" not in state and "(qemu)" not in state
     assert nested.l1_cpu_state(str(tmp_path / "no-such.sock")) == ""
+
+
+def test_every_bench_part_names_a_function_its_child_can_import(tmp_path):
+    """A part's module is named as the child imports it: "bench.nested", never
+    ``__name__``, which is "__main__" in a module run with -m (the L1 runs
+    `python3 -m bench.nested --inside`). Each module is loaded here under another
+    name to show its parts do not depend on it."""
+    import importlib
+    import importlib.util
+
+    def renamed(module: str):
+        spec = importlib.util.spec_from_file_location(f"renamed_{module.replace('.', '_')}",
+                                                      importlib.util.find_spec(module).origin)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    nested_bench = renamed("bench.nested")
+    found = [p for area in nested_bench.AREAS + nested_bench.EXTRA_AREAS
+             for p in nested_bench._area_parts(str(tmp_path), area)]
+    found += renamed("bench.kvm").parts() + renamed("bench.virtio").parts() + renamed("bench.tcp").parts()
+    assert {p.module for p in found} == {"bench.kvm", "bench.virtio", "bench.tcp", "bench.nested"}
+    for part in found:
+        assert callable(getattr(importlib.import_module(part.module), part.function)), part
+        json.dumps(list(part.args))      # the child gets them as JSON

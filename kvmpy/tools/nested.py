@@ -546,9 +546,9 @@ class CommandOutput:
             self.begun = True
             self._pending = self._pending[at + len(BEGIN_MARK) + 1:]
         # whole lines only: the last one may be the start of the harness's exit line
-        complete, _, self._pending = self._pending.rpartition("\n")
-        if complete:
-            self._write(complete + "\n")
+        complete, newline, self._pending = self._pending.rpartition("\n")
+        if newline:
+            self._write(complete + newline)
 
     def close(self) -> None:
         if self.begun and self._pending:
