@@ -64,12 +64,7 @@ SHARE_IN_L1 = "/tmp/kvmpy-share"
 # In the share: the host paths under /tmp (relative to it) that the L1 shows over its
 # scratch disk, e.g. a checkout CI cloned under /tmp.
 HOST_TMP_PATHS = "host-tmp-paths"
-# idle=poll: the L1 never executes HLT. QEMU 7.2's TCG (-cpu max, SVM) has been caught
-# parked with the L1's vCPU halted for good: its thread waiting in qemu_wait_io_event,
-# the main loop's next timer 21 hours away (no LAPIC timer armed), console silent, while
-# an L2 QEMU ran pci-testdev's MMIO loop (bench.kvm). A vCPU that never halts cannot wait
-# for a wake-up that does not come; the L1 is busy whenever it runs a bench anyway.
-L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable idle=poll"
+L1_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable"
 # The directory holding the kvmpy package: the command in the L1 imports this very tree.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(kvmpy.__file__)))
 
@@ -110,8 +105,11 @@ class NestedTimeout(NestedError):
 
 class NestedStalled(NestedTimeout):
     """The L1 printed nothing for the idle limit. QEMU 7.2's TCG has been seen to park
-    its vCPU threads for good in the middle of an L2 boot (0% CPU, no progress):
-    a caller may boot a new L1 and try once more."""
+    its vCPU threads for good in the middle of an L2 boot (0% CPU, no progress), and
+    during bench.kvm's exit loops: in the L1 the LAPIC timer stops (QEMU's next timer
+    deadline 21 hours away, no interrupt arrives), with the vCPU parked in HLT or, under
+    idle=poll, spinning without progress. A caller may boot a new L1 and go on; the
+    report carries QEMU's view of the vCPU (l1_cpu_state)."""
 
 
 # ------------------------------------------------------------------ the L1 build
