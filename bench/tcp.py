@@ -295,6 +295,27 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of a process: which of a VMM's
+    threads (vCPU, event loop, data plane) spent what."""
+    found: dict[str, float] = {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    raw = f.read()
+                name = raw[raw.index(b"(") + 1:raw.rindex(b")")].decode(errors="replace")
+                fields = raw.rsplit(b")", 1)[1].split()
+                found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _thread_cpu_note(before: dict[str, float], after: dict[str, float]) -> str:
+    spent = sorted(((after[n] - before.get(n, 0.0), n) for n in after), reverse=True)
+    return ", ".join(f"{name} {seconds:.1f}" for seconds, name in spent[:4] if seconds >= 0.05)
+
+
 def _guest_interrupts(console: GuestConsole) -> str:
     """The guest's interrupt counts per virtio queue (/proc/interrupts), e.g.
     "input.0=1234 output.0=56": how often each VMM made the driver run."""
@@ -372,6 +393,7 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                 ready.remove((side, console))
                 report_stuck_transfer(f"vhost={vhost} {side} warm-up", console)
         cpu_before = {side: _cpu_seconds(console.proc.pid) for side, console in ready}
+        threads_before = {side: _thread_cpu(console.proc.pid) for side, console in ready}
         size = SIZE_MIB << 20
         for repeat in range(REPEATS):
             for direction in ("tx", "rx"):
@@ -395,6 +417,9 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
             before, after = cpu_before.get(side), _cpu_seconds(console.proc.pid)
             if before is not None and after is not None:
                 notes.append(f"{side} process CPU {after - before:.1f} s over the measured transfers")
+            threads = _thread_cpu_note(threads_before.get(side, {}), _thread_cpu(console.proc.pid))
+            if threads:
+                notes.append(f"{side} threads' CPU s: {threads}")
             irqs = _guest_interrupts(console)
             if irqs:
                 notes.append(f"{side} guest's virtio interrupts {irqs}")
