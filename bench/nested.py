@@ -201,7 +201,8 @@ def run(areas: list[str] | None = None) -> list[dict]:
             except nested.NestedError as e:
                 notes.append(str(e))
                 break
-            notes.append(f"L1 {attempt} booted in {result.ready_seconds:.1f} s (QEMU TCG, -cpu max)")
+            notes.append(f"L1 {attempt} booted in {result.ready_seconds:.1f} s (QEMU TCG, -cpu max), "
+                         f"{result.kicks} kicks of its silent console")
             if result.status != 0:
                 notes.append(f"the bench in the L1 exited {result.status}: {result.output.strip()[-300:]}")
             break
