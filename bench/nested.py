@@ -18,9 +18,11 @@ Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
 The L1's own boot time is in the note of the first row.
 
 Each area's parts (bench/parts.py) run with their own deadlines, print a line at start,
-end and every minute, and go into a journal in the share as they finish; an L1 that
-falls silent for IDLE_TIMEOUT (QEMU's TCG has been seen to park it) is killed and a new
-one goes on with the parts not yet done, up to L1_ATTEMPTS L1s.
+at the end and every bench.parts.HEARTBEAT seconds, and go into a journal in the share
+as they finish. QEMU's TCG loses the L1's timer interrupt now and then during the exit
+rows (kvmpy/tools/nested.py KICK_AFTER): a silent console gets a byte on the L1's
+serial port, which wakes it; an L1 silent for IDLE_TIMEOUT all the same is killed and a
+new one goes on with the parts not yet done, up to L1_ATTEMPTS L1s.
 """
 
 from __future__ import annotations
