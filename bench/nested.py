@@ -16,17 +16,24 @@ Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux TCP tx/rx, vhost=on and off (bench.tcp): the default guest's busybox nc to a
     socket in a namespace on the guests' bridge, kvmpy and QEMU guests side by side
 The L1's own boot time is in the note of the first row.
+
+Each area's parts (bench/parts.py) run with their own deadlines, print a line at start,
+at the end and every bench.parts.HEARTBEAT seconds, and go into a journal in the share
+as they finish. QEMU's TCG loses the L1's timer interrupt now and then during the exit
+rows (kvmpy/tools/nested.py KICK_AFTER): a silent console gets a byte on the L1's
+serial port, which wakes it; an L1 silent for IDLE_TIMEOUT all the same is killed and a
+new one goes on with the parts not yet done, up to L1_ATTEMPTS L1s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 
@@ -36,9 +43,12 @@ if REPO not in sys.path:
 
 # Every area on a loaded 2-core host: the TCP rows alone boot four Linux guests.
 TIMEOUT = 3600
-# No console output this long: the L1 is stuck (kvmpy/tools/nested.py NestedStalled), try a new one.
-IDLE_TIMEOUT = 600
-ROWS_FILE = "bench-rows.json"
+# No console output this long: the L1 is stuck (kvmpy/tools/nested.py NestedStalled), try a
+# new one. Every part prints a line at least each bench.parts.HEARTBEAT seconds.
+IDLE_TIMEOUT = 150
+# L1s booted in all: each goes on from the parts its predecessors finished.
+L1_ATTEMPTS = 4
+ROWS_FILE = "bench-rows.jsonl"
 
 
 def _first_byte_seconds(argv: list[str], timeout: float = 120) -> float | None:
@@ -57,7 +67,7 @@ def _first_byte_seconds(argv: list[str], timeout: float = 120) -> float | None:
         proc.wait()
 
 
-def _linux_rows(share: str) -> list[dict]:
+def linux_rows(share: str) -> list[dict]:
     from bench.boot import APPEND, _timed_boot
     guest = os.path.join(share, "guest")
     kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
@@ -86,53 +96,88 @@ def _linux_rows(share: str) -> list[dict]:
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
 EXTRA_AREAS = ("virtio-blk", "virtio-net")
+# The Linux boot rows: two Linux boots and six hello.elf starts in the L1.
+BOOT_LIMIT = 900.0
 
 
-def _areas(share: str) -> dict:
+def _area_parts(share: str, area: str) -> list:
+    """An area's parts, each with its own deadline (bench/parts.py): a row that hangs
+    is killed after its limit and reported, and the run goes on."""
     import bench.kvm
     import bench.tcp
     import bench.virtio
-    return {"boot": lambda: _linux_rows(share), "kvm": bench.kvm.run, "virtio": bench.virtio.run,
-            "tcp": lambda: bench.tcp.run(os.path.join(share, "guest")), "virtio-net": bench.virtio._net_rows,
-            "virtio-blk": lambda: _blk_rows()}
+    from bench.parts import Part
+    if area == "boot":
+        return [Part("boot (Linux, first serial byte)", "bench.nested", "linux_rows", (share,), BOOT_LIMIT)]
+    if area == "kvm":
+        return bench.kvm.parts()
+    if area == "tcp":
+        return bench.tcp.parts(os.path.join(share, "guest"))
+    # dataplane=python's blk figures (a third of the L1's blk time) stay a host-side note
+    virtio = bench.virtio.parts(python_side=False)
+    if area == "virtio-blk":
+        return [p for p in virtio if p.function == "blk_format_rows"]
+    if area == "virtio-net":
+        return [p for p in virtio if p.function == "net_rows"]
+    return virtio
 
 
-def _blk_rows() -> list[dict]:
-    import bench.virtio
-    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-blk-") as tmp:
-        return bench.virtio._blk_rows(tmp)
+def _journal(share: str, kind: str = "rows") -> list[dict]:
+    """The parts done so far, in order: [{"part": label, "rows": [...]}] (kind "rows"),
+    or the parts started ({"part": label, "started": true}). An L1 that stalled leaves
+    them here, and the next L1 goes on from where it stopped."""
+    entries = []
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(share, ROWS_FILE)) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and kind in entry:
+                        entries.append(entry)
+    return entries
 
 
-def _inside(share: str, wanted: list[str] | None = None) -> list[dict]:
-    """Runs in the L1: every KVM row (or the wanted areas'), one failing area not hiding the others."""
-    rows = []
-    areas = _areas(share)
-    current = {"area": None, "since": time.monotonic()}
-
-    def heartbeat() -> None:
-        # An area may print nothing for longer than IDLE_TIMEOUT (the virtio-blk rows:
-        # ~80 guest runs); the host would take the silence for a stuck L1 and kill it.
-        # A truly stuck L1 runs no thread at all, so it still goes silent.
-        while True:
-            time.sleep(120)
-            print(f"bench.nested: {current['area']} running for {time.monotonic() - current['since']:.0f} s",
-                  file=sys.stderr, flush=True)
-
-    threading.Thread(target=heartbeat, daemon=True).start()
+def _inside(share: str, wanted: list[str] | None = None) -> None:
+    """Runs in the L1: every KVM row (or the wanted areas'), part by part, one failing or
+    hanging part not hiding the others; parts an earlier L1 finished are not run again."""
+    from bench.parts import run_part
+    done = {entry["part"] for entry in _journal(share)}
+    started = [entry["part"] for entry in _journal(share, "started")]
     for area in wanted or AREAS:
-        fn = areas[area]
-        current.update(area=area, since=time.monotonic())
         print(f"bench.nested: {area} ...", file=sys.stderr, flush=True)
         try:
-            for row in fn():
-                rows.append({**row, "name": f"L1 {row['name']}"})
-                # on the console as it comes: an L1 killed later still leaves the figures in its log
-                print(f"bench.nested row: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            parts = _area_parts(share, area)
         except Exception as e:  # noqa: BLE001 - report it as a row, keep going
             traceback.print_exc()
-            rows.append({"name": f"L1 {area} (failed)", "kvmpy": None, "qemu": None, "unit": "",
-                         "note": f"{type(e).__name__}: {e}"})
-    return rows
+            parts, rows = [], [{"name": f"{area} (failed)", "kvmpy": None, "qemu": None, "unit": "",
+                                "note": f"{type(e).__name__}: {e}"}]
+            _record(share, area, rows)
+        for part in parts:
+            if part.label in done:
+                print(f"bench.nested: {part.label}: done by an earlier L1", file=sys.stderr, flush=True)
+                continue
+            if started.count(part.label) >= 2:
+                # the L1 stalled twice in this part: a third L1 would stall there too
+                _record(share, part.label, [{"name": f"{part.label} (stalled the L1 twice)", "kvmpy": None,
+                                             "qemu": None, "unit": "", "note": "not run a third time"}])
+                continue
+            _append(share, {"part": part.label, "started": True})
+            _record(share, part.label, run_part(part))
+
+
+def _record(share: str, label: str, rows: list[dict]) -> None:
+    rows = [{**row, "name": f"L1 {row['name']}"} for row in rows]
+    for row in rows:
+        # on the console as it comes: an L1 killed later still leaves the figures in its log
+        print(f"bench.nested row: {json.dumps(row)}", file=sys.stderr, flush=True)
+    _append(share, {"part": label, "rows": rows})
+
+
+def _append(share: str, entry: dict) -> None:
+    with open(os.path.join(share, ROWS_FILE), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def run(areas: list[str] | None = None) -> list[dict]:
@@ -142,26 +187,31 @@ def run(areas: list[str] | None = None) -> list[dict]:
         return [{"name": "L1 (nested KVM)", "kvmpy": None, "qemu": None, "unit": "", "note": reason}]
     subprocess.run(["make", "-s", "-C", os.path.join(REPO, "tests", "guests")], check=True)
     subprocess.run([sys.executable, "-m", "compileall", "-q", "kvmpy", "bench"], cwd=REPO, capture_output=True)
+    notes = []
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-nested-") as share:
         guestbuild.build(out_dir=os.path.join(share, "guest"), with_disk=False)
-        for attempt in (1, 2):
+        for attempt in range(1, L1_ATTEMPTS + 1):
             try:
                 result = nested.run_nested([sys.executable, "-m", "bench.nested", "--inside", *(areas or ())],
                                            cwd=REPO, share_dir=share, timeout=TIMEOUT, idle_timeout=IDLE_TIMEOUT,
                                            echo=lambda text: sys.stderr.write(text))
-                break
             except nested.NestedStalled as e:
-                if attempt == 2:
-                    raise
-                print(f"bench nested: the L1 stalled ({e}); booting a new one", file=sys.stderr)
-        path = os.path.join(share, ROWS_FILE)
-        if result.status != 0 or not os.path.exists(path):
-            raise RuntimeError(f"the bench in the L1 exited {result.status}: {result.output.strip()[-500:]}")
-        with open(path) as f:
-            rows = json.load(f)
-    if rows:
-        rows[0]["note"] = "; ".join(filter(None, (rows[0].get("note"), f"L1 booted in {result.ready_seconds:.1f} s "
-                                                  "(QEMU TCG, -cpu max)")))
+                notes.append(f"L1 {attempt} stalled")
+                print(f"bench nested: the L1 stalled ({e}); {len(_journal(share))} parts done"
+                      + ("; booting a new one" if attempt < L1_ATTEMPTS else ""), file=sys.stderr)
+                continue
+            except nested.NestedError as e:
+                notes.append(str(e))
+                break
+            notes.append(f"L1 {attempt} booted in {result.ready_seconds:.1f} s (QEMU TCG, -cpu max), "
+                         f"{result.kicks} kicks of its silent console")
+            if result.status != 0:
+                notes.append(f"the bench in the L1 exited {result.status}: {result.output.strip()[-300:]}")
+            break
+        rows = [row for entry in _journal(share) for row in entry["rows"]]
+    if not rows:
+        return [{"name": "L1 (nested KVM)", "kvmpy": None, "qemu": None, "unit": "", "note": "; ".join(notes)}]
+    rows[0]["note"] = "; ".join(filter(None, (rows[0].get("note"), *notes)))
     return rows
 
 
@@ -178,11 +228,7 @@ if __name__ == "__main__":
         share = os.environ.get("KVMPY_NESTED_SHARE")
         if os.environ.get("KVMPY_NESTED_L1") != "1" or not share:
             sys.exit("bench.nested --inside runs only in the L1 that `python3 -m bench.nested` boots")
-        rows = _inside(share, areas)
-        with open(os.path.join(share, ROWS_FILE), "w") as f:
-            json.dump(rows, f)
-        for row in rows:
-            print(row)
+        _inside(share, areas)
     else:
         for row in run(areas):
             print(row)

@@ -24,6 +24,7 @@ reports the rows as None with the reason; bench/nested.py runs them in the L1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -57,8 +58,8 @@ BLOB = "/root/tcp-blob"
 VHOST_MODES = ("on", "off")
 
 
-def row_names() -> list[str]:
-    return [f"Linux TCP {d} vhost={v}" for v in VHOST_MODES for d in ("tx", "rx")]
+def row_names(modes: tuple[str, ...] = VHOST_MODES) -> list[str]:
+    return [f"Linux TCP {d} vhost={v}" for v in modes for d in ("tx", "rx")]
 
 
 def linux_kvm_unavailable() -> str | None:
@@ -294,6 +295,27 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of a process: which of a VMM's
+    threads (vCPU, event loop, data plane) spent what."""
+    found: dict[str, float] = {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    raw = f.read()
+                name = raw[raw.index(b"(") + 1:raw.rindex(b")")].decode(errors="replace")
+                fields = raw.rsplit(b")", 1)[1].split()
+                found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _thread_cpu_note(before: dict[str, float], after: dict[str, float]) -> str:
+    spent = sorted(((after[n] - before.get(n, 0.0), n) for n in after), reverse=True)
+    return ", ".join(f"{name} {seconds:.1f}" for seconds, name in spent[:4] if seconds >= 0.05)
+
+
 def _guest_interrupts(console: GuestConsole) -> str:
     """The guest's interrupt counts per virtio queue (/proc/interrupts), e.g.
     "input.0=1234 output.0=56": how often each VMM made the driver run."""
@@ -307,6 +329,29 @@ def _guest_interrupts(console: GuestConsole) -> str:
         if m:
             counts.append(f"{m.group(2)}={m.group(1)}")
     return " ".join(counts)
+
+
+def report_stuck_transfer(what: str, console: GuestConsole) -> None:
+    """On stderr (the L1's console, so its log keeps it): what the guest's kernel said
+    about its rings, its virtio interrupt counts, and what the VMM logged about who
+    served the queues (kvmpy's data plane hand-overs), for a transfer that failed or
+    hung, e.g. with virtio_net's "output.0:id N is not a head!"."""
+    lines = [f"bench.tcp: {what} failed; diagnostics follow"]
+    kernel = [line for line in console.text().splitlines() if re.match(r"\[\s*\d+\.\d+\] ", line)]
+    lines += [f"  guest console: {line}" for line in kernel[-20:]]
+    # a hung nc holds the shell: interrupt it, then ask the guest itself
+    with contextlib.suppress(OSError):
+        console.proc.stdin.write(b"\x03\n")
+        console.proc.stdin.flush()
+    with contextlib.suppress(RuntimeError, OSError):
+        _, out = console.shell("dmesg | grep -i -E 'virtio|net|head' | tail -n 20; grep virtio /proc/interrupts",
+                               timeout=60)
+        lines += [f"  guest: {line}" for line in out.splitlines()[-30:]]
+    with contextlib.suppress(OSError):
+        with open(console.stderr_path, errors="replace") as f:
+            err = f.read().splitlines()
+        lines += [f"  vmm: {line}" for line in err if re.search(r"net|queue|plane|ring|reset|hand", line, re.I)][-30:]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tmp: str, index: int) -> dict:
@@ -346,7 +391,9 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
             except Exception as e:  # noqa: BLE001
                 notes.append(f"{side} warm-up: {e}")
                 ready.remove((side, console))
+                report_stuck_transfer(f"vhost={vhost} {side} warm-up", console)
         cpu_before = {side: _cpu_seconds(console.proc.pid) for side, console in ready}
+        threads_before = {side: _thread_cpu(console.proc.pid) for side, console in ready}
         size = SIZE_MIB << 20
         for repeat in range(REPEATS):
             for direction in ("tx", "rx"):
@@ -357,6 +404,7 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                     except Exception as e:  # noqa: BLE001
                         notes.append(f"{side} {direction}: {e}")
                         ready.remove((side, console))
+                        report_stuck_transfer(f"vhost={vhost} {side} {direction}", console)
                         continue
                     if total != size:
                         notes.append(f"{side} {direction}: {total} bytes arrived of {size}")
@@ -369,6 +417,9 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
             before, after = cpu_before.get(side), _cpu_seconds(console.proc.pid)
             if before is not None and after is not None:
                 notes.append(f"{side} process CPU {after - before:.1f} s over the measured transfers")
+            threads = _thread_cpu_note(threads_before.get(side, {}), _thread_cpu(console.proc.pid))
+            if threads:
+                notes.append(f"{side} threads' CPU s: {threads}")
             irqs = _guest_interrupts(console)
             if irqs:
                 notes.append(f"{side} guest's virtio interrupts {irqs}")
@@ -384,10 +435,11 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
     return {"rates": sides, "notes": notes}
 
 
-def run(guest_dir: str | None = None) -> list[dict]:
-    """The rows; ``guest_dir`` holds vmlinuz and initrd.img of the default guest
-    (default: `kvmpy guest build`'s cache, built if missing)."""
-    rows = [{"name": name, "kvmpy": None, "qemu": None, "unit": "MB/s"} for name in row_names()]
+def run(guest_dir: str | None = None, modes: tuple[str, ...] | list[str] = VHOST_MODES) -> list[dict]:
+    """The rows of the vhost ``modes``; ``guest_dir`` holds vmlinuz and initrd.img of the
+    default guest (default: `kvmpy guest build`'s cache, built if missing)."""
+    modes = tuple(modes)
+    rows = [{"name": name, "kvmpy": None, "qemu": None, "unit": "MB/s"} for name in row_names(modes)]
 
     def all_rows(note: str) -> list[dict]:
         for row in rows:
@@ -410,7 +462,9 @@ def run(guest_dir: str | None = None) -> list[dict]:
     peer = TcpPeer(ns)
     try:
         with tempfile.TemporaryDirectory(prefix="kvmpy-bench-tcp-") as tmp:
-            for index, vhost in enumerate(VHOST_MODES):
+            for vhost in modes:
+                # taps, MACs and addresses per mode: a mode run alone names them as in a full run
+                index = VHOST_MODES.index(vhost)
                 mine = [r for r in rows if r["name"].endswith(f"vhost={vhost}")]
                 if vhost == "on" and not os.path.exists("/dev/vhost-net"):
                     for row in mine:
@@ -431,6 +485,13 @@ def run(guest_dir: str | None = None) -> list[dict]:
         peer.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)
     return rows
+
+
+def parts(guest_dir: str | None = None, limit: float = 900.0) -> list:
+    """The rows as bench.parts runs them: each vhost mode (two Linux guests booted,
+    a warm-up and the measured transfers) with its own deadline."""
+    from bench.parts import Part
+    return [Part(f"tcp vhost={vhost}", "bench.tcp", "run", (guest_dir, [vhost]), limit) for vhost in VHOST_MODES]
 
 
 if __name__ == "__main__":

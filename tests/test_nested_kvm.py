@@ -133,6 +133,7 @@ def test_missing_qemu_is_one_line_naming_the_package(tmp_path):
     (["--mem", "2X", "--", "true"], "--mem"),
     (["--scratch-size", "lots", "--", "true"], "--scratch-size"),
     (["--timeout", "0", "--", "true"], "--timeout"),
+    (["--idle-timeout", "-1", "--", "true"], "--idle-timeout"),
 ])
 def test_bad_options_are_one_line_and_exit_2(args, needle):
     p = _selftest(args)

@@ -613,6 +613,22 @@ def test_pci_testdev_hostile(ops):
     PciTestdev().restore(dev.state())
 
 
+@given(st.integers(0, 1), st.integers(0, 5), st.integers(0, 40), st.integers(0, 0x1000),
+       st.sampled_from([1, 2, 4, 8]))
+def test_pci_testdev_wide_reads_are_its_header_bytes(bar, test, writes, offset, size):
+    """A read of any width is the header's bytes from ``offset``, little-endian, each
+    0 past the header's last character (QEMU's byte-wide region, read byte by byte)."""
+    dev = PciTestdev()
+    dev.bar_write(bar, 0, 1, test)
+    if dev.current is not None:
+        for _ in range(writes):
+            dev.bar_write(bar, dev.current.offset, 1, dev.current.data & 0xFF)
+    header = dev.current.header(dev.count) if dev.current is not None else b""
+    expected = sum((header[i] if i < len(header) - 1 else 0) << (8 * (i - offset))
+                   for i in range(offset, offset + size))
+    assert dev.bar_read(bar, offset, size) == expected
+
+
 def test_pci_testdev_state_checked():
     dev = PciTestdev()
     with pytest.raises(Exception):

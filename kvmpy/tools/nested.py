@@ -105,8 +105,11 @@ class NestedTimeout(NestedError):
 
 class NestedStalled(NestedTimeout):
     """The L1 printed nothing for the idle limit. QEMU 7.2's TCG has been seen to park
-    its vCPU threads for good in the middle of an L2 boot (0% CPU, no progress):
-    a caller may boot a new L1 and try once more."""
+    its vCPU threads for good in the middle of an L2 boot (0% CPU, no progress), and
+    during bench.kvm's exit loops: in the L1 the LAPIC timer stops (QEMU's next timer
+    deadline 21 hours away, no interrupt arrives), with the vCPU parked in HLT or, under
+    idle=poll, spinning without progress. A caller may boot a new L1 and go on; the
+    report carries QEMU's view of the vCPU (l1_cpu_state)."""
 
 
 # ------------------------------------------------------------------ the L1 build
@@ -277,6 +280,7 @@ class NestedResult:
     seconds: float        # QEMU start to QEMU exit
     ready_seconds: float  # QEMU start to the chroot being ready (the L1's boot time)
     share_dir: str
+    kicks: int = 0        # bytes sent to a silent L1's serial port (kick_l1)
 
 
 def _python_env(cwd: str) -> dict[str, str]:
@@ -336,8 +340,9 @@ def _run_script(cmd: list[str], cwd: str, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(l1: L1Image, scratch: str, share: str, memory: str, smp: int) -> list[str]:
+def qemu_argv(l1: L1Image, scratch: str, share: str, memory: str, smp: int, monitor: str | None = None) -> list[str]:
     return [QEMU, "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", str(smp),
+            *(["-monitor", f"unix:{monitor},server=on,wait=off"] if monitor else []),
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", l1.kernel, "-initrd", l1.initrd, "-append", L1_CMDLINE,
             "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe,discard=unmap",
@@ -396,12 +401,16 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
             f.write("".join(p + "\n" for p in host_tmp_paths(cwd, share)))
         scratch = os.path.join(work, "scratch.img")
         _make_scratch(scratch, scratch_bytes)
-        argv = qemu_argv(l1, scratch, share, f"{memory_mib}M", smp)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        monitor = os.path.join(work, "monitor.sock")
+        argv = qemu_argv(l1, scratch, share, f"{memory_mib}M", smp, monitor)
+        # stdin: the L1's serial input, for the kicks below
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         chunks: list[bytes] = []
         ready_at: list[float] = []
         last_output = [time.monotonic()]
+        last_kick = [0.0]
+        kicks = [0]
 
         def pump() -> None:
             seen = b""
@@ -410,7 +419,8 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                 if not chunk:
                     return
                 chunks.append(chunk)
-                last_output[0] = time.monotonic()
+                if chunk.strip():       # not the L1's tty echoing a kick (kick_l1)
+                    last_output[0] = time.monotonic()
                 if not ready_at:
                     seen = (seen + chunk)[-4096:]
                     if BEGIN_MARK.encode() in seen:
@@ -432,13 +442,24 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                     elif idle_timeout and now - last_output[0] >= idle_timeout:
                         kind, why = NestedStalled, f"no console output for {idle_timeout:.0f} s"
                     else:
+                        if now - max(last_output[0], last_kick[0]) >= KICK_AFTER:
+                            last_kick[0] = now
+                            kicks[0] += kick_l1(proc)
                         continue
+                # where the L1's vCPU is, for the report: a stalled L1 cannot tell it
+                state = l1_cpu_state(monitor)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 reader.join(5)
                 console = _text(chunks)
-                raise kind(f"selftest nested: {why}; QEMU killed ({_where(console)})", console)
+                where = _where(console)
+                if state:
+                    state = f"\n--- the L1's CPU when it was killed ---\n{state}\n"
+                    console += state
+                    if echo:
+                        echo(state)
+                raise kind(f"selftest nested: {why}; QEMU killed ({where})", console)
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -460,7 +481,58 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
             raise NestedError(f"selftest nested: the L1 did not run the command: {why}", console)
         begin = console.find(BEGIN_MARK)
         output = console[begin + len(BEGIN_MARK) + 1:m.start() if m else len(console)] if begin >= 0 else ""
-        return NestedResult(status, output, console, seconds, ready_at[0] if ready_at else seconds, share)
+        return NestedResult(status, output, console, seconds, ready_at[0] if ready_at else seconds, share,
+                            kicks[0])
+
+
+# QEMU 7.2's TCG (-cpu max, SVM) loses the L1's LAPIC timer interrupt now and then
+# while L2s make exits: caught with the vCPU halted, IF=1, vector 236 (the LAPIC
+# timer) in the IRR with PPR 0x10, no timer armed, the console silent for good. Any
+# other interrupt makes QEMU look at the APIC again and deliver it, so a console
+# silent this long gets a byte on the L1's serial port (its RX interrupt); nothing
+# in the L1 reads it.
+KICK_AFTER = 20.0
+
+
+def kick_l1(proc: subprocess.Popen) -> bool:
+    """One byte to the L1's serial port: its RX interrupt wakes an L1 whose timer
+    interrupt QEMU lost (KICK_AFTER). Whether it was sent."""
+    try:
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+L1_STATE_COMMANDS = ("info registers", "info lapic", "info pic")
+
+
+def l1_cpu_state(monitor: str, timeout: float = 5.0) -> str:
+    """The L1's vCPU registers and interrupt controllers from QEMU's human monitor
+    (empty if it does not answer): whether a silent L1 is halted, spinning with
+    interrupts off, inside an L2 (SVM guest mode), or has an interrupt waiting."""
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(monitor)
+            s.sendall("".join(c + "\n" for c in L1_STATE_COMMANDS).encode())
+            received = b""
+            deadline = time.monotonic() + timeout
+            # HMP answers each command, then prompts again: one prompt per command after the banner's
+            while received.count(b"(qemu)") <= len(L1_STATE_COMMANDS) and time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        return ""
+    text = received.decode(errors="replace")
+    # the monitor's line editor repaints each typed command with escape sequences: only the answers
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", text)
+    return "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("(qemu)", "QEMU "))).strip()
 
 
 def _die_with_parent() -> None:
@@ -481,6 +553,42 @@ def _where(console: str) -> str:
 
 # ---------------------------------------------------------------------- the CLI
 
+class CommandOutput:
+    """-q: the command's own output from the L1 console, written as it arrives (a long
+    command shows its progress, a stuck one shows where it stopped), without the L1's
+    boot messages before the begin mark or the harness's lines after it."""
+
+    def __init__(self, out):
+        self.out = out
+        self.begun = False
+        self._pending = ""
+
+    def feed(self, text: str) -> None:
+        self._pending += text
+        if not self.begun:
+            at = self._pending.find(BEGIN_MARK + "\n")
+            if at < 0:
+                self._pending = self._pending[-len(BEGIN_MARK) - 1:]
+                return
+            self.begun = True
+            self._pending = self._pending[at + len(BEGIN_MARK) + 1:]
+        # whole lines only: the last one may be the start of the harness's exit line
+        complete, newline, self._pending = self._pending.rpartition("\n")
+        if newline:
+            self._write(complete + newline)
+
+    def close(self) -> None:
+        if self.begun and self._pending:
+            self._write(self._pending)
+        self._pending = ""
+
+    def _write(self, text: str) -> None:
+        kept = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(MARK))
+        if kept:
+            self.out.write(kept)
+            self.out.flush()
+
+
 def _echo(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -494,18 +602,22 @@ def _cmd_nested(args) -> int:
         raise UserError(f"--smp: {args.smp} must be at least 1")
     if args.timeout <= 0:
         raise UserError(f"--timeout: {args.timeout} must be positive")
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        raise UserError(f"--idle-timeout: {args.idle_timeout} must be positive")
+    command_output = CommandOutput(sys.stdout)
     try:
         result = run_nested(cmd, timeout=args.timeout, memory=args.mem, scratch_size=args.scratch_size,
-                            smp=args.smp, share_dir=args.share, echo=None if args.quiet else _echo)
+                            smp=args.smp, share_dir=args.share, idle_timeout=args.idle_timeout,
+                            echo=command_output.feed if args.quiet else _echo)
     except NestedError as e:
-        if args.quiet and e.console:
+        if args.quiet and e.console and not command_output.begun:
             sys.stderr.write(e.console[-3000:])
         print(f"kvmpy: {e}", file=sys.stderr)
         return e.exit_status
     if args.quiet:
-        sys.stdout.write(result.output)
+        command_output.close()
     print(f"kvmpy selftest nested: L1 ready in {result.ready_seconds:.1f} s, done in {result.seconds:.1f} s, "
-          f"command exit {result.status}", file=sys.stderr)
+          f"command exit {result.status}; {result.kicks} bytes sent to its silent console", file=sys.stderr)
     return result.status
 
 
@@ -520,6 +632,8 @@ def register(subparsers) -> None:
                                    "directory. Exit status: CMD's; 2 when a tool is missing; 124 on timeout.")
     n.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"kill QEMU after S seconds (default {DEFAULT_TIMEOUT:.0f})")
+    n.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="kill QEMU when the L1's console stays silent S seconds (a stalled L1; default: off)")
     n.add_argument("--mem", default=DEFAULT_MEMORY, help=f"L1 RAM (default {DEFAULT_MEMORY})")
     n.add_argument("--smp", type=int, default=DEFAULT_SMP, help=f"L1 vCPUs (default {DEFAULT_SMP})")
     n.add_argument("--scratch-size", default=DEFAULT_SCRATCH_SIZE,

@@ -631,7 +631,7 @@ class VirtioPciTransport(PciDevice):
             # A device whose queues a plane of its own serves (virtio-net's vhost
             # rings): it decides per queue, None keeps the queue here.
             try:
-                native = self.device.native_queue(q, self.queues[q], fd, self.msix.unmasked_fd(self.queue_vector[q]))
+                native = self.device.native_queue(q, self.queues[q], fd, self._queue_irq_route(q))
             except OSError as e:
                 self._native_refused = True
                 log.warning("%s: queue %d stays in Python: %s", self.name, q, e)
@@ -643,7 +643,7 @@ class VirtioPciTransport(PciDevice):
             if self._native_regions is None:
                 self._native_regions = dataplane.RegionPointers(self.memory)
             native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd,
-                                           irq_fd=self.msix.unmasked_fd(self.queue_vector[q]), index=q)
+                                           irq_fd=self._queue_irq_route(q), index=q)
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
@@ -692,10 +692,10 @@ class VirtioPciTransport(PciDevice):
         with self._lock:
             for q, native in enumerate(self._native):
                 if isinstance(native, netplane.NativeNetPair):
-                    routes = tuple(self._pair_irq_route(i) for i in native.queue_indices)
+                    routes = tuple(self._queue_irq_route(i) for i in native.queue_indices)
                     if native.irq_fds != routes:
                         self._stop_native(q, rewatch=True)
-                elif native is not None and native.irq_fd != self.msix.unmasked_fd(self.queue_vector[q]):
+                elif native is not None and native.irq_fd != self._queue_irq_route(q):
                     self._stop_native(q, rewatch=True)
                     self.events.call_soon(lambda q=q: self._run_queue(q))
 
@@ -730,7 +730,7 @@ class VirtioPciTransport(PciDevice):
             native = netplane.NativeNetPair(
                 self._native_regions, self.queues[pair.rx_queue], self.queues[pair.tx_queue], pair,
                 kick_fds=(self._doorbells[pair.rx_queue], self._doorbells[pair.tx_queue]),
-                irq_fds=tuple(self._pair_irq_route(i) for i in indices))
+                irq_fds=tuple(self._queue_irq_route(i) for i in indices))
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, frames stay in Python: %s", self.name, e)
@@ -767,8 +767,12 @@ class VirtioPciTransport(PciDevice):
             else:
                 self._stop_native(native.queue_indices[0], rewatch=True)
 
-    def _pair_irq_route(self, q: int) -> int | None:
-        """Queue ``q``'s interrupt as a pair's thread raises it (NativeNetPair's irq_fds)."""
+    def _queue_irq_route(self, q: int) -> int | None:
+        """Queue ``q``'s interrupt as a plane raises it itself (a blk thread, a net pair,
+        the kernel's vhost): the vector's eventfd; NO_INTERRUPT under MSI-X without a
+        vector, so nothing wakes the event loop for an interrupt that goes nowhere (a
+        polling driver's queues; QEMU's vhost then has no call either); None where the
+        transport raises it (INTx, a masked vector)."""
         fd = self.msix.unmasked_fd(self.queue_vector[q])
         if fd is None and self.msix.enabled and self.queue_vector[q] == NO_VECTOR:
             return netplane.NO_INTERRUPT      # what _interrupt does for it: nothing
