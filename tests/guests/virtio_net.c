@@ -54,7 +54,11 @@ static int64_t vq_wait_quiet(struct vring *vr, uint32_t *id)
     for (uint32_t spins = 1; *(volatile uint16_t *)&vr->used.idx == vr->last_used; spins++) {
         if (!(spins & 0xFFFFF)) {
             if (r8(net.common + C_STATUS) & S_NEEDS_RESET) {
-                puts("virtio: device needs reset");
+                /* The driver's own cursors beside the VMM's error line: whether it
+                 * ran ahead of the used idx it read, or read one that went back. */
+                printf("virtio: device needs reset (queue %u: avail idx %u, used idx %u, last used %u)\n",
+                       vr->index, *(volatile uint16_t *)&vr->avail.idx, *(volatile uint16_t *)&vr->used.idx,
+                       vr->last_used);
                 return -1;
             }
             if (rdtsc() - start > 50000000000ull) {

@@ -44,7 +44,7 @@ from ..pci.msix import NO_VECTOR, MsixCapability, MsixState
 from ..platform import Platform
 from . import dataplane, netplane
 from .device import ServedQueue, VirtioDevice
-from .queue import QueueError, QueueState, SplitQueue
+from .queue import AvailJumpError, QueueError, QueueState, SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -861,11 +861,27 @@ class VirtioPciTransport(PciDevice):
     def _guarded(self, fn, *args) -> None:
         try:
             fn(*args)
+        except AvailJumpError as e:
+            self.device_error(f"{e}; {self._queue_owner(e.queue)}")
         except (QueueError, GuestMemoryError) as e:
             self.device_error(str(e))
         except Exception as e:  # a device bug must not reach the event loop as a traceback per kick
             log.exception("%s: internal error", self.name)
             self.device_error(f"internal error: {e!r}")
+
+    def _queue_owner(self, queue: SplitQueue) -> str:
+        """Whose ``queue`` is, for an avail idx jump's error line (error path only): a
+        queue object this transport no longer holds, or one another queue shares a
+        ring with, names the stale cursor; else who serves it now."""
+        index = next((i for i, q in enumerate(self.queues) if q is queue), None)
+        if index is None:
+            return "that queue object is not one this transport holds now (a stale copy)"
+        sharing = [i for i, q in enumerate(self.queues) if i != index and q.ready
+                   and {q.avail_addr, q.used_addr} & {queue.avail_addr, queue.used_addr}]
+        native = self._native[index]
+        owner = "the model" if native is None else f"a {type(native).__name__}"
+        return (f"queue {index}, served by {owner}"
+                + (f"; queues {sharing} are programmed on the same ring" if sharing else ""))
 
     def close(self) -> None:
         """Machine shutdown: stop serving, drop doorbells and MSI eventfds."""

@@ -14,6 +14,7 @@ Layout (all little endian):
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError
@@ -41,6 +42,15 @@ _USED_ELEM = struct.Struct("<II")
 
 class QueueError(Exception):
     """The guest put something invalid in a virtqueue; the device must be reset."""
+
+
+class AvailJumpError(QueueError):
+    """The avail idx ran more than a queue's size ahead of ``queue``'s next_avail:
+    the transport adds who serves that queue object (if it is still one of its own)."""
+
+    def __init__(self, message: str, queue: "SplitQueue") -> None:
+        super().__init__(message)
+        self.queue = queue
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -194,10 +204,31 @@ class SplitQueue:
         Raises QueueError when the driver moved avail idx by more than the queue
         size, which no valid driver can do.
         """
-        n = (self.avail_idx() - self.next_avail) & 0xFFFF
+        avail = self.avail_idx()
+        n = (avail - self.next_avail) & 0xFFFF
         if n > self.size:
-            raise QueueError(f"avail idx jumped by {n} entries in a queue of {self.size}")
+            raise AvailJumpError(self._jump_report(avail, n), self)
         return n
+
+    def _jump_report(self, avail: int, n: int) -> str:
+        """The error of an avail idx ``n`` ahead, with what tells whose cursor went
+        wrong: a driver is bounded by the used idx it reads, so with this queue the
+        only writer of the used idx (it equals next_used) the driver ran ahead of
+        what it was given back; otherwise another writer (a second queue object, a
+        plane, the kernel) moved the ring behind this one. Error path only."""
+        used_in_ram = _U16.unpack_from(self._used, 2)[0]
+        if used_in_ram != self.next_used:
+            verdict = ("the used idx in RAM is not this queue's next_used: something else wrote it "
+                       "(another queue object or plane on this ring, or the driver)")
+        elif (self.next_avail - self.next_used) & 0xFFFF > self.size:
+            verdict = "this queue popped more chains than it returned"
+        else:
+            verdict = ("the driver made more available than it got back "
+                       "(a driver bug, or guest RAM the driver and the VMM no longer see alike)")
+        return (f"avail idx jumped by {n} entries in a queue of {self.size} (ring at {self.avail_addr:#x}: "
+                f"avail idx {avail}, next_avail {self.next_avail}, next_used {self.next_used}, "
+                f"used idx in RAM {used_in_ram}; queue {id(self):#x} on thread "
+                f"{threading.current_thread().name}): {verdict}")
 
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None if the ring is empty."""
