@@ -161,10 +161,13 @@ def test_big_frame_waits_whole_for_merged_buffers(dataplane):
         frame = _big(1, 5000)                  # 5012 bytes with the header: three 2 KiB buffers
         rig.port.host.send(bytes(HDR) + frame)
         assert wait_for(lambda: rig.model._rx_waiting[0] is not None)
-        assert dq.collect() == [] and rig.model.counts()["rx_dropped"] == 0
         old = dq.avail_idx
+        # The frame is waiting a moment before the model, on the event loop, asks for
+        # more (avail_event at the avail idx it saw): wait for the ask itself.
+        assert wait_for(lambda: dq.avail_event() == old), "the device did not ask for the buffers its waiting frame needs"
+        assert dq.collect() == [] and rig.model.counts()["rx_dropped"] == 0
         bufs[dq.add([], [(RXBUF + SLOT * 2, SLOT)])] = RXBUF + SLOT * 2
-        assert wants_kick(dq, old), "the device did not ask for the buffers its waiting frame needs"
+        assert wants_kick(dq, old)
         rig.kick(RX)
         used: list[tuple[int, int]] = []
         assert wait_for(lambda: used.extend(dq.collect()) or len(used) >= 3)
