@@ -8,7 +8,6 @@ get memoryview slices straight into guest RAM (no copies on the data path).
 from __future__ import annotations
 
 import mmap
-import struct
 from bisect import bisect_right
 from dataclasses import dataclass
 
@@ -18,9 +17,6 @@ from .errors import GuestMemoryError, HostError
 # Linux's UAPI (asm-generic/mman-common.h and x86's), the only kernel kvmpy runs on.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 
 HUGE_PAGE = 2 << 20
@@ -210,23 +206,27 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
 
+    # One load or store each (a memoryview item is copied whole), as a vCPU running
+    # meanwhile sees it; struct's pack_into would zero the field before storing it
+    # (see devices/virtio/queue.py). Native order: the host is x86-64.
+
     def read_u16(self, gpa: int) -> int:
-        return _U16.unpack(self.view(gpa, 2))[0]
+        return self.view(gpa, 2).cast("H")[0]
 
     def read_u32(self, gpa: int) -> int:
-        return _U32.unpack(self.view(gpa, 4))[0]
+        return self.view(gpa, 4).cast("I")[0]
 
     def read_u64(self, gpa: int) -> int:
-        return _U64.unpack(self.view(gpa, 8))[0]
+        return self.view(gpa, 8).cast("Q")[0]
 
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16.pack_into(self.view(gpa, 2), 0, value & 0xFFFF)
+        self.view(gpa, 2).cast("H")[0] = value & 0xFFFF
 
     def write_u32(self, gpa: int, value: int) -> None:
-        _U32.pack_into(self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+        self.view(gpa, 4).cast("I")[0] = value & 0xFFFFFFFF
 
     def write_u64(self, gpa: int, value: int) -> None:
-        _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+        self.view(gpa, 8).cast("Q")[0] = value & 0xFFFFFFFFFFFFFFFF
 
     def map_device_region(self, region_id: str, gpa: int, view: memoryview) -> RamRegion:
         """Map ``view`` (owned by a device, page aligned) at ``gpa`` as ``region_id``,

@@ -9,6 +9,13 @@ Layout (all little endian):
   descriptor table: size x {u64 addr, u32 len, u16 flags, u16 next}
   avail ring:       u16 flags, u16 idx, u16 ring[size], u16 used_event
   used ring:        u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event
+
+The driver reads and writes the rings while the device does (a vCPU thread, the
+translator's, the kernel's): every index, flag and event field is read and written
+here as one aligned 16-bit access, through memoryviews cast to native u16/u32 (the
+host is x86-64: native is little endian). struct's pack_into would not do: it
+zeroes its target before it stores the value, so a driver polling the used idx
+could see it at 0 for a moment and take requests for completed that were not.
 """
 
 from __future__ import annotations
@@ -36,8 +43,6 @@ DESC_SIZE = 16
 MAX_CHAIN_BYTES = 0xFFFFFFFF
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
 
 
 class QueueError(Exception):
@@ -125,7 +130,7 @@ class SplitQueue:
         self.next_used = 0
         # The used idx value at the last interrupt decision (EVENT_IDX "old").
         self.signalled_used: int | None = None
-        self._desc = self._avail = self._used = None
+        self._clear_views()
         self._dma_ranges: dict[int, list[tuple[int, int]]] = {}   # head -> writable (gpa, len), translator only
 
     # setup -----------------------------------------------------------------
@@ -154,11 +159,20 @@ class SplitQueue:
         size = self.size
         try:
             self._desc = self.memory.view(self.desc_addr, DESC_SIZE * size)
-            self._avail = self.memory.view(self.avail_addr, 4 + 2 * size + 2)
-            self._used = self.memory.view(self.used_addr, 4 + 8 * size + 2)
+            avail = self.memory.view(self.avail_addr, 4 + 2 * size + 2)
+            used = self.memory.view(self.used_addr, 4 + 8 * size + 2)
         except GuestMemoryError as e:
-            self._desc = self._avail = self._used = None
+            self._clear_views()
             raise QueueError(f"ring outside guest RAM: {e}") from None
+        # u16 slots: avail [0] flags, [1] idx, [2 + i] ring, [2 + size] used_event;
+        # used [0] flags, [1] idx, [2 + 4 * size] avail_event. u32 slots of the used
+        # ring: element i's id at [1 + 2 * i], its len at [2 + 2 * i].
+        self._avail = avail.cast("H")
+        self._used = used.cast("H")
+        self._used_elems = used[:4 + 8 * size].cast("I")
+
+    def _clear_views(self) -> None:
+        self._desc = self._avail = self._used = self._used_elems = None
 
     # state as a value --------------------------------------------------------
 
@@ -193,10 +207,10 @@ class SplitQueue:
     # driver -> device ------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail[1]
 
     def used_event(self) -> int:
-        return _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        return self._avail[2 + self.size]
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not popped.
@@ -216,7 +230,7 @@ class SplitQueue:
         only writer of the used idx (it equals next_used) the driver ran ahead of
         what it was given back; otherwise another writer (a second queue object, a
         plane, the kernel) moved the ring behind this one. Error path only."""
-        used_in_ram = _U16.unpack_from(self._used, 2)[0]
+        used_in_ram = self._used[1]
         if used_in_ram != self.next_used:
             verdict = ("the used idx in RAM is not this queue's next_used: something else wrote it "
                        "(another queue object or plane on this ring, or the driver)")
@@ -237,7 +251,7 @@ class SplitQueue:
         if not self.pending():
             return None
         slot = self.next_avail % self.size
-        head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        head = self._avail[2 + slot]
         # Advance first: a bad chain is still consumed, and the device is reset anyway.
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._read_chain(head)
@@ -318,10 +332,12 @@ class SplitQueue:
             for gpa, n in ranges:
                 self.memory.notify_dma_write(gpa, n)
         slot = self.next_used % self.size
-        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, length & 0xFFFFFFFF)
-        # The element must be visible before the index that publishes it.
+        self._used_elems[1 + 2 * slot] = head
+        self._used_elems[2 + 2 * slot] = length & 0xFFFFFFFF
+        # The element must be visible before the index that publishes it (x86 keeps
+        # stores in order; each is one store).
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.next_used)
+        self._used[1] = self.next_used
 
     def add_used_many(self, entries: list[tuple[int, int]]) -> None:
         """Return several chains (head, length) at once, published by one index
@@ -335,10 +351,12 @@ class SplitQueue:
             if ranges:
                 for gpa, n in ranges:
                     self.memory.notify_dma_write(gpa, n)
-            _USED_ELEM.pack_into(self._used, 4 + 8 * (slot % self.size), head, length & 0xFFFFFFFF)
+            at = 1 + 2 * (slot % self.size)
+            self._used_elems[at] = head
+            self._used_elems[at + 1] = length & 0xFFFFFFFF
             slot = (slot + 1) & 0xFFFF
         self.next_used = slot
-        _U16.pack_into(self._used, 2, slot)
+        self._used[1] = slot
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added so far."""
@@ -351,7 +369,7 @@ class SplitQueue:
             if old is None:
                 return True
             return vring_need_event(self.used_event(), new, old)
-        return not (_U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+        return not (self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     def set_notification(self, enable: bool) -> bool:
         """Ask the driver to (not) ring the doorbell for new buffers.
@@ -364,11 +382,10 @@ class SplitQueue:
             return False
         if self.event_idx:
             if enable:
-                _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
+                self._used[2 + 4 * self.size] = self.next_avail
         else:
-            flags = _U16.unpack_from(self._used, 0)[0]
-            flags = flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY
-            _U16.pack_into(self._used, 0, flags)
+            flags = self._used[0]
+            self._used[0] = flags & ~VIRTQ_USED_F_NO_NOTIFY if enable else flags | VIRTQ_USED_F_NO_NOTIFY
         return self.pending() > 0
 
     def ask_for_more(self) -> bool:
@@ -381,10 +398,9 @@ class SplitQueue:
             return False
         seen = self.avail_idx()
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + 8 * self.size, seen)
+            self._used[2 + 4 * self.size] = seen
         else:
-            flags = _U16.unpack_from(self._used, 0)[0]
-            _U16.pack_into(self._used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+            self._used[0] = self._used[0] & ~VIRTQ_USED_F_NO_NOTIFY
         return self.avail_idx() != seen
 
     # helpers for device models --------------------------------------------
