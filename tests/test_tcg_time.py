@@ -113,3 +113,56 @@ def test_a_running_vcpu_gets_its_lapic_timer_from_the_core_alarm():
     finally:
         accel.close()
         Host.memory.close()
+
+
+def test_each_lapic_timer_is_kept_by_its_own_vcpu():
+    """On a two-CPU machine, CPU 1's LAPIC timer ends CPU 1's run by CPU 1's alarm:
+    not CPU 0's, and not the machine's wheel (whose loop never runs here)."""
+    import threading
+    import time
+
+    from kvmpy.config import VmConfig
+    from kvmpy.devices.bus import Bus
+    from kvmpy.devices.lapic import REG_LVT_TIMER, REG_SVR, REG_TIMER_DCR, REG_TIMER_ICR
+    from kvmpy.events import EventLoop
+    from kvmpy.hv import exits
+    from kvmpy.hv.tcg.accel import CRYSTAL_HZ, TcgAccel
+    from kvmpy.memory import GuestMemory
+    from support.tcg import regs, set_real_mode
+
+    class Host:
+        cfg = VmConfig(cpus=2, memory=16 << 20)
+        memory = GuestMemory.anonymous([(0, 16 << 20)])
+        pio_bus, mmio_bus = Bus("pio"), Bus("mmio")
+        events = EventLoop(name="never-started")
+
+    accel = TcgAccel(Host)
+    try:
+        bsp, ap = accel.vcpus
+        lapic = accel.irqchip.lapics[1]
+        Host.memory.write(0x1000, b"\xeb\xfe")              # jmp $, with IF=0
+        ap.reset(wait_sipi=False)
+        set_real_mode(ap)
+        ap.set_regs(regs(rip=0x1000, rflags=2))
+        lapic.write(REG_SVR, 4, 0x1FF)
+        lapic.write(REG_TIMER_DCR, 4, 0xB)                  # divide by 1
+        lapic.write(REG_LVT_TIMER, 4, 0xEC)                 # one-shot, vector 0xEC
+        lapic.write(REG_TIMER_ICR, 4, CRYSTAL_HZ // 50)     # 20 ms
+        due = lapic.timer_interrupt_due_ns
+        assert due is not None
+        rescue = threading.Timer(2.0, ap.kick)     # without its own alarm the AP would run on
+        rescue.start()
+        try:
+            assert ap.run() == exits.EXIT_INTR
+        finally:
+            rescue.cancel()
+        left = time.monotonic_ns()
+        assert left >= due and left - due < 250_000_000, (left - due) / 1e6
+        accel.before_guest_entry(1)
+        assert lapic.has_pending() and lapic.intr_ack() == 0xEC
+        assert not accel.irqchip.lapics[0].has_pending()
+        assert (bsp.stats()["alarm_kicks"], ap.stats()["alarm_kicks"]) == (0, 1)
+        assert accel.timer_wheel.fired == 0, "the machine's wheel fired nothing"
+    finally:
+        accel.close()
+        Host.memory.close()
