@@ -208,7 +208,7 @@ def test_pause_cont_reset_and_quit_during_a_claimed_storm():
         wait_until(lambda: len(port_dev.writes) > held[0] + 600, what="the storm after cont")
         m.reset()
         wait_until(lambda: "RESET" in events, what="the reset")
-        wait_until(lambda: "echo:" in con.text(), timeout=120, what="the guest's second run")
+        wait_until(lambda: "wrong answers" in con.text(), timeout=120, what="the guest's second run")
     finally:
         m.quit()
         done.join(15)
