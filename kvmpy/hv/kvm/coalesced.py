@@ -78,7 +78,7 @@ class CoalescedPio:
         self._qwords = memoryview(page).cast("Q")
         self._entry_q, self._head_q = entry // 8, head_at // 8
         self._lock = threading.Lock()
-        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain)     # the registered zones: (port, length)
+        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain)     # its zones: (port, length)
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
         """Queue (True) or stop queueing (False) OUTs to port..port+length-1."""
