@@ -473,3 +473,24 @@ def test_chiplock_defers_until_outermost_release():
 def test_bad_construction():
     with pytest.raises(ValueError):
         SoftIrqChip(0, lambda c: None, TimerWheel(threaded=False))
+    with pytest.raises(ValueError):
+        SoftIrqChip(2, lambda c: None, TimerWheel(threaded=False), lapic_timer_wheels=[TimerWheel(threaded=False)])
+
+
+def test_each_lapic_times_on_its_own_wheel_and_the_pit_on_the_shared_one():
+    clock = FakeClock()
+    shared = TimerWheel(clock=clock, threaded=False)
+    per_cpu = [TimerWheel(clock=clock, threaded=False) for _ in range(2)]
+    chip = SoftIrqChip(2, lambda c: None, shared, lapic_timer_wheels=per_cpu)
+    chip.lapic_write(1, REG_SVR, 4, 0x1FF)
+    chip.lapic_write(1, REG_TIMER_DCR, 4, 0xB)
+    chip.lapic_write(1, REG_LVT_TIMER, 4, 0xEC)
+    chip.lapic_write(1, REG_TIMER_ICR, 4, 1000)
+    assert per_cpu[1].next_deadline() is not None
+    assert per_cpu[0].next_deadline() is None and shared.next_deadline() is None
+    pio = Bus("pio")
+    chip.pit.register(pio)
+    pio.write(0x43, 1, 0x34)                     # counter 0, rate generator
+    pio.write(0x40, 1, 0x00)
+    pio.write(0x40, 1, 0x10)
+    assert shared.next_deadline() is not None and per_cpu[0].next_deadline() is None

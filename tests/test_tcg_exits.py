@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import guest_path
-from support.exitloop import EchoRegister, run_to_end, tcg_machine
+from support.exitloop import (EchoRegister, expected_console, printed_console, run_to_end,
+                              serve_port_exits_to_hlt, tcg_machine)
 from support.tcg import TcgVcpu, assemble, identity_map_2m, make_memory, regs, set_long_mode
 
 from kvmpy.hv import exits
@@ -245,20 +246,12 @@ def test_a_full_queue_makes_the_next_write_exit_in_order(vcpus):
     """)
     rec = _Recorder()
     writes = _queued(v, rec, EventLoop(name="never-started"))
-    run, state, access, exit_kind = v.decoded_exits()
     served = []
-    while True:
-        code = run(state)
-        if code > exits.DECODED_MMIO_READ:
-            writes.drain()
-            code -= exits.DECODED_AFTER_QUEUED
-        if code == exits.DECODED_PIO_WRITE:
-            rec.write(access[0], access[1], access[2])
-            served.append(access[2])
-            continue
-        assert exit_kind(code) == exits.EXIT_HLT
-        writes.drain()
-        break
+
+    def exited(port: int, size: int, value: int) -> None:
+        rec.write(port, size, value)
+        served.append(value)
+    serve_port_exits_to_hlt(v, writes, exited)
     assert rec.stream(0x3F8) == bytes(i & 0xFF for i in range(1500))
     assert 0 < len(served) < 10, "only a write finding the queue full exits"
 
@@ -318,20 +311,7 @@ def test_queued_and_exiting_writes_reach_the_bus_in_program_order(program):
     try:
         writes = _queued(v, rec, EventLoop(name="never-started"))
         writes.set_zone(0x70, 1, True)
-        run, state, access, exit_kind = v.decoded_exits()
-        while True:
-            code = run(state)
-            if code > exits.DECODED_MMIO_READ:
-                writes.drain()
-                code -= exits.DECODED_AFTER_QUEUED
-            if code == exits.DECODED_PIO_WRITE:
-                rec.write(access[0], access[1], access[2])
-            elif code == exits.DECODED_PIO_READ:
-                access[3] = 0x60
-            else:
-                assert exit_kind(code) == exits.EXIT_HLT
-                writes.drain()
-                break
+        serve_port_exits_to_hlt(v, writes, rec.write, read=lambda port, size: 0x60)
         seen = [(port, value) for port, data in rec.writes for value in data]
         assert seen == [(port, value) for port, value, _ in program]
     finally:
@@ -371,18 +351,7 @@ def test_divisor_writes_through_the_queue_reach_the_uart_as_divisor():
     writes = TcgPortWrites(queue, bus.write, bus.write_burst, EventLoop(name="never-started"))
     writes.set_zone(0x3F8, 1, True)
     try:
-        run, state, access, exit_kind = v.decoded_exits()
-        while True:
-            code = run(state)
-            if code > exits.DECODED_MMIO_READ:
-                writes.drain()
-                code -= exits.DECODED_AFTER_QUEUED
-            if code == exits.DECODED_PIO_WRITE:
-                bus.write(access[0], access[1], access[2])
-                continue
-            assert exit_kind(code) == exits.EXIT_HLT
-            writes.drain()
-            break
+        serve_port_exits_to_hlt(v, writes, bus.write)
         assert (uart.dll, uart.lcr, bytes(out)) == (3, 3, b"x")
     finally:
         v.close()
@@ -434,9 +403,7 @@ def test_console_output_polled_byte_by_byte_is_complete_and_in_order():
     run_to_end(m)
     out = con.text()
     assert f"exitloop: console {n} in " in out, out[-300:]
-    line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+*"
-    expected = "".join(line[:min(64, n - i)] for i in range(0, n, 64))
-    assert out[out.index("console<") + 8:out.index(">console")] == expected
+    assert printed_console(out) == expected_console(n)
     # one exit per byte, the LSR poll (decoded); the THR writes wait in the cores'
     # queue and reach the UART before the next poll is answered
     assert n <= _decoded(m) < n + 400, _decoded(m)

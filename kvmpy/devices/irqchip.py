@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 from .ioapic import IoApic
 from .lapic import APIC_DEFAULT_BASE, DM_FIXED, DM_LOWEST, Lapic
@@ -150,9 +150,17 @@ class SoftIrqChip:
     def __init__(self, num_cpus: int, cpu_kick: Callable[[int], None], timer_wheel: TimerWheel,
                  on_init: Callable[[int], None] | None = None,
                  on_sipi: Callable[[int, int], None] | None = None,
-                 bus_hz: int | None = None) -> None:
+                 bus_hz: int | None = None,
+                 lapic_timer_wheels: Sequence[TimerWheel] | None = None) -> None:
+        """``lapic_timer_wheels``: CPU i's LAPIC takes its timer from the i-th (the
+        translator keeps each LAPIC's timer on its own vCPU); without them, from
+        ``timer_wheel``, as the PIT does."""
         if not 1 <= num_cpus <= 255:
             raise ValueError(f"num_cpus must be 1..255, not {num_cpus}")
+        if lapic_timer_wheels is None:
+            lapic_timer_wheels = [timer_wheel] * num_cpus
+        elif len(lapic_timer_wheels) != num_cpus:
+            raise ValueError(f"{len(lapic_timer_wheels)} LAPIC timer wheels for {num_cpus} CPUs")
         self.num_cpus = num_cpus
         self.timer_wheel = timer_wheel
         self.lock = ChipLock()
@@ -168,7 +176,7 @@ class SoftIrqChip:
                   eoi_broadcast=self.ioapic.eoi, pic_ack=self.pic._acknowledge_locked,
                   on_init=lambda cpu: self.lock.defer(self._on_init, cpu),
                   on_sipi=lambda cpu, vec: self.lock.defer(self._on_sipi, cpu, vec),
-                  timer_wheel=timer_wheel, lock=self.lock, **extra)
+                  timer_wheel=lapic_timer_wheels[i], lock=self.lock, **extra)
             for i in range(num_cpus)]
         self.pit = Pit8254(irq0=lambda level: self._isa_irq(0, level), timer_wheel=timer_wheel,
                            lock=self.lock)

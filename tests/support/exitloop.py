@@ -1,12 +1,16 @@
 """An in-process KVM or translator machine for the exit-loop tests: the guest's console
-captured, and the vCPUs' C-loop counters (KvmVcpu.loop_stats) at hand."""
+captured, and the vCPUs' C-loop counters (KvmVcpu.loop_stats) at hand; and the
+decoded-exit loop of kvmpy/vcpu/runner.py, cut down to port accesses, for tests that
+drive a lone translator vCPU."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from kvmpy.config import DeviceConfig, VmConfig
+from kvmpy.hv import exits
 from kvmpy.machine import Machine
 
 MiB = 1 << 20
@@ -111,3 +115,40 @@ def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+# What exitloop.elf's console=N prints between "console<" and ">console": N bytes, this
+# line over and over, cut at N.
+CONSOLE_LINE = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+*"
+
+
+def expected_console(n: int) -> str:
+    return "".join(CONSOLE_LINE[:min(64, n - i)] for i in range(0, n, 64))
+
+
+def printed_console(out: str) -> str:
+    """What the guest printed between its console< and >console marks."""
+    return out[out.index("console<") + len("console<"):out.index(">console")]
+
+
+def serve_port_exits_to_hlt(vcpu, queued, write: Callable[[int, int, int], None],
+                            read: Callable[[int, int], int] | None = None) -> None:
+    """Run a translator vCPU through ``decoded_exits()`` to its HLT, ordered as the vCPU
+    loop orders them: ``queued`` (its TcgPortWrites) is drained before an exit flagged
+    DECODED_AFTER_QUEUED is served and after the HLT. A port write goes to
+    ``write(port, size, value)``, a port read is answered with ``read(port, size)``;
+    any other exit, or a read where ``read`` is None, fails the test."""
+    run, state, access, exit_kind = vcpu.decoded_exits()
+    while True:
+        code = run(state)
+        if code > exits.DECODED_MMIO_READ:
+            queued.drain()
+            code -= exits.DECODED_AFTER_QUEUED
+        if code == exits.DECODED_PIO_WRITE:
+            write(access[0], access[1], access[2])
+        elif code == exits.DECODED_PIO_READ and read is not None:
+            access[3] = read(access[0], access[1])
+        else:
+            assert exit_kind(code) == exits.EXIT_HLT, f"exit {code} where only port accesses and HLT were expected"
+            queued.drain()
+            return

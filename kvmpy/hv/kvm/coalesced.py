@@ -25,7 +25,8 @@ import mmap
 import threading
 from typing import Callable
 
-from ...events import EventLoop, TimerHandle
+from ...events import EventLoop
+from ..drain_tick import DrainTick
 from ._kvm_cffi import ffi, lib
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ class CoalescedPio:
         self._head = memoryview(ffi.buffer(self._head_c)).cast("Q")
         self._run_c = ffi.new("unsigned char[]", BURST_MAX)
         self._run = ffi.buffer(self._run_c)
-        self._events = events
         off = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
         if len(vcpu_mm) < off + mmap.PAGESIZE:
             raise ValueError("the vCPU mmap has no coalesced ring page")
@@ -78,25 +78,15 @@ class CoalescedPio:
         self._qwords = memoryview(page).cast("Q")
         self._entry_q, self._head_q = entry // 8, head_at // 8
         self._lock = threading.Lock()
-        self._zones: set[tuple[int, int]] = set()
-        self._closed = False
-        self._timer: TimerHandle | None = None
-        self._timer_lock = threading.Lock()     # set_zone (a vCPU) vs the tick (the loop)
+        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain)     # its zones: (port, length)
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
         """Queue (True) or stop queueing (False) OUTs to port..port+length-1."""
         key = (port, length)
-        if on == (key in self._zones) or self._closed:
+        if on == self._tick.has_zone(key) or self._tick.closed:
             return
         self.vm.coalesced_zone(port, length, pio=True, register=on)
-        if on:
-            with self._timer_lock:
-                self._zones.add(key)
-                if self._timer is None:
-                    self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
-        else:
-            with self._timer_lock:
-                self._zones.discard(key)
+        self._tick.set_zone(key, on)
 
     def pending(self) -> bool:
         words = self._words
@@ -140,20 +130,6 @@ class CoalescedPio:
                 # rather than reaching the device ahead of them.
                 words[0] = (first + n) % size
 
-    def _drain_tick(self) -> None:
-        """On the event loop: drain, and come back while a zone is registered."""
-        self.drain()
-        with self._timer_lock:
-            if self._zones and not self._closed:
-                self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
-            else:
-                self._timer = None
-
     def close(self) -> None:
-        if self._closed:
-            return
-        with self._timer_lock:
-            self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-        self.drain()
+        if self._tick.close():
+            self.drain()

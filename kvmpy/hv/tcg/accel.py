@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 from fractions import Fraction
-from types import MethodType
 from typing import TYPE_CHECKING
 
-from ...devices.lapic import Lapic
 from ...devices.platform import SoftPlatform
 from ...errors import UserError
 from .portqueue import TcgPortWrites
@@ -182,24 +180,20 @@ class VcpuTimer:
         self.callback(deadline, token)
 
 
-class CoreTimerWheel:
-    """The timer wheel the interrupt controllers are given: each LAPIC's timer is a
-    VcpuTimer of its vCPU; every other timer (the PIT's) is the machine's wheel's."""
+class VcpuTimerWheel:
+    """The timer wheel of one CPU's LAPIC (SoftIrqChip's ``lapic_timer_wheels``): the
+    timer it hands out is a VcpuTimer of that CPU's own vCPU, so which vCPU keeps a
+    LAPIC's timer is fixed by the CPU index the wheel was made for; the PIT's timer
+    stays on the machine's wheel."""
 
-    def __init__(self, wheel, vcpus) -> None:
-        self.clock = wheel.clock
-        self._wheel = wheel
-        self._vcpus = vcpus
-        self.lapic_timers: dict[int, VcpuTimer] = {}
+    def __init__(self, vcpu, clock) -> None:
+        self.clock = clock
+        self._vcpu = vcpu
+        self.lapic_timer: VcpuTimer | None = None
 
-    def timer(self, callback):
-        # a LAPIC asks with its own bound method (Lapic._timer_expired)
-        if isinstance(callback, MethodType) and isinstance(callback.__self__, Lapic):
-            cpu = callback.__self__.cpu_index
-            if 0 <= cpu < len(self._vcpus):
-                t = self.lapic_timers[cpu] = VcpuTimer(self._vcpus[cpu], callback)
-                return t
-        return self._wheel.timer(callback)
+    def timer(self, callback) -> VcpuTimer:
+        self.lapic_timer = VcpuTimer(self._vcpu, callback)
+        return self.lapic_timer
 
 
 class TranslatorPlatform(SoftPlatform):
@@ -262,8 +256,9 @@ class TcgAccel:
             self.port_write_queue = TcgPortWrites(queue, host.pio_bus.write, host.pio_bus.write_burst,
                                                   host.events)
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
-        self._core_timers = CoreTimerWheel(self.timer_wheel, self.vcpus)
-        self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self._core_timers,
+        self._lapic_wheels = [VcpuTimerWheel(v, self.timer_wheel.clock) for v in self.vcpus]
+        self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,
+                                   lapic_timer_wheels=self._lapic_wheels,
                                    on_init=self._init_cpu, on_sipi=self._sipi_cpu, bus_hz=CRYSTAL_HZ)
         self.irqchip.register(host.pio_bus, host.mmio_bus, port_b=True)
         self.platform = TranslatorPlatform(self.vcpus, host.memory, on_irq=self.irqchip.set_irq_level,
@@ -305,7 +300,7 @@ class TcgAccel:
         stays in the LAPIC's IRR meanwhile, where a higher one can overtake it."""
         chip = self.irqchip
         v = self.vcpus[index]
-        timer = self._core_timers.lapic_timers.get(index)
+        timer = self._lapic_wheels[index].lapic_timer
         if timer is not None and timer.deadline is not None:
             timer.fire_if_due(self.timer_wheel.clock())
         if v.wait_sipi or chip.lapics[index].wait_for_sipi:
@@ -344,7 +339,7 @@ class TcgAccel:
         if due > start and v.wakeup.wait(min((due - start) / 1e9, IDLE_WAIT)):
             v.halt_until_deadline_ns += max(0, min(clock(), due) - start)
             return
-        timer = self._core_timers.lapic_timers.get(index)
+        timer = self._lapic_wheels[index].lapic_timer
         if timer is not None:
             timer.fire_if_due(clock())
         lapic.expire_timer_if_due()

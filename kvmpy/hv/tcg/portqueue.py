@@ -24,7 +24,8 @@ import logging
 import threading
 from typing import Callable
 
-from ...events import EventLoop, TimerHandle
+from ...events import EventLoop
+from ..drain_tick import DrainTick
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,8 @@ class TcgPortWrites:
         self._queue = queue
         self._write = write
         self._write_burst = write_burst
-        self._events = events
         self._lock = threading.Lock()           # one drain at a time: vCPUs and the tick
-        self._timer_lock = threading.Lock()
-        self._timer: TimerHandle | None = None
-        self._zones: set[int] = set()
-        self._closed = False
+        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain)
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
         """Queue (True) or stop queueing (False) one-byte writes to port..port+length-1;
@@ -57,10 +54,7 @@ class TcgPortWrites:
                 continue
             if not on:
                 self._queue.set_zone(p, False)
-            with self._timer_lock:
-                (self._zones.add if on else self._zones.discard)(p)
-                if self._zones and self._timer is None and not self._closed:
-                    self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
+            self._tick.set_zone(p, on)
 
     def pending(self) -> bool:
         return self._queue.pending()
@@ -79,19 +73,7 @@ class TcgPortWrites:
             except Exception as exc:  # a device fault: every other write was handed over
                 log.error("queued port write failed: %s: %s", type(exc).__name__, exc)
 
-    def _drain_tick(self) -> None:
-        self.drain()
-        with self._timer_lock:
-            if self._zones and not self._closed:
-                self._timer = self._events.call_later(DRAIN_INTERVAL, self._drain_tick)
-            else:
-                self._timer = None
-
     def close(self) -> None:
         """Stop the tick and hand over what is left."""
-        with self._timer_lock:
-            self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        self._tick.close()
         self.drain()
