@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -230,25 +231,25 @@ def test_daemonize_refuses_with_threads_running():
 
 # ---------------------------------------------------------- drop privileges
 
-TEST_USER = "kvmpytest"
+TEST_USER_PREFIX = "kvmpytest"
 
 
 @pytest.fixture(scope="module")
 def unprivileged_user():
+    """A system user of this fixture's own: a shared fixed name let another test run
+    on the machine (a second checkout, a second worker) delete it and make it again
+    under another uid while this one used it."""
     if os.geteuid() != 0:
         pytest.skip("drop_privileges tests need root (to create and become a test user)")
-    created = False
+    name = f"{TEST_USER_PREFIX}-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"useradd failed: {r.stderr.strip()}")
     try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                            TEST_USER], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"useradd failed: {r.stderr.strip()}")
-        created = True
-    yield pwd.getpwnam(TEST_USER)
-    if created:
-        subprocess.run(["userdel", TEST_USER], capture_output=True)
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 def test_drop_privileges_to_a_real_user(unprivileged_user, tmp_path):
@@ -273,7 +274,7 @@ def test_drop_privileges_to_a_real_user(unprivileged_user, tmp_path):
             print("READ SECRET"); sys.exit(1)
         except PermissionError:
             print("denied")
-    """, TEST_USER, str(secret))
+    """, unprivileged_user.pw_name, str(secret))
     u, g = unprivileged_user.pw_uid, unprivileged_user.pw_gid
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[0].startswith(f"({u}, {u}, {u}) ({g}, {g}, {g})")
@@ -293,7 +294,7 @@ def test_drop_privileges_applies_to_threads_started_before(unprivileged_user):
         drop_privileges(sys.argv[1])
         go.set(); done.wait()
         print(seen[0])
-    """, TEST_USER)
+    """, unprivileged_user.pw_name)
     u = unprivileged_user.pw_uid
     assert r.stdout.strip() == f"({u}, {u}, {u})", r.stderr
 
