@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from kvmpy.devices.virtio.net import (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_F_CTRL_VQ,
-                                      VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_OK, VirtioNet)
+                                      VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+                                      VirtioNet)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.monitor.hmp import Hmp
 from kvmpy.monitor.qmp import start_qmp_server
@@ -164,6 +165,8 @@ def test_guest_announce_status_interrupt_and_ack_with_rarps(soft):
     assert nic.ack_announce() == VIRTIO_NET_OK
     assert nic.status() == 1
     assert not nic.model.state().announce
+    assert nic.ack_announce() == VIRTIO_NET_ERR, "QEMU's answer to an ack with nothing pending"
+    assert nic.status() == 1
 
 
 def test_a_driver_without_guest_announce_gets_rarps_only(soft):

@@ -743,6 +743,10 @@ class VirtioNet(VirtioDevice):
         if cls == VIRTIO_NET_CTRL_ANNOUNCE and self.negotiated(VIRTIO_NET_F_GUEST_ANNOUNCE):
             if cmd != VIRTIO_NET_CTRL_ANNOUNCE_ACK or data:
                 return self._ctrl_refuse(f"ANNOUNCE command {cmd} with {len(data)} bytes")
+            if not self.announce_pending:
+                # QEMU's answer to an ack of nothing; a driver may ack twice, no warning
+                log.debug("%s: control queue: ANNOUNCE_ACK with no announcement pending", self.name)
+                return VIRTIO_NET_ERR
             self.announce_pending = False
             return VIRTIO_NET_OK
         if cls == VIRTIO_NET_CTRL_MQ and self.negotiated(VIRTIO_NET_F_MQ):
