@@ -249,7 +249,7 @@ def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, 
     kernel_off = (setup_sects + 1) * 512
     if kernel_off >= len(image):
         raise BootError(f"kernel {path}: setup_sects {setup_sects} points past the end of the file")
-    payload = image[kernel_off:]
+    payload = memoryview(image)[kernel_off:]     # a view: the protected-mode kernel is megabytes
     init_size, = struct.unpack_from("<I", image, HDR_INIT_SIZE)
     load_addr = layout.HIGH_MEMORY
     kernel_end = load_addr + max(len(payload), init_size)
