@@ -10,12 +10,12 @@ import pytest
 from conftest import guest_path, run_kvmpy
 from support.tcg import TcgVcpu  # noqa: F401 - skips the module where kvmpy._tcg is not built
 
-# Modules a plain `kvmpy run` (no tap, no monitor socket, kvmpy's own spelling) has no
-# use for: each is start-up time, and some (pyroute2, asyncio) far more than their
-# share. Test-only packages must never reach the product at all.
+# Modules a plain `kvmpy run` (no vm.toml, no tap, no monitor socket, kvmpy's own
+# spelling) has no use for: each is start-up time, and some (pyroute2, asyncio) far
+# more than their share. Test-only packages must never reach the product at all.
 NOT_FOR_A_PLAIN_RUN = ("asyncio", "pyroute2", "pytun", "hypothesis", "pytest", "unittest",
                        "kvmpy.qemu_cli", "kvmpy.tools", "kvmpy.block.imgcli", "kvmpy.nbd", "kvmpy.service",
-                       "kvmpy.infocmd", "capstone")
+                       "kvmpy.infocmd", "capstone", "tomllib")
 
 
 def _imported(stderr: bytes) -> set[str]:
