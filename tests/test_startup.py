@@ -15,12 +15,16 @@ from support.tcg import TcgVcpu  # noqa: F401 - skips the module where kvmpy._tc
 # more than their share. Test-only packages must never reach the product at all.
 NOT_FOR_A_PLAIN_RUN = ("asyncio", "pyroute2", "pytun", "hypothesis", "pytest", "unittest",
                        "kvmpy.qemu_cli", "kvmpy.tools", "kvmpy.block.imgcli", "kvmpy.nbd", "kvmpy.service",
-                       "kvmpy.infocmd", "capstone", "tomllib")
+                       "kvmpy.infocmd", "kvmpy.monitor.qmp", "json", "capstone", "tomllib")
 
 
 def _imported(stderr: bytes) -> set[str]:
-    """The modules `python3 -X importtime` (PYTHONPROFILEIMPORTTIME) reported loading."""
-    return {m.group(1).decode() for m in re.finditer(rb"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.M)}
+    """The modules `python3 -X importtime` (PYTHONPROFILEIMPORTTIME) reported loading
+    after the interpreter's site set-up (what a host's .pth files import is not kvmpy's)."""
+    site = re.search(rb"^import time:.*\|\s*site$", stderr, re.M)
+    after_site = stderr[site.end():] if site else stderr
+    return {m.group(1).decode()
+            for m in re.finditer(rb"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", after_site, re.M)}
 
 
 def _unwanted(imported: set[str]) -> list[str]:
