@@ -100,8 +100,10 @@ class BootFiles:
             return None
         chunks, offset = [], 0
         try:
-            while (limit is None or offset < limit) and (
-                    chunk := os.pread(fd, 1 << 24 if limit is None else min(1 << 24, limit - offset), offset)):
+            while limit is None or offset < limit:
+                chunk = os.pread(fd, 1 << 24 if limit is None else min(1 << 24, limit - offset), offset)
+                if not chunk:
+                    break
                 chunks.append(chunk)
                 offset += len(chunk)
         except OSError as e:
