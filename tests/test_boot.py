@@ -149,10 +149,11 @@ def test_garbage_headers_never_crash(tmp_path_factory, blob, where):
 
 def _load_both_ways(tmp_path, image: bytes, initrd: bytes | None = None):
     """What load_kernel makes of ``image`` by path and through BootFiles (a running
-    machine's way, which reads a bzImage's kernel straight into guest RAM): for each,
-    (BootState or the BootError's text, the zero page, the first MiB above 1 MiB)."""
+    machine's way, which reads a bzImage's kernel and an initrd straight into guest
+    RAM): for each, (BootState or the BootError's text, the zero page, the start-info
+    page, guest RAM from 1 MiB to 16 MiB (the kernel) and its top 16 MiB (the initrd))."""
     from kvmpy.boot.loader import BootFiles
-    kernel = tmp_path / "bzImage"
+    kernel = tmp_path / "kernel"
     kernel.write_bytes(image)
     initrd_path = None
     if initrd is not None:
@@ -170,9 +171,20 @@ def _load_both_ways(tmp_path, image: bytes, initrd: bytes | None = None):
         finally:
             if files is not None:
                 files.close()
-        results.append((outcome, mem.read(layout.ZERO_PAGE_ADDR, 4096), mem.read(0x100000, 1 << 20)))
+        results.append((outcome, mem.read(layout.ZERO_PAGE_ADDR, 4096), mem.read(layout.PVH_START_INFO_ADDR, 4096),
+                        mem.read(0x100000, 15 << 20), mem.read(48 << 20, 16 << 20)))
         mem.close()
     return results
+
+
+@pytest.mark.parametrize("guest", ["hello", "multiboot_elf", "multiboot_aout"])
+def test_an_elf_or_multiboot_kernel_and_its_initrd_load_the_same_through_the_machines_open_files(tmp_path,
+                                                                                                  guest):
+    with open(guest_path(guest), "rb") as f:
+        image = f.read()
+    by_path, by_files = _load_both_ways(tmp_path, image, bytes(range(256)) * 4000 + b"end")
+    assert not isinstance(by_path[0], str), by_path[0]
+    assert by_files == by_path
 
 
 @settings(max_examples=40, deadline=None)

@@ -141,6 +141,27 @@ class BootFiles:
         self._fds.clear()
 
 
+class _UnreadFile:
+    """An initrd of BootFiles not read yet: its size, for placing it, and its bytes read
+    straight into guest RAM where it is placed (a distribution's initrd is tens of MiB)."""
+
+    def __init__(self, files: BootFiles, what: str, size: int) -> None:
+        self.files, self.what, self.size = files, what, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, memory: GuestMemory, gpa: int) -> None:
+        self.files.read_into(self.what, 0, memory.view(gpa, self.size))
+
+
+def _write(memory: GuestMemory, gpa: int, data: bytes | _UnreadFile) -> None:
+    if isinstance(data, _UnreadFile):
+        data.load(memory, gpa)
+    else:
+        memory.write(gpa, data)
+
+
 def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
                 initrd_path: str | None = None, rsdp_addr: int = 0,
                 mem_size: int | None = None, files: BootFiles | None = None,
@@ -156,7 +177,8 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
             payload_source = files
         else:
             image = files.read("kernel")
-        initrd = files.read("initrd")
+        initrd_size = files.regular_size("initrd") if files.initrd_path else None
+        initrd = _UnreadFile(files, "initrd", initrd_size) if initrd_size is not None else files.read("initrd")
         module_data = [files.read(f"module{i}") or b"" for i in range(len(modules))]
     else:
         image = _read_file(kernel_path, "kernel")
@@ -168,6 +190,8 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
         # As QEMU: a multiboot header wins over the ELF's PVH note (a multiboot kernel may be ELF).
         header = None if is_linux else find_header(image)
         if header is not None:
+            if isinstance(initrd, _UnreadFile):     # a multiboot module is handed over as bytes
+                initrd = files.read("initrd")
             if initrd is not None and not modules:    # kvmpy's --initrd: one module, named by its path
                 modules, module_data = [(initrd_path, initrd_path)], [initrd]
             return load_multiboot(memory, kernel_path, image, header, cmdline,
@@ -260,7 +284,7 @@ def _load_pvh(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_
     nr_modules = 0
     if initrd is not None:
         addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, 0xFFFFFFFF, f"initrd {initrd_path}")
-        memory.write(addr, initrd)
+        _write(memory, addr, initrd)
         memory.write(layout.PVH_MODLIST_ADDR, struct.pack("<QQQQ", addr, len(initrd), 0, 0))
         nr_modules = 1
     e820 = layout.e820_map(mem_size)
@@ -328,7 +352,7 @@ def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, 
         initrd_max, = struct.unpack_from("<I", image, HDR_INITRD_ADDR_MAX)
         addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, initrd_max or 0x37FFFFFF,
                             f"initrd {initrd_path}")
-        memory.write(addr, initrd)
+        _write(memory, addr, initrd)
         struct.pack_into("<I", zero_page, HDR_RAMDISK_IMAGE, addr & 0xFFFFFFFF)
         struct.pack_into("<I", zero_page, HDR_RAMDISK_SIZE, len(initrd) & 0xFFFFFFFF)
         struct.pack_into("<I", zero_page, BP_EXT_RAMDISK_IMAGE, addr >> 32)
