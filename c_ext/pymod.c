@@ -1296,8 +1296,21 @@ static PyTypeObject CpuType = {
     .tp_doc = "x86 translator vCPU",
 };
 
+static PyObject *tcg_start_tsc_calibration(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    start_tsc_calibration();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef tcg_functions[] = {
+    { "start_tsc_calibration", tcg_start_tsc_calibration, METH_NOARGS,
+      "begin measuring the host TSC's frequency now; Cpu.host_tsc_hz() waits only for what is left of it" },
+    { NULL }
+};
+
 static struct PyModuleDef tcg_module = {
-    PyModuleDef_HEAD_INIT, "_tcg", "kvmpy C translator (x86 CPU)", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_tcg", "kvmpy C translator (x86 CPU)", -1, tcg_functions,
 };
 
 PyMODINIT_FUNC PyInit__tcg(void)

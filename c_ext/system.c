@@ -743,21 +743,41 @@ static void tsc_at_instant(uint64_t *ns, uint64_t *tsc)
     }
 }
 
+/* The calibration interval's first end, when start_tsc_calibration() took it: the VMM
+ * builds its machine (imports, devices, the kernel's load) while the interval runs,
+ * instead of sleeping through it at the end. */
+#define TSC_CALIBRATION_NS 20000000ull
+/* An older start is taken again: across a host suspend the TSC and the raw clock need
+ * not have advanced together. */
+#define TSC_CALIBRATION_MAX_AGE_NS 1000000000ull
+static uint64_t calibration_ns0, calibration_tsc0;
+
+void start_tsc_calibration(void)
+{
+    tsc_at_instant(&calibration_ns0, &calibration_tsc0);
+}
+
 /* The host TSC's frequency, which the guest's TSC runs at (rdtsc is the host's plus an
- * offset): measured once against CLOCK_MONOTONIC_RAW over 20 ms, so CPUID 0x15/0x16 can
- * announce it and Linux need not calibrate the TSC against the PIT (thousands of port
- * exits). Each end is bracketed within ~100 ns, a few ppm of the interval; rounded to
- * 1 kHz, Linux's unit. */
+ * offset): measured once against CLOCK_MONOTONIC_RAW over at least 20 ms (from
+ * start_tsc_calibration(), or from this call), so CPUID 0x15/0x16 can announce it and
+ * Linux need not calibrate the TSC against the PIT (thousands of port exits). Each end
+ * is bracketed within ~100 ns, a few ppm of the interval; rounded to 1 kHz, Linux's
+ * unit. */
 uint64_t host_tsc_hz(void)
 {
     static uint64_t hz;
     if (hz)
         return hz;
-    uint64_t ns0, tsc0, ns1, tsc1;
-    tsc_at_instant(&ns0, &tsc0);
-    struct timespec pause = { 0, 20000000 };
-    while (nanosleep(&pause, &pause) != 0)
-        ;
+    uint64_t ns0 = calibration_ns0, tsc0 = calibration_tsc0, ns1, tsc1;
+    if (!ns0 || raw_ns() - ns0 > TSC_CALIBRATION_MAX_AGE_NS)
+        tsc_at_instant(&ns0, &tsc0);
+    uint64_t elapsed = raw_ns() - ns0;
+    if (elapsed < TSC_CALIBRATION_NS) {
+        uint64_t left = TSC_CALIBRATION_NS - elapsed;
+        struct timespec pause = { (time_t)(left / 1000000000ull), (long)(left % 1000000000ull) };
+        while (nanosleep(&pause, &pause) != 0)
+            ;
+    }
     tsc_at_instant(&ns1, &tsc1);
     uint64_t measured = (uint64_t)((double)(tsc1 - tsc0) * 1e9 / (double)(ns1 - ns0));
     hz = (measured + 500) / 1000 * 1000;

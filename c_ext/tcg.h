@@ -437,6 +437,7 @@ int msr_read(CPU *c, uint32_t idx, uint64_t *val);
 int msr_write(CPU *c, uint32_t idx, uint64_t val);
 void do_cpuid(CPU *c);
 uint64_t host_tsc_hz(void);
+void start_tsc_calibration(void);
 void set_cr0(CPU *c, uint64_t v);
 void set_cr3(CPU *c, uint64_t v);
 void set_cr4(CPU *c, uint64_t v);

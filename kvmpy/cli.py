@@ -69,7 +69,7 @@ def _qemu_run_args(argv: list[str] | None) -> list[str] | None:
     if _named_command(args) != "run":
         return None
     rest = args[args.index("run") + 1:]
-    from .qemu_cli import wants_qemu_parser
+    from .qemu_spelling import wants_qemu_parser
     return rest if wants_qemu_parser(rest) else None
 
 

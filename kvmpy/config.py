@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -353,6 +352,7 @@ def load_config(path: str) -> VmConfig:
         # TOML is UTF-8 by definition; point at the first bad byte so it can be found.
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
                           f"{e.start})") from None
+    import tomllib      # only where a vm.toml is read: its parser costs every other start-up ~3 ms
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -27,6 +27,7 @@ from .config import (DISK_CACHE_MODES, DeviceConfig, DiskConfig, NetConfig, VmCo
                      parse_netdev, parse_on_off, parse_size, parse_user_net_options, set_keymap, set_vnc,
                      VGA_KINDS)
 from .errors import ConfigError
+from .qemu_spelling import wants_qemu_parser  # noqa: F401 - kvmpy.qemu_cli's name for it too
 
 log = logging.getLogger(__name__)
 
@@ -1099,32 +1100,6 @@ def _kvmpy_option(line: QemuCommandLine, name: str, value: str | None) -> None:
         line._serial_given = True
     else:
         getattr(line, "opt_" + name.replace("-", "_"))(value, f"--{name}")
-
-
-# An argument of `kvmpy run` that only QEMU's grammar explains: a single dash and a
-# word (`-hda`, `-enable-kvm`, `-m` excepted: kvmpy's own short option).
-_QEMU_LONG = re.compile(r"-[A-Za-z][A-Za-z0-9_-]+(=.*)?")
-_KVMPY_RUN_VALUE_OPTIONS = {"--accel", "--kernel", "--initrd", "--append", "-m", "--memory", "--smp", "--serial",
-                            "--drive", "--net", "--device", "--name", "--qmp", "--monitor", "--pidfile",
-                            "--runas", "--sandbox", "--trace"}
-
-
-def wants_qemu_parser(args: list[str]) -> bool:
-    """Whether `kvmpy run ARGS` is in QEMU's spelling: some argument is a single-dash
-    long option (or a single-dash flag QEMU has, such as -S), not the value of a kvmpy option."""
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a in _KVMPY_RUN_VALUE_OPTIONS:
-            skip = True
-            continue
-        if a == "--":
-            return False
-        if _QEMU_LONG.fullmatch(a) or a in ("-S", "-M", "-L", "-D", "-d", "-k"):
-            return True
-    return False
 
 
 def config_from_qemu_args(argv: list[str], *, allow_config: bool = False, ignore_display: bool = False,

@@ -214,6 +214,9 @@ def _check_linux_on_software_nested_kvm(cfg: VmConfig) -> None:
 def _run(cfg: VmConfig, notify_running) -> int:
     """The VM process (the daemonized child with --daemonize): its one event loop
     serves the console, the monitors, the signals and the machine's devices."""
+    if cfg.accel != "kvm":      # the translator may run it: its TSC calibration overlaps the imports
+        from .hv.tcg.vcpu import start_tsc_calibration
+        start_tsc_calibration()
     from .console import open_console
     from .machine import Machine
     from .monitor import console_monitor, start_servers

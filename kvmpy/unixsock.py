@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import socket
 
 SUN_PATH_MAX = 107          # sockaddr_un.sun_path holds 108 bytes with the NUL
@@ -47,7 +46,7 @@ def _bind_staged(sock: socket.socket, path: str) -> str:
     path the user asked for still works)."""
     directory = os.path.dirname(path)
     for _ in range(8):
-        staged = os.path.join(directory, f".kvmpy-{secrets.token_hex(4)}.sock")
+        staged = os.path.join(directory, f".kvmpy-{os.urandom(4).hex()}.sock")
         if len(os.fsencode(staged)) > SUN_PATH_MAX:
             break
         try:

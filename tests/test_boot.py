@@ -145,3 +145,70 @@ def test_garbage_headers_never_crash(tmp_path_factory, blob, where):
         pass
     finally:
         mem.close()
+
+
+def _load_both_ways(tmp_path, image: bytes, initrd: bytes | None = None):
+    """What load_kernel makes of ``image`` by path and through BootFiles (a running
+    machine's way, which reads a bzImage's kernel and an initrd straight into guest
+    RAM): for each, (BootState or the BootError's text, the zero page, the start-info
+    page, guest RAM from 1 MiB to 16 MiB (the kernel) and its top 16 MiB (the initrd))."""
+    from kvmpy.boot.loader import BootFiles
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(image)
+    initrd_path = None
+    if initrd is not None:
+        (tmp_path / "initrd").write_bytes(initrd)
+        initrd_path = str(tmp_path / "initrd")
+    results = []
+    for through_files in (False, True):
+        mem = GuestMemory.anonymous(layout.ram_layout(64 << 20))
+        files = BootFiles(str(kernel), initrd_path) if through_files else None
+        try:
+            state = load_kernel(mem, str(kernel), "console=ttyS0", initrd_path, files=files)
+            outcome = (state.regs, state.kernel_end, state.notes)
+        except BootError as e:
+            outcome = str(e)
+        finally:
+            if files is not None:
+                files.close()
+        results.append((outcome, mem.read(layout.ZERO_PAGE_ADDR, 4096), mem.read(layout.PVH_START_INFO_ADDR, 4096),
+                        mem.read(0x100000, 15 << 20), mem.read(48 << 20, 16 << 20)))
+        mem.close()
+    return results
+
+
+@pytest.mark.parametrize("guest", ["hello", "multiboot_elf", "multiboot_aout"])
+def test_an_elf_or_multiboot_kernel_and_its_initrd_load_the_same_through_the_machines_open_files(tmp_path,
+                                                                                                  guest):
+    with open(guest_path(guest), "rb") as f:
+        image = f.read()
+    by_path, by_files = _load_both_ways(tmp_path, image, bytes(range(256)) * 4000 + b"end")
+    assert not isinstance(by_path[0], str), by_path[0]
+    assert by_files == by_path
+
+
+@settings(max_examples=40, deadline=None)
+@given(setup_sects=st.integers(1, 255), payload_size=st.integers(0, 300_000), seed=st.integers(0, 255),
+       with_initrd=st.booleans())
+def test_a_bzimage_loads_the_same_through_the_machines_open_files(tmp_path_factory, setup_sects, payload_size,
+                                                                  seed, with_initrd):
+    """BootFiles reads only a bzImage's setup part into Python and the kernel after it
+    straight into guest RAM; guest RAM, the zero page and the boot state (or the error)
+    are what reading the whole file gives, for every setup size and kernel size."""
+    payload = bytes((seed + i) & 0xFF for i in range(251)) * (payload_size // 251 + 1)
+    image = fake_bzimage(setup_sects=setup_sects, payload=payload[:payload_size])
+    by_path, by_files = _load_both_ways(tmp_path_factory.mktemp("k"), image,
+                                        b"\x1f\x8b" + bytes(5000) if with_initrd else None)
+    assert by_files == by_path
+
+
+def test_a_kernel_shorter_than_its_size_said_is_one_error(tmp_path):
+    from kvmpy.boot.loader import BootFiles
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(fake_bzimage(payload=b"\x90" * 4096))
+    files = BootFiles(str(kernel))
+    try:
+        with pytest.raises(BootError, match=f"kernel {kernel}: shorter than"):
+            files.read_into("kernel", 5 * 512, memoryview(bytearray(8192)))
+    finally:
+        files.close()

@@ -8,6 +8,7 @@ tables) and returns the bootstrap vCPU's initial state.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ..errors import BootError, GuestMemoryError
@@ -50,6 +51,10 @@ E820_MAX_ENTRIES_ZEROPAGE = 128
 XLF_KERNEL_64 = 1 << 0
 LOADED_HIGH = 1 << 0
 CAN_USE_HEAP = 1 << 7
+# A bzImage's real-mode part: the boot sector and up to 255 setup sectors. Only this
+# much of a regular file is read into Python; the protected-mode kernel after it
+# (megabytes) is read straight into guest RAM.
+BZIMAGE_SETUP_MAX = (1 + 255) * 512
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -87,25 +92,74 @@ class BootFiles:
         except OSError as e:
             raise BootError(f"{what} {path}: {e.strerror}") from None
 
-    def read(self, what: str) -> bytes | None:
-        """The whole file as it is now (``what``: "kernel" or "initrd"), None if not given."""
+    def read(self, what: str, limit: int | None = None) -> bytes | None:
+        """The whole file as it is now (``what``: "kernel" or "initrd"), or its first
+        ``limit`` bytes; None if not given."""
         fd = self._fds.get(what)
         if fd is None:
             return None
         chunks, offset = [], 0
         try:
-            while chunk := os.pread(fd, 1 << 24, offset):
+            while limit is None or offset < limit:
+                chunk = os.pread(fd, 1 << 24 if limit is None else min(1 << 24, limit - offset), offset)
+                if not chunk:
+                    break
                 chunks.append(chunk)
                 offset += len(chunk)
         except OSError as e:
-            path = {"kernel": self.kernel_path, "initrd": self.initrd_path}.get(what, what)
-            raise BootError(f"{what} {path}: {e.strerror}") from None
+            raise BootError(f"{what} {self._path(what)}: {e.strerror}") from None
         return b"".join(chunks)
+
+    def regular_size(self, what: str) -> int | None:
+        """The size of ``what`` now when it is a regular file; None for anything else
+        (a block device's size is not st_size)."""
+        try:
+            st = os.fstat(self._fds[what])
+        except OSError as e:
+            raise BootError(f"{what} {self._path(what)}: {e.strerror}") from None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def read_into(self, what: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the file's bytes from ``offset`` on, read straight into it."""
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self._fds[what], [view[done:]], offset + done)
+                if n == 0:
+                    raise BootError(f"{what} {self._path(what)}: shorter than it was a moment ago "
+                                    "(changed while being loaded)")
+                done += n
+        except OSError as e:
+            raise BootError(f"{what} {self._path(what)}: {e.strerror}") from None
+
+    def _path(self, what: str) -> str:
+        return {"kernel": self.kernel_path, "initrd": self.initrd_path}.get(what, what)
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class _UnreadFile:
+    """An initrd of BootFiles not read yet: its size, for placing it, and its bytes read
+    straight into guest RAM where it is placed (a distribution's initrd is tens of MiB)."""
+
+    def __init__(self, files: BootFiles, what: str, size: int) -> None:
+        self.files, self.what, self.size = files, what, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, memory: GuestMemory, gpa: int) -> None:
+        self.files.read_into(self.what, 0, memory.view(gpa, self.size))
+
+
+def _write(memory: GuestMemory, gpa: int, data: bytes | _UnreadFile) -> None:
+    if isinstance(data, _UnreadFile):
+        data.load(memory, gpa)
+    else:
+        memory.write(gpa, data)
 
 
 def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
@@ -114,9 +168,17 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
                 modules: list[tuple[str, str]] | tuple = ()) -> BootState:
     """``files``: read the kernel, initrd and modules through these instead of opening the paths.
     ``modules``: a multiboot kernel's (path, command line), QEMU's ``-initrd "a arg,b"``."""
+    payload_source = None
     if files is not None:
-        image, initrd = files.read("kernel"), files.read("initrd")
         modules = modules or files.modules
+        size = files.regular_size("kernel") if not modules else None
+        image = files.read("kernel", BZIMAGE_SETUP_MAX) if size is not None else None
+        if image is not None and size > len(image) and _plain_bzimage(image):
+            payload_source = files
+        else:
+            image = files.read("kernel")
+        initrd_size = files.regular_size("initrd") if files.initrd_path else None
+        initrd = _UnreadFile(files, "initrd", initrd_size) if initrd_size is not None else files.read("initrd")
         module_data = [files.read(f"module{i}") or b"" for i in range(len(modules))]
     else:
         image = _read_file(kernel_path, "kernel")
@@ -128,6 +190,8 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
         # As QEMU: a multiboot header wins over the ELF's PVH note (a multiboot kernel may be ELF).
         header = None if is_linux else find_header(image)
         if header is not None:
+            if isinstance(initrd, _UnreadFile):     # a multiboot module is handed over as bytes
+                initrd = files.read("initrd")
             if initrd is not None and not modules:    # kvmpy's --initrd: one module, named by its path
                 modules, module_data = [(initrd_path, initrd_path)], [initrd]
             return load_multiboot(memory, kernel_path, image, header, cmdline,
@@ -139,7 +203,8 @@ def load_kernel(memory: GuestMemory, kernel_path: str, cmdline: str = "",
         if image[:4] == b"\x7fELF":
             return _load_pvh(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
         if len(image) > HDR_MAGIC + 4 and image[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS":
-            return _load_bzimage(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size)
+            return _load_bzimage(memory, kernel_path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size,
+                                 payload_source)
     except GuestMemoryError as e:
         raise BootError(f"kernel {kernel_path}: does not fit in guest RAM ({e})") from None
     except (struct.error, IndexError) as e:
@@ -219,7 +284,7 @@ def _load_pvh(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_
     nr_modules = 0
     if initrd is not None:
         addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, 0xFFFFFFFF, f"initrd {initrd_path}")
-        memory.write(addr, initrd)
+        _write(memory, addr, initrd)
         memory.write(layout.PVH_MODLIST_ADDR, struct.pack("<QQQQ", addr, len(initrd), 0, 0))
         nr_modules = 1
     e820 = layout.e820_map(mem_size)
@@ -235,7 +300,16 @@ def _load_pvh(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_
 
 # --- bzImage -------------------------------------------------------------------
 
-def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size) -> BootState:
+def _plain_bzimage(head: bytes) -> bool:
+    """Whether load_kernel would take a file starting with ``head`` for a bzImage (an ELF
+    with a bzImage's magic is loaded as the ELF)."""
+    return head[:4] != b"\x7fELF" and len(head) > HDR_MAGIC + 4 and head[HDR_MAGIC:HDR_MAGIC + 4] == b"HdrS"
+
+
+def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, mem_size,
+                  payload_source: BootFiles | None = None) -> BootState:
+    """``image``: the whole file; or, with ``payload_source``, only its first
+    BZIMAGE_SETUP_MAX bytes, the rest read from there straight into guest RAM."""
     version, = struct.unpack_from("<H", image, HDR_VERSION)
     if version < 0x20C:
         raise BootError(f"kernel {path}: boot protocol {version >> 8}.{version & 0xFF} is too old "
@@ -247,15 +321,19 @@ def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, 
         raise BootError(f"kernel {path}: zImage (not loaded high) kernels are not supported")
     setup_sects = image[HDR_SETUP_SECTS] or 4
     kernel_off = (setup_sects + 1) * 512
-    if kernel_off >= len(image):
+    file_size = payload_source.regular_size("kernel") if payload_source is not None else len(image)
+    if file_size is None or kernel_off >= file_size:
         raise BootError(f"kernel {path}: setup_sects {setup_sects} points past the end of the file")
-    payload = image[kernel_off:]
+    payload_size = file_size - kernel_off
     init_size, = struct.unpack_from("<I", image, HDR_INIT_SIZE)
     load_addr = layout.HIGH_MEMORY
-    kernel_end = load_addr + max(len(payload), init_size)
+    kernel_end = load_addr + max(payload_size, init_size)
     if not memory.contains(load_addr, kernel_end - load_addr):
         raise BootError(f"kernel {path}: needs {kernel_end - load_addr} bytes at 1 MiB, more than guest RAM")
-    memory.write(load_addr, payload)
+    if payload_source is not None:
+        payload_source.read_into("kernel", kernel_off, memory.view(load_addr, payload_size))
+    else:
+        memory.write(load_addr, memoryview(image)[kernel_off:])   # a view: the kernel is megabytes
 
     header_end = HDR_JUMP + 2 + image[HDR_JUMP + 1]
     zero_page = bytearray(4096)
@@ -274,7 +352,7 @@ def _load_bzimage(memory, path, image, cmdline, initrd_path, initrd, rsdp_addr, 
         initrd_max, = struct.unpack_from("<I", image, HDR_INITRD_ADDR_MAX)
         addr = place_initrd(memory, len(initrd), (kernel_end + 0xFFF) & ~0xFFF, initrd_max or 0x37FFFFFF,
                             f"initrd {initrd_path}")
-        memory.write(addr, initrd)
+        _write(memory, addr, initrd)
         struct.pack_into("<I", zero_page, HDR_RAMDISK_IMAGE, addr & 0xFFFFFFFF)
         struct.pack_into("<I", zero_page, HDR_RAMDISK_SIZE, len(initrd) & 0xFFFFFFFF)
         struct.pack_into("<I", zero_page, BP_EXT_RAMDISK_IMAGE, addr >> 32)

@@ -29,7 +29,8 @@ def start_servers(control: VmControl, qmp_specs=(), hmp_specs=(), events: EventL
     already started.
     """
     from .hmp import start_hmp_server
-    from .qmp import start_qmp_server
+    if qmp_specs:       # QMP's module (and json) only in a VM that serves it
+        from .qmp import start_qmp_server
 
     servers: list = []
     try:

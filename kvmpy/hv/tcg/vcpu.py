@@ -117,6 +117,13 @@ _REG_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9"
 NATIVE_DEFAULT_THRESHOLD = 50
 
 
+def start_tsc_calibration() -> None:
+    """Begin measuring the host TSC's frequency (TcgVcpu.host_tsc_hz) now, so the 20 ms
+    it takes pass while the machine is built rather than in the accelerator's set-up."""
+    if _tcg is not None:        # without the module the accelerator reports it
+        _tcg.start_tsc_calibration()
+
+
 def new_port_queue():
     """A machine's queue of port writes, for set_port_queue on each of its vCPUs."""
     return _tcg.PortQueue()
