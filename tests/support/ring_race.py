@@ -17,6 +17,7 @@ from cffi import FFI
 CDEF = """
 struct racer;
 struct racer *racer_start(uintptr_t addr, int mode, uint16_t a, uint16_t b);
+uint64_t racer_changes(struct racer *r);
 void racer_stop(struct racer *r, uint64_t out[3]);
 """
 
@@ -33,7 +34,8 @@ struct racer {
     uint16_t a, b;
     int mode;
     atomic_int started, stop;
-    uint64_t changes, bad, first_bad;
+    _Atomic uint64_t changes;
+    uint64_t bad, first_bad;
     pthread_t thread;
 };
 
@@ -75,6 +77,11 @@ struct racer *racer_start(uintptr_t addr, int mode, uint16_t a, uint16_t b)
     while (!atomic_load(&r->started))
         ;
     return r;
+}
+
+uint64_t racer_changes(struct racer *r)
+{
+    return atomic_load(&r->changes);
 }
 
 void racer_stop(struct racer *r, uint64_t out[3])
@@ -120,6 +127,10 @@ class Racer:
         if self.handle == self.ffi.NULL:
             raise OSError("racer thread did not start")
         return self
+
+    def changes_so_far(self) -> int:
+        """What a watching thread has seen change while it runs."""
+        return self.lib.racer_changes(self.handle)
 
     def __exit__(self, *exc) -> None:
         out = self.ffi.new("uint64_t[3]")
