@@ -18,7 +18,6 @@ from .errors import GuestMemoryError, HostError
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
-
 HUGE_PAGE = 2 << 20
 
 
