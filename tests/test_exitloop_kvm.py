@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import guest_path, run_kvmpy
-from support.exitloop import (EchoRegister, RecordingPorts, expected_console, kvm_machine, loop_totals,
-                              printed_console, run_to_end, wait_until)
+from support.exitloop import (EchoRegister, RecordingPorts, attach_echo_registers, echo_writes, expected_console,
+                              kvm_machine, loop_totals, printed_console, run_to_end, wait_until)
 
 pytestmark = [pytest.mark.usefixtures("kvm_required"), pytest.mark.guest]
 
@@ -60,16 +60,14 @@ def test_claimed_port_and_mmio_accesses_of_every_size_reach_their_device(fast_pa
     the tracer and the profiler use), with rep string I/O among them."""
     rounds = 500
     m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
-    port_dev, mmio_dev = EchoRegister(), EchoRegister()
-    m.pio_bus.register(0x300, 1, port_dev)
-    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    port_dev, mmio_dev = attach_echo_registers(m)
     if not fast_path:
         for v in m.vcpus:
             v.report_every_exit = True
     run_to_end(m)
     out = con.text()
     assert f"echo: {rounds} rounds, 0 wrong answers" in out, out
-    port_expected, mmio_expected = _echo_writes(rounds)
+    port_expected, mmio_expected = echo_writes(rounds)
     assert port_dev.writes == port_expected and mmio_dev.writes == mmio_expected
     assert port_dev.reads == 3 * rounds + 16 and mmio_dev.reads == 4 * rounds
     decoded = loop_totals(m)["decoded"]
@@ -175,26 +173,16 @@ def test_pause_cont_reset_and_quit_during_a_storm():
     assert not done.is_alive() and time.monotonic() - t < 10
 
 
-def _echo_writes(rounds: int) -> tuple[list, list]:
-    """The writes exitstorm.elf's echo= mode makes: at the port, at the MMIO register."""
-    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
-    sized = [[(0, n, v & ((1 << (8 * n)) - 1)) for n in (1, 2, 4, 8)] for v in values]
-    port = [w for ws in sized for w in ws[:3]] + [(0, 1, 0xA0 + i) for i in range(16)]
-    return port, [w for ws in sized for w in ws]
-
-
 def test_pause_cont_reset_and_quit_during_a_claimed_storm():
     """Decoded reads and writes to claimed registers while the machine pauses, resumes
     and resets: none lost, none repeated, every read answered (the guest checks them)."""
     rounds = 8000       # long enough that the reset comes mid-run even where exits are cheap
     m, con = kvm_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
-    port_dev, mmio_dev = EchoRegister(), EchoRegister()
-    m.pio_bus.register(0x300, 1, port_dev)
-    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    port_dev, mmio_dev = attach_echo_registers(m)
     events: list[str] = []
     m.add_event_listener(lambda name, data: events.append(name))
     done = threading.Thread(target=m.wait, daemon=True)
-    port_expected, mmio_expected = _echo_writes(rounds)
+    port_expected, mmio_expected = echo_writes(rounds)
     try:
         m.start()
         done.start()

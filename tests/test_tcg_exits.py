@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import guest_path
-from support.exitloop import (EchoRegister, expected_console, printed_console, run_to_end,
+from support.exitloop import (attach_echo_registers, echo_writes, expected_console, printed_console, run_to_end,
                               serve_port_exits_to_hlt, tcg_machine)
 from support.tcg import TcgVcpu, assemble, identity_map_2m, make_memory, regs, set_long_mode
 
@@ -361,14 +361,6 @@ def test_divisor_writes_through_the_queue_reach_the_uart_as_divisor():
 # ---- whole machines -------------------------------------------------------------------------
 
 
-def _echo_writes(rounds: int) -> tuple[list, list]:
-    """The writes exitstorm.elf's echo= mode makes: at the port, at the MMIO register."""
-    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
-    sized = [[(0, n, v & ((1 << (8 * n)) - 1)) for n in (1, 2, 4, 8)] for v in values]
-    port = [w for ws in sized for w in ws[:3]] + [(0, 1, 0xA0 + i) for i in range(16)]
-    return port, [w for ws in sized for w in ws]
-
-
 def _decoded(m) -> int:
     return sum(v.stats()["decoded_exits"] for v in m.vcpus)
 
@@ -378,16 +370,14 @@ def _decoded(m) -> int:
 def test_claimed_accesses_of_every_size_reach_their_device_in_order(fast_path):
     rounds = 300
     m, con = tcg_machine(guest_path("exitstorm"), f"echo={rounds} port=0x300 mmioecho=0xfeb20000")
-    port_dev, mmio_dev = EchoRegister(), EchoRegister()
-    m.pio_bus.register(0x300, 1, port_dev)
-    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    port_dev, mmio_dev = attach_echo_registers(m)
     if not fast_path:
         for v in m.vcpus:
             v.decoded_exits = lambda: None          # what the loop sees under --trace
     run_to_end(m)
     out = con.text()
     assert f"echo: {rounds} rounds, 0 wrong answers" in out, out
-    port_expected, mmio_expected = _echo_writes(rounds)
+    port_expected, mmio_expected = echo_writes(rounds)
     assert port_dev.writes == port_expected and mmio_dev.writes == mmio_expected
     assert port_dev.reads == 3 * rounds + 16 and mmio_dev.reads == 4 * rounds
     if fast_path:

@@ -75,6 +75,23 @@ class EchoRegister:
         self.last = value
 
 
+def attach_echo_registers(m) -> tuple[EchoRegister, EchoRegister]:
+    """exitstorm.elf's echo= registers on machine ``m``: at port 0x300 and at MMIO
+    0xfeb20000 (its cmdline's port= and mmioecho=)."""
+    port_dev, mmio_dev = EchoRegister(), EchoRegister()
+    m.pio_bus.register(0x300, 1, port_dev)
+    m.mmio_bus.register(0xFEB20000, 8, mmio_dev)
+    return port_dev, mmio_dev
+
+
+def echo_writes(rounds: int) -> tuple[list, list]:
+    """The writes exitstorm.elf's echo= mode makes: at the port, at the MMIO register."""
+    values = [(i * 0x9E3779B97F4A7C15) % 2**64 for i in range(rounds)]
+    sized = [[(0, n, v & ((1 << (8 * n)) - 1)) for n in (1, 2, 4, 8)] for v in values]
+    port = [w for ws in sized for w in ws[:3]] + [(0, 1, 0xA0 + i) for i in range(16)]
+    return port, [w for ws in sized for w in ws]
+
+
 def kvm_machine(guest: str, cmdline: str, pci_testdev: bool = False) -> tuple[Machine, CapturedConsole]:
     devices = [DeviceConfig(type="pci-testdev")] if pci_testdev else []
     cfg = VmConfig(accel="kvm", memory=64 * MiB, kernel=guest, cmdline=cmdline, devices=devices)
