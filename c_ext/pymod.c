@@ -1013,7 +1013,7 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 
 static PyObject *core_stats(CPU *c, PyObject *ops)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)c->st_insns,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)(c->st_insns + c->st_native_insns),
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,

@@ -265,7 +265,9 @@ typedef struct CPU {
     struct { uint32_t fn, idx, flags, eax, ebx, ecx, edx; } cpuid[MAX_CPUID];
     int cpu_index;
 
-    /* statistics (decode vs execute split for the benchmark) */
+    /* statistics (decode vs execute split for the benchmark); st_insns counts the
+     * instructions run outside compiled blocks (stats() adds st_native_insns: compiled
+     * code bumps one counter, not two) */
     uint64_t st_insns, st_blocks, st_translated, st_decoded_insns, st_decode_ns, st_exec_ns;
     uint64_t st_invalidations;
     /* --trace profile: slow memory paths (TLB misses, page crossings, MMIO, writes to

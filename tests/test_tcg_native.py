@@ -865,6 +865,29 @@ def test_chained_loop_takes_interrupts_and_stops_when_kicked():
     _loop_takes_kicks_and_interrupts(CHAINED_LOOP, "native_chained", ("rcx", "rdx", "rsi"))
 
 
+# One block that jumps back to its own start: the compiled loop re-enters its body
+# directly, with its registers still in host registers (rcx and rdx are cached: each
+# is named twice)
+SELF_LOOP = """
+    sti
+    xor ecx, ecx
+    xor edx, edx
+spin:
+    add rcx, 1
+    add rdx, 1
+    cmp rcx, rdx
+    je spin
+    hlt
+irq:
+    mov rax, 0x1234
+    hlt
+"""
+
+
+def test_self_loop_takes_interrupts_and_stops_when_kicked():
+    _loop_takes_kicks_and_interrupts(SELF_LOOP, "native_chained", ("rcx", "rdx"))
+
+
 # a chained loop whose first block is rewritten halfway: the second half adds 1000
 SMC_IN_CHAINED_LOOP = """
     xor ebx, ebx
@@ -940,6 +963,42 @@ skip:
 func:
     ret
 """
+
+
+# one block that rewrites its own immediate on every round and jumps back to itself:
+# from round 101 on the immediate is 1000
+SMC_IN_SELF_LOOP = """
+    xor ebx, ebx
+    mov ecx, 200
+    mov edx, 1
+    mov r9d, 1000
+    lea rdi, [rip + imm]
+again:
+    .byte 0xb8                      # mov eax, imm32
+imm:
+    .long 1
+    add ebx, eax
+    dec ecx
+    cmp ecx, 100
+    cmovbe edx, r9d
+    mov [rdi], edx
+    test ecx, ecx
+    jnz again
+    hlt
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 50, None])
+def test_self_modifying_code_in_a_self_loop(threshold):
+    """A compiled block that stores into its own code and jumps back to its start runs
+    the new bytes on the next round."""
+    m = LongMachine(SMC_IN_SELF_LOOP)
+    try:
+        m.vcpu.set_native_threshold(threshold)
+        assert m.run() == exits.EXIT_HLT
+        assert m.regs().rbx & 0xFFFFFFFF == 100 * 1 + 100 * 1000
+    finally:
+        m.close()
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 50, None])

@@ -13,9 +13,10 @@
 #define CHAIN_EXIT_CODE 256
 /* an indirect exit's lookup (emit_lookup_exit), at most */
 #define LOOKUP_EXIT_CODE 448
-/* bytes of the prologue (push rbx, r12-r15; mov rbx, rdi) a chained jump skips: the
- * frame is the same in every block, so one block's code can run on another's */
-#define NATIVE_CHAIN_ENTRY 12
+/* bytes of the prologue (push rbx, r12-r15, rbp; sub rsp, 8; mov rbx, rdi) a chained
+ * jump skips: the frame is the same in every block, so one block's code can run on
+ * another's */
+#define NATIVE_CHAIN_ENTRY 17
 
 int native_threshold_from_env(void)
 {
@@ -60,10 +61,18 @@ void native_arena_free(CPU *c)
 
 enum { RAX = 0, RCX = 1, RDX = 2, RBX = 3, RSP = 4, RBP = 5, RSI = 6, RDI = 7 };
 
+/* The host registers that may hold guest registers (choose_cached), in the order they
+ * are handed out: the callee-saved ones first. The code's scratch registers are rax,
+ * rcx, rdx, rsi, rdi and r8; rbx holds the CPU. r9-r11 are not saved by the C
+ * functions the code calls: emit_call_rax saves the ones in use around such a call,
+ * and a helper that may write guest registers is followed by reload_cached anyway. */
+static const int8_t cache_regs[] = { 12, 13, 14, 15, RBP, 9, 10, 11 };
+#define CACHE_REGS ((int)sizeof cache_regs)
+
 typedef struct Emit {
     uint8_t *p, *end;
     /* Guest registers cached in host registers within the block (choose_cached): guest
-     * register n is also in host register host[n] (12-15: r12-r15), or host[n] is 0.
+     * register n is also in host register host[n] (one of cache_regs), or host[n] is 0.
      * A 64-bit register write of the generated code goes to host[n] alone and marks it
      * in `dirty` (c->r[n] stale); flush_greg writes it back before anything reads
      * c->r[n]: any other access of it in memory (op_mem, the byte and word forms), a
@@ -76,6 +85,32 @@ typedef struct Emit {
 static void b1(Emit *e, uint8_t v) { *e->p++ = v; }
 static void b4(Emit *e, uint32_t v) { memcpy(e->p, &v, 4); e->p += 4; }
 static void b8(Emit *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
+
+/* REX prefix: W (64-bit operand), R (the modrm reg field's register), B (the rm's) */
+static uint8_t rex(int w, int r, int b)
+{
+    return (uint8_t)(0x40 | (w ? 8 : 0) | ((r >> 3) << 2) | (b >> 3));
+}
+
+/* mov [rbx + disp32], h (64 bits) */
+static void store_host(Emit *e, int h, int32_t disp)
+{
+    b1(e, rex(1, h, 0)); b1(e, 0x89); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));
+    b4(e, (uint32_t)disp);
+}
+
+/* mov h, [rbx + disp32] (64 bits) */
+static void load_host(Emit *e, int h, int32_t disp)
+{
+    b1(e, rex(1, h, 0)); b1(e, 0x8b); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));
+    b4(e, (uint32_t)disp);
+}
+
+/* opc with two registers, the modrm reg field `r` and rm `m` (w: 64-bit operands) */
+static void op_rr(Emit *e, int w, uint8_t opc, int r, int m)
+{
+    b1(e, rex(w, r, m)); b1(e, opc); b1(e, (uint8_t)(0xc0 | ((r & 7) << 3) | (m & 7)));
+}
 
 #define CPU_OFF(field) ((int32_t)offsetof(CPU, field))
 #define GREG(n) (CPU_OFF(r) + 8 * (int32_t)(n))
@@ -95,8 +130,7 @@ static void emit_writeback(Emit *e, uint16_t set)
         int h = e->host[n];
         if (!(set & (1u << n)))
             continue;
-        b1(e, 0x4c); b1(e, 0x89); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov [rbx+d], r1x */
-        b4(e, (uint32_t)GREG(n));
+        store_host(e, h, GREG(n));
     }
 }
 
@@ -119,14 +153,33 @@ static void greg_written(Emit *e, int n)
     int h = e->host[n];
     if (!h)
         return;
-    b1(e, 0x4c); b1(e, 0x8b); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));   /* mov r1x, [rbx+d] */
-    b4(e, (uint32_t)GREG(n));
+    load_host(e, h, GREG(n));
 }
 
 static void reload_cached(Emit *e)
 {
     for (int n = 0; n < 16; n++)
         greg_written(e, n);
+}
+
+/* call rax, to a C function that reads and writes no guest register: the cached
+ * guest registers in caller-saved host registers are kept on the stack around it (an
+ * even number of pushes, so the callee sees the stack aligned as the block has it) */
+static void emit_call_rax(Emit *e)
+{
+    int saved[CACHE_REGS], ns = 0;
+    for (int n = 0; n < 16; n++)
+        if (e->host[n] >= 8 && e->host[n] <= 11)
+            saved[ns++] = e->host[n];
+    if (ns & 1)
+        saved[ns++] = saved[0];
+    for (int s = 0; s < ns; s++) {
+        b1(e, 0x41); b1(e, (uint8_t)(0x50 | (saved[s] & 7)));    /* push r9-r11 */
+    }
+    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    for (int s = ns - 1; s >= 0; s--) {
+        b1(e, 0x41); b1(e, (uint8_t)(0x58 | (saved[s] & 7)));    /* pop */
+    }
 }
 
 /* opcodes op_mem emits that only read their memory operand */
@@ -147,11 +200,11 @@ static void op_mem(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
     int n = greg_at(disp);
     int h = n >= 0 ? e->host[n] : 0;
     if (h && opc == 0x8b) {
-        b1(e, w ? 0x49 : 0x41); b1(e, 0x8b); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov reg, r1x */
+        op_rr(e, w, 0x8b, reg, h);                               /* mov reg, h */
         return;
     }
     if (h && opc == 0x89 && w) {
-        b1(e, 0x49); b1(e, 0x89); b1(e, (uint8_t)(0xc0 | ((reg & 7) << 3) | (h & 7)));   /* mov r1x, reg */
+        op_rr(e, 1, 0x89, reg, h);                               /* mov h, reg */
         e->dirty |= (uint16_t)(1u << n);
         return;
     }
@@ -187,6 +240,36 @@ static void load64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x8b, reg, dis
 /* zero-extends into the whole register, like the interpreter's (uint32_t) reads */
 static void load32(Emit *e, int reg, int32_t disp) { op_mem(e, 0, 0x8b, reg, disp); }
 static void store64(Emit *e, int reg, int32_t disp) { op_mem(e, 1, 0x89, reg, disp); }
+
+/* Host register h (any of them) = guest register n, whole (w) or zero-extended from
+ * 32 bits: a move from its cached copy, else a load */
+static void greg_to_host(Emit *e, int w, int h, int n)
+{
+    int src = e->host[n];
+    if (src) {
+        op_rr(e, w, 0x8b, h, src);                               /* mov h, src */
+        return;
+    }
+    b1(e, rex(w, h, 0)); b1(e, 0x8b); b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));
+    b4(e, (uint32_t)GREG(n));
+}
+
+/* mov h, imm for any host register h: the shortest form giving the 64-bit value */
+static void mov_imm_host(Emit *e, int h, uint64_t v)
+{
+    if (v <= 0xffffffffull) {
+        if (h >= 8)
+            b1(e, 0x41);
+        b1(e, (uint8_t)(0xb8 + (h & 7)));                        /* mov r32, imm32 zero-extends */
+        b4(e, (uint32_t)v);
+    } else if ((int64_t)v == (int32_t)v) {
+        b1(e, rex(1, 0, h)); b1(e, 0xc7); b1(e, (uint8_t)(0xc0 | (h & 7)));
+        b4(e, (uint32_t)v);
+    } else {
+        b1(e, rex(1, 0, h)); b1(e, (uint8_t)(0xb8 + (h & 7)));
+        b8(e, v);
+    }
+}
 
 /* mov dword [rbx + disp], imm32 */
 static void store32_imm(Emit *e, int32_t disp, uint32_t imm)
@@ -504,6 +587,11 @@ typedef struct Comp {
      * interpreted rather than run wrong */
     int cc_missing;
     int failed;
+    /* the main path runs an instruction through the interpreter (emit_step_call) */
+    int steps;
+    /* where the block's body starts, past the prologue and the cached registers' loads:
+     * a jump back to the block's own start enters here (emit_chain_exit) */
+    uint8_t *body;
 } Comp;
 
 enum { LIVE_ALL = 1, LIVE_NO_OF = 2 };
@@ -649,10 +737,88 @@ static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
     set_known(k, (int)cc, wide ? 8 : 4);
 }
 
+/* guest register dst = src (64 bits, or 32 zero-extended): one host move where either
+ * is cached */
+static void emit_mov_greg(Emit *e, int wide, int dst, int src)
+{
+    int h = e->host[dst];
+    if (h) {
+        greg_to_host(e, wide, h, src);
+        e->dirty |= (uint16_t)(1u << dst);
+        return;
+    }
+    if (wide)
+        load64(e, RAX, GREG(src));
+    else
+        load32(e, RAX, GREG(src));
+    store64(e, RAX, GREG(dst));
+}
+
+/* emit_alux on a cached destination, in place: `op h, src` with the source cached, in
+ * memory or an immediate. The host operation at the guest's size leaves the guest's
+ * flags and (at 32 bits) the zero-extended result. The lazy record is written around
+ * it for a 64-bit operation; a 32-bit one whose flags are read takes emit_alu_core's
+ * way (its record holds the 64-bit sum of the zero-extended operands). Returns 0 when
+ * it does not apply. */
+static int emit_alux_cached(Comp *k, const Insn *i, int form, int aluop)
+{
+    Emit *e = &k->e;
+    int wide = form == 0 || form == 2, h = e->host[i->rm];
+    int imm_form = form >= 2;
+    int logic = aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
+    uint32_t cc = logic ? CC_LOGIC : aluop == ALU_ADD ? CC_ADD : CC_SUB;
+    if (!h || (!k->cc_dead && (!wide || aluop == ALU_CMP)))
+        return 0;
+    if (imm_form && wide && (int64_t)i->imm != (int32_t)i->imm)
+        return 0;
+    if (!k->cc_dead) {
+        if (logic) {
+            store64_simm(e, CPU_OFF(cc_a), 0);
+            store64_simm(e, CPU_OFF(cc_b), 0);
+        } else {
+            store_host(e, h, CPU_OFF(cc_a));
+            if (imm_form)
+                store64_const(e, CPU_OFF(cc_b), i->imm);
+            else if (e->host[i->reg])
+                store_host(e, e->host[i->reg], CPU_OFF(cc_b));
+            else {
+                load64(e, RCX, GREG(i->reg));
+                store64(e, RCX, CPU_OFF(cc_b));
+            }
+        }
+    }
+    static const uint8_t ext[8] = { [ALU_ADD] = 0, [ALU_OR] = 1, [ALU_AND] = 4, [ALU_SUB] = 5,
+                                    [ALU_XOR] = 6, [ALU_CMP] = 7 };
+    static const uint8_t opc_rm[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x21,
+                                       [ALU_SUB] = 0x29, [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
+    if (imm_form) {
+        b1(e, rex(wide, 0, h)); b1(e, 0x81); b1(e, (uint8_t)(0xc0 | (ext[aluop] << 3) | (h & 7)));
+        b4(e, (uint32_t)i->imm);                                 /* op h, imm32 */
+    } else if (e->host[i->reg]) {
+        op_rr(e, wide, opc_rm[aluop], e->host[i->reg], h);       /* op h, src */
+    } else {
+        b1(e, rex(wide, h, 0)); b1(e, (uint8_t)(opc_rm[aluop] + 2));   /* op h, [rbx + src] */
+        b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));
+        b4(e, (uint32_t)GREG(i->reg));
+    }
+    if (aluop != ALU_CMP)
+        e->dirty |= (uint16_t)(1u << i->rm);
+    if (!k->cc_dead) {
+        store_host(e, h, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), cc);
+        store32_imm(e, CPU_OFF(cc_size), 8);
+    }
+    set_live(k, LIVE_ALL, (int)cc);
+    set_known(k, (int)cc, wide ? 8 : 4);
+    return 1;
+}
+
 static void emit_alux(Comp *k, const Insn *i, int form, int aluop)
 {
     Emit *e = &k->e;
     int wide = form == 0 || form == 2;
+    if (emit_alux_cached(k, i, form, aluop))
+        return;
     if (wide)
         load64(e, RAX, GREG(i->rm));
     else
@@ -705,10 +871,13 @@ static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
 static void emit_tlb(Comp *k, int s, unsigned size, int write)
 {
     Emit *e = &k->e;
-    b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                      /* mov rdx, rax */
-    b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, 12);           /* shr rdx, 12 */
-    b1(e, 0x81); b1(e, 0xe2); b4(e, TLB_SIZE - 1);              /* and edx, TLB_SIZE-1 */
-    b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)sizeof(TlbEnt));  /* imul edx, edx, size */
+    /* rdx = the entry's offset in its row, ((rax >> 12) & (TLB_SIZE-1)) * 48, without a
+     * multiply on the way from the address to the data (16 * 3) */
+    _Static_assert(sizeof(TlbEnt) == 48 && TLB_SIZE <= 4096, "emit_tlb's index arithmetic");
+    b1(e, 0x89); b1(e, 0xc2);                                   /* mov edx, eax */
+    b1(e, 0xc1); b1(e, 0xea); b1(e, 8);                         /* shr edx, 8 */
+    b1(e, 0x81); b1(e, 0xe2); b4(e, (TLB_SIZE - 1) << 4);       /* and edx, (TLB_SIZE-1) << 4 */
+    b1(e, 0x8d); b1(e, 0x14); b1(e, 0x52);                      /* lea edx, [rdx + rdx*2] */
     op_mem(e, 1, 0x63, RCX, CPU_OFF(mmu_idx));                  /* movsxd rcx, mmu_idx */
     b1(e, 0x48); b1(e, 0x69); b1(e, 0xc9);                      /* imul rcx, rcx, ... */
     b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));
@@ -810,6 +979,18 @@ static int byte_reg_greg(const Insn *i, int r)
     return !i->rex && r >= 4 && r < 8 ? r - 4 : r;
 }
 
+/* Is byte register r of i the low byte of guest register r (not ah, ch, dh, bh)? */
+static int low_byte_reg(const Insn *i, int r)
+{
+    return i->rex || r < 4 || r >= 8;
+}
+
+/* A mov(z|s)x whose register source is the low byte or word of a register */
+static int movx_low_source(const Insn *i)
+{
+    return !(i->op == 0x1b6 || i->op == 0x1be) || low_byte_reg(i, i->rm);
+}
+
 static int32_t byte_reg_disp(const Insn *i, int r)
 {
     if (!i->rex && r >= 4 && r < 8)
@@ -851,7 +1032,7 @@ static int emit_cond_al(Comp *k, int cc, int flags_live)
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
     mov_imm(e, RSI, (uint64_t)cc);
     mov_imm(e, RAX, (uint64_t)(uintptr_t)native_cond_fn);
-    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    emit_call_rax(e);
     return 0;
 }
 
@@ -865,7 +1046,7 @@ static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
     } else {
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
         mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
-        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        emit_call_rax(e);
         b1(e, 0x89); b1(e, 0xc1);                               /* mov ecx, eax */
         b1(e, 0x0f); b1(e, 0xba); b1(e, 0xe1); b1(e, 0);        /* bt ecx, 0: host CF = guest CF */
     }
@@ -1012,7 +1193,7 @@ static void emit_carry_r8(Comp *k, int flags_live)
     }
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
     mov_imm(e, RAX, (uint64_t)(uintptr_t)native_get_cf);
-    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    emit_call_rax(e);
     b1(e, 0x41); b1(e, 0x89); b1(e, 0xc0);                      /* mov r8d, eax */
 }
 
@@ -1271,7 +1452,7 @@ static int emit_bit_test_imm(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, 
     b1(e, 0x40); b1(e, 0x0f); b1(e, 0xb6); b1(e, 0xf6);         /* movzx esi, sil */
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                      /* mov rdi, rbx */
     mov_imm(e, RAX, (uint64_t)(uintptr_t)native_bt_flags);
-    b1(e, 0xff); b1(e, 0xd0);                                   /* call rax */
+    emit_call_rax(e);
     return s;
 }
 
@@ -1398,6 +1579,16 @@ static void emit_shift_reg(Comp *k, int r, int wide, unsigned n, int kind)
         }
         return;
     }
+    int lazy = kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL;
+    if (k->cc_dead && e->host[r]) {
+        /* in place: the host shift leaves the flags the consumers read (below) */
+        int h = e->host[r];
+        b1(e, rex(wide, 0, h)); b1(e, 0xc1); b1(e, (uint8_t)(0xc0 | (kind << 3) | (h & 7))); b1(e, (uint8_t)n);
+        e->dirty |= (uint16_t)(1u << r);
+        set_live(k, n == 1 ? LIVE_ALL : LIVE_NO_OF, lazy);
+        set_known(k, lazy, wide ? 8 : 4);
+        return;
+    }
     op_mem(e, wide, 0x8b, RAX, GREG(r));
     if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
     if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), (int32_t)n);
@@ -1410,7 +1601,6 @@ static void emit_shift_reg(Comp *k, int r, int wide, unsigned n, int kind)
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
     /* the host's shift by a constant sets CF SF ZF PF as the guest's; OF too for a
      * count of 1 (else it is undefined on the host, defined by shift_group2) */
-    int lazy = kind == 5 ? CC_SHR : kind == 7 ? CC_SAR : CC_SHL;
     set_live(k, n == 1 ? LIVE_ALL : LIVE_NO_OF, lazy);
     set_known(k, lazy, wide ? 8 : 4);
 }
@@ -1458,7 +1648,7 @@ static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind, int f
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
         mov_imm(e, RDX, (uint64_t)(kind | (wide ? 64 : 32) << 8));
         mov_imm(e, RAX, (uint64_t)(uintptr_t)native_rotate_flags);
-        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        emit_call_rax(e);
     }
     if (n)
         set_known(k, CC_EAGER, 0);
@@ -1504,10 +1694,10 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     }
     switch (i->op) {
     /* movs keep the host flags: a compare's flags still reach the jcc after them */
-    case P_MOV_RM_R64: load64(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
-    case P_MOV_RM_R32: load32(e, RAX, GREG(i->reg)); store64(e, RAX, GREG(i->rm)); k->flags_live = flags_were_live; return 1;
-    case P_MOV_R_RM64: load64(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
-    case P_MOV_R_RM32: load32(e, RAX, GREG(i->rm)); store64(e, RAX, GREG(i->reg)); k->flags_live = flags_were_live; return 1;
+    case P_MOV_RM_R64: emit_mov_greg(e, i->op == P_MOV_RM_R64, i->rm, i->reg); k->flags_live = flags_were_live; return 1;
+    case P_MOV_RM_R32: emit_mov_greg(e, 0, i->rm, i->reg); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM64: emit_mov_greg(e, 1, i->reg, i->rm); k->flags_live = flags_were_live; return 1;
+    case P_MOV_R_RM32: emit_mov_greg(e, 0, i->reg, i->rm); k->flags_live = flags_were_live; return 1;
     case P_TEST_RR64: case P_TEST_RR32: {
         int wide = i->op == P_TEST_RR64;
         op_mem(e, wide, 0x8b, RAX, GREG(i->rm));
@@ -1571,6 +1761,19 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         unsigned from = (i->op & 1) ? 2 : 1;
         int sx = i->op >= 0x1be;
         uint8_t opc2 = (uint8_t)(i->op & 0xff);                 /* B6 B7 BE BF */
+        int hs = i->mod == 3 && movx_low_source(i) ? e->host[i->rm] : 0;
+        if (hs && i->osz >= 4) {
+            /* mov(z|s)x from a cached register, at the destination's size: a 32-bit
+             * one zero-extends, as the guest's */
+            int hd = e->host[i->reg] ? e->host[i->reg] : RAX;
+            b1(e, rex(i->osz == 8, hd, hs)); b1(e, 0x0f); b1(e, opc2); b1(e, (uint8_t)(0xc0 | ((hd & 7) << 3) | (hs & 7)));
+            if (hd == RAX)
+                store64(e, RAX, GREG(i->reg));
+            else
+                e->dirty |= (uint16_t)(1u << i->reg);
+            k->flags_live = flags_were_live;
+            return 1;
+        }
         if (i->mod == 3) {
             int32_t d = from == 1 ? byte_reg_disp(i, i->rm) : GREG(i->rm);
             b1(e, 0x48); b1(e, 0x0f); b1(e, opc2);              /* mov(z|s)x rax, [rbx+d] */
@@ -1582,6 +1785,10 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         if (sx && i->osz == 4)
             mov32_rr(e, RAX, RAX);
         store64(e, RAX, GREG(i->reg));
+        if (i->mod == 3) {   /* no TLB check: the host flags are untouched */
+            k->flags_live = flags_were_live;
+            return 1;
+        }
         break;
     }
     case P_LEA64:
@@ -1621,10 +1828,17 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         }
         emit_imul_tail(k, i);
         break;
-    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf:
-        store64_const(e, GREG(i->reg), i->osz == 4 ? (uint32_t)i->imm : i->imm);
+    case 0xb8: case 0xb9: case 0xba: case 0xbb: case 0xbc: case 0xbd: case 0xbe: case 0xbf: {
+        uint64_t v = i->osz == 4 ? (uint32_t)i->imm : i->imm;
+        if (e->host[i->reg]) {   /* mov imm does not touch the host flags either */
+            mov_imm_host(e, e->host[i->reg], v);
+            e->dirty |= (uint16_t)(1u << i->reg);
+        } else {
+            store64_const(e, GREG(i->reg), v);
+        }
         k->flags_live = flags_were_live;
         return 1;
+    }
     case 0x11f: case 0x90:
     case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d: case 0x11e:
         k->flags_live = flags_were_live;
@@ -1807,6 +2021,13 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
     case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
     case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f: {
         int live = emit_cond_al(k, i->op & 15, flags_were_live);
+        int h = low_byte_reg(i, i->rm) ? e->host[i->rm] : 0;
+        if (h) {
+            op_rr(e, 0, 0x88, RAX, h);                          /* mov h8, al */
+            e->dirty |= (uint16_t)(1u << i->rm);
+            k->flags_live = live;
+            return 1;
+        }
         b1(e, 0x88); b1(e, 0x83); b4(e, (uint32_t)byte_reg_disp(i, i->rm));   /* mov [rbx+d], al */
         greg_written(e, byte_reg_greg(i, i->rm));
         k->flags_live = live;
@@ -1885,6 +2106,8 @@ static uint64_t branch_target(const Comp *k, const Insn *i, uint64_t next_rip)
 /* the epilogue: the registers every block's prologue saved (NATIVE_CHAIN_ENTRY) */
 static void emit_ret(Emit *e)
 {
+    b1(e, 0x48); b1(e, 0x83); b1(e, 0xc4); b1(e, 8);   /* add rsp, 8 */
+    b1(e, 0x5d);                /* pop rbp */
     b1(e, 0x41); b1(e, 0x5f);   /* pop r15 */
     b1(e, 0x41); b1(e, 0x5e);   /* pop r14 */
     b1(e, 0x41); b1(e, 0x5d);   /* pop r13 */
@@ -1895,7 +2118,6 @@ static void emit_ret(Emit *e)
 
 static void emit_exit(Emit *e, int done)
 {
-    add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     emit_ret(e);
 }
@@ -1942,9 +2164,33 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     uint8_t *out[8];
     int nout = 0;
     flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
-    add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     uint64_t slot_addr = (uint64_t)(uintptr_t)&k->b->nat_succ[slot];
+    if (target == k->b->pc && !k->steps) {
+        /* A loop back to the block's own start, from a block whose main path runs no
+         * instruction through the interpreter: nothing of it can move the page under
+         * it (a mapping changes only by a system instruction, which the interpreter
+         * runs, or by an interrupt, which exit_request reports), so of native.h's
+         * conditions only the pending requests, the code-page marks and the block's
+         * own validity are looked at (a store into its own code drops it and ends it
+         * at once, through stop_block; the check keeps a block dropped any other way
+         * from running again). The cached registers are current in their host
+         * registers: the loop enters past their loads. */
+        nout = emit_chain_allowed(k, out, nout);
+        mov_imm(e, RAX, (uint64_t)(uintptr_t)&k->b->valid);
+        b1(e, 0x83); b1(e, 0x38); b1(e, 0);                     /* cmp dword [rax], 0 */
+        out[nout++] = jcc32(e, 0x4);
+        add64_mem_imm(e, CPU_OFF(st_native_chained), 1);
+        b1(e, 0xe9);                                            /* jmp body */
+        b4(e, 0);
+        patch_rel32(e->p - 4, k->body);
+        for (int n = 0; n < nout; n++)
+            patch_rel32(out[n], e->p);
+        mov_imm(e, RAX, slot_addr);
+        store64(e, RAX, CPU_OFF(nat_exit_slot));
+        emit_ret(e);
+        return;
+    }
     mov_imm(e, RAX, slot_addr);
     b1(e, 0x48); b1(e, 0x8b); b1(e, 0x08);                      /* mov rcx, [rax] */
     b1(e, 0x48); b1(e, 0x85); b1(e, 0xc9);                      /* test rcx, rcx */
@@ -1986,7 +2232,6 @@ static void emit_lookup_exit(Comp *k, int done)
     uint8_t *out[16];
     int nout = 0;
     flush_all(e);   /* the main path's last writes (a call's or ret's rsp) */
-    add64_mem_imm(e, CPU_OFF(st_insns), done);
     add64_mem_imm(e, CPU_OFF(st_native_insns), done);
     nout = emit_chain_allowed(k, out, nout);
     load64(e, RAX, CPU_OFF(rip));
@@ -2060,7 +2305,7 @@ static void emit_branch(Comp *k, Insn *i, uint64_t next_rip, int done)
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xdf);                  /* mov rdi, rbx */
         mov_imm(e, RSI, (uint64_t)cc);
         mov_imm(e, RAX, (uint64_t)(uintptr_t)native_cond);
-        b1(e, 0xff); b1(e, 0xd0);                               /* call rax */
+        emit_call_rax(e);
         b1(e, 0x85); b1(e, 0xc0);                               /* test eax, eax */
         taken = jcc32(e, 0x5);
     }
@@ -2365,12 +2610,37 @@ static int regs_clean(const Insn *i)
         return (i->reg & 7) <= 1 && i->mod == 3;
     case 0xf7:   /* mul, div; not and neg of a dword or qword register */
         return (i->reg & 7) == 4 || (i->reg & 7) == 6 || i->mod == 3;
+    case 0x1b6: case 0x1b7: case 0x1be: case 0x1bf:
+        /* a register source through the cache, or [rbx + its disp] when not cached;
+         * ah-bh, whose bytes lie inside c->r[], only after a write-back */
+        return i->osz >= 4 && (i->mod != 3 || movx_low_source(i));
+    case 0x190: case 0x191: case 0x192: case 0x193: case 0x194: case 0x195: case 0x196: case 0x197:
+    case 0x198: case 0x199: case 0x19a: case 0x19b: case 0x19c: case 0x19d: case 0x19e: case 0x19f:
+        return i->mod == 3 && low_byte_reg(i, i->rm);   /* setcc into the cached register */
     }
     return 0;
 }
 
-/* Up to four guest registers the block's native forms use most (at least twice) go
- * into r12-r15 for the block (Emit.host); the rest stay in memory only. */
+/* Does the modrm reg field (or the register in the opcode) of i name a register? Not
+ * where it extends the opcode (the group forms and the pseudo-ops made of them). */
+static int reg_field_is_register(const Insn *i)
+{
+    if (i->op >= P_ALUX && i->op < P_ALUX + 32)
+        return (i->op - P_ALUX) / 8 < 2;   /* RR64, RR32: reg is the source */
+    switch (i->op) {
+    case P_SHIFT_RI64: case P_SHIFT_RI32:
+    case 0x80: case 0x81: case 0x82: case 0x83: case 0x8f: case 0xc0: case 0xc1: case 0xc6: case 0xc7:
+    case 0xd0: case 0xd1: case 0xd2: case 0xd3: case 0xf6: case 0xf7: case 0xfe: case 0xff:
+    case 0x1ba: case 0x10d: case 0x118: case 0x119: case 0x11a: case 0x11b: case 0x11c: case 0x11d:
+    case 0x11e: case 0x11f:
+        return 0;
+    }
+    return 1;
+}
+
+/* The guest registers the block's native forms name most (at least twice) go into
+ * host registers for the block (Emit.host, cache_regs in order); the rest stay in
+ * memory only. */
 static void choose_cached(Comp *k)
 {
     int uses[16] = { 0 };
@@ -2382,21 +2652,23 @@ static void choose_cached(Comp *k)
             continue;
         if (i->mod == 3 && i->rm < 16)
             uses[i->rm]++;
-        if (i->reg < 16)
+        if (i->reg < 16 && reg_field_is_register(i))
             uses[i->reg]++;
         if (i->mod != 3 && i->base < 16)
             uses[i->base]++;
         if (i->mod != 3 && i->index < 16)
             uses[i->index]++;
+        if ((i->op >= 0x50 && i->op <= 0x5f) || i->op == 0x68 || i->op == 0x6a)
+            uses[4] += 2;   /* push and pop read and write rsp */
     }
-    for (int h = 12; h <= 15; h++) {
+    for (int h = 0; h < CACHE_REGS; h++) {
         int best = -1;
         for (int r = 0; r < 16; r++)
             if (!k->e.host[r] && uses[r] >= 2 && (best < 0 || uses[r] > uses[best]))
                 best = r;
         if (best < 0)
             break;
-        k->e.host[best] = (int8_t)h;
+        k->e.host[best] = cache_regs[h];
     }
 }
 
@@ -2427,11 +2699,14 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     b1(&k.e, 0x41); b1(&k.e, 0x54);                 /* push r12 */
     b1(&k.e, 0x41); b1(&k.e, 0x55);                 /* push r13 */
     b1(&k.e, 0x41); b1(&k.e, 0x56);                 /* push r14 */
-    b1(&k.e, 0x41); b1(&k.e, 0x57);                 /* push r15: five, so calls see an aligned stack */
+    b1(&k.e, 0x41); b1(&k.e, 0x57);                 /* push r15 */
+    b1(&k.e, 0x55);                                 /* push rbp */
+    b1(&k.e, 0x48); b1(&k.e, 0x83); b1(&k.e, 0xec); b1(&k.e, 8);   /* sub rsp, 8: calls see an aligned stack */
     b1(&k.e, 0x48); b1(&k.e, 0x89); b1(&k.e, 0xfb); /* mov rbx, rdi */
     /* NATIVE_CHAIN_ENTRY: where a chained jump enters, rbx and the frame already set */
     choose_cached(&k);
     reload_cached(&k.e);
+    k.body = k.e.p;
     for (unsigned n = 0; n < b->n; n++) {
         Insn *i = &b->insns[n];
         uint64_t next = (b->pc + i->end) & wrap;
@@ -2465,6 +2740,7 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
                 k.failed = 1;
             flush_all(&k.e);   /* and every register */
             emit_step_call(&k, i, rip);
+            k.steps = 1;
             add_stub(&k, (int)n + 1);
             k.flags_live = 0;
             k.known = -1;
