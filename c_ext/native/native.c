@@ -349,14 +349,14 @@ static void patch_rel32(uint8_t *at, uint8_t *target)
     memcpy(at, &rel, 4);
 }
 
-/* [rbx + rdx + disp32]: the TLB entry addressed by rdx */
-static void op_tlb(Emit *e, int w, uint8_t opc, int reg, int32_t disp)
+/* [base + rdx + disp32]: a TLB entry, rdx its offset from base */
+static void op_tlb(Emit *e, int w, uint8_t opc, int reg, int base, int32_t disp)
 {
     if (w)
         b1(e, 0x48);
     b1(e, opc);
     b1(e, (uint8_t)(0x84 | ((reg & 7) << 3)));
-    b1(e, (RDX << 3) | RBX);
+    b1(e, (uint8_t)((RDX << 3) | base));
     b4(e, (uint32_t)disp);
 }
 
@@ -710,10 +710,7 @@ static void emit_alu_core(Comp *k, int aluop, int wide, int dst)
      * interpreter's uint64_t sums */
     b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);              /* mov rdx, rax */
     alu_rr(e, opc[aluop], RDX, RCX);
-    if (logic) {
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
-    } else {
+    if (!logic) {   /* (a logic record's operands are never read: flags.h) */
         if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_a));
         if (!k->cc_dead) store64(e, RCX, CPU_OFF(cc_b));
     }
@@ -772,10 +769,7 @@ static int emit_alux_cached(Comp *k, const Insn *i, int form, int aluop)
     if (imm_form && wide && (int64_t)i->imm != (int32_t)i->imm)
         return 0;
     if (!k->cc_dead) {
-        if (logic) {
-            store64_simm(e, CPU_OFF(cc_a), 0);
-            store64_simm(e, CPU_OFF(cc_b), 0);
-        } else {
+        if (!logic) {
             store_host(e, h, CPU_OFF(cc_a));
             if (imm_form)
                 store64_const(e, CPU_OFF(cc_b), i->imm);
@@ -832,10 +826,32 @@ static void emit_alux(Comp *k, const Insn *i, int form, int aluop)
     emit_alu_core(k, aluop, wide, i->rm);
 }
 
-/* rax = offset of i's memory operand (ea_off); next_rip for rip-relative forms */
+/* rax = offset of i's memory operand (ea_off); next_rip for rip-relative forms. One
+ * lea where there are registers (their cached copies, else loaded into rax and rcx):
+ * a 32-bit lea for 32-bit addressing keeps the low half, as the interpreter's wrap. */
 static void emit_ea_off(Emit *e, const Insn *i, uint64_t next_rip)
 {
     uint64_t disp = (uint64_t)i->disp;
+    int has_base = i->base != NOREG && i->base != RIPREG, has_index = i->index != NOREG;
+    if ((has_base || has_index) && (int64_t)disp == (int32_t)disp) {
+        int base = 0, index = 0, w = i->asz == 8;
+        if (has_base && !(base = e->host[i->base])) {
+            load64(e, RAX, GREG(i->base));
+            base = RAX;
+        }
+        if (has_index && !(index = e->host[i->index])) {
+            load64(e, RCX, GREG(i->index));
+            index = RCX;
+        }
+        b1(e, (uint8_t)(rex(w, RAX, has_base ? base : 0) | (has_index ? (index >> 3) << 1 : 0)));
+        b1(e, 0x8d);
+        /* [base + index*scale + disp32] (mod 10), or [index*scale + disp32] (mod 00, no
+         * base); an index field of 100 without REX.X is "no index" */
+        b1(e, has_base ? 0x84 : 0x04);
+        b1(e, (uint8_t)((i->scale << 6) | ((has_index ? index : RSP) & 7) << 3 | (has_base ? base & 7 : RBP)));
+        b4(e, (uint32_t)disp);
+        return;
+    }
     if (i->base == RIPREG)
         disp += next_rip;
     mov_imm(e, RAX, disp);
@@ -871,6 +887,11 @@ static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
 static void emit_tlb(Comp *k, int s, unsigned size, int write)
 {
     Emit *e = &k->e;
+    /* rdi = rbx + the row of this mmu_idx: off the path from the address to the data,
+     * which the entry's loads then address as [rdi + rdx + offset] */
+    op_mem(e, 1, 0x63, RDI, CPU_OFF(mmu_idx));                  /* movsxd rdi, mmu_idx */
+    b1(e, 0x48); b1(e, 0x69); b1(e, 0xff); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdi, rdi, row */
+    b1(e, 0x48); b1(e, 0x01); b1(e, 0xdf);                      /* add rdi, rbx */
     /* rdx = the entry's offset in its row, ((rax >> 12) & (TLB_SIZE-1)) * 48, without a
      * multiply on the way from the address to the data (16 * 3) */
     _Static_assert(sizeof(TlbEnt) == 48 && TLB_SIZE <= 4096, "emit_tlb's index arithmetic");
@@ -878,17 +899,13 @@ static void emit_tlb(Comp *k, int s, unsigned size, int write)
     b1(e, 0xc1); b1(e, 0xea); b1(e, 8);                         /* shr edx, 8 */
     b1(e, 0x81); b1(e, 0xe2); b4(e, (TLB_SIZE - 1) << 4);       /* and edx, (TLB_SIZE-1) << 4 */
     b1(e, 0x8d); b1(e, 0x14); b1(e, 0x52);                      /* lea edx, [rdx + rdx*2] */
-    op_mem(e, 1, 0x63, RCX, CPU_OFF(mmu_idx));                  /* movsxd rcx, mmu_idx */
-    b1(e, 0x48); b1(e, 0x69); b1(e, 0xc9);                      /* imul rcx, rcx, ... */
-    b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));
-    alu_rr(e, 0x01, RDX, RCX);
     /* the page of the last byte: differs from the tag when the access crosses a page */
     b1(e, 0x48); b1(e, 0x8d); b1(e, 0x48); b1(e, (uint8_t)(size - 1));   /* lea rcx, [rax+size-1] */
     b1(e, 0x48); b1(e, 0x81); b1(e, 0xe1); b4(e, 0xfffff000u);          /* and rcx, ~0xfff */
-    op_tlb(e, 1, 0x3b, RCX, CPU_OFF(tlb) + (int32_t)(write ? offsetof(TlbEnt, tag_w)
-                                                            : offsetof(TlbEnt, tag_r)));
+    op_tlb(e, 1, 0x3b, RCX, RDI, CPU_OFF(tlb) + (int32_t)(write ? offsetof(TlbEnt, tag_w)
+                                                                 : offsetof(TlbEnt, tag_r)));
     k->slow[s].jump = jcc32(e, 0x5);                            /* jne slow */
-    op_tlb(e, 1, 0x03, RAX, CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, addend));   /* add rax, addend */
+    op_tlb(e, 1, 0x03, RAX, RDI, CPU_OFF(tlb) + (int32_t)offsetof(TlbEnt, addend));   /* add rax, addend */
 }
 
 /* Host address of i's memory operand in rax through the TLB; a miss, a page crossing
@@ -1057,8 +1074,6 @@ static void emit_inc_dec(Comp *k, int r, int wide, int inc, int flags_were_live)
     b1(e, 0xff); b1(e, (uint8_t)(inc ? 0xc0 : 0xc8));         /* inc/dec (e|r)ax: CF stays */
     if (!k->cc_dead) store64(e, RAX, CPU_OFF(cc_res));
     store64(e, RAX, GREG(r));
-    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
-    if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
     if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
     set_live(k, LIVE_ALL, inc ? CC_INC : CC_DEC);
@@ -1119,10 +1134,7 @@ static void emit_alu_core_any(Comp *k, int aluop, unsigned sz)
         b1(e, 0x4c); b1(e, opc[aluop]); b1(e, 0xc2);            /* add|sub rdx, r8 */
     }
     if (!k->cc_dead) {
-        if (logic) {
-            store64_simm(e, CPU_OFF(cc_a), 0);
-            store64_simm(e, CPU_OFF(cc_b), 0);
-        } else {
+        if (!logic) {
             store64(e, RAX, CPU_OFF(cc_a));
             store64(e, RCX, CPU_OFF(cc_b));
         }
@@ -1291,8 +1303,6 @@ static int emit_inc_dec_mem(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, i
     if (!k->cc_dead) {
         b1(e, 0x4c); b1(e, 0x89); b1(e, 0x83); b4(e, (uint32_t)CPU_OFF(cc_c));   /* mov cc_c, r8 */
         store64(e, RDX, CPU_OFF(cc_res));
-        store64_simm(e, CPU_OFF(cc_a), 0);
-        store64_simm(e, CPU_OFF(cc_b), 0);
         store32_imm(e, CPU_OFF(cc_op), inc ? CC_INC : CC_DEC);
         store32_imm(e, CPU_OFF(cc_size), sz);
     }
@@ -1705,8 +1715,6 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
         alu_rr(e, 0x21, RDX, RCX);
         if (!k->cc_dead) store64(e, RDX, CPU_OFF(cc_res));
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_a), 0);
-        if (!k->cc_dead) store64_simm(e, CPU_OFF(cc_b), 0);
         if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_op), CC_LOGIC);
         if (!k->cc_dead) store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
         if (wide)
@@ -1722,8 +1730,13 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         return 1;
     }
     case P_LOAD64: case P_LOAD32: {
-        int wide = i->op == P_LOAD64;
+        int wide = i->op == P_LOAD64, h;
         slow = emit_mem(k, i, rip, next_rip, wide ? 8 : 4, 0, done);
+        if ((h = e->host[i->reg])) {   /* straight into the cached register */
+            b1(e, rex(wide, h, 0)); b1(e, 0x8b); b1(e, (uint8_t)(((h & 7) << 3) | RAX));   /* mov h, [rax] */
+            e->dirty |= (uint16_t)(1u << i->reg);
+            break;
+        }
         if (wide)
             b1(e, 0x48);
         b1(e, 0x8b); b1(e, 0x00);                               /* mov (r|e)ax, [rax] */
@@ -1818,6 +1831,26 @@ static int emit_native(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int do
         emit_inc_dec(k, i->rm, i->osz == 8, (i->reg & 7) == 0, flags_were_live);
         return 1;
     case 0x1af: case 0x69: case 0x6b:
+        if (i->mod == 3 && k->cc_dead && i->osz >= 4 && e->host[i->reg]) {
+            /* nothing reads its flags: imul on the cached register itself */
+            int h = e->host[i->reg], src = e->host[i->rm], w = i->osz == 8;
+            b1(e, rex(w, h, src));
+            if (i->op == 0x1af) {
+                b1(e, 0x0f); b1(e, 0xaf);                       /* imul h, src */
+            } else {
+                b1(e, 0x69);                                    /* imul h, src, imm32 */
+            }
+            if (src) {
+                b1(e, (uint8_t)(0xc0 | ((h & 7) << 3) | (src & 7)));
+            } else {
+                b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX)); b4(e, (uint32_t)GREG(i->rm));
+            }
+            if (i->op != 0x1af)
+                b4(e, (uint32_t)i->imm);
+            e->dirty |= (uint16_t)(1u << i->reg);
+            set_known(k, CC_EAGER, 0);
+            return 1;
+        }
         if (i->mod == 3) {
             op_mem(e, i->osz == 8, 0x8b, RAX, GREG(i->rm));
         } else {
@@ -2199,16 +2232,30 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
     nout = emit_chain_allowed(k, out, nout);
     b1(e, 0x83); b1(e, 0xb9); b4(e, (uint32_t)offsetof(Block, valid)); b1(e, 0);   /* cmp dword [rcx+valid], 0 */
     out[nout++] = jcc32(e, 0x4);
-    /* block_fits(): the successor's page is what this CPU fetches at its linear address */
+    /* block_fits(): the successor's page is what this CPU fetches at its linear address.
+     * Known without a look where the successor lies on this block's own (one) page and
+     * nothing of the main path ran through the interpreter: the page was checked when
+     * this block was entered and cannot have moved since (see the loop case above),
+     * and the successor linked in the slot was found on that same page. */
     uint64_t lin = k->long64 ? target : (uint32_t)(k->b->cs_base + target);
+    uint64_t lin_pc = k->long64 ? k->b->pc : (uint32_t)(k->b->cs_base + k->b->pc);
+    if (!k->steps && k->b->phys2 == ~0ull && (lin >> 12) == (lin_pc >> 12)) {
+        emit_enter_block_rcx(k, CPU_OFF(st_native_chained));
+        for (int n = 0; n < nout; n++)
+            patch_rel32(out[n], e->p);
+        mov_imm(e, RAX, slot_addr);
+        store64(e, RAX, CPU_OFF(nat_exit_slot));
+        emit_ret(e);
+        return;
+    }
     int32_t ent = CPU_OFF(tlb) + (int32_t)(((lin >> 12) & (TLB_SIZE - 1)) * sizeof(TlbEnt));
     op_mem(e, 1, 0x63, RDX, CPU_OFF(mmu_idx));                  /* movsxd rdx, mmu_idx */
     b1(e, 0x48); b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdx, rdx, row */
     mov_imm(e, RAX, lin & ~0xfffull);
-    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
+    op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
     out[nout++] = jcc32(e, 0x5);
     b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
-    op_tlb(e, 1, 0x3b, RAX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
+    op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
     out[nout++] = jcc32(e, 0x5);
     emit_enter_block_rcx(k, CPU_OFF(st_native_chained));
     for (int n = 0; n < nout; n++)

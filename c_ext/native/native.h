@@ -13,8 +13,9 @@
  *  - c->rip is the guest rip of an instruction before anything of it can fault or
  *    exit (the step helper stores it; native forms cannot fault), and the next rip
  *    when the block function returns;
- *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b, cc_c) are written exactly as
- *    the interpreter's handler writes them wherever something can read them: before
+ *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b, cc_c) are written as the
+ *    interpreter's handler writes them (but the operands cc_a and cc_b of the logic,
+ *    inc and dec kinds, which nothing reads: flags.h) wherever something can read them: before
  *    every helper call, slow path, possible fault and block exit. Within a block the
  *    guest's flags also live in the host flags (every native producer ends with the
  *    host operation at the guest's size), so jcc, setcc, cmovcc, adc/sbb, inc/dec and
