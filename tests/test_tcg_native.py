@@ -619,6 +619,49 @@ def assert_same_state(native_regs, interp_regs):
     assert {n: getattr(native_regs, n) for n in names} == {n: getattr(interp_regs, n) for n in names}
 
 
+# Rotates one after another (each one's flags from the record the one before left),
+# and 32-bit ALU operations on cached registers whose records are read (a load, which
+# may fault, follows each): pushfq takes the flags at three points.
+ROTATES_AND_RECORDS = """
+    mov eax, {a:#x}
+    mov ecx, {b:#x}
+    mov edx, {c:#x}
+    lea rdi, [rip + data]
+    add eax, ecx
+    mov esi, [rdi]
+    rol eax, 1
+    ror ecx, 3
+    rol edx, 31
+    ror eax, 1
+    pushfq
+    pop r8
+    cmp eax, ecx
+    mov esi, [rdi]
+    pushfq
+    pop r9
+    sub ecx, eax
+    mov esi, [rdi]
+    adc edx, esi
+    pushfq
+    pop r10
+    hlt
+data:
+    .long 0x12345678
+"""
+
+
+@pytest.mark.parametrize("a,b,c", [(0x80000001, 0x40000000, 7), (0x7FFFFFFF, 0x1, 0x80000000),
+                                   (0, 0, 0), (0xFFFFFFFF, 0xFFFFFFFF, 0x55555555)])
+def test_rotates_and_32bit_records_match_interpreter(a, b, c):
+    native, interp = _run_both(ROTATES_AND_RECORDS.format(a=a, b=b, c=c))
+    try:
+        assert native.vcpu.stats()["native_insns"] > 0
+        assert_same_state(native.regs(), interp.regs())
+    finally:
+        native.close()
+        interp.close()
+
+
 FAULT_MID_BLOCK = f"""
     mov rax, 1
     mov rcx, {NOT_PRESENT:#x}

@@ -753,10 +753,10 @@ static void emit_mov_greg(Emit *e, int wide, int dst, int src)
 
 /* emit_alux on a cached destination, in place: `op h, src` with the source cached, in
  * memory or an immediate. The host operation at the guest's size leaves the guest's
- * flags and (at 32 bits) the zero-extended result. The lazy record is written around
- * it for a 64-bit operation; a 32-bit one whose flags are read takes emit_alu_core's
- * way (its record holds the 64-bit sum of the zero-extended operands). Returns 0 when
- * it does not apply. */
+ * flags and (at 32 bits) the zero-extended result. The lazy record takes the host
+ * registers whole: its readers mask every field to cc_size (flags.h), so the upper
+ * halves of a 32-bit record's operands do not matter. A compare whose record is read
+ * subtracts in rdx. Returns 0 when it does not apply. */
 static int emit_alux_cached(Comp *k, const Insn *i, int form, int aluop)
 {
     Emit *e = &k->e;
@@ -764,43 +764,47 @@ static int emit_alux_cached(Comp *k, const Insn *i, int form, int aluop)
     int imm_form = form >= 2;
     int logic = aluop == ALU_OR || aluop == ALU_AND || aluop == ALU_XOR;
     uint32_t cc = logic ? CC_LOGIC : aluop == ALU_ADD ? CC_ADD : CC_SUB;
-    if (!h || (!k->cc_dead && (!wide || aluop == ALU_CMP)))
+    int src = imm_form ? 0 : e->host[i->reg];
+    if (!h || (imm_form && wide && (int64_t)i->imm != (int32_t)i->imm))
         return 0;
-    if (imm_form && wide && (int64_t)i->imm != (int32_t)i->imm)
-        return 0;
-    if (!k->cc_dead) {
-        if (!logic) {
-            store_host(e, h, CPU_OFF(cc_a));
-            if (imm_form)
-                store64_const(e, CPU_OFF(cc_b), i->imm);
-            else if (e->host[i->reg])
-                store_host(e, e->host[i->reg], CPU_OFF(cc_b));
-            else {
-                load64(e, RCX, GREG(i->reg));
-                store64(e, RCX, CPU_OFF(cc_b));
-            }
+    uint64_t imm = wide ? i->imm : (uint32_t)i->imm;
+    if (!k->cc_dead && !logic) {
+        store_host(e, h, CPU_OFF(cc_a));
+        if (imm_form) {
+            store64_const(e, CPU_OFF(cc_b), imm);
+        } else if (src) {
+            store_host(e, src, CPU_OFF(cc_b));
+        } else {
+            load64(e, RCX, GREG(i->reg));
+            store64(e, RCX, CPU_OFF(cc_b));
         }
+    }
+    int dst = h, op = aluop;
+    if (aluop == ALU_CMP && !k->cc_dead) {
+        op_rr(e, 1, 0x8b, RDX, h);                               /* mov rdx, h */
+        dst = RDX;
+        op = ALU_SUB;
     }
     static const uint8_t ext[8] = { [ALU_ADD] = 0, [ALU_OR] = 1, [ALU_AND] = 4, [ALU_SUB] = 5,
                                     [ALU_XOR] = 6, [ALU_CMP] = 7 };
     static const uint8_t opc_rm[8] = { [ALU_ADD] = 0x01, [ALU_OR] = 0x09, [ALU_AND] = 0x21,
                                        [ALU_SUB] = 0x29, [ALU_XOR] = 0x31, [ALU_CMP] = 0x39 };
     if (imm_form) {
-        b1(e, rex(wide, 0, h)); b1(e, 0x81); b1(e, (uint8_t)(0xc0 | (ext[aluop] << 3) | (h & 7)));
-        b4(e, (uint32_t)i->imm);                                 /* op h, imm32 */
-    } else if (e->host[i->reg]) {
-        op_rr(e, wide, opc_rm[aluop], e->host[i->reg], h);       /* op h, src */
+        b1(e, rex(wide, 0, dst)); b1(e, 0x81); b1(e, (uint8_t)(0xc0 | (ext[op] << 3) | (dst & 7)));
+        b4(e, (uint32_t)imm);                                    /* op dst, imm32 */
+    } else if (src) {
+        op_rr(e, wide, opc_rm[op], src, dst);                    /* op dst, src */
     } else {
-        b1(e, rex(wide, h, 0)); b1(e, (uint8_t)(opc_rm[aluop] + 2));   /* op h, [rbx + src] */
-        b1(e, (uint8_t)(0x80 | ((h & 7) << 3) | RBX));
+        b1(e, rex(wide, dst, 0)); b1(e, (uint8_t)(opc_rm[op] + 2));   /* op dst, [rbx + src] */
+        b1(e, (uint8_t)(0x80 | ((dst & 7) << 3) | RBX));
         b4(e, (uint32_t)GREG(i->reg));
     }
     if (aluop != ALU_CMP)
         e->dirty |= (uint16_t)(1u << i->rm);
     if (!k->cc_dead) {
-        store_host(e, h, CPU_OFF(cc_res));
+        store_host(e, dst, CPU_OFF(cc_res));
         store32_imm(e, CPU_OFF(cc_op), cc);
-        store32_imm(e, CPU_OFF(cc_size), 8);
+        store32_imm(e, CPU_OFF(cc_size), wide ? 8 : 4);
     }
     set_live(k, LIVE_ALL, (int)cc);
     set_known(k, (int)cc, wide ? 8 : 4);
@@ -1651,6 +1655,25 @@ static int emit_rotate_reg(Comp *k, int r, int wide, unsigned n, int kind, int f
         b1(e, 0x83); b1(e, 0xe2); b1(e, 0x01);                  /* and edx, 1 */
         b1(e, 0xc1); b1(e, 0xe2); b1(e, 11);                    /* shl edx, 11: OF */
         b1(e, 0x09); b1(e, 0xd1);                               /* or ecx, edx */
+        store64(e, RCX, CPU_OFF(cc_res));
+        store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
+    } else if (n && !k->cc_dead && k->known == CC_EAGER) {
+        /* the flags before are the record's own (a rotate before this one, say): CF and
+         * OF replaced in it, as native_rotate_flags does, without the call */
+        load64(e, RCX, CPU_OFF(cc_res));
+        b1(e, 0x81); b1(e, 0xe1); b4(e, F_ARITH & ~(uint32_t)(F_CF | F_OF));   /* and ecx, ~(CF|OF) */
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc2);                  /* mov rdx, rax */
+        if (kind == 1) {
+            b1(e, 0x48); b1(e, 0xc1); b1(e, 0xea); b1(e, (uint8_t)(bits - 1));   /* shr rdx, bits-1 */
+        }
+        b1(e, 0x83); b1(e, 0xe2); b1(e, 0x01);                  /* and edx, 1: CF */
+        b1(e, 0x48); b1(e, 0x89); b1(e, 0xc6);                  /* mov rsi, rax */
+        b1(e, 0x48); b1(e, 0xc1); b1(e, 0xee); b1(e, (uint8_t)(kind == 0 ? bits - 1 : bits - 2));   /* shr rsi */
+        b1(e, 0x31); b1(e, 0xd6);                               /* xor esi, edx */
+        b1(e, 0x83); b1(e, 0xe6); b1(e, 0x01);                  /* and esi, 1 */
+        b1(e, 0xc1); b1(e, 0xe6); b1(e, 11);                    /* shl esi, 11: OF */
+        b1(e, 0x09); b1(e, 0xd1);                               /* or ecx, edx */
+        b1(e, 0x09); b1(e, 0xf1);                               /* or ecx, esi */
         store64(e, RCX, CPU_OFF(cc_res));
         store32_imm(e, CPU_OFF(cc_op), CC_EAGER);
     } else if (n && !k->cc_dead) {
