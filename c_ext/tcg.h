@@ -87,7 +87,11 @@ typedef struct TlbEnt {
     uintptr_t addend;              /* host = addend + linear */
     uint64_t paddr;                /* guest-physical page */
     uint8_t global;
+    /* one cache line an entry, and compiled code finds it with a shift and a mask
+     * (native.c emit_tlb) */
+    uint8_t pad_to_64[23];
 } TlbEnt;
+_Static_assert(sizeof(TlbEnt) == 64, "TlbEnt is one cache line");
 
 typedef struct Insn {
     uint16_t op;        /* 0x000-0x0ff one byte, 0x100 0F xx, 0x200 0F38 xx, 0x300 0F3A xx */

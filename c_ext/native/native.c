@@ -896,13 +896,12 @@ static void emit_tlb(Comp *k, int s, unsigned size, int write)
     op_mem(e, 1, 0x63, RDI, CPU_OFF(mmu_idx));                  /* movsxd rdi, mmu_idx */
     b1(e, 0x48); b1(e, 0x69); b1(e, 0xff); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdi, rdi, row */
     b1(e, 0x48); b1(e, 0x01); b1(e, 0xdf);                      /* add rdi, rbx */
-    /* rdx = the entry's offset in its row, ((rax >> 12) & (TLB_SIZE-1)) * 48, without a
-     * multiply on the way from the address to the data (16 * 3) */
-    _Static_assert(sizeof(TlbEnt) == 48 && TLB_SIZE <= 4096, "emit_tlb's index arithmetic");
+    /* rdx = the entry's offset in its row, ((rax >> 12) & (TLB_SIZE-1)) * 64: a shift
+     * and a mask on the way from the address to the data */
+    _Static_assert(sizeof(TlbEnt) == 64 && TLB_SIZE <= 4096, "emit_tlb's index arithmetic");
     b1(e, 0x89); b1(e, 0xc2);                                   /* mov edx, eax */
-    b1(e, 0xc1); b1(e, 0xea); b1(e, 8);                         /* shr edx, 8 */
-    b1(e, 0x81); b1(e, 0xe2); b4(e, (TLB_SIZE - 1) << 4);       /* and edx, (TLB_SIZE-1) << 4 */
-    b1(e, 0x8d); b1(e, 0x14); b1(e, 0x52);                      /* lea edx, [rdx + rdx*2] */
+    b1(e, 0xc1); b1(e, 0xea); b1(e, 6);                         /* shr edx, 6 */
+    b1(e, 0x81); b1(e, 0xe2); b4(e, (TLB_SIZE - 1) << 6);       /* and edx, (TLB_SIZE-1) << 6 */
     /* the page of the last byte: differs from the tag when the access crosses a page */
     b1(e, 0x48); b1(e, 0x8d); b1(e, 0x48); b1(e, (uint8_t)(size - 1));   /* lea rcx, [rax+size-1] */
     b1(e, 0x48); b1(e, 0x81); b1(e, 0xe1); b4(e, 0xfffff000u);          /* and rcx, ~0xfff */
