@@ -3,7 +3,8 @@ nested-KVM L1 (kvmpy/tools/nested.py: Debian's kernel under QEMU's TCG with emul
 SVM, kvm-amd loaded).
 
     python3 -m bench.nested              # every area below
-    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net)
+    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net,
+                                         # phases: where the boot rows' time goes, bench/boot_phases.py)
 
 Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
@@ -95,7 +96,7 @@ def linux_rows(share: str) -> list[dict]:
 
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
-EXTRA_AREAS = ("virtio-blk", "virtio-net")
+EXTRA_AREAS = ("virtio-blk", "virtio-net", "phases")
 # The Linux boot rows: two Linux boots and six hello.elf starts in the L1.
 BOOT_LIMIT = 900.0
 
@@ -111,6 +112,9 @@ def _area_parts(share: str, area: str) -> list:
         return [Part("boot (Linux, first serial byte)", "bench.nested", "linux_rows", (share,), BOOT_LIMIT)]
     if area == "kvm":
         return bench.kvm.parts()
+    if area == "phases":
+        # where the boot rows' time goes (bench/boot_phases.py): named only, not in a full run
+        return [Part("boot phases", "bench.boot_phases", "rows", (share,), BOOT_LIMIT)]
     if area == "tcp":
         return bench.tcp.parts(os.path.join(share, "guest"))
     # dataplane=python's blk figures (a third of the L1's blk time) stay a host-side note
