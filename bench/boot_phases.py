@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from bench.kvm import NO_DEFAULT_NIC
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -100,7 +102,7 @@ def python_rows() -> list[dict]:
         return round(min(runs), 3)
     hello = os.path.join(REPO, "tests", "guests", "build", "hello.elf")
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvmpy", "run", "--enable-kvm", "-m", "128",
-                        "--kernel", hello], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
+                        *NO_DEFAULT_NIC, "--kernel", hello], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
                        timeout=TIMEOUT, cwd=REPO)
     imports = []
     for line in r.stderr.splitlines():
@@ -142,7 +144,7 @@ def linux_rows(share: str) -> list[dict]:
     guest = os.path.join(share, "guest")
     kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
     kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
-             "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", VERBOSE_APPEND]
+             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", VERBOSE_APPEND]
     qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", VERBOSE_APPEND]
     marks = (FIRST_KERNEL_LINE, RUN_INIT, INIT_BANNER, POWER_DOWN)

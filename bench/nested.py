@@ -72,8 +72,9 @@ def linux_rows(share: str) -> list[dict]:
     from bench.boot import APPEND, _timed_boot
     guest = os.path.join(share, "guest")
     kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
+    from bench.kvm import NO_DEFAULT_NIC
     kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
-             "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
+             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
     qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", APPEND]
     kb, kd, knote = _timed_boot(kvmpy)
@@ -81,7 +82,8 @@ def linux_rows(share: str) -> list[dict]:
     note = "; ".join(n for n in (f"kvmpy {knote}" if knote else "", f"qemu {qnote}" if qnote else "") if n)
     hello = os.path.join(REPO, "tests", "guests", "build", "hello.elf")
     kf = min(filter(None, (_first_byte_seconds([sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128",
-                                                "--kernel", hello]) for _ in range(3))), default=None)
+                                                *NO_DEFAULT_NIC, "--kernel", hello]) for _ in range(3))),
+             default=None)
     qf = min(filter(None, (_first_byte_seconds(["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-nodefaults",
                                                 "-display", "none", "-serial", "stdio", "-no-reboot",
                                                 "-kernel", hello]) for _ in range(3))), default=None)

@@ -89,8 +89,10 @@ def _qemu_cmd(guest: str, append: str, devices: list[str]) -> list[str]:
 
 def _kvmpy_cmd(guest: str, append: str, extra: list[str]) -> list[str]:
     accel = ["--enable-kvm"] if _kvm_ok() else []
+    # QEMU's side has -nodefaults: no default NIC on kvmpy's either, unless the row names one
+    no_default_nic = [] if "--net" in extra else ["--net", "none"]
     return [sys.executable, "-m", "kvmpy", "run", *accel, "--kernel", os.path.join(BUILD, f"{guest}.elf"),
-            "--append", append, "-m", "256M", "--serial", "stdio", "--no-reboot", *extra]
+            "--append", append, "-m", "256M", "--serial", "stdio", "--no-reboot", *no_default_nic, *extra]
 
 
 def _timed(argv: list[str], ok_status: int, prefix: list[str] | None = None) -> float:

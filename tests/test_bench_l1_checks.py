@@ -5,7 +5,10 @@ idx jumps."""
 
 from __future__ import annotations
 
+import os
 import sys
+
+import pytest
 
 from bench import boot_phases
 from bench.virtio import RING_ERROR_MARKS, ring_error_lines
@@ -39,3 +42,26 @@ def test_ring_error_lines_catch_the_guests_and_linuxs_lines_only():
     text = "\n".join(["virtio-net: rxflood 20000 frames cycles 123", guest, "  " + linux + "\r", "guest: done"])
     assert ring_error_lines(text) == [guest, linux]
     assert set(RING_ERROR_MARKS) == {"avail idx jumped", "is not a head", "needs reset"}
+
+
+def test_the_benchs_kvmpy_has_no_nic_where_qemus_has_none(tmp_path):
+    """QEMU runs the test guests with -nodefaults; kvmpy without a NIC option adds QEMU's
+    default user-mode NIC, whose start-up the boot rows would then count on kvmpy's side
+    only. The rows that name a NIC keep theirs alone."""
+    from bench import kvm, virtio
+    from kvmpy.cli import build_parser
+    pytest.importorskip("kvmpy.net.slirp", reason="no libslirp here: kvmpy adds no default NIC to leave out")
+    from kvmpy.runcmd import build_config
+
+    def nics(argv: list[str]) -> list:
+        assert argv[1:4] == ["-m", "kvmpy", "run"]
+        return build_config(build_parser().parse_args(argv[3:])).nets
+
+    hello = os.path.join(virtio.BUILD, "hello.elf")
+    image = tmp_path / "d.raw"
+    image.write_bytes(bytes(1 << 20))
+    assert nics(kvm._kvmpy(hello, "")) == []
+    assert nics(kvm._kvmpy(hello, "testdev=1", "pci-testdev")) == []
+    assert nics(virtio._kvmpy_cmd("virtio_blk", "reads=1", ["--drive", f"file={image},format=raw"])) == []
+    net, = nics(virtio._kvmpy_net_cmd("flood", 1, "python", "off"))
+    assert (net.type, net.bridge, net.dataplane) == ("tap", "kbr0", "python")
