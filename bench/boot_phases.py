@@ -46,15 +46,17 @@ HELLO = b"Hello from kvmpy test guest"
 _PRINTK_TIME = re.compile(rb"^\[\s*(\d+\.\d+)\]")
 
 
-def timeline(argv: list[str], marks: tuple[bytes, ...], timeout: float = TIMEOUT) -> dict:
+def timeline(argv: list[str], marks: tuple[bytes, ...], timeout: float = TIMEOUT, lines_after: bytes | None = None) -> dict:
     """Seconds from the start to the first output byte ("first", stderr's too), to the first line
     holding each mark (the mark's text), to the process's exit ("exit"); the printk
-    time of each marked line where it has one ("printk " + mark)."""
+    time of each marked line where it has one ("printk " + mark). ``lines_after``: every
+    line from the first holding it on, as (seconds, text), under "lines"."""
     env = dict(os.environ, PYTHONPATH=REPO)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    found: dict[str, float] = {}
+    found: dict = {}
+    kept: list[tuple[float, str]] | None = None
     pending = b""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -70,6 +72,10 @@ def timeline(argv: list[str], marks: tuple[bytes, ...], timeout: float = TIMEOUT
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
+                if kept is None and lines_after is not None and lines_after in line:
+                    kept = found["lines"] = []
+                if kept is not None:
+                    kept.append((now, line.strip().decode(errors="replace")[:100]))
                 for mark in marks:
                     key = mark.decode()
                     if mark in line and key not in found:
@@ -140,6 +146,12 @@ def hello_rows() -> list[dict]:
             row("start to exit", "start", "exit")]
 
 
+def _longest_gaps(lines: list[tuple[float, str]], count: int = 4) -> str:
+    """The ``count`` longest pauses of the console, each as the seconds before a line and the line."""
+    gaps = sorted(((b[0] - a[0], b[1]) for a, b in zip(lines, lines[1:])), reverse=True)[:count]
+    return ", ".join(f"{gap:.2f} s before {text!r}" for gap, text in gaps)
+
+
 def linux_rows(share: str) -> list[dict]:
     guest = os.path.join(share, "guest")
     kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
@@ -148,9 +160,9 @@ def linux_rows(share: str) -> list[dict]:
     qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", VERBOSE_APPEND]
     marks = (FIRST_KERNEL_LINE, RUN_INIT, INIT_BANNER, POWER_DOWN)
-    found = {"kvmpy": timeline(kvmpy, marks)}
+    found = {"kvmpy": timeline(kvmpy, marks, lines_after=RUN_INIT)}
     if shutil.which("qemu-system-x86_64"):
-        found["qemu"] = timeline(qemu, marks)
+        found["qemu"] = timeline(qemu, marks, lines_after=RUN_INIT)
     first, run_init, banner, off = (m.decode() for m in marks)
     spans = (("start to the kernel's first line", "start", first), ("kernel's first line to /init", first, run_init),
              ("/init to power-off line", run_init, off), ("power-off line to exit", off, "exit"),
@@ -162,6 +174,9 @@ def linux_rows(share: str) -> list[dict]:
         if end == run_init:
             row["note"] = "printk time of 'Run /init': " + ", ".join(
                 f"{side} {t.get('printk ' + run_init)}" for side, t in found.items())
+        if end == off:
+            row["note"] = "; ".join(f"{side}'s longest waits for a line: {_longest_gaps(t.get('lines', []))}"
+                                    for side, t in found.items())
         rows.append(row)
     return rows
 

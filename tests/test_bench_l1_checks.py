@@ -20,7 +20,8 @@ def test_timeline_stamps_marks_printk_times_and_exit():
               "print('[    0.000000] Linux version 6.1', flush=True); time.sleep(0.3)\n"
               "print('[    1.250000] Run /init as init process', flush=True); time.sleep(0.2)\n"
               "print('Run /init again', flush=True)\n")
-    t = boot_phases.timeline([sys.executable, "-c", script], (b"Linux version", b"Run /init", b"never"))
+    t = boot_phases.timeline([sys.executable, "-c", script], (b"Linux version", b"Run /init", b"never"),
+                             lines_after=b"Run /init")
     assert t["first"] < t["Linux version"] < t["Run /init"] <= t["exit"]
     # the sleeps between the lines, give or take a loaded host's scheduling
     assert t["Linux version"] - t["first"] >= 0.15
@@ -28,6 +29,13 @@ def test_timeline_stamps_marks_printk_times_and_exit():
     assert t["printk Linux version"] == 0.0
     assert t["printk Run /init"] == 1.25      # the first line with the mark, not the later one
     assert "never" not in t and "printk never" not in t
+    assert [text for _, text in t["lines"]] == ["[    1.250000] Run /init as init process", "Run /init again"]
+    assert boot_phases._longest_gaps(t["lines"]).endswith(" s before 'Run /init again'")
+
+
+def test_longest_gaps_are_the_longest_first():
+    lines = [(0.0, "a"), (0.5, "b"), (0.6, "c"), (2.6, "d")]
+    assert boot_phases._longest_gaps(lines, 2) == "2.00 s before 'd', 0.50 s before 'b'"
 
 
 def test_timeline_of_a_process_that_outlives_its_timeout_ends_it():
