@@ -32,8 +32,15 @@ N_EXITS = 20000
 RUN_TIMEOUT = 180
 
 
+# kvmpy's side of QEMU's -nodefaults: without it kvmpy adds QEMU's default NIC, user-mode
+# networking on a virtio-net (libslirp, the net modules' imports), which the QEMU side
+# does not have; in the nested L1, where Python starts about 20x slower, that was about
+# a tenth of hello.elf's boot row.
+NO_DEFAULT_NIC = ("--net", "none")
+
+
 def _kvmpy(kernel: str, append: str, device: str | None = None) -> list[str]:
-    return [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128", "--serial", "stdio",
+    return [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128", "--serial", "stdio", *NO_DEFAULT_NIC,
             *(["--device", device] if device else []), "--kernel", kernel, "--append", append]
 
 

@@ -3,7 +3,8 @@ nested-KVM L1 (kvmpy/tools/nested.py: Debian's kernel under QEMU's TCG with emul
 SVM, kvm-amd loaded).
 
     python3 -m bench.nested              # every area below
-    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net)
+    python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net,
+                                         # phases: where the boot rows' time goes, bench/boot_phases.py)
 
 Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
@@ -71,8 +72,9 @@ def linux_rows(share: str) -> list[dict]:
     from bench.boot import APPEND, _timed_boot
     guest = os.path.join(share, "guest")
     kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
+    from bench.kvm import NO_DEFAULT_NIC
     kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
-             "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
+             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
     qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", APPEND]
     kb, kd, knote = _timed_boot(kvmpy)
@@ -80,7 +82,8 @@ def linux_rows(share: str) -> list[dict]:
     note = "; ".join(n for n in (f"kvmpy {knote}" if knote else "", f"qemu {qnote}" if qnote else "") if n)
     hello = os.path.join(REPO, "tests", "guests", "build", "hello.elf")
     kf = min(filter(None, (_first_byte_seconds([sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128",
-                                                "--kernel", hello]) for _ in range(3))), default=None)
+                                                *NO_DEFAULT_NIC, "--kernel", hello]) for _ in range(3))),
+             default=None)
     qf = min(filter(None, (_first_byte_seconds(["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-nodefaults",
                                                 "-display", "none", "-serial", "stdio", "-no-reboot",
                                                 "-kernel", hello]) for _ in range(3))), default=None)
@@ -95,7 +98,7 @@ def linux_rows(share: str) -> list[dict]:
 
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
-EXTRA_AREAS = ("virtio-blk", "virtio-net")
+EXTRA_AREAS = ("virtio-blk", "virtio-net", "phases")
 # The Linux boot rows: two Linux boots and six hello.elf starts in the L1.
 BOOT_LIMIT = 900.0
 
@@ -111,6 +114,9 @@ def _area_parts(share: str, area: str) -> list:
         return [Part("boot (Linux, first serial byte)", "bench.nested", "linux_rows", (share,), BOOT_LIMIT)]
     if area == "kvm":
         return bench.kvm.parts()
+    if area == "phases":
+        # where the boot rows' time goes (bench/boot_phases.py): named only, not in a full run
+        return [Part("boot phases", "bench.boot_phases", "rows", (share,), BOOT_LIMIT)]
     if area == "tcp":
         return bench.tcp.parts(os.path.join(share, "guest"))
     # dataplane=python's blk figures (a third of the L1's blk time) stay a host-side note

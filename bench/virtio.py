@@ -1,6 +1,7 @@
 """virtio benchmarks: the same guest drivers under kvmpy and under QEMU.
 
     python3 -m bench.virtio
+    python3 -m bench.virtio --ring-check "virtio-net rx from bridge" --dataplane python --repeats 5
 
     python3 -c 'import bench.virtio as v, tempfile; [print(r) for r in v._blk_rows(tempfile.mkdtemp())]'
 
@@ -36,11 +37,14 @@ and for the net row, work / (wall time of a run with the work - wall time of
 the same boot without it), so boot and guest setup cancel out. Both sides use KVM when
 /dev/kvm is usable (QEMU -accel kvm, kvmpy run --enable-kvm), else QEMU TCG and
 the kvmpy translator. The net row needs root (namespace, bridge, tap). A side
-that cannot run reports None and says why in "note".
+that cannot run reports None and says why in "note". A net row's note also counts the
+lines of a kvmpy run that say a ring went wrong (RING_ERROR_MARKS), even in runs that
+finished; --ring-check runs one row's kvmpy side alone, again and again, for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -85,8 +89,10 @@ def _qemu_cmd(guest: str, append: str, devices: list[str]) -> list[str]:
 
 def _kvmpy_cmd(guest: str, append: str, extra: list[str]) -> list[str]:
     accel = ["--enable-kvm"] if _kvm_ok() else []
+    # QEMU's side has -nodefaults: no default NIC on kvmpy's either, unless the row names one
+    no_default_nic = [] if "--net" in extra else ["--net", "none"]
     return [sys.executable, "-m", "kvmpy", "run", *accel, "--kernel", os.path.join(BUILD, f"{guest}.elf"),
-            "--append", append, "-m", "256M", "--serial", "stdio", "--no-reboot", *extra]
+            "--append", append, "-m", "256M", "--serial", "stdio", "--no-reboot", *no_default_nic, *extra]
 
 
 def _timed(argv: list[str], ok_status: int, prefix: list[str] | None = None) -> float:
@@ -243,10 +249,25 @@ def _tsc_hz() -> int | None:
             os.close(fd)
 
 
-def _guest_match(argv: list[str], ok_status: int, pattern: str) -> re.Match:
-    """The guest's own timing line of one run."""
+#: What says a ring went wrong in a run: kvmpy's NEEDS_RESET line with its avail-jump
+#: report (kvmpy/devices/virtio/queue.py), Linux's "id N is not a head!", the test
+#: guest's own NEEDS_RESET line with its cursors. A run can still finish its work after
+#: one (a net guest whose device broke in its last frames), so they are looked for in
+#: every run, not only in failed ones.
+RING_ERROR_MARKS = ("avail idx jumped", "is not a head", "needs reset")
+
+
+def ring_error_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if any(mark in line for mark in RING_ERROR_MARKS)]
+
+
+def _guest_match(argv: list[str], ok_status: int, pattern: str, ring_errors: list[str] | None = None) -> re.Match:
+    """The guest's own timing line of one run; ``ring_errors`` gets the run's
+    RING_ERROR_MARKS lines (console and log), whether it passed or not."""
     r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     out = r.stdout.replace("\r\n", "\n")
+    if ring_errors is not None:
+        ring_errors.extend(ring_error_lines(out + "\n" + r.stderr))
     m = re.search(pattern, out)
     if r.returncode != ok_status or m is None:
         tail = (out + r.stderr).strip().splitlines()[-3:]
@@ -437,16 +458,53 @@ NET_ROWS = (("virtio-net tx to bridge", "flood", FLOOD), ("virtio-net rx from br
 VHOST_ROW = "virtio-net tx vhost"
 
 
-def _net_rate(cmd_for, work: int, ok_status: int, prefix: list[str], key: str, tsc_hz: int | None) -> float:
+def _net_rate(cmd_for, work: int, ok_status: int, prefix: list[str], key: str, tsc_hz: int | None,
+              ring_errors: list[str] | None = None) -> float:
     """Frames per second on one side: under KVM from the guest's own TSC cycles around
     its flood (best of GUEST_TIMED_RUNS; no boot, no process start in them, which under
     the nested L1 vary by more than the flood takes), else from wall times."""
     if not tsc_hz:
         return _rate(cmd_for, work, ok_status, prefix)
-    cycles = min(int(_guest_match(prefix + cmd_for(True), ok_status,
-                                  rf"virtio-net: {key} {work} frames cycles (\d+)").group(1))
+    cycles = min(_net_cycles(prefix + cmd_for(True), ok_status, key, work, ring_errors)
                  for _ in range(GUEST_TIMED_RUNS))
     return work / max(cycles / tsc_hz, 1e-6)
+
+
+def _net_cycles(argv: list[str], ok_status: int, key: str, work: int, ring_errors: list[str] | None = None) -> int:
+    return int(_guest_match(argv, ok_status, rf"virtio-net: {key} {work} frames cycles (\d+)", ring_errors).group(1))
+
+
+def _ring_error_note(side: str, lines: list[str]) -> str:
+    return f"{side}: {len(lines)} ring error lines, the first: {lines[0][:300]}"
+
+
+@contextlib.contextmanager
+def _net_bridge(qemu_tap: bool):
+    """A network namespace with the bridge kbr0, the frame counter on it (it answers
+    pings and streams the rx floods) and, for QEMU, the tap qtap0 on the bridge;
+    yields the command prefix that runs a VMM in the namespace."""
+    ns = f"kvmpybench-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "kbr0", "type", "bridge"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "kbr0", "up"], check=True)
+        counter = _Counter(ns, "kbr0")
+        try:
+            if qemu_tap:
+                for cmd in (["ip", "-n", ns, "tuntap", "add", "qtap0", "mode", "tap", "vnet_hdr"],
+                            ["ip", "-n", ns, "link", "set", "qtap0", "master", "kbr0"],
+                            ["ip", "-n", ns, "link", "set", "qtap0", "up"]):
+                    subprocess.run(cmd, check=True)
+            yield ["ip", "netns", "exec", ns]
+        finally:
+            counter.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _kvmpy_net_cmd(key: str, work: int, dataplane: str, vhost: str) -> list[str]:
+    return _kvmpy_cmd("virtio_net", f"count=1 msix=1 {key}={work}",
+                      ["--net", f"tap,ifname=ktap0,bridge=kbr0,dataplane={dataplane},vhost={vhost}"])
 
 
 def net_rows(names: list[str] | None = None) -> list[dict]:
@@ -458,59 +516,80 @@ def net_rows(names: list[str] | None = None) -> list[dict]:
         for row in rows:
             row["note"] = "needs root and /dev/net/tun"
         return rows
-    ns = f"kvmpybench-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
     notes: list[list[str]] = [[] for _ in rows]
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "add", "kbr0", "type", "bridge"], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "kbr0", "up"], check=True)
-        counter = _Counter(ns, "kbr0")
-        prefix = ["ip", "netns", "exec", ns]
-        try:
+    with _net_bridge(QEMU is not None) as prefix:
+        for row, note, (name, key, work) in zip(rows, notes, wanted):
+            vhost = "on" if name == VHOST_ROW else "off"
+            if vhost == "on" and not os.path.exists("/dev/vhost-net"):
+                note.append("no /dev/vhost-net on this host (modprobe vhost_net; the nested L1 has it)")
+                continue
             if QEMU is not None:
-                for cmd in (["ip", "-n", ns, "tuntap", "add", "qtap0", "mode", "tap", "vnet_hdr"],
-                            ["ip", "-n", ns, "link", "set", "qtap0", "master", "kbr0"],
-                            ["ip", "-n", ns, "link", "set", "qtap0", "up"]):
-                    subprocess.run(cmd, check=True)
-            for row, note, (name, key, work) in zip(rows, notes, wanted):
-                vhost = "on" if name == VHOST_ROW else "off"
-                if vhost == "on" and not os.path.exists("/dev/vhost-net"):
-                    note.append("no /dev/vhost-net on this host (modprobe vhost_net; the nested L1 has it)")
+                def q(loaded, key=key, work=work, vhost=vhost):
+                    return _qemu_cmd("virtio_net", f"count=1 msix=1 {key}={work if loaded else 0}", [
+                        "-netdev", f"tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost}",
+                        "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"])
+                try:
+                    row["qemu"] = round(_net_rate(q, work, 1, prefix, key, tsc_hz))
+                except Exception as e:
+                    note.append(f"qemu: {e}")
+            else:
+                note.append("qemu: not installed")
+            # with vhost the kernel carries the frames: kvmpy's data plane choice does not apply
+            for dataplane in (("native", "python") if vhost == "off" else ("native",)):
+                def k(loaded, key=key, work=work, dataplane=dataplane, vhost=vhost):
+                    return _kvmpy_net_cmd(key, work if loaded else 0, dataplane, vhost)
+                ring_errors: list[str] = []
+                try:
+                    rate = round(_net_rate(k, work, 0, prefix, key, tsc_hz, ring_errors))
+                except Exception as e:
+                    note.append(f"kvmpy {dataplane}: {e}")
+                    rate = None
+                if ring_errors:
+                    note.append(_ring_error_note(f"kvmpy {dataplane}", ring_errors))
+                if rate is None:
                     continue
-                if QEMU is not None:
-                    def q(loaded, key=key, work=work, vhost=vhost):
-                        return _qemu_cmd("virtio_net", f"count=1 msix=1 {key}={work if loaded else 0}", [
-                            "-netdev", f"tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost}",
-                            "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"])
-                    try:
-                        row["qemu"] = round(_net_rate(q, work, 1, prefix, key, tsc_hz))
-                    except Exception as e:
-                        note.append(f"qemu: {e}")
+                if dataplane == "native":
+                    row["kvmpy"] = rate
                 else:
-                    note.append("qemu: not installed")
-                # with vhost the kernel carries the frames: kvmpy's data plane choice does not apply
-                for dataplane in (("native", "python") if vhost == "off" else ("native",)):
-                    def k(loaded, key=key, work=work, dataplane=dataplane, vhost=vhost):
-                        return _kvmpy_cmd("virtio_net", f"count=1 msix=1 {key}={work if loaded else 0}",
-                                          ["--net", f"tap,ifname=ktap0,bridge=kbr0,dataplane={dataplane},vhost={vhost}"])
-                    try:
-                        rate = round(_net_rate(k, work, 0, prefix, key, tsc_hz))
-                    except Exception as e:
-                        note.append(f"kvmpy {dataplane}: {e}")
-                        continue
-                    if dataplane == "native":
-                        row["kvmpy"] = rate
-                    else:
-                        note.append(f"kvmpy dataplane=python: {rate}")
-        finally:
-            counter.close()
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+                    note.append(f"kvmpy dataplane=python: {rate}")
     timing = (f"guest TSC cycles at {tsc_hz / 1e9:.3f} GHz, best of {GUEST_TIMED_RUNS}" if tsc_hz
               else "wall time less an idle boot")
     for row, note in zip(rows, notes):
         row["note"] = "; ".join([timing] + note)
     return rows
+
+
+def net_ring_check(names: list[str], dataplane: str = "python", repeats: int = 5) -> list[dict]:
+    """Each named kvmpy net row run ``repeats`` times alone (no QEMU, one run per
+    repetition) on ``dataplane``, for the ring errors a rare race leaves: a dict per row
+    with the frames/s of each run (None for a failed one), how many runs failed, the
+    count of lines per RING_ERROR_MARKS and the first lines in full."""
+    results = []
+    tsc_hz = _tsc_hz() if _kvm_ok() else None
+    with _net_bridge(False) as prefix:
+        for name, key, work in (spec for spec in NET_ROWS if spec[0] in names):
+            vhost = "on" if name == VHOST_ROW else "off"
+            rates: list[float | None] = []
+            lines: list[str] = []
+            failures: list[str] = []
+            for _ in range(repeats):
+                argv = prefix + _kvmpy_net_cmd(key, work, dataplane, vhost)
+                try:
+                    if tsc_hz:
+                        rates.append(round(work / max(_net_cycles(argv, 0, key, work, lines) / tsc_hz, 1e-6)))
+                    else:
+                        rates.append(round(work / max(_timed(argv, 0), 1e-3)))
+                except Exception as e:
+                    rates.append(None)
+                    failures.append(str(e)[:300])
+                # progress as it comes: a silent console is what the nested harness takes for a stuck L1
+                print(f"bench.virtio: {name} ({dataplane}) run {len(rates)}/{repeats}: {rates[-1]} frames/s, "
+                      f"{len(lines)} ring error lines so far", file=sys.stderr, flush=True)
+            results.append({"name": name, "dataplane": dataplane, "vhost": vhost, "runs": repeats,
+                            "frames_per_s": rates, "failed_runs": len(failures), "failures": failures[:3],
+                            "ring_errors": {mark: sum(mark in line for line in lines) for mark in RING_ERROR_MARKS},
+                            "first_lines": lines[:6]})
+    return results
 
 
 def run() -> list[dict]:
@@ -534,6 +613,25 @@ def parts(blk_limit: float = 1500.0, net_limit: float = 600.0, python_side: bool
             + [Part(name, "bench.virtio", "net_rows", ([name],), net_limit) for name, _, _ in NET_ROWS])
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python3 -m bench.virtio", description="every row, or a check of the net rows")
+    p.add_argument("--ring-check", action="append", metavar="ROW", choices=[name for name, _, _ in NET_ROWS],
+                   help="run this net row's kvmpy side --repeats times and count its ring errors (JSON lines)")
+    p.add_argument("--dataplane", choices=("python", "native"), default="python")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats: {args.repeats} must be at least 1")
+    if args.ring_check:
+        for result in net_ring_check(args.ring_check, args.dataplane, args.repeats):
+            print(json.dumps(result), flush=True)
+        return 0
     for row in run():
         print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

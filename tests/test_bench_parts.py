@@ -193,7 +193,7 @@ def test_every_bench_part_names_a_function_its_child_can_import(tmp_path):
     found = [p for area in nested_bench.AREAS + nested_bench.EXTRA_AREAS
              for p in nested_bench._area_parts(str(tmp_path), area)]
     found += renamed("bench.kvm").parts() + renamed("bench.virtio").parts() + renamed("bench.tcp").parts()
-    assert {p.module for p in found} == {"bench.kvm", "bench.virtio", "bench.tcp", "bench.nested"}
+    assert {p.module for p in found} == {"bench.kvm", "bench.virtio", "bench.tcp", "bench.nested", "bench.boot_phases"}
     for part in found:
         assert callable(getattr(importlib.import_module(part.module), part.function)), part
         json.dumps(list(part.args))      # the child gets them as JSON

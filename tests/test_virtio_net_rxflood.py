@@ -183,6 +183,23 @@ def test_avail_jump_by_the_driver_is_named(python_rig, caplog):
     assert "queue 0, served by the model" in line
 
 
+def test_the_benchs_ring_check_counts_the_avail_jump_line(python_rig, caplog):
+    """bench/virtio.py counts the lines that say a ring broke in the L1's runs: the
+    model's own line must be one of them, once."""
+    from bench.virtio import ring_error_lines
+    rig = python_rig
+    rig.port.host.send(_frame(0))
+    rig.d.wait_used(RX)
+    caplog.set_level(logging.ERROR)
+    rig.m.memory.write_u16(rig.rxq.avail_addr + 2, QSZ + 40)
+    rig.kick()
+    _wait_broken(rig)
+    line, = _error_lines(caplog)
+    found = ring_error_lines(f"virtio-net: found at 00:03.0\nERROR kvmpy: {line}\nguest: done\n")
+    assert len(found) == 1
+    assert "needs reset" in found[0] and "avail idx jumped by 55 entries" in found[0]
+
+
 def test_avail_jump_with_a_foreign_used_idx_is_named(python_rig, caplog):
     """Something else wrote the used idx (as a second queue object or plane on the
     same ring would): the line says the used idx is not this queue's."""
