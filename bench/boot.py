@@ -62,12 +62,16 @@ def _timed_boot(argv: list[str]) -> tuple[float | None, float | None, str]:
     return t_banner, t_off, ""
 
 
+def kvmpy_argv(kernel: str, initrd: str) -> list[str]:
+    """kvmpy's side: --net none, as QEMU's side runs with -nodefaults (no NIC on either)"""
+    return [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "--no-reboot", "--serial", "stdio",
+            "--net", "none", "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
+
+
 def run() -> list[dict]:
     from kvmpy.tools import guestbuild
     g = guestbuild.build(with_disk=False)
-    common = ["-m", "512", "--kernel", g.kernel, "--initrd", g.initrd]
-    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--accel", "tcg", "--no-reboot", "--serial", "stdio",
-             *common, "--append", APPEND]
+    kvmpy = kvmpy_argv(g.kernel, g.initrd)
     qemu = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot", "-kernel", g.kernel, "-initrd", g.initrd, "-append", APPEND]
     kb, kd, knote = _timed_boot(kvmpy)

@@ -56,7 +56,7 @@ def test_the_benchs_kvmpy_has_no_nic_where_qemus_has_none(tmp_path):
     """QEMU runs the test guests with -nodefaults; kvmpy without a NIC option adds QEMU's
     default user-mode NIC, whose start-up the boot rows would then count on kvmpy's side
     only. The rows that name a NIC keep theirs alone."""
-    from bench import kvm, virtio
+    from bench import boot, kvm, virtio
     from kvmpy.cli import build_parser
     pytest.importorskip("kvmpy.net.slirp", reason="no libslirp here: kvmpy adds no default NIC to leave out")
     from kvmpy.runcmd import build_config
@@ -69,6 +69,10 @@ def test_the_benchs_kvmpy_has_no_nic_where_qemus_has_none(tmp_path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(1 << 20))
     assert nics(kvm._kvmpy(hello, "")) == []
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(b"not read here")
+    initrd.write_bytes(b"not read here")
+    assert nics(boot.kvmpy_argv(str(kernel), str(initrd))) == []
     assert nics(kvm._kvmpy(hello, "testdev=1", "pci-testdev")) == []
     assert nics(virtio._kvmpy_cmd("virtio_blk", "reads=1", ["--drive", f"file={image},format=raw"])) == []
     net, = nics(virtio._kvmpy_net_cmd("flood", 1, "python", "off"))
