@@ -507,6 +507,10 @@ int cpu_run(CPU *c)
     for (;;) {
         if (unlikely(c->seen_code_epoch != atomic_load_explicit(&code_epoch, memory_order_relaxed)))
             drop_code_write_tags(c);
+        if (unlikely(c->nat_full)) {   /* a hot block found the code arena full: QEMU's tb_flush */
+            block_cache_flush(c);
+            last = 0;
+        }
         if (unlikely(atomic_load_explicit(&c->exit_request, memory_order_relaxed) || c->halted)) {
             int rr = check_async(c);
             if (rr) {

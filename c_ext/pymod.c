@@ -124,8 +124,8 @@ static int Cpu_init(CpuObject *self, PyObject *args, PyObject *kw)
     }
     memset(c, 0, sizeof *c);
     c->cpu_index = index;
-    c->max_blocks = 1 << 16;
-    c->max_insns = 1 << 20;
+    c->max_blocks = 1 << 17;
+    c->max_insns = 1 << 21;
     c->hash_size = 1 << 16;
     c->blocks = calloc(c->max_blocks, sizeof(Block));
     c->insn_pool = calloc(c->max_insns, sizeof(Insn));

@@ -294,6 +294,7 @@ typedef struct CPU {
      * those, through the interpreter's handler) */
     uint8_t *nat_arena;
     size_t nat_size, nat_used;
+    int nat_full;   /* a hot block found no room: cpu_run flushes the cache between blocks */
     int native_threshold;
     uint64_t st_native_insns, st_native_helper, st_native_blocks, st_native_compile_ns;
     /* native tier, while `profiling`: helper calls per dispatch op (Insn.op), to find

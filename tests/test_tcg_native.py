@@ -908,6 +908,32 @@ def test_chained_loop_takes_interrupts_and_stops_when_kicked():
     _loop_takes_kicks_and_interrupts(CHAINED_LOOP, "native_chained", ("rcx", "rdx", "rsi"))
 
 
+# 300 small blocks run 3 times round (more compiled code than a 64 KiB arena holds),
+# then 100 others 60 times round
+MANY_BLOCKS = "\n".join(
+    ["    xor eax, eax", "    mov r15d, 3", "first:"]
+    + [f"    add rax, {n}\n    jmp a{n}\na{n}:" for n in range(300)]
+    + ["    dec r15d", "    jnz first", "    mov r15d, 60", "second:"]
+    + [f"    add rax, {n}\n    jmp b{n}\nb{n}:" for n in range(100)]
+    + ["    dec r15d", "    jnz second", "    hlt"])
+
+
+def test_a_full_arena_flushes_and_compiling_goes_on(monkeypatch):
+    """Once the code arena is full the cache is flushed before the next block (QEMU's
+    tb_flush): the blocks that are hot from then on are compiled, not left interpreted."""
+    monkeypatch.setenv("KVMPY_TCG_ARENA_KB", "64")
+    m = LongMachine(MANY_BLOCKS)
+    try:
+        m.vcpu.set_native_threshold(1)
+        assert m.run() == exits.EXIT_HLT
+        assert m.regs().rax == 3 * sum(range(300)) + 60 * sum(range(100))
+        s = m.vcpu.stats()
+        assert s["translated_blocks"] > 400, s          # translated again after a flush
+        assert s["native_insns"] > 0.8 * s["insns"], s  # the second loop ran compiled
+    finally:
+        m.close()
+
+
 # One block that jumps back to its own start: the compiled loop re-enters its body
 # directly, with its registers still in host registers (rcx and rdx are cached: each
 # is named twice)

@@ -6,7 +6,7 @@
 
 /* ---- arena ---- */
 
-#define ARENA_SIZE (32u << 20)
+#define ARENA_SIZE (64u << 20)
 /* the most one instruction can emit, with its exit stub: checked before each one */
 #define INSN_MAX_CODE 200
 /* a chained exit's code (emit_chain_exit), at most */
@@ -32,19 +32,32 @@ int native_threshold_from_env(void)
     return (int)v;
 }
 
+/* the arena's size: ARENA_SIZE, or KVMPY_TCG_ARENA_KB from 64 up (tests fill a
+ * small one) */
+static size_t arena_size_from_env(void)
+{
+    const char *s = getenv("KVMPY_TCG_ARENA_KB");
+    char *end;
+    long kb = s && *s ? strtol(s, &end, 10) : 0;
+    if (kb < 64 || *end || kb > (long)(ARENA_SIZE >> 10))
+        return ARENA_SIZE;
+    return (size_t)kb << 10;
+}
+
 int native_arena_init(CPU *c)
 {
     /* One RWX mapping: the arena is private to its vCPU thread and written only while
      * no block of it runs (compiles happen between blocks). Without it (a hardened
      * kernel refusing PROT_EXEC on anonymous memory) the tier stays off. */
-    void *p = mmap(0, ARENA_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    size_t size = arena_size_from_env();
+    void *p = mmap(0, size, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
         c->nat_arena = 0;
         c->nat_size = 0;
         return -1;
     }
     c->nat_arena = p;
-    c->nat_size = ARENA_SIZE;
+    c->nat_size = size;
     c->nat_used = 0;
     return 0;
 }
@@ -2746,8 +2759,12 @@ void *native_compile(CPU *c, Block *b, NativeStepFn step)
     if (!c->nat_arena)
         return 0;
     size_t need = 64 + (size_t)b->n * 3 * INSN_MAX_CODE + 2 * CHAIN_EXIT_CODE + LOOKUP_EXIT_CODE;
-    if (c->nat_size - c->nat_used < need)
+    if (c->nat_size - c->nat_used < need) {
+        /* cpu_run flushes the cache before the next block (QEMU's tb_flush), unless
+         * an empty arena would not hold this block either */
+        c->nat_full = c->nat_used > 0;
         return 0;
+    }
     uint64_t t0 = now_ns();
     uint8_t *start = c->nat_arena + c->nat_used;
     static __thread Comp k;

@@ -50,7 +50,11 @@ int native_threshold_from_env(void);
 int native_arena_init(CPU *c);
 void native_arena_free(CPU *c);
 /* every compiled block is dropped with the block cache (block_cache_flush) */
-static inline void native_arena_reset(CPU *c) { c->nat_used = 0; }
+static inline void native_arena_reset(CPU *c)
+{
+    c->nat_used = 0;
+    c->nat_full = 0;
+}
 
 /* host code for b, or 0 (arena full, or no arena): b then stays interpreted */
 void *native_compile(CPU *c, Block *b, NativeStepFn step);
