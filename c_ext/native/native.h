@@ -2,9 +2,10 @@
  *
  * A compiled block is a plain SysV function `void f(CPU *c)` in the CPU's code arena.
  * Instructions with a native form become host code over the CPU struct (guest
- * registers live in memory, c->r[]; up to four of a block's most used ones live in
- * r12-r15 within the block and are written back to c->r[] before anything else can
- * read it: a helper call or slow path, a byte or word form, a block exit); every other
+ * registers live in memory, c->r[]; up to eight of a block's most used ones live in
+ * host registers (native.c cache_regs) within the block and are written back to c->r[]
+ * before anything else can read it: a helper call or slow path, a byte or word form, a
+ * block exit); every other
  * instruction becomes a call to the
  * `step` function the caller passes in (exec.c's native_step), which runs the
  * interpreter's handler for that one Insn, so a block is always covered whole.
@@ -14,8 +15,10 @@
  *    exit (the step helper stores it; native forms cannot fault), and the next rip
  *    when the block function returns;
  *  - the lazy flags (cc_op, cc_size, cc_res, cc_a, cc_b, cc_c) are written as the
- *    interpreter's handler writes them (but the operands cc_a and cc_b of the logic,
- *    inc and dec kinds, which nothing reads: flags.h) wherever something can read them: before
+ *    interpreter's handler writes them wherever something can read them (but for what
+ *    no reader looks at, flags.h: the operands of the logic, inc and dec kinds are not
+ *    written, and a 32-bit record's fields may differ above bit 31, as every reader
+ *    masks them to cc_size): before
  *    every helper call, slow path, possible fault and block exit. Within a block the
  *    guest's flags also live in the host flags (every native producer ends with the
  *    host operation at the guest's size), so jcc, setcc, cmovcc, adc/sbb, inc/dec and
@@ -26,7 +29,8 @@
  *  - the code uses the block's entry rip (Block.pc) as a constant: exec.c enters it
  *    only when c->rip == b->pc.
  * Faults leave through the interpreter's longjmp, which needs no unwinding of the
- * native frame (it saves rbx and r12-r15, callee-saved registers setjmp restores).
+ * native frame (it saves rbx, rbp and r12-r15, callee-saved registers setjmp
+ * restores; r9-r11 hold nothing across a call out).
  *
  * Layering (see tcg.h): native.c calls nothing of exec.c; exec.c passes its helper in.
  */
