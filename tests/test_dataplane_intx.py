@@ -105,3 +105,36 @@ def test_under_msix_every_wanted_interrupt_is_sent(tmp_path):
         assert writes >= 2
     finally:
         rig.close()
+
+
+@needs_native
+def test_intx_then_msix_then_intx_again(tmp_path):
+    """The driver switches MSI-X on and off around bursts, the INTx line up from the
+    first: under MSI-X the vector is raised, and back on INTx (ISR read or not) the
+    next completion still reaches the driver."""
+    path = tmp_path / "d.raw"
+    path.write_bytes(IMAGE)
+    rig = IntxRig(path, queue_size=128)
+    try:
+        burst(rig, 1)
+        assert wait_for(rig.line_up), "INTx raised for the first request"
+        burst(rig, BURST)
+
+        rig.d.enable_msix()
+        rig.d.common_write(0x16, 2, 0)
+        rig.d.common_write(0x1A, 2, 1)           # queue 0 -> vector 1
+        rig.settle()                              # the thread restarts with the new route
+        msis = len(rig.m.msis)
+        burst(rig, 4)
+        assert rig.m.wait_msi(msis + 1), "no MSI for a burst under MSI-X"
+
+        ctrl = rig.m.cfg_read(rig.d.slot, rig.d.msix_cap + 2, 2)
+        rig.m.cfg_write(rig.d.slot, rig.d.msix_cap + 2, 2, ctrl & ~0x8000)
+        rig.settle()
+        rig.d.isr()                               # whatever was pending: the line goes down
+        assert not rig.line_up()
+        burst(rig, 4)
+        assert wait_for(rig.line_up), "INTx not raised after MSI-X went off"
+        assert rig.d.isr() & ISR_QUEUE
+    finally:
+        rig.close()
