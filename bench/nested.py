@@ -4,7 +4,8 @@ SVM, kvm-amd loaded).
 
     python3 -m bench.nested              # every area below
     python3 -m bench.nested tcp virtio   # only these areas (boot, kvm, virtio, tcp; virtio-blk, virtio-net,
-                                         # phases: where the boot rows' time goes, bench/boot_phases.py)
+                                         # phases: where the boot rows' time goes, bench/boot_phases.py;
+                                         # virtio-blk-qd32: the blk queue-depth-32 rows alone)
 
 Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
@@ -98,7 +99,7 @@ def linux_rows(share: str) -> list[dict]:
 
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
-EXTRA_AREAS = ("virtio-blk", "virtio-net", "phases")
+EXTRA_AREAS = ("virtio-blk", "virtio-blk-qd32", "virtio-net", "phases")
 # The Linux boot rows: two Linux boots and six hello.elf starts in the L1.
 BOOT_LIMIT = 900.0
 
@@ -119,6 +120,9 @@ def _area_parts(share: str, area: str) -> list:
         return [Part("boot phases", "bench.boot_phases", "rows", (share,), BOOT_LIMIT)]
     if area == "tcp":
         return bench.tcp.parts(os.path.join(share, "guest"))
+    if area == "virtio-blk-qd32":
+        # the queue-depth-32 rows alone (issue 17): both formats, no CPU rows
+        return [p for p in bench.virtio.parts(python_side=False, blk_only="QD32") if p.function == "blk_format_rows"]
     # dataplane=python's blk figures (a third of the L1's blk time) stay a host-side note
     virtio = bench.virtio.parts(python_side=False)
     if area == "virtio-blk":

@@ -279,32 +279,36 @@ def _guest_cycles(argv: list[str], ok_status: int, key: str) -> int:
     return int(_guest_match(argv, ok_status, rf"\b{key}=\d+ cycles=(\d+)").group(1))
 
 
-def _blk_side_rates(build, ok_status: int, tsc_hz: int | None) -> dict[str, float]:
+def _blk_side_rates(build, ok_status: int, tsc_hz: int | None, workloads=BLK_WORKLOADS) -> dict[str, float]:
     """Each workload's rate on one side (one image, one configuration). Under KVM
     from the guest's own count of TSC cycles around the work (best of
     GUEST_TIMED_RUNS); else from wall times, the boot without work measured once."""
     rates = {}
     if tsc_hz:
-        for name, _unit, args, count, scale, key in BLK_WORKLOADS:
+        for name, _unit, args, count, scale, key in workloads:
             cycles = min(_guest_cycles(build(args.format(n=count)), ok_status, key)
                          for _ in range(GUEST_TIMED_RUNS))
             rates[name] = count * scale / max(cycles / tsc_hz, 1e-6)
         return rates
     base = min(_timed(build(""), ok_status) for _ in range(2))
-    for name, _unit, args, count, scale, _key in BLK_WORKLOADS:
+    for name, _unit, args, count, scale, _key in workloads:
         loaded = _timed(build(args.format(n=count)), ok_status)
         rates[name] = count * scale / max(loaded - base, 1e-3)
     return rates
 
 
-def blk_format_rows(fmt: str, python_side: bool = True) -> list[dict]:
-    """The virtio-blk rows of one image format alone, on a fresh image."""
+def blk_format_rows(fmt: str, python_side: bool = True, only: str = "") -> list[dict]:
+    """The virtio-blk rows of one image format alone, on a fresh image; ``only``: just
+    the throughput rows whose name has it (e.g. "QD32"), no CPU rows."""
     with tempfile.TemporaryDirectory(prefix="kvmpy-bench-virtio-") as tmp:
-        return _blk_rows(tmp, (fmt,), python_side)
+        return _blk_rows(tmp, (fmt,), python_side, only)
 
 
-def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: bool = True) -> list[dict]:
-    """``python_side``: also time dataplane=python for the notes (a third of the runs)."""
+def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: bool = True,
+              only: str = "") -> list[dict]:
+    """``python_side``: also time dataplane=python for the notes (a third of the runs).
+    ``only``: see blk_format_rows."""
+    workloads = tuple(w for w in BLK_WORKLOADS if only in w[0])
     images = _blk_images(tmp, formats)
     tsc_hz = _tsc_hz() if _kvm_ok() else None
     timing = (f"guest TSC cycles at {tsc_hz / 1e9:.3f} GHz, best of {GUEST_TIMED_RUNS}" if tsc_hz
@@ -340,7 +344,7 @@ def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: boo
                             "-drive", f"if=none,id=d0,file={img},format={fmt},{drive_opts}"])
                     try:
                         _timed(q(""), 1)
-                        results["qemu"] = _blk_side_rates(q, 1, tsc_hz)
+                        results["qemu"] = _blk_side_rates(q, 1, tsc_hz, workloads)
                     except Exception as e:
                         notes.append(f"qemu {label}: {e}")
                         continue
@@ -353,11 +357,11 @@ def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: boo
                 mine.append(("kvmpy-python", k("python"), 0))
             for side, build, status in mine:
                 try:
-                    results[side] = _blk_side_rates(build, status, tsc_hz)
+                    results[side] = _blk_side_rates(build, status, tsc_hz, workloads)
                 except Exception as e:  # a side that cannot run says why; the other still reports
                     notes.append(f"{side}: {e}")
             sides += mine
-            for side, build, status in sides:
+            for side, build, status in sides if not only else ():
                 if side == "kvmpy-python" or side not in results:
                     continue
                 guest_seen: list[bool] = []
@@ -367,7 +371,7 @@ def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: boo
                     cpu_notes.append(f"{side}: {e}")
                 if _kvm_ok() and guest_seen and not any(guest_seen) and NO_GUEST_TIME_NOTE not in cpu_notes:
                     cpu_notes.append(NO_GUEST_TIME_NOTE)
-        for name, unit, *_ in BLK_WORKLOADS:
+        for name, unit, *_ in workloads:
             row = {"name": f"virtio-blk {fmt} {name}", "unit": unit,
                    "kvmpy": round(results["kvmpy"][name], 1) if "kvmpy" in results else None,
                    "qemu": round(results["qemu"][name], 1) if "qemu" in results else None}
@@ -377,7 +381,7 @@ def _blk_rows(tmp: str, formats: tuple[str, ...] = BLK_FORMATS, python_side: boo
             if row_notes:
                 row["note"] = "; ".join(row_notes)
             rows.append(row)
-        for name, *_ in BLK_CPU_WORKLOADS:
+        for name, *_ in BLK_CPU_WORKLOADS if not only else ():
             rows.append({"name": f"virtio-blk {fmt} {name}", "unit": CPU_UNIT,
                          "kvmpy": round(cpu["kvmpy"][name], 2) if "kvmpy" in cpu else None,
                          "qemu": round(cpu["qemu"][name], 2) if "qemu" in cpu else None,
@@ -604,11 +608,15 @@ def run() -> list[dict]:
     return rows
 
 
-def parts(blk_limit: float = 1500.0, net_limit: float = 600.0, python_side: bool = True) -> list:
+def parts(blk_limit: float = 1500.0, net_limit: float = 600.0, python_side: bool = True,
+          blk_only: str = "") -> list:
     """The rows as bench.parts runs them: each image format's blk rows and each net
-    row with its own deadline. ``python_side``: the blk notes' dataplane=python figures."""
+    row with its own deadline. ``python_side``: the blk notes' dataplane=python figures;
+    ``blk_only``: only the blk rows whose name has it (blk_format_rows' ``only``)."""
     from bench.parts import Part
-    return ([Part(f"virtio-blk {fmt}", "bench.virtio", "blk_format_rows", (fmt, python_side), blk_limit)
+    suffix = f" {blk_only}" if blk_only else ""
+    return ([Part(f"virtio-blk {fmt}{suffix}", "bench.virtio", "blk_format_rows", (fmt, python_side, blk_only),
+                  blk_limit)
              for fmt in BLK_FORMATS]
             + [Part(name, "bench.virtio", "net_rows", ([name],), net_limit) for name, _, _ in NET_ROWS])
 

@@ -76,6 +76,9 @@ struct dp_queue {
     uint64_t deferred;              /* reads that went to the workers */
     int nowait_refused;             /* the file system has no RWF_NOWAIT: all reads inline */
     uint64_t ring_ops;              /* reads and writes that went through the io_uring */
+    uint64_t ring_enters;           /* io_uring_enter calls */
+    uint64_t interrupts;            /* call_fd writes */
+    uint64_t interrupts_coalesced;  /* wanted, but an INTx level already up covered them */
     int ring_inflight;              /* of the current batch, not reaped yet */
     int map_held;                   /* the cluster map's read lock, for this batch */
     uint8_t *bounce;                /* O_DIRECT: aligned, for requests with unaligned buffers */
@@ -286,10 +289,17 @@ static void signal_used(struct dp_queue *q)
     } else {
         want = !(__atomic_load_n((uint16_t *)q->avail, __ATOMIC_RELAXED) & AVAIL_F_NO_INTERRUPT);
     }
+    if (want && q->c.intx_pending && __atomic_exchange_n(q->c.intx_pending, 1, __ATOMIC_SEQ_CST)) {
+        /* Set since the driver last read the ISR: its next read (after the raise
+         * that is up or on its way) comes after the used idx stored above. */
+        q->interrupts_coalesced++;
+        return;
+    }
     if (want) {
         uint64_t one = 1;
         ssize_t r;
         do r = write(q->c.call_fd, &one, 8); while (r < 0 && errno == EINTR);
+        q->interrupts++;
     }
 }
 
@@ -468,12 +478,13 @@ static int ring_result(struct dp_queue *q, struct dp_job *job, int res)
 static void ring_wait(struct dp_queue *q)
 {
     struct io_uring *ring = &q->c.ring->ring;
-    int r;
-    do r = io_uring_submit(ring); while (r == -EINTR || r == -EAGAIN || r == -EBUSY);
     while (q->ring_inflight) {
-        struct io_uring_cqe *cqe;
-        r = io_uring_wait_cqe(ring, &cqe);
-        if (r == -EINTR || r == -EAGAIN)
+        /* One enter submits what is queued and sleeps until the whole batch is
+         * done: the thread wakes once per batch, not once per completion (on a
+         * busy or single CPU each wake is a context switch the guest pays for). */
+        int r = io_uring_submit_and_wait(ring, (unsigned)q->ring_inflight);
+        q->ring_enters++;
+        if (r == -EINTR || r == -EAGAIN || r == -EBUSY)
             continue;
         if (r < 0) {
             /* Not for a ring of our own making. What it did not answer fails, so the
@@ -487,12 +498,16 @@ static void ring_wait(struct dp_queue *q)
             q->c.ring = NULL;
             return;
         }
-        struct dp_job *job = io_uring_cqe_get_data(cqe);
-        int res = cqe->res;
-        io_uring_cqe_seen(ring, cqe);
-        q->ring_inflight--;
-        job->result = ring_result(q, job, res);
-        __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+        struct io_uring_cqe *cqe;
+        unsigned head, seen = 0;
+        io_uring_for_each_cqe(ring, head, cqe) {
+            struct dp_job *job = io_uring_cqe_get_data(cqe);
+            q->ring_inflight--;
+            job->result = ring_result(q, job, cqe->res);
+            __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
+            seen++;
+        }
+        io_uring_cq_advance(ring, seen);
     }
 }
 
@@ -1227,6 +1242,9 @@ void dp_stop(struct dp_queue *q, struct dp_indices *out)
     out->completed = q->completed;
     out->deferred = q->deferred;
     out->ring_ops = q->ring_ops;
+    out->ring_enters = q->ring_enters;
+    out->interrupts = q->interrupts;
+    out->interrupts_coalesced = q->interrupts_coalesced;
     close(q->stop_fd);
     free(q->bounce);
     pthread_cond_destroy(&q->done_cv);

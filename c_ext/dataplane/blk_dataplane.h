@@ -81,6 +81,14 @@ struct dp_config {
     uint8_t serial[DP_SERIAL_BYTES];
     int kick_fd;                   /* the queue's doorbell eventfd */
     int call_fd;                   /* written when the driver wants an interrupt */
+    /* INTx (the transport raises a level when call_fd is written): the line's
+     * state, shared with the transport; NULL for a vector. Set here with the
+     * call_fd write, cleared by the guest's ISR read: while it is set, an
+     * interrupt is on its way or up, and the driver's ISR read still to come
+     * finds every used entry published before, so another write would only wake
+     * the event loop for a level that is already up (QEMU's pci_set_irq skips
+     * an unchanged level the same way). */
+    int *intx_pending;
     int handback_fd;               /* written when the thread hands the queue back */
     uint16_t next_avail, next_used;
     int signalled_valid;
@@ -95,6 +103,9 @@ struct dp_indices {
     uint64_t completed;            /* requests this thread answered */
     uint64_t deferred;             /* of them, reads its workers did (not in the page cache) */
     uint64_t ring_ops;             /* of them, reads and writes done through its io_uring */
+    uint64_t ring_enters;          /* io_uring_enter calls (submissions and waits) */
+    uint64_t interrupts;           /* call_fd writes */
+    uint64_t interrupts_coalesced; /* interrupts the driver wanted that an INTx level already up covered */
 };
 
 struct dp_queue;

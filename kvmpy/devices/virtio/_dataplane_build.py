@@ -55,6 +55,7 @@ struct dp_config {
     struct dp_iothread *iothread;
     uint8_t serial[20];
     int kick_fd, call_fd, handback_fd;
+    int *intx_pending;
     uint16_t next_avail, next_used;
     int signalled_valid;
     uint16_t signalled_used;
@@ -68,6 +69,9 @@ struct dp_indices {
     uint64_t completed;
     uint64_t deferred;
     uint64_t ring_ops;
+    uint64_t ring_enters;
+    uint64_t interrupts;
+    uint64_t interrupts_coalesced;
     ...;
 };
 struct dp_queue;

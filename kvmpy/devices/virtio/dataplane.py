@@ -187,6 +187,30 @@ class ClusterMap:
     __del__ = close
 
 
+class IntxPending:
+    """A device's INTx line as its queue threads see it (``int *intx_pending`` of
+    struct dp_config): a thread sets it when it writes its call eventfd, the
+    transport clears it when the driver reads the ISR. While it is set, a thread
+    writes no call eventfd: the raise on its way (or the level already up) makes
+    the driver read the ISR and look at the used ring after every entry published
+    so far, so another write would only wake the event loop to raise a raised
+    line. Clearing it is always safe (at worst an interrupt more)."""
+
+    def __init__(self) -> None:
+        self._flag = ffi.new("int *")
+
+    @property
+    def pointer(self):
+        return self._flag
+
+    def clear(self) -> None:
+        self._flag[0] = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._flag[0])
+
+
 @dataclass(frozen=True)
 class BlkBackend:
     """What a virtio-blk model lets its data plane do on its own, as plain values."""
@@ -212,6 +236,9 @@ class StopInfo:
     completed: int           # requests the thread answered
     deferred: int            # reads of them its workers did (the page cache had not the data)
     ring_ops: int = 0        # reads and writes of them done through its io_uring
+    ring_enters: int = 0     # its io_uring_enter calls
+    interrupts: int = 0      # its call eventfd writes
+    interrupts_coalesced: int = 0   # interrupts the driver wanted that an INTx level already up covered
 
 
 class RegionPointers:
@@ -243,9 +270,11 @@ class NativeQueue:
     """One queue served by a C thread from ``start`` until ``stop``."""
 
     def __init__(self, regions: RegionPointers, queue: SplitQueue, backend: BlkBackend, kick_fd: int,
-                 irq_fd: int | None = None, index: int = 0) -> None:
+                 irq_fd: int | None = None, index: int = 0, intx_pending: IntxPending | None = None) -> None:
         self.queue = queue
         self.irq_fd = irq_fd
+        # kept alive with the thread that writes it
+        self.intx_pending = intx_pending if irq_fd is None else None
         self.call_fd = plane_glue.new_eventfd()
         self.handback_fd = plane_glue.new_eventfd()
         cfg = ffi.new("struct dp_config *")
@@ -269,6 +298,7 @@ class NativeQueue:
         ffi.memmove(cfg.serial, backend.serial.ljust(lib.DP_SERIAL_BYTES, b"\0"), lib.DP_SERIAL_BYTES)
         cfg.kick_fd, cfg.handback_fd = kick_fd, self.handback_fd
         cfg.call_fd = self.call_fd if irq_fd is None else irq_fd
+        cfg.intx_pending = self.intx_pending.pointer if self.intx_pending is not None else ffi.NULL
         self._regions = regions
         err = ffi.new("int *")
         self._handle = lib.dp_start(cfg, err)
@@ -284,7 +314,8 @@ class NativeQueue:
         self._handle = None
         plane_glue.ring_from_c(self.queue, out)
         return StopInfo(handed_back=out.exit_reason == lib.DP_EXIT_HANDBACK, completed=out.completed,
-                        deferred=out.deferred, ring_ops=out.ring_ops)
+                        deferred=out.deferred, ring_ops=out.ring_ops, ring_enters=out.ring_enters,
+                        interrupts=out.interrupts, interrupts_coalesced=out.interrupts_coalesced)
 
     def take_interrupt(self) -> bool:
         """Whether the thread asked for an interrupt through the call eventfd since

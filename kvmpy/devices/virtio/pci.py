@@ -175,6 +175,12 @@ class VirtioPciTransport(PciDevice):
         self._native_completed = 0
         self._native_deferred = 0
         self._native_ring_ops = 0
+        self._native_ring_enters = 0
+        self._native_interrupts = 0
+        self._native_interrupts_coalesced = 0
+        self._native_interrupt_wakes = 0
+        # INTx as the blk threads see it (dataplane.IntxPending): cleared with every ISR read
+        self._intx_pending = dataplane.IntxPending() if dataplane.available() else None
         self._reset_state()
 
     # state ----------------------------------------------------------------------
@@ -190,6 +196,8 @@ class VirtioPciTransport(PciDevice):
         self.isr = 0
         # Whether _interrupt raised INTx since the driver last read the ISR.
         self._intx_raised = False
+        if getattr(self, "_intx_pending", None) is not None:
+            self._intx_pending.clear()
         self.broken = False
         for q in self.queues:
             q.reset()
@@ -262,6 +270,8 @@ class VirtioPciTransport(PciDevice):
             self.config_generation = state.config_generation
             self.isr = state.isr
             self._intx_raised = False     # the line is raised anew with the next interrupt
+            if self._intx_pending is not None:
+                self._intx_pending.clear()
             self.broken = state.broken
             if state.status & FEATURES_OK:
                 self.device.ack_features(state.driver_features)
@@ -298,6 +308,10 @@ class VirtioPciTransport(PciDevice):
             with self._isr_lock:
                 value, self.isr = self.isr, 0
                 self._intx_raised = False
+                # before the value goes back: the driver's look at the used ring
+                # comes after it, so a thread that still saw it set published first
+                if self._intx_pending is not None:
+                    self._intx_pending.clear()
                 if self.pci_bus is not None:
                     self.pci_bus.set_intx(self, False)
                 return value
@@ -643,7 +657,8 @@ class VirtioPciTransport(PciDevice):
             if self._native_regions is None:
                 self._native_regions = dataplane.RegionPointers(self.memory)
             native = dataplane.NativeQueue(self._native_regions, self.queues[q], backend, fd,
-                                           irq_fd=self._queue_irq_route(q), index=q)
+                                           irq_fd=self._queue_irq_route(q), index=q,
+                                           intx_pending=self._queue_intx_pending(q))
         except (OSError, ValueError) as e:
             self._native_refused = True
             log.warning("%s: native data plane unavailable, requests stay in Python: %s", self.name, e)
@@ -673,6 +688,9 @@ class VirtioPciTransport(PciDevice):
         self._native_completed += info.completed
         self._native_deferred += info.deferred
         self._native_ring_ops += info.ring_ops
+        self._native_ring_enters += info.ring_enters
+        self._native_interrupts += info.interrupts
+        self._native_interrupts_coalesced += info.interrupts_coalesced
         # An interrupt the thread asked for that the loop has not delivered yet.
         if native.take_interrupt():
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
@@ -695,12 +713,15 @@ class VirtioPciTransport(PciDevice):
                     routes = tuple(self._queue_irq_route(i) for i in native.queue_indices)
                     if native.irq_fds != routes:
                         self._stop_native(q, rewatch=True)
-                elif native is not None and native.irq_fd != self._queue_irq_route(q):
+                elif native is not None and (native.irq_fd != self._queue_irq_route(q)
+                                             or getattr(native, "intx_pending", None)
+                                             is not self._queue_intx_pending(q)):
                     self._stop_native(q, rewatch=True)
                     self.events.call_soon(lambda q=q: self._run_queue(q))
 
     def _native_interrupt(self, q: int, native: ServedQueue) -> None:
         if self._native[q] is native and native.take_interrupt():
+            self._native_interrupt_wakes += 1
             self._interrupt(self.queue_vector[q], ISR_QUEUE)
 
     def _native_handback(self, q: int, native: ServedQueue) -> None:
@@ -766,6 +787,18 @@ class VirtioPciTransport(PciDevice):
                 native.set_filter(offer)
             else:
                 self._stop_native(native.queue_indices[0], rewatch=True)
+
+    def _queue_intx_pending(self, q: int) -> "dataplane.IntxPending | None":
+        """What a blk thread on queue ``q`` shares of the INTx line: the flag that
+        spares the event loop a raise of a raised line, where INTx is the route
+        (MSI-X off); cleared here, as a thread may start after MSI-X was on and
+        off again (the flag set then means nothing now: at worst an interrupt more)."""
+        if self._intx_pending is None or self.msix.enabled or self._queue_irq_route(q) is not None:
+            return None
+        with self._isr_lock:
+            if not self._intx_raised:
+                self._intx_pending.clear()
+        return self._intx_pending
 
     def _queue_irq_route(self, q: int) -> int | None:
         """Queue ``q``'s interrupt as a plane raises it itself (a blk thread, a net pair,
@@ -845,6 +878,23 @@ class VirtioPciTransport(PciDevice):
     def native_ring_ops(self) -> int:
         """Of those, reads and writes the threads did through io_uring."""
         return self._native_ring_ops
+
+    @property
+    def native_ring_enters(self) -> int:
+        """The io_uring_enter calls the stopped threads made (submissions and waits)."""
+        return self._native_ring_enters
+
+    @property
+    def native_interrupt_wakes(self) -> int:
+        """How often the event loop raised an interrupt a thread asked for through
+        its call eventfd."""
+        return self._native_interrupt_wakes
+
+    @property
+    def native_interrupts(self) -> tuple[int, int]:
+        """The stopped blk threads' call eventfd writes, and the interrupts the
+        driver wanted that an INTx level already up covered."""
+        return self._native_interrupts, self._native_interrupts_coalesced
 
     @property
     def native_queues(self) -> tuple[bool, ...]:
