@@ -112,6 +112,9 @@ class ServedQueue(Protocol):
     call_fd: int
     #: written when the plane stopped before something only the model may answer
     handback_fd: int
+    #: the INTx flag it shares with the transport (a blk thread: dataplane.IntxPending,
+    #: set while its raise is pending), or None
+    intx_pending: object | None
 
     def stop(self) -> StopInfo:
         """Stop at a request boundary and put the ring indices back into ``queue``."""

@@ -196,7 +196,7 @@ class VirtioPciTransport(PciDevice):
         self.isr = 0
         # Whether _interrupt raised INTx since the driver last read the ISR.
         self._intx_raised = False
-        if getattr(self, "_intx_pending", None) is not None:
+        if self._intx_pending is not None:
             self._intx_pending.clear()
         self.broken = False
         for q in self.queues:
@@ -714,8 +714,7 @@ class VirtioPciTransport(PciDevice):
                     if native.irq_fds != routes:
                         self._stop_native(q, rewatch=True)
                 elif native is not None and (native.irq_fd != self._queue_irq_route(q)
-                                             or getattr(native, "intx_pending", None)
-                                             is not self._queue_intx_pending(q)):
+                                             or native.intx_pending is not self._queue_intx_pending(q)):
                     self._stop_native(q, rewatch=True)
                     self.events.call_soon(lambda q=q: self._run_queue(q))
 

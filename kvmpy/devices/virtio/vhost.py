@@ -171,6 +171,9 @@ class VhostQueue:
     """One ring the kernel serves, as the transport's NativeQueue: ``stop()``,
     ``take_interrupt()``, ``call_fd``, ``handback_fd``, ``irq_fd``, ``queue``."""
 
+    #: the kernel raises every interrupt it wants: no INTx flag to share
+    intx_pending = None
+
     def __init__(self, vhost: VhostNet, ring: int, queue: SplitQueue, kick_fd: int, irq_fd: int | None,
                  on_stop: Callable[[], None] | None) -> None:
         self.vhost = vhost
