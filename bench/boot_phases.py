@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from bench.kvm import NO_DEFAULT_NIC
+from bench.kvm import NO_DEFAULT_NIC, linux_argvs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -153,12 +153,7 @@ def _longest_gaps(lines: list[tuple[float, str]], count: int = 4) -> str:
 
 
 def linux_rows(share: str) -> list[dict]:
-    guest = os.path.join(share, "guest")
-    kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
-    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
-             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", VERBOSE_APPEND]
-    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
-            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", VERBOSE_APPEND]
+    kvmpy, qemu = linux_argvs(share, VERBOSE_APPEND)
     marks = (FIRST_KERNEL_LINE, RUN_INIT, INIT_BANNER, POWER_DOWN)
     found = {"kvmpy": timeline(kvmpy, marks, lines_after=RUN_INIT)}
     if shutil.which("qemu-system-x86_64"):

@@ -39,6 +39,18 @@ RUN_TIMEOUT = 180
 NO_DEFAULT_NIC = ("--net", "none")
 
 
+def linux_argvs(share: str, append: str) -> tuple[list[str], list[str]]:
+    """kvmpy's and QEMU's command lines booting the default guest's Linux under KVM
+    (the nested L1's boot rows), the guest's files in ``share``/guest"""
+    guest = os.path.join(share, "guest")
+    kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
+    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
+             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", append]
+    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
+            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", append]
+    return kvmpy, qemu
+
+
 def _kvmpy(kernel: str, append: str, device: str | None = None) -> list[str]:
     return [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128", "--serial", "stdio", *NO_DEFAULT_NIC,
             *(["--device", device] if device else []), "--kernel", kernel, "--append", append]

@@ -71,13 +71,8 @@ def _first_byte_seconds(argv: list[str], timeout: float = 120) -> float | None:
 
 def linux_rows(share: str) -> list[dict]:
     from bench.boot import APPEND, _timed_boot
-    guest = os.path.join(share, "guest")
-    kernel, initrd = os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd.img")
-    from bench.kvm import NO_DEFAULT_NIC
-    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "--no-reboot", "--serial", "stdio",
-             *NO_DEFAULT_NIC, "-m", "512", "--kernel", kernel, "--initrd", initrd, "--append", APPEND]
-    qemu = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512", "-nodefaults", "-display", "none",
-            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", APPEND]
+    from bench.kvm import NO_DEFAULT_NIC, linux_argvs
+    kvmpy, qemu = linux_argvs(share, APPEND)
     kb, kd, knote = _timed_boot(kvmpy)
     qb, qd, qnote = _timed_boot(qemu)
     note = "; ".join(n for n in (f"kvmpy {knote}" if knote else "", f"qemu {qnote}" if qnote else "") if n)

@@ -2222,6 +2222,18 @@ static void emit_enter_block_rcx(Comp *k, int32_t stat_off)
     b1(e, 0xff); b1(e, 0xe0);                                   /* jmp rax */
 }
 
+/* Where a chained exit's failed checks (jcc32 fields out[0..nout)) go: return, with
+ * CPU.nat_exit_slot naming the successor slot at slot_addr for exec.c to link */
+static void emit_slot_exit(Comp *k, uint8_t **out, int nout, uint64_t slot_addr)
+{
+    Emit *e = &k->e;
+    for (int n = 0; n < nout; n++)
+        patch_rel32(out[n], e->p);
+    mov_imm(e, RAX, slot_addr);
+    store64(e, RAX, CPU_OFF(nat_exit_slot));
+    emit_ret(e);
+}
+
 /* Leaves for the direct successor at guest rip `target` (c->rip already holds it),
  * jumping straight into its compiled code when native_chain_fits() linked it in
  * b->nat_succ[slot] and the conditions of native.h hold; otherwise returns with
@@ -2252,11 +2264,7 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
         b1(e, 0xe9);                                            /* jmp body */
         b4(e, 0);
         patch_rel32(e->p - 4, k->body);
-        for (int n = 0; n < nout; n++)
-            patch_rel32(out[n], e->p);
-        mov_imm(e, RAX, slot_addr);
-        store64(e, RAX, CPU_OFF(nat_exit_slot));
-        emit_ret(e);
+        emit_slot_exit(k, out, nout, slot_addr);
         return;
     }
     mov_imm(e, RAX, slot_addr);
@@ -2274,30 +2282,19 @@ static void emit_chain_exit(Comp *k, int slot, uint64_t target, int done)
      * and the successor linked in the slot was found on that same page. */
     uint64_t lin = k->long64 ? target : (uint32_t)(k->b->cs_base + target);
     uint64_t lin_pc = k->long64 ? k->b->pc : (uint32_t)(k->b->cs_base + k->b->pc);
-    if (!k->steps && k->b->phys2 == ~0ull && (lin >> 12) == (lin_pc >> 12)) {
-        emit_enter_block_rcx(k, CPU_OFF(st_native_chained));
-        for (int n = 0; n < nout; n++)
-            patch_rel32(out[n], e->p);
-        mov_imm(e, RAX, slot_addr);
-        store64(e, RAX, CPU_OFF(nat_exit_slot));
-        emit_ret(e);
-        return;
+    if (k->steps || k->b->phys2 != ~0ull || (lin >> 12) != (lin_pc >> 12)) {
+        int32_t ent = CPU_OFF(tlb) + (int32_t)(((lin >> 12) & (TLB_SIZE - 1)) * sizeof(TlbEnt));
+        op_mem(e, 1, 0x63, RDX, CPU_OFF(mmu_idx));              /* movsxd rdx, mmu_idx */
+        b1(e, 0x48); b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdx, rdx, row */
+        mov_imm(e, RAX, lin & ~0xfffull);
+        op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
+        out[nout++] = jcc32(e, 0x5);
+        b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
+        op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
+        out[nout++] = jcc32(e, 0x5);
     }
-    int32_t ent = CPU_OFF(tlb) + (int32_t)(((lin >> 12) & (TLB_SIZE - 1)) * sizeof(TlbEnt));
-    op_mem(e, 1, 0x63, RDX, CPU_OFF(mmu_idx));                  /* movsxd rdx, mmu_idx */
-    b1(e, 0x48); b1(e, 0x69); b1(e, 0xd2); b4(e, (uint32_t)(TLB_SIZE * sizeof(TlbEnt)));   /* imul rdx, rdx, row */
-    mov_imm(e, RAX, lin & ~0xfffull);
-    op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, tag_x));   /* cmp rax, tag_x */
-    out[nout++] = jcc32(e, 0x5);
-    b1(e, 0x48); b1(e, 0x8b); b1(e, 0x81); b4(e, (uint32_t)offsetof(Block, phys));   /* mov rax, [rcx+phys] */
-    op_tlb(e, 1, 0x3b, RAX, RBX, ent + (int32_t)offsetof(TlbEnt, paddr));   /* cmp rax, paddr */
-    out[nout++] = jcc32(e, 0x5);
     emit_enter_block_rcx(k, CPU_OFF(st_native_chained));
-    for (int n = 0; n < nout; n++)
-        patch_rel32(out[n], e->p);
-    mov_imm(e, RAX, slot_addr);
-    store64(e, RAX, CPU_OFF(nat_exit_slot));
-    emit_ret(e);
+    emit_slot_exit(k, out, nout, slot_addr);
 }
 
 /* Leaves for a successor known only at run time (ret, jmp/call through a register or
