@@ -900,7 +900,7 @@ static int new_slow(Comp *k, Insn *i, uint64_t rip, int done)
 }
 
 /* Linear address in rax -> host address in rax through the TLB (tlb_hit in access.h);
- * a miss, a page crossing or a slow page branches to slow path s. Clobbers rcx, rdx. */
+ * a miss, a page crossing or a slow page branches to slow path s. Clobbers rcx, rdx, rdi. */
 static void emit_tlb(Comp *k, int s, unsigned size, int write)
 {
     Emit *e = &k->e;
@@ -2455,7 +2455,7 @@ static void emit_indirect(Comp *k, Insn *i, uint64_t rip, uint64_t next_rip, int
     if ((i->reg & 7) == 2) {
         int s = new_slow(k, i, rip, done);
         emit_stack_lin(k, s, -(int32_t)sz);
-        emit_tlb(k, s, sz, 1);                                  /* rsi survives: rax rcx rdx only */
+        emit_tlb(k, s, sz, 1);                                  /* rsi survives: rax rcx rdx rdi only */
         mov_imm(e, RCX, next_rip);
         emit_store_rcx(e, sz);
         emit_sp_add(k, -(int32_t)sz);
