@@ -409,6 +409,8 @@ def _dns_query(name: str, ident: int) -> bytes:
     return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question
 
 
+# 127.0.0.1:53 is one port: test_usernet.py holds it for its whole module
+@pytest.mark.xdist_group("usernet-guest")
 def test_dns_is_forwarded_to_the_resolv_conf_server(loop, loopback_dns):
     with _user_net(loop) as net:
         _send(net, frames.ip_frame(frames.udp("10.0.2.15", 33333, "10.0.2.3", 53, _dns_query("a.example", 77))))
@@ -421,6 +423,8 @@ def test_dns_is_forwarded_to_the_resolv_conf_server(loop, loopback_dns):
         assert loopback_dns.queries == 1
 
 
+# 127.0.0.1:53 is one port: test_usernet.py holds it for its whole module
+@pytest.mark.xdist_group("usernet-guest")
 def test_restricted_network_has_no_dns_forwarder(loop, loopback_dns):
     with _user_net(loop, "user,restrict=on") as net:
         _send(net, frames.ip_frame(frames.udp("10.0.2.15", 33333, "10.0.2.3", 53, _dns_query("a.example", 78))))
