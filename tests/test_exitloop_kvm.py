@@ -304,6 +304,26 @@ def test_console_polling_between_queued_writes_stays_on_the_fast_path():
     assert st["decoded"] >= n, st
 
 
+def test_a_queued_write_after_which_the_guest_makes_no_exit_reaches_the_console():
+    """The guest's last byte (the line's newline) is a queued THR write, and then it
+    spins with no exit: only the ring's watcher thread can get that byte out, and it
+    wakes the event loop for it, not on every look at the ring."""
+    m, con = kvm_machine(guest_path("exitloop"), "n=0 spin=1")
+    try:
+        m.start()
+        wait_until(lambda: re.search(r"\(sink 0\)\r?\n", con.text()), timeout=30,
+                   what="the newline queued before the spin")
+        looks, wakes = m.accel.port_write_queue.watch_counts()
+        assert 1 <= wakes <= 3 and looks >= wakes, (looks, wakes)
+        # The ring is empty from now on: the watcher keeps looking and wakes no one.
+        wait_until(lambda: m.accel.port_write_queue.watch_counts()[0] >= looks + 5, timeout=30,
+                   what="the watcher's next looks")
+        assert m.accel.port_write_queue.watch_counts()[1] == wakes
+    finally:
+        m.quit()
+        m.wait()
+
+
 def test_the_c_loop_and_python_agree_on_the_decoded_codes():
     from kvmpy.hv import exits
     from kvmpy.hv.kvm._kvm_cffi import lib

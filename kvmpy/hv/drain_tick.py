@@ -1,5 +1,6 @@
-"""The periodic drain of a queue of guest port writes, shared by KVM's coalesced ring
-(kvm/coalesced.py) and the translator's port queue (tcg/portqueue.py).
+"""The periodic drain of a queue of guest port writes: the translator's port queue
+(tcg/portqueue.py), and KVM's coalesced ring (kvm/coalesced.py) only where its
+watcher thread, which wakes the loop only when writes wait, cannot be started.
 
 Either queue is drained at every exit the vCPU loop handles; the tick covers a guest
 that writes and then makes no exit for a while (a spin with interrupts off, a halt in

@@ -8,7 +8,9 @@
  * With console=N, first N bytes of console output the way Linux's console
  * writes them (LSR polled for THRE before each THR write; the THR writes are
  * queued by KVM's coalesced PIO under kvmpy), framed by "console<" and ">console".
- * Prints the TSC cycles each loop took.
+ * Prints the TSC cycles each loop took. With spin=1 it then spins for good with no
+ * exit: the last byte it printed is a queued write nothing but the VMM's own drain
+ * of the ring can deliver.
  */
 #include "guest.h"
 #include "virtio_pci.h"
@@ -56,5 +58,8 @@ int guest_main(const struct hvm_start_info *si)
         sink += *hole;
     uint64_t t2 = rdtsc();
     printf("exitloop: pio %lu in %lu cycles, mmio %lu in %lu cycles (sink %u)\n", n, t1 - t0, m, t2 - t1, sink);
+    if (cmdline_get_u64("spin", 0))
+        for (;;)
+            cpu_relax();
     return 0;
 }

@@ -248,6 +248,13 @@ int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop);
 int kvmpy_install_kick_handler(int signo);
 #define KVMPY_UNCLAIMED_NOTED_MAX ...
 __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u64 *head, unsigned char *run, __u32 cap);
+/* The ring's watcher: a thread that wakes Python only when writes wait (see the source). */
+struct kvmpy_ring_watch;
+struct kvmpy_ring_watch *kvmpy_ring_watch_start(struct kvm_coalesced_mmio_ring *ring, int wake_fd, int interval_ms,
+                                                int *err);
+void kvmpy_ring_watch_stop(struct kvmpy_ring_watch *w);
+__u64 kvmpy_ring_watch_looks(struct kvmpy_ring_watch *w);
+__u64 kvmpy_ring_watch_wakes(struct kvmpy_ring_watch *w);
 """)
 
 ffibuilder.set_source("kvmpy.hv.kvm._kvm_cffi", r"""
@@ -566,6 +573,96 @@ static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 ma
     }
     return n;
 }
+
+/* --- the ring's watcher ---------------------------------------------------------
+   A guest that writes to a queued port and then makes no exit (a spin with
+   interrupts off, a halt in the in-kernel irqchip) leaves its writes in the ring
+   until something drains it. A timer on Python's event loop did, 100 times a
+   second whatever the ring held: each tick a wake of the loop's thread and a run of
+   the interpreter, which in a nested L1 took a tenth of its one CPU away from the
+   guest. This thread looks at the ring's two indices every interval_ms and wakes
+   the loop (a write to wake_fd, an eventfd it watches) only when writes wait; the
+   drain itself stays Python's, under its lock. It reads the ring and writes one
+   eventfd, nothing else; stop_fd (an eventfd of its own) ends its wait at once. */
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+struct kvmpy_ring_watch {
+    struct kvm_coalesced_mmio_ring *ring;
+    int wake_fd, stop_fd, interval_ms;
+    pthread_t thread;
+    __u64 looks, wakes;     /* what it did, for tests and curiosity */
+};
+
+static void *kvmpy_ring_watch_main(void *arg)
+{
+    struct kvmpy_ring_watch *w = arg;
+    prctl(PR_SET_NAME, "kvmpy-ringwatch", 0, 0, 0);
+    struct pollfd stop = {.fd = w->stop_fd, .events = POLLIN};
+    for (;;) {
+        int r = poll(&stop, 1, w->interval_ms);
+        if (r > 0)
+            break;
+        if (r < 0 && errno != EINTR)
+            break;
+        __atomic_add_fetch(&w->looks, 1, __ATOMIC_RELAXED);
+        __u32 first = __atomic_load_n(&w->ring->first, __ATOMIC_RELAXED);
+        if (first != __atomic_load_n(&w->ring->last, __ATOMIC_ACQUIRE)) {
+            __u64 one = 1;
+            if (write(w->wake_fd, &one, sizeof one) == sizeof one)
+                __atomic_add_fetch(&w->wakes, 1, __ATOMIC_RELAXED);
+        }
+    }
+    return NULL;
+}
+
+static struct kvmpy_ring_watch *kvmpy_ring_watch_start(struct kvm_coalesced_mmio_ring *ring, int wake_fd,
+                                                       int interval_ms, int *err)
+{
+    struct kvmpy_ring_watch *w = calloc(1, sizeof *w);
+    if (w == NULL) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    w->ring = ring;
+    w->wake_fd = wake_fd;
+    w->interval_ms = interval_ms;
+    w->stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (w->stop_fd < 0) {
+        *err = errno;
+        free(w);
+        return NULL;
+    }
+    /* Signals stay with Python's threads, as for the data planes' threads. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int r = pthread_create(&w->thread, NULL, kvmpy_ring_watch_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r) {
+        *err = r;
+        close(w->stop_fd);
+        free(w);
+        return NULL;
+    }
+    return w;
+}
+
+/* Ends the thread (at once: it waits on stop_fd) and frees w; wake_fd is the caller's. */
+static void kvmpy_ring_watch_stop(struct kvmpy_ring_watch *w)
+{
+    __u64 one = 1;
+    while (write(w->stop_fd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+    pthread_join(w->thread, NULL);
+    close(w->stop_fd);
+    free(w);
+}
+
+static __u64 kvmpy_ring_watch_looks(struct kvmpy_ring_watch *w) { return __atomic_load_n(&w->looks, __ATOMIC_RELAXED); }
+static __u64 kvmpy_ring_watch_wakes(struct kvmpy_ring_watch *w) { return __atomic_load_n(&w->wakes, __ATOMIC_RELAXED); }
 
 /* kvmpy_run_decoded without the queued-writes flag. */
 static int kvmpy_run_decoded_access(struct kvmpy_vcpu_loop *loop)
