@@ -13,6 +13,8 @@
 
 import compileall
 import glob
+import subprocess
+import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -22,13 +24,17 @@ class build_ext_and_bytecode(build_ext):
     """An in-place build (the checkout's `python3 -m kvmpy`) also compiles kvmpy's
     modules to bytecode: where bytecode is not written at import time
     (PYTHONDONTWRITEBYTECODE, a read-only checkout) every `kvmpy run` would otherwise
-    compile all of them again, about half of its start-up. An installed kvmpy gets
-    its bytecode from pip."""
+    compile all of them again, about half of its start-up; and records the code of
+    the methods dataclasses would compile at every start (kvmpy/_codecache.py). An
+    installed kvmpy gets its bytecode from pip, and compiles those methods."""
 
     def run(self):
         super().run()
         if self.inplace:
             compileall.compile_dir("kvmpy", quiet=1)
+            # The code of the methods @dataclass writes at import (kvmpy/_codecache.py),
+            # recorded in a fresh interpreter.
+            subprocess.run([sys.executable, "-c", "import kvmpy._codecache as c; c.build('kvmpy')"], check=True)
 
 
 setup(

@@ -92,6 +92,8 @@ class DeviceEntry:
 
 @dataclass(frozen=True)
 class PlacedDevice:
+    """A table entry's device as built: the model, its backend and where it sits."""
+
     entry: DeviceEntry
     device: object
     backend: object | None = None

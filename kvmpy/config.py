@@ -43,6 +43,8 @@ RERROR_POLICIES = ("stop", "report", "ignore")
 
 @dataclass
 class DiskConfig:
+    """One [[disk]] (or --drive/-hda): the image and how the guest sees it."""
+
     path: str
     format: str | None = None
     readonly: bool = False
@@ -76,6 +78,8 @@ def check_error_policy(value, key: str, where: str) -> str:
 
 @dataclass
 class NetConfig:
+    """One [[net]] (or --net/-netdev): the NIC's backend and its options."""
+
     type: str = "tap"                 # "tap" or "user" (libslirp, kvmpy.net); see NO_NIC_TYPE
     ifname: str = ""
     bridge: str = ""
@@ -153,6 +157,8 @@ class DisplayConfig:
 
 @dataclass
 class VmConfig:
+    """A whole VM as vm.toml and the command line describe it, validated."""
+
     name: str = "kvmpy"
     source: str = "<command line>"
     accel: str = "tcg"                 # kvm | tcg | auto

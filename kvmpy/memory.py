@@ -70,6 +70,8 @@ def _not_inherited(mm: mmap.mmap) -> None:
 
 @dataclass(frozen=True)
 class RamRegion:
+    """A run of guest-physical addresses backed by host memory (RAM, ROM or device memory)."""
+
     gpa: int
     size: int
     mm: mmap.mmap | None  # the mapping (may be larger than size: see _anonymous_ram); None for device memory

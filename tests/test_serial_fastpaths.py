@@ -311,3 +311,27 @@ def test_a_burst_to_an_unclaimed_port_or_a_device_without_bursts():
     bus.write_burst(0x70, b"\x01\x02\x8f")
     bus.write_burst(0x300, b"\x01\x02")          # nobody there: dropped, as single writes are
     assert writes == [(0, 1, 1), (0, 1, 2), (0, 1, 0x8F)]
+
+
+def test_a_thre_another_vcpu_takes_mid_write_is_due_again_after_the_byte():
+    """An unlocked multi-vCPU guest: vCPU A writes THR on the lock-free path (THRE was
+    due), and vCPU B reads IIR, taking THRE, between A's check and A's byte. After the
+    byte THR is empty again, so THRE must be due and its interrupt raised, as the
+    locked path would leave it; else a driver waiting for THRE waits for good."""
+    w = Wire()
+    uart = Serial16550(w.irq, lambda data: (w.write(data), race()), on_rx_space=w.space)
+    ports = BusPorts(uart)
+    raced = []
+
+    def race():
+        if not raced:
+            raced.append(ports.read(2, 1))          # vCPU B: IIR, which takes THRE
+
+    ports.write(4, 1, 0x08)                          # MCR: OUT2, which gates the PC's IRQ line
+    ports.write(1, 1, 0x02)                          # IER: THRI; THRE due at once
+    assert uart.thr_pending and w.line
+    ports.write(0, 1, ord("x"))                      # vCPU A, B's IIR read in the middle
+    assert raced == [0x02]                           # B saw THRE, and took it
+    assert bytes(w.out) == b"x"
+    assert uart.thr_pending and w.line, "THRE due again after A's byte, its interrupt raised"
+    assert ports.read(2, 1) == 0x02

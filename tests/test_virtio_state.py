@@ -217,6 +217,10 @@ class BlkSide:
             # What a snapshot carries: guest RAM, the disk, the device values; the PCI
             # function's own state (BARs, MSI-X table) is redone by the driver here.
             other = restore_from
+            # As a snapshot does, the device first: taking its state waits for the batch
+            # in progress, whose last step (the NO_NOTIFY flag or avail_event written
+            # back) may come after the driver saw its used entry.
+            other.t.state()
             self.m.memory.write(0, other.m.memory.read(0, RAM))
             self.disk = MemDisk(bytes(other.disk.buf))
             self.blk = VirtioBlk.from_state(other.blk.state(), self.disk)
@@ -329,6 +333,10 @@ class NetSide:
             self.d.driver_ok()
         else:
             other = restore_from
+            # As a snapshot does, the device first: taking its state waits for the batch
+            # in progress, whose last step (the NO_NOTIFY flag or avail_event written
+            # back) may come after the driver saw its used entry.
+            other.t.state()
             self.m.memory.write(0, other.m.memory.read(0, RAM))
             self.net = VirtioNet.from_state(other.net.state(), self.tap)
             self.t = VirtioPciTransport.from_state(other.t.state(), self.m.platform, self.m.events, self.net,

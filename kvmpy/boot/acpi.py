@@ -69,6 +69,8 @@ class PciRoot:
 
 @dataclass(frozen=True)
 class Mcfg:
+    """The MCFG table's one entry: where PCI Express configuration space is mapped."""
+
     base: int
     start_bus: int = 0
     end_bus: int = 0xFF

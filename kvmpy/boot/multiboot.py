@@ -56,6 +56,8 @@ PAGE = 0x1000
 
 @dataclass(frozen=True)
 class MultibootHeader:
+    """A multiboot (v1) header found in a kernel image: where it is and what it asks for."""
+
     offset: int
     flags: int
     header_addr: int = 0

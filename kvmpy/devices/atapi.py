@@ -93,6 +93,8 @@ class AtapiReply:
 
 @dataclass(frozen=True)
 class AtapiState:
+    """An ATAPI CD-ROM's saved state: its sense data, the tray and lock, pending medium events."""
+
     sense_key: int
     asc: int
     ascq: int

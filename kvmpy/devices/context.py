@@ -77,6 +77,8 @@ class PortWriteQueue(Protocol):
 
 @dataclass(frozen=True)
 class DeviceContext:
+    """What a device model is given when built: its name and the platform it may use."""
+
     name: str
     """This device's name in the table (for log lines and the monitor)."""
     platform: Platform

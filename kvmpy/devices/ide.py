@@ -164,6 +164,8 @@ def default_geometry(sectors: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class IdeDriveState:
+    """One IDE drive's saved registers and transfer state."""
+
     status: int
     error: int
     mult_sectors: int
@@ -210,6 +212,8 @@ class IdeDriveState:
 
 @dataclass(frozen=True)
 class IdeChannelState:
+    """One IDE channel's saved taskfile, selection, bus-master registers and drives."""
+
     taskfile: tuple[int, ...]   # feature, nsector, lba low, mid, high
     hob: tuple[int, ...]        # the values written before those (LBA48's high bytes)
     select: int
@@ -239,6 +243,8 @@ class IdeChannelState:
 
 @dataclass(frozen=True)
 class IdeControllerState:
+    """The IDE controller's saved state: its two channels."""
+
     channels: tuple[IdeChannelState, IdeChannelState]
 
     def validate(self) -> None:

@@ -425,6 +425,14 @@ class Serial16550(Restorable):
             # THRE already due and the byte leaves at once: nothing else changes,
             # so there is no line to update and nothing a lock would order.
             self._out(SINGLE_BYTES[value & 0xFF])
+            if not self.thr_pending:
+                # Another vCPU took THRE (an IIR read) between the check and the byte,
+                # in a guest that does not lock its UART: this byte makes THRE due
+                # again, as the locked path would have, or its interrupt is lost.
+                with self._lock:
+                    if not self.thr_pending:
+                        self.thr_pending = True
+                        self._update_irq()
         else:
             self._locked_write(RBR_THR_DLL, value)
 

@@ -57,6 +57,8 @@ _DEFINE = re.compile(r"^#define XK_([A-Za-z0-9_]+)\s+0x([0-9a-fA-F]+)")
 
 @dataclass(frozen=True)
 class KeyEntry:
+    """The key a character is typed with in a keymap: QEMU's key number and modifiers."""
+
     number: int            # QEMU's key number (set 1, +0x80 for E0 keys)
     shift: bool
     altgr: bool

@@ -13,6 +13,8 @@ GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
 
 @dataclass
 class Regs:
+    """A vCPU's general-purpose registers, rip and rflags (KVM's struct kvm_regs)."""
+
     rax: int = 0
     rbx: int = 0
     rcx: int = 0
@@ -35,6 +37,8 @@ class Regs:
 
 @dataclass
 class Segment:
+    """One segment register with its hidden descriptor part (KVM's struct kvm_segment)."""
+
     base: int = 0
     limit: int = 0xFFFF
     selector: int = 0
@@ -51,6 +55,8 @@ class Segment:
 
 @dataclass
 class DTable:
+    """The GDT or IDT register: base and limit (KVM's struct kvm_dtable)."""
+
     base: int = 0
     limit: int = 0xFFFF
 
@@ -60,6 +66,8 @@ SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 @dataclass
 class SRegs:
+    """A vCPU's segment, descriptor-table and control registers (KVM's struct kvm_sregs)."""
+
     cs: Segment = field(default_factory=lambda: Segment(type=0xB))
     ds: Segment = field(default_factory=lambda: Segment(type=3))
     es: Segment = field(default_factory=lambda: Segment(type=3))

@@ -43,6 +43,8 @@ class GuestForward:
 
 @dataclass(frozen=True)
 class UserNetOptions:
+    """QEMU's -netdev user options: the guest's subnet, its addresses, forwards and services."""
+
     net: IPv4Network = IPv4Network("10.0.2.0/24")
     host: IPv4Address = IPv4Address("10.0.2.2")
     dhcpstart: IPv4Address = IPv4Address("10.0.2.15")

@@ -33,6 +33,8 @@ ECAM_BUS_SIZE = 1 << 20  # one bus: 32 devices x 8 functions x 4 KiB
 
 @dataclass(frozen=True)
 class Window:
+    """An address window the host bridge forwards to PCI (base and inclusive end)."""
+
     base: int
     end: int  # inclusive, as ACPI _CRS writes it
 
@@ -276,6 +278,8 @@ CONFIG_ADDRESS_BITS = 0x80FFFFFC
 
 @dataclass(frozen=True)
 class PciConfigIoState:
+    """The 0xCF8/0xCFC configuration mechanism's saved state."""
+
     address: int    # the 0xCF8 latch
 
     def validate(self) -> None:

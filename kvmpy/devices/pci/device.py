@@ -79,6 +79,8 @@ class PciConfigState:
 
 @dataclass
 class Bar:
+    """One base address register of a PCI function: its size, kind and where the guest put it."""
+
     index: int
     size: int
     kind: str

@@ -232,6 +232,8 @@ class BlkBackend:
 
 @dataclass(frozen=True)
 class StopInfo:
+    """What a stopped blk thread did, and whether it handed a request back."""
+
     handed_back: bool        # the thread stopped at a request the model must answer
     completed: int           # requests the thread answered
     deferred: int            # reads of them its workers did (the page cache had not the data)

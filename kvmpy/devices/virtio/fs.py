@@ -137,6 +137,7 @@ class VirtioFs(VirtioDevice):
         q = self._queues[index]
         while True:
             did = False
+            q.set_notification(False)       # as blk's process_queue: no doorbells mid-batch
             for chain in q.iter_chains():
                 if self._worker is not None:
                     if self._in_flight[index] >= q.size:

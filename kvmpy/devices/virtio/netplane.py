@@ -104,6 +104,8 @@ class NetPairs:
 
 @dataclass(frozen=True)
 class NetStopInfo:
+    """What a stopped net pair thread did, and whether it handed a chain back."""
+
     handed_back: bool        # the thread stopped at a chain the model must see
     handback_queue: int | None    # which queue's chain (a queue index of the device)
     tap_errno: int           # the tap failed (not EAGAIN) with this errno: the pair stays the model's
