@@ -196,10 +196,11 @@ void sse41_exec(CPU *c, Insn *i, int op)
                 memcpy(&b, &s.d[k], 4);
                 t[k] = (imm >> (4 + k)) & 1 ? mulss_ordered(_mm_set_ss(a), _mm_set_ss(b)) : _mm_set_ss(0.0f);
             }
-            /* The order the hardware shows with a NaN in each product (measured: the
-             * higher element of a pair is the first source, the low pair's sum the
-             * first source of the last add). */
-            __m128 sum = addss_ordered(addss_ordered(t[1], t[0]), addss_ordered(t[3], t[2]));
+            /* The SDM's order (DP_primitive: elements 0+1, 2+3, then those sums),
+             * which decides the NaN a dot product of two NaN products returns. QEMU
+             * follows it, and so do the CPUs of our current hosts; an earlier host's
+             * CPU added each pair the other way round, and this once followed that. */
+            __m128 sum = addss_ordered(addss_ordered(t[0], t[1]), addss_ordered(t[2], t[3]));
             float v = _mm_cvtss_f32(sum);
             for (int k = 0; k < 4; k++) {
                 float o = (imm >> k) & 1 ? v : 0.0f;

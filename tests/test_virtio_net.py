@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -71,7 +72,7 @@ def test_tap_errors_are_user_errors(netns):
         code = ("import sys\nfrom kvmpy.tap import TapNetwork, TapError\n"
                 "try:\n TapNetwork.open('kperm0')\nexcept TapError as e:\n print(e); sys.exit(3)\n")
         r = subprocess.run(["ip", "netns", "exec", netns, "setpriv", "--inh-caps=-all", "--bounding-set=-all",
-                            "python3", "-c", code], capture_output=True, text=True,
+                            sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(__file__)))
         assert r.returncode == 3, r.stderr
         assert "kperm0" in r.stdout and "not permitted" in r.stdout
