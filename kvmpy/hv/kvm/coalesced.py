@@ -24,7 +24,6 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Hashable
 from typing import Callable
 
 from ...events import EVENT_READ, EventLoop
@@ -40,22 +39,20 @@ _take = lib.kvmpy_coalesced_take
 
 
 class RingWatch:
-    """DrainTick's job for KVM's ring, with no Python on a clock: from the first zone
-    on, a C thread (kvmpy_ring_watch_start) looks at the ring's indices every
-    ``interval`` seconds and wakes the event loop through an eventfd only when writes
-    wait; the loop then calls ``drain()``. DrainTick's timer woke the loop 100 times a
-    second for an empty ring: in the nested L1 (one CPU, Python about 20x slower) that
-    loop took 1.1-1.5 s of a 10 s virtio-net flood's CPU from the guest. Where the
-    thread cannot be started, DrainTick does the job as before.
-    Zones are set from vCPU threads; the thread runs until ``close()``."""
+    """DrainTick's job for KVM's ring, with no Python on a clock: once started, a C
+    thread (kvmpy_ring_watch_start) looks at the ring's indices every ``interval``
+    seconds and wakes the event loop through an eventfd only when writes wait; the
+    loop then calls ``drain()``. DrainTick's timer woke the loop 100 times a second for
+    an empty ring: in the nested L1 (one CPU, Python about 20x slower) that loop took
+    1.1-2.1 s of a 10 s virtio-net flood's CPU from the guest. Where the thread cannot
+    be started, a DrainTick does the job as before. It runs until ``close()``."""
 
     def __init__(self, events: EventLoop, ring, interval: float, drain: Callable[[], None]) -> None:
         self._events = events
         self._ring = ring
-        self._interval_ms = max(1, round(interval * 1000))
+        self._interval = interval
         self._drain = drain
-        self._lock = threading.Lock()
-        self._zones: set[Hashable] = set()
+        self._lock = threading.Lock()       # start (a vCPU's zone) vs close vs counts
         self._watch = ffi.NULL
         self._wake_fd = -1
         self._fallback: DrainTick | None = None
@@ -65,38 +62,28 @@ class RingWatch:
     def closed(self) -> bool:
         return self._closed
 
-    def has_zone(self, zone: Hashable) -> bool:
-        return zone in self._zones
-
-    def set_zone(self, zone: Hashable, on: bool) -> None:
+    def start(self) -> None:
+        """Start watching (again a no-op once started, and after close)."""
         with self._lock:
-            if on:
-                self._zones.add(zone)
-            else:
-                self._zones.discard(zone)
-            if self._fallback is not None:
-                self._fallback.set_zone(zone, on)
-            elif self._zones and self._watch == ffi.NULL and not self._closed:
-                self._start()
-
-    def _start(self) -> None:
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        err = ffi.new("int *")
-        watch = lib.kvmpy_ring_watch_start(self._ring, fd, self._interval_ms, err)
-        if watch == ffi.NULL:
-            os.close(fd)
-            log.warning("coalesced ring: no watcher thread (%s); a timer drains it instead", os.strerror(err[0]))
-            self._fallback = DrainTick(self._events, self._interval_ms / 1000, self._drain)
-            for zone in self._zones:
-                self._fallback.set_zone(zone, True)
-            return
-        self._watch, self._wake_fd = watch, fd
-        self._events.subscribe(fd, EVENT_READ, self._woken)
+            if self._closed or self._watch != ffi.NULL or self._fallback is not None:
+                return
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            err = ffi.new("int *")
+            watch = lib.kvmpy_ring_watch_start(self._ring, fd, max(1, round(self._interval * 1000)), err)
+            if watch == ffi.NULL:
+                os.close(fd)
+                log.warning("coalesced ring: no watcher thread (%s); a timer drains it instead",
+                            os.strerror(err[0]))
+                self._fallback = DrainTick(self._events, self._interval, self._drain)
+                self._fallback.set_zone("ring", True)
+                return
+            self._watch, self._wake_fd = watch, fd
+            self._events.subscribe(fd, EVENT_READ, self._woken)
 
     def _woken(self, _ready: int) -> None:
         try:
             os.eventfd_read(self._wake_fd)
-        except (BlockingIOError, OSError):
+        except OSError:       # BlockingIOError: a wake already read
             pass
         self._drain()
 
@@ -115,9 +102,9 @@ class RingWatch:
             first = not self._closed
             self._closed = True
             watch, self._watch = self._watch, ffi.NULL
-            fallback = self._fallback
             if watch != ffi.NULL:
                 lib.kvmpy_ring_watch_stop(watch)        # at once: the thread waits on its stop eventfd
+            fallback = self._fallback
         if watch != ffi.NULL:
             self._events.unsubscribe(self._wake_fd, close=True)
         if fallback is not None:
@@ -166,19 +153,25 @@ class CoalescedPio:
         self._qwords = memoryview(page).cast("Q")
         self._entry_q, self._head_q = entry // 8, head_at // 8
         self._lock = threading.Lock()
-        self._tick = RingWatch(events, self._ring, DRAIN_INTERVAL, self.drain)     # its zones: (port, length)
+        self._watch = RingWatch(events, self._ring, DRAIN_INTERVAL, self.drain)
+        self._zones: set[tuple[int, int]] = set()      # (port, length) ranges KVM queues
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
-        """Queue (True) or stop queueing (False) OUTs to port..port+length-1."""
+        """Queue (True) or stop queueing (False) OUTs to port..port+length-1; the first
+        zone starts the ring's watcher."""
         key = (port, length)
-        if on == self._tick.has_zone(key) or self._tick.closed:
+        if on == (key in self._zones) or self._watch.closed:
             return
         self.vm.coalesced_zone(port, length, pio=True, register=on)
-        self._tick.set_zone(key, on)
+        if on:
+            self._zones.add(key)
+            self._watch.start()
+        else:
+            self._zones.discard(key)
 
     def watch_counts(self) -> tuple[int, int]:
         """RingWatch.counts: the watcher thread's looks at the ring and wakes of the loop."""
-        return self._tick.counts()
+        return self._watch.counts()
 
     def pending(self) -> bool:
         words = self._words
@@ -223,5 +216,5 @@ class CoalescedPio:
                 words[0] = (first + n) % size
 
     def close(self) -> None:
-        if self._tick.close():
+        if self._watch.close():
             self.drain()
