@@ -13,9 +13,9 @@ vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``; the C loop f
 a decoded access made while writes were queued, DECODED_AFTER_QUEUED), so the device sees the queued writes before any later
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
-covered by ``RingWatch``: a C thread looks at the ring every DRAIN_INTERVAL seconds
-while a zone is registered and wakes the machine's event loop, which drains it, only
-when writes wait; closing the accelerator drains what is left.
+covered by ``RingWatch``: from the first zone on, a C thread looks at the ring every
+DRAIN_INTERVAL seconds and wakes the machine's event loop, which drains it, only when
+writes wait; closing the accelerator drains what is left.
 """
 
 from __future__ import annotations
