@@ -314,7 +314,9 @@ def test_a_queued_write_after_which_the_guest_makes_no_exit_reaches_the_console(
         wait_until(lambda: re.search(r"\(sink 0\)\r?\n", con.text()), timeout=30,
                    what="the newline queued before the spin")
         looks, wakes = m.accel.port_write_queue.watch_counts()
-        assert 1 <= wakes <= 3 and looks >= wakes, (looks, wakes)
+        # At least the newline's; a look may also have caught an earlier byte between
+        # its THR write and the next LSR poll's exit.
+        assert 1 <= wakes <= looks, (looks, wakes)
         # The ring is empty from now on: the watcher keeps looking and wakes no one.
         wait_until(lambda: m.accel.port_write_queue.watch_counts()[0] >= looks + 5, timeout=30,
                    what="the watcher's next looks")
