@@ -89,7 +89,15 @@ def test_qemu_boots_the_same_boot_sector(boot_disk):
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
     assert r.returncode == 2 * EXIT_VALUE + 1, (r.returncode, r.stdout[-2000:])
     assert BANNER in r.stdout and b"Booting from Hard Disk" in r.stdout
-    assert GREETING in r.stdout and SECOND_SECTOR_TEXT in r.stdout
+    # QEMU's SeaBIOS may send the end of its "Booting from Hard Disk..." line (its text
+    # console's copy, flushed on a timer) after the boot sector's first bytes, which go
+    # to COM1 directly: once seen as "kvmpy-.\r\nmbr: boot sector running".
+    assert _without_dots_and_line_ends(GREETING) in _without_dots_and_line_ends(r.stdout)
+    assert _without_dots_and_line_ends(SECOND_SECTOR_TEXT) in _without_dots_and_line_ends(r.stdout)
+
+
+def _without_dots_and_line_ends(text: bytes) -> bytes:
+    return text.replace(b".", b"").replace(b"\r", b"").replace(b"\n", b"")
 
 
 def _wait_for(path, needle: bytes, count: int, proc, timeout: float = 60) -> bytes:
