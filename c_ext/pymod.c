@@ -11,6 +11,7 @@
 #include "tcg.h"
 #include "flags.h"
 #include "native/native.h"
+#include "thread_start.h"
 
 /* A guest write that only signals an eventfd (a virtio queue notify): the
  * translator's ioeventfd. size 0 matches any size; has_match 0 any value. */
@@ -537,12 +538,7 @@ static PyObject *Cpu_kick_at(CpuObject *self, PyObject *arg)
     }
     pthread_mutex_lock(&self->alarm_lock);
     if (due >= 0 && !self->alarm_started) {
-        sigset_t all, old;
-        /* the thread takes no signal: Python's handlers run on the main thread */
-        sigfillset(&all);
-        pthread_sigmask(SIG_BLOCK, &all, &old);
-        int err = pthread_create(&self->alarm_thread, NULL, alarm_main, self);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        int err = kvmpy_start_thread_without_signals(&self->alarm_thread, alarm_main, self);
         if (err) {
             pthread_mutex_unlock(&self->alarm_lock);
             errno = err;

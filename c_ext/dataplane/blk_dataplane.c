@@ -3,6 +3,7 @@
  * walker is vring.c's, shared with the net data plane. */
 #define _GNU_SOURCE
 #include "blk_dataplane.h"
+#include "thread_start.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -1108,11 +1109,7 @@ struct dp_iothread *dp_iothread_new(int *err)
     }
     pthread_mutex_init(&io->lock, NULL);
     pthread_cond_init(&io->finished_cv, NULL);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);      /* as dp_start's threads */
-    int r = pthread_create(&io->thread, NULL, dp_iothread_main, io);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int r = kvmpy_start_thread_without_signals(&io->thread, dp_iothread_main, io);
     if (r) {
         *err = r;
         close(io->ctl_fd);
@@ -1200,14 +1197,7 @@ struct dp_queue *dp_start(const struct dp_config *cfg, int *err)
         *err = 0;
         return q;
     }
-    /* Signals are the Python main thread's business (CPython's handlers only set
-     * a flag there): the I/O thread starts with all of them blocked, as QEMU's
-     * iothreads do, so none interrupts it or lands where no handler runs. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int r = pthread_create(&q->thread, NULL, dp_thread, q);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int r = kvmpy_start_thread_without_signals(&q->thread, dp_thread, q);
     if (r) {
         *err = r;
         close(q->stop_fd);

@@ -2,6 +2,7 @@
  * division of work with the Python model; the ring walker is vring.c's. */
 #define _GNU_SOURCE
 #include "net_dataplane.h"
+#include "thread_start.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -542,13 +543,7 @@ struct np_pair *np_start(const struct np_config *cfg, int *err)
         free(p);
         return NULL;
     }
-    /* Signals are the Python main thread's business: the thread starts with all
-     * of them blocked, as the blk plane's and QEMU's iothreads do. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int r = pthread_create(&p->thread, NULL, np_thread, p);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int r = kvmpy_start_thread_without_signals(&p->thread, np_thread, p);
     if (r) {
         *err = r;
         close(p->stop_fd);

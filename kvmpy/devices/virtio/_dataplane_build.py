@@ -99,8 +99,8 @@ ffibuilder.set_source(
     '#include "blk_dataplane.h"\n'
     '_Static_assert(DP_MAX_REGIONS == 16 && DP_SERIAL_BYTES == 20, "the cdef above spells these out");\n',
     sources=[os.path.join(_SRC, "blk_dataplane.c"), os.path.join(_SRC, "vring.c")],
-    include_dirs=[_SRC],
-    depends=[os.path.join(_SRC, "blk_dataplane.h"), os.path.join(_SRC, "vring.h")],
+    include_dirs=[_SRC, "c_ext"],
+    depends=[os.path.join(_SRC, "blk_dataplane.h"), os.path.join(_SRC, "vring.h"), os.path.join("c_ext", "thread_start.h")],
     libraries=(["uring"] if _HAVE_URING else []) + ["pthread"],
     define_macros=[("DP_HAVE_URING", "1")] if _HAVE_URING else [],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -93,8 +93,8 @@ ffibuilder.set_source(
     '_Static_assert(DP_MAX_REGIONS == 16, "the cdef above spells it out");\n'
     '_Static_assert(NP_MAC_TABLE == 64 && NP_VLANS == 4096, "the cdef above spells them out");\n',
     sources=[os.path.join(_SRC, "net_dataplane.c"), os.path.join(_SRC, "vring.c")],
-    include_dirs=[_SRC],
-    depends=[os.path.join(_SRC, "net_dataplane.h"), os.path.join(_SRC, "vring.h")],
+    include_dirs=[_SRC, "c_ext"],
+    depends=[os.path.join(_SRC, "net_dataplane.h"), os.path.join(_SRC, "vring.h"), os.path.join("c_ext", "thread_start.h")],
     libraries=["pthread"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
