@@ -5,6 +5,8 @@ The struct declarations below end in ``...;`` so the C compiler, reading the rea
 the fields kvmpy touches are named.
 """
 
+import os
+
 from cffi import FFI
 
 ffibuilder = FFI()
@@ -251,7 +253,7 @@ __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 max, __u6
 /* The ring's watcher: a thread that wakes Python only when writes wait (see the source). */
 struct kvmpy_ring_watch;
 struct kvmpy_ring_watch *kvmpy_ring_watch_start(struct kvm_coalesced_mmio_ring *ring, int wake_fd, int interval_ms,
-                                                int *err);
+                                                int idle_interval_ms, int idle_after_ms, int *err);
 void kvmpy_ring_watch_stop(struct kvmpy_ring_watch *w);
 __u64 kvmpy_ring_watch_looks(struct kvmpy_ring_watch *w);
 __u64 kvmpy_ring_watch_wakes(struct kvmpy_ring_watch *w);
@@ -318,6 +320,7 @@ static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware
    binary search, never across KVM_RUN. */
 #include <pthread.h>
 #include <signal.h>
+#include "thread_start.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -583,7 +586,15 @@ static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 ma
    guest. This thread looks at the ring's two indices every interval_ms and wakes
    the loop (a write to wake_fd, an eventfd it watches) only when writes wait; the
    drain itself stays Python's, under its lock. It reads the ring and writes one
-   eventfd, nothing else; stop_fd (an eventfd of its own) ends its wait at once. */
+   eventfd, nothing else; stop_fd (an eventfd of its own) ends its wait at once.
+
+   A guest whose console has been quiet for idle_after_ms (no new write in the
+   ring: KVM's producer index has not moved) is looked at every idle_interval_ms
+   instead, until the next write: 100 wakes a second of a thread on the L1's one
+   CPU each preempt the vCPU (6 s of its CPU during the TCP rows' transfers), for
+   writes a quiet guest does not make. The price is the first bytes after a quiet
+   spell, which wait up to idle_interval_ms (a halted guest's; one that exits is
+   drained at its exit). */
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
@@ -591,7 +602,7 @@ static __u32 kvmpy_coalesced_take(struct kvm_coalesced_mmio_ring *ring, __u32 ma
 
 struct kvmpy_ring_watch {
     struct kvm_coalesced_mmio_ring *ring;
-    int wake_fd, stop_fd, interval_ms;
+    int wake_fd, stop_fd, interval_ms, idle_interval_ms, idle_after_ms;
     pthread_t thread;
     __u64 looks, wakes;     /* what it did, for tests and curiosity */
 };
@@ -601,25 +612,36 @@ static void *kvmpy_ring_watch_main(void *arg)
     struct kvmpy_ring_watch *w = arg;
     prctl(PR_SET_NAME, "kvmpy-ringwatch", 0, 0, 0);
     struct pollfd stop = {.fd = w->stop_fd, .events = POLLIN};
+    __u32 seen_last = __atomic_load_n(&w->ring->last, __ATOMIC_RELAXED);
+    int timeout = w->interval_ms, quiet_ms = 0;
     for (;;) {
-        int r = poll(&stop, 1, w->interval_ms);
+        int r = poll(&stop, 1, timeout);
         if (r > 0)
             break;
         if (r < 0 && errno != EINTR)
             break;
         __atomic_add_fetch(&w->looks, 1, __ATOMIC_RELAXED);
         __u32 first = __atomic_load_n(&w->ring->first, __ATOMIC_RELAXED);
-        if (first != __atomic_load_n(&w->ring->last, __ATOMIC_ACQUIRE)) {
+        __u32 last = __atomic_load_n(&w->ring->last, __ATOMIC_ACQUIRE);
+        if (first != last) {
             __u64 one = 1;
             if (write(w->wake_fd, &one, sizeof one) == sizeof one)
                 __atomic_add_fetch(&w->wakes, 1, __ATOMIC_RELAXED);
+        }
+        if (last != seen_last) {
+            seen_last = last;
+            quiet_ms = 0;
+            timeout = w->interval_ms;
+        } else if (timeout == w->interval_ms && (quiet_ms += w->interval_ms) >= w->idle_after_ms) {
+            timeout = w->idle_interval_ms;
         }
     }
     return NULL;
 }
 
 static struct kvmpy_ring_watch *kvmpy_ring_watch_start(struct kvm_coalesced_mmio_ring *ring, int wake_fd,
-                                                       int interval_ms, int *err)
+                                                       int interval_ms, int idle_interval_ms, int idle_after_ms,
+                                                       int *err)
 {
     struct kvmpy_ring_watch *w = calloc(1, sizeof *w);
     if (w == NULL) {
@@ -629,18 +651,15 @@ static struct kvmpy_ring_watch *kvmpy_ring_watch_start(struct kvm_coalesced_mmio
     w->ring = ring;
     w->wake_fd = wake_fd;
     w->interval_ms = interval_ms;
+    w->idle_interval_ms = idle_interval_ms < interval_ms ? interval_ms : idle_interval_ms;
+    w->idle_after_ms = idle_after_ms;
     w->stop_fd = eventfd(0, EFD_CLOEXEC);
     if (w->stop_fd < 0) {
         *err = errno;
         free(w);
         return NULL;
     }
-    /* Signals stay with Python's threads, as for the data planes' threads. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int r = pthread_create(&w->thread, NULL, kvmpy_ring_watch_main, w);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int r = kvmpy_start_thread_without_signals(&w->thread, kvmpy_ring_watch_main, w);
     if (r) {
         *err = r;
         close(w->stop_fd);
@@ -719,7 +738,7 @@ static int kvmpy_run_decoded(struct kvmpy_vcpu_loop *loop)
         code += KVMPY_DECODED_AFTER_QUEUED;
     return code;
 }
-""")
+""", include_dirs=["c_ext"], depends=[os.path.join("c_ext", "thread_start.h")])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -14,8 +14,9 @@ a decoded access made while writes were queued, DECODED_AFTER_QUEUED), so the de
 read, IER write or other access, as the guest issued them. A guest that writes and
 then makes no exit for a while (spins, or halts in the in-kernel irqchip) is
 covered by ``RingWatch``: from the first zone on, a C thread looks at the ring every
-DRAIN_INTERVAL seconds and wakes the machine's event loop, which drains it, only when
-writes wait; closing the accelerator drains what is left.
+DRAIN_INTERVAL seconds (IDLE_DRAIN_INTERVAL once no write has come for QUIET_BEFORE_IDLE)
+and wakes the machine's event loop, which drains it, only when writes wait; closing
+the accelerator drains what is left.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from ._kvm_cffi import ffi, lib
 log = logging.getLogger(__name__)
 
 DRAIN_INTERVAL = 0.01
+# A guest that has written nothing for QUIET_BEFORE_IDLE seconds: its ring is looked at
+# this often until it writes again, so the first bytes after a quiet spell wait up to
+# this long (if the guest makes no exit meanwhile), the rest DRAIN_INTERVAL.
+IDLE_DRAIN_INTERVAL = 0.1
+QUIET_BEFORE_IDLE = 1.0
 # Most byte writes handed over in one burst: a page's ring holds fewer entries.
 BURST_MAX = 256
 _take = lib.kvmpy_coalesced_take
@@ -41,16 +47,20 @@ _take = lib.kvmpy_coalesced_take
 class RingWatch:
     """DrainTick's job for KVM's ring, with no Python on a clock: once started, a C
     thread (kvmpy_ring_watch_start) looks at the ring's indices every ``interval``
-    seconds and wakes the event loop through an eventfd only when writes wait; the
+    seconds (``idle_interval`` once the guest has written nothing for ``idle_after``)
+    and wakes the event loop through an eventfd only when writes wait; the
     loop then calls ``drain()``. DrainTick's timer woke the loop 100 times a second for
     an empty ring: in the nested L1 (one CPU, Python about 20x slower) that loop took
     1.1-2.1 s of a 10 s virtio-net flood's CPU from the guest. Where the thread cannot
     be started, a DrainTick does the job as before. It runs until ``close()``."""
 
-    def __init__(self, events: EventLoop, ring, interval: float, drain: Callable[[], None]) -> None:
+    def __init__(self, events: EventLoop, ring, interval: float, drain: Callable[[], None],
+                 idle_interval: float = IDLE_DRAIN_INTERVAL, idle_after: float = QUIET_BEFORE_IDLE) -> None:
         self._events = events
         self._ring = ring
         self._interval = interval
+        self._idle_interval = idle_interval
+        self._idle_after = idle_after
         self._drain = drain
         self._lock = threading.Lock()       # start (a vCPU's zone) vs close vs counts
         self._watch = ffi.NULL
@@ -69,7 +79,8 @@ class RingWatch:
                 return
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             err = ffi.new("int *")
-            watch = lib.kvmpy_ring_watch_start(self._ring, fd, max(1, round(self._interval * 1000)), err)
+            watch = lib.kvmpy_ring_watch_start(self._ring, fd, *(max(1, round(t * 1000)) for t in (
+                self._interval, self._idle_interval, self._idle_after)), err)
             if watch == ffi.NULL:
                 os.close(fd)
                 log.warning("coalesced ring: no watcher thread (%s); a timer drains it instead",
