@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from . import __version__
 from .errors import UserError
@@ -93,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def main_process() -> NoReturn:
+    """The process's entry (``python3 -m kvmpy``, the kvmpy script): main(), then the
+    exit; a VM process's (``run``) skips the interpreter's teardown (runcmd.end_vm_process)."""
+    status = main()
+    if _named_command(None) == "run":
+        # Imported by main already: a sandboxed VM process may open no module now.
+        importlib.import_module("kvmpy.runcmd").end_vm_process(status)
+    sys.exit(status)
+
+
 def _main_qemu(argv: list[str] | None, qemu_args: list[str]) -> int:
     args = sys.argv[1:] if argv is None else argv
     verbose = sum(a.count("v") for a in args[:args.index("run")] if a != "--verbose") + args.count("--verbose")
@@ -109,4 +120,4 @@ def _main_qemu(argv: list[str] | None, qemu_args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_process()

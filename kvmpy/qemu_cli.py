@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from .config import (DISK_CACHE_MODES, DeviceConfig, DiskConfig, NetConfig, VmConfig, add_default_nic, check_disk,
                      check_disk_queues,
@@ -1224,5 +1225,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def main_process() -> NoReturn:
+    """``kvmpy-system-x86_64``'s process: main(), then a VM process's end (runcmd.end_vm_process)
+    once the run's module was loaded (not for -version or -help)."""
+    status = main()
+    runcmd = sys.modules.get("kvmpy.runcmd")
+    if runcmd is not None:
+        runcmd.end_vm_process(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_process()

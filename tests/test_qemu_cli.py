@@ -484,7 +484,7 @@ def test_kvmpy_system_x86_64_entry_point():
     r = kvmpy("--sandbox", "off", module="kvmpy.qemu_cli")
     assert r.returncode == 2 and r.stderr.strip() == "kvmpy: qemu option --sandbox: not supported by kvmpy"
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
-        assert 'kvmpy-system-x86_64 = "kvmpy.qemu_cli:main"' in f.read()
+        assert 'kvmpy-system-x86_64 = "kvmpy.qemu_cli:main_process"' in f.read()
 
 
 # ------------------------------------------------------------------ test devices
