@@ -77,8 +77,14 @@ class DriverQueue:
         return head
 
     def publish(self, head: int) -> None:
-        self.memory.write_u16(self.avail_addr + 4 + 2 * (self.avail_idx % self.size), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.publish_many([head])
+
+    def publish_many(self, heads: list[int]) -> None:
+        """Make ``heads`` available with one write of the avail index: a device looking
+        at the ring sees none of them or all."""
+        for i, head in enumerate(heads):
+            self.memory.write_u16(self.avail_addr + 4 + 2 * ((self.avail_idx + i) % self.size), head)
+        self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
         self.memory.write_u16(self.avail_addr + 2, self.avail_idx)
 
     def used_idx(self) -> int:
