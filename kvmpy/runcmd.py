@@ -165,8 +165,8 @@ def apply_firmware_options(cfg: VmConfig, args) -> None:
 def end_vm_process(status: int) -> NoReturn:
     """The end of a VM process (``python3 -m kvmpy run``, the kvmpy script), as QEMU's
     ends: without the interpreter's teardown, which clears every module and frees every
-    object one by one (30-40 ms on the host, in the nested L1 over half a second, more
-    than the VM's own shutdown). Nothing of that reaches anyone: by now the machine has
+    object one by one (15 ms of ``kvmpy run hello.elf`` on the host, about 0.9 s of its
+    5.5 s in the nested L1). Nothing of that reaches anyone: by now the machine has
     flushed and closed its images, taps and sockets, and the console put the terminal
     back. What an exit still owes is done first: the atexit handlers (the terminal, the
     logs, a pidfile; CPython's ``atexit._run_exitfuncs``, as its own exit runs them) and
