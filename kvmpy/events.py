@@ -44,6 +44,8 @@ import threading
 import time
 from typing import Callable
 
+from .threadname import name_this_thread
+
 log = logging.getLogger(__name__)
 
 EVENT_READ = selectors.EVENT_READ
@@ -261,6 +263,7 @@ class EventLoop:
                 self._thread.start()
 
     def _run(self) -> None:
+        name_this_thread(self.name)
         try:
             while not self._closed:
                 ready = self._wait()
@@ -417,6 +420,7 @@ class Worker:
         return threading.current_thread() is self._thread
 
     def _run(self) -> None:
+        name_this_thread(self.name)
         while True:
             job = self._jobs.get()
             if job is None or self._closed:

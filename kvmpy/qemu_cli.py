@@ -1176,18 +1176,10 @@ def run_qemu(argv: list[str], *, allow_config: bool) -> int:
     return _run_logging_to(cfg, run_config)
 
 
-PR_SET_NAME = 15
-TASK_COMM_LEN = 16
-
-
 def set_process_name(name: str) -> None:
-    """QEMU's -name ...,process=NAME: the name ps and top show (the kernel keeps 15 bytes)."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:TASK_COMM_LEN - 1]), 0, 0, 0)
-    except (OSError, AttributeError) as e:        # a libc without prctl: the name is cosmetic
-        log.debug("cannot set the process name: %s", e)
+    """QEMU's -name ...,process=NAME: the name ps and top show (the main thread's)."""
+    from .threadname import name_this_thread
+    name_this_thread(name)
 
 
 def _run_logging_to(cfg: VmConfig, run) -> int:

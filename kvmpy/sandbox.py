@@ -41,6 +41,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import HostError
+from .threadname import PR_SET_NAME
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ SECCOMP_RET_ALLOW = 0x7FFF0000
 # <linux/prctl.h>
 PR_GET_SECCOMP = 21
 PR_SET_NO_NEW_PRIVS = 38
-PR_SET_NAME = 15
 
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
 _OFF_NR = 0
@@ -228,7 +228,7 @@ def policy(pid: int, user_network: bool = False, file_share: bool = False) -> di
         "clone": Rule(when=((Arg(0, CLONE_THREAD, CLONE_THREAD),),)),
         "clone3": _refuse(errno.ENOSYS),
         "set_robust_list": ALLOW, "rseq": ALLOW, "sched_yield": ALLOW,
-        # the data planes' threads name themselves as they start (ps, gdb)
+        # threads name themselves as they start (ps, gdb; kvmpy.threadname, the data planes)
         "prctl": Rule(when=((Arg(0, PR_SET_NAME),),)),
         "exit": ALLOW, "exit_group": ALLOW, "getpid": ALLOW, "gettid": ALLOW,
         # virtio-rng's os.urandom; importlib asks for the working directory

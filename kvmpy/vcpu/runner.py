@@ -23,6 +23,7 @@ from ..hv.exits import (DECODED_AFTER_QUEUED, DECODED_MMIO_READ, DECODED_MMIO_WR
                         DECODED_PIO_WRITE,
                         EXIT_DEBUG, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_MMIO,
                         EXIT_SHUTDOWN, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_RESET)
+from ..threadname import name_this_thread
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports this module
     from ..devices.bus import Bus
@@ -80,6 +81,7 @@ class VcpuThread(threading.Thread):
         vcpu = self.vcpu
         index = self.index
         pio, mmio = host.pio_bus, host.mmio_bus
+        name_this_thread(f"CPU {index}/{accel.name.upper()}")     # QEMU's name for it
         accel.vcpu_thread_started(index)
         # Decided once here, so that an accelerator with nothing to do before an
         # entry, after an exit or on a doorbell write costs the loop no call.
