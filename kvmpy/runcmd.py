@@ -173,15 +173,15 @@ def end_vm_process(status: int) -> NoReturn:
     the standard streams' buffers. Where a thread Python's exit would wait for is still
     alive, or any of that fails, it is Python's own exit after all."""
     import atexit
-    try:
-        waits = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-        if not waits:
+    quick = not any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate())
+    if quick:
+        try:
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
-    except BaseException:   # noqa: BLE001 - a closed pipe, a failing handler: Python's exit reports it
-        waits = [None]
-    if waits:
+        except BaseException:   # noqa: BLE001 - a closed pipe, a failing handler: Python's exit reports it
+            quick = False
+    if not quick:
         sys.exit(status)
     os._exit(status)
 

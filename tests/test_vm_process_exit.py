@@ -51,6 +51,27 @@ def test_a_running_non_daemon_thread_gets_pythons_exit_which_waits_for_it():
     assert "thread finished" in r.stdout and "atexit handler ran" in r.stdout, r
 
 
+def test_a_failing_atexit_handler_is_reported_and_the_others_still_run():
+    """As in Python's own exit: the handler's traceback on stderr, the status kept."""
+    r = _run("def failing():\n    raise RuntimeError('handler failed')\n"
+             "atexit.register(failing)\n"
+             "runcmd.end_vm_process(5)")
+    assert r.returncode == 5, r
+    assert "RuntimeError: handler failed" in r.stderr and "atexit handler ran" in r.stdout, r
+
+
+def test_output_that_cannot_be_flushed_gets_pythons_exit_which_reports_it():
+    """A closed stdout is not swallowed by the quick end: Python's exit says so and
+    ends with its status for that (120)."""
+    r = _run("import sys\n"
+             "class Closed:\n"
+             "    def write(self, text):\n        return len(text)\n"
+             "    def flush(self):\n        raise BrokenPipeError(32, 'Broken pipe')\n"
+             "sys.stdout = Closed()\n"
+             "runcmd.end_vm_process(0)")
+    assert r.returncode == 120 and "BrokenPipeError" in r.stderr, r
+
+
 def test_kvmpy_run_ends_a_vm_process_that_way():
     """``python3 -m kvmpy run``'s process (a missing kernel is enough), and ``img``'s not."""
     def kvmpy(*argv: str) -> subprocess.CompletedProcess:
