@@ -619,7 +619,9 @@ def test_pci_testdev_wide_reads_are_its_header_bytes(bar, test, writes, offset, 
     """A read of any width is the header's bytes from ``offset``, little-endian, each
     0 past the header's last character (QEMU's byte-wide region, read byte by byte)."""
     dev = PciTestdev()
+    dev.bar_read(bar, offset, size)     # a header seen before the test starts must not stay
     dev.bar_write(bar, 0, 1, test)
+    dev.bar_read(bar, offset, size)     # nor one seen before the count moves
     if dev.current is not None:
         for _ in range(writes):
             dev.bar_write(bar, dev.current.offset, 1, dev.current.data & 0xFF)
