@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 #include "tcg.h"
@@ -487,6 +488,8 @@ static int64_t monotonic_ns(void)
 static void *alarm_main(void *arg)
 {
     CpuObject *self = arg;
+    /* Itself, as the data planes' threads: else it keeps its creator's name, the vCPU's. */
+    prctl(PR_SET_NAME, "kvmpy-tcg-alarm");
     pthread_mutex_lock(&self->alarm_lock);
     while (!self->alarm_stop) {
         int64_t due = self->alarm_deadline;

@@ -3,8 +3,8 @@
 loop, the console), as QEMU's -name debug-threads=on does. Python 3.11 names no
 thread it starts: each shows as the process's name, and a per-thread profile of a
 slow transfer cannot say whose CPU it was. The native helpers (the data planes'
-threads, the coalesced ring's watcher) are named where C starts them
-(c_ext/thread_start.h).
+threads, the coalesced ring's watcher, the translator's alarm) name themselves in C
+as they start: a thread starts with its creator's name, often a vCPU's.
 """
 
 from __future__ import annotations

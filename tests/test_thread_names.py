@@ -40,6 +40,31 @@ def test_a_long_name_is_cut_to_the_kernels_fifteen_bytes():
     assert named_in_a_thread(long) == long[:NAME_BYTES]
 
 
+def test_the_translators_alarm_thread_names_itself():
+    """Else it keeps its creator's name: a second "CPU 0/TCG" beside the vCPU's."""
+    import time
+    from kvmpy import _tcg
+    from support.polling import wait_for
+    cpu = _tcg.Cpu(0)
+    armed = threading.Event()
+
+    def vcpu():                             # the alarm starts on the vCPU's thread
+        name_this_thread("CPU 0/TCG")
+        cpu.kick_at(time.monotonic_ns() + 10 ** 9)
+        armed.set()
+    t = threading.Thread(target=vcpu)
+    t.start()
+    t.join()
+    assert armed.is_set()
+    try:
+        def names():
+            return [comm("self", tid) for tid in os.listdir("/proc/self/task")]
+        assert wait_for(lambda: "kvmpy-tcg-alarm" in names()), names()
+        assert "CPU 0/TCG" not in names(), names()
+    finally:
+        cpu.kick_at(None)
+
+
 @pytest.mark.guest
 def test_a_running_vms_threads_are_all_named(tmp_path, kvm_required):
     """The vCPU thread is QEMU's "CPU 0/KVM", at the thread id query-cpus-fast gives;
