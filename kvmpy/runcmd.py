@@ -170,8 +170,9 @@ def end_vm_process(status: int) -> NoReturn:
     flushed and closed its images, taps and sockets, and the console put the terminal
     back. What an exit still owes is done first: the atexit handlers (the terminal, the
     logs, a pidfile; CPython's ``atexit._run_exitfuncs``, as its own exit runs them) and
-    the standard streams' buffers. Where a thread Python's exit would wait for is still
-    alive, or any of that fails, it is Python's own exit after all."""
+    the standard streams' buffers. A failing handler is reported as Python's exit reports
+    it. Where a thread Python's exit would wait for is still alive, or a stream cannot be
+    flushed, it is Python's own exit after all."""
     import atexit
     quick = not any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate())
     if quick:
@@ -179,7 +180,7 @@ def end_vm_process(status: int) -> NoReturn:
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
-        except BaseException:   # noqa: BLE001 - a closed pipe, a failing handler: Python's exit reports it
+        except BaseException:   # noqa: BLE001 - a closed pipe: Python's exit reports it
             quick = False
     if not quick:
         sys.exit(status)
