@@ -27,6 +27,7 @@ initramfs is rebuilt only when the kernel, busybox or this recipe change.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import dataclasses
 import io
@@ -363,6 +364,29 @@ def _make_scratch(path: str, size: int) -> None:
         raise NestedError(f"mke2fs on the scratch disk {path} failed: {p.stderr.strip()}")
 
 
+def refresh_bytecode(package_dir: str = os.path.join(PACKAGE_PARENT, "kvmpy"),
+                     dataclass_cache: str | None = None) -> None:
+    """Bring the checkout's bytecode up to date, as the in-place build does (setup.py).
+    The L1 sees the tree read-only and writes no bytecode, so a module edited since
+    the last build would be compiled again by every Python started there, and a
+    dataclass edited since then would compile its methods (kvmpy/_codecache.py):
+    under TCG that is a quarter of a second for runcmd.py alone, paid by each
+    `kvmpy run` a test or a bench row times. A tree we may not write (an installed
+    kvmpy, whose bytecode came with it) is left as it is."""
+    from .. import _codecache
+    if dataclass_cache is None:
+        dataclass_cache = _codecache.CACHE_FILE
+    if not os.access(package_dir, os.W_OK):
+        return
+    compileall.compile_dir(package_dir, quiet=2)
+    if os.path.exists(dataclass_cache):
+        # in a fresh interpreter, as setup.py records it: a class made before build() is missed
+        subprocess.run([sys.executable, "-c", "import sys, kvmpy._codecache as c; c.build(sys.argv[1], sys.argv[2])",
+                        package_dir, dataclass_cache],
+                       cwd=os.path.dirname(package_dir), check=False, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(package_dir)))
+
+
 def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                memory: str = DEFAULT_MEMORY, scratch_size: str = DEFAULT_SCRATCH_SIZE, smp: int = DEFAULT_SMP,
                share_dir: str | None = None, env: dict[str, str] | None = None, echo=None,
@@ -385,6 +409,7 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
     if memory_mib < 512:
         raise UserError(f"--mem: {memory} is too small for the L1 and its guests (at least 512M)")
     l1 = build_l1()
+    refresh_bytecode()
     start = time.monotonic()
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kvmpy-nested-"))
