@@ -7,14 +7,16 @@ returns the exit status. UserError anywhere becomes one line and status 2.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import argparse
 
 # Modules that add subcommands, by the command each adds. A module missing from a
 # partial checkout is skipped. The tools (kvmpy.tools) are named here only: nothing
@@ -44,7 +46,9 @@ def _named_command(argv: list[str] | None) -> str | None:
 def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) -> argparse.ArgumentParser:
     """The parser; with ``all_commands=False`` and a known command in argv, only that
     command's module is imported (the others cost more than half of `kvmpy run`'s
-    start-up, which matters where Python runs slowly, as in a nested L1)."""
+    start-up, which matters where Python runs slowly, as in a nested L1). argparse
+    itself is imported here: a run in QEMU's spelling never needs it."""
+    import argparse
     parser = argparse.ArgumentParser(prog="kvmpy", description="A virtual machine monitor in Python.")
     parser.add_argument("--version", action="version", version=f"kvmpy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")

@@ -5,7 +5,7 @@ import time
 
 from hypothesis import given, settings, strategies as st
 
-from kvmpy.devices.rtc import RtcCmos
+from kvmpy.devices.rtc import RtcCmos, days_in_month, utc_seconds
 
 GiB, MiB = 1 << 30, 1 << 20
 T0 = calendar.timegm((2024, 2, 29, 13, 45, 30, 0, 0, 0)) + 0.25  # a Thursday
@@ -169,6 +169,26 @@ class Linked:
     @property
     def line(self):
         return bool(self.levels) and self.levels[-1]
+
+
+@given(st.integers(1, 9999), st.integers(1, 12), st.integers(1, 31), st.integers(0, 23), st.integers(0, 59),
+       st.integers(0, 59))
+def test_date_arithmetic_agrees_with_the_calendar_module(year, month, mday, hour, minute, sec):
+    """The RTC's own month lengths and UTC seconds (it does not import calendar)
+    against calendar's, over every year a guest or a saved state can name."""
+    assert days_in_month(year, month) == calendar.monthrange(year, month)[1]
+    mday = min(mday, days_in_month(year, month))
+    assert utc_seconds(year, month, mday, hour, minute, sec) == \
+        calendar.timegm((year, month, mday, hour, minute, sec, 0, 0, 0))
+
+
+def test_date_arithmetic_at_the_edges():
+    """Leap rules and era boundaries, kept as examples whatever hypothesis draws."""
+    for year, month in ((1900, 2), (2000, 2), (2024, 2), (2100, 2), (1600, 2), (2023, 2), (9999, 12), (1, 1)):
+        assert days_in_month(year, month) == calendar.monthrange(year, month)[1]
+    for when in ((1970, 1, 1, 0, 0, 0), (1969, 12, 31, 23, 59, 59), (2000, 2, 29, 12, 0, 0), (2000, 3, 1, 0, 0, 0),
+                 (1600, 2, 29, 0, 0, 0), (1, 1, 1, 0, 0, 0), (9999, 12, 31, 23, 59, 59), (2038, 1, 19, 3, 14, 8)):
+        assert utc_seconds(*when) == calendar.timegm(when + (0, 0, 0)), when
 
 
 def test_update_interrupt_each_second_until_register_c_is_read():

@@ -21,7 +21,6 @@ CMOS bytes follow what QEMU's pc_cmos_init stores for SeaBIOS: memory sizes at
 
 from __future__ import annotations
 
-import calendar
 import logging
 import math
 import threading
@@ -64,10 +63,33 @@ MIN_PERIOD = 1 / 1024
 KiB, MiB = 1024, 1024 * 1024
 
 
+_DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def days_in_month(year: int, month: int) -> int:
+    """What calendar.monthrange gives as a month's length. The calendar module is
+    not imported: it brings datetime and locale, a few percent of a VM's start-up."""
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    return 29 if month == 2 and leap else _DAYS_IN_MONTH[month - 1]
+
+
+def utc_seconds(year: int, month: int, mday: int, hour: int, minute: int, sec: int) -> int:
+    """What calendar.timegm gives for that UTC time (proleptic Gregorian calendar):
+    days since 1970-01-01 counted in 400-year eras of years that start in March, so
+    that February's leap day is the last day of its year."""
+    y = year - (month <= 2)
+    era = y // 400
+    year_of_era = y - era * 400
+    day_of_year = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + mday - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    days = era * 146097 + day_of_era - 719468       # 719468: 0000-03-01 to 1970-01-01
+    return ((days * 24 + hour) * 60 + minute) * 60 + sec
+
+
 # The guest can only set years 1900-9999 (century byte 19..99); a saved guest time
 # is held to about that span, a day's margin either side.
-EARLIEST_GUEST_TIME = calendar.timegm((1900, 1, 1, 0, 0, 0)) - 86400
-LATEST_GUEST_TIME = calendar.timegm((9999, 12, 31, 23, 59, 59)) + 86400
+EARLIEST_GUEST_TIME = utc_seconds(1900, 1, 1, 0, 0, 0) - 86400
+LATEST_GUEST_TIME = utc_seconds(9999, 12, 31, 23, 59, 59) + 86400
 
 
 @dataclass(frozen=True)
@@ -214,9 +236,9 @@ class RtcCmos(Restorable):
             cc = 20 if yy < 70 else 19
         year = cc * 100 + yy
         if not (sec < 60 and minute < 60 and hour < 24 and 1 <= mon <= 12
-                and 1 <= mday <= calendar.monthrange(year, mon)[1]):
+                and 1 <= mday <= days_in_month(year, mon)):
             return None
-        return calendar.timegm((year, mon, mday, hour, minute, sec, 0, 0, 0))
+        return utc_seconds(year, mon, mday, hour, minute, sec)
 
     def _set_time_from(self, regs: dict[int, int]) -> None:
         epoch = self._decode_time(regs)
