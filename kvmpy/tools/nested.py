@@ -370,9 +370,9 @@ def refresh_bytecode(package_dir: str = os.path.join(PACKAGE_PARENT, "kvmpy"),
     The L1 sees the tree read-only and writes no bytecode, so a module edited since
     the last build would be compiled again by every Python started there, and a
     dataclass edited since then would compile its methods (kvmpy/_codecache.py):
-    under TCG that is a quarter of a second for runcmd.py alone, paid by each
-    `kvmpy run` a test or a bench row times. A tree we may not write (an installed
-    kvmpy, whose bytecode came with it) is left as it is."""
+    runcmd.py alone takes 11 ms to compile on the host, and Python runs 20 to 50
+    times slower in the L1, in each `kvmpy run` a test or a bench row times. A tree we may
+    not write (an installed kvmpy, whose bytecode came with it) is left as it is."""
     from .. import _codecache
     if dataclass_cache is None:
         dataclass_cache = _codecache.CACHE_FILE
