@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from .errors import ConfigError, UserError
 from .lifecycle import pid_alive, read_pidfile
 from .procfs import process_age_seconds
+from .threadname import NamedThread
 
 DEFAULT_CONFIG_DIR = "/etc/kvmpy"
 DEFAULT_RUN_DIR = "/run/kvmpy"
@@ -557,7 +558,7 @@ def _in_parallel(entries: list[VmEntry], fn) -> bool:
         ok[i] = good
         _print(line)
 
-    threads = [threading.Thread(target=work, args=(i, e), name=f"service-{e.name}")
+    threads = [NamedThread(target=work, args=(i, e), name=f"service-{e.name}")
                for i, e in enumerate(entries)]
     for t in threads:
         t.start()

@@ -10,6 +10,7 @@ as they start: a thread starts with its creator's name, often a vCPU's.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 # <linux/prctl.h>; the sandbox (kvmpy.sandbox) allows prctl for this option alone.
 PR_SET_NAME = 15
@@ -25,3 +26,12 @@ def name_this_thread(name: str) -> None:
     raw = name.encode("utf-8", "replace")[:NAME_BYTES]
     _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(raw), ctypes.c_ulong(0), ctypes.c_ulong(0),
                 ctypes.c_ulong(0))
+
+
+class NamedThread(threading.Thread):
+    """A thread that gives the kernel its Python name as it starts, for the threads
+    kvmpy starts itself (the event loops and the vCPUs name themselves as they go)."""
+
+    def run(self) -> None:
+        name_this_thread(self.name)
+        super().run()

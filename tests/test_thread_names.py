@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from kvmpy.threadname import NAME_BYTES, name_this_thread
+from kvmpy.threadname import NAME_BYTES, NamedThread, name_this_thread
 
 
 def comm(pid: int | str, tid: int | str) -> str:
@@ -38,6 +38,20 @@ def test_a_thread_takes_the_name_it_gives_itself_and_leaves_the_main_threads_alo
 def test_a_long_name_is_cut_to_the_kernels_fifteen_bytes():
     long = "a-vm-with-a-long-name-events"
     assert named_in_a_thread(long) == long[:NAME_BYTES]
+
+
+def test_a_named_thread_shows_its_python_name_to_the_kernel():
+    """kvmpy's own threads (nbd sessions, the profile sampler, service workers): ps
+    shows what threading names them, cut to the kernel's limit."""
+    seen = []
+
+    def body():
+        seen.append(comm("self", threading.get_native_id()))
+    for name in ("nbd-127.0.0.1:5", "service-a-vm-with-a-long-name"):
+        t = NamedThread(target=body, name=name)
+        t.start()
+        t.join()
+    assert seen == ["nbd-127.0.0.1:5", "service-a-vm-with-a-long-name"[:NAME_BYTES]]
 
 
 def test_the_translators_alarm_thread_names_itself():

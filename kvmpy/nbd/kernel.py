@@ -21,6 +21,7 @@ import time
 
 from ..errors import UserError
 from . import protocol as p
+from ..threadname import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class KernelClient:
             raise NbdDeviceError(f"-c/--connect {self.device}: {e.strerror or e}") from None
         # The kernel holds its own reference to the socket from NBD_SET_SOCK on.
         self._socket = kernels
-        self._thread = threading.Thread(target=self._do_it, name=f"nbd-kernel-{self.device}", daemon=True)
+        self._thread = NamedThread(target=self._do_it, name=f"nbd-kernel-{self.device}", daemon=True)
         self._thread.start()
         self._wait_started()
         if size % SECTOR:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ..errors import ImageError
 from . import protocol as p
+from ..threadname import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -657,11 +658,11 @@ class NbdServer:
             self._refusing += 1
         session = Session(self, sock, peer,
                           refuse=f"server is serving its limit of {self.shared} clients (--shared)")
-        threading.Thread(target=self._run_waiting, args=(session,), name="nbd-waiting", daemon=True).start()
+        NamedThread(target=self._run_waiting, args=(session,), name="nbd-waiting", daemon=True).start()
 
     def _start_session(self, sock: socket.socket, peer: str, refuse) -> None:
         session = Session(self, sock, peer, refuse=refuse)
-        thread = threading.Thread(target=self._run_session, args=(session,), name=f"nbd-{peer}", daemon=True)
+        thread = NamedThread(target=self._run_session, args=(session,), name=f"nbd-{peer}", daemon=True)
         self._sessions[session] = thread
         log.info("nbd client %s connected", peer)
         thread.start()

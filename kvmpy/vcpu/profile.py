@@ -24,6 +24,7 @@ from typing import TextIO
 
 from ..hv.exits import (DECODED_AFTER_QUEUED, DECODED_MMIO_READ, DECODED_PIO_READ, DECODED_PIO_WRITE,
                         EXIT_HLT, EXIT_INTR, EXIT_IO, EXIT_MMIO, DecodedExits)
+from ..threadname import NamedThread
 
 COM1 = 0x3F8
 COM1_LCR = COM1 + 3
@@ -59,7 +60,7 @@ class BootProfile:
         with self._lock:
             self.vcpus.append(p)
             if self._sampler is None and vcpu.can_sample_rip:
-                self._sampler = threading.Thread(target=self._sample, name="profile-sampler", daemon=True)
+                self._sampler = NamedThread(target=self._sample, name="profile-sampler", daemon=True)
                 self._sampler.start()
         return p
 
