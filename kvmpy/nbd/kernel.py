@@ -20,8 +20,8 @@ import threading
 import time
 
 from ..errors import UserError
-from . import protocol as p
 from ..threadname import NamedThread
+from . import protocol as p
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ImageError
-from . import protocol as p
 from ..threadname import NamedThread
+from . import protocol as p
 
 log = logging.getLogger(__name__)
 
