@@ -24,9 +24,13 @@ def _pyc_matches_source(path: str) -> bool:
     except FileNotFoundError:
         return False
     magic, flags, mtime, size = struct.unpack("<4sIII", header)
+    if magic != importlib.util.MAGIC_NUMBER:
+        return False
+    if flags & 1:       # hash-based (compileall's choice where SOURCE_DATE_EPOCH is set)
+        with open(path, "rb") as f:
+            return header[8:16] == importlib.util.source_hash(f.read())
     st = os.stat(path)
-    return (magic == importlib.util.MAGIC_NUMBER and flags == 0
-            and mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size & 0xFFFFFFFF)
+    return mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size & 0xFFFFFFFF
 
 
 def _package(tmp_path) -> str:
