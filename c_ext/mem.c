@@ -697,6 +697,11 @@ uint64_t io_access(CPU *c, uint16_t port, unsigned size, int write, uint64_t val
 {
     if (!write && c->pm_timer_port && (uint16_t)(port - c->pm_timer_port) + size <= 4)
         return pm_timer_read(c, (uint16_t)(port - c->pm_timer_port), size);
+    uint8_t published;
+    if (!write && size == 1 && c->port_queue && port_published_read(c->port_queue, port, &published)) {
+        c->st_published_reads++;
+        return published;
+    }
     return device_access(c, EXIT_IO, port, size, write, val);
 }
 

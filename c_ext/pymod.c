@@ -659,11 +659,59 @@ static PyObject *PortQueue_hand_over(PortQueueObject *self, PyObject *args)
     return PyLong_FromLong(n);
 }
 
+/* published_slot(port) -> the slot for port's published one-byte reads (nothing
+ * published yet), the same one for the same port; -1 when every slot is taken. */
+static PyObject *PortQueue_published_slot(PortQueueObject *self, PyObject *args)
+{
+    unsigned int port;
+    if (!PyArg_ParseTuple(args, "I", &port))
+        return NULL;
+    if (port > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return NULL;
+    }
+    PortQueue *q = self->q;
+    pthread_mutex_lock(&q->lock);
+    int n = atomic_load(&q->npublished), k = 0;
+    while (k < n && q->published_port[k] != port)
+        k++;
+    if (k == n) {
+        if (n < PORT_PUBLISHED_MAX) {
+            q->published_port[n] = (uint16_t)port;
+            atomic_store(&q->published_word[n], 0);
+            atomic_store_explicit(&q->npublished, n + 1, memory_order_release);
+        } else
+            k = -1;
+    }
+    pthread_mutex_unlock(&q->lock);
+    return PyLong_FromLong(k);
+}
+
+/* publish(slot, value): reads of the slot's port answer value (0..255) from now on;
+ * -1: they exit again. Any thread. */
+static PyObject *PortQueue_publish(PortQueueObject *self, PyObject *args)
+{
+    int slot, value;
+    if (!PyArg_ParseTuple(args, "ii", &slot, &value))
+        return NULL;
+    if (slot < 0 || slot >= atomic_load(&self->q->npublished) || value < -1 || value > 0xff) {
+        PyErr_SetString(PyExc_ValueError, "no such slot, or a value past a byte");
+        return NULL;
+    }
+    atomic_store_explicit(&self->q->published_word[slot], value < 0 ? 0 : PORT_PUBLISHED | (uint32_t)value,
+                          memory_order_release);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef PortQueue_methods[] = {
     { "hand_over", (PyCFunction)PortQueue_hand_over, METH_VARARGS,
       "hand_over(write, write_burst) -> n: the queued writes to the devices, then dropped" },
     { "set_zone", (PyCFunction)PortQueue_set_zone, METH_VARARGS, "set_zone(port, on) -> False if no room" },
     { "pending", (PyCFunction)PortQueue_pending, METH_NOARGS, "thread-safe: writes are queued" },
+    { "published_slot", (PyCFunction)PortQueue_published_slot, METH_VARARGS,
+      "published_slot(port) -> slot for the port's published reads, -1 if none is left" },
+    { "publish", (PyCFunction)PortQueue_publish, METH_VARARGS,
+      "publish(slot, value): answer one-byte reads with value (-1: they exit again)" },
     { NULL }
 };
 
@@ -1012,7 +1060,7 @@ static PyObject *Cpu_stats(CpuObject *self, PyObject *unused)
 
 static PyObject *core_stats(CPU *c, PyObject *ops)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)(c->st_insns + c->st_native_insns),
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:N}", "insns", (unsigned long long)(c->st_insns + c->st_native_insns),
                          "translated_blocks", (unsigned long long)c->st_translated, "decoded_insns",
                          (unsigned long long)c->st_decoded_insns, "decode_ns",
                          (unsigned long long)c->st_decode_ns, "exec_ns", (unsigned long long)c->st_exec_ns,
@@ -1021,6 +1069,7 @@ static PyObject *core_stats(CPU *c, PyObject *ops)
                          "slow_mem_ns", (unsigned long long)c->st_slow_mem_ns,
                          "gil_wait_ns", (unsigned long long)c->st_gil_wait_ns,
                          "pm_timer_reads", (unsigned long long)c->st_pm_timer_reads,
+                         "published_reads", (unsigned long long)c->st_published_reads,
                          "native_insns", (unsigned long long)c->st_native_insns,
                          "native_helper_insns", (unsigned long long)c->st_native_helper,
                          "native_blocks", (unsigned long long)c->st_native_blocks,

@@ -287,6 +287,7 @@ typedef struct CPU {
     uint64_t pm_timer_mask;
     int64_t pm_timer_origin_ns;
     uint64_t st_pm_timer_reads;
+    uint64_t st_published_reads;   /* port reads answered from PortQueue's published values */
 
     /* native tier (c_ext/native/): the code arena (mapped with the CPU, before the
      * sandbox closes), the executions before a block is compiled (-1: never) and its
@@ -318,6 +319,14 @@ typedef struct CPU {
  * queue makes the OUT exit as any other. One queue per machine, shared by its CPUs. */
 #define PORT_QUEUE_SIZE 512
 #define PORT_QUEUE_ZONES 4
+/* The same object holds the machine's published port reads: a one-byte IN of such a
+ * port is answered from the value its device model last published (the low byte,
+ * with PORT_PUBLISHED set; 0: the read exits), without an exit. A device publishes
+ * only a register whose read has no side effect and whose value no queued write can
+ * change (the UART's LSR with nothing latched and loopback off), and stores the new
+ * value before the access that changed it returns. */
+#define PORT_PUBLISHED_MAX 4
+#define PORT_PUBLISHED 0x100u
 typedef struct PortQueue {
     pthread_mutex_t lock;
     int nzones;                      /* set before the vCPUs run */
@@ -325,7 +334,24 @@ typedef struct PortQueue {
     _Atomic int count;               /* writes not yet handed over */
     uint16_t port[PORT_QUEUE_SIZE];
     uint8_t value[PORT_QUEUE_SIZE];
+    _Atomic int npublished;          /* slots are only ever added */
+    uint16_t published_port[PORT_PUBLISHED_MAX];
+    _Atomic uint32_t published_word[PORT_PUBLISHED_MAX];
 } PortQueue;
+
+/* 1 and *value: the published answer to a one-byte read of port; 0: it exits */
+static inline int port_published_read(PortQueue *q, uint16_t port, uint8_t *value)
+{
+    int n = atomic_load_explicit(&q->npublished, memory_order_acquire);
+    for (int k = 0; k < n; k++) {
+        if (q->published_port[k] == port) {
+            uint32_t word = atomic_load_explicit(&q->published_word[k], memory_order_acquire);
+            *value = (uint8_t)word;
+            return (word & PORT_PUBLISHED) != 0;
+        }
+    }
+    return 0;
+}
 
 /* 1 if the write was queued; 0: it must exit */
 static inline int port_queue_push(PortQueue *q, uint16_t port, uint8_t value)

@@ -177,7 +177,10 @@ class Machine:
             name=self.name, platform=self.platform, events=self.events, config=self.cfg, power=self,
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
-            port_write_queue=None if self.trace_exits else self.accel.port_write_queue)
+            port_write_queue=None if self.trace_exits else self.accel.port_write_queue,
+            # Where every exit is reported (the exits trace, the profiler) the C loop
+            # answers nothing itself, published reads included.
+            published_port_reads=self.accel.published_port_reads)
         self._start_iothreads()
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
         self._attach_firmware_vars()

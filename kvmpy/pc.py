@@ -48,7 +48,7 @@ from .devices.legacy import (DEBUG_EXIT, DMA_PAGE, IO_DELAY, POST_CODE, SYSTEM_C
 from .devices.pci import PciBus, PciConfigIo
 from .devices.pci.config_ports import PCI_CONFIG_PORTS, ConfigPortsWithResetControl
 from .devices.rtc import RTC, RtcCmos
-from .devices.serial import COM1, Serial16550
+from .devices.serial import COM1, LSR, Serial16550
 from .errors import ConfigError
 from .memory import GuestMemory
 from .plugins import plugin_entry as load_plugin_entry
@@ -64,12 +64,16 @@ FW_CFG = "fw-cfg"
 def make_com1(ctx: DeviceContext) -> Serial16550:
     console = ctx.console
     queue = ctx.port_write_queue
+    reads = ctx.published_port_reads
     base = ctx.slot.base
     uart = Serial16550(irq=ctx.irq_line(ctx.slot.irq),
                        out=console.buffered_write if console is not None else (lambda data: None),
                        on_rx_space=console.rx_space_available if console is not None else None,
                        # Only THR (offset 0) is ever queued: every other register's effect is immediate.
-                       tx_batching=(lambda on: queue.set_zone(base, 1, on)) if queue is not None else None)
+                       tx_batching=(lambda on: queue.set_zone(base, 1, on)) if queue is not None else None,
+                       # A console polls LSR before every byte it writes: one exit per byte
+                       # that never reaches Python where the accelerator answers it.
+                       publish_lsr=reads.publisher(base + LSR) if reads is not None else None)
     if console is not None:
         console.attach(uart)
     return uart

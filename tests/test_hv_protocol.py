@@ -58,6 +58,8 @@ def check_accel(accel) -> None:
         assert missing(vcpu, protocol.Vcpu) == []
     if accel.port_write_queue is not None:
         assert missing(accel.port_write_queue, protocol.PortWriteQueue) == []
+    if accel.published_port_reads is not None:
+        assert missing(accel.published_port_reads, protocol.PublishedPortReads) == []
     # the loop's once-per-thread decisions read these as plain booleans
     assert isinstance(accel.software_doorbells, bool)
     assert isinstance(accel.needs_before_guest_entry, bool)
@@ -100,7 +102,7 @@ def test_kvm_implements_the_accelerator_protocol():
     accel = KvmAccel(host)
     try:
         check_accel(accel)
-        assert accel.timer_wheel is None
+        assert accel.timer_wheel is None and accel.published_port_reads is not None
         assert not accel.software_doorbells and not accel.needs_before_guest_entry
         from kvmpy.hv.kvm.cpu_setup import announced_phys_bits
         assert accel.phys_bits == announced_phys_bits(accel.kvm.supported_cpuid()), "the host's, as KVM passes it"

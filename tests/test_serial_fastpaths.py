@@ -51,7 +51,7 @@ class BusPorts:
 
 def make_on_bus():
     w = Wire()
-    return BusPorts(Serial16550(w.irq, w.write, on_rx_space=w.space)), w
+    return BusPorts(Serial16550(w.irq, w.write, on_rx_space=w.space, publish_lsr=w.publish)), w
 
 
 class UartThroughAccessors(UartMachine):

@@ -75,6 +75,14 @@ class PortWriteQueue(Protocol):
     def set_zone(self, port: int, length: int, on: bool) -> None: ...
 
 
+class PublishedPortReads(Protocol):
+    """Port reads the accelerator may answer without the device, from a value the
+    device publishes whenever it changes. Only for a register whose read has no side
+    effect and whose value no queued write (PortWriteQueue) can change."""
+
+    def publisher(self, port: int) -> Callable[[int | None], None] | None: ...
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """What a device model is given when built: its name and the platform it may use."""
@@ -96,6 +104,8 @@ class DeviceContext:
     console: SerialConsole | None = None
     port_write_queue: PortWriteQueue | None = None
     """None where the accelerator has none, or every port write must exit (tracing)."""
+    published_port_reads: PublishedPortReads | None = None
+    """None where the accelerator answers no port read itself."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """The entry's own options (from the table; later from vm.toml)."""
     slots: tuple[AddressSlot, ...] = ()

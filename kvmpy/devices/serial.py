@@ -159,19 +159,28 @@ class SerialState:
 class Serial16550(Restorable):
     def __init__(self, irq: Callable[[bool], None], out: Callable[[bytes], None],
                  on_rx_space: Callable[[], None] | None = None,
-                 tx_batching: Callable[[bool], None] | None = None) -> None:
+                 tx_batching: Callable[[bool], None] | None = None,
+                 publish_lsr: Callable[[int | None], None] | None = None) -> None:
         """``tx_batching(True)``, when given, is called once: THR writes may be queued
         and handed over later (KVM's coalesced port writes), whatever IER says.
 
-        Why that is safe: every read of a UART register leaves the guest, and the
-        vCPU loop hands the queued writes over before it serves any exit, so LSR,
-        IIR, RBR and every other register read reflect all earlier THR writes, in
-        order. What a queued write delays is only its effect on the interrupt line:
-        THRE's interrupt (IER.THRI), or the RX one of a loopback byte, comes when
-        the write is handed over (the guest's next exit, or the coalesced ring's
-        drain timer within 10 ms), as it would from a UART on a slower line. THR
-        writes have no other effect. Linux's 8250 driver writes THR with IER 0 from
-        the console (one LSR read per byte: one exit instead of two) and, with
+        ``publish_lsr``, when given, is told LSR's value whenever a read of it would
+        change nothing (no error latched) and no queued THR write could change it
+        (loopback off), and None otherwise; the accelerator answers the guest's LSR
+        reads from it without an exit (kvmpy.devices.context.PublishedPortReads).
+        It is told before the access or host call that changed the value returns.
+
+        Why queueing is safe: every read of a UART register leaves the guest, or
+        is an LSR read answered from the published value, which THR writes do not
+        change; and the vCPU loop hands the queued writes over before it serves any
+        exit, so IIR, RBR and every other register read reflect all earlier THR
+        writes, in order. What a queued write delays is only its effect on the
+        interrupt line: THRE's interrupt (IER.THRI), or the RX one of a loopback
+        byte, comes when the write is handed over (the guest's next exit, or the
+        coalesced ring's drain timer within 10 ms), as it would from a UART on a
+        slower line. THR writes have no other effect. Linux's 8250 driver writes
+        THR with IER 0 from the console (one LSR read per byte, answered without
+        Python where LSR is published; two exits per byte in QEMU) and, with
         THRI, up to 16 bytes per interrupt from its handler, whose loop then reads
         IIR again: one exit per 16 bytes instead of one per byte. QEMU does not
         queue THR writes; this is kvmpy's own use of KVM's coalesced PIO."""
@@ -187,6 +196,8 @@ class Serial16550(Restorable):
         self._lock = threading.RLock()
         self._irq_level = False
         self._rx_wanted = False
+        self._publish_lsr = publish_lsr
+        self._published_lsr: int | None = None      # what the accelerator answers now
         self._readers = (self._read_rbr_dll, self._read_ier_dlm, self._read_iir, self._read_lcr,
                          self._read_mcr, self._read_lsr, self._read_msr, self._read_scr)
         self._writers = (self._write_thr_dll, self._write_ier_dlm, self._write_fcr, self._write_lcr,
@@ -212,7 +223,7 @@ class Serial16550(Restorable):
             self.thr_pending = True  # THR starts empty; IER gates reporting
             self.msr_deltas = 0
             self.last_rbr = 0
-            self._update_irq()
+            self._update_outputs()
 
     def state(self) -> SerialState:
         with self._lock:
@@ -237,7 +248,7 @@ class Serial16550(Restorable):
             self.msr_deltas = state.msr_deltas
             self.last_rbr = state.last_rbr
             self._rx_wanted = state.rx_wanted
-            self._update_irq()
+            self._update_outputs()
 
     @property
     def rx_capacity(self) -> int:
@@ -287,7 +298,17 @@ class Serial16550(Restorable):
         return (self._pending_iid() != IIR_NO_INT and bool(self.mcr & MCR_OUT2)
                 and not self.mcr & MCR_LOOP)
 
-    def _update_irq(self) -> None:
+    def _update_outputs(self) -> None:
+        """After any change made under the lock: LSR's published value (every change
+        to the FIFO, the latched errors or MCR is made under the lock), then the
+        interrupt line. In that order: a guest that takes the RX interrupt reads LSR
+        at once, from the published value where the accelerator answers it, and an
+        old value there (DR clear) would leave an edge-triggered IRQ unanswered."""
+        if self._publish_lsr is not None:
+            lsr = None if self.lsr_errors or self.mcr & MCR_LOOP else self._lsr()
+            if lsr != self._published_lsr:
+                self._published_lsr = lsr
+                self._publish_lsr(lsr)
         level = self._line()
         if level != self._irq_level:
             self._irq_level = level
@@ -300,7 +321,7 @@ class Serial16550(Restorable):
             n = min(len(data), self.rx_capacity - len(self.rx))
             if n > 0:
                 self.rx.extend(data[:n])
-                self._update_irq()
+                self._update_outputs()
             if n < len(data):
                 self._rx_wanted = True
             return max(n, 0)
@@ -313,7 +334,7 @@ class Serial16550(Restorable):
             else:
                 self.lsr_errors |= LSR_OE
             self.lsr_errors |= LSR_BI
-            self._update_irq()
+            self._update_outputs()
 
     # ----------------------------------------------------------- guest side
     # Each register has its own read and write method, found by offset in a table:
@@ -361,18 +382,18 @@ class Serial16550(Restorable):
             self._out(bytes(data))
             if not self.thr_pending:
                 self.thr_pending = True
-                self._update_irq()
+                self._update_outputs()
 
     def _locked_read(self, reg: int) -> int:
         with self._lock:
             value = self._read(reg)
-            self._update_irq()
+            self._update_outputs()
             return value
 
     def _locked_write(self, reg: int, value: int) -> None:
         with self._lock:
             self._write(reg, value & 0xFF)
-            self._update_irq()
+            self._update_outputs()
 
     def _read_rbr_dll(self, offset: int, size: int) -> int:
         if self.lcr & LCR_DLAB:
@@ -389,7 +410,7 @@ class Serial16550(Restorable):
             iid = self._pending_iid()
             if iid == IIR_THRI:
                 self.thr_pending = False
-                self._update_irq()
+                self._update_outputs()
             return iid | (IIR_FIFO_ENABLED if self.fifo_enabled else 0)
 
     def _read_lcr(self, offset: int, size: int) -> int:
@@ -432,7 +453,7 @@ class Serial16550(Restorable):
                 with self._lock:
                     if not self.thr_pending:
                         self.thr_pending = True
-                        self._update_irq()
+                        self._update_outputs()
         else:
             self._locked_write(RBR_THR_DLL, value)
 

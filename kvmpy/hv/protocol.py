@@ -12,7 +12,7 @@ Device models do not import this module: they see kvmpy.devices.platform only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from ..devices.platform import Platform as DevicePlatform
 
@@ -119,6 +119,15 @@ class PortWriteQueue(Protocol):
         """Hand the queued writes to the port bus, oldest first."""
 
 
+class PublishedPortReads(Protocol):
+    """Port reads the accelerator answers in its own loop, without a return to Python,
+    from a value the device model publishes (KVM: a cell the C run loop reads)."""
+
+    def publisher(self, port: int) -> Callable[[int | None], None] | None:
+        """The setter of ``port``'s answer to one-byte reads (None: the reads reach the
+        device again); None when the accelerator has no room for another port."""
+
+
 class AccelHost(Protocol):
     """What an accelerator is built from: the machine's configuration, RAM and buses."""
 
@@ -147,6 +156,7 @@ class Accel(Protocol):
     # them (KVM), and whoever needs one in userspace then makes its own.
     timer_wheel: TimerWheel | None
     port_write_queue: PortWriteQueue | None
+    published_port_reads: PublishedPortReads | None
     # True where doorbell writes reach the vCPU loop (the translator): the loop then
     # offers every port and MMIO write to ``platform.doorbell_write`` before the bus.
     software_doorbells: bool

@@ -39,6 +39,11 @@ class CapturedConsole:
         with self._lock:
             return self._out.decode(errors="replace")
 
+    def byte_count(self) -> int:
+        """Bytes the guest wrote to THR (the test guests poll LSR once before each)."""
+        with self._lock:
+            return len(self._out)
+
 
 class RecordingPorts:
     """A bus device that keeps every write in order and answers reads with ``answer``."""
@@ -107,7 +112,7 @@ def tcg_machine(guest: str, cmdline: str, disks: list | None = None) -> tuple[Ma
 
 
 def loop_totals(machine: Machine) -> dict[str, int]:
-    totals = {"pio_served": 0, "mmio_served": 0, "returned": 0, "decoded": 0}
+    totals = {"pio_served": 0, "mmio_served": 0, "returned": 0, "decoded": 0, "published_served": 0}
     for v in machine.vcpus:
         for k, n in v.loop_stats().items():
             totals[k] += n

@@ -226,11 +226,14 @@ __u64 kvmpy_run_hw_exit_reason(struct kvm_run *run);
 /* The vCPU run loop in C (see the source below): which port and MMIO ranges a
    device claims, kept current by the accelerator, and what the loop served. */
 struct kvmpy_exit_map;
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; __u64 published_served; };
 struct kvmpy_exit_map *kvmpy_exit_map_new(void);
 void kvmpy_exit_map_free(struct kvmpy_exit_map *map);
 int kvmpy_exit_map_set(struct kvmpy_exit_map *map, int pio, const __u64 *ranges, size_t n);
 int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 addr);
+__u32 *kvmpy_exit_map_published_cell(struct kvmpy_exit_map *map, __u32 port);
+#define KVMPY_PUBLISHED ...
+#define KVMPY_PUBLISHED_MAX ...
 /* One per vCPU: what the loop runs and what it decoded (see the source below). */
 struct kvmpy_vcpu_loop {
     int fd; struct kvm_run *run; size_t run_size;
@@ -305,8 +308,10 @@ static __u64 kvmpy_run_hw_exit_reason(struct kvm_run *r) { return r->hw.hardware
    once per exit it must see; in between, with the GIL
    released (cffi drops it around every call), the loop answers the port and MMIO
    accesses no device claims exactly as kvmpy.devices.bus.Bus does: reads are all
-   ones (a floating bus), writes are dropped. Under nested KVM each return to
-   Python costs tens of microseconds of interpreter time; these answers cost none.
+   ones (a floating bus), writes are dropped. It also answers the one-byte reads
+   of a claimed port whose device published the answer (KVMPY_PUBLISHED). Under
+   nested KVM each return to Python costs tens of microseconds of interpreter
+   time; these answers cost none.
 
    Bus.read/write log each unclaimed address once at debug level, up to 256 per
    bus; to keep that, the first access to each new unclaimed address (while fewer
@@ -343,9 +348,20 @@ static int kvmpy_install_kick_handler(int signo)
 
 #define KVMPY_UNCLAIMED_NOTED_MAX 256
 #define KVMPY_PORTS 65536
+/* Port reads a device answers ahead of time: a register whose read has no side
+   effect and whose value no write the accelerator may queue (the coalesced ring)
+   can change, such as the UART's LSR while nothing is latched and loopback is off.
+   The device model decides the value and stores it in its cell, the answer in the
+   low byte with KVMPY_PUBLISHED set, or 0 while the read needs the model; the loop
+   answers a one-byte read of that port from the cell and stays in the guest. The
+   store is one aligned 32-bit word, so a loop sees the old answer or the new one,
+   and the model stores before it returns from the access that changed the value:
+   a read overlapping that access may see either, a later one the new. */
+#define KVMPY_PUBLISHED 0x100u
+#define KVMPY_PUBLISHED_MAX 8
 
 struct kvmpy_mmio_range { __u64 base, end; };
-struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; };
+struct kvmpy_loop_stats { __u64 pio_served; __u64 mmio_served; __u64 returned; __u64 decoded; __u64 published_served; };
 
 struct kvmpy_exit_map {
     pthread_mutex_t lock;
@@ -356,6 +372,10 @@ struct kvmpy_exit_map {
     unsigned n_ports_noted;
     __u64 mmio_noted[KVMPY_UNCLAIMED_NOTED_MAX];
     unsigned n_mmio_noted;
+    /* Published reads (kvmpy_exit_map_published_cell): slots are only ever added. */
+    __u32 published_port[KVMPY_PUBLISHED_MAX];
+    __u32 published_word[KVMPY_PUBLISHED_MAX];
+    unsigned n_published;
 };
 
 static struct kvmpy_exit_map *kvmpy_exit_map_new(void)
@@ -438,6 +458,48 @@ static int kvmpy_exit_map_claimed(struct kvmpy_exit_map *map, int pio, __u64 add
     return claimed;
 }
 
+/* port's cell for its published read (see KVMPY_PUBLISHED), 0 (nothing published)
+   when new; the same cell for the same port; NULL when every slot is taken. */
+static __u32 *kvmpy_exit_map_published_cell(struct kvmpy_exit_map *map, __u32 port)
+{
+    __u32 *cell = NULL;
+    pthread_mutex_lock(&map->lock);
+    for (unsigned i = 0; i < map->n_published && cell == NULL; i++)
+        if (map->published_port[i] == port)
+            cell = &map->published_word[i];
+    if (cell == NULL && map->n_published < KVMPY_PUBLISHED_MAX && port < KVMPY_PORTS) {
+        unsigned i = map->n_published++;
+        map->published_port[i] = port;
+        map->published_word[i] = 0;
+        cell = &map->published_word[i];
+    }
+    pthread_mutex_unlock(&map->lock);
+    return cell;
+}
+
+/* 1 and *value: a claimed port's published answer to a one-byte read; 0: the
+   device must see the read (nothing published, or the port is no longer claimed:
+   a cell outlives the device that had it only as a stale slot, never an answer). */
+static int kvmpy_published_read(struct kvmpy_exit_map *map, __u32 port, unsigned char *value)
+{
+    int found = 0;
+    pthread_mutex_lock(&map->lock);
+    if (kvmpy_port_claimed_locked(map, port)) {
+        for (unsigned i = 0; i < map->n_published; i++) {
+            if (map->published_port[i] == port) {
+                __u32 word = __atomic_load_n(&map->published_word[i], __ATOMIC_ACQUIRE);
+                if (word & KVMPY_PUBLISHED) {
+                    *value = (unsigned char)word;
+                    found = 1;
+                }
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&map->lock);
+    return found;
+}
+
 /* 1: the loop answers this access itself; 0: Python must see it (a device claims
    it, or it is a new unclaimed address that Bus has yet to log). */
 static int kvmpy_serve_here(struct kvmpy_exit_map *map, int pio, __u64 addr)
@@ -501,8 +563,17 @@ static int kvmpy_run_loop(struct kvmpy_vcpu_loop *loop)
         if (map == NULL)
             break;
         if (run->exit_reason == KVM_EXIT_IO) {
-            if (!kvmpy_serve_here(map, 1, run->io.port))
+            if (!kvmpy_serve_here(map, 1, run->io.port)) {
+                unsigned char value;
+                if (run->io.direction == KVM_EXIT_IO_IN && run->io.size == 1 && run->io.count == 1
+                        && run->io.data_offset < loop->run_size
+                        && kvmpy_published_read(map, run->io.port, &value)) {
+                    *((unsigned char *)run + run->io.data_offset) = value;
+                    loop->stats.published_served++;
+                    continue;
+                }
                 break;
+            }
             if (run->io.direction == KVM_EXIT_IO_IN) {
                 __u64 n = (__u64)run->io.size * run->io.count;
                 /* Out of bounds: Python reports it as an internal error. */

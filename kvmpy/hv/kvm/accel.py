@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ...boot import layout
 from ._kvm_cffi import ffi, lib
@@ -28,6 +28,26 @@ log = logging.getLogger(__name__)
 # With the in-kernel LAPIC, KVM keeps a halted vCPU inside KVM_RUN; should a halt
 # exit reach userspace all the same, this pause keeps the loop from spinning on it.
 HALT_EXIT_PAUSE = 0.001
+
+
+class PublishedReads:
+    """kvmpy.hv.protocol.PublishedPortReads: cells in the exit map that the vCPUs' C
+    loops answer one-byte port reads from (KVMPY_PUBLISHED in _build.py)."""
+
+    def __init__(self, exit_map) -> None:
+        self._exit_map = exit_map
+
+    def publisher(self, port: int) -> Callable[[int | None], None] | None:
+        cell = lib.kvmpy_exit_map_published_cell(self._exit_map, port)
+        if cell == ffi.NULL:
+            log.debug("no published-read slot left for port %#x: its reads exit", port)
+            return None
+        published = lib.KVMPY_PUBLISHED
+
+        # The map stays alive while a publisher can still store into it.
+        def publish(value: int | None, cell=cell, exit_map=self._exit_map) -> None:
+            cell[0] = 0 if value is None else published | (value & 0xFF)
+        return publish
 
 
 class KvmAccel:
@@ -101,6 +121,7 @@ class KvmAccel:
         host.mmio_bus.add_listener(self)
         for v in self.vcpus:
             v.use_exit_map(self._exit_map)
+        self.published_port_reads = PublishedReads(self._exit_map)
         self._irqchip_reset = vm.get_irqchip_state()
         self._pit_reset = vm.get_pit_state()
 

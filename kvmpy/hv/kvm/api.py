@@ -325,11 +325,13 @@ class KvmVcpu:
         self._loop.map = ffi.NULL if on else self._exit_map
 
     def loop_stats(self) -> dict[str, int]:
-        """Accesses the C loop answered itself, how often it returned, and how many of
-        those returns were one access decoded for the vCPU loop's fast path."""
+        """Accesses the C loop answered itself (unclaimed ports and MMIO, and the
+        claimed port reads a device published an answer to), how often it returned,
+        and how many of those returns were one access decoded for the vCPU loop's
+        fast path."""
         st = self._loop.stats
         return {"pio_served": st.pio_served, "mmio_served": st.mmio_served, "returned": st.returned,
-                "decoded": st.decoded}
+                "decoded": st.decoded, "published_served": st.published_served}
 
     def decoded_exits(self) -> DecodedExits | None:
         """The vCPU loop's fast path (kvmpy.hv.exits.DecodedExits); None while every

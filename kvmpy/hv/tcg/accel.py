@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ...devices.platform import SoftPlatform
 from ...errors import UserError
-from .portqueue import TcgPortWrites
+from .portqueue import TcgPortWrites, TcgPublishedReads
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...boot.common import BootState
@@ -249,12 +249,17 @@ class TcgAccel:
         # The UART's THR and the RTC's index writes wait in the cores' queue (as KVM's
         # coalesced PIO); not under --trace profile, which watches every console byte.
         self.port_write_queue: TcgPortWrites | None = None
+        # Published port reads (the UART's LSR) live beside the queue; the exits trace
+        # must see every read, so there they all leave the cores.
+        self.published_port_reads: TcgPublishedReads | None = None
         if "profile" not in host.cfg.trace:
             queue = new_port_queue()
             for v in self.vcpus:
                 v.set_port_queue(queue)
             self.port_write_queue = TcgPortWrites(queue, host.pio_bus.write, host.pio_bus.write_burst,
                                                   host.events)
+            if "exits" not in host.cfg.trace:
+                self.published_port_reads = TcgPublishedReads(queue)
         # The platform devices KVM keeps in the kernel: 8259s, IOAPIC, LAPIC, PIT (and port 0x61).
         self._lapic_wheels = [VcpuTimerWheel(v, self.timer_wheel.clock) for v in self.vcpus]
         self.irqchip = SoftIrqChip(num_cpus, cpu_kick=self._kick, timer_wheel=self.timer_wheel,

@@ -77,3 +77,22 @@ class TcgPortWrites:
         """Stop the tick and hand over what is left."""
         self._tick.close()
         self.drain()
+
+
+class TcgPublishedReads:
+    """The translator's ``Accel.published_port_reads`` (kvmpy.hv.protocol.PublishedPortReads):
+    the cores answer one-byte reads of a published port from the machine's PortQueue."""
+
+    def __init__(self, queue) -> None:
+        self._queue = queue
+
+    def publisher(self, port: int) -> Callable[[int | None], None] | None:
+        slot = self._queue.published_slot(port)
+        if slot < 0:
+            log.debug("no published-read slot left for port %#x: its reads exit", port)
+            return None
+        publish = self._queue.publish
+
+        def publish_value(value: int | None) -> None:
+            publish(slot, -1 if value is None else value & 0xFF)
+        return publish_value
