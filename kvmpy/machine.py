@@ -24,7 +24,7 @@ from .boot import layout
 from .boot.firmware import (FirmwareMemory, boot_devices_of, fill_fw_cfg, find_image, firmware_kind,
                             firmware_ram_layout, read_image)
 from .boot.loader import BootFiles, load_kernel
-from .builder import build_devices
+from .builder import PlacedDevice, build_devices
 from .config import VmConfig
 from .devices.acpi_pm import PM_TMR_OFFSET, AcpiPm
 from .devices.bus import Bus
@@ -32,9 +32,6 @@ from .devices.context import DeviceContext
 from .devices.timers import TimerWheel
 from .devices.pci import PciBus
 from .errors import ConfigError, HostError
-from .devices.virtio.pci import VirtioPciTransport   # imported now: the sandbox forbids it later
-from .devices.virtio.dataplane import iothreads
-from .devices.virtio.dataplane import available as dataplane_available, iothread as named_iothread
 from .events import EventLoop, Worker
 from .hv.select import kvm_device_present, make_accel
 from .memory import GuestMemory
@@ -64,6 +61,17 @@ def firmware_pci_windows_or_refuse(cfg: VmConfig, phys_bits: int):
                           f"firmware's 64-bit PCI window below {why} (at most {most >> 20}M)")
     return mmio_window, mmio64_window
 
+
+
+def virtio_transports(placed: list[PlacedDevice]) -> list[PlacedDevice]:
+    """The placed devices that are virtio PCI transports. Only a factory that makes one
+    imports their module, so a VM without one never loads the virtio modules (about a
+    sixteenth of the run path's imports); while that module is not loaded, no
+    transport can exist."""
+    module = sys.modules.get("kvmpy.devices.virtio.pci")
+    if module is None:
+        return []
+    return [p for p in placed if isinstance(p.device, module.VirtioPciTransport)]
 
 class Machine:
     def __init__(self, cfg: VmConfig, console=None, accel: str | None = None,
@@ -178,11 +186,19 @@ class Machine:
             timer_wheel=wheel, pci=self.pci, num_cpus=len(self.vcpus), console=self.console, block_errors=self,
             # The exits trace shows every port access, so none may be queued.
             port_write_queue=None if self.trace_exits else self.accel.port_write_queue,
-            # Where every exit is reported (the exits trace, the profiler) the C loop
-            # answers nothing itself, published reads included.
+            # Where every exit is reported (the exits trace, the profiler) the
+            # accelerator answers no read itself, published ones included.
             published_port_reads=self.accel.published_port_reads)
         self._start_iothreads()
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
+        self._virtio_transports = virtio_transports(self.devices.placed)
+        # query-iothreads, answered after the sandbox has closed: the data plane's
+        # module is loaded already wherever there can be an iothread (a virtio disk,
+        # a configured one) and imported only then.
+        self._list_iothreads: Callable[[], list[dict]] = lambda: []
+        if self._virtio_transports or self.cfg.iothreads:
+            from .devices.virtio.dataplane import iothreads
+            self._list_iothreads = iothreads
         self._attach_firmware_vars()
         self._serve_pm_timer()
         self._attach_display()
@@ -193,6 +209,7 @@ class Machine:
         query-iothreads lists it: until a disk gives it queues it waits in poll()."""
         if not self.cfg.iothreads:
             return
+        from .devices.virtio.dataplane import available as dataplane_available, iothread as named_iothread
         if not dataplane_available():
             log.warning("iothreads %s: kvmpy was built without its native data plane, which runs them; "
                         "no thread runs for them and the disks' queues are served by the event loop",
@@ -556,9 +573,8 @@ class Machine:
     def _hold_native_data_planes(self, held: bool) -> None:
         """While the VM is not running its disks' queues are the event loop's alone
         (as without native data planes), so their indices are all in Python."""
-        for placed in self.devices.placed:
-            if isinstance(placed.device, VirtioPciTransport):
-                placed.device.hold_native(held)
+        for placed in self._virtio_transports:
+            placed.device.hold_native(held)
 
     def reset(self) -> None:
         self.request_reset(guest=False, reason="host-qmp-system-reset")
@@ -599,7 +615,7 @@ class Machine:
         return self.devices.query("net")
 
     def iothreads(self) -> list[dict]:
-        return iothreads()
+        return self._list_iothreads()
 
     def announce_self(self, params: AnnounceParameters) -> None:
         with self._transition:      # two monitors' first announce-self make one announcer
@@ -611,8 +627,7 @@ class Machine:
     def _nics_to_announce(self) -> list:
         """(name as info network shows it, its announce round) per NIC."""
         return [(f"net{placed.entry.options['index']}", placed.device.device.announce_self)
-                for placed in self.devices.placed
-                if placed.entry.query == "net" and isinstance(placed.device, VirtioPciTransport)]
+                for placed in self._virtio_transports if placed.entry.query == "net"]
 
     def eject(self, device: str, force: bool = False) -> None:
         try:
