@@ -9,7 +9,9 @@ SVM, kvm-amd loaded).
 
 Rows (all measured inside the L1, so both VMMs pay the same emulation tax):
   Linux boot to init / to power-off: the default guest (Debian cloud kernel, busybox
-    initramfs, built on the host), same kernel, initramfs, memory and command line
+    initramfs, built on the host), same kernel, initramfs, memory and command line;
+    and to power-off again without ``quiet``, the kernel's whole log (about 23 KB) on
+    the serial console, which a console polling LSR writes byte by byte
   start to first serial byte: process start to hello.elf's first console byte (QEMU
     runs its firmware first, kvmpy enters the kernel directly)
   the KVM rows of bench.kvm (exits per second) and bench.virtio (virtio-blk reads
@@ -76,6 +78,12 @@ def linux_rows(share: str) -> list[dict]:
     kb, kd, knote = _timed_boot(kvmpy)
     qb, qd, qnote = _timed_boot(qemu)
     note = "; ".join(n for n in (f"kvmpy {knote}" if knote else "", f"qemu {qnote}" if qnote else "") if n)
+    # The same without ``quiet``: the kernel's whole log goes to ttyS0.
+    kvmpy, qemu = linux_argvs(share, APPEND.replace(" quiet", ""))
+    _, kv, kvnote = _timed_boot(kvmpy)
+    _, qv, qvnote = _timed_boot(qemu)
+    verbose_note = "; ".join(n for n in (f"kvmpy {kvnote}" if kvnote else "", f"qemu {qvnote}" if qvnote else "")
+                             if n)
     hello = os.path.join(REPO, "tests", "guests", "build", "hello.elf")
     kf = min(filter(None, (_first_byte_seconds([sys.executable, "-m", "kvmpy", "run", "--enable-kvm", "-m", "128",
                                                 *NO_DEFAULT_NIC, "--kernel", hello]) for _ in range(3))),
@@ -87,6 +95,8 @@ def linux_rows(share: str) -> list[dict]:
         {"name": "Linux boot to init (KVM)", "kvmpy": kb, "qemu": qb, "unit": "s", "better": "lower", "note": note},
         {"name": "Linux boot to poweroff (KVM)", "kvmpy": kd, "qemu": qd, "unit": "s", "better": "lower",
          "note": note},
+        {"name": "Linux boot to poweroff, whole kernel log on the serial console (KVM)", "kvmpy": kv, "qemu": qv,
+         "unit": "s", "better": "lower", "note": verbose_note},
         {"name": "start to first serial byte (hello.elf, KVM)", "kvmpy": kf, "qemu": qf, "unit": "s",
          "better": "lower"},
     ]
@@ -95,7 +105,7 @@ def linux_rows(share: str) -> list[dict]:
 AREAS = ("boot", "kvm", "virtio", "tcp")
 # Parts of an area, run only when named: a re-run of one row family after a fix.
 EXTRA_AREAS = ("virtio-blk", "virtio-blk-qd32", "virtio-net", "phases")
-# The Linux boot rows: two Linux boots and six hello.elf starts in the L1.
+# The Linux boot rows: four Linux boots and six hello.elf starts in the L1.
 BOOT_LIMIT = 900.0
 
 
