@@ -62,7 +62,6 @@ def firmware_pci_windows_or_refuse(cfg: VmConfig, phys_bits: int):
     return mmio_window, mmio64_window
 
 
-
 def virtio_transports(placed: list[PlacedDevice]) -> list[PlacedDevice]:
     """The placed devices that are virtio PCI transports. Only a factory that makes one
     imports their module, so a VM without one never loads the virtio modules (about a
@@ -72,6 +71,7 @@ def virtio_transports(placed: list[PlacedDevice]) -> list[PlacedDevice]:
     if module is None:
         return []
     return [p for p in placed if isinstance(p.device, module.VirtioPciTransport)]
+
 
 class Machine:
     def __init__(self, cfg: VmConfig, console=None, accel: str | None = None,
