@@ -195,8 +195,9 @@ N_CONSOLE = 5000
 
 def console_row(loop: str, have_qemu: bool, runs: int = 2) -> dict:
     """Console output as Linux's console writes it (LSR polled before each THR write),
-    in the guest's TSC cycles per byte: a claimed read and a queued write under
-    kvmpy (KVM's coalesced PIO), two exits under QEMU."""
+    in the guest's TSC cycles per byte: under kvmpy a read the C run loop answers
+    from the UART's published LSR and a queued write (KVM's coalesced PIO), Python
+    once per ring-full; two exits to the device model under QEMU."""
     def best(argv: list[str], ok_status: int) -> float | None:
         found = []
         for _ in range(runs):
