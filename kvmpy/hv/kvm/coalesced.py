@@ -4,9 +4,12 @@
 Used for the UART's THR (Serial16550's docstring says why that is safe whatever
 IER says) and the RTC's index port: Linux's console writes each byte as an LSR read
 and a THR write, and under nested KVM every exit to userspace costs far more than
-the in-kernel queueing, so this halves the console's exits. A run of byte writes
-to one port goes to the bus as one burst (``Bus.write_burst``): the bytes Linux's
-transmit interrupt handler writes are one call into the UART and one console write.
+the in-kernel queueing. With the LSR read answered by the C run loop from the
+value the UART publishes (kvmpy/hv/kvm/_build.py, KVMPY_PUBLISHED), the console's
+bytes reach Python only when the ring is full or the watcher finds them. A run of
+byte writes to one port goes to the bus as one burst (``Bus.write_burst``): a
+console's run of bytes, or the ones Linux's transmit interrupt handler writes, are
+one call into the UART and one console write.
 
 Order is kept: every exit to userspace drains the ring before it is handled (the
 vCPU loop calls ``drain``: this is KvmAccel's ``port_write_queue``; the C loop flags
@@ -148,9 +151,9 @@ class CoalescedPio:
         self._max = (mmap.PAGESIZE - ffi.sizeof("struct kvm_coalesced_mmio_ring")) // ffi.sizeof(
             "struct kvm_coalesced_mmio")
         # The same page as 32- and 64-bit words: the emptiness check and a single
-        # entry (a console's byte between two LSR polls, the common case) are read
-        # here, with no call into C and its GIL release; C walks runs of several
-        # entries (kvmpy_coalesced_take).
+        # entry (an RTC index write before its data port's exit; a console's byte
+        # where LSR reads still exit) are read here, with no call into C and its GIL
+        # release; C walks runs of several entries (kvmpy_coalesced_take).
         page = ffi.buffer(self._ring, mmap.PAGESIZE)
         entry = ffi.sizeof("struct kvm_coalesced_mmio")
         head_at = ffi.offsetof("struct kvm_coalesced_mmio_ring", "coalesced_mmio")
@@ -205,7 +208,7 @@ class CoalescedPio:
                 if first == last or first >= size:
                     break
                 if (first + 1) % size == last:
-                    # One entry (the common case between a console's LSR polls): read here.
+                    # One entry (an RTC index write, a lone console byte): read here.
                     at = head_q + first * entry_q
                     length = min(qwords[at + 1] & 0xFFFFFFFF, 8)
                     port, value, n = qwords[at], qwords[at + 2] & ((1 << (8 * length)) - 1), 1

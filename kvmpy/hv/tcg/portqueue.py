@@ -4,8 +4,10 @@ A one-byte OUT to a queued port (the UART's THR, the RTC's index port 0x70; the
 devices ask for it with ``set_zone``, as under KVM) does not leave the guest: the core
 appends it to the machine's queue (c_ext/tcg.h ``PortQueue``), shared by every vCPU so
 the writes stay in the order the guest issued them, and goes on. Linux's console
-then costs one exit per byte (the LSR poll) instead of two, and its transmit
-interrupt handler one exit per 16 bytes (the IIR read after them).
+then costs no exit per byte: its LSR poll is answered in the core from the value the
+UART publishes (``TcgPublishedReads`` below), and its bytes reach the UART in runs
+when the queue is drained; its transmit interrupt handler costs one exit per 16 bytes
+(the IIR read after them).
 
 Order is kept as under KVM (kvmpy/hv/kvm/coalesced.py): the vCPU loop calls ``drain``
 after every exit the fast path does not serve, and a decoded exit made while writes
