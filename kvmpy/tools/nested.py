@@ -39,13 +39,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import kvmpy
 
 from . import guestbuild
 from ..errors import UserError
+from ..threadname import NamedThread
 
 # Bump when the initramfs or /init changes in a way the source hash would miss.
 RECIPE_VERSION = 2
@@ -453,7 +453,7 @@ def run_nested(cmd: list[str], *, cwd: str | None = None, timeout: float = DEFAU
                 if echo:
                     echo(chunk.decode(errors="replace").replace("\r\n", "\n"))
 
-        reader = threading.Thread(target=pump, daemon=True)
+        reader = NamedThread(target=pump, name="nested-console", daemon=True)
         reader.start()
         try:
             while True:
