@@ -611,6 +611,14 @@ static PyObject *PortQueue_pending(PortQueueObject *self, PyObject *unused)
     return PyBool_FromLong(atomic_load(&self->q->count) > 0);
 }
 
+static PyObject *PortQueue_pushed(PortQueueObject *self, PyObject *unused)
+{
+    pthread_mutex_lock(&self->q->lock);
+    uint64_t n = self->q->pushed;
+    pthread_mutex_unlock(&self->q->lock);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 /* hand_over(write, write_burst): the queued writes to the devices, oldest first, a
  * run of writes to one port as write_burst(port, bytes), a lone one as write(port, 1,
  * value); then dropped from the queue (pending until then). Every run is handed over
@@ -708,6 +716,7 @@ static PyMethodDef PortQueue_methods[] = {
       "hand_over(write, write_burst) -> n: the queued writes to the devices, then dropped" },
     { "set_zone", (PyCFunction)PortQueue_set_zone, METH_VARARGS, "set_zone(port, on) -> False if no room" },
     { "pending", (PyCFunction)PortQueue_pending, METH_NOARGS, "thread-safe: writes are queued" },
+    { "pushed", (PyCFunction)PortQueue_pushed, METH_NOARGS, "thread-safe: how many writes were ever queued" },
     { "published_slot", (PyCFunction)PortQueue_published_slot, METH_VARARGS,
       "published_slot(port) -> slot for the port's published reads, -1 if none is left" },
     { "publish", (PyCFunction)PortQueue_publish, METH_VARARGS,

@@ -332,6 +332,7 @@ typedef struct PortQueue {
     int nzones;                      /* set before the vCPUs run */
     uint16_t zone[PORT_QUEUE_ZONES];
     _Atomic int count;               /* writes not yet handed over */
+    uint64_t pushed;                 /* writes ever queued (the drain tick's idle test) */
     uint16_t port[PORT_QUEUE_SIZE];
     uint8_t value[PORT_QUEUE_SIZE];
     _Atomic int npublished;          /* slots are only ever added */
@@ -366,6 +367,7 @@ static inline int port_queue_push(PortQueue *q, uint16_t port, uint8_t value)
     if (n < PORT_QUEUE_SIZE) {
         q->port[n] = port;
         q->value[n] = value;
+        q->pushed++;
         atomic_store(&q->count, n + 1);
     }
     pthread_mutex_unlock(&q->lock);

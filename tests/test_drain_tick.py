@@ -111,3 +111,40 @@ def test_zones_set_from_many_threads_leave_one_tick(loop):
     # One tick re-arms INTERVAL after each drain: at most elapsed / INTERVAL calls, where
     # eight would make about eight times as many.
     assert 1 <= calls <= elapsed / INTERVAL + 1, (calls, elapsed)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_tick_slows_down_while_nothing_is_queued_and_speeds_up_at_the_next_write():
+    """With an activity count (the translator's writes ever queued) the tick comes every
+    idle_interval once no write has come for idle_after, and every interval again
+    from the tick that sees a new one; writes another thread drained count too."""
+    clock, pushed = FakeClock(), [0]
+    tick = DrainTick(None, 0.01, lambda: None, activity=lambda: pushed[0], idle_interval=0.1,
+                     idle_after=1.0, clock=clock)
+    assert tick.next_interval() == 0.01
+    clock.now += 0.99
+    assert tick.next_interval() == 0.01
+    clock.now += 0.01
+    assert tick.next_interval() == 0.1           # a second with nothing queued
+    pushed[0] += 3                               # queued (and maybe drained by a vCPU's exit)
+    clock.now += 0.1
+    assert tick.next_interval() == 0.01
+    clock.now += 0.5
+    assert tick.next_interval() == 0.01
+    clock.now += 0.5
+    assert tick.next_interval() == 0.1
+
+
+def test_without_an_activity_count_the_interval_never_changes():
+    clock = FakeClock()
+    tick = DrainTick(None, 0.01, lambda: None, idle_interval=0.1, clock=clock)
+    clock.now += 60
+    assert tick.next_interval() == 0.01
+

@@ -232,6 +232,39 @@ def test_queued_byte_writes_wait_and_reach_the_bus_before_the_next_exit_is_serve
     assert rec.stream(0x3F8) == b"abcd"
 
 
+def test_the_queue_counts_every_write_it_ever_queued(vcpus):
+    """The drain tick's activity count: queued writes count, drained or not; a write
+    that exits (another size) does not."""
+    from kvmpy.events import EventLoop
+    v = vcpus("""
+        mov dx, 0x3f8
+        mov al, 'a'
+        out dx, al
+        mov al, 'b'
+        out dx, al
+        mov ax, 0x4444
+        out dx, ax
+        mov al, 'c'
+        out dx, al
+        hlt
+    """)
+    from kvmpy.hv.tcg.portqueue import TcgPortWrites
+    from kvmpy.hv.tcg.vcpu import new_port_queue
+    rec = _Recorder()
+    queue = new_port_queue()
+    v.set_port_queue(queue)
+    writes = TcgPortWrites(queue, rec.write, rec.write_burst, EventLoop(name="never-started"))
+    writes.set_zone(0x3F8, 1, True)
+    assert queue.pushed() == 0
+    run, state, access, exit_kind = v.decoded_exits()
+    assert run(state) == exits.DECODED_PIO_WRITE + exits.DECODED_AFTER_QUEUED and access[:2] == [0x3F8, 2]
+    assert queue.pushed() == 2
+    writes.drain()
+    assert queue.pushed() == 2 and not writes.pending()
+    assert exit_kind(run(state)) == exits.EXIT_HLT
+    assert queue.pushed() == 3
+
+
 def test_a_published_port_read_is_answered_in_the_core(vcpus):
     """A one-byte IN of a published port takes the published value and does not exit;
     a wider read of it, and any read once the value is withdrawn, exits as before."""

@@ -16,7 +16,8 @@ writes before any later access, HLT, interrupt window or kick is served. Writes 
 counted as pending until their device has them, so a vCPU exiting meanwhile waits
 for the drain in progress rather than overtaking it. A guest that writes and then
 makes no exit (a spin with interrupts off) is covered by a tick on the machine's
-event loop every DRAIN_INTERVAL seconds while a zone is registered. A full queue
+event loop every DRAIN_INTERVAL seconds while a zone is registered (every
+IDLE_DRAIN_INTERVAL once nothing has been queued for QUIET_BEFORE_IDLE). A full queue
 (PORT_QUEUE_SIZE writes) makes the next OUT exit as any other.
 """
 
@@ -32,6 +33,10 @@ from ..drain_tick import DrainTick
 log = logging.getLogger(__name__)
 
 DRAIN_INTERVAL = 0.01
+# As KVM's ring watcher (kvmpy/hv/kvm/coalesced.py): after QUIET_BEFORE_IDLE seconds
+# with no write queued, the tick comes every IDLE_DRAIN_INTERVAL until one is.
+IDLE_DRAIN_INTERVAL = 0.1
+QUIET_BEFORE_IDLE = 1.0
 
 
 class TcgPortWrites:
@@ -45,7 +50,8 @@ class TcgPortWrites:
         self._write = write
         self._write_burst = write_burst
         self._lock = threading.Lock()           # one drain at a time: vCPUs and the tick
-        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain)
+        self._tick = DrainTick(events, DRAIN_INTERVAL, self.drain, activity=queue.pushed,
+                               idle_interval=IDLE_DRAIN_INTERVAL, idle_after=QUIET_BEFORE_IDLE)
 
     def set_zone(self, port: int, length: int, on: bool) -> None:
         """Queue (True) or stop queueing (False) one-byte writes to port..port+length-1;
