@@ -192,9 +192,9 @@ class Machine:
         self._start_iothreads()
         self.devices = build_devices(pc_devices(self.cfg), context, self.pio_bus, self.mmio_bus, self.on_close)
         self._virtio_transports = virtio_transports(self.devices.placed)
-        # query-iothreads, answered after the sandbox has closed: the data plane's
-        # module is loaded already wherever there can be an iothread (a virtio disk,
-        # a configured one) and imported only then.
+        # query-iothreads is answered once the sandbox has closed and nothing can be
+        # imported: the data plane's list is taken now where there can be an iothread
+        # (a virtio device, a configured one); anywhere else there is none to list.
         self._list_iothreads: Callable[[], list[dict]] = lambda: []
         if self._virtio_transports or self.cfg.iothreads:
             from .devices.virtio.dataplane import iothreads
