@@ -135,6 +135,20 @@ def test_walker_refuses_a_loop_and_a_nested_table(memory):
     assert dataplane.walk_chain(memory, DESC, 2, False, 0) is None
 
 
+def test_walker_refuses_a_readable_descriptor_after_an_empty_writable_one(memory):
+    """queue.py's regression example (a user's make test): the order rule counts an
+    empty writable descriptor too, in the native walker as in the Python one."""
+    memory.view(0, LOW_SIZE)[:] = bytes(LOW_SIZE)
+    memory.write(DESC, struct.pack("<QIHH", BUFFERS, 16, 1, 1))         # readable
+    memory.write(DESC + 16, struct.pack("<QIHH", BUFFERS, 0, 3, 2))     # writable, empty
+    memory.write(DESC + 32, struct.pack("<QIHH", BUFFERS, 0, 0, 0))     # readable, empty
+    assert dataplane.walk_chain(memory, DESC, 4, False, 0) is None
+    assert python_walk(memory, 4, False, 0) is None
+    memory.write(DESC + 32, struct.pack("<QIHH", BUFFERS, 0, 2, 0))     # writable, empty: in order
+    assert dataplane.walk_chain(memory, DESC, 4, False, 0) == [(BUFFERS, 16, False)]
+    assert python_walk(memory, 4, False, 0) == [(BUFFERS, 16, False)]
+
+
 @pytest.mark.skipif(not netplane.available(), reason=f"net data plane not built: {netplane.unavailable_reason()}")
 def test_net_planes_walker_refuses_a_loop_and_takes_a_table(memory):
     memory.view(0, LOW_SIZE)[:] = bytes(LOW_SIZE)

@@ -145,6 +145,23 @@ def test_avail_idx_jump(mem, jump, size):
         assert q.pending() == jump
 
 
+def test_a_readable_descriptor_after_an_empty_writable_one_is_refused(mem):
+    """The spec's order rule holds for every descriptor: an empty device-writable one
+    ends the readable part as a full one does. A user's make test found the walker
+    accepting this chain (no view kept for the empty writable one to be seen by)."""
+    mem.view(0, RAM)[:] = bytes(RAM)
+    q = _queue(mem, 4)
+    mem.write(RING, struct.pack("<QIHH", 0, 0, 1, 1))            # readable, empty
+    mem.write(RING + 16, struct.pack("<QIHH", 0, 0, 3, 2))       # writable, empty
+    mem.write(RING + 32, struct.pack("<QIHH", 0, 0, 0, 0))       # readable, empty: out of order
+    mem.write_u16(q.avail_addr + 4, 0)
+    mem.write_u16(q.avail_addr + 2, 1)
+    with pytest.raises(QueueError, match="order"):
+        reference_chain(mem, q, 0)
+    with pytest.raises(QueueError, match="after a writable one"):
+        q.pop()
+
+
 def test_loop_and_long_chains_are_errors(mem):
     mem.view(0, RAM)[:] = bytes(RAM)
     q = _queue(mem, 4)

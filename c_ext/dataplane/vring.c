@@ -69,9 +69,7 @@ int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_a
                 return DP_WALK_BAD;
             if (!dp_gpa_to_host(regions, nregions, d.addr, d.len))
                 return DP_WALK_BAD;
-            if (d.flags & DESC_F_WRITE)
-                have_writable = 1;
-            else if (have_writable)
+            if (!(d.flags & DESC_F_WRITE) && have_writable)
                 return DP_WALK_BAD;                  /* readable after writable */
             if (n == max_segs)
                 return DP_WALK_TOO_LONG;
@@ -83,6 +81,9 @@ int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_a
         } else if (have_writable && !(d.flags & DESC_F_WRITE)) {
             return DP_WALK_BAD;
         }
+        /* Any writable descriptor, an empty one too, ends the readable part. */
+        if (d.flags & DESC_F_WRITE)
+            have_writable = 1;
         if (!(d.flags & DESC_F_NEXT))
             return DP_WALK_OK;
         if (d.next >= table_len)

@@ -284,6 +284,9 @@ class SplitQueue:
         # entries in the current table means a loop.
         steps = 0
         total = 0
+        # Any device-writable descriptor, an empty one too, ends the readable part
+        # (the spec's order rule; an empty one carries no view to remember it by).
+        seen_writable = False
         while True:
             steps += 1
             if steps > table_len:
@@ -319,12 +322,14 @@ class SplitQueue:
                     chain.writable.append(view)
                     if dma is not None:
                         dma.append((addr, length))
-                elif chain.writable:
+                elif seen_writable:
                     raise QueueError(f"chain {head}: device-readable buffer after a writable one")
                 else:
                     chain.readable.append(view)
-            elif chain.writable and not flags & VIRTQ_DESC_F_WRITE:
+            elif seen_writable and not flags & VIRTQ_DESC_F_WRITE:
                 raise QueueError(f"chain {head}: device-readable buffer after a writable one")
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
             if not flags & VIRTQ_DESC_F_NEXT:
                 if dma:
                     self._dma_ranges[head] = dma
