@@ -116,8 +116,8 @@ fuzz: build
 	KVMPY_FUZZ=1 $(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
-	rm -rf build kvmpy/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/kvm/_kvm_cffi.c kvmpy/net/_slirp_cffi*.so \
-		kvmpy/devices/virtio/_netplane_cffi*.so
+	rm -rf build kvmpy/hv/kvm/_kvm_cffi*.so kvmpy/_tcg*.so kvmpy/vcpu/_claimed*.so kvmpy/net/_slirp_cffi*.so \
+		kvmpy/devices/virtio/_dataplane_cffi*.so kvmpy/devices/virtio/_netplane_cffi*.so
 	$(MAKE) -C tests/guests clean
 
 distclean: clean

@@ -8,7 +8,9 @@
   cffi API mode too, apart from the KVM module because device models may not import it;
 - kvmpy.devices.virtio._netplane_cffi: the virtio-net data plane (same directory, the
   ring walker vring.c shared with the blk one);
-- kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c.
+- kvmpy._tcg: the translator, a CPython extension built from c_ext/*.c;
+- kvmpy.vcpu._claimed: the vCPU loop's claimed accesses served in C
+  (c_ext/exitpath/claimed.c), a CPython extension: it calls the devices' methods.
 """
 
 import compileall
@@ -43,6 +45,10 @@ setup(
                   "kvmpy/devices/virtio/_dataplane_build.py:ffibuilder",
                   "kvmpy/devices/virtio/_netplane_build.py:ffibuilder"],
     ext_modules=[Extension(
+        "kvmpy.vcpu._claimed",
+        sources=["c_ext/exitpath/claimed.c"],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    ), Extension(
         "kvmpy._tcg",
         sources=sorted(glob.glob("c_ext/*.c")) + sorted(glob.glob("c_ext/native/*.c")),
         depends=sorted(glob.glob("c_ext/*.h")) + sorted(glob.glob("c_ext/native/*.h")),

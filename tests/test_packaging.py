@@ -1,8 +1,9 @@
 """`pip install .` gives a complete kvmpy: a fresh virtualenv, the checkout installed
 into it (the cffi module and the C translator built by pip), and the `kvmpy` command
 run from outside the tree, where nothing of the checkout is importable."""
-# The native parts: the KVM cffi module, the translator, and libslirp's cffi module
-# (kvmpy.net._slirp_cffi, user-mode networking).
+# The native parts: the KVM cffi module, the translator, the vCPU loop's claimed-access
+# server (kvmpy.vcpu._claimed), libslirp's cffi module (kvmpy.net._slirp_cffi, user-mode
+# networking) and the two virtio data planes.
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def kvmpy_command(venv, args, cwd, timeout=120):
 
 def test_installed_package_has_its_native_parts(installed, tmp_path):
     py = installed / "bin" / "python"
-    r = subprocess.run([str(py), "-c", "import kvmpy, kvmpy._tcg, kvmpy.hv.kvm._kvm_cffi, kvmpy.net._slirp_cffi; "
+    r = subprocess.run([str(py), "-c", "import kvmpy, kvmpy._tcg, kvmpy.vcpu._claimed, kvmpy.hv.kvm._kvm_cffi, kvmpy.net._slirp_cffi; "
                         "from kvmpy.devices.virtio import dataplane; assert dataplane.available(), "
                         "dataplane.unavailable_reason(); from kvmpy.devices.virtio import netplane; "
                         "assert netplane.available(), netplane.unavailable_reason(); print(kvmpy.__file__)"],

@@ -69,7 +69,7 @@ def test_decoded_exits_carry_each_access_and_take_a_reads_value_back(vcpus):
         hlt
     msg: .ascii "abc"
     """)
-    run, state, access, exit_kind = v.decoded_exits()
+    run, state, access, exit_kind, _ = v.decoded_exits()
     assert run(state) == exits.DECODED_PIO_WRITE and access[:3] == [0x80, 1, 0x42]
     assert run(state) == exits.DECODED_PIO_READ and access[:2] == [0x71, 2]
     access[3] = 0xBEEF
@@ -112,7 +112,7 @@ def test_doorbell_writes_signal_their_eventfd_without_an_exit(vcpus):
     try:
         v.add_doorbell(any_write, MMIO, 0, None, False)
         v.add_doorbell(seven, 0x300, 2, 7, True)
-        run, state, access, exit_kind = v.decoded_exits()
+        run, state, access, exit_kind, _ = v.decoded_exits()
         # the MMIO doorbell and the matching port write never come out
         assert run(state) == exits.DECODED_PIO_WRITE and access[:3] == [0x300, 2, 8]       # no match
         assert run(state) == exits.DECODED_PIO_WRITE and access[:3] == [0x300, 1, 7]       # size differs
@@ -140,7 +140,7 @@ def test_a_removed_doorbell_exits_again(vcpus):
     try:
         v.add_doorbell(fd, MMIO, 4, None, False)
         v.remove_doorbell(fd)
-        run, state, access, _ = v.decoded_exits()
+        run, state, access, _, _ = v.decoded_exits()
         assert run(state) == exits.DECODED_MMIO_WRITE and access[:3] == [MMIO, 4, 1]
         with pytest.raises(BlockingIOError):
             os.eventfd_read(fd)
@@ -157,7 +157,7 @@ def test_a_memory_map_change_is_applied_before_the_next_decoded_entry(vcpus):
         out 0x81, al
         hlt
     """)
-    run, state, access, exit_kind = v.decoded_exits()
+    run, state, access, exit_kind, _ = v.decoded_exits()
     assert run(state) == exits.DECODED_PIO_WRITE and access[0] == 0x80
     frame = memoryview(bytearray(b"\x5a" * 4096))
     v.memory.map_device_region("test-frame", MMIO, frame)
@@ -221,7 +221,7 @@ def test_queued_byte_writes_wait_and_reach_the_bus_before_the_next_exit_is_serve
     queue = new_port_queue()
     writes = _queued(v, rec, EventLoop(name="never-started"), queue)
     assert queue.pushed() == 0
-    run, state, access, exit_kind = v.decoded_exits()
+    run, state, access, exit_kind, _ = v.decoded_exits()
     code = run(state)
     assert code == exits.DECODED_PIO_READ + exits.DECODED_AFTER_QUEUED and access[:2] == [0x3FD, 1]
     assert rec.writes == [] and writes.pending() and queue.pushed() == 3
@@ -259,7 +259,7 @@ def test_a_published_port_read_is_answered_in_the_core(vcpus):
     publish = reads.publisher(0x3FD)
     assert reads.publisher(0x3FD) is not None          # the same slot again, not a new one
     publish(0x61)
-    run, state, access, exit_kind = v.decoded_exits()
+    run, state, access, exit_kind, _ = v.decoded_exits()
     assert run(state) == exits.DECODED_PIO_READ and access[:2] == [0x3FD, 2]   # the first IN stayed in
     access[3] = 0x1234
     publish(0x60)

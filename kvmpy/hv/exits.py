@@ -48,6 +48,9 @@ DECODED_MMIO_READ = 0x103
 # Added to a DECODED_* value when queued port writes (Accel.port_write_queue) were
 # pending at that exit: the loop drains them first, then serves the access.
 DECODED_AFTER_QUEUED = 0x200
+# What the native serve (DecodedExits.native, kvmpy.vcpu._claimed) returns after an
+# access it served when the machine's control_pending was set: the loop goes round.
+DECODED_SERVED = 0x400
 
 
 class DecodedExits(NamedTuple):
@@ -56,9 +59,15 @@ class DecodedExits(NamedTuple):
     DECODED_* with ``access[0]`` the port or address, ``access[1]`` the size and,
     for a write, ``access[2]`` the value; for a read the loop stores the value in
     ``access[3]`` before the next ``run``. Any other return value becomes the exit
-    kind, with the exit attributes set, through ``exit_kind(value)``."""
+    kind, with the exit attributes set, through ``exit_kind(value)``.
+
+    ``native``, where the backend has one, is the same entry for C: the addresses of
+    ``int run(void *state)`` (callable without the GIL), of its state, and of the
+    access as ``uint64_t[4]``; the vCPU loop then serves claimed accesses without
+    returning to Python's loop (c_ext/exitpath/claimed.c)."""
 
     run: Callable[[Any], int]
     state: Any
     access: Any                  # indexable and writable: address, size, value, read's value
     exit_kind: Callable[[int], int]
+    native: tuple[int, int, int] | None = None

@@ -273,7 +273,8 @@ class ProfiledVcpu:
         inner = self._vcpu.decoded_exits()
         if inner is None:
             return None
-        run_decoded, state, access, exit_kind = inner
+        # Not the native entry: the profile times each run.
+        run_decoded, state, access, exit_kind, _native = inner
 
         def run(state_) -> int:
             now = time.perf_counter()

@@ -9,8 +9,11 @@ Where the backend offers it (KVM and the translator without tracing; the
 translator under ``--trace profile`` too), one port or MMIO access a device claims
 takes the shortest way there is: the C loop returns it decoded, and the loop calls
 the device's own read or write with the offset the bus resolved once for that
-address (``Bus.accessors``). Under nested KVM, and for the translator's console, the
-Python run per exit is most of what a claimed access costs the guest.
+address (``Bus.accessors``). Under KVM that much is done in C
+(``kvmpy.vcpu._claimed``, c_ext/exitpath/claimed.c), which calls the device's method
+itself and hands this loop only what it cannot serve. Under nested KVM, and for the
+translator's console, the Python run per exit is most of what a claimed access costs
+the guest.
 """
 
 from __future__ import annotations
@@ -20,10 +23,17 @@ import threading
 from typing import TYPE_CHECKING, Protocol
 
 from ..hv.exits import (DECODED_AFTER_QUEUED, DECODED_MMIO_READ, DECODED_MMIO_WRITE, DECODED_PIO_READ,
-                        DECODED_PIO_WRITE,
+                        DECODED_PIO_WRITE, DECODED_SERVED,
                         EXIT_DEBUG, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_MMIO,
                         EXIT_SHUTDOWN, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_RESET)
 from ..threadname import name_this_thread
+from . import _claimed
+
+# The C side's copy of the codes (c_ext/exitpath/claimed.c) must be these.
+assert (_claimed.DECODED_PIO_WRITE, _claimed.DECODED_PIO_READ, _claimed.DECODED_MMIO_WRITE,
+        _claimed.DECODED_MMIO_READ, _claimed.DECODED_AFTER_QUEUED, _claimed.DECODED_SERVED) == (
+    DECODED_PIO_WRITE, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ, DECODED_AFTER_QUEUED,
+    DECODED_SERVED)
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports this module
     from ..devices.bus import Bus
@@ -114,8 +124,17 @@ class VcpuThread(threading.Thread):
         decoded = None
         if tracer is None and doorbell is None:
             decoded = vcpu.decoded_exits()
+        serve = None
         if decoded is not None:
-            run_decoded, state, access, exit_kind = decoded
+            run_decoded, state, access, exit_kind, native = decoded
+            # Where the backend has a C entry and nothing must run before an entry, a
+            # claimed access is served from C (c_ext/exitpath/claimed.c): the device's
+            # method is called there as below, and only what that loop cannot serve
+            # (another exit, an address no accessor is known for yet, a set
+            # control_pending) comes back to this loop, which serves it as before.
+            if native is not None and before_entry is None:
+                serve_args = (*native, pio, mmio, host, drain, self._served_device_error)
+                serve = _claimed.serve
         # Where the accelerator moves interrupts into the CPU (the translator), the fast
         # path does so only before the first entry and after an exit it does not serve:
         # whatever makes an interrupt pending kicks the vCPU, and a kicked CPU returns
@@ -132,7 +151,12 @@ class VcpuThread(threading.Thread):
                         check_interrupts = False
                         if before_entry is not None:
                             before_entry(index)
-                    code = run_decoded(state)
+                    if serve is not None:
+                        code = serve(*serve_args)
+                        if code == DECODED_SERVED:
+                            continue
+                    else:
+                        code = run_decoded(state)
                     if code > DECODED_MMIO_READ:
                         # Queued port writes were pending: they reach their devices first.
                         if drain is not None:
@@ -242,6 +266,11 @@ class VcpuThread(threading.Thread):
             if profiled is not None:
                 profiled.close()
             host.vcpu_exited(self)
+
+    def _served_device_error(self, code: int, addr: int, e: Exception) -> None:
+        """A device's exception in an access the C loop served."""
+        kind = "MMIO" if code in (DECODED_MMIO_WRITE, DECODED_MMIO_READ) else "port"
+        self._device_error(f"{kind} {addr:#x}", e)
 
     def _device_error(self, where: str, e: Exception) -> None:
         self._device_errors += 1

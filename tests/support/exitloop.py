@@ -160,7 +160,7 @@ def serve_port_exits_to_hlt(vcpu, queued, write: Callable[[int, int, int], None]
     DECODED_AFTER_QUEUED is served and after the HLT. A port write goes to
     ``write(port, size, value)``, a port read is answered with ``read(port, size)``;
     any other exit, or a read where ``read`` is None, fails the test."""
-    run, state, access, exit_kind = vcpu.decoded_exits()
+    run, state, access, exit_kind, _native = vcpu.decoded_exits()
     while True:
         code = run(state)
         if code > exits.DECODED_MMIO_READ:

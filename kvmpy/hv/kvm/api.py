@@ -339,7 +339,9 @@ class KvmVcpu:
         if self._report_every_exit:
             return None
         self._note_thread()
-        return DecodedExits(lib.kvmpy_run_decoded, self._loop, self._access, self.exit_kind)
+        native = (int(ffi.cast("uintptr_t", ffi.addressof(lib, "kvmpy_run_decoded"))),
+                  int(ffi.cast("uintptr_t", self._loop)), int(ffi.cast("uintptr_t", self._loop.access)))
+        return DecodedExits(lib.kvmpy_run_decoded, self._loop, self._access, self.exit_kind, native)
 
     def _note_thread(self) -> None:
         if self.thread_id is None:
