@@ -96,6 +96,38 @@ __attribute__((target("sse4.1"))) static void round_host(int op, unsigned imm, c
     }
 }
 
+/* dpps and dppd on the host's own SSE4.1 unit, as the other floating point: which
+ * NaN a dot product of two NaN products returns is the order of its adds, and our
+ * hosts' CPUs have not agreed on it (some add each pair's high element first, others
+ * the low one, as the SDM's DP_primitive writes it), so no fixed order in C matches
+ * them all. The immediate must be a constant: a case per value (dppd reads only bits
+ * 5:4 and 1:0). */
+#define DP_CASE(n, expr) case (n): { expr(n); break; }
+#define DP_CASES4(n, expr) DP_CASE(n, expr) DP_CASE((n) + 1, expr) DP_CASE((n) + 2, expr) DP_CASE((n) + 3, expr)
+#define DP_CASES16(n, expr) DP_CASES4(n, expr) DP_CASES4((n) + 4, expr) DP_CASES4((n) + 8, expr) DP_CASES4((n) + 12, expr)
+#define DP_CASES64(n, expr) DP_CASES16(n, expr) DP_CASES16((n) + 16, expr) DP_CASES16((n) + 32, expr) \
+    DP_CASES16((n) + 48, expr)
+
+__attribute__((target("sse4.1"))) static void dp_host(int op, unsigned imm, const X *d, const X *s, X *r)
+{
+    if (op == 0x340) {
+        __m128 a, b, v;
+        memcpy(&a, d, 16); memcpy(&b, s, 16);
+#define DPPS(n) v = _mm_dp_ps(a, b, (n))
+        switch (imm & 0xff) { DP_CASES64(0, DPPS) DP_CASES64(64, DPPS) DP_CASES64(128, DPPS) DP_CASES64(192, DPPS)
+        default: v = a; break; }
+#undef DPPS
+        memcpy(r, &v, 16);
+    } else {
+        __m128d a, b, v;
+        memcpy(&a, d, 16); memcpy(&b, s, 16);
+#define DPPD(n) v = _mm_dp_pd(a, b, (n))
+        switch (imm & 0x33) { DP_CASES64(0, DPPD) default: v = a; break; }
+#undef DPPD
+        memcpy(r, &v, 16);
+    }
+}
+
 void sse41_exec(CPU *c, Insn *i, int op)
 {
     if (i->pfx != 1)
@@ -182,6 +214,9 @@ void sse41_exec(CPU *c, Insn *i, int op)
         if (op <= 0x30b && host_round) {
             round_host(op, imm, &d, &s, &r);
             op = 0;   /* done */
+        } else if (op >= 0x340 && host_round) {
+            dp_host(op, imm, &d, &s, &r);
+            op = 0;   /* done */
         }
         switch (op) {
         case 0x308: for (int k = 0; k < 4; k++) { float f; memcpy(&f, &s.d[k], 4); f = round_f(f, rc, quiet); memcpy(&r.d[k], &f, 4); } break;
@@ -196,10 +231,9 @@ void sse41_exec(CPU *c, Insn *i, int op)
                 memcpy(&b, &s.d[k], 4);
                 t[k] = (imm >> (4 + k)) & 1 ? mulss_ordered(_mm_set_ss(a), _mm_set_ss(b)) : _mm_set_ss(0.0f);
             }
-            /* The SDM's order (DP_primitive: elements 0+1, 2+3, then those sums),
-             * which decides the NaN a dot product of two NaN products returns. QEMU
-             * follows it, and so do the CPUs of our current hosts; an earlier host's
-             * CPU added each pair the other way round, and this once followed that. */
+            /* Without SSE4.1 on the host (dp_host above otherwise): the SDM's order
+             * (DP_primitive: elements 0+1, 2+3, then those sums), which decides the
+             * NaN a dot product of two NaN products returns. */
             __m128 sum = addss_ordered(addss_ordered(t[0], t[1]), addss_ordered(t[2], t[3]));
             float v = _mm_cvtss_f32(sum);
             for (int k = 0; k < 4; k++) {

@@ -197,9 +197,10 @@ def test_oracle_sse41(code, state):
 
 
 # Two NaN products: which one a dot product returns is the order of its adds (found by
-# a random stream: packusdw made elements 2 and 3 NaNs, dpps 0xc1). Ours is the SDM's,
-# which unicorn (QEMU) follows, so check() needs no host CPU for these; hosts' CPUs have
-# not all agreed (one added each pair high element first).
+# a random stream: packusdw made elements 2 and 3 NaNs, dpps 0xc1). Hosts' CPUs have
+# not agreed on it (some add each pair's high element first, some the low one, as the
+# SDM does), nor has unicorn (its softfloat prefers the larger NaN), so ours runs the
+# host's own dpps/dppd (c_ext/sse41.c) and the host CPU judges these.
 DP_NANS = [(0, 0, 0xFFFF0000, 0xFFFFFFFF), (0xFFFF0000, 0xFFFFFFFF, 0, 0), (0xFFFFFFFF, 0, 0xFFFF0000, 0),
            (0xFFFF0000, 0xFFFFFFFF, 0x7FC00001, 0xFFC00000), (0xFFC00000, 0, 0, 0x7FC00001)]
 
