@@ -49,7 +49,16 @@ def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) ->
     start-up, which matters where Python runs slowly, as in a nested L1). argparse
     itself is imported here: a run in QEMU's spelling never needs it."""
     import argparse
-    parser = argparse.ArgumentParser(prog="kvmpy", description="A virtual machine monitor in Python.")
+
+    class Parser(argparse.ArgumentParser):
+        # argparse makes a help formatter at every add_argument (to check the metavar),
+        # and a formatter without a width imports shutil (with zlib, bz2 and lzma) for
+        # the terminal's: a tenth of `kvmpy run`'s imports for a width it never prints.
+        # The same width, found without it. Subcommands' parsers are this class too.
+        def _get_formatter(self):
+            return self.formatter_class(prog=self.prog, width=_help_width())
+
+    parser = Parser(prog="kvmpy", description="A virtual machine monitor in Python.")
     parser.add_argument("--version", action="version", version=f"kvmpy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     # Every subcommand sets its handler (set_defaults(func=...)); none given leaves None.
@@ -65,6 +74,22 @@ def build_parser(argv: list[str] | None = None, *, all_commands: bool = True) ->
             raise
         mod.register(sub)
     return parser
+
+
+def _help_width() -> int:
+    """argparse's own help width: shutil.get_terminal_size's columns (COLUMNS, else
+    the terminal on standard output, else 80), less 2."""
+    import os
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
 
 
 def _qemu_run_args(argv: list[str] | None) -> list[str] | None:

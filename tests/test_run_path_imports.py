@@ -46,3 +46,32 @@ def test_a_vm_with_a_virtio_disk_finds_its_transport_while_it_is_built(tmp_path)
     disk.write_bytes(bytes(1 << 20))
     found = _probe(str(disk))
     assert found["virtio_loaded"] and len(found["transports"]) == 1, found
+
+
+PARSE_PROBE = """
+import json, sys
+from kvmpy.cli import build_parser
+args = build_parser(sys.argv[1:], all_commands=False).parse_args(sys.argv[1:])
+print(json.dumps({"command": args.command, "shutil_loaded": "shutil" in sys.modules}))
+"""
+
+
+def test_parsing_a_run_command_line_imports_no_shutil():
+    """argparse's help formatter imports shutil (and zlib, bz2, lzma) for the terminal's
+    width at every add_argument unless it is given one: kvmpy's parser gives it."""
+    p = subprocess.run([sys.executable, "-c", PARSE_PROBE, "run", "--enable-kvm", "--kernel", "k", "-m", "64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"command": "run", "shutil_loaded": False}
+
+
+@pytest.mark.parametrize("columns", [None, "100", "0", "-3", "wide"])
+def test_the_help_width_is_argparses_own(monkeypatch, columns):
+    import shutil
+
+    from kvmpy.cli import _help_width
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _help_width() == shutil.get_terminal_size().columns - 2

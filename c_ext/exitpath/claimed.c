@@ -25,7 +25,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* kvmpy/hv/exits.py; the values are checked against it at import (runner.py). */
+/* kvmpy/hv/exits.py's; tests/test_claimed_serve.py checks that they are the same. */
 #define DECODED_PIO_WRITE 0x100
 #define DECODED_PIO_READ 0x101
 #define DECODED_MMIO_WRITE 0x102

@@ -27,13 +27,7 @@ from ..hv.exits import (DECODED_AFTER_QUEUED, DECODED_MMIO_READ, DECODED_MMIO_WR
                         EXIT_DEBUG, EXIT_HLT, EXIT_INTERNAL_ERROR, EXIT_INTR, EXIT_IO, EXIT_MMIO,
                         EXIT_SHUTDOWN, EXIT_SYSTEM_EVENT, SYSTEM_EVENT_RESET)
 from ..threadname import name_this_thread
-from . import _claimed
-
-# The C side's copy of the codes (c_ext/exitpath/claimed.c) must be these.
-assert (_claimed.DECODED_PIO_WRITE, _claimed.DECODED_PIO_READ, _claimed.DECODED_MMIO_WRITE,
-        _claimed.DECODED_MMIO_READ, _claimed.DECODED_AFTER_QUEUED, _claimed.DECODED_SERVED) == (
-    DECODED_PIO_WRITE, DECODED_PIO_READ, DECODED_MMIO_WRITE, DECODED_MMIO_READ, DECODED_AFTER_QUEUED,
-    DECODED_SERVED)
+from . import _claimed     # its copy of the DECODED_* codes: tests/test_claimed_serve.py
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; none of these imports this module
     from ..devices.bus import Bus
