@@ -316,6 +316,56 @@ def _thread_cpu_note(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.1f}" for seconds, name in spent[:4] if seconds >= 0.05)
 
 
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+# The per-VM counters (KVM's debugfs, summed over the VM's vCPUs) that say where a
+# guest's vCPU time went besides its own code: each exit under nested KVM is a round
+# trip through the L1's KVM.
+KVM_EXIT_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "irq_window_exits",
+                     "insn_emulation", "signal_exits", "irq_injections", "halt_wakeup")
+
+
+def _kvm_exit_counts(pid: int) -> dict[str, int]:
+    """KVM's exit counters of the VM(s) process ``pid`` made ({} where debugfs cannot
+    be read: not root, not mounted and not mountable)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if not os.path.isdir(KVM_DEBUGFS):
+            subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], capture_output=True,
+                           timeout=10)
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for vm in os.listdir(KVM_DEBUGFS):
+            if not vm.startswith(f"{pid}-"):
+                continue
+            for name in KVM_EXIT_COUNTERS:
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(KVM_DEBUGFS, vm, name)) as f:
+                        counts[name] = counts.get(name, 0) + int(f.read())
+    return counts
+
+
+def _kvm_exit_note(before: dict[str, int], after: dict[str, int]) -> str:
+    return " ".join(f"{name}={after[name] - before.get(name, 0)}" for name in KVM_EXIT_COUNTERS if name in after)
+
+
+def _vhost_cpu(pid: int) -> float | None:
+    """CPU seconds of the vhost worker threads serving process ``pid`` (the kernel
+    names them vhost-PID; they are not among the process's own threads)."""
+    total, found = 0.0, False
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read()
+                if raw[raw.index(b"(") + 1:raw.rindex(b")")] != f"vhost-{pid}".encode():
+                    continue
+                fields = raw.rsplit(b")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                found = True
+    return total if found else None
+
+
 def _guest_interrupts(console: GuestConsole) -> str:
     """The guest's interrupt counts per virtio queue (/proc/interrupts), e.g.
     "input.0=1234 output.0=56": how often each VMM made the driver run."""
@@ -394,6 +444,8 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                 report_stuck_transfer(f"vhost={vhost} {side} warm-up", console)
         cpu_before = {side: _cpu_seconds(console.proc.pid) for side, console in ready}
         threads_before = {side: _thread_cpu(console.proc.pid) for side, console in ready}
+        exits_before = {side: _kvm_exit_counts(console.proc.pid) for side, console in ready}
+        vhost_before = {side: _vhost_cpu(console.proc.pid) for side, console in ready}
         size = SIZE_MIB << 20
         for repeat in range(REPEATS):
             for direction in ("tx", "rx"):
@@ -414,12 +466,17 @@ def _vhost_pair(ns: str, peer: TcpPeer, kernel: str, initrd: str, vhost: str, tm
                     print(f"bench.tcp: vhost={vhost} {side} {direction} {total / seconds / 1e6:.2f} MB/s",
                           file=sys.stderr, flush=True)
         for side, console in ready:
-            before, after = cpu_before.get(side), _cpu_seconds(console.proc.pid)
-            if before is not None and after is not None:
-                notes.append(f"{side} process CPU {after - before:.1f} s over the measured transfers")
-            threads = _thread_cpu_note(threads_before.get(side, {}), _thread_cpu(console.proc.pid))
+            pid = console.proc.pid
+            for what, before, after in ((f"{side} process CPU", cpu_before.get(side), _cpu_seconds(pid)),
+                                        (f"{side}'s vhost workers' CPU", vhost_before.get(side), _vhost_cpu(pid))):
+                if before is not None and after is not None:
+                    notes.append(f"{what} {after - before:.1f} s over the measured transfers")
+            threads = _thread_cpu_note(threads_before.get(side, {}), _thread_cpu(pid))
             if threads:
                 notes.append(f"{side} threads' CPU s: {threads}")
+            exits = _kvm_exit_note(exits_before.get(side, {}), _kvm_exit_counts(pid))
+            if exits:
+                notes.append(f"{side} guest's KVM exits over the measured transfers: {exits}")
             irqs = _guest_interrupts(console)
             if irqs:
                 notes.append(f"{side} guest's virtio interrupts {irqs}")
