@@ -30,6 +30,7 @@ from kvmpy.devices.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTI
                                       VIRTIO_BLK_T_OUT, VirtioBlk)
 from kvmpy.devices.virtio.pci import VIRTIO_F_VERSION_1
 from kvmpy.errors import ConfigError
+from support.polling import settle
 from support.virtio_driver import SoftMachine, VirtioPciDriver
 
 FUZZ = bool(os.environ.get("KVMPY_FUZZ"))
@@ -188,7 +189,7 @@ class Rig:
 
     def settle(self) -> None:
         """Let the event loop finish what the doorbells started."""
-        assert self.m.events.call_and_wait(lambda: None)
+        assert settle(self.m.events)
 
     def close(self):
         self.dev.close()

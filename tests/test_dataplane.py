@@ -29,7 +29,7 @@ from kvmpy.devices.virtio.pci import DEVICE_NEEDS_RESET, VIRTIO_F_RING_EVENT_IDX
 from kvmpy.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from conftest import tool_required
 from support.virtio_driver import SoftMachine, VirtioPciDriver
-from support.polling import wait_for
+from support.polling import settle, wait_for
 
 needs_native = pytest.mark.skipif(not dataplane.available(),
                                   reason=f"native data plane not built: {dataplane.unavailable_reason()}")
@@ -117,7 +117,7 @@ class Rig:
         return self.m.memory.read(STATUS + n, 1)[0], used, self.m.memory.read(DATA + 0x10000 * n, in_len)
 
     def settle(self):
-        assert self.m.events.call_and_wait(lambda: None)
+        assert settle(self.m.events)
 
     def native_requests(self) -> int:
         """Requests the C threads answered so far (state() takes the queues back)."""

@@ -30,6 +30,7 @@ from kvmpy.events import EventLoop
 from kvmpy.memory import GuestMemory
 from kvmpy.pc import BlockErrorsOnLoop, ide_device_name, ide_positions
 from support.ide_driver import AtaHost, IrqLine
+from support.polling import settle
 from test_block_errors import FailingHost, Recorder
 
 FUZZ = bool(os.environ.get("KVMPY_FUZZ"))
@@ -435,10 +436,6 @@ def loop():
     events.close()
 
 
-def settle(events) -> None:
-    assert events.call_and_wait(lambda: None)
-
-
 @pytest.mark.parametrize("rerror, failed", [("report", True), ("ignore", False)])
 def test_read_errors_follow_rerror(disk_path, loop, rerror, failed):
     recorder = Recorder(loop)
@@ -452,7 +449,7 @@ def test_read_errors_follow_rerror(disk_path, loop, rerror, failed):
         host.taskfile(lba=1, count=1)
         host.command(0x20)
         assert bool(host.status() & ERR) == failed
-        settle(loop)
+        assert settle(loop)
         assert recorder.reports == [{"device": "ide0-hd0", "node-name": "#ide0", "operation": "read",
                                      "action": rerror, "nospace": False, "reason": os.strerror(errno.EIO)}]
     finally:
@@ -472,7 +469,7 @@ def test_stop_keeps_the_write_until_the_retry(disk_path, loop):
         host.write_pio(b"\x77" * 512)
         assert host.status() & BSY, "the request is kept"
         assert r.controller.drive(0).io_status == "nospace"
-        settle(loop)
+        assert settle(loop)
         assert recorder.reports[0]["action"] == "stop" and recorder.reports[0]["nospace"]
         del host_disk.failing["pwritev"]
         loop.call_and_wait(recorder.retries[0])
