@@ -14,7 +14,7 @@ import struct
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import guest_path, run_kvmpy
 from kvmpy.config import config_from_dict, parse_netdev, parse_user_net_options
@@ -131,6 +131,9 @@ def test_hostfwd_parser_takes_anything(spec):
 
 @settings(max_examples=500 if FUZZ else 80, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.sampled_from(["cidr", "mask", "none"]))
+# A user's make test: the top /29's default dhcpstart (+15) was past 255.255.255.255,
+# and ipaddress's ValueError came out as a traceback.
+@example(address=4_294_967_288, prefix=29, spelling="cidr")
 def test_any_net_gets_qemus_defaults_inside_it(address, prefix, spelling):
     """Whatever net= a user gives: a ConfigError line, or host .2, dns .3 and
     dhcpstart .15 that are host addresses of it (a net too small for them is refused)."""
@@ -146,6 +149,21 @@ def test_any_net_gets_qemus_defaults_inside_it(address, prefix, spelling):
     for addr in (u.host, u.dns, u.dhcpstart):
         assert addr in u.net and addr not in (u.net.network_address, u.net.broadcast_address)
     assert len({u.host, u.dns}) == 2
+
+
+@pytest.mark.parametrize("spec, key", [("net=255.255.255.248/29", "dhcpstart"), ("net=255.255.255.252/30", "dns"),
+                                       ("net=10.0.2.0/30", "dns"), ("net=10.0.2.0/29", "dhcpstart")])
+def test_a_default_address_outside_the_net_is_one_config_error(spec, key):
+    with pytest.raises(ConfigError) as e:
+        parse_netdev(f"user,{spec}")
+    assert f"the default {key} " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_default_smbserver_must_fit_the_net_too(tmp_path):
+    with pytest.raises(ConfigError, match="the default smbserver"):
+        parse_netdev(f"user,net=255.255.255.252/30,host=255.255.255.253,dns=255.255.255.254,"
+                     f"dhcpstart=255.255.255.254,smb={tmp_path}")
+    assert str(parse_netdev(f"user,smb={tmp_path}").user.smbserver) == "10.0.2.4"
 
 
 # --- a real libslirp instance ----------------------------------------------------------------

@@ -195,6 +195,17 @@ def _inside(addr: IPv4Address, net: IPv4Network, key: str, where: str) -> IPv4Ad
     return addr
 
 
+def _default_inside(net: IPv4Network, offset: int, key: str, where: str) -> IPv4Address:
+    """QEMU's default for ``key``: the guest network's address plus ``offset``, which
+    must be a host address of it (a net too small, or at the top of the address space,
+    has none there)."""
+    addr = int(net.network_address) + offset
+    if addr >= int(net.broadcast_address):
+        raise ConfigError(f"{where}: the default {key} (the network's address + {offset}) is not a host "
+                          f"address of the guest network {net}: give {key}= or a larger net=")
+    return IPv4Address(addr)
+
+
 def parse_user_options(opts: dict, where: str) -> UserNetOptions:
     """A user NIC's options (without ``type`` and ``mac``) -> UserNetOptions.
     ``where`` prefixes errors: ``"vm.toml: [[net]] #1"`` or ``"--net user,..."``."""
@@ -204,11 +215,12 @@ def parse_user_options(opts: dict, where: str) -> UserNetOptions:
                               f"(known: {', '.join(sorted(USER_NET_KEYS - {'type', 'id'}))})")
     w = lambda key: f"{where}: {key}"  # noqa: E731
     net = parse_v4_net(opts["net"], w("net")) if "net" in opts else UserNetOptions.net
-    base = int(net.network_address)
-    host = _inside(_v4(opts["host"], w("host")) if "host" in opts else IPv4Address(base + 2), net, "host", where)
-    dns = _inside(_v4(opts["dns"], w("dns")) if "dns" in opts else IPv4Address(base + 3), net, "dns", where)
-    dhcp = _inside(_v4(opts["dhcpstart"], w("dhcpstart")) if "dhcpstart" in opts else IPv4Address(base + 15),
-                   net, "dhcpstart", where)
+    host = (_inside(_v4(opts["host"], w("host")), net, "host", where) if "host" in opts
+            else _default_inside(net, 2, "host", where))
+    dns = (_inside(_v4(opts["dns"], w("dns")), net, "dns", where) if "dns" in opts
+           else _default_inside(net, 3, "dns", where))
+    dhcp = (_inside(_v4(opts["dhcpstart"], w("dhcpstart")), net, "dhcpstart", where) if "dhcpstart" in opts
+            else _default_inside(net, 15, "dhcpstart", where))
     if len({host, dns}) != 2:
         raise ConfigError(f"{where}: host and dns must differ ({host})")
     ipv4 = parse_bool(opts.get("ipv4", True), w("ipv4"))
@@ -253,8 +265,8 @@ def parse_user_options(opts: dict, where: str) -> UserNetOptions:
         smb = os.path.abspath(_str(opts["smb"], w("smb")))
         if not os.path.isdir(smb):
             raise ConfigError(f"{where}: smb: {smb} is not a directory")
-        smbserver = _inside(_v4(opts["smbserver"], w("smbserver")) if "smbserver" in opts
-                            else IPv4Address(base + 4), net, "smbserver", where)
+        smbserver = (_inside(_v4(opts["smbserver"], w("smbserver")), net, "smbserver", where)
+                     if "smbserver" in opts else _default_inside(net, 4, "smbserver", where))
     elif "smbserver" in opts:
         raise ConfigError(f"{where}: smbserver without smb=DIR")
     return UserNetOptions(smb=smb, smbserver=smbserver,
