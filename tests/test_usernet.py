@@ -34,7 +34,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from support.dns import LoopbackDns
+from support.dns import LoopbackDns, port_53_busy
 from support.serial_shell import booted_shell
 
 
@@ -146,7 +146,7 @@ def guest(tmp_path_factory):
         dns = LoopbackDns(dns_sock)
         dns.start()
     except OSError as e:
-        dns = f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})"
+        dns = port_53_busy(e)
 
     ports = {"eth0": _free_port(), "eth0_second": _free_port(), "eth0_udp": _free_udp_port(),
              "eth1": _free_port(), "added": _free_port()}

@@ -406,13 +406,13 @@ def test_close_releases_descriptors(loop):
 @pytest.fixture
 def loopback_dns(tmp_path, monkeypatch):
     """A DNS responder on 127.0.0.1:53 and a resolv.conf naming it (KVMPY_RESOLV_CONF)."""
-    from support.dns import LoopbackDns
+    from support.dns import LoopbackDns, port_53_busy
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind(("127.0.0.1", 53))
     except OSError as e:
         sock.close()
-        pytest.skip(f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror})")
+        pytest.skip(port_53_busy(e))
     dns = LoopbackDns(sock)
     dns.start()
     conf = tmp_path / "resolv.conf"

@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import threading
+
+
+def port_53_busy(e: OSError) -> str:
+    """Why the responder cannot bind 127.0.0.1:53, with whoever holds the port (ss),
+    for the skip message: the port is one per host, and tests have found it taken."""
+    try:
+        held = subprocess.run(["ss", "-Hlunp", "sport = :53"], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        held = []
+    return (f"cannot answer DNS on 127.0.0.1:53 here ({e.strerror}"
+            + (f"; held: {' '.join(held)}" if held else "") + ")")
 
 
 class LoopbackDns(threading.Thread):
