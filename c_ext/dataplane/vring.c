@@ -63,14 +63,17 @@ int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_a
             in_indirect = 1;
             continue;
         }
+        /* Any writable descriptor, an empty one too, ends the readable part. */
+        if (d.flags & DESC_F_WRITE)
+            have_writable = 1;
+        else if (have_writable)
+            return DP_WALK_BAD;                      /* readable after writable */
         if (d.len) {
             total += d.len;
             if (total > MAX_CHAIN_BYTES)
                 return DP_WALK_BAD;
             if (!dp_gpa_to_host(regions, nregions, d.addr, d.len))
                 return DP_WALK_BAD;
-            if (!(d.flags & DESC_F_WRITE) && have_writable)
-                return DP_WALK_BAD;                  /* readable after writable */
             if (n == max_segs)
                 return DP_WALK_TOO_LONG;
             segs[n].gpa = d.addr;
@@ -78,12 +81,7 @@ int dp_walk_chain(const struct dp_region *regions, int nregions, uint64_t desc_a
             segs[n].writable = !!(d.flags & DESC_F_WRITE);
             n++;
             *nsegs = n;
-        } else if (have_writable && !(d.flags & DESC_F_WRITE)) {
-            return DP_WALK_BAD;
         }
-        /* Any writable descriptor, an empty one too, ends the readable part. */
-        if (d.flags & DESC_F_WRITE)
-            have_writable = 1;
         if (!(d.flags & DESC_F_NEXT))
             return DP_WALK_OK;
         if (d.next >= table_len)

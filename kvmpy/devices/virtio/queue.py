@@ -310,6 +310,10 @@ class SplitQueue:
                 steps = 0
                 in_indirect = True
                 continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
+            elif seen_writable:
+                raise QueueError(f"chain {head}: device-readable buffer after a writable one")
             if length:
                 total += length
                 if total > MAX_CHAIN_BYTES:
@@ -322,14 +326,8 @@ class SplitQueue:
                     chain.writable.append(view)
                     if dma is not None:
                         dma.append((addr, length))
-                elif seen_writable:
-                    raise QueueError(f"chain {head}: device-readable buffer after a writable one")
                 else:
                     chain.readable.append(view)
-            elif seen_writable and not flags & VIRTQ_DESC_F_WRITE:
-                raise QueueError(f"chain {head}: device-readable buffer after a writable one")
-            if flags & VIRTQ_DESC_F_WRITE:
-                seen_writable = True
             if not flags & VIRTQ_DESC_F_NEXT:
                 if dma:
                     self._dma_ranges[head] = dma
